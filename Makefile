@@ -1,0 +1,31 @@
+# focalnet_jax: `make demo` and `make test` work on a fresh clone with only Python >= 3.11 and pip.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= demo_run
+
+.PHONY: test lint format demo clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+test: lint
+	$(VENV)/bin/pytest -q tests
+
+demo: $(STAMP)
+	$(PY) -m focalnet_jax.demo --out $(DEMO_DIR)
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache
