@@ -1,0 +1,96 @@
+"""One builder from an ml_collections config to a Flax Linen module."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+import ml_collections
+
+from focalnet_jax.models.deeplab import ASPP_VERSIONS, DeepLab
+from focalnet_jax.models.normalization import check_norm
+from focalnet_jax.models.resnet import check_resnet_args
+from focalnet_jax.models.unet import UNet
+
+MODEL_NAMES = ("deeplab", "unet")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def default_model_config() -> ml_collections.ConfigDict:
+    """Defaults: the paper's backbone, ResNet-101 DeepLab (v2 ASPP) at output stride 8."""
+    config = ml_collections.ConfigDict()
+    config.name = "deeplab"  # 'deeplab' (FocalNet, Deeplab baseline) | 'unet' (U-Net baselines)
+    config.depth = 101  # ResNet depth: 18 | 34 | 50 | 101 | 152
+    config.output_stride = 8  # 8 | 16 | 32; strides of layer3/layer4 become dilations
+    config.width = 1.0  # channel multiplier; 1.0 = torchvision (needed for pretrained weights)
+    config.aspp = "v2"  # 'v2': sum of 4 atrous 3x3 convs (paper's [46]) | 'v3'
+    config.norm = "batch"  # 'batch' (synced over the data axis) | 'frozen' (running averages)
+    config.dtype = "float32"  # compute dtype 'float32' | 'bfloat16'; params and logits float32
+    config.pretrained = ""  # '' or a local torchvision ResNet file (.safetensors/.npz/.pth)
+    config.unet_features = 64  # U-Net channels at the first level
+    config.unet_levels = 4  # U-Net down-sampling steps (H, W divisible by 2**levels)
+    return config
+
+
+def check_model_config(model_config: ml_collections.ConfigDict) -> None:
+    """Raises ``ValueError`` naming the first invalid field of ``model_config``."""
+    if model_config.name not in MODEL_NAMES:
+        raise ValueError(f"model.name: expected one of {MODEL_NAMES}, got {model_config.name!r}")
+    if model_config.dtype not in DTYPES:
+        raise ValueError(
+            f"model.dtype: expected one of {tuple(DTYPES)}, got {model_config.dtype!r}"
+        )
+    check_norm(model_config.norm)
+    if model_config.name == "deeplab":
+        check_resnet_args(model_config.depth, model_config.output_stride, model_config.width)
+        if model_config.aspp not in ASPP_VERSIONS:
+            raise ValueError(
+                f"model.aspp: expected one of {ASPP_VERSIONS}, got {model_config.aspp!r}"
+            )
+    else:
+        for field in ("unet_features", "unet_levels"):
+            value = model_config[field]
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"model.{field}: expected a positive int, got {value!r}")
+
+
+def build_model(
+    model_config: ml_collections.ConfigDict,
+    *,
+    num_outputs: int,
+    num_components: int,
+    axis_name: str | None = None,
+) -> nn.Module:
+    """The segmentation network described by ``model_config``.
+
+    Args:
+      model_config: fields of :func:`default_model_config`.
+      num_outputs: logit channels K (5 ordinal, 6 one-hot, 1 binary).
+      num_components: input channels C (MRI components, e.g. T2w, ADC, DWI).
+      axis_name: named mapped axis for sync-BN (e.g. ``'data'`` under ``shard_map``), or None.
+
+    Returns:
+      A module with ``init(rng, x, train=False)`` and ``apply(variables, x, train=...,
+      mutable=['batch_stats'])`` mapping float ``[B, H, W, C]`` to float32 ``[B, H, W, K]``.
+      Pretrained backbone weights (``model_config.pretrained``) are loaded after ``init`` with
+      ``focalnet_jax.models.pretrained.load_torchvision_resnet``.
+    """
+    check_model_config(model_config)
+    for arg, value in (("num_outputs", num_outputs), ("num_components", num_components)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{arg}: expected a positive int, got {value!r}")
+    common = dict(
+        num_outputs=num_outputs,
+        num_components=num_components,
+        norm=model_config.norm,
+        axis_name=axis_name,
+        dtype=DTYPES[model_config.dtype],
+    )
+    if model_config.name == "unet":
+        return UNet(features=model_config.unet_features, levels=model_config.unet_levels, **common)
+    return DeepLab(
+        depth=model_config.depth,
+        output_stride=model_config.output_stride,
+        width=float(model_config.width),
+        aspp=model_config.aspp,
+        **common,
+    )

@@ -1,0 +1,168 @@
+"""DeepLab: dilated ResNet backbone, ASPP head, bilinear upsampling of the logits to the input size.
+
+- ASPP v2 (DeepLab v2, Chen et al. 2018; the paper's reference [46]; default): the sum of four 3x3
+  atrous convolutions with bias, each producing the ``num_outputs`` logits directly, initialised
+  N(0, 0.01) as DeepLab v2's classifier. Rates 6/12/18/24 at output stride 8, scaled by
+  ``8 / output_stride`` (3/6/9/12 at 16; floored, at least 1: 1/3/4/6 at 32).
+- ASPP v3 (DeepLab v3): a 1x1 branch, three 3x3 atrous branches (rates 12/24/36 at output stride 8,
+  6/12/18 at 16, 3/6/9 at 32) and image pooling, each conv -> BatchNorm -> ReLU with
+  ``256 * width`` channels, concatenated, projected by 1x1 conv -> BatchNorm -> ReLU, then a 1x1
+  classifier with bias. (torchvision's dropout is left out so that training stays deterministic.)
+
+The logits are computed in the compute dtype, cast to float32 and resized with
+``jax.image.resize(..., 'bilinear')`` (half-pixel centres, i.e. PyTorch ``align_corners=False``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from focalnet_jax.models.normalization import batch_norm
+from focalnet_jax.models.resnet import ResNet, check_resnet_args, scaled
+
+ASPP_VERSIONS = ("v2", "v3")
+ASPP_V2_RATES = (6, 12, 18, 24)  # at output stride 8
+ASPP_V3_RATES = (12, 24, 36)  # at output stride 8
+
+
+def aspp_rates(rates: tuple[int, ...], output_stride: int) -> tuple[int, ...]:
+    """Atrous rates given at output stride 8, rescaled to ``output_stride`` (floored, >= 1).
+
+    >>> aspp_rates(ASPP_V2_RATES, 16)
+    (3, 6, 9, 12)
+    """
+    return tuple(max(1, rate * 8 // output_stride) for rate in rates)
+
+
+def check_input(x: jax.Array, num_components: int) -> None:
+    """Raises ``ValueError`` unless ``x`` is a floating ``[B, H, W, num_components]`` array."""
+    if x.ndim != 4 or x.shape[-1] != num_components or not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(
+            f"x: expected a floating array [B, H, W, {num_components}] (NHWC, one channel per "
+            f"component), got shape {tuple(x.shape)} dtype {x.dtype}"
+        )
+
+
+class ASPPv2(nn.Module):
+    """Sum of 3x3 atrous convolutions: ``[B, h, w, C] -> [B, h, w, num_outputs]``."""
+
+    num_outputs: int
+    rates: tuple[int, ...]
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        branches = [
+            nn.Conv(
+                self.num_outputs,
+                (3, 3),
+                padding=((rate, rate), (rate, rate)),
+                kernel_dilation=rate,
+                dtype=self.dtype,
+                param_dtype=jnp.float32,
+                kernel_init=nn.initializers.normal(0.01),
+                name=f"branch{i}",
+            )(x)
+            for i, rate in enumerate(self.rates)
+        ]
+        return sum(branches[1:], branches[0])
+
+
+class ASPPv3(nn.Module):
+    """DeepLab v3 ASPP with image pooling and classifier: ``[B, h, w, C] -> [B, h, w, K]``."""
+
+    num_outputs: int
+    rates: tuple[int, ...]
+    features: int = 256
+    norm: str = "batch"
+    axis_name: str | None = None
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        def conv_bn_relu(y: jax.Array, kernel: int, rate: int, name: str) -> jax.Array:
+            pad = rate * (kernel - 1) // 2
+            y = nn.Conv(
+                self.features,
+                (kernel, kernel),
+                padding=((pad, pad), (pad, pad)),
+                kernel_dilation=rate,
+                use_bias=False,
+                dtype=self.dtype,
+                param_dtype=jnp.float32,
+                name=f"{name}_conv",
+            )(y)
+            bn = batch_norm(
+                self.norm,
+                train=train,
+                axis_name=self.axis_name,
+                dtype=self.dtype,
+                name=f"{name}_bn",
+            )
+            return nn.relu(bn(y))
+
+        branches = [conv_bn_relu(x, 1, 1, "branch0")]
+        branches += [
+            conv_bn_relu(x, 3, rate, f"branch{i + 1}") for i, rate in enumerate(self.rates)
+        ]
+        pooled = conv_bn_relu(jnp.mean(x, axis=(1, 2), keepdims=True), 1, 1, "pool")
+        branches.append(jnp.broadcast_to(pooled, (*x.shape[:3], self.features)))
+        y = conv_bn_relu(jnp.concatenate(branches, axis=-1), 1, 1, "project")
+        classifier = nn.Conv(
+            self.num_outputs, (1, 1), dtype=self.dtype, param_dtype=jnp.float32, name="classifier"
+        )
+        return classifier(y)
+
+
+class DeepLab(nn.Module):
+    """ResNet-DeepLab segmentation network.
+
+    ``__call__(x [B, H, W, num_components] float, train=False)`` -> float32 logits
+    ``[B, H, W, num_outputs]`` at input resolution. Parameters live under ``backbone`` (torchvision
+    layout, see ``resnet.py``) and ``aspp``.
+    """
+
+    num_outputs: int
+    num_components: int
+    depth: int = 101
+    output_stride: int = 8
+    width: float = 1.0
+    aspp: str = "v2"
+    norm: str = "batch"
+    axis_name: str | None = None
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        check_resnet_args(self.depth, self.output_stride, self.width)
+        if self.aspp not in ASPP_VERSIONS:
+            raise ValueError(f"aspp: expected one of {ASPP_VERSIONS}, got {self.aspp!r}")
+        check_input(x, self.num_components)
+        features = ResNet(
+            depth=self.depth,
+            output_stride=self.output_stride,
+            width=self.width,
+            norm=self.norm,
+            axis_name=self.axis_name,
+            dtype=self.dtype,
+            name="backbone",
+        )(x, train)
+        if self.aspp == "v2":
+            rates = aspp_rates(ASPP_V2_RATES, self.output_stride)
+            logits = ASPPv2(self.num_outputs, rates, dtype=self.dtype, name="aspp")(features)
+        else:
+            logits = ASPPv3(
+                self.num_outputs,
+                aspp_rates(ASPP_V3_RATES, self.output_stride),
+                features=scaled(256, self.width),
+                norm=self.norm,
+                axis_name=self.axis_name,
+                dtype=self.dtype,
+                name="aspp",
+            )(features, train)
+        logits = logits.astype(jnp.float32)
+        return jax.image.resize(logits, (*x.shape[:3], self.num_outputs), "bilinear")

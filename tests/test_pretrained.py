@@ -1,0 +1,266 @@
+"""Tests of focalnet_jax/models/pretrained.py: torchvision ResNet weights -> DeepLab variables.
+
+``tests/data/torchvision_resnet50_keys.json`` lists every key of torchvision's ResNet-50
+``state_dict`` with its shape (320 entries, 25,557,032 trainable parameters).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from focalnet_jax.models import build_model, default_model_config
+from focalnet_jax.models.pretrained import (
+    adapt_first_conv,
+    backbone_key_map,
+    load_torchvision_resnet,
+    read_state_dict,
+    save_torchvision_resnet,
+)
+
+KEYS_FILE = Path(__file__).parent / "data" / "torchvision_resnet50_keys.json"
+
+
+def config(**overrides):
+    cfg = default_model_config()
+    cfg.update(overrides)
+    return cfg
+
+
+def abstract_variables(cfg, num_components):
+    model = build_model(cfg, num_outputs=5, num_components=num_components)
+    x = jnp.zeros((1, 64, 64, num_components))
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), x))
+
+
+@pytest.fixture(scope="module")
+def resnet50_keys() -> dict[str, tuple[int, ...]]:
+    entries = json.loads(KEYS_FILE.read_text())["keys"]
+    return {key: tuple(shape) for key, shape in entries}
+
+
+@pytest.fixture(scope="module")
+def resnet50_state(resnet50_keys) -> dict[str, np.ndarray]:
+    """A random state_dict with every torchvision ResNet-50 key and shape."""
+    rng = np.random.default_rng(0)
+    return {
+        key: rng.standard_normal(shape, dtype=np.float32) if shape else np.array(7.0, np.float32)
+        for key, shape in resnet50_keys.items()
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny_state(tmp_path_factory):
+    """(config, state_dict) of a tiny ResNet-18 DeepLab saved in torchvision's layout."""
+    cfg = config(depth=18, width=0.125)
+    rng = np.random.default_rng(1)
+    variables = jax.tree.map(
+        lambda leaf: rng.standard_normal(leaf.shape).astype(np.float32),
+        abstract_variables(cfg, 3),
+    )
+    path = tmp_path_factory.mktemp("tiny") / "resnet18.npz"
+    save_torchvision_resnet(variables, path)
+    return cfg, read_state_dict(path)
+
+
+def test_committed_key_list_is_torchvision_resnet50(resnet50_keys):
+    assert len(resnet50_keys) == 320
+    assert sum(key.endswith("num_batches_tracked") for key in resnet50_keys) == 53
+    trainable = [s for k, s in resnet50_keys.items() if k.endswith((".weight", ".bias"))]
+    assert sum(int(np.prod(s)) for s in trainable) == 25_557_032
+
+
+def test_key_map_covers_every_torchvision_resnet50_key(resnet50_keys):
+    variables = abstract_variables(config(depth=50), 3)
+    backbone = {c: variables[c]["backbone"] for c in ("params", "batch_stats")}
+    mapping = backbone_key_map(backbone)
+    expected = {
+        k for k in resnet50_keys if not (k.startswith("fc.") or k.endswith("num_batches_tracked"))
+    }
+    assert set(mapping) == expected and len(mapping) == 320 - 53 - 2
+    for key, (collection, path) in mapping.items():
+        leaf = backbone[collection]
+        for name in path:
+            leaf = leaf[name]
+        shape = resnet50_keys[key]  # OIHW convolutions become HWIO
+        assert leaf.shape == (shape if len(shape) == 1 else (*shape[2:], shape[1], shape[0])), key
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".safetensors"])
+def test_round_trip_lands_at_flax_paths(suffix, resnet50_state, tmp_path, caplog):
+    path = tmp_path / f"resnet50{suffix}"
+    if suffix == ".npz":
+        np.savez(path, **resnet50_state)
+    else:
+        save_file(resnet50_state, str(path))
+    cfg = config(depth=50)
+    abstract = abstract_variables(cfg, 2)
+    with caplog.at_level(logging.INFO, logger="focalnet_jax.models.pretrained"):
+        loaded = load_torchvision_resnet(abstract, path, num_components=2, model_config=cfg)
+    assert "fc.weight" in caplog.text and "unexpected" not in caplog.text
+
+    params, stats = loaded["params"]["backbone"], loaded["batch_stats"]["backbone"]
+    torch_w = resnet50_state["layer3.5.conv2.weight"]  # [O, I, kh, kw]
+    assert params["layer3_5"]["conv2"]["kernel"][2, 0, 17, 101] == torch_w[101, 17, 2, 0]
+    torch_w = resnet50_state["layer4.0.downsample.0.weight"]
+    assert params["layer4_0"]["downsample_conv"]["kernel"][0, 0, 1000, 7] == torch_w[7, 1000, 0, 0]
+    np.testing.assert_array_equal(
+        stats["layer4_0"]["downsample_bn"]["var"],
+        resnet50_state["layer4.0.downsample.1.running_var"],
+    )
+    np.testing.assert_array_equal(params["bn1"]["scale"], resnet50_state["bn1.weight"])
+    np.testing.assert_array_equal(
+        stats["layer1_2"]["bn3"]["mean"], resnet50_state["layer1.2.bn3.running_mean"]
+    )
+    rgb = resnet50_state["conv1.weight"]  # [64, 3, 7, 7]
+    expected_conv1 = rgb.sum(axis=1) / 2  # [64, 7, 7]
+    for component in range(2):
+        np.testing.assert_allclose(
+            params["conv1"]["kernel"][:, :, component, :],
+            expected_conv1.transpose(1, 2, 0),
+            rtol=1e-6,
+        )
+    # The head is left as it was.
+    assert loaded["params"]["aspp"] == abstract["params"]["aspp"]
+
+    # Saving inverts loading for every backbone tensor except the adapted first convolution.
+    saved = tmp_path / f"saved{suffix}"
+    save_torchvision_resnet(loaded, saved)
+    again = read_state_dict(saved)
+    assert set(again) == set(
+        backbone_key_map({c: loaded[c]["backbone"] for c in ("params", "batch_stats")})
+    )
+    for key, value in again.items():
+        if key != "conv1.weight":
+            np.testing.assert_array_equal(value, resnet50_state[key], err_msg=key)
+
+
+def test_first_conv_adaptation_preserves_grey_response():
+    weight = np.random.default_rng(0).standard_normal((8, 3, 7, 7)).astype(np.float32)
+    for components in (1, 2, 3, 4):
+        adapted = adapt_first_conv(weight, components)
+        assert adapted.shape == (8, components, 7, 7)
+        # Equal components g respond as the RGB filters to (g, g, g).
+        np.testing.assert_allclose(adapted.sum(axis=1), weight.sum(axis=1), rtol=1e-5)
+
+
+def _load(cfg, state, tmp_path, num_components=3):
+    path = tmp_path / "weights.npz"
+    np.savez(path, **state)
+    return load_torchvision_resnet(
+        abstract_variables(cfg, num_components),
+        path,
+        num_components=num_components,
+        model_config=cfg,
+    )
+
+
+def test_tiny_file_loads_back(tiny_state, tmp_path):
+    cfg, state = tiny_state
+    loaded = _load(cfg, state, tmp_path)
+    np.testing.assert_array_equal(
+        loaded["batch_stats"]["backbone"]["layer2_0"]["downsample_bn"]["mean"],
+        state["layer2.0.downsample.1.running_mean"],
+    )
+
+
+def test_missing_key_raises_naming_it(tiny_state, tmp_path):
+    cfg, state = tiny_state
+    state = {k: v for k, v in state.items() if k != "layer2.1.bn2.running_var"}
+    with pytest.raises(
+        ValueError, match=r"1 backbone keys missing .*'layer2\.1\.bn2\.running_var'"
+    ):
+        _load(cfg, state, tmp_path)
+
+
+def test_wrong_depth_raises_listing_missing_keys(tiny_state, tmp_path):
+    _, state = tiny_state
+    with pytest.raises(ValueError, match=r"missing for ResNet-34: .*'layer3\.2\.conv1\.weight'"):
+        _load(config(depth=34, width=0.125), state, tmp_path)
+
+
+def test_shape_mismatch_raises_naming_key_and_shapes(tiny_state, tmp_path):
+    _, state = tiny_state
+    with pytest.raises(ValueError, match=r"bn1\.bias has shape \(8,\) .* expects \(16,\)"):
+        _load(config(depth=18, width=0.25), state, tmp_path)
+
+
+def test_unexpected_key_warns(tiny_state, tmp_path, caplog):
+    cfg, state = tiny_state
+    state = {**state, "layer5.0.conv1.weight": np.zeros((2, 2, 1, 1), np.float32)}
+    with caplog.at_level(logging.WARNING, logger="focalnet_jax.models.pretrained"):
+        _load(cfg, state, tmp_path)
+    assert "1 unexpected keys" in caplog.text and "layer5.0.conv1.weight" in caplog.text
+
+
+def test_bad_files_and_models_raise(tiny_state, tmp_path):
+    cfg, state = tiny_state
+    variables = abstract_variables(cfg, 3)
+    with pytest.raises(FileNotFoundError, match="absent.npz"):
+        load_torchvision_resnet(
+            variables, tmp_path / "absent.npz", num_components=3, model_config=cfg
+        )
+    bad = tmp_path / "weights.h5"
+    bad.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"weights\.h5: expected a suffix"):
+        load_torchvision_resnet(variables, bad, num_components=3, model_config=cfg)
+    with pytest.raises(ValueError, match="num_components"):
+        load_torchvision_resnet(variables, bad, num_components=0, model_config=cfg)
+    with pytest.raises(ValueError, match="model.name"):
+        load_torchvision_resnet(variables, bad, num_components=3, model_config=config(name="unet"))
+
+
+def test_pth_needs_torch(tmp_path):
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        path = tmp_path / "weights.pth"
+        path.write_bytes(b"not a pickle")
+        with pytest.raises(ImportError, match="needs torch"):
+            read_state_dict(path)
+    else:
+        pytest.skip("torch is installed; the .pth path is covered by the torch-marked test")
+
+
+@pytest.mark.torch
+@jax.default_matmul_precision("highest")  # full float32 convolutions also on GPUs (no TF32)
+@pytest.mark.parametrize("output_stride", [32, 8])
+@pytest.mark.parametrize("components", [2, 3])
+def test_converted_weights_reproduce_torchvision_features(output_stride, components, tmp_path):
+    torch = pytest.importorskip("torch")
+    torchvision = pytest.importorskip("torchvision")
+    from focalnet_jax.models.resnet import ResNet
+
+    torch.manual_seed(0)
+    dilate = {32: [False, False, False], 8: [False, True, True]}[output_stride]
+    net = torchvision.models.resnet50(weights=None, replace_stride_with_dilation=dilate)
+    for module in net.modules():  # non-trivial running statistics
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.5, 1.5)
+    net.eval()
+    path = tmp_path / "resnet50.pth"
+    torch.save(net.state_dict(), path)
+
+    grey = np.random.default_rng(0).standard_normal((1, 64, 64, 1)).astype(np.float32)
+    with torch.no_grad():
+        rgb = torch.from_numpy(np.repeat(grey, 3, axis=-1).transpose(0, 3, 1, 2))
+        features = torch.nn.Sequential(*list(net.children())[:-2])(rgb).numpy()
+    reference = features.transpose(0, 2, 3, 1)
+
+    cfg = config(depth=50, output_stride=output_stride)
+    variables = load_torchvision_resnet(
+        abstract_variables(cfg, components), path, num_components=components, model_config=cfg
+    )
+    backbone = {c: variables[c]["backbone"] for c in ("params", "batch_stats")}
+    x = np.repeat(grey, components, axis=-1)
+    ours = np.asarray(ResNet(depth=50, output_stride=output_stride).apply(backbone, x))
+    assert ours.shape == reference.shape
+    np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max())
