@@ -1,0 +1,174 @@
+"""PNG figures in the paper's style: FROC (Figs. 5-6, log FP axis 0.01..10), GS ROC (Fig. 7) and a
+montage of cases (Fig. 4: T2w, ADC, truth contours coloured by GS, detection crosses)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from focalnet_jax.evaluation.froc import sensitivity_at  # noqa: E402
+
+FP_RANGE = (0.01, 10.0)
+GS_NAMES = {1: "GS 3+3", 2: "GS 3+4", 3: "GS 4+3", 4: "GS 8", 5: "GS >= 9"}
+GS_COLOURS = {1: "#2ca02c", 2: "#1f77b4", 3: "#9467bd", 4: "#d62728", 5: "#8c564b"}
+CROSS_COLOUR = "#ff7f0e"
+LABELLED_POINTS = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class Curve:
+    """One line of a plot, with an optional shaded band (e.g. mean +- 2 SD over folds)."""
+
+    x: np.ndarray
+    y: np.ndarray
+    lower: np.ndarray | None = None
+    upper: np.ndarray | None = None
+    step: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class MontageCase:
+    """One column of the montage: `t2w`, `adc` (or None), `classes` `[H, W]` true class per pixel,
+    `points` `[P, 2]` (row, col) of the detections shown."""
+
+    title: str
+    t2w: np.ndarray
+    adc: np.ndarray | None
+    classes: np.ndarray
+    points: np.ndarray
+
+
+def froc_step_curve(fp: np.ndarray, sens: np.ndarray) -> Curve:
+    """The step function S(x) of one FROC curve over the plotted FP range."""
+    inside = fp[(fp > FP_RANGE[0]) & (fp < FP_RANGE[1])]
+    x = np.concatenate([[FP_RANGE[0]], np.unique(inside), [FP_RANGE[1]]])
+    return Curve(x=x, y=sensitivity_at(fp, sens, x), step=True)
+
+
+def _draw(ax, label: str, curve: Curve, colour) -> None:
+    if curve.step:
+        ax.step(curve.x, curve.y, where="post", label=label, color=colour)
+    else:
+        ax.plot(curve.x, curve.y, label=label, color=colour)
+    if curve.lower is not None and curve.upper is not None:
+        ax.fill_between(curve.x, curve.lower, curve.upper, color=colour, alpha=0.2, linewidth=0)
+
+
+def _grid(num_panels: int, width: float = 4.0):
+    cols = min(num_panels, 4)
+    rows = -(-num_panels // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, width * rows), squeeze=False)
+    for ax in axes.flat[num_panels:]:
+        ax.set_visible(False)
+    return fig, axes.flat
+
+
+def froc_figure(path: str | Path, panels: Mapping[str, Mapping[str, Curve]]) -> Path:
+    """One panel per lesion group (title -> {method label -> curve}); log FP axis 0.01..10."""
+    fig, axes = _grid(len(panels))
+    for ax, (title, curves) in zip(axes, panels.items(), strict=False):
+        for i, (label, curve) in enumerate(curves.items()):
+            _draw(ax, label, curve, f"C{i}")
+        ax.set_xscale("log")
+        ax.set_xlim(*FP_RANGE)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("False positives per patient")
+        ax.set_ylabel("Sensitivity")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+        if curves:
+            ax.legend(loc="lower right", fontsize="small")
+    return _save(fig, path)
+
+
+def roc_figure(path: str | Path, panels: Mapping[str, Mapping[str, Curve]]) -> Path:
+    """One panel per GS task (title -> {label (with AUC) -> curve}), with the chance diagonal."""
+    fig, axes = _grid(len(panels))
+    for ax, (title, curves) in zip(axes, panels.items(), strict=False):
+        ax.plot([0, 1], [0, 1], color="0.7", linestyle="--", linewidth=1)
+        for i, (label, curve) in enumerate(curves.items()):
+            _draw(ax, label, curve, f"C{i}")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.set_aspect("equal")
+        ax.set_xlabel("False positive rate")
+        ax.set_ylabel("True positive rate")
+        ax.set_title(title)
+        if curves:
+            ax.legend(loc="lower right", fontsize="small")
+    return _save(fig, path)
+
+
+def montage_figure(path: str | Path, cases: Sequence[MontageCase]) -> Path:
+    """T2w (top) and ADC (below, where given) of each case with GS-coloured truth contours and
+    detection crosses."""
+    rows = 2 if any(case.adc is not None for case in cases) else 1
+    fig, axes = plt.subplots(rows, len(cases), figsize=(3 * len(cases), 3 * rows), squeeze=False)
+    for col, case in enumerate(cases):
+        for row, (name, image) in enumerate((("T2w", case.t2w), ("ADC", case.adc))[:rows]):
+            ax = axes[row, col]
+            ax.axis("off")
+            if image is None:
+                continue
+            ax.imshow(np.clip(image, 0, 1), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            for cls in np.unique(case.classes[case.classes > 0]):
+                ax.contour(case.classes == cls, levels=[0.5], colors=GS_COLOURS[int(cls)])
+            if len(case.points):
+                ax.scatter(case.points[:, 1], case.points[:, 0], marker="+", s=120, c=CROSS_COLOUR)
+            ax.set_title(f"{case.title}\n{name}" if row == 0 else name, fontsize="small")
+    handles = [
+        plt.Line2D([], [], color=colour, label=GS_NAMES[cls]) for cls, colour in GS_COLOURS.items()
+    ]
+    handles.append(
+        plt.Line2D([], [], color=CROSS_COLOUR, marker="+", linestyle="", label="detection")
+    )
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize="small")
+    fig.subplots_adjust(bottom=0.12)
+    return _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+@dataclasses.dataclass(frozen=True)
+class OverlayPanel:
+    """One slice of `focalnet predict`'s overlay: T2w `[H, W]` in [0, 1], lesion score `[H, W]`,
+    detections `[P, 2]` (row, col) with their scores `[P]`."""
+
+    title: str
+    t2w: np.ndarray
+    score: np.ndarray
+    points: np.ndarray
+    point_scores: np.ndarray
+
+
+def overlay_figure(path: str | Path, panels: Sequence[OverlayPanel]) -> Path:
+    """T2w slices with the lesion score as a translucent heat map and numbered detection crosses."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4.4), squeeze=False)
+    for ax, panel in zip(axes[0], panels, strict=True):
+        ax.imshow(np.clip(panel.t2w, 0, 1), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        heat = np.ma.masked_less(panel.score, 0.05)
+        image = ax.imshow(heat, cmap="inferno", vmin=0, vmax=1, alpha=0.45)
+        if len(panel.points):
+            ax.scatter(panel.points[:, 1], panel.points[:, 0], marker="+", s=150, c=CROSS_COLOUR)
+        # Scores are written next to the highest few crosses only, to stay readable.
+        best = np.argsort(-panel.point_scores, kind="stable")[:LABELLED_POINTS]
+        for (row, col), score in zip(panel.points[best], panel.point_scores[best], strict=True):
+            ax.annotate(f"{score:.2f}", (col, row), xytext=(4, 4), textcoords="offset points",
+                        color=CROSS_COLOUR, fontsize="small")  # fmt: skip
+        ax.set_title(panel.title, fontsize="small")
+        ax.axis("off")
+    fig.colorbar(image, ax=list(axes[0]), shrink=0.8, label="P(lesion)")
+    return _save(fig, path)

@@ -1,0 +1,132 @@
+"""Batched, jit-compiled prediction of P(class >= k) maps from a trained run, and the contract
+predictions files of a run's validation fold.
+
+One `Predictor` serves every output encoding: `encoding.scores_from_outputs` turns ordinal
+(FocalNet), one-hot (Deeplab, U-Net-Mult) and binary (U-Net-Sing) outputs into P(class >= k).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from focalnet_jax import augment, checkpoint, encoding, losses
+from focalnet_jax.evaluation.predictions import write_case
+from focalnet_jax.input_pipeline import component_channels
+from focalnet_jax.models import build_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Predictor:
+    """A trained model as `scores = predictor(images)`: images float32 `[N, H, W, C]` (components
+    in `components` order, as the store holds them: T2w unclipped) -> float32 `[N, H, W, 5]`."""
+
+    config: object
+    variables: dict
+    components: tuple[str, ...]
+    encoding: str
+    apply: Callable
+    batch_size: int = 16
+
+    @classmethod
+    def from_workdir(cls, workdir: str | Path, *, step: int | None = None, batch_size: int = 16):
+        """Loads the run's config and checkpoint (`checkpoint.load_for_inference`)."""
+        config, variables = checkpoint.load_for_inference(workdir, step)
+        enc = losses.get_loss(config.loss.name).encoding
+        components = tuple(config.data.components)
+        model = build_model(
+            config.model, num_outputs=encoding.num_outputs(enc), num_components=len(components)
+        )
+
+        @jax.jit
+        def apply(variables, images):
+            # Inputs are clipped to [0, 1] as at training; BatchNorm uses running averages.
+            logits = model.apply(variables, augment.clip_inputs(images), train=False)
+            return encoding.scores_from_outputs(logits, enc, from_logits=True)
+
+        variables = jax.device_put(variables)
+        return cls(config, variables, components, enc, apply, batch_size)
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        images = np.asarray(images, np.float32)
+        if images.ndim != 4 or images.shape[-1] != len(self.components):
+            raise ValueError(
+                f"images: expected [N, H, W, {len(self.components)}] for components "
+                f"{self.components}, got {images.shape}"
+            )
+        n = images.shape[0]
+        out = np.zeros((*images.shape[:3], 5), np.float32)
+        # Every batch has the same shape (the last one zero-padded): one compilation.
+        for first in range(0, n, self.batch_size):
+            chunk = images[first : first + self.batch_size]
+            padded = np.zeros((self.batch_size, *images.shape[1:]), np.float32)
+            padded[: len(chunk)] = chunk
+            scores = self.apply(self.variables, jnp.asarray(padded))
+            out[first : first + len(chunk)] = np.asarray(scores)[: len(chunk)]
+        return out
+
+
+def predict_cases(
+    predictor: Predictor, store, case_ids: Sequence[str], out_dir: str | Path
+) -> list[Path]:
+    """Writes `<case_id>.npz` (contract, with t2w/adc clipped to [0, 1] for figures and the
+    source slice indices) for every slice of each case."""
+    channels = component_channels(store, predictor.components)
+    written = []
+    for case_id in case_ids:
+        rows = store.case_slices(case_id)
+        record = store.case(case_id)
+        images = np.asarray(store.images[rows])
+        extra = {
+            name: np.clip(images[..., list(store.components).index(name)], 0.0, 1.0)
+            for name in ("t2w", "adc")
+            if name in store.components
+        }
+        written.append(
+            write_case(
+                out_dir,
+                case_id,
+                scores=predictor(images[..., channels]),
+                lesions=np.asarray(store.lesions[rows]),
+                lesion_classes=np.asarray(record["lesion_classes"], np.int32),
+                spacing=record["spacing"],
+                patient_id=record["patient_id"],
+                slice_index=np.asarray(store.slice_index[rows]),
+                **extra,
+            )
+        )
+    return written
+
+
+def predict_validation_fold(
+    workdir: str | Path,
+    out_dir: str | Path,
+    *,
+    step: int | None = None,
+    store_path: str | Path | None = None,
+    batch_size: int = 16,
+) -> Path:
+    """Predicts every case of the run's validation fold (`config.data.fold`) into `out_dir`."""
+    from focalnet_jax.data.folds import split_cases
+    from focalnet_jax.data.store import open_store
+
+    predictor = Predictor.from_workdir(workdir, step=step, batch_size=batch_size)
+    data = predictor.config.data
+    store_path = store_path or data.store
+    if not store_path:
+        raise ValueError(f"workdir {workdir}: its config has no data.store; pass --store")
+    store = open_store(store_path)
+    _, val_ids = split_cases(store, int(data.fold), int(data.num_folds), int(data.fold_seed))
+    if not val_ids:
+        raise ValueError(f"store {store_path}: fold {data.fold} has no validation case")
+    log.info("predicting %d validation cases of fold %s", len(val_ids), data.fold)
+    predict_cases(predictor, store, val_ids, out_dir)
+    return Path(out_dir)

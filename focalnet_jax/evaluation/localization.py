@@ -1,0 +1,67 @@
+"""Lesion localisation points (paper section II-E2, SPEC section 6): 2D local maxima of the lesion
+score `s1 = P(class >= 1)` on each slice."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+from scipy import ndimage
+
+RADIUS_MM = 5.0
+MIN_SCORE = 1e-3
+
+
+@dataclasses.dataclass(frozen=True)
+class Detections:
+    """Localisation points of one case, ordered by decreasing s1 (ties: slice, row, column).
+
+    `slice`, `row`, `col`: int32 `[D]` pixel indices; `scores`: float32 `[D, 5]`, P(class >= k) at
+    the point (column 0 is the detection score s1).
+    """
+
+    slice: np.ndarray
+    row: np.ndarray
+    col: np.ndarray
+    scores: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.slice.size)
+
+
+def window_radius(spacing, radius_mm: float = RADIUS_MM) -> tuple[int, int]:
+    """Half-widths (rows, columns) in pixels: round(radius_mm / spacing), halves rounded up."""
+    spacing = np.asarray(spacing, np.float64)
+    radius = np.floor(radius_mm / spacing + 0.5).astype(int)
+    return int(radius[0]), int(radius[1])
+
+
+def local_maxima(
+    scores: np.ndarray, spacing, *, radius_mm: float = RADIUS_MM, min_score: float = MIN_SCORE
+) -> Detections:
+    """2D local maxima of `scores[..., 0]` on every slice.
+
+    A pixel is a maximum when it equals the maximum of the (2r+1) x (2r+1) window around it
+    (`r = window_radius(spacing, radius_mm)`, zero padding outside the image) and its score is above
+    `min_score`. Every pixel of a flat top is a maximum (the FROC counts points on one lesion once).
+
+    Args:
+      scores: float `[S, H, W, 5]` P(class >= k).
+      spacing: in-plane pixel spacing (rows, columns) in mm.
+    Returns:
+      `Detections` sorted by decreasing s1.
+    """
+    s1 = np.asarray(scores[..., 0])
+    r_row, r_col = window_radius(spacing, radius_mm)
+    window_max = ndimage.maximum_filter(
+        s1, size=(1, 2 * r_row + 1, 2 * r_col + 1), mode="constant", cval=0.0
+    )
+    z, y, x = np.nonzero((s1 == window_max) & (s1 > min_score))
+    point_scores = np.asarray(scores[z, y, x], np.float32).reshape(-1, scores.shape[-1])
+    order = np.lexsort((x, y, z, -point_scores[:, 0]))
+    return Detections(
+        slice=z[order].astype(np.int32),
+        row=y[order].astype(np.int32),
+        col=x[order].astype(np.int32),
+        scores=point_scores[order],
+    )

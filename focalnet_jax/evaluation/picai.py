@@ -1,0 +1,129 @@
+"""PI-CAI metrics (case AUROC, lesion AP, ranking score) from 3D detection maps, with `picai_eval`.
+
+This is PI-CAI's protocol, reported beside the paper's and never mixed with it: the csPCa score
+P(class >= 2) over every slice of a case's crop becomes a 3D map, lesion candidates are extracted
+with `report_guided_annotation.extract_lesion_candidates` (dynamic-fast threshold, as the PI-CAI
+baselines), and candidates are matched to the clinically significant lesions (class >= 2) by 3D
+overlap (IoU >= 0.1) with `picai_eval.eval.evaluate_case`. The per-case results are aggregated into
+`picai_eval.Metrics` exactly as `picai_eval.evaluate` does, one case at a time, so that no set of
+3D maps is ever held in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+from collections.abc import Mapping
+
+import numpy as np
+
+from focalnet_jax.evaluation.predictions import CasePredictions
+
+MIN_OVERLAP = 0.1
+
+
+def _import_picai():
+    """(extract_lesion_candidates, evaluate_case, Metrics, version); the packages print a banner on
+    import, which is kept out of the command's output."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        import picai_eval
+        from picai_eval.eval import evaluate_case
+        from picai_eval.metrics import Metrics
+        from report_guided_annotation import extract_lesion_candidates
+    version = getattr(picai_eval, "__version__", None)
+    if version is None:
+        from importlib.metadata import version as package_version
+
+        version = package_version("picai_eval")
+    return extract_lesion_candidates, evaluate_case, Metrics, version
+
+
+def available() -> str | None:
+    """None when picai_eval can be used, else the reason it cannot."""
+    try:
+        _import_picai()
+    except ImportError as error:
+        return f"picai_eval is not installed ({error}); install the 'picai' extra"
+    return None
+
+
+def volume_reason(case: CasePredictions) -> str | None:
+    """None when the case's slices form a volume (consecutive source slices), else why not."""
+    if case.slice_index is not None and np.any(np.diff(case.slice_index) != 1):
+        return f"{case.case_id}: slices {case.slice_index.tolist()} are not consecutive"
+    return None
+
+
+def detection_map(cs_scores: np.ndarray) -> np.ndarray:
+    """float32 `[S, H, W]`: lesion candidates of a csPCa score volume, each connected component set
+    to its confidence (0 elsewhere)."""
+    extract_lesion_candidates = _import_picai()[0]
+    return extract_lesion_candidates(np.asarray(cs_scores, np.float32))[0].astype(np.float32)
+
+
+def case_label(case: CasePredictions) -> np.ndarray:
+    """int32 `[S, H, W]`: 1 on clinically significant lesions (class >= 2), else 0."""
+    return (case.classes >= 2).astype(np.int32)
+
+
+def evaluate_case(case: CasePredictions, *, min_overlap: float = MIN_OVERLAP) -> tuple:
+    """picai_eval's per-case result: (list of (is_lesion, confidence, overlap), case confidence)."""
+    _, picai_evaluate_case, _, _ = _import_picai()
+    y_det = detection_map(case.scores[..., 1])
+    lesion_results, confidence, _, _ = picai_evaluate_case(
+        y_det=y_det, y_true=case_label(case), min_overlap=min_overlap
+    )
+    return [tuple(map(float, r)) for r in lesion_results], float(confidence)
+
+
+def picai_metrics(
+    case_results: Mapping[str, tuple],
+    *,
+    bootstraps: int = 1000,
+    seed: int = 0,
+    min_overlap: float = MIN_OVERLAP,
+) -> dict:
+    """Case AUROC, lesion AP and ranking score (AUROC + AP) / 2 of `picai_eval.Metrics`, with 95 %
+    bootstrap intervals over cases (`bootstraps` = 0 skips them); NaN where undefined."""
+    _, _, Metrics, version = _import_picai()
+    lesion_results = {case: list(results) for case, (results, _) in case_results.items()}
+    metrics = Metrics(
+        lesion_results=lesion_results,
+        case_target={
+            case: int(max((r[0] for r in results), default=0))
+            for case, results in lesion_results.items()
+        },
+        case_pred={case: conf for case, (_, conf) in case_results.items()},
+        case_weight={case: 1.0 for case in case_results},
+        lesion_weight={case: [1.0] * len(results) for case, results in lesion_results.items()},
+    )
+    with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
+        # sklearn warns (and returns NaN) when a set has only one class.
+        warnings.simplefilter("ignore")
+        out = {
+            "auroc": float(metrics.auroc),
+            "ap": float(metrics.AP),
+            "score": float(metrics.score),
+            "num_cases": int(metrics.num_cases),
+            "num_lesions": int(metrics.num_lesions),
+            "num_positive_cases": int(sum(metrics.case_target.values())),
+        }
+        if bootstraps > 0:
+            ci = metrics.bootstrap_score_ci(n_bootstraps=bootstraps, seed=seed)
+            out.update(
+                {
+                    "auroc_95_ci": [float(v) for v in ci["auroc_95_ci"]],
+                    "ap_95_ci": [float(v) for v in ci["ap_95_ci"]],
+                    "score_95_ci": [float(v) for v in ci["score_95_ci"]],
+                    "bootstraps": int(bootstraps),
+                }
+            )
+    out.update(
+        {
+            "picai_eval_version": str(version),
+            "protocol": "3D lesion candidates (extract_lesion_candidates, dynamic-fast) of "
+            f"P(class >= 2), matched to class >= 2 lesions by IoU >= {min_overlap:g}",
+        }
+    )
+    return out

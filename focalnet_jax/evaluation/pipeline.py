@@ -1,0 +1,178 @@
+"""`focalnet evaluate --predictions DIR --out DIR`: streams the contract files of one evaluation
+(typically one validation fold) through localisation, FROC, GS ROC and PI-CAI metrics, then writes
+`metrics.json`, `report.md` and the PNG figures."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from focalnet_jax.evaluation import figures, picai
+from focalnet_jax.evaluation.froc import count_patients, froc_analysis
+from focalnet_jax.evaluation.localization import MIN_SCORE, RADIUS_MM
+from focalnet_jax.evaluation.matching import ROC_DETECTIONS, CaseSummary, summarize_case
+from focalnet_jax.evaluation.predictions import list_cases, read_case
+from focalnet_jax.evaluation.report import ROC_TITLES, json_safe, markdown_report, write_json
+from focalnet_jax.evaluation.roc import gs_roc
+
+log = logging.getLogger(__name__)
+
+FROC_PANELS = (
+    ("Index lesions", "index"),
+    ("Clinically significant lesions", "clinically_significant"),
+    ("All lesions", "all"),
+)
+GS_PANELS = (("GS 3+3", "gs_3+3"), ("GS 3+4", "gs_3+4"), ("GS 4+3", "gs_4+3"), ("GS >= 8", "gs_8+"))
+
+
+def evaluate_predictions(
+    predictions_dir: str | Path,
+    out_dir: str | Path | None = None,
+    *,
+    radius_mm: float = RADIUS_MM,
+    min_score: float = MIN_SCORE,
+    roc_detections: int = ROC_DETECTIONS,
+    with_picai: bool = True,
+    picai_bootstraps: int = 1000,
+    seed: int = 0,
+    with_figures: bool = True,
+    montage_cases: int = 6,
+    label: str = "model",
+    slices: str = "all",
+) -> dict:
+    """Evaluates every `<case_id>.npz` of `predictions_dir`; writes the outputs to `out_dir` when
+    given. Returns the metrics dict (arrays as NumPy; `metrics.json` holds its JSON-safe form).
+
+    `slices` selects the slices of the paper's 2D protocol ('all', or 'annotated': slices with a
+    lesion ROI, as the paper's validation); the PI-CAI 3D protocol always uses every slice.
+    """
+    paths = list_cases(predictions_dir)
+    picai_skipped = None if with_picai else "disabled (--no-picai)"
+    if picai_skipped is None:
+        picai_skipped = picai.available()
+    summaries: list[CaseSummary] = []
+    picai_results: dict[str, tuple] = {}
+    has_images: list[bool] = []
+    for path in paths:
+        case = read_case(path)
+        summaries.append(
+            summarize_case(
+                case,
+                radius_mm=radius_mm,
+                min_score=min_score,
+                roc_detections=roc_detections,
+                slices=slices,
+            )
+        )
+        has_images.append(case.t2w is not None)
+        if picai_skipped is None:
+            picai_skipped = picai.volume_reason(case)
+        if picai_skipped is None:
+            picai_results[case.case_id] = picai.evaluate_case(case)
+    num_patients = count_patients(summaries)
+    if num_patients == 0:
+        raise ValueError(f"{predictions_dir}: no slice to evaluate with slices={slices!r}")
+    metrics = {
+        "num_patients": num_patients,
+        "num_cases": len(summaries),
+        "settings": {
+            "radius_mm": radius_mm,
+            "min_score": min_score,
+            "roc_detections": roc_detections,
+            "slices": slices,
+        },
+        "froc": froc_analysis(summaries, num_patients),
+        "roc": gs_roc(summaries),
+    }
+    if picai_skipped is None:
+        metrics["picai"] = picai.picai_metrics(
+            picai_results, bootstraps=picai_bootstraps, seed=seed
+        )
+    else:
+        log.warning("PI-CAI metrics skipped: %s", picai_skipped)
+        metrics["picai"] = {"skipped": picai_skipped}
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        write_json(metrics, out_dir / "metrics.json")
+        report = markdown_report({label: [json_safe(metrics)]}, title=f"Evaluation of {label}")
+        (out_dir / "report.md").write_text(report)
+        if with_figures:
+            write_figures(metrics, summaries, paths, has_images, out_dir, montage_cases, label)
+    return metrics
+
+
+def operating_threshold(curve: dict, fp_per_patient: float = 1.0) -> float:
+    """The lowest curve threshold whose FP per patient <= fp_per_patient (inf where none)."""
+    within = np.asarray(curve["fp"]) <= fp_per_patient
+    return float(np.asarray(curve["threshold"])[within].min()) if within.any() else float("inf")
+
+
+def write_figures(
+    metrics: dict,
+    summaries: list[CaseSummary],
+    paths: list[Path],
+    has_images: list[bool],
+    out_dir: Path,
+    montage_cases: int,
+    label: str,
+) -> list[Path]:
+    """froc.png (Fig. 5), froc_gs.png (Fig. 6), roc.png (Fig. 7) and montage.png (Fig. 4, when the
+    predictions carry T2w)."""
+    froc = metrics["froc"]
+
+    def froc_panels(panels):
+        return {
+            f"{title} (n={froc[group]['num_lesions']})": {
+                label: figures.froc_step_curve(
+                    froc[group]["curve"]["fp"], froc[group]["curve"]["sensitivity"]
+                )
+            }
+            for title, group in panels
+        }
+
+    written = [
+        figures.froc_figure(out_dir / "froc.png", froc_panels(FROC_PANELS)),
+        figures.froc_figure(out_dir / "froc_gs.png", froc_panels(GS_PANELS)),
+    ]
+    roc_panels = {}
+    for task, title in ROC_TITLES.items():
+        result = metrics["roc"][task]
+        auc = "n/a" if not np.isfinite(result["auc"]) else f"{result['auc']:.3f}"
+        curve = figures.Curve(x=result["curve"]["fpr"], y=result["curve"]["tpr"])
+        roc_panels[title] = {f"{label} (AUC {auc})": curve}
+    written.append(figures.roc_figure(out_dir / "roc.png", roc_panels))
+    threshold = operating_threshold(froc["all"]["curve"])
+    chosen = _montage_choice(summaries, has_images, montage_cases)
+    if chosen:
+        columns = [_montage_column(paths[i], summaries[i], threshold) for i in chosen]
+        written.append(figures.montage_figure(out_dir / "montage.png", columns))
+    return written
+
+
+def _montage_choice(summaries, has_images, count: int) -> list[int]:
+    """Up to `count` cases with T2w: cases with lesions first, in file order."""
+    with_images = [i for i, ok in enumerate(has_images) if ok]
+    lesion_first = sorted(with_images, key=lambda i: not summaries[i].lesion_present.any())
+    return lesion_first[:count]
+
+
+def _montage_column(path: Path, summary: CaseSummary, threshold: float) -> figures.MontageCase:
+    """The case's slice with the largest lesion area (else its highest detection), with the
+    detections at the 1 FP per patient operating threshold."""
+    case = read_case(path)
+    area = (case.lesions > 0).sum(axis=(1, 2))
+    det = summary.detections
+    if area.any():
+        z = int(area.argmax())
+    else:
+        z = int(det.slice[0]) if len(det) else 0
+    shown = (det.slice == z) & (det.scores[:, 0] >= threshold)
+    return figures.MontageCase(
+        title=f"{case.case_id} (slice {z})",
+        t2w=case.t2w[z],
+        adc=None if case.adc is None else case.adc[z],
+        classes=case.classes[z],
+        points=np.stack([det.row[shown], det.col[shown]], axis=1),
+    )

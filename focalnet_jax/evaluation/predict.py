@@ -1,0 +1,155 @@
+"""`focalnet predict`: a trained model on a new exam (DICOM, MHA or NIfTI components).
+
+The exam goes through the run's own preprocessing (the settings of its training store, else the
+defaults), the model gives P(class >= k) on every slice of the 80 mm crop, and the outputs are:
+- `lesion_score.nii.gz` (P(class >= 1)) and `cspca_score.nii.gz` (P(class >= 2)): the crop maps
+  resampled (linear) back onto the T2w grid, so they open on top of the T2w series in 3D Slicer or
+  ITK-SNAP (0 outside the crop);
+- `detections.csv`: the 2D local maxima (SPEC section 6) with s1 >= threshold: LPS world
+  coordinates, the T2w voxel holding the point, the crop slice/row/column, the lesion score and
+  P(GS >= 3+4), P(GS >= 4+3), P(GS >= 8), P(GS >= 9);
+- `overlay.png`: the T2w crop slices of the highest detections with the score map and crosses.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from focalnet_jax.data import preprocess_case
+from focalnet_jax.data.io import read_image
+from focalnet_jax.evaluation import figures
+from focalnet_jax.evaluation.inference import Predictor
+from focalnet_jax.evaluation.localization import MIN_SCORE, RADIUS_MM, local_maxima
+
+log = logging.getLogger(__name__)
+
+CSV_COLUMNS = (
+    "detection",
+    "x_mm",
+    "y_mm",
+    "z_mm",
+    "t2w_i",
+    "t2w_j",
+    "t2w_k",
+    "crop_slice",
+    "crop_row",
+    "crop_col",
+    "lesion_score",
+    "p_gs_ge_3+4",
+    "p_gs_ge_4+3",
+    "p_gs_ge_8",
+    "p_gs_ge_9",
+)
+OVERLAY_SLICES = 4
+
+
+def preprocess_settings(config) -> dict | None:
+    """The preprocessing settings of the run's training store (None: defaults)."""
+    table = Path(str(config.data.store or "")) / "cases.json"
+    if not table.is_file():
+        log.warning("training store %s not found: default preprocessing", config.data.store)
+        return None
+    return json.loads(table.read_text()).get("settings", {}).get("preprocess")
+
+
+def _exam_name(t2w_path: str) -> str:
+    """'exam_t2w' for a DICOM folder `exam/t2w`, else the file name without extensions."""
+    path = Path(t2w_path)
+    if path.is_dir():
+        return f"{path.resolve().parent.name}_{path.name}"
+    return path.name.split(".")[0]
+
+
+def crop_to_t2w(volume: np.ndarray, geometry, t2w: sitk.Image) -> sitk.Image:
+    """A crop-grid volume `[S, H, W]` (every T2w slice) resampled linearly onto the T2w grid."""
+    image = sitk.GetImageFromArray(np.asarray(volume, np.float32))
+    image.CopyInformation(geometry.reference_image(volume.shape[0]))
+    return sitk.Resample(image, t2w, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+
+
+def predict_exam(
+    workdir: str | Path,
+    components: Mapping[str, str | Path],
+    out_dir: str | Path,
+    *,
+    step: int | None = None,
+    center=None,
+    mask: str | Path | None = None,
+    threshold: float = 0.5,
+    batch_size: int = 16,
+    radius_mm: float = RADIUS_MM,
+    min_score: float = MIN_SCORE,
+) -> list[Path]:
+    """Runs the model of `workdir` on one exam and writes the files listed in the module
+    docstring to `out_dir`; returns their paths. `components` maps names ('t2w', 'adc', 'hbv')
+    to paths; the model's components must all be present."""
+    predictor = Predictor.from_workdir(workdir, step=step, batch_size=batch_size)
+    missing = [c for c in predictor.components if c not in components]
+    if missing:
+        raise ValueError(
+            f"exam lacks component(s) {missing} that the model of {workdir} needs "
+            f"(it was trained on {list(predictor.components)}; given {list(components)})"
+        )
+    ordered = {name: str(components[name]) for name in predictor.components}
+    case = preprocess_case(
+        ordered,
+        center=center,
+        mask=None if mask is None else str(mask),
+        slices="all",
+        config=preprocess_settings(predictor.config),
+        case_id=_exam_name(ordered[predictor.components[0]]),
+    )
+    scores = predictor(case.images)
+    t2w = read_image(ordered[predictor.components[0]], case=case.case_id)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, k in (("lesion_score", 0), ("cspca_score", 1)):
+        path = out_dir / f"{name}.nii.gz"
+        sitk.WriteImage(crop_to_t2w(scores[..., k], case.geometry, t2w), str(path))
+        written.append(path)
+
+    detections = local_maxima(scores, case.spacing, radius_mm=radius_mm, min_score=min_score)
+    shown = detections.scores[:, 0] >= threshold
+    rows = []
+    for n, i in enumerate(np.flatnonzero(shown), 1):
+        s, r, c = int(detections.slice[i]), int(detections.row[i]), int(detections.col[i])
+        world = case.pixel_to_world(s, r, c)
+        voxel = t2w.TransformPhysicalPointToIndex(world)
+        p = detections.scores[i]
+        rows.append([n, *(f"{v:.4f}" for v in world), *voxel, s, r, c, *(f"{v:.4f}" for v in p)])
+    path = out_dir / "detections.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(CSV_COLUMNS)
+        writer.writerows(rows)
+    written.append(path)
+
+    t2w_crop = np.clip(case.images[..., 0], 0.0, 1.0)
+    if shown.any():
+        order = detections.slice[shown]
+        slices = list(dict.fromkeys(order.tolist()))[:OVERLAY_SLICES]
+    else:
+        slices = [int(np.argmax(scores[..., 0].max(axis=(1, 2))))]
+    panels = []
+    for z in slices:
+        on = shown & (detections.slice == z)
+        panels.append(
+            figures.OverlayPanel(
+                title=f"{case.case_id}: T2w slice {int(case.slice_index[z])}",
+                t2w=t2w_crop[z],
+                score=scores[z, ..., 0],
+                points=np.stack([detections.row[on], detections.col[on]], axis=1),
+                point_scores=detections.scores[on, 0],
+            )
+        )
+    written.append(figures.overlay_figure(out_dir / "overlay.png", panels))
+    log.info("%d detections with score >= %g", int(shown.sum()), threshold)
+    return written

@@ -1,0 +1,181 @@
+"""The predictions contract (SPEC section 6): one `<case_id>.npz` per case.
+
+Keys:
+- `scores` float32 `[S, H, W, 5]`: P(class >= k), k = 1..5;
+- `lesions` int32 `[S, H, W]`: lesion instance ids, 0 background;
+- `lesion_classes` int32 `[L]`: class (1..5) of instance id i + 1;
+- `spacing` float32 `[2]`: in-plane pixel spacing in mm, rows then columns;
+- `patient_id` str;
+- optional `t2w`, `adc` float32 `[S, H, W]` (figures) and `slice_index` int32 `[S]` (the source
+  slice of each crop slice; the PI-CAI 3D evaluation needs consecutive slices).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+REQUIRED_KEYS = ("scores", "lesions", "lesion_classes", "spacing", "patient_id")
+OPTIONAL_KEYS = ("t2w", "adc", "slice_index")
+NUM_SCORES = 5
+
+
+class PredictionsError(ValueError):
+    """A predictions file or folder that does not follow the contract."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CasePredictions:
+    """One case of the contract, validated. Arrays as described in the module docstring."""
+
+    case_id: str
+    patient_id: str
+    scores: np.ndarray
+    lesions: np.ndarray
+    lesion_classes: np.ndarray
+    spacing: np.ndarray
+    t2w: np.ndarray | None = None
+    adc: np.ndarray | None = None
+    slice_index: np.ndarray | None = None
+    path: Path | None = None
+
+    @property
+    def classes(self) -> np.ndarray:
+        """int32 `[S, H, W]` true class per pixel (0 outside lesions)."""
+        table = np.concatenate([[0], self.lesion_classes]).astype(np.int32)
+        return table[self.lesions]
+
+
+def validate(case: CasePredictions) -> CasePredictions:
+    """Checks shapes, dtypes and value ranges; raises `PredictionsError` naming the file."""
+    where = str(case.path) if case.path is not None else case.case_id
+
+    def fail(reason: str):
+        raise PredictionsError(f"{where}: {reason}")
+
+    scores, lesions = case.scores, case.lesions
+    if scores.ndim != 4 or scores.shape[-1] != NUM_SCORES:
+        fail(f"'scores' must have shape [S, H, W, {NUM_SCORES}], got {scores.shape}")
+    if not np.issubdtype(scores.dtype, np.floating):
+        fail(f"'scores' must be floating, got {scores.dtype}")
+    if not np.all(np.isfinite(scores)) or scores.min(initial=0) < 0 or scores.max(initial=0) > 1:
+        fail("'scores' must be finite probabilities in [0, 1]")
+    if lesions.shape != scores.shape[:3]:
+        fail(f"'lesions' shape {lesions.shape} does not match 'scores' shape {scores.shape[:3]}")
+    if not np.issubdtype(lesions.dtype, np.integer):
+        fail(f"'lesions' must be integer, got {lesions.dtype}")
+    if case.lesion_classes.ndim != 1 or not np.issubdtype(case.lesion_classes.dtype, np.integer):
+        fail(f"'lesion_classes' must be a 1-D integer array, got {case.lesion_classes.shape}")
+    if case.lesion_classes.size and (
+        case.lesion_classes.min() < 1 or case.lesion_classes.max() > NUM_SCORES
+    ):
+        fail(f"'lesion_classes' must lie in 1..{NUM_SCORES}, got {case.lesion_classes.tolist()}")
+    if lesions.size and (lesions.min() < 0 or lesions.max() > case.lesion_classes.size):
+        fail(
+            f"'lesions' ids must lie in 0..{case.lesion_classes.size} (len(lesion_classes)), "
+            f"got {lesions.min()}..{lesions.max()}"
+        )
+    if case.spacing.shape != (2,) or not np.all(case.spacing > 0):
+        fail(f"'spacing' must be 2 positive numbers (mm), got {case.spacing.tolist()}")
+    for name in ("t2w", "adc"):
+        image = getattr(case, name)
+        if image is not None and image.shape != lesions.shape:
+            fail(f"'{name}' shape {image.shape} does not match 'lesions' shape {lesions.shape}")
+    if case.slice_index is not None and case.slice_index.shape != (lesions.shape[0],):
+        fail(f"'slice_index' shape {case.slice_index.shape} must be ({lesions.shape[0]},)")
+    return case
+
+
+def write_case(
+    out_dir: str | Path,
+    case_id: str,
+    *,
+    scores: np.ndarray,
+    lesions: np.ndarray,
+    lesion_classes: np.ndarray,
+    spacing,
+    patient_id: str,
+    t2w: np.ndarray | None = None,
+    adc: np.ndarray | None = None,
+    slice_index: np.ndarray | None = None,
+) -> Path:
+    """Validates one case and writes `out_dir/<case_id>.npz` (uncompressed: reads are fast)."""
+    path = Path(out_dir) / f"{case_id}.npz"
+    case = CasePredictions(
+        case_id=case_id,
+        patient_id=str(patient_id),
+        scores=np.asarray(scores, np.float32),
+        lesions=np.asarray(lesions, np.int32),
+        lesion_classes=np.asarray(lesion_classes, np.int32).reshape(-1),
+        spacing=np.asarray(spacing, np.float32),
+        t2w=None if t2w is None else np.asarray(t2w, np.float32),
+        adc=None if adc is None else np.asarray(adc, np.float32),
+        slice_index=None if slice_index is None else np.asarray(slice_index, np.int32),
+        path=path,
+    )
+    validate(case)
+    arrays = {
+        "scores": case.scores,
+        "lesions": case.lesions,
+        "lesion_classes": case.lesion_classes,
+        "spacing": case.spacing,
+        "patient_id": np.asarray(case.patient_id),
+    }
+    for name in OPTIONAL_KEYS:
+        if getattr(case, name) is not None:
+            arrays[name] = getattr(case, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **arrays)
+    return path
+
+
+def read_case(path: str | Path) -> CasePredictions:
+    """Reads and validates one `<case_id>.npz`; errors name the file and the reason."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = [key for key in REQUIRED_KEYS if key not in data.files]
+            if missing:
+                raise PredictionsError(f"{path}: missing contract key(s) {missing}")
+            arrays = {key: data[key] for key in REQUIRED_KEYS + OPTIONAL_KEYS if key in data.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as error:
+        if isinstance(error, PredictionsError):
+            raise
+        raise PredictionsError(f"{path}: not a readable .npz file ({error})") from error
+    patient_id = arrays["patient_id"]
+    if patient_id.ndim != 0 or patient_id.dtype.kind not in "US":
+        raise PredictionsError(f"{path}: 'patient_id' must be a string, got {patient_id!r}")
+    case = CasePredictions(
+        case_id=path.name[: -len(".npz")],
+        patient_id=str(patient_id),
+        scores=arrays["scores"],
+        lesions=arrays["lesions"],
+        lesion_classes=arrays["lesion_classes"].reshape(-1),
+        spacing=arrays["spacing"].astype(np.float64).reshape(-1),
+        t2w=arrays.get("t2w"),
+        adc=arrays.get("adc"),
+        slice_index=arrays.get("slice_index"),
+        path=path,
+    )
+    return validate(case)
+
+
+def list_cases(directory: str | Path) -> list[Path]:
+    """Sorted `*.npz` files of a predictions folder; an error when the folder is absent or empty."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise PredictionsError(f"{directory}: predictions folder does not exist")
+    paths = sorted(directory.glob("*.npz"))
+    if not paths:
+        raise PredictionsError(f"{directory}: no <case_id>.npz prediction files in the folder")
+    return paths
+
+
+def iter_cases(directory: str | Path) -> Iterator[CasePredictions]:
+    """Reads the cases of a predictions folder one at a time (memory stays one case)."""
+    for path in list_cases(directory):
+        yield read_case(path)

@@ -1,0 +1,204 @@
+"""`metrics.json` (JSON-safe: NaN/inf -> null) and `report.md` in the paper's table layout.
+
+The markdown report takes one or more methods, each a list of per-fold metrics dicts: one fold
+prints plain values, several print mean+-SD over folds (Tables II and III of the paper).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from focalnet_jax.evaluation.stats import mean_sd
+
+# (title, FROC group, sensitivities of the FP@Sen columns), as the paper's Tables II and III.
+TABLE_II = (
+    ("Index lesions", "index", ("0.8", "0.9")),
+    ("Clinically significant lesions", "clinically_significant", ("0.8", "0.9")),
+    ("All lesions", "all", ("0.6", "0.8")),
+)
+TABLE_III = (
+    ("GS 3+3", "gs_3+3", ("0.6", "0.7")),
+    ("GS 3+4", "gs_3+4", ("0.8", "0.9")),
+    ("GS 4+3", "gs_4+3", ("0.8", "0.9")),
+    ("GS >= 8", "gs_8+", ("0.8", "0.9")),
+)
+MAIN_GROUPS = (("Index", "index"), ("Clin. sig.", "clinically_significant"), ("All", "all"))
+ROC_TITLES = {
+    "gs_ge_7": "GS >= 7",
+    "gs_ge_4+3": "GS >= 4+3",
+    "gs_ge_8": "GS >= 8",
+    "gs_ge_9": "GS >= 9",
+}
+
+
+def json_safe(value):
+    """Plain JSON types: arrays -> lists, NumPy scalars -> Python, NaN/inf -> None."""
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [json_safe(v) for v in (value.tolist() if isinstance(value, np.ndarray) else value)]
+    if isinstance(value, (np.bool_, bool)):
+        return bool(value)
+    if isinstance(value, (np.integer, int)):
+        return int(value)
+    if isinstance(value, (np.floating, float)):
+        return float(value) if math.isfinite(float(value)) else None
+    return value
+
+
+def write_json(value, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(json_safe(value), indent=1, allow_nan=False) + "\n")
+    return path
+
+
+def read_metrics(path: str | Path) -> dict:
+    """Reads a `metrics.json` written by `focalnet evaluate`; errors name the file."""
+    path = Path(path)
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: not a readable metrics.json ({error})") from error
+    for key in ("froc", "roc", "num_patients"):
+        if key not in metrics:
+            raise ValueError(f"{path}: missing key {key!r} of the metrics contract")
+    return metrics
+
+
+def lookup(metrics: Mapping, path: Sequence[str]):
+    """metrics[path[0]][path[1]]...; None where any key is absent."""
+    value = metrics
+    for key in path:
+        if not isinstance(value, Mapping) or key not in value:
+            return None
+        value = value[key]
+    return value
+
+
+def format_cell(values: Sequence, digits: int = 3, empty: str = "n/a") -> str:
+    """One fold: the value (`empty` when null). Several: mean+-SD over the folds with a value,
+    with '(n/N)' when some folds have none."""
+    summary = mean_sd(values)
+    if summary["mean"] is None:
+        return empty
+    if summary["of"] == 1:
+        return f"{summary['mean']:.{digits}f}"
+    text = f"{summary['mean']:.{digits}f}"
+    if summary["sd"] is not None:
+        text += f"±{summary['sd']:.{digits}f}"
+    if summary["n"] < summary["of"]:
+        text += f" ({summary['n']}/{summary['of']})"
+    return text
+
+
+def _table(
+    runs: Mapping[str, Sequence[Mapping]], columns: Sequence[tuple], empty: str = "n/a"
+) -> list[str]:
+    """Markdown rows: one per method, one column per (header, metric path)."""
+    lines = [
+        "| Method | " + " | ".join(header for header, _ in columns) + " |",
+        "|---" * (len(columns) + 1) + "|",
+    ]
+    for name, folds in runs.items():
+        cells = [format_cell([lookup(m, path) for m in folds], empty=empty) for _, path in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _fp_columns(table) -> list[tuple]:
+    return [
+        (f"{title} FP@Sen{float(s) * 100:.0f}%", ("froc", group, "fp_at_sensitivity", s))
+        for title, group, sens in table
+        for s in sens
+    ]
+
+
+def markdown_report(
+    runs: Mapping[str, Sequence[Mapping]], *, title: str, comparisons: Sequence[str] = ()
+) -> str:
+    """The report: cohort, Tables II and III (FP per patient at sensitivity), sensitivity at FP,
+    partial AUCs, GS ROC AUCs, PI-CAI metrics, and optional comparison lines."""
+    first = next(iter(runs.values()))
+    lines = [f"# {title}", ""]
+    lines += [
+        "Folds: " + ", ".join(f"{name} {len(folds)}" for name, folds in runs.items()),
+        "Patients per fold ({}): {}".format(
+            next(iter(runs)), ", ".join(str(m.get("num_patients")) for m in first)
+        ),
+        "",
+        "Lesions per group (first method, summed over folds): "
+        + ", ".join(
+            f"{group} {sum(lookup(m, ('froc', group, 'num_lesions')) or 0 for m in first)}"
+            for group in (first[0].get("froc") or {})
+        ),
+        "",
+        "## Paper protocol (2D local maxima, 5 mm same-slice hit rule)",
+        "",
+        "### False positives per patient at given sensitivity (Table II)",
+        "",
+        *_table(runs, _fp_columns(TABLE_II), empty="n.r."),
+        "",
+        "### False positives per patient at given sensitivity per GS group (Table III)",
+        "",
+        *_table(runs, _fp_columns(TABLE_III), empty="n.r."),
+        "",
+        "n.r.: sensitivity not reached at any threshold; n/a: undefined (no lesion, no positive "
+        "or no negative).",
+        "",
+        "### Sensitivity at 1 false positive per patient and partial AUCs",
+        "",
+        *_table(
+            runs,
+            [(f"{t} Sen@1FP", ("froc", g, "sensitivity_at_fp", "1")) for t, g in MAIN_GROUPS]
+            + [
+                (f"{t} pAUC {r}", ("froc", g, "pauc", r))
+                for t, g in MAIN_GROUPS
+                for r in ("0.01-1", "0.1-3")
+            ],
+        ),
+        "",
+        "### GS prediction: ROC AUC of the 12 highest detections per case",
+        "",
+        *_table(runs, [(t, ("roc", task, "auc")) for task, t in ROC_TITLES.items()]),
+        "",
+        "## PI-CAI protocol (3D lesion candidates of P(class >= 2), picai_eval)",
+        "",
+    ]
+    skipped = [lookup(m, ("picai", "skipped")) for folds in runs.values() for m in folds]
+    if any(skipped):
+        lines += ["Not evaluated: " + "; ".join(sorted({s for s in skipped if s})), ""]
+    if not all(skipped):
+        lines += _table(
+            runs,
+            [
+                ("Case AUROC", ("picai", "auroc")),
+                ("Lesion AP", ("picai", "ap")),
+                ("Ranking score", ("picai", "score")),
+            ],
+        )
+        if len(first) == 1 and lookup(first[0], ("picai", "score_95_ci")):
+            ci = first[0]["picai"]
+            lines += [
+                "",
+                "95 % bootstrap intervals ({}): AUROC {}, AP {}, score {}".format(
+                    next(iter(runs)),
+                    *(_interval(ci.get(key)) for key in ("auroc_95_ci", "ap_95_ci", "score_95_ci")),
+                ),
+            ]
+        lines.append("")
+    if comparisons:
+        lines += ["## Comparisons (Welch's t-test over folds, Bonferroni-corrected)", ""]
+        lines += list(comparisons) + [""]
+    return "\n".join(lines)
+
+
+def _interval(values) -> str:
+    if not values or any(v is None for v in values):
+        return "n/a"
+    return f"[{values[0]:.3f}, {values[1]:.3f}]"

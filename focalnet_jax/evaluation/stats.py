@@ -1,0 +1,66 @@
+"""Cross-validation statistics: mean and SD over folds, +-2 SD curve bands, and method comparisons
+by Welch's t-test with Bonferroni correction (paper section III-A)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from scipy import stats
+
+
+def finite_values(values: Sequence) -> np.ndarray:
+    """The values that are numbers (None, NaN and inf dropped), as float64."""
+    kept = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    return np.asarray(kept, np.float64)
+
+
+def mean_sd(values: Sequence) -> dict:
+    """{'mean', 'sd' (ddof=1, None below 2 values), 'n' (values that are numbers), 'of' (all)}."""
+    kept = finite_values(values)
+    return {
+        "mean": float(kept.mean()) if kept.size else None,
+        "sd": float(kept.std(ddof=1)) if kept.size >= 2 else None,
+        "n": int(kept.size),
+        "of": len(values),
+    }
+
+
+def welch_pvalue(a: Sequence, b: Sequence) -> float:
+    """Two-sided p-value of Welch's unequal-variance t-test; NaN below 2 values per side or when
+    both sides are constant."""
+    a, b = finite_values(a), finite_values(b)
+    if a.size < 2 or b.size < 2:
+        return float("nan")
+    with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
+        # SciPy warns on (nearly) identical samples; the p-value is still what it returns.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+
+
+def bonferroni(pvalue: float, num_comparisons: int) -> float:
+    """min(1, p * m); NaN stays NaN."""
+    return float(min(1.0, pvalue * num_comparisons)) if math.isfinite(pvalue) else float("nan")
+
+
+def compare_methods(per_method: Mapping[str, Sequence]) -> list[dict]:
+    """Welch's t-test between every pair of methods on one metric's fold values, Bonferroni
+    corrected for the number of pairs: [{'a', 'b', 'p', 'p_bonferroni'}]."""
+    pairs = list(itertools.combinations(per_method, 2))
+    rows = []
+    for a, b in pairs:
+        p = welch_pvalue(per_method[a], per_method[b])
+        rows.append({"a": a, "b": b, "p": p, "p_bonferroni": bonferroni(p, len(pairs))})
+    return rows
+
+
+def band(curves: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean, mean - 2 SD, mean + 2 SD) of curves sampled on one grid, `[F, G]` -> 3 x `[G]`
+    (SD with ddof=1; zero width for a single fold), clipped to [0, 1]."""
+    curves = np.asarray(curves, np.float64)
+    mean = curves.mean(axis=0)
+    sd = curves.std(axis=0, ddof=1) if curves.shape[0] >= 2 else np.zeros_like(mean)
+    return mean, np.clip(mean - 2 * sd, 0, 1), np.clip(mean + 2 * sd, 0, 1)

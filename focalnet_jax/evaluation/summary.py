@@ -1,0 +1,151 @@
+"""`focalnet summarize --runs NAME=DIR... --out DIR`: combines the folds of several methods.
+
+Every `metrics.json` found under a method's DIR (recursively, sorted by path) is one fold. Writes
+`summary.json` (mean, SD and fold values of each metric; Welch p-values between methods with
+Bonferroni correction), `summary.md` (the paper's tables, mean+-SD), and `froc.png`,
+`froc_gs.png`, `roc.png` with a +-2 SD band per method.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from focalnet_jax.evaluation import figures
+from focalnet_jax.evaluation.froc import GROUPS, sensitivity_at
+from focalnet_jax.evaluation.pipeline import FROC_PANELS, GS_PANELS
+from focalnet_jax.evaluation.report import (
+    ROC_TITLES,
+    TABLE_II,
+    TABLE_III,
+    lookup,
+    markdown_report,
+    read_metrics,
+    write_json,
+)
+from focalnet_jax.evaluation.stats import band, compare_methods, mean_sd
+
+FP_GRID = np.geomspace(figures.FP_RANGE[0], figures.FP_RANGE[1], 400)
+FPR_GRID = np.linspace(0.0, 1.0, 201)
+
+
+def summary_metrics() -> list[tuple[str, ...]]:
+    """The metric paths summarised and compared: Tables II/III, sensitivity at FP and partial AUCs
+    of every group, the four GS ROC AUCs and the PI-CAI metrics."""
+    paths = [
+        ("froc", g, "fp_at_sensitivity", s) for _, g, sens in TABLE_II + TABLE_III for s in sens
+    ]
+    for group in GROUPS:
+        paths += [("froc", group, "sensitivity_at_fp", x) for x in ("0.25", "0.5", "1", "2", "3")]
+        paths += [("froc", group, "pauc", r) for r in ("0.01-1", "0.1-3")]
+    paths += [("roc", task, "auc") for task in ROC_TITLES]
+    paths += [("picai", key) for key in ("auroc", "ap", "score")]
+    return list(dict.fromkeys(paths))
+
+
+def find_folds(run_dir: str | Path) -> list[Path]:
+    """Sorted `metrics.json` files under a run folder; an error naming the folder when none."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ValueError(f"{run_dir}: run folder does not exist")
+    found = sorted(run_dir.rglob("metrics.json"))
+    if not found:
+        raise ValueError(f"{run_dir}: no metrics.json (output of `focalnet evaluate`) under it")
+    return found
+
+
+def summarize_runs(runs: Mapping[str, str | Path], out_dir: str | Path) -> dict:
+    """Summarises each method's folds and compares methods; writes the outputs to `out_dir`."""
+    if not runs:
+        raise ValueError("summarize needs at least one --runs NAME=DIR")
+    folds = {name: [read_metrics(p) for p in find_folds(d)] for name, d in runs.items()}
+    summary = {"methods": {}, "comparisons": {}}
+    for name, fold_metrics in folds.items():
+        summary["methods"][name] = {
+            "folds": [str(p) for p in find_folds(runs[name])],
+            "metrics": {
+                "/".join(path): {**mean_sd(values), "values": values}
+                for path in summary_metrics()
+                for values in [[lookup(m, path) for m in fold_metrics]]
+            },
+        }
+    lines = []
+    if len(folds) >= 2:
+        for path in summary_metrics():
+            per_method = {name: [lookup(m, path) for m in fm] for name, fm in folds.items()}
+            rows = compare_methods(per_method)
+            summary["comparisons"]["/".join(path)] = rows
+            lines += [
+                f"- {'/'.join(path)}: {r['a']} vs {r['b']}: p = {r['p']:.4g}, "
+                f"Bonferroni p = {r['p_bonferroni']:.4g}"
+                for r in rows
+                if np.isfinite(r["p"])
+            ]
+    out_dir = Path(out_dir)
+    write_json(summary, out_dir / "summary.json")
+    title = "Cross-validation summary: " + ", ".join(folds)
+    (out_dir / "summary.md").write_text(markdown_report(folds, title=title, comparisons=lines))
+    write_band_figures(folds, out_dir)
+    return summary
+
+
+def _froc_band(fold_metrics: list[dict], group: str) -> figures.Curve | None:
+    curves = []
+    for m in fold_metrics:
+        curve = lookup(m, ("froc", group, "curve"))
+        if curve and lookup(m, ("froc", group, "num_lesions")):
+            fp = np.asarray(curve["fp"], np.float64)
+            sens = np.asarray(curve["sensitivity"], np.float64)
+            curves.append(sensitivity_at(fp, sens, FP_GRID))
+    if not curves:
+        return None
+    mean, lower, upper = band(curves)
+    return figures.Curve(x=FP_GRID, y=mean, lower=lower, upper=upper)
+
+
+def _roc_band(fold_metrics: list[dict], task: str) -> figures.Curve | None:
+    curves = []
+    for m in fold_metrics:
+        curve = lookup(m, ("roc", task, "curve"))
+        if curve and curve["fpr"]:
+            # Each fold's ROC polyline runs from (0, 0) to (1, 1); at a vertical segment keep
+            # its top point so that interpolation is well defined.
+            fpr = np.asarray(curve["fpr"], np.float64)
+            tpr = np.asarray(curve["tpr"], np.float64)
+            last = np.append(fpr[1:] != fpr[:-1], True)
+            curves.append(np.interp(FPR_GRID, fpr[last], tpr[last]))
+    if not curves:
+        return None
+    mean, lower, upper = band(curves)
+    return figures.Curve(x=FPR_GRID, y=mean, lower=lower, upper=upper)
+
+
+def write_band_figures(folds: Mapping[str, list[dict]], out_dir: Path) -> list[Path]:
+    """FROC (index, clinically significant, all; and per GS group) and ROC, mean +- 2 SD."""
+
+    def froc_panels(panels):
+        result = {}
+        for title, group in panels:
+            curves = {name: _froc_band(fm, group) for name, fm in folds.items()}
+            result[title] = {name: c for name, c in curves.items() if c is not None}
+        return result
+
+    roc_panels = {}
+    for task, title in ROC_TITLES.items():
+        panel = {}
+        for name, fm in folds.items():
+            curve = _roc_band(fm, task)
+            if curve is not None:
+                auc = mean_sd([lookup(m, ("roc", task, "auc")) for m in fm])
+                text = "n/a" if auc["mean"] is None else f"{auc['mean']:.3f}"
+                if auc["sd"] is not None:
+                    text += f"±{auc['sd']:.3f}"
+                panel[f"{name} (AUC {text})"] = curve
+        roc_panels[title] = panel
+    return [
+        figures.froc_figure(out_dir / "froc.png", froc_panels(FROC_PANELS)),
+        figures.froc_figure(out_dir / "froc_gs.png", froc_panels(GS_PANELS)),
+        figures.roc_figure(out_dir / "roc.png", roc_panels),
+    ]

@@ -1,0 +1,203 @@
+"""`focalnet evaluate` / `focalnet summarize` end to end: contract keys, PI-CAI metrics from
+picai_eval, figures, cross-validation statistics, and bad input."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from focalnet_jax.cli import main
+from focalnet_jax.evaluation.predictions import PredictionsError, read_case, write_case
+
+SHAPE = (8, 48, 48)
+
+
+def blob(center, sigma=3.0, peak=1.0):
+    """A 2D Gaussian on the centre slice only (one local maximum, one 3D candidate)."""
+    z, y, x = center
+    rows, cols = np.indices(SHAPE[1:], dtype=np.float64)
+    volume = np.zeros(SHAPE)
+    volume[z] = peak * np.exp(-0.5 * ((rows - y) ** 2 + (cols - x) ** 2) / sigma**2)
+    return volume
+
+
+def write_blob_case(out_dir, case_id, *, lesion=None, blobs=(), with_images=True):
+    """lesion: (class, (z, y, x)) a 3 x 7 x 7 lesion; blobs: ((z, y, x), peak) score blobs with
+    P(class >= k) = peak * 0.8^(k-1) at the centre."""
+    lesions = np.zeros(SHAPE, np.int32)
+    classes = []
+    if lesion is not None:
+        cls, (z, y, x) = lesion
+        lesions[z - 1 : z + 2, y - 3 : y + 4, x - 3 : x + 4] = 1
+        classes = [cls]
+    s = np.zeros(SHAPE)
+    for center, peak in blobs:
+        s = np.maximum(s, blob(center, peak=peak))
+    scores = np.stack([s * 0.8**k for k in range(5)], axis=-1)
+    images = {}
+    if with_images:
+        images = {"t2w": 0.3 + 0.4 * s, "adc": 0.6 - 0.4 * s}
+    return write_case(
+        out_dir,
+        case_id,
+        scores=scores,
+        lesions=lesions,
+        lesion_classes=classes,
+        spacing=(0.625, 0.625),
+        patient_id=f"patient-{case_id}",
+        slice_index=np.arange(SHAPE[0]) + 3,
+        **images,
+    )
+
+
+def write_cohort(out_dir, shift=0.0):
+    """Five cases: a hit csPCa, a missed csPCa (and a FP), two negatives with FPs, one GS 3+3."""
+    write_blob_case(out_dir, "c1", lesion=(3, (4, 20, 20)), blobs=[((4, 20, 20), 0.9 - shift)])
+    write_blob_case(out_dir, "c2", lesion=(2, (3, 12, 30)), blobs=[((5, 35, 10), 0.6 + shift)])
+    write_blob_case(out_dir, "c3", blobs=[((4, 24, 24), 0.3 + shift)])
+    write_blob_case(out_dir, "c4", blobs=[((2, 30, 30), 0.7 - shift)], with_images=False)
+    write_blob_case(out_dir, "c5", lesion=(1, (4, 24, 24)), blobs=[((4, 24, 24), 0.5)])
+
+
+def run_cli(argv):
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert main(argv) == 0
+    return stdout.getvalue()
+
+
+def test_evaluate_writes_contract_metrics_picai_and_figures(tmp_path):
+    predictions, out = tmp_path / "predictions", tmp_path / "eval"
+    write_cohort(predictions)
+    run_cli(["evaluate", "--predictions", str(predictions), "--out", str(out),
+             "--picai-bootstraps", "20"])  # fmt: skip
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_patients"] == 5
+    for group in ("all", "clinically_significant", "index", "gs_3+3", "gs_3+4", "gs_4+3", "gs_8+"):
+        froc = metrics["froc"][group]
+        assert set(froc["sensitivity_at_fp"]) == {"0.25", "0.5", "1", "2", "3"}
+        assert set(froc["fp_at_sensitivity"]) == {"0.6", "0.7", "0.8", "0.9"}
+        assert set(froc["pauc"]) == {"0.01-1", "0.1-3"}
+        assert len(froc["curve"]["fp"]) == len(froc["curve"]["sensitivity"])
+    assert set(metrics["roc"]) == {"gs_ge_7", "gs_ge_4+3", "gs_ge_8", "gs_ge_9"}
+    # One detection per blob; the lesions of c1 (0.9) and c5 (0.5) are hit, c2's is missed;
+    # FPs: 0.7 (c4), 0.6 (c2), 0.3 (c3) over 5 patients.
+    assert metrics["froc"]["all"]["num_lesions"] == 3
+    # Points (0, 1/3) (0.2, 1/3) (0.4, 1/3) (0.4, 2/3) (0.6, 2/3); (0.2, 1/3) is inside a run.
+    np.testing.assert_allclose(metrics["froc"]["all"]["curve"]["fp"], [0, 0.4, 0.4, 0.6])
+    np.testing.assert_allclose(
+        metrics["froc"]["all"]["curve"]["sensitivity"], [1 / 3, 1 / 3, 2 / 3, 2 / 3]
+    )
+    assert metrics["froc"]["gs_8+"]["fp_at_sensitivity"]["0.9"] is None
+
+    # The same detection maps through picai_eval.evaluate give the numbers in metrics.json.
+    with contextlib.redirect_stdout(io.StringIO()):
+        from picai_eval import evaluate
+        from report_guided_annotation import extract_lesion_candidates
+    cases = [read_case(predictions / f"c{i}.npz") for i in range(1, 6)]
+    y_det = [extract_lesion_candidates(c.scores[..., 1])[0] for c in cases]
+    assert all(d.max() > 0 for d in y_det)  # real candidates in every case
+    y_true = [(c.classes >= 2).astype(np.int32) for c in cases]
+    reference = evaluate(y_det=y_det, y_true=y_true, num_parallel_calls=1)
+    picai = metrics["picai"]
+    assert picai["auroc"] == pytest.approx(reference.auroc)
+    assert picai["ap"] == pytest.approx(reference.AP)
+    assert picai["score"] == pytest.approx(reference.score)
+    assert (picai["num_cases"], picai["num_lesions"]) == (5, 2)
+    # Case scores 0.9*0.8, 0.6*0.8 (positive) vs 0.3*0.8, 0.7*0.8, 0.5*0.8 (negative): 5 of 6 pairs.
+    assert picai["auroc"] == pytest.approx(5 / 6)
+    assert len(picai["score_95_ci"]) == 2
+    for name in ("froc.png", "froc_gs.png", "roc.png", "montage.png", "report.md"):
+        assert (out / name).stat().st_size > 0
+    report = (out / "report.md").read_text()
+    assert "Table II" in report and "PI-CAI protocol" in report
+
+
+def test_summarize_mean_sd_welch_bonferroni(tmp_path):
+    runs = []
+    for method, shifts in (
+        ("A", (0.0, 0.05, 0.1)),
+        ("B", (0.2, 0.25, 0.15)),
+        ("C", (0.1, 0.1, 0.3)),
+    ):
+        for fold, shift in enumerate(shifts):
+            predictions = tmp_path / "pred" / method / str(fold)
+            write_cohort(predictions, shift)
+            out = tmp_path / method / f"fold{fold}"
+            run_cli(["evaluate", "--predictions", str(predictions), "--out", str(out),
+                     "--no-picai", "--no-figures"])  # fmt: skip
+        runs.append(f"{method}={tmp_path / method}")
+    out = tmp_path / "summary"
+    run_cli(["summarize", "--runs", *runs, "--out", str(out)])
+    summary = json.loads((out / "summary.json").read_text())
+    key = "froc/all/pauc/0.1-3"
+    values = {}
+    for method in "ABC":
+        folds = sorted((tmp_path / method).glob("fold*/metrics.json"))
+        values[method] = [json.loads(p.read_text())["froc"]["all"]["pauc"]["0.1-3"] for p in folds]
+        entry = summary["methods"][method]["metrics"][key]
+        assert entry["mean"] == pytest.approx(np.mean(values[method]))
+        assert entry["sd"] == pytest.approx(np.std(values[method], ddof=1))
+    # Welch: t = (ma - mb) / sqrt(va/na + vb/nb), Welch-Satterthwaite df; 3 pairs -> p x 3.
+    a, b = np.array(values["A"]), np.array(values["B"])
+    va, vb = a.var(ddof=1) / 3, b.var(ddof=1) / 3
+    t = (a.mean() - b.mean()) / np.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va**2 / 2 + vb**2 / 2)
+    p = 2 * stats.t.sf(abs(t), df)
+    row = summary["comparisons"][key][0]
+    assert (row["a"], row["b"]) == ("A", "B")
+    assert row["p"] == pytest.approx(p)
+    assert row["p_bonferroni"] == pytest.approx(min(1.0, 3 * p))
+    for name in ("froc.png", "froc_gs.png", "roc.png", "summary.md"):
+        assert (out / name).stat().st_size > 0
+    assert "±" in (out / "summary.md").read_text()
+
+
+def _error(argv) -> str:
+    with pytest.raises(SystemExit) as raised:
+        main(argv)
+    return str(raised.value)
+
+
+def test_bad_predictions_name_file_and_reason(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    message = _error(["evaluate", "--predictions", str(empty), "--out", str(tmp_path / "o")])
+    assert str(empty) in message and "no <case_id>.npz" in message
+
+    good = write_blob_case(tmp_path / "good", "ok", lesion=(2, (4, 20, 20)))
+    with np.load(good) as data:
+        arrays = dict(data)
+    missing = tmp_path / "missing"
+    missing.mkdir()
+    np.savez(missing / "case.npz", **{k: v for k, v in arrays.items() if k != "spacing"})
+    message = _error(["evaluate", "--predictions", str(missing), "--out", str(tmp_path / "o")])
+    assert str(missing / "case.npz") in message and "missing contract key(s) ['spacing']" in message
+
+    shapes = tmp_path / "shapes"
+    shapes.mkdir()
+    np.savez(shapes / "case.npz", **{**arrays, "lesions": arrays["lesions"][:, :40]})
+    with pytest.raises(
+        PredictionsError, match=r"case\.npz: 'lesions' shape \(8, 40, 48\) does not"
+    ):
+        read_case(shapes / "case.npz")
+
+    np.savez(shapes / "case.npz", **{**arrays, "lesion_classes": np.array([], np.int32)})
+    with pytest.raises(PredictionsError, match=r"case\.npz: 'lesions' ids must lie in 0\.\.0"):
+        read_case(shapes / "case.npz")
+
+    (shapes / "case.npz").write_text("not a zip")
+    with pytest.raises(PredictionsError, match=r"case\.npz: not a readable \.npz"):
+        read_case(shapes / "case.npz")
+
+
+def test_summarize_rejects_bad_runs(tmp_path):
+    assert "NAME=DIR" in _error(["summarize", "--runs", "nodir", "--out", str(tmp_path)])
+    (tmp_path / "run").mkdir()
+    message = _error(["summarize", "--runs", f"A={tmp_path / 'run'}", "--out", str(tmp_path)])
+    assert "no metrics.json" in message

@@ -1,0 +1,266 @@
+"""Localisation, the 5 mm hit rule and FROC on hand-built cases small enough to count by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from focalnet_jax.evaluation.froc import (
+    count_patients,
+    fp_at_sensitivity,
+    froc_analysis,
+    froc_curve,
+    lesion_table,
+    partial_auc,
+    sensitivity_at,
+)
+from focalnet_jax.evaluation.localization import Detections, local_maxima, window_radius
+from focalnet_jax.evaluation.matching import lesion_diameters, lesion_hits, summarize_case
+from focalnet_jax.evaluation.predictions import CasePredictions
+
+
+def make_case(case_id, patient_id, shape, boxes=(), peaks=(), spacing=(1.0, 1.0)):
+    """A case with rectangular lesions and single-pixel score peaks on a zero background.
+
+    boxes: (slice, row0, row1, col0, col1, class), inclusive bounds, lesion ids in order.
+    peaks: (slice, row, col, s1) or (slice, row, col, [s1..s5]).
+    """
+    scores = np.zeros((*shape, 5), np.float32)
+    lesions = np.zeros(shape, np.int32)
+    for lesion_id, (z, r0, r1, c0, c1, _) in enumerate(boxes, 1):
+        lesions[z, r0 : r1 + 1, c0 : c1 + 1] = lesion_id
+    for z, r, c, s in peaks:
+        scores[z, r, c] = np.broadcast_to(np.asarray(s, np.float32), (5,))
+    return CasePredictions(
+        case_id=case_id,
+        patient_id=patient_id,
+        scores=scores,
+        lesions=lesions,
+        lesion_classes=np.asarray([b[-1] for b in boxes], np.int32),
+        spacing=np.asarray(spacing, np.float64),
+    )
+
+
+def detections_at(points):
+    points = np.asarray(points, np.int32).reshape(-1, 3)
+    return Detections(
+        slice=points[:, 0],
+        row=points[:, 1],
+        col=points[:, 2],
+        scores=np.ones((len(points), 5), np.float32),
+    )
+
+
+# --- localisation ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "spacing, expected", [((0.625, 0.625), (8, 8)), ((1.0, 1.0), (5, 5)), ((2.0, 0.5), (3, 10))]
+)
+def test_window_radius_rounds_half_up(spacing, expected):
+    # 5 / 0.625 = 8; 5 / 2 = 2.5 -> 3 (halves round up); 5 / 0.5 = 10.
+    assert window_radius(spacing) == expected
+
+
+def test_local_maxima_window_border_and_min_score():
+    scores = np.zeros((2, 40, 40, 5), np.float32)
+    s1 = scores[..., 0]
+    s1[0, 10, 10] = 0.9
+    s1[0, 10, 18] = 0.5  # 8 px = 5 mm at 0.625 mm: inside the 17 x 17 window of 0.9 -> suppressed
+    s1[0, 30, 10] = 0.5
+    s1[0, 30, 19] = 0.4  # 9 px away from 0.5: outside its window -> kept
+    s1[1, 0, 39] = 0.2  # corner: zero padding outside the image -> kept
+    s1[1, 20, 5] = 1e-3  # not above min_score
+    s1[1, 20, 25] = 2e-3
+    scores[1, 0, 39, 1:] = [0.1, 0.05, 0.02, 0.01]
+    det = local_maxima(scores, (0.625, 0.625))
+    got = list(zip(det.slice.tolist(), det.row.tolist(), det.col.tolist(), strict=True))
+    assert got == [(0, 10, 10), (0, 30, 10), (0, 30, 19), (1, 0, 39), (1, 20, 25)]
+    np.testing.assert_allclose(det.scores[:, 0], [0.9, 0.5, 0.4, 0.2, 2e-3])
+    np.testing.assert_allclose(det.scores[3], [0.2, 0.1, 0.05, 0.02, 0.01])
+
+
+def test_local_maxima_flat_top_gives_every_pixel():
+    scores = np.zeros((1, 20, 20, 5), np.float32)
+    scores[0, 5, 5:7, 0] = 0.7
+    det = local_maxima(scores, (1.0, 1.0))
+    assert det.col.tolist() == [5, 6] and det.row.tolist() == [5, 5]
+
+
+# --- hit rule -------------------------------------------------------------------------------------
+
+
+def test_hit_at_exactly_5mm_and_miss_at_5_1mm():
+    lesions = np.zeros((1, 30, 30), np.int32)
+    lesions[0, 10:13, 10:13] = 1  # rows/cols 10..12
+    points = [(0, 11, 17), (0, 16, 16), (0, 11, 11), (0, 11, 18)]
+    # (0, 11, 17): 5 px right of col 12; (0, 16, 16): (4, 4) px from (12, 12) = 5.66 px;
+    # (0, 11, 11): inside (0 mm); (0, 11, 18): 6 px.
+    hits = lesion_hits(detections_at(points), lesions, (1.0, 1.0), 1)
+    assert hits[:, 0].tolist() == [True, False, True, False]
+    # 5 px at 1.02 mm is 5.1 mm: a miss; at 1.0 mm it was exactly 5 mm: a hit.
+    hits = lesion_hits(detections_at(points[:1]), lesions, (1.02, 1.02), 1)
+    assert hits[:, 0].tolist() == [False]
+    # Diagonal 3-4-5: (15, 16) is (3, 4) px from the corner pixel (12, 12).
+    hits = lesion_hits(detections_at([(0, 15, 16)]), lesions, (1.0, 1.0), 1)
+    assert hits[:, 0].tolist() == [True]
+    # Anisotropic: 5 rows of 1.0 mm hit; with 1.02 mm rows and 0.5 mm columns they do not.
+    hits = lesion_hits(detections_at([(0, 17, 11)]), lesions, (1.02, 0.5), 1)
+    assert hits[:, 0].tolist() == [False]
+
+
+def test_detection_on_wrong_slice_misses():
+    lesions = np.zeros((3, 30, 30), np.int32)
+    lesions[1, 10:13, 10:13] = 1
+    hits = lesion_hits(detections_at([(0, 11, 11), (1, 11, 11), (2, 11, 11)]), lesions, (1, 1), 1)
+    assert hits[:, 0].tolist() == [False, True, False]
+
+
+def test_two_points_on_one_lesion_count_once_and_no_fp():
+    case = make_case(
+        "c",
+        "p",
+        (1, 60, 60),
+        boxes=[(0, 10, 40, 10, 20, 2)],
+        peaks=[(0, 12, 15, 0.6), (0, 38, 15, 0.8)],
+    )
+    summary = summarize_case(case)
+    assert len(summary.detections) == 2
+    assert summary.fp_scores.size == 0
+    assert summary.lesion_score.tolist() == [pytest.approx(0.8)]
+    froc = froc_analysis([summary])
+    assert froc["all"]["curve"]["sensitivity"].tolist() == [1.0]
+    assert froc["all"]["curve"]["fp"].tolist() == [0.0]
+
+
+def test_lesion_diameters_and_index_tie_break():
+    lesions = np.zeros((2, 40, 40), np.int32)
+    lesions[0, 5:8, 5:8] = 1  # 3 x 3: diagonal between pixel centres 2 * sqrt(2)
+    lesions[1, 20:28, 20:22] = 2  # 8 x 2: diameter sqrt(7^2 + 1^2)
+    np.testing.assert_allclose(
+        lesion_diameters(lesions, (1.0, 1.0), 3), [2 * np.sqrt(2), np.sqrt(50), 0.0]
+    )
+    # Patient p: two class-2 lesions in two cases; the larger one (case b) is the index lesion.
+    a = make_case("a", "p", (1, 40, 40), boxes=[(0, 5, 7, 5, 7, 2), (0, 20, 22, 20, 22, 1)])
+    b = make_case("b", "p", (1, 40, 40), boxes=[(0, 5, 12, 5, 12, 2)])
+    c = make_case("c", "q", (1, 40, 40), boxes=[(0, 5, 7, 5, 7, 1), (0, 20, 21, 20, 21, 1)])
+    table = lesion_table([summarize_case(x) for x in (a, b, c)])
+    assert table.classes.tolist() == [2, 1, 2, 1, 1]
+    assert table.index.tolist() == [False, False, True, True, False]
+
+
+# --- FROC of a 3-patient example ------------------------------------------------------------------
+
+
+def three_patients():
+    """Patient A: a GS 4+3 lesion hit at 0.9, a GS 3+3 lesion hit at 0.3, a FP at 0.6.
+    Patient B: a GS 3+4 lesion hit at 0.5 (exactly 5 mm away), FPs at 0.8 and 0.2.
+    Patient C: no lesion, FPs at 0.7 and 0.4."""
+    a = make_case(
+        "A",
+        "A",
+        (1, 64, 64),
+        boxes=[(0, 10, 14, 10, 14, 3), (0, 40, 44, 40, 44, 1)],
+        peaks=[(0, 12, 12, 0.9), (0, 12, 30, 0.6), (0, 42, 42, 0.3)],
+    )
+    b = make_case(
+        "B",
+        "B",
+        (1, 64, 64),
+        boxes=[(0, 20, 24, 20, 24, 2)],
+        peaks=[(0, 50, 50, 0.8), (0, 22, 29, 0.5), (0, 5, 5, 0.2)],
+    )
+    c = make_case("C", "C", (1, 64, 64), peaks=[(0, 30, 30, 0.7), (0, 10, 50, 0.4)])
+    return [summarize_case(x) for x in (a, b, c)]
+
+
+def test_froc_three_patients_all_lesions():
+    froc = froc_analysis(three_patients())
+    result = froc["all"]
+    # Thresholds 0.9 .. 0.2; FP detections 0.8, 0.7, 0.6, 0.4, 0.2 over 3 patients; lesions hit
+    # at 0.9, 0.5, 0.3 out of 3. Full curve (fp, sens):
+    #   0.9 (0, 1/3) 0.8 (1/3, 1/3) 0.7 (2/3, 1/3) 0.6 (1, 1/3) 0.5 (1, 2/3) 0.4 (4/3, 2/3)
+    #   0.3 (4/3, 1) 0.2 (5/3, 1); the inner points of straight runs are left out.
+    np.testing.assert_allclose(result["curve"]["threshold"], [0.9, 0.6, 0.5, 0.4, 0.3, 0.2])
+    np.testing.assert_allclose(result["curve"]["fp"], [0, 1, 1, 4 / 3, 4 / 3, 5 / 3])
+    np.testing.assert_allclose(result["curve"]["sensitivity"], [1 / 3, 1 / 3, 2 / 3, 2 / 3, 1, 1])
+    assert result["num_lesions"] == 3
+    # S(x): 1/3 up to FP 1, 2/3 on [1, 4/3), 1 from 4/3.
+    expected_sens = {"0.25": 1 / 3, "0.5": 1 / 3, "1": 2 / 3, "2": 1.0, "3": 1.0}
+    assert result["sensitivity_at_fp"] == pytest.approx(expected_sens)
+    assert result["fp_at_sensitivity"] == pytest.approx(
+        {"0.6": 1.0, "0.7": 4 / 3, "0.8": 4 / 3, "0.9": 4 / 3}
+    )
+    # pAUC [0.01, 1] = 0.99 * 1/3; [0.1, 3] = 0.9 * 1/3 + (4/3 - 1) * 2/3 + (3 - 4/3) * 1.
+    assert result["pauc"]["0.01-1"] == pytest.approx(0.99 / 3)
+    assert result["pauc"]["0.1-3"] == pytest.approx(0.3 + 2 / 9 + 5 / 3)
+
+
+def test_froc_three_patients_groups():
+    froc = froc_analysis(three_patients())
+    # Clinically significant: A's 4+3 (0.9) and B's 3+4 (0.5). The 0.3 detection on A's 3+3
+    # lesion is neither a hit nor a FP, so FP stays 4/3 at 0.3.
+    cs = froc["clinically_significant"]
+    assert cs["num_lesions"] == 2
+    np.testing.assert_allclose(cs["curve"]["fp"], [0, 1, 1, 5 / 3])
+    np.testing.assert_allclose(cs["curve"]["sensitivity"], [0.5, 0.5, 1, 1])
+    assert cs["sensitivity_at_fp"] == pytest.approx(
+        {"0.25": 0.5, "0.5": 0.5, "1": 1.0, "2": 1.0, "3": 1.0}
+    )
+    assert cs["fp_at_sensitivity"] == pytest.approx({k: 1.0 for k in ("0.6", "0.7", "0.8", "0.9")})
+    assert cs["pauc"]["0.01-1"] == pytest.approx(0.99 * 0.5)
+    assert cs["pauc"]["0.1-3"] == pytest.approx(0.9 * 0.5 + 2.0)
+    # Index lesions: A's highest class (4+3), B's only lesion: the same two lesions.
+    assert froc["index"]["num_lesions"] == 2
+    assert froc["index"]["pauc"] == pytest.approx(cs["pauc"])
+    # Per GS group.
+    assert froc["gs_3+3"]["sensitivity_at_fp"]["1"] == 0.0
+    assert froc["gs_3+3"]["sensitivity_at_fp"]["2"] == 1.0
+    assert froc["gs_3+3"]["fp_at_sensitivity"]["0.6"] == pytest.approx(4 / 3)
+    assert froc["gs_3+4"]["fp_at_sensitivity"]["0.9"] == pytest.approx(1.0)
+    assert froc["gs_4+3"]["fp_at_sensitivity"]["0.9"] == 0.0
+    assert froc["gs_4+3"]["sensitivity_at_fp"]["0.25"] == 1.0
+    # No GS >= 8 lesion: summaries are undefined.
+    assert froc["gs_8+"]["num_lesions"] == 0
+    assert froc["gs_8+"]["fp_at_sensitivity"]["0.9"] is None
+    assert froc["gs_8+"]["pauc"]["0.01-1"] is None
+
+
+def test_lesion_free_patients_count_in_fp_per_patient():
+    summaries = three_patients()
+    # A fourth patient without lesions or detections: FP per patient scales by 3/4.
+    d = summarize_case(make_case("D", "D", (1, 64, 64)))
+    base = froc_analysis(summaries)["all"]["curve"]["fp"]
+    more = froc_analysis([*summaries, d])["all"]["curve"]["fp"]
+    np.testing.assert_allclose(more, base * 3 / 4)
+
+
+def test_fp_at_sensitivity_never_reached_is_none_and_s_is_zero_before_first_point():
+    threshold, fp, sens = froc_curve(np.array([0.5, -np.inf]), np.array([0.7]), [0.7, 0.5], 2)
+    # t = 0.7: one FP over 2 patients, nothing detected; t = 0.5: half the lesions.
+    np.testing.assert_allclose(fp, [0.5, 0.5])
+    np.testing.assert_allclose(sens, [0.0, 0.5])
+    assert sensitivity_at(fp, sens, [0.49, 0.5, 10]).tolist() == [0.0, 0.5, 0.5]
+    # S = 0 on [0.01, 0.5) and 0.5 on [0.5, 1]: 0.25.
+    assert partial_auc(fp, sens, 0.01, 1.0) == pytest.approx(0.25)
+    assert fp_at_sensitivity(fp, sens, 0.6) is None
+
+
+def test_annotated_slices_keep_only_detections_on_lesion_slices():
+    # Slice 0 holds the lesion; the FP on slice 1 counts with slices='all' only. A lesion-free
+    # patient has no annotated slice, so it is not evaluated with slices='annotated'.
+    case = make_case(
+        "a",
+        "A",
+        (2, 40, 40),
+        boxes=[(0, 10, 14, 10, 14, 2)],
+        peaks=[(0, 12, 12, 0.9), (1, 30, 30, 0.8)],
+    )
+    free = make_case("b", "B", (2, 40, 40), peaks=[(0, 30, 30, 0.7)])
+    everything = [summarize_case(case), summarize_case(free)]
+    annotated = [summarize_case(case, slices="annotated"), summarize_case(free, slices="annotated")]
+    assert everything[0].fp_scores.tolist() == [pytest.approx(0.8)]
+    assert annotated[0].fp_scores.size == 0 and annotated[0].num_slices == 1
+    assert (count_patients(everything), count_patients(annotated)) == (2, 1)
+    np.testing.assert_allclose(froc_analysis(everything)["all"]["curve"]["fp"], [0, 1])
+    np.testing.assert_allclose(froc_analysis(annotated)["all"]["curve"]["fp"], [0])

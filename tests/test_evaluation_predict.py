@@ -1,0 +1,132 @@
+"""`focalnet predict` on the real ProstateX exam and `focalnet evaluate --workdir`, with a tiny
+model trained for two steps on a store made from that exam."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from focalnet_jax.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.real_data
+
+
+@pytest.fixture(scope="module")
+def exam_components(prostatex_case_dir):
+    return {"t2w": str(prostatex_case_dir / "t2w"), "adc": str(prostatex_case_dir / "adc")}
+
+
+@pytest.fixture(scope="module")
+def trained_run(exam_components, tmp_path_factory):
+    """A workdir with a 2-step checkpoint (ResNet-18 width 0.125) trained on a store holding the
+    exam twice, as two patients of two folds."""
+    from focalnet_jax.config_loading import load_config
+    from focalnet_jax.data import preprocess_case
+    from focalnet_jax.data.store import StoreWriter, store_settings
+    from focalnet_jax.training import train_and_evaluate
+
+    root = tmp_path_factory.mktemp("run")
+    case = preprocess_case(exam_components, case_id="px")
+    components = ("t2w", "adc")
+    with StoreWriter(root / "store", components, store_settings(None, components)) as writer:
+        for i in range(2):
+            writer.add(dataclasses.replace(case, case_id=f"px{i}"), patient_id=f"patient{i}")
+        writer.commit()
+    overrides = [
+        "--config.model.depth=18",
+        "--config.model.width=0.125",
+        "--config.model.output_stride=16",
+        "--config.train.batch_size=4",
+        "--config.train.steps=2",
+        "--config.train.checkpoint_every=1000",
+        "--config.train.eval_every=0",
+        "--config.loss.mfl=False",
+        "--config.data.slices=all",
+        "--config.data.num_folds=2",
+        f"--config.data.store={root / 'store'}",
+    ]
+    config = load_config(str(REPO / "configs" / "focalnet.py"), overrides)
+    with contextlib.redirect_stderr(io.StringIO()):
+        train_and_evaluate(config, root / "workdir")
+    return root / "workdir"
+
+
+def test_predict_maps_on_t2w_grid_and_detections_map_back(trained_run, exam_components, tmp_path):
+    from focalnet_jax.data import preprocess_case
+    from focalnet_jax.data.io import read_image
+
+    out = tmp_path / "out"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["predict", "--checkpoint", str(trained_run), "--t2w", exam_components["t2w"],
+                     "--adc", exam_components["adc"], "--out", str(out),
+                     "--threshold", "0"]) == 0  # fmt: skip
+    t2w = read_image(exam_components["t2w"])
+    for name in ("lesion_score.nii.gz", "cspca_score.nii.gz"):
+        image = sitk.ReadImage(str(out / name))
+        assert image.GetSize() == t2w.GetSize()
+        np.testing.assert_allclose(image.GetSpacing(), t2w.GetSpacing(), atol=1e-4)
+        np.testing.assert_allclose(image.GetOrigin(), t2w.GetOrigin(), atol=1e-3)
+        np.testing.assert_allclose(image.GetDirection(), t2w.GetDirection(), atol=1e-5)
+        values = sitk.GetArrayFromImage(image)
+        assert 0.0 <= values.min() and values.max() <= 1.0 and values.max() > 0.0
+    with (out / "detections.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert rows, "an untrained model still has local maxima above 1e-3"
+    case = preprocess_case(exam_components, case_id="px")
+    for row in rows[:200]:
+        world = tuple(float(row[k]) for k in ("x_mm", "y_mm", "z_mm"))
+        voxel = [int(row[k]) for k in ("t2w_i", "t2w_j", "t2w_k")]
+        # The world point lies in the listed T2w voxel (written to 1e-4 mm).
+        index = np.asarray(t2w.TransformPhysicalPointToContinuousIndex(world))
+        assert np.all(np.abs(index - voxel) <= 0.5 + 1e-3), (row, index)
+        # ... and maps back to the crop pixel it was found at.
+        crop = case.world_to_pixel(*world)
+        expected = [float(row[k]) for k in ("crop_slice", "crop_row", "crop_col")]
+        np.testing.assert_allclose(crop, expected, atol=1e-3)
+        scores = [float(row[k]) for k in ("lesion_score", "p_gs_ge_3+4", "p_gs_ge_9")]
+        assert all(0.0 <= s <= 1.0 for s in scores)
+    assert (out / "overlay.png").stat().st_size > 0
+
+
+def test_evaluate_workdir_predicts_the_validation_fold(trained_run):
+    out = trained_run / "eval"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["evaluate", "--workdir", str(trained_run), "--picai-bootstraps", "0"]) == 0
+    files = sorted((out / "predictions").glob("*.npz"))
+    assert len(files) == 1  # one patient per fold
+    with np.load(files[0]) as data:
+        assert data["scores"].shape == (19, 128, 128, 5)
+        assert data["t2w"].shape == (19, 128, 128)
+        np.testing.assert_array_equal(data["slice_index"], np.arange(19))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_patients"] == 1
+    assert metrics["froc"]["all"]["num_lesions"] == 0  # the exam has no label here
+    assert metrics["picai"]["num_cases"] == 1
+
+
+def test_predict_bad_checkpoint_and_missing_component(trained_run, exam_components, tmp_path):
+    from focalnet_jax.evaluation.predict import predict_exam
+
+    with pytest.raises(ValueError, match=r"lacks component\(s\) \['adc'\]"):
+        predict_exam(trained_run, {"t2w": exam_components["t2w"]}, tmp_path / "x")
+    other = tmp_path / "other"
+    shutil.copytree(trained_run, other, ignore=shutil.ignore_patterns("eval", "tb"))
+    config = json.loads((other / "config.json").read_text())
+    config["model"]["depth"] = 34
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit, match=str(other)):
+        main(["predict", "--checkpoint", str(other), "--t2w", exam_components["t2w"],
+              "--adc", exam_components["adc"], "--out", str(tmp_path / "y")])  # fmt: skip
+    with pytest.raises(SystemExit, match="no config.json"):
+        main(["predict", "--checkpoint", str(tmp_path), "--t2w", exam_components["t2w"],
+              "--adc", exam_components["adc"], "--out", str(tmp_path / "y")])  # fmt: skip
