@@ -1,0 +1,85 @@
+"""Preprocessing speed: seconds per case for PI-CAI-size synthetic cases with 1 and N workers.
+
+    python benchmarks/preprocess.py [--cases 8] [--workers N] [--slices 24]
+
+Prints one JSON line. Case generation is not timed; each timing covers reading the .mha/.nii.gz
+files, resampling T2w/ADC/HBV and the label onto the crop grid, normalisation, lesion instances and
+writing the store (worker start-up included for N workers). Target: < 2 s per case per core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+from focalnet_jax.data.layouts import discover_picai
+from focalnet_jax.data.pipeline import preprocess_cases
+from focalnet_jax.data.preprocess import PreprocessConfig
+from focalnet_jax.data.synth import SynthConfig, write_dataset
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _time(cases, out, workers, config) -> float:
+    start = time.perf_counter()
+    preprocess_cases(cases, out, config=config, workers=workers, progress=False)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--slices", type=int, default=24, help="T2w slices (PI-CAI: about 24)")
+    parser.add_argument("--components", default="t2w,adc,hbv")
+    args = parser.parse_args()
+    components = tuple(args.components.split(","))
+    synth = SynthConfig(t2w_size=(args.slices, 384, 384), dwi_size=(args.slices, 128, 84))
+    config = PreprocessConfig(label_values="isup")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        write_dataset(root / "data", args.cases, seed=0, cfg=synth)
+        cases = discover_picai(
+            root / "data" / "images",
+            root / "data" / "labels",
+            root / "data" / "masks",
+            components=components,
+        )
+        _time(cases[:1], root / "warmup", 1, config)  # imports and file cache
+        one = _time(cases, root / "store1", 1, config) / len(cases)
+        many = _time(cases, root / "storeN", args.workers, config) / len(cases)
+    print(
+        json.dumps(
+            {
+                "benchmark": "preprocess",
+                "cases": len(cases),
+                "t2w_size_zyx": list(synth.t2w_size),
+                "components": list(components),
+                "seconds_per_case_1_worker": round(one, 4),
+                "workers": args.workers,
+                "seconds_per_case_n_workers": round(many, 4),
+                "speedup": round(one / many, 2),
+                "seconds_per_case_per_core": round(one, 4),
+                "cpu": _cpu_name(),
+                "cpu_count": os.cpu_count(),
+                "target_seconds_per_case_per_core": 2.0,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

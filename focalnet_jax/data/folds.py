@@ -1,0 +1,99 @@
+"""Patient-level cross-validation folds, stratified by each patient's highest lesion class."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+
+def assign_folds(
+    patient_ids: Sequence[str],
+    patient_max_class: Mapping[str, int] | Sequence[int],
+    num_folds: int = 5,
+    seed: int = 0,
+) -> dict[str, int]:
+    """Patient -> fold in [0, num_folds).
+
+    Patients are grouped by highest class (0..5), shuffled within each group by `seed`, and dealt
+    round robin, the deal continuing across groups so fold sizes differ by at most one. The result
+    depends only on the set of patients, their classes, `num_folds` and `seed` (not on input order).
+    """
+    if num_folds < 2:
+        raise ValueError(f"num_folds={num_folds}: need at least 2 folds")
+    patients = sorted(set(str(p) for p in patient_ids))
+    if isinstance(patient_max_class, Mapping):
+        classes = {str(k): int(v) for k, v in patient_max_class.items()}
+    else:
+        if len(patient_max_class) != len(patient_ids):
+            raise ValueError(
+                f"patient_max_class has {len(patient_max_class)} entries, "
+                f"patient_ids {len(patient_ids)}"
+            )
+        classes = {}
+        for p, c in zip(patient_ids, patient_max_class, strict=True):
+            classes[str(p)] = max(classes.get(str(p), 0), int(c))
+    missing = [p for p in patients if p not in classes]
+    if missing:
+        raise ValueError(f"no highest class given for patients {missing[:5]}")
+    if len(patients) < num_folds:
+        raise ValueError(f"{len(patients)} patients cannot fill {num_folds} folds")
+    rng = np.random.default_rng(seed)
+    folds, position = {}, 0
+    for cls in sorted(set(classes[p] for p in patients), reverse=True):
+        group = [p for p in patients if classes[p] == cls]
+        for p in (group[i] for i in rng.permutation(len(group))):
+            folds[p] = position % num_folds
+            position += 1
+    return folds
+
+
+def split_cases(store, fold: int, num_folds: int = 5, seed: int = 0) -> tuple[list[str], list[str]]:
+    """(train case ids, validation case ids) of `fold` for a store (see `data.store.Store`)."""
+    if not 0 <= fold < num_folds:
+        raise ValueError(f"fold={fold}: expected 0 <= fold < num_folds={num_folds}")
+    max_class = store.patient_max_class()
+    folds = assign_folds(list(max_class), max_class, num_folds, seed)
+    train = [r["case_id"] for r in store.cases if folds[r["patient_id"]] != fold]
+    val = [r["case_id"] for r in store.cases if folds[r["patient_id"]] == fold]
+    return train, val
+
+
+def fold_table(store, num_folds: int = 5, seed: int = 0) -> list[dict]:
+    """Per fold: patients, cases, slices and patients per highest class (for printing)."""
+    max_class = store.patient_max_class()
+    folds = assign_folds(list(max_class), max_class, num_folds, seed)
+    rows = []
+    for k in range(num_folds):
+        patients = [p for p, f in folds.items() if f == k]
+        cases = [r for r in store.cases if folds[r["patient_id"]] == k]
+        per_class = [sum(max_class[p] == c for p in patients) for c in range(6)]
+        rows.append(
+            {
+                "fold": k,
+                "patients": len(patients),
+                "cases": len(cases),
+                "slices": int(sum(r["stop"] - r["start"] for r in cases)),
+                "patients_per_max_class": per_class,
+                "case_ids": [r["case_id"] for r in cases],
+            }
+        )
+    return rows
+
+
+def write_fold_files(
+    store, out_dir: str | os.PathLike, num_folds: int = 5, seed: int = 0
+) -> list[Path]:
+    """`fold-<k>.json` files with {"train": [case ids], "val": [case ids]}."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for k in range(num_folds):
+        train, val = split_cases(store, k, num_folds, seed)
+        path = out_dir / f"fold-{k}.json"
+        path.write_text(json.dumps({"train": train, "val": val}, indent=1) + "\n")
+        paths.append(path)
+    return paths

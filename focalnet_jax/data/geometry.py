@@ -1,0 +1,179 @@
+"""Crop geometry: the 80 x 80 mm axial crop of the T2w volume and its maps to LPS world coordinates.
+
+The crop lies in the T2w slice plane (same direction cosines and slice positions as the T2w series).
+Its 128 x 128 pixel centres are placed symmetrically around the prostate centre, so crop pixel
+(row, col) of crop slice s is the T2w continuous voxel index
+
+    i = i0 + col * spacing / t2w_spacing_x
+    j = j0 + row * spacing / t2w_spacing_y
+    k = slice_index[s]
+
+with (i0, j0) = centre - (size - 1) / 2 * spacing / t2w_spacing, and
+world = origin + D @ (t2w_spacing * index).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+
+
+@dataclass(frozen=True)
+class CropGeometry:
+    """Geometry of one case's crop. All vectors in SimpleITK (x, y, z) order, mm, LPS.
+
+    Attributes:
+      t2w_origin, t2w_spacing, t2w_direction: the T2w series grid (direction row-major 3x3).
+      corner_index: T2w continuous index (i0, j0) of crop pixel (row 0, col 0).
+      spacing: crop pixel size (mm), equal along rows and columns.
+      size: crop pixels per side.
+      slice_index: T2w slice k of each crop slice s.
+    """
+
+    t2w_origin: tuple[float, float, float]
+    t2w_spacing: tuple[float, float, float]
+    t2w_direction: tuple[float, ...]
+    corner_index: tuple[float, float]
+    spacing: float
+    size: int
+    slice_index: tuple[int, ...]
+
+    @classmethod
+    def centred(
+        cls,
+        t2w: sitk.Image,
+        center_xyz,
+        *,
+        crop_mm: float = 80.0,
+        size: int = 128,
+        slice_index=None,
+    ) -> CropGeometry:
+        """The `crop_mm` square crop around the LPS point `center_xyz`, over all T2w slices."""
+        spacing = crop_mm / size
+        ci, cj, _ = t2w.TransformPhysicalPointToContinuousIndex(tuple(float(c) for c in center_xyz))
+        sx, sy, _ = t2w.GetSpacing()
+        half = (size - 1) / 2 * spacing
+        if slice_index is None:
+            slice_index = range(t2w.GetSize()[2])
+        return cls(
+            t2w_origin=tuple(float(v) for v in t2w.GetOrigin()),
+            t2w_spacing=tuple(float(v) for v in t2w.GetSpacing()),
+            t2w_direction=tuple(float(v) for v in t2w.GetDirection()),
+            corner_index=(ci - half / sx, cj - half / sy),
+            spacing=float(spacing),
+            size=int(size),
+            slice_index=tuple(int(k) for k in slice_index),
+        )
+
+    def with_slices(self, slice_index) -> CropGeometry:
+        """The same crop restricted to the given T2w slices."""
+        fields = {**self.to_dict(), "slice_index": tuple(int(k) for k in slice_index)}
+        return CropGeometry.from_dict(fields)
+
+    # --- reference grid for SimpleITK resampling ------------------------------------------------
+
+    def reference_image(self, num_slices: int) -> sitk.Image:
+        """An empty image on the crop grid over T2w slices 0..num_slices-1 (for `sitk.Resample`)."""
+        origin = self._world(np.array([[self.corner_index[0], self.corner_index[1], 0.0]]))[0]
+        reference = sitk.Image(self.size, self.size, int(num_slices), sitk.sitkFloat32)
+        reference.SetOrigin(tuple(float(v) for v in origin))
+        reference.SetSpacing((self.spacing, self.spacing, self.t2w_spacing[2]))
+        reference.SetDirection(self.t2w_direction)
+        return reference
+
+    # --- maps -------------------------------------------------------------------------------------
+
+    def _world(self, index: np.ndarray) -> np.ndarray:
+        direction = np.asarray(self.t2w_direction).reshape(3, 3)
+        return np.asarray(self.t2w_origin) + (index * np.asarray(self.t2w_spacing)) @ direction.T
+
+    def _index(self, world: np.ndarray) -> np.ndarray:
+        direction = np.asarray(self.t2w_direction).reshape(3, 3)
+        return np.linalg.solve(direction, (world - np.asarray(self.t2w_origin)).T).T / np.asarray(
+            self.t2w_spacing
+        )
+
+    def _slices(self) -> np.ndarray:
+        if not self.slice_index:
+            raise ValueError(
+                "the crop keeps no slices (slices='annotated' on a case without lesions)"
+            )
+        return np.asarray(self.slice_index, dtype=np.float64)
+
+    def _k_of_s(self, s):
+        ks = self._slices()
+        s = np.asarray(s, dtype=np.float64)
+        if len(ks) == 1:
+            return ks[0] + s
+        # Linear inside the kept slices, slope 1 (T2w slices) beyond them.
+        inside = np.interp(s, np.arange(len(ks)), ks)
+        return np.where(
+            s < 0, ks[0] + s, np.where(s > len(ks) - 1, ks[-1] + s - (len(ks) - 1), inside)
+        )
+
+    def _s_of_k(self, k):
+        ks = self._slices()
+        k = np.asarray(k, dtype=np.float64)
+        if len(ks) == 1:
+            return k - ks[0]
+        inside = np.interp(k, ks, np.arange(len(ks)))
+        return np.where(
+            k < ks[0], k - ks[0], np.where(k > ks[-1], len(ks) - 1 + k - ks[-1], inside)
+        )
+
+    def pixel_to_t2w_index(self, s, row, col) -> np.ndarray:
+        """Crop (s, row, col) -> T2w continuous index (i, j, k), SimpleITK order, [..., 3]."""
+        sx, sy, _ = self.t2w_spacing
+        i = self.corner_index[0] + np.asarray(col, dtype=np.float64) * self.spacing / sx
+        j = self.corner_index[1] + np.asarray(row, dtype=np.float64) * self.spacing / sy
+        k = self._k_of_s(s)
+        return np.stack(np.broadcast_arrays(i, j, k), axis=-1)
+
+    def pixel_to_world(self, s, row, col):
+        """Crop pixel (s, row, col) (floats allowed) -> LPS world point (x, y, z) in mm."""
+        world = self._world(self.pixel_to_t2w_index(s, row, col).reshape(-1, 3))
+        world = world.reshape(
+            np.broadcast(np.asarray(s), np.asarray(row), np.asarray(col)).shape + (3,)
+        )
+        if world.ndim == 1:
+            return tuple(float(v) for v in world)
+        return world[..., 0], world[..., 1], world[..., 2]
+
+    def world_to_pixel(self, x, y, z):
+        """LPS point (x, y, z) mm -> crop (s, row, col), floats; s indexes the kept slices."""
+        world = np.stack(np.broadcast_arrays(*(np.asarray(v, np.float64) for v in (x, y, z))), -1)
+        index = self._index(world.reshape(-1, 3)).reshape(world.shape)
+        sx, sy, _ = self.t2w_spacing
+        col = (index[..., 0] - self.corner_index[0]) * sx / self.spacing
+        row = (index[..., 1] - self.corner_index[1]) * sy / self.spacing
+        s = self._s_of_k(index[..., 2])
+        if world.ndim == 1:
+            return float(s), float(row), float(col)
+        return s, row, col
+
+    # --- serialisation ----------------------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        return {
+            "t2w_origin": list(self.t2w_origin),
+            "t2w_spacing": list(self.t2w_spacing),
+            "t2w_direction": list(self.t2w_direction),
+            "corner_index": list(self.corner_index),
+            "spacing": self.spacing,
+            "size": self.size,
+            "slice_index": list(self.slice_index),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CropGeometry:
+        return cls(
+            t2w_origin=tuple(float(v) for v in d["t2w_origin"]),
+            t2w_spacing=tuple(float(v) for v in d["t2w_spacing"]),
+            t2w_direction=tuple(float(v) for v in d["t2w_direction"]),
+            corner_index=tuple(float(v) for v in d["corner_index"]),
+            spacing=float(d["spacing"]),
+            size=int(d["size"]),
+            slice_index=tuple(int(k) for k in d["slice_index"]),
+        )

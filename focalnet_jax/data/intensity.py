@@ -1,0 +1,156 @@
+"""Intensity normalisation (paper section II-D2, SPEC section 4 step 4).
+
+- T2w: linear so that air -> 0 and bladder -> 1, kept unclipped (training moves the upper
+  threshold).
+  Air is a low percentile of the volume; the bladder is the median of the largest bright,
+  homogeneous connected component anterior to the prostate (`find_bladder`); where none is found a
+  high percentile is used instead and the fallback is logged.
+- ADC: clipped to fixed, patient-independent thresholds (default 0..3000 x 1e-6 mm^2/s), scaled
+  to [0, 1].
+- Any other component: per-case percentiles (default 1st -> 0, 99th -> 1), unclipped.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class T2wScale:
+    """T2w reference intensities (raw scanner units): x -> (x - air) / (bladder - air)."""
+
+    air: float
+    bladder: float
+    source: str  # 'bladder' (found), 'mask' (given bladder mask) or 'fallback' (high percentile)
+
+
+def _disk(radius: int) -> np.ndarray:
+    yy, xx = np.mgrid[-radius : radius + 1, -radius : radius + 1]
+    return (yy**2 + xx**2 <= radius**2)[None]
+
+
+def find_bladder(
+    t2w: np.ndarray,
+    spacing_zyx,
+    center_yx=None,
+    *,
+    anterior_sign: float = 1.0,
+    fractions=(0.9, 0.8, 0.7, 0.6, 0.5),
+    max_cv: float = 0.15,
+    min_volume_ml: float = 10.0,
+    opening_mm: float = 3.0,
+) -> np.ndarray | None:
+    """Boolean (z, y, x) mask of the bladder in a raw T2w volume, or None where none is found.
+
+    The bladder lies anterior (and superior) to the prostate, the endorectal coil posterior to it,
+    so the search box spans 60 mm anterior to 5 mm posterior of the prostate centre `center_yx`
+    (voxel row, column; default the volume centre) and +-50 mm left-right, on a ~1 mm grid.
+    Candidates are the connected components of smoothed voxels above each of `fractions` of the
+    box's 99.5th percentile, opened with a disk of `opening_mm` (removes thin fat layers); the
+    bladder is the largest homogeneous one (urine: core coefficient of variation <= `max_cv`) of
+    at least `min_volume_ml` at the highest level that has one (urine is brighter than fat away
+    from a coil). `anterior_sign` is +1 when rows run anterior -> posterior (LPS y increasing),
+    -1 otherwise.
+    """
+    sz, sy, sx = (float(s) for s in spacing_zyx)
+    nz, ny, nx = t2w.shape
+    cy, cx = ((ny - 1) / 2, (nx - 1) / 2) if center_yx is None else center_yx
+    front, back = (cy - 60 / sy, cy + 5 / sy) if anterior_sign > 0 else (cy - 5 / sy, cy + 60 / sy)
+    y0, y1 = int(np.clip(front, 0, ny)), int(np.clip(back, 0, ny))
+    x0, x1 = int(np.clip(cx - 50 / sx, 0, nx)), int(np.clip(cx + 50 / sx, 0, nx))
+    step = max(1, int(round(1.0 / min(sy, sx))))
+    box = t2w[:, y0:y1:step, x0:x1:step].astype(np.float32)
+    if box.size == 0:
+        return None
+    py, px = sy * step, sx * step
+    smooth = ndimage.gaussian_filter(box, (0, 1.0 / py, 1.0 / px))
+    disk = _disk(max(1, int(round(opening_mm / px))))
+    best, best_volume = None, min_volume_ml
+    top = np.percentile(smooth, 99.5)
+    for fraction in fractions:
+        bright = ndimage.binary_opening(smooth > fraction * top, disk)
+        labels, n = ndimage.label(bright)
+        for i, where in enumerate(ndimage.find_objects(labels), start=1):
+            inside = labels[where] == i
+            volume = inside.sum() * py * px * sz / 1000.0
+            if volume < best_volume:
+                continue
+            # Homogeneity of the core: the smoothed threshold lets tissue-valued edge voxels in.
+            core = box[where][ndimage.binary_erosion(inside, _disk(1))]
+            if core.size and core.std() <= max_cv * core.mean():
+                best, best_volume = (where, inside), volume
+        if best is not None:  # the brightest level holding a candidate: urine over fat
+            break
+    if best is None:
+        return None
+    small = np.zeros(box.shape, bool)
+    where, inside = best
+    small[where] = inside
+    # Back to the full grid: every voxel of a selected ~1 mm cell.
+    full = np.repeat(np.repeat(small, step, axis=1), step, axis=2)
+    mask = np.zeros(t2w.shape, dtype=bool)
+    mask[:, y0:y1, x0:x1] = full[:, : y1 - y0, : x1 - x0]
+    return mask
+
+
+def t2w_scale(
+    t2w: np.ndarray,
+    spacing_zyx,
+    *,
+    air_percentile: float = 1.0,
+    fallback_percentile: float = 99.5,
+    bladder_mask: np.ndarray | None = None,
+    center_yx=None,
+    case: str = "?",
+    **bladder_kwargs,
+) -> T2wScale:
+    """Air and bladder intensities of a raw T2w volume (z, y, x); logs when the fallback is used."""
+    air = float(np.percentile(t2w, air_percentile))
+    if bladder_mask is not None and bladder_mask.any():
+        return T2wScale(air, float(np.median(t2w[bladder_mask])), "mask")
+    mask = find_bladder(t2w, spacing_zyx, center_yx, **bladder_kwargs)
+    if mask is not None:
+        bladder, source = float(np.median(t2w[mask])), "bladder"
+    else:
+        bladder, source = float(np.percentile(t2w, fallback_percentile)), "fallback"
+        log.warning(
+            "case %s: no bladder found in T2w; upper reference = %.1f (%g-th percentile)",
+            case,
+            bladder,
+            fallback_percentile,
+        )
+    if bladder <= air:
+        bladder, source = float(t2w.max()), "fallback"
+        log.warning("case %s: bladder not brighter than air; upper reference = T2w maximum", case)
+    if bladder <= air:
+        raise ValueError(f"case {case}: T2w is constant ({air}); cannot normalise")
+    return T2wScale(air, bladder, source)
+
+
+def normalise_t2w(x: np.ndarray, scale: T2wScale) -> np.ndarray:
+    """air -> 0, bladder -> 1, unclipped; float32."""
+    return ((x - scale.air) / (scale.bladder - scale.air)).astype(np.float32)
+
+
+def normalise_adc(x: np.ndarray, low: float = 0.0, high: float = 3000.0) -> np.ndarray:
+    """Clip to [low, high] (1e-6 mm^2/s) and scale to [0, 1]; float32."""
+    return ((np.clip(x, low, high) - low) / (high - low)).astype(np.float32)
+
+
+def percentile_range(
+    volume: np.ndarray, low: float = 1.0, high: float = 99.0
+) -> tuple[float, float]:
+    """Per-case (low, high) percentiles of a raw volume (reference of `normalise_percentiles`)."""
+    lo, hi = np.percentile(volume, [low, high])
+    return float(lo), float(max(hi, lo + 1e-6))
+
+
+def normalise_percentiles(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """lo -> 0, hi -> 1, unclipped; float32."""
+    return ((x - lo) / (hi - lo)).astype(np.float32)

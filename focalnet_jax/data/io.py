@@ -1,0 +1,123 @@
+"""Reading images with SimpleITK, and the one place where (z, y, x) meets SimpleITK's (x, y, z).
+
+Every array in this package is indexed (z, y, x) = (slice, row, column), the order of
+`sitk.GetArrayFromImage`. SimpleITK's sizes, spacings, origins and indices are (x, y, z); convert
+only with `xyz` / `zyx` below.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+IMAGE_SUFFIXES = (".mha", ".mhd", ".nii", ".nii.gz", ".nrrd")
+
+
+class CaseError(ValueError):
+    """A case that cannot be preprocessed: names the case, the file and the reason."""
+
+    def __init__(self, case: str, file: str | os.PathLike | None, reason: str):
+        self.case, self.file, self.reason = str(case), str(file or ""), reason
+        super().__init__(f"case {self.case!r}, file {self.file!r}: {reason}")
+
+
+def xyz(zyx_values: Sequence) -> tuple:
+    """(z, y, x) -> SimpleITK (x, y, z) order (or back: the reversal is its own inverse)."""
+    return tuple(reversed(tuple(zyx_values)))
+
+
+zyx = xyz
+
+
+def _truncation(path: Path) -> str | None:
+    """Why a NIfTI file is incomplete, or None. (ITK pads a short NIfTI with zeros silently.)"""
+    name = path.name.lower()
+    if name.endswith(".gz"):
+        try:
+            with gzip.open(path, "rb") as f:
+                header = f.read(348)
+                size = len(header)
+                while chunk := f.read(1 << 22):
+                    size += len(chunk)
+        except (EOFError, OSError, zlib.error) as err:
+            return f"compressed stream ends early ({err})"
+    elif name.endswith(".nii"):
+        with path.open("rb") as f:
+            header = f.read(348)
+        size = path.stat().st_size
+    else:
+        return None
+    if len(header) < 348:
+        return "header shorter than 348 bytes"
+    endian = "<" if struct.unpack("<i", header[:4])[0] == 348 else ">"
+    dims = struct.unpack(endian + "8h", header[40:56])
+    bitpix = struct.unpack(endian + "h", header[72:74])[0]
+    offset = struct.unpack(endian + "f", header[108:112])[0]
+    expected = (
+        int(offset) + int(np.prod([max(d, 1) for d in dims[1 : 1 + max(dims[0], 0)]])) * bitpix // 8
+    )
+    if name.endswith(".nii.gz") or name.endswith(".nii"):
+        if size < expected:
+            return f"{size} bytes of image data, header promises {expected}"
+    return None
+
+
+def read_image(path: str | os.PathLike, *, case: str = "?") -> sitk.Image:
+    """One 3D image from a DICOM series folder, `.mha`, `.nii(.gz)` or `.nrrd`, as float32.
+
+    Raises `CaseError` naming the case and file when the file is missing, unreadable, not 3D, or
+    holds NaN/Inf voxels.
+    """
+    if path is None or not str(path):
+        raise CaseError(case, path, "no path given")
+    path = Path(path)
+    if not path.exists():
+        raise CaseError(case, path, "file not found")
+    try:
+        if path.is_dir():
+            reader = sitk.ImageSeriesReader()
+            names = reader.GetGDCMSeriesFileNames(str(path))
+            if not names:
+                raise CaseError(case, path, "folder holds no DICOM series")
+            reader.SetFileNames(names)
+            image = reader.Execute()
+        else:
+            if not path.name.lower().endswith(IMAGE_SUFFIXES):
+                raise CaseError(
+                    case,
+                    path,
+                    f"unknown image format (expected a DICOM folder or {IMAGE_SUFFIXES})",
+                )
+            image = sitk.ReadImage(str(path))
+            problem = _truncation(path)
+            if problem:
+                raise CaseError(case, path, f"unreadable or truncated image ({problem})")
+    except RuntimeError as err:
+        first_line = str(err).strip().splitlines()[-1] if str(err).strip() else "read error"
+        raise CaseError(case, path, f"unreadable or truncated image ({first_line})") from err
+    if image.GetDimension() != 3 or image.GetSize()[2] < 1:
+        raise CaseError(case, path, f"expected a 3D image, got size {image.GetSize()}")
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise CaseError(
+            case,
+            path,
+            f"expected a scalar image, got {image.GetNumberOfComponentsPerPixel()} channels",
+        )
+    image = sitk.Cast(image, sitk.sitkFloat32)
+    if not np.isfinite(sitk.GetArrayViewFromImage(image)).all():
+        raise CaseError(case, path, "image holds NaN or Inf voxels")
+    return image
+
+
+def write_image(image: sitk.Image, path: str | os.PathLike) -> None:
+    """Write an image (compressed for `.nii.gz` / `.mha`), creating parent folders."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(image, str(path), useCompression=True)

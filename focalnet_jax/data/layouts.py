@@ -1,0 +1,210 @@
+"""Finding cases on disk: the PI-CAI layout and the manifest CSV layout (SPEC section 4).
+
+PI-CAI: `<images>/<patient>/<patient>_<study>_<component>.mha`, labels
+`<labels>/<patient>_<study>.nii.gz`
+(0 background, 2..5 ISUP, 1 csPCa of unknown grade), optional whole-gland masks
+`<masks>/<patient>_<study>.nii.gz`, optional `marksheet.csv` read by column name. A `dataset.json`
+beside the labels may declare `{"label_values": "isup"}` (value 1 = GS 3+3, as the synthetic
+generator writes); otherwise label value 1 means "csPCa, grade unknown".
+
+Manifest: a CSV with `case_id, patient_id`, one path column per component, `label` (optional
+column), optional `prostate_mask` and `center_x, center_y, center_z` (LPS mm). Relative paths are
+relative to the CSV's folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from focalnet_jax.data.io import IMAGE_SUFFIXES
+
+DEFAULT_COMPONENTS = ("t2w", "adc")
+LABEL_SUFFIXES = (".nii.gz", ".nii", ".mha", ".nrrd")
+_PICAI_NAME = re.compile(r"^(?P<patient>[^_]+)_(?P<study>[^_]+)_(?P<component>[^_.]+)\.")
+
+
+class LayoutError(ValueError):
+    """The input folder or manifest as a whole cannot be read (names the path and the reason)."""
+
+
+@dataclass
+class CaseSpec:
+    """Where one case's files are. `components` maps name -> path in the configured order."""
+
+    case_id: str
+    patient_id: str
+    components: dict[str, str]
+    label: str | None = None
+    mask: str | None = None
+    center: tuple[float, float, float] | None = None
+    meta: dict = field(default_factory=dict)
+
+
+def _find(folder: Path, stem: str, suffixes) -> Path | None:
+    for suffix in suffixes:
+        if (folder / (stem + suffix)).exists():
+            return folder / (stem + suffix)
+    return None
+
+
+def label_scheme(labels: str | os.PathLike | None) -> str:
+    """'isup' when `<labels>/dataset.json` says so, else 'picai' (value 1 = grade unknown)."""
+    if labels is None:
+        return "picai"
+    meta = Path(labels) / "dataset.json"
+    if meta.exists():
+        value = json.loads(meta.read_text()).get("label_values", "picai")
+        if value not in ("picai", "isup"):
+            raise LayoutError(f"{meta}: label_values {value!r}, expected 'picai' or 'isup'")
+        return value
+    return "picai"
+
+
+def read_marksheet(path: str | os.PathLike) -> dict[str, dict]:
+    """PI-CAI marksheet -> {'<patient>_<study>': {column: value}}; columns found by name."""
+    path = Path(path)
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        columns = [c.strip() for c in reader.fieldnames or []]
+        missing = [c for c in ("patient_id", "study_id") if c not in columns]
+        if missing:
+            raise LayoutError(f"{path}: marksheet lacks column(s) {missing}; has {columns}")
+        rows = {}
+        for row in reader:
+            row = {k.strip(): (v or "").strip() for k, v in row.items() if k}
+            rows[f"{row['patient_id']}_{row['study_id']}"] = row
+    return rows
+
+
+def discover_picai(
+    images: str | os.PathLike,
+    labels: str | os.PathLike | None = None,
+    masks: str | os.PathLike | None = None,
+    *,
+    components: Sequence[str] = DEFAULT_COMPONENTS,
+    marksheet: str | os.PathLike | None = None,
+    unlabelled: str = "error",
+) -> list[CaseSpec]:
+    """Cases of a PI-CAI-layout folder, sorted by case id.
+
+    A case is any `<patient>_<study>` with at least one image file; a missing component file or
+    label is left for `preprocess_case` to report for that case. `unlabelled`: 'error' (default: the
+    missing label file is that case's error), 'negative' (no lesions) or 'skip' (case left out).
+    """
+    images = Path(images)
+    if unlabelled not in ("error", "negative", "skip"):
+        raise LayoutError(f"unlabelled={unlabelled!r}: expected 'error', 'negative' or 'skip'")
+    if not images.is_dir():
+        raise LayoutError(f"images folder {images} does not exist")
+    found: dict[str, tuple[str, Path, str]] = {}
+    for patient_dir in sorted(p for p in images.iterdir() if p.is_dir()):
+        for file in patient_dir.iterdir():
+            match = _PICAI_NAME.match(file.name)
+            if match and file.name.lower().endswith(IMAGE_SUFFIXES):
+                suffix = file.name[len(match.group(0)) - 1 :]
+                case = f"{match['patient']}_{match['study']}"
+                found.setdefault(case, (match["patient"], patient_dir, suffix))
+    if not found:
+        raise LayoutError(
+            f"no cases found in {images} (expected <patient>/<patient>_<study>_<component>.mha)"
+        )
+    sheet = read_marksheet(marksheet) if marksheet else {}
+    cases = []
+    for case, (patient, folder, suffix) in sorted(found.items()):
+        paths = {}
+        for name in components:
+            path = _find(folder, f"{case}_{name}", IMAGE_SUFFIXES)
+            paths[name] = str(path or folder / f"{case}_{name}{suffix}")
+        label = None
+        if labels is not None:
+            label = _find(Path(labels), case, LABEL_SUFFIXES)
+            if label is None and unlabelled == "error":
+                label = Path(labels) / f"{case}.nii.gz"  # reported missing by preprocess_case
+        if label is None and unlabelled == "skip":
+            continue
+        mask = _find(Path(masks), case, LABEL_SUFFIXES) if masks is not None else None
+        meta = dict(sheet.get(case, {}))
+        cases.append(
+            CaseSpec(
+                case_id=case,
+                patient_id=patient,
+                components=paths,
+                label=str(label) if label is not None else None,
+                mask=str(mask) if mask is not None else None,
+                meta=meta,
+            )
+        )
+    return cases
+
+
+def read_manifest(
+    manifest: str | os.PathLike, *, components: Sequence[str] = DEFAULT_COMPONENTS
+) -> list[CaseSpec]:
+    """Cases of a manifest CSV, in file order. Raises `LayoutError` naming a missing column."""
+    manifest = Path(manifest)
+    if not manifest.is_file():
+        raise LayoutError(f"manifest {manifest} does not exist")
+    base = manifest.parent
+    with manifest.open(newline="") as f:
+        reader = csv.DictReader(f)
+        columns = [c.strip() for c in reader.fieldnames or []]
+        required = ["case_id", "patient_id", *components]
+        missing = [c for c in required if c not in columns]
+        if missing:
+            raise LayoutError(f"manifest {manifest}: missing column(s) {missing}; has {columns}")
+        centre_columns = [c for c in ("center_x", "center_y", "center_z") if c in columns]
+        if centre_columns and len(centre_columns) != 3:
+            raise LayoutError(f"manifest {manifest}: give all of center_x, center_y, center_z")
+        rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+    if not rows:
+        raise LayoutError(f"manifest {manifest} lists no cases")
+
+    def resolve(value: str) -> str | None:
+        return str(base / value) if value else None
+
+    cases, seen = [], set()
+    for line, row in enumerate(rows, start=2):
+        case = row["case_id"]
+        if not case or case in seen:
+            raise LayoutError(
+                f"manifest {manifest}, line {line}: empty or repeated case_id {case!r}"
+            )
+        seen.add(case)
+        centre = None
+        if centre_columns and all(row[c] for c in centre_columns):
+            try:
+                centre = tuple(float(row[c]) for c in centre_columns)
+            except ValueError as err:
+                raise LayoutError(f"manifest {manifest}, line {line}: bad centre ({err})") from err
+        cases.append(
+            CaseSpec(
+                case_id=case,
+                patient_id=row["patient_id"] or case,
+                components={name: resolve(row[name]) or "" for name in components},
+                label=resolve(row.get("label", "")),
+                mask=resolve(row.get("prostate_mask", "")),
+                center=centre,
+            )
+        )
+    return cases
+
+
+def write_manifest(cases: Sequence[CaseSpec], path: str | os.PathLike) -> None:
+    """Write cases as a manifest CSV (absolute paths)."""
+    names = list(cases[0].components) if cases else list(DEFAULT_COMPONENTS)
+    columns = ["case_id", "patient_id", *names, "label", "prostate_mask"]
+    columns += ["center_x", "center_y", "center_z"]
+    with Path(path).open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        for c in cases:
+            centre = list(c.center) if c.center else ["", "", ""]
+            paths = [str(Path(c.components[n]).resolve()) for n in names]
+            extra = [str(Path(p).resolve()) if p else "" for p in (c.label, c.mask)]
+            writer.writerow([c.case_id, c.patient_id, *paths, *extra, *centre])

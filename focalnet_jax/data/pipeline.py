@@ -1,0 +1,171 @@
+"""Preprocess many cases into a store, in parallel worker processes, with a progress bar.
+
+Cases are handed to a `spawn` process pool (safe with SimpleITK's and JAX's threads) and written in
+input order. A bad case either stops the run (its `CaseError` names case, file and reason, and the
+temporary store is removed) or, with `skip_bad_cases`, is listed in `errors.csv` and skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import SimpleITK as sitk
+from tqdm import tqdm
+
+from focalnet_jax.data.io import CaseError
+from focalnet_jax.data.layouts import (
+    CaseSpec,
+    LayoutError,
+    discover_picai,
+    label_scheme,
+    read_manifest,
+)
+from focalnet_jax.data.preprocess import PreprocessConfig, preprocess_case
+from focalnet_jax.data.store import StoreWriter, store_settings, write_errors
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PreprocessSummary:
+    path: Path
+    num_cases: int
+    num_slices: int
+    errors: list[tuple[str, str, str]] = field(default_factory=list)
+
+
+def _init_worker() -> None:
+    # One core per worker process: SimpleITK would otherwise start a thread per core in each.
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+
+
+def _work(job):
+    spec, config, slices = job
+    try:
+        case = preprocess_case(
+            spec.components,
+            spec.label,
+            center=spec.center,
+            mask=spec.mask,
+            slices=slices,
+            config=config,
+            case_id=spec.case_id,
+        )
+        return spec, case, None
+    except CaseError as err:
+        return spec, None, (err.case, err.file, err.reason)
+    except Exception as err:  # an unexpected failure still names the case
+        return spec, None, (spec.case_id, "", f"{type(err).__name__}: {err}")
+
+
+def preprocess_cases(
+    cases: Sequence[CaseSpec],
+    out: str | os.PathLike,
+    *,
+    config=None,
+    slices: str = "all",
+    workers: int = 1,
+    skip_bad_cases: bool = False,
+    progress: bool = True,
+) -> PreprocessSummary:
+    """Preprocess `cases` into the store `out` (replaced atomically when complete).
+
+    Raises the first `CaseError` unless `skip_bad_cases`; then every bad case is written to
+    `<out>/errors.csv` and the others are stored.
+    """
+    if not cases:
+        raise ValueError("no cases to preprocess")
+    cfg = PreprocessConfig.from_any(config)
+    components = tuple(cases[0].components)
+    settings = store_settings(cfg, components, slices)
+    jobs = [(spec, cfg, slices) for spec in cases]
+    workers = max(1, min(int(workers), len(jobs)))
+    with StoreWriter(out, components, settings) as writer:
+        bar = tqdm(total=len(jobs), desc="preprocess", unit="case", disable=not progress)
+        if workers == 1:
+            results = map(_work, jobs)
+            pool = None
+        else:
+            context = multiprocessing.get_context("spawn")
+            pool = context.Pool(workers, initializer=_init_worker)
+            results = pool.imap(_work, jobs, chunksize=1)
+        try:
+            for spec, case, error in results:
+                bar.update()
+                if error is not None:
+                    if not skip_bad_cases:
+                        raise CaseError(*error)
+                    log.warning("skipping case %s: %s (%s)", *error[:1], error[2], error[1])
+                    writer.add_error(*error)
+                    continue
+                files = {**spec.components, "label": spec.label, "mask": spec.mask}
+                writer.add(case, patient_id=spec.patient_id, files=files, meta=spec.meta)
+        finally:
+            bar.close()
+            if pool is not None:
+                pool.terminate()
+                pool.join()
+        if not writer.records:
+            errors = list(writer.errors)
+            writer.abort()
+            if errors:
+                write_errors(Path(out).with_name(Path(out).name + ".errors.csv"), errors)
+            raise ValueError(
+                f"store {out}: every one of {len(jobs)} cases failed; "
+                f"first: {errors[0] if errors else ''}"
+            )
+        path = writer.commit()
+        return PreprocessSummary(path, len(writer.records), writer.num_slices, list(writer.errors))
+
+
+def preprocess_layout(
+    layout: str,
+    *,
+    out,
+    images=None,
+    labels=None,
+    masks=None,
+    marksheet=None,
+    manifest=None,
+    components: Sequence[str] = ("t2w", "adc"),
+    slices: str = "all",
+    workers: int = 1,
+    skip_bad_cases: bool = False,
+    unlabelled: str = "error",
+    label_values: str = "auto",
+    interpolator: str = "bspline",
+    progress: bool = True,
+) -> PreprocessSummary:
+    """`focalnet preprocess`: find the cases of a PI-CAI folder or a manifest and store them."""
+    if layout == "picai":
+        if images is None:
+            raise LayoutError("--layout picai needs --images")
+        cases = discover_picai(
+            images, labels, masks, components=components, marksheet=marksheet, unlabelled=unlabelled
+        )
+    elif layout == "manifest":
+        if manifest is None:
+            raise LayoutError("--layout manifest needs --manifest")
+        cases = read_manifest(manifest, components=components)
+    else:
+        raise LayoutError(f"layout {layout!r}: expected 'picai' or 'manifest'")
+    if not cases:
+        raise LayoutError(f"no cases to preprocess ({layout} layout)")
+    if label_values == "auto":  # a manifest's class / ISUP map: value 1 is GS 3+3 (ISUP 1)
+        label_values = label_scheme(labels) if layout == "picai" else "isup"
+    config = PreprocessConfig(label_values=label_values, interpolator=interpolator)
+    log.info("preprocessing %d cases with %d workers", len(cases), workers)
+    return preprocess_cases(
+        cases,
+        out,
+        config=config,
+        slices=slices,
+        workers=workers,
+        skip_bad_cases=skip_bad_cases,
+        progress=progress,
+    )

@@ -1,0 +1,337 @@
+"""One case from image files to training-ready crop slices (SPEC section 4, paper section II-D1/D2).
+
+Every component and the label are resampled once, straight from their own grid onto the crop grid
+(80 x 80 mm in the T2w slice plane, 128 x 128 pixels, the T2w slices) through physical coordinates
+with the identity transform: the paper's rigid registration by scanner coordinates, without a second
+interpolation through the full T2w grid.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+from focalnet_jax.data import intensity
+from focalnet_jax.data.geometry import CropGeometry
+from focalnet_jax.data.io import CaseError, read_image, zyx
+
+LABEL_SCHEMES = ("picai", "isup")
+_INTERPOLATORS = {"bspline": sitk.sitkBSpline, "linear": sitk.sitkLinear}
+_CONNECTIVITY = ndimage.generate_binary_structure(3, 3)
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Preprocessing settings; every field enters the store fingerprint."""
+
+    crop_mm: float = 80.0  # side of the square axial crop (mm)
+    crop_size: int = 128  # crop pixels per side (0.625 mm at 80 mm)
+    interpolator: str = (
+        "bspline"  # images: 'bspline' | 'linear'; labels are always nearest neighbour
+    )
+    t2w_air_percentile: float = 1.0  # T2w intensity mapped to 0
+    bladder_max_cv: float = 0.15  # urine is homogeneous: std / mean of the bladder candidate
+    bladder_min_volume_ml: float = 10.0  # smaller bright components are not the bladder
+    t2w_fallback_percentile: float = 99.5  # T2w upper reference where no bladder is found
+    adc_range: tuple[float, float] = (0.0, 3000.0)  # fixed ADC clip, 1e-6 mm^2/s
+    percentiles: tuple[float, float] = (1.0, 99.0)  # other components: per-case low/high -> 0/1
+    label_values: str = "picai"  # 'picai': value 1 = csPCa of unknown grade; 'isup': 1 = GS 3+3
+
+    @classmethod
+    def from_any(cls, config) -> PreprocessConfig:
+        """From None, a PreprocessConfig, or a mapping (e.g. a ConfigDict) of some of its fields."""
+        if config is None:
+            return cls()
+        if isinstance(config, cls):
+            return config
+        if not isinstance(config, Mapping) and hasattr(config, "to_dict"):
+            config = config.to_dict()
+        names = {f.name for f in fields(cls)}
+        unknown = set(config) - names
+        if unknown:
+            raise ValueError(
+                f"preprocess config: unknown keys {sorted(unknown)}; expected {sorted(names)}"
+            )
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
+        return cls(**values)
+
+    def __post_init__(self):
+        if self.interpolator not in _INTERPOLATORS:
+            raise ValueError(
+                f"interpolator {self.interpolator!r}: expected one of {list(_INTERPOLATORS)}"
+            )
+        if self.label_values not in LABEL_SCHEMES:
+            raise ValueError(f"label_values {self.label_values!r}: expected one of {LABEL_SCHEMES}")
+
+    def settings(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+@dataclass
+class PreprocessedCase:
+    """Crop slices of one case. Arrays are (slice, row, column); S slices, C components.
+
+    images float32 [S,128,128,C] (component order as given; T2w unclipped),
+    classes int32 [S,128,128], grade_known uint8 [S,128,128] (0 on lesions of unknown grade),
+    lesions int32 [S,128,128] (instance ids, 0 background), lesion_classes int32 [L] (class of
+    instance i + 1), lesion_grade_known bool [L], index_lesion (instance id of the index lesion,
+    0 without lesions), slice_index int32 [S] (T2w slice of each crop slice), annotated bool [S]
+    (slice holds a lesion), spacing (row, col) mm.
+    """
+
+    case_id: str
+    components: tuple[str, ...]
+    images: np.ndarray
+    classes: np.ndarray
+    grade_known: np.ndarray
+    lesions: np.ndarray
+    lesion_classes: np.ndarray
+    lesion_grade_known: np.ndarray
+    index_lesion: int
+    slice_index: np.ndarray
+    annotated: np.ndarray
+    spacing: tuple[float, float]
+    geometry: CropGeometry
+    center: tuple[float, float, float]
+    center_source: str
+    t2w_scale: dict = field(default_factory=dict)
+
+    def pixel_to_world(self, s, row, col):
+        """Crop pixel (s, row, col) -> LPS world (x, y, z) mm; `s` indexes the returned slices."""
+        return self.geometry.pixel_to_world(s, row, col)
+
+    def world_to_pixel(self, x, y, z):
+        """LPS world (x, y, z) mm -> crop (s, row, col), floats."""
+        return self.geometry.world_to_pixel(x, y, z)
+
+
+def _corners_world(image: sitk.Image) -> np.ndarray:
+    size = np.asarray(image.GetSize(), dtype=float)
+    corners = (
+        np.array(np.meshgrid(*[[-0.5, s - 0.5] for s in size], indexing="ij")).reshape(3, -1).T
+    )
+    return np.array([image.TransformContinuousIndexToPhysicalPoint(tuple(c)) for c in corners])
+
+
+def _overlaps(image: sitk.Image, t2w: sitk.Image) -> bool:
+    """Whether the physical extents intersect (tested in the T2w index frame)."""
+    index = np.array(
+        [t2w.TransformPhysicalPointToContinuousIndex(tuple(p)) for p in _corners_world(image)]
+    )
+    lo, hi = index.min(0), index.max(0)
+    size = np.asarray(t2w.GetSize(), dtype=float)
+    return bool(np.all(hi > -0.5) and np.all(lo < size - 0.5))
+
+
+def _resample(image: sitk.Image, reference: sitk.Image, interpolator, pixel=sitk.sitkFloat32):
+    out = sitk.Resample(image, reference, sitk.Transform(), interpolator, 0.0, pixel)
+    return sitk.GetArrayFromImage(out)
+
+
+def _center_of(mask_path, case) -> tuple[float, float, float] | None:
+    """LPS centroid (mm) of a mask's nonzero voxels, None when it has none."""
+    mask = read_image(mask_path, case=case)
+    voxels = np.argwhere(sitk.GetArrayViewFromImage(mask) > 0)
+    if len(voxels) == 0:
+        return None
+    return mask.TransformContinuousIndexToPhysicalPoint(
+        tuple(float(v) for v in zyx(voxels.mean(0)))
+    )
+
+
+def _label_instances(label: np.ndarray, case, path):
+    """3D connected lesions of a raw label volume -> (instance map int32, value of each [L])."""
+    values = np.unique(label)
+    bad = [int(v) for v in values if v not in (0, 1, 2, 3, 4, 5)]
+    if bad:
+        raise CaseError(case, path, f"label values {bad[:5]} outside the allowed set 0..5")
+    instances, n = ndimage.label(label > 0, structure=_CONNECTIVITY)
+    inst_values = []
+    for i, where in enumerate(ndimage.find_objects(instances), start=1):
+        inside = label[where][instances[where] == i].astype(np.int64)
+        inst_values.append(int(np.bincount(inside).argmax()))
+    return instances.astype(np.int32), np.asarray(inst_values, dtype=np.int64)
+
+
+def _max_diameter_mm(mask2d: np.ndarray, spacing: float) -> float:
+    points = np.argwhere(mask2d).astype(np.float64)
+    if len(points) > 400:  # the extreme points lie on the boundary
+        points = np.argwhere(mask2d & ~ndimage.binary_erosion(mask2d)).astype(np.float64)
+    diff = points[:, None, :] - points[None, :, :]
+    return float(np.sqrt((diff**2).sum(-1)).max() * spacing)
+
+
+def index_lesion(lesions: np.ndarray, lesion_classes: np.ndarray, spacing: float) -> int:
+    """Instance id of the highest-class lesion (ties: largest in-plane diameter); 0 if none."""
+    if len(lesion_classes) == 0:
+        return 0
+    best, best_key = 0, None
+    for i, cls in enumerate(lesion_classes, start=1):
+        present = lesions == i
+        diameter = max(
+            (_max_diameter_mm(present[s], spacing) for s in np.flatnonzero(present.any((1, 2)))),
+            default=0.0,
+        )
+        key = (int(cls), diameter)
+        if best_key is None or key > best_key:
+            best, best_key = i, key
+    return best
+
+
+def preprocess_case(
+    components: Mapping[str, str | os.PathLike],
+    label: str | os.PathLike | None = None,
+    *,
+    center=None,
+    mask: str | os.PathLike | None = None,
+    slices: str = "all",
+    config=None,
+    case_id: str | None = None,
+    bladder_mask: str | os.PathLike | None = None,
+) -> PreprocessedCase:
+    """Preprocess one case (SPEC section 4).
+
+    Args:
+      components: component name -> DICOM folder or image file, T2w first (the reference grid).
+      label: class / ISUP map (0 background; see `PreprocessConfig.label_values`), or None.
+      center: LPS point (mm) to centre the crop on, used when `mask` is None.
+      mask: whole-gland mask whose centroid centres the crop.
+      slices: 'all' (every T2w slice) or 'annotated' (slices holding lesion labels).
+      config: None, a `PreprocessConfig`, or a mapping of its fields.
+      case_id: name used in errors and the store (default: the T2w file name).
+      bladder_mask: optional bladder mask for the T2w upper reference.
+    Returns:
+      A `PreprocessedCase` (images float32 [S,128,128,C], classes int32 [S,128,128], ...).
+    Raises:
+      CaseError naming the case, the file and the reason.
+    """
+    cfg = PreprocessConfig.from_any(config)
+    if not components:
+        raise CaseError(case_id or "?", None, "no components given")
+    names = list(components)
+    t2w_path = components[names[0]]
+    case = case_id or os.path.basename(os.fspath(t2w_path)).split(".")[0]
+    if slices not in ("all", "annotated"):
+        raise CaseError(case, None, f"slices={slices!r}: expected 'all' or 'annotated'")
+
+    # 1. Read; the T2w grid is the reference frame.
+    images = {name: read_image(components[name], case=case) for name in names}
+    t2w = images[names[0]]
+    for name in names[1:]:
+        if not _overlaps(images[name], t2w):
+            raise CaseError(
+                case, components[name], f"{name} does not overlap the T2w field of view"
+            )
+
+    # 2. Crop centre: gland-mask centroid, else the given centre, else the T2w volume centre.
+    centre, source = None, "mask"
+    if mask is not None:
+        centre = _center_of(mask, case)
+        if centre is None:
+            raise CaseError(case, mask, "prostate mask is empty")
+    if centre is None and center is not None:
+        centre, source = tuple(float(c) for c in center), "given"
+    if centre is None:
+        middle = tuple((s - 1) / 2.0 for s in t2w.GetSize())
+        centre, source = t2w.TransformContinuousIndexToPhysicalPoint(middle), "t2w_centre"
+    geometry = CropGeometry.centred(t2w, centre, crop_mm=cfg.crop_mm, size=cfg.crop_size)
+    reference = geometry.reference_image(t2w.GetSize()[2])
+    centre_index = t2w.TransformPhysicalPointToContinuousIndex(tuple(centre))
+
+    # 3. Resample each component once onto the crop grid; normalise intensities.
+    interpolator = _INTERPOLATORS[cfg.interpolator]
+    channels = []
+    scale = {}
+    for name in names:
+        raw = sitk.GetArrayViewFromImage(images[name])
+        crop = _resample(images[name], reference, interpolator)
+        if name == names[0]:
+            bladder = None
+            if bladder_mask is not None:
+                bladder = sitk.GetArrayFromImage(read_image(bladder_mask, case=case)) > 0
+                if bladder.shape != raw.shape:
+                    raise CaseError(case, bladder_mask, "bladder mask is not on the T2w grid")
+            try:
+                t2 = intensity.t2w_scale(
+                    raw,
+                    zyx(t2w.GetSpacing()),
+                    air_percentile=cfg.t2w_air_percentile,
+                    fallback_percentile=cfg.t2w_fallback_percentile,
+                    bladder_mask=bladder,
+                    case=case,
+                    center_yx=(centre_index[1], centre_index[0]),
+                    anterior_sign=1.0 if t2w.GetDirection()[4] >= 0 else -1.0,
+                    max_cv=cfg.bladder_max_cv,
+                    min_volume_ml=cfg.bladder_min_volume_ml,
+                )
+            except ValueError as err:
+                raise CaseError(case, components[name], str(err)) from err
+            scale = {"air": t2.air, "bladder": t2.bladder, "source": t2.source}
+            channels.append(intensity.normalise_t2w(crop, t2))
+        elif name == "adc":
+            channels.append(intensity.normalise_adc(crop, *cfg.adc_range))
+        else:
+            lo, hi = intensity.percentile_range(raw, *cfg.percentiles)
+            channels.append(intensity.normalise_percentiles(crop, lo, hi))
+    volume = np.stack(channels, axis=-1)
+    shape = volume.shape[:3]
+
+    # 4. Label: lesion instances on the source grid, nearest-neighbour onto the crop, none lost.
+    classes = np.zeros(shape, np.int32)
+    grade_known = np.ones(shape, np.uint8)
+    lesions = np.zeros(shape, np.int32)
+    lesion_classes = np.zeros(0, np.int32)
+    lesion_grade_known = np.zeros(0, bool)
+    if label is not None:
+        label_image = read_image(label, case=case)
+        if not _overlaps(label_image, t2w):
+            raise CaseError(case, label, "label does not overlap the T2w field of view")
+        raw_label = sitk.GetArrayFromImage(label_image)
+        if not np.array_equal(raw_label, np.round(raw_label)):
+            raise CaseError(case, label, "label holds non-integer values")
+        instances, values = _label_instances(raw_label.astype(np.int64), case, label)
+        inst_image = sitk.GetImageFromArray(instances)
+        inst_image.CopyInformation(label_image)
+        lesions = _resample(inst_image, reference, sitk.sitkNearestNeighbor, sitk.sitkInt32)
+        lost = sorted(set(range(1, len(values) + 1)) - set(np.unique(lesions).tolist()))
+        if lost:
+            raise CaseError(
+                case,
+                label,
+                f"{len(lost)} of {len(values)} lesions lost by resampling onto the crop "
+                f"(instances {lost[:5]}: outside the 80 mm crop or thinner than a crop pixel)",
+            )
+        unknown = (values == 1) & (cfg.label_values == "picai")
+        lesion_classes = np.where(unknown, 2, values).astype(np.int32)
+        lesion_grade_known = ~unknown
+        lut_class = np.concatenate([[0], lesion_classes]).astype(np.int32)
+        lut_known = np.concatenate([[True], lesion_grade_known]).astype(np.uint8)
+        classes, grade_known = lut_class[lesions], lut_known[lesions]
+
+    annotated = (lesions > 0).any(axis=(1, 2))
+    keep = np.flatnonzero(annotated) if slices == "annotated" else np.arange(shape[0])
+    geometry = geometry.with_slices(keep)
+    lesions = lesions[keep]
+    return PreprocessedCase(
+        case_id=case,
+        components=tuple(names),
+        images=np.ascontiguousarray(volume[keep], dtype=np.float32),
+        classes=classes[keep],
+        grade_known=grade_known[keep],
+        lesions=lesions,
+        lesion_classes=lesion_classes,
+        lesion_grade_known=lesion_grade_known,
+        index_lesion=index_lesion(lesions, lesion_classes, geometry.spacing),
+        slice_index=keep.astype(np.int32),
+        annotated=annotated[keep],
+        spacing=(geometry.spacing, geometry.spacing),
+        geometry=geometry,
+        center=tuple(float(c) for c in centre),
+        center_source=source,
+        t2w_scale=scale,
+    )

@@ -1,0 +1,307 @@
+"""The preprocessed dataset store: one folder of memory-mappable `.npy` arrays and a case table.
+
+Layout (N = slices of all cases, concatenated case after case):
+
+    images.npy       float32 [N, 128, 128, C]   components in `components` order, T2w unclipped
+    classes.npy      uint8   [N, 128, 128]      0..5
+    grade_known.npy  uint8   [N, 128, 128]      0 on lesions of unknown grade (PI-CAI value 1)
+    lesions.npy      int32   [N, 128, 128]      lesion instance ids within the case, 0 background
+    annotated.npy    bool    [N]                slice holds a lesion
+    slice_index.npy  int32   [N]                T2w slice of each crop slice
+    cases.json       {"components", "settings", "fingerprint", "cases": [record, ...]}
+    fingerprint.json the settings, their hash, and per-component intensity percentiles
+    errors.csv       cases left out by --skip-bad-cases (case, file, reason)
+
+Each case record holds case_id, patient_id, start, stop (its slice range), lesion_classes,
+lesion_grade_known, index_lesion, spacing (row, col mm), geometry (a `CropGeometry`), and the source
+files. The store is written in a temporary sibling folder and renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from focalnet_jax.data.geometry import CropGeometry
+from focalnet_jax.data.preprocess import PreprocessConfig
+
+STORE_VERSION = 1
+_HEADER_BYTES = 256  # fixed .npy header room, so arrays can be streamed before N is known
+_ARRAYS = {
+    "images": np.float32,
+    "classes": np.uint8,
+    "grade_known": np.uint8,
+    "lesions": np.int32,
+    "annotated": np.bool_,
+    "slice_index": np.int32,
+}
+
+
+class StaleStoreError(ValueError):
+    """The store was made with other preprocessing settings than the caller expects."""
+
+
+def store_settings(config, components, slices: str = "all") -> dict:
+    """What a store's fingerprint covers: preprocessing config, components, slice selection."""
+    return {
+        "version": STORE_VERSION,
+        "preprocess": PreprocessConfig.from_any(config).settings(),
+        "components": list(components),
+        "slices": slices,
+    }
+
+
+def fingerprint(settings: dict) -> str:
+    """sha256 of the canonical JSON of the settings."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def _npy_header(dtype, shape) -> bytes:
+    header = repr({"descr": np.dtype(dtype).str, "fortran_order": False, "shape": tuple(shape)})
+    body = header.ljust(_HEADER_BYTES - 10 - 1) + "\n"
+    if len(body) + 10 != _HEADER_BYTES:
+        raise ValueError(f"npy header for shape {shape} longer than {_HEADER_BYTES} bytes")
+    return b"\x93NUMPY\x01\x00" + len(body).to_bytes(2, "little") + body.encode("latin1")
+
+
+class StoreWriter:
+    """Streams cases into a temporary folder; `commit()` renames it to `path`, `abort()` removes it.
+
+    Use as a context manager: leaving the block by an exception aborts, so nothing half-written
+    stays.
+    """
+
+    def __init__(self, path: str | os.PathLike, components, settings: dict):
+        self.path = Path(path)
+        if self.path.exists() and not (self.path / "cases.json").exists():
+            if not self.path.is_dir() or any(self.path.iterdir()):
+                raise FileExistsError(f"{self.path} exists and is not a preprocessed store")
+        self.components = tuple(components)
+        self.settings = settings
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))
+        self.tmp.chmod(0o755)
+        self._files = {}
+        for name in _ARRAYS:
+            f = (self.tmp / f"{name}.npy").open("wb")
+            f.write(b"\0" * _HEADER_BYTES)
+            self._files[name] = f
+        self.records: list[dict] = []
+        self.errors: list[tuple[str, str, str]] = []
+        self.num_slices = 0
+        self._shape: tuple[int, int, int] | None = None
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self.abort()
+
+    def add(self, case, *, patient_id: str, files: dict | None = None, meta: dict | None = None):
+        """Append one `PreprocessedCase`."""
+        if case.components != self.components:
+            raise ValueError(
+                f"case {case.case_id}: components {case.components} != {self.components}"
+            )
+        shape = case.images.shape[1:]
+        if self._shape is None:
+            self._shape = shape
+        elif shape != self._shape:
+            raise ValueError(f"case {case.case_id}: crop shape {shape} != {self._shape}")
+        arrays = {
+            "images": case.images,
+            "classes": case.classes,
+            "grade_known": case.grade_known,
+            "lesions": case.lesions,
+            "annotated": case.annotated,
+            "slice_index": case.slice_index,
+        }
+        for name, dtype in _ARRAYS.items():
+            self._files[name].write(np.ascontiguousarray(arrays[name], dtype=dtype).tobytes())
+        n = len(case.images)
+        self.records.append(
+            {
+                "case_id": case.case_id,
+                "patient_id": str(patient_id),
+                "start": self.num_slices,
+                "stop": self.num_slices + n,
+                "lesion_classes": [int(c) for c in case.lesion_classes],
+                "lesion_grade_known": [bool(g) for g in case.lesion_grade_known],
+                "index_lesion": int(case.index_lesion),
+                "max_class": int(max(case.lesion_classes, default=0)),
+                "spacing": [float(s) for s in case.spacing],
+                "geometry": case.geometry.to_dict(),
+                "center": list(case.center),
+                "center_source": case.center_source,
+                "t2w_scale": case.t2w_scale,
+                "files": files or {},
+                "meta": meta or {},
+            }
+        )
+        self.num_slices += n
+
+    def add_error(self, case_id: str, file: str, reason: str) -> None:
+        self.errors.append((case_id, file, reason))
+
+    def _statistics(self) -> dict:
+        images = np.load(self.tmp / "images.npy", mmap_mode="r")
+        sample = np.asarray(images[:: max(1, len(images) // 256)])
+        stats = {}
+        for c, name in enumerate(self.components):
+            p = np.percentile(sample[..., c], [0.5, 50, 99.5]) if len(sample) else [0, 0, 0]
+            stats[name] = {"p0.5": float(p[0]), "p50": float(p[1]), "p99.5": float(p[2])}
+        return stats
+
+    def commit(self) -> Path:
+        """Finish the arrays and tables and move the folder to `path` (replacing an older store)."""
+        if not self.records:
+            self.abort()
+            raise ValueError(f"store {self.path}: no case was preprocessed")
+        h, w, c = self._shape
+        shapes = {
+            "images": (self.num_slices, h, w, c),
+            "classes": (self.num_slices, h, w),
+            "grade_known": (self.num_slices, h, w),
+            "lesions": (self.num_slices, h, w),
+            "annotated": (self.num_slices,),
+            "slice_index": (self.num_slices,),
+        }
+        for name, f in self._files.items():
+            f.seek(0)
+            f.write(_npy_header(_ARRAYS[name], shapes[name]))
+            f.close()
+        digest = fingerprint(self.settings)
+        table = {
+            "components": list(self.components),
+            "settings": self.settings,
+            "fingerprint": digest,
+            "cases": self.records,
+        }
+        (self.tmp / "cases.json").write_text(json.dumps(table))
+        finger = {"settings": self.settings, "fingerprint": digest, "num_cases": len(self.records)}
+        finger.update(num_slices=self.num_slices, crop_shape=[h, w], statistics=self._statistics())
+        (self.tmp / "fingerprint.json").write_text(json.dumps(finger, indent=1))
+        if self.errors:
+            write_errors(self.tmp / "errors.csv", self.errors)
+        old = None
+        if self.path.exists():
+            old = self.path.with_name(self.tmp.name + ".old")
+            os.replace(self.path, old)
+        os.replace(self.tmp, self.path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return self.path
+
+    def abort(self) -> None:
+        for f in self._files.values():
+            f.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def write_errors(path: str | os.PathLike, errors) -> None:
+    """errors.csv with columns case, file, reason."""
+    with Path(path).open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["case", "file", "reason"])
+        writer.writerows(errors)
+
+
+@dataclass
+class Store:
+    """An opened store: memory-mapped arrays (see the module docstring) and the case table."""
+
+    path: Path
+    images: np.ndarray
+    classes: np.ndarray
+    grade_known: np.ndarray
+    lesions: np.ndarray
+    annotated: np.ndarray
+    slice_index: np.ndarray
+    components: tuple[str, ...]
+    cases: list[dict]
+    settings: dict
+    fingerprint: str
+
+    def __post_init__(self):
+        self._by_id = {r["case_id"]: r for r in self.cases}
+        self._geometry: dict[str, CropGeometry] = {}
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def case_ids(self) -> list[str]:
+        return [r["case_id"] for r in self.cases]
+
+    def case(self, case_id: str) -> dict:
+        if case_id not in self._by_id:
+            raise KeyError(f"case {case_id!r} is not in store {self.path}")
+        return self._by_id[case_id]
+
+    def case_slices(self, case_id: str) -> slice:
+        """The case's rows of every array."""
+        record = self.case(case_id)
+        return slice(record["start"], record["stop"])
+
+    def geometry(self, case_id: str) -> CropGeometry:
+        if case_id not in self._geometry:
+            self._geometry[case_id] = CropGeometry.from_dict(self.case(case_id)["geometry"])
+        return self._geometry[case_id]
+
+    def pixel_to_world(self, case_id: str, s, row, col):
+        """Crop pixel (s relative to the case, row, col) -> LPS world (x, y, z) mm."""
+        return self.geometry(case_id).pixel_to_world(s, row, col)
+
+    def world_to_pixel(self, case_id: str, x, y, z):
+        """LPS world (x, y, z) mm -> (s relative to the case, row, col), floats."""
+        return self.geometry(case_id).world_to_pixel(x, y, z)
+
+    def patient_max_class(self) -> dict[str, int]:
+        """Each patient's highest lesion class over all of their cases."""
+        out: dict[str, int] = {}
+        for r in self.cases:
+            out[r["patient_id"]] = max(out.get(r["patient_id"], 0), int(r["max_class"]))
+        return out
+
+
+def open_store(path: str | os.PathLike, *, expected_settings: dict | None = None) -> Store:
+    """Open a store read-only with memory-mapped arrays.
+
+    `expected_settings` (see `store_settings`): raise `StaleStoreError` naming the differing keys
+    when the store was made with other settings.
+    """
+    path = Path(path)
+    table_path = path / "cases.json"
+    if not table_path.exists():
+        raise FileNotFoundError(f"{path} is not a preprocessed store (no cases.json)")
+    table = json.loads(table_path.read_text())
+    if expected_settings is not None and fingerprint(expected_settings) != table["fingerprint"]:
+        have, want = table["settings"], expected_settings
+        diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+        details = {k: (have.get(k), want.get(k)) for k in diff}
+        raise StaleStoreError(
+            f"store {path} is stale: settings differ in {diff} (store, expected) = {details}; "
+            "run `focalnet preprocess` again"
+        )
+    arrays = {name: np.load(path / f"{name}.npy", mmap_mode="r") for name in _ARRAYS}
+    n = len(arrays["images"])
+    for name, array in arrays.items():
+        if len(array) != n:
+            raise ValueError(f"store {path}: {name}.npy has {len(array)} slices, images.npy {n}")
+    return Store(
+        path=path,
+        components=tuple(table["components"]),
+        cases=table["cases"],
+        settings=table["settings"],
+        fingerprint=table["fingerprint"],
+        **arrays,
+    )

@@ -1,0 +1,432 @@
+"""Synthetic prostate mp-MRI in the PI-CAI layout (SPEC sections 4 and 7), deterministic by seed.
+
+Each case is a scene of soft-edged ellipsoids in LPS world coordinates (mm) rendered separately on
+the T2w grid (0.5 x 0.5 x 3 mm) and on the coarser ADC/HBV grid (2 x 2 x 3 mm, shifted origin), so
+the components must be registered by physical coordinates exactly as real exams: body with
+subcutaneous fat, pelvic muscle, femoral heads, periprostatic fat, a gland with peripheral (PZ) and
+transition (TZ) zones and BPH nodules, the bladder (urine: brightest T2w, ADC ~2900), the rectum
+with an endorectal-coil balloon, and lesions of classes 1..5 whose conspicuity rises with class. A
+configurable share of lesions is visible only in T2w or only in ADC. T2w gets a smooth coil bias
+field and Rician noise. ADC values are in 1e-6 mm^2/s: PZ ~1600-2000, TZ ~1200-1400, lesions
+600-1100 falling with class.
+
+Labels hold the class of each lesion (1 = GS 3+3 ... 5 = GS >= 9); `labels/dataset.json` declares
+`{"label_values": "isup"}` so value 1 is read as GS 3+3 rather than PI-CAI's "grade unknown".
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+from tqdm import tqdm
+
+from focalnet_jax.data.io import write_image, xyz
+
+# class -> (conspicuity in T2w/HBV, ADC 1e-6 mm^2/s)
+_LESION = {1: (0.25, 1050.0), 2: (0.4, 930.0), 3: (0.55, 830.0), 4: (0.7, 740.0), 5: (0.85, 650.0)}
+_CLASS_SHARE = (0.24, 0.28, 0.2, 0.16, 0.12)  # of lesions, classes 1..5
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """Grids are (z, y, x) sizes and spacings (mm); shares are fractions of cases or lesions."""
+
+    t2w_size: tuple[int, int, int] = (20, 384, 384)
+    t2w_spacing: tuple[float, float, float] = (3.0, 0.5, 0.5)
+    dwi_size: tuple[int, int, int] = (20, 128, 84)
+    dwi_spacing: tuple[float, float, float] = (3.0, 2.0, 2.0)
+    dwi_shift_mm: float = (
+        2.0  # max |origin shift| of the ADC/HBV grid per axis (beyond the centring)
+    )
+    negative_share: float = 0.25  # cases without lesions
+    max_lesions: int = 3
+    t2w_only_share: float = 0.15  # lesions visible only in T2w
+    adc_only_share: float = 0.15  # lesions visible only in ADC/HBV
+    coil_share: float = 0.5  # cases with an endorectal coil (strong bias field near the rectum)
+    noise: float = 0.02  # Rician noise sigma relative to urine in T2w
+    components: tuple[str, ...] = ("t2w", "adc", "hbv")
+
+    @classmethod
+    def small(cls, **overrides) -> SynthConfig:
+        """A 96 x 96 x 6 T2w (1 x 1 x 3 mm) and 48 x 48 x 6 ADC (2 x 2 x 3 mm) case for tests."""
+        base = cls(t2w_size=(6, 96, 96), t2w_spacing=(3.0, 1.0, 1.0), dwi_size=(6, 48, 48))
+        return replace(base, **overrides)
+
+
+@dataclass
+class Lesion:
+    center: tuple[float, float, float]  # LPS mm
+    radii: tuple[float, float, float]  # x, y, z semi-axes before rotation (mm)
+    angle: float  # in-plane rotation (radians)
+    cls: int
+    visible_in: str  # 'both' | 't2w' | 'adc'
+    zone: str
+
+
+@dataclass
+class SynthCase:
+    images: dict[str, sitk.Image]
+    label: sitk.Image
+    mask: sitk.Image
+    lesions: list[Lesion] = field(default_factory=list)
+    prostate_center: tuple[float, float, float] = (0.0, 0.0, 0.0)  # LPS mm
+    bladder: tuple[tuple[float, ...], tuple[float, ...]] = ((0.0,) * 3, (0.0,) * 3)  # centre, radii
+    coil: bool = False  # endorectal coil (bright bias lobe at the rectum)
+
+
+class _Grid:
+    """World coordinates (mm) of an axis-aligned grid, kept separable as 1D axes for speed."""
+
+    def __init__(self, size_zyx, spacing_zyx, origin_xyz):
+        self.size, self.spacing, self.origin = (
+            tuple(size_zyx),
+            tuple(spacing_zyx),
+            tuple(origin_xyz),
+        )
+        self.axes = [  # x, y, z world coordinates of the voxel centres
+            origin_xyz[a] + spacing_zyx[2 - a] * np.arange(size_zyx[2 - a], dtype=np.float32)
+            for a in range(3)
+        ]
+
+    def box(self, center, extent):
+        """Index slices (z, y, x) of the voxels within `extent` mm of `center` (per axis)."""
+        out = []
+        for a in (2, 1, 0):
+            lo = int(np.floor((center[a] - extent[a] - self.origin[a]) / self.spacing[2 - a]))
+            hi = int(np.ceil((center[a] + extent[a] - self.origin[a]) / self.spacing[2 - a])) + 1
+            out.append(slice(min(max(lo, 0), self.size[2 - a]), min(max(hi, 0), self.size[2 - a])))
+        return tuple(out)
+
+    def image(self, array: np.ndarray) -> sitk.Image:
+        image = sitk.GetImageFromArray(array)
+        image.SetSpacing(xyz(self.spacing))
+        image.SetOrigin(self.origin)
+        return image
+
+
+class _Shape:
+    """Soft membership in [0, 1] of an ellipsoid (rotated in-plane), stored on its bounding box."""
+
+    def __init__(self, grid: _Grid, center, radii, angle=0.0, edge_mm=1.0):
+        reach = max(radii[0], radii[1]) + edge_mm
+        self.box = grid.box(center, (reach, reach, radii[2] + edge_mm))
+        bz, by, bx = self.box
+        dx = (grid.axes[0][bx] - center[0])[None, None, :]
+        dy = (grid.axes[1][by] - center[1])[None, :, None]
+        dz = (grid.axes[2][bz] - center[2])[:, None, None]
+        c, s = np.cos(angle), np.sin(angle)
+        plane = ((c * dx + s * dy) / radii[0]) ** 2 + ((-s * dx + c * dy) / radii[1]) ** 2
+        d = np.sqrt(plane + (dz / radii[2]) ** 2)
+        edge = edge_mm / min(radii[:2])
+        self.weight = np.clip(0.5 - (d - 1.0) / edge, 0.0, 1.0).astype(np.float32)
+
+    def full(self, size) -> np.ndarray:
+        out = np.zeros(size, np.float32)
+        out[self.box] = self.weight
+        return out
+
+
+def _paint(volume, shape: _Shape, value, weight=None):
+    w = shape.weight if weight is None else weight
+    sub = volume[shape.box]
+    sub *= 1.0 - w
+    sub += w * value
+
+
+def _texture(grid: _Grid, seed, amplitude, cell_mm=2.5):
+    """Granular multiplicative tissue texture: smoothed noise on a ~`cell_mm` grid, upsampled."""
+    rng = np.random.default_rng(seed)
+    nz, ny, nx = grid.size
+    _, sy, sx = grid.spacing
+    coarse = (nz, max(2, int(ny * sy / cell_mm)), max(2, int(nx * sx / cell_mm)))
+    noise = ndimage.gaussian_filter(rng.standard_normal(coarse, dtype=np.float32), (0.6, 1.0, 1.0))
+    noise *= amplitude / max(float(noise.std()), 1e-6)
+    factors = (1.0, ny / coarse[1], nx / coarse[2])
+    return 1.0 + ndimage.zoom(noise, factors, order=1, grid_mode=True, mode="nearest")
+
+
+# tissue -> (T2w, ADC 1e-6 mm^2/s, HBV)
+_TISSUE = {
+    "air": (0.0, 0.0, 0.0),
+    "fat": (470.0, 150.0, 2.0),
+    "muscle": (120.0, 1450.0, 9.0),
+    "cortex": (35.0, 250.0, 1.0),
+    "marrow": (330.0, 300.0, 2.0),
+    "pz": (390.0, 1800.0, 30.0),
+    "tz": (240.0, 1300.0, 24.0),
+    "stroma": (120.0, 1100.0, 12.0),
+    "capsule": (80.0, 1200.0, 8.0),
+    "wall": (130.0, 1300.0, 12.0),
+    "balloon": (15.0, 0.0, 0.0),
+}
+
+
+def _scene(rng: np.random.Generator, cfg: SynthConfig, fov_center) -> dict:
+    """Random anatomy around `fov_center` (LPS mm): x to the left, y posterior, z superior."""
+    p = np.asarray(fov_center) + rng.uniform([-6, -6, -3], [6, 6, 3])
+    g = tuple(rng.uniform([22, 16, 16], [28, 21, 21]))
+    j = rng.uniform(-1, 1, size=16)
+    return {
+        "prostate": tuple(p),
+        "gland": g,
+        "tz": (g[0] * 0.62, g[1] * 0.55, g[2] * 0.7),
+        "tz_center": tuple(p + [0, -g[1] * 0.28, g[2] * 0.15]),
+        "body": (rng.uniform(135, 160), rng.uniform(100, 115)),
+        "body_center": tuple(p + [0, rng.uniform(8, 16), 0]),
+        "bladder_center": tuple(p + [j[0] * 4, -g[1] - 8, g[2] + 16]),
+        "bladder": tuple(rng.uniform([30, 22, 22], [42, 30, 30])),
+        "rectum_center": tuple(p + [j[1] * 3, g[1] + 14, 0]),
+        "rectum_radius": rng.uniform(11, 15),
+        "fat_mm": rng.uniform(12, 22),  # subcutaneous fat
+        "fat_pads": [  # (center offset, radii, angle): ischioanal fossae, perivesical, presacral
+            *[((s * (24 + 3 * j[8]), g[1] + 30, 0), (15, 32, 90), s * 0.45) for s in (-1, 1)],
+            ((0, -g[1] - 12, 0), (g[0] + 14, 18, 90), 0.0),
+            ((0, g[1] + 52 + 3 * j[9], 0), (22, 20, 90), 0.0),
+        ],
+        "muscles": [  # (center offset, radii, angle): obturator, gluteus, anterior wall, levator
+            *[((s * (g[0] + 20 + 3 * j[2]), 4.0, 0), (8, 32, 60), s * 0.2) for s in (-1, 1)],
+            *[((s * (62 + 4 * j[3]), 72 + 4 * j[4], 0), (48, 32, 80), s * 0.5) for s in (-1, 1)],
+            *[((s * 28, -78 + 3 * j[5], 0), (24, 9, 80), 0.0) for s in (-1, 1)],
+            *[((s * 16, g[1] + 10, 0), (5, 18, 30), -s * 0.6) for s in (-1, 1)],
+        ],
+        "bones": [  # (center offset, radii): femoral heads, pubic rami
+            *[((s * (70 + 3 * j[6]), -6, 6 + 3 * j[7]), (24, 24, 24)) for s in (-1, 1)],
+            *[((s * 20, -g[1] - 22, -10), (16, 8, 22)) for s in (-1, 1)],
+        ],
+        "coil": bool(rng.random() < cfg.coil_share),
+        "coil_gain": rng.uniform(0.8, 1.5),
+        "gradient": rng.uniform(-0.002, 0.002, size=3),
+        "nodules": [
+            (
+                tuple(p + rng.uniform([-10, -9, -8], [10, 2, 8])),
+                rng.uniform(2.5, 5),
+                rng.uniform(0.7, 1.4),
+            )
+            for _ in range(rng.integers(3, 7))
+        ],
+        "texture_seed": int(rng.integers(2**31)),
+        "urine": (rng.uniform(700, 900), rng.uniform(2700, 3000), 4.0),
+    }
+
+
+def _lesions(rng: np.random.Generator, cfg: SynthConfig, scene: dict) -> list[Lesion]:
+    if rng.random() < cfg.negative_share:
+        return []
+    lesions = []
+    p, g = np.asarray(scene["prostate"]), scene["gland"]
+    t2w_only, adc_only = cfg.t2w_only_share, cfg.t2w_only_share + cfg.adc_only_share
+    for _ in range(int(rng.integers(1, cfg.max_lesions + 1))):
+        zone = "pz" if rng.random() < 0.7 else "tz"
+        if zone == "pz":  # posterior-lateral horseshoe of the gland
+            theta = rng.uniform(0.15 * np.pi, 0.85 * np.pi)
+            offset = [0.7 * g[0] * np.cos(theta), 0.65 * g[1] * np.sin(theta), 0]
+        else:
+            offset = [rng.uniform(-0.4, 0.4) * g[0], (-0.3 + rng.uniform(-0.2, 0.2)) * g[1], 0]
+        offset[2] = rng.uniform(-0.5, 0.5) * g[2]
+        lo, hi = scene["z_range"]  # keep the centre 3 mm inside the T2w slab
+        offset[2] = float(np.clip(p[2] + offset[2], lo + 3.0, hi - 3.0) - p[2])
+        cls = int(rng.choice(5, p=_CLASS_SHARE)) + 1
+        r = 3.0 + 0.9 * cls + rng.uniform(0, 2.5)
+        radii = (r, r * rng.uniform(0.6, 1.0), rng.uniform(4.0, 7.0))
+        u = rng.random()
+        visible = "t2w" if u < t2w_only else "adc" if u < adc_only else "both"
+        lesion = Lesion(tuple(p + offset), radii, rng.uniform(0, np.pi), cls, visible, zone)
+        if not any(_touch(lesion, other) for other in lesions):  # one class per connected lesion
+            lesions.append(lesion)
+    return lesions
+
+
+def _touch(a: Lesion, b: Lesion) -> bool:
+    d = np.abs(np.subtract(a.center, b.center))
+    return np.hypot(d[0], d[1]) < a.radii[0] + b.radii[0] + 1.5 and d[2] < a.radii[2] + b.radii[2]
+
+
+def _render(grid: _Grid, scene: dict, lesions: list[Lesion], modality: str, rng) -> dict:
+    """One modality on one grid: values before noise, plus the gland and lesion shapes."""
+    m = ("t2w", "adc", "hbv").index(modality)
+
+    def v(name):
+        return scene["urine"][m] if name == "urine" else _TISSUE[name][m]
+
+    p, g = np.asarray(scene["prostate"]), scene["gland"]
+    vol = np.full(grid.size, v("air"), np.float32)
+    body = _Shape(grid, scene["body_center"], (*scene["body"], 1e4), edge_mm=2.0)
+    _paint(vol, body, v("fat"))
+    inner = tuple(r - scene["fat_mm"] for r in scene["body"])
+    _paint(vol, _Shape(grid, scene["body_center"], (*inner, 1e4), edge_mm=2.0), v("muscle"))
+    for offset, radii, angle in scene["fat_pads"]:
+        _paint(vol, _Shape(grid, p + offset, radii, angle, edge_mm=3.0), v("fat"))
+    for offset, radii, angle in scene["muscles"]:
+        _paint(vol, _Shape(grid, p + offset, radii, angle, edge_mm=2.0), v("muscle"))
+    for offset, radii in scene["bones"]:
+        _paint(vol, _Shape(grid, p + offset, radii), v("cortex"))
+        _paint(vol, _Shape(grid, p + offset, tuple(r - 3 for r in radii)), v("marrow"))
+    _paint(vol, _Shape(grid, p, tuple(r + 5 for r in g), edge_mm=2.0), v("fat"))
+    _paint(vol, _Shape(grid, p, tuple(r + 1.5 for r in g)), v("capsule"))
+    gland = _Shape(grid, p, g)
+    _paint(vol, gland, v("pz"))
+    stroma = _Shape(grid, p + [0, -g[1] * 0.8, 0], (g[0] * 0.5, g[1] * 0.3, g[2] * 0.8))
+    _paint(vol, stroma, v("stroma"))
+    tz_full = _Shape(grid, scene["tz_center"], scene["tz"]).full(grid.size) * gland.full(grid.size)
+    tz = _Shape(grid, scene["tz_center"], scene["tz"])
+    tz.weight = tz_full[tz.box]
+    _paint(vol, tz, v("tz"))
+    for center, radius, factor in scene["nodules"]:
+        nodule = _Shape(grid, center, (radius,) * 3)
+        _paint(vol, nodule, v("tz") * factor, nodule.weight * tz_full[nodule.box])
+    # Granular tissue texture, before the structures with flat signal (fluid, balloon, lesions).
+    vol *= _texture(grid, scene["texture_seed"] + m, 0.12 if modality == "t2w" else 0.08)
+    if modality == "t2w":  # fine-grained structure only the 0.5 mm grid resolves
+        vol *= _texture(grid, scene["texture_seed"] + 7, 0.08, cell_mm=1.0)
+    gland_full = gland.full(grid.size)
+    shapes = []
+    for lesion in lesions:
+        shape = _Shape(grid, lesion.center, lesion.radii, lesion.angle)
+        shape.weight = shape.weight * np.clip(2 * gland_full[shape.box], 0, 1)
+        shapes.append(shape)
+        conspicuity, adc = _LESION[lesion.cls]
+        if modality == "t2w" and lesion.visible_in != "adc":
+            _paint(vol, shape, 0.4 * v("tz"), shape.weight * conspicuity)
+        elif modality == "adc" and lesion.visible_in != "t2w":
+            _paint(vol, shape, adc * rng.uniform(0.96, 1.04))
+        elif modality == "hbv" and lesion.visible_in != "t2w":
+            _paint(vol, shape, v("pz") * (1.3 + 2.2 * conspicuity))
+    bc, br = scene["bladder_center"], scene["bladder"]
+    _paint(vol, _Shape(grid, bc, tuple(r + 3 for r in br)), v("wall"))
+    _paint(vol, _Shape(grid, bc, br), v("urine"))
+    rc, rr = scene["rectum_center"], scene["rectum_radius"]
+    _paint(vol, _Shape(grid, rc, (rr + 4, rr + 1, 1e4)), v("wall"))
+    _paint(vol, _Shape(grid, rc, (rr, rr - 3, 1e4)), v("balloon"))
+    return {"volume": vol, "gland": gland_full, "lesions": [s.full(grid.size) for s in shapes]}
+
+
+def _bias(grid: _Grid, scene: dict) -> np.ndarray:
+    """Smooth T2w bias: a linear drift plus, with an endorectal coil, a lobe at the rectum."""
+    c, (gx, gy, gz) = scene["prostate"], scene["gradient"]
+    x = (grid.axes[0] - c[0])[None, None, :]
+    y = (grid.axes[1] - c[1])[None, :, None]
+    z = (grid.axes[2] - c[2])[:, None, None]
+    field = 1.0 + gx * x + gy * y + gz * z
+    if scene["coil"]:
+        rc = scene["rectum_center"]
+        d2 = (x + c[0] - rc[0]) ** 2 + (y + c[1] - rc[1]) ** 2
+        field = field + scene["coil_gain"] * np.exp(-d2 / (2 * 30.0**2))
+    return field.astype(np.float32)
+
+
+def _rician(volume: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
+    real = volume + sigma * rng.standard_normal(volume.shape, dtype=np.float32)
+    imag = sigma * rng.standard_normal(volume.shape, dtype=np.float32)
+    return np.sqrt(real * real + imag * imag)
+
+
+def synth_case(
+    seed, cfg: SynthConfig | None = None, *, lesions: list[Lesion] | None = None
+) -> SynthCase:
+    """One synthetic case (SimpleITK images, label of classes, gland mask) from a seed.
+
+    `lesions` replaces the random lesions (e.g. one at a known world position, for tests).
+    """
+    cfg = cfg or SynthConfig()
+    rng = np.random.default_rng(seed)
+    t2_extent = np.asarray(cfg.t2w_size) * np.asarray(cfg.t2w_spacing)
+    t2_origin = tuple(
+        rng.uniform(-5, 5, 3) + [-t2_extent[2] / 2, -t2_extent[1] / 2, -t2_extent[0] / 2]
+    )
+    t2_grid = _Grid(cfg.t2w_size, cfg.t2w_spacing, t2_origin)
+    fov_center = (
+        np.asarray(t2_origin)
+        + np.asarray(xyz((np.asarray(cfg.t2w_size) - 1) * cfg.t2w_spacing)) / 2
+    )
+    dwi_extent = (np.asarray(cfg.dwi_size) - 1) * np.asarray(cfg.dwi_spacing)
+    dwi_origin = (
+        fov_center - np.asarray(xyz(dwi_extent)) / 2 + rng.uniform(-1, 1, 3) * cfg.dwi_shift_mm
+    )
+    dwi_grid = _Grid(cfg.dwi_size, cfg.dwi_spacing, tuple(dwi_origin))
+
+    scene = _scene(rng, cfg, fov_center)
+    scene["z_range"] = (t2_grid.axes[2][0], t2_grid.axes[2][-1])
+    drawn = _lesions(rng, cfg, scene)
+    lesions = drawn if lesions is None else list(lesions)
+    bladder = scene["urine"][0]
+
+    t2 = _render(t2_grid, scene, lesions, "t2w", rng)
+    t2w = _rician(t2["volume"] * _bias(t2_grid, scene), cfg.noise * bladder, rng)
+    images = {"t2w": t2_grid.image(np.clip(np.round(t2w), 0, 65535).astype(np.uint16))}
+    for name in cfg.components[1:]:
+        dwi = _render(dwi_grid, scene, lesions, name, rng)["volume"]
+        if name == "adc":
+            dwi = np.clip(dwi + rng.normal(0, 60, dwi.shape), 0, None)
+        else:
+            dwi = _rician(dwi, 1.5, rng)
+        images[name] = dwi_grid.image(np.round(dwi).astype(np.uint16))
+
+    label = np.zeros(cfg.t2w_size, np.uint8)
+    for lesion, w in zip(lesions, t2["lesions"], strict=True):
+        label[w >= 0.5] = lesion.cls
+    return SynthCase(
+        images=images,
+        label=t2_grid.image(label),
+        mask=t2_grid.image((t2["gland"] >= 0.5).astype(np.uint8)),
+        lesions=lesions,
+        prostate_center=tuple(float(c) for c in scene["prostate"]),
+        bladder=(
+            tuple(float(c) for c in scene["bladder_center"]),
+            tuple(float(r) for r in scene["bladder"]),
+        ),
+        coil=scene["coil"],
+    )
+
+
+def write_dataset(
+    out: str | os.PathLike,
+    num_cases: int,
+    seed: int = 0,
+    cfg: SynthConfig | None = None,
+    *,
+    progress: bool = False,
+) -> list[str]:
+    """Write `num_cases` synthetic cases in the PI-CAI layout (SPEC section 7) and a lesion table.
+
+    Returns the list of case ids `<patient>_<study>`. Case i depends only on (seed, i).
+    """
+    cfg = cfg or SynthConfig()
+    out = Path(out)
+    ids = np.random.default_rng([seed, 2**20])
+    patients, case_ids = [], []
+    for i in range(num_cases):
+        # About one patient in ten has a second study, as in PI-CAI.
+        new = i == 0 or ids.random() >= 0.1
+        patients.append(f"{10000 + i}" if new else patients[-1])
+        case_ids.append(f"{patients[-1]}_{1000000 + i}")
+    rows, marks = [], []
+    (out / "labels").mkdir(parents=True, exist_ok=True)
+    (out / "labels" / "dataset.json").write_text(json.dumps({"label_values": "isup"}) + "\n")
+    pairs = list(zip(patients, case_ids, strict=True))
+    for i, (patient, case) in enumerate(
+        tqdm(pairs, desc="synth", unit="case", disable=not progress)
+    ):
+        sc = synth_case([seed, i], cfg)
+        for name, image in sc.images.items():
+            write_image(image, out / "images" / patient / f"{case}_{name}.mha")
+        write_image(sc.label, out / "labels" / f"{case}.nii.gz")
+        write_image(sc.mask, out / "masks" / f"{case}.nii.gz")
+        for j, les in enumerate(sc.lesions, start=1):
+            rows.append([case, j, les.cls, les.zone, les.visible_in, *np.round(les.center, 3)])
+        marks.append([patient, case.split("_")[1], max((les.cls for les in sc.lesions), default=0)])
+    with (out / "lesions.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["case_id", "lesion", "class", "zone", "visible_in", "x", "y", "z"])
+        w.writerows(rows)
+    with (out / "marksheet.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["patient_id", "study_id", "case_ISUP"])
+        w.writerows(marks)
+    return case_ids

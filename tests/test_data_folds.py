@@ -1,0 +1,76 @@
+"""Patient-level, class-stratified, seeded cross-validation folds."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from focalnet_jax.data.folds import assign_folds, split_cases
+
+
+def _patients(n=103, seed=1):
+    rng = np.random.default_rng(seed)
+    ids = [f"p{i:03d}" for i in range(n)]
+    classes = rng.choice(6, size=n, p=[0.3, 0.2, 0.2, 0.15, 0.1, 0.05])
+    return ids, dict(zip(ids, classes.tolist(), strict=True))
+
+
+def test_every_patient_in_one_fold_and_sizes_balanced():
+    ids, classes = _patients()
+    folds = assign_folds(ids, classes, num_folds=5, seed=0)
+    assert set(folds) == set(ids) and set(folds.values()) == set(range(5))
+    sizes = np.bincount(list(folds.values()))
+    assert sizes.max() - sizes.min() <= 1
+
+
+def test_classes_spread_across_folds():
+    ids, classes = _patients()
+    folds = assign_folds(ids, classes, num_folds=5, seed=0)
+    for cls in range(6):
+        members = [folds[p] for p in ids if classes[p] == cls]
+        counts = np.bincount(members, minlength=5)
+        assert counts.max() - counts.min() <= 2, (cls, counts)
+        if len(members) >= 5:
+            assert counts.min() >= 1
+
+
+def test_seeded_and_order_independent():
+    ids, classes = _patients()
+    a = assign_folds(ids, classes, 5, seed=3)
+    b = assign_folds(list(reversed(ids)), classes, 5, seed=3)
+    assert a == b
+    assert a != assign_folds(ids, classes, 5, seed=4)
+
+
+def test_split_cases_keeps_studies_of_a_patient_together():
+    # 40 patients, some with two studies; the highest class over a patient's studies counts.
+    cases = []
+    for i in range(40):
+        cases.append({"case_id": f"p{i}_a", "patient_id": f"p{i}", "max_class": i % 6})
+        if i % 3 == 0:
+            cases.append({"case_id": f"p{i}_b", "patient_id": f"p{i}", "max_class": 5})
+    max_class = {}
+    for r in cases:
+        max_class[r["patient_id"]] = max(max_class.get(r["patient_id"], 0), r["max_class"])
+    store = SimpleNamespace(cases=cases, patient_max_class=lambda: max_class)
+    seen = set()
+    for fold in range(5):
+        train, val = split_cases(store, fold, num_folds=5, seed=0)
+        assert sorted(train + val) == sorted(r["case_id"] for r in cases)
+        train_patients = {c.split("_")[0] for c in train}
+        val_patients = {c.split("_")[0] for c in val}
+        assert not train_patients & val_patients
+        assert not seen & val_patients
+        seen |= val_patients
+    assert len(seen) == 40
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="num_folds"):
+        assign_folds(["a", "b"], [0, 1], num_folds=1)
+    with pytest.raises(ValueError, match="cannot fill"):
+        assign_folds(["a", "b"], [0, 1], num_folds=5)
+    with pytest.raises(ValueError, match="no highest class"):
+        assign_folds(["a", "b"], {"a": 1}, num_folds=2)

@@ -1,0 +1,59 @@
+"""Crop geometry: the resampling grid and the pixel <-> world maps agree, oblique or not."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from focalnet_jax.data.geometry import CropGeometry
+
+
+def _oblique_t2w():
+    t2w = sitk.Image(384, 384, 19, sitk.sitkFloat32)
+    t2w.SetSpacing((0.5, 0.5, 3.0))
+    t2w.SetOrigin((-57.7, -82.4, -27.1))
+    angle = np.deg2rad(18.5)  # tilted about x, as ProstateX-0000
+    rotation = np.array(
+        [[1, 0, 0], [0, np.cos(angle), np.sin(angle)], [0, -np.sin(angle), np.cos(angle)]]
+    )
+    t2w.SetDirection(tuple(rotation.ravel()))
+    return t2w
+
+
+def test_reference_grid_equals_pixel_to_world():
+    t2w = _oblique_t2w()
+    centre = t2w.TransformContinuousIndexToPhysicalPoint((200.3, 170.8, 9.0))
+    geometry = CropGeometry.centred(t2w, centre)
+    reference = geometry.reference_image(19)
+    for s, row, col in [(0, 0, 0), (9, 63.5, 63.5), (18, 127, 5), (4, 31.25, 100.5)]:
+        expected = reference.TransformContinuousIndexToPhysicalPoint((col, row, s))
+        np.testing.assert_allclose(geometry.pixel_to_world(s, row, col), expected, atol=1e-9)
+        voxel = t2w.TransformPhysicalPointToContinuousIndex(expected)  # crop pixel -> T2w voxel
+        np.testing.assert_allclose(geometry.pixel_to_t2w_index(s, row, col), voxel, atol=1e-9)
+    # The crop centre is the requested point's projection: pixel (63.5, 63.5) on its slice.
+    np.testing.assert_allclose(geometry.world_to_pixel(*centre), (9.0, 63.5, 63.5), atol=1e-9)
+    # 80 mm across: first to last pixel centre is 127 * 0.625 mm.
+    a = np.asarray(geometry.pixel_to_world(3, 10, 0))
+    b = np.asarray(geometry.pixel_to_world(3, 10, 127))
+    assert np.linalg.norm(b - a) == pytest.approx(127 * 0.625)
+
+
+def test_kept_slices_map_through_slice_index():
+    t2w = _oblique_t2w()
+    geometry = CropGeometry.centred(t2w, t2w.TransformContinuousIndexToPhysicalPoint((192, 192, 5)))
+    kept = geometry.with_slices([3, 4, 7])
+    full = geometry.pixel_to_world(7, 20, 30)
+    np.testing.assert_allclose(kept.pixel_to_world(2, 20, 30), full, atol=1e-9)
+    np.testing.assert_allclose(kept.world_to_pixel(*full), (2, 20, 30), atol=1e-9)
+    # Between kept slices 4 and 7, T2w slice 5.5 is half-way: s = 1.5.
+    assert kept.world_to_pixel(*geometry.pixel_to_world(5.5, 0, 0))[0] == pytest.approx(1.5)
+    # Vectorised: arrays in, arrays out.
+    x, y, z = kept.pixel_to_world(np.array([0, 1, 2]), np.array([0, 5, 9]), np.array([1, 2, 3]))
+    s, row, col = kept.world_to_pixel(x, y, z)
+    np.testing.assert_allclose(
+        np.stack([s, row, col]), [[0, 1, 2], [0, 5, 9], [1, 2, 3]], atol=1e-9
+    )
+    assert CropGeometry.from_dict(kept.to_dict()) == kept
+    with pytest.raises(ValueError, match="no slices"):
+        geometry.with_slices([]).world_to_pixel(*full)

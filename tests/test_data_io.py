@@ -1,0 +1,85 @@
+"""Readers: DICOM folder, .mha, .nii(.gz), .nrrd through SimpleITK, and bad files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from focalnet_jax.data.io import CaseError, read_image, write_image, xyz, zyx
+
+
+def _volume(shape_zyx=(4, 6, 5)):
+    array = np.arange(np.prod(shape_zyx), dtype=np.float32).reshape(shape_zyx)
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((0.5, 0.7, 3.0))
+    image.SetOrigin((-10.0, 20.0, 5.5))
+    return array, image
+
+
+def test_axis_order_helper():
+    assert xyz((3.0, 0.7, 0.5)) == (0.5, 0.7, 3.0)
+    assert zyx(xyz((1, 2, 3))) == (1, 2, 3)
+    _, image = _volume()
+    assert xyz(sitk.GetArrayViewFromImage(image).shape) == image.GetSize()
+
+
+@pytest.mark.parametrize("suffix", [".mha", ".nii.gz", ".nii", ".nrrd"])
+def test_image_files_round_trip(tmp_path, suffix):
+    array, image = _volume()
+    write_image(image, tmp_path / f"x{suffix}")
+    back = read_image(tmp_path / f"x{suffix}")
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), array)
+    np.testing.assert_allclose(back.GetSpacing(), (0.5, 0.7, 3.0), atol=1e-6)
+    np.testing.assert_allclose(back.GetOrigin(), (-10.0, 20.0, 5.5), atol=1e-5)
+    assert back.GetPixelID() == sitk.sitkFloat32
+
+
+@pytest.mark.real_data
+def test_dicom_series_folder(prostatex_case_dir):
+    image = read_image(prostatex_case_dir / "t2w")
+    assert image.GetSize() == (384, 384, 19)
+    np.testing.assert_allclose(image.GetSpacing(), (0.5, 0.5, 3.0), atol=1e-6)
+
+
+def _expect(path, reason, case="c1"):
+    with pytest.raises(CaseError) as info:
+        read_image(path, case=case)
+    assert info.value.case == case and info.value.file == str(path)
+    assert reason in info.value.reason
+    assert case in str(info.value) and str(path) in str(info.value)
+
+
+def test_missing_file(tmp_path):
+    _expect(tmp_path / "absent_t2w.mha", "file not found")
+
+
+def test_truncated_file(tmp_path):
+    _, image = _volume((6, 64, 64))
+    write_image(image, tmp_path / "x.nii.gz")
+    data = (tmp_path / "x.nii.gz").read_bytes()
+    (tmp_path / "x.nii.gz").write_bytes(data[: len(data) // 2])
+    _expect(tmp_path / "x.nii.gz", "unreadable or truncated")
+    (tmp_path / "junk.mha").write_bytes(b"not an image at all")
+    _expect(tmp_path / "junk.mha", "unreadable or truncated")
+
+
+def test_2d_image(tmp_path):
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((8, 8), np.float32)), str(tmp_path / "x.mha"))
+    _expect(tmp_path / "x.mha", "expected a 3D image")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nan_inf_voxels(tmp_path, bad):
+    array, image = _volume()
+    array[1, 2, 3] = bad
+    image = sitk.GetImageFromArray(array)
+    write_image(image, tmp_path / "x.mha")
+    _expect(tmp_path / "x.mha", "NaN or Inf")
+
+
+def test_empty_dicom_folder_and_unknown_suffix(tmp_path):
+    (tmp_path / "series").mkdir()
+    _expect(tmp_path / "series", "no DICOM series")
+    (tmp_path / "x.png").write_bytes(b"")
+    _expect(tmp_path / "x.png", "unknown image format")

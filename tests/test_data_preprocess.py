@@ -1,0 +1,317 @@
+"""preprocess_case: the real ProstateX exam from DICOM, registration by world coordinates."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from scipy import ndimage
+
+from focalnet_jax.data import intensity, preprocess_case
+from focalnet_jax.data.io import CaseError, write_image
+from focalnet_jax.data.synth import Lesion, SynthConfig, synth_case
+
+FINDING = (25.7457, 31.8707, -38.511)  # ProstateX-0000 finding 1, LPS mm, GS 4+3 (README)
+
+
+def _series(folder):
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
+    return reader.Execute()
+
+
+@pytest.fixture(scope="module")
+def real_exam(prostatex_case_dir, tmp_path_factory):
+    """The exam with a 5 mm disc of class 3 around the finding on its two nearest T2w slices."""
+    t2w = _series(prostatex_case_dir / "t2w")
+    i, j, k = t2w.TransformPhysicalPointToContinuousIndex(FINDING)
+    label = np.zeros(sitk.GetArrayViewFromImage(t2w).shape, np.uint8)
+    sx, sy, _ = t2w.GetSpacing()
+    yy, xx = np.mgrid[: label.shape[1], : label.shape[2]]
+    disc = ((xx - i) * sx) ** 2 + ((yy - j) * sy) ** 2 <= 5.0**2
+    label[int(np.floor(k))][disc] = 3
+    label[int(np.floor(k)) + 1][disc] = 3
+    image = sitk.GetImageFromArray(label)
+    image.CopyInformation(t2w)
+    path = tmp_path_factory.mktemp("prostatex") / "ProstateX-0000.nii.gz"
+    write_image(image, path)
+    components = {name: prostatex_case_dir / name for name in ("t2w", "adc", "hbv")}
+    case = preprocess_case(
+        components, path, config={"interpolator": "linear"}, case_id="ProstateX-0000"
+    )
+    return t2w, case
+
+
+@pytest.mark.real_data
+def test_real_exam_shape_and_intensity(real_exam):
+    t2w, case = real_exam
+    assert case.images.shape == (19, 128, 128, 3) and case.images.dtype == np.float32
+    assert case.classes.shape == (19, 128, 128) and case.classes.dtype == np.int32
+    np.testing.assert_array_equal(case.slice_index, np.arange(19))
+    assert case.spacing == (0.625, 0.625)
+    assert case.t2w_scale["source"] == "bladder"
+    centre = case.images[5:14, 44:84, 44:84]  # central 25 mm of the mid-gland slices
+    # Gland bright in T2w (air -> 0, bladder -> 1), ADC channel non-blank and in range.
+    assert 0.2 < np.median(centre[..., 0]) < 1.0
+    assert np.mean(centre[..., 1] > 0.1) > 0.95 and 0.2 < np.median(centre[..., 1]) < 0.8
+    assert case.images[..., 1].max() <= 1.0 and case.images[..., 1].min() >= 0.0
+
+
+@pytest.mark.real_data
+def test_real_exam_finding_lands_at_independently_computed_pixel(real_exam):
+    t2w, case = real_exam
+    # Independent: T2w continuous index of the finding; the crop is 80 mm / 128 px centred on the
+    # T2w volume centre (no mask, no centre given) in the T2w slice plane.
+    i, j, k = t2w.TransformPhysicalPointToContinuousIndex(FINDING)
+    sx, sy, _ = t2w.GetSpacing()
+    cx, cy = (t2w.GetSize()[0] - 1) / 2, (t2w.GetSize()[1] - 1) / 2
+    col = ((i - cx) * sx) / 0.625 + 63.5
+    row = ((j - cy) * sy) / 0.625 + 63.5
+    s, r, c = case.world_to_pixel(*FINDING)
+    np.testing.assert_allclose((s, r, c), (k, row, col), atol=1e-6)
+    assert 0 <= r < 128 and 0 <= c < 128 and abs(k - 8.5) < 0.05
+    # The drawn lesion is at that pixel, with its class, on both slices.
+    for sl in (8, 9):
+        assert case.classes[sl, int(round(r)), int(round(c))] == 3
+    np.testing.assert_array_equal(case.lesion_classes, [3])
+    assert case.index_lesion == 1
+
+
+@pytest.mark.real_data
+def test_real_exam_world_pixel_round_trip_and_adc_on_grid(real_exam, prostatex_case_dir):
+    _, case = real_exam
+    rng = np.random.default_rng(0)
+    points = np.asarray(FINDING) + rng.uniform(-20, 20, size=(20, 3))
+    for p in points:
+        back = case.pixel_to_world(*case.world_to_pixel(*p))
+        assert np.linalg.norm(np.asarray(back) - p) < 0.5
+    # ADC channel value at a crop pixel == ADC sampled (trilinear) at that pixel's world point.
+    adc = _series(prostatex_case_dir / "adc")
+    array = sitk.GetArrayFromImage(adc).astype(np.float64)
+    for s, r, c in [(8, 89, 44), (5, 64, 64), (12, 40, 90), (9, 100, 70)]:
+        index = adc.TransformPhysicalPointToContinuousIndex(case.pixel_to_world(s, r, c))
+        expected = ndimage.map_coordinates(array, [[index[2]], [index[1]], [index[0]]], order=1)
+        assert case.images[s, r, c, 1] == pytest.approx(
+            np.clip(expected[0], 0, 3000) / 3000, abs=2e-3
+        )
+
+
+def test_shifted_coarse_adc_lesion_lands_on_label_pixel(tmp_path):
+    cfg = SynthConfig.small(dwi_shift_mm=1.7)
+    probe = synth_case(7, cfg, lesions=[])
+    p = np.asarray(probe.prostate_center)
+    centre = tuple(p + [8.0, 7.0, 0.0])  # posterior-left peripheral zone
+    lesion = Lesion(
+        center=centre, radii=(6.0, 5.0, 5.0), angle=0.3, cls=4, visible_in="both", zone="pz"
+    )
+    sc = synth_case(7, cfg, lesions=[lesion])
+    t2w, adc = sc.images["t2w"], sc.images["adc"]
+    assert adc.GetSpacing()[0] == 2 * t2w.GetSpacing()[0]
+    offset = np.asarray(adc.TransformPhysicalPointToContinuousIndex(t2w.GetOrigin()))
+    assert np.all(np.abs(offset - np.round(offset)) > 0.05)  # grids not aligned
+    for name, image in [("t2w", t2w), ("adc", adc), ("label", sc.label), ("mask", sc.mask)]:
+        write_image(image, tmp_path / f"{name}.mha")
+    case = preprocess_case(
+        {"t2w": tmp_path / "t2w.mha", "adc": tmp_path / "adc.mha"},
+        tmp_path / "label.mha",
+        mask=tmp_path / "mask.mha",
+        config={"interpolator": "linear"},
+    )
+    s, r, c = case.world_to_pixel(*centre)
+    s = int(round(s))
+    assert case.classes[s, int(round(r)), int(round(c))] == 4
+    window = (slice(int(r) - 15, int(r) + 16), slice(int(c) - 15, int(c) + 16))
+    dark = case.images[s][window][..., 1] < (750 + 1300) / 2 / 3000
+    label_rc = np.argwhere(case.classes[s][window] == 4).mean(0)
+    blobs, _ = ndimage.label(dark)  # the dark ADC blob under the lesion centre (fat is dark too)
+    adc_rc = np.argwhere(blobs == blobs[15, 15]).mean(0)
+    assert blobs[15, 15] > 0
+    np.testing.assert_allclose(adc_rc, label_rc, atol=1.0)  # pixels (0.625 mm)
+    np.testing.assert_allclose(label_rc, (r - int(r) + 15, c - int(c) + 15), atol=1.0)
+
+
+@pytest.fixture(scope="module")
+def small_case(tmp_path_factory):
+    """A small synthetic case without lesions, written to disk: (folder, SynthCase)."""
+    folder = tmp_path_factory.mktemp("small")
+    sc = synth_case(3, SynthConfig.small(), lesions=[])
+    for name in ("t2w", "adc"):
+        write_image(sc.images[name], folder / f"{name}.mha")
+    write_image(sc.mask, folder / "mask.nii.gz")
+    return folder, sc
+
+
+def _label_with(sc, values_and_offsets, folder, name="label.nii.gz"):
+    """T2w-grid label: a 4 mm ball of each value at each offset (mm) from the gland centre."""
+    t2w = sc.images["t2w"]
+    label = np.zeros(sitk.GetArrayViewFromImage(t2w).shape, np.uint8)
+    zz, yy, xx = np.indices(label.shape)
+    for value, offset in values_and_offsets:
+        point = np.asarray(sc.prostate_center) + offset
+        i, j, k = t2w.TransformPhysicalPointToContinuousIndex(tuple(point))
+        sx, sy, sz = t2w.GetSpacing()
+        ball = ((xx - i) * sx) ** 2 + ((yy - j) * sy) ** 2 + ((zz - k) * sz) ** 2 <= 4.0**2
+        label[ball] = value
+    image = sitk.GetImageFromArray(label)
+    image.CopyInformation(t2w)
+    write_image(image, folder / name)
+    return folder / name
+
+
+OFFSETS = [(-16, 8, 0), (-6, 12, 0), (6, 12, 0), (16, 8, 0), (0, -4, 0)]
+
+
+def test_picai_label_values_map_to_classes(small_case):
+    folder, sc = small_case
+    label = _label_with(sc, zip([2, 3, 4, 5, 1], OFFSETS, strict=True), folder)
+    components = {"t2w": folder / "t2w.mha", "adc": folder / "adc.mha"}
+    case = preprocess_case(components, label, mask=folder / "mask.nii.gz", slices="annotated")
+    assert len(case.lesion_classes) == 5
+    for value, offset in zip([2, 3, 4, 5, 1], OFFSETS, strict=True):
+        s, r, c = case.world_to_pixel(*(np.asarray(sc.prostate_center) + offset))
+        instance = case.lesions[int(round(s)), int(round(r)), int(round(c))]
+        on = case.lesions == instance
+        assert instance > 0 and case.lesion_classes[instance - 1] == max(value, 2)
+        assert np.all(case.classes[on] == max(value, 2))
+        assert case.lesion_grade_known[instance - 1] == (value != 1)
+        assert np.all(case.grade_known[on] == (value != 1))
+        if value == 5:
+            assert case.index_lesion == instance
+    assert np.all(case.grade_known[case.lesions == 0] == 1)
+    assert case.annotated.all() and len(case.slice_index) < 6
+    # 'isup' values (synthetic data): 1 is GS 3+3.
+    isup = preprocess_case(components, label, config={"label_values": "isup"})
+    assert sorted(isup.lesion_classes) == [1, 2, 3, 4, 5]
+    assert isup.grade_known.all()
+
+
+def test_index_lesion_ties_broken_by_diameter(small_case, tmp_path):
+    folder, sc = small_case
+    t2w = sc.images["t2w"]
+    label = np.zeros(sitk.GetArrayViewFromImage(t2w).shape, np.uint8)
+    label[2:4, 40:44, 30:34] = 3  # 4 mm
+    label[2:4, 40:50, 60:66] = 3  # 10 x 6 mm: larger diameter
+    image = sitk.GetImageFromArray(label)
+    image.CopyInformation(t2w)
+    write_image(image, tmp_path / "l.nii.gz")
+    case = preprocess_case({"t2w": folder / "t2w.mha"}, tmp_path / "l.nii.gz")
+    assert list(case.lesion_classes) == [3, 3] and case.index_lesion == 2
+
+
+def test_t2w_and_adc_scaling(small_case):
+    folder, sc = small_case
+    case = preprocess_case(
+        {"t2w": folder / "t2w.mha", "adc": folder / "adc.mha"}, mask=folder / "mask.nii.gz"
+    )
+    assert case.center_source == "mask"
+    scale = case.t2w_scale
+    raw = sitk.GetArrayFromImage(sc.images["t2w"]).astype(np.float64)
+    assert scale["air"] == pytest.approx(np.percentile(raw, 1.0))
+    adc = case.images[..., 1]
+    assert adc.min() >= 0.0 and adc.max() <= 1.0
+    # T2w channel = (raw - air) / (bladder - air), unclipped, sampled at the crop pixels.
+    s, r, c = 3, 64, 64
+    index = sc.images["t2w"].TransformPhysicalPointToContinuousIndex(case.pixel_to_world(s, r, c))
+    raw_value = ndimage.map_coordinates(raw, [[index[2]], [index[1]], [index[0]]], order=3)[0]
+    expected = (raw_value - scale["air"]) / (scale["bladder"] - scale["air"])
+    assert case.images[s, r, c, 0] == pytest.approx(expected, rel=0.05)
+
+
+def test_bladder_phantom_maps_to_one_and_fallback_is_logged(tmp_path, caplog):
+    rng = np.random.default_rng(0)
+    volume = rng.normal(200, 10, size=(10, 200, 200)).clip(0)  # 1 x 1 x 3 mm, tissue
+    volume[:, :10] = 0.0  # air
+    zz, yy, xx = np.indices(volume.shape)
+    ball = ((xx - 100) ** 2 + (yy - 70) ** 2 + ((zz - 6) * 3) ** 2) <= 22**2  # anterior of centre
+    volume[ball] = rng.normal(900, 20, size=ball.sum())
+    image = sitk.GetImageFromArray(volume.astype(np.float32))
+    image.SetSpacing((1.0, 1.0, 3.0))
+    write_image(image, tmp_path / "t2w.mha")
+    case = preprocess_case({"t2w": tmp_path / "t2w.mha"})
+    assert case.t2w_scale["source"] == "bladder"
+    assert case.t2w_scale["air"] == 0.0
+    assert case.t2w_scale["bladder"] == pytest.approx(np.median(volume[ball]), abs=5.0)
+    s, r, c = case.world_to_pixel(100.0, 70.0, 18.0)
+    assert case.images[int(round(s)), int(round(r)), int(round(c)), 0] == pytest.approx(
+        1.0, abs=0.1
+    )
+    # Heterogeneous tissue, no bladder: the 99.5th percentile, with a warning naming the case.
+    volume = np.abs(rng.normal(200, 80, size=volume.shape))
+    image = sitk.GetImageFromArray(volume.astype(np.float32))
+    image.SetSpacing((1.0, 1.0, 3.0))
+    write_image(image, tmp_path / "t2w.mha")
+    with caplog.at_level("WARNING"):
+        case = preprocess_case({"t2w": tmp_path / "t2w.mha"}, case_id="no-bladder")
+    assert case.t2w_scale["source"] == "fallback"
+    assert case.t2w_scale["bladder"] == pytest.approx(
+        np.percentile(volume.astype(np.float32), 99.5)
+    )
+    assert "no-bladder" in caplog.text and "no bladder found" in caplog.text
+
+
+def test_default_case_finds_bladder_and_scales_urine_to_one(tmp_path):
+    sc = synth_case(12)
+    assert sc.coil  # an endorectal-coil case: a bright bias lobe around the rectum
+    t2w = sc.images["t2w"]
+    write_image(t2w, tmp_path / "t2w.mha")
+    case = preprocess_case({"t2w": tmp_path / "t2w.mha"}, center=sc.prostate_center)
+    assert case.t2w_scale["source"] == "bladder" and case.center_source == "given"
+    # The voxels found lie inside the generated bladder ellipsoid.
+    raw = sitk.GetArrayFromImage(t2w).astype(np.float32)
+    i, j, _ = t2w.TransformPhysicalPointToContinuousIndex(sc.prostate_center)
+    found = intensity.find_bladder(raw, (3.0, 0.5, 0.5), (j, i))
+    (cx, cy, cz), (rx, ry, rz) = sc.bladder
+    zz, yy, xx = np.nonzero(found)
+    x0, y0, z0 = t2w.GetOrigin()
+    d = ((x0 + 0.5 * xx - cx) / rx) ** 2 + ((y0 + 0.5 * yy - cy) / ry) ** 2
+    d += ((z0 + 3.0 * zz - cz) / rz) ** 2
+    assert len(zz) > 10000 and np.mean(d <= 1.0) > 0.98
+    assert case.t2w_scale["bladder"] == pytest.approx(np.median(raw[found]))
+    # Urine in the crop sits near 1 after scaling.
+    point = (cx, cy, z0 + 3.0 * (t2w.GetSize()[2] - 2))
+    s, r, c = case.world_to_pixel(*point)
+    assert 0 <= r < 128 and 0 <= c < 128
+    assert case.images[int(round(s)), int(round(r)), int(round(c)), 0] == pytest.approx(
+        1.0, abs=0.15
+    )
+
+
+@pytest.mark.parametrize(
+    "problem, reason",
+    [
+        ("component_outside", "adc does not overlap the T2w field of view"),
+        ("label_outside", "label does not overlap the T2w field of view"),
+        ("label_values", "outside the allowed set"),
+        ("lesion_outside_crop", "lost by resampling"),
+    ],
+)
+def test_bad_case_raises_naming_case_file_reason(small_case, tmp_path, problem, reason):
+    folder, sc = small_case
+    components = {"t2w": str(folder / "t2w.mha"), "adc": str(folder / "adc.mha")}
+    label = None
+    if problem == "component_outside":
+        adc = sitk.Image(sc.images["adc"])
+        adc.SetOrigin(tuple(o + 500.0 for o in adc.GetOrigin()))
+        components["adc"] = str(tmp_path / "adc.mha")
+        write_image(adc, components["adc"])
+        bad = components["adc"]
+    else:
+        label = _label_with(sc, [(2, OFFSETS[0])], tmp_path)
+        image = sitk.ReadImage(str(label))
+        if problem == "label_outside":
+            image.SetOrigin(tuple(o - 800.0 for o in image.GetOrigin()))
+        elif problem == "label_values":
+            image = sitk.GetImageFromArray(sitk.GetArrayFromImage(image) * 4)  # 2 -> 8
+            image.CopyInformation(sitk.ReadImage(str(label)))
+        else:  # a lesion in the corner of the 96 mm T2w, outside the 80 mm crop
+            array = np.zeros_like(sitk.GetArrayFromImage(image))
+            array[2, 1:4, 1:4] = 3
+            replaced = sitk.GetImageFromArray(array)
+            replaced.CopyInformation(image)
+            image = replaced
+        write_image(image, label)
+        bad = str(label)
+    with pytest.raises(CaseError) as info:
+        preprocess_case(components, label, case_id="case-7", mask=folder / "mask.nii.gz")
+    assert info.value.case == "case-7" and info.value.file == bad
+    assert reason in info.value.reason and "case-7" in str(info.value) and bad in str(info.value)

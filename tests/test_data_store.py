@@ -1,0 +1,133 @@
+"""The preprocessed store: memory-mapped arrays, case table, fingerprint, atomic writes."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from focalnet_jax.data.geometry import CropGeometry
+from focalnet_jax.data.preprocess import PreprocessConfig, PreprocessedCase
+from focalnet_jax.data.store import (
+    StaleStoreError,
+    StoreWriter,
+    fingerprint,
+    open_store,
+    store_settings,
+)
+
+
+def _case(case_id, num_slices, size=8, lesion_class=0, seed=0):
+    rng = np.random.default_rng(seed)
+    shape = (num_slices, size, size)
+    classes = np.zeros(shape, np.int32)
+    lesions = np.zeros(shape, np.int32)
+    if lesion_class:
+        classes[0, 2:4, 2:4] = lesion_class
+        lesions[0, 2:4, 2:4] = 1
+    geometry = CropGeometry(
+        t2w_origin=(-10.0, 5.0, 2.0),
+        t2w_spacing=(0.5, 0.5, 3.0),
+        t2w_direction=(1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0),
+        corner_index=(100.0 + seed, 90.0, 0),
+        spacing=0.625,
+        size=size,
+        slice_index=tuple(range(2, 2 + num_slices)),
+    )
+    return PreprocessedCase(
+        case_id=case_id,
+        components=("t2w", "adc"),
+        images=rng.random((*shape, 2), dtype=np.float32),
+        classes=classes,
+        grade_known=np.ones(shape, np.uint8),
+        lesions=lesions,
+        lesion_classes=np.array([lesion_class] if lesion_class else [], np.int32),
+        lesion_grade_known=np.array([True] if lesion_class else [], bool),
+        index_lesion=1 if lesion_class else 0,
+        slice_index=np.arange(2, 2 + num_slices, dtype=np.int32),
+        annotated=(lesions > 0).any((1, 2)),
+        spacing=(0.625, 0.625),
+        geometry=geometry,
+        center=(0.0, 0.0, 0.0),
+        center_source="mask",
+    )
+
+
+SETTINGS = store_settings(PreprocessConfig(), ("t2w", "adc"), "all")
+
+
+def test_write_and_open_memory_mapped(tmp_path):
+    cases = [_case("a", 3, lesion_class=4, seed=1), _case("b", 2, seed=2)]
+    with StoreWriter(tmp_path / "store", ("t2w", "adc"), SETTINGS) as writer:
+        writer.add(cases[0], patient_id="p1")
+        writer.add(cases[1], patient_id="p2")
+        writer.commit()
+    store = open_store(tmp_path / "store", expected_settings=SETTINGS)
+    assert isinstance(store.images, np.memmap) and store.images.shape == (5, 8, 8, 2)
+    assert store.images.dtype == np.float32 and store.classes.dtype == np.uint8
+    assert store.lesions.dtype == np.int32 and store.annotated.dtype == bool
+    np.testing.assert_array_equal(store.images[3:5], cases[1].images)
+    np.testing.assert_array_equal(store.classes[0], cases[0].classes[0])
+    np.testing.assert_array_equal(store.annotated, [True, False, False, False, False])
+    np.testing.assert_array_equal(store.slice_index, [2, 3, 4, 2, 3])
+    assert store.case_slices("b") == slice(3, 5)
+    record = store.case("a")
+    assert record["lesion_classes"] == [4] and record["index_lesion"] == 1
+    assert record["patient_id"] == "p1" and record["spacing"] == [0.625, 0.625]
+    assert store.patient_max_class() == {"p1": 4, "p2": 0}
+    # Crop pixel -> world through the stored geometry: x = -10 + 0.5 * (i0 + col * 1.25).
+    x, y, z = store.pixel_to_world("b", 1, 4, 2)
+    assert (x, y, z) == pytest.approx(
+        (-10 + 0.5 * (102 + 2 * 1.25), 5 + 0.5 * (90 + 4 * 1.25), 2 + 9)
+    )
+    assert store.world_to_pixel("b", x, y, z) == pytest.approx((1, 4, 2))
+    assert not list(tmp_path.glob(".store.tmp-*"))
+
+
+def test_stale_fingerprint_detected(tmp_path):
+    with StoreWriter(tmp_path / "s", ("t2w", "adc"), SETTINGS) as writer:
+        writer.add(_case("a", 1), patient_id="p")
+        writer.commit()
+    other = store_settings(PreprocessConfig(adc_range=(0.0, 2500.0)), ("t2w", "adc"), "all")
+    assert fingerprint(other) != fingerprint(SETTINGS)
+    with pytest.raises(StaleStoreError, match="preprocess"):
+        open_store(tmp_path / "s", expected_settings=other)
+    open_store(tmp_path / "s")  # without expectations it opens
+
+
+def test_failure_leaves_nothing_and_keeps_old_store(tmp_path):
+    with StoreWriter(tmp_path / "s", ("t2w", "adc"), SETTINGS) as writer:
+        writer.add(_case("old", 1), patient_id="p")
+        writer.commit()
+    with pytest.raises(RuntimeError), StoreWriter(tmp_path / "s", ("t2w", "adc"), SETTINGS) as w:
+        w.add(_case("new", 2), patient_id="p")
+        raise RuntimeError("case 3 failed")
+    assert open_store(tmp_path / "s").case_ids == ["old"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
+    # A finished rewrite replaces the old store.
+    with StoreWriter(tmp_path / "s", ("t2w", "adc"), SETTINGS) as writer:
+        writer.add(_case("new", 2), patient_id="p")
+        writer.commit()
+    assert open_store(tmp_path / "s").case_ids == ["new"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
+
+
+def test_refuses_to_overwrite_a_foreign_folder(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "notes.txt").write_text("keep")
+    with pytest.raises(FileExistsError, match="not a preprocessed store"):
+        StoreWriter(tmp_path / "data", ("t2w",), SETTINGS)
+
+
+def test_opens_1500_cases_in_seconds(tmp_path):
+    with StoreWriter(tmp_path / "s", ("t2w", "adc"), SETTINGS) as writer:
+        for i in range(1500):
+            writer.add(_case(f"c{i}", 20, size=4, lesion_class=i % 6, seed=i), patient_id=f"p{i}")
+        writer.commit()
+    start = time.perf_counter()
+    store = open_store(tmp_path / "s", expected_settings=SETTINGS)
+    world = [store.pixel_to_world(c, 0, 0, 0) for c in store.case_ids]
+    elapsed = time.perf_counter() - start
+    assert len(store) == 30000 and len(world) == 1500
+    assert elapsed < 3.0

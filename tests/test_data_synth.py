@@ -1,0 +1,135 @@
+"""Synthetic mp-MRI: geometry, determinism, realistic values, lesion visibility, PI-CAI layout."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from focalnet_jax.data.synth import (
+    Lesion,
+    SynthConfig,
+    _lesions,
+    _scene,
+    synth_case,
+    write_dataset,
+)
+
+
+def _at(image, point, radius_vox=1):
+    """Median of the voxels within `radius_vox` of the voxel holding a world point."""
+    i, j, k = image.TransformPhysicalPointToIndex(tuple(float(c) for c in point))
+    a = sitk.GetArrayViewFromImage(image)
+    r = radius_vox
+    return float(np.median(a[k, max(j - r, 0) : j + r + 1, max(i - r, 0) : i + r + 1]))
+
+
+def test_default_geometry_matches_picai_protocol():
+    sc = synth_case(0)
+    t2w, adc, hbv = sc.images["t2w"], sc.images["adc"], sc.images["hbv"]
+    assert t2w.GetSize() == (384, 384, 20) and t2w.GetSpacing() == (0.5, 0.5, 3.0)
+    assert adc.GetSize() == (84, 128, 20) and adc.GetSpacing() == (2.0, 2.0, 3.0)
+    assert hbv.GetOrigin() == adc.GetOrigin() and adc.GetOrigin() != t2w.GetOrigin()
+    assert sc.label.GetSize() == t2w.GetSize() and sc.mask.GetOrigin() == t2w.GetOrigin()
+    # The gland mask is about prostate-sized: 20-80 mL.
+    volume_ml = sitk.GetArrayViewFromImage(sc.mask).sum() * 0.5 * 0.5 * 3.0 / 1000
+    assert 20 < volume_ml < 80
+
+
+def test_deterministic_from_seed():
+    cfg = SynthConfig.small()
+    a, b, c = synth_case([5, 1], cfg), synth_case([5, 1], cfg), synth_case([5, 2], cfg)
+    for name in ("t2w", "adc", "hbv"):
+        np.testing.assert_array_equal(
+            sitk.GetArrayViewFromImage(a.images[name]), sitk.GetArrayViewFromImage(b.images[name])
+        )
+    assert not np.array_equal(
+        sitk.GetArrayViewFromImage(a.images["t2w"]), sitk.GetArrayViewFromImage(c.images["t2w"])
+    )
+
+
+def test_realistic_adc_and_t2w_values():
+    cfg = SynthConfig.small(noise=0.0, coil_share=0.0)
+    probe = synth_case(2, cfg, lesions=[])
+    p = np.asarray(probe.prostate_center)
+    spots = [(-14, 9, 0), (14, 9, 0), (-7, 13, 0), (7, 13, 0), (0, 15, 0)]  # posterior PZ
+    lesions = [
+        Lesion(tuple(p + s), (3.5, 3.5, 4.0), 0.0, cls, "both", "pz")
+        for cls, s in zip(range(1, 6), spots, strict=True)
+    ]
+    sc = synth_case(2, cfg, lesions=lesions)
+    adc, t2w = sc.images["adc"], sc.images["t2w"]
+    pz = _at(probe.images["adc"], p + [-14, 9, 0])
+    tz = _at(probe.images["adc"], p + [0, -4, 0])
+    assert 1600 <= pz <= 2000 and 1150 <= tz <= 1450
+    lesion_adc = [_at(adc, les.center, 0) for les in lesions]
+    assert all(550 <= v <= 1200 for v in lesion_adc)
+    assert lesion_adc == sorted(lesion_adc, reverse=True)  # falls with class
+    # T2w: lesions darker than the PZ, more so with class; label holds the classes.
+    t2_pz = _at(probe.images["t2w"], p + [-14, 9, 0], 2)
+    contrast = [1 - _at(t2w, les.center, 1) / t2_pz for les in lesions]
+    assert contrast[0] > 0.1 and contrast[-1] > contrast[0] + 0.2
+    label = sitk.GetArrayViewFromImage(sc.label)
+    for les in lesions:
+        i, j, k = sc.label.TransformPhysicalPointToIndex(les.center)
+        assert label[k, j, i] == les.cls
+
+
+def test_visibility_only_in_one_component():
+    cfg = SynthConfig.small(noise=0.0)
+    probe = synth_case(4, cfg, lesions=[])
+    center = tuple(np.asarray(probe.prostate_center) + [-12, 9, 0])
+    for visible, changed, same in (("t2w", "t2w", "adc"), ("adc", "adc", "t2w")):
+        les = Lesion(center, (4.0, 4.0, 4.0), 0.0, 5, visible, "pz")
+        sc = synth_case(4, cfg, lesions=[les])
+        assert _at(sc.images[same], center) == pytest.approx(
+            _at(probe.images[same], center), rel=0.1
+        )
+        assert _at(sc.images[changed], center) < 0.7 * _at(probe.images[changed], center)
+
+
+def test_lesion_shares_and_all_classes():
+    cfg = SynthConfig()
+    draws = []
+    for seed in range(300):
+        rng = np.random.default_rng(seed)
+        draws += _lesions(rng, cfg, {**_scene(rng, cfg, (0, 0, 0)), "z_range": (-30, 30)})
+    visible = np.array([d.visible_in for d in draws])
+    assert abs(np.mean(visible == "t2w") - 0.15) < 0.05
+    assert abs(np.mean(visible == "adc") - 0.15) < 0.05
+    assert {d.cls for d in draws} == {1, 2, 3, 4, 5}
+    only_t2w = SynthConfig(t2w_only_share=1.0, adc_only_share=0.0)
+    rng = np.random.default_rng(0)
+    scenes = [{**_scene(rng, only_t2w, (0, 0, 0)), "z_range": (-30, 30)} for _ in range(20)]
+    les = [x for scene in scenes for x in _lesions(rng, only_t2w, scene)]
+    assert les and all(x.visible_in == "t2w" for x in les)
+
+
+def test_write_dataset_picai_layout(tmp_path):
+    ids = write_dataset(tmp_path, 3, seed=9, cfg=SynthConfig.small())
+    assert len(ids) == 3
+    for case in ids:
+        patient = case.split("_")[0]
+        for name in ("t2w", "adc", "hbv"):
+            assert (tmp_path / "images" / patient / f"{case}_{name}.mha").is_file()
+        assert (tmp_path / "labels" / f"{case}.nii.gz").is_file()
+        assert (tmp_path / "masks" / f"{case}.nii.gz").is_file()
+    assert json.loads((tmp_path / "labels" / "dataset.json").read_text()) == {
+        "label_values": "isup"
+    }
+    with (tmp_path / "lesions.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:  # every listed lesion is in its label at its world centre
+        label = sitk.ReadImage(str(tmp_path / "labels" / f"{row['case_id']}.nii.gz"))
+        i, j, k = label.TransformPhysicalPointToIndex(
+            (float(row["x"]), float(row["y"]), float(row["z"]))
+        )
+        assert sitk.GetArrayViewFromImage(label)[k, j, i] == int(row["class"])
+    again = tmp_path / "again"
+    write_dataset(again, 3, seed=9, cfg=SynthConfig.small())
+    a = sitk.ReadImage(str(tmp_path / "images" / ids[1].split("_")[0] / f"{ids[1]}_adc.mha"))
+    b = sitk.ReadImage(str(again / "images" / ids[1].split("_")[0] / f"{ids[1]}_adc.mha"))
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(a), sitk.GetArrayViewFromImage(b))
