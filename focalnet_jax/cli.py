@@ -11,25 +11,399 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-
 # --- data: synth, preprocess, folds ---------------------------------------------------------------
+
+
+def _add_synth(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, required=True, help="dataset folder (PI-CAI layout)")
+    parser.add_argument("--cases", type=int, required=True, help="number of cases (studies)")
+    parser.add_argument("--seed", type=int, default=0, help="case i depends only on (seed, i)")
+    parser.add_argument(
+        "--small", action="store_true", help="96 x 96 x 6 T2w (1 x 1 x 3 mm) for quick tests"
+    )
+    parser.add_argument("--t2w-only-share", type=float, default=0.15, help="lesions only in T2w")
+    parser.add_argument(
+        "--adc-only-share", type=float, default=0.15, help="lesions only in ADC/HBV"
+    )
+
+
+def _run_synth(args: argparse.Namespace) -> int:
+    from focalnet_jax.data.synth import SynthConfig, write_dataset
+
+    shares = {"t2w_only_share": args.t2w_only_share, "adc_only_share": args.adc_only_share}
+    config = SynthConfig.small(**shares) if args.small else SynthConfig(**shares)
+    if args.cases < 1:
+        raise SystemExit(f"focalnet synth: --cases {args.cases}: expected at least 1")
+    cases = write_dataset(args.out, args.cases, args.seed, config, progress=True)
+    print(f"wrote {len(cases)} synthetic cases to {args.out}")
+    return 0
+
+
+def _add_preprocess(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--layout", choices=("picai", "manifest"), required=True)
+    parser.add_argument("--images", type=Path, help="picai: <images>/<patient>/<case>_<comp>.mha")
+    parser.add_argument("--labels", type=Path, help="picai: <labels>/<case>.nii.gz (ISUP values)")
+    parser.add_argument("--masks", type=Path, help="picai: whole-gland masks for centring")
+    parser.add_argument(
+        "--marksheet", type=Path, help="picai: marksheet.csv (kept as case metadata)"
+    )
+    parser.add_argument("--manifest", type=Path, help="manifest: CSV of cases (see docs/data.md)")
+    parser.add_argument("--out", type=Path, required=True, help="store folder to write")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes")
+    parser.add_argument(
+        "--skip-bad-cases", action="store_true", help="list bad cases in errors.csv, keep going"
+    )
+    parser.add_argument("--components", default="t2w,adc", help="comma-separated, T2w first")
+    parser.add_argument("--slices", choices=("all", "annotated"), default="all")
+    parser.add_argument(
+        "--unlabelled",
+        choices=("error", "negative", "skip"),
+        default="error",
+        help="picai: a case without a label file is an error, a negative, or left out",
+    )
+    parser.add_argument(
+        "--label-values",
+        choices=("auto", "picai", "isup"),
+        default="auto",
+        help="label value 1: 'picai' = csPCa of unknown grade, 'isup' = GS 3+3; 'auto': "
+        "picai layout reads <labels>/dataset.json, else 'picai'; manifest 'isup'",
+    )
+    parser.add_argument("--interpolator", choices=("bspline", "linear"), default="bspline")
+
+
+def _run_preprocess(args: argparse.Namespace) -> int:
+    from focalnet_jax.data.pipeline import preprocess_layout
+
+    try:
+        summary = preprocess_layout(
+            args.layout,
+            out=args.out,
+            images=args.images,
+            labels=args.labels,
+            masks=args.masks,
+            marksheet=args.marksheet,
+            manifest=args.manifest,
+            components=tuple(c.strip() for c in args.components.split(",") if c.strip()),
+            slices=args.slices,
+            workers=args.workers,
+            skip_bad_cases=args.skip_bad_cases,
+            unlabelled=args.unlabelled,
+            label_values=args.label_values,
+            interpolator=args.interpolator,
+        )
+    except (ValueError, FileExistsError) as err:
+        raise SystemExit(f"focalnet preprocess: error: {err}") from None
+    print(
+        f"wrote {summary.num_cases} cases ({summary.num_slices} slices) to {summary.path}"
+        + (f"; {len(summary.errors)} bad cases in errors.csv" if summary.errors else "")
+    )
+    return 0
+
+
+def _add_folds(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--store", type=Path, required=True, help="preprocessed store")
+    parser.add_argument("--num-folds", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, help="also write fold-<k>.json files here")
+    parser.add_argument("--list-cases", action="store_true", help="print each fold's case ids")
+
+
+def _run_folds(args: argparse.Namespace) -> int:
+    from focalnet_jax.data.folds import fold_table, write_fold_files
+    from focalnet_jax.data.store import open_store
+
+    try:
+        store = open_store(args.store)
+        rows = fold_table(store, args.num_folds, args.seed)
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"focalnet folds: error: {err}") from None
+    print("fold  patients  cases  slices  patients per highest class 0..5")
+    for row in rows:
+        per_class = " ".join(f"{n:3d}" for n in row["patients_per_max_class"])
+        print(
+            f"{row['fold']:4d}  {row['patients']:8d}  {row['cases']:5d}  {row['slices']:6d}"
+            f"  {per_class}"
+        )
+        if args.list_cases:
+            print("      " + " ".join(row["case_ids"]))
+    if args.out:
+        for path in write_fold_files(store, args.out, args.num_folds, args.seed):
+            print(f"wrote {path}")
+    return 0
 
 
 # --- training: train, cv --------------------------------------------------------------------------
 
 
+def _add_distributed_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "multi-process (default: SLURM's variables, else one process)"
+    )
+    group.add_argument("--coordinator_address", help="HOST:PORT of process 0")
+    group.add_argument("--num_processes", type=int, help="total number of processes")
+    group.add_argument("--process_id", type=int, help="this process's rank, 0..N-1")
+
+
+def _add_train(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        required=True,
+        help="config file, optionally with :arg (configs/picai.py:fold=2)",
+    )
+    parser.add_argument(
+        "--workdir", type=Path, required=True, help="run folder; resumes if present"
+    )
+    parser.add_argument("--fold", type=int, help="shortcut for --config.data.fold")
+    parser.epilog = "Any config field can be overridden: --config.train.steps=100 --config.seed=1"
+    _add_distributed_flags(parser)
+
+
+def _training_setup(args: argparse.Namespace, command: str):
+    """Join the process group, load the config with its overrides; returns the config."""
+    import logging
+
+    from focalnet_jax import distributed
+    from focalnet_jax.config_loading import load_config
+
+    # Our progress at INFO; libraries (Orbax, absl) only from WARNING.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("focalnet_jax").setLevel(logging.INFO)
+    try:
+        distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+        config = load_config(args.config, args.overrides)
+    except (KeyError, ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"focalnet {command}: {error}") from None
+    if args.fold is not None:
+        config.data.fold = args.fold
+
+    import jax
+
+    logging.getLogger("focalnet_jax").info(
+        "process %d/%d, %d local / %d global devices (%s)",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+        jax.devices()[0].device_kind,
+    )
+    return config
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    config = _training_setup(args, "train")
+    from focalnet_jax.training import train_and_evaluate
+
+    train_and_evaluate(config, args.workdir)
+    print(f"checkpoints and TensorBoard logs in {args.workdir}")
+    return 0
+
+
+def _add_cv(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="config file, optionally with :arg")
+    parser.add_argument(
+        "--workdir", type=Path, required=True, help="fold k trains in WORKDIR/fold<k>"
+    )
+    parser.add_argument("--folds", help="comma-separated folds (default: all of data.num_folds)")
+    parser.add_argument("--fold", type=int, help=argparse.SUPPRESS)
+    _add_distributed_flags(parser)
+
+
+def _run_cv(args: argparse.Namespace) -> int:
+    config = _training_setup(args, "cv")
+    from focalnet_jax.training import train_and_evaluate
+
+    if args.folds:
+        folds = [int(f) for f in args.folds.split(",")]
+    else:
+        folds = list(range(config.data.num_folds))
+    for fold in folds:
+        config.data.fold = fold
+        train_and_evaluate(config, args.workdir / f"fold{fold}")
+    print(f"trained folds {folds}; runs in {args.workdir}/fold<k>")
+    return 0
+
+
 # --- evaluation: evaluate, summarize, predict -----------------------------------------------------
+
+
+def _add_evaluate(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--predictions", type=Path, help="folder of <case_id>.npz prediction files (contract)"
+    )
+    source.add_argument(
+        "--workdir", type=Path, help="training run: predict its validation fold, then evaluate"
+    )
+    parser.add_argument(
+        "--out", type=Path, help="output folder (required with --predictions; default WORKDIR/eval)"
+    )
+    parser.add_argument("--step", type=int, help="checkpoint step with --workdir (default: latest)")
+    parser.add_argument("--store", type=Path, help="preprocessed store (default: the run's config)")
+    parser.add_argument("--batch-size", type=int, default=32, help="slices per inference batch")
+    parser.add_argument("--radius-mm", type=float, default=5.0, help="hit radius and NMS radius")
+    parser.add_argument("--min-score", type=float, default=1e-3, help="lowest detection score")
+    parser.add_argument(
+        "--slices",
+        choices=("all", "annotated"),
+        help="slices of the 2D protocol (default: all; with --workdir the run's data.slices)",
+    )
+    parser.add_argument("--no-picai", action="store_true", help="skip the PI-CAI metrics")
+    parser.add_argument("--picai-bootstraps", type=int, default=1000, help="0 skips the CIs")
+    parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+    parser.add_argument("--label", default=None, help="method name in the report")
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from focalnet_jax.evaluation.pipeline import evaluate_predictions
+
+    slices = args.slices or "all"
+    try:
+        if args.workdir is not None:
+            from focalnet_jax.checkpoint import read_config
+            from focalnet_jax.evaluation.inference import predict_validation_fold
+
+            slices = args.slices or str(read_config(args.workdir).data.slices)
+            out = args.out or args.workdir / "eval"
+            predictions = predict_validation_fold(
+                args.workdir,
+                out / "predictions",
+                step=args.step,
+                store_path=args.store,
+                batch_size=args.batch_size,
+            )
+        elif args.out is None:
+            raise ValueError("--out is required with --predictions")
+        else:
+            predictions, out = args.predictions, args.out
+        metrics = evaluate_predictions(
+            predictions,
+            out,
+            radius_mm=args.radius_mm,
+            min_score=args.min_score,
+            with_picai=not args.no_picai,
+            picai_bootstraps=args.picai_bootstraps,
+            with_figures=not args.no_figures,
+            label=args.label or (args.workdir.name if args.workdir else "model"),
+            slices=slices,
+        )
+    except (ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"focalnet evaluate: error: {error}") from error
+    froc = metrics["froc"]
+    print(
+        f"{metrics['num_patients']} patients; sensitivity at 1 FP/patient: "
+        + ", ".join(f"{g} {froc[g]['sensitivity_at_fp']['1']}" for g in ("index", "all"))
+        + f"; wrote {out / 'metrics.json'}"
+    )
+    return 0
+
+
+def _add_summarize(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--runs",
+        nargs="+",
+        required=True,
+        metavar="NAME=DIR",
+        help="method name and a folder holding one metrics.json per fold (searched recursively)",
+    )
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+
+
+def _run_summarize(args: argparse.Namespace) -> int:
+    from focalnet_jax.evaluation.summary import summarize_runs
+
+    runs = {}
+    for item in args.runs:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            raise SystemExit(f"focalnet summarize: error: --runs expects NAME=DIR, got {item!r}")
+        runs[name] = Path(folder)
+    try:
+        summarize_runs(runs, args.out)
+    except ValueError as error:
+        raise SystemExit(f"focalnet summarize: error: {error}") from error
+    print(f"wrote {args.out / 'summary.json'} and {args.out / 'summary.md'}")
+    return 0
+
+
+def _add_predict(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", type=Path, required=True, help="training workdir")
+    parser.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+    parser.add_argument("--t2w", required=True, help="T2w: DICOM folder, .mha, .nii(.gz), .nrrd")
+    parser.add_argument("--adc", required=True, help="ADC: DICOM folder or image file")
+    parser.add_argument("--hbv", help="high b-value DWI: DICOM folder or image file")
+    parser.add_argument("--mask", help="prostate mask on any grid (centres the crop)")
+    parser.add_argument("--center", help="crop centre 'x,y,z' (LPS mm)")
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--threshold", type=float, default=0.5, help="lowest listed detection")
+    parser.add_argument("--batch-size", type=int, default=16, help="slices per inference batch")
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from focalnet_jax.evaluation.predict import predict_exam
+
+    center = None
+    if args.center:
+        try:
+            center = tuple(float(v) for v in args.center.split(","))
+        except ValueError:
+            center = ()
+        if len(center) != 3:
+            raise SystemExit(
+                f"focalnet predict: error: --center expects x,y,z, got {args.center!r}"
+            )
+    components = {"t2w": args.t2w, "adc": args.adc}
+    if args.hbv:
+        components["hbv"] = args.hbv
+    try:
+        written = predict_exam(
+            args.checkpoint,
+            components,
+            args.out,
+            step=args.step,
+            center=center,
+            mask=args.mask,
+            threshold=args.threshold,
+            batch_size=args.batch_size,
+        )
+    except (ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"focalnet predict: error: {error}") from error
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
 
 
 _COMMANDS: dict[str, tuple] = {
     # name: (help, add_parser_fn, run_fn)
+    "synth": ("write a synthetic mp-MRI dataset in the PI-CAI layout", _add_synth, _run_synth),
+    "preprocess": (
+        "preprocess a PI-CAI folder or a manifest into a dataset store",
+        _add_preprocess,
+        _run_preprocess,
+    ),
+    "folds": ("print the patient-level cross-validation folds of a store", _add_folds, _run_folds),
+    "train": ("train a config (resumes from --workdir)", _add_train, _run_train),
+    "cv": ("train a config on every cross-validation fold", _add_cv, _run_cv),
+    "evaluate": (
+        "FROC, GS ROC and PI-CAI metrics of predictions (metrics.json, report.md, PNGs)",
+        _add_evaluate,
+        _run_evaluate,
+    ),
+    "summarize": (
+        "combine cross-validation folds of several methods: mean+-SD, bands, Welch tests",
+        _add_summarize,
+        _run_summarize,
+    ),
+    "predict": (
+        "run a trained model on a new exam: NIfTI score maps, detections CSV, PNG overlay",
+        _add_predict,
+        _run_predict,
+    ),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="focalnet",
-        description="FocalNet for prostate cancer detection and Gleason score prediction in mp-MRI.",
+        description="FocalNet: prostate cancer detection and Gleason score prediction in mp-MRI.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, add_fn, _) in _COMMANDS.items():
