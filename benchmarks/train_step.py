@@ -1,0 +1,121 @@
+"""Train-step speed: the FL-only step and the FL+MFL step (vmap and select modes) side by side.
+
+    python benchmarks/train_step.py --config configs/focalnet.py [--steps 20] [--config.k=v ...]
+
+Prints one JSON line: per step kind, images/s, step time, compile time and peak device memory
+(`device.memory_stats()['peak_bytes_in_use']`, null where the backend has none), the MFL/FL
+step-time ratios, and the device kind. Inputs are random slices of the store's size (128 x 128)
+with square lesions, so no store is needed. Each step is compiled once (`lower().compile()`, timed),
+run once to warm up, then timed over `--steps` steps with `block_until_ready`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import time
+
+import jax
+import numpy as np
+
+from focalnet_jax import encoding, losses, sharding
+from focalnet_jax.config_loading import load_config
+from focalnet_jax.models import build_model
+from focalnet_jax.training import step as step_lib
+from focalnet_jax.training import train_state
+
+
+def _batch(batch_size: int, size: int, channels: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    classes = np.zeros((batch_size, size, size), np.int32)
+    for b in range(batch_size):
+        r, c = rng.integers(0, size - 16, 2)
+        classes[b, r : r + 16, c : c + 16] = 1 + b % 5
+    return {
+        "images": rng.uniform(0, 1, (batch_size, size, size, channels)).astype(np.float32),
+        "classes": classes,
+        "grade_known": np.ones_like(classes, np.uint8),
+        "t2w_lower_ratio": np.zeros(batch_size, np.float32),
+    }
+
+
+def _peak_memory() -> int | None:
+    stats = jax.local_devices()[0].memory_stats()
+    return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
+
+
+def measure(config, *, steps: int, size: int) -> dict:
+    """Compile, warm up and time `steps` train steps of `config` on one random batch."""
+    components = tuple(config.data.components)
+    mesh = sharding.make_mesh()
+    enc = losses.get_loss(config.loss.name).encoding
+    model = build_model(
+        config.model,
+        num_outputs=encoding.num_outputs(enc),
+        num_components=len(components),
+        axis_name=sharding.DATA_AXIS,
+    )
+    tx = train_state.make_optimizer(config.optim)
+    shape = (1, size, size, len(components))
+    state = train_state.create_train_state(model, tx, jax.random.key(0), shape, mesh)
+    batch = jax.device_put(
+        _batch(config.train.batch_size, size, len(components)), sharding.batch_sharding(mesh)
+    )
+    key = jax.random.key(1)
+    start = time.perf_counter()
+    step = step_lib.make_train_step(model, config, tx, mesh, mfl_weight=100.0)
+    compiled = step.lower(state, batch, key).compile()
+    compile_time = time.perf_counter() - start
+    state, metrics = compiled(state, batch, key)
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for _ in range(steps):
+        state, metrics = compiled(state, batch, key)
+    jax.block_until_ready((state, metrics))
+    step_time = (time.perf_counter() - start) / steps
+    return {
+        "images_per_s": config.train.batch_size / step_time,
+        "step_time_s": step_time,
+        "compile_time_s": compile_time,
+        "peak_memory_bytes": _peak_memory(),
+        "final_loss": float(metrics["loss"]),
+    }
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="config file[:arg]")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per kind")
+    parser.add_argument("--size", type=int, default=128, help="slice size (store: 128)")
+    args, overrides = parser.parse_known_args(argv)
+    kinds = {
+        "fl": ["--config.loss.mfl=false"],
+        "fl_mfl_vmap": ["--config.loss.mfl=true", "--config.loss.mfl_mode=vmap"],
+        "fl_mfl_select": ["--config.loss.mfl=true", "--config.loss.mfl_mode=select"],
+    }
+    result = {"config": args.config, "overrides": overrides}
+    for kind, extra in kinds.items():
+        config = load_config(args.config, [*overrides, *extra])
+        result[kind] = measure(config, steps=args.steps, size=args.size)
+    for kind in ("fl_mfl_vmap", "fl_mfl_select"):
+        result[f"ratio_{kind}_to_fl"] = result[kind]["step_time_s"] / result["fl"]["step_time_s"]
+    device = jax.devices()[0]
+    result.update(
+        device_kind=device.device_kind,
+        platform=device.platform,
+        num_devices=jax.device_count(),
+        batch_size=config.train.batch_size,
+        image_size=args.size,
+        model=f"{config.model.name}-{config.model.depth} width {config.model.width} "
+        f"OS {config.model.output_stride} {config.model.dtype}",
+        components=list(config.data.components),
+        steps_timed=args.steps,
+        jax_version=jax.__version__,
+        date=datetime.date.today().isoformat(),
+    )
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""Load an ml_collections config file and apply command-line overrides.
+
+`load_config("configs/picai.py:fold=2", ["--config.train.steps=10"])` imports the file, calls its
+`get_config(arg)` (`get_config()` without `:arg`), locks the result so that a misspelled key is an
+error instead of a silently ignored value, then applies each `--config.a.b=value` override,
+converting the string to the type of the field it replaces.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import ml_collections
+
+_PREFIX = "--config."
+
+
+def _import_config_module(path: Path):
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    name = f"_focalnet_config_{abs(hash(str(path.resolve())))}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"config file {path} cannot be imported as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    # Experiment configs import `configs/default.py` as a sibling module.
+    sys.path.insert(0, str(path.parent.resolve()))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.pop(0)
+    if not hasattr(module, "get_config"):
+        raise AttributeError(f"config file {path} defines no get_config()")
+    return module
+
+
+def get_config_from_file(spec: str) -> ml_collections.ConfigDict:
+    """`spec` = `path/to/config.py` or `path/to/config.py:arg`; returns the unlocked ConfigDict."""
+    path_text, sep, arg = spec.partition(":")
+    module = _import_config_module(Path(path_text))
+    config = module.get_config(arg) if sep else module.get_config()
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise TypeError(
+            f"{path_text}: get_config() returned {type(config).__name__}, not ConfigDict"
+        )
+    return config
+
+
+def _parse_literal(key: str, text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def convert_value(key: str, text: str, current):
+    """Convert the override string `text` for `key` to the type of its current value."""
+    if isinstance(current, bool):
+        lowered = text.strip().lower()
+        if lowered in ("true", "1", "yes"):
+            return True
+        if lowered in ("false", "0", "no"):
+            return False
+        raise ValueError(f"--config.{key}={text}: expected a boolean (true/false)")
+    if isinstance(current, int):
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"--config.{key}={text}: expected an integer") from None
+    if isinstance(current, float):
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"--config.{key}={text}: expected a number") from None
+    if isinstance(current, str):
+        return text
+    if isinstance(current, tuple | list):
+        value = _parse_literal(key, text)
+        if isinstance(value, str):
+            # `--config.data.components=t2w,adc` is accepted as a comma-separated list.
+            value = tuple(part.strip() for part in value.split(",") if part.strip())
+        if not isinstance(value, tuple | list):
+            value = (value,)
+        return type(current)(value)
+    # None or other placeholders: a Python literal when the text is one, else the string itself.
+    return _parse_literal(key, text)
+
+
+def _split_overrides(overrides: Sequence[str]) -> list[tuple[str, str]]:
+    pairs, items, i = [], list(overrides), 0
+    while i < len(items):
+        item = items[i]
+        if not item.startswith(_PREFIX):
+            raise ValueError(
+                f"unrecognized argument {item!r}: overrides look like --config.a.b=value"
+            )
+        body = item[len(_PREFIX) :]
+        if "=" in body:
+            key, value = body.split("=", 1)
+        elif i + 1 < len(items) and not items[i + 1].startswith("--"):
+            key, value = body, items[i + 1]
+            i += 1
+        else:
+            raise ValueError(f"override {item!r} has no value")
+        pairs.append((key, value))
+        i += 1
+    return pairs
+
+
+def apply_overrides(
+    config: ml_collections.ConfigDict, overrides: Sequence[str]
+) -> ml_collections.ConfigDict:
+    """Apply `--config.a.b=value` (or `--config.a.b value`) overrides in place; returns `config`."""
+    for key, text in _split_overrides(overrides):
+        *parents, leaf = key.split(".")
+        node = config
+        for depth, part in enumerate(parents):
+            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+                prefix = ".".join(parents[: depth + 1])
+                raise KeyError(f"--config.{key}: unknown config key {prefix!r}")
+            node = node[part]
+        if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+            raise KeyError(f"--config.{key}: unknown config key {key!r}")
+        current = node[leaf]
+        if isinstance(current, ml_collections.ConfigDict):
+            raise KeyError(f"--config.{key}: {key!r} is a group of fields, not a value")
+        value = convert_value(key, text, current)
+        with node.ignore_type():
+            node[leaf] = value
+    return config
+
+
+def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """Load `spec` (`file.py[:arg]`), lock it, apply `overrides`; returns the locked ConfigDict."""
+    config = get_config_from_file(spec)
+    config.lock()
+    return apply_overrides(config, overrides)

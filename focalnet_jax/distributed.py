@@ -1,0 +1,51 @@
+"""Multi-process start-up: `jax.distributed.initialize` from flags or a SLURM allocation.
+
+Order: explicit flags (`--coordinator_address HOST:PORT --num_processes N --process_id I`), then a
+SLURM job with more than one task (JAX reads the coordinator and ranks from SLURM's environment),
+else a single process. Must run before anything touches a JAX device.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+
+def slurm_num_tasks(environ=None) -> int:
+    """Number of tasks of the enclosing SLURM job step (1 outside SLURM)."""
+    environ = os.environ if environ is None else environ
+    if "SLURM_JOB_ID" not in environ:
+        return 1
+    return int(environ.get("SLURM_NTASKS", environ.get("SLURM_NPROCS", "1")))
+
+
+def initialize(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> str:
+    """Join the process group when there is one; returns how ('flags', 'slurm' or 'single')."""
+    given = [coordinator_address is not None, num_processes is not None, process_id is not None]
+    if any(given) and not all(given):
+        raise ValueError(
+            "--coordinator_address, --num_processes and --process_id go together; got "
+            f"coordinator_address={coordinator_address!r}, num_processes={num_processes!r}, "
+            f"process_id={process_id!r}"
+        )
+    if all(given):
+        if not 0 <= process_id < num_processes:
+            raise ValueError(
+                f"--process_id={process_id} not in [0, --num_processes={num_processes})"
+            )
+        if num_processes == 1:
+            return "single"
+        # CPU collectives across processes need gloo; GPU/TPU backends ignore this setting.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+        return "flags"
+    if slurm_num_tasks() > 1:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize()
+        return "slurm"
+    return "single"

@@ -1,0 +1,198 @@
+"""Host-side input pipeline: store rows -> per-process batches -> global arrays on device.
+
+The store stays memory-mapped in host memory. The order of an epoch is a permutation drawn from
+`numpy.random.default_rng((seed, epoch))`, and step s reads batch `s % steps_per_epoch` of epoch
+`s // steps_per_epoch` (the incomplete last batch of an epoch is dropped), so the data of a step
+depends only on (seed, step): a resumed run reads exactly what an uninterrupted one would.
+
+Every process draws the same global order and loads only the rows of its own devices, turned into
+one global array by `jax.make_array_from_process_local_data`. A background thread keeps
+`prefetch` batches on device ahead of the step.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from focalnet_jax import sharding
+
+SLICE_MODES = ("annotated", "all")
+
+
+def select_rows(store, case_ids: Sequence[str], slices: str = "annotated") -> np.ndarray:
+    """Store rows (int64, ascending) of the given cases; `annotated` keeps slices with lesions."""
+    if slices not in SLICE_MODES:
+        raise ValueError(f"data.slices: expected one of {SLICE_MODES}, got {slices!r}")
+    parts = [np.arange(r["start"], r["stop"]) for r in map(store.case, case_ids)]
+    rows = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    if slices == "annotated":
+        rows = rows[np.asarray(store.annotated)[rows]]
+    return np.sort(rows).astype(np.int64)
+
+
+def component_channels(store, components: Sequence[str]) -> list[int]:
+    """Store channel of each configured component; a missing component is an error."""
+    missing = [c for c in components if c not in store.components]
+    if missing:
+        raise ValueError(
+            f"data.components {tuple(components)}: {missing} not in store {store.path} "
+            f"(it holds {store.components})"
+        )
+    return [store.components.index(c) for c in components]
+
+
+def t2w_lower_ratios(store) -> np.ndarray:
+    """Per store row: T2w air / bladder intensity of its case (0 where not recorded)."""
+    ratios = np.zeros(len(store.images), np.float32)
+    for record in store.cases:
+        scale = record.get("t2w_scale") or {}
+        air, bladder = scale.get("air"), scale.get("bladder")
+        if air is not None and bladder and bladder > air:
+            ratios[record["start"] : record["stop"]] = np.clip(max(air, 0.0) / bladder, 0.0, 0.9)
+    return ratios
+
+
+def process_rows(mesh: Mesh, global_batch: int) -> tuple[int, int]:
+    """[start, stop) of the global batch that this process's devices hold."""
+    sharding.per_device_batch(global_batch, mesh)
+    index_map = sharding.batch_sharding(mesh).addressable_devices_indices_map((global_batch,))
+    spans = sorted((idx[0].start or 0, idx[0].stop or global_batch) for idx in index_map.values())
+    for (_, stop), (start, _) in zip(spans, spans[1:], strict=False):
+        if start != stop:
+            raise ValueError(f"process {jax.process_index()}: its devices' rows are not contiguous")
+    return spans[0][0], spans[-1][1]
+
+
+class SliceReader:
+    """Reads store rows as the arrays the step takes (`images` with the configured channels)."""
+
+    def __init__(self, store, components: Sequence[str]):
+        self.store = store
+        self.channels = component_channels(store, components)
+        self.lower_ratio = t2w_lower_ratios(store)
+
+    def read(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """rows `[B]` (-1 = padding: zeros) -> images `[B,H,W,C]` float32, classes int32,
+        grade_known uint8, t2w_lower_ratio float32 `[B]`, weight float32 `[B]` (0 on padding)."""
+        rows = np.asarray(rows, np.int64)
+        real = rows >= 0
+        order = np.unique(rows[real])  # ascending reads are fastest on a memmap
+        where = np.searchsorted(order, rows[real])
+        height, width = self.store.images.shape[1:3]
+        images = np.zeros((len(rows), height, width, len(self.channels)), np.float32)
+        classes = np.zeros((len(rows), height, width), np.int32)
+        grade_known = np.ones((len(rows), height, width), np.uint8)
+        if len(order):
+            images[real] = np.asarray(self.store.images[order])[..., self.channels][where]
+            classes[real] = np.asarray(self.store.classes[order])[where]
+            grade_known[real] = np.asarray(self.store.grade_known[order])[where]
+        ratio = np.zeros(len(rows), np.float32)
+        ratio[real] = self.lower_ratio[rows[real]]
+        return {
+            "images": images,
+            "classes": classes,
+            "grade_known": grade_known,
+            "t2w_lower_ratio": ratio,
+            "weight": real.astype(np.float32),
+        }
+
+
+def to_global(local: dict[str, np.ndarray], mesh: Mesh, global_batch: int) -> dict[str, jax.Array]:
+    """This process's rows -> global arrays sharded over `data`."""
+    target = sharding.batch_sharding(mesh)
+    return {
+        k: jax.make_array_from_process_local_data(target, v, (global_batch, *v.shape[1:]))
+        for k, v in local.items()
+    }
+
+
+class TrainBatches:
+    """Training batches by step: deterministic in (seed, step), each process reading its share."""
+
+    def __init__(
+        self,
+        reader: SliceReader,
+        rows: np.ndarray,
+        global_batch: int,
+        mesh: Mesh,
+        *,
+        seed: int,
+        prefetch: int = 2,
+    ):
+        self.reader, self.rows, self.mesh = reader, np.asarray(rows, np.int64), mesh
+        self.global_batch, self.seed, self.prefetch = global_batch, seed, max(int(prefetch), 1)
+        self.start, self.stop = process_rows(mesh, global_batch)
+        self.steps_per_epoch = len(self.rows) // global_batch
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"the training split has {len(self.rows)} slices, fewer than one global batch of "
+                f"train.batch_size={global_batch}"
+            )
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng((self.seed, epoch)).permutation(self.rows)
+
+    def global_rows(self, step: int) -> np.ndarray:
+        """Store rows of the whole global batch of `step`."""
+        epoch, position = divmod(step, self.steps_per_epoch)
+        start = position * self.global_batch
+        return self.epoch_order(epoch)[start : start + self.global_batch]
+
+    def local_batch(self, step: int) -> dict[str, np.ndarray]:
+        batch = self.reader.read(self.global_rows(step)[self.start : self.stop])
+        del batch["weight"]
+        return batch
+
+    def device_batch(self, step: int) -> dict[str, jax.Array]:
+        return to_global(self.local_batch(step), self.mesh, self.global_batch)
+
+    def iterate(self, start_step: int, stop_step: int) -> Iterator[tuple[int, dict]]:
+        """(step, device batch) for start_step <= step < stop_step, prefetched by a thread."""
+        slots: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stopping = threading.Event()
+
+        def produce():
+            try:
+                for step in range(start_step, stop_step):
+                    item = (step, self.device_batch(step))
+                    while not stopping.is_set():
+                        try:
+                            slots.put(item, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                    if stopping.is_set():
+                        return
+            except BaseException as error:  # re-raised in the consumer
+                slots.put(error)
+
+        thread = threading.Thread(target=produce, name="prefetch", daemon=True)
+        thread.start()
+        try:
+            for _ in range(start_step, stop_step):
+                item = slots.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stopping.set()
+            thread.join(timeout=5)
+
+
+def eval_batches(
+    reader: SliceReader, rows: np.ndarray, global_batch: int, mesh: Mesh
+) -> Iterator[dict[str, jax.Array]]:
+    """Every row once, in order, padded to whole global batches (`weight` 0 on padding)."""
+    start, stop = process_rows(mesh, global_batch)
+    rows = np.asarray(rows, np.int64)
+    padded = np.full(-(-len(rows) // global_batch) * global_batch, -1, np.int64)
+    padded[: len(rows)] = rows
+    for first in range(0, len(padded), global_batch):
+        batch_rows = padded[first : first + global_batch]
+        yield to_global(reader.read(batch_rows[start:stop]), mesh, global_batch)

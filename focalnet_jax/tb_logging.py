@@ -1,0 +1,84 @@
+"""TensorBoard scalars and images without TensorFlow: the `tensorboard` package's event writer.
+
+Only process 0 writes (multi-host runs produce one event file); on other processes every method
+is a no-op, so the loop calls the writer unconditionally.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import jax
+import numpy as np
+from tensorboard.compat.proto import event_pb2, summary_pb2
+from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+
+def _png(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """Float image in [0, 1] (`[H, W]` or `[H, W, 3]`) -> uint8, values outside clipped."""
+    return (np.clip(np.asarray(image, np.float32), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+class SummaryWriter:
+    """Event-file writer under `logdir` for process 0; a no-op elsewhere."""
+
+    def __init__(self, logdir: str | Path, *, enabled: bool | None = None):
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self._writer = None
+        if self.enabled:
+            Path(logdir).mkdir(parents=True, exist_ok=True)
+            self._writer = EventFileWriter(str(logdir), flush_secs=30)
+
+    def _add(self, summary: summary_pb2.Summary, step: int) -> None:
+        event = event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary)
+        self._writer.add_event(event)
+
+    def scalars(self, step: int, values: Mapping[str, float]) -> None:
+        """One scalar per tag (`train/loss`, ...) at `step`."""
+        if not self.enabled:
+            return
+        summary = summary_pb2.Summary(
+            value=[
+                summary_pb2.Summary.Value(tag=k, simple_value=float(v)) for k, v in values.items()
+            ]
+        )
+        self._add(summary, step)
+
+    def image(self, step: int, tag: str, image: np.ndarray) -> None:
+        """A grey `[H, W]` or RGB `[H, W, 3]` image, float in [0, 1] or uint8."""
+        if not self.enabled:
+            return
+        image = np.asarray(image)
+        if image.dtype != np.uint8:
+            image = to_uint8(image)
+        if image.ndim not in (2, 3):
+            raise ValueError(f"image {tag!r}: expected [H, W] or [H, W, 3], got {image.shape}")
+        channels = 1 if image.ndim == 2 else image.shape[2]
+        encoded = summary_pb2.Summary.Image(
+            height=image.shape[0],
+            width=image.shape[1],
+            colorspace=channels,
+            encoded_image_string=_png(image),
+        )
+        self._add(
+            summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=tag, image=encoded)]), step
+        )
+
+    def flush(self) -> None:
+        if self.enabled:
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._writer.close()

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Train on every GPU of one machine (one process drives all local devices).
+# Usage: launch/one_host.sh CONFIG WORKDIR [--config.KEY=VALUE ...]
+#   e.g. launch/one_host.sh configs/focalnet.py:fold=0 runs/focalnet/fold0 --config.data.store=STORE
+set -euo pipefail
+CONFIG=${1:?config file}; WORKDIR=${2:?workdir}; shift 2
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
+export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_latency_hiding_scheduler=true"
+exec python -m focalnet_jax.cli train --config "$CONFIG" --workdir "$WORKDIR" "$@"

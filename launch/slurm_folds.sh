@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# 5-fold cross-validation as a SLURM job array: task k trains fold k in WORKDIR/fold<k>.
+# Usage: CONFIG=configs/focalnet.py WORKDIR=runs/focalnet sbatch launch/slurm_folds.sh \
+#            --config.data.store=STORE
+#SBATCH --job-name=focalnet-cv
+#SBATCH --array=0-4
+#SBATCH --nodes=1
+#SBATCH --ntasks=1
+#SBATCH --gpus=1
+#SBATCH --cpus-per-task=8
+#SBATCH --time=04:00:00
+#SBATCH --output=%x-%A_%a.out
+set -euo pipefail
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
+python -m focalnet_jax.cli train --config "${CONFIG:?set CONFIG}" \
+    --workdir "${WORKDIR:?set WORKDIR}/fold${SLURM_ARRAY_TASK_ID}" \
+    --fold "${SLURM_ARRAY_TASK_ID}" "$@"

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Data-parallel training over several nodes: one process per node, each driving its GPUs.
+# jax.distributed.initialize reads the coordinator and ranks from SLURM's variables.
+# Usage: CONFIG=configs/focalnet.py:fold=0 WORKDIR=runs/x sbatch launch/slurm_multinode.sh \
+#            --config.data.store=STORE
+#SBATCH --job-name=focalnet
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=16
+#SBATCH --time=04:00:00
+#SBATCH --output=%x-%j.out
+set -euo pipefail
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
+export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_latency_hiding_scheduler=true"
+srun python -m focalnet_jax.cli train --config "${CONFIG:?set CONFIG}" \
+    --workdir "${WORKDIR:?set WORKDIR}" "$@"

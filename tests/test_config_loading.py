@@ -1,0 +1,124 @@
+"""Config files and `--config.a.b=value` overrides (focalnet_jax/config_loading.py, configs/)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from focalnet_jax.config_loading import apply_overrides, get_config_from_file, load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_FILES = sorted(p.name for p in CONFIGS.glob("*.py"))
+CONTRACT_KEYS = (
+    "seed",
+    "data.store",
+    "data.fold",
+    "data.components",
+    "train.steps",
+    "train.batch_size",
+    "train.log_every",
+    "train.checkpoint_every",
+)
+
+
+def _get(config, dotted):
+    for part in dotted.split("."):
+        config = config[part]
+    return config
+
+
+@pytest.mark.parametrize("name", CONFIG_FILES)
+def test_every_config_has_contract_keys_and_a_recipe_docstring(name):
+    config = load_config(str(CONFIGS / name))
+    for key in CONTRACT_KEYS:
+        _get(config, key)  # raises KeyError when absent
+    source = (CONFIGS / name).read_text()
+    docstring = source.split('"""')[1]
+    assert "Expected runtime" in docstring and "Expected metric" in docstring, name
+    if name != "default.py":
+        assert "focalnet train --config configs/" + name.removesuffix(".py") in docstring
+
+
+def test_paper_defaults_in_focalnet_config():
+    config = load_config(str(CONFIGS / "focalnet.py"))
+    assert (config.model.name, config.model.depth, config.model.output_stride) == (
+        "deeplab",
+        101,
+        8,
+    )
+    assert (config.loss.name, config.loss.mfl, config.loss.mfl_weight) == (
+        "ordinal_focal",
+        True,
+        "auto",
+    )
+    assert (config.train.epochs, config.train.batch_size, config.data.num_folds) == (200, 16, 5)
+    optim = config.optim
+    assert (optim.lr, optim.momentum, optim.weight_decay) == (1e-3, 0.9, 1e-4)
+    assert (optim.decay_rate, optim.decay_steps) == (0.7, 2000)
+    assert tuple(config.data.components) == ("t2w", "adc")
+
+
+def test_overrides_convert_to_the_type_of_the_field():
+    config = load_config(
+        str(CONFIGS / "focalnet.py"),
+        [
+            "--config.train.steps=12",
+            "--config.optim.lr=3e-4",
+            "--config.loss.mfl=false",
+            "--config.loss.mfl_mode",
+            "select",
+            "--config.data.components=t2w,adc,hbv",
+            "--config.augment.scale_range=(0.8, 1.2)",
+            "--config.loss.subsets=[('t2w',), ('adc', 'hbv')]",
+            "--config.loss.mfl_weight=130.5",
+        ],
+    )
+    assert config.train.steps == 12 and isinstance(config.train.steps, int)
+    assert config.optim.lr == 3e-4
+    assert config.loss.mfl is False
+    assert config.loss.mfl_mode == "select"
+    assert tuple(config.data.components) == ("t2w", "adc", "hbv")
+    assert tuple(config.augment.scale_range) == (0.8, 1.2)
+    assert [tuple(s) for s in config.loss.subsets] == [("t2w",), ("adc", "hbv")]
+    assert config.loss.mfl_weight == "130.5"  # a str field; the trainer reads 'auto' or a number
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--config.train.stepz=3", "train.stepz"),
+        ("--config.trian.steps=3", "trian"),
+        ("--config.train=3", "group"),
+        ("--config.train.steps=many", "integer"),
+        ("--config.loss.mfl=maybe", "boolean"),
+        ("--config.optim.lr=fast", "number"),
+        ("--train.steps=3", "overrides look like"),
+        ("--config.train.steps", "no value"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises((KeyError, ValueError), match=message):
+        load_config(str(CONFIGS / "focalnet.py"), [override])
+
+
+def test_config_args_select_variants_and_reject_unknown_names():
+    ce = load_config(str(CONFIGS / "ablation_loss.py") + ":loss=ce,fold=3")
+    assert (ce.loss.name, ce.loss.mfl, ce.data.fold) == ("sigmoid_ce", False, 3)
+    basic = load_config(str(CONFIGS / "ablation_augment.py") + ":augment=basic")
+    assert (basic.augment.flip, basic.augment.intensity) == (True, False)
+    picai = load_config(str(CONFIGS / "picai.py") + ":fold=2,runlocal")
+    assert tuple(picai.data.components) == ("t2w", "adc", "hbv") and picai.model.depth == 18
+    with pytest.raises(ValueError, match="'folds' unknown"):
+        load_config(str(CONFIGS / "picai.py") + ":folds=2")
+    with pytest.raises(ValueError, match="loss='dice'"):
+        load_config(str(CONFIGS / "ablation_loss.py") + ":loss=dice")
+
+
+def test_missing_file_and_unlocked_loading(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.py"):
+        load_config(str(tmp_path / "nope.py"))
+    config = get_config_from_file(str(CONFIGS / "demo.py"))
+    config.new_field = 1  # unlocked until load_config locks it
+    apply_overrides(config, ["--config.new_field=2"])
+    assert config.new_field == 2

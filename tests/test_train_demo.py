@@ -1,0 +1,80 @@
+"""End to end on the real store format: `focalnet synth` -> `focalnet preprocess` -> `focalnet
+train --config configs/demo.py` (the demo-size model) for 30 steps lowers the training loss and
+logs the MFL term and the chosen-subset shares."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_train_helpers import REPO
+
+from focalnet_jax import checkpoint, cli
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    data, store, workdir = root / "data", root / "store", root / "run"
+    assert cli.main(["synth", f"--out={data}", "--cases=16", "--seed=1", "--small"]) == 0
+    preprocess = ["preprocess", "--layout=picai", f"--images={data / 'images'}"]
+    preprocess += [f"--labels={data / 'labels'}", f"--masks={data / 'masks'}", f"--out={store}"]
+    assert cli.main(preprocess) == 0
+    train = ["train", f"--config={REPO / 'configs' / 'demo.py'}", f"--workdir={workdir}"]
+    train += [f"--config.data.store={store}", "--config.train.steps=30"]
+    train += ["--config.train.log_every=1", "--config.train.eval_every=0"]
+    assert cli.main(train) == 0
+    events = EventAccumulator(str(workdir / "tb"), size_guidance={"scalars": 0})
+    events.Reload()
+    scalars = {t: [(e.step, e.value) for e in events.Scalars(t)] for t in events.Tags()["scalars"]}
+    return workdir, scalars
+
+
+def test_thirty_steps_lower_the_training_loss(demo_run):
+    _, scalars = demo_run
+    steps, losses = zip(*scalars["train/loss"], strict=True)
+    assert steps == tuple(range(1, 31))
+    assert all(np.isfinite(losses))
+    # Step 1 is the initial model; the focal loss then falls fast and keeps falling slowly.
+    assert np.mean(losses[-10:]) < 0.75 * np.mean(losses[:5]), losses
+    assert np.mean(losses[-10:]) < 0.5 * losses[0], losses
+
+
+def test_mfl_term_and_subset_shares_are_logged(demo_run):
+    _, scalars = demo_run
+    assert len(scalars["train/mfl"]) == 30 and all(v >= 0 for _, v in scalars["train/mfl"])
+    t2w = np.array([v for _, v in scalars["train/mfl_subset_share/t2w"]])
+    adc = np.array([v for _, v in scalars["train/mfl_subset_share/adc"]])
+    np.testing.assert_allclose(t2w + adc, 1.0, rtol=1e-6)
+    assert np.all((t2w >= 0) & (t2w <= 1))
+    # lambda = 1 / positive ordinal-bit ratio of the training split: large on lesion-sparse data.
+    assert scalars["train/mfl_weight"][0][1] > 10
+    assert "val/loss" in scalars and scalars["val/loss"][-1][0] == 30
+
+
+def test_run_directory_reloads_for_inference(demo_run):
+    workdir, _ = demo_run
+    config, variables = checkpoint.load_for_inference(workdir)
+    assert config.model.depth == 18 and config.train.steps == 30
+    assert set(variables) == {"params", "batch_stats"}
+    assert all(isinstance(v, np.ndarray) for v in __import__("jax").tree.leaves(variables))
+
+
+def test_cv_trains_the_requested_folds_in_their_own_directories(demo_run, tmp_path):
+    workdir, _ = demo_run
+    store = checkpoint.read_config(workdir).data.store
+    cv = ["cv", f"--config={REPO / 'configs' / 'demo.py'}", f"--workdir={tmp_path}", "--folds=1"]
+    cv += [f"--config.data.store={store}", "--config.train.steps=2", "--config.train.eval_every=0"]
+    assert cli.main(cv) == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["fold1"]
+    config, _ = checkpoint.load_for_inference(tmp_path / "fold1")
+    assert config.data.fold == 1
+    with pytest.raises(SystemExit, match="unknown config key 'train.stepz'"):
+        cli.main(
+            [
+                "train",
+                f"--config={REPO / 'configs' / 'demo.py'}",
+                f"--workdir={tmp_path}",
+                "--config.train.stepz=2",
+            ]
+        )

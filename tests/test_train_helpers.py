@@ -1,0 +1,129 @@
+"""Shared pieces of the training tests: a small in-memory store and tiny-model configs.
+
+Run as a script (`python tests/test_train_helpers.py OUT.npz WORKDIR [...]`) it trains the
+tiny config on the fake store in the current process (used by the multi-device tests, which start
+it with several CPU devices or as several processes) and saves the final parameters.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+COMPONENTS = ("t2w", "adc")
+
+
+class FakeStore:
+    """The attributes of `focalnet_jax.data.store.Store` the trainer reads, on random slices:
+    `patients` patients with `slices` slices of `size` x `size`, one square lesion per slice
+    (class 1..5 cycling), visible in T2w (dark) or ADC (dark) or both."""
+
+    def __init__(
+        self, patients: int = 10, slices: int = 3, size: int = 32, seed: int = 0, components=None
+    ):
+        rng = np.random.default_rng(seed)
+        n = patients * slices
+        self.path = Path("memory://fake-store")
+        self.components = tuple(components or COMPONENTS)
+        channels = len(self.components)
+        self.images = rng.uniform(0.4, 0.9, (n, size, size, channels)).astype(np.float32)
+        self.images[..., 0] *= 1.15  # T2w is stored unclipped
+        self.classes = np.zeros((n, size, size), np.uint8)
+        self.grade_known = np.ones((n, size, size), np.uint8)
+        self.lesions = np.zeros((n, size, size), np.int32)
+        self.annotated = np.zeros(n, bool)
+        self.cases = []
+        for p in range(patients):
+            start = p * slices
+            cls = 1 + p % 5
+            for s in range(start, start + slices):
+                if s % slices == slices - 1 and p % 2:
+                    continue  # some unannotated slices
+                r, c = rng.integers(4, size - 12, 2)
+                visible = list(range(channels)) if s % 3 == 0 else [s % 3 - 1]
+                for ch in visible:
+                    self.images[s, r : r + 8, c : c + 8, ch] *= 0.3
+                self.classes[s, r : r + 8, c : c + 8] = cls
+                self.lesions[s, r : r + 8, c : c + 8] = 1
+                self.annotated[s] = True
+            self.cases.append(
+                {
+                    "case_id": f"case{p:03d}",
+                    "patient_id": f"patient{p:03d}",
+                    "start": start,
+                    "stop": start + slices,
+                    "lesion_classes": [cls],
+                    "lesion_grade_known": [True],
+                    "max_class": cls,
+                    "spacing": [0.625, 0.625],
+                    "t2w_scale": {"air": 10.0, "bladder": 400.0, "source": "bladder"},
+                }
+            )
+        self._by_id = {r["case_id"]: r for r in self.cases}
+
+    def __len__(self):
+        return len(self.images)
+
+    @property
+    def case_ids(self):
+        return [r["case_id"] for r in self.cases]
+
+    def case(self, case_id):
+        return self._by_id[case_id]
+
+    def case_slices(self, case_id):
+        record = self.case(case_id)
+        return slice(record["start"], record["stop"])
+
+    def patient_max_class(self):
+        return {r["patient_id"]: r["max_class"] for r in self.cases}
+
+
+TINY = [
+    "--config.model.depth=18",
+    "--config.model.width=0.125",
+    "--config.model.output_stride=16",
+    "--config.train.batch_size=4",
+    "--config.train.log_every=1",
+    "--config.train.checkpoint_every=1000",
+    "--config.train.eval_every=0",
+    "--config.train.prefetch=2",
+]
+
+
+def tiny_config(config_file: str = "configs/focalnet.py", overrides=()):
+    from focalnet_jax.config_loading import load_config
+
+    return load_config(str(REPO / config_file), [*TINY, *overrides])
+
+
+def _main(argv):
+    """`OUT.npz WORKDIR [--process_id I --num_processes N --coordinator HOST:PORT]
+    [--config.k=v ...]`; process 0 writes OUT.npz."""
+    import jax
+
+    out, workdir, rest = argv[0], argv[1], argv[2:]
+    flags = {}
+    while rest and not rest[0].startswith("--config."):
+        flags[rest[0].lstrip("-")] = rest[1]
+        rest = rest[2:]
+    if flags:
+        from focalnet_jax import distributed
+
+        distributed.initialize(
+            flags["coordinator"], int(flags["num_processes"]), int(flags["process_id"])
+        )
+    from focalnet_jax.training import train_and_evaluate
+
+    config = tiny_config(overrides=rest)
+    state = train_and_evaluate(config, workdir, store=FakeStore())
+    flat = jax.tree_util.tree_flatten_with_path(jax.device_get(state.params))[0]
+    if jax.process_index() == 0:
+        np.savez(out, **{jax.tree_util.keystr(k): np.asarray(v) for k, v in flat})
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1:])

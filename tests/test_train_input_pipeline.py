@@ -1,0 +1,105 @@
+"""Host input pipeline (focalnet_jax/input_pipeline.py), sharding errors and multi-process start-up
+(focalnet_jax/distributed.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from test_train_helpers import FakeStore
+
+from focalnet_jax import distributed, input_pipeline, sharding
+
+
+@pytest.fixture(scope="module")
+def store():
+    return FakeStore(patients=6, slices=3)
+
+
+def test_select_rows_keeps_annotated_slices_of_the_given_cases(store):
+    rows = input_pipeline.select_rows(store, ["case001", "case000"], "annotated")
+    # case000 (even patient): all 3 slices annotated; case001 (odd): its last slice is not.
+    np.testing.assert_array_equal(rows, [0, 1, 2, 3, 4])
+    all_rows = input_pipeline.select_rows(store, ["case001"], "all")
+    np.testing.assert_array_equal(all_rows, [3, 4, 5])
+    with pytest.raises(ValueError, match="data.slices"):
+        input_pipeline.select_rows(store, ["case001"], "some")
+
+
+def test_reader_selects_components_and_case_intensity_ratio(store):
+    reader = input_pipeline.SliceReader(store, ("adc",))
+    batch = reader.read(np.array([4, -1, 0]))
+    np.testing.assert_array_equal(batch["images"][0, ..., 0], store.images[4, ..., 1])
+    np.testing.assert_array_equal(batch["images"][1], 0)  # padding
+    np.testing.assert_array_equal(batch["weight"], [1, 0, 1])
+    np.testing.assert_allclose(batch["t2w_lower_ratio"], [10 / 400, 0, 10 / 400])
+    np.testing.assert_array_equal(batch["classes"][2], store.classes[0])
+    with pytest.raises(ValueError, match=r"\['hbv'\] not in store"):
+        input_pipeline.SliceReader(store, ("t2w", "hbv"))
+
+
+def test_data_order_depends_only_on_seed_and_step(store):
+    mesh = sharding.make_mesh()
+    reader = input_pipeline.SliceReader(store, ("t2w", "adc"))
+    rows = input_pipeline.select_rows(store, store.case_ids, "annotated")
+    a = input_pipeline.TrainBatches(reader, rows, 4, mesh, seed=3)
+    b = input_pipeline.TrainBatches(reader, rows, 4, mesh, seed=3)
+    assert a.steps_per_epoch == len(rows) // 4 == 3
+    epoch0 = np.concatenate([a.global_rows(s) for s in range(3)])
+    assert len(set(epoch0)) == 12 and set(epoch0) <= set(rows)  # no slice twice in an epoch
+    for step in (0, 4, 7):
+        np.testing.assert_array_equal(a.global_rows(step), b.global_rows(step))
+    assert not np.array_equal(a.global_rows(0), a.global_rows(3))  # epoch 1 reshuffles
+    c = input_pipeline.TrainBatches(reader, rows, 4, mesh, seed=4)
+    assert not np.array_equal(a.global_rows(0), c.global_rows(0))
+    # The prefetching iterator yields the same batches, in order, from any start step.
+    got = [(s, np.asarray(batch["classes"])) for s, batch in a.iterate(2, 5)]
+    assert [s for s, _ in got] == [2, 3, 4]
+    for s, classes in got:
+        np.testing.assert_array_equal(classes, store.classes[a.global_rows(s)])
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        input_pipeline.TrainBatches(reader, rows[:3], 4, mesh, seed=0)
+
+
+def test_eval_batches_cover_every_row_once_with_padding(store):
+    mesh = sharding.make_mesh()
+    reader = input_pipeline.SliceReader(store, ("t2w", "adc"))
+    rows = np.array([5, 1, 7, 2, 9])
+    batches = list(input_pipeline.eval_batches(reader, rows, 4, mesh))
+    assert len(batches) == 2
+    weights = np.concatenate([np.asarray(b["weight"]) for b in batches])
+    np.testing.assert_array_equal(weights, [1, 1, 1, 1, 1, 0, 0, 0])
+    np.testing.assert_array_equal(np.asarray(batches[1]["classes"][0]), store.classes[9])
+
+
+def test_global_batch_not_divisible_by_device_count_is_an_error():
+    code = (
+        "import jax; from focalnet_jax import sharding; mesh = sharding.make_mesh(); "
+        "print(sharding.per_device_batch(8, mesh)); sharding.per_device_batch(6, mesh)"
+    )
+    env = dict(
+        os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode != 0 and result.stdout.strip() == "2"
+    assert "train.batch_size=6 is not divisible by the 4 devices" in result.stderr
+
+
+def test_distributed_flags_go_together_and_single_process_is_a_no_op(monkeypatch):
+    with pytest.raises(ValueError, match="go together"):
+        distributed.initialize("localhost:1234", None, 0)
+    with pytest.raises(ValueError, match="--process_id=2 not in"):
+        distributed.initialize("localhost:1234", 2, 2)
+    assert distributed.initialize("localhost:1234", 1, 0) == "single"
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    assert distributed.initialize() == "single"
+    assert jax.process_count() == 1
+    env = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}
+    assert distributed.slurm_num_tasks(env) == 4
+    assert distributed.slurm_num_tasks({"SLURM_NTASKS": "4"}) == 1  # not inside a job

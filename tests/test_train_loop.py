@@ -1,0 +1,190 @@
+"""The training loop (focalnet_jax/training/loop.py) on a small in-memory store: resume equals an
+uninterrupted run, TensorBoard contents, non-finite losses, and data parallelism over 4 devices in
+one process and over 2 processes x 2 devices (subprocesses) equal to one device."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_train_helpers import REPO, FakeStore, tiny_config
+
+from focalnet_jax import checkpoint
+from focalnet_jax.training import train_and_evaluate
+
+RUN = [
+    "--config.train.checkpoint_every=5",
+    "--config.train.keep_checkpoints=10",
+    "--config.train.eval_every=10",
+]
+MULTI_DEVICE_RTOL, MULTI_DEVICE_ATOL = 1e-4, 1e-6  # float32 reductions in another order
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """`full`: 20 steps at once; `resumed`: 10 steps, then restarted to 20 in the same workdir."""
+    previous = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", True)
+    root = tmp_path_factory.mktemp("train_loop")
+    store = FakeStore()
+    out = {"store": store, "root": root}
+    try:
+        full = tiny_config(overrides=[*RUN, "--config.train.steps=20"])
+        out["full"] = jax.device_get(train_and_evaluate(full, root / "full", store=store))
+        half = tiny_config(overrides=[*RUN, "--config.train.steps=10"])
+        out["half"] = jax.device_get(train_and_evaluate(half, root / "resumed", store=store))
+        shutil.copytree(root / "resumed", root / "nan")
+        out["resumed"] = jax.device_get(train_and_evaluate(full, root / "resumed", store=store))
+    finally:
+        jax.config.update("jax_disable_most_optimizations", previous)
+    return out
+
+
+def _leaves(tree):
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def test_restart_reaches_the_parameters_of_an_uninterrupted_run(runs):
+    assert int(runs["half"].step) == 10 and int(runs["resumed"].step) == 20
+    for a, b in zip(_leaves(runs["full"]), _leaves(runs["resumed"]), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # ... and it did train on: step 20 differs from step 10.
+    assert any(
+        not np.array_equal(a, b)
+        for a, b in zip(_leaves(runs["half"].params), _leaves(runs["full"].params), strict=True)
+    )
+
+
+def test_checkpoints_config_and_inference_loading(runs):
+    workdir = runs["root"] / "full"
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [5, 10, 15, 20]
+    config, variables = checkpoint.load_for_inference(workdir)
+    assert config.train.steps == 20 and config.model.depth == 18
+    for a, b in zip(_leaves(variables["params"]), _leaves(runs["full"].params), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def _scalars(workdir):
+    events = EventAccumulator(str(workdir / "tb"), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    return events, {tag: events.Scalars(tag) for tag in events.Tags()["scalars"]}
+
+
+def test_tensorboard_scalars_and_panels(runs):
+    events, scalars = _scalars(runs["root"] / "full")
+    assert [e.step for e in scalars["train/loss"]] == list(range(1, 21))  # log_every = 1
+    for tag in (
+        "train/ordinal_focal",
+        "train/mfl",
+        "train/mfl_weight",
+        "train/lr",
+        "train/grad_norm",
+        "train/param_norm",
+        "train/images_per_s",
+        "train/mfl_subset_share/t2w",
+        "train/mfl_subset_share/adc",
+        "val/loss",
+        "val/dice_lesion",
+        "val/mean_score_lesion",
+    ):
+        assert tag in scalars, tag
+    shares = [
+        a.value + b.value
+        for a, b in zip(
+            scalars["train/mfl_subset_share/t2w"],
+            scalars["train/mfl_subset_share/adc"],
+            strict=True,
+        )
+    ]
+    np.testing.assert_allclose(shares, 1.0, rtol=1e-6)
+    lam = scalars["train/mfl_weight"][0].value
+    for total, fl, mfl in zip(
+        scalars["train/loss"], scalars["train/ordinal_focal"], scalars["train/mfl"], strict=True
+    ):
+        assert total.value == pytest.approx(fl.value + lam * mfl.value, rel=1e-5)
+    # lambda = 1 / positive bit ratio of the training split (ordinal bits), > 1 by far.
+    assert lam > 10
+    assert [e.step for e in scalars["val/loss"]] == [10, 20]
+    panels = events.Images("val/panel")
+    assert [p.step for p in panels] == [10, 20] and panels[0].width == 32 * 4
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(runs):
+    store = FakeStore()
+    store.images = np.full_like(store.images, np.nan)
+    config = tiny_config(overrides=[*RUN, "--config.train.steps=20"])
+    workdir = runs["root"] / "nan"
+    with pytest.raises(RuntimeError, match="at step 11 .*last good checkpoint: step 10"):
+        train_and_evaluate(config, workdir, store=store)
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [5, 10]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _worker(out, workdir, devices, extra=()):
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        JAX_DISABLE_MOST_OPTIMIZATIONS="1",
+    )
+    command = [
+        sys.executable,
+        str(REPO / "tests" / "test_train_helpers.py"),
+        str(out),
+        str(workdir),
+    ]
+    command += list(extra)
+    command += [*RUN, "--config.train.steps=5"]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def _finish(process):
+    output = process.communicate(timeout=240)[0].decode(errors="replace")
+    assert process.returncode == 0, output[-3000:]
+
+
+@pytest.mark.slow
+def test_multi_device_and_multi_process_match_one_device(runs, tmp_path):
+    port = _free_port()
+    flags = lambda i: [
+        "--coordinator",
+        f"localhost:{port}",
+        "--num_processes",
+        "2",
+        "--process_id",
+        str(i),
+    ]
+    processes = [
+        _worker(tmp_path / "four.npz", tmp_path / "four", 4),
+        _worker(tmp_path / "two_by_two.npz", tmp_path / "two_by_two", 2, flags(0)),
+        _worker(tmp_path / "unused.npz", tmp_path / "two_by_two", 2, flags(1)),
+    ]
+    for process in processes:
+        _finish(process)
+    _, reference = checkpoint.load_for_inference(runs["root"] / "full", step=5)
+    flat = jax.tree_util.tree_flatten_with_path(reference["params"])[0]
+    for name in ("four", "two_by_two"):
+        saved = np.load(tmp_path / f"{name}.npz")
+        assert len(saved.files) == len(flat)
+        for path, value in flat:
+            np.testing.assert_allclose(
+                saved[jax.tree_util.keystr(path)],
+                value,
+                rtol=MULTI_DEVICE_RTOL,
+                atol=MULTI_DEVICE_ATOL,
+                err_msg=f"{name}: {jax.tree_util.keystr(path)}",
+            )

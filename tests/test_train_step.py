@@ -1,0 +1,164 @@
+"""The FocalNet loss and train step (focalnet_jax/training/step.py, train_state.py).
+
+Gradient structure (frozen normalisation, so every application is the same function of the
+parameters): total gradient = FL gradient + lambda * MFL gradient computed separately with the full
+output as a constant, and MFL sends no gradient into the full-input output; `vmap` and `select`
+MFL modes agree. All of it in one compiled function.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from test_train_helpers import COMPONENTS, tiny_config
+
+from focalnet_jax import encoding, losses, sharding
+from focalnet_jax.models import build_model
+from focalnet_jax.training import step as step_lib
+from focalnet_jax.training import train_state
+
+LAMBDA = 1000.0
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fast_compiles():
+    previous = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", previous)
+
+
+def _batch(seed=0, size=32, batch=4):
+    rng = np.random.default_rng(seed)
+    images = rng.uniform(0.0, 1.0, (batch, size, size, 2)).astype(np.float32)
+    classes = np.zeros((batch, size, size), np.int32)
+    for b in range(batch):
+        r, c = rng.integers(2, size - 10, 2)
+        classes[b, r : r + 8, c : c + 8] = 1 + b % 5
+    grade_known = np.ones_like(classes, np.uint8)
+    return jnp.asarray(images), jnp.asarray(classes), jnp.asarray(grade_known)
+
+
+@pytest.fixture(scope="module")
+def gradients():
+    config = tiny_config(overrides=["--config.model.norm=frozen"])
+    model = build_model(config.model, num_outputs=5, num_components=2, axis_name=None)
+    variables = train_state.init_variables(model, jax.random.key(0), (1, 32, 32, 2))
+    # Non-trivial running statistics, so the frozen norm is not the identity.
+    variables["batch_stats"] = jax.tree.map(
+        lambda x: x + 0.1 * jax.random.uniform(jax.random.key(1), x.shape), variables["batch_stats"]
+    )
+    images, classes, grade_known = _batch()
+    subsets = losses.component_subsets(COMPONENTS)
+
+    def loss_with(mode=None):
+        loss_config = config.loss.copy_and_resolve_references()
+        loss_config.mfl = mode is not None
+        loss_config.mfl_mode = mode or "vmap"
+        return step_lib.make_loss_fn(model, loss_config, COMPONENTS, mfl_weight=LAMBDA)
+
+    def apply(params, x):
+        return model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x)
+
+    def mfl_separately(params, images, classes):
+        # The full output as a constant from a separate pass; only the subset passes depend on
+        # params.
+        full = jax.nn.sigmoid(jax.lax.stop_gradient(apply(params, images)))
+        sub_x = losses.subset_inputs(images, COMPONENTS, subsets)
+        sub = jax.nn.sigmoid(jax.vmap(lambda x: apply(params, x))(sub_x))
+        return losses.mutual_finding_loss(full, sub, encoding.encode(classes, "ordinal"))[0]
+
+    def mfl_of_full_logits(full_logits, params, images, classes):
+        sub_x = losses.subset_inputs(images, COMPONENTS, subsets)
+        sub = jax.nn.sigmoid(jax.vmap(lambda x: apply(params, x))(sub_x))
+        full = jax.nn.sigmoid(full_logits)
+        return losses.mutual_finding_loss(full, sub, encoding.encode(classes, "ordinal"))[0]
+
+    @jax.jit
+    def everything(params, images, classes, grade_known):
+        bs = variables["batch_stats"]
+        out = {}
+        for name, mode in (("vmap", "vmap"), ("select", "select"), ("fl", None)):
+            (value, (terms, _)), grads = jax.value_and_grad(loss_with(mode), has_aux=True)(
+                params, bs, images, classes, grade_known
+            )
+            out[name] = (value, terms, grads)
+        out["mfl"] = jax.value_and_grad(mfl_separately)(params, images, classes)
+        full_logits = apply(params, images)
+        out["d_mfl_d_full"] = jax.grad(mfl_of_full_logits)(full_logits, params, images, classes)
+        return out
+
+    return everything(variables["params"], images, classes, grade_known)
+
+
+def _assert_trees_close(a, b, rtol=2e-4, atol=1e-6):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+
+
+def test_focalnet_gradient_is_fl_plus_lambda_times_mfl(gradients):
+    total, terms, grads = gradients["vmap"]
+    fl_value, _, fl_grads = gradients["fl"]
+    mfl_value, mfl_grads = gradients["mfl"]
+    assert float(mfl_value) > 0  # the subsets disagree with the full output on lesions
+    np.testing.assert_allclose(terms["mfl"], mfl_value, rtol=1e-5)
+    np.testing.assert_allclose(total, fl_value + LAMBDA * mfl_value, rtol=1e-5)
+    expected = jax.tree.map(lambda f, m: f + LAMBDA * m, fl_grads, mfl_grads)
+    _assert_trees_close(grads, expected)
+    # The MFL part itself (total - FL) matches lambda * MFL gradient to 0.1 % of its norm.
+    mfl_part = jax.tree.map(lambda g, f: g - f, grads, fl_grads)
+    scaled = jax.tree.map(lambda m: LAMBDA * m, mfl_grads)
+    error = optax.tree.norm(jax.tree.map(jnp.subtract, mfl_part, scaled))
+    assert float(optax.tree.norm(scaled)) > 1e-3
+    assert float(error) < 1e-3 * float(optax.tree.norm(scaled))
+
+
+def test_no_gradient_reaches_the_full_output_through_mfl(gradients):
+    assert float(jnp.max(jnp.abs(gradients["d_mfl_d_full"]))) == 0.0
+
+
+def test_select_mode_matches_vmap_mode(gradients):
+    v_total, v_terms, v_grads = gradients["vmap"]
+    s_total, s_terms, s_grads = gradients["select"]
+    np.testing.assert_allclose(s_total, v_total, rtol=1e-5)
+    np.testing.assert_array_equal(s_terms["mfl_subset_share"], v_terms["mfl_subset_share"])
+    np.testing.assert_allclose(np.sum(v_terms["mfl_subset_share"]), 1.0)
+    _assert_trees_close(s_grads, v_grads)
+
+
+def test_optimizer_is_sgd_momentum_with_l2_and_staircase_decay():
+    config = tiny_config()
+    schedule = train_state.learning_rate_schedule(config.optim)
+    assert [float(schedule(s)) for s in (0, 1999, 2000, 4000)] == pytest.approx(
+        [1e-3, 1e-3, 7e-4, 4.9e-4]
+    )
+    tx = train_state.make_optimizer(config.optim)
+    params = {"w": jnp.array([2.0, -1.0])}
+    grads = {"w": jnp.array([0.5, 0.25])}
+    state = tx.init(params)
+    u1, state = tx.update(grads, state, params)
+    # L2: g + 1e-4 w, then momentum 0.9 (first step: the trace is the gradient), lr 1e-3.
+    g1 = np.array([0.5 + 2e-4, 0.25 - 1e-4])
+    np.testing.assert_allclose(u1["w"], -1e-3 * g1, rtol=1e-6)
+    u2, _ = tx.update(grads, state, params)
+    np.testing.assert_allclose(u2["w"], -1e-3 * (g1 + 0.9 * g1), rtol=1e-6)
+
+
+def test_mfl_weight_auto_and_number():
+    assert step_lib.resolve_mfl_weight("auto", lambda: 0.0077) == pytest.approx(1 / 0.0077)
+    assert step_lib.resolve_mfl_weight("130", lambda: 1.0) == 130.0
+    assert step_lib.resolve_mfl_weight(2.5, lambda: 1.0) == 2.5
+    with pytest.raises(ValueError, match="no positive bit"):
+        step_lib.resolve_mfl_weight("auto", lambda: 0.0)
+    with pytest.raises(ValueError, match="mfl_weight"):
+        step_lib.resolve_mfl_weight("big", lambda: 1.0)
+
+
+def test_batch_not_divisible_by_devices_is_an_error():
+    mesh = jax.make_mesh((1,), ("data",))
+    assert sharding.per_device_batch(3, mesh) == 3
+    with pytest.raises(ValueError, match="train.batch_size=0"):
+        sharding.per_device_batch(0, mesh)
