@@ -4,7 +4,8 @@
 
 Prints one JSON line. Case generation is not timed; each timing covers reading the .mha/.nii.gz
 files, resampling T2w/ADC/HBV and the label onto the crop grid, normalisation, lesion instances and
-writing the store (worker start-up included for N workers). Target: < 2 s per case per core.
+writing the store (worker start-up included for N workers). The 1-worker run uses one core
+(SimpleITK limited to one thread), as each worker process does. Target: < 2 s per case per core.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import platform
 import tempfile
 import time
 from pathlib import Path
+
+import SimpleITK as sitk
 
 from focalnet_jax.data.layouts import discover_picai
 from focalnet_jax.data.pipeline import preprocess_cases
@@ -59,7 +62,12 @@ def main() -> None:
             components=components,
         )
         _time(cases[:1], root / "warmup", 1, config)  # imports and file cache
+        # One worker runs in this process: limit SimpleITK to one thread so that it is one core,
+        # as each of the N worker processes is.
+        threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
         one = _time(cases, root / "store1", 1, config) / len(cases)
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
         many = _time(cases, root / "storeN", args.workers, config) / len(cases)
     print(
         json.dumps(

@@ -19,9 +19,8 @@ import time
 import jax
 import numpy as np
 
-from focalnet_jax import encoding, losses, sharding
+from focalnet_jax import sharding
 from focalnet_jax.config_loading import load_config
-from focalnet_jax.models import build_model
 from focalnet_jax.training import step as step_lib
 from focalnet_jax.training import train_state
 
@@ -49,13 +48,7 @@ def measure(config, *, steps: int, size: int) -> dict:
     """Compile, warm up and time `steps` train steps of `config` on one random batch."""
     components = tuple(config.data.components)
     mesh = sharding.make_mesh()
-    enc = losses.get_loss(config.loss.name).encoding
-    model = build_model(
-        config.model,
-        num_outputs=encoding.num_outputs(enc),
-        num_components=len(components),
-        axis_name=sharding.DATA_AXIS,
-    )
+    model, _ = train_state.build_run_model(config, axis_name=sharding.DATA_AXIS)
     tx = train_state.make_optimizer(config.optim)
     shape = (1, size, size, len(components))
     state = train_state.create_train_state(model, tx, jax.random.key(0), shape, mesh)

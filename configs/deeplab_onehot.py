@@ -5,7 +5,8 @@ batch and augmentation as `focalnet.py`.
 Command:
     focalnet train --config configs/deeplab_onehot.py:fold=0 --workdir runs/deeplab/fold0 \
         --config.data.store=STORE
-Expected runtime: about a third of FocalNet's (one forward-backward per step); not measured yet.
+Expected runtime: one forward-backward per step, as FocalNet's FL-only step (0.41x a FocalNet
+step on one H100, benchmarks/results/); whole runs not measured yet.
 Expected metric: paper: lower sensitivity than FocalNet at every FP rate (Fig. 5, Table I);
 with this code not measured yet.
 """

@@ -73,8 +73,7 @@ def load_for_inference(workdir: str | Path, step: int | None = None):
     Raises FileNotFoundError naming the workdir when it has no config or no checkpoint (or not the
     step asked for), ValueError when the checkpoint does not fit the model its config describes.
     """
-    from focalnet_jax import encoding, losses, sharding
-    from focalnet_jax.models import build_model
+    from focalnet_jax import sharding
     from focalnet_jax.training import train_state
 
     workdir = Path(workdir)
@@ -89,11 +88,8 @@ def load_for_inference(workdir: str | Path, step: int | None = None):
     if step is not None and step not in steps:
         manager.close()
         raise FileNotFoundError(f"workdir {workdir}: no checkpoint at step {step}; has {steps}")
-    enc = losses.get_loss(config.loss.name).encoding
     components = tuple(config.data.components)
-    model = build_model(
-        config.model, num_outputs=encoding.num_outputs(enc), num_components=len(components)
-    )
+    model, _ = train_state.build_run_model(config)
     mesh = jax.make_mesh((1,), (sharding.DATA_AXIS,), devices=jax.local_devices()[:1])
     tx = train_state.make_optimizer(config.optim)
     abstract = train_state.abstract_train_state(model, tx, (1, 128, 128, len(components)), mesh)

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 from test_train_helpers import REPO, FakeStore, tiny_config
 
-from focalnet_jax import encoding, input_pipeline, losses, sharding
-from focalnet_jax.models import build_model
+from focalnet_jax import input_pipeline, losses, sharding
 from focalnet_jax.training import step as step_lib
 from focalnet_jax.training import train_state
 
@@ -49,13 +48,7 @@ def _two_steps(config) -> dict:
     components = tuple(config.data.components)
     store = FakeStore(patients=4, slices=2, components=components)
     mesh = sharding.make_mesh()
-    enc = losses.get_loss(config.loss.name).encoding
-    model = build_model(
-        config.model,
-        num_outputs=encoding.num_outputs(enc),
-        num_components=len(components),
-        axis_name=sharding.DATA_AXIS,
-    )
+    model, _ = train_state.build_run_model(config, axis_name=sharding.DATA_AXIS)
     tx = train_state.make_optimizer(config.optim)
     shape = (1, 32, 32, len(components))
     batch_size = config.train.batch_size

@@ -16,10 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from focalnet_jax import augment, checkpoint, encoding, losses
+from focalnet_jax import augment, checkpoint, encoding
 from focalnet_jax.evaluation.predictions import write_case
 from focalnet_jax.input_pipeline import component_channels
-from focalnet_jax.models import build_model
+from focalnet_jax.training.train_state import build_run_model
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +40,8 @@ class Predictor:
     def from_workdir(cls, workdir: str | Path, *, step: int | None = None, batch_size: int = 16):
         """Loads the run's config and checkpoint (`checkpoint.load_for_inference`)."""
         config, variables = checkpoint.load_for_inference(workdir, step)
-        enc = losses.get_loss(config.loss.name).encoding
+        model, enc = build_run_model(config)
         components = tuple(config.data.components)
-        model = build_model(
-            config.model, num_outputs=encoding.num_outputs(enc), num_components=len(components)
-        )
 
         @jax.jit
         def apply(variables, images):

@@ -103,7 +103,7 @@ def picai_metrics(
         warnings.simplefilter("ignore")
         out = {
             "auroc": float(metrics.auroc),
-            "ap": float(metrics.AP),
+            "ap": float(metrics.AP) + 0.0,  # picai_eval's AP sum can give -0.0
             "score": float(metrics.score),
             "num_cases": int(metrics.num_cases),
             "num_lesions": int(metrics.num_lesions),

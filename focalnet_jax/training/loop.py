@@ -17,9 +17,8 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from focalnet_jax import checkpoint, encoding, input_pipeline, losses, sharding
+from focalnet_jax import checkpoint, input_pipeline, losses, sharding
 from focalnet_jax.augment import clip_inputs
-from focalnet_jax.models import build_model
 from focalnet_jax.tb_logging import SummaryWriter
 from focalnet_jax.training import step as step_lib
 from focalnet_jax.training import train_state
@@ -157,13 +156,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     num_steps = total_steps(config, batches.steps_per_epoch)
 
     # Model, optimiser, loss weight.
-    enc = losses.get_loss(config.loss.name).encoding
-    model = build_model(
-        config.model,
-        num_outputs=encoding.num_outputs(enc),
-        num_components=len(components),
-        axis_name=sharding.DATA_AXIS,
-    )
+    model, _ = train_state.build_run_model(config, axis_name=sharding.DATA_AXIS)
     tx = train_state.make_optimizer(config.optim)
     lam = mfl_weight(config, store, train_rows)
     subsets = losses.component_subsets(components, config.loss.subsets) if config.loss.mfl else []

@@ -16,7 +16,8 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from focalnet_jax import sharding
+from focalnet_jax import encoding, losses, sharding
+from focalnet_jax.models import build_model
 
 
 @flax.struct.dataclass
@@ -25,6 +26,23 @@ class TrainState:
     params: Any
     batch_stats: Any  # BatchNorm running averages ({} for models without them)
     opt_state: Any
+
+
+def build_run_model(
+    config: ml_collections.ConfigDict, *, axis_name: str | None = None
+) -> tuple[nn.Module, str]:
+    """The network a run trains and its output encoding (fixed by `config.loss.name`).
+
+    Outputs: 5 ordinal bits, 6 one-hot classes or 1 lesion bit; inputs: `data.components`.
+    """
+    enc = losses.get_loss(config.loss.name).encoding
+    model = build_model(
+        config.model,
+        num_outputs=encoding.num_outputs(enc),
+        num_components=len(config.data.components),
+        axis_name=axis_name,
+    )
+    return model, enc
 
 
 def learning_rate_schedule(optim: ml_collections.ConfigDict) -> optax.Schedule:
