@@ -84,14 +84,15 @@ def test_evaluate_writes_contract_metrics_picai_and_figures(tmp_path):
         assert set(froc["fp_at_sensitivity"]) == {"0.6", "0.7", "0.8", "0.9"}
         assert set(froc["pauc"]) == {"0.01-1", "0.1-3"}
         assert len(froc["curve"]["fp"]) == len(froc["curve"]["sensitivity"])
+        assert froc["num_patients"] == 5
     assert set(metrics["roc"]) == {"gs_ge_7", "gs_ge_4+3", "gs_ge_8", "gs_ge_9"}
     # One detection per blob; the lesions of c1 (0.9) and c5 (0.5) are hit, c2's is missed;
     # FPs: 0.7 (c4), 0.6 (c2), 0.3 (c3) over 5 patients.
     assert metrics["froc"]["all"]["num_lesions"] == 3
-    # Points (0, 1/3) (0.2, 1/3) (0.4, 1/3) (0.4, 2/3) (0.6, 2/3); (0.2, 1/3) is inside a run.
-    np.testing.assert_allclose(metrics["froc"]["all"]["curve"]["fp"], [0, 0.4, 0.4, 0.6])
+    # Thresholds 0.9, 0.7, 0.6, 0.5, 0.3: (0, 1/3) (0.2, 1/3) (0.4, 1/3) (0.4, 2/3) (0.6, 2/3).
+    np.testing.assert_allclose(metrics["froc"]["all"]["curve"]["fp"], [0, 0.2, 0.4, 0.4, 0.6])
     np.testing.assert_allclose(
-        metrics["froc"]["all"]["curve"]["sensitivity"], [1 / 3, 1 / 3, 2 / 3, 2 / 3]
+        metrics["froc"]["all"]["curve"]["sensitivity"], [1 / 3, 1 / 3, 1 / 3, 2 / 3, 2 / 3]
     )
     assert metrics["froc"]["gs_8+"]["fp_at_sensitivity"]["0.9"] is None
 
@@ -201,3 +202,19 @@ def test_summarize_rejects_bad_runs(tmp_path):
     (tmp_path / "run").mkdir()
     message = _error(["summarize", "--runs", f"A={tmp_path / 'run'}", "--out", str(tmp_path)])
     assert "no metrics.json" in message
+
+
+def test_picai_bootstrap_failure_keeps_metrics_and_says_why(tmp_path):
+    # Two of four cases have neither lesions nor score blobs: some bootstrap resamples hold only
+    # those, where picai_eval's precision-recall fails. metrics.json is still written, with the
+    # point estimates, null intervals and the reason.
+    predictions, out = tmp_path / "predictions", tmp_path / "eval"
+    write_blob_case(predictions, "c1", lesion=(3, (4, 20, 20)), blobs=[((4, 20, 20), 0.9)])
+    write_blob_case(predictions, "c2", lesion=(2, (3, 12, 30)), blobs=[((3, 12, 30), 0.6)])
+    write_blob_case(predictions, "c3")
+    write_blob_case(predictions, "c4")
+    run_cli(["evaluate", "--predictions", str(predictions), "--out", str(out), "--no-figures"])
+    picai = json.loads((out / "metrics.json").read_text())["picai"]
+    assert picai["num_cases"] == 4 and picai["num_positive_cases"] == 2
+    assert picai["auroc"] == pytest.approx(1.0)
+    assert picai["auroc_95_ci"] is None and picai["bootstrap_error"]

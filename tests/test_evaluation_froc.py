@@ -129,8 +129,9 @@ def test_two_points_on_one_lesion_count_once_and_no_fp():
     assert summary.fp_scores.size == 0
     assert summary.lesion_score.tolist() == [pytest.approx(0.8)]
     froc = froc_analysis([summary])
-    assert froc["all"]["curve"]["sensitivity"].tolist() == [1.0]
-    assert froc["all"]["curve"]["fp"].tolist() == [0.0]
+    # Thresholds 0.8 and 0.6: the lesion is detected at both, no FP.
+    assert froc["all"]["curve"]["sensitivity"].tolist() == [1.0, 1.0]
+    assert froc["all"]["curve"]["fp"].tolist() == [0.0, 0.0]
 
 
 def test_lesion_diameters_and_index_tie_break():
@@ -180,10 +181,14 @@ def test_froc_three_patients_all_lesions():
     # Thresholds 0.9 .. 0.2; FP detections 0.8, 0.7, 0.6, 0.4, 0.2 over 3 patients; lesions hit
     # at 0.9, 0.5, 0.3 out of 3. Full curve (fp, sens):
     #   0.9 (0, 1/3) 0.8 (1/3, 1/3) 0.7 (2/3, 1/3) 0.6 (1, 1/3) 0.5 (1, 2/3) 0.4 (4/3, 2/3)
-    #   0.3 (4/3, 1) 0.2 (5/3, 1); the inner points of straight runs are left out.
-    np.testing.assert_allclose(result["curve"]["threshold"], [0.9, 0.6, 0.5, 0.4, 0.3, 0.2])
-    np.testing.assert_allclose(result["curve"]["fp"], [0, 1, 1, 4 / 3, 4 / 3, 5 / 3])
-    np.testing.assert_allclose(result["curve"]["sensitivity"], [1 / 3, 1 / 3, 2 / 3, 2 / 3, 1, 1])
+    #   0.3 (4/3, 1) 0.2 (5/3, 1): one point per distinct detection score.
+    np.testing.assert_allclose(
+        result["curve"]["threshold"], [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2]
+    )
+    np.testing.assert_allclose(result["curve"]["fp"], [0, 1 / 3, 2 / 3, 1, 1, 4 / 3, 4 / 3, 5 / 3])
+    np.testing.assert_allclose(
+        result["curve"]["sensitivity"], [1 / 3, 1 / 3, 1 / 3, 1 / 3, 2 / 3, 2 / 3, 1, 1]
+    )
     assert result["num_lesions"] == 3
     # S(x): 1/3 up to FP 1, 2/3 on [1, 4/3), 1 from 4/3.
     expected_sens = {"0.25": 1 / 3, "0.5": 1 / 3, "1": 2 / 3, "2": 1.0, "3": 1.0}
@@ -202,8 +207,9 @@ def test_froc_three_patients_groups():
     # lesion is neither a hit nor a FP, so FP stays 4/3 at 0.3.
     cs = froc["clinically_significant"]
     assert cs["num_lesions"] == 2
-    np.testing.assert_allclose(cs["curve"]["fp"], [0, 1, 1, 5 / 3])
-    np.testing.assert_allclose(cs["curve"]["sensitivity"], [0.5, 0.5, 1, 1])
+    # Thresholds 0.9 .. 0.2: FPs 0.8, 0.7, 0.6, 0.4, 0.2 (not 0.3) over 3 patients.
+    np.testing.assert_allclose(cs["curve"]["fp"], [0, 1 / 3, 2 / 3, 1, 1, 4 / 3, 4 / 3, 5 / 3])
+    np.testing.assert_allclose(cs["curve"]["sensitivity"], [0.5, 0.5, 0.5, 0.5, 1, 1, 1, 1])
     assert cs["sensitivity_at_fp"] == pytest.approx(
         {"0.25": 0.5, "0.5": 0.5, "1": 1.0, "2": 1.0, "3": 1.0}
     )
@@ -262,5 +268,5 @@ def test_annotated_slices_keep_only_detections_on_lesion_slices():
     assert everything[0].fp_scores.tolist() == [pytest.approx(0.8)]
     assert annotated[0].fp_scores.size == 0 and annotated[0].num_slices == 1
     assert (count_patients(everything), count_patients(annotated)) == (2, 1)
-    np.testing.assert_allclose(froc_analysis(everything)["all"]["curve"]["fp"], [0, 1])
+    np.testing.assert_allclose(froc_analysis(everything)["all"]["curve"]["fp"], [0, 0.5, 1])
     np.testing.assert_allclose(froc_analysis(annotated)["all"]["curve"]["fp"], [0])

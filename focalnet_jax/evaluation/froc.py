@@ -85,9 +85,8 @@ def froc_curve(
       detection_scores: `[D]` s1 of all detections (the thresholds).
       num_patients: patients evaluated (lesion-free ones included).
     Returns:
-      (threshold, fp_per_patient, sensitivity), each `[P]`. Points equal to their predecessor, and
-      points inside a horizontal or vertical run (which change neither the polyline nor any
-      summary), are left out. Sensitivity is NaN when the group has no lesion.
+      (threshold, fp_per_patient, sensitivity), each `[P]`, one point per distinct detection
+      score. Sensitivity is NaN when the group has no lesion.
     """
     if num_patients <= 0:
         raise ValueError(f"num_patients must be positive, got {num_patients}")
@@ -99,24 +98,7 @@ def froc_curve(
     fp = num_fp / num_patients
     with np.errstate(invalid="ignore", divide="ignore"):
         sens = num_hit / lesion_sorted.size if lesion_sorted.size else np.full(fp.shape, np.nan)
-    keep = _polyline_corners(fp, num_hit)
-    return thresholds[keep], fp[keep], sens[keep]
-
-
-def _polyline_corners(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """bool mask keeping the first of equal consecutive points and the ends of straight
-    horizontal/vertical runs of a monotone staircase."""
-    keep = np.ones(x.size, bool)
-    if x.size < 2:
-        return keep
-    same = (x[1:] == x[:-1]) & (y[1:] == y[:-1])
-    keep[1:] = ~same
-    xs, ys, idx = x[keep], y[keep], np.nonzero(keep)[0]
-    inner = ((xs[:-2] == xs[1:-1]) & (xs[1:-1] == xs[2:])) | (
-        (ys[:-2] == ys[1:-1]) & (ys[1:-1] == ys[2:])
-    )
-    keep[idx[1:-1][inner]] = False
-    return keep
+    return thresholds, fp, sens
 
 
 def sensitivity_at(fp: np.ndarray, sens: np.ndarray, x) -> np.ndarray:
@@ -170,7 +152,8 @@ def count_patients(summaries: Sequence[CaseSummary]) -> int:
 
 
 def froc_analysis(summaries: Sequence[CaseSummary], num_patients: int | None = None) -> dict:
-    """Per group: curve (threshold, fp, sensitivity), num_lesions and the summaries."""
+    """Per group: curve (threshold, fp, sensitivity), num_lesions, num_patients (the FP
+    denominator, the same for every group) and the summaries."""
     table = lesion_table(summaries)
     if num_patients is None:
         num_patients = count_patients(summaries)
@@ -184,6 +167,7 @@ def froc_analysis(summaries: Sequence[CaseSummary], num_patients: int | None = N
         )
         results[group] = {
             "num_lesions": int(mask.sum()),
+            "num_patients": int(num_patients),
             **froc_summary(fp, sens, int(mask.sum())),
             "curve": {"threshold": threshold, "fp": fp, "sensitivity": sens},
         }

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import warnings
 from collections.abc import Mapping
 
 import numpy as np
 
 from focalnet_jax.evaluation.predictions import CasePredictions
+
+log = logging.getLogger(__name__)
 
 MIN_OVERLAP = 0.1
 
@@ -110,15 +113,7 @@ def picai_metrics(
             "num_positive_cases": int(sum(metrics.case_target.values())),
         }
         if bootstraps > 0:
-            ci = metrics.bootstrap_score_ci(n_bootstraps=bootstraps, seed=seed)
-            out.update(
-                {
-                    "auroc_95_ci": [float(v) for v in ci["auroc_95_ci"]],
-                    "ap_95_ci": [float(v) for v in ci["ap_95_ci"]],
-                    "score_95_ci": [float(v) for v in ci["score_95_ci"]],
-                    "bootstraps": int(bootstraps),
-                }
-            )
+            out.update(_bootstrap_intervals(metrics, bootstraps, seed))
     out.update(
         {
             "picai_eval_version": str(version),
@@ -127,3 +122,24 @@ def picai_metrics(
         }
     )
     return out
+
+
+def _bootstrap_intervals(metrics, bootstraps: int, seed: int) -> dict:
+    """95 % intervals of AUROC, AP and ranking score from picai_eval's case bootstrap.
+
+    On small evaluations a resample can hold only lesion-free cases without candidates, where
+    picai_eval's precision-recall computation fails; the intervals are then null, with the reason.
+    """
+    try:
+        ci = metrics.bootstrap_score_ci(n_bootstraps=bootstraps, seed=seed)
+    except ValueError as error:
+        log.warning("PI-CAI bootstrap intervals not computed: %s", error)
+        return {"bootstraps": int(bootstraps), "bootstrap_error": str(error)} | {
+            key: None for key in ("auroc_95_ci", "ap_95_ci", "score_95_ci")
+        }
+    return {
+        "auroc_95_ci": [float(v) for v in ci["auroc_95_ci"]],
+        "ap_95_ci": [float(v) for v in ci["ap_95_ci"]],
+        "score_95_ci": [float(v) for v in ci["score_95_ci"]],
+        "bootstraps": int(bootstraps),
+    }
