@@ -81,25 +81,25 @@ def load_for_inference(workdir: str | Path, step: int | None = None):
     if not (workdir / CHECKPOINT_DIR).is_dir():
         raise FileNotFoundError(f"workdir {workdir}: no checkpoint under {CHECKPOINT_DIR}/")
     manager = make_manager(workdir, read_only=True)
-    steps = manager.all_steps()
-    if not steps:
-        manager.close()
-        raise FileNotFoundError(f"workdir {workdir}: no checkpoint under {CHECKPOINT_DIR}/")
-    if step is not None and step not in steps:
-        manager.close()
-        raise FileNotFoundError(f"workdir {workdir}: no checkpoint at step {step}; has {steps}")
-    components = tuple(config.data.components)
-    model, _ = train_state.build_run_model(config)
-    mesh = jax.make_mesh((1,), (sharding.DATA_AXIS,), devices=jax.local_devices()[:1])
-    tx = train_state.make_optimizer(config.optim)
-    abstract = train_state.abstract_train_state(model, tx, (1, 128, 128, len(components)), mesh)
     try:
-        state = restore(manager, abstract, step)
-    except (ValueError, KeyError, TypeError) as error:
-        raise ValueError(
-            f"workdir {workdir}: checkpoint does not match the model of its {CONFIG_FILE} "
-            f"({config.model.name}, depth {config.model.depth}): {error}"
-        ) from error
+        steps = manager.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"workdir {workdir}: no checkpoint under {CHECKPOINT_DIR}/")
+        if step is not None and step not in steps:
+            raise FileNotFoundError(f"workdir {workdir}: no checkpoint at step {step}; has {steps}")
+        model, _ = train_state.build_run_model(config)
+        mesh = jax.make_mesh((1,), (sharding.DATA_AXIS,), devices=jax.local_devices()[:1])
+        tx = train_state.make_optimizer(config.optim)
+        # Parameter shapes do not depend on the image size: any input size describes the state.
+        shape = (1, 128, 128, len(config.data.components))
+        abstract = train_state.abstract_train_state(model, tx, shape, mesh)
+        try:
+            state = restore(manager, abstract, step)
+        except (ValueError, KeyError, TypeError) as error:
+            raise ValueError(
+                f"workdir {workdir}: checkpoint does not match the model of its {CONFIG_FILE} "
+                f"({config.model.name}, depth {config.model.depth}): {error}"
+            ) from error
     finally:
         manager.close()
     variables = {"params": state.params, "batch_stats": state.batch_stats}

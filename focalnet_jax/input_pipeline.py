@@ -12,6 +12,7 @@ one global array by `jax.make_array_from_process_local_data`. A background threa
 
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 from collections.abc import Iterator, Sequence
@@ -135,6 +136,7 @@ class TrainBatches:
                 f"train.batch_size={global_batch}"
             )
 
+    @functools.lru_cache(maxsize=2)  # noqa: B019 - one permutation per epoch, not per step
     def epoch_order(self, epoch: int) -> np.ndarray:
         return np.random.default_rng((self.seed, epoch)).permutation(self.rows)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
-from test_train_helpers import REPO, FakeStore, tiny_config
+from test_train_helpers import REPO, FakeStore, fast_compiles, tiny_config
 
 from focalnet_jax import input_pipeline, losses, sharding
 from focalnet_jax.training import step as step_lib
@@ -33,10 +33,8 @@ _RESULTS: dict[str, dict] = {}  # configs that resolve identically are run once
 
 @pytest.fixture(scope="module", autouse=True)
 def _fast_compiles():
-    previous = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
+    with fast_compiles():
+        yield
 
 
 def test_every_config_file_is_listed():

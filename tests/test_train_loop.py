@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from test_train_helpers import REPO, FakeStore, tiny_config
+from test_train_helpers import REPO, FakeStore, fast_compiles, tiny_config
 
 from focalnet_jax import checkpoint
 from focalnet_jax.training import train_and_evaluate
@@ -30,20 +30,16 @@ MULTI_DEVICE_RTOL, MULTI_DEVICE_ATOL = 1e-4, 1e-6  # float32 reductions in anoth
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """`full`: 20 steps at once; `resumed`: 10 steps, then restarted to 20 in the same workdir."""
-    previous = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", True)
     root = tmp_path_factory.mktemp("train_loop")
     store = FakeStore()
     out = {"store": store, "root": root}
-    try:
+    with fast_compiles():
         full = tiny_config(overrides=[*RUN, "--config.train.steps=20"])
         out["full"] = jax.device_get(train_and_evaluate(full, root / "full", store=store))
         half = tiny_config(overrides=[*RUN, "--config.train.steps=10"])
         out["half"] = jax.device_get(train_and_evaluate(half, root / "resumed", store=store))
         shutil.copytree(root / "resumed", root / "nan")
         out["resumed"] = jax.device_get(train_and_evaluate(full, root / "resumed", store=store))
-    finally:
-        jax.config.update("jax_disable_most_optimizations", previous)
     return out
 
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from test_train_helpers import COMPONENTS, tiny_config
+from test_train_helpers import COMPONENTS, fast_compiles, tiny_config
 
 from focalnet_jax import encoding, losses, sharding
 from focalnet_jax.models import build_model
@@ -25,10 +25,8 @@ LAMBDA = 1000.0
 
 @pytest.fixture(scope="module", autouse=True)
 def _fast_compiles():
-    previous = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
+    with fast_compiles():
+        yield
 
 
 def _batch(seed=0, size=32, batch=4):
