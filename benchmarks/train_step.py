@@ -1,6 +1,7 @@
 """Train-step speed: the FL-only step and the FL+MFL step (vmap and select modes) side by side.
 
-    python benchmarks/train_step.py --config configs/focalnet.py [--steps 20] [--config.k=v ...]
+    python benchmarks/train_step.py --config configs/focalnet.py [--steps 20] [--kinds fl,...]
+        [--config.k=v ...]
 
 Prints one JSON line: per step kind, images/s, step time, compile time and peak device memory
 (`device.memory_stats()['peak_bytes_in_use']`, null where the backend has none), the MFL/FL
@@ -17,12 +18,19 @@ import json
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from focalnet_jax import sharding
 from focalnet_jax.config_loading import load_config
 from focalnet_jax.training import step as step_lib
 from focalnet_jax.training import train_state
+
+KINDS = {
+    "fl": ["--config.loss.mfl=false"],
+    "fl_mfl_vmap": ["--config.loss.mfl=true", "--config.loss.mfl_mode=vmap"],
+    "fl_mfl_select": ["--config.loss.mfl=true", "--config.loss.mfl_mode=select"],
+}
 
 
 def _batch(batch_size: int, size: int, channels: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -55,16 +63,16 @@ def measure(config, *, steps: int, size: int) -> dict:
     batch = jax.device_put(
         _batch(config.train.batch_size, size, len(components)), sharding.batch_sharding(mesh)
     )
-    key = jax.random.key(1)
+    key, lam = jax.random.key(1), jnp.float32(100.0)
     start = time.perf_counter()
-    step = step_lib.make_train_step(model, config, tx, mesh, mfl_weight=100.0)
-    compiled = step.lower(state, batch, key).compile()
+    step = step_lib.make_train_step(model, config, tx, mesh)
+    compiled = step.lower(state, batch, key, lam).compile()
     compile_time = time.perf_counter() - start
-    state, metrics = compiled(state, batch, key)
+    state, metrics = compiled(state, batch, key, lam)
     jax.block_until_ready(metrics)
     start = time.perf_counter()
     for _ in range(steps):
-        state, metrics = compiled(state, batch, key)
+        state, metrics = compiled(state, batch, key, lam)
     jax.block_until_ready((state, metrics))
     step_time = (time.perf_counter() - start) / steps
     return {
@@ -81,18 +89,24 @@ def main(argv=None) -> None:
     parser.add_argument("--config", required=True, help="config file[:arg]")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per kind")
     parser.add_argument("--size", type=int, default=128, help="slice size (store: 128)")
+    parser.add_argument(
+        "--kinds",
+        default=",".join(KINDS),
+        help=f"comma-separated step kinds to time, of {','.join(KINDS)} (ratios need fl)",
+    )
     args, overrides = parser.parse_known_args(argv)
-    kinds = {
-        "fl": ["--config.loss.mfl=false"],
-        "fl_mfl_vmap": ["--config.loss.mfl=true", "--config.loss.mfl_mode=vmap"],
-        "fl_mfl_select": ["--config.loss.mfl=true", "--config.loss.mfl_mode=select"],
-    }
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    unknown = sorted(set(kinds) - set(KINDS))
+    if unknown or not kinds:
+        parser.error(f"--kinds: expected names from {','.join(KINDS)}, got {args.kinds!r}")
     result = {"config": args.config, "overrides": overrides}
-    for kind, extra in kinds.items():
-        config = load_config(args.config, [*overrides, *extra])
+    for kind in kinds:
+        config = load_config(args.config, [*overrides, *KINDS[kind]])
         result[kind] = measure(config, steps=args.steps, size=args.size)
     for kind in ("fl_mfl_vmap", "fl_mfl_select"):
-        result[f"ratio_{kind}_to_fl"] = result[kind]["step_time_s"] / result["fl"]["step_time_s"]
+        if "fl" in result and kind in result:
+            ratio = result[kind]["step_time_s"] / result["fl"]["step_time_s"]
+            result[f"ratio_{kind}_to_fl"] = ratio
     device = jax.devices()[0]
     result.update(
         device_kind=device.device_kind,

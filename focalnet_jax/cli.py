@@ -7,6 +7,7 @@ that imports the module doing the work lazily (so `focalnet synth` does not pay 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -144,6 +145,15 @@ def _add_distributed_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--process_id", type=int, help="this process's rank, 0..N-1")
 
 
+def _add_compilation_cache_flag(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument(
+        "--compilation_cache",
+        type=Path,
+        help="folder of the persistent XLA compilation cache, so restarts and folds reuse the "
+        f"compiled steps (default: {default})",
+    )
+
+
 def _add_train(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config",
@@ -155,12 +165,35 @@ def _add_train(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--fold", type=int, help="shortcut for --config.data.fold")
     parser.epilog = "Any config field can be overridden: --config.train.steps=100 --config.seed=1"
+    _add_compilation_cache_flag(parser, "$JAX_COMPILATION_CACHE_DIR, else none")
     _add_distributed_flags(parser)
+
+
+@contextlib.contextmanager
+def _compilation_cache(path: Path | None):
+    """JAX's persistent compilation cache in `path` for the block (None: JAX's own setting,
+    `$JAX_COMPILATION_CACHE_DIR`); the previous setting is restored after it."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+
+    previous = jax.config.jax_compilation_cache_dir
+    if path is None or str(path) == previous:
+        yield
+        return
+    compilation_cache.reset_cache()  # the cache reads its folder once, when first used
+    compilation_cache.set_cache_dir(str(path))
+    try:
+        yield
+    finally:
+        compilation_cache.reset_cache()
+        compilation_cache.set_cache_dir(previous)
 
 
 def _training_setup(args: argparse.Namespace, command: str):
     """Join the process group, load the config with its overrides; returns the config."""
     import logging
+
+    import jax
 
     from focalnet_jax import distributed
     from focalnet_jax.config_loading import load_config
@@ -176,24 +209,25 @@ def _training_setup(args: argparse.Namespace, command: str):
     if args.fold is not None:
         config.data.fold = args.fold
 
-    import jax
-
     logging.getLogger("focalnet_jax").info(
-        "process %d/%d, %d local / %d global devices (%s)",
+        "process %d/%d, %d local / %d global devices (%s), compilation cache: %s",
         jax.process_index(),
         jax.process_count(),
         jax.local_device_count(),
         jax.device_count(),
         jax.devices()[0].device_kind,
+        (jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir)
+        or "none",
     )
     return config
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    config = _training_setup(args, "train")
     from focalnet_jax.training import train_and_evaluate
 
-    train_and_evaluate(config, args.workdir)
+    with _compilation_cache(args.compilation_cache):
+        config = _training_setup(args, "train")
+        train_and_evaluate(config, args.workdir)
     print(f"checkpoints and TensorBoard logs in {args.workdir}")
     return 0
 
@@ -205,20 +239,29 @@ def _add_cv(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--folds", help="comma-separated folds (default: all of data.num_folds)")
     parser.add_argument("--fold", type=int, help=argparse.SUPPRESS)
+    _add_compilation_cache_flag(
+        parser, "$JAX_COMPILATION_CACHE_DIR, else WORKDIR/compilation_cache"
+    )
     _add_distributed_flags(parser)
 
 
 def _run_cv(args: argparse.Namespace) -> int:
-    config = _training_setup(args, "cv")
+    import jax
+
     from focalnet_jax.training import train_and_evaluate
 
-    if args.folds:
-        folds = [int(f) for f in args.folds.split(",")]
-    else:
-        folds = list(range(config.data.num_folds))
-    for fold in folds:
-        config.data.fold = fold
-        train_and_evaluate(config, args.workdir / f"fold{fold}")
+    cache = args.compilation_cache
+    if cache is None and not jax.config.jax_compilation_cache_dir:
+        cache = args.workdir / "compilation_cache"
+    with _compilation_cache(cache):
+        config = _training_setup(args, "cv")
+        if args.folds:
+            folds = [int(f) for f in args.folds.split(",")]
+        else:
+            folds = list(range(config.data.num_folds))
+        for fold in folds:
+            config.data.fold = fold
+            train_and_evaluate(config, args.workdir / f"fold{fold}")
     print(f"trained folds {folds}; runs in {args.workdir}/fold<k>")
     return 0
 

@@ -10,7 +10,6 @@ demo continues where it stopped. About 4 minutes on 2 CPU cores.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import shlex
 import sys
 import time
@@ -65,15 +64,12 @@ def main(argv: list[str] | None = None) -> int:
             *extra,
         ]
     )
-    if importlib.util.find_spec("focalnet_jax.evaluation.inference") is not None:
-        _run(["evaluate", f"--workdir={workdir}", "--picai-bootstraps=0"])
-        where = f"metrics and figures in {workdir / 'eval'}"
-    else:
-        where = "evaluation is not available in this version"
+    _run(["evaluate", f"--workdir={workdir}", "--picai-bootstraps=0"])
     minutes = (time.perf_counter() - start) / 60
     print(
         f"\ndemo finished in {minutes:.1f} min: checkpoints in {workdir / 'checkpoints'}, "
-        f"TensorBoard logs in {workdir / 'tb'} (tensorboard --logdir {workdir}); {where}"
+        f"TensorBoard logs in {workdir / 'tb'} (tensorboard --logdir {workdir}); "
+        f"metrics and figures in {workdir / 'eval'}"
     )
     return 0
 

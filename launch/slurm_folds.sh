@@ -12,6 +12,9 @@
 #SBATCH --output=%x-%A_%a.out
 set -euo pipefail
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
+# One cache for the array: a requeued or restarted task reuses the compiled steps, and since the
+# MFL weight is an operand of the step, every fold's step is the same executable.
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-${WORKDIR:?set WORKDIR}/compilation_cache}
 python -m focalnet_jax.cli train --config "${CONFIG:?set CONFIG}" \
     --workdir "${WORKDIR:?set WORKDIR}/fold${SLURM_ARRAY_TASK_ID}" \
     --fold "${SLURM_ARRAY_TASK_ID}" "$@"

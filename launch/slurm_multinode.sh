@@ -13,5 +13,7 @@
 set -euo pipefail
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_latency_hiding_scheduler=true"
+# On the shared file system: a requeued job reuses the compiled steps.
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-${WORKDIR:?set WORKDIR}/compilation_cache}
 srun python -m focalnet_jax.cli train --config "${CONFIG:?set CONFIG}" \
     --workdir "${WORKDIR:?set WORKDIR}" "$@"

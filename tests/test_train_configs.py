@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from test_train_helpers import REPO, FakeStore, fast_compiles, tiny_config
@@ -57,21 +58,21 @@ def _two_steps(config) -> dict:
         mesh,
         seed=0,
     )
-    step = step_lib.make_train_step(model, config, tx, mesh, mfl_weight=50.0)
+    step = step_lib.make_train_step(model, config, tx, mesh)
     placed = sharding.batch_sharding(mesh)
     abstract_batch = {
         k: jax.ShapeDtypeStruct((batch_size, *v.shape[1:]), v.dtype, sharding=placed)
         for k, v in batches.local_batch(0).items()
     }
-    key = jax.random.key(0)
+    key, lam = jax.random.key(0), jnp.float32(50.0)
     compiled = step.lower(
-        train_state.abstract_train_state(model, tx, shape, mesh), abstract_batch, key
+        train_state.abstract_train_state(model, tx, shape, mesh), abstract_batch, key, lam
     ).compile()
     state = train_state.create_train_state(model, tx, key, shape, mesh)
     initial = jax.device_get(state.params)
     history = []
     for s in range(2):
-        state, metrics = compiled(state, batches.device_batch(s), key)
+        state, metrics = compiled(state, batches.device_batch(s), key, lam)
         history.append(jax.device_get(metrics))
     change = max(
         float(np.max(np.abs(a - b)))

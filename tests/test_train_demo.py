@@ -4,6 +4,7 @@ logs the MFL term and the chosen-subset shares."""
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -60,15 +61,31 @@ def test_run_directory_reloads_for_inference(demo_run):
     assert all(isinstance(v, np.ndarray) for v in __import__("jax").tree.leaves(variables))
 
 
-def test_cv_trains_the_requested_folds_in_their_own_directories(demo_run, tmp_path):
+@pytest.fixture
+def cache_every_compilation():
+    """The persistent compilation cache keeps every executable, however fast it compiled."""
+    previous = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    yield
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", previous)
+
+
+def test_cv_trains_the_requested_folds_in_their_own_directories(
+    demo_run, tmp_path, cache_every_compilation
+):
     workdir, _ = demo_run
     store = checkpoint.read_config(workdir).data.store
-    cv = ["cv", f"--config={REPO / 'configs' / 'demo.py'}", f"--workdir={tmp_path}", "--folds=1"]
+    cv = ["cv", f"--config={REPO / 'configs' / 'demo.py'}", f"--workdir={tmp_path}", "--folds=1,0"]
     cv += [f"--config.data.store={store}", "--config.train.steps=2", "--config.train.eval_every=0"]
     assert cli.main(cv) == 0
-    assert [p.name for p in tmp_path.iterdir()] == ["fold1"]
-    config, _ = checkpoint.load_for_inference(tmp_path / "fold1")
-    assert config.data.fold == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["compilation_cache", "fold0", "fold1"]
+    for fold in (0, 1):
+        config, _ = checkpoint.load_for_inference(tmp_path / f"fold{fold}")
+        assert config.data.fold == fold
+    # Both folds (each with its own MFL weight) ran one compiled train step, kept in the cache.
+    cached = [p.name for p in (tmp_path / "compilation_cache").iterdir()]
+    assert len([n for n in cached if n.startswith("jit_per_device_step-")]) == 1, cached
+    assert jax.config.jax_compilation_cache_dir is None  # restored after the command
     with pytest.raises(SystemExit, match="unknown config key 'train.stepz'"):
         cli.main(
             [

@@ -160,3 +160,34 @@ def test_batch_not_divisible_by_devices_is_an_error():
     assert sharding.per_device_batch(3, mesh) == 3
     with pytest.raises(ValueError, match="train.batch_size=0"):
         sharding.per_device_batch(0, mesh)
+
+
+def test_one_compiled_step_serves_every_mfl_weight():
+    """lambda is an operand of the train step, not a constant of it: two folds' lambdas run one
+    executable (so a persistent compilation cache serves every fold), and each step's loss is
+    FL + lambda * MFL with its own lambda."""
+    config = tiny_config()
+    mesh = sharding.make_mesh()
+    model, _ = train_state.build_run_model(config, axis_name=sharding.DATA_AXIS)
+    tx = train_state.make_optimizer(config.optim)
+    step = step_lib.make_train_step(model, config, tx, mesh)
+    images, classes, grade_known = _batch()
+    batch = jax.device_put(
+        {
+            "images": images,
+            "classes": classes,
+            "grade_known": grade_known,
+            "t2w_lower_ratio": jnp.zeros(images.shape[0], jnp.float32),
+        },
+        sharding.batch_sharding(mesh),
+    )
+    key = jax.random.key(0)
+    for lam in (10.0, 250.0):
+        state = train_state.create_train_state(model, tx, key, (1, 32, 32, 2), mesh)
+        _, metrics = step(state, batch, key, jnp.float32(lam))
+        assert float(metrics["mfl_weight"]) == lam
+        assert float(metrics["mfl"]) > 0
+        np.testing.assert_allclose(
+            metrics["loss"], metrics["ordinal_focal"] + lam * metrics["mfl"], rtol=1e-5
+        )
+    assert step._cache_size() == 1

@@ -196,7 +196,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
         )
 
     # Steps.
-    train_step = step_lib.make_train_step(model, config, tx, mesh, mfl_weight=lam)
+    train_step = step_lib.make_train_step(model, config, tx, mesh)
+    lam_operand = jnp.float32(lam)
     eval_step = step_lib.make_eval_step(model, config, mesh)
     writer = SummaryWriter(workdir / "tb")
     first_bad = jnp.int32(-1)
@@ -218,7 +219,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     try:
         last_time, last_step = time.perf_counter(), start
         for step, batch in batches.iterate(start, num_steps):
-            state, metrics = train_step(state, batch, train_key)
+            state, metrics = train_step(state, batch, train_key, lam_operand)
             first_bad = _first_bad(first_bad, metrics["loss"], metrics["grad_norm"], step)
             done = step + 1
             progress.update(1)

@@ -84,10 +84,12 @@ def make_loss_fn(
     loss_config: ml_collections.ConfigDict,
     components: Sequence[str],
     *,
-    mfl_weight: float = 0.0,
+    mfl_weight: float | jax.Array = 0.0,
 ):
     """`loss_fn(params, batch_stats, images, classes, grade_known)`
     `-> (total, (terms, batch_stats))`.
+
+    `mfl_weight`: lambda, a number or a traced float32 scalar.
 
     images `[B,H,W,C]` (already augmented and clipped), classes / grade_known `[B,H,W]`. `terms`:
     the named loss, `mfl`, `mfl_weight` and `mfl_subset_share [M]` (share of slices whose MFL
@@ -137,7 +139,7 @@ def make_loss_fn(
             total = total + mfl_weight * mfl
             terms["mfl"] = mfl
             terms["mfl_subset_share"] = jnp.mean(jax.nn.one_hot(chosen, len(subsets)), axis=0)
-        terms["mfl_weight"] = jnp.float32(mfl_weight if use_mfl else 0.0)
+        terms["mfl_weight"] = jnp.asarray(mfl_weight if use_mfl else 0.0, jnp.float32)
         return total, (terms, new_batch_stats)
 
     return loss_fn
@@ -148,26 +150,26 @@ def make_train_step(
     config: ml_collections.ConfigDict,
     tx: optax.GradientTransformation,
     mesh: Mesh,
-    *,
-    mfl_weight: float,
 ):
-    """Jitted `train_step(state, batch, key) -> (state, metrics)`, the state donated.
+    """Jitted `train_step(state, batch, key, mfl_weight) -> (state, metrics)`, the state donated.
 
     batch: `images [B,H,W,C]` float32 (T2w unclipped), `classes [B,H,W]` int32, `grade_known
     [B,H,W]` uint8, `t2w_lower_ratio [B]` float32 (air / bladder), sharded over `data`; key: the
-    run's base key. Per-slice augmentation keys are `fold_in(fold_in(key, step), global row)`, so
-    results do not depend on the device count.
+    run's base key; `mfl_weight`: lambda of eq. 4, a float32 scalar operand rather than a constant
+    of the compiled step, so every fold (each with its own lambda) runs the same executable and a
+    persistent compilation cache (`JAX_COMPILATION_CACHE_DIR`) serves folds and restarts.
+    Per-slice augmentation keys are `fold_in(fold_in(key, step), global row)`, so results do not
+    depend on the device count.
     Metrics (replicated scalars): `loss`, each term, `mfl_weight`, `lr`, `grad_norm`,
     `param_norm`, `mfl_subset_share [M]`.
     """
     components = tuple(config.data.components)
-    loss_fn = make_loss_fn(model, config.loss, components, mfl_weight=mfl_weight)
     schedule = learning_rate_schedule(config.optim)
     aug = config.augment
     augmenting = aug.shift or aug.scale or aug.flip or aug.intensity
     t2w_channel = components.index("t2w") if "t2w" in components else None
 
-    def per_device_step(state: TrainState, batch, key):
+    def per_device_step(state: TrainState, batch, key, mfl_weight):
         images, classes, grade_known = batch["images"], batch["classes"], batch["grade_known"]
         local = images.shape[0]
         rows = lax.axis_index(DATA_AXIS) * local + jnp.arange(local)
@@ -190,6 +192,7 @@ def make_train_step(
         # autodiff would already sum over devices). Cross-device BatchNorm terms still arrive
         # through the transposed statistics collectives; the pmean then averages over devices.
         params = lax.pcast(state.params, DATA_AXIS, to="varying")
+        loss_fn = make_loss_fn(model, config.loss, components, mfl_weight=mfl_weight)
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (total, (terms, batch_stats)), grads = grad_fn(
             params, state.batch_stats, images, classes, grade_known
@@ -209,7 +212,7 @@ def make_train_step(
     sharded = jax.shard_map(
         per_device_step,
         mesh=mesh,
-        in_specs=(P(), P(DATA_AXIS), P()),
+        in_specs=(P(), P(DATA_AXIS), P(), P()),
         out_specs=(P(), P()),
     )
     return jax.jit(sharded, donate_argnums=0)

@@ -1,0 +1,74 @@
+"""The benchmark scripts run and report what they claim, on a tiny model (their numbers are not
+checked here: speed targets live in the benchmarks, not in tests)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from test_train_helpers import REPO, TINY
+
+from focalnet_jax import cli
+
+
+def _run(script: str, *args: str) -> dict:
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / script), *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 1, done.stdout  # one JSON line, nothing else on stdout
+    return json.loads(lines[0])
+
+
+@pytest.fixture(scope="module")
+def small_store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    data, store = root / "data", root / "store"
+    assert cli.main(["synth", f"--out={data}", "--cases=10", "--seed=2", "--small"]) == 0
+    preprocess = ["preprocess", "--layout=picai", f"--images={data / 'images'}"]
+    preprocess += [f"--labels={data / 'labels'}", f"--masks={data / 'masks'}", f"--out={store}"]
+    assert cli.main(preprocess) == 0
+    return store
+
+
+def test_train_step_benchmark_times_the_chosen_kinds():
+    result = _run(
+        "train_step.py",
+        "--config=configs/focalnet.py",
+        "--kinds=fl,fl_mfl_select",
+        "--steps=1",
+        "--size=32",
+        *TINY,
+    )
+    assert {"fl", "fl_mfl_select"} <= set(result) and "fl_mfl_vmap" not in result
+    assert result["ratio_fl_mfl_select_to_fl"] == pytest.approx(
+        result["fl_mfl_select"]["step_time_s"] / result["fl"]["step_time_s"]
+    )
+    assert result["model"] == "deeplab-18 width 0.125 OS 16 float32"
+    assert result["platform"] == "cpu" and result["batch_size"] == 4
+
+
+def test_fold_time_benchmark_projects_the_paper_fold_from_a_short_run(small_store):
+    result = _run(
+        "fold_time.py",
+        "--config=configs/focalnet.py",
+        f"--store={small_store}",
+        "--train-slices=40",
+        "--max-steps=6",
+        *TINY,
+        "--config.train.log_every=2",
+    )
+    # 200 epochs of 40 // 4 = 10 steps: 2000 steps, of which 6 ran.
+    assert (result["fold_steps"], result["steps_run"], result["projected"]) == (2000, 6, True)
+    steady, overhead = result["steady_step_time_s"], result["overhead_s"]
+    assert steady > 0 and overhead > 0
+    assert result["wall_s"] == pytest.approx(overhead + 6 * steady)
+    assert result["projected_fold_s"] == pytest.approx(overhead + 2000 * steady)
+    assert result["mfl"] == "vmap" and result["store_train_slices"] > 0
