@@ -36,35 +36,11 @@ import jax
 import numpy as np
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from focalnet_jax import cli
 from focalnet_jax.config_loading import load_config
 from focalnet_jax.data.store import open_store
+from focalnet_jax.demo import synthetic_store
 from focalnet_jax.training import train_and_evaluate
 from focalnet_jax.training.loop import split_rows, total_steps
-
-
-def synthetic_store(out: Path, cases: int, workers: int) -> Path:
-    """A store of `cases` synthetic cases under `out` (made once, then reused)."""
-    data, store = out / "data", out / "store"
-    with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON line
-        if not (data / "marksheet.csv").is_file():
-            if cli.main(["synth", f"--out={data}", f"--cases={cases}"]):
-                raise SystemExit(f"writing {cases} synthetic cases to {data} failed")
-        if not (store / "cases.json").is_file():
-            status = cli.main(
-                [
-                    "preprocess",
-                    "--layout=picai",
-                    f"--images={data / 'images'}",
-                    f"--labels={data / 'labels'}",
-                    f"--masks={data / 'masks'}",
-                    f"--out={store}",
-                    f"--workers={workers}",
-                ]
-            )
-            if status:
-                raise SystemExit(f"preprocessing the synthetic cases into {store} failed")
-    return store
 
 
 def step_intervals(workdir: Path, batch_size: int) -> list[float]:
@@ -89,7 +65,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--max-steps", type=int, default=0, help="stop early and project; 0 = all")
     args, overrides = parser.parse_known_args(argv)
-    store = args.store or synthetic_store(args.out, args.cases, args.workers)
+    if args.store is None:
+        with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON line
+            args.store = synthetic_store(args.out, cases=args.cases, workers=args.workers)
+    store = args.store
 
     config = load_config(args.config, [*overrides, f"--config.data.store={store}"])
     batch = config.train.batch_size

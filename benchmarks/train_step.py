@@ -7,7 +7,9 @@ Prints one JSON line: per step kind, images/s, step time, compile time and peak 
 (`device.memory_stats()['peak_bytes_in_use']`, null where the backend has none), the MFL/FL
 step-time ratios, and the device kind. Inputs are random slices of the store's size (128 x 128)
 with square lesions, so no store is needed. Each step is compiled once (`lower().compile()`, timed),
-run once to warm up, then timed over `--steps` steps with `block_until_ready`.
+run once to warm up, then timed over `--steps` steps with `block_until_ready`. FLOPs per step are
+XLA's count for the lowered step (`Lowered.cost_analysis()`), so `tflops_per_s` is the achieved
+arithmetic rate.
 """
 
 from __future__ import annotations
@@ -66,7 +68,9 @@ def measure(config, *, steps: int, size: int) -> dict:
     key, lam = jax.random.key(1), jnp.float32(100.0)
     start = time.perf_counter()
     step = step_lib.make_train_step(model, config, tx, mesh)
-    compiled = step.lower(state, batch, key, lam).compile()
+    lowered = step.lower(state, batch, key, lam)
+    flops = (lowered.cost_analysis() or {}).get("flops")
+    compiled = lowered.compile()
     compile_time = time.perf_counter() - start
     state, metrics = compiled(state, batch, key, lam)
     jax.block_until_ready(metrics)
@@ -79,6 +83,8 @@ def measure(config, *, steps: int, size: int) -> dict:
         "images_per_s": config.train.batch_size / step_time,
         "step_time_s": step_time,
         "compile_time_s": compile_time,
+        "flops_per_step": flops,
+        "tflops_per_s": flops / step_time / 1e12 if flops else None,
         "peak_memory_bytes": _peak_memory(),
         "final_loss": float(metrics["loss"]),
     }

@@ -27,6 +27,27 @@ def _run(argv: list[str]) -> None:
         raise SystemExit(f"focalnet {argv[0]} failed with status {status}")
 
 
+def synthetic_store(out: Path, *, cases: int, seed: int = 0, workers: int = 2) -> Path:
+    """`focalnet synth` into `out/data`, then `focalnet preprocess` into `out/store` (each skipped
+    when its output is already there); returns the store folder."""
+    data, store = out / "data", out / "store"
+    if not (data / "marksheet.csv").is_file():
+        _run(["synth", "--out", str(data), "--cases", str(cases), "--seed", str(seed)])
+    if not (store / "cases.json").is_file():
+        _run(
+            [
+                "preprocess",
+                "--layout=picai",
+                f"--images={data / 'images'}",
+                f"--labels={data / 'labels'}",
+                f"--masks={data / 'masks'}",
+                f"--out={store}",
+                f"--workers={workers}",
+            ]
+        )
+    return store
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m focalnet_jax.demo", description=__doc__)
     parser.add_argument("--out", type=Path, required=True, help="folder for data, store and run")
@@ -37,23 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if not CONFIG.is_file():
         raise SystemExit(f"{CONFIG} not found: run the demo from a clone of the repository")
-    data, store, workdir = args.out / "data", args.out / "store", args.out / "run"
+    workdir = args.out / "run"
     start = time.perf_counter()
-
-    if not (data / "marksheet.csv").is_file():
-        _run(["synth", "--out", str(data), "--cases", str(args.cases), "--seed", str(args.seed)])
-    if not (store / "cases.json").is_file():
-        _run(
-            [
-                "preprocess",
-                "--layout=picai",
-                f"--images={data / 'images'}",
-                f"--labels={data / 'labels'}",
-                f"--masks={data / 'masks'}",
-                f"--out={store}",
-                f"--workers={args.workers}",
-            ]
-        )
+    store = synthetic_store(args.out, cases=args.cases, seed=args.seed, workers=args.workers)
     _run(
         [
             "train",

@@ -51,6 +51,11 @@ def test_train_step_benchmark_times_the_chosen_kinds():
     assert result["ratio_fl_mfl_select_to_fl"] == pytest.approx(
         result["fl_mfl_select"]["step_time_s"] / result["fl"]["step_time_s"]
     )
+    for kind in ("fl", "fl_mfl_select"):
+        assert result[kind]["flops_per_step"] > 0
+        assert result[kind]["tflops_per_s"] == pytest.approx(
+            result[kind]["flops_per_step"] / result[kind]["step_time_s"] / 1e12
+        )
     assert result["model"] == "deeplab-18 width 0.125 OS 16 float32"
     assert result["platform"] == "cpu" and result["batch_size"] == 4
 

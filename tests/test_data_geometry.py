@@ -57,3 +57,18 @@ def test_kept_slices_map_through_slice_index():
     assert CropGeometry.from_dict(kept.to_dict()) == kept
     with pytest.raises(ValueError, match="no slices"):
         geometry.with_slices([]).world_to_pixel(*full)
+
+
+def test_geometry_records_the_whole_t2w_grid():
+    t2w = _oblique_t2w()
+    geometry = CropGeometry.centred(t2w, t2w.TransformContinuousIndexToPhysicalPoint((192, 192, 5)))
+    grid = CropGeometry.from_dict(geometry.to_dict()).t2w_reference_image()
+    assert grid.GetSize() == t2w.GetSize()
+    np.testing.assert_allclose(grid.GetOrigin(), t2w.GetOrigin(), atol=1e-12)
+    np.testing.assert_allclose(grid.GetSpacing(), t2w.GetSpacing(), atol=1e-12)
+    np.testing.assert_allclose(grid.GetDirection(), t2w.GetDirection(), atol=1e-12)
+    # Stores written before the size was recorded still open; only this map needs it.
+    old = {k: v for k, v in geometry.to_dict().items() if k != "t2w_size"}
+    assert CropGeometry.from_dict(old).t2w_size is None
+    with pytest.raises(ValueError, match="T2w grid size"):
+        CropGeometry.from_dict(old).t2w_reference_image()

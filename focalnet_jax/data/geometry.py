@@ -26,6 +26,7 @@ class CropGeometry:
 
     Attributes:
       t2w_origin, t2w_spacing, t2w_direction: the T2w series grid (direction row-major 3x3).
+      t2w_size: T2w voxels along (x, y, z); None in stores written before it was recorded.
       corner_index: T2w continuous index (i0, j0) of crop pixel (row 0, col 0).
       spacing: crop pixel size (mm), equal along rows and columns.
       size: crop pixels per side.
@@ -39,6 +40,7 @@ class CropGeometry:
     spacing: float
     size: int
     slice_index: tuple[int, ...]
+    t2w_size: tuple[int, int, int] | None = None
 
     @classmethod
     def centred(
@@ -65,6 +67,7 @@ class CropGeometry:
             spacing=float(spacing),
             size=int(size),
             slice_index=tuple(int(k) for k in slice_index),
+            t2w_size=tuple(int(v) for v in t2w.GetSize()),
         )
 
     def with_slices(self, slice_index) -> CropGeometry:
@@ -80,6 +83,16 @@ class CropGeometry:
         reference = sitk.Image(self.size, self.size, int(num_slices), sitk.sitkFloat32)
         reference.SetOrigin(tuple(float(v) for v in origin))
         reference.SetSpacing((self.spacing, self.spacing, self.t2w_spacing[2]))
+        reference.SetDirection(self.t2w_direction)
+        return reference
+
+    def t2w_reference_image(self) -> sitk.Image:
+        """An empty image on the whole T2w series grid (for resampling crop maps back to it)."""
+        if self.t2w_size is None:
+            raise ValueError("this crop geometry does not record the T2w grid size")
+        reference = sitk.Image(*self.t2w_size, sitk.sitkFloat32)
+        reference.SetOrigin(self.t2w_origin)
+        reference.SetSpacing(self.t2w_spacing)
         reference.SetDirection(self.t2w_direction)
         return reference
 
@@ -164,6 +177,7 @@ class CropGeometry:
             "spacing": self.spacing,
             "size": self.size,
             "slice_index": list(self.slice_index),
+            "t2w_size": None if self.t2w_size is None else list(self.t2w_size),
         }
 
     @classmethod
@@ -176,4 +190,5 @@ class CropGeometry:
             spacing=float(d["spacing"]),
             size=int(d["size"]),
             slice_index=tuple(int(k) for k in d["slice_index"]),
+            t2w_size=None if d.get("t2w_size") is None else tuple(int(v) for v in d["t2w_size"]),
         )

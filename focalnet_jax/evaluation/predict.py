@@ -23,7 +23,6 @@ import numpy as np
 import SimpleITK as sitk
 
 from focalnet_jax.data import preprocess_case
-from focalnet_jax.data.io import read_image
 from focalnet_jax.evaluation import figures
 from focalnet_jax.evaluation.inference import Predictor
 from focalnet_jax.evaluation.localization import MIN_SCORE, RADIUS_MM, local_maxima
@@ -67,10 +66,11 @@ def _exam_name(t2w_path: str) -> str:
     return path.name.split(".")[0]
 
 
-def crop_to_t2w(volume: np.ndarray, geometry, t2w: sitk.Image) -> sitk.Image:
+def crop_to_t2w(volume: np.ndarray, geometry) -> sitk.Image:
     """A crop-grid volume `[S, H, W]` (every T2w slice) resampled linearly onto the T2w grid."""
     image = sitk.GetImageFromArray(np.asarray(volume, np.float32))
     image.CopyInformation(geometry.reference_image(volume.shape[0]))
+    t2w = geometry.t2w_reference_image()
     return sitk.Resample(image, t2w, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
 
 
@@ -107,13 +107,13 @@ def predict_exam(
         case_id=_exam_name(ordered[predictor.components[0]]),
     )
     scores = predictor(case.images)
-    t2w = read_image(ordered[predictor.components[0]], case=case.case_id)
+    t2w = case.geometry.t2w_reference_image()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for name, k in (("lesion_score", 0), ("cspca_score", 1)):
         path = out_dir / f"{name}.nii.gz"
-        sitk.WriteImage(crop_to_t2w(scores[..., k], case.geometry, t2w), str(path))
+        sitk.WriteImage(crop_to_t2w(scores[..., k], case.geometry), str(path))
         written.append(path)
 
     detections = local_maxima(scores, case.spacing, radius_mm=radius_mm, min_score=min_score)
