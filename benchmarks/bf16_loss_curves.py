@@ -7,7 +7,7 @@ augmentation), once with `model.dtype=float32` and once with `bfloat16` (float32
 loss either way), and prints one JSON line: the `train/loss` curve of each at every `log_every`
 steps, the largest relative gap between the two curves after a moving average over
 `--smooth` logged points, the final validation scalars of each, and the device. bf16 is acceptable
-where the curves match (SPEC 5); the threshold is the reader's, the gap is what this reports.
+where the curves match; the threshold is the reader's, the gap is what this reports.
 """
 
 from __future__ import annotations

@@ -84,6 +84,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.augment.scale = True
     config.augment.scale_range = (0.9, 1.1)  # isotropic zoom factor, uniform
     config.augment.flip = True  # left-right, probability 0.5
-    config.augment.intensity = True  # T2w upper-threshold variation (SPEC 5)
+    config.augment.intensity = True  # T2w upper-threshold variation
     config.augment.intensity_range = (-0.15, 0.20)  # u ~ U(lo, hi) on the upper threshold
     return config

@@ -1,6 +1,7 @@
 """U-Net-Sing baseline (paper section III-A): U-Net with one sigmoid output, lesion vs non-lesion
 regardless of Gleason score, binary cross-entropy, no MFL; same schedule and augmentation. Its
-scores give P(class >= 1) only, so it enters the detection FROC but not the GS ROC.
+only score is P(class >= 1): it stands in for every P(class >= k), so in the GS ROC its detections
+are ranked by lesion probability alone.
 
 Command:
     focalnet train --config configs/unet_sing.py:fold=0 --workdir runs/unet_sing/fold0 \

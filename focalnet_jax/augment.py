@@ -1,4 +1,4 @@
-"""On-device augmentation (paper section II-D2/3, SPEC 5), applied per training batch.
+"""On-device augmentation (paper section II-D2/3), applied per training batch.
 
 Geometric: a random shift, an isotropic scale about the image centre and a left-right flip (no
 rotation: it blurs through interpolation). Images are resampled bilinearly, the class and

@@ -1,4 +1,4 @@
-"""The `focalnet` console script: argument parsing only (SPEC section 7).
+"""The `focalnet` console script: argument parsing only (commands: README.md).
 
 Each subcommand has an `_add_<name>` function that declares its flags and a `_run_<name>` function
 that imports the module doing the work lazily (so `focalnet synth` does not pay for importing JAX).

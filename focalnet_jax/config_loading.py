@@ -80,6 +80,8 @@ def convert_value(key: str, text: str, current):
         return text
     if isinstance(current, tuple | list):
         value = _parse_literal(key, text)
+        if value is None:  # e.g. `--config.loss.subsets=None`: back to the field's default meaning
+            return None
         if isinstance(value, str):
             # `--config.data.components=t2w,adc` is accepted as a comma-separated list.
             value = tuple(part.strip() for part in value.split(",") if part.strip())

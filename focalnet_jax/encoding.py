@@ -201,7 +201,7 @@ def encode(classes, encoding: str):
 
 
 def target_validity(grade_known, classes, encoding: str):
-    """Which target bits are known (SPEC 2, grade-unknown lesions).
+    """Which target bits are known (grade-unknown lesions, docs/data.md).
 
     A lesion pixel with ``grade_known == 0`` is known to be clinically significant (class >= 2)
     but not its grade. Its class map value is expected to be 2, the known lower bound, so that the

@@ -6,7 +6,7 @@ Conventions shared by every loss here:
   loss's encoding (:mod:`focalnet_jax.encoding`); a loss returns a scalar.
 - Per-pixel losses sum over the K channels and average over B, H and W (soft Dice averages over
   images and channels).
-- ``valid`` (``[B, H, W, K]``, default all ones) marks the known target bits (SPEC 2, grade-unknown
+- ``valid`` (``[B, H, W, K]``, default all ones) marks the known target bits (grade-unknown
   lesions): invalid bits add nothing to a loss and are left out of the focal weight's max.
 - Inputs are checked when the function is called: ``logits`` must be floating, every array must
   have the expected shape, and ``targets``/``valid`` must hold only 0 and 1. The 0/1 check needs
@@ -405,7 +405,7 @@ def mutual_finding_loss(full_probs, subset_probs, targets, *, valid=None):
 
     with sg = stop_gradient: the full output is a reference, trained by the focal loss only. The
     gradient reaches only the chosen subset's output (the first one on ties), exactly as when only
-    that subset is recomputed (SPEC 5 ``select`` mode, see :func:`mfl_select`). A slice without
+    that subset is recomputed (the ``select`` MFL mode, see :func:`mfl_select`). A slice without
     positive bits has d = 0 for every subset: it adds 0 and reports subset 0.
 
     Args:

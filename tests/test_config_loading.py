@@ -84,6 +84,12 @@ def test_overrides_convert_to_the_type_of_the_field():
     assert config.loss.mfl_weight == "130.5"  # a str field; the trainer reads 'auto' or a number
 
 
+def test_none_resets_a_list_field():
+    # configs/picai.py sets two subsets; None asks for every non-empty proper subset again.
+    config = load_config(str(CONFIGS / "picai.py"), ["--config.loss.subsets=None"])
+    assert config.loss.subsets is None
+
+
 @pytest.mark.parametrize(
     "override, message",
     [

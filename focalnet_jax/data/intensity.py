@@ -1,4 +1,4 @@
-"""Intensity normalisation (paper section II-D2, SPEC section 4 step 4).
+"""Intensity normalisation (paper section II-D2; docs/data.md, step 4).
 
 - T2w: linear so that air -> 0 and bladder -> 1, kept unclipped (training moves the upper
   threshold).

@@ -1,4 +1,4 @@
-"""Finding cases on disk: the PI-CAI layout and the manifest CSV layout (SPEC section 4).
+"""Finding cases on disk: the PI-CAI layout and the manifest CSV layout (docs/data.md).
 
 PI-CAI: `<images>/<patient>/<patient>_<study>_<component>.mha`, labels
 `<labels>/<patient>_<study>.nii.gz`

@@ -1,4 +1,4 @@
-"""One case from image files to training-ready crop slices (SPEC section 4, paper section II-D1/D2).
+"""One case from image files to training-ready crop slices (paper section II-D1/D2; docs/data.md).
 
 Every component and the label are resampled once, straight from their own grid onto the crop grid
 (80 x 80 mm in the T2w slice plane, 128 x 128 pixels, the T2w slices) through physical coordinates
@@ -194,7 +194,7 @@ def preprocess_case(
     case_id: str | None = None,
     bladder_mask: str | os.PathLike | None = None,
 ) -> PreprocessedCase:
-    """Preprocess one case (SPEC section 4).
+    """Preprocess one case (the steps of docs/data.md).
 
     Args:
       components: component name -> DICOM folder or image file, T2w first (the reference grid).

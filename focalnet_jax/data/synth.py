@@ -1,4 +1,4 @@
-"""Synthetic prostate mp-MRI in the PI-CAI layout (SPEC sections 4 and 7), deterministic by seed.
+"""Synthetic prostate mp-MRI in the PI-CAI layout (docs/data.md), deterministic by seed.
 
 Each case is a scene of soft-edged ellipsoids in LPS world coordinates (mm) rendered separately on
 the T2w grid (0.5 x 0.5 x 3 mm) and on the coarser ADC/HBV grid (2 x 2 x 3 mm, shifted origin), so
@@ -393,7 +393,7 @@ def write_dataset(
     *,
     progress: bool = False,
 ) -> list[str]:
-    """Write `num_cases` synthetic cases in the PI-CAI layout (SPEC section 7) and a lesion table.
+    """Write `num_cases` synthetic cases in the PI-CAI layout and a lesion table.
 
     Returns the list of case ids `<patient>_<study>`. Case i depends only on (seed, i).
     """

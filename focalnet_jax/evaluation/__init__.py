@@ -1,4 +1,4 @@
-"""Evaluation (paper sections II-E2 to II-E5, SPEC section 6) and inference.
+"""Evaluation (paper sections II-E2 to II-E5; docs/evaluation.md) and inference.
 
 Modules: `predictions` (the `<case_id>.npz` contract), `localization` (2D local maxima),
 `matching` (5 mm hit rule, per-case reduction), `froc`, `roc` (GS ROC), `picai` (PI-CAI metrics

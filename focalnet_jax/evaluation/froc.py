@@ -1,4 +1,5 @@
-"""FROC analysis (paper section II-E3, SPEC section 6): curves per lesion group and their summaries.
+"""FROC analysis (paper section II-E3; docs/evaluation.md): curves per lesion group and their
+summaries.
 
 At threshold t a lesion is detected when a detection with s1 >= t hits it; a detection with
 s1 >= t that hits no lesion of any class is a false positive. Sensitivity(t) = detected lesions of

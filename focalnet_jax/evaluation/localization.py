@@ -1,5 +1,5 @@
-"""Lesion localisation points (paper section II-E2, SPEC section 6): 2D local maxima of the lesion
-score `s1 = P(class >= 1)` on each slice."""
+"""Lesion localisation points (paper section II-E2; docs/evaluation.md): 2D local maxima of the
+lesion score `s1 = P(class >= 1)` on each slice."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ defaults), the model gives P(class >= k) on every slice of the 80 mm crop, and t
 - `lesion_score.nii.gz` (P(class >= 1)) and `cspca_score.nii.gz` (P(class >= 2)): the crop maps
   resampled (linear) back onto the T2w grid, so they open on top of the T2w series in 3D Slicer or
   ITK-SNAP (0 outside the crop);
-- `detections.csv`: the 2D local maxima (SPEC section 6) with s1 >= threshold: LPS world
+- `detections.csv`: the 2D local maxima (docs/evaluation.md) with s1 >= threshold: LPS world
   coordinates, the T2w voxel holding the point, the crop slice/row/column, the lesion score and
   P(GS >= 3+4), P(GS >= 4+3), P(GS >= 8), P(GS >= 9);
 - `overlay.png`: the T2w crop slices of the highest detections with the score map and crosses.

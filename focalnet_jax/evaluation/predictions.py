@@ -1,4 +1,4 @@
-"""The predictions contract (SPEC section 6): one `<case_id>.npz` per case.
+"""The predictions format (docs/evaluation.md): one `<case_id>.npz` per case.
 
 Keys:
 - `scores` float32 `[S, H, W, 5]`: P(class >= k), k = 1..5;

@@ -1,5 +1,5 @@
-"""GS ROC (paper section II-E4, SPEC section 6): the 12 highest detections of each case, mimicking a
-12-core biopsy, scored for four binary tasks with the Mann-Whitney AUC."""
+"""GS ROC (paper section II-E4; docs/evaluation.md): the 12 highest detections of each case,
+mimicking a 12-core biopsy, scored for four binary tasks with the Mann-Whitney AUC."""
 
 from __future__ import annotations
 
