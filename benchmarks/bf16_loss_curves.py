@@ -1,6 +1,8 @@
 """bfloat16 compute against float32: the same run's training-loss curves side by side.
 
     python benchmarks/bf16_loss_curves.py --store STORE [--config configs/demo.py] [--steps 1200]
+        [--plot curves.png]
+    python benchmarks/bf16_loss_curves.py --result RESULT.json --plot curves.png   # redraw only
 
 Trains `--config` twice on the store from the same seed (same initialisation, data order and
 augmentation), once with `model.dtype=float32` and once with `bfloat16` (float32 parameters and
@@ -40,13 +42,53 @@ def _smooth(values: np.ndarray, width: int) -> np.ndarray:
     return np.convolve(values, np.ones(width) / width, mode="valid")
 
 
+def plot(result: dict, path: Path) -> Path:
+    """Both `train/loss` curves against the step: logged values thin, moving averages thick."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps, width = np.asarray(result["steps"]), int(result["smooth_points"])
+    fig, ax = plt.subplots(figsize=(7.0, 4.0))
+    for dtype, color in (("float32", "tab:blue"), ("bfloat16", "tab:orange")):
+        loss = np.asarray(result[f"loss_{dtype}"])
+        ax.plot(steps, loss, color=color, alpha=0.35, linewidth=0.8)
+        ax.plot(steps[width - 1 :], _smooth(loss, width), color=color, linewidth=2.0, label=dtype)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (FL + lambda MFL)")
+    ax.set_title(
+        f"{result['config']} on {result['device_kind']}: mean gap "
+        f"{100 * result['mean_relative_gap_smoothed']:.0f} %, max "
+        f"{100 * result['max_relative_gap_smoothed']:.0f} % (moving average of {width})",
+        fontsize=9,
+    )
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--store", required=True, help="preprocessed store")
+    parser.add_argument("--store", help="preprocessed store (needed unless --result)")
     parser.add_argument("--config", default="configs/demo.py")
     parser.add_argument("--steps", type=int, default=0, help="0: the config's train.steps")
     parser.add_argument("--smooth", type=int, default=5, help="logged points per moving average")
+    parser.add_argument("--plot", type=Path, help="also draw both curves into this PNG")
+    parser.add_argument("--result", type=Path, help="a saved result line to redraw (no training)")
     args, overrides = parser.parse_known_args(argv)
+    if args.result:
+        if not args.plot:
+            parser.error("--result only redraws a saved result: give --plot PNG")
+        result = json.loads(args.result.read_text())
+        plot(result, args.plot)
+        print(json.dumps(result))
+        return
+    if not args.store:
+        parser.error("--store is required (or --result with --plot to redraw a saved result)")
 
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -68,25 +110,24 @@ def main(argv: list[str] | None = None) -> None:
         dtype: {tag: scalars[tag][-1][1] for tag in scalars if tag.startswith("val/")}
         for dtype, scalars in runs.items()
     }
-    print(
-        json.dumps(
-            {
-                "benchmark": "bf16_loss_curves",
-                "config": args.config,
-                "overrides": overrides,
-                "steps": [int(s) for s in steps],
-                "loss_float32": [float(v) for v in loss32],
-                "loss_bfloat16": [float(v) for v in loss16],
-                "smooth_points": args.smooth,
-                "max_relative_gap_smoothed": float(gap.max()),
-                "mean_relative_gap_smoothed": float(gap.mean()),
-                "final_val": final_val,
-                "device_kind": jax.devices()[0].device_kind,
-                "jax_version": jax.__version__,
-                "date": datetime.date.today().isoformat(),
-            }
-        )
-    )
+    result = {
+        "benchmark": "bf16_loss_curves",
+        "config": args.config,
+        "overrides": overrides,
+        "steps": [int(s) for s in steps],
+        "loss_float32": [float(v) for v in loss32],
+        "loss_bfloat16": [float(v) for v in loss16],
+        "smooth_points": args.smooth,
+        "max_relative_gap_smoothed": float(gap.max()),
+        "mean_relative_gap_smoothed": float(gap.mean()),
+        "final_val": final_val,
+        "device_kind": jax.devices()[0].device_kind,
+        "jax_version": jax.__version__,
+        "date": datetime.date.today().isoformat(),
+    }
+    if args.plot:
+        plot(result, args.plot)
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

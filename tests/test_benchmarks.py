@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from PIL import Image
 from test_train_helpers import REPO, TINY
 
 from focalnet_jax import cli
@@ -77,3 +78,12 @@ def test_fold_time_benchmark_projects_the_paper_fold_from_a_short_run(small_stor
     assert result["wall_s"] == pytest.approx(overhead + 6 * steady)
     assert result["projected_fold_s"] == pytest.approx(overhead + 2000 * steady)
     assert result["mfl"] == "vmap" and result["store_train_slices"] > 0
+
+
+def test_bf16_curves_redraw_a_saved_result(tmp_path):
+    saved = REPO / "benchmarks" / "results" / "bf16_loss_curves_demo_cpu_2026-11-22.json"
+    png = tmp_path / "curves.png"
+    result = _run("bf16_loss_curves.py", f"--result={saved}", f"--plot={png}")
+    assert result == json.loads(saved.read_text())
+    with Image.open(png) as image:
+        assert image.size == (840, 480)  # 7 x 4 inches at 120 dpi
