@@ -78,6 +78,7 @@ def test_fold_time_benchmark_projects_the_paper_fold_from_a_short_run(small_stor
     assert result["wall_s"] == pytest.approx(overhead + 6 * steady)
     assert result["projected_fold_s"] == pytest.approx(overhead + 2000 * steady)
     assert result["mfl"] == "vmap" and result["store_train_slices"] > 0
+    assert result["compilation_cache"] is None
 
 
 def test_bf16_curves_redraw_a_saved_result(tmp_path):
