@@ -1,15 +1,17 @@
 """bfloat16 compute against float32: the same run's training-loss curves side by side.
 
     python benchmarks/bf16_loss_curves.py --store STORE [--config configs/demo.py] [--steps 1200]
-        [--plot curves.png]
+        [--plot curves.png] [--evaluate]
     python benchmarks/bf16_loss_curves.py --result RESULT.json --plot curves.png   # redraw only
 
 Trains `--config` twice on the store from the same seed (same initialisation, data order and
 augmentation), once with `model.dtype=float32` and once with `bfloat16` (float32 parameters and
 loss either way), and prints one JSON line: the `train/loss` curve of each at every `log_every`
 steps, the largest relative gap between the two curves after a moving average over
-`--smooth` logged points, the final validation scalars of each, and the device. bf16 is acceptable
-where the curves match; the threshold is the reader's, the gap is what this reports.
+`--smooth` logged points, the final validation scalars of each, with `--evaluate` each run's FROC
+sensitivity at 1 false positive per patient on its validation fold (index, csPCa, all lesions),
+and the device. bf16 is acceptable where the curves match; the threshold is the reader's, the gap
+is what this reports.
 """
 
 from __future__ import annotations
@@ -36,6 +38,17 @@ def _scalars(workdir: Path) -> dict[str, list[tuple[int, float]]]:
     return {
         tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]
     }
+
+
+def _froc_at_one_fp(workdir: Path, slices: str) -> dict[str, float]:
+    """Sensitivity at 1 false positive per patient on the run's validation fold, per group."""
+    from focalnet_jax.evaluation.inference import predict_validation_fold
+    from focalnet_jax.evaluation.pipeline import evaluate_predictions
+
+    predictions = predict_validation_fold(workdir, workdir / "predictions")
+    metrics = evaluate_predictions(predictions, with_picai=False, with_figures=False, slices=slices)
+    groups = ("index", "clinically_significant", "all")
+    return {g: float(metrics["froc"][g]["sensitivity_at_fp"]["1"]) for g in groups}
 
 
 def _smooth(values: np.ndarray, width: int) -> np.ndarray:
@@ -78,6 +91,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=0, help="0: the config's train.steps")
     parser.add_argument("--smooth", type=int, default=5, help="logged points per moving average")
     parser.add_argument("--plot", type=Path, help="also draw both curves into this PNG")
+    parser.add_argument(
+        "--evaluate",
+        action="store_true",
+        help="also evaluate each run on its validation fold (FROC sensitivity at 1 FP/patient)",
+    )
     parser.add_argument("--result", type=Path, help="a saved result line to redraw (no training)")
     args, overrides = parser.parse_known_args(argv)
     if args.result:
@@ -90,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.store:
         parser.error("--store is required (or --result with --plot to redraw a saved result)")
 
-    runs = {}
+    runs, froc = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for dtype in ("float32", "bfloat16"):
             extra = [f"--config.data.store={args.store}", f"--config.model.dtype={dtype}"]
@@ -101,6 +119,8 @@ def main(argv: list[str] | None = None) -> None:
             with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON line
                 train_and_evaluate(config, workdir)
             runs[dtype] = _scalars(workdir)
+            if args.evaluate:
+                froc[dtype] = _froc_at_one_fp(workdir, str(config.data.slices))
 
     steps, loss32 = map(np.asarray, zip(*runs["float32"]["train/loss"], strict=True))
     _, loss16 = map(np.asarray, zip(*runs["bfloat16"]["train/loss"], strict=True))
@@ -121,6 +141,7 @@ def main(argv: list[str] | None = None) -> None:
         "max_relative_gap_smoothed": float(gap.max()),
         "mean_relative_gap_smoothed": float(gap.mean()),
         "final_val": final_val,
+        "froc_sensitivity_at_1fp": froc or None,
         "device_kind": jax.devices()[0].device_kind,
         "jax_version": jax.__version__,
         "date": datetime.date.today().isoformat(),

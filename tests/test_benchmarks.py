@@ -88,3 +88,27 @@ def test_bf16_curves_redraw_a_saved_result(tmp_path):
     assert result == json.loads(saved.read_text())
     with Image.open(png) as image:
         assert image.size == (840, 480)  # 7 x 4 inches at 120 dpi
+
+
+def test_bf16_curves_train_both_dtypes_and_evaluate_them(small_store, tmp_path):
+    png = tmp_path / "curves.png"
+    result = _run(
+        "bf16_loss_curves.py",
+        f"--store={small_store}",
+        "--config=configs/demo.py",
+        "--steps=6",
+        "--smooth=2",
+        "--evaluate",
+        f"--plot={png}",
+        *TINY,
+        "--config.train.log_every=1",
+    )
+    assert result["steps"] == [1, 2, 3, 4, 5, 6]
+    assert len(result["loss_float32"]) == len(result["loss_bfloat16"]) == 6
+    assert result["loss_float32"] != result["loss_bfloat16"]  # the compute dtype took effect
+    for dtype in ("float32", "bfloat16"):
+        sensitivities = result["froc_sensitivity_at_1fp"][dtype]
+        assert set(sensitivities) == {"index", "clinically_significant", "all"}
+        assert all(0.0 <= v <= 1.0 for v in sensitivities.values())
+        assert "val/loss" in result["final_val"][dtype]
+    assert png.stat().st_size > 0
