@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.train_slices < batch:
             parser.error(f"--train-slices {args.train_slices} < one batch of {batch}")
         config.train.steps = config.train.epochs * (args.train_slices // batch)
-    train_rows, _ = split_rows(config, open_store(store))
+    opened = open_store(store)
+    train_rows, _ = split_rows(config, opened)
     fold_steps = total_steps(config, len(train_rows) // batch)
     steps_run = min(args.max_steps, fold_steps) if args.max_steps > 0 else fold_steps
     if steps_run < 3 * config.train.log_every:
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="fold_time_") as tmp:
         with contextlib.redirect_stdout(sys.stderr):
             start = time.perf_counter()
-            train_and_evaluate(config, Path(tmp))
+            train_and_evaluate(config, Path(tmp), store=opened)
             wall = time.perf_counter() - start
         intervals = step_intervals(Path(tmp), batch)
     steady = float(np.median(intervals[1:]))

@@ -38,8 +38,3 @@ def per_device_batch(global_batch: int, mesh: Mesh) -> int:
             "local devices); choose a multiple of the device count"
         )
     return global_batch // devices
-
-
-def per_process_batch(global_batch: int, mesh: Mesh) -> int:
-    """Examples each process loads: its devices' share of the global batch."""
-    return per_device_batch(global_batch, mesh) * jax.local_device_count()

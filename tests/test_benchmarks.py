@@ -9,9 +9,7 @@ import sys
 
 import pytest
 from PIL import Image
-from test_train_helpers import REPO, TINY
-
-from focalnet_jax import cli
+from test_train_helpers import REPO, TINY, small_synthetic_store
 
 
 def _run(script: str, *args: str) -> dict:
@@ -30,13 +28,7 @@ def _run(script: str, *args: str) -> dict:
 
 @pytest.fixture(scope="module")
 def small_store(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bench")
-    data, store = root / "data", root / "store"
-    assert cli.main(["synth", f"--out={data}", "--cases=10", "--seed=2", "--small"]) == 0
-    preprocess = ["preprocess", "--layout=picai", f"--images={data / 'images'}"]
-    preprocess += [f"--labels={data / 'labels'}", f"--masks={data / 'masks'}", f"--out={store}"]
-    assert cli.main(preprocess) == 0
-    return store
+    return small_synthetic_store(tmp_path_factory.mktemp("bench"), cases=10, seed=2)
 
 
 def test_train_step_benchmark_times_the_chosen_kinds():

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from test_train_helpers import REPO
+from test_train_helpers import REPO, small_synthetic_store
 
 from focalnet_jax import checkpoint, cli
 
@@ -16,11 +16,7 @@ from focalnet_jax import checkpoint, cli
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
-    data, store, workdir = root / "data", root / "store", root / "run"
-    assert cli.main(["synth", f"--out={data}", "--cases=16", "--seed=1", "--small"]) == 0
-    preprocess = ["preprocess", "--layout=picai", f"--images={data / 'images'}"]
-    preprocess += [f"--labels={data / 'labels'}", f"--masks={data / 'masks'}", f"--out={store}"]
-    assert cli.main(preprocess) == 0
+    store, workdir = small_synthetic_store(root, cases=16, seed=1), root / "run"
     train = ["train", f"--config={REPO / 'configs' / 'demo.py'}", f"--workdir={workdir}"]
     train += [f"--config.data.store={store}", "--config.train.steps=30"]
     train += ["--config.train.log_every=1", "--config.train.eval_every=0"]
@@ -58,7 +54,7 @@ def test_run_directory_reloads_for_inference(demo_run):
     config, variables = checkpoint.load_for_inference(workdir)
     assert config.model.depth == 18 and config.train.steps == 30
     assert set(variables) == {"params", "batch_stats"}
-    assert all(isinstance(v, np.ndarray) for v in __import__("jax").tree.leaves(variables))
+    assert all(isinstance(v, np.ndarray) for v in jax.tree.leaves(variables))
 
 
 @pytest.fixture

@@ -108,6 +108,20 @@ def fast_compiles():
         jax.config.update("jax_disable_most_optimizations", previous)
 
 
+def small_synthetic_store(root: Path, *, cases: int, seed: int) -> Path:
+    """`focalnet synth --small` + `focalnet preprocess` (PI-CAI layout) under `root`; the store."""
+    from focalnet_jax import cli
+
+    data, store = root / "data", root / "store"
+    assert (
+        cli.main(["synth", f"--out={data}", f"--cases={cases}", f"--seed={seed}", "--small"]) == 0
+    )
+    preprocess = ["preprocess", "--layout=picai", f"--images={data / 'images'}"]
+    preprocess += [f"--labels={data / 'labels'}", f"--masks={data / 'masks'}", f"--out={store}"]
+    assert cli.main(preprocess) == 0
+    return store
+
+
 def tiny_config(config_file: str = "configs/focalnet.py", overrides=()):
     from focalnet_jax.config_loading import load_config
 

@@ -66,11 +66,11 @@ def _exam_name(t2w_path: str) -> str:
     return path.name.split(".")[0]
 
 
-def crop_to_t2w(volume: np.ndarray, geometry) -> sitk.Image:
-    """A crop-grid volume `[S, H, W]` (every T2w slice) resampled linearly onto the T2w grid."""
+def crop_to_t2w(volume: np.ndarray, geometry, t2w: sitk.Image) -> sitk.Image:
+    """A crop-grid volume `[S, H, W]` (every T2w slice) resampled linearly onto the T2w grid `t2w`
+    (`geometry.t2w_reference_image()`)."""
     image = sitk.GetImageFromArray(np.asarray(volume, np.float32))
     image.CopyInformation(geometry.reference_image(volume.shape[0]))
-    t2w = geometry.t2w_reference_image()
     return sitk.Resample(image, t2w, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
 
 
@@ -113,7 +113,7 @@ def predict_exam(
     written = []
     for name, k in (("lesion_score", 0), ("cspca_score", 1)):
         path = out_dir / f"{name}.nii.gz"
-        sitk.WriteImage(crop_to_t2w(scores[..., k], case.geometry), str(path))
+        sitk.WriteImage(crop_to_t2w(scores[..., k], case.geometry, t2w), str(path))
         written.append(path)
 
     detections = local_maxima(scores, case.spacing, radius_mm=radius_mm, min_score=min_score)

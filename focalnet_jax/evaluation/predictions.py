@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -173,9 +172,3 @@ def list_cases(directory: str | Path) -> list[Path]:
     if not paths:
         raise PredictionsError(f"{directory}: no <case_id>.npz prediction files in the folder")
     return paths
-
-
-def iter_cases(directory: str | Path) -> Iterator[CasePredictions]:
-    """Reads the cases of a predictions folder one at a time (memory stays one case)."""
-    for path in list_cases(directory):
-        yield read_case(path)
