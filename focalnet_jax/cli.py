@@ -2,6 +2,9 @@
 
 Each subcommand has an `_add_<name>` function that declares its flags and a `_run_<name>` function
 that imports the module doing the work lazily (so `focalnet synth` does not pay for importing JAX).
+A user error (`errors.user_errors()`) of any command ends as one line on stderr, `focalnet
+<command>: error: <message>`, and exit status 2; `--verbose` adds its traceback. Other exceptions
+keep their traceback.
 """
 
 from __future__ import annotations
@@ -9,8 +12,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
+
+from focalnet_jax.errors import UserError, UserErrorExit, user_errors
 
 # --- data: synth, preprocess, folds ---------------------------------------------------------------
 
@@ -34,7 +40,7 @@ def _run_synth(args: argparse.Namespace) -> int:
     shares = {"t2w_only_share": args.t2w_only_share, "adc_only_share": args.adc_only_share}
     config = SynthConfig.small(**shares) if args.small else SynthConfig(**shares)
     if args.cases < 1:
-        raise SystemExit(f"focalnet synth: --cases {args.cases}: expected at least 1")
+        raise UserError(f"--cases {args.cases}: expected at least 1")
     cases = write_dataset(args.out, args.cases, args.seed, config, progress=True)
     print(f"wrote {len(cases)} synthetic cases to {args.out}")
     return 0
@@ -60,7 +66,11 @@ def _add_preprocess(parser: argparse.ArgumentParser) -> None:
         "--unlabelled",
         choices=("error", "negative", "skip"),
         default="error",
-        help="picai: a case without a label file is an error, a negative, or left out",
+        help="a case without a label (PI-CAI: no label file; manifest: no label column or an "
+        "empty cell) is an error, a negative, or left out",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace a store at --out made with other settings"
     )
     parser.add_argument(
         "--label-values",
@@ -75,25 +85,23 @@ def _add_preprocess(parser: argparse.ArgumentParser) -> None:
 def _run_preprocess(args: argparse.Namespace) -> int:
     from focalnet_jax.data.pipeline import preprocess_layout
 
-    try:
-        summary = preprocess_layout(
-            args.layout,
-            out=args.out,
-            images=args.images,
-            labels=args.labels,
-            masks=args.masks,
-            marksheet=args.marksheet,
-            manifest=args.manifest,
-            components=tuple(c.strip() for c in args.components.split(",") if c.strip()),
-            slices=args.slices,
-            workers=args.workers,
-            skip_bad_cases=args.skip_bad_cases,
-            unlabelled=args.unlabelled,
-            label_values=args.label_values,
-            interpolator=args.interpolator,
-        )
-    except (ValueError, FileExistsError) as err:
-        raise SystemExit(f"focalnet preprocess: error: {err}") from None
+    summary = preprocess_layout(
+        args.layout,
+        out=args.out,
+        images=args.images,
+        labels=args.labels,
+        masks=args.masks,
+        marksheet=args.marksheet,
+        manifest=args.manifest,
+        components=tuple(c.strip() for c in args.components.split(",") if c.strip()),
+        slices=args.slices,
+        workers=args.workers,
+        skip_bad_cases=args.skip_bad_cases,
+        unlabelled=args.unlabelled,
+        label_values=args.label_values,
+        interpolator=args.interpolator,
+        overwrite=args.overwrite,
+    )
     print(
         f"wrote {summary.num_cases} cases ({summary.num_slices} slices) to {summary.path}"
         + (f"; {len(summary.errors)} bad cases in errors.csv" if summary.errors else "")
@@ -113,11 +121,8 @@ def _run_folds(args: argparse.Namespace) -> int:
     from focalnet_jax.data.folds import fold_table, write_fold_files
     from focalnet_jax.data.store import open_store
 
-    try:
-        store = open_store(args.store)
-        rows = fold_table(store, args.num_folds, args.seed)
-    except (ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"focalnet folds: error: {err}") from None
+    store = open_store(args.store)
+    rows = fold_table(store, args.num_folds, args.seed)
     print("fold  patients  cases  slices  patients per highest class 0..5")
     for row in rows:
         per_class = " ".join(f"{n:3d}" for n in row["patients_per_max_class"])
@@ -189,7 +194,7 @@ def _compilation_cache(path: Path | None):
         compilation_cache.set_cache_dir(previous)
 
 
-def _training_setup(args: argparse.Namespace, command: str):
+def _training_setup(args: argparse.Namespace):
     """Join the process group, load the config with its overrides; returns the config."""
     import logging
 
@@ -204,8 +209,8 @@ def _training_setup(args: argparse.Namespace, command: str):
     try:
         distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
         config = load_config(args.config, args.overrides)
-    except (KeyError, ValueError, FileNotFoundError) as error:
-        raise SystemExit(f"focalnet {command}: {error}") from None
+    except (KeyError, ValueError, FileNotFoundError) as error:  # flags and config: the user's
+        raise UserError(error.args[0] if error.args else str(error)) from error
     if args.fold is not None:
         config.data.fold = args.fold
 
@@ -226,7 +231,7 @@ def _run_train(args: argparse.Namespace) -> int:
     from focalnet_jax.training import train_and_evaluate
 
     with _compilation_cache(args.compilation_cache):
-        config = _training_setup(args, "train")
+        config = _training_setup(args)
         train_and_evaluate(config, args.workdir)
     print(f"checkpoints and TensorBoard logs in {args.workdir}")
     return 0
@@ -254,7 +259,7 @@ def _run_cv(args: argparse.Namespace) -> int:
     if cache is None and not jax.config.jax_compilation_cache_dir:
         cache = args.workdir / "compilation_cache"
     with _compilation_cache(cache):
-        config = _training_setup(args, "cv")
+        config = _training_setup(args)
         if args.folds:
             folds = [int(f) for f in args.folds.split(",")]
         else:
@@ -300,37 +305,34 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from focalnet_jax.evaluation.pipeline import evaluate_predictions
 
     slices = args.slices or "all"
-    try:
-        if args.workdir is not None:
-            from focalnet_jax.checkpoint import read_config
-            from focalnet_jax.evaluation.inference import predict_validation_fold
+    if args.workdir is not None:
+        from focalnet_jax.checkpoint import read_config
+        from focalnet_jax.evaluation.inference import predict_validation_fold
 
-            slices = args.slices or str(read_config(args.workdir).data.slices)
-            out = args.out or args.workdir / "eval"
-            predictions = predict_validation_fold(
-                args.workdir,
-                out / "predictions",
-                step=args.step,
-                store_path=args.store,
-                batch_size=args.batch_size,
-            )
-        elif args.out is None:
-            raise ValueError("--out is required with --predictions")
-        else:
-            predictions, out = args.predictions, args.out
-        metrics = evaluate_predictions(
-            predictions,
-            out,
-            radius_mm=args.radius_mm,
-            min_score=args.min_score,
-            with_picai=not args.no_picai,
-            picai_bootstraps=args.picai_bootstraps,
-            with_figures=not args.no_figures,
-            label=args.label or (args.workdir.name if args.workdir else "model"),
-            slices=slices,
+        slices = args.slices or str(read_config(args.workdir).data.slices)
+        out = args.out or args.workdir / "eval"
+        predictions = predict_validation_fold(
+            args.workdir,
+            out / "predictions",
+            step=args.step,
+            store_path=args.store,
+            batch_size=args.batch_size,
         )
-    except (ValueError, FileNotFoundError) as error:
-        raise SystemExit(f"focalnet evaluate: error: {error}") from error
+    elif args.out is None:
+        raise UserError("--out is required with --predictions")
+    else:
+        predictions, out = args.predictions, args.out
+    metrics = evaluate_predictions(
+        predictions,
+        out,
+        radius_mm=args.radius_mm,
+        min_score=args.min_score,
+        with_picai=not args.no_picai,
+        picai_bootstraps=args.picai_bootstraps,
+        with_figures=not args.no_figures,
+        label=args.label or (args.workdir.name if args.workdir else "model"),
+        slices=slices,
+    )
     froc = metrics["froc"]
     print(
         f"{metrics['num_patients']} patients; sensitivity at 1 FP/patient: "
@@ -358,12 +360,9 @@ def _run_summarize(args: argparse.Namespace) -> int:
     for item in args.runs:
         name, sep, folder = item.partition("=")
         if not sep or not name or not folder:
-            raise SystemExit(f"focalnet summarize: error: --runs expects NAME=DIR, got {item!r}")
+            raise UserError(f"--runs expects NAME=DIR, got {item!r}")
         runs[name] = Path(folder)
-    try:
-        summarize_runs(runs, args.out)
-    except ValueError as error:
-        raise SystemExit(f"focalnet summarize: error: {error}") from error
+    summarize_runs(runs, args.out)
     print(f"wrote {args.out / 'summary.json'} and {args.out / 'summary.md'}")
     return 0
 
@@ -391,25 +390,20 @@ def _run_predict(args: argparse.Namespace) -> int:
         except ValueError:
             center = ()
         if len(center) != 3:
-            raise SystemExit(
-                f"focalnet predict: error: --center expects x,y,z, got {args.center!r}"
-            )
+            raise UserError(f"--center expects x,y,z, got {args.center!r}")
     components = {"t2w": args.t2w, "adc": args.adc}
     if args.hbv:
         components["hbv"] = args.hbv
-    try:
-        written = predict_exam(
-            args.checkpoint,
-            components,
-            args.out,
-            step=args.step,
-            center=center,
-            mask=args.mask,
-            threshold=args.threshold,
-            batch_size=args.batch_size,
-        )
-    except (ValueError, FileNotFoundError) as error:
-        raise SystemExit(f"focalnet predict: error: {error}") from error
+    written = predict_exam(
+        args.checkpoint,
+        components,
+        args.out,
+        step=args.step,
+        center=center,
+        mask=args.mask,
+        threshold=args.threshold,
+        batch_size=args.batch_size,
+    )
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
 
@@ -448,9 +442,16 @@ def build_parser() -> argparse.ArgumentParser:
         prog="focalnet",
         description="FocalNet: prostate cancer detection and Gleason score prediction in mp-MRI.",
     )
+    verbose_help = "show the traceback of an error"
+    parser.add_argument("--verbose", action="store_true", help=verbose_help)
+    # Also after the subcommand; SUPPRESS keeps a --verbose given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose_help
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, add_fn, _) in _COMMANDS.items():
-        add_fn(sub.add_parser(name, help=help_text, description=help_text))
+        add_fn(sub.add_parser(name, help=help_text, description=help_text, parents=[common]))
     return parser
 
 
@@ -463,7 +464,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = unknown
     run_fn = _COMMANDS[args.command][2]
-    return int(run_fn(args) or 0)
+    try:
+        return int(run_fn(args) or 0)
+    except Exception as error:
+        if not isinstance(error, user_errors()):
+            raise
+        if args.verbose:
+            traceback.print_exc()
+        line = f"focalnet {args.command}: error: " + str(error).replace("\n", " ")
+        print(line, file=sys.stderr)
+        raise UserErrorExit(line) from None
 
 
 if __name__ == "__main__":

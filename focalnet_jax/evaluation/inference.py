@@ -113,6 +113,7 @@ def predict_validation_fold(
 ) -> Path:
     """Predicts every case of the run's validation fold (`config.data.fold`) into `out_dir`."""
     from focalnet_jax.data.folds import split_cases
+    from focalnet_jax.data.run_store import check_run_store
     from focalnet_jax.data.store import open_store
 
     predictor = Predictor.from_workdir(workdir, step=step, batch_size=batch_size)
@@ -121,6 +122,7 @@ def predict_validation_fold(
     if not store_path:
         raise ValueError(f"workdir {workdir}: its config has no data.store; pass --store")
     store = open_store(store_path)
+    check_run_store(workdir, store.settings, against=f"store {store_path}", ignore=("slices",))
     _, val_ids = split_cases(store, int(data.fold), int(data.num_folds), int(data.fold_seed))
     if not val_ids:
         raise ValueError(f"store {store_path}: fold {data.fold} has no validation case")

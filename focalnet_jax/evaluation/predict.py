@@ -23,6 +23,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from focalnet_jax.data import preprocess_case
+from focalnet_jax.data.run_store import read_run_store
+from focalnet_jax.data.store import settings_diff
 from focalnet_jax.evaluation import figures
 from focalnet_jax.evaluation.inference import Predictor
 from focalnet_jax.evaluation.localization import MIN_SCORE, RADIUS_MM, local_maxima
@@ -49,13 +51,31 @@ CSV_COLUMNS = (
 OVERLAY_SLICES = 4
 
 
-def preprocess_settings(config) -> dict | None:
-    """The preprocessing settings of the run's training store (None: defaults)."""
+def preprocess_settings(config, workdir: str | Path | None = None) -> dict | None:
+    """The preprocessing settings the run was trained with: those recorded in `workdir`
+    (`data.run_store`; a training store rebuilt since with other settings is named in a warning),
+    else (a run from before these records) its training store's, else None (defaults)."""
     table = Path(str(config.data.store or "")) / "cases.json"
-    if not table.is_file():
+    store = json.loads(table.read_text())["settings"] if table.is_file() else None
+    record = read_run_store(workdir) if workdir is not None else None
+    if record is not None:
+        diff = settings_diff(
+            record["settings"]["preprocess"], (store or {}).get("preprocess", {}), ("run", "store")
+        )
+        if store is not None and diff:
+            log.warning(
+                "store %s was rebuilt since training (%s): preprocessing as the run was trained",
+                table.parent,
+                "; ".join(diff),
+            )
+        return record["settings"]["preprocess"]
+    if store is None:
         log.warning("training store %s not found: default preprocessing", config.data.store)
         return None
-    return json.loads(table.read_text()).get("settings", {}).get("preprocess")
+    log.warning(
+        "run %s records no store settings: preprocessing as store %s", workdir, table.parent
+    )
+    return store.get("preprocess")
 
 
 def _exam_name(t2w_path: str) -> str:
@@ -103,7 +123,7 @@ def predict_exam(
         center=center,
         mask=None if mask is None else str(mask),
         slices="all",
-        config=preprocess_settings(predictor.config),
+        config=preprocess_settings(predictor.config, workdir),
         case_id=_exam_name(ordered[predictor.components[0]]),
     )
     scores = predictor(case.images)
