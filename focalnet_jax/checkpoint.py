@@ -15,6 +15,8 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from focalnet_jax.errors import UserError
+
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 
@@ -96,7 +98,7 @@ def load_for_inference(workdir: str | Path, step: int | None = None):
         try:
             state = restore(manager, abstract, step)
         except (ValueError, KeyError, TypeError) as error:
-            raise ValueError(
+            raise UserError(
                 f"workdir {workdir}: checkpoint does not match the model of its {CONFIG_FILE} "
                 f"({config.model.name}, depth {config.model.depth}): {error}"
             ) from error

@@ -25,6 +25,7 @@ import SimpleITK as sitk
 from focalnet_jax.data import preprocess_case
 from focalnet_jax.data.run_store import read_run_store
 from focalnet_jax.data.store import settings_diff
+from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation import figures
 from focalnet_jax.evaluation.inference import Predictor
 from focalnet_jax.evaluation.localization import MIN_SCORE, RADIUS_MM, local_maxima
@@ -113,7 +114,7 @@ def predict_exam(
     predictor = Predictor.from_workdir(workdir, step=step, batch_size=batch_size)
     missing = [c for c in predictor.components if c not in components]
     if missing:
-        raise ValueError(
+        raise UserError(
             f"exam lacks component(s) {missing} that the model of {workdir} needs "
             f"(it was trained on {list(predictor.components)}; given {list(components)})"
         )
