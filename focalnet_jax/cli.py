@@ -237,12 +237,25 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(f) for f in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+
+
 def _add_cv(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="config file, optionally with :arg")
     parser.add_argument(
         "--workdir", type=Path, required=True, help="fold k trains in WORKDIR/fold<k>"
     )
-    parser.add_argument("--folds", help="comma-separated folds (default: all of data.num_folds)")
+    parser.add_argument(
+        "--folds",
+        type=_int_list,
+        help="comma-separated folds (default: all of data.num_folds)",
+    )
     parser.add_argument("--fold", type=int, help=argparse.SUPPRESS)
     _add_compilation_cache_flag(
         parser, "$JAX_COMPILATION_CACHE_DIR, else WORKDIR/compilation_cache"
@@ -260,10 +273,7 @@ def _run_cv(args: argparse.Namespace) -> int:
         cache = args.workdir / "compilation_cache"
     with _compilation_cache(cache):
         config = _training_setup(args)
-        if args.folds:
-            folds = [int(f) for f in args.folds.split(",")]
-        else:
-            folds = list(range(config.data.num_folds))
+        folds = args.folds or list(range(config.data.num_folds))
         for fold in folds:
             config.data.fold = fold
             train_and_evaluate(config, args.workdir / f"fold{fold}")

@@ -103,3 +103,11 @@ def test_train_missing_store_and_indivisible_batch(tmp_path):
         "'data' mesh (1 processes x 2 local devices); choose a multiple of the device count",
     )
     assert not (tmp_path / "w").exists()
+
+
+def test_cv_folds_that_are_not_integers(capsys):
+    status, err = _run(["cv", "--config", "c.py", "--workdir", "w", "--folds", "1,a"], capsys)
+    assert status == 2
+    assert err.splitlines()[-1] == (
+        "focalnet cv: error: argument --folds: expected comma-separated integers, got '1,a'"
+    )
