@@ -115,6 +115,25 @@ def test_restore_fails_unchanged_for_a_state_of_another_shape(trained, tmp_path)
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4"]
 
 
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        (lambda d: _truncate(d / "default/_METADATA", 1000), "default/_METADATA: invalid JSON ("),
+        (lambda d: _truncate(d / "default/manifest.ocdbt", 0), "default/manifest.ocdbt: empty"),
+        (lambda d: shutil.rmtree(d / "default"), "default/_METADATA: missing"),
+    ],
+)
+def test_inference_loading_names_the_file_and_reason(trained, tmp_path, damage, reason):
+    workdir = tmp_path / "run"
+    shutil.copytree(trained["workdir"], workdir)
+    assert checkpoint.find_damage(workdir / "checkpoints" / "4") is None  # intact before
+    damage(workdir / "checkpoints" / "4")
+    step_dir = (workdir / "checkpoints" / "4").resolve()
+    with pytest.raises(checkpoint.UnreadableCheckpointError) as raised:
+        checkpoint.load_for_inference(workdir)
+    assert str(raised.value).startswith(f"checkpoint {step_dir} is unreadable: {reason}")
+
+
 def _cli(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
     command = [sys.executable, "-m", "focalnet_jax.cli", *args]
