@@ -26,13 +26,22 @@ def _add_synth(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--adc-only-share", type=float, default=0.15, help="lesions only in ADC/HBV"
     )
+    parser.add_argument("--dce-only-share", type=float, default=0.15, help="lesions only in DCE")
+    parser.add_argument(
+        "--components", default="t2w,adc,hbv", help="comma-separated, t2w first; of t2w,adc,hbv,dce"
+    )
 
 
 def _run_synth(args: argparse.Namespace) -> int:
     from focalnet_jax.data.synth import SynthConfig, write_dataset
 
-    shares = {"t2w_only_share": args.t2w_only_share, "adc_only_share": args.adc_only_share}
-    config = SynthConfig.small(**shares) if args.small else SynthConfig(**shares)
+    options = {"t2w_only_share": args.t2w_only_share, "adc_only_share": args.adc_only_share}
+    options["dce_only_share"] = args.dce_only_share
+    options["components"] = tuple(c.strip() for c in args.components.split(",") if c.strip())
+    try:
+        config = SynthConfig.small(**options) if args.small else SynthConfig(**options)
+    except ValueError as err:
+        raise SystemExit(f"focalnet synth: error: {err}") from None
     if args.cases < 1:
         raise SystemExit(f"focalnet synth: --cases {args.cases}: expected at least 1")
     cases = write_dataset(args.out, args.cases, args.seed, config, progress=True)
