@@ -103,11 +103,16 @@ def test_border_strip_of_four_pixels_is_one_detection():
 
 
 def test_corner_block_of_four_by_four_is_one_detection():
+    """The worked example of docs/evaluation.md (Localisation)."""
     scores = np.zeros((1, 20, 20, 5), np.float32)
-    scores[0, 16:20, 16:20, 0] = 0.6
+    scores[0, :5, :5, 0] = 0.5
+    scores[0, 4, 4, 0] = 0.4
+    scores[0, :4, :4, 0] = 0.6
     assert _window_max_count(scores[..., 0], 5) == 16
-    # Centroid (17.5, 17.5): four pixels at equal distance; lowest row, then lowest column.
-    assert _points(local_maxima(scores, (1.0, 1.0))) == [(0, 17, 17)]
+    # Centroid (1.5, 1.5): four pixels at equal distance; lowest row, then lowest column.
+    det = local_maxima(scores, (1.0, 1.0))
+    assert _points(det) == [(0, 1, 1)]
+    np.testing.assert_allclose(det.scores[:, 0], [0.6])
 
 
 @pytest.mark.parametrize(
