@@ -84,9 +84,8 @@ def flat_maximum_points(maxima: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.
     sum_y, sum_x = np.bincount(group, weights=y), np.bincount(group, weights=x)
     # count^2 x squared distance to the centroid: exact integers, so equal distances tie exactly.
     n = count[group]
-    dist = (n * y - sum_y[group].astype(np.int64)) ** 2 + (
-        n * x - sum_x[group].astype(np.int64)
-    ) ** 2
-    order = np.lexsort((x, y, dist, group))
+    dy = n * y - sum_y[group].astype(np.int64)
+    dx = n * x - sum_x[group].astype(np.int64)
+    order = np.lexsort((x, y, dy**2 + dx**2, group))
     first = order[np.flatnonzero(np.diff(group[order], prepend=-1))]
     return z[first], y[first], x[first]
