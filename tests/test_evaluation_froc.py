@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -146,6 +148,46 @@ def test_flat_maxima_on_adjacent_slices_are_not_joined():
     scores = np.zeros((2, 10, 10, 5), np.float32)
     scores[:, 4:6, 4, 0] = 0.8
     assert _points(local_maxima(scores, (1.0, 1.0))) == [(0, 4, 4), (1, 4, 4)]
+
+
+def _flat_maxima_reference(maxima):
+    """Flood fill of each 8-connected group and an exact (Fraction) centroid, pixel by pixel."""
+    points = []
+    seen = np.zeros_like(maxima)
+    for start in zip(*np.nonzero(maxima), strict=True):
+        if seen[start]:
+            continue
+        group, stack = [], [start]
+        seen[start] = True
+        while stack:
+            z, r, c = stack.pop()
+            group.append((r, c))
+            for dr in (-1, 0, 1):
+                for dc in (-1, 0, 1):
+                    q = (z, r + dr, c + dc)
+                    inside = 0 <= q[1] < maxima.shape[1] and 0 <= q[2] < maxima.shape[2]
+                    if inside and maxima[q] and not seen[q]:
+                        seen[q] = True
+                        stack.append(q)
+        cy = Fraction(sum(r for r, _ in group), len(group))
+        cx = Fraction(sum(c for _, c in group), len(group))
+        r, c = min(group, key=lambda p: ((p[0] - cy) ** 2 + (p[1] - cx) ** 2, p[0], p[1]))
+        points.append((int(start[0]), int(r), int(c)))
+    return sorted(points)
+
+
+def test_flat_maxima_match_a_flood_fill_reference():
+    rng = np.random.default_rng(0)
+    # Coarse random levels in 3 x 3 blocks: many plateaus of odd shapes, some touching diagonally.
+    coarse = rng.integers(0, 4, (3, 10, 10)) / 4.0
+    s1 = np.kron(coarse, np.ones((1, 3, 3)))[:, :28, :27] * rng.choice([1.0, 0.9], (3, 28, 27))
+    scores = np.repeat(s1[..., None], 5, axis=-1).astype(np.float32)
+    det = local_maxima(scores, (5.0, 5.0))  # r = 1 pixel
+    window_max = ndimage.maximum_filter(s1.astype(np.float32), size=(1, 3, 3), mode="constant")
+    maxima = (scores[..., 0] == window_max) & (scores[..., 0] > 1e-3)
+    expected = _flat_maxima_reference(maxima)
+    assert len(expected) > 20 and len(expected) < maxima.sum()  # real groups, not single pixels
+    assert sorted(_points(det)) == expected
 
 
 def test_bilinear_upsampling_flat_tops_count_once():
