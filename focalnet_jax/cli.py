@@ -26,13 +26,22 @@ def _add_synth(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--adc-only-share", type=float, default=0.15, help="lesions only in ADC/HBV"
     )
+    parser.add_argument("--dce-only-share", type=float, default=0.15, help="lesions only in DCE")
+    parser.add_argument(
+        "--components", default="t2w,adc,hbv", help="comma-separated, t2w first; of t2w,adc,hbv,dce"
+    )
 
 
 def _run_synth(args: argparse.Namespace) -> int:
     from focalnet_jax.data.synth import SynthConfig, write_dataset
 
-    shares = {"t2w_only_share": args.t2w_only_share, "adc_only_share": args.adc_only_share}
-    config = SynthConfig.small(**shares) if args.small else SynthConfig(**shares)
+    options = {"t2w_only_share": args.t2w_only_share, "adc_only_share": args.adc_only_share}
+    options["dce_only_share"] = args.dce_only_share
+    options["components"] = tuple(c.strip() for c in args.components.split(",") if c.strip())
+    try:
+        config = SynthConfig.small(**options) if args.small else SynthConfig(**options)
+    except ValueError as err:
+        raise SystemExit(f"focalnet synth: error: {err}") from None
     if args.cases < 1:
         raise SystemExit(f"focalnet synth: --cases {args.cases}: expected at least 1")
     cases = write_dataset(args.out, args.cases, args.seed, config, progress=True)
@@ -386,6 +395,12 @@ def _add_predict(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--t2w", required=True, help="T2w: DICOM folder, .mha, .nii(.gz), .nrrd")
     parser.add_argument("--adc", required=True, help="ADC: DICOM folder or image file")
     parser.add_argument("--hbv", help="high b-value DWI: DICOM folder or image file")
+    for name in ("t2w", "adc", "hbv"):
+        parser.add_argument(
+            f"--{name}-series",
+            help=f"SeriesInstanceUID or exact SeriesDescription of the {name} series "
+            "(when its DICOM folder holds several)",
+        )
     parser.add_argument("--mask", help="prostate mask on any grid (centres the crop)")
     parser.add_argument("--center", help="crop centre 'x,y,z' (LPS mm)")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
@@ -417,6 +432,9 @@ def _run_predict(args: argparse.Namespace) -> int:
             step=args.step,
             center=center,
             mask=args.mask,
+            series={
+                n: getattr(args, f"{n}_series") for n in components if getattr(args, f"{n}_series")
+            },
             threshold=args.threshold,
             batch_size=args.batch_size,
         )
