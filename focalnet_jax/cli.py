@@ -289,6 +289,12 @@ def _add_evaluate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", type=Path, help="output folder (required with --predictions; default WORKDIR/eval)"
     )
+    parser.add_argument(
+        "--cases",
+        type=Path,
+        help="with --predictions: the case ids to evaluate (one a line, or a JSON list); a listed "
+        "case without <case_id>.npz is an error (default: every file found)",
+    )
     parser.add_argument("--step", type=int, help="checkpoint step with --workdir (default: latest)")
     parser.add_argument("--store", type=Path, help="preprocessed store (default: the run's config)")
     parser.add_argument("--batch-size", type=int, default=32, help="slices per inference batch")
@@ -307,18 +313,23 @@ def _add_evaluate(parser: argparse.ArgumentParser) -> None:
 
 def _run_evaluate(args: argparse.Namespace) -> int:
     from focalnet_jax.evaluation.pipeline import evaluate_predictions
+    from focalnet_jax.evaluation.predictions import read_case_list
 
     slices = args.slices or "all"
     try:
+        if args.workdir is not None and args.cases is not None:
+            raise ValueError("--cases goes with --predictions (--workdir evaluates its fold)")
+        cases = read_case_list(args.cases) if args.cases is not None else None
         if args.workdir is not None:
             from focalnet_jax.checkpoint import read_config
             from focalnet_jax.evaluation.inference import predict_validation_fold
 
             slices = args.slices or str(read_config(args.workdir).data.slices)
             out = args.out or args.workdir / "eval"
-            predictions = predict_validation_fold(
+            predictions = out / "predictions"
+            cases = predict_validation_fold(
                 args.workdir,
-                out / "predictions",
+                predictions,
                 step=args.step,
                 store_path=args.store,
                 batch_size=args.batch_size,
@@ -330,6 +341,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         metrics = evaluate_predictions(
             predictions,
             out,
+            cases=cases,
             radius_mm=args.radius_mm,
             min_score=args.min_score,
             with_picai=not args.no_picai,
