@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from focalnet_jax.case_ids import check_case_id
@@ -197,6 +198,21 @@ def test_store_with_unsafe_case_id_is_refused(manifest_rows, tmp_path, capsys):
     line = _user_error(capsys, ["folds", "--store", str(store), "--num-folds", "2"])
     assert line.startswith(f"focalnet folds: error: store {store / 'cases.json'}: case id ")
     assert "'../../elsewhere' starts with '.'" in line
+
+
+def test_predictions_are_never_written_under_an_unsafe_name(tmp_path):
+    from focalnet_jax.evaluation.predictions import write_case
+
+    arrays = {
+        "scores": np.zeros((1, 4, 4, 5), np.float32),
+        "lesions": np.zeros((1, 4, 4), np.int32),
+    }
+    with pytest.raises(
+        UserError, match=f"predictions folder {tmp_path}/out: case id '../x' starts"
+    ):
+        write_case(tmp_path / "out", "../x", **arrays, lesion_classes=[], spacing=(1, 1),
+                   patient_id="p")  # fmt: skip
+    assert list(tmp_path.iterdir()) == []
 
 
 # --- a store made with other settings -------------------------------------------------------------
