@@ -2,7 +2,7 @@
 
 Each subcommand has an `_add_<name>` function that declares its flags and a `_run_<name>` function
 that imports the module doing the work lazily (so `focalnet synth` does not pay for importing JAX).
-A user error (`errors.is_user_error`) of any command ends as one line on stderr, `focalnet
+A user error (`errors.one_line_user_errors`) of any command ends as one line on stderr, `focalnet
 <command>: error: <message>`, and exit status 2; `--verbose` adds its traceback. Other exceptions
 keep their traceback.
 """
@@ -12,11 +12,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-from focalnet_jax.errors import UserError, UserErrorExit, is_user_error
+from focalnet_jax.errors import UserError, one_line_user_errors
 
 # --- data: synth, preprocess, folds ---------------------------------------------------------------
 
@@ -504,16 +503,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = unknown
     run_fn = _COMMANDS[args.command][2]
-    try:
+    with one_line_user_errors(f"focalnet {args.command}", verbose=args.verbose):
         return int(run_fn(args) or 0)
-    except Exception as error:
-        if not is_user_error(error):
-            raise
-        if args.verbose:
-            traceback.print_exc()
-        line = f"focalnet {args.command}: error: " + str(error).replace("\n", " ")
-        print(line, file=sys.stderr)
-        raise UserErrorExit(line) from None
 
 
 if __name__ == "__main__":

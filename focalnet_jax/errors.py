@@ -9,7 +9,9 @@ working.
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import traceback
 
 
 class UserError(ValueError):
@@ -44,3 +46,20 @@ def is_user_error(error: BaseException) -> bool:
         if module in sys.modules:
             classes.append(getattr(sys.modules[module], name))
     return isinstance(error, tuple(classes))
+
+
+@contextlib.contextmanager
+def one_line_user_errors(prog: str, *, verbose: bool = False):
+    """A user error (`is_user_error`) raised in the block is printed as `<prog>: error: <message>`
+    on one line of stderr (after its traceback when `verbose`) and ends the program with exit
+    status 2 (`UserErrorExit`); any other exception passes unchanged."""
+    try:
+        yield
+    except Exception as error:
+        if not is_user_error(error):
+            raise
+        if verbose:
+            traceback.print_exc()
+        line = f"{prog}: error: " + str(error).replace("\n", " ")
+        print(line, file=sys.stderr)
+        raise UserErrorExit(line) from None
