@@ -55,11 +55,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.loss = ml_collections.ConfigDict()
     config.loss.name = "ordinal_focal"  # losses.get_loss(name): fixes the output encoding
     config.loss.mfl = True  # add lambda * mutual finding loss over component subsets
+    # MFL with a loss other than losses.MFL_LOSSES (ordinal_focal) must be asked for: a benchmark
+    # loss chosen on top of this config (loss.name=ce_focal) is refused while loss.mfl is True.
+    config.loss.mfl_any_loss = False
     config.loss.mfl_weight = "auto"  # 'auto' = 1 / positive bit ratio of the training split
     config.loss.mfl_mode = "vmap"  # 'vmap' (paper) or 'select' (argmin subset recomputed)
     config.loss.subsets = None  # None = every non-empty proper subset of data.components
     config.loss.alpha = 0.75  # ordinal focal loss positive-bit weight (eq. 1)
     config.loss.gamma = 2.0  # focal exponent (eq. 2)
+    # Options of the combined and Dice losses (None = the loss's default, see losses.py):
+    config.loss.weights = None  # ce_focal (CE, FL) / ce_dice (CE, Dice) weights; default (1, 1)
+    config.loss.eps = None  # Dice smoothing; default 1 (nnU-Net: 1e-5)
+    config.loss.batch_dice = None  # one Dice per channel over the batch; default False
+    config.loss.dice_background = None  # softmax Dice over channel 0 too; default True
 
     config.optim = ml_collections.ConfigDict()
     config.optim.lr = 1e-3
