@@ -66,16 +66,40 @@ def _slurm_options(study: Study, args: argparse.Namespace) -> dict:
     return options
 
 
+RUNNABLE = ("pending", "failed", "interrupted")
+
+
+def cell_states(study: Study) -> dict[str, tuple[str, str]]:
+    """{cell name: (state, SLURM task id or '')}, with the SLURM queue's view: a pending cell whose
+    task waits in the queue is `queued`, and a cell `running` on another host whose task has left
+    the queue (e.g. killed at its time limit) is `interrupted`."""
+    from focalnet_jax.study import slurm
+
+    tasks = slurm.task_ids(study)
+    queue = slurm.queue_states(list(tasks.values()))
+    states = {}
+    for cell in study.cells():
+        state = study.state(cell)
+        name, task = state.state, state.record.get("slurm_job") or tasks.get(cell.name, "")
+        if name == "pending" and queue and task in queue:
+            name = "queued" if queue[task] == "PENDING" else queue[task].lower()
+        elif name == "running" and task and queue is not None and task not in queue:
+            name = "interrupted"
+        states[cell.name] = (name, task)
+    return states
+
+
 def _run(args: argparse.Namespace) -> int:
     from focalnet_jax.study import local, slurm
 
     study = _open_or_create(args)
     cells = study.cells()
-    states = {c.name: study.state(c).state for c in cells}
-    todo = [c for c in cells if states[c.name] not in ("done", "running")]
+    states = {name: state for name, (state, _) in cell_states(study).items()}
+    todo = [c for c in cells if states[c.name] in RUNNABLE]
+    done = sum(s == "done" for s in states.values())
     print(
-        f"{len(cells)} cells: {sum(s == 'done' for s in states.values())} done, "
-        f"{sum(s == 'running' for s in states.values())} running elsewhere, {len(todo)} to run"
+        f"{len(cells)} cells: {done} done, {len(cells) - done - len(todo)} running or queued "
+        f"elsewhere, {len(todo)} to run"
     )
     if args.executor == "slurm":
         if not todo:
@@ -105,18 +129,14 @@ def _ensembles(study: Study) -> None:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from focalnet_jax.study import slurm
     from focalnet_jax.study.ensembles import ensemble_done
 
     study = Study.open(args.workdir)
-    tasks = slurm.task_ids(study)
-    queue = slurm.queue_states(list(tasks.values()))
+    states = cell_states(study)
     rows, counts = [], {}
     for cell in study.cells():
         state = study.state(cell)
-        name, task = state.state, tasks.get(cell.name, "")
-        if name == "pending" and task in queue:
-            name = "queued" if queue[task] == "PENDING" else queue[task].lower()
+        name, task = states[cell.name]
         detail = state.record.get("error") or state.record.get("log", "")
         seconds = state.record.get("seconds", "")
         rows.append((cell.name, name, task, str(seconds), detail))
@@ -163,7 +183,5 @@ def run(args: argparse.Namespace) -> int:
         )
     try:
         return ACTIONS[args.study_command](args)
-    except (StudyError, FileNotFoundError) as error:
-        raise SystemExit(f"focalnet study {args.study_command}: error: {error}") from None
-    except ValueError as error:
+    except (ValueError, FileNotFoundError) as error:  # StudyError is a ValueError
         raise SystemExit(f"focalnet study {args.study_command}: error: {error}") from None

@@ -101,11 +101,18 @@ def task_ids(study: Study) -> dict[str, str]:
     return ids
 
 
-def queue_states(job_ids: Sequence[str]) -> dict[str, str]:
-    """{`<job>_<task>`: SLURM state} of the array tasks still in the queue (`squeue`); {} where
-    squeue is absent or fails."""
-    if not job_ids or shutil.which("squeue") is None:
+def has_queue() -> bool:
+    """Whether `squeue` can be asked (this host is a SLURM submit host)."""
+    return shutil.which("squeue") is not None
+
+
+def queue_states(job_ids: Sequence[str]) -> dict[str, str] | None:
+    """{`<job>_<task>`: SLURM state} of the array tasks still in the queue (`squeue`); None where
+    squeue is absent or fails (the queue is unknown)."""
+    if not job_ids:
         return {}
+    if not has_queue():
+        return None
     jobs = sorted({task.split("_")[0] for task in job_ids})
     done = subprocess.run(
         ["squeue", "-h", "-r", "-o", "%i %T", "-j", ",".join(jobs)],
@@ -114,5 +121,5 @@ def queue_states(job_ids: Sequence[str]) -> dict[str, str]:
         check=False,
     )
     if done.returncode != 0:
-        return {}
+        return None
     return dict(line.split()[:2] for line in done.stdout.splitlines() if len(line.split()) >= 2)

@@ -20,7 +20,6 @@ both tests; a test with fewer than 1 (permutation) or 2 (Welch) values per arm g
 from __future__ import annotations
 
 import itertools
-import math
 import warnings
 from collections.abc import Mapping, Sequence
 
@@ -92,8 +91,3 @@ def compare_arms(
                 }
             )
     return rows
-
-
-def is_exact(n_a: int, n_b: int) -> bool:
-    """Whether picai_eval enumerates every split for these group sizes (<= 20 runs together)."""
-    return n_a + n_b <= 20 and math.comb(n_a + n_b, n_a) > 0
