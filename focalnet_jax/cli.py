@@ -26,13 +26,22 @@ def _add_synth(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--adc-only-share", type=float, default=0.15, help="lesions only in ADC/HBV"
     )
+    parser.add_argument("--dce-only-share", type=float, default=0.15, help="lesions only in DCE")
+    parser.add_argument(
+        "--components", default="t2w,adc,hbv", help="comma-separated, t2w first; of t2w,adc,hbv,dce"
+    )
 
 
 def _run_synth(args: argparse.Namespace) -> int:
     from focalnet_jax.data.synth import SynthConfig, write_dataset
 
-    shares = {"t2w_only_share": args.t2w_only_share, "adc_only_share": args.adc_only_share}
-    config = SynthConfig.small(**shares) if args.small else SynthConfig(**shares)
+    options = {"t2w_only_share": args.t2w_only_share, "adc_only_share": args.adc_only_share}
+    options["dce_only_share"] = args.dce_only_share
+    options["components"] = tuple(c.strip() for c in args.components.split(",") if c.strip())
+    try:
+        config = SynthConfig.small(**options) if args.small else SynthConfig(**options)
+    except ValueError as err:
+        raise SystemExit(f"focalnet synth: error: {err}") from None
     if args.cases < 1:
         raise SystemExit(f"focalnet synth: --cases {args.cases}: expected at least 1")
     cases = write_dataset(args.out, args.cases, args.seed, config, progress=True)
@@ -280,6 +289,12 @@ def _add_evaluate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", type=Path, help="output folder (required with --predictions; default WORKDIR/eval)"
     )
+    parser.add_argument(
+        "--cases",
+        type=Path,
+        help="with --predictions: the case ids to evaluate (one a line, or a JSON list); a listed "
+        "case without <case_id>.npz is an error (default: every file found)",
+    )
     parser.add_argument("--step", type=int, help="checkpoint step with --workdir (default: latest)")
     parser.add_argument("--store", type=Path, help="preprocessed store (default: the run's config)")
     parser.add_argument("--batch-size", type=int, default=32, help="slices per inference batch")
@@ -298,18 +313,23 @@ def _add_evaluate(parser: argparse.ArgumentParser) -> None:
 
 def _run_evaluate(args: argparse.Namespace) -> int:
     from focalnet_jax.evaluation.pipeline import evaluate_predictions
+    from focalnet_jax.evaluation.predictions import read_case_list
 
     slices = args.slices or "all"
     try:
+        if args.workdir is not None and args.cases is not None:
+            raise ValueError("--cases goes with --predictions (--workdir evaluates its fold)")
+        cases = read_case_list(args.cases) if args.cases is not None else None
         if args.workdir is not None:
             from focalnet_jax.checkpoint import read_config
             from focalnet_jax.evaluation.inference import predict_validation_fold
 
             slices = args.slices or str(read_config(args.workdir).data.slices)
             out = args.out or args.workdir / "eval"
-            predictions = predict_validation_fold(
+            predictions = out / "predictions"
+            cases = predict_validation_fold(
                 args.workdir,
-                out / "predictions",
+                predictions,
                 step=args.step,
                 store_path=args.store,
                 batch_size=args.batch_size,
@@ -321,6 +341,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         metrics = evaluate_predictions(
             predictions,
             out,
+            cases=cases,
             radius_mm=args.radius_mm,
             min_score=args.min_score,
             with_picai=not args.no_picai,
@@ -374,6 +395,12 @@ def _add_predict(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--t2w", required=True, help="T2w: DICOM folder, .mha, .nii(.gz), .nrrd")
     parser.add_argument("--adc", required=True, help="ADC: DICOM folder or image file")
     parser.add_argument("--hbv", help="high b-value DWI: DICOM folder or image file")
+    for name in ("t2w", "adc", "hbv"):
+        parser.add_argument(
+            f"--{name}-series",
+            help=f"SeriesInstanceUID or exact SeriesDescription of the {name} series "
+            "(when its DICOM folder holds several)",
+        )
     parser.add_argument("--mask", help="prostate mask on any grid (centres the crop)")
     parser.add_argument("--center", help="crop centre 'x,y,z' (LPS mm)")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
@@ -405,6 +432,9 @@ def _run_predict(args: argparse.Namespace) -> int:
             step=args.step,
             center=center,
             mask=args.mask,
+            series={
+                n: getattr(args, f"{n}_series") for n in components if getattr(args, f"{n}_series")
+            },
             threshold=args.threshold,
             batch_size=args.batch_size,
         )
