@@ -94,7 +94,9 @@ class Study:
         if path.is_file():
             recorded = json.loads(path.read_text())
             changed = sorted(
-                k for k in set(recorded) | set(plain) if recorded.get(k) != plain.get(k)
+                k
+                for k in set(recorded) | set(plain)
+                if recorded.get(k) != plain.get(k) and k != "spec_file"  # where it was read
             )
             if changed:
                 raise StudyError(

@@ -157,7 +157,7 @@ def _markdown(study: Study, rows, stats_rows, missing, iterations: int) -> str:
                 f"| {_fmt(r['p_welch_bonferroni'], 4)} |"
             )
     lines += ["", "## Figures", ""]
-    for png in ("metrics.png", "froc_cs.png", "pvalues.png"):
+    for png in ("metrics.png", "froc_cs.png", "pvalues.png")[: 3 if len(names) > 1 else 2]:
         lines.append(f"![{png}]({png})")
     return "\n".join(lines) + "\n"
 
