@@ -97,6 +97,7 @@ def finished(spec_file, tmp_path_factory) -> Path:
     return workdir
 
 
+@pytest.mark.slow
 def test_study_finishes_with_every_row(finished):
     rows = read_csv(finished / "report" / "runs.csv")
     keys = {(r["arm"], r["kind"], int(r["repeat"]), int(r["fold"]), int(r["seed"])) for r in rows}
@@ -125,6 +126,7 @@ def test_study_finishes_with_every_row(finished):
         assert (finished / "report" / name).stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_cells_use_the_seed_of_their_repeat(finished):
     for rep in (0, 1):
         config = json.loads((finished / "fl" / f"rep{rep}" / "fold1" / "config.json").read_text())
@@ -132,6 +134,7 @@ def test_cells_use_the_seed_of_their_repeat(finished):
         assert config["loss"]["name"] == "focal" and config["loss"]["mfl"] is False
 
 
+@pytest.mark.slow
 def test_ensemble_is_the_mean_of_its_arms(finished):
     cell = Path("rep1") / "fold0" / "eval" / "predictions"
     name = sorted(p.name for p in (finished / "ce" / cell).glob("*.npz"))[0]
@@ -167,6 +170,7 @@ def test_permutation_pvalue_equals_exhaustive_enumeration(seed):
     assert permutation_pvalue(a, b) == pytest.approx(exhaustive_permutation_p(a, b), abs=1e-12)
 
 
+@pytest.mark.slow
 def test_study_stats_match_enumeration_and_welch(finished):
     from scipy import stats
 
@@ -194,6 +198,7 @@ def _tree_state(root: Path) -> dict:
     return {str(p): p.stat().st_mtime_ns for p in root.rglob("*") if "report" not in p.parts}
 
 
+@pytest.mark.slow
 def test_rerun_of_a_finished_study_trains_nothing(finished):
     before = _tree_state(finished)
     done = study("run", "--workdir", str(finished))
@@ -203,6 +208,7 @@ def test_rerun_of_a_finished_study_trains_nothing(finished):
     assert status.count(" done ") >= 12 and "8 done" in status
 
 
+@pytest.mark.slow
 def test_killed_study_resumes_the_interrupted_cell(store, tmp_path):
     workdir = tmp_path / "killed"
     spec = write_spec(tmp_path / "one_cell.py", store, arms={"ce": ARMS["ce"]}, ensembles={})
@@ -235,6 +241,7 @@ def test_killed_study_resumes_the_interrupted_cell(store, tmp_path):
     assert len(read_csv(workdir / "report" / "runs.csv")) == 1
 
 
+@pytest.mark.slow
 def test_failed_cell_is_reported_and_the_others_finish(store, tmp_path):
     workdir = tmp_path / "failing"
     # MFL on with a weight that is not a number: valid config keys, fails inside training.
@@ -323,6 +330,7 @@ def _require_slurm() -> None:
         pytest.skip(reason)
 
 
+@pytest.mark.slow
 def test_slurm_job_array_gives_the_rows_of_the_local_study(finished, spec_file, tmp_path):
     _require_slurm()
     cluster = OneNodeCluster(tmp_path / "cluster")

@@ -37,8 +37,12 @@ def permutation_pvalue(
     iterations: int = APPROXIMATE_ITERATIONS,
 ) -> float:
     """picai_eval's one-sided permutation test (H1: `alternative` better); NaN without values."""
-    from picai_eval.statistical_helper import perform_permutation_test
-
+    try:
+        from picai_eval.statistical_helper import perform_permutation_test
+    except ImportError as error:
+        raise ValueError(
+            f"the permutation test needs picai_eval ({error}); install the 'picai' extra"
+        ) from None
     a, b = finite_values(baseline), finite_values(alternative)
     if a.size < 1 or b.size < 1:
         return float("nan")
