@@ -63,11 +63,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.loss.subsets = None  # None = every non-empty proper subset of data.components
     config.loss.alpha = 0.75  # ordinal focal loss positive-bit weight (eq. 1)
     config.loss.gamma = 2.0  # focal exponent (eq. 2)
-    # Options of the combined and Dice losses (None = the loss's default, see losses.py):
-    config.loss.weights = None  # ce_focal (CE, FL) / ce_dice (CE, Dice) weights; default (1, 1)
-    config.loss.eps = None  # Dice smoothing; default 1 (nnU-Net: 1e-5)
-    config.loss.batch_dice = None  # one Dice per channel over the batch; default False
-    config.loss.dice_background = None  # softmax Dice over channel 0 too; default True
+    # Options of the combined and Dice losses (bound only to the losses that take them):
+    config.loss.weights = (1.0, 1.0)  # ce_focal (CE, FL) / ce_dice (CE, Dice) term weights
+    config.loss.eps = 1.0  # Dice smoothing (nnU-Net: 1e-5)
+    config.loss.batch_dice = False  # one Dice per channel over the whole batch (nnU-Net: True)
+    config.loss.dice_background = True  # softmax Dice over channel 0 too (nnU-Net: False)
 
     config.optim = ml_collections.ConfigDict()
     config.optim.lr = 1e-3

@@ -367,3 +367,23 @@ def test_slurm_job_array_gives_the_rows_of_the_local_study(finished, spec_file, 
                 assert value == expected[key]
             else:
                 assert float(value) == pytest.approx(float(expected[key]), abs=1e-6, nan_ok=True)
+
+
+@pytest.mark.parametrize("name", ["bosma22", "focalnet_ablation", "synthetic_mfl"])
+def test_shipped_specs_validate_against_their_base(name, tmp_path):
+    from focalnet_jax.study.spec import arm_config, load_spec, validate
+
+    plain = validate(load_spec(f"{REPO / 'configs' / 'studies' / name}.py:{tmp_path}"), name)
+    configs = {arm: arm_config(plain, arm) for arm in plain["arms"]}
+    if name == "bosma22":
+        assert not any(c.loss.mfl for c in configs.values())
+        assert tuple(configs["ce_fl"].loss.weights) == (0.5, 0.5)
+        dice = configs["ce_dice"].loss
+        assert (dice.name, dice.eps, dice.batch_dice) == ("ce_dice", 1e-5, True)
+        assert sorted(plain["ensembles"]["ensemble"]) == sorted(plain["arms"])
+    if name == "focalnet_ablation":
+        assert configs["fl_mfl"].loss.mfl and not configs["fl"].loss.mfl
+        assert configs["unet_sing"].model.name == "unet" and not configs["aug_none"].augment.flip
+    if name == "synthetic_mfl":
+        assert [c.loss.mfl for c in configs.values()] == [False, False, True]
+        assert plain["repeats"] >= 3

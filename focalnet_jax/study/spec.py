@@ -100,9 +100,7 @@ def flatten(nested: Mapping, prefix: str = "") -> list[tuple[str, object]]:
 
 def override_text(key: str, value) -> str:
     """`--config.KEY=VALUE` with VALUE as `config_loading` parses it back to `value`."""
-    if isinstance(value, bool):
-        text = str(value).lower()
-    elif isinstance(value, str):
+    if isinstance(value, str):
         text = value
     elif isinstance(value, list | tuple):
         text = repr(tuple(value))
