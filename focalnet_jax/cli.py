@@ -447,6 +447,21 @@ def _run_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- studies: arms x repeats x folds (focalnet_jax/study) ----------------------------------------
+
+
+def _add_study(parser: argparse.ArgumentParser) -> None:
+    from focalnet_jax.study.commands import add_arguments
+
+    add_arguments(parser)
+
+
+def _run_study(args: argparse.Namespace) -> int:
+    from focalnet_jax.study.commands import run
+
+    return run(args)
+
+
 _COMMANDS: dict[str, tuple] = {
     # name: (help, add_parser_fn, run_fn)
     "synth": ("write a synthetic mp-MRI dataset in the PI-CAI layout", _add_synth, _run_synth),
@@ -473,6 +488,11 @@ _COMMANDS: dict[str, tuple] = {
         _add_predict,
         _run_predict,
     ),
+    "study": (
+        "arms x repeats x folds of training runs, locally or on SLURM; status; report",
+        _add_study,
+        _run_study,
+    ),
 }
 
 
@@ -497,9 +517,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    # `train` and `cv` take free-form `--config.KEY=VALUE` overrides that argparse does not know.
+    # `train` and `cv` take free-form `--config.KEY=VALUE` overrides that argparse does not know,
+    # `study` `--spec.KEY=VALUE`.
     args, unknown = parser.parse_known_args(argv)
-    if unknown and args.command not in ("train", "cv"):
+    if unknown and args.command not in ("train", "cv", "study"):
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = unknown
     run_fn = _COMMANDS[args.command][2]
