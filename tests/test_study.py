@@ -269,7 +269,8 @@ def _one_line_error(*argv: str) -> str:
 
     with pytest.raises(SystemExit) as stop:
         cli.main(["study", *argv])
-    message = str(stop.value.code)
+    message = str(stop.value)
+    assert stop.value.code == 2
     assert "\n" not in message and message.startswith("focalnet study")
     return message
 

@@ -175,13 +175,7 @@ ACTIONS = {"run": _run, "status": _status, "report": _report, "cell": _cell}
 
 
 def run(args: argparse.Namespace) -> int:
-    """Dispatch `focalnet study ACTION`; user errors become one-line exits."""
+    """Dispatch `focalnet study ACTION` (user errors are `StudyError`s: one line, by the CLI)."""
     if args.study_command != "run" and args.overrides:
-        raise SystemExit(
-            f"focalnet study {args.study_command}: error: unrecognized arguments: "
-            + " ".join(args.overrides)
-        )
-    try:
-        return ACTIONS[args.study_command](args)
-    except (ValueError, FileNotFoundError) as error:  # StudyError is a ValueError
-        raise SystemExit(f"focalnet study {args.study_command}: error: {error}") from None
+        raise StudyError("unrecognized arguments: " + " ".join(args.overrides))
+    return ACTIONS[args.study_command](args)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from focalnet_jax.study.cells import METRICS, PREDICTIONS, Cell, Study
+from focalnet_jax.study.spec import StudyError
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ def average_predictions(members: list[Path], out_dir: Path) -> int:
     for member in members[1:]:
         names = {p.name for p in list_cases(member)}
         if names != set(cases):
-            raise ValueError(f"{member}: other cases than {members[0]} (different folds?)")
+            raise StudyError(f"{member}: other cases than {members[0]} (different folds?)")
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     for name, first_path in sorted(cases.items()):

@@ -16,6 +16,7 @@ import time
 from collections.abc import Sequence
 
 from focalnet_jax.study.cells import Cell, Study
+from focalnet_jax.study.spec import StudyError
 
 
 def cell_argv(study: Study, cell: Cell) -> list[str]:
@@ -48,9 +49,9 @@ def run_local(
     `parallel` may not exceed their number.
     """
     if parallel < 1:
-        raise ValueError(f"--parallel {parallel}: expected >= 1")
+        raise StudyError(f"--parallel {parallel}: expected >= 1")
     if devices and parallel > len(devices):
-        raise ValueError(f"--parallel {parallel}: more than the {len(devices)} GPUs {devices}")
+        raise StudyError(f"--parallel {parallel}: more than the {len(devices)} GPUs {devices}")
     queue, running, results = list(cells), {}, {}
     total, start = len(queue), time.time()
     while queue or running:

@@ -28,6 +28,7 @@ from pathlib import Path
 import ml_collections
 
 from focalnet_jax.config_loading import apply_overrides, get_config_from_file, load_config
+from focalnet_jax.errors import UserError
 
 SPEC_PREFIX = "--spec."
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -36,7 +37,7 @@ RESERVED = ("report", "slurm", "compilation_cache")
 STUDY_KEYS = ("seed", "data.store", "data.fold", "data.num_folds")
 
 
-class StudyError(ValueError):
+class StudyError(UserError):
     """A user error in a study spec or study folder (reported as one line)."""
 
 

@@ -27,6 +27,7 @@ import numpy as np
 from scipy import stats
 
 from focalnet_jax.evaluation.stats import bonferroni, finite_values
+from focalnet_jax.study.spec import StudyError
 
 APPROXIMATE_ITERATIONS = 10_000
 
@@ -40,7 +41,7 @@ def permutation_pvalue(
     try:
         from picai_eval.statistical_helper import perform_permutation_test
     except ImportError as error:
-        raise ValueError(
+        raise StudyError(
             f"the permutation test needs picai_eval ({error}); install the 'picai' extra"
         ) from None
     a, b = finite_values(baseline), finite_values(alternative)
