@@ -23,10 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from focalnet_jax import sharding
 from focalnet_jax.config_loading import load_config
+from focalnet_jax.training import sharding, train_state
 from focalnet_jax.training import step as step_lib
-from focalnet_jax.training import train_state
 
 KINDS = {
     "fl": ["--config.loss.mfl=false"],

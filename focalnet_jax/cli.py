@@ -73,7 +73,7 @@ def _add_preprocess(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_preprocess(args: argparse.Namespace) -> int:
-    from focalnet_jax.data.pipeline import preprocess_layout
+    from focalnet_jax.data.build_store import preprocess_layout
 
     try:
         summary = preprocess_layout(
@@ -195,8 +195,8 @@ def _training_setup(args: argparse.Namespace, command: str):
 
     import jax
 
-    from focalnet_jax import distributed
     from focalnet_jax.config_loading import load_config
+    from focalnet_jax.training import distributed
 
     # Our progress at INFO; libraries (Orbax, absl) only from WARNING.
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
@@ -297,13 +297,13 @@ def _add_evaluate(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from focalnet_jax.evaluation.pipeline import evaluate_predictions
+    from focalnet_jax.evaluation.evaluate import evaluate_predictions
 
     slices = args.slices or "all"
     try:
         if args.workdir is not None:
-            from focalnet_jax.checkpoint import read_config
             from focalnet_jax.evaluation.inference import predict_validation_fold
+            from focalnet_jax.training.checkpoint import read_config
 
             slices = args.slices or str(read_config(args.workdir).data.slices)
             out = args.out or args.workdir / "eval"

@@ -1,4 +1,5 @@
-"""On-device augmentation (focalnet_jax/augment.py): geometry, label alignment, T2w intensity."""
+"""On-device augmentation (focalnet_jax/training/augment.py): geometry, label alignment, T2w
+intensity."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from focalnet_jax import augment
+from focalnet_jax.training import augment
 
 
 def _config(**groups):

@@ -1,5 +1,6 @@
-"""Run-directory checkpoints (focalnet_jax/checkpoint.py): Orbax save/restore into an abstract,
-sharded target, keeping the latest K, the saved config, and `load_for_inference` errors."""
+"""Run-directory checkpoints (focalnet_jax/training/checkpoint.py): Orbax save/restore into an
+abstract, sharded target, keeping the latest K, the saved config, and
+`load_for_inference` errors."""
 
 from __future__ import annotations
 
@@ -11,9 +12,8 @@ import numpy as np
 import pytest
 from test_train_helpers import tiny_config
 
-from focalnet_jax import checkpoint, sharding
 from focalnet_jax.models import build_model
-from focalnet_jax.training import train_state
+from focalnet_jax.training import checkpoint, sharding, train_state
 
 SHAPE = (1, 32, 32, 2)
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from test_train_helpers import REPO, FakeStore, fast_compiles, tiny_config
 
-from focalnet_jax import input_pipeline, losses, sharding
+from focalnet_jax import losses
+from focalnet_jax.training import input_pipeline, sharding, train_state
 from focalnet_jax.training import step as step_lib
-from focalnet_jax.training import train_state
 
 CONFIGS = [
     "default.py",

@@ -10,7 +10,8 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_train_helpers import REPO, small_synthetic_store
 
-from focalnet_jax import checkpoint, cli
+from focalnet_jax import cli
+from focalnet_jax.training import checkpoint
 
 
 @pytest.fixture(scope="module")

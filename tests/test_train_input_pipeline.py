@@ -1,5 +1,5 @@
-"""Host input pipeline (focalnet_jax/input_pipeline.py), sharding errors and multi-process start-up
-(focalnet_jax/distributed.py)."""
+"""Host input pipeline (focalnet_jax/training/input_pipeline.py), sharding errors and
+multi-process start-up (focalnet_jax/training/distributed.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from test_train_helpers import FakeStore
 
-from focalnet_jax import distributed, input_pipeline, sharding
+from focalnet_jax.training import distributed, input_pipeline, sharding
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def test_eval_batches_cover_every_row_once_with_padding(store):
 
 def test_global_batch_not_divisible_by_device_count_is_an_error():
     code = (
-        "import jax; from focalnet_jax import sharding; mesh = sharding.make_mesh(); "
+        "import jax; from focalnet_jax.training import sharding; mesh = sharding.make_mesh(); "
         "print(sharding.per_device_batch(8, mesh)); sharding.per_device_batch(6, mesh)"
     )
     env = dict(

@@ -16,8 +16,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_train_helpers import REPO, FakeStore, fast_compiles, tiny_config
 
-from focalnet_jax import checkpoint
-from focalnet_jax.training import train_and_evaluate
+from focalnet_jax.training import checkpoint, train_and_evaluate
 
 RUN = [
     "--config.train.checkpoint_every=5",

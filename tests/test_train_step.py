@@ -15,10 +15,10 @@ import optax
 import pytest
 from test_train_helpers import COMPONENTS, fast_compiles, tiny_config
 
-from focalnet_jax import encoding, losses, sharding
+from focalnet_jax import encoding, losses
 from focalnet_jax.models import build_model
+from focalnet_jax.training import sharding, train_state
 from focalnet_jax.training import step as step_lib
-from focalnet_jax.training import train_state
 
 LAMBDA = 1000.0
 

@@ -16,9 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from focalnet_jax import augment, checkpoint, encoding
+from focalnet_jax import encoding
 from focalnet_jax.evaluation.predictions import write_case
-from focalnet_jax.input_pipeline import component_channels
+from focalnet_jax.training import augment, checkpoint
+from focalnet_jax.training.input_pipeline import component_channels
 from focalnet_jax.training.train_state import build_run_model
 
 log = logging.getLogger(__name__)

@@ -17,11 +17,11 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from focalnet_jax import checkpoint, input_pipeline, losses, sharding
-from focalnet_jax.augment import clip_inputs
-from focalnet_jax.tb_logging import SummaryWriter
+from focalnet_jax import losses
+from focalnet_jax.training import checkpoint, input_pipeline, sharding, train_state
 from focalnet_jax.training import step as step_lib
-from focalnet_jax.training import train_state
+from focalnet_jax.training.augment import clip_inputs
+from focalnet_jax.training.tb_logging import SummaryWriter
 
 log = logging.getLogger(__name__)
 

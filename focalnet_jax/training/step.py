@@ -39,8 +39,9 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from focalnet_jax import augment, encoding, losses
-from focalnet_jax.sharding import DATA_AXIS
+from focalnet_jax import encoding, losses
+from focalnet_jax.training import augment
+from focalnet_jax.training.sharding import DATA_AXIS
 from focalnet_jax.training.train_state import TrainState, learning_rate_schedule
 
 MFL_MODES = ("vmap", "select")

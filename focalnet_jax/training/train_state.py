@@ -16,8 +16,9 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from focalnet_jax import encoding, losses, sharding
+from focalnet_jax import encoding, losses
 from focalnet_jax.models import build_model
+from focalnet_jax.training import sharding
 
 
 @flax.struct.dataclass

@@ -73,8 +73,7 @@ def load_for_inference(workdir: str | Path, step: int | None = None):
     Raises FileNotFoundError naming the workdir when it has no config or no checkpoint (or not the
     step asked for), ValueError when the checkpoint does not fit the model its config describes.
     """
-    from focalnet_jax import sharding
-    from focalnet_jax.training import train_state
+    from focalnet_jax.training import sharding, train_state
 
     workdir = Path(workdir)
     config = read_config(workdir)

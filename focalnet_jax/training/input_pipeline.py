@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from focalnet_jax import sharding
+from focalnet_jax.training import sharding
 
 SLICE_MODES = ("annotated", "all")
 
