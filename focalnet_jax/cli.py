@@ -196,6 +196,7 @@ def _training_setup(args: argparse.Namespace, command: str):
     import jax
 
     from focalnet_jax.config_loading import load_config
+    from focalnet_jax.run import RunSpec
     from focalnet_jax.training import distributed
 
     # Our progress at INFO; libraries (Orbax, absl) only from WARNING.
@@ -204,10 +205,11 @@ def _training_setup(args: argparse.Namespace, command: str):
     try:
         distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
         config = load_config(args.config, args.overrides)
+        if args.fold is not None:
+            config.data.fold = args.fold
+        RunSpec.from_config(config)  # every config error in one line, before any compilation
     except (KeyError, ValueError, FileNotFoundError) as error:
         raise SystemExit(f"focalnet {command}: {error}") from None
-    if args.fold is not None:
-        config.data.fold = args.fold
 
     logging.getLogger("focalnet_jax").info(
         "process %d/%d, %d local / %d global devices (%s), compilation cache: %s",
@@ -303,7 +305,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     try:
         if args.workdir is not None:
             from focalnet_jax.evaluation.inference import predict_validation_fold
-            from focalnet_jax.training.checkpoint import read_config
+            from focalnet_jax.workdir import read_config
 
             slices = args.slices or str(read_config(args.workdir).data.slices)
             out = args.out or args.workdir / "eval"

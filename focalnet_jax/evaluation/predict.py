@@ -14,7 +14,6 @@ defaults), the model gives P(class >= k) on every slice of the 80 mm crop, and t
 from __future__ import annotations
 
 import csv
-import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from focalnet_jax.data import preprocess_case
+from focalnet_jax.data.store import preprocess_settings as store_preprocess_settings
 from focalnet_jax.evaluation import figures
 from focalnet_jax.evaluation.inference import Predictor
 from focalnet_jax.evaluation.localization import MIN_SCORE, RADIUS_MM, local_maxima
@@ -49,13 +49,12 @@ CSV_COLUMNS = (
 OVERLAY_SLICES = 4
 
 
-def preprocess_settings(config) -> dict | None:
+def preprocess_settings(store_path) -> dict | None:
     """The preprocessing settings of the run's training store (None: defaults)."""
-    table = Path(str(config.data.store or "")) / "cases.json"
-    if not table.is_file():
-        log.warning("training store %s not found: default preprocessing", config.data.store)
-        return None
-    return json.loads(table.read_text()).get("settings", {}).get("preprocess")
+    settings = store_preprocess_settings(str(store_path or "")) if store_path else None
+    if settings is None:
+        log.warning("training store %s not found: default preprocessing", store_path)
+    return settings
 
 
 def _exam_name(t2w_path: str) -> str:
@@ -103,7 +102,7 @@ def predict_exam(
         center=center,
         mask=None if mask is None else str(mask),
         slices="all",
-        config=preprocess_settings(predictor.config),
+        config=preprocess_settings(predictor.spec.config.data.store),
         case_id=_exam_name(ordered[predictor.components[0]]),
     )
     scores = predictor(case.images)
@@ -115,9 +114,16 @@ def predict_exam(
         path = out_dir / f"{name}.nii.gz"
         sitk.WriteImage(crop_to_t2w(scores[..., k], case.geometry, t2w), str(path))
         written.append(path)
-
     detections = local_maxima(scores, case.spacing, radius_mm=radius_mm, min_score=min_score)
     shown = detections.scores[:, 0] >= threshold
+    written.append(write_detections(out_dir / "detections.csv", case, detections, shown, t2w))
+    written.append(overlay(out_dir / "overlay.png", case, scores, detections, shown))
+    log.info("%d detections with score >= %g", int(shown.sum()), threshold)
+    return written
+
+
+def write_detections(path: Path, case, detections, shown: np.ndarray, t2w: sitk.Image) -> Path:
+    """`detections.csv` (`CSV_COLUMNS`) of the detections where `shown`, numbered from 1."""
     rows = []
     for n, i in enumerate(np.flatnonzero(shown), 1):
         s, r, c = int(detections.slice[i]), int(detections.row[i]), int(detections.col[i])
@@ -125,13 +131,16 @@ def predict_exam(
         voxel = t2w.TransformPhysicalPointToIndex(world)
         p = detections.scores[i]
         rows.append([n, *(f"{v:.4f}" for v in world), *voxel, s, r, c, *(f"{v:.4f}" for v in p)])
-    path = out_dir / "detections.csv"
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(CSV_COLUMNS)
         writer.writerows(rows)
-    written.append(path)
+    return path
 
+
+def overlay(path: Path, case, scores: np.ndarray, detections, shown: np.ndarray) -> Path:
+    """`overlay.png`: the T2w crop slices of the highest shown detections (else the slice with the
+    highest lesion score), with the score map and the detections."""
     t2w_crop = np.clip(case.images[..., 0], 0.0, 1.0)
     if shown.any():
         order = detections.slice[shown]
@@ -150,6 +159,4 @@ def predict_exam(
                 point_scores=detections.scores[on, 0],
             )
         )
-    written.append(figures.overlay_figure(out_dir / "overlay.png", panels))
-    log.info("%d detections with score >= %g", int(shown.sum()), threshold)
-    return written
+    return figures.overlay_figure(path, panels)
