@@ -376,6 +376,12 @@ def _add_predict(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--t2w", required=True, help="T2w: DICOM folder, .mha, .nii(.gz), .nrrd")
     parser.add_argument("--adc", required=True, help="ADC: DICOM folder or image file")
     parser.add_argument("--hbv", help="high b-value DWI: DICOM folder or image file")
+    for name in ("t2w", "adc", "hbv"):
+        parser.add_argument(
+            f"--{name}-series",
+            help=f"SeriesInstanceUID or exact SeriesDescription of the {name} series "
+            "(when its DICOM folder holds several)",
+        )
     parser.add_argument("--mask", help="prostate mask on any grid (centres the crop)")
     parser.add_argument("--center", help="crop centre 'x,y,z' (LPS mm)")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
@@ -407,6 +413,9 @@ def _run_predict(args: argparse.Namespace) -> int:
             step=args.step,
             center=center,
             mask=args.mask,
+            series={
+                n: getattr(args, f"{n}_series") for n in components if getattr(args, f"{n}_series")
+            },
             threshold=args.threshold,
             batch_size=args.batch_size,
         )

@@ -130,3 +130,27 @@ def test_predict_bad_checkpoint_and_missing_component(trained_run, exam_componen
     with pytest.raises(SystemExit, match="no config.json"):
         main(["predict", "--checkpoint", str(tmp_path), "--t2w", exam_components["t2w"],
               "--adc", exam_components["adc"], "--out", str(tmp_path / "y")])  # fmt: skip
+
+
+def test_predict_refuses_a_folder_of_two_series_unless_one_is_chosen(
+    trained_run, exam_components, tmp_path
+):
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for name in ("t2w", "adc"):
+        for file in Path(exam_components[name]).iterdir():
+            shutil.copy(file, mixed / f"{name}_{file.name}")
+    args = ["predict", "--checkpoint", str(trained_run), "--t2w", exam_components["t2w"],
+            "--adc", str(mixed)]  # fmt: skip
+    with pytest.raises(SystemExit) as info:
+        main([*args, "--out", str(tmp_path / "refused")])
+    message = str(info.value)
+    assert (
+        "\n" not in message and str(mixed) in message and "folder holds 2 DICOM series" in message
+    )
+    assert (
+        "'ep2d_diff_tra_DYNDIST_ADC', 19 files" in message and not (tmp_path / "refused").exists()
+    )
+    out = tmp_path / "chosen"
+    assert main([*args, "--adc-series", "ep2d_diff_tra_DYNDIST_ADC", "--out", str(out)]) == 0
+    assert (out / "detections.csv").is_file()

@@ -81,6 +81,7 @@ def predict_exam(
     step: int | None = None,
     center=None,
     mask: str | Path | None = None,
+    series: Mapping[str, str] | None = None,
     threshold: float = 0.5,
     batch_size: int = 16,
     radius_mm: float = RADIUS_MM,
@@ -88,7 +89,8 @@ def predict_exam(
 ) -> list[Path]:
     """Runs the model of `workdir` on one exam and writes the files listed in the module
     docstring to `out_dir`; returns their paths. `components` maps names ('t2w', 'adc', 'hbv')
-    to paths; the model's components must all be present."""
+    to paths; the model's components must all be present. `series` maps names to the
+    SeriesInstanceUID or SeriesDescription to read from a DICOM folder holding several."""
     predictor = Predictor.from_workdir(workdir, step=step, batch_size=batch_size)
     missing = [c for c in predictor.components if c not in components]
     if missing:
@@ -102,6 +104,7 @@ def predict_exam(
         center=center,
         mask=None if mask is None else str(mask),
         slices="all",
+        series=series,
         config=preprocess_settings(predictor.spec.config.data.store),
         case_id=_exam_name(ordered[predictor.components[0]]),
     )
