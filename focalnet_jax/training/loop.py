@@ -19,6 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from focalnet_jax import workdir as workdir_lib
+from focalnet_jax.data.store import open_store
 from focalnet_jax.run import RunSpec, clip_inputs
 from focalnet_jax.training import checkpoint, input_pipeline, sharding
 from focalnet_jax.training import step as step_lib
@@ -123,14 +124,6 @@ class _Logger:
             self.progress.write(f"step {done}: {line}")
 
 
-def _open_store(spec: RunSpec, store):
-    if store is None:
-        from focalnet_jax.data.store import open_store
-
-        store = open_store(spec.config.data.store)
-    return store
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *, store=None):
     """Train `config` in `workdir` (resuming from its latest checkpoint); returns the final state.
 
@@ -139,7 +132,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     """
     spec = RunSpec.from_config(config)
     workdir, mesh = Path(workdir), sharding.make_mesh()
-    store = _open_store(spec, store)
+    store = open_store(config.data.store) if store is None else store
     spec = spec.for_store(store)
     split = spec.fold_split(store)
     reader = input_pipeline.SliceReader(store, spec.components)
