@@ -51,7 +51,7 @@ def step_intervals(workdir: Path, batch_size: int) -> list[float]:
     return [batch_size / e.value for e in events.Scalars("train/images_per_s")]
 
 
-def main(argv: list[str] | None = None) -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="config file[:arg]")
     parser.add_argument("--store", type=Path, help="preprocessed store (default: synthetic)")
@@ -65,6 +65,11 @@ def main(argv: list[str] | None = None) -> None:
         help="training slices of the fold's schedule (paper: ~1400); 0 = the store's",
     )
     parser.add_argument("--max-steps", type=int, default=0, help="stop early and project; 0 = all")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = _parser()
     args, overrides = parser.parse_known_args(argv)
     if args.store is None:
         with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON line

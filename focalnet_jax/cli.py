@@ -26,13 +26,22 @@ def _add_synth(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--adc-only-share", type=float, default=0.15, help="lesions only in ADC/HBV"
     )
+    parser.add_argument("--dce-only-share", type=float, default=0.15, help="lesions only in DCE")
+    parser.add_argument(
+        "--components", default="t2w,adc,hbv", help="comma-separated, t2w first; of t2w,adc,hbv,dce"
+    )
 
 
 def _run_synth(args: argparse.Namespace) -> int:
     from focalnet_jax.data.synth import SynthConfig, write_dataset
 
-    shares = {"t2w_only_share": args.t2w_only_share, "adc_only_share": args.adc_only_share}
-    config = SynthConfig.small(**shares) if args.small else SynthConfig(**shares)
+    options = {"t2w_only_share": args.t2w_only_share, "adc_only_share": args.adc_only_share}
+    options["dce_only_share"] = args.dce_only_share
+    options["components"] = tuple(c.strip() for c in args.components.split(",") if c.strip())
+    try:
+        config = SynthConfig.small(**options) if args.small else SynthConfig(**options)
+    except ValueError as err:
+        raise SystemExit(f"focalnet synth: error: {err}") from None
     if args.cases < 1:
         raise SystemExit(f"focalnet synth: --cases {args.cases}: expected at least 1")
     cases = write_dataset(args.out, args.cases, args.seed, config, progress=True)
@@ -193,8 +202,6 @@ def _training_setup(args: argparse.Namespace, command: str):
     """Join the process group, load the config with its overrides; returns the config."""
     import logging
 
-    import jax
-
     from focalnet_jax.config_loading import load_config
     from focalnet_jax.run import RunSpec
     from focalnet_jax.training import distributed
@@ -211,16 +218,7 @@ def _training_setup(args: argparse.Namespace, command: str):
     except (KeyError, ValueError, FileNotFoundError) as error:
         raise SystemExit(f"focalnet {command}: {error}") from None
 
-    logging.getLogger("focalnet_jax").info(
-        "process %d/%d, %d local / %d global devices (%s), compilation cache: %s",
-        jax.process_index(),
-        jax.process_count(),
-        jax.local_device_count(),
-        jax.device_count(),
-        jax.devices()[0].device_kind,
-        (jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir)
-        or "none",
-    )
+    logging.getLogger("focalnet_jax").info("%s", distributed.describe())
     return config
 
 
@@ -282,6 +280,12 @@ def _add_evaluate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", type=Path, help="output folder (required with --predictions; default WORKDIR/eval)"
     )
+    parser.add_argument(
+        "--cases",
+        type=Path,
+        help="with --predictions: the case ids to evaluate (one a line, or a JSON list); a listed "
+        "case without <case_id>.npz is an error (default: every file found)",
+    )
     parser.add_argument("--step", type=int, help="checkpoint step with --workdir (default: latest)")
     parser.add_argument("--store", type=Path, help="preprocessed store (default: the run's config)")
     parser.add_argument("--batch-size", type=int, default=32, help="slices per inference batch")
@@ -300,18 +304,23 @@ def _add_evaluate(parser: argparse.ArgumentParser) -> None:
 
 def _run_evaluate(args: argparse.Namespace) -> int:
     from focalnet_jax.evaluation.evaluate import evaluate_predictions
+    from focalnet_jax.evaluation.predictions import read_case_list
 
     slices = args.slices or "all"
     try:
+        if args.workdir is not None and args.cases is not None:
+            raise ValueError("--cases goes with --predictions (--workdir evaluates its fold)")
+        cases = read_case_list(args.cases) if args.cases is not None else None
         if args.workdir is not None:
             from focalnet_jax.evaluation.inference import predict_validation_fold
             from focalnet_jax.workdir import read_config
 
             slices = args.slices or str(read_config(args.workdir).data.slices)
             out = args.out or args.workdir / "eval"
-            predictions = predict_validation_fold(
+            predictions = out / "predictions"
+            cases = predict_validation_fold(
                 args.workdir,
-                out / "predictions",
+                predictions,
                 step=args.step,
                 store_path=args.store,
                 batch_size=args.batch_size,
@@ -323,6 +332,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         metrics = evaluate_predictions(
             predictions,
             out,
+            cases=cases,
             radius_mm=args.radius_mm,
             min_score=args.min_score,
             with_picai=not args.no_picai,

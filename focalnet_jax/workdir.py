@@ -5,6 +5,11 @@ Layout of a workdir: `config.json` (the resolved config of the run), `checkpoint
 the latest `train.keep_checkpoints` kept), `tb/` (TensorBoard events). Training saves and resumes
 the whole train state (`focalnet_jax.training.checkpoint`); inference reads only the variables
 (`load_for_inference`), so evaluation needs nothing from training.
+
+Damaged checkpoints: a step whose restore fails and whose files show the damage (a missing, empty
+or truncated file, invalid JSON metadata) raises `UnreadableCheckpointError` naming the step
+folder, the file and the reason (`restore`, `find_damage`); a resuming run moves such a step
+aside (`focalnet_jax.training.checkpoint.resume`).
 """
 
 from __future__ import annotations
@@ -16,11 +21,24 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
 
 from focalnet_jax.run import DATA_AXIS, RunSpec
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
+ITEM_DIR = "default"  # the folder of the train state inside a step folder (Orbax's single item)
+# The JSON files Orbax writes into a step folder (relative paths; globs allowed).
+_JSON_FILES = ("_CHECKPOINT_METADATA", f"{ITEM_DIR}/_METADATA", f"{ITEM_DIR}/_sharding")
+_REQUIRED_FILES = (f"{ITEM_DIR}/_METADATA", f"{ITEM_DIR}/manifest.ocdbt")
+
+
+class UnreadableCheckpointError(ValueError):
+    """A checkpoint step folder that cannot be restored: damaged files (message names them)."""
+
+    def __init__(self, step_dir: Path, reason: str):
+        self.step_dir, self.reason = Path(step_dir), reason
+        super().__init__(f"checkpoint {step_dir} is unreadable: {reason}")
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
@@ -54,6 +72,83 @@ def make_manager(
     return ocp.CheckpointManager(directory, options=options)
 
 
+def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = None):
+    """Restore into `abstract_state` (ShapeDtypeStructs with shardings): arrays land placed.
+
+    `step=None` = the latest. Returns None when the manager has no checkpoint. Raises
+    `UnreadableCheckpointError` when the step's files are damaged; other failures (e.g. a state
+    of another shape) propagate unchanged.
+    """
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        return None
+    try:
+        return manager.restore(int(step), args=ocp.args.StandardRestore(abstract_state))
+    except Exception as error:
+        step_dir = Path(manager.directory) / str(step)
+        damage = find_damage(step_dir)
+        if damage is None:
+            raise
+        raise UnreadableCheckpointError(step_dir, damage) from error
+
+
+def find_damage(step_dir: str | Path) -> str | None:
+    """`"<file>: <reason>"` for the first damaged file of an Orbax step folder, or None when its
+    files look whole (a missing or empty file, invalid JSON metadata, an OCDBT data file shorter
+    than the data it is said to hold)."""
+    step_dir = Path(step_dir)
+    for name in _REQUIRED_FILES:
+        if not (step_dir / name).is_file():
+            return f"{name}: missing"
+    for path in sorted(p for p in step_dir.rglob("*") if p.is_file()):
+        if path.stat().st_size == 0:
+            return f"{path.relative_to(step_dir)}: empty file (0 bytes)"
+    json_files = [*_JSON_FILES, f"{ITEM_DIR}/array_metadatas/*"]
+    for path in sorted(p for pattern in json_files for p in step_dir.glob(pattern)):
+        try:
+            json.loads(path.read_bytes())
+        except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+            return f"{path.relative_to(step_dir)}: invalid JSON ({error})"
+    return _ocdbt_damage(step_dir / ITEM_DIR)
+
+
+def _ocdbt_damage(database: Path) -> str | None:
+    """First missing or truncated file the OCDBT database at `database` refers to, or None."""
+    try:
+        kvstore = ts.KvStore.open({"driver": "file", "path": f"{database}/"}).result()
+        manifest = ts.ocdbt.dump(kvstore).result()
+        pending = [v["root"]["location"] for v in manifest["versions"] if "location" in v["root"]]
+        while pending:
+            location = pending.pop()
+            damage = _reference_damage(database, location)
+            if damage is not None:
+                return damage
+            for entry in ts.ocdbt.dump(kvstore, location).result()["entries"]:
+                for value in entry.values():
+                    if isinstance(value, str) and value.startswith("btreenode:"):
+                        pending.append(value)
+                    elif isinstance(value, str) and value.startswith("value:"):
+                        damage = _reference_damage(database, value)
+                        if damage is not None:
+                            return damage
+    except ValueError as error:  # TensorStore errors name the file they could not decode
+        return f"{database.name}/: {str(error).split(' [tensorstore_spec', 1)[0]}"
+    return None
+
+
+def _reference_damage(database: Path, location: str) -> str | None:
+    """Damage of one OCDBT reference `kind:<base>:<file>:<offset>:<length>`, or None."""
+    head, file, offset, length = location.rsplit(":", 3)
+    path = database / head.split(":", 1)[1] / file
+    name = path.relative_to(database.parent)
+    if not path.is_file():
+        return f"{name}: missing"
+    size, end = path.stat().st_size, int(offset) + int(length)
+    if size < end:
+        return f"{name}: truncated ({size} bytes; the checkpoint refers to bytes up to {end})"
+    return None
+
+
 def _abstract_checkpoint(spec: RunSpec) -> dict:
     """The saved train state's tree (`step`, `params`, `batch_stats`, `opt_state`) as
     ShapeDtypeStructs on one local device: what Orbax restores into."""
@@ -84,7 +179,9 @@ def load_for_inference(workdir: str | Path, step: int | None = None):
     batch_stats of the latest (or the given) checkpoint as host NumPy arrays.
 
     Raises FileNotFoundError naming the workdir when it has no config or no checkpoint (or not the
-    step asked for), ValueError when the checkpoint does not fit the model its config describes.
+    step asked for), `UnreadableCheckpointError` naming the step folder, file and reason when the
+    step's files are damaged, ValueError when the checkpoint does not fit the model its config
+    describes.
     """
     workdir = Path(workdir)
     config = read_config(workdir)
@@ -99,11 +196,10 @@ def load_for_inference(workdir: str | Path, step: int | None = None):
             raise FileNotFoundError(f"workdir {workdir}: no checkpoint under {CHECKPOINT_DIR}/")
         if step is not None and step not in steps:
             raise FileNotFoundError(f"workdir {workdir}: no checkpoint at step {step}; has {steps}")
-        step = max(steps) if step is None else step
         try:
-            state = manager.restore(
-                int(step), args=ocp.args.StandardRestore(_abstract_checkpoint(spec))
-            )
+            state = restore(manager, _abstract_checkpoint(spec), step)
+        except UnreadableCheckpointError:
+            raise
         except (ValueError, KeyError, TypeError) as error:
             raise ValueError(
                 f"workdir {workdir}: checkpoint does not match the model of its {CONFIG_FILE} "

@@ -104,3 +104,11 @@ def test_bf16_curves_train_both_dtypes_and_evaluate_them(small_store, tmp_path):
         assert all(0.0 <= v <= 1.0 for v in sensitivities.values())
         assert "val/loss" in result["final_val"][dtype]
     assert png.stat().st_size > 0
+
+
+def test_flat_maxima_benchmark_counts_each_upsampled_peak_once():
+    result = _run("flat_maxima.py", "--patients=6", "--peaks=4")
+    # Every peak is one flat maximum (the background is below min_score); pixel by pixel an
+    # interior peak gives 2 x 2 window maxima, a border peak 4 x 2, a corner one 4 x 4.
+    assert result["one_per_flat_maximum"]["detections_per_patient"] == 4.0
+    assert 4 * 2 + 8 * 2 <= result["every_window_max_pixel"]["detections_per_patient"] <= 4 * 16

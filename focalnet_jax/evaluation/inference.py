@@ -18,7 +18,7 @@ import numpy as np
 
 from focalnet_jax import encoding
 from focalnet_jax import workdir as workdir_lib
-from focalnet_jax.data.store import component_channels
+from focalnet_jax.data.store import component_channels, open_store
 from focalnet_jax.evaluation.predictions import write_case
 from focalnet_jax.run import RunSpec, clip_inputs
 
@@ -111,10 +111,9 @@ def predict_validation_fold(
     step: int | None = None,
     store_path: str | Path | None = None,
     batch_size: int = 16,
-) -> Path:
-    """Predicts every case of the run's validation fold (`config.data.fold`) into `out_dir`."""
-    from focalnet_jax.data.store import open_store
-
+) -> list[str]:
+    """Predicts every case of the run's validation fold (`config.data.fold`) into `out_dir`;
+    returns their case ids (the cases an evaluation of the fold expects)."""
     predictor = Predictor.from_workdir(workdir, step=step, batch_size=batch_size)
     data = predictor.spec.config.data
     store_path = store_path or data.store
@@ -126,4 +125,4 @@ def predict_validation_fold(
         raise ValueError(f"store {store_path}: fold {data.fold} has no validation case")
     log.info("predicting %d validation cases of fold %s", len(val_cases), data.fold)
     predict_cases(predictor, store, val_cases, out_dir)
-    return Path(out_dir)
+    return list(val_cases)

@@ -49,3 +49,13 @@ def initialize(
         jax.distributed.initialize()
         return "slurm"
     return "single"
+
+
+def describe() -> str:
+    """This process, its devices and the compilation cache in use, for the log."""
+    cache = jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir
+    return (
+        f"process {jax.process_index()}/{jax.process_count()}, {jax.local_device_count()} local / "
+        f"{jax.device_count()} global devices ({jax.devices()[0].device_kind}), "
+        f"compilation cache: {cache or 'none'}"
+    )

@@ -152,9 +152,8 @@ def make_train_step(spec: RunSpec, mesh: Mesh):
 
 def predicted_classes(scores, output_encoding: str):
     """Decoded class map `[B,H,W]` int32 from P(class >= k) scores (0/1 for a binary output)."""
-    if output_encoding == "binary":
-        return (scores[..., 0] >= 0.5).astype(jnp.int32)
-    return jnp.sum(jnp.cumprod(scores >= 0.5, axis=-1), axis=-1).astype(jnp.int32)
+    # A binary output repeats P(lesion) in all five columns: decode its first column only.
+    return encoding.ordinal_decode(scores[..., :1] if output_encoding == "binary" else scores)
 
 
 def eval_step(variables, batch, *, spec: RunSpec):
@@ -187,10 +186,11 @@ def make_eval_step(spec: RunSpec, mesh: Mesh):
     batch: `images`, `classes`, `grade_known` as in training plus `weight [B]` (0 on padding).
     Inputs are clipped to [0, 1], not augmented; BatchNorm uses running averages. `sums` holds
     weighted sums over the batch (`loss`: each slice's loss map reduced per image; `count`; per
-    score k in (1, 2) (lesion, csPCa) the Dice terms `intersect_k`, `predicted_k`, `true_k` at
-    P(class >= k) >= 0.5; P(class >= 1) summed over lesion pixels (`score_lesion`) and background
-    pixels (`score_background`, `background`)); `predicted_classes [B,H,W]` int32. Outputs are
-    replicated, so every process can read them.
+    score k in (1, 2) (lesion, csPCa) the Dice terms `intersect_k`, `predicted_k`, `true_k` of
+    the class map decoded by `encoding.ordinal_decode` (P(class >= k) > 0.5); P(class >= 1)
+    summed over lesion pixels (`score_lesion`) and background pixels (`score_background`,
+    `background`)); `predicted_classes [B,H,W]` int32 is the decoded class map (0/1 for a binary
+    output). Outputs are replicated, so every process can read them.
     """
     bound = functools.partial(eval_step, spec=spec)
     return jax.jit(bound, out_shardings=NamedSharding(mesh, P()))
