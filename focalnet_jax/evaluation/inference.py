@@ -17,10 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from focalnet_jax import encoding
-from focalnet_jax import workdir as workdir_lib
+from focalnet_jax.data.run_store import check_run_store
 from focalnet_jax.data.store import component_channels, open_store
+from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation.predictions import write_case
 from focalnet_jax.run import RunSpec, clip_inputs
+from focalnet_jax.run import workdir as workdir_lib
 
 log = logging.getLogger(__name__)
 
@@ -118,11 +120,12 @@ def predict_validation_fold(
     data = predictor.spec.config.data
     store_path = store_path or data.store
     if not store_path:
-        raise ValueError(f"workdir {workdir}: its config has no data.store; pass --store")
+        raise UserError(f"workdir {workdir}: its config has no data.store; pass --store")
     store = open_store(store_path)
+    check_run_store(workdir, store.settings, against=f"store {store_path}", ignore=("slices",))
     val_cases = predictor.spec.fold_split(store).val_cases
     if not val_cases:
-        raise ValueError(f"store {store_path}: fold {data.fold} has no validation case")
+        raise UserError(f"store {store_path}: fold {data.fold} has no validation case")
     log.info("predicting %d validation cases of fold %s", len(val_cases), data.fold)
     predict_cases(predictor, store, val_cases, out_dir)
     return list(val_cases)

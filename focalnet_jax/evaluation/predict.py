@@ -22,7 +22,10 @@ import numpy as np
 import SimpleITK as sitk
 
 from focalnet_jax.data import preprocess_case
+from focalnet_jax.data.run_store import read_run_store
 from focalnet_jax.data.store import preprocess_settings as store_preprocess_settings
+from focalnet_jax.data.store import settings_diff
+from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation import figures
 from focalnet_jax.evaluation.inference import Predictor
 from focalnet_jax.evaluation.localization import MIN_SCORE, RADIUS_MM, local_maxima
@@ -49,12 +52,27 @@ CSV_COLUMNS = (
 OVERLAY_SLICES = 4
 
 
-def preprocess_settings(store_path) -> dict | None:
-    """The preprocessing settings of the run's training store (None: defaults)."""
-    settings = store_preprocess_settings(str(store_path or "")) if store_path else None
-    if settings is None:
-        log.warning("training store %s not found: default preprocessing", store_path)
-    return settings
+def preprocess_settings(config, workdir: str | Path | None = None) -> dict | None:
+    """The preprocessing settings the run was trained with: those recorded in `workdir`
+    (`data.run_store`; a training store rebuilt since with other settings is named in a warning),
+    else (a run from before these records) its training store's, else None (defaults)."""
+    path = str(config.data.store or "")
+    store = store_preprocess_settings(path) if path else None
+    record = read_run_store(workdir) if workdir is not None else None
+    if record is not None:
+        diff = settings_diff(record["settings"]["preprocess"], store or {}, ("run", "store"))
+        if store is not None and diff:
+            log.warning(
+                "store %s was rebuilt since training (%s): preprocessing as the run was trained",
+                path,
+                "; ".join(diff),
+            )
+        return record["settings"]["preprocess"]
+    if store is None:
+        log.warning("training store %s not found: default preprocessing", config.data.store)
+        return None
+    log.warning("run %s records no store settings: preprocessing as store %s", workdir, path)
+    return store
 
 
 def _exam_name(t2w_path: str) -> str:
@@ -94,7 +112,7 @@ def predict_exam(
     predictor = Predictor.from_workdir(workdir, step=step, batch_size=batch_size)
     missing = [c for c in predictor.components if c not in components]
     if missing:
-        raise ValueError(
+        raise UserError(
             f"exam lacks component(s) {missing} that the model of {workdir} needs "
             f"(it was trained on {list(predictor.components)}; given {list(components)})"
         )
@@ -105,7 +123,7 @@ def predict_exam(
         mask=None if mask is None else str(mask),
         slices="all",
         series=series,
-        config=preprocess_settings(predictor.spec.config.data.store),
+        config=preprocess_settings(predictor.spec.config, workdir),
         case_id=_exam_name(ordered[predictor.components[0]]),
     )
     scores = predictor(case.images)
