@@ -14,7 +14,6 @@ defaults), the model gives P(class >= k) on every slice of the 80 mm crop, and t
 from __future__ import annotations
 
 import csv
-import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,6 +23,7 @@ import SimpleITK as sitk
 
 from focalnet_jax.data import preprocess_case
 from focalnet_jax.data.run_store import read_run_store
+from focalnet_jax.data.store import preprocess_settings as store_preprocess_settings
 from focalnet_jax.data.store import settings_diff
 from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation import figures
@@ -56,27 +56,23 @@ def preprocess_settings(config, workdir: str | Path | None = None) -> dict | Non
     """The preprocessing settings the run was trained with: those recorded in `workdir`
     (`data.run_store`; a training store rebuilt since with other settings is named in a warning),
     else (a run from before these records) its training store's, else None (defaults)."""
-    table = Path(str(config.data.store or "")) / "cases.json"
-    store = json.loads(table.read_text())["settings"] if table.is_file() else None
+    path = str(config.data.store or "")
+    store = store_preprocess_settings(path) if path else None
     record = read_run_store(workdir) if workdir is not None else None
     if record is not None:
-        diff = settings_diff(
-            record["settings"]["preprocess"], (store or {}).get("preprocess", {}), ("run", "store")
-        )
+        diff = settings_diff(record["settings"]["preprocess"], store or {}, ("run", "store"))
         if store is not None and diff:
             log.warning(
                 "store %s was rebuilt since training (%s): preprocessing as the run was trained",
-                table.parent,
+                path,
                 "; ".join(diff),
             )
         return record["settings"]["preprocess"]
     if store is None:
         log.warning("training store %s not found: default preprocessing", config.data.store)
         return None
-    log.warning(
-        "run %s records no store settings: preprocessing as store %s", workdir, table.parent
-    )
-    return store.get("preprocess")
+    log.warning("run %s records no store settings: preprocessing as store %s", workdir, path)
+    return store
 
 
 def _exam_name(t2w_path: str) -> str:
@@ -127,7 +123,7 @@ def predict_exam(
         mask=None if mask is None else str(mask),
         slices="all",
         series=series,
-        config=preprocess_settings(predictor.config, workdir),
+        config=preprocess_settings(predictor.spec.config, workdir),
         case_id=_exam_name(ordered[predictor.components[0]]),
     )
     scores = predictor(case.images)
@@ -139,9 +135,16 @@ def predict_exam(
         path = out_dir / f"{name}.nii.gz"
         sitk.WriteImage(crop_to_t2w(scores[..., k], case.geometry, t2w), str(path))
         written.append(path)
-
     detections = local_maxima(scores, case.spacing, radius_mm=radius_mm, min_score=min_score)
     shown = detections.scores[:, 0] >= threshold
+    written.append(write_detections(out_dir / "detections.csv", case, detections, shown, t2w))
+    written.append(overlay(out_dir / "overlay.png", case, scores, detections, shown))
+    log.info("%d detections with score >= %g", int(shown.sum()), threshold)
+    return written
+
+
+def write_detections(path: Path, case, detections, shown: np.ndarray, t2w: sitk.Image) -> Path:
+    """`detections.csv` (`CSV_COLUMNS`) of the detections where `shown`, numbered from 1."""
     rows = []
     for n, i in enumerate(np.flatnonzero(shown), 1):
         s, r, c = int(detections.slice[i]), int(detections.row[i]), int(detections.col[i])
@@ -149,13 +152,16 @@ def predict_exam(
         voxel = t2w.TransformPhysicalPointToIndex(world)
         p = detections.scores[i]
         rows.append([n, *(f"{v:.4f}" for v in world), *voxel, s, r, c, *(f"{v:.4f}" for v in p)])
-    path = out_dir / "detections.csv"
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(CSV_COLUMNS)
         writer.writerows(rows)
-    written.append(path)
+    return path
 
+
+def overlay(path: Path, case, scores: np.ndarray, detections, shown: np.ndarray) -> Path:
+    """`overlay.png`: the T2w crop slices of the highest shown detections (else the slice with the
+    highest lesion score), with the score map and the detections."""
     t2w_crop = np.clip(case.images[..., 0], 0.0, 1.0)
     if shown.any():
         order = detections.slice[shown]
@@ -174,6 +180,4 @@ def predict_exam(
                 point_scores=detections.scores[on, 0],
             )
         )
-    written.append(figures.overlay_figure(out_dir / "overlay.png", panels))
-    log.info("%d detections with score >= %g", int(shown.sum()), threshold)
-    return written
+    return figures.overlay_figure(path, panels)
