@@ -64,7 +64,7 @@ def _slices(member_dir: Path) -> str:
 def update_ensemble(study: Study, cell: Cell) -> str:
     """Compute ensemble cell `cell` if its members are done; returns 'done', 'computed' or
     'waiting'."""
-    from focalnet_jax.evaluation.pipeline import evaluate_predictions
+    from focalnet_jax.evaluation.evaluate import evaluate_predictions
 
     members = [Cell(arm, cell.repeat, cell.fold) for arm in study.ensembles[cell.arm]]
     if any(study.state(m).state != "done" for m in members):
