@@ -275,8 +275,15 @@ def _add_evaluate(parser: argparse.ArgumentParser) -> None:
         "--predictions", type=Path, help="folder of <case_id>.npz prediction files (contract)"
     )
     source.add_argument(
-        "--workdir", type=Path, help="training run: predict its validation fold, then evaluate"
+        "--workdir",
+        type=Path,
+        help="training run: predict its validation fold, then evaluate; with --all-cases also a "
+        "cross-validation folder (the ensemble of its finished folds)",
     )
+    parser.add_argument(
+        "--all-cases", action="store_true", help="with --workdir: every case of --store (test set)"
+    )
+    _add_tta_flag(parser)
     parser.add_argument(
         "--out", type=Path, help="output folder (required with --predictions; default WORKDIR/eval)"
     )
@@ -301,7 +308,16 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
     slices = args.slices or "all"
     try:
-        if args.workdir is not None:
+        if args.all_cases:
+            from focalnet_jax.evaluation.test_set import predict_test_store
+
+            if args.workdir is None or args.store is None or args.out is None:
+                raise ValueError("--all-cases needs --workdir, --store and --out")
+            out, slices = args.out, args.slices or "all"
+            predictions = predict_test_store(args.workdir, args.store, out / "predictions",
+                                             step=args.step, tta=args.tta,
+                                             batch_size=args.batch_size)  # fmt: skip
+        elif args.workdir is not None:
             from focalnet_jax.checkpoint import read_config
             from focalnet_jax.evaluation.inference import predict_validation_fold
 
@@ -313,6 +329,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
                 step=args.step,
                 store_path=args.store,
                 batch_size=args.batch_size,
+                tta=args.tta,
             )
         elif args.out is None:
             raise ValueError("--out is required with --predictions")
@@ -368,20 +385,56 @@ def _run_summarize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_tta_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tta",
+        choices=("none", "flip"),
+        default="none",
+        help="test-time augmentation: 'flip' averages with the re-flipped prediction of the "
+        "left-right flipped input (default: none)",
+    )
+
+
 def _add_predict(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", type=Path, required=True, help="training workdir")
-    parser.add_argument("--step", type=int, help="checkpoint step (default: latest)")
-    parser.add_argument("--t2w", required=True, help="T2w: DICOM folder, .mha, .nii(.gz), .nrrd")
-    parser.add_argument("--adc", required=True, help="ADC: DICOM folder or image file")
-    parser.add_argument("--hbv", help="high b-value DWI: DICOM folder or image file")
-    parser.add_argument("--mask", help="prostate mask on any grid (centres the crop)")
-    parser.add_argument("--center", help="crop centre 'x,y,z' (LPS mm)")
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        action="append",
+        required=True,
+        help="training run or cross-validation folder (its finished folds); repeat: ensemble",
+    )
+    parser.add_argument("--step", type=int, help="checkpoint step of one run (default: latest)")
+    parser.add_argument("--t2w", help="one exam: T2w DICOM folder, .mha, .nii(.gz), .nrrd")
+    parser.add_argument("--adc", help="one exam: ADC DICOM folder or image file")
+    parser.add_argument("--hbv", help="one exam: high b-value DWI DICOM folder or image file")
+    parser.add_argument("--mask", help="one exam: prostate mask on any grid (centres the crop)")
+    parser.add_argument("--center", help="one exam: crop centre 'x,y,z' (LPS mm)")
+    parser.add_argument("--layout", choices=("picai", "manifest"), help="many exams")
+    parser.add_argument("--images", type=Path, help="picai: <images>/<patient>/<case>_<comp>.mha")
+    parser.add_argument("--masks", type=Path, help="picai: whole-gland masks for centring")
+    parser.add_argument("--manifest", type=Path, help="manifest: CSV of cases (labels unused)")
+    parser.add_argument(
+        "--skip-bad-cases", action="store_true", help="list bad cases in errors.csv, keep going"
+    )
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--threshold", type=float, default=0.5, help="lowest listed detection")
     parser.add_argument("--batch-size", type=int, default=16, help="slices per inference batch")
+    _add_tta_flag(parser)
+    group = parser.add_argument_group("detection map (report_guided_annotation defaults)")
+    group.add_argument(
+        "--candidate-threshold",
+        default="dynamic-fast",
+        help="dynamic-fast | dynamic | dynamic-fast-mean | dynamic-mean | a score in (0, 1)",
+    )
+    group.add_argument("--candidate-min-voxels", type=int, default=10, help="smallest blob")
+    group.add_argument("--candidate-num-lesions", type=int, default=5, help="dynamic: most blobs")
+    group.add_argument("--candidate-factor", type=float, default=2.5, help="blob: peak / factor")
 
 
 def _run_predict(args: argparse.Namespace) -> int:
+    from focalnet_jax.evaluation.batch_predict import predict_layout
+    from focalnet_jax.evaluation.detection_map import CandidateSettings
+    from focalnet_jax.evaluation.ensemble import load_ensemble
     from focalnet_jax.evaluation.predict import predict_exam
 
     center = None
@@ -398,15 +451,26 @@ def _run_predict(args: argparse.Namespace) -> int:
     if args.hbv:
         components["hbv"] = args.hbv
     try:
+        if args.layout is None and not (args.t2w and args.adc):
+            raise ValueError("give --t2w and --adc (one exam) or --layout (many exams)")
+        candidates = CandidateSettings(
+            args.candidate_threshold,
+            args.candidate_min_voxels,
+            args.candidate_num_lesions,
+            args.candidate_factor,
+        )
+        models = load_ensemble(
+            args.checkpoint, step=args.step, batch_size=args.batch_size, tta=args.tta
+        )
+        options = {"threshold": args.threshold, "candidates": candidates}
+        if args.layout is not None:
+            summary = predict_layout(models, args.layout, args.out, images=args.images,
+                                     masks=args.masks, manifest=args.manifest,
+                                     skip_bad_cases=args.skip_bad_cases, **options)  # fmt: skip
+            print(summary.describe())
+            return 0
         written = predict_exam(
-            args.checkpoint,
-            components,
-            args.out,
-            step=args.step,
-            center=center,
-            mask=args.mask,
-            threshold=args.threshold,
-            batch_size=args.batch_size,
+            models, components, args.out, center=center, mask=args.mask, **options
         )
     except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"focalnet predict: error: {error}") from error

@@ -40,6 +40,11 @@ class Predictor:
     def from_workdir(cls, workdir: str | Path, *, step: int | None = None, batch_size: int = 16):
         """Loads the run's config and checkpoint (`checkpoint.load_for_inference`)."""
         config, variables = checkpoint.load_for_inference(workdir, step)
+        return cls.from_variables(config, variables, batch_size=batch_size)
+
+    @classmethod
+    def from_variables(cls, config, variables: dict, *, batch_size: int = 16):
+        """The model a run's `config` describes, with the given params and batch_stats."""
         model, enc = build_run_model(config)
         components = tuple(config.data.components)
 
@@ -110,12 +115,20 @@ def predict_validation_fold(
     step: int | None = None,
     store_path: str | Path | None = None,
     batch_size: int = 16,
+    tta: str = "none",
 ) -> Path:
-    """Predicts every case of the run's validation fold (`config.data.fold`) into `out_dir`."""
+    """Predicts every case of the run's validation fold (`config.data.fold`) into `out_dir`
+    (`tta`: evaluation/ensemble.py)."""
     from focalnet_jax.data.folds import split_cases
     from focalnet_jax.data.store import open_store
+    from focalnet_jax.evaluation.ensemble import load_ensemble, resolve_runs
 
-    predictor = Predictor.from_workdir(workdir, step=step, batch_size=batch_size)
+    if len(resolve_runs(workdir)) > 1:
+        raise ValueError(
+            f"{workdir}: a cross-validation folder's ensemble has seen every fold in training; "
+            "evaluate it on a test store (--store TEST --all-cases) or evaluate each fold run"
+        )
+    predictor = load_ensemble(workdir, step=step, batch_size=batch_size, tta=tta)
     data = predictor.config.data
     store_path = store_path or data.store
     if not store_path:

@@ -1,0 +1,69 @@
+"""`focalnet evaluate --workdir RUN_OR_CV --store TEST_STORE --all-cases`: a held-out or external
+test set.
+
+Every case of the test store is predicted (no fold split) by the run, or by the ensemble of a
+cross-validation folder's fold models (evaluation/ensemble.py, with optional flip TTA), into the
+contract predictions files that `evaluate_predictions` reads. The store must have been
+preprocessed with the settings that shaped the models' training inputs (every preprocessing
+setting but how label value 1 reads); otherwise the models would see inputs unlike their training
+data, and the evaluation is refused naming the settings that differ.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from focalnet_jax.data.store import StaleStoreError, open_store
+from focalnet_jax.evaluation.ensemble import (
+    Ensemble,
+    input_settings,
+    load_ensemble,
+    settings_difference,
+)
+from focalnet_jax.evaluation.inference import predict_cases
+
+log = logging.getLogger(__name__)
+
+
+def check_test_store(store, models: Ensemble) -> None:
+    """Raises StaleStoreError naming the differing settings and the missing components."""
+    missing = [c for c in models.components if c not in store.components]
+    if missing:
+        raise StaleStoreError(
+            f"test store {store.path} lacks component(s) {missing} of the models "
+            f"(store: {list(store.components)})"
+        )
+    if models.preprocess is None:
+        log.warning(
+            "training store of %s not found: the test store's settings are compared with the "
+            "default preprocessing",
+            models.runs[0],
+        )
+    have = input_settings(store.settings.get("preprocess"))
+    diff = settings_difference(have, input_settings(models.preprocess))
+    if diff:
+        raise StaleStoreError(
+            f"test store {store.path}: preprocessing settings differ from the runs' in "
+            f"{sorted(diff)} (store, runs) = {diff}; preprocess the test set with the runs' "
+            "settings"
+        )
+
+
+def predict_test_store(
+    workdir: str | Path,
+    store_path: str | Path,
+    out_dir: str | Path,
+    *,
+    step: int | None = None,
+    tta: str = "none",
+    batch_size: int = 16,
+) -> Path:
+    """Writes `<case_id>.npz` for every case of the store at `store_path` into `out_dir`."""
+    models = load_ensemble(workdir, step=step, batch_size=batch_size, tta=tta)
+    store = open_store(store_path)
+    check_test_store(store, models)
+    log.info("predicting all %d cases of %s with %d model(s)", len(store.cases), store_path,
+             len(models.runs))  # fmt: skip
+    predict_cases(models, store, store.case_ids, out_dir)
+    return Path(out_dir)
