@@ -164,7 +164,8 @@ def test_models_that_disagree_on_components_are_a_one_line_error(cv, tmp_path):
     (other / "config.json").write_text(json.dumps(config))
     files = exam(cv["data"])
     message = cli_error(["predict", "--checkpoint", cv["cv"] / "fold0", "--checkpoint", other,
-                         "--t2w", files["t2w"], "--adc", files["adc"], "--out", tmp_path / "o"])  # fmt: skip
+                         "--t2w", files["t2w"], "--adc", files["adc"],
+                         "--out", tmp_path / "o"])  # fmt: skip
     assert "models disagree on components" in message
     assert str(other) in message and "['adc', 't2w']" in message
 
