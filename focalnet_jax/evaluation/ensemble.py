@@ -175,8 +175,7 @@ def load_ensemble(
 ) -> Ensemble:
     """An `Ensemble` of every run named by `paths` (runs or cross-validation folders).
 
-    `step` picks one checkpoint step and needs a single run. Models of one architecture share one
-    compiled function (they differ only in their variables).
+    `step` picks one checkpoint step and needs a single run.
     """
     if tta not in TTA_MODES:
         raise EnsembleError(f"tta {tta!r}: expected one of {TTA_MODES}")
@@ -187,17 +186,27 @@ def load_ensemble(
         raise EnsembleError(f"a run is named twice: {[str(r) for r in runs]}")
     if step is not None and len(runs) > 1:
         raise EnsembleError(f"--step picks one checkpoint of one run; got {len(runs)} runs")
-    predictors: list[Predictor] = []
-    compiled: dict[str, Predictor] = {}
-    for run in runs:
-        predictor = Predictor.from_workdir(run, step=step, batch_size=batch_size)
-        key = json.dumps([predictor.config.model.to_dict(), predictor.encoding], sort_keys=True)
-        if key in compiled:
-            predictor = dataclasses.replace(predictor, apply=compiled[key].apply)
-        compiled.setdefault(key, predictor)
-        predictors.append(predictor)
+    predictors = [Predictor.from_workdir(run, step=step, batch_size=batch_size) for run in runs]
     settings = [run_preprocess_settings(p.config) for p in predictors]
+    return make_ensemble(predictors, runs, settings, tta)
+
+
+def make_ensemble(
+    predictors: Sequence[Predictor], runs: Sequence[Path], settings: Sequence, tta: str = "none"
+) -> Ensemble:
+    """An `Ensemble` of loaded models (`settings`: each run's preprocessing settings, None where
+    unknown), checked with `check_compatible`. Models of one architecture share one compiled
+    function (they differ only in their variables)."""
+    if tta not in TTA_MODES:
+        raise EnsembleError(f"tta {tta!r}: expected one of {TTA_MODES}")
     check_compatible(runs, predictors, settings)
+    predictors = list(predictors)
+    shared: dict[str, Predictor] = {}
+    for i, predictor in enumerate(predictors):
+        key = json.dumps([predictor.config.model.to_dict(), predictor.encoding], sort_keys=True)
+        if key in shared:
+            predictors[i] = dataclasses.replace(predictor, apply=shared[key].apply)
+        shared.setdefault(key, predictor)
     known = next((s for s in settings if s is not None), None)
     log.info("%d model(s): %s; tta %s", len(runs), ", ".join(str(r) for r in runs), tta)
-    return Ensemble(predictors, runs, known, tta)
+    return Ensemble(predictors, list(runs), known, tta)
