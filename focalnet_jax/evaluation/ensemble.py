@@ -86,7 +86,8 @@ def resolve_runs(path: str | Path) -> list[Path]:
     path = Path(path)
     if (path / checkpoint.CONFIG_FILE).is_file():
         return [path]
-    folds = sorted(p for p in path.glob("fold*") if (p / checkpoint.CONFIG_FILE).is_file())
+    folds = [p for p in path.glob("fold*") if (p / checkpoint.CONFIG_FILE).is_file()]
+    folds.sort(key=lambda p: (len(p.name), p.name))  # fold2 before fold10
     if not folds:
         raise EnsembleError(
             f"{path}: neither a training run (no {checkpoint.CONFIG_FILE}) nor a "
