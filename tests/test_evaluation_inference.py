@@ -48,6 +48,13 @@ def cli_error(argv) -> str:
     return message
 
 
+@pytest.fixture(scope="module", autouse=True)
+def quick_compiles():
+    """Every model of this module compiles with most XLA optimisations off (tiny models)."""
+    with fast_compiles():
+        yield
+
+
 @pytest.fixture(scope="module")
 def cv(tmp_path_factory):
     """{'data', 'store', 'cv'}: a small synthetic PI-CAI folder, its store, and `cv/fold0`,
@@ -58,7 +65,7 @@ def cv(tmp_path_factory):
     store = small_synthetic_store(root, cases=CASES, seed=4)
     overrides = ["--config.train.steps=2", "--config.loss.mfl=False", "--config.data.slices=all",
                  "--config.data.num_folds=2", f"--config.data.store={store}"]  # fmt: skip
-    with fast_compiles(), contextlib.redirect_stderr(io.StringIO()):
+    with contextlib.redirect_stderr(io.StringIO()):
         for fold in (0, 1):
             config = tiny_config(overrides=[*overrides, f"--config.data.fold={fold}"])
             train_and_evaluate(config, root / "cv" / f"fold{fold}")
