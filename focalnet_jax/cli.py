@@ -426,7 +426,7 @@ def _add_predict(parser: argparse.ArgumentParser) -> None:
         default="dynamic-fast",
         help="dynamic-fast | dynamic | dynamic-fast-mean | dynamic-mean | a score in (0, 1)",
     )
-    group.add_argument("--candidate-min-voxels", type=int, default=10, help="smallest blob")
+    group.add_argument("--candidate-min-voxels", type=int, default=10, help="drop blobs <= N")
     group.add_argument("--candidate-num-lesions", type=int, default=5, help="dynamic: most blobs")
     group.add_argument("--candidate-factor", type=float, default=2.5, help="blob: peak / factor")
 
@@ -500,7 +500,7 @@ _COMMANDS: dict[str, tuple] = {
         _run_summarize,
     ),
     "predict": (
-        "run a trained model on a new exam: NIfTI score maps, detections CSV, PNG overlay",
+        "run a model or an ensemble on exams: NIfTI score and detection maps, detections CSV, PNG",
         _add_predict,
         _run_predict,
     ),
