@@ -148,6 +148,15 @@ def test_flipped_axis_is_left_right_in_lps(cv):
     np.testing.assert_allclose(np.abs(step), [1.0, 0.0, 0.0], atol=1e-6)
 
 
+@pytest.mark.real_data
+def test_real_exam_columns_run_left_right(prostatex_case_dir):
+    """The ProstateX T2w (oblique axial) has its x axis, the crop's columns, along LPS +x."""
+    from focalnet_jax.data.io import read_image
+
+    direction = np.asarray(read_image(prostatex_case_dir / "t2w").GetDirection()).reshape(3, 3)
+    np.testing.assert_allclose(direction[:, 0], [1.0, 0.0, 0.0], atol=0.01)
+
+
 def test_cv_folder_without_finished_fold_is_a_one_line_error(cv, tmp_path):
     empty = tmp_path / "cv_unfinished"
     shutil.copytree(cv["cv"] / "fold0", empty / "fold0", ignore=shutil.ignore_patterns("*"))
