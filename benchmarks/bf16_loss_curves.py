@@ -45,8 +45,11 @@ def _froc_at_one_fp(workdir: Path, slices: str) -> dict[str, float]:
     from focalnet_jax.evaluation.inference import predict_validation_fold
     from focalnet_jax.evaluation.pipeline import evaluate_predictions
 
-    predictions = predict_validation_fold(workdir, workdir / "predictions")
-    metrics = evaluate_predictions(predictions, with_picai=False, with_figures=False, slices=slices)
+    predictions = workdir / "predictions"
+    cases = predict_validation_fold(workdir, predictions)
+    metrics = evaluate_predictions(
+        predictions, cases=cases, with_picai=False, with_figures=False, slices=slices
+    )
     groups = ("index", "clinically_significant", "all")
     return {g: float(metrics["froc"][g]["sensitivity_at_fp"]["1"]) for g in groups}
 

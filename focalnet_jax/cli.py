@@ -26,13 +26,22 @@ def _add_synth(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--adc-only-share", type=float, default=0.15, help="lesions only in ADC/HBV"
     )
+    parser.add_argument("--dce-only-share", type=float, default=0.15, help="lesions only in DCE")
+    parser.add_argument(
+        "--components", default="t2w,adc,hbv", help="comma-separated, t2w first; of t2w,adc,hbv,dce"
+    )
 
 
 def _run_synth(args: argparse.Namespace) -> int:
     from focalnet_jax.data.synth import SynthConfig, write_dataset
 
-    shares = {"t2w_only_share": args.t2w_only_share, "adc_only_share": args.adc_only_share}
-    config = SynthConfig.small(**shares) if args.small else SynthConfig(**shares)
+    options = {"t2w_only_share": args.t2w_only_share, "adc_only_share": args.adc_only_share}
+    options["dce_only_share"] = args.dce_only_share
+    options["components"] = tuple(c.strip() for c in args.components.split(",") if c.strip())
+    try:
+        config = SynthConfig.small(**options) if args.small else SynthConfig(**options)
+    except ValueError as err:
+        raise SystemExit(f"focalnet synth: error: {err}") from None
     if args.cases < 1:
         raise SystemExit(f"focalnet synth: --cases {args.cases}: expected at least 1")
     cases = write_dataset(args.out, args.cases, args.seed, config, progress=True)
@@ -287,6 +296,12 @@ def _add_evaluate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", type=Path, help="output folder (required with --predictions; default WORKDIR/eval)"
     )
+    parser.add_argument(
+        "--cases",
+        type=Path,
+        help="with --predictions: the case ids to evaluate (one a line, or a JSON list); a listed "
+        "case without <case_id>.npz is an error (default: every file found)",
+    )
     parser.add_argument("--step", type=int, help="checkpoint step with --workdir (default: latest)")
     parser.add_argument("--store", type=Path, help="preprocessed store (default: the run's config)")
     parser.add_argument("--batch-size", type=int, default=32, help="slices per inference batch")
@@ -305,27 +320,32 @@ def _add_evaluate(parser: argparse.ArgumentParser) -> None:
 
 def _run_evaluate(args: argparse.Namespace) -> int:
     from focalnet_jax.evaluation.pipeline import evaluate_predictions
+    from focalnet_jax.evaluation.predictions import read_case_list
 
     slices = args.slices or "all"
     try:
+        if args.workdir is not None and args.cases is not None:
+            raise ValueError("--cases goes with --predictions (--workdir evaluates its fold)")
+        cases = read_case_list(args.cases) if args.cases is not None else None
         if args.all_cases:
             from focalnet_jax.evaluation.test_set import predict_test_store
 
             if args.workdir is None or args.store is None or args.out is None:
                 raise ValueError("--all-cases needs --workdir, --store and --out")
             out, slices = args.out, args.slices or "all"
-            predictions = predict_test_store(args.workdir, args.store, out / "predictions",
-                                             step=args.step, tta=args.tta,
-                                             batch_size=args.batch_size)  # fmt: skip
+            predictions = out / "predictions"
+            cases = predict_test_store(args.workdir, args.store, predictions, step=args.step,
+                                       tta=args.tta, batch_size=args.batch_size)  # fmt: skip
         elif args.workdir is not None:
             from focalnet_jax.checkpoint import read_config
             from focalnet_jax.evaluation.inference import predict_validation_fold
 
             slices = args.slices or str(read_config(args.workdir).data.slices)
             out = args.out or args.workdir / "eval"
-            predictions = predict_validation_fold(
+            predictions = out / "predictions"
+            cases = predict_validation_fold(
                 args.workdir,
-                out / "predictions",
+                predictions,
                 step=args.step,
                 store_path=args.store,
                 batch_size=args.batch_size,
@@ -338,6 +358,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         metrics = evaluate_predictions(
             predictions,
             out,
+            cases=cases,
             radius_mm=args.radius_mm,
             min_score=args.min_score,
             with_picai=not args.no_picai,
@@ -416,6 +437,12 @@ def _add_predict(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--skip-bad-cases", action="store_true", help="list bad cases in errors.csv, keep going"
     )
+    for name in ("t2w", "adc", "hbv"):
+        parser.add_argument(
+            f"--{name}-series",
+            help=f"one exam: SeriesInstanceUID or exact SeriesDescription of the {name} series "
+            "(when its DICOM folder holds several)",
+        )
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--threshold", type=float, default=0.5, help="lowest listed detection")
     parser.add_argument("--batch-size", type=int, default=16, help="slices per inference batch")
@@ -470,7 +497,15 @@ def _run_predict(args: argparse.Namespace) -> int:
             print(summary.describe())
             return 0
         written = predict_exam(
-            models, components, args.out, center=center, mask=args.mask, **options
+            models,
+            components,
+            args.out,
+            center=center,
+            mask=args.mask,
+            series={
+                n: getattr(args, f"{n}_series") for n in components if getattr(args, f"{n}_series")
+            },
+            **options,
         )
     except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"focalnet predict: error: {error}") from error

@@ -115,3 +115,11 @@ def test_inference_benchmark_times_one_model_and_an_ensemble():
         assert 0 < result[count]["predict_s"] < result[count]["with_preprocessing_s"]
     assert result["preprocess_s"] > 0 and result["write_outputs_s"] > 0
     assert result["model"] == "deeplab-18 width 0.125 OS 16 float32"
+
+
+def test_flat_maxima_benchmark_counts_each_upsampled_peak_once():
+    result = _run("flat_maxima.py", "--patients=6", "--peaks=4")
+    # Every peak is one flat maximum (the background is below min_score); pixel by pixel an
+    # interior peak gives 2 x 2 window maxima, a border peak 4 x 2, a corner one 4 x 4.
+    assert result["one_per_flat_maximum"]["detections_per_patient"] == 4.0
+    assert 4 * 2 + 8 * 2 <= result["every_window_max_pixel"]["detections_per_patient"] <= 4 * 16

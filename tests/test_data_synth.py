@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from focalnet_jax.data.layouts import discover_picai
+from focalnet_jax.data.preprocess import preprocess_case
 from focalnet_jax.data.synth import (
     Lesion,
     SynthConfig,
@@ -133,3 +136,100 @@ def test_write_dataset_picai_layout(tmp_path):
     a = sitk.ReadImage(str(tmp_path / "images" / ids[1].split("_")[0] / f"{ids[1]}_adc.mha"))
     b = sitk.ReadImage(str(again / "images" / ids[1].split("_")[0] / f"{ids[1]}_adc.mha"))
     np.testing.assert_array_equal(sitk.GetArrayViewFromImage(a), sitk.GetArrayViewFromImage(b))
+
+
+FOUR = ("t2w", "adc", "hbv", "dce")
+
+
+def _inside_around(image, lesion):
+    """Median of a DCE/T2w/ADC image inside a lesion's core and in a ring 3-6 mm outside it."""
+    a = sitk.GetArrayViewFromImage(image)
+    k = image.TransformPhysicalPointToIndex(lesion.center)[2]
+    nz, ny, nx = a.shape
+    points = np.stack(np.meshgrid(np.arange(nx), np.arange(ny), indexing="xy"), -1).reshape(-1, 2)
+    world = np.array([image.TransformIndexToPhysicalPoint((int(i), int(j), k)) for i, j in points])
+    r = np.hypot(*(world[:, :2] - lesion.center[:2]).T).reshape(ny, nx)
+    core, ring = r <= 0.5 * lesion.radii[0], (r >= lesion.radii[0] + 3) & (r <= lesion.radii[0] + 6)
+    return float(np.median(a[k][core])), float(np.median(a[k][ring]))
+
+
+def test_dce_grid_and_other_components_unchanged():
+    cfg = SynthConfig.small(components=FOUR, dce_only_share=0.0)
+    three, four = synth_case([5, 1], SynthConfig.small()), synth_case([5, 1], cfg)
+    dce = four.images["dce"]
+    assert dce.GetSize() == (64, 64, 6) and dce.GetSpacing() == (1.5, 1.5, 3.0)
+    assert dce.GetOrigin() not in (four.images["t2w"].GetOrigin(), four.images["adc"].GetOrigin())
+    # DCE draws from a stream of its own: the other components and lesions are bit-identical.
+    for name in ("t2w", "adc", "hbv"):
+        np.testing.assert_array_equal(
+            sitk.GetArrayViewFromImage(three.images[name]),
+            sitk.GetArrayViewFromImage(four.images[name]),
+        )
+    assert three.lesions == four.lesions
+    # With a DCE-only share the same lesions are drawn; some become visible only in DCE.
+    draws, with_dce = [], SynthConfig(components=FOUR)
+    for seed in range(300):
+        rng, rng_dce = np.random.default_rng(seed), np.random.default_rng(seed)
+        scene = {**_scene(rng, with_dce, (0, 0, 0)), "z_range": (-30, 30)}
+        _scene(rng_dce, with_dce, (0, 0, 0))
+        pair = _lesions(rng, SynthConfig(), scene), _lesions(rng_dce, with_dce, scene)
+        draws += zip(*pair, strict=True)
+    assert all((a.center, a.cls) == (b.center, b.cls) for a, b in draws)
+    changed = [(a.visible_in, b.visible_in) for a, b in draws if a.visible_in != b.visible_in]
+    assert set(changed) == {("both", "dce")}
+    assert abs(len(changed) / len(draws) - 0.15) < 0.05
+
+
+def test_dce_enhancement_and_dce_only_visibility():
+    cfg = SynthConfig.small(components=FOUR, coil_share=0.0)
+    probe = synth_case(2, cfg, lesions=[])
+    p = np.asarray(probe.prostate_center)
+    pz, tz = _at(probe.images["dce"], p + [-14, 9, 0], 2), _at(probe.images["dce"], p + [0, -4, 0])
+    assert 35 <= pz <= 70 and tz > 1.4 * pz  # normal PZ enhances little, TZ moderately
+    spots = [(-14, 9, 0), (14, 9, 0), (-7, 13, 0), (7, 13, 0), (0, 15, 0)]  # posterior PZ
+    lesions = [
+        Lesion(tuple(p + s), (3.5, 3.5, 4.0), 0.0, cls, "both", "pz")
+        for cls, s in zip(range(1, 6), spots, strict=True)
+    ]
+    sc = synth_case(2, cfg, lesions=lesions)
+    ratio = [_at(sc.images["dce"], les.center, 1) / pz for les in lesions]
+    assert all(r > 2.0 for r in ratio) and ratio[4] > 1.7 * ratio[0]  # early, more with class
+    # A DCE-only lesion: bright in DCE, absent from T2w, ADC and HBV (bit-identical to no lesion).
+    dce_only = Lesion(tuple(p + [-12, 9, 0]), (4.0, 4.0, 4.0), 0.0, 3, "dce", "pz")
+    sc = synth_case(2, cfg, lesions=[dce_only])
+    inside, around = _inside_around(sc.images["dce"], dce_only)
+    assert inside > 2.5 * around
+    for name in ("t2w", "adc", "hbv"):
+        np.testing.assert_array_equal(
+            sitk.GetArrayViewFromImage(sc.images[name]),
+            sitk.GetArrayViewFromImage(probe.images[name]),
+        )
+        inside, around = _inside_around(sc.images[name], dce_only)
+        assert inside == pytest.approx(around, rel=0.25)
+    # Visible in all: darker in T2w and ADC, brighter in DCE.
+    both = replace(dce_only, visible_in="both")
+    sc = synth_case(2, cfg, lesions=[both])
+    contrast = {n: np.divide(*_inside_around(sc.images[n], both)) for n in ("t2w", "adc", "dce")}
+    assert contrast["t2w"] < 0.8 and contrast["adc"] < 0.7 and contrast["dce"] > 2.5
+
+
+def test_four_component_dataset_preprocesses(tmp_path):
+    ids = write_dataset(tmp_path, 2, seed=3, cfg=SynthConfig.small(components=FOUR))
+    specs = discover_picai(
+        tmp_path / "images", tmp_path / "labels", tmp_path / "masks", components=FOUR
+    )
+    assert [s.case_id for s in specs] == sorted(ids)
+    for spec in specs:
+        assert spec.components["dce"].endswith(f"{spec.case_id}_dce.mha")
+        linear = {"interpolator": "linear"}  # no overshoot: the range is exact
+        case = preprocess_case(spec.components, spec.label, mask=spec.mask, config=linear)
+        assert case.images.shape == (6, 128, 128, 4) and case.images.dtype == np.float32
+        assert np.all(np.isfinite(case.images))
+        assert 0.0 <= case.images[..., 1].min() and case.images[..., 1].max() <= 1.0  # ADC
+        # DCE: per-case 1st/99th percentiles of the raw volume -> 0/1, unclipped.
+        raw = sitk.GetArrayFromImage(sitk.ReadImage(spec.components["dce"])).astype(np.float64)
+        lo, hi = np.percentile(raw, [1, 99])
+        dce = case.images[..., 3]
+        assert dce.min() >= (raw.min() - lo) / (hi - lo) - 1e-6
+        assert dce.max() <= (raw.max() - lo) / (hi - lo) + 1e-6
+        assert 0.0 < np.median(dce) < 1.0

@@ -6,6 +6,9 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -218,3 +221,88 @@ def test_picai_bootstrap_failure_keeps_metrics_and_says_why(tmp_path):
     assert picai["num_cases"] == 4 and picai["num_positive_cases"] == 2
     assert picai["auroc"] == pytest.approx(1.0)
     assert picai["auroc_95_ci"] is None and picai["bootstrap_error"]
+
+
+def _evaluate_argv(predictions, out, *extra):
+    return ["evaluate", "--predictions", str(predictions), "--out", str(out), "--no-picai",
+            "--no-figures", *extra]  # fmt: skip
+
+
+@pytest.mark.parametrize("as_json", [True, False])
+def test_evaluate_cases_evaluates_exactly_the_listed_subset(tmp_path, as_json):
+    predictions, out = tmp_path / "predictions", tmp_path / "eval"
+    write_cohort(predictions)
+    listed = tmp_path / ("cases.json" if as_json else "cases.txt")
+    listed.write_text(json.dumps(["c3", "c1"]) if as_json else "c3\n\nc1\n")
+    run_cli(_evaluate_argv(predictions, out, "--cases", str(listed)))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["num_patients"], metrics["num_cases"]) == (2, 2)
+    # c1's lesion hit at 0.9, c3's blob a FP at 0.3: thresholds 0.9, 0.3 over 2 patients.
+    froc = metrics["froc"]["all"]
+    assert froc["num_lesions"] == 1
+    np.testing.assert_allclose(froc["curve"]["fp"], [0.0, 0.5])
+    np.testing.assert_allclose(froc["curve"]["sensitivity"], [1.0, 1.0])
+
+
+def test_evaluate_cases_picai_subject_list_dict(tmp_path):
+    predictions, out = tmp_path / "predictions", tmp_path / "eval"
+    write_cohort(predictions)
+    listed = tmp_path / "subjects.json"
+    listed.write_text(json.dumps({"subject_list": ["c2", "c4", "c5"]}))
+    run_cli(_evaluate_argv(predictions, out, "--cases", str(listed)))
+    assert json.loads((out / "metrics.json").read_text())["num_patients"] == 3
+
+
+def test_listed_case_without_prediction_is_a_one_line_error_and_writes_nothing(tmp_path):
+    predictions, out = tmp_path / "predictions", tmp_path / "eval"
+    write_cohort(predictions)
+    listed = tmp_path / "cases.txt"
+    listed.write_text("c1\nc9\nc2\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "focalnet_jax.cli", *_evaluate_argv(predictions, out),
+         "--cases", str(listed)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "no prediction for 1 of the 3 listed case(s): c9.npz" in lines[0]
+    assert str(predictions) in lines[0]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "text, reason",
+    [
+        ('["c1", "../c2"]', "case id '../c2' is not letters"),
+        ("c1\nsub/c2\n", "case id 'sub/c2' is not letters"),
+        ("c1\nc1\n", "listed twice: ['c1']"),
+        ("\n\n", "the case list is empty"),
+        ('{"cases": ["c1"]}', "expected a JSON list of case id strings"),
+        ('["c1",', "not valid JSON"),
+    ],
+)
+def test_bad_case_list_names_the_file_and_reason(tmp_path, text, reason):
+    predictions, out = tmp_path / "predictions", tmp_path / "eval"
+    write_cohort(predictions)
+    listed = tmp_path / "cases.txt"
+    listed.write_text(text)
+    message = _error(_evaluate_argv(predictions, out, "--cases", str(listed)))
+    assert str(listed) in message and reason in message
+    assert not out.exists()
+
+
+def test_evaluate_without_case_list_says_how_many_files_it_found(tmp_path, caplog):
+    predictions, out = tmp_path / "predictions", tmp_path / "eval"
+    write_cohort(predictions)
+    with caplog.at_level(logging.WARNING, logger="focalnet_jax"):
+        run_cli(_evaluate_argv(predictions, out))
+    assert f"evaluating the 5 <case_id>.npz file(s) found in {predictions}" in caplog.text
+    assert json.loads((out / "metrics.json").read_text())["num_patients"] == 5
+
+
+def test_cases_with_workdir_is_refused(tmp_path):
+    listed = tmp_path / "cases.txt"
+    listed.write_text("c1\n")
+    message = _error(["evaluate", "--workdir", str(tmp_path), "--cases", str(listed)])
+    assert "--cases goes with --predictions" in message

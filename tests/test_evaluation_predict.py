@@ -16,6 +16,7 @@ import pytest
 import SimpleITK as sitk
 
 from focalnet_jax.cli import main
+from focalnet_jax.evaluation.predictions import write_case
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.real_data
@@ -100,16 +101,21 @@ def test_predict_maps_on_t2w_grid_and_detections_map_back(trained_run, exam_comp
 
 def test_evaluate_workdir_predicts_the_validation_fold(trained_run):
     out = trained_run / "eval"
+    # A file left from an earlier evaluation is not one of the fold's cases: it is not evaluated.
+    empty = {"scores": np.zeros((1, 4, 4, 5)), "lesions": np.zeros((1, 4, 4))}
+    write_case(out / "predictions", "stale", **empty, lesion_classes=[], spacing=(1, 1),
+               patient_id="old")  # fmt: skip
     with contextlib.redirect_stdout(io.StringIO()):
         assert main(["evaluate", "--workdir", str(trained_run), "--picai-bootstraps", "0"]) == 0
     files = sorted((out / "predictions").glob("*.npz"))
+    files.remove(out / "predictions" / "stale.npz")
     assert len(files) == 1  # one patient per fold
     with np.load(files[0]) as data:
         assert data["scores"].shape == (19, 128, 128, 5)
         assert data["t2w"].shape == (19, 128, 128)
         np.testing.assert_array_equal(data["slice_index"], np.arange(19))
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["num_patients"] == 1
+    assert metrics["num_patients"] == metrics["num_cases"] == 1
     assert metrics["froc"]["all"]["num_lesions"] == 0  # the exam has no label here
     assert metrics["picai"]["num_cases"] == 1
 
@@ -130,3 +136,27 @@ def test_predict_bad_checkpoint_and_missing_component(trained_run, exam_componen
     with pytest.raises(SystemExit, match="no config.json"):
         main(["predict", "--checkpoint", str(tmp_path), "--t2w", exam_components["t2w"],
               "--adc", exam_components["adc"], "--out", str(tmp_path / "y")])  # fmt: skip
+
+
+def test_predict_refuses_a_folder_of_two_series_unless_one_is_chosen(
+    trained_run, exam_components, tmp_path
+):
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for name in ("t2w", "adc"):
+        for file in Path(exam_components[name]).iterdir():
+            shutil.copy(file, mixed / f"{name}_{file.name}")
+    args = ["predict", "--checkpoint", str(trained_run), "--t2w", exam_components["t2w"],
+            "--adc", str(mixed)]  # fmt: skip
+    with pytest.raises(SystemExit) as info:
+        main([*args, "--out", str(tmp_path / "refused")])
+    message = str(info.value)
+    assert (
+        "\n" not in message and str(mixed) in message and "folder holds 2 DICOM series" in message
+    )
+    assert (
+        "'ep2d_diff_tra_DYNDIST_ADC', 19 files" in message and not (tmp_path / "refused").exists()
+    )
+    out = tmp_path / "chosen"
+    assert main([*args, "--adc-series", "ep2d_diff_tra_DYNDIST_ADC", "--out", str(out)]) == 0
+    assert (out / "detections.csv").is_file()

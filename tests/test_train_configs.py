@@ -27,6 +27,7 @@ CONFIGS = [
     "ablation_augment.py:augment=advanced",
     "picai.py",
     "demo.py",
+    "mfl4.py",
 ]
 UNET = ["--config.model.unet_features=4", "--config.model.unet_levels=3"]
 _RESULTS: dict[str, dict] = {}  # configs that resolve identically are run once

@@ -8,6 +8,7 @@ MFL modes agree. All of it in one compiled function.
 
 from __future__ import annotations
 
+import flax.linen
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -191,3 +192,41 @@ def test_one_compiled_step_serves_every_mfl_weight():
             metrics["loss"], metrics["ordinal_focal"] + lam * metrics["mfl"], rtol=1e-5
         )
     assert step._cache_size() == 1
+
+
+class _FixedLogits(flax.linen.Module):
+    """Logits `x[..., 0] - t_k` (no parameters): a pixel of value t_k has P(class >= k) = 0.5
+    exactly (tanh-form sigmoid of 0)."""
+
+    thresholds: tuple[float, ...]
+
+    def __call__(self, x, train: bool = False):
+        return x[..., :1] - jnp.asarray(self.thresholds, jnp.float32)
+
+
+@pytest.mark.parametrize(
+    ("loss", "thresholds", "expected"),
+    [
+        # pixel values 0.05, 0.3 (bit 2 exactly 0.5), 0.5 (bit 3 exactly 0.5), 0.95
+        ("sigmoid_ce", (0.1, 0.3, 0.5, 0.7, 0.9), [0, 1, 2, 5]),
+        # binary: P(lesion) = 0.5 exactly at 0.3 -> background, as ordinal_decode says
+        ("binary_ce", (0.3,), [0, 0, 1, 1]),
+    ],
+)
+def test_eval_step_decodes_classes_as_ordinal_decode(loss, thresholds, expected):
+    """The validation step's class map is `encoding.ordinal_decode` (a bit is on where
+    P > 0.5, not >= 0.5), for ordinal and binary outputs."""
+    config = tiny_config(overrides=[f"--config.loss.name={loss}"])
+    mesh = sharding.make_mesh()
+    eval_step = step_lib.make_eval_step(_FixedLogits(thresholds), config, mesh)
+    values = np.array([0.05, 0.3, 0.5, 0.95], np.float32)
+    images = np.broadcast_to(values[:, None, None, None], (4, 8, 8, 2)).copy()
+    batch = {
+        "images": jnp.asarray(images),
+        "classes": jnp.zeros((4, 8, 8), jnp.int32),
+        "grade_known": jnp.ones((4, 8, 8), jnp.uint8),
+        "weight": jnp.ones(4, jnp.float32),
+    }
+    _, predicted = eval_step({}, jax.device_put(batch, sharding.batch_sharding(mesh)))
+    np.testing.assert_array_equal(np.asarray(predicted)[:, 0, 0], expected)
+    assert (np.asarray(predicted) == np.asarray(expected)[:, None, None]).all()

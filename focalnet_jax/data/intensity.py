@@ -143,6 +143,27 @@ def normalise_adc(x: np.ndarray, low: float = 0.0, high: float = 3000.0) -> np.n
     return ((np.clip(x, low, high) - low) / (high - low)).astype(np.float32)
 
 
+ADC_UNIT = "1e-6 mm^2/s"
+_ADC_UNIT_BELOW = ((0.1, "mm^2/s"), (100.0, "1e-3 mm^2/s"))  # 99th percentile < bound -> unit
+
+
+def adc_unit_problem(volume: np.ndarray) -> str | None:
+    """Why a raw ADC map is not in `ADC_UNIT`, or None. Judged by the 99th percentile of its
+    non-zero voxels: in 1e-6 mm^2/s (PI-CAI, ProstateX) tissue and urine reach 1000..3500, in
+    1e-3 mm^2/s 1..3.5, in mm^2/s 0.001..0.0035."""
+    values = volume[volume != 0]
+    if values.size == 0:
+        return "ADC map is zero everywhere"
+    high = float(np.percentile(values, 99))
+    for bound, unit in _ADC_UNIT_BELOW:
+        if abs(high) < bound:
+            return (
+                f"ADC map looks like {unit} (99th percentile of non-zero voxels {high:.4g}); "
+                f"expected {ADC_UNIT} (water about 3000): rescale it"
+            )
+    return None
+
+
 def percentile_range(
     volume: np.ndarray, low: float = 1.0, high: float = 99.0
 ) -> tuple[float, float]:

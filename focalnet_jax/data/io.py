@@ -17,7 +17,11 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from focalnet_jax.data import dicom
+
 IMAGE_SUFFIXES = (".mha", ".mhd", ".nii", ".nii.gz", ".nrrd")
+_MET_BYTES = {"MET_UCHAR": 1, "MET_CHAR": 1, "MET_USHORT": 2, "MET_SHORT": 2, "MET_UINT": 4}
+_MET_BYTES |= {"MET_INT": 4, "MET_FLOAT": 4, "MET_DOUBLE": 8}
 
 
 class CaseError(ValueError):
@@ -69,11 +73,63 @@ def _truncation(path: Path) -> str | None:
     return None
 
 
-def read_image(path: str | os.PathLike, *, case: str = "?") -> sitk.Image:
+def _why(path: Path, err: RuntimeError) -> str:
+    """The reason in an ITK read error, or how much of a MetaImage is missing. (ITK reports a
+    truncated `.mha` as 'No such file or directory', a stale errno.)"""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    if path.is_file() and path.name.lower().endswith((".mha", ".mhd")):
+        try:
+            short = _metaimage_truncation(path)
+        except (OSError, ValueError):  # a header too broken to size: ITK's reason stands
+            short = None
+        if short:
+            return short
+    useful = [line for line in lines if "No such file or directory" not in line]
+    return useful[-1] if useful else "read error"
+
+
+def _metaimage_truncation(path: Path) -> str | None:
+    """Why a single-file MetaImage holds fewer data bytes than its header promises, or None."""
+    header, size = {}, path.stat().st_size
+    with path.open("rb") as f:
+        for raw in f:
+            key, _, value = raw.decode("latin-1").partition("=")
+            header[key.strip()] = value.strip()
+            if key.strip() == "ElementDataFile":
+                offset = f.tell()
+                break
+        else:
+            return "MetaImage header has no ElementDataFile line"
+    if header.get("ElementDataFile") != "LOCAL":
+        return None
+    if header.get("CompressedData") == "True":
+        expected = int(header.get("CompressedDataSize", "0") or 0)
+        if size - offset < expected:
+            return f"{size - offset} bytes of compressed data, header promises {expected}"
+        return None
+    itemsize = _MET_BYTES.get(header.get("ElementType", ""))
+    try:
+        count = int(np.prod([int(v) for v in header["DimSize"].split()]))
+        channels = int(header.get("ElementNumberOfChannels", "1"))
+    except (KeyError, ValueError):
+        return None
+    if itemsize is None:
+        return None
+    expected = count * channels * itemsize
+    if size - offset < expected:
+        return f"{size - offset} bytes of image data, header promises {expected}"
+    return None
+
+
+def read_image(
+    path: str | os.PathLike, *, case: str = "?", series: str | None = None
+) -> sitk.Image:
     """One 3D image from a DICOM series folder, `.mha`, `.nii(.gz)` or `.nrrd`, as float32.
 
-    Raises `CaseError` naming the case and file when the file is missing, unreadable, not 3D, or
-    holds NaN/Inf voxels.
+    `series` chooses a series of a DICOM folder by SeriesInstanceUID or exact SeriesDescription
+    (required when the folder holds several; see `dicom.read_series`). Raises `CaseError` naming
+    the case and file when the file is missing, unreadable or truncated, not 3D, holds NaN/Inf
+    voxels, or is an ambiguous or irregular DICOM series.
     """
     if path is None or not str(path):
         raise CaseError(case, path, "no path given")
@@ -82,13 +138,13 @@ def read_image(path: str | os.PathLike, *, case: str = "?") -> sitk.Image:
         raise CaseError(case, path, "file not found")
     try:
         if path.is_dir():
-            reader = sitk.ImageSeriesReader()
-            names = reader.GetGDCMSeriesFileNames(str(path))
-            if not names:
-                raise CaseError(case, path, "folder holds no DICOM series")
-            reader.SetFileNames(names)
-            image = reader.Execute()
+            try:
+                image = dicom.read_series(path, series)
+            except dicom.SeriesError as err:
+                raise CaseError(case, err.file, err.reason) from err
         else:
+            if series is not None:
+                raise CaseError(case, path, f"series {series!r} chosen, but this is not a folder")
             if not path.name.lower().endswith(IMAGE_SUFFIXES):
                 raise CaseError(
                     case,
@@ -100,8 +156,7 @@ def read_image(path: str | os.PathLike, *, case: str = "?") -> sitk.Image:
             if problem:
                 raise CaseError(case, path, f"unreadable or truncated image ({problem})")
     except RuntimeError as err:
-        first_line = str(err).strip().splitlines()[-1] if str(err).strip() else "read error"
-        raise CaseError(case, path, f"unreadable or truncated image ({first_line})") from err
+        raise CaseError(case, path, f"unreadable or truncated image ({_why(path, err)})") from err
     if image.GetDimension() != 3 or image.GetSize()[2] < 1:
         raise CaseError(case, path, f"expected a 3D image, got size {image.GetSize()}")
     if image.GetNumberOfComponentsPerPixel() != 1:

@@ -8,8 +8,9 @@ beside the labels may declare `{"label_values": "isup"}` (value 1 = GS 3+3, as t
 generator writes); otherwise label value 1 means "csPCa, grade unknown".
 
 Manifest: a CSV with `case_id, patient_id`, one path column per component, `label` (optional
-column), optional `prostate_mask` and `center_x, center_y, center_z` (LPS mm). Relative paths are
-relative to the CSV's folder.
+column), optional `prostate_mask` and `center_x, center_y, center_z` (LPS mm), and optional
+`<component>_series` columns choosing a series of a DICOM folder that holds several
+(SeriesInstanceUID or exact SeriesDescription). Relative paths are relative to the CSV's folder.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class CaseSpec:
     mask: str | None = None
     center: tuple[float, float, float] | None = None
     meta: dict = field(default_factory=dict)
+    series: dict[str, str] = field(default_factory=dict)  # component -> DICOM series choice
 
 
 def _find(folder: Path, stem: str, suffixes) -> Path | None:
@@ -143,6 +145,11 @@ def discover_picai(
     return cases
 
 
+def _series_choices(row: dict, components: Sequence[str]) -> dict[str, str]:
+    """Non-empty `<component>_series` cells of a manifest row -> {component: series}."""
+    return {name: row[f"{name}_series"] for name in components if row.get(f"{name}_series")}
+
+
 def read_manifest(
     manifest: str | os.PathLike, *, components: Sequence[str] = DEFAULT_COMPONENTS
 ) -> list[CaseSpec]:
@@ -190,6 +197,7 @@ def read_manifest(
                 label=resolve(row.get("label", "")),
                 mask=resolve(row.get("prostate_mask", "")),
                 center=centre,
+                series=_series_choices(row, components),
             )
         )
     return cases
@@ -200,6 +208,8 @@ def write_manifest(cases: Sequence[CaseSpec], path: str | os.PathLike) -> None:
     names = list(cases[0].components) if cases else list(DEFAULT_COMPONENTS)
     columns = ["case_id", "patient_id", *names, "label", "prostate_mask"]
     columns += ["center_x", "center_y", "center_z"]
+    chosen = [n for n in names if any(n in c.series for c in cases)]
+    columns += [f"{n}_series" for n in chosen]
     with Path(path).open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(columns)
@@ -207,4 +217,5 @@ def write_manifest(cases: Sequence[CaseSpec], path: str | os.PathLike) -> None:
             centre = list(c.center) if c.center else ["", "", ""]
             paths = [str(Path(c.components[n]).resolve()) for n in names]
             extra = [str(Path(p).resolve()) if p else "" for p in (c.label, c.mask)]
-            writer.writerow([c.case_id, c.patient_id, *paths, *extra, *centre])
+            series = [c.series.get(n, "") for n in chosen]
+            writer.writerow([c.case_id, c.patient_id, *paths, *extra, *centre, *series])

@@ -55,6 +55,7 @@ def _work(job):
             slices=slices,
             config=config,
             case_id=spec.case_id,
+            series=spec.series,
         )
         return spec, case, None
     except CaseError as err:

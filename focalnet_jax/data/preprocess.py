@@ -16,7 +16,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from focalnet_jax.data import intensity
+from focalnet_jax.data import coverage, intensity
 from focalnet_jax.data.geometry import CropGeometry
 from focalnet_jax.data.io import CaseError, read_image, zyx
 
@@ -128,8 +128,12 @@ def _overlaps(image: sitk.Image, t2w: sitk.Image) -> bool:
     return bool(np.all(hi > -0.5) and np.all(lo < size - 0.5))
 
 
-def _resample(image: sitk.Image, reference: sitk.Image, interpolator, pixel=sitk.sitkFloat32):
-    out = sitk.Resample(image, reference, sitk.Transform(), interpolator, 0.0, pixel)
+def _resample(
+    image: sitk.Image, reference: sitk.Image, interpolator, pixel=sitk.sitkFloat32, extend=False
+):
+    """`extend`: crop pixels just outside the image (within `coverage.MARGIN_VOXELS`) take the
+    nearest voxel instead of 0."""
+    out = sitk.Resample(image, reference, sitk.Transform(), interpolator, 0.0, pixel, extend)
     return sitk.GetArrayFromImage(out)
 
 
@@ -193,6 +197,7 @@ def preprocess_case(
     config=None,
     case_id: str | None = None,
     bladder_mask: str | os.PathLike | None = None,
+    series: Mapping[str, str] | None = None,
 ) -> PreprocessedCase:
     """Preprocess one case (the steps of docs/data.md).
 
@@ -205,6 +210,8 @@ def preprocess_case(
       config: None, a `PreprocessConfig`, or a mapping of its fields.
       case_id: name used in errors and the store (default: the T2w file name).
       bladder_mask: optional bladder mask for the T2w upper reference.
+      series: component name -> SeriesInstanceUID or exact SeriesDescription, choosing a series
+        of a DICOM folder that holds several.
     Returns:
       A `PreprocessedCase` (images float32 [S,128,128,C], classes int32 [S,128,128], ...).
     Raises:
@@ -220,7 +227,10 @@ def preprocess_case(
         raise CaseError(case, None, f"slices={slices!r}: expected 'all' or 'annotated'")
 
     # 1. Read; the T2w grid is the reference frame.
-    images = {name: read_image(components[name], case=case) for name in names}
+    series = dict(series or {})
+    images = {
+        name: read_image(components[name], case=case, series=series.get(name)) for name in names
+    }
     t2w = images[names[0]]
     for name in names[1:]:
         if not _overlaps(images[name], t2w):
@@ -249,7 +259,7 @@ def preprocess_case(
     scale = {}
     for name in names:
         raw = sitk.GetArrayViewFromImage(images[name])
-        crop = _resample(images[name], reference, interpolator)
+        crop = _resample(images[name], reference, interpolator, extend=True)
         if name == names[0]:
             bladder = None
             if bladder_mask is not None:
@@ -274,6 +284,9 @@ def preprocess_case(
             scale = {"air": t2.air, "bladder": t2.bladder, "source": t2.source}
             channels.append(intensity.normalise_t2w(crop, t2))
         elif name == "adc":
+            problem = intensity.adc_unit_problem(raw)
+            if problem:
+                raise CaseError(case, components[name], problem)
             channels.append(intensity.normalise_adc(crop, *cfg.adc_range))
         else:
             lo, hi = intensity.percentile_range(raw, *cfg.percentiles)
@@ -315,6 +328,10 @@ def preprocess_case(
 
     annotated = (lesions > 0).any(axis=(1, 2))
     keep = np.flatnonzero(annotated) if slices == "annotated" else np.arange(shape[0])
+    for name in names:
+        problem = coverage.shortfall(name, coverage.covered(images[name], reference, keep), keep)
+        if problem:
+            raise CaseError(case, components[name], problem)
     geometry = geometry.with_slices(keep)
     lesions = lesions[keep]
     return PreprocessedCase(

@@ -1,14 +1,21 @@
 """Synthetic prostate mp-MRI in the PI-CAI layout (docs/data.md), deterministic by seed.
 
 Each case is a scene of soft-edged ellipsoids in LPS world coordinates (mm) rendered separately on
-the T2w grid (0.5 x 0.5 x 3 mm) and on the coarser ADC/HBV grid (2 x 2 x 3 mm, shifted origin), so
-the components must be registered by physical coordinates exactly as real exams: body with
-subcutaneous fat, pelvic muscle, femoral heads, periprostatic fat, a gland with peripheral (PZ) and
-transition (TZ) zones and BPH nodules, the bladder (urine: brightest T2w, ADC ~2900), the rectum
-with an endorectal-coil balloon, and lesions of classes 1..5 whose conspicuity rises with class. A
-configurable share of lesions is visible only in T2w or only in ADC. T2w gets a smooth coil bias
-field and Rician noise. ADC values are in 1e-6 mm^2/s: PZ ~1600-2000, TZ ~1200-1400, lesions
-600-1100 falling with class.
+the T2w grid (0.5 x 0.5 x 3 mm), the coarser ADC/HBV grid (2 x 2 x 3 mm, shifted origin) and, when
+asked for, the DCE grid (1.5 x 1.5 x 3 mm, its own shifted origin), so the components must be
+registered by physical coordinates exactly as real exams: body with subcutaneous fat, pelvic muscle,
+femoral heads, periprostatic fat, a gland with peripheral (PZ) and transition (TZ) zones and BPH
+nodules, the bladder (urine: brightest T2w, ADC ~2900), the rectum with an endorectal-coil balloon,
+and lesions of classes 1..5 whose conspicuity rises with class. A configurable share of lesions is
+visible only in T2w, only in ADC/HBV or (with DCE) only in DCE. T2w gets a smooth coil bias field
+and Rician noise. ADC values are in 1e-6 mm^2/s: PZ ~1600-2000, TZ ~1200-1400, lesions 600-1100
+falling with class.
+
+DCE is an early relative-enhancement map ((early post-contrast - pre-contrast) / pre-contrast, in %,
+which cancels the coil's receive field): arteries and the bladder/rectal mucosa enhance most,
+lesions strongly (more with class), the TZ moderately and patchily, the normal PZ little, urine not
+yet; with Gaussian noise. Its random numbers come from a stream of its own: the other components do
+not change when DCE is added (bar the lesions that the DCE-only share then hides from them).
 
 Labels hold the class of each lesion (1 = GS 3+3 ... 5 = GS >= 9); `labels/dataset.json` declares
 `{"label_values": "isup"}` so value 1 is read as GS 3+3 rather than PI-CAI's "grade unknown".
@@ -29,9 +36,12 @@ from tqdm import tqdm
 
 from focalnet_jax.data.io import write_image, xyz
 
-# class -> (conspicuity in T2w/HBV, ADC 1e-6 mm^2/s)
+# class -> (conspicuity in T2w/HBV/DCE, ADC 1e-6 mm^2/s)
 _LESION = {1: (0.25, 1050.0), 2: (0.4, 930.0), 3: (0.55, 830.0), 4: (0.7, 740.0), 5: (0.85, 650.0)}
 _CLASS_SHARE = (0.24, 0.28, 0.2, 0.16, 0.12)  # of lesions, classes 1..5
+COMPONENTS = ("t2w", "adc", "hbv", "dce")  # the components the generator can write
+_SHOWN_IN = {"t2w": "t2w", "adc": "adc", "hbv": "adc", "dce": "dce"}  # visible_in of one-only
+_DCE_STREAM = 1  # SeedSequence spawn key of the DCE random stream
 
 
 @dataclass(frozen=True)
@@ -51,13 +61,31 @@ class SynthConfig:
     adc_only_share: float = 0.15  # lesions visible only in ADC/HBV
     coil_share: float = 0.5  # cases with an endorectal coil (strong bias field near the rectum)
     noise: float = 0.02  # Rician noise sigma relative to urine in T2w
-    components: tuple[str, ...] = ("t2w", "adc", "hbv")
+    components: tuple[str, ...] = ("t2w", "adc", "hbv")  # T2w first; add "dce" for DCE
+    dce_size: tuple[int, int, int] = (20, 128, 128)
+    dce_spacing: tuple[float, float, float] = (3.0, 1.5, 1.5)
+    dce_shift_mm: float = 2.0  # max |origin shift| of the DCE grid per axis (beyond the centring)
+    dce_only_share: float = 0.15  # lesions visible only in DCE (only when "dce" is a component)
+    dce_noise: float = 4.0  # Gaussian noise sigma of the DCE map (%; normal PZ ~50)
+
+    def __post_init__(self):
+        c = tuple(self.components)
+        if not c or c[0] != "t2w" or len(set(c)) != len(c) or not set(c) <= set(COMPONENTS):
+            raise ValueError(
+                f"components {','.join(c)!r}: expected t2w first, then distinct ones of "
+                f"{','.join(COMPONENTS[1:])}"
+            )
+        shares = (self.t2w_only_share, self.adc_only_share)
+        shares += (self.dce_only_share,) if "dce" in c else ()
+        if min(shares) < 0 or sum(shares) > 1:
+            raise ValueError(f"lesion visibility shares {shares}: expected >= 0, summing to <= 1")
 
     @classmethod
     def small(cls, **overrides) -> SynthConfig:
-        """A 96 x 96 x 6 T2w (1 x 1 x 3 mm) and 48 x 48 x 6 ADC (2 x 2 x 3 mm) case for tests."""
+        """A 96 x 96 x 6 T2w (1 x 1 x 3 mm), 48 x 48 x 6 ADC (2 x 2 x 3 mm) and 64 x 64 x 6 DCE
+        (1.5 x 1.5 x 3 mm) case for tests."""
         base = cls(t2w_size=(6, 96, 96), t2w_spacing=(3.0, 1.0, 1.0), dwi_size=(6, 48, 48))
-        return replace(base, **overrides)
+        return replace(base, dce_size=(6, 64, 64), **overrides)
 
 
 @dataclass
@@ -66,7 +94,7 @@ class Lesion:
     radii: tuple[float, float, float]  # x, y, z semi-axes before rotation (mm)
     angle: float  # in-plane rotation (radians)
     cls: int
-    visible_in: str  # 'both' | 't2w' | 'adc'
+    visible_in: str  # 'both' (every component) | 't2w' | 'adc' (ADC and HBV) | 'dce': only there
     zone: str
 
 
@@ -152,20 +180,21 @@ def _texture(grid: _Grid, seed, amplitude, cell_mm=2.5):
     return 1.0 + ndimage.zoom(noise, factors, order=1, grid_mode=True, mode="nearest")
 
 
-# tissue -> (T2w, ADC 1e-6 mm^2/s, HBV)
+# tissue -> (T2w, ADC 1e-6 mm^2/s, HBV, DCE early enhancement %); capsule: periprostatic plexus
 _TISSUE = {
-    "air": (0.0, 0.0, 0.0),
-    "fat": (470.0, 150.0, 2.0),
-    "muscle": (120.0, 1450.0, 9.0),
-    "cortex": (35.0, 250.0, 1.0),
-    "marrow": (330.0, 300.0, 2.0),
-    "pz": (390.0, 1800.0, 30.0),
-    "tz": (240.0, 1300.0, 24.0),
-    "stroma": (120.0, 1100.0, 12.0),
-    "capsule": (80.0, 1200.0, 8.0),
-    "wall": (130.0, 1300.0, 12.0),
-    "balloon": (15.0, 0.0, 0.0),
+    "air": (0.0, 0.0, 0.0, 0.0),
+    "fat": (470.0, 150.0, 2.0, 10.0),
+    "muscle": (120.0, 1450.0, 9.0, 40.0),
+    "cortex": (35.0, 250.0, 1.0, 5.0),
+    "marrow": (330.0, 300.0, 2.0, 30.0),
+    "pz": (390.0, 1800.0, 30.0, 50.0),
+    "tz": (240.0, 1300.0, 24.0, 100.0),
+    "stroma": (120.0, 1100.0, 12.0, 30.0),
+    "capsule": (80.0, 1200.0, 8.0, 90.0),
+    "wall": (130.0, 1300.0, 12.0, 180.0),
+    "balloon": (15.0, 0.0, 0.0, 0.0),
 }
+_DCE_URINE, _DCE_ARTERY = 5.0, 600.0  # contrast reaches urine late, arteries first
 
 
 def _scene(rng: np.random.Generator, cfg: SynthConfig, fov_center) -> dict:
@@ -222,6 +251,7 @@ def _lesions(rng: np.random.Generator, cfg: SynthConfig, scene: dict) -> list[Le
     lesions = []
     p, g = np.asarray(scene["prostate"]), scene["gland"]
     t2w_only, adc_only = cfg.t2w_only_share, cfg.t2w_only_share + cfg.adc_only_share
+    dce_only = adc_only + (cfg.dce_only_share if "dce" in cfg.components else 0.0)
     for _ in range(int(rng.integers(1, cfg.max_lesions + 1))):
         zone = "pz" if rng.random() < 0.7 else "tz"
         if zone == "pz":  # posterior-lateral horseshoe of the gland
@@ -237,6 +267,7 @@ def _lesions(rng: np.random.Generator, cfg: SynthConfig, scene: dict) -> list[Le
         radii = (r, r * rng.uniform(0.6, 1.0), rng.uniform(4.0, 7.0))
         u = rng.random()
         visible = "t2w" if u < t2w_only else "adc" if u < adc_only else "both"
+        visible = "dce" if adc_only <= u < dce_only else visible
         lesion = Lesion(tuple(p + offset), radii, rng.uniform(0, np.pi), cls, visible, zone)
         if not any(_touch(lesion, other) for other in lesions):  # one class per connected lesion
             lesions.append(lesion)
@@ -250,10 +281,12 @@ def _touch(a: Lesion, b: Lesion) -> bool:
 
 def _render(grid: _Grid, scene: dict, lesions: list[Lesion], modality: str, rng) -> dict:
     """One modality on one grid: values before noise, plus the gland and lesion shapes."""
-    m = ("t2w", "adc", "hbv").index(modality)
+    m = COMPONENTS.index(modality)
 
     def v(name):
-        return scene["urine"][m] if name == "urine" else _TISSUE[name][m]
+        if name == "urine":
+            return _DCE_URINE if modality == "dce" else scene["urine"][m]
+        return _TISSUE[name][m]
 
     p, g = np.asarray(scene["prostate"]), scene["gland"]
     vol = np.full(grid.size, v("air"), np.float32)
@@ -285,6 +318,10 @@ def _render(grid: _Grid, scene: dict, lesions: list[Lesion], modality: str, rng)
     vol *= _texture(grid, scene["texture_seed"] + m, 0.12 if modality == "t2w" else 0.08)
     if modality == "t2w":  # fine-grained structure only the 0.5 mm grid resolves
         vol *= _texture(grid, scene["texture_seed"] + 7, 0.08, cell_mm=1.0)
+    if modality == "dce":  # patchy BPH enhancement in the TZ; arteries brightest early
+        vol *= 1.0 + tz_full * (_texture(grid, scene["texture_seed"] + 11, 0.25, 4.0) - 1.0)
+        for center, radii in _arteries(scene):
+            _paint(vol, _Shape(grid, center, radii), _DCE_ARTERY)
     gland_full = gland.full(grid.size)
     shapes = []
     for lesion in lesions:
@@ -292,12 +329,16 @@ def _render(grid: _Grid, scene: dict, lesions: list[Lesion], modality: str, rng)
         shape.weight = shape.weight * np.clip(2 * gland_full[shape.box], 0, 1)
         shapes.append(shape)
         conspicuity, adc = _LESION[lesion.cls]
-        if modality == "t2w" and lesion.visible_in != "adc":
+        if lesion.visible_in not in ("both", _SHOWN_IN[modality]):
+            continue
+        if modality == "t2w":
             _paint(vol, shape, 0.4 * v("tz"), shape.weight * conspicuity)
-        elif modality == "adc" and lesion.visible_in != "t2w":
+        elif modality == "adc":
             _paint(vol, shape, adc * rng.uniform(0.96, 1.04))
-        elif modality == "hbv" and lesion.visible_in != "t2w":
+        elif modality == "hbv":
             _paint(vol, shape, v("pz") * (1.3 + 2.2 * conspicuity))
+        else:  # early wash-in: 2.5x (class 1) to 5.5x (class 5) the normal PZ
+            _paint(vol, shape, v("pz") * (1.25 + 5.0 * conspicuity) * rng.uniform(0.9, 1.1))
     bc, br = scene["bladder_center"], scene["bladder"]
     _paint(vol, _Shape(grid, bc, tuple(r + 3 for r in br)), v("wall"))
     _paint(vol, _Shape(grid, bc, br), v("urine"))
@@ -305,6 +346,20 @@ def _render(grid: _Grid, scene: dict, lesions: list[Lesion], modality: str, rng)
     _paint(vol, _Shape(grid, rc, (rr + 4, rr + 1, 1e4)), v("wall"))
     _paint(vol, _Shape(grid, rc, (rr, rr - 3, 1e4)), v("balloon"))
     return {"volume": vol, "gland": gland_full, "lesions": [s.full(grid.size) for s in shapes]}
+
+
+def _arteries(scene: dict) -> list[tuple[tuple, tuple]]:
+    """(centre LPS mm, radii) of the neurovascular bundles (posterolateral to the gland, 5 and 7
+    o'clock) and the femoral arteries (anterior to the femoral heads), from the scene alone."""
+    p, g = np.asarray(scene["prostate"]), scene["gland"]
+    bundles = [
+        (p + [s * 0.6 * (g[0] + 4), 0.8 * (g[1] + 4), 0], (2.5, 2.5, g[2] + 10)) for s in (-1, 1)
+    ]
+    femoral = [
+        (p + offset + [-np.sign(offset[0]) * 6, -32, 0], (4.0, 4.0, 1e4))
+        for offset, _ in scene["bones"][:2]
+    ]
+    return [(tuple(c), r) for c, r in bundles + femoral]
 
 
 def _bias(grid: _Grid, scene: dict) -> np.ndarray:
@@ -325,6 +380,17 @@ def _rician(volume: np.ndarray, sigma: float, rng: np.random.Generator) -> np.nd
     real = volume + sigma * rng.standard_normal(volume.shape, dtype=np.float32)
     imag = sigma * rng.standard_normal(volume.shape, dtype=np.float32)
     return np.sqrt(real * real + imag * imag)
+
+
+def _dce_image(seed, cfg: SynthConfig, scene: dict, lesions, fov_center) -> sitk.Image:
+    """The DCE map (uint16, % enhancement) on its own grid, from its own stream (`_DCE_STREAM`)."""
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_DCE_STREAM,)))
+    extent = (np.asarray(cfg.dce_size) - 1) * np.asarray(cfg.dce_spacing)
+    origin = fov_center - np.asarray(xyz(extent)) / 2 + rng.uniform(-1, 1, 3) * cfg.dce_shift_mm
+    grid = _Grid(cfg.dce_size, cfg.dce_spacing, tuple(origin))
+    dce = _render(grid, scene, lesions, "dce", rng)["volume"]
+    dce = np.clip(dce + rng.normal(0, cfg.dce_noise, dce.shape), 0, None)
+    return grid.image(np.round(dce).astype(np.uint16))
 
 
 def synth_case(
@@ -361,6 +427,9 @@ def synth_case(
     t2w = _rician(t2["volume"] * _bias(t2_grid, scene), cfg.noise * bladder, rng)
     images = {"t2w": t2_grid.image(np.clip(np.round(t2w), 0, 65535).astype(np.uint16))}
     for name in cfg.components[1:]:
+        if name == "dce":
+            images[name] = _dce_image(seed, cfg, scene, lesions, fov_center)
+            continue
         dwi = _render(dwi_grid, scene, lesions, name, rng)["volume"]
         if name == "adc":
             dwi = np.clip(dwi + rng.normal(0, 60, dwi.shape), 0, None)

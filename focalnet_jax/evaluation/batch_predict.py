@@ -73,6 +73,7 @@ def _preprocess(spec: CaseSpec, models: Ensemble) -> PreprocessedCase:
             center=spec.center,
             mask=spec.mask,
             slices="all",
+            series=spec.series,
             config=models.preprocess,
             case_id=spec.case_id,
         )

@@ -116,9 +116,10 @@ def predict_validation_fold(
     store_path: str | Path | None = None,
     batch_size: int = 16,
     tta: str = "none",
-) -> Path:
+) -> list[str]:
     """Predicts every case of the run's validation fold (`config.data.fold`) into `out_dir`
-    (`tta`: evaluation/ensemble.py)."""
+    (`tta`: evaluation/ensemble.py); returns their case ids (the cases an evaluation of the fold
+    expects)."""
     from focalnet_jax.data.folds import split_cases
     from focalnet_jax.data.store import open_store
     from focalnet_jax.evaluation.ensemble import load_ensemble, resolve_runs
@@ -139,4 +140,4 @@ def predict_validation_fold(
         raise ValueError(f"store {store_path}: fold {data.fold} has no validation case")
     log.info("predicting %d validation cases of fold %s", len(val_ids), data.fold)
     predict_cases(predictor, store, val_ids, out_dir)
-    return Path(out_dir)
+    return list(val_ids)

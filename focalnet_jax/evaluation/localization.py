@@ -1,5 +1,5 @@
 """Lesion localisation points (paper section II-E2; docs/evaluation.md): 2D local maxima of the
-lesion score `s1 = P(class >= 1)` on each slice."""
+lesion score `s1 = P(class >= 1)` on each slice, one point per flat maximum."""
 
 from __future__ import annotations
 
@@ -39,11 +39,13 @@ def window_radius(spacing, radius_mm: float = RADIUS_MM) -> tuple[int, int]:
 def local_maxima(
     scores: np.ndarray, spacing, *, radius_mm: float = RADIUS_MM, min_score: float = MIN_SCORE
 ) -> Detections:
-    """2D local maxima of `scores[..., 0]` on every slice.
+    """2D local maxima of `scores[..., 0]` on every slice, one detection per flat maximum.
 
-    A pixel is a maximum when it equals the maximum of the (2r+1) x (2r+1) window around it
+    A pixel is a window maximum when it equals the maximum of the (2r+1) x (2r+1) window around it
     (`r = window_radius(spacing, radius_mm)`, zero padding outside the image) and its score is above
-    `min_score`. Every pixel of a flat top is a maximum (the FROC counts points on one lesion once).
+    `min_score`. Window maxima that touch (8-connectivity, never across slices) form one flat
+    maximum and give one detection, at the group's pixel nearest its centroid (distance in pixels;
+    ties: lowest row, then lowest column), with the scores at that pixel.
 
     Args:
       scores: float `[S, H, W, 5]` P(class >= k).
@@ -56,7 +58,7 @@ def local_maxima(
     window_max = ndimage.maximum_filter(
         s1, size=(1, 2 * r_row + 1, 2 * r_col + 1), mode="constant", cval=0.0
     )
-    z, y, x = np.nonzero((s1 == window_max) & (s1 > min_score))
+    z, y, x = flat_maximum_points((s1 == window_max) & (s1 > min_score))
     point_scores = np.asarray(scores[z, y, x], np.float32).reshape(-1, scores.shape[-1])
     order = np.lexsort((x, y, z, -point_scores[:, 0]))
     return Detections(
@@ -65,3 +67,25 @@ def local_maxima(
         col=x[order].astype(np.int32),
         scores=point_scores[order],
     )
+
+
+def flat_maximum_points(maxima: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One point per 8-connected group of True pixels of each slice of bool `[S, H, W]`: the
+    group's pixel nearest its centroid (ties: lowest row, then lowest column).
+
+    Returns int64 `(slice, row, col)` `[G]`, one entry per group in label order.
+    """
+    in_plane = np.zeros((3, 3, 3), bool)
+    in_plane[1] = True  # 8-connected within a slice, never across slices
+    labels, _ = ndimage.label(maxima, structure=in_plane)
+    z, y, x = np.nonzero(labels)
+    group = labels[z, y, x] - 1
+    count = np.bincount(group)
+    sum_y, sum_x = np.bincount(group, weights=y), np.bincount(group, weights=x)
+    # count^2 x squared distance to the centroid: exact integers, so equal distances tie exactly.
+    n = count[group]
+    dy = n * y - sum_y[group].astype(np.int64)
+    dx = n * x - sum_x[group].astype(np.int64)
+    order = np.lexsort((x, y, dy**2 + dx**2, group))
+    first = order[np.flatnonzero(np.diff(group[order], prepend=-1))]
+    return z[first], y[first], x[first]

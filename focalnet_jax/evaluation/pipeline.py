@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ def evaluate_predictions(
     predictions_dir: str | Path,
     out_dir: str | Path | None = None,
     *,
+    cases: Sequence[str] | None = None,
     radius_mm: float = RADIUS_MM,
     min_score: float = MIN_SCORE,
     roc_detections: int = ROC_DETECTIONS,
@@ -42,13 +44,22 @@ def evaluate_predictions(
     label: str = "model",
     slices: str = "all",
 ) -> dict:
-    """Evaluates every `<case_id>.npz` of `predictions_dir`; writes the outputs to `out_dir` when
-    given. Returns the metrics dict (arrays as NumPy; `metrics.json` holds its JSON-safe form).
+    """Evaluates the `<case_id>.npz` of `predictions_dir` for every case id of `cases` (a listed
+    case without a file is an error naming it), or without `cases` every file found; writes the
+    outputs to `out_dir` when given. Returns the metrics dict (arrays as NumPy; `metrics.json`
+    holds its JSON-safe form).
 
     `slices` selects the slices of the paper's 2D protocol ('all', or 'annotated': slices with a
     lesion ROI, as the paper's validation); the PI-CAI 3D protocol always uses every slice.
     """
-    paths = list_cases(predictions_dir)
+    paths = list_cases(predictions_dir, cases)
+    if cases is None:
+        log.warning(
+            "no case list: evaluating the %d <case_id>.npz file(s) found in %s "
+            "(a missing case would go unnoticed; --cases FILE names the expected ones)",
+            len(paths),
+            predictions_dir,
+        )
     picai_skipped = None if with_picai else "disabled (--no-picai)"
     if picai_skipped is None:
         picai_skipped = picai.available()

@@ -75,6 +75,7 @@ def predict_exam(
     step: int | None = None,
     center=None,
     mask: str | Path | None = None,
+    series: Mapping[str, str] | None = None,
     threshold: float = 0.5,
     batch_size: int = 16,
     radius_mm: float = RADIUS_MM,
@@ -85,7 +86,8 @@ def predict_exam(
     """Runs the model of `workdir` (runs or cross-validation folders: their ensemble, or an
     `Ensemble` already loaded) on one exam and writes the files listed in the module docstring to
     `out_dir`; returns their paths. `components` maps names ('t2w', 'adc', 'hbv') to paths; the
-    model's components must all be present."""
+    model's components must all be present. `series` maps names to the SeriesInstanceUID or
+    SeriesDescription to read from a DICOM folder holding several."""
     models = workdir
     if not isinstance(models, Ensemble):
         models = load_ensemble(workdir, step=step, batch_size=batch_size, tta=tta)
@@ -102,6 +104,7 @@ def predict_exam(
         center=center,
         mask=None if mask is None else str(mask),
         slices="all",
+        series=series,
         config=models.preprocess,
         case_id=_exam_name(ordered[models.components[0]]),
     )

@@ -12,8 +12,12 @@ Keys:
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import json
+import re
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +25,9 @@ import numpy as np
 REQUIRED_KEYS = ("scores", "lesions", "lesion_classes", "spacing", "patient_id")
 OPTIONAL_KEYS = ("t2w", "adc", "slice_index")
 NUM_SCORES = 5
+CASE_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+"""Case ids (SPEC 7): letters, digits, '.', '_', '-', not starting with '.'."""
+MAX_NAMED = 10  # missing cases named in one error line
 
 
 class PredictionsError(ValueError):
@@ -163,12 +170,62 @@ def read_case(path: str | Path) -> CasePredictions:
     return validate(case)
 
 
-def list_cases(directory: str | Path) -> list[Path]:
-    """Sorted `*.npz` files of a predictions folder; an error when the folder is absent or empty."""
+def read_case_list(path: str | Path) -> list[str]:
+    """Case ids of a `--cases` file: a JSON list, a JSON object with a `subject_list` list (as
+    picai_eval's subject list), or one id a line (blank lines ignored). Errors name the file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        raise PredictionsError(f"{path}: cannot read the case list ({error})") from error
+    if text.lstrip().startswith(("[", "{")):
+        try:
+            ids = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise PredictionsError(f"{path}: case list is not valid JSON ({error})") from error
+        if isinstance(ids, dict):
+            ids = ids.get("subject_list")
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise PredictionsError(
+                f"{path}: expected a JSON list of case id strings (or {{'subject_list': [...]}})"
+            )
+    else:
+        ids = [line.strip() for line in text.splitlines() if line.strip()]
+    bad = [i for i in ids if not CASE_ID.fullmatch(i)]
+    if bad:
+        raise PredictionsError(
+            f"{path}: case id {bad[0]!r} is not letters, digits, '.', '_', '-' (not starting "
+            "with '.')"
+        )
+    repeated = sorted(i for i, n in collections.Counter(ids).items() if n > 1)
+    if repeated:
+        raise PredictionsError(f"{path}: case id(s) listed twice: {repeated}")
+    if not ids:
+        raise PredictionsError(f"{path}: the case list is empty")
+    return ids
+
+
+def list_cases(directory: str | Path, case_ids: Sequence[str] | None = None) -> list[Path]:
+    """`<case_id>.npz` files of a predictions folder, sorted by case id.
+
+    With `case_ids`, exactly those cases, and an error naming every listed case without a file;
+    without, every `*.npz` of the folder (an error when there is none).
+    """
     directory = Path(directory)
     if not directory.is_dir():
         raise PredictionsError(f"{directory}: predictions folder does not exist")
-    paths = sorted(directory.glob("*.npz"))
-    if not paths:
-        raise PredictionsError(f"{directory}: no <case_id>.npz prediction files in the folder")
+    if case_ids is None:
+        paths = sorted(directory.glob("*.npz"))
+        if not paths:
+            raise PredictionsError(f"{directory}: no <case_id>.npz prediction files in the folder")
+        return paths
+    paths = [directory / f"{case_id}.npz" for case_id in sorted(case_ids)]
+    missing = [path.stem for path in paths if not path.is_file()]
+    if missing:
+        named = ", ".join(f"{case_id}.npz" for case_id in missing[:MAX_NAMED])
+        more = f" and {len(missing) - MAX_NAMED} more" if len(missing) > MAX_NAMED else ""
+        raise PredictionsError(
+            f"{directory}: no prediction for {len(missing)} of the {len(paths)} listed case(s): "
+            f"{named}{more}"
+        )
     return paths

@@ -58,12 +58,13 @@ def predict_test_store(
     step: int | None = None,
     tta: str = "none",
     batch_size: int = 16,
-) -> Path:
-    """Writes `<case_id>.npz` for every case of the store at `store_path` into `out_dir`."""
+) -> list[str]:
+    """Writes `<case_id>.npz` for every case of the store at `store_path` into `out_dir`; returns
+    the case ids (the cases the evaluation expects)."""
     models = load_ensemble(workdir, step=step, batch_size=batch_size, tta=tta)
     store = open_store(store_path)
     check_test_store(store, models)
     log.info("predicting all %d cases of %s with %d model(s)", len(store.cases), store_path,
              len(models.runs))  # fmt: skip
     predict_cases(models, store, store.case_ids, out_dir)
-    return Path(out_dir)
+    return list(store.case_ids)

@@ -167,7 +167,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     # State: workdir checkpoint, else pretrained weights, else scratch.
     manager = checkpoint.make_manager(workdir, keep=config.train.keep_checkpoints)
     abstract = train_state.abstract_train_state(model, tx, input_shape, mesh)
-    state = checkpoint.restore(manager, abstract)
+    state = checkpoint.resume(manager, abstract)
     if state is None:
         variables = None
         if config.model.pretrained:

@@ -224,7 +224,8 @@ def make_eval_step(model: nn.Module, config: ml_collections.ConfigDict, mesh: Me
     batch: `images`, `classes`, `grade_known` as in training plus `weight [B]` (0 on padding).
     Inputs are clipped to [0, 1], not augmented; BatchNorm uses running averages. `sums` holds
     weighted sums over the batch (`loss`, `count`; per score k in (1, 2) (lesion, csPCa) the Dice
-    terms `intersect_k`, `predicted_k`, `true_k` at P(class >= k) >= 0.5; P(class >= 1) summed over
+    terms `intersect_k`, `predicted_k`, `true_k` of the class map
+    decoded by `encoding.ordinal_decode` (P(class >= k) > 0.5); P(class >= 1) summed over
     lesion pixels (`score_lesion`) and background pixels (`score_background`, `background`));
     `predicted_classes [B,H,W]` int32 is the decoded class map (0/1 for a binary output). Outputs
     are replicated, so every process can read them.
@@ -240,10 +241,8 @@ def make_eval_step(model: nn.Module, config: ml_collections.ConfigDict, mesh: Me
             logits, targets, valid
         )
         scores = encoding.scores_from_outputs(logits, enc, from_logits=True)
-        if enc == "binary":
-            predicted = (scores[..., 0] >= 0.5).astype(jnp.int32)
-        else:
-            predicted = jnp.sum(jnp.cumprod(scores >= 0.5, axis=-1), axis=-1).astype(jnp.int32)
+        # A binary output repeats P(lesion) in all five columns: decode its first column only.
+        predicted = encoding.ordinal_decode(scores[..., :1] if enc == "binary" else scores)
         sums = {"loss": jnp.sum(weight * per_slice), "count": jnp.sum(weight)}
         lesion = (batch["classes"] >= 1).astype(jnp.float32) * weight[:, None, None]
         background = (batch["classes"] == 0).astype(jnp.float32) * weight[:, None, None]

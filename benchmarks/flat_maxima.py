@@ -1,0 +1,107 @@
+"""Flat maxima of upsampled score maps: FROC with every window-maximum pixel a detection (the rule
+before SPEC 6 grouped them) against one detection per flat maximum (`local_maxima` today).
+
+    python benchmarks/flat_maxima.py [--patients 100] [--seed 0]
+
+Score maps are made like a DeepLab output: per patient a 16 x 16 logit map (background -8, i.e.
+s1 = 3e-4 < min_score) with `--peaks` single-cell peaks, half of them on the border, resized x8 to
+128 x 128 with `jax.image.resize(..., 'bilinear')` (half-pixel centres, edges clamped, as
+`models/deeplab.py` does) and passed through a sigmoid; 0.625 mm pixels (window radius 8 pixels).
+One peak per patient sits on a csPCa lesion (the 24 x 24 pixels of its 3 x 3 logit cells); lesion
+peaks have logits N(1, 1.5), the other peaks N(-1, 1.5). Both rules share the window, the hit rule
+and the FROC code; only the grouping of touching window maxima differs. Prints one JSON line:
+detections per patient and FP per patient at 60/70/80/90 % sensitivity and sensitivity at
+1 FP/patient for each rule.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from unittest import mock
+
+import jax
+import numpy as np
+from scipy import ndimage
+
+from focalnet_jax.evaluation import matching
+from focalnet_jax.evaluation.froc import froc_analysis
+from focalnet_jax.evaluation.localization import Detections, window_radius
+from focalnet_jax.evaluation.predictions import CasePredictions
+
+GRID, FACTOR, SPACING = 16, 8, (0.625, 0.625)
+
+
+def every_window_max_pixel(scores, spacing, *, radius_mm, min_score):
+    """The former rule, for comparison only: every window-maximum pixel is a detection."""
+    s1 = scores[..., 0]
+    r_row, r_col = window_radius(spacing, radius_mm)
+    size = (1, 2 * r_row + 1, 2 * r_col + 1)
+    window_max = ndimage.maximum_filter(s1, size=size, mode="constant", cval=0.0)
+    z, y, x = np.nonzero((s1 == window_max) & (s1 > min_score))
+    point_scores = scores[z, y, x]
+    order = np.lexsort((x, y, z, -point_scores[:, 0]))
+    return Detections(z[order], y[order], x[order], point_scores[order])
+
+
+def synthetic_case(rng: np.random.Generator, index: int, peaks: int) -> CasePredictions:
+    """One patient: a 16 x 16 logit map with `peaks` peaks (half on the border), upsampled x8."""
+    cells: set[tuple[int, int]] = set()
+    while len(cells) < peaks:
+        if len(cells) < peaks // 2:  # a border cell: one of the four sides, anywhere along it
+            t = int(rng.integers(GRID))
+            cell = [(0, t), (GRID - 1, t), (t, 0), (t, GRID - 1)][rng.integers(4)]
+        else:
+            cell = tuple(int(v) for v in rng.integers(1, GRID - 1, 2))
+        # At least 3 cells apart: every peak is its own maximum.
+        if all(max(abs(cell[0] - a), abs(cell[1] - b)) > 2 for a, b in cells):
+            cells.add(cell)
+    cells = sorted(cells)
+    lesion_cell = cells[rng.integers(len(cells))]
+    logits = np.full((GRID, GRID), -8.0, np.float32)
+    for cell in cells:
+        logits[cell] = rng.normal(1.0, 1.5) if cell == lesion_cell else rng.normal(-1.0, 1.5)
+    up = np.asarray(jax.image.resize(logits, (GRID * FACTOR,) * 2, "bilinear"), np.float64)
+    s1 = (1.0 / (1.0 + np.exp(-up))).astype(np.float32)
+    lesions = np.zeros((1, GRID * FACTOR, GRID * FACTOR), np.int32)
+    r0, c0 = (max(v - 1, 0) * FACTOR for v in lesion_cell)
+    r1, c1 = (min(v + 2, GRID) * FACTOR for v in lesion_cell)
+    lesions[0, r0:r1, c0:c1] = 1
+    return CasePredictions(
+        case_id=f"case{index:03d}",
+        patient_id=f"p{index:03d}",
+        scores=np.repeat(s1[None, ..., None], 5, axis=-1),
+        lesions=lesions,
+        lesion_classes=np.array([2], np.int32),
+        spacing=np.asarray(SPACING, np.float64),
+    )
+
+
+def froc_numbers(cases) -> dict:
+    summaries = [matching.summarize_case(case) for case in cases]
+    froc = froc_analysis(summaries)["all"]
+    return {
+        "detections_per_patient": sum(len(s.detections) for s in summaries) / len(cases),
+        "fp_at_sensitivity": froc["fp_at_sensitivity"],
+        "sensitivity_at_1fp": froc["sensitivity_at_fp"]["1"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--patients", type=int, default=100)
+    parser.add_argument("--peaks", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    rng = np.random.default_rng(args.seed)
+    cases = [synthetic_case(rng, i, args.peaks) for i in range(args.patients)]
+    grouped = froc_numbers(cases)
+    with mock.patch.object(matching, "local_maxima", every_window_max_pixel):
+        every_pixel = froc_numbers(cases)
+    result = {"patients": args.patients, "peaks": args.peaks, "seed": args.seed}
+    result |= {"one_per_flat_maximum": grouped, "every_window_max_pixel": every_pixel}
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

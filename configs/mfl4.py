@@ -1,0 +1,43 @@
+"""MFL over four components: FocalNet (ordinal FL + MFL) on synthetic T2w, ADC, HBV and DCE with
+all 14 non-empty proper component subsets (`loss.subsets=None`), demo-sized for a CPU.
+
+Each synthetic component has lesions that only it shows (`focalnet synth --t2w-only-share,
+--adc-only-share, --dce-only-share`, 15 % each), the situation MFL is for. Data and command:
+    focalnet synth --out data/synth4 --cases 60 --seed 0 --small --components t2w,adc,hbv,dce
+    focalnet preprocess --layout picai --images data/synth4/images --labels data/synth4/labels \
+        --masks data/synth4/masks --out data/synth4_store --components t2w,adc,hbv,dce
+    focalnet train --config configs/mfl4.py --workdir runs/mfl4 \
+        --config.data.store=data/synth4_store
+Model: ResNet-18 DeepLab-v2 at width 0.25, output stride 16 (as configs/demo.py); batch 8, fold 0.
+MFL runs in the project's default mode (`loss.mfl_mode`); `--config.loss.mfl_mode=select` costs
+less at 14 subsets. Expected runtime: a whole run not measured yet. One step
+(`python benchmarks/train_step.py --config configs/mfl4.py --steps 5`, 2026-11-30, 2 CPU cores
+shared with other jobs, so indicative only): FL only 0.66 s, FL+MFL `vmap` 6.9 s (10.5x), `select`
+2.8 s (4.2x); XLA counts 3.0, 43.1 and 20.2 GFLOP per step.
+Expected metric: not measured yet (FROC sensitivity at 1 false positive per patient from
+`focalnet evaluate --workdir runs/mfl4`).
+"""
+
+from __future__ import annotations
+
+import default
+
+
+def get_config(arg: str | None = None):
+    args = default.parse_arg(arg, fold=0, store="")
+    config = default.get_config()
+    config.data.store = args["store"]
+    config.data.fold = args["fold"]
+    config.data.components = ("t2w", "adc", "hbv", "dce")
+    config.loss.subsets = None  # all 14 non-empty proper subsets of the four components
+    config.model.depth = 18
+    config.model.width = 0.25
+    config.model.output_stride = 16
+    config.train.steps = 600
+    config.train.batch_size = 8
+    config.train.log_every = 20
+    config.train.checkpoint_every = 200
+    config.train.eval_every = 200
+    config.optim.lr = 1e-2  # as configs/demo.py: a faster start and decay for the small model
+    config.optim.decay_steps = 150
+    return config

@@ -1,0 +1,54 @@
+"""Which crop pixels a component's grid covers (docs/data.md, "What is refused and why").
+
+Resampling fills crop pixels outside a component's field of view with 0, and after normalisation 0
+is the value that looks most like tumour, so every component must cover the crop of every stored
+slice. A crop pixel centre counts as covered when it lies within `MARGIN_VOXELS` of the component's
+outermost voxel centres along each of the component's axes (continuous index in
+[-MARGIN_VOXELS, size - 1 + MARGIN_VOXELS]); inside that margin preprocessing extrapolates the
+nearest voxel instead of writing 0.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import SimpleITK as sitk
+
+MARGIN_VOXELS = 1.0
+
+
+def _grid(image: sitk.Image):
+    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+    return np.asarray(image.GetOrigin()), np.asarray(image.GetSpacing()), direction
+
+
+def covered(image: sitk.Image, reference: sitk.Image, slices) -> np.ndarray:
+    """bool [S, H, W]: whether `image` covers each pixel centre of `reference` slices `slices`
+    (reference z indices; H, W the reference's rows and columns)."""
+    origin, spacing, direction = _grid(reference)
+    nx, ny, _ = reference.GetSize()
+    k, j, i = np.meshgrid(
+        np.asarray(slices, np.float64), np.arange(ny), np.arange(nx), indexing="ij"
+    )
+    index = np.stack([i, j, k], axis=-1) * spacing  # (x, y, z) order, mm along the reference axes
+    world = origin + index @ direction.T
+    img_origin, img_spacing, img_direction = _grid(image)
+    continuous = np.linalg.solve(img_direction, (world - img_origin).reshape(-1, 3).T).T
+    continuous = continuous / img_spacing
+    size = np.asarray(image.GetSize(), dtype=np.float64)
+    inside = (continuous >= -MARGIN_VOXELS) & (continuous <= size - 1 + MARGIN_VOXELS)
+    return inside.all(axis=-1).reshape(k.shape)
+
+
+def shortfall(name: str, inside: np.ndarray, slices) -> str | None:
+    """Why a component with coverage `inside` (from `covered`) is refused, or None if complete."""
+    if inside.all():
+        return None
+    per_slice = inside.mean(axis=(1, 2))
+    partial = np.flatnonzero(per_slice < 1)
+    worst = int(partial[np.argmin(per_slice[partial])])
+    return (
+        f"{name} covers {100 * inside.mean():.1f} % of the crop of the stored slices: "
+        f"{len(partial)} of {len(per_slice)} slices not fully covered (least: T2w slice "
+        f"{int(np.asarray(slices)[worst])}, {100 * per_slice[worst]:.1f} %); every component must "
+        f"cover the crop of every stored slice (tolerance {MARGIN_VOXELS:g} {name} voxel)"
+    )

@@ -1,0 +1,141 @@
+"""Reading one DICOM series from a folder, refusing folders and series that would be read wrongly.
+
+A folder must hold exactly one series, unless `series` names one (its SeriesInstanceUID, or its
+exact SeriesDescription). The chosen series must be a regular stack: one orientation, and slice
+positions along the slice normal (ImagePositionPatient . (row x column cosines)) equally spaced to
+within `max(SPACING_TOLERANCE_MM, SPACING_TOLERANCE_REL * spacing)`. A missing slice, a repeated
+position or uneven spacing would otherwise be read with one wrong z spacing (ITK only warns).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+SPACING_TOLERANCE_MM = 0.01  # absolute slice-spacing tolerance (mm) ...
+SPACING_TOLERANCE_REL = 0.01  # ... or this fraction of the spacing, whichever is larger
+_UID, _DESCRIPTION, _INSTANCE = "0020|000e", "0008|103e", "0020|0013"
+_POSITION, _ORIENTATION = "0020|0032", "0020|0037"
+
+
+class SeriesError(ValueError):
+    """A DICOM folder or series that cannot be read as one regular 3D stack."""
+
+    def __init__(self, file: str | os.PathLike, reason: str):
+        self.file, self.reason = str(file), reason
+        super().__init__(f"{self.file}: {reason}")
+
+
+@dataclass(frozen=True)
+class SeriesInfo:
+    uid: str
+    description: str
+    files: tuple[str, ...]
+
+    def __str__(self) -> str:
+        return f"{self.uid} ({self.description or 'no description'!r}, {len(self.files)} files)"
+
+
+def list_series(folder: str | os.PathLike) -> list[SeriesInfo]:
+    """The DICOM series of a folder (not recursive), each with its files in slice order."""
+    infos = []
+    for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)):
+        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(files[0])
+        reader.ReadImageInformation()
+        description = (
+            reader.GetMetaData(_DESCRIPTION) if reader.HasMetaDataKey(_DESCRIPTION) else ""
+        )
+        infos.append(SeriesInfo(uid, description.strip(), tuple(files)))
+    return infos
+
+
+def choose_series(folder: str | os.PathLike, series: str | None = None) -> SeriesInfo:
+    """The one series of `folder`, or the one whose UID or exact description is `series`."""
+    found = list_series(folder)
+    if not found:
+        raise SeriesError(folder, "folder holds no DICOM series")
+    listing = "; ".join(str(s) for s in found)
+    if series is None:
+        if len(found) > 1:
+            raise SeriesError(
+                folder,
+                f"folder holds {len(found)} DICOM series: {listing}; "
+                "choose one (manifest column <component>_series or --<component>-series)",
+            )
+        return found[0]
+    chosen = [s for s in found if s.uid == series] or [s for s in found if s.description == series]
+    if len(chosen) != 1:
+        problem = "matches no" if not chosen else f"matches {len(chosen)}"
+        raise SeriesError(
+            folder, f"series {series!r} {problem} series (UID or description) of: {listing}"
+        )
+    return chosen[0]
+
+
+def _header(file: str) -> dict[str, str]:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(file)
+    reader.ReadImageInformation()
+    keys = (_ORIENTATION, _POSITION, _INSTANCE)
+    return {k: reader.GetMetaData(k).strip() for k in keys if reader.HasMetaDataKey(k)}
+
+
+def _floats(header: dict, key: str, file: str) -> np.ndarray:
+    if key not in header:
+        raise SeriesError(file, f"DICOM file lacks tag ({key.replace('|', ',')})")
+    return np.array([float(v) for v in header[key].split("\\")])
+
+
+def check_slice_positions(files) -> None:
+    """Refuse a stack (`files`, one slice each) with several orientations, repeated positions, a
+    missing slice or uneven spacing. Reads only the headers."""
+    if len(files) < 2:
+        return
+    headers = [_header(f) for f in files]
+    orientation = [_floats(h, _ORIENTATION, f) for h, f in zip(headers, files, strict=True)]
+    position = np.array([_floats(h, _POSITION, f) for h, f in zip(headers, files, strict=True)])
+    tilted = [
+        f
+        for o, f in zip(orientation, files, strict=True)
+        if np.abs(o - orientation[0]).max() > 1e-3
+    ]
+    if tilted:
+        raise SeriesError(tilted[0], f"{len(tilted)} slice(s) oriented unlike {files[0]}")
+    along = position @ np.cross(orientation[0][:3], orientation[0][3:])
+    order = np.argsort(along, kind="stable")
+    along = along[order]
+    steps = np.diff(along)
+    spacing = float(np.median(steps))
+    tolerance = max(SPACING_TOLERANCE_MM, SPACING_TOLERANCE_REL * spacing)
+    bad = np.flatnonzero((np.abs(steps - spacing) > tolerance) | (steps <= tolerance))
+    if len(bad) == 0:
+        return
+    i = int(bad[0])
+
+    def name(k):
+        j = int(order[k])
+        return f"{Path(files[j]).name} (instance {headers[j].get(_INSTANCE, '?')})"
+
+    kind = "repeated slice position" if steps[i] <= tolerance else "missing slice or uneven spacing"
+    raise SeriesError(
+        Path(files[0]).parent,
+        f"{kind}: slice positions along the normal jump from {along[i]:.2f} to "
+        f"{along[i + 1]:.2f} mm ({steps[i]:.2f} mm, median spacing {spacing:.2f} mm, tolerance "
+        f"{tolerance:.2f} mm) between {name(i)} and {name(i + 1)}; "
+        f"{len(bad)} irregular step(s) of {len(steps)}",
+    )
+
+
+def read_series(folder: str | os.PathLike, series: str | None = None) -> sitk.Image:
+    """One regular DICOM series of `folder` (see the module docstring) as read by SimpleITK."""
+    chosen = choose_series(folder, series)
+    check_slice_positions(chosen.files)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(chosen.files)
+    return reader.Execute()

@@ -1,0 +1,161 @@
+"""Damaged checkpoints (focalnet_jax/checkpoint.py): a restarted run falls back to the newest intact
+step, moves the damaged one aside and says so in one line; with none intact it refuses; predict
+and evaluate name the damaged step folder, file and reason in a one-line error."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from test_train_helpers import REPO, FakeStore, fast_compiles, tiny_config
+
+from focalnet_jax import checkpoint
+from focalnet_jax.training import train_and_evaluate
+
+RUN = [
+    "--config.train.checkpoint_every=2",
+    "--config.train.keep_checkpoints=10",
+    "--config.train.steps=4",
+]
+DATA_DIR = "default/ocdbt.process_0/d"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """`workdir`: 4 steps with checkpoints at 2 and 4; `final`: its state at step 4."""
+    root = tmp_path_factory.mktemp("recovery")
+    store = FakeStore()
+    config = tiny_config(overrides=RUN)
+    with fast_compiles():
+        final = jax.device_get(train_and_evaluate(config, root / "run", store=store))
+    return {"root": root, "workdir": root / "run", "store": store, "config": config, "final": final}
+
+
+def _largest_data_file(step_dir: Path) -> Path:
+    return max((step_dir / DATA_DIR).iterdir(), key=lambda p: p.stat().st_size)
+
+
+def _truncate(path: Path, size: int) -> None:
+    path.write_bytes(path.read_bytes()[:size])
+
+
+def _truncate_data(step_dir: Path) -> str:
+    path = _largest_data_file(step_dir)
+    _truncate(path, path.stat().st_size // 2)
+    return f"{path.relative_to(step_dir)}: truncated ({path.stat().st_size} bytes"
+
+
+def _empty_metadata(step_dir: Path) -> str:
+    _truncate(step_dir / "default/_METADATA", 0)
+    return "default/_METADATA: empty file (0 bytes)"
+
+
+def _remove_data(step_dir: Path) -> str:
+    path = _largest_data_file(step_dir)
+    path.unlink()
+    return f"{path.relative_to(step_dir)}: missing"
+
+
+def _copy_with(trained, name: str, damage) -> tuple[Path, str]:
+    """A copy of the trained workdir whose step 4 got `damage`; the expected file and reason."""
+    workdir = trained["root"] / name
+    shutil.copytree(trained["workdir"], workdir)
+    return workdir, damage(workdir / "checkpoints" / "4")
+
+
+@pytest.mark.parametrize("damage", [_truncate_data, _empty_metadata, _remove_data])
+def test_restart_resumes_from_the_newest_intact_step(trained, damage, caplog):
+    workdir, expected = _copy_with(trained, damage.__name__, damage)
+    with fast_compiles(), caplog.at_level(logging.WARNING, logger="focalnet_jax.checkpoint"):
+        state = train_and_evaluate(trained["config"], workdir, store=trained["store"])
+    lines = [r.getMessage() for r in caplog.records if r.name == "focalnet_jax.checkpoint"]
+    assert len(lines) == 1 and "\n" not in lines[0], lines
+    bad = workdir / "checkpoints" / "4"
+    aside = workdir / "checkpoints" / "corrupt-4"
+    assert lines[0].startswith(f"resuming from step 2: checkpoint {bad.resolve()} is unreadable: ")
+    assert expected in lines[0] and f"moved to {aside.resolve()}" in lines[0]
+    # The damaged step is kept aside, the rerun wrote a new step 4 equal to an uninterrupted run.
+    assert (aside / "default" / "_METADATA").exists()
+    manager = checkpoint.make_manager(workdir, read_only=True)
+    assert manager.all_steps() == [2, 4]
+    manager.close()
+    assert int(state.step) == 4
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(trained["final"]), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_no_intact_step_refuses_and_moves_nothing(trained):
+    workdir, _ = _copy_with(trained, "all_bad", _empty_metadata)
+    _truncate_data(workdir / "checkpoints" / "2")
+    with pytest.raises(checkpoint.UnreadableCheckpointError) as raised:
+        train_and_evaluate(trained["config"], workdir, store=trained["store"])
+    message = str(raised.value)
+    assert "\n" not in message
+    assert "no step is intact (step 4: default/_METADATA: empty file (0 bytes); step 2: " in message
+    assert f"{DATA_DIR}/" in message and "truncated" in message
+    assert "nothing was moved or deleted; to train from scratch, move" in message
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4"]
+
+
+def test_restore_fails_unchanged_for_a_state_of_another_shape(trained, tmp_path):
+    """An intact checkpoint of another model is no damage: nothing is moved aside."""
+    workdir = tmp_path / "wider"
+    shutil.copytree(trained["workdir"], workdir)
+    wider = tiny_config(overrides=[*RUN, "--config.model.width=0.25"])
+    with pytest.raises(ValueError) as raised:
+        train_and_evaluate(wider, workdir, store=trained["store"])
+    assert not isinstance(raised.value, checkpoint.UnreadableCheckpointError)
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4"]
+
+
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        (lambda d: _truncate(d / "default/_METADATA", 1000), "default/_METADATA: invalid JSON ("),
+        (lambda d: _truncate(d / "default/manifest.ocdbt", 0), "default/manifest.ocdbt: empty"),
+        (lambda d: shutil.rmtree(d / "default"), "default/_METADATA: missing"),
+    ],
+)
+def test_inference_loading_names_the_file_and_reason(trained, tmp_path, damage, reason):
+    workdir = tmp_path / "run"
+    shutil.copytree(trained["workdir"], workdir)
+    assert checkpoint.find_damage(workdir / "checkpoints" / "4") is None  # intact before
+    damage(workdir / "checkpoints" / "4")
+    step_dir = (workdir / "checkpoints" / "4").resolve()
+    with pytest.raises(checkpoint.UnreadableCheckpointError) as raised:
+        checkpoint.load_for_inference(workdir)
+    assert str(raised.value).startswith(f"checkpoint {step_dir} is unreadable: {reason}")
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+    command = [sys.executable, "-m", "focalnet_jax.cli", *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_predict_and_evaluate_name_the_damaged_checkpoint(trained, tmp_path):
+    workdir, expected = _copy_with(trained, "for_inference", _truncate_data)
+    step_dir = (workdir / "checkpoints" / "4").resolve()
+    reason = f"checkpoint {step_dir} is unreadable: {expected}"
+    with pytest.raises(checkpoint.UnreadableCheckpointError, match="truncated"):
+        checkpoint.load_for_inference(workdir)
+    _, variables = checkpoint.load_for_inference(workdir, step=2)  # the intact step still loads
+    assert jax.tree.leaves(variables["params"])
+    predict = _cli(
+        "predict", f"--checkpoint={workdir}", "--t2w=unused", "--adc=unused", f"--out={tmp_path}"
+    )
+    evaluate = _cli("evaluate", f"--workdir={workdir}", f"--out={tmp_path / 'eval'}")
+    for name, result in (("predict", predict), ("evaluate", evaluate)):
+        assert result.returncode == 1, result.stderr
+        assert "Traceback" not in result.stderr
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"focalnet {name}: error: {reason}"), result.stderr
+    assert not (tmp_path / "eval").exists()  # nothing half-written
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4"]

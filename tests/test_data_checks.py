@@ -1,0 +1,241 @@
+"""Inputs that used to be read wrongly without a word are refused, naming case, file and reason:
+a DICOM folder of several series, a series with a missing slice, a component that covers only part
+of the crop, an ADC map in other units, a truncated .mha (docs/data.md, "What is refused and why").
+"""
+
+from __future__ import annotations
+
+import csv
+import shutil
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from focalnet_jax.cli import main
+from focalnet_jax.data.intensity import adc_unit_problem
+from focalnet_jax.data.io import CaseError, read_image
+from focalnet_jax.data.store import open_store
+
+T2W_UID = "1.3.6.1.4.1.14519.5.2.1.7311.5101.160028252338004527274326500702"
+ADC_UID = "1.3.6.1.4.1.14519.5.2.1.7311.5101.339319789559896104041345048780"
+
+
+def _expect(path, reason, **kwargs):
+    with pytest.raises(CaseError) as info:
+        read_image(path, case="c1", **kwargs)
+    assert info.value.case == "c1" and reason in info.value.reason, info.value.reason
+    return info.value
+
+
+# --- DICOM series --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def mixed_folder(prostatex_case_dir, tmp_path):
+    """The T2w and the ADC series of the ProstateX exam in one folder."""
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for name in ("t2w", "adc"):
+        for file in (prostatex_case_dir / name).iterdir():
+            shutil.copy(file, folder / f"{name}_{file.name}")
+    return folder
+
+
+@pytest.mark.real_data
+def test_folder_of_two_series_is_refused_and_either_can_be_chosen(mixed_folder):
+    error = _expect(mixed_folder, "folder holds 2 DICOM series")
+    assert error.file == str(mixed_folder)
+    assert f"{T2W_UID} ('t2_tse_tra', 19 files)" in error.reason
+    assert f"{ADC_UID} ('ep2d_diff_tra_DYNDIST_ADC', 19 files)" in error.reason
+    assert read_image(mixed_folder, series="t2_tse_tra").GetSize() == (384, 384, 19)
+    assert read_image(mixed_folder, series=ADC_UID).GetSize() == (84, 128, 19)
+    _expect(mixed_folder, "series 'b800' matches no series", series="b800")
+
+
+@pytest.mark.real_data
+def test_series_with_a_missing_slice_is_refused_naming_the_gap(prostatex_case_dir, tmp_path):
+    folder = tmp_path / "adc"
+    shutil.copytree(prostatex_case_dir / "adc", folder)
+    (folder / "1-07.dcm").unlink()  # instance 7: its neighbours lie 2 x 3 mm apart
+    error = _expect(folder, "missing slice or uneven spacing")
+    assert "(6.00 mm, median spacing 3.00 mm, tolerance 0.03 mm)" in error.reason
+    assert "1-08.dcm (instance 8) and 1-06.dcm (instance 6)" in error.reason
+    assert "1 irregular step(s) of 17" in error.reason
+
+
+@pytest.mark.real_data
+def test_series_with_a_repeated_slice_is_refused(prostatex_case_dir, tmp_path):
+    folder = tmp_path / "adc"
+    shutil.copytree(prostatex_case_dir / "adc", folder)
+    shutil.copy(folder / "1-07.dcm", folder / "1-07-copy.dcm")
+    _expect(folder, "repeated slice position")
+
+
+# --- truncated files and ADC units ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_truncated_mha_says_how_much_is_missing(tmp_path, compressed):
+    image = sitk.GetImageFromArray(np.random.default_rng(0).random((6, 64, 64), np.float32))
+    path = tmp_path / "x.mha"
+    sitk.WriteImage(image, str(path), useCompression=compressed)
+    data = path.read_bytes()
+    offset = data.index(b"ElementDataFile = LOCAL\n") + len(b"ElementDataFile = LOCAL\n")
+    path.write_bytes(data[: len(data) // 3])
+    kept = len(data) // 3 - offset
+    promised = len(data) - offset if compressed else 6 * 64 * 64 * 4
+    kind = "compressed data" if compressed else "image data"
+    error = _expect(path, f"unreadable or truncated image ({kept} bytes of {kind}, header promises")
+    assert f"promises {promised})" in error.reason and "No such file" not in error.reason
+
+
+def test_adc_unit_is_judged_by_a_high_percentile():
+    adc = np.random.default_rng(0).uniform(500, 3000, (4, 32, 32))
+    adc[:, :8] = 0  # background
+    assert adc_unit_problem(adc) is None
+    assert "looks like 1e-3 mm^2/s" in adc_unit_problem(adc / 1e3)
+    problem = adc_unit_problem(adc / 1e6)
+    assert "looks like mm^2/s" in problem and "percentile of non-zero voxels 0.00297" in problem
+    assert adc_unit_problem(np.zeros((2, 4, 4))) == "ADC map is zero everywhere"
+
+
+# --- through `focalnet preprocess --layout manifest` ---------------------------------------------
+
+_T2W_SPACING = (1.5, 1.5, 3.0)  # x, y, z mm: 64 x 64 x 6 voxels = 96 x 96 x 18 mm
+
+
+def _write(array_zyx, spacing, origin, path):
+    image = sitk.GetImageFromArray(np.asarray(array_zyx, np.float32))
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    sitk.WriteImage(image, str(path))
+    return str(path)
+
+
+def _synthetic_case(folder, name, *, adc_shift_z=0.0, adc_scale=1.0):
+    """T2w 64x64x6 at 1.5x1.5x3 mm; ADC 48x48x6 at 2x2x3 mm over the same 96 mm square, its slice
+    k holding 1000 + 100 k (1e-6 mm^2/s, times `adc_scale`), moved `adc_shift_z` mm along z."""
+    rng = np.random.default_rng(len(name))
+    t2w = _write(
+        rng.uniform(100, 400, (6, 64, 64)),
+        _T2W_SPACING,
+        (0.0, 0.0, 0.0),
+        folder / f"{name}_t2w.mha",
+    )
+    adc = (1000.0 + 100.0 * np.arange(6))[:, None, None] * np.ones((6, 48, 48)) * adc_scale
+    adc = _write(adc, (2.0, 2.0, 3.0), (0.25, 0.25, adc_shift_z), folder / f"{name}_adc.mha")
+    label = _write(
+        np.zeros((6, 64, 64)), _T2W_SPACING, (0.0, 0.0, 0.0), folder / f"{name}_label.nii.gz"
+    )
+    return {"case_id": name, "patient_id": name, "t2w": t2w, "adc": adc, "label": label}
+
+
+def _write_manifest(path, rows):
+    columns = sorted({k for row in rows for k in row}, key=lambda c: (c != "case_id", c))
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def _preprocess(manifest, out, *extra):
+    return main(
+        [
+            "preprocess",
+            "--layout",
+            "manifest",
+            "--manifest",
+            str(manifest),
+            "--out",
+            str(out),
+            *extra,
+        ]
+    )
+
+
+def _refusals(tmp_path, rows, bad):
+    """Run the manifest twice: the first bad case stops the run leaving nothing; with
+    --skip-bad-cases every bad case is in errors.csv with its file and reason, the rest stored."""
+    manifest = _write_manifest(tmp_path / "manifest.csv", rows)
+    outputs = tmp_path / "outputs"
+    outputs.mkdir()
+    with pytest.raises(SystemExit) as info:
+        _preprocess(manifest, outputs / "store")
+    message = str(info.value)
+    first = next(row["case_id"] for row in rows if row["case_id"] in bad)
+    file, reason = bad[first]
+    assert "\n" not in message and message.startswith("focalnet preprocess: error: ")
+    assert f"case {first!r}, file {file!r}" in message and reason in message, message
+    assert list(outputs.iterdir()) == []
+    assert _preprocess(manifest, outputs / "store", "--skip-bad-cases") == 0
+    with (outputs / "store" / "errors.csv").open() as f:
+        errors = {row["case"]: row for row in csv.DictReader(f)}
+    assert set(errors) == set(bad)
+    for case, (file, reason) in bad.items():
+        assert errors[case]["file"] == file and reason in errors[case]["reason"], errors[case]
+    store = open_store(outputs / "store")
+    assert set(store.case_ids) == {row["case_id"] for row in rows} - set(bad)
+    return store
+
+
+def test_partial_coverage_and_adc_units_refused_through_the_cli(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [
+        _synthetic_case(data, "good"),
+        # Slice centres 9..24 mm against the T2w's 0..15 mm: T2w slices at 0 and 3 mm lie more than
+        # one ADC voxel (3 mm) below the lowest ADC slice, so 2 of 6 slices are uncovered.
+        _synthetic_case(data, "shifted", adc_shift_z=9.0),
+        _synthetic_case(data, "within_a_voxel", adc_shift_z=2.0),
+        _synthetic_case(data, "adc_in_mm2s", adc_scale=1e-6),
+        _synthetic_case(data, "adc_in_um2ms", adc_scale=1e-3),
+    ]
+    bad = {
+        "shifted": (rows[1]["adc"], "adc covers 66.7 % of the crop of the stored slices: 2 of 6"),
+        "adc_in_mm2s": (rows[3]["adc"], "ADC map looks like mm^2/s"),
+        "adc_in_um2ms": (rows[4]["adc"], "ADC map looks like 1e-3 mm^2/s"),
+    }
+    store = _refusals(tmp_path, rows, bad)
+    # 2 mm beyond the lowest ADC slice: the nearest ADC slice (1000) fills it, not 0.
+    start = store.case("within_a_voxel")["start"]
+    np.testing.assert_allclose(store.images[start, :, :, 1], 1000.0 / 3000.0, atol=1e-4)
+
+
+@pytest.mark.real_data
+def test_dicom_refusals_and_series_column_through_the_cli(
+    prostatex_case_dir, mixed_folder, tmp_path
+):
+    t2w = sitk.ReadImage(
+        sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(prostatex_case_dir / "t2w"))
+    )
+    label = sitk.Image(t2w.GetSize(), sitk.sitkUInt8)
+    label.CopyInformation(t2w)
+    sitk.WriteImage(label, str(tmp_path / "label.nii.gz"))
+    gap = tmp_path / "gap"
+    shutil.copytree(prostatex_case_dir / "adc", gap)
+    (gap / "1-07.dcm").unlink()
+
+    def row(case, adc, **extra):
+        t2w_dir = str(prostatex_case_dir / "t2w")
+        return {
+            "case_id": case,
+            "patient_id": case,
+            "t2w": t2w_dir,
+            "adc": str(adc),
+            "label": str(tmp_path / "label.nii.gz"),
+            **extra,
+        }
+
+    rows = [
+        row("mixed", mixed_folder, adc_series=""),
+        row("chosen", mixed_folder, adc_series="ep2d_diff_tra_DYNDIST_ADC"),
+        row("gap", gap, adc_series=""),
+    ]
+    bad = {
+        "mixed": (str(mixed_folder), "folder holds 2 DICOM series"),
+        "gap": (str(gap), "missing slice or uneven spacing"),
+    }
+    store = _refusals(tmp_path, rows, bad)
+    assert store.images.shape == (19, 128, 128, 2)
