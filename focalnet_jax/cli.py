@@ -283,15 +283,8 @@ def _add_evaluate(parser: argparse.ArgumentParser) -> None:
     source.add_argument(
         "--predictions", type=Path, help="folder of <case_id>.npz prediction files (contract)"
     )
-    source.add_argument(
-        "--workdir",
-        type=Path,
-        help="training run: predict its validation fold, then evaluate; with --all-cases also a "
-        "cross-validation folder (the ensemble of its finished folds)",
-    )
-    parser.add_argument(
-        "--all-cases", action="store_true", help="with --workdir: every case of --store (test set)"
-    )
+    source.add_argument("--workdir", type=Path, help="run: predict its validation fold, evaluate")
+    parser.add_argument("--all-cases", action="store_true", help="every case of --store (test set)")
     _add_tta_flag(parser)
     parser.add_argument(
         "--out", type=Path, help="output folder (required with --predictions; default WORKDIR/eval)"
@@ -330,10 +323,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         if args.all_cases:
             from focalnet_jax.evaluation.test_set import predict_test_store
 
-            if args.workdir is None or args.store is None or args.out is None:
-                raise ValueError("--all-cases needs --workdir, --store and --out")
             out, slices = args.out, args.slices or "all"
-            predictions = out / "predictions"
+            predictions = None if out is None else out / "predictions"
             cases = predict_test_store(args.workdir, args.store, predictions, step=args.step,
                                        tta=args.tta, batch_size=args.batch_size)  # fmt: skip
         elif args.workdir is not None:
@@ -407,13 +398,7 @@ def _run_summarize(args: argparse.Namespace) -> int:
 
 
 def _add_tta_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--tta",
-        choices=("none", "flip"),
-        default="none",
-        help="test-time augmentation: 'flip' averages with the re-flipped prediction of the "
-        "left-right flipped input (default: none)",
-    )
+    parser.add_argument("--tta", choices=("none", "flip"), default="none", help="left-right flip")
 
 
 def _add_predict(parser: argparse.ArgumentParser) -> None:
@@ -422,25 +407,23 @@ def _add_predict(parser: argparse.ArgumentParser) -> None:
         type=Path,
         action="append",
         required=True,
-        help="training run or cross-validation folder (its finished folds); repeat: ensemble",
+        help="training run or CV folder (its finished folds); repeat: ensemble",
     )
     parser.add_argument("--step", type=int, help="checkpoint step of one run (default: latest)")
     parser.add_argument("--t2w", help="one exam: T2w DICOM folder, .mha, .nii(.gz), .nrrd")
     parser.add_argument("--adc", help="one exam: ADC DICOM folder or image file")
     parser.add_argument("--hbv", help="one exam: high b-value DWI DICOM folder or image file")
-    parser.add_argument("--mask", help="one exam: prostate mask on any grid (centres the crop)")
-    parser.add_argument("--center", help="one exam: crop centre 'x,y,z' (LPS mm)")
+    parser.add_argument("--mask", help="prostate mask on any grid (centres the crop)")
+    parser.add_argument("--center", help="crop centre 'x,y,z' (LPS mm)")
     parser.add_argument("--layout", choices=("picai", "manifest"), help="many exams")
     parser.add_argument("--images", type=Path, help="picai: <images>/<patient>/<case>_<comp>.mha")
     parser.add_argument("--masks", type=Path, help="picai: whole-gland masks for centring")
     parser.add_argument("--manifest", type=Path, help="manifest: CSV of cases (labels unused)")
-    parser.add_argument(
-        "--skip-bad-cases", action="store_true", help="list bad cases in errors.csv, keep going"
-    )
+    parser.add_argument("--skip-bad-cases", action="store_true", help="bad cases: errors.csv")
     for name in ("t2w", "adc", "hbv"):
         parser.add_argument(
             f"--{name}-series",
-            help=f"one exam: SeriesInstanceUID or exact SeriesDescription of the {name} series "
+            help=f"SeriesInstanceUID or exact SeriesDescription of the {name} series "
             "(when its DICOM folder holds several)",
         )
     parser.add_argument("--out", type=Path, required=True, help="output folder")
@@ -448,68 +431,19 @@ def _add_predict(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="slices per inference batch")
     _add_tta_flag(parser)
     group = parser.add_argument_group("detection map (report_guided_annotation defaults)")
-    group.add_argument(
-        "--candidate-threshold",
-        default="dynamic-fast",
-        help="dynamic-fast | dynamic | dynamic-fast-mean | dynamic-mean | a score in (0, 1)",
-    )
+    group.add_argument("--candidate-threshold", default="dynamic-fast", help="mode or score")
     group.add_argument("--candidate-min-voxels", type=int, default=10, help="drop blobs <= N")
     group.add_argument("--candidate-num-lesions", type=int, default=5, help="dynamic: most blobs")
     group.add_argument("--candidate-factor", type=float, default=2.5, help="blob: peak / factor")
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    from focalnet_jax.evaluation.batch_predict import predict_layout
-    from focalnet_jax.evaluation.detection_map import CandidateSettings
-    from focalnet_jax.evaluation.ensemble import load_ensemble
-    from focalnet_jax.evaluation.predict import predict_exam
+    from focalnet_jax.evaluation import predict_command
 
-    center = None
-    if args.center:
-        try:
-            center = tuple(float(v) for v in args.center.split(","))
-        except ValueError:
-            center = ()
-        if len(center) != 3:
-            raise SystemExit(
-                f"focalnet predict: error: --center expects x,y,z, got {args.center!r}"
-            )
-    components = {"t2w": args.t2w, "adc": args.adc}
-    if args.hbv:
-        components["hbv"] = args.hbv
     try:
-        if args.layout is None and not (args.t2w and args.adc):
-            raise ValueError("give --t2w and --adc (one exam) or --layout (many exams)")
-        candidates = CandidateSettings(
-            args.candidate_threshold,
-            args.candidate_min_voxels,
-            args.candidate_num_lesions,
-            args.candidate_factor,
-        )
-        models = load_ensemble(
-            args.checkpoint, step=args.step, batch_size=args.batch_size, tta=args.tta
-        )
-        options = {"threshold": args.threshold, "candidates": candidates}
-        if args.layout is not None:
-            summary = predict_layout(models, args.layout, args.out, images=args.images,
-                                     masks=args.masks, manifest=args.manifest,
-                                     skip_bad_cases=args.skip_bad_cases, **options)  # fmt: skip
-            print(summary.describe())
-            return 0
-        written = predict_exam(
-            models,
-            components,
-            args.out,
-            center=center,
-            mask=args.mask,
-            series={
-                n: getattr(args, f"{n}_series") for n in components if getattr(args, f"{n}_series")
-            },
-            **options,
-        )
+        print(predict_command.run(args))
     except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"focalnet predict: error: {error}") from error
-    print("wrote " + ", ".join(str(p) for p in written))
     return 0
 
 

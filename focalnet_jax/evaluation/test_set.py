@@ -51,9 +51,9 @@ def check_test_store(store, models: Ensemble) -> None:
 
 
 def predict_test_store(
-    workdir: str | Path,
-    store_path: str | Path,
-    out_dir: str | Path,
+    workdir: str | Path | None,
+    store_path: str | Path | None,
+    out_dir: str | Path | None,
     *,
     step: int | None = None,
     tta: str = "none",
@@ -61,6 +61,8 @@ def predict_test_store(
 ) -> list[str]:
     """Writes `<case_id>.npz` for every case of the store at `store_path` into `out_dir`; returns
     the case ids (the cases the evaluation expects)."""
+    if workdir is None or store_path is None or out_dir is None:
+        raise ValueError("--all-cases needs --workdir, --store and --out")
     models = load_ensemble(workdir, step=step, batch_size=batch_size, tta=tta)
     store = open_store(store_path)
     check_test_store(store, models)
