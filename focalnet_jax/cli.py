@@ -321,7 +321,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
             raise ValueError("--cases goes with --predictions (--workdir evaluates its fold)")
         cases = read_case_list(args.cases) if args.cases is not None else None
         if args.all_cases:
-            from focalnet_jax.evaluation.test_set import predict_test_store
+            from focalnet_jax.evaluation.run_predictions import predict_test_store
 
             out, slices = args.out, args.slices or "all"
             predictions = None if out is None else out / "predictions"
@@ -329,12 +329,12 @@ def _run_evaluate(args: argparse.Namespace) -> int:
                                        tta=args.tta, batch_size=args.batch_size)  # fmt: skip
         elif args.workdir is not None:
             from focalnet_jax.checkpoint import read_config
-            from focalnet_jax.evaluation.inference import predict_validation_fold
+            from focalnet_jax.evaluation.run_predictions import predict_fold
 
             slices = args.slices or str(read_config(args.workdir).data.slices)
             out = args.out or args.workdir / "eval"
             predictions = out / "predictions"
-            cases = predict_validation_fold(
+            cases = predict_fold(
                 args.workdir,
                 predictions,
                 step=args.step,

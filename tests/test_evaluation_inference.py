@@ -1,5 +1,5 @@
 """Inference as the field does it (evaluation/ensemble.py, detection_map.py, batch_predict.py,
-test_set.py): fold ensembles, flip TTA, PI-CAI detection maps, batches of exams, test stores.
+run_predictions.py): fold ensembles, flip TTA, PI-CAI detection maps, batches of exams, test stores.
 
 The models are a two-fold cross-validation of a tiny network trained for two steps on a small
 synthetic PI-CAI store (module fixtures); their maps are compared with NumPy references."""

@@ -115,21 +115,16 @@ def predict_validation_fold(
     step: int | None = None,
     store_path: str | Path | None = None,
     batch_size: int = 16,
-    tta: str = "none",
+    predictor=None,
 ) -> list[str]:
-    """Predicts every case of the run's validation fold (`config.data.fold`) into `out_dir`
-    (`tta`: evaluation/ensemble.py); returns their case ids (the cases an evaluation of the fold
-    expects)."""
+    """Predicts every case of the run's validation fold (`config.data.fold`) into `out_dir`;
+    returns their case ids (the cases an evaluation of the fold expects). `predictor`: the
+    run's model already loaded, e.g. with flip TTA (default: `Predictor.from_workdir`)."""
     from focalnet_jax.data.folds import split_cases
     from focalnet_jax.data.store import open_store
-    from focalnet_jax.evaluation.ensemble import load_ensemble, resolve_runs
 
-    if len(resolve_runs(workdir)) > 1:
-        raise ValueError(
-            f"{workdir}: a cross-validation folder's ensemble has seen every fold in training; "
-            "evaluate it on a test store (--store TEST --all-cases) or evaluate each fold run"
-        )
-    predictor = load_ensemble(workdir, step=step, batch_size=batch_size, tta=tta)
+    if predictor is None:
+        predictor = Predictor.from_workdir(workdir, step=step, batch_size=batch_size)
     data = predictor.config.data
     store_path = store_path or data.store
     if not store_path:

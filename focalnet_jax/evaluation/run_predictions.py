@@ -1,12 +1,12 @@
-"""`focalnet evaluate --workdir RUN_OR_CV --store TEST_STORE --all-cases`: a held-out or external
-test set.
+"""What `focalnet evaluate --workdir` predicts before it evaluates: the run's validation fold, or,
+with `--all-cases`, every case of a held-out or external test store.
 
-Every case of the test store is predicted (no fold split) by the run, or by the ensemble of a
-cross-validation folder's fold models (evaluation/ensemble.py, with optional flip TTA), into the
-contract predictions files that `evaluate_predictions` reads. The store must have been
-preprocessed with the settings that shaped the models' training inputs (every preprocessing
-setting but how label value 1 reads); otherwise the models would see inputs unlike their training
-data, and the evaluation is refused naming the settings that differ.
+Test stores: every case is predicted (no fold split) by the run, or by the ensemble of a
+cross-validation folder's fold models (evaluation/ensemble.py), into the contract predictions
+files that `evaluate_predictions` reads. The store must have been preprocessed with the settings
+that shaped the models' training inputs (every preprocessing setting but how label value 1
+reads); otherwise the models would see inputs unlike their training data, and the evaluation is
+refused naming the settings that differ. Both, with optional flip TTA.
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ from focalnet_jax.evaluation.ensemble import (
     Ensemble,
     input_settings,
     load_ensemble,
+    resolve_runs,
     settings_difference,
 )
-from focalnet_jax.evaluation.inference import predict_cases
+from focalnet_jax.evaluation.inference import predict_cases, predict_validation_fold
 
 log = logging.getLogger(__name__)
 
@@ -70,3 +71,25 @@ def predict_test_store(
              len(models.runs))  # fmt: skip
     predict_cases(models, store, store.case_ids, out_dir)
     return list(store.case_ids)
+
+
+def predict_fold(
+    workdir: str | Path,
+    out_dir: str | Path,
+    *,
+    step: int | None = None,
+    store_path: str | Path | None = None,
+    batch_size: int = 16,
+    tta: str = "none",
+) -> list[str]:
+    """`inference.predict_validation_fold` of one run, with optional flip TTA; returns the case
+    ids. A cross-validation folder is refused: its fold models trained on each other's folds."""
+    if len(resolve_runs(workdir)) > 1:
+        raise ValueError(
+            f"{workdir}: a cross-validation folder's ensemble has seen every fold in training; "
+            "evaluate it on a test store (--store TEST --all-cases) or evaluate each fold run"
+        )
+    models = load_ensemble(workdir, step=step, batch_size=batch_size, tta=tta)
+    return predict_validation_fold(
+        workdir, out_dir, store_path=store_path, batch_size=batch_size, predictor=models
+    )
