@@ -25,6 +25,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
 
+from focalnet_jax.errors import UserError
+
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 ITEM_DIR = "default"  # the folder of the train state inside a step folder (Orbax's single item)
@@ -241,7 +243,7 @@ def load_for_inference(workdir: str | Path, step: int | None = None):
         except UnreadableCheckpointError:
             raise
         except (ValueError, KeyError, TypeError) as error:
-            raise ValueError(
+            raise UserError(
                 f"workdir {workdir}: checkpoint does not match the model of its {CONFIG_FILE} "
                 f"({config.model.name}, depth {config.model.depth}): {error}"
             ) from error

@@ -2,6 +2,9 @@
 
 Each subcommand has an `_add_<name>` function that declares its flags and a `_run_<name>` function
 that imports the module doing the work lazily (so `focalnet synth` does not pay for importing JAX).
+A user error (`errors.one_line_user_errors`) of any command ends as one line on stderr, `focalnet
+<command>: error: <message>`, and exit status 2; `--verbose` adds its traceback. Other exceptions
+keep their traceback.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ import contextlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+from focalnet_jax.errors import UserError, one_line_user_errors
 
 # --- data: synth, preprocess, folds ---------------------------------------------------------------
 
@@ -40,10 +45,10 @@ def _run_synth(args: argparse.Namespace) -> int:
     options["components"] = tuple(c.strip() for c in args.components.split(",") if c.strip())
     try:
         config = SynthConfig.small(**options) if args.small else SynthConfig(**options)
-    except ValueError as err:
-        raise SystemExit(f"focalnet synth: error: {err}") from None
+    except ValueError as err:  # the options are the user's
+        raise UserError(str(err)) from err
     if args.cases < 1:
-        raise SystemExit(f"focalnet synth: --cases {args.cases}: expected at least 1")
+        raise UserError(f"--cases {args.cases}: expected at least 1")
     cases = write_dataset(args.out, args.cases, args.seed, config, progress=True)
     print(f"wrote {len(cases)} synthetic cases to {args.out}")
     return 0
@@ -69,7 +74,11 @@ def _add_preprocess(parser: argparse.ArgumentParser) -> None:
         "--unlabelled",
         choices=("error", "negative", "skip"),
         default="error",
-        help="picai: a case without a label file is an error, a negative, or left out",
+        help="a case without a label (PI-CAI: no label file; manifest: no label column or an "
+        "empty cell) is an error, a negative, or left out",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace a store at --out made with other settings"
     )
     parser.add_argument(
         "--label-values",
@@ -84,25 +93,23 @@ def _add_preprocess(parser: argparse.ArgumentParser) -> None:
 def _run_preprocess(args: argparse.Namespace) -> int:
     from focalnet_jax.data.pipeline import preprocess_layout
 
-    try:
-        summary = preprocess_layout(
-            args.layout,
-            out=args.out,
-            images=args.images,
-            labels=args.labels,
-            masks=args.masks,
-            marksheet=args.marksheet,
-            manifest=args.manifest,
-            components=tuple(c.strip() for c in args.components.split(",") if c.strip()),
-            slices=args.slices,
-            workers=args.workers,
-            skip_bad_cases=args.skip_bad_cases,
-            unlabelled=args.unlabelled,
-            label_values=args.label_values,
-            interpolator=args.interpolator,
-        )
-    except (ValueError, FileExistsError) as err:
-        raise SystemExit(f"focalnet preprocess: error: {err}") from None
+    summary = preprocess_layout(
+        args.layout,
+        out=args.out,
+        images=args.images,
+        labels=args.labels,
+        masks=args.masks,
+        marksheet=args.marksheet,
+        manifest=args.manifest,
+        components=tuple(c.strip() for c in args.components.split(",") if c.strip()),
+        slices=args.slices,
+        workers=args.workers,
+        skip_bad_cases=args.skip_bad_cases,
+        unlabelled=args.unlabelled,
+        label_values=args.label_values,
+        interpolator=args.interpolator,
+        overwrite=args.overwrite,
+    )
     print(
         f"wrote {summary.num_cases} cases ({summary.num_slices} slices) to {summary.path}"
         + (f"; {len(summary.errors)} bad cases in errors.csv" if summary.errors else "")
@@ -122,11 +129,8 @@ def _run_folds(args: argparse.Namespace) -> int:
     from focalnet_jax.data.folds import fold_table, write_fold_files
     from focalnet_jax.data.store import open_store
 
-    try:
-        store = open_store(args.store)
-        rows = fold_table(store, args.num_folds, args.seed)
-    except (ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"focalnet folds: error: {err}") from None
+    store = open_store(args.store)
+    rows = fold_table(store, args.num_folds, args.seed)
     print("fold  patients  cases  slices  patients per highest class 0..5")
     for row in rows:
         per_class = " ".join(f"{n:3d}" for n in row["patients_per_max_class"])
@@ -198,7 +202,7 @@ def _compilation_cache(path: Path | None):
         compilation_cache.set_cache_dir(previous)
 
 
-def _training_setup(args: argparse.Namespace, command: str):
+def _training_setup(args: argparse.Namespace):
     """Join the process group, load the config with its overrides; returns the config."""
     import logging
 
@@ -213,8 +217,8 @@ def _training_setup(args: argparse.Namespace, command: str):
     try:
         distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
         config = load_config(args.config, args.overrides)
-    except (KeyError, ValueError, FileNotFoundError) as error:
-        raise SystemExit(f"focalnet {command}: {error}") from None
+    except (KeyError, ValueError, FileNotFoundError) as error:  # flags and config: the user's
+        raise UserError(error.args[0] if error.args else str(error)) from error
     if args.fold is not None:
         config.data.fold = args.fold
 
@@ -235,10 +239,19 @@ def _run_train(args: argparse.Namespace) -> int:
     from focalnet_jax.training import train_and_evaluate
 
     with _compilation_cache(args.compilation_cache):
-        config = _training_setup(args, "train")
+        config = _training_setup(args)
         train_and_evaluate(config, args.workdir)
     print(f"checkpoints and TensorBoard logs in {args.workdir}")
     return 0
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(f) for f in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
 
 
 def _add_cv(parser: argparse.ArgumentParser) -> None:
@@ -246,7 +259,11 @@ def _add_cv(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--workdir", type=Path, required=True, help="fold k trains in WORKDIR/fold<k>"
     )
-    parser.add_argument("--folds", help="comma-separated folds (default: all of data.num_folds)")
+    parser.add_argument(
+        "--folds",
+        type=_int_list,
+        help="comma-separated folds (default: all of data.num_folds)",
+    )
     parser.add_argument("--fold", type=int, help=argparse.SUPPRESS)
     _add_compilation_cache_flag(
         parser, "$JAX_COMPILATION_CACHE_DIR, else WORKDIR/compilation_cache"
@@ -263,11 +280,8 @@ def _run_cv(args: argparse.Namespace) -> int:
     if cache is None and not jax.config.jax_compilation_cache_dir:
         cache = args.workdir / "compilation_cache"
     with _compilation_cache(cache):
-        config = _training_setup(args, "cv")
-        if args.folds:
-            folds = [int(f) for f in args.folds.split(",")]
-        else:
-            folds = list(range(config.data.num_folds))
+        config = _training_setup(args)
+        folds = args.folds or list(range(config.data.num_folds))
         for fold in folds:
             config.data.fold = fold
             train_and_evaluate(config, args.workdir / f"fold{fold}")
@@ -316,50 +330,47 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from focalnet_jax.evaluation.predictions import read_case_list
 
     slices = args.slices or "all"
-    try:
-        if args.workdir is not None and args.cases is not None:
-            raise ValueError("--cases goes with --predictions (--workdir evaluates its fold)")
-        cases = read_case_list(args.cases) if args.cases is not None else None
-        if args.all_cases:
-            from focalnet_jax.evaluation.run_predictions import predict_test_store
+    if args.workdir is not None and args.cases is not None:
+        raise UserError("--cases goes with --predictions (--workdir evaluates its fold)")
+    cases = read_case_list(args.cases) if args.cases is not None else None
+    if args.all_cases:
+        from focalnet_jax.evaluation.run_predictions import predict_test_store
 
-            out, slices = args.out, args.slices or "all"
-            predictions = None if out is None else out / "predictions"
-            cases = predict_test_store(args.workdir, args.store, predictions, step=args.step,
-                                       tta=args.tta, batch_size=args.batch_size)  # fmt: skip
-        elif args.workdir is not None:
-            from focalnet_jax.checkpoint import read_config
-            from focalnet_jax.evaluation.run_predictions import predict_fold
+        out, slices = args.out, args.slices or "all"
+        predictions = None if out is None else out / "predictions"
+        cases = predict_test_store(args.workdir, args.store, predictions, step=args.step,
+                                   tta=args.tta, batch_size=args.batch_size)  # fmt: skip
+    elif args.workdir is not None:
+        from focalnet_jax.checkpoint import read_config
+        from focalnet_jax.evaluation.run_predictions import predict_fold
 
-            slices = args.slices or str(read_config(args.workdir).data.slices)
-            out = args.out or args.workdir / "eval"
-            predictions = out / "predictions"
-            cases = predict_fold(
-                args.workdir,
-                predictions,
-                step=args.step,
-                store_path=args.store,
-                batch_size=args.batch_size,
-                tta=args.tta,
-            )
-        elif args.out is None:
-            raise ValueError("--out is required with --predictions")
-        else:
-            predictions, out = args.predictions, args.out
-        metrics = evaluate_predictions(
+        slices = args.slices or str(read_config(args.workdir).data.slices)
+        out = args.out or args.workdir / "eval"
+        predictions = out / "predictions"
+        cases = predict_fold(
+            args.workdir,
             predictions,
-            out,
-            cases=cases,
-            radius_mm=args.radius_mm,
-            min_score=args.min_score,
-            with_picai=not args.no_picai,
-            picai_bootstraps=args.picai_bootstraps,
-            with_figures=not args.no_figures,
-            label=args.label or (args.workdir.name if args.workdir else "model"),
-            slices=slices,
+            step=args.step,
+            store_path=args.store,
+            batch_size=args.batch_size,
+            tta=args.tta,
         )
-    except (ValueError, FileNotFoundError) as error:
-        raise SystemExit(f"focalnet evaluate: error: {error}") from error
+    elif args.out is None:
+        raise UserError("--out is required with --predictions")
+    else:
+        predictions, out = args.predictions, args.out
+    metrics = evaluate_predictions(
+        predictions,
+        out,
+        cases=cases,
+        radius_mm=args.radius_mm,
+        min_score=args.min_score,
+        with_picai=not args.no_picai,
+        picai_bootstraps=args.picai_bootstraps,
+        with_figures=not args.no_figures,
+        label=args.label or (args.workdir.name if args.workdir else "model"),
+        slices=slices,
+    )
     froc = metrics["froc"]
     print(
         f"{metrics['num_patients']} patients; sensitivity at 1 FP/patient: "
@@ -387,12 +398,9 @@ def _run_summarize(args: argparse.Namespace) -> int:
     for item in args.runs:
         name, sep, folder = item.partition("=")
         if not sep or not name or not folder:
-            raise SystemExit(f"focalnet summarize: error: --runs expects NAME=DIR, got {item!r}")
+            raise UserError(f"--runs expects NAME=DIR, got {item!r}")
         runs[name] = Path(folder)
-    try:
-        summarize_runs(runs, args.out)
-    except ValueError as error:
-        raise SystemExit(f"focalnet summarize: error: {error}") from error
+    summarize_runs(runs, args.out)
     print(f"wrote {args.out / 'summary.json'} and {args.out / 'summary.md'}")
     return 0
 
@@ -440,11 +448,23 @@ def _add_predict(parser: argparse.ArgumentParser) -> None:
 def _run_predict(args: argparse.Namespace) -> int:
     from focalnet_jax.evaluation import predict_command
 
-    try:
-        print(predict_command.run(args))
-    except (ValueError, FileNotFoundError) as error:
-        raise SystemExit(f"focalnet predict: error: {error}") from error
+    print(predict_command.run(args))
     return 0
+
+
+# --- studies: arms x repeats x folds (focalnet_jax/study) ----------------------------------------
+
+
+def _add_study(parser: argparse.ArgumentParser) -> None:
+    from focalnet_jax.study.commands import add_arguments
+
+    add_arguments(parser)
+
+
+def _run_study(args: argparse.Namespace) -> int:
+    from focalnet_jax.study.commands import run
+
+    return run(args)
 
 
 _COMMANDS: dict[str, tuple] = {
@@ -473,6 +493,11 @@ _COMMANDS: dict[str, tuple] = {
         _add_predict,
         _run_predict,
     ),
+    "study": (
+        "arms x repeats x folds of training runs, locally or on SLURM; status; report",
+        _add_study,
+        _run_study,
+    ),
 }
 
 
@@ -481,22 +506,31 @@ def build_parser() -> argparse.ArgumentParser:
         prog="focalnet",
         description="FocalNet: prostate cancer detection and Gleason score prediction in mp-MRI.",
     )
+    verbose_help = "show the traceback of an error"
+    parser.add_argument("--verbose", action="store_true", help=verbose_help)
+    # Also after the subcommand; SUPPRESS keeps a --verbose given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose_help
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, add_fn, _) in _COMMANDS.items():
-        add_fn(sub.add_parser(name, help=help_text, description=help_text))
+        add_fn(sub.add_parser(name, help=help_text, description=help_text, parents=[common]))
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    # `train` and `cv` take free-form `--config.KEY=VALUE` overrides that argparse does not know.
+    # `train` and `cv` take free-form `--config.KEY=VALUE` overrides that argparse does not know,
+    # `study` `--spec.KEY=VALUE`.
     args, unknown = parser.parse_known_args(argv)
-    if unknown and args.command not in ("train", "cv"):
+    if unknown and args.command not in ("train", "cv", "study"):
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = unknown
     run_fn = _COMMANDS[args.command][2]
-    return int(run_fn(args) or 0)
+    with one_line_user_errors(f"focalnet {args.command}", verbose=args.verbose):
+        return int(run_fn(args) or 0)
 
 
 if __name__ == "__main__":

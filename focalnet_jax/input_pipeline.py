@@ -22,6 +22,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from focalnet_jax import sharding
+from focalnet_jax.errors import UserError
 
 SLICE_MODES = ("annotated", "all")
 
@@ -29,7 +30,7 @@ SLICE_MODES = ("annotated", "all")
 def select_rows(store, case_ids: Sequence[str], slices: str = "annotated") -> np.ndarray:
     """Store rows (int64, ascending) of the given cases; `annotated` keeps slices with lesions."""
     if slices not in SLICE_MODES:
-        raise ValueError(f"data.slices: expected one of {SLICE_MODES}, got {slices!r}")
+        raise UserError(f"data.slices: expected one of {SLICE_MODES}, got {slices!r}")
     parts = [np.arange(r["start"], r["stop"]) for r in map(store.case, case_ids)]
     rows = np.concatenate(parts) if parts else np.zeros(0, np.int64)
     if slices == "annotated":
@@ -41,7 +42,7 @@ def component_channels(store, components: Sequence[str]) -> list[int]:
     """Store channel of each configured component; a missing component is an error."""
     missing = [c for c in components if c not in store.components]
     if missing:
-        raise ValueError(
+        raise UserError(
             f"data.components {tuple(components)}: {missing} not in store {store.path} "
             f"(it holds {store.components})"
         )
@@ -131,7 +132,7 @@ class TrainBatches:
         self.start, self.stop = process_rows(mesh, global_batch)
         self.steps_per_epoch = len(self.rows) // global_batch
         if self.steps_per_epoch == 0:
-            raise ValueError(
+            raise UserError(
                 f"the training split has {len(self.rows)} slices, fewer than one global batch of "
                 f"train.batch_size={global_batch}"
             )

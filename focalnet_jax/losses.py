@@ -215,55 +215,105 @@ def softmax_cross_entropy(logits, targets, *, valid=None):
     return jnp.mean(-jnp.sum(valid * targets * log_probs, axis=-1))
 
 
-def soft_dice_loss(logits, targets, *, valid=None, eps=1.0, activation="sigmoid"):
+def soft_dice_loss(
+    logits,
+    targets,
+    *,
+    valid=None,
+    eps=1.0,
+    activation="sigmoid",
+    batch_dice=False,
+    dice_background=True,
+):
     """Soft Dice loss: 1 - mean over images and channels of the per-image soft Dice.
 
     .. math:: L = 1 - \\frac{1}{BK} \\sum_{b,k}
         \\frac{2 \\sum_{h,w} v p y + \\epsilon}{\\sum_{h,w} v (p + y) + \\epsilon}
 
     The smoothing eps (default 1) makes a channel with no lesion and no predicted lesion score 1
-    instead of 0/0, so empty ordinal channels cost nothing once predicted empty.
+    instead of 0/0, so empty ordinal channels cost nothing once predicted empty. nnU-Net's default
+    Dice (Bosma et al. 2022's CE+Dice) is ``batch_dice=True, dice_background=False, eps=1e-5``.
 
     Args:
       logits, targets, valid: ``[B, H, W, K]``.
       eps: smoothing added to numerator and denominator, > 0.
       activation: ``'sigmoid'`` (independent bits) or ``'softmax'`` (one-hot classes).
+      batch_dice: one Dice per channel over the whole batch (sums over B, H, W) instead of one
+        per image and channel.
+      dice_background: False leaves channel 0 (the background class of a softmax output) out
+        of the mean; ordinal and binary bits have no background channel, so it must stay True
+        with ``'sigmoid'``.
 
     Returns:
       scalar in [0, 1].
 
     References:
-      Milletari et al., "V-Net", 3DV 2016; Bosma et al., "Semi-supervised learning with
-      report-guided pseudo labels for deep learning-based prostate cancer detection", 2022.
+      Milletari et al., "V-Net", 3DV 2016; Isensee et al., "nnU-Net", Nature Methods 2021;
+      Bosma et al., "Semi-supervised learning with report-guided pseudo labels for deep
+      learning-based prostate cancer detection", 2022.
     """
     logits, targets, valid = _check_inputs(logits, targets, valid)
     if activation not in ("sigmoid", "softmax"):
         raise ValueError(f"activation: expected 'sigmoid' or 'softmax', got {activation!r}")
+    if not dice_background and activation != "softmax":
+        raise ValueError("dice_background=False: only a softmax output has a background channel")
     _check_scalar(eps, "eps", 1e-12)
     probs = jax.nn.sigmoid(logits) if activation == "sigmoid" else jax.nn.softmax(logits, -1)
-    overlap = jnp.sum(valid * probs * targets, axis=(1, 2))
-    total = jnp.sum(valid * (probs + targets), axis=(1, 2))
-    return 1.0 - jnp.mean((2.0 * overlap + eps) / (total + eps))
+    axes = (0, 1, 2) if batch_dice else (1, 2)
+    overlap = jnp.sum(valid * probs * targets, axis=axes)
+    total = jnp.sum(valid * (probs + targets), axis=axes)
+    dice = (2.0 * overlap + eps) / (total + eps)
+    return 1.0 - jnp.mean(dice if dice_background else dice[..., 1:])
 
 
-def ce_dice_loss(logits, targets, *, valid=None, eps=1.0, activation="sigmoid"):
-    """Cross-entropy + soft Dice, weighted 1:1 (nnU-Net's default, used by Bosma et al. 2022).
+def _check_weights(weights) -> tuple[float, float]:
+    weights = tuple(weights)
+    if len(weights) != 2 or any(not isinstance(w, int | float) or w < 0 for w in weights):
+        raise ValueError(f"weights: expected two non-negative numbers, got {weights!r}")
+    return weights
+
+
+def ce_dice_loss(
+    logits,
+    targets,
+    *,
+    valid=None,
+    eps=1.0,
+    activation="sigmoid",
+    batch_dice=False,
+    dice_background=True,
+    weights=(1.0, 1.0),
+):
+    """Cross-entropy + soft Dice, weighted ``weights`` = (CE, Dice), 1:1 by default (nnU-Net's
+    default, used by Bosma et al. 2022).
 
     Sigmoid (bitwise) or softmax cross-entropy according to ``activation``, plus
-    :func:`soft_dice_loss` with the same activation. Shapes as :func:`soft_dice_loss`.
+    :func:`soft_dice_loss` with the same activation and Dice options. Shapes as
+    :func:`soft_dice_loss`.
     """
+    w_ce, w_dice = _check_weights(weights)
     ce = sigmoid_cross_entropy if activation == "sigmoid" else softmax_cross_entropy
-    dice = soft_dice_loss(logits, targets, valid=valid, eps=eps, activation=activation)
-    return ce(logits, targets, valid=valid) + dice
+    dice = soft_dice_loss(
+        logits,
+        targets,
+        valid=valid,
+        eps=eps,
+        activation=activation,
+        batch_dice=batch_dice,
+        dice_background=dice_background,
+    )
+    return w_ce * ce(logits, targets, valid=valid) + w_dice * dice
 
 
-def ce_focal_loss(logits, targets, *, alpha=0.75, gamma=2.0, valid=None):
-    """Sigmoid cross-entropy + plain focal loss, weighted 1:1 (Bosma et al. 2022's CE+FL).
+def ce_focal_loss(logits, targets, *, alpha=0.75, gamma=2.0, valid=None, weights=(1.0, 1.0)):
+    """Sigmoid cross-entropy + plain focal loss, weighted ``weights`` = (CE, FL); Bosma et al.
+    2022's CE+FL (as picai_baseline's nnU-Net trainer) is ``weights=(0.5, 0.5)``.
 
     Shapes as :func:`focal_loss`.
     """
+    w_ce, w_focal = _check_weights(weights)
     focal = focal_loss(logits, targets, alpha=alpha, gamma=gamma, valid=valid)
-    return sigmoid_cross_entropy(logits, targets, valid=valid) + focal
+    return w_ce * sigmoid_cross_entropy(logits, targets, valid=valid) + w_focal * focal
 
 
 class LossSpec(NamedTuple):
@@ -275,6 +325,7 @@ class LossSpec(NamedTuple):
     hyperparameters: tuple[str, ...] = ()
 
 
+_CE_DICE_OPTIONS = ("eps", "batch_dice", "dice_background", "weights")
 _REGISTRY = {
     spec.name: spec
     for spec in (
@@ -282,14 +333,14 @@ _REGISTRY = {
         LossSpec("sigmoid_ce", "ordinal", sigmoid_cross_entropy),
         LossSpec("focal", "ordinal", focal_loss, ("alpha", "gamma")),
         LossSpec("softmax_ce", "onehot", softmax_cross_entropy),
-        LossSpec("soft_dice", "ordinal", soft_dice_loss, ("eps",)),
-        LossSpec("ce_dice", "ordinal", ce_dice_loss, ("eps",)),
-        LossSpec("ce_focal", "ordinal", ce_focal_loss, ("alpha", "gamma")),
+        LossSpec("soft_dice", "ordinal", soft_dice_loss, ("eps", "batch_dice", "dice_background")),
+        LossSpec("ce_dice", "ordinal", ce_dice_loss, _CE_DICE_OPTIONS),
+        LossSpec("ce_focal", "ordinal", ce_focal_loss, ("alpha", "gamma", "weights")),
         LossSpec(
             "softmax_ce_dice",
             "onehot",
             functools.partial(ce_dice_loss, activation="softmax"),
-            ("eps",),
+            _CE_DICE_OPTIONS,
         ),
         LossSpec("binary_ce", "binary", sigmoid_cross_entropy),
         LossSpec("binary_focal", "binary", focal_loss, ("alpha", "gamma")),
@@ -321,6 +372,21 @@ def get_loss(name: str, **hyperparameters) -> LossSpec:
             f"it takes {list(spec.hyperparameters)}"
         )
     return spec._replace(fn=functools.partial(spec.fn, **given)) if given else spec
+
+
+MFL_LOSSES = ("ordinal_focal",)
+"""Losses that FocalNet combines with MFL (paper eq. 4: FL + lambda MFL). ``loss.mfl`` with any
+other loss must be asked for with ``loss.mfl_any_loss``, so a benchmark loss chosen on top of a
+FocalNet config never inherits MFL silently."""
+
+
+def check_mfl(name: str, mfl: bool, mfl_any_loss: bool = False) -> None:
+    """Refuses MFL with a loss outside :data:`MFL_LOSSES` unless ``mfl_any_loss`` asks for it."""
+    if mfl and name not in MFL_LOSSES and not mfl_any_loss:
+        raise ValueError(
+            f"loss.mfl=True with loss.name={name!r}: MFL belongs to {list(MFL_LOSSES)}; set "
+            "loss.mfl=False for a benchmark loss, or loss.mfl_any_loss=True to add MFL to it"
+        )
 
 
 def component_subsets(components: Sequence[str], subsets=None) -> list[tuple[str, ...]]:

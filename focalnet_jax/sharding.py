@@ -10,6 +10,8 @@ import jax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from focalnet_jax.errors import UserError
+
 DATA_AXIS = "data"
 
 
@@ -32,7 +34,7 @@ def per_device_batch(global_batch: int, mesh: Mesh) -> int:
     """Examples per device; a global batch not divisible by the device count is an error."""
     devices = mesh.devices.size
     if global_batch <= 0 or global_batch % devices:
-        raise ValueError(
+        raise UserError(
             f"train.batch_size={global_batch} is not divisible by the {devices} devices of the "
             f"'{DATA_AXIS}' mesh ({jax.process_count()} processes x {jax.local_device_count()} "
             "local devices); choose a multiple of the device count"

@@ -153,7 +153,7 @@ def test_predict_and_evaluate_name_the_damaged_checkpoint(trained, tmp_path):
     )
     evaluate = _cli("evaluate", f"--workdir={workdir}", f"--out={tmp_path / 'eval'}")
     for name, result in (("predict", predict), ("evaluate", evaluate)):
-        assert result.returncode == 1, result.stderr
+        assert result.returncode == 2, result.stderr
         assert "Traceback" not in result.stderr
         last = result.stderr.strip().splitlines()[-1]
         assert last.startswith(f"focalnet {name}: error: {reason}"), result.stderr

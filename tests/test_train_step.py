@@ -216,7 +216,7 @@ class _FixedLogits(flax.linen.Module):
 def test_eval_step_decodes_classes_as_ordinal_decode(loss, thresholds, expected):
     """The validation step's class map is `encoding.ordinal_decode` (a bit is on where
     P > 0.5, not >= 0.5), for ordinal and binary outputs."""
-    config = tiny_config(overrides=[f"--config.loss.name={loss}"])
+    config = tiny_config(overrides=[f"--config.loss.name={loss}", "--config.loss.mfl=false"])
     mesh = sharding.make_mesh()
     eval_step = step_lib.make_eval_step(_FixedLogits(thresholds), config, mesh)
     values = np.array([0.05, 0.3, 0.5, 0.95], np.float32)

@@ -26,6 +26,7 @@ from focalnet_jax.data.io import CaseError
 from focalnet_jax.data.layouts import CaseSpec, LayoutError, discover_picai, read_manifest
 from focalnet_jax.data.preprocess import PreprocessedCase, preprocess_case
 from focalnet_jax.data.store import write_errors
+from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation.detection_map import CandidateSettings
 from focalnet_jax.evaluation.ensemble import Ensemble
 from focalnet_jax.evaluation.predict import write_exam_outputs
@@ -51,17 +52,21 @@ def find_cases(
     images: str | Path | None = None,
     masks: str | Path | None = None,
     manifest: str | Path | None = None,
+    errors: list | None = None,
 ) -> list[CaseSpec]:
     """The cases of a PI-CAI folder (`images`, optional gland `masks` for centring) or of a
-    manifest CSV (its label column, if any, is ignored)."""
+    manifest CSV (its label column, if any, is ignored). A case id that is not a safe folder
+    name raises, or, where `errors` is a list, is appended to it as (case, file, reason)."""
     if layout == "picai":
         if images is None:
             raise LayoutError("--layout picai needs --images")
-        return discover_picai(images, None, masks, components=components, unlabelled="negative")
+        return discover_picai(
+            images, None, masks, components=components, unlabelled="negative", errors=errors
+        )
     if layout == "manifest":
         if manifest is None:
             raise LayoutError("--layout manifest needs --manifest")
-        return read_manifest(manifest, components=components)
+        return read_manifest(manifest, components=components, labels=False, errors=errors)
     raise LayoutError(f"layout {layout!r}: expected 'picai' or 'manifest'")
 
 
@@ -112,8 +117,10 @@ def predict_cases(
     threshold: float = 0.5,
     candidates: CandidateSettings | None = None,
     progress: bool = True,
+    errors: list | None = None,
 ) -> BatchSummary:
-    """Predicts every case into `out/<case_id>/`; returns what was written and the bad cases.
+    """Predicts every case into `out/<case_id>/`; returns what was written and the bad cases
+    (those of `errors`, found before, first).
 
     Raises the first CaseError unless `skip_bad_cases`; cases written before it are kept.
     """
@@ -125,7 +132,7 @@ def predict_cases(
     options = {"threshold": threshold, "candidates": candidates}
     batch = max(p.batch_size for p in models.predictors)
     written: list[str] = []
-    errors: list[tuple[str, str, str]] = []
+    errors = list(errors or [])
     pending: list[PreprocessedCase] = []
 
     def flush():
@@ -161,7 +168,7 @@ def predict_cases(
         if skip_bad_cases:
             write_errors(out / "errors.csv", errors)
     if not written:
-        raise ValueError(f"{out}: every one of {len(cases)} cases failed; see errors.csv")
+        raise UserError(f"{out}: every one of {len(cases)} cases failed; see errors.csv")
     return BatchSummary(out, written, errors)
 
 
@@ -176,6 +183,9 @@ def predict_layout(
     **options,
 ) -> BatchSummary:
     """`find_cases` + `predict_cases` with the models' components."""
-    cases = find_cases(layout, models.components, images=images, masks=masks, manifest=manifest)
+    errors = [] if options.get("skip_bad_cases") else None
+    cases = find_cases(
+        layout, models.components, images=images, masks=masks, manifest=manifest, errors=errors
+    )
     log.info("predicting %d %s cases into %s", len(cases), layout, out)
-    return predict_cases(models, cases, out, **options)
+    return predict_cases(models, cases, out, errors=errors, **options)

@@ -15,6 +15,7 @@ import dataclasses
 import numpy as np
 import SimpleITK as sitk
 
+from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation.picai import _import_picai
 
 THRESHOLD_MODES = (
@@ -50,12 +51,12 @@ class CandidateSettings:
             except ValueError:
                 value = float("nan")
             if not 0.0 < value < 1.0:
-                raise ValueError(
+                raise UserError(
                     f"candidate threshold {threshold!r}: expected one of {THRESHOLD_MODES} "
                     "or a score in (0, 1)"
                 )
         if self.min_voxels < 0 or self.num_lesions < 1 or self.dynamic_threshold_factor <= 1:
-            raise ValueError(
+            raise UserError(
                 f"candidate settings {self}: expected min_voxels >= 0, num_lesions >= 1, "
                 "dynamic_threshold_factor > 1"
             )

@@ -23,6 +23,9 @@ import numpy as np
 
 from focalnet_jax import checkpoint
 from focalnet_jax.data.preprocess import PreprocessConfig
+from focalnet_jax.data.run_store import read_run_store
+from focalnet_jax.data.store import settings_diff
+from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation.inference import Predictor
 
 log = logging.getLogger(__name__)
@@ -33,17 +36,35 @@ LEFT_RIGHT_AXIS = 2  # columns of [N, H, W, C]: the T2w x axis (LPS: patient rig
 LABEL_ONLY_SETTINGS = ("label_values",)
 
 
-class EnsembleError(ValueError):
+class EnsembleError(UserError):
     """Runs that cannot form an ensemble (names the runs and the reason)."""
 
 
-def run_preprocess_settings(config) -> dict | None:
-    """The preprocessing settings of a run's training store (None: its store is not found)."""
+def preprocess_settings(config, workdir: str | Path | None = None) -> dict | None:
+    """The preprocessing settings the run was trained with: those recorded in `workdir`
+    (`data.run_store`; a training store rebuilt since with other settings is named in a warning),
+    else (a run from before these records) its training store's, else None (defaults)."""
     table = Path(str(config.data.store or "")) / "cases.json"
-    if not table.is_file():
+    store = json.loads(table.read_text())["settings"] if table.is_file() else None
+    record = read_run_store(workdir) if workdir is not None else None
+    if record is not None:
+        diff = settings_diff(
+            record["settings"]["preprocess"], (store or {}).get("preprocess", {}), ("run", "store")
+        )
+        if store is not None and diff:
+            log.warning(
+                "store %s was rebuilt since training (%s): preprocessing as the run was trained",
+                table.parent,
+                "; ".join(diff),
+            )
+        return record["settings"]["preprocess"]
+    if store is None:
         log.warning("training store %s not found: default preprocessing", config.data.store)
         return None
-    return json.loads(table.read_text()).get("settings", {}).get("preprocess")
+    log.warning(
+        "run %s records no store settings: preprocessing as store %s", workdir, table.parent
+    )
+    return store.get("preprocess")
 
 
 def input_settings(preprocess: dict | None) -> dict:
@@ -188,7 +209,7 @@ def load_ensemble(
     if step is not None and len(runs) > 1:
         raise EnsembleError(f"--step picks one checkpoint of one run; got {len(runs)} runs")
     predictors = [Predictor.from_workdir(run, step=step, batch_size=batch_size) for run in runs]
-    settings = [run_preprocess_settings(p.config) for p in predictors]
+    settings = [preprocess_settings(p.config, run) for run, p in zip(runs, predictors, strict=True)]
     return make_ensemble(predictors, runs, settings, tta)
 
 

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from focalnet_jax import augment, checkpoint, encoding
+from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation.predictions import write_case
 from focalnet_jax.input_pipeline import component_channels
 from focalnet_jax.training.train_state import build_run_model
@@ -121,6 +122,7 @@ def predict_validation_fold(
     returns their case ids (the cases an evaluation of the fold expects). `predictor`: the
     run's model already loaded, e.g. with flip TTA (default: `Predictor.from_workdir`)."""
     from focalnet_jax.data.folds import split_cases
+    from focalnet_jax.data.run_store import check_run_store
     from focalnet_jax.data.store import open_store
 
     if predictor is None:
@@ -128,11 +130,12 @@ def predict_validation_fold(
     data = predictor.config.data
     store_path = store_path or data.store
     if not store_path:
-        raise ValueError(f"workdir {workdir}: its config has no data.store; pass --store")
+        raise UserError(f"workdir {workdir}: its config has no data.store; pass --store")
     store = open_store(store_path)
+    check_run_store(workdir, store.settings, against=f"store {store_path}", ignore=("slices",))
     _, val_ids = split_cases(store, int(data.fold), int(data.num_folds), int(data.fold_seed))
     if not val_ids:
-        raise ValueError(f"store {store_path}: fold {data.fold} has no validation case")
+        raise UserError(f"store {store_path}: fold {data.fold} has no validation case")
     log.info("predicting %d validation cases of fold %s", len(val_ids), data.fold)
     predict_cases(predictor, store, val_ids, out_dir)
     return list(val_ids)

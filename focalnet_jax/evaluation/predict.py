@@ -24,6 +24,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from focalnet_jax.data import preprocess_case
+from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation import figures
 from focalnet_jax.evaluation.detection_map import CandidateSettings, detection_map_image
 from focalnet_jax.evaluation.ensemble import Ensemble, load_ensemble
@@ -93,7 +94,7 @@ def predict_exam(
         models = load_ensemble(workdir, step=step, batch_size=batch_size, tta=tta)
     missing = [c for c in models.components if c not in components]
     if missing:
-        raise ValueError(
+        raise UserError(
             f"exam lacks component(s) {missing} that the model(s) "
             f"{', '.join(map(str, models.runs))} need "
             f"(it was trained on {list(models.components)}; given {list(components)})"

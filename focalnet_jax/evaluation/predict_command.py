@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 
+from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation.batch_predict import predict_layout
 from focalnet_jax.evaluation.detection_map import CandidateSettings
 from focalnet_jax.evaluation.ensemble import load_ensemble
@@ -23,14 +24,14 @@ def parse_center(text: str | None) -> tuple[float, float, float] | None:
     except ValueError:
         center = ()
     if len(center) != 3:
-        raise ValueError(f"--center expects x,y,z, got {text!r}")
+        raise UserError(f"--center expects x,y,z, got {text!r}")
     return center
 
 
 def run(args: argparse.Namespace) -> str:
     """Predicts as the flags say; returns the line to print (what was written)."""
     if args.layout is None and not (args.t2w and args.adc):
-        raise ValueError("give --t2w and --adc (one exam) or --layout (many exams)")
+        raise UserError("give --t2w and --adc (one exam) or --layout (many exams)")
     center = parse_center(args.center)
     candidates = CandidateSettings(
         args.candidate_threshold,

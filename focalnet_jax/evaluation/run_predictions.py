@@ -15,6 +15,7 @@ import logging
 from pathlib import Path
 
 from focalnet_jax.data.store import StaleStoreError, open_store
+from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation.ensemble import (
     Ensemble,
     input_settings,
@@ -63,7 +64,7 @@ def predict_test_store(
     """Writes `<case_id>.npz` for every case of the store at `store_path` into `out_dir`; returns
     the case ids (the cases the evaluation expects)."""
     if workdir is None or store_path is None or out_dir is None:
-        raise ValueError("--all-cases needs --workdir, --store and --out")
+        raise UserError("--all-cases needs --workdir, --store and --out")
     models = load_ensemble(workdir, step=step, batch_size=batch_size, tta=tta)
     store = open_store(store_path)
     check_test_store(store, models)
@@ -85,7 +86,7 @@ def predict_fold(
     """`inference.predict_validation_fold` of one run, with optional flip TTA; returns the case
     ids. A cross-validation folder is refused: its fold models trained on each other's folds."""
     if len(resolve_runs(workdir)) > 1:
-        raise ValueError(
+        raise UserError(
             f"{workdir}: a cross-validation folder's ensemble has seen every fold in training; "
             "evaluate it on a test store (--store TEST --all-cases) or evaluate each fold run"
         )

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from focalnet_jax import checkpoint, input_pipeline, losses, sharding
 from focalnet_jax.augment import clip_inputs
+from focalnet_jax.data.run_store import record_run_store
 from focalnet_jax.tb_logging import SummaryWriter
 from focalnet_jax.training import step as step_lib
 from focalnet_jax.training import train_state
@@ -143,6 +144,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
         from focalnet_jax.data.store import open_store
 
         store = open_store(config.data.store)
+    record_run_store(workdir, store, write=jax.process_index() == 0)
     reader = input_pipeline.SliceReader(store, components)
     train_rows, val_rows = split_rows(config, store)
     batches = input_pipeline.TrainBatches(

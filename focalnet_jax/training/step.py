@@ -47,10 +47,10 @@ MFL_MODES = ("vmap", "select")
 
 
 def named_loss(loss_config: ml_collections.ConfigDict):
-    """`(encoding, fn(logits, targets, *, valid))` for `loss_config.name`, with alpha/gamma bound
-    where the loss takes them."""
+    """`(encoding, fn(logits, targets, *, valid))` for `loss_config.name`, with the config's values
+    of the loss's hyperparameters bound (alpha, gamma, weights, Dice options)."""
     spec = losses.get_loss(loss_config.name)
-    bound = {k: loss_config[k] for k in ("alpha", "gamma") if k in spec.hyperparameters}
+    bound = {k: loss_config[k] for k in spec.hyperparameters if k in loss_config}
     spec = losses.get_loss(loss_config.name, **bound)
     return spec.encoding, spec.fn
 
