@@ -299,7 +299,7 @@ def _add_evaluate(parser: argparse.ArgumentParser) -> None:
     )
     source.add_argument("--workdir", type=Path, help="run: predict its validation fold, evaluate")
     parser.add_argument("--all-cases", action="store_true", help="every case of --store (test set)")
-    _add_tta_flag(parser)
+    parser.add_argument("--tta", choices=("none", "flip"), default="none", help="left-right flip")
     parser.add_argument(
         "--out", type=Path, help="output folder (required with --predictions; default WORKDIR/eval)"
     )
@@ -405,10 +405,6 @@ def _run_summarize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_tta_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tta", choices=("none", "flip"), default="none", help="left-right flip")
-
-
 def _add_predict(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--checkpoint",
@@ -437,7 +433,7 @@ def _add_predict(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--threshold", type=float, default=0.5, help="lowest listed detection")
     parser.add_argument("--batch-size", type=int, default=16, help="slices per inference batch")
-    _add_tta_flag(parser)
+    parser.add_argument("--tta", choices=("none", "flip"), default="none", help="left-right flip")
     group = parser.add_argument_group("detection map (report_guided_annotation defaults)")
     group.add_argument("--candidate-threshold", default="dynamic-fast", help="mode or score")
     group.add_argument("--candidate-min-voxels", type=int, default=10, help="drop blobs <= N")
