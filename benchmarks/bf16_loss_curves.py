@@ -42,8 +42,8 @@ def _scalars(workdir: Path) -> dict[str, list[tuple[int, float]]]:
 
 def _froc_at_one_fp(workdir: Path, slices: str) -> dict[str, float]:
     """Sensitivity at 1 false positive per patient on the run's validation fold, per group."""
+    from focalnet_jax.evaluation.evaluate import evaluate_predictions
     from focalnet_jax.evaluation.inference import predict_validation_fold
-    from focalnet_jax.evaluation.pipeline import evaluate_predictions
 
     predictions = workdir / "predictions"
     cases = predict_validation_fold(workdir, predictions)

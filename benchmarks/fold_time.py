@@ -40,8 +40,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from focalnet_jax.config_loading import load_config
 from focalnet_jax.data.store import open_store
 from focalnet_jax.demo import synthetic_store
+from focalnet_jax.run import RunSpec
 from focalnet_jax.training import train_and_evaluate
-from focalnet_jax.training.loop import split_rows, total_steps
 
 
 def step_intervals(workdir: Path, batch_size: int) -> list[float]:
@@ -51,7 +51,7 @@ def step_intervals(workdir: Path, batch_size: int) -> list[float]:
     return [batch_size / e.value for e in events.Scalars("train/images_per_s")]
 
 
-def main(argv: list[str] | None = None) -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="config file[:arg]")
     parser.add_argument("--store", type=Path, help="preprocessed store (default: synthetic)")
@@ -65,6 +65,11 @@ def main(argv: list[str] | None = None) -> None:
         help="training slices of the fold's schedule (paper: ~1400); 0 = the store's",
     )
     parser.add_argument("--max-steps", type=int, default=0, help="stop early and project; 0 = all")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = _parser()
     args, overrides = parser.parse_known_args(argv)
     if args.store is None:
         with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON line
@@ -78,8 +83,9 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--train-slices {args.train_slices} < one batch of {batch}")
         config.train.steps = config.train.epochs * (args.train_slices // batch)
     opened = open_store(store)
-    train_rows, _ = split_rows(config, opened)
-    fold_steps = total_steps(config, len(train_rows) // batch)
+    spec = RunSpec.from_config(config)
+    train_rows = spec.fold_split(opened).train_rows
+    fold_steps = spec.total_steps(len(train_rows) // batch)
     steps_run = min(args.max_steps, fold_steps) if args.max_steps > 0 else fold_steps
     if steps_run < 3 * config.train.log_every:
         parser.error(

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from focalnet_jax.config_loading import load_config
@@ -38,7 +39,7 @@ from focalnet_jax.data.synth import SynthConfig, synth_case
 from focalnet_jax.evaluation.ensemble import make_ensemble
 from focalnet_jax.evaluation.inference import Predictor
 from focalnet_jax.evaluation.predict import write_exam_outputs
-from focalnet_jax.training.train_state import build_run_model, init_variables
+from focalnet_jax.run import RunSpec
 
 
 def write_exam(folder: Path, seed: int = 0) -> dict[str, str]:
@@ -55,12 +56,12 @@ def write_exam(folder: Path, seed: int = 0) -> dict[str, str]:
 
 def models(config, count: int, batch_size: int, tta: str):
     """An ensemble of `count` randomly initialised models of `config`."""
-    model, _ = build_run_model(config)
-    shape = (1, 128, 128, len(config.data.components))
+    spec = RunSpec.from_config(config, num_devices=1)
+    images = jnp.zeros((1, *spec.image_size, len(spec.components)), jnp.float32)
     predictors = []
     for seed in range(count):
-        variables = jax.device_get(init_variables(model, jax.random.key(seed), shape))
-        predictors.append(Predictor.from_variables(config, variables, batch_size=batch_size))
+        variables = jax.device_get(spec.model.init(jax.random.key(seed), images, train=False))
+        predictors.append(Predictor.from_variables(spec, variables, batch_size=batch_size))
     runs = [Path(f"random-{seed}") for seed in range(count)]
     return make_ensemble(predictors, runs, [None] * count, tta)
 

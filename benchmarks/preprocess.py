@@ -20,8 +20,8 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
+from focalnet_jax.data.build_store import preprocess_cases
 from focalnet_jax.data.layouts import discover_picai
-from focalnet_jax.data.pipeline import preprocess_cases
 from focalnet_jax.data.preprocess import PreprocessConfig
 from focalnet_jax.data.synth import SynthConfig, write_dataset
 

@@ -23,10 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from focalnet_jax import sharding
 from focalnet_jax.config_loading import load_config
+from focalnet_jax.run import RunSpec
+from focalnet_jax.training import sharding, train_state
 from focalnet_jax.training import step as step_lib
-from focalnet_jax.training import train_state
 
 KINDS = {
     "fl": ["--config.loss.mfl=false"],
@@ -56,18 +56,15 @@ def _peak_memory() -> int | None:
 
 def measure(config, *, steps: int, size: int) -> dict:
     """Compile, warm up and time `steps` train steps of `config` on one random batch."""
-    components = tuple(config.data.components)
+    spec = RunSpec.from_config(config, image_size=(size, size))
     mesh = sharding.make_mesh()
-    model, _ = train_state.build_run_model(config, axis_name=sharding.DATA_AXIS)
-    tx = train_state.make_optimizer(config.optim)
-    shape = (1, size, size, len(components))
-    state = train_state.create_train_state(model, tx, jax.random.key(0), shape, mesh)
+    state = train_state.create_train_state(spec, jax.random.key(0), mesh)
     batch = jax.device_put(
-        _batch(config.train.batch_size, size, len(components)), sharding.batch_sharding(mesh)
+        _batch(spec.global_batch, size, len(spec.components)), sharding.batch_sharding(mesh)
     )
     key, lam = jax.random.key(1), jnp.float32(100.0)
     start = time.perf_counter()
-    step = step_lib.make_train_step(model, config, tx, mesh)
+    step = step_lib.make_train_step(spec, mesh)
     lowered = step.lower(state, batch, key, lam)
     flops = (lowered.cost_analysis() or {}).get("flops")
     compiled = lowered.compile()

@@ -10,7 +10,6 @@ keep their traceback.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -91,7 +90,7 @@ def _add_preprocess(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_preprocess(args: argparse.Namespace) -> int:
-    from focalnet_jax.data.pipeline import preprocess_layout
+    from focalnet_jax.data.build_store import preprocess_layout
 
     summary = preprocess_layout(
         args.layout,
@@ -182,34 +181,13 @@ def _add_train(parser: argparse.ArgumentParser) -> None:
     _add_distributed_flags(parser)
 
 
-@contextlib.contextmanager
-def _compilation_cache(path: Path | None):
-    """JAX's persistent compilation cache in `path` for the block (None: JAX's own setting,
-    `$JAX_COMPILATION_CACHE_DIR`); the previous setting is restored after it."""
-    import jax
-    from jax.experimental.compilation_cache import compilation_cache
-
-    previous = jax.config.jax_compilation_cache_dir
-    if path is None or str(path) == previous:
-        yield
-        return
-    compilation_cache.reset_cache()  # the cache reads its folder once, when first used
-    compilation_cache.set_cache_dir(str(path))
-    try:
-        yield
-    finally:
-        compilation_cache.reset_cache()
-        compilation_cache.set_cache_dir(previous)
-
-
 def _training_setup(args: argparse.Namespace):
     """Join the process group, load the config with its overrides; returns the config."""
     import logging
 
-    import jax
-
-    from focalnet_jax import distributed
     from focalnet_jax.config_loading import load_config
+    from focalnet_jax.run import RunSpec
+    from focalnet_jax.training import distributed
 
     # Our progress at INFO; libraries (Orbax, absl) only from WARNING.
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
@@ -221,24 +199,17 @@ def _training_setup(args: argparse.Namespace):
         raise UserError(error.args[0] if error.args else str(error)) from error
     if args.fold is not None:
         config.data.fold = args.fold
+    RunSpec.from_config(config)  # every config error in one line, before any compilation
 
-    logging.getLogger("focalnet_jax").info(
-        "process %d/%d, %d local / %d global devices (%s), compilation cache: %s",
-        jax.process_index(),
-        jax.process_count(),
-        jax.local_device_count(),
-        jax.device_count(),
-        jax.devices()[0].device_kind,
-        (jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir)
-        or "none",
-    )
+    logging.getLogger("focalnet_jax").info("%s", distributed.describe())
     return config
 
 
 def _run_train(args: argparse.Namespace) -> int:
     from focalnet_jax.training import train_and_evaluate
+    from focalnet_jax.training.distributed import compilation_cache
 
-    with _compilation_cache(args.compilation_cache):
+    with compilation_cache(args.compilation_cache):
         config = _training_setup(args)
         train_and_evaluate(config, args.workdir)
     print(f"checkpoints and TensorBoard logs in {args.workdir}")
@@ -249,21 +220,14 @@ def _int_list(text: str) -> list[int]:
     try:
         return [int(f) for f in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
+        message = f"expected comma-separated integers, got {text!r}"
+        raise argparse.ArgumentTypeError(message) from None
 
 
 def _add_cv(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="config file, optionally with :arg")
-    parser.add_argument(
-        "--workdir", type=Path, required=True, help="fold k trains in WORKDIR/fold<k>"
-    )
-    parser.add_argument(
-        "--folds",
-        type=_int_list,
-        help="comma-separated folds (default: all of data.num_folds)",
-    )
+    parser.add_argument("--workdir", type=Path, required=True, help="fold k in WORKDIR/fold<k>")
+    parser.add_argument("--folds", type=_int_list, help="comma-separated folds (default: all)")
     parser.add_argument("--fold", type=int, help=argparse.SUPPRESS)
     _add_compilation_cache_flag(
         parser, "$JAX_COMPILATION_CACHE_DIR, else WORKDIR/compilation_cache"
@@ -275,11 +239,12 @@ def _run_cv(args: argparse.Namespace) -> int:
     import jax
 
     from focalnet_jax.training import train_and_evaluate
+    from focalnet_jax.training.distributed import compilation_cache
 
     cache = args.compilation_cache
     if cache is None and not jax.config.jax_compilation_cache_dir:
         cache = args.workdir / "compilation_cache"
-    with _compilation_cache(cache):
+    with compilation_cache(cache):
         config = _training_setup(args)
         folds = args.folds or list(range(config.data.num_folds))
         for fold in folds:
@@ -326,7 +291,7 @@ def _add_evaluate(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from focalnet_jax.evaluation.pipeline import evaluate_predictions
+    from focalnet_jax.evaluation.evaluate import evaluate_predictions
     from focalnet_jax.evaluation.predictions import read_case_list
 
     slices = args.slices or "all"
@@ -341,8 +306,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         cases = predict_test_store(args.workdir, args.store, predictions, step=args.step,
                                    tta=args.tta, batch_size=args.batch_size)  # fmt: skip
     elif args.workdir is not None:
-        from focalnet_jax.checkpoint import read_config
         from focalnet_jax.evaluation.run_predictions import predict_fold
+        from focalnet_jax.run.workdir import read_config
 
         slices = args.slices or str(read_config(args.workdir).data.slices)
         out = args.out or args.workdir / "eval"

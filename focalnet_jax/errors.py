@@ -34,7 +34,7 @@ _OTHER_USER_ERRORS = (
     ("focalnet_jax.data.io", "CaseError"),
     ("focalnet_jax.data.dicom", "SeriesError"),
     ("focalnet_jax.evaluation.predictions", "PredictionsError"),
-    ("focalnet_jax.checkpoint", "UnreadableCheckpointError"),
+    ("focalnet_jax.run.workdir", "UnreadableCheckpointError"),
 )
 
 

@@ -1,4 +1,5 @@
-"""On-device augmentation (focalnet_jax/augment.py): geometry, label alignment, T2w intensity."""
+"""On-device augmentation (focalnet_jax/training/augment.py): geometry, label alignment, T2w
+intensity."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from focalnet_jax import augment
+from focalnet_jax.training import augment
 
 
 def _config(**groups):
@@ -106,10 +107,10 @@ def test_t2w_scale_formula(u, ratio, expected):
     # s = ((1 + u) * upper - lower) / (upper - lower), with lower = ratio * upper.
     upper = 800.0
     lower = ratio * upper
-    assert float(augment.t2w_scale(u, ratio)) == pytest.approx(
+    assert float(augment.t2w_divisor(u, ratio)) == pytest.approx(
         ((1 + u) * upper - lower) / (upper - lower)
     )
-    assert float(augment.t2w_scale(u, ratio)) == pytest.approx(expected)
+    assert float(augment.t2w_divisor(u, ratio)) == pytest.approx(expected)
 
 
 def test_intensity_variation_rescales_t2w_only_within_range():
@@ -127,6 +128,6 @@ def test_intensity_variation_rescales_t2w_only_within_range():
     s = image[None, ..., 0] / out[..., 0]  # per-slice constant divisor
     np.testing.assert_allclose(s, s[:, :1, :1] * np.ones_like(s), rtol=1e-5)
     s = s[:, 0, 0]
-    low, high = augment.t2w_scale(-0.15, 0.1), augment.t2w_scale(0.20, 0.1)
+    low, high = augment.t2w_divisor(-0.15, 0.1), augment.t2w_divisor(0.20, 0.1)
     assert np.all((s >= low - 1e-6) & (s <= high + 1e-6))
     assert s.min() < 0.95 and s.max() > 1.1  # the range is actually explored

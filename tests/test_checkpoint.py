@@ -1,5 +1,6 @@
-"""Run-directory checkpoints (focalnet_jax/checkpoint.py): Orbax save/restore into an abstract,
-sharded target, keeping the latest K, the saved config, and `load_for_inference` errors."""
+"""Run-directory checkpoints (focalnet_jax/training/checkpoint.py, focalnet_jax/workdir.py): Orbax
+save/restore into an abstract, sharded target, keeping the latest K, the saved config, and
+`load_for_inference` errors."""
 
 from __future__ import annotations
 
@@ -11,11 +12,9 @@ import numpy as np
 import pytest
 from test_train_helpers import tiny_config
 
-from focalnet_jax import checkpoint, sharding
-from focalnet_jax.models import build_model
-from focalnet_jax.training import train_state
-
-SHAPE = (1, 32, 32, 2)
+from focalnet_jax.run import RunSpec
+from focalnet_jax.run import workdir as workdir_lib
+from focalnet_jax.training import checkpoint, sharding, train_state
 
 
 @pytest.fixture(scope="module")
@@ -24,11 +23,10 @@ def saved(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("ckpt")
     config = tiny_config()
     mesh = sharding.make_mesh()
-    model = build_model(config.model, num_outputs=5, num_components=2, axis_name="data")
-    tx = train_state.make_optimizer(config.optim)
-    state = train_state.create_train_state(model, tx, jax.random.key(0), SHAPE, mesh)
-    checkpoint.save_config(config, workdir)
-    manager = checkpoint.make_manager(workdir, keep=3)
+    spec = RunSpec.from_config(config, image_size=(32, 32))
+    state = train_state.create_train_state(spec, jax.random.key(0), mesh)
+    workdir_lib.save_config(config, workdir)
+    manager = workdir_lib.make_manager(workdir, keep=3)
     states = {}
     for step in range(1, 5):
         state = state.replace(
@@ -38,13 +36,13 @@ def saved(tmp_path_factory):
         states[step] = jax.device_get(state)
     manager.wait_until_finished()
     manager.close()
-    abstract = train_state.abstract_train_state(model, tx, SHAPE, mesh)
+    abstract = train_state.abstract_train_state(spec, mesh)
     return workdir, states, abstract
 
 
 def test_latest_k_are_kept_and_restore_lands_placed(saved):
     workdir, states, abstract = saved
-    manager = checkpoint.make_manager(workdir, keep=3)
+    manager = workdir_lib.make_manager(workdir, keep=3)
     assert manager.all_steps() == [2, 3, 4]
     restored = checkpoint.restore(manager, abstract)
     manager.close()
@@ -57,21 +55,22 @@ def test_latest_k_are_kept_and_restore_lands_placed(saved):
 
 def test_restore_without_checkpoint_is_none(tmp_path, saved):
     _, _, abstract = saved
-    manager = checkpoint.make_manager(tmp_path / "empty")
+    manager = workdir_lib.make_manager(tmp_path / "empty")
     assert checkpoint.restore(manager, abstract) is None
     manager.close()
 
 
 def test_load_for_inference_latest_and_given_step(saved):
     workdir, states, _ = saved
-    config, variables = checkpoint.load_for_inference(workdir)
+    spec, variables = workdir_lib.load_for_inference(workdir)
+    config = spec.config
     assert config.model.width == 0.125 and list(config.data.components) == ["t2w", "adc"]
     for a, b in zip(
         jax.tree.leaves(variables["params"]), jax.tree.leaves(states[4].params), strict=True
     ):
         assert isinstance(a, np.ndarray)
         np.testing.assert_array_equal(a, b)
-    _, step3 = checkpoint.load_for_inference(workdir, step=3)
+    _, step3 = workdir_lib.load_for_inference(workdir, step=3)
     first = jax.tree.leaves(step3["params"])[0]
     np.testing.assert_array_equal(first, jax.tree.leaves(states[3].params)[0])
 
@@ -79,18 +78,18 @@ def test_load_for_inference_latest_and_given_step(saved):
 def test_load_for_inference_errors_name_the_workdir(saved, tmp_path):
     workdir, _, _ = saved
     with pytest.raises(FileNotFoundError, match=str(tmp_path)):
-        checkpoint.load_for_inference(tmp_path)
+        workdir_lib.load_for_inference(tmp_path)
     with pytest.raises(FileNotFoundError, match="no checkpoint at step 1"):
-        checkpoint.load_for_inference(workdir, step=1)
+        workdir_lib.load_for_inference(workdir, step=1)
     other = tmp_path / "other"
     other.mkdir()
-    config = json.loads((workdir / checkpoint.CONFIG_FILE).read_text())
-    (other / checkpoint.CONFIG_FILE).write_text(json.dumps(config))
+    config = json.loads((workdir / workdir_lib.CONFIG_FILE).read_text())
+    (other / workdir_lib.CONFIG_FILE).write_text(json.dumps(config))
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        checkpoint.load_for_inference(other)
+        workdir_lib.load_for_inference(other)
     # A checkpoint from a wider model than the config describes.
     config["model"]["width"] = 0.25
-    shutil.copytree(workdir / checkpoint.CHECKPOINT_DIR, other / checkpoint.CHECKPOINT_DIR)
-    (other / checkpoint.CONFIG_FILE).write_text(json.dumps(config))
+    shutil.copytree(workdir / workdir_lib.CHECKPOINT_DIR, other / workdir_lib.CHECKPOINT_DIR)
+    (other / workdir_lib.CONFIG_FILE).write_text(json.dumps(config))
     with pytest.raises(ValueError, match=f"{other}.*does not match the model"):
-        checkpoint.load_for_inference(other)
+        workdir_lib.load_for_inference(other)

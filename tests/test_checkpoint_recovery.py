@@ -1,6 +1,7 @@
-"""Damaged checkpoints (focalnet_jax/checkpoint.py): a restarted run falls back to the newest intact
-step, moves the damaged one aside and says so in one line; with none intact it refuses; predict
-and evaluate name the damaged step folder, file and reason in a one-line error."""
+"""Damaged checkpoints (focalnet_jax/workdir.py, training/checkpoint.py): a restarted run falls
+back to the newest intact step, moves the damaged one aside and says so in one line; with none
+intact it refuses; predict and evaluate name the damaged step folder, file and reason in a
+one-line error."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 from test_train_helpers import REPO, FakeStore, fast_compiles, tiny_config
 
-from focalnet_jax import checkpoint
+from focalnet_jax.run import workdir as workdir_lib
 from focalnet_jax.training import train_and_evaluate
 
 RUN = [
@@ -73,9 +74,12 @@ def _copy_with(trained, name: str, damage) -> tuple[Path, str]:
 @pytest.mark.parametrize("damage", [_truncate_data, _empty_metadata, _remove_data])
 def test_restart_resumes_from_the_newest_intact_step(trained, damage, caplog):
     workdir, expected = _copy_with(trained, damage.__name__, damage)
-    with fast_compiles(), caplog.at_level(logging.WARNING, logger="focalnet_jax.checkpoint"):
+    with (
+        fast_compiles(),
+        caplog.at_level(logging.WARNING, logger="focalnet_jax.training.checkpoint"),
+    ):
         state = train_and_evaluate(trained["config"], workdir, store=trained["store"])
-    lines = [r.getMessage() for r in caplog.records if r.name == "focalnet_jax.checkpoint"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "focalnet_jax.training.checkpoint"]
     assert len(lines) == 1 and "\n" not in lines[0], lines
     bad = workdir / "checkpoints" / "4"
     aside = workdir / "checkpoints" / "corrupt-4"
@@ -83,7 +87,7 @@ def test_restart_resumes_from_the_newest_intact_step(trained, damage, caplog):
     assert expected in lines[0] and f"moved to {aside.resolve()}" in lines[0]
     # The damaged step is kept aside, the rerun wrote a new step 4 equal to an uninterrupted run.
     assert (aside / "default" / "_METADATA").exists()
-    manager = checkpoint.make_manager(workdir, read_only=True)
+    manager = workdir_lib.make_manager(workdir, read_only=True)
     assert manager.all_steps() == [2, 4]
     manager.close()
     assert int(state.step) == 4
@@ -94,7 +98,7 @@ def test_restart_resumes_from_the_newest_intact_step(trained, damage, caplog):
 def test_no_intact_step_refuses_and_moves_nothing(trained):
     workdir, _ = _copy_with(trained, "all_bad", _empty_metadata)
     _truncate_data(workdir / "checkpoints" / "2")
-    with pytest.raises(checkpoint.UnreadableCheckpointError) as raised:
+    with pytest.raises(workdir_lib.UnreadableCheckpointError) as raised:
         train_and_evaluate(trained["config"], workdir, store=trained["store"])
     message = str(raised.value)
     assert "\n" not in message
@@ -111,7 +115,7 @@ def test_restore_fails_unchanged_for_a_state_of_another_shape(trained, tmp_path)
     wider = tiny_config(overrides=[*RUN, "--config.model.width=0.25"])
     with pytest.raises(ValueError) as raised:
         train_and_evaluate(wider, workdir, store=trained["store"])
-    assert not isinstance(raised.value, checkpoint.UnreadableCheckpointError)
+    assert not isinstance(raised.value, workdir_lib.UnreadableCheckpointError)
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4"]
 
 
@@ -126,11 +130,11 @@ def test_restore_fails_unchanged_for_a_state_of_another_shape(trained, tmp_path)
 def test_inference_loading_names_the_file_and_reason(trained, tmp_path, damage, reason):
     workdir = tmp_path / "run"
     shutil.copytree(trained["workdir"], workdir)
-    assert checkpoint.find_damage(workdir / "checkpoints" / "4") is None  # intact before
+    assert workdir_lib.find_damage(workdir / "checkpoints" / "4") is None  # intact before
     damage(workdir / "checkpoints" / "4")
     step_dir = (workdir / "checkpoints" / "4").resolve()
-    with pytest.raises(checkpoint.UnreadableCheckpointError) as raised:
-        checkpoint.load_for_inference(workdir)
+    with pytest.raises(workdir_lib.UnreadableCheckpointError) as raised:
+        workdir_lib.load_for_inference(workdir)
     assert str(raised.value).startswith(f"checkpoint {step_dir} is unreadable: {reason}")
 
 
@@ -144,9 +148,9 @@ def test_predict_and_evaluate_name_the_damaged_checkpoint(trained, tmp_path):
     workdir, expected = _copy_with(trained, "for_inference", _truncate_data)
     step_dir = (workdir / "checkpoints" / "4").resolve()
     reason = f"checkpoint {step_dir} is unreadable: {expected}"
-    with pytest.raises(checkpoint.UnreadableCheckpointError, match="truncated"):
-        checkpoint.load_for_inference(workdir)
-    _, variables = checkpoint.load_for_inference(workdir, step=2)  # the intact step still loads
+    with pytest.raises(workdir_lib.UnreadableCheckpointError, match="truncated"):
+        workdir_lib.load_for_inference(workdir)
+    _, variables = workdir_lib.load_for_inference(workdir, step=2)  # the intact step still loads
     assert jax.tree.leaves(variables["params"])
     predict = _cli(
         "predict", f"--checkpoint={workdir}", "--t2w=unused", "--adc=unused", f"--out={tmp_path}"

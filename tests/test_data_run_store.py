@@ -12,13 +12,14 @@ from pathlib import Path
 import pytest
 from test_train_helpers import REPO, TINY, fast_compiles
 
-from focalnet_jax import checkpoint, cli
+from focalnet_jax import cli
+from focalnet_jax.data.build_store import preprocess_cases
 from focalnet_jax.data.layouts import discover_picai
-from focalnet_jax.data.pipeline import preprocess_cases
 from focalnet_jax.data.preprocess import PreprocessConfig
 from focalnet_jax.data.run_store import RECORD_FILE, check_run_store
 from focalnet_jax.data.store import StaleStoreError, open_store
 from focalnet_jax.evaluation.ensemble import preprocess_settings
+from focalnet_jax.run import workdir as workdir_lib
 
 RUN = [
     *TINY,
@@ -86,7 +87,7 @@ def test_resume_on_a_store_with_other_settings_is_refused(run, capsys):
         f"other settings than store {run['b']}: preprocess.interpolator: run 'bspline', now "
         "'linear'"
     )
-    manager = checkpoint.make_manager(run["workdir"], read_only=True)
+    manager = workdir_lib.make_manager(run["workdir"], read_only=True)
     assert manager.all_steps() == [1]  # nothing trained, nothing saved
     manager.close()
 
@@ -127,7 +128,7 @@ def test_a_run_from_before_the_record_resumes_and_evaluates_with_a_warning(run, 
 
 
 def test_predict_preprocesses_as_the_run_was_trained(run, tmp_path, caplog):
-    config = checkpoint.read_config(run["workdir"])
+    config = workdir_lib.read_config(run["workdir"])
     assert preprocess_settings(config, run["workdir"])["interpolator"] == "bspline"
     # The training store rebuilt with other settings since: the recorded settings still hold.
     config.data.store = str(run["b"])

@@ -17,8 +17,8 @@ import sys
 import numpy as np
 import pytest
 
-from focalnet_jax.case_ids import check_case_id
 from focalnet_jax.cli import main
+from focalnet_jax.data.case_ids import check_case_id
 from focalnet_jax.data.layouts import discover_picai, read_manifest, write_manifest
 from focalnet_jax.data.store import open_store, read_settings
 from focalnet_jax.errors import UserError

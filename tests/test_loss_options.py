@@ -10,7 +10,7 @@ from test_train_helpers import REPO
 
 from focalnet_jax import losses
 from focalnet_jax.config_loading import load_config
-from focalnet_jax.training.step import named_loss
+from focalnet_jax.run import RunSpec
 
 RNG = np.random.default_rng(0)
 LOGITS = RNG.normal(size=(3, 4, 5, 6)).astype(np.float32)
@@ -79,7 +79,8 @@ def test_config_options_reach_the_loss():
             "--config.loss.batch_dice=true",
         ],
     )
-    encoding, fn = named_loss(config.loss)
+    spec = RunSpec.from_config(config, num_devices=1)
+    encoding, fn = spec.output_encoding, spec.loss.fn
     expected = losses.sigmoid_cross_entropy(LOGITS[..., :5], BITS[..., :5])
     expected += losses.soft_dice_loss(LOGITS[..., :5], BITS[..., :5], eps=1e-5, batch_dice=True)
     assert encoding == "ordinal"

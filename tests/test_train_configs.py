@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 from test_train_helpers import REPO, FakeStore, fast_compiles, tiny_config
 
-from focalnet_jax import input_pipeline, losses, sharding
+from focalnet_jax import losses
+from focalnet_jax.data.folds import case_rows
+from focalnet_jax.run import RunSpec
+from focalnet_jax.training import input_pipeline, sharding, train_state
 from focalnet_jax.training import step as step_lib
-from focalnet_jax.training import train_state
 
 CONFIGS = [
     "default.py",
@@ -48,18 +50,16 @@ def _two_steps(config) -> dict:
     components = tuple(config.data.components)
     store = FakeStore(patients=4, slices=2, components=components)
     mesh = sharding.make_mesh()
-    model, _ = train_state.build_run_model(config, axis_name=sharding.DATA_AXIS)
-    tx = train_state.make_optimizer(config.optim)
-    shape = (1, 32, 32, len(components))
-    batch_size = config.train.batch_size
+    spec = RunSpec.from_config(config).for_store(store)
+    batch_size = spec.global_batch
     batches = input_pipeline.TrainBatches(
         input_pipeline.SliceReader(store, components),
-        input_pipeline.select_rows(store, store.case_ids, "annotated"),
+        case_rows(store, store.case_ids, "annotated"),
         batch_size,
         mesh,
         seed=0,
     )
-    step = step_lib.make_train_step(model, config, tx, mesh)
+    step = step_lib.make_train_step(spec, mesh)
     placed = sharding.batch_sharding(mesh)
     abstract_batch = {
         k: jax.ShapeDtypeStruct((batch_size, *v.shape[1:]), v.dtype, sharding=placed)
@@ -67,9 +67,9 @@ def _two_steps(config) -> dict:
     }
     key, lam = jax.random.key(0), jnp.float32(50.0)
     compiled = step.lower(
-        train_state.abstract_train_state(model, tx, shape, mesh), abstract_batch, key, lam
+        train_state.abstract_train_state(spec, mesh), abstract_batch, key, lam
     ).compile()
-    state = train_state.create_train_state(model, tx, key, shape, mesh)
+    state = train_state.create_train_state(spec, key, mesh)
     initial = jax.device_get(state.params)
     history = []
     for s in range(2):

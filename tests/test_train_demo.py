@@ -10,7 +10,8 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_train_helpers import REPO, small_synthetic_store
 
-from focalnet_jax import checkpoint, cli
+from focalnet_jax import cli
+from focalnet_jax.run import workdir as workdir_lib
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +51,9 @@ def test_mfl_term_and_subset_shares_are_logged(demo_run):
 
 
 def test_run_directory_reloads_for_inference(demo_run):
-    workdir, _ = demo_run
-    config, variables = checkpoint.load_for_inference(workdir)
+    run_dir, _ = demo_run
+    spec, variables = workdir_lib.load_for_inference(run_dir)
+    config = spec.config
     assert config.model.depth == 18 and config.train.steps == 30
     assert set(variables) == {"params", "batch_stats"}
     assert all(isinstance(v, np.ndarray) for v in jax.tree.leaves(variables))
@@ -69,18 +71,18 @@ def cache_every_compilation():
 def test_cv_trains_the_requested_folds_in_their_own_directories(
     demo_run, tmp_path, cache_every_compilation
 ):
-    workdir, _ = demo_run
-    store = checkpoint.read_config(workdir).data.store
+    run_dir, _ = demo_run
+    store = workdir_lib.read_config(run_dir).data.store
     cv = ["cv", f"--config={REPO / 'configs' / 'demo.py'}", f"--workdir={tmp_path}", "--folds=1,0"]
     cv += [f"--config.data.store={store}", "--config.train.steps=2", "--config.train.eval_every=0"]
     assert cli.main(cv) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["compilation_cache", "fold0", "fold1"]
     for fold in (0, 1):
-        config, _ = checkpoint.load_for_inference(tmp_path / f"fold{fold}")
-        assert config.data.fold == fold
+        spec, _ = workdir_lib.load_for_inference(tmp_path / f"fold{fold}")
+        assert spec.config.data.fold == fold
     # Both folds (each with its own MFL weight) ran one compiled train step, kept in the cache.
     cached = [p.name for p in (tmp_path / "compilation_cache").iterdir()]
-    assert len([n for n in cached if n.startswith("jit_per_device_step-")]) == 1, cached
+    assert len([n for n in cached if n.startswith("jit_train_step-")]) == 1, cached
     assert jax.config.jax_compilation_cache_dir is None  # restored after the command
     with pytest.raises(SystemExit, match="unknown config key 'train.stepz'"):
         cli.main(

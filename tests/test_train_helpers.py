@@ -145,7 +145,7 @@ def _main(argv):
         flags[rest[0].lstrip("-")] = rest[1]
         rest = rest[2:]
     if flags:
-        from focalnet_jax import distributed
+        from focalnet_jax.training import distributed
 
         distributed.initialize(
             flags["coordinator"], int(flags["num_processes"]), int(flags["process_id"])

@@ -1,5 +1,5 @@
-"""Host input pipeline (focalnet_jax/input_pipeline.py), sharding errors and multi-process start-up
-(focalnet_jax/distributed.py)."""
+"""Host input pipeline (focalnet_jax/training/input_pipeline.py), sharding errors and
+multi-process start-up (focalnet_jax/training/distributed.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from test_train_helpers import FakeStore
 
-from focalnet_jax import distributed, input_pipeline, sharding
+from focalnet_jax.data.folds import case_rows
+from focalnet_jax.training import distributed, input_pipeline, sharding
 
 
 @pytest.fixture(scope="module")
@@ -20,14 +21,14 @@ def store():
     return FakeStore(patients=6, slices=3)
 
 
-def test_select_rows_keeps_annotated_slices_of_the_given_cases(store):
-    rows = input_pipeline.select_rows(store, ["case001", "case000"], "annotated")
+def test_case_rows_keeps_annotated_slices_of_the_given_cases(store):
+    rows = case_rows(store, ["case001", "case000"], "annotated")
     # case000 (even patient): all 3 slices annotated; case001 (odd): its last slice is not.
     np.testing.assert_array_equal(rows, [0, 1, 2, 3, 4])
-    all_rows = input_pipeline.select_rows(store, ["case001"], "all")
+    all_rows = case_rows(store, ["case001"], "all")
     np.testing.assert_array_equal(all_rows, [3, 4, 5])
     with pytest.raises(ValueError, match="data.slices"):
-        input_pipeline.select_rows(store, ["case001"], "some")
+        case_rows(store, ["case001"], "some")
 
 
 def test_reader_selects_components_and_case_intensity_ratio(store):
@@ -35,7 +36,6 @@ def test_reader_selects_components_and_case_intensity_ratio(store):
     batch = reader.read(np.array([4, -1, 0]))
     np.testing.assert_array_equal(batch["images"][0, ..., 0], store.images[4, ..., 1])
     np.testing.assert_array_equal(batch["images"][1], 0)  # padding
-    np.testing.assert_array_equal(batch["weight"], [1, 0, 1])
     np.testing.assert_allclose(batch["t2w_lower_ratio"], [10 / 400, 0, 10 / 400])
     np.testing.assert_array_equal(batch["classes"][2], store.classes[0])
     with pytest.raises(ValueError, match=r"\['hbv'\] not in store"):
@@ -45,7 +45,7 @@ def test_reader_selects_components_and_case_intensity_ratio(store):
 def test_data_order_depends_only_on_seed_and_step(store):
     mesh = sharding.make_mesh()
     reader = input_pipeline.SliceReader(store, ("t2w", "adc"))
-    rows = input_pipeline.select_rows(store, store.case_ids, "annotated")
+    rows = case_rows(store, store.case_ids, "annotated")
     a = input_pipeline.TrainBatches(reader, rows, 4, mesh, seed=3)
     b = input_pipeline.TrainBatches(reader, rows, 4, mesh, seed=3)
     assert a.steps_per_epoch == len(rows) // 4 == 3
@@ -78,7 +78,7 @@ def test_eval_batches_cover_every_row_once_with_padding(store):
 
 def test_global_batch_not_divisible_by_device_count_is_an_error():
     code = (
-        "import jax; from focalnet_jax import sharding; mesh = sharding.make_mesh(); "
+        "import jax; from focalnet_jax.training import sharding; mesh = sharding.make_mesh(); "
         "print(sharding.per_device_batch(8, mesh)); sharding.per_device_batch(6, mesh)"
     )
     env = dict(

@@ -16,7 +16,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_train_helpers import REPO, FakeStore, fast_compiles, tiny_config
 
-from focalnet_jax import checkpoint
+from focalnet_jax.run import workdir as workdir_lib
 from focalnet_jax.training import train_and_evaluate
 
 RUN = [
@@ -62,7 +62,8 @@ def test_checkpoints_config_and_inference_loading(runs):
     workdir = runs["root"] / "full"
     steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [5, 10, 15, 20]
-    config, variables = checkpoint.load_for_inference(workdir)
+    spec, variables = workdir_lib.load_for_inference(workdir)
+    config = spec.config
     assert config.train.steps == 20 and config.model.depth == 18
     for a, b in zip(_leaves(variables["params"]), _leaves(runs["full"].params), strict=True):
         np.testing.assert_array_equal(a, b)
@@ -171,7 +172,7 @@ def test_multi_device_and_multi_process_match_one_device(runs, tmp_path):
     ]
     for process in processes:
         _finish(process)
-    _, reference = checkpoint.load_for_inference(runs["root"] / "full", step=5)
+    _, reference = workdir_lib.load_for_inference(runs["root"] / "full", step=5)
     flat = jax.tree_util.tree_flatten_with_path(reference["params"])[0]
     for name in ("four", "two_by_two"):
         saved = np.load(tmp_path / f"{name}.npz")

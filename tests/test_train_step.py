@@ -1,4 +1,4 @@
-"""The FocalNet loss and train step (focalnet_jax/training/step.py, train_state.py).
+"""The FocalNet loss and train step (focalnet_jax/training/step.py), built from a `RunSpec`.
 
 Gradient structure (frozen normalisation, so every application is the same function of the
 parameters): total gradient = FL gradient + lambda * MFL gradient computed separately with the full
@@ -8,18 +8,21 @@ MFL modes agree. All of it in one compiled function.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import flax.linen
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from test_train_helpers import COMPONENTS, fast_compiles, tiny_config
+from test_train_helpers import COMPONENTS, FakeStore, fast_compiles, tiny_config
 
-from focalnet_jax import encoding, losses, sharding
-from focalnet_jax.models import build_model
+from focalnet_jax import encoding, losses
+from focalnet_jax.run import RunSpec
+from focalnet_jax.training import sharding, train_state
 from focalnet_jax.training import step as step_lib
-from focalnet_jax.training import train_state
 
 LAMBDA = 1000.0
 
@@ -44,7 +47,7 @@ def _batch(seed=0, size=32, batch=4):
 @pytest.fixture(scope="module")
 def gradients():
     config = tiny_config(overrides=["--config.model.norm=frozen"])
-    model = build_model(config.model, num_outputs=5, num_components=2, axis_name=None)
+    model = RunSpec.from_config(config).model
     variables = train_state.init_variables(model, jax.random.key(0), (1, 32, 32, 2))
     # Non-trivial running statistics, so the frozen norm is not the identity.
     variables["batch_stats"] = jax.tree.map(
@@ -54,10 +57,11 @@ def gradients():
     subsets = losses.component_subsets(COMPONENTS)
 
     def loss_with(mode=None):
-        loss_config = config.loss.copy_and_resolve_references()
-        loss_config.mfl = mode is not None
-        loss_config.mfl_mode = mode or "vmap"
-        return step_lib.make_loss_fn(model, loss_config, COMPONENTS, mfl_weight=LAMBDA)
+        run_config = config.copy_and_resolve_references()
+        run_config.loss.mfl = mode is not None
+        run_config.loss.mfl_mode = mode or "vmap"
+        spec = RunSpec.from_config(run_config)
+        return functools.partial(step_lib.loss_fn, mfl_weight=LAMBDA, spec=spec)
 
     def apply(params, x):
         return model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x)
@@ -129,12 +133,12 @@ def test_select_mode_matches_vmap_mode(gradients):
 
 
 def test_optimizer_is_sgd_momentum_with_l2_and_staircase_decay():
-    config = tiny_config()
-    schedule = train_state.learning_rate_schedule(config.optim)
+    spec = RunSpec.from_config(tiny_config())
+    schedule = spec.schedule
     assert [float(schedule(s)) for s in (0, 1999, 2000, 4000)] == pytest.approx(
         [1e-3, 1e-3, 7e-4, 4.9e-4]
     )
-    tx = train_state.make_optimizer(config.optim)
+    tx = spec.tx
     params = {"w": jnp.array([2.0, -1.0])}
     grads = {"w": jnp.array([0.5, 0.25])}
     state = tx.init(params)
@@ -147,13 +151,21 @@ def test_optimizer_is_sgd_momentum_with_l2_and_staircase_decay():
 
 
 def test_mfl_weight_auto_and_number():
-    assert step_lib.resolve_mfl_weight("auto", lambda: 0.0077) == pytest.approx(1 / 0.0077)
-    assert step_lib.resolve_mfl_weight("130", lambda: 1.0) == 130.0
-    assert step_lib.resolve_mfl_weight(2.5, lambda: 1.0) == 2.5
-    with pytest.raises(ValueError, match="no positive bit"):
-        step_lib.resolve_mfl_weight("auto", lambda: 0.0)
+    assert losses.parse_mfl_weight("auto") is None
+    assert losses.parse_mfl_weight("130") == 130.0
+    assert losses.parse_mfl_weight(2.5) == 2.5
     with pytest.raises(ValueError, match="mfl_weight"):
-        step_lib.resolve_mfl_weight("big", lambda: 1.0)
+        losses.parse_mfl_weight("big")
+    store = FakeStore()
+    spec = RunSpec.from_config(tiny_config())  # loss.mfl_weight = 'auto'
+    rows = spec.fold_split(store).train_rows
+    classes, known = np.asarray(store.classes[rows]), np.asarray(store.grade_known[rows])
+    ratio = losses.positive_bit_ratio(classes, grade_known=known)
+    assert spec.mfl_weight(store, rows) == pytest.approx(1 / ratio)
+    fixed = RunSpec.from_config(tiny_config(overrides=["--config.loss.mfl_weight=130"]))
+    assert fixed.mfl_weight(store, rows) == 130.0
+    with pytest.raises(ValueError, match="no positive"):
+        spec.mfl_weight(store, np.flatnonzero(~store.annotated))
 
 
 def test_batch_not_divisible_by_devices_is_an_error():
@@ -167,11 +179,9 @@ def test_one_compiled_step_serves_every_mfl_weight():
     """lambda is an operand of the train step, not a constant of it: two folds' lambdas run one
     executable (so a persistent compilation cache serves every fold), and each step's loss is
     FL + lambda * MFL with its own lambda."""
-    config = tiny_config()
+    spec = RunSpec.from_config(tiny_config(), image_size=(32, 32))
     mesh = sharding.make_mesh()
-    model, _ = train_state.build_run_model(config, axis_name=sharding.DATA_AXIS)
-    tx = train_state.make_optimizer(config.optim)
-    step = step_lib.make_train_step(model, config, tx, mesh)
+    step = step_lib.make_train_step(spec, mesh)
     images, classes, grade_known = _batch()
     batch = jax.device_put(
         {
@@ -184,7 +194,7 @@ def test_one_compiled_step_serves_every_mfl_weight():
     )
     key = jax.random.key(0)
     for lam in (10.0, 250.0):
-        state = train_state.create_train_state(model, tx, key, (1, 32, 32, 2), mesh)
+        state = train_state.create_train_state(spec, key, mesh)
         _, metrics = step(state, batch, key, jnp.float32(lam))
         assert float(metrics["mfl_weight"]) == lam
         assert float(metrics["mfl"]) > 0
@@ -218,7 +228,8 @@ def test_eval_step_decodes_classes_as_ordinal_decode(loss, thresholds, expected)
     P > 0.5, not >= 0.5), for ordinal and binary outputs."""
     config = tiny_config(overrides=[f"--config.loss.name={loss}", "--config.loss.mfl=false"])
     mesh = sharding.make_mesh()
-    eval_step = step_lib.make_eval_step(_FixedLogits(thresholds), config, mesh)
+    spec = dataclasses.replace(RunSpec.from_config(config), model=_FixedLogits(thresholds))
+    eval_step = step_lib.make_eval_step(spec, mesh)
     values = np.array([0.05, 0.3, 0.5, 0.95], np.float32)
     images = np.broadcast_to(values[:, None, None, None], (4, 8, 8, 2)).copy()
     batch = {

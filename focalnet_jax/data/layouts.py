@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from focalnet_jax.case_ids import check_case_id
+from focalnet_jax.data.case_ids import check_case_id
 from focalnet_jax.data.io import IMAGE_SUFFIXES
 from focalnet_jax.errors import UserError
 

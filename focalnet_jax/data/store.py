@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from focalnet_jax.case_ids import check_case_id
+from focalnet_jax.data.case_ids import check_case_id
 from focalnet_jax.data.geometry import CropGeometry
 from focalnet_jax.data.preprocess import PreprocessConfig
 from focalnet_jax.errors import UserError
@@ -389,3 +389,38 @@ def open_store(path: str | os.PathLike, *, expected_settings: dict | None = None
         fingerprint=table["fingerprint"],
         **arrays,
     )
+
+
+def component_channels(store, components) -> list[int]:
+    """Store channel of each named component; a component the store lacks is an error."""
+    missing = [c for c in components if c not in store.components]
+    if missing:
+        raise UserError(
+            f"data.components {tuple(components)}: {missing} not in store {store.path} "
+            f"(it holds {store.components})"
+        )
+    return [store.components.index(c) for c in components]
+
+
+def t2w_lower_ratios(store) -> np.ndarray:
+    """Per store row, float32 `[N]`: the case's T2w air / bladder intensity ratio (0 where not
+    recorded), clipped to [0, 0.9].
+
+    The store keeps T2w as (x - air) / (bladder - air), unclipped; this ratio is all that the
+    intensity augmentation needs to move the upper (bladder) threshold (`training.augment`).
+    """
+    ratios = np.zeros(len(store.images), np.float32)
+    for record in store.cases:
+        scale = record.get("t2w_scale") or {}
+        air, bladder = scale.get("air"), scale.get("bladder")
+        if air is not None and bladder and bladder > air:
+            ratios[record["start"] : record["stop"]] = np.clip(max(air, 0.0) / bladder, 0.0, 0.9)
+    return ratios
+
+
+def preprocess_settings(path) -> dict | None:
+    """The preprocessing settings a store was made with (None when `path` holds no store)."""
+    try:
+        return open_store(path).settings.get("preprocess")
+    except FileNotFoundError:
+        return None

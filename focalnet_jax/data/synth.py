@@ -52,9 +52,7 @@ class SynthConfig:
     t2w_spacing: tuple[float, float, float] = (3.0, 0.5, 0.5)
     dwi_size: tuple[int, int, int] = (20, 128, 84)
     dwi_spacing: tuple[float, float, float] = (3.0, 2.0, 2.0)
-    dwi_shift_mm: float = (
-        2.0  # max |origin shift| of the ADC/HBV grid per axis (beyond the centring)
-    )
+    dwi_shift_mm: float = 2.0  # max |origin shift| of the ADC/HBV grid per axis, beyond centring
     negative_share: float = 0.25  # cases without lesions
     max_lesions: int = 3
     t2w_only_share: float = 0.15  # lesions visible only in T2w

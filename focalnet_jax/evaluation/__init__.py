@@ -3,6 +3,6 @@
 Modules: `predictions` (the `<case_id>.npz` contract), `localization` (2D local maxima),
 `matching` (5 mm hit rule, per-case reduction), `froc`, `roc` (GS ROC), `picai` (PI-CAI metrics
 through picai_eval), `stats` (fold statistics, Welch + Bonferroni), `report` (metrics.json,
-report.md), `figures`, `pipeline` (`focalnet evaluate`), `summary` (`focalnet summarize`),
+report.md), `figures`, `evaluate` (`focalnet evaluate`), `summary` (`focalnet summarize`),
 `inference` (batched jit prediction), `predict` (`focalnet predict`). See docs/evaluation.md.
 """

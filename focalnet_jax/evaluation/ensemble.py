@@ -21,12 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
-from focalnet_jax import checkpoint
 from focalnet_jax.data.preprocess import PreprocessConfig
 from focalnet_jax.data.run_store import read_run_store
+from focalnet_jax.data.store import preprocess_settings as store_preprocess_settings
 from focalnet_jax.data.store import settings_diff
 from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation.inference import Predictor
+from focalnet_jax.run import workdir as workdir_lib
 
 log = logging.getLogger(__name__)
 
@@ -44,27 +45,23 @@ def preprocess_settings(config, workdir: str | Path | None = None) -> dict | Non
     """The preprocessing settings the run was trained with: those recorded in `workdir`
     (`data.run_store`; a training store rebuilt since with other settings is named in a warning),
     else (a run from before these records) its training store's, else None (defaults)."""
-    table = Path(str(config.data.store or "")) / "cases.json"
-    store = json.loads(table.read_text())["settings"] if table.is_file() else None
+    path = str(config.data.store or "")
+    store = store_preprocess_settings(path) if path else None
     record = read_run_store(workdir) if workdir is not None else None
     if record is not None:
-        diff = settings_diff(
-            record["settings"]["preprocess"], (store or {}).get("preprocess", {}), ("run", "store")
-        )
+        diff = settings_diff(record["settings"]["preprocess"], store or {}, ("run", "store"))
         if store is not None and diff:
             log.warning(
                 "store %s was rebuilt since training (%s): preprocessing as the run was trained",
-                table.parent,
+                path,
                 "; ".join(diff),
             )
         return record["settings"]["preprocess"]
     if store is None:
         log.warning("training store %s not found: default preprocessing", config.data.store)
         return None
-    log.warning(
-        "run %s records no store settings: preprocessing as store %s", workdir, table.parent
-    )
-    return store.get("preprocess")
+    log.warning("run %s records no store settings: preprocessing as store %s", workdir, path)
+    return store
 
 
 def input_settings(preprocess: dict | None) -> dict:
@@ -83,12 +80,12 @@ def final_step(workdir: Path) -> tuple[int | None, str]:
     """(step of the run's finished checkpoint, else None; why not). Finished: a checkpoint at
     the configured `train.steps` (any checkpoint where the run counts epochs instead)."""
     try:
-        config = checkpoint.read_config(workdir)
+        config = workdir_lib.read_config(workdir)
     except FileNotFoundError as error:
         return None, str(error)
-    if not (workdir / checkpoint.CHECKPOINT_DIR).is_dir():
+    if not (workdir / workdir_lib.CHECKPOINT_DIR).is_dir():
         return None, "no checkpoint"
-    manager = checkpoint.make_manager(workdir, read_only=True)
+    manager = workdir_lib.make_manager(workdir, read_only=True)
     try:
         steps = manager.all_steps()
     finally:
@@ -105,14 +102,14 @@ def resolve_runs(path: str | Path) -> list[Path]:
     """The runs of a `--checkpoint` / `--workdir` argument: the run itself, or every `fold*` run
     of a cross-validation folder with a finished checkpoint (the others are skipped, logged)."""
     path = Path(path)
-    if (path / checkpoint.CONFIG_FILE).is_file():
+    if (path / workdir_lib.CONFIG_FILE).is_file():
         return [path]
-    folds = [p for p in path.glob("fold*") if (p / checkpoint.CONFIG_FILE).is_file()]
+    folds = [p for p in path.glob("fold*") if (p / workdir_lib.CONFIG_FILE).is_file()]
     folds.sort(key=lambda p: (len(p.name), p.name))  # fold2 before fold10
     if not folds:
         raise EnsembleError(
-            f"{path}: neither a training run (no {checkpoint.CONFIG_FILE}) nor a "
-            f"cross-validation folder (no fold<k>/{checkpoint.CONFIG_FILE})"
+            f"{path}: neither a training run (no {workdir_lib.CONFIG_FILE}) nor a "
+            f"cross-validation folder (no fold<k>/{workdir_lib.CONFIG_FILE})"
         )
     runs, skipped = [], []
     for fold in folds:
@@ -147,13 +144,9 @@ class Ensemble:
         return self.predictors[0].components
 
     @property
-    def encoding(self) -> str:
-        return self.predictors[0].encoding
-
-    @property
-    def config(self):
-        """The first model's config (they agree on components, encoding and preprocessing)."""
-        return self.predictors[0].config
+    def spec(self):
+        """The first model's `RunSpec` (they agree on components, encoding and preprocessing)."""
+        return self.predictors[0].spec
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         images = np.asarray(images, np.float32)
@@ -177,7 +170,7 @@ def check_compatible(runs: Sequence[Path], predictors: Sequence[Predictor], sett
     input preprocessing settings."""
     checks = {
         "components": [list(p.components) for p in predictors],
-        "output encodings": [p.encoding for p in predictors],
+        "output encodings": [p.spec.output_encoding for p in predictors],
         "input preprocessing settings": [input_settings(s) for s in settings],
     }
     for what, values in checks.items():
@@ -209,7 +202,9 @@ def load_ensemble(
     if step is not None and len(runs) > 1:
         raise EnsembleError(f"--step picks one checkpoint of one run; got {len(runs)} runs")
     predictors = [Predictor.from_workdir(run, step=step, batch_size=batch_size) for run in runs]
-    settings = [preprocess_settings(p.config, run) for run, p in zip(runs, predictors, strict=True)]
+    settings = [
+        preprocess_settings(p.spec.config, run) for run, p in zip(runs, predictors, strict=True)
+    ]
     return make_ensemble(predictors, runs, settings, tta)
 
 
@@ -225,7 +220,8 @@ def make_ensemble(
     predictors = list(predictors)
     shared: dict[str, Predictor] = {}
     for i, predictor in enumerate(predictors):
-        key = json.dumps([predictor.config.model.to_dict(), predictor.encoding], sort_keys=True)
+        spec = predictor.spec
+        key = json.dumps([spec.config.model.to_dict(), spec.output_encoding], sort_keys=True)
         if key in shared:
             predictors[i] = dataclasses.replace(predictor, apply=shared[key].apply)
         shared.setdefault(key, predictor)

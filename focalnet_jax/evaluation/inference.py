@@ -16,11 +16,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from focalnet_jax import augment, checkpoint, encoding
+from focalnet_jax import encoding
+from focalnet_jax.data.run_store import check_run_store
+from focalnet_jax.data.store import component_channels, open_store
 from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation.predictions import write_case
-from focalnet_jax.input_pipeline import component_channels
-from focalnet_jax.training.train_state import build_run_model
+from focalnet_jax.run import RunSpec, clip_inputs
+from focalnet_jax.run import workdir as workdir_lib
 
 log = logging.getLogger(__name__)
 
@@ -28,35 +30,35 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass
 class Predictor:
     """A trained model as `scores = predictor(images)`: images float32 `[N, H, W, C]` (components
-    in `components` order, as the store holds them: T2w unclipped) -> float32 `[N, H, W, 5]`."""
+    in `spec.components` order, as the store holds them: T2w unclipped) -> float32
+    `[N, H, W, 5]`."""
 
-    config: object
+    spec: RunSpec
     variables: dict
-    components: tuple[str, ...]
-    encoding: str
     apply: Callable
     batch_size: int = 16
 
-    @classmethod
-    def from_workdir(cls, workdir: str | Path, *, step: int | None = None, batch_size: int = 16):
-        """Loads the run's config and checkpoint (`checkpoint.load_for_inference`)."""
-        config, variables = checkpoint.load_for_inference(workdir, step)
-        return cls.from_variables(config, variables, batch_size=batch_size)
+    @property
+    def components(self) -> tuple[str, ...]:
+        return self.spec.components
 
     @classmethod
-    def from_variables(cls, config, variables: dict, *, batch_size: int = 16):
-        """The model a run's `config` describes, with the given params and batch_stats."""
-        model, enc = build_run_model(config)
-        components = tuple(config.data.components)
+    def from_workdir(cls, workdir: str | Path, *, step: int | None = None, batch_size: int = 16):
+        """Loads the run's spec and checkpoint (`workdir.load_for_inference`)."""
+        spec, variables = workdir_lib.load_for_inference(workdir, step)
+        return cls.from_variables(spec, variables, batch_size=batch_size)
+
+    @classmethod
+    def from_variables(cls, spec: RunSpec, variables: dict, *, batch_size: int = 16):
+        """The model of a run's `spec` with the given params and batch_stats."""
 
         @jax.jit
         def apply(variables, images):
             # Inputs are clipped to [0, 1] as at training; BatchNorm uses running averages.
-            logits = model.apply(variables, augment.clip_inputs(images), train=False)
-            return encoding.scores_from_outputs(logits, enc, from_logits=True)
+            logits = spec.model.apply(variables, clip_inputs(images), train=False)
+            return encoding.scores_from_outputs(logits, spec.output_encoding, from_logits=True)
 
-        variables = jax.device_put(variables)
-        return cls(config, variables, components, enc, apply, batch_size)
+        return cls(spec, jax.device_put(variables), apply, batch_size)
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         images = np.asarray(images, np.float32)
@@ -121,21 +123,17 @@ def predict_validation_fold(
     """Predicts every case of the run's validation fold (`config.data.fold`) into `out_dir`;
     returns their case ids (the cases an evaluation of the fold expects). `predictor`: the
     run's model already loaded, e.g. with flip TTA (default: `Predictor.from_workdir`)."""
-    from focalnet_jax.data.folds import split_cases
-    from focalnet_jax.data.run_store import check_run_store
-    from focalnet_jax.data.store import open_store
-
     if predictor is None:
         predictor = Predictor.from_workdir(workdir, step=step, batch_size=batch_size)
-    data = predictor.config.data
+    data = predictor.spec.config.data
     store_path = store_path or data.store
     if not store_path:
         raise UserError(f"workdir {workdir}: its config has no data.store; pass --store")
     store = open_store(store_path)
     check_run_store(workdir, store.settings, against=f"store {store_path}", ignore=("slices",))
-    _, val_ids = split_cases(store, int(data.fold), int(data.num_folds), int(data.fold_seed))
-    if not val_ids:
+    val_cases = predictor.spec.fold_split(store).val_cases
+    if not val_cases:
         raise UserError(f"store {store_path}: fold {data.fold} has no validation case")
-    log.info("predicting %d validation cases of fold %s", len(val_ids), data.fold)
-    predict_cases(predictor, store, val_ids, out_dir)
-    return list(val_ids)
+    log.info("predicting %d validation cases of fold %s", len(val_cases), data.fold)
+    predict_cases(predictor, store, val_cases, out_dir)
+    return list(val_cases)

@@ -149,6 +149,14 @@ def write_exam_outputs(
 
     detections = local_maxima(scores, case.spacing, radius_mm=radius_mm, min_score=min_score)
     shown = detections.scores[:, 0] >= threshold
+    written.append(write_detections(out_dir / "detections.csv", case, detections, shown, t2w))
+    written.append(overlay(out_dir / "overlay.png", case, scores, detections, shown))
+    log.info("%d detections with score >= %g", int(shown.sum()), threshold)
+    return written
+
+
+def write_detections(path: Path, case, detections, shown: np.ndarray, t2w: sitk.Image) -> Path:
+    """`detections.csv` (`CSV_COLUMNS`) of the detections where `shown`, numbered from 1."""
     rows = []
     for n, i in enumerate(np.flatnonzero(shown), 1):
         s, r, c = int(detections.slice[i]), int(detections.row[i]), int(detections.col[i])
@@ -156,21 +164,16 @@ def write_exam_outputs(
         voxel = t2w.TransformPhysicalPointToIndex(world)
         p = detections.scores[i]
         rows.append([n, *(f"{v:.4f}" for v in world), *voxel, s, r, c, *(f"{v:.4f}" for v in p)])
-    path = out_dir / "detections.csv"
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(CSV_COLUMNS)
         writer.writerows(rows)
-    written.append(path)
-
-    written.append(_overlay(out_dir / "overlay.png", case, scores, detections, shown))
-    log.info("%s: %d detections with score >= %g", case.case_id, int(shown.sum()), threshold)
-    return written
+    return path
 
 
-def _overlay(path: Path, case, scores: np.ndarray, detections, shown: np.ndarray) -> Path:
-    """The T2w crop slices of the highest shown detections (else of the highest score) with the
-    lesion score map and the detections."""
+def overlay(path: Path, case, scores: np.ndarray, detections, shown: np.ndarray) -> Path:
+    """`overlay.png`: the T2w crop slices of the highest shown detections (else the slice with the
+    highest lesion score), with the score map and the detections."""
     t2w_crop = np.clip(case.images[..., 0], 0.0, 1.0)
     if shown.any():
         order = detections.slice[shown]

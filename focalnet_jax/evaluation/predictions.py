@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from focalnet_jax.case_ids import check_case_id
+from focalnet_jax.data.case_ids import check_case_id
 
 REQUIRED_KEYS = ("scores", "lesions", "lesion_classes", "spacing", "patient_id")
 OPTIONAL_KEYS = ("t2w", "adc", "slice_index")

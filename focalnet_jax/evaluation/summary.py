@@ -15,8 +15,8 @@ import numpy as np
 
 from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation import figures
+from focalnet_jax.evaluation.evaluate import FROC_PANELS, GS_PANELS
 from focalnet_jax.evaluation.froc import GROUPS, sensitivity_at
-from focalnet_jax.evaluation.pipeline import FROC_PANELS, GS_PANELS
 from focalnet_jax.evaluation.report import (
     ROC_TITLES,
     TABLE_II,

@@ -1,7 +1,8 @@
 """`train_and_evaluate(config, workdir)`: the training loop of every config.
 
-Resume order: the latest checkpoint in `workdir`, else `model.pretrained` (torchvision ResNet
-weights), else a fresh initialisation. The data order and augmentation depend only on
+The run is built from the config's `RunSpec`; resume order: the latest checkpoint in `workdir`,
+else `model.pretrained` (torchvision ResNet weights), else a fresh initialisation
+(`checkpoint.resume_or_initialize`). The data order and augmentation depend only on
 (seed, step), so a restarted run continues exactly where the checkpoint left it.
 """
 
@@ -17,58 +18,17 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from focalnet_jax import checkpoint, input_pipeline, losses, sharding
-from focalnet_jax.augment import clip_inputs
 from focalnet_jax.data.run_store import record_run_store
-from focalnet_jax.tb_logging import SummaryWriter
+from focalnet_jax.data.store import open_store
+from focalnet_jax.run import RunSpec, clip_inputs
+from focalnet_jax.run import workdir as workdir_lib
+from focalnet_jax.training import checkpoint, input_pipeline, sharding
 from focalnet_jax.training import step as step_lib
-from focalnet_jax.training import train_state
+from focalnet_jax.training.tb_logging import SummaryWriter
 
 log = logging.getLogger(__name__)
 
 _PANEL_SLICES = 4
-
-
-def split_rows(config: ml_collections.ConfigDict, store) -> tuple[np.ndarray, np.ndarray]:
-    """Training and validation store rows of `config.data.fold` (patient-level folds)."""
-    from focalnet_jax.data.folds import split_cases
-
-    data = config.data
-    if not 0 <= data.fold < data.num_folds:
-        raise ValueError(f"data.fold={data.fold} not in [0, data.num_folds={data.num_folds})")
-    train_ids, val_ids = split_cases(
-        store, data.fold, num_folds=data.num_folds, seed=data.fold_seed
-    )
-    return (
-        input_pipeline.select_rows(store, train_ids, data.slices),
-        input_pipeline.select_rows(store, val_ids, data.slices),
-    )
-
-
-def total_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
-    """`train.steps` when > 0, else `train.epochs` whole epochs."""
-    if config.train.steps > 0:
-        return int(config.train.steps)
-    if config.train.epochs <= 0:
-        raise ValueError("train.steps and train.epochs are both <= 0; set one of them")
-    return int(config.train.epochs * steps_per_epoch)
-
-
-def mfl_weight(config: ml_collections.ConfigDict, store, train_rows: np.ndarray) -> float:
-    """lambda of eq. 4 (0 without MFL); 'auto' = 1 / positive bit ratio of the training split."""
-    if not config.loss.mfl:
-        return 0.0
-    enc = losses.get_loss(config.loss.name).encoding
-    bits = "ordinal" if enc == "onehot" else enc  # MFL compares P(class >= k) bits
-
-    def ratio():
-        return losses.positive_bit_ratio(
-            np.asarray(store.classes[train_rows]),
-            encoding=bits,
-            grade_known=np.asarray(store.grade_known[train_rows]),
-        )
-
-    return step_lib.resolve_mfl_weight(config.loss.mfl_weight, ratio)
 
 
 @jax.jit
@@ -127,134 +87,110 @@ def panel(reader, rows: np.ndarray, predicted: np.ndarray) -> np.ndarray:
     return np.concatenate([np.concatenate(list(col), axis=0) for col in columns], axis=1)
 
 
+class _Logger:
+    """The loop's periodic outputs: scalars every `log_every` steps (with images/s), validation
+    every `eval_every` steps, a non-finite check before each log and checkpoint."""
+
+    def __init__(self, spec: RunSpec, workdir: Path, manager, progress, start: int):
+        self.spec, self.workdir, self.manager, self.progress = spec, workdir, manager, progress
+        self.writer = SummaryWriter(workdir / "tb")
+        self.first_bad = jnp.int32(-1)
+        self.last_time, self.last_step = time.perf_counter(), start
+
+    def check_finite(self, step: int) -> None:
+        bad = int(jax.device_get(self.first_bad))
+        if bad >= 0:
+            self.manager.wait_until_finished()
+            raise RuntimeError(
+                f"non-finite loss or gradient at step {bad + 1} (checked at step {step}); "
+                f"last good checkpoint: step {self.manager.latest_step()} in {self.workdir}"
+            )
+
+    def train(self, done: int, metrics) -> None:
+        self.check_finite(done)
+        scalars = _scalars(metrics, self.spec.subsets)
+        now = time.perf_counter()
+        images = (done - self.last_step) * self.spec.global_batch
+        scalars["train/images_per_s"] = images / max(now - self.last_time, 1e-9)
+        self.last_time, self.last_step = now, done
+        self.writer.scalars(done, scalars)
+        self.progress.set_postfix(loss=f"{scalars['train/loss']:.4f}", refresh=False)
+
+    def validation(self, done: int, val: dict, reader, shown: dict) -> None:
+        self.writer.scalars(done, val)
+        if self.writer.enabled:  # process 0: the images and the console line
+            image = panel(reader, shown["rows"], shown["predicted"])
+            self.writer.image(done, "val/panel", image)
+            line = ", ".join(f"{k} {v:.4f}" for k, v in sorted(val.items()))
+            self.progress.write(f"step {done}: {line}")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *, store=None):
     """Train `config` in `workdir` (resuming from its latest checkpoint); returns the final state.
 
-    `store`: an opened store (default: `open_store(config.data.store)`).
+    `store`: an opened store (default: `open_store(config.data.store)`). The config is validated
+    (`RunSpec.from_config`) before the store is opened or anything compiled.
     """
-    workdir = Path(workdir)
-    components = tuple(config.data.components)
-
-    # Mesh: one `data` axis over every device of every process.
-    mesh = sharding.make_mesh()
-    sharding.per_device_batch(config.train.batch_size, mesh)
-
-    # Data.
-    if store is None:
-        from focalnet_jax.data.store import open_store
-
-        store = open_store(config.data.store)
+    spec = RunSpec.from_config(config)
+    workdir, mesh = Path(workdir), sharding.make_mesh()
+    store = open_store(config.data.store) if store is None else store
     record_run_store(workdir, store, write=jax.process_index() == 0)
-    reader = input_pipeline.SliceReader(store, components)
-    train_rows, val_rows = split_rows(config, store)
+    spec = spec.for_store(store)
+    split = spec.fold_split(store)
+    reader = input_pipeline.SliceReader(store, spec.components)
     batches = input_pipeline.TrainBatches(
-        reader,
-        train_rows,
-        config.train.batch_size,
-        mesh,
-        seed=config.seed,
-        prefetch=config.train.prefetch,
-    )
-    num_steps = total_steps(config, batches.steps_per_epoch)
-
-    # Model, optimiser, loss weight.
-    model, _ = train_state.build_run_model(config, axis_name=sharding.DATA_AXIS)
-    tx = train_state.make_optimizer(config.optim)
-    lam = mfl_weight(config, store, train_rows)
-    subsets = losses.component_subsets(components, config.loss.subsets) if config.loss.mfl else []
+        reader, split.train_rows, spec.global_batch, mesh,
+        seed=config.seed, prefetch=config.train.prefetch,
+    )  # fmt: skip
+    num_steps = spec.total_steps(batches.steps_per_epoch)
+    lam = spec.mfl_weight(store, split.train_rows)
     key = jax.random.key(config.seed)
     init_key, train_key = jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
-    input_shape = (1, *store.images.shape[1:3], len(components))
-
-    # State: workdir checkpoint, else pretrained weights, else scratch.
-    manager = checkpoint.make_manager(workdir, keep=config.train.keep_checkpoints)
-    abstract = train_state.abstract_train_state(model, tx, input_shape, mesh)
-    state = checkpoint.resume(manager, abstract)
-    if state is None:
-        variables = None
-        if config.model.pretrained:
-            from focalnet_jax.models.pretrained import load_torchvision_resnet
-
-            variables = load_torchvision_resnet(
-                train_state.init_variables(model, init_key, input_shape),
-                config.model.pretrained,
-                num_components=len(components),
-                model_config=config.model,
-            )
-        state = train_state.create_train_state(
-            model, tx, init_key, input_shape, mesh, variables=variables
-        )
+    manager = workdir_lib.make_manager(workdir, keep=config.train.keep_checkpoints)
+    state = checkpoint.resume_or_initialize(spec, manager, mesh, init_key)
     start = int(jax.device_get(state.step))
-    checkpoint.save_config(config, workdir)
+    workdir_lib.save_config(config, workdir)
     if jax.process_index() == 0:
         log.info(
             "%d train / %d val slices, %d steps (%d per epoch), start at %d, lambda %.4g",
-            len(train_rows),
-            len(val_rows),
-            num_steps,
-            batches.steps_per_epoch,
-            start,
-            lam,
-        )
-
-    # Steps.
-    train_step = step_lib.make_train_step(model, config, tx, mesh)
-    lam_operand = jnp.float32(lam)
-    eval_step = step_lib.make_eval_step(model, config, mesh)
-    writer = SummaryWriter(workdir / "tb")
-    first_bad = jnp.int32(-1)
-    saved = set(manager.all_steps())
-
-    def check_finite(step):
-        bad = int(jax.device_get(first_bad))
-        if bad >= 0:
-            manager.wait_until_finished()
-            raise RuntimeError(
-                f"non-finite loss or gradient at step {bad + 1} (checked at step {step}); "
-                f"last good checkpoint: step {manager.latest_step()} in {workdir}"
-            )
-
-    # Loop. Whatever happens, pending checkpoint writes finish and files are closed.
+            len(split.train_rows), len(split.val_rows), num_steps, batches.steps_per_epoch,
+            start, lam,
+        )  # fmt: skip
     progress = tqdm(
         total=num_steps, initial=start, disable=jax.process_index() != 0, desc="train", unit="step"
     )
-    try:
-        last_time, last_step = time.perf_counter(), start
-        for step, batch in batches.iterate(start, num_steps):
-            state, metrics = train_step(state, batch, train_key, lam_operand)
-            first_bad = _first_bad(first_bad, metrics["loss"], metrics["grad_norm"], step)
-            done = step + 1
-            progress.update(1)
-            final = done == num_steps
-            if done % config.train.log_every == 0 or final:
-                check_finite(done)
-                scalars = _scalars(metrics, subsets)
-                now = time.perf_counter()
-                scalars["train/images_per_s"] = (
-                    (done - last_step) * config.train.batch_size / max(now - last_time, 1e-9)
-                )
-                last_time, last_step = now, done
-                writer.scalars(done, scalars)
-                progress.set_postfix(loss=f"{scalars['train/loss']:.4f}", refresh=False)
-            if (done % config.train.checkpoint_every == 0 or final) and done not in saved:
-                check_finite(done)
-                checkpoint.save(manager, done, state)
-                saved.add(done)
-            eval_every = config.train.eval_every
-            if len(val_rows) and ((eval_every and done % eval_every == 0) or final):
-                val, shown = evaluate(
-                    eval_step, state, reader, val_rows, config.train.batch_size, mesh
-                )
-                writer.scalars(done, val)
-                if writer.enabled:  # process 0: the images and the console line
-                    writer.image(
-                        done, "val/panel", panel(reader, shown["rows"], shown["predicted"])
-                    )
-                    line = ", ".join(f"{k} {v:.4f}" for k, v in sorted(val.items()))
-                    progress.write(f"step {done}: {line}")
+    logger = _Logger(spec, workdir, manager, progress, start)
+    try:  # Whatever happens, pending checkpoint writes finish and files are closed.
+        return _steps(spec, state, batches, split.val_rows, mesh, logger, train_key, lam, num_steps)
     finally:
         progress.close()
         manager.wait_until_finished()
         manager.close()
-        writer.close()
+        logger.writer.close()
+
+
+def _steps(spec: RunSpec, state, batches, val_rows, mesh, logger: _Logger, key, lam, num_steps):
+    """Steps `state.step`..`num_steps` with logging, checkpoints and validation; the last state."""
+    train_step = step_lib.make_train_step(spec, mesh)
+    eval_step = step_lib.make_eval_step(spec, mesh)
+    lam_operand = jnp.float32(lam)
+    train = spec.config.train
+    saved = set(logger.manager.all_steps())
+    for step, batch in batches.iterate(int(jax.device_get(state.step)), num_steps):
+        state, metrics = train_step(state, batch, key, lam_operand)
+        logger.first_bad = _first_bad(logger.first_bad, metrics["loss"], metrics["grad_norm"], step)
+        done = step + 1
+        logger.progress.update(1)
+        final = done == num_steps
+        if done % train.log_every == 0 or final:
+            logger.train(done, metrics)
+        if (done % train.checkpoint_every == 0 or final) and done not in saved:
+            logger.check_finite(done)
+            checkpoint.save(logger.manager, done, state)
+            saved.add(done)
+        if len(val_rows) and ((train.eval_every and done % train.eval_every == 0) or final):
+            val, shown = evaluate(
+                eval_step, state, batches.reader, val_rows, spec.global_batch, mesh
+            )
+            logger.validation(done, val, batches.reader, shown)
     return state

@@ -21,43 +21,9 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from focalnet_jax import sharding
+from focalnet_jax.data.store import component_channels, t2w_lower_ratios
 from focalnet_jax.errors import UserError
-
-SLICE_MODES = ("annotated", "all")
-
-
-def select_rows(store, case_ids: Sequence[str], slices: str = "annotated") -> np.ndarray:
-    """Store rows (int64, ascending) of the given cases; `annotated` keeps slices with lesions."""
-    if slices not in SLICE_MODES:
-        raise UserError(f"data.slices: expected one of {SLICE_MODES}, got {slices!r}")
-    parts = [np.arange(r["start"], r["stop"]) for r in map(store.case, case_ids)]
-    rows = np.concatenate(parts) if parts else np.zeros(0, np.int64)
-    if slices == "annotated":
-        rows = rows[np.asarray(store.annotated)[rows]]
-    return np.sort(rows).astype(np.int64)
-
-
-def component_channels(store, components: Sequence[str]) -> list[int]:
-    """Store channel of each configured component; a missing component is an error."""
-    missing = [c for c in components if c not in store.components]
-    if missing:
-        raise UserError(
-            f"data.components {tuple(components)}: {missing} not in store {store.path} "
-            f"(it holds {store.components})"
-        )
-    return [store.components.index(c) for c in components]
-
-
-def t2w_lower_ratios(store) -> np.ndarray:
-    """Per store row: T2w air / bladder intensity of its case (0 where not recorded)."""
-    ratios = np.zeros(len(store.images), np.float32)
-    for record in store.cases:
-        scale = record.get("t2w_scale") or {}
-        air, bladder = scale.get("air"), scale.get("bladder")
-        if air is not None and bladder and bladder > air:
-            ratios[record["start"] : record["stop"]] = np.clip(max(air, 0.0) / bladder, 0.0, 0.9)
-    return ratios
+from focalnet_jax.training import sharding
 
 
 def process_rows(mesh: Mesh, global_batch: int) -> tuple[int, int]:
@@ -80,8 +46,8 @@ class SliceReader:
         self.lower_ratio = t2w_lower_ratios(store)
 
     def read(self, rows: np.ndarray) -> dict[str, np.ndarray]:
-        """rows `[B]` (-1 = padding: zeros) -> images `[B,H,W,C]` float32, classes int32,
-        grade_known uint8, t2w_lower_ratio float32 `[B]`, weight float32 `[B]` (0 on padding)."""
+        """rows `[B]` (-1 = padding: zeros) -> images `[B,H,W,C]` float32 (T2w unclipped),
+        classes int32, grade_known uint8 `[B,H,W]`, t2w_lower_ratio float32 `[B]`."""
         rows = np.asarray(rows, np.int64)
         real = rows >= 0
         order = np.unique(rows[real])  # ascending reads are fastest on a memmap
@@ -101,7 +67,6 @@ class SliceReader:
             "classes": classes,
             "grade_known": grade_known,
             "t2w_lower_ratio": ratio,
-            "weight": real.astype(np.float32),
         }
 
 
@@ -148,9 +113,7 @@ class TrainBatches:
         return self.epoch_order(epoch)[start : start + self.global_batch]
 
     def local_batch(self, step: int) -> dict[str, np.ndarray]:
-        batch = self.reader.read(self.global_rows(step)[self.start : self.stop])
-        del batch["weight"]
-        return batch
+        return self.reader.read(self.global_rows(step)[self.start : self.stop])
 
     def device_batch(self, step: int) -> dict[str, jax.Array]:
         return to_global(self.local_batch(step), self.mesh, self.global_batch)
@@ -191,11 +154,14 @@ class TrainBatches:
 def eval_batches(
     reader: SliceReader, rows: np.ndarray, global_batch: int, mesh: Mesh
 ) -> Iterator[dict[str, jax.Array]]:
-    """Every row once, in order, padded to whole global batches (`weight` 0 on padding)."""
+    """Every row once, in order, padded to whole global batches: `SliceReader.read`'s arrays and
+    `weight [B]` float32 (1 on a row, 0 on padding)."""
     start, stop = process_rows(mesh, global_batch)
     rows = np.asarray(rows, np.int64)
     padded = np.full(-(-len(rows) // global_batch) * global_batch, -1, np.int64)
     padded[: len(rows)] = rows
     for first in range(0, len(padded), global_batch):
         batch_rows = padded[first : first + global_batch]
-        yield to_global(reader.read(batch_rows[start:stop]), mesh, global_batch)
+        local_rows = batch_rows[start:stop]
+        batch = {**reader.read(local_rows), "weight": (local_rows >= 0).astype(np.float32)}
+        yield to_global(batch, mesh, global_batch)

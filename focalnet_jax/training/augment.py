@@ -8,10 +8,12 @@ pixels from outside the slice are 0 (air / background).
 Intensity (T2w only): the upper normalisation threshold (bladder) moves by u ~ U(-15 %, +20 %).
 With T2w stored as (x - lower) / (upper - lower), moving the upper threshold to (1 + u) * upper
 gives `clip(x / s, 0, 1)` with `s = ((1 + u) * upper - lower) / (upper - lower)`, which depends on
-the thresholds only through `lower_ratio = lower / upper` (air / bladder of the case, recorded by
-preprocessing; 0 gives `s = 1 + u`).
+the thresholds only through `lower_ratio = lower / upper` (air / bladder of the case, the one
+T2w-scale representation the store hands on: `data.store.t2w_lower_ratios`; 0 gives
+`s = 1 + u`).
 
-Every input is clipped to [0, 1] before the model, at training and at evaluation (`clip_inputs`).
+Every input is clipped to [0, 1] before the model, at training and at evaluation
+(`run.clip_inputs`).
 """
 
 from __future__ import annotations
@@ -20,13 +22,10 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.ndimage import map_coordinates
 
-
-def clip_inputs(images: jax.Array) -> jax.Array:
-    """Clip every component to [0, 1] (the model's input range)."""
-    return jnp.clip(images, 0.0, 1.0)
+from focalnet_jax.run import clip_inputs
 
 
-def t2w_scale(u: jax.Array, lower_ratio: float = 0.0) -> jax.Array:
+def t2w_divisor(u: jax.Array, lower_ratio: float = 0.0) -> jax.Array:
     """Divisor s for an upper-threshold change u: ((1 + u) * upper - lower) / (upper - lower)."""
     return ((1.0 + u) - lower_ratio) / (1.0 - lower_ratio)
 
@@ -90,7 +89,7 @@ def augment_example(
     if config.intensity and t2w_channel is not None:
         low, high = config.intensity_range
         u = jax.random.uniform(k_int, (), minval=low, maxval=high)
-        t2w = jnp.clip(image[..., t2w_channel] / t2w_scale(u, lower_ratio), 0.0, 1.0)
+        t2w = jnp.clip(image[..., t2w_channel] / t2w_divisor(u, lower_ratio), 0.0, 1.0)
         image = image.at[..., t2w_channel].set(t2w)
     return clip_inputs(image), classes, grade_known
 

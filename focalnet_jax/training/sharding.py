@@ -10,9 +10,10 @@ import jax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from focalnet_jax.errors import UserError
+from focalnet_jax import run
+from focalnet_jax.run import DATA_AXIS
 
-DATA_AXIS = "data"
+__all__ = ["DATA_AXIS", "batch_sharding", "make_mesh", "per_device_batch", "replicated"]
 
 
 def make_mesh() -> Mesh:
@@ -32,11 +33,4 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def per_device_batch(global_batch: int, mesh: Mesh) -> int:
     """Examples per device; a global batch not divisible by the device count is an error."""
-    devices = mesh.devices.size
-    if global_batch <= 0 or global_batch % devices:
-        raise UserError(
-            f"train.batch_size={global_batch} is not divisible by the {devices} devices of the "
-            f"'{DATA_AXIS}' mesh ({jax.process_count()} processes x {jax.local_device_count()} "
-            "local devices); choose a multiple of the device count"
-        )
-    return global_batch // devices
+    return run.per_device_batch(global_batch, mesh.devices.size)

@@ -1,22 +1,20 @@
-"""Checkpoints of a run directory: the resolved config and Orbax train-state checkpoints.
+"""A run directory: its resolved config and its Orbax checkpoints, written by training and read by
+inference.
 
 Layout of a workdir: `config.json` (the resolved config of the run), `checkpoints/<step>/` (Orbax,
-the latest `train.keep_checkpoints` kept), `tb/` (TensorBoard events). Saves are collective: every
-process calls `save`, Orbax writes each array once.
+the latest `train.keep_checkpoints` kept), `tb/` (TensorBoard events). Training saves and resumes
+the whole train state (`focalnet_jax.training.checkpoint`); inference reads only the variables
+(`load_for_inference`), so evaluation needs nothing from training.
 
 Damaged checkpoints: a step whose restore fails and whose files show the damage (a missing, empty
 or truncated file, invalid JSON metadata) raises `UnreadableCheckpointError` naming the step
-folder, the file and the reason. A resuming run (`resume`) moves such a step aside to
-`checkpoints/corrupt-<step>/` (Orbax lists only all-digit folder names, so neither `latest_step`
-nor keep-N garbage collection sees it again; nothing is deleted) and resumes from the newest
-intact step. When no step is intact it refuses, moving nothing: starting from scratch would drop
-all progress, so that takes the user moving `checkpoints/` away (or a new workdir).
+folder, the file and the reason (`restore`, `find_damage`); a resuming run moves such a step
+aside (`focalnet_jax.training.checkpoint.resume`).
 """
 
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import jax
@@ -26,16 +24,14 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 
 from focalnet_jax.errors import UserError
+from focalnet_jax.run.spec import DATA_AXIS, RunSpec
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 ITEM_DIR = "default"  # the folder of the train state inside a step folder (Orbax's single item)
-CORRUPT_PREFIX = "corrupt-"
 # The JSON files Orbax writes into a step folder (relative paths; globs allowed).
 _JSON_FILES = ("_CHECKPOINT_METADATA", f"{ITEM_DIR}/_METADATA", f"{ITEM_DIR}/_sharding")
 _REQUIRED_FILES = (f"{ITEM_DIR}/_METADATA", f"{ITEM_DIR}/manifest.ocdbt")
-
-log = logging.getLogger(__name__)
 
 
 class UnreadableCheckpointError(ValueError):
@@ -77,11 +73,6 @@ def make_manager(
     return ocp.CheckpointManager(directory, options=options)
 
 
-def save(manager: ocp.CheckpointManager, step: int, state) -> None:
-    """Save `state` at `step` (asynchronous; `manager.wait_until_finished()` before exiting)."""
-    manager.save(int(step), args=ocp.args.StandardSave(state))
-
-
 def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = None):
     """Restore into `abstract_state` (ShapeDtypeStructs with shardings): arrays land placed.
 
@@ -100,58 +91,6 @@ def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = N
         if damage is None:
             raise
         raise UnreadableCheckpointError(step_dir, damage) from error
-
-
-def resume(manager: ocp.CheckpointManager, abstract_state):
-    """The newest intact checkpoint restored into `abstract_state` (None when there is none).
-
-    Damaged newer steps are moved aside to `corrupt-<step>/` and one warning names each (file and
-    reason) and the step resumed from. Raises `UnreadableCheckpointError` naming every step, and
-    moving nothing, when all are damaged.
-    """
-    unreadable = []
-    for step in sorted(manager.all_steps(), reverse=True):
-        try:
-            state = restore(manager, abstract_state, step)
-        except UnreadableCheckpointError as error:
-            unreadable.append(error)
-            continue
-        if unreadable:
-            moved = [f"{error} (moved to {_move_aside(error.step_dir)})" for error in unreadable]
-            manager.reload()
-            if jax.process_index() == 0:
-                log.warning("resuming from step %d: %s", step, "; ".join(moved))
-        return state
-    if unreadable:
-        directory = Path(manager.directory)
-        raise UnreadableCheckpointError(
-            directory,
-            "no step is intact ("
-            + "; ".join(f"step {error.step_dir.name}: {error.reason}" for error in unreadable)
-            + f"); nothing was moved or deleted; to train from scratch, move {directory} away "
-            "or use another workdir",
-        )
-    return None
-
-
-def _move_aside(step_dir: Path) -> Path:
-    """Rename `step_dir` to `corrupt-<step>` beside it (process 0; atomic); returns the new path."""
-    target = step_dir.with_name(f"{CORRUPT_PREFIX}{step_dir.name}")
-    number = 1
-    while target.exists():
-        number += 1
-        target = step_dir.with_name(f"{CORRUPT_PREFIX}{step_dir.name}.{number}")
-    _sync(f"checkpoint_name_aside_{step_dir.name}")  # every process has seen the old names
-    if jax.process_index() == 0:
-        step_dir.rename(target)
-    _sync(f"checkpoint_moved_aside_{step_dir.name}")
-    return target
-
-
-def _sync(name: str) -> None:
-    """Barrier over all processes (no-op in a single process)."""
-    if jax.process_count() > 1:
-        ocp.multihost.sync_global_processes(name)
 
 
 def find_damage(step_dir: str | Path) -> str | None:
@@ -211,18 +150,44 @@ def _reference_damage(database: Path, location: str) -> str | None:
     return None
 
 
+def _abstract_checkpoint(spec: RunSpec) -> dict:
+    """The saved train state's tree (`step`, `params`, `batch_stats`, `opt_state`) as
+    ShapeDtypeStructs on one local device: what Orbax restores into."""
+    model, tx = spec.model, spec.tx
+
+    def tree(key):
+        variables = model.init(key, jax.numpy.zeros(spec.input_shape), train=False)
+        params = variables["params"]
+        step = jax.numpy.zeros((), jax.numpy.int32)
+        batch_stats = variables.get("batch_stats", {})
+        return {
+            "step": step,
+            "params": params,
+            "batch_stats": batch_stats,
+            "opt_state": tx.init(params),
+        }
+
+    mesh = jax.make_mesh((1,), (DATA_AXIS,), devices=jax.local_devices()[:1])
+    one_device = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    shapes = jax.eval_shape(tree, jax.random.key(0))
+    return jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=one_device), shapes
+    )
+
+
 def load_for_inference(workdir: str | Path, step: int | None = None):
-    """`(config, variables)` of a training run: the saved config and the params and batch_stats of
-    the latest (or the given) checkpoint as host NumPy arrays.
+    """`(spec, variables)` of a training run: the `RunSpec` of its saved config and the params and
+    batch_stats of the latest (or the given) checkpoint as host NumPy arrays.
 
     Raises FileNotFoundError naming the workdir when it has no config or no checkpoint (or not the
-    step asked for), ValueError when the checkpoint does not fit the model its config describes.
+    step asked for), `UnreadableCheckpointError` naming the step folder, file and reason when the
+    step's files are damaged, ValueError when the checkpoint does not fit the model its config
+    describes.
     """
-    from focalnet_jax import sharding
-    from focalnet_jax.training import train_state
-
     workdir = Path(workdir)
     config = read_config(workdir)
+    # Parameter shapes do not depend on the image size: the default crop describes the state.
+    spec = RunSpec.from_config(config, num_devices=1)
     if not (workdir / CHECKPOINT_DIR).is_dir():
         raise FileNotFoundError(f"workdir {workdir}: no checkpoint under {CHECKPOINT_DIR}/")
     manager = make_manager(workdir, read_only=True)
@@ -232,14 +197,8 @@ def load_for_inference(workdir: str | Path, step: int | None = None):
             raise FileNotFoundError(f"workdir {workdir}: no checkpoint under {CHECKPOINT_DIR}/")
         if step is not None and step not in steps:
             raise FileNotFoundError(f"workdir {workdir}: no checkpoint at step {step}; has {steps}")
-        model, _ = train_state.build_run_model(config)
-        mesh = jax.make_mesh((1,), (sharding.DATA_AXIS,), devices=jax.local_devices()[:1])
-        tx = train_state.make_optimizer(config.optim)
-        # Parameter shapes do not depend on the image size: any input size describes the state.
-        shape = (1, 128, 128, len(config.data.components))
-        abstract = train_state.abstract_train_state(model, tx, shape, mesh)
         try:
-            state = restore(manager, abstract, step)
+            state = restore(manager, _abstract_checkpoint(spec), step)
         except UnreadableCheckpointError:
             raise
         except (ValueError, KeyError, TypeError) as error:
@@ -249,5 +208,5 @@ def load_for_inference(workdir: str | Path, step: int | None = None):
             ) from error
     finally:
         manager.close()
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
-    return config, jax.tree.map(np.asarray, variables)
+    variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+    return spec, jax.tree.map(np.asarray, variables)

@@ -1,0 +1,60 @@
+"""Input checks shared by the losses: shapes, dtypes and 0/1 values, with messages naming the
+argument.
+
+The 0/1 check needs the values, so it runs on concrete arrays only and is skipped under
+``jit``/``grad`` tracing.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def is_concrete(x) -> bool:
+    """True for arrays whose values are known now (not a tracer)."""
+    return not isinstance(x, jax.core.Tracer)
+
+
+def check_bits(x, name: str, shape: tuple[int, ...], dtype):
+    """Checks a 0/1 array of the given shape (values only where concrete); casts it to dtype."""
+    x = jnp.asarray(x) if isinstance(x, jax.Array) else np.asarray(x)
+    if x.dtype != np.bool_ and not (
+        jnp.issubdtype(x.dtype, jnp.floating) or jnp.issubdtype(x.dtype, jnp.integer)
+    ):
+        raise TypeError(f"{name}: expected 0/1 bits (float, int or bool), got dtype {x.dtype}")
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(x.shape)}")
+    if is_concrete(x):
+        values = np.asarray(x)
+        bad = values[(values != 0) & (values != 1)]
+        if bad.size:
+            raise ValueError(f"{name}: expected only 0/1 bits, got values such as {bad[:3]}")
+    return jnp.asarray(x, dtype)
+
+
+def check_floating(x, name: str, ndim: int, layout: str):
+    """``x`` as a floating array of rank ``ndim`` (``layout`` names the axes in the message)."""
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{name}: expected a floating array, got dtype {x.dtype}")
+    if x.ndim != ndim:
+        raise ValueError(f"{name}: expected shape {layout}, got {x.shape}")
+    return x
+
+
+def check_inputs(logits, targets, valid):
+    """Validated (logits, targets, valid) with targets and valid in the dtype of logits."""
+    logits = check_floating(logits, "logits", 4, "[B, H, W, K]")
+    targets = check_bits(targets, "targets", logits.shape, logits.dtype)
+    if valid is None:
+        return logits, targets, jnp.ones_like(targets)
+    return logits, targets, check_bits(valid, "valid", logits.shape, logits.dtype)
+
+
+def check_scalar(value, name: str, low: float, high: float | None = None):
+    """Range check for Python hyperparameters (traced values pass through unchecked)."""
+    if isinstance(value, int | float) and not (value >= low and (high is None or value <= high)):
+        interval = f"[{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{name}: expected a value in {interval}, got {value}")

@@ -1,0 +1,339 @@
+"""FocalNet's ordinal focal loss (Cao et al. 2019, section II-C) and the baseline pixel losses.
+
+Each loss comes as a map and as the contract scalar built from it:
+
+- ``<loss>_map(logits, targets, *, valid=None, ...)`` returns the per-pixel loss ``[B, H, W]``
+  (summed over the K channels) or, for losses containing soft Dice, the per-image loss ``[B]``;
+- ``<loss>(...)`` returns ``reductions.mean`` of that map (SPEC section 2: mean over B, H, W).
+
+``logits`` and ``targets`` are ``[B, H, W, K]``; targets are 0/1 bits already encoded with the
+loss's encoding (:mod:`focalnet_jax.encoding`). ``valid`` (``[B, H, W, K]``, default all ones)
+marks the known target bits (grade-unknown lesions): invalid bits add nothing to a loss and are
+left out of the focal weight's max. Inputs are checked as in :mod:`focalnet_jax.losses.checks`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from focalnet_jax.losses import reductions
+from focalnet_jax.losses.checks import check_inputs, check_scalar
+
+
+def _log_focal_weight(logits, targets, gamma):
+    """log of the per-bit margin y (1 - p)^gamma + (1 - y) p^gamma, exact for 0/1 targets.
+
+    In log space (gamma * log-sigmoid) so that gamma < 1 keeps finite gradients at p -> 0 or 1.
+    """
+    return gamma * (
+        targets * jax.nn.log_sigmoid(-logits) + (1 - targets) * jax.nn.log_sigmoid(logits)
+    )
+
+
+def _bit_cross_entropy(logits, targets, alpha):
+    """-alpha y log p - (1 - alpha)(1 - y) log(1 - p) per bit, from logits (log-sigmoid)."""
+    return -(
+        alpha * targets * jax.nn.log_sigmoid(logits)
+        + (1 - alpha) * (1 - targets) * jax.nn.log_sigmoid(-logits)
+    )
+
+
+def ordinal_focal_loss_map(logits, targets, *, alpha=0.75, gamma=2.0, pool_size=3, valid=None):
+    """Per-pixel focal loss for ordinal encoding, eqs. (1)-(2) of Cao et al. 2019.
+
+    .. math::
+
+        q = \\operatorname{maxpool}_{s \\times s}\\Big(\\max_j\\, y_j (1 - p_j)^\\gamma
+            + (1 - y_j)\\, p_j^\\gamma\\Big), \\qquad
+        FL = q \\sum_j -\\alpha y_j \\log p_j - (1 - \\alpha)(1 - y_j) \\log(1 - p_j)
+
+    with p = sigmoid(logits). The max over channels skips invalid bits; the s x s spatial max
+    filter (stride 1, SAME padding, padding never wins the max) keeps the weights of pixels on
+    either side of a lesion boundary consistent. Gradients flow through q.
+
+    Args:
+      logits: ``[B, H, W, K]`` floating.
+      targets: ``[B, H, W, K]`` ordinal bits (0/1).
+      alpha: weight of the positive terms, in [0, 1] (0.75: false negatives cost more).
+      gamma: focusing exponent, >= 0.
+      pool_size: side s of the max filter over q, a positive odd int (1 = no pooling).
+      valid: optional ``[B, H, W, K]`` 0/1 mask of known bits.
+
+    Returns:
+      ``[B, H, W]`` per-pixel loss.
+
+    Example (p = 0.5 everywhere, no lesion: q = 0.5**2, each bit costs 0.25 log 2):
+
+    >>> loss = ordinal_focal_loss_map(jnp.zeros((1, 2, 2, 5)), jnp.zeros((1, 2, 2, 5)))
+    >>> loss.shape, round(float(loss[0, 0, 0]), 4)  # 0.25 * 5 * 0.25 * log 2
+    ((1, 2, 2), 0.2166)
+
+    References:
+      Cao et al., "Joint Prostate Cancer Detection and Gleason Score Prediction in mp-MRI via
+      FocalNet", IEEE TMI 2019, eqs. (1)-(2); Lin et al., "Focal Loss for Dense Object
+      Detection", ICCV 2017.
+    """
+    logits, targets, valid = check_inputs(logits, targets, valid)
+    check_scalar(alpha, "alpha", 0.0, 1.0)
+    check_scalar(gamma, "gamma", 0.0)
+    if isinstance(pool_size, bool) or not isinstance(pool_size, int) or pool_size % 2 != 1:
+        raise ValueError(f"pool_size: expected a positive odd int, got {pool_size!r}")
+    neg_inf = np.array(-np.inf, logits.dtype)  # concrete: lax.reduce_window picks its max rule
+    log_margin = jnp.where(valid > 0, _log_focal_weight(logits, targets, gamma), neg_inf)
+    log_q = jnp.max(log_margin, axis=-1)
+    if pool_size > 1:
+        # exp is monotone, so pooling log q equals pooling q; -inf init = padding never wins.
+        window = (1, pool_size, pool_size)
+        log_q = lax.reduce_window(log_q, neg_inf, lax.max, window, (1, 1, 1), "SAME")
+    bits = valid * _bit_cross_entropy(logits, targets, alpha)
+    return jnp.exp(log_q) * jnp.sum(bits, axis=-1)
+
+
+def ordinal_focal_loss(logits, targets, *, alpha=0.75, gamma=2.0, pool_size=3, valid=None):
+    """FocalNet's focal loss (eqs. 1-2) averaged over B, H, W (channel sum kept): **contract**.
+
+    .. math:: L = \\frac{1}{BHW} \\sum_{b,h,w} FL_{bhw}
+
+    Args and shapes as :func:`ordinal_focal_loss_map`.
+
+    Returns:
+      scalar: ``reductions.mean(ordinal_focal_loss_map(...))``.
+    """
+    per_pixel = ordinal_focal_loss_map(
+        logits, targets, alpha=alpha, gamma=gamma, pool_size=pool_size, valid=valid
+    )
+    return reductions.mean(per_pixel)
+
+
+def sigmoid_cross_entropy_map(logits, targets, *, valid=None):
+    """Per-pixel binary cross-entropy summed over bits (the paper's "CE" ablation on ordinal bits).
+
+    .. math:: CE_{bhw} = \\sum_j v_j [-y_j \\log p_j - (1 - y_j)\\log(1 - p_j)]
+
+    Args:
+      logits, targets, valid: ``[B, H, W, K]`` (targets and valid 0/1).
+
+    Returns:
+      ``[B, H, W]``.
+
+    >>> ones = jnp.ones((1, 1, 1, 5))  # p = 0.5 on 5 positive bits: 5 log 2
+    >>> round(float(sigmoid_cross_entropy_map(0 * ones, ones)[0, 0, 0]), 4)
+    3.4657
+    """
+    logits, targets, valid = check_inputs(logits, targets, valid)
+    bits = 2.0 * _bit_cross_entropy(logits, targets, 0.5)
+    return jnp.sum(valid * bits, axis=-1)
+
+
+def sigmoid_cross_entropy(logits, targets, *, valid=None):
+    """Mean over B, H, W of :func:`sigmoid_cross_entropy_map`: **contract**; a scalar."""
+    return reductions.mean(sigmoid_cross_entropy_map(logits, targets, valid=valid))
+
+
+def focal_loss_map(logits, targets, *, alpha=0.75, gamma=2.0, valid=None):
+    """Per-pixel plain sigmoid focal loss (Lin et al. 2017), summed over bits: no channel max, no
+    pooling.
+
+    .. math:: FL_{bhw} = \\sum_j v_j (1 - p_{t,j})^\\gamma
+        [-\\alpha y_j \\log p_j - (1 - \\alpha)(1 - y_j) \\log(1 - p_j)]
+
+    with :math:`p_t = p` where y = 1 and :math:`1 - p` where y = 0.
+
+    Args:
+      logits, targets, valid: ``[B, H, W, K]`` (targets and valid 0/1).
+      alpha: weight of positive bits, in [0, 1]. gamma: focusing exponent, >= 0.
+
+    Returns:
+      ``[B, H, W]``.
+
+    >>> ones = jnp.ones((1, 1, 1, 1))  # p = 0.5, y = 1: 0.5**2 * 0.75 * log 2
+    >>> round(float(focal_loss_map(0 * ones, ones)[0, 0, 0]), 4)
+    0.13
+
+    References:
+      Lin et al., "Focal Loss for Dense Object Detection", ICCV 2017.
+    """
+    logits, targets, valid = check_inputs(logits, targets, valid)
+    check_scalar(alpha, "alpha", 0.0, 1.0)
+    check_scalar(gamma, "gamma", 0.0)
+    weight = jnp.exp(_log_focal_weight(logits, targets, gamma))
+    bits = valid * weight * _bit_cross_entropy(logits, targets, alpha)
+    return jnp.sum(bits, axis=-1)
+
+
+def focal_loss(logits, targets, *, alpha=0.75, gamma=2.0, valid=None):
+    """Mean over B, H, W of :func:`focal_loss_map`: **contract**; a scalar."""
+    return reductions.mean(focal_loss_map(logits, targets, alpha=alpha, gamma=gamma, valid=valid))
+
+
+def softmax_cross_entropy_map(logits, targets, *, valid=None):
+    """Per-pixel softmax cross-entropy on one-hot targets (DeepLab and U-Net-Mult baselines).
+
+    .. math:: CE_{bhw} = \\sum_k -v_k y_k \\log \\operatorname{softmax}(z)_k
+
+    An invalid bit of the true class removes that pixel's term.
+
+    Args:
+      logits, targets, valid: ``[B, H, W, K]`` (K = 6; targets one-hot).
+
+    Returns:
+      ``[B, H, W]``.
+
+    >>> targets = jnp.eye(6)[None, None, :1]  # class 0, uniform softmax: log 6
+    >>> round(float(softmax_cross_entropy_map(jnp.zeros((1, 1, 1, 6)), targets)[0, 0, 0]), 4)
+    1.7918
+    """
+    logits, targets, valid = check_inputs(logits, targets, valid)
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.sum(valid * targets * log_probs, axis=-1)
+
+
+def softmax_cross_entropy(logits, targets, *, valid=None):
+    """Mean over B, H, W of :func:`softmax_cross_entropy_map`: **contract**; a scalar."""
+    return reductions.mean(softmax_cross_entropy_map(logits, targets, valid=valid))
+
+
+def _check_weights(weights) -> tuple[float, float]:
+    weights = tuple(weights)
+    if len(weights) != 2 or any(not isinstance(w, int | float) or w < 0 for w in weights):
+        raise ValueError(f"weights: expected two non-negative numbers, got {weights!r}")
+    return weights
+
+
+def _dice(logits, targets, valid, eps, activation, dice_background, axes):
+    """Soft Dice per channel, summed over `axes` (`(1, 2)`: per image `[B, K]`; `(0, 1, 2)`: over
+    the batch `[K]`), channel 0 left out unless `dice_background`."""
+    logits, targets, valid = check_inputs(logits, targets, valid)
+    if activation not in ("sigmoid", "softmax"):
+        raise ValueError(f"activation: expected 'sigmoid' or 'softmax', got {activation!r}")
+    if not dice_background and activation != "softmax":
+        raise ValueError("dice_background=False: only a softmax output has a background channel")
+    check_scalar(eps, "eps", 1e-12)
+    probs = jax.nn.sigmoid(logits) if activation == "sigmoid" else jax.nn.softmax(logits, -1)
+    overlap = jnp.sum(valid * probs * targets, axis=axes)
+    total = jnp.sum(valid * (probs + targets), axis=axes)
+    dice = (2.0 * overlap + eps) / (total + eps)
+    return dice if dice_background else dice[..., 1:]
+
+
+def soft_dice_loss_map(
+    logits, targets, *, valid=None, eps=1.0, activation="sigmoid", batch_dice=False,
+    dice_background=True,
+):  # fmt: skip
+    """Per-image soft Dice loss: 1 - the mean over channels of the image's soft Dice.
+
+    .. math:: D_b = 1 - \\frac{1}{K} \\sum_k
+        \\frac{2 \\sum_{h,w} v p y + \\epsilon}{\\sum_{h,w} v (p + y) + \\epsilon}
+
+    The smoothing eps (default 1) makes a channel with no lesion and no predicted lesion score 1
+    instead of 0/0, so empty ordinal channels cost nothing once predicted empty. nnU-Net's default
+    Dice (Bosma et al. 2022's CE+Dice) is ``batch_dice=True, dice_background=False, eps=1e-5``.
+
+    Args:
+      logits, targets, valid: ``[B, H, W, K]``.
+      eps: smoothing added to numerator and denominator, > 0.
+      activation: ``'sigmoid'`` (independent bits) or ``'softmax'`` (one-hot classes).
+      batch_dice: accepted so the registry binds one set of options; a per-image map is each
+        image's Dice (the batch Dice of a batch of one). :func:`soft_dice_loss` applies it.
+      dice_background: False leaves channel 0 (the background class of a softmax output) out
+        of the mean; ordinal and binary bits have no background channel, so it must stay True
+        with ``'sigmoid'``.
+
+    Returns:
+      ``[B]``, each in [0, 1].
+
+    >>> ones = jnp.ones((1, 1, 1, 1))  # p = 0.5, y = 1: 1 - (2 * 0.5 + 1) / (1.5 + 1)
+    >>> round(float(soft_dice_loss_map(0 * ones, ones)[0]), 4)
+    0.2
+
+    References:
+      Milletari et al., "V-Net", 3DV 2016; Isensee et al., "nnU-Net", Nature Methods 2021;
+      Bosma et al., "Semi-supervised learning with report-guided pseudo labels for deep
+      learning-based prostate cancer detection", 2022.
+    """
+    del batch_dice
+    dice = _dice(logits, targets, valid, eps, activation, dice_background, axes=(1, 2))
+    return 1.0 - jnp.mean(dice, axis=-1)
+
+
+def soft_dice_loss(
+    logits, targets, *, valid=None, eps=1.0, activation="sigmoid", batch_dice=False,
+    dice_background=True,
+):  # fmt: skip
+    """Mean over images of :func:`soft_dice_loss_map`: **contract**; a scalar in [0, 1].
+
+    With ``batch_dice`` one Dice per channel over the whole batch (sums over B, H, W; nnU-Net's
+    batch Dice), which no per-image map reduces to: ``1 - mean_k(batch Dice_k)``.
+    """
+    options = dict(valid=valid, eps=eps, activation=activation, dice_background=dice_background)
+    if batch_dice:
+        return 1.0 - jnp.mean(_dice(logits, targets, **options, axes=(0, 1, 2)))
+    return reductions.mean(soft_dice_loss_map(logits, targets, **options))
+
+
+def ce_dice_loss_map(
+    logits, targets, *, valid=None, eps=1.0, activation="sigmoid", batch_dice=False,
+    dice_background=True, weights=(1.0, 1.0),
+):  # fmt: skip
+    """Per-image cross-entropy + soft Dice, weighted ``weights`` = (CE, Dice), 1:1 by default
+    (nnU-Net's default, used by Bosma et al. 2022).
+
+    .. math:: L_b = w_{CE} \\frac{1}{HW} \\sum_{h,w} CE_{bhw} + w_D D_b
+
+    Sigmoid (bitwise) or softmax cross-entropy according to ``activation``, plus
+    :func:`soft_dice_loss_map` with the same activation and Dice options. Shapes as
+    :func:`soft_dice_loss_map`; returns ``[B]``.
+
+    >>> ones = jnp.ones((1, 1, 1, 1))  # CE log 2 + Dice 0.2
+    >>> round(float(ce_dice_loss_map(0 * ones, ones)[0]), 4)
+    0.8931
+    """
+    w_ce, w_dice = _check_weights(weights)
+    ce_map = sigmoid_cross_entropy_map if activation == "sigmoid" else softmax_cross_entropy_map
+    dice = soft_dice_loss_map(
+        logits, targets, valid=valid, eps=eps, activation=activation, batch_dice=batch_dice,
+        dice_background=dice_background,
+    )  # fmt: skip
+    return w_ce * reductions.per_image(ce_map(logits, targets, valid=valid)) + w_dice * dice
+
+
+def ce_dice_loss(
+    logits, targets, *, valid=None, eps=1.0, activation="sigmoid", batch_dice=False,
+    dice_background=True, weights=(1.0, 1.0),
+):  # fmt: skip
+    """Mean over images of :func:`ce_dice_loss_map` (with ``batch_dice``: the mean CE plus the
+    batch Dice loss of :func:`soft_dice_loss`): a scalar."""
+    options = dict(valid=valid, eps=eps, activation=activation, dice_background=dice_background)
+    if batch_dice:
+        w_ce, w_dice = _check_weights(weights)
+        ce_map = sigmoid_cross_entropy_map if activation == "sigmoid" else softmax_cross_entropy_map
+        dice = soft_dice_loss(logits, targets, batch_dice=True, **options)
+        return w_ce * reductions.mean(ce_map(logits, targets, valid=valid)) + w_dice * dice
+    return reductions.mean(ce_dice_loss_map(logits, targets, weights=weights, **options))
+
+
+def ce_focal_loss_map(logits, targets, *, alpha=0.75, gamma=2.0, valid=None, weights=(1.0, 1.0)):
+    """Per-pixel sigmoid cross-entropy + plain focal loss, weighted ``weights`` = (CE, FL);
+    Bosma et al. 2022's CE+FL (as picai_baseline's nnU-Net trainer) is ``weights=(0.5, 0.5)``.
+
+    .. math:: L_{bhw} = w_{CE} CE_{bhw} + w_{FL} FL_{bhw}
+
+    Shapes as :func:`focal_loss_map`; returns ``[B, H, W]``.
+
+    >>> ones = jnp.ones((1, 1, 1, 1))  # log 2 + 0.25 * 0.75 * log 2
+    >>> round(float(ce_focal_loss_map(0 * ones, ones)[0, 0, 0]), 4)
+    0.8231
+    """
+    w_ce, w_focal = _check_weights(weights)
+    focal = focal_loss_map(logits, targets, alpha=alpha, gamma=gamma, valid=valid)
+    return w_ce * sigmoid_cross_entropy_map(logits, targets, valid=valid) + w_focal * focal
+
+
+def ce_focal_loss(logits, targets, *, alpha=0.75, gamma=2.0, valid=None, weights=(1.0, 1.0)):
+    """Mean over B, H, W of :func:`ce_focal_loss_map`: a scalar."""
+    return reductions.mean(
+        ce_focal_loss_map(logits, targets, alpha=alpha, gamma=gamma, valid=valid, weights=weights)
+    )

@@ -1,0 +1,102 @@
+"""Losses by name (``config.loss.name``): each name fixes the model's output encoding and binds
+the hyperparameters the config gives."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import NamedTuple
+
+from focalnet_jax.losses import pixel
+
+
+class LossSpec(NamedTuple):
+    """A loss chosen by name: its output encoding, ``fn(logits, targets, *, valid=None)`` (the
+    scalar) and ``map_fn`` (the same loss per pixel ``[B, H, W]`` or per image ``[B]``; reduce it
+    with :mod:`focalnet_jax.losses.reductions`)."""
+
+    name: str
+    encoding: str
+    fn: Callable
+    hyperparameters: tuple[str, ...] = ()
+    map_fn: Callable | None = None
+
+
+def _spec(name, encoding, fn, map_fn, hyperparameters=(), **bound) -> LossSpec:
+    if bound:
+        fn, map_fn = functools.partial(fn, **bound), functools.partial(map_fn, **bound)
+    return LossSpec(name, encoding, fn, hyperparameters, map_fn)
+
+
+_FOCAL = ("alpha", "gamma")
+_DICE = ("eps", "batch_dice", "dice_background")
+_CE_DICE = (*_DICE, "weights")
+_REGISTRY = {
+    spec.name: spec
+    for spec in (
+        _spec(
+            "ordinal_focal",
+            "ordinal",
+            pixel.ordinal_focal_loss,
+            pixel.ordinal_focal_loss_map,
+            ("alpha", "gamma", "pool_size"),
+        ),
+        _spec(
+            "sigmoid_ce", "ordinal", pixel.sigmoid_cross_entropy, pixel.sigmoid_cross_entropy_map
+        ),
+        _spec("focal", "ordinal", pixel.focal_loss, pixel.focal_loss_map, _FOCAL),
+        _spec("softmax_ce", "onehot", pixel.softmax_cross_entropy, pixel.softmax_cross_entropy_map),
+        _spec("soft_dice", "ordinal", pixel.soft_dice_loss, pixel.soft_dice_loss_map, _DICE),
+        _spec("ce_dice", "ordinal", pixel.ce_dice_loss, pixel.ce_dice_loss_map, _CE_DICE),
+        _spec(
+            "ce_focal",
+            "ordinal",
+            pixel.ce_focal_loss,
+            pixel.ce_focal_loss_map,
+            (*_FOCAL, "weights"),
+        ),
+        _spec(
+            "softmax_ce_dice",
+            "onehot",
+            pixel.ce_dice_loss,
+            pixel.ce_dice_loss_map,
+            _CE_DICE,
+            activation="softmax",
+        ),
+        _spec("binary_ce", "binary", pixel.sigmoid_cross_entropy, pixel.sigmoid_cross_entropy_map),
+        _spec("binary_focal", "binary", pixel.focal_loss, pixel.focal_loss_map, _FOCAL),
+    )
+}
+LOSS_NAMES = tuple(_REGISTRY)
+"""Names accepted by :func:`get_loss`."""
+
+
+def get_loss(name: str, **hyperparameters) -> LossSpec:
+    """The registered loss ``name``, with hyperparameters bound into ``fn`` and ``map_fn``.
+
+    Args:
+      name: one of :data:`LOSS_NAMES`.
+      **hyperparameters: values for the names in the spec's ``hyperparameters`` (e.g. ``alpha``,
+        ``gamma`` for focal losses); None keeps the loss's default.
+
+    Returns:
+      :class:`LossSpec`; ``spec.fn(logits, targets, valid=None)`` returns a scalar.
+
+    >>> spec = get_loss("ordinal_focal", gamma=1.0)
+    >>> spec.encoding, spec.fn.keywords
+    ('ordinal', {'gamma': 1.0})
+    """
+    if name not in _REGISTRY:
+        raise ValueError(f"name: unknown loss {name!r}; expected one of {LOSS_NAMES}")
+    spec = _REGISTRY[name]
+    given = {key: value for key, value in hyperparameters.items() if value is not None}
+    unknown = sorted(set(given) - set(spec.hyperparameters))
+    if unknown:
+        raise ValueError(
+            f"hyperparameters: loss {name!r} does not take {unknown}; "
+            f"it takes {list(spec.hyperparameters)}"
+        )
+    if not given:
+        return spec
+    bind = functools.partial
+    return spec._replace(fn=bind(spec.fn, **given), map_fn=bind(spec.map_fn, **given))

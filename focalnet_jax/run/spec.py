@@ -1,0 +1,268 @@
+"""The run layer: a config validated once and resolved once into a frozen :class:`RunSpec`.
+
+Training (`focalnet_jax.training`), inference and `focalnet predict` (`focalnet_jax.evaluation`),
+the benchmarks and the tests all build from a `RunSpec`; nothing else re-reads the config to
+decide the output encoding, the MFL encoding and subsets, lambda, the model, the optimiser, the
+input shape or the fold rows.
+
+`RunSpec.from_config(config)` raises a `ValueError` whose message starts with the offending key
+(`loss.mfl_mode: ...`, `train.batch_size=...`) before anything is compiled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from focalnet_jax import encoding, losses
+from focalnet_jax.data import folds
+from focalnet_jax.data.preprocess import PreprocessConfig
+from focalnet_jax.data.store import component_channels
+from focalnet_jax.errors import UserError
+from focalnet_jax.losses.checks import check_scalar
+from focalnet_jax.models import build_model, check_model_config
+
+DATA_AXIS = "data"
+"""Name of the 1-D device mesh axis (data parallelism, sync-BN statistics)."""
+
+
+def clip_inputs(images: jax.Array) -> jax.Array:
+    """Clip every component to [0, 1]: the model's input range, at training and at inference."""
+    return jnp.clip(images, 0.0, 1.0)
+
+
+def per_device_batch(global_batch: int, num_devices: int) -> int:
+    """Examples per device; a global batch the devices do not divide is an error."""
+    if isinstance(global_batch, bool) or not isinstance(global_batch, int):
+        raise UserError(f"train.batch_size: expected an int, got {global_batch!r}")
+    if global_batch <= 0 or global_batch % num_devices:
+        raise UserError(
+            f"train.batch_size={global_batch} is not divisible by the {num_devices} devices of the "
+            f"'{DATA_AXIS}' mesh ({jax.process_count()} processes x {jax.local_device_count()} "
+            "local devices); choose a multiple of the device count"
+        )
+    return global_batch // num_devices
+
+
+@dataclasses.dataclass(frozen=True)
+class FoldSplit:
+    """Cases and store rows (int64, ascending) of a run's training and validation folds."""
+
+    train_cases: tuple[str, ...]
+    val_cases: tuple[str, ...]
+    train_rows: np.ndarray
+    val_rows: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """Everything a run's config decides, resolved once (see :meth:`from_config`).
+
+    Fields: `config` (the frozen source, for the loop's logging/checkpoint cadence); data:
+    `components`, `t2w_channel`, `image_size`; loss: `loss` (a `losses.LossSpec` with the
+    config's hyperparameters bound), `output_encoding`, `mfl`, `mfl_mode`, `mfl_encoding`,
+    `subsets` (empty without MFL), `mfl_weight_setting` (None = 'auto'); `model` (BatchNorm
+    synced over `DATA_AXIS` in training mode); `schedule`, `tx`; `global_batch`; `augment`.
+    """
+
+    config: ml_collections.FrozenConfigDict
+    components: tuple[str, ...]
+    t2w_channel: int | None
+    image_size: tuple[int, int]
+    loss: losses.LossSpec
+    output_encoding: str
+    mfl: bool
+    mfl_mode: str
+    mfl_encoding: str
+    subsets: tuple[tuple[str, ...], ...]
+    mfl_weight_setting: float | None
+    model: nn.Module
+    schedule: optax.Schedule
+    tx: optax.GradientTransformation
+    global_batch: int
+    augment: ml_collections.FrozenConfigDict
+
+    @classmethod
+    def from_config(
+        cls,
+        config: ml_collections.ConfigDict,
+        *,
+        num_devices: int | None = None,
+        image_size: tuple[int, int] | None = None,
+    ) -> RunSpec:
+        """Validate `config` and resolve it.
+
+        Args:
+          config: a run config (`configs/default.py` fields).
+          num_devices: devices of the data mesh (default `jax.device_count()`); the global batch
+            must be a multiple of it. Inference passes 1.
+          image_size: (H, W) of the model input (default: the preprocessing crop size; the
+            training loop passes its store's).
+        """
+        try:
+            return cls._resolve(config, num_devices, image_size)
+        except UserError:
+            raise
+        except (TypeError, ValueError) as error:  # every config error is the user's to fix
+            raise UserError(str(error)) from error
+
+    @classmethod
+    def _resolve(cls, config, num_devices, image_size) -> RunSpec:
+        components = _check_data(config.data)
+        loss, subsets, mfl_weight = _check_loss(config.loss, components)
+        check_model_config(config.model)
+        _check_train(config.train)
+        schedule, tx = _optimizer(config.optim)
+        per_device_batch(config.train.batch_size, num_devices or jax.device_count())
+        default_size = PreprocessConfig().crop_size
+        model = build_model(
+            config.model,
+            num_outputs=encoding.num_outputs(loss.encoding),
+            num_components=len(components),
+            axis_name=DATA_AXIS,
+        )
+        return cls(
+            config=ml_collections.FrozenConfigDict(config),
+            components=components,
+            t2w_channel=components.index("t2w") if "t2w" in components else None,
+            image_size=tuple(image_size or (default_size, default_size)),
+            loss=loss,
+            output_encoding=loss.encoding,
+            mfl=bool(config.loss.mfl),
+            mfl_mode=config.loss.mfl_mode,
+            mfl_encoding=losses.mfl_encoding(loss.encoding),
+            subsets=tuple(subsets),
+            mfl_weight_setting=mfl_weight,
+            model=model,
+            schedule=schedule,
+            tx=tx,
+            global_batch=int(config.train.batch_size),
+            augment=ml_collections.FrozenConfigDict(config.augment),
+        )
+
+    @property
+    def input_shape(self) -> tuple[int, int, int, int]:
+        """`[1, H, W, C]`: one model input (initialisation, shapes of the state)."""
+        return (1, *self.image_size, len(self.components))
+
+    @property
+    def augmenting(self) -> bool:
+        a = self.augment
+        return bool(a.shift or a.scale or a.flip or a.intensity)
+
+    def for_store(self, store) -> RunSpec:
+        """The spec with the store's image size; the store must hold every component."""
+        component_channels(store, self.components)
+        return dataclasses.replace(self, image_size=tuple(store.images.shape[1:3]))
+
+    def fold_split(self, store) -> FoldSplit:
+        """Training and validation cases and rows of `data.fold` (patient-level folds)."""
+        data = self.config.data
+        train, val = folds.split_cases(store, data.fold, data.num_folds, data.fold_seed)
+        return FoldSplit(
+            train_cases=tuple(train),
+            val_cases=tuple(val),
+            train_rows=folds.case_rows(store, train, data.slices),
+            val_rows=folds.case_rows(store, val, data.slices),
+        )
+
+    def mfl_weight(self, store, train_rows: np.ndarray) -> float:
+        """lambda of eq. 4: 0 without MFL, the configured number, or for 'auto' 1 / the
+        positive-bit ratio (in the MFL encoding) of the training rows."""
+        if not self.mfl:
+            return 0.0
+        if self.mfl_weight_setting is not None:
+            return self.mfl_weight_setting
+        return losses.mfl_weight(
+            np.asarray(store.classes[train_rows]),
+            encoding=self.mfl_encoding,
+            grade_known=np.asarray(store.grade_known[train_rows]),
+        )
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        """`train.steps` when > 0, else `train.epochs` whole epochs."""
+        train = self.config.train
+        return int(train.steps) if train.steps > 0 else int(train.epochs * steps_per_epoch)
+
+
+def _check_data(data) -> tuple[str, ...]:
+    components = data.components
+    if (
+        isinstance(components, str)
+        or not components
+        or not all(isinstance(c, str) for c in components)
+        or len(set(components)) != len(components)
+    ):
+        raise ValueError(f"data.components: expected distinct component names, got {components!r}")
+    if data.slices not in folds.SLICE_MODES:
+        raise ValueError(f"data.slices: expected one of {folds.SLICE_MODES}, got {data.slices!r}")
+    if not (isinstance(data.num_folds, int) and data.num_folds >= 2):
+        raise ValueError(f"data.num_folds: expected an int >= 2, got {data.num_folds!r}")
+    if not (isinstance(data.fold, int) and 0 <= data.fold < data.num_folds):
+        raise ValueError(f"data.fold={data.fold!r} not in [0, data.num_folds={data.num_folds})")
+    return tuple(components)
+
+
+def _check_loss(loss_config, components: Sequence[str]):
+    """(LossSpec with hyperparameters bound, MFL subsets, lambda setting) of `loss_config`."""
+    name = loss_config.name
+    if name not in losses.LOSS_NAMES:
+        raise ValueError(f"loss.name: unknown loss {name!r}; expected one of {losses.LOSS_NAMES}")
+    takes = losses.get_loss(name).hyperparameters
+    check_scalar(loss_config.alpha, "loss.alpha", 0.0, 1.0)
+    check_scalar(loss_config.gamma, "loss.gamma", 0.0)
+    spec = losses.get_loss(name, **{k: loss_config[k] for k in takes if k in loss_config})
+    losses.check_mfl(name, bool(loss_config.mfl), bool(loss_config.get("mfl_any_loss", False)))
+    if loss_config.mfl_mode not in losses.MFL_MODES:
+        raise ValueError(
+            f"loss.mfl_mode: expected one of {losses.MFL_MODES}, got {loss_config.mfl_mode!r}"
+        )
+    if not loss_config.mfl:
+        return spec, [], None
+    try:
+        subsets = losses.component_subsets(components, loss_config.subsets)
+    except (TypeError, ValueError) as error:
+        key = "data" if str(error).startswith("components") else "loss"
+        raise ValueError(f"{key}.{error}") from None
+    return spec, subsets, losses.parse_mfl_weight(loss_config.mfl_weight)
+
+
+def _check_train(train) -> None:
+    if train.steps <= 0 and train.epochs <= 0:
+        raise ValueError("train.steps and train.epochs are both <= 0; set one of them")
+    for key in ("log_every", "checkpoint_every"):
+        if not (isinstance(train[key], int) and train[key] >= 1):
+            raise ValueError(f"train.{key}: expected a positive int, got {train[key]!r}")
+
+
+def _optimizer(optim) -> tuple[optax.Schedule, optax.GradientTransformation]:
+    """Staircase schedule lr * decay_rate ** (step // decay_steps) (paper: 1e-3 x0.7 every 2000
+    steps) and SGD with momentum after an L2 term (paper II-D3).
+
+    `add_decayed_weights` before `sgd` adds weight_decay * w to the gradient, i.e. the gradient of
+    (weight_decay / 2) * ||w||^2 added to the loss (TensorFlow's L2 regulariser semantics), which
+    then passes through momentum like the rest of the gradient. It covers every parameter.
+    """
+    if not (isinstance(optim.decay_steps, int) and optim.decay_steps >= 1):
+        raise ValueError(f"optim.decay_steps: expected a positive int, got {optim.decay_steps!r}")
+    check_scalar(optim.lr, "optim.lr", 0.0)
+    check_scalar(optim.momentum, "optim.momentum", 0.0, 1.0)
+    check_scalar(optim.weight_decay, "optim.weight_decay", 0.0)
+    schedule = optax.exponential_decay(
+        init_value=optim.lr,
+        transition_steps=optim.decay_steps,
+        decay_rate=optim.decay_rate,
+        staircase=True,
+    )
+    tx = optax.chain(
+        optax.add_decayed_weights(optim.weight_decay),
+        optax.sgd(schedule, momentum=optim.momentum),
+    )
+    return schedule, tx

@@ -1,0 +1,108 @@
+"""Train-state checkpoints of a run directory (`focalnet_jax.run.workdir`): save, resume.
+
+Saves are collective: every process calls `save`, Orbax writes each array once. Resume order
+(`resume_or_initialize`): the newest intact checkpoint in the workdir, else `model.pretrained`
+(torchvision ResNet weights), else a fresh initialisation.
+
+Damaged checkpoints (`workdir.UnreadableCheckpointError`): `resume` moves such a step aside to
+`checkpoints/corrupt-<step>/` (Orbax lists only all-digit folder names, so neither `latest_step`
+nor keep-N garbage collection sees it again; nothing is deleted) and resumes from the newest
+intact step. When no step is intact it refuses, moving nothing: starting from scratch would drop
+all progress, so that takes the user moving `checkpoints/` away (or a new workdir).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh
+
+from focalnet_jax.run import RunSpec
+from focalnet_jax.run.workdir import UnreadableCheckpointError, restore
+from focalnet_jax.training import train_state
+
+CORRUPT_PREFIX = "corrupt-"
+
+log = logging.getLogger(__name__)
+
+
+def save(manager: ocp.CheckpointManager, step: int, state) -> None:
+    """Save `state` at `step` (asynchronous; `manager.wait_until_finished()` before exiting)."""
+    manager.save(int(step), args=ocp.args.StandardSave(state))
+
+
+def resume(manager: ocp.CheckpointManager, abstract_state):
+    """The newest intact checkpoint restored into `abstract_state` (None when there is none).
+
+    Damaged newer steps are moved aside to `corrupt-<step>/` and one warning names each (file and
+    reason) and the step resumed from. Raises `UnreadableCheckpointError` naming every step, and
+    moving nothing, when all are damaged.
+    """
+    unreadable = []
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            state = restore(manager, abstract_state, step)
+        except UnreadableCheckpointError as error:
+            unreadable.append(error)
+            continue
+        if unreadable:
+            moved = [f"{error} (moved to {_move_aside(error.step_dir)})" for error in unreadable]
+            manager.reload()
+            if jax.process_index() == 0:
+                log.warning("resuming from step %d: %s", step, "; ".join(moved))
+        return state
+    if unreadable:
+        directory = Path(manager.directory)
+        raise UnreadableCheckpointError(
+            directory,
+            "no step is intact ("
+            + "; ".join(f"step {error.step_dir.name}: {error.reason}" for error in unreadable)
+            + f"); nothing was moved or deleted; to train from scratch, move {directory} away "
+            "or use another workdir",
+        )
+    return None
+
+
+def _move_aside(step_dir: Path) -> Path:
+    """Rename `step_dir` to `corrupt-<step>` beside it (process 0; atomic); returns the new path."""
+    target = step_dir.with_name(f"{CORRUPT_PREFIX}{step_dir.name}")
+    number = 1
+    while target.exists():
+        number += 1
+        target = step_dir.with_name(f"{CORRUPT_PREFIX}{step_dir.name}.{number}")
+    _sync(f"checkpoint_name_aside_{step_dir.name}")  # every process has seen the old names
+    if jax.process_index() == 0:
+        step_dir.rename(target)
+    _sync(f"checkpoint_moved_aside_{step_dir.name}")
+    return target
+
+
+def _sync(name: str) -> None:
+    """Barrier over all processes (no-op in a single process)."""
+    if jax.process_count() > 1:
+        ocp.multihost.sync_global_processes(name)
+
+
+def resume_or_initialize(
+    spec: RunSpec, manager: ocp.CheckpointManager, mesh: Mesh, init_key: jax.Array
+) -> train_state.TrainState:
+    """The state a run starts from: its newest intact checkpoint (`resume`), else the pretrained
+    backbone of `model.pretrained`, else `model.init(init_key)`; replicated over `mesh`."""
+    state = resume(manager, train_state.abstract_train_state(spec, mesh))
+    if state is not None:
+        return state
+    variables = None
+    model_config = spec.config.model
+    if model_config.pretrained:
+        from focalnet_jax.models.pretrained import load_torchvision_resnet
+
+        variables = load_torchvision_resnet(
+            train_state.init_variables(spec.model, init_key, spec.input_shape),
+            model_config.pretrained,
+            num_components=len(spec.components),
+            model_config=model_config,
+        )
+    return train_state.create_train_state(spec, init_key, mesh, variables=variables)

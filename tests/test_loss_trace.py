@@ -1,0 +1,60 @@
+"""Regression: `configs/demo.py` on a small synthetic store gives the recorded 20-step trace of
+every training loss term (and the final validation metrics), so a refactor that changes a loss,
+the step, the data order or the augmentation shows up here.
+
+The fixture `tests/data/demo_loss_trace.json` was recorded on CPU (float32 TensorBoard scalars)
+with the code before the run-layer refactor. A change of the synthetic data or of preprocessing
+changes the store and so the trace: re-record it only for such an intended change,
+`python tests/test_loss_trace.py ROOT` (prints the trace and writes the fixture).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_train_helpers import REPO, small_synthetic_store
+
+from focalnet_jax import cli
+
+FIXTURE = Path(__file__).parent / "data" / "demo_loss_trace.json"
+STEPS = 20
+# Another CPU or XLA version may order float32 reductions differently; 20 SGD steps amplify such
+# round-off only slightly. On the recording machine the trace matches bit for bit.
+RTOL, ATOL = 1e-4, 1e-7
+
+
+def demo_trace(root: Path) -> dict[str, list[float]]:
+    """Train the demo config for STEPS steps (log every step); every train/ and val/ scalar."""
+    store, workdir = small_synthetic_store(root, cases=16, seed=1), root / "run"
+    train = ["train", f"--config={REPO / 'configs' / 'demo.py'}", f"--workdir={workdir}"]
+    train += [f"--config.data.store={store}", f"--config.train.steps={STEPS}"]
+    train += ["--config.train.log_every=1", "--config.train.eval_every=0"]
+    assert cli.main(train) == 0
+    events = EventAccumulator(str(workdir / "tb"), size_guidance={"scalars": 0})
+    events.Reload()
+    tags = [t for t in events.Tags()["scalars"] if t != "train/images_per_s"]
+    return {t: [e.value for e in events.Scalars(t)] for t in tags}
+
+
+@pytest.fixture(scope="module")
+def trace(tmp_path_factory):
+    return demo_trace(tmp_path_factory.mktemp("trace"))
+
+
+def test_demo_trace_matches_the_recorded_one(trace):
+    expected = json.loads(FIXTURE.read_text())
+    assert sorted(trace) == sorted(expected)
+    assert len(expected["train/loss"]) == STEPS
+    for tag, values in expected.items():
+        np.testing.assert_allclose(trace[tag], values, rtol=RTOL, atol=ATOL, err_msg=tag)
+
+
+if __name__ == "__main__":
+    recorded = demo_trace(Path(sys.argv[1]))
+    FIXTURE.write_text(json.dumps(recorded, indent=1, sort_keys=True) + "\n")
+    print(json.dumps(recorded, indent=1, sort_keys=True))

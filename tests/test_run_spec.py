@@ -1,0 +1,125 @@
+"""The run layer (focalnet_jax/run.py): `RunSpec.from_config` rejects every invalid config with a
+message that starts with the offending key, before anything is compiled, and resolves each field
+of a valid one."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from test_train_helpers import REPO, FakeStore, tiny_config
+
+from focalnet_jax import cli, losses
+from focalnet_jax.models.deeplab import DeepLab
+from focalnet_jax.models.unet import UNet
+from focalnet_jax.run import DATA_AXIS, RunSpec
+
+INVALID = [
+    (["--config.loss.mfl_mode=scan"], r"^loss\.mfl_mode: expected one of \('vmap', 'select'\)"),
+    (["--config.loss.name=hinge", "--config.loss.mfl=False"], r"^loss\.name: unknown loss 'hinge'"),
+    (["--config.loss.subsets=[['t2w', 'hbv']]"], r"^loss\.subsets\[0\]: unknown component"),
+    (
+        ["--config.loss.subsets=[['t2w', 'adc']]"],
+        r"^loss\.subsets\[0\]: expected a non-empty proper",
+    ),
+    (["--config.loss.subsets=[['adc'], ['adc']]"], r"^loss\.subsets\[1\]: .* listed twice"),
+    (["--config.data.components=t2w"], r"^data\.components: expected at least 2 distinct"),
+    (["--config.loss.mfl_weight=lots"], r"^loss\.mfl_weight: expected 'auto' or a number"),
+    (["--config.loss.alpha=1.5"], r"^loss\.alpha: expected a value in \[0.0, 1.0\]"),
+    (["--config.loss.gamma=-1.0"], r"^loss\.gamma: expected a value in >= 0.0"),
+    (["--config.data.fold=5"], r"^data\.fold=5 not in \[0, data\.num_folds=5\)"),
+    (["--config.data.slices=some"], r"^data\.slices: expected one of"),
+    (["--config.data.components=t2w,t2w"], r"^data\.components: expected distinct"),
+    (["--config.model.name=vit"], r"^model\.name: expected one of"),
+    (["--config.train.batch_size=0"], r"^train\.batch_size=0 is not divisible"),
+    (["--config.train.steps=0", "--config.train.epochs=0"], r"^train\.steps and train\.epochs"),
+    (["--config.train.log_every=0"], r"^train\.log_every: expected a positive int"),
+    (["--config.optim.decay_steps=0"], r"^optim\.decay_steps: expected a positive int"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), INVALID)
+def test_invalid_config_names_the_key(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        RunSpec.from_config(tiny_config(overrides=overrides))
+
+
+def test_global_batch_the_devices_do_not_divide():
+    config = tiny_config(overrides=["--config.train.batch_size=6"])
+    with pytest.raises(ValueError, match=r"^train\.batch_size=6 is not divisible by the 4 dev"):
+        RunSpec.from_config(config, num_devices=4)
+    assert RunSpec.from_config(config, num_devices=3).global_batch == 6
+
+
+def test_cli_rejects_a_bad_config_in_one_line_before_opening_the_store(tmp_path):
+    """`focalnet train` validates the config at load: one line naming the key, no workdir written,
+    no store opened (the config has none), nothing compiled."""
+    workdir = tmp_path / "run"
+    argv = ["train", f"--config={REPO / 'configs' / 'focalnet.py'}", f"--workdir={workdir}"]
+    with pytest.raises(
+        SystemExit, match=r"^focalnet train: error: loss\.mfl_mode: expected one of"
+    ):
+        cli.main([*argv, "--config.loss.mfl_mode=scan"])
+    assert not workdir.exists()
+
+
+def test_every_field_of_a_resolved_run():
+    config = tiny_config(overrides=["--config.loss.mfl_mode=select", "--config.loss.gamma=1.5"])
+    spec = RunSpec.from_config(config, num_devices=1)
+    assert spec.config.to_dict() == config.to_dict() and spec.config.loss.gamma == 1.5
+    assert spec.components == ("t2w", "adc") and spec.t2w_channel == 0
+    assert spec.image_size == (128, 128) and spec.input_shape == (1, 128, 128, 2)
+    # Loss: ordinal focal with the config's alpha and gamma bound into the scalar and the map.
+    assert (spec.loss.name, spec.output_encoding) == ("ordinal_focal", "ordinal")
+    assert spec.loss.fn.keywords == {"alpha": 0.75, "gamma": 1.5}
+    assert spec.loss.map_fn.keywords == {"alpha": 0.75, "gamma": 1.5}
+    assert (spec.mfl, spec.mfl_mode, spec.mfl_encoding) == (True, "select", "ordinal")
+    assert spec.subsets == (("t2w",), ("adc",))
+    assert spec.mfl_weight_setting is None  # 'auto'
+    # Model: ResNet-18 DeepLab at width 0.125, output stride 16, 5 ordinal outputs, sync-BN axis.
+    assert isinstance(spec.model, DeepLab)
+    assert (spec.model.depth, spec.model.width, spec.model.output_stride) == (18, 0.125, 16)
+    assert (spec.model.num_outputs, spec.model.num_components) == (5, 2)
+    assert spec.model.axis_name == DATA_AXIS
+    # Optimiser: lr 1e-3 decayed x0.7 every 2000 steps, SGD momentum 0.9 after L2 1e-4.
+    assert [float(spec.schedule(s)) for s in (0, 2000)] == pytest.approx([1e-3, 7e-4])
+    params = {"w": jnp.array([2.0])}
+    update, _ = spec.tx.update({"w": jnp.array([0.5])}, spec.tx.init(params), params)
+    np.testing.assert_allclose(update["w"], [-1e-3 * (0.5 + 1e-4 * 2.0)], rtol=1e-6)
+    assert isinstance(spec.tx, optax.GradientTransformation)
+    assert spec.global_batch == 4
+    assert spec.augmenting and spec.augment.intensity_range == (-0.15, 0.20)
+
+
+def test_store_dependent_fields():
+    store = FakeStore(patients=10, slices=3, size=32)
+    spec = RunSpec.from_config(tiny_config(), num_devices=1).for_store(store)
+    assert spec.image_size == (32, 32) and spec.input_shape == (1, 32, 32, 2)
+    split = spec.fold_split(store)
+    assert not set(split.train_cases) & set(split.val_cases)
+    assert sorted(split.train_cases + split.val_cases) == store.case_ids
+    for cases, rows in ((split.train_cases, split.train_rows), (split.val_cases, split.val_rows)):
+        expected = [
+            r for c in cases for r in range(*store.case_slices(c).indices(len(store)))
+            if store.annotated[r]
+        ]  # fmt: skip
+        np.testing.assert_array_equal(rows, sorted(expected))
+    classes = np.asarray(store.classes[split.train_rows])
+    ratio = losses.positive_bit_ratio(classes, grade_known=store.grade_known[split.train_rows])
+    assert spec.mfl_weight(store, split.train_rows) == pytest.approx(1 / ratio)
+    assert spec.total_steps(7) == 200 * 7  # train.epochs = 200, train.steps = 0
+    hbv = tiny_config(overrides=["--config.data.components=t2w,hbv"])
+    with pytest.raises(ValueError, match=r"\['hbv'\] not in store"):
+        RunSpec.from_config(hbv).for_store(store)
+
+
+def test_baselines_resolve_their_encodings():
+    onehot = RunSpec.from_config(tiny_config("configs/deeplab_onehot.py"), num_devices=1)
+    assert (onehot.output_encoding, onehot.model.num_outputs) == ("onehot", 6)
+    assert onehot.mfl_encoding == "ordinal"  # MFL on a one-hot output compares ordinal bits
+    unet = ["--config.model.unet_features=4", "--config.model.unet_levels=3"]
+    single = RunSpec.from_config(tiny_config("configs/unet_sing.py", unet), num_devices=1)
+    assert isinstance(single.model, UNet)
+    assert (single.output_encoding, single.model.num_outputs) == ("binary", 1)
+    assert not single.mfl and single.subsets == () and single.mfl_weight(None, None) == 0.0
