@@ -262,9 +262,9 @@ def _add_evaluate(parser: argparse.ArgumentParser) -> None:
     source.add_argument(
         "--predictions", type=Path, help="folder of <case_id>.npz prediction files (contract)"
     )
-    source.add_argument(
-        "--workdir", type=Path, help="training run: predict its validation fold, then evaluate"
-    )
+    source.add_argument("--workdir", type=Path, help="run: predict its validation fold, evaluate")
+    parser.add_argument("--all-cases", action="store_true", help="every case of --store (test set)")
+    parser.add_argument("--tta", choices=("none", "flip"), default="none", help="left-right flip")
     parser.add_argument(
         "--out", type=Path, help="output folder (required with --predictions; default WORKDIR/eval)"
     )
@@ -298,19 +298,27 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     if args.workdir is not None and args.cases is not None:
         raise UserError("--cases goes with --predictions (--workdir evaluates its fold)")
     cases = read_case_list(args.cases) if args.cases is not None else None
-    if args.workdir is not None:
-        from focalnet_jax.evaluation.inference import predict_validation_fold
+    if args.all_cases:
+        from focalnet_jax.evaluation.run_predictions import predict_test_store
+
+        out, slices = args.out, args.slices or "all"
+        predictions = None if out is None else out / "predictions"
+        cases = predict_test_store(args.workdir, args.store, predictions, step=args.step,
+                                   tta=args.tta, batch_size=args.batch_size)  # fmt: skip
+    elif args.workdir is not None:
+        from focalnet_jax.evaluation.run_predictions import predict_fold
         from focalnet_jax.run.workdir import read_config
 
         slices = args.slices or str(read_config(args.workdir).data.slices)
         out = args.out or args.workdir / "eval"
         predictions = out / "predictions"
-        cases = predict_validation_fold(
+        cases = predict_fold(
             args.workdir,
             predictions,
             step=args.step,
             store_path=args.store,
             batch_size=args.batch_size,
+            tta=args.tta,
         )
     elif args.out is None:
         raise UserError("--out is required with --predictions")
@@ -363,52 +371,45 @@ def _run_summarize(args: argparse.Namespace) -> int:
 
 
 def _add_predict(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", type=Path, required=True, help="training workdir")
-    parser.add_argument("--step", type=int, help="checkpoint step (default: latest)")
-    parser.add_argument("--t2w", required=True, help="T2w: DICOM folder, .mha, .nii(.gz), .nrrd")
-    parser.add_argument("--adc", required=True, help="ADC: DICOM folder or image file")
-    parser.add_argument("--hbv", help="high b-value DWI: DICOM folder or image file")
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        action="append",
+        required=True,
+        help="training run or CV folder (its finished folds); repeat: ensemble",
+    )
+    parser.add_argument("--step", type=int, help="checkpoint step of one run (default: latest)")
+    parser.add_argument("--t2w", help="one exam: T2w DICOM folder, .mha, .nii(.gz), .nrrd")
+    parser.add_argument("--adc", help="one exam: ADC DICOM folder or image file")
+    parser.add_argument("--hbv", help="one exam: high b-value DWI DICOM folder or image file")
+    parser.add_argument("--mask", help="prostate mask on any grid (centres the crop)")
+    parser.add_argument("--center", help="crop centre 'x,y,z' (LPS mm)")
+    parser.add_argument("--layout", choices=("picai", "manifest"), help="many exams")
+    parser.add_argument("--images", type=Path, help="picai: <images>/<patient>/<case>_<comp>.mha")
+    parser.add_argument("--masks", type=Path, help="picai: whole-gland masks for centring")
+    parser.add_argument("--manifest", type=Path, help="manifest: CSV of cases (labels unused)")
+    parser.add_argument("--skip-bad-cases", action="store_true", help="bad cases: errors.csv")
     for name in ("t2w", "adc", "hbv"):
         parser.add_argument(
             f"--{name}-series",
             help=f"SeriesInstanceUID or exact SeriesDescription of the {name} series "
             "(when its DICOM folder holds several)",
         )
-    parser.add_argument("--mask", help="prostate mask on any grid (centres the crop)")
-    parser.add_argument("--center", help="crop centre 'x,y,z' (LPS mm)")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--threshold", type=float, default=0.5, help="lowest listed detection")
     parser.add_argument("--batch-size", type=int, default=16, help="slices per inference batch")
+    parser.add_argument("--tta", choices=("none", "flip"), default="none", help="left-right flip")
+    group = parser.add_argument_group("detection map (report_guided_annotation defaults)")
+    group.add_argument("--candidate-threshold", default="dynamic-fast", help="mode or score")
+    group.add_argument("--candidate-min-voxels", type=int, default=10, help="drop blobs <= N")
+    group.add_argument("--candidate-num-lesions", type=int, default=5, help="dynamic: most blobs")
+    group.add_argument("--candidate-factor", type=float, default=2.5, help="blob: peak / factor")
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    from focalnet_jax.evaluation.predict import predict_exam
+    from focalnet_jax.evaluation import predict_command
 
-    center = None
-    if args.center:
-        try:
-            center = tuple(float(v) for v in args.center.split(","))
-        except ValueError:
-            center = ()
-        if len(center) != 3:
-            raise UserError(f"--center expects x,y,z, got {args.center!r}")
-    components = {"t2w": args.t2w, "adc": args.adc}
-    if args.hbv:
-        components["hbv"] = args.hbv
-    written = predict_exam(
-        args.checkpoint,
-        components,
-        args.out,
-        step=args.step,
-        center=center,
-        mask=args.mask,
-        series={
-            n: getattr(args, f"{n}_series") for n in components if getattr(args, f"{n}_series")
-        },
-        threshold=args.threshold,
-        batch_size=args.batch_size,
-    )
-    print("wrote " + ", ".join(str(p) for p in written))
+    print(predict_command.run(args))
     return 0
 
 
@@ -449,7 +450,7 @@ _COMMANDS: dict[str, tuple] = {
         _run_summarize,
     ),
     "predict": (
-        "run a trained model on a new exam: NIfTI score maps, detections CSV, PNG overlay",
+        "run a model or an ensemble on exams: NIfTI score and detection maps, detections CSV, PNG",
         _add_predict,
         _run_predict,
     ),

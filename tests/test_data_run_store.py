@@ -18,7 +18,7 @@ from focalnet_jax.data.layouts import discover_picai
 from focalnet_jax.data.preprocess import PreprocessConfig
 from focalnet_jax.data.run_store import RECORD_FILE, check_run_store
 from focalnet_jax.data.store import StaleStoreError, open_store
-from focalnet_jax.evaluation.predict import preprocess_settings
+from focalnet_jax.evaluation.ensemble import preprocess_settings
 from focalnet_jax.run import workdir as workdir_lib
 
 RUN = [

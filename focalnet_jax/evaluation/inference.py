@@ -46,6 +46,11 @@ class Predictor:
     def from_workdir(cls, workdir: str | Path, *, step: int | None = None, batch_size: int = 16):
         """Loads the run's spec and checkpoint (`workdir.load_for_inference`)."""
         spec, variables = workdir_lib.load_for_inference(workdir, step)
+        return cls.from_variables(spec, variables, batch_size=batch_size)
+
+    @classmethod
+    def from_variables(cls, spec: RunSpec, variables: dict, *, batch_size: int = 16):
+        """The model of a run's `spec` with the given params and batch_stats."""
 
         @jax.jit
         def apply(variables, images):
@@ -113,10 +118,13 @@ def predict_validation_fold(
     step: int | None = None,
     store_path: str | Path | None = None,
     batch_size: int = 16,
+    predictor=None,
 ) -> list[str]:
     """Predicts every case of the run's validation fold (`config.data.fold`) into `out_dir`;
-    returns their case ids (the cases an evaluation of the fold expects)."""
-    predictor = Predictor.from_workdir(workdir, step=step, batch_size=batch_size)
+    returns their case ids (the cases an evaluation of the fold expects). `predictor`: the
+    run's model already loaded, e.g. with flip TTA (default: `Predictor.from_workdir`)."""
+    if predictor is None:
+        predictor = Predictor.from_workdir(workdir, step=step, batch_size=batch_size)
     data = predictor.spec.config.data
     store_path = store_path or data.store
     if not store_path:
