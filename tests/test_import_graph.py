@@ -137,3 +137,18 @@ def test_no_module_over_500_lines():
         p.name: n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > 500
     }
     assert not long, long
+
+
+def test_every_package_import_names_an_existing_module():
+    """A lazy import of a moved or renamed module fails only when its function runs: catch it here,
+    in the package and in the scripts and tests that import it."""
+    repo = PACKAGE.parent
+    folders = ("focalnet_jax", "benchmarks", "tests", "docs")
+    files = [p for folder in folders for p in repo.joinpath(folder).rglob("*.py")]
+    missing = sorted(
+        f"{path.relative_to(repo)} imports {target}"
+        for path in files
+        for target in _imports(path)
+        if not _is_module(target)
+    )
+    assert not missing, missing
