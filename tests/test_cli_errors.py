@@ -50,6 +50,11 @@ FLAG_ERRORS = [  # (argv, the message after "focalnet <command>: error: ")
     (["predict", "--checkpoint", "c", "--t2w", "t", "--adc", "a", "--out", "o", "--center", "1"],
      "--center expects x,y,z, got '1'"),
     (["preprocess", "--layout", "manifest", "--out", "o"], "--layout manifest needs --manifest"),
+    (["predict", "--checkpoint", "c", "--t2w", "t", "--adc", "a", "--out", "o", "--hbv-series",
+      "1.2"], "--hbv-series names a series of --hbv, which is not given"),
+    (["predict", "--checkpoint", "c", "--layout", "picai", "--images", "i", "--out", "o",
+      "--adc-series", "1.2"],
+     "--adc-series is for one exam; a manifest chooses series in its <component>_series columns"),
 ]  # fmt: skip
 
 

@@ -42,7 +42,8 @@ from focalnet_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 
-STORE_VERSION = 1
+# 2: crop pixels within one voxel outside a component take its nearest voxel (were 0).
+STORE_VERSION = 2
 _HEADER_BYTES = 256  # fixed .npy header room, so arrays can be streamed before N is known
 _ARRAYS = {
     "images": np.float32,

@@ -32,6 +32,14 @@ def run(args: argparse.Namespace) -> str:
     """Predicts as the flags say; returns the line to print (what was written)."""
     if args.layout is None and not (args.t2w and args.adc):
         raise UserError("give --t2w and --adc (one exam) or --layout (many exams)")
+    series = {n: getattr(args, f"{n}_series") for n in COMPONENTS if getattr(args, f"{n}_series")}
+    if series and args.layout is not None:
+        raise UserError(
+            f"--{min(series)}-series is for one exam; a manifest chooses series in its "
+            "<component>_series columns"
+        )
+    if unread := sorted(n for n in series if not getattr(args, n)):
+        raise UserError(f"--{unread[0]}-series names a series of --{unread[0]}, which is not given")
     center = parse_center(args.center)
     candidates = CandidateSettings(
         args.candidate_threshold,
@@ -56,7 +64,6 @@ def run(args: argparse.Namespace) -> str:
         )
         return summary.describe()
     components = {name: getattr(args, name) for name in COMPONENTS if getattr(args, name)}
-    series = {n: getattr(args, f"{n}_series") for n in components if getattr(args, f"{n}_series")}
     written = predict_exam(
         models, components, args.out, center=center, mask=args.mask, series=series, **options
     )

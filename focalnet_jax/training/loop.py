@@ -1,9 +1,10 @@
 """`train_and_evaluate(config, workdir)`: the training loop of every config.
 
-The run is built from the config's `RunSpec`; resume order: the latest checkpoint in `workdir`,
-else `model.pretrained` (torchvision ResNet weights), else a fresh initialisation
-(`checkpoint.resume_or_initialize`). The data order and augmentation depend only on
-(seed, step), so a restarted run continues exactly where the checkpoint left it.
+The run is built from the config's `RunSpec`; resume order: the newest intact checkpoint in
+`workdir` (a damaged newer one is moved aside), else `model.pretrained` (torchvision ResNet
+weights), else a fresh initialisation (`checkpoint.resume_or_initialize`). The data order and
+augmentation depend only on (seed, step), so a restarted run continues exactly where the
+checkpoint left it.
 """
 
 from __future__ import annotations
@@ -126,7 +127,8 @@ class _Logger:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *, store=None):
-    """Train `config` in `workdir` (resuming from its latest checkpoint); returns the final state.
+    """Train `config` in `workdir` (resuming from its newest intact checkpoint); returns the final
+    state.
 
     `store`: an opened store (default: `open_store(config.data.store)`). The config is validated
     (`RunSpec.from_config`) before the store is opened or anything compiled.
