@@ -96,6 +96,15 @@ def test_stale_fingerprint_detected(tmp_path):
     open_store(tmp_path / "s")  # without expectations it opens
 
 
+def test_store_of_an_older_format_version_is_refused(tmp_path):
+    old = {**SETTINGS, "version": 1}  # version 1 stored 0 where a component missed a crop edge
+    with StoreWriter(tmp_path / "s", ("t2w", "adc"), old) as writer:
+        writer.add(_case("a", 1), patient_id="p")
+        writer.commit()
+    with pytest.raises(StaleStoreError, match="has format version 1; this code reads version 2"):
+        open_store(tmp_path / "s")
+
+
 def test_failure_leaves_nothing_and_keeps_old_store(tmp_path):
     with StoreWriter(tmp_path / "s", ("t2w", "adc"), SETTINGS) as writer:
         writer.add(_case("old", 1), patient_id="p")

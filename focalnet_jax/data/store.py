@@ -42,7 +42,8 @@ from focalnet_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 
-# 2: crop pixels within one voxel outside a component take its nearest voxel (were 0).
+# Bumped when stored values change: 2 = crop pixels within one voxel outside a component take
+# its nearest voxel (they were 0). `open_store` refuses other versions.
 STORE_VERSION = 2
 _HEADER_BYTES = 256  # fixed .npy header room, so arrays can be streamed before N is known
 _ARRAYS = {
@@ -369,6 +370,12 @@ def open_store(path: str | os.PathLike, *, expected_settings: dict | None = None
     if not table_path.exists():
         raise FileNotFoundError(f"{path} is not a preprocessed store (no cases.json)")
     table = json.loads(table_path.read_text())
+    if (version := table["settings"].get("version")) != STORE_VERSION:
+        raise StaleStoreError(
+            f"store {path} has format version {version}; this code reads version {STORE_VERSION} "
+            "(2: crop edges within a voxel of a component hold its nearest value, not 0); run "
+            "`focalnet preprocess` again"
+        )
     if expected_settings is not None and fingerprint(expected_settings) != table["fingerprint"]:
         diff = settings_diff(table["settings"], expected_settings, ("store", "expected"))
         raise StaleStoreError(
