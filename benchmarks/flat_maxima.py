@@ -2,6 +2,7 @@
 before SPEC 6 grouped them) against one detection per flat maximum (`local_maxima` today).
 
     python benchmarks/flat_maxima.py [--patients 100] [--seed 0]
+    python benchmarks/flat_maxima.py --predictions demo_run/run/eval/predictions   # a real run
 
 Score maps are made like a DeepLab output: per patient a 16 x 16 logit map (background -8, i.e.
 s1 = 3e-4 < min_score) with `--peaks` single-cell peaks, half of them on the border, resized x8 to
@@ -11,7 +12,8 @@ One peak per patient sits on a csPCa lesion (the 24 x 24 pixels of its 3 x 3 log
 peaks have logits N(1, 1.5), the other peaks N(-1, 1.5). Both rules share the window, the hit rule
 and the FROC code; only the grouping of touching window maxima differs. Prints one JSON line:
 detections per patient and FP per patient at 60/70/80/90 % sensitivity and sensitivity at
-1 FP/patient for each rule.
+1 FP/patient for each rule. `--predictions DIR` compares the rules on a folder of contract
+predictions files instead (e.g. a trained model's validation fold).
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ from scipy import ndimage
 from focalnet_jax.evaluation import matching
 from focalnet_jax.evaluation.froc import froc_analysis
 from focalnet_jax.evaluation.localization import Detections, window_radius
-from focalnet_jax.evaluation.predictions import CasePredictions
+from focalnet_jax.evaluation.predictions import CasePredictions, list_cases, read_case
 
 GRID, FACTOR, SPACING = 16, 8, (0.625, 0.625)
+THRESHOLDS = ("0.1", "0.3", "0.5")  # detections counted at or above each s1
 
 
 def every_window_max_pixel(scores, spacing, *, radius_mm, min_score):
@@ -80,8 +83,11 @@ def synthetic_case(rng: np.random.Generator, index: int, peaks: int) -> CasePred
 def froc_numbers(cases) -> dict:
     summaries = [matching.summarize_case(case) for case in cases]
     froc = froc_analysis(summaries)["all"]
+    scores = np.concatenate([s.detection_scores for s in summaries])
     return {
-        "detections_per_patient": sum(len(s.detections) for s in summaries) / len(cases),
+        "detections": int(scores.size),
+        "detections_s1_at_least": {t: int((scores >= float(t)).sum()) for t in THRESHOLDS},
+        "detections_per_patient": scores.size / len(cases),
         "fp_at_sensitivity": froc["fp_at_sensitivity"],
         "sensitivity_at_1fp": froc["sensitivity_at_fp"]["1"],
     }
@@ -92,13 +98,20 @@ def main() -> None:
     parser.add_argument("--patients", type=int, default=100)
     parser.add_argument("--peaks", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--predictions", help="folder of <case_id>.npz files instead of synthetic")
     args = parser.parse_args()
-    rng = np.random.default_rng(args.seed)
-    cases = [synthetic_case(rng, i, args.peaks) for i in range(args.patients)]
+    if args.predictions:
+        cases = [read_case(path) for path in list_cases(args.predictions)]
+    else:
+        rng = np.random.default_rng(args.seed)
+        cases = [synthetic_case(rng, i, args.peaks) for i in range(args.patients)]
     grouped = froc_numbers(cases)
     with mock.patch.object(matching, "local_maxima", every_window_max_pixel):
         every_pixel = froc_numbers(cases)
-    result = {"patients": args.patients, "peaks": args.peaks, "seed": args.seed}
+    if args.predictions:
+        result = {"predictions": args.predictions, "cases": len(cases)}
+    else:
+        result = {"patients": args.patients, "peaks": args.peaks, "seed": args.seed}
     result |= {"one_per_flat_maximum": grouped, "every_window_max_pixel": every_pixel}
     print(json.dumps(result))
 
