@@ -49,7 +49,7 @@ def test_real_exam_shape_and_intensity(real_exam):
     assert case.classes.shape == (19, 128, 128) and case.classes.dtype == np.int32
     np.testing.assert_array_equal(case.slice_index, np.arange(19))
     assert case.spacing == (0.625, 0.625)
-    assert case.t2w_scale["source"] == "bladder"
+    assert case.t2w_reference["source"] == "bladder"
     centre = case.images[5:14, 44:84, 44:84]  # central 25 mm of the mid-gland slices
     # Gland bright in T2w (air -> 0, bladder -> 1), ADC channel non-blank and in range.
     assert 0.2 < np.median(centre[..., 0]) < 1.0
@@ -204,7 +204,7 @@ def test_t2w_and_adc_scaling(small_case):
         {"t2w": folder / "t2w.mha", "adc": folder / "adc.mha"}, mask=folder / "mask.nii.gz"
     )
     assert case.center_source == "mask"
-    scale = case.t2w_scale
+    scale = case.t2w_reference
     raw = sitk.GetArrayFromImage(sc.images["t2w"]).astype(np.float64)
     assert scale["air"] == pytest.approx(np.percentile(raw, 1.0))
     adc = case.images[..., 1]
@@ -228,9 +228,9 @@ def test_bladder_phantom_maps_to_one_and_fallback_is_logged(tmp_path, caplog):
     image.SetSpacing((1.0, 1.0, 3.0))
     write_image(image, tmp_path / "t2w.mha")
     case = preprocess_case({"t2w": tmp_path / "t2w.mha"})
-    assert case.t2w_scale["source"] == "bladder"
-    assert case.t2w_scale["air"] == 0.0
-    assert case.t2w_scale["bladder"] == pytest.approx(np.median(volume[ball]), abs=5.0)
+    assert case.t2w_reference["source"] == "bladder"
+    assert case.t2w_reference["air"] == 0.0
+    assert case.t2w_reference["bladder"] == pytest.approx(np.median(volume[ball]), abs=5.0)
     s, r, c = case.world_to_pixel(100.0, 70.0, 18.0)
     assert case.images[int(round(s)), int(round(r)), int(round(c)), 0] == pytest.approx(
         1.0, abs=0.1
@@ -242,8 +242,8 @@ def test_bladder_phantom_maps_to_one_and_fallback_is_logged(tmp_path, caplog):
     write_image(image, tmp_path / "t2w.mha")
     with caplog.at_level("WARNING"):
         case = preprocess_case({"t2w": tmp_path / "t2w.mha"}, case_id="no-bladder")
-    assert case.t2w_scale["source"] == "fallback"
-    assert case.t2w_scale["bladder"] == pytest.approx(
+    assert case.t2w_reference["source"] == "fallback"
+    assert case.t2w_reference["bladder"] == pytest.approx(
         np.percentile(volume.astype(np.float32), 99.5)
     )
     assert "no-bladder" in caplog.text and "no bladder found" in caplog.text
@@ -255,7 +255,7 @@ def test_default_case_finds_bladder_and_scales_urine_to_one(tmp_path):
     t2w = sc.images["t2w"]
     write_image(t2w, tmp_path / "t2w.mha")
     case = preprocess_case({"t2w": tmp_path / "t2w.mha"}, center=sc.prostate_center)
-    assert case.t2w_scale["source"] == "bladder" and case.center_source == "given"
+    assert case.t2w_reference["source"] == "bladder" and case.center_source == "given"
     # The voxels found lie inside the generated bladder ellipsoid.
     raw = sitk.GetArrayFromImage(t2w).astype(np.float32)
     i, j, _ = t2w.TransformPhysicalPointToContinuousIndex(sc.prostate_center)
@@ -266,7 +266,7 @@ def test_default_case_finds_bladder_and_scales_urine_to_one(tmp_path):
     d = ((x0 + 0.5 * xx - cx) / rx) ** 2 + ((y0 + 0.5 * yy - cy) / ry) ** 2
     d += ((z0 + 3.0 * zz - cz) / rz) ** 2
     assert len(zz) > 10000 and np.mean(d <= 1.0) > 0.98
-    assert case.t2w_scale["bladder"] == pytest.approx(np.median(raw[found]))
+    assert case.t2w_reference["bladder"] == pytest.approx(np.median(raw[found]))
     # Urine in the crop sits near 1 after scaling.
     point = (cx, cy, z0 + 3.0 * (t2w.GetSize()[2] - 2))
     s, r, c = case.world_to_pixel(*point)

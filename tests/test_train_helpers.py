@@ -66,7 +66,7 @@ class FakeStore:
                     "lesion_grade_known": [True],
                     "max_class": cls,
                     "spacing": [0.625, 0.625],
-                    "t2w_scale": {"air": 10.0, "bladder": 400.0, "source": "bladder"},
+                    "t2w_reference": {"air": 10.0, "bladder": 400.0, "source": "bladder"},
                 }
             )
         self._by_id = {r["case_id"]: r for r in self.cases}

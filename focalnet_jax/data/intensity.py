@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class T2wScale:
+class T2wReference:
     """T2w reference intensities (raw scanner units): x -> (x - air) / (bladder - air)."""
 
     air: float
@@ -99,7 +99,7 @@ def find_bladder(
     return mask
 
 
-def t2w_scale(
+def t2w_reference(
     t2w: np.ndarray,
     spacing_zyx,
     *,
@@ -109,11 +109,11 @@ def t2w_scale(
     center_yx=None,
     case: str = "?",
     **bladder_kwargs,
-) -> T2wScale:
+) -> T2wReference:
     """Air and bladder intensities of a raw T2w volume (z, y, x); logs when the fallback is used."""
     air = float(np.percentile(t2w, air_percentile))
     if bladder_mask is not None and bladder_mask.any():
-        return T2wScale(air, float(np.median(t2w[bladder_mask])), "mask")
+        return T2wReference(air, float(np.median(t2w[bladder_mask])), "mask")
     mask = find_bladder(t2w, spacing_zyx, center_yx, **bladder_kwargs)
     if mask is not None:
         bladder, source = float(np.median(t2w[mask])), "bladder"
@@ -130,10 +130,10 @@ def t2w_scale(
         log.warning("case %s: bladder not brighter than air; upper reference = T2w maximum", case)
     if bladder <= air:
         raise ValueError(f"case {case}: T2w is constant ({air}); cannot normalise")
-    return T2wScale(air, bladder, source)
+    return T2wReference(air, bladder, source)
 
 
-def normalise_t2w(x: np.ndarray, scale: T2wScale) -> np.ndarray:
+def normalise_t2w(x: np.ndarray, scale: T2wReference) -> np.ndarray:
     """air -> 0, bladder -> 1, unclipped; float32."""
     return ((x - scale.air) / (scale.bladder - scale.air)).astype(np.float32)
 

@@ -99,7 +99,7 @@ class PreprocessedCase:
     geometry: CropGeometry
     center: tuple[float, float, float]
     center_source: str
-    t2w_scale: dict = field(default_factory=dict)
+    t2w_reference: dict = field(default_factory=dict)
 
     def pixel_to_world(self, s, row, col):
         """Crop pixel (s, row, col) -> LPS world (x, y, z) mm; `s` indexes the returned slices."""
@@ -256,7 +256,7 @@ def preprocess_case(
     # 3. Resample each component once onto the crop grid; normalise intensities.
     interpolator = _INTERPOLATORS[cfg.interpolator]
     channels = []
-    scale = {}
+    t2w_reference = {}
     for name in names:
         raw = sitk.GetArrayViewFromImage(images[name])
         crop = _resample(images[name], reference, interpolator, extend=True)
@@ -267,7 +267,7 @@ def preprocess_case(
                 if bladder.shape != raw.shape:
                     raise CaseError(case, bladder_mask, "bladder mask is not on the T2w grid")
             try:
-                t2 = intensity.t2w_scale(
+                t2 = intensity.t2w_reference(
                     raw,
                     zyx(t2w.GetSpacing()),
                     air_percentile=cfg.t2w_air_percentile,
@@ -281,7 +281,7 @@ def preprocess_case(
                 )
             except ValueError as err:
                 raise CaseError(case, components[name], str(err)) from err
-            scale = {"air": t2.air, "bladder": t2.bladder, "source": t2.source}
+            t2w_reference = {"air": t2.air, "bladder": t2.bladder, "source": t2.source}
             channels.append(intensity.normalise_t2w(crop, t2))
         elif name == "adc":
             problem = intensity.adc_unit_problem(raw)
@@ -350,5 +350,5 @@ def preprocess_case(
         geometry=geometry,
         center=tuple(float(c) for c in centre),
         center_source=source,
-        t2w_scale=scale,
+        t2w_reference=t2w_reference,
     )

@@ -228,7 +228,7 @@ class StoreWriter:
                 "geometry": case.geometry.to_dict(),
                 "center": list(case.center),
                 "center_source": case.center_source,
-                "t2w_scale": case.t2w_scale,
+                "t2w_reference": case.t2w_reference,
                 "files": files or {},
                 "meta": meta or {},
             }
@@ -419,8 +419,8 @@ def t2w_lower_ratios(store) -> np.ndarray:
     """
     ratios = np.zeros(len(store.images), np.float32)
     for record in store.cases:
-        scale = record.get("t2w_scale") or {}
-        air, bladder = scale.get("air"), scale.get("bladder")
+        reference = record.get("t2w_reference") or {}
+        air, bladder = reference.get("air"), reference.get("bladder")
         if air is not None and bladder and bladder > air:
             ratios[record["start"] : record["stop"]] = np.clip(max(air, 0.0) / bladder, 0.0, 0.9)
     return ratios
