@@ -187,6 +187,105 @@ def index_lesion(lesions: np.ndarray, lesion_classes: np.ndarray, spacing: float
     return best
 
 
+def _crop_centre(t2w: sitk.Image, mask, center, case: str) -> tuple[tuple, str]:
+    """LPS crop centre (mm) and its source: gland-mask centroid, given centre, or T2w centre."""
+    if mask is not None:
+        centre = _center_of(mask, case)
+        if centre is None:
+            raise CaseError(case, mask, "prostate mask is empty")
+        return centre, "mask"
+    if center is not None:
+        return tuple(float(c) for c in center), "given"
+    middle = tuple((s - 1) / 2.0 for s in t2w.GetSize())
+    return t2w.TransformContinuousIndexToPhysicalPoint(middle), "t2w_centre"
+
+
+def _t2w_reference(images, components, cfg, case, centre, bladder_mask) -> intensity.T2wReference:
+    """Air and bladder intensities of the T2w (the first component), raw scanner units."""
+    name = next(iter(components))
+    t2w = images[name]
+    raw = sitk.GetArrayViewFromImage(t2w)
+    bladder = None
+    if bladder_mask is not None:
+        bladder = sitk.GetArrayFromImage(read_image(bladder_mask, case=case)) > 0
+        if bladder.shape != raw.shape:
+            raise CaseError(case, bladder_mask, "bladder mask is not on the T2w grid")
+    centre_index = t2w.TransformPhysicalPointToContinuousIndex(tuple(centre))
+    try:
+        return intensity.t2w_reference(
+            raw,
+            zyx(t2w.GetSpacing()),
+            air_percentile=cfg.t2w_air_percentile,
+            fallback_percentile=cfg.t2w_fallback_percentile,
+            bladder_mask=bladder,
+            case=case,
+            center_yx=(centre_index[1], centre_index[0]),
+            anterior_sign=1.0 if t2w.GetDirection()[4] >= 0 else -1.0,
+            max_cv=cfg.bladder_max_cv,
+            min_volume_ml=cfg.bladder_min_volume_ml,
+        )
+    except ValueError as err:
+        raise CaseError(case, components[name], str(err)) from err
+
+
+def _normalised_channels(images, components, reference, cfg, case, centre, bladder_mask):
+    """Each component resampled once onto the crop grid and normalised: float32 `[Z, H, W]` per
+    component, and the T2w reference as a dict (air, bladder, source)."""
+    interpolator = _INTERPOLATORS[cfg.interpolator]
+    names = list(components)
+    channels, t2w_reference = [], {}
+    for name in names:
+        crop = _resample(images[name], reference, interpolator, extend=True)
+        if name == names[0]:
+            t2 = _t2w_reference(images, components, cfg, case, centre, bladder_mask)
+            t2w_reference = {"air": t2.air, "bladder": t2.bladder, "source": t2.source}
+            channels.append(intensity.normalise_t2w(crop, t2))
+            continue
+        raw = sitk.GetArrayViewFromImage(images[name])
+        if name == "adc":
+            problem = intensity.adc_unit_problem(raw)
+            if problem:
+                raise CaseError(case, components[name], problem)
+            channels.append(intensity.normalise_adc(crop, *cfg.adc_range))
+        else:
+            lo, hi = intensity.percentile_range(raw, *cfg.percentiles)
+            channels.append(intensity.normalise_percentiles(crop, lo, hi))
+    return channels, t2w_reference
+
+
+def _crop_label(label, t2w: sitk.Image, reference: sitk.Image, shape, cfg, case: str):
+    """The label on the crop grid: (classes int32, grade_known uint8, lesions int32) `[Z, H, W]`
+    and per lesion instance (lesion_classes int32 `[L]`, lesion_grade_known bool `[L]`)."""
+    if label is None:
+        zeros = np.zeros(shape, np.int32)
+        empty = np.zeros(0, np.int32)
+        return zeros, np.ones(shape, np.uint8), zeros.copy(), empty, empty.astype(bool)
+    label_image = read_image(label, case=case)
+    if not _overlaps(label_image, t2w):
+        raise CaseError(case, label, "label does not overlap the T2w field of view")
+    raw_label = sitk.GetArrayFromImage(label_image)
+    if not np.array_equal(raw_label, np.round(raw_label)):
+        raise CaseError(case, label, "label holds non-integer values")
+    instances, values = _label_instances(raw_label.astype(np.int64), case, label)
+    inst_image = sitk.GetImageFromArray(instances)
+    inst_image.CopyInformation(label_image)
+    lesions = _resample(inst_image, reference, sitk.sitkNearestNeighbor, sitk.sitkInt32)
+    lost = sorted(set(range(1, len(values) + 1)) - set(np.unique(lesions).tolist()))
+    if lost:
+        raise CaseError(
+            case,
+            label,
+            f"{len(lost)} of {len(values)} lesions lost by resampling onto the crop "
+            f"(instances {lost[:5]}: outside the 80 mm crop or thinner than a crop pixel)",
+        )
+    unknown = (values == 1) & (cfg.label_values == "picai")
+    lesion_classes = np.where(unknown, 2, values).astype(np.int32)
+    lesion_grade_known = ~unknown
+    lut_class = np.concatenate([[0], lesion_classes]).astype(np.int32)
+    lut_known = np.concatenate([[True], lesion_grade_known]).astype(np.uint8)
+    return lut_class[lesions], lut_known[lesions], lesions, lesion_classes, lesion_grade_known
+
+
 def preprocess_case(
     components: Mapping[str, str | os.PathLike],
     label: str | os.PathLike | None = None,
@@ -239,95 +338,22 @@ def preprocess_case(
             )
 
     # 2. Crop centre: gland-mask centroid, else the given centre, else the T2w volume centre.
-    centre, source = None, "mask"
-    if mask is not None:
-        centre = _center_of(mask, case)
-        if centre is None:
-            raise CaseError(case, mask, "prostate mask is empty")
-    if centre is None and center is not None:
-        centre, source = tuple(float(c) for c in center), "given"
-    if centre is None:
-        middle = tuple((s - 1) / 2.0 for s in t2w.GetSize())
-        centre, source = t2w.TransformContinuousIndexToPhysicalPoint(middle), "t2w_centre"
+    centre, source = _crop_centre(t2w, mask, center, case)
     geometry = CropGeometry.centred(t2w, centre, crop_mm=cfg.crop_mm, size=cfg.crop_size)
     reference = geometry.reference_image(t2w.GetSize()[2])
-    centre_index = t2w.TransformPhysicalPointToContinuousIndex(tuple(centre))
 
     # 3. Resample each component once onto the crop grid; normalise intensities.
-    interpolator = _INTERPOLATORS[cfg.interpolator]
-    channels = []
-    t2w_reference = {}
-    for name in names:
-        raw = sitk.GetArrayViewFromImage(images[name])
-        crop = _resample(images[name], reference, interpolator, extend=True)
-        if name == names[0]:
-            bladder = None
-            if bladder_mask is not None:
-                bladder = sitk.GetArrayFromImage(read_image(bladder_mask, case=case)) > 0
-                if bladder.shape != raw.shape:
-                    raise CaseError(case, bladder_mask, "bladder mask is not on the T2w grid")
-            try:
-                t2 = intensity.t2w_reference(
-                    raw,
-                    zyx(t2w.GetSpacing()),
-                    air_percentile=cfg.t2w_air_percentile,
-                    fallback_percentile=cfg.t2w_fallback_percentile,
-                    bladder_mask=bladder,
-                    case=case,
-                    center_yx=(centre_index[1], centre_index[0]),
-                    anterior_sign=1.0 if t2w.GetDirection()[4] >= 0 else -1.0,
-                    max_cv=cfg.bladder_max_cv,
-                    min_volume_ml=cfg.bladder_min_volume_ml,
-                )
-            except ValueError as err:
-                raise CaseError(case, components[name], str(err)) from err
-            t2w_reference = {"air": t2.air, "bladder": t2.bladder, "source": t2.source}
-            channels.append(intensity.normalise_t2w(crop, t2))
-        elif name == "adc":
-            problem = intensity.adc_unit_problem(raw)
-            if problem:
-                raise CaseError(case, components[name], problem)
-            channels.append(intensity.normalise_adc(crop, *cfg.adc_range))
-        else:
-            lo, hi = intensity.percentile_range(raw, *cfg.percentiles)
-            channels.append(intensity.normalise_percentiles(crop, lo, hi))
+    channels, t2w_reference = _normalised_channels(
+        images, components, reference, cfg, case, centre, bladder_mask
+    )
     volume = np.stack(channels, axis=-1)
-    shape = volume.shape[:3]
 
     # 4. Label: lesion instances on the source grid, nearest-neighbour onto the crop, none lost.
-    classes = np.zeros(shape, np.int32)
-    grade_known = np.ones(shape, np.uint8)
-    lesions = np.zeros(shape, np.int32)
-    lesion_classes = np.zeros(0, np.int32)
-    lesion_grade_known = np.zeros(0, bool)
-    if label is not None:
-        label_image = read_image(label, case=case)
-        if not _overlaps(label_image, t2w):
-            raise CaseError(case, label, "label does not overlap the T2w field of view")
-        raw_label = sitk.GetArrayFromImage(label_image)
-        if not np.array_equal(raw_label, np.round(raw_label)):
-            raise CaseError(case, label, "label holds non-integer values")
-        instances, values = _label_instances(raw_label.astype(np.int64), case, label)
-        inst_image = sitk.GetImageFromArray(instances)
-        inst_image.CopyInformation(label_image)
-        lesions = _resample(inst_image, reference, sitk.sitkNearestNeighbor, sitk.sitkInt32)
-        lost = sorted(set(range(1, len(values) + 1)) - set(np.unique(lesions).tolist()))
-        if lost:
-            raise CaseError(
-                case,
-                label,
-                f"{len(lost)} of {len(values)} lesions lost by resampling onto the crop "
-                f"(instances {lost[:5]}: outside the 80 mm crop or thinner than a crop pixel)",
-            )
-        unknown = (values == 1) & (cfg.label_values == "picai")
-        lesion_classes = np.where(unknown, 2, values).astype(np.int32)
-        lesion_grade_known = ~unknown
-        lut_class = np.concatenate([[0], lesion_classes]).astype(np.int32)
-        lut_known = np.concatenate([[True], lesion_grade_known]).astype(np.uint8)
-        classes, grade_known = lut_class[lesions], lut_known[lesions]
+    labels = _crop_label(label, t2w, reference, volume.shape[:3], cfg, case)
+    classes, grade_known, lesions, lesion_classes, lesion_grade_known = labels
 
     annotated = (lesions > 0).any(axis=(1, 2))
-    keep = np.flatnonzero(annotated) if slices == "annotated" else np.arange(shape[0])
+    keep = np.flatnonzero(annotated) if slices == "annotated" else np.arange(len(annotated))
     for name in names:
         problem = coverage.shortfall(name, coverage.covered(images[name], reference, keep), keep)
         if problem:
