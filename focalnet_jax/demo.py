@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from focalnet_jax import cli
+from focalnet_jax.study.synthetic import synthetic_store
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.py"
 
@@ -25,27 +26,6 @@ def _run(argv: list[str]) -> None:
     status = cli.main(argv)
     if status:
         raise SystemExit(f"focalnet {argv[0]} failed with status {status}")
-
-
-def synthetic_store(out: Path, *, cases: int, seed: int = 0, workers: int = 2) -> Path:
-    """`focalnet synth` into `out/data`, then `focalnet preprocess` into `out/store` (each skipped
-    when its output is already there); returns the store folder."""
-    data, store = out / "data", out / "store"
-    if not (data / "marksheet.csv").is_file():
-        _run(["synth", "--out", str(data), "--cases", str(cases), "--seed", str(seed)])
-    if not (store / "cases.json").is_file():
-        _run(
-            [
-                "preprocess",
-                "--layout=picai",
-                f"--images={data / 'images'}",
-                f"--labels={data / 'labels'}",
-                f"--masks={data / 'masks'}",
-                f"--out={store}",
-                f"--workers={workers}",
-            ]
-        )
-    return store
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -293,6 +293,86 @@ def test_bad_spec_is_a_one_line_error_before_anything_runs(spec_file, tmp_path, 
     assert not workdir.exists()
 
 
+def _stale_copy(store: Path, tmp_path: Path) -> Path:
+    """A copy of `store` whose cases.json says format version 1 (refused by `open_store`)."""
+    import shutil
+
+    stale = shutil.copytree(store, tmp_path / "stale_store")
+    table = json.loads((stale / "cases.json").read_text())
+    table["settings"]["version"] = 1
+    (stale / "cases.json").write_text(json.dumps(table))
+    return stale
+
+
+def test_spec_store_is_opened_before_anything_runs(spec_file, store, tmp_path):
+    workdir = tmp_path / "bad"
+    run = ["run", "--spec", str(spec_file), "--workdir", str(workdir)]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    message = _one_line_error(*run, f"--spec.store={empty}")
+    assert message.startswith("focalnet study run: error: store ")
+    assert "no cases.json" in message
+    message = _one_line_error(*run, f"--spec.store={_stale_copy(store, tmp_path)}")
+    assert "format version 1" in message
+    # The store holds 8 patients (one case each): 9 folds cannot all hold a patient.
+    message = _one_line_error(*run, "--spec.num_folds=9")
+    assert f"num_folds=9: store {store} has only 8 patients" in message
+    assert not workdir.exists()
+
+
+def test_arm_components_must_be_in_the_store(store, tmp_path):
+    arms = {"ce": {"data": {"components": ("t2w", "adc", "dce")}}}
+    spec = write_spec(tmp_path / "dce.py", store, arms=arms, ensembles={})
+    message = _one_line_error("run", "--spec", str(spec), "--workdir", str(tmp_path / "bad"))
+    assert "arm 'ce': data.components ('t2w', 'adc', 'dce'): ['dce'] not in store" in message
+
+
+def test_verbose_is_accepted_after_every_action(tmp_path, capsys):
+    for action in ("status", "report", "cell", "run"):
+        argv = [action, "--workdir", str(tmp_path / "none"), "--verbose"]
+        argv += ["--cell", "a/rep0/fold0"] if action == "cell" else []
+        message = _one_line_error(*argv)
+        assert message.startswith(f"focalnet study {action}: error: {tmp_path / 'none'}: not a")
+        assert "Traceback" in capsys.readouterr().err  # --verbose took effect
+
+
+def test_failed_command_records_its_one_line_error(tmp_path):
+    from focalnet_jax.study.cell_runner import run_focalnet
+
+    log = tmp_path / "cell.log"
+    log.write_text("earlier attempt\n")
+    reason = run_focalnet(["folds", f"--store={tmp_path / 'none'}"], log)
+    assert reason == (
+        f"focalnet folds: error: {tmp_path / 'none'} is not a preprocessed store (no cases.json)"
+    )
+    text = log.read_text()
+    assert text.startswith("earlier attempt\n$ focalnet folds --store=") and text.endswith(
+        reason + "\n"
+    )
+
+
+def test_report_refuses_a_metric_missing_from_metrics_json(capsys):
+    from focalnet_jax.study.report import _lookup
+    from focalnet_jax.study.spec import StudyError
+
+    metrics = {"picai": {"auroc": 0.75, "ap": None}, "roc": {"skipped": "one class"}}
+    assert _lookup(metrics, ("picai", "auroc"), "c/eval/metrics.json", partial=False) == 0.75
+    assert math.isnan(_lookup(metrics, ("picai", "ap"), "c", partial=False))  # undefined: null
+    assert math.isnan(_lookup(metrics, ("roc", "gs_ge_7", "auc"), "c", partial=False))
+    with pytest.raises(StudyError, match=r"^c/eval/metrics.json: no picai.score "):
+        _lookup(metrics, ("picai", "score"), "c/eval/metrics.json", partial=False)
+    assert math.isnan(_lookup(metrics, ("picai", "score"), "c/m.json", partial=True))
+    assert "warning: c/m.json: no picai.score" in capsys.readouterr().err
+
+
+def test_demo_rebuilds_a_store_of_an_older_format(store, tmp_path):
+    from focalnet_jax.study.synthetic import _store_is_current
+
+    assert _store_is_current(store)
+    assert not _store_is_current(_stale_copy(store, tmp_path))
+    assert not _store_is_current(tmp_path / "absent")
+
+
 @pytest.mark.parametrize(
     ("arm", "expected"),
     [
@@ -371,10 +451,10 @@ def test_slurm_job_array_gives_the_rows_of_the_local_study(finished, spec_file, 
 
 
 @pytest.mark.parametrize("name", ["bosma22", "focalnet_ablation", "synthetic_mfl"])
-def test_shipped_specs_validate_against_their_base(name, tmp_path):
+def test_shipped_specs_validate_against_their_base(name, store):
     from focalnet_jax.study.spec import arm_config, load_spec, validate
 
-    plain = validate(load_spec(f"{REPO / 'configs' / 'studies' / name}.py:{tmp_path}"), name)
+    plain = validate(load_spec(f"{REPO / 'configs' / 'studies' / name}.py:{store}"), name)
     configs = {arm: arm_config(plain, arm) for arm in plain["arms"]}
     if name == "bosma22":
         assert not any(c.loss.mfl for c in configs.values())
