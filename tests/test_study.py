@@ -170,6 +170,22 @@ def test_permutation_pvalue_equals_exhaustive_enumeration(seed):
     assert permutation_pvalue(a, b) == pytest.approx(exhaustive_permutation_p(a, b), abs=1e-12)
 
 
+def test_compare_arms_welch_is_one_sided_for_the_alternative():
+    from scipy import stats
+
+    from focalnet_jax.study.statistics import compare_arms
+
+    a, b = [0.60, 0.64, 0.61, 0.70], [0.71, 0.69, 0.75]
+    rows = {(r["arm_a"], r["arm_b"]): r for r in compare_arms({"m": {"a": a, "b": b}}, 100)}
+    # Welch's t and degrees of freedom by hand (NumPy), H1: mean of arm_b > mean of arm_a.
+    va, vb = np.var(a, ddof=1) / len(a), np.var(b, ddof=1) / len(b)
+    t = (np.mean(b) - np.mean(a)) / math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    assert rows["a", "b"]["p_welch"] == pytest.approx(stats.t.sf(t, df), rel=1e-9)
+    assert rows["b", "a"]["p_welch"] == pytest.approx(stats.t.sf(-t, df), rel=1e-9)
+    assert rows["a", "b"]["p_welch_bonferroni"] == pytest.approx(2 * stats.t.sf(t, df))
+
+
 @pytest.mark.slow
 def test_study_stats_match_enumeration_and_welch(finished):
     from scipy import stats
