@@ -260,7 +260,7 @@ def test_killed_study_resumes_the_interrupted_cell(store, tmp_path):
 @pytest.mark.slow
 def test_failed_cell_is_reported_and_the_others_finish(store, tmp_path):
     workdir = tmp_path / "failing"
-    # MFL on with a weight that is not a number: valid config keys, fails inside training.
+    # MFL on with a weight that is not a number: valid config keys, refused by `focalnet train`.
     bad = {"loss": {"name": "ordinal_focal", "mfl": True, "mfl_weight": "bogus"}}
     spec = write_spec(tmp_path / "failing.py", store, arms={"ce": ARMS["ce"], "fl": bad})
     args = ["--spec", str(spec), "--workdir", str(workdir), "--spec.repeats=1"]
@@ -268,8 +268,10 @@ def test_failed_cell_is_reported_and_the_others_finish(store, tmp_path):
     done = study("run", *args, check=False)
     assert done.returncode == 1
     log = workdir / "fl" / "rep0" / "fold1" / "cell.log"
-    assert "FAILED fl/rep0/fold1: ValueError: loss.mfl_weight" in done.stdout
-    assert str(log) in done.stdout and "Traceback" in log.read_text()
+    # The cell's state keeps the one-line user error of `focalnet train` (also in its log).
+    reason = "focalnet train: error: loss.mfl_weight: expected 'auto' or a number, got 'bogus'"
+    assert f"FAILED fl/rep0/fold1: {reason}" in done.stdout
+    assert str(log) in done.stdout and reason in log.read_text()
     status = study("status", "--workdir", str(workdir)).stdout
     assert re.search(r"fl/rep0/fold1\s+failed", status) and re.search(
         r"ce/rep0/fold1\s+done", status
