@@ -490,7 +490,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = unknown
     run_fn = _COMMANDS[args.command][2]
-    with one_line_user_errors(f"focalnet {args.command}", verbose=args.verbose):
+    action = getattr(args, "study_command", None)  # `focalnet study ACTION: error: ...`
+    prog = f"focalnet {args.command}" + (f" {action}" if action else "")
+    with one_line_user_errors(prog, verbose=args.verbose):
         return int(run_fn(args) or 0)
 
 

@@ -4,7 +4,8 @@ evaluate the validation fold, printing each `focalnet` command as it runs it.
     python -m focalnet_jax.demo --out demo_run
 
 Steps already done in `--out` (dataset, store, finished training) are reused, so an interrupted
-demo continues where it stopped. About 4 minutes on 2 CPU cores.
+demo continues where it stopped; a store of an older format is rebuilt. About 4 minutes on 2
+CPU cores.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 
 from focalnet_jax import cli
+from focalnet_jax.study.synthetic import synthetic_store
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.py"
 
@@ -25,27 +27,6 @@ def _run(argv: list[str]) -> None:
     status = cli.main(argv)
     if status:
         raise SystemExit(f"focalnet {argv[0]} failed with status {status}")
-
-
-def synthetic_store(out: Path, *, cases: int, seed: int = 0, workers: int = 2) -> Path:
-    """`focalnet synth` into `out/data`, then `focalnet preprocess` into `out/store` (each skipped
-    when its output is already there); returns the store folder."""
-    data, store = out / "data", out / "store"
-    if not (data / "marksheet.csv").is_file():
-        _run(["synth", "--out", str(data), "--cases", str(cases), "--seed", str(seed)])
-    if not (store / "cases.json").is_file():
-        _run(
-            [
-                "preprocess",
-                "--layout=picai",
-                f"--images={data / 'images'}",
-                f"--labels={data / 'labels'}",
-                f"--masks={data / 'masks'}",
-                f"--out={store}",
-                f"--workers={workers}",
-            ]
-        )
-    return store
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,14 +24,10 @@ LAYERS = {
     "training": 4,
     "evaluation": 4,
     "cli": 5,
-    "study": 4.5,  # drives training and evaluation through `focalnet` commands
+    "study": 4.5,  # drives training and evaluation through `focalnet` child processes
     "demo": 7,
     "__init__": 7,
 }
-# The one known exception, to be removed: the study runner executes `focalnet` commands in-process
-# through `cli.main`, while `cli` imports the study package for its `study` subcommand.
-KNOWN_CYCLE_EDGES = {("focalnet_jax.study.cell_runner", "focalnet_jax.cli"),
-                     ("focalnet_jax.study.synthetic", "focalnet_jax.cli")}  # fmt: skip
 
 
 def _module_name(path: Path) -> str:
@@ -68,8 +64,6 @@ def _imports(path: Path) -> set[str]:
 def graph() -> dict[str, set[str]]:
     modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
     graph = {name: _imports(path) - {name} for name, path in modules.items()}
-    for source, target in KNOWN_CYCLE_EDGES:
-        graph[source].discard(target)
     return graph
 
 

@@ -170,6 +170,22 @@ def test_permutation_pvalue_equals_exhaustive_enumeration(seed):
     assert permutation_pvalue(a, b) == pytest.approx(exhaustive_permutation_p(a, b), abs=1e-12)
 
 
+def test_compare_arms_welch_is_one_sided_for_the_alternative():
+    from scipy import stats
+
+    from focalnet_jax.study.statistics import compare_arms
+
+    a, b = [0.60, 0.64, 0.61, 0.70], [0.71, 0.69, 0.75]
+    rows = {(r["arm_a"], r["arm_b"]): r for r in compare_arms({"m": {"a": a, "b": b}}, 100)}
+    # Welch's t and degrees of freedom by hand (NumPy), H1: mean of arm_b > mean of arm_a.
+    va, vb = np.var(a, ddof=1) / len(a), np.var(b, ddof=1) / len(b)
+    t = (np.mean(b) - np.mean(a)) / math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    assert rows["a", "b"]["p_welch"] == pytest.approx(stats.t.sf(t, df), rel=1e-9)
+    assert rows["b", "a"]["p_welch"] == pytest.approx(stats.t.sf(-t, df), rel=1e-9)
+    assert rows["a", "b"]["p_welch_bonferroni"] == pytest.approx(2 * stats.t.sf(t, df))
+
+
 @pytest.mark.slow
 def test_study_stats_match_enumeration_and_welch(finished):
     from scipy import stats
@@ -244,7 +260,7 @@ def test_killed_study_resumes_the_interrupted_cell(store, tmp_path):
 @pytest.mark.slow
 def test_failed_cell_is_reported_and_the_others_finish(store, tmp_path):
     workdir = tmp_path / "failing"
-    # MFL on with a weight that is not a number: valid config keys, fails inside training.
+    # MFL on with a weight that is not a number: valid config keys, refused by `focalnet train`.
     bad = {"loss": {"name": "ordinal_focal", "mfl": True, "mfl_weight": "bogus"}}
     spec = write_spec(tmp_path / "failing.py", store, arms={"ce": ARMS["ce"], "fl": bad})
     args = ["--spec", str(spec), "--workdir", str(workdir), "--spec.repeats=1"]
@@ -252,8 +268,10 @@ def test_failed_cell_is_reported_and_the_others_finish(store, tmp_path):
     done = study("run", *args, check=False)
     assert done.returncode == 1
     log = workdir / "fl" / "rep0" / "fold1" / "cell.log"
-    assert "FAILED fl/rep0/fold1: ValueError: loss.mfl_weight" in done.stdout
-    assert str(log) in done.stdout and "Traceback" in log.read_text()
+    # The cell's state keeps the one-line user error of `focalnet train` (also in its log).
+    reason = "focalnet train: error: loss.mfl_weight: expected 'auto' or a number, got 'bogus'"
+    assert f"FAILED fl/rep0/fold1: {reason}" in done.stdout
+    assert str(log) in done.stdout and reason in log.read_text()
     status = study("status", "--workdir", str(workdir)).stdout
     assert re.search(r"fl/rep0/fold1\s+failed", status) and re.search(
         r"ce/rep0/fold1\s+done", status
@@ -291,6 +309,86 @@ def test_bad_spec_is_a_one_line_error_before_anything_runs(spec_file, tmp_path, 
     message = _one_line_error("run", "--spec", str(spec_file), "--workdir", str(workdir), override)
     assert expected in message
     assert not workdir.exists()
+
+
+def _stale_copy(store: Path, tmp_path: Path) -> Path:
+    """A copy of `store` whose cases.json says format version 1 (refused by `open_store`)."""
+    import shutil
+
+    stale = shutil.copytree(store, tmp_path / "stale_store")
+    table = json.loads((stale / "cases.json").read_text())
+    table["settings"]["version"] = 1
+    (stale / "cases.json").write_text(json.dumps(table))
+    return stale
+
+
+def test_spec_store_is_opened_before_anything_runs(spec_file, store, tmp_path):
+    workdir = tmp_path / "bad"
+    run = ["run", "--spec", str(spec_file), "--workdir", str(workdir)]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    message = _one_line_error(*run, f"--spec.store={empty}")
+    assert message.startswith("focalnet study run: error: store ")
+    assert "no cases.json" in message
+    message = _one_line_error(*run, f"--spec.store={_stale_copy(store, tmp_path)}")
+    assert "format version 1" in message
+    # The store holds 8 patients (one case each): 9 folds cannot all hold a patient.
+    message = _one_line_error(*run, "--spec.num_folds=9")
+    assert f"num_folds=9: store {store} has only 8 patients" in message
+    assert not workdir.exists()
+
+
+def test_arm_components_must_be_in_the_store(store, tmp_path):
+    arms = {"ce": {"data": {"components": ("t2w", "adc", "dce")}}}
+    spec = write_spec(tmp_path / "dce.py", store, arms=arms, ensembles={})
+    message = _one_line_error("run", "--spec", str(spec), "--workdir", str(tmp_path / "bad"))
+    assert "arm 'ce': data.components ('t2w', 'adc', 'dce'): ['dce'] not in store" in message
+
+
+def test_verbose_is_accepted_after_every_action(tmp_path, capsys):
+    for action in ("status", "report", "cell", "run"):
+        argv = [action, "--workdir", str(tmp_path / "none"), "--verbose"]
+        argv += ["--cell", "a/rep0/fold0"] if action == "cell" else []
+        message = _one_line_error(*argv)
+        assert message.startswith(f"focalnet study {action}: error: {tmp_path / 'none'}: not a")
+        assert "Traceback" in capsys.readouterr().err  # --verbose took effect
+
+
+def test_failed_command_records_its_one_line_error(tmp_path):
+    from focalnet_jax.study.cell_runner import run_focalnet
+
+    log = tmp_path / "cell.log"
+    log.write_text("earlier attempt\n")
+    reason = run_focalnet(["folds", f"--store={tmp_path / 'none'}"], log)
+    assert reason == (
+        f"focalnet folds: error: {tmp_path / 'none'} is not a preprocessed store (no cases.json)"
+    )
+    text = log.read_text()
+    assert text.startswith("earlier attempt\n$ focalnet folds --store=") and text.endswith(
+        reason + "\n"
+    )
+
+
+def test_report_refuses_a_metric_missing_from_metrics_json(capsys):
+    from focalnet_jax.study.report import _lookup
+    from focalnet_jax.study.spec import StudyError
+
+    metrics = {"picai": {"auroc": 0.75, "ap": None}, "roc": {"skipped": "one class"}}
+    assert _lookup(metrics, ("picai", "auroc"), "c/eval/metrics.json", partial=False) == 0.75
+    assert math.isnan(_lookup(metrics, ("picai", "ap"), "c", partial=False))  # undefined: null
+    assert math.isnan(_lookup(metrics, ("roc", "gs_ge_7", "auc"), "c", partial=False))
+    with pytest.raises(StudyError, match=r"^c/eval/metrics.json: no picai.score "):
+        _lookup(metrics, ("picai", "score"), "c/eval/metrics.json", partial=False)
+    assert math.isnan(_lookup(metrics, ("picai", "score"), "c/m.json", partial=True))
+    assert "warning: c/m.json: no picai.score" in capsys.readouterr().err
+
+
+def test_demo_rebuilds_a_store_of_an_older_format(store, tmp_path):
+    from focalnet_jax.study.synthetic import _store_is_current
+
+    assert _store_is_current(store)
+    assert not _store_is_current(_stale_copy(store, tmp_path))
+    assert not _store_is_current(tmp_path / "absent")
 
 
 @pytest.mark.parametrize(
@@ -371,10 +469,10 @@ def test_slurm_job_array_gives_the_rows_of_the_local_study(finished, spec_file, 
 
 
 @pytest.mark.parametrize("name", ["bosma22", "focalnet_ablation", "synthetic_mfl"])
-def test_shipped_specs_validate_against_their_base(name, tmp_path):
+def test_shipped_specs_validate_against_their_base(name, store):
     from focalnet_jax.study.spec import arm_config, load_spec, validate
 
-    plain = validate(load_spec(f"{REPO / 'configs' / 'studies' / name}.py:{tmp_path}"), name)
+    plain = validate(load_spec(f"{REPO / 'configs' / 'studies' / name}.py:{store}"), name)
     configs = {arm: arm_config(plain, arm) for arm in plain["arms"]}
     if name == "bosma22":
         assert not any(c.loss.mfl for c in configs.values())

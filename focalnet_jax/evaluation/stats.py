@@ -29,16 +29,17 @@ def mean_sd(values: Sequence) -> dict:
     }
 
 
-def welch_pvalue(a: Sequence, b: Sequence) -> float:
-    """Two-sided p-value of Welch's unequal-variance t-test; NaN below 2 values per side or when
-    both sides are constant."""
+def welch_pvalue(a: Sequence, b: Sequence, alternative: str = "two-sided") -> float:
+    """p-value of Welch's unequal-variance t-test of mean(a) vs mean(b); `alternative` as SciPy's
+    `ttest_ind` ('two-sided', 'greater': H1 mean(a) > mean(b), 'less'). NaN below 2 values per
+    side or when both sides are constant."""
     a, b = finite_values(a), finite_values(b)
     if a.size < 2 or b.size < 2:
         return float("nan")
     with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
         # SciPy warns on (nearly) identical samples; the p-value is still what it returns.
         warnings.simplefilter("ignore", RuntimeWarning)
-        return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+        return float(stats.ttest_ind(a, b, equal_var=False, alternative=alternative).pvalue)
 
 
 def bonferroni(pvalue: float, num_comparisons: int) -> float:

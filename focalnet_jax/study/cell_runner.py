@@ -1,25 +1,30 @@
-"""`focalnet study cell --workdir DIR --cell ARM/rep<r>/fold<k>`: one cell, in this process.
+"""`focalnet study cell --workdir DIR --cell ARM/rep<r>/fold<k>`: one cell.
 
 A cell is an ordinary `focalnet train --config BASE --workdir CELL --config.k=v ...` (which resumes
-from the cell's latest checkpoint) followed by `focalnet evaluate --workdir CELL`, both through
-the CLI's `main` in this process (one JAX start-up per cell). Everything the cell prints, from
-Python and from native code, goes to `CELL/cell.log` (appended: a resumed cell keeps the log of
-its earlier attempts). A cell already done returns at once. The local and SLURM executors both
-start cells with this command.
+from the cell's latest checkpoint) followed by `focalnet evaluate --workdir CELL`, each run as
+`python -m focalnet_jax.cli` in a child process (so the study package never imports the CLI that
+imports it). Everything the cell prints goes to `CELL/cell.log` (appended: a resumed cell keeps
+the log of its earlier attempts); a failed command's last line of output (the one-line user
+error, or the exception of a traceback) is the cell's recorded reason. A cell already done
+returns at once. The local and SLURM executors both start cells with this command.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
+import re
+import shlex
 import socket
+import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 
 from focalnet_jax.study.cells import Study
 from focalnet_jax.study.spec import cell_overrides
+
+# `focalnet CMD: error: ...` (a user error) or `SomeError: ...` (the end of a traceback).
+REASON = re.compile(r"^(focalnet [\w ]+: error: |[\w.]+(Error|Exception|Exit|Interrupt)\b)")
 
 
 def cell_commands(study: Study, cell) -> tuple[list[str], list[str]]:
@@ -36,42 +41,23 @@ def cell_commands(study: Study, cell) -> tuple[list[str], list[str]]:
     return train, evaluate
 
 
-@contextlib.contextmanager
-def _output_to(log: Path):
-    """stdout and stderr (file descriptors 1 and 2, so native output too) appended to `log`."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
+def run_focalnet(argv: list[str], log: Path) -> str | None:
+    """Run `focalnet ARGV` in a child process, its output appended to `log`; None on success,
+    else a one-line reason: the last user error or exception line the command printed (else its
+    last line, else its exit status)."""
     with open(log, "ab", buffering=0) as out:
-        os.dup2(out.fileno(), 1)
-        os.dup2(out.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            os.close(saved[0])
-            os.close(saved[1])
-
-
-def _run_command(argv: list[str]) -> str | None:
-    """Run one `focalnet` command; None on success, else a one-line reason."""
-    from focalnet_jax import cli
-
-    print(f"$ focalnet {' '.join(argv)}", flush=True)
-    try:
-        status = cli.main(argv)
-    except SystemExit as stop:
-        status = stop.code
-        if isinstance(status, str):
-            return status.splitlines()[-1]
-    except Exception as error:  # a failed cell is reported; the study goes on
-        traceback.print_exc()
-        return f"{type(error).__name__}: {error}".splitlines()[0]
-    return None if status in (0, None) else f"focalnet {argv[0]} exited with status {status}"
+        out.write(f"$ focalnet {shlex.join(argv)}\n".encode())
+        start = out.tell()
+        status = subprocess.call(
+            [sys.executable, "-m", "focalnet_jax.cli", *argv], stdout=out, stderr=subprocess.STDOUT
+        )
+    if status == 0:
+        return None
+    with open(log, "rb") as written:
+        written.seek(start)
+        lines = [line.strip() for line in written.read().decode(errors="replace").splitlines()]
+    reasons = [line for line in lines if REASON.match(line)] or [line for line in lines if line]
+    return reasons[-1] if reasons else f"focalnet {argv[0]} exited with status {status}"
 
 
 def run_cell(study_dir: str | Path, name: str) -> int:
@@ -87,14 +73,16 @@ def run_cell(study_dir: str | Path, name: str) -> int:
     study.write_state(
         cell, "running", pid=os.getpid(), host=socket.gethostname(), log=str(log), **slurm
     )
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as out:
+        out.write(f"=== cell {name}, seed {study.seed(cell)}, {time.ctime()} ===\n")
     error = None
-    with _output_to(log):
-        print(f"=== cell {name}, seed {study.seed(cell)}, {time.ctime()} ===", flush=True)
-        for argv in cell_commands(study, cell):
-            error = _run_command(argv)
-            if error:
-                print(f"cell {name} failed: {error}", flush=True)
-                break
+    for argv in cell_commands(study, cell):
+        error = run_focalnet(argv, log)
+        if error:
+            with open(log, "a") as out:
+                out.write(f"cell {name} failed: {error}\n")
+            break
     elapsed = round(time.time() - start, 1)
     if error:
         study.write_state(cell, "failed", error=error, log=str(log), seconds=elapsed, **slurm)

@@ -31,7 +31,7 @@ from focalnet_jax.study.spec import StudyError, seed_for
 STUDY_FILE = "study.json"
 STATE_FILE = "study_cell.json"
 LOG_FILE = "cell.log"
-METRICS = Path("eval") / "metrics.json"
+METRICS_JSON = Path("eval") / "metrics.json"
 PREDICTIONS = Path("eval") / "predictions"
 
 
@@ -149,7 +149,7 @@ class Study:
         state_file = path / STATE_FILE
         record = json.loads(state_file.read_text()) if state_file.is_file() else {}
         state = record.get("state", "pending")
-        if state == "done" and not (path / METRICS).is_file():
+        if state == "done" and not (path / METRICS_JSON).is_file():
             state = "pending"
         elif state == "running" and record.get("host") == socket.gethostname():
             if not _pid_alive(int(record.get("pid", -1))):

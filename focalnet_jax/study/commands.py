@@ -7,6 +7,7 @@ each cell imports JAX in its own process.
 from __future__ import annotations
 
 import argparse
+import functools
 from pathlib import Path
 
 from focalnet_jax.study.cells import Study
@@ -14,9 +15,17 @@ from focalnet_jax.study.spec import StudyError, load_spec, validate
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The `focalnet study` subcommands and their flags."""
+    """The `focalnet study` subcommands and their flags (`--verbose` also after the action)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS,  # keeps a --verbose given before the action
+        help="show the traceback of an error",
+    )
     sub = parser.add_subparsers(dest="study_command", required=True, metavar="ACTION")
-    run = sub.add_parser("run", help="train and evaluate every cell not done yet")
+    add = functools.partial(sub.add_parser, parents=[common])
+    run = add("run", help="train and evaluate every cell not done yet")
     run.add_argument("--spec", help="spec file[:arg] (default: the one recorded in --workdir)")
     run.add_argument("--workdir", type=Path, required=True, help="study folder")
     run.add_argument("--executor", choices=("local", "slurm"), default="local")
@@ -33,15 +42,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--sbatch", action="append", default=[], metavar="LINE", help="extra #SBATCH line"
     )
     run.epilog = "Any spec field: --spec.repeats=3 --spec.common.train.steps=500"
-    status = sub.add_parser("status", help="table of cells: done/running/failed/pending")
+    status = add("status", help="table of cells: done/running/failed/pending")
     status.add_argument("--workdir", type=Path, required=True)
-    report = sub.add_parser("report", help="runs.csv, stats.csv, report.md and figures")
+    report = add("report", help="runs.csv, stats.csv, report.md and figures")
     report.add_argument("--workdir", type=Path, required=True)
     report.add_argument("--partial", action="store_true", help="report while cells are missing")
     report.add_argument(
         "--iterations", type=int, default=10_000, help="random splits of approximate tests"
     )
-    cell = sub.add_parser("cell", help="run one cell here (used by the executors)")
+    cell = add("cell", help="run one cell here (used by the executors)")
     cell.add_argument("--workdir", type=Path, required=True)
     cell.add_argument("--cell", required=True, help="ARM/rep<r>/fold<k>")
 

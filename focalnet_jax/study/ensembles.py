@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from focalnet_jax.study.cells import METRICS, PREDICTIONS, Cell, Study
+from focalnet_jax.study.cells import METRICS_JSON, PREDICTIONS, Cell, Study
 from focalnet_jax.study.spec import StudyError
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ def update_ensemble(study: Study, cell: Cell) -> str:
         return "waiting"
     out = study.path(cell) / "eval"
     metrics = out / "metrics.json"
-    newest_member = max((study.path(m) / METRICS).stat().st_mtime for m in members)
+    newest_member = max((study.path(m) / METRICS_JSON).stat().st_mtime for m in members)
     if metrics.is_file() and metrics.stat().st_mtime >= newest_member:
         return "done"
     member_dirs = [study.path(m) / PREDICTIONS for m in members]

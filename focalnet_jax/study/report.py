@@ -12,13 +12,13 @@ import csv
 import json
 import math
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from focalnet_jax.evaluation.stats import mean_sd
 from focalnet_jax.study import figures, statistics
-from focalnet_jax.study.cells import METRICS as METRICS_FILE
-from focalnet_jax.study.cells import Cell, Study
+from focalnet_jax.study.cells import METRICS_JSON, Cell, Study
 from focalnet_jax.study.spec import StudyError, flatten
 
 CS = ("froc", "clinically_significant")
@@ -51,16 +51,25 @@ STATS_COLUMNS = (
 )
 
 
-def _lookup(metrics: Mapping, path: Sequence[str]) -> float:
+def _lookup(metrics: Mapping, path: Sequence[str], where: str, *, partial: bool) -> float:
+    """The number at `path` in a cell's metrics.json (NaN where the metric is undefined: null, or
+    its section says why it was `skipped`); a missing key is a `StudyError` naming the cell and
+    key, or with `partial` a warning and NaN."""
     value = metrics
     for key in path:
+        if isinstance(value, Mapping) and "skipped" in value:
+            return float("nan")
         if not isinstance(value, Mapping) or key not in value:
+            message = f"{where}: no {'.'.join(path)} (evaluated by another version?)"
+            if not partial:
+                raise StudyError(message + "; --partial reports it as NaN")
+            print(f"warning: {message}; reported as NaN", file=sys.stderr)
             return float("nan")
         value = value[key]
     return float("nan") if value is None else float(value)
 
 
-def _row(study: Study, cell: Cell, metrics: Mapping) -> dict:
+def _row(study: Study, cell: Cell, metrics: Mapping, *, partial: bool) -> dict:
     row = {
         "arm": cell.arm,
         "kind": "ensemble" if cell.ensemble else "arm",
@@ -68,7 +77,9 @@ def _row(study: Study, cell: Cell, metrics: Mapping) -> dict:
         "fold": cell.fold,
         "seed": study.seed(cell),
     }
-    row.update({column: _lookup(metrics, path) for column, path in METRICS.items()})
+    where = str(study.path(cell) / METRICS_JSON)
+    for column, path in METRICS.items():
+        row[column] = _lookup(metrics, path, where, partial=partial)
     row["num_patients"] = metrics.get("num_patients")
     return row
 
@@ -78,11 +89,11 @@ def collect(study: Study, *, partial: bool) -> tuple[list[dict], list[dict], lis
     cells unless `partial`."""
     rows, contents, missing = [], [], []
     for cell in study.cells() + study.ensemble_cells():
-        path = study.path(cell) / METRICS_FILE
+        path = study.path(cell) / METRICS_JSON
         if cell.ensemble or study.state(cell).state == "done":
             if path.is_file():
                 metrics = json.loads(path.read_text())
-                rows.append(_row(study, cell, metrics))
+                rows.append(_row(study, cell, metrics, partial=partial))
                 contents.append(metrics)
                 continue
         missing.append(cell.name)

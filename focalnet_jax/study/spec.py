@@ -15,8 +15,9 @@ study leaves to the base config: every arm and repeat sees the same patients in 
 `validate` checks everything that can be checked before a cell runs, one line per error: unknown
 config keys (against the loaded base config, with each arm's overrides applied exactly as its
 cells will apply them), repeats < 1, folds outside num_folds, ensembles naming unknown arms, a
-store that does not exist, names that cannot be folder names, and the MFL rule of
-`losses.check_mfl`.
+store that does not exist or cannot be opened (`data.store.open_store`: no cases.json, an old
+format), fewer patients in it than num_folds, components an arm trains on that it lacks, names
+that cannot be folder names, and the MFL rule of `losses.check_mfl`.
 """
 
 from __future__ import annotations
@@ -174,14 +175,38 @@ def validate(spec: ml_collections.ConfigDict, spec_file: str) -> dict:
         spec_file=str(spec_file),
     )
     _check_overrides("common", flatten(plain["common"]))
+    opened = _open_store(plain)
     for arm in plain["arms"]:
         _check_overrides(f"arm {arm!r}", flatten(plain["arms"][arm]))
         try:
-            load_config(plain["base"], cell_overrides(plain, arm, 0, folds[0]))
+            config = load_config(plain["base"], cell_overrides(plain, arm, 0, folds[0]))
         except (KeyError, ValueError, FileNotFoundError) as error:
             message = str(error).strip("\"'")
             raise StudyError(f"arm {arm!r} on base {base_path}: {message}") from None
+        missing = [c for c in config.data.components if c not in opened.components]
+        if missing:
+            raise StudyError(
+                f"arm {arm!r}: data.components {tuple(config.data.components)}: {missing} not in "
+                f"store {plain['store']} (it holds {opened.components})"
+            )
     return plain
+
+
+def _open_store(plain: Mapping):
+    """The spec's store, opened (`data.store.open_store`: a current, complete store), with at
+    least one patient per fold of `num_folds`."""
+    from focalnet_jax.data.store import open_store
+
+    try:
+        opened = open_store(plain["store"])
+    except (FileNotFoundError, UserError) as error:
+        raise StudyError(f"store {plain['store']!r}: {error}") from None
+    patients = len(opened.patient_max_class())
+    if patients < plain["num_folds"]:
+        raise StudyError(
+            f"num_folds={plain['num_folds']}: store {plain['store']} has only {patients} patients"
+        )
+    return opened
 
 
 def seed_for(plain: Mapping, repeat: int) -> int:

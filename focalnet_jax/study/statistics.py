@@ -10,7 +10,8 @@ the baseline arm `a` (every metric compared here is higher-is-better).
   enumerated exactly when the two arms have 20 runs or fewer together, otherwise drawn
   (`iterations` random splits; picai_eval's default is 10^6, too slow for a study with many
   metrics, so the default here is 10^4 and the report states it).
-- `p_welch`: Welch's unequal-variance t-test, one-sided (`alternative='greater'` for b - a).
+- `p_welch`: Welch's unequal-variance t-test (`evaluation.stats.welch_pvalue`), one-sided
+  (H1: mean of b > mean of a).
 - `p_welch_bonferroni`: min(1, p_welch x m), m = the number of ordered arm pairs of that metric.
 
 Values that are not numbers (NaN: e.g. an AUROC of a fold without negatives) are left out of
@@ -23,10 +24,7 @@ import itertools
 import warnings
 from collections.abc import Mapping, Sequence
 
-import numpy as np
-from scipy import stats
-
-from focalnet_jax.evaluation.stats import bonferroni, finite_values
+from focalnet_jax.evaluation.stats import bonferroni, finite_values, welch_pvalue
 from focalnet_jax.study.spec import StudyError
 
 APPROXIMATE_ITERATIONS = 10_000
@@ -52,17 +50,6 @@ def permutation_pvalue(
         return float(perform_permutation_test(list(a), list(b), iterations=iterations))
 
 
-def welch_greater(baseline: Sequence[float], alternative: Sequence[float]) -> float:
-    """One-sided Welch p-value for mean(alternative) > mean(baseline); NaN below 2 values a side
-    or when both sides are constant."""
-    a, b = finite_values(baseline), finite_values(alternative)
-    if a.size < 2 or b.size < 2:
-        return float("nan")
-    with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return float(stats.ttest_ind(b, a, equal_var=False, alternative="greater").pvalue)
-
-
 def _mean(values: Sequence[float]) -> float:
     kept = finite_values(values)
     return float(kept.mean()) if kept.size else float("nan")
@@ -80,7 +67,7 @@ def compare_arms(
     for metric, per_arm in per_metric.items():
         pairs = list(itertools.permutations(per_arm, 2))
         for a, b in pairs:
-            p_welch = welch_greater(per_arm[a], per_arm[b])
+            p_welch = welch_pvalue(per_arm[b], per_arm[a], alternative="greater")
             rows.append(
                 {
                     "metric": metric,

@@ -6,7 +6,8 @@
 synthesises a PI-CAI-layout dataset where most lesions are visible in only one component (MFL's
 premise), preprocesses it, prints the patient-level folds, runs the study with the local executor
 and writes its report; `--results` copies the report folder there. Every step already done in
-`--out` is kept, so an interrupted run continues where it stopped.
+`--out` is kept, so an interrupted run continues where it stopped. Each step is a `focalnet`
+command run as `python -m focalnet_jax.cli` in a child process, printed before it runs.
 """
 
 from __future__ import annotations
@@ -14,20 +15,52 @@ from __future__ import annotations
 import argparse
 import shlex
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-from focalnet_jax import cli
-
 SPEC = Path(__file__).resolve().parents[2] / "configs" / "studies" / "synthetic_mfl.py"
 
 
-def _run(argv: list[str]) -> None:
+def focalnet(argv: list[str]) -> None:
+    """Print and run `focalnet ARGV` in a child process; SystemExit when it fails."""
     print(f"\n$ focalnet {shlex.join(argv)}", flush=True)
-    status = cli.main(argv)
+    status = subprocess.call([sys.executable, "-m", "focalnet_jax.cli", *argv])
     if status:
         raise SystemExit(f"focalnet {' '.join(argv[:2])} failed with status {status}")
+
+
+def _store_is_current(store: Path) -> bool:
+    """Whether `store` holds a store this code reads (absent or of an older format: False)."""
+    from focalnet_jax.data.store import StaleStoreError, open_store
+
+    try:
+        open_store(store)
+    except (FileNotFoundError, StaleStoreError) as why:
+        if (store / "cases.json").is_file():
+            print(f"rebuilding the store: {why}")
+        return False
+    return True
+
+
+def synthetic_store(
+    out: Path, *, cases: int, seed: int = 0, workers: int = 2, single_share: float | None = None
+) -> Path:
+    """`focalnet synth` into `out/data` (with `single_share` of lesions visible in T2w only and
+    as many in ADC only), then `focalnet preprocess` into `out/store`; each is skipped when its
+    output is already there, and a store of an older format is rebuilt. Returns the store."""
+    data, store = out / "data", out / "store"
+    if not (data / "marksheet.csv").is_file():
+        synth = ["synth", "--out", str(data), "--cases", str(cases), "--seed", str(seed)]
+        if single_share is not None:
+            synth += ["--t2w-only-share", str(single_share), "--adc-only-share", str(single_share)]
+        focalnet(synth)
+    if not _store_is_current(store):
+        focalnet(["preprocess", "--layout=picai", f"--images={data / 'images'}",
+                  f"--labels={data / 'labels'}", f"--masks={data / 'masks'}", f"--out={store}",
+                  f"--workers={workers}", "--overwrite"])  # fmt: skip
+    return store
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,19 +77,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, help="copy DIR/report here")
     args, overrides = parser.parse_known_args(argv)
     start = time.perf_counter()
-    data, store, study = args.out / "data", args.out / "store", args.out / "study"
-    if not (data / "marksheet.csv").is_file():
-        share = str(args.single_share)
-        _run(["synth", "--out", str(data), "--cases", str(args.cases), "--seed", str(args.seed),
-              "--t2w-only-share", share, "--adc-only-share", share])  # fmt: skip
-    if not (store / "cases.json").is_file():
-        _run(["preprocess", "--layout=picai", f"--images={data / 'images'}",
-              f"--labels={data / 'labels'}", f"--masks={data / 'masks'}", f"--out={store}",
-              "--workers=2"])  # fmt: skip
-    _run(["folds", f"--store={store}", "--num-folds=5"])
+    store = synthetic_store(
+        args.out, cases=args.cases, seed=args.seed, single_share=args.single_share
+    )
+    study = args.out / "study"
+    focalnet(["folds", f"--store={store}", "--num-folds=5"])
     run = ["study", "run", f"--spec={SPEC}:{store}", f"--workdir={study}"]
-    _run([*run, f"--parallel={args.parallel}", *overrides])
-    _run(["study", "report", f"--workdir={study}"])
+    focalnet([*run, f"--parallel={args.parallel}", *overrides])
+    focalnet(["study", "report", f"--workdir={study}"])
     if args.results:
         shutil.copytree(study / "report", args.results, dirs_exist_ok=True)
         print(f"copied {study / 'report'} to {args.results}")
