@@ -50,18 +50,27 @@ def _targets(classes, grade_known, enc: str):
 
 
 def _mfl(apply, variables, full_logits, images, classes, grade_known, spec: RunSpec):
-    """(MFL, chosen subset per slice `[B]`) in the run's MFL mode."""
+    """(MFL, chosen subset per slice `[B]`) in the run's MFL mode, the subsets run
+    `spec.mfl_chunk` at a time (`losses.subset_distances`)."""
     targets, valid = _targets(classes, grade_known, spec.mfl_encoding)
     full_probs = losses.mfl_probs(full_logits, spec.output_encoding)
-    sub_x = losses.subset_inputs(images, spec.components, spec.subsets)  # [M,B,H,W,C]
+    masks = losses.subset_masks(spec.components, spec.subsets, images.dtype)  # [M, C]
     probs_of = lambda x, v=variables: losses.mfl_probs(apply(x, v)[0], spec.output_encoding)
+    chunk = spec.mfl_chunk if spec.mfl_chunk < len(spec.subsets) else 0
+    distances = functools.partial(
+        losses.subset_distances, images=images, masks=masks, full_probs=full_probs,
+        targets=targets, valid=valid, chunk=chunk,
+    )  # fmt: skip
+    size = images.shape[1:3]
     if spec.mfl_mode == "vmap":
-        sub_probs = jax.vmap(probs_of)(sub_x)
-        return losses.mutual_finding_loss(full_probs, sub_probs, targets, valid=valid)
+        # Chunked, the backward pass recomputes each chunk's forward instead of saving all M.
+        per_slice, chosen = losses.loss_from_distances(
+            distances(jax.checkpoint(probs_of) if chunk else probs_of), *size
+        )
+        return reductions.mean(per_slice), chosen
     frozen = jax.tree.map(lax.stop_gradient, variables)
-    probe = jax.vmap(lambda x: probs_of(x, frozen))(sub_x)
-    _, chosen = losses.mutual_finding_loss(full_probs, probe, targets, valid=valid)
-    picked = losses.mfl_select(sub_x, chosen)  # [B,H,W,C]
+    _, chosen = losses.loss_from_distances(distances(lambda x: probs_of(x, frozen)), *size)
+    picked = images * jnp.asarray(masks)[chosen][:, None, None, :]  # [B,H,W,C]
     mfl, _ = losses.mutual_finding_loss(full_probs, probs_of(picked)[None], targets, valid=valid)
     return mfl, chosen
 
