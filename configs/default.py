@@ -56,7 +56,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.loss.name = "ordinal_focal"  # losses.get_loss(name): fixes the output encoding
     config.loss.mfl = True  # add lambda * mutual finding loss over component subsets
     config.loss.mfl_weight = "auto"  # 'auto' = 1 / positive bit ratio of the training split
-    config.loss.mfl_mode = "vmap"  # 'vmap' (paper) or 'select' (argmin subset recomputed)
+    config.loss.mfl_mode = "select"  # 'select' (argmin subset recomputed) or 'vmap' (paper)
     config.loss.subsets = None  # None = every non-empty proper subset of data.components
     config.loss.mfl_chunk = 4  # subsets per MFL probe chunk (memory bound); 0 = all at once
     config.loss.alpha = 0.75  # ordinal focal loss positive-bit weight (eq. 1)

@@ -6,14 +6,19 @@ Loss (paper eq. 4): `L = loss(f(x)) + lambda * MFL`, where `loss` is the run's n
 
 * One application on the full input, `train=True` with `mutable=['batch_stats']`: the only pass
   whose BatchNorm running averages are kept.
-* MFL (`spec.mfl`): the component-subset inputs (`losses.subset_inputs`, the other components
-  zeroed) go through the same network in one `jax.vmap`-ped application. These passes normalise
+* MFL (`spec.mfl`): the component-subset inputs (the other components zeroed, masked inside
+  each chunk) go through the same network, `spec.mfl_chunk` subsets per `jax.vmap`-ped
+  application and the chunks one after another (`losses.subset_distances`), so the probe's
+  memory does not grow with the number of subsets. These passes normalise
   with their own batch statistics (training mode, as every training-time application in the
   paper) but their running-average updates are discarded, so the running averages describe full
   inputs only, which is what evaluation sees. `mutual_finding_loss` stops the gradient into the
   full output, which serves as the reference (paper Fig. 3).
-* MFL mode `select`: every subset is applied without gradients, each slice's argmin subset is
-  picked, and only that input is recomputed with gradients. With `frozen` normalisation value and
+* MFL mode `vmap` with chunks: each chunk is `jax.checkpoint`-ed, so the backward pass
+  recomputes one chunk's forward at a time instead of keeping every subset's activations.
+* MFL mode `select` (the default): every subset is applied without gradients, each slice's argmin
+  subset is picked (its input rebuilt from the subset's channel mask, no gather over subsets),
+  and only that input is recomputed with gradients. With `frozen` normalisation value and
   gradients equal the `vmap` mode (the min's gradient is the argmin's); with `batch`
   normalisation the recomputed batch mixes subsets, so its batch statistics differ.
 
