@@ -214,3 +214,18 @@ def test_four_components_fourteen_subsets_through_the_train_step():
     expected = metrics[spec.loss.name] + LAMBDA * metrics["mfl"]
     np.testing.assert_allclose(metrics["loss"], expected, rtol=1e-5)
     assert float(metrics["mfl"]) > 0 and np.isfinite(float(metrics["grad_norm"]))
+
+
+@pytest.mark.parametrize("chunk", [-1, True])
+def test_mfl_chunk_must_be_a_non_negative_int(chunk):
+    config = tiny_config()
+    config.loss.mfl_chunk = chunk
+    with pytest.raises(ValueError, match=r"^loss\.mfl_chunk: expected an int >= 0"):
+        RunSpec.from_config(config)
+
+
+def test_subset_masks_follow_the_default_subset_order():
+    masks = losses.subset_masks(COMPONENTS)
+    assert masks.shape == (14, 4)
+    assert masks[:4].tolist() == np.eye(4).tolist()  # single components first
+    assert masks[4].tolist() == [1, 1, 0, 0] and masks[-1].tolist() == [0, 1, 1, 1]
