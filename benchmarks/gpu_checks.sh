@@ -21,10 +21,12 @@ day=$(date +%F)
 if [[ ${QUICK:-0} == 1 ]]; then
   tiny=(--config.model.depth=18 --config.model.width=0.125 --config.model.output_stride=16
         --config.train.batch_size=4)
-  size=(--size 32) steps=(--steps 1) fold=(--max-steps 3 --cases 6 --out "$out/fold_data")
+  size=(--size 32) steps=(--steps 1)
+  fold=(--max-steps 4 --cases 6 --out "$out/fold_data" --config.train.log_every=1)
   limits=(300 300 600 600) rounds=(--rounds 1)
 else
-  tiny=() size=() steps=(--steps 20) fold=(--max-steps 2000) limits=(120 120 150 180) rounds=()
+  tiny=() size=() steps=(--steps 20) fold=(--max-steps 2000 --out "${TMPDIR:-/tmp}/fold_time_data")
+  limits=(120 120 150 180) rounds=()
 fi
 status=0
 run() {  # name limit_s script args...
