@@ -55,12 +55,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.loss = ml_collections.ConfigDict()
     config.loss.name = "ordinal_focal"  # losses.get_loss(name): fixes the output encoding
     config.loss.mfl = True  # add lambda * mutual finding loss over component subsets
+    # MFL with a loss other than losses.MFL_LOSSES (ordinal_focal) must be asked for: a benchmark
+    # loss chosen on top of this config (loss.name=ce_focal) is refused while loss.mfl is True.
+    config.loss.mfl_any_loss = False
     config.loss.mfl_weight = "auto"  # 'auto' = 1 / positive bit ratio of the training split
     config.loss.mfl_mode = "select"  # 'select' (argmin subset recomputed) or 'vmap' (paper)
     config.loss.subsets = None  # None = every non-empty proper subset of data.components
     config.loss.mfl_chunk = 4  # subsets per MFL probe chunk (memory bound); 0 = all at once
     config.loss.alpha = 0.75  # ordinal focal loss positive-bit weight (eq. 1)
     config.loss.gamma = 2.0  # focal exponent (eq. 2)
+    # Options of the combined and Dice losses (bound only to the losses that take them):
+    config.loss.weights = (1.0, 1.0)  # ce_focal (CE, FL) / ce_dice (CE, Dice) term weights
+    config.loss.eps = 1.0  # Dice smoothing (nnU-Net: 1e-5)
+    config.loss.batch_dice = False  # one Dice per channel over the whole batch (nnU-Net: True)
+    config.loss.dice_background = True  # softmax Dice over channel 0 too (nnU-Net: False)
 
     config.optim = ml_collections.ConfigDict()
     config.optim.lr = 1e-3

@@ -2,15 +2,19 @@
 
 Each subcommand has an `_add_<name>` function that declares its flags and a `_run_<name>` function
 that imports the module doing the work lazily (so `focalnet synth` does not pay for importing JAX).
+A user error (`errors.one_line_user_errors`) of any command ends as one line on stderr, `focalnet
+<command>: error: <message>`, and exit status 2; `--verbose` adds its traceback. Other exceptions
+keep their traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+from focalnet_jax.errors import UserError, one_line_user_errors
 
 # --- data: synth, preprocess, folds ---------------------------------------------------------------
 
@@ -40,10 +44,10 @@ def _run_synth(args: argparse.Namespace) -> int:
     options["components"] = tuple(c.strip() for c in args.components.split(",") if c.strip())
     try:
         config = SynthConfig.small(**options) if args.small else SynthConfig(**options)
-    except ValueError as err:
-        raise SystemExit(f"focalnet synth: error: {err}") from None
+    except ValueError as err:  # the options are the user's
+        raise UserError(str(err)) from err
     if args.cases < 1:
-        raise SystemExit(f"focalnet synth: --cases {args.cases}: expected at least 1")
+        raise UserError(f"--cases {args.cases}: expected at least 1")
     cases = write_dataset(args.out, args.cases, args.seed, config, progress=True)
     print(f"wrote {len(cases)} synthetic cases to {args.out}")
     return 0
@@ -69,7 +73,11 @@ def _add_preprocess(parser: argparse.ArgumentParser) -> None:
         "--unlabelled",
         choices=("error", "negative", "skip"),
         default="error",
-        help="picai: a case without a label file is an error, a negative, or left out",
+        help="a case without a label (PI-CAI: no label file; manifest: no label column or an "
+        "empty cell) is an error, a negative, or left out",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace a store at --out made with other settings"
     )
     parser.add_argument(
         "--label-values",
@@ -84,25 +92,23 @@ def _add_preprocess(parser: argparse.ArgumentParser) -> None:
 def _run_preprocess(args: argparse.Namespace) -> int:
     from focalnet_jax.data.build_store import preprocess_layout
 
-    try:
-        summary = preprocess_layout(
-            args.layout,
-            out=args.out,
-            images=args.images,
-            labels=args.labels,
-            masks=args.masks,
-            marksheet=args.marksheet,
-            manifest=args.manifest,
-            components=tuple(c.strip() for c in args.components.split(",") if c.strip()),
-            slices=args.slices,
-            workers=args.workers,
-            skip_bad_cases=args.skip_bad_cases,
-            unlabelled=args.unlabelled,
-            label_values=args.label_values,
-            interpolator=args.interpolator,
-        )
-    except (ValueError, FileExistsError) as err:
-        raise SystemExit(f"focalnet preprocess: error: {err}") from None
+    summary = preprocess_layout(
+        args.layout,
+        out=args.out,
+        images=args.images,
+        labels=args.labels,
+        masks=args.masks,
+        marksheet=args.marksheet,
+        manifest=args.manifest,
+        components=tuple(c.strip() for c in args.components.split(",") if c.strip()),
+        slices=args.slices,
+        workers=args.workers,
+        skip_bad_cases=args.skip_bad_cases,
+        unlabelled=args.unlabelled,
+        label_values=args.label_values,
+        interpolator=args.interpolator,
+        overwrite=args.overwrite,
+    )
     print(
         f"wrote {summary.num_cases} cases ({summary.num_slices} slices) to {summary.path}"
         + (f"; {len(summary.errors)} bad cases in errors.csv" if summary.errors else "")
@@ -122,11 +128,8 @@ def _run_folds(args: argparse.Namespace) -> int:
     from focalnet_jax.data.folds import fold_table, write_fold_files
     from focalnet_jax.data.store import open_store
 
-    try:
-        store = open_store(args.store)
-        rows = fold_table(store, args.num_folds, args.seed)
-    except (ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"focalnet folds: error: {err}") from None
+    store = open_store(args.store)
+    rows = fold_table(store, args.num_folds, args.seed)
     print("fold  patients  cases  slices  patients per highest class 0..5")
     for row in rows:
         per_class = " ".join(f"{n:3d}" for n in row["patients_per_max_class"])
@@ -178,27 +181,7 @@ def _add_train(parser: argparse.ArgumentParser) -> None:
     _add_distributed_flags(parser)
 
 
-@contextlib.contextmanager
-def _compilation_cache(path: Path | None):
-    """JAX's persistent compilation cache in `path` for the block (None: JAX's own setting,
-    `$JAX_COMPILATION_CACHE_DIR`); the previous setting is restored after it."""
-    import jax
-    from jax.experimental.compilation_cache import compilation_cache
-
-    previous = jax.config.jax_compilation_cache_dir
-    if path is None or str(path) == previous:
-        yield
-        return
-    compilation_cache.reset_cache()  # the cache reads its folder once, when first used
-    compilation_cache.set_cache_dir(str(path))
-    try:
-        yield
-    finally:
-        compilation_cache.reset_cache()
-        compilation_cache.set_cache_dir(previous)
-
-
-def _training_setup(args: argparse.Namespace, command: str):
+def _training_setup(args: argparse.Namespace):
     """Join the process group, load the config with its overrides; returns the config."""
     import logging
 
@@ -212,11 +195,11 @@ def _training_setup(args: argparse.Namespace, command: str):
     try:
         distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
         config = load_config(args.config, args.overrides)
-        if args.fold is not None:
-            config.data.fold = args.fold
-        RunSpec.from_config(config)  # every config error in one line, before any compilation
-    except (KeyError, ValueError, FileNotFoundError) as error:
-        raise SystemExit(f"focalnet {command}: {error}") from None
+    except (KeyError, ValueError, FileNotFoundError) as error:  # flags and config: the user's
+        raise UserError(error.args[0] if error.args else str(error)) from error
+    if args.fold is not None:
+        config.data.fold = args.fold
+    RunSpec.from_config(config)  # every config error in one line, before any compilation
 
     logging.getLogger("focalnet_jax").info("%s", distributed.describe())
     return config
@@ -224,20 +207,27 @@ def _training_setup(args: argparse.Namespace, command: str):
 
 def _run_train(args: argparse.Namespace) -> int:
     from focalnet_jax.training import train_and_evaluate
+    from focalnet_jax.training.distributed import compilation_cache
 
-    with _compilation_cache(args.compilation_cache):
-        config = _training_setup(args, "train")
+    with compilation_cache(args.compilation_cache):
+        config = _training_setup(args)
         train_and_evaluate(config, args.workdir)
     print(f"checkpoints and TensorBoard logs in {args.workdir}")
     return 0
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(f) for f in text.split(",")]
+    except ValueError:
+        message = f"expected comma-separated integers, got {text!r}"
+        raise argparse.ArgumentTypeError(message) from None
+
+
 def _add_cv(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="config file, optionally with :arg")
-    parser.add_argument(
-        "--workdir", type=Path, required=True, help="fold k trains in WORKDIR/fold<k>"
-    )
-    parser.add_argument("--folds", help="comma-separated folds (default: all of data.num_folds)")
+    parser.add_argument("--workdir", type=Path, required=True, help="fold k in WORKDIR/fold<k>")
+    parser.add_argument("--folds", type=_int_list, help="comma-separated folds (default: all)")
     parser.add_argument("--fold", type=int, help=argparse.SUPPRESS)
     _add_compilation_cache_flag(
         parser, "$JAX_COMPILATION_CACHE_DIR, else WORKDIR/compilation_cache"
@@ -249,16 +239,14 @@ def _run_cv(args: argparse.Namespace) -> int:
     import jax
 
     from focalnet_jax.training import train_and_evaluate
+    from focalnet_jax.training.distributed import compilation_cache
 
     cache = args.compilation_cache
     if cache is None and not jax.config.jax_compilation_cache_dir:
         cache = args.workdir / "compilation_cache"
-    with _compilation_cache(cache):
-        config = _training_setup(args, "cv")
-        if args.folds:
-            folds = [int(f) for f in args.folds.split(",")]
-        else:
-            folds = list(range(config.data.num_folds))
+    with compilation_cache(cache):
+        config = _training_setup(args)
+        folds = args.folds or list(range(config.data.num_folds))
         for fold in folds:
             config.data.fold = fold
             train_and_evaluate(config, args.workdir / f"fold{fold}")
@@ -274,9 +262,9 @@ def _add_evaluate(parser: argparse.ArgumentParser) -> None:
     source.add_argument(
         "--predictions", type=Path, help="folder of <case_id>.npz prediction files (contract)"
     )
-    source.add_argument(
-        "--workdir", type=Path, help="training run: predict its validation fold, then evaluate"
-    )
+    source.add_argument("--workdir", type=Path, help="run: predict its validation fold, evaluate")
+    parser.add_argument("--all-cases", action="store_true", help="every case of --store (test set)")
+    parser.add_argument("--tta", choices=("none", "flip"), default="none", help="left-right flip")
     parser.add_argument(
         "--out", type=Path, help="output folder (required with --predictions; default WORKDIR/eval)"
     )
@@ -307,42 +295,47 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from focalnet_jax.evaluation.predictions import read_case_list
 
     slices = args.slices or "all"
-    try:
-        if args.workdir is not None and args.cases is not None:
-            raise ValueError("--cases goes with --predictions (--workdir evaluates its fold)")
-        cases = read_case_list(args.cases) if args.cases is not None else None
-        if args.workdir is not None:
-            from focalnet_jax.evaluation.inference import predict_validation_fold
-            from focalnet_jax.workdir import read_config
+    if args.workdir is not None and args.cases is not None:
+        raise UserError("--cases goes with --predictions (--workdir evaluates its fold)")
+    cases = read_case_list(args.cases) if args.cases is not None else None
+    if args.all_cases:
+        from focalnet_jax.evaluation.run_predictions import predict_test_store
 
-            slices = args.slices or str(read_config(args.workdir).data.slices)
-            out = args.out or args.workdir / "eval"
-            predictions = out / "predictions"
-            cases = predict_validation_fold(
-                args.workdir,
-                predictions,
-                step=args.step,
-                store_path=args.store,
-                batch_size=args.batch_size,
-            )
-        elif args.out is None:
-            raise ValueError("--out is required with --predictions")
-        else:
-            predictions, out = args.predictions, args.out
-        metrics = evaluate_predictions(
+        out, slices = args.out, args.slices or "all"
+        predictions = None if out is None else out / "predictions"
+        cases = predict_test_store(args.workdir, args.store, predictions, step=args.step,
+                                   tta=args.tta, batch_size=args.batch_size)  # fmt: skip
+    elif args.workdir is not None:
+        from focalnet_jax.evaluation.run_predictions import predict_fold
+        from focalnet_jax.run.workdir import read_config
+
+        slices = args.slices or str(read_config(args.workdir).data.slices)
+        out = args.out or args.workdir / "eval"
+        predictions = out / "predictions"
+        cases = predict_fold(
+            args.workdir,
             predictions,
-            out,
-            cases=cases,
-            radius_mm=args.radius_mm,
-            min_score=args.min_score,
-            with_picai=not args.no_picai,
-            picai_bootstraps=args.picai_bootstraps,
-            with_figures=not args.no_figures,
-            label=args.label or (args.workdir.name if args.workdir else "model"),
-            slices=slices,
+            step=args.step,
+            store_path=args.store,
+            batch_size=args.batch_size,
+            tta=args.tta,
         )
-    except (ValueError, FileNotFoundError) as error:
-        raise SystemExit(f"focalnet evaluate: error: {error}") from error
+    elif args.out is None:
+        raise UserError("--out is required with --predictions")
+    else:
+        predictions, out = args.predictions, args.out
+    metrics = evaluate_predictions(
+        predictions,
+        out,
+        cases=cases,
+        radius_mm=args.radius_mm,
+        min_score=args.min_score,
+        with_picai=not args.no_picai,
+        picai_bootstraps=args.picai_bootstraps,
+        with_figures=not args.no_figures,
+        label=args.label or (args.workdir.name if args.workdir else "model"),
+        slices=slices,
+    )
     froc = metrics["froc"]
     print(
         f"{metrics['num_patients']} patients; sensitivity at 1 FP/patient: "
@@ -370,69 +363,69 @@ def _run_summarize(args: argparse.Namespace) -> int:
     for item in args.runs:
         name, sep, folder = item.partition("=")
         if not sep or not name or not folder:
-            raise SystemExit(f"focalnet summarize: error: --runs expects NAME=DIR, got {item!r}")
+            raise UserError(f"--runs expects NAME=DIR, got {item!r}")
         runs[name] = Path(folder)
-    try:
-        summarize_runs(runs, args.out)
-    except ValueError as error:
-        raise SystemExit(f"focalnet summarize: error: {error}") from error
+    summarize_runs(runs, args.out)
     print(f"wrote {args.out / 'summary.json'} and {args.out / 'summary.md'}")
     return 0
 
 
 def _add_predict(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", type=Path, required=True, help="training workdir")
-    parser.add_argument("--step", type=int, help="checkpoint step (default: latest)")
-    parser.add_argument("--t2w", required=True, help="T2w: DICOM folder, .mha, .nii(.gz), .nrrd")
-    parser.add_argument("--adc", required=True, help="ADC: DICOM folder or image file")
-    parser.add_argument("--hbv", help="high b-value DWI: DICOM folder or image file")
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        action="append",
+        required=True,
+        help="training run or CV folder (its finished folds); repeat: ensemble",
+    )
+    parser.add_argument("--step", type=int, help="checkpoint step of one run (default: latest)")
+    parser.add_argument("--t2w", help="one exam: T2w DICOM folder, .mha, .nii(.gz), .nrrd")
+    parser.add_argument("--adc", help="one exam: ADC DICOM folder or image file")
+    parser.add_argument("--hbv", help="one exam: high b-value DWI DICOM folder or image file")
+    parser.add_argument("--mask", help="prostate mask on any grid (centres the crop)")
+    parser.add_argument("--center", help="crop centre 'x,y,z' (LPS mm)")
+    parser.add_argument("--layout", choices=("picai", "manifest"), help="many exams")
+    parser.add_argument("--images", type=Path, help="picai: <images>/<patient>/<case>_<comp>.mha")
+    parser.add_argument("--masks", type=Path, help="picai: whole-gland masks for centring")
+    parser.add_argument("--manifest", type=Path, help="manifest: CSV of cases (labels unused)")
+    parser.add_argument("--skip-bad-cases", action="store_true", help="bad cases: errors.csv")
     for name in ("t2w", "adc", "hbv"):
         parser.add_argument(
             f"--{name}-series",
             help=f"SeriesInstanceUID or exact SeriesDescription of the {name} series "
             "(when its DICOM folder holds several)",
         )
-    parser.add_argument("--mask", help="prostate mask on any grid (centres the crop)")
-    parser.add_argument("--center", help="crop centre 'x,y,z' (LPS mm)")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--threshold", type=float, default=0.5, help="lowest listed detection")
     parser.add_argument("--batch-size", type=int, default=16, help="slices per inference batch")
+    parser.add_argument("--tta", choices=("none", "flip"), default="none", help="left-right flip")
+    group = parser.add_argument_group("detection map (report_guided_annotation defaults)")
+    group.add_argument("--candidate-threshold", default="dynamic-fast", help="mode or score")
+    group.add_argument("--candidate-min-voxels", type=int, default=10, help="drop blobs <= N")
+    group.add_argument("--candidate-num-lesions", type=int, default=5, help="dynamic: most blobs")
+    group.add_argument("--candidate-factor", type=float, default=2.5, help="blob: peak / factor")
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    from focalnet_jax.evaluation.predict import predict_exam
+    from focalnet_jax.evaluation import predict_command
 
-    center = None
-    if args.center:
-        try:
-            center = tuple(float(v) for v in args.center.split(","))
-        except ValueError:
-            center = ()
-        if len(center) != 3:
-            raise SystemExit(
-                f"focalnet predict: error: --center expects x,y,z, got {args.center!r}"
-            )
-    components = {"t2w": args.t2w, "adc": args.adc}
-    if args.hbv:
-        components["hbv"] = args.hbv
-    try:
-        written = predict_exam(
-            args.checkpoint,
-            components,
-            args.out,
-            step=args.step,
-            center=center,
-            mask=args.mask,
-            series={
-                n: getattr(args, f"{n}_series") for n in components if getattr(args, f"{n}_series")
-            },
-            threshold=args.threshold,
-            batch_size=args.batch_size,
-        )
-    except (ValueError, FileNotFoundError) as error:
-        raise SystemExit(f"focalnet predict: error: {error}") from error
-    print("wrote " + ", ".join(str(p) for p in written))
+    print(predict_command.run(args))
     return 0
+
+
+# --- studies: arms x repeats x folds (focalnet_jax/study) ----------------------------------------
+
+
+def _add_study(parser: argparse.ArgumentParser) -> None:
+    from focalnet_jax.study.commands import add_arguments
+
+    add_arguments(parser)
+
+
+def _run_study(args: argparse.Namespace) -> int:
+    from focalnet_jax.study.commands import run
+
+    return run(args)
 
 
 _COMMANDS: dict[str, tuple] = {
@@ -457,9 +450,14 @@ _COMMANDS: dict[str, tuple] = {
         _run_summarize,
     ),
     "predict": (
-        "run a trained model on a new exam: NIfTI score maps, detections CSV, PNG overlay",
+        "run a model or an ensemble on exams: NIfTI score and detection maps, detections CSV, PNG",
         _add_predict,
         _run_predict,
+    ),
+    "study": (
+        "arms x repeats x folds of training runs, locally or on SLURM; status; report",
+        _add_study,
+        _run_study,
     ),
 }
 
@@ -469,22 +467,31 @@ def build_parser() -> argparse.ArgumentParser:
         prog="focalnet",
         description="FocalNet: prostate cancer detection and Gleason score prediction in mp-MRI.",
     )
+    verbose_help = "show the traceback of an error"
+    parser.add_argument("--verbose", action="store_true", help=verbose_help)
+    # Also after the subcommand; SUPPRESS keeps a --verbose given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose_help
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, add_fn, _) in _COMMANDS.items():
-        add_fn(sub.add_parser(name, help=help_text, description=help_text))
+        add_fn(sub.add_parser(name, help=help_text, description=help_text, parents=[common]))
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    # `train` and `cv` take free-form `--config.KEY=VALUE` overrides that argparse does not know.
+    # `train` and `cv` take free-form `--config.KEY=VALUE` overrides that argparse does not know,
+    # `study` `--spec.KEY=VALUE`.
     args, unknown = parser.parse_known_args(argv)
-    if unknown and args.command not in ("train", "cv"):
+    if unknown and args.command not in ("train", "cv", "study"):
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = unknown
     run_fn = _COMMANDS[args.command][2]
-    return int(run_fn(args) or 0)
+    with one_line_user_errors(f"focalnet {args.command}", verbose=args.verbose):
+        return int(run_fn(args) or 0)
 
 
 if __name__ == "__main__":

@@ -137,7 +137,18 @@ def apply_overrides(
 
 
 def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-    """Load `spec` (`file.py[:arg]`), lock it, apply `overrides`; returns the locked ConfigDict."""
+    """Load `spec` (`file.py[:arg]`), lock it, apply `overrides`; returns the locked ConfigDict.
+
+    A training config is then checked for MFL inherited by a loss it does not belong to
+    (`losses.check_mfl`): `configs/focalnet.py` with `--config.loss.name=ce_focal` is an error
+    until `loss.mfl` is set.
+    """
     config = get_config_from_file(spec)
     config.lock()
-    return apply_overrides(config, overrides)
+    config = apply_overrides(config, overrides)
+    loss = config.get("loss")
+    if loss is not None and "mfl" in loss:
+        from focalnet_jax.losses import check_mfl
+
+        check_mfl(loss.name, loss.mfl, loss.get("mfl_any_loss", False))
+    return config

@@ -106,6 +106,17 @@ def test_bf16_curves_train_both_dtypes_and_evaluate_them(small_store, tmp_path):
     assert png.stat().st_size > 0
 
 
+def test_inference_benchmark_times_one_model_and_an_ensemble():
+    result = _run(
+        "inference.py", "--config=configs/focalnet.py", "--models=2", "--repeats=1", *TINY
+    )
+    assert result["slices"] == 20 and result["platform"] == "cpu"
+    for count in ("models_1", "models_2"):
+        assert 0 < result[count]["predict_s"] < result[count]["with_preprocessing_s"]
+    assert result["preprocess_s"] > 0 and result["write_outputs_s"] > 0
+    assert result["model"] == "deeplab-18 width 0.125 OS 16 float32"
+
+
 def test_flat_maxima_benchmark_counts_each_upsampled_peak_once():
     result = _run("flat_maxima.py", "--patients=6", "--peaks=4")
     # Every peak is one flat maximum (the background is below min_score); pixel by pixel an

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from test_train_helpers import tiny_config
 
-from focalnet_jax import workdir as workdir_lib
 from focalnet_jax.run import RunSpec
+from focalnet_jax.run import workdir as workdir_lib
 from focalnet_jax.training import checkpoint, sharding, train_state
 
 

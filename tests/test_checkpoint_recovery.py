@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from test_train_helpers import REPO, FakeStore, fast_compiles, tiny_config
 
-from focalnet_jax import workdir as workdir_lib
+from focalnet_jax.run import workdir as workdir_lib
 from focalnet_jax.training import train_and_evaluate
 
 RUN = [
@@ -157,7 +157,7 @@ def test_predict_and_evaluate_name_the_damaged_checkpoint(trained, tmp_path):
     )
     evaluate = _cli("evaluate", f"--workdir={workdir}", f"--out={tmp_path / 'eval'}")
     for name, result in (("predict", predict), ("evaluate", evaluate)):
-        assert result.returncode == 1, result.stderr
+        assert result.returncode == 2, result.stderr
         assert "Traceback" not in result.stderr
         last = result.stderr.strip().splitlines()[-1]
         assert last.startswith(f"focalnet {name}: error: {reason}"), result.stderr

@@ -2,8 +2,9 @@
 every training loss term (and the final validation metrics), so a refactor that changes a loss,
 the step, the data order or the augmentation shows up here.
 
-The fixture `tests/data/demo_loss_trace.json` was recorded on CPU (float32 TensorBoard scalars).
-Re-record it only for an intended change of behaviour:
+The fixture `tests/data/demo_loss_trace.json` was recorded on CPU (float32 TensorBoard scalars)
+with the code before the run-layer refactor. A change of the synthetic data or of preprocessing
+changes the store and so the trace: re-record it only for such an intended change,
 `python tests/test_loss_trace.py ROOT` (prints the trace and writes the fixture).
 """
 

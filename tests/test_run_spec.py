@@ -17,7 +17,7 @@ from focalnet_jax.run import DATA_AXIS, RunSpec
 
 INVALID = [
     (["--config.loss.mfl_mode=scan"], r"^loss\.mfl_mode: expected one of \('vmap', 'select'\)"),
-    (["--config.loss.name=hinge"], r"^loss\.name: unknown loss 'hinge'"),
+    (["--config.loss.name=hinge", "--config.loss.mfl=False"], r"^loss\.name: unknown loss 'hinge'"),
     (["--config.loss.subsets=[['t2w', 'hbv']]"], r"^loss\.subsets\[0\]: unknown component"),
     (
         ["--config.loss.subsets=[['t2w', 'adc']]"],
@@ -57,7 +57,9 @@ def test_cli_rejects_a_bad_config_in_one_line_before_opening_the_store(tmp_path)
     no store opened (the config has none), nothing compiled."""
     workdir = tmp_path / "run"
     argv = ["train", f"--config={REPO / 'configs' / 'focalnet.py'}", f"--workdir={workdir}"]
-    with pytest.raises(SystemExit, match=r"^focalnet train: loss\.mfl_mode: expected one of"):
+    with pytest.raises(
+        SystemExit, match=r"^focalnet train: error: loss\.mfl_mode: expected one of"
+    ):
         cli.main([*argv, "--config.loss.mfl_mode=scan"])
     assert not workdir.exists()
 

@@ -11,7 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from test_train_helpers import REPO, small_synthetic_store
 
 from focalnet_jax import cli
-from focalnet_jax import workdir as workdir_lib
+from focalnet_jax.run import workdir as workdir_lib
 
 
 @pytest.fixture(scope="module")

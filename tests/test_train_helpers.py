@@ -29,6 +29,12 @@ class FakeStore:
         n = patients * slices
         self.path = Path("memory://fake-store")
         self.components = tuple(components or COMPONENTS)
+        # What a run records of its store (`data.run_store`): these arguments stand for settings.
+        self.settings = {
+            "fake": [patients, slices, size, seed],
+            "components": list(self.components),
+        }
+        self.fingerprint = f"fake-{patients}-{slices}-{size}-{seed}-{'-'.join(self.components)}"
         channels = len(self.components)
         self.images = rng.uniform(0.4, 0.9, (n, size, size, channels)).astype(np.float32)
         self.images[..., 0] *= 1.15  # T2w is stored unclipped

@@ -16,7 +16,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_train_helpers import REPO, FakeStore, fast_compiles, tiny_config
 
-from focalnet_jax import workdir as workdir_lib
+from focalnet_jax.run import workdir as workdir_lib
 from focalnet_jax.training import train_and_evaluate
 
 RUN = [

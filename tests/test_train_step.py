@@ -226,7 +226,7 @@ class _FixedLogits(flax.linen.Module):
 def test_eval_step_decodes_classes_as_ordinal_decode(loss, thresholds, expected):
     """The validation step's class map is `encoding.ordinal_decode` (a bit is on where
     P > 0.5, not >= 0.5), for ordinal and binary outputs."""
-    config = tiny_config(overrides=[f"--config.loss.name={loss}"])
+    config = tiny_config(overrides=[f"--config.loss.name={loss}", "--config.loss.mfl=false"])
     mesh = sharding.make_mesh()
     spec = dataclasses.replace(RunSpec.from_config(config), model=_FixedLogits(thresholds))
     eval_step = step_lib.make_eval_step(spec, mesh)

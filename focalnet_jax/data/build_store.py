@@ -27,6 +27,7 @@ from focalnet_jax.data.layouts import (
 )
 from focalnet_jax.data.preprocess import PreprocessConfig, preprocess_case
 from focalnet_jax.data.store import StoreWriter, store_settings, write_errors
+from focalnet_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -73,20 +74,27 @@ def preprocess_cases(
     workers: int = 1,
     skip_bad_cases: bool = False,
     progress: bool = True,
+    overwrite: bool = False,
+    errors: Sequence[tuple[str, str, str]] = (),
 ) -> PreprocessSummary:
     """Preprocess `cases` into the store `out` (replaced atomically when complete).
 
     Raises the first `CaseError` unless `skip_bad_cases`; then every bad case is written to
-    `<out>/errors.csv` and the others are stored.
+    `<out>/errors.csv` and the others are stored. `errors`: cases already refused while finding
+    them, listed first in errors.csv. `overwrite`: replace a store at `out` made with other
+    settings (see `StoreWriter`).
     """
     if not cases:
-        raise ValueError("no cases to preprocess")
+        raise UserError(f"store {out}: no cases to preprocess")
     cfg = PreprocessConfig.from_any(config)
     components = tuple(cases[0].components)
     settings = store_settings(cfg, components, slices)
     jobs = [(spec, cfg, slices) for spec in cases]
     workers = max(1, min(int(workers), len(jobs)))
-    with StoreWriter(out, components, settings) as writer:
+    with StoreWriter(out, components, settings, overwrite=overwrite) as writer:
+        for error in errors:
+            log.warning("skipping case %s: %s", error[0], error[2])
+            writer.add_error(*error)
         bar = tqdm(total=len(jobs), desc="preprocess", unit="case", disable=not progress)
         if workers == 1:
             results = map(_work, jobs)
@@ -116,7 +124,7 @@ def preprocess_cases(
             writer.abort()
             if errors:
                 write_errors(Path(out).with_name(Path(out).name + ".errors.csv"), errors)
-            raise ValueError(
+            raise UserError(
                 f"store {out}: every one of {len(jobs)} cases failed; "
                 f"first: {errors[0] if errors else ''}"
             )
@@ -141,22 +149,35 @@ def preprocess_layout(
     label_values: str = "auto",
     interpolator: str = "bspline",
     progress: bool = True,
+    overwrite: bool = False,
 ) -> PreprocessSummary:
     """`focalnet preprocess`: find the cases of a PI-CAI folder or a manifest and store them."""
+    refused = [] if skip_bad_cases else None  # cases refused while finding them (bad ids, labels)
     if layout == "picai":
         if images is None:
             raise LayoutError("--layout picai needs --images")
         cases = discover_picai(
-            images, labels, masks, components=components, marksheet=marksheet, unlabelled=unlabelled
+            images,
+            labels,
+            masks,
+            components=components,
+            marksheet=marksheet,
+            unlabelled=unlabelled,
+            errors=refused,
         )
     elif layout == "manifest":
         if manifest is None:
             raise LayoutError("--layout manifest needs --manifest")
-        cases = read_manifest(manifest, components=components)
+        cases = read_manifest(
+            manifest, components=components, unlabelled=unlabelled, errors=refused
+        )
     else:
         raise LayoutError(f"layout {layout!r}: expected 'picai' or 'manifest'")
     if not cases:
-        raise LayoutError(f"no cases to preprocess ({layout} layout)")
+        raise LayoutError(
+            f"no cases to preprocess ({layout} layout)"
+            + (f"; {len(refused)} refused, first: {refused[0][2]}" if refused else "")
+        )
     if label_values == "auto":  # a manifest's class / ISUP map: value 1 is GS 3+3 (ISUP 1)
         label_values = label_scheme(labels) if layout == "picai" else "isup"
     config = PreprocessConfig(label_values=label_values, interpolator=interpolator)
@@ -169,4 +190,6 @@ def preprocess_layout(
         workers=workers,
         skip_bad_cases=skip_bad_cases,
         progress=progress,
+        overwrite=overwrite,
+        errors=refused or (),
     )

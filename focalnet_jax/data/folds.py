@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from focalnet_jax.errors import UserError
+
 
 def assign_folds(
     patient_ids: Sequence[str],
@@ -105,7 +107,7 @@ SLICE_MODES = ("annotated", "all")
 def case_rows(store, case_ids: Sequence[str], slices: str = "annotated") -> np.ndarray:
     """Store rows (int64, ascending) of the given cases; `annotated` keeps slices with lesions."""
     if slices not in SLICE_MODES:
-        raise ValueError(f"data.slices: expected one of {SLICE_MODES}, got {slices!r}")
+        raise UserError(f"data.slices: expected one of {SLICE_MODES}, got {slices!r}")
     parts = [np.arange(r["start"], r["stop"]) for r in map(store.case, case_ids)]
     rows = np.concatenate(parts) if parts else np.zeros(0, np.int64)
     if slices == "annotated":

@@ -7,10 +7,12 @@ PI-CAI: `<images>/<patient>/<patient>_<study>_<component>.mha`, labels
 beside the labels may declare `{"label_values": "isup"}` (value 1 = GS 3+3, as the synthetic
 generator writes); otherwise label value 1 means "csPCa, grade unknown".
 
-Manifest: a CSV with `case_id, patient_id`, one path column per component, `label` (optional
-column), optional `prostate_mask` and `center_x, center_y, center_z` (LPS mm), and optional
-`<component>_series` columns choosing a series of a DICOM folder that holds several
-(SeriesInstanceUID or exact SeriesDescription). Relative paths are relative to the CSV's folder.
+Manifest: a CSV with `case_id, patient_id`, one path column per component, `label` (a missing
+column or empty cell is an error unless `unlabelled` says otherwise), optional `prostate_mask` and
+`center_x, center_y, center_z` (LPS mm), and optional `<component>_series` columns choosing a series
+of a DICOM folder that holds several (SeriesInstanceUID or exact SeriesDescription). Relative paths
+are relative to the CSV's folder. Case and patient ids are checked with `check_case_id` (they become
+file names).
 """
 
 from __future__ import annotations
@@ -23,14 +25,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from focalnet_jax.data.case_ids import check_case_id
 from focalnet_jax.data.io import IMAGE_SUFFIXES
+from focalnet_jax.errors import UserError
 
 DEFAULT_COMPONENTS = ("t2w", "adc")
 LABEL_SUFFIXES = (".nii.gz", ".nii", ".mha", ".nrrd")
 _PICAI_NAME = re.compile(r"^(?P<patient>[^_]+)_(?P<study>[^_]+)_(?P<component>[^_.]+)\.")
 
 
-class LayoutError(ValueError):
+class LayoutError(UserError):
     """The input folder or manifest as a whole cannot be read (names the path and the reason)."""
 
 
@@ -92,12 +96,15 @@ def discover_picai(
     components: Sequence[str] = DEFAULT_COMPONENTS,
     marksheet: str | os.PathLike | None = None,
     unlabelled: str = "error",
+    errors: list | None = None,
 ) -> list[CaseSpec]:
     """Cases of a PI-CAI-layout folder, sorted by case id.
 
     A case is any `<patient>_<study>` with at least one image file; a missing component file or
     label is left for `preprocess_case` to report for that case. `unlabelled`: 'error' (default: the
     missing label file is that case's error), 'negative' (no lesions) or 'skip' (case left out).
+    A case id that is not a safe file name (`check_case_id`) raises `UserError`, or, where `errors`
+    is a list, is appended to it as (case, file, reason) and left out.
     """
     images = Path(images)
     if unlabelled not in ("error", "negative", "skip"):
@@ -111,14 +118,21 @@ def discover_picai(
             if match and file.name.lower().endswith(IMAGE_SUFFIXES):
                 suffix = file.name[len(match.group(0)) - 1 :]
                 case = f"{match['patient']}_{match['study']}"
-                found.setdefault(case, (match["patient"], patient_dir, suffix))
+                found.setdefault(case, (match["patient"], patient_dir, suffix, file))
     if not found:
         raise LayoutError(
             f"no cases found in {images} (expected <patient>/<patient>_<study>_<component>.mha)"
         )
     sheet = read_marksheet(marksheet) if marksheet else {}
     cases = []
-    for case, (patient, folder, suffix) in sorted(found.items()):
+    for case, (patient, folder, suffix, file) in sorted(found.items()):
+        try:
+            check_case_id(case, f"PI-CAI image file {file}")
+        except UserError as error:
+            if errors is None:
+                raise
+            errors.append((case, str(file), str(error)))
+            continue
         paths = {}
         for name in components:
             path = _find(folder, f"{case}_{name}", IMAGE_SUFFIXES)
@@ -150,51 +164,93 @@ def _series_choices(row: dict, components: Sequence[str]) -> dict[str, str]:
     return {name: row[f"{name}_series"] for name in components if row.get(f"{name}_series")}
 
 
-def read_manifest(
-    manifest: str | os.PathLike, *, components: Sequence[str] = DEFAULT_COMPONENTS
-) -> list[CaseSpec]:
-    """Cases of a manifest CSV, in file order. Raises `LayoutError` naming a missing column."""
-    manifest = Path(manifest)
+def _manifest_rows(manifest: Path, required: Sequence[str]) -> tuple[list[str], list[dict]]:
+    """(columns, rows with stripped keys and values) of a manifest CSV."""
     if not manifest.is_file():
         raise LayoutError(f"manifest {manifest} does not exist")
-    base = manifest.parent
     with manifest.open(newline="") as f:
         reader = csv.DictReader(f)
         columns = [c.strip() for c in reader.fieldnames or []]
-        required = ["case_id", "patient_id", *components]
         missing = [c for c in required if c not in columns]
         if missing:
             raise LayoutError(f"manifest {manifest}: missing column(s) {missing}; has {columns}")
-        centre_columns = [c for c in ("center_x", "center_y", "center_z") if c in columns]
-        if centre_columns and len(centre_columns) != 3:
-            raise LayoutError(f"manifest {manifest}: give all of center_x, center_y, center_z")
         rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in reader]
     if not rows:
         raise LayoutError(f"manifest {manifest} lists no cases")
+    return columns, rows
+
+
+def read_manifest(
+    manifest: str | os.PathLike,
+    *,
+    components: Sequence[str] = DEFAULT_COMPONENTS,
+    unlabelled: str = "error",
+    labels: bool = True,
+    errors: list | None = None,
+) -> list[CaseSpec]:
+    """Cases of a manifest CSV, in file order. Raises `LayoutError` naming a missing column.
+
+    `unlabelled`: what a missing `label` column or an empty label cell means: 'error' (default;
+    the error names the manifest and the line), 'negative' (no lesions) or 'skip' (row left out).
+    `labels=False` reads no labels at all (inference manifests). `errors`: where a list is given,
+    a row with a bad case id or an empty label cell is appended to it as (case, manifest, reason)
+    and left out instead of raising.
+    """
+    manifest = Path(manifest)
+    if unlabelled not in ("error", "negative", "skip"):
+        raise LayoutError(f"unlabelled={unlabelled!r}: expected 'error', 'negative' or 'skip'")
+    columns, rows = _manifest_rows(manifest, ["case_id", "patient_id", *components])
+    centre_columns = [c for c in ("center_x", "center_y", "center_z") if c in columns]
+    if centre_columns and len(centre_columns) != 3:
+        raise LayoutError(f"manifest {manifest}: give all of center_x, center_y, center_z")
+    if labels and "label" not in columns and unlabelled != "negative":
+        raise LayoutError(
+            f"manifest {manifest}: no 'label' column (has {columns}); "
+            + (
+                "--unlabelled skip would leave out every case"
+                if unlabelled == "skip"
+                else "add each case's label, or pass --unlabelled negative (no lesions)"
+            )
+        )
 
     def resolve(value: str) -> str | None:
-        return str(base / value) if value else None
+        return str(manifest.parent / value) if value else None
 
     cases, seen = [], set()
     for line, row in enumerate(rows, start=2):
         case = row["case_id"]
-        if not case or case in seen:
-            raise LayoutError(
-                f"manifest {manifest}, line {line}: empty or repeated case_id {case!r}"
-            )
+        where = f"manifest {manifest}, line {line}"
+        if case in seen:
+            raise LayoutError(f"{where}: repeated case_id {case!r}")
         seen.add(case)
+        try:
+            check_case_id(case, where)
+            if row["patient_id"]:
+                check_case_id(row["patient_id"], where, what="patient id")
+            if labels and not row.get("label") and unlabelled == "error":
+                raise LayoutError(
+                    f"{where}: case {case!r} has an empty label cell; give its label, or pass "
+                    "--unlabelled negative (no lesions) or --unlabelled skip"
+                )
+        except UserError as error:
+            if errors is None:
+                raise
+            errors.append((case, str(manifest), str(error)))
+            continue
+        if labels and not row.get("label") and unlabelled == "skip":
+            continue
         centre = None
         if centre_columns and all(row[c] for c in centre_columns):
             try:
                 centre = tuple(float(row[c]) for c in centre_columns)
             except ValueError as err:
-                raise LayoutError(f"manifest {manifest}, line {line}: bad centre ({err})") from err
+                raise LayoutError(f"{where}: bad centre ({err})") from err
         cases.append(
             CaseSpec(
                 case_id=case,
                 patient_id=row["patient_id"] or case,
                 components={name: resolve(row[name]) or "" for name in components},
-                label=resolve(row.get("label", "")),
+                label=resolve(row.get("label", "")) if labels else None,
                 mask=resolve(row.get("prostate_mask", "")),
                 center=centre,
                 series=_series_choices(row, components),

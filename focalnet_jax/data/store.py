@@ -14,7 +14,9 @@ Layout (N = slices of all cases, concatenated case after case):
 
 Each case record holds case_id, patient_id, start, stop (its slice range), lesion_classes,
 lesion_grade_known, index_lesion, spacing (row, col mm), geometry (a `CropGeometry`), and the source
-files. The store is written in a temporary sibling folder and renamed into place when complete.
+files. The store is written in a temporary sibling folder `.<name>.tmp-<pid>@<host>-<token>` and
+renamed into place when complete; a later writer removes the leftovers of writers that died (their
+pid is not alive on this host), never a live one's.
 """
 
 from __future__ import annotations
@@ -22,16 +24,23 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import os
+import re
+import secrets
 import shutil
-import tempfile
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from focalnet_jax.data.case_ids import check_case_id
 from focalnet_jax.data.geometry import CropGeometry
 from focalnet_jax.data.preprocess import PreprocessConfig
+from focalnet_jax.errors import UserError
+
+log = logging.getLogger(__name__)
 
 STORE_VERSION = 1
 _HEADER_BYTES = 256  # fixed .npy header room, so arrays can be streamed before N is known
@@ -45,7 +54,7 @@ _ARRAYS = {
 }
 
 
-class StaleStoreError(ValueError):
+class StaleStoreError(UserError):
     """The store was made with other preprocessing settings than the caller expects."""
 
 
@@ -64,6 +73,71 @@ def fingerprint(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
+def settings_diff(have: dict, want: dict, names: tuple[str, str]) -> list[str]:
+    """'key: <names[0]> a, <names[1]> b' for every setting that differs; nested keys joined by
+    '.' (e.g. 'preprocess.adc_range')."""
+
+    def flat(settings: dict, prefix: str = "") -> dict:
+        out = {}
+        for key, value in settings.items():
+            if isinstance(value, dict):
+                out.update(flat(value, f"{prefix}{key}."))
+            else:
+                out[prefix + key] = value
+        return out
+
+    a, b = flat(have), flat(want)
+    return [
+        f"{key}: {names[0]} {a.get(key)!r}, {names[1]} {b.get(key)!r}"
+        for key in sorted(set(a) | set(b))
+        if a.get(key) != b.get(key)
+    ]
+
+
+def read_settings(path: str | os.PathLike) -> dict:
+    """The settings recorded in a store's `cases.json`."""
+    table = Path(path) / "cases.json"
+    try:
+        return json.loads(table.read_text())["settings"]
+    except (OSError, ValueError, KeyError) as error:
+        raise UserError(f"{table}: not a readable store table ({error!r})") from error
+
+
+_LEFTOVER = r"^\.{name}\.tmp-(?P<pid>\d+)@(?P<host>.+)-[0-9a-f]{{8}}(\.old)?$"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_dead_leftovers(path: str | os.PathLike) -> list[Path]:
+    """Removes the temporary folders of writers of `path` that died before committing (their pid
+    is not alive on this host); logs one line per removal and returns the removed folders."""
+    path = Path(path)
+    pattern = re.compile(_LEFTOVER.format(name=re.escape(path.name)))
+    host, removed = socket.gethostname(), []
+    for folder in sorted(path.parent.glob(f".{path.name}.tmp-*")):
+        match = pattern.match(folder.name)
+        if match is None:
+            log.warning(
+                "leaving %s: a store leftover without its writer's pid; remove it by "
+                "hand when no preprocess run writes %s",
+                folder,
+                path,
+            )
+        elif match["host"] == host and not _pid_alive(int(match["pid"])):
+            shutil.rmtree(folder, ignore_errors=True)
+            log.warning("removed %s, left by preprocess pid %s that ended", folder, match["pid"])
+            removed.append(folder)
+    return removed
+
+
 def _npy_header(dtype, shape) -> bytes:
     header = repr({"descr": np.dtype(dtype).str, "fortran_order": False, "shape": tuple(shape)})
     body = header.ljust(_HEADER_BYTES - 10 - 1) + "\n"
@@ -76,19 +150,29 @@ class StoreWriter:
     """Streams cases into a temporary folder; `commit()` renames it to `path`, `abort()` removes it.
 
     Use as a context manager: leaving the block by an exception aborts, so nothing half-written
-    stays.
+    stays. A store already at `path` is replaced on commit when made with the same settings;
+    with other settings only when `overwrite` (else `StaleStoreError` naming the settings).
     """
 
-    def __init__(self, path: str | os.PathLike, components, settings: dict):
+    def __init__(self, path: str | os.PathLike, components, settings: dict, *, overwrite=False):
         self.path = Path(path)
-        if self.path.exists() and not (self.path / "cases.json").exists():
+        if (self.path / "cases.json").exists():
+            diff = settings_diff(read_settings(self.path), settings, ("existing", "new"))
+            if diff and not overwrite:
+                raise StaleStoreError(
+                    f"store {self.path} exists, made with other settings ({'; '.join(diff)}); "
+                    "pass --overwrite to replace it"
+                )
+        elif self.path.exists():
             if not self.path.is_dir() or any(self.path.iterdir()):
                 raise FileExistsError(f"{self.path} exists and is not a preprocessed store")
         self.components = tuple(components)
         self.settings = settings
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))
-        self.tmp.chmod(0o755)
+        remove_dead_leftovers(self.path)
+        owner = f"{os.getpid()}@{socket.gethostname()}-{secrets.token_hex(4)}"
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{owner}")
+        self.tmp.mkdir(mode=0o755)
         self._files = {}
         for name in _ARRAYS:
             f = (self.tmp / f"{name}.npy").open("wb")
@@ -165,7 +249,7 @@ class StoreWriter:
         """Finish the arrays and tables and move the folder to `path` (replacing an older store)."""
         if not self.records:
             self.abort()
-            raise ValueError(f"store {self.path}: no case was preprocessed")
+            raise UserError(f"store {self.path}: no case was preprocessed")
         h, w, c = self._shape
         shapes = {
             "images": (self.num_slices, h, w, c),
@@ -285,18 +369,18 @@ def open_store(path: str | os.PathLike, *, expected_settings: dict | None = None
         raise FileNotFoundError(f"{path} is not a preprocessed store (no cases.json)")
     table = json.loads(table_path.read_text())
     if expected_settings is not None and fingerprint(expected_settings) != table["fingerprint"]:
-        have, want = table["settings"], expected_settings
-        diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
-        details = {k: (have.get(k), want.get(k)) for k in diff}
+        diff = settings_diff(table["settings"], expected_settings, ("store", "expected"))
         raise StaleStoreError(
-            f"store {path} is stale: settings differ in {diff} (store, expected) = {details}; "
+            f"store {path} is stale, made with other settings ({'; '.join(diff)}); "
             "run `focalnet preprocess` again"
         )
+    for record in table["cases"]:
+        check_case_id(record["case_id"], f"store {table_path}")
     arrays = {name: np.load(path / f"{name}.npy", mmap_mode="r") for name in _ARRAYS}
     n = len(arrays["images"])
     for name, array in arrays.items():
         if len(array) != n:
-            raise ValueError(f"store {path}: {name}.npy has {len(array)} slices, images.npy {n}")
+            raise UserError(f"store {path}: {name}.npy has {len(array)} slices, images.npy {n}")
     return Store(
         path=path,
         components=tuple(table["components"]),
@@ -311,7 +395,7 @@ def component_channels(store, components) -> list[int]:
     """Store channel of each named component; a component the store lacks is an error."""
     missing = [c for c in components if c not in store.components]
     if missing:
-        raise ValueError(
+        raise UserError(
             f"data.components {tuple(components)}: {missing} not in store {store.path} "
             f"(it holds {store.components})"
         )

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation import figures, picai
 from focalnet_jax.evaluation.froc import count_patients, froc_analysis
 from focalnet_jax.evaluation.localization import MIN_SCORE, RADIUS_MM
@@ -84,7 +85,7 @@ def evaluate_predictions(
             picai_results[case.case_id] = picai.evaluate_case(case)
     num_patients = count_patients(summaries)
     if num_patients == 0:
-        raise ValueError(f"{predictions_dir}: no slice to evaluate with slices={slices!r}")
+        raise UserError(f"{predictions_dir}: no slice to evaluate with slices={slices!r}")
     metrics = {
         "num_patients": num_patients,
         "num_cases": len(summaries),

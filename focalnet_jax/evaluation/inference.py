@@ -17,10 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from focalnet_jax import encoding
-from focalnet_jax import workdir as workdir_lib
+from focalnet_jax.data.run_store import check_run_store
 from focalnet_jax.data.store import component_channels, open_store
+from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation.predictions import write_case
 from focalnet_jax.run import RunSpec, clip_inputs
+from focalnet_jax.run import workdir as workdir_lib
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,11 @@ class Predictor:
     def from_workdir(cls, workdir: str | Path, *, step: int | None = None, batch_size: int = 16):
         """Loads the run's spec and checkpoint (`workdir.load_for_inference`)."""
         spec, variables = workdir_lib.load_for_inference(workdir, step)
+        return cls.from_variables(spec, variables, batch_size=batch_size)
+
+    @classmethod
+    def from_variables(cls, spec: RunSpec, variables: dict, *, batch_size: int = 16):
+        """The model of a run's `spec` with the given params and batch_stats."""
 
         @jax.jit
         def apply(variables, images):
@@ -111,18 +118,22 @@ def predict_validation_fold(
     step: int | None = None,
     store_path: str | Path | None = None,
     batch_size: int = 16,
+    predictor=None,
 ) -> list[str]:
     """Predicts every case of the run's validation fold (`config.data.fold`) into `out_dir`;
-    returns their case ids (the cases an evaluation of the fold expects)."""
-    predictor = Predictor.from_workdir(workdir, step=step, batch_size=batch_size)
+    returns their case ids (the cases an evaluation of the fold expects). `predictor`: the
+    run's model already loaded, e.g. with flip TTA (default: `Predictor.from_workdir`)."""
+    if predictor is None:
+        predictor = Predictor.from_workdir(workdir, step=step, batch_size=batch_size)
     data = predictor.spec.config.data
     store_path = store_path or data.store
     if not store_path:
-        raise ValueError(f"workdir {workdir}: its config has no data.store; pass --store")
+        raise UserError(f"workdir {workdir}: its config has no data.store; pass --store")
     store = open_store(store_path)
+    check_run_store(workdir, store.settings, against=f"store {store_path}", ignore=("slices",))
     val_cases = predictor.spec.fold_split(store).val_cases
     if not val_cases:
-        raise ValueError(f"store {store_path}: fold {data.fold} has no validation case")
+        raise UserError(f"store {store_path}: fold {data.fold} has no validation case")
     log.info("predicting %d validation cases of fold %s", len(val_cases), data.fold)
     predict_cases(predictor, store, val_cases, out_dir)
     return list(val_cases)

@@ -1,10 +1,12 @@
 """`focalnet predict`: a trained model on a new exam (DICOM, MHA or NIfTI components).
 
 The exam goes through the run's own preprocessing (the settings of its training store, else the
-defaults), the model gives P(class >= k) on every slice of the 80 mm crop, and the outputs are:
+defaults), the model (or the ensemble of models, with optional flip TTA: evaluation/ensemble.py)
+gives P(class >= k) on every slice of the 80 mm crop, and the outputs are:
 - `lesion_score.nii.gz` (P(class >= 1)) and `cspca_score.nii.gz` (P(class >= 2)): the crop maps
   resampled (linear) back onto the T2w grid, so they open on top of the T2w series in 3D Slicer or
   ITK-SNAP (0 outside the crop);
+- `detection_map.nii.gz`: the PI-CAI detection map of `cspca_score` (evaluation/detection_map.py);
 - `detections.csv`: the 2D local maxima (docs/evaluation.md) with s1 >= threshold: LPS world
   coordinates, the T2w voxel holding the point, the crop slice/row/column, the lesion score and
   P(GS >= 3+4), P(GS >= 4+3), P(GS >= 8), P(GS >= 9);
@@ -15,16 +17,17 @@ from __future__ import annotations
 
 import csv
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
 from focalnet_jax.data import preprocess_case
-from focalnet_jax.data.store import preprocess_settings as store_preprocess_settings
+from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation import figures
-from focalnet_jax.evaluation.inference import Predictor
+from focalnet_jax.evaluation.detection_map import CandidateSettings, detection_map_image
+from focalnet_jax.evaluation.ensemble import Ensemble, load_ensemble
 from focalnet_jax.evaluation.localization import MIN_SCORE, RADIUS_MM, local_maxima
 
 log = logging.getLogger(__name__)
@@ -49,14 +52,6 @@ CSV_COLUMNS = (
 OVERLAY_SLICES = 4
 
 
-def preprocess_settings(store_path) -> dict | None:
-    """The preprocessing settings of the run's training store (None: defaults)."""
-    settings = store_preprocess_settings(str(store_path or "")) if store_path else None
-    if settings is None:
-        log.warning("training store %s not found: default preprocessing", store_path)
-    return settings
-
-
 def _exam_name(t2w_path: str) -> str:
     """'exam_t2w' for a DICOM folder `exam/t2w`, else the file name without extensions."""
     path = Path(t2w_path)
@@ -74,7 +69,7 @@ def crop_to_t2w(volume: np.ndarray, geometry, t2w: sitk.Image) -> sitk.Image:
 
 
 def predict_exam(
-    workdir: str | Path,
+    workdir: str | Path | Sequence[str | Path] | Ensemble,
     components: Mapping[str, str | Path],
     out_dir: str | Path,
     *,
@@ -86,37 +81,72 @@ def predict_exam(
     batch_size: int = 16,
     radius_mm: float = RADIUS_MM,
     min_score: float = MIN_SCORE,
+    tta: str = "none",
+    candidates: CandidateSettings | None = None,
 ) -> list[Path]:
-    """Runs the model of `workdir` on one exam and writes the files listed in the module
-    docstring to `out_dir`; returns their paths. `components` maps names ('t2w', 'adc', 'hbv')
-    to paths; the model's components must all be present. `series` maps names to the
-    SeriesInstanceUID or SeriesDescription to read from a DICOM folder holding several."""
-    predictor = Predictor.from_workdir(workdir, step=step, batch_size=batch_size)
-    missing = [c for c in predictor.components if c not in components]
+    """Runs the model of `workdir` (runs or cross-validation folders: their ensemble, or an
+    `Ensemble` already loaded) on one exam and writes the files listed in the module docstring to
+    `out_dir`; returns their paths. `components` maps names ('t2w', 'adc', 'hbv') to paths; the
+    model's components must all be present. `series` maps names to the SeriesInstanceUID or
+    SeriesDescription to read from a DICOM folder holding several."""
+    models = workdir
+    if not isinstance(models, Ensemble):
+        models = load_ensemble(workdir, step=step, batch_size=batch_size, tta=tta)
+    missing = [c for c in models.components if c not in components]
     if missing:
-        raise ValueError(
-            f"exam lacks component(s) {missing} that the model of {workdir} needs "
-            f"(it was trained on {list(predictor.components)}; given {list(components)})"
+        raise UserError(
+            f"exam lacks component(s) {missing} that the model(s) "
+            f"{', '.join(map(str, models.runs))} need "
+            f"(it was trained on {list(models.components)}; given {list(components)})"
         )
-    ordered = {name: str(components[name]) for name in predictor.components}
+    ordered = {name: str(components[name]) for name in models.components}
     case = preprocess_case(
         ordered,
         center=center,
         mask=None if mask is None else str(mask),
         slices="all",
         series=series,
-        config=preprocess_settings(predictor.spec.config.data.store),
-        case_id=_exam_name(ordered[predictor.components[0]]),
+        config=models.preprocess,
+        case_id=_exam_name(ordered[models.components[0]]),
     )
-    scores = predictor(case.images)
+    return write_exam_outputs(
+        case,
+        models(case.images),
+        out_dir,
+        threshold=threshold,
+        radius_mm=radius_mm,
+        min_score=min_score,
+        candidates=candidates,
+    )
+
+
+def write_exam_outputs(
+    case,
+    scores: np.ndarray,
+    out_dir: str | Path,
+    *,
+    threshold: float = 0.5,
+    radius_mm: float = RADIUS_MM,
+    min_score: float = MIN_SCORE,
+    candidates: CandidateSettings | None = None,
+) -> list[Path]:
+    """The files of the module docstring for a `PreprocessedCase` (every T2w slice) and its
+    scores float32 `[S, H, W, 5]`, written to `out_dir`; returns their paths."""
     t2w = case.geometry.t2w_reference_image()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    maps = {
+        "lesion_score": crop_to_t2w(scores[..., 0], case.geometry, t2w),
+        "cspca_score": crop_to_t2w(scores[..., 1], case.geometry, t2w),
+    }
+    maps["detection_map"] = detection_map_image(
+        maps["cspca_score"], candidates or CandidateSettings()
+    )
     written = []
-    for name, k in (("lesion_score", 0), ("cspca_score", 1)):
-        path = out_dir / f"{name}.nii.gz"
-        sitk.WriteImage(crop_to_t2w(scores[..., k], case.geometry, t2w), str(path))
-        written.append(path)
+    for name, image in maps.items():
+        written.append(out_dir / f"{name}.nii.gz")
+        sitk.WriteImage(image, str(written[-1]))
+
     detections = local_maxima(scores, case.spacing, radius_mm=radius_mm, min_score=min_score)
     shown = detections.scores[:, 0] >= threshold
     written.append(write_detections(out_dir / "detections.csv", case, detections, shown, t2w))

@@ -15,18 +15,17 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
-import re
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from focalnet_jax.data.case_ids import check_case_id
+
 REQUIRED_KEYS = ("scores", "lesions", "lesion_classes", "spacing", "patient_id")
 OPTIONAL_KEYS = ("t2w", "adc", "slice_index")
 NUM_SCORES = 5
-CASE_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
-"""Case ids (SPEC 7): letters, digits, '.', '_', '-', not starting with '.'."""
 MAX_NAMED = 10  # missing cases named in one error line
 
 
@@ -110,7 +109,7 @@ def write_case(
     slice_index: np.ndarray | None = None,
 ) -> Path:
     """Validates one case and writes `out_dir/<case_id>.npz` (uncompressed: reads are fast)."""
-    path = Path(out_dir) / f"{case_id}.npz"
+    path = Path(out_dir) / f"{check_case_id(case_id, f'predictions folder {out_dir}')}.npz"
     case = CasePredictions(
         case_id=case_id,
         patient_id=str(patient_id),
@@ -191,12 +190,8 @@ def read_case_list(path: str | Path) -> list[str]:
             )
     else:
         ids = [line.strip() for line in text.splitlines() if line.strip()]
-    bad = [i for i in ids if not CASE_ID.fullmatch(i)]
-    if bad:
-        raise PredictionsError(
-            f"{path}: case id {bad[0]!r} is not letters, digits, '.', '_', '-' (not starting "
-            "with '.')"
-        )
+    for case_id in ids:
+        check_case_id(case_id, f"{path}")
     repeated = sorted(i for i, n in collections.Counter(ids).items() if n > 1)
     if repeated:
         raise PredictionsError(f"{path}: case id(s) listed twice: {repeated}")

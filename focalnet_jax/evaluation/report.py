@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation.stats import mean_sd
 
 # (title, FROC group, sensitivities of the FP@Sen columns), as the paper's Tables II and III.
@@ -64,10 +65,10 @@ def read_metrics(path: str | Path) -> dict:
     try:
         metrics = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path}: not a readable metrics.json ({error})") from error
+        raise UserError(f"{path}: not a readable metrics.json ({error})") from error
     for key in ("froc", "roc", "num_patients"):
         if key not in metrics:
-            raise ValueError(f"{path}: missing key {key!r} of the metrics contract")
+            raise UserError(f"{path}: missing key {key!r} of the metrics contract")
     return metrics
 
 

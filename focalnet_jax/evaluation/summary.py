@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation import figures
 from focalnet_jax.evaluation.evaluate import FROC_PANELS, GS_PANELS
 from focalnet_jax.evaluation.froc import GROUPS, sensitivity_at
@@ -49,17 +50,17 @@ def find_folds(run_dir: str | Path) -> list[Path]:
     """Sorted `metrics.json` files under a run folder; an error naming the folder when none."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise ValueError(f"{run_dir}: run folder does not exist")
+        raise UserError(f"{run_dir}: run folder does not exist")
     found = sorted(run_dir.rglob("metrics.json"))
     if not found:
-        raise ValueError(f"{run_dir}: no metrics.json (output of `focalnet evaluate`) under it")
+        raise UserError(f"{run_dir}: no metrics.json (output of `focalnet evaluate`) under it")
     return found
 
 
 def summarize_runs(runs: Mapping[str, str | Path], out_dir: str | Path) -> dict:
     """Summarises each method's folds and compares methods; writes the outputs to `out_dir`."""
     if not runs:
-        raise ValueError("summarize needs at least one --runs NAME=DIR")
+        raise UserError("summarize needs at least one --runs NAME=DIR")
     folds = {name: [read_metrics(p) for p in find_folds(d)] for name, d in runs.items()}
     summary = {"methods": {}, "comparisons": {}}
     for name, fold_metrics in folds.items():

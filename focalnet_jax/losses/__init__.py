@@ -17,7 +17,9 @@ included).
 
 from focalnet_jax.losses.label_stats import mfl_weight, parse_mfl_weight, positive_bit_ratio
 from focalnet_jax.losses.mfl import (
+    MFL_LOSSES,
     MFL_MODES,
+    check_mfl,
     component_subsets,
     loss_from_distances,
     mfl_encoding,
@@ -49,12 +51,14 @@ from focalnet_jax.losses.registry import LOSS_NAMES, LossSpec, get_loss
 
 __all__ = [
     "LOSS_NAMES",
+    "MFL_LOSSES",
     "MFL_MODES",
     "LossSpec",
     "ce_dice_loss",
     "ce_dice_loss_map",
     "ce_focal_loss",
     "ce_focal_loss_map",
+    "check_mfl",
     "component_subsets",
     "loss_from_distances",
     "focal_loss",

@@ -20,6 +20,21 @@ MFL_MODES = ("vmap", "select")
 gradients, then each slice's argmin subset recomputed with gradients."""
 
 
+MFL_LOSSES = ("ordinal_focal",)
+"""Losses that FocalNet combines with MFL (paper eq. 4: FL + lambda MFL). ``loss.mfl`` with any
+other loss must be asked for with ``loss.mfl_any_loss``, so a benchmark loss chosen on top of a
+FocalNet config never inherits MFL silently."""
+
+
+def check_mfl(name: str, mfl: bool, mfl_any_loss: bool = False) -> None:
+    """Refuses MFL with a loss outside :data:`MFL_LOSSES` unless ``mfl_any_loss`` asks for it."""
+    if mfl and name not in MFL_LOSSES and not mfl_any_loss:
+        raise ValueError(
+            f"loss.mfl=True with loss.name={name!r}: MFL belongs to {list(MFL_LOSSES)}; set "
+            "loss.mfl=False for a benchmark loss, or loss.mfl_any_loss=True to add MFL to it"
+        )
+
+
 def mfl_encoding(output_encoding: str) -> str:
     """The bits MFL compares for a model with ``output_encoding``: P(class >= k) bits, so a
     one-hot output is compared on ordinal bits (its softmax tail sums).

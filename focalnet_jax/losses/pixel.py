@@ -196,19 +196,51 @@ def softmax_cross_entropy(logits, targets, *, valid=None):
     return reductions.mean(softmax_cross_entropy_map(logits, targets, valid=valid))
 
 
-def soft_dice_loss_map(logits, targets, *, valid=None, eps=1.0, activation="sigmoid"):
+def _check_weights(weights) -> tuple[float, float]:
+    weights = tuple(weights)
+    if len(weights) != 2 or any(not isinstance(w, int | float) or w < 0 for w in weights):
+        raise ValueError(f"weights: expected two non-negative numbers, got {weights!r}")
+    return weights
+
+
+def _dice(logits, targets, valid, eps, activation, dice_background, axes):
+    """Soft Dice per channel, summed over `axes` (`(1, 2)`: per image `[B, K]`; `(0, 1, 2)`: over
+    the batch `[K]`), channel 0 left out unless `dice_background`."""
+    logits, targets, valid = check_inputs(logits, targets, valid)
+    if activation not in ("sigmoid", "softmax"):
+        raise ValueError(f"activation: expected 'sigmoid' or 'softmax', got {activation!r}")
+    if not dice_background and activation != "softmax":
+        raise ValueError("dice_background=False: only a softmax output has a background channel")
+    check_scalar(eps, "eps", 1e-12)
+    probs = jax.nn.sigmoid(logits) if activation == "sigmoid" else jax.nn.softmax(logits, -1)
+    overlap = jnp.sum(valid * probs * targets, axis=axes)
+    total = jnp.sum(valid * (probs + targets), axis=axes)
+    dice = (2.0 * overlap + eps) / (total + eps)
+    return dice if dice_background else dice[..., 1:]
+
+
+def soft_dice_loss_map(
+    logits, targets, *, valid=None, eps=1.0, activation="sigmoid", batch_dice=False,
+    dice_background=True,
+):  # fmt: skip
     """Per-image soft Dice loss: 1 - the mean over channels of the image's soft Dice.
 
     .. math:: D_b = 1 - \\frac{1}{K} \\sum_k
         \\frac{2 \\sum_{h,w} v p y + \\epsilon}{\\sum_{h,w} v (p + y) + \\epsilon}
 
     The smoothing eps (default 1) makes a channel with no lesion and no predicted lesion score 1
-    instead of 0/0, so empty ordinal channels cost nothing once predicted empty.
+    instead of 0/0, so empty ordinal channels cost nothing once predicted empty. nnU-Net's default
+    Dice (Bosma et al. 2022's CE+Dice) is ``batch_dice=True, dice_background=False, eps=1e-5``.
 
     Args:
       logits, targets, valid: ``[B, H, W, K]``.
       eps: smoothing added to numerator and denominator, > 0.
       activation: ``'sigmoid'`` (independent bits) or ``'softmax'`` (one-hot classes).
+      batch_dice: accepted so the registry binds one set of options; a per-image map is each
+        image's Dice (the batch Dice of a batch of one). :func:`soft_dice_loss` applies it.
+      dice_background: False leaves channel 0 (the background class of a softmax output) out
+        of the mean; ordinal and binary bits have no background channel, so it must stay True
+        with ``'sigmoid'``.
 
     Returns:
       ``[B]``, each in [0, 1].
@@ -218,55 +250,76 @@ def soft_dice_loss_map(logits, targets, *, valid=None, eps=1.0, activation="sigm
     0.2
 
     References:
-      Milletari et al., "V-Net", 3DV 2016; Bosma et al., "Semi-supervised learning with
-      report-guided pseudo labels for deep learning-based prostate cancer detection", 2022.
+      Milletari et al., "V-Net", 3DV 2016; Isensee et al., "nnU-Net", Nature Methods 2021;
+      Bosma et al., "Semi-supervised learning with report-guided pseudo labels for deep
+      learning-based prostate cancer detection", 2022.
     """
-    logits, targets, valid = check_inputs(logits, targets, valid)
-    if activation not in ("sigmoid", "softmax"):
-        raise ValueError(f"activation: expected 'sigmoid' or 'softmax', got {activation!r}")
-    check_scalar(eps, "eps", 1e-12)
-    probs = jax.nn.sigmoid(logits) if activation == "sigmoid" else jax.nn.softmax(logits, -1)
-    overlap = jnp.sum(valid * probs * targets, axis=(1, 2))
-    total = jnp.sum(valid * (probs + targets), axis=(1, 2))
-    return 1.0 - jnp.mean((2.0 * overlap + eps) / (total + eps), axis=-1)
+    del batch_dice
+    dice = _dice(logits, targets, valid, eps, activation, dice_background, axes=(1, 2))
+    return 1.0 - jnp.mean(dice, axis=-1)
 
 
-def soft_dice_loss(logits, targets, *, valid=None, eps=1.0, activation="sigmoid"):
-    """Mean over images of :func:`soft_dice_loss_map`: **contract**; a scalar in [0, 1]."""
-    return reductions.mean(
-        soft_dice_loss_map(logits, targets, valid=valid, eps=eps, activation=activation)
-    )
+def soft_dice_loss(
+    logits, targets, *, valid=None, eps=1.0, activation="sigmoid", batch_dice=False,
+    dice_background=True,
+):  # fmt: skip
+    """Mean over images of :func:`soft_dice_loss_map`: **contract**; a scalar in [0, 1].
+
+    With ``batch_dice`` one Dice per channel over the whole batch (sums over B, H, W; nnU-Net's
+    batch Dice), which no per-image map reduces to: ``1 - mean_k(batch Dice_k)``.
+    """
+    options = dict(valid=valid, eps=eps, activation=activation, dice_background=dice_background)
+    if batch_dice:
+        return 1.0 - jnp.mean(_dice(logits, targets, **options, axes=(0, 1, 2)))
+    return reductions.mean(soft_dice_loss_map(logits, targets, **options))
 
 
-def ce_dice_loss_map(logits, targets, *, valid=None, eps=1.0, activation="sigmoid"):
-    """Per-image cross-entropy + soft Dice, 1:1 (nnU-Net's default, used by Bosma et al. 2022).
+def ce_dice_loss_map(
+    logits, targets, *, valid=None, eps=1.0, activation="sigmoid", batch_dice=False,
+    dice_background=True, weights=(1.0, 1.0),
+):  # fmt: skip
+    """Per-image cross-entropy + soft Dice, weighted ``weights`` = (CE, Dice), 1:1 by default
+    (nnU-Net's default, used by Bosma et al. 2022).
 
-    .. math:: L_b = \\frac{1}{HW} \\sum_{h,w} CE_{bhw} + D_b
+    .. math:: L_b = w_{CE} \\frac{1}{HW} \\sum_{h,w} CE_{bhw} + w_D D_b
 
     Sigmoid (bitwise) or softmax cross-entropy according to ``activation``, plus
-    :func:`soft_dice_loss_map` with the same activation. Shapes as :func:`soft_dice_loss_map`;
-    returns ``[B]``.
+    :func:`soft_dice_loss_map` with the same activation and Dice options. Shapes as
+    :func:`soft_dice_loss_map`; returns ``[B]``.
 
     >>> ones = jnp.ones((1, 1, 1, 1))  # CE log 2 + Dice 0.2
     >>> round(float(ce_dice_loss_map(0 * ones, ones)[0]), 4)
     0.8931
     """
+    w_ce, w_dice = _check_weights(weights)
     ce_map = sigmoid_cross_entropy_map if activation == "sigmoid" else softmax_cross_entropy_map
-    dice = soft_dice_loss_map(logits, targets, valid=valid, eps=eps, activation=activation)
-    return reductions.per_image(ce_map(logits, targets, valid=valid)) + dice
+    dice = soft_dice_loss_map(
+        logits, targets, valid=valid, eps=eps, activation=activation, batch_dice=batch_dice,
+        dice_background=dice_background,
+    )  # fmt: skip
+    return w_ce * reductions.per_image(ce_map(logits, targets, valid=valid)) + w_dice * dice
 
 
-def ce_dice_loss(logits, targets, *, valid=None, eps=1.0, activation="sigmoid"):
-    """Mean over images of :func:`ce_dice_loss_map`: a scalar."""
-    return reductions.mean(
-        ce_dice_loss_map(logits, targets, valid=valid, eps=eps, activation=activation)
-    )
+def ce_dice_loss(
+    logits, targets, *, valid=None, eps=1.0, activation="sigmoid", batch_dice=False,
+    dice_background=True, weights=(1.0, 1.0),
+):  # fmt: skip
+    """Mean over images of :func:`ce_dice_loss_map` (with ``batch_dice``: the mean CE plus the
+    batch Dice loss of :func:`soft_dice_loss`): a scalar."""
+    options = dict(valid=valid, eps=eps, activation=activation, dice_background=dice_background)
+    if batch_dice:
+        w_ce, w_dice = _check_weights(weights)
+        ce_map = sigmoid_cross_entropy_map if activation == "sigmoid" else softmax_cross_entropy_map
+        dice = soft_dice_loss(logits, targets, batch_dice=True, **options)
+        return w_ce * reductions.mean(ce_map(logits, targets, valid=valid)) + w_dice * dice
+    return reductions.mean(ce_dice_loss_map(logits, targets, weights=weights, **options))
 
 
-def ce_focal_loss_map(logits, targets, *, alpha=0.75, gamma=2.0, valid=None):
-    """Per-pixel sigmoid cross-entropy + plain focal loss, 1:1 (Bosma et al. 2022's CE+FL).
+def ce_focal_loss_map(logits, targets, *, alpha=0.75, gamma=2.0, valid=None, weights=(1.0, 1.0)):
+    """Per-pixel sigmoid cross-entropy + plain focal loss, weighted ``weights`` = (CE, FL);
+    Bosma et al. 2022's CE+FL (as picai_baseline's nnU-Net trainer) is ``weights=(0.5, 0.5)``.
 
-    .. math:: L_{bhw} = CE_{bhw} + FL_{bhw}
+    .. math:: L_{bhw} = w_{CE} CE_{bhw} + w_{FL} FL_{bhw}
 
     Shapes as :func:`focal_loss_map`; returns ``[B, H, W]``.
 
@@ -274,12 +327,13 @@ def ce_focal_loss_map(logits, targets, *, alpha=0.75, gamma=2.0, valid=None):
     >>> round(float(ce_focal_loss_map(0 * ones, ones)[0, 0, 0]), 4)
     0.8231
     """
+    w_ce, w_focal = _check_weights(weights)
     focal = focal_loss_map(logits, targets, alpha=alpha, gamma=gamma, valid=valid)
-    return sigmoid_cross_entropy_map(logits, targets, valid=valid) + focal
+    return w_ce * sigmoid_cross_entropy_map(logits, targets, valid=valid) + w_focal * focal
 
 
-def ce_focal_loss(logits, targets, *, alpha=0.75, gamma=2.0, valid=None):
+def ce_focal_loss(logits, targets, *, alpha=0.75, gamma=2.0, valid=None, weights=(1.0, 1.0)):
     """Mean over B, H, W of :func:`ce_focal_loss_map`: a scalar."""
     return reductions.mean(
-        ce_focal_loss_map(logits, targets, alpha=alpha, gamma=gamma, valid=valid)
+        ce_focal_loss_map(logits, targets, alpha=alpha, gamma=gamma, valid=valid, weights=weights)
     )

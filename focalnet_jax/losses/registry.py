@@ -29,6 +29,8 @@ def _spec(name, encoding, fn, map_fn, hyperparameters=(), **bound) -> LossSpec:
 
 
 _FOCAL = ("alpha", "gamma")
+_DICE = ("eps", "batch_dice", "dice_background")
+_CE_DICE = (*_DICE, "weights")
 _REGISTRY = {
     spec.name: spec
     for spec in (
@@ -44,15 +46,21 @@ _REGISTRY = {
         ),
         _spec("focal", "ordinal", pixel.focal_loss, pixel.focal_loss_map, _FOCAL),
         _spec("softmax_ce", "onehot", pixel.softmax_cross_entropy, pixel.softmax_cross_entropy_map),
-        _spec("soft_dice", "ordinal", pixel.soft_dice_loss, pixel.soft_dice_loss_map, ("eps",)),
-        _spec("ce_dice", "ordinal", pixel.ce_dice_loss, pixel.ce_dice_loss_map, ("eps",)),
-        _spec("ce_focal", "ordinal", pixel.ce_focal_loss, pixel.ce_focal_loss_map, _FOCAL),
+        _spec("soft_dice", "ordinal", pixel.soft_dice_loss, pixel.soft_dice_loss_map, _DICE),
+        _spec("ce_dice", "ordinal", pixel.ce_dice_loss, pixel.ce_dice_loss_map, _CE_DICE),
+        _spec(
+            "ce_focal",
+            "ordinal",
+            pixel.ce_focal_loss,
+            pixel.ce_focal_loss_map,
+            (*_FOCAL, "weights"),
+        ),
         _spec(
             "softmax_ce_dice",
             "onehot",
             pixel.ce_dice_loss,
             pixel.ce_dice_loss_map,
-            ("eps",),
+            _CE_DICE,
             activation="softmax",
         ),
         _spec("binary_ce", "binary", pixel.sigmoid_cross_entropy, pixel.sigmoid_cross_entropy_map),

@@ -1,4 +1,4 @@
-"""Train-state checkpoints of a run directory (`focalnet_jax.workdir`): save, resume.
+"""Train-state checkpoints of a run directory (`focalnet_jax.run.workdir`): save, resume.
 
 Saves are collective: every process calls `save`, Orbax writes each array once. Resume order
 (`resume_or_initialize`): the newest intact checkpoint in the workdir, else `model.pretrained`
@@ -21,8 +21,8 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
 from focalnet_jax.run import RunSpec
+from focalnet_jax.run.workdir import UnreadableCheckpointError, restore
 from focalnet_jax.training import train_state
-from focalnet_jax.workdir import UnreadableCheckpointError, restore
 
 CORRUPT_PREFIX = "corrupt-"
 

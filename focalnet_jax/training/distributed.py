@@ -7,7 +7,9 @@ else a single process. Must run before anything touches a JAX device.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from pathlib import Path
 
 import jax
 
@@ -59,3 +61,22 @@ def describe() -> str:
         f"{jax.device_count()} global devices ({jax.devices()[0].device_kind}), "
         f"compilation cache: {cache or 'none'}"
     )
+
+
+@contextlib.contextmanager
+def compilation_cache(path: Path | None):
+    """JAX's persistent compilation cache in `path` for the block (None: JAX's own setting,
+    `$JAX_COMPILATION_CACHE_DIR`); the previous setting is restored after it."""
+    from jax.experimental.compilation_cache import compilation_cache as cache
+
+    previous = jax.config.jax_compilation_cache_dir
+    if path is None or str(path) == previous:
+        yield
+        return
+    cache.reset_cache()  # the cache reads its folder once, when first used
+    cache.set_cache_dir(str(path))
+    try:
+        yield
+    finally:
+        cache.reset_cache()
+        cache.set_cache_dir(previous)

@@ -22,6 +22,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from focalnet_jax.data.store import component_channels, t2w_lower_ratios
+from focalnet_jax.errors import UserError
 from focalnet_jax.training import sharding
 
 
@@ -96,7 +97,7 @@ class TrainBatches:
         self.start, self.stop = process_rows(mesh, global_batch)
         self.steps_per_epoch = len(self.rows) // global_batch
         if self.steps_per_epoch == 0:
-            raise ValueError(
+            raise UserError(
                 f"the training split has {len(self.rows)} slices, fewer than one global batch of "
                 f"train.batch_size={global_batch}"
             )

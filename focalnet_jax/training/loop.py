@@ -18,9 +18,10 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from focalnet_jax import workdir as workdir_lib
+from focalnet_jax.data.run_store import record_run_store
 from focalnet_jax.data.store import open_store
 from focalnet_jax.run import RunSpec, clip_inputs
+from focalnet_jax.run import workdir as workdir_lib
 from focalnet_jax.training import checkpoint, input_pipeline, sharding
 from focalnet_jax.training import step as step_lib
 from focalnet_jax.training.tb_logging import SummaryWriter
@@ -133,6 +134,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     spec = RunSpec.from_config(config)
     workdir, mesh = Path(workdir), sharding.make_mesh()
     store = open_store(config.data.store) if store is None else store
+    record_run_store(workdir, store, write=jax.process_index() == 0)
     spec = spec.for_store(store)
     split = spec.fold_split(store)
     reader = input_pipeline.SliceReader(store, spec.components)

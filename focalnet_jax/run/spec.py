@@ -25,6 +25,7 @@ from focalnet_jax import encoding, losses
 from focalnet_jax.data import folds
 from focalnet_jax.data.preprocess import PreprocessConfig
 from focalnet_jax.data.store import component_channels
+from focalnet_jax.errors import UserError
 from focalnet_jax.losses.checks import check_scalar
 from focalnet_jax.models import build_model, check_model_config
 
@@ -40,9 +41,9 @@ def clip_inputs(images: jax.Array) -> jax.Array:
 def per_device_batch(global_batch: int, num_devices: int) -> int:
     """Examples per device; a global batch the devices do not divide is an error."""
     if isinstance(global_batch, bool) or not isinstance(global_batch, int):
-        raise ValueError(f"train.batch_size: expected an int, got {global_batch!r}")
+        raise UserError(f"train.batch_size: expected an int, got {global_batch!r}")
     if global_batch <= 0 or global_batch % num_devices:
-        raise ValueError(
+        raise UserError(
             f"train.batch_size={global_batch} is not divisible by the {num_devices} devices of the "
             f"'{DATA_AXIS}' mesh ({jax.process_count()} processes x {jax.local_device_count()} "
             "local devices); choose a multiple of the device count"
@@ -107,6 +108,15 @@ class RunSpec:
           image_size: (H, W) of the model input (default: the preprocessing crop size; the
             training loop passes its store's).
         """
+        try:
+            return cls._resolve(config, num_devices, image_size)
+        except UserError:
+            raise
+        except (TypeError, ValueError) as error:  # every config error is the user's to fix
+            raise UserError(str(error)) from error
+
+    @classmethod
+    def _resolve(cls, config, num_devices, image_size) -> RunSpec:
         components = _check_data(config.data)
         loss, subsets, mfl_weight = _check_loss(config.loss, components)
         check_model_config(config.model)
@@ -211,7 +221,8 @@ def _check_loss(loss_config, components: Sequence[str]):
     takes = losses.get_loss(name).hyperparameters
     check_scalar(loss_config.alpha, "loss.alpha", 0.0, 1.0)
     check_scalar(loss_config.gamma, "loss.gamma", 0.0)
-    spec = losses.get_loss(name, **{k: loss_config[k] for k in ("alpha", "gamma") if k in takes})
+    spec = losses.get_loss(name, **{k: loss_config[k] for k in takes if k in loss_config})
+    losses.check_mfl(name, bool(loss_config.mfl), bool(loss_config.get("mfl_any_loss", False)))
     if loss_config.mfl_mode not in losses.MFL_MODES:
         raise ValueError(
             f"loss.mfl_mode: expected one of {losses.MFL_MODES}, got {loss_config.mfl_mode!r}"

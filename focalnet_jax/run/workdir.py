@@ -23,7 +23,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
 
-from focalnet_jax.run import DATA_AXIS, RunSpec
+from focalnet_jax.errors import UserError
+from focalnet_jax.run.spec import DATA_AXIS, RunSpec
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -201,7 +202,7 @@ def load_for_inference(workdir: str | Path, step: int | None = None):
         except UnreadableCheckpointError:
             raise
         except (ValueError, KeyError, TypeError) as error:
-            raise ValueError(
+            raise UserError(
                 f"workdir {workdir}: checkpoint does not match the model of its {CONFIG_FILE} "
                 f"({config.model.name}, depth {config.model.depth}): {error}"
             ) from error

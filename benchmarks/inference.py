@@ -1,0 +1,148 @@
+"""Inference speed per patient: one model and an ensemble, without and with preprocessing.
+
+    python benchmarks/inference.py --config configs/focalnet.py [--models 5] [--repeats 10]
+        [--tta flip] [--config.k=v ...]
+
+Prints one JSON line. The exam is a synthetic mp-MRI case of 20 T2w slices (384 x 384, 0.5 x 0.5 x
+3 mm; ADC 128 x 84 at 2 x 2 x 3 mm; `focalnet_jax.data.synth`) written as .mha files. Times, each
+the median of `--repeats` patients after one warm-up patient (compilation excluded), in seconds
+per patient (`time_exam`):
+- `predict_s`: the models on the preprocessed crop slices (all slices in one batch per model,
+  host to device and back included): `Ensemble.__call__`;
+- `with_preprocessing_s`: reading the exam files and `preprocess_case` (resampling to the crop,
+  intensity normalisation) plus `predict_s`'s work;
+- `preprocess_s`: the preprocessing alone, and `write_outputs_s` (one run after a warm-up): what
+  `focalnet predict` writes (maps resampled to the T2w grid, detection map, detections.csv,
+  overlay.png).
+Models are the config's network with random weights (speed does not depend on the weights), one
+per seed; the ensemble's models share one compiled function, as `load_ensemble`'s do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from focalnet_jax.config_loading import load_config
+from focalnet_jax.data import preprocess_case
+from focalnet_jax.data.io import write_image
+from focalnet_jax.data.synth import SynthConfig, synth_case
+from focalnet_jax.evaluation.ensemble import make_ensemble
+from focalnet_jax.evaluation.inference import Predictor
+from focalnet_jax.evaluation.predict import write_exam_outputs
+from focalnet_jax.run import RunSpec
+
+
+def write_exam(folder: Path, seed: int = 0) -> dict[str, str]:
+    """A default-size synthetic exam (20 slices) as .mha files; component -> path, and 'mask'."""
+    case = synth_case(seed, SynthConfig())
+    files = {}
+    for name in ("t2w", "adc"):
+        files[name] = str(folder / f"exam_{name}.mha")
+        write_image(case.images[name], files[name])
+    files["mask"] = str(folder / "exam_mask.mha")
+    write_image(case.mask, files["mask"])
+    return files
+
+
+def models(config, count: int, batch_size: int, tta: str):
+    """An ensemble of `count` randomly initialised models of `config`."""
+    spec = RunSpec.from_config(config, num_devices=1)
+    images = jnp.zeros((1, *spec.image_size, len(spec.components)), jnp.float32)
+    predictors = []
+    for seed in range(count):
+        variables = jax.device_get(spec.model.init(jax.random.key(seed), images, train=False))
+        predictors.append(Predictor.from_variables(spec, variables, batch_size=batch_size))
+    runs = [Path(f"random-{seed}") for seed in range(count)]
+    return make_ensemble(predictors, runs, [None] * count, tta)
+
+
+def time_exam(preprocess, ensembles: dict, repeats: int) -> dict:
+    """Median seconds over `repeats` patients, after one warm-up patient. Each repetition reads and
+    preprocesses the exam once and runs every ensemble on those slices, so that `preprocess_s`
+    and each `predict_s` come from the same moments of a shared machine; with preprocessing is
+    their per-repetition sum."""
+    times: dict[str, list[float]] = {"preprocess_s": []}
+    for name in ensembles:
+        times[name] = []
+    for repeat in range(repeats + 1):
+        start = time.perf_counter()
+        images = preprocess().images
+        preprocess_s = time.perf_counter() - start
+        predict_s = {}
+        for name, ensemble in ensembles.items():
+            start = time.perf_counter()
+            ensemble(images)
+            predict_s[name] = time.perf_counter() - start
+        if repeat:  # the first is the warm-up: compilation and caches
+            times["preprocess_s"].append(preprocess_s)
+            for name, seconds in predict_s.items():
+                times[name].append(seconds)
+    result = {"preprocess_s": statistics.median(times["preprocess_s"])}
+    for name in ensembles:
+        total = [p + t for p, t in zip(times["preprocess_s"], times[name], strict=True)]
+        result[name] = {
+            "predict_s": statistics.median(times[name]),
+            "with_preprocessing_s": statistics.median(total),
+        }
+    return result
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="config file[:arg]")
+    parser.add_argument("--models", type=int, default=5, help="ensemble size")
+    parser.add_argument("--repeats", type=int, default=10, help="timed patients (after a warm-up)")
+    parser.add_argument("--tta", choices=("none", "flip"), default="none")
+    args, overrides = parser.parse_known_args(argv)
+    config = load_config(args.config, overrides)
+    components = tuple(config.data.components)
+    if components != ("t2w", "adc"):
+        parser.error(f"the benchmark exam has t2w and adc; config has {components}")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        files = write_exam(Path(tmp))
+        exam = {name: files[name] for name in components}
+
+        def preprocess():
+            return preprocess_case(exam, mask=files["mask"], case_id="exam")
+
+        case = preprocess()
+        slices = len(case.images)
+        result = {"config": args.config, "overrides": overrides, "slices": slices}
+        counts = sorted({1, args.models})
+        ensembles = {f"models_{n}": models(config, n, slices, args.tta) for n in counts}
+        result.update(time_exam(preprocess, ensembles, args.repeats))
+        scores, out = ensembles["models_1"](case.images), Path(tmp) / "out"
+        write_exam_outputs(case, scores, out)  # warm-up: imports, first figure
+        start = time.perf_counter()
+        write_exam_outputs(case, scores, out)
+        result["write_outputs_s"] = time.perf_counter() - start
+    device = jax.devices()[0]
+    result.update(
+        tta=args.tta,
+        device_kind=device.device_kind,
+        platform=device.platform,
+        num_devices=jax.device_count(),
+        model=f"{config.model.name}-{config.model.depth} width {config.model.width} "
+        f"OS {config.model.output_stride} {config.model.dtype}",
+        components=list(components),
+        repeats=args.repeats,
+        jax_version=jax.__version__,
+        numpy_version=np.__version__,
+        date=datetime.date.today().isoformat(),
+    )
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

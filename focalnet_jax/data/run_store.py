@@ -1,0 +1,90 @@
+"""Which store a training run was made with: `<workdir>/store.json` holds the store's path, settings
+(`store_settings`) and fingerprint, recorded at training start.
+
+Resuming, `evaluate --workdir` and `predict` compare the store (or the preprocessing) they are given
+with this record and refuse one made with other settings, naming each setting that differs. A run
+from before these records has none: it still resumes and evaluates, with a one-line warning.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from focalnet_jax.data.store import StaleStoreError, settings_diff
+
+log = logging.getLogger(__name__)
+
+RECORD_FILE = "store.json"
+
+
+def read_run_store(workdir: str | os.PathLike) -> dict | None:
+    """The run's record {"store", "fingerprint", "settings"}; None for a run without one."""
+    path = Path(workdir) / RECORD_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError as error:
+        raise StaleStoreError(f"{path}: unreadable store record ({error})") from error
+
+
+def _compare(record: dict, settings: dict, workdir, against: str, ignore: Sequence[str]) -> None:
+    diff = settings_diff(record["settings"], settings, ("run", "now"))
+    diff = [line for line in diff if line.split(":")[0] not in ignore]
+    if diff:
+        raise StaleStoreError(
+            f"run {workdir} was trained on store {record['store']}, made with other settings "
+            f"than {against}: {'; '.join(diff)}"
+        )
+
+
+def check_run_store(
+    workdir: str | os.PathLike,
+    settings: dict,
+    *,
+    against: str,
+    ignore: Sequence[str] = (),
+) -> dict | None:
+    """Raises `StaleStoreError` when `settings` (of the store or preprocessing named `against`)
+    differ from the run's recorded store settings in a key not in `ignore` (dotted, e.g. 'slices').
+    Returns the record; a run without one: a one-line warning and None."""
+    record = read_run_store(workdir)
+    if record is None:
+        log.warning(
+            "run %s has no %s (trained before store settings were recorded): %s not checked",
+            workdir,
+            RECORD_FILE,
+            against,
+        )
+        return None
+    _compare(record, settings, workdir, against, ignore)
+    return record
+
+
+def record_run_store(workdir: str | os.PathLike, store, *, write: bool = True) -> None:
+    """At training start: a run that has a record (a resume) must use a store with the same
+    settings (`StaleStoreError` otherwise); a new run, or one from before these records (warned),
+    records `store` (`write`: this process writes files, e.g. process 0 only)."""
+    workdir = Path(workdir)
+    record = read_run_store(workdir)
+    if record is not None:
+        _compare(record, store.settings, workdir, f"store {store.path}", ())
+        return
+    if (workdir / "config.json").exists():
+        log.warning(
+            "run %s has no %s (started before store settings were recorded): recording store %s",
+            workdir,
+            RECORD_FILE,
+            store.path,
+        )
+    if write:
+        workdir.mkdir(parents=True, exist_ok=True)
+        record = {"store": str(store.path), "fingerprint": store.fingerprint}
+        record["settings"] = store.settings
+        tmp = workdir / f".{RECORD_FILE}.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
+        os.replace(tmp, workdir / RECORD_FILE)

@@ -1,0 +1,191 @@
+"""`focalnet predict --layout picai|manifest`: every exam of a folder or a manifest.
+
+Cases are found by the preprocessing's readers (data/layouts.py; labels are not needed and not
+read) and preprocessed with its checks and the models' settings. The slices of consecutive cases
+are pooled into full inference batches, so the accelerator sees `batch_size` slices at a time
+whatever the exams' lengths. Each case's outputs (predict.py) are written to a temporary sibling
+folder renamed to `<out>/<case_id>/` when complete. A bad case stops the run with its error, or,
+with `skip_bad_cases`, is listed in `<out>/errors.csv` (case, file, reason; written, maybe
+empty, whenever bad cases are skipped) and skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from focalnet_jax.data.io import CaseError
+from focalnet_jax.data.layouts import CaseSpec, LayoutError, discover_picai, read_manifest
+from focalnet_jax.data.preprocess import PreprocessedCase, preprocess_case
+from focalnet_jax.data.store import write_errors
+from focalnet_jax.errors import UserError
+from focalnet_jax.evaluation.detection_map import CandidateSettings
+from focalnet_jax.evaluation.ensemble import Ensemble
+from focalnet_jax.evaluation.predict import write_exam_outputs
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class BatchSummary:
+    out: Path
+    written: list[str]
+    errors: list[tuple[str, str, str]]
+
+    def describe(self) -> str:
+        bad = f"; {len(self.errors)} bad cases in errors.csv" if self.errors else ""
+        return f"wrote {len(self.written)} cases to {self.out}{bad}"
+
+
+def find_cases(
+    layout: str,
+    components: Sequence[str],
+    *,
+    images: str | Path | None = None,
+    masks: str | Path | None = None,
+    manifest: str | Path | None = None,
+    errors: list | None = None,
+) -> list[CaseSpec]:
+    """The cases of a PI-CAI folder (`images`, optional gland `masks` for centring) or of a
+    manifest CSV (its label column, if any, is ignored). A case id that is not a safe folder
+    name raises, or, where `errors` is a list, is appended to it as (case, file, reason)."""
+    if layout == "picai":
+        if images is None:
+            raise LayoutError("--layout picai needs --images")
+        return discover_picai(
+            images, None, masks, components=components, unlabelled="negative", errors=errors
+        )
+    if layout == "manifest":
+        if manifest is None:
+            raise LayoutError("--layout manifest needs --manifest")
+        return read_manifest(manifest, components=components, labels=False, errors=errors)
+    raise LayoutError(f"layout {layout!r}: expected 'picai' or 'manifest'")
+
+
+def _preprocess(spec: CaseSpec, models: Ensemble) -> PreprocessedCase:
+    """One case through the models' preprocessing; every failure is a CaseError naming it."""
+    try:
+        return preprocess_case(
+            spec.components,
+            center=spec.center,
+            mask=spec.mask,
+            slices="all",
+            series=spec.series,
+            config=models.preprocess,
+            case_id=spec.case_id,
+        )
+    except CaseError:
+        raise
+    except Exception as error:  # an unexpected failure still names the case
+        raise CaseError(spec.case_id, "", f"{type(error).__name__}: {error}") from error
+
+
+def _write_case(out: Path, case: PreprocessedCase, scores: np.ndarray, options: dict) -> Path:
+    """The case's outputs in a temporary folder, renamed to `out/<case_id>` (replacing one)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{case.case_id}.tmp-", dir=out))
+    try:
+        write_exam_outputs(case, scores, tmp, **options)
+        tmp.chmod(0o755)
+        final = out / case.case_id
+        old = None
+        if final.exists():
+            old = out / f"{tmp.name}.old"
+            os.replace(final, old)
+        os.replace(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def predict_cases(
+    models: Ensemble,
+    cases: Sequence[CaseSpec],
+    out: str | Path,
+    *,
+    skip_bad_cases: bool = False,
+    threshold: float = 0.5,
+    candidates: CandidateSettings | None = None,
+    progress: bool = True,
+    errors: list | None = None,
+) -> BatchSummary:
+    """Predicts every case into `out/<case_id>/`; returns what was written and the bad cases
+    (those of `errors`, found before, first).
+
+    Raises the first CaseError unless `skip_bad_cases`; cases written before it are kept.
+    """
+    if not cases:
+        raise LayoutError("no cases to predict")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "errors.csv").unlink(missing_ok=True)  # a previous run's list would mislead
+    options = {"threshold": threshold, "candidates": candidates}
+    batch = max(p.batch_size for p in models.predictors)
+    written: list[str] = []
+    errors = list(errors or [])
+    pending: list[PreprocessedCase] = []
+
+    def flush():
+        # One model pass over the pooled slices of the pending cases, then one folder per case.
+        scores = models(np.concatenate([c.images for c in pending]))
+        first = 0
+        for case in pending:
+            last = first + len(case.images)
+            _write_case(out, case, scores[first:last], options)
+            written.append(case.case_id)
+            first = last
+            bar.update()
+        pending.clear()
+
+    bar = tqdm(total=len(cases), desc="predict", unit="case", disable=not progress)
+    try:
+        for spec in cases:
+            try:
+                pending.append(_preprocess(spec, models))
+            except CaseError as error:
+                if not skip_bad_cases:
+                    raise
+                log.warning("skipping case %s: %s (%s)", error.case, error.reason, error.file)
+                errors.append((error.case, error.file, error.reason))
+                bar.update()
+                continue
+            if sum(len(c.images) for c in pending) >= batch:
+                flush()
+        if pending:
+            flush()
+    finally:
+        bar.close()
+        if skip_bad_cases:
+            write_errors(out / "errors.csv", errors)
+    if not written:
+        raise UserError(f"{out}: every one of {len(cases)} cases failed; see errors.csv")
+    return BatchSummary(out, written, errors)
+
+
+def predict_layout(
+    models: Ensemble,
+    layout: str,
+    out: str | Path,
+    *,
+    images: str | Path | None = None,
+    masks: str | Path | None = None,
+    manifest: str | Path | None = None,
+    **options,
+) -> BatchSummary:
+    """`find_cases` + `predict_cases` with the models' components."""
+    errors = [] if options.get("skip_bad_cases") else None
+    cases = find_cases(
+        layout, models.components, images=images, masks=masks, manifest=manifest, errors=errors
+    )
+    log.info("predicting %d %s cases into %s", len(cases), layout, out)
+    return predict_cases(models, cases, out, errors=errors, **options)

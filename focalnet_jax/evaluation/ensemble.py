@@ -1,0 +1,230 @@
+"""Several trained models as one predictor: cross-validation fold ensembles and flip TTA.
+
+- Ensemble: the mean over models of P(class >= k), k = 1..5 (`Predictor` gives every encoding
+  in that form: one-hot models through the tail sums of their softmax), as nnU-Net averages its
+  five fold models. The models must agree on their input components, their output encoding and
+  the preprocessing settings that shape their inputs; anything else is an error naming the runs.
+- Test-time augmentation `flip`: the mean of the prediction and the re-flipped prediction of the
+  left-right flipped input. The crop's columns run along the T2w x axis, which in LPS goes from
+  the patient's right to left for axial series, so the flip mirrors the columns (axis 2 of
+  `[N, H, W, C]`) about the crop centre: the flip training used (`augment.source_coordinates`).
+  Without interpolation it is exact, and a mirrored prostate is a plausible prostate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from focalnet_jax.data.preprocess import PreprocessConfig
+from focalnet_jax.data.run_store import read_run_store
+from focalnet_jax.data.store import preprocess_settings as store_preprocess_settings
+from focalnet_jax.data.store import settings_diff
+from focalnet_jax.errors import UserError
+from focalnet_jax.evaluation.inference import Predictor
+from focalnet_jax.run import workdir as workdir_lib
+
+log = logging.getLogger(__name__)
+
+TTA_MODES = ("none", "flip")
+LEFT_RIGHT_AXIS = 2  # columns of [N, H, W, C]: the T2w x axis (LPS: patient right -> left)
+# Labels only: how a label value 1 reads does not change a model's inputs.
+LABEL_ONLY_SETTINGS = ("label_values",)
+
+
+class EnsembleError(UserError):
+    """Runs that cannot form an ensemble (names the runs and the reason)."""
+
+
+def preprocess_settings(config, workdir: str | Path | None = None) -> dict | None:
+    """The preprocessing settings the run was trained with: those recorded in `workdir`
+    (`data.run_store`; a training store rebuilt since with other settings is named in a warning),
+    else (a run from before these records) its training store's, else None (defaults)."""
+    path = str(config.data.store or "")
+    store = store_preprocess_settings(path) if path else None
+    record = read_run_store(workdir) if workdir is not None else None
+    if record is not None:
+        diff = settings_diff(record["settings"]["preprocess"], store or {}, ("run", "store"))
+        if store is not None and diff:
+            log.warning(
+                "store %s was rebuilt since training (%s): preprocessing as the run was trained",
+                path,
+                "; ".join(diff),
+            )
+        return record["settings"]["preprocess"]
+    if store is None:
+        log.warning("training store %s not found: default preprocessing", config.data.store)
+        return None
+    log.warning("run %s records no store settings: preprocessing as store %s", workdir, path)
+    return store
+
+
+def input_settings(preprocess: dict | None) -> dict:
+    """The preprocessing settings that shape model inputs (defaults filled in)."""
+    settings = PreprocessConfig.from_any(preprocess).settings()
+    return {k: v for k, v in settings.items() if k not in LABEL_ONLY_SETTINGS}
+
+
+def settings_difference(have: dict, want: dict) -> dict:
+    """{key: (have, want)} for every key whose values differ."""
+    keys = sorted(set(have) | set(want))
+    return {k: (have.get(k), want.get(k)) for k in keys if have.get(k) != want.get(k)}
+
+
+def final_step(workdir: Path) -> tuple[int | None, str]:
+    """(step of the run's finished checkpoint, else None; why not). Finished: a checkpoint at
+    the configured `train.steps` (any checkpoint where the run counts epochs instead)."""
+    try:
+        config = workdir_lib.read_config(workdir)
+    except FileNotFoundError as error:
+        return None, str(error)
+    if not (workdir / workdir_lib.CHECKPOINT_DIR).is_dir():
+        return None, "no checkpoint"
+    manager = workdir_lib.make_manager(workdir, read_only=True)
+    try:
+        steps = manager.all_steps()
+    finally:
+        manager.close()
+    if not steps:
+        return None, "no checkpoint"
+    target = int(config.train.steps)
+    if target > 0 and max(steps) < target:
+        return None, f"latest checkpoint at step {max(steps)} of {target}"
+    return (target if target > 0 else max(steps)), ""
+
+
+def resolve_runs(path: str | Path) -> list[Path]:
+    """The runs of a `--checkpoint` / `--workdir` argument: the run itself, or every `fold*` run
+    of a cross-validation folder with a finished checkpoint (the others are skipped, logged)."""
+    path = Path(path)
+    if (path / workdir_lib.CONFIG_FILE).is_file():
+        return [path]
+    folds = [p for p in path.glob("fold*") if (p / workdir_lib.CONFIG_FILE).is_file()]
+    folds.sort(key=lambda p: (len(p.name), p.name))  # fold2 before fold10
+    if not folds:
+        raise EnsembleError(
+            f"{path}: neither a training run (no {workdir_lib.CONFIG_FILE}) nor a "
+            f"cross-validation folder (no fold<k>/{workdir_lib.CONFIG_FILE})"
+        )
+    runs, skipped = [], []
+    for fold in folds:
+        step, reason = final_step(fold)
+        if step is None:
+            skipped.append(f"{fold.name}: {reason}")
+        else:
+            runs.append(fold)
+    if not runs:
+        raise EnsembleError(
+            f"cross-validation folder {path}: no fold with a finished checkpoint ("
+            + "; ".join(skipped)
+            + ")"
+        )
+    for reason in skipped:
+        log.warning("%s: fold left out of the ensemble (%s)", path, reason)
+    return runs
+
+
+@dataclasses.dataclass
+class Ensemble:
+    """Models as `scores = ensemble(images)`: images float32 `[N, H, W, C]` (components in
+    `components` order, T2w unclipped) -> float32 `[N, H, W, 5]`, the mean P(class >= k)."""
+
+    predictors: list[Predictor]
+    runs: list[Path]
+    preprocess: dict | None
+    tta: str = "none"
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        return self.predictors[0].components
+
+    @property
+    def spec(self):
+        """The first model's `RunSpec` (they agree on components, encoding and preprocessing)."""
+        return self.predictors[0].spec
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        images = np.asarray(images, np.float32)
+        if self.tta == "flip":
+            # One pass over [plain; flipped] per model: twice the batch, one compilation.
+            both = np.concatenate([images, np.flip(images, LEFT_RIGHT_AXIS)])
+        else:
+            both = images
+        total = np.zeros((*images.shape[:3], 5), np.float64)
+        for predictor in self.predictors:
+            scores = predictor(both)
+            if self.tta == "flip":
+                n = len(images)
+                scores = 0.5 * (scores[:n] + np.flip(scores[n:], LEFT_RIGHT_AXIS))
+            total += scores
+        return (total / len(self.predictors)).astype(np.float32)
+
+
+def check_compatible(runs: Sequence[Path], predictors: Sequence[Predictor], settings) -> None:
+    """Raises EnsembleError naming the runs when models differ in components, output encoding or
+    input preprocessing settings."""
+    checks = {
+        "components": [list(p.components) for p in predictors],
+        "output encodings": [p.spec.output_encoding for p in predictors],
+        "input preprocessing settings": [input_settings(s) for s in settings],
+    }
+    for what, values in checks.items():
+        if any(v != values[0] for v in values[1:]):
+            if what == "input preprocessing settings":
+                values = [settings_difference(v, values[0]) or "reference" for v in values]
+            listed = "; ".join(f"{run}: {v}" for run, v in zip(runs, values, strict=True))
+            raise EnsembleError(f"models disagree on {what}: {listed}")
+
+
+def load_ensemble(
+    paths: str | Path | Sequence[str | Path],
+    *,
+    step: int | None = None,
+    batch_size: int = 16,
+    tta: str = "none",
+) -> Ensemble:
+    """An `Ensemble` of every run named by `paths` (runs or cross-validation folders).
+
+    `step` picks one checkpoint step and needs a single run.
+    """
+    if tta not in TTA_MODES:
+        raise EnsembleError(f"tta {tta!r}: expected one of {TTA_MODES}")
+    if isinstance(paths, str | Path):
+        paths = [paths]
+    runs = [run for path in paths for run in resolve_runs(path)]
+    if len(set(map(str, runs))) != len(runs):
+        raise EnsembleError(f"a run is named twice: {[str(r) for r in runs]}")
+    if step is not None and len(runs) > 1:
+        raise EnsembleError(f"--step picks one checkpoint of one run; got {len(runs)} runs")
+    predictors = [Predictor.from_workdir(run, step=step, batch_size=batch_size) for run in runs]
+    settings = [
+        preprocess_settings(p.spec.config, run) for run, p in zip(runs, predictors, strict=True)
+    ]
+    return make_ensemble(predictors, runs, settings, tta)
+
+
+def make_ensemble(
+    predictors: Sequence[Predictor], runs: Sequence[Path], settings: Sequence, tta: str = "none"
+) -> Ensemble:
+    """An `Ensemble` of loaded models (`settings`: each run's preprocessing settings, None where
+    unknown), checked with `check_compatible`. Models of one architecture share one compiled
+    function (they differ only in their variables)."""
+    if tta not in TTA_MODES:
+        raise EnsembleError(f"tta {tta!r}: expected one of {TTA_MODES}")
+    check_compatible(runs, predictors, settings)
+    predictors = list(predictors)
+    shared: dict[str, Predictor] = {}
+    for i, predictor in enumerate(predictors):
+        spec = predictor.spec
+        key = json.dumps([spec.config.model.to_dict(), spec.output_encoding], sort_keys=True)
+        if key in shared:
+            predictors[i] = dataclasses.replace(predictor, apply=shared[key].apply)
+        shared.setdefault(key, predictor)
+    known = next((s for s in settings if s is not None), None)
+    log.info("%d model(s): %s; tta %s", len(runs), ", ".join(str(r) for r in runs), tta)
+    return Ensemble(predictors, list(runs), known, tta)

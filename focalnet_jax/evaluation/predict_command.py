@@ -1,0 +1,63 @@
+"""The body of `focalnet predict`: its parsed flags to one exam (`predict.predict_exam`) or to
+every case of a PI-CAI folder or manifest (`batch_predict.predict_layout`), with one model or an
+ensemble (`ensemble.load_ensemble`) and the detection-map settings (`CandidateSettings`)."""
+
+from __future__ import annotations
+
+import argparse
+
+from focalnet_jax.errors import UserError
+from focalnet_jax.evaluation.batch_predict import predict_layout
+from focalnet_jax.evaluation.detection_map import CandidateSettings
+from focalnet_jax.evaluation.ensemble import load_ensemble
+from focalnet_jax.evaluation.predict import predict_exam
+
+COMPONENTS = ("t2w", "adc", "hbv")
+
+
+def parse_center(text: str | None) -> tuple[float, float, float] | None:
+    """'x,y,z' (LPS mm) -> a point; None for None."""
+    if not text:
+        return None
+    try:
+        center = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        center = ()
+    if len(center) != 3:
+        raise UserError(f"--center expects x,y,z, got {text!r}")
+    return center
+
+
+def run(args: argparse.Namespace) -> str:
+    """Predicts as the flags say; returns the line to print (what was written)."""
+    if args.layout is None and not (args.t2w and args.adc):
+        raise UserError("give --t2w and --adc (one exam) or --layout (many exams)")
+    center = parse_center(args.center)
+    candidates = CandidateSettings(
+        args.candidate_threshold,
+        args.candidate_min_voxels,
+        args.candidate_num_lesions,
+        args.candidate_factor,
+    )
+    models = load_ensemble(
+        args.checkpoint, step=args.step, batch_size=args.batch_size, tta=args.tta
+    )
+    options = {"threshold": args.threshold, "candidates": candidates}
+    if args.layout is not None:
+        summary = predict_layout(
+            models,
+            args.layout,
+            args.out,
+            images=args.images,
+            masks=args.masks,
+            manifest=args.manifest,
+            skip_bad_cases=args.skip_bad_cases,
+            **options,
+        )
+        return summary.describe()
+    components = {name: getattr(args, name) for name in COMPONENTS if getattr(args, name)}
+    series = {n: getattr(args, f"{n}_series") for n in components if getattr(args, f"{n}_series")}
+    written = predict_exam(
+        models, components, args.out, center=center, mask=args.mask, series=series, **options
+    )
+    return "wrote " + ", ".join(str(p) for p in written)

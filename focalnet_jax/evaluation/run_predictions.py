@@ -1,0 +1,96 @@
+"""What `focalnet evaluate --workdir` predicts before it evaluates: the run's validation fold, or,
+with `--all-cases`, every case of a held-out or external test store.
+
+Test stores: every case is predicted (no fold split) by the run, or by the ensemble of a
+cross-validation folder's fold models (evaluation/ensemble.py), into the contract predictions
+files that `evaluate_predictions` reads. The store must have been preprocessed with the settings
+that shaped the models' training inputs (every preprocessing setting but how label value 1
+reads); otherwise the models would see inputs unlike their training data, and the evaluation is
+refused naming the settings that differ. Both, with optional flip TTA.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from focalnet_jax.data.store import StaleStoreError, open_store
+from focalnet_jax.errors import UserError
+from focalnet_jax.evaluation.ensemble import (
+    Ensemble,
+    input_settings,
+    load_ensemble,
+    resolve_runs,
+    settings_difference,
+)
+from focalnet_jax.evaluation.inference import predict_cases, predict_validation_fold
+
+log = logging.getLogger(__name__)
+
+
+def check_test_store(store, models: Ensemble) -> None:
+    """Raises StaleStoreError naming the differing settings and the missing components."""
+    missing = [c for c in models.components if c not in store.components]
+    if missing:
+        raise StaleStoreError(
+            f"test store {store.path} lacks component(s) {missing} of the models "
+            f"(store: {list(store.components)})"
+        )
+    if models.preprocess is None:
+        log.warning(
+            "training store of %s not found: the test store's settings are compared with the "
+            "default preprocessing",
+            models.runs[0],
+        )
+    have = input_settings(store.settings.get("preprocess"))
+    diff = settings_difference(have, input_settings(models.preprocess))
+    if diff:
+        raise StaleStoreError(
+            f"test store {store.path}: preprocessing settings differ from the runs' in "
+            f"{sorted(diff)} (store, runs) = {diff}; preprocess the test set with the runs' "
+            "settings"
+        )
+
+
+def predict_test_store(
+    workdir: str | Path | None,
+    store_path: str | Path | None,
+    out_dir: str | Path | None,
+    *,
+    step: int | None = None,
+    tta: str = "none",
+    batch_size: int = 16,
+) -> list[str]:
+    """Writes `<case_id>.npz` for every case of the store at `store_path` into `out_dir`; returns
+    the case ids (the cases the evaluation expects)."""
+    if workdir is None or store_path is None or out_dir is None:
+        raise UserError("--all-cases needs --workdir, --store and --out")
+    models = load_ensemble(workdir, step=step, batch_size=batch_size, tta=tta)
+    store = open_store(store_path)
+    check_test_store(store, models)
+    log.info("predicting all %d cases of %s with %d model(s)", len(store.cases), store_path,
+             len(models.runs))  # fmt: skip
+    predict_cases(models, store, store.case_ids, out_dir)
+    return list(store.case_ids)
+
+
+def predict_fold(
+    workdir: str | Path,
+    out_dir: str | Path,
+    *,
+    step: int | None = None,
+    store_path: str | Path | None = None,
+    batch_size: int = 16,
+    tta: str = "none",
+) -> list[str]:
+    """`inference.predict_validation_fold` of one run, with optional flip TTA; returns the case
+    ids. A cross-validation folder is refused: its fold models trained on each other's folds."""
+    if len(resolve_runs(workdir)) > 1:
+        raise UserError(
+            f"{workdir}: a cross-validation folder's ensemble has seen every fold in training; "
+            "evaluate it on a test store (--store TEST --all-cases) or evaluate each fold run"
+        )
+    models = load_ensemble(workdir, step=step, batch_size=batch_size, tta=tta)
+    return predict_validation_fold(
+        workdir, out_dir, store_path=store_path, batch_size=batch_size, predictor=models
+    )

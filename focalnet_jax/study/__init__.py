@@ -1,0 +1,15 @@
+"""Studies: arms x repeats x folds of ordinary training runs, their ensembles and statistics.
+
+Modules, one concept each:
+
+- `spec`: the study spec (an ml_collections file in `configs/studies/`), its validation and the
+  per-cell training overrides (the seed rule lives here);
+- `cells`: the cells of a study folder and their state (pending, running, done, failed);
+- `cell_runner`: `focalnet study cell`, one cell = `focalnet train` + `focalnet evaluate`;
+- `local`, `slurm`: the executors (processes on this machine; one `sbatch` job array);
+- `ensembles`: averaged predictions of several arms, evaluated like a cell;
+- `statistics`: permutation test (picai_eval), Welch's t-test, Bonferroni;
+- `report`, `figures`: `DIR/report/` (runs.csv, stats.csv, report.md, PNGs);
+- `commands`: the `focalnet study` argument declarations and dispatch;
+- `synthetic`: the one-command synthetic MFL study (docs/studies.md).
+"""

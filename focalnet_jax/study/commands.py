@@ -1,0 +1,181 @@
+"""`focalnet study run|status|report`: argument declarations and dispatch (docs/studies.md).
+
+Kept free of JAX imports: `study run` and `study status` start in a fraction of a second, and
+each cell imports JAX in its own process.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from focalnet_jax.study.cells import Study
+from focalnet_jax.study.spec import StudyError, load_spec, validate
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `focalnet study` subcommands and their flags."""
+    sub = parser.add_subparsers(dest="study_command", required=True, metavar="ACTION")
+    run = sub.add_parser("run", help="train and evaluate every cell not done yet")
+    run.add_argument("--spec", help="spec file[:arg] (default: the one recorded in --workdir)")
+    run.add_argument("--workdir", type=Path, required=True, help="study folder")
+    run.add_argument("--executor", choices=("local", "slurm"), default="local")
+    run.add_argument("--parallel", type=int, default=1, help="local: cells at once")
+    run.add_argument("--devices", help="local: GPU ids, one per worker (default: all visible)")
+    run.add_argument("--dry-run", action="store_true", help="slurm: print the script only")
+    group = run.add_argument_group("slurm (default: the spec's `slurm` fields)")
+    group.add_argument("--partition")
+    group.add_argument("--time", help="time limit per task, e.g. 04:00:00")
+    group.add_argument("--gpus", type=int, help="GPUs per task")
+    group.add_argument("--cpus", type=int, help="CPUs per task")
+    group.add_argument("--throttle", type=int, help="at most this many tasks at once")
+    group.add_argument(
+        "--sbatch", action="append", default=[], metavar="LINE", help="extra #SBATCH line"
+    )
+    run.epilog = "Any spec field: --spec.repeats=3 --spec.common.train.steps=500"
+    status = sub.add_parser("status", help="table of cells: done/running/failed/pending")
+    status.add_argument("--workdir", type=Path, required=True)
+    report = sub.add_parser("report", help="runs.csv, stats.csv, report.md and figures")
+    report.add_argument("--workdir", type=Path, required=True)
+    report.add_argument("--partial", action="store_true", help="report while cells are missing")
+    report.add_argument(
+        "--iterations", type=int, default=10_000, help="random splits of approximate tests"
+    )
+    cell = sub.add_parser("cell", help="run one cell here (used by the executors)")
+    cell.add_argument("--workdir", type=Path, required=True)
+    cell.add_argument("--cell", required=True, help="ARM/rep<r>/fold<k>")
+
+
+def _open_or_create(args: argparse.Namespace) -> Study:
+    if args.spec is None:
+        if args.overrides:
+            raise StudyError(f"{args.overrides[0]}: --spec overrides need --spec FILE")
+        return Study.open(args.workdir)
+    plain = validate(load_spec(args.spec, args.overrides), args.spec)
+    if args.dry_run:
+        return Study(args.workdir, plain)
+    return Study.create(args.workdir, plain)
+
+
+def _slurm_options(study: Study, args: argparse.Namespace) -> dict:
+    options = dict(study.plain["slurm"])
+    for key in ("partition", "time", "gpus", "cpus", "throttle"):
+        if getattr(args, key) is not None:
+            options[key] = getattr(args, key)
+    options["extra"] = list(options.get("extra") or ()) + list(args.sbatch)
+    return options
+
+
+RUNNABLE = ("pending", "failed", "interrupted")
+
+
+def cell_states(study: Study) -> dict[str, tuple[str, str]]:
+    """{cell name: (state, SLURM task id or '')}, with the SLURM queue's view: a pending cell whose
+    task waits in the queue is `queued`, and a cell `running` on another host whose task has left
+    the queue (e.g. killed at its time limit) is `interrupted`."""
+    from focalnet_jax.study import slurm
+
+    tasks = slurm.task_ids(study)
+    queue = slurm.queue_states(list(tasks.values()))
+    states = {}
+    for cell in study.cells():
+        state = study.state(cell)
+        name, task = state.state, state.record.get("slurm_job") or tasks.get(cell.name, "")
+        if name == "pending" and queue and task in queue:
+            name = "queued" if queue[task] == "PENDING" else queue[task].lower()
+        elif name == "running" and task and queue is not None and task not in queue:
+            name = "interrupted"
+        states[cell.name] = (name, task)
+    return states
+
+
+def _run(args: argparse.Namespace) -> int:
+    from focalnet_jax.study import local, slurm
+
+    study = _open_or_create(args)
+    cells = study.cells()
+    states = {name: state for name, (state, _) in cell_states(study).items()}
+    todo = [c for c in cells if states[c.name] in RUNNABLE]
+    done = sum(s == "done" for s in states.values())
+    print(
+        f"{len(cells)} cells: {done} done, {len(cells) - done - len(todo)} running or queued "
+        f"elsewhere, {len(todo)} to run"
+    )
+    if args.executor == "slurm":
+        if not todo:
+            print("nothing to submit")
+            return 0
+        job = slurm.submit(study, todo, _slurm_options(study, args), dry_run=args.dry_run)
+        if job:
+            print(f"submitted job array {job} ({len(todo)} tasks); `focalnet study status`")
+        return 0
+    devices = args.devices.split(",") if args.devices else local.visible_gpus()
+    parallel = args.parallel if not devices or args.parallel > 1 else len(devices)
+    results = local.run_local(study, todo, parallel=parallel, devices=devices)
+    _ensembles(study)
+    failed = [name for name, result in results.items() if result == "failed"]
+    for name in failed:
+        record = study.state(study.cell(name)).record
+        print(f"FAILED {name}: {record.get('error', '?')} (log: {record.get('log')})")
+    return 1 if failed else 0
+
+
+def _ensembles(study: Study) -> None:
+    from focalnet_jax.study.ensembles import update_ensembles
+
+    computed = [n for n, r in update_ensembles(study).items() if r == "computed"]
+    if computed:
+        print(f"ensembles computed: {', '.join(computed)}")
+
+
+def _status(args: argparse.Namespace) -> int:
+    from focalnet_jax.study.ensembles import ensemble_done
+
+    study = Study.open(args.workdir)
+    states = cell_states(study)
+    rows, counts = [], {}
+    for cell in study.cells():
+        state = study.state(cell)
+        name, task = states[cell.name]
+        detail = state.record.get("error") or state.record.get("log", "")
+        seconds = state.record.get("seconds", "")
+        rows.append((cell.name, name, task, str(seconds), detail))
+        counts[name] = counts.get(name, 0) + 1
+    for cell in study.ensemble_cells():
+        name = "done" if ensemble_done(study, cell) else "waiting"
+        rows.append((cell.name, name, "", "", "ensemble"))
+    widths = [
+        max(len(r[i]) for r in rows + [("cell", "state", "slurm job", "s", "")])
+        for i in (0, 1, 2, 3)
+    ]
+    header = ("cell", "state", "slurm job", "s", "log / error")
+    for row in [header, *rows]:
+        print("  ".join(v.ljust(w) for v, w in zip(row[:4], widths, strict=True)) + "  " + row[4])
+    print(", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from focalnet_jax.study.report import write_report
+
+    study = Study.open(args.workdir)
+    _ensembles(study)
+    out = write_report(study, partial=args.partial, iterations=args.iterations)
+    print(f"wrote {out / 'runs.csv'}, {out / 'stats.csv'}, {out / 'report.md'} and figures")
+    return 0
+
+
+def _cell(args: argparse.Namespace) -> int:
+    from focalnet_jax.study.cell_runner import run_cell
+
+    return run_cell(args.workdir, args.cell)
+
+
+ACTIONS = {"run": _run, "status": _status, "report": _report, "cell": _cell}
+
+
+def run(args: argparse.Namespace) -> int:
+    """Dispatch `focalnet study ACTION` (user errors are `StudyError`s: one line, by the CLI)."""
+    if args.study_command != "run" and args.overrides:
+        raise StudyError("unrecognized arguments: " + " ".join(args.overrides))
+    return ACTIONS[args.study_command](args)

@@ -1,0 +1,103 @@
+"""Ensembles: per (repeat, fold), the mean of the member arms' P(class >= k) maps, evaluated as a
+cell is (same evaluation, same slices).
+
+Ensemble cell `DIR/<ensemble>/rep<r>/fold<k>/eval/` holds `predictions/<case>.npz` (contract
+files: the mean scores, the members' lesions and geometry) and `metrics.json`. It is computed
+once every member cell of that repeat and fold is done, and recomputed when a member was
+re-evaluated after it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from focalnet_jax.study.cells import METRICS, PREDICTIONS, Cell, Study
+from focalnet_jax.study.spec import StudyError
+
+log = logging.getLogger(__name__)
+
+
+def average_predictions(members: list[Path], out_dir: Path) -> int:
+    """Write the mean of the members' score maps, case by case; returns the number of cases.
+
+    Every member must hold the same cases with the same lesions (the same validation fold)."""
+    from focalnet_jax.evaluation.predictions import list_cases, read_case, write_case
+
+    cases = {p.name: p for p in list_cases(members[0])}
+    for member in members[1:]:
+        names = {p.name for p in list_cases(member)}
+        if names != set(cases):
+            raise StudyError(f"{member}: other cases than {members[0]} (different folds?)")
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for name, first_path in sorted(cases.items()):
+        first = read_case(first_path)
+        scores = np.mean([read_case(m / name).scores for m in members], axis=0)
+        write_case(
+            tmp,
+            first.case_id,
+            scores=scores,
+            lesions=first.lesions,
+            lesion_classes=first.lesion_classes,
+            spacing=first.spacing,
+            patient_id=first.patient_id,
+            t2w=first.t2w,
+            adc=first.adc,
+            slice_index=first.slice_index,
+        )
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    return len(cases)
+
+
+def _slices(member_dir: Path) -> str:
+    """The 2D-protocol slices of a member run (`data.slices` in its config.json)."""
+    config = json.loads((member_dir / "config.json").read_text())
+    return str(config["data"]["slices"])
+
+
+def update_ensemble(study: Study, cell: Cell) -> str:
+    """Compute ensemble cell `cell` if its members are done; returns 'done', 'computed' or
+    'waiting'."""
+    from focalnet_jax.evaluation.evaluate import evaluate_predictions
+
+    members = [Cell(arm, cell.repeat, cell.fold) for arm in study.ensembles[cell.arm]]
+    if any(study.state(m).state != "done" for m in members):
+        return "waiting"
+    out = study.path(cell) / "eval"
+    metrics = out / "metrics.json"
+    newest_member = max((study.path(m) / METRICS).stat().st_mtime for m in members)
+    if metrics.is_file() and metrics.stat().st_mtime >= newest_member:
+        return "done"
+    member_dirs = [study.path(m) / PREDICTIONS for m in members]
+    average_predictions(member_dirs, out / "predictions")
+    options = study.plain["evaluate"]
+    evaluate_predictions(
+        out / "predictions",
+        out,
+        with_picai=True,
+        picai_bootstraps=int(options.get("picai_bootstraps", 0)),
+        with_figures=bool(options.get("figures", False)),
+        label=cell.name,
+        slices=_slices(study.path(members[0])),
+    )
+    return "computed"
+
+
+def update_ensembles(study: Study) -> dict[str, str]:
+    """`update_ensemble` for every ensemble cell; {cell name: result}."""
+    results = {}
+    for cell in study.ensemble_cells():
+        results[cell.name] = update_ensemble(study, cell)
+        if results[cell.name] == "computed":
+            log.info("ensemble %s computed", cell.name)
+    return results
+
+
+def ensemble_done(study: Study, cell: Cell) -> bool:
+    return (study.path(cell) / "eval" / "metrics.json").is_file()

@@ -1,0 +1,88 @@
+"""The study report's figures: per-metric box and strip plots by arm, FROC curves with a mean +-2 SD
+band per arm, and the permutation p-value matrix of each headline metric."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from focalnet_jax.evaluation import figures as eval_figures  # noqa: E402
+from focalnet_jax.evaluation.froc import sensitivity_at  # noqa: E402
+from focalnet_jax.evaluation.stats import band, finite_values  # noqa: E402
+
+FP_GRID = np.geomspace(eval_figures.FP_RANGE[0], eval_figures.FP_RANGE[1], 400)
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def box_strip(path: Path, metrics: Mapping[str, Mapping[str, Sequence[float]]]) -> Path:
+    """One panel per metric: a box per arm with every run as a jittered point."""
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.8), squeeze=False)
+    rng = np.random.default_rng(0)  # jitter only
+    for ax, (metric, per_arm) in zip(axes[0], metrics.items(), strict=True):
+        arms = list(per_arm)
+        values = [finite_values(per_arm[a]) for a in arms]
+        shown = [v if v.size else np.array([np.nan]) for v in values]
+        ax.boxplot(shown, widths=0.5, showfliers=False)
+        for i, v in enumerate(values, start=1):
+            ax.scatter(i + rng.uniform(-0.12, 0.12, v.size), v, s=14, color=f"C{i - 1}", zorder=3)
+        ax.set_xticks(range(1, len(arms) + 1), arms, rotation=30, ha="right")
+        ax.set_title(metric, fontsize="medium")
+        ax.grid(True, axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def froc_bands(path: Path, curves: Mapping[str, Sequence[tuple]], title: str) -> Path:
+    """FROC sensitivity S(x) per arm: the mean over runs with a +-2 SD band; `curves` maps an arm
+    to its runs' (fp, sensitivity) curve points."""
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    for i, (arm, runs) in enumerate(curves.items()):
+        sampled = [sensitivity_at(np.asarray(fp), np.asarray(s), FP_GRID) for fp, s in runs]
+        if not sampled:
+            continue
+        mean, lower, upper = band(sampled)
+        ax.plot(FP_GRID, mean, color=f"C{i}", label=f"{arm} (n={len(sampled)})")
+        ax.fill_between(FP_GRID, lower, upper, color=f"C{i}", alpha=0.2, linewidth=0)
+    ax.set_xscale("log")
+    ax.set_xlim(*eval_figures.FP_RANGE)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("False positives per patient")
+    ax.set_ylabel("Sensitivity")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right", fontsize="small")
+    return _save(fig, path)
+
+
+def pvalue_matrices(path: Path, rows: Sequence[Mapping], metrics: Sequence[str]) -> Path:
+    """One panel per metric: p_permutation of (row = baseline a, column = alternative b)."""
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 4.0), squeeze=False)
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        selected = [r for r in rows if r["metric"] == metric]
+        arms = list(dict.fromkeys([r["arm_a"] for r in selected] + [r["arm_b"] for r in selected]))
+        matrix = np.full((len(arms), len(arms)), np.nan)
+        for r in selected:
+            matrix[arms.index(r["arm_a"]), arms.index(r["arm_b"])] = r["p_permutation"]
+        image = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis_r")
+        for (i, j), p in np.ndenumerate(matrix):
+            if np.isfinite(p):
+                ax.text(j, i, f"{p:.2g}", ha="center", va="center", fontsize="small", color="w")
+        ax.set_xticks(range(len(arms)), arms, rotation=30, ha="right")
+        ax.set_yticks(range(len(arms)), arms)
+        ax.set_xlabel("alternative b (H1: b better)")
+        ax.set_ylabel("baseline a")
+        ax.set_title(metric, fontsize="medium")
+        fig.colorbar(image, ax=ax, fraction=0.046)
+    return _save(fig, path)

@@ -1,0 +1,80 @@
+"""The local executor: cells as processes on this machine, `parallel` at a time.
+
+Each cell runs `python -m focalnet_jax.cli study cell ...` (module `cell_runner`) in its own
+process, so a failing or crashing cell cannot take the others down. With GPUs, each worker slot
+owns one device (`CUDA_VISIBLE_DEVICES` set per cell process), so a multi-GPU host trains one
+cell per device at a time; on CPU, `parallel` cells share the cores.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+from focalnet_jax.study.cells import Cell, Study
+from focalnet_jax.study.spec import StudyError
+
+
+def cell_argv(study: Study, cell: Cell) -> list[str]:
+    """The command line that runs one cell in the submitting environment's Python."""
+    root = str(study.root.resolve())
+    return [sys.executable, "-m", "focalnet_jax.cli", "study", "cell", "--workdir", root] + [
+        "--cell",
+        cell.name,
+    ]
+
+
+def visible_gpus() -> list[str]:
+    """GPU ids this process may use: `CUDA_VISIBLE_DEVICES` when set, else `nvidia-smi -L`'s
+    count, else none (without starting JAX, which would claim the GPUs' memory)."""
+    given = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if given is not None:
+        return [d for d in given.split(",") if d.strip() and d.strip() != "-1"]
+    if shutil.which("nvidia-smi") is None:
+        return []
+    listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=False)
+    return [str(i) for i, line in enumerate(listed.stdout.splitlines()) if line.startswith("GPU")]
+
+
+def run_local(
+    study: Study, cells: Sequence[Cell], *, parallel: int = 1, devices: Sequence[str] = ()
+) -> dict[str, str]:
+    """Run `cells`, at most `parallel` at once; returns {cell name: 'done' | 'failed'}.
+
+    `devices`: GPU ids; worker slot i runs its cells with `CUDA_VISIBLE_DEVICES=devices[i]`, so
+    `parallel` may not exceed their number.
+    """
+    if parallel < 1:
+        raise StudyError(f"--parallel {parallel}: expected >= 1")
+    if devices and parallel > len(devices):
+        raise StudyError(f"--parallel {parallel}: more than the {len(devices)} GPUs {devices}")
+    queue, running, results = list(cells), {}, {}
+    total, start = len(queue), time.time()
+    while queue or running:
+        free = [slot for slot in range(parallel) if slot not in running]
+        while queue and free:
+            slot, cell = free.pop(0), queue.pop(0)
+            env = dict(os.environ)
+            if devices:
+                env["CUDA_VISIBLE_DEVICES"] = devices[slot]
+            process = subprocess.Popen(cell_argv(study, cell), env=env, stdin=subprocess.DEVNULL)
+            running[slot] = (cell, process)
+            print(f"started {cell.name}" + (f" on GPU {devices[slot]}" if devices else ""))
+        time.sleep(0.2)
+        for slot, (cell, process) in list(running.items()):
+            if process.poll() is None:
+                continue
+            del running[slot]
+            state = study.state(cell)
+            results[cell.name] = "done" if state.state == "done" else "failed"
+            where = "" if results[cell.name] == "done" else f": see {study.log_path(cell)}"
+            print(
+                f"[{len(results)}/{total}] {cell.name} {results[cell.name]} "
+                f"({time.time() - start:.0f} s){where}",
+                flush=True,
+            )
+    return results

@@ -1,0 +1,125 @@
+"""The SLURM executor: one `sbatch` job array, one task per cell not yet done.
+
+`submit` writes `DIR/slurm/array-<time>.txt` (the task list: line i+1 is task i's cell) and
+`DIR/slurm/array-<time>.sbatch`, submits the script with `sbatch --parsable` and appends the job
+id and its tasks to `DIR/slurm/jobs.json`. Each task `cd`s to the submitting folder and runs the
+cell with the submitting Python (`sys.executable`); `sbatch` exports the submitting environment
+by default (`--export=ALL`), so the task sees the same `PYTHONPATH`, virtual environment and
+variables. Task output: `DIR/slurm/<job>_<task>.out` (the cell's own log is `CELL/cell.log`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from focalnet_jax.study.cells import Cell, Study, write_json_atomic
+from focalnet_jax.study.local import cell_argv
+from focalnet_jax.study.spec import StudyError
+
+JOBS_FILE = "jobs.json"
+
+
+def sbatch_script(study: Study, tasks_file: Path, num_tasks: int, options: Mapping) -> str:
+    """The job array script for `num_tasks` cells listed in `tasks_file`."""
+    slurm_dir = (study.root / "slurm").resolve()
+    throttle = int(options.get("throttle") or 0)
+    lines = [
+        "#!/bin/bash",
+        f"#SBATCH --job-name=study-{study.root.resolve().name}",
+        f"#SBATCH --array=0-{num_tasks - 1}" + (f"%{throttle}" if throttle else ""),
+        f"#SBATCH --output={slurm_dir}/%A_%a.out",
+        "#SBATCH --ntasks=1",
+    ]
+    if options.get("partition"):
+        lines.append(f"#SBATCH --partition={options['partition']}")
+    if options.get("time"):
+        lines.append(f"#SBATCH --time={options['time']}")
+    if int(options.get("gpus") or 0):
+        lines.append(f"#SBATCH --gpus-per-task={int(options['gpus'])}")
+    if int(options.get("cpus") or 0):
+        lines.append(f"#SBATCH --cpus-per-task={int(options['cpus'])}")
+    lines += [f"#SBATCH {extra}" for extra in options.get("extra") or ()]
+    argv = cell_argv(study, Cell("ARM", 0, 0))[:-1]  # the cell name comes from the task list
+    lines += [
+        "set -euo pipefail",
+        f"cd {shlex.quote(os.getcwd())}",
+        f'CELL=$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" {shlex.quote(str(tasks_file))})',
+        " ".join(shlex.quote(a) for a in argv) + ' "$CELL"',
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def submit(
+    study: Study, cells: Sequence[Cell], options: Mapping, *, dry_run: bool = False
+) -> str | None:
+    """Write and submit the job array of `cells`; returns the job id (None for a dry run, which
+    prints the script and writes nothing)."""
+    slurm_dir = study.root / "slurm"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    tasks_file = (slurm_dir / f"array-{stamp}.txt").resolve()
+    script = sbatch_script(study, tasks_file, len(cells), options)
+    if dry_run:
+        print(script, end="")
+        return None
+    if shutil.which("sbatch") is None:
+        raise StudyError("--executor slurm: `sbatch` is not on PATH (see docs/studies.md)")
+    slurm_dir.mkdir(parents=True, exist_ok=True)
+    tasks_file.write_text("".join(f"{cell.name}\n" for cell in cells))
+    script_file = slurm_dir / f"array-{stamp}.sbatch"
+    script_file.write_text(script)
+    done = subprocess.run(
+        ["sbatch", "--parsable", str(script_file)], capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        reason = (done.stderr or done.stdout).strip().splitlines()
+        raise StudyError(f"sbatch {script_file}: {reason[-1] if reason else done.returncode}")
+    job_id = done.stdout.strip().split(";")[0]
+    jobs = read_jobs(study)
+    jobs.append({"job_id": job_id, "script": str(script_file), "cells": [c.name for c in cells]})
+    write_json_atomic(slurm_dir / JOBS_FILE, jobs)
+    return job_id
+
+
+def read_jobs(study: Study) -> list[dict]:
+    path = study.root / "slurm" / JOBS_FILE
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def task_ids(study: Study) -> dict[str, str]:
+    """{cell name: `<job>_<task>`} of the latest submission of each cell."""
+    ids = {}
+    for job in read_jobs(study):
+        for index, name in enumerate(job["cells"]):
+            ids[name] = f"{job['job_id']}_{index}"
+    return ids
+
+
+def has_queue() -> bool:
+    """Whether `squeue` can be asked (this host is a SLURM submit host)."""
+    return shutil.which("squeue") is not None
+
+
+def queue_states(job_ids: Sequence[str]) -> dict[str, str] | None:
+    """{`<job>_<task>`: SLURM state} of the array tasks still in the queue (`squeue`); None where
+    squeue is absent or fails (the queue is unknown)."""
+    if not job_ids:
+        return {}
+    if not has_queue():
+        return None
+    jobs = sorted({task.split("_")[0] for task in job_ids})
+    done = subprocess.run(
+        ["squeue", "-h", "-r", "-o", "%i %T", "-j", ",".join(jobs)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        return None
+    return dict(line.split()[:2] for line in done.stdout.splitlines() if len(line.split()) >= 2)

@@ -1,0 +1,207 @@
+"""The study spec: loading, validation and the training overrides of each cell.
+
+A spec is an ml_collections file (`configs/studies/*.py`, `get_config(arg)`) with the fields of
+SPEC section 8: `base` (a training config, `file.py[:arg]`), `store`, `repeats`, `folds` (None =
+all), `num_folds`, `common` and `arms` (nested dicts mirroring the training config), `ensembles`
+(name -> arm names); and optionally `seed` (the seed of repeat 0), `evaluate` (per-cell
+evaluation options) and `slurm` (job array options). Any field is overridable with
+`--spec.KEY=VALUE`, as `--config.KEY=VALUE` for a training config.
+
+Seed rule: cell (arm, repeat r, fold k) trains with `config.seed = spec.seed + r`, the same for
+every arm and fold, so arms of one repeat start from the same initialisation and data order
+where their models have the same shape. The folds themselves come from `data.fold_seed`, which the
+study leaves to the base config: every arm and repeat sees the same patients in fold k.
+
+`validate` checks everything that can be checked before a cell runs, one line per error: unknown
+config keys (against the loaded base config, with each arm's overrides applied exactly as its
+cells will apply them), repeats < 1, folds outside num_folds, ensembles naming unknown arms, a
+store that does not exist, names that cannot be folder names, and the MFL rule of
+`losses.check_mfl`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import ml_collections
+
+from focalnet_jax.config_loading import apply_overrides, get_config_from_file, load_config
+from focalnet_jax.errors import UserError
+
+SPEC_PREFIX = "--spec."
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+RESERVED = ("report", "slurm", "compilation_cache")
+# Set by the study for every cell; an arm or `common` setting them would break the design.
+STUDY_KEYS = ("seed", "data.store", "data.fold", "data.num_folds")
+
+
+class StudyError(UserError):
+    """A user error in a study spec or study folder (reported as one line)."""
+
+
+def defaults() -> ml_collections.ConfigDict:
+    """The optional fields with their defaults (a spec file may leave them out)."""
+    spec = ml_collections.ConfigDict()
+    spec.seed = 0  # repeat r trains with seed + r
+    spec.folds = None  # None = every fold of num_folds
+    spec.common = {}
+    spec.ensembles = {}
+    spec.evaluate = {"picai_bootstraps": 0, "figures": False}
+    spec.slurm = {
+        "partition": "",
+        "time": "",
+        "gpus": 0,  # GPUs per task (--gpus-per-task)
+        "cpus": 0,  # CPUs per task (0: the cluster's default)
+        "throttle": 0,  # at most this many tasks at once (the array's %); 0: no limit
+        "extra": (),  # further '#SBATCH' lines, e.g. ('--qos=short',)
+    }
+    return spec
+
+
+def load_spec(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """Load a spec file (`file.py[:arg]`) over `defaults()` and apply `--spec.KEY=VALUE`."""
+    try:
+        loaded = get_config_from_file(path)
+    except (FileNotFoundError, AttributeError, ImportError, TypeError) as error:
+        raise StudyError(f"spec {path}: {error}") from None
+    spec = defaults()
+    for key, value in loaded.items():
+        if isinstance(value, ml_collections.ConfigDict) and key in ("evaluate", "slurm"):
+            spec[key].update(value)
+        else:
+            spec[key] = value
+    missing = [k for k in ("base", "store", "repeats", "num_folds", "arms") if k not in spec]
+    if missing:
+        raise StudyError(f"spec {path}: missing field(s) {missing}")
+    spec.lock()
+    as_config = []
+    for item in overrides:
+        if not item.startswith(SPEC_PREFIX):
+            raise StudyError(f"unrecognized argument {item!r}: overrides look like --spec.a.b=v")
+        as_config.append("--config." + item[len(SPEC_PREFIX) :])
+    try:
+        apply_overrides(spec, as_config)
+    except (KeyError, ValueError) as error:
+        raise StudyError(str(error).strip("\"'").replace("--config.", SPEC_PREFIX)) from None
+    return spec
+
+
+def flatten(nested: Mapping, prefix: str = "") -> list[tuple[str, object]]:
+    """`{'loss': {'name': 'ce'}}` -> `[('loss.name', 'ce')]` (depth first, insertion order)."""
+    items = []
+    for key, value in nested.items():
+        if isinstance(value, Mapping | ml_collections.ConfigDict):
+            items += flatten(value, f"{prefix}{key}.")
+        else:
+            items.append((f"{prefix}{key}", value))
+    return items
+
+
+def override_text(key: str, value) -> str:
+    """`--config.KEY=VALUE` with VALUE as `config_loading` parses it back to `value`."""
+    if isinstance(value, str):
+        text = value
+    elif isinstance(value, list | tuple):
+        text = repr(tuple(value))
+    else:
+        text = repr(value)
+    return f"--config.{key}={text}"
+
+
+def _plain(value):
+    """ConfigDicts and tuples as JSON-ready dicts and lists."""
+    if isinstance(value, ml_collections.ConfigDict | Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _check_name(kind: str, name: str) -> None:
+    if not NAME.match(name) or name in RESERVED:
+        raise StudyError(
+            f"{kind} {name!r}: expected letters, digits, '.', '_', '-' (not {list(RESERVED)})"
+        )
+
+
+def _check_overrides(where: str, items: list[tuple[str, object]]) -> None:
+    for key, _ in items:
+        if key in STUDY_KEYS:
+            raise StudyError(f"{where}: {key!r} is set by the study for each cell, not by an arm")
+
+
+def validate(spec: ml_collections.ConfigDict, spec_file: str) -> dict:
+    """The spec as a plain dict, checked (module docstring); `StudyError` on the first problem."""
+    plain = _plain(spec)
+    if not isinstance(plain["repeats"], int) or plain["repeats"] < 1:
+        raise StudyError(f"repeats={plain['repeats']!r}: expected an integer >= 1")
+    num_folds = plain["num_folds"]
+    if not isinstance(num_folds, int) or num_folds < 2:
+        raise StudyError(f"num_folds={num_folds!r}: expected an integer >= 2")
+    folds = list(range(num_folds)) if plain["folds"] is None else plain["folds"]
+    folds = [folds] if isinstance(folds, int) else list(folds)
+    if not folds or any(not isinstance(f, int) or not 0 <= f < num_folds for f in folds):
+        raise StudyError(f"folds={plain['folds']!r}: expected folds in 0..{num_folds - 1}")
+    store = Path(plain["store"]).expanduser()
+    if not plain["store"] or not store.is_dir():
+        raise StudyError(f"store {plain['store']!r} does not exist (preprocessed store folder)")
+    if not plain["arms"]:
+        raise StudyError("arms: expected at least one arm")
+    for name in plain["arms"]:
+        _check_name("arm", name)
+    for name, members in plain["ensembles"].items():
+        _check_name("ensemble", name)
+        if name in plain["arms"]:
+            raise StudyError(f"ensemble {name!r}: an arm has that name")
+        unknown = [m for m in members if m not in plain["arms"]]
+        if unknown or len(members) < 2:
+            raise StudyError(
+                f"ensemble {name!r}: expected >= 2 of the arms {list(plain['arms'])}, "
+                f"got unknown {unknown}"
+                if unknown
+                else f"ensemble {name!r}: expected >= 2 arms, got {members}"
+            )
+    base = plain["base"]
+    base_path, sep, base_arg = str(base).partition(":")
+    if not Path(base_path).is_file():
+        raise StudyError(f"base {base!r}: training config file does not exist")
+    plain.update(
+        base=str(Path(base_path).resolve()) + sep + base_arg,
+        store=str(store.resolve()),
+        folds=folds,
+        spec_file=str(spec_file),
+    )
+    _check_overrides("common", flatten(plain["common"]))
+    for arm in plain["arms"]:
+        _check_overrides(f"arm {arm!r}", flatten(plain["arms"][arm]))
+        try:
+            load_config(plain["base"], cell_overrides(plain, arm, 0, folds[0]))
+        except (KeyError, ValueError, FileNotFoundError) as error:
+            message = str(error).strip("\"'")
+            raise StudyError(f"arm {arm!r} on base {base_path}: {message}") from None
+    return plain
+
+
+def seed_for(plain: Mapping, repeat: int) -> int:
+    """The training seed of repeat `repeat` (module docstring)."""
+    return int(plain["seed"]) + int(repeat)
+
+
+def cell_overrides(plain: Mapping, arm: str, repeat: int, fold: int) -> list[str]:
+    """The `--config.KEY=VALUE` list of cell (arm, repeat, fold): common, then the arm, then the
+    study's own keys (store, folds, seed)."""
+    items = flatten(plain["common"]) + flatten(plain["arms"][arm])
+    items += [
+        ("data.store", plain["store"]),
+        ("data.num_folds", plain["num_folds"]),
+        ("data.fold", fold),
+        ("seed", seed_for(plain, repeat)),
+    ]
+    return [override_text(key, value) for key, value in items]
+
+
+def arm_config(plain: Mapping, arm: str) -> ml_collections.ConfigDict:
+    """The training config of `arm` (repeat 0, first fold), e.g. for reports."""
+    return load_config(plain["base"], cell_overrides(plain, arm, 0, plain["folds"][0]))

@@ -1,0 +1,160 @@
+"""A one-node SLURM cluster in a temporary folder, for the study tests (Debian's slurm-wlm and
+munge, run as root): a munge key and daemon of its own, a generated slurm.conf (this machine's
+hostname and CPU count, free ports, state/spool/log folders inside the temporary folder,
+`proctrack/linuxproc` and `task/none` so that no cgroup set-up is needed), then slurmctld and
+slurmd. `stop()` ends every daemon it started, by its pid file.
+
+Usable on its own: `python tests/slurm_cluster.py DIR` starts a cluster, prints the `SLURM_CONF`
+to export, and stops it on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BINARIES = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "squeue", "sinfo")
+
+
+def missing_binaries() -> list[str]:
+    path = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
+    return [b for b in BINARIES if shutil.which(b, path=path) is None]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _sbin(name: str) -> str:
+    return shutil.which(name, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+
+
+class OneNodeCluster:
+    """Start with `start()`; `env` holds `SLURM_CONF` for the clients (sbatch, squeue)."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.pid_files: list[Path] = []
+        self.conf = self.root / "slurm.conf"
+        self.env = {"SLURM_CONF": str(self.conf)}
+
+    def _write_conf(self, munge_socket: Path) -> None:
+        host = socket.gethostname().split(".")[0]
+        for name in ("state", "spool", "log"):
+            (self.root / name).mkdir(parents=True, exist_ok=True)
+        lines = [
+            "ClusterName=focalnettest",
+            f"SlurmctldHost={host}",
+            "SlurmUser=root",
+            "SlurmdUser=root",
+            f"SlurmctldPort={_free_port()}",
+            f"SlurmdPort={_free_port()}",
+            "AuthType=auth/munge",
+            "CredType=cred/munge",
+            f"AuthInfo=socket={munge_socket}",
+            f"StateSaveLocation={self.root / 'state'}",
+            f"SlurmdSpoolDir={self.root / 'spool'}",
+            f"SlurmctldPidFile={self.root / 'slurmctld.pid'}",
+            f"SlurmdPidFile={self.root / 'slurmd.pid'}",
+            f"SlurmctldLogFile={self.root / 'log' / 'slurmctld.log'}",
+            f"SlurmdLogFile={self.root / 'log' / 'slurmd.log'}",
+            "ProctrackType=proctrack/linuxproc",
+            "TaskPlugin=task/none",
+            "SelectType=select/cons_tres",
+            "SelectTypeParameters=CR_CPU",
+            "SchedulerType=sched/backfill",
+            "MpiDefault=none",
+            "ReturnToService=2",
+            "SwitchType=switch/none",
+            "JobAcctGatherType=jobacct_gather/none",
+            "AccountingStorageType=accounting_storage/none",
+            "JobCompType=jobcomp/none",
+            "SlurmctldTimeout=30",
+            "SlurmdTimeout=30",
+            "InactiveLimit=0",
+            "KillWait=5",
+            f"NodeName={host} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} State=UNKNOWN",
+            f"PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP",
+        ]
+        self.conf.write_text("\n".join(lines) + "\n")
+
+    def _start_munge(self) -> Path:
+        munge = self.root / "munge"
+        munge.mkdir(mode=0o700, parents=True, exist_ok=True)
+        key = munge / "munge.key"
+        subprocess.run([_sbin("mungekey"), "--create", f"--keyfile={key}"], check=True)
+        key.chmod(0o600)
+        sock = munge / "munge.socket"
+        pid_file = munge / "munged.pid"
+        subprocess.run(
+            [
+                _sbin("munged"),
+                "--force",
+                f"--key-file={key}",
+                f"--socket={sock}",
+                f"--pid-file={pid_file}",
+                f"--log-file={munge / 'munged.log'}",
+                f"--seed-file={munge / 'munged.seed'}",
+            ],
+            check=True,
+        )
+        self.pid_files.append(pid_file)
+        return sock
+
+    def start(self, timeout_s: float = 60.0) -> OneNodeCluster:
+        sock = self._start_munge()
+        self._write_conf(sock)
+        env = {**os.environ, **self.env}
+        subprocess.run([_sbin("slurmctld"), "-c", "-f", str(self.conf)], check=True, env=env)
+        self.pid_files.append(self.root / "slurmctld.pid")
+        subprocess.run([_sbin("slurmd"), "-f", str(self.conf)], check=True, env=env)
+        self.pid_files.append(self.root / "slurmd.pid")
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            done = subprocess.run(
+                ["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, env=env, check=False
+            )
+            if done.returncode == 0 and done.stdout.strip() in ("idle", "mixed", "allocated"):
+                return self
+            time.sleep(0.5)
+        raise RuntimeError(f"SLURM node not idle after {timeout_s} s; logs in {self.root / 'log'}")
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        """SIGTERM to every daemon by its pid file (slurmd first), SIGKILL if it lingers."""
+        for pid_file in reversed(self.pid_files):
+            if not pid_file.is_file():
+                continue
+            pid = int(pid_file.read_text().split()[0])
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                continue
+            deadline = time.time() + timeout_s
+            while time.time() < deadline:
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.1)
+            else:
+                os.kill(pid, signal.SIGKILL)
+        self.pid_files.clear()
+
+
+if __name__ == "__main__":
+    cluster = OneNodeCluster(Path(sys.argv[1])).start()
+    print(f"export SLURM_CONF={cluster.conf}", flush=True)
+    try:
+        signal.pause()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        cluster.stop()

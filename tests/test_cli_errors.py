@@ -1,0 +1,113 @@
+"""Every user error of every `focalnet` command: one line `focalnet <command>: error: <message>` on
+stderr and exit status 2; `--verbose` (before or after the command) adds the traceback; internal
+errors keep theirs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from test_train_helpers import REPO, TINY
+
+from focalnet_jax import cli
+
+
+def _run(argv, capsys):
+    """(exit status, stderr) of the CLI in this process."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as raised:
+        cli.main(argv)
+    return raised.value.code, capsys.readouterr().err
+
+
+def test_missing_store_is_one_line(tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    status, err = _run(["folds", "--store", str(missing)], capsys)
+    assert status == 2
+    assert err == f"focalnet folds: error: {missing} is not a preprocessed store (no cases.json)\n"
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_verbose_shows_the_traceback(tmp_path, capsys, where):
+    args = ["folds", "--store", str(tmp_path / "nowhere")]
+    argv = ["--verbose", *args] if where == "before" else [*args, "--verbose"]
+    status, err = _run(argv, capsys)
+    lines = err.splitlines()
+    assert status == 2 and lines[0] == "Traceback (most recent call last):"
+    assert "FileNotFoundError" in lines[-2]
+    missing = tmp_path / "nowhere"
+    assert (
+        lines[-1] == f"focalnet folds: error: {missing} is not a preprocessed store (no cases.json)"
+    )
+
+
+FLAG_ERRORS = [  # (argv, the message after "focalnet <command>: error: ")
+    (["synth", "--out", "x", "--cases", "0"], "--cases 0: expected at least 1"),
+    (["summarize", "--runs", "nodir", "--out", "o"], "--runs expects NAME=DIR, got 'nodir'"),
+    (["evaluate", "--predictions", "p"], "--out is required with --predictions"),
+    (["predict", "--checkpoint", "c", "--t2w", "t", "--adc", "a", "--out", "o", "--center", "1"],
+     "--center expects x,y,z, got '1'"),
+    (["preprocess", "--layout", "manifest", "--out", "o"], "--layout manifest needs --manifest"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("argv", "message"), FLAG_ERRORS)
+def test_flag_errors_of_each_command(argv, message, capsys):
+    assert _run(argv, capsys) == (2, f"focalnet {argv[0]}: error: {message}\n")
+
+
+def test_internal_errors_keep_their_traceback(monkeypatch):
+    def broken(args):
+        raise ValueError("an internal shape mismatch")  # plain ValueError: not a user error
+
+    help_text, add_fn, _ = cli._COMMANDS["folds"]
+    monkeypatch.setitem(cli._COMMANDS, "folds", (help_text, add_fn, broken))
+    with pytest.raises(ValueError, match="internal shape mismatch"):
+        cli.main(["folds", "--store", "s"])
+
+
+def _train_subprocess(tmp_path, *overrides, devices=1):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    argv = ["train", f"--config={REPO / 'configs' / 'focalnet.py'}", f"--workdir={tmp_path / 'w'}"]
+    return subprocess.run(
+        [sys.executable, "-m", "focalnet_jax.cli", *argv, *TINY, *overrides],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+
+
+def _assert_user_error(result, line):
+    """Exit 2, no traceback, the error as the last line (the lines before it are the log line
+    that names the devices)."""
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1] == line
+    assert all("focalnet_jax" in log for log in result.stderr.splitlines()[:-1])
+
+
+def test_train_missing_store_and_indivisible_batch(tmp_path):
+    missing = tmp_path / "nostore"
+    result = _train_subprocess(tmp_path, f"--config.data.store={missing}")
+    _assert_user_error(
+        result, f"focalnet train: error: {missing} is not a preprocessed store (no cases.json)"
+    )
+    result = _train_subprocess(tmp_path, "--config.train.batch_size=3", devices=2)
+    _assert_user_error(
+        result,
+        "focalnet train: error: train.batch_size=3 is not divisible by the 2 devices of the "
+        "'data' mesh (1 processes x 2 local devices); choose a multiple of the device count",
+    )
+    assert not (tmp_path / "w").exists()
+
+
+def test_cv_folds_that_are_not_integers(capsys):
+    status, err = _run(["cv", "--config", "c.py", "--workdir", "w", "--folds", "1,a"], capsys)
+    assert status == 2
+    assert err.splitlines()[-1] == (
+        "focalnet cv: error: argument --folds: expected comma-separated integers, got '1,a'"
+    )

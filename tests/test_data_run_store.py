@@ -1,0 +1,153 @@
+"""A run records its store's settings (`<workdir>/store.json`); resuming, `evaluate --workdir` and
+`predict` refuse or avoid a store made with other settings, naming the settings; a run from before
+the record still resumes and evaluates, with a one-line warning."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+from test_train_helpers import REPO, TINY, fast_compiles
+
+from focalnet_jax import cli
+from focalnet_jax.data.build_store import preprocess_cases
+from focalnet_jax.data.layouts import discover_picai
+from focalnet_jax.data.preprocess import PreprocessConfig
+from focalnet_jax.data.run_store import RECORD_FILE, check_run_store
+from focalnet_jax.data.store import StaleStoreError, open_store
+from focalnet_jax.evaluation.ensemble import preprocess_settings
+from focalnet_jax.run import workdir as workdir_lib
+
+RUN = [
+    *TINY,
+    "--config.train.steps=1",
+    "--config.loss.mfl=False",
+    "--config.data.num_folds=2",
+    "--config.data.slices=all",
+]
+
+
+def _train(workdir, store, *extra):
+    return cli.main(
+        ["train", f"--config={REPO / 'configs' / 'focalnet.py'}", f"--workdir={workdir}",
+         *RUN, f"--config.data.store={store}", *extra]
+    )  # fmt: skip
+
+
+def _store(root, out, **settings) -> Path:
+    """The synthetic cases of `root/data` at 32 x 32 pixels (small, so that training is quick)."""
+    cases = discover_picai(
+        root / "data" / "images", root / "data" / "labels", root / "data" / "masks"
+    )
+    config = PreprocessConfig(crop_size=32, label_values="isup", **settings)
+    return preprocess_cases(cases, out, config=config, progress=False).path
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A one-step run on store `a` (B-spline); store `b`: the same cases, linear interpolation."""
+    root = tmp_path_factory.mktemp("run_store")
+    assert cli.main(["synth", f"--out={root / 'data'}", "--cases=4", "--seed=2", "--small"]) == 0
+    a, b = _store(root, root / "store"), _store(root, root / "linear", interpolator="linear")
+    with fast_compiles():
+        assert _train(root / "run", a) == 0
+    return {"root": root, "a": a, "b": b, "workdir": root / "run"}
+
+
+def _user_error(argv, capsys) -> str:
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as raised:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert raised.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    return err.strip()
+
+
+def test_training_records_the_store_settings(run):
+    record = json.loads((run["workdir"] / RECORD_FILE).read_text())
+    store = open_store(run["a"])
+    assert record == {
+        "store": str(run["a"]),
+        "fingerprint": store.fingerprint,
+        "settings": store.settings,
+    }
+    assert record["settings"]["preprocess"]["interpolator"] == "bspline"
+
+
+def test_resume_on_a_store_with_other_settings_is_refused(run, capsys):
+    line = _user_error(
+        ["train", f"--config={REPO / 'configs' / 'focalnet.py'}", f"--workdir={run['workdir']}",
+         *RUN, f"--config.data.store={run['b']}", "--config.train.steps=2"], capsys
+    )  # fmt: skip
+    assert line == (
+        f"focalnet train: error: run {run['workdir']} was trained on store {run['a']}, made with "
+        f"other settings than store {run['b']}: preprocess.interpolator: run 'bspline', now "
+        "'linear'"
+    )
+    manager = workdir_lib.make_manager(run["workdir"], read_only=True)
+    assert manager.all_steps() == [1]  # nothing trained, nothing saved
+    manager.close()
+
+
+def test_evaluate_refuses_a_store_with_other_settings(run, capsys, tmp_path):
+    out = tmp_path / "eval"
+    line = _user_error(
+        ["evaluate", "--workdir", str(run["workdir"]), "--store", str(run["b"]), "--out", str(out)],
+        capsys,
+    )
+    assert line.startswith(f"focalnet evaluate: error: run {run['workdir']} was trained on store")
+    assert "preprocess.interpolator: run 'bspline', now 'linear'" in line
+    assert not out.exists()
+
+
+def test_a_run_from_before_the_record_resumes_and_evaluates_with_a_warning(run, tmp_path, caplog):
+    old = tmp_path / "old"
+    shutil.copytree(run["workdir"], old)
+    (old / RECORD_FILE).unlink()
+    evaluate = ["evaluate", "--workdir", str(old), "--out", str(tmp_path / "eval"), "--no-picai"]
+    with caplog.at_level(logging.WARNING, logger="focalnet_jax"):
+        assert cli.main([*evaluate, "--no-figures"]) == 0
+    warnings = [r.getMessage() for r in caplog.records if RECORD_FILE in r.getMessage()]
+    assert warnings == [
+        f"run {old} has no {RECORD_FILE} (trained before store settings were recorded): "
+        f"store {run['a']} not checked"
+    ]
+    assert (tmp_path / "eval" / "metrics.json").is_file()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="focalnet_jax"), fast_compiles():
+        assert _train(old, run["a"]) == 0  # resumes at its last step: nothing left to train
+    warnings = [r.getMessage() for r in caplog.records if RECORD_FILE in r.getMessage()]
+    assert warnings == [
+        f"run {old} has no {RECORD_FILE} (started before store settings were recorded): "
+        f"recording store {run['a']}"
+    ]
+    assert json.loads((old / RECORD_FILE).read_text())["store"] == str(run["a"])
+
+
+def test_predict_preprocesses_as_the_run_was_trained(run, tmp_path, caplog):
+    config = workdir_lib.read_config(run["workdir"])
+    assert preprocess_settings(config, run["workdir"])["interpolator"] == "bspline"
+    # The training store rebuilt with other settings since: the recorded settings still hold.
+    config.data.store = str(run["b"])
+    with caplog.at_level(logging.WARNING, logger="focalnet_jax"):
+        assert preprocess_settings(config, run["workdir"])["interpolator"] == "bspline"
+    assert any(
+        f"store {run['b']} was rebuilt since training (interpolator: run 'bspline', store "
+        "'linear')" in r.getMessage()
+        for r in caplog.records
+    )
+    # A run without a record: the training store's settings, as before.
+    old = tmp_path / "old"
+    shutil.copytree(run["workdir"], old, ignore=shutil.ignore_patterns(RECORD_FILE))
+    assert preprocess_settings(config, old)["interpolator"] == "linear"
+
+
+def test_check_run_store_ignores_only_the_named_keys(run):
+    settings = open_store(run["a"]).settings
+    annotated = {**settings, "slices": "annotated"}
+    check_run_store(run["workdir"], annotated, against="x", ignore=("slices",))
+    with pytest.raises(StaleStoreError, match="slices: run 'all', now 'annotated'"):
+        check_run_store(run["workdir"], annotated, against="x")

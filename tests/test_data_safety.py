@@ -1,0 +1,301 @@
+"""Inputs that used to change the stored data silently, refused through `focalnet preprocess` with
+one line naming the file, line or setting and the reason: manifest labels, unsafe case ids, a store
+made with other settings, and temporary folders of killed runs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from focalnet_jax.cli import main
+from focalnet_jax.data.case_ids import check_case_id
+from focalnet_jax.data.layouts import discover_picai, read_manifest, write_manifest
+from focalnet_jax.data.store import open_store, read_settings
+from focalnet_jax.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    assert main(["synth", "--out", str(root), "--cases", "2", "--seed", "5", "--small"]) == 0
+    return root
+
+
+@pytest.fixture()
+def manifest_rows(dataset):
+    """The dataset's two cases as manifest rows (dicts, absolute paths)."""
+    path = dataset / "all.csv"
+    write_manifest(discover_picai(dataset / "images", dataset / "labels"), path)
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def _write(path, rows, columns=None):
+    columns = columns or list(rows[0])
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def _preprocess(manifest, out, *extra):
+    return ["preprocess", "--layout", "manifest", "--manifest", str(manifest), "--out", str(out),
+            *extra]  # fmt: skip
+
+
+def _user_error(capsys, argv) -> str:
+    """Runs the CLI expecting a user error: exit status 2, exactly one line on stderr, which is
+    returned."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as raised:
+        main(argv)
+    assert raised.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert str(raised.value) == err.strip()
+    return err.strip()
+
+
+def _only(folder, *names):
+    assert sorted(p.name for p in folder.iterdir()) == sorted(names)
+
+
+# --- manifest labels ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("column", [None, "lable"])
+def test_manifest_without_label_column_is_an_error(manifest_rows, tmp_path, capsys, column):
+    rows = [{**r, "lable": r["label"]} for r in manifest_rows]
+    columns = [c for c in manifest_rows[0] if c != "label"] + ([column] if column else [])
+    manifest = _write(tmp_path / "cases.csv", rows, columns)
+    line = _user_error(capsys, _preprocess(manifest, tmp_path / "store"))
+    assert line.startswith("focalnet preprocess: error: manifest ")
+    assert str(manifest) in line and "no 'label' column" in line and "--unlabelled negative" in line
+    _only(tmp_path, "cases.csv")
+    # --unlabelled skip would leave out every case: still an error.
+    line = _user_error(capsys, _preprocess(manifest, tmp_path / "store", "--unlabelled", "skip"))
+    assert "no 'label' column" in line and "every case" in line
+    # --unlabelled negative: both cases stored without lesions.
+    assert main(_preprocess(manifest, tmp_path / "store", "--unlabelled", "negative")) == 0
+    store = open_store(tmp_path / "store")
+    assert len(store.cases) == 2 and all(r["lesion_classes"] == [] for r in store.cases)
+    assert not store.classes.any()
+
+
+def test_empty_label_cell_names_the_line(manifest_rows, tmp_path, capsys):
+    rows = [dict(r) for r in manifest_rows]
+    rows[1]["label"] = ""
+    manifest = _write(tmp_path / "cases.csv", rows)
+    bad = rows[1]["case_id"]
+    line = _user_error(capsys, _preprocess(manifest, tmp_path / "store"))
+    assert f"manifest {manifest}, line 3: case {bad!r} has an empty label cell" in line
+    _only(tmp_path, "cases.csv")
+    # skip: the row is left out; negative: stored without lesions; --skip-bad-cases: errors.csv.
+    assert main(_preprocess(manifest, tmp_path / "s1", "--unlabelled", "skip")) == 0
+    assert open_store(tmp_path / "s1").case_ids == [rows[0]["case_id"]]
+    assert main(_preprocess(manifest, tmp_path / "s2", "--unlabelled", "negative")) == 0
+    store = open_store(tmp_path / "s2")
+    assert store.case_ids == [r["case_id"] for r in rows]
+    assert (
+        store.case(bad)["lesion_classes"] == [] and store.case(rows[0]["case_id"])["lesion_classes"]
+    )
+    assert main(_preprocess(manifest, tmp_path / "s3", "--skip-bad-cases")) == 0
+    assert open_store(tmp_path / "s3").case_ids == [rows[0]["case_id"]]
+    with (tmp_path / "s3" / "errors.csv").open() as f:
+        (error,) = list(csv.DictReader(f))
+    assert error["case"] == bad and error["file"] == str(manifest)
+    assert "line 3" in error["reason"] and "empty label cell" in error["reason"]
+
+
+def test_prediction_manifests_need_no_labels(manifest_rows, tmp_path):
+    columns = [c for c in manifest_rows[0] if c != "label"]
+    manifest = _write(tmp_path / "cases.csv", manifest_rows, columns)
+    cases = read_manifest(manifest, labels=False)
+    assert [c.case_id for c in cases] == [r["case_id"] for r in manifest_rows]
+    assert all(c.label is None for c in cases)
+    with pytest.raises(UserError, match="no 'label' column"):
+        read_manifest(manifest)
+
+
+# --- case ids -------------------------------------------------------------------------------------
+
+
+def test_check_case_id_accepts_the_safe_set_only():
+    for good in ("ProstateX-0000", "10000_1000000", "a.b_c-D9", "x"):
+        assert check_case_id(good, "here") == good
+    refused = {"../x": "starts with '.'", ".hidden": "starts with '.'", "a/b": "contains '/'",
+               "a b": "contains ' '", "": "is empty", "c:\\x": "contains ':'",
+               "é": "contains 'é'"}  # fmt: skip
+    for bad, reason in refused.items():
+        with pytest.raises(UserError) as raised:
+            check_case_id(bad, "manifest m.csv, line 7")
+        assert str(raised.value).startswith(f"manifest m.csv, line 7: case id {bad!r} {reason}")
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "reason"),
+    [
+        ("case_id", "../escape", "case id '../escape' starts with '.'"),
+        ("case_id", "sub/dir", "case id 'sub/dir' contains '/'"),
+        ("patient_id", "p 1", "patient id 'p 1' contains ' '"),
+    ],
+)
+def test_unsafe_manifest_id_is_refused(manifest_rows, tmp_path, capsys, column, value, reason):
+    rows = [dict(r) for r in manifest_rows]
+    rows[1][column] = value
+    manifest = _write(tmp_path / "cases.csv", rows)
+    line = _user_error(capsys, _preprocess(manifest, tmp_path / "store"))
+    assert line == (
+        f"focalnet preprocess: error: manifest {manifest}, line 3: {reason}; ids may hold only "
+        "letters, digits, '.', '_', '-' and must not start with '.'"
+    )
+    _only(tmp_path, "cases.csv")
+    assert main(_preprocess(manifest, tmp_path / "store", "--skip-bad-cases")) == 0
+    assert open_store(tmp_path / "store").case_ids == [rows[0]["case_id"]]
+    with (tmp_path / "store" / "errors.csv").open() as f:
+        (error,) = list(csv.DictReader(f))
+    assert error["case"] == rows[1]["case_id"] and reason in error["reason"]
+
+
+def test_unsafe_picai_file_name_is_refused(dataset, tmp_path, capsys):
+    root = tmp_path / "picai"
+    shutil.copytree(dataset, root)
+    folder = sorted((root / "images").iterdir())[0]
+    first_case = sorted(folder.iterdir())[0].name.rsplit("_", 1)[0]
+    for file in folder.glob(f"{first_case}_*"):  # patient "1 0" (a space) in one case's names
+        file.rename(folder / file.name.replace(folder.name, "1 0", 1))
+    argv = ["preprocess", "--layout", "picai", "--images", str(root / "images"), "--out",
+            str(tmp_path / "store"), "--unlabelled", "negative"]  # fmt: skip
+    line = _user_error(capsys, argv)
+    bad = first_case.replace(folder.name, "1 0", 1)
+    assert line.startswith(f"focalnet preprocess: error: PI-CAI image file {folder}/{bad}_")
+    assert f"case id {bad!r} contains ' '" in line and not (tmp_path / "store").exists()
+    assert main([*argv, "--skip-bad-cases"]) == 0
+    assert len(open_store(tmp_path / "store").cases) == 1
+    with (tmp_path / "store" / "errors.csv").open() as f:
+        (error,) = list(csv.DictReader(f))
+    assert error["case"] == bad and error["file"].startswith(f"{folder}/{bad}_")
+
+
+def test_store_with_unsafe_case_id_is_refused(manifest_rows, tmp_path, capsys):
+    manifest = _write(tmp_path / "cases.csv", manifest_rows)
+    store = tmp_path / "store"
+    assert main(_preprocess(manifest, store)) == 0
+    table = json.loads((store / "cases.json").read_text())
+    table["cases"][0]["case_id"] = "../../elsewhere"  # a store written before ids were checked
+    (store / "cases.json").write_text(json.dumps(table))
+    line = _user_error(capsys, ["folds", "--store", str(store), "--num-folds", "2"])
+    assert line.startswith(f"focalnet folds: error: store {store / 'cases.json'}: case id ")
+    assert "'../../elsewhere' starts with '.'" in line
+
+
+def test_predictions_are_never_written_under_an_unsafe_name(tmp_path):
+    from focalnet_jax.evaluation.predictions import write_case
+
+    arrays = {
+        "scores": np.zeros((1, 4, 4, 5), np.float32),
+        "lesions": np.zeros((1, 4, 4), np.int32),
+    }
+    with pytest.raises(
+        UserError, match=f"predictions folder {tmp_path}/out: case id '../x' starts"
+    ):
+        write_case(tmp_path / "out", "../x", **arrays, lesion_classes=[], spacing=(1, 1),
+                   patient_id="p")  # fmt: skip
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- a store made with other settings -------------------------------------------------------------
+
+
+def test_other_settings_need_overwrite(manifest_rows, tmp_path, capsys, caplog):
+    manifest = _write(tmp_path / "cases.csv", manifest_rows)
+    store = tmp_path / "store"
+    assert main(_preprocess(manifest, store)) == 0
+    before = (store / "cases.json").read_bytes()
+    line = _user_error(capsys, _preprocess(manifest, store, "--interpolator", "linear"))
+    assert line == (
+        f"focalnet preprocess: error: store {store} exists, made with other settings "
+        "(preprocess.interpolator: existing 'bspline', new 'linear'); pass --overwrite to "
+        "replace it"
+    )
+    assert (store / "cases.json").read_bytes() == before
+    _only(tmp_path, "cases.csv", "store")
+    line = _user_error(capsys, _preprocess(manifest, store, "--slices", "annotated"))
+    assert "slices: existing 'all', new 'annotated'" in line
+    # Same settings: replaced without asking (as before); other settings with --overwrite.
+    assert main(_preprocess(manifest, store)) == 0
+    assert main(_preprocess(manifest, store, "--interpolator", "linear", "--overwrite")) == 0
+    assert read_settings(store)["preprocess"]["interpolator"] == "linear"
+    _only(tmp_path, "cases.csv", "store")
+
+
+# --- leftovers of killed runs ---------------------------------------------------------------------
+
+
+def _dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_leftovers_of_dead_writers_are_removed_live_ones_kept(manifest_rows, tmp_path, caplog):
+    manifest = _write(tmp_path / "cases.csv", manifest_rows)
+    host = socket.gethostname()
+    dead = tmp_path / f".store.tmp-{_dead_pid()}@{host}-0123abcd"
+    dead_old = tmp_path / f".store.tmp-{_dead_pid()}@{host}-89abcdef.old"
+    live = tmp_path / f".store.tmp-{os.getpid()}@{host}-00000000"
+    elsewhere = tmp_path / f".store.tmp-{_dead_pid()}@not-{host}-11111111"
+    legacy = tmp_path / ".store.tmp-k2j3h4g5"
+    other_store = tmp_path / f".other.tmp-{_dead_pid()}@{host}-22222222"
+    for folder in (dead, dead_old, live, elsewhere, legacy, other_store):
+        folder.mkdir()
+        (folder / "images.npy").write_bytes(b"\0" * 256)
+    with caplog.at_level(logging.WARNING, logger="focalnet_jax.data.store"):
+        assert main(_preprocess(manifest, tmp_path / "store")) == 0
+    _only(tmp_path, "cases.csv", "store", live.name, elsewhere.name, legacy.name, other_store.name)
+    removed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("removed")]
+    pids = [folder.name.split("-")[1].split("@")[0] for folder in (dead, dead_old)]
+    assert removed == [
+        f"removed {dead}, left by preprocess pid {pids[0]} that ended",
+        f"removed {dead_old}, left by preprocess pid {pids[1]} that ended",
+    ]
+    assert any(str(legacy) in r.getMessage() for r in caplog.records)
+
+
+KILLED_WRITER = """
+import os, signal, sys
+from focalnet_jax.data.store import StoreWriter, store_settings
+writer = StoreWriter(sys.argv[1], ("t2w", "adc"), store_settings(None, ("t2w", "adc")))
+print(writer.tmp.name, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_killed_writer_leftover_is_removed_by_the_next_run(manifest_rows, tmp_path):
+    manifest = _write(tmp_path / "cases.csv", manifest_rows)
+    store = tmp_path / "store"
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_WRITER, str(store)], capture_output=True, text=True
+    )
+    assert killed.returncode == -signal.SIGKILL
+    leftover = tmp_path / killed.stdout.strip()
+    assert leftover.name.startswith(".store.tmp-") and leftover.is_dir()
+    result = subprocess.run(
+        [sys.executable, "-m", "focalnet_jax.cli", *_preprocess(manifest, store)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"removed {leftover}, left by preprocess pid" in result.stderr
+    _only(tmp_path, "cases.csv", "store")

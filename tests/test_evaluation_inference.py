@@ -1,0 +1,323 @@
+"""Inference as the field does it (evaluation/ensemble.py, detection_map.py, batch_predict.py,
+run_predictions.py): fold ensembles, flip TTA, PI-CAI detection maps, batches of exams, test stores.
+
+The models are a two-fold cross-validation of a tiny network trained for two steps on a small
+synthetic PI-CAI store (module fixtures); their maps are compared with NumPy references."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from scipy import ndimage
+from test_train_helpers import fast_compiles, small_synthetic_store, tiny_config
+
+from focalnet_jax.cli import main
+from focalnet_jax.evaluation.detection_map import CandidateSettings, lesion_candidates
+from focalnet_jax.evaluation.ensemble import (
+    LEFT_RIGHT_AXIS,
+    EnsembleError,
+    load_ensemble,
+    resolve_runs,
+)
+from focalnet_jax.evaluation.inference import Predictor
+
+CASES = 5
+
+
+def run_cli(argv) -> str:
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(io.StringIO()):
+        assert main([str(a) for a in argv]) == 0
+    return stdout.getvalue()
+
+
+def cli_error(argv) -> str:
+    """The one-line message of a refused command."""
+    with contextlib.redirect_stderr(io.StringIO()), pytest.raises(SystemExit) as caught:
+        main([str(a) for a in argv])
+    message = str(caught.value)
+    assert "\n" not in message, message
+    return message
+
+
+@pytest.fixture(scope="module", autouse=True)
+def quick_compiles():
+    """Every model of this module compiles with most XLA optimisations off (tiny models)."""
+    with fast_compiles():
+        yield
+
+
+@pytest.fixture(scope="module")
+def cv(tmp_path_factory):
+    """{'data', 'store', 'cv'}: a small synthetic PI-CAI folder, its store, and `cv/fold0`,
+    `cv/fold1` runs (2 steps each) of a two-fold cross-validation on it."""
+    from focalnet_jax.training import train_and_evaluate
+
+    root = tmp_path_factory.mktemp("inference")
+    store = small_synthetic_store(root, cases=CASES, seed=4)
+    overrides = ["--config.train.steps=2", "--config.loss.mfl=False", "--config.data.slices=all",
+                 "--config.data.num_folds=2", f"--config.data.store={store}"]  # fmt: skip
+    with contextlib.redirect_stderr(io.StringIO()):
+        for fold in (0, 1):
+            config = tiny_config(overrides=[*overrides, f"--config.data.fold={fold}"])
+            train_and_evaluate(config, root / "cv" / f"fold{fold}")
+    return {"data": root / "data", "store": store, "cv": root / "cv"}
+
+
+def exam(data: Path, index: int = 0) -> dict[str, Path]:
+    """The files of the index-th synthetic case (sorted ids): components and gland mask."""
+    t2w = sorted((data / "images").glob("*/*_t2w.mha"))[index]
+    case = t2w.name[: -len("_t2w.mha")]
+    return {
+        "case": case,
+        "t2w": t2w,
+        "adc": t2w.with_name(f"{case}_adc.mha"),
+        "mask": data / "masks" / f"{case}.nii.gz",
+    }
+
+
+def store_images(store_path: Path, rows: int = 6) -> np.ndarray:
+    from focalnet_jax.data.store import open_store
+
+    return np.asarray(open_store(store_path).images[:rows])
+
+
+def predict_one(checkpoints, files, out, *extra) -> Path:
+    argv = ["predict", "--t2w", files["t2w"], "--adc", files["adc"], "--mask", files["mask"]]
+    for checkpoint in checkpoints:
+        argv += ["--checkpoint", checkpoint]
+    run_cli([*argv, "--out", out, *extra])
+    return out
+
+
+def read(path: Path) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+# --- ensembles and TTA ----------------------------------------------------------------------------
+
+
+def test_cv_folder_ensemble_is_the_mean_of_its_fold_models(cv):
+    images = store_images(cv["store"])
+    singles = [Predictor.from_workdir(cv["cv"] / f"fold{k}")(images) for k in (0, 1)]
+    ensemble = load_ensemble(cv["cv"])
+    assert [r.name for r in ensemble.runs] == ["fold0", "fold1"]
+    assert not np.allclose(singles[0], singles[1], atol=1e-3)  # two different models
+    np.testing.assert_allclose(ensemble(images), (singles[0] + singles[1]) / 2, atol=1e-5)
+
+
+def test_predict_maps_of_the_ensemble_are_the_mean_of_the_single_models(cv, tmp_path):
+    files = exam(cv["data"])
+    folds = [cv["cv"] / "fold0", cv["cv"] / "fold1"]
+    single = [predict_one([f], files, tmp_path / f.name) for f in folds]
+    for checkpoints, name in (([cv["cv"]], "cv"), (folds, "repeated")):
+        out = predict_one(checkpoints, files, tmp_path / name)
+        for score in ("lesion_score.nii.gz", "cspca_score.nii.gz"):
+            mean = (read(single[0] / score) + read(single[1] / score)) / 2
+            np.testing.assert_allclose(read(out / score), mean, atol=1e-5)
+
+
+def test_flip_tta_is_the_mean_of_plain_and_reflipped_flipped_prediction(cv):
+    images = store_images(cv["store"])
+    plain = Predictor.from_workdir(cv["cv"] / "fold0")
+    flipped = np.flip(plain(np.flip(images, axis=2)), axis=2)
+    expected = (plain(images) + flipped) / 2
+    tta = load_ensemble(cv["cv"] / "fold0", tta="flip")
+    np.testing.assert_allclose(tta(images), expected, atol=1e-5)
+    assert not np.allclose(expected, plain(images), atol=1e-4)  # the flip changes the output
+
+
+def test_flipped_axis_is_left_right_in_lps(cv):
+    """Crop columns (axis 2 of [N, H, W, C]) run along LPS +x (patient right -> left)."""
+    from focalnet_jax.data.store import open_store
+
+    store = open_store(cv["store"])
+    geometry = store.geometry(store.case_ids[0])
+    a = np.asarray(geometry.pixel_to_world(0, 10, 10))
+    b = np.asarray(geometry.pixel_to_world(0, 10, 11))
+    step = (b - a) / np.linalg.norm(b - a)
+    assert LEFT_RIGHT_AXIS == 2
+    np.testing.assert_allclose(np.abs(step), [1.0, 0.0, 0.0], atol=1e-6)
+
+
+@pytest.mark.real_data
+def test_real_exam_columns_run_left_right(prostatex_case_dir):
+    """The ProstateX T2w (oblique axial) has its x axis, the crop's columns, along LPS +x."""
+    from focalnet_jax.data.io import read_image
+
+    direction = np.asarray(read_image(prostatex_case_dir / "t2w").GetDirection()).reshape(3, 3)
+    np.testing.assert_allclose(direction[:, 0], [1.0, 0.0, 0.0], atol=0.01)
+
+
+def test_cv_folder_without_finished_fold_is_a_one_line_error(cv, tmp_path):
+    empty = tmp_path / "cv_unfinished"
+    shutil.copytree(cv["cv"] / "fold0", empty / "fold0", ignore=shutil.ignore_patterns("*"))
+    shutil.copy(cv["cv"] / "fold0" / "config.json", empty / "fold0" / "config.json")
+    shutil.copytree(cv["cv"] / "fold1", empty / "fold1")
+    config = json.loads((empty / "fold1" / "config.json").read_text())
+    config["train"]["steps"] = 10
+    (empty / "fold1" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(EnsembleError, match="fold0: no checkpoint; fold1: latest checkpoint at"):
+        resolve_runs(empty)
+    message = cli_error(["predict", "--checkpoint", empty, "--t2w", "x", "--adc", "y",
+                         "--out", tmp_path / "out"])  # fmt: skip
+    assert "no fold with a finished checkpoint" in message and str(empty) in message
+
+
+def test_models_that_disagree_on_components_are_a_one_line_error(cv, tmp_path):
+    other = tmp_path / "swapped"
+    shutil.copytree(cv["cv"] / "fold1", other)
+    config = json.loads((other / "config.json").read_text())
+    config["data"]["components"] = ["adc", "t2w"]
+    (other / "config.json").write_text(json.dumps(config))
+    files = exam(cv["data"])
+    message = cli_error(["predict", "--checkpoint", cv["cv"] / "fold0", "--checkpoint", other,
+                         "--t2w", files["t2w"], "--adc", files["adc"],
+                         "--out", tmp_path / "o"])  # fmt: skip
+    assert "models disagree on components" in message
+    assert str(other) in message and "['adc', 't2w']" in message
+
+
+# --- detection maps -------------------------------------------------------------------------------
+
+
+def gaussian(shape, center, peak, sigma=2.0):
+    grid = np.indices(shape, dtype=np.float64)
+    d2 = sum((g - c) ** 2 for g, c in zip(grid, center, strict=True))
+    return peak * np.exp(-0.5 * d2 / sigma**2)
+
+
+def test_lesion_candidates_fill_each_blob_with_its_peak_and_picai_eval_reads_them():
+    import picai_eval
+
+    shape = (8, 40, 40)
+    scores = np.maximum.reduce([gaussian(shape, (3, 10, 10), 0.9),
+                                gaussian(shape, (4, 28, 28), 0.5),
+                                gaussian(shape, (4, 10, 30), 0.3)])  # fmt: skip
+    det = lesion_candidates(scores)
+    # dynamic-fast: threshold 0.9 / 2.5 = 0.36, so the 0.3 blob is not a candidate.
+    np.testing.assert_allclose(sorted(np.unique(det)), [0.0, 0.5, 0.9], atol=1e-6)
+    np.testing.assert_array_equal(det > 0, scores >= 0.36)
+    label = (det == det.max()).astype(np.int32)
+    metrics = picai_eval.evaluate(y_det=[det], y_true=[label], num_parallel_calls=1)
+    results = np.asarray(sorted(metrics.lesion_results[0]), np.float64)
+    np.testing.assert_allclose(results, [(0, 0.5, 0.0), (1, 0.9, 1.0)], atol=1e-6)
+    fixed = lesion_candidates(scores, CandidateSettings(threshold="0.2"))
+    np.testing.assert_allclose(sorted(np.unique(fixed)), [0.0, 0.3, 0.5, 0.9], atol=1e-6)
+    with pytest.raises(ValueError, match="candidate threshold 'half'"):
+        CandidateSettings(threshold="half")
+
+
+def test_detection_map_on_the_t2w_grid_with_one_value_per_blob(cv, tmp_path):
+    import picai_eval
+
+    files = exam(cv["data"])
+    out = predict_one([cv["cv"]], files, tmp_path / "exam")
+    t2w = sitk.ReadImage(str(files["t2w"]))
+    det_image = sitk.ReadImage(str(out / "detection_map.nii.gz"))
+    assert det_image.GetSize() == t2w.GetSize()
+    np.testing.assert_allclose(det_image.GetSpacing(), t2w.GetSpacing(), atol=1e-5)
+    np.testing.assert_allclose(det_image.GetOrigin(), t2w.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(det_image.GetDirection(), t2w.GetDirection(), atol=1e-6)
+    det = sitk.GetArrayFromImage(det_image)
+    cspca = read(out / "cspca_score.nii.gz")
+    blobs, count = ndimage.label(det > 0, structure=np.ones((3, 3, 3)))
+    assert count >= 1
+    for i in range(1, count + 1):
+        values = np.unique(det[blobs == i])
+        assert len(values) == 1  # one value per blob: its peak csPCa score
+        assert values[0] == pytest.approx(cspca[blobs == i].max(), abs=1e-6)
+    label = (read(cv["data"] / "labels" / f"{files['case']}.nii.gz") >= 2).astype(np.int32)
+    metrics = picai_eval.evaluate(y_det=[det], y_true=[label], num_parallel_calls=1)
+    assert metrics.num_cases == 1
+    assert len(metrics.lesion_results[0]) >= count  # every candidate is a TP or a FP
+
+
+# --- batches --------------------------------------------------------------------------------------
+
+
+def test_batch_predicts_every_good_case_and_lists_the_corrupt_one(cv, tmp_path):
+    images = tmp_path / "images"
+    shutil.copytree(cv["data"] / "images", images)
+    bad = exam(cv["data"], 1)
+    corrupt = images / bad["adc"].parent.name / bad["adc"].name
+    corrupt.write_bytes(corrupt.read_bytes()[:300])  # header without its pixels
+    argv = ["predict", "--checkpoint", cv["cv"], "--layout", "picai", "--images", images,
+            "--masks", cv["data"] / "masks", "--out", tmp_path / "out"]  # fmt: skip
+    message = cli_error(argv)
+    assert bad["case"] in message and str(corrupt) in message
+    printed = run_cli([*argv, "--skip-bad-cases"])
+    assert f"wrote {CASES - 1} cases" in printed
+    names = ("lesion_score", "cspca_score", "detection_map")
+    expected = {exam(cv["data"], i)["case"] for i in range(CASES)} - {bad["case"]}
+    written = {p.name for p in (tmp_path / "out").iterdir() if p.is_dir()}
+    assert written == expected  # no temporary folder left
+    for case in expected:
+        folder = tmp_path / "out" / case
+        assert {f"{n}.nii.gz" for n in names} | {"detections.csv", "overlay.png"} == {
+            p.name for p in folder.iterdir()
+        }
+    with (tmp_path / "out" / "errors.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["case"], r["file"]) for r in rows] == [(bad["case"], str(corrupt))]
+    # Slices pooled across cases give each case the maps of a prediction of it alone.
+    first = exam(cv["data"], 0)
+    alone = predict_one([cv["cv"]], first, tmp_path / "alone")
+    for name in names:
+        np.testing.assert_allclose(
+            read(tmp_path / "out" / first["case"] / f"{name}.nii.gz"),
+            read(alone / f"{name}.nii.gz"),
+            atol=1e-6,
+        )
+
+
+def test_batch_from_a_manifest_without_labels(cv, tmp_path):
+    manifest = tmp_path / "cases.csv"
+    with manifest.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["case_id", "patient_id", "t2w", "adc", "prostate_mask"])
+        for i in (0, 2):
+            files = exam(cv["data"], i)
+            writer.writerow([files["case"], f"p{i}", files["t2w"], files["adc"], files["mask"]])
+    run_cli(["predict", "--checkpoint", cv["cv"], "--layout", "manifest", "--manifest", manifest,
+             "--tta", "flip", "--out", tmp_path / "out"])  # fmt: skip
+    for i in (0, 2):
+        assert (tmp_path / "out" / exam(cv["data"], i)["case"] / "detection_map.nii.gz").is_file()
+
+
+# --- external test sets ---------------------------------------------------------------------------
+
+
+def test_all_cases_evaluation_counts_every_patient_of_the_test_store(cv, tmp_path):
+    from focalnet_jax.data.store import open_store
+
+    store = open_store(cv["store"])
+    out = tmp_path / "test"
+    run_cli(["evaluate", "--workdir", cv["cv"], "--store", cv["store"], "--all-cases",
+             "--out", out, "--picai-bootstraps", "0", "--no-figures"])  # fmt: skip
+    metrics = json.loads((out / "metrics.json").read_text())
+    patients = {r["patient_id"] for r in store.cases}
+    assert metrics["num_patients"] == len(patients)
+    assert metrics["num_cases"] == len(store.cases) == CASES
+    assert metrics["picai"]["num_cases"] == CASES
+    assert sorted(p.stem for p in (out / "predictions").glob("*.npz")) == sorted(store.case_ids)
+    assert (out / "report.md").is_file()
+
+
+def test_test_store_with_other_settings_is_a_one_line_error(cv, tmp_path):
+    other = tmp_path / "linear_store"
+    run_cli(["preprocess", "--layout", "picai", "--images", cv["data"] / "images",
+             "--labels", cv["data"] / "labels", "--masks", cv["data"] / "masks",
+             "--interpolator", "linear", "--out", other])  # fmt: skip
+    message = cli_error(["evaluate", "--workdir", cv["cv"], "--store", other, "--all-cases",
+                         "--out", tmp_path / "eval"])  # fmt: skip
+    assert "['interpolator']" in message and "('linear', 'bspline')" in message
+    assert str(other) in message

@@ -1,0 +1,101 @@
+"""Options of the benchmark losses used by the Bosma22 study (CE+FL weights, nnU-Net's batch Dice
+without the background channel) against NumPy references, their binding from a config, and the
+rule that a benchmark loss never inherits MFL from a FocalNet config."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_train_helpers import REPO
+
+from focalnet_jax import losses
+from focalnet_jax.config_loading import load_config
+from focalnet_jax.run import RunSpec
+
+RNG = np.random.default_rng(0)
+LOGITS = RNG.normal(size=(3, 4, 5, 6)).astype(np.float32)
+ONEHOT = np.eye(6, dtype=np.float32)[RNG.integers(0, 6, (3, 4, 5))]
+BITS = (RNG.uniform(size=(3, 4, 5, 6)) < 0.3).astype(np.float32)
+
+
+def _sigmoid(x):
+    return 1 / (1 + np.exp(-x.astype(np.float64)))
+
+
+def _softmax(x):
+    e = np.exp(x.astype(np.float64) - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def dice_reference(probs, targets, eps, batch, background):
+    """1 - mean Dice; per channel over the batch (batch) or per image and channel."""
+    axes = (0, 1, 2) if batch else (1, 2)
+    dice = (2 * (probs * targets).sum(axes) + eps) / ((probs + targets).sum(axes) + eps)
+    return 1 - (dice if background else dice[..., 1:]).mean()
+
+
+@pytest.mark.parametrize("batch", [False, True])
+@pytest.mark.parametrize("eps", [1.0, 1e-5])
+def test_sigmoid_dice_per_image_or_batch(batch, eps):
+    got = losses.soft_dice_loss(LOGITS, BITS, eps=eps, batch_dice=batch)
+    expected = dice_reference(_sigmoid(LOGITS), BITS, eps, batch, True)
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+def test_softmax_batch_dice_without_background_is_nnunets():
+    got = losses.soft_dice_loss(
+        LOGITS, ONEHOT, eps=1e-5, activation="softmax", batch_dice=True, dice_background=False
+    )
+    expected = dice_reference(_softmax(LOGITS), ONEHOT, 1e-5, True, False)
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+def test_background_channel_exists_only_for_softmax():
+    with pytest.raises(ValueError, match="only a softmax output has a background channel"):
+        losses.soft_dice_loss(LOGITS, BITS, dice_background=False)
+
+
+def test_combined_losses_are_weighted_sums():
+    ce = losses.sigmoid_cross_entropy(LOGITS, BITS)
+    fl = losses.focal_loss(LOGITS, BITS)
+    dice = losses.soft_dice_loss(LOGITS, BITS, eps=1e-5, batch_dice=True)
+    np.testing.assert_allclose(
+        losses.ce_focal_loss(LOGITS, BITS, weights=(0.5, 0.5)), 0.5 * ce + 0.5 * fl, rtol=1e-6
+    )
+    np.testing.assert_allclose(losses.ce_focal_loss(LOGITS, BITS), ce + fl, rtol=1e-6)
+    got = losses.ce_dice_loss(LOGITS, BITS, eps=1e-5, batch_dice=True, weights=(2.0, 1.0))
+    np.testing.assert_allclose(got, 2 * ce + dice, rtol=1e-6)
+    with pytest.raises(ValueError, match="weights"):
+        losses.ce_focal_loss(LOGITS, BITS, weights=(1.0,))
+
+
+def test_config_options_reach_the_loss():
+    config = load_config(
+        str(REPO / "configs" / "focalnet.py"),
+        [
+            "--config.loss.name=ce_dice",
+            "--config.loss.mfl=false",
+            "--config.loss.eps=1e-5",
+            "--config.loss.batch_dice=true",
+        ],
+    )
+    spec = RunSpec.from_config(config, num_devices=1)
+    encoding, fn = spec.output_encoding, spec.loss.fn
+    expected = losses.sigmoid_cross_entropy(LOGITS[..., :5], BITS[..., :5])
+    expected += losses.soft_dice_loss(LOGITS[..., :5], BITS[..., :5], eps=1e-5, batch_dice=True)
+    assert encoding == "ordinal"
+    np.testing.assert_allclose(fn(LOGITS[..., :5], BITS[..., :5]), expected, rtol=1e-6)
+
+
+def test_benchmark_loss_does_not_inherit_mfl():
+    focalnet = str(REPO / "configs" / "focalnet.py")
+    with pytest.raises(ValueError, match="loss.mfl=True with loss.name='ce_focal'"):
+        load_config(focalnet, ["--config.loss.name=ce_focal"])
+    assert not load_config(
+        focalnet, ["--config.loss.name=ce_focal", "--config.loss.mfl=false"]
+    ).loss.mfl
+    asked = load_config(
+        focalnet, ["--config.loss.name=ce_focal", "--config.loss.mfl_any_loss=true"]
+    )
+    assert asked.loss.mfl and asked.loss.name == "ce_focal"
+    assert load_config(focalnet).loss.mfl  # FocalNet itself keeps FL + MFL

@@ -1,0 +1,390 @@
+"""Studies end to end on a tiny model (focalnet_jax/study): a 2-arm x 2-repeat x 2-fold study with
+an ensemble finishes and reports every row; its permutation p-values equal an exhaustive
+enumeration written here; a re-run trains nothing; a study killed mid-cell finishes when run
+again; a failed cell is reported while the others finish; the SLURM executor (a one-node cluster
+started here) gives the same rows as the local one."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from slurm_cluster import OneNodeCluster, missing_binaries
+from test_train_helpers import REPO, small_synthetic_store
+
+SPEC = """
+import ml_collections
+
+def get_config(arg=None):
+    spec = ml_collections.ConfigDict()
+    spec.base = {base!r}
+    spec.store = {store!r}
+    spec.repeats = 2
+    spec.folds = (0, 1)
+    spec.num_folds = 2
+    spec.common = {{
+        "model": {{"depth": 18, "width": 0.125, "output_stride": 16}},
+        "train": {{"steps": 6, "batch_size": 4, "log_every": 3, "checkpoint_every": 3,
+                   "eval_every": 0}},
+        "data": {{"slices": "all"}},
+    }}
+    spec.arms = {arms!r}
+    spec.ensembles = {ensembles!r}
+    return spec
+"""
+ARMS = {
+    "ce": {"loss": {"name": "sigmoid_ce", "mfl": False}},
+    "fl": {"loss": {"name": "focal", "mfl": False}},
+}
+# Fast XLA compiles for the tiny model; inherited by every cell process.
+ENV = {**os.environ, "JAX_DISABLE_MOST_OPTIMIZATIONS": "true", "PYTHONPATH": str(REPO)}
+
+
+def study(*args: str, env=None, check=True) -> subprocess.CompletedProcess:
+    done = subprocess.run(
+        [sys.executable, "-m", "focalnet_jax.cli", "study", *args],
+        capture_output=True,
+        text=True,
+        env=env or ENV,
+        cwd=REPO,
+        timeout=600,
+    )
+    if check:
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return done
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def write_spec(path: Path, store: Path, arms=None, ensembles=None) -> Path:
+    """A tiny-model study spec: `arms` (default ARMS) and `ensembles` (default both of them)."""
+    arms = ARMS if arms is None else arms
+    ensembles = {"both": ("ce", "fl")} if ensembles is None else ensembles
+    base = str(REPO / "configs" / "focalnet.py")
+    path.write_text(SPEC.format(base=base, store=str(store), arms=arms, ensembles=ensembles))
+    return path
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    return small_synthetic_store(tmp_path_factory.mktemp("study_data"), cases=8, seed=3)
+
+
+@pytest.fixture(scope="module")
+def spec_file(store, tmp_path_factory) -> Path:
+    return write_spec(tmp_path_factory.mktemp("spec") / "tiny_study.py", store)
+
+
+@pytest.fixture(scope="module")
+def finished(spec_file, tmp_path_factory) -> Path:
+    workdir = tmp_path_factory.mktemp("study") / "tiny"
+    study("run", "--spec", str(spec_file), "--workdir", str(workdir), "--parallel", "2")
+    study("report", "--workdir", str(workdir))
+    return workdir
+
+
+@pytest.mark.slow
+def test_study_finishes_with_every_row(finished):
+    rows = read_csv(finished / "report" / "runs.csv")
+    keys = {(r["arm"], r["kind"], int(r["repeat"]), int(r["fold"]), int(r["seed"])) for r in rows}
+    expected = {
+        (arm, kind, rep, fold, rep)
+        for arm, kind in (("ce", "arm"), ("fl", "arm"), ("both", "ensemble"))
+        for rep in (0, 1)
+        for fold in (0, 1)
+    }
+    assert len(rows) == 12 and keys == expected
+    for row in rows:  # the row is the cell's metrics.json
+        metrics = json.loads(
+            (
+                finished
+                / row["arm"]
+                / f"rep{row['repeat']}"
+                / f"fold{row['fold']}"
+                / "eval"
+                / "metrics.json"
+            ).read_text()
+        )
+        sens = metrics["froc"]["clinically_significant"]["sensitivity_at_fp"]["1"]
+        assert float(row["froc_cs_sens_at_1fp"]) == pytest.approx(sens)
+        assert float(row["picai_score"]) == pytest.approx(metrics["picai"]["score"], nan_ok=True)
+    for name in ("report.md", "stats.csv", "metrics.png", "froc_cs.png", "pvalues.png"):
+        assert (finished / "report" / name).stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_cells_use_the_seed_of_their_repeat(finished):
+    for rep in (0, 1):
+        config = json.loads((finished / "fl" / f"rep{rep}" / "fold1" / "config.json").read_text())
+        assert config["seed"] == rep and config["data"]["fold"] == 1
+        assert config["loss"]["name"] == "focal" and config["loss"]["mfl"] is False
+
+
+@pytest.mark.slow
+def test_ensemble_is_the_mean_of_its_arms(finished):
+    cell = Path("rep1") / "fold0" / "eval" / "predictions"
+    name = sorted(p.name for p in (finished / "ce" / cell).glob("*.npz"))[0]
+    scores = [np.load(finished / arm / cell / name)["scores"] for arm in ("ce", "fl", "both")]
+    np.testing.assert_allclose(scores[2], (scores[0] + scores[1]) / 2, rtol=1e-6)
+
+
+def exhaustive_permutation_p(a: list[float], b: list[float]) -> float:
+    """P(order AUC of a random split >= the observed one), over every split of the pooled runs
+    into groups of len(a) and len(b). Order AUC: share of (a_i, b_j) pairs with b_j > a_i, ties
+    half (Bosma et al. 2022, H1: b better)."""
+
+    def order_auc(x, y):
+        return np.mean([1.0 if yj > xi else 0.5 if yj == xi else 0.0 for xi in x for yj in y])
+
+    pooled, observed = a + b, order_auc(a, b)
+    splits = list(itertools.combinations(range(len(pooled)), len(a)))
+    extreme = 0
+    for chosen in splits:
+        x = [pooled[i] for i in chosen]
+        y = [pooled[i] for i in range(len(pooled)) if i not in chosen]
+        extreme += order_auc(x, y) >= observed - 1e-12
+    return extreme / len(splits)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_permutation_pvalue_equals_exhaustive_enumeration(seed):
+    from focalnet_jax.study.statistics import permutation_pvalue
+
+    rng = np.random.default_rng(seed)
+    a = list(np.round(rng.uniform(0.5, 0.8, 5), 2))  # rounded: ties occur
+    b = list(np.round(rng.uniform(0.55, 0.85, 6), 2))
+    assert permutation_pvalue(a, b) == pytest.approx(exhaustive_permutation_p(a, b), abs=1e-12)
+
+
+@pytest.mark.slow
+def test_study_stats_match_enumeration_and_welch(finished):
+    from scipy import stats
+
+    runs = read_csv(finished / "report" / "runs.csv")
+    rows = read_csv(finished / "report" / "stats.csv")
+    metric = "picai_auroc"
+    pairs = [r for r in rows if r["metric"] == metric]
+    assert len(pairs) == 6  # ordered pairs of ce, fl, both
+    for row in pairs:
+        a = [float(r[metric]) for r in runs if r["arm"] == row["arm_a"]]
+        b = [float(r[metric]) for r in runs if r["arm"] == row["arm_b"]]
+        a, b = [v for v in a if math.isfinite(v)], [v for v in b if math.isfinite(v)]
+        assert float(row["p_permutation"]) == pytest.approx(exhaustive_permutation_p(a, b))
+        if np.std(a) + np.std(b) > 0:
+            va, vb = np.var(a, ddof=1) / len(a), np.var(b, ddof=1) / len(b)
+            t = (np.mean(b) - np.mean(a)) / math.sqrt(va + vb)
+            df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+            assert float(row["p_welch"]) == pytest.approx(stats.t.sf(t, df), rel=1e-6)
+            assert float(row["p_welch_bonferroni"]) == pytest.approx(
+                min(1.0, 6 * float(row["p_welch"]))
+            )
+
+
+def _tree_state(root: Path) -> dict:
+    return {str(p): p.stat().st_mtime_ns for p in root.rglob("*") if "report" not in p.parts}
+
+
+@pytest.mark.slow
+def test_rerun_of_a_finished_study_trains_nothing(finished):
+    before = _tree_state(finished)
+    done = study("run", "--workdir", str(finished))
+    assert "8 done" in done.stdout and "0 to run" in done.stdout
+    assert _tree_state(finished) == before
+    status = study("status", "--workdir", str(finished)).stdout
+    assert status.count(" done ") >= 12 and "8 done" in status
+
+
+@pytest.mark.slow
+def test_killed_study_resumes_the_interrupted_cell(store, tmp_path):
+    workdir = tmp_path / "killed"
+    spec = write_spec(tmp_path / "one_cell.py", store, arms={"ce": ARMS["ce"]}, ensembles={})
+    args = ["--spec", str(spec), "--workdir", str(workdir), "--spec.repeats=1"]
+    args += ["--spec.folds=(0,)", "--spec.common.train.steps=12"]
+    run = [sys.executable, "-m", "focalnet_jax.cli", "study", "run", *args]
+    process = subprocess.Popen(
+        run,
+        env=ENV,
+        cwd=REPO,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    first_checkpoint = workdir / "ce" / "rep0" / "fold0" / "checkpoints" / "3"
+    deadline = time.time() + 300
+    while not first_checkpoint.is_dir() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)  # the study and its cell processes
+    process.wait()
+    assert first_checkpoint.is_dir()
+    refused = study("report", "--workdir", str(workdir), check=False)
+    assert refused.returncode != 0 and "cells not done" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    study("run", "--workdir", str(workdir))
+    study("report", "--workdir", str(workdir))
+    log = (workdir / "ce" / "rep0" / "fold0" / "cell.log").read_text()
+    starts = [int(s) for s in re.findall(r"start at (\d+)", log)]
+    assert starts[0] == 0 and starts[-1] > 0  # the second attempt resumed from a checkpoint
+    assert len(read_csv(workdir / "report" / "runs.csv")) == 1
+
+
+@pytest.mark.slow
+def test_failed_cell_is_reported_and_the_others_finish(store, tmp_path):
+    workdir = tmp_path / "failing"
+    # MFL on with a weight that is not a number: valid config keys, fails inside training.
+    bad = {"loss": {"name": "ordinal_focal", "mfl": True, "mfl_weight": "bogus"}}
+    spec = write_spec(tmp_path / "failing.py", store, arms={"ce": ARMS["ce"], "fl": bad})
+    args = ["--spec", str(spec), "--workdir", str(workdir), "--spec.repeats=1"]
+    args += ["--spec.folds=(1,)"]
+    done = study("run", *args, check=False)
+    assert done.returncode == 1
+    log = workdir / "fl" / "rep0" / "fold1" / "cell.log"
+    assert "FAILED fl/rep0/fold1: ValueError: loss.mfl_weight" in done.stdout
+    assert str(log) in done.stdout and "Traceback" in log.read_text()
+    status = study("status", "--workdir", str(workdir)).stdout
+    assert re.search(r"fl/rep0/fold1\s+failed", status) and re.search(
+        r"ce/rep0/fold1\s+done", status
+    )
+    assert study("report", "--workdir", str(workdir), check=False).returncode != 0
+    study("report", "--workdir", str(workdir), "--partial")
+    rows = read_csv(workdir / "report" / "runs.csv")
+    assert [(r["arm"], r["fold"]) for r in rows] == [("ce", "1")]  # no ensemble without fl
+
+
+def _one_line_error(*argv: str) -> str:
+    from focalnet_jax import cli
+
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["study", *argv])
+    message = str(stop.value)
+    assert stop.value.code == 2
+    assert "\n" not in message and message.startswith("focalnet study")
+    return message
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("--spec.repeats=0", "repeats=0: expected an integer >= 1"),
+        ("--spec.ensembles.both=('ce','xx')", "ensemble 'both'"),
+        ("--spec.store=/no/such/store", "store '/no/such/store' does not exist"),
+        ("--spec.arms.ce.loss.mfl=true", "loss.mfl=True with loss.name='sigmoid_ce'"),
+        ("--spec.folds=(2,)", "folds=[2]"),
+        ("--spec.arms.ce.loss.nme=x", "--spec.arms.ce.loss.nme: unknown config key"),
+    ],
+)
+def test_bad_spec_is_a_one_line_error_before_anything_runs(spec_file, tmp_path, override, expected):
+    workdir = tmp_path / "bad"
+    message = _one_line_error("run", "--spec", str(spec_file), "--workdir", str(workdir), override)
+    assert expected in message
+    assert not workdir.exists()
+
+
+@pytest.mark.parametrize(
+    ("arm", "expected"),
+    [
+        ({"loss": {"nme": "x"}}, "arm 'ce' on base"),  # checked against the base config
+        ({"seed": 3}, "'seed' is set by the study"),
+        ({"loss": {"name": "ce_focal"}}, "loss.mfl=True with loss.name='ce_focal'"),
+    ],
+)
+def test_arm_overrides_are_checked_against_the_base_config(store, tmp_path, arm, expected):
+    spec = write_spec(tmp_path / "bad.py", store, arms={"ce": arm}, ensembles={})
+    message = _one_line_error("run", "--spec", str(spec), "--workdir", str(tmp_path / "bad"))
+    assert expected in message
+    assert not (tmp_path / "bad").exists()
+
+
+def test_slurm_dry_run_prints_one_array_of_the_cells_not_done(spec_file, tmp_path):
+    args = ["run", "--spec", str(spec_file), "--workdir", str(tmp_path / "s"), "--executor=slurm"]
+    args += ["--dry-run", "--throttle=3", "--partition=gpu", "--time=02:00:00", "--gpus=1"]
+    script = study(*args, "--sbatch=--qos=short").stdout
+    assert "#SBATCH --array=0-7%3" in script and "#SBATCH --partition=gpu" in script
+    assert "#SBATCH --gpus-per-task=1" in script and "#SBATCH --qos=short" in script
+    assert "#SBATCH --time=02:00:00" in script
+    assert f"{sys.executable} -m focalnet_jax.cli study cell --workdir" in script
+    assert not (tmp_path / "s").exists()
+
+
+def _require_slurm() -> None:
+    reason = None
+    if missing_binaries():
+        reason = f"SLURM binaries missing: {missing_binaries()} (.ci/install_slurm.sh)"
+    elif os.geteuid() != 0:
+        reason = "the one-node SLURM cluster runs its daemons as root"
+    if reason and os.environ.get("FOCALNET_REQUIRE_SLURM", "") not in ("", "0"):
+        pytest.fail(reason + " (FOCALNET_REQUIRE_SLURM=1)")
+    if reason:
+        pytest.skip(reason)
+
+
+@pytest.mark.slow
+def test_slurm_job_array_gives_the_rows_of_the_local_study(finished, spec_file, tmp_path):
+    _require_slurm()
+    cluster = OneNodeCluster(tmp_path / "cluster")
+    env = {**ENV, **cluster.env}
+    workdir = tmp_path / "slurm_study"
+    try:
+        cluster.start()
+        args = ["run", "--spec", str(spec_file), "--workdir", str(workdir), "--executor=slurm"]
+        submitted = study(*args, "--spec.repeats=1", "--spec.folds=(0,)", env=env).stdout
+        assert "submitted job array" in submitted
+        cells = [workdir / arm / "rep0" / "fold0" / "study_cell.json" for arm in ("ce", "fl")]
+        deadline = time.time() + 400
+        while time.time() < deadline:
+            states = [json.loads(c.read_text())["state"] if c.is_file() else "" for c in cells]
+            if all(s in ("done", "failed") for s in states):
+                break
+            time.sleep(1)
+        status = study("status", "--workdir", str(workdir), env=env).stdout
+        assert states == ["done", "done"], status
+        assert re.search(r"ce/rep0/fold0\s+done\s+\d+_0", status)
+        study("report", "--workdir", str(workdir), env=env)
+    finally:
+        cluster.stop()
+    local = {
+        (r["arm"], r["repeat"], r["fold"]): r for r in read_csv(finished / "report" / "runs.csv")
+    }
+    slurm_rows = read_csv(workdir / "report" / "runs.csv")
+    assert len(slurm_rows) == 3  # ce, fl and their ensemble
+    for row in slurm_rows:
+        expected = local[(row["arm"], row["repeat"], row["fold"])]
+        assert row.keys() == expected.keys()
+        for key, value in row.items():
+            if key in ("arm", "kind", "repeat", "fold", "seed", "num_patients"):
+                assert value == expected[key]
+            else:
+                assert float(value) == pytest.approx(float(expected[key]), abs=1e-6, nan_ok=True)
+
+
+@pytest.mark.parametrize("name", ["bosma22", "focalnet_ablation", "synthetic_mfl"])
+def test_shipped_specs_validate_against_their_base(name, tmp_path):
+    from focalnet_jax.study.spec import arm_config, load_spec, validate
+
+    plain = validate(load_spec(f"{REPO / 'configs' / 'studies' / name}.py:{tmp_path}"), name)
+    configs = {arm: arm_config(plain, arm) for arm in plain["arms"]}
+    if name == "bosma22":
+        assert not any(c.loss.mfl for c in configs.values())
+        assert tuple(configs["ce_fl"].loss.weights) == (0.5, 0.5)
+        dice = configs["ce_dice"].loss
+        assert (dice.name, dice.eps, dice.batch_dice) == ("ce_dice", 1e-5, True)
+        assert sorted(plain["ensembles"]["ensemble"]) == sorted(plain["arms"])
+    if name == "focalnet_ablation":
+        assert configs["fl_mfl"].loss.mfl and not configs["fl"].loss.mfl
+        assert configs["unet_sing"].model.name == "unet" and not configs["aug_none"].augment.flip
+    if name == "synthetic_mfl":
+        assert [c.loss.mfl for c in configs.values()] == [False, False, True]
+        assert plain["repeats"] >= 3
