@@ -59,8 +59,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # loss chosen on top of this config (loss.name=ce_focal) is refused while loss.mfl is True.
     config.loss.mfl_any_loss = False
     config.loss.mfl_weight = "auto"  # 'auto' = 1 / positive bit ratio of the training split
-    config.loss.mfl_mode = "vmap"  # 'vmap' (paper) or 'select' (argmin subset recomputed)
+    config.loss.mfl_mode = "select"  # 'select' (argmin subset recomputed) or 'vmap' (paper)
     config.loss.subsets = None  # None = every non-empty proper subset of data.components
+    config.loss.mfl_chunk = 4  # subsets per MFL probe chunk (memory bound); 0 = all at once
     config.loss.alpha = 0.75  # ordinal focal loss positive-bit weight (eq. 1)
     config.loss.gamma = 2.0  # focal exponent (eq. 2)
     # Options of the combined and Dice losses (bound only to the losses that take them):

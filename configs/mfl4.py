@@ -9,11 +9,9 @@ Each synthetic component has lesions that only it shows (`focalnet synth --t2w-o
     focalnet train --config configs/mfl4.py --workdir runs/mfl4 \
         --config.data.store=data/synth4_store
 Model: ResNet-18 DeepLab-v2 at width 0.25, output stride 16 (as configs/demo.py); batch 8, fold 0.
-MFL runs in the project's default mode (`loss.mfl_mode`); `--config.loss.mfl_mode=select` costs
-less at 14 subsets. Expected runtime: a whole run not measured yet. One step
-(`python benchmarks/train_step.py --config configs/mfl4.py --steps 5`, 2026-11-30, 2 CPU cores
-shared with other jobs, so indicative only): FL only 0.66 s, FL+MFL `vmap` 6.9 s (10.5x), `select`
-2.8 s (4.2x); XLA counts 3.0, 43.1 and 20.2 GFLOP per step.
+MFL runs in the project's default mode (`loss.mfl_mode='select'`, subsets probed
+`loss.mfl_chunk=4` at a time); its cost against the number of subsets is in docs/mfl.md
+(`benchmarks/mfl_scaling.py`). Expected runtime: a whole run not measured yet.
 Expected metric: not measured yet (FROC sensitivity at 1 false positive per patient from
 `focalnet evaluate --workdir runs/mfl4`).
 """

@@ -123,3 +123,22 @@ def test_flat_maxima_benchmark_counts_each_upsampled_peak_once():
     # interior peak gives 2 x 2 window maxima, a border peak 4 x 2, a corner one 4 x 4.
     assert result["one_per_flat_maximum"]["detections_per_patient"] == 4.0
     assert 4 * 2 + 8 * 2 <= result["every_window_max_pixel"]["detections_per_patient"] <= 4 * 16
+
+
+def test_mfl_scaling_benchmark_reports_ratios_to_the_plain_step_of_the_same_run():
+    result = _run(
+        "mfl_scaling.py",
+        "--config=configs/focalnet.py",
+        "--components=t2w,adc,hbv",
+        "--subset-counts=2",
+        "--modes=select",
+        "--steps=1",
+        "--rounds=1",
+        "--size=32",
+        *TINY,
+    )
+    (row,) = result["results"]
+    assert (row["subsets"], row["mode"], row["mfl_chunk"]) == (2, "select", 4)
+    assert row["memory_ratio"] == pytest.approx(row["peak_bytes"] / result["plain_peak_bytes"])
+    assert row["memory_ratio"] > 1 and row["time_ratio"] > 0
+    assert result["components"] == ["t2w", "adc", "hbv"] and result["device"] == "cpu"

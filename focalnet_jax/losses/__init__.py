@@ -21,12 +21,15 @@ from focalnet_jax.losses.mfl import (
     MFL_MODES,
     check_mfl,
     component_subsets,
+    loss_from_distances,
     mfl_encoding,
     mfl_probs,
     mfl_select,
     mutual_finding_loss,
     mutual_finding_loss_map,
+    subset_distances,
     subset_inputs,
+    subset_masks,
 )
 from focalnet_jax.losses.pixel import (
     ce_dice_loss,
@@ -57,6 +60,7 @@ __all__ = [
     "ce_focal_loss_map",
     "check_mfl",
     "component_subsets",
+    "loss_from_distances",
     "focal_loss",
     "focal_loss_map",
     "get_loss",
@@ -76,5 +80,7 @@ __all__ = [
     "soft_dice_loss_map",
     "softmax_cross_entropy",
     "softmax_cross_entropy_map",
+    "subset_distances",
     "subset_inputs",
+    "subset_masks",
 ]

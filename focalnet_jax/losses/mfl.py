@@ -113,6 +113,16 @@ def component_subsets(components: Sequence[str], subsets=None) -> list[tuple[str
     return result
 
 
+def subset_masks(components: Sequence[str], subsets=None, dtype=np.float32) -> np.ndarray:
+    """Which components each subset keeps: ``[M, C]`` 0/1, rows in :func:`component_subsets` order.
+
+    >>> subset_masks(("t2w", "adc", "hbv"), [("adc",), ("t2w", "hbv")]).tolist()
+    [[0.0, 1.0, 0.0], [1.0, 0.0, 1.0]]
+    """
+    subsets = component_subsets(components, subsets)
+    return np.array([[c in s for c in components] for s in subsets], dtype=dtype)
+
+
 def subset_inputs(images, components: Sequence[str], subsets=None):
     """Inputs with only one subset's components kept (the others zeroed), stacked on a new axis.
 
@@ -122,20 +132,69 @@ def subset_inputs(images, components: Sequence[str], subsets=None):
       subsets: as in :func:`component_subsets` (None = every non-empty proper subset).
 
     Returns:
-      ``[M, B, H, W, C]`` for M subsets, so the model runs over them with one ``jax.vmap``.
+      ``[M, B, H, W, C]`` for M subsets. The train step never builds this array: it masks the
+      input one chunk of subsets at a time (:func:`subset_distances`).
 
     >>> subset_inputs(jnp.ones((1, 1, 1, 2)), ("t2w", "adc"))[:, 0, 0, 0].tolist()
     [[1.0, 0.0], [0.0, 1.0]]
     """
     images = check_floating(images, "images", 4, "[B, H, W, C]")
-    subsets = component_subsets(components, subsets)
     if images.shape[-1] != len(components):
         raise ValueError(
             f"images: expected {len(components)} channels for components {tuple(components)}, "
             f"got shape {images.shape}"
         )
-    mask = np.array([[c in s for c in components] for s in subsets], dtype=images.dtype)
+    mask = subset_masks(components, subsets, images.dtype)
     return images[None] * mask[:, None, None, None, :]
+
+
+def subset_distances(probs_of, images, masks, full_probs, targets, *, valid=None, chunk=0):
+    """MFL's ``d[i, b]`` for every subset, the model run on ``chunk`` subsets at a time.
+
+    Subset i's input is ``images * masks[i]`` (built inside the chunk, never as ``[M, B, H, W,
+    C]``); ``probs_of`` maps ``[B, H, W, C]`` inputs to ``[B, H, W, K]`` probabilities and is
+    ``jax.vmap``-ped over the subsets of a chunk; the chunks run one after another
+    (``lax.map(..., batch_size=chunk)``), so the live activations are those of ``chunk``
+    subsets, whatever M is. Under ``jax.grad`` wrap ``probs_of`` in ``jax.checkpoint`` to keep
+    that bound for the backward pass too (otherwise every chunk's activations are saved).
+
+    Args:
+      probs_of: ``[B, H, W, C] -> [B, H, W, K]``.
+      images: ``[B, H, W, C]``.
+      masks: ``[M, C]`` 0/1 (:func:`subset_masks`).
+      full_probs, targets, valid: as in :func:`mutual_finding_loss_map`.
+      chunk: subsets per chunk; 0 (or >= M) runs all M in one vmapped application.
+
+    Returns:
+      ``[M, B]`` float: ``sum_{h,w,k} (targets * valid * (sg(full_probs) - probs_i))^2``.
+    """
+    distance = _distance_to(full_probs, targets, valid)
+
+    def subset_distance(subset_mask):  # [C] -> [B]
+        return distance(probs_of(images * subset_mask.astype(images.dtype)))
+
+    masks = jnp.asarray(masks)
+    if not chunk or chunk >= masks.shape[0]:
+        return jax.vmap(subset_distance)(masks)
+    return lax.map(subset_distance, masks, batch_size=chunk)
+
+
+def _distance_to(full_probs, targets, valid):
+    """``probs [B, H, W, K] -> d [B]``: squared L2 to the stopped full output on the known
+    positive bits."""
+    mask = check_bits(targets, "targets", full_probs.shape, full_probs.dtype)
+    if valid is not None:
+        mask = mask * check_bits(valid, "valid", full_probs.shape, full_probs.dtype)
+    reference = lax.stop_gradient(full_probs)
+    return lambda probs: jnp.sum(jnp.square(mask * (reference - probs)), axis=(1, 2, 3))
+
+
+def loss_from_distances(distances, height: int, width: int):
+    """``(loss [B], chosen [B] int32)`` of eq. (3) from ``d [M, B]`` on ``height x width``
+    slices: ``min_i d[i, b] / (H W)`` and its argmin (the first on ties)."""
+    chosen = jnp.argmin(distances, axis=0).astype(jnp.int32)
+    best = jnp.take_along_axis(distances, chosen[None], axis=0)[0]
+    return best / (height * width), chosen
 
 
 def _check_probs(full_probs, subset_probs):
@@ -184,19 +243,8 @@ def mutual_finding_loss_map(full_probs, subset_probs, targets, *, valid=None):
       Cao et al., IEEE TMI 2019, section II-C3, eq. (3).
     """
     full_probs, subset_probs = _check_probs(full_probs, subset_probs)
-    mask = check_bits(targets, "targets", full_probs.shape, full_probs.dtype)
-    if valid is not None:
-        mask = mask * check_bits(valid, "valid", full_probs.shape, full_probs.dtype)
-    reference = lax.stop_gradient(full_probs)
-
-    def distance(probs):  # one subset's [B, H, W, K] -> [B]
-        return jnp.sum(jnp.square(mask * (reference - probs)), axis=(1, 2, 3))
-
-    distances = jax.vmap(distance)(subset_probs)  # [M, B]
-    chosen = jnp.argmin(distances, axis=0).astype(jnp.int32)
-    best = jnp.take_along_axis(distances, chosen[None], axis=0)[0]
-    height, width = full_probs.shape[1:3]
-    return best / (height * width), chosen
+    distances = jax.vmap(_distance_to(full_probs, targets, valid))(subset_probs)  # [M, B]
+    return loss_from_distances(distances, *full_probs.shape[1:3])
 
 
 def mutual_finding_loss(full_probs, subset_probs, targets, *, valid=None):

@@ -68,7 +68,8 @@ class RunSpec:
     Fields: `config` (the frozen source, for the loop's logging/checkpoint cadence); data:
     `components`, `t2w_channel`, `image_size`; loss: `loss` (a `losses.LossSpec` with the
     config's hyperparameters bound), `output_encoding`, `mfl`, `mfl_mode`, `mfl_encoding`,
-    `subsets` (empty without MFL), `mfl_weight_setting` (None = 'auto'); `model` (BatchNorm
+    `subsets` (empty without MFL), `mfl_chunk` (subsets per probe chunk, 0 = all),
+    `mfl_weight_setting` (None = 'auto'); `model` (BatchNorm
     synced over `DATA_AXIS` in training mode); `schedule`, `tx`; `global_batch`; `augment`.
     """
 
@@ -80,6 +81,7 @@ class RunSpec:
     output_encoding: str
     mfl: bool
     mfl_mode: str
+    mfl_chunk: int
     mfl_encoding: str
     subsets: tuple[tuple[str, ...], ...]
     mfl_weight_setting: float | None
@@ -137,6 +139,7 @@ class RunSpec:
             output_encoding=loss.encoding,
             mfl=bool(config.loss.mfl),
             mfl_mode=config.loss.mfl_mode,
+            mfl_chunk=_check_mfl_chunk(config.loss.mfl_chunk),
             mfl_encoding=losses.mfl_encoding(loss.encoding),
             subsets=tuple(subsets),
             mfl_weight_setting=mfl_weight,
@@ -232,6 +235,12 @@ def _check_loss(loss_config, components: Sequence[str]):
         key = "data" if str(error).startswith("components") else "loss"
         raise ValueError(f"{key}.{error}") from None
     return spec, subsets, losses.parse_mfl_weight(loss_config.mfl_weight)
+
+
+def _check_mfl_chunk(chunk) -> int:
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
+        raise ValueError(f"loss.mfl_chunk: expected an int >= 0 (0 = all subsets), got {chunk!r}")
+    return chunk
 
 
 def _check_train(train) -> None:

@@ -6,14 +6,19 @@ Loss (paper eq. 4): `L = loss(f(x)) + lambda * MFL`, where `loss` is the run's n
 
 * One application on the full input, `train=True` with `mutable=['batch_stats']`: the only pass
   whose BatchNorm running averages are kept.
-* MFL (`spec.mfl`): the component-subset inputs (`losses.subset_inputs`, the other components
-  zeroed) go through the same network in one `jax.vmap`-ped application. These passes normalise
+* MFL (`spec.mfl`): the component-subset inputs (the other components zeroed, masked inside
+  each chunk) go through the same network, `spec.mfl_chunk` subsets per `jax.vmap`-ped
+  application and the chunks one after another (`losses.subset_distances`), so the probe's
+  memory does not grow with the number of subsets. These passes normalise
   with their own batch statistics (training mode, as every training-time application in the
   paper) but their running-average updates are discarded, so the running averages describe full
   inputs only, which is what evaluation sees. `mutual_finding_loss` stops the gradient into the
   full output, which serves as the reference (paper Fig. 3).
-* MFL mode `select`: every subset is applied without gradients, each slice's argmin subset is
-  picked, and only that input is recomputed with gradients. With `frozen` normalisation value and
+* MFL mode `vmap` with chunks: each chunk is `jax.checkpoint`-ed, so the backward pass
+  recomputes one chunk's forward at a time instead of keeping every subset's activations.
+* MFL mode `select` (the default): every subset is applied without gradients, each slice's argmin
+  subset is picked (its input rebuilt from the subset's channel mask, no gather over subsets),
+  and only that input is recomputed with gradients. With `frozen` normalisation value and
   gradients equal the `vmap` mode (the min's gradient is the argmin's); with `batch`
   normalisation the recomputed batch mixes subsets, so its batch statistics differ.
 
@@ -50,18 +55,27 @@ def _targets(classes, grade_known, enc: str):
 
 
 def _mfl(apply, variables, full_logits, images, classes, grade_known, spec: RunSpec):
-    """(MFL, chosen subset per slice `[B]`) in the run's MFL mode."""
+    """(MFL, chosen subset per slice `[B]`) in the run's MFL mode, the subsets run
+    `spec.mfl_chunk` at a time (`losses.subset_distances`)."""
     targets, valid = _targets(classes, grade_known, spec.mfl_encoding)
     full_probs = losses.mfl_probs(full_logits, spec.output_encoding)
-    sub_x = losses.subset_inputs(images, spec.components, spec.subsets)  # [M,B,H,W,C]
+    masks = losses.subset_masks(spec.components, spec.subsets, images.dtype)  # [M, C]
     probs_of = lambda x, v=variables: losses.mfl_probs(apply(x, v)[0], spec.output_encoding)
+    chunk = spec.mfl_chunk if spec.mfl_chunk < len(spec.subsets) else 0
+    distances = functools.partial(
+        losses.subset_distances, images=images, masks=masks, full_probs=full_probs,
+        targets=targets, valid=valid, chunk=chunk,
+    )  # fmt: skip
+    size = images.shape[1:3]
     if spec.mfl_mode == "vmap":
-        sub_probs = jax.vmap(probs_of)(sub_x)
-        return losses.mutual_finding_loss(full_probs, sub_probs, targets, valid=valid)
+        # Chunked, the backward pass recomputes each chunk's forward instead of saving all M.
+        per_slice, chosen = losses.loss_from_distances(
+            distances(jax.checkpoint(probs_of) if chunk else probs_of), *size
+        )
+        return reductions.mean(per_slice), chosen
     frozen = jax.tree.map(lax.stop_gradient, variables)
-    probe = jax.vmap(lambda x: probs_of(x, frozen))(sub_x)
-    _, chosen = losses.mutual_finding_loss(full_probs, probe, targets, valid=valid)
-    picked = losses.mfl_select(sub_x, chosen)  # [B,H,W,C]
+    _, chosen = losses.loss_from_distances(distances(lambda x: probs_of(x, frozen)), *size)
+    picked = images * jnp.asarray(masks)[chosen][:, None, None, :]  # [B,H,W,C]
     mfl, _ = losses.mutual_finding_loss(full_probs, probs_of(picked)[None], targets, valid=valid)
     return mfl, chosen
 

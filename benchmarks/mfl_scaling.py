@@ -1,0 +1,151 @@
+"""MFL cost against the number of component subsets: the plain step and the FL+MFL step at each
+subset count and MFL mode, as ratios to the plain step of the same run.
+
+    python benchmarks/mfl_scaling.py --config configs/mfl4.py --components t2w,adc,hbv,dce \
+        --subset-counts 2,6,14 [--modes vmap,select] [--steps 3] [--rounds 3] [--size 128] \
+        [--config.k=v ...]
+
+Subsets for a count M: the first M of every non-empty proper subset of the components in the
+project's order (single components, then pairs, ...), so M = 2^C - 2 is all of them. Every step is
+built from a `RunSpec` and compiled first; then, `--rounds` times, each MFL step is timed
+(`--steps` steps, `block_until_ready`) right after a timing of the plain step, so both see the same
+load; `time_ratio` is the median over rounds of MFL time / adjacent plain time. `memory_ratio` is
+the compiled step's peak from XLA's memory analysis (arguments + outputs + temporaries - aliased),
+MFL over plain; on a backend with memory statistics the process's running peak after each step's
+first call is reported too (`device_peak_bytes`, a running maximum: steps run plain first, then by
+subset count). Prints one JSON line: `{"results": [{"subsets", "mode", "time_ratio",
+"memory_ratio", ...}], "device": ..., ...}`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+from train_step import _batch, _peak_memory  # benchmarks/train_step.py (the script directory)
+
+from focalnet_jax import losses
+from focalnet_jax.config_loading import load_config
+from focalnet_jax.run import RunSpec
+from focalnet_jax.training import sharding, train_state
+from focalnet_jax.training import step as step_lib
+
+
+def compiled_peak_bytes(compiled) -> int:
+    """XLA's peak estimate of a compiled step: arguments + outputs + temporaries - aliased."""
+    m = compiled.memory_analysis()
+    return int(
+        m.argument_size_in_bytes
+        + m.output_size_in_bytes
+        + m.temp_size_in_bytes
+        - m.alias_size_in_bytes
+    )
+
+
+class _Step:
+    """One compiled train step with its own state, timed on a fixed batch."""
+
+    def __init__(self, config, size: int, mesh):
+        spec = RunSpec.from_config(config, image_size=(size, size))
+        self.state = train_state.create_train_state(spec, jax.random.key(0), mesh)
+        self.batch = jax.device_put(
+            _batch(spec.global_batch, size, len(spec.components)), sharding.batch_sharding(mesh)
+        )
+        self.args = (jax.random.key(1), jnp.float32(100.0))
+        step = step_lib.make_train_step(spec, mesh)
+        self.compiled = step.lower(self.state, self.batch, *self.args).compile()
+        self.peak_bytes = compiled_peak_bytes(self.compiled)
+        self.state, metrics = self.compiled(self.state, self.batch, *self.args)  # warm-up
+        jax.block_until_ready(metrics)
+        self.device_peak_bytes = _peak_memory()
+
+    def time(self, steps: int) -> float:
+        start = time.perf_counter()
+        for _ in range(steps):
+            self.state, metrics = self.compiled(self.state, self.batch, *self.args)
+        jax.block_until_ready((self.state, metrics))
+        return (time.perf_counter() - start) / steps
+
+
+def _config(args, overrides, mfl: bool, mode: str = "vmap", count: int = 0):
+    config = load_config(args.config, [*overrides, f"--config.loss.mfl={str(mfl).lower()}"])
+    components = tuple(args.components.split(",")) if args.components else config.data.components
+    config.data.components = components
+    config.loss.mfl_mode = mode
+    config.loss.subsets = losses.component_subsets(components)[:count] if mfl else None
+    return config
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="config file[:arg]")
+    parser.add_argument("--components", default="", help="comma-separated (default: config's)")
+    parser.add_argument("--subset-counts", default="2,6,14", help="comma-separated M values")
+    parser.add_argument("--modes", default=",".join(losses.MFL_MODES), help="MFL modes")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per step and round")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating timing rounds")
+    parser.add_argument("--size", type=int, default=128, help="slice size (store: 128)")
+    args, overrides = parser.parse_known_args(argv)
+    counts = [int(c) for c in args.subset_counts.split(",")]
+    modes = args.modes.split(",")
+    if set(modes) - set(losses.MFL_MODES):
+        parser.error(f"--modes: expected names from {losses.MFL_MODES}, got {args.modes!r}")
+    mesh = sharding.make_mesh()
+    plain_config = _config(args, overrides, mfl=False)
+    available = len(losses.component_subsets(plain_config.data.components))
+    if not counts or min(counts) < 1 or max(counts) > available:
+        parser.error(f"--subset-counts: expected values in 1..{available}, got {counts}")
+    plain = _Step(plain_config, args.size, mesh)
+    kinds = [(m, mode) for m in sorted(counts) for mode in modes]
+    steps = {k: _Step(_config(args, overrides, True, k[1], k[0]), args.size, mesh) for k in kinds}
+    plain_times, ratios = [], {k: [] for k in kinds}
+    for _ in range(args.rounds):
+        for kind, step in steps.items():
+            plain_times.append(plain.time(args.steps))
+            ratios[kind].append(step.time(args.steps) / plain_times[-1])
+    results = [
+        {
+            "subsets": m,
+            "mode": mode,
+            "mfl_chunk": int(plain_config.loss.mfl_chunk),
+            "time_ratio": statistics.median(ratios[(m, mode)]),
+            "memory_ratio": steps[(m, mode)].peak_bytes / plain.peak_bytes,
+            "peak_bytes": steps[(m, mode)].peak_bytes,
+            "device_peak_bytes": steps[(m, mode)].device_peak_bytes,
+        }
+        for m, mode in kinds
+    ]
+    device = jax.devices()[0]
+    config = plain_config
+    print(
+        json.dumps(
+            {
+                "results": results,
+                "device": device.device_kind,
+                "platform": device.platform,
+                "plain_step_time_s": statistics.median(plain_times),
+                "plain_peak_bytes": plain.peak_bytes,
+                "plain_device_peak_bytes": plain.device_peak_bytes,
+                "config": args.config,
+                "overrides": overrides,
+                "components": list(config.data.components),
+                "batch_size": config.train.batch_size,
+                "image_size": args.size,
+                "model": f"{config.model.name}-{config.model.depth} width {config.model.width} "
+                f"OS {config.model.output_stride} {config.model.dtype} norm {config.model.norm}",
+                "steps_per_round": args.steps,
+                "rounds": args.rounds,
+                "jax_version": jax.__version__,
+                "date": datetime.date.today().isoformat(),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
