@@ -34,6 +34,7 @@ def demo_trace(root: Path) -> dict[str, list[float]]:
     train = ["train", f"--config={REPO / 'configs' / 'demo.py'}", f"--workdir={workdir}"]
     train += [f"--config.data.store={store}", f"--config.train.steps={STEPS}"]
     train += ["--config.train.log_every=1", "--config.train.eval_every=0"]
+    train += ["--config.loss.mfl_mode=vmap"]  # the mode the trace was recorded in
     assert cli.main(train) == 0
     events = EventAccumulator(str(workdir / "tb"), size_guidance={"scalars": 0})
     events.Reload()
