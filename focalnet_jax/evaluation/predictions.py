@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from focalnet_jax.data.case_ids import check_case_id
+from focalnet_jax.errors import UserError
 
 REQUIRED_KEYS = ("scores", "lesions", "lesion_classes", "spacing", "patient_id")
 OPTIONAL_KEYS = ("t2w", "adc", "slice_index")
@@ -29,7 +30,7 @@ NUM_SCORES = 5
 MAX_NAMED = 10  # missing cases named in one error line
 
 
-class PredictionsError(ValueError):
+class PredictionsError(UserError):
     """A predictions file or folder that does not follow the contract."""
 
 

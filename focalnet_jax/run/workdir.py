@@ -34,7 +34,7 @@ _JSON_FILES = ("_CHECKPOINT_METADATA", f"{ITEM_DIR}/_METADATA", f"{ITEM_DIR}/_sh
 _REQUIRED_FILES = (f"{ITEM_DIR}/_METADATA", f"{ITEM_DIR}/manifest.ocdbt")
 
 
-class UnreadableCheckpointError(ValueError):
+class UnreadableCheckpointError(UserError):
     """A checkpoint step folder that cannot be restored: damaged files (message names them)."""
 
     def __init__(self, step_dir: Path, reason: str):
