@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from focalnet_jax.data.atomic_files import replaced_atomically
 from focalnet_jax.data.case_ids import check_case_id
 from focalnet_jax.errors import UserError
 
@@ -134,8 +135,8 @@ def write_case(
     for name in OPTIONAL_KEYS:
         if getattr(case, name) is not None:
             arrays[name] = getattr(case, name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, **arrays)
+    with replaced_atomically(path) as tmp, tmp.open("wb") as f:  # a file: savez adds no suffix
+        np.savez(f, **arrays)
     return path
 
 

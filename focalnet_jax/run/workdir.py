@@ -175,6 +175,17 @@ def _abstract_checkpoint(spec: RunSpec) -> dict:
     )
 
 
+def latest_step(workdir: str | Path) -> int | None:
+    """The newest checkpoint step of the run (None: no checkpoint)."""
+    if not (Path(workdir) / CHECKPOINT_DIR).is_dir():
+        return None
+    manager = make_manager(workdir, read_only=True)
+    try:
+        return manager.latest_step()
+    finally:
+        manager.close()
+
+
 def load_for_inference(workdir: str | Path, step: int | None = None):
     """`(spec, variables)` of a training run: the `RunSpec` of its saved config and the params and
     batch_stats of the latest (or the given) checkpoint as host NumPy arrays.
