@@ -10,13 +10,14 @@ Voxel counts refer to the grid the map is extracted on: here the T2w series.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 
 import numpy as np
 import SimpleITK as sitk
 
 from focalnet_jax.errors import UserError
-from focalnet_jax.evaluation.picai import _import_picai
 
 THRESHOLD_MODES = (
     "dynamic-fast",
@@ -26,6 +27,22 @@ THRESHOLD_MODES = (
     "dynamic-v2",
     "dynamic-v2-mean",
 )
+
+
+def import_picai():
+    """(extract_lesion_candidates, evaluate_case, Metrics, picai_eval version): the PI-CAI
+    libraries, imported on first use; they print a banner on import, kept out of the output."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        import picai_eval
+        from picai_eval.eval import evaluate_case
+        from picai_eval.metrics import Metrics
+        from report_guided_annotation import extract_lesion_candidates
+    version = getattr(picai_eval, "__version__", None)
+    if version is None:
+        from importlib.metadata import version as package_version
+
+        version = package_version("picai_eval")
+    return extract_lesion_candidates, evaluate_case, Metrics, version
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +88,7 @@ def lesion_candidates(
 ) -> np.ndarray:
     """float32 detection map of the same shape as the csPCa score volume `cspca` (`[z, y, x]`,
     values in [0, 1]): each candidate blob holds its confidence (the blob's peak score)."""
-    extract_lesion_candidates = _import_picai()[0]
+    extract_lesion_candidates = import_picai()[0]
     blobs = extract_lesion_candidates(
         np.asarray(cspca, np.float32),
         threshold=settings.library_threshold(),
