@@ -185,7 +185,7 @@ def test_predict_preprocesses_as_the_run_was_trained(run, tmp_path, caplog):
     assert preprocess_settings(config, old)["interpolator"] == "linear"
     # Neither a record nor the training store: the preprocessing is unknown, an error.
     config.data.store = str(tmp_path / "gone")
-    with pytest.raises(UserError, match=f"run {old} records no store settings .* gone is not"):
+    with pytest.raises(UserError, match=f"run {old} records no store settings .*/gone is not"):
         preprocess_settings(config, old)
 
 
