@@ -399,17 +399,9 @@ def _add_predict(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threshold", type=float, default=0.5, help="lowest listed detection")
     parser.add_argument("--batch-size", type=int, default=16, help="slices per inference batch")
     parser.add_argument("--tta", choices=("none", "flip"), default="none", help="left-right flip")
-    from focalnet_jax.evaluation.detection_map import CandidateSettings
+    from focalnet_jax.evaluation.detection_map import add_candidate_flags
 
-    default = CandidateSettings()  # report_guided_annotation's defaults
-    group = parser.add_argument_group("detection map (report_guided_annotation defaults)")
-    group.add_argument("--candidate-threshold", default=default.threshold, help="mode or score")
-    group.add_argument("--candidate-min-voxels", type=int, default=default.min_voxels,
-                       help="drop blobs <= N")  # fmt: skip
-    group.add_argument("--candidate-num-lesions", type=int, default=default.num_lesions,
-                       help="dynamic: most blobs")  # fmt: skip
-    group.add_argument("--candidate-factor", type=float, default=default.dynamic_threshold_factor,
-                       help="blob: peak / factor")  # fmt: skip
+    add_candidate_flags(parser)
 
 
 def _run_predict(args: argparse.Namespace) -> int:

@@ -250,6 +250,23 @@ def gaussian(shape, center, peak, sigma=2.0):
     return peak * np.exp(-0.5 * d2 / sigma**2)
 
 
+def test_candidate_flags_default_to_the_library_defaults():
+    import inspect
+
+    from report_guided_annotation import extract_lesion_candidates
+
+    from focalnet_jax.cli import build_parser
+
+    library = inspect.signature(extract_lesion_candidates).parameters
+    args = build_parser().parse_args(["predict", "--checkpoint", "r", "--out", "o"])
+    assert CandidateSettings.from_flags(args) == CandidateSettings(
+        threshold=library["threshold"].default,
+        min_voxels=library["min_voxels_detection"].default,
+        num_lesions=library["num_lesions_to_extract"].default,
+        dynamic_threshold_factor=library["dynamic_threshold_factor"].default,
+    )
+
+
 def test_lesion_candidates_fill_each_blob_with_its_peak_and_picai_eval_reads_them():
     import picai_eval
 

@@ -10,6 +10,7 @@ Voxel counts refer to the grid the map is extracted on: here the T2w series.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import io
@@ -78,6 +79,11 @@ class CandidateSettings:
                 "dynamic_threshold_factor > 1"
             )
 
+    @classmethod
+    def from_flags(cls, args) -> CandidateSettings:
+        """The settings of parsed `add_candidate_flags` flags."""
+        return cls(*(getattr(args, f"candidate_{flag}") for flag, _, _ in FLAGS))
+
     def library_threshold(self) -> str | float:
         threshold = str(self.threshold)
         return threshold if threshold in THRESHOLD_MODES else float(threshold)
@@ -107,3 +113,22 @@ def detection_map_image(
     image = sitk.GetImageFromArray(lesion_candidates(sitk.GetArrayFromImage(cspca), settings))
     image.CopyInformation(cspca)
     return image
+
+
+# `focalnet predict` flags, in `CandidateSettings` field order: (flag suffix, type, help).
+FLAGS = (
+    ("threshold", str, "mode or score"),
+    ("min_voxels", int, "drop blobs <= N"),
+    ("num_lesions", int, "dynamic: most blobs"),
+    ("factor", float, "blob: peak / factor"),
+)
+
+
+def add_candidate_flags(parser: argparse.ArgumentParser) -> None:
+    """`--candidate-threshold`, `--candidate-min-voxels`, `--candidate-num-lesions` and
+    `--candidate-factor`, defaulting to `CandidateSettings()` (the library's defaults)."""
+    group = parser.add_argument_group("detection map (report_guided_annotation defaults)")
+    defaults = dataclasses.astuple(CandidateSettings())
+    for (flag, kind, text), default in zip(FLAGS, defaults, strict=True):
+        group.add_argument(f"--candidate-{flag.replace('_', '-')}", type=kind, default=default,
+                           help=text)  # fmt: skip
