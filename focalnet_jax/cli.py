@@ -309,7 +309,6 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         from focalnet_jax.evaluation.run_predictions import predict_fold
         from focalnet_jax.run.workdir import read_config
 
-        slices = args.slices or str(read_config(args.workdir).data.slices)
         out = args.out or args.workdir / "eval"
         predictions = out / "predictions"
         cases = predict_fold(
@@ -320,6 +319,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             tta=args.tta,
         )
+        slices = args.slices or str(read_config(args.workdir).data.slices)
     elif args.out is None:
         raise UserError("--out is required with --predictions")
     else:

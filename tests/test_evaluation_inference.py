@@ -196,7 +196,9 @@ def test_epoch_based_run_killed_early_is_left_out_of_the_ensemble(cv, tmp_path, 
         train_and_evaluate(tiny_config(overrides=overrides), finished)
     record = json.loads((finished / "store.json").read_text())
     store = open_store(cv["store"])
-    train_slices = sum(len(store.case_slices(c)) for c in record["train_cases"])
+    train_slices = sum(
+        store.case(c)["stop"] - store.case(c)["start"] for c in record["train_cases"]
+    )
     total = train_slices // 4  # one epoch of whole batches of 4 (TINY)
     assert total >= 2 and record["total_steps"] == total
     assert final_step(finished) == (total, "")
@@ -206,9 +208,8 @@ def test_epoch_based_run_killed_early_is_left_out_of_the_ensemble(cv, tmp_path, 
     assert final_step(killed) == (None, f"latest checkpoint at step {total - 1} of {total}")
     with caplog.at_level("WARNING", logger="focalnet_jax"):
         assert resolve_runs(tmp_path / "cv_epochs") == [finished]
-    assert f"fold1: fold left out of the ensemble (latest checkpoint at step {total - 1}" in (
-        caplog.text
-    )
+    left_out = f"fold left out of the ensemble (fold1: latest checkpoint at step {total - 1} of"
+    assert f"{left_out} {total})" in caplog.text
     # A run from before total steps were recorded cannot be told finished.
     record.pop("total_steps")
     (killed / "store.json").write_text(json.dumps(record))
