@@ -309,7 +309,6 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         from focalnet_jax.evaluation.run_predictions import predict_fold
         from focalnet_jax.run.workdir import read_config
 
-        slices = args.slices or str(read_config(args.workdir).data.slices)
         out = args.out or args.workdir / "eval"
         predictions = out / "predictions"
         cases = predict_fold(
@@ -320,6 +319,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             tta=args.tta,
         )
+        slices = args.slices or str(read_config(args.workdir).data.slices)
     elif args.out is None:
         raise UserError("--out is required with --predictions")
     else:
@@ -399,11 +399,9 @@ def _add_predict(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threshold", type=float, default=0.5, help="lowest listed detection")
     parser.add_argument("--batch-size", type=int, default=16, help="slices per inference batch")
     parser.add_argument("--tta", choices=("none", "flip"), default="none", help="left-right flip")
-    group = parser.add_argument_group("detection map (report_guided_annotation defaults)")
-    group.add_argument("--candidate-threshold", default="dynamic-fast", help="mode or score")
-    group.add_argument("--candidate-min-voxels", type=int, default=10, help="drop blobs <= N")
-    group.add_argument("--candidate-num-lesions", type=int, default=5, help="dynamic: most blobs")
-    group.add_argument("--candidate-factor", type=float, default=2.5, help="blob: peak / factor")
+    from focalnet_jax.evaluation.detection_map import add_candidate_flags
+
+    add_candidate_flags(parser)
 
 
 def _run_predict(args: argparse.Namespace) -> int:

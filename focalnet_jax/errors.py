@@ -2,9 +2,9 @@
 
 `focalnet` prints a user error as one line, `focalnet <command>: error: <message>`, and exits with
 status 2 (`UserErrorExit`; `--verbose` adds the traceback); any other exception keeps its
-traceback. Raise it (or another error `is_user_error` accepts) with a message naming the case,
-file or setting and the reason. It is a `ValueError`, so callers that catch `ValueError` keep
-working.
+traceback. Raise it (every package error class that means bad input subclasses it) with a message
+naming the case, file or setting and the reason. It is a `ValueError`, so callers that catch
+`ValueError` keep working.
 """
 
 from __future__ import annotations
@@ -29,23 +29,10 @@ class UserErrorExit(SystemExit):
         return self.line
 
 
-# User errors of modules with their own class (LayoutError, StaleStoreError: UserErrors).
-_OTHER_USER_ERRORS = (
-    ("focalnet_jax.data.io", "CaseError"),
-    ("focalnet_jax.data.dicom", "SeriesError"),
-    ("focalnet_jax.evaluation.predictions", "PredictionsError"),
-    ("focalnet_jax.run.workdir", "UnreadableCheckpointError"),
-)
-
-
 def is_user_error(error: BaseException) -> bool:
-    """Whether `error` is the user's to fix: a `UserError`, a missing or clashing file, or one of
-    `_OTHER_USER_ERRORS` (looked up only in modules already imported: others cannot have raised)."""
-    classes = [UserError, FileNotFoundError, FileExistsError]
-    for module, name in _OTHER_USER_ERRORS:
-        if module in sys.modules:
-            classes.append(getattr(sys.modules[module], name))
-    return isinstance(error, tuple(classes))
+    """Whether `error` is the user's to fix: a `UserError` (every error class of the package that
+    means bad input subclasses it) or a missing or clashing file."""
+    return isinstance(error, (UserError, FileNotFoundError, FileExistsError))
 
 
 @contextlib.contextmanager

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from test_train_helpers import REPO, TINY
@@ -26,7 +27,27 @@ def test_missing_store_is_one_line(tmp_path, capsys):
     missing = tmp_path / "nowhere"
     status, err = _run(["folds", "--store", str(missing)], capsys)
     assert status == 2
-    assert err == f"focalnet folds: error: {missing} is not a preprocessed store (no cases.json)\n"
+    assert err == f"focalnet folds: error: store {missing} does not exist\n"
+
+
+def test_package_error_classes_are_user_errors():
+    """Each module's own bad-input error is a `UserError`, so the CLI prints it as one line."""
+    from focalnet_jax.data.dicom import SeriesError
+    from focalnet_jax.data.io import CaseError
+    from focalnet_jax.errors import UserError, is_user_error
+    from focalnet_jax.evaluation.predictions import PredictionsError
+    from focalnet_jax.run.workdir import UnreadableCheckpointError
+
+    errors = (
+        CaseError("c1", "t2w.mha", "truncated"),
+        SeriesError("adc", "two series"),
+        PredictionsError("c1.npz: no scores"),
+        UnreadableCheckpointError(Path("ckpt/5"), "empty metadata"),
+    )
+    for error in errors:
+        assert isinstance(error, UserError) and is_user_error(error)
+    assert is_user_error(FileNotFoundError("x")) and is_user_error(FileExistsError("x"))
+    assert not is_user_error(ValueError("a bug")) and not is_user_error(KeyError("k"))
 
 
 @pytest.mark.parametrize("where", ["before", "after"])
@@ -38,9 +59,7 @@ def test_verbose_shows_the_traceback(tmp_path, capsys, where):
     assert status == 2 and lines[0] == "Traceback (most recent call last):"
     assert "FileNotFoundError" in lines[-2]
     missing = tmp_path / "nowhere"
-    assert (
-        lines[-1] == f"focalnet folds: error: {missing} is not a preprocessed store (no cases.json)"
-    )
+    assert lines[-1] == f"focalnet folds: error: store {missing} does not exist"
 
 
 FLAG_ERRORS = [  # (argv, the message after "focalnet <command>: error: ")
@@ -98,9 +117,7 @@ def _assert_user_error(result, line):
 def test_train_missing_store_and_indivisible_batch(tmp_path):
     missing = tmp_path / "nostore"
     result = _train_subprocess(tmp_path, f"--config.data.store={missing}")
-    _assert_user_error(
-        result, f"focalnet train: error: {missing} is not a preprocessed store (no cases.json)"
-    )
+    _assert_user_error(result, f"focalnet train: error: store {missing} does not exist")
     result = _train_subprocess(tmp_path, "--config.train.batch_size=3", devices=2)
     _assert_user_error(
         result,

@@ -18,6 +18,7 @@ from focalnet_jax.data.layouts import discover_picai
 from focalnet_jax.data.preprocess import PreprocessConfig
 from focalnet_jax.data.run_store import RECORD_FILE, check_run_store
 from focalnet_jax.data.store import StaleStoreError, open_store
+from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation.ensemble import preprocess_settings
 from focalnet_jax.run import workdir as workdir_lib
 
@@ -37,11 +38,13 @@ def _train(workdir, store, *extra):
     )  # fmt: skip
 
 
-def _store(root, out, **settings) -> Path:
-    """The synthetic cases of `root/data` at 32 x 32 pixels (small, so that training is quick)."""
+def _store(root, out, drop=None, **settings) -> Path:
+    """The synthetic cases of `root/data` (but case `drop`) at 32 x 32 pixels (small, so that
+    training is quick)."""
     cases = discover_picai(
         root / "data" / "images", root / "data" / "labels", root / "data" / "masks"
     )
+    cases = [case for case in cases if case.case_id != drop]
     config = PreprocessConfig(crop_size=32, label_values="isup", **settings)
     return preprocess_cases(cases, out, config=config, progress=False).path
 
@@ -69,12 +72,49 @@ def _user_error(argv, capsys) -> str:
 def test_training_records_the_store_settings(run):
     record = json.loads((run["workdir"] / RECORD_FILE).read_text())
     store = open_store(run["a"])
+    train, val = record.pop("train_cases"), record.pop("val_cases")
     assert record == {
         "store": str(run["a"]),
         "fingerprint": store.fingerprint,
         "settings": store.settings,
+        "total_steps": 1,
     }
     assert record["settings"]["preprocess"]["interpolator"] == "bspline"
+    assert val and not set(train) & set(val) and sorted(train + val) == sorted(store.case_ids)
+
+
+def test_fold_evaluation_uses_the_recorded_validation_cases(run, tmp_path, capsys, caplog):
+    """A store rebuilt with the same settings but other cases: the recorded validation cases are
+    evaluated where it holds them all, refused (naming the missing ones) where it does not."""
+    record = json.loads((run["workdir"] / RECORD_FILE).read_text())
+    train, val = record["train_cases"], record["val_cases"]
+    without_train = _store(run["root"], tmp_path / "without_train", drop=train[0])
+    out = tmp_path / "eval"
+    evaluate = ["evaluate", "--workdir", str(run["workdir"]), "--no-picai", "--no-figures"]
+    assert cli.main([*evaluate, "--store", str(without_train), "--out", str(out)]) == 0
+    assert sorted(p.stem for p in (out / "predictions").glob("*.npz")) == sorted(val)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["models"] == {"models": [{"run": str(run["workdir"]), "step": 1}], "tta": "none"}
+    without_val = _store(run["root"], tmp_path / "without_val", drop=val[0])
+    line = _user_error(
+        [*evaluate, "--store", str(without_val), "--out", str(tmp_path / "e2")], capsys
+    )
+    assert line == (
+        f"focalnet evaluate: error: store {without_val} lacks 1 of the {len(val)} validation "
+        f"cases run {run['workdir']} recorded: {val[0]}"
+    )
+    # A record from before the case ids were kept: the fold is recomputed, with a warning.
+    old = tmp_path / "old"
+    shutil.copytree(run["workdir"], old)
+    del record["train_cases"], record["val_cases"]
+    (old / RECORD_FILE).write_text(json.dumps(record))
+    with caplog.at_level(logging.WARNING, logger="focalnet_jax"):
+        assert (
+            cli.main([*evaluate[:2], str(old), *evaluate[3:], "--out", str(tmp_path / "e3")]) == 0
+        )
+    assert f"run {old} recorded no validation cases: recomputing fold 0 of store {run['a']}" in [
+        r.getMessage() for r in caplog.records
+    ]
 
 
 def test_resume_on_a_store_with_other_settings_is_refused(run, capsys):
@@ -143,6 +183,10 @@ def test_predict_preprocesses_as_the_run_was_trained(run, tmp_path, caplog):
     old = tmp_path / "old"
     shutil.copytree(run["workdir"], old, ignore=shutil.ignore_patterns(RECORD_FILE))
     assert preprocess_settings(config, old)["interpolator"] == "linear"
+    # Neither a record nor the training store: the preprocessing is unknown, an error.
+    config.data.store = str(tmp_path / "gone")
+    with pytest.raises(UserError, match=f"run {old} records no store settings .*/gone is not"):
+        preprocess_settings(config, old)
 
 
 def test_check_run_store_ignores_only_the_named_keys(run):

@@ -105,6 +105,20 @@ def test_store_of_an_older_format_version_is_refused(tmp_path):
         open_store(tmp_path / "s")
 
 
+def test_missing_store_and_corrupt_table_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"store .*nowhere does not exist"):
+        open_store(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"is not a preprocessed store \(no cases.json\)"):
+        open_store(tmp_path / "empty")
+    with StoreWriter(tmp_path / "s", ("t2w", "adc"), SETTINGS) as writer:
+        writer.add(_case("a", 1), patient_id="p")
+        writer.commit()
+    (tmp_path / "s" / "cases.json").write_text('{"settings": {')  # truncated
+    with pytest.raises(StaleStoreError, match=r"s/cases.json: not valid JSON"):
+        open_store(tmp_path / "s")
+
+
 def test_failure_leaves_nothing_and_keeps_old_store(tmp_path):
     with StoreWriter(tmp_path / "s", ("t2w", "adc"), SETTINGS) as writer:
         writer.add(_case("old", 1), patient_id="p")

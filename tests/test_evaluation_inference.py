@@ -123,6 +123,14 @@ def test_predict_maps_of_the_ensemble_are_the_mean_of_the_single_models(cv, tmp_
         for score in ("lesion_score.nii.gz", "cspca_score.nii.gz"):
             mean = (read(single[0] / score) + read(single[1] / score)) / 2
             np.testing.assert_allclose(read(out / score), mean, atol=1e-5)
+    # models.json names the runs and steps that made each output folder; no temporary is left.
+    expected = [{"run": str(f), "step": 2} for f in folds]
+    assert json.loads((tmp_path / "cv" / "models.json").read_text()) == {
+        "models": expected,
+        "tta": "none",
+    }
+    assert json.loads((tmp_path / "fold1" / "models.json").read_text())["models"] == expected[1:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cv", "fold0", "fold1", "repeated"]
 
 
 def test_flip_tta_is_the_mean_of_plain_and_reflipped_flipped_prediction(cv):
@@ -172,6 +180,54 @@ def test_cv_folder_without_finished_fold_is_a_one_line_error(cv, tmp_path):
     assert "no fold with a finished checkpoint" in message and str(empty) in message
 
 
+def test_epoch_based_run_killed_early_is_left_out_of_the_ensemble(cv, tmp_path, caplog):
+    """An epoch-based run records its total steps (epochs x whole batches of its training
+    slices) at start; a run whose checkpoints stop short of it is not finished."""
+    from focalnet_jax.data.store import open_store
+    from focalnet_jax.evaluation.ensemble import final_step
+    from focalnet_jax.training import train_and_evaluate
+
+    overrides = ["--config.train.steps=0", "--config.train.epochs=1",
+                 "--config.train.checkpoint_every=1", "--config.train.keep_checkpoints=100",
+                 "--config.loss.mfl=False", "--config.data.slices=all",
+                 "--config.data.num_folds=2", f"--config.data.store={cv['store']}"]  # fmt: skip
+    finished = tmp_path / "cv_epochs" / "fold0"
+    with contextlib.redirect_stderr(io.StringIO()):
+        train_and_evaluate(tiny_config(overrides=overrides), finished)
+    record = json.loads((finished / "store.json").read_text())
+    store = open_store(cv["store"])
+    train_slices = sum(
+        store.case(c)["stop"] - store.case(c)["start"] for c in record["train_cases"]
+    )
+    total = train_slices // 4  # one epoch of whole batches of 4 (TINY)
+    assert total >= 2 and record["total_steps"] == total
+    assert final_step(finished) == (total, "")
+    killed = tmp_path / "cv_epochs" / "fold1"
+    shutil.copytree(finished, killed)
+    shutil.rmtree(killed / "checkpoints" / str(total))  # killed before the last step was saved
+    assert final_step(killed) == (None, f"latest checkpoint at step {total - 1} of {total}")
+    with caplog.at_level("WARNING", logger="focalnet_jax"):
+        assert resolve_runs(tmp_path / "cv_epochs") == [finished]
+    left_out = f"fold left out of the ensemble (fold1: latest checkpoint at step {total - 1} of"
+    assert f"{left_out} {total})" in caplog.text
+    # A run from before total steps were recorded cannot be told finished.
+    record.pop("total_steps")
+    (killed / "store.json").write_text(json.dumps(record))
+    assert final_step(killed)[1].startswith("counts epochs but records no total steps")
+
+
+def test_evaluate_workdir_refuses_a_cv_folder_with_one_finished_fold(cv, tmp_path):
+    folder = tmp_path / "cv_one"
+    shutil.copytree(cv["cv"] / "fold0", folder / "fold0")
+    message = cli_error(["evaluate", "--workdir", folder, "--out", tmp_path / "eval"])
+    assert message == (
+        f"focalnet evaluate: error: {folder}: not a training run (no config.json); a "
+        "cross-validation folder's ensemble has seen every fold in training: evaluate it on a "
+        "test store (--store TEST --all-cases) or evaluate each fold run"
+    )
+    assert not (tmp_path / "eval").exists()
+
+
 def test_models_that_disagree_on_components_are_a_one_line_error(cv, tmp_path):
     other = tmp_path / "swapped"
     shutil.copytree(cv["cv"] / "fold1", other)
@@ -193,6 +249,23 @@ def gaussian(shape, center, peak, sigma=2.0):
     grid = np.indices(shape, dtype=np.float64)
     d2 = sum((g - c) ** 2 for g, c in zip(grid, center, strict=True))
     return peak * np.exp(-0.5 * d2 / sigma**2)
+
+
+def test_candidate_flags_default_to_the_library_defaults():
+    import inspect
+
+    from report_guided_annotation import extract_lesion_candidates
+
+    from focalnet_jax.cli import build_parser
+
+    library = inspect.signature(extract_lesion_candidates).parameters
+    args = build_parser().parse_args(["predict", "--checkpoint", "r", "--out", "o"])
+    assert CandidateSettings.from_flags(args) == CandidateSettings(
+        threshold=library["threshold"].default,
+        min_voxels=library["min_voxels_detection"].default,
+        num_lesions=library["num_lesions_to_extract"].default,
+        dynamic_threshold_factor=library["dynamic_threshold_factor"].default,
+    )
 
 
 def test_lesion_candidates_fill_each_blob_with_its_peak_and_picai_eval_reads_them():
@@ -309,6 +382,8 @@ def test_all_cases_evaluation_counts_every_patient_of_the_test_store(cv, tmp_pat
     assert metrics["num_cases"] == len(store.cases) == CASES
     assert metrics["picai"]["num_cases"] == CASES
     assert sorted(p.stem for p in (out / "predictions").glob("*.npz")) == sorted(store.case_ids)
+    folds = [{"run": str(cv["cv"] / f"fold{k}"), "step": 2} for k in (0, 1)]
+    assert metrics["models"] == {"models": folds, "tta": "none"}
     assert (out / "report.md").is_file()
 
 

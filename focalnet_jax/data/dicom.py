@@ -16,13 +16,15 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from focalnet_jax.errors import UserError
+
 SPACING_TOLERANCE_MM = 0.01  # absolute slice-spacing tolerance (mm) ...
 SPACING_TOLERANCE_REL = 0.01  # ... or this fraction of the spacing, whichever is larger
 _UID, _DESCRIPTION, _INSTANCE = "0020|000e", "0008|103e", "0020|0013"
 _POSITION, _ORIENTATION = "0020|0032", "0020|0037"
 
 
-class SeriesError(ValueError):
+class SeriesError(UserError):
     """A DICOM folder or series that cannot be read as one regular 3D stack."""
 
     def __init__(self, file: str | os.PathLike, reason: str):

@@ -18,13 +18,14 @@ import numpy as np
 import SimpleITK as sitk
 
 from focalnet_jax.data import dicom
+from focalnet_jax.errors import UserError
 
 IMAGE_SUFFIXES = (".mha", ".mhd", ".nii", ".nii.gz", ".nrrd")
 _MET_BYTES = {"MET_UCHAR": 1, "MET_CHAR": 1, "MET_USHORT": 2, "MET_SHORT": 2, "MET_UINT": 4}
 _MET_BYTES |= {"MET_INT": 4, "MET_FLOAT": 4, "MET_DOUBLE": 8}
 
 
-class CaseError(ValueError):
+class CaseError(UserError):
     """A case that cannot be preprocessed: names the case, the file and the reason."""
 
     def __init__(self, case: str, file: str | os.PathLike | None, reason: str):

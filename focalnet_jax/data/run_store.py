@@ -14,6 +14,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from focalnet_jax.data.atomic_files import write_json_atomic
 from focalnet_jax.data.store import StaleStoreError, settings_diff
 
 log = logging.getLogger(__name__)
@@ -65,26 +66,59 @@ def check_run_store(
     return record
 
 
-def record_run_store(workdir: str | os.PathLike, store, *, write: bool = True) -> None:
+def record_run_store(
+    workdir: str | os.PathLike,
+    store,
+    *,
+    split=None,
+    total_steps: int | None = None,
+    write: bool = True,
+) -> None:
     """At training start: a run that has a record (a resume) must use a store with the same
-    settings (`StaleStoreError` otherwise); a new run, or one from before these records (warned),
-    records `store` (`write`: this process writes files, e.g. process 0 only)."""
+    settings, and the same training and validation cases where it recorded them
+    (`StaleStoreError` otherwise); a new run, or one from before these records (warned), records
+    `store`. `split` (a `FoldSplit`) adds the case ids, `total_steps` the step training ends at
+    (epoch-based runs: from the number of training slices), so that evaluation and ensembles do
+    not recompute them. `write`: this process writes files (e.g. process 0 only)."""
     workdir = Path(workdir)
     record = read_run_store(workdir)
     if record is not None:
         _compare(record, store.settings, workdir, f"store {store.path}", ())
-        return
-    if (workdir / "config.json").exists():
-        log.warning(
-            "run %s has no %s (started before store settings were recorded): recording store %s",
-            workdir,
-            RECORD_FILE,
-            store.path,
-        )
-    if write:
-        workdir.mkdir(parents=True, exist_ok=True)
+        if split is not None:
+            _compare_cases(record, split, workdir, store.path)
+    else:
+        if (workdir / "config.json").exists():
+            log.warning(
+                "run %s has no %s (started before store settings were recorded): recording "
+                "store %s",
+                workdir,
+                RECORD_FILE,
+                store.path,
+            )
         record = {"store": str(store.path), "fingerprint": store.fingerprint}
         record["settings"] = store.settings
-        tmp = workdir / f".{RECORD_FILE}.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(record, indent=1) + "\n")
-        os.replace(tmp, workdir / RECORD_FILE)
+    if split is not None:
+        record.update(train_cases=list(split.train_cases), val_cases=list(split.val_cases))
+    if total_steps is not None:
+        record["total_steps"] = int(total_steps)
+    if write:
+        workdir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(record, workdir / RECORD_FILE)
+
+
+def _compare_cases(record: dict, split, workdir, store_path) -> None:
+    for key, cases in (("train_cases", split.train_cases), ("val_cases", split.val_cases)):
+        if key in record and list(record[key]) != list(cases):
+            raise StaleStoreError(
+                f"run {workdir}: store {store_path} gives other {key.replace('_', ' ')} than the "
+                f"run recorded ({len(record[key])} recorded, {len(cases)} now; "
+                f"{len(set(record[key]) ^ set(cases))} differ): resume on the store it trained on"
+            )
+
+
+def recorded_cases(workdir: str | os.PathLike, key: str) -> list[str] | None:
+    """The run's recorded `train_cases` or `val_cases`; None for a record without them."""
+    record = read_run_store(workdir)
+    if record is None or key not in record:
+        return None
+    return list(record[key])

@@ -367,9 +367,14 @@ def open_store(path: str | os.PathLike, *, expected_settings: dict | None = None
     """
     path = Path(path)
     table_path = path / "cases.json"
+    if not path.exists():
+        raise FileNotFoundError(f"store {path} does not exist")
     if not table_path.exists():
         raise FileNotFoundError(f"{path} is not a preprocessed store (no cases.json)")
-    table = json.loads(table_path.read_text())
+    try:
+        table = json.loads(table_path.read_text())
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+        raise StaleStoreError(f"{table_path}: not valid JSON ({error})") from error
     if (version := table["settings"].get("version")) != STORE_VERSION:
         raise StaleStoreError(
             f"store {path} has format version {version}; this code reads version {STORE_VERSION} "

@@ -13,22 +13,20 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from focalnet_jax.data.atomic_files import replaced_folder
 from focalnet_jax.data.io import CaseError
 from focalnet_jax.data.layouts import CaseSpec, LayoutError, discover_picai, read_manifest
 from focalnet_jax.data.preprocess import PreprocessedCase, preprocess_case
 from focalnet_jax.data.store import write_errors
 from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation.detection_map import CandidateSettings
-from focalnet_jax.evaluation.ensemble import Ensemble
+from focalnet_jax.evaluation.ensemble import Ensemble, write_models
 from focalnet_jax.evaluation.predict import write_exam_outputs
 
 log = logging.getLogger(__name__)
@@ -90,21 +88,9 @@ def _preprocess(spec: CaseSpec, models: Ensemble) -> PreprocessedCase:
 
 def _write_case(out: Path, case: PreprocessedCase, scores: np.ndarray, options: dict) -> Path:
     """The case's outputs in a temporary folder, renamed to `out/<case_id>` (replacing one)."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{case.case_id}.tmp-", dir=out))
-    try:
+    final = out / case.case_id
+    with replaced_folder(final) as tmp:
         write_exam_outputs(case, scores, tmp, **options)
-        tmp.chmod(0o755)
-        final = out / case.case_id
-        old = None
-        if final.exists():
-            old = out / f"{tmp.name}.old"
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 
@@ -119,8 +105,8 @@ def predict_cases(
     progress: bool = True,
     errors: list | None = None,
 ) -> BatchSummary:
-    """Predicts every case into `out/<case_id>/`; returns what was written and the bad cases
-    (those of `errors`, found before, first).
+    """Predicts every case into `out/<case_id>/` (and `out/models.json`: `write_models`); returns
+    what was written and the bad cases (those of `errors`, found before, first).
 
     Raises the first CaseError unless `skip_bad_cases`; cases written before it are kept.
     """
@@ -129,6 +115,7 @@ def predict_cases(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "errors.csv").unlink(missing_ok=True)  # a previous run's list would mislead
+    write_models(models, out)
     options = {"threshold": threshold, "candidates": candidates}
     batch = max(p.batch_size for p in models.predictors)
     written: list[str] = []

@@ -10,13 +10,15 @@ Voxel counts refer to the grid the map is extracted on: here the T2w series.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import dataclasses
+import io
 
 import numpy as np
 import SimpleITK as sitk
 
 from focalnet_jax.errors import UserError
-from focalnet_jax.evaluation.picai import _import_picai
 
 THRESHOLD_MODES = (
     "dynamic-fast",
@@ -26,6 +28,22 @@ THRESHOLD_MODES = (
     "dynamic-v2",
     "dynamic-v2-mean",
 )
+
+
+def import_picai():
+    """(extract_lesion_candidates, evaluate_case, Metrics, picai_eval version): the PI-CAI
+    libraries, imported on first use; they print a banner on import, kept out of the output."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        import picai_eval
+        from picai_eval.eval import evaluate_case
+        from picai_eval.metrics import Metrics
+        from report_guided_annotation import extract_lesion_candidates
+    version = getattr(picai_eval, "__version__", None)
+    if version is None:
+        from importlib.metadata import version as package_version
+
+        version = package_version("picai_eval")
+    return extract_lesion_candidates, evaluate_case, Metrics, version
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +79,11 @@ class CandidateSettings:
                 "dynamic_threshold_factor > 1"
             )
 
+    @classmethod
+    def from_flags(cls, args) -> CandidateSettings:
+        """The settings of parsed `add_candidate_flags` flags."""
+        return cls(*(getattr(args, f"candidate_{flag}") for flag, _, _ in FLAGS))
+
     def library_threshold(self) -> str | float:
         threshold = str(self.threshold)
         return threshold if threshold in THRESHOLD_MODES else float(threshold)
@@ -71,7 +94,7 @@ def lesion_candidates(
 ) -> np.ndarray:
     """float32 detection map of the same shape as the csPCa score volume `cspca` (`[z, y, x]`,
     values in [0, 1]): each candidate blob holds its confidence (the blob's peak score)."""
-    extract_lesion_candidates = _import_picai()[0]
+    extract_lesion_candidates = import_picai()[0]
     blobs = extract_lesion_candidates(
         np.asarray(cspca, np.float32),
         threshold=settings.library_threshold(),
@@ -90,3 +113,22 @@ def detection_map_image(
     image = sitk.GetImageFromArray(lesion_candidates(sitk.GetArrayFromImage(cspca), settings))
     image.CopyInformation(cspca)
     return image
+
+
+# `focalnet predict` flags, in `CandidateSettings` field order: (flag suffix, type, help).
+FLAGS = (
+    ("threshold", str, "mode or score"),
+    ("min_voxels", int, "drop blobs <= N"),
+    ("num_lesions", int, "dynamic: most blobs"),
+    ("factor", float, "blob: peak / factor"),
+)
+
+
+def add_candidate_flags(parser: argparse.ArgumentParser) -> None:
+    """`--candidate-threshold`, `--candidate-min-voxels`, `--candidate-num-lesions` and
+    `--candidate-factor`, defaulting to `CandidateSettings()` (the library's defaults)."""
+    group = parser.add_argument_group("detection map (report_guided_annotation defaults)")
+    defaults = dataclasses.astuple(CandidateSettings())
+    for (flag, kind, text), default in zip(FLAGS, defaults, strict=True):
+        group.add_argument(f"--candidate-{flag.replace('_', '-')}", type=kind, default=default,
+                           help=text)  # fmt: skip

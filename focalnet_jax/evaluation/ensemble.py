@@ -21,8 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+from focalnet_jax.data.atomic_files import write_json_atomic
 from focalnet_jax.data.preprocess import PreprocessConfig
-from focalnet_jax.data.run_store import read_run_store
+from focalnet_jax.data.run_store import RECORD_FILE, read_run_store
 from focalnet_jax.data.store import preprocess_settings as store_preprocess_settings
 from focalnet_jax.data.store import settings_diff
 from focalnet_jax.errors import UserError
@@ -32,6 +33,7 @@ from focalnet_jax.run import workdir as workdir_lib
 log = logging.getLogger(__name__)
 
 TTA_MODES = ("none", "flip")
+MODELS_FILE = "models.json"
 LEFT_RIGHT_AXIS = 2  # columns of [N, H, W, C]: the T2w x axis (LPS: patient right -> left)
 # Labels only: how a label value 1 reads does not change a model's inputs.
 LABEL_ONLY_SETTINGS = ("label_values",)
@@ -44,7 +46,7 @@ class EnsembleError(UserError):
 def preprocess_settings(config, workdir: str | Path | None = None) -> dict | None:
     """The preprocessing settings the run was trained with: those recorded in `workdir`
     (`data.run_store`; a training store rebuilt since with other settings is named in a warning),
-    else (a run from before these records) its training store's, else None (defaults)."""
+    else (a run from before these records) its training store's; neither: a UserError."""
     path = str(config.data.store or "")
     store = store_preprocess_settings(path) if path else None
     record = read_run_store(workdir) if workdir is not None else None
@@ -58,8 +60,11 @@ def preprocess_settings(config, workdir: str | Path | None = None) -> dict | Non
             )
         return record["settings"]["preprocess"]
     if store is None:
-        log.warning("training store %s not found: default preprocessing", config.data.store)
-        return None
+        raise UserError(
+            f"run {workdir} records no store settings ({RECORD_FILE}) and its training store "
+            f"{path or '(none configured)'} is not readable: its preprocessing is unknown; "
+            f"restore that store or set data.store in {workdir_lib.CONFIG_FILE} to a copy"
+        )
     log.warning("run %s records no store settings: preprocessing as store %s", workdir, path)
     return store
 
@@ -77,8 +82,10 @@ def settings_difference(have: dict, want: dict) -> dict:
 
 
 def final_step(workdir: Path) -> tuple[int | None, str]:
-    """(step of the run's finished checkpoint, else None; why not). Finished: a checkpoint at
-    the configured `train.steps` (any checkpoint where the run counts epochs instead)."""
+    """(step of the run's finished checkpoint, else None; why not). Finished: a checkpoint at the
+    run's total steps: the configured `train.steps`, or for a run that counts epochs the total
+    its training recorded at start (`store.json`: epochs x steps per epoch of its training
+    slices). An epoch-based run without that record cannot be told finished: left out."""
     try:
         config = workdir_lib.read_config(workdir)
     except FileNotFoundError as error:
@@ -93,9 +100,16 @@ def final_step(workdir: Path) -> tuple[int | None, str]:
     if not steps:
         return None, "no checkpoint"
     target = int(config.train.steps)
-    if target > 0 and max(steps) < target:
+    if target <= 0:
+        target = (read_run_store(workdir) or {}).get("total_steps")
+        if target is None:
+            return None, (
+                "counts epochs but records no total steps (trained before they were recorded): "
+                "cannot tell whether it finished; name the run itself to use it"
+            )
+    if max(steps) < target:
         return None, f"latest checkpoint at step {max(steps)} of {target}"
-    return (target if target > 0 else max(steps)), ""
+    return target, ""
 
 
 def resolve_runs(path: str | Path) -> list[Path]:
@@ -148,6 +162,13 @@ class Ensemble:
         """The first model's `RunSpec` (they agree on components, encoding and preprocessing)."""
         return self.predictors[0].spec
 
+    def describe(self) -> dict:
+        """Which models formed the predictions: {"models": [{"run", "step"}], "tta"}."""
+        models = [
+            {"run": str(r), "step": p.step} for r, p in zip(self.runs, self.predictors, strict=True)
+        ]
+        return {"models": models, "tta": self.tta}
+
     def __call__(self, images: np.ndarray) -> np.ndarray:
         images = np.asarray(images, np.float32)
         if self.tta == "flip":
@@ -163,6 +184,12 @@ class Ensemble:
                 scores = 0.5 * (scores[:n] + np.flip(scores[n:], LEFT_RIGHT_AXIS))
             total += scores
         return (total / len(self.predictors)).astype(np.float32)
+
+
+def write_models(models: Ensemble, out_dir: str | Path) -> Path:
+    """`out_dir/models.json`: `Ensemble.describe()`, so that an ensemble of fewer runs than a
+    folder holds (a fold left out) is visible beside its predictions."""
+    return write_json_atomic(models.describe(), Path(out_dir) / MODELS_FILE)
 
 
 def check_compatible(runs: Sequence[Path], predictors: Sequence[Predictor], settings) -> None:

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,6 +13,7 @@ import numpy as np
 
 from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation import figures, picai
+from focalnet_jax.evaluation.ensemble import MODELS_FILE
 from focalnet_jax.evaluation.froc import count_patients, froc_analysis
 from focalnet_jax.evaluation.localization import MIN_SCORE, RADIUS_MM
 from focalnet_jax.evaluation.matching import ROC_DETECTIONS, CaseSummary, summarize_case
@@ -47,8 +49,9 @@ def evaluate_predictions(
 ) -> dict:
     """Evaluates the `<case_id>.npz` of `predictions_dir` for every case id of `cases` (a listed
     case without a file is an error naming it), or without `cases` every file found; writes the
-    outputs to `out_dir` when given. Returns the metrics dict (arrays as NumPy; `metrics.json`
-    holds its JSON-safe form).
+    outputs to `out_dir` when given; a `models.json` beside the predictions (the runs and steps
+    that made them) is copied into the metrics as "models". Returns the metrics dict (arrays as
+    NumPy; `metrics.json` holds its JSON-safe form).
 
     `slices` selects the slices of the paper's 2D protocol ('all', or 'annotated': slices with a
     lesion ROI, as the paper's validation); the PI-CAI 3D protocol always uses every slice.
@@ -105,6 +108,9 @@ def evaluate_predictions(
     else:
         log.warning("PI-CAI metrics skipped: %s", picai_skipped)
         metrics["picai"] = {"skipped": picai_skipped}
+    models = Path(predictions_dir) / MODELS_FILE
+    if models.is_file():  # the runs that made the predictions (`ensemble.write_models`)
+        metrics["models"] = json.loads(models.read_text())
     if out_dir is not None:
         out_dir = Path(out_dir)
         write_json(metrics, out_dir / "metrics.json")

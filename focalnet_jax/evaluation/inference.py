@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from focalnet_jax import encoding
-from focalnet_jax.data.run_store import check_run_store
+from focalnet_jax.data.run_store import check_run_store, recorded_cases
 from focalnet_jax.data.store import component_channels, open_store
 from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation.predictions import write_case
@@ -37,6 +37,7 @@ class Predictor:
     variables: dict
     apply: Callable
     batch_size: int = 16
+    step: int | None = None  # the checkpoint step, where loaded from a run
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -45,8 +46,12 @@ class Predictor:
     @classmethod
     def from_workdir(cls, workdir: str | Path, *, step: int | None = None, batch_size: int = 16):
         """Loads the run's spec and checkpoint (`workdir.load_for_inference`)."""
+        if step is None:
+            step = workdir_lib.latest_step(workdir)
         spec, variables = workdir_lib.load_for_inference(workdir, step)
-        return cls.from_variables(spec, variables, batch_size=batch_size)
+        return dataclasses.replace(
+            cls.from_variables(spec, variables, batch_size=batch_size), step=step
+        )
 
     @classmethod
     def from_variables(cls, spec: RunSpec, variables: dict, *, batch_size: int = 16):
@@ -131,9 +136,31 @@ def predict_validation_fold(
         raise UserError(f"workdir {workdir}: its config has no data.store; pass --store")
     store = open_store(store_path)
     check_run_store(workdir, store.settings, against=f"store {store_path}", ignore=("slices",))
-    val_cases = predictor.spec.fold_split(store).val_cases
+    val_cases = validation_cases(workdir, store, predictor.spec)
     if not val_cases:
         raise UserError(f"store {store_path}: fold {data.fold} has no validation case")
     log.info("predicting %d validation cases of fold %s", len(val_cases), data.fold)
     predict_cases(predictor, store, val_cases, out_dir)
     return list(val_cases)
+
+
+def validation_cases(workdir: str | Path, store, spec: RunSpec) -> list[str]:
+    """The validation cases the run recorded at training start (`data.run_store`); a store
+    lacking any is refused, naming them. A run that recorded none: its fold of `store`,
+    recomputed (warned: a store rebuilt with other cases gives another split)."""
+    recorded = recorded_cases(workdir, "val_cases")
+    if recorded is None:
+        log.warning(
+            "run %s recorded no validation cases: recomputing fold %s of store %s",
+            workdir,
+            spec.config.data.fold,
+            store.path,
+        )
+        return list(spec.fold_split(store).val_cases)
+    missing = sorted(set(recorded) - set(store.case_ids))
+    if missing:
+        raise UserError(
+            f"store {store.path} lacks {len(missing)} of the {len(recorded)} validation cases "
+            f"run {workdir} recorded: {', '.join(missing)}"
+        )
+    return recorded

@@ -11,14 +11,13 @@ overlap (IoU >= 0.1) with `picai_eval.eval.evaluate_case`. The per-case results 
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 import warnings
 from collections.abc import Mapping
 
 import numpy as np
 
+from focalnet_jax.evaluation.detection_map import import_picai, lesion_candidates
 from focalnet_jax.evaluation.predictions import CasePredictions
 
 log = logging.getLogger(__name__)
@@ -26,26 +25,10 @@ log = logging.getLogger(__name__)
 MIN_OVERLAP = 0.1
 
 
-def _import_picai():
-    """(extract_lesion_candidates, evaluate_case, Metrics, version); the packages print a banner on
-    import, which is kept out of the command's output."""
-    with contextlib.redirect_stdout(io.StringIO()):
-        import picai_eval
-        from picai_eval.eval import evaluate_case
-        from picai_eval.metrics import Metrics
-        from report_guided_annotation import extract_lesion_candidates
-    version = getattr(picai_eval, "__version__", None)
-    if version is None:
-        from importlib.metadata import version as package_version
-
-        version = package_version("picai_eval")
-    return extract_lesion_candidates, evaluate_case, Metrics, version
-
-
 def available() -> str | None:
     """None when picai_eval can be used, else the reason it cannot."""
     try:
-        _import_picai()
+        import_picai()
     except ImportError as error:
         return f"picai_eval is not installed ({error}); install the 'picai' extra"
     return None
@@ -58,13 +41,6 @@ def volume_reason(case: CasePredictions) -> str | None:
     return None
 
 
-def detection_map(cs_scores: np.ndarray) -> np.ndarray:
-    """float32 `[S, H, W]`: lesion candidates of a csPCa score volume, each connected component set
-    to its confidence (0 elsewhere)."""
-    extract_lesion_candidates = _import_picai()[0]
-    return extract_lesion_candidates(np.asarray(cs_scores, np.float32))[0].astype(np.float32)
-
-
 def case_label(case: CasePredictions) -> np.ndarray:
     """int32 `[S, H, W]`: 1 on clinically significant lesions (class >= 2), else 0."""
     return (case.classes >= 2).astype(np.int32)
@@ -72,8 +48,8 @@ def case_label(case: CasePredictions) -> np.ndarray:
 
 def evaluate_case(case: CasePredictions, *, min_overlap: float = MIN_OVERLAP) -> tuple:
     """picai_eval's per-case result: (list of (is_lesion, confidence, overlap), case confidence)."""
-    _, picai_evaluate_case, _, _ = _import_picai()
-    y_det = detection_map(case.scores[..., 1])
+    _, picai_evaluate_case, _, _ = import_picai()
+    y_det = lesion_candidates(case.scores[..., 1])
     lesion_results, confidence, _, _ = picai_evaluate_case(
         y_det=y_det, y_true=case_label(case), min_overlap=min_overlap
     )
@@ -89,7 +65,7 @@ def picai_metrics(
 ) -> dict:
     """Case AUROC, lesion AP and ranking score (AUROC + AP) / 2 of `picai_eval.Metrics`, with 95 %
     bootstrap intervals over cases (`bootstraps` = 0 skips them); NaN where undefined."""
-    _, _, Metrics, version = _import_picai()
+    _, _, Metrics, version = import_picai()
     lesion_results = {case: list(results) for case, (results, _) in case_results.items()}
     metrics = Metrics(
         lesion_results=lesion_results,

@@ -1,8 +1,8 @@
 """`focalnet predict`: a trained model on a new exam (DICOM, MHA or NIfTI components).
 
-The exam goes through the run's own preprocessing (the settings of its training store, else the
-defaults), the model (or the ensemble of models, with optional flip TTA: evaluation/ensemble.py)
-gives P(class >= k) on every slice of the 80 mm crop, and the outputs are:
+The exam goes through the run's own preprocessing (the settings recorded with the run, else those
+of its training store), the model (or the ensemble of models, with optional flip TTA:
+evaluation/ensemble.py) gives P(class >= k) on every slice of the 80 mm crop, and the outputs are:
 - `lesion_score.nii.gz` (P(class >= 1)) and `cspca_score.nii.gz` (P(class >= 2)): the crop maps
   resampled (linear) back onto the T2w grid, so they open on top of the T2w series in 3D Slicer or
   ITK-SNAP (0 outside the crop);
@@ -10,7 +10,9 @@ gives P(class >= k) on every slice of the 80 mm crop, and the outputs are:
 - `detections.csv`: the 2D local maxima (docs/evaluation.md) with s1 >= threshold: LPS world
   coordinates, the T2w voxel holding the point, the crop slice/row/column, the lesion score and
   P(GS >= 3+4), P(GS >= 4+3), P(GS >= 8), P(GS >= 9);
-- `overlay.png`: the T2w crop slices of the highest detections with the score map and crosses.
+- `overlay.png`: the T2w crop slices of the highest detections with the score map and crosses;
+- `models.json`: the runs (and checkpoint steps) that made the prediction, and the TTA.
+The files are written to a temporary folder and moved into the output folder at the end.
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ import numpy as np
 import SimpleITK as sitk
 
 from focalnet_jax.data import preprocess_case
+from focalnet_jax.data.atomic_files import files_moved_in
 from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation import figures
 from focalnet_jax.evaluation.detection_map import CandidateSettings, detection_map_image
-from focalnet_jax.evaluation.ensemble import Ensemble, load_ensemble
+from focalnet_jax.evaluation.ensemble import Ensemble, load_ensemble, write_models
 from focalnet_jax.evaluation.localization import MIN_SCORE, RADIUS_MM, local_maxima
 
 log = logging.getLogger(__name__)
@@ -109,15 +112,20 @@ def predict_exam(
         config=models.preprocess,
         case_id=_exam_name(ordered[models.components[0]]),
     )
-    return write_exam_outputs(
-        case,
-        models(case.images),
-        out_dir,
-        threshold=threshold,
-        radius_mm=radius_mm,
-        min_score=min_score,
-        candidates=candidates,
-    )
+    scores = models(case.images)
+    # Every file is written to a temporary folder first: a failure changes nothing in out_dir.
+    with files_moved_in(out_dir) as tmp:
+        written = write_exam_outputs(
+            case,
+            scores,
+            tmp,
+            threshold=threshold,
+            radius_mm=radius_mm,
+            min_score=min_score,
+            candidates=candidates,
+        )
+        written.append(write_models(models, tmp))
+    return [Path(out_dir) / path.name for path in written]
 
 
 def write_exam_outputs(

@@ -41,12 +41,7 @@ def run(args: argparse.Namespace) -> str:
     if unread := sorted(n for n in series if not getattr(args, n)):
         raise UserError(f"--{unread[0]}-series names a series of --{unread[0]}, which is not given")
     center = parse_center(args.center)
-    candidates = CandidateSettings(
-        args.candidate_threshold,
-        args.candidate_min_voxels,
-        args.candidate_num_lesions,
-        args.candidate_factor,
-    )
+    candidates = CandidateSettings.from_flags(args)
     models = load_ensemble(
         args.checkpoint, step=args.step, batch_size=args.batch_size, tta=args.tta
     )

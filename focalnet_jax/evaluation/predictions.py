@@ -21,7 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+from focalnet_jax.data.atomic_files import replaced_atomically
 from focalnet_jax.data.case_ids import check_case_id
+from focalnet_jax.errors import UserError
 
 REQUIRED_KEYS = ("scores", "lesions", "lesion_classes", "spacing", "patient_id")
 OPTIONAL_KEYS = ("t2w", "adc", "slice_index")
@@ -29,7 +31,7 @@ NUM_SCORES = 5
 MAX_NAMED = 10  # missing cases named in one error line
 
 
-class PredictionsError(ValueError):
+class PredictionsError(UserError):
     """A predictions file or folder that does not follow the contract."""
 
 
@@ -133,8 +135,8 @@ def write_case(
     for name in OPTIONAL_KEYS:
         if getattr(case, name) is not None:
             arrays[name] = getattr(case, name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, **arrays)
+    with replaced_atomically(path) as tmp, tmp.open("wb") as f:  # a file: savez adds no suffix
+        np.savez(f, **arrays)
     return path
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from focalnet_jax.data.atomic_files import write_json_atomic
 from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation.stats import mean_sd
 
@@ -53,10 +54,8 @@ def json_safe(value):
 
 
 def write_json(value, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(json_safe(value), indent=1, allow_nan=False) + "\n")
-    return path
+    """`value` made JSON-safe (`json_safe`), written atomically (`write_json_atomic`)."""
+    return write_json_atomic(json_safe(value), path)
 
 
 def read_metrics(path: str | Path) -> dict:

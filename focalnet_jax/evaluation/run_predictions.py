@@ -20,10 +20,11 @@ from focalnet_jax.evaluation.ensemble import (
     Ensemble,
     input_settings,
     load_ensemble,
-    resolve_runs,
     settings_difference,
+    write_models,
 )
 from focalnet_jax.evaluation.inference import predict_cases, predict_validation_fold
+from focalnet_jax.run.workdir import CONFIG_FILE
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +38,9 @@ def check_test_store(store, models: Ensemble) -> None:
             f"(store: {list(store.components)})"
         )
     if models.preprocess is None:
-        log.warning(
-            "training store of %s not found: the test store's settings are compared with the "
-            "default preprocessing",
-            models.runs[0],
+        raise UserError(
+            f"the preprocessing settings of {', '.join(map(str, models.runs))} are unknown: "
+            f"the test store {store.path} cannot be checked against them"
         )
     have = input_settings(store.settings.get("preprocess"))
     diff = settings_difference(have, input_settings(models.preprocess))
@@ -71,6 +71,7 @@ def predict_test_store(
     log.info("predicting all %d cases of %s with %d model(s)", len(store.cases), store_path,
              len(models.runs))  # fmt: skip
     predict_cases(models, store, store.case_ids, out_dir)
+    write_models(models, out_dir)
     return list(store.case_ids)
 
 
@@ -84,13 +85,17 @@ def predict_fold(
     tta: str = "none",
 ) -> list[str]:
     """`inference.predict_validation_fold` of one run, with optional flip TTA; returns the case
-    ids. A cross-validation folder is refused: its fold models trained on each other's folds."""
-    if len(resolve_runs(workdir)) > 1:
+    ids. Anything but one run (a cross-validation folder, however many of its folds finished)
+    is refused: fold models trained on each other's folds."""
+    if not (Path(workdir) / CONFIG_FILE).is_file():
         raise UserError(
-            f"{workdir}: a cross-validation folder's ensemble has seen every fold in training; "
-            "evaluate it on a test store (--store TEST --all-cases) or evaluate each fold run"
+            f"{workdir}: not a training run (no {CONFIG_FILE}); a cross-validation folder's "
+            "ensemble has seen every fold in training: evaluate it on a test store "
+            "(--store TEST --all-cases) or evaluate each fold run"
         )
     models = load_ensemble(workdir, step=step, batch_size=batch_size, tta=tta)
-    return predict_validation_fold(
+    cases = predict_validation_fold(
         workdir, out_dir, store_path=store_path, batch_size=batch_size, predictor=models
     )
+    write_models(models, out_dir)
+    return cases

@@ -34,7 +34,7 @@ _JSON_FILES = ("_CHECKPOINT_METADATA", f"{ITEM_DIR}/_METADATA", f"{ITEM_DIR}/_sh
 _REQUIRED_FILES = (f"{ITEM_DIR}/_METADATA", f"{ITEM_DIR}/manifest.ocdbt")
 
 
-class UnreadableCheckpointError(ValueError):
+class UnreadableCheckpointError(UserError):
     """A checkpoint step folder that cannot be restored: damaged files (message names them)."""
 
     def __init__(self, step_dir: Path, reason: str):
@@ -173,6 +173,17 @@ def _abstract_checkpoint(spec: RunSpec) -> dict:
     return jax.tree.map(
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=one_device), shapes
     )
+
+
+def latest_step(workdir: str | Path) -> int | None:
+    """The newest checkpoint step of the run (None: no checkpoint)."""
+    if not (Path(workdir) / CHECKPOINT_DIR).is_dir():
+        return None
+    manager = make_manager(workdir, read_only=True)
+    try:
+        return manager.latest_step()
+    finally:
+        manager.close()
 
 
 def load_for_inference(workdir: str | Path, step: int | None = None):

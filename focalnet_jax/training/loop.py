@@ -136,7 +136,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     spec = RunSpec.from_config(config)
     workdir, mesh = Path(workdir), sharding.make_mesh()
     store = open_store(config.data.store) if store is None else store
-    record_run_store(workdir, store, write=jax.process_index() == 0)
     spec = spec.for_store(store)
     split = spec.fold_split(store)
     reader = input_pipeline.SliceReader(store, spec.components)
@@ -145,6 +144,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
         seed=config.seed, prefetch=config.train.prefetch,
     )  # fmt: skip
     num_steps = spec.total_steps(batches.steps_per_epoch)
+    record_run_store(
+        workdir, store, split=split, total_steps=num_steps, write=jax.process_index() == 0
+    )
     lam = spec.mfl_weight(store, split.train_rows)
     key = jax.random.key(config.seed)
     init_key, train_key = jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)

@@ -1,0 +1,73 @@
+"""Files that are either whole or absent: each is written to a temporary name beside its final
+path and renamed over it (`os.replace`, atomic on one file system), so a killed or failing write
+leaves the previous file (or none), never a half-written one. Folders of outputs are filled under
+a temporary name, then renamed (`replaced_folder`) or their files moved in (`files_moved_in`)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def replaced_atomically(path: str | os.PathLike):
+    """Yields a temporary path beside `path` to write; renamed to `path` when the block ends
+    without an error, removed when it raises. Creates the parent folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(value, path: str | os.PathLike) -> Path:
+    """Writes `value` (plain JSON types; NaN refused) as indented JSON to `path`, atomically."""
+    text = json.dumps(value, indent=1, allow_nan=False) + "\n"
+    with replaced_atomically(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+@contextlib.contextmanager
+def replaced_folder(path: str | os.PathLike):
+    """Yields a new temporary folder beside `path` to fill; when the block ends without an error
+    it becomes `path` (an existing `path` is replaced whole, the old one removed after the rename);
+    when it raises, it is removed and `path` stays as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+        tmp.chmod(0o755)
+        old = None
+        if path.exists():
+            old = path.with_name(f"{tmp.name}.old")
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def files_moved_in(path: str | os.PathLike):
+    """Yields a new temporary folder beside `path` to fill; when the block ends without an error
+    each of its files replaces the file of that name in `path` (created if absent; other files of
+    `path` are kept), each rename atomic; when it raises, nothing in `path` changes."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+        for file in sorted(tmp.iterdir()):
+            os.replace(file, path / file.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
