@@ -26,6 +26,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+from focalnet_jax.data.atomic_files import write_json_atomic
 from focalnet_jax.study.spec import StudyError, seed_for
 
 STUDY_FILE = "study.json"
@@ -33,14 +34,6 @@ STATE_FILE = "study_cell.json"
 LOG_FILE = "cell.log"
 METRICS_JSON = Path("eval") / "metrics.json"
 PREDICTIONS = Path("eval") / "predictions"
-
-
-def write_json_atomic(path: Path, value) -> None:
-    """Write JSON to `path` through a temporary file and a rename (never half-written)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +96,7 @@ class Study:
                     f"{path}: this folder holds a study with other {changed}; use a new --workdir"
                 )
         else:
-            write_json_atomic(path, dict(plain))
+            write_json_atomic(dict(plain), path)
         return cls(root, plain)
 
     @property
@@ -158,7 +151,7 @@ class Study:
 
     def write_state(self, cell: Cell, state: str, **fields) -> None:
         record = {"state": state, "cell": cell.name, "time": time.time(), **fields}
-        write_json_atomic(self.path(cell) / STATE_FILE, record)
+        write_json_atomic(record, self.path(cell) / STATE_FILE)
 
     def log_path(self, cell: Cell) -> Path:
         return self.path(cell) / LOG_FILE

@@ -19,7 +19,8 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from focalnet_jax.study.cells import Cell, Study, write_json_atomic
+from focalnet_jax.data.atomic_files import write_json_atomic
+from focalnet_jax.study.cells import Cell, Study
 from focalnet_jax.study.local import cell_argv
 from focalnet_jax.study.spec import StudyError
 
@@ -83,7 +84,7 @@ def submit(
     job_id = done.stdout.strip().split(";")[0]
     jobs = read_jobs(study)
     jobs.append({"job_id": job_id, "script": str(script_file), "cells": [c.name for c in cells]})
-    write_json_atomic(slurm_dir / JOBS_FILE, jobs)
+    write_json_atomic(jobs, slurm_dir / JOBS_FILE)
     return job_id
 
 
