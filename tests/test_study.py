@@ -360,9 +360,7 @@ def test_failed_command_records_its_one_line_error(tmp_path):
     log = tmp_path / "cell.log"
     log.write_text("earlier attempt\n")
     reason = run_focalnet(["folds", f"--store={tmp_path / 'none'}"], log)
-    assert reason == (
-        f"focalnet folds: error: {tmp_path / 'none'} is not a preprocessed store (no cases.json)"
-    )
+    assert reason == f"focalnet folds: error: store {tmp_path / 'none'} does not exist"
     text = log.read_text()
     assert text.startswith("earlier attempt\n$ focalnet folds --store=") and text.endswith(
         reason + "\n"
