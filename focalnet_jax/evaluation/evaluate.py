@@ -31,6 +31,25 @@ FROC_PANELS = (
 GS_PANELS = (("GS 3+3", "gs_3+3"), ("GS 3+4", "gs_3+4"), ("GS 4+3", "gs_4+3"), ("GS >= 8", "gs_8+"))
 
 
+def _read_and_summarize(paths, settings: dict, picai_skipped: str | None):
+    """Each case's `CaseSummary` (`settings`: summarize_case's keywords), whether it holds images,
+    and its PI-CAI detection results unless PI-CAI is skipped (then the reason why)."""
+    if picai_skipped is None:
+        picai_skipped = picai.available()
+    summaries: list[CaseSummary] = []
+    picai_results: dict[str, tuple] = {}
+    has_images: list[bool] = []
+    for path in paths:
+        case = read_case(path)
+        summaries.append(summarize_case(case, **settings))
+        has_images.append(case.t2w is not None)
+        if picai_skipped is None:
+            picai_skipped = picai.volume_reason(case)
+        if picai_skipped is None:
+            picai_results[case.case_id] = picai.evaluate_case(case)
+    return summaries, has_images, picai_results, picai_skipped
+
+
 def evaluate_predictions(
     predictions_dir: str | Path,
     out_dir: str | Path | None = None,
@@ -64,40 +83,22 @@ def evaluate_predictions(
             len(paths),
             predictions_dir,
         )
-    picai_skipped = None if with_picai else "disabled (--no-picai)"
-    if picai_skipped is None:
-        picai_skipped = picai.available()
-    summaries: list[CaseSummary] = []
-    picai_results: dict[str, tuple] = {}
-    has_images: list[bool] = []
-    for path in paths:
-        case = read_case(path)
-        summaries.append(
-            summarize_case(
-                case,
-                radius_mm=radius_mm,
-                min_score=min_score,
-                roc_detections=roc_detections,
-                slices=slices,
-            )
-        )
-        has_images.append(case.t2w is not None)
-        if picai_skipped is None:
-            picai_skipped = picai.volume_reason(case)
-        if picai_skipped is None:
-            picai_results[case.case_id] = picai.evaluate_case(case)
+    settings = {
+        "radius_mm": radius_mm,
+        "min_score": min_score,
+        "roc_detections": roc_detections,
+        "slices": slices,
+    }
+    summaries, has_images, picai_results, picai_skipped = _read_and_summarize(
+        paths, settings, "disabled (--no-picai)" if not with_picai else None
+    )
     num_patients = count_patients(summaries)
     if num_patients == 0:
         raise UserError(f"{predictions_dir}: no slice to evaluate with slices={slices!r}")
     metrics = {
         "num_patients": num_patients,
         "num_cases": len(summaries),
-        "settings": {
-            "radius_mm": radius_mm,
-            "min_score": min_score,
-            "roc_detections": roc_detections,
-            "slices": slices,
-        },
+        "settings": settings,
         "froc": froc_analysis(summaries, num_patients),
         "roc": gs_roc(summaries),
     }
