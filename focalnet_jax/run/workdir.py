@@ -83,10 +83,14 @@ def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = N
     step = manager.latest_step() if step is None else step
     if step is None:
         return None
+    step_dir = Path(manager.directory) / str(step)
+    # Damage found by looking is reported before Orbax reads the step: a restore that fails half
+    # way leaves its background I/O threads to fail noisily when the interpreter exits.
+    if damage := find_damage(step_dir):
+        raise UnreadableCheckpointError(step_dir, damage)
     try:
         return manager.restore(int(step), args=ocp.args.StandardRestore(abstract_state))
     except Exception as error:
-        step_dir = Path(manager.directory) / str(step)
         damage = find_damage(step_dir)
         if damage is None:
             raise
