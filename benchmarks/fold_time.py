@@ -35,20 +35,19 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from focalnet_jax.config_loading import load_config
 from focalnet_jax.data.store import open_store
 from focalnet_jax.demo import synthetic_store
 from focalnet_jax.run import RunSpec
 from focalnet_jax.training import train_and_evaluate
+from focalnet_jax.training.tb_logging import read_scalars
 
 
 def step_intervals(workdir: Path, batch_size: int) -> list[float]:
     """Seconds per step over each logged interval, from `train/images_per_s`."""
-    events = EventAccumulator(str(workdir / "tb"), size_guidance={"scalars": 0})
-    events.Reload()
-    return [batch_size / e.value for e in events.Scalars("train/images_per_s")]
+    _, images_per_s = read_scalars(workdir / "tb", "train/images_per_s")
+    return [batch_size / float(v) for v in images_per_s]
 
 
 def _parser() -> argparse.ArgumentParser:

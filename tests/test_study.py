@@ -23,6 +23,8 @@ import pytest
 from slurm_cluster import OneNodeCluster, missing_binaries
 from test_train_helpers import REPO, small_synthetic_store
 
+from focalnet_jax.training.tb_logging import read_scalars
+
 SPEC = """
 import ml_collections
 
@@ -122,7 +124,16 @@ def test_study_finishes_with_every_row(finished):
         sens = metrics["froc"]["clinically_significant"]["sensitivity_at_fp"]["1"]
         assert float(row["froc_cs_sens_at_1fp"]) == pytest.approx(sens)
         assert float(row["picai_score"]) == pytest.approx(metrics["picai"]["score"], nan_ok=True)
-    for name in ("report.md", "stats.csv", "metrics.png", "froc_cs.png", "pvalues.png"):
+        # A training cell's final validation loss is its last logged val/loss (one evaluation:
+        # no drop over the last quarter); an ensemble trains nothing.
+        cell = finished / row["arm"] / f"rep{row['repeat']}" / f"fold{row['fold']}"
+        _, logged = read_scalars(cell / "tb", "val/loss")
+        expected = logged[-1] if row["kind"] == "arm" else math.nan
+        assert float(row["val_loss"]) == pytest.approx(expected, nan_ok=True)
+        assert math.isnan(float(row["val_loss_drop_last_quarter"]))
+    for name in (
+        "report.md", "stats.csv", "metrics.png", "froc_cs.png", "pvalues.png", "val_loss.png",
+    ):  # fmt: skip
         assert (finished / "report" / name).stat().st_size > 0
 
 
@@ -260,8 +271,9 @@ def test_killed_study_resumes_the_interrupted_cell(store, tmp_path):
 @pytest.mark.slow
 def test_failed_cell_is_reported_and_the_others_finish(store, tmp_path):
     workdir = tmp_path / "failing"
-    # MFL on with a weight that is not a number: valid config keys, refused by `focalnet train`.
-    bad = {"loss": {"name": "ordinal_focal", "mfl": True, "mfl_weight": "bogus"}}
+    # A valid config (so `study run` starts it) whose pretrained weights file is missing: the
+    # cell's `focalnet train` fails when it initialises the model.
+    bad = {"loss": {"name": "focal", "mfl": False}, "model": {"pretrained": "/no/such/w.npz"}}
     spec = write_spec(tmp_path / "failing.py", store, arms={"ce": ARMS["ce"], "fl": bad})
     args = ["--spec", str(spec), "--workdir", str(workdir), "--spec.repeats=1"]
     args += ["--spec.folds=(1,)"]
@@ -269,7 +281,7 @@ def test_failed_cell_is_reported_and_the_others_finish(store, tmp_path):
     assert done.returncode == 1
     log = workdir / "fl" / "rep0" / "fold1" / "cell.log"
     # The cell's state keeps the one-line user error of `focalnet train` (also in its log).
-    reason = "focalnet train: error: loss.mfl_weight: expected 'auto' or a number, got 'bogus'"
+    reason = "focalnet train: error: pretrained weights /no/such/w.npz: no such file"
     assert f"FAILED fl/rep0/fold1: {reason}" in done.stdout
     assert str(log) in done.stdout and reason in log.read_text()
     status = study("status", "--workdir", str(workdir)).stdout
@@ -343,6 +355,15 @@ def test_arm_components_must_be_in_the_store(store, tmp_path):
     spec = write_spec(tmp_path / "dce.py", store, arms=arms, ensembles={})
     message = _one_line_error("run", "--spec", str(spec), "--workdir", str(tmp_path / "bad"))
     assert "arm 'ce': data.components ('t2w', 'adc', 'dce'): ['dce'] not in store" in message
+
+
+def test_arm_config_is_checked_as_its_cells_would(store, tmp_path):
+    # Valid keys, a value `focalnet train` refuses: refused before any cell starts.
+    arms = {"fl": {"loss": {"name": "ordinal_focal", "mfl": True, "mfl_weight": "bogus"}}}
+    spec = write_spec(tmp_path / "weight.py", store, arms=arms, ensembles={})
+    message = _one_line_error("run", "--spec", str(spec), "--workdir", str(tmp_path / "bad"))
+    assert "arm 'fl': loss.mfl_weight: expected 'auto' or a number, got 'bogus'" in message
+    assert not (tmp_path / "bad").exists()
 
 
 def test_verbose_is_accepted_after_every_action(tmp_path, capsys):

@@ -88,6 +88,31 @@ def read_marksheet(path: str | os.PathLike) -> dict[str, dict]:
     return rows
 
 
+def _check_unlabelled(unlabelled: str) -> None:
+    if unlabelled not in ("error", "negative", "skip"):
+        raise LayoutError(f"unlabelled={unlabelled!r}: expected 'error', 'negative' or 'skip'")
+
+
+def _picai_images(images: Path) -> dict[str, tuple[str, Path, str, Path]]:
+    """Case id -> (patient id, patient folder, image suffix, first image file) of every
+    `<patient>/<patient>_<study>_<component>.<suffix>` under `images`."""
+    if not images.is_dir():
+        raise LayoutError(f"images folder {images} does not exist")
+    found: dict[str, tuple[str, Path, str, Path]] = {}
+    for patient_dir in sorted(p for p in images.iterdir() if p.is_dir()):
+        for file in patient_dir.iterdir():
+            match = _PICAI_NAME.match(file.name)
+            if match and file.name.lower().endswith(IMAGE_SUFFIXES):
+                suffix = file.name[len(match.group(0)) - 1 :]
+                case = f"{match['patient']}_{match['study']}"
+                found.setdefault(case, (match["patient"], patient_dir, suffix, file))
+    if not found:
+        raise LayoutError(
+            f"no cases found in {images} (expected <patient>/<patient>_<study>_<component>.mha)"
+        )
+    return found
+
+
 def discover_picai(
     images: str | os.PathLike,
     labels: str | os.PathLike | None = None,
@@ -106,23 +131,8 @@ def discover_picai(
     A case id that is not a safe file name (`check_case_id`) raises `UserError`, or, where `errors`
     is a list, is appended to it as (case, file, reason) and left out.
     """
-    images = Path(images)
-    if unlabelled not in ("error", "negative", "skip"):
-        raise LayoutError(f"unlabelled={unlabelled!r}: expected 'error', 'negative' or 'skip'")
-    if not images.is_dir():
-        raise LayoutError(f"images folder {images} does not exist")
-    found: dict[str, tuple[str, Path, str]] = {}
-    for patient_dir in sorted(p for p in images.iterdir() if p.is_dir()):
-        for file in patient_dir.iterdir():
-            match = _PICAI_NAME.match(file.name)
-            if match and file.name.lower().endswith(IMAGE_SUFFIXES):
-                suffix = file.name[len(match.group(0)) - 1 :]
-                case = f"{match['patient']}_{match['study']}"
-                found.setdefault(case, (match["patient"], patient_dir, suffix, file))
-    if not found:
-        raise LayoutError(
-            f"no cases found in {images} (expected <patient>/<patient>_<study>_<component>.mha)"
-        )
+    _check_unlabelled(unlabelled)
+    found = _picai_images(Path(images))
     sheet = read_marksheet(marksheet) if marksheet else {}
     cases = []
     for case, (patient, folder, suffix, file) in sorted(found.items()):
@@ -197,9 +207,34 @@ def read_manifest(
     and left out instead of raising.
     """
     manifest = Path(manifest)
-    if unlabelled not in ("error", "negative", "skip"):
-        raise LayoutError(f"unlabelled={unlabelled!r}: expected 'error', 'negative' or 'skip'")
+    _check_unlabelled(unlabelled)
     columns, rows = _manifest_rows(manifest, ["case_id", "patient_id", *components])
+    centre_columns = _check_manifest_columns(manifest, columns, labels, unlabelled)
+    cases, seen = [], set()
+    for line, row in enumerate(rows, start=2):
+        case = row["case_id"]
+        where = f"manifest {manifest}, line {line}"
+        if case in seen:
+            raise LayoutError(f"{where}: repeated case_id {case!r}")
+        seen.add(case)
+        try:
+            _check_manifest_row(row, where, labels and unlabelled == "error")
+        except UserError as error:
+            if errors is None:
+                raise
+            errors.append((case, str(manifest), str(error)))
+            continue
+        if labels and not row.get("label") and unlabelled == "skip":
+            continue
+        cases.append(_manifest_case(manifest, row, where, components, centre_columns, labels))
+    return cases
+
+
+def _check_manifest_columns(
+    manifest: Path, columns: Sequence[str], labels: bool, unlabelled: str
+) -> list[str]:
+    """The manifest's centre columns (all three or none); a missing label column is an error
+    unless `unlabelled` says what it means."""
     centre_columns = [c for c in ("center_x", "center_y", "center_z") if c in columns]
     if centre_columns and len(centre_columns) != 3:
         raise LayoutError(f"manifest {manifest}: give all of center_x, center_y, center_z")
@@ -212,51 +247,49 @@ def read_manifest(
                 else "add each case's label, or pass --unlabelled negative (no lesions)"
             )
         )
+    return centre_columns
+
+
+def _check_manifest_row(row: dict, where: str, label_required: bool) -> None:
+    """Safe case and patient ids; a label cell where `label_required`."""
+    check_case_id(row["case_id"], where)
+    if row["patient_id"]:
+        check_case_id(row["patient_id"], where, what="patient id")
+    if label_required and not row.get("label"):
+        raise LayoutError(
+            f"{where}: case {row['case_id']!r} has an empty label cell; give its label, or pass "
+            "--unlabelled negative (no lesions) or --unlabelled skip"
+        )
+
+
+def _manifest_case(
+    manifest: Path,
+    row: dict,
+    where: str,
+    components: Sequence[str],
+    centre_columns: Sequence[str],
+    labels: bool,
+) -> CaseSpec:
+    """The `CaseSpec` of a checked manifest row; paths relative to the manifest's folder."""
 
     def resolve(value: str) -> str | None:
         return str(manifest.parent / value) if value else None
 
-    cases, seen = [], set()
-    for line, row in enumerate(rows, start=2):
-        case = row["case_id"]
-        where = f"manifest {manifest}, line {line}"
-        if case in seen:
-            raise LayoutError(f"{where}: repeated case_id {case!r}")
-        seen.add(case)
+    centre = None
+    if centre_columns and all(row[c] for c in centre_columns):
         try:
-            check_case_id(case, where)
-            if row["patient_id"]:
-                check_case_id(row["patient_id"], where, what="patient id")
-            if labels and not row.get("label") and unlabelled == "error":
-                raise LayoutError(
-                    f"{where}: case {case!r} has an empty label cell; give its label, or pass "
-                    "--unlabelled negative (no lesions) or --unlabelled skip"
-                )
-        except UserError as error:
-            if errors is None:
-                raise
-            errors.append((case, str(manifest), str(error)))
-            continue
-        if labels and not row.get("label") and unlabelled == "skip":
-            continue
-        centre = None
-        if centre_columns and all(row[c] for c in centre_columns):
-            try:
-                centre = tuple(float(row[c]) for c in centre_columns)
-            except ValueError as err:
-                raise LayoutError(f"{where}: bad centre ({err})") from err
-        cases.append(
-            CaseSpec(
-                case_id=case,
-                patient_id=row["patient_id"] or case,
-                components={name: resolve(row[name]) or "" for name in components},
-                label=resolve(row.get("label", "")) if labels else None,
-                mask=resolve(row.get("prostate_mask", "")),
-                center=centre,
-                series=_series_choices(row, components),
-            )
-        )
-    return cases
+            centre = tuple(float(row[c]) for c in centre_columns)
+        except ValueError as err:
+            raise LayoutError(f"{where}: bad centre ({err})") from err
+    return CaseSpec(
+        case_id=row["case_id"],
+        patient_id=row["patient_id"] or row["case_id"],
+        components={name: resolve(row[name]) or "" for name in components},
+        label=resolve(row.get("label", "")) if labels else None,
+        mask=resolve(row.get("prostate_mask", "")),
+        center=centre,
+        series=_series_choices(row, components),
+    )
 
 
 def write_manifest(cases: Sequence[CaseSpec], path: str | os.PathLike) -> None:

@@ -286,6 +286,32 @@ def _crop_label(label, t2w: sitk.Image, reference: sitk.Image, shape, cfg, case:
     return lut_class[lesions], lut_known[lesions], lesions, lesion_classes, lesion_grade_known
 
 
+def _read_components(
+    components: Mapping[str, str | os.PathLike], case: str, series: Mapping[str, str]
+) -> dict[str, sitk.Image]:
+    """Every component's image (the chosen series of a DICOM folder); each must overlap the
+    first one's (T2w) field of view."""
+    images = {
+        name: read_image(path, case=case, series=series.get(name))
+        for name, path in components.items()
+    }
+    t2w_name, t2w = next(iter(images.items()))
+    for name, image in images.items():
+        if name != t2w_name and not _overlaps(image, t2w):
+            raise CaseError(
+                case, components[name], f"{name} does not overlap the T2w field of view"
+            )
+    return images
+
+
+def _check_coverage(images, components, reference, keep: np.ndarray, case: str) -> None:
+    """Each component must cover the crop (`reference`) on the kept slices (`coverage`)."""
+    for name, image in images.items():
+        problem = coverage.shortfall(name, coverage.covered(image, reference, keep), keep)
+        if problem:
+            raise CaseError(case, components[name], problem)
+
+
 def preprocess_case(
     components: Mapping[str, str | os.PathLike],
     label: str | os.PathLike | None = None,
@@ -326,16 +352,8 @@ def preprocess_case(
         raise CaseError(case, None, f"slices={slices!r}: expected 'all' or 'annotated'")
 
     # 1. Read; the T2w grid is the reference frame.
-    series = dict(series or {})
-    images = {
-        name: read_image(components[name], case=case, series=series.get(name)) for name in names
-    }
+    images = _read_components(components, case, series or {})
     t2w = images[names[0]]
-    for name in names[1:]:
-        if not _overlaps(images[name], t2w):
-            raise CaseError(
-                case, components[name], f"{name} does not overlap the T2w field of view"
-            )
 
     # 2. Crop centre: gland-mask centroid, else the given centre, else the T2w volume centre.
     centre, source = _crop_centre(t2w, mask, center, case)
@@ -354,10 +372,7 @@ def preprocess_case(
 
     annotated = (lesions > 0).any(axis=(1, 2))
     keep = np.flatnonzero(annotated) if slices == "annotated" else np.arange(len(annotated))
-    for name in names:
-        problem = coverage.shortfall(name, coverage.covered(images[name], reference, keep), keep)
-        if problem:
-            raise CaseError(case, components[name], problem)
+    _check_coverage(images, components, reference, keep, case)
     geometry = geometry.with_slices(keep)
     lesions = lesions[keep]
     return PreprocessedCase(

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from focalnet_jax.data.atomic_files import replaced_atomically
 from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation import figures, picai
 from focalnet_jax.evaluation.ensemble import MODELS_FILE
@@ -113,13 +114,18 @@ def evaluate_predictions(
     if models.is_file():  # the runs that made the predictions (`ensemble.write_models`)
         metrics["models"] = json.loads(models.read_text())
     if out_dir is not None:
-        out_dir = Path(out_dir)
-        write_json(metrics, out_dir / "metrics.json")
-        report = markdown_report({label: [json_safe(metrics)]}, title=f"Evaluation of {label}")
-        (out_dir / "report.md").write_text(report)
+        _write_outputs(metrics, Path(out_dir), label)
         if with_figures:
             write_figures(metrics, summaries, paths, has_images, out_dir, montage_cases, label)
     return metrics
+
+
+def _write_outputs(metrics: dict, out_dir: Path, label: str) -> None:
+    """`metrics.json` and `report.md` in `out_dir`, each written atomically."""
+    write_json(metrics, out_dir / "metrics.json")
+    report = markdown_report({label: [json_safe(metrics)]}, title=f"Evaluation of {label}")
+    with replaced_atomically(out_dir / "report.md") as tmp:
+        tmp.write_text(report)
 
 
 def operating_threshold(curve: dict, fp_per_patient: float = 1.0) -> float:

@@ -124,12 +124,20 @@ def markdown_report(
 ) -> str:
     """The report: cohort, Tables II and III (FP per patient at sensitivity), sensitivity at FP,
     partial AUCs, GS ROC AUCs, PI-CAI metrics, and optional comparison lines."""
-    first = next(iter(runs.values()))
-    lines = [f"# {title}", ""]
-    lines += [
+    lines = [f"# {title}", "", *_cohort(runs), *_paper_protocol(runs), *_picai_protocol(runs)]
+    if comparisons:
+        lines += ["## Comparisons (Welch's t-test over folds, Bonferroni-corrected)", ""]
+        lines += list(comparisons) + [""]
+    return "\n".join(lines)
+
+
+def _cohort(runs: Mapping[str, Sequence[Mapping]]) -> list[str]:
+    """Folds per method; patients per fold and lesions per group of the first method."""
+    first_name, first = next(iter(runs.items()))
+    return [
         "Folds: " + ", ".join(f"{name} {len(folds)}" for name, folds in runs.items()),
         "Patients per fold ({}): {}".format(
-            next(iter(runs)), ", ".join(str(m.get("num_patients")) for m in first)
+            first_name, ", ".join(str(m.get("num_patients")) for m in first)
         ),
         "",
         "Lesions per group (first method, summed over folds): "
@@ -138,6 +146,12 @@ def markdown_report(
             for group in (first[0].get("froc") or {})
         ),
         "",
+    ]
+
+
+def _paper_protocol(runs: Mapping[str, Sequence[Mapping]]) -> list[str]:
+    """Tables II and III, sensitivity at 1 FP and partial AUCs, GS ROC AUCs."""
+    return [
         "## Paper protocol (2D local maxima, 5 mm same-slice hit rule)",
         "",
         "### False positives per patient at given sensitivity (Table II)",
@@ -167,35 +181,36 @@ def markdown_report(
         "",
         *_table(runs, [(t, ("roc", task, "auc")) for task, t in ROC_TITLES.items()]),
         "",
-        "## PI-CAI protocol (3D lesion candidates of P(class >= 2), picai_eval)",
-        "",
     ]
+
+
+def _picai_protocol(runs: Mapping[str, Sequence[Mapping]]) -> list[str]:
+    """PI-CAI metrics (or why they were not evaluated), with a single run's bootstrap intervals."""
+    lines = ["## PI-CAI protocol (3D lesion candidates of P(class >= 2), picai_eval)", ""]
     skipped = [lookup(m, ("picai", "skipped")) for folds in runs.values() for m in folds]
     if any(skipped):
         lines += ["Not evaluated: " + "; ".join(sorted({s for s in skipped if s})), ""]
-    if not all(skipped):
-        lines += _table(
-            runs,
-            [
-                ("Case AUROC", ("picai", "auroc")),
-                ("Lesion AP", ("picai", "ap")),
-                ("Ranking score", ("picai", "score")),
-            ],
-        )
-        if len(first) == 1 and lookup(first[0], ("picai", "score_95_ci")):
-            ci = first[0]["picai"]
-            lines += [
-                "",
-                "95 % bootstrap intervals ({}): AUROC {}, AP {}, score {}".format(
-                    next(iter(runs)),
-                    *(_interval(ci.get(key)) for key in ("auroc_95_ci", "ap_95_ci", "score_95_ci")),
-                ),
-            ]
-        lines.append("")
-    if comparisons:
-        lines += ["## Comparisons (Welch's t-test over folds, Bonferroni-corrected)", ""]
-        lines += list(comparisons) + [""]
-    return "\n".join(lines)
+    if all(skipped):
+        return lines
+    lines += _table(
+        runs,
+        [
+            ("Case AUROC", ("picai", "auroc")),
+            ("Lesion AP", ("picai", "ap")),
+            ("Ranking score", ("picai", "score")),
+        ],
+    )
+    first_name, first = next(iter(runs.items()))
+    if len(first) == 1 and lookup(first[0], ("picai", "score_95_ci")):
+        ci = first[0]["picai"]
+        lines += [
+            "",
+            "95 % bootstrap intervals ({}): AUROC {}, AP {}, score {}".format(
+                first_name,
+                *(_interval(ci.get(key)) for key in ("auroc_95_ci", "ap_95_ci", "score_95_ci")),
+            ),
+        ]
+    return lines + [""]
 
 
 def _interval(values) -> str:

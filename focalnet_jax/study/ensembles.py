@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import numpy as np
 
+from focalnet_jax.data.atomic_files import replaced_folder
 from focalnet_jax.study.cells import METRICS_JSON, PREDICTIONS, Cell, Study
 from focalnet_jax.study.spec import StudyError
 
@@ -33,25 +33,22 @@ def average_predictions(members: list[Path], out_dir: Path) -> int:
         names = {p.name for p in list_cases(member)}
         if names != set(cases):
             raise StudyError(f"{member}: other cases than {members[0]} (different folds?)")
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    for name, first_path in sorted(cases.items()):
-        first = read_case(first_path)
-        scores = np.mean([read_case(m / name).scores for m in members], axis=0)
-        write_case(
-            tmp,
-            first.case_id,
-            scores=scores,
-            lesions=first.lesions,
-            lesion_classes=first.lesion_classes,
-            spacing=first.spacing,
-            patient_id=first.patient_id,
-            t2w=first.t2w,
-            adc=first.adc,
-            slice_index=first.slice_index,
-        )
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    with replaced_folder(out_dir) as tmp:
+        for name, first_path in sorted(cases.items()):
+            first = read_case(first_path)
+            scores = np.mean([read_case(m / name).scores for m in members], axis=0)
+            write_case(
+                tmp,
+                first.case_id,
+                scores=scores,
+                lesions=first.lesions,
+                lesion_classes=first.lesion_classes,
+                spacing=first.spacing,
+                patient_id=first.patient_id,
+                t2w=first.t2w,
+                adc=first.adc,
+                slice_index=first.slice_index,
+            )
     return len(cases)
 
 

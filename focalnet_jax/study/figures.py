@@ -1,5 +1,6 @@
 """The study report's figures: per-metric box and strip plots by arm, FROC curves with a mean +-2 SD
-band per arm, and the permutation p-value matrix of each headline metric."""
+band per arm, the permutation p-value matrix of each headline metric, and each arm's validation
+loss curves."""
 
 from __future__ import annotations
 
@@ -85,4 +86,24 @@ def pvalue_matrices(path: Path, rows: Sequence[Mapping], metrics: Sequence[str])
         ax.set_ylabel("baseline a")
         ax.set_title(metric, fontsize="medium")
         fig.colorbar(image, ax=ax, fraction=0.046)
+    return _save(fig, path)
+
+
+def val_loss_curves(path: Path, curves: Mapping[str, Sequence[tuple[str, object]]]) -> Path:
+    """One panel per training arm: each run's validation loss against the step, from `curves`
+    (arm -> (run label, `convergence.LossCurve`) pairs), the last quarter of training shaded."""
+    arms = list(curves) or ["(none)"]
+    fig, axes = plt.subplots(1, len(arms), figsize=(3.8 * len(arms), 3.4), squeeze=False)
+    for ax, arm in zip(axes[0], arms, strict=True):
+        runs = [(label, c) for label, c in curves.get(arm, []) if c.steps.size]
+        for i, (label, curve) in enumerate(runs):
+            ax.plot(curve.steps, curve.losses, marker="o", markersize=3, color=f"C{i}", label=label)
+        if runs:
+            last = max(int(c.steps[-1]) for _, c in runs)
+            ax.axvspan(0.75 * last, last, color="0.88", zorder=0, label="last quarter")
+            ax.legend(loc="upper right", fontsize="x-small")
+        ax.set_xlabel("step")
+        ax.set_ylabel("validation loss")
+        ax.set_title(f"{arm} (n={len(runs)})", fontsize="medium")
+        ax.grid(True, alpha=0.3)
     return _save(fig, path)

@@ -62,19 +62,20 @@ def run_local(
             if devices:
                 env["CUDA_VISIBLE_DEVICES"] = devices[slot]
             process = subprocess.Popen(cell_argv(study, cell), env=env, stdin=subprocess.DEVNULL)
-            running[slot] = (cell, process)
+            running[slot] = (cell, process, time.time())
             print(f"started {cell.name}" + (f" on GPU {devices[slot]}" if devices else ""))
         time.sleep(0.2)
-        for slot, (cell, process) in list(running.items()):
+        for slot, (cell, process, cell_start) in list(running.items()):
             if process.poll() is None:
                 continue
             del running[slot]
             state = study.state(cell)
             results[cell.name] = "done" if state.state == "done" else "failed"
             where = "" if results[cell.name] == "done" else f": see {study.log_path(cell)}"
+            now = time.time()
             print(
-                f"[{len(results)}/{total}] {cell.name} {results[cell.name]} "
-                f"({time.time() - start:.0f} s){where}",
+                f"[{len(results)}/{total}] {cell.name} {results[cell.name]} in "
+                f"{now - cell_start:.0f} s (study: {(now - start) / 60:.1f} min){where}",
                 flush=True,
             )
     return results

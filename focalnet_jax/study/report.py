@@ -2,24 +2,28 @@
 the figures (module `figures`).
 
 runs.csv has one row per training cell and per ensemble cell (`kind` says which), with the
-metrics of its `eval/metrics.json` in the columns of `METRICS`. stats.csv compares every ordered
-pair of arms and ensembles on every metric (module `statistics`).
+metrics of its `eval/metrics.json` in the columns of `METRICS`, and for a training cell its final
+validation loss and that loss's drop over the last quarter of training (module `convergence`).
+stats.csv compares every ordered pair of arms and ensembles on every metric (module `statistics`).
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
-import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
+
+from focalnet_jax.data.atomic_files import replaced_atomically
 from focalnet_jax.evaluation.stats import mean_sd
-from focalnet_jax.study import figures, statistics
+from focalnet_jax.study import convergence, figures, statistics
 from focalnet_jax.study.cells import METRICS_JSON, Cell, Study
-from focalnet_jax.study.spec import StudyError, flatten
+from focalnet_jax.study.spec import StudyError, flatten, relative_to_cwd
 
 CS = ("froc", "clinically_significant")
 METRICS = {
@@ -36,7 +40,8 @@ METRICS = {
     "roc_gs_ge_4+3_auc": ("roc", "gs_ge_4+3", "auc"),
 }
 HEADLINE = ("picai_auroc", "picai_ap", "picai_score", "froc_cs_sens_at_1fp")
-RUN_COLUMNS = ("arm", "kind", "repeat", "fold", "seed", *METRICS, "num_patients")
+CONVERGENCE = ("val_loss", "val_loss_drop_last_quarter")  # NaN for an ensemble
+RUN_COLUMNS = ("arm", "kind", "repeat", "fold", "seed", *METRICS, *CONVERGENCE, "num_patients")
 STATS_COLUMNS = (
     "metric",
     "arm_a",
@@ -69,7 +74,10 @@ def _lookup(metrics: Mapping, path: Sequence[str], where: str, *, partial: bool)
     return float("nan") if value is None else float(value)
 
 
-def _row(study: Study, cell: Cell, metrics: Mapping, *, partial: bool) -> dict:
+def _row(
+    study: Study, cell: Cell, metrics: Mapping, *, partial: bool
+) -> tuple[dict, convergence.LossCurve]:
+    """(runs.csv row of `cell`, its validation loss curve: empty for an ensemble)."""
     row = {
         "arm": cell.arm,
         "kind": "ensemble" if cell.ensemble else "arm",
@@ -80,39 +88,54 @@ def _row(study: Study, cell: Cell, metrics: Mapping, *, partial: bool) -> dict:
     where = str(study.path(cell) / METRICS_JSON)
     for column, path in METRICS.items():
         row[column] = _lookup(metrics, path, where, partial=partial)
+    curve = convergence.LossCurve(np.zeros(0), np.zeros(0))
+    if not cell.ensemble:
+        curve = convergence.val_loss_curve(study.path(cell))
+    row["val_loss"], row["val_loss_drop_last_quarter"] = curve.final, curve.drop_last_quarter
     row["num_patients"] = metrics.get("num_patients")
-    return row
+    return row, curve
 
 
-def collect(study: Study, *, partial: bool) -> tuple[list[dict], list[dict], list[str]]:
-    """(runs.csv rows, their metrics.json contents, cells without metrics); refuses missing
-    cells unless `partial`."""
-    rows, contents, missing = [], [], []
+@dataclasses.dataclass
+class Collected:
+    """What the report reads: per done cell (training cells, then ensembles) its runs.csv row,
+    its metrics.json contents and its validation loss curve (empty for an ensemble); and the
+    cells without metrics."""
+
+    rows: list[dict] = dataclasses.field(default_factory=list)
+    metrics: list[dict] = dataclasses.field(default_factory=list)
+    curves: list[convergence.LossCurve] = dataclasses.field(default_factory=list)
+    missing: list[str] = dataclasses.field(default_factory=list)
+
+
+def collect(study: Study, *, partial: bool) -> Collected:
+    """Read every done cell; refuses missing cells unless `partial`."""
+    out = Collected()
     for cell in study.cells() + study.ensemble_cells():
         path = study.path(cell) / METRICS_JSON
         if cell.ensemble or study.state(cell).state == "done":
             if path.is_file():
                 metrics = json.loads(path.read_text())
-                rows.append(_row(study, cell, metrics, partial=partial))
-                contents.append(metrics)
+                row, curve = _row(study, cell, metrics, partial=partial)
+                out.rows.append(row)
+                out.metrics.append(metrics)
+                out.curves.append(curve)
                 continue
-        missing.append(cell.name)
-    if missing and not partial:
-        shown = ", ".join(missing[:4]) + (", ..." if len(missing) > 4 else "")
+        out.missing.append(cell.name)
+    if out.missing and not partial:
+        shown = ", ".join(out.missing[:4]) + (", ..." if len(out.missing) > 4 else "")
         raise StudyError(
-            f"{study.root}: {len(missing)} cells not done ({shown}); "
+            f"{study.root}: {len(out.missing)} cells not done ({shown}); "
             "`focalnet study status` lists them, --partial reports the others"
         )
-    return rows, contents, missing
+    return out
 
 
 def _write_csv(path: Path, columns: Sequence[str], rows: Sequence[Mapping]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", newline="") as out:
+    with replaced_atomically(path) as tmp, open(tmp, "w", newline="") as out:
         writer = csv.DictWriter(out, fieldnames=list(columns), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -121,15 +144,15 @@ def _fmt(value, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
-def _markdown(study: Study, rows, stats_rows, missing, iterations: int) -> str:
-    names = list(dict.fromkeys(r["arm"] for r in rows))
+def _header(study: Study, missing: Sequence[str]) -> list[str]:
     plain = study.plain
+    spec_file = relative_to_cwd(plain["spec_file"])
     lines = [
-        f"# Study {study.root.resolve().name}",
+        f"# Study {Path(spec_file.partition(':')[0]).stem}",
         "",
-        f"Spec `{plain['spec_file']}`; base `{plain['base']}`; store `{plain['store']}`; "
-        f"{plain['repeats']} repeats (seed {plain['seed']} + r) x folds {plain['folds']} of "
-        f"{plain['num_folds']}.",
+        f"Spec `{spec_file}`; base `{relative_to_cwd(plain['base'])}`; store "
+        f"`{relative_to_cwd(plain['store'])}`; {plain['repeats']} repeats (seed {plain['seed']} "
+        f"+ r) x folds {plain['folds']} of {plain['num_folds']}.",
         "",
         "| arm | overrides |",
         "| --- | --- |",
@@ -141,7 +164,11 @@ def _markdown(study: Study, rows, stats_rows, missing, iterations: int) -> str:
         lines.append(f"| {name} | ensemble: mean P(class >= k) of {', '.join(members)} |")
     if missing:
         lines += ["", f"**Partial report**: {len(missing)} cells missing ({', '.join(missing)})."]
-    lines += ["", "## Metrics over runs (mean +- SD, n runs)", ""]
+    return lines
+
+
+def _metrics_table(rows: Sequence[Mapping], names: Sequence[str]) -> list[str]:
+    lines = ["", "## Metrics over runs (mean +- SD, n runs)", ""]
     lines += ["| arm | " + " | ".join(HEADLINE) + " |", "|---" * (len(HEADLINE) + 1) + "|"]
     for name in names:
         cells = []
@@ -149,7 +176,11 @@ def _markdown(study: Study, rows, stats_rows, missing, iterations: int) -> str:
             s = mean_sd([r[metric] for r in rows if r["arm"] == name])
             cells.append(f"{_fmt(s['mean'])} +- {_fmt(s['sd'])} ({s['n']})")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += [
+    return lines
+
+
+def _comparisons(stats_rows: Sequence[Mapping], iterations: int) -> list[str]:
+    lines = [
         "",
         "## Comparisons (H1: b better than a)",
         "",
@@ -167,9 +198,45 @@ def _markdown(study: Study, rows, stats_rows, missing, iterations: int) -> str:
                 f"{_fmt(r['mean_b'])} | {_fmt(r['p_permutation'], 4)} | {_fmt(r['p_welch'], 4)} "
                 f"| {_fmt(r['p_welch_bonferroni'], 4)} |"
             )
+    return lines
+
+
+def _convergence(rows: Sequence[Mapping], arms: Sequence[str]) -> list[str]:
+    """Per training arm: final validation loss, its drop over the last quarter, plateau count."""
+    limit = f"{convergence.PLATEAU_DROP:.0%}"
+    lines = [
+        "",
+        "## Convergence (validation loss: each arm's own loss on the validation fold)",
+        "",
+        f"A run is at a plateau when its validation loss fell by at most {limit} over the last "
+        "quarter of its steps (a rise counts: more steps would not help). See docs/studies.md.",
+        "",
+        "| arm | final val/loss (mean +- SD) | drop over the last quarter (mean; max) "
+        "| runs at a plateau |",
+        "|---|---|---|---|",
+    ]
+    for arm in arms:
+        selected = [r for r in rows if r["arm"] == arm and r["kind"] == "arm"]
+        final = mean_sd([r["val_loss"] for r in selected])
+        drops = np.array([r["val_loss_drop_last_quarter"] for r in selected], float)
+        known = drops[np.isfinite(drops)]
+        spread = f"{known.mean():+.1%}; {known.max():+.1%}" if known.size else "n/a"
+        plateau = sum(convergence.at_plateau(d) for d in drops)
+        lines.append(
+            f"| {arm} | {_fmt(final['mean'], 4)} +- {_fmt(final['sd'], 4)} | {spread} "
+            f"| {plateau} / {len(selected)} |"
+        )
+    return lines
+
+
+def _markdown(study: Study, found: Collected, stats_rows, iterations: int) -> str:
+    names = list(dict.fromkeys(r["arm"] for r in found.rows))
+    lines = _header(study, found.missing) + _metrics_table(found.rows, names)
+    lines += _comparisons(stats_rows, iterations)
+    lines += _convergence(found.rows, [a for a in study.arms if a in names])
     lines += ["", "## Figures", ""]
-    for png in ("metrics.png", "froc_cs.png", "pvalues.png")[: 3 if len(names) > 1 else 2]:
-        lines.append(f"![{png}]({png})")
+    pngs = ["metrics.png", "froc_cs.png"] + (["pvalues.png"] if len(names) > 1 else [])
+    lines += [f"![{png}]({png})" for png in (*pngs, "val_loss.png")]
     return "\n".join(lines) + "\n"
 
 
@@ -177,7 +244,8 @@ def write_report(
     study: Study, *, partial: bool = False, iterations: int = statistics.APPROXIMATE_ITERATIONS
 ) -> Path:
     """Write DIR/report/; returns the folder."""
-    rows, contents, missing = collect(study, partial=partial)
+    found = collect(study, partial=partial)
+    rows = found.rows
     if not rows:
         raise StudyError(f"{study.root}: no cell is done yet; nothing to report")
     out = study.root / "report"
@@ -191,13 +259,17 @@ def write_report(
     _write_csv(out / "runs.csv", RUN_COLUMNS, rows)
     _write_csv(out / "stats.csv", STATS_COLUMNS, stats_rows)
     figures.box_strip(out / "metrics.png", {m: per_metric[m] for m in HEADLINE})
-    curves = {name: [] for name in names}
-    for row, metrics in zip(rows, contents, strict=True):
-        curve = metrics["froc"]["clinically_significant"]["curve"]
-        curves[row["arm"]].append((curve["fp"], curve["sensitivity"]))
-    figures.froc_bands(out / "froc_cs.png", curves, "Clinically significant lesions")
+    froc = {name: [] for name in names}
+    losses = {name: [] for name in names if name in study.arms}
+    for row, metrics, curve in zip(rows, found.metrics, found.curves, strict=True):
+        points = metrics["froc"]["clinically_significant"]["curve"]
+        froc[row["arm"]].append((points["fp"], points["sensitivity"]))
+        if row["kind"] == "arm":
+            losses[row["arm"]].append((f"rep{row['repeat']} fold{row['fold']}", curve))
+    figures.froc_bands(out / "froc_cs.png", froc, "Clinically significant lesions")
     if len(names) > 1:
         figures.pvalue_matrices(out / "pvalues.png", stats_rows, HEADLINE)
-    markdown = _markdown(study, rows, stats_rows, missing, iterations)
-    (out / "report.md").write_text(markdown)
+    figures.val_loss_curves(out / "val_loss.png", losses)
+    with replaced_atomically(out / "report.md") as tmp:
+        tmp.write_text(_markdown(study, found, stats_rows, iterations))
     return out

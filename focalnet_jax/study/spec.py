@@ -17,7 +17,8 @@ config keys (against the loaded base config, with each arm's overrides applied e
 cells will apply them), repeats < 1, folds outside num_folds, ensembles naming unknown arms, a
 store that does not exist or cannot be opened (`data.store.open_store`: no cases.json, an old
 format), fewer patients in it than num_folds, components an arm trains on that it lacks, names
-that cannot be folder names, and the MFL rule of `losses.check_mfl`.
+that cannot be folder names, and every check of `run.RunSpec.from_config` on each arm's config
+(loss names and settings, the MFL rule of `losses.check_mfl`, schedule, model).
 """
 
 from __future__ import annotations
@@ -30,12 +31,24 @@ import ml_collections
 
 from focalnet_jax.config_loading import apply_overrides, get_config_from_file, load_config
 from focalnet_jax.errors import UserError
+from focalnet_jax.run import RunSpec
 
 SPEC_PREFIX = "--spec."
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 RESERVED = ("report", "slurm", "compilation_cache")
 # Set by the study for every cell; an arm or `common` setting them would break the design.
 STUDY_KEYS = ("seed", "data.store", "data.fold", "data.num_folds")
+
+
+def relative_to_cwd(path: str | Path) -> str:
+    """`path` relative to the current folder where it lies inside it, else as given: shown in
+    commands and reports without the machine's absolute paths. A `file.py:arg` keeps its arg."""
+    file, colon, arg = str(path).partition(":")
+    try:
+        file = str(Path(file).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        pass
+    return file + colon + arg
 
 
 class StudyError(UserError):
@@ -152,18 +165,7 @@ def validate(spec: ml_collections.ConfigDict, spec_file: str) -> dict:
         raise StudyError("arms: expected at least one arm")
     for name in plain["arms"]:
         _check_name("arm", name)
-    for name, members in plain["ensembles"].items():
-        _check_name("ensemble", name)
-        if name in plain["arms"]:
-            raise StudyError(f"ensemble {name!r}: an arm has that name")
-        unknown = [m for m in members if m not in plain["arms"]]
-        if unknown or len(members) < 2:
-            raise StudyError(
-                f"ensemble {name!r}: expected >= 2 of the arms {list(plain['arms'])}, "
-                f"got unknown {unknown}"
-                if unknown
-                else f"ensemble {name!r}: expected >= 2 arms, got {members}"
-            )
+    _check_ensembles(plain["ensembles"], list(plain["arms"]))
     base = plain["base"]
     base_path, sep, base_arg = str(base).partition(":")
     if not Path(base_path).is_file():
@@ -177,19 +179,44 @@ def validate(spec: ml_collections.ConfigDict, spec_file: str) -> dict:
     _check_overrides("common", flatten(plain["common"]))
     opened = _open_store(plain)
     for arm in plain["arms"]:
-        _check_overrides(f"arm {arm!r}", flatten(plain["arms"][arm]))
-        try:
-            config = load_config(plain["base"], cell_overrides(plain, arm, 0, folds[0]))
-        except (KeyError, ValueError, FileNotFoundError) as error:
-            message = str(error).strip("\"'")
-            raise StudyError(f"arm {arm!r} on base {base_path}: {message}") from None
-        missing = [c for c in config.data.components if c not in opened.components]
-        if missing:
-            raise StudyError(
-                f"arm {arm!r}: data.components {tuple(config.data.components)}: {missing} not in "
-                f"store {plain['store']} (it holds {opened.components})"
-            )
+        _check_arm(plain, arm, opened.components)
     return plain
+
+
+def _check_ensembles(ensembles: Mapping[str, Sequence[str]], arms: Sequence[str]) -> None:
+    for name, members in ensembles.items():
+        _check_name("ensemble", name)
+        if name in arms:
+            raise StudyError(f"ensemble {name!r}: an arm has that name")
+        unknown = [m for m in members if m not in arms]
+        if unknown:
+            raise StudyError(
+                f"ensemble {name!r}: expected >= 2 of the arms {list(arms)}, got unknown {unknown}"
+            )
+        if len(members) < 2:
+            raise StudyError(f"ensemble {name!r}: expected >= 2 arms, got {members}")
+
+
+def _check_arm(plain: Mapping, arm: str, store_components: Sequence[str]) -> None:
+    """The config of `arm` loads, passes every check a cell's `focalnet train` makes before it
+    starts (`RunSpec.from_config`), and trains on components the store holds."""
+    _check_overrides(f"arm {arm!r}", flatten(plain["arms"][arm]))
+    try:
+        config = load_config(plain["base"], cell_overrides(plain, arm, 0, plain["folds"][0]))
+    except (KeyError, ValueError, FileNotFoundError) as error:
+        message = str(error).strip("\"'")
+        base_path = str(plain["base"]).partition(":")[0]
+        raise StudyError(f"arm {arm!r} on base {base_path}: {message}") from None
+    try:
+        RunSpec.from_config(config, num_devices=1)
+    except UserError as error:
+        raise StudyError(f"arm {arm!r}: {error}") from None
+    missing = [c for c in config.data.components if c not in store_components]
+    if missing:
+        raise StudyError(
+            f"arm {arm!r}: data.components {tuple(config.data.components)}: {missing} not in "
+            f"store {plain['store']} (it holds {store_components})"
+        )
 
 
 def _open_store(plain: Mapping):

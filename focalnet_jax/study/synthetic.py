@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from focalnet_jax.study.spec import relative_to_cwd
+
 SPEC = Path(__file__).resolve().parents[2] / "configs" / "studies" / "synthetic_mfl.py"
 
 
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     study = args.out / "study"
     focalnet(["folds", f"--store={store}", "--num-folds=5"])
-    run = ["study", "run", f"--spec={SPEC}:{store}", f"--workdir={study}"]
+    run = ["study", "run", f"--spec={relative_to_cwd(SPEC)}:{store}", f"--workdir={study}"]
     focalnet([*run, f"--parallel={args.parallel}", *overrides])
     focalnet(["study", "report", f"--workdir={study}"])
     if args.results:

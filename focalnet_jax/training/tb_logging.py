@@ -1,4 +1,5 @@
-"""TensorBoard scalars and images without TensorFlow: the `tensorboard` package's event writer.
+"""TensorBoard scalars and images without TensorFlow: the `tensorboard` package's event writer,
+and `read_scalars` to read a scalar's curve back.
 
 Only process 0 writes (multi-host runs produce one event file); on other processes every method
 is a no-op, so the loop calls the writer unconditionally.
@@ -82,3 +83,21 @@ class SummaryWriter:
     def close(self) -> None:
         if self.enabled:
             self._writer.close()
+
+
+def read_scalars(logdir: str | Path, tag: str) -> tuple[np.ndarray, np.ndarray]:
+    """(steps `[N]` int, values `[N]` float) of scalar `tag` in the event files under `logdir`, in
+    step order; a step written twice (a run resumed from an earlier checkpoint) keeps its last
+    value. Empty arrays where there are no events or no such tag."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    empty = np.zeros(0, np.int64), np.zeros(0, np.float64)
+    if not Path(logdir).is_dir():
+        return empty
+    events = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
+    events.Reload()
+    if tag not in events.Tags()["scalars"]:
+        return empty
+    by_step = {e.step: e.value for e in events.Scalars(tag)}
+    steps = np.array(sorted(by_step), np.int64)
+    return steps, np.array([by_step[s] for s in steps], np.float64)
