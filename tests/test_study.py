@@ -94,7 +94,10 @@ def spec_file(store, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def finished(spec_file, tmp_path_factory) -> Path:
     workdir = tmp_path_factory.mktemp("study") / "tiny"
-    study("run", "--spec", str(spec_file), "--workdir", str(workdir), "--parallel", "2")
+    # Two worker slots, each owning one of two device ids (as on a 2-GPU host; JAX on CPU
+    # ignores CUDA_VISIBLE_DEVICES).
+    args = ["--spec", str(spec_file), "--workdir", str(workdir), "--parallel", "2"]
+    study("run", *args, "--devices", "0,1")
     study("report", "--workdir", str(workdir))
     return workdir
 
@@ -143,6 +146,20 @@ def test_cells_use_the_seed_of_their_repeat(finished):
         config = json.loads((finished / "fl" / f"rep{rep}" / "fold1" / "config.json").read_text())
         assert config["seed"] == rep and config["data"]["fold"] == 1
         assert config["loss"]["name"] == "focal" and config["loss"]["mfl"] is False
+
+
+@pytest.mark.slow
+def test_parallel_cells_run_one_per_device(finished):
+    spans = []
+    for cell in sorted(finished.glob("*/rep*/fold*/cell.log")):
+        header = cell.read_text().splitlines()[0]
+        state = json.loads((cell.parent / "study_cell.json").read_text())
+        assert f"CUDA_VISIBLE_DEVICES={state['gpus']}," in header
+        spans.append((state["time"] - state["seconds"], state["time"], state["gpus"]))
+    assert len(spans) == 8 and {gpu for *_, gpu in spans} == {"0", "1"}
+    for (start_a, end_a, gpu_a), (start_b, end_b, gpu_b) in itertools.combinations(spans, 2):
+        if start_a < end_b - 1 and start_b < end_a - 1:  # ran at the same time (1 s margin)
+            assert gpu_a != gpu_b
 
 
 @pytest.mark.slow

@@ -68,14 +68,19 @@ def run_cell(study_dir: str | Path, name: str) -> int:
         return 0
     log = study.log_path(cell)
     job = os.environ.get("SLURM_ARRAY_JOB_ID")
-    slurm = {"slurm_job": f"{job}_{os.environ['SLURM_ARRAY_TASK_ID']}"} if job else {}
+    # Where the cell runs, kept in its state: the SLURM task, and its GPU(s) (one per worker slot
+    # of the local executor, or SLURM's allocation).
+    placement = {"slurm_job": f"{job}_{os.environ['SLURM_ARRAY_TASK_ID']}"} if job else {}
+    gpus = os.environ.get("CUDA_VISIBLE_DEVICES")
+    placement.update({"gpus": gpus} if gpus is not None else {})
     start = time.time()
     study.write_state(
-        cell, "running", pid=os.getpid(), host=socket.gethostname(), log=str(log), **slurm
+        cell, "running", pid=os.getpid(), host=socket.gethostname(), log=str(log), **placement
     )
     log.parent.mkdir(parents=True, exist_ok=True)
+    on = f", CUDA_VISIBLE_DEVICES={gpus}" if gpus is not None else ""
     with open(log, "a") as out:
-        out.write(f"=== cell {name}, seed {study.seed(cell)}, {time.ctime()} ===\n")
+        out.write(f"=== cell {name}, seed {study.seed(cell)}{on}, {time.ctime()} ===\n")
     error = None
     for argv in cell_commands(study, cell):
         error = run_focalnet(argv, log)
@@ -85,8 +90,8 @@ def run_cell(study_dir: str | Path, name: str) -> int:
             break
     elapsed = round(time.time() - start, 1)
     if error:
-        study.write_state(cell, "failed", error=error, log=str(log), seconds=elapsed, **slurm)
+        study.write_state(cell, "failed", error=error, log=str(log), seconds=elapsed, **placement)
         print(f"cell {name} failed: {error} (log: {log})", file=sys.stderr)
         return 1
-    study.write_state(cell, "done", log=str(log), seconds=elapsed, **slurm)
+    study.write_state(cell, "done", log=str(log), seconds=elapsed, **placement)
     return 0
