@@ -17,15 +17,13 @@ is what this reports.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 import jax
 import numpy as np
+import result_line  # benchmarks/result_line.py (the script directory)
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from focalnet_jax.config_loading import load_config
@@ -87,7 +85,7 @@ def plot(result: dict, path: Path) -> Path:
     return path
 
 
-def main(argv: list[str] | None = None) -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--store", help="preprocessed store (needed unless --result)")
     parser.add_argument("--config", default="configs/demo.py")
@@ -100,17 +98,12 @@ def main(argv: list[str] | None = None) -> None:
         help="also evaluate each run on its validation fold (FROC sensitivity at 1 FP/patient)",
     )
     parser.add_argument("--result", type=Path, help="a saved result line to redraw (no training)")
-    args, overrides = parser.parse_known_args(argv)
-    if args.result:
-        if not args.plot:
-            parser.error("--result only redraws a saved result: give --plot PNG")
-        result = json.loads(args.result.read_text())
-        plot(result, args.plot)
-        print(json.dumps(result))
-        return
-    if not args.store:
-        parser.error("--store is required (or --result with --plot to redraw a saved result)")
+    return parser
 
+
+def _train_both(args, overrides: list[str]) -> tuple[dict, dict]:
+    """Trains `--config` in float32 and in bfloat16 (temporary workdirs): each run's scalars
+    (`_scalars`) and, with `--evaluate`, its `_froc_at_one_fp` (else {})."""
     runs, froc = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for dtype in ("float32", "bfloat16"):
@@ -119,36 +112,56 @@ def main(argv: list[str] | None = None) -> None:
                 extra.append(f"--config.train.steps={args.steps}")
             config = load_config(args.config, [*overrides, *extra])
             workdir = Path(tmp) / dtype
-            with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON line
+            with result_line.stdout_to_stderr():
                 train_and_evaluate(config, workdir)
             runs[dtype] = _scalars(workdir)
             if args.evaluate:
                 froc[dtype] = _froc_at_one_fp(workdir, str(config.data.slices))
+    return runs, froc
 
+
+def _compare_curves(runs: dict, smooth: int) -> dict:
+    """Both `train/loss` curves, their relative gap after a moving average over `smooth`
+    logged points (largest and mean), and each run's final `val/` scalars."""
     steps, loss32 = map(np.asarray, zip(*runs["float32"]["train/loss"], strict=True))
     _, loss16 = map(np.asarray, zip(*runs["bfloat16"]["train/loss"], strict=True))
-    smooth32, smooth16 = _smooth(loss32, args.smooth), _smooth(loss16, args.smooth)
+    smooth32, smooth16 = _smooth(loss32, smooth), _smooth(loss16, smooth)
     gap = np.abs(smooth16 - smooth32) / np.abs(smooth32)
-    final_val = {
-        dtype: {tag: scalars[tag][-1][1] for tag in scalars if tag.startswith("val/")}
-        for dtype, scalars in runs.items()
-    }
-    result = {
-        "benchmark": "bf16_loss_curves",
-        "config": args.config,
-        "overrides": overrides,
+    return {
         "steps": [int(s) for s in steps],
         "loss_float32": [float(v) for v in loss32],
         "loss_bfloat16": [float(v) for v in loss16],
-        "smooth_points": args.smooth,
+        "smooth_points": smooth,
         "max_relative_gap_smoothed": float(gap.max()),
         "mean_relative_gap_smoothed": float(gap.mean()),
-        "final_val": final_val,
-        "froc_sensitivity_at_1fp": froc or None,
-        "device_kind": jax.devices()[0].device_kind,
-        "jax_version": jax.__version__,
-        "date": datetime.date.today().isoformat(),
+        "final_val": {
+            dtype: {tag: scalars[tag][-1][1] for tag in scalars if tag.startswith("val/")}
+            for dtype, scalars in runs.items()
+        },
     }
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Trains both runs and prints the JSON line (or redraws a saved one: `--result`)."""
+    parser = _parser()
+    args, overrides = parser.parse_known_args(argv)
+    if args.result:
+        if not args.plot:
+            parser.error("--result only redraws a saved result: give --plot PNG")
+        result = json.loads(args.result.read_text())
+    elif not args.store:
+        parser.error("--store is required (or --result with --plot to redraw a saved result)")
+    else:
+        runs, froc = _train_both(args, overrides)
+        result = {
+            "benchmark": "bf16_loss_curves",
+            "config": args.config,
+            "overrides": overrides,
+            **_compare_curves(runs, args.smooth),
+            "froc_sensitivity_at_1fp": froc or None,
+            "device_kind": jax.devices()[0].device_kind,
+            **result_line.provenance(),
+        }
     if args.plot:
         plot(result, args.plot)
     print(json.dumps(result))

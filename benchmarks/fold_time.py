@@ -24,17 +24,15 @@ in use (null: every step compiled in this run) and the device.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import jax
 import numpy as np
+import result_line  # benchmarks/result_line.py (the script directory)
 
 from focalnet_jax.config_loading import load_config
 from focalnet_jax.data.store import open_store
@@ -67,75 +65,88 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = _parser()
-    args, overrides = parser.parse_known_args(argv)
-    if args.store is None:
-        with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON line
-            args.store = synthetic_store(args.out, cases=args.cases, workers=args.workers)
-    store = args.store
-
+def _schedule_config(parser, args, overrides: list[str], store: Path):
+    """The config on `store`, its schedule set from `--train-slices` (unless 0)."""
     config = load_config(args.config, [*overrides, f"--config.data.store={store}"])
     batch = config.train.batch_size
     if args.train_slices:
         if args.train_slices < batch:
             parser.error(f"--train-slices {args.train_slices} < one batch of {batch}")
         config.train.steps = config.train.epochs * (args.train_slices // batch)
-    opened = open_store(store)
-    spec = RunSpec.from_config(config)
-    train_rows = spec.fold_split(opened).train_rows
-    fold_steps = spec.total_steps(len(train_rows) // batch)
-    steps_run = min(args.max_steps, fold_steps) if args.max_steps > 0 else fold_steps
+    return config
+
+
+def _steps_to_run(parser, config, fold_steps: int, max_steps: int) -> int:
+    """The fold's steps, or its first `max_steps`; fewer than 3 logged intervals is an error."""
+    steps_run = min(max_steps, fold_steps) if max_steps > 0 else fold_steps
     if steps_run < 3 * config.train.log_every:
         parser.error(
             f"{steps_run} steps give fewer than 3 logged intervals of train.log_every="
             f"{config.train.log_every}: raise --max-steps or lower --config.train.log_every"
         )
-    config.train.steps = steps_run
+    return steps_run
 
+
+def _timed_run(config, store) -> tuple[float, list[float]]:
+    """Trains `config` in a fresh temporary workdir: (wall seconds, `step_intervals`)."""
     with tempfile.TemporaryDirectory(prefix="fold_time_") as tmp:
-        with contextlib.redirect_stdout(sys.stderr):
+        with result_line.stdout_to_stderr():
             start = time.perf_counter()
-            train_and_evaluate(config, Path(tmp), store=opened)
+            train_and_evaluate(config, Path(tmp), store=store)
             wall = time.perf_counter() - start
-        intervals = step_intervals(Path(tmp), batch)
+        return wall, step_intervals(Path(tmp), config.train.batch_size)
+
+
+def _projection(wall: float, intervals: list[float], steps_run: int, fold_steps: int) -> dict:
+    """The measured wall time and, where the run stopped early, the fold's time projected from
+    the steady step time (the median interval after the first, which holds the compilation)."""
     steady = float(np.median(intervals[1:]))
     overhead = wall - steps_run * steady
-    device = jax.devices()[0]
-    print(
-        json.dumps(
-            {
-                "benchmark": "fold_time",
-                "config": args.config,
-                "overrides": overrides,
-                "store": str(store),
-                "store_train_slices": int(len(train_rows)),
-                "schedule_train_slices": args.train_slices or int(len(train_rows)),
-                "batch_size": batch,
-                "fold_steps": fold_steps,
-                "steps_run": steps_run,
-                "wall_s": wall,
-                "steady_step_time_s": steady,
-                "first_interval_step_time_s": intervals[0],
-                "overhead_s": overhead,
-                "projected_fold_s": wall
-                if steps_run == fold_steps
-                else overhead + fold_steps * steady,
-                "projected": steps_run < fold_steps,
-                # A warm persistent cache ($JAX_COMPILATION_CACHE_DIR) skips the compilation.
-                "compilation_cache": jax.config.jax_compilation_cache_dir,
-                "model": f"{config.model.name}-{config.model.depth} width {config.model.width} "
-                f"OS {config.model.output_stride} {config.model.dtype}",
-                "loss": config.loss.name,
-                "mfl": config.loss.mfl_mode if config.loss.mfl else None,
-                "device_kind": device.device_kind,
-                "platform": device.platform,
-                "num_devices": jax.device_count(),
-                "jax_version": jax.__version__,
-                "date": datetime.date.today().isoformat(),
-            }
-        )
-    )
+    return {
+        "wall_s": wall,
+        "steady_step_time_s": steady,
+        "first_interval_step_time_s": intervals[0],
+        "overhead_s": overhead,
+        "projected_fold_s": wall if steps_run == fold_steps else overhead + fold_steps * steady,
+        "projected": steps_run < fold_steps,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Times the fold (or its first `--max-steps` steps) and prints the JSON line."""
+    parser = _parser()
+    args, overrides = parser.parse_known_args(argv)
+    if args.store is None:
+        with result_line.stdout_to_stderr():
+            args.store = synthetic_store(args.out, cases=args.cases, workers=args.workers)
+    config = _schedule_config(parser, args, overrides, args.store)
+    opened = open_store(args.store)
+    spec = RunSpec.from_config(config)
+    train_slices = len(spec.fold_split(opened).train_rows)
+    fold_steps = spec.total_steps(train_slices // config.train.batch_size)
+    steps_run = _steps_to_run(parser, config, fold_steps, args.max_steps)
+    config.train.steps = steps_run
+    wall, intervals = _timed_run(config, opened)
+    result = {
+        "benchmark": "fold_time",
+        "config": args.config,
+        "overrides": overrides,
+        "store": str(args.store),
+        "store_train_slices": train_slices,
+        "schedule_train_slices": args.train_slices or train_slices,
+        "batch_size": config.train.batch_size,
+        "fold_steps": fold_steps,
+        "steps_run": steps_run,
+        **_projection(wall, intervals, steps_run, fold_steps),
+        # A warm persistent cache ($JAX_COMPILATION_CACHE_DIR) skips the compilation.
+        "compilation_cache": jax.config.jax_compilation_cache_dir,
+        "model": result_line.model_description(config),
+        "loss": config.loss.name,
+        "mfl": config.loss.mfl_mode if config.loss.mfl else None,
+        **result_line.device_fields(),
+        **result_line.provenance(),
+    }
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ per seed; the ensemble's models share one compiled function, as `load_ensemble`'
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import statistics
 import tempfile
@@ -31,6 +30,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import result_line  # benchmarks/result_line.py (the script directory)
 
 from focalnet_jax.config_loading import load_config
 from focalnet_jax.data import preprocess_case
@@ -127,19 +127,14 @@ def main(argv=None) -> None:
         start = time.perf_counter()
         write_exam_outputs(case, scores, out)
         result["write_outputs_s"] = time.perf_counter() - start
-    device = jax.devices()[0]
     result.update(
         tta=args.tta,
-        device_kind=device.device_kind,
-        platform=device.platform,
-        num_devices=jax.device_count(),
-        model=f"{config.model.name}-{config.model.depth} width {config.model.width} "
-        f"OS {config.model.output_stride} {config.model.dtype}",
+        **result_line.device_fields(),
+        model=result_line.model_description(config),
         components=list(components),
         repeats=args.repeats,
-        jax_version=jax.__version__,
         numpy_version=np.__version__,
-        date=datetime.date.today().isoformat(),
+        **result_line.provenance(),
     )
     print(json.dumps(result))
 

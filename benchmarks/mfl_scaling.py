@@ -20,13 +20,13 @@ subset count). Prints one JSON line: `{"results": [{"subsets", "mode", "time_rat
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import statistics
 import time
 
 import jax
 import jax.numpy as jnp
+import result_line  # benchmarks/result_line.py (the script directory)
 from train_step import _batch, _peak_memory  # benchmarks/train_step.py (the script directory)
 
 from focalnet_jax import losses
@@ -81,7 +81,7 @@ def _config(args, overrides, mfl: bool, mode: str = "vmap", count: int = 0):
     return config
 
 
-def main(argv=None) -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="config file[:arg]")
     parser.add_argument("--components", default="", help="comma-separated (default: config's)")
@@ -90,61 +90,78 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per step and round")
     parser.add_argument("--rounds", type=int, default=3, help="alternating timing rounds")
     parser.add_argument("--size", type=int, default=128, help="slice size (store: 128)")
-    args, overrides = parser.parse_known_args(argv)
+    return parser
+
+
+def _kinds(parser, args, components) -> list[tuple[int, str]]:
+    """(subset count, MFL mode) of every MFL step to time, counts ascending; bad flags are
+    usage errors."""
     counts = [int(c) for c in args.subset_counts.split(",")]
     modes = args.modes.split(",")
     if set(modes) - set(losses.MFL_MODES):
         parser.error(f"--modes: expected names from {losses.MFL_MODES}, got {args.modes!r}")
-    mesh = sharding.make_mesh()
-    plain_config = _config(args, overrides, mfl=False)
-    available = len(losses.component_subsets(plain_config.data.components))
+    available = len(losses.component_subsets(components))
     if not counts or min(counts) < 1 or max(counts) > available:
         parser.error(f"--subset-counts: expected values in 1..{available}, got {counts}")
-    plain = _Step(plain_config, args.size, mesh)
-    kinds = [(m, mode) for m in sorted(counts) for mode in modes]
-    steps = {k: _Step(_config(args, overrides, True, k[1], k[0]), args.size, mesh) for k in kinds}
-    plain_times, ratios = [], {k: [] for k in kinds}
-    for _ in range(args.rounds):
+    return [(m, mode) for m in sorted(counts) for mode in modes]
+
+
+def _time_rounds(
+    plain: _Step, steps: dict, rounds: int, timed_steps: int
+) -> tuple[list[float], dict]:
+    """`rounds` times, each MFL step timed right after a timing of the plain step: the plain
+    step times and, per kind, the MFL / adjacent plain time ratios."""
+    plain_times, ratios = [], {kind: [] for kind in steps}
+    for _ in range(rounds):
         for kind, step in steps.items():
-            plain_times.append(plain.time(args.steps))
-            ratios[kind].append(step.time(args.steps) / plain_times[-1])
-    results = [
-        {
-            "subsets": m,
-            "mode": mode,
-            "mfl_chunk": int(plain_config.loss.mfl_chunk),
-            "time_ratio": statistics.median(ratios[(m, mode)]),
-            "memory_ratio": steps[(m, mode)].peak_bytes / plain.peak_bytes,
-            "peak_bytes": steps[(m, mode)].peak_bytes,
-            "device_peak_bytes": steps[(m, mode)].device_peak_bytes,
-        }
-        for m, mode in kinds
-    ]
+            plain_times.append(plain.time(timed_steps))
+            ratios[kind].append(step.time(timed_steps) / plain_times[-1])
+    return plain_times, ratios
+
+
+def _result_row(kind: tuple[int, str], step: _Step, plain: _Step, ratios: list, chunk: int) -> dict:
+    """The JSON row of one (subset count, mode): median time ratio and memory against plain."""
+    return {
+        "subsets": kind[0],
+        "mode": kind[1],
+        "mfl_chunk": chunk,
+        "time_ratio": statistics.median(ratios),
+        "memory_ratio": step.peak_bytes / plain.peak_bytes,
+        "peak_bytes": step.peak_bytes,
+        "device_peak_bytes": step.device_peak_bytes,
+    }
+
+
+def main(argv=None) -> None:
+    """Builds and times the plain step and every MFL step, and prints the JSON line."""
+    parser = _parser()
+    args, overrides = parser.parse_known_args(argv)
+    config = _config(args, overrides, mfl=False)
+    kinds = _kinds(parser, args, config.data.components)
+    mesh = sharding.make_mesh()
+    plain = _Step(config, args.size, mesh)
+    steps = {k: _Step(_config(args, overrides, True, k[1], k[0]), args.size, mesh) for k in kinds}
+    plain_times, ratios = _time_rounds(plain, steps, args.rounds, args.steps)
+    chunk = int(config.loss.mfl_chunk)
     device = jax.devices()[0]
-    config = plain_config
-    print(
-        json.dumps(
-            {
-                "results": results,
-                "device": device.device_kind,
-                "platform": device.platform,
-                "plain_step_time_s": statistics.median(plain_times),
-                "plain_peak_bytes": plain.peak_bytes,
-                "plain_device_peak_bytes": plain.device_peak_bytes,
-                "config": args.config,
-                "overrides": overrides,
-                "components": list(config.data.components),
-                "batch_size": config.train.batch_size,
-                "image_size": args.size,
-                "model": f"{config.model.name}-{config.model.depth} width {config.model.width} "
-                f"OS {config.model.output_stride} {config.model.dtype} norm {config.model.norm}",
-                "steps_per_round": args.steps,
-                "rounds": args.rounds,
-                "jax_version": jax.__version__,
-                "date": datetime.date.today().isoformat(),
-            }
-        )
-    )
+    result = {
+        "results": [_result_row(k, steps[k], plain, ratios[k], chunk) for k in kinds],
+        "device": device.device_kind,
+        "platform": device.platform,
+        "plain_step_time_s": statistics.median(plain_times),
+        "plain_peak_bytes": plain.peak_bytes,
+        "plain_device_peak_bytes": plain.device_peak_bytes,
+        "config": args.config,
+        "overrides": overrides,
+        "components": list(config.data.components),
+        "batch_size": config.train.batch_size,
+        "image_size": args.size,
+        "model": f"{result_line.model_description(config)} norm {config.model.norm}",
+        "steps_per_round": args.steps,
+        "rounds": args.rounds,
+        **result_line.provenance(),
+    }
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -15,13 +15,13 @@ arithmetic rate.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import result_line  # benchmarks/result_line.py (the script directory)
 
 from focalnet_jax.config_loading import load_config
 from focalnet_jax.run import RunSpec
@@ -110,19 +110,14 @@ def main(argv=None) -> None:
         if "fl" in result and kind in result:
             ratio = result[kind]["step_time_s"] / result["fl"]["step_time_s"]
             result[f"ratio_{kind}_to_fl"] = ratio
-    device = jax.devices()[0]
     result.update(
-        device_kind=device.device_kind,
-        platform=device.platform,
-        num_devices=jax.device_count(),
+        **result_line.device_fields(),
         batch_size=config.train.batch_size,
         image_size=args.size,
-        model=f"{config.model.name}-{config.model.depth} width {config.model.width} "
-        f"OS {config.model.output_stride} {config.model.dtype}",
+        model=result_line.model_description(config),
         components=list(config.data.components),
         steps_timed=args.steps,
-        jax_version=jax.__version__,
-        date=datetime.date.today().isoformat(),
+        **result_line.provenance(),
     )
     print(json.dumps(result))
 

@@ -291,7 +291,7 @@ def _add_evaluate(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from focalnet_jax.evaluation.evaluate import evaluate_predictions
+    from focalnet_jax.evaluation.evaluate import evaluate_predictions, evaluation_summary
     from focalnet_jax.evaluation.predictions import read_case_list
 
     slices = args.slices or "all"
@@ -336,12 +336,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         label=args.label or (args.workdir.name if args.workdir else "model"),
         slices=slices,
     )
-    froc = metrics["froc"]
-    print(
-        f"{metrics['num_patients']} patients; sensitivity at 1 FP/patient: "
-        + ", ".join(f"{g} {froc[g]['sensitivity_at_fp']['1']}" for g in ("index", "all"))
-        + f"; wrote {out / 'metrics.json'}"
-    )
+    print(f"{evaluation_summary(metrics)}; wrote {out / 'metrics.json'}")
     return 0
 
 

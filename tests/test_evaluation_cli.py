@@ -253,6 +253,34 @@ def test_evaluate_cases_picai_subject_list_dict(tmp_path):
     assert json.loads((out / "metrics.json").read_text())["num_patients"] == 3
 
 
+def test_summary_line_counts_cases_and_the_patients_with_evaluated_slices(tmp_path):
+    predictions, out = tmp_path / "predictions", tmp_path / "eval"
+    write_cohort(predictions)
+    printed = run_cli(_evaluate_argv(predictions, out, "--slices", "annotated"))
+    # Annotated slices: lesion-free c3 and c4 have none, so 3 patients set the FP rate. c1's
+    # (0.9) and c5's (0.5) lesions are hit; c2's blob lies on slice 5, outside its lesion's
+    # slices 2-4: no hit, no FP. Each lesion is its patient's index: 2 of 3 at 0 FP either way.
+    assert printed.strip() == (
+        "5 cases, 3 patients with evaluated slices (slices=annotated); sensitivity at 1 "
+        f"FP/patient: index 0.667, all 0.667; wrote {out / 'metrics.json'}"
+    )
+    negatives = tmp_path / "negatives"
+    write_blob_case(negatives, "n1", blobs=[((4, 24, 24), 0.3)])
+    printed = run_cli(_evaluate_argv(negatives, out))
+    assert printed.startswith(
+        "1 cases, 1 patients with evaluated slices (slices=all); sensitivity at 1 FP/patient: "
+        "index n/a (no lesions), all n/a (no lesions); wrote "
+    )
+
+
+def test_no_evaluated_slice_is_a_one_line_error_naming_the_setting(tmp_path):
+    predictions, out = tmp_path / "predictions", tmp_path / "eval"
+    write_blob_case(predictions, "n1", blobs=[((4, 24, 24), 0.3)])
+    message = _error(_evaluate_argv(predictions, out, "--slices", "annotated"))
+    assert f"{predictions}: no slice to evaluate with slices='annotated'" in message
+    assert not (out / "metrics.json").exists()
+
+
 def test_listed_case_without_prediction_is_a_one_line_error_and_writes_nothing(tmp_path):
     predictions, out = tmp_path / "predictions", tmp_path / "eval"
     write_cohort(predictions)

@@ -94,6 +94,44 @@ def _write_case(out: Path, case: PreprocessedCase, scores: np.ndarray, options: 
     return final
 
 
+def _prepare_out(out: Path, models: Ensemble) -> Path:
+    """Creates `out`, removes a previous run's errors.csv (it would mislead) and writes
+    `out/models.json` (`write_models`)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "errors.csv").unlink(missing_ok=True)
+    write_models(models, out)
+    return out
+
+
+def _preprocess_or_skip(
+    spec: CaseSpec, models: Ensemble, errors: list | None
+) -> PreprocessedCase | None:
+    """`_preprocess`; where `errors` is a list (bad cases skipped), a CaseError is logged,
+    appended to it as (case, file, reason) and gives None; otherwise it is raised."""
+    try:
+        return _preprocess(spec, models)
+    except CaseError as error:
+        if errors is None:
+            raise
+        log.warning("skipping case %s: %s (%s)", error.case, error.reason, error.file)
+        errors.append((error.case, error.file, error.reason))
+        return None
+
+
+def _write_pooled(models: Ensemble, pending, out: Path, options: dict, bar) -> list[str]:
+    """One model pass over the pooled slices of the `pending` cases, then one folder per case
+    (the progress `bar` advanced per case); returns their case ids."""
+    scores = models(np.concatenate([c.images for c in pending]))
+    written, first = [], 0
+    for case in pending:
+        last = first + len(case.images)
+        _write_case(out, case, scores[first:last], options)
+        written.append(case.case_id)
+        first = last
+        bar.update()
+    return written
+
+
 def predict_cases(
     models: Ensemble,
     cases: Sequence[CaseSpec],
@@ -112,46 +150,26 @@ def predict_cases(
     """
     if not cases:
         raise LayoutError("no cases to predict")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "errors.csv").unlink(missing_ok=True)  # a previous run's list would mislead
-    write_models(models, out)
+    out = _prepare_out(Path(out), models)
     options = {"threshold": threshold, "candidates": candidates}
-    batch = max(p.batch_size for p in models.predictors)
-    written: list[str] = []
+    batch = max(p.batch_size for p in models.predictors)  # slices pooled per model pass
     errors = list(errors or [])
+    written: list[str] = []
     pending: list[PreprocessedCase] = []
-
-    def flush():
-        # One model pass over the pooled slices of the pending cases, then one folder per case.
-        scores = models(np.concatenate([c.images for c in pending]))
-        first = 0
-        for case in pending:
-            last = first + len(case.images)
-            _write_case(out, case, scores[first:last], options)
-            written.append(case.case_id)
-            first = last
-            bar.update()
-        pending.clear()
-
-    bar = tqdm(total=len(cases), desc="predict", unit="case", disable=not progress)
     try:
-        for spec in cases:
-            try:
-                pending.append(_preprocess(spec, models))
-            except CaseError as error:
-                if not skip_bad_cases:
-                    raise
-                log.warning("skipping case %s: %s (%s)", error.case, error.reason, error.file)
-                errors.append((error.case, error.file, error.reason))
-                bar.update()
-                continue
-            if sum(len(c.images) for c in pending) >= batch:
-                flush()
-        if pending:
-            flush()
+        with tqdm(total=len(cases), desc="predict", unit="case", disable=not progress) as bar:
+            for spec in cases:
+                case = _preprocess_or_skip(spec, models, errors if skip_bad_cases else None)
+                if case is None:
+                    bar.update()
+                    continue
+                pending.append(case)
+                if sum(len(c.images) for c in pending) >= batch:
+                    written += _write_pooled(models, pending, out, options, bar)
+                    pending = []
+            if pending:
+                written += _write_pooled(models, pending, out, options, bar)
     finally:
-        bar.close()
         if skip_bad_cases:
             write_errors(out / "errors.csv", errors)
     if not written:

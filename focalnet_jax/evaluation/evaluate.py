@@ -32,11 +32,21 @@ FROC_PANELS = (
 GS_PANELS = (("GS 3+3", "gs_3+3"), ("GS 3+4", "gs_3+4"), ("GS 4+3", "gs_4+3"), ("GS >= 8", "gs_8+"))
 
 
-def _read_and_summarize(paths, settings: dict, picai_skipped: str | None):
+def _warn_without_case_list(predictions_dir: str | Path, found: int) -> None:
+    """Without a case list, a missing prediction file would go unnoticed: say so."""
+    log.warning(
+        "no case list: evaluating the %d <case_id>.npz file(s) found in %s "
+        "(a missing case would go unnoticed; --cases FILE names the expected ones)",
+        found,
+        predictions_dir,
+    )
+
+
+def _read_and_summarize(paths, settings: dict, with_picai: bool):
     """Each case's `CaseSummary` (`settings`: summarize_case's keywords), whether it holds images,
-    and its PI-CAI detection results unless PI-CAI is skipped (then the reason why)."""
-    if picai_skipped is None:
-        picai_skipped = picai.available()
+    its PI-CAI detection results, and why PI-CAI is skipped (None where it is not; then the
+    results hold every case)."""
+    picai_skipped = picai.available() if with_picai else "disabled (--no-picai)"
     summaries: list[CaseSummary] = []
     picai_results: dict[str, tuple] = {}
     has_images: list[bool] = []
@@ -49,6 +59,38 @@ def _read_and_summarize(paths, settings: dict, picai_skipped: str | None):
         if picai_skipped is None:
             picai_results[case.case_id] = picai.evaluate_case(case)
     return summaries, has_images, picai_results, picai_skipped
+
+
+def _paper_metrics(summaries: list[CaseSummary], settings: dict, predictions_dir) -> dict:
+    """The paper protocol's counts, FROC and GS ROC over the cases' evaluated slices; a UserError
+    where no slice is evaluated."""
+    num_patients = count_patients(summaries)
+    if num_patients == 0:
+        raise UserError(
+            f"{predictions_dir}: no slice to evaluate with slices={settings['slices']!r}"
+        )
+    return {
+        "num_patients": num_patients,
+        "num_cases": len(summaries),
+        "settings": settings,
+        "froc": froc_analysis(summaries, num_patients),
+        "roc": gs_roc(summaries),
+    }
+
+
+def _picai_section(results: dict, skipped: str | None, bootstraps: int, seed: int) -> dict:
+    """picai_eval's metrics of the cases' 3D detection results, or why they were skipped."""
+    if skipped is None:
+        return picai.picai_metrics(results, bootstraps=bootstraps, seed=seed)
+    log.warning("PI-CAI metrics skipped: %s", skipped)
+    return {"skipped": skipped}
+
+
+def _models_record(predictions_dir: str | Path) -> dict:
+    """{"models": ...} from the `models.json` beside the predictions (the runs and steps that made
+    them: `ensemble.write_models`), else {}."""
+    models = Path(predictions_dir) / MODELS_FILE
+    return {"models": json.loads(models.read_text())} if models.is_file() else {}
 
 
 def evaluate_predictions(
@@ -78,12 +120,7 @@ def evaluate_predictions(
     """
     paths = list_cases(predictions_dir, cases)
     if cases is None:
-        log.warning(
-            "no case list: evaluating the %d <case_id>.npz file(s) found in %s "
-            "(a missing case would go unnoticed; --cases FILE names the expected ones)",
-            len(paths),
-            predictions_dir,
-        )
+        _warn_without_case_list(predictions_dir, len(paths))
     settings = {
         "radius_mm": radius_mm,
         "min_score": min_score,
@@ -91,28 +128,11 @@ def evaluate_predictions(
         "slices": slices,
     }
     summaries, has_images, picai_results, picai_skipped = _read_and_summarize(
-        paths, settings, "disabled (--no-picai)" if not with_picai else None
+        paths, settings, with_picai
     )
-    num_patients = count_patients(summaries)
-    if num_patients == 0:
-        raise UserError(f"{predictions_dir}: no slice to evaluate with slices={slices!r}")
-    metrics = {
-        "num_patients": num_patients,
-        "num_cases": len(summaries),
-        "settings": settings,
-        "froc": froc_analysis(summaries, num_patients),
-        "roc": gs_roc(summaries),
-    }
-    if picai_skipped is None:
-        metrics["picai"] = picai.picai_metrics(
-            picai_results, bootstraps=picai_bootstraps, seed=seed
-        )
-    else:
-        log.warning("PI-CAI metrics skipped: %s", picai_skipped)
-        metrics["picai"] = {"skipped": picai_skipped}
-    models = Path(predictions_dir) / MODELS_FILE
-    if models.is_file():  # the runs that made the predictions (`ensemble.write_models`)
-        metrics["models"] = json.loads(models.read_text())
+    metrics = _paper_metrics(summaries, settings, predictions_dir)
+    metrics["picai"] = _picai_section(picai_results, picai_skipped, picai_bootstraps, seed)
+    metrics.update(_models_record(predictions_dir))
     if out_dir is not None:
         _write_outputs(metrics, Path(out_dir), label)
         if with_figures:
@@ -126,6 +146,22 @@ def _write_outputs(metrics: dict, out_dir: Path, label: str) -> None:
     report = markdown_report({label: [json_safe(metrics)]}, title=f"Evaluation of {label}")
     with replaced_atomically(out_dir / "report.md") as tmp:
         tmp.write_text(report)
+
+
+def evaluation_summary(metrics: dict) -> str:
+    """One line: the cases read, the patients counted for the FP rate (those with an evaluated
+    slice under the `slices` setting) and the index / all-lesion sensitivity at 1 FP/patient
+    ('n/a (no lesions)' where a group has none)."""
+
+    def at_one_fp(group: str) -> str:
+        sensitivity = metrics["froc"][group]["sensitivity_at_fp"]["1"]
+        return "n/a (no lesions)" if sensitivity is None else f"{sensitivity:.3f}"
+
+    return (
+        f"{metrics['num_cases']} cases, {metrics['num_patients']} patients with evaluated slices "
+        f"(slices={metrics['settings']['slices']}); sensitivity at 1 FP/patient: "
+        f"index {at_one_fp('index')}, all {at_one_fp('all')}"
+    )
 
 
 def operating_threshold(curve: dict, fp_per_patient: float = 1.0) -> float:

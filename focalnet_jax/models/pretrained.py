@@ -158,6 +158,64 @@ def _backbone(variables: Mapping[str, Any]) -> dict[str, Any]:
     return {c: variables[c]["backbone"] for c in ("params", "batch_stats") if c in variables}
 
 
+def _check_request(model_config: ml_collections.ConfigDict, num_components: int) -> None:
+    """Pretrained ResNet weights fit a DeepLab backbone and a positive number of components."""
+    if model_config.name != "deeplab":
+        raise ValueError(
+            f"model.name: pretrained ResNet weights need 'deeplab', got {model_config.name!r}"
+        )
+    if not isinstance(num_components, int) or num_components < 1:
+        raise ValueError(f"num_components: expected a positive int, got {num_components!r}")
+
+
+def _check_keys(state: Mapping[str, np.ndarray], mapping: Mapping, path, depth: int) -> None:
+    """Raises naming every backbone key missing from the file; logs the keys that are not
+    loaded (a warning for unexpected ones, info for the ignored classifier and BN counters)."""
+    missing = sorted(set(mapping) - set(state))
+    if missing:
+        raise ValueError(
+            f"pretrained weights {path}: {len(missing)} backbone keys missing for ResNet-"
+            f"{depth}: {missing}"
+        )
+    ignored = sorted(key for key in state if key not in mapping and _IGNORED.search(key))
+    unexpected = sorted(key for key in state if key not in mapping and not _IGNORED.search(key))
+    if unexpected:
+        log.warning(
+            "pretrained weights %s: %d unexpected keys not loaded: %s",
+            path,
+            len(unexpected),
+            unexpected,
+        )
+    if ignored:
+        log.info(
+            "pretrained weights %s: ignored %d keys (classifier, BN counters): %s",
+            path,
+            len(ignored),
+            ignored,
+        )
+
+
+def _fill_backbone(
+    target: dict, state: Mapping, mapping: Mapping, path, num_components: int
+) -> None:
+    """Sets every mapped leaf of the backbone tree `target` (in place) to its torchvision tensor
+    in Flax layout as float32 (the first convolution adapted to `num_components`); a shape
+    other than the model's is an error naming the key, both shapes and the leaf."""
+    for key, (collection, leaf_path) in sorted(mapping.items()):
+        value = state[key]
+        if key == "conv1.weight":
+            value = adapt_first_conv(value, num_components)
+        value = _to_flax(value)
+        expected = tuple(_get(target[collection], leaf_path).shape)
+        if value.shape != expected:
+            raise ValueError(
+                f"pretrained weights {path}: {key} has shape {tuple(state[key].shape)} "
+                f"(as Flax {value.shape}) but the model expects {expected} at "
+                f"{collection}/backbone/{'/'.join(leaf_path)}"
+            )
+        _set(target[collection], leaf_path, np.ascontiguousarray(value, dtype=np.float32))
+
+
 def load_torchvision_resnet(
     variables: Mapping[str, Any],
     path: str | Path,
@@ -177,52 +235,12 @@ def load_torchvision_resnet(
     Returns:
       A new variables dict: backbone leaves are float32 NumPy arrays, the rest is unchanged.
     """
-    if model_config.name != "deeplab":
-        raise ValueError(
-            f"model.name: pretrained ResNet weights need 'deeplab', got {model_config.name!r}"
-        )
-    if not isinstance(num_components, int) or num_components < 1:
-        raise ValueError(f"num_components: expected a positive int, got {num_components!r}")
+    _check_request(model_config, num_components)
     state = read_state_dict(path)
     mapping = backbone_key_map(_backbone(variables))
-    missing = sorted(set(mapping) - set(state))
-    if missing:
-        raise ValueError(
-            f"pretrained weights {path}: {len(missing)} backbone keys missing for ResNet-"
-            f"{model_config.depth}: {missing}"
-        )
-    ignored = sorted(key for key in state if key not in mapping and _IGNORED.search(key))
-    unexpected = sorted(key for key in state if key not in mapping and not _IGNORED.search(key))
-    if unexpected:
-        log.warning(
-            "pretrained weights %s: %d unexpected keys not loaded: %s",
-            path,
-            len(unexpected),
-            unexpected,
-        )
-    if ignored:
-        log.info(
-            "pretrained weights %s: ignored %d keys (classifier, BN counters): %s",
-            path,
-            len(ignored),
-            ignored,
-        )
-
+    _check_keys(state, mapping, path, model_config.depth)
     result = _copy_tree(variables)
-    target = _backbone(result)
-    for key, (collection, leaf_path) in sorted(mapping.items()):
-        value = state[key]
-        if key == "conv1.weight":
-            value = adapt_first_conv(value, num_components)
-        value = _to_flax(value)
-        expected = tuple(_get(target[collection], leaf_path).shape)
-        if value.shape != expected:
-            raise ValueError(
-                f"pretrained weights {path}: {key} has shape {tuple(state[key].shape)} "
-                f"(as Flax {value.shape}) but the model expects {expected} at "
-                f"{collection}/backbone/{'/'.join(leaf_path)}"
-            )
-        _set(target[collection], leaf_path, np.ascontiguousarray(value, dtype=np.float32))
+    _fill_backbone(_backbone(result), state, mapping, path, num_components)
     log.info("pretrained weights %s: loaded %d backbone tensors", path, len(mapping))
     return result
 
