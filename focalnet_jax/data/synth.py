@@ -36,7 +36,14 @@ import SimpleITK as sitk
 from tqdm import tqdm
 
 from focalnet_jax.data.io import write_image, xyz
-from focalnet_jax.data.synth_render import COMPONENTS, Grid, add_rician_noise, bias_field, render
+from focalnet_jax.data.synth_render import (
+    COMPONENTS,
+    Grid,
+    Lesion,
+    add_rician_noise,
+    bias_field,
+    render,
+)
 
 _CLASS_SHARE = (0.24, 0.28, 0.2, 0.16, 0.12)  # of lesions, classes 1..5
 _DCE_STREAM = 1  # SeedSequence spawn key of the DCE random stream
@@ -82,16 +89,6 @@ class SynthConfig:
         (1.5 x 1.5 x 3 mm) case for tests."""
         base = cls(t2w_size=(6, 96, 96), t2w_spacing=(3.0, 1.0, 1.0), dwi_size=(6, 48, 48))
         return replace(base, dce_size=(6, 64, 64), **overrides)
-
-
-@dataclass
-class Lesion:
-    center: tuple[float, float, float]  # LPS mm
-    radii: tuple[float, float, float]  # x, y, z semi-axes before rotation (mm)
-    angle: float  # in-plane rotation (radians)
-    cls: int
-    visible_in: str  # 'both' (every component) | 't2w' | 'adc' (ADC and HBV) | 'dce': only there
-    zone: str
 
 
 @dataclass

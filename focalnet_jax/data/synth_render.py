@@ -8,7 +8,7 @@ complete the T2w image.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import numpy as np
 import SimpleITK as sitk
@@ -16,13 +16,22 @@ from scipy import ndimage
 
 from focalnet_jax.data.io import xyz
 
-if TYPE_CHECKING:
-    from focalnet_jax.data.synth import Lesion
-
 # class -> (conspicuity in T2w/HBV/DCE, ADC 1e-6 mm^2/s)
 _LESION = {1: (0.25, 1050.0), 2: (0.4, 930.0), 3: (0.55, 830.0), 4: (0.7, 740.0), 5: (0.85, 650.0)}
 COMPONENTS = ("t2w", "adc", "hbv", "dce")  # the components the generator can write
 _SHOWN_IN = {"t2w": "t2w", "adc": "adc", "hbv": "adc", "dce": "dce"}  # visible_in of one-only
+
+
+@dataclass
+class Lesion:
+    """One synthetic lesion: an ellipsoid in world coordinates."""
+
+    center: tuple[float, float, float]  # LPS mm
+    radii: tuple[float, float, float]  # x, y, z semi-axes before rotation (mm)
+    angle: float  # in-plane rotation (radians)
+    cls: int
+    visible_in: str  # 'both' (every component) | 't2w' | 'adc' (ADC and HBV) | 'dce': only there
+    zone: str
 
 
 class Grid:
