@@ -1,7 +1,7 @@
-"""Damaged checkpoints (focalnet_jax/workdir.py, training/checkpoint.py): a restarted run falls
-back to the newest intact step, moves the damaged one aside and says so in one line; with none
-intact it refuses; predict and evaluate name the damaged step folder, file and reason in a
-one-line error."""
+"""Damaged checkpoints (focalnet_jax/workdir.py, training/checkpoint.py): a restarted run (one
+process or two) falls back to the newest intact step, moves the damaged one aside once and says
+so in one line; with none intact it refuses; predict and evaluate name the damaged step folder,
+file and reason in a one-line error."""
 
 from __future__ import annotations
 
@@ -15,7 +15,18 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from test_train_helpers import REPO, FakeStore, fast_compiles, tiny_config
+from test_train_helpers import (
+    MULTI_DEVICE_ATOL,
+    MULTI_DEVICE_RTOL,
+    REPO,
+    FakeStore,
+    fast_compiles,
+    finish,
+    free_port,
+    process_flags,
+    start_worker,
+    tiny_config,
+)
 
 from focalnet_jax.run import workdir as workdir_lib
 from focalnet_jax.training import train_and_evaluate
@@ -93,6 +104,44 @@ def test_restart_resumes_from_the_newest_intact_step(trained, damage, caplog):
     assert int(state.step) == 4
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(trained["final"]), strict=True):
         np.testing.assert_array_equal(np.asarray(a), b)
+
+
+@pytest.mark.slow
+def test_two_processes_move_the_damaged_step_aside_once_and_resume(trained, tmp_path):
+    """Process 0 renames the damaged step between two barriers; process 1 neither races it nor
+    keeps listing the old step; both go on from step 2 to an uninterrupted run's step 4."""
+    workdir, expected = _copy_with(trained, "two_processes", _truncate_data)
+    port = free_port()
+    outs = [tmp_path / "params.npz", tmp_path / "unused.npz"]
+    processes = [
+        start_worker(outs[i], workdir, 1, [*process_flags(port, i), *RUN]) for i in range(2)
+    ]
+    outputs = finish(processes)
+    checkpoints = workdir / "checkpoints"
+    bad, aside = checkpoints / "4", checkpoints / "corrupt-4"
+    lines = [line for output in outputs for line in output.splitlines() if "resuming" in line]
+    assert len(lines) == 1 and "resuming from step 2: " in outputs[0], outputs
+    assert f"resuming from step 2: checkpoint {bad.resolve()} is unreadable: {expected}" in lines[0]
+    assert f"moved to {aside.resolve()}" in lines[0]
+    # Moved once, nothing deleted; the new step 4 holds the final parameters.
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["2", "4", "corrupt-4"]
+    assert (aside / "default" / "_METADATA").exists()
+    assert workdir_lib.find_damage(aside).startswith(expected)
+    manager = workdir_lib.make_manager(workdir, read_only=True)
+    assert manager.all_steps() == [2, 4]
+    manager.close()
+    _, variables = workdir_lib.load_for_inference(workdir, step=4)
+    saved = np.load(outs[0])
+    final = jax.tree_util.tree_flatten_with_path(trained["final"].params)[0]
+    assert len(saved.files) == len(final)
+    for path, reference in final:
+        name = jax.tree_util.keystr(path)
+        # Steps 1-2 are the one-process run's (restored); steps 3-4 reduce over two devices.
+        np.testing.assert_allclose(
+            saved[name], reference, rtol=MULTI_DEVICE_RTOL, atol=MULTI_DEVICE_ATOL, err_msg=name
+        )
+    for path, value in jax.tree_util.tree_flatten_with_path(variables["params"])[0]:
+        np.testing.assert_array_equal(value, saved[jax.tree_util.keystr(path)])
 
 
 def test_no_intact_step_refuses_and_moves_nothing(trained):

@@ -6,6 +6,7 @@ started here) gives the same rows as the local one."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import itertools
 import json
@@ -23,6 +24,7 @@ import pytest
 from slurm_cluster import OneNodeCluster, missing_binaries
 from test_train_helpers import REPO, small_synthetic_store
 
+from focalnet_jax.study.synthetic import focalnet
 from focalnet_jax.training.tb_logging import read_scalars
 
 SPEC = """
@@ -522,3 +524,13 @@ def test_shipped_specs_validate_against_their_base(name, store):
     if name == "synthetic_mfl":
         assert [c.loss.mfl for c in configs.values()] == [False, False, True]
         assert plain["repeats"] >= 3
+
+
+def test_focalnet_child_writes_where_stdout_is_redirected(capfd):
+    """A benchmark that redirects stdout to stderr (one JSON line on stdout) gets its `focalnet`
+    child's prints on stderr too."""
+    with contextlib.redirect_stdout(sys.stderr):
+        focalnet(["synth", "--help"])
+    out, err = capfd.readouterr()
+    assert out == ""
+    assert "$ focalnet synth --help" in err and "usage: focalnet synth" in err

@@ -8,13 +8,20 @@ it with several CPU devices or as several processes) and saves the final paramet
 from __future__ import annotations
 
 import contextlib
+import os
+import socket
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 COMPONENTS = ("t2w", "adc")
+# Parameters trained over several devices vs one: float32 reductions in another order.
+MULTI_DEVICE_RTOL, MULTI_DEVICE_ATOL = 1e-4, 1e-6
 
 
 class FakeStore:
@@ -132,6 +139,70 @@ def tiny_config(config_file: str = "configs/focalnet.py", overrides=()):
     from focalnet_jax.config_loading import load_config
 
     return load_config(str(REPO / config_file), [*TINY, *overrides])
+
+
+def free_port() -> int:
+    """A TCP port free on localhost now (for a local coordinator)."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def process_flags(port: int, process_id: int, num_processes: int = 2) -> list[str]:
+    """The script's flags for process `process_id` of a local group coordinated on `port`."""
+    return [
+        "--coordinator",
+        f"localhost:{port}",
+        "--num_processes",
+        str(num_processes),
+        "--process_id",
+        str(process_id),
+    ]
+
+
+def start_worker(out, workdir, devices: int, args=()) -> subprocess.Popen:
+    """This file run as a script on `devices` CPU devices (optimisations off), its stdout and
+    stderr going to `process.log` (a temporary file): `args` = `process_flags(...)` (if any),
+    then `--config.k=v` overrides."""
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        JAX_DISABLE_MOST_OPTIMIZATIONS="1",
+    )
+    command = [sys.executable, str(Path(__file__).resolve()), str(out), str(workdir), *args]
+    log = tempfile.TemporaryFile()
+    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    process.log = log
+    return process
+
+
+def finish(processes: list[subprocess.Popen], timeout: float = 240) -> list[str]:
+    """Wait for `start_worker` processes; the output of each. Fails unless all exit 0; as soon as
+    one fails, or at `timeout` seconds, the others are killed (they would wait at a barrier)."""
+    deadline = time.monotonic() + timeout
+    try:
+        while any(p.poll() is None for p in processes) and time.monotonic() < deadline:
+            if any(p.returncode not in (None, 0) for p in processes):
+                break
+            time.sleep(0.2)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()  # SIGKILL: a process blocked in a barrier ignores SIGTERM
+                process.wait()
+    outputs = []
+    for process in processes:
+        process.log.seek(0)
+        outputs.append(process.log.read().decode(errors="replace"))
+        process.log.close()
+    failures = [
+        f"process {i}: exit {p.returncode}: {output[-2000:]}"
+        for i, (p, output) in enumerate(zip(processes, outputs, strict=True))
+        if p.returncode != 0
+    ]
+    assert not failures, "\n".join(failures)
+    return outputs
 
 
 def _main(argv):

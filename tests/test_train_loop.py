@@ -4,17 +4,23 @@ one process and over 2 processes x 2 devices (subprocesses) equal to one device.
 
 from __future__ import annotations
 
-import os
 import shutil
-import socket
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from test_train_helpers import REPO, FakeStore, fast_compiles, tiny_config
+from test_train_helpers import (
+    MULTI_DEVICE_ATOL,
+    MULTI_DEVICE_RTOL,
+    FakeStore,
+    fast_compiles,
+    finish,
+    free_port,
+    process_flags,
+    start_worker,
+    tiny_config,
+)
 
 from focalnet_jax.run import workdir as workdir_lib
 from focalnet_jax.training import train_and_evaluate
@@ -24,7 +30,6 @@ RUN = [
     "--config.train.keep_checkpoints=10",
     "--config.train.eval_every=10",
 ]
-MULTI_DEVICE_RTOL, MULTI_DEVICE_ATOL = 1e-4, 1e-6  # float32 reductions in another order
 
 
 @pytest.fixture(scope="module")
@@ -125,53 +130,20 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
     assert steps == [5, 10]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
-def _worker(out, workdir, devices, extra=()):
-    env = dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-        JAX_DISABLE_MOST_OPTIMIZATIONS="1",
-    )
-    command = [
-        sys.executable,
-        str(REPO / "tests" / "test_train_helpers.py"),
-        str(out),
-        str(workdir),
-    ]
-    command += list(extra)
-    command += [*RUN, "--config.train.steps=5"]
-    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-
-
-def _finish(process):
-    output = process.communicate(timeout=240)[0].decode(errors="replace")
-    assert process.returncode == 0, output[-3000:]
-
-
 @pytest.mark.slow
 def test_multi_device_and_multi_process_match_one_device(runs, tmp_path):
-    port = _free_port()
-    flags = lambda i: [
-        "--coordinator",
-        f"localhost:{port}",
-        "--num_processes",
-        "2",
-        "--process_id",
-        str(i),
-    ]
+    port = free_port()
+    run = [*RUN, "--config.train.steps=5"]
     processes = [
-        _worker(tmp_path / "four.npz", tmp_path / "four", 4),
-        _worker(tmp_path / "two_by_two.npz", tmp_path / "two_by_two", 2, flags(0)),
-        _worker(tmp_path / "unused.npz", tmp_path / "two_by_two", 2, flags(1)),
+        start_worker(tmp_path / "four.npz", tmp_path / "four", 4, run),
+        start_worker(
+            tmp_path / "two_by_two.npz", tmp_path / "two_by_two", 2, [*process_flags(port, 0), *run]
+        ),
+        start_worker(
+            tmp_path / "unused.npz", tmp_path / "two_by_two", 2, [*process_flags(port, 1), *run]
+        ),
     ]
-    for process in processes:
-        _finish(process)
+    finish(processes)
     _, reference = workdir_lib.load_for_inference(runs["root"] / "full", step=5)
     flat = jax.tree_util.tree_flatten_with_path(reference["params"])[0]
     for name in ("four", "two_by_two"):

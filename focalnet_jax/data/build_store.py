@@ -7,12 +7,14 @@ temporary store is removed) or, with `skip_bad_cases`, is listed in `errors.csv`
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import SimpleITK as sitk
 from tqdm import tqdm
@@ -65,6 +67,48 @@ def _work(job):
         return spec, None, (spec.case_id, "", f"{type(err).__name__}: {err}")
 
 
+@contextlib.contextmanager
+def _worker_results(jobs: list, workers: int):
+    """Yield the `_work` results of `jobs` in input order: computed in this process (1 worker) or
+    in a `spawn` pool of `workers` processes, terminated on exit."""
+    if workers == 1:
+        yield map(_work, jobs)
+        return
+    pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker)
+    try:
+        yield pool.imap(_work, jobs, chunksize=1)
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+def _add_results(writer: StoreWriter, results, bar: tqdm, skip_bad_cases: bool) -> None:
+    """Store each preprocessed case; a bad one raises its `CaseError`, or with `skip_bad_cases` is
+    listed as an error and skipped."""
+    for spec, case, error in results:
+        bar.update()
+        if error is not None:
+            if not skip_bad_cases:
+                raise CaseError(*error)
+            log.warning("skipping case %s: %s (%s)", *error[:1], error[2], error[1])
+            writer.add_error(*error)
+            continue
+        files = {**spec.components, "label": spec.label, "mask": spec.mask}
+        writer.add(case, patient_id=spec.patient_id, files=files, meta=spec.meta)
+
+
+def _refuse_empty_store(writer: StoreWriter, out, num_cases: int) -> NoReturn:
+    """Every case failed: drop the temporary store, list the errors in `<out>.errors.csv` beside
+    it, and raise."""
+    errors = list(writer.errors)
+    writer.abort()
+    if errors:
+        write_errors(Path(out).with_name(Path(out).name + ".errors.csv"), errors)
+    raise UserError(
+        f"store {out}: every one of {num_cases} cases failed; first: {errors[0] if errors else ''}"
+    )
+
+
 def preprocess_cases(
     cases: Sequence[CaseSpec],
     out: str | os.PathLike,
@@ -96,63 +140,19 @@ def preprocess_cases(
             log.warning("skipping case %s: %s", error[0], error[2])
             writer.add_error(*error)
         bar = tqdm(total=len(jobs), desc="preprocess", unit="case", disable=not progress)
-        if workers == 1:
-            results = map(_work, jobs)
-            pool = None
-        else:
-            context = multiprocessing.get_context("spawn")
-            pool = context.Pool(workers, initializer=_init_worker)
-            results = pool.imap(_work, jobs, chunksize=1)
-        try:
-            for spec, case, error in results:
-                bar.update()
-                if error is not None:
-                    if not skip_bad_cases:
-                        raise CaseError(*error)
-                    log.warning("skipping case %s: %s (%s)", *error[:1], error[2], error[1])
-                    writer.add_error(*error)
-                    continue
-                files = {**spec.components, "label": spec.label, "mask": spec.mask}
-                writer.add(case, patient_id=spec.patient_id, files=files, meta=spec.meta)
-        finally:
-            bar.close()
-            if pool is not None:
-                pool.terminate()
-                pool.join()
+        with bar, _worker_results(jobs, workers) as results:
+            _add_results(writer, results, bar, skip_bad_cases)
         if not writer.records:
-            errors = list(writer.errors)
-            writer.abort()
-            if errors:
-                write_errors(Path(out).with_name(Path(out).name + ".errors.csv"), errors)
-            raise UserError(
-                f"store {out}: every one of {len(jobs)} cases failed; "
-                f"first: {errors[0] if errors else ''}"
-            )
+            _refuse_empty_store(writer, out, len(jobs))
         path = writer.commit()
         return PreprocessSummary(path, len(writer.records), writer.num_slices, list(writer.errors))
 
 
-def preprocess_layout(
-    layout: str,
-    *,
-    out,
-    images=None,
-    labels=None,
-    masks=None,
-    marksheet=None,
-    manifest=None,
-    components: Sequence[str] = ("t2w", "adc"),
-    slices: str = "all",
-    workers: int = 1,
-    skip_bad_cases: bool = False,
-    unlabelled: str = "error",
-    label_values: str = "auto",
-    interpolator: str = "bspline",
-    progress: bool = True,
-    overwrite: bool = False,
-) -> PreprocessSummary:
-    """`focalnet preprocess`: find the cases of a PI-CAI folder or a manifest and store them."""
-    refused = [] if skip_bad_cases else None  # cases refused while finding them (bad ids, labels)
+def _find_cases(
+    layout: str, *, images, labels, masks, marksheet, manifest, components, unlabelled, refused
+) -> list[CaseSpec]:
+    """The cases of a PI-CAI folder (`layout` 'picai') or a manifest ('manifest'). `refused`: a
+    list collecting the cases refused while finding them, or None to raise on the first."""
     if layout == "picai":
         if images is None:
             raise LayoutError("--layout picai needs --images")
@@ -178,6 +178,41 @@ def preprocess_layout(
             f"no cases to preprocess ({layout} layout)"
             + (f"; {len(refused)} refused, first: {refused[0][2]}" if refused else "")
         )
+    return cases
+
+
+def preprocess_layout(
+    layout: str,
+    *,
+    out,
+    images=None,
+    labels=None,
+    masks=None,
+    marksheet=None,
+    manifest=None,
+    components: Sequence[str] = ("t2w", "adc"),
+    slices: str = "all",
+    workers: int = 1,
+    skip_bad_cases: bool = False,
+    unlabelled: str = "error",
+    label_values: str = "auto",
+    interpolator: str = "bspline",
+    progress: bool = True,
+    overwrite: bool = False,
+) -> PreprocessSummary:
+    """`focalnet preprocess`: find the cases of a PI-CAI folder or a manifest and store them."""
+    refused = [] if skip_bad_cases else None  # cases refused while finding them (bad ids, labels)
+    cases = _find_cases(
+        layout,
+        images=images,
+        labels=labels,
+        masks=masks,
+        marksheet=marksheet,
+        manifest=manifest,
+        components=components,
+        unlabelled=unlabelled,
+        refused=refused,
+    )
     if label_values == "auto":  # a manifest's class / ISUP map: value 1 is GS 3+3 (ISUP 1)
         label_values = label_scheme(labels) if layout == "picai" else "isup"
     config = PreprocessConfig(label_values=label_values, interpolator=interpolator)

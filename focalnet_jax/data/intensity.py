@@ -35,6 +35,49 @@ def _disk(radius: int) -> np.ndarray:
     return (yy**2 + xx**2 <= radius**2)[None]
 
 
+def _search_box(shape_zyx, spacing_zyx, center_yx, anterior_sign: float):
+    """Voxel bounds (y0, y1, x0, x1) of the bladder search box (60 mm anterior to 5 mm posterior
+    of `center_yx`, +-50 mm left-right, clipped to the volume) and the row/column step giving a
+    ~1 mm grid."""
+    _, sy, sx = (float(s) for s in spacing_zyx)
+    _, ny, nx = shape_zyx
+    cy, cx = ((ny - 1) / 2, (nx - 1) / 2) if center_yx is None else center_yx
+    front, back = (cy - 60 / sy, cy + 5 / sy) if anterior_sign > 0 else (cy - 5 / sy, cy + 60 / sy)
+    y0, y1 = int(np.clip(front, 0, ny)), int(np.clip(back, 0, ny))
+    x0, x1 = int(np.clip(cx - 50 / sx, 0, nx)), int(np.clip(cx + 50 / sx, 0, nx))
+    step = max(1, int(round(1.0 / min(sy, sx))))
+    return (y0, y1, x0, x1), step
+
+
+def _homogeneous(values: np.ndarray, inside: np.ndarray, max_cv: float) -> bool:
+    """Whether the core of a candidate (`inside`, bool, eroded by a 1-voxel disk) is urine-like:
+    coefficient of variation of its raw `values` (same shape) <= `max_cv`."""
+    # The core only: the smoothed threshold lets tissue-valued edge voxels in.
+    core = values[ndimage.binary_erosion(inside, _disk(1))]
+    return bool(core.size and core.std() <= max_cv * core.mean())
+
+
+def _bladder_in_box(box: np.ndarray, voxel_mm, *, fractions, max_cv, min_volume_ml, opening_mm):
+    """(bounding slices, bool mask within them) of the bladder in `box` (z, y, x; raw T2w on a
+    ~1 mm grid of `voxel_mm` (z, y, x) spacing), or None; see `find_bladder`."""
+    sz, py, px = voxel_mm
+    smooth = ndimage.gaussian_filter(box, (0, 1.0 / py, 1.0 / px))
+    disk = _disk(max(1, int(round(opening_mm / px))))
+    best, best_volume = None, min_volume_ml
+    top = np.percentile(smooth, 99.5)
+    for fraction in fractions:
+        bright = ndimage.binary_opening(smooth > fraction * top, disk)
+        labels, _ = ndimage.label(bright)
+        for i, where in enumerate(ndimage.find_objects(labels), start=1):
+            inside = labels[where] == i
+            volume = inside.sum() * py * px * sz / 1000.0
+            if volume >= best_volume and _homogeneous(box[where], inside, max_cv):
+                best, best_volume = (where, inside), volume
+        if best is not None:  # the brightest level holding a candidate: urine over fat
+            return best
+    return None
+
+
 def find_bladder(
     t2w: np.ndarray,
     spacing_zyx,
@@ -58,39 +101,23 @@ def find_bladder(
     from a coil). `anterior_sign` is +1 when rows run anterior -> posterior (LPS y increasing),
     -1 otherwise.
     """
-    sz, sy, sx = (float(s) for s in spacing_zyx)
-    nz, ny, nx = t2w.shape
-    cy, cx = ((ny - 1) / 2, (nx - 1) / 2) if center_yx is None else center_yx
-    front, back = (cy - 60 / sy, cy + 5 / sy) if anterior_sign > 0 else (cy - 5 / sy, cy + 60 / sy)
-    y0, y1 = int(np.clip(front, 0, ny)), int(np.clip(back, 0, ny))
-    x0, x1 = int(np.clip(cx - 50 / sx, 0, nx)), int(np.clip(cx + 50 / sx, 0, nx))
-    step = max(1, int(round(1.0 / min(sy, sx))))
+    (y0, y1, x0, x1), step = _search_box(t2w.shape, spacing_zyx, center_yx, anterior_sign)
     box = t2w[:, y0:y1:step, x0:x1:step].astype(np.float32)
     if box.size == 0:
         return None
-    py, px = sy * step, sx * step
-    smooth = ndimage.gaussian_filter(box, (0, 1.0 / py, 1.0 / px))
-    disk = _disk(max(1, int(round(opening_mm / px))))
-    best, best_volume = None, min_volume_ml
-    top = np.percentile(smooth, 99.5)
-    for fraction in fractions:
-        bright = ndimage.binary_opening(smooth > fraction * top, disk)
-        labels, n = ndimage.label(bright)
-        for i, where in enumerate(ndimage.find_objects(labels), start=1):
-            inside = labels[where] == i
-            volume = inside.sum() * py * px * sz / 1000.0
-            if volume < best_volume:
-                continue
-            # Homogeneity of the core: the smoothed threshold lets tissue-valued edge voxels in.
-            core = box[where][ndimage.binary_erosion(inside, _disk(1))]
-            if core.size and core.std() <= max_cv * core.mean():
-                best, best_volume = (where, inside), volume
-        if best is not None:  # the brightest level holding a candidate: urine over fat
-            break
-    if best is None:
+    sz, sy, sx = (float(s) for s in spacing_zyx)
+    found = _bladder_in_box(
+        box,
+        (sz, sy * step, sx * step),
+        fractions=fractions,
+        max_cv=max_cv,
+        min_volume_ml=min_volume_ml,
+        opening_mm=opening_mm,
+    )
+    if found is None:
         return None
+    where, inside = found
     small = np.zeros(box.shape, bool)
-    where, inside = best
     small[where] = inside
     # Back to the full grid: every voxel of a selected ~1 mm cell.
     full = np.repeat(np.repeat(small, step, axis=1), step, axis=2)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 import SimpleITK as sitk
@@ -312,6 +312,68 @@ def _check_coverage(images, components, reference, keep: np.ndarray, case: str) 
             raise CaseError(case, components[name], problem)
 
 
+def _case_name(components: Mapping, case_id: str | None, slices: str) -> str:
+    """`case_id`, else the T2w (first component) file name without extension; refuses no
+    components and an unknown `slices`."""
+    if not components:
+        raise CaseError(case_id or "?", None, "no components given")
+    t2w_path = components[next(iter(components))]
+    case = case_id or os.path.basename(os.fspath(t2w_path)).split(".")[0]
+    if slices not in ("all", "annotated"):
+        raise CaseError(case, None, f"slices={slices!r}: expected 'all' or 'annotated'")
+    return case
+
+
+def _crop_every_slice(
+    images, components, label, centre, source, bladder_mask, cfg: PreprocessConfig, case: str
+) -> PreprocessedCase:
+    """The case on the crop centred at `centre` (LPS mm; found from `source`) over every T2w
+    slice: each component resampled once onto the crop grid and normalised, the label's lesion
+    instances resampled by nearest neighbour with none lost."""
+    t2w = images[next(iter(components))]
+    geometry = CropGeometry.centred(t2w, centre, crop_mm=cfg.crop_mm, size=cfg.crop_size)
+    reference = geometry.reference_image(t2w.GetSize()[2])
+    channels, t2w_reference = _normalised_channels(
+        images, components, reference, cfg, case, centre, bladder_mask
+    )
+    volume = np.stack(channels, axis=-1)
+    labels = _crop_label(label, t2w, reference, volume.shape[:3], cfg, case)
+    classes, grade_known, lesions, lesion_classes, lesion_grade_known = labels
+    return PreprocessedCase(
+        case_id=case,
+        components=tuple(components),
+        images=volume,
+        classes=classes,
+        grade_known=grade_known,
+        lesions=lesions,
+        lesion_classes=lesion_classes,
+        lesion_grade_known=lesion_grade_known,
+        index_lesion=index_lesion(lesions, lesion_classes, geometry.spacing),
+        slice_index=np.arange(len(volume), dtype=np.int32),
+        annotated=(lesions > 0).any(axis=(1, 2)),
+        spacing=(geometry.spacing, geometry.spacing),
+        geometry=geometry,
+        center=tuple(float(c) for c in centre),
+        center_source=source,
+        t2w_reference=t2w_reference,
+    )
+
+
+def _select_slices(case: PreprocessedCase, keep: np.ndarray) -> PreprocessedCase:
+    """`case` (every T2w slice) restricted to the T2w slices `keep` [S]. `keep` must hold every
+    slice with a lesion, so that `index_lesion` stays valid."""
+    return replace(
+        case,
+        images=np.ascontiguousarray(case.images[keep], dtype=np.float32),
+        classes=case.classes[keep],
+        grade_known=case.grade_known[keep],
+        lesions=case.lesions[keep],
+        slice_index=keep.astype(np.int32),
+        annotated=case.annotated[keep],
+        geometry=case.geometry.with_slices(keep),
+    )
+
+
 def preprocess_case(
     components: Mapping[str, str | os.PathLike],
     label: str | os.PathLike | None = None,
@@ -343,53 +405,16 @@ def preprocess_case(
       CaseError naming the case, the file and the reason.
     """
     cfg = PreprocessConfig.from_any(config)
-    if not components:
-        raise CaseError(case_id or "?", None, "no components given")
-    names = list(components)
-    t2w_path = components[names[0]]
-    case = case_id or os.path.basename(os.fspath(t2w_path)).split(".")[0]
-    if slices not in ("all", "annotated"):
-        raise CaseError(case, None, f"slices={slices!r}: expected 'all' or 'annotated'")
-
+    case = _case_name(components, case_id, slices)
     # 1. Read; the T2w grid is the reference frame.
     images = _read_components(components, case, series or {})
-    t2w = images[names[0]]
-
     # 2. Crop centre: gland-mask centroid, else the given centre, else the T2w volume centre.
-    centre, source = _crop_centre(t2w, mask, center, case)
-    geometry = CropGeometry.centred(t2w, centre, crop_mm=cfg.crop_mm, size=cfg.crop_size)
-    reference = geometry.reference_image(t2w.GetSize()[2])
-
-    # 3. Resample each component once onto the crop grid; normalise intensities.
-    channels, t2w_reference = _normalised_channels(
-        images, components, reference, cfg, case, centre, bladder_mask
-    )
-    volume = np.stack(channels, axis=-1)
-
-    # 4. Label: lesion instances on the source grid, nearest-neighbour onto the crop, none lost.
-    labels = _crop_label(label, t2w, reference, volume.shape[:3], cfg, case)
-    classes, grade_known, lesions, lesion_classes, lesion_grade_known = labels
-
-    annotated = (lesions > 0).any(axis=(1, 2))
+    centre, source = _crop_centre(images[next(iter(components))], mask, center, case)
+    # 3. Each component and the label resampled once onto the crop grid (every T2w slice).
+    full = _crop_every_slice(images, components, label, centre, source, bladder_mask, cfg, case)
+    # 4. The slices to store, each covered by every component.
+    annotated = full.annotated
     keep = np.flatnonzero(annotated) if slices == "annotated" else np.arange(len(annotated))
+    reference = full.geometry.reference_image(len(annotated))
     _check_coverage(images, components, reference, keep, case)
-    geometry = geometry.with_slices(keep)
-    lesions = lesions[keep]
-    return PreprocessedCase(
-        case_id=case,
-        components=tuple(names),
-        images=np.ascontiguousarray(volume[keep], dtype=np.float32),
-        classes=classes[keep],
-        grade_known=grade_known[keep],
-        lesions=lesions,
-        lesion_classes=lesion_classes,
-        lesion_grade_known=lesion_grade_known,
-        index_lesion=index_lesion(lesions, lesion_classes, geometry.spacing),
-        slice_index=keep.astype(np.int32),
-        annotated=annotated[keep],
-        spacing=(geometry.spacing, geometry.spacing),
-        geometry=geometry,
-        center=tuple(float(c) for c in centre),
-        center_source=source,
-        t2w_reference=t2w_reference,
-    )
+    return _select_slices(full, keep)

@@ -17,6 +17,8 @@ lesions strongly (more with class), the TZ moderately and patchily, the normal P
 yet; with Gaussian noise. Its random numbers come from a stream of its own: the other components do
 not change when DCE is added (bar the lesions that the DCE-only share then hides from them).
 
+The scene and lesions are drawn here; `synth_render` paints them onto each grid.
+
 Labels hold the class of each lesion (1 = GS 3+3 ... 5 = GS >= 9); `labels/dataset.json` declares
 `{"label_values": "isup"}` so value 1 is read as GS 3+3 rather than PI-CAI's "grade unknown".
 """
@@ -31,16 +33,19 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-from scipy import ndimage
 from tqdm import tqdm
 
 from focalnet_jax.data.io import write_image, xyz
+from focalnet_jax.data.synth_render import (
+    COMPONENTS,
+    Grid,
+    Lesion,
+    add_rician_noise,
+    bias_field,
+    render,
+)
 
-# class -> (conspicuity in T2w/HBV/DCE, ADC 1e-6 mm^2/s)
-_LESION = {1: (0.25, 1050.0), 2: (0.4, 930.0), 3: (0.55, 830.0), 4: (0.7, 740.0), 5: (0.85, 650.0)}
 _CLASS_SHARE = (0.24, 0.28, 0.2, 0.16, 0.12)  # of lesions, classes 1..5
-COMPONENTS = ("t2w", "adc", "hbv", "dce")  # the components the generator can write
-_SHOWN_IN = {"t2w": "t2w", "adc": "adc", "hbv": "adc", "dce": "dce"}  # visible_in of one-only
 _DCE_STREAM = 1  # SeedSequence spawn key of the DCE random stream
 
 
@@ -87,16 +92,6 @@ class SynthConfig:
 
 
 @dataclass
-class Lesion:
-    center: tuple[float, float, float]  # LPS mm
-    radii: tuple[float, float, float]  # x, y, z semi-axes before rotation (mm)
-    angle: float  # in-plane rotation (radians)
-    cls: int
-    visible_in: str  # 'both' (every component) | 't2w' | 'adc' (ADC and HBV) | 'dce': only there
-    zone: str
-
-
-@dataclass
 class SynthCase:
     images: dict[str, sitk.Image]
     label: sitk.Image
@@ -105,94 +100,6 @@ class SynthCase:
     prostate_center: tuple[float, float, float] = (0.0, 0.0, 0.0)  # LPS mm
     bladder: tuple[tuple[float, ...], tuple[float, ...]] = ((0.0,) * 3, (0.0,) * 3)  # centre, radii
     coil: bool = False  # endorectal coil (bright bias lobe at the rectum)
-
-
-class _Grid:
-    """World coordinates (mm) of an axis-aligned grid, kept separable as 1D axes for speed."""
-
-    def __init__(self, size_zyx, spacing_zyx, origin_xyz):
-        self.size, self.spacing, self.origin = (
-            tuple(size_zyx),
-            tuple(spacing_zyx),
-            tuple(origin_xyz),
-        )
-        self.axes = [  # x, y, z world coordinates of the voxel centres
-            origin_xyz[a] + spacing_zyx[2 - a] * np.arange(size_zyx[2 - a], dtype=np.float32)
-            for a in range(3)
-        ]
-
-    def box(self, center, extent):
-        """Index slices (z, y, x) of the voxels within `extent` mm of `center` (per axis)."""
-        out = []
-        for a in (2, 1, 0):
-            lo = int(np.floor((center[a] - extent[a] - self.origin[a]) / self.spacing[2 - a]))
-            hi = int(np.ceil((center[a] + extent[a] - self.origin[a]) / self.spacing[2 - a])) + 1
-            out.append(slice(min(max(lo, 0), self.size[2 - a]), min(max(hi, 0), self.size[2 - a])))
-        return tuple(out)
-
-    def image(self, array: np.ndarray) -> sitk.Image:
-        image = sitk.GetImageFromArray(array)
-        image.SetSpacing(xyz(self.spacing))
-        image.SetOrigin(self.origin)
-        return image
-
-
-class _Shape:
-    """Soft membership in [0, 1] of an ellipsoid (rotated in-plane), stored on its bounding box."""
-
-    def __init__(self, grid: _Grid, center, radii, angle=0.0, edge_mm=1.0):
-        reach = max(radii[0], radii[1]) + edge_mm
-        self.box = grid.box(center, (reach, reach, radii[2] + edge_mm))
-        bz, by, bx = self.box
-        dx = (grid.axes[0][bx] - center[0])[None, None, :]
-        dy = (grid.axes[1][by] - center[1])[None, :, None]
-        dz = (grid.axes[2][bz] - center[2])[:, None, None]
-        c, s = np.cos(angle), np.sin(angle)
-        plane = ((c * dx + s * dy) / radii[0]) ** 2 + ((-s * dx + c * dy) / radii[1]) ** 2
-        d = np.sqrt(plane + (dz / radii[2]) ** 2)
-        edge = edge_mm / min(radii[:2])
-        self.weight = np.clip(0.5 - (d - 1.0) / edge, 0.0, 1.0).astype(np.float32)
-
-    def full(self, size) -> np.ndarray:
-        out = np.zeros(size, np.float32)
-        out[self.box] = self.weight
-        return out
-
-
-def _paint(volume, shape: _Shape, value, weight=None):
-    w = shape.weight if weight is None else weight
-    sub = volume[shape.box]
-    sub *= 1.0 - w
-    sub += w * value
-
-
-def _texture(grid: _Grid, seed, amplitude, cell_mm=2.5):
-    """Granular multiplicative tissue texture: smoothed noise on a ~`cell_mm` grid, upsampled."""
-    rng = np.random.default_rng(seed)
-    nz, ny, nx = grid.size
-    _, sy, sx = grid.spacing
-    coarse = (nz, max(2, int(ny * sy / cell_mm)), max(2, int(nx * sx / cell_mm)))
-    noise = ndimage.gaussian_filter(rng.standard_normal(coarse, dtype=np.float32), (0.6, 1.0, 1.0))
-    noise *= amplitude / max(float(noise.std()), 1e-6)
-    factors = (1.0, ny / coarse[1], nx / coarse[2])
-    return 1.0 + ndimage.zoom(noise, factors, order=1, grid_mode=True, mode="nearest")
-
-
-# tissue -> (T2w, ADC 1e-6 mm^2/s, HBV, DCE early enhancement %); capsule: periprostatic plexus
-_TISSUE = {
-    "air": (0.0, 0.0, 0.0, 0.0),
-    "fat": (470.0, 150.0, 2.0, 10.0),
-    "muscle": (120.0, 1450.0, 9.0, 40.0),
-    "cortex": (35.0, 250.0, 1.0, 5.0),
-    "marrow": (330.0, 300.0, 2.0, 30.0),
-    "pz": (390.0, 1800.0, 30.0, 50.0),
-    "tz": (240.0, 1300.0, 24.0, 100.0),
-    "stroma": (120.0, 1100.0, 12.0, 30.0),
-    "capsule": (80.0, 1200.0, 8.0, 90.0),
-    "wall": (130.0, 1300.0, 12.0, 180.0),
-    "balloon": (15.0, 0.0, 0.0, 0.0),
-}
-_DCE_URINE, _DCE_ARTERY = 5.0, 600.0  # contrast reaches urine late, arteries first
 
 
 def _scene(rng: np.random.Generator, cfg: SynthConfig, fov_center) -> dict:
@@ -277,118 +184,58 @@ def _touch(a: Lesion, b: Lesion) -> bool:
     return np.hypot(d[0], d[1]) < a.radii[0] + b.radii[0] + 1.5 and d[2] < a.radii[2] + b.radii[2]
 
 
-def _render(grid: _Grid, scene: dict, lesions: list[Lesion], modality: str, rng) -> dict:
-    """One modality on one grid: values before noise, plus the gland and lesion shapes."""
-    m = COMPONENTS.index(modality)
-
-    def v(name):
-        if name == "urine":
-            return _DCE_URINE if modality == "dce" else scene["urine"][m]
-        return _TISSUE[name][m]
-
-    p, g = np.asarray(scene["prostate"]), scene["gland"]
-    vol = np.full(grid.size, v("air"), np.float32)
-    body = _Shape(grid, scene["body_center"], (*scene["body"], 1e4), edge_mm=2.0)
-    _paint(vol, body, v("fat"))
-    inner = tuple(r - scene["fat_mm"] for r in scene["body"])
-    _paint(vol, _Shape(grid, scene["body_center"], (*inner, 1e4), edge_mm=2.0), v("muscle"))
-    for offset, radii, angle in scene["fat_pads"]:
-        _paint(vol, _Shape(grid, p + offset, radii, angle, edge_mm=3.0), v("fat"))
-    for offset, radii, angle in scene["muscles"]:
-        _paint(vol, _Shape(grid, p + offset, radii, angle, edge_mm=2.0), v("muscle"))
-    for offset, radii in scene["bones"]:
-        _paint(vol, _Shape(grid, p + offset, radii), v("cortex"))
-        _paint(vol, _Shape(grid, p + offset, tuple(r - 3 for r in radii)), v("marrow"))
-    _paint(vol, _Shape(grid, p, tuple(r + 5 for r in g), edge_mm=2.0), v("fat"))
-    _paint(vol, _Shape(grid, p, tuple(r + 1.5 for r in g)), v("capsule"))
-    gland = _Shape(grid, p, g)
-    _paint(vol, gland, v("pz"))
-    stroma = _Shape(grid, p + [0, -g[1] * 0.8, 0], (g[0] * 0.5, g[1] * 0.3, g[2] * 0.8))
-    _paint(vol, stroma, v("stroma"))
-    tz_full = _Shape(grid, scene["tz_center"], scene["tz"]).full(grid.size) * gland.full(grid.size)
-    tz = _Shape(grid, scene["tz_center"], scene["tz"])
-    tz.weight = tz_full[tz.box]
-    _paint(vol, tz, v("tz"))
-    for center, radius, factor in scene["nodules"]:
-        nodule = _Shape(grid, center, (radius,) * 3)
-        _paint(vol, nodule, v("tz") * factor, nodule.weight * tz_full[nodule.box])
-    # Granular tissue texture, before the structures with flat signal (fluid, balloon, lesions).
-    vol *= _texture(grid, scene["texture_seed"] + m, 0.12 if modality == "t2w" else 0.08)
-    if modality == "t2w":  # fine-grained structure only the 0.5 mm grid resolves
-        vol *= _texture(grid, scene["texture_seed"] + 7, 0.08, cell_mm=1.0)
-    if modality == "dce":  # patchy BPH enhancement in the TZ; arteries brightest early
-        vol *= 1.0 + tz_full * (_texture(grid, scene["texture_seed"] + 11, 0.25, 4.0) - 1.0)
-        for center, radii in _arteries(scene):
-            _paint(vol, _Shape(grid, center, radii), _DCE_ARTERY)
-    gland_full = gland.full(grid.size)
-    shapes = []
-    for lesion in lesions:
-        shape = _Shape(grid, lesion.center, lesion.radii, lesion.angle)
-        shape.weight = shape.weight * np.clip(2 * gland_full[shape.box], 0, 1)
-        shapes.append(shape)
-        conspicuity, adc = _LESION[lesion.cls]
-        if lesion.visible_in not in ("both", _SHOWN_IN[modality]):
-            continue
-        if modality == "t2w":
-            _paint(vol, shape, 0.4 * v("tz"), shape.weight * conspicuity)
-        elif modality == "adc":
-            _paint(vol, shape, adc * rng.uniform(0.96, 1.04))
-        elif modality == "hbv":
-            _paint(vol, shape, v("pz") * (1.3 + 2.2 * conspicuity))
-        else:  # early wash-in: 2.5x (class 1) to 5.5x (class 5) the normal PZ
-            _paint(vol, shape, v("pz") * (1.25 + 5.0 * conspicuity) * rng.uniform(0.9, 1.1))
-    bc, br = scene["bladder_center"], scene["bladder"]
-    _paint(vol, _Shape(grid, bc, tuple(r + 3 for r in br)), v("wall"))
-    _paint(vol, _Shape(grid, bc, br), v("urine"))
-    rc, rr = scene["rectum_center"], scene["rectum_radius"]
-    _paint(vol, _Shape(grid, rc, (rr + 4, rr + 1, 1e4)), v("wall"))
-    _paint(vol, _Shape(grid, rc, (rr, rr - 3, 1e4)), v("balloon"))
-    return {"volume": vol, "gland": gland_full, "lesions": [s.full(grid.size) for s in shapes]}
+def _t2w_grid(rng: np.random.Generator, cfg: SynthConfig) -> tuple[Grid, np.ndarray]:
+    """The T2w grid, centred on the world origin +-5 mm per axis, and its centre (LPS mm)."""
+    t2_extent = np.asarray(cfg.t2w_size) * np.asarray(cfg.t2w_spacing)
+    t2_origin = tuple(
+        rng.uniform(-5, 5, 3) + [-t2_extent[2] / 2, -t2_extent[1] / 2, -t2_extent[0] / 2]
+    )
+    fov_center = (
+        np.asarray(t2_origin)
+        + np.asarray(xyz((np.asarray(cfg.t2w_size) - 1) * cfg.t2w_spacing)) / 2
+    )
+    return Grid(cfg.t2w_size, cfg.t2w_spacing, t2_origin), fov_center
 
 
-def _arteries(scene: dict) -> list[tuple[tuple, tuple]]:
-    """(centre LPS mm, radii) of the neurovascular bundles (posterolateral to the gland, 5 and 7
-    o'clock) and the femoral arteries (anterior to the femoral heads), from the scene alone."""
-    p, g = np.asarray(scene["prostate"]), scene["gland"]
-    bundles = [
-        (p + [s * 0.6 * (g[0] + 4), 0.8 * (g[1] + 4), 0], (2.5, 2.5, g[2] + 10)) for s in (-1, 1)
-    ]
-    femoral = [
-        (p + offset + [-np.sign(offset[0]) * 6, -32, 0], (4.0, 4.0, 1e4))
-        for offset, _ in scene["bones"][:2]
-    ]
-    return [(tuple(c), r) for c, r in bundles + femoral]
+def _centred_grid(size_zyx, spacing_zyx, fov_center, shift_mm: float, rng) -> Grid:
+    """A grid centred on `fov_center` (LPS mm), its origin shifted by up to `shift_mm` per axis."""
+    extent = (np.asarray(size_zyx) - 1) * np.asarray(spacing_zyx)
+    origin = fov_center - np.asarray(xyz(extent)) / 2 + rng.uniform(-1, 1, 3) * shift_mm
+    return Grid(size_zyx, spacing_zyx, tuple(origin))
 
 
-def _bias(grid: _Grid, scene: dict) -> np.ndarray:
-    """Smooth T2w bias: a linear drift plus, with an endorectal coil, a lobe at the rectum."""
-    c, (gx, gy, gz) = scene["prostate"], scene["gradient"]
-    x = (grid.axes[0] - c[0])[None, None, :]
-    y = (grid.axes[1] - c[1])[None, :, None]
-    z = (grid.axes[2] - c[2])[:, None, None]
-    field = 1.0 + gx * x + gy * y + gz * z
-    if scene["coil"]:
-        rc = scene["rectum_center"]
-        d2 = (x + c[0] - rc[0]) ** 2 + (y + c[1] - rc[1]) ** 2
-        field = field + scene["coil_gain"] * np.exp(-d2 / (2 * 30.0**2))
-    return field.astype(np.float32)
+def _t2w_image(grid: Grid, volume: np.ndarray, scene: dict, cfg: SynthConfig, rng) -> sitk.Image:
+    """The T2w image (uint16): the rendered `volume` [Z, Y, X] times the bias field, with Rician
+    noise of `cfg.noise` times the urine signal."""
+    t2w = add_rician_noise(volume * bias_field(grid, scene), cfg.noise * scene["urine"][0], rng)
+    return grid.image(np.clip(np.round(t2w), 0, 65535).astype(np.uint16))
 
 
-def _rician(volume: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
-    real = volume + sigma * rng.standard_normal(volume.shape, dtype=np.float32)
-    imag = sigma * rng.standard_normal(volume.shape, dtype=np.float32)
-    return np.sqrt(real * real + imag * imag)
+def _dwi_image(grid: Grid, scene: dict, lesions, name: str, rng) -> sitk.Image:
+    """The ADC map (1e-6 mm^2/s, Gaussian noise sigma 60) or HBV image (Rician noise), uint16."""
+    dwi = render(grid, scene, lesions, name, rng)["volume"]
+    if name == "adc":
+        dwi = np.clip(dwi + rng.normal(0, 60, dwi.shape), 0, None)
+    else:
+        dwi = add_rician_noise(dwi, 1.5, rng)
+    return grid.image(np.round(dwi).astype(np.uint16))
 
 
 def _dce_image(seed, cfg: SynthConfig, scene: dict, lesions, fov_center) -> sitk.Image:
     """The DCE map (uint16, % enhancement) on its own grid, from its own stream (`_DCE_STREAM`)."""
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_DCE_STREAM,)))
-    extent = (np.asarray(cfg.dce_size) - 1) * np.asarray(cfg.dce_spacing)
-    origin = fov_center - np.asarray(xyz(extent)) / 2 + rng.uniform(-1, 1, 3) * cfg.dce_shift_mm
-    grid = _Grid(cfg.dce_size, cfg.dce_spacing, tuple(origin))
-    dce = _render(grid, scene, lesions, "dce", rng)["volume"]
+    grid = _centred_grid(cfg.dce_size, cfg.dce_spacing, fov_center, cfg.dce_shift_mm, rng)
+    dce = render(grid, scene, lesions, "dce", rng)["volume"]
     dce = np.clip(dce + rng.normal(0, cfg.dce_noise, dce.shape), 0, None)
     return grid.image(np.round(dce).astype(np.uint16))
+
+
+def _label(lesions: list[Lesion], weights: list[np.ndarray], size_zyx) -> np.ndarray:
+    """uint8 [Z, Y, X] map of lesion classes where each lesion's weight (same shape) >= 0.5."""
+    label = np.zeros(size_zyx, np.uint8)
+    for lesion, w in zip(lesions, weights, strict=True):
+        label[w >= 0.5] = lesion.cls
+    return label
 
 
 def synth_case(
@@ -400,47 +247,23 @@ def synth_case(
     """
     cfg = cfg or SynthConfig()
     rng = np.random.default_rng(seed)
-    t2_extent = np.asarray(cfg.t2w_size) * np.asarray(cfg.t2w_spacing)
-    t2_origin = tuple(
-        rng.uniform(-5, 5, 3) + [-t2_extent[2] / 2, -t2_extent[1] / 2, -t2_extent[0] / 2]
-    )
-    t2_grid = _Grid(cfg.t2w_size, cfg.t2w_spacing, t2_origin)
-    fov_center = (
-        np.asarray(t2_origin)
-        + np.asarray(xyz((np.asarray(cfg.t2w_size) - 1) * cfg.t2w_spacing)) / 2
-    )
-    dwi_extent = (np.asarray(cfg.dwi_size) - 1) * np.asarray(cfg.dwi_spacing)
-    dwi_origin = (
-        fov_center - np.asarray(xyz(dwi_extent)) / 2 + rng.uniform(-1, 1, 3) * cfg.dwi_shift_mm
-    )
-    dwi_grid = _Grid(cfg.dwi_size, cfg.dwi_spacing, tuple(dwi_origin))
-
+    t2_grid, fov_center = _t2w_grid(rng, cfg)
+    dwi_grid = _centred_grid(cfg.dwi_size, cfg.dwi_spacing, fov_center, cfg.dwi_shift_mm, rng)
     scene = _scene(rng, cfg, fov_center)
     scene["z_range"] = (t2_grid.axes[2][0], t2_grid.axes[2][-1])
-    drawn = _lesions(rng, cfg, scene)
+    drawn = _lesions(rng, cfg, scene)  # drawn even when replaced: the later draws stay the same
     lesions = drawn if lesions is None else list(lesions)
-    bladder = scene["urine"][0]
 
-    t2 = _render(t2_grid, scene, lesions, "t2w", rng)
-    t2w = _rician(t2["volume"] * _bias(t2_grid, scene), cfg.noise * bladder, rng)
-    images = {"t2w": t2_grid.image(np.clip(np.round(t2w), 0, 65535).astype(np.uint16))}
+    t2 = render(t2_grid, scene, lesions, "t2w", rng)
+    images = {"t2w": _t2w_image(t2_grid, t2["volume"], scene, cfg, rng)}
     for name in cfg.components[1:]:
         if name == "dce":
             images[name] = _dce_image(seed, cfg, scene, lesions, fov_center)
-            continue
-        dwi = _render(dwi_grid, scene, lesions, name, rng)["volume"]
-        if name == "adc":
-            dwi = np.clip(dwi + rng.normal(0, 60, dwi.shape), 0, None)
         else:
-            dwi = _rician(dwi, 1.5, rng)
-        images[name] = dwi_grid.image(np.round(dwi).astype(np.uint16))
-
-    label = np.zeros(cfg.t2w_size, np.uint8)
-    for lesion, w in zip(lesions, t2["lesions"], strict=True):
-        label[w >= 0.5] = lesion.cls
+            images[name] = _dwi_image(dwi_grid, scene, lesions, name, rng)
     return SynthCase(
         images=images,
-        label=t2_grid.image(label),
+        label=t2_grid.image(_label(lesions, t2["lesions"], cfg.t2w_size)),
         mask=t2_grid.image((t2["gland"] >= 0.5).astype(np.uint8)),
         lesions=lesions,
         prostate_center=tuple(float(c) for c in scene["prostate"]),

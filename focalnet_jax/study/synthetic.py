@@ -13,6 +13,7 @@ command run as `python -m focalnet_jax.cli` in a child process, printed before i
 from __future__ import annotations
 
 import argparse
+import io
 import shlex
 import shutil
 import subprocess
@@ -26,11 +27,21 @@ SPEC = Path(__file__).resolve().parents[2] / "configs" / "studies" / "synthetic_
 
 
 def focalnet(argv: list[str]) -> None:
-    """Print and run `focalnet ARGV` in a child process; SystemExit when it fails."""
+    """Print and run `focalnet ARGV` in a child process; SystemExit when it fails. The child
+    writes to the file behind `sys.stdout` where there is one, so `contextlib.redirect_stdout`
+    redirects its output too."""
     print(f"\n$ focalnet {shlex.join(argv)}", flush=True)
-    status = subprocess.call([sys.executable, "-m", "focalnet_jax.cli", *argv])
+    status = subprocess.call([sys.executable, "-m", "focalnet_jax.cli", *argv], stdout=_stdout_fd())
     if status:
         raise SystemExit(f"focalnet {' '.join(argv[:2])} failed with status {status}")
+
+
+def _stdout_fd() -> int | None:
+    """The file descriptor behind `sys.stdout` (None for one without a file: inherit fd 1)."""
+    try:
+        return sys.stdout.fileno()
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        return None
 
 
 def _store_is_current(store: Path) -> bool:
