@@ -157,8 +157,10 @@ def evaluation_summary(metrics: dict) -> str:
         sensitivity = metrics["froc"][group]["sensitivity_at_fp"]["1"]
         return "n/a (no lesions)" if sensitivity is None else f"{sensitivity:.3f}"
 
+    cases, patients = metrics["num_cases"], metrics["num_patients"]
     return (
-        f"{metrics['num_cases']} cases, {metrics['num_patients']} patients with evaluated slices "
+        f"{cases} case{'s' * (cases != 1)}, {patients} patient{'s' * (patients != 1)} with "
+        "evaluated slices "
         f"(slices={metrics['settings']['slices']}); sensitivity at 1 FP/patient: "
         f"index {at_one_fp('index')}, all {at_one_fp('all')}"
     )
