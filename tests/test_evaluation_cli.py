@@ -268,7 +268,7 @@ def test_summary_line_counts_cases_and_the_patients_with_evaluated_slices(tmp_pa
     write_blob_case(negatives, "n1", blobs=[((4, 24, 24), 0.3)])
     printed = run_cli(_evaluate_argv(negatives, out))
     assert printed.startswith(
-        "1 cases, 1 patients with evaluated slices (slices=all); sensitivity at 1 FP/patient: "
+        "1 case, 1 patient with evaluated slices (slices=all); sensitivity at 1 FP/patient: "
         "index n/a (no lesions), all n/a (no lesions); wrote "
     )
 
