@@ -142,3 +142,18 @@ def test_mfl_scaling_benchmark_reports_ratios_to_the_plain_step_of_the_same_run(
     assert row["memory_ratio"] == pytest.approx(row["peak_bytes"] / result["plain_peak_bytes"])
     assert row["memory_ratio"] > 1 and row["time_ratio"] > 0
     assert result["components"] == ["t2w", "adc", "hbv"] and result["device"] == "cpu"
+
+
+def test_mfl_chunk_loop_benchmark_times_each_kind_vmapped_and_looped():
+    result = _run(
+        "mfl_chunk_loop.py",
+        "--config=configs/focalnet.py",
+        "--chunk=1",
+        "--size=32",
+        "--repeats=1",
+        *TINY,
+    )
+    assert (result["subsets"], result["chunk"], result["device_kind"]) == (2, 1, "cpu")
+    for kind in ("forward", "input_gradient", "parameter_gradient"):
+        ratio = result[f"{kind}_loop_s"] / result[f"{kind}_vmap_s"]
+        assert result[f"{kind}_loop_over_vmap"] == pytest.approx(ratio) and ratio > 0

@@ -1,0 +1,110 @@
+"""Where chunked MFL subsets cost time: the subset probe (`losses.subset_distances`) forward and
+its gradient, all subsets in one `vmap` against chunks in a loop (`lax.map`), side by side.
+
+    python benchmarks/mfl_chunk_loop.py --config configs/mfl4.py [--chunk 4] [--size 64]
+        [--repeats 5] [--config.k=v ...]
+
+Every non-empty proper subset of the config's components is probed on a random batch, with the
+model's initial weights and `train=True` normalisation, as in the `vmap` MFL mode. Timed: the
+forward pass (distances `[M, B]`), the gradient of their sum with respect to the input images
+(the backward pass without weight gradients) and with respect to the parameters (what training
+computes), each compiled once and then the median of `--repeats` calls (`block_until_ready`).
+Prints one JSON line with the times (s) and the `loop_over_vmap` ratio of each: a ratio near 1
+for the forward pass and far above 1 for the parameter gradient says that the loop's weight
+gradients, not the loop itself, are slow on this backend.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import result_line  # benchmarks/result_line.py (the script directory)
+from jax.sharding import PartitionSpec
+
+from focalnet_jax import losses
+from focalnet_jax.config_loading import load_config
+from focalnet_jax.run import RunSpec
+from focalnet_jax.training import sharding, train_state
+
+
+def _probe(spec: RunSpec, batch_stats, chunk: int):
+    """(params, images `[B, H, W, C]`) -> sum of the probe's distances `d[M, B]` over all
+    subsets, `chunk` subsets at a time."""
+    masks = losses.subset_masks(spec.components, None)
+
+    def probs_of(params, x):
+        variables = {"params": params, "batch_stats": batch_stats}
+        out, _ = spec.model.apply(variables, x, train=True, mutable=["batch_stats"])
+        return losses.mfl_probs(out, spec.output_encoding)
+
+    def total(params, images):
+        full = probs_of(params, images)
+        targets = jnp.ones_like(full)  # every bit compared
+        return jnp.sum(
+            losses.subset_distances(
+                lambda x: probs_of(params, x), images, masks, full, targets, chunk=chunk
+            )
+        )
+
+    return total
+
+
+def _median_time(fn, args: tuple, repeats: int) -> float:
+    """Median seconds of `fn(*args)` over `repeats` calls after a first (compiling) call."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+KINDS = {"forward": None, "input_gradient": 1, "parameter_gradient": 0}
+"""Timed functions of the probe: itself, and its gradient with respect to argument 1 or 0."""
+
+
+def measure(config, *, chunk: int, size: int, repeats: int) -> dict:
+    """Times (s) of each of `KINDS`, unchunked and in chunks of `chunk`, and their ratios."""
+    spec = RunSpec.from_config(config, image_size=(size, size), num_devices=1)
+    variables = train_state.init_variables(spec.model, jax.random.key(0), spec.input_shape)
+    shape = (spec.global_batch, size, size, len(spec.components))
+    args = (variables["params"], jax.random.normal(jax.random.key(1), shape))
+    mesh = sharding.make_mesh()  # BatchNorm's statistics name the mesh's data axis
+    result = {}
+    for name, n in (("vmap", 0), ("loop", chunk)):
+        total = _probe(spec, variables.get("batch_stats", {}), n)
+        for kind, argnum in KINDS.items():
+            fn = total if argnum is None else jax.grad(total, argnums=argnum)
+            mapped = jax.shard_map(
+                fn, mesh=mesh, in_specs=PartitionSpec(), out_specs=PartitionSpec()
+            )
+            result[f"{kind}_{name}_s"] = _median_time(jax.jit(mapped), args, repeats)
+    for kind in KINDS:
+        result[f"{kind}_loop_over_vmap"] = result[f"{kind}_loop_s"] / result[f"{kind}_vmap_s"]
+    return result | {"subsets": len(losses.component_subsets(spec.components)), "chunk": chunk}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="config file[:arg]")
+    parser.add_argument("--chunk", type=int, default=4, help="subsets per loop iteration")
+    parser.add_argument("--size", type=int, default=64, help="slice size")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls of each function")
+    args, overrides = parser.parse_known_args(argv)
+    if args.chunk < 1:
+        parser.error(f"--chunk: expected a positive number of subsets, got {args.chunk}")
+    config = load_config(args.config, overrides)
+    result = {"config": args.config, "overrides": overrides}
+    result |= measure(config, chunk=args.chunk, size=args.size, repeats=args.repeats)
+    result |= result_line.device_fields() | {"model": result_line.model_description(config)}
+    print(json.dumps(result | {"batch_size": config.train.batch_size} | result_line.provenance()))
+
+
+if __name__ == "__main__":
+    main()
