@@ -8,10 +8,11 @@ Every non-empty proper subset of the config's components is probed on a random b
 model's initial weights and `train=True` normalisation, as in the `vmap` MFL mode. Timed: the
 forward pass (distances `[M, B]`), the gradient of their sum with respect to the input images
 (the backward pass without weight gradients) and with respect to the parameters (what training
-computes), each compiled once and then the median of `--repeats` calls (`block_until_ready`).
-Prints one JSON line with the times (s) and the `loop_over_vmap` ratio of each: a ratio near 1
-for the forward pass and far above 1 for the parameter gradient says that the loop's weight
-gradients, not the loop itself, are slow on this backend.
+computes), each compiled once and then the median of `--repeats` calls (`block_until_ready`);
+with each, the temporary memory of the compiled function from XLA's memory analysis
+(`*_temp_bytes`). Prints one JSON line with these and the `loop_over_vmap` time ratio of each: a
+ratio near 1 for the forward pass and far above 1 for the parameter gradient says that the loop's
+weight gradients, not the loop itself, are slow on this backend.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def _probe(spec: RunSpec, batch_stats, chunk: int):
 
 
 def _median_time(fn, args: tuple, repeats: int) -> float:
-    """Median seconds of `fn(*args)` over `repeats` calls after a first (compiling) call."""
+    """Median seconds of `fn(*args)` over `repeats` calls after a first (warm-up) call."""
     jax.block_until_ready(fn(*args))
     times = []
     for _ in range(repeats):
@@ -84,7 +85,9 @@ def measure(config, *, chunk: int, size: int, repeats: int) -> dict:
             mapped = jax.shard_map(
                 fn, mesh=mesh, in_specs=PartitionSpec(), out_specs=PartitionSpec()
             )
-            result[f"{kind}_{name}_s"] = _median_time(jax.jit(mapped), args, repeats)
+            compiled = jax.jit(mapped).lower(*args).compile()
+            result[f"{kind}_{name}_s"] = _median_time(compiled, args, repeats)
+            result[f"{kind}_{name}_temp_bytes"] = compiled.memory_analysis().temp_size_in_bytes
     for kind in KINDS:
         result[f"{kind}_loop_over_vmap"] = result[f"{kind}_loop_s"] / result[f"{kind}_vmap_s"]
     return result | {"subsets": len(losses.component_subsets(spec.components)), "chunk": chunk}

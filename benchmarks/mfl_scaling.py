@@ -11,9 +11,11 @@ built from a `RunSpec` and compiled first; then, `--rounds` times, each MFL step
 (`--steps` steps, `block_until_ready`) right after a timing of the plain step, so both see the same
 load; `time_ratio` is the median over rounds of MFL time / adjacent plain time. `memory_ratio` is
 the compiled step's peak from XLA's memory analysis (arguments + outputs + temporaries - aliased),
-MFL over plain; on a backend with memory statistics the process's running peak after each step's
-first call is reported too (`device_peak_bytes`, a running maximum: steps run plain first, then by
-subset count). Prints one JSON line: `{"results": [{"subsets", "mode", "time_ratio",
+MFL over plain; `flops_ratio` is XLA's FLOP count of the lowered steps (`Lowered.cost_analysis()`),
+MFL over plain (a loop body is counted once, so it is the cost only of a step without chunks); on
+a backend with memory statistics the process's running peak after each step's first call is
+reported too (`device_peak_bytes`, a running maximum: steps run plain first, then by subset
+count). Prints one JSON line: `{"results": [{"subsets", "mode", "time_ratio",
 "memory_ratio", ...}], "device": ..., ...}`.
 """
 
@@ -57,8 +59,9 @@ class _Step:
             _batch(spec.global_batch, size, len(spec.components)), sharding.batch_sharding(mesh)
         )
         self.args = (jax.random.key(1), jnp.float32(100.0))
-        step = step_lib.make_train_step(spec, mesh)
-        self.compiled = step.lower(self.state, self.batch, *self.args).compile()
+        lowered = step_lib.make_train_step(spec, mesh).lower(self.state, self.batch, *self.args)
+        self.flops = (lowered.cost_analysis() or {}).get("flops")  # a loop body counted once
+        self.compiled = lowered.compile()
         self.peak_bytes = compiled_peak_bytes(self.compiled)
         self.state, metrics = self.compiled(self.state, self.batch, *self.args)  # warm-up
         jax.block_until_ready(metrics)
@@ -127,6 +130,7 @@ def _result_row(kind: tuple[int, str], step: _Step, plain: _Step, ratios: list, 
         "mfl_chunk": chunk,
         "time_ratio": statistics.median(ratios),
         "memory_ratio": step.peak_bytes / plain.peak_bytes,
+        "flops_ratio": step.flops / plain.flops if step.flops and plain.flops else None,
         "peak_bytes": step.peak_bytes,
         "device_peak_bytes": step.device_peak_bytes,
     }

@@ -141,6 +141,7 @@ def test_mfl_scaling_benchmark_reports_ratios_to_the_plain_step_of_the_same_run(
     assert (row["subsets"], row["mode"], row["mfl_chunk"]) == (2, "select", 4)
     assert row["memory_ratio"] == pytest.approx(row["peak_bytes"] / result["plain_peak_bytes"])
     assert row["memory_ratio"] > 1 and row["time_ratio"] > 0
+    assert row["flops_ratio"] > 1  # two subsets without chunks: more arithmetic than plain
     assert result["components"] == ["t2w", "adc", "hbv"] and result["device"] == "cpu"
 
 
@@ -157,3 +158,4 @@ def test_mfl_chunk_loop_benchmark_times_each_kind_vmapped_and_looped():
     for kind in ("forward", "input_gradient", "parameter_gradient"):
         ratio = result[f"{kind}_loop_s"] / result[f"{kind}_vmap_s"]
         assert result[f"{kind}_loop_over_vmap"] == pytest.approx(ratio) and ratio > 0
+        assert result[f"{kind}_vmap_temp_bytes"] > 0 and result[f"{kind}_loop_temp_bytes"] > 0
