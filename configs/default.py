@@ -31,7 +31,11 @@ def parse_arg(arg: str | None, **defaults) -> dict:
         elif isinstance(default, bool):
             values[name] = text.lower() in ("1", "true", "yes")
         elif isinstance(default, int | float):
-            values[name] = type(default)(text)
+            try:
+                values[name] = type(default)(text)
+            except ValueError:
+                expected = "an integer" if isinstance(default, int) else "a number"
+                raise ValueError(f"config arg {name}={text!r}: expected {expected}") from None
         else:
             values[name] = text
     return values

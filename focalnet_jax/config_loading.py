@@ -16,36 +16,55 @@ from pathlib import Path
 
 import ml_collections
 
+from focalnet_jax.errors import UserError
+
 _PREFIX = "--config."
 
 
-def _import_config_module(path: Path):
+def _import_config_module(path: Path, kind: str):
+    """The module of the Python file `path`; a `UserError` naming `kind` (`config file`, `spec`),
+    the file and the reason (for a syntax error its line) when it cannot be imported."""
     if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
+        raise FileNotFoundError(f"{kind} {path} does not exist")
+    if path.suffix != ".py":
+        raise UserError(f"{kind} {path}: not a Python file (expected a .py file with get_config())")
     name = f"_focalnet_config_{abs(hash(str(path.resolve())))}"
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
-        raise ImportError(f"config file {path} cannot be imported as a Python module")
+        raise UserError(f"{kind} {path}: cannot be imported as a Python module")
     module = importlib.util.module_from_spec(spec)
     # Experiment configs import `configs/default.py` as a sibling module.
     sys.path.insert(0, str(path.parent.resolve()))
     try:
         spec.loader.exec_module(module)
+    except SyntaxError as error:
+        raise UserError(
+            f"{kind} {path}: syntax error at line {error.lineno}: {error.msg}"
+        ) from error
+    except ImportError as error:
+        raise UserError(f"{kind} {path}: cannot import: {error}") from error
     finally:
         sys.path.pop(0)
-    if not hasattr(module, "get_config"):
-        raise AttributeError(f"config file {path} defines no get_config()")
+    if not callable(getattr(module, "get_config", None)):
+        raise UserError(f"{kind} {path}: defines no get_config() function")
     return module
 
 
-def get_config_from_file(spec: str) -> ml_collections.ConfigDict:
-    """`spec` = `path/to/config.py` or `path/to/config.py:arg`; returns the unlocked ConfigDict."""
+def get_config_from_file(spec: str, *, kind: str = "config file") -> ml_collections.ConfigDict:
+    """`spec` = `path/to/config.py` or `path/to/config.py:arg`; returns the unlocked ConfigDict.
+
+    A file that cannot be loaded, or whose `get_config` rejects `arg` (ValueError) or returns no
+    ConfigDict, is a `UserError` naming `kind`, the file and the reason.
+    """
     path_text, sep, arg = spec.partition(":")
-    module = _import_config_module(Path(path_text))
-    config = module.get_config(arg) if sep else module.get_config()
+    module = _import_config_module(Path(path_text), kind)
+    try:
+        config = module.get_config(arg) if sep else module.get_config()
+    except (ValueError, TypeError) as error:
+        raise UserError(f"{kind} {path_text}: get_config({arg!r}): {error}") from error
     if not isinstance(config, ml_collections.ConfigDict):
-        raise TypeError(
-            f"{path_text}: get_config() returned {type(config).__name__}, not ConfigDict"
+        raise UserError(
+            f"{kind} {path_text}: get_config() returned {type(config).__name__}, not a ConfigDict"
         )
     return config
 

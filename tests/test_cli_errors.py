@@ -133,3 +133,50 @@ def test_cv_folds_that_are_not_integers(capsys):
     assert err.splitlines()[-1] == (
         "focalnet cv: error: argument --folds: expected comma-separated integers, got '1,a'"
     )
+
+
+BAD_CONFIG_FILES = [  # (file name, text, the message after "config file <path>: ")
+    ("config.txt", "x = 1\n", "not a Python file (expected a .py file with get_config())"),
+    ("broken.py", "import ml_collections\n\ndef get_config(:\n", "syntax error at line 3: "),
+    ("empty.py", "x = 1\n", "defines no get_config() function"),
+    ("number.py", "def get_config():\n    return 3\n",
+     "get_config() returned int, not a ConfigDict"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "text", "reason"), BAD_CONFIG_FILES)
+def test_train_and_study_with_a_bad_config_file(tmp_path, capsys, name, text, reason):
+    path = tmp_path / name
+    path.write_text(text)
+    status, err = _run(["train", "--config", str(path), "--workdir", str(tmp_path / "w")], capsys)
+    assert status == 2 and err.splitlines()[-1].startswith(
+        f"focalnet train: error: config file {path}: {reason}"
+    )
+    argv = ["study", "run", "--spec", str(path), "--workdir", str(tmp_path / "s"), "--dry-run"]
+    status, err = _run(argv, capsys)
+    assert status == 2 and err.splitlines()[-1].startswith(
+        f"focalnet study run: error: spec {path}: {reason}"
+    )
+    assert not (tmp_path / "w").exists() and not (tmp_path / "s").exists()
+
+
+DEMO = str(REPO / "configs" / "demo.py")
+TRAIN_SETTING_ERRORS = [  # (arguments after `train --workdir W`, the message)
+    (["--config", f"{DEMO}:fold=abc"],
+     f"config file {DEMO}: get_config('fold=abc'): config arg fold='abc': expected an integer"),
+    (["--config", DEMO, "--config.train.stepz=3"],
+     "--config.train.stepz: unknown config key 'train.stepz'"),
+    (["--config", DEMO, "--config.data.store=s", "--config.train.batch_size=0"],
+     "train.batch_size=0: must be positive"),
+    (["--config", DEMO, "--config.data.store=s", "--config.train.batch_size=-2"],
+     "train.batch_size=-2: must be positive"),
+    (["--config", DEMO],
+     "data.store is not set: give the preprocessed store with --config.data.store=STORE"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("args", "message"), TRAIN_SETTING_ERRORS)
+def test_train_setting_errors(tmp_path, capsys, args, message):
+    status, err = _run(["train", "--workdir", str(tmp_path / "w"), *args], capsys)
+    assert (status, err.splitlines()[-1]) == (2, f"focalnet train: error: {message}")
+    assert not (tmp_path / "w").exists()

@@ -7,7 +7,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from focalnet_jax.data.folds import assign_folds, split_cases
+from focalnet_jax.data.folds import assign_folds, fold_table, split_cases
+from focalnet_jax.errors import UserError
 
 
 def _patients(n=103, seed=1):
@@ -74,3 +75,18 @@ def test_bad_arguments():
         assign_folds(["a", "b"], [0, 1], num_folds=5)
     with pytest.raises(ValueError, match="no highest class"):
         assign_folds(["a", "b"], {"a": 1}, num_folds=2)
+
+
+@pytest.mark.parametrize("num_folds", [5, 1, 0, -1])
+def test_folds_a_store_cannot_make_are_a_user_error_naming_it(num_folds):
+    max_class = {"p0": 0, "p1": 2, "p2": 1}
+    cases = [{"case_id": f"{p}_1", "patient_id": p} for p in max_class]
+    store = SimpleNamespace(path="stores/tiny", cases=cases, patient_max_class=lambda: max_class)
+    message = (
+        f"store stores/tiny: 3 patients cannot be split into {num_folds} folds; "
+        "choose 2 <= num_folds <= 3"
+    )
+    for call in (lambda: split_cases(store, 0, num_folds), lambda: fold_table(store, num_folds)):
+        with pytest.raises(UserError) as raised:
+            call()
+        assert str(raised.value) == message

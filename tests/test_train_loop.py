@@ -4,6 +4,7 @@ one process and over 2 processes x 2 devices (subprocesses) equal to one device.
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import jax
@@ -22,6 +23,7 @@ from test_train_helpers import (
     tiny_config,
 )
 
+from focalnet_jax.errors import UserError
 from focalnet_jax.run import workdir as workdir_lib
 from focalnet_jax.training import train_and_evaluate
 
@@ -128,6 +130,39 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
         train_and_evaluate(config, workdir, store=store)
     steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [5, 10]
+
+
+def test_resume_keeps_the_saved_config_but_for_the_resumable_keys(runs):
+    workdir, store = runs["root"] / "full", runs["store"]
+    saved = (workdir / "config.json").read_text()
+    lr = tiny_config().optim.lr
+    changes = [  # (override, what the message says, the change it names)
+        ("--config.model.width=0.25", "its checkpoint holds another model",
+         "model.width 0.125 -> 0.25"),
+        ("--config.optim.lr=0.5", "it was trained with another config", f"optim.lr {lr!r} -> 0.5"),
+    ]  # fmt: skip
+    for override, what, change in changes:
+        config = tiny_config(overrides=[*RUN, "--config.train.steps=30", override])
+        message = f"workdir {workdir}: {what}; config keys differ from its config.json: {change} ("
+        with pytest.raises(UserError, match="^" + re.escape(message)):
+            train_and_evaluate(config, workdir, store=store)
+    assert (workdir / "config.json").read_text() == saved
+    # An allowed change (10 steps, resumed to 20) is recorded.
+    assert workdir_lib.read_config(runs["root"] / "resumed").train.steps == 20
+
+
+def test_validation_panel_with_a_batch_smaller_than_the_panel(tmp_path):
+    """Batch 2, 6 validation slices: the panel's 4 rows come from the first two batches."""
+    overrides = [
+        "--config.train.batch_size=2",
+        "--config.train.steps=1",
+        "--config.data.slices=all",
+    ]
+    with fast_compiles():
+        train_and_evaluate(tiny_config(overrides=overrides), tmp_path / "w", store=FakeStore())
+    events, _ = _scalars(tmp_path / "w")
+    (image,) = events.Images("val/panel")
+    assert (image.step, image.height, image.width) == (1, 32 * 4, 32 * 4)
 
 
 @pytest.mark.slow

@@ -53,12 +53,23 @@ def assign_folds(
     return folds
 
 
+def store_folds(store, num_folds: int, seed: int) -> tuple[dict[str, int], dict[str, int]]:
+    """(patient -> fold, patient -> highest class) of a store; a `UserError` naming the store, its
+    patients and `num_folds` when the folds cannot be made (fewer than 2, or than the patients)."""
+    max_class = store.patient_max_class()
+    if num_folds < 2 or len(max_class) < num_folds:
+        raise UserError(
+            f"store {store.path}: {len(max_class)} patients cannot be split into {num_folds} "
+            f"folds; choose 2 <= num_folds <= {len(max_class)}"
+        )
+    return assign_folds(list(max_class), max_class, num_folds, seed), max_class
+
+
 def split_cases(store, fold: int, num_folds: int = 5, seed: int = 0) -> tuple[list[str], list[str]]:
     """(train case ids, validation case ids) of `fold` for a store (see `data.store.Store`)."""
+    folds, _ = store_folds(store, num_folds, seed)
     if not 0 <= fold < num_folds:
-        raise ValueError(f"fold={fold}: expected 0 <= fold < num_folds={num_folds}")
-    max_class = store.patient_max_class()
-    folds = assign_folds(list(max_class), max_class, num_folds, seed)
+        raise UserError(f"fold={fold}: expected 0 <= fold < num_folds={num_folds}")
     train = [r["case_id"] for r in store.cases if folds[r["patient_id"]] != fold]
     val = [r["case_id"] for r in store.cases if folds[r["patient_id"]] == fold]
     return train, val
@@ -66,8 +77,7 @@ def split_cases(store, fold: int, num_folds: int = 5, seed: int = 0) -> tuple[li
 
 def fold_table(store, num_folds: int = 5, seed: int = 0) -> list[dict]:
     """Per fold: patients, cases, slices and patients per highest class (for printing)."""
-    max_class = store.patient_max_class()
-    folds = assign_folds(list(max_class), max_class, num_folds, seed)
+    folds, max_class = store_folds(store, num_folds, seed)
     rows = []
     for k in range(num_folds):
         patients = [p for p, f in folds.items() if f == k]

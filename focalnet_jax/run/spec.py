@@ -42,7 +42,9 @@ def per_device_batch(global_batch: int, num_devices: int) -> int:
     """Examples per device; a global batch the devices do not divide is an error."""
     if isinstance(global_batch, bool) or not isinstance(global_batch, int):
         raise UserError(f"train.batch_size: expected an int, got {global_batch!r}")
-    if global_batch <= 0 or global_batch % num_devices:
+    if global_batch <= 0:
+        raise UserError(f"train.batch_size={global_batch}: must be positive")
+    if global_batch % num_devices:
         raise UserError(
             f"train.batch_size={global_batch} is not divisible by the {num_devices} devices of the "
             f"'{DATA_AXIS}' mesh ({jax.process_count()} processes x {jax.local_device_count()} "

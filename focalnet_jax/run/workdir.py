@@ -51,6 +51,56 @@ def save_config(config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
     return path
 
 
+# What a resumed run may change: how long it trains, how often it logs, validates and saves, how
+# many checkpoints it keeps, its prefetch depth and where its store lies (the store's identity is
+# checked by `data.run_store`). Any other change would train another run in the same workdir.
+RESUMABLE_KEYS = (
+    "data.store",
+    "train.checkpoint_every",
+    "train.epochs",
+    "train.eval_every",
+    "train.keep_checkpoints",
+    "train.log_every",
+    "train.prefetch",
+    "train.steps",
+)
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_resumed_config(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
+    """A `UserError` when `config` differs from the run's saved `config.json` in a key outside
+    `RESUMABLE_KEYS` (one line: the workdir, each key with its saved and new value); nothing when
+    the workdir has no saved config or no checkpoint step (nothing to resume)."""
+    path, steps = Path(workdir) / CONFIG_FILE, Path(workdir) / CHECKPOINT_DIR
+    if not path.is_file() or not any(p.name.isdigit() for p in steps.glob("*")):
+        return
+    saved, new = _flat(json.loads(path.read_text())), _flat(json.loads(config.to_json()))
+    absent = "(absent)"
+    changed = [
+        f"{key} {saved.get(key, absent)!r} -> {new.get(key, absent)!r}"
+        for key in sorted(saved.keys() | new.keys())
+        if key not in RESUMABLE_KEYS and saved.get(key, absent) != new.get(key, absent)
+    ]
+    if not changed:
+        return
+    model = any(item.startswith("model.") for item in changed)
+    what = "its checkpoint holds another model" if model else "it was trained with another config"
+    raise UserError(
+        f"workdir {workdir}: {what}; config keys differ from its {CONFIG_FILE}: "
+        f"{'; '.join(changed)} (a resumed run may change only {', '.join(RESUMABLE_KEYS)}; "
+        "train another config in another workdir)"
+    )
+
+
 def read_config(workdir: str | Path) -> ml_collections.ConfigDict:
     """The config saved by `save_config` (lists where the original had tuples)."""
     path = Path(workdir) / CONFIG_FILE

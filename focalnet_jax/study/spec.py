@@ -77,9 +77,9 @@ def defaults() -> ml_collections.ConfigDict:
 def load_spec(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     """Load a spec file (`file.py[:arg]`) over `defaults()` and apply `--spec.KEY=VALUE`."""
     try:
-        loaded = get_config_from_file(path)
-    except (FileNotFoundError, AttributeError, ImportError, TypeError) as error:
-        raise StudyError(f"spec {path}: {error}") from None
+        loaded = get_config_from_file(path, kind="spec")
+    except (FileNotFoundError, UserError) as error:
+        raise StudyError(str(error)) from None
     spec = defaults()
     for key, value in loaded.items():
         if isinstance(value, ml_collections.ConfigDict) and key in ("evaluate", "slurm"):
@@ -98,7 +98,7 @@ def load_spec(path: str, overrides: Sequence[str] = ()) -> ml_collections.Config
     try:
         apply_overrides(spec, as_config)
     except (KeyError, ValueError) as error:
-        raise StudyError(str(error).strip("\"'").replace("--config.", SPEC_PREFIX)) from None
+        raise StudyError(error.args[0].replace("--config.", SPEC_PREFIX)) from None
     return spec
 
 
@@ -204,7 +204,7 @@ def _check_arm(plain: Mapping, arm: str, store_components: Sequence[str]) -> Non
     try:
         config = load_config(plain["base"], cell_overrides(plain, arm, 0, plain["folds"][0]))
     except (KeyError, ValueError, FileNotFoundError) as error:
-        message = str(error).strip("\"'")
+        message = error.args[0] if error.args else str(error)
         base_path = str(plain["base"]).partition(":")[0]
         raise StudyError(f"arm {arm!r} on base {base_path}: {message}") from None
     try:

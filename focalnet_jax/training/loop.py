@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from focalnet_jax.data.run_store import record_run_store
 from focalnet_jax.data.store import open_store
+from focalnet_jax.errors import UserError
 from focalnet_jax.run import RunSpec, clip_inputs
 from focalnet_jax.run import workdir as workdir_lib
 from focalnet_jax.training import checkpoint, input_pipeline, sharding
@@ -54,13 +55,13 @@ def evaluate(eval_step, state, reader, rows, batch_size, mesh) -> tuple[dict[str
     """Validation loss, Dice (lesion: class >= 1, csPCa: class >= 2; at 0.5) and the mean lesion
     score P(class >= 1) on lesion and on background pixels over `rows`."""
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    totals, first_predicted = None, None
+    totals, shown = None, []  # shown: the first `_PANEL_SLICES` predictions, over batches
     for batch in input_pipeline.eval_batches(reader, rows, batch_size, mesh):
         sums, predicted = eval_step(variables, batch)
         sums = jax.device_get(sums)
         totals = sums if totals is None else {k: totals[k] + sums[k] for k in totals}
-        if first_predicted is None:
-            first_predicted = np.asarray(predicted[:_PANEL_SLICES])
+        if sum(len(p) for p in shown) < _PANEL_SLICES:
+            shown.append(np.asarray(predicted[:_PANEL_SLICES]))
     count = max(float(totals["count"]), 1.0)
     metrics = {"val/loss": float(totals["loss"]) / count}
     for k, name in ((1, "lesion"), (2, "cspca")):
@@ -75,7 +76,8 @@ def evaluate(eval_step, state, reader, rows, batch_size, mesh) -> tuple[dict[str
     metrics["val/mean_score_background"] = float(totals["score_background"]) / max(
         float(totals["background"]), 1
     )
-    return metrics, {"rows": rows[:_PANEL_SLICES], "predicted": first_predicted}
+    predicted = np.concatenate(shown)[: min(_PANEL_SLICES, len(rows))]
+    return metrics, {"rows": rows[: len(predicted)], "predicted": predicted}
 
 
 def panel(reader, rows: np.ndarray, predicted: np.ndarray) -> np.ndarray:
@@ -128,13 +130,19 @@ class _Logger:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *, store=None):
     """Train `config` in `workdir` (resuming from its newest intact checkpoint); returns the final
-    state.
+    state. A resume must keep the saved config but for `workdir.RESUMABLE_KEYS` (a `UserError`
+    names the other keys that differ); `config.json` then records the new values.
 
     `store`: an opened store (default: `open_store(config.data.store)`). The config is validated
     (`RunSpec.from_config`) before the store is opened or anything compiled.
     """
     spec = RunSpec.from_config(config)
     workdir, mesh = Path(workdir), sharding.make_mesh()
+    workdir_lib.check_resumed_config(config, workdir)  # a resume: the same run, extended
+    if store is None and not config.data.store:
+        raise UserError(
+            "data.store is not set: give the preprocessed store with --config.data.store=STORE"
+        )
     store = open_store(config.data.store) if store is None else store
     spec = spec.for_store(store)
     split = spec.fold_split(store)
