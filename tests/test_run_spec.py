@@ -32,7 +32,7 @@ INVALID = [
     (["--config.data.slices=some"], r"^data\.slices: expected one of"),
     (["--config.data.components=t2w,t2w"], r"^data\.components: expected distinct"),
     (["--config.model.name=vit"], r"^model\.name: expected one of"),
-    (["--config.train.batch_size=0"], r"^train\.batch_size=0 is not divisible"),
+    (["--config.train.batch_size=0"], r"^train\.batch_size=0: must be positive$"),
     (["--config.train.steps=0", "--config.train.epochs=0"], r"^train\.steps and train\.epochs"),
     (["--config.train.log_every=0"], r"^train\.log_every: expected a positive int"),
     (["--config.optim.decay_steps=0"], r"^optim\.decay_steps: expected a positive int"),
