@@ -28,6 +28,7 @@ from test_train_helpers import (
     tiny_config,
 )
 
+from focalnet_jax.errors import UserError
 from focalnet_jax.run import workdir as workdir_lib
 from focalnet_jax.training import train_and_evaluate
 
@@ -157,14 +158,19 @@ def test_no_intact_step_refuses_and_moves_nothing(trained):
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4"]
 
 
-def test_restore_fails_unchanged_for_a_state_of_another_shape(trained, tmp_path):
-    """An intact checkpoint of another model is no damage: nothing is moved aside."""
+def test_resume_with_a_model_of_another_shape_names_the_differing_keys(trained, tmp_path):
+    """An intact checkpoint of another model is no damage: nothing is moved aside, and the error
+    names the config keys that differ from the run's config.json."""
     workdir = tmp_path / "wider"
     shutil.copytree(trained["workdir"], workdir)
     wider = tiny_config(overrides=[*RUN, "--config.model.width=0.25"])
-    with pytest.raises(ValueError) as raised:
+    with pytest.raises(UserError) as raised:
         train_and_evaluate(wider, workdir, store=trained["store"])
     assert not isinstance(raised.value, workdir_lib.UnreadableCheckpointError)
+    assert str(raised.value).startswith(
+        f"workdir {workdir}: its checkpoint holds another model; config keys differ from its "
+        "config.json: model.width 0.125 -> 0.25 ("
+    )
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4"]
 
 
