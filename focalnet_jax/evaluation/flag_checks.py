@@ -38,7 +38,8 @@ def check_evaluate_flags(args: argparse.Namespace) -> None:
         raise UserError(f"--min-score {args.min_score}: expected a probability in [0, 1]")
     if args.picai_bootstraps < 0:
         raise UserError(f"--picai-bootstraps {args.picai_bootstraps}: expected 0 or more")
-    check_output_folder(args.out)
+    default_out = args.workdir / "eval" if args.workdir is not None else None
+    check_output_folder(args.out or default_out)
 
 
 def check_predict_flags(args: argparse.Namespace) -> None:
