@@ -54,6 +54,8 @@ def test_picai_without_labels_needs_unlabelled(dataset, tmp_path, capfd):
     err = _user_error(capfd, _picai(dataset, out))
     assert "no --labels folder" in err and "--unlabelled negative" in err
     assert not out.exists()
+    err = _user_error(capfd, [*_picai(dataset, out), "--labels", str(tmp_path / "nowhere")])
+    assert err.endswith(f"labels folder {tmp_path / 'nowhere'} does not exist")
     cases = discover_picai(dataset / "images", unlabelled="negative")
     assert len(cases) == 2 and all(c.label is None for c in cases)
 

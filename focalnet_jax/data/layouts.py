@@ -138,6 +138,17 @@ def _picai_images(images: Path) -> dict[str, tuple[str, Path, str, Path]]:
     return found
 
 
+def _check_labels_folder(labels, unlabelled: str) -> None:
+    """No labels folder is an error unless `unlabelled` says what unlabelled cases mean."""
+    if labels is None and unlabelled == "error":
+        raise LayoutError(
+            "no --labels folder: give it, or pass --unlabelled negative (every case lesion-free) "
+            "or --unlabelled skip"
+        )
+    if labels is not None and not Path(labels).is_dir():
+        raise LayoutError(f"labels folder {labels} does not exist")
+
+
 def discover_picai(
     images: str | os.PathLike,
     labels: str | os.PathLike | None = None,
@@ -152,19 +163,15 @@ def discover_picai(
 
     A case is any `<patient>_<study>` with at least one image file; a missing component file or
     label is left for `preprocess_case` to report for that case. `unlabelled`: 'error' (default: the
-    missing label file is that case's error), 'negative' (no lesions) or 'skip' (case left out).
+    missing label file is that case's error, and `labels` None an error), 'negative' (no lesions)
+    or 'skip' (case left out). Components: T2w first. A case whose files lie in two patient folders,
+    or a file present in two formats, raises `LayoutError` naming both files.
     A case id that is not a safe file name (`check_case_id`) raises `UserError`, or, where `errors`
     is a list, is appended to it as (case, file, reason) and left out.
     """
     _check_unlabelled(unlabelled)
     check_components(components)
-    if labels is None and unlabelled == "error":
-        raise LayoutError(
-            "no --labels folder: give it, or pass --unlabelled negative (every case lesion-free) "
-            "or --unlabelled skip"
-        )
-    if labels is not None and not Path(labels).is_dir():
-        raise LayoutError(f"labels folder {labels} does not exist")
+    _check_labels_folder(labels, unlabelled)
     found = _picai_images(Path(images))
     sheet = read_marksheet(marksheet) if marksheet else {}
     cases = []

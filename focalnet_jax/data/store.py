@@ -373,13 +373,14 @@ def _check_table(table, table_path: Path) -> None:
 
 
 def _load_array(file: Path) -> np.ndarray:
-    """A store array, memory-mapped; a missing, truncated or corrupt file is a `UserError`."""
+    """A store array, memory-mapped; a missing, truncated or corrupt file is a `StaleStoreError`
+    (the store must be made again)."""
     try:
         return np.load(file, mmap_mode="r")
     except FileNotFoundError as error:
-        raise UserError(f"{file}: missing; run `focalnet preprocess` again") from error
+        raise StaleStoreError(f"{file}: missing; run `focalnet preprocess` again") from error
     except (OSError, ValueError, EOFError) as error:  # e.g. mmap length > file size
-        raise UserError(
+        raise StaleStoreError(
             f"{file}: unreadable or truncated ({error}); run `focalnet preprocess` again"
         ) from error
 
