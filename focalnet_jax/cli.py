@@ -34,6 +34,7 @@ def _add_synth(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--components", default="t2w,adc,hbv", help="comma-separated, t2w first; of t2w,adc,hbv,dce"
     )
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
 
 
 def _run_synth(args: argparse.Namespace) -> int:
@@ -48,7 +49,9 @@ def _run_synth(args: argparse.Namespace) -> int:
         raise UserError(str(err)) from err
     if args.cases < 1:
         raise UserError(f"--cases {args.cases}: expected at least 1")
-    cases = write_dataset(args.out, args.cases, args.seed, config, progress=True)
+    cases = write_dataset(
+        args.out, args.cases, args.seed, config, progress=True, overwrite=args.overwrite
+    )
     print(f"wrote {len(cases)} synthetic cases to {args.out}")
     return 0
 
