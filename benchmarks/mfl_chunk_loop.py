@@ -5,7 +5,8 @@ its gradient, all subsets in one `vmap` against chunks in a loop (`lax.map`), si
         [--repeats 5] [--config.k=v ...]
 
 Every non-empty proper subset of the config's components is probed on a random batch, with the
-model's initial weights and `train=True` normalisation, as in the `vmap` MFL mode. Timed: the
+model's initial weights and `train=True` normalisation, as in the `vmap` MFL mode (the chunks
+`jax.checkpoint`-ed, as the train step does). Timed: the
 forward pass (distances `[M, B]`), the gradient of their sum with respect to the input images
 (the backward pass without weight gradients) and with respect to the parameters (what training
 computes), each compiled once and then the median of `--repeats` calls (`block_until_ready`);
@@ -46,10 +47,11 @@ def _probe(spec: RunSpec, batch_stats, chunk: int):
     def total(params, images):
         full = probs_of(params, images)
         targets = jnp.ones_like(full)  # every bit compared
+        subset_probs = lambda x: probs_of(params, x)
+        if chunk:  # as the train step's `vmap` mode: each chunk recomputed in the backward pass
+            subset_probs = jax.checkpoint(subset_probs)
         return jnp.sum(
-            losses.subset_distances(
-                lambda x: probs_of(params, x), images, masks, full, targets, chunk=chunk
-            )
+            losses.subset_distances(subset_probs, images, masks, full, targets, chunk=chunk)
         )
 
     return total

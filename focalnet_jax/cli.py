@@ -34,6 +34,7 @@ def _add_synth(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--components", default="t2w,adc,hbv", help="comma-separated, t2w first; of t2w,adc,hbv,dce"
     )
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
 
 
 def _run_synth(args: argparse.Namespace) -> int:
@@ -48,7 +49,9 @@ def _run_synth(args: argparse.Namespace) -> int:
         raise UserError(str(err)) from err
     if args.cases < 1:
         raise UserError(f"--cases {args.cases}: expected at least 1")
-    cases = write_dataset(args.out, args.cases, args.seed, config, progress=True)
+    cases = write_dataset(
+        args.out, args.cases, args.seed, config, progress=True, overwrite=args.overwrite
+    )
     print(f"wrote {len(cases)} synthetic cases to {args.out}")
     return 0
 
@@ -292,8 +295,10 @@ def _add_evaluate(parser: argparse.ArgumentParser) -> None:
 
 def _run_evaluate(args: argparse.Namespace) -> int:
     from focalnet_jax.evaluation.evaluate import evaluate_predictions, evaluation_summary
+    from focalnet_jax.evaluation.flag_checks import check_evaluate_flags
     from focalnet_jax.evaluation.predictions import read_case_list
 
+    check_evaluate_flags(args)
     slices = args.slices or "all"
     if args.workdir is not None and args.cases is not None:
         raise UserError("--cases goes with --predictions (--workdir evaluates its fold)")
@@ -352,14 +357,11 @@ def _add_summarize(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_summarize(args: argparse.Namespace) -> int:
+    from focalnet_jax.evaluation.flag_checks import check_output_folder, parse_runs
     from focalnet_jax.evaluation.summary import summarize_runs
 
-    runs = {}
-    for item in args.runs:
-        name, sep, folder = item.partition("=")
-        if not sep or not name or not folder:
-            raise UserError(f"--runs expects NAME=DIR, got {item!r}")
-        runs[name] = Path(folder)
+    runs = parse_runs(args.runs)
+    check_output_folder(args.out)
     summarize_runs(runs, args.out)
     print(f"wrote {args.out / 'summary.json'} and {args.out / 'summary.md'}")
     return 0
@@ -384,6 +386,9 @@ def _add_predict(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--masks", type=Path, help="picai: whole-gland masks for centring")
     parser.add_argument("--manifest", type=Path, help="manifest: CSV of cases (labels unused)")
     parser.add_argument("--skip-bad-cases", action="store_true", help="bad cases: errors.csv")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="many exams: replace a non-empty --out whole"
+    )
     for name in ("t2w", "adc", "hbv"):
         parser.add_argument(
             f"--{name}-series",

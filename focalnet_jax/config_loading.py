@@ -61,7 +61,8 @@ def get_config_from_file(spec: str, *, kind: str = "config file") -> ml_collecti
     try:
         config = module.get_config(arg) if sep else module.get_config()
     except (ValueError, TypeError) as error:
-        raise UserError(f"{kind} {path_text}: get_config({arg!r}): {error}") from error
+        call = f"get_config({arg!r})" if sep else "get_config()"
+        raise UserError(f"{kind} {path_text}: {call}: {error}") from error
     if not isinstance(config, ml_collections.ConfigDict):
         raise UserError(
             f"{kind} {path_text}: get_config() returned {type(config).__name__}, not a ConfigDict"

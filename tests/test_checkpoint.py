@@ -5,6 +5,7 @@ save/restore into an abstract, sharded target, keeping the latest K, the saved c
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 
 import jax
@@ -57,6 +58,16 @@ def test_restore_without_checkpoint_is_none(tmp_path, saved):
     _, _, abstract = saved
     manager = workdir_lib.make_manager(tmp_path / "empty")
     assert checkpoint.restore(manager, abstract) is None
+    manager.close()
+
+
+def test_read_only_manager_logs_no_warning_and_creates_nothing(tmp_path, caplog):
+    """Orbax warns for each saving option a read-only manager turns off: an error of `evaluate`
+    or `predict` would come after those lines."""
+    with caplog.at_level(logging.WARNING):
+        manager = workdir_lib.make_manager(tmp_path / "run", read_only=True)
+    assert manager.latest_step() is None
+    assert caplog.records == [] and not (tmp_path / "run").exists()
     manager.close()
 
 

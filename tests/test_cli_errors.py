@@ -74,6 +74,24 @@ FLAG_ERRORS = [  # (argv, the message after "focalnet <command>: error: ")
     (["predict", "--checkpoint", "c", "--layout", "picai", "--images", "i", "--out", "o",
       "--adc-series", "1.2"],
      "--adc-series is for one exam; a manifest chooses series in its <component>_series columns"),
+    # Flags out of range: refused before any model is loaded or file written.
+    (["evaluate", "--workdir", "w", "--batch-size", "0"], "--batch-size 0: expected at least 1"),
+    (["evaluate", "--predictions", "p", "--out", "o", "--radius-mm", "-1"],
+     "--radius-mm -1.0: expected a positive distance in mm"),
+    (["evaluate", "--predictions", "p", "--out", "o", "--min-score", "2"],
+     "--min-score 2.0: expected a probability in [0, 1]"),
+    (["evaluate", "--predictions", "p", "--out", "o", "--picai-bootstraps", "-1"],
+     "--picai-bootstraps -1: expected 0 or more"),
+    (["predict", "--checkpoint", "c", "--t2w", "t", "--adc", "a", "--out", "o", "--batch-size",
+      "0"], "--batch-size 0: expected at least 1"),
+    # One exam (--t2w/--adc) or many (--layout), never both.
+    (["predict", "--checkpoint", "c", "--t2w", "t", "--adc", "a", "--layout", "picai", "--images",
+      "i", "--out", "o"], "--t2w is for one exam; --layout picai reads its exams from --images"),
+    (["predict", "--checkpoint", "c", "--t2w", "t", "--adc", "a", "--manifest", "m", "--out", "o"],
+     "--manifest needs --layout (many exams); one exam is --t2w/--adc"),
+    (["predict", "--checkpoint", "c", "--layout", "picai", "--images", "i", "--manifest", "m",
+      "--out", "o"], "--manifest does not go with --layout picai"),
+    (["summarize", "--runs", "A=d1", "A=d2", "--out", "o"], "--runs names 'A' twice (d1 and d2)"),
 ]  # fmt: skip
 
 

@@ -196,8 +196,39 @@ def test_bad_predictions_name_file_and_reason(tmp_path):
         read_case(shapes / "case.npz")
 
     (shapes / "case.npz").write_text("not a zip")
-    with pytest.raises(PredictionsError, match=r"case\.npz: not a readable \.npz"):
+    with pytest.raises(PredictionsError, match=r"case\.npz: not a valid predictions \.npz file"):
         read_case(shapes / "case.npz")
+
+
+def test_predictions_with_unsafe_names_or_a_lesion_on_no_slice_are_refused(tmp_path):
+    for name in ("a b", ".hidden"):
+        folder = tmp_path / name.strip(".").replace(" ", "_")
+        write_blob_case(folder, "ok", lesion=(2, (4, 20, 20)))
+        (folder / "ok.npz").rename(folder / f"{name}.npz")
+        message = _error(["evaluate", "--predictions", str(folder), "--out", str(tmp_path / "o")])
+        assert f"{folder}: case id of {name}.npz {name!r}" in message
+        assert not (tmp_path / "o").exists()
+    with np.load(write_blob_case(tmp_path / "five", "c", lesion=(5, (4, 20, 20)))) as data:
+        arrays = dict(data)
+    for key in ("scores", "lesions", "t2w", "adc", "slice_index"):
+        arrays[key] = arrays[key][:0]  # no slice left: the GS 5 lesion would vanish
+    np.savez(tmp_path / "empty.npz", **arrays)
+    with pytest.raises(
+        PredictionsError, match=r"lesion id\(s\) \[1\] of 'lesion_classes' appear on no"
+    ):
+        read_case(tmp_path / "empty.npz")
+
+
+def test_out_at_or_under_a_file_is_refused_before_any_work(tmp_path):
+    predictions = tmp_path / "predictions"
+    write_cohort(predictions)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    for out in (blocker, blocker / "sub"):
+        message = _error(["evaluate", "--predictions", str(predictions), "--out", str(out)])
+        assert message.endswith(f"--out {out}: {blocker} exists and is not a folder")
+        message = _error(["summarize", "--runs", f"A={predictions}", "--out", str(out)])
+        assert message.endswith(f"--out {out}: {blocker} exists and is not a folder")
 
 
 def test_summarize_rejects_bad_runs(tmp_path):
@@ -205,6 +236,9 @@ def test_summarize_rejects_bad_runs(tmp_path):
     (tmp_path / "run").mkdir()
     message = _error(["summarize", "--runs", f"A={tmp_path / 'run'}", "--out", str(tmp_path)])
     assert "no metrics.json" in message
+    twice = ["--runs", f"A={tmp_path / 'run'}", "A=other", "--out", str(tmp_path / "o")]
+    message = _error(["summarize", *twice])
+    assert message.endswith(f"--runs names 'A' twice ({tmp_path / 'run'} and other)")
 
 
 def test_picai_bootstrap_failure_keeps_metrics_and_says_why(tmp_path):

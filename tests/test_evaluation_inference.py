@@ -327,6 +327,7 @@ def test_batch_predicts_every_good_case_and_lists_the_corrupt_one(cv, tmp_path):
             "--masks", cv["data"] / "masks", "--out", tmp_path / "out"]  # fmt: skip
     message = cli_error(argv)
     assert bad["case"] in message and str(corrupt) in message
+    assert not (tmp_path / "out").exists()  # no models.json without its cases
     printed = run_cli([*argv, "--skip-bad-cases"])
     assert f"wrote {CASES - 1} cases" in printed
     names = ("lesion_score", "cspca_score", "detection_map")
@@ -360,10 +361,18 @@ def test_batch_from_a_manifest_without_labels(cv, tmp_path):
         for i in (0, 2):
             files = exam(cv["data"], i)
             writer.writerow([files["case"], f"p{i}", files["t2w"], files["adc"], files["mask"]])
-    run_cli(["predict", "--checkpoint", cv["cv"], "--layout", "manifest", "--manifest", manifest,
-             "--tta", "flip", "--out", tmp_path / "out"])  # fmt: skip
-    for i in (0, 2):
-        assert (tmp_path / "out" / exam(cv["data"], i)["case"] / "detection_map.nii.gz").is_file()
+    out = tmp_path / "out"
+    (out / "old-case").mkdir(parents=True)  # a case of an earlier run
+    argv = ["predict", "--checkpoint", cv["cv"], "--layout", "manifest", "--manifest", manifest,
+            "--tta", "flip", "--out", out]  # fmt: skip
+    message = cli_error(argv)
+    assert message.endswith(f"--out {out} is not empty (outputs of an earlier run?); choose a "
+                            "new folder or add --overwrite to replace it")  # fmt: skip
+    run_cli([*argv, "--overwrite"])
+    cases = {exam(cv["data"], i)["case"] for i in (0, 2)}
+    assert {p.name for p in out.iterdir()} == cases | {"models.json"}  # old-case is gone
+    for case in cases:
+        assert (out / case / "detection_map.nii.gz").is_file()
 
 
 # --- external test sets ---------------------------------------------------------------------------
@@ -374,6 +383,8 @@ def test_all_cases_evaluation_counts_every_patient_of_the_test_store(cv, tmp_pat
 
     store = open_store(cv["store"])
     out = tmp_path / "test"
+    (out / "predictions").mkdir(parents=True)
+    (out / "predictions" / "other.npz").write_bytes(b"a case of an earlier run")
     run_cli(["evaluate", "--workdir", cv["cv"], "--store", cv["store"], "--all-cases",
              "--out", out, "--picai-bootstraps", "0", "--no-figures"])  # fmt: skip
     metrics = json.loads((out / "metrics.json").read_text())

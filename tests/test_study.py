@@ -353,6 +353,65 @@ def _stale_copy(store: Path, tmp_path: Path) -> Path:
     return stale
 
 
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--parallel", "0"], "--parallel 0: expected >= 1"),
+        (["--devices", "abc"], "--devices 'abc': expected comma-separated GPU ids (integers >= 0)"),
+        (["--devices", "0,-1"], "--devices '0,-1': expected comma-separated GPU ids"),
+        (["--executor", "slurm", "--time", "banana"], "--time 'banana': expected a SLURM time"),
+        (["--executor", "slurm", "--time", "1-2:3:4:5"], "--time '1-2:3:4:5': expected a SLURM"),
+    ],
+)
+def test_run_flags_are_checked_before_anything_is_written(spec_file, tmp_path, flags, expected):
+    workdir = tmp_path / "s"
+    message = _one_line_error("run", "--spec", str(spec_file), "--workdir", str(workdir), *flags)
+    assert expected in message
+    assert not workdir.exists()
+
+
+def test_slurm_time_formats():
+    from focalnet_jax.study.slurm import check_time
+
+    for value in ("90", "30:00", "04:00:00", "2-12", "2-12:30", "2-12:30:00", "120:00:00"):
+        assert check_time(value) == value
+    for value in ("banana", "1:2:3:4", "-5", "1-", "4h", "01:00 "):
+        with pytest.raises(ValueError, match="expected a SLURM time limit"):
+            check_time(value)
+
+
+def test_arm_name_with_a_dot_is_a_one_line_error_naming_it(store, tmp_path):
+    spec = write_spec(tmp_path / "dot.py", store, arms={"../x": ARMS["ce"]}, ensembles={})
+    message = _one_line_error("run", "--spec", str(spec), "--workdir", str(tmp_path / "bad"))
+    assert message.endswith("name '../x': expected letters, digits, '_', '-' (no dots)")
+    spec = write_spec(tmp_path / "slash.py", store, arms={"a/b": ARMS["ce"]}, ensembles={})
+    message = _one_line_error("run", "--spec", str(spec), "--workdir", str(tmp_path / "bad"))
+    assert "arm 'a/b': expected letters, digits, '_', '-'" in message
+    assert not (tmp_path / "bad").exists()
+
+
+def test_corrupt_study_file_is_a_one_line_error_naming_it(tmp_path):
+    (tmp_path / "study.json").write_text('{"arms": ')
+    for action in ("status", "run", "report"):
+        message = _one_line_error(action, "--workdir", str(tmp_path))
+        assert f"{tmp_path / 'study.json'}: not a readable study file" in message
+
+
+def test_dry_run_refuses_a_changed_spec_as_the_real_run_does(spec_file, tmp_path):
+    from focalnet_jax.study.cells import Study
+    from focalnet_jax.study.spec import load_spec, validate
+
+    workdir = tmp_path / "s"
+    Study.create(workdir, validate(load_spec(str(spec_file)), str(spec_file)))
+    recorded = (workdir / "study.json").read_text()
+    run = ["run", "--spec", str(spec_file), "--workdir", str(workdir), "--executor", "slurm"]
+    for dry in ([], ["--dry-run"]):
+        message = _one_line_error(*run, *dry, "--spec.common.train.steps=3")
+        assert "this folder holds a study with other ['common']" in message
+    assert (workdir / "study.json").read_text() == recorded
+    assert sorted(p.name for p in workdir.iterdir()) == ["study.json"]
+
+
 def test_spec_store_is_opened_before_anything_runs(spec_file, store, tmp_path):
     workdir = tmp_path / "bad"
     run = ["run", "--spec", str(spec_file), "--workdir", str(workdir)]

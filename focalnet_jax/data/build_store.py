@@ -130,6 +130,8 @@ def preprocess_cases(
     """
     if not cases:
         raise UserError(f"store {out}: no cases to preprocess")
+    if int(workers) < 1:
+        raise UserError(f"--workers {workers}: expected at least 1")
     cfg = PreprocessConfig.from_any(config)
     components = tuple(cases[0].components)
     settings = store_settings(cfg, components, slices)
@@ -201,6 +203,8 @@ def preprocess_layout(
     overwrite: bool = False,
 ) -> PreprocessSummary:
     """`focalnet preprocess`: find the cases of a PI-CAI folder or a manifest and store them."""
+    if int(workers) < 1:
+        raise UserError(f"--workers {workers}: expected at least 1")
     refused = [] if skip_bad_cases else None  # cases refused while finding them (bad ids, labels)
     cases = _find_cases(
         layout,

@@ -9,6 +9,7 @@ position or uneven spacing would otherwise be read with one wrong z spacing (ITK
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,8 +43,25 @@ class SeriesInfo:
         return f"{self.uid} ({self.description or 'no description'!r}, {len(self.files)} files)"
 
 
+@contextlib.contextmanager
+def _itk_warnings_off():
+    """ITK's own warnings (e.g. 'No Series were found') off in the block: the errors raised here
+    say what is wrong in one line."""
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
 def list_series(folder: str | os.PathLike) -> list[SeriesInfo]:
     """The DICOM series of a folder (not recursive), each with its files in slice order."""
+    with _itk_warnings_off():
+        return _list_series(folder)
+
+
+def _list_series(folder: str | os.PathLike) -> list[SeriesInfo]:
     infos = []
     for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)):
         files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
@@ -137,7 +155,18 @@ def check_slice_positions(files) -> None:
 def read_series(folder: str | os.PathLike, series: str | None = None) -> sitk.Image:
     """One regular DICOM series of `folder` (see the module docstring) as read by SimpleITK."""
     chosen = choose_series(folder, series)
-    check_slice_positions(chosen.files)
+    try:
+        check_slice_positions(chosen.files)
+    except SeriesError as err:
+        read = {Path(f).name for s in list_series(folder) for f in s.files}
+        unread = sorted(
+            p.name for p in Path(folder).iterdir() if p.is_file() and p.name not in read
+        )
+        if not unread:
+            raise
+        raise SeriesError(
+            err.file, f"{err.reason}; not readable as DICOM: {', '.join(unread)}"
+        ) from err
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(chosen.files)
     return reader.Execute()

@@ -78,15 +78,22 @@ def _why(path: Path, err: RuntimeError) -> str:
     """The reason in an ITK read error, or how much of a MetaImage is missing. (ITK reports a
     truncated `.mha` as 'No such file or directory', a stale errno.)"""
     lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
-    if path.is_file() and path.name.lower().endswith((".mha", ".mhd")):
-        try:
-            short = _metaimage_truncation(path)
-        except (OSError, ValueError):  # a header too broken to size: ITK's reason stands
-            short = None
-        if short:
-            return short
+    short = _metaimage_shortfall(path)
+    if short:
+        return short
     useful = [line for line in lines if "No such file or directory" not in line]
     return useful[-1] if useful else "read error"
+
+
+def _metaimage_shortfall(path: Path) -> str | None:
+    """Why a `.mha`/`.mhd` file holds fewer bytes than its header promises, or None (also for
+    other files and headers too broken to size: ITK's reason stands)."""
+    if not (path.is_file() and path.name.lower().endswith((".mha", ".mhd"))):
+        return None
+    try:
+        return _metaimage_truncation(path)
+    except (OSError, ValueError):
+        return None
 
 
 def _metaimage_truncation(path: Path) -> str | None:
@@ -152,6 +159,10 @@ def read_image(
                     path,
                     f"unknown image format (expected a DICOM folder or {IMAGE_SUFFIXES})",
                 )
+            # Sized first: ITK would print its own complaint about a short MetaImage to stderr.
+            short = _metaimage_shortfall(path)
+            if short:
+                raise CaseError(case, path, f"unreadable or truncated image ({short})")
             image = sitk.ReadImage(str(path))
             problem = _truncation(path)
             if problem:

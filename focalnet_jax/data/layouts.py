@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import re
 from collections.abc import Sequence
@@ -52,11 +53,23 @@ class CaseSpec:
     series: dict[str, str] = field(default_factory=dict)  # component -> DICOM series choice
 
 
-def _find(folder: Path, stem: str, suffixes) -> Path | None:
-    for suffix in suffixes:
-        if (folder / (stem + suffix)).exists():
-            return folder / (stem + suffix)
-    return None
+def _find(folder: Path, stem: str, suffixes, case: str) -> Path | None:
+    """The one file `<folder>/<stem><suffix>`, or None; two of them (e.g. `.mha` and `.nii.gz`)
+    are an error naming `case` and both files."""
+    found = [folder / (stem + suffix) for suffix in suffixes if (folder / (stem + suffix)).exists()]
+    if len(found) > 1:
+        raise LayoutError(f"case {case!r}: two files for {stem}: {found[0]} and {found[1]}")
+    return found[0] if found else None
+
+
+def check_components(components: Sequence[str]) -> None:
+    """T2w first (the reference frame of every other component), each named once."""
+    c = tuple(components)
+    if not c or c[0] != "t2w" or len(set(c)) != len(c):
+        raise LayoutError(
+            f"components {','.join(c)!r}: expected t2w first (the reference frame), then distinct "
+            "others, e.g. 't2w,adc,hbv'"
+        )
 
 
 def label_scheme(labels: str | os.PathLike | None) -> str:
@@ -65,7 +78,13 @@ def label_scheme(labels: str | os.PathLike | None) -> str:
         return "picai"
     meta = Path(labels) / "dataset.json"
     if meta.exists():
-        value = json.loads(meta.read_text()).get("label_values", "picai")
+        try:
+            table = json.loads(meta.read_text())
+        except (OSError, ValueError) as err:  # a folder, JSONDecodeError, UnicodeDecodeError
+            raise LayoutError(f"{meta}: not readable JSON ({err})") from err
+        if not isinstance(table, dict):
+            raise LayoutError(f'{meta}: expected a JSON object like {{"label_values": "isup"}}')
+        value = table.get("label_values", "picai")
         if value not in ("picai", "isup"):
             raise LayoutError(f"{meta}: label_values {value!r}, expected 'picai' or 'isup'")
         return value
@@ -75,6 +94,8 @@ def label_scheme(labels: str | os.PathLike | None) -> str:
 def read_marksheet(path: str | os.PathLike) -> dict[str, dict]:
     """PI-CAI marksheet -> {'<patient>_<study>': {column: value}}; columns found by name."""
     path = Path(path)
+    if not path.is_file():
+        raise LayoutError(f"marksheet {path} is not a file")
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
         columns = [c.strip() for c in reader.fieldnames or []]
@@ -100,17 +121,32 @@ def _picai_images(images: Path) -> dict[str, tuple[str, Path, str, Path]]:
         raise LayoutError(f"images folder {images} does not exist")
     found: dict[str, tuple[str, Path, str, Path]] = {}
     for patient_dir in sorted(p for p in images.iterdir() if p.is_dir()):
-        for file in patient_dir.iterdir():
+        for file in sorted(patient_dir.iterdir()):
             match = _PICAI_NAME.match(file.name)
             if match and file.name.lower().endswith(IMAGE_SUFFIXES):
                 suffix = file.name[len(match.group(0)) - 1 :]
                 case = f"{match['patient']}_{match['study']}"
+                if case in found and found[case][1] != patient_dir:
+                    raise LayoutError(
+                        f"case {case!r}: files in two patient folders: {found[case][3]} and {file}"
+                    )
                 found.setdefault(case, (match["patient"], patient_dir, suffix, file))
     if not found:
         raise LayoutError(
             f"no cases found in {images} (expected <patient>/<patient>_<study>_<component>.mha)"
         )
     return found
+
+
+def _check_labels_folder(labels, unlabelled: str) -> None:
+    """No labels folder is an error unless `unlabelled` says what unlabelled cases mean."""
+    if labels is None and unlabelled == "error":
+        raise LayoutError(
+            "no --labels folder: give it, or pass --unlabelled negative (every case lesion-free) "
+            "or --unlabelled skip"
+        )
+    if labels is not None and not Path(labels).is_dir():
+        raise LayoutError(f"labels folder {labels} does not exist")
 
 
 def discover_picai(
@@ -127,11 +163,15 @@ def discover_picai(
 
     A case is any `<patient>_<study>` with at least one image file; a missing component file or
     label is left for `preprocess_case` to report for that case. `unlabelled`: 'error' (default: the
-    missing label file is that case's error), 'negative' (no lesions) or 'skip' (case left out).
+    missing label file is that case's error, and `labels` None an error), 'negative' (no lesions)
+    or 'skip' (case left out). Components: T2w first. A case whose files lie in two patient folders,
+    or a file present in two formats, raises `LayoutError` naming both files.
     A case id that is not a safe file name (`check_case_id`) raises `UserError`, or, where `errors`
     is a list, is appended to it as (case, file, reason) and left out.
     """
     _check_unlabelled(unlabelled)
+    check_components(components)
+    _check_labels_folder(labels, unlabelled)
     found = _picai_images(Path(images))
     sheet = read_marksheet(marksheet) if marksheet else {}
     cases = []
@@ -145,16 +185,16 @@ def discover_picai(
             continue
         paths = {}
         for name in components:
-            path = _find(folder, f"{case}_{name}", IMAGE_SUFFIXES)
+            path = _find(folder, f"{case}_{name}", IMAGE_SUFFIXES, case)
             paths[name] = str(path or folder / f"{case}_{name}{suffix}")
         label = None
         if labels is not None:
-            label = _find(Path(labels), case, LABEL_SUFFIXES)
+            label = _find(Path(labels), case, LABEL_SUFFIXES, case)
             if label is None and unlabelled == "error":
                 label = Path(labels) / f"{case}.nii.gz"  # reported missing by preprocess_case
         if label is None and unlabelled == "skip":
             continue
-        mask = _find(Path(masks), case, LABEL_SUFFIXES) if masks is not None else None
+        mask = _find(Path(masks), case, LABEL_SUFFIXES, case) if masks is not None else None
         meta = dict(sheet.get(case, {}))
         cases.append(
             CaseSpec(
@@ -208,6 +248,7 @@ def read_manifest(
     """
     manifest = Path(manifest)
     _check_unlabelled(unlabelled)
+    check_components(components)
     columns, rows = _manifest_rows(manifest, ["case_id", "patient_id", *components])
     centre_columns = _check_manifest_columns(manifest, columns, labels, unlabelled)
     cases, seen = [], set()
@@ -275,21 +316,36 @@ def _manifest_case(
     def resolve(value: str) -> str | None:
         return str(manifest.parent / value) if value else None
 
-    centre = None
-    if centre_columns and all(row[c] for c in centre_columns):
-        try:
-            centre = tuple(float(row[c]) for c in centre_columns)
-        except ValueError as err:
-            raise LayoutError(f"{where}: bad centre ({err})") from err
     return CaseSpec(
         case_id=row["case_id"],
         patient_id=row["patient_id"] or row["case_id"],
         components={name: resolve(row[name]) or "" for name in components},
         label=resolve(row.get("label", "")) if labels else None,
         mask=resolve(row.get("prostate_mask", "")),
-        center=centre,
+        center=_manifest_centre(row, where, centre_columns),
         series=_series_choices(row, components),
     )
+
+
+def _manifest_centre(row: dict, where: str, centre_columns: Sequence[str]):
+    """The row's (x, y, z) centre in mm, or None where all three cells are empty; a partly
+    given or non-finite centre is an error naming the line and the column."""
+    given = [c for c in centre_columns if row[c]]
+    if not given:
+        return None
+    if len(given) != len(centre_columns):
+        empty = [c for c in centre_columns if not row[c]]
+        raise LayoutError(f"{where}: centre partly given ({', '.join(empty)} empty)")
+    centre = []
+    for column in centre_columns:
+        try:
+            value = float(row[column])
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value):
+            raise LayoutError(f"{where}: {column} {row[column]!r} is not a finite number (mm)")
+        centre.append(value)
+    return tuple(centre)
 
 
 def write_manifest(cases: Sequence[CaseSpec], path: str | os.PathLike) -> None:

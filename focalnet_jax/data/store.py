@@ -359,6 +359,32 @@ class Store:
         return out
 
 
+def _check_table(table, table_path: Path) -> None:
+    """A store table is an object with components, settings, fingerprint and case records."""
+    keys = ("components", "settings", "fingerprint", "cases")
+    if not isinstance(table, dict) or not all(k in table for k in keys):
+        raise StaleStoreError(f"{table_path}: not a store table (expected an object with {keys})")
+    cases = table["cases"]
+    cases_ok = isinstance(cases, list) and all(
+        isinstance(r, dict) and "case_id" in r for r in cases
+    )
+    if not isinstance(table["settings"], dict) or not cases_ok:
+        raise StaleStoreError(f"{table_path}: malformed settings or case records")
+
+
+def _load_array(file: Path) -> np.ndarray:
+    """A store array, memory-mapped; a missing, truncated or corrupt file is a `StaleStoreError`
+    (the store must be made again)."""
+    try:
+        return np.load(file, mmap_mode="r")
+    except FileNotFoundError as error:
+        raise StaleStoreError(f"{file}: missing; run `focalnet preprocess` again") from error
+    except (OSError, ValueError, EOFError) as error:  # e.g. mmap length > file size
+        raise StaleStoreError(
+            f"{file}: unreadable or truncated ({error}); run `focalnet preprocess` again"
+        ) from error
+
+
 def open_store(path: str | os.PathLike, *, expected_settings: dict | None = None) -> Store:
     """Open a store read-only with memory-mapped arrays.
 
@@ -375,6 +401,7 @@ def open_store(path: str | os.PathLike, *, expected_settings: dict | None = None
         table = json.loads(table_path.read_text())
     except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
         raise StaleStoreError(f"{table_path}: not valid JSON ({error})") from error
+    _check_table(table, table_path)
     if (version := table["settings"].get("version")) != STORE_VERSION:
         raise StaleStoreError(
             f"store {path} has format version {version}; this code reads version {STORE_VERSION} "
@@ -389,7 +416,7 @@ def open_store(path: str | os.PathLike, *, expected_settings: dict | None = None
         )
     for record in table["cases"]:
         check_case_id(record["case_id"], f"store {table_path}")
-    arrays = {name: np.load(path / f"{name}.npy", mmap_mode="r") for name in _ARRAYS}
+    arrays = {name: _load_array(path / f"{name}.npy") for name in _ARRAYS}
     n = len(arrays["images"])
     for name, array in arrays.items():
         if len(array) != n:

@@ -35,6 +35,7 @@ import numpy as np
 import SimpleITK as sitk
 from tqdm import tqdm
 
+from focalnet_jax.data.atomic_files import replaced_folder
 from focalnet_jax.data.io import write_image, xyz
 from focalnet_jax.data.synth_render import (
     COMPONENTS,
@@ -44,6 +45,7 @@ from focalnet_jax.data.synth_render import (
     bias_field,
     render,
 )
+from focalnet_jax.errors import UserError
 
 _CLASS_SHARE = (0.24, 0.28, 0.2, 0.16, 0.12)  # of lesions, classes 1..5
 _DCE_STREAM = 1  # SeedSequence spawn key of the DCE random stream
@@ -282,13 +284,25 @@ def write_dataset(
     cfg: SynthConfig | None = None,
     *,
     progress: bool = False,
+    overwrite: bool = False,
 ) -> list[str]:
     """Write `num_cases` synthetic cases in the PI-CAI layout and a lesion table.
 
-    Returns the list of case ids `<patient>_<study>`. Case i depends only on (seed, i).
+    Returns the list of case ids `<patient>_<study>`. Case i depends only on (seed, i). The
+    dataset is written to a temporary folder beside `out` and renamed to `out` when complete; a
+    non-empty `out` is refused unless `overwrite` (then it is replaced whole).
     """
-    cfg = cfg or SynthConfig()
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"--out {out} is not empty; pass --overwrite to replace it")
+    with replaced_folder(out) as tmp:
+        return _write_cases(tmp, num_cases, seed, cfg or SynthConfig(), progress)
+
+
+def _write_cases(out: Path, num_cases: int, seed: int, cfg: SynthConfig, progress: bool):
+    """`write_dataset` into the (empty) folder `out`."""
     ids = np.random.default_rng([seed, 2**20])
     patients, case_ids = [], []
     for i in range(num_cases):

@@ -3,8 +3,9 @@
 Cases are found by the preprocessing's readers (data/layouts.py; labels are not needed and not
 read) and preprocessed with its checks and the models' settings. The slices of consecutive cases
 are pooled into full inference batches, so the accelerator sees `batch_size` slices at a time
-whatever the exams' lengths. Each case's outputs (predict.py) are written to a temporary sibling
-folder renamed to `<out>/<case_id>/` when complete. A bad case stops the run with its error, or,
+whatever the exams' lengths. The run's outputs (each case's, predict.py) are written to a
+temporary sibling folder that becomes `<out>` when complete, so `<out>` never mixes two runs; a
+non-empty `<out>` is refused unless `overwrite`. A bad case stops the run with its error, or,
 with `skip_bad_cases`, is listed in `<out>/errors.csv` (case, file, reason; written, maybe
 empty, whenever bad cases are skipped) and skipped.
 """
@@ -87,20 +88,21 @@ def _preprocess(spec: CaseSpec, models: Ensemble) -> PreprocessedCase:
 
 
 def _write_case(out: Path, case: PreprocessedCase, scores: np.ndarray, options: dict) -> Path:
-    """The case's outputs in a temporary folder, renamed to `out/<case_id>` (replacing one)."""
+    """The case's outputs in `out/<case_id>`."""
     final = out / case.case_id
-    with replaced_folder(final) as tmp:
-        write_exam_outputs(case, scores, tmp, **options)
+    final.mkdir()
+    write_exam_outputs(case, scores, final, **options)
     return final
 
 
-def _prepare_out(out: Path, models: Ensemble) -> Path:
-    """Creates `out`, removes a previous run's errors.csv (it would mislead) and writes
-    `out/models.json` (`write_models`)."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "errors.csv").unlink(missing_ok=True)
-    write_models(models, out)
-    return out
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Refuses an `out` that holds anything (an earlier run's case folders would sit beside this
+    run's `models.json`) unless `overwrite`, which replaces it whole."""
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(
+            f"--out {out} is not empty (outputs of an earlier run?); choose a new folder or add "
+            "--overwrite to replace it"
+        )
 
 
 def _preprocess_or_skip(
@@ -142,39 +144,52 @@ def predict_cases(
     candidates: CandidateSettings | None = None,
     progress: bool = True,
     errors: list | None = None,
+    overwrite: bool = False,
 ) -> BatchSummary:
     """Predicts every case into `out/<case_id>/` (and `out/models.json`: `write_models`); returns
-    what was written and the bad cases (those of `errors`, found before, first).
+    what was written and the bad cases (those of `errors`, found before, first). The outputs are
+    made in a temporary sibling folder that becomes `out` at the end; a non-empty `out` is
+    refused unless `overwrite` (then replaced whole).
 
-    Raises the first CaseError unless `skip_bad_cases`; cases written before it are kept.
+    Raises the first CaseError unless `skip_bad_cases`; `out` is then left as it was.
     """
+    options = {"threshold": threshold, "candidates": candidates}
     if not cases:
         raise LayoutError("no cases to predict")
-    out = _prepare_out(Path(out), models)
-    options = {"threshold": threshold, "candidates": candidates}
-    batch = max(p.batch_size for p in models.predictors)  # slices pooled per model pass
+    out = Path(out)
+    _check_out(out, overwrite)
     errors = list(errors or [])
-    written: list[str] = []
-    pending: list[PreprocessedCase] = []
-    try:
-        with tqdm(total=len(cases), desc="predict", unit="case", disable=not progress) as bar:
-            for spec in cases:
-                case = _preprocess_or_skip(spec, models, errors if skip_bad_cases else None)
-                if case is None:
-                    bar.update()
-                    continue
-                pending.append(case)
-                if sum(len(c.images) for c in pending) >= batch:
-                    written += _write_pooled(models, pending, out, options, bar)
-                    pending = []
-            if pending:
-                written += _write_pooled(models, pending, out, options, bar)
-    finally:
-        if skip_bad_cases:
-            write_errors(out / "errors.csv", errors)
+    with replaced_folder(out) as tmp:
+        write_models(models, tmp)
+        try:
+            written = _predict_into(tmp, models, cases, errors, skip_bad_cases, options, progress)
+        finally:
+            if skip_bad_cases:
+                write_errors(tmp / "errors.csv", errors)
     if not written:
         raise UserError(f"{out}: every one of {len(cases)} cases failed; see errors.csv")
     return BatchSummary(out, written, errors)
+
+
+def _predict_into(out: Path, models: Ensemble, cases, errors, skip_bad_cases, options, progress):
+    """The loop of `predict_cases`: cases preprocessed, pooled, predicted and written to `out`;
+    returns the case ids written."""
+    batch = max(p.batch_size for p in models.predictors)  # slices pooled per model pass
+    written: list[str] = []
+    pending: list[PreprocessedCase] = []
+    with tqdm(total=len(cases), desc="predict", unit="case", disable=not progress) as bar:
+        for spec in cases:
+            case = _preprocess_or_skip(spec, models, errors if skip_bad_cases else None)
+            if case is None:
+                bar.update()
+                continue
+            pending.append(case)
+            if sum(len(c.images) for c in pending) >= batch:
+                written += _write_pooled(models, pending, out, options, bar)
+                pending = []
+        if pending:
+            written += _write_pooled(models, pending, out, options, bar)
+    return written
 
 
 def predict_layout(

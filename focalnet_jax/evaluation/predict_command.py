@@ -10,6 +10,7 @@ from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation.batch_predict import predict_layout
 from focalnet_jax.evaluation.detection_map import CandidateSettings
 from focalnet_jax.evaluation.ensemble import load_ensemble
+from focalnet_jax.evaluation.flag_checks import check_predict_flags
 from focalnet_jax.evaluation.predict import predict_exam
 
 COMPONENTS = ("t2w", "adc", "hbv")
@@ -30,6 +31,7 @@ def parse_center(text: str | None) -> tuple[float, float, float] | None:
 
 def run(args: argparse.Namespace) -> str:
     """Predicts as the flags say; returns the line to print (what was written)."""
+    check_predict_flags(args)
     if args.layout is None and not (args.t2w and args.adc):
         raise UserError("give --t2w and --adc (one exam) or --layout (many exams)")
     series = {n: getattr(args, f"{n}_series") for n in COMPONENTS if getattr(args, f"{n}_series")}
@@ -55,6 +57,7 @@ def run(args: argparse.Namespace) -> str:
             masks=args.masks,
             manifest=args.manifest,
             skip_bad_cases=args.skip_bad_cases,
+            overwrite=args.overwrite,
             **options,
         )
         return summary.describe()

@@ -86,6 +86,9 @@ def validate(case: CasePredictions) -> CasePredictions:
             f"'lesions' ids must lie in 0..{case.lesion_classes.size} (len(lesion_classes)), "
             f"got {lesions.min()}..{lesions.max()}"
         )
+    absent = sorted(set(range(1, case.lesion_classes.size + 1)) - set(np.unique(lesions).tolist()))
+    if absent:
+        fail(f"lesion id(s) {absent} of 'lesion_classes' appear on no slice of 'lesions'")
     if case.spacing.shape != (2,) or not np.all(case.spacing > 0):
         fail(f"'spacing' must be 2 positive numbers (mm), got {case.spacing.tolist()}")
     for name in ("t2w", "adc"):
@@ -152,6 +155,10 @@ def read_case(path: str | Path) -> CasePredictions:
     except (OSError, ValueError, zipfile.BadZipFile) as error:
         if isinstance(error, PredictionsError):
             raise
+        if "allow_pickle" in str(error):  # not a zip: numpy took it for a pickle
+            raise PredictionsError(
+                f"{path}: not a valid predictions .npz file (not a zip archive of arrays)"
+            ) from error
         raise PredictionsError(f"{path}: not a readable .npz file ({error})") from error
     patient_id = arrays["patient_id"]
     if patient_id.ndim != 0 or patient_id.dtype.kind not in "US":
@@ -206,13 +213,16 @@ def list_cases(directory: str | Path, case_ids: Sequence[str] | None = None) -> 
     """`<case_id>.npz` files of a predictions folder, sorted by case id.
 
     With `case_ids`, exactly those cases, and an error naming every listed case without a file;
-    without, every `*.npz` of the folder (an error when there is none).
+    without, every `*.npz` of the folder (an error when there is none, or when a file name is not
+    a safe case id: `data.case_ids.check_case_id`).
     """
     directory = Path(directory)
     if not directory.is_dir():
         raise PredictionsError(f"{directory}: predictions folder does not exist")
     if case_ids is None:
         paths = sorted(directory.glob("*.npz"))
+        for path in paths:
+            check_case_id(path.stem, f"{directory}", what=f"case id of {path.name}")
         if not paths:
             raise PredictionsError(f"{directory}: no <case_id>.npz prediction files in the folder")
         return paths

@@ -6,7 +6,8 @@ cross-validation folder's fold models (evaluation/ensemble.py), into the contrac
 files that `evaluate_predictions` reads. The store must have been preprocessed with the settings
 that shaped the models' training inputs (every preprocessing setting but how label value 1
 reads); otherwise the models would see inputs unlike their training data, and the evaluation is
-refused naming the settings that differ. Both, with optional flip TTA.
+refused naming the settings that differ. Both, with optional flip TTA; both replace the
+predictions folder whole (made under a temporary name), so no case of an earlier run stays in it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from focalnet_jax.data.atomic_files import replaced_folder
 from focalnet_jax.data.store import StaleStoreError, open_store
 from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation.ensemble import (
@@ -70,8 +72,9 @@ def predict_test_store(
     check_test_store(store, models)
     log.info("predicting all %d cases of %s with %d model(s)", len(store.cases), store_path,
              len(models.runs))  # fmt: skip
-    predict_cases(models, store, store.case_ids, out_dir)
-    write_models(models, out_dir)
+    with replaced_folder(out_dir) as tmp:  # no earlier run's cases left beside these
+        predict_cases(models, store, store.case_ids, tmp)
+        write_models(models, tmp)
     return list(store.case_ids)
 
 
@@ -94,8 +97,9 @@ def predict_fold(
             "(--store TEST --all-cases) or evaluate each fold run"
         )
     models = load_ensemble(workdir, step=step, batch_size=batch_size, tta=tta)
-    cases = predict_validation_fold(
-        workdir, out_dir, store_path=store_path, batch_size=batch_size, predictor=models
-    )
-    write_models(models, out_dir)
+    with replaced_folder(out_dir) as tmp:  # no earlier run's cases left beside these
+        cases = predict_validation_fold(
+            workdir, tmp, store_path=store_path, batch_size=batch_size, predictor=models
+        )
+        write_models(models, tmp)
     return cases

@@ -15,6 +15,7 @@ aside (`focalnet_jax.training.checkpoint.resume`).
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import jax
@@ -117,10 +118,20 @@ def make_manager(
     """Orbax manager for `workdir/checkpoints`, keeping the latest `keep` steps (None = all);
     `read_only` creates and deletes nothing."""
     directory = (Path(workdir) / CHECKPOINT_DIR).resolve()
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=not read_only, read_only=read_only
-    )
-    return ocp.CheckpointManager(directory, options=options)
+    # Read-only: the saving options are off (Orbax would warn while turning each one off).
+    saving = {"max_to_keep": keep, "create": True}
+    if read_only:
+        saving = {"max_to_keep": None, "create": False, "save_interval_steps": 0}
+    options = ocp.CheckpointManagerOptions(read_only=read_only, **saving)
+    if not read_only:
+        return ocp.CheckpointManager(directory, options=options)
+    absl_log = logging.getLogger("absl")  # Orbax's "Given directory is read only" warning
+    level = absl_log.level
+    absl_log.setLevel(logging.ERROR)
+    try:
+        return ocp.CheckpointManager(directory, options=options)
+    finally:
+        absl_log.setLevel(level)
 
 
 def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = None):

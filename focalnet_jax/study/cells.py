@@ -36,6 +36,17 @@ METRICS_JSON = Path("eval") / "metrics.json"
 PREDICTIONS = Path("eval") / "predictions"
 
 
+def _read_study_file(path: Path) -> dict:
+    """The spec recorded in `path`; a file that is not a JSON object is a `StudyError`."""
+    try:
+        plain = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise StudyError(f"{path}: not a readable study file ({error})") from None
+    if not isinstance(plain, dict):
+        raise StudyError(f"{path}: not a readable study file (expected a JSON object)")
+    return plain
+
+
 @dataclasses.dataclass(frozen=True)
 class Cell:
     """One (arm or ensemble, repeat, fold) of a study."""
@@ -78,25 +89,31 @@ class Study:
         path = Path(root) / STUDY_FILE
         if not path.is_file():
             raise StudyError(f"{root}: not a study folder (no {STUDY_FILE}; run `study run`)")
-        return cls(root, json.loads(path.read_text()))
+        return cls(root, _read_study_file(path))
+
+    @staticmethod
+    def check_recorded(root: str | Path, plain: Mapping) -> bool:
+        """Whether `root` records a study; raises when it records one other than `plain`."""
+        path = Path(root) / STUDY_FILE
+        if not path.is_file():
+            return False
+        recorded = _read_study_file(path)
+        changed = sorted(
+            k
+            for k in set(recorded) | set(plain)
+            if recorded.get(k) != plain.get(k) and k != "spec_file"  # where it was read
+        )
+        if changed:
+            raise StudyError(
+                f"{path}: this folder holds a study with other {changed}; use a new --workdir"
+            )
+        return True
 
     @classmethod
     def create(cls, root: str | Path, plain: Mapping) -> Study:
         """Record `plain` in `root`, or check that it equals the one recorded there."""
-        path = Path(root) / STUDY_FILE
-        if path.is_file():
-            recorded = json.loads(path.read_text())
-            changed = sorted(
-                k
-                for k in set(recorded) | set(plain)
-                if recorded.get(k) != plain.get(k) and k != "spec_file"  # where it was read
-            )
-            if changed:
-                raise StudyError(
-                    f"{path}: this folder holds a study with other {changed}; use a new --workdir"
-                )
-        else:
-            write_json_atomic(dict(plain), path)
+        if not cls.check_recorded(root, plain):
+            write_json_atomic(dict(plain), Path(root) / STUDY_FILE)
         return cls(root, plain)
 
     @property

@@ -61,9 +61,27 @@ def _open_or_create(args: argparse.Namespace) -> Study:
             raise StudyError(f"{args.overrides[0]}: --spec overrides need --spec FILE")
         return Study.open(args.workdir)
     plain = validate(load_spec(args.spec, args.overrides), args.spec)
-    if args.dry_run:
+    if args.dry_run:  # the same check of a recorded spec as a real run, nothing written
+        Study.check_recorded(args.workdir, plain)
         return Study(args.workdir, plain)
     return Study.create(args.workdir, plain)
+
+
+def _check_run_flags(args: argparse.Namespace) -> None:
+    """`study run` flags in range, checked before anything is written."""
+    from focalnet_jax.study.slurm import check_time
+
+    if args.parallel < 1:
+        raise StudyError(f"--parallel {args.parallel}: expected >= 1")
+    if args.devices is not None and not all(d.isdigit() for d in args.devices.split(",")):
+        raise StudyError(
+            f"--devices {args.devices!r}: expected comma-separated GPU ids (integers >= 0)"
+        )
+    for key in ("gpus", "cpus", "throttle"):
+        if getattr(args, key) is not None and getattr(args, key) < 0:
+            raise StudyError(f"--{key} {getattr(args, key)}: expected 0 or more")
+    if args.time is not None:
+        check_time(args.time)
 
 
 def _slurm_options(study: Study, args: argparse.Namespace) -> dict:
@@ -101,6 +119,7 @@ def cell_states(study: Study) -> dict[str, tuple[str, str]]:
 def _run(args: argparse.Namespace) -> int:
     from focalnet_jax.study import local, slurm
 
+    _check_run_flags(args)
     study = _open_or_create(args)
     cells = study.cells()
     states = {name: state for name, (state, _) in cell_states(study).items()}

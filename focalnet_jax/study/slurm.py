@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -25,6 +26,19 @@ from focalnet_jax.study.local import cell_argv
 from focalnet_jax.study.spec import StudyError
 
 JOBS_FILE = "jobs.json"
+# sbatch --time: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS (numbers of any length).
+TIME_FORMAT = re.compile(r"\d+(:\d+){0,2}|\d+-\d+(:\d+){0,2}")
+
+
+def check_time(value: str, source: str = "--time") -> str:
+    """Returns `value` when it is one of SLURM's time limit formats (`TIME_FORMAT`), else raises
+    `StudyError` naming it and the formats."""
+    if value and not TIME_FORMAT.fullmatch(str(value)):
+        raise StudyError(
+            f"{source} {value!r}: expected a SLURM time limit: minutes, MM:SS, HH:MM:SS, D-HH, "
+            "D-HH:MM or D-HH:MM:SS"
+        )
+    return value
 
 
 def sbatch_script(study: Study, tasks_file: Path, num_tasks: int, options: Mapping) -> str:
@@ -41,6 +55,7 @@ def sbatch_script(study: Study, tasks_file: Path, num_tasks: int, options: Mappi
     if options.get("partition"):
         lines.append(f"#SBATCH --partition={options['partition']}")
     if options.get("time"):
+        check_time(options["time"], "slurm time")
         lines.append(f"#SBATCH --time={options['time']}")
     if int(options.get("gpus") or 0):
         lines.append(f"#SBATCH --gpus-per-task={int(options['gpus'])}")

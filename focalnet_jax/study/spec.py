@@ -34,7 +34,7 @@ from focalnet_jax.errors import UserError
 from focalnet_jax.run import RunSpec
 
 SPEC_PREFIX = "--spec."
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")  # a folder name and a ConfigDict key
 RESERVED = ("report", "slurm", "compilation_cache")
 # Set by the study for every cell; an arm or `common` setting them would break the design.
 STUDY_KEYS = ("seed", "data.store", "data.fold", "data.num_folds")
@@ -79,7 +79,13 @@ def load_spec(path: str, overrides: Sequence[str] = ()) -> ml_collections.Config
     try:
         loaded = get_config_from_file(path, kind="spec")
     except (FileNotFoundError, UserError) as error:
-        raise StudyError(str(error)) from None
+        # ConfigDict refuses a key with a dot, e.g. an arm '../x'
+        dotted = re.search(r"the key (.+) contains one", str(error))
+        if dotted is None:
+            raise StudyError(str(error)) from None
+        raise StudyError(
+            f"spec {path}: name {dotted.group(1)!r}: expected letters, digits, '_', '-' (no dots)"
+        ) from None
     spec = defaults()
     for key, value in loaded.items():
         if isinstance(value, ml_collections.ConfigDict) and key in ("evaluate", "slurm"):
@@ -136,7 +142,7 @@ def _plain(value):
 def _check_name(kind: str, name: str) -> None:
     if not NAME.match(name) or name in RESERVED:
         raise StudyError(
-            f"{kind} {name!r}: expected letters, digits, '.', '_', '-' (not {list(RESERVED)})"
+            f"{kind} {name!r}: expected letters, digits, '_', '-' (not {list(RESERVED)})"
         )
 
 

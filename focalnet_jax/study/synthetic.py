@@ -65,7 +65,9 @@ def synthetic_store(
     output is already there, and a store of an older format is rebuilt. Returns the store."""
     data, store = out / "data", out / "store"
     if not (data / "marksheet.csv").is_file():
+        # No marksheet: nothing there, or an incomplete dataset to replace.
         synth = ["synth", "--out", str(data), "--cases", str(cases), "--seed", str(seed)]
+        synth.append("--overwrite")
         if single_share is not None:
             synth += ["--t2w-only-share", str(single_share), "--adc-only-share", str(single_share)]
         focalnet(synth)

@@ -1,0 +1,77 @@
+"""Checks of the flags of `focalnet evaluate`, `predict` and `summarize` made before any model is
+loaded or any file written: numbers in range, input modes not mixed, output folders that can be
+created. Each failure is a `UserError` naming the flag, the value and the reason."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from focalnet_jax.errors import UserError
+
+ONE_EXAM_FLAGS = ("t2w", "adc", "hbv", "mask", "center")
+MANY_EXAM_FLAGS = ("images", "masks", "manifest")
+
+
+def check_output_folder(path: Path | None, flag: str = "--out") -> None:
+    """Raises when `path` or a folder above it exists as something other than a folder."""
+    if path is None:
+        return
+    for where in (path, *path.parents):
+        if where.exists():
+            if not where.is_dir():
+                raise UserError(f"{flag} {path}: {where} exists and is not a folder")
+            return
+
+
+def _check_batch_size(args: argparse.Namespace) -> None:
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size}: expected at least 1")
+
+
+def check_evaluate_flags(args: argparse.Namespace) -> None:
+    """`focalnet evaluate`: batch size, hit radius, score floor, bootstraps, the output folder."""
+    _check_batch_size(args)
+    if not args.radius_mm > 0:
+        raise UserError(f"--radius-mm {args.radius_mm}: expected a positive distance in mm")
+    if not 0 <= args.min_score <= 1:
+        raise UserError(f"--min-score {args.min_score}: expected a probability in [0, 1]")
+    if args.picai_bootstraps < 0:
+        raise UserError(f"--picai-bootstraps {args.picai_bootstraps}: expected 0 or more")
+    default_out = args.workdir / "eval" if args.workdir is not None else None
+    check_output_folder(args.out or default_out)
+
+
+def check_predict_flags(args: argparse.Namespace) -> None:
+    """`focalnet predict`: batch size, one exam or many (not both), the output folder."""
+    _check_batch_size(args)
+    if args.layout is not None:
+        mixed = [f for f in ONE_EXAM_FLAGS if getattr(args, f)]
+        if mixed:
+            raise UserError(
+                f"--{mixed[0]} is for one exam; --layout {args.layout} reads its exams from "
+                f"{'--images' if args.layout == 'picai' else '--manifest'}"
+            )
+        other = "manifest" if args.layout == "picai" else "images"
+        if getattr(args, other) is not None or (args.layout == "manifest" and args.masks):
+            flag = other if getattr(args, other) is not None else "masks"
+            raise UserError(f"--{flag} does not go with --layout {args.layout}")
+    else:
+        mixed = [f for f in MANY_EXAM_FLAGS if getattr(args, f) is not None]
+        if mixed:
+            raise UserError(f"--{mixed[0]} needs --layout (many exams); one exam is --t2w/--adc")
+    check_output_folder(args.out)
+
+
+def parse_runs(items: list[str]) -> dict[str, Path]:
+    """`summarize --runs NAME=DIR ...` -> {name: folder}; a malformed item or a repeated name is an
+    error."""
+    runs: dict[str, Path] = {}
+    for item in items:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            raise UserError(f"--runs expects NAME=DIR, got {item!r}")
+        if name in runs:
+            raise UserError(f"--runs names {name!r} twice ({runs[name]} and {folder})")
+        runs[name] = Path(folder)
+    return runs

@@ -1,0 +1,196 @@
+"""Bad data-command input is one line on stderr (from Python or from SimpleITK) naming the case,
+the file and the reason, exit status 2, and leaves nothing half-written."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from focalnet_jax.cli import main
+from focalnet_jax.data.io import read_image
+from focalnet_jax.data.layouts import discover_picai, write_manifest
+from focalnet_jax.data.store import open_store
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    assert main(["synth", "--out", str(root), "--cases", "2", "--seed", "1", "--small"]) == 0
+    return root
+
+
+@pytest.fixture(scope="module")
+def store(dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("stores") / "store"
+    assert main([*_picai(dataset, out), "--labels", str(dataset / "labels")]) == 0
+    return out
+
+
+def _picai(root, out, images=None):
+    images = images or root / "images"
+    return ["preprocess", "--layout", "picai", "--images", str(images), "--out", str(out)]
+
+
+def _user_error(capfd, argv) -> str:
+    """Runs the CLI expecting a user error: exit status 2 and exactly one line on stderr (file
+    descriptor 2, so SimpleITK's own output counts; the progress bar aside), which is returned."""
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as raised:
+        main(argv)
+    err = re.sub(r"(\rpreprocess:[^\r\n]*)+\n", "", capfd.readouterr().err)  # progress bar
+    assert raised.value.code == 2, err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err.strip()
+
+
+def test_picai_without_labels_needs_unlabelled(dataset, tmp_path, capfd):
+    out = tmp_path / "store"
+    err = _user_error(capfd, _picai(dataset, out))
+    assert "no --labels folder" in err and "--unlabelled negative" in err
+    assert not out.exists()
+    err = _user_error(capfd, [*_picai(dataset, out), "--labels", str(tmp_path / "nowhere")])
+    assert err.endswith(f"labels folder {tmp_path / 'nowhere'} does not exist")
+    cases = discover_picai(dataset / "images", unlabelled="negative")
+    assert len(cases) == 2 and all(c.label is None for c in cases)
+
+
+@pytest.mark.parametrize("components", ["adc,t2w", "t2w,adc,adc"])
+def test_components_must_start_with_t2w(dataset, tmp_path, capfd, components):
+    argv = [*_picai(dataset, tmp_path / "s"), "--labels", str(dataset / "labels")]
+    err = _user_error(capfd, [*argv, "--components", components])
+    assert err.endswith(f"components {components!r}: expected t2w first (the reference frame), "
+                        "then distinct others, e.g. 't2w,adc,hbv'")  # fmt: skip
+
+
+def test_case_in_two_patient_folders_or_two_formats(dataset, tmp_path, capfd):
+    images = tmp_path / "images"
+    shutil.copytree(dataset / "images", images)
+    first = images / "10000" / "10000_1000000_t2w.mha"
+    (images / "99999").mkdir()
+    shutil.copy(first, images / "99999" / first.name)
+    argv = [*_picai(dataset, tmp_path / "s", images), "--labels", str(dataset / "labels")]
+    err = _user_error(capfd, argv)
+    adc = images / "10000" / "10000_1000000_adc.mha"  # the case's first file in its first folder
+    assert err.endswith(
+        f"case '10000_1000000': files in two patient folders: {adc} and "
+        f"{images / '99999' / first.name}"
+    )
+    shutil.rmtree(images / "99999")
+    sitk.WriteImage(sitk.ReadImage(str(adc)), str(adc.with_suffix(".nii.gz")))
+    err = _user_error(capfd, argv)
+    assert err.endswith(f"two files for 10000_1000000_adc: {adc} and {adc.with_suffix('.nii.gz')}")
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize(
+    ("centre", "reason"),
+    [
+        (("1", "", "2"), "centre partly given (center_y empty)"),
+        (("1", "nan", "2"), "center_y 'nan' is not a finite number (mm)"),
+        (("inf", "0", "2"), "center_x 'inf' is not a finite number (mm)"),
+    ],
+)
+def test_bad_manifest_centre_names_line_and_column(dataset, tmp_path, capfd, centre, reason):
+    manifest = tmp_path / "cases.csv"
+    write_manifest(discover_picai(dataset / "images", dataset / "labels"), manifest)
+    with manifest.open() as f:
+        rows = list(csv.DictReader(f))
+    rows[1].update(zip(("center_x", "center_y", "center_z"), centre, strict=True))
+    with manifest.open("w", newline="") as f:
+        writer = csv.DictWriter(f, list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    argv = ["preprocess", "--layout", "manifest", "--manifest", str(manifest), "--out", "s"]
+    assert _user_error(capfd, argv).endswith(f"manifest {manifest}, line 3: {reason}")
+
+
+def test_synth_refuses_a_non_empty_out_unless_overwrite(tmp_path, capfd):
+    out = tmp_path / "data"
+    argv = ["synth", "--out", str(out), "--cases", "2", "--seed", "5", "--small"]
+    assert main(argv) == 0
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    assert _user_error(capfd, [*argv[:4], "1", "--seed", "6"]).endswith(
+        f"--out {out} is not empty; pass --overwrite to replace it"
+    )
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    assert main([*argv[:4], "1", "--seed", "6", "--small", "--overwrite"]) == 0
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["10000"]
+    with (out / "marksheet.csv").open() as f:
+        assert [r["patient_id"] for r in csv.DictReader(f)] == ["10000"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no temporary folder left
+    (tmp_path / "file").write_text("x")
+    err = _user_error(capfd, ["synth", "--out", str(tmp_path / "file"), "--cases", "1"])
+    assert err.endswith(f"--out {tmp_path / 'file'} exists and is not a folder")
+
+
+def test_damaged_store_is_one_line(store, tmp_path, capfd):
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy)
+    images = copy / "images.npy"
+    images.write_bytes(images.read_bytes()[:1000])
+    err = _user_error(capfd, ["folds", "--store", str(copy)])
+    assert err.startswith(f"focalnet folds: error: {images}: unreadable or truncated (")
+    table = json.loads((store / "cases.json").read_text())
+    (copy / "cases.json").write_text(json.dumps(table["cases"]))
+    err = _user_error(capfd, ["folds", "--store", str(copy)])
+    assert err.endswith(f"{copy / 'cases.json'}: not a store table (expected an object with "
+                        "('components', 'settings', 'fingerprint', 'cases'))")  # fmt: skip
+    assert len(open_store(store).cases) == 2
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1]"])
+def test_bad_dataset_json_is_one_line(dataset, tmp_path, capfd, content):
+    labels = tmp_path / "labels"
+    shutil.copytree(dataset / "labels", labels)
+    (labels / "dataset.json").write_text(content)
+    err = _user_error(capfd, [*_picai(dataset, tmp_path / "s"), "--labels", str(labels)])
+    assert f"{labels / 'dataset.json'}: " in err
+    assert ("not readable JSON" if content == "{not json" else "expected a JSON object") in err
+
+
+def test_marksheet_folder_and_bad_workers_are_one_line(dataset, tmp_path, capfd):
+    argv = [*_picai(dataset, tmp_path / "s"), "--labels", str(dataset / "labels")]
+    err = _user_error(capfd, [*argv, "--marksheet", str(tmp_path)])
+    assert err.endswith(f"marksheet {tmp_path} is not a file")
+    for workers in ("0", "-2"):
+        err = _user_error(capfd, [*argv, "--workers", workers])
+        assert err.endswith(f"--workers {workers}: expected at least 1")
+
+
+def test_truncated_metaimage_and_empty_dicom_folder_print_nothing_else(dataset, tmp_path, capfd):
+    source = dataset / "images" / "10000" / "10000_1000000_t2w.mha"
+    short = tmp_path / "short.mha"
+    short.write_bytes(source.read_bytes()[:5000])
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "x.dcm").write_text("not DICOM")
+    capfd.readouterr()
+    for path, reason in ((short, "bytes of compressed data, header promises"),
+                         (junk, "folder holds no DICOM series")):  # fmt: skip
+        with pytest.raises(ValueError, match=reason):
+            read_image(path, case="c")
+    assert capfd.readouterr().err == ""  # SimpleITK's own messages are not shown
+    manifest = tmp_path / "cases.csv"  # through the CLI: one line
+    manifest.write_text(f"case_id,patient_id,t2w,adc,label\nc1,p1,{short},{short},{short}\n")
+    argv = ["preprocess", "--layout", "manifest", "--manifest", str(manifest), "--out", "s"]
+    assert "header promises" in _user_error(capfd, argv)
+
+
+def test_unreadable_dicom_slice_is_named(prostatex_case_dir, tmp_path, capfd):
+    folder = tmp_path / "t2w"
+    shutil.copytree(prostatex_case_dir / "t2w", folder)
+    damaged = folder / "1-05.dcm"
+    damaged.write_bytes(damaged.read_bytes()[:1000])
+    capfd.readouterr()
+    with pytest.raises(ValueError) as raised:
+        read_image(folder, case="c")
+    assert str(raised.value).endswith("; not readable as DICOM: 1-05.dcm")
+    assert "missing slice or uneven spacing" in str(raised.value)
+    assert capfd.readouterr().err == ""
+    assert np.isfinite(sitk.GetArrayFromImage(read_image(prostatex_case_dir / "t2w"))).all()
