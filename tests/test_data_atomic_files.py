@@ -41,6 +41,14 @@ def test_replaced_folder_is_all_new_or_all_old(tmp_path):
     assert os.listdir(tmp_path) == ["case1"] and os.listdir(final) == ["new.txt"]
 
 
+def test_a_failed_replaced_folder_removes_the_parents_it_created(tmp_path):
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(RuntimeError), replaced_folder(tmp_path / "kept/new/deeper/out") as tmp:
+        (tmp / "x.txt").write_text("x")
+        raise RuntimeError("killed")
+    assert os.listdir(tmp_path) == ["kept"] and os.listdir(tmp_path / "kept") == []
+
+
 def test_files_moved_in_keep_the_folders_other_files(tmp_path):
     out = tmp_path / "out"
     out.mkdir()

@@ -39,10 +39,13 @@ def write_json_atomic(value, path: str | os.PathLike) -> Path:
 def replaced_folder(path: str | os.PathLike):
     """Yields a new temporary folder beside `path` to fill; when the block ends without an error
     it becomes `path` (an existing `path` is replaced whole, the old one removed after the rename);
-    when it raises, it is removed and `path` stays as it was."""
+    when it raises, it is removed, so are the parent folders it created, and `path` stays as it
+    was."""
     path = Path(path)
+    created = [p for p in (path.parent, *path.parent.parents) if not p.exists()]  # deepest first
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    done = False
     try:
         yield tmp
         tmp.chmod(0o755)
@@ -51,10 +54,14 @@ def replaced_folder(path: str | os.PathLike):
             old = path.with_name(f"{tmp.name}.old")
             os.replace(path, old)
         os.replace(tmp, path)
+        done = True
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        for folder in [] if done else created:
+            with contextlib.suppress(OSError):  # kept where something else was written there
+                folder.rmdir()
 
 
 @contextlib.contextmanager
