@@ -75,20 +75,21 @@ def fingerprint(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
+def flat_settings(settings: dict, prefix: str = "") -> dict:
+    """Nested settings as one level, keys joined by '.': {'a': {'b': 1}} -> {'a.b': 1}."""
+    out = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            out.update(flat_settings(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
 def settings_diff(have: dict, want: dict, names: tuple[str, str]) -> list[str]:
     """'key: <names[0]> a, <names[1]> b' for every setting that differs; nested keys joined by
     '.' (e.g. 'preprocess.adc_range')."""
-
-    def flat(settings: dict, prefix: str = "") -> dict:
-        out = {}
-        for key, value in settings.items():
-            if isinstance(value, dict):
-                out.update(flat(value, f"{prefix}{key}."))
-            else:
-                out[prefix + key] = value
-        return out
-
-    a, b = flat(have), flat(want)
+    a, b = flat_settings(have), flat_settings(want)
     return [
         f"{key}: {names[0]} {a.get(key)!r}, {names[1]} {b.get(key)!r}"
         for key in sorted(set(a) | set(b))

@@ -24,6 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
 
+from focalnet_jax.data.store import flat_settings
 from focalnet_jax.errors import UserError
 from focalnet_jax.run.spec import DATA_AXIS, RunSpec
 
@@ -67,16 +68,6 @@ RESUMABLE_KEYS = (
 )
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def check_resumed_config(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
     """A `UserError` when `config` differs from the run's saved `config.json` in a key outside
     `RESUMABLE_KEYS` (one line: the workdir, each key with its saved and new value); nothing when
@@ -84,7 +75,10 @@ def check_resumed_config(config: ml_collections.ConfigDict, workdir: str | Path)
     path, steps = Path(workdir) / CONFIG_FILE, Path(workdir) / CHECKPOINT_DIR
     if not path.is_file() or not any(p.name.isdigit() for p in steps.glob("*")):
         return
-    saved, new = _flat(json.loads(path.read_text())), _flat(json.loads(config.to_json()))
+    saved, new = (
+        flat_settings(json.loads(path.read_text())),
+        flat_settings(json.loads(config.to_json())),
+    )
     absent = "(absent)"
     changed = [
         f"{key} {saved.get(key, absent)!r} -> {new.get(key, absent)!r}"
