@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from unittest import mock
 
 import jax
 import numpy as np
@@ -28,7 +27,7 @@ from scipy import ndimage
 
 from focalnet_jax.evaluation import matching
 from focalnet_jax.evaluation.froc import froc_analysis
-from focalnet_jax.evaluation.localization import Detections, window_radius
+from focalnet_jax.evaluation.localization import Detections, local_maxima, window_radius
 from focalnet_jax.evaluation.predictions import CasePredictions, list_cases, read_case
 
 GRID, FACTOR, SPACING = 16, 8, (0.625, 0.625)
@@ -80,14 +79,16 @@ def synthetic_case(rng: np.random.Generator, index: int, peaks: int) -> CasePred
     )
 
 
-def froc_numbers(cases) -> dict:
-    summaries = [matching.summarize_case(case) for case in cases]
+def froc_numbers(cases, localize) -> dict:
+    """Detection counts and FROC operating points of `cases` under the rule `localize`."""
+    summaries = [matching.summarize_case(case, localize=localize) for case in cases]
     froc = froc_analysis(summaries)["all"]
     scores = np.concatenate([s.detection_scores for s in summaries])
+    patients = len({case.patient_id for case in cases})
     return {
         "detections": int(scores.size),
         "detections_s1_at_least": {t: int((scores >= float(t)).sum()) for t in THRESHOLDS},
-        "detections_per_patient": scores.size / len(cases),
+        "detections_per_patient": scores.size / patients,
         "fp_at_sensitivity": froc["fp_at_sensitivity"],
         "sensitivity_at_1fp": froc["sensitivity_at_fp"]["1"],
     }
@@ -105,11 +106,11 @@ def main() -> None:
     else:
         rng = np.random.default_rng(args.seed)
         cases = [synthetic_case(rng, i, args.peaks) for i in range(args.patients)]
-    grouped = froc_numbers(cases)
-    with mock.patch.object(matching, "local_maxima", every_window_max_pixel):
-        every_pixel = froc_numbers(cases)
+    grouped = froc_numbers(cases, local_maxima)
+    every_pixel = froc_numbers(cases, every_window_max_pixel)
     if args.predictions:
-        result = {"predictions": args.predictions, "cases": len(cases)}
+        patients = len({case.patient_id for case in cases})
+        result = {"predictions": args.predictions, "cases": len(cases), "patients": patients}
     else:
         result = {"patients": args.patients, "peaks": args.peaks, "seed": args.seed}
     result |= {"one_per_flat_maximum": grouped, "every_window_max_pixel": every_pixel}

@@ -7,9 +7,12 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from PIL import Image
 from test_train_helpers import REPO, TINY, small_synthetic_store
+
+from focalnet_jax.evaluation.predictions import write_case
 
 
 def _run(script: str, *args: str) -> dict:
@@ -123,6 +126,26 @@ def test_flat_maxima_benchmark_counts_each_upsampled_peak_once():
     # interior peak gives 2 x 2 window maxima, a border peak 4 x 2, a corner one 4 x 4.
     assert result["one_per_flat_maximum"]["detections_per_patient"] == 4.0
     assert 4 * 2 + 8 * 2 <= result["every_window_max_pixel"]["detections_per_patient"] <= 4 * 16
+
+
+def test_flat_maxima_benchmark_counts_detections_per_patient_not_per_case(tmp_path):
+    """Two one-slice cases of one patient: 8 detections over one patient, not two."""
+    scores = np.full((1, 64, 64, 5), 1e-4, np.float32)
+    for row, col in ((10, 10), (10, 50), (50, 10), (50, 50)):
+        scores[0, row - 1 : row + 1, col - 1 : col + 1] = 0.6  # a flat top of 2 x 2 pixels
+    lesions = np.zeros((1, 64, 64), np.int32)
+    lesions[0, 8:13, 8:13] = 1
+    for case_id in ("p0_exam1", "p0_exam2"):
+        write_case(
+            tmp_path, case_id, scores=scores, lesions=lesions, lesion_classes=[2],
+            spacing=(0.5, 0.5), patient_id="p0",
+        )  # fmt: skip
+    result = _run("flat_maxima.py", f"--predictions={tmp_path}")
+    assert (result["cases"], result["patients"]) == (2, 1)
+    assert result["one_per_flat_maximum"]["detections"] == 8
+    assert result["one_per_flat_maximum"]["detections_per_patient"] == 8.0
+    # Pixel by pixel every top is 4 window maxima.
+    assert result["every_window_max_pixel"]["detections_per_patient"] == 32.0
 
 
 def test_mfl_scaling_benchmark_reports_ratios_to_the_plain_step_of_the_same_run():

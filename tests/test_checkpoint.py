@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from test_train_helpers import tiny_config
 
+from focalnet_jax.errors import UserError
 from focalnet_jax.run import RunSpec
 from focalnet_jax.run import workdir as workdir_lib
 from focalnet_jax.training import checkpoint, sharding, train_state
@@ -102,5 +103,7 @@ def test_load_for_inference_errors_name_the_workdir(saved, tmp_path):
     config["model"]["width"] = 0.25
     shutil.copytree(workdir / workdir_lib.CHECKPOINT_DIR, other / workdir_lib.CHECKPOINT_DIR)
     (other / workdir_lib.CONFIG_FILE).write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=f"{other}.*does not match the model"):
+    with pytest.raises(UserError) as raised:
         workdir_lib.load_for_inference(other)
+    assert str(raised.value).startswith(f"workdir {other}: checkpoint 4 does not match the model")
+    assert "e.g. batch_stats/backbone/bn1/mean (8,) saved, (16,) wanted;" in str(raised.value)

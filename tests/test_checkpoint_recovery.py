@@ -174,6 +174,31 @@ def test_resume_with_a_model_of_another_shape_names_the_differing_keys(trained, 
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4"]
 
 
+def test_resume_without_config_json_names_the_arrays_that_differ(trained, tmp_path):
+    """Without `config.json` to compare, the checkpoint's own array shapes are checked before
+    Orbax reads them: a one-line error names the step and the first arrays that differ."""
+    workdir = tmp_path / "no_config"
+    shutil.copytree(trained["workdir"], workdir)
+    (workdir / workdir_lib.CONFIG_FILE).unlink()
+    wider = tiny_config(overrides=[*RUN, "--config.model.width=0.25"])
+    with pytest.raises(UserError) as raised:
+        train_and_evaluate(wider, workdir, store=trained["store"])
+    message = str(raised.value)
+    step_dir = (workdir / "checkpoints" / "4").resolve()
+    assert "\n" not in message
+    assert message.startswith(f"checkpoint {step_dir} does not fit the state asked for: ")
+    # Width 0.125 -> 0.25 doubles every channel count; the 3 x 3 ASPP branches read 64 -> 128.
+    assert "params/aspp/branch0/kernel (3, 3, 64, 5) saved, (3, 3, 128, 5) wanted" in message
+    assert message.endswith("train this config in another workdir")
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4"]
+    assert (
+        workdir_lib.state_mismatch(
+            workdir / "checkpoints" / "4", jax.eval_shape(lambda: trained["final"])
+        )
+        is None
+    )
+
+
 @pytest.mark.parametrize(
     "damage, reason",
     [

@@ -68,6 +68,25 @@ def test_components_must_start_with_t2w(dataset, tmp_path, capfd, components):
                         "then distinct others, e.g. 't2w,adc,hbv'")  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    "components, reason",
+    [
+        ("adc,t2w", "expected t2w first (the reference frame), then distinct others, e.g. "
+                    "'t2w,adc,hbv'"),
+        ("t2w,flair", "synthetic cases have only t2w,adc,hbv,dce"),
+    ],
+)  # fmt: skip
+def test_synth_components_are_checked_as_preprocess_checks_them(
+    tmp_path, capfd, components, reason
+):
+    out = tmp_path / "synth"
+    err = _user_error(
+        capfd, ["synth", "--out", str(out), "--cases", "1", "--components", components]
+    )
+    assert err == f"focalnet synth: error: components {components!r}: {reason}"
+    assert not out.exists()
+
+
 def test_case_in_two_patient_folders_or_two_formats(dataset, tmp_path, capfd):
     images = tmp_path / "images"
     shutil.copytree(dataset / "images", images)

@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from focalnet_jax.data.atomic_files import replaced_folder
 from focalnet_jax.data.io import write_image, xyz
+from focalnet_jax.data.layouts import check_components
 from focalnet_jax.data.synth_render import (
     COMPONENTS,
     Grid,
@@ -75,10 +76,10 @@ class SynthConfig:
 
     def __post_init__(self):
         c = tuple(self.components)
-        if not c or c[0] != "t2w" or len(set(c)) != len(c) or not set(c) <= set(COMPONENTS):
+        check_components(c)
+        if not set(c) <= set(COMPONENTS):
             raise ValueError(
-                f"components {','.join(c)!r}: expected t2w first, then distinct ones of "
-                f"{','.join(COMPONENTS[1:])}"
+                f"components {','.join(c)!r}: synthetic cases have only {','.join(COMPONENTS)}"
             )
         shares = (self.t2w_only_share, self.adc_only_share)
         shares += (self.dce_only_share,) if "dce" in c else ()

@@ -123,16 +123,18 @@ def summarize_case(
     min_score: float = MIN_SCORE,
     roc_detections: int = ROC_DETECTIONS,
     slices: str = "all",
+    localize=local_maxima,
 ) -> CaseSummary:
     """Localises, matches and reduces one case (see `CaseSummary`).
 
     `slices='annotated'` keeps only the detections on slices holding a lesion ROI (the paper's
-    validation setting); `'all'` keeps every slice.
+    validation setting); `'all'` keeps every slice. `localize`: the detection rule, a function
+    like `local_maxima` (benchmarks pass former rules to compare).
     """
     if slices not in SLICE_MODES:
         raise ValueError(f"slices={slices!r}: expected one of {SLICE_MODES}")
     num_lesions = int(case.lesion_classes.size)
-    detections = local_maxima(case.scores, case.spacing, radius_mm=radius_mm, min_score=min_score)
+    detections = localize(case.scores, case.spacing, radius_mm=radius_mm, min_score=min_score)
     num_slices = case.lesions.shape[0]
     if slices == "annotated":
         annotated = (case.lesions > 0).any(axis=(1, 2))

@@ -44,6 +44,15 @@ class UnreadableCheckpointError(UserError):
         super().__init__(f"checkpoint {step_dir} is unreadable: {reason}")
 
 
+class CheckpointMismatchError(UserError):
+    """An intact checkpoint step whose arrays do not fit the state asked for (another model or
+    optimiser): the message names the step folder and the first arrays that differ."""
+
+    def __init__(self, step_dir: Path, reason: str):
+        self.step_dir, self.reason = Path(step_dir), reason
+        super().__init__(f"checkpoint {step_dir} does not fit the state asked for: {reason}")
+
+
 def save_config(config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
     """Write the resolved config as `workdir/config.json` (process 0 only); returns the path."""
     path = Path(workdir) / CONFIG_FILE
@@ -132,8 +141,8 @@ def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = N
     """Restore into `abstract_state` (ShapeDtypeStructs with shardings): arrays land placed.
 
     `step=None` = the latest. Returns None when the manager has no checkpoint. Raises
-    `UnreadableCheckpointError` when the step's files are damaged; other failures (e.g. a state
-    of another shape) propagate unchanged.
+    `UnreadableCheckpointError` when the step's files are damaged, `CheckpointMismatchError` when
+    they hold arrays of other names or shapes than `abstract_state` (another model).
     """
     step = manager.latest_step() if step is None else step
     if step is None:
@@ -143,6 +152,9 @@ def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = N
     # way leaves its background I/O threads to fail noisily when the interpreter exits.
     if damage := find_damage(step_dir):
         raise UnreadableCheckpointError(step_dir, damage)
+    # Checked before Orbax reads: its failed reads would also leave threads failing at exit.
+    if mismatch := state_mismatch(step_dir, abstract_state):
+        raise CheckpointMismatchError(step_dir, mismatch)
     try:
         return manager.restore(int(step), args=ocp.args.StandardRestore(abstract_state))
     except Exception as error:
@@ -150,6 +162,40 @@ def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = N
         if damage is None:
             raise
         raise UnreadableCheckpointError(step_dir, damage) from error
+
+
+def _leaf_name(path) -> str:
+    """`params/backbone/conv1/kernel`: a pytree path without the kinds of its keys (a saved dict
+    and the dataclass or named tuple it came from give the same name)."""
+    return "/".join(
+        str(next(getattr(k, a) for a in ("key", "name", "idx") if hasattr(k, a))) for k in path
+    )
+
+
+def state_mismatch(step_dir: str | Path, abstract_state, shown: int = 3) -> str | None:
+    """How the arrays saved in the intact step folder `step_dir` differ from `abstract_state`'s
+    (leaf names and shapes; None when they fit): the counts and the first `shown` differences."""
+    absl_log = logging.getLogger("absl")  # Orbax warns that the item has no step metadata file
+    level = absl_log.level
+    absl_log.setLevel(logging.ERROR)
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            saved_tree = checkpointer.metadata(Path(step_dir) / ITEM_DIR).item_metadata
+    finally:
+        absl_log.setLevel(level)
+    leaves = jax.tree_util.tree_leaves_with_path
+    saved = {_leaf_name(p): tuple(leaf.shape) for p, leaf in leaves(saved_tree)}
+    wanted = {_leaf_name(p): tuple(leaf.shape) for p, leaf in leaves(abstract_state)}
+    differences = [
+        f"{name} {saved.get(name, '(absent)')} saved, {wanted.get(name, '(absent)')} wanted"
+        for name in [*wanted, *(name for name in saved if name not in wanted)]  # tree order
+        if saved.get(name) != wanted.get(name)
+    ]
+    if not differences:
+        return None
+    return f"{len(differences)} of {len(wanted)} arrays differ in name or shape, e.g. " + "; ".join(
+        differences[:shown]
+    )
 
 
 def find_damage(step_dir: str | Path) -> str | None:
@@ -251,8 +297,8 @@ def load_for_inference(workdir: str | Path, step: int | None = None):
 
     Raises FileNotFoundError naming the workdir when it has no config or no checkpoint (or not the
     step asked for), `UnreadableCheckpointError` naming the step folder, file and reason when the
-    step's files are damaged, ValueError when the checkpoint does not fit the model its config
-    describes.
+    step's files are damaged, a `UserError` naming the differing arrays when the checkpoint does not
+    fit the model its config describes.
     """
     workdir = Path(workdir)
     config = read_config(workdir)
@@ -269,12 +315,11 @@ def load_for_inference(workdir: str | Path, step: int | None = None):
             raise FileNotFoundError(f"workdir {workdir}: no checkpoint at step {step}; has {steps}")
         try:
             state = restore(manager, _abstract_checkpoint(spec), step)
-        except UnreadableCheckpointError:
-            raise
-        except (ValueError, KeyError, TypeError) as error:
+        except CheckpointMismatchError as error:
             raise UserError(
-                f"workdir {workdir}: checkpoint does not match the model of its {CONFIG_FILE} "
-                f"({config.model.name}, depth {config.model.depth}): {error}"
+                f"workdir {workdir}: checkpoint {error.step_dir.name} does not match the model of "
+                f"its {CONFIG_FILE} ({config.model.name}, depth {config.model.depth}): "
+                f"{error.reason}"
             ) from error
     finally:
         manager.close()

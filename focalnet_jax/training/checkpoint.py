@@ -20,8 +20,9 @@ import jax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
+from focalnet_jax.errors import UserError
 from focalnet_jax.run import RunSpec
-from focalnet_jax.run.workdir import UnreadableCheckpointError, restore
+from focalnet_jax.run.workdir import CheckpointMismatchError, UnreadableCheckpointError, restore
 from focalnet_jax.training import train_state
 
 CORRUPT_PREFIX = "corrupt-"
@@ -90,8 +91,18 @@ def resume_or_initialize(
     spec: RunSpec, manager: ocp.CheckpointManager, mesh: Mesh, init_key: jax.Array
 ) -> train_state.TrainState:
     """The state a run starts from: its newest intact checkpoint (`resume`), else the pretrained
-    backbone of `model.pretrained`, else `model.init(init_key)`; replicated over `mesh`."""
-    state = resume(manager, train_state.abstract_train_state(spec, mesh))
+    backbone of `model.pretrained`, else `model.init(init_key)`; replicated over `mesh`.
+
+    A `UserError` when the newest intact checkpoint holds another model or optimiser state (a
+    workdir whose `config.json` was lost or replaced; `workdir.check_resumed_config` catches the
+    others before)."""
+    try:
+        state = resume(manager, train_state.abstract_train_state(spec, mesh))
+    except CheckpointMismatchError as error:
+        raise UserError(
+            f"{error}; a resumed run trains the state it saved: train this config in another "
+            "workdir"
+        ) from error
     if state is not None:
         return state
     variables = None
