@@ -3,7 +3,8 @@
 #   1. benchmarks/fold_time.py --config configs/focalnet.py --config.model.dtype=bfloat16
 #      --max-steps 2000 (projects the paper's fold: 200 epochs of ~1400 slices, batch 16);
 #   2. benchmarks/train_step.py on the paper's model (configs/focalnet.py), FL and FL+MFL select,
-#      in bfloat16 and in float32;
+#      in bfloat16 (with 3 steps of each traced by jax.profiler: where the step's time goes) and
+#      in float32;
 #   3. benchmarks/mfl_scaling.py on the paper's model with four components, 2 and 14 subsets,
 #      select mode (the default), against the plain step of the same run;
 #   4. benchmarks/inference.py --config configs/focalnet.py --models 5 (seconds per patient).
@@ -32,7 +33,7 @@ if [[ ${QUICK:-0} == 1 ]]; then
 else
   tiny=() size=() steps=(--steps 20)
   fold=(--max-steps 2000 --cases 24 --out "${TMPDIR:-/tmp}/fold_time_data")
-  limits=(170 100 100 140 70) rounds=() repeats=()
+  limits=(170 110 100 130 70) rounds=() repeats=()
 fi
 status=0
 run() {  # name limit_s script args...
@@ -50,7 +51,8 @@ run() {  # name limit_s script args...
 run fold_time_bfloat16 "${limits[0]}" benchmarks/fold_time.py --config configs/focalnet.py \
   --config.model.dtype=bfloat16 "${fold[@]}" "${tiny[@]}"
 run train_step_bfloat16 "${limits[1]}" benchmarks/train_step.py --config configs/focalnet.py \
-  --kinds fl,fl_mfl_select --config.model.dtype=bfloat16 "${steps[@]}" "${size[@]}" "${tiny[@]}"
+  --kinds fl,fl_mfl_select --config.model.dtype=bfloat16 --profile-steps 3 "${steps[@]}" \
+  "${size[@]}" "${tiny[@]}"
 run train_step_float32 "${limits[2]}" benchmarks/train_step.py --config configs/focalnet.py \
   --kinds fl,fl_mfl_select --config.model.dtype=float32 "${steps[@]}" "${size[@]}" "${tiny[@]}"
 run mfl_scaling "${limits[3]}" benchmarks/mfl_scaling.py --config configs/focalnet.py \

@@ -6,10 +6,12 @@
 Prints one JSON line: per step kind, images/s, step time, compile time and peak device memory
 (`device.memory_stats()['peak_bytes_in_use']`, null where the backend has none), the MFL/FL
 step-time ratios, and the device kind. Inputs are random slices of the store's size (128 x 128)
-with square lesions, so no store is needed. Each step is compiled once (`lower().compile()`, timed),
-run once to warm up, then timed over `--steps` steps with `block_until_ready`. FLOPs per step are
-XLA's count for the lowered step (`Lowered.cost_analysis()`), so `tflops_per_s` is the achieved
-arithmetic rate.
+with square lesions, so no store is needed. Each step is compiled once (`lower().compile()`,
+timed), run once to warm up, then timed over `--steps` steps with `block_until_ready`. FLOPs per
+step are XLA's count for the lowered step (`Lowered.cost_analysis()`), so `tflops_per_s` is the
+achieved arithmetic rate. With `--profile-steps N`, N more steps of each kind are traced with
+`jax.profiler`: `profile` holds the ops that took longest, and the time per kind of op
+(`profile_summary.py`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import result_line  # benchmarks/result_line.py (the script directory)
+import profile_summary  # benchmarks/profile_summary.py (the script directory)
+import result_line
 
 from focalnet_jax.config_loading import load_config
 from focalnet_jax.run import RunSpec
@@ -54,8 +57,9 @@ def _peak_memory() -> int | None:
     return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
 
 
-def measure(config, *, steps: int, size: int) -> dict:
-    """Compile, warm up and time `steps` train steps of `config` on one random batch."""
+def measure(config, *, steps: int, size: int, profile_steps: int = 0) -> dict:
+    """Compile, warm up and time `steps` train steps of `config` on one random batch; then, with
+    `profile_steps`, trace that many more and add where their time goes (`profile`)."""
     spec = RunSpec.from_config(config, image_size=(size, size))
     mesh = sharding.make_mesh()
     state = train_state.create_train_state(spec, jax.random.key(0), mesh)
@@ -76,7 +80,7 @@ def measure(config, *, steps: int, size: int) -> dict:
         state, metrics = compiled(state, batch, key, lam)
     jax.block_until_ready((state, metrics))
     step_time = (time.perf_counter() - start) / steps
-    return {
+    result = {
         "images_per_s": config.train.batch_size / step_time,
         "step_time_s": step_time,
         "compile_time_s": compile_time,
@@ -85,6 +89,20 @@ def measure(config, *, steps: int, size: int) -> dict:
         "peak_memory_bytes": _peak_memory(),
         "final_loss": float(metrics["loss"]),
     }
+    if profile_steps:
+
+        def one_step():
+            nonlocal state
+            state, step_metrics = compiled(state, batch, key, lam)
+            return step_metrics
+
+        try:  # a profiler that cannot trace here (e.g. no CUPTI) leaves the timings standing
+            result["profile"] = profile_summary.profile(
+                one_step, profile_steps, hlo_text=compiled.as_text()
+            )
+        except Exception as error:
+            result["profile"] = {"error": f"{type(error).__name__}: {error}"}
+    return result
 
 
 def main(argv=None) -> None:
@@ -97,7 +115,15 @@ def main(argv=None) -> None:
         default=",".join(KINDS),
         help=f"comma-separated step kinds to time, of {','.join(KINDS)} (ratios need fl)",
     )
+    parser.add_argument(
+        "--profile-steps",
+        type=int,
+        default=0,
+        help="after timing, trace this many steps of each kind: its slowest ops (`profile`)",
+    )
     args, overrides = parser.parse_known_args(argv)
+    if args.profile_steps < 0:
+        parser.error(f"--profile-steps: expected 0 or more, got {args.profile_steps}")
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     unknown = sorted(set(kinds) - set(KINDS))
     if unknown or not kinds:
@@ -105,7 +131,9 @@ def main(argv=None) -> None:
     result = {"config": args.config, "overrides": overrides}
     for kind in kinds:
         config = load_config(args.config, [*overrides, *KINDS[kind]])
-        result[kind] = measure(config, steps=args.steps, size=args.size)
+        result[kind] = measure(
+            config, steps=args.steps, size=args.size, profile_steps=args.profile_steps
+        )
     for kind in ("fl_mfl_vmap", "fl_mfl_select"):
         if "fl" in result and kind in result:
             ratio = result[kind]["step_time_s"] / result["fl"]["step_time_s"]

@@ -3,16 +3,30 @@ checked here: speed targets live in the benchmarks, not in tests)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
 from test_train_helpers import REPO, TINY, small_synthetic_store
 
 from focalnet_jax.evaluation.predictions import write_case
+
+
+def _benchmark_module(name: str):
+    """A module of benchmarks/ (they import each other from the script directory)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+profile_summary = _benchmark_module("profile_summary")
 
 
 def _run(script: str, *args: str) -> dict:
@@ -41,6 +55,7 @@ def test_train_step_benchmark_times_the_chosen_kinds():
         "--kinds=fl,fl_mfl_select",
         "--steps=1",
         "--size=32",
+        "--profile-steps=2",
         *TINY,
     )
     assert {"fl", "fl_mfl_select"} <= set(result) and "fl_mfl_vmap" not in result
@@ -54,6 +69,169 @@ def test_train_step_benchmark_times_the_chosen_kinds():
         )
     assert result["model"] == "deeplab-18 width 0.125 OS 16 float32"
     assert result["platform"] == "cpu" and result["batch_size"] == 4
+    for kind in ("fl", "fl_mfl_select"):
+        profile = result[kind]["profile"]
+        assert (profile["source"], profile["calls"]) == ("host", 2)
+        # The convolutions of the step are among its ops; op times are per call and add up.
+        assert profile["by_kind"]["convolution"]["ms_per_call"] > 0
+        assert sum(k["ms_per_call"] for k in profile["by_kind"].values()) == pytest.approx(
+            profile["op_ms_per_call"]
+        )
+        top = [op["ms_per_call"] for op in profile["top_ops"]]
+        assert len(top) == 15 and top == sorted(top, reverse=True)
+    # MFL select runs the network more often than FL alone: more op time per step.
+    assert (
+        result["fl_mfl_select"]["profile"]["op_ms_per_call"]
+        > result["fl"]["profile"]["op_ms_per_call"]
+    )
+
+
+def _device_trace(xla_ops_line: str = "") -> str:
+    """An XSpace (text proto) as a GPU trace has it: kernels on a stream line, each with the
+    annotation of the HLO op that launched it; a host plane beside it. Times in picoseconds."""
+    kernel = (
+        "events {{ metadata_id: {m} offset_ps: {start} duration_ps: {length} "
+        'stats {{ metadata_id: 10 str_value: "{annotation}" }} }}'
+    )
+    kernels = [
+        (1, 0, 3_000_000, "Thunk:#hlo_op=fusion.1,hlo_module=jit_step#"),  # 3 us
+        (2, 4_000_000, 1_000_000, "Thunk:#hlo_op=fusion.1,hlo_module=jit_step#"),  # 1 us
+        (3, 6_000_000, 4_000_000, "jit_step::Thunk:#hlo_op=custom-call.7#"),  # 4 us, a conv
+        (4, 11_000_000, 2_000_000, "Thunk:#hlo_op=copy.3#"),  # 2 us
+    ]
+    events = "\n".join(
+        kernel.format(m=m, start=t, length=d, annotation=a) for m, t, d, a in kernels
+    )
+    names = ["void fusion_kernel", "void fusion_kernel", "sm90_xmma_fprop_implicit_gemm", "copy"]
+    metadata = "\n".join(
+        f'event_metadata {{ key: {i} value {{ id: {i} name: "{n}" }} }}'
+        for i, n in enumerate(names, 1)
+    )
+    return f"""
+planes {{
+  id: 1
+  name: "/device:GPU:0"
+  lines {{ id: 1 name: "Stream #7(compute)" timestamp_ns: 1000
+{events}
+  }}
+  {xla_ops_line}
+  {metadata}
+  event_metadata {{ key: 9 value {{ id: 9 name: "fusion.9" }} }}
+  stat_metadata {{ key: 10 value {{ id: 10 name: "annotation" }} }}
+}}
+planes {{
+  id: 2
+  name: "/host:CPU"
+  lines {{ id: 1 name: "tf_XLAEigen/1" timestamp_ns: 0
+    events {{ metadata_id: 1 offset_ps: 0 duration_ps: 50000000 }}
+  }}
+  event_metadata {{ key: 1 value {{ id: 1 name: "fusion.1" }} }}
+}}
+"""
+
+
+def test_profile_summary_groups_device_kernels_by_their_hlo_op():
+    space = jax.profiler.ProfileData.from_text_proto(_device_trace())
+    summary = profile_summary.summarize(space, calls=2, top=2)
+    # 10 us of kernels over 2 calls; the host plane (a 50 us event) is not counted.
+    assert summary["source"] == "device" and summary["ops"] == 3
+    assert summary["op_ms_per_call"] == pytest.approx(0.005)
+    assert summary["top_ops"] == [
+        {"op": "fusion.1", "kind": "fusion", "ms_per_call": 0.002, "share": 0.4,
+         "count_per_call": 1.0},
+        {"op": "custom-call.7", "kind": "convolution", "ms_per_call": 0.002, "share": 0.4,
+         "count_per_call": 0.5},
+    ]  # fmt: skip
+    assert summary["by_kind"]["copy/transpose"] == {"ms_per_call": 0.001, "share": 0.2}
+    # cuDNN's convolution is a custom call: its kind comes from the kernel's name.
+    assert summary["by_kind"]["convolution"] == {"ms_per_call": 0.002, "share": 0.4}
+    # Where the profiler derived an `XLA Ops` line, only its events count.
+    xla_ops = (
+        'lines { id: 2 name: "XLA Ops" timestamp_ns: 1000 '
+        "events { metadata_id: 9 offset_ps: 0 duration_ps: 8000000 } }"
+    )
+    space = jax.profiler.ProfileData.from_text_proto(_device_trace(xla_ops))
+    summary = profile_summary.summarize(space, calls=1)
+    assert summary["top_ops"] == [
+        {"op": "fusion.9", "kind": "fusion", "ms_per_call": 0.008, "share": 1.0,
+         "count_per_call": 1.0},
+    ]  # fmt: skip
+
+
+HLO_MODULE = """
+HloModule jit_step
+
+%fused_conv (p0: f32[1,8,8,2], p1: f32[3,3,2,4]) -> f32[1,8,8,4] {
+  %p0 = f32[1,8,8,2]{3,2,1,0} parameter(0)
+  %p1 = f32[3,3,2,4]{3,2,1,0} parameter(1)
+  %conv.1 = f32[1,8,8,4] convolution(%p0, %p1), window={size=3x3}, dim_labels=b01f_01io->b01f
+  ROOT %max.2 = f32[1,8,8,4]{3,2,1,0} maximum(%conv.1, %conv.1)
+}
+
+%fused_outer (q0: f32[1,8,8,2], q1: f32[3,3,2,4]) -> f32[1,8,8,4] {
+  %q0 = f32[1,8,8,2]{3,2,1,0} parameter(0)
+  %q1 = f32[3,3,2,4]{3,2,1,0} parameter(1)
+  ROOT %inner = f32[1,8,8,4]{3,2,1,0} fusion(%q0, %q1), kind=kOutput, calls=%fused_conv
+}
+
+%fused_convert (r0: f32[4]) -> bf16[4] {
+  %r0 = f32[4]{0} parameter(0)
+  %t = f32[4]{0} transpose(%r0), dimensions={0}
+  ROOT %convert.3 = bf16[4]{0} convert(%t)
+}
+
+ENTRY %main (a: f32[1,8,8,2], b: f32[3,3,2,4], c: f32[4]) -> (f32[1,8,8,4], bf16[4]) {
+  %a = f32[1,8,8,2]{3,2,1,0} parameter(0)
+  %b = f32[3,3,2,4]{3,2,1,0} parameter(1)
+  %c = f32[4]{0} parameter(2)
+  %ynn_fusion.7 = f32[1,8,8,4]{3,2,1,0} fusion(%a, %b), kind=kCustom, calls=%fused_outer
+  %convert_fusion = bf16[4]{0} fusion(%c), kind=kLoop, calls=%fused_convert
+  %custom-call.9 = (f32[1,8,8,4], u8[0]) custom-call(%a), custom_call_target="__cudnn$convForward"
+  %copy.4 = f32[4]{0} copy(%c)
+  ROOT %tuple = (f32[1,8,8,4]{3,2,1,0}, bf16[4]{0}) tuple(%ynn_fusion.7, %convert_fusion)
+}
+"""
+
+
+def test_hlo_kinds_name_each_op_by_what_it_computes():
+    kinds = profile_summary.hlo_kinds(HLO_MODULE)
+    assert kinds["ynn_fusion.7"] == "convolution"  # a fusion around a fusion holding a conv
+    assert kinds["convert_fusion"] == "fusion"  # `convert` is no convolution; a fused transpose
+    assert kinds["custom-call.9"] == "convolution"  # cuDNN's convolution is a custom call
+    assert kinds["copy.4"] == "copy/transpose" and kinds["tuple"] == "other"
+    # A compiled module of this machine's backend: its convolution is found, under any name.
+    x, w = jnp.ones((1, 8, 8, 2)), jnp.ones((3, 3, 2, 4))
+    conv = lambda x, w: jax.nn.relu(
+        jax.lax.conv_general_dilated(
+            x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+    ).sum()
+    compiled = jax.jit(conv).lower(x, w).compile()
+    assert "convolution" in set(profile_summary.hlo_kinds(compiled.as_text()).values())
+
+
+def test_profile_summary_counts_only_leaf_events():
+    """A while loop's event holds its body's ops: only the ops count."""
+    text = """
+planes {
+  id: 1
+  name: "/device:GPU:0"
+  lines { id: 1 name: "XLA Ops" timestamp_ns: 0
+    events { metadata_id: 1 offset_ps: 0 duration_ps: 10000000 }
+    events { metadata_id: 2 offset_ps: 1000000 duration_ps: 2000000 }
+    events { metadata_id: 2 offset_ps: 5000000 duration_ps: 2000000 }
+    events { metadata_id: 3 offset_ps: 12000000 duration_ps: 1000000 }
+  }
+  event_metadata { key: 1 value { id: 1 name: "while.1" } }
+  event_metadata { key: 2 value { id: 2 name: "convolution.4" } }
+  event_metadata { key: 3 value { id: 3 name: "reduce.2" } }
+}
+"""
+    summary = profile_summary.summarize(jax.profiler.ProfileData.from_text_proto(text), calls=1)
+    assert [(op["op"], op["ms_per_call"]) for op in summary["top_ops"]] == [
+        ("convolution.4", 0.004), ("reduce.2", 0.001),
+    ]  # fmt: skip
+    assert summary["by_kind"]["convolution"]["share"] == pytest.approx(0.8)
 
 
 def test_fold_time_benchmark_projects_the_paper_fold_from_a_short_run(small_store):
@@ -77,7 +255,7 @@ def test_fold_time_benchmark_projects_the_paper_fold_from_a_short_run(small_stor
 
 
 def test_bf16_curves_redraw_a_saved_result(tmp_path):
-    saved = REPO / "benchmarks" / "results" / "bf16_loss_curves_demo_cpu_2026-11-22.json"
+    saved = REPO / "benchmarks" / "results" / "bf16_loss_curves_demo_cpu_2026-12-01.json"
     png = tmp_path / "curves.png"
     result = _run("bf16_loss_curves.py", f"--result={saved}", f"--plot={png}")
     assert result == json.loads(saved.read_text())
