@@ -4,12 +4,14 @@ one process and over 2 processes x 2 devices (subprocesses) equal to one device.
 
 from __future__ import annotations
 
+import io
 import re
 import shutil
 
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_train_helpers import (
     MULTI_DEVICE_ATOL,
@@ -24,6 +26,7 @@ from test_train_helpers import (
 )
 
 from focalnet_jax.errors import UserError
+from focalnet_jax.run import RunSpec
 from focalnet_jax.run import workdir as workdir_lib
 from focalnet_jax.training import train_and_evaluate
 
@@ -151,18 +154,30 @@ def test_resume_keeps_the_saved_config_but_for_the_resumable_keys(runs):
     assert workdir_lib.read_config(runs["root"] / "resumed").train.steps == 20
 
 
-def test_validation_panel_with_a_batch_smaller_than_the_panel(tmp_path):
-    """Batch 2, 6 validation slices: the panel's 4 rows come from the first two batches."""
+@pytest.mark.parametrize(
+    "patients, rows",
+    [(10, 4), (5, 3)],
+    ids=["4_of_6_validation_slices", "all_3_validation_slices"],
+)
+def test_validation_panel_with_a_batch_smaller_than_the_panel(tmp_path, patients, rows):
+    """Batch 2, 3 slices a patient, 5 folds: 2 validation patients (6 slices) fill the panel's 4
+    rows from the first two batches; 1 patient (3 slices, the last batch padded) gives 3 rows."""
     overrides = [
         "--config.train.batch_size=2",
         "--config.train.steps=1",
         "--config.data.slices=all",
     ]
+    store, config = FakeStore(patients=patients), tiny_config(overrides=overrides)
     with fast_compiles():
-        train_and_evaluate(tiny_config(overrides=overrides), tmp_path / "w", store=FakeStore())
+        train_and_evaluate(config, tmp_path / "w", store=store)
     events, _ = _scalars(tmp_path / "w")
     (image,) = events.Images("val/panel")
-    assert (image.step, image.height, image.width) == (1, 32 * 4, 32 * 4)
+    # Columns: the 2 components, the truth and the prediction.
+    assert (image.step, image.height, image.width) == (1, 32 * rows, 32 * 4)
+    val_rows = RunSpec.from_config(config).for_store(store).fold_split(store).val_rows
+    truth = np.asarray(Image.open(io.BytesIO(image.encoded_image_string)))[:, 64:96]
+    expected = np.concatenate(list(store.classes[val_rows[:rows]]))
+    np.testing.assert_array_equal(truth > 0, expected > 0)  # the validation slices, in order
 
 
 @pytest.mark.slow
