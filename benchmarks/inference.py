@@ -1,12 +1,12 @@
-"""Inference speed per patient: one model and an ensemble, without and with preprocessing.
+"""Inference speed per exam: one model and an ensemble, without and with preprocessing.
 
     python benchmarks/inference.py --config configs/focalnet.py [--models 5] [--repeats 10]
         [--tta flip] [--config.k=v ...]
 
 Prints one JSON line. The exam is a synthetic mp-MRI case of 20 T2w slices (384 x 384, 0.5 x 0.5 x
 3 mm; ADC 128 x 84 at 2 x 2 x 3 mm; `focalnet_jax.data.synth`) written as .mha files. Times, each
-the median of `--repeats` patients after one warm-up patient (compilation excluded), in seconds
-per patient (`time_exam`):
+the median of `--repeats` runs on that one exam after one warm-up run (compilation excluded), in
+seconds per exam (`time_exam`):
 - `predict_s`: the models on the preprocessed crop slices (all slices in one batch per model,
   host to device and back included): `Ensemble.__call__`;
 - `with_preprocessing_s`: reading the exam files and `preprocess_case` (resampling to the crop,
@@ -67,10 +67,10 @@ def models(config, count: int, batch_size: int, tta: str):
 
 
 def time_exam(preprocess, ensembles: dict, repeats: int) -> dict:
-    """Median seconds over `repeats` patients, after one warm-up patient. Each repetition reads and
-    preprocesses the exam once and runs every ensemble on those slices, so that `preprocess_s`
-    and each `predict_s` come from the same moments of a shared machine; with preprocessing is
-    their per-repetition sum."""
+    """Median seconds over `repeats` runs on the exam, after one warm-up run. Each repetition
+    reads and preprocesses the exam once and runs every ensemble on those slices, so that
+    `preprocess_s` and each `predict_s` come from the same moments of a shared machine; with
+    preprocessing is their per-repetition sum."""
     times: dict[str, list[float]] = {"preprocess_s": []}
     for name in ensembles:
         times[name] = []
@@ -101,7 +101,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="config file[:arg]")
     parser.add_argument("--models", type=int, default=5, help="ensemble size")
-    parser.add_argument("--repeats", type=int, default=10, help="timed patients (after a warm-up)")
+    parser.add_argument(
+        "--repeats", type=int, default=10, help="timed runs on the exam (after a warm-up)"
+    )
     parser.add_argument("--tta", choices=("none", "flip"), default="none")
     args, overrides = parser.parse_known_args(argv)
     config = load_config(args.config, overrides)

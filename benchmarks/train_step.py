@@ -7,11 +7,14 @@ Prints one JSON line: per step kind, images/s, step time, compile time and peak 
 (`device.memory_stats()['peak_bytes_in_use']`, null where the backend has none), the MFL/FL
 step-time ratios, and the device kind. Inputs are random slices of the store's size (128 x 128)
 with square lesions, so no store is needed. Each step is compiled once (`lower().compile()`,
-timed), run once to warm up, then timed over `--steps` steps with `block_until_ready`. FLOPs per
-step are XLA's count for the lowered step (`Lowered.cost_analysis()`), so `tflops_per_s` is the
-achieved arithmetic rate. With `--profile-steps N`, N more steps of each kind are traced with
-`jax.profiler`: `profile` holds the ops that took longest, and the time per kind of op
-(`profile_summary.py`).
+timed), run once to warm up, then timed over `--steps` steps with `block_until_ready`.
+`images_per_s` is the global batch (all devices) over the step time. `flops_per_device_step` is
+XLA's count for the lowered step (`Lowered.cost_analysis()`), which under `shard_map` is one
+device's program; `flops_per_step` is that times the number of devices (the arithmetic of the
+whole step, the replicated work counted on every device), so `tflops_per_s` is the achieved rate
+of all devices together, like `images_per_s`. With `--profile-steps N`, N more steps of each kind
+are traced with `jax.profiler`: `profile` holds the ops that took longest, and the time per kind
+of op (`profile_summary.py`).
 """
 
 from __future__ import annotations
@@ -70,7 +73,8 @@ def measure(config, *, steps: int, size: int, profile_steps: int = 0) -> dict:
     start = time.perf_counter()
     step = step_lib.make_train_step(spec, mesh)
     lowered = step.lower(state, batch, key, lam)
-    flops = (lowered.cost_analysis() or {}).get("flops")
+    device_flops = (lowered.cost_analysis() or {}).get("flops")
+    flops = device_flops * mesh.size if device_flops else None
     compiled = lowered.compile()
     compile_time = time.perf_counter() - start
     state, metrics = compiled(state, batch, key, lam)
@@ -85,6 +89,7 @@ def measure(config, *, steps: int, size: int, profile_steps: int = 0) -> dict:
         "step_time_s": step_time,
         "compile_time_s": compile_time,
         "flops_per_step": flops,
+        "flops_per_device_step": device_flops,
         "tflops_per_s": flops / step_time / 1e12 if flops else None,
         "peak_memory_bytes": _peak_memory(),
         "final_loss": float(metrics["loss"]),

@@ -234,6 +234,23 @@ planes {
     assert summary["by_kind"]["convolution"]["share"] == pytest.approx(0.8)
 
 
+def test_train_step_flops_count_every_device_like_images_per_s(monkeypatch):
+    """XLA counts one device's program of a sharded step: on 2 devices each holds half the batch,
+    so that count is about half the 1-device one; `flops_per_step` (x 2) is the whole step's
+    arithmetic, as much as on one device plus the replicated work (the update of the weights)."""
+    args = ("--config=configs/focalnet.py", "--kinds=fl", "--steps=1", "--size=32", *TINY)
+    one = _run("train_step.py", *args)["fl"]
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    result = _run("train_step.py", *args)
+    two = result["fl"]
+    assert result["num_devices"] == 2
+    assert one["flops_per_step"] == one["flops_per_device_step"]
+    assert two["flops_per_step"] == 2 * two["flops_per_device_step"]
+    assert 1.0 <= two["flops_per_step"] / one["flops_per_step"] < 1.3
+    assert two["tflops_per_s"] == pytest.approx(two["flops_per_step"] / two["step_time_s"] / 1e12)
+    assert two["images_per_s"] == pytest.approx(4 / two["step_time_s"])
+
+
 def test_fold_time_benchmark_projects_the_paper_fold_from_a_short_run(small_store):
     result = _run(
         "fold_time.py",

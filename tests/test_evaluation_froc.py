@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from fractions import Fraction
 
 import numpy as np
@@ -404,3 +405,39 @@ def test_annotated_slices_keep_only_detections_on_lesion_slices():
     assert (count_patients(everything), count_patients(annotated)) == (2, 1)
     np.testing.assert_allclose(froc_analysis(everything)["all"]["curve"]["fp"], [0, 0.5, 1])
     np.testing.assert_allclose(froc_analysis(annotated)["all"]["curve"]["fp"], [0])
+
+
+def test_lesion_of_unknown_grade_is_clinically_significant_but_in_no_gs_group():
+    # One patient, 64 x 64 slice, 1 mm: lesion 1 GS 3+4 (known) hit at 0.9, lesion 2 csPCa of
+    # unknown grade (PI-CAI label 1, stored as class 2) never hit; one FP at 0.5.
+    # clinically significant: 1 of 2 detected at 0.9; gs_3+4: only lesion 1, detected (1 of 1).
+    # Counted as a 3+4 (before), gs_3+4 would have held 2 lesions and reached only 1/2.
+    case = make_case(
+        "a",
+        "A",
+        (1, 64, 64),
+        boxes=[(0, 10, 14, 10, 14, 2), (0, 40, 44, 40, 44, 2)],
+        peaks=[(0, 12, 12, 0.9), (0, 25, 55, 0.5)],
+    )
+    case = dataclasses.replace(case, lesion_grade_known=np.array([True, False]))
+    froc = froc_analysis([summarize_case(case)])
+    assert froc["clinically_significant"]["num_lesions"] == 2
+    np.testing.assert_allclose(froc["clinically_significant"]["curve"]["sensitivity"], [0.5, 0.5])
+    assert froc["gs_3+4"]["num_lesions"] == 1
+    np.testing.assert_allclose(froc["gs_3+4"]["curve"]["sensitivity"], [1.0, 1.0])
+    assert froc["gs_3+4"]["fp_at_sensitivity"]["0.9"] == 0.0
+    assert [froc[g]["num_lesions"] for g in ("all", "index", "gs_4+3", "gs_8+")] == [2, 1, 0, 0]
+
+
+def test_lesion_grade_known_round_trips_and_defaults_to_known(tmp_path):
+    from focalnet_jax.evaluation.predictions import PredictionsError, read_case, write_case
+
+    case = make_case("a", "A", (1, 16, 16), boxes=[(0, 2, 4, 2, 4, 2), (0, 9, 11, 9, 11, 3)])
+    arrays = {k: getattr(case, k) for k in ("scores", "lesions", "lesion_classes", "spacing")}
+    write_case(tmp_path, "u", patient_id="A", lesion_grade_known=[False, True], **arrays)
+    write_case(tmp_path, "k", patient_id="A", **arrays)
+    assert read_case(tmp_path / "u.npz").grade_known.tolist() == [False, True]
+    assert read_case(tmp_path / "k.npz").lesion_grade_known is None
+    assert read_case(tmp_path / "k.npz").grade_known.tolist() == [True, True]
+    with pytest.raises(PredictionsError, match="unknown grade .* must have class 2"):
+        write_case(tmp_path, "bad", patient_id="A", lesion_grade_known=[True, False], **arrays)

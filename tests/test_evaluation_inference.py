@@ -407,3 +407,25 @@ def test_test_store_with_other_settings_is_a_one_line_error(cv, tmp_path):
                          "--out", tmp_path / "eval"])  # fmt: skip
     assert "['interpolator']" in message and "('linear', 'bspline')" in message
     assert str(other) in message
+
+
+def test_predictions_of_a_store_carry_which_lesion_grades_are_unknown(tmp_path):
+    """A store lesion of unknown grade (class 2, PI-CAI label 1) stays marked in the predictions
+    file, so that the GS groups leave it out."""
+    import jax
+    from test_train_helpers import FakeStore, tiny_config
+
+    from focalnet_jax.evaluation.inference import Predictor, predict_cases
+    from focalnet_jax.evaluation.predictions import read_case
+    from focalnet_jax.run import RunSpec
+
+    store = FakeStore(patients=2, slices=2, size=32)
+    store.case("case001")["lesion_grade_known"] = [False]  # patient 1: class 2
+    store.slice_index = np.tile(np.arange(2, dtype=np.int32), 2)  # source slice of each row
+    spec = RunSpec.from_config(tiny_config(), num_devices=1, image_size=(32, 32))
+    images = np.zeros((1, 32, 32, 2), np.float32)
+    variables = spec.model.init(jax.random.key(0), images, train=False)
+    predictor = Predictor.from_variables(spec, variables, batch_size=2)
+    paths = predict_cases(predictor, store, ["case000", "case001"], tmp_path)
+    known = [read_case(p).grade_known.tolist() for p in paths]
+    assert known == [[True], [False]]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -68,3 +70,22 @@ def test_degenerate_tasks_are_nan_and_curve_runs_corner_to_corner():
     # No detections at all: every task is NaN.
     empty = gs_roc([])
     assert all(np.isnan(empty[task]["auc"]) for task in empty)
+
+
+def test_detections_on_a_lesion_of_unknown_grade_only_count_for_gs_ge_7():
+    # Lesion 1 (slices 0-2, class 2) is csPCa of unknown grade (PI-CAI label 1): a positive of
+    # GS >= 7 (unchanged: 32/36), left out of the three tasks k >= 3.
+    case = dataclasses.replace(
+        thirteen_detections_case(), lesion_grade_known=np.array([False, True, True])
+    )
+    roc = gs_roc([summarize_case(case)])
+    assert roc["gs_ge_7"]["auc"] == pytest.approx(32 / 36)
+    assert roc["gs_ge_7"]["num_unknown_grade"] == 0
+    # GS >= 8: positives 0.7 0.3 0.6 (slices 3-5); negatives six 0.05 (slices 6-11): 18 of 18.
+    # (Taking the unknown grade for 3+4 adds negatives 0.2 0.1 0.3: 26.5 of 27.)
+    for task in ("gs_ge_4+3", "gs_ge_8"):
+        assert roc[task]["auc"] == pytest.approx(1.0)
+        assert (roc[task]["num_positive"], roc[task]["num_negative"]) == (3, 6)
+        assert roc[task]["num_unknown_grade"] == 3
+    # GS >= 9: positive 0.3 (slice 5); negatives 0.4, 0.3 (slices 3, 4), six 0.0: 6.5 of 8.
+    assert roc["gs_ge_9"]["auc"] == pytest.approx(6.5 / 8)

@@ -593,3 +593,47 @@ def test_focalnet_child_writes_where_stdout_is_redirected(capfd):
     out, err = capfd.readouterr()
     assert out == ""
     assert "$ focalnet synth --help" in err and "usage: focalnet synth" in err
+
+
+def test_ensemble_predictions_keep_the_members_unknown_grades(tmp_path):
+    """Member maps 0.2 and 0.6 average to 0.4; the lesion of unknown grade stays marked."""
+    from focalnet_jax.evaluation.predictions import read_case, write_case
+    from focalnet_jax.study.ensembles import average_predictions
+
+    lesions = np.zeros((1, 8, 8), np.int32)
+    lesions[0, 2:4, 2:4] = 1
+    for name, value in (("a", 0.2), ("b", 0.6)):
+        write_case(
+            tmp_path / name,
+            "c1",
+            scores=np.full((1, 8, 8, 5), value, np.float32),
+            lesions=lesions,
+            lesion_classes=[2],
+            lesion_grade_known=[False],
+            spacing=(1.0, 1.0),
+            patient_id="p1",
+        )
+    assert average_predictions([tmp_path / "a", tmp_path / "b"], tmp_path / "mean") == 1
+    case = read_case(tmp_path / "mean" / "c1.npz")
+    np.testing.assert_allclose(case.scores, 0.4, rtol=1e-6)
+    assert case.grade_known.tolist() == [False]
+
+
+def test_froc_band_leaves_out_runs_without_a_lesion_of_the_group(tmp_path):
+    """Two runs of arm a: one with 2 csPCa lesions (S = 0.5 from FP 0, 1 from FP 0.5), one
+    whose fold has none (null sensitivities): the band is the first run alone (n=1)."""
+    from focalnet_jax.evaluation.froc import sensitivity_at
+    from focalnet_jax.study import figures
+    from focalnet_jax.study.report import froc_curves
+
+    def metrics(num_lesions, sensitivity):
+        curve = {"fp": [0.0, 0.5], "sensitivity": sensitivity}
+        return {"froc": {"clinically_significant": {"num_lesions": num_lesions, "curve": curve}}}
+
+    rows = [{"arm": "a"}, {"arm": "a"}]
+    runs = [metrics(2, [0.5, 1.0]), metrics(0, [None, None])]
+    curves = froc_curves(rows, runs, "clinically_significant")
+    assert curves == {"a": [([0.0, 0.5], [0.5, 1.0])]}
+    fp, sens = (np.asarray(v) for v in curves["a"][0])
+    assert sensitivity_at(fp, sens, [0.25, 0.5]).tolist() == [0.5, 1.0]
+    assert figures.froc_bands(tmp_path / "froc.png", curves, "cs").is_file()

@@ -207,3 +207,26 @@ def test_multi_device_and_multi_process_match_one_device(runs, tmp_path):
                 atol=MULTI_DEVICE_ATOL,
                 err_msg=f"{name}: {jax.tree_util.keystr(path)}",
             )
+
+
+def test_images_per_s_leaves_out_validation_and_checkpoint_time(tmp_path, monkeypatch):
+    """Batch 8, logs after steps 2 and 4; the clock reads 0 at the start, 1 at the first log,
+    1 -> 4 around a validation (3 s), 5 at the second log: each interval trained 16 images in
+    1 s of steps, so 16 images/s both times (counting the validation: 16 / 4 = 4)."""
+    import types
+
+    from focalnet_jax.training import loop
+
+    clock = iter([0.0, 1.0, 1.0, 4.0, 5.0])
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: next(clock))
+    spec = types.SimpleNamespace(global_batch=8, subsets=())
+    progress = types.SimpleNamespace(set_postfix=lambda **_: None)
+    logger = loop._Logger(spec, tmp_path, manager=None, progress=progress, start=0)
+    written = []
+    monkeypatch.setattr(logger.writer, "scalars", lambda step, values: written.append(values))
+    logger.train(2, {"loss": np.float32(0.5)})
+    with logger.outside_steps():
+        pass
+    logger.train(4, {"loss": np.float32(0.5)})
+    logger.writer.close()
+    assert [w["train/images_per_s"] for w in written] == [16.0, 16.0]

@@ -25,23 +25,27 @@ _SENS_TOL = 1e-12
 @dataclasses.dataclass(frozen=True)
 class LesionTable:
     """Every present lesion of an evaluation, flattened over cases: `classes` int32 `[N]`,
-    `scores` float64 `[N]` (highest hitting s1, -inf when never hit), `index` bool `[N]`."""
+    `scores` float64 `[N]` (highest hitting s1, -inf when never hit), `index` bool `[N]`,
+    `grade_known` bool `[N]` (False: clinically significant of unknown grade, class 2)."""
 
     classes: np.ndarray
     scores: np.ndarray
     index: np.ndarray
+    grade_known: np.ndarray
 
     def group(self, name: str) -> np.ndarray:
-        """bool `[N]`: lesions of group `name` (one of `GROUPS`)."""
-        c = self.classes
+        """bool `[N]`: lesions of group `name` (one of `GROUPS`). A lesion of unknown grade is in
+        `all`, `clinically_significant` and possibly `index`, never in a GS group: its GS is not
+        known to be 3+4."""
+        c, known = self.classes, self.grade_known
         masks = {
             "all": np.ones_like(c, bool),
             "clinically_significant": c >= 2,
             "index": self.index,
-            "gs_3+3": c == 1,
-            "gs_3+4": c == 2,
-            "gs_4+3": c == 3,
-            "gs_8+": c >= 4,
+            "gs_3+3": known & (c == 1),
+            "gs_3+4": known & (c == 2),
+            "gs_4+3": known & (c == 3),
+            "gs_8+": known & (c >= 4),
         }
         if name not in masks:
             raise ValueError(f"unknown lesion group {name!r}; expected one of {GROUPS}")
@@ -51,16 +55,18 @@ class LesionTable:
 def lesion_table(summaries: Sequence[CaseSummary]) -> LesionTable:
     """Flattens the present lesions of all cases and marks each patient's index lesion: the highest
     class, ties broken by the largest in-plane diameter, then by case order and lesion id."""
-    classes, scores, diameters, patients = [], [], [], []
+    classes, scores, diameters, patients, known = [], [], [], [], []
     for summary in summaries:
         present = summary.lesion_present
         classes.append(summary.lesion_classes[present])
+        known.append(summary.lesion_grade_known[present])
         scores.append(summary.lesion_score[present])
         diameters.append(summary.lesion_diameter_mm[present])
         patients += [summary.patient_id] * int(present.sum())
     classes = np.concatenate(classes or [np.zeros(0, np.int32)]).astype(np.int32)
     scores = np.concatenate(scores or [np.zeros(0)]).astype(np.float64)
     diameters = np.concatenate(diameters or [np.zeros(0)])
+    known = np.concatenate(known or [np.zeros(0, bool)]).astype(bool)
     patient_codes = np.unique(np.asarray(patients, dtype=object), return_inverse=True)[1]
     # Sort by patient, then class and diameter descending, then original position: the first row
     # of each patient is its index lesion.
@@ -69,7 +75,7 @@ def lesion_table(summaries: Sequence[CaseSummary]) -> LesionTable:
     first[1:] = patient_codes[order][1:] != patient_codes[order][:-1]
     index = np.zeros(classes.size, bool)
     index[order[first]] = True
-    return LesionTable(classes=classes, scores=scores, index=index)
+    return LesionTable(classes=classes, scores=scores, index=index, grade_known=known)
 
 
 def froc_curve(

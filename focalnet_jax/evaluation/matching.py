@@ -27,12 +27,14 @@ _DISTANCE_TOL_MM = 1e-6
 class CaseSummary:
     """What the evaluation keeps of one case.
 
-    lesion_classes, lesion_present, lesion_diameter_mm, lesion_score: `[L]` per lesion instance
-      (`lesion_score` = highest s1 of the detections hitting it, -inf when none; lesions without any
-      ROI pixel in the predictions are not present and not counted).
+    lesion_classes, lesion_present, lesion_diameter_mm, lesion_score, lesion_grade_known: `[L]`
+      per lesion instance (`lesion_score` = highest s1 of the detections hitting it, -inf when
+      none; lesions without any ROI pixel in the predictions are not present and not counted;
+      `lesion_grade_known` False: clinically significant of unknown grade, class 2).
     detection_scores: float32 `[D]` s1 of every detection; fp_scores: s1 of those hitting no lesion.
-    roc_scores float32 `[R, 5]`, roc_classes int32 `[R]`: the R <= 12 highest detections, their
-      P(class >= k) and the true class at their pixel.
+    roc_scores float32 `[R, 5]`, roc_classes int32 `[R]`, roc_grade_known bool `[R]`: the R <= 12
+      highest detections, their P(class >= k), the true class at their pixel and whether that
+      class is known exactly (False on a lesion of unknown grade).
     detections: the localisation points; num_slices: slices evaluated.
     """
 
@@ -48,6 +50,8 @@ class CaseSummary:
     roc_classes: np.ndarray
     detections: Detections
     num_slices: int
+    lesion_grade_known: np.ndarray
+    roc_grade_known: np.ndarray
 
 
 def _margin(spacing, radius_mm: float) -> np.ndarray:
@@ -148,10 +152,9 @@ def summarize_case(
     lesion_score = np.where(hits, s1[:, None], -np.inf).max(axis=0, initial=-np.inf)
     present = np.bincount(case.lesions.reshape(-1), minlength=num_lesions + 1)[1:] > 0
     top = slice(0, roc_detections)
-    table = np.concatenate([[0], case.lesion_classes])
-    roc_classes = table[
-        case.lesions[detections.slice[top], detections.row[top], detections.col[top]]
-    ]
+    roc_lesions = case.lesions[detections.slice[top], detections.row[top], detections.col[top]]
+    roc_classes = np.concatenate([[0], case.lesion_classes])[roc_lesions]
+    roc_grade_known = np.concatenate([[True], case.grade_known])[roc_lesions]
     return CaseSummary(
         case_id=case.case_id,
         patient_id=case.patient_id,
@@ -165,4 +168,6 @@ def summarize_case(
         roc_classes=roc_classes.astype(np.int32),
         detections=detections,
         num_slices=num_slices,
+        lesion_grade_known=case.grade_known.astype(bool),
+        roc_grade_known=roc_grade_known.astype(bool),
     )

@@ -7,7 +7,9 @@ Keys:
 - `spacing` float32 `[2]`: in-plane pixel spacing in mm, rows then columns;
 - `patient_id` str;
 - optional `t2w`, `adc` float32 `[S, H, W]` (figures) and `slice_index` int32 `[S]` (the source
-  slice of each crop slice; the PI-CAI 3D evaluation needs consecutive slices).
+  slice of each crop slice; the PI-CAI 3D evaluation needs consecutive slices);
+- optional `lesion_grade_known` bool `[L]`: False for a lesion known only as clinically
+  significant (PI-CAI label value 1, stored as class 2); absent: every grade is known.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from focalnet_jax.data.case_ids import check_case_id
 from focalnet_jax.errors import UserError
 
 REQUIRED_KEYS = ("scores", "lesions", "lesion_classes", "spacing", "patient_id")
-OPTIONAL_KEYS = ("t2w", "adc", "slice_index")
+OPTIONAL_KEYS = ("t2w", "adc", "slice_index", "lesion_grade_known")
 NUM_SCORES = 5
 MAX_NAMED = 10  # missing cases named in one error line
 
@@ -48,7 +50,15 @@ class CasePredictions:
     t2w: np.ndarray | None = None
     adc: np.ndarray | None = None
     slice_index: np.ndarray | None = None
+    lesion_grade_known: np.ndarray | None = None
     path: Path | None = None
+
+    @property
+    def grade_known(self) -> np.ndarray:
+        """bool `[L]`: whether each lesion's grade is known (all True without the key)."""
+        if self.lesion_grade_known is None:
+            return np.ones(self.lesion_classes.size, bool)
+        return self.lesion_grade_known
 
     @property
     def classes(self) -> np.ndarray:
@@ -97,6 +107,14 @@ def validate(case: CasePredictions) -> CasePredictions:
             fail(f"'{name}' shape {image.shape} does not match 'lesions' shape {lesions.shape}")
     if case.slice_index is not None and case.slice_index.shape != (lesions.shape[0],):
         fail(f"'slice_index' shape {case.slice_index.shape} must be ({lesions.shape[0]},)")
+    known = case.lesion_grade_known
+    if known is not None and (known.dtype != bool or known.shape != case.lesion_classes.shape):
+        fail(
+            f"'lesion_grade_known' must be bool of shape {case.lesion_classes.shape} "
+            f"(one per lesion), got {known.dtype} {known.shape}"
+        )
+    if known is not None and np.any(~known & (case.lesion_classes != 2)):
+        fail("a lesion of unknown grade ('lesion_grade_known' False) must have class 2")
     return case
 
 
@@ -112,6 +130,7 @@ def write_case(
     t2w: np.ndarray | None = None,
     adc: np.ndarray | None = None,
     slice_index: np.ndarray | None = None,
+    lesion_grade_known: np.ndarray | None = None,
 ) -> Path:
     """Validates one case and writes `out_dir/<case_id>.npz` (uncompressed: reads are fast)."""
     path = Path(out_dir) / f"{check_case_id(case_id, f'predictions folder {out_dir}')}.npz"
@@ -125,6 +144,9 @@ def write_case(
         t2w=None if t2w is None else np.asarray(t2w, np.float32),
         adc=None if adc is None else np.asarray(adc, np.float32),
         slice_index=None if slice_index is None else np.asarray(slice_index, np.int32),
+        lesion_grade_known=None
+        if lesion_grade_known is None
+        else np.asarray(lesion_grade_known, bool).reshape(-1),
         path=path,
     )
     validate(case)
@@ -173,6 +195,7 @@ def read_case(path: str | Path) -> CasePredictions:
         t2w=arrays.get("t2w"),
         adc=arrays.get("adc"),
         slice_index=arrays.get("slice_index"),
+        lesion_grade_known=arrays.get("lesion_grade_known"),
         path=path,
     )
     return validate(case)

@@ -43,18 +43,26 @@ def roc_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.nd
 
 
 def gs_roc(summaries: Sequence[CaseSummary]) -> dict:
-    """Per task: auc, num_positive, num_negative, curve {fpr, tpr}, over the pooled top-12
-    detections of all cases."""
+    """Per task: auc, num_positive, num_negative, num_unknown_grade, curve {fpr, tpr}, over the
+    pooled top-12 detections of all cases.
+
+    A detection on a lesion of unknown grade (class 2 meaning "GS >= 3+4") is a positive of
+    `gs_ge_7` and left out of the tasks k >= 3, whose label it does not determine
+    (`num_unknown_grade` counts them)."""
     scores = np.concatenate([s.roc_scores for s in summaries] or [np.zeros((0, 5))])
     classes = np.concatenate([s.roc_classes for s in summaries] or [np.zeros(0, np.int32)])
+    known = np.concatenate([s.roc_grade_known for s in summaries] or [np.zeros(0, bool)])
     results = {}
     for task, k in TASKS.items():
-        labels = classes >= k
-        fpr, tpr = roc_curve(scores[:, k - 1], labels)
+        kept = known | (k <= 2)
+        labels = classes[kept] >= k
+        task_scores = scores[kept, k - 1]
+        fpr, tpr = roc_curve(task_scores, labels)
         results[task] = {
-            "auc": mann_whitney_auc(scores[:, k - 1], labels),
+            "auc": mann_whitney_auc(task_scores, labels),
             "num_positive": int(labels.sum()),
             "num_negative": int((~labels).sum()),
+            "num_unknown_grade": int((~kept).sum()),
             "curve": {"fpr": fpr, "tpr": tpr},
         }
     return results

@@ -48,6 +48,7 @@ def average_predictions(members: list[Path], out_dir: Path) -> int:
                 t2w=first.t2w,
                 adc=first.adc,
                 slice_index=first.slice_index,
+                lesion_grade_known=first.lesion_grade_known,
             )
     return len(cases)
 

@@ -240,6 +240,17 @@ def _markdown(study: Study, found: Collected, stats_rows, iterations: int) -> st
     return "\n".join(lines) + "\n"
 
 
+def froc_curves(rows: Sequence[Mapping], metrics: Sequence[Mapping], group: str) -> dict:
+    """{arm: [(fp, sensitivity) curve of each run]} for FROC `group`, over the runs whose
+    validation fold has a lesion of the group (elsewhere the sensitivity is undefined)."""
+    curves = {row["arm"]: [] for row in rows}
+    for row, m in zip(rows, metrics, strict=True):
+        if m["froc"][group]["num_lesions"]:
+            points = m["froc"][group]["curve"]
+            curves[row["arm"]].append((points["fp"], points["sensitivity"]))
+    return curves
+
+
 def write_report(
     study: Study, *, partial: bool = False, iterations: int = statistics.APPROXIMATE_ITERATIONS
 ) -> Path:
@@ -259,13 +270,11 @@ def write_report(
     _write_csv(out / "runs.csv", RUN_COLUMNS, rows)
     _write_csv(out / "stats.csv", STATS_COLUMNS, stats_rows)
     figures.box_strip(out / "metrics.png", {m: per_metric[m] for m in HEADLINE})
-    froc = {name: [] for name in names}
     losses = {name: [] for name in names if name in study.arms}
-    for row, metrics, curve in zip(rows, found.metrics, found.curves, strict=True):
-        points = metrics["froc"]["clinically_significant"]["curve"]
-        froc[row["arm"]].append((points["fp"], points["sensitivity"]))
+    for row, curve in zip(rows, found.curves, strict=True):
         if row["kind"] == "arm":
             losses[row["arm"]].append((f"rep{row['repeat']} fold{row['fold']}", curve))
+    froc = froc_curves(rows, found.metrics, "clinically_significant")
     figures.froc_bands(out / "froc_cs.png", froc, "Clinically significant lesions")
     if len(names) > 1:
         figures.pvalue_matrices(out / "pvalues.png", stats_rows, HEADLINE)

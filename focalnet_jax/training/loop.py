@@ -9,6 +9,7 @@ checkpoint left it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -92,13 +93,31 @@ def panel(reader, rows: np.ndarray, predicted: np.ndarray) -> np.ndarray:
 
 class _Logger:
     """The loop's periodic outputs: scalars every `log_every` steps (with images/s), validation
-    every `eval_every` steps, a non-finite check before each log and checkpoint."""
+    every `eval_every` steps, a non-finite check before each log and checkpoint.
+
+    `train/images_per_s` = training images of the global batch (all devices, all processes) since
+    the previous log / the seconds spent training them: the time inside `outside_steps()`
+    (validation, checkpoint writes) is left out; the first interval after a start or resume holds
+    the compilation.
+    """
 
     def __init__(self, spec: RunSpec, workdir: Path, manager, progress, start: int):
         self.spec, self.workdir, self.manager, self.progress = spec, workdir, manager, progress
         self.writer = SummaryWriter(workdir / "tb")
         self.first_bad = jnp.int32(-1)
         self.last_time, self.last_step = time.perf_counter(), start
+        self.excluded_s = 0.0  # seconds outside training steps since the last log
+
+    @contextlib.contextmanager
+    def outside_steps(self, state=None):
+        """Time spent inside is not counted in `train/images_per_s`; the steps dispatched
+        before it (`state`'s computation) finish first, so that their time still counts."""
+        jax.block_until_ready(state)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.excluded_s += time.perf_counter() - start
 
     def check_finite(self, step: int) -> None:
         bad = int(jax.device_get(self.first_bad))
@@ -114,8 +133,9 @@ class _Logger:
         scalars = _scalars(metrics, self.spec.subsets)
         now = time.perf_counter()
         images = (done - self.last_step) * self.spec.global_batch
-        scalars["train/images_per_s"] = images / max(now - self.last_time, 1e-9)
-        self.last_time, self.last_step = now, done
+        seconds = now - self.last_time - self.excluded_s
+        scalars["train/images_per_s"] = images / max(seconds, 1e-9)
+        self.last_time, self.last_step, self.excluded_s = now, done, 0.0
         self.writer.scalars(done, scalars)
         self.progress.set_postfix(loss=f"{scalars['train/loss']:.4f}", refresh=False)
 
@@ -198,11 +218,13 @@ def _steps(spec: RunSpec, state, batches, val_rows, mesh, logger: _Logger, key, 
             logger.train(done, metrics)
         if (done % train.checkpoint_every == 0 or final) and done not in saved:
             logger.check_finite(done)
-            checkpoint.save(logger.manager, done, state)
+            with logger.outside_steps(state):
+                checkpoint.save(logger.manager, done, state)
             saved.add(done)
         if len(val_rows) and ((train.eval_every and done % train.eval_every == 0) or final):
-            val, shown = evaluate(
-                eval_step, state, batches.reader, val_rows, spec.global_batch, mesh
-            )
-            logger.validation(done, val, batches.reader, shown)
+            with logger.outside_steps(state):
+                val, shown = evaluate(
+                    eval_step, state, batches.reader, val_rows, spec.global_batch, mesh
+                )
+                logger.validation(done, val, batches.reader, shown)
     return state
