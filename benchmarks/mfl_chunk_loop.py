@@ -13,7 +13,9 @@ computes), each compiled once and then the median of `--repeats` calls (`block_u
 with each, the temporary memory of the compiled function from XLA's memory analysis
 (`*_temp_bytes`). Prints one JSON line with these and the `loop_over_vmap` time ratio of each: a
 ratio near 1 for the forward pass and far above 1 for the parameter gradient says that the loop's
-weight gradients, not the loop itself, are slow on this backend.
+weight gradients, not the loop itself, are slow on this backend. `--profile-calls N` traces N
+calls of each parameter gradient and adds its slowest ops and time per kind of op
+(`parameter_gradient_{vmap,loop}_profile`).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ import time
 
 import jax
 import jax.numpy as jnp
-import result_line  # benchmarks/result_line.py (the script directory)
+import profile_summary  # benchmarks/profile_summary.py (the script directory)
+import result_line
 from jax.sharding import PartitionSpec
 
 from focalnet_jax import losses
@@ -72,8 +75,9 @@ KINDS = {"forward": None, "input_gradient": 1, "parameter_gradient": 0}
 """Timed functions of the probe: itself, and its gradient with respect to argument 1 or 0."""
 
 
-def measure(config, *, chunk: int, size: int, repeats: int) -> dict:
-    """Times (s) of each of `KINDS`, unchunked and in chunks of `chunk`, and their ratios."""
+def measure(config, *, chunk: int, size: int, repeats: int, profile_calls: int = 0) -> dict:
+    """Times (s) of each of `KINDS`, unchunked and in chunks of `chunk`, and their ratios; with
+    `profile_calls`, where the parameter gradient's time goes in each form (`profile_summary`)."""
     spec = RunSpec.from_config(config, image_size=(size, size), num_devices=1)
     variables = train_state.init_variables(spec.model, jax.random.key(0), spec.input_shape)
     shape = (spec.global_batch, size, size, len(spec.components))
@@ -90,6 +94,10 @@ def measure(config, *, chunk: int, size: int, repeats: int) -> dict:
             compiled = jax.jit(mapped).lower(*args).compile()
             result[f"{kind}_{name}_s"] = _median_time(compiled, args, repeats)
             result[f"{kind}_{name}_temp_bytes"] = compiled.memory_analysis().temp_size_in_bytes
+            if profile_calls and kind == "parameter_gradient":
+                result[f"{kind}_{name}_profile"] = profile_summary.profile(
+                    lambda c=compiled: c(*args), profile_calls, top=5, hlo_text=compiled.as_text()
+                )
     for kind in KINDS:
         result[f"{kind}_loop_over_vmap"] = result[f"{kind}_loop_s"] / result[f"{kind}_vmap_s"]
     return result | {"subsets": len(losses.component_subsets(spec.components)), "chunk": chunk}
@@ -101,12 +109,24 @@ def main(argv=None) -> None:
     parser.add_argument("--chunk", type=int, default=4, help="subsets per loop iteration")
     parser.add_argument("--size", type=int, default=64, help="slice size")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls of each function")
+    parser.add_argument(
+        "--profile-calls",
+        type=int,
+        default=0,
+        help="trace this many parameter-gradient calls of each form: its slowest ops",
+    )
     args, overrides = parser.parse_known_args(argv)
     if args.chunk < 1:
         parser.error(f"--chunk: expected a positive number of subsets, got {args.chunk}")
     config = load_config(args.config, overrides)
     result = {"config": args.config, "overrides": overrides}
-    result |= measure(config, chunk=args.chunk, size=args.size, repeats=args.repeats)
+    result |= measure(
+        config,
+        chunk=args.chunk,
+        size=args.size,
+        repeats=args.repeats,
+        profile_calls=args.profile_calls,
+    )
     result |= result_line.device_fields() | {"model": result_line.model_description(config)}
     print(json.dumps(result | {"batch_size": config.train.batch_size} | result_line.provenance()))
 

@@ -370,9 +370,14 @@ def test_mfl_chunk_loop_benchmark_times_each_kind_vmapped_and_looped():
         "--chunk=1",
         "--size=32",
         "--repeats=1",
+        "--profile-calls=1",
         *TINY,
     )
     assert (result["subsets"], result["chunk"], result["device_kind"]) == (2, 1, "cpu")
+    for form in ("vmap", "loop"):  # the parameter gradient's profile: its convolutions found
+        profile = result[f"parameter_gradient_{form}_profile"]
+        assert profile["calls"] == 1 and profile["by_kind"]["convolution"]["ms_per_call"] > 0
+    assert "forward_vmap_profile" not in result
     for kind in ("forward", "input_gradient", "parameter_gradient"):
         ratio = result[f"{kind}_loop_s"] / result[f"{kind}_vmap_s"]
         assert result[f"{kind}_loop_over_vmap"] == pytest.approx(ratio) and ratio > 0
