@@ -15,8 +15,10 @@ The run starts fresh in a temporary workdir. `--max-steps` stops it early (a qui
 machine); the fold's time is then projected as `overhead_s + fold_steps * steady_step_time_s`,
 where the steady step time is the median of the loop's logged intervals after the first (the first
 holds the compilation) and `overhead_s` is the measured wall time not explained by the steps run
-at that rate (start-up, compilation, validation, checkpoints of the shortened run). Prints one
-JSON line: measured `wall_s`, `steps_run`, `fold_steps`, `steady_step_time_s`, `overhead_s`,
+at that rate (start-up, compilation, validation, checkpoints of the shortened run). The whole
+fold validates and saves more often than its first steps (`validations` and `checkpoints` give
+both counts): the projection leaves the time of those extra ones out. Prints one JSON line:
+measured `wall_s`, `steps_run`, `fold_steps`, `steady_step_time_s`, `overhead_s`,
 `projected_fold_s` (the measured wall time when the whole fold ran), the compilation cache folder
 in use (null: every step compiled in this run) and the device.
 """
@@ -97,6 +99,13 @@ def _timed_run(config, store) -> tuple[float, list[float]]:
         return wall, step_intervals(Path(tmp), config.train.batch_size)
 
 
+def event_counts(every: int, steps: int) -> int:
+    """How often a loop of `steps` steps validates (or saves) with `every`: at each multiple of
+    `every` and at the last step (0 = only at the last step)."""
+    multiples = steps // every if every else 0
+    return multiples + (0 if every and steps % every == 0 else 1)
+
+
 def _projection(wall: float, intervals: list[float], steps_run: int, fold_steps: int) -> dict:
     """The measured wall time and, where the run stopped early, the fold's time projected from
     the steady step time (the median interval after the first, which holds the compilation)."""
@@ -138,6 +147,13 @@ def main(argv: list[str] | None = None) -> None:
         "fold_steps": fold_steps,
         "steps_run": steps_run,
         **_projection(wall, intervals, steps_run, fold_steps),
+        **{
+            name: {"run": event_counts(every, steps_run), "fold": event_counts(every, fold_steps)}
+            for name, every in (
+                ("validations", config.train.eval_every),
+                ("checkpoints", config.train.checkpoint_every),
+            )
+        },
         # A warm persistent cache ($JAX_COMPILATION_CACHE_DIR) skips the compilation.
         "compilation_cache": jax.config.jax_compilation_cache_dir,
         "model": result_line.model_description(config),

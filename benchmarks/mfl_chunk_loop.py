@@ -95,7 +95,7 @@ def measure(config, *, chunk: int, size: int, repeats: int, profile_calls: int =
             result[f"{kind}_{name}_s"] = _median_time(compiled, args, repeats)
             result[f"{kind}_{name}_temp_bytes"] = compiled.memory_analysis().temp_size_in_bytes
             if profile_calls and kind == "parameter_gradient":
-                result[f"{kind}_{name}_profile"] = profile_summary.profile(
+                result[f"{kind}_{name}_profile"] = profile_summary.profile_or_error(
                     lambda c=compiled: c(*args), profile_calls, top=5, hlo_text=compiled.as_text()
                 )
     for kind in KINDS:
@@ -116,6 +116,8 @@ def main(argv=None) -> None:
         help="trace this many parameter-gradient calls of each form: its slowest ops",
     )
     args, overrides = parser.parse_known_args(argv)
+    if args.profile_calls < 0:
+        parser.error(f"--profile-calls: expected 0 or more, got {args.profile_calls}")
     if args.chunk < 1:
         parser.error(f"--chunk: expected a positive number of subsets, got {args.chunk}")
     config = load_config(args.config, overrides)

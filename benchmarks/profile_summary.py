@@ -24,7 +24,7 @@ import jax
 # An op's `hlo_category` stat (where the profiler gives one), HLO name or kernel name -> a coarse
 # kind; cuDNN convolutions are custom calls whose kernels say fprop/dgrad/wgrad.
 _KINDS = (
-    ("convolution", re.compile(r"conv|cudnn|fprop|dgrad|wgrad", re.I)),
+    ("convolution", re.compile(r"conv(?!ert)|cudnn|fprop|dgrad|wgrad", re.I)),
     ("matmul", re.compile(r"dot|gemm|cublas|matmul", re.I)),
     ("collective", re.compile(r"all-reduce|all-gather|reduce-scatter|collective|nccl", re.I)),
     ("copy/transpose", re.compile(r"copy|transpose|memcpy|memset", re.I)),
@@ -33,13 +33,14 @@ _KINDS = (
 )
 
 
-def op_kind(*names: str | None) -> str:
+def op_kind(category: str | None, *names: str) -> str:
     """A coarse kind of an op: convolution, matmul, collective, copy/transpose, reduction, fusion
-    (elementwise and other fused ops) or other, from the first kind that any of `names` (its
-    profiler category, HLO name, kernel name; None where unknown) says."""
-    for kind, pattern in _KINDS:
-        if any(pattern.search(name or "") for name in names):
-            return kind
+    (elementwise and other fused ops) or other: what its profiler `category` says where given,
+    else the first kind that any of `names` (HLO name, kernel name) says."""
+    for candidates in ([category] if category else [], names):
+        for kind, pattern in _KINDS:
+            if any(pattern.search(name) for name in candidates):
+                return kind
     return "other"
 
 
@@ -114,19 +115,21 @@ def op_name(event_name: str, stats: dict) -> str:
     return ops[-1] if ops else event_name
 
 
-def _op_lines(space) -> tuple[str, list]:
-    """(`device` | `host`, the lines whose events are ops) of a `ProfileData`."""
-    devices = [p for p in space.planes if p.name.startswith("/device:")]
+def _op_lines(space) -> tuple[str, int, list]:
+    """(`device` | `host`, the number of device planes with op events (1 for the host), the
+    lines whose events are ops) of a `ProfileData`."""
+    lines, devices = [], 0
+    for plane in (p for p in space.planes if p.name.startswith("/device:")):
+        plane_lines = list(plane.lines)
+        ops = [line for line in plane_lines if line.name == "XLA Ops"]
+        ops = ops or [line for line in plane_lines if line.name.startswith("Stream")]
+        if any(next(iter(line.events), None) is not None for line in ops):
+            lines, devices = lines + ops, devices + 1
     if devices:
-        lines = []
-        for plane in devices:
-            plane_lines = list(plane.lines)
-            ops = [line for line in plane_lines if line.name == "XLA Ops"]
-            lines += ops or [line for line in plane_lines if line.name.startswith("Stream")]
-        return "device", lines
+        return "device", devices, lines
     host = space.find_plane_with_name("/host:CPU")
     lines = [] if host is None else [ln for ln in host.lines if ln.name.startswith("tf_XLA")]
-    return "host", lines
+    return "host", 1, lines
 
 
 # Runtime bookkeeping, not ops: the CPU thunk executor, its thread pool and the zero-length
@@ -135,24 +138,24 @@ _NOT_OPS = re.compile(r"^(end: |ThunkExecutor::|SlinkyThreadPool::|ThreadpoolLis
 
 
 def _leaf_events(line) -> list:
-    """Op events of `line` that contain no other op event of it (sorted by start)."""
-    ops = [e for e in line.events if not _NOT_OPS.match(e.name)]
+    """Op events of `line` (of some duration) that contain no other one (sorted by start)."""
+    ops = [e for e in line.events if e.duration_ns > 0 and not _NOT_OPS.match(e.name)]
     events = sorted(ops, key=lambda e: (e.start_ns, -e.duration_ns))
     return [
         e
         for i, e in enumerate(events)
-        if e.duration_ns > 0
-        and not (i + 1 < len(events) and events[i + 1].start_ns < e.start_ns + e.duration_ns)
+        if not (i + 1 < len(events) and events[i + 1].start_ns < e.start_ns + e.duration_ns)
     ]
 
 
-def summarize(space, calls: int, top: int = 15, kinds: dict[str, str] | None = None) -> dict:
-    """Per call of the traced function: each op's time (ms), share and count, the `top` ops, and
-    the time per coarse kind. `space`: a `jax.profiler.ProfileData`; `kinds`: {op: kind} from the
-    compiled module (`hlo_kinds`), else (and for ops it does not name) `op_kind` guesses from the
-    names."""
-    kinds_of_ops = kinds or {}
-    source, lines = _op_lines(space)
+def summarize(space, calls: int, top: int = 15, hlo_op_kinds: dict[str, str] | None = None) -> dict:
+    """Per call of the traced function and per device: each op's time (ms), share and count, the
+    `top` ops, and the time per coarse kind. `space`: a `jax.profiler.ProfileData`;
+    `hlo_op_kinds`: {op: kind} from the compiled module (`hlo_kinds`), else (and for ops it does
+    not name) `op_kind` guesses from the names. With several device planes (one per GPU), times
+    are their mean (`devices` says how many)."""
+    hlo_op_kinds = hlo_op_kinds or {}
+    source, devices, lines = _op_lines(space)
     time_ns, count, kinds = collections.Counter(), collections.Counter(), collections.Counter()
     kind_of = {}
     for line in lines:
@@ -161,7 +164,7 @@ def summarize(space, calls: int, top: int = 15, kinds: dict[str, str] | None = N
             name = op_name(event.name, stats)
             kind = kind_of.setdefault(
                 name,
-                kinds_of_ops.get(name) or op_kind(stats.get("hlo_category"), name, event.name),
+                hlo_op_kinds.get(name) or op_kind(stats.get("hlo_category"), name, event.name),
             )
             time_ns[name] += event.duration_ns
             count[name] += 1
@@ -169,9 +172,10 @@ def summarize(space, calls: int, top: int = 15, kinds: dict[str, str] | None = N
     total = sum(time_ns.values())
     if not total:
         raise RuntimeError(f"the trace holds no op events ({source} planes)")
-    per_call = lambda ns: ns / calls / 1e6
+    per_call = lambda ns: ns / calls / devices / 1e6
     return {
         "source": source,
+        "devices": devices,
         "calls": calls,
         "op_ms_per_call": per_call(total),
         "ops": len(time_ns),
@@ -185,7 +189,7 @@ def summarize(space, calls: int, top: int = 15, kinds: dict[str, str] | None = N
                 "kind": kind_of[name],
                 "ms_per_call": per_call(ns),
                 "share": ns / total,
-                "count_per_call": count[name] / calls,
+                "count_per_call": count[name] / calls / devices,
             }
             for name, ns in time_ns.most_common(top)
         ],
@@ -210,3 +214,12 @@ def profile(
         space = jax.profiler.ProfileData.from_file(str(path))
         summary = summarize(space, calls, top, hlo_kinds(hlo_text) if hlo_text else None)
     return {"wall_ms_per_call": wall / calls * 1e3} | summary
+
+
+def profile_or_error(call: Callable[[], object], calls: int, **options) -> dict:
+    """`profile`, or `{"error": "<type>: <message>"}` where tracing fails (e.g. a GPU without
+    CUPTI): a benchmark's timings stand without their profile."""
+    try:
+        return profile(call, calls, **options)
+    except Exception as error:
+        return {"error": f"{type(error).__name__}: {error}"}

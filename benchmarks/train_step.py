@@ -101,12 +101,9 @@ def measure(config, *, steps: int, size: int, profile_steps: int = 0) -> dict:
             state, step_metrics = compiled(state, batch, key, lam)
             return step_metrics
 
-        try:  # a profiler that cannot trace here (e.g. no CUPTI) leaves the timings standing
-            result["profile"] = profile_summary.profile(
-                one_step, profile_steps, hlo_text=compiled.as_text()
-            )
-        except Exception as error:
-            result["profile"] = {"error": f"{type(error).__name__}: {error}"}
+        result["profile"] = profile_summary.profile_or_error(
+            one_step, profile_steps, hlo_text=compiled.as_text()
+        )
     return result
 
 

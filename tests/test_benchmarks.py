@@ -20,9 +20,14 @@ from focalnet_jax.evaluation.predictions import write_case
 
 def _benchmark_module(name: str):
     """A module of benchmarks/ (they import each other from the script directory)."""
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    folder = str(REPO / "benchmarks")
+    spec = importlib.util.spec_from_file_location(name, f"{folder}/{name}.py")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.path.insert(0, folder)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(folder)
     return module
 
 
@@ -211,7 +216,8 @@ def test_hlo_kinds_name_each_op_by_what_it_computes():
 
 
 def test_profile_summary_counts_only_leaf_events():
-    """A while loop's event holds its body's ops: only the ops count."""
+    """A while loop's event holds its body's ops: only the ops count; a zero-length marker at an
+    op's start makes no container of it; two GPUs' planes give the mean per device."""
     text = """
 planes {
   id: 1
@@ -221,17 +227,40 @@ planes {
     events { metadata_id: 2 offset_ps: 1000000 duration_ps: 2000000 }
     events { metadata_id: 2 offset_ps: 5000000 duration_ps: 2000000 }
     events { metadata_id: 3 offset_ps: 12000000 duration_ps: 1000000 }
+    events { metadata_id: 4 offset_ps: 12000000 duration_ps: 0 }
   }
   event_metadata { key: 1 value { id: 1 name: "while.1" } }
+  event_metadata { key: 2 value { id: 2 name: "convolution.4" } }
+  event_metadata { key: 3 value { id: 3 name: "reduce.2" } }
+  event_metadata { key: 4 value { id: 4 name: "marker" } }
+}
+planes {
+  id: 2
+  name: "/device:GPU:1"
+  lines { id: 1 name: "XLA Ops" timestamp_ns: 0
+    events { metadata_id: 2 offset_ps: 0 duration_ps: 4000000 }
+    events { metadata_id: 3 offset_ps: 5000000 duration_ps: 1000000 }
+  }
   event_metadata { key: 2 value { id: 2 name: "convolution.4" } }
   event_metadata { key: 3 value { id: 3 name: "reduce.2" } }
 }
 """
     summary = profile_summary.summarize(jax.profiler.ProfileData.from_text_proto(text), calls=1)
-    assert [(op["op"], op["ms_per_call"]) for op in summary["top_ops"]] == [
-        ("convolution.4", 0.004), ("reduce.2", 0.001),
+    assert summary["devices"] == 2
+    assert [(op["op"], op["ms_per_call"], op["count_per_call"]) for op in summary["top_ops"]] == [
+        ("convolution.4", 0.004, 1.5), ("reduce.2", 0.001, 1.0),
     ]  # fmt: skip
     assert summary["by_kind"]["convolution"]["share"] == pytest.approx(0.8)
+
+
+def test_op_kind_from_the_profiler_category_first_then_the_names():
+    assert profile_summary.op_kind(None, "convert_fusion", "loop_convert_fusion") == "fusion"
+    assert profile_summary.op_kind(None, "custom-call.3", "sm90_xmma_wgrad_kernel") == (
+        "convolution"
+    )
+    assert profile_summary.op_kind("non-fusion elementwise", "conv_like.1") == "fusion"
+    assert profile_summary.op_kind("convolution", "fusion.2") == "convolution"
+    assert profile_summary.op_kind(None, "all-reduce.1") == "collective"
 
 
 def test_train_step_flops_count_every_device_like_images_per_s(monkeypatch):
@@ -269,6 +298,17 @@ def test_fold_time_benchmark_projects_the_paper_fold_from_a_short_run(small_stor
     assert result["projected_fold_s"] == pytest.approx(overhead + 2000 * steady)
     assert result["mfl"] == "select" and result["store_train_slices"] > 0  # the default mode
     assert result["compilation_cache"] is None
+    # Validation only at the end (eval_every 0); checkpoints every 1000 steps and at the end.
+    assert result["validations"] == {"run": 1, "fold": 1}
+    assert result["checkpoints"] == {"run": 1, "fold": 2}
+
+
+def test_fold_time_counts_validations_as_the_loop_runs_them():
+    fold_time = _benchmark_module("fold_time")
+    # The paper's config: every 2000 of 17,400 steps (8 times) and once more at the end.
+    assert fold_time.event_counts(2000, 17400) == 9
+    assert fold_time.event_counts(400, 1200) == 3  # the demo: 400, 800, 1200
+    assert fold_time.event_counts(0, 5) == 1
 
 
 def test_bf16_curves_redraw_a_saved_result(tmp_path):
@@ -382,3 +422,12 @@ def test_mfl_chunk_loop_benchmark_times_each_kind_vmapped_and_looped():
         ratio = result[f"{kind}_loop_s"] / result[f"{kind}_vmap_s"]
         assert result[f"{kind}_loop_over_vmap"] == pytest.approx(ratio) and ratio > 0
         assert result[f"{kind}_vmap_temp_bytes"] > 0 and result[f"{kind}_loop_temp_bytes"] > 0
+
+
+def test_profile_or_error_keeps_the_reason_when_tracing_fails():
+    def failing():
+        raise ZeroDivisionError("division by zero")
+
+    assert profile_summary.profile_or_error(failing, 1) == {
+        "error": "ZeroDivisionError: division by zero"
+    }

@@ -205,6 +205,7 @@ def test_resume_without_config_json_names_the_arrays_that_differ(trained, tmp_pa
         (lambda d: _truncate(d / "default/_METADATA", 1000), "default/_METADATA: invalid JSON ("),
         (lambda d: _truncate(d / "default/manifest.ocdbt", 0), "default/manifest.ocdbt: empty"),
         (lambda d: shutil.rmtree(d / "default"), "default/_METADATA: missing"),
+        (lambda d: (d / "default/_METADATA").write_text("{}"), "default/_METADATA: no array"),
     ],
 )
 def test_inference_loading_names_the_file_and_reason(trained, tmp_path, damage, reason):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import re
 import shutil
+import time
 
 import jax
 import numpy as np
@@ -207,6 +208,35 @@ def test_multi_device_and_multi_process_match_one_device(runs, tmp_path):
                 atol=MULTI_DEVICE_ATOL,
                 err_msg=f"{name}: {jax.tree_util.keystr(path)}",
             )
+
+
+def test_training_loop_times_validation_and_checkpoints_outside_the_steps(tmp_path, monkeypatch):
+    """A real run, logging, validating and saving every 2 steps, with 2 s added to each validation
+    and each checkpoint save: the rate logged at step 4 (steps 3-4, after the step-2 validation
+    and save) is that of 8 images in well under 1 s; counting the 4 s it would be below 2/s."""
+    from focalnet_jax.training import loop
+
+    def slowed(function):
+        def wrapped(*args, **kwargs):
+            result = function(*args, **kwargs)
+            time.sleep(2.0)
+            return result
+
+        return wrapped
+
+    monkeypatch.setattr(loop, "evaluate", slowed(loop.evaluate))
+    monkeypatch.setattr(loop.checkpoint, "save", slowed(loop.checkpoint.save))
+    overrides = [
+        "--config.train.steps=4",
+        "--config.train.log_every=2",
+        "--config.train.eval_every=2",
+        "--config.train.checkpoint_every=2",
+    ]
+    with fast_compiles():
+        train_and_evaluate(tiny_config(overrides=overrides), tmp_path / "w", store=FakeStore())
+    _, scalars = _scalars(tmp_path / "w")
+    rates = {e.step: e.value for e in scalars["train/images_per_s"]}
+    assert sorted(rates) == [2, 4] and rates[4] > 8.0, rates
 
 
 def test_images_per_s_leaves_out_validation_and_checkpoint_time(tmp_path, monkeypatch):

@@ -107,9 +107,7 @@ def predict_cases(
                 scores=predictor(images[..., channels]),
                 lesions=np.asarray(store.lesions[rows]),
                 lesion_classes=np.asarray(record["lesion_classes"], np.int32),
-                lesion_grade_known=np.asarray(
-                    record.get("lesion_grade_known", [True] * len(record["lesion_classes"])), bool
-                ),
+                lesion_grade_known=np.asarray(record["lesion_grade_known"], bool),
                 spacing=record["spacing"],
                 patient_id=record["patient_id"],
                 slice_index=np.asarray(store.slice_index[rows]),

@@ -173,16 +173,23 @@ def _leaf_name(path) -> str:
 
 
 def state_mismatch(step_dir: str | Path, abstract_state, shown: int = 3) -> str | None:
-    """How the arrays saved in the intact step folder `step_dir` differ from `abstract_state`'s
-    (leaf names and shapes; None when they fit): the counts and the first `shown` differences."""
+    """How the arrays saved in the step folder `step_dir` differ from `abstract_state`'s (leaf
+    names and shapes; None when they fit): the counts and the first `shown` differences.
+    `UnreadableCheckpointError` when its metadata names no arrays (JSON of another shape)."""
     absl_log = logging.getLogger("absl")  # Orbax warns that the item has no step metadata file
     level = absl_log.level
     absl_log.setLevel(logging.ERROR)
+    metadata_file = f"{ITEM_DIR}/_METADATA"
     try:
         with ocp.StandardCheckpointer() as checkpointer:
             saved_tree = checkpointer.metadata(Path(step_dir) / ITEM_DIR).item_metadata
+    except (KeyError, TypeError, ValueError) as error:
+        reason = f"{metadata_file}: no array metadata ({type(error).__name__}: {error})"
+        raise UnreadableCheckpointError(step_dir, reason) from error
     finally:
         absl_log.setLevel(level)
+    if saved_tree is None:
+        raise UnreadableCheckpointError(step_dir, f"{metadata_file}: no array metadata")
     leaves = jax.tree_util.tree_leaves_with_path
     saved = {_leaf_name(p): tuple(leaf.shape) for p, leaf in leaves(saved_tree)}
     wanted = {_leaf_name(p): tuple(leaf.shape) for p, leaf in leaves(abstract_state)}
