@@ -145,6 +145,25 @@ def test_two_processes_move_the_damaged_step_aside_once_and_resume(trained, tmp_
         np.testing.assert_array_equal(value, saved[jax.tree_util.keystr(path)])
 
 
+def test_two_processes_both_refuse_a_checkpoint_of_another_model(trained, tmp_path):
+    """Without config.json, a wider model's run in two processes: each stops with the same error
+    (exit 1 from the worker's uncaught UserError) instead of one waiting for the other."""
+    workdir = tmp_path / "no_config"
+    shutil.copytree(trained["workdir"], workdir)
+    (workdir / workdir_lib.CONFIG_FILE).unlink()
+    port = free_port()
+    flags = [*RUN, "--config.model.width=0.25"]
+    processes = [
+        start_worker(tmp_path / f"unused{i}.npz", workdir, 1, [*process_flags(port, i), *flags])
+        for i in range(2)
+    ]
+    outputs = finish(processes, timeout=120, returncode=1)
+    step_dir = (workdir / "checkpoints" / "4").resolve()
+    for output in outputs:
+        assert f"UserError: checkpoint {step_dir} does not fit the state asked for: " in output
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4"]
+
+
 def test_no_intact_step_refuses_and_moves_nothing(trained):
     workdir, _ = _copy_with(trained, "all_bad", _empty_metadata)
     _truncate_data(workdir / "checkpoints" / "2")

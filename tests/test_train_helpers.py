@@ -177,13 +177,16 @@ def start_worker(out, workdir, devices: int, args=()) -> subprocess.Popen:
     return process
 
 
-def finish(processes: list[subprocess.Popen], timeout: float = 240) -> list[str]:
-    """Wait for `start_worker` processes; the output of each. Fails unless all exit 0; as soon as
-    one fails, or at `timeout` seconds, the others are killed (they would wait at a barrier)."""
+def finish(
+    processes: list[subprocess.Popen], timeout: float = 240, returncode: int = 0
+) -> list[str]:
+    """Wait for `start_worker` processes; the output of each. Fails unless all exit with
+    `returncode`; at `timeout` seconds the others are killed (they would wait at a barrier), and
+    so they are as soon as one fails where all should succeed."""
     deadline = time.monotonic() + timeout
     try:
         while any(p.poll() is None for p in processes) and time.monotonic() < deadline:
-            if any(p.returncode not in (None, 0) for p in processes):
+            if returncode == 0 and any(p.returncode not in (None, 0) for p in processes):
                 break
             time.sleep(0.2)
     finally:
@@ -199,7 +202,7 @@ def finish(processes: list[subprocess.Popen], timeout: float = 240) -> list[str]
     failures = [
         f"process {i}: exit {p.returncode}: {output[-2000:]}"
         for i, (p, output) in enumerate(zip(processes, outputs, strict=True))
-        if p.returncode != 0
+        if p.returncode != returncode
     ]
     assert not failures, "\n".join(failures)
     return outputs
