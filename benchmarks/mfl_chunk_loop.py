@@ -109,15 +109,12 @@ def main(argv=None) -> None:
     parser.add_argument("--chunk", type=int, default=4, help="subsets per loop iteration")
     parser.add_argument("--size", type=int, default=64, help="slice size")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls of each function")
-    parser.add_argument(
+    profile_summary.add_calls_flag(
+        parser,
         "--profile-calls",
-        type=int,
-        default=0,
-        help="trace this many parameter-gradient calls of each form: its slowest ops",
+        "trace this many parameter-gradient calls of each form: its slowest ops",
     )
     args, overrides = parser.parse_known_args(argv)
-    if args.profile_calls < 0:
-        parser.error(f"--profile-calls: expected 0 or more, got {args.profile_calls}")
     if args.chunk < 1:
         parser.error(f"--chunk: expected a positive number of subsets, got {args.chunk}")
     config = load_config(args.config, overrides)

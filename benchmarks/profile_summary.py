@@ -12,6 +12,7 @@ the HLO op that launched them (`op_name`).
 
 from __future__ import annotations
 
+import argparse
 import collections
 import re
 import tempfile
@@ -223,3 +224,16 @@ def profile_or_error(call: Callable[[], object], calls: int, **options) -> dict:
         return profile(call, calls, **options)
     except Exception as error:
         return {"error": f"{type(error).__name__}: {error}"}
+
+
+def add_calls_flag(parser: argparse.ArgumentParser, flag: str, help: str) -> None:
+    """Declares `flag`: how many calls to profile (default 0: none); a negative number is a usage
+    error."""
+
+    def calls(text: str) -> int:
+        value = int(text)
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"expected 0 or more, got {value}")
+        return value
+
+    parser.add_argument(flag, type=calls, default=0, help=help)

@@ -117,15 +117,12 @@ def main(argv=None) -> None:
         default=",".join(KINDS),
         help=f"comma-separated step kinds to time, of {','.join(KINDS)} (ratios need fl)",
     )
-    parser.add_argument(
+    profile_summary.add_calls_flag(
+        parser,
         "--profile-steps",
-        type=int,
-        default=0,
-        help="after timing, trace this many steps of each kind: its slowest ops (`profile`)",
+        "after timing, trace this many steps of each kind: its slowest ops (`profile`)",
     )
     args, overrides = parser.parse_known_args(argv)
-    if args.profile_steps < 0:
-        parser.error(f"--profile-steps: expected 0 or more, got {args.profile_steps}")
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     unknown = sorted(set(kinds) - set(KINDS))
     if unknown or not kinds:
