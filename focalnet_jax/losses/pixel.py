@@ -203,9 +203,23 @@ def _check_weights(weights) -> tuple[float, float]:
     return weights
 
 
-def _dice(logits, targets, valid, eps, activation, dice_background, axes):
+def _sum_over_devices(local, axis_name):
+    """`local` summed over the named mapped axis (`jax.shard_map`), as a per-device value.
+
+    The data-parallel step takes each device's gradient of its own ("varying") loss and averages
+    them (`lax.pmean`). The sum is cast to varying so that a loss built on it is one too: the
+    cast's transpose sums the devices' cotangents, so the averaged gradient is the global loss's
+    (an invariant loss would get 1 / N of it).
+    """
+    if axis_name is None:
+        return local
+    return lax.pcast(lax.psum(local, axis_name), axis_name, to="varying")
+
+
+def _dice(logits, targets, valid, eps, activation, dice_background, axes, axis_name=None):
     """Soft Dice per channel, summed over `axes` (`(1, 2)`: per image `[B, K]`; `(0, 1, 2)`: over
-    the batch `[K]`), channel 0 left out unless `dice_background`."""
+    the batch `[K]`, and over the devices of `axis_name` when given), channel 0 left out unless
+    `dice_background`."""
     logits, targets, valid = check_inputs(logits, targets, valid)
     if activation not in ("sigmoid", "softmax"):
         raise ValueError(f"activation: expected 'sigmoid' or 'softmax', got {activation!r}")
@@ -213,8 +227,8 @@ def _dice(logits, targets, valid, eps, activation, dice_background, axes):
         raise ValueError("dice_background=False: only a softmax output has a background channel")
     check_scalar(eps, "eps", 1e-12)
     probs = jax.nn.sigmoid(logits) if activation == "sigmoid" else jax.nn.softmax(logits, -1)
-    overlap = jnp.sum(valid * probs * targets, axis=axes)
-    total = jnp.sum(valid * (probs + targets), axis=axes)
+    overlap = _sum_over_devices(jnp.sum(valid * probs * targets, axis=axes), axis_name)
+    total = _sum_over_devices(jnp.sum(valid * (probs + targets), axis=axes), axis_name)
     dice = (2.0 * overlap + eps) / (total + eps)
     return dice if dice_background else dice[..., 1:]
 
@@ -261,16 +275,21 @@ def soft_dice_loss_map(
 
 def soft_dice_loss(
     logits, targets, *, valid=None, eps=1.0, activation="sigmoid", batch_dice=False,
-    dice_background=True,
+    dice_background=True, axis_name=None,
 ):  # fmt: skip
     """Mean over images of :func:`soft_dice_loss_map`: **contract**; a scalar in [0, 1].
 
     With ``batch_dice`` one Dice per channel over the whole batch (sums over B, H, W; nnU-Net's
-    batch Dice), which no per-image map reduces to: ``1 - mean_k(batch Dice_k)``.
+    batch Dice), which no per-image map reduces to: ``1 - mean_k(batch Dice_k)``. Under
+    ``jax.shard_map`` with ``axis_name`` (the data axis) the batch is the global one: the sums
+    run over every device's share, each device returns the global loss, and the ``lax.pmean`` of
+    the devices' gradients is its gradient (as for every mean loss). Without ``batch_dice``
+    ``axis_name`` changes nothing (a mean over images needs no cross-device sum).
     """
     options = dict(valid=valid, eps=eps, activation=activation, dice_background=dice_background)
     if batch_dice:
-        return 1.0 - jnp.mean(_dice(logits, targets, **options, axes=(0, 1, 2)))
+        dice = _dice(logits, targets, **options, axes=(0, 1, 2), axis_name=axis_name)
+        return 1.0 - jnp.mean(dice)
     return reductions.mean(soft_dice_loss_map(logits, targets, **options))
 
 
@@ -302,15 +321,16 @@ def ce_dice_loss_map(
 
 def ce_dice_loss(
     logits, targets, *, valid=None, eps=1.0, activation="sigmoid", batch_dice=False,
-    dice_background=True, weights=(1.0, 1.0),
+    dice_background=True, weights=(1.0, 1.0), axis_name=None,
 ):  # fmt: skip
     """Mean over images of :func:`ce_dice_loss_map` (with ``batch_dice``: the mean CE plus the
-    batch Dice loss of :func:`soft_dice_loss`): a scalar."""
+    batch Dice loss of :func:`soft_dice_loss`, over the devices of ``axis_name`` when given): a
+    scalar."""
     options = dict(valid=valid, eps=eps, activation=activation, dice_background=dice_background)
     if batch_dice:
         w_ce, w_dice = _check_weights(weights)
         ce_map = sigmoid_cross_entropy_map if activation == "sigmoid" else softmax_cross_entropy_map
-        dice = soft_dice_loss(logits, targets, batch_dice=True, **options)
+        dice = soft_dice_loss(logits, targets, batch_dice=True, axis_name=axis_name, **options)
         return w_ce * reductions.mean(ce_map(logits, targets, valid=valid)) + w_dice * dice
     return reductions.mean(ce_dice_loss_map(logits, targets, weights=weights, **options))
 

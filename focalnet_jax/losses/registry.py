@@ -13,19 +13,22 @@ from focalnet_jax.losses import pixel
 class LossSpec(NamedTuple):
     """A loss chosen by name: its output encoding, ``fn(logits, targets, *, valid=None)`` (the
     scalar) and ``map_fn`` (the same loss per pixel ``[B, H, W]`` or per image ``[B]``; reduce it
-    with :mod:`focalnet_jax.losses.reductions`)."""
+    with :mod:`focalnet_jax.losses.reductions`). ``takes_axis_name``: ``fn`` also takes
+    ``axis_name``, the data axis over which a batch-level reduction (batch Dice) sums under
+    ``jax.shard_map``, so a data-parallel step gets the global batch's loss."""
 
     name: str
     encoding: str
     fn: Callable
     hyperparameters: tuple[str, ...] = ()
     map_fn: Callable | None = None
+    takes_axis_name: bool = False
 
 
 def _spec(name, encoding, fn, map_fn, hyperparameters=(), **bound) -> LossSpec:
     if bound:
         fn, map_fn = functools.partial(fn, **bound), functools.partial(map_fn, **bound)
-    return LossSpec(name, encoding, fn, hyperparameters, map_fn)
+    return LossSpec(name, encoding, fn, hyperparameters, map_fn, "batch_dice" in hyperparameters)
 
 
 _FOCAL = ("alpha", "gamma")

@@ -28,8 +28,9 @@ baselines.
 
 Data parallelism: the train step is written per device; gradients, loss terms and metrics are
 `lax.pmean`-ed over `data` (equal per-device batches, so the mean of means is the global-batch
-mean) and BatchNorm reduces its statistics over `data` (sync-BN), so N devices compute the same
-update as one device with the whole batch.
+mean), a batch Dice sums over `data` (`losses.soft_dice_loss`'s `axis_name`) and BatchNorm
+reduces its statistics over `data` (sync-BN), so N devices compute the same update as one device
+with the whole batch.
 """
 
 from __future__ import annotations
@@ -95,7 +96,8 @@ def loss_fn(params, batch_stats, images, classes, grade_known, mfl_weight, *, sp
     variables = {"params": params, "batch_stats": batch_stats}
     targets, valid = _targets(classes, grade_known, spec.output_encoding)
     logits, new_batch_stats = apply(images, variables)
-    main = spec.loss.fn(logits, targets, valid=valid)
+    across = {"axis_name": DATA_AXIS} if spec.loss.takes_axis_name else {}
+    main = spec.loss.fn(logits, targets, valid=valid, **across)  # batch Dice: the global batch
     terms, total = {spec.loss.name: main}, main
     if spec.mfl:
         mfl, chosen = _mfl(apply, variables, logits, images, classes, grade_known, spec)
