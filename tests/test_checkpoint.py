@@ -107,3 +107,27 @@ def test_load_for_inference_errors_name_the_workdir(saved, tmp_path):
         workdir_lib.load_for_inference(other)
     assert str(raised.value).startswith(f"workdir {other}: checkpoint 4 does not match the model")
     assert "e.g. batch_stats/backbone/bn1/mean (8,) saved, (16,) wanted;" in str(raised.value)
+
+
+def test_damaged_config_json_is_a_one_line_error_naming_the_file(tmp_path, capsys):
+    """A config.json cut short (a run killed while writing it, a full disk): resuming and
+    evaluating name the file instead of raising a JSON traceback."""
+    from focalnet_jax import cli
+
+    config = tiny_config()
+    path = workdir_lib.save_config(config, tmp_path)
+    assert workdir_lib.read_config(tmp_path).to_dict() == json.loads(config.to_json())
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"]  # no temporary file left
+    path.write_text(path.read_text()[:40])
+    (tmp_path / workdir_lib.CHECKPOINT_DIR / "5").mkdir(parents=True)
+    for call in (
+        lambda: workdir_lib.read_config(tmp_path),
+        lambda: workdir_lib.check_resumed_config(config, tmp_path),
+    ):
+        with pytest.raises(UserError, match=f"{path} is damaged \\(not JSON: "):
+            call()
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["evaluate", "--workdir", str(tmp_path)])
+    assert exited.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"focalnet evaluate: error: {path} is damaged")

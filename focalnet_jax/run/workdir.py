@@ -24,6 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
 
+from focalnet_jax.data.atomic_files import replaced_atomically
 from focalnet_jax.data.store import flat_settings
 from focalnet_jax.errors import UserError
 from focalnet_jax.run.spec import DATA_AXIS, RunSpec
@@ -54,12 +55,26 @@ class CheckpointMismatchError(UserError):
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
-    """Write the resolved config as `workdir/config.json` (process 0 only); returns the path."""
+    """Write the resolved config as `workdir/config.json` (process 0 only; atomically, so a run
+    killed while writing keeps the previous file); returns the path."""
     path = Path(workdir) / CONFIG_FILE
     if jax.process_index() == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(config.to_json(indent=2, sort_keys=True) + "\n")
+        with replaced_atomically(path) as tmp:
+            tmp.write_text(config.to_json(indent=2, sort_keys=True) + "\n")
     return path
+
+
+def _read_config_json(path: Path) -> dict:
+    """The object in `path`; a `UserError` naming the file and the reason when it is not one."""
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(
+            f"{path} is damaged (not JSON: {error}); it records the run's config"
+        ) from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path} is damaged: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 # What a resumed run may change: how long it trains, how often it logs, validates and saves, how
@@ -84,10 +99,7 @@ def check_resumed_config(config: ml_collections.ConfigDict, workdir: str | Path)
     path, steps = Path(workdir) / CONFIG_FILE, Path(workdir) / CHECKPOINT_DIR
     if not path.is_file() or not any(p.name.isdigit() for p in steps.glob("*")):
         return
-    saved, new = (
-        flat_settings(json.loads(path.read_text())),
-        flat_settings(json.loads(config.to_json())),
-    )
+    saved, new = flat_settings(_read_config_json(path)), flat_settings(json.loads(config.to_json()))
     absent = "(absent)"
     changed = [
         f"{key} {saved.get(key, absent)!r} -> {new.get(key, absent)!r}"
@@ -112,7 +124,7 @@ def read_config(workdir: str | Path) -> ml_collections.ConfigDict:
         raise FileNotFoundError(
             f"workdir {workdir}: no {CONFIG_FILE} (not a training run directory)"
         )
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+    return ml_collections.ConfigDict(_read_config_json(path))
 
 
 def make_manager(
