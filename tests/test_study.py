@@ -565,6 +565,36 @@ def test_slurm_job_array_gives_the_rows_of_the_local_study(finished, spec_file, 
                 assert float(value) == pytest.approx(float(expected[key]), abs=1e-6, nan_ok=True)
 
 
+@pytest.mark.slow
+def test_slurm_submits_no_cell_whose_new_task_waits_in_the_queue(spec_file, tmp_path):
+    """A cell whose last task failed (its state records that task) and that was submitted again:
+    while the new task waits (held) in the queue, the cell is `queued`, and another `study run`
+    submits nothing, so no two tasks train the same cell folder."""
+    from focalnet_jax.study.cells import Study
+    from focalnet_jax.study.spec import load_spec, validate
+
+    _require_slurm()
+    cluster = OneNodeCluster(tmp_path / "cluster")
+    env = {**ENV, **cluster.env}
+    workdir = tmp_path / "requeued"
+    plain = validate(load_spec(str(spec_file), ["--spec.folds=(0,)", "--spec.repeats=1"]), "spec")
+    tiny = Study.create(workdir, plain)
+    failed = tiny.cell("ce/rep0/fold0")
+    # What the cell runner of an earlier task (job 0 is never a SLURM job id) left.
+    tiny.write_state(failed, "failed", error="RuntimeError: boom", slurm_job="0_0")
+    run = ["run", "--workdir", str(workdir), "--executor=slurm"]
+    try:
+        cluster.start()
+        first = study(*run, "--sbatch=--hold", env=env).stdout
+        assert "2 to run" in first and "submitted job array" in first
+        status = study("status", "--workdir", str(workdir), env=env).stdout
+        assert re.search(r"ce/rep0/fold0\s+queued\s+\d+_0", status), status
+        again = study(*run, env=env).stdout
+        assert "0 to run" in again and "nothing to submit" in again, again
+    finally:
+        cluster.stop()
+
+
 @pytest.mark.parametrize("name", ["bosma22", "focalnet_ablation", "synthetic_mfl"])
 def test_shipped_specs_validate_against_their_base(name, store):
     from focalnet_jax.study.spec import arm_config, load_spec, validate

@@ -97,9 +97,11 @@ RUNNABLE = ("pending", "failed", "interrupted")
 
 
 def cell_states(study: Study) -> dict[str, tuple[str, str]]:
-    """{cell name: (state, SLURM task id or '')}, with the SLURM queue's view: a pending cell whose
-    task waits in the queue is `queued`, and a cell `running` on another host whose task has left
-    the queue (e.g. killed at its time limit) is `interrupted`."""
+    """{cell name: (state, SLURM task id or '')}, with the SLURM queue's view: a cell not done
+    whose latest submitted task is in the queue takes that task's state (`queued` while it
+    waits), whatever an earlier attempt recorded (`failed`, `interrupted`), so it is not
+    submitted twice; a cell `running` on another host whose task has left the queue (e.g. killed
+    at its time limit) is `interrupted`."""
     from focalnet_jax.study import slurm
 
     tasks = slurm.task_ids(study)
@@ -107,9 +109,10 @@ def cell_states(study: Study) -> dict[str, tuple[str, str]]:
     states = {}
     for cell in study.cells():
         state = study.state(cell)
-        name, task = state.state, state.record.get("slurm_job") or tasks.get(cell.name, "")
-        if name == "pending" and queue and task in queue:
-            name = "queued" if queue[task] == "PENDING" else queue[task].lower()
+        latest = tasks.get(cell.name, "")
+        name, task = state.state, state.record.get("slurm_job") or latest
+        if name != "done" and queue and latest in queue:
+            name, task = ("queued" if queue[latest] == "PENDING" else queue[latest].lower()), latest
         elif name == "running" and task and queue is not None and task not in queue:
             name = "interrupted"
         states[cell.name] = (name, task)
