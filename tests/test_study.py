@@ -6,6 +6,7 @@ started here) gives the same rows as the local one."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import csv
 import itertools
@@ -667,3 +668,18 @@ def test_froc_band_leaves_out_runs_without_a_lesion_of_the_group(tmp_path):
     fp, sens = (np.asarray(v) for v in curves["a"][0])
     assert sensitivity_at(fp, sens, [0.25, 0.5]).tolist() == [0.5, 1.0]
     assert figures.froc_bands(tmp_path / "froc.png", curves, "cs").is_file()
+
+
+def test_local_workers_one_per_gpu_unless_parallel_is_given():
+    """`--parallel 1` on a 2-GPU host runs one cell at a time (it was taken for the default and
+    became 2); without `--parallel`, one worker per GPU."""
+    from focalnet_jax.study import commands, local
+
+    parser = argparse.ArgumentParser()
+    commands.add_arguments(parser)
+    args = parser.parse_args(["run", "--workdir", "w", "--parallel", "1"])
+    assert local.worker_slots(args.parallel, ["0", "1"]) == 1
+    args = parser.parse_args(["run", "--workdir", "w"])
+    assert local.worker_slots(args.parallel, ["0", "1"]) == 2
+    assert local.worker_slots(args.parallel, []) == 1
+    assert local.worker_slots(3, []) == 3

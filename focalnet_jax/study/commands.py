@@ -29,7 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--spec", help="spec file[:arg] (default: the one recorded in --workdir)")
     run.add_argument("--workdir", type=Path, required=True, help="study folder")
     run.add_argument("--executor", choices=("local", "slurm"), default="local")
-    run.add_argument("--parallel", type=int, default=1, help="local: cells at once")
+    run.add_argument(
+        "--parallel", type=int, help="local: cells at once (default: one per GPU, else 1)"
+    )
     run.add_argument("--devices", help="local: GPU ids, one per worker (default: all visible)")
     run.add_argument("--dry-run", action="store_true", help="slurm: print the script only")
     group = run.add_argument_group("slurm (default: the spec's `slurm` fields)")
@@ -71,7 +73,7 @@ def _check_run_flags(args: argparse.Namespace) -> None:
     """`study run` flags in range, checked before anything is written."""
     from focalnet_jax.study.slurm import check_time
 
-    if args.parallel < 1:
+    if args.parallel is not None and args.parallel < 1:
         raise StudyError(f"--parallel {args.parallel}: expected >= 1")
     if args.devices is not None and not all(d.isdigit() for d in args.devices.split(",")):
         raise StudyError(
@@ -141,7 +143,7 @@ def _run(args: argparse.Namespace) -> int:
             print(f"submitted job array {job} ({len(todo)} tasks); `focalnet study status`")
         return 0
     devices = args.devices.split(",") if args.devices else local.visible_gpus()
-    parallel = args.parallel if not devices or args.parallel > 1 else len(devices)
+    parallel = local.worker_slots(args.parallel, devices)
     results = local.run_local(study, todo, parallel=parallel, devices=devices)
     _ensembles(study)
     failed = [name for name, result in results.items() if result == "failed"]

@@ -40,6 +40,14 @@ def visible_gpus() -> list[str]:
     return [str(i) for i, line in enumerate(listed.stdout.splitlines()) if line.startswith("GPU")]
 
 
+def worker_slots(parallel: int | None, devices: Sequence[str]) -> int:
+    """Cells at once: `--parallel` when given (an explicit 1 included), else one per GPU of
+    `devices`, else 1."""
+    if parallel is not None:
+        return parallel
+    return len(devices) if devices else 1
+
+
 def run_local(
     study: Study, cells: Sequence[Cell], *, parallel: int = 1, devices: Sequence[str] = ()
 ) -> dict[str, str]:
