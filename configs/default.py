@@ -29,6 +29,8 @@ def parse_arg(arg: str | None, **defaults) -> dict:
         if not sep:
             values[name] = True
         elif isinstance(default, bool):
+            if text.lower() not in ("1", "true", "yes", "0", "false", "no"):
+                raise ValueError(f"config arg {name}={text!r}: expected true or false")
             values[name] = text.lower() in ("1", "true", "yes")
         elif isinstance(default, int | float):
             try:

@@ -117,6 +117,10 @@ def test_config_args_select_variants_and_reject_unknown_names():
     assert tuple(picai.data.components) == ("t2w", "adc", "hbv") and picai.model.depth == 18
     with pytest.raises(ValueError, match="'folds' unknown"):
         load_config(str(CONFIGS / "picai.py") + ":folds=2")
+    assert load_config(str(CONFIGS / "picai.py") + ":runlocal=false").model.depth == 101
+    # A misspelt boolean is refused, not read as false (a full-size run for a smoke run).
+    with pytest.raises(ValueError, match="runlocal='ture': expected true or false"):
+        load_config(str(CONFIGS / "picai.py") + ":runlocal=ture")
     with pytest.raises(ValueError, match="loss='dice'"):
         load_config(str(CONFIGS / "ablation_loss.py") + ":loss=dice")
 
