@@ -20,6 +20,7 @@ import pytest
 from test_train_helpers import COMPONENTS, FakeStore, fast_compiles, tiny_config
 
 from focalnet_jax import encoding, losses
+from focalnet_jax.errors import UserError
 from focalnet_jax.run import RunSpec
 from focalnet_jax.training import sharding, train_state
 from focalnet_jax.training import step as step_lib
@@ -164,7 +165,8 @@ def test_mfl_weight_auto_and_number():
     assert spec.mfl_weight(store, rows) == pytest.approx(1 / ratio)
     fixed = RunSpec.from_config(tiny_config(overrides=["--config.loss.mfl_weight=130"]))
     assert fixed.mfl_weight(store, rows) == 130.0
-    with pytest.raises(ValueError, match="no positive"):
+    # No lesion in the training slices: a one-line user error naming the setting and the fold.
+    with pytest.raises(UserError, match="loss.mfl_weight='auto': the 5 training slices of data"):
         spec.mfl_weight(store, np.flatnonzero(~store.annotated))
 
 

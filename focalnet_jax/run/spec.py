@@ -185,11 +185,17 @@ class RunSpec:
             return 0.0
         if self.mfl_weight_setting is not None:
             return self.mfl_weight_setting
-        return losses.mfl_weight(
-            np.asarray(store.classes[train_rows]),
-            encoding=self.mfl_encoding,
-            grade_known=np.asarray(store.grade_known[train_rows]),
-        )
+        try:
+            return losses.mfl_weight(
+                np.asarray(store.classes[train_rows]),
+                encoding=self.mfl_encoding,
+                grade_known=np.asarray(store.grade_known[train_rows]),
+            )
+        except ValueError as error:  # e.g. no lesion in the training folds
+            raise UserError(
+                f"loss.mfl_weight='auto': the {len(train_rows)} training slices of "
+                f"data.fold={self.config.data.fold} in store {store.path}: {error}"
+            ) from None
 
     def total_steps(self, steps_per_epoch: int) -> int:
         """`train.steps` when > 0, else `train.epochs` whole epochs."""
