@@ -103,3 +103,46 @@ def test_distributed_flags_go_together_and_single_process_is_a_no_op(monkeypatch
     env = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}
     assert distributed.slurm_num_tasks(env) == 4
     assert distributed.slurm_num_tasks({"SLURM_NTASKS": "4"}) == 1  # not inside a job
+
+
+def test_a_slurm_task_alone_on_its_node_drives_every_gpu():
+    """One task per node (launch/slurm_multinode.sh): no device restriction ([]); several tasks
+    on a node: None, JAX's rule (the GPU numbered SLURM_LOCALID), which alone would also have
+    left a lone task with GPU 0 of its node's eight."""
+    ids = distributed.slurm_local_device_ids
+    assert ids({"SLURM_STEP_TASKS_PER_NODE": "1(x2)", "SLURM_NODEID": "1"}) == []
+    assert ids({"SLURM_STEP_TASKS_PER_NODE": "8(x2)", "SLURM_NODEID": "0"}) is None
+    assert ids({"SLURM_STEP_TASKS_PER_NODE": "2,1", "SLURM_NODEID": "1"}) == []
+    assert ids({"SLURM_STEP_TASKS_PER_NODE": "2,1", "SLURM_NODEID": "0"}) is None
+    assert ids({"SLURM_TASKS_PER_NODE": "1(x4)"}) == []  # the job's, outside a step
+
+
+@pytest.mark.slow
+def test_slurm_steps_give_the_task_layout_read_for_the_devices(tmp_path):
+    """`srun` of one task and of two tasks on the one-node test cluster: what each task decides
+    from the environment SLURM really sets."""
+    from slurm_cluster import OneNodeCluster, missing_binaries
+
+    if missing_binaries() or os.geteuid() != 0:
+        pytest.skip("needs the SLURM binaries and root (tests/slurm_cluster.py)")
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("two tasks need two CPUs")
+    cluster = OneNodeCluster(tmp_path / "cluster")
+    env = {**os.environ, **cluster.env, "PYTHONPATH": os.getcwd()}
+    code = (
+        "from focalnet_jax.training import distributed as d; "
+        "print(d.slurm_num_tasks(), d.slurm_local_device_ids())"
+    )
+    try:
+        cluster.start()
+        outputs = {}
+        for tasks in (1, 2):
+            done = subprocess.run(
+                ["srun", "-N1", f"-n{tasks}", sys.executable, "-c", code],
+                env=env, capture_output=True, text=True, timeout=120,
+            )  # fmt: skip
+            assert done.returncode == 0, done.stderr[-2000:]
+            outputs[tasks] = sorted(done.stdout.split("\n"))[1:]
+    finally:
+        cluster.stop()
+    assert outputs == {1: ["1 []"], 2: ["2 None", "2 None"]}

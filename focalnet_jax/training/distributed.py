@@ -3,6 +3,10 @@
 Order: explicit flags (`--coordinator_address HOST:PORT --num_processes N --process_id I`), then a
 SLURM job with more than one task (JAX reads the coordinator and ranks from SLURM's environment),
 else a single process. Must run before anything touches a JAX device.
+
+Devices of a SLURM task: JAX's own rule gives each task the one GPU numbered `SLURM_LOCALID`
+(one task per GPU, `--ntasks-per-node=<GPUs>`); a task alone on its node (`--ntasks-per-node=1`,
+launch/slurm_multinode.sh) drives every GPU it sees (`slurm_local_device_ids`).
 """
 
 from __future__ import annotations
@@ -20,6 +24,27 @@ def slurm_num_tasks(environ=None) -> int:
     if "SLURM_JOB_ID" not in environ:
         return 1
     return int(environ.get("SLURM_NTASKS", environ.get("SLURM_NPROCS", "1")))
+
+
+def _tasks_per_node(text: str) -> list[int]:
+    """SLURM's `2(x3),1` -> [2, 2, 2, 1]: tasks on each node of the step, in node order."""
+    counts = []
+    for item in filter(None, text.split(",")):
+        count, _, repeat = item.partition("(x")
+        counts += [int(count)] * int(repeat.rstrip(")") or 1)
+    return counts
+
+
+def slurm_local_device_ids(environ=None) -> list[int] | None:
+    """`local_device_ids` for `jax.distributed.initialize` in a SLURM task: [] (no restriction:
+    every device the task sees) when the task is alone on its node, else None (JAX's rule: the
+    device numbered `SLURM_LOCALID`, one per task)."""
+    environ = os.environ if environ is None else environ
+    text = environ.get("SLURM_STEP_TASKS_PER_NODE") or environ.get("SLURM_TASKS_PER_NODE", "")
+    counts = _tasks_per_node(text)
+    node = int(environ.get("SLURM_NODEID", 0))
+    here = counts[node] if node < len(counts) else max(counts, default=0)
+    return [] if here == 1 else None
 
 
 def initialize(
@@ -48,7 +73,7 @@ def initialize(
         return "flags"
     if slurm_num_tasks() > 1:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize()
+        jax.distributed.initialize(local_device_ids=slurm_local_device_ids())
         return "slurm"
     return "single"
 
