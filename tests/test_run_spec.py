@@ -35,6 +35,10 @@ INVALID = [
     (["--config.train.batch_size=0"], r"^train\.batch_size=0: must be positive$"),
     (["--config.train.steps=0", "--config.train.epochs=0"], r"^train\.steps and train\.epochs"),
     (["--config.train.log_every=0"], r"^train\.log_every: expected a positive int"),
+    # 0 kept: Orbax deleted each checkpoint once written (no resume, nothing to evaluate).
+    (["--config.train.keep_checkpoints=0"], r"^train\.keep_checkpoints: expected a positive"),
+    (["--config.train.prefetch=-1"], r"^train\.prefetch: expected a positive int"),
+    (["--config.train.eval_every=-5"], r"^train\.eval_every: expected an int >= 0"),
     (["--config.optim.decay_steps=0"], r"^optim\.decay_steps: expected a positive int"),
 ]
 

@@ -254,9 +254,15 @@ def _check_mfl_chunk(chunk) -> int:
 def _check_train(train) -> None:
     if train.steps <= 0 and train.epochs <= 0:
         raise ValueError("train.steps and train.epochs are both <= 0; set one of them")
-    for key in ("log_every", "checkpoint_every"):
-        if not (isinstance(train[key], int) and train[key] >= 1):
+    # keep_checkpoints=0 would have Orbax delete every checkpoint as soon as it is written.
+    for key in ("log_every", "checkpoint_every", "keep_checkpoints", "prefetch"):
+        if isinstance(train[key], bool) or not (isinstance(train[key], int) and train[key] >= 1):
             raise ValueError(f"train.{key}: expected a positive int, got {train[key]!r}")
+    eval_every = train.eval_every
+    if isinstance(eval_every, bool) or not (isinstance(eval_every, int) and eval_every >= 0):
+        raise ValueError(
+            f"train.eval_every: expected an int >= 0 (0 = at the end), got {eval_every!r}"
+        )
 
 
 def _optimizer(optim) -> tuple[optax.Schedule, optax.GradientTransformation]:
