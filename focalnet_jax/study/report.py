@@ -185,7 +185,8 @@ def _comparisons(stats_rows: Sequence[Mapping], iterations: int) -> list[str]:
         "## Comparisons (H1: b better than a)",
         "",
         "p_permutation: picai_eval's permutation test over runs (exact when the two arms have "
-        f"<= 20 runs together, else {iterations} random splits); p_welch: one-sided Welch "
+        f"<= 20 runs together, else {iterations} random splits drawn with seed "
+        f"{statistics.PERMUTATION_SEED}); p_welch: one-sided Welch "
         "t-test; Bonferroni over the ordered pairs of each metric. See docs/studies.md.",
         "",
         "| metric | a | b | mean a | mean b | p_permutation | p_welch | p_welch_bonferroni |",

@@ -9,7 +9,10 @@ the baseline arm `a` (every metric compared here is higher-is-better).
   null distribution comes from every split of the pooled runs into groups of the two sizes:
   enumerated exactly when the two arms have 20 runs or fewer together, otherwise drawn
   (`iterations` random splits; picai_eval's default is 10^6, too slow for a study with many
-  metrics, so the default here is 10^4 and the report states it).
+  metrics, so the default here is 10^4 and the report states it). picai_eval draws the splits
+  from an unseeded generator, so a report regenerated from the same runs would change its
+  p-values; here the same test (its mlxtend `permutation_test` with picai_eval's statistic and
+  rule for exact vs random) draws them with `PERMUTATION_SEED`.
 - `p_welch`: Welch's unequal-variance t-test (`evaluation.stats.welch_pvalue`), one-sided
   (H1: mean of b > mean of a).
 - `p_welch_bonferroni`: min(1, p_welch x m), m = the number of ordered arm pairs of that metric.
@@ -28,16 +31,21 @@ from focalnet_jax.evaluation.stats import bonferroni, finite_values, welch_pvalu
 from focalnet_jax.study.spec import StudyError
 
 APPROXIMATE_ITERATIONS = 10_000
+PERMUTATION_SEED = 0
+EXACT_MAX_RUNS = 20  # picai_eval's rule: enumerate every split up to this many runs together
 
 
 def permutation_pvalue(
     baseline: Sequence[float],
     alternative: Sequence[float],
     iterations: int = APPROXIMATE_ITERATIONS,
+    seed: int = PERMUTATION_SEED,
 ) -> float:
-    """picai_eval's one-sided permutation test (H1: `alternative` better); NaN without values."""
+    """picai_eval's one-sided permutation test (H1: `alternative` better), its random splits
+    drawn with `seed`; NaN without values."""
     try:
-        from picai_eval.statistical_helper import perform_permutation_test
+        from mlxtend.evaluate import permutation_test
+        from picai_eval.statistical_helper import calc_order_auc_score
     except ImportError as error:
         raise StudyError(
             f"the permutation test needs picai_eval ({error}); install the 'picai' extra"
@@ -47,7 +55,13 @@ def permutation_pvalue(
         return float("nan")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return float(perform_permutation_test(list(a), list(b), iterations=iterations))
+        # = picai_eval's perform_permutation_test(a, b, iterations=iterations), seeded.
+        method = "exact" if a.size + b.size <= EXACT_MAX_RUNS else "approximate"
+        p = permutation_test(
+            x=list(a), y=list(b), func=calc_order_auc_score, method=method,
+            num_rounds=iterations, seed=seed,
+        )  # fmt: skip
+        return float(p)
 
 
 def _mean(values: Sequence[float]) -> float:
