@@ -241,20 +241,24 @@ def test_summarize_rejects_bad_runs(tmp_path):
     assert message.endswith(f"--runs names 'A' twice ({tmp_path / 'run'} and other)")
 
 
-def test_picai_bootstrap_failure_keeps_metrics_and_says_why(tmp_path):
+def test_picai_bootstrap_redraws_resamples_with_one_class(tmp_path):
     # Two of four cases have neither lesions nor score blobs: some bootstrap resamples hold only
-    # those, where picai_eval's precision-recall fails. metrics.json is still written, with the
-    # point estimates, null intervals and the reason.
+    # those (no lesion: AUROC undefined, and picai_eval's precision-recall fails) or only the
+    # two positive cases. They are drawn again; every other resample ranks both lesions (0.9,
+    # 0.6) above the empty cases (score 0) with no false candidate: AUROC 1 and AP 1.
     predictions, out = tmp_path / "predictions", tmp_path / "eval"
     write_blob_case(predictions, "c1", lesion=(3, (4, 20, 20)), blobs=[((4, 20, 20), 0.9)])
     write_blob_case(predictions, "c2", lesion=(2, (3, 12, 30)), blobs=[((3, 12, 30), 0.6)])
     write_blob_case(predictions, "c3")
     write_blob_case(predictions, "c4")
-    run_cli(["evaluate", "--predictions", str(predictions), "--out", str(out), "--no-figures"])
+    run_cli(["evaluate", "--predictions", str(predictions), "--out", str(out), "--no-figures",
+             "--picai-bootstraps", "50"])  # fmt: skip
     picai = json.loads((out / "metrics.json").read_text())["picai"]
     assert picai["num_cases"] == 4 and picai["num_positive_cases"] == 2
     assert picai["auroc"] == pytest.approx(1.0)
-    assert picai["auroc_95_ci"] is None and picai["bootstrap_error"]
+    assert picai["auroc_95_ci"] == [1.0, 1.0] and picai["ap_95_ci"] == [1.0, 1.0]
+    # P(all four draws from one class) = 2 x (1/2)^4 = 1/8 per resample.
+    assert picai["bootstrap_resamples_redrawn"] > 0
 
 
 def _evaluate_argv(predictions, out, *extra):
