@@ -79,3 +79,20 @@ def test_compare_arms_rows_are_reproducible():
     per_metric = {"m": {"a": list(rng.random(12)), "b": list(rng.random(12))}}
     first, second = compare_arms(per_metric, 500), compare_arms(per_metric, 500)
     assert [r["p_permutation"] for r in first] == [r["p_permutation"] for r in second]
+
+
+def test_metrics_table_says_how_many_runs_are_left_out():
+    """A run whose metric is undefined (NaN: e.g. no negative case in its fold) is left out of
+    the mean; the cell must say of how many runs it is the mean."""
+    from focalnet_jax.study.report import HEADLINE, _metrics_table
+
+    values = {"ce": [0.6, 0.8, float("nan")], "fl": [0.7, 0.7, 0.7]}
+    rows = [
+        {"arm": arm, **{metric: v for metric in HEADLINE}}
+        for arm, per_run in values.items()
+        for v in per_run
+    ]
+    table = [line for line in _metrics_table(rows, ["ce", "fl"]) if line.startswith("| ")]
+    # ce: mean 0.7 and SD sqrt(0.02) = 0.141 over 2 of its 3 runs.
+    assert table[1] == "| ce | " + " | ".join(["0.700 +- 0.141 (2/3)"] * 4) + " |"
+    assert table[2] == "| fl | " + " | ".join(["0.700 +- 0.000 (3)"] * 4) + " |"

@@ -168,13 +168,14 @@ def _header(study: Study, missing: Sequence[str]) -> list[str]:
 
 
 def _metrics_table(rows: Sequence[Mapping], names: Sequence[str]) -> list[str]:
-    lines = ["", "## Metrics over runs (mean +- SD, n runs)", ""]
+    lines = ["", "## Metrics over runs (mean +- SD, n runs; n/N: N - n runs undefined)", ""]
     lines += ["| arm | " + " | ".join(HEADLINE) + " |", "|---" * (len(HEADLINE) + 1) + "|"]
     for name in names:
         cells = []
         for metric in HEADLINE:
             s = mean_sd([r[metric] for r in rows if r["arm"] == name])
-            cells.append(f"{_fmt(s['mean'])} +- {_fmt(s['sd'])} ({s['n']})")
+            runs = f"{s['n']}" if s["n"] == s["of"] else f"{s['n']}/{s['of']}"
+            cells.append(f"{_fmt(s['mean'])} +- {_fmt(s['sd'])} ({runs})")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 
