@@ -683,3 +683,21 @@ def test_local_workers_one_per_gpu_unless_parallel_is_given():
     assert local.worker_slots(args.parallel, ["0", "1"]) == 2
     assert local.worker_slots(args.parallel, []) == 1
     assert local.worker_slots(3, []) == 3
+
+
+def test_status_report_and_evaluate_start_without_importing_jax(finished):
+    """`study status`, `study report` and `evaluate --predictions` read files only: they start
+    without importing JAX (nor does parsing any `focalnet` command line)."""
+    code = (
+        "import sys; from focalnet_jax.cli import main; "
+        f"main(['study', 'status', '--workdir', {str(finished)!r}]); "
+        f"main(['study', 'report', '--workdir', {str(finished)!r}]); "
+        "import focalnet_jax.evaluation.evaluate; "
+        "print('jax' in sys.modules, 'flax' in sys.modules)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "8 done" in done.stdout
+    assert done.stdout.splitlines()[-1] == "False False"
