@@ -4,6 +4,7 @@ multi-process start-up (focalnet_jax/training/distributed.py)."""
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 
@@ -100,9 +101,11 @@ def test_distributed_flags_go_together_and_single_process_is_a_no_op(monkeypatch
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     assert distributed.initialize() == "single"
     assert jax.process_count() == 1
-    env = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}
-    assert distributed.slurm_num_tasks(env) == 4
-    assert distributed.slurm_num_tasks({"SLURM_NTASKS": "4"}) == 1  # not inside a job
+    env = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "4"}
+    assert distributed.slurm_num_tasks(env) == 4  # an `srun -n4` step
+    assert distributed.slurm_num_tasks({"SLURM_STEP_NUM_TASKS": "4"}) == 1  # not inside a job
+    # The batch script of `sbatch -n4` (no srun) is one process: JAX would wait for 4.
+    assert distributed.slurm_num_tasks({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}) == 1
 
 
 def test_a_slurm_task_alone_on_its_node_drives_every_gpu():
@@ -133,6 +136,8 @@ def test_slurm_steps_give_the_task_layout_read_for_the_devices(tmp_path):
         "from focalnet_jax.training import distributed as d; "
         "print(d.slurm_num_tasks(), d.slurm_local_device_ids())"
     )
+    script, batch_out = tmp_path / "batch.sh", tmp_path / "batch.out"
+    script.write_text(f"#!/bin/bash\n{shlex.quote(sys.executable)} -c {shlex.quote(code)}\n")
     try:
         cluster.start()
         outputs = {}
@@ -143,6 +148,11 @@ def test_slurm_steps_give_the_task_layout_read_for_the_devices(tmp_path):
             )  # fmt: skip
             assert done.returncode == 0, done.stderr[-2000:]
             outputs[tasks] = sorted(done.stdout.split("\n"))[1:]
+        # The batch script of a 2-task job, outside any srun step: one process.
+        batch = ["sbatch", "-n2", "--wait", f"--output={batch_out}", str(script)]
+        done = subprocess.run(batch, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        outputs["batch"] = batch_out.read_text().split()[:1]
     finally:
         cluster.stop()
-    assert outputs == {1: ["1 []"], 2: ["2 None", "2 None"]}
+    assert outputs == {1: ["1 []"], 2: ["2 None", "2 None"], "batch": ["1"]}

@@ -1,8 +1,9 @@
 """Multi-process start-up: `jax.distributed.initialize` from flags or a SLURM allocation.
 
-Order: explicit flags (`--coordinator_address HOST:PORT --num_processes N --process_id I`), then a
-SLURM job with more than one task (JAX reads the coordinator and ranks from SLURM's environment),
-else a single process. Must run before anything touches a JAX device.
+Order: explicit flags (`--coordinator_address HOST:PORT --num_processes N --process_id I`), then an
+`srun` step of more than one task (JAX reads the coordinator and ranks from SLURM's environment),
+else a single process (also a job's batch script or `salloc` shell, outside any step). Must run
+before anything touches a JAX device.
 
 Devices of a SLURM task: JAX's own rule gives each task the one GPU numbered `SLURM_LOCALID`
 (one task per GPU, `--ntasks-per-node=<GPUs>`); a task alone on its node (`--ntasks-per-node=1`,
@@ -19,11 +20,13 @@ import jax
 
 
 def slurm_num_tasks(environ=None) -> int:
-    """Number of tasks of the enclosing SLURM job step (1 outside SLURM)."""
+    """Number of tasks of the enclosing SLURM job step, `srun`'s `SLURM_STEP_NUM_TASKS` (1
+    outside SLURM, and outside a step: a batch script or an `salloc` shell is one process,
+    whatever `--ntasks` the job holds for its `srun` steps)."""
     environ = os.environ if environ is None else environ
     if "SLURM_JOB_ID" not in environ:
         return 1
-    return int(environ.get("SLURM_NTASKS", environ.get("SLURM_NPROCS", "1")))
+    return int(environ.get("SLURM_STEP_NUM_TASKS", "1"))
 
 
 def _tasks_per_node(text: str) -> list[int]:
