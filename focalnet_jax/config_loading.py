@@ -133,6 +133,11 @@ def _split_overrides(overrides: Sequence[str]) -> list[tuple[str, str]]:
     return pairs
 
 
+def override_keys(overrides: Sequence[str]) -> list[str]:
+    """The dotted keys of `--config.a.b=value` overrides, in order: `['a.b']`."""
+    return [key for key, _ in _split_overrides(overrides)]
+
+
 def apply_overrides(
     config: ml_collections.ConfigDict, overrides: Sequence[str]
 ) -> ml_collections.ConfigDict:

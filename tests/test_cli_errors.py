@@ -153,6 +153,27 @@ def test_cv_folds_that_are_not_integers(capsys):
     )
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["cv", "--fold", "2"],
+         "--fold 2: cv trains every fold, or those of --folds (e.g. --folds 2)"),
+        (["cv", "--config.data.fold=2"],
+         "--config.data.fold: cv trains every fold, or those of --folds (e.g. --folds 2)"),
+        (["train", "--fold", "1", "--config.data.fold=2"],
+         "--fold 1 and --config.data.fold=2 disagree"),
+    ],
+)  # fmt: skip
+def test_a_fold_that_would_be_overruled_is_refused(argv, message, tmp_path, capsys):
+    """`cv` sets each fold itself and `--fold` would win over `--config.data.fold`: refused, not
+    silently ignored."""
+    config = str(REPO / "configs" / "focalnet.py")
+    command, *rest = argv
+    status, err = _run([command, "--config", config, "--workdir", str(tmp_path), *rest], capsys)
+    assert (status, err.splitlines()[-1]) == (2, f"focalnet {command}: error: {message}")
+    assert list(tmp_path.iterdir()) == []
+
+
 BAD_CONFIG_FILES = [  # (file name, text, the message after "config file <path>: ")
     ("config.txt", "x = 1\n", "not a Python file (expected a .py file with get_config())"),
     ("broken.py", "import ml_collections\n\ndef get_config(:\n", "syntax error at line 3: "),

@@ -45,7 +45,7 @@ def _training_setup(args: argparse.Namespace):
     """Join the process group, load the config with its overrides; returns the config."""
     import logging
 
-    from focalnet_jax.config_loading import load_config
+    from focalnet_jax.config_loading import load_config, override_keys
     from focalnet_jax.run import RunSpec
     from focalnet_jax.training import distributed
 
@@ -55,14 +55,27 @@ def _training_setup(args: argparse.Namespace):
     try:
         distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
         config = load_config(args.config, args.overrides)
+        fold_overridden = "data.fold" in override_keys(args.overrides)
     except (KeyError, ValueError, FileNotFoundError) as error:  # flags and config: the user's
         raise UserError(error.args[0] if error.args else str(error)) from error
-    if args.fold is not None:
-        config.data.fold = args.fold
+    _set_fold(config, args, fold_overridden)
     RunSpec.from_config(config)  # every config error in one line, before any compilation
 
     logging.getLogger("focalnet_jax").info("%s", distributed.describe())
     return config
+
+
+def _set_fold(config, args: argparse.Namespace, fold_overridden: bool) -> None:
+    """`train --fold K` sets data.fold; refused where it would be silently overruled: against a
+    different `--config.data.fold`, and in `cv`, which trains the folds of `--folds`."""
+    if args.command == "cv" and (args.fold is not None or fold_overridden):
+        given = f"--fold {args.fold}" if args.fold is not None else "--config.data.fold"
+        raise UserError(f"{given}: cv trains every fold, or those of --folds (e.g. --folds 2)")
+    if args.fold is None:
+        return
+    if fold_overridden and config.data.fold != args.fold:
+        raise UserError(f"--fold {args.fold} and --config.data.fold={config.data.fold} disagree")
+    config.data.fold = args.fold
 
 
 def run_train(args: argparse.Namespace) -> int:
