@@ -18,6 +18,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.special
 
 NUM_CLASSES = 6
 """Number of classes: non-lesion and five Gleason groups."""
@@ -241,8 +242,10 @@ def target_validity(grade_known, classes, encoding: str):
 
 
 def _sigmoid(xp, x):
-    # tanh form: exact at +-inf and never overflows, in NumPy and JAX alike.
-    return 0.5 * (1.0 + xp.tanh(0.5 * x))
+    # Overflow-free and exact at +-inf, with the relative precision of small probabilities (a
+    # detection's P(class >= k) of 1e-9 is ranked, not rounded to 0 as 0.5 * (1 + tanh(x / 2))
+    # would round it below ~6e-8).
+    return jax.nn.sigmoid(x) if xp is jnp else scipy.special.expit(x)
 
 
 def _softmax(xp, x):

@@ -157,3 +157,19 @@ def test_scores_from_outputs_per_encoding():
 def test_bad_input_names_the_argument(call, error, argument):
     with pytest.raises(error, match=argument):
         call()
+
+
+@pytest.mark.parametrize("as_jax", [False, True])
+@pytest.mark.parametrize("enc", ["ordinal", "binary"])
+def test_sigmoid_scores_keep_relative_precision_of_small_probabilities(as_jax, enc):
+    # P(class >= k) ranks detections (GS ROC, FROC thresholds), so a small probability must keep
+    # its relative precision rather than round to a multiple of float32's epsilon near 1.
+    logits = np.array([-5.0, -10.0, -12.0, -16.0, -20.0, -30.0, -80.0, 0.0, 12.0], np.float64)
+    reference = 1.0 / (1.0 + np.exp(-logits))  # float64, exact to float32 precision here
+    k = encoding.num_outputs(enc)
+    outputs = np.repeat(logits[:, None], k, axis=1).astype(np.float32)
+    scores = encoding.scores_from_outputs(
+        jnp.asarray(outputs) if as_jax else outputs, enc, from_logits=True
+    )
+    np.testing.assert_allclose(np.asarray(scores)[:, 0], reference, rtol=1e-5, atol=0)
+    assert np.all(np.diff(np.asarray(scores)[:7, 0]) < 0)  # strictly ordered, no ties at 0
