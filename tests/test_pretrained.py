@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import jax
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+from focalnet_jax.errors import UserError, is_user_error
 from focalnet_jax.models import build_model, default_model_config
 from focalnet_jax.models.pretrained import (
     adapt_first_conv,
@@ -223,7 +225,7 @@ def test_pth_needs_torch(tmp_path):
     except ImportError:
         path = tmp_path / "weights.pth"
         path.write_bytes(b"not a pickle")
-        with pytest.raises(ImportError, match="needs torch"):
+        with pytest.raises(UserError, match="needs torch"):
             read_state_dict(path)
     else:
         pytest.skip("torch is installed; the .pth path is covered by the torch-marked test")
@@ -264,3 +266,39 @@ def test_converted_weights_reproduce_torchvision_features(output_stride, compone
     ours = np.asarray(ResNet(depth=50, output_stride=output_stride).apply(backbone, x))
     assert ours.shape == reference.shape
     np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max())
+
+
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("truncated.safetensors", b"garbage"),
+        ("empty.npz", b""),
+        ("text.npz", b"not a zip archive"),
+    ],
+)
+def test_unreadable_file_is_a_user_error_naming_it(tiny_state, tmp_path, name, content):
+    cfg, _ = tiny_state
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(UserError, match=rf"pretrained weights {re.escape(str(path))}: ") as info:
+        load_torchvision_resnet(
+            abstract_variables(cfg, 3), path, num_components=3, model_config=cfg
+        )
+    assert is_user_error(info.value) and "\n" not in str(info.value)
+
+
+def test_npz_with_pickled_objects_is_refused_naming_the_file(tiny_state, tmp_path):
+    cfg, _ = tiny_state
+    path = tmp_path / "objects.npz"
+    np.savez(path, conv1=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(UserError, match=r"objects\.npz: "):
+        read_state_dict(path)
+
+
+def test_weights_that_do_not_fit_are_user_errors(tiny_state, tmp_path):
+    # `focalnet train` prints user errors as one line; a mismatching file is the user's to fix.
+    _, state = tiny_state
+    with pytest.raises(UserError, match=r"weights\.npz: .*bn1\.bias has shape"):
+        _load(config(depth=18, width=0.25), state, tmp_path)
+    with pytest.raises(UserError, match=r"weights\.npz: .*missing for ResNet-34"):
+        _load(config(depth=34, width=0.125), state, tmp_path)

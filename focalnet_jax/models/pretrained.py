@@ -17,7 +17,8 @@ torchvision                                  Flax (``backbone`` subtree)
 ``fc.*`` (the ImageNet classifier) and ``*.num_batches_tracked`` have no counterpart in the
 segmentation network and are reported as ignored. A backbone key absent from the file is an
 error listing all of them; a key that is neither mapped nor ignored is logged as a warning; a
-shape mismatch is an error naming the key and both shapes.
+shape mismatch is an error naming the key and both shapes. These errors, and a file its format's
+reader cannot read, are ``PretrainedWeightsError`` (a ``UserError``: one line naming the file).
 
 First convolution: the RGB filters ``w`` [O, 3, 7, 7] become ``sum_rgb(w) / C`` repeated for each
 of the ``C = num_components`` input channels. An input whose C components all equal an image g
@@ -36,12 +37,18 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from focalnet_jax.errors import UserError
+
 log = logging.getLogger(__name__)
 
 _SUFFIXES = (".safetensors", ".npz", ".pth", ".pt")
 _BN_PARAMS = {"scale": "weight", "bias": "bias"}
 _BN_STATS = {"mean": "running_mean", "var": "running_var"}
 _IGNORED = re.compile(r"^fc\.(weight|bias)$|(^|\.)num_batches_tracked$")
+
+
+class PretrainedWeightsError(UserError):
+    """A weights file that cannot be read or does not fit the model (names the file and why)."""
 
 
 def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
@@ -54,29 +61,47 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise FileNotFoundError(f"pretrained weights {path}: no such file")
     suffix = path.suffix.lower()
+    if suffix not in _SUFFIXES:
+        raise PretrainedWeightsError(f"pretrained weights {path}: expected a suffix in {_SUFFIXES}")
+    try:
+        tensors = _read_tensors(path, suffix)
+        return {key: np.asarray(value, dtype=np.float32) for key, value in tensors.items()}
+    except PretrainedWeightsError:
+        raise
+    except Exception as error:  # whatever the format's reader raises on a damaged file
+        reason = str(error).replace("\n", " ") or "no details"
+        raise PretrainedWeightsError(
+            f"pretrained weights {path}: unreadable {suffix} file ({type(error).__name__}: "
+            f"{reason})"
+        ) from error
+
+
+def _read_tensors(path: Path, suffix: str) -> Mapping[str, Any]:
+    """The file's tensors by name, as its format's reader gives them."""
     if suffix == ".safetensors":
         from safetensors.numpy import load_file
 
-        tensors = load_file(str(path))
-    elif suffix == ".npz":
+        return load_file(str(path))
+    if suffix == ".npz":
         with np.load(path, allow_pickle=False) as archive:
-            tensors = {key: archive[key] for key in archive.files}
-    elif suffix in (".pth", ".pt"):
-        try:
-            import torch
-        except ImportError as error:
-            raise ImportError(
-                f"pretrained weights {path}: reading .pth needs torch; install it or convert the "
-                "file to .safetensors/.npz"
-            ) from error
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-        for nested in ("state_dict", "model_state_dict"):
-            if isinstance(loaded, Mapping) and isinstance(loaded.get(nested), Mapping):
-                loaded = loaded[nested]
-        tensors = {key: value.detach().cpu().float().numpy() for key, value in loaded.items()}
-    else:
-        raise ValueError(f"pretrained weights {path}: expected a suffix in {_SUFFIXES}")
-    return {key: np.asarray(value, dtype=np.float32) for key, value in tensors.items()}
+            return {key: archive[key] for key in archive.files}
+    try:
+        import torch
+    except ImportError as error:
+        raise PretrainedWeightsError(
+            f"pretrained weights {path}: reading .pth needs torch; install it or convert the "
+            "file to .safetensors/.npz"
+        ) from error
+    loaded = torch.load(path, map_location="cpu", weights_only=True)
+    for nested in ("state_dict", "model_state_dict"):
+        if isinstance(loaded, Mapping) and isinstance(loaded.get(nested), Mapping):
+            loaded = loaded[nested]
+    if not isinstance(loaded, Mapping):
+        raise PretrainedWeightsError(
+            f"pretrained weights {path}: expected a state_dict (a dict of tensors), got "
+            f"{type(loaded).__name__}"
+        )
+    return {key: value.detach().cpu().float().numpy() for key, value in loaded.items()}
 
 
 def torchvision_key(module_path: tuple[str, ...]) -> str:
@@ -161,7 +186,7 @@ def _backbone(variables: Mapping[str, Any]) -> dict[str, Any]:
 def _check_request(model_config: ml_collections.ConfigDict, num_components: int) -> None:
     """Pretrained ResNet weights fit a DeepLab backbone and a positive number of components."""
     if model_config.name != "deeplab":
-        raise ValueError(
+        raise UserError(
             f"model.name: pretrained ResNet weights need 'deeplab', got {model_config.name!r}"
         )
     if not isinstance(num_components, int) or num_components < 1:
@@ -173,7 +198,7 @@ def _check_keys(state: Mapping[str, np.ndarray], mapping: Mapping, path, depth: 
     loaded (a warning for unexpected ones, info for the ignored classifier and BN counters)."""
     missing = sorted(set(mapping) - set(state))
     if missing:
-        raise ValueError(
+        raise PretrainedWeightsError(
             f"pretrained weights {path}: {len(missing)} backbone keys missing for ResNet-"
             f"{depth}: {missing}"
         )
@@ -208,7 +233,7 @@ def _fill_backbone(
         value = _to_flax(value)
         expected = tuple(_get(target[collection], leaf_path).shape)
         if value.shape != expected:
-            raise ValueError(
+            raise PretrainedWeightsError(
                 f"pretrained weights {path}: {key} has shape {tuple(state[key].shape)} "
                 f"(as Flax {value.shape}) but the model expects {expected} at "
                 f"{collection}/backbone/{'/'.join(leaf_path)}"
