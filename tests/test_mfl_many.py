@@ -229,3 +229,32 @@ def test_subset_masks_follow_the_default_subset_order():
     assert masks.shape == (14, 4)
     assert masks[:4].tolist() == np.eye(4).tolist()  # single components first
     assert masks[4].tolist() == [1, 1, 0, 0] and masks[-1].tolist() == [0, 1, 1, 1]
+
+
+def test_slices_without_lesions_train_no_subset_and_are_not_counted_as_choosing_one():
+    # Slice 0 has no lesion: every subset's distance is 0, it adds 0 to MFL and trains nothing,
+    # so it must not be logged as having chosen subset 0 (`data.slices=all` has many such).
+    images, classes, grade_known = _batch(seed=2)
+    classes = classes.at[0].set(0)
+    specs = {mode: _spec("frozen", mode) for mode in ("vmap", "select")}
+    variables = _variables(specs["vmap"])
+    out = {
+        mode: _loss_and_grads(spec, variables, (images, classes, grade_known))
+        for mode, spec in specs.items()
+    }
+    masks = losses.subset_masks(COMPONENTS)
+
+    def probs(x):
+        return jax.nn.sigmoid(specs["vmap"].model.apply(variables, x, train=True))
+
+    targets = encoding.encode(classes, "ordinal")
+    own = jnp.stack([probs(images * m) for m in masks])
+    expected, chosen = losses.mutual_finding_loss(probs(images), own, targets)
+    share = np.zeros(len(masks))
+    for b in (1, 2, 3):  # the lesion slices, each 1/4 of the batch
+        share[int(chosen[b])] += 0.25
+    for mode in ("vmap", "select"):
+        terms = out[mode]["terms"]
+        np.testing.assert_allclose(terms["mfl"], expected, rtol=1e-5)
+        np.testing.assert_allclose(terms["mfl_subset_share"], share, atol=1e-7)
+    _assert_close(out["select"]["grads"], out["vmap"]["grads"])

@@ -56,8 +56,10 @@ def _targets(classes, grade_known, enc: str):
 
 
 def _mfl(apply, variables, full_logits, images, classes, grade_known, spec: RunSpec):
-    """(MFL, chosen subset per slice `[B]`) in the run's MFL mode, the subsets run
-    `spec.mfl_chunk` at a time (`losses.subset_distances`)."""
+    """(MFL, subset share `[M]`) in the run's MFL mode, the subsets run `spec.mfl_chunk` at a
+    time (`losses.subset_distances`). The share of subset i is the fraction of the batch's slices
+    whose MFL trained subset i: a slice without known positive bits has distance 0 to every
+    subset and trains none, so the shares sum to the fraction of slices with a lesion."""
     targets, valid = _targets(classes, grade_known, spec.mfl_encoding)
     full_probs = losses.mfl_probs(full_logits, spec.output_encoding)
     masks = losses.subset_masks(spec.components, spec.subsets, images.dtype)  # [M, C]
@@ -68,17 +70,22 @@ def _mfl(apply, variables, full_logits, images, classes, grade_known, spec: RunS
         targets=targets, valid=valid, chunk=chunk,
     )  # fmt: skip
     size = images.shape[1:3]
+    lesion = (jnp.sum(targets * valid, axis=(1, 2, 3)) > 0).astype(jnp.float32)  # [B]
+
+    def share(chosen):
+        return jnp.mean(jax.nn.one_hot(chosen, len(spec.subsets)) * lesion[:, None], axis=0)
+
     if spec.mfl_mode == "vmap":
         # Chunked, the backward pass recomputes each chunk's forward instead of saving all M.
         per_slice, chosen = losses.loss_from_distances(
             distances(jax.checkpoint(probs_of) if chunk else probs_of), *size
         )
-        return reductions.mean(per_slice), chosen
+        return reductions.mean(per_slice), share(chosen)
     frozen = jax.tree.map(lax.stop_gradient, variables)
     _, chosen = losses.loss_from_distances(distances(lambda x: probs_of(x, frozen)), *size)
     picked = images * jnp.asarray(masks)[chosen][:, None, None, :]  # [B,H,W,C]
     mfl, _ = losses.mutual_finding_loss(full_probs, probs_of(picked)[None], targets, valid=valid)
-    return mfl, chosen
+    return mfl, share(chosen)
 
 
 def loss_fn(params, batch_stats, images, classes, grade_known, mfl_weight, *, spec: RunSpec):
@@ -86,7 +93,8 @@ def loss_fn(params, batch_stats, images, classes, grade_known, mfl_weight, *, sp
 
     images `[B,H,W,C]`, classes / grade_known `[B,H,W]`; `mfl_weight`: lambda, a number or a
     float32 scalar. `terms`: the named loss, `mfl`, `mfl_weight` and `mfl_subset_share [M]`
-    (share of slices whose MFL chose each subset). The batch_stats are the full-input pass's.
+    (share of the slices whose MFL trained each subset; lesion-free slices train none). The
+    batch_stats are the full-input pass's.
     """
 
     def apply(x, variables):
@@ -100,10 +108,9 @@ def loss_fn(params, batch_stats, images, classes, grade_known, mfl_weight, *, sp
     main = spec.loss.fn(logits, targets, valid=valid, **across)  # batch Dice: the global batch
     terms, total = {spec.loss.name: main}, main
     if spec.mfl:
-        mfl, chosen = _mfl(apply, variables, logits, images, classes, grade_known, spec)
+        mfl, share = _mfl(apply, variables, logits, images, classes, grade_known, spec)
         total = total + mfl_weight * mfl
-        terms["mfl"] = mfl
-        terms["mfl_subset_share"] = jnp.mean(jax.nn.one_hot(chosen, len(spec.subsets)), axis=0)
+        terms["mfl"], terms["mfl_subset_share"] = mfl, share
     terms["mfl_weight"] = jnp.asarray(mfl_weight if spec.mfl else 0.0, jnp.float32)
     return total, (terms, new_batch_stats)
 
