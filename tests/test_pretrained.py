@@ -302,3 +302,28 @@ def test_weights_that_do_not_fit_are_user_errors(tiny_state, tmp_path):
         _load(config(depth=18, width=0.25), state, tmp_path)
     with pytest.raises(UserError, match=r"weights\.npz: .*missing for ResNet-34"):
         _load(config(depth=34, width=0.125), state, tmp_path)
+
+
+def test_first_conv_of_the_models_own_components_is_kept(tmp_path):
+    # A backbone saved from a 2-component model (save_torchvision_resnet) keeps one filter per
+    # component; loading it back must not average the T2w and ADC filters into one.
+    cfg = config(depth=18, width=0.125)
+    rng = np.random.default_rng(2)
+    variables = jax.tree.map(
+        lambda leaf: rng.standard_normal(leaf.shape).astype(np.float32),
+        abstract_variables(cfg, 2),
+    )
+    path = tmp_path / "mri.safetensors"
+    save_torchvision_resnet(variables, path)
+    loaded = load_torchvision_resnet(
+        abstract_variables(cfg, 2), path, num_components=2, model_config=cfg
+    )
+    np.testing.assert_array_equal(
+        loaded["params"]["backbone"]["conv1"]["kernel"],
+        variables["params"]["backbone"]["conv1"]["kernel"],
+    )
+    # Into another number of components it is refused, naming the file and both shapes.
+    with pytest.raises(UserError, match=r"mri\.safetensors: conv1\.weight has 2 input channels"):
+        load_torchvision_resnet(
+            abstract_variables(cfg, 4), path, num_components=4, model_config=cfg
+        )

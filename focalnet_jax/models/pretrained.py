@@ -20,10 +20,13 @@ error listing all of them; a key that is neither mapped nor ignored is logged as
 shape mismatch is an error naming the key and both shapes. These errors, and a file its format's
 reader cannot read, are ``PretrainedWeightsError`` (a ``UserError``: one line naming the file).
 
-First convolution: the RGB filters ``w`` [O, 3, 7, 7] become ``sum_rgb(w) / C`` repeated for each
-of the ``C = num_components`` input channels. An input whose C components all equal an image g
-then gives exactly the response of the RGB network to the grey image (g, g, g), so the pretrained
-filters keep their scale whatever the number of MRI components.
+First convolution: the RGB filters ``w`` [O, 3, 7, 7] (or grey ones, [O, 1, 7, 7]) become
+``sum_rgb(w) / C`` repeated for each of the ``C = num_components`` input channels. An input whose C
+components all equal an image g then gives exactly the response of the RGB network to the grey
+image (g, g, g), so the pretrained filters keep their scale whatever the number of MRI components.
+A file whose first convolution already has C input channels (C other than 3, e.g. a backbone
+written by :func:`save_torchvision_resnet`) is loaded as it is; any other channel count is an
+error.
 """
 
 from __future__ import annotations
@@ -142,6 +145,22 @@ def adapt_first_conv(weight: np.ndarray, num_components: int) -> np.ndarray:
     return np.repeat(summed, num_components, axis=1)
 
 
+def _first_conv(weight: np.ndarray, num_components: int, path) -> np.ndarray:
+    """The file's first convolution [O, I, kh, kw] for ``num_components`` input channels: kept
+    where I = num_components (other than RGB's 3), adapted from RGB or grey filters, else an
+    error naming the file."""
+    channels = weight.shape[1] if weight.ndim == 4 else None
+    if channels == num_components and channels != 3:
+        return weight
+    if channels in (1, 3):
+        return adapt_first_conv(weight, num_components)
+    raise PretrainedWeightsError(
+        f"pretrained weights {path}: conv1.weight has {channels} input channels (shape "
+        f"{tuple(weight.shape)}): expected RGB (3), grey (1) or the model's {num_components} "
+        "components"
+    )
+
+
 def _leaf_paths(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
     paths = []
     for name, value in tree.items():
@@ -229,7 +248,7 @@ def _fill_backbone(
     for key, (collection, leaf_path) in sorted(mapping.items()):
         value = state[key]
         if key == "conv1.weight":
-            value = adapt_first_conv(value, num_components)
+            value = _first_conv(value, num_components, path)
         value = _to_flax(value)
         expected = tuple(_get(target[collection], leaf_path).shape)
         if value.shape != expected:
@@ -272,8 +291,9 @@ def load_torchvision_resnet(
 
 def save_torchvision_resnet(variables: Mapping[str, Any], path: str | Path) -> None:
     """Writes the DeepLab backbone of ``variables`` as a torchvision-layout ``state_dict``
-    (``.safetensors`` or ``.npz``); the inverse of :func:`load_torchvision_resnet` except for
-    the first convolution, which keeps its ``num_components`` input channels."""
+    (``.safetensors`` or ``.npz``); the first convolution keeps its ``num_components`` input
+    channels. :func:`load_torchvision_resnet` inverts it for the same number of components,
+    except 3 (a 3-channel first convolution reads as RGB and is adapted)."""
     backbone = _backbone(variables)
     state = {
         key: np.ascontiguousarray(_to_torch(np.asarray(_get(backbone[c], p), dtype=np.float32)))
