@@ -552,3 +552,21 @@ _Y = np.zeros((1, 2, 2, 5), np.float32)
 def test_bad_input_names_the_argument(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def test_mutual_finding_loss_ties_train_the_first_subset_only():
+    # Equal distances (here identical subset outputs, or a slice without lesions where every
+    # distance is 0) choose the first subset, and only it receives the gradient, as `select`
+    # recomputes only that one.
+    full, subsets, targets = _mfl_example()
+    tied = np.stack([subsets[1], subsets[1], subsets[0]])
+    targets = targets.copy()
+    targets[0] = 0  # slice 0: no positive bit, every distance 0
+    loss, chosen = losses.mutual_finding_loss(full, tied, targets)
+    np.testing.assert_array_equal(chosen, [0, 0])
+    np.testing.assert_allclose(loss, 0.02 / 2 / 4, rtol=1e-6)  # slice 1 as subset 1 before
+    grad = jax.grad(lambda s: losses.mutual_finding_loss(full, s, targets)[0])(tied)
+    expected = np.zeros_like(tied)
+    expected[0, 1] = -2 * targets[1] * (full[1] - tied[0, 1]) / (2 * 2 * 2)
+    np.testing.assert_allclose(grad, expected, atol=1e-7)
+    assert ref_mfl(full, tied, targets) == (pytest.approx(float(loss)), [0, 0])
