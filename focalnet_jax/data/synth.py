@@ -5,11 +5,11 @@ the T2w grid (0.5 x 0.5 x 3 mm), the coarser ADC/HBV grid (2 x 2 x 3 mm, shifted
 asked for, the DCE grid (1.5 x 1.5 x 3 mm, its own shifted origin), so the components must be
 registered by physical coordinates exactly as real exams: body with subcutaneous fat, pelvic muscle,
 femoral heads, periprostatic fat, a gland with peripheral (PZ) and transition (TZ) zones and BPH
-nodules, the bladder (urine: brightest T2w, ADC ~2900), the rectum with an endorectal-coil balloon,
-and lesions of classes 1..5 whose conspicuity rises with class. A configurable share of lesions is
-visible only in T2w, only in ADC/HBV or (with DCE) only in DCE. T2w gets a smooth coil bias field
-and Rician noise. ADC values are in 1e-6 mm^2/s: PZ ~1600-2000, TZ ~1200-1400, lesions 600-1100
-falling with class.
+nodules, the bladder (urine: brightest T2w, ADC 2700-3000), the rectum with an endorectal-coil
+balloon, and lesions of classes 1..5 whose conspicuity rises with class. A configurable share of
+lesions is visible only in T2w, only in ADC/HBV or (with DCE) only in DCE. T2w gets a smooth coil
+bias field and Rician noise. ADC values are in 1e-6 mm^2/s: PZ ~1600-2000, TZ ~1200-1400,
+lesions 600-1100 falling with class.
 
 DCE is an early relative-enhancement map ((early post-contrast - pre-contrast) / pre-contrast, in %,
 which cancels the coil's receive field): arteries and the bladder/rectal mucosa enhance most,
