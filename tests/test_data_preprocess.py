@@ -20,10 +20,8 @@ def _series(folder):
     return reader.Execute()
 
 
-@pytest.fixture(scope="module")
-def real_exam(prostatex_case_dir, tmp_path_factory):
-    """The exam with a 5 mm disc of class 3 around the finding on its two nearest T2w slices."""
-    t2w = _series(prostatex_case_dir / "t2w")
+def _finding_label(t2w: sitk.Image) -> sitk.Image:
+    """A 5 mm disc of class 3 around the finding on its two nearest T2w slices."""
     i, j, k = t2w.TransformPhysicalPointToContinuousIndex(FINDING)
     label = np.zeros(sitk.GetArrayViewFromImage(t2w).shape, np.uint8)
     sx, sy, _ = t2w.GetSpacing()
@@ -33,8 +31,15 @@ def real_exam(prostatex_case_dir, tmp_path_factory):
     label[int(np.floor(k)) + 1][disc] = 3
     image = sitk.GetImageFromArray(label)
     image.CopyInformation(t2w)
+    return image
+
+
+@pytest.fixture(scope="module")
+def real_exam(prostatex_case_dir, tmp_path_factory):
+    """The exam with a 5 mm disc of class 3 around the finding on its two nearest T2w slices."""
+    t2w = _series(prostatex_case_dir / "t2w")
     path = tmp_path_factory.mktemp("prostatex") / "ProstateX-0000.nii.gz"
-    write_image(image, path)
+    write_image(_finding_label(t2w), path)
     components = {name: prostatex_case_dir / name for name in ("t2w", "adc", "hbv")}
     case = preprocess_case(
         components, path, config={"interpolator": "linear"}, case_id="ProstateX-0000"
@@ -315,3 +320,27 @@ def test_bad_case_raises_naming_case_file_reason(small_case, tmp_path, problem, 
         preprocess_case(components, label, case_id="case-7", mask=folder / "mask.nii.gz")
     assert info.value.case == "case-7" and info.value.file == bad
     assert reason in info.value.reason and "case-7" in str(info.value) and bad in str(info.value)
+
+
+@pytest.mark.real_data
+def test_real_exam_as_a_y_flipped_nifti_gives_the_same_crop(
+    real_exam, prostatex_case_dir, tmp_path
+):
+    # dcm2niix stores an axial series with rows from posterior to anterior: SimpleITK reads the
+    # NIfTI with direction (1, -1, 1) on the diagonal. Same exam, so the same (not upside-down)
+    # crop, lesion and world mapping as from the DICOM series.
+    _, case = real_exam
+    dicom_t2w = _series(prostatex_case_dir / "t2w")
+    t2w = sitk.Flip(dicom_t2w, [False, True, False])
+    assert t2w.GetDirection()[4] < 0
+    write_image(t2w, tmp_path / "t2w.nii.gz")
+    label = sitk.Flip(_finding_label(dicom_t2w), [False, True, False])
+    write_image(label, tmp_path / "label.nii.gz")
+    components = {"t2w": tmp_path / "t2w.nii.gz", "adc": prostatex_case_dir / "adc"}
+    flipped = preprocess_case(
+        components, tmp_path / "label.nii.gz", config={"interpolator": "linear"}, case_id="flip"
+    )
+    np.testing.assert_allclose(flipped.images, case.images[..., :2], atol=2e-3)
+    np.testing.assert_array_equal(flipped.classes, case.classes)
+    np.testing.assert_allclose(flipped.world_to_pixel(*FINDING), case.world_to_pixel(*FINDING),
+                               atol=1e-4)  # fmt: skip
