@@ -344,3 +344,23 @@ def test_real_exam_as_a_y_flipped_nifti_gives_the_same_crop(
     np.testing.assert_array_equal(flipped.classes, case.classes)
     np.testing.assert_allclose(flipped.world_to_pixel(*FINDING), case.world_to_pixel(*FINDING),
                                atol=1e-4)  # fmt: skip
+
+
+def test_crop_centre_outside_the_t2w_is_refused_naming_mask_or_t2w(small_case, tmp_path):
+    # A mask on another patient's grid, or a centre 60 mm above the slab, used to surface as
+    # "t2w covers 0.0 % of the crop" or a lost lesion (naming the wrong file), or not at all.
+    folder, sc = small_case
+    components = {"t2w": str(folder / "t2w.mha"), "adc": str(folder / "adc.mha")}
+    mask = sitk.ReadImage(str(folder / "mask.nii.gz"))
+    mask.SetOrigin(tuple(o + 300.0 for o in mask.GetOrigin()))
+    write_image(mask, tmp_path / "far.nii.gz")
+    with pytest.raises(CaseError, match="prostate mask centroid .* outside the T2w") as info:
+        preprocess_case(components, case_id="c1", mask=tmp_path / "far.nii.gz")
+    assert info.value.file == str(tmp_path / "far.nii.gz")
+    top = sc.images["t2w"].TransformContinuousIndexToPhysicalPoint((47.5, 47.5, 5.5))
+    above = (top[0], top[1], top[2] + 60.0)
+    with pytest.raises(CaseError, match="given crop centre .* outside the T2w") as info:
+        preprocess_case(components, case_id="c1", center=above)
+    assert info.value.file == components["t2w"]
+    inside = (top[0], top[1], top[2] - 1.0)  # within the last slice's thickness
+    assert preprocess_case(components, case_id="c1", center=inside).center == inside

@@ -187,17 +187,39 @@ def index_lesion(lesions: np.ndarray, lesion_classes: np.ndarray, spacing: float
     return best
 
 
-def _crop_centre(t2w: sitk.Image, mask, center, case: str) -> tuple[tuple, str]:
-    """LPS crop centre (mm) and its source: gland-mask centroid, given centre, or T2w centre."""
+def _crop_centre(t2w: sitk.Image, mask, center, case: str, t2w_path) -> tuple[tuple, str]:
+    """LPS crop centre (mm) and its source: gland-mask centroid, given centre, or T2w centre. A
+    mask centroid or given centre outside the T2w volume is refused (a wrong mask or centre,
+    e.g. RAS for LPS), naming the mask or the T2w file."""
     if mask is not None:
         centre = _center_of(mask, case)
         if centre is None:
             raise CaseError(case, mask, "prostate mask is empty")
+        _check_inside(t2w, centre, case, mask, "prostate mask centroid")
         return centre, "mask"
     if center is not None:
-        return tuple(float(c) for c in center), "given"
+        centre = tuple(float(c) for c in center)
+        _check_inside(t2w, centre, case, t2w_path, "given crop centre")
+        return centre, "given"
     middle = tuple((s - 1) / 2.0 for s in t2w.GetSize())
     return t2w.TransformContinuousIndexToPhysicalPoint(middle), "t2w_centre"
+
+
+def _check_inside(t2w: sitk.Image, point, case: str, file, what: str) -> None:
+    """Refuses an LPS `point` (mm) outside the T2w volume (its voxels' outer faces)."""
+    index = np.asarray(t2w.TransformPhysicalPointToContinuousIndex(tuple(point)))
+    size = np.asarray(t2w.GetSize(), np.float64)
+    if np.all(index >= -0.5) and np.all(index <= size - 0.5):
+        return
+    lo = _corners_world(t2w).min(0)
+    hi = _corners_world(t2w).max(0)
+    extent = ", ".join(f"{a:.1f}..{b:.1f}" for a, b in zip(lo, hi, strict=True))
+    raise CaseError(
+        case,
+        file,
+        f"{what} ({', '.join(f'{v:.1f}' for v in point)}) mm LPS lies outside the T2w volume "
+        f"(x, y, z extent {extent} mm; T2w voxel index {', '.join(f'{v:.1f}' for v in index)})",
+    )
 
 
 def _t2w_reference(images, components, cfg, case, centre, bladder_mask) -> intensity.T2wReference:
@@ -409,7 +431,8 @@ def preprocess_case(
     # 1. Read; the T2w grid is the reference frame.
     images = _read_components(components, case, series or {})
     # 2. Crop centre: gland-mask centroid, else the given centre, else the T2w volume centre.
-    centre, source = _crop_centre(images[next(iter(components))], mask, center, case)
+    t2w_name = next(iter(components))
+    centre, source = _crop_centre(images[t2w_name], mask, center, case, components[t2w_name])
     # 3. Each component and the label resampled once onto the crop grid (every T2w slice).
     full = _crop_every_slice(images, components, label, centre, source, bladder_mask, cfg, case)
     # 4. The slices to store, each covered by every component.
