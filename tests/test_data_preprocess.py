@@ -364,3 +364,24 @@ def test_crop_centre_outside_the_t2w_is_refused_naming_mask_or_t2w(small_case, t
     assert info.value.file == components["t2w"]
     inside = (top[0], top[1], top[2] - 1.0)  # within the last slice's thickness
     assert preprocess_case(components, case_id="c1", center=inside).center == inside
+
+
+@pytest.mark.parametrize("what", ["label", "prostate mask"])
+def test_label_or_mask_saved_without_geometry_is_refused(small_case, tmp_path, what):
+    # GetImageFromArray without CopyInformation (or a NIfTI written with an identity affine): the
+    # T2w's voxel counts at origin 0 with 1 mm voxels. Resampled through that geometry, a lesion
+    # was lost ("outside the 80 mm crop") or moved silently.
+    folder, sc = small_case
+    components = {"t2w": str(folder / "t2w.mha"), "adc": str(folder / "adc.mha")}
+    source = _label_with(sc, [(3, OFFSETS[4])], tmp_path) if what == "label" else None
+    source = source or folder / "mask.nii.gz"
+    bare = sitk.GetImageFromArray(sitk.GetArrayFromImage(sitk.ReadImage(str(source))))
+    write_image(bare, tmp_path / "bare.nii.gz")
+    files = {"label": None, "mask": folder / "mask.nii.gz"}
+    files["label" if what == "label" else "mask"] = tmp_path / "bare.nii.gz"
+    with pytest.raises(CaseError, match=f"{what} has the T2w's 96 x 96 x 6 voxels but no geom"):
+        preprocess_case(components, files["label"], mask=files["mask"], case_id="c2")
+    # With its header the same array is fine.
+    bare.CopyInformation(sc.images["t2w"])
+    write_image(bare, tmp_path / "bare.nii.gz")
+    preprocess_case(components, files["label"], mask=files["mask"], case_id="c2")

@@ -137,9 +137,26 @@ def _resample(
     return sitk.GetArrayFromImage(out)
 
 
-def _center_of(mask_path, case) -> tuple[float, float, float] | None:
+def _check_has_geometry(image: sitk.Image, t2w: sitk.Image, case: str, path, what: str) -> None:
+    """Refuses a label or mask with the T2w's voxel counts but the default geometry (origin 0,
+    1 mm voxels) that an array saved without its image's header gets: it would be resampled
+    through that wrong geometry (lesions lost or silently moved)."""
+    default = np.allclose(image.GetOrigin(), 0.0) and np.allclose(image.GetSpacing(), 1.0)
+    t2w_default = np.allclose(t2w.GetOrigin(), 0.0) and np.allclose(t2w.GetSpacing(), 1.0)
+    if image.GetSize() == t2w.GetSize() and default and not t2w_default:
+        raise CaseError(
+            case,
+            path,
+            f"{what} has the T2w's {' x '.join(map(str, t2w.GetSize()))} voxels but no geometry "
+            "(origin 0, 1 mm voxels): saved without the image header? Copy the T2w's origin, "
+            "spacing and direction into it (SimpleITK CopyInformation)",
+        )
+
+
+def _center_of(mask_path, case, t2w: sitk.Image) -> tuple[float, float, float] | None:
     """LPS centroid (mm) of a mask's nonzero voxels, None when it has none."""
     mask = read_image(mask_path, case=case)
+    _check_has_geometry(mask, t2w, case, mask_path, "prostate mask")
     voxels = np.argwhere(sitk.GetArrayViewFromImage(mask) > 0)
     if len(voxels) == 0:
         return None
@@ -192,7 +209,7 @@ def _crop_centre(t2w: sitk.Image, mask, center, case: str, t2w_path) -> tuple[tu
     mask centroid or given centre outside the T2w volume is refused (a wrong mask or centre,
     e.g. RAS for LPS), naming the mask or the T2w file."""
     if mask is not None:
-        centre = _center_of(mask, case)
+        centre = _center_of(mask, case, t2w)
         if centre is None:
             raise CaseError(case, mask, "prostate mask is empty")
         _check_inside(t2w, centre, case, mask, "prostate mask centroid")
@@ -283,6 +300,7 @@ def _crop_label(label, t2w: sitk.Image, reference: sitk.Image, shape, cfg, case:
         empty = np.zeros(0, np.int32)
         return zeros, np.ones(shape, np.uint8), zeros.copy(), empty, empty.astype(bool)
     label_image = read_image(label, case=case)
+    _check_has_geometry(label_image, t2w, case, label, "label")
     if not _overlaps(label_image, t2w):
         raise CaseError(case, label, "label does not overlap the T2w field of view")
     raw_label = sitk.GetArrayFromImage(label_image)
