@@ -213,3 +213,26 @@ def test_unreadable_dicom_slice_is_named(prostatex_case_dir, tmp_path, capfd):
     assert "missing slice or uneven spacing" in str(raised.value)
     assert capfd.readouterr().err == ""
     assert np.isfinite(sitk.GetArrayFromImage(read_image(prostatex_case_dir / "t2w"))).all()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not_dicom"])
+def test_unreadable_dicom_slice_at_the_end_of_the_stack_is_refused(
+    prostatex_case_dir, tmp_path, damage
+):
+    # GDCM leaves an unreadable file out of the series; at either end of the stack that leaves no
+    # gap, and the series was read with 18 of its 19 slices, silently.
+    folder = tmp_path / "adc"
+    shutil.copytree(prostatex_case_dir / "adc", folder)
+    last = folder / "1-19.dcm"
+    data = last.read_bytes()
+    last.write_bytes(data[: int(len(data) * 0.97)] if damage == "truncated" else b"x" * 1000)
+    with pytest.raises(ValueError) as raised:
+        read_image(folder, case="c")
+    assert raised.value.file == str(last)
+    assert "not readable as DICOM (truncated or corrupt?): 1 such file(s)" in raised.value.reason
+    assert "would be read from 18 files" in raised.value.reason
+    # Files that are not DICOM by name or preamble (notes, macOS '._' copies) are not refused.
+    last.unlink()
+    (folder / "notes.txt").write_text("exported 2011")
+    (folder / "._1-01.dcm").write_bytes(b"\x00\x05\x16\x07" + b"\x00" * 200)
+    assert read_image(folder, case="c").GetSize() == (84, 128, 18)
