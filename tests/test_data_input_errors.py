@@ -236,3 +236,26 @@ def test_unreadable_dicom_slice_at_the_end_of_the_stack_is_refused(
     (folder / "notes.txt").write_text("exported 2011")
     (folder / "._1-01.dcm").write_bytes(b"\x00\x05\x16\x07" + b"\x00" * 200)
     assert read_image(folder, case="c").GetSize() == (84, 128, 18)
+
+
+def test_manifest_and_marksheet_from_a_spreadsheet(dataset, tmp_path, capfd):
+    # Spreadsheet programs save "CSV UTF-8" with a byte-order mark (it stuck to the first column:
+    # "missing column(s) ['case_id']") or in a legacy code page (a UnicodeDecodeError traceback).
+    cases = discover_picai(dataset / "images", dataset / "labels")
+    write_manifest(cases, tmp_path / "plain.csv")
+    text = (tmp_path / "plain.csv").read_text()
+    (tmp_path / "bom.csv").write_text(text, encoding="utf-8-sig")
+    out = tmp_path / "store"
+    argv = ["preprocess", "--layout", "manifest", "--out", str(out), "--label-values", "isup"]
+    assert main([*argv, "--manifest", str(tmp_path / "bom.csv")]) == 0
+    assert open_store(out).case_ids == [c.case_id for c in cases]
+    (tmp_path / "latin.csv").write_bytes((text + "x,Patiënt,a,b,c,,,,\n").encode("cp1252"))
+    err = _user_error(capfd, [*argv, "--manifest", str(tmp_path / "latin.csv"), "--overwrite"])
+    assert err.endswith(f"manifest {tmp_path / 'latin.csv'}, line 4: not UTF-8 text (byte 0xeb); "
+                        "save it as CSV UTF-8")  # fmt: skip
+    sheet = (dataset / "marksheet.csv").read_text()
+    (tmp_path / "marksheet.csv").write_text(sheet, encoding="utf-8-sig")
+    picai = [*_picai(dataset, tmp_path / "s2"), "--labels", str(dataset / "labels")]
+    assert main([*picai, "--marksheet", str(tmp_path / "marksheet.csv")]) == 0
+    first = open_store(tmp_path / "s2").cases[0]
+    assert first["meta"]["patient_id"] == first["patient_id"]

@@ -18,6 +18,7 @@ file names).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -91,12 +92,27 @@ def label_scheme(labels: str | os.PathLike | None) -> str:
     return "picai"
 
 
+def _csv_text(path: Path, what: str) -> str:
+    """The text of a CSV file, UTF-8 with or without the byte-order mark spreadsheet programs
+    write (it would otherwise stick to the first column's name); other encodings are refused
+    naming the line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise LayoutError(
+            f"{what} {path}, line {line}: not UTF-8 text (byte 0x{data[err.start]:02x}); save it "
+            "as CSV UTF-8"
+        ) from err
+
+
 def read_marksheet(path: str | os.PathLike) -> dict[str, dict]:
     """PI-CAI marksheet -> {'<patient>_<study>': {column: value}}; columns found by name."""
     path = Path(path)
     if not path.is_file():
         raise LayoutError(f"marksheet {path} is not a file")
-    with path.open(newline="") as f:
+    with io.StringIO(_csv_text(path, "marksheet"), newline="") as f:
         reader = csv.DictReader(f)
         columns = [c.strip() for c in reader.fieldnames or []]
         missing = [c for c in ("patient_id", "study_id") if c not in columns]
@@ -218,7 +234,7 @@ def _manifest_rows(manifest: Path, required: Sequence[str]) -> tuple[list[str], 
     """(columns, rows with stripped keys and values) of a manifest CSV."""
     if not manifest.is_file():
         raise LayoutError(f"manifest {manifest} does not exist")
-    with manifest.open(newline="") as f:
+    with io.StringIO(_csv_text(manifest, "manifest"), newline="") as f:
         reader = csv.DictReader(f)
         columns = [c.strip() for c in reader.fieldnames or []]
         missing = [c for c in required if c not in columns]
