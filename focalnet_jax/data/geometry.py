@@ -155,7 +155,7 @@ class CropGeometry:
     def pixel_to_t2w_index(self, s, row, col) -> np.ndarray:
         """Crop (s, row, col) -> T2w continuous index (i, j, k), SimpleITK order, [..., 3]."""
         col, row = np.broadcast_arrays(np.asarray(col, np.float64), np.asarray(row, np.float64))
-        ij = np.asarray(self.corner_index) + np.stack([col, row], axis=-1) @ self._steps().T
+        ij = np.asarray(self.corner_index[:2]) + np.stack([col, row], axis=-1) @ self._steps().T
         k = self._k_of_s(s)
         return np.stack(np.broadcast_arrays(ij[..., 0], ij[..., 1], k), axis=-1)
 
@@ -173,7 +173,8 @@ class CropGeometry:
         """LPS point (x, y, z) mm -> crop (s, row, col), floats; s indexes the kept slices."""
         world = np.stack(np.broadcast_arrays(*(np.asarray(v, np.float64) for v in (x, y, z))), -1)
         index = self._index(world.reshape(-1, 3)).reshape(world.shape)
-        col_row = (index[..., :2] - np.asarray(self.corner_index)) @ np.linalg.inv(self._steps()).T
+        offset = index[..., :2] - np.asarray(self.corner_index[:2])
+        col_row = offset @ np.linalg.inv(self._steps()).T
         col, row = col_row[..., 0], col_row[..., 1]
         s = self._s_of_k(index[..., 2])
         if world.ndim == 1:
