@@ -385,3 +385,17 @@ def test_label_or_mask_saved_without_geometry_is_refused(small_case, tmp_path, w
     bare.CopyInformation(sc.images["t2w"])
     write_image(bare, tmp_path / "bare.nii.gz")
     preprocess_case(components, files["label"], mask=files["mask"], case_id="c2")
+
+
+def test_blank_hbv_is_refused(small_case, tmp_path):
+    # A constant HBV (a blank export) was stored as 0 everywhere, the value of normal tissue,
+    # while a constant T2w or an all-zero ADC map is refused.
+    folder, sc = small_case
+    write_image(sc.images["hbv"] * 0 + 7.0, tmp_path / "hbv.mha")
+    components = {"t2w": folder / "t2w.mha", "adc": folder / "adc.mha", "hbv": tmp_path / "hbv.mha"}
+    with pytest.raises(
+        CaseError, match=r"hbv is constant between its 1th and 99th percentiles \(7\)"
+    ):
+        preprocess_case(components, case_id="c3")
+    write_image(sc.images["hbv"], tmp_path / "hbv.mha")
+    assert preprocess_case(components, case_id="c3").images.shape[-1] == 3

@@ -288,6 +288,14 @@ def _normalised_channels(images, components, reference, cfg, case, centre, bladd
             channels.append(intensity.normalise_adc(crop, *cfg.adc_range))
         else:
             lo, hi = intensity.percentile_range(raw, *cfg.percentiles)
+            if hi <= lo + 1e-6:  # blank: would be stored as 0 everywhere, the normal-tissue value
+                low, high = cfg.percentiles
+                raise CaseError(
+                    case,
+                    components[name],
+                    f"{name} is constant between its {low:g}th and {high:g}th percentiles "
+                    f"({lo:g}): a blank series?",
+                )
             channels.append(intensity.normalise_percentiles(crop, lo, hi))
     return channels, t2w_reference
 
