@@ -259,3 +259,20 @@ def test_manifest_and_marksheet_from_a_spreadsheet(dataset, tmp_path, capfd):
     assert main([*picai, "--marksheet", str(tmp_path / "marksheet.csv")]) == 0
     first = open_store(tmp_path / "s2").cases[0]
     assert first["meta"]["patient_id"] == first["patient_id"]
+
+
+def test_misspelt_masks_folder_is_refused_and_missing_masks_named(dataset, tmp_path, capfd, caplog):
+    # A --masks folder that does not exist was ignored: every crop silently centred on the T2w
+    # volume centre instead of the gland.
+    argv = [*_picai(dataset, tmp_path / "s"), "--labels", str(dataset / "labels")]
+    err = _user_error(capfd, [*argv, "--masks", str(dataset / "mask")])
+    assert err.endswith(f"masks folder {dataset / 'mask'} does not exist")
+    masks = tmp_path / "masks"
+    shutil.copytree(dataset / "masks", masks)
+    first = sorted(masks.glob("*.nii.gz"))[0]
+    first.unlink()
+    cases = discover_picai(dataset / "images", dataset / "labels", masks)
+    assert sum(c.mask is None for c in cases) == 1
+    case_id = first.name.removesuffix(".nii.gz")
+    assert f"1 of 2 cases have no mask in {masks} (crop centred on the T2w volume centre): " \
+           f"{case_id}" in caplog.text  # fmt: skip

@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
 import os
 import re
@@ -33,6 +34,7 @@ from focalnet_jax.errors import UserError
 
 DEFAULT_COMPONENTS = ("t2w", "adc")
 LABEL_SUFFIXES = (".nii.gz", ".nii", ".mha", ".nrrd")
+log = logging.getLogger(__name__)
 _PICAI_NAME = re.compile(r"^(?P<patient>[^_]+)_(?P<study>[^_]+)_(?P<component>[^_.]+)\.")
 
 
@@ -188,6 +190,8 @@ def discover_picai(
     _check_unlabelled(unlabelled)
     check_components(components)
     _check_labels_folder(labels, unlabelled)
+    if masks is not None and not Path(masks).is_dir():  # else every crop centred on the T2w
+        raise LayoutError(f"masks folder {masks} does not exist")
     found = _picai_images(Path(images))
     sheet = read_marksheet(marksheet) if marksheet else {}
     cases = []
@@ -222,7 +226,18 @@ def discover_picai(
                 meta=meta,
             )
         )
+    _warn_unmasked(cases, masks)
     return cases
+
+
+def _warn_unmasked(cases: Sequence[CaseSpec], masks) -> None:
+    """One warning naming the cases without a mask in the `masks` folder (if given)."""
+    unmasked = [c.case_id for c in cases if c.mask is None]
+    if masks is not None and unmasked:
+        log.warning(
+            "%d of %d cases have no mask in %s (crop centred on the T2w volume centre): %s",
+            len(unmasked), len(cases), masks, ", ".join(unmasked[:5]),
+        )  # fmt: skip
 
 
 def _series_choices(row: dict, components: Sequence[str]) -> dict[str, str]:
