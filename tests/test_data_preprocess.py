@@ -322,28 +322,38 @@ def test_bad_case_raises_naming_case_file_reason(small_case, tmp_path, problem, 
     assert reason in info.value.reason and "case-7" in str(info.value) and bad in str(info.value)
 
 
+def _reordered(image: sitk.Image, order: str) -> sitk.Image:
+    """The same voxels stored y-flipped (as dcm2niix writes an axial series) or transposed."""
+    if order == "flip_y":
+        return sitk.Flip(image, [False, True, False])
+    return sitk.PermuteAxes(image, [1, 0, 2])
+
+
 @pytest.mark.real_data
-def test_real_exam_as_a_y_flipped_nifti_gives_the_same_crop(
-    real_exam, prostatex_case_dir, tmp_path
+@pytest.mark.parametrize("order", ["flip_y", "transpose"])
+def test_real_exam_stored_flipped_or_transposed_gives_the_same_crop(
+    real_exam, prostatex_case_dir, tmp_path, order
 ):
     # dcm2niix stores an axial series with rows from posterior to anterior: SimpleITK reads the
     # NIfTI with direction (1, -1, 1) on the diagonal. Same exam, so the same (not upside-down)
-    # crop, lesion and world mapping as from the DICOM series.
+    # crop, lesion and world mapping as from the DICOM series, and the same bladder reference
+    # (it was 506 instead of 563 for the transposed T2w).
     _, case = real_exam
     dicom_t2w = _series(prostatex_case_dir / "t2w")
-    t2w = sitk.Flip(dicom_t2w, [False, True, False])
-    assert t2w.GetDirection()[4] < 0
+    t2w = _reordered(dicom_t2w, order)
+    assert t2w.GetDirection() != dicom_t2w.GetDirection()
     write_image(t2w, tmp_path / "t2w.nii.gz")
-    label = sitk.Flip(_finding_label(dicom_t2w), [False, True, False])
-    write_image(label, tmp_path / "label.nii.gz")
+    write_image(_reordered(_finding_label(dicom_t2w), order), tmp_path / "label.nii.gz")
     components = {"t2w": tmp_path / "t2w.nii.gz", "adc": prostatex_case_dir / "adc"}
-    flipped = preprocess_case(
+    other = preprocess_case(
         components, tmp_path / "label.nii.gz", config={"interpolator": "linear"}, case_id="flip"
     )
-    np.testing.assert_allclose(flipped.images, case.images[..., :2], atol=2e-3)
-    np.testing.assert_array_equal(flipped.classes, case.classes)
-    np.testing.assert_allclose(flipped.world_to_pixel(*FINDING), case.world_to_pixel(*FINDING),
-                               atol=1e-4)  # fmt: skip
+    assert other.t2w_reference["bladder"] == pytest.approx(case.t2w_reference["bladder"], abs=1)
+    np.testing.assert_allclose(other.images, case.images[..., :2], atol=2e-3)
+    np.testing.assert_array_equal(other.classes, case.classes)
+    np.testing.assert_allclose(
+        other.world_to_pixel(*FINDING), case.world_to_pixel(*FINDING), atol=1e-4
+    )
 
 
 def test_crop_centre_outside_the_t2w_is_refused_naming_mask_or_t2w(small_case, tmp_path):

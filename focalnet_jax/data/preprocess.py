@@ -17,7 +17,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from focalnet_jax.data import coverage, intensity
-from focalnet_jax.data.geometry import CropGeometry
+from focalnet_jax.data.geometry import CropGeometry, display_axes
 from focalnet_jax.data.io import CaseError, read_image, zyx
 
 LABEL_SCHEMES = ("picai", "isup")
@@ -240,7 +240,9 @@ def _check_inside(t2w: sitk.Image, point, case: str, file, what: str) -> None:
 
 
 def _t2w_reference(images, components, cfg, case, centre, bladder_mask) -> intensity.T2wReference:
-    """Air and bladder intensities of the T2w (the first component), raw scanner units."""
+    """Air and bladder intensities of the T2w (the first component), raw scanner units. The
+    bladder search runs with rows along the T2w axis nearest anterior-posterior (a T2w stored
+    transposed is transposed back)."""
     name = next(iter(components))
     t2w = images[name]
     raw = sitk.GetArrayViewFromImage(t2w)
@@ -249,17 +251,24 @@ def _t2w_reference(images, components, cfg, case, centre, bladder_mask) -> inten
         bladder = sitk.GetArrayFromImage(read_image(bladder_mask, case=case)) > 0
         if bladder.shape != raw.shape:
             raise CaseError(case, bladder_mask, "bladder mask is not on the T2w grid")
-    centre_index = t2w.TransformPhysicalPointToContinuousIndex(tuple(centre))
+    ci, cj, _ = t2w.TransformPhysicalPointToContinuousIndex(tuple(centre))
+    spacing, center_yx = zyx(t2w.GetSpacing()), (cj, ci)
+    axes = display_axes(t2w.GetDirection())
+    row_sign = axes[3]
+    if axes[0] == 0:  # crop columns run along T2w j: rows (array axis 1) run left-right
+        raw = raw.transpose(0, 2, 1)
+        bladder = None if bladder is None else bladder.transpose(0, 2, 1)
+        spacing, center_yx, row_sign = (spacing[0], spacing[2], spacing[1]), (ci, cj), axes[1]
     try:
         return intensity.t2w_reference(
             raw,
-            zyx(t2w.GetSpacing()),
+            spacing,
             air_percentile=cfg.t2w_air_percentile,
             fallback_percentile=cfg.t2w_fallback_percentile,
             bladder_mask=bladder,
             case=case,
-            center_yx=(centre_index[1], centre_index[0]),
-            anterior_sign=1.0 if t2w.GetDirection()[4] >= 0 else -1.0,
+            center_yx=center_yx,
+            anterior_sign=float(row_sign),
             max_cv=cfg.bladder_max_cv,
             min_volume_ml=cfg.bladder_min_volume_ml,
         )
