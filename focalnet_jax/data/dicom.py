@@ -3,8 +3,9 @@
 A folder must hold exactly one series, unless `series` names one (its SeriesInstanceUID, or its
 exact SeriesDescription). The chosen series must be a regular stack: one orientation, and slice
 positions along the slice normal (ImagePositionPatient . (row x column cosines)) equally spaced to
-within `max(SPACING_TOLERANCE_MM, SPACING_TOLERANCE_REL * spacing)`. A missing slice, a repeated
-position or uneven spacing would otherwise be read with one wrong z spacing (ITK only warns).
+within `max(SPACING_TOLERANCE_MM, SPACING_TOLERANCE_REL * spacing)`, and the same position within
+the slice plane to that tolerance. A missing slice, a repeated position, uneven spacing or a sheared
+stack would otherwise be read with one wrong z spacing (ITK only warns, or says nothing).
 """
 
 from __future__ import annotations
@@ -136,6 +137,7 @@ def check_slice_positions(files) -> None:
     steps = np.diff(along)
     spacing = float(np.median(steps))
     tolerance = max(SPACING_TOLERANCE_MM, SPACING_TOLERANCE_REL * spacing)
+    _check_not_sheared(position @ orientation[0].reshape(2, 3).T, tolerance, files)
     bad = np.flatnonzero((np.abs(steps - spacing) > tolerance) | (steps <= tolerance))
     if len(bad) == 0:
         return
@@ -175,6 +177,22 @@ def _unread_files(folder: Path, found: list[SeriesInfo]) -> list[str]:
         and p.name not in read
         and not p.name.startswith(".")
         and p.name.upper() != "DICOMDIR"
+    )
+
+
+def _check_not_sheared(in_plane: np.ndarray, tolerance: float, files) -> None:
+    """Refuse slices whose positions move within the slice plane (`in_plane`: [n, 2] mm along
+    the row and column cosines): ITK would read a sheared stack as a straight one, with the
+    distance between slice corners as its spacing."""
+    drift = np.abs(in_plane - in_plane[0]).max(axis=1)
+    if drift.max() <= tolerance:
+        return
+    worst = int(np.argmax(drift))
+    raise SeriesError(
+        Path(files[0]).parent,
+        f"slice positions move within the slice plane by up to {drift[worst]:.2f} mm "
+        f"({Path(files[worst]).name} against {Path(files[0]).name}; tolerance {tolerance:.2f} "
+        "mm): a sheared stack (e.g. gantry tilt), which would be read as a straight one",
     )
 
 
