@@ -105,6 +105,15 @@ def test_case_in_two_patient_folders_or_two_formats(dataset, tmp_path, capfd):
     err = _user_error(capfd, argv)
     assert err.endswith(f"two files for 10000_1000000_adc: {adc} and {adc.with_suffix('.nii.gz')}")
     assert not (tmp_path / "s").exists()
+    # With --skip-bad-cases that case is listed in errors.csv and the others stored (the whole
+    # run used to stop).
+    assert main([*argv, "--skip-bad-cases"]) == 0
+    assert open_store(tmp_path / "s").case_ids == ["10001_1000001"]
+    with (tmp_path / "s" / "errors.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["case"] for r in rows] == ["10000_1000000"]
+    assert rows[0]["reason"].endswith(f"two files for 10000_1000000_adc: {adc} and "
+                                      f"{adc.with_suffix('.nii.gz')}")  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -182,10 +182,10 @@ def discover_picai(
     A case is any `<patient>_<study>` with at least one image file; a missing component file or
     label is left for `preprocess_case` to report for that case. `unlabelled`: 'error' (default: the
     missing label file is that case's error, and `labels` None an error), 'negative' (no lesions)
-    or 'skip' (case left out). Components: T2w first. A case whose files lie in two patient folders,
-    or a file present in two formats, raises `LayoutError` naming both files.
-    A case id that is not a safe file name (`check_case_id`) raises `UserError`, or, where `errors`
-    is a list, is appended to it as (case, file, reason) and left out.
+    or 'skip' (case left out). Components: T2w first. A case whose files lie in two patient folders
+    raises `LayoutError` naming both files. A case with a file present in two formats, or whose id
+    is not a safe file name (`check_case_id`), raises `UserError`, or, where `errors` is a list
+    (--skip-bad-cases), is appended to it as (case, file, reason) and left out.
     """
     _check_unlabelled(unlabelled)
     check_components(components)
@@ -198,36 +198,43 @@ def discover_picai(
     for case, (patient, folder, suffix, file) in sorted(found.items()):
         try:
             check_case_id(case, f"PI-CAI image file {file}")
+            spec = _picai_case(case, patient, folder, suffix, labels, masks, components, unlabelled)
         except UserError as error:
             if errors is None:
                 raise
             errors.append((case, str(file), str(error)))
             continue
-        paths = {}
-        for name in components:
-            path = _find(folder, f"{case}_{name}", IMAGE_SUFFIXES, case)
-            paths[name] = str(path or folder / f"{case}_{name}{suffix}")
-        label = None
-        if labels is not None:
-            label = _find(Path(labels), case, LABEL_SUFFIXES, case)
-            if label is None and unlabelled == "error":
-                label = Path(labels) / f"{case}.nii.gz"  # reported missing by preprocess_case
-        if label is None and unlabelled == "skip":
-            continue
-        mask = _find(Path(masks), case, LABEL_SUFFIXES, case) if masks is not None else None
-        meta = dict(sheet.get(case, {}))
-        cases.append(
-            CaseSpec(
-                case_id=case,
-                patient_id=patient,
-                components=paths,
-                label=str(label) if label is not None else None,
-                mask=str(mask) if mask is not None else None,
-                meta=meta,
-            )
-        )
+        if spec is not None:
+            spec.meta = dict(sheet.get(case, {}))
+            cases.append(spec)
     _warn_unmasked(cases, masks)
     return cases
+
+
+def _picai_case(
+    case: str, patient: str, folder: Path, suffix: str, labels, masks, components, unlabelled
+) -> CaseSpec | None:
+    """The files of one PI-CAI case (None where it has no label and `unlabelled` is 'skip');
+    a file present in two formats raises `LayoutError` naming both."""
+    paths = {}
+    for name in components:
+        path = _find(folder, f"{case}_{name}", IMAGE_SUFFIXES, case)
+        paths[name] = str(path or folder / f"{case}_{name}{suffix}")
+    label = None
+    if labels is not None:
+        label = _find(Path(labels), case, LABEL_SUFFIXES, case)
+        if label is None and unlabelled == "error":
+            label = Path(labels) / f"{case}.nii.gz"  # reported missing by preprocess_case
+    if label is None and unlabelled == "skip":
+        return None
+    mask = _find(Path(masks), case, LABEL_SUFFIXES, case) if masks is not None else None
+    return CaseSpec(
+        case_id=case,
+        patient_id=patient,
+        components=paths,
+        label=str(label) if label is not None else None,
+        mask=str(mask) if mask is not None else None,
+    )
 
 
 def _warn_unmasked(cases: Sequence[CaseSpec], masks) -> None:
