@@ -136,6 +136,13 @@ def test_bad_manifest_centre_names_line_and_column(dataset, tmp_path, capfd, cen
         writer.writerows(rows)
     argv = ["preprocess", "--layout", "manifest", "--manifest", str(manifest), "--out", "s"]
     assert _user_error(capfd, argv).endswith(f"manifest {manifest}, line 3: {reason}")
+    # With --skip-bad-cases the row is listed in errors.csv (it stopped the whole run).
+    out = tmp_path / "s"
+    assert main([*argv[:-1], str(out), "--skip-bad-cases"]) == 0
+    assert open_store(out).case_ids == [rows[0]["case_id"]]
+    with (out / "errors.csv").open() as f:
+        (error,) = list(csv.DictReader(f))
+    assert error["case"] == rows[1]["case_id"] and error["reason"].endswith(reason)
 
 
 def test_synth_refuses_a_non_empty_out_unless_overwrite(tmp_path, capfd):

@@ -281,8 +281,8 @@ def read_manifest(
     `unlabelled`: what a missing `label` column or an empty label cell means: 'error' (default;
     the error names the manifest and the line), 'negative' (no lesions) or 'skip' (row left out).
     `labels=False` reads no labels at all (inference manifests). `errors`: where a list is given,
-    a row with a bad case id or an empty label cell is appended to it as (case, manifest, reason)
-    and left out instead of raising.
+    a row with a bad case id, an empty label cell or a bad centre is appended to it as (case,
+    manifest, reason) and left out instead of raising.
     """
     manifest = Path(manifest)
     _check_unlabelled(unlabelled)
@@ -298,14 +298,13 @@ def read_manifest(
         seen.add(case)
         try:
             _check_manifest_row(row, where, labels and unlabelled == "error")
+            if labels and not row.get("label") and unlabelled == "skip":
+                continue
+            cases.append(_manifest_case(manifest, row, where, components, centre_columns, labels))
         except UserError as error:
             if errors is None:
                 raise
             errors.append((case, str(manifest), str(error)))
-            continue
-        if labels and not row.get("label") and unlabelled == "skip":
-            continue
-        cases.append(_manifest_case(manifest, row, where, components, centre_columns, labels))
     return cases
 
 
