@@ -637,3 +637,21 @@ def test_froc_band_leaves_out_runs_without_a_lesion_of_the_group(tmp_path):
     fp, sens = (np.asarray(v) for v in curves["a"][0])
     assert sensitivity_at(fp, sens, [0.25, 0.5]).tolist() == [0.5, 1.0]
     assert figures.froc_bands(tmp_path / "froc.png", curves, "cs").is_file()
+
+
+def test_status_report_and_evaluate_start_without_importing_jax(finished):
+    """`study status`, `study report` and `evaluate --predictions` read files only: they start
+    without importing JAX (nor does parsing any `focalnet` command line)."""
+    code = (
+        "import sys; from focalnet_jax.cli import main; "
+        f"main(['study', 'status', '--workdir', {str(finished)!r}]); "
+        f"main(['study', 'report', '--workdir', {str(finished)!r}]); "
+        "import focalnet_jax.evaluation.evaluate; "
+        "print('jax' in sys.modules, 'flax' in sys.modules)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "8 done" in done.stdout
+    assert done.stdout.splitlines()[-1] == "False False"

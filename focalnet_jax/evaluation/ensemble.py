@@ -28,12 +28,12 @@ from focalnet_jax.data.store import preprocess_settings as store_preprocess_sett
 from focalnet_jax.data.store import settings_diff
 from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation.inference import Predictor
+from focalnet_jax.evaluation.predictions import MODELS_FILE
 from focalnet_jax.run import workdir as workdir_lib
 
 log = logging.getLogger(__name__)
 
 TTA_MODES = ("none", "flip")
-MODELS_FILE = "models.json"
 LEFT_RIGHT_AXIS = 2  # columns of [N, H, W, C]: the T2w x axis (LPS: patient right -> left)
 # Labels only: how a label value 1 reads does not change a model's inputs.
 LABEL_ONLY_SETTINGS = ("label_values",)

@@ -14,11 +14,10 @@ import numpy as np
 from focalnet_jax.data.atomic_files import replaced_atomically
 from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation import figures, picai
-from focalnet_jax.evaluation.ensemble import MODELS_FILE
 from focalnet_jax.evaluation.froc import count_patients, froc_analysis
 from focalnet_jax.evaluation.localization import MIN_SCORE, RADIUS_MM
 from focalnet_jax.evaluation.matching import ROC_DETECTIONS, CaseSummary, summarize_case
-from focalnet_jax.evaluation.predictions import list_cases, read_case
+from focalnet_jax.evaluation.predictions import MODELS_FILE, list_cases, read_case
 from focalnet_jax.evaluation.report import ROC_TITLES, json_safe, markdown_report, write_json
 from focalnet_jax.evaluation.roc import gs_roc
 

@@ -31,6 +31,7 @@ REQUIRED_KEYS = ("scores", "lesions", "lesion_classes", "spacing", "patient_id")
 OPTIONAL_KEYS = ("t2w", "adc", "slice_index", "lesion_grade_known")
 NUM_SCORES = 5
 MAX_NAMED = 10  # missing cases named in one error line
+MODELS_FILE = "models.json"  # beside the predictions: the runs and steps that made them
 
 
 class PredictionsError(UserError):

@@ -1,7 +1,7 @@
 """`focalnet study run|status|report`: argument declarations and dispatch (docs/studies.md).
 
-Kept free of JAX imports: `study run` and `study status` start in a fraction of a second, and
-each cell imports JAX in its own process.
+`study status` and `study report` start without importing JAX (tested); `study run` imports it
+only to check each arm's config as its cells will, and each cell imports JAX in its own process.
 """
 
 from __future__ import annotations

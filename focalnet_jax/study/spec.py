@@ -31,7 +31,6 @@ import ml_collections
 
 from focalnet_jax.config_loading import apply_overrides, get_config_from_file, load_config
 from focalnet_jax.errors import UserError
-from focalnet_jax.run import RunSpec
 
 SPEC_PREFIX = "--spec."
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")  # a folder name and a ConfigDict key
@@ -213,6 +212,8 @@ def _check_arm(plain: Mapping, arm: str, store_components: Sequence[str]) -> Non
         message = error.args[0] if error.args else str(error)
         base_path = str(plain["base"]).partition(":")[0]
         raise StudyError(f"arm {arm!r} on base {base_path}: {message}") from None
+    from focalnet_jax.run import RunSpec  # JAX: only `study run` validates arms
+
     try:
         RunSpec.from_config(config, num_devices=1)
     except UserError as error:

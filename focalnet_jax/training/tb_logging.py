@@ -12,7 +12,6 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-import jax
 import numpy as np
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
@@ -35,7 +34,11 @@ class SummaryWriter:
     """Event-file writer under `logdir` for process 0; a no-op elsewhere."""
 
     def __init__(self, logdir: str | Path, *, enabled: bool | None = None):
-        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        if enabled is None:
+            import jax  # here, so `read_scalars` alone needs no JAX
+
+            enabled = jax.process_index() == 0
+        self.enabled = enabled
         self._writer = None
         if self.enabled:
             Path(logdir).mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,110 @@
+"""The `focalnet` console script: argument parsing only (commands: README.md).
+
+Each subcommand has an `add_<name>` function that declares its flags and a `run_<name>` function
+that imports the module doing the work lazily (so `focalnet synth` does not pay for importing JAX):
+`data_commands`, `training_commands`, `evaluation_commands`; `study` lives in focalnet_jax.study.
+A user error (`errors.one_line_user_errors`) of any command ends as one line on stderr, `focalnet
+<command>: error: <message>`, and exit status 2; `--verbose` adds its traceback. Other exceptions
+keep their traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from focalnet_jax.cli import data_commands as data
+from focalnet_jax.cli import evaluation_commands as evaluation
+from focalnet_jax.cli import training_commands as training
+from focalnet_jax.errors import one_line_user_errors
+
+# `study` (arms x repeats x folds) declares its flags and actions in focalnet_jax.study.commands.
+
+
+def _add_study(parser: argparse.ArgumentParser) -> None:
+    from focalnet_jax.study.commands import add_arguments
+
+    add_arguments(parser)
+
+
+def _run_study(args: argparse.Namespace) -> int:
+    from focalnet_jax.study.commands import run
+
+    return run(args)
+
+
+_COMMANDS: dict[str, tuple] = {
+    # name: (help, add_parser_fn, run_fn)
+    "synth": (
+        "write a synthetic mp-MRI dataset in the PI-CAI layout",
+        data.add_synth,
+        data.run_synth,
+    ),
+    "preprocess": (
+        "preprocess a PI-CAI folder or a manifest into a dataset store",
+        data.add_preprocess,
+        data.run_preprocess,
+    ),
+    "folds": (
+        "print the patient-level cross-validation folds of a store",
+        data.add_folds,
+        data.run_folds,
+    ),
+    "train": ("train a config (resumes from --workdir)", training.add_train, training.run_train),
+    "cv": ("train a config on every cross-validation fold", training.add_cv, training.run_cv),
+    "evaluate": (
+        "FROC, GS ROC and PI-CAI metrics of predictions (metrics.json, report.md, PNGs)",
+        evaluation.add_evaluate,
+        evaluation.run_evaluate,
+    ),
+    "summarize": (
+        "combine cross-validation folds of several methods: mean+-SD, bands, Welch tests",
+        evaluation.add_summarize,
+        evaluation.run_summarize,
+    ),
+    "predict": (
+        "run a model or an ensemble on exams: NIfTI score and detection maps, detections CSV, PNG",
+        evaluation.add_predict,
+        evaluation.run_predict,
+    ),
+    "study": (
+        "arms x repeats x folds of training runs, locally or on SLURM; status; report",
+        _add_study,
+        _run_study,
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="focalnet",
+        description="FocalNet: prostate cancer detection and Gleason score prediction in mp-MRI.",
+    )
+    verbose_help = "show the traceback of an error"
+    parser.add_argument("--verbose", action="store_true", help=verbose_help)
+    # Also after the subcommand; SUPPRESS keeps a --verbose given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose_help
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_text, add_fn, _) in _COMMANDS.items():
+        add_fn(sub.add_parser(name, help=help_text, description=help_text, parents=[common]))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    # `train` and `cv` take free-form `--config.KEY=VALUE` overrides that argparse does not know,
+    # `study` `--spec.KEY=VALUE`.
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.command not in ("train", "cv", "study"):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = unknown
+    run_fn = _COMMANDS[args.command][2]
+    action = getattr(args, "study_command", None)  # `focalnet study ACTION: error: ...`
+    prog = f"focalnet {args.command}" + (f" {action}" if action else "")
+    with one_line_user_errors(prog, verbose=args.verbose):
+        return int(run_fn(args) or 0)

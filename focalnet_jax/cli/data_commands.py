@@ -1,0 +1,137 @@
+"""`focalnet synth`, `preprocess` and `folds`: flags and a thin call into focalnet_jax.data."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from focalnet_jax.errors import UserError
+
+
+def add_synth(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, required=True, help="dataset folder (PI-CAI layout)")
+    parser.add_argument("--cases", type=int, required=True, help="number of cases (studies)")
+    parser.add_argument("--seed", type=int, default=0, help="case i depends only on (seed, i)")
+    parser.add_argument(
+        "--small", action="store_true", help="96 x 96 x 6 T2w (1 x 1 x 3 mm) for quick tests"
+    )
+    parser.add_argument("--t2w-only-share", type=float, default=0.15, help="lesions only in T2w")
+    parser.add_argument(
+        "--adc-only-share", type=float, default=0.15, help="lesions only in ADC/HBV"
+    )
+    parser.add_argument("--dce-only-share", type=float, default=0.15, help="lesions only in DCE")
+    parser.add_argument(
+        "--components", default="t2w,adc,hbv", help="comma-separated, t2w first; of t2w,adc,hbv,dce"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+
+
+def run_synth(args: argparse.Namespace) -> int:
+    from focalnet_jax.data.synth import SynthConfig, write_dataset
+
+    options = {"t2w_only_share": args.t2w_only_share, "adc_only_share": args.adc_only_share}
+    options["dce_only_share"] = args.dce_only_share
+    options["components"] = tuple(c.strip() for c in args.components.split(",") if c.strip())
+    try:
+        config = SynthConfig.small(**options) if args.small else SynthConfig(**options)
+    except ValueError as err:  # the options are the user's
+        raise UserError(str(err)) from err
+    if args.cases < 1:
+        raise UserError(f"--cases {args.cases}: expected at least 1")
+    cases = write_dataset(
+        args.out, args.cases, args.seed, config, progress=True, overwrite=args.overwrite
+    )
+    print(f"wrote {len(cases)} synthetic cases to {args.out}")
+    return 0
+
+
+def add_preprocess(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--layout", choices=("picai", "manifest"), required=True)
+    parser.add_argument("--images", type=Path, help="picai: <images>/<patient>/<case>_<comp>.mha")
+    parser.add_argument("--labels", type=Path, help="picai: <labels>/<case>.nii.gz (ISUP values)")
+    parser.add_argument("--masks", type=Path, help="picai: whole-gland masks for centring")
+    parser.add_argument(
+        "--marksheet", type=Path, help="picai: marksheet.csv (kept as case metadata)"
+    )
+    parser.add_argument("--manifest", type=Path, help="manifest: CSV of cases (see docs/data.md)")
+    parser.add_argument("--out", type=Path, required=True, help="store folder to write")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes")
+    parser.add_argument(
+        "--skip-bad-cases", action="store_true", help="list bad cases in errors.csv, keep going"
+    )
+    parser.add_argument("--components", default="t2w,adc", help="comma-separated, T2w first")
+    parser.add_argument("--slices", choices=("all", "annotated"), default="all")
+    parser.add_argument(
+        "--unlabelled",
+        choices=("error", "negative", "skip"),
+        default="error",
+        help="a case without a label (PI-CAI: no label file; manifest: no label column or an "
+        "empty cell) is an error, a negative, or left out",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace a store at --out made with other settings"
+    )
+    parser.add_argument(
+        "--label-values",
+        choices=("auto", "picai", "isup"),
+        default="auto",
+        help="label value 1: 'picai' = csPCa of unknown grade, 'isup' = GS 3+3; 'auto': "
+        "picai layout reads <labels>/dataset.json, else 'picai'; manifest 'isup'",
+    )
+    parser.add_argument("--interpolator", choices=("bspline", "linear"), default="bspline")
+
+
+def run_preprocess(args: argparse.Namespace) -> int:
+    from focalnet_jax.data.build_store import preprocess_layout
+
+    summary = preprocess_layout(
+        args.layout,
+        out=args.out,
+        images=args.images,
+        labels=args.labels,
+        masks=args.masks,
+        marksheet=args.marksheet,
+        manifest=args.manifest,
+        components=tuple(c.strip() for c in args.components.split(",") if c.strip()),
+        slices=args.slices,
+        workers=args.workers,
+        skip_bad_cases=args.skip_bad_cases,
+        unlabelled=args.unlabelled,
+        label_values=args.label_values,
+        interpolator=args.interpolator,
+        overwrite=args.overwrite,
+    )
+    print(
+        f"wrote {summary.num_cases} cases ({summary.num_slices} slices) to {summary.path}"
+        + (f"; {len(summary.errors)} bad cases in errors.csv" if summary.errors else "")
+    )
+    return 0
+
+
+def add_folds(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--store", type=Path, required=True, help="preprocessed store")
+    parser.add_argument("--num-folds", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, help="also write fold-<k>.json files here")
+    parser.add_argument("--list-cases", action="store_true", help="print each fold's case ids")
+
+
+def run_folds(args: argparse.Namespace) -> int:
+    from focalnet_jax.data.folds import fold_table, write_fold_files
+    from focalnet_jax.data.store import open_store
+
+    store = open_store(args.store)
+    rows = fold_table(store, args.num_folds, args.seed)
+    print("fold  patients  cases  slices  patients per highest class 0..5")
+    for row in rows:
+        per_class = " ".join(f"{n:3d}" for n in row["patients_per_max_class"])
+        print(
+            f"{row['fold']:4d}  {row['patients']:8d}  {row['cases']:5d}  {row['slices']:6d}"
+            f"  {per_class}"
+        )
+        if args.list_cases:
+            print("      " + " ".join(row["case_ids"]))
+    if args.out:
+        for path in write_fold_files(store, args.out, args.num_folds, args.seed):
+            print(f"wrote {path}")
+    return 0

@@ -1,0 +1,159 @@
+"""`focalnet evaluate`, `summarize`, `predict`: flags and a thin call into the evaluation."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from focalnet_jax.errors import UserError
+
+
+def add_evaluate(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--predictions", type=Path, help="folder of <case_id>.npz prediction files (contract)"
+    )
+    source.add_argument("--workdir", type=Path, help="run: predict its validation fold, evaluate")
+    parser.add_argument("--all-cases", action="store_true", help="every case of --store (test set)")
+    parser.add_argument("--tta", choices=("none", "flip"), default="none", help="left-right flip")
+    parser.add_argument(
+        "--out", type=Path, help="output folder (required with --predictions; default WORKDIR/eval)"
+    )
+    parser.add_argument(
+        "--cases",
+        type=Path,
+        help="with --predictions: the case ids to evaluate (one a line, or a JSON list); a listed "
+        "case without <case_id>.npz is an error (default: every file found)",
+    )
+    parser.add_argument("--step", type=int, help="checkpoint step with --workdir (default: latest)")
+    parser.add_argument("--store", type=Path, help="preprocessed store (default: the run's config)")
+    parser.add_argument("--batch-size", type=int, default=32, help="slices per inference batch")
+    parser.add_argument("--radius-mm", type=float, default=5.0, help="hit radius and NMS radius")
+    parser.add_argument("--min-score", type=float, default=1e-3, help="lowest detection score")
+    parser.add_argument(
+        "--slices",
+        choices=("all", "annotated"),
+        help="slices of the 2D protocol (default: all; with --workdir the run's data.slices)",
+    )
+    parser.add_argument("--no-picai", action="store_true", help="skip the PI-CAI metrics")
+    parser.add_argument("--picai-bootstraps", type=int, default=1000, help="0 skips the CIs")
+    parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+    parser.add_argument("--label", default=None, help="method name in the report")
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from focalnet_jax.evaluation.evaluate import evaluate_predictions, evaluation_summary
+    from focalnet_jax.evaluation.flag_checks import check_evaluate_flags
+    from focalnet_jax.evaluation.predictions import read_case_list
+
+    check_evaluate_flags(args)
+    slices = args.slices or "all"
+    if args.workdir is not None and args.cases is not None:
+        raise UserError("--cases goes with --predictions (--workdir evaluates its fold)")
+    cases = read_case_list(args.cases) if args.cases is not None else None
+    if args.all_cases:
+        from focalnet_jax.evaluation.run_predictions import predict_test_store
+
+        out, slices = args.out, args.slices or "all"
+        predictions = None if out is None else out / "predictions"
+        cases = predict_test_store(args.workdir, args.store, predictions, step=args.step,
+                                   tta=args.tta, batch_size=args.batch_size)  # fmt: skip
+    elif args.workdir is not None:
+        from focalnet_jax.evaluation.run_predictions import predict_fold
+        from focalnet_jax.run.workdir import read_config
+
+        out = args.out or args.workdir / "eval"
+        predictions = out / "predictions"
+        cases = predict_fold(
+            args.workdir,
+            predictions,
+            step=args.step,
+            store_path=args.store,
+            batch_size=args.batch_size,
+            tta=args.tta,
+        )
+        slices = args.slices or str(read_config(args.workdir).data.slices)
+    elif args.out is None:
+        raise UserError("--out is required with --predictions")
+    else:
+        predictions, out = args.predictions, args.out
+    metrics = evaluate_predictions(
+        predictions,
+        out,
+        cases=cases,
+        radius_mm=args.radius_mm,
+        min_score=args.min_score,
+        with_picai=not args.no_picai,
+        picai_bootstraps=args.picai_bootstraps,
+        with_figures=not args.no_figures,
+        label=args.label or (args.workdir.name if args.workdir else "model"),
+        slices=slices,
+    )
+    print(f"{evaluation_summary(metrics)}; wrote {out / 'metrics.json'}")
+    return 0
+
+
+def add_summarize(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--runs",
+        nargs="+",
+        required=True,
+        metavar="NAME=DIR",
+        help="method name and a folder holding one metrics.json per fold (searched recursively)",
+    )
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+
+
+def run_summarize(args: argparse.Namespace) -> int:
+    from focalnet_jax.evaluation.flag_checks import check_output_folder, parse_runs
+    from focalnet_jax.evaluation.summary import summarize_runs
+
+    runs = parse_runs(args.runs)
+    check_output_folder(args.out)
+    summarize_runs(runs, args.out)
+    print(f"wrote {args.out / 'summary.json'} and {args.out / 'summary.md'}")
+    return 0
+
+
+def add_predict(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        action="append",
+        required=True,
+        help="training run or CV folder (its finished folds); repeat: ensemble",
+    )
+    parser.add_argument("--step", type=int, help="checkpoint step of one run (default: latest)")
+    parser.add_argument("--t2w", help="one exam: T2w DICOM folder, .mha, .nii(.gz), .nrrd")
+    parser.add_argument("--adc", help="one exam: ADC DICOM folder or image file")
+    parser.add_argument("--hbv", help="one exam: high b-value DWI DICOM folder or image file")
+    parser.add_argument("--mask", help="prostate mask on any grid (centres the crop)")
+    parser.add_argument("--center", help="crop centre 'x,y,z' (LPS mm)")
+    parser.add_argument("--layout", choices=("picai", "manifest"), help="many exams")
+    parser.add_argument("--images", type=Path, help="picai: <images>/<patient>/<case>_<comp>.mha")
+    parser.add_argument("--masks", type=Path, help="picai: whole-gland masks for centring")
+    parser.add_argument("--manifest", type=Path, help="manifest: CSV of cases (labels unused)")
+    parser.add_argument("--skip-bad-cases", action="store_true", help="bad cases: errors.csv")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="many exams: replace a non-empty --out whole"
+    )
+    for name in ("t2w", "adc", "hbv"):
+        parser.add_argument(
+            f"--{name}-series",
+            help=f"SeriesInstanceUID or exact SeriesDescription of the {name} series "
+            "(when its DICOM folder holds several)",
+        )
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--threshold", type=float, default=0.5, help="lowest listed detection")
+    parser.add_argument("--batch-size", type=int, default=16, help="slices per inference batch")
+    parser.add_argument("--tta", choices=("none", "flip"), default="none", help="left-right flip")
+    from focalnet_jax.evaluation.detection_map import add_candidate_flags
+
+    add_candidate_flags(parser)
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from focalnet_jax.evaluation import predict_command
+
+    print(predict_command.run(args))
+    return 0

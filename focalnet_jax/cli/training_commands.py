@@ -1,0 +1,114 @@
+"""`focalnet train` and `cv`: their flags, the process group and the config with its overrides."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from focalnet_jax.errors import UserError
+
+
+def _add_distributed_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "multi-process (default: SLURM's variables, else one process)"
+    )
+    group.add_argument("--coordinator_address", help="HOST:PORT of process 0")
+    group.add_argument("--num_processes", type=int, help="total number of processes")
+    group.add_argument("--process_id", type=int, help="this process's rank, 0..N-1")
+
+
+def _add_compilation_cache_flag(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument(
+        "--compilation_cache",
+        type=Path,
+        help="folder of the persistent XLA compilation cache, so restarts and folds reuse the "
+        f"compiled steps (default: {default})",
+    )
+
+
+def add_train(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        required=True,
+        help="config file, optionally with :arg (configs/picai.py:fold=2)",
+    )
+    parser.add_argument(
+        "--workdir", type=Path, required=True, help="run folder; resumes if present"
+    )
+    parser.add_argument("--fold", type=int, help="shortcut for --config.data.fold")
+    parser.epilog = "Any config field can be overridden: --config.train.steps=100 --config.seed=1"
+    _add_compilation_cache_flag(parser, "$JAX_COMPILATION_CACHE_DIR, else none")
+    _add_distributed_flags(parser)
+
+
+def _training_setup(args: argparse.Namespace):
+    """Join the process group, load the config with its overrides; returns the config."""
+    import logging
+
+    from focalnet_jax.config_loading import load_config
+    from focalnet_jax.run import RunSpec
+    from focalnet_jax.training import distributed
+
+    # Our progress at INFO; libraries (Orbax, absl) only from WARNING.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("focalnet_jax").setLevel(logging.INFO)
+    try:
+        distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+        config = load_config(args.config, args.overrides)
+    except (KeyError, ValueError, FileNotFoundError) as error:  # flags and config: the user's
+        raise UserError(error.args[0] if error.args else str(error)) from error
+    if args.fold is not None:
+        config.data.fold = args.fold
+    RunSpec.from_config(config)  # every config error in one line, before any compilation
+
+    logging.getLogger("focalnet_jax").info("%s", distributed.describe())
+    return config
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from focalnet_jax.training import train_and_evaluate
+    from focalnet_jax.training.distributed import compilation_cache
+
+    with compilation_cache(args.compilation_cache):
+        config = _training_setup(args)
+        train_and_evaluate(config, args.workdir)
+    print(f"checkpoints and TensorBoard logs in {args.workdir}")
+    return 0
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(f) for f in text.split(",")]
+    except ValueError:
+        message = f"expected comma-separated integers, got {text!r}"
+        raise argparse.ArgumentTypeError(message) from None
+
+
+def add_cv(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="config file, optionally with :arg")
+    parser.add_argument("--workdir", type=Path, required=True, help="fold k in WORKDIR/fold<k>")
+    parser.add_argument("--folds", type=_int_list, help="comma-separated folds (default: all)")
+    parser.add_argument("--fold", type=int, help=argparse.SUPPRESS)
+    _add_compilation_cache_flag(
+        parser, "$JAX_COMPILATION_CACHE_DIR, else WORKDIR/compilation_cache"
+    )
+    _add_distributed_flags(parser)
+
+
+def run_cv(args: argparse.Namespace) -> int:
+    import jax
+
+    from focalnet_jax.training import train_and_evaluate
+    from focalnet_jax.training.distributed import compilation_cache
+
+    cache = args.compilation_cache
+    if cache is None and not jax.config.jax_compilation_cache_dir:
+        cache = args.workdir / "compilation_cache"
+    with compilation_cache(cache):
+        config = _training_setup(args)
+        folds = args.folds or list(range(config.data.num_folds))
+        for fold in folds:
+            config.data.fold = fold
+            train_and_evaluate(config, args.workdir / f"fold{fold}")
+    print(f"trained folds {folds}; runs in {args.workdir}/fold<k>")
+    return 0
