@@ -6,6 +6,7 @@ of the crop, an ADC map in other units, a truncated .mha (docs/data.md, "What is
 from __future__ import annotations
 
 import csv
+import locale
 import shutil
 
 import numpy as np
@@ -247,15 +248,20 @@ def _write_series(folder, shift_x_mm: float) -> None:
     volume = sitk.GetImageFromArray((np.arange(6 * 16 * 16) % 97).reshape(6, 16, 16).astype("i2"))
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
-    for k in range(6):
-        image = volume[:, :, k]
-        tags = {"0008|0060": "MR", "0020|000d": "1.2.826.0.1.3680043.2.1125.1.43",
-                "0020|000e": "1.2.826.0.1.3680043.2.1125.1.42", "0020|0037": "1\\0\\0\\0\\1\\0",
-                "0020|0032": f"{shift_x_mm * k}\\0\\{3 * k}", "0020|0013": str(k + 1)}  # fmt: skip
-        for tag, value in tags.items():
-            image.SetMetaData(tag, value)
-        writer.SetFileName(str(folder / f"{k}.dcm"))
-        writer.Execute(image)
+    ctype = locale.setlocale(locale.LC_CTYPE)  # GDCM's writer sets the C locale: restored below
+    try:
+        for k in range(6):
+            image = volume[:, :, k]
+            tags = {"0008|0060": "MR", "0020|000d": "1.2.826.0.1.3680043.2.1125.1.43",
+                    "0020|000e": "1.2.826.0.1.3680043.2.1125.1.42",
+                    "0020|0037": "1\\0\\0\\0\\1\\0", "0020|0032": f"{shift_x_mm * k}\\0\\{3 * k}",
+                    "0020|0013": str(k + 1)}  # fmt: skip
+            for tag, value in tags.items():
+                image.SetMetaData(tag, value)
+            writer.SetFileName(str(folder / f"{k}.dcm"))
+            writer.Execute(image)
+    finally:
+        locale.setlocale(locale.LC_CTYPE, ctype)
 
 
 def test_sheared_dicom_stack_is_refused(tmp_path):
