@@ -162,6 +162,15 @@ def test_synth_refuses_a_non_empty_out_unless_overwrite(tmp_path, capfd):
     (tmp_path / "file").write_text("x")
     err = _user_error(capfd, ["synth", "--out", str(tmp_path / "file"), "--cases", "1"])
     assert err.endswith(f"--out {tmp_path / 'file'} exists and is not a folder")
+    # --overwrite replaces only a synthetic dataset: a data folder is not deleted whole.
+    mine = tmp_path / "mine"
+    (mine / "images").mkdir(parents=True)
+    err = _user_error(capfd, [*argv[:2], str(mine), *argv[3:], "--overwrite"])
+    assert err.endswith(
+        f"--out {mine} is not a synthetic dataset (no lesions.csv): --overwrite replaces only "
+        "one, as it deletes the folder whole; choose a new folder"
+    )
+    assert (mine / "images").is_dir()
 
 
 def test_damaged_store_is_one_line(store, tmp_path, capfd):
