@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import logging
+import shutil
 import subprocess
 import sys
 
@@ -241,20 +242,24 @@ def test_summarize_rejects_bad_runs(tmp_path):
     assert message.endswith(f"--runs names 'A' twice ({tmp_path / 'run'} and other)")
 
 
-def test_picai_bootstrap_failure_keeps_metrics_and_says_why(tmp_path):
+def test_picai_bootstrap_redraws_resamples_with_one_class(tmp_path):
     # Two of four cases have neither lesions nor score blobs: some bootstrap resamples hold only
-    # those, where picai_eval's precision-recall fails. metrics.json is still written, with the
-    # point estimates, null intervals and the reason.
+    # those (no lesion: AUROC undefined, and picai_eval's precision-recall fails) or only the
+    # two positive cases. They are drawn again; every other resample ranks both lesions (0.9,
+    # 0.6) above the empty cases (score 0) with no false candidate: AUROC 1 and AP 1.
     predictions, out = tmp_path / "predictions", tmp_path / "eval"
     write_blob_case(predictions, "c1", lesion=(3, (4, 20, 20)), blobs=[((4, 20, 20), 0.9)])
     write_blob_case(predictions, "c2", lesion=(2, (3, 12, 30)), blobs=[((3, 12, 30), 0.6)])
     write_blob_case(predictions, "c3")
     write_blob_case(predictions, "c4")
-    run_cli(["evaluate", "--predictions", str(predictions), "--out", str(out), "--no-figures"])
+    run_cli(["evaluate", "--predictions", str(predictions), "--out", str(out), "--no-figures",
+             "--picai-bootstraps", "50"])  # fmt: skip
     picai = json.loads((out / "metrics.json").read_text())["picai"]
     assert picai["num_cases"] == 4 and picai["num_positive_cases"] == 2
     assert picai["auroc"] == pytest.approx(1.0)
-    assert picai["auroc_95_ci"] is None and picai["bootstrap_error"]
+    assert picai["auroc_95_ci"] == [1.0, 1.0] and picai["ap_95_ci"] == [1.0, 1.0]
+    # P(all four draws from one class) = 2 x (1/2)^4 = 1/8 per resample.
+    assert picai["bootstrap_resamples_redrawn"] > 0
 
 
 def _evaluate_argv(predictions, out, *extra):
@@ -368,3 +373,41 @@ def test_cases_with_workdir_is_refused(tmp_path):
     listed.write_text("c1\n")
     message = _error(["evaluate", "--workdir", str(tmp_path), "--cases", str(listed)])
     assert "--cases goes with --predictions" in message
+
+
+def _evaluate_fold(predictions_dir, out, runs, shift=0.0):
+    """evaluate of a cohort whose predictions say (models.json) they were made by `runs`."""
+    write_cohort(predictions_dir, shift)
+    models = {"models": [{"run": r, "step": 2} for r in runs], "tta": "none"}
+    (predictions_dir / "models.json").write_text(json.dumps(models))
+    run_cli(["evaluate", "--predictions", str(predictions_dir), "--out", str(out), "--no-picai",
+             "--no-figures"])  # fmt: skip
+
+
+def test_summarize_refuses_an_ensemble_or_a_run_counted_twice_as_folds(tmp_path):
+    """Two folds; then the folder's ensemble evaluated on a test store into the same folder, or
+    one fold evaluated twice: either would be counted as a third fold (n 3, other mean and SD)."""
+    method = tmp_path / "A"
+    for fold, shift in enumerate((0.0, 0.1)):
+        _evaluate_fold(tmp_path / "pred" / str(fold), method / f"fold{fold}" / "eval",
+                       [f"runs/A/fold{fold}"], shift)  # fmt: skip
+    run_cli(["summarize", "--runs", f"A={method}", "--out", str(tmp_path / "ok")])
+    summary = json.loads((tmp_path / "ok" / "summary.json").read_text())
+    assert summary["methods"]["A"]["metrics"]["froc/all/pauc/0.1-3"]["of"] == 2
+
+    _evaluate_fold(
+        tmp_path / "pred" / "test", method / "test_eval", ["runs/A/fold0", "runs/A/fold1"]
+    )
+    message = _error(["summarize", "--runs", f"A={method}", "--out", str(tmp_path / "s1")])
+    assert message.endswith(
+        f"{method / 'test_eval' / 'metrics.json'}: evaluates an ensemble of 2 runs, not one fold; "
+        f"move it out of {method}"
+    )
+    shutil.rmtree(method / "test_eval")
+    _evaluate_fold(tmp_path / "pred" / "tta", method / "fold0" / "eval_tta", ["runs/A/fold0"])
+    message = _error(["summarize", "--runs", f"A={method}", "--out", str(tmp_path / "s2")])
+    first, second = (method / "fold0" / d / "metrics.json" for d in ("eval", "eval_tta"))
+    assert message.endswith(
+        f"{first} and {second} both evaluate run runs/A/fold0: one fold would count twice; keep "
+        f"one of them under {method}"
+    )

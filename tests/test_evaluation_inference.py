@@ -401,24 +401,66 @@ def test_batch_overwrite_never_deletes_a_folder_predict_did_not_write(cv, tmp_pa
 # --- external test sets ---------------------------------------------------------------------------
 
 
+def held_out_store(root: Path, extra: int = 2) -> Path:
+    """A store of `extra` synthetic cases the `cv` models never saw: cases CASES .. CASES + extra
+    - 1 of the same synthetic series (case i depends only on the seed and i; ids go on from the
+    training ones)."""
+    data = root / "held_out_data"
+    run_cli(["synth", f"--out={data}", f"--cases={CASES + extra}", "--seed=4", "--small"])
+    for t2w in sorted((data / "images").glob("*/*_t2w.mha"))[:CASES]:
+        case = t2w.name[: -len("_t2w.mha")]
+        for path in [*t2w.parent.glob(f"{case}_*"), data / "labels" / f"{case}.nii.gz",
+                     data / "masks" / f"{case}.nii.gz"]:  # fmt: skip
+            path.unlink()
+    store = root / "held_out_store"
+    run_cli(["preprocess", "--layout=picai", f"--images={data / 'images'}", f"--out={store}",
+             f"--labels={data / 'labels'}", f"--masks={data / 'masks'}"])  # fmt: skip
+    return store
+
+
 def test_all_cases_evaluation_counts_every_patient_of_the_test_store(cv, tmp_path):
     from focalnet_jax.data.store import open_store
 
-    store = open_store(cv["store"])
+    store_path = held_out_store(tmp_path)
+    store = open_store(store_path)
+    assert len(store.cases) == 2 and not set(store.case_ids) & set(open_store(cv["store"]).case_ids)
     out = tmp_path / "test"
     (out / "predictions").mkdir(parents=True)
     (out / "predictions" / "other.npz").write_bytes(b"a case of an earlier run")
-    run_cli(["evaluate", "--workdir", cv["cv"], "--store", cv["store"], "--all-cases",
+    run_cli(["evaluate", "--workdir", cv["cv"], "--store", store_path, "--all-cases",
              "--out", out, "--picai-bootstraps", "0", "--no-figures"])  # fmt: skip
     metrics = json.loads((out / "metrics.json").read_text())
     patients = {r["patient_id"] for r in store.cases}
     assert metrics["num_patients"] == len(patients)
-    assert metrics["num_cases"] == len(store.cases) == CASES
-    assert metrics["picai"]["num_cases"] == CASES
+    assert metrics["num_cases"] == len(store.cases) == 2
+    assert metrics["picai"]["num_cases"] == 2
     assert sorted(p.stem for p in (out / "predictions").glob("*.npz")) == sorted(store.case_ids)
     folds = [{"run": str(cv["cv"] / f"fold{k}"), "step": 2} for k in (0, 1)]
     assert metrics["models"] == {"models": folds, "tta": "none"}
     assert (out / "report.md").is_file()
+
+
+def test_test_store_holding_training_cases_is_refused(cv, tmp_path):
+    """The fold models trained, between them, on every case of their own store: evaluating the
+    ensemble on it would report training-set numbers."""
+    from focalnet_jax.data.run_store import recorded_cases
+
+    out = tmp_path / "eval"
+    message = cli_error(["evaluate", "--workdir", cv["cv"], "--store", cv["store"], "--all-cases",
+                         "--out", out])  # fmt: skip
+    trained = sorted(recorded_cases(cv["cv"] / "fold0", "train_cases"))
+    assert message.endswith(
+        f"test store {cv['store']}: {len(trained)} of its {CASES} cases are training cases of "
+        f"run {cv['cv'] / 'fold0'} ({', '.join(trained[:3])}); its metrics would be training-set "
+        "numbers: evaluate on held-out cases"
+    )
+    assert trained[0] in message and not out.exists()
+    # Allowed on request (a deliberate training-set evaluation): a warning, no error.
+    run_cli(["evaluate", "--workdir", cv["cv"], "--store", cv["store"], "--all-cases",
+             "--allow-training-cases", "--no-picai", "--no-figures", "--out", out])  # fmt: skip
+    assert sorted(json.loads((out / "metrics.json").read_text())["models"]["models"][0]) == [
+        "run", "step"
+    ]  # fmt: skip
 
 
 def test_test_store_with_other_settings_is_a_one_line_error(cv, tmp_path):

@@ -122,7 +122,7 @@ def test_package_root_holds_at_most_seven_modules():
     modules = sorted(p.name for p in PACKAGE.glob("*.py"))
     assert len(modules) <= 7, modules
     assert {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()} == {
-        "data", "evaluation", "losses", "models", "run", "study", "training"
+        "cli", "data", "evaluation", "losses", "models", "run", "study", "training"
     }  # fmt: skip
 
 

@@ -15,6 +15,12 @@ def add_evaluate(parser: argparse.ArgumentParser) -> None:
     )
     source.add_argument("--workdir", type=Path, help="run: predict its validation fold, evaluate")
     parser.add_argument("--all-cases", action="store_true", help="every case of --store (test set)")
+    parser.add_argument(
+        "--allow-training-cases",
+        action="store_true",
+        help="with --all-cases: evaluate even if the store holds cases the runs trained on "
+        "(training-set numbers; warned)",
+    )
     parser.add_argument("--tta", choices=("none", "flip"), default="none", help="left-right flip")
     parser.add_argument(
         "--out", type=Path, help="output folder (required with --predictions; default WORKDIR/eval)"
@@ -57,7 +63,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         out, slices = args.out, args.slices or "all"
         predictions = None if out is None else out / "predictions"
         cases = predict_test_store(args.workdir, args.store, predictions, step=args.step,
-                                   tta=args.tta, batch_size=args.batch_size)  # fmt: skip
+                                   tta=args.tta, batch_size=args.batch_size,
+                                   allow_training_cases=args.allow_training_cases)  # fmt: skip
     elif args.workdir is not None:
         from focalnet_jax.evaluation.run_predictions import predict_fold
         from focalnet_jax.run.workdir import read_config

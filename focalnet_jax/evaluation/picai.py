@@ -101,21 +101,43 @@ def picai_metrics(
 
 
 def _bootstrap_intervals(metrics, bootstraps: int, seed: int) -> dict:
-    """95 % intervals of AUROC, AP and ranking score from picai_eval's case bootstrap.
+    """95 % percentile intervals of AUROC, AP and ranking score over `bootstraps` case resamples.
 
-    On small evaluations a resample can hold only lesion-free cases without candidates, where
-    picai_eval's precision-recall computation fails; the intervals are then null, with the reason.
+    As picai_eval's `Metrics.bootstrap_score_ci` (cases drawn with replacement, its AUROC and AP
+    of each resample, `np.percentile` 2.5 and 97.5), except that a resample without a positive
+    or without a negative case is drawn again, as picai_eval's own matched bootstrap does: there
+    the AUROC is NaN, which made the whole AUROC and score intervals NaN, and the AP of a
+    resample without lesions is 0, which dragged the AP interval down to 0.
+    `bootstrap_resamples_redrawn` counts them. Intervals are null, with the reason, when the
+    evaluation itself has no positive or no negative case.
     """
-    try:
-        ci = metrics.bootstrap_score_ci(n_bootstraps=bootstraps, seed=seed)
-    except ValueError as error:
-        log.warning("PI-CAI bootstrap intervals not computed: %s", error)
-        return {"bootstraps": int(bootstraps), "bootstrap_error": str(error)} | {
-            key: None for key in ("auroc_95_ci", "ap_95_ci", "score_95_ci")
-        }
-    return {
-        "auroc_95_ci": [float(v) for v in ci["auroc_95_ci"]],
-        "ap_95_ci": [float(v) for v in ci["ap_95_ci"]],
-        "score_95_ci": [float(v) for v in ci["score_95_ci"]],
-        "bootstraps": int(bootstraps),
+    cases = list(metrics.subject_list)
+    positive = np.array([bool(metrics.case_target[c]) for c in cases])
+    out = {"bootstraps": int(bootstraps)}
+    if positive.all() or not positive.any():
+        reason = (
+            f"every one of the {len(cases)} cases is {'positive' if positive.any() else 'negative'}"
+        )
+        log.warning("PI-CAI bootstrap intervals not computed: %s", reason)
+        return (
+            out
+            | {"bootstrap_error": reason}
+            | {key: None for key in ("auroc_95_ci", "ap_95_ci", "score_95_ci")}
+        )
+    rng = np.random.default_rng(seed)
+    auroc, ap, redrawn = [], [], 0
+    while len(auroc) < bootstraps:
+        drawn = rng.integers(0, len(cases), len(cases))
+        if positive[drawn].all() or not positive[drawn].any():
+            redrawn += 1
+            continue
+        sample = [cases[i] for i in drawn]
+        auroc.append(metrics.calc_auroc(subject_list=sample))
+        ap.append(metrics.calc_AP(subject_list=sample))
+    score = (np.asarray(auroc) + np.asarray(ap)) / 2
+    return out | {
+        "auroc_95_ci": [float(v) for v in np.percentile(auroc, [2.5, 97.5])],
+        "ap_95_ci": [float(v) + 0.0 for v in np.percentile(ap, [2.5, 97.5])],
+        "score_95_ci": [float(v) for v in np.percentile(score, [2.5, 97.5])],
+        "bootstrap_resamples_redrawn": redrawn,
     }

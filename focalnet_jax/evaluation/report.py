@@ -81,32 +81,50 @@ def lookup(metrics: Mapping, path: Sequence[str]):
     return value
 
 
-def format_cell(values: Sequence, digits: int = 3, empty: str = "n/a") -> str:
+def format_cell(values: Sequence, digits: int = 3, empty: str = "n/a", not_reached: int = 0) -> str:
     """One fold: the value (`empty` when null). Several: mean+-SD over the folds with a value,
-    with '(n/N)' when some folds have none."""
+    with '(n/N)' when some folds have none. `not_reached`: how many of the null folds are 'n.r.'
+    (a sensitivity their lesions never reached, rather than no lesion), said in the cell: a mean
+    over the other folds alone would look better than the method did."""
     summary = mean_sd(values)
     if summary["mean"] is None:
-        return empty
+        if not not_reached:
+            return empty
+        return "n.r." + (f" ({not_reached}/{summary['of']})" if summary["of"] > 1 else "")
     if summary["of"] == 1:
         return f"{summary['mean']:.{digits}f}"
     text = f"{summary['mean']:.{digits}f}"
     if summary["sd"] is not None:
         text += f"±{summary['sd']:.{digits}f}"
     if summary["n"] < summary["of"]:
-        text += f" ({summary['n']}/{summary['of']})"
+        text += f" ({summary['n']}/{summary['of']}" + (
+            f"; {not_reached} n.r.)" if not_reached else ")"
+        )
     return text
 
 
-def _table(
-    runs: Mapping[str, Sequence[Mapping]], columns: Sequence[tuple], empty: str = "n/a"
-) -> list[str]:
+def not_reached(metrics: Mapping, path: Sequence[str]) -> bool:
+    """Whether a FROC `fp_at_sensitivity` value at `path` is null because the group's lesions
+    never reached that sensitivity (False when the group has no lesion, or for other paths)."""
+    if len(path) != 4 or path[0] != "froc" or path[2] != "fp_at_sensitivity":
+        return False
+    return lookup(metrics, path) is None and bool(lookup(metrics, (*path[:2], "num_lesions")))
+
+
+def _table(runs: Mapping[str, Sequence[Mapping]], columns: Sequence[tuple]) -> list[str]:
     """Markdown rows: one per method, one column per (header, metric path)."""
     lines = [
         "| Method | " + " | ".join(header for header, _ in columns) + " |",
         "|---" * (len(columns) + 1) + "|",
     ]
     for name, folds in runs.items():
-        cells = [format_cell([lookup(m, path) for m in folds], empty=empty) for _, path in columns]
+        cells = [
+            format_cell(
+                [lookup(m, path) for m in folds],
+                not_reached=sum(not_reached(m, path) for m in folds),
+            )
+            for _, path in columns
+        ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 
@@ -156,14 +174,15 @@ def _paper_protocol(runs: Mapping[str, Sequence[Mapping]]) -> list[str]:
         "",
         "### False positives per patient at given sensitivity (Table II)",
         "",
-        *_table(runs, _fp_columns(TABLE_II), empty="n.r."),
+        *_table(runs, _fp_columns(TABLE_II)),
         "",
         "### False positives per patient at given sensitivity per GS group (Table III)",
         "",
-        *_table(runs, _fp_columns(TABLE_III), empty="n.r."),
+        *_table(runs, _fp_columns(TABLE_III)),
         "",
-        "n.r.: sensitivity not reached at any threshold; n/a: undefined (no lesion, no positive "
-        "or no negative).",
+        "n.r.: sensitivity not reached at any threshold (over folds, 'k n.r.': k folds with "
+        "lesions of the group never reached it and are left out of the mean); n/a: undefined "
+        "(no lesion, no positive or no negative).",
         "",
         "### Sensitivity at 1 false positive per patient and partial AUCs",
         "",

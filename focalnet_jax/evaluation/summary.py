@@ -57,15 +57,42 @@ def find_folds(run_dir: str | Path) -> list[Path]:
     return found
 
 
+def check_folds(run_dir, paths: list[Path], fold_metrics: list[dict]) -> None:
+    """Each metrics.json must be one fold: a UserError names one that evaluated an ensemble of
+    several runs (e.g. `evaluate --all-cases` of the folder, written under it) or two that
+    evaluated the same run (e.g. with and without `--tta`), either of which would change the
+    mean, the SD and the tests. Their `models` record says which runs made the predictions
+    (metrics without one, from `--predictions`, cannot be checked)."""
+    seen: dict[str, Path] = {}
+    for path, metrics in zip(paths, fold_metrics, strict=True):
+        models = (metrics.get("models") or {}).get("models") or []
+        if len(models) > 1:
+            raise UserError(
+                f"{path}: evaluates an ensemble of {len(models)} runs, not one fold; move it out "
+                f"of {run_dir}"
+            )
+        for model in models:
+            run = str(model.get("run"))
+            if run in seen:
+                raise UserError(
+                    f"{seen[run]} and {path} both evaluate run {run}: one fold would count "
+                    f"twice; keep one of them under {run_dir}"
+                )
+            seen[run] = path
+
+
 def summarize_runs(runs: Mapping[str, str | Path], out_dir: str | Path) -> dict:
     """Summarises each method's folds and compares methods; writes the outputs to `out_dir`."""
     if not runs:
         raise UserError("summarize needs at least one --runs NAME=DIR")
-    folds = {name: [read_metrics(p) for p in find_folds(d)] for name, d in runs.items()}
+    paths = {name: find_folds(d) for name, d in runs.items()}
+    folds = {name: [read_metrics(p) for p in found] for name, found in paths.items()}
+    for name, fold_metrics in folds.items():
+        check_folds(runs[name], paths[name], fold_metrics)
     summary = {"methods": {}, "comparisons": {}}
     for name, fold_metrics in folds.items():
         summary["methods"][name] = {
-            "folds": [str(p) for p in find_folds(runs[name])],
+            "folds": [str(p) for p in paths[name]],
             "metrics": {
                 "/".join(path): {**mean_sd(values), "values": values}
                 for path in summary_metrics()

@@ -168,13 +168,14 @@ def _header(study: Study, missing: Sequence[str]) -> list[str]:
 
 
 def _metrics_table(rows: Sequence[Mapping], names: Sequence[str]) -> list[str]:
-    lines = ["", "## Metrics over runs (mean +- SD, n runs)", ""]
+    lines = ["", "## Metrics over runs (mean +- SD, n runs; n/N: N - n runs undefined)", ""]
     lines += ["| arm | " + " | ".join(HEADLINE) + " |", "|---" * (len(HEADLINE) + 1) + "|"]
     for name in names:
         cells = []
         for metric in HEADLINE:
             s = mean_sd([r[metric] for r in rows if r["arm"] == name])
-            cells.append(f"{_fmt(s['mean'])} +- {_fmt(s['sd'])} ({s['n']})")
+            runs = f"{s['n']}" if s["n"] == s["of"] else f"{s['n']}/{s['of']}"
+            cells.append(f"{_fmt(s['mean'])} +- {_fmt(s['sd'])} ({runs})")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 
@@ -185,7 +186,8 @@ def _comparisons(stats_rows: Sequence[Mapping], iterations: int) -> list[str]:
         "## Comparisons (H1: b better than a)",
         "",
         "p_permutation: picai_eval's permutation test over runs (exact when the two arms have "
-        f"<= 20 runs together, else {iterations} random splits); p_welch: one-sided Welch "
+        f"<= 20 runs together, else {iterations} random splits drawn with seed "
+        f"{statistics.PERMUTATION_SEED}); p_welch: one-sided Welch "
         "t-test; Bonferroni over the ordered pairs of each metric. See docs/studies.md.",
         "",
         "| metric | a | b | mean a | mean b | p_permutation | p_welch | p_welch_bonferroni |",

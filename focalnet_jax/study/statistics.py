@@ -1,15 +1,21 @@
 """Comparisons of arms over their runs (one value per cell): the permutation test of Bosma et al.
-2022 (picai_eval), Welch's t-test (SciPy) and the Bonferroni correction.
+2022 (as picai_eval computes it), Welch's t-test (SciPy) and the Bonferroni correction.
 
 Both tests are one-sided with the same direction: H1 = the alternative arm `b` scores higher than
 the baseline arm `a` (every metric compared here is higher-is-better).
 
-- `p_permutation`: picai_eval's `perform_permutation_test(values_a, values_b)`. Its statistic is
-  the "order AUC" (the probability that a run of b beats a run of a, ties counting half) and its
-  null distribution comes from every split of the pooled runs into groups of the two sizes:
-  enumerated exactly when the two arms have 20 runs or fewer together, otherwise drawn
-  (`iterations` random splits; picai_eval's default is 10^6, too slow for a study with many
-  metrics, so the default here is 10^4 and the report states it).
+- `p_permutation`: the one-sided permutation test of picai_eval's
+  `perform_permutation_test(values_a, values_b)`. Its statistic is the "order AUC" (the
+  probability that a run of b beats a run of a, ties counting half) and its null distribution
+  comes from every split of the pooled runs into groups of the two sizes: enumerated exactly when
+  the two arms have 20 runs or fewer together (p = the share of splits whose statistic is at
+  least the observed one), otherwise drawn (`iterations` random splits, p = (at least as extreme
+  + 1) / (iterations + 1); picai_eval's default is 10^6, too slow for a study with many metrics,
+  so the default here is 10^4 and the report states it). Computed here from the Mann-Whitney rank
+  sum of b, which orders splits exactly as the order AUC does, so the exact p equals picai_eval's
+  (tested), in milliseconds where picai_eval takes minutes at 10 + 10 runs (one scikit-learn AUC
+  per split of the 184756); the random splits are drawn with `PERMUTATION_SEED`, where picai_eval
+  seeds nothing and a report regenerated from the same runs changed its p-values.
 - `p_welch`: Welch's unequal-variance t-test (`evaluation.stats.welch_pvalue`), one-sided
   (H1: mean of b > mean of a).
 - `p_welch_bonferroni`: min(1, p_welch x m), m = the number of ordered arm pairs of that metric.
@@ -21,33 +27,42 @@ both tests; a test with fewer than 1 (permutation) or 2 (Welch) values per arm g
 from __future__ import annotations
 
 import itertools
-import warnings
 from collections.abc import Mapping, Sequence
 
+import numpy as np
+from scipy.stats import rankdata
+
 from focalnet_jax.evaluation.stats import bonferroni, finite_values, welch_pvalue
-from focalnet_jax.study.spec import StudyError
 
 APPROXIMATE_ITERATIONS = 10_000
+PERMUTATION_SEED = 0
+EXACT_MAX_RUNS = 20  # picai_eval's rule: enumerate every split up to this many runs together
+_CHUNK = 10_000  # random splits drawn at a time
+_RANK_SUM_TOL = 0.25  # rank sums are multiples of 1/2: equal ones compare as equal
 
 
 def permutation_pvalue(
     baseline: Sequence[float],
     alternative: Sequence[float],
     iterations: int = APPROXIMATE_ITERATIONS,
+    seed: int = PERMUTATION_SEED,
 ) -> float:
-    """picai_eval's one-sided permutation test (H1: `alternative` better); NaN without values."""
-    try:
-        from picai_eval.statistical_helper import perform_permutation_test
-    except ImportError as error:
-        raise StudyError(
-            f"the permutation test needs picai_eval ({error}); install the 'picai' extra"
-        ) from None
+    """One-sided permutation p of the order AUC (H1: `alternative` better; module docstring);
+    NaN without values."""
     a, b = finite_values(baseline), finite_values(alternative)
     if a.size < 1 or b.size < 1:
         return float("nan")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return float(perform_permutation_test(list(a), list(b), iterations=iterations))
+    ranks = rankdata(np.concatenate([a, b]))  # mid-ranks: a tie counts half, as in the AUC
+    observed = ranks[a.size :].sum() - _RANK_SUM_TOL
+    if ranks.size <= EXACT_MAX_RUNS:
+        splits = np.array(list(itertools.combinations(range(ranks.size), b.size)))
+        return float(np.mean(ranks[splits].sum(axis=1) >= observed))
+    rng = np.random.default_rng(seed)
+    extreme = 0
+    for start in range(0, iterations, _CHUNK):
+        shuffled = rng.permuted(np.tile(ranks, (min(_CHUNK, iterations - start), 1)), axis=1)
+        extreme += int(np.sum(shuffled[:, a.size :].sum(axis=1) >= observed))
+    return (extreme + 1) / (iterations + 1)
 
 
 def _mean(values: Sequence[float]) -> float:

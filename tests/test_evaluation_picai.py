@@ -1,0 +1,68 @@
+"""PI-CAI bootstrap intervals against a reference computed here with scikit-learn, on per-case
+detection results small enough to list."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from focalnet_jax.evaluation.picai import picai_metrics
+
+
+def twelve_cases():
+    """Cases c0-c11: c0-c2 hold one lesion each (found with confidence 0.9, 0.5, 0.8), the
+    others none but one false candidate each (0.1 .. 0.55, c9 at 0.6 above c1's lesion).
+    picai_eval's per-case results: (is_lesion, confidence, overlap) rows and the case score."""
+    results = {}
+    for i, conf in enumerate([0.9, 0.5, 0.8]):
+        results[f"c{i}"] = ([(1.0, conf, 0.5)], conf)
+    for i, conf in enumerate([0.1, 0.2, 0.3, 0.35, 0.4, 0.45, 0.6, 0.55, 0.15], start=3):
+        results[f"c{i}"] = ([(0.0, conf, 0.0)], conf)
+    return results
+
+
+def reference_intervals(results, bootstraps, seed):
+    """Case resamples drawn as the evaluation draws them (NumPy `default_rng(seed)`, `integers`
+    over the sorted case ids, picai_eval's order), those without a positive or without a negative
+    case drawn again; AUROC and AP by sklearn."""
+    cases = sorted(results)
+    target = np.array([max(r[0] for r in results[c][0]) for c in cases])
+    score = np.array([results[c][1] for c in cases])
+    rng = np.random.default_rng(seed)
+    auroc, ap = [], []
+    while len(auroc) < bootstraps:
+        drawn = rng.integers(0, len(cases), len(cases))
+        if target[drawn].all() or not target[drawn].any():
+            continue
+        auroc.append(roc_auc_score(target[drawn], score[drawn]))
+        rows = [row for i in drawn for row in results[cases[i]][0]]
+        ap.append(average_precision_score([r[0] for r in rows], [r[1] for r in rows]))
+    return (
+        np.percentile(auroc, [2.5, 97.5]),
+        np.percentile(ap, [2.5, 97.5]),
+        np.percentile((np.array(auroc) + np.array(ap)) / 2, [2.5, 97.5]),
+    )
+
+
+def test_intervals_leave_out_resamples_with_one_class():
+    """3 positive cases of 12: (9/12)^12 = 3 % of resamples hold no positive case. Their AUROC is
+    undefined (it made the AUROC and score intervals NaN) and their AP 0 (it pulled the AP
+    interval down to 0): such resamples are drawn again."""
+    results = twelve_cases()
+    out = picai_metrics(results, bootstraps=300, seed=0)
+    # Point estimate: positives 0.9, 0.5, 0.8 vs the 9 negatives: c1 (0.5) beats 7 (not 0.55, 0.6).
+    assert out["auroc"] == pytest.approx((9 + 7 + 9) / 27)
+    auroc, ap, score = reference_intervals(results, 300, seed=0)
+    assert out["auroc_95_ci"] == pytest.approx(auroc.tolist())
+    assert out["ap_95_ci"] == pytest.approx(ap.tolist())
+    assert out["score_95_ci"] == pytest.approx(score.tolist())
+    assert out["ap_95_ci"][0] > 0.3  # every resample has a lesion, found above most FPs
+    assert out["bootstrap_resamples_redrawn"] > 0
+
+
+def test_intervals_without_a_negative_case_are_null_with_the_reason():
+    results = {c: r for c, r in twelve_cases().items() if c in ("c0", "c1", "c2")}
+    out = picai_metrics(results, bootstraps=50, seed=0)
+    assert out["auroc_95_ci"] is None and out["score_95_ci"] is None
+    assert out["bootstrap_error"] == "every one of the 3 cases is positive"

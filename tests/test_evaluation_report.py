@@ -1,0 +1,71 @@
+"""report.md tables: which empty cells read 'n.r.' (sensitivity never reached) and which 'n/a'
+(no lesion of the group), on FROC results counted by hand."""
+
+from __future__ import annotations
+
+from test_evaluation_froc import make_case, three_patients
+
+from focalnet_jax.evaluation.froc import froc_analysis
+from focalnet_jax.evaluation.matching import summarize_case
+from focalnet_jax.evaluation.report import json_safe, markdown_report
+from focalnet_jax.evaluation.roc import gs_roc
+
+
+def fold_metrics(summaries) -> dict:
+    froc = froc_analysis(summaries)
+    return json_safe({"num_patients": len(summaries), "froc": froc, "roc": gs_roc(summaries)})
+
+
+def with_missed_gs8_lesion():
+    """The three patients plus D: a GS 8 lesion (class 4) that no detection hits, so the GS >= 8
+    group has one lesion and its sensitivity stays 0 at every threshold."""
+    d = make_case("D", "D", (1, 64, 64), boxes=[(0, 30, 34, 30, 34, 4)])
+    return [*three_patients(), summarize_case(d)]
+
+
+def table_row(report: str, table: str, method: str) -> dict[str, str]:
+    """{column header: cell} of `method`'s row in the table under heading `table`."""
+    lines = report.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("### " + table))
+    header = [c.strip() for c in lines[start + 2].strip("|").split("|")]
+    for line in lines[start + 4 :]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[0] == method:
+            return dict(zip(header, cells, strict=True))
+    raise AssertionError(f"no row {method} in {table}")
+
+
+TABLE_III = "False positives per patient at given sensitivity per GS group"
+
+
+def test_group_without_lesions_is_na_and_a_missed_group_is_not_reached():
+    no_gs8 = fold_metrics(three_patients())
+    missed_gs8 = fold_metrics(with_missed_gs8_lesion())
+    assert no_gs8["froc"]["gs_8+"]["num_lesions"] == 0
+    assert missed_gs8["froc"]["gs_8+"]["num_lesions"] == 1
+    report = markdown_report({"none": [no_gs8], "missed": [missed_gs8]}, title="t")
+    none = table_row(report, TABLE_III, "none")
+    missed = table_row(report, TABLE_III, "missed")
+    assert none["GS >= 8 FP@Sen90%"] == "n/a"  # no GS >= 8 lesion: undefined
+    assert missed["GS >= 8 FP@Sen90%"] == "n.r."  # one lesion, never detected
+    # GS 3+3 (A's lesion, first hit at 0.3): 60 % sensitivity at 4/3 FP per patient over
+    # patients A-C, and 4/4 = 1 FP per patient once lesion-free-of-FP patient D is added.
+    assert none["GS 3+3 FP@Sen60%"] == "1.333"
+    assert missed["GS 3+3 FP@Sen60%"] == "1.000"
+
+
+def test_folds_that_never_reach_a_sensitivity_are_counted_apart_from_folds_without_lesions():
+    """Over folds, the mean FP at 90 % sensitivity is over the folds that reach it; the cell must
+    say how many folds had lesions but never reached it (an optimistic mean otherwise) and
+    not count folds without lesions among them."""
+    no_gs8 = fold_metrics(three_patients())
+    missed_gs8 = fold_metrics(with_missed_gs8_lesion())
+    reached = fold_metrics(three_patients())
+    reached["froc"]["gs_8+"] = reached["froc"]["gs_4+3"]  # a GS >= 8 lesion found at 0 FP
+    report = markdown_report({"cv": [reached, missed_gs8, no_gs8]}, title="t")
+    cell = table_row(report, TABLE_III, "cv")["GS >= 8 FP@Sen90%"]
+    assert cell == "0.000 (1/3; 1 n.r.)"
+    only_empty = markdown_report({"cv": [no_gs8, no_gs8]}, title="t")
+    assert table_row(only_empty, TABLE_III, "cv")["GS >= 8 FP@Sen90%"] == "n/a"
+    only_missed = markdown_report({"cv": [missed_gs8, no_gs8]}, title="t")
+    assert table_row(only_missed, TABLE_III, "cv")["GS >= 8 FP@Sen90%"] == "n.r. (1/2)"

@@ -1,0 +1,98 @@
+"""The study's permutation p-values against references: picai_eval's own test, and every split
+of the pooled runs enumerated with the order AUC counted pair by pair (NumPy)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import itertools
+import time
+
+import numpy as np
+import pytest
+
+from focalnet_jax.study.statistics import compare_arms, permutation_pvalue
+
+
+def enumerated_permutation_p(a: list[float], b: list[float]) -> float:
+    """Exact one-sided p (H1: b better): the share of splits of the pooled runs into groups of
+    len(a) and len(b) whose order AUC (pairs with the b value higher, ties half) is at least the
+    observed one."""
+    pooled = np.concatenate([a, b])
+    n_a, n_b = len(a), len(b)
+
+    def order_auc(values_a, values_b):  # [S, n_a], [S, n_b] -> [S]
+        diff = values_b[:, None, :] - values_a[:, :, None]
+        return ((diff > 0) + 0.5 * (diff == 0)).mean(axis=(1, 2))
+
+    observed = order_auc(np.asarray([a]), np.asarray([b]))[0]
+    splits = np.array(list(itertools.combinations(range(pooled.size), n_b)))
+    in_b = np.zeros((len(splits), pooled.size), bool)
+    in_b[np.arange(len(splits))[:, None], splits] = True
+    extreme = 0
+    for chunk in np.array_split(np.arange(len(splits)), max(1, len(splits) // 20_000)):
+        values_b = pooled[splits[chunk]]
+        values_a = np.broadcast_to(pooled, (len(chunk), pooled.size))[~in_b[chunk]]
+        extreme += np.sum(order_auc(values_a.reshape(len(chunk), n_a), values_b) >= observed - 1e-9)
+    return extreme / len(splits)
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_exact_pvalue_equals_picai_eval(seed):
+    with contextlib.redirect_stdout(io.StringIO()):
+        from picai_eval.statistical_helper import perform_permutation_test
+    rng = np.random.default_rng(seed)
+    a = list(np.round(rng.uniform(0.5, 0.8, 6), 1))  # rounded: ties occur
+    b = list(np.round(rng.uniform(0.55, 0.85, 5), 1))
+    assert permutation_pvalue(a, b) == pytest.approx(perform_permutation_test(a, b), abs=1e-12)
+    assert permutation_pvalue(b, a) == pytest.approx(perform_permutation_test(b, a), abs=1e-12)
+
+
+def test_exact_pvalue_at_ten_and_ten_runs_is_fast_and_exact():
+    """Bosma et al.'s 10 + 10 runs: every one of the C(20, 10) = 184756 splits, with ties."""
+    rng = np.random.default_rng(5)
+    a = list(np.round(rng.normal(0.60, 0.05, 10), 2))
+    b = list(np.round(rng.normal(0.63, 0.05, 10), 2))
+    start = time.perf_counter()
+    p = permutation_pvalue(a, b)
+    assert time.perf_counter() - start < 5.0
+    assert p == pytest.approx(enumerated_permutation_p(a, b), abs=1e-12)
+
+
+def test_approximate_pvalue_is_reproducible_and_near_the_exact_one():
+    """11 + 11 runs: over 20 together, so random splits. The same values give the same p-value
+    every time (a report regenerated from the same runs), within Monte Carlo error of the exact p
+    over all C(22, 11) = 705432 splits, and never 0 (the observed split counts)."""
+    rng = np.random.default_rng(0)
+    a = list(np.round(rng.normal(0.60, 0.05, 11), 3))
+    b = list(np.round(rng.normal(0.64, 0.05, 11), 3))
+    exact = enumerated_permutation_p(a, b)
+    draws = [permutation_pvalue(a, b, iterations=20_000) for _ in range(2)]
+    assert draws[0] == draws[1]
+    assert abs(draws[0] - exact) < 4 * np.sqrt(exact * (1 - exact) / 20_000) + 1 / 20_001
+    far = [0.1 * i for i in range(11)], [5 + 0.1 * i for i in range(11)]
+    assert permutation_pvalue(*far, iterations=999) == pytest.approx(1 / 1000)
+
+
+def test_compare_arms_rows_are_reproducible():
+    rng = np.random.default_rng(1)
+    per_metric = {"m": {"a": list(rng.random(12)), "b": list(rng.random(12))}}
+    first, second = compare_arms(per_metric, 500), compare_arms(per_metric, 500)
+    assert [r["p_permutation"] for r in first] == [r["p_permutation"] for r in second]
+
+
+def test_metrics_table_says_how_many_runs_are_left_out():
+    """A run whose metric is undefined (NaN: e.g. no negative case in its fold) is left out of
+    the mean; the cell must say of how many runs it is the mean."""
+    from focalnet_jax.study.report import HEADLINE, _metrics_table
+
+    values = {"ce": [0.6, 0.8, float("nan")], "fl": [0.7, 0.7, 0.7]}
+    rows = [
+        {"arm": arm, **{metric: v for metric in HEADLINE}}
+        for arm, per_run in values.items()
+        for v in per_run
+    ]
+    table = [line for line in _metrics_table(rows, ["ce", "fl"]) if line.startswith("| ")]
+    # ce: mean 0.7 and SD sqrt(0.02) = 0.141 over 2 of its 3 runs.
+    assert table[1] == "| ce | " + " | ".join(["0.700 +- 0.141 (2/3)"] * 4) + " |"
+    assert table[2] == "| fl | " + " | ".join(["0.700 +- 0.000 (3)"] * 4) + " |"
