@@ -291,13 +291,19 @@ def write_dataset(
 
     Returns the list of case ids `<patient>_<study>`. Case i depends only on (seed, i). The
     dataset is written to a temporary folder beside `out` and renamed to `out` when complete; a
-    non-empty `out` is refused unless `overwrite` (then it is replaced whole).
+    non-empty `out` is refused unless `overwrite` (then it is replaced whole), and even then unless
+    it is an earlier synthetic dataset (it holds `lesions.csv`).
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UserError(f"--out {out} is not empty; pass --overwrite to replace it")
+    if out.is_dir() and any(out.iterdir()) and not (out / "lesions.csv").is_file():
+        raise UserError(
+            f"--out {out} is not a synthetic dataset (no lesions.csv): --overwrite replaces only "
+            "one, as it deletes the folder whole; choose a new folder"
+        )
     with replaced_folder(out) as tmp:
         return _write_cases(tmp, num_cases, seed, cfg or SynthConfig(), progress)
 
