@@ -6,6 +6,7 @@ of the crop, an ADC map in other units, a truncated .mha (docs/data.md, "What is
 from __future__ import annotations
 
 import csv
+import locale
 import shutil
 
 import numpy as np
@@ -239,3 +240,36 @@ def test_dicom_refusals_and_series_column_through_the_cli(
     }
     store = _refusals(tmp_path, rows, bad)
     assert store.images.shape == (19, 128, 128, 2)
+
+
+def _write_series(folder, shift_x_mm: float) -> None:
+    """Six 16 x 16 axial DICOM slices 3 mm apart, slice k shifted by k * shift_x_mm along x."""
+    folder.mkdir()
+    volume = sitk.GetImageFromArray((np.arange(6 * 16 * 16) % 97).reshape(6, 16, 16).astype("i2"))
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    ctype = locale.setlocale(locale.LC_CTYPE)  # GDCM's writer sets the C locale: restored below
+    try:
+        for k in range(6):
+            image = volume[:, :, k]
+            tags = {"0008|0060": "MR", "0020|000d": "1.2.826.0.1.3680043.2.1125.1.43",
+                    "0020|000e": "1.2.826.0.1.3680043.2.1125.1.42",
+                    "0020|0037": "1\\0\\0\\0\\1\\0", "0020|0032": f"{shift_x_mm * k}\\0\\{3 * k}",
+                    "0020|0013": str(k + 1)}  # fmt: skip
+            for tag, value in tags.items():
+                image.SetMetaData(tag, value)
+            writer.SetFileName(str(folder / f"{k}.dcm"))
+            writer.Execute(image)
+    finally:
+        locale.setlocale(locale.LC_CTYPE, ctype)
+
+
+def test_sheared_dicom_stack_is_refused(tmp_path):
+    # Slice positions moving 2 mm along x per slice: ITK read it as a straight stack with a
+    # 3.61 mm z spacing, every slice but the first misplaced.
+    _write_series(tmp_path / "straight", 0.0)
+    assert read_image(tmp_path / "straight").GetSpacing()[2] == pytest.approx(3.0)
+    _write_series(tmp_path / "sheared", 2.0)
+    error = _expect(tmp_path / "sheared", "slice positions move within the slice plane by up to")
+    assert "10.00 mm (5.dcm against 0.dcm; tolerance 0.03 mm): a sheared stack" in error.reason
+    assert error.file == str(tmp_path / "sheared")

@@ -95,8 +95,8 @@ def test_manifest_layout(dataset, tmp_path):
 
 
 def test_empty_input_folder(tmp_path):
-    (tmp_path / "images").mkdir()
-    (tmp_path / "labels").mkdir()
+    for folder in ("images", "labels", "masks"):
+        (tmp_path / folder).mkdir()
     with pytest.raises(SystemExit, match="no cases found in .*images"):
         main(_picai_args(tmp_path, tmp_path / "store"))
     assert not (tmp_path / "store").exists()

@@ -72,3 +72,47 @@ def test_geometry_records_the_whole_t2w_grid():
     assert CropGeometry.from_dict(old).t2w_size is None
     with pytest.raises(ValueError, match="T2w grid size"):
         CropGeometry.from_dict(old).t2w_reference_image()
+
+
+def _flipped(t2w: sitk.Image, flip_x: bool, flip_y: bool, transpose: bool) -> sitk.Image:
+    """The same voxels in world space, stored in another order (as a converter might write them)."""
+    image = sitk.Flip(t2w, [flip_x, flip_y, False])
+    if transpose:
+        image = sitk.PermuteAxes(image, [1, 0, 2])
+    return image
+
+
+@pytest.mark.parametrize(
+    "flip_x, flip_y, transpose",
+    [
+        (False, True, False),
+        (True, False, False),
+        (True, True, False),
+        (False, False, True),
+        (True, False, True),
+    ],  # fmt: skip
+)
+def test_flipped_or_transposed_t2w_gives_the_same_crop_grid(flip_x, flip_y, transpose):
+    # A T2w whose voxels are stored flipped (a dcm2niix NIfTI reads as direction diag(1, -1, 1))
+    # or transposed is the same exam: its crop must show the same world points at each pixel,
+    # not a mirrored or upside-down image.
+    t2w = _oblique_t2w()
+    centre = t2w.TransformContinuousIndexToPhysicalPoint((200.3, 170.8, 9.0))
+    expected = CropGeometry.centred(t2w, centre)
+    other = _flipped(t2w, flip_x, flip_y, transpose)
+    assert other.GetDirection() != t2w.GetDirection()
+    geometry = CropGeometry.centred(other, centre)
+    reference = geometry.reference_image(19)
+    for s, row, col in [(0, 0, 0), (9, 63.5, 63.5), (18, 127, 5), (4, 31.25, 100.5)]:
+        world = expected.pixel_to_world(s, row, col)
+        np.testing.assert_allclose(geometry.pixel_to_world(s, row, col), world, atol=1e-9)
+        np.testing.assert_allclose(
+            reference.TransformContinuousIndexToPhysicalPoint((col, row, s)), world, atol=1e-9
+        )
+        np.testing.assert_allclose(geometry.world_to_pixel(*world), (s, row, col), atol=1e-9)
+        voxel = other.TransformPhysicalPointToContinuousIndex(world)
+        np.testing.assert_allclose(geometry.pixel_to_t2w_index(s, row, col), voxel, atol=1e-9)
+    assert CropGeometry.from_dict(geometry.to_dict()) == geometry
+    # Geometries recorded before the axes were: identity axes, as they were made.
+    old = {k: v for k, v in expected.to_dict().items() if k != "in_plane_axes"}
+    assert CropGeometry.from_dict(old) == expected

@@ -105,6 +105,15 @@ def test_case_in_two_patient_folders_or_two_formats(dataset, tmp_path, capfd):
     err = _user_error(capfd, argv)
     assert err.endswith(f"two files for 10000_1000000_adc: {adc} and {adc.with_suffix('.nii.gz')}")
     assert not (tmp_path / "s").exists()
+    # With --skip-bad-cases that case is listed in errors.csv and the others stored (the whole
+    # run used to stop).
+    assert main([*argv, "--skip-bad-cases"]) == 0
+    assert open_store(tmp_path / "s").case_ids == ["10001_1000001"]
+    with (tmp_path / "s" / "errors.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["case"] for r in rows] == ["10000_1000000"]
+    assert rows[0]["reason"].endswith(f"two files for 10000_1000000_adc: {adc} and "
+                                      f"{adc.with_suffix('.nii.gz')}")  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -127,6 +136,13 @@ def test_bad_manifest_centre_names_line_and_column(dataset, tmp_path, capfd, cen
         writer.writerows(rows)
     argv = ["preprocess", "--layout", "manifest", "--manifest", str(manifest), "--out", "s"]
     assert _user_error(capfd, argv).endswith(f"manifest {manifest}, line 3: {reason}")
+    # With --skip-bad-cases the row is listed in errors.csv (it stopped the whole run).
+    out = tmp_path / "s"
+    assert main([*argv[:-1], str(out), "--skip-bad-cases"]) == 0
+    assert open_store(out).case_ids == [rows[0]["case_id"]]
+    with (out / "errors.csv").open() as f:
+        (error,) = list(csv.DictReader(f))
+    assert error["case"] == rows[1]["case_id"] and error["reason"].endswith(reason)
 
 
 def test_synth_refuses_a_non_empty_out_unless_overwrite(tmp_path, capfd):
@@ -146,6 +162,15 @@ def test_synth_refuses_a_non_empty_out_unless_overwrite(tmp_path, capfd):
     (tmp_path / "file").write_text("x")
     err = _user_error(capfd, ["synth", "--out", str(tmp_path / "file"), "--cases", "1"])
     assert err.endswith(f"--out {tmp_path / 'file'} exists and is not a folder")
+    # --overwrite replaces only a synthetic dataset: a data folder is not deleted whole.
+    mine = tmp_path / "mine"
+    (mine / "images").mkdir(parents=True)
+    err = _user_error(capfd, [*argv[:2], str(mine), *argv[3:], "--overwrite"])
+    assert err.endswith(
+        f"--out {mine} is not a synthetic dataset (no lesions.csv): --overwrite replaces only "
+        "one, as it deletes the folder whole; choose a new folder"
+    )
+    assert (mine / "images").is_dir()
 
 
 def test_damaged_store_is_one_line(store, tmp_path, capfd):
@@ -213,3 +238,66 @@ def test_unreadable_dicom_slice_is_named(prostatex_case_dir, tmp_path, capfd):
     assert "missing slice or uneven spacing" in str(raised.value)
     assert capfd.readouterr().err == ""
     assert np.isfinite(sitk.GetArrayFromImage(read_image(prostatex_case_dir / "t2w"))).all()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not_dicom"])
+def test_unreadable_dicom_slice_at_the_end_of_the_stack_is_refused(
+    prostatex_case_dir, tmp_path, damage
+):
+    # GDCM leaves an unreadable file out of the series; at either end of the stack that leaves no
+    # gap, and the series was read with 18 of its 19 slices, silently.
+    folder = tmp_path / "adc"
+    shutil.copytree(prostatex_case_dir / "adc", folder)
+    last = folder / "1-19.dcm"
+    data = last.read_bytes()
+    last.write_bytes(data[: int(len(data) * 0.97)] if damage == "truncated" else b"x" * 1000)
+    with pytest.raises(ValueError) as raised:
+        read_image(folder, case="c")
+    assert raised.value.file == str(last)
+    assert "not readable as DICOM (truncated or corrupt?): 1 such file(s)" in raised.value.reason
+    assert "would be read from 18 files" in raised.value.reason
+    # Files that are not DICOM by name or preamble (notes, macOS '._' copies) are not refused.
+    last.unlink()
+    (folder / "notes.txt").write_text("exported 2011")
+    (folder / "._1-01.dcm").write_bytes(b"\x00\x05\x16\x07" + b"\x00" * 200)
+    assert read_image(folder, case="c").GetSize() == (84, 128, 18)
+
+
+def test_manifest_and_marksheet_from_a_spreadsheet(dataset, tmp_path, capfd):
+    # Spreadsheet programs save "CSV UTF-8" with a byte-order mark (it stuck to the first column:
+    # "missing column(s) ['case_id']") or in a legacy code page (a UnicodeDecodeError traceback).
+    cases = discover_picai(dataset / "images", dataset / "labels")
+    write_manifest(cases, tmp_path / "plain.csv")
+    text = (tmp_path / "plain.csv").read_text()
+    (tmp_path / "bom.csv").write_text(text, encoding="utf-8-sig")
+    out = tmp_path / "store"
+    argv = ["preprocess", "--layout", "manifest", "--out", str(out), "--label-values", "isup"]
+    assert main([*argv, "--manifest", str(tmp_path / "bom.csv")]) == 0
+    assert open_store(out).case_ids == [c.case_id for c in cases]
+    (tmp_path / "latin.csv").write_bytes((text + "x,Patiënt,a,b,c,,,,\n").encode("cp1252"))
+    err = _user_error(capfd, [*argv, "--manifest", str(tmp_path / "latin.csv"), "--overwrite"])
+    assert err.endswith(f"manifest {tmp_path / 'latin.csv'}, line 4: not UTF-8 text (byte 0xeb); "
+                        "save it as CSV UTF-8")  # fmt: skip
+    sheet = (dataset / "marksheet.csv").read_text()
+    (tmp_path / "marksheet.csv").write_text(sheet, encoding="utf-8-sig")
+    picai = [*_picai(dataset, tmp_path / "s2"), "--labels", str(dataset / "labels")]
+    assert main([*picai, "--marksheet", str(tmp_path / "marksheet.csv")]) == 0
+    first = open_store(tmp_path / "s2").cases[0]
+    assert first["meta"]["patient_id"] == first["patient_id"]
+
+
+def test_misspelt_masks_folder_is_refused_and_missing_masks_named(dataset, tmp_path, capfd, caplog):
+    # A --masks folder that does not exist was ignored: every crop silently centred on the T2w
+    # volume centre instead of the gland.
+    argv = [*_picai(dataset, tmp_path / "s"), "--labels", str(dataset / "labels")]
+    err = _user_error(capfd, [*argv, "--masks", str(dataset / "mask")])
+    assert err.endswith(f"masks folder {dataset / 'mask'} does not exist")
+    masks = tmp_path / "masks"
+    shutil.copytree(dataset / "masks", masks)
+    first = sorted(masks.glob("*.nii.gz"))[0]
+    first.unlink()
+    cases = discover_picai(dataset / "images", dataset / "labels", masks)
+    assert sum(c.mask is None for c in cases) == 1
+    case_id = first.name.removesuffix(".nii.gz")
+    assert f"1 of 2 cases have no mask in {masks} (crop centred on the T2w volume centre): " \
+           f"{case_id}" in caplog.text  # fmt: skip

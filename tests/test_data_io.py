@@ -83,3 +83,30 @@ def test_empty_dicom_folder_and_unknown_suffix(tmp_path):
     _expect(tmp_path / "series", "no DICOM series")
     (tmp_path / "x.png").write_bytes(b"")
     _expect(tmp_path / "x.png", "unknown image format")
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_metaimage_header_with_missing_or_short_data_file(tmp_path, capfd, compressed):
+    # A `.mhd` header and its `.raw`/`.zraw` data file: a missing or short data file was reported
+    # as "File cannot be read: x.mhd", with ITK's own lines on stderr.
+    image = sitk.GetImageFromArray(np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6))
+    sitk.WriteImage(image, str(tmp_path / "x.mhd"), useCompression=compressed)
+    data = tmp_path / ("x.zraw" if compressed else "x.raw")
+    assert read_image(tmp_path / "x.mhd").GetSize() == (6, 5, 4)
+    full = data.read_bytes()
+    data.write_bytes(full[: len(full) // 2])
+    capfd.readouterr()
+    kind = "compressed data" if compressed else "image data"
+    expected = int(_header(tmp_path / "x.mhd").get("CompressedDataSize", 240))
+    with pytest.raises(CaseError, match=rf"{len(full) // 2} bytes of {kind} in {data.name}, "
+                                        rf"header promises {expected}\)"):  # fmt: skip
+        read_image(tmp_path / "x.mhd", case="c")
+    data.unlink()
+    with pytest.raises(CaseError, match=f"data file {data} named by the header not found"):
+        read_image(tmp_path / "x.mhd", case="c")
+    assert capfd.readouterr().err == ""
+
+
+def _header(path) -> dict[str, str]:
+    lines = path.read_text().splitlines()
+    return {k.strip(): v.strip() for k, _, v in (line.partition("=") for line in lines)}

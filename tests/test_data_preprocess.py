@@ -20,10 +20,8 @@ def _series(folder):
     return reader.Execute()
 
 
-@pytest.fixture(scope="module")
-def real_exam(prostatex_case_dir, tmp_path_factory):
-    """The exam with a 5 mm disc of class 3 around the finding on its two nearest T2w slices."""
-    t2w = _series(prostatex_case_dir / "t2w")
+def _finding_label(t2w: sitk.Image) -> sitk.Image:
+    """A 5 mm disc of class 3 around the finding on its two nearest T2w slices."""
     i, j, k = t2w.TransformPhysicalPointToContinuousIndex(FINDING)
     label = np.zeros(sitk.GetArrayViewFromImage(t2w).shape, np.uint8)
     sx, sy, _ = t2w.GetSpacing()
@@ -33,8 +31,15 @@ def real_exam(prostatex_case_dir, tmp_path_factory):
     label[int(np.floor(k)) + 1][disc] = 3
     image = sitk.GetImageFromArray(label)
     image.CopyInformation(t2w)
+    return image
+
+
+@pytest.fixture(scope="module")
+def real_exam(prostatex_case_dir, tmp_path_factory):
+    """The exam with a 5 mm disc of class 3 around the finding on its two nearest T2w slices."""
+    t2w = _series(prostatex_case_dir / "t2w")
     path = tmp_path_factory.mktemp("prostatex") / "ProstateX-0000.nii.gz"
-    write_image(image, path)
+    write_image(_finding_label(t2w), path)
     components = {name: prostatex_case_dir / name for name in ("t2w", "adc", "hbv")}
     case = preprocess_case(
         components, path, config={"interpolator": "linear"}, case_id="ProstateX-0000"
@@ -315,3 +320,92 @@ def test_bad_case_raises_naming_case_file_reason(small_case, tmp_path, problem, 
         preprocess_case(components, label, case_id="case-7", mask=folder / "mask.nii.gz")
     assert info.value.case == "case-7" and info.value.file == bad
     assert reason in info.value.reason and "case-7" in str(info.value) and bad in str(info.value)
+
+
+def _reordered(image: sitk.Image, order: str) -> sitk.Image:
+    """The same voxels stored y-flipped (as dcm2niix writes an axial series) or transposed."""
+    if order == "flip_y":
+        return sitk.Flip(image, [False, True, False])
+    return sitk.PermuteAxes(image, [1, 0, 2])
+
+
+@pytest.mark.real_data
+@pytest.mark.parametrize("order", ["flip_y", "transpose"])
+def test_real_exam_stored_flipped_or_transposed_gives_the_same_crop(
+    real_exam, prostatex_case_dir, tmp_path, order
+):
+    # dcm2niix stores an axial series with rows from posterior to anterior: SimpleITK reads the
+    # NIfTI with direction (1, -1, 1) on the diagonal. Same exam, so the same (not upside-down)
+    # crop, lesion and world mapping as from the DICOM series, and the same bladder reference
+    # (it was 506 instead of 563 for the transposed T2w).
+    _, case = real_exam
+    dicom_t2w = _series(prostatex_case_dir / "t2w")
+    t2w = _reordered(dicom_t2w, order)
+    assert t2w.GetDirection() != dicom_t2w.GetDirection()
+    write_image(t2w, tmp_path / "t2w.nii.gz")
+    write_image(_reordered(_finding_label(dicom_t2w), order), tmp_path / "label.nii.gz")
+    components = {"t2w": tmp_path / "t2w.nii.gz", "adc": prostatex_case_dir / "adc"}
+    other = preprocess_case(
+        components, tmp_path / "label.nii.gz", config={"interpolator": "linear"}, case_id="flip"
+    )
+    assert other.t2w_reference["bladder"] == pytest.approx(case.t2w_reference["bladder"], abs=1)
+    np.testing.assert_allclose(other.images, case.images[..., :2], atol=2e-3)
+    np.testing.assert_array_equal(other.classes, case.classes)
+    np.testing.assert_allclose(
+        other.world_to_pixel(*FINDING), case.world_to_pixel(*FINDING), atol=1e-4
+    )
+
+
+def test_crop_centre_outside_the_t2w_is_refused_naming_mask_or_t2w(small_case, tmp_path):
+    # A mask on another patient's grid, or a centre 60 mm above the slab, used to surface as
+    # "t2w covers 0.0 % of the crop" or a lost lesion (naming the wrong file), or not at all.
+    folder, sc = small_case
+    components = {"t2w": str(folder / "t2w.mha"), "adc": str(folder / "adc.mha")}
+    mask = sitk.ReadImage(str(folder / "mask.nii.gz"))
+    mask.SetOrigin(tuple(o + 300.0 for o in mask.GetOrigin()))
+    write_image(mask, tmp_path / "far.nii.gz")
+    with pytest.raises(CaseError, match="prostate mask centroid .* outside the T2w") as info:
+        preprocess_case(components, case_id="c1", mask=tmp_path / "far.nii.gz")
+    assert info.value.file == str(tmp_path / "far.nii.gz")
+    top = sc.images["t2w"].TransformContinuousIndexToPhysicalPoint((47.5, 47.5, 5.5))
+    above = (top[0], top[1], top[2] + 60.0)
+    with pytest.raises(CaseError, match="given crop centre .* outside the T2w") as info:
+        preprocess_case(components, case_id="c1", center=above)
+    assert info.value.file == components["t2w"]
+    inside = (top[0], top[1], top[2] - 1.0)  # within the last slice's thickness
+    assert preprocess_case(components, case_id="c1", center=inside).center == inside
+
+
+@pytest.mark.parametrize("what", ["label", "prostate mask"])
+def test_label_or_mask_saved_without_geometry_is_refused(small_case, tmp_path, what):
+    # GetImageFromArray without CopyInformation (or a NIfTI written with an identity affine): the
+    # T2w's voxel counts at origin 0 with 1 mm voxels. Resampled through that geometry, a lesion
+    # was lost ("outside the 80 mm crop") or moved silently.
+    folder, sc = small_case
+    components = {"t2w": str(folder / "t2w.mha"), "adc": str(folder / "adc.mha")}
+    source = _label_with(sc, [(3, OFFSETS[4])], tmp_path) if what == "label" else None
+    source = source or folder / "mask.nii.gz"
+    bare = sitk.GetImageFromArray(sitk.GetArrayFromImage(sitk.ReadImage(str(source))))
+    write_image(bare, tmp_path / "bare.nii.gz")
+    files = {"label": None, "mask": folder / "mask.nii.gz"}
+    files["label" if what == "label" else "mask"] = tmp_path / "bare.nii.gz"
+    with pytest.raises(CaseError, match=f"{what} has the T2w's 96 x 96 x 6 voxels but no geom"):
+        preprocess_case(components, files["label"], mask=files["mask"], case_id="c2")
+    # With its header the same array is fine.
+    bare.CopyInformation(sc.images["t2w"])
+    write_image(bare, tmp_path / "bare.nii.gz")
+    preprocess_case(components, files["label"], mask=files["mask"], case_id="c2")
+
+
+def test_blank_hbv_is_refused(small_case, tmp_path):
+    # A constant HBV (a blank export) was stored as 0 everywhere, the value of normal tissue,
+    # while a constant T2w or an all-zero ADC map is refused.
+    folder, sc = small_case
+    write_image(sc.images["hbv"] * 0 + 7.0, tmp_path / "hbv.mha")
+    components = {"t2w": folder / "t2w.mha", "adc": folder / "adc.mha", "hbv": tmp_path / "hbv.mha"}
+    with pytest.raises(
+        CaseError, match=r"hbv is constant between its 1th and 99th percentiles \(7\)"
+    ):
+        preprocess_case(components, case_id="c3")
+    write_image(sc.images["hbv"], tmp_path / "hbv.mha")
+    assert preprocess_case(components, case_id="c3").images.shape[-1] == 3

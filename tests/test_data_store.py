@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
 
 import numpy as np
@@ -103,6 +105,29 @@ def test_store_of_an_older_format_version_is_refused(tmp_path):
         writer.commit()
     with pytest.raises(StaleStoreError, match="has format version 1; this code reads version 2"):
         open_store(tmp_path / "s")
+
+
+def test_case_cropped_upside_down_by_an_older_version_is_refused(tmp_path):
+    # Before the crop's in-plane axes were recorded, a T2w stored y-flipped (dcm2niix NIfTI) was
+    # cropped upside down; such records (no in_plane_axes, flipped direction) are refused, others
+    # (identity axes either way) still open.
+    flipped = dataclasses.replace(
+        _case("b", 1).geometry, t2w_direction=(1.0, 0, 0, 0, -1.0, 0, 0, 0, 1.0)
+    )
+    with StoreWriter(tmp_path / "s", ("t2w", "adc"), SETTINGS) as writer:
+        writer.add(_case("a", 1), patient_id="p")
+        writer.add(dataclasses.replace(_case("b", 1), geometry=flipped), patient_id="q")
+        writer.commit()
+    assert open_store(tmp_path / "s").geometry("b").in_plane_axes == (1, 0, 0, 1)
+    table = json.loads((tmp_path / "s" / "cases.json").read_text())
+    for record in table["cases"]:
+        del record["geometry"]["in_plane_axes"]
+    (tmp_path / "s" / "cases.json").write_text(json.dumps(table))
+    with pytest.raises(StaleStoreError, match=r"1 case\(s\) \(b\) have a T2w stored flipped"):
+        open_store(tmp_path / "s")
+    table["cases"] = table["cases"][:1]
+    (tmp_path / "s" / "cases.json").write_text(json.dumps(table))
+    assert open_store(tmp_path / "s").case_ids == ["a"]
 
 
 def test_missing_store_and_corrupt_table_are_named(tmp_path):

@@ -363,6 +363,7 @@ def test_batch_from_a_manifest_without_labels(cv, tmp_path):
             writer.writerow([files["case"], f"p{i}", files["t2w"], files["adc"], files["mask"]])
     out = tmp_path / "out"
     (out / "old-case").mkdir(parents=True)  # a case of an earlier run
+    (out / "models.json").write_text("{}")  # ... which wrote models.json
     argv = ["predict", "--checkpoint", cv["cv"], "--layout", "manifest", "--manifest", manifest,
             "--tta", "flip", "--out", out]  # fmt: skip
     message = cli_error(argv)
@@ -373,6 +374,28 @@ def test_batch_from_a_manifest_without_labels(cv, tmp_path):
     assert {p.name for p in out.iterdir()} == cases | {"models.json"}  # old-case is gone
     for case in cases:
         assert (out / case / "detection_map.nii.gz").is_file()
+
+
+def test_batch_overwrite_never_deletes_a_folder_predict_did_not_write(cv, tmp_path):
+    # `--out DATA --overwrite` replaced DATA whole: the exams it was reading were deleted.
+    data = tmp_path / "data"
+    shutil.copytree(cv["data"], data)
+    before = sorted(p.relative_to(data) for p in data.rglob("*"))
+    argv = ["predict", "--checkpoint", cv["cv"], "--layout", "picai", "--images", data / "images",
+            "--out", data, "--overwrite"]  # fmt: skip
+    message = cli_error(argv)
+    assert message.endswith(f"--out {data} holds the input {data / 'images'}: it is not the output "
+                            "folder of an earlier predict run, and --overwrite would delete it "
+                            "whole; choose a new folder")  # fmt: skip
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    message = cli_error([*argv[:-2], other, "--overwrite"])
+    assert message.endswith(f"--out {other} has no models.json: it is not the output folder of an "
+                            "earlier predict run, and --overwrite would delete it whole; choose a "
+                            "new folder")  # fmt: skip
+    assert sorted(p.relative_to(data) for p in data.rglob("*")) == before
+    assert (other / "notes.txt").read_text() == "mine"
 
 
 # --- external test sets ---------------------------------------------------------------------------

@@ -159,3 +159,36 @@ def test_predict_refuses_a_folder_of_two_series_unless_one_is_chosen(
     out = tmp_path / "chosen"
     assert main([*args, "--adc-series", "ep2d_diff_tra_DYNDIST_ADC", "--out", str(out)]) == 0
     assert (out / "detections.csv").is_file()
+
+
+def test_predict_on_a_y_flipped_nifti_equals_predict_on_the_dicom(
+    trained_run, exam_components, tmp_path
+):
+    # The same exam as a dcm2niix-style NIfTI (rows stored anterior to posterior: direction
+    # (1, -1, 1)): the model sees the same crop, so the maps are the DICOM maps on the flipped
+    # grid, and the detections sit at the same world points. (The crop used to be upside down.)
+    from focalnet_jax.data.io import read_image, write_image
+
+    flipped = sitk.Flip(read_image(exam_components["t2w"]), [False, True, False])
+    write_image(flipped, tmp_path / "t2w.nii.gz")
+    outputs = {}
+    for name, t2w in (("dicom", exam_components["t2w"]), ("nifti", tmp_path / "t2w.nii.gz")):
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert main(["predict", "--checkpoint", str(trained_run), "--t2w", str(t2w),
+                         "--adc", exam_components["adc"], "--out", str(tmp_path / name),
+                         "--threshold", "0"]) == 0  # fmt: skip
+        outputs[name] = sitk.ReadImage(str(tmp_path / name / "lesion_score.nii.gz"))
+    np.testing.assert_allclose(outputs["nifti"].GetDirection(), flipped.GetDirection(), atol=1e-5)
+    np.testing.assert_allclose(outputs["nifti"].GetOrigin(), flipped.GetOrigin(), atol=1e-3)
+    dicom = sitk.GetArrayFromImage(outputs["dicom"])
+    nifti = sitk.GetArrayFromImage(outputs["nifti"])
+    assert dicom.max() > 0.0
+    np.testing.assert_allclose(nifti[:, ::-1, :], dicom, atol=1e-4)  # 1e-7 measured
+    rows = {}
+    for name in outputs:
+        with (tmp_path / name / "detections.csv").open() as f:
+            rows[name] = [
+                [float(r[k]) for k in ("x_mm", "y_mm", "z_mm")] for r in csv.DictReader(f)
+            ]
+    assert len(rows["nifti"]) == len(rows["dicom"]) > 0
+    np.testing.assert_allclose(rows["nifti"][:20], rows["dicom"][:20], atol=1e-3)

@@ -3,8 +3,9 @@
 A folder must hold exactly one series, unless `series` names one (its SeriesInstanceUID, or its
 exact SeriesDescription). The chosen series must be a regular stack: one orientation, and slice
 positions along the slice normal (ImagePositionPatient . (row x column cosines)) equally spaced to
-within `max(SPACING_TOLERANCE_MM, SPACING_TOLERANCE_REL * spacing)`. A missing slice, a repeated
-position or uneven spacing would otherwise be read with one wrong z spacing (ITK only warns).
+within `max(SPACING_TOLERANCE_MM, SPACING_TOLERANCE_REL * spacing)`, and the same position within
+the slice plane to that tolerance. A missing slice, a repeated position, uneven spacing or a sheared
+stack would otherwise be read with one wrong z spacing (ITK only warns, or says nothing).
 """
 
 from __future__ import annotations
@@ -75,9 +76,12 @@ def _list_series(folder: str | os.PathLike) -> list[SeriesInfo]:
     return infos
 
 
-def choose_series(folder: str | os.PathLike, series: str | None = None) -> SeriesInfo:
-    """The one series of `folder`, or the one whose UID or exact description is `series`."""
-    found = list_series(folder)
+def choose_series(
+    folder: str | os.PathLike, series: str | None = None, found: list[SeriesInfo] | None = None
+) -> SeriesInfo:
+    """The one series of `folder`, or the one whose UID or exact description is `series`.
+    `found`: `list_series(folder)`, where already listed."""
+    found = list_series(folder) if found is None else found
     if not found:
         raise SeriesError(folder, "folder holds no DICOM series")
     listing = "; ".join(str(s) for s in found)
@@ -133,6 +137,7 @@ def check_slice_positions(files) -> None:
     steps = np.diff(along)
     spacing = float(np.median(steps))
     tolerance = max(SPACING_TOLERANCE_MM, SPACING_TOLERANCE_REL * spacing)
+    _check_not_sheared(position @ orientation[0].reshape(2, 3).T, tolerance, files)
     bad = np.flatnonzero((np.abs(steps - spacing) > tolerance) | (steps <= tolerance))
     if len(bad) == 0:
         return
@@ -152,21 +157,70 @@ def check_slice_positions(files) -> None:
     )
 
 
+def _looks_like_dicom(file: Path) -> bool:
+    """A `.dcm`/`.ima` name or the DICOM part-10 preamble ('DICM' at byte 128)."""
+    if file.suffix.lower() in (".dcm", ".ima"):
+        return True
+    with file.open("rb") as f:
+        f.seek(128)
+        return f.read(4) == b"DICM"
+
+
+def _unread_files(folder: Path, found: list[SeriesInfo]) -> list[str]:
+    """Names of the files of `folder` in no series of `found` (hidden files, e.g. macOS `._*`
+    copies, and a DICOMDIR index left out)."""
+    read = {Path(f).name for s in found for f in s.files}
+    return sorted(
+        p.name
+        for p in folder.iterdir()
+        if p.is_file()
+        and p.name not in read
+        and not p.name.startswith(".")
+        and p.name.upper() != "DICOMDIR"
+    )
+
+
+def _check_not_sheared(in_plane: np.ndarray, tolerance: float, files) -> None:
+    """Refuse slices whose positions move within the slice plane (`in_plane`: [n, 2] mm along
+    the row and column cosines): ITK would read a sheared stack as a straight one, with the
+    distance between slice corners as its spacing."""
+    drift = np.abs(in_plane - in_plane[0]).max(axis=1)
+    if drift.max() <= tolerance:
+        return
+    worst = int(np.argmax(drift))
+    raise SeriesError(
+        Path(files[0]).parent,
+        f"slice positions move within the slice plane by up to {drift[worst]:.2f} mm "
+        f"({Path(files[worst]).name} against {Path(files[0]).name}; tolerance {tolerance:.2f} "
+        "mm): a sheared stack (e.g. gantry tilt), which would be read as a straight one",
+    )
+
+
 def read_series(folder: str | os.PathLike, series: str | None = None) -> sitk.Image:
-    """One regular DICOM series of `folder` (see the module docstring) as read by SimpleITK."""
-    chosen = choose_series(folder, series)
+    """One regular DICOM series of `folder` (see the module docstring) as read by SimpleITK.
+    A file that looks like DICOM (name or preamble) but that GDCM cannot read (truncated,
+    corrupt) is refused: at either end of the stack it would leave no gap, and the series would
+    be read one slice short."""
+    folder = Path(folder)
+    found = list_series(folder)
+    chosen = choose_series(folder, series, found)
+    unread = _unread_files(folder, found)
     try:
         check_slice_positions(chosen.files)
     except SeriesError as err:
-        read = {Path(f).name for s in list_series(folder) for f in s.files}
-        unread = sorted(
-            p.name for p in Path(folder).iterdir() if p.is_file() and p.name not in read
-        )
         if not unread:
             raise
         raise SeriesError(
             err.file, f"{err.reason}; not readable as DICOM: {', '.join(unread)}"
         ) from err
+    broken = [name for name in unread if _looks_like_dicom(folder / name)]
+    if broken:  # a regular stack without them: they were its first or last slices
+        raise SeriesError(
+            folder / broken[0],
+            f"not readable as DICOM (truncated or corrupt?): {len(broken)} such file(s) in the "
+            f"folder ({', '.join(broken[:5])}); without them series {chosen.uid} would be read "
+            f"from {len(chosen.files)} files",
+        )
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(chosen.files)
     return reader.Execute()

@@ -97,7 +97,8 @@ def _metaimage_shortfall(path: Path) -> str | None:
 
 
 def _metaimage_truncation(path: Path) -> str | None:
-    """Why a single-file MetaImage holds fewer data bytes than its header promises, or None."""
+    """Why a MetaImage (one `.mha`, or a `.mhd` header and the one data file it names) holds
+    fewer data bytes than its header promises, or None."""
     header, size = {}, path.stat().st_size
     with path.open("rb") as f:
         for raw in f:
@@ -108,12 +109,19 @@ def _metaimage_truncation(path: Path) -> str | None:
                 break
         else:
             return "MetaImage header has no ElementDataFile line"
-    if header.get("ElementDataFile") != "LOCAL":
-        return None
+    data_file = header.get("ElementDataFile", "")
+    if data_file != "LOCAL":
+        if data_file.startswith("LIST") or "%" in data_file or " " in data_file:
+            return None  # slice lists and patterns: ITK's reason stands
+        data_path = path.parent / data_file
+        if not data_path.is_file():
+            return f"data file {data_path} named by the header not found"
+        path, size, offset = data_path, data_path.stat().st_size, 0
+    where = "" if path.name.lower().endswith(".mha") else f" in {path.name}"
     if header.get("CompressedData") == "True":
         expected = int(header.get("CompressedDataSize", "0") or 0)
         if size - offset < expected:
-            return f"{size - offset} bytes of compressed data, header promises {expected}"
+            return f"{size - offset} bytes of compressed data{where}, header promises {expected}"
         return None
     itemsize = _MET_BYTES.get(header.get("ElementType", ""))
     try:
@@ -125,7 +133,7 @@ def _metaimage_truncation(path: Path) -> str | None:
         return None
     expected = count * channels * itemsize
     if size - offset < expected:
-        return f"{size - offset} bytes of image data, header promises {expected}"
+        return f"{size - offset} bytes of image data{where}, header promises {expected}"
     return None
 
 

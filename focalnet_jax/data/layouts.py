@@ -18,7 +18,9 @@ file names).
 from __future__ import annotations
 
 import csv
+import io
 import json
+import logging
 import math
 import os
 import re
@@ -32,6 +34,7 @@ from focalnet_jax.errors import UserError
 
 DEFAULT_COMPONENTS = ("t2w", "adc")
 LABEL_SUFFIXES = (".nii.gz", ".nii", ".mha", ".nrrd")
+log = logging.getLogger(__name__)
 _PICAI_NAME = re.compile(r"^(?P<patient>[^_]+)_(?P<study>[^_]+)_(?P<component>[^_.]+)\.")
 
 
@@ -91,12 +94,27 @@ def label_scheme(labels: str | os.PathLike | None) -> str:
     return "picai"
 
 
+def _csv_text(path: Path, what: str) -> str:
+    """The text of a CSV file, UTF-8 with or without the byte-order mark spreadsheet programs
+    write (it would otherwise stick to the first column's name); other encodings are refused
+    naming the line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise LayoutError(
+            f"{what} {path}, line {line}: not UTF-8 text (byte 0x{data[err.start]:02x}); save it "
+            "as CSV UTF-8"
+        ) from err
+
+
 def read_marksheet(path: str | os.PathLike) -> dict[str, dict]:
     """PI-CAI marksheet -> {'<patient>_<study>': {column: value}}; columns found by name."""
     path = Path(path)
     if not path.is_file():
         raise LayoutError(f"marksheet {path} is not a file")
-    with path.open(newline="") as f:
+    with io.StringIO(_csv_text(path, "marksheet"), newline="") as f:
         reader = csv.DictReader(f)
         columns = [c.strip() for c in reader.fieldnames or []]
         missing = [c for c in ("patient_id", "study_id") if c not in columns]
@@ -164,49 +182,69 @@ def discover_picai(
     A case is any `<patient>_<study>` with at least one image file; a missing component file or
     label is left for `preprocess_case` to report for that case. `unlabelled`: 'error' (default: the
     missing label file is that case's error, and `labels` None an error), 'negative' (no lesions)
-    or 'skip' (case left out). Components: T2w first. A case whose files lie in two patient folders,
-    or a file present in two formats, raises `LayoutError` naming both files.
-    A case id that is not a safe file name (`check_case_id`) raises `UserError`, or, where `errors`
-    is a list, is appended to it as (case, file, reason) and left out.
+    or 'skip' (case left out). Components: T2w first. A case whose files lie in two patient folders
+    raises `LayoutError` naming both files. A case with a file present in two formats, or whose id
+    is not a safe file name (`check_case_id`), raises `UserError`, or, where `errors` is a list
+    (--skip-bad-cases), is appended to it as (case, file, reason) and left out.
     """
     _check_unlabelled(unlabelled)
     check_components(components)
     _check_labels_folder(labels, unlabelled)
+    if masks is not None and not Path(masks).is_dir():  # else every crop centred on the T2w
+        raise LayoutError(f"masks folder {masks} does not exist")
     found = _picai_images(Path(images))
     sheet = read_marksheet(marksheet) if marksheet else {}
     cases = []
     for case, (patient, folder, suffix, file) in sorted(found.items()):
         try:
             check_case_id(case, f"PI-CAI image file {file}")
+            spec = _picai_case(case, patient, folder, suffix, labels, masks, components, unlabelled)
         except UserError as error:
             if errors is None:
                 raise
             errors.append((case, str(file), str(error)))
             continue
-        paths = {}
-        for name in components:
-            path = _find(folder, f"{case}_{name}", IMAGE_SUFFIXES, case)
-            paths[name] = str(path or folder / f"{case}_{name}{suffix}")
-        label = None
-        if labels is not None:
-            label = _find(Path(labels), case, LABEL_SUFFIXES, case)
-            if label is None and unlabelled == "error":
-                label = Path(labels) / f"{case}.nii.gz"  # reported missing by preprocess_case
-        if label is None and unlabelled == "skip":
-            continue
-        mask = _find(Path(masks), case, LABEL_SUFFIXES, case) if masks is not None else None
-        meta = dict(sheet.get(case, {}))
-        cases.append(
-            CaseSpec(
-                case_id=case,
-                patient_id=patient,
-                components=paths,
-                label=str(label) if label is not None else None,
-                mask=str(mask) if mask is not None else None,
-                meta=meta,
-            )
-        )
+        if spec is not None:
+            spec.meta = dict(sheet.get(case, {}))
+            cases.append(spec)
+    _warn_unmasked(cases, masks)
     return cases
+
+
+def _picai_case(
+    case: str, patient: str, folder: Path, suffix: str, labels, masks, components, unlabelled
+) -> CaseSpec | None:
+    """The files of one PI-CAI case (None where it has no label and `unlabelled` is 'skip');
+    a file present in two formats raises `LayoutError` naming both."""
+    paths = {}
+    for name in components:
+        path = _find(folder, f"{case}_{name}", IMAGE_SUFFIXES, case)
+        paths[name] = str(path or folder / f"{case}_{name}{suffix}")
+    label = None
+    if labels is not None:
+        label = _find(Path(labels), case, LABEL_SUFFIXES, case)
+        if label is None and unlabelled == "error":
+            label = Path(labels) / f"{case}.nii.gz"  # reported missing by preprocess_case
+    if label is None and unlabelled == "skip":
+        return None
+    mask = _find(Path(masks), case, LABEL_SUFFIXES, case) if masks is not None else None
+    return CaseSpec(
+        case_id=case,
+        patient_id=patient,
+        components=paths,
+        label=str(label) if label is not None else None,
+        mask=str(mask) if mask is not None else None,
+    )
+
+
+def _warn_unmasked(cases: Sequence[CaseSpec], masks) -> None:
+    """One warning naming the cases without a mask in the `masks` folder (if given)."""
+    unmasked = [c.case_id for c in cases if c.mask is None]
+    if masks is not None and unmasked:
+        log.warning(
+            "%d of %d cases have no mask in %s (crop centred on the T2w volume centre): %s",
+            len(unmasked), len(cases), masks, ", ".join(unmasked[:5]),
+        )  # fmt: skip
 
 
 def _series_choices(row: dict, components: Sequence[str]) -> dict[str, str]:
@@ -218,7 +256,7 @@ def _manifest_rows(manifest: Path, required: Sequence[str]) -> tuple[list[str], 
     """(columns, rows with stripped keys and values) of a manifest CSV."""
     if not manifest.is_file():
         raise LayoutError(f"manifest {manifest} does not exist")
-    with manifest.open(newline="") as f:
+    with io.StringIO(_csv_text(manifest, "manifest"), newline="") as f:
         reader = csv.DictReader(f)
         columns = [c.strip() for c in reader.fieldnames or []]
         missing = [c for c in required if c not in columns]
@@ -243,8 +281,8 @@ def read_manifest(
     `unlabelled`: what a missing `label` column or an empty label cell means: 'error' (default;
     the error names the manifest and the line), 'negative' (no lesions) or 'skip' (row left out).
     `labels=False` reads no labels at all (inference manifests). `errors`: where a list is given,
-    a row with a bad case id or an empty label cell is appended to it as (case, manifest, reason)
-    and left out instead of raising.
+    a row with a bad case id, an empty label cell or a bad centre is appended to it as (case,
+    manifest, reason) and left out instead of raising.
     """
     manifest = Path(manifest)
     _check_unlabelled(unlabelled)
@@ -260,14 +298,13 @@ def read_manifest(
         seen.add(case)
         try:
             _check_manifest_row(row, where, labels and unlabelled == "error")
+            if labels and not row.get("label") and unlabelled == "skip":
+                continue
+            cases.append(_manifest_case(manifest, row, where, components, centre_columns, labels))
         except UserError as error:
             if errors is None:
                 raise
             errors.append((case, str(manifest), str(error)))
-            continue
-        if labels and not row.get("label") and unlabelled == "skip":
-            continue
-        cases.append(_manifest_case(manifest, row, where, components, centre_columns, labels))
     return cases
 
 

@@ -17,7 +17,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from focalnet_jax.data import coverage, intensity
-from focalnet_jax.data.geometry import CropGeometry
+from focalnet_jax.data.geometry import CropGeometry, display_axes
 from focalnet_jax.data.io import CaseError, read_image, zyx
 
 LABEL_SCHEMES = ("picai", "isup")
@@ -137,9 +137,26 @@ def _resample(
     return sitk.GetArrayFromImage(out)
 
 
-def _center_of(mask_path, case) -> tuple[float, float, float] | None:
+def _check_has_geometry(image: sitk.Image, t2w: sitk.Image, case: str, path, what: str) -> None:
+    """Refuses a label or mask with the T2w's voxel counts but the default geometry (origin 0,
+    1 mm voxels) that an array saved without its image's header gets: it would be resampled
+    through that wrong geometry (lesions lost or silently moved)."""
+    default = np.allclose(image.GetOrigin(), 0.0) and np.allclose(image.GetSpacing(), 1.0)
+    t2w_default = np.allclose(t2w.GetOrigin(), 0.0) and np.allclose(t2w.GetSpacing(), 1.0)
+    if image.GetSize() == t2w.GetSize() and default and not t2w_default:
+        raise CaseError(
+            case,
+            path,
+            f"{what} has the T2w's {' x '.join(map(str, t2w.GetSize()))} voxels but no geometry "
+            "(origin 0, 1 mm voxels): saved without the image header? Copy the T2w's origin, "
+            "spacing and direction into it (SimpleITK CopyInformation)",
+        )
+
+
+def _center_of(mask_path, case, t2w: sitk.Image) -> tuple[float, float, float] | None:
     """LPS centroid (mm) of a mask's nonzero voxels, None when it has none."""
     mask = read_image(mask_path, case=case)
+    _check_has_geometry(mask, t2w, case, mask_path, "prostate mask")
     voxels = np.argwhere(sitk.GetArrayViewFromImage(mask) > 0)
     if len(voxels) == 0:
         return None
@@ -187,21 +204,45 @@ def index_lesion(lesions: np.ndarray, lesion_classes: np.ndarray, spacing: float
     return best
 
 
-def _crop_centre(t2w: sitk.Image, mask, center, case: str) -> tuple[tuple, str]:
-    """LPS crop centre (mm) and its source: gland-mask centroid, given centre, or T2w centre."""
+def _crop_centre(t2w: sitk.Image, mask, center, case: str, t2w_path) -> tuple[tuple, str]:
+    """LPS crop centre (mm) and its source: gland-mask centroid, given centre, or T2w centre. A
+    mask centroid or given centre outside the T2w volume is refused (a wrong mask or centre,
+    e.g. RAS for LPS), naming the mask or the T2w file."""
     if mask is not None:
-        centre = _center_of(mask, case)
+        centre = _center_of(mask, case, t2w)
         if centre is None:
             raise CaseError(case, mask, "prostate mask is empty")
+        _check_inside(t2w, centre, case, mask, "prostate mask centroid")
         return centre, "mask"
     if center is not None:
-        return tuple(float(c) for c in center), "given"
+        centre = tuple(float(c) for c in center)
+        _check_inside(t2w, centre, case, t2w_path, "given crop centre")
+        return centre, "given"
     middle = tuple((s - 1) / 2.0 for s in t2w.GetSize())
     return t2w.TransformContinuousIndexToPhysicalPoint(middle), "t2w_centre"
 
 
+def _check_inside(t2w: sitk.Image, point, case: str, file, what: str) -> None:
+    """Refuses an LPS `point` (mm) outside the T2w volume (its voxels' outer faces)."""
+    index = np.asarray(t2w.TransformPhysicalPointToContinuousIndex(tuple(point)))
+    size = np.asarray(t2w.GetSize(), np.float64)
+    if np.all(index >= -0.5) and np.all(index <= size - 0.5):
+        return
+    lo = _corners_world(t2w).min(0)
+    hi = _corners_world(t2w).max(0)
+    extent = ", ".join(f"{a:.1f}..{b:.1f}" for a, b in zip(lo, hi, strict=True))
+    raise CaseError(
+        case,
+        file,
+        f"{what} ({', '.join(f'{v:.1f}' for v in point)}) mm LPS lies outside the T2w volume "
+        f"(x, y, z extent {extent} mm; T2w voxel index {', '.join(f'{v:.1f}' for v in index)})",
+    )
+
+
 def _t2w_reference(images, components, cfg, case, centre, bladder_mask) -> intensity.T2wReference:
-    """Air and bladder intensities of the T2w (the first component), raw scanner units."""
+    """Air and bladder intensities of the T2w (the first component), raw scanner units. The
+    bladder search runs with rows along the T2w axis nearest anterior-posterior (a T2w stored
+    transposed is transposed back)."""
     name = next(iter(components))
     t2w = images[name]
     raw = sitk.GetArrayViewFromImage(t2w)
@@ -210,17 +251,24 @@ def _t2w_reference(images, components, cfg, case, centre, bladder_mask) -> inten
         bladder = sitk.GetArrayFromImage(read_image(bladder_mask, case=case)) > 0
         if bladder.shape != raw.shape:
             raise CaseError(case, bladder_mask, "bladder mask is not on the T2w grid")
-    centre_index = t2w.TransformPhysicalPointToContinuousIndex(tuple(centre))
+    ci, cj, _ = t2w.TransformPhysicalPointToContinuousIndex(tuple(centre))
+    spacing, center_yx = zyx(t2w.GetSpacing()), (cj, ci)
+    axes = display_axes(t2w.GetDirection())
+    row_sign = axes[3]
+    if axes[0] == 0:  # crop columns run along T2w j: rows (array axis 1) run left-right
+        raw = raw.transpose(0, 2, 1)
+        bladder = None if bladder is None else bladder.transpose(0, 2, 1)
+        spacing, center_yx, row_sign = (spacing[0], spacing[2], spacing[1]), (ci, cj), axes[1]
     try:
         return intensity.t2w_reference(
             raw,
-            zyx(t2w.GetSpacing()),
+            spacing,
             air_percentile=cfg.t2w_air_percentile,
             fallback_percentile=cfg.t2w_fallback_percentile,
             bladder_mask=bladder,
             case=case,
-            center_yx=(centre_index[1], centre_index[0]),
-            anterior_sign=1.0 if t2w.GetDirection()[4] >= 0 else -1.0,
+            center_yx=center_yx,
+            anterior_sign=float(row_sign),
             max_cv=cfg.bladder_max_cv,
             min_volume_ml=cfg.bladder_min_volume_ml,
         )
@@ -249,6 +297,14 @@ def _normalised_channels(images, components, reference, cfg, case, centre, bladd
             channels.append(intensity.normalise_adc(crop, *cfg.adc_range))
         else:
             lo, hi = intensity.percentile_range(raw, *cfg.percentiles)
+            if hi <= lo + 1e-6:  # blank: would be stored as 0 everywhere, the normal-tissue value
+                low, high = cfg.percentiles
+                raise CaseError(
+                    case,
+                    components[name],
+                    f"{name} is constant between its {low:g}th and {high:g}th percentiles "
+                    f"({lo:g}): a blank series?",
+                )
             channels.append(intensity.normalise_percentiles(crop, lo, hi))
     return channels, t2w_reference
 
@@ -261,6 +317,7 @@ def _crop_label(label, t2w: sitk.Image, reference: sitk.Image, shape, cfg, case:
         empty = np.zeros(0, np.int32)
         return zeros, np.ones(shape, np.uint8), zeros.copy(), empty, empty.astype(bool)
     label_image = read_image(label, case=case)
+    _check_has_geometry(label_image, t2w, case, label, "label")
     if not _overlaps(label_image, t2w):
         raise CaseError(case, label, "label does not overlap the T2w field of view")
     raw_label = sitk.GetArrayFromImage(label_image)
@@ -409,7 +466,8 @@ def preprocess_case(
     # 1. Read; the T2w grid is the reference frame.
     images = _read_components(components, case, series or {})
     # 2. Crop centre: gland-mask centroid, else the given centre, else the T2w volume centre.
-    centre, source = _crop_centre(images[next(iter(components))], mask, center, case)
+    t2w_name = next(iter(components))
+    centre, source = _crop_centre(images[t2w_name], mask, center, case, components[t2w_name])
     # 3. Each component and the label resampled once onto the crop grid (every T2w slice).
     full = _crop_every_slice(images, components, label, centre, source, bladder_mask, cfg, case)
     # 4. The slices to store, each covered by every component.

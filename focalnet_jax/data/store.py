@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from focalnet_jax.data.case_ids import check_case_id
-from focalnet_jax.data.geometry import CropGeometry
+from focalnet_jax.data.geometry import CropGeometry, display_axes
 from focalnet_jax.data.preprocess import PreprocessConfig
 from focalnet_jax.errors import UserError
 
@@ -417,6 +417,7 @@ def open_store(path: str | os.PathLike, *, expected_settings: dict | None = None
         )
     for record in table["cases"]:
         check_case_id(record["case_id"], f"store {table_path}")
+    _check_orientation(table["cases"], path)
     arrays = {name: _load_array(path / f"{name}.npy") for name in _ARRAYS}
     n = len(arrays["images"])
     for name, array in arrays.items():
@@ -430,6 +431,24 @@ def open_store(path: str | os.PathLike, *, expected_settings: dict | None = None
         fingerprint=table["fingerprint"],
         **arrays,
     )
+
+
+def _check_orientation(cases, path: Path) -> None:
+    """Refuses cases cropped before the crop's in-plane axes were recorded whose T2w voxels are
+    stored flipped or transposed: their crops are mirrored or upside down relative to the ones
+    preprocessing makes now (`geometry.display_axes`)."""
+    old = [
+        r["case_id"]
+        for r in cases
+        if "in_plane_axes" not in r["geometry"]
+        and display_axes(r["geometry"]["t2w_direction"]) != (1, 0, 0, 1)
+    ]
+    if old:
+        raise StaleStoreError(
+            f"store {path}: {len(old)} case(s) ({', '.join(old[:5])}) have a T2w stored flipped "
+            "or transposed and were cropped mirrored or upside down by an older version; run "
+            "`focalnet preprocess ... --overwrite` again"
+        )
 
 
 def component_channels(store, components) -> list[int]:

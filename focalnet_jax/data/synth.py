@@ -5,11 +5,11 @@ the T2w grid (0.5 x 0.5 x 3 mm), the coarser ADC/HBV grid (2 x 2 x 3 mm, shifted
 asked for, the DCE grid (1.5 x 1.5 x 3 mm, its own shifted origin), so the components must be
 registered by physical coordinates exactly as real exams: body with subcutaneous fat, pelvic muscle,
 femoral heads, periprostatic fat, a gland with peripheral (PZ) and transition (TZ) zones and BPH
-nodules, the bladder (urine: brightest T2w, ADC ~2900), the rectum with an endorectal-coil balloon,
-and lesions of classes 1..5 whose conspicuity rises with class. A configurable share of lesions is
-visible only in T2w, only in ADC/HBV or (with DCE) only in DCE. T2w gets a smooth coil bias field
-and Rician noise. ADC values are in 1e-6 mm^2/s: PZ ~1600-2000, TZ ~1200-1400, lesions 600-1100
-falling with class.
+nodules, the bladder (urine: brightest T2w, ADC 2700-3000), the rectum with an endorectal-coil
+balloon, and lesions of classes 1..5 whose conspicuity rises with class. A configurable share of
+lesions is visible only in T2w, only in ADC/HBV or (with DCE) only in DCE. T2w gets a smooth coil
+bias field and Rician noise. ADC values are in 1e-6 mm^2/s: PZ ~1600-2000, TZ ~1200-1400,
+lesions 600-1100 falling with class.
 
 DCE is an early relative-enhancement map ((early post-contrast - pre-contrast) / pre-contrast, in %,
 which cancels the coil's receive field): arteries and the bladder/rectal mucosa enhance most,
@@ -291,13 +291,19 @@ def write_dataset(
 
     Returns the list of case ids `<patient>_<study>`. Case i depends only on (seed, i). The
     dataset is written to a temporary folder beside `out` and renamed to `out` when complete; a
-    non-empty `out` is refused unless `overwrite` (then it is replaced whole).
+    non-empty `out` is refused unless `overwrite` (then it is replaced whole), and even then unless
+    it is an earlier synthetic dataset (it holds `lesions.csv`).
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UserError(f"--out {out} is not empty; pass --overwrite to replace it")
+    if out.is_dir() and any(out.iterdir()) and not (out / "lesions.csv").is_file():
+        raise UserError(
+            f"--out {out} is not a synthetic dataset (no lesions.csv): --overwrite replaces only "
+            "one, as it deletes the folder whole; choose a new folder"
+        )
     with replaced_folder(out) as tmp:
         return _write_cases(tmp, num_cases, seed, cfg or SynthConfig(), progress)
 

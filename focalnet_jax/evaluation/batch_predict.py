@@ -29,6 +29,7 @@ from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation.detection_map import CandidateSettings
 from focalnet_jax.evaluation.ensemble import Ensemble, write_models
 from focalnet_jax.evaluation.predict import write_exam_outputs
+from focalnet_jax.evaluation.predictions import MODELS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -95,13 +96,27 @@ def _write_case(out: Path, case: PreprocessedCase, scores: np.ndarray, options: 
     return final
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
+def _check_out(out: Path, overwrite: bool, inputs: Sequence = ()) -> None:
     """Refuses an `out` that holds anything (an earlier run's case folders would sit beside this
-    run's `models.json`) unless `overwrite`, which replaces it whole."""
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+    run's `models.json`) unless `overwrite`, which replaces it whole: then only a folder an
+    earlier `focalnet predict` run wrote (it holds `models.json`) that none of the `inputs`
+    (paths or None) lies in; any other folder (e.g. the data folder) would be deleted."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
+    if not (out.is_dir() and any(out.iterdir())):
+        return
+    if not overwrite:
         raise UserError(
             f"--out {out} is not empty (outputs of an earlier run?); choose a new folder or add "
             "--overwrite to replace it"
+        )
+    root = out.resolve()
+    inside = [str(p) for p in inputs if p is not None and Path(p).resolve().is_relative_to(root)]
+    if inside or not (out / MODELS_FILE).is_file():
+        why = f"holds the input {inside[0]}" if inside else f"has no {MODELS_FILE}"
+        raise UserError(
+            f"--out {out} {why}: it is not the output folder of an earlier predict run, and "
+            "--overwrite would delete it whole; choose a new folder"
         )
 
 
@@ -204,6 +219,7 @@ def predict_layout(
 ) -> BatchSummary:
     """`find_cases` + `predict_cases` with the models' components."""
     errors = [] if options.get("skip_bad_cases") else None
+    _check_out(Path(out), options.get("overwrite", False), (images, masks, manifest))
     cases = find_cases(
         layout, models.components, images=images, masks=masks, manifest=manifest, errors=errors
     )

@@ -68,13 +68,20 @@ class CellState:
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether process `pid` of this host runs. A zombie does not: a killed cell whose parent
+    died too stays one until the system's init reaps it, which some containers' init never does
+    (its state, from Linux's /proc/<pid>/stat, is Z)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # no /proc (not Linux): os.kill's answer; else the process has just ended
+        return not Path("/proc").is_dir()
+    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 class Study:
