@@ -242,19 +242,22 @@ def test_dicom_refusals_and_series_column_through_the_cli(
     assert store.images.shape == (19, 128, 128, 2)
 
 
-def _write_series(folder, shift_x_mm: float) -> None:
-    """Six 16 x 16 axial DICOM slices 3 mm apart, slice k shifted by k * shift_x_mm along x."""
+def _write_series(folder, shift_x_mm: float, slices: int = 6, spacing: float = 3.0) -> None:
+    """`slices` 16 x 16 axial DICOM slices `spacing` mm apart, slice k shifted by k * shift_x_mm
+    along x."""
     folder.mkdir()
-    volume = sitk.GetImageFromArray((np.arange(6 * 16 * 16) % 97).reshape(6, 16, 16).astype("i2"))
+    shape = (slices, 16, 16)
+    volume = sitk.GetImageFromArray((np.arange(np.prod(shape)) % 97).reshape(shape).astype("i2"))
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     ctype = locale.setlocale(locale.LC_CTYPE)  # GDCM's writer sets the C locale: restored below
     try:
-        for k in range(6):
+        for k in range(slices):
             image = volume[:, :, k]
             tags = {"0008|0060": "MR", "0020|000d": "1.2.826.0.1.3680043.2.1125.1.43",
                     "0020|000e": "1.2.826.0.1.3680043.2.1125.1.42",
-                    "0020|0037": "1\\0\\0\\0\\1\\0", "0020|0032": f"{shift_x_mm * k}\\0\\{3 * k}",
+                    "0020|0037": "1\\0\\0\\0\\1\\0",
+                    "0020|0032": f"{shift_x_mm * k:.6f}\\0\\{spacing * k:.6f}",
                     "0020|0013": str(k + 1)}  # fmt: skip
             for tag, value in tags.items():
                 image.SetMetaData(tag, value)
@@ -271,5 +274,14 @@ def test_sheared_dicom_stack_is_refused(tmp_path):
     assert read_image(tmp_path / "straight").GetSpacing()[2] == pytest.approx(3.0)
     _write_series(tmp_path / "sheared", 2.0)
     error = _expect(tmp_path / "sheared", "slice positions move within the slice plane by up to")
-    assert "10.00 mm (5.dcm against 0.dcm; tolerance 0.03 mm): a sheared stack" in error.reason
+    assert "10.00 mm (5.dcm against 0.dcm; tolerance 0.04 mm): a sheared stack" in error.reason
     assert error.file == str(tmp_path / "sheared")
+
+
+def test_long_thin_stack_with_rounded_cosines_is_not_sheared(tmp_path):
+    # 60 slices 1 mm apart drifting 0.0005 mm per mm (direction cosines rounded to 4 decimals):
+    # 0.03 mm over the stack, over the 0.01 mm spacing tolerance; it was refused as sheared.
+    _write_series(tmp_path / "thin", 0.0005, slices=60, spacing=1.0)
+    assert read_image(tmp_path / "thin").GetSize() == (16, 16, 60)
+    _write_series(tmp_path / "tilted", 0.02, slices=60, spacing=1.0)  # a 1.1 degree tilt
+    _expect(tmp_path / "tilted", "slice positions move within the slice plane by up to 1.18 mm")

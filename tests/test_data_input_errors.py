@@ -7,6 +7,7 @@ import csv
 import json
 import re
 import shutil
+import struct
 
 import numpy as np
 import pytest
@@ -261,6 +262,34 @@ def test_unreadable_dicom_slice_at_the_end_of_the_stack_is_refused(
     (folder / "notes.txt").write_text("exported 2011")
     (folder / "._1-01.dcm").write_bytes(b"\x00\x05\x16\x07" + b"\x00" * 200)
     assert read_image(folder, case="c").GetSize() == (84, 128, 18)
+
+
+def _part10_report(series_uid: str) -> bytes:
+    """A minimal DICOM part-10 structured report (no pixel data) of series `series_uid`."""
+
+    def element(group, number, vr, value):
+        value += b"\x00" * (len(value) % 2)
+        return struct.pack("<HH", group, number) + vr + struct.pack("<H", len(value)) + value
+
+    meta = element(0x0002, 0x0010, b"UI", b"1.2.840.10008.1.2.1")  # explicit VR little endian
+    meta = element(0x0002, 0x0000, b"UL", struct.pack("<I", len(meta))) + meta
+    body = element(0x0008, 0x0016, b"UI", b"1.2.840.10008.5.1.4.1.1.88.11")  # Basic Text SR
+    body += element(0x0008, 0x0060, b"CS", b"SR") + element(
+        0x0020, 0x000E, b"UI", series_uid.encode()
+    )
+    return b"\x00" * 128 + b"DICM" + meta + body
+
+
+def test_report_of_another_series_beside_the_slices_is_left_out(prostatex_case_dir, tmp_path,
+                                                                caplog):  # fmt: skip
+    # GDCM reads a structured report into no image series, as it does a truncated slice; the
+    # slices' own series UID is not in it, so it is left out with a warning (it was refused as a
+    # truncated or corrupt slice).
+    folder = tmp_path / "adc"
+    shutil.copytree(prostatex_case_dir / "adc", folder)
+    (folder / "report.dcm").write_bytes(_part10_report("1.2.826.0.1.3680043.2.1125.9"))
+    assert read_image(folder, case="c").GetSize() == (84, 128, 19)
+    assert "1 DICOM file(s) of no image series left out (report.dcm)" in caplog.text
 
 
 def test_manifest_and_marksheet_from_a_spreadsheet(dataset, tmp_path, capfd):

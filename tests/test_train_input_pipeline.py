@@ -118,6 +118,9 @@ def test_a_slurm_task_alone_on_its_node_drives_every_gpu():
     assert ids({"SLURM_STEP_TASKS_PER_NODE": "2,1", "SLURM_NODEID": "1"}) == []
     assert ids({"SLURM_STEP_TASKS_PER_NODE": "2,1", "SLURM_NODEID": "0"}) is None
     assert ids({"SLURM_TASKS_PER_NODE": "1(x4)"}) == []  # the job's, outside a step
+    # The user's own choice of devices stands (JAX reads it when given None).
+    alone = {"SLURM_STEP_TASKS_PER_NODE": "1(x2)", "JAX_LOCAL_DEVICE_IDS": "2,3"}
+    assert ids(alone) is None
 
 
 @pytest.mark.slow

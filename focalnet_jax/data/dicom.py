@@ -11,6 +11,7 @@ stack would otherwise be read with one wrong z spacing (ITK only warns, or says 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +23,13 @@ from focalnet_jax.errors import UserError
 
 SPACING_TOLERANCE_MM = 0.01  # absolute slice-spacing tolerance (mm) ...
 SPACING_TOLERANCE_REL = 0.01  # ... or this fraction of the spacing, whichever is larger
+# In-plane drift allowed per mm along the normal, on top of the spacing tolerance: direction
+# cosines written to 3-4 decimals; a gantry tilt of 1 degree drifts 0.017 mm per mm.
+SHEAR_TOLERANCE_SLOPE = 1e-3
 _UID, _DESCRIPTION, _INSTANCE = "0020|000e", "0008|103e", "0020|0013"
 _POSITION, _ORIENTATION = "0020|0032", "0020|0037"
+
+log = logging.getLogger(__name__)
 
 
 class SeriesError(UserError):
@@ -131,13 +137,13 @@ def check_slice_positions(files) -> None:
     ]
     if tilted:
         raise SeriesError(tilted[0], f"{len(tilted)} slice(s) oriented unlike {files[0]}")
-    along = position @ np.cross(orientation[0][:3], orientation[0][3:])
-    order = np.argsort(along, kind="stable")
-    along = along[order]
+    normal = position @ np.cross(orientation[0][:3], orientation[0][3:])  # [n] mm, file order
+    order = np.argsort(normal, kind="stable")
+    along = normal[order]
     steps = np.diff(along)
     spacing = float(np.median(steps))
     tolerance = max(SPACING_TOLERANCE_MM, SPACING_TOLERANCE_REL * spacing)
-    _check_not_sheared(position @ orientation[0].reshape(2, 3).T, tolerance, files)
+    _check_not_sheared(position @ orientation[0].reshape(2, 3).T, normal, tolerance, files)
     bad = np.flatnonzero((np.abs(steps - spacing) > tolerance) | (steps <= tolerance))
     if len(bad) == 0:
         return
@@ -157,10 +163,25 @@ def check_slice_positions(files) -> None:
     )
 
 
-def _looks_like_dicom(file: Path) -> bool:
-    """A `.dcm`/`.ima` name or the DICOM part-10 preamble ('DICM' at byte 128)."""
-    if file.suffix.lower() in (".dcm", ".ima"):
+_HEAD_BYTES = 1 << 16  # a slice's header, where its SeriesInstanceUID is
+
+
+def _damaged_slice(file: Path, series_uid: str) -> bool:
+    """Whether `file`, which GDCM read into no series, is a damaged slice of the series: its first
+    bytes name `series_uid` (a truncated slice keeps its header), or it is named `.dcm`/`.ima`
+    without the DICOM part-10 preamble ('DICM' at byte 128: corrupt). A part-10 file of another
+    series (a structured report, a presentation state, a raw-data object) is not."""
+    try:
+        with file.open("rb") as f:
+            head = f.read(_HEAD_BYTES)
+    except OSError as err:
+        raise SeriesError(file, f"cannot be read ({err.strerror})") from None
+    if series_uid.encode() in head:
         return True
+    return head[128:132] != b"DICM" and file.suffix.lower() in (".dcm", ".ima")
+
+
+def _is_part10(file: Path) -> bool:
     with file.open("rb") as f:
         f.seek(128)
         return f.read(4) == b"DICM"
@@ -180,27 +201,31 @@ def _unread_files(folder: Path, found: list[SeriesInfo]) -> list[str]:
     )
 
 
-def _check_not_sheared(in_plane: np.ndarray, tolerance: float, files) -> None:
+def _check_not_sheared(in_plane: np.ndarray, along: np.ndarray, tolerance: float, files) -> None:
     """Refuse slices whose positions move within the slice plane (`in_plane`: [n, 2] mm along
-    the row and column cosines): ITK would read a sheared stack as a straight one, with the
-    distance between slice corners as its spacing."""
+    the row and column cosines; `along`: [n] mm along the normal) by more than `tolerance` plus
+    `SHEAR_TOLERANCE_SLOPE` per mm from the first slice: ITK would read a sheared stack as a
+    straight one, with the distance between slice corners as its spacing."""
     drift = np.abs(in_plane - in_plane[0]).max(axis=1)
-    if drift.max() <= tolerance:
+    allowed = tolerance + SHEAR_TOLERANCE_SLOPE * np.abs(along - along[0])
+    if np.all(drift <= allowed):
         return
-    worst = int(np.argmax(drift))
+    worst = int(np.argmax(drift - allowed))
     raise SeriesError(
         Path(files[0]).parent,
         f"slice positions move within the slice plane by up to {drift[worst]:.2f} mm "
-        f"({Path(files[worst]).name} against {Path(files[0]).name}; tolerance {tolerance:.2f} "
-        "mm): a sheared stack (e.g. gantry tilt), which would be read as a straight one",
+        f"({Path(files[worst]).name} against {Path(files[0]).name}; tolerance "
+        f"{allowed[worst]:.2f} mm): a sheared stack (e.g. gantry tilt), which would be read as a "
+        "straight one",
     )
 
 
 def read_series(folder: str | os.PathLike, series: str | None = None) -> sitk.Image:
     """One regular DICOM series of `folder` (see the module docstring) as read by SimpleITK.
-    A file that looks like DICOM (name or preamble) but that GDCM cannot read (truncated,
-    corrupt) is refused: at either end of the stack it would leave no gap, and the series would
-    be read one slice short."""
+    A damaged slice of the series that GDCM cannot read (`_damaged_slice`: truncated, corrupt) is
+    refused: at either end of the stack it would leave no gap, and the series would be read one
+    slice short. Other DICOM objects of the folder outside any image series are left out, with a
+    warning."""
     folder = Path(folder)
     found = list_series(folder)
     chosen = choose_series(folder, series, found)
@@ -213,7 +238,14 @@ def read_series(folder: str | os.PathLike, series: str | None = None) -> sitk.Im
         raise SeriesError(
             err.file, f"{err.reason}; not readable as DICOM: {', '.join(unread)}"
         ) from err
-    broken = [name for name in unread if _looks_like_dicom(folder / name)]
+    broken = [name for name in unread if _damaged_slice(folder / name, chosen.uid)]
+    others = [name for name in unread if name not in broken and _is_part10(folder / name)]
+    if others:
+        log.warning(
+            "%s: %d DICOM file(s) of no image series left out (%s): reports, presentation states "
+            "or raw data; a damaged slice of series %s among them would leave it one slice short",
+            *(folder, len(others), ", ".join(others[:5]), chosen.uid),
+        )
     if broken:  # a regular stack without them: they were its first or last slices
         raise SeriesError(
             folder / broken[0],

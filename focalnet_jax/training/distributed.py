@@ -41,8 +41,11 @@ def _tasks_per_node(text: str) -> list[int]:
 def slurm_local_device_ids(environ=None) -> list[int] | None:
     """`local_device_ids` for `jax.distributed.initialize` in a SLURM task: [] (no restriction:
     every device the task sees) when the task is alone on its node, else None (JAX's rule: the
-    device numbered `SLURM_LOCALID`, one per task)."""
+    device numbered `SLURM_LOCALID`, one per task). None too when `JAX_LOCAL_DEVICE_IDS` is set:
+    JAX then takes the user's choice."""
     environ = os.environ if environ is None else environ
+    if environ.get("JAX_LOCAL_DEVICE_IDS"):
+        return None
     text = environ.get("SLURM_STEP_TASKS_PER_NODE") or environ.get("SLURM_TASKS_PER_NODE", "")
     counts = _tasks_per_node(text)
     node = int(environ.get("SLURM_NODEID", 0))
