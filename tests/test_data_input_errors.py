@@ -152,7 +152,8 @@ def test_synth_refuses_a_non_empty_out_unless_overwrite(tmp_path, capfd):
     assert main(argv) == 0
     before = sorted(p.relative_to(out) for p in out.rglob("*"))
     assert _user_error(capfd, [*argv[:4], "1", "--seed", "6"]).endswith(
-        f"--out {out} is not empty; pass --overwrite to replace it"
+        f"--out {out} is not empty (outputs of an earlier run?); choose a new folder or add "
+        "--overwrite to replace it"
     )
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
     assert main([*argv[:4], "1", "--seed", "6", "--small", "--overwrite"]) == 0
@@ -168,8 +169,8 @@ def test_synth_refuses_a_non_empty_out_unless_overwrite(tmp_path, capfd):
     (mine / "images").mkdir(parents=True)
     err = _user_error(capfd, [*argv[:2], str(mine), *argv[3:], "--overwrite"])
     assert err.endswith(
-        f"--out {mine} is not a synthetic dataset (no lesions.csv): --overwrite replaces only "
-        "one, as it deletes the folder whole; choose a new folder"
+        f"--out {mine} has no lesions.csv: it is not the output folder of an earlier focalnet "
+        "synth, and --overwrite would delete it whole; choose a new folder"
     )
     assert (mine / "images").is_dir()
 

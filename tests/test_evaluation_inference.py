@@ -385,15 +385,16 @@ def test_batch_overwrite_never_deletes_a_folder_predict_did_not_write(cv, tmp_pa
             "--out", data, "--overwrite"]  # fmt: skip
     message = cli_error(argv)
     assert message.endswith(f"--out {data} holds the input {data / 'images'}: it is not the output "
-                            "folder of an earlier predict run, and --overwrite would delete it "
+                            "folder of an earlier focalnet predict, and --overwrite would delete "
+                            "it "
                             "whole; choose a new folder")  # fmt: skip
     other = tmp_path / "notes"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
     message = cli_error([*argv[:-2], other, "--overwrite"])
     assert message.endswith(f"--out {other} has no models.json: it is not the output folder of an "
-                            "earlier predict run, and --overwrite would delete it whole; choose a "
-                            "new folder")  # fmt: skip
+                            "earlier focalnet predict, and --overwrite would delete it whole; "
+                            "choose a new folder")  # fmt: skip
     assert sorted(p.relative_to(data) for p in data.rglob("*")) == before
     assert (other / "notes.txt").read_text() == "mine"
 

@@ -12,6 +12,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from focalnet_jax.errors import UserError
+
 
 @contextlib.contextmanager
 def replaced_atomically(path: str | os.PathLike):
@@ -62,6 +64,31 @@ def replaced_folder(path: str | os.PathLike):
         for folder in [] if done else created:
             with contextlib.suppress(OSError):  # kept where something else was written there
                 folder.rmdir()
+
+
+def check_replaceable(out: Path, overwrite: bool, marker: str, made_by: str, inputs=()) -> None:
+    """Refuses a non-empty folder `out` (to be replaced whole by `replaced_folder`) unless
+    `overwrite`, and even then unless it is an earlier output of `made_by` (it holds the file
+    `marker`) in which none of the `inputs` (paths or None) lies: any other folder, e.g. the data
+    folder, would be deleted whole. One-line `UserError`s naming `out`."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
+    if not (out.is_dir() and any(out.iterdir())):
+        return
+    if not overwrite:
+        raise UserError(
+            f"--out {out} is not empty (outputs of an earlier run?); choose a new folder or add "
+            "--overwrite to replace it"
+        )
+    root = out.resolve()
+    inside = [str(p) for p in inputs if p is not None and Path(p).resolve().is_relative_to(root)]
+    if inside or not (out / marker).is_file():
+        why = f"holds the input {inside[0]}" if inside else f"has no {marker}"
+        raise UserError(
+            f"--out {out} {why}: it is not the output folder of an earlier {made_by}, and "
+            "--overwrite would delete it whole; choose a new folder"
+        )
 
 
 @contextlib.contextmanager

@@ -35,7 +35,7 @@ import numpy as np
 import SimpleITK as sitk
 from tqdm import tqdm
 
-from focalnet_jax.data.atomic_files import replaced_folder
+from focalnet_jax.data.atomic_files import check_replaceable, replaced_folder
 from focalnet_jax.data.io import write_image, xyz
 from focalnet_jax.data.layouts import check_components
 from focalnet_jax.data.synth_render import (
@@ -46,7 +46,6 @@ from focalnet_jax.data.synth_render import (
     bias_field,
     render,
 )
-from focalnet_jax.errors import UserError
 
 _CLASS_SHARE = (0.24, 0.28, 0.2, 0.16, 0.12)  # of lesions, classes 1..5
 _DCE_STREAM = 1  # SeedSequence spawn key of the DCE random stream
@@ -294,16 +293,7 @@ def write_dataset(
     non-empty `out` is refused unless `overwrite` (then it is replaced whole), and even then unless
     it is an earlier synthetic dataset (it holds `lesions.csv`).
     """
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"--out {out} is not empty; pass --overwrite to replace it")
-    if out.is_dir() and any(out.iterdir()) and not (out / "lesions.csv").is_file():
-        raise UserError(
-            f"--out {out} is not a synthetic dataset (no lesions.csv): --overwrite replaces only "
-            "one, as it deletes the folder whole; choose a new folder"
-        )
+    check_replaceable(Path(out), overwrite, "lesions.csv", "focalnet synth")
     with replaced_folder(out) as tmp:
         return _write_cases(tmp, num_cases, seed, cfg or SynthConfig(), progress)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from focalnet_jax.data.atomic_files import replaced_folder
+from focalnet_jax.data.atomic_files import check_replaceable, replaced_folder
 from focalnet_jax.data.io import CaseError
 from focalnet_jax.data.layouts import CaseSpec, LayoutError, discover_picai, read_manifest
 from focalnet_jax.data.preprocess import PreprocessedCase, preprocess_case
@@ -96,30 +96,6 @@ def _write_case(out: Path, case: PreprocessedCase, scores: np.ndarray, options: 
     return final
 
 
-def _check_out(out: Path, overwrite: bool, inputs: Sequence = ()) -> None:
-    """Refuses an `out` that holds anything (an earlier run's case folders would sit beside this
-    run's `models.json`) unless `overwrite`, which replaces it whole: then only a folder an
-    earlier `focalnet predict` run wrote (it holds `models.json`) that none of the `inputs`
-    (paths or None) lies in; any other folder (e.g. the data folder) would be deleted."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a folder")
-    if not (out.is_dir() and any(out.iterdir())):
-        return
-    if not overwrite:
-        raise UserError(
-            f"--out {out} is not empty (outputs of an earlier run?); choose a new folder or add "
-            "--overwrite to replace it"
-        )
-    root = out.resolve()
-    inside = [str(p) for p in inputs if p is not None and Path(p).resolve().is_relative_to(root)]
-    if inside or not (out / MODELS_FILE).is_file():
-        why = f"holds the input {inside[0]}" if inside else f"has no {MODELS_FILE}"
-        raise UserError(
-            f"--out {out} {why}: it is not the output folder of an earlier predict run, and "
-            "--overwrite would delete it whole; choose a new folder"
-        )
-
-
 def _preprocess_or_skip(
     spec: CaseSpec, models: Ensemble, errors: list | None
 ) -> PreprocessedCase | None:
@@ -172,7 +148,7 @@ def predict_cases(
     if not cases:
         raise LayoutError("no cases to predict")
     out = Path(out)
-    _check_out(out, overwrite)
+    check_replaceable(out, overwrite, MODELS_FILE, "focalnet predict")
     errors = list(errors or [])
     with replaced_folder(out) as tmp:
         write_models(models, tmp)
@@ -219,7 +195,8 @@ def predict_layout(
 ) -> BatchSummary:
     """`find_cases` + `predict_cases` with the models' components."""
     errors = [] if options.get("skip_bad_cases") else None
-    _check_out(Path(out), options.get("overwrite", False), (images, masks, manifest))
+    check_replaceable(Path(out), options.get("overwrite", False), MODELS_FILE, "focalnet predict",
+                      (images, masks, manifest))  # fmt: skip
     cases = find_cases(
         layout, models.components, images=images, masks=masks, manifest=manifest, errors=errors
     )
