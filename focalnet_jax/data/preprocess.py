@@ -228,8 +228,8 @@ def _check_inside(t2w: sitk.Image, point, case: str, file, what: str) -> None:
     size = np.asarray(t2w.GetSize(), np.float64)
     if np.all(index >= -0.5) and np.all(index <= size - 0.5):
         return
-    lo = _corners_world(t2w).min(0)
-    hi = _corners_world(t2w).max(0)
+    corners = _corners_world(t2w)
+    lo, hi = corners.min(0), corners.max(0)
     extent = ", ".join(f"{a:.1f}..{b:.1f}" for a, b in zip(lo, hi, strict=True))
     raise CaseError(
         case,
