@@ -73,6 +73,8 @@ def test_training_records_the_store_settings(run):
     record = json.loads((run["workdir"] / RECORD_FILE).read_text())
     store = open_store(run["a"])
     train, val = record.pop("train_cases"), record.pop("val_cases")
+    patients = record.pop("train_patients")
+    assert patients == sorted({open_store(run["a"]).case(c)["patient_id"] for c in train})
     assert record == {
         "store": str(run["a"]),
         "fingerprint": store.fingerprint,

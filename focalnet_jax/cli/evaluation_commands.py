@@ -18,8 +18,8 @@ def add_evaluate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--allow-training-cases",
         action="store_true",
-        help="with --all-cases: evaluate even if the store holds cases the runs trained on "
-        "(training-set numbers; warned)",
+        help="with --all-cases: evaluate even if the store holds cases, or patients, the runs "
+        "trained on (not held-out numbers; warned)",
     )
     parser.add_argument("--tta", choices=("none", "flip"), default="none", help="left-right flip")
     parser.add_argument(

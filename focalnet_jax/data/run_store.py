@@ -77,9 +77,11 @@ def record_run_store(
     """At training start: a run that has a record (a resume) must use a store with the same
     settings, and the same training and validation cases where it recorded them
     (`StaleStoreError` otherwise); a new run, or one from before these records (warned), records
-    `store`. `split` (a `FoldSplit`) adds the case ids, `total_steps` the step training ends at
-    (epoch-based runs: from the number of training slices), so that evaluation and ensembles do
-    not recompute them. `write`: this process writes files (e.g. process 0 only)."""
+    `store`. `split` (a `FoldSplit`) adds the case ids and the training cases' patient ids
+    (`train_patients`: a test store is held out only if none of its patients trained),
+    `total_steps` the step training ends at (epoch-based runs: from the number of training
+    slices), so that evaluation and ensembles do not recompute them. `write`: this process writes
+    files (e.g. process 0 only)."""
     workdir = Path(workdir)
     record = read_run_store(workdir)
     if record is not None:
@@ -99,6 +101,7 @@ def record_run_store(
         record["settings"] = store.settings
     if split is not None:
         record.update(train_cases=list(split.train_cases), val_cases=list(split.val_cases))
+        record["train_patients"] = sorted({store.case(c)["patient_id"] for c in split.train_cases})
     if total_steps is not None:
         record["total_steps"] = int(total_steps)
     if write:
@@ -117,7 +120,8 @@ def _compare_cases(record: dict, split, workdir, store_path) -> None:
 
 
 def recorded_cases(workdir: str | os.PathLike, key: str) -> list[str] | None:
-    """The run's recorded `train_cases` or `val_cases`; None for a record without them."""
+    """The run's recorded `train_cases`, `val_cases` or `train_patients`; None for a record
+    without them."""
     record = read_run_store(workdir)
     if record is None or key not in record:
         return None

@@ -7,9 +7,10 @@ files that `evaluate_predictions` reads. The store must have been preprocessed w
 that shaped the models' training inputs (every preprocessing setting but how label value 1
 reads); otherwise the models would see inputs unlike their training data, and the evaluation is
 refused naming the settings that differ. A test store holding a case a model trained on (the
-`train_cases` each run recorded at training start) is refused too, naming the run and the cases:
-a cross-validation folder's fold models have, between them, trained on every case of their own
-store, so evaluating them on it would report training-set numbers. Both, with optional flip
+`train_cases` each run recorded at training start), or another exam of a patient it trained on
+(`train_patients`), is refused too, naming the run and the cases: a cross-validation folder's
+fold models have, between them, trained on every case of their own store, so evaluating them on
+it would report training-set numbers. Both, with optional flip
 TTA; both replace the predictions folder whole (made under a temporary name), so no case of an
 earlier run stays in it.
 """
@@ -17,7 +18,7 @@ earlier run stays in it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from focalnet_jax.data.atomic_files import replaced_folder
@@ -60,28 +61,61 @@ def check_test_store(store, models: Ensemble) -> None:
         )
 
 
-def check_held_out(
-    runs: Sequence[Path], case_ids: Sequence[str], store_path, *, allow_training_cases=False
-) -> None:
-    """Raises a UserError naming the first run that trained on cases of the test store (its
-    recorded `train_cases`), with how many and which; `allow_training_cases` turns that into a
-    warning. A run that recorded no training cases cannot be checked: warned."""
-    test_cases = set(case_ids)
-    for run in runs:
-        trained = recorded_cases(run, "train_cases")
-        if trained is None:
-            log.warning("run %s recorded no training cases: test store %s not checked against "
-                        "them", run, store_path)  # fmt: skip
-            continue
-        overlap = sorted(test_cases.intersection(trained))
-        if not overlap:
-            continue
-        shown = ", ".join(overlap[:3]) + (", ..." if len(overlap) > 3 else "")
-        message = (
-            f"test store {store_path}: {len(overlap)} of its {len(test_cases)} cases are training "
-            f"cases of run {run} ({shown}); its metrics would be training-set numbers: evaluate "
+def _overlap_message(run, store_path, test_patients: Mapping[str, str]) -> str | None:
+    """Why `run` did not hold out the test store (`test_patients`: its case id -> patient id):
+    cases it trained on, else cases of patients it trained on (another exam of a training
+    patient); None when it held out every case, or when its record cannot tell (warned)."""
+    trained = recorded_cases(run, "train_cases")
+    if trained is None:
+        log.warning("run %s recorded no training cases: test store %s not checked against "
+                    "them", run, store_path)  # fmt: skip
+        return None
+    total = len(test_patients)
+    overlap = sorted(set(test_patients).intersection(trained))
+    if overlap:
+        return (
+            f"test store {store_path}: {len(overlap)} of its {total} cases are training cases of "
+            f"run {run} ({_shown(overlap)}); its metrics would be training-set numbers: evaluate "
             "on held-out cases"
         )
+    patients = recorded_cases(run, "train_patients")
+    if patients is None:
+        log.warning("run %s recorded no training patients (trained before they were recorded): "
+                    "test store %s checked by case id only", run, store_path)  # fmt: skip
+        return None
+    patients = set(patients)
+    shared = sorted(c for c, p in test_patients.items() if p in patients)
+    if not shared:
+        return None
+    named = [f"{c} of patient {test_patients[c]}" for c in shared]
+    return (
+        f"test store {store_path}: {len(shared)} of its {total} cases are exams of patients run "
+        f"{run} trained on ({_shown(named)}); its metrics would not be held-out numbers: "
+        "evaluate on held-out patients (if these patient ids name other people, pass "
+        "--allow-training-cases)"
+    )
+
+
+def _shown(items: Sequence[str]) -> str:
+    return ", ".join(items[:3]) + (", ..." if len(items) > 3 else "")
+
+
+def check_held_out(
+    runs: Sequence[Path],
+    test_patients: Mapping[str, str],
+    store_path,
+    *,
+    allow_training_cases: bool = False,
+) -> None:
+    """Raises a UserError naming the first run that trained on cases of the test store (its
+    recorded `train_cases`) or on their patients (`train_patients`: another exam of the same
+    patient is not held out), with how many and which; `test_patients` maps the store's case ids
+    to patient ids. `allow_training_cases` turns the error into a warning. A run that recorded
+    neither cannot be checked: warned."""
+    for run in runs:
+        message = _overlap_message(run, store_path, test_patients)
+        if message is None:
+            continue
         if not allow_training_cases:
             raise UserError(message)
         log.warning("%s (allowed)", message)
@@ -98,15 +132,17 @@ def predict_test_store(
     allow_training_cases: bool = False,
 ) -> list[str]:
     """Writes `<case_id>.npz` for every case of the store at `store_path` into `out_dir`; returns
-    the case ids (the cases the evaluation expects). A store holding a case the models trained on
-    is refused (`check_held_out`) unless `allow_training_cases`."""
+    the case ids (the cases the evaluation expects). A store holding a case the models trained
+    on, or a case of a patient they trained on, is refused (`check_held_out`) unless
+    `allow_training_cases`."""
     if workdir is None or store_path is None or out_dir is None:
         raise UserError("--all-cases needs --workdir, --store and --out")
     models = load_ensemble(workdir, step=step, batch_size=batch_size, tta=tta)
     store = open_store(store_path)
     check_test_store(store, models)
+    test_patients = {r["case_id"]: r["patient_id"] for r in store.cases}
     check_held_out(
-        models.runs, store.case_ids, store_path, allow_training_cases=allow_training_cases
+        models.runs, test_patients, store_path, allow_training_cases=allow_training_cases
     )
     log.info("predicting all %d cases of %s with %d model(s)", len(store.cases), store_path,
              len(models.runs))  # fmt: skip
