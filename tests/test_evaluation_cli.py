@@ -154,6 +154,15 @@ def test_summarize_mean_sd_welch_bonferroni(tmp_path):
     t = (a.mean() - b.mean()) / np.sqrt(va + vb)
     df = (va + vb) ** 2 / (va**2 / 2 + vb**2 / 2)
     p = 2 * stats.t.sf(abs(t), df)
+    # FP at a sensitivity: the cohort's missed csPCa (c2) keeps `all` below 80% in every fold
+    # of A (60%: at 0.4 FP), while no fold has a GS 8+ lesion: both null, only the first n.r.
+    metrics = summary["methods"]["A"]["metrics"]
+    reached = metrics["froc/all/fp_at_sensitivity/0.6"]
+    assert (reached["values"], reached["not_reached"]) == ([0.4] * 3, 0)
+    missed = metrics["froc/all/fp_at_sensitivity/0.8"]
+    assert (missed["mean"], missed["n"], missed["of"], missed["not_reached"]) == (None, 0, 3, 3)
+    assert metrics["froc/gs_8+/fp_at_sensitivity/0.9"]["not_reached"] == 0
+    assert "not_reached" not in metrics[key]
     row = summary["comparisons"][key][0]
     assert (row["a"], row["b"]) == ("A", "B")
     assert row["p"] == pytest.approx(p)

@@ -1,9 +1,10 @@
 """`focalnet summarize --runs NAME=DIR... --out DIR`: combines the folds of several methods.
 
 Every `metrics.json` found under a method's DIR (recursively, sorted by path) is one fold. Writes
-`summary.json` (mean, SD and fold values of each metric; Welch p-values between methods with
-Bonferroni correction), `summary.md` (the paper's tables, mean+-SD), and `froc.png`,
-`froc_gs.png`, `roc.png` with a +-2 SD band per method.
+`summary.json` (mean, SD, n of N and fold values of each metric, and for FP at a sensitivity how
+many folds never reached it; Welch p-values between methods with Bonferroni correction),
+`summary.md` (the paper's tables, mean+-SD), and `froc.png`, `froc_gs.png`, `roc.png` with a
++-2 SD band per method.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from focalnet_jax.evaluation.report import (
     TABLE_III,
     lookup,
     markdown_report,
+    not_reached,
     read_metrics,
     write_json,
 )
@@ -44,6 +46,17 @@ def summary_metrics() -> list[tuple[str, ...]]:
     paths += [("roc", task, "auc") for task in ROC_TITLES]
     paths += [("picai", key) for key in ("auroc", "ap", "score")]
     return list(dict.fromkeys(paths))
+
+
+def metric_summary(fold_metrics: list[dict], path: tuple[str, ...]) -> dict:
+    """mean_sd of one metric over the folds with its `values`; for FP at a sensitivity also
+    `not_reached`: how many of the null folds never reached it (their lesions were found at no
+    threshold often enough), so that a mean over the other folds is not read as the method's."""
+    values = [lookup(m, path) for m in fold_metrics]
+    result = {**mean_sd(values), "values": values}
+    if path[2:3] == ("fp_at_sensitivity",):
+        result["not_reached"] = sum(not_reached(m, path) for m in fold_metrics)
+    return result
 
 
 def find_folds(run_dir: str | Path) -> list[Path]:
@@ -94,9 +107,7 @@ def summarize_runs(runs: Mapping[str, str | Path], out_dir: str | Path) -> dict:
         summary["methods"][name] = {
             "folds": [str(p) for p in paths[name]],
             "metrics": {
-                "/".join(path): {**mean_sd(values), "values": values}
-                for path in summary_metrics()
-                for values in [[lookup(m, path) for m in fold_metrics]]
+                "/".join(path): metric_summary(fold_metrics, path) for path in summary_metrics()
             },
         }
     lines = []
