@@ -20,6 +20,7 @@ from safetensors.numpy import save_file
 from focalnet_jax.errors import UserError, is_user_error
 from focalnet_jax.models import build_model, default_model_config
 from focalnet_jax.models.pretrained import (
+    MARKER,
     adapt_first_conv,
     backbone_key_map,
     load_torchvision_resnet,
@@ -304,26 +305,43 @@ def test_weights_that_do_not_fit_are_user_errors(tiny_state, tmp_path):
         _load(config(depth=34, width=0.125), state, tmp_path)
 
 
-def test_first_conv_of_the_models_own_components_is_kept(tmp_path):
-    # A backbone saved from a 2-component model (save_torchvision_resnet) keeps one filter per
-    # component; loading it back must not average the T2w and ADC filters into one.
+@pytest.mark.parametrize("components,suffix", [(2, "safetensors"), (3, "npz"), (3, "safetensors")])
+def test_first_conv_of_the_models_own_components_is_kept(components, suffix, tmp_path):
+    # A backbone saved from the model (save_torchvision_resnet) keeps one filter per component
+    # and says so in the file; loading it back must not average the T2w, ADC (and HBV) filters
+    # into one, not even for 3 components, whose filters would otherwise read as RGB.
     cfg = config(depth=18, width=0.125)
     rng = np.random.default_rng(2)
     variables = jax.tree.map(
         lambda leaf: rng.standard_normal(leaf.shape).astype(np.float32),
-        abstract_variables(cfg, 2),
+        abstract_variables(cfg, components),
     )
-    path = tmp_path / "mri.safetensors"
+    path = tmp_path / f"mri.{suffix}"
     save_torchvision_resnet(variables, path)
+    backbone = {c: variables[c]["backbone"] for c in ("params", "batch_stats")}
+    assert sorted(read_state_dict(path)) == sorted(backbone_key_map(backbone))  # marker apart
     loaded = load_torchvision_resnet(
-        abstract_variables(cfg, 2), path, num_components=2, model_config=cfg
+        abstract_variables(cfg, components), path, num_components=components, model_config=cfg
     )
     np.testing.assert_array_equal(
         loaded["params"]["backbone"]["conv1"]["kernel"],
         variables["params"]["backbone"]["conv1"]["kernel"],
     )
-    # Into another number of components it is refused, naming the file and both shapes.
-    with pytest.raises(UserError, match=r"mri\.safetensors: conv1\.weight has 2 input channels"):
+    # Into another number of components it is refused, naming the file and both counts.
+    with pytest.raises(
+        UserError,
+        match=rf"mri\.{suffix}: conv1\.weight holds the filters of {components} MRI components "
+        r"\(shape \(8, " + str(components) + r", 7, 7\)\), the model has 4",
+    ):
         load_torchvision_resnet(
             abstract_variables(cfg, 4), path, num_components=4, model_config=cfg
         )
+
+
+def test_an_unknown_marker_is_refused(tiny_state, tmp_path):
+    _, state = tiny_state
+    path = tmp_path / "marked.npz"
+    np.savez(path, **state, **{MARKER: np.asarray("rgb")})
+    with pytest.raises(UserError, match=r"marked\.npz: focalnet_jax\.conv1_input is 'rgb', "
+                       r"expected 'components'"):  # fmt: skip
+        read_state_dict(path)

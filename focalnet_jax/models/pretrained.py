@@ -24,9 +24,11 @@ First convolution: the RGB filters ``w`` [O, 3, 7, 7] (or grey ones, [O, 1, 7, 7
 ``sum_rgb(w) / C`` repeated for each of the ``C = num_components`` input channels. An input whose C
 components all equal an image g then gives exactly the response of the RGB network to the grey
 image (g, g, g), so the pretrained filters keep their scale whatever the number of MRI components.
-A file whose first convolution already has C input channels (C other than 3, e.g. a backbone
-written by :func:`save_torchvision_resnet`) is loaded as it is; any other channel count is an
-error.
+A backbone written by :func:`save_torchvision_resnet` is marked as holding one filter per MRI
+component (``focalnet_jax.conv1_input = components``: safetensors metadata, or a string entry of
+the ``.npz``) and is loaded as it is for the same number of components, 3 included; an unmarked
+file whose first convolution has C input channels (C other than 3) is loaded as it is too; any
+other channel count is an error.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ _SUFFIXES = (".safetensors", ".npz", ".pth", ".pt")
 _BN_PARAMS = {"scale": "weight", "bias": "bias"}
 _BN_STATS = {"mean": "running_mean", "var": "running_var"}
 _IGNORED = re.compile(r"^fc\.(weight|bias)$|(^|\.)num_batches_tracked$")
+MARKER = "focalnet_jax.conv1_input"  # = "components": conv1 holds one filter per MRI component
 
 
 class PretrainedWeightsError(UserError):
@@ -60,6 +63,11 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     ``.pth`` files may hold the ``state_dict`` itself or a dict with a ``'state_dict'`` or
     ``'model_state_dict'`` entry.
     """
+    return _read_weights(path)[0]
+
+
+def _read_weights(path: str | Path) -> tuple[dict[str, np.ndarray], bool]:
+    """(the ``state_dict`` as float32 arrays, whether the file carries ``MARKER``)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"pretrained weights {path}: no such file")
@@ -67,8 +75,8 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     if suffix not in _SUFFIXES:
         raise PretrainedWeightsError(f"pretrained weights {path}: expected a suffix in {_SUFFIXES}")
     try:
-        tensors = _read_tensors(path, suffix)
-        return {key: np.asarray(value, dtype=np.float32) for key, value in tensors.items()}
+        tensors, marker = _read_tensors(path, suffix)
+        state = {key: np.asarray(value, dtype=np.float32) for key, value in tensors.items()}
     except PretrainedWeightsError:
         raise
     except Exception as error:  # whatever the format's reader raises on a damaged file
@@ -77,17 +85,27 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
             f"pretrained weights {path}: unreadable {suffix} file ({type(error).__name__}: "
             f"{reason})"
         ) from error
+    if marker not in (None, "components"):
+        raise PretrainedWeightsError(
+            f"pretrained weights {path}: {MARKER} is {marker!r}, expected 'components'"
+        )
+    return state, marker is not None
 
 
-def _read_tensors(path: Path, suffix: str) -> Mapping[str, Any]:
-    """The file's tensors by name, as its format's reader gives them."""
+def _read_tensors(path: Path, suffix: str) -> tuple[Mapping[str, Any], str | None]:
+    """The file's tensors by name, as its format's reader gives them, and its ``MARKER`` value
+    (None without one; torch files have none)."""
     if suffix == ".safetensors":
-        from safetensors.numpy import load_file
+        from safetensors import safe_open
 
-        return load_file(str(path))
+        with safe_open(str(path), framework="np") as archive:
+            tensors = {key: archive.get_tensor(key) for key in archive.keys()}
+            return tensors, (archive.metadata() or {}).get(MARKER)
     if suffix == ".npz":
         with np.load(path, allow_pickle=False) as archive:
-            return {key: archive[key] for key in archive.files}
+            tensors = {key: archive[key] for key in archive.files}
+        marker = tensors.pop(MARKER, None)
+        return tensors, None if marker is None else str(marker)
     try:
         import torch
     except ImportError as error:
@@ -104,7 +122,7 @@ def _read_tensors(path: Path, suffix: str) -> Mapping[str, Any]:
             f"pretrained weights {path}: expected a state_dict (a dict of tensors), got "
             f"{type(loaded).__name__}"
         )
-    return {key: value.detach().cpu().float().numpy() for key, value in loaded.items()}
+    return {key: value.detach().cpu().float().numpy() for key, value in loaded.items()}, None
 
 
 def torchvision_key(module_path: tuple[str, ...]) -> str:
@@ -145,13 +163,18 @@ def adapt_first_conv(weight: np.ndarray, num_components: int) -> np.ndarray:
     return np.repeat(summed, num_components, axis=1)
 
 
-def _first_conv(weight: np.ndarray, num_components: int, path) -> np.ndarray:
+def _first_conv(weight: np.ndarray, num_components: int, path, marked: bool) -> np.ndarray:
     """The file's first convolution [O, I, kh, kw] for ``num_components`` input channels: kept
-    where I = num_components (other than RGB's 3), adapted from RGB or grey filters, else an
-    error naming the file."""
+    where I = num_components and the file is marked as per-component (or I is not RGB's 3),
+    adapted from unmarked RGB or grey filters, else an error naming the file."""
     channels = weight.shape[1] if weight.ndim == 4 else None
-    if channels == num_components and channels != 3:
+    if channels == num_components and (marked or channels != 3):
         return weight
+    if marked:
+        raise PretrainedWeightsError(
+            f"pretrained weights {path}: conv1.weight holds the filters of {channels} MRI "
+            f"components (shape {tuple(weight.shape)}), the model has {num_components}"
+        )
     if channels in (1, 3):
         return adapt_first_conv(weight, num_components)
     raise PretrainedWeightsError(
@@ -240,15 +263,16 @@ def _check_keys(state: Mapping[str, np.ndarray], mapping: Mapping, path, depth: 
 
 
 def _fill_backbone(
-    target: dict, state: Mapping, mapping: Mapping, path, num_components: int
+    target: dict, state: Mapping, mapping: Mapping, path, num_components: int, marked: bool
 ) -> None:
     """Sets every mapped leaf of the backbone tree `target` (in place) to its torchvision tensor
-    in Flax layout as float32 (the first convolution adapted to `num_components`); a shape
-    other than the model's is an error naming the key, both shapes and the leaf."""
+    in Flax layout as float32 (the first convolution adapted to `num_components`, see
+    `_first_conv`); a shape other than the model's is an error naming the key, both shapes and
+    the leaf."""
     for key, (collection, leaf_path) in sorted(mapping.items()):
         value = state[key]
         if key == "conv1.weight":
-            value = _first_conv(value, num_components, path)
+            value = _first_conv(value, num_components, path, marked)
         value = _to_flax(value)
         expected = tuple(_get(target[collection], leaf_path).shape)
         if value.shape != expected:
@@ -280,20 +304,20 @@ def load_torchvision_resnet(
       A new variables dict: backbone leaves are float32 NumPy arrays, the rest is unchanged.
     """
     _check_request(model_config, num_components)
-    state = read_state_dict(path)
+    state, marked = _read_weights(path)
     mapping = backbone_key_map(_backbone(variables))
     _check_keys(state, mapping, path, model_config.depth)
     result = _copy_tree(variables)
-    _fill_backbone(_backbone(result), state, mapping, path, num_components)
+    _fill_backbone(_backbone(result), state, mapping, path, num_components, marked)
     log.info("pretrained weights %s: loaded %d backbone tensors", path, len(mapping))
     return result
 
 
 def save_torchvision_resnet(variables: Mapping[str, Any], path: str | Path) -> None:
     """Writes the DeepLab backbone of ``variables`` as a torchvision-layout ``state_dict``
-    (``.safetensors`` or ``.npz``); the first convolution keeps its ``num_components`` input
-    channels. :func:`load_torchvision_resnet` inverts it for the same number of components,
-    except 3 (a 3-channel first convolution reads as RGB and is adapted)."""
+    (``.safetensors`` or ``.npz``), marked (``MARKER``) as keeping the first convolution's
+    ``num_components`` input channels: :func:`load_torchvision_resnet` inverts it for the same
+    number of components and refuses any other."""
     backbone = _backbone(variables)
     state = {
         key: np.ascontiguousarray(_to_torch(np.asarray(_get(backbone[c], p), dtype=np.float32)))
@@ -303,8 +327,8 @@ def save_torchvision_resnet(variables: Mapping[str, Any], path: str | Path) -> N
     if path.suffix == ".safetensors":
         from safetensors.numpy import save_file
 
-        save_file(state, str(path))
+        save_file(state, str(path), metadata={MARKER: "components"})
     elif path.suffix == ".npz":
-        np.savez(path, **state)
+        np.savez(path, **state, **{MARKER: np.asarray("components")})
     else:
         raise ValueError(f"save_torchvision_resnet: path {path} must end in .safetensors or .npz")
