@@ -131,3 +131,36 @@ def test_damaged_config_json_is_a_one_line_error_naming_the_file(tmp_path, capsy
     assert exited.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"focalnet evaluate: error: {path} is damaged")
+
+
+def test_a_run_starts_from_its_pretrained_backbone_with_each_components_filters(tmp_path):
+    """`model.pretrained` naming a backbone saved from a model whose components came in the other
+    order: the run starts from those weights, each component's first-layer filters on its own
+    input channel (not averaged as RGB, not swapped)."""
+    from focalnet_jax.models.pretrained import save_torchvision_resnet
+
+    spec = RunSpec.from_config(tiny_config(), image_size=(32, 32))
+    assert spec.components == ("t2w", "adc")
+    rng = np.random.default_rng(3)
+    saved = jax.tree.map(
+        lambda leaf: rng.standard_normal(leaf.shape).astype(np.float32),
+        train_state.init_variables(spec.model, jax.random.key(1), spec.input_shape),
+    )
+    path = tmp_path / "backbone.safetensors"
+    save_torchvision_resnet(saved, path, components=("adc", "t2w"))
+    config = tiny_config(overrides=[f"--config.model.pretrained={path}"])
+    spec = RunSpec.from_config(config, image_size=(32, 32))
+    manager = workdir_lib.make_manager(tmp_path / "run")
+    state = checkpoint.resume_or_initialize(spec, manager, sharding.make_mesh(), jax.random.key(0))
+    manager.close()
+    backbone = jax.device_get(state.params["backbone"])
+    kernel = saved["params"]["backbone"]["conv1"]["kernel"]  # [7, 7, (adc, t2w), O]
+    np.testing.assert_array_equal(backbone["conv1"]["kernel"], kernel[:, :, ::-1, :])
+    np.testing.assert_array_equal(
+        backbone["layer2_0"]["conv1"]["kernel"],
+        saved["params"]["backbone"]["layer2_0"]["conv1"]["kernel"],
+    )
+    np.testing.assert_array_equal(
+        jax.device_get(state.batch_stats["backbone"]["bn1"]["var"]),
+        saved["batch_stats"]["backbone"]["bn1"]["var"],
+    )

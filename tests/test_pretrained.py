@@ -29,6 +29,7 @@ from focalnet_jax.models.pretrained import (
 )
 
 KEYS_FILE = Path(__file__).parent / "data" / "torchvision_resnet50_keys.json"
+COMPONENTS = ("t2w", "adc", "hbv", "dce")
 
 
 def config(**overrides):
@@ -69,7 +70,7 @@ def tiny_state(tmp_path_factory):
         abstract_variables(cfg, 3),
     )
     path = tmp_path_factory.mktemp("tiny") / "resnet18.npz"
-    save_torchvision_resnet(variables, path)
+    save_torchvision_resnet(variables, path, components=COMPONENTS[:3])
     return cfg, read_state_dict(path)
 
 
@@ -106,7 +107,9 @@ def test_round_trip_lands_at_flax_paths(suffix, resnet50_state, tmp_path, caplog
     cfg = config(depth=50)
     abstract = abstract_variables(cfg, 2)
     with caplog.at_level(logging.INFO, logger="focalnet_jax.models.pretrained"):
-        loaded = load_torchvision_resnet(abstract, path, num_components=2, model_config=cfg)
+        loaded = load_torchvision_resnet(
+            abstract, path, components=COMPONENTS[:2], model_config=cfg
+        )
     assert "fc.weight" in caplog.text and "unexpected" not in caplog.text
 
     params, stats = loaded["params"]["backbone"], loaded["batch_stats"]["backbone"]
@@ -135,7 +138,7 @@ def test_round_trip_lands_at_flax_paths(suffix, resnet50_state, tmp_path, caplog
 
     # Saving inverts loading for every backbone tensor except the adapted first convolution.
     saved = tmp_path / f"saved{suffix}"
-    save_torchvision_resnet(loaded, saved)
+    save_torchvision_resnet(loaded, saved, components=COMPONENTS[:2])
     again = read_state_dict(saved)
     assert set(again) == set(
         backbone_key_map({c: loaded[c]["backbone"] for c in ("params", "batch_stats")})
@@ -160,7 +163,7 @@ def _load(cfg, state, tmp_path, num_components=3):
     return load_torchvision_resnet(
         abstract_variables(cfg, num_components),
         path,
-        num_components=num_components,
+        components=COMPONENTS[:num_components],
         model_config=cfg,
     )
 
@@ -208,16 +211,18 @@ def test_bad_files_and_models_raise(tiny_state, tmp_path):
     variables = abstract_variables(cfg, 3)
     with pytest.raises(FileNotFoundError, match="absent.npz"):
         load_torchvision_resnet(
-            variables, tmp_path / "absent.npz", num_components=3, model_config=cfg
+            variables, tmp_path / "absent.npz", components=COMPONENTS[:3], model_config=cfg
         )
     bad = tmp_path / "weights.h5"
     bad.write_bytes(b"")
     with pytest.raises(ValueError, match=r"weights\.h5: expected a suffix"):
-        load_torchvision_resnet(variables, bad, num_components=3, model_config=cfg)
-    with pytest.raises(ValueError, match="num_components"):
-        load_torchvision_resnet(variables, bad, num_components=0, model_config=cfg)
+        load_torchvision_resnet(variables, bad, components=COMPONENTS[:3], model_config=cfg)
+    with pytest.raises(ValueError, match="components"):
+        load_torchvision_resnet(variables, bad, components=(), model_config=cfg)
     with pytest.raises(ValueError, match="model.name"):
-        load_torchvision_resnet(variables, bad, num_components=3, model_config=config(name="unet"))
+        load_torchvision_resnet(
+            variables, bad, components=COMPONENTS[:3], model_config=config(name="unet")
+        )
 
 
 def test_pth_needs_torch(tmp_path):
@@ -260,7 +265,10 @@ def test_converted_weights_reproduce_torchvision_features(output_stride, compone
 
     cfg = config(depth=50, output_stride=output_stride)
     variables = load_torchvision_resnet(
-        abstract_variables(cfg, components), path, num_components=components, model_config=cfg
+        abstract_variables(cfg, components),
+        path,
+        components=COMPONENTS[:components],
+        model_config=cfg,
     )
     backbone = {c: variables[c]["backbone"] for c in ("params", "batch_stats")}
     x = np.repeat(grey, components, axis=-1)
@@ -283,7 +291,7 @@ def test_unreadable_file_is_a_user_error_naming_it(tiny_state, tmp_path, name, c
     path.write_bytes(content)
     with pytest.raises(UserError, match=rf"pretrained weights {re.escape(str(path))}: ") as info:
         load_torchvision_resnet(
-            abstract_variables(cfg, 3), path, num_components=3, model_config=cfg
+            abstract_variables(cfg, 3), path, components=COMPONENTS[:3], model_config=cfg
         )
     assert is_user_error(info.value) and "\n" not in str(info.value)
 
@@ -308,40 +316,58 @@ def test_weights_that_do_not_fit_are_user_errors(tiny_state, tmp_path):
 @pytest.mark.parametrize("components,suffix", [(2, "safetensors"), (3, "npz"), (3, "safetensors")])
 def test_first_conv_of_the_models_own_components_is_kept(components, suffix, tmp_path):
     # A backbone saved from the model (save_torchvision_resnet) keeps one filter per component
-    # and says so in the file; loading it back must not average the T2w, ADC (and HBV) filters
-    # into one, not even for 3 components, whose filters would otherwise read as RGB.
+    # and names them in the file; loading it back must not average the T2w, ADC (and HBV)
+    # filters into one, not even for 3 components, whose filters would otherwise read as RGB.
     cfg = config(depth=18, width=0.125)
     rng = np.random.default_rng(2)
     variables = jax.tree.map(
         lambda leaf: rng.standard_normal(leaf.shape).astype(np.float32),
         abstract_variables(cfg, components),
     )
+    names = COMPONENTS[:components]
     path = tmp_path / f"mri.{suffix}"
-    save_torchvision_resnet(variables, path)
+    save_torchvision_resnet(variables, path, components=names)
     backbone = {c: variables[c]["backbone"] for c in ("params", "batch_stats")}
     assert sorted(read_state_dict(path)) == sorted(backbone_key_map(backbone))  # marker apart
+    kernel = variables["params"]["backbone"]["conv1"]["kernel"]  # [7, 7, C, O]
     loaded = load_torchvision_resnet(
-        abstract_variables(cfg, components), path, num_components=components, model_config=cfg
+        abstract_variables(cfg, components), path, components=names, model_config=cfg
+    )
+    np.testing.assert_array_equal(loaded["params"]["backbone"]["conv1"]["kernel"], kernel)
+    # A model listing the same components in another order gets each component's own filters.
+    reordered = names[::-1]
+    loaded = load_torchvision_resnet(
+        abstract_variables(cfg, components), path, components=reordered, model_config=cfg
     )
     np.testing.assert_array_equal(
-        loaded["params"]["backbone"]["conv1"]["kernel"],
-        variables["params"]["backbone"]["conv1"]["kernel"],
+        loaded["params"]["backbone"]["conv1"]["kernel"], kernel[:, :, ::-1, :]
     )
-    # Into another number of components it is refused, naming the file and both counts.
-    with pytest.raises(
-        UserError,
-        match=rf"mri\.{suffix}: conv1\.weight holds the filters of {components} MRI components "
-        r"\(shape \(8, " + str(components) + r", 7, 7\)\), the model has 4",
-    ):
+    # Into other components it is refused, naming the file and both component lists.
+    other = ("t2w", "adc", "hbv", "dce")
+    expected = (
+        f"mri.{suffix}: conv1.weight (shape (8, {components}, 7, 7)) holds the filters of "
+        f"components {list(names)}, the model has {list(other)}"
+    )
+    with pytest.raises(UserError, match=re.escape(expected)):
         load_torchvision_resnet(
-            abstract_variables(cfg, 4), path, num_components=4, model_config=cfg
+            abstract_variables(cfg, 4), path, components=other, model_config=cfg
         )
+    swapped = ("dce", *names[1:])
+    with pytest.raises(UserError, match="holds the filters of components"):
+        load_torchvision_resnet(
+            abstract_variables(cfg, components), path, components=swapped, model_config=cfg
+        )
+    with pytest.raises(ValueError, match=f"do not name the {components} input channels"):
+        save_torchvision_resnet(variables, path, components=names[:1])
 
 
 def test_an_unknown_marker_is_refused(tiny_state, tmp_path):
     _, state = tiny_state
     path = tmp_path / "marked.npz"
-    np.savez(path, **state, **{MARKER: np.asarray("rgb")})
-    with pytest.raises(UserError, match=r"marked\.npz: focalnet_jax\.conv1_input is 'rgb', "
-                       r"expected 'components'"):  # fmt: skip
+    np.savez(path, **state, **{MARKER: np.asarray("t2w,,adc")})
+    with pytest.raises(UserError, match=r"marked\.npz: focalnet_jax\.conv1_input is 't2w,,adc', "
+                       r"expected distinct component names joined by ','"):  # fmt: skip
+        read_state_dict(path)
+    np.savez(path, **state, **{MARKER: np.asarray("t2w,t2w")})
+    with pytest.raises(UserError, match="expected distinct component names"):
         read_state_dict(path)

@@ -21,22 +21,24 @@ shape mismatch is an error naming the key and both shapes. These errors, and a f
 reader cannot read, are ``PretrainedWeightsError`` (a ``UserError``: one line naming the file).
 
 First convolution: the RGB filters ``w`` [O, 3, 7, 7] (or grey ones, [O, 1, 7, 7]) become
-``sum_rgb(w) / C`` repeated for each of the ``C = num_components`` input channels. An input whose C
-components all equal an image g then gives exactly the response of the RGB network to the grey
-image (g, g, g), so the pretrained filters keep their scale whatever the number of MRI components.
-A backbone written by :func:`save_torchvision_resnet` is marked as holding one filter per MRI
-component (``focalnet_jax.conv1_input = components``: safetensors metadata, or a string entry of
-the ``.npz``) and is loaded as it is for the same number of components, 3 included; an unmarked
-file whose first convolution has C input channels (C other than 3) is loaded as it is too; any
-other channel count is an error. The marker does not name the components: a model loading such a
-file must list them in the order the saving model had.
+``sum_rgb(w) / C`` repeated for each of the model's ``C`` components (input channels). An input
+whose C components all equal an image g then gives exactly the response of the RGB network to the
+grey image (g, g, g), so the pretrained filters keep their scale whatever the number of MRI
+components.
+A backbone written by :func:`save_torchvision_resnet` names the MRI component of each of its
+first-convolution input channels (``focalnet_jax.conv1_input = "t2w,adc,hbv"``: safetensors
+metadata, or a string entry of the ``.npz``); it loads into a model with the same components, 3
+included, in whatever order that model lists them (the filters follow their component), and is
+refused for any other set of components. An unmarked file whose first convolution has C input
+channels (C other than 3) is loaded as it is, in its own channel order; any other channel count is
+an error.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +53,7 @@ _SUFFIXES = (".safetensors", ".npz", ".pth", ".pt")
 _BN_PARAMS = {"scale": "weight", "bias": "bias"}
 _BN_STATS = {"mean": "running_mean", "var": "running_var"}
 _IGNORED = re.compile(r"^fc\.(weight|bias)$|(^|\.)num_batches_tracked$")
-MARKER = "focalnet_jax.conv1_input"  # = "components": conv1 holds one filter per MRI component
+MARKER = "focalnet_jax.conv1_input"  # "t2w,adc,...": the component of each conv1 input channel
 
 
 class PretrainedWeightsError(UserError):
@@ -67,8 +69,8 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     return _read_weights(path)[0]
 
 
-def _read_weights(path: str | Path) -> tuple[dict[str, np.ndarray], bool]:
-    """(the ``state_dict`` as float32 arrays, whether the file carries ``MARKER``)."""
+def _read_weights(path: str | Path) -> tuple[dict[str, np.ndarray], tuple[str, ...] | None]:
+    """(the ``state_dict`` as float32 arrays, the components its ``MARKER`` names or None)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"pretrained weights {path}: no such file")
@@ -86,11 +88,15 @@ def _read_weights(path: str | Path) -> tuple[dict[str, np.ndarray], bool]:
             f"pretrained weights {path}: unreadable {suffix} file ({type(error).__name__}: "
             f"{reason})"
         ) from error
-    if marker not in (None, "components"):
+    if marker is None:
+        return state, None
+    named = tuple(marker.split(","))
+    if not all(named) or len(set(named)) != len(named):
         raise PretrainedWeightsError(
-            f"pretrained weights {path}: {MARKER} is {marker!r}, expected 'components'"
+            f"pretrained weights {path}: {MARKER} is {marker!r}, expected distinct component "
+            "names joined by ',' (e.g. 't2w,adc')"
         )
-    return state, marker is not None
+    return state, named
 
 
 def _read_tensors(path: Path, suffix: str) -> tuple[Mapping[str, Any], str | None]:
@@ -164,18 +170,24 @@ def adapt_first_conv(weight: np.ndarray, num_components: int) -> np.ndarray:
     return np.repeat(summed, num_components, axis=1)
 
 
-def _first_conv(weight: np.ndarray, num_components: int, path, marked: bool) -> np.ndarray:
-    """The file's first convolution [O, I, kh, kw] for ``num_components`` input channels: kept
-    where I = num_components and the file is marked as per-component (or I is not RGB's 3),
-    adapted from unmarked RGB or grey filters, else an error naming the file."""
+def _first_conv(
+    weight: np.ndarray, components: Sequence[str], path, marked: tuple[str, ...] | None
+) -> np.ndarray:
+    """The file's first convolution [O, I, kh, kw] for the model's ``components``: a file that
+    names its channels' components (``marked``) gives each model component its filters; an
+    unmarked one is kept where I = len(components) (but RGB's 3) and adapted from RGB or grey
+    filters; anything else is an error naming the file."""
     channels = weight.shape[1] if weight.ndim == 4 else None
-    if channels == num_components and (marked or channels != 3):
+    num_components = len(components)
+    if marked is not None:
+        if channels != len(marked) or sorted(marked) != sorted(components):
+            raise PretrainedWeightsError(
+                f"pretrained weights {path}: conv1.weight (shape {tuple(weight.shape)}) holds "
+                f"the filters of components {list(marked)}, the model has {list(components)}"
+            )
+        return weight[:, [marked.index(c) for c in components]]
+    if channels == num_components and channels != 3:
         return weight
-    if marked:
-        raise PretrainedWeightsError(
-            f"pretrained weights {path}: conv1.weight holds the filters of {channels} MRI "
-            f"components (shape {tuple(weight.shape)}), the model has {num_components}"
-        )
     if channels in (1, 3):
         return adapt_first_conv(weight, num_components)
     raise PretrainedWeightsError(
@@ -226,14 +238,14 @@ def _backbone(variables: Mapping[str, Any]) -> dict[str, Any]:
     return {c: variables[c]["backbone"] for c in ("params", "batch_stats") if c in variables}
 
 
-def _check_request(model_config: ml_collections.ConfigDict, num_components: int) -> None:
-    """Pretrained ResNet weights fit a DeepLab backbone and a positive number of components."""
+def _check_request(model_config: ml_collections.ConfigDict, components: Sequence[str]) -> None:
+    """Pretrained ResNet weights fit a DeepLab backbone and at least one named component."""
     if model_config.name != "deeplab":
         raise UserError(
             f"model.name: pretrained ResNet weights need 'deeplab', got {model_config.name!r}"
         )
-    if not isinstance(num_components, int) or num_components < 1:
-        raise ValueError(f"num_components: expected a positive int, got {num_components!r}")
+    if isinstance(components, str) or not components or not all(components):
+        raise ValueError(f"components: expected component names, got {components!r}")
 
 
 def _check_keys(state: Mapping[str, np.ndarray], mapping: Mapping, path, depth: int) -> None:
@@ -264,16 +276,21 @@ def _check_keys(state: Mapping[str, np.ndarray], mapping: Mapping, path, depth: 
 
 
 def _fill_backbone(
-    target: dict, state: Mapping, mapping: Mapping, path, num_components: int, marked: bool
+    target: dict,
+    state: Mapping,
+    mapping: Mapping,
+    path,
+    components: Sequence[str],
+    marked: tuple[str, ...] | None,
 ) -> None:
     """Sets every mapped leaf of the backbone tree `target` (in place) to its torchvision tensor
-    in Flax layout as float32 (the first convolution adapted to `num_components`, see
+    in Flax layout as float32 (the first convolution made to fit `components`, see
     `_first_conv`); a shape other than the model's is an error naming the key, both shapes and
     the leaf."""
     for key, (collection, leaf_path) in sorted(mapping.items()):
         value = state[key]
         if key == "conv1.weight":
-            value = _first_conv(value, num_components, path, marked)
+            value = _first_conv(value, components, path, marked)
         value = _to_flax(value)
         expected = tuple(_get(target[collection], leaf_path).shape)
         if value.shape != expected:
@@ -289,7 +306,7 @@ def load_torchvision_resnet(
     variables: Mapping[str, Any],
     path: str | Path,
     *,
-    num_components: int,
+    components: Sequence[str],
     model_config: ml_collections.ConfigDict,
 ) -> dict[str, Any]:
     """Returns ``variables`` with the DeepLab backbone replaced by the weights in ``path``.
@@ -298,38 +315,48 @@ def load_torchvision_resnet(
       variables: ``{'params', 'batch_stats'}`` of the model built from ``model_config``
         (leaves may be arrays or ``jax.ShapeDtypeStruct``; only their shapes are read).
       path: torchvision ResNet ``state_dict`` file (.safetensors, .npz, .pth).
-      num_components: input channels; the first convolution is adapted to it.
+      components: the model's MRI components, one input channel each, in input order (e.g.
+        ``('t2w', 'adc')``); the first convolution is made to fit them.
       model_config: the model configuration (must be a DeepLab with ``width=1.0``).
 
     Returns:
       A new variables dict: backbone leaves are float32 NumPy arrays, the rest is unchanged.
     """
-    _check_request(model_config, num_components)
+    _check_request(model_config, components)
     state, marked = _read_weights(path)
     mapping = backbone_key_map(_backbone(variables))
     _check_keys(state, mapping, path, model_config.depth)
     result = _copy_tree(variables)
-    _fill_backbone(_backbone(result), state, mapping, path, num_components, marked)
+    _fill_backbone(_backbone(result), state, mapping, path, components, marked)
     log.info("pretrained weights %s: loaded %d backbone tensors", path, len(mapping))
     return result
 
 
-def save_torchvision_resnet(variables: Mapping[str, Any], path: str | Path) -> None:
-    """Writes the DeepLab backbone of ``variables`` as a torchvision-layout ``state_dict``
-    (``.safetensors`` or ``.npz``), marked (``MARKER``) as keeping the first convolution's
-    ``num_components`` input channels: :func:`load_torchvision_resnet` inverts it for the same
-    number of components and refuses any other."""
+def save_torchvision_resnet(
+    variables: Mapping[str, Any], path: str | Path, *, components: Sequence[str]
+) -> None:
+    """Writes the DeepLab backbone of ``variables`` (a model of ``components``, in input order)
+    as a torchvision-layout ``state_dict`` (``.safetensors`` or ``.npz``) whose ``MARKER`` names
+    the component of each first-convolution input channel: :func:`load_torchvision_resnet`
+    inverts it for a model of the same components, in any order, and refuses any other."""
     backbone = _backbone(variables)
     state = {
         key: np.ascontiguousarray(_to_torch(np.asarray(_get(backbone[c], p), dtype=np.float32)))
         for key, (c, p) in backbone_key_map(backbone).items()
     }
+    channels = state["conv1.weight"].shape[1]
+    if len(components) != channels or len(set(components)) != channels or not all(components):
+        raise ValueError(
+            f"save_torchvision_resnet: components {list(components)} do not name the "
+            f"{channels} input channels of conv1 once each"
+        )
+    marker = ",".join(components)
     path = Path(path)
     if path.suffix == ".safetensors":
         from safetensors.numpy import save_file
 
-        save_file(state, str(path), metadata={MARKER: "components"})
+        save_file(state, str(path), metadata={MARKER: marker})
     elif path.suffix == ".npz":
-        np.savez(path, **state, **{MARKER: np.asarray("components")})
+        np.savez(path, **state, **{MARKER: np.asarray(marker)})
     else:
         raise ValueError(f"save_torchvision_resnet: path {path} must end in .safetensors or .npz")

@@ -113,7 +113,7 @@ def resume_or_initialize(
         variables = load_torchvision_resnet(
             train_state.init_variables(spec.model, init_key, spec.input_shape),
             model_config.pretrained,
-            num_components=len(spec.components),
+            components=spec.components,
             model_config=model_config,
         )
     return train_state.create_train_state(spec, init_key, mesh, variables=variables)
