@@ -17,6 +17,7 @@ from scipy import stats
 
 from focalnet_jax.cli import main
 from focalnet_jax.evaluation.predictions import PredictionsError, read_case, write_case
+from focalnet_jax.evaluation.summary import method_comparisons
 
 SHAPE = (8, 48, 48)
 
@@ -170,6 +171,29 @@ def test_summarize_mean_sd_welch_bonferroni(tmp_path):
     for name in ("froc.png", "froc_gs.png", "roc.png", "summary.md"):
         assert (out / name).stat().st_size > 0
     assert "±" in (out / "summary.md").read_text()
+
+
+def test_summarize_comparisons_name_the_folds_that_never_reached_a_sensitivity():
+    """A's second fold never reached 80% sensitivity (lesions, null value): Welch's test over the
+    folds with a value leaves it out, so the row and its summary.md line say so."""
+
+    def fold(fp, num_lesions=2):
+        return {"froc": {"all": {"num_lesions": num_lesions, "fp_at_sensitivity": {"0.8": fp}}}}
+
+    folds = {"A": [fold(0.2), fold(None), fold(0.4)], "B": [fold(0.5), fold(0.6), fold(0.7)]}
+    comparisons, lines = method_comparisons(folds)
+    # Welch over [0.2, 0.4] vs [0.5, 0.6, 0.7]: va = 0.02 / 2, vb = 0.01 / 3.
+    va, vb = 0.01, 0.01 / 3
+    t = -0.3 / np.sqrt(va + vb)
+    p = 2 * stats.t.sf(abs(t), (va + vb) ** 2 / (va**2 / 1 + vb**2 / 2))
+    (row,) = comparisons["froc/all/fp_at_sensitivity/0.8"]
+    assert row["p"] == pytest.approx(p) and row["p_bonferroni"] == pytest.approx(p)
+    assert row["not_reached"] == {"A": 1, "B": 0}
+    assert lines == [
+        f"- froc/all/fp_at_sensitivity/0.8: A vs B: p = {p:.4g}, Bonferroni p = {p:.4g} "
+        "(n.r. folds left out: A 1)"
+    ]
+    assert "not_reached" not in comparisons["froc/all/pauc/0.1-3"][0]
 
 
 def _error(argv) -> str:

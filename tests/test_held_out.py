@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 
 import pytest
 
+from focalnet_jax import cli
+from focalnet_jax.data.build_store import preprocess_cases
+from focalnet_jax.data.layouts import discover_picai
+from focalnet_jax.data.preprocess import PreprocessConfig
 from focalnet_jax.data.run_store import RECORD_FILE
 from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation.run_predictions import check_held_out
@@ -67,7 +72,36 @@ def test_allowed_overlap_and_old_records_are_warned(runs, tmp_path, caplog):
     assert messages[0].startswith("test store test: 1 of its 1 cases are exams of patients run")
     assert messages[0].endswith("--allow-training-cases) (allowed)")
     assert messages[1:] == [
-        f"run {old} recorded no training patients (trained before they were recorded): test "
-        "store test checked by case id only",
+        f"run {old} recorded no training patients (trained before they were recorded) and its "
+        "training store cannot give them: test store test checked by case id only",
         f"run {none} recorded no training cases: test store test not checked against them",
+    ]
+
+
+@pytest.fixture
+def store(tmp_path):
+    """A preprocessed store of two synthetic cases: 10000_1000000 (patient 10000) and
+    10001_1000001 (patient 10001)."""
+    data = tmp_path / "data"
+    assert cli.main(["synth", f"--out={data}", "--cases=2", "--seed=2", "--small"]) == 0
+    cases = discover_picai(data / "images", data / "labels", data / "masks")
+    config = PreprocessConfig(crop_size=32, label_values="isup")
+    return preprocess_cases(cases, tmp_path / "store", config=config, progress=False).path
+
+
+def test_an_old_record_takes_its_patients_from_its_training_store(store, tmp_path, caplog):
+    """A run recorded before `train_patients`: its training store (still there) says that its
+    training case 10000_1000000 is patient 10000's, so another exam of 10000 is refused."""
+    old = _run(tmp_path / "old", store=str(store), train_cases=["10000_1000000"])
+    test = {"10001_1000001": "10001", "10000_2000000": "10000"}
+    with pytest.raises(UserError, match=r"1 of its 2 cases are exams of patients run .*old "
+                       r"trained on \(10000_2000000 of patient 10000\)"):  # fmt: skip
+        check_held_out([old], test, "test")
+    check_held_out([old], {"10001_1000001": "10001"}, "test")  # patient 10001 did not train
+    shutil.rmtree(store)  # gone: the case ids alone are checked, warned
+    with caplog.at_level(logging.WARNING, logger="focalnet_jax"):
+        check_held_out([old], test, "test")
+    assert [r.getMessage() for r in caplog.records] == [
+        f"run {old} recorded no training patients (trained before they were recorded) and its "
+        "training store cannot give them: test store test checked by case id only"
     ]

@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from focalnet_jax.data.atomic_files import write_json_atomic
-from focalnet_jax.data.store import StaleStoreError, settings_diff
+from focalnet_jax.data.store import StaleStoreError, open_store, settings_diff
+from focalnet_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -126,3 +127,22 @@ def recorded_cases(workdir: str | os.PathLike, key: str) -> list[str] | None:
     if record is None or key not in record:
         return None
     return list(record[key])
+
+
+def training_patients(workdir: str | os.PathLike) -> list[str] | None:
+    """The patient ids of the run's training cases: its recorded `train_patients`, else (a run
+    recorded before them) those its recorded training store gives its `train_cases`, when that
+    store still opens and holds every one of them; None when neither can tell."""
+    record = read_run_store(workdir)
+    if record is None or "train_cases" not in record:
+        return None
+    if "train_patients" in record:
+        return list(record["train_patients"])
+    try:
+        store = open_store(record["store"])
+    except (FileNotFoundError, UserError):
+        return None
+    if not set(record["train_cases"]) <= set(store.case_ids):
+        return None
+    log.info("run %s: training patients looked up in its training store %s", workdir, store.path)
+    return sorted({store.case(c)["patient_id"] for c in record["train_cases"]})

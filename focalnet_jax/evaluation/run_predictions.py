@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from focalnet_jax.data.atomic_files import replaced_folder
-from focalnet_jax.data.run_store import recorded_cases
+from focalnet_jax.data.run_store import recorded_cases, training_patients
 from focalnet_jax.data.store import StaleStoreError, open_store
 from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation.ensemble import (
@@ -78,10 +78,11 @@ def _overlap_message(run, store_path, test_patients: Mapping[str, str]) -> str |
             f"run {run} ({_shown(overlap)}); its metrics would be training-set numbers: evaluate "
             "on held-out cases"
         )
-    patients = recorded_cases(run, "train_patients")
+    patients = training_patients(run)
     if patients is None:
-        log.warning("run %s recorded no training patients (trained before they were recorded): "
-                    "test store %s checked by case id only", run, store_path)  # fmt: skip
+        log.warning("run %s recorded no training patients (trained before they were recorded) "
+                    "and its training store cannot give them: test store %s checked by case id "
+                    "only", run, store_path)  # fmt: skip
         return None
     patients = set(patients)
     shared = sorted(c for c, p in test_patients.items() if p in patients)

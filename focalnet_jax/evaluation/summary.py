@@ -2,9 +2,9 @@
 
 Every `metrics.json` found under a method's DIR (recursively, sorted by path) is one fold. Writes
 `summary.json` (mean, SD, n of N and fold values of each metric, and for FP at a sensitivity how
-many folds never reached it; Welch p-values between methods with Bonferroni correction),
-`summary.md` (the paper's tables, mean+-SD), and `froc.png`, `froc_gs.png`, `roc.png` with a
-+-2 SD band per method.
+many folds never reached it; Welch p-values between methods with Bonferroni correction, and
+how many such folds a test left out), `summary.md` (the paper's tables, mean+-SD), and
+`froc.png`, `froc_gs.png`, `roc.png` with a +-2 SD band per method.
 """
 
 from __future__ import annotations
@@ -57,6 +57,34 @@ def metric_summary(fold_metrics: list[dict], path: tuple[str, ...]) -> dict:
     if path[2:3] == ("fp_at_sensitivity",):
         result["not_reached"] = sum(not_reached(m, path) for m in fold_metrics)
     return result
+
+
+def method_comparisons(folds: Mapping[str, list[dict]]) -> tuple[dict, list[str]]:
+    """Per metric ('/'-joined path): the pairwise Welch tests (`compare_methods`) over the folds
+    with a value, and the summary.md lines of the finite p-values. For FP at a sensitivity each
+    row also holds `not_reached` ({method: folds that never reached it}): those folds are not in
+    the test, which then favours the method that missed more often, so its line says so."""
+    comparisons, lines = {}, []
+    for path in summary_metrics():
+        rows = compare_methods({name: [lookup(m, path) for m in fm] for name, fm in folds.items()})
+        if path[2:3] == ("fp_at_sensitivity",):
+            missed = {name: sum(not_reached(m, path) for m in fm) for name, fm in folds.items()}
+            for row in rows:
+                row["not_reached"] = {row["a"]: missed[row["a"]], row["b"]: missed[row["b"]]}
+        comparisons["/".join(path)] = rows
+        lines += [_comparison_line(path, row) for row in rows if np.isfinite(row["p"])]
+    return comparisons, lines
+
+
+def _comparison_line(path: tuple[str, ...], row: dict) -> str:
+    line = (
+        f"- {'/'.join(path)}: {row['a']} vs {row['b']}: p = {row['p']:.4g}, "
+        f"Bonferroni p = {row['p_bonferroni']:.4g}"
+    )
+    missed = [f"{name} {k}" for name, k in row.get("not_reached", {}).items() if k]
+    if missed:
+        line += f" (n.r. folds left out: {', '.join(missed)})"
+    return line
 
 
 def find_folds(run_dir: str | Path) -> list[Path]:
@@ -112,16 +140,7 @@ def summarize_runs(runs: Mapping[str, str | Path], out_dir: str | Path) -> dict:
         }
     lines = []
     if len(folds) >= 2:
-        for path in summary_metrics():
-            per_method = {name: [lookup(m, path) for m in fm] for name, fm in folds.items()}
-            rows = compare_methods(per_method)
-            summary["comparisons"]["/".join(path)] = rows
-            lines += [
-                f"- {'/'.join(path)}: {r['a']} vs {r['b']}: p = {r['p']:.4g}, "
-                f"Bonferroni p = {r['p_bonferroni']:.4g}"
-                for r in rows
-                if np.isfinite(r["p"])
-            ]
+        summary["comparisons"], lines = method_comparisons(folds)
     out_dir = Path(out_dir)
     write_json(summary, out_dir / "summary.json")
     title = "Cross-validation summary: " + ", ".join(folds)

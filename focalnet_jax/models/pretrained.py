@@ -28,7 +28,8 @@ A backbone written by :func:`save_torchvision_resnet` is marked as holding one f
 component (``focalnet_jax.conv1_input = components``: safetensors metadata, or a string entry of
 the ``.npz``) and is loaded as it is for the same number of components, 3 included; an unmarked
 file whose first convolution has C input channels (C other than 3) is loaded as it is too; any
-other channel count is an error.
+other channel count is an error. The marker does not name the components: a model loading such a
+file must list them in the order the saving model had.
 """
 
 from __future__ import annotations
