@@ -4,11 +4,14 @@ to train in a few minutes on 2 CPU cores. Used by `make demo` (`python -m focaln
 Command (after `focalnet synth` and `focalnet preprocess`, see the README quick start):
     focalnet train --config configs/demo.py --workdir runs/demo --config.data.store=STORE
 Model: ResNet-18 DeepLab-v2 at width 0.25, output stride 16; 1200 steps of batch 8 on fold 0.
-Expected runtime: the whole `make demo` (60 synthetic cases, seed 0: synthesis, preprocessing,
-training, evaluation) 3.5 to 4.6 min on 2 CPU cores (2026-11-30 and 12-01, fresh clones; slower on a
-busy machine). Expected metric (validation fold 0, 8 patients with annotated slices, MFL `select`,
-measured 2026-11-30, docs/results/demo): FROC sensitivity at 1 false positive per patient 0.54 for
-all lesions and 0.75 for index lesions; val/loss 0.030.
+Expected runtime: the training run 166 s on 2 CPU cores (1200 steps, MFL `select`, 2026-12-01:
+benchmarks/results/fold_time_demo_cpu_2026-12-01.json); the whole `make demo` (60 synthetic
+cases, seed 0: synthesis, preprocessing, training, evaluation) printed 3.5 to 4.6 min on fresh
+clones (2026-11-30 and 12-01; those wall times are not kept in a file).
+Expected metric (validation fold 0, 8 patients with annotated slices, MFL `select`, measured
+2026-11-30, docs/results/demo): FROC sensitivity at 1 false positive per patient 0.54 for all
+lesions and 0.75 for index lesions; final val/loss 0.030 (the float32 run of
+benchmarks/results/bf16_loss_curves_demo_cpu_2026-12-01.json).
 """
 
 from __future__ import annotations

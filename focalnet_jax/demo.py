@@ -4,7 +4,7 @@ evaluate the validation fold, printing each `focalnet` command as it runs it.
     python -m focalnet_jax.demo --out demo_run
 
 Steps already done in `--out` (dataset, store, finished training) are reused, so an interrupted
-demo continues where it stopped; a store of an older format is rebuilt. About 5 minutes on 2
+demo continues where it stopped; a store of an older format is rebuilt. A few minutes on 2
 CPU cores.
 """
 
