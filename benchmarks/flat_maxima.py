@@ -1,5 +1,5 @@
 """Flat maxima of upsampled score maps: FROC with every window-maximum pixel a detection (the rule
-before SPEC 6 grouped them) against one detection per flat maximum (`local_maxima` today).
+before flat maxima were grouped) against one detection per flat maximum (`local_maxima` today).
 
     python benchmarks/flat_maxima.py [--patients 100] [--seed 0]
     python benchmarks/flat_maxima.py --predictions demo_run/run/eval/predictions   # a real run

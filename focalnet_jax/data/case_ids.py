@@ -1,6 +1,6 @@
 """Case ids become file names (`<case_id>.npz`, per-case folders), so they are checked where they
-enter (manifest, PI-CAI file names, stores): letters, digits, `.`, `_`, `-`, not starting with `.`
-(SPEC section 7)."""
+enter (manifest, PI-CAI file names, stores): letters, digits, `.`, `_`, `-`, not starting with
+`.`."""
 
 from __future__ import annotations
 

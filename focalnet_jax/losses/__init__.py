@@ -11,7 +11,7 @@ Split by concept:
 - :mod:`.registry`: losses by name (``config.loss.name``) with their output encoding;
 - :mod:`.checks`: input validation shared by all of them.
 
-Every name below is importable as ``focalnet_jax.losses.X`` (SPEC section 2 contract names
+Every name below is importable as ``focalnet_jax.losses.X`` (the names outside checks call
 included).
 """
 

@@ -4,7 +4,7 @@ Each loss comes as a map and as the contract scalar built from it:
 
 - ``<loss>_map(logits, targets, *, valid=None, ...)`` returns the per-pixel loss ``[B, H, W]``
   (summed over the K channels) or, for losses containing soft Dice, the per-image loss ``[B]``;
-- ``<loss>(...)`` returns ``reductions.mean`` of that map (SPEC section 2: mean over B, H, W).
+- ``<loss>(...)`` returns ``reductions.mean`` of that map (the mean over B, H, W).
 
 ``logits`` and ``targets`` are ``[B, H, W, K]``; targets are 0/1 bits already encoded with the
 loss's encoding (:mod:`focalnet_jax.encoding`). ``valid`` (``[B, H, W, K]``, default all ones)

@@ -1,7 +1,7 @@
 """Reductions of loss maps: a loss returns its per-pixel ``[B, H, W]`` (or per-image ``[B]``) map,
 and the caller says how to reduce it.
 
-- :func:`mean` over everything: the training loss (SPEC: mean over B, H, W; soft Dice: mean over
+- :func:`mean` over everything: the training loss (the mean over B, H, W; soft Dice: mean over
   images).
 - :func:`per_image`: one value per slice ``[B]``, e.g. for a validation loss weighted per slice.
 """

@@ -1,7 +1,7 @@
 """The study spec: loading, validation and the training overrides of each cell.
 
-A spec is an ml_collections file (`configs/studies/*.py`, `get_config(arg)`) with the fields of
-SPEC section 8: `base` (a training config, `file.py[:arg]`), `store`, `repeats`, `folds` (None =
+A spec is an ml_collections file (`configs/studies/*.py`, `get_config(arg)`) with the fields
+(docs/studies.md): `base` (a training config, `file.py[:arg]`), `store`, `repeats`, `folds` (None =
 all), `num_folds`, `common` and `arms` (nested dicts mirroring the training config), `ensembles`
 (name -> arm names); and optionally `seed` (the seed of repeat 0), `evaluate` (per-cell
 evaluation options) and `slurm` (job array options). Any field is overridable with
