@@ -5,18 +5,24 @@ evaluate the validation fold, printing each `focalnet` command as it runs it.
 
 Steps already done in `--out` (dataset, store, finished training) are reused, so an interrupted
 demo continues where it stopped; a store of an older format is rebuilt. A few minutes on 2
-CPU cores.
+CPU cores; the seconds each step took are written to `--out/timings.json` (with `reused`: whether
+`--out` held earlier steps' outputs, so that not every step ran).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import os
+import platform
 import shlex
 import sys
 import time
+from itertools import pairwise
 from pathlib import Path
 
 from focalnet_jax import cli
+from focalnet_jax.data.atomic_files import write_json_atomic
 from focalnet_jax.study.synthetic import synthetic_store
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.py"
@@ -40,8 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     if not CONFIG.is_file():
         raise SystemExit(f"{CONFIG} not found: run the demo from a clone of the repository")
     workdir = args.out / "run"
-    start = time.perf_counter()
+    reused = args.out.is_dir() and any(args.out.iterdir())
+    marks = [time.perf_counter()]
     store = synthetic_store(args.out, cases=args.cases, seed=args.seed, workers=args.workers)
+    marks.append(time.perf_counter())
     _run(
         [
             "train",
@@ -52,8 +60,21 @@ def main(argv: list[str] | None = None) -> int:
             *extra,
         ]
     )
+    marks.append(time.perf_counter())
     _run(["evaluate", f"--workdir={workdir}", "--picai-bootstraps=0"])
-    minutes = (time.perf_counter() - start) / 60
+    marks.append(time.perf_counter())
+    names = ("synth_and_preprocess", "train", "evaluate")
+    steps = {n: round(b - a, 1) for n, (a, b) in zip(names, pairwise(marks), strict=True)}
+    timings = {
+        "seconds": {**steps, "total": round(marks[-1] - marks[0], 1)},
+        "reused": reused,
+        "cases": args.cases,
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "date": datetime.date.today().isoformat(),
+    }
+    write_json_atomic(timings, args.out / "timings.json")
+    minutes = (marks[-1] - marks[0]) / 60
     print(
         f"\ndemo finished in {minutes:.1f} min: checkpoints in {workdir / 'checkpoints'}, "
         f"TensorBoard logs in {workdir / 'tb'} (tensorboard --logdir {workdir}); "
