@@ -123,6 +123,32 @@ def test_a_slurm_task_alone_on_its_node_drives_every_gpu():
     assert ids(alone) is None
 
 
+def test_a_slurm_task_given_its_own_gpus_drives_the_gpus_it_sees():
+    """`--gpus-per-task=1` (or `--gpu-bind`): each of a node's 8 tasks sees one GPU, numbered 0;
+    JAX's rule would ask task 3 for GPU 3, which it cannot see (CUDA: invalid device ordinal).
+    JAX's own auto-detection is what decides when we give None."""
+    from jax._src import clusters
+
+    ids = distributed.slurm_local_device_ids
+    node = {"SLURM_STEP_TASKS_PER_NODE": "8(x2)", "SLURM_NODEID": "1"}
+    assert ids({**node, "CUDA_VISIBLE_DEVICES": "0"}) == []
+    assert ids({**node, "ROCR_VISIBLE_DEVICES": "0,1"}) == []  # --gpus-per-task=2
+    assert ids({**node, "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"}) is None  # JAX's rule fits
+    assert ids({**node, "CUDA_VISIBLE_DEVICES": "0", "JAX_LOCAL_DEVICE_IDS": "0"}) is None
+    task = {
+        **node, "CUDA_VISIBLE_DEVICES": "0", "SLURM_JOB_ID": "77",
+        "SLURM_STEP_NODELIST": "gpu[01-02]", "SLURM_NTASKS": "16", "SLURM_PROCID": "11",
+        "SLURM_LOCALID": "3",
+    }  # fmt: skip
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in task.items():
+            patch.setenv(name, value)
+        detected = clusters.ClusterEnv.auto_detect_unset_distributed_params(
+            None, None, None, ids(), None, 300
+        )
+    assert detected == ("gpu01:61517", 16, 11, [])  # port: 61440 + job id 77 % 4096
+
+
 @pytest.mark.slow
 def test_slurm_steps_give_the_task_layout_read_for_the_devices(tmp_path):
     """`srun` of one task and of two tasks on the one-node test cluster: what each task decides

@@ -6,8 +6,10 @@ else a single process (also a job's batch script or `salloc` shell, outside any 
 before anything touches a JAX device.
 
 Devices of a SLURM task: JAX's own rule gives each task the one GPU numbered `SLURM_LOCALID`
-(one task per GPU, `--ntasks-per-node=<GPUs>`); a task alone on its node (`--ntasks-per-node=1`,
-launch/slurm_multinode.sh) drives every GPU it sees (`slurm_local_device_ids`).
+among those it sees (one task per GPU, `--ntasks-per-node=<GPUs>`, every task seeing the node's
+GPUs); a task alone on its node (`--ntasks-per-node=1`, launch/slurm_multinode.sh), or one that
+sees fewer GPUs than its node has tasks (SLURM bound GPUs to tasks: `--gpus-per-task`,
+`--gpu-bind`), drives every GPU it sees (`slurm_local_device_ids`).
 """
 
 from __future__ import annotations
@@ -38,11 +40,21 @@ def _tasks_per_node(text: str) -> list[int]:
     return counts
 
 
+def _visible_gpus(environ) -> int | None:
+    """GPUs the task may see (`CUDA_VISIBLE_DEVICES`, AMD: `ROCR_VISIBLE_DEVICES`; None: unset)."""
+    for name in ("CUDA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES"):
+        if (value := environ.get(name)) is not None:
+            return len([d for d in value.split(",") if d.strip() and d.strip() != "-1"])
+    return None
+
+
 def slurm_local_device_ids(environ=None) -> list[int] | None:
     """`local_device_ids` for `jax.distributed.initialize` in a SLURM task: [] (no restriction:
-    every device the task sees) when the task is alone on its node, else None (JAX's rule: the
-    device numbered `SLURM_LOCALID`, one per task). None too when `JAX_LOCAL_DEVICE_IDS` is set:
-    JAX then takes the user's choice."""
+    every device the task sees) when the task is alone on its node or sees fewer GPUs than its
+    node has tasks (SLURM gave each task its own GPUs, e.g. `--gpus-per-task=1`: JAX's rule would
+    ask task k for a GPU k it cannot see), else None (JAX's rule: the device numbered
+    `SLURM_LOCALID`, one per task). None too when `JAX_LOCAL_DEVICE_IDS` is set: JAX then takes
+    the user's choice."""
     environ = os.environ if environ is None else environ
     if environ.get("JAX_LOCAL_DEVICE_IDS"):
         return None
@@ -50,7 +62,9 @@ def slurm_local_device_ids(environ=None) -> list[int] | None:
     counts = _tasks_per_node(text)
     node = int(environ.get("SLURM_NODEID", 0))
     here = counts[node] if node < len(counts) else max(counts, default=0)
-    return [] if here == 1 else None
+    visible = _visible_gpus(environ)
+    bound = visible is not None and 0 < visible < here
+    return [] if here == 1 or bound else None
 
 
 def initialize(
