@@ -596,6 +596,36 @@ def test_slurm_submits_no_cell_whose_new_task_waits_in_the_queue(spec_file, tmp_
         cluster.stop()
 
 
+@pytest.mark.slow
+def test_slurm_resubmits_a_cell_whose_forgotten_job_left_it_running(spec_file, tmp_path):
+    """A task killed at its time limit leaves its cell `running`; once slurmctld has forgotten the
+    job (`MinJobAge`), `squeue -j <job>` fails ('Invalid job id specified'). The cell is then
+    `interrupted` and submitted again, not taken for one running elsewhere."""
+    from focalnet_jax.data.atomic_files import write_json_atomic
+    from focalnet_jax.study.cells import Study
+    from focalnet_jax.study.spec import load_spec, validate
+
+    _require_slurm()
+    cluster = OneNodeCluster(tmp_path / "cluster")
+    env = {**ENV, **cluster.env}
+    workdir = tmp_path / "forgotten"
+    plain = validate(load_spec(str(spec_file), ["--spec.folds=(0,)", "--spec.repeats=1"]), "spec")
+    tiny = Study.create(workdir, plain)
+    killed = tiny.cell("ce/rep0/fold0")
+    # Job 999999 is unknown to the new cluster, as a long-finished job is to a real one.
+    tiny.write_state(killed, "running", slurm_job="999999_0")
+    jobs = [{"job_id": "999999", "script": "-", "cells": [killed.name]}]
+    write_json_atomic(jobs, workdir / "slurm" / "jobs.json")
+    try:
+        cluster.start()
+        status = study("status", "--workdir", str(workdir), env=env).stdout
+        assert re.search(r"ce/rep0/fold0\s+interrupted\s+999999_0", status), status
+        run = study("run", "--workdir", str(workdir), "--executor=slurm", "--dry-run", env=env)
+        assert "0 running or queued elsewhere, 2 to run" in run.stdout, run.stdout
+    finally:
+        cluster.stop()
+
+
 @pytest.mark.parametrize("name", ["bosma22", "focalnet_ablation", "synthetic_mfl"])
 def test_shipped_specs_validate_against_their_base(name, store):
     from focalnet_jax.study.spec import arm_config, load_spec, validate

@@ -124,7 +124,8 @@ def has_queue() -> bool:
 
 def queue_states(job_ids: Sequence[str]) -> dict[str, str] | None:
     """{`<job>_<task>`: SLURM state} of the array tasks still in the queue (`squeue`); None where
-    squeue is absent or fails (the queue is unknown)."""
+    squeue is absent or fails (the queue is unknown), but for the one job it was asked about
+    having left slurmctld (then {})."""
     if not job_ids:
         return {}
     if not has_queue():
@@ -137,5 +138,7 @@ def queue_states(job_ids: Sequence[str]) -> dict[str, str] | None:
         check=False,
     )
     if done.returncode != 0:
-        return None
+        # One job id that slurmctld has forgotten (done more than `MinJobAge` ago) fails the
+        # whole call; none of its tasks is in the queue.
+        return {} if len(jobs) == 1 and "Invalid job id" in done.stderr else None
     return dict(line.split()[:2] for line in done.stdout.splitlines() if len(line.split()) >= 2)
