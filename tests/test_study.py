@@ -597,6 +597,28 @@ def test_slurm_submits_no_cell_whose_new_task_waits_in_the_queue(spec_file, tmp_
 
 
 @pytest.mark.slow
+def test_slurm_array_of_a_study_folder_with_a_space(spec_file, tmp_path):
+    """sbatch splits an unquoted `#SBATCH` value at a space and refuses the script ("Invalid
+    directive found in batch script"); the folder's name and output path are quoted."""
+    _require_slurm()
+    cluster = OneNodeCluster(tmp_path / "cluster")
+    env = {**ENV, **cluster.env}
+    workdir = tmp_path / "my study"
+    args = ["run", "--spec", str(spec_file), "--workdir", str(workdir), "--executor=slurm"]
+    try:
+        cluster.start()
+        study(*args, "--spec.repeats=1", "--spec.folds=(0,)", "--sbatch=--hold", env=env)
+        job = json.loads((workdir / "slurm" / "jobs.json").read_text())[0]["job_id"]
+        shown = subprocess.run(
+            ["scontrol", "show", "job", f"{job}_0"], env=env, capture_output=True, text=True
+        ).stdout
+        assert "JobName=study-my study" in shown, shown
+        assert f"StdOut={(workdir / 'slurm').resolve()}/{job}_0.out" in shown, shown
+    finally:
+        cluster.stop()
+
+
+@pytest.mark.slow
 def test_slurm_resubmits_a_cell_whose_forgotten_job_left_it_running(spec_file, tmp_path):
     """A task killed at its time limit leaves its cell `running`; once slurmctld has forgotten the
     job (`MinJobAge`), `squeue -j <job>` fails ('Invalid job id specified'). The cell is then

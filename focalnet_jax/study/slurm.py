@@ -41,15 +41,23 @@ def check_time(value: str, source: str = "--time") -> str:
     return value
 
 
+def _directive_value(value: str) -> str:
+    """`value` in double quotes, as sbatch reads an `#SBATCH` value holding spaces (it splits an
+    unquoted one there and refuses the script); sbatch has no escape for a double quote itself."""
+    if '"' in value:
+        raise StudyError(f"{value!r}: a study folder for SLURM may not contain a double quote")
+    return f'"{value}"'
+
+
 def sbatch_script(study: Study, tasks_file: Path, num_tasks: int, options: Mapping) -> str:
     """The job array script for `num_tasks` cells listed in `tasks_file`."""
     slurm_dir = (study.root / "slurm").resolve()
     throttle = int(options.get("throttle") or 0)
     lines = [
         "#!/bin/bash",
-        f"#SBATCH --job-name=study-{study.root.resolve().name}",
+        f"#SBATCH --job-name={_directive_value(f'study-{study.root.resolve().name}')}",
         f"#SBATCH --array=0-{num_tasks - 1}" + (f"%{throttle}" if throttle else ""),
-        f"#SBATCH --output={slurm_dir}/%A_%a.out",
+        f"#SBATCH --output={_directive_value(f'{slurm_dir}/%A_%a.out')}",
         "#SBATCH --ntasks=1",
     ]
     if options.get("partition"):
