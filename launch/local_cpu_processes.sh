@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Try the multi-host path on one machine: N CPU processes with D fake devices each, talking
 # through a local coordinator (gloo collectives). Only process 0 writes logs.
-# Usage: launch/local_cpu_processes.sh N D CONFIG WORKDIR [--config.KEY=VALUE ...]
+# Usage: [PORT=P] launch/local_cpu_processes.sh N D CONFIG WORKDIR [--config.KEY=VALUE ...]
 #   e.g. launch/local_cpu_processes.sh 2 2 configs/demo.py runs/mh --config.data.store=STORE
+# PORT: the coordinator's port (default: a free one, so that two runs at once do not meet).
 set -euo pipefail
 N=${1:?processes}; D=${2:?devices per process}; CONFIG=${3:?config}; WORKDIR=${4:?workdir}
 shift 4
-PORT=${PORT:-12355}
+PORT=${PORT:-$(python -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')}
 export JAX_PLATFORMS=cpu
 export XLA_FLAGS="--xla_force_host_platform_device_count=${D}"
 pids=()
@@ -15,6 +16,14 @@ for ((i = 0; i < N; i++)); do
         --coordinator_address "localhost:${PORT}" --num_processes "$N" --process_id "$i" "$@" &
     pids+=("$!")
 done
+# The first process to fail ends the others, which would wait for it (JAX's start-up timeout is
+# 5 minutes).
 status=0
-for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+for ((i = 0; i < N; i++)); do
+    wait -n && continue
+    status=$?
+    kill "${pids[@]}" 2>/dev/null || true
+    break
+done
+wait
 exit "$status"
