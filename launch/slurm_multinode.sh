@@ -15,5 +15,12 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_latency_hiding_scheduler=true"
 # On the shared file system: a requeued job reuses the compiled steps.
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-${WORKDIR:?set WORKDIR}/compilation_cache}
-srun python -m focalnet_jax.cli train --config "${CONFIG:?set CONFIG}" \
+# srun does not inherit sbatch's --cpus-per-task (Slurm 22.05 to 23.02: "must be requested
+# again"): each task would get one CPU for its input pipeline. A task that fails ends the others,
+# which would wait for it in a collective.
+srun_flags=(--kill-on-bad-exit=1)
+if [[ -n ${SLURM_CPUS_PER_TASK:-} ]]; then
+    srun_flags+=("--cpus-per-task=${SLURM_CPUS_PER_TASK}")
+fi
+srun "${srun_flags[@]}" python -m focalnet_jax.cli train --config "${CONFIG:?set CONFIG}" \
     --workdir "${WORKDIR:?set WORKDIR}" "$@"
