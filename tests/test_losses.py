@@ -537,6 +537,8 @@ _Y = np.zeros((1, 2, 2, 5), np.float32)
         (lambda: losses.ordinal_focal_loss(_X, _Y, alpha=1.5), ValueError, "alpha"),
         (lambda: losses.ordinal_focal_loss(_X, _Y, gamma=-1.0), ValueError, "gamma"),
         (lambda: losses.ordinal_focal_loss(_X, _Y, pool_size=2), ValueError, "pool_size"),
+        (lambda: losses.ordinal_focal_loss(_X, _Y, pool_size=-1), ValueError, "pool_size"),
+        (lambda: losses.ordinal_focal_loss(_X, _Y, pool_size=-3), ValueError, "pool_size"),
         (lambda: losses.sigmoid_cross_entropy(_X, _Y - 1), ValueError, "targets"),
         (lambda: losses.focal_loss(_X, _Y[..., :1]), ValueError, "targets"),
         (lambda: losses.softmax_cross_entropy(_X.astype(np.int8), _Y), TypeError, "logits"),

@@ -79,7 +79,8 @@ def ordinal_focal_loss_map(logits, targets, *, alpha=0.75, gamma=2.0, pool_size=
     logits, targets, valid = check_inputs(logits, targets, valid)
     check_scalar(alpha, "alpha", 0.0, 1.0)
     check_scalar(gamma, "gamma", 0.0)
-    if isinstance(pool_size, bool) or not isinstance(pool_size, int) or pool_size % 2 != 1:
+    odd = isinstance(pool_size, int) and not isinstance(pool_size, bool) and pool_size % 2 == 1
+    if not odd or pool_size < 1:  # -1 % 2 == 1 in Python
         raise ValueError(f"pool_size: expected a positive odd int, got {pool_size!r}")
     neg_inf = np.array(-np.inf, logits.dtype)  # concrete: lax.reduce_window picks its max rule
     log_margin = jnp.where(valid > 0, _log_focal_weight(logits, targets, gamma), neg_inf)
