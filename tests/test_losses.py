@@ -602,3 +602,12 @@ def test_softmax_ce_trains_a_grade_unknown_lesion_as_clinically_significant():
         ref_softmax_ce(logits, targets),
         rtol=1e-7,
     )
+
+
+@pytest.mark.parametrize("value", ["-130", -1.0, "nan", float("inf"), True])
+def test_mfl_weight_must_be_auto_or_a_finite_non_negative_number(value):
+    # A negative lambda would ascend MFL, a NaN or infinite one makes every step's loss NaN.
+    with pytest.raises(ValueError, match=r"^loss\.mfl_weight: expected .*number"):
+        losses.parse_mfl_weight(value)
+    assert losses.parse_mfl_weight(" Auto ") is None
+    assert losses.parse_mfl_weight("0") == 0.0 and losses.parse_mfl_weight(130) == 130.0
