@@ -537,6 +537,8 @@ _Y = np.zeros((1, 2, 2, 5), np.float32)
         (lambda: losses.ordinal_focal_loss(_X, _Y, alpha=1.5), ValueError, "alpha"),
         (lambda: losses.ordinal_focal_loss(_X, _Y, gamma=-1.0), ValueError, "gamma"),
         (lambda: losses.ordinal_focal_loss(_X, _Y, pool_size=2), ValueError, "pool_size"),
+        (lambda: losses.ordinal_focal_loss(_X, _Y, pool_size=-1), ValueError, "pool_size"),
+        (lambda: losses.ordinal_focal_loss(_X, _Y, pool_size=-3), ValueError, "pool_size"),
         (lambda: losses.sigmoid_cross_entropy(_X, _Y - 1), ValueError, "targets"),
         (lambda: losses.focal_loss(_X, _Y[..., :1]), ValueError, "targets"),
         (lambda: losses.softmax_cross_entropy(_X.astype(np.int8), _Y), TypeError, "logits"),
@@ -570,3 +572,42 @@ def test_mutual_finding_loss_ties_train_the_first_subset_only():
     expected[0, 1] = -2 * targets[1] * (full[1] - tied[0, 1]) / (2 * 2 * 2)
     np.testing.assert_allclose(grad, expected, atol=1e-7)
     assert ref_mfl(full, tied, targets) == (pytest.approx(float(loss)), [0, 0])
+
+
+def test_softmax_ce_trains_a_grade_unknown_lesion_as_clinically_significant():
+    # A grade-unknown lesion pixel (class 2, grade_known 0): one-hot bits 2-5 unknown. What is
+    # known is "class >= 2", so the pixel costs -log P(class >= 2) = -log(p2 + ... + p5), the
+    # one-hot counterpart of the ordinal bits 1-2 it trains, and a background prediction there is
+    # penalised. Hand values: logits (10, 0, 0, 0, 0, 0) give P(class >= 2) = 4 / (e^10 + 5).
+    classes, grade_known = np.array([[[2, 2, 0]]]), np.array([[[0, 1, 0]]])
+    targets = encoding.onehot_encode(classes)
+    valid = encoding.target_validity(grade_known, classes, "onehot")
+    logits = np.zeros((1, 1, 3, 6), np.float64)
+    logits[..., 0] = 10.0
+    per_pixel = losses.softmax_cross_entropy_map(logits, targets, valid=valid)
+    normaliser = math.exp(10.0) + 5.0
+    expected = [-math.log(n / normaliser) for n in (4.0, 1.0, math.exp(10.0))]
+    np.testing.assert_allclose(per_pixel[0, 0], expected, rtol=1e-6, atol=1e-5)  # float32
+    # The gradient at the unknown pixel: softmax - (p_k / P(class >= 2) on classes 2-5), here
+    # 1/4 each (their logits are equal).
+    grad = jax.grad(lambda z: losses.softmax_cross_entropy(z, targets, valid=valid))(logits)
+    p = np.exp(logits[0, 0, 0]) / normaliser
+    expected_grad = (p - np.r_[0, 0, 0.25, 0.25, 0.25, 0.25]) / 3  # softmax - target, mean of 3
+    np.testing.assert_allclose(grad[0, 0, 0], expected_grad, rtol=1e-6, atol=1e-12)
+    # Nothing known at a pixel (every bit invalid): no cost; all bits valid: the usual CE.
+    none_known = np.zeros_like(valid)
+    assert float(losses.softmax_cross_entropy(logits, targets, valid=none_known)) == 0.0
+    np.testing.assert_allclose(
+        losses.softmax_cross_entropy(logits, targets, valid=np.ones_like(valid)),
+        ref_softmax_ce(logits, targets),
+        rtol=1e-7,
+    )
+
+
+@pytest.mark.parametrize("value", ["-130", -1.0, "nan", float("inf"), True])
+def test_mfl_weight_must_be_auto_or_a_finite_non_negative_number(value):
+    # A negative lambda would ascend MFL, a NaN or infinite one makes every step's loss NaN.
+    with pytest.raises(ValueError, match=r"^loss\.mfl_weight: expected .*number"):
+        losses.parse_mfl_weight(value)
+    assert losses.parse_mfl_weight(" Auto ") is None
+    assert losses.parse_mfl_weight("0") == 0.0 and losses.parse_mfl_weight(130) == 130.0

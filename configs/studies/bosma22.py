@@ -5,6 +5,11 @@ P(class >= k) maps per repeat and fold).
 - `ce`: sigmoid cross-entropy on the ordinal bits;
 - `fl`: plain sigmoid focal loss (alpha 0.75, gamma 2: the defaults of `losses.focal_loss`);
 - `ce_fl`: 0.5 CE + 0.5 FL, weighted as picai_baseline's nnU-Net trainer (FL_and_CE, alpha 0.5);
+  its FL is this study's (alpha 0.75 on lesion bits). picai_baseline's focal losses weight
+  classes otherwise: unweighted inside FL_and_CE, and background 0.75 / lesion 0.25 in its
+  FL-only trainer (`nnUNetTrainerV2_focalLossAlpha75`, whose alpha list is indexed by the
+  target class), i.e. `loss.alpha=0.5` with `loss.weights=(0.5, 1.0)` and `loss.alpha=0.25`
+  here;
 - `ce_dice`: CE + soft Dice as nnU-Net's default: batch Dice, smoothing 1e-5, no background
   channel (the ordinal bits P(class >= k), k = 1..5, are all foreground channels, so nothing is
   left out; `loss.dice_background=False` does it for a softmax output).

@@ -3,6 +3,8 @@ lambda = 1 / ratio (Cao et al. 2019, eq. 4; the paper's ratio is 0.77 %, lambda 
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from focalnet_jax import encoding as enc
@@ -122,6 +124,11 @@ def parse_mfl_weight(value) -> float | None:
     if isinstance(value, str) and value.strip().lower() == "auto":
         return None
     try:
-        return float(value)
+        if isinstance(value, bool):
+            raise TypeError
+        weight = float(value)
     except (TypeError, ValueError):
         raise ValueError(f"loss.mfl_weight: expected 'auto' or a number, got {value!r}") from None
+    if not (math.isfinite(weight) and weight >= 0):  # a negative lambda would ascend MFL
+        raise ValueError(f"loss.mfl_weight: expected a finite number >= 0, got {value!r}")
+    return weight

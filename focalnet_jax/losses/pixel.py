@@ -79,7 +79,8 @@ def ordinal_focal_loss_map(logits, targets, *, alpha=0.75, gamma=2.0, pool_size=
     logits, targets, valid = check_inputs(logits, targets, valid)
     check_scalar(alpha, "alpha", 0.0, 1.0)
     check_scalar(gamma, "gamma", 0.0)
-    if isinstance(pool_size, bool) or not isinstance(pool_size, int) or pool_size % 2 != 1:
+    odd = isinstance(pool_size, int) and not isinstance(pool_size, bool) and pool_size % 2 == 1
+    if not odd or pool_size < 1:  # -1 % 2 == 1 in Python
         raise ValueError(f"pool_size: expected a positive odd int, got {pool_size!r}")
     neg_inf = np.array(-np.inf, logits.dtype)  # concrete: lax.reduce_window picks its max rule
     log_margin = jnp.where(valid > 0, _log_focal_weight(logits, targets, gamma), neg_inf)
@@ -172,9 +173,13 @@ def focal_loss(logits, targets, *, alpha=0.75, gamma=2.0, valid=None):
 def softmax_cross_entropy_map(logits, targets, *, valid=None):
     """Per-pixel softmax cross-entropy on one-hot targets (DeepLab and U-Net-Mult baselines).
 
-    .. math:: CE_{bhw} = \\sum_k -v_k y_k \\log \\operatorname{softmax}(z)_k
+    .. math:: CE_{bhw} = -\\log \\sum_k w_k \\operatorname{softmax}(z)_k, \\qquad
+        w_k = v_k y_k + (1 - v_k)\\,[\\text{no valid bit is } 1]
 
-    An invalid bit of the true class removes that pixel's term.
+    the negative log-probability of the classes the pixel may have: with every bit valid, its
+    class (the usual :math:`-\\log p_y`); where its class bit is unknown (a grade-unknown lesion,
+    bits 2-5 invalid), the classes of the invalid bits, :math:`-\\log P(\\text{class} \\ge 2)`, the
+    one-hot counterpart of the ordinal bits 1-2 it trains. A pixel with no bit known costs 0.
 
     Args:
       logits, targets, valid: ``[B, H, W, K]`` (K = 6; targets one-hot).
@@ -185,10 +190,22 @@ def softmax_cross_entropy_map(logits, targets, *, valid=None):
     >>> targets = jnp.eye(6)[None, None, :1]  # class 0, uniform softmax: log 6
     >>> round(float(softmax_cross_entropy_map(jnp.zeros((1, 1, 1, 6)), targets)[0, 0, 0]), 4)
     1.7918
+    >>> valid = jnp.array([[[[1.0, 1, 0, 0, 0, 0]]]])  # grade unknown: -log(4 / 6)
+    >>> round(float(softmax_cross_entropy_map(jnp.zeros((1, 1, 1, 6)), jnp.roll(targets, 2, -1),
+    ...                                       valid=valid)[0, 0, 0]), 4)
+    0.4055
     """
     logits, targets, valid = check_inputs(logits, targets, valid)
+    class_known = jnp.max(valid * targets, axis=-1, keepdims=True)
+    possible = valid * targets + (1 - valid) * (1 - class_known)  # [B, H, W, K] 0/1
+    anything_known = jnp.max(possible, axis=-1)
+    # No possible class (all bits valid and 0: not one-hot) costs 0; the logsumexp gets every
+    # class there, so it always has a finite term (no -inf, no NaN gradient).
+    possible = jnp.where(anything_known[..., None] > 0, possible, 1)
     log_probs = jax.nn.log_softmax(logits, axis=-1)
-    return -jnp.sum(valid * targets * log_probs, axis=-1)
+    neg_inf = np.array(-np.inf, logits.dtype)
+    log_possible = jax.nn.logsumexp(jnp.where(possible > 0, log_probs, neg_inf), axis=-1)
+    return -anything_known * log_possible
 
 
 def softmax_cross_entropy(logits, targets, *, valid=None):
