@@ -136,6 +136,10 @@ def test_a_slurm_task_given_its_own_gpus_drives_the_gpus_it_sees():
     assert ids({**node, "CUDA_VISIBLE_DEVICES": "0"}) == []
     assert ids({**node, "ROCR_VISIBLE_DEVICES": "0,1"}) == []  # --gpus-per-task=2
     assert ids({**node, "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"}) is None  # JAX's rule fits
+    # 2 tasks of 2 GPUs each on a 4-GPU node: each sees 2 = its node's tasks, yet both are its own.
+    two = {"SLURM_STEP_TASKS_PER_NODE": "2", "CUDA_VISIBLE_DEVICES": "0,1"}
+    assert ids(two) is None
+    assert ids({**two, "SLURM_GPUS_PER_TASK": "2"}) == []
     assert ids({**node, "CUDA_VISIBLE_DEVICES": "0", "JAX_LOCAL_DEVICE_IDS": "0"}) is None
     task = {
         **node, "CUDA_VISIBLE_DEVICES": "0", "SLURM_JOB_ID": "77",

@@ -50,9 +50,10 @@ def _visible_gpus(environ) -> int | None:
 
 def slurm_local_device_ids(environ=None) -> list[int] | None:
     """`local_device_ids` for `jax.distributed.initialize` in a SLURM task: [] (no restriction:
-    every device the task sees) when the task is alone on its node or sees fewer GPUs than its
-    node has tasks (SLURM gave each task its own GPUs, e.g. `--gpus-per-task=1`: JAX's rule would
-    ask task k for a GPU k it cannot see), else None (JAX's rule: the device numbered
+    every device the task sees) when the task is alone on its node, or SLURM gave each task its
+    own GPUs (`--gpus-per-task`: `SLURM_GPUS_PER_TASK` set, or the task sees fewer GPUs than its
+    node has tasks, e.g. `--gpu-bind`: JAX's rule would ask task k for a GPU k it cannot see, or
+    give a task of 2 GPUs one of them), else None (JAX's rule: the device numbered
     `SLURM_LOCALID`, one per task). None too when `JAX_LOCAL_DEVICE_IDS` is set: JAX then takes
     the user's choice."""
     environ = os.environ if environ is None else environ
@@ -63,7 +64,7 @@ def slurm_local_device_ids(environ=None) -> list[int] | None:
     node = int(environ.get("SLURM_NODEID", 0))
     here = counts[node] if node < len(counts) else max(counts, default=0)
     visible = _visible_gpus(environ)
-    bound = visible is not None and 0 < visible < here
+    bound = bool(environ.get("SLURM_GPUS_PER_TASK")) or (visible is not None and 0 < visible < here)
     return [] if here == 1 or bound else None
 
 
