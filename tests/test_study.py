@@ -515,6 +515,18 @@ def test_slurm_dry_run_prints_one_array_of_the_cells_not_done(spec_file, tmp_pat
     assert not (tmp_path / "s").exists()
 
 
+def test_local_dry_run_prints_the_cell_commands_and_starts_nothing(spec_file, tmp_path):
+    workdir = tmp_path / "s"
+    args = ["run", "--spec", str(spec_file), "--workdir", str(workdir), "--dry-run"]
+    lines = study(*args, "--parallel=2").stdout.splitlines()
+    assert lines[0] == "8 cells: 0 done, 0 running or queued elsewhere, 8 to run"
+    command = f"{sys.executable} -m focalnet_jax.cli study cell --workdir {workdir.resolve()}"
+    order = [(r, k, arm) for r in (0, 1) for k in (0, 1) for arm in ("ce", "fl")]
+    assert lines[1:9] == [f"{command} --cell {arm}/rep{r}/fold{k}" for r, k, arm in order]
+    assert lines[9] == "dry run: 8 cells would run, 2 at once; nothing started"
+    assert not workdir.exists()
+
+
 def _require_slurm() -> None:
     reason = None
     if missing_binaries():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import shlex
 from pathlib import Path
 
 from focalnet_jax.study.cells import Study
@@ -33,7 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--parallel", type=int, help="local: cells at once (default: one per GPU, else 1)"
     )
     run.add_argument("--devices", help="local: GPU ids, one per worker (default: all visible)")
-    run.add_argument("--dry-run", action="store_true", help="slurm: print the script only")
+    run.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="start nothing: print each cell's command (local) or the job script (slurm)",
+    )
     group = run.add_argument_group("slurm (default: the spec's `slurm` fields)")
     group.add_argument("--partition")
     group.add_argument("--time", help="time limit per task, e.g. 04:00:00")
@@ -144,6 +149,11 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     devices = args.devices.split(",") if args.devices else local.visible_gpus()
     parallel = local.worker_slots(args.parallel, devices)
+    if args.dry_run:
+        for cell in todo:
+            print(shlex.join(local.cell_argv(study, cell)))
+        print(f"dry run: {len(todo)} cells would run, {parallel} at once; nothing started")
+        return 0
     results = local.run_local(study, todo, parallel=parallel, devices=devices)
     _ensembles(study)
     failed = [name for name, result in results.items() if result == "failed"]
