@@ -97,7 +97,9 @@ def test_load_for_inference_errors_name_the_workdir(saved, tmp_path):
     other.mkdir()
     config = json.loads((workdir / workdir_lib.CONFIG_FILE).read_text())
     (other / workdir_lib.CONFIG_FILE).write_text(json.dumps(config))
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(
+        FileNotFoundError, match=r"no checkpoint under checkpoints/ yet .* re-run it"
+    ):
         workdir_lib.load_for_inference(other)
     # A checkpoint from a wider model than the config describes.
     config["model"]["width"] = 0.25

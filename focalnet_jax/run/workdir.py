@@ -310,6 +310,14 @@ def latest_step(workdir: str | Path) -> int | None:
         manager.close()
 
 
+def _no_checkpoint(workdir: Path) -> str:
+    return (
+        f"workdir {workdir}: no checkpoint under {CHECKPOINT_DIR}/ yet (a run saves its first at "
+        f"train.checkpoint_every steps and at its end): wait for `focalnet train` to finish, or "
+        f"re-run it with --workdir {workdir} to resume"
+    )
+
+
 def load_for_inference(workdir: str | Path, step: int | None = None):
     """`(spec, variables)` of a training run: the `RunSpec` of its saved config and the params and
     batch_stats of the latest (or the given) checkpoint as host NumPy arrays.
@@ -324,12 +332,12 @@ def load_for_inference(workdir: str | Path, step: int | None = None):
     # Parameter shapes do not depend on the image size: the default crop describes the state.
     spec = RunSpec.from_config(config, num_devices=1)
     if not (workdir / CHECKPOINT_DIR).is_dir():
-        raise FileNotFoundError(f"workdir {workdir}: no checkpoint under {CHECKPOINT_DIR}/")
+        raise FileNotFoundError(_no_checkpoint(workdir))
     manager = make_manager(workdir, read_only=True)
     try:
         steps = manager.all_steps()
         if not steps:
-            raise FileNotFoundError(f"workdir {workdir}: no checkpoint under {CHECKPOINT_DIR}/")
+            raise FileNotFoundError(_no_checkpoint(workdir))
         if step is not None and step not in steps:
             raise FileNotFoundError(f"workdir {workdir}: no checkpoint at step {step}; has {steps}")
         try:
