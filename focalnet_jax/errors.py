@@ -10,12 +10,36 @@ naming the case, file or setting and the reason. It is a `ValueError`, so caller
 from __future__ import annotations
 
 import contextlib
+import signal
 import sys
+import threading
 import traceback
 
 
 class UserError(ValueError):
     """Input, files or settings the user must fix; the message says which and why."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, a SLURM time limit) raised like Ctrl-C, so temporary files are removed."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM raises `Terminated` in the main thread inside the block (the default handler ends
+    the process at once, leaving temporary folders and orphaned worker processes behind)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _raise(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, _raise)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class UserErrorExit(SystemExit):
@@ -39,9 +63,16 @@ def is_user_error(error: BaseException) -> bool:
 def one_line_user_errors(prog: str, *, verbose: bool = False):
     """A user error (`is_user_error`) raised in the block is printed as `<prog>: error: <message>`
     on one line of stderr (after its traceback when `verbose`) and ends the program with exit
-    status 2 (`UserErrorExit`); any other exception passes unchanged."""
+    status 2 (`UserErrorExit`); Ctrl-C or `Terminated` as `<prog>: interrupted by ...` with status
+    130 or 143; any other exception passes unchanged."""
     try:
         yield
+    except KeyboardInterrupt:
+        if verbose:
+            traceback.print_exc()
+        terminated = sys.exc_info()[0] is Terminated
+        print(f"{prog}: interrupted by {'SIGTERM' if terminated else 'Ctrl-C'}", file=sys.stderr)
+        raise SystemExit(128 + (signal.SIGTERM if terminated else signal.SIGINT)) from None
     except Exception as error:
         if not is_user_error(error):
             raise

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import csv
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from test_train_helpers import REPO
 
 from focalnet_jax.cli import main
 from focalnet_jax.data.layouts import discover_picai, read_manifest, write_manifest
@@ -205,3 +211,28 @@ def test_first_bad_case_stops_run_and_leaves_nothing(bad_dataset, tmp_path):
     message = str(info.value)
     assert first in message and path in message and reason in message
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sigterm_mid_run_removes_the_temporary_store(dataset, tmp_path):
+    """`kill` (SIGTERM) while cases are being read: one line, status 143, nothing left behind.
+    Every T2w file is a FIFO that no one writes, so both workers block reading their case."""
+    root = tmp_path / "data"
+    shutil.copytree(dataset, root)
+    for t2w in root.glob("images/*/*_t2w.mha"):
+        t2w.unlink()
+        os.mkfifo(t2w)
+    out = tmp_path / "store"
+    argv = [sys.executable, "-m", "focalnet_jax.cli", *_picai_args(root, out, "--workers", "2")]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".store.tmp-*")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert list(tmp_path.glob(".store.tmp-*")), "the run never started writing its store"
+    time.sleep(1.0)  # the pool is up and its workers wait on the FIFOs
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 143
+    assert stderr.strip().splitlines()[-1] == "focalnet preprocess: interrupted by SIGTERM"
+    assert "Traceback" not in stderr
+    assert not out.exists() and not list(tmp_path.glob(".store.tmp-*"))

@@ -11,13 +11,16 @@ keep their traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections.abc import Sequence
 
 from focalnet_jax.cli import data_commands as data
 from focalnet_jax.cli import evaluation_commands as evaluation
 from focalnet_jax.cli import training_commands as training
-from focalnet_jax.errors import one_line_user_errors
+from focalnet_jax.errors import one_line_user_errors, sigterm_as_interrupt
+
+LONG_RUNNING = ("train", "cv", "study")  # SIGTERM keeps its default: the process ends at once
 
 # `study` (arms x repeats x folds) declares its flags and actions in focalnet_jax.study.commands.
 
@@ -106,5 +109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_fn = _COMMANDS[args.command][2]
     action = getattr(args, "study_command", None)  # `focalnet study ACTION: error: ...`
     prog = f"focalnet {args.command}" + (f" {action}" if action else "")
-    with one_line_user_errors(prog, verbose=args.verbose):
+    # SIGTERM unwinds like Ctrl-C, removing temporary folders, except in training: a task of a
+    # multi-process run must not wait at JAX's shutdown barrier for the others.
+    terminate = contextlib.nullcontext() if args.command in LONG_RUNNING else sigterm_as_interrupt()
+    with one_line_user_errors(prog, verbose=args.verbose), terminate:
         return int(run_fn(args) or 0)

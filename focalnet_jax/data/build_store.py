@@ -11,6 +11,7 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import signal
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,9 @@ class PreprocessSummary:
 def _init_worker() -> None:
     # One core per worker process: SimpleITK would otherwise start a thread per core in each.
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    # Ctrl-C reaches the whole process group: the parent stops the pool, without a traceback
+    # from every worker.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _work(job):
