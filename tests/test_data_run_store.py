@@ -197,3 +197,17 @@ def test_check_run_store_ignores_only_the_named_keys(run):
     check_run_store(run["workdir"], annotated, against="x", ignore=("slices",))
     with pytest.raises(StaleStoreError, match="slices: run 'all', now 'annotated'"):
         check_run_store(run["workdir"], annotated, against="x")
+
+
+def test_predict_names_a_given_component_the_model_does_not_use(run, tmp_path, caplog):
+    case = next((run["root"] / "data" / "images").glob("*/*_t2w.mha"))
+    files = {c: str(case).replace("_t2w.mha", f"_{c}.mha") for c in ("t2w", "adc", "hbv")}
+    argv = ["predict", f"--checkpoint={run['workdir']}", f"--out={tmp_path / 'pred'}"]
+    argv += [f"--{c}={path}" for c, path in files.items()]
+    with caplog.at_level(logging.WARNING, logger="focalnet_jax"):
+        assert cli.main(argv) == 0
+    warnings = [r.getMessage() for r in caplog.records if "not used" in r.getMessage()]
+    assert warnings == [
+        "component(s) ['hbv'] of the exam not used: the model(s) were trained on ['t2w', 'adc']"
+    ]
+    assert (tmp_path / "pred" / "detection_map.nii.gz").is_file()

@@ -102,6 +102,12 @@ def predict_exam(
             f"{', '.join(map(str, models.runs))} need "
             f"(it was trained on {list(models.components)}; given {list(components)})"
         )
+    if unused := [c for c in components if c not in models.components]:
+        log.warning(
+            "component(s) %s of the exam not used: the model(s) were trained on %s",
+            unused,
+            list(models.components),
+        )
     ordered = {name: str(components[name]) for name in models.components}
     case = preprocess_case(
         ordered,
