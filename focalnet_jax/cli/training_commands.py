@@ -79,13 +79,16 @@ def _set_fold(config, args: argparse.Namespace, fold_overridden: bool) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    import jax
+
     from focalnet_jax.training import train_and_evaluate
     from focalnet_jax.training.distributed import compilation_cache
 
     with compilation_cache(args.compilation_cache):
         config = _training_setup(args)
         train_and_evaluate(config, args.workdir)
-    print(f"checkpoints and TensorBoard logs in {args.workdir}")
+    if jax.process_index() == 0:  # once per run, not once per process
+        print(f"checkpoints and TensorBoard logs in {args.workdir}")
     return 0
 
 
@@ -123,5 +126,6 @@ def run_cv(args: argparse.Namespace) -> int:
         for fold in folds:
             config.data.fold = fold
             train_and_evaluate(config, args.workdir / f"fold{fold}")
-    print(f"trained folds {folds}; runs in {args.workdir}/fold<k>")
+    if jax.process_index() == 0:
+        print(f"trained folds {folds}; runs in {args.workdir}/fold<k>")
     return 0
