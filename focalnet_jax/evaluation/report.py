@@ -111,6 +111,12 @@ def not_reached(metrics: Mapping, path: Sequence[str]) -> bool:
     return lookup(metrics, path) is None and bool(lookup(metrics, (*path[:2], "num_lesions")))
 
 
+def folds_not_reached(fold_metrics: Sequence[Mapping], path: Sequence[str]) -> int:
+    """How many folds' value at `path` is null because they never reached that sensitivity
+    (`not_reached`)."""
+    return sum(not_reached(m, path) for m in fold_metrics)
+
+
 def _table(runs: Mapping[str, Sequence[Mapping]], columns: Sequence[tuple]) -> list[str]:
     """Markdown rows: one per method, one column per (header, metric path)."""
     lines = [
@@ -121,7 +127,7 @@ def _table(runs: Mapping[str, Sequence[Mapping]], columns: Sequence[tuple]) -> l
         cells = [
             format_cell(
                 [lookup(m, path) for m in folds],
-                not_reached=sum(not_reached(m, path) for m in folds),
+                not_reached=folds_not_reached(folds, path),
             )
             for _, path in columns
         ]

@@ -22,9 +22,9 @@ from focalnet_jax.evaluation.report import (
     ROC_TITLES,
     TABLE_II,
     TABLE_III,
+    folds_not_reached,
     lookup,
     markdown_report,
-    not_reached,
     read_metrics,
     write_json,
 )
@@ -55,7 +55,7 @@ def metric_summary(fold_metrics: list[dict], path: tuple[str, ...]) -> dict:
     values = [lookup(m, path) for m in fold_metrics]
     result = {**mean_sd(values), "values": values}
     if path[2:3] == ("fp_at_sensitivity",):
-        result["not_reached"] = sum(not_reached(m, path) for m in fold_metrics)
+        result["not_reached"] = folds_not_reached(fold_metrics, path)
     return result
 
 
@@ -68,7 +68,7 @@ def method_comparisons(folds: Mapping[str, list[dict]]) -> tuple[dict, list[str]
     for path in summary_metrics():
         rows = compare_methods({name: [lookup(m, path) for m in fm] for name, fm in folds.items()})
         if path[2:3] == ("fp_at_sensitivity",):
-            missed = {name: sum(not_reached(m, path) for m in fm) for name, fm in folds.items()}
+            missed = {name: folds_not_reached(fm, path) for name, fm in folds.items()}
             for row in rows:
                 row["not_reached"] = {row["a"]: missed[row["a"]], row["b"]: missed[row["b"]]}
         comparisons["/".join(path)] = rows
