@@ -102,7 +102,7 @@ def record_run_store(
         record["settings"] = store.settings
     if split is not None:
         record.update(train_cases=list(split.train_cases), val_cases=list(split.val_cases))
-        record["train_patients"] = sorted({store.case(c)["patient_id"] for c in split.train_cases})
+        record["train_patients"] = _patients(store, split.train_cases)
     if total_steps is not None:
         record["total_steps"] = int(total_steps)
     if write:
@@ -145,4 +145,9 @@ def training_patients(workdir: str | os.PathLike) -> list[str] | None:
     if not set(record["train_cases"]) <= set(store.case_ids):
         return None
     log.info("run %s: training patients looked up in its training store %s", workdir, store.path)
-    return sorted({store.case(c)["patient_id"] for c in record["train_cases"]})
+    return _patients(store, record["train_cases"])
+
+
+def _patients(store, case_ids: Sequence[str]) -> list[str]:
+    """The sorted patient ids of the store's cases `case_ids`."""
+    return sorted({store.case(c)["patient_id"] for c in case_ids})
