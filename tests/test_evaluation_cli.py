@@ -444,3 +444,20 @@ def test_summarize_refuses_an_ensemble_or_a_run_counted_twice_as_folds(tmp_path)
         f"{first} and {second} both evaluate run runs/A/fold0: one fold would count twice; keep "
         f"one of them under {method}"
     )
+
+
+def test_summarize_keeps_every_method_of_a_repeated_runs_flag(tmp_path):
+    """`--runs A=x --runs B=y` compares A and B (argparse's default kept only the last flag, so
+    the summary silently held B alone)."""
+    for method, shift in (("A", 0.0), ("B", 0.1)):
+        _evaluate_fold(tmp_path / "pred" / method, tmp_path / method / "fold0" / "eval",
+                       [f"runs/{method}/fold0"], shift)  # fmt: skip
+    out = tmp_path / "summary"
+    run_cli(["summarize", "--runs", f"A={tmp_path / 'A'}", "--runs", f"B={tmp_path / 'B'}",
+             "--out", str(out)])  # fmt: skip
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["methods"]) == ["A", "B"]
+    assert (out / "summary.md").read_text().startswith("# Cross-validation summary: A, B")
+    message = _error(["summarize", "--runs", f"A={tmp_path / 'A'}", "--runs",
+                      f"A={tmp_path / 'B'}", "--out", str(tmp_path / "s2")])  # fmt: skip
+    assert message.endswith(f"--runs names 'A' twice ({tmp_path / 'A'} and {tmp_path / 'B'})")

@@ -104,9 +104,11 @@ def add_summarize(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--runs",
         nargs="+",
+        action="extend",  # `--runs A=x --runs B=y` keeps both (the default kept only B)
         required=True,
         metavar="NAME=DIR",
-        help="method name and a folder holding one metrics.json per fold (searched recursively)",
+        help="method name and a folder holding one metrics.json per fold (searched recursively); "
+        "repeatable",
     )
     parser.add_argument("--out", type=Path, required=True, help="output folder")
 
