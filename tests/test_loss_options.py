@@ -1,6 +1,7 @@
-"""Options of the benchmark losses used by the Bosma22 study (CE+FL weights, nnU-Net's batch Dice
-without the background channel) against NumPy references, their binding from a config, and the
-rule that a benchmark loss never inherits MFL from a FocalNet config."""
+"""Options of the benchmark losses used by the Bosma22 study (CE+FL and CE+Dice weights, soft Dice
+per image or over the batch, its smoothing, valid bits and nnU-Net's softmax Dice without the
+background channel, focal alpha and gamma) against NumPy references and hand values, their binding
+from a config, and the rule that a benchmark loss never inherits MFL from a FocalNet config."""
 
 from __future__ import annotations
 
@@ -27,11 +28,23 @@ def _softmax(x):
     return e / e.sum(-1, keepdims=True)
 
 
-def dice_reference(probs, targets, eps, batch, background):
-    """1 - mean Dice; per channel over the batch (batch) or per image and channel."""
+def dice_reference(probs, targets, eps, batch, background, valid=None):
+    """1 - mean Dice; per channel over the batch (batch) or per image and channel, over the
+    valid bits only."""
+    valid = np.ones_like(targets) if valid is None else valid
     axes = (0, 1, 2) if batch else (1, 2)
-    dice = (2 * (probs * targets).sum(axes) + eps) / ((probs + targets).sum(axes) + eps)
+    overlap, total = (valid * probs * targets).sum(axes), (valid * (probs + targets)).sum(axes)
+    dice = (2 * overlap + eps) / (total + eps)
     return 1 - (dice if background else dice[..., 1:]).mean()
+
+
+def bce_reference(logits, targets, valid):
+    """Mean over pixels of the sum over valid bits of -y log p - (1 - y) log(1 - p)."""
+    p = _sigmoid(logits)
+    return (valid * (-targets * np.log(p) - (1 - targets) * np.log(1 - p))).sum(-1).mean()
+
+
+VALID = (RNG.uniform(size=(3, 4, 5, 6)) < 0.8).astype(np.float32)
 
 
 @pytest.mark.parametrize("batch", [False, True])
@@ -48,6 +61,55 @@ def test_softmax_batch_dice_without_background_is_nnunets():
     )
     expected = dice_reference(_softmax(LOGITS), ONEHOT, 1e-5, True, False)
     np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("batch", [False, True])
+def test_dice_sums_only_the_valid_bits(batch):
+    """Grade-unknown bits (valid 0) leave both Dice sums; a per-image softmax Dice without the
+    background channel is the mean of the per-image Dice of classes 1..5."""
+    got = losses.soft_dice_loss(LOGITS, BITS, valid=VALID, eps=1e-5, batch_dice=batch)
+    expected = dice_reference(_sigmoid(LOGITS), BITS, 1e-5, batch, True, VALID)
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    got = losses.soft_dice_loss(
+        LOGITS, ONEHOT, eps=1.0, activation="softmax", batch_dice=batch, dice_background=False
+    )
+    expected = dice_reference(_softmax(LOGITS), ONEHOT, 1.0, batch, False)
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+def test_dice_hand_values_per_image_and_batch():
+    """p = 1/2 everywhere (logits 0) on two 1x2 images, one bit: image 0 has y = (1, 0), image 1
+    none. Per image (eps 1): Dice 2/3 and 1/2, loss 1 - 7/12. Batch: (2 * 1/2 + 1) / (2 + 1 + 1)
+    = 1/2, loss 1/2."""
+    logits = np.zeros((2, 1, 2, 1), np.float32)
+    targets = np.array([[[[1.0], [0.0]]], [[[0.0], [0.0]]]], np.float32)
+    np.testing.assert_allclose(losses.soft_dice_loss(logits, targets), 5 / 12, rtol=1e-6)
+    np.testing.assert_allclose(
+        losses.soft_dice_loss(logits, targets, batch_dice=True), 1 / 2, rtol=1e-6
+    )
+
+
+@pytest.mark.parametrize("batch", [False, True])
+@pytest.mark.parametrize("weights", [(1.0, 1.0), (2.0, 0.5), (0.0, 1.0), (1.0, 0.0)])
+def test_ce_dice_weights_against_numpy(batch, weights):
+    got = losses.ce_dice_loss(
+        LOGITS, BITS, valid=VALID, eps=1e-5, batch_dice=batch, weights=weights
+    )
+    dice = dice_reference(_sigmoid(LOGITS), BITS, 1e-5, batch, True, VALID)
+    expected = weights[0] * bce_reference(LOGITS, BITS, VALID) + weights[1] * dice
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.25, 0.5, 0.75, 1.0])
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0, 3.5])
+def test_focal_alpha_gamma_and_valid_against_numpy(alpha, gamma):
+    """sum over valid bits of -a_t (1 - p_t)^gamma log p_t, mean over pixels (Lin et al.)."""
+    p = _sigmoid(LOGITS)
+    p_t = np.where(BITS == 1, p, 1 - p)
+    a_t = np.where(BITS == 1, alpha, 1 - alpha)
+    expected = (VALID * -a_t * (1 - p_t) ** gamma * np.log(p_t)).sum(-1).mean()
+    got = losses.focal_loss(LOGITS, BITS, alpha=alpha, gamma=gamma, valid=VALID)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
 
 
 def test_background_channel_exists_only_for_softmax():
