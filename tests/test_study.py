@@ -413,6 +413,40 @@ def test_dry_run_refuses_a_changed_spec_as_the_real_run_does(spec_file, tmp_path
     assert sorted(p.name for p in workdir.iterdir()) == ["study.json"]
 
 
+def test_spec_may_add_runs_to_a_study_and_nothing_else(spec_file, store, tmp_path, capsys):
+    """More repeats, folds, arms or ensembles add cells (the done ones keep their configs), so a
+    benchmark can grow from 10 to 20 runs per arm in its folder; fewer runs or a changed arm is
+    refused, and a dry run of a growth writes nothing."""
+    from focalnet_jax import cli
+    from focalnet_jax.study.cells import Study
+    from focalnet_jax.study.spec import load_spec, validate
+
+    gl = {"loss": {"name": "focal", "mfl": False, "gamma": 1.0}}
+    with_gl = write_spec(tmp_path / "with_gl.py", store, arms={**ARMS, "gl": gl})
+
+    def plain(*overrides, spec=spec_file):
+        return validate(load_spec(str(spec), overrides), str(spec))
+
+    workdir = tmp_path / "s"
+    Study.create(workdir, plain("--spec.folds=(0,)"))
+    recorded = (workdir / "study.json").read_text()
+    run = ["study", "run", "--spec", str(spec_file), "--workdir", str(workdir), "--dry-run"]
+    assert cli.main([*run, "--spec.folds=(0,)", "--spec.repeats=3"]) == 0
+    assert "dry run: 6 cells would run" in capsys.readouterr().out
+    assert (workdir / "study.json").read_text() == recorded
+    grown = Study.create(workdir, plain("--spec.repeats=3", spec=with_gl))
+    assert "study grows (repeats 2 -> 3; folds [1]; arms ['gl'])" in capsys.readouterr().out
+    assert len(Study.open(workdir).cells()) == len(grown.cells()) == 3 * 3 * 2
+    run[3] = str(with_gl)
+    for changed, fields in (
+        (["--spec.repeats=2"], "['repeats']"),
+        (["--spec.repeats=3", "--spec.arms.gl.loss.gamma=2.0"], "['arms']"),
+        (["--spec.repeats=3", "--spec.seed=1"], "['seed']"),
+    ):
+        message = _one_line_error(*run[1:], *changed)
+        assert f"this folder holds a study with other {fields}; use a new --workdir" in message
+
+
 def test_spec_store_is_opened_before_anything_runs(spec_file, store, tmp_path):
     workdir = tmp_path / "bad"
     run = ["run", "--spec", str(spec_file), "--workdir", str(workdir)]

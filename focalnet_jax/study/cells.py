@@ -47,6 +47,46 @@ def _read_study_file(path: Path) -> dict:
     return plain
 
 
+GROWING = ("repeats", "folds", "arms", "ensembles")  # the fields that may add runs
+
+
+def added_runs(recorded: Mapping, plain: Mapping, where: Path) -> list[str]:
+    """What `plain` adds to the `recorded` study (e.g. `['repeats 3 -> 4']`; [] when equal).
+
+    A spec may grow a study: more repeats, more folds, new arms, new ensembles. The cells done
+    stay valid, since their configs (common, the arm's overrides, seed, fold, store) are unchanged.
+    Any other difference (fewer runs, an arm's or ensemble's new definition, `common`, `base`,
+    `store`, `seed`, `num_folds`, ...) is a `StudyError` naming the fields: use a new --workdir.
+    """
+    changed = sorted(
+        k
+        for k in set(recorded) | set(plain)
+        if recorded.get(k) != plain.get(k) and k != "spec_file"  # where it was read
+    )
+    if set(changed) <= set(GROWING) and _only_adds(recorded, plain):
+        grown = []
+        if plain["repeats"] != recorded["repeats"]:
+            grown.append(f"repeats {recorded['repeats']} -> {plain['repeats']}")
+        for field in ("folds", "arms", "ensembles"):
+            new = [item for item in plain[field] if item not in recorded[field]]
+            grown += [f"{field} {new}"] if new else []
+        return grown
+    raise StudyError(
+        f"{where}: this folder holds a study with other {changed}; use a new --workdir "
+        "(a spec may only add repeats, folds, arms or ensembles)"
+    )
+
+
+def _only_adds(recorded: Mapping, plain: Mapping) -> bool:
+    """Whether `plain` keeps every repeat, fold, arm and ensemble of `recorded` as it was."""
+    return (
+        plain["repeats"] >= recorded["repeats"]
+        and set(recorded["folds"]) <= set(plain["folds"])
+        and all(plain["arms"].get(a) == v for a, v in recorded["arms"].items())
+        and all(plain["ensembles"].get(e) == v for e, v in recorded["ensembles"].items())
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class Cell:
     """One (arm or ensemble, repeat, fold) of a study."""
@@ -100,27 +140,26 @@ class Study:
 
     @staticmethod
     def check_recorded(root: str | Path, plain: Mapping) -> bool:
-        """Whether `root` records a study; raises when it records one other than `plain`."""
+        """Whether `root` records a study; raises when `plain` is not that study or one that only
+        adds runs to it (`added_runs`)."""
         path = Path(root) / STUDY_FILE
         if not path.is_file():
             return False
-        recorded = _read_study_file(path)
-        changed = sorted(
-            k
-            for k in set(recorded) | set(plain)
-            if recorded.get(k) != plain.get(k) and k != "spec_file"  # where it was read
-        )
-        if changed:
-            raise StudyError(
-                f"{path}: this folder holds a study with other {changed}; use a new --workdir"
-            )
+        added_runs(_read_study_file(path), plain, path)
         return True
 
     @classmethod
     def create(cls, root: str | Path, plain: Mapping) -> Study:
-        """Record `plain` in `root`, or check that it equals the one recorded there."""
+        """Record `plain` in `root`, or check that it equals the one recorded there or only adds
+        runs to it (then record it: the grown study)."""
+        path = Path(root) / STUDY_FILE
         if not cls.check_recorded(root, plain):
-            write_json_atomic(dict(plain), Path(root) / STUDY_FILE)
+            write_json_atomic(dict(plain), path)
+        else:
+            added = added_runs(_read_study_file(path), plain, path)
+            if added:
+                print(f"{path}: study grows ({'; '.join(added)})")
+                write_json_atomic(dict(plain), path)
         return cls(root, plain)
 
     @property
