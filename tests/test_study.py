@@ -768,6 +768,29 @@ def test_froc_band_leaves_out_runs_without_a_lesion_of_the_group(tmp_path):
     assert figures.froc_bands(tmp_path / "froc.png", curves, "cs").is_file()
 
 
+def test_pvalue_matrix_labels_stay_readable_on_their_cells(tmp_path, monkeypatch):
+    """Each p-value is written in the colour that contrasts with its cell: black on the light
+    yellow of a small p (the finding; it was white there), white on the dark purple of p = 1."""
+    import matplotlib
+
+    from focalnet_jax.study import figures
+
+    kept = []
+    monkeypatch.setattr(figures, "_save", lambda fig, path: kept.append(fig) or path)
+    rows = [
+        {"metric": "m", "arm_a": "a", "arm_b": "b", "p_permutation": 0.01},
+        {"metric": "m", "arm_a": "b", "arm_b": "a", "p_permutation": 1.0},
+    ]
+    figures.pvalue_matrices(tmp_path / "p.png", rows, ["m"])
+    colours = {t.get_text(): t.get_color() for t in kept[0].axes[0].texts}
+    cmap = matplotlib.colormaps[figures.PVALUE_CMAP]
+    for text, p in (("0.01", 0.01), ("1", 1.0)):
+        r, g, b, _ = cmap(p)
+        background = 0.2126 * r + 0.7152 * g + 0.0722 * b  # relative luminance
+        text_luminance = 0.0 if colours[text] == "k" else 1.0
+        assert abs(text_luminance - background) > 0.5, (text, colours[text], background)
+
+
 def test_local_workers_one_per_gpu_unless_parallel_is_given():
     """`--parallel 1` on a 2-GPU host runs one cell at a time (it was taken for the default and
     became 2); without `--parallel`, one worker per GPU."""

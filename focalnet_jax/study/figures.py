@@ -67,6 +67,15 @@ def froc_bands(path: Path, curves: Mapping[str, Sequence[tuple]], title: str) ->
     return _save(fig, path)
 
 
+PVALUE_CMAP = "viridis_r"  # small p (the finding) light yellow, p = 1 dark purple
+
+
+def pvalue_text_color(p: float) -> str:
+    """Black on the light (small p) half of PVALUE_CMAP, white on its dark half, so that the
+    p-values that matter stay readable (white on yellow did not)."""
+    return "k" if p < 0.5 else "w"
+
+
 def pvalue_matrices(path: Path, rows: Sequence[Mapping], metrics: Sequence[str]) -> Path:
     """One panel per metric: p_permutation of (row = baseline a, column = alternative b)."""
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 4.0), squeeze=False)
@@ -76,10 +85,11 @@ def pvalue_matrices(path: Path, rows: Sequence[Mapping], metrics: Sequence[str])
         matrix = np.full((len(arms), len(arms)), np.nan)
         for r in selected:
             matrix[arms.index(r["arm_a"]), arms.index(r["arm_b"])] = r["p_permutation"]
-        image = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis_r")
+        image = ax.imshow(matrix, vmin=0, vmax=1, cmap=PVALUE_CMAP)
         for (i, j), p in np.ndenumerate(matrix):
             if np.isfinite(p):
-                ax.text(j, i, f"{p:.2g}", ha="center", va="center", fontsize="small", color="w")
+                ax.text(j, i, f"{p:.2g}", ha="center", va="center", fontsize="small",
+                        color=pvalue_text_color(p))  # fmt: skip
         ax.set_xticks(range(len(arms)), arms, rotation=30, ha="right")
         ax.set_yticks(range(len(arms)), arms)
         ax.set_xlabel("alternative b (H1: b better)")
