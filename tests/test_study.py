@@ -742,7 +742,7 @@ def test_ensemble_predictions_keep_the_members_unknown_grades(tmp_path):
             spacing=(1.0, 1.0),
             patient_id="p1",
         )
-    assert average_predictions([tmp_path / "a", tmp_path / "b"], tmp_path / "mean") == 1
+    assert average_predictions([tmp_path / "a", tmp_path / "b"], tmp_path / "mean") == ["c1"]
     case = read_case(tmp_path / "mean" / "c1.npz")
     np.testing.assert_allclose(case.scores, 0.4, rtol=1e-6)
     assert case.grade_known.tolist() == [False]

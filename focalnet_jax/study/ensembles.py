@@ -22,8 +22,8 @@ from focalnet_jax.study.spec import StudyError
 log = logging.getLogger(__name__)
 
 
-def average_predictions(members: list[Path], out_dir: Path) -> int:
-    """Write the mean of the members' score maps, case by case; returns the number of cases.
+def average_predictions(members: list[Path], out_dir: Path) -> list[str]:
+    """Write the mean of the members' score maps, case by case; returns the case ids.
 
     Every member must hold the same cases with the same lesions (the same validation fold)."""
     from focalnet_jax.evaluation.predictions import list_cases, read_case, write_case
@@ -33,9 +33,11 @@ def average_predictions(members: list[Path], out_dir: Path) -> int:
         names = {p.name for p in list_cases(member)}
         if names != set(cases):
             raise StudyError(f"{member}: other cases than {members[0]} (different folds?)")
+    case_ids = []
     with replaced_folder(out_dir) as tmp:
         for name, first_path in sorted(cases.items()):
             first = read_case(first_path)
+            case_ids.append(first.case_id)
             scores = np.mean([read_case(m / name).scores for m in members], axis=0)
             write_case(
                 tmp,
@@ -50,7 +52,7 @@ def average_predictions(members: list[Path], out_dir: Path) -> int:
                 slice_index=first.slice_index,
                 lesion_grade_known=first.lesion_grade_known,
             )
-    return len(cases)
+    return case_ids
 
 
 def _slices(member_dir: Path) -> str:
@@ -73,11 +75,12 @@ def update_ensemble(study: Study, cell: Cell) -> str:
     if metrics.is_file() and metrics.stat().st_mtime >= newest_member:
         return "done"
     member_dirs = [study.path(m) / PREDICTIONS for m in members]
-    average_predictions(member_dirs, out / "predictions")
+    case_ids = average_predictions(member_dirs, out / "predictions")
     options = study.plain["evaluate"]
     evaluate_predictions(
         out / "predictions",
         out,
+        cases=case_ids,  # the members' cases, checked equal: no "no case list" warning
         with_picai=True,
         picai_bootstraps=int(options.get("picai_bootstraps", 0)),
         with_figures=bool(options.get("figures", False)),
