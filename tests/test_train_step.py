@@ -243,3 +243,58 @@ def test_eval_step_decodes_classes_as_ordinal_decode(loss, thresholds, expected)
     _, predicted = eval_step({}, jax.device_put(batch, sharding.batch_sharding(mesh)))
     np.testing.assert_array_equal(np.asarray(predicted)[:, 0, 0], expected)
     assert (np.asarray(predicted) == np.asarray(expected)[:, None, None]).all()
+
+
+class _ClassLogits(flax.linen.Module):
+    """Logits `40 (x[..., 0] - 0.2 k)`, k = 1..5: an image of value 0.2 c + 0.1 predicts class c
+    with every bit at P > 0.98 or < 0.02 (a near-perfect model)."""
+
+    def __call__(self, x, train: bool = False):
+        return 40.0 * (x[..., :1] - 0.2 * jnp.arange(1, 6, dtype=jnp.float32))
+
+
+def test_validation_loss_of_a_batch_dice_arm_is_its_loss_on_the_fold_as_one_batch():
+    """ce_dice with batch Dice (eps 1e-5, Bosma22's arm): val/loss is CE + the Dice of the whole
+    validation fold, i.e. the arm's training loss on the fold taken as one batch, over two eval
+    batches with a padded slice (weight 0). It logged the mean of per-image Dice before, which is
+    ~1 on every lesion-free channel whose summed P(bit) is not below eps, however good the model:
+    here 0.39 for a near-perfect model whose loss is 0.27."""
+    overrides = ["--config.loss.name=ce_dice", "--config.loss.mfl=false",
+                 "--config.loss.batch_dice=true", "--config.loss.eps=1e-5"]  # fmt: skip
+    mesh = sharding.make_mesh()
+    spec = RunSpec.from_config(tiny_config(overrides=overrides))
+    spec = dataclasses.replace(spec, model=_ClassLogits())
+    eval_step = step_lib.make_eval_step(spec, mesh)
+    classes = np.zeros((8, 8, 8), np.int32)
+    classes[1, 2:5, 2:5], classes[4, 4:7, 1:3], classes[7, :4, :4] = 2, 4, 5  # slice 7: padding
+    images = np.repeat((0.2 * classes + 0.1)[..., None], 2, axis=-1).astype(np.float32)
+    weight = np.array([1, 1, 1, 1, 1, 1, 1, 0], np.float32)
+    totals = None
+    for rows in (slice(0, 4), slice(4, 8)):
+        batch = {
+            "images": jnp.asarray(images[rows]),
+            "classes": jnp.asarray(classes[rows]),
+            "grade_known": jnp.ones((4, 8, 8), jnp.uint8),
+            "weight": jnp.asarray(weight[rows]),
+        }
+        sums, _ = eval_step({}, jax.device_put(batch, sharding.batch_sharding(mesh)))
+        sums = jax.device_get(sums)
+        totals = sums if totals is None else {k: totals[k] + sums[k] for k in totals}
+    logits = np.asarray(_ClassLogits().apply({}, jnp.asarray(images[:7])))
+    targets = encoding.ordinal_encode(classes[:7])
+    expected = losses.ce_dice_loss(logits, targets, eps=1e-5, batch_dice=True)
+    np.testing.assert_allclose(step_lib.validation_loss(totals, eval_step.loss), expected, 1e-5)
+    per_image = losses.ce_dice_loss(logits, targets, eps=1e-5)  # what was logged before
+    assert per_image - expected > 0.1
+    # A per-pixel loss keeps the weighted mean of its per-slice losses.
+    plain = step_lib.make_eval_step(
+        dataclasses.replace(spec, loss=losses.get_loss("sigmoid_ce")), mesh
+    )
+    batch = {"images": jnp.asarray(images[:4]), "classes": jnp.asarray(classes[:4]),
+             "grade_known": jnp.ones((4, 8, 8), jnp.uint8), "weight": jnp.ones(4)}  # fmt: skip
+    sums, _ = plain({}, jax.device_put(batch, sharding.batch_sharding(mesh)))
+    np.testing.assert_allclose(
+        step_lib.validation_loss(jax.device_get(sums), plain.loss),
+        losses.sigmoid_cross_entropy(logits[:4], targets[:4]),
+        rtol=1e-5,
+    )

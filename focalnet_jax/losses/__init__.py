@@ -36,6 +36,8 @@ from focalnet_jax.losses.pixel import (
     ce_dice_loss_map,
     ce_focal_loss,
     ce_focal_loss_map,
+    dice_loss_from_sums,
+    dice_sums,
     focal_loss,
     focal_loss_map,
     ordinal_focal_loss,
@@ -47,19 +49,22 @@ from focalnet_jax.losses.pixel import (
     softmax_cross_entropy,
     softmax_cross_entropy_map,
 )
-from focalnet_jax.losses.registry import LOSS_NAMES, LossSpec, get_loss
+from focalnet_jax.losses.registry import LOSS_NAMES, LossSpec, batch_dice_options, get_loss
 
 __all__ = [
     "LOSS_NAMES",
     "MFL_LOSSES",
     "MFL_MODES",
     "LossSpec",
+    "batch_dice_options",
     "ce_dice_loss",
     "ce_dice_loss_map",
     "ce_focal_loss",
     "ce_focal_loss_map",
     "check_mfl",
     "component_subsets",
+    "dice_loss_from_sums",
+    "dice_sums",
     "loss_from_distances",
     "focal_loss",
     "focal_loss_map",

@@ -233,21 +233,43 @@ def _sum_over_devices(local, axis_name):
     return lax.pcast(lax.psum(local, axis_name), axis_name, to="varying")
 
 
-def _dice(logits, targets, valid, eps, activation, dice_background, axes, axis_name=None):
-    """Soft Dice per channel, summed over `axes` (`(1, 2)`: per image `[B, K]`; `(0, 1, 2)`: over
-    the batch `[K]`, and over the devices of `axis_name` when given), channel 0 left out unless
-    `dice_background`."""
+def dice_sums(
+    logits, targets, *, valid=None, activation="sigmoid", dice_background=True, axes=(0, 1, 2)
+):
+    """The two sums of the soft Dice per channel over `axes`: ``(sum v p y, sum v (p + y))``,
+    channel 0 left out unless `dice_background`; ``[K]`` each for the default axes (B, H, W).
+
+    Sums add over batches, so the batch Dice of a whole validation fold is
+    :func:`dice_loss_from_sums` of the batches' summed sums (a slice of weight 0 enters through
+    ``valid = 0``).
+    """
     logits, targets, valid = check_inputs(logits, targets, valid)
     if activation not in ("sigmoid", "softmax"):
         raise ValueError(f"activation: expected 'sigmoid' or 'softmax', got {activation!r}")
     if not dice_background and activation != "softmax":
         raise ValueError("dice_background=False: only a softmax output has a background channel")
-    check_scalar(eps, "eps", 1e-12)
     probs = jax.nn.sigmoid(logits) if activation == "sigmoid" else jax.nn.softmax(logits, -1)
-    overlap = _sum_over_devices(jnp.sum(valid * probs * targets, axis=axes), axis_name)
-    total = _sum_over_devices(jnp.sum(valid * (probs + targets), axis=axes), axis_name)
-    dice = (2.0 * overlap + eps) / (total + eps)
-    return dice if dice_background else dice[..., 1:]
+    overlap = jnp.sum(valid * probs * targets, axis=axes)
+    total = jnp.sum(valid * (probs + targets), axis=axes)
+    return (overlap, total) if dice_background else (overlap[..., 1:], total[..., 1:])
+
+
+def dice_loss_from_sums(overlap, total, eps):
+    """``1 - mean_k (2 overlap_k + eps) / (total_k + eps)`` of :func:`dice_sums` ``[..., K]``."""
+    return 1.0 - jnp.mean((2.0 * overlap + eps) / (total + eps), axis=-1)
+
+
+def _dice(logits, targets, valid, eps, activation, dice_background, axes, axis_name=None):
+    """Soft Dice per channel, summed over `axes` (`(1, 2)`: per image `[B, K]`; `(0, 1, 2)`: over
+    the batch `[K]`, and over the devices of `axis_name` when given), channel 0 left out unless
+    `dice_background`."""
+    check_scalar(eps, "eps", 1e-12)
+    overlap, total = dice_sums(
+        logits, targets, valid=valid, activation=activation, dice_background=dice_background,
+        axes=axes,
+    )  # fmt: skip
+    overlap, total = (_sum_over_devices(x, axis_name) for x in (overlap, total))
+    return (2.0 * overlap + eps) / (total + eps)
 
 
 def soft_dice_loss_map(

@@ -4,6 +4,7 @@ the hyperparameters the config gives."""
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -103,3 +104,26 @@ def get_loss(name: str, **hyperparameters) -> LossSpec:
         return spec
     bind = functools.partial
     return spec._replace(fn=bind(spec.fn, **given), map_fn=bind(spec.map_fn, **given))
+
+
+def batch_dice_options(spec: LossSpec) -> dict | None:
+    """For a loss bound with ``batch_dice=True`` (`soft_dice`, `ce_dice`, `softmax_ce_dice`), the
+    options that finish it from :func:`pixel.dice_sums` summed over many batches: ``eps``,
+    ``activation``, ``dice_background`` and the weights ``ce`` and ``dice`` (`soft_dice`: 0 and
+    1); None for every other loss (a mean over pixels or images, which per-image maps give).
+
+    >>> batch_dice_options(get_loss("ce_dice", batch_dice=True, eps=1e-5))["eps"]
+    1e-05
+    >>> batch_dice_options(get_loss("ce_dice")) is None
+    True
+    """
+    bound = {
+        name: p.default
+        for name, p in inspect.signature(spec.fn).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+    if not bound.get("batch_dice"):
+        return None
+    ce, dice = bound.get("weights", (0.0, 1.0))
+    keys = ("eps", "activation", "dice_background")
+    return {key: bound[key] for key in keys} | {"ce": float(ce), "dice": float(dice)}

@@ -53,8 +53,9 @@ def _scalars(metrics, subsets, prefix="train") -> dict[str, float]:
 
 
 def evaluate(eval_step, state, reader, rows, batch_size, mesh) -> tuple[dict[str, float], dict]:
-    """Validation loss, Dice (lesion: class >= 1, csPCa: class >= 2; at 0.5) and the mean lesion
-    score P(class >= 1) on lesion and on background pixels over `rows`."""
+    """Validation loss (`step.validation_loss`), Dice (lesion: class >= 1, csPCa: class >= 2; at
+    0.5) and the mean lesion score P(class >= 1) on lesion and on background pixels over `rows`
+    (`eval_step`: `step.make_eval_step`)."""
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     totals, shown = None, []  # shown: the first `_PANEL_SLICES` predictions, over batches
     for batch in input_pipeline.eval_batches(reader, rows, batch_size, mesh):
@@ -63,8 +64,7 @@ def evaluate(eval_step, state, reader, rows, batch_size, mesh) -> tuple[dict[str
         totals = sums if totals is None else {k: totals[k] + sums[k] for k in totals}
         if sum(len(p) for p in shown) < _PANEL_SLICES:
             shown.append(np.asarray(predicted[:_PANEL_SLICES]))
-    count = max(float(totals["count"]), 1.0)
-    metrics = {"val/loss": float(totals["loss"]) / count}
+    metrics = {"val/loss": step_lib.validation_loss(totals, eval_step.loss)}
     for k, name in ((1, "lesion"), (2, "cspca")):
         denominator = float(totals[f"predicted_{k}"] + totals[f"true_{k}"])
         dice = 2.0 * float(totals[f"intersect_{k}"]) / denominator if denominator else 1.0

@@ -36,6 +36,8 @@ with the whole batch.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -179,16 +181,55 @@ def predicted_classes(scores, output_encoding: str):
     return encoding.ordinal_decode(scores[..., :1] if output_encoding == "binary" else scores)
 
 
+def _loss_sums(logits, targets, valid, weight, loss: losses.LossSpec) -> dict:
+    """The validation loss's sums over a batch (`weight [B]`: 0 on padding): `loss` (each
+    slice's loss, reduced per image, times its weight) and `count`; for a batch-Dice loss also
+    `dice_overlap`, `dice_total` (`losses.dice_sums` of the weighted slices), since its Dice is
+    one over the whole fold (`validation_loss`), not a mean of per-image Dice."""
+    options = losses.batch_dice_options(loss)
+    if options is None:
+        per_slice = reductions.per_image(loss.map_fn(logits, targets, valid=valid))
+        return {"loss": jnp.sum(weight * per_slice), "count": jnp.sum(weight)}
+    ce_map = {"sigmoid": losses.sigmoid_cross_entropy_map}.get(
+        options["activation"], losses.softmax_cross_entropy_map
+    )
+    per_slice = options["ce"] * reductions.per_image(ce_map(logits, targets, valid=valid))
+    overlap, total = losses.dice_sums(
+        logits, targets, valid=valid * weight[:, None, None, None],
+        activation=options["activation"], dice_background=options["dice_background"],
+    )  # fmt: skip
+    return {
+        "loss": jnp.sum(weight * per_slice),
+        "count": jnp.sum(weight),
+        "dice_overlap": overlap,
+        "dice_total": total,
+    }
+
+
+def validation_loss(totals: dict, loss: losses.LossSpec) -> float:
+    """The validation loss from `eval_step` sums added over every batch of the fold: the
+    weighted mean of the per-slice losses, plus for a batch-Dice loss its Dice weight times the
+    Dice loss of the fold taken as one batch (the arm's own loss; a mean of per-image Dice with
+    eps 1e-5 is ~1 on every lesion-free channel and does not fall with training)."""
+    value = float(totals["loss"]) / max(float(totals["count"]), 1.0)
+    options = losses.batch_dice_options(loss)
+    if options is not None:
+        dice = losses.dice_loss_from_sums(
+            totals["dice_overlap"], totals["dice_total"], options["eps"]
+        )
+        value += options["dice"] * float(dice)
+    return value
+
+
 def eval_step(variables, batch, *, spec: RunSpec):
     """`(sums, predicted_classes)` of one validation batch; see `make_eval_step`."""
     images = clip_inputs(batch["images"])
     weight = batch["weight"].astype(jnp.float32)
     logits = spec.model.apply(variables, images, train=False)
     targets, valid = _targets(batch["classes"], batch["grade_known"], spec.output_encoding)
-    per_slice = reductions.per_image(spec.loss.map_fn(logits, targets, valid=valid))
+    sums = _loss_sums(logits, targets, valid, weight, spec.loss)
     scores = encoding.scores_from_outputs(logits, spec.output_encoding, from_logits=True)
     predicted = predicted_classes(scores, spec.output_encoding)
-    sums = {"loss": jnp.sum(weight * per_slice), "count": jnp.sum(weight)}
     lesion = (batch["classes"] >= 1).astype(jnp.float32) * weight[:, None, None]
     background = (batch["classes"] == 0).astype(jnp.float32) * weight[:, None, None]
     sums["score_lesion"] = jnp.sum(scores[..., 0] * lesion)
@@ -203,12 +244,23 @@ def eval_step(variables, batch, *, spec: RunSpec):
     return sums, predicted
 
 
-def make_eval_step(spec: RunSpec, mesh: Mesh):
+class EvalStep(NamedTuple):
+    """`make_eval_step`'s jitted step, called as it, and the loss spec whose `validation_loss`
+    finishes its sums."""
+
+    fn: Callable
+    loss: losses.LossSpec
+
+    def __call__(self, variables, batch):
+        return self.fn(variables, batch)
+
+
+def make_eval_step(spec: RunSpec, mesh: Mesh) -> EvalStep:
     """Jitted global-view `eval_step(variables, batch) -> (sums, predicted_classes)`.
 
     batch: `images`, `classes`, `grade_known` as in training plus `weight [B]` (0 on padding).
     Inputs are clipped to [0, 1], not augmented; BatchNorm uses running averages. `sums` holds
-    weighted sums over the batch (`loss`: each slice's loss map reduced per image; `count`; per
+    weighted sums over the batch (the loss sums of `_loss_sums`, finished by `validation_loss`; per
     score k in (1, 2) (lesion, csPCa) the Dice terms `intersect_k`, `predicted_k`, `true_k` of
     the class map decoded by `encoding.ordinal_decode` (P(class >= k) > 0.5); P(class >= 1)
     summed over lesion pixels (`score_lesion`) and background pixels (`score_background`,
@@ -216,4 +268,4 @@ def make_eval_step(spec: RunSpec, mesh: Mesh):
     output). Outputs are replicated, so every process can read them.
     """
     bound = functools.partial(eval_step, spec=spec)
-    return jax.jit(bound, out_shardings=NamedSharding(mesh, P()))
+    return EvalStep(jax.jit(bound, out_shardings=NamedSharding(mesh, P())), spec.loss)
