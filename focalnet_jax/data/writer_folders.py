@@ -1,0 +1,95 @@
+"""Temporary folders of store writers: named after their writer, removed once it has died.
+
+A store is written in the sibling folder `.<name>.tmp-<pid>@<host>-<space>-<token>`: `pid` and
+`host` of the writing process, and `space`, 8 hex digits of a hash of the host name, the kernel's
+boot id and the process's PID namespace (Linux; elsewhere the host name alone). The pid can be
+checked only from the same space: on a shared file system another host, or a container with the
+same host name but its own PID namespace (`docker --network=host`), may be writing right now, and
+its pid means nothing here. So a leftover is removed only when its space is this process's and its
+pid has ended; every other one is left and named in one log line, to be removed by hand once no
+run writes it (its age proves nothing: a run elsewhere may take hours).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import re
+import secrets
+import shutil
+import socket
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+_NAME = r"^\.{name}\.tmp-(?P<pid>\d+)@(?P<host>.+)-(?P<space>[0-9a-f]{{8}})-[0-9a-f]{{8}}(\.old)?$"
+
+
+@functools.cache
+def pid_space() -> str:
+    """8 hex digits naming where this process's pids mean something: host name, boot id and PID
+    namespace (what of the latter two this system shows)."""
+    parts = [socket.gethostname()]
+    for read in (
+        lambda: Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
+        lambda: os.readlink("/proc/self/ns/pid"),
+    ):
+        try:
+            parts.append(read())
+        except OSError:  # not Linux
+            parts.append("")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:8]
+
+
+def writer_folder(path: Path) -> Path:
+    """A new temporary folder name for this process writing `path` (not created)."""
+    owner = f"{os.getpid()}@{socket.gethostname()}-{pid_space()}-{secrets.token_hex(4)}"
+    return path.with_name(f".{path.name}.tmp-{owner}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_dead_leftovers(path: str | os.PathLike) -> list[Path]:
+    """Removes the temporary folders of writers of `path` that died before committing (same pid
+    space, pid ended); names every other one in a log line. Returns the removed folders."""
+    path = Path(path)
+    pattern = re.compile(_NAME.format(name=re.escape(path.name)))
+    removed = []
+    for folder in sorted(path.parent.glob(f".{path.name}.tmp-*")):
+        match = pattern.match(folder.name)
+        if match is None:
+            log.warning(
+                "leaving %s: a store leftover that does not name its writer; remove it by hand "
+                "when no preprocess run writes %s",
+                folder,
+                path,
+            )
+        elif match["space"] != pid_space():
+            log.warning(
+                "leaving %s: written by preprocess pid %s on %s, which cannot be checked from here "
+                "(another host or container); remove it by hand when no preprocess run writes %s",
+                folder,
+                match["pid"],
+                match["host"],
+                path,
+            )
+        elif _pid_alive(int(match["pid"])):
+            log.warning("leaving %s: its writer, pid %s of this host, runs", folder, match["pid"])
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+            if folder.exists():
+                log.warning("could not remove %s, left by preprocess pid %s", folder, match["pid"])
+                continue
+            log.warning("removed %s, left by preprocess pid %s that ended", folder, match["pid"])
+            removed.append(folder)
+    return removed
