@@ -264,6 +264,12 @@ def write_errors(path: str | os.PathLike, errors) -> None:
         writer.writerows(errors)
 
 
+def bad_cases_note(errors) -> str:
+    """The end of a command's closing line: '; 1 bad case in errors.csv', or '' when none."""
+    n = len(errors)
+    return f"; {n} bad case{'' if n == 1 else 's'} in errors.csv" if n else ""
+
+
 @dataclass
 class Store:
     """An opened store: memory-mapped arrays (see the module docstring) and the case table."""
