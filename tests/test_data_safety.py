@@ -260,7 +260,6 @@ def test_leftovers_of_dead_writers_are_removed_live_ones_kept(manifest_rows, tmp
     host, space = socket.gethostname(), pid_space()
     other = f"{(int(space, 16) + 1) % 2**32:08x}"
     dead = tmp_path / f".store.tmp-{_dead_pid()}@{host}-{space}-0123abcd"
-    dead_old = tmp_path / f".store.tmp-{_dead_pid()}@{host}-{space}-89abcdef.old"
     live = tmp_path / f".store.tmp-{os.getpid()}@{host}-{space}-00000000"
     elsewhere = tmp_path / f".store.tmp-{_dead_pid()}@not-{host}-{other}-11111111"
     container = tmp_path / f".store.tmp-{_dead_pid()}@{host}-{other}-33333333"
@@ -268,7 +267,7 @@ def test_leftovers_of_dead_writers_are_removed_live_ones_kept(manifest_rows, tmp
     legacy = tmp_path / ".store.tmp-k2j3h4g5"
     other_store = tmp_path / f".other.tmp-{_dead_pid()}@{host}-{space}-22222222"
     left = (live, elsewhere, container, unnamed_space, legacy)
-    for folder in (dead, dead_old, *left, other_store):
+    for folder in (dead, *left, other_store):
         folder.mkdir()
         (folder / "images.npy").write_bytes(b"\0" * 256)
     with caplog.at_level(logging.WARNING, logger="focalnet_jax.data"):
@@ -276,16 +275,35 @@ def test_leftovers_of_dead_writers_are_removed_live_ones_kept(manifest_rows, tmp
     _only(tmp_path, "cases.csv", "store", other_store.name, *(folder.name for folder in left))
     messages = [r.getMessage() for r in caplog.records]
     removed = [m for m in messages if m.startswith("removed")]
-    pids = [folder.name.split("-")[1].split("@")[0] for folder in (dead, dead_old)]
-    assert removed == [
-        f"removed {dead}, left by preprocess pid {pids[0]} that ended",
-        f"removed {dead_old}, left by preprocess pid {pids[1]} that ended",
-    ]
+    pid = dead.name.split("-")[1].split("@")[0]
+    assert removed == [f"removed {dead}, left by preprocess pid {pid} that ended"]
     leaving = sorted(m.split(":")[0] for m in messages if m.startswith("leaving"))
     assert leaving == sorted(f"leaving {folder}" for folder in left)
     assert f"written by preprocess pid {container.name.split('-')[1].split('@')[0]} on {host}" in (
         "".join(messages)
     )
+
+
+def test_a_store_moved_aside_by_a_killed_commit_is_restored(manifest_rows, tmp_path, capsys):
+    """A commit killed between its two renames leaves the old store as `<folder>.old` and the
+    finished new one in its folder, `store` missing. The next run moves the old store back
+    before checking its settings (so other settings still need --overwrite), and removes the
+    rest."""
+    manifest = _write(tmp_path / "cases.csv", manifest_rows)
+    store = tmp_path / "store"
+    assert main(_preprocess(manifest, store)) == 0
+    before = (store / "cases.json").read_bytes()
+    folder = tmp_path / f".store.tmp-{_dead_pid()}@{socket.gethostname()}-{pid_space()}-89abcdef"
+    shutil.copytree(store, folder)  # the new store, finished
+    os.replace(store, folder.with_name(folder.name + ".old"))
+    line = _user_error(capsys, _preprocess(manifest, store, "--interpolator", "linear"))
+    assert "exists, made with other settings" in line
+    assert (store / "cases.json").read_bytes() == before
+    _only(tmp_path, "cases.csv", "store", folder.name)
+    # With the store in place, a dead writer's `.old` is a leftover like any other.
+    os.replace(folder, folder.with_name(folder.name + ".old"))
+    assert main(_preprocess(manifest, store)) == 0
+    _only(tmp_path, "cases.csv", "store")
 
 
 KILLED_WRITER = """

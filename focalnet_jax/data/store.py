@@ -35,7 +35,11 @@ import numpy as np
 from focalnet_jax.data.case_ids import check_case_id
 from focalnet_jax.data.geometry import CropGeometry, display_axes
 from focalnet_jax.data.preprocess import PreprocessConfig
-from focalnet_jax.data.writer_folders import remove_dead_leftovers, writer_folder
+from focalnet_jax.data.writer_folders import (
+    remove_dead_leftovers,
+    restore_moved_aside,
+    writer_folder,
+)
 from focalnet_jax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -122,6 +126,7 @@ class StoreWriter:
 
     def __init__(self, path: str | os.PathLike, components, settings: dict, *, overwrite=False):
         self.path = Path(path)
+        restore_moved_aside(self.path)
         if (self.path / "cases.json").exists():
             diff = settings_diff(read_settings(self.path), settings, ("existing", "new"))
             if diff and not overwrite:

@@ -7,7 +7,9 @@ checked only from the same space: on a shared file system another host, or a con
 same host name but its own PID namespace (`docker --network=host`), may be writing right now, and
 its pid means nothing here. So a leftover is removed only when its space is this process's and its
 pid has ended; every other one is left and named in one log line, to be removed by hand once no
-run writes it (its age proves nothing: a run elsewhere may take hours).
+run writes it (its age proves nothing: a run elsewhere may take hours). A commit moves the old
+store aside to `<folder>.old` before moving the new one in; when its writer died between the two,
+the next writer moves the old store back first (`restore_moved_aside`).
 """
 
 from __future__ import annotations
@@ -57,6 +59,28 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:  # another user's live process
         return True
     return True
+
+
+def restore_moved_aside(path: str | os.PathLike) -> Path | None:
+    """Moves back the old store at `path` that a writer killed between its two renames (old
+    aside, new in place) left as `<its folder>.old`: only when `path` is missing and the writer
+    is known dead (same pid space, pid ended). Returns the folder restored from, if any."""
+    path = Path(path)
+    if path.exists():
+        return None
+    pattern = re.compile(_NAME.format(name=re.escape(path.name)))
+    for folder in sorted(path.parent.glob(f".{path.name}.tmp-*.old")):
+        match = pattern.match(folder.name)
+        if match and match["space"] == pid_space() and not _pid_alive(int(match["pid"])):
+            os.replace(folder, path)
+            log.warning(
+                "restored %s from %s: preprocess pid %s ended before it replaced that store",
+                path,
+                folder,
+                match["pid"],
+            )
+            return folder
+    return None
 
 
 def remove_dead_leftovers(path: str | os.PathLike) -> list[Path]:
