@@ -14,8 +14,6 @@ the next writer moves the old store back first (`restore_moved_aside`).
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import logging
 import os
 import re
@@ -24,41 +22,17 @@ import shutil
 import socket
 from pathlib import Path
 
+from focalnet_jax.processes import pid_alive, pid_space
+
 log = logging.getLogger(__name__)
 
 _NAME = r"^\.{name}\.tmp-(?P<pid>\d+)@(?P<host>.+)-(?P<space>[0-9a-f]{{8}})-[0-9a-f]{{8}}(\.old)?$"
-
-
-@functools.cache
-def pid_space() -> str:
-    """8 hex digits naming where this process's pids mean something: host name, boot id and PID
-    namespace (what of the latter two this system shows)."""
-    parts = [socket.gethostname()]
-    for read in (
-        lambda: Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
-        lambda: os.readlink("/proc/self/ns/pid"),
-    ):
-        try:
-            parts.append(read())
-        except OSError:  # not Linux
-            parts.append("")
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:8]
 
 
 def writer_folder(path: Path) -> Path:
     """A new temporary folder name for this process writing `path` (not created)."""
     owner = f"{os.getpid()}@{socket.gethostname()}-{pid_space()}-{secrets.token_hex(4)}"
     return path.with_name(f".{path.name}.tmp-{owner}")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
 
 
 def restore_moved_aside(path: str | os.PathLike) -> Path | None:
@@ -71,7 +45,7 @@ def restore_moved_aside(path: str | os.PathLike) -> Path | None:
     pattern = re.compile(_NAME.format(name=re.escape(path.name)))
     for folder in sorted(path.parent.glob(f".{path.name}.tmp-*.old")):
         match = pattern.match(folder.name)
-        if match and match["space"] == pid_space() and not _pid_alive(int(match["pid"])):
+        if match and match["space"] == pid_space() and not pid_alive(int(match["pid"])):
             os.replace(folder, path)
             log.warning(
                 "restored %s from %s: preprocess pid %s ended before it replaced that store",
@@ -107,7 +81,7 @@ def remove_dead_leftovers(path: str | os.PathLike) -> list[Path]:
                 match["host"],
                 path,
             )
-        elif _pid_alive(int(match["pid"])):
+        elif pid_alive(int(match["pid"])):
             log.warning("leaving %s: its writer, pid %s of this host, runs", folder, match["pid"])
         else:
             shutil.rmtree(folder, ignore_errors=True)
