@@ -333,7 +333,8 @@ def _one_line_error(*argv: str) -> str:
         ("--spec.store=/no/such/store", "store '/no/such/store' does not exist"),
         ("--spec.arms.ce.loss.mfl=true", "loss.mfl=True with loss.name='sigmoid_ce'"),
         ("--spec.folds=(2,)", "folds=[2]"),
-        ("--spec.arms.ce.loss.nme=x", "--spec.arms.ce.loss.nme: unknown config key"),
+        ("--spec.arms.ce.loss.nme=x", "unknown config key 'loss.nme'"),  # of arm 'ce', by its base
+        ("--spec.comon.train.steps=5", "--spec.comon.train.steps: unknown config key 'comon'"),
     ],
 )
 def test_bad_spec_is_a_one_line_error_before_anything_runs(spec_file, tmp_path, override, expected):
@@ -445,6 +446,31 @@ def test_spec_may_add_runs_to_a_study_and_nothing_else(spec_file, store, tmp_pat
     ):
         message = _one_line_error(*run[1:], *changed)
         assert f"this folder holds a study with other {fields}; use a new --workdir" in message
+
+
+def test_spec_overrides_may_add_config_keys_to_common_and_arms(store):
+    """The shipped bosma22 spec has `common = {}`: `--spec.common.train.steps=500`, as the docs
+    show it, was refused (unknown key 'common.train'); common and arm overrides may name any key
+    of the base config, read as Python literals, and a typo is still refused by the base."""
+    from focalnet_jax.study.spec import StudyError, cell_overrides, load_spec, validate
+
+    bosma22 = f"{REPO / 'configs' / 'studies' / 'bosma22.py'}:{store}"
+    overrides = [
+        "--spec.num_folds=2",
+        "--spec.common.train.steps=500",
+        "--spec.arms.ce_fl.loss.weights=(0.25,0.75)",
+        "--spec.arms.fl.loss.gamma=1.0",
+    ]
+    plain = validate(load_spec(bosma22, overrides), bosma22)
+    assert plain["common"] == {"train": {"steps": 500}}
+    assert plain["arms"]["ce_fl"]["loss"]["weights"] == [0.25, 0.75]
+    assert plain["arms"]["fl"]["loss"] == {"name": "focal", "mfl": False, "gamma": 1.0}
+    cell = cell_overrides(plain, "ce_fl", 1, 0)
+    assert "--config.train.steps=500" in cell and "--config.loss.weights=(0.25, 0.75)" in cell
+    with pytest.raises(StudyError, match="unknown config key 'train.stpes'"):
+        validate(load_spec(bosma22, [*overrides, "--spec.common.train.stpes=5"]), bosma22)
+    with pytest.raises(StudyError, match="unknown config key 'comon'"):
+        load_spec(bosma22, ["--spec.comon.train.steps=5"])
 
 
 def test_spec_store_is_opened_before_anything_runs(spec_file, store, tmp_path):

@@ -23,6 +23,7 @@ that cannot be folder names, and every check of `run.RunSpec.from_config` on eac
 
 from __future__ import annotations
 
+import ast
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -99,12 +100,47 @@ def load_spec(path: str, overrides: Sequence[str] = ()) -> ml_collections.Config
     for item in overrides:
         if not item.startswith(SPEC_PREFIX):
             raise StudyError(f"unrecognized argument {item!r}: overrides look like --spec.a.b=v")
-        as_config.append("--config." + item[len(SPEC_PREFIX) :])
+        if not _add_override_key(spec, item[len(SPEC_PREFIX) :]):
+            as_config.append("--config." + item[len(SPEC_PREFIX) :])
     try:
         apply_overrides(spec, as_config)
     except (KeyError, ValueError) as error:
         raise StudyError(error.args[0].replace("--config.", SPEC_PREFIX)) from None
     return spec
+
+
+def _add_override_key(spec: ml_collections.ConfigDict, item: str) -> bool:
+    """Set `KEY=VALUE` where KEY (`common.a.b` or `arms.<arm>.a.b`) is not in the spec yet:
+    `common` and `arms` hold config overrides, so any key of the base config may be added there
+    (checked against it by `validate`, as the spec file's own). VALUE is read as a Python literal,
+    else kept as text. Returns False for every other item (a key the spec has, any other field),
+    left to `apply_overrides`."""
+    key, sep, text = item.partition("=")
+    path = key.split(".")
+    if not sep or path[0] not in ("common", "arms") or len(path) < 2 or not all(path):
+        return False
+    node = spec
+    for name in path[:-1]:
+        if name not in node:
+            break
+        node = node[name]
+        if not isinstance(node, ml_collections.ConfigDict):
+            return False
+    else:
+        if path[-1] in node:
+            return False
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text
+    with spec.unlocked():
+        node = spec
+        for name in path[:-1]:
+            if name not in node:
+                node[name] = ml_collections.ConfigDict()
+            node = node[name]
+        node[path[-1]] = value
+    return True
 
 
 def flatten(nested: Mapping, prefix: str = "") -> list[tuple[str, object]]:
