@@ -460,11 +460,14 @@ def test_spec_overrides_may_add_config_keys_to_common_and_arms(store):
         "--spec.common.train.steps=500",
         "--spec.arms.ce_fl.loss.weights=(0.25,0.75)",
         "--spec.arms.fl.loss.gamma=1.0",
+        "--spec.arms.fl2.loss.name=focal",
+        "--spec.arms.fl2.loss.mfl=false",
     ]
     plain = validate(load_spec(bosma22, overrides), bosma22)
     assert plain["common"] == {"train": {"steps": 500}}
     assert plain["arms"]["ce_fl"]["loss"]["weights"] == [0.25, 0.75]
     assert plain["arms"]["fl"]["loss"] == {"name": "focal", "mfl": False, "gamma": 1.0}
+    assert plain["arms"]["fl2"] == {"loss": {"name": "focal", "mfl": False}}  # a new arm
     cell = cell_overrides(plain, "ce_fl", 1, 0)
     assert "--config.train.steps=500" in cell and "--config.loss.weights=(0.25, 0.75)" in cell
     with pytest.raises(StudyError, match="unknown config key 'train.stpes'"):

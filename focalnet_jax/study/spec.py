@@ -112,9 +112,9 @@ def load_spec(path: str, overrides: Sequence[str] = ()) -> ml_collections.Config
 def _add_override_key(spec: ml_collections.ConfigDict, item: str) -> bool:
     """Set `KEY=VALUE` where KEY (`common.a.b` or `arms.<arm>.a.b`) is not in the spec yet:
     `common` and `arms` hold config overrides, so any key of the base config may be added there
-    (checked against it by `validate`, as the spec file's own). VALUE is read as a Python literal,
-    else kept as text. Returns False for every other item (a key the spec has, any other field),
-    left to `apply_overrides`."""
+    (checked against it by `validate`, as the spec file's own). VALUE is read as true/false/none
+    (any case) or a Python literal, else kept as text. Returns False for every other item (a key
+    the spec has, any other field), left to `apply_overrides`."""
     key, sep, text = item.partition("=")
     path = key.split(".")
     if not sep or path[0] not in ("common", "arms") or len(path) < 2 or not all(path):
@@ -129,8 +129,9 @@ def _add_override_key(spec: ml_collections.ConfigDict, item: str) -> bool:
     else:
         if path[-1] in node:
             return False
+    words = {"true": True, "false": False, "none": None}  # as config_loading reads them
     try:
-        value = ast.literal_eval(text)
+        value = words[text.lower()] if text.lower() in words else ast.literal_eval(text)
     except (ValueError, SyntaxError):
         value = text
     with spec.unlocked():
