@@ -166,14 +166,17 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
 
     A training config is then checked for MFL inherited by a loss it does not belong to
     (`losses.check_mfl`): `configs/focalnet.py` with `--config.loss.name=ce_focal` is an error
-    until `loss.mfl` is set.
+    until `loss.mfl` is set; and for a loss option the loss does not take, set to other than
+    its default (`losses.check_loss_options`).
     """
     config = get_config_from_file(spec)
     config.lock()
     config = apply_overrides(config, overrides)
     loss = config.get("loss")
     if loss is not None and "mfl" in loss:
-        from focalnet_jax.losses import check_mfl
+        from focalnet_jax.losses import LOSS_NAMES, check_loss_options, check_mfl
 
         check_mfl(loss.name, loss.mfl, loss.get("mfl_any_loss", False))
+        if loss.name in LOSS_NAMES:  # an unknown name: RunSpec's error names the choices
+            check_loss_options(loss.name, loss)
     return config

@@ -1,9 +1,12 @@
 """Options of the benchmark losses used by the Bosma22 study (CE+FL and CE+Dice weights, soft Dice
 per image or over the batch, its smoothing, valid bits and nnU-Net's softmax Dice without the
 background channel, focal alpha and gamma) against NumPy references and hand values, their binding
-from a config, and the rule that a benchmark loss never inherits MFL from a FocalNet config."""
+from a config, the rules that a benchmark loss never inherits MFL from a FocalNet config and that
+an option the loss does not take is refused rather than ignored."""
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 import pytest
@@ -161,3 +164,26 @@ def test_benchmark_loss_does_not_inherit_mfl():
     )
     assert asked.loss.mfl and asked.loss.name == "ce_focal"
     assert load_config(focalnet).loss.mfl  # FocalNet itself keeps FL + MFL
+
+
+@pytest.mark.parametrize(
+    ("overrides", "refused"),
+    [
+        (["--config.loss.name=sigmoid_ce", "--config.loss.alpha=0.25"], "loss.alpha=0.25"),
+        (["--config.loss.name=focal", "--config.loss.eps=1e-05"], "loss.eps=1e-05"),
+        (["--config.loss.name=focal", "--config.loss.weights=(0.5,0.5)"], "loss.weights"),
+        (["--config.loss.name=ce_focal", "--config.loss.batch_dice=true"], "loss.batch_dice"),
+        (["--config.loss.name=ce_dice", "--config.loss.eps=1e-05"], None),
+        (["--config.loss.name=focal", "--config.loss.alpha=0.25", "--config.loss.eps=1.0"], None),
+    ],
+)
+def test_a_loss_option_the_loss_does_not_take_is_refused(overrides, refused):
+    """An arm `{'name': 'sigmoid_ce', 'alpha': 0.25}` trained plain CE, the same recipe as the CE
+    arm, without a word; options at their defaults (every config sets them all) stay allowed."""
+    focalnet = str(REPO / "configs" / "focalnet.py")
+    argv = ["--config.loss.mfl=false", *overrides]
+    if refused is None:
+        load_config(focalnet, argv)
+        return
+    with pytest.raises(ValueError, match=rf"^{re.escape(refused)}.*does not take"):
+        load_config(focalnet, argv)

@@ -49,7 +49,13 @@ from focalnet_jax.losses.pixel import (
     softmax_cross_entropy,
     softmax_cross_entropy_map,
 )
-from focalnet_jax.losses.registry import LOSS_NAMES, LossSpec, batch_dice_options, get_loss
+from focalnet_jax.losses.registry import (
+    LOSS_NAMES,
+    LossSpec,
+    batch_dice_options,
+    check_loss_options,
+    get_loss,
+)
 
 __all__ = [
     "LOSS_NAMES",
@@ -61,6 +67,7 @@ __all__ = [
     "ce_dice_loss_map",
     "ce_focal_loss",
     "ce_focal_loss_map",
+    "check_loss_options",
     "check_mfl",
     "component_subsets",
     "dice_loss_from_sums",

@@ -106,6 +106,35 @@ def get_loss(name: str, **hyperparameters) -> LossSpec:
     return spec._replace(fn=bind(spec.fn, **given), map_fn=bind(spec.map_fn, **given))
 
 
+def _option_defaults() -> dict:
+    """{hyperparameter: the default of the losses that take it} (the same for every such loss)."""
+    defaults = {}
+    for spec in _REGISTRY.values():
+        parameters = inspect.signature(spec.fn).parameters
+        for name in spec.hyperparameters:
+            defaults.setdefault(name, parameters[name].default)
+    return defaults
+
+
+def check_loss_options(name: str, options) -> None:
+    """Refuses a hyperparameter that loss `name` does not take, set to other than its default
+    (e.g. `loss.alpha=0.25` with `sigmoid_ce`, `loss.eps=1e-5` with `focal`): the loss would
+    train without it, so an arm meant to differ would silently repeat another. `options`: the
+    config's `loss` section (keys that are not hyperparameters are ignored)."""
+    takes = get_loss(name).hyperparameters
+    for option, default in _option_defaults().items():
+        if option in takes or option not in options:
+            continue
+        value = options[option]
+        same = tuple(value) == tuple(default) if isinstance(default, tuple) else value == default
+        if not same:
+            raise ValueError(
+                f"loss.{option}={value!r}: loss {name!r} does not take {option} (it takes "
+                f"{list(takes)}), so it would train without it; leave it at {default!r} or "
+                "choose a loss that takes it"
+            )
+
+
 def batch_dice_options(spec: LossSpec) -> dict | None:
     """For a loss bound with ``batch_dice=True`` (`soft_dice`, `ce_dice`, `softmax_ce_dice`), the
     options that finish it from :func:`pixel.dice_sums` summed over many batches: ``eps``,
