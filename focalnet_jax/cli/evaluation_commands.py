@@ -134,6 +134,12 @@ def add_predict(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--t2w", help="one exam: T2w DICOM folder, .mha, .nii(.gz), .nrrd")
     parser.add_argument("--adc", help="one exam: ADC DICOM folder or image file")
     parser.add_argument("--hbv", help="one exam: high b-value DWI DICOM folder or image file")
+    parser.add_argument(
+        "--component",
+        action="append",
+        metavar="NAME=PATH",
+        help="one exam: another component the model reads, e.g. dce=exam/dce.mha; repeat",
+    )
     parser.add_argument("--mask", help="prostate mask on any grid (centres the crop)")
     parser.add_argument("--center", help="crop centre 'x,y,z' (LPS mm)")
     parser.add_argument("--layout", choices=("picai", "manifest"), help="many exams")

@@ -29,11 +29,39 @@ def parse_center(text: str | None) -> tuple[float, float, float] | None:
     return center
 
 
+def parse_components(args: argparse.Namespace) -> dict[str, str]:
+    """One exam's component files: --t2w/--adc/--hbv and each --component NAME=PATH."""
+    components = {name: getattr(args, name) for name in COMPONENTS if getattr(args, name)}
+    for item in args.component or ():
+        name, sep, path = item.partition("=")
+        name = name.strip()
+        if not sep or not name or not path:
+            raise UserError(f"--component expects NAME=PATH (e.g. dce=exam/dce.mha), got {item!r}")
+        if name in COMPONENTS:
+            raise UserError(f"--component {item}: give {name} with --{name}")
+        if name in components:
+            raise UserError(f"--component names {name!r} twice ({components[name]} and {path})")
+        components[name] = path
+    return components
+
+
+def _check_exam_gives(models, components: dict[str, str]) -> None:
+    """Raises naming the flag of each component the models read that the exam does not give."""
+    missing = [c for c in models.components if c not in components]
+    if missing:
+        flags = [f"--{c} PATH" if c in COMPONENTS else f"--component {c}=PATH" for c in missing]
+        raise UserError(
+            f"the model(s) {', '.join(map(str, models.runs))} read {list(models.components)} "
+            f"(T2w as the reference grid); give {', '.join(flags)}"
+        )
+
+
 def run(args: argparse.Namespace) -> str:
     """Predicts as the flags say; returns the line to print (what was written)."""
     check_predict_flags(args)
-    if args.layout is None and not (args.t2w and args.adc):
-        raise UserError("give --t2w and --adc (one exam) or --layout (many exams)")
+    if args.layout is None and not args.t2w:
+        raise UserError("give --t2w and the model's other components (one exam) or --layout")
+    components = parse_components(args)
     series = {n: getattr(args, f"{n}_series") for n in COMPONENTS if getattr(args, f"{n}_series")}
     if series and args.layout is not None:
         raise UserError(
@@ -61,7 +89,7 @@ def run(args: argparse.Namespace) -> str:
             **options,
         )
         return summary.describe()
-    components = {name: getattr(args, name) for name in COMPONENTS if getattr(args, name)}
+    _check_exam_gives(models, components)
     written = predict_exam(
         models, components, args.out, center=center, mask=args.mask, series=series, **options
     )
