@@ -1,6 +1,7 @@
 """`focalnet predict` for a model of more than T2w/ADC/HBV whose components come in another order
 than the store's: a DCE model trained with `data.components=dce,adc,t2w` (MFL on) on a small
-synthetic store of T2w, ADC, HBV and DCE. One exam gives DCE with `--component dce=PATH`; every
+synthetic store of T2w, ADC, HBV and DCE. One exam gives DCE with `--component dce=PATH` (and
+chooses its series with `--component-series dce=UID`, flags checked here); every
 output lies on the T2w grid (the reference frame, whatever the model's first component is); the
 model gets its channels in its own order; a folder of exams (`--layout picai`) gives the same maps.
 """
@@ -121,9 +122,18 @@ def test_a_missing_or_malformed_component_is_a_one_line_error_naming_its_flag(dc
         (["--component", "dce"], "--component expects NAME=PATH"),
         (["--component", f"adc={files['adc']}"], "give adc with --adc"),
         (["--component", "dce=a.mha", "--component", "dce=b.mha"], "names 'dce' twice"),
+        (["--component-series", "adc=1.2"], "give adc with --adc-series"),
+        (["--component-series", "dce"], "--component-series expects NAME=UID"),
+        (
+            ["--component-series", "dce=1.2"],
+            "--component-series dce=... names a series of --component dce=..., which is not given",
+        ),
     ]
     for flags, expected in cases:
         assert expected in cli_error([*one, "--t2w", files["t2w"], *flags])
     layout = ["--layout", "picai", "--images", dce_run["data"] / "images"]
     assert "--component is for one exam" in cli_error([*one, *layout, "--component", "dce=x"])
+    message = cli_error([*one, *layout, "--component-series", "dce=1.2"])
+    assert message.endswith("--component-series dce=... is for one exam; a manifest chooses "
+                            "series in its <component>_series columns")  # fmt: skip
     assert not (tmp_path / "o").exists()

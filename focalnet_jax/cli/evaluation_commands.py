@@ -156,6 +156,12 @@ def add_predict(parser: argparse.ArgumentParser) -> None:
             help=f"SeriesInstanceUID or exact SeriesDescription of the {name} series "
             "(when its DICOM folder holds several)",
         )
+    parser.add_argument(
+        "--component-series",
+        action="append",
+        metavar="NAME=UID",
+        help="SeriesInstanceUID or exact SeriesDescription of a --component series; repeat",
+    )
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--threshold", type=float, default=0.5, help="lowest listed detection")
     parser.add_argument("--batch-size", type=int, default=16, help="slices per inference batch")
