@@ -73,6 +73,43 @@ def test_series_with_a_repeated_slice_is_refused(prostatex_case_dir, tmp_path):
     _expect(folder, "repeated slice position")
 
 
+def _slice_positions(folder):
+    """[n, 3] ImagePositionPatient and the 6 direction cosines of a DICOM series, from its
+    headers (SimpleITK, independently of focalnet_jax.data.dicom)."""
+    positions, cosines = [], set()
+    for file in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder)):
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(file)
+        reader.ReadImageInformation()
+        positions.append([float(v) for v in reader.GetMetaData("0020|0032").split("\\")])
+        cosines.add(tuple(float(v) for v in reader.GetMetaData("0020|0037").split("\\")))
+    assert len(cosines) == 1
+    return np.array(positions), np.array(cosines.pop()).reshape(2, 3)
+
+
+@pytest.mark.real_data
+@pytest.mark.parametrize("component", ["t2w", "adc", "hbv"])
+def test_prostatex_slice_positions_are_regular_to_the_bounds_docs_quote(
+    prostatex_case_dir, component
+):
+    # docs/data.md quotes these bounds for ProstateX-0000, 4 to 5 orders of magnitude below the
+    # tolerances of the stack check (0.03 mm; 0.03 mm + 0.001 mm per mm in the plane).
+    positions, cosines = _slice_positions(prostatex_case_dir / component)
+    along = np.sort(positions @ np.cross(cosines[0], cosines[1]))
+    steps = np.diff(along)
+    assert len(steps) == 18 and abs(np.median(steps) - 3.0) < 1e-6
+    assert np.abs(steps - np.median(steps)).max() < 4e-7  # 3.5e-7 mm measured
+    in_plane = positions @ cosines.T
+    assert np.abs(in_plane - in_plane[0]).max() < 4e-6  # 3.1e-6 mm measured
+
+
+@pytest.mark.real_data
+def test_prostatex_adc_99th_percentile_is_the_value_docs_quote(prostatex_case_dir):
+    adc = sitk.GetArrayFromImage(read_image(prostatex_case_dir / "adc"))
+    assert np.percentile(adc[adc != 0], 99) == 2919.0  # docs/data.md, ADC units
+    assert adc_unit_problem(adc) is None
+
+
 # --- truncated files and ADC units ---------------------------------------------------------------
 
 
