@@ -138,6 +138,28 @@ def test_adc_unit_is_judged_by_a_high_percentile():
     assert adc_unit_problem(np.zeros((2, 4, 4))) == "ADC map is zero everywhere"
 
 
+def test_adc_map_in_no_unit_is_not_called_rescalable():
+    # A 99th percentile of 55 is neither 1e-3 mm^2/s (about 3: 55e-3 mm^2/s is 18x free water)
+    # nor 1e-6 mm^2/s (about 3000): a DWI given as ADC. It used to be called "1e-3 mm^2/s:
+    # rescale it", and a DWI x 1000 then passed as an ADC map.
+    adc = np.random.default_rng(0).uniform(500, 3000, (4, 32, 32))
+    dwi = adc / 3000 * 55
+    problem = adc_unit_problem(dwi)
+    assert "not an ADC map in 1e-6, 1e-3 or 1 mm^2/s" in problem and "rescale" not in problem
+    assert f"non-zero voxels {np.percentile(dwi, 99):.4g};" in problem and "DWI" in problem
+    assert "looks like 1e-3 mm^2/s" in adc_unit_problem(adc / 3000 * 9)
+
+
+@pytest.mark.real_data
+def test_high_b_image_given_as_adc_is_refused_as_no_adc_map(prostatex_case_dir):
+    from focalnet_jax.data import preprocess_case
+
+    hbv = str(prostatex_case_dir / "hbv")
+    with pytest.raises(CaseError) as info:
+        preprocess_case({"t2w": str(prostatex_case_dir / "t2w"), "adc": hbv}, case_id="px")
+    assert info.value.file == hbv and "not an ADC map" in info.value.reason
+
+
 # --- through `focalnet preprocess --layout manifest` ---------------------------------------------
 
 _T2W_SPACING = (1.5, 1.5, 3.0)  # x, y, z mm: 64 x 64 x 6 voxels = 96 x 96 x 18 mm
