@@ -73,6 +73,20 @@ def test_series_with_a_repeated_slice_is_refused(prostatex_case_dir, tmp_path):
     _expect(folder, "repeated slice position")
 
 
+@pytest.mark.real_data
+def test_series_of_several_b_values_is_refused_as_several_volumes(prostatex_case_dir, tmp_path):
+    # A DWI series holding two b-values: every position twice. It was reported as one repeated
+    # slice with "median spacing 0.00 mm".
+    folder = tmp_path / "dwi"
+    folder.mkdir()
+    for file in (prostatex_case_dir / "hbv").iterdir():
+        for b in (50, 800):
+            shutil.copy(file, folder / f"b{b}_{file.name}")
+    error = _expect(folder, "each of the 19 slice positions holds 2 images (38 files)")
+    assert "several volumes in one series (b-values" in error.reason
+    assert error.file == str(folder) and "median spacing" not in error.reason
+
+
 def _slice_positions(folder):
     """[n, 3] ImagePositionPatient and the 6 direction cosines of a DICOM series, from its
     headers (SimpleITK, independently of focalnet_jax.data.dicom)."""

@@ -147,6 +147,7 @@ def check_slice_positions(files) -> None:
     bad = np.flatnonzero((np.abs(steps - spacing) > tolerance) | (steps <= tolerance))
     if len(bad) == 0:
         return
+    _refuse_several_volumes(along, tolerance, files)
     i = int(bad[0])
 
     def name(k):
@@ -160,6 +161,23 @@ def check_slice_positions(files) -> None:
         f"{along[i + 1]:.2f} mm ({steps[i]:.2f} mm, median spacing {spacing:.2f} mm, tolerance "
         f"{tolerance:.2f} mm) between {name(i)} and {name(i + 1)}; "
         f"{len(bad)} irregular step(s) of {len(steps)}",
+    )
+
+
+def _refuse_several_volumes(along: np.ndarray, tolerance: float, files) -> None:
+    """Refuse a series in which every slice position holds the same number (> 1) of images
+    (`along`: sorted positions along the normal, mm): several volumes in one series, e.g. the
+    b-values of a DWI acquisition, whose repeated positions would otherwise be reported as one
+    stray repeated slice."""
+    starts = np.concatenate([[0], np.flatnonzero(np.diff(along) > tolerance) + 1, [len(along)]])
+    counts = np.diff(starts)
+    if len(counts) < 2 or counts[0] < 2 or np.any(counts != counts[0]):
+        return
+    raise SeriesError(
+        Path(files[0]).parent,
+        f"each of the {len(counts)} slice positions holds {counts[0]} images ({len(along)} "
+        "files): several volumes in one series (b-values, echoes or time points?), not one 3D "
+        "stack; export the one wanted (e.g. the highest b-value) as a series of its own",
     )
 
 
