@@ -179,28 +179,39 @@ def test_high_b_image_given_as_adc_is_refused_as_no_adc_map(prostatex_case_dir):
 _T2W_SPACING = (1.5, 1.5, 3.0)  # x, y, z mm: 64 x 64 x 6 voxels = 96 x 96 x 18 mm
 
 
-def _write(array_zyx, spacing, origin, path):
+def _write(array_zyx, spacing, origin, path, direction=None):
     image = sitk.GetImageFromArray(np.asarray(array_zyx, np.float32))
     image.SetSpacing(spacing)
     image.SetOrigin(origin)
+    if direction is not None:
+        image.SetDirection([float(v) for v in np.ravel(direction)])
     sitk.WriteImage(image, str(path))
     return str(path)
 
 
-def _synthetic_case(folder, name, *, adc_shift_z=0.0, adc_scale=1.0):
+def _synthetic_case(folder, name, *, adc_shift_z=0.0, adc_scale=1.0, direction=None):
     """T2w 64x64x6 at 1.5x1.5x3 mm; ADC 48x48x6 at 2x2x3 mm over the same 96 mm square, its slice
-    k holding 1000 + 100 k (1e-6 mm^2/s, times `adc_scale`), moved `adc_shift_z` mm along z."""
+    k holding 1000 + 100 k (1e-6 mm^2/s, times `adc_scale`), moved `adc_shift_z` mm along its
+    slice axis; every image with the given `direction` (3x3, columns: voxel axes in LPS)."""
     rng = np.random.default_rng(len(name))
     t2w = _write(
         rng.uniform(100, 400, (6, 64, 64)),
         _T2W_SPACING,
         (0.0, 0.0, 0.0),
         folder / f"{name}_t2w.mha",
+        direction,
     )
     adc = (1000.0 + 100.0 * np.arange(6))[:, None, None] * np.ones((6, 48, 48)) * adc_scale
-    adc = _write(adc, (2.0, 2.0, 3.0), (0.25, 0.25, adc_shift_z), folder / f"{name}_adc.mha")
+    shift = (0.25, 0.25, adc_shift_z) @ (
+        np.eye(3) if direction is None else np.transpose(direction)
+    )
+    adc = _write(adc, (2.0, 2.0, 3.0), tuple(shift), folder / f"{name}_adc.mha", direction)
     label = _write(
-        np.zeros((6, 64, 64)), _T2W_SPACING, (0.0, 0.0, 0.0), folder / f"{name}_label.nii.gz"
+        np.zeros((6, 64, 64)),
+        _T2W_SPACING,
+        (0.0, 0.0, 0.0),
+        folder / f"{name}_label.nii.gz",
+        direction,
     )
     return {"case_id": name, "patient_id": name, "t2w": t2w, "adc": adc, "label": label}
 
@@ -275,6 +286,32 @@ def test_partial_coverage_and_adc_units_refused_through_the_cli(tmp_path):
     # 2 mm beyond the lowest ADC slice: the nearest ADC slice (1000) fills it, not 0.
     start = store.case("within_a_voxel")["start"]
     np.testing.assert_allclose(store.images[start, :, :, 1], 1000.0 / 3000.0, atol=1e-4)
+
+
+def _rotation_about_x(degrees):
+    a = np.radians(degrees)
+    return np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+
+
+def test_sagittal_or_coronal_t2w_is_refused_oblique_axial_kept(tmp_path):
+    # The crop lies in the T2w slice plane: a sagittal or coronal T2w (PI-CAI ships `_sag` and
+    # `_cor` series beside `_t2w`) was cropped in its own plane and fed to a model of axial
+    # slices without a word. An axial series tilted up to 45 degrees stays axial.
+    data = tmp_path / "data"
+    data.mkdir()
+    sagittal = np.array([[0, 0, -1], [1, 0, 0], [0, -1, 0]])  # columns: i -> +y, j -> -z, k -> -x
+    rows = [
+        _synthetic_case(data, "axial"),
+        _synthetic_case(data, "tilted_40", direction=_rotation_about_x(40)),
+        _synthetic_case(data, "coronal", direction=_rotation_about_x(-90)),
+        _synthetic_case(data, "sagittal", direction=sagittal),
+    ]
+    bad = {
+        "coronal": (rows[2]["t2w"], "T2w is not an axial series: slice normal (0.00, 1.00, 0.00)"),
+        "sagittal": (rows[3]["t2w"], "slice normal (-1.00, 0.00, 0.00) LPS, 90 degrees"),
+    }
+    store = _refusals(tmp_path, rows, bad)
+    assert store.case_ids == ["axial", "tilted_40"]
 
 
 @pytest.mark.real_data

@@ -17,7 +17,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from focalnet_jax.data import coverage, intensity
-from focalnet_jax.data.geometry import CropGeometry, display_axes
+from focalnet_jax.data.geometry import CropGeometry, display_axes, not_axial
 from focalnet_jax.data.io import CaseError, read_image, zyx
 
 LABEL_SCHEMES = ("picai", "isup")
@@ -346,13 +346,15 @@ def _crop_label(label, t2w: sitk.Image, reference: sitk.Image, shape, cfg, case:
 def _read_components(
     components: Mapping[str, str | os.PathLike], case: str, series: Mapping[str, str]
 ) -> dict[str, sitk.Image]:
-    """Every component's image (the chosen series of a DICOM folder); each must overlap the
-    first one's (T2w) field of view."""
+    """Every component's image (the chosen series of a DICOM folder); the first (T2w) must be an
+    axial series and each other must overlap its field of view."""
     images = {
         name: read_image(path, case=case, series=series.get(name))
         for name, path in components.items()
     }
     t2w_name, t2w = next(iter(images.items()))
+    if problem := not_axial(t2w.GetDirection()):
+        raise CaseError(case, components[t2w_name], problem)
     for name, image in images.items():
         if name != t2w_name and not _overlaps(image, t2w):
             raise CaseError(
