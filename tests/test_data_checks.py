@@ -165,13 +165,41 @@ def test_adc_map_in_no_unit_is_not_called_rescalable():
 
 
 @pytest.mark.real_data
-def test_high_b_image_given_as_adc_is_refused_as_no_adc_map(prostatex_case_dir):
+def test_high_b_image_given_as_adc_is_refused_as_no_adc_map(prostatex_case_dir, tmp_path):
     from focalnet_jax.data import preprocess_case
 
-    hbv = str(prostatex_case_dir / "hbv")
+    hbv = str(tmp_path / "hbv.mha")  # an image file: no DICOM ImageType to tell what it is
+    sitk.WriteImage(read_image(prostatex_case_dir / "hbv"), hbv)
     with pytest.raises(CaseError) as info:
         preprocess_case({"t2w": str(prostatex_case_dir / "t2w"), "adc": hbv}, case_id="px")
     assert info.value.file == hbv and "not an ADC map" in info.value.reason
+
+
+@pytest.mark.real_data
+@pytest.mark.parametrize(
+    "given, folders, wrong, image_type",
+    [
+        ("t2w", ("adc", "t2w"), "adc", "DERIVED\\PRIMARY\\DIFFUSION\\ADC\\DIS2D"),  # swapped
+        ("adc", ("t2w", "hbv"), "hbv", "DERIVED\\PRIMARY\\DIFFUSION\\TRACEW\\DIS2D"),
+        ("hbv", ("t2w", "adc", "adc"), "adc", "DERIVED\\PRIMARY\\DIFFUSION\\ADC\\DIS2D"),
+    ],
+)
+def test_dicom_series_of_another_component_is_refused_by_its_image_type(
+    prostatex_case_dir, given, folders, wrong, image_type
+):
+    # The ADC folder given as T2w (and T2w as ADC: its 99th percentile, 638, passes the unit
+    # check) was predicted on without a word; so was the ADC map given as HBV.
+    from focalnet_jax.data import preprocess_case
+
+    components = {
+        name: str(prostatex_case_dir / folder)
+        for name, folder in zip(("t2w", "adc", "hbv"), folders, strict=False)
+    }
+    with pytest.raises(CaseError) as info:
+        preprocess_case(components, case_id="px")
+    assert info.value.file == str(prostatex_case_dir / wrong)
+    assert f"ImageType '{image_type}'" in info.value.reason
+    assert f"it is no {given} series" in info.value.reason
 
 
 # --- through `focalnet preprocess --layout manifest` ---------------------------------------------

@@ -349,7 +349,7 @@ def _read_components(
     """Every component's image (the chosen series of a DICOM folder); the first (T2w) must be an
     axial series and each other must overlap its field of view."""
     images = {
-        name: read_image(path, case=case, series=series.get(name))
+        name: read_image(path, case=case, series=series.get(name), component=name)
         for name, path in components.items()
     }
     t2w_name, t2w = next(iter(images.items()))
