@@ -125,6 +125,8 @@ def test_prostatex_99th_percentiles_are_the_values_docs_quote(prostatex_case_dir
     # The T2w's values pass as an ADC map too (docs/data.md: why ImageType is checked).
     t2w = sitk.GetArrayFromImage(read_image(prostatex_case_dir / "t2w"))
     assert np.percentile(t2w[t2w != 0], 99) == 638.0 and adc_unit_problem(t2w) is None
+    hbv = sitk.GetArrayFromImage(read_image(prostatex_case_dir / "hbv"))
+    assert np.percentile(hbv[hbv != 0], 99) == 55.0 and "not an ADC map" in adc_unit_problem(hbv)
 
 
 # --- truncated files and ADC units ---------------------------------------------------------------
