@@ -242,3 +242,31 @@ def test_outputs_put_a_known_score_blob_at_its_world_point(exam_components, tmp_
     best = np.array([float(rows[0][k]) for k in ("x_mm", "y_mm", "z_mm")])
     # The best local maximum is the crop pixel nearest the finding on a slice next to it.
     assert np.linalg.norm(best - finding) < 2.0 and float(rows[0]["lesion_score"]) > 0.85
+
+
+def test_predict_leaves_out_the_t2w_slices_a_shorter_dwi_slab_misses(
+    trained_run, exam_components, tmp_path, caplog
+):
+    # An ADC slab shorter than the T2w's (here its 3 caudal slices cut off) is common in clinical
+    # exams; the whole exam used to be refused ("adc covers 89.5 % of the crop"). Now the T2w
+    # slices the ADC covers are predicted, as with the whole ADC, and the others hold 0.
+    from focalnet_jax.data.io import read_image, write_image
+    from focalnet_jax.evaluation.predict import predict_exam
+
+    short = tmp_path / "adc_short.mha"
+    write_image(read_image(exam_components["adc"])[:, :, 3:], short)
+    maps = {}
+    for name, adc in (("whole", exam_components["adc"]), ("short", short)):
+        predict_exam(trained_run, {**exam_components, "adc": str(adc)}, tmp_path / name)
+        image = sitk.ReadImage(str(tmp_path / name / "lesion_score.nii.gz"))
+        maps[name] = sitk.GetArrayFromImage(image)  # [z, y, x]
+    assert "T2w slices [0, 1] lie partly outside a component's field of view" in caplog.text
+    assert maps["short"].shape == maps["whole"].shape == (19, 384, 384)
+    assert not maps["short"][:2].any() and maps["short"][2:].max(axis=(1, 2)).min() > 0
+    # B-spline resampling of the cut ADC differs next to the cut only.
+    np.testing.assert_allclose(maps["short"][6:], maps["whole"][6:], atol=1e-3)
+    # An ADC narrower than the crop on every slice is still refused.
+    narrow = tmp_path / "adc_narrow.mha"
+    write_image(read_image(exam_components["adc"])[:42], narrow)
+    with pytest.raises(ValueError, match=r"adc covers 50.0 % of the crop of the stored slices"):
+        predict_exam(trained_run, {**exam_components, "adc": str(narrow)}, tmp_path / "narrow")

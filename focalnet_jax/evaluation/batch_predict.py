@@ -77,7 +77,7 @@ def _preprocess(spec: CaseSpec, models: Ensemble) -> PreprocessedCase:
             spec.components,
             center=spec.center,
             mask=spec.mask,
-            slices="all",
+            slices="covered",
             series=spec.series,
             config=models.preprocess,
             case_id=spec.case_id,
