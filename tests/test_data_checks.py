@@ -321,6 +321,16 @@ def test_partial_coverage_and_adc_units_refused_through_the_cli(tmp_path):
     np.testing.assert_allclose(store.images[start, :, :, 1], 1000.0 / 3000.0, atol=1e-4)
 
 
+@pytest.mark.real_data
+def test_prostatex_t2w_is_an_axial_series_tilted_18_degrees(prostatex_case_dir):
+    from focalnet_jax.data.geometry import not_axial
+
+    direction = read_image(prostatex_case_dir / "t2w").GetDirection()
+    normal = np.reshape(direction, (3, 3))[:, 2]
+    assert round(float(np.degrees(np.arccos(normal[2]))), 1) == 18.5  # docs/data.md
+    assert not_axial(direction) is None
+
+
 def _rotation_about_x(degrees):
     a = np.radians(degrees)
     return np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
