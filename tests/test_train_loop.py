@@ -245,13 +245,15 @@ def test_images_per_s_leaves_out_validation_and_checkpoint_time(tmp_path, monkey
     1 s of steps, so 16 images/s both times (counting the validation: 16 / 4 = 4)."""
     import types
 
-    from focalnet_jax.training import loop
+    from focalnet_jax.training import loop, sharding
 
     clock = iter([0.0, 1.0, 1.0, 4.0, 5.0])
     monkeypatch.setattr(loop.time, "perf_counter", lambda: next(clock))
     spec = types.SimpleNamespace(global_batch=8, subsets=())
     progress = types.SimpleNamespace(set_postfix=lambda **_: None)
-    logger = loop._Logger(spec, tmp_path, manager=None, progress=progress, start=0)
+    logger = loop._Logger(
+        spec, tmp_path, manager=None, progress=progress, start=0, mesh=sharding.make_mesh()
+    )
     written = []
     monkeypatch.setattr(logger.writer, "scalars", lambda step, values: written.append(values))
     logger.train(2, {"loss": np.float32(0.5)})

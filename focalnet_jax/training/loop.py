@@ -35,10 +35,12 @@ _PANEL_SLICES = 4
 
 
 @jax.jit
-def _first_bad(first_bad, loss, grad_norm, step):
-    """First step whose loss or gradient norm was not finite (-1 while none)."""
+def _first_bad(first_bad, loss, grad_norm, steps_done):
+    """The number (from 1) of the first step whose loss or gradient norm was not finite (-1
+    while none). All operands live on the device (`steps_done`: the state's step after the
+    update), so the check neither transfers nor waits at each step."""
     bad = ~(jnp.isfinite(loss) & jnp.isfinite(grad_norm))
-    return jnp.where((first_bad < 0) & bad, step, first_bad)
+    return jnp.where((first_bad < 0) & bad, steps_done, first_bad)
 
 
 def _scalars(metrics, subsets, prefix="train") -> dict[str, float]:
@@ -101,10 +103,11 @@ class _Logger:
     the compilation.
     """
 
-    def __init__(self, spec: RunSpec, workdir: Path, manager, progress, start: int):
+    def __init__(self, spec: RunSpec, workdir: Path, manager, progress, start: int, mesh):
         self.spec, self.workdir, self.manager, self.progress = spec, workdir, manager, progress
         self.writer = SummaryWriter(workdir / "tb")
-        self.first_bad = jnp.int32(-1)
+        # Replicated like the step's metrics, so `_first_bad` compiles once.
+        self.first_bad = jax.device_put(jnp.int32(-1), sharding.replicated(mesh))
         self.last_time, self.last_step = time.perf_counter(), start
         self.excluded_s = 0.0  # seconds outside training steps since the last log
 
@@ -124,7 +127,7 @@ class _Logger:
         if bad >= 0:
             self.manager.wait_until_finished()
             raise RuntimeError(
-                f"non-finite loss or gradient at step {bad + 1} (checked at step {step}); "
+                f"non-finite loss or gradient at step {bad} (checked at step {step}); "
                 f"last good checkpoint: step {self.manager.latest_step()} in {self.workdir}"
             )
 
@@ -191,7 +194,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     progress = tqdm(
         total=num_steps, initial=start, disable=jax.process_index() != 0, desc="train", unit="step"
     )
-    logger = _Logger(spec, workdir, manager, progress, start)
+    logger = _Logger(spec, workdir, manager, progress, start, mesh)
     try:  # Whatever happens, pending checkpoint writes finish and files are closed.
         return _steps(spec, state, batches, split.val_rows, mesh, logger, train_key, lam, num_steps)
     finally:
@@ -205,12 +208,15 @@ def _steps(spec: RunSpec, state, batches, val_rows, mesh, logger: _Logger, key, 
     """Steps `state.step`..`num_steps` with logging, checkpoints and validation; the last state."""
     train_step = step_lib.make_train_step(spec, mesh)
     eval_step = step_lib.make_eval_step(spec, mesh)
-    lam_operand = jnp.float32(lam)
+    # Placed on every device once, not copied from the default device at each step.
+    key, lam_operand = jax.device_put((key, jnp.float32(lam)), sharding.replicated(mesh))
     train = spec.config.train
     saved = set(logger.manager.all_steps())
     for step, batch in batches.iterate(int(jax.device_get(state.step)), num_steps):
         state, metrics = train_step(state, batch, key, lam_operand)
-        logger.first_bad = _first_bad(logger.first_bad, metrics["loss"], metrics["grad_norm"], step)
+        logger.first_bad = _first_bad(
+            logger.first_bad, metrics["loss"], metrics["grad_norm"], state.step
+        )
         done = step + 1
         logger.progress.update(1)
         final = done == num_steps
