@@ -23,7 +23,7 @@ from tqdm import tqdm
 from focalnet_jax.data.run_store import record_run_store
 from focalnet_jax.data.store import open_store
 from focalnet_jax.errors import UserError
-from focalnet_jax.run import RunSpec, clip_inputs
+from focalnet_jax.run import RunSpec
 from focalnet_jax.run import workdir as workdir_lib
 from focalnet_jax.training import checkpoint, input_pipeline, sharding
 from focalnet_jax.training import step as step_lib
@@ -43,6 +43,12 @@ def _first_bad(first_bad, loss, grad_norm, steps_done):
     return jnp.where((first_bad < 0) & bad, steps_done, first_bad)
 
 
+@jax.jit
+def _add(totals, sums):
+    """`totals + sums`, key by key (validation sums, on the device)."""
+    return jax.tree.map(jnp.add, totals, sums)
+
+
 def _scalars(metrics, subsets, prefix="train") -> dict[str, float]:
     out = {}
     for name, value in jax.device_get(metrics).items():
@@ -59,12 +65,14 @@ def evaluate(eval_step, state, reader, rows, batch_size, mesh) -> tuple[dict[str
     score P(class >= 1) on lesion and on background pixels over `rows`."""
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     totals, shown = None, []  # shown: the first `_PANEL_SLICES` predictions, over batches
+    # The sums stay on the device until the last batch: no wait at each batch, so reading the
+    # next batch overlaps the device's work on this one.
     for batch in input_pipeline.eval_batches(reader, rows, batch_size, mesh):
         sums, predicted = eval_step(variables, batch)
-        sums = jax.device_get(sums)
-        totals = sums if totals is None else {k: totals[k] + sums[k] for k in totals}
+        totals = sums if totals is None else _add(totals, sums)
         if sum(len(p) for p in shown) < _PANEL_SLICES:
-            shown.append(np.asarray(predicted[:_PANEL_SLICES]))
+            shown.append(predicted[:_PANEL_SLICES])
+    totals, shown = jax.device_get((totals, shown))
     count = max(float(totals["count"]), 1.0)
     metrics = {"val/loss": float(totals["loss"]) / count}
     for k, name in ((1, "lesion"), (2, "cspca")):
@@ -87,7 +95,7 @@ def panel(reader, rows: np.ndarray, predicted: np.ndarray) -> np.ndarray:
     """Grey image grid: one row per slice, columns = each component (clipped), truth, prediction
     (classes / 5)."""
     batch = reader.read(rows)
-    images = np.asarray(clip_inputs(batch["images"]))
+    images = np.clip(batch["images"], 0.0, 1.0)  # as `clip_inputs`, on the host
     columns = [images[..., c] for c in range(images.shape[-1])]
     columns += [batch["classes"] / 5.0, predicted[: len(rows)] / 5.0]
     return np.concatenate([np.concatenate(list(col), axis=0) for col in columns], axis=1)
