@@ -495,3 +495,44 @@ def test_predictions_of_a_store_carry_which_lesion_grades_are_unknown(tmp_path):
     paths = predict_cases(predictor, store, ["case000", "case001"], tmp_path)
     known = [read_case(p).grade_known.tolist() for p in paths]
     assert known == [[True], [False]]
+
+
+# --- execution: batches and transfers -------------------------------------------------------------
+
+
+def _tiny_predictor(batch_size: int):
+    import jax
+    from test_train_helpers import tiny_config
+
+    from focalnet_jax.run import RunSpec
+
+    spec = RunSpec.from_config(tiny_config(), num_devices=1, image_size=(32, 32))
+    variables = spec.model.init(jax.random.key(0), np.zeros((1, 32, 32, 2), np.float32))
+    return Predictor.from_variables(spec, variables, batch_size=batch_size)
+
+
+def test_predictor_dispatches_the_next_batch_before_reading_one_back():
+    """10 slices at batch 4: batch i + 1 is handed to the device before batch i's scores are
+    read back, so the host's copy of one batch overlaps the device's work on the next."""
+    import dataclasses
+
+    predictor = _tiny_predictor(batch_size=4)
+    events = []
+
+    class Scores:
+        def __init__(self, value, index):
+            self.value, self.index = value, index
+
+        def __array__(self, dtype=None, copy=None):
+            events.append(f"read {self.index}")
+            return np.asarray(self.value)
+
+    def apply(variables, images):
+        index = sum(event.startswith("dispatch") for event in events)
+        events.append(f"dispatch {index}")
+        return Scores(predictor.apply(variables, images), index)
+
+    images = np.random.default_rng(0).uniform(0, 1, (10, 32, 32, 2)).astype(np.float32)
+    scores = dataclasses.replace(predictor, apply=apply)(images)
+    assert events == ["dispatch 0", "dispatch 1", "read 0", "dispatch 2", "read 1", "read 2"]
+    np.testing.assert_allclose(scores, predictor(images), atol=0)

@@ -13,7 +13,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from focalnet_jax import encoding
@@ -72,16 +71,26 @@ class Predictor:
                 f"images: expected [N, H, W, {len(self.components)}] for components "
                 f"{self.components}, got {images.shape}"
             )
-        n = images.shape[0]
         out = np.zeros((*images.shape[:3], 5), np.float32)
-        # Every batch has the same shape (the last one zero-padded): one compilation.
-        for first in range(0, n, self.batch_size):
+        # Every batch has the same shape (the last one zero-padded): one compilation. Batch i + 1
+        # is dispatched before batch i's scores are read back, so the host's copies overlap the
+        # device's work instead of leaving it idle between batches.
+        pending = None  # (first row, rows, scores on the device)
+        for first in range(0, images.shape[0], self.batch_size):
             chunk = images[first : first + self.batch_size]
             padded = np.zeros((self.batch_size, *images.shape[1:]), np.float32)
             padded[: len(chunk)] = chunk
-            scores = self.apply(self.variables, jnp.asarray(padded))
-            out[first : first + len(chunk)] = np.asarray(scores)[: len(chunk)]
+            scores = self.apply(self.variables, jax.device_put(padded))
+            if pending is not None:
+                _read_back(out, *pending)
+            pending = (first, len(chunk), scores)
+        if pending is not None:
+            _read_back(out, *pending)
         return out
+
+
+def _read_back(out: np.ndarray, first: int, rows: int, scores) -> None:
+    out[first : first + rows] = np.asarray(scores)[:rows]
 
 
 def predict_cases(
