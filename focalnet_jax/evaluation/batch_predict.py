@@ -3,9 +3,10 @@
 Cases are found by the preprocessing's readers (data/layouts.py; labels are not needed and not
 read) and preprocessed with its checks and the models' settings. The slices of consecutive cases
 are pooled into full inference batches (`inference.pooled_predictions`), so the accelerator sees
-`batch_size` slices at a time whatever the exams' lengths: only the run's last batch is padded. The run's outputs (each case's, predict.py) are written to a
-temporary sibling folder that becomes `<out>` when complete, so `<out>` never mixes two runs; a
-non-empty `<out>` is refused unless `overwrite`. A bad case stops the run with its error, or,
+`batch_size` slices at a time whatever the exams' lengths: only the run's last batch is padded.
+The run's outputs (each case's, predict.py) are written to a temporary sibling folder that becomes
+`<out>` when complete, so `<out>` never mixes two runs; a non-empty `<out>` is refused unless
+`overwrite`. A bad case stops the run with its error, or,
 with `skip_bad_cases`, is listed in `<out>/errors.csv` (case, file, reason; written, maybe
 empty, whenever bad cases are skipped) and skipped.
 """
