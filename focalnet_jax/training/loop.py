@@ -115,7 +115,7 @@ class _Logger:
         self.spec, self.workdir, self.manager, self.progress = spec, workdir, manager, progress
         self.writer = SummaryWriter(workdir / "tb")
         # Replicated like the step's metrics, so `_first_bad` compiles once.
-        self.first_bad = jax.device_put(jnp.int32(-1), sharding.replicated(mesh))
+        self.first_bad = sharding.put_replicated(jnp.int32(-1), mesh)
         self.last_time, self.last_step = time.perf_counter(), start
         self.excluded_s = 0.0  # seconds outside training steps since the last log
 
@@ -217,7 +217,7 @@ def _steps(spec: RunSpec, state, batches, val_rows, mesh, logger: _Logger, key, 
     train_step = step_lib.make_train_step(spec, mesh)
     eval_step = step_lib.make_eval_step(spec, mesh)
     # Placed on every device once, not copied from the default device at each step.
-    key, lam_operand = jax.device_put((key, jnp.float32(lam)), sharding.replicated(mesh))
+    key, lam_operand = sharding.put_replicated((key, jnp.float32(lam)), mesh)
     train = spec.config.train
     saved = set(logger.manager.all_steps())
     for step, batch in batches.iterate(int(jax.device_get(state.step)), num_steps):
