@@ -583,3 +583,33 @@ def test_predictor_dispatches_the_next_batch_before_reading_one_back():
     scores = dataclasses.replace(predictor, apply=apply)(images)
     assert events == ["dispatch 0", "dispatch 1", "read 0", "dispatch 2", "read 1", "read 2"]
     np.testing.assert_allclose(scores, predictor(images), atol=0)
+
+
+def test_one_compilation_serves_exams_of_any_length_and_the_flip_ensemble():
+    """Padded batches: a model compiles once for exams of 3, 7, 9 and 1 slices, and a flip-TTA
+    ensemble of two such models (one shared function) compiles nothing more."""
+    import collections
+
+    import jax
+
+    from focalnet_jax.evaluation.ensemble import make_ensemble
+
+    compiles = collections.Counter()
+
+    def count(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles[kwargs["fun_name"]] += 1
+
+    predictor = _tiny_predictor(batch_size=4)
+    other = _tiny_predictor(batch_size=4)
+    ensemble = make_ensemble([predictor, other], [Path("a"), Path("b")], [None, None], "flip")
+    rng = np.random.default_rng(0)
+    jax.monitoring.register_event_duration_secs_listener(count)
+    try:
+        for n in (3, 7, 9, 1):
+            images = rng.uniform(0, 1, (n, 32, 32, 2)).astype(np.float32)
+            assert predictor(images).shape == (n, 32, 32, 5)
+            assert ensemble(images).shape == (n, 32, 32, 5)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(count)
+    assert dict(compiles) == {"jit(apply)": 1}
