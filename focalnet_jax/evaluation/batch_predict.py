@@ -25,7 +25,7 @@ from focalnet_jax.data.atomic_files import check_replaceable, replaced_folder
 from focalnet_jax.data.io import CaseError
 from focalnet_jax.data.layouts import CaseSpec, LayoutError, discover_picai, read_manifest
 from focalnet_jax.data.preprocess import PreprocessedCase, preprocess_case
-from focalnet_jax.data.store import write_errors
+from focalnet_jax.data.store import bad_cases_note, write_errors
 from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation.detection_map import CandidateSettings
 from focalnet_jax.evaluation.ensemble import Ensemble, write_models
@@ -43,8 +43,7 @@ class BatchSummary:
     errors: list[tuple[str, str, str]]
 
     def describe(self) -> str:
-        bad = f"; {len(self.errors)} bad cases in errors.csv" if self.errors else ""
-        return f"wrote {len(self.written)} cases to {self.out}{bad}"
+        return f"wrote {len(self.written)} cases to {self.out}{bad_cases_note(self.errors)}"
 
 
 def find_cases(

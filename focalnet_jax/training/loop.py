@@ -226,7 +226,6 @@ def _steps(spec: RunSpec, state, batches, val_rows, mesh, logger: _Logger, key, 
             logger.first_bad, metrics["loss"], metrics["grad_norm"], state.step
         )
         done = step + 1
-        logger.progress.update(1)
         final = done == num_steps
         if done % train.log_every == 0 or final:
             logger.train(done, metrics)
@@ -241,4 +240,5 @@ def _steps(spec: RunSpec, state, batches, val_rows, mesh, logger: _Logger, key, 
                     eval_step, state, batches.reader, val_rows, spec.global_batch, mesh
                 )
                 logger.validation(done, val, batches.reader, shown)
+        logger.progress.update(1)  # after the step's lines: the last bar drawn shows its loss
     return state
