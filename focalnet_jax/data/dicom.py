@@ -106,7 +106,8 @@ def choose_series(
             raise SeriesError(
                 folder,
                 f"folder holds {len(found)} DICOM series: {listing}; "
-                "choose one (manifest column <component>_series or --<component>-series)",
+                "choose one (manifest column <component>_series, --<component>-series or "
+                "--component-series <component>=UID)",
             )
         return found[0]
     chosen = [s for s in found if s.uid == series] or [s for s in found if s.description == series]

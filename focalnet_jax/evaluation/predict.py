@@ -90,8 +90,9 @@ def predict_exam(
 ) -> list[Path]:
     """Runs the model of `workdir` (runs or cross-validation folders: their ensemble, or an
     `Ensemble` already loaded) on one exam and writes the files listed in the module docstring to
-    `out_dir`; returns their paths. `components` maps names ('t2w', 'adc', 'hbv') to paths; the
-    model's components must all be present. `series` maps names to the SeriesInstanceUID or
+    `out_dir`; returns their paths. `components` maps names ('t2w', 'adc', 'hbv', 'dce', ...) to
+    paths; T2w (the grid of the outputs) and the model's components must all be present, in any
+    order. `series` maps names to the SeriesInstanceUID or
     SeriesDescription to read from a DICOM folder holding several."""
     models = workdir
     if not isinstance(models, Ensemble):
@@ -101,7 +102,8 @@ def predict_exam(
         raise UserError(
             f"exam lacks component(s) {missing} that the model(s) "
             f"{', '.join(map(str, models.runs))} need "
-            f"(it was trained on {list(models.components)}; given {list(components)})"
+            f"(they read {list(models.components)}, T2w as the reference grid; given "
+            f"{list(components)})"
         )
     if unused := [c for c in components if c not in models.components]:
         log.warning(
