@@ -1,6 +1,8 @@
 """Inputs that used to be read wrongly without a word are refused, naming case, file and reason:
-a DICOM folder of several series, a series with a missing slice, a component that covers only part
-of the crop, an ADC map in other units, a truncated .mha (docs/data.md, "What is refused and why").
+a DICOM folder of several series, a series with a missing slice or several b-values, a series of
+another component (ImageType), a T2w that is not axial, a component that covers only part of the
+crop, an ADC map in other units or none, a truncated .mha (docs/data.md, "What is refused and
+why"); and the ProstateX-0000 numbers docs/data.md quotes, measured.
 """
 
 from __future__ import annotations
