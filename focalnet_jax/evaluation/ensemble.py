@@ -162,6 +162,11 @@ class Ensemble:
         return ("t2w", *(c for c in self.predictors[0].components if c != "t2w"))
 
     @property
+    def batch_size(self) -> int:
+        """Slices per model call that fill every model's batches."""
+        return max(p.batch_size for p in self.predictors)
+
+    @property
     def spec(self):
         """The first model's `RunSpec` (they agree on components, encoding and preprocessing)."""
         return self.predictors[0].spec
