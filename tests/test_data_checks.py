@@ -1,6 +1,8 @@
 """Inputs that used to be read wrongly without a word are refused, naming case, file and reason:
-a DICOM folder of several series, a series with a missing slice, a component that covers only part
-of the crop, an ADC map in other units, a truncated .mha (docs/data.md, "What is refused and why").
+a DICOM folder of several series, a series with a missing slice or several b-values, a series of
+another component (ImageType), a T2w that is not axial, a component that covers only part of the
+crop, an ADC map in other units or none, a truncated .mha (docs/data.md, "What is refused and
+why"); and the ProstateX-0000 numbers docs/data.md quotes, measured.
 """
 
 from __future__ import annotations
@@ -73,6 +75,62 @@ def test_series_with_a_repeated_slice_is_refused(prostatex_case_dir, tmp_path):
     _expect(folder, "repeated slice position")
 
 
+@pytest.mark.real_data
+def test_series_of_several_b_values_is_refused_as_several_volumes(prostatex_case_dir, tmp_path):
+    # A DWI series holding two b-values: every position twice. It was reported as one repeated
+    # slice with "median spacing 0.00 mm".
+    folder = tmp_path / "dwi"
+    folder.mkdir()
+    for file in (prostatex_case_dir / "hbv").iterdir():
+        for b in (50, 800):
+            shutil.copy(file, folder / f"b{b}_{file.name}")
+    error = _expect(folder, "each of the 19 slice positions holds 2 images (38 files)")
+    assert "several volumes in one series (b-values" in error.reason
+    assert error.file == str(folder) and "median spacing" not in error.reason
+
+
+def _slice_positions(folder):
+    """[n, 3] ImagePositionPatient and the 6 direction cosines of a DICOM series, from its
+    headers (SimpleITK, independently of focalnet_jax.data.dicom)."""
+    positions, cosines = [], set()
+    for file in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder)):
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(file)
+        reader.ReadImageInformation()
+        positions.append([float(v) for v in reader.GetMetaData("0020|0032").split("\\")])
+        cosines.add(tuple(float(v) for v in reader.GetMetaData("0020|0037").split("\\")))
+    assert len(cosines) == 1
+    return np.array(positions), np.array(cosines.pop()).reshape(2, 3)
+
+
+@pytest.mark.real_data
+@pytest.mark.parametrize("component", ["t2w", "adc", "hbv"])
+def test_prostatex_slice_positions_are_regular_to_the_bounds_docs_quote(
+    prostatex_case_dir, component
+):
+    # docs/data.md quotes these bounds for ProstateX-0000, 4 to 5 orders of magnitude below the
+    # tolerances of the stack check (0.03 mm; 0.03 mm + 0.001 mm per mm in the plane).
+    positions, cosines = _slice_positions(prostatex_case_dir / component)
+    along = np.sort(positions @ np.cross(cosines[0], cosines[1]))
+    steps = np.diff(along)
+    assert len(steps) == 18 and abs(np.median(steps) - 3.0) < 1e-6
+    assert np.abs(steps - np.median(steps)).max() < 4e-7  # 3.5e-7 mm measured
+    in_plane = positions @ cosines.T
+    assert np.abs(in_plane - in_plane[0]).max() < 4e-6  # 3.1e-6 mm measured
+
+
+@pytest.mark.real_data
+def test_prostatex_99th_percentiles_are_the_values_docs_quote(prostatex_case_dir):
+    adc = sitk.GetArrayFromImage(read_image(prostatex_case_dir / "adc"))
+    assert np.percentile(adc[adc != 0], 99) == 2919.0  # docs/data.md, ADC units
+    assert adc_unit_problem(adc) is None
+    # The T2w's values pass as an ADC map too (docs/data.md: why ImageType is checked).
+    t2w = sitk.GetArrayFromImage(read_image(prostatex_case_dir / "t2w"))
+    assert np.percentile(t2w[t2w != 0], 99) == 638.0 and adc_unit_problem(t2w) is None
+    hbv = sitk.GetArrayFromImage(read_image(prostatex_case_dir / "hbv"))
+    assert np.percentile(hbv[hbv != 0], 99) == 55.0 and "not an ADC map" in adc_unit_problem(hbv)
+
+
 # --- truncated files and ADC units ---------------------------------------------------------------
 
 
@@ -101,33 +159,94 @@ def test_adc_unit_is_judged_by_a_high_percentile():
     assert adc_unit_problem(np.zeros((2, 4, 4))) == "ADC map is zero everywhere"
 
 
+def test_adc_map_in_no_unit_is_not_called_rescalable():
+    # A 99th percentile of 55 is neither 1e-3 mm^2/s (about 3: 55e-3 mm^2/s is 18x free water)
+    # nor 1e-6 mm^2/s (about 3000): a DWI given as ADC. It used to be called "1e-3 mm^2/s:
+    # rescale it", and a DWI x 1000 then passed as an ADC map.
+    adc = np.random.default_rng(0).uniform(500, 3000, (4, 32, 32))
+    dwi = adc / 3000 * 55
+    problem = adc_unit_problem(dwi)
+    assert "not an ADC map in 1e-6, 1e-3 or 1 mm^2/s" in problem and "rescale" not in problem
+    assert f"non-zero voxels {np.percentile(dwi, 99):.4g};" in problem and "DWI" in problem
+    assert "looks like 1e-3 mm^2/s" in adc_unit_problem(adc / 3000 * 9)
+
+
+@pytest.mark.real_data
+def test_high_b_image_given_as_adc_is_refused_as_no_adc_map(prostatex_case_dir, tmp_path):
+    from focalnet_jax.data import preprocess_case
+
+    hbv = str(tmp_path / "hbv.mha")  # an image file: no DICOM ImageType to tell what it is
+    sitk.WriteImage(read_image(prostatex_case_dir / "hbv"), hbv)
+    with pytest.raises(CaseError) as info:
+        preprocess_case({"t2w": str(prostatex_case_dir / "t2w"), "adc": hbv}, case_id="px")
+    assert info.value.file == hbv and "not an ADC map" in info.value.reason
+
+
+@pytest.mark.real_data
+@pytest.mark.parametrize(
+    "given, folders, wrong, image_type",
+    [
+        ("t2w", ("adc", "t2w"), "adc", "DERIVED\\PRIMARY\\DIFFUSION\\ADC\\DIS2D"),  # swapped
+        ("adc", ("t2w", "hbv"), "hbv", "DERIVED\\PRIMARY\\DIFFUSION\\TRACEW\\DIS2D"),
+        ("hbv", ("t2w", "adc", "adc"), "adc", "DERIVED\\PRIMARY\\DIFFUSION\\ADC\\DIS2D"),
+    ],
+)
+def test_dicom_series_of_another_component_is_refused_by_its_image_type(
+    prostatex_case_dir, given, folders, wrong, image_type
+):
+    # The ADC folder given as T2w (and T2w as ADC: its 99th percentile, 638, passes the unit
+    # check) was predicted on without a word; so was the ADC map given as HBV.
+    from focalnet_jax.data import preprocess_case
+
+    components = {
+        name: str(prostatex_case_dir / folder)
+        for name, folder in zip(("t2w", "adc", "hbv"), folders, strict=False)
+    }
+    with pytest.raises(CaseError) as info:
+        preprocess_case(components, case_id="px")
+    assert info.value.file == str(prostatex_case_dir / wrong)
+    assert f"ImageType '{image_type}'" in info.value.reason
+    assert f"it is no {given} series" in info.value.reason
+
+
 # --- through `focalnet preprocess --layout manifest` ---------------------------------------------
 
 _T2W_SPACING = (1.5, 1.5, 3.0)  # x, y, z mm: 64 x 64 x 6 voxels = 96 x 96 x 18 mm
 
 
-def _write(array_zyx, spacing, origin, path):
+def _write(array_zyx, spacing, origin, path, direction=None):
     image = sitk.GetImageFromArray(np.asarray(array_zyx, np.float32))
     image.SetSpacing(spacing)
     image.SetOrigin(origin)
+    if direction is not None:
+        image.SetDirection([float(v) for v in np.ravel(direction)])
     sitk.WriteImage(image, str(path))
     return str(path)
 
 
-def _synthetic_case(folder, name, *, adc_shift_z=0.0, adc_scale=1.0):
+def _synthetic_case(folder, name, *, adc_shift_z=0.0, adc_scale=1.0, direction=None):
     """T2w 64x64x6 at 1.5x1.5x3 mm; ADC 48x48x6 at 2x2x3 mm over the same 96 mm square, its slice
-    k holding 1000 + 100 k (1e-6 mm^2/s, times `adc_scale`), moved `adc_shift_z` mm along z."""
+    k holding 1000 + 100 k (1e-6 mm^2/s, times `adc_scale`), moved `adc_shift_z` mm along its
+    slice axis; every image with the given `direction` (3x3, columns: voxel axes in LPS)."""
     rng = np.random.default_rng(len(name))
     t2w = _write(
         rng.uniform(100, 400, (6, 64, 64)),
         _T2W_SPACING,
         (0.0, 0.0, 0.0),
         folder / f"{name}_t2w.mha",
+        direction,
     )
     adc = (1000.0 + 100.0 * np.arange(6))[:, None, None] * np.ones((6, 48, 48)) * adc_scale
-    adc = _write(adc, (2.0, 2.0, 3.0), (0.25, 0.25, adc_shift_z), folder / f"{name}_adc.mha")
+    shift = (0.25, 0.25, adc_shift_z) @ (
+        np.eye(3) if direction is None else np.transpose(direction)
+    )
+    adc = _write(adc, (2.0, 2.0, 3.0), tuple(shift), folder / f"{name}_adc.mha", direction)
     label = _write(
-        np.zeros((6, 64, 64)), _T2W_SPACING, (0.0, 0.0, 0.0), folder / f"{name}_label.nii.gz"
+        np.zeros((6, 64, 64)),
+        _T2W_SPACING,
+        (0.0, 0.0, 0.0),
+        folder / f"{name}_label.nii.gz",
+        direction,
     )
     return {"case_id": name, "patient_id": name, "t2w": t2w, "adc": adc, "label": label}
 
@@ -202,6 +321,42 @@ def test_partial_coverage_and_adc_units_refused_through_the_cli(tmp_path):
     # 2 mm beyond the lowest ADC slice: the nearest ADC slice (1000) fills it, not 0.
     start = store.case("within_a_voxel")["start"]
     np.testing.assert_allclose(store.images[start, :, :, 1], 1000.0 / 3000.0, atol=1e-4)
+
+
+@pytest.mark.real_data
+def test_prostatex_t2w_is_an_axial_series_tilted_18_degrees(prostatex_case_dir):
+    from focalnet_jax.data.geometry import not_axial
+
+    direction = read_image(prostatex_case_dir / "t2w").GetDirection()
+    normal = np.reshape(direction, (3, 3))[:, 2]
+    assert round(float(np.degrees(np.arccos(normal[2]))), 1) == 18.5  # docs/data.md
+    assert not_axial(direction) is None
+
+
+def _rotation_about_x(degrees):
+    a = np.radians(degrees)
+    return np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+
+
+def test_sagittal_or_coronal_t2w_is_refused_oblique_axial_kept(tmp_path):
+    # The crop lies in the T2w slice plane: a sagittal or coronal T2w (PI-CAI ships `_sag` and
+    # `_cor` series beside `_t2w`) was cropped in its own plane and fed to a model of axial
+    # slices without a word. An axial series tilted up to 45 degrees stays axial.
+    data = tmp_path / "data"
+    data.mkdir()
+    sagittal = np.array([[0, 0, -1], [1, 0, 0], [0, -1, 0]])  # columns: i -> +y, j -> -z, k -> -x
+    rows = [
+        _synthetic_case(data, "axial"),
+        _synthetic_case(data, "tilted_40", direction=_rotation_about_x(40)),
+        _synthetic_case(data, "coronal", direction=_rotation_about_x(-90)),
+        _synthetic_case(data, "sagittal", direction=sagittal),
+    ]
+    bad = {
+        "coronal": (rows[2]["t2w"], "T2w is not an axial series: slice normal (0.00, 1.00, 0.00)"),
+        "sagittal": (rows[3]["t2w"], "slice normal (-1.00, 0.00, 0.00) LPS, 90 degrees"),
+    }
+    store = _refusals(tmp_path, rows, bad)
+    assert store.case_ids == ["axial", "tilted_40"]
 
 
 @pytest.mark.real_data

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -236,3 +238,81 @@ def test_sigterm_mid_run_removes_the_temporary_store(dataset, tmp_path):
     assert stderr.strip().splitlines()[-1] == "focalnet preprocess: interrupted by SIGTERM"
     assert "Traceback" not in stderr
     assert not out.exists() and not list(tmp_path.glob(".store.tmp-*"))
+
+
+# Runs `focalnet preprocess` with the signal sent from inside the pool's construction, to the whole
+# process group (as Ctrl-C, or SLURM ending a step, reaches the parent and its workers): right after
+# the first worker process is spawned ("worker"), or after the thread that keeps the pool's workers
+# alive started ("thread"; an interrupt from there used to leave that thread respawning workers
+# that the exit waits for, for ever).
+SIGNAL_IN_POOL_CONSTRUCTION = """
+import os, sys, threading
+from multiprocessing import pool, popen_spawn_posix
+from focalnet_jax.cli import main
+
+signum, where = int(sys.argv[1]), sys.argv[2]
+def send_once():
+    if not getattr(send_once, "sent", False):
+        send_once.sent = True
+        os.killpg(os.getpgrp(), signum)
+
+launch, start = popen_spawn_posix.Popen._launch, threading.Thread.start
+def launch_then_signal(self, process_obj):
+    launch(self, process_obj)
+    if where == "worker":
+        send_once()
+def start_then_signal(self):
+    start(self)
+    if where == "thread" and self._target == pool.Pool._handle_workers:
+        send_once()
+popen_spawn_posix.Popen._launch = launch_then_signal
+threading.Thread.start = start_then_signal
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def _group_alive(pgid: int, timeout: float) -> bool:
+    """Whether a process of group `pgid` is still there after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+@pytest.mark.parametrize("where", ["worker", "thread"])
+@pytest.mark.parametrize(
+    "signum, line",
+    [(signal.SIGINT, "interrupted by Ctrl-C"), (signal.SIGTERM, "interrupted by SIGTERM")],
+)
+def test_a_signal_while_the_worker_pool_starts_ends_in_one_line(
+    dataset, tmp_path, signum, line, where
+):
+    """The signal is held while the pool is being built and raised once it stands, so the pool is
+    terminated, the temporary store removed, and no process of the run is left; the worker already
+    started ignores Ctrl-C (no traceback) and ends on the pool's SIGTERM."""
+    out = tmp_path / "store"
+    code = [sys.executable, "-c", SIGNAL_IN_POOL_CONSTRUCTION, str(int(signum)), where]
+    argv = [*code, *_picai_args(dataset, out, "--workers", "2")]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    start = time.monotonic()
+    process = subprocess.Popen(
+        argv, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO, start_new_session=True
+    )
+    try:
+        _, stderr = process.communicate(timeout=60)
+        left = _group_alive(process.pid, timeout=5)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # only if the run hung or left a worker
+    assert process.returncode == 128 + signum, stderr
+    assert not left, "a process of the run outlived it"
+    bar = re.compile(r"preprocess: +\d+%")  # tqdm's progress bar, redrawn after each \r
+    assert [s for s in stderr.splitlines() if s and not bar.match(s)] == [
+        f"focalnet preprocess: {line}"
+    ], stderr
+    assert not out.exists() and not list(tmp_path.glob(".store.tmp-*"))
+    assert time.monotonic() - start < 30

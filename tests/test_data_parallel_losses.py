@@ -84,8 +84,9 @@ def _loss_values_and_grads() -> dict:
 
 
 def _one_train_step() -> dict:
-    """{'one' | 'all': [loss, grad_norm, sum of |params|]} after one CE + batch Dice step of the
-    tiny config on 4 slices whose lesions of class >= 3 all lie in the second half."""
+    """{'one' | 'all': [loss, grad_norm, sum of |params|, sum of |batch_stats|, step, every other
+    metric]} after one CE + batch Dice step of the tiny config (augmented, sync-BN) on 4 slices
+    whose lesions of class >= 3 all lie in the second half."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import Mesh, NamedSharding
@@ -118,7 +119,11 @@ def _one_train_step() -> dict:
             step = step_lib.make_train_step(spec, mesh)
             state, metrics = step(state, placed, jax.random.key(1), jnp.float32(0.0))
             total = sum(float(jnp.abs(x).sum()) for x in jax.tree.leaves(state.params))
-            out[key] = [float(metrics["loss"]), float(metrics["grad_norm"]), total]
+            # The running averages: BatchNorm's statistics of the global batch, not of a share.
+            averages = sum(float(jnp.abs(x).sum()) for x in jax.tree.leaves(state.batch_stats))
+            rest = [float(v) for k, v in sorted(metrics.items()) if k not in ("loss", "grad_norm")]
+            out[key] = [float(metrics["loss"]), float(metrics["grad_norm"]), total, averages]
+            out[key] += [int(state.step), *rest]
     return out
 
 
@@ -144,7 +149,9 @@ def test_batch_dice_over_two_devices_equals_one_device():
         one, every = np.array(got["one"]), np.array(got["all"])
         assert np.abs(one[1:]).max() > 1e-4, case  # a gradient to compare
         np.testing.assert_allclose(every, one, rtol=1e-5, atol=1e-7, err_msg=case)
-    # The train step passes the data axis to the loss: the same loss, gradient norm and update.
+    # The train step passes the data axis to the loss and to BatchNorm: the same loss, gradient
+    # norm, update, running averages and metrics.
+    assert len(step["one"]) == len(step["all"]) > 5
     np.testing.assert_allclose(step["all"], step["one"], rtol=2e-6, err_msg="train step")
 
 

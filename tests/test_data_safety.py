@@ -8,6 +8,7 @@ import csv
 import json
 import logging
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -21,6 +22,7 @@ from focalnet_jax.cli import main
 from focalnet_jax.data.case_ids import check_case_id
 from focalnet_jax.data.layouts import discover_picai, read_manifest, write_manifest
 from focalnet_jax.data.store import open_store, read_settings
+from focalnet_jax.data.writer_folders import pid_space
 from focalnet_jax.errors import UserError
 
 
@@ -250,27 +252,58 @@ def _dead_pid() -> int:
 
 
 def test_leftovers_of_dead_writers_are_removed_live_ones_kept(manifest_rows, tmp_path, caplog):
+    """Removed: a folder of this pid space (host name, boot, PID namespace) whose pid ended.
+    Left, each named in a log line: a live writer's, one from another host, one from a container
+    with this host name but its own PID namespace (its pid means nothing here), and folders that
+    do not name their writer's space."""
     manifest = _write(tmp_path / "cases.csv", manifest_rows)
-    host = socket.gethostname()
-    dead = tmp_path / f".store.tmp-{_dead_pid()}@{host}-0123abcd"
-    dead_old = tmp_path / f".store.tmp-{_dead_pid()}@{host}-89abcdef.old"
-    live = tmp_path / f".store.tmp-{os.getpid()}@{host}-00000000"
-    elsewhere = tmp_path / f".store.tmp-{_dead_pid()}@not-{host}-11111111"
+    host, space = socket.gethostname(), pid_space()
+    other = f"{(int(space, 16) + 1) % 2**32:08x}"
+    dead = tmp_path / f".store.tmp-{_dead_pid()}@{host}-{space}-0123abcd"
+    live = tmp_path / f".store.tmp-{os.getpid()}@{host}-{space}-00000000"
+    elsewhere = tmp_path / f".store.tmp-{_dead_pid()}@not-{host}-{other}-11111111"
+    container = tmp_path / f".store.tmp-{_dead_pid()}@{host}-{other}-33333333"
+    unnamed_space = tmp_path / f".store.tmp-{_dead_pid()}@{host}-44444444"
     legacy = tmp_path / ".store.tmp-k2j3h4g5"
-    other_store = tmp_path / f".other.tmp-{_dead_pid()}@{host}-22222222"
-    for folder in (dead, dead_old, live, elsewhere, legacy, other_store):
+    other_store = tmp_path / f".other.tmp-{_dead_pid()}@{host}-{space}-22222222"
+    left = (live, elsewhere, container, unnamed_space, legacy)
+    for folder in (dead, *left, other_store):
         folder.mkdir()
         (folder / "images.npy").write_bytes(b"\0" * 256)
-    with caplog.at_level(logging.WARNING, logger="focalnet_jax.data.store"):
+    with caplog.at_level(logging.WARNING, logger="focalnet_jax.data"):
         assert main(_preprocess(manifest, tmp_path / "store")) == 0
-    _only(tmp_path, "cases.csv", "store", live.name, elsewhere.name, legacy.name, other_store.name)
-    removed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("removed")]
-    pids = [folder.name.split("-")[1].split("@")[0] for folder in (dead, dead_old)]
-    assert removed == [
-        f"removed {dead}, left by preprocess pid {pids[0]} that ended",
-        f"removed {dead_old}, left by preprocess pid {pids[1]} that ended",
-    ]
-    assert any(str(legacy) in r.getMessage() for r in caplog.records)
+    _only(tmp_path, "cases.csv", "store", other_store.name, *(folder.name for folder in left))
+    messages = [r.getMessage() for r in caplog.records]
+    removed = [m for m in messages if m.startswith("removed")]
+    pid = dead.name.split("-")[1].split("@")[0]
+    assert removed == [f"removed {dead}, left by preprocess pid {pid} that ended"]
+    leaving = sorted(m.split(":")[0] for m in messages if m.startswith("leaving"))
+    assert leaving == sorted(f"leaving {folder}" for folder in left)
+    assert f"written by preprocess pid {container.name.split('-')[1].split('@')[0]} on {host}" in (
+        "".join(messages)
+    )
+
+
+def test_a_store_moved_aside_by_a_killed_commit_is_restored(manifest_rows, tmp_path, capsys):
+    """A commit killed between its two renames leaves the old store as `<folder>.old` and the
+    finished new one in its folder, `store` missing. The next run moves the old store back
+    before checking its settings (so other settings still need --overwrite), and removes the
+    rest."""
+    manifest = _write(tmp_path / "cases.csv", manifest_rows)
+    store = tmp_path / "store"
+    assert main(_preprocess(manifest, store)) == 0
+    before = (store / "cases.json").read_bytes()
+    folder = tmp_path / f".store.tmp-{_dead_pid()}@{socket.gethostname()}-{pid_space()}-89abcdef"
+    shutil.copytree(store, folder)  # the new store, finished
+    os.replace(store, folder.with_name(folder.name + ".old"))
+    line = _user_error(capsys, _preprocess(manifest, store, "--interpolator", "linear"))
+    assert "exists, made with other settings" in line
+    assert (store / "cases.json").read_bytes() == before
+    _only(tmp_path, "cases.csv", "store", folder.name)
+    # With the store in place, a dead writer's `.old` is a leftover like any other.
+    os.replace(folder, folder.with_name(folder.name + ".old"))
+    assert main(_preprocess(manifest, store)) == 0
+    _only(tmp_path, "cases.csv", "store")
 
 
 KILLED_WRITER = """
@@ -299,3 +332,45 @@ def test_a_killed_writer_leftover_is_removed_by_the_next_run(manifest_rows, tmp_
     assert result.returncode == 0, result.stderr
     assert f"removed {leftover}, left by preprocess pid" in result.stderr
     _only(tmp_path, "cases.csv", "store")
+
+
+NAMESPACE_WRITER = """
+import os, sys, time
+from focalnet_jax.data.store import StoreWriter, store_settings
+writer = StoreWriter(sys.argv[1], ("t2w", "adc"), store_settings(None, ("t2w", "adc")))
+print(writer.tmp.name, flush=True)
+while not os.path.exists(sys.argv[2]):  # writing, until the test is done
+    time.sleep(0.05)
+"""
+
+
+def test_a_live_writer_in_another_pid_namespace_keeps_its_folder(manifest_rows, tmp_path):
+    """A writer running in a PID namespace of its own (a container with this host name) under a
+    pid that no process has here: its folder is a live run's, left and named, not removed."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("a PID namespace needs root and util-linux's unshare")
+    manifest = _write(tmp_path / "cases.csv", manifest_rows)
+    store, done = tmp_path / "store", tmp_path / "done"
+    pid = _dead_pid()  # ended here: the writer's pid in its namespace is free in this one
+    writer_cmd = " ".join(shlex.quote(a) for a in (sys.executable, "-c", NAMESPACE_WRITER))
+    script = f"echo {pid - 1} > /proc/sys/kernel/ns_last_pid; {writer_cmd} {store} {done} & wait"
+    unshare = ["unshare", "--pid", "--fork", "--mount-proc", "sh", "-c", script]
+    writer = subprocess.Popen(unshare, stdout=subprocess.PIPE, text=True)
+    try:
+        name = writer.stdout.readline().strip()
+        assert name.startswith(f".store.tmp-{pid}@{socket.gethostname()}-"), name
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+        result = subprocess.run(
+            [sys.executable, "-m", "focalnet_jax.cli", *_preprocess(manifest, store)],
+            capture_output=True,
+            text=True,
+        )
+        assert result.returncode == 0, result.stderr
+        assert (tmp_path / name).is_dir()
+        notice = f"leaving {tmp_path / name}: written by preprocess pid {pid} on "
+        assert notice in result.stderr
+    finally:
+        done.touch()
+        writer.wait(timeout=30)
+    assert open_store(store).case_ids == sorted(row["case_id"] for row in manifest_rows)

@@ -14,6 +14,7 @@ from focalnet_jax.data.preprocess import PreprocessConfig, PreprocessedCase
 from focalnet_jax.data.store import (
     StaleStoreError,
     StoreWriter,
+    bad_cases_note,
     fingerprint,
     open_store,
     store_settings,
@@ -166,6 +167,13 @@ def test_refuses_to_overwrite_a_foreign_folder(tmp_path):
     (tmp_path / "data" / "notes.txt").write_text("keep")
     with pytest.raises(FileExistsError, match="not a preprocessed store"):
         StoreWriter(tmp_path / "data", ("t2w",), SETTINGS)
+
+
+def test_bad_cases_note_counts_in_words():
+    bad = ("case", "file", "reason")
+    assert bad_cases_note([]) == ""
+    assert bad_cases_note([bad]) == "; 1 bad case in errors.csv"
+    assert bad_cases_note([bad, bad]) == "; 2 bad cases in errors.csv"
 
 
 def test_opens_1500_cases_in_seconds(tmp_path):

@@ -200,3 +200,81 @@ def test_predict_on_a_y_flipped_nifti_equals_predict_on_the_dicom(
             ]
     assert len(rows["nifti"]) == len(rows["dicom"]) > 0
     np.testing.assert_allclose(rows["nifti"][:20], rows["dicom"][:20], atol=1e-3)
+
+
+def test_outputs_put_a_known_score_blob_at_its_world_point(exam_components, tmp_path):
+    # Scores made by hand: a Gaussian (sigma 6 mm, peak 0.9) around the exam's GS 4+3 finding,
+    # evaluated at every crop pixel's world point. Read back as a viewer would (SimpleITK, the
+    # T2w DICOM series), each output must hold that Gaussian at each T2w voxel's world point.
+    from focalnet_jax.data import preprocess_case
+    from focalnet_jax.evaluation.predict import write_exam_outputs
+
+    finding = np.array([25.7457, 31.8707, -38.511])  # LPS mm (shared/data/prostatex/README.md)
+
+    def gaussian(world):
+        return 0.9 * np.exp(-np.sum((np.asarray(world) - finding) ** 2, -1) / (2 * 6.0**2))
+
+    case = preprocess_case(exam_components, case_id="px")
+    s, r, c = np.meshgrid(*(np.arange(n) for n in case.images.shape[:3]), indexing="ij")
+    blob = gaussian(np.stack(case.pixel_to_world(s, r, c), -1)).astype(np.float32)
+    scores = blob[..., None] * np.array([1.0, 0.8, 0.5, 0.2, 0.1], np.float32)
+    write_exam_outputs(case, scores, tmp_path, threshold=0.3)
+
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(exam_components["t2w"])
+    t2w = sitk.ReadImage(files)
+    names = ("lesion_score", "cspca_score", "detection_map")
+    maps = {n: sitk.ReadImage(str(tmp_path / f"{n}.nii.gz")) for n in names}
+    peak = t2w.TransformPhysicalPointToIndex(tuple(finding))  # (167, 224, 8)
+    size = np.array(t2w.GetSize())
+    voxels = [peak, (174, 219, 8), (157, 227, 9), (167, 224, 6), (192, 192, 0), tuple(size - 1)]
+    for image in maps.values():
+        assert image.GetPixelID() == sitk.sitkFloat32 and image.GetSize() == t2w.GetSize()
+        for index in [(0, 0, 0), tuple(int(v) for v in size - 1), peak]:
+            world = t2w.TransformIndexToPhysicalPoint(index)
+            np.testing.assert_allclose(image.TransformIndexToPhysicalPoint(index), world, atol=1e-4)
+    lesion = sitk.GetArrayFromImage(maps["lesion_score"])
+    for index in voxels:
+        world = t2w.TransformIndexToPhysicalPoint(tuple(int(v) for v in index))
+        inside = np.all(np.abs(case.world_to_pixel(*world)[1:] - np.array([63.5, 63.5])) < 63.5)
+        expected = gaussian(world) if inside else 0.0  # 0 outside the crop
+        # Linear interpolation between 0.625 mm crop pixels: within 3e-3 (2e-3 measured).
+        assert abs(lesion[index[2], index[1], index[0]] - expected) < 3e-3, (index, expected)
+    assert np.unravel_index(np.argmax(lesion), lesion.shape) == peak[::-1]
+    # One PI-CAI candidate, around the finding, holding the peak csPCa score.
+    detection = sitk.GetArrayFromImage(maps["detection_map"])
+    cspca = sitk.GetArrayFromImage(maps["cspca_score"])
+    assert np.unique(detection).tolist() == [0.0, cspca.max()]
+    assert detection[peak[::-1]] == cspca.max() and abs(cspca.max() - 0.8 * lesion.max()) < 1e-6
+    with (tmp_path / "detections.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    best = np.array([float(rows[0][k]) for k in ("x_mm", "y_mm", "z_mm")])
+    # The best local maximum is the crop pixel nearest the finding on a slice next to it.
+    assert np.linalg.norm(best - finding) < 2.0 and float(rows[0]["lesion_score"]) > 0.85
+
+
+def test_predict_leaves_out_the_t2w_slices_a_shorter_dwi_slab_misses(
+    trained_run, exam_components, tmp_path, caplog
+):
+    # An ADC slab shorter than the T2w's (here its 3 caudal slices cut off) is common in clinical
+    # exams; the whole exam used to be refused ("adc covers 89.5 % of the crop"). Now the T2w
+    # slices the ADC covers are predicted, as with the whole ADC, and the others hold 0.
+    from focalnet_jax.data.io import read_image, write_image
+    from focalnet_jax.evaluation.predict import predict_exam
+
+    short = tmp_path / "adc_short.mha"
+    write_image(read_image(exam_components["adc"])[:, :, 3:], short)
+    maps = {}
+    for name, adc in (("whole", exam_components["adc"]), ("short", short)):
+        predict_exam(trained_run, {**exam_components, "adc": str(adc)}, tmp_path / name)
+        image = sitk.ReadImage(str(tmp_path / name / "lesion_score.nii.gz"))
+        maps[name] = sitk.GetArrayFromImage(image)  # [z, y, x]
+    assert "T2w slices [0, 1] lie partly outside a component's field of view" in caplog.text
+    assert maps["short"].shape == maps["whole"].shape == (19, 384, 384)
+    assert not maps["short"][:2].any() and maps["short"][2:].max(axis=(1, 2)).min() > 0
+    # B-spline resampling of the cut ADC differs next to the cut only.
+    np.testing.assert_allclose(maps["short"][6:], maps["whole"][6:], atol=1e-3)
+    # An ADC narrower than the crop on every slice is still refused.
+    narrow = tmp_path / "adc_narrow.mha"
+    write_image(read_image(exam_components["adc"])[:42], narrow)
+    with pytest.raises(ValueError, match=r"adc covers 50.0 % of the crop of the stored slices"):
+        predict_exam(trained_run, {**exam_components, "adc": str(narrow)}, tmp_path / "narrow")

@@ -15,6 +15,7 @@ ROOT = "focalnet_jax"
 # Layer of each top-level part; a module may import only parts of a lower layer, or its own part.
 LAYERS = {
     "errors": -1,
+    "processes": -1,
     "encoding": 0,
     "data": 0,
     "models": 1,

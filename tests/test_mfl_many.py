@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -258,3 +259,25 @@ def test_slices_without_lesions_train_no_subset_and_are_not_counted_as_choosing_
         np.testing.assert_allclose(terms["mfl"], expected, rtol=1e-5)
         np.testing.assert_allclose(terms["mfl_subset_share"], share, atol=1e-7)
     _assert_close(out["select"]["grads"], out["vmap"]["grads"])
+
+
+@pytest.mark.parametrize("chunk, stacks", [(0, {14}), (4, {4, 2})])
+def test_the_subset_inputs_are_built_one_chunk_at_a_time(chunk, stacks):
+    # The compiled probe holds `[n, B, H, W, C]` subset inputs for n = the chunk sizes only
+    # (14 subsets in chunks of 4: 4, 4, 4, then 2); unchunked, the whole stack of 14.
+    import flax.linen as nn
+
+    model, b, size, c = nn.Conv(5, (3, 3)), 2, 8, len(COMPONENTS)
+    images = jnp.ones((b, size, size, c))
+    params = model.init(jax.random.key(0), images)
+    full, targets = jnp.full((b, size, size, 5), 0.5), jnp.ones((b, size, size, 5))
+    masks = losses.subset_masks(COMPONENTS)
+
+    def probe(p, x):
+        return losses.subset_distances(
+            lambda y: jax.nn.sigmoid(model.apply(p, y)), x, masks, full, targets, chunk=chunk
+        )
+
+    hlo = jax.jit(probe).lower(params, images).compile().as_text()
+    found = re.findall(rf"f32\[(\d+),{b},{size},{size},{c}\]", hlo)
+    assert {int(n) for n in found} == stacks

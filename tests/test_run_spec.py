@@ -24,7 +24,8 @@ INVALID = [
         r"^loss\.subsets\[0\]: expected a non-empty proper",
     ),
     (["--config.loss.subsets=[['adc'], ['adc']]"], r"^loss\.subsets\[1\]: .* listed twice"),
-    (["--config.data.components=t2w"], r"^data\.components: expected at least 2 distinct"),
+    # One component trains (test_a_single_component_trains_without_mfl); MFL needs two.
+    (["--config.data.components=t2w"], r"^data\.components=\('t2w',\): MFL \(loss\.mfl=True\)"),
     (["--config.loss.mfl_weight=lots"], r"^loss\.mfl_weight: expected 'auto' or a number"),
     (["--config.loss.alpha=1.5"], r"^loss\.alpha: expected a value in \[0.0, 1.0\]"),
     (["--config.loss.gamma=-1.0"], r"^loss\.gamma: expected a value in >= 0.0"),
@@ -41,6 +42,13 @@ INVALID = [
     (["--config.train.eval_every=-5"], r"^train\.eval_every: expected an int >= 0"),
     (["--config.optim.decay_steps=0"], r"^optim\.decay_steps: expected a positive int"),
 ]
+
+
+def test_a_single_component_trains_without_mfl():
+    spec = RunSpec.from_config(
+        tiny_config(overrides=["--config.data.components=t2w", "--config.loss.mfl=False"])
+    )
+    assert spec.components == ("t2w",) and spec.subsets == () and not spec.mfl
 
 
 @pytest.mark.parametrize(("overrides", "message"), INVALID)

@@ -208,9 +208,15 @@ def finish(
     return outputs
 
 
+def batch_stats_file(out) -> Path:
+    """Where the script saves the final BatchNorm running averages beside OUT.npz."""
+    return Path(out).with_suffix(".batch_stats.npz")
+
+
 def _main(argv):
     """`OUT.npz WORKDIR [--process_id I --num_processes N --coordinator HOST:PORT]
-    [--config.k=v ...]`; process 0 writes OUT.npz."""
+    [--config.k=v ...]`; process 0 writes the final parameters to OUT.npz and the running
+    averages to `batch_stats_file(OUT)`."""
     import jax
 
     out, workdir, rest = argv[0], argv[1], argv[2:]
@@ -228,9 +234,10 @@ def _main(argv):
 
     config = tiny_config(overrides=rest)
     state = train_and_evaluate(config, workdir, store=FakeStore())
-    flat = jax.tree_util.tree_flatten_with_path(jax.device_get(state.params))[0]
     if jax.process_index() == 0:
-        np.savez(out, **{jax.tree_util.keystr(k): np.asarray(v) for k, v in flat})
+        for path, tree in ((out, state.params), (batch_stats_file(out), state.batch_stats)):
+            flat = jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]
+            np.savez(path, **{jax.tree_util.keystr(k): np.asarray(v) for k, v in flat})
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from test_train_helpers import (
     MULTI_DEVICE_ATOL,
     MULTI_DEVICE_RTOL,
     FakeStore,
+    batch_stats_file,
     fast_compiles,
     finish,
     free_port,
@@ -196,18 +197,21 @@ def test_multi_device_and_multi_process_match_one_device(runs, tmp_path):
     ]
     finish(processes)
     _, reference = workdir_lib.load_for_inference(runs["root"] / "full", step=5)
-    flat = jax.tree_util.tree_flatten_with_path(reference["params"])[0]
     for name in ("four", "two_by_two"):
-        saved = np.load(tmp_path / f"{name}.npz")
-        assert len(saved.files) == len(flat)
-        for path, value in flat:
-            np.testing.assert_allclose(
-                saved[jax.tree_util.keystr(path)],
-                value,
-                rtol=MULTI_DEVICE_RTOL,
-                atol=MULTI_DEVICE_ATOL,
-                err_msg=f"{name}: {jax.tree_util.keystr(path)}",
-            )
+        out = tmp_path / f"{name}.npz"
+        # Parameters, and BatchNorm's running averages (statistics of the global batch: sync-BN).
+        for collection, path in (("params", out), ("batch_stats", batch_stats_file(out))):
+            saved = np.load(path)
+            flat = jax.tree_util.tree_flatten_with_path(reference[collection])[0]
+            assert len(saved.files) == len(flat) > 0
+            for key, value in flat:
+                np.testing.assert_allclose(
+                    saved[jax.tree_util.keystr(key)],
+                    value,
+                    rtol=MULTI_DEVICE_RTOL,
+                    atol=MULTI_DEVICE_ATOL,
+                    err_msg=f"{name}: {collection}{jax.tree_util.keystr(key)}",
+                )
 
 
 def test_training_loop_times_validation_and_checkpoints_outside_the_steps(tmp_path, monkeypatch):
@@ -245,13 +249,15 @@ def test_images_per_s_leaves_out_validation_and_checkpoint_time(tmp_path, monkey
     1 s of steps, so 16 images/s both times (counting the validation: 16 / 4 = 4)."""
     import types
 
-    from focalnet_jax.training import loop
+    from focalnet_jax.training import loop, sharding
 
     clock = iter([0.0, 1.0, 1.0, 4.0, 5.0])
     monkeypatch.setattr(loop.time, "perf_counter", lambda: next(clock))
     spec = types.SimpleNamespace(global_batch=8, subsets=())
     progress = types.SimpleNamespace(set_postfix=lambda **_: None)
-    logger = loop._Logger(spec, tmp_path, manager=None, progress=progress, start=0)
+    logger = loop._Logger(
+        spec, tmp_path, manager=None, progress=progress, start=0, mesh=sharding.make_mesh()
+    )
     written = []
     monkeypatch.setattr(logger.writer, "scalars", lambda step, values: written.append(values))
     logger.train(2, {"loss": np.float32(0.5)})

@@ -83,6 +83,7 @@ def add_preprocess(parser: argparse.ArgumentParser) -> None:
 
 def run_preprocess(args: argparse.Namespace) -> int:
     from focalnet_jax.data.build_store import preprocess_layout
+    from focalnet_jax.data.store import bad_cases_note
 
     summary = preprocess_layout(
         args.layout,
@@ -103,7 +104,7 @@ def run_preprocess(args: argparse.Namespace) -> int:
     )
     print(
         f"wrote {summary.num_cases} cases ({summary.num_slices} slices) to {summary.path}"
-        + (f"; {len(summary.errors)} bad cases in errors.csv" if summary.errors else "")
+        + bad_cases_note(summary.errors)
     )
     return 0
 

@@ -134,6 +134,12 @@ def add_predict(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--t2w", help="one exam: T2w DICOM folder, .mha, .nii(.gz), .nrrd")
     parser.add_argument("--adc", help="one exam: ADC DICOM folder or image file")
     parser.add_argument("--hbv", help="one exam: high b-value DWI DICOM folder or image file")
+    parser.add_argument(
+        "--component",
+        action="append",
+        metavar="NAME=PATH",
+        help="one exam: another component the model reads, e.g. dce=exam/dce.mha; repeat",
+    )
     parser.add_argument("--mask", help="prostate mask on any grid (centres the crop)")
     parser.add_argument("--center", help="crop centre 'x,y,z' (LPS mm)")
     parser.add_argument("--layout", choices=("picai", "manifest"), help="many exams")
@@ -150,6 +156,12 @@ def add_predict(parser: argparse.ArgumentParser) -> None:
             help=f"SeriesInstanceUID or exact SeriesDescription of the {name} series "
             "(when its DICOM folder holds several)",
         )
+    parser.add_argument(
+        "--component-series",
+        action="append",
+        metavar="NAME=UID",
+        help="SeriesInstanceUID or exact SeriesDescription of a --component series; repeat",
+    )
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--threshold", type=float, default=0.5, help="lowest listed detection")
     parser.add_argument("--batch-size", type=int, default=16, help="slices per inference batch")

@@ -5,13 +5,20 @@ is the value that looks most like tumour, so every component must cover the crop
 slice. A crop pixel centre counts as covered when it lies within `MARGIN_VOXELS` of the component's
 outermost voxel centres along each of the component's axes (continuous index in
 [-MARGIN_VOXELS, size - 1 + MARGIN_VOXELS]); inside that margin preprocessing extrapolates the
-nearest voxel instead of writing 0.
+nearest voxel instead of writing 0. Inference may keep only the slices every component covers
+(`covered_slices`: a DWI slab shorter than the T2w's).
 """
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import SimpleITK as sitk
+
+from focalnet_jax.data.io import CaseError
+
+log = logging.getLogger(__name__)
 
 MARGIN_VOXELS = 1.0
 
@@ -52,3 +59,32 @@ def shortfall(name: str, inside: np.ndarray, slices) -> str | None:
         f"{int(np.asarray(slices)[worst])}, {100 * per_slice[worst]:.1f} %); every component must "
         f"cover the crop of every stored slice (tolerance {MARGIN_VOXELS:g} {name} voxel)"
     )
+
+
+def check_covered(images, components, reference, keep: np.ndarray, case: str) -> None:
+    """Each component image (`images`, name -> image; `components`, name -> path) must cover the
+    crop (`reference`) on the kept T2w slices `keep`; else a CaseError naming the file."""
+    for name, image in images.items():
+        problem = shortfall(name, covered(image, reference, keep), keep)
+        if problem:
+            raise CaseError(case, components[name], problem)
+
+
+def covered_slices(images, components, reference, annotated: np.ndarray, case: str) -> np.ndarray:
+    """int [S]: the T2w slices whose crop (`reference`) every component covers; the others are
+    named in a warning. None covered, or a lesion (`annotated` [Z]) on an uncovered slice, is the
+    `check_covered` error."""
+    every = np.arange(len(annotated))
+    full = np.all(
+        [covered(image, reference, every).all(axis=(1, 2)) for image in images.values()], axis=0
+    )
+    keep = np.flatnonzero(full)
+    if len(keep) == 0 or annotated[~full].any():
+        check_covered(images, components, reference, every, case)
+    if len(keep) < len(every):
+        log.warning(
+            "case %s: T2w slices %s lie partly outside a component's field of view; only the "
+            "other %d slices, which every component covers, are used",
+            *(case, np.flatnonzero(~full).tolist(), len(keep)),
+        )
+    return keep

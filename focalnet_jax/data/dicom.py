@@ -27,6 +27,14 @@ SPACING_TOLERANCE_REL = 0.01  # ... or this fraction of the spacing, whichever i
 # cosines written to 3-4 decimals; a gantry tilt of 1 degree drifts 0.017 mm per mm.
 SHEAR_TOLERANCE_SLOPE = 1e-3
 _UID, _DESCRIPTION, _INSTANCE = "0020|000e", "0008|103e", "0020|0013"
+_IMAGE_TYPE = "0008|0008"
+# ImageType (0008,0008) values that say a series is not the component it is given as: scanners
+# (Siemens, Philips, GE) mark diffusion series with these. Only contradictions are refused.
+_NOT_THE_COMPONENT = {
+    "t2w": ("ADC", "DIFFUSION", "TRACEW", "TRACE"),  # a diffusion series
+    "adc": ("TRACEW", "TRACE"),  # a trace-weighted DWI (high-b image)
+    "hbv": ("ADC",),  # an ADC map
+}
 _POSITION, _ORIENTATION = "0020|0032", "0020|0037"
 
 log = logging.getLogger(__name__)
@@ -45,6 +53,7 @@ class SeriesInfo:
     uid: str
     description: str
     files: tuple[str, ...]
+    image_type: str = ""  # ImageType (0008,0008) of its first file
 
     def __str__(self) -> str:
         return f"{self.uid} ({self.description or 'no description'!r}, {len(self.files)} files)"
@@ -75,10 +84,11 @@ def _list_series(folder: str | os.PathLike) -> list[SeriesInfo]:
         reader = sitk.ImageFileReader()
         reader.SetFileName(files[0])
         reader.ReadImageInformation()
-        description = (
-            reader.GetMetaData(_DESCRIPTION) if reader.HasMetaDataKey(_DESCRIPTION) else ""
+        description, image_type = (
+            reader.GetMetaData(key).strip() if reader.HasMetaDataKey(key) else ""
+            for key in (_DESCRIPTION, _IMAGE_TYPE)
         )
-        infos.append(SeriesInfo(uid, description.strip(), tuple(files)))
+        infos.append(SeriesInfo(uid, description, tuple(files), image_type))
     return infos
 
 
@@ -96,7 +106,8 @@ def choose_series(
             raise SeriesError(
                 folder,
                 f"folder holds {len(found)} DICOM series: {listing}; "
-                "choose one (manifest column <component>_series or --<component>-series)",
+                "choose one (manifest column <component>_series, --<component>-series or "
+                "--component-series <component>=UID)",
             )
         return found[0]
     chosen = [s for s in found if s.uid == series] or [s for s in found if s.description == series]
@@ -147,6 +158,7 @@ def check_slice_positions(files) -> None:
     bad = np.flatnonzero((np.abs(steps - spacing) > tolerance) | (steps <= tolerance))
     if len(bad) == 0:
         return
+    _refuse_several_volumes(along, tolerance, files)
     i = int(bad[0])
 
     def name(k):
@@ -161,6 +173,37 @@ def check_slice_positions(files) -> None:
         f"{tolerance:.2f} mm) between {name(i)} and {name(i + 1)}; "
         f"{len(bad)} irregular step(s) of {len(steps)}",
     )
+
+
+def _refuse_several_volumes(along: np.ndarray, tolerance: float, files) -> None:
+    """Refuse a series in which every slice position holds the same number (> 1) of images
+    (`along`: sorted positions along the normal, mm): several volumes in one series, e.g. the
+    b-values of a DWI acquisition, whose repeated positions would otherwise be reported as one
+    stray repeated slice."""
+    starts = np.concatenate([[0], np.flatnonzero(np.diff(along) > tolerance) + 1, [len(along)]])
+    counts = np.diff(starts)
+    if len(counts) < 2 or counts[0] < 2 or np.any(counts != counts[0]):
+        return
+    raise SeriesError(
+        Path(files[0]).parent,
+        f"each of the {len(counts)} slice positions holds {counts[0]} images ({len(along)} "
+        "files): several volumes in one series (b-values, echoes or time points?), not one 3D "
+        "stack; export the one wanted (e.g. the highest b-value) as a series of its own",
+    )
+
+
+def check_component(folder: str | os.PathLike, info: SeriesInfo, component: str) -> None:
+    """Refuse a series given as `component` ('t2w', 'adc', 'hbv') whose ImageType names another
+    kind of series, e.g. the ADC map given as T2w or the high-b image as ADC."""
+    values = {v.strip().upper() for v in info.image_type.split("\\")}
+    wrong = [v for v in _NOT_THE_COMPONENT.get(component, ()) if v in values]
+    if wrong:
+        raise SeriesError(
+            folder,
+            f"series {info.description or info.uid!r} has ImageType '{info.image_type}' "
+            f"({wrong[0]}): it is no {component} series; another component's folder given as "
+            f"{component}?",
+        )
 
 
 _HEAD_BYTES = 1 << 16  # a slice's header, where its SeriesInstanceUID is
@@ -220,8 +263,11 @@ def _check_not_sheared(in_plane: np.ndarray, along: np.ndarray, tolerance: float
     )
 
 
-def read_series(folder: str | os.PathLike, series: str | None = None) -> sitk.Image:
-    """One regular DICOM series of `folder` (see the module docstring) as read by SimpleITK.
+def read_series(
+    folder: str | os.PathLike, series: str | None = None, component: str | None = None
+) -> sitk.Image:
+    """One regular DICOM series of `folder` (see the module docstring) as read by SimpleITK;
+    given the `component` it is read as, one whose ImageType contradicts it is refused.
     A damaged slice of the series that GDCM cannot read (`_damaged_slice`: truncated, corrupt) is
     refused: at either end of the stack it would leave no gap, and the series would be read one
     slice short. Other DICOM objects of the folder outside any image series are left out, with a
@@ -229,6 +275,8 @@ def read_series(folder: str | os.PathLike, series: str | None = None) -> sitk.Im
     folder = Path(folder)
     found = list_series(folder)
     chosen = choose_series(folder, series, found)
+    if component is not None:
+        check_component(folder, chosen, component)
     unread = _unread_files(folder, found)
     try:
         check_slice_positions(chosen.files)

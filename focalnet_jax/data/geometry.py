@@ -223,3 +223,23 @@ def display_axes(direction) -> tuple[int, int, int, int]:
     axes[col_axis, 0] = 1 if d[0, col_axis] >= 0 else -1
     axes[row_axis, 1] = 1 if d[1, row_axis] >= 0 else -1
     return tuple(int(v) for v in axes.ravel())
+
+
+MAX_AXIAL_TILT_DEGREES = 45.0  # an axial series tilted further is nearer coronal or sagittal
+
+
+def not_axial(direction) -> str | None:
+    """Why a T2w with these direction cosines (row-major 3x3, SimpleITK order) is no axial series,
+    or None: its slice normal (the third voxel axis) must lie within `MAX_AXIAL_TILT_DEGREES` of
+    the head-foot (LPS z) axis, since the crop lies in the T2w slice plane and the models are
+    trained on axial slices (oblique axial series, e.g. ProstateX's 18 degrees, are kept)."""
+    normal = np.reshape(np.asarray(direction, np.float64), (3, 3))[:, 2]
+    normal = normal / np.linalg.norm(normal)
+    tilt = float(np.degrees(np.arccos(min(1.0, abs(normal[2])))))
+    if tilt <= MAX_AXIAL_TILT_DEGREES:
+        return None
+    return (
+        f"T2w is not an axial series: slice normal ({normal[0]:.2f}, {normal[1]:.2f}, "
+        f"{normal[2]:.2f}) LPS, {tilt:.0f} degrees from the head-foot axis (a coronal or "
+        f"sagittal series?); the crop lies in the T2w slice plane and the models see axial slices"
+    )

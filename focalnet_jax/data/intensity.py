@@ -171,18 +171,27 @@ def normalise_adc(x: np.ndarray, low: float = 0.0, high: float = 3000.0) -> np.n
 
 
 ADC_UNIT = "1e-6 mm^2/s"
-_ADC_UNIT_BELOW = ((0.1, "mm^2/s"), (100.0, "1e-3 mm^2/s"))  # 99th percentile < bound -> unit
+# 99th percentile below the bound -> the map's unit; None: no ADC map in any of the three units
+# (1e-3 mm^2/s maps stay below about 5, 1e-6 mm^2/s maps reach 1000 and more).
+_ADC_UNIT_BELOW = ((0.1, "mm^2/s"), (10.0, "1e-3 mm^2/s"), (500.0, None))
 
 
 def adc_unit_problem(volume: np.ndarray) -> str | None:
     """Why a raw ADC map is not in `ADC_UNIT`, or None. Judged by the 99th percentile of its
     non-zero voxels: in 1e-6 mm^2/s (PI-CAI, ProstateX) tissue and urine reach 1000..3500, in
-    1e-3 mm^2/s 1..3.5, in mm^2/s 0.001..0.0035."""
+    1e-3 mm^2/s 1..3.5, in mm^2/s 0.001..0.0035; between 10 and 500 it is no ADC map (a DWI
+    image, whose values have no fixed unit, or another series)."""
     values = volume[volume != 0]
     if values.size == 0:
         return "ADC map is zero everywhere"
     high = float(np.percentile(values, 99))
     for bound, unit in _ADC_UNIT_BELOW:
+        if abs(high) < bound and unit is None:
+            return (
+                f"not an ADC map in 1e-6, 1e-3 or 1 mm^2/s (99th percentile of non-zero voxels "
+                f"{high:.4g}; {ADC_UNIT} maps reach about 3000, 1e-3 mm^2/s maps about 3): a "
+                "DWI (high-b) image or another series given as ADC?"
+            )
         if abs(high) < bound:
             return (
                 f"ADC map looks like {unit} (99th percentile of non-zero voxels {high:.4g}); "

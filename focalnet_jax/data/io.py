@@ -138,14 +138,19 @@ def _metaimage_truncation(path: Path) -> str | None:
 
 
 def read_image(
-    path: str | os.PathLike, *, case: str = "?", series: str | None = None
+    path: str | os.PathLike,
+    *,
+    case: str = "?",
+    series: str | None = None,
+    component: str | None = None,
 ) -> sitk.Image:
     """One 3D image from a DICOM series folder, `.mha`, `.nii(.gz)` or `.nrrd`, as float32.
 
     `series` chooses a series of a DICOM folder by SeriesInstanceUID or exact SeriesDescription
-    (required when the folder holds several; see `dicom.read_series`). Raises `CaseError` naming
-    the case and file when the file is missing, unreadable or truncated, not 3D, holds NaN/Inf
-    voxels, or is an ambiguous or irregular DICOM series.
+    (required when the folder holds several; see `dicom.read_series`); `component` ('t2w',
+    'adc', ...) refuses a DICOM series whose ImageType says it is another component. Raises
+    `CaseError` naming the case and file when the file is missing, unreadable or truncated, not
+    3D, holds NaN/Inf voxels, or is an ambiguous or irregular DICOM series.
     """
     if path is None or not str(path):
         raise CaseError(case, path, "no path given")
@@ -155,7 +160,7 @@ def read_image(
     try:
         if path.is_dir():
             try:
-                image = dicom.read_series(path, series)
+                image = dicom.read_series(path, series, component)
             except dicom.SeriesError as err:
                 raise CaseError(case, err.file, err.reason) from err
         else:

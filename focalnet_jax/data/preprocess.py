@@ -17,10 +17,11 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from focalnet_jax.data import coverage, intensity
-from focalnet_jax.data.geometry import CropGeometry, display_axes
+from focalnet_jax.data.geometry import CropGeometry, display_axes, not_axial
 from focalnet_jax.data.io import CaseError, read_image, zyx
 
 LABEL_SCHEMES = ("picai", "isup")
+SLICE_MODES = ("all", "annotated", "covered")
 _INTERPOLATORS = {"bspline": sitk.sitkBSpline, "linear": sitk.sitkLinear}
 _CONNECTIVITY = ndimage.generate_binary_structure(3, 3)
 
@@ -346,27 +347,21 @@ def _crop_label(label, t2w: sitk.Image, reference: sitk.Image, shape, cfg, case:
 def _read_components(
     components: Mapping[str, str | os.PathLike], case: str, series: Mapping[str, str]
 ) -> dict[str, sitk.Image]:
-    """Every component's image (the chosen series of a DICOM folder); each must overlap the
-    first one's (T2w) field of view."""
+    """Every component's image (the chosen series of a DICOM folder); the first (T2w) must be an
+    axial series and each other must overlap its field of view."""
     images = {
-        name: read_image(path, case=case, series=series.get(name))
+        name: read_image(path, case=case, series=series.get(name), component=name)
         for name, path in components.items()
     }
     t2w_name, t2w = next(iter(images.items()))
+    if problem := not_axial(t2w.GetDirection()):
+        raise CaseError(case, components[t2w_name], problem)
     for name, image in images.items():
         if name != t2w_name and not _overlaps(image, t2w):
             raise CaseError(
                 case, components[name], f"{name} does not overlap the T2w field of view"
             )
     return images
-
-
-def _check_coverage(images, components, reference, keep: np.ndarray, case: str) -> None:
-    """Each component must cover the crop (`reference`) on the kept slices (`coverage`)."""
-    for name, image in images.items():
-        problem = coverage.shortfall(name, coverage.covered(image, reference, keep), keep)
-        if problem:
-            raise CaseError(case, components[name], problem)
 
 
 def _case_name(components: Mapping, case_id: str | None, slices: str) -> str:
@@ -376,8 +371,8 @@ def _case_name(components: Mapping, case_id: str | None, slices: str) -> str:
         raise CaseError(case_id or "?", None, "no components given")
     t2w_path = components[next(iter(components))]
     case = case_id or os.path.basename(os.fspath(t2w_path)).split(".")[0]
-    if slices not in ("all", "annotated"):
-        raise CaseError(case, None, f"slices={slices!r}: expected 'all' or 'annotated'")
+    if slices not in SLICE_MODES:
+        raise CaseError(case, None, f"slices={slices!r}: expected one of {SLICE_MODES}")
     return case
 
 
@@ -450,7 +445,8 @@ def preprocess_case(
       label: class / ISUP map (0 background; see `PreprocessConfig.label_values`), or None.
       center: LPS point (mm) to centre the crop on, used when `mask` is None.
       mask: whole-gland mask whose centroid centres the crop.
-      slices: 'all' (every T2w slice) or 'annotated' (slices holding lesion labels).
+      slices: 'all' (every T2w slice), 'annotated' (slices holding lesion labels) or 'covered'
+        (the T2w slices every component covers, for inference: the others named in a warning).
       config: None, a `PreprocessConfig`, or a mapping of its fields.
       case_id: name used in errors and the store (default: the T2w file name).
       bladder_mask: optional bladder mask for the T2w upper reference.
@@ -472,7 +468,11 @@ def preprocess_case(
     full = _crop_every_slice(images, components, label, centre, source, bladder_mask, cfg, case)
     # 4. The slices to store, each covered by every component.
     annotated = full.annotated
-    keep = np.flatnonzero(annotated) if slices == "annotated" else np.arange(len(annotated))
     reference = full.geometry.reference_image(len(annotated))
-    _check_coverage(images, components, reference, keep, case)
+    if slices == "covered":
+        return _select_slices(
+            full, coverage.covered_slices(images, components, reference, annotated, case)
+        )
+    keep = np.flatnonzero(annotated) if slices == "annotated" else np.arange(len(annotated))
+    coverage.check_covered(images, components, reference, keep, case)
     return _select_slices(full, keep)

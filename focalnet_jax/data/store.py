@@ -14,9 +14,9 @@ Layout (N = slices of all cases, concatenated case after case):
 
 Each case record holds case_id, patient_id, start, stop (its slice range), lesion_classes,
 lesion_grade_known, index_lesion, spacing (row, col mm), geometry (a `CropGeometry`), and the source
-files. The store is written in a temporary sibling folder `.<name>.tmp-<pid>@<host>-<token>` and
-renamed into place when complete; a later writer removes the leftovers of writers that died (their
-pid is not alive on this host), never a live one's.
+files. The store is written in a temporary sibling folder named after its writer and renamed into
+place when complete; a later writer removes the leftovers of writers that died, never a live one's
+(`writer_folders`).
 """
 
 from __future__ import annotations
@@ -26,10 +26,7 @@ import hashlib
 import json
 import logging
 import os
-import re
-import secrets
 import shutil
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +35,11 @@ import numpy as np
 from focalnet_jax.data.case_ids import check_case_id
 from focalnet_jax.data.geometry import CropGeometry, display_axes
 from focalnet_jax.data.preprocess import PreprocessConfig
+from focalnet_jax.data.writer_folders import (
+    remove_dead_leftovers,
+    restore_moved_aside,
+    writer_folder,
+)
 from focalnet_jax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -106,41 +108,6 @@ def read_settings(path: str | os.PathLike) -> dict:
         raise UserError(f"{table}: not a readable store table ({error!r})") from error
 
 
-_LEFTOVER = r"^\.{name}\.tmp-(?P<pid>\d+)@(?P<host>.+)-[0-9a-f]{{8}}(\.old)?$"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
-
-
-def remove_dead_leftovers(path: str | os.PathLike) -> list[Path]:
-    """Removes the temporary folders of writers of `path` that died before committing (their pid
-    is not alive on this host); logs one line per removal and returns the removed folders."""
-    path = Path(path)
-    pattern = re.compile(_LEFTOVER.format(name=re.escape(path.name)))
-    host, removed = socket.gethostname(), []
-    for folder in sorted(path.parent.glob(f".{path.name}.tmp-*")):
-        match = pattern.match(folder.name)
-        if match is None:
-            log.warning(
-                "leaving %s: a store leftover without its writer's pid; remove it by "
-                "hand when no preprocess run writes %s",
-                folder,
-                path,
-            )
-        elif match["host"] == host and not _pid_alive(int(match["pid"])):
-            shutil.rmtree(folder, ignore_errors=True)
-            log.warning("removed %s, left by preprocess pid %s that ended", folder, match["pid"])
-            removed.append(folder)
-    return removed
-
-
 def _npy_header(dtype, shape) -> bytes:
     header = repr({"descr": np.dtype(dtype).str, "fortran_order": False, "shape": tuple(shape)})
     body = header.ljust(_HEADER_BYTES - 10 - 1) + "\n"
@@ -159,6 +126,7 @@ class StoreWriter:
 
     def __init__(self, path: str | os.PathLike, components, settings: dict, *, overwrite=False):
         self.path = Path(path)
+        restore_moved_aside(self.path)
         if (self.path / "cases.json").exists():
             diff = settings_diff(read_settings(self.path), settings, ("existing", "new"))
             if diff and not overwrite:
@@ -173,8 +141,7 @@ class StoreWriter:
         self.settings = settings
         self.path.parent.mkdir(parents=True, exist_ok=True)
         remove_dead_leftovers(self.path)
-        owner = f"{os.getpid()}@{socket.gethostname()}-{secrets.token_hex(4)}"
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{owner}")
+        self.tmp = writer_folder(self.path)
         self.tmp.mkdir(mode=0o755)
         self._files = {}
         for name in _ARRAYS:
@@ -300,6 +267,12 @@ def write_errors(path: str | os.PathLike, errors) -> None:
         writer = csv.writer(f)
         writer.writerow(["case", "file", "reason"])
         writer.writerows(errors)
+
+
+def bad_cases_note(errors) -> str:
+    """The end of a command's closing line: '; 1 bad case in errors.csv', or '' when none."""
+    n = len(errors)
+    return f"; {n} bad case{'' if n == 1 else 's'} in errors.csv" if n else ""
 
 
 @dataclass

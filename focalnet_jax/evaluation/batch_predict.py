@@ -2,10 +2,11 @@
 
 Cases are found by the preprocessing's readers (data/layouts.py; labels are not needed and not
 read) and preprocessed with its checks and the models' settings. The slices of consecutive cases
-are pooled into full inference batches, so the accelerator sees `batch_size` slices at a time
-whatever the exams' lengths. The run's outputs (each case's, predict.py) are written to a
-temporary sibling folder that becomes `<out>` when complete, so `<out>` never mixes two runs; a
-non-empty `<out>` is refused unless `overwrite`. A bad case stops the run with its error, or,
+are pooled into full inference batches (`inference.pooled_predictions`), so the accelerator sees
+`batch_size` slices at a time whatever the exams' lengths: only the run's last batch is padded.
+The run's outputs (each case's, predict.py) are written to a temporary sibling folder that becomes
+`<out>` when complete, so `<out>` never mixes two runs; a non-empty `<out>` is refused unless
+`overwrite`. A bad case stops the run with its error, or,
 with `skip_bad_cases`, is listed in `<out>/errors.csv` (case, file, reason; written, maybe
 empty, whenever bad cases are skipped) and skipped.
 """
@@ -24,10 +25,11 @@ from focalnet_jax.data.atomic_files import check_replaceable, replaced_folder
 from focalnet_jax.data.io import CaseError
 from focalnet_jax.data.layouts import CaseSpec, LayoutError, discover_picai, read_manifest
 from focalnet_jax.data.preprocess import PreprocessedCase, preprocess_case
-from focalnet_jax.data.store import write_errors
+from focalnet_jax.data.store import bad_cases_note, write_errors
 from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation.detection_map import CandidateSettings
 from focalnet_jax.evaluation.ensemble import Ensemble, write_models
+from focalnet_jax.evaluation.inference import pooled_predictions
 from focalnet_jax.evaluation.predict import write_exam_outputs
 from focalnet_jax.evaluation.predictions import MODELS_FILE
 
@@ -41,8 +43,7 @@ class BatchSummary:
     errors: list[tuple[str, str, str]]
 
     def describe(self) -> str:
-        bad = f"; {len(self.errors)} bad cases in errors.csv" if self.errors else ""
-        return f"wrote {len(self.written)} cases to {self.out}{bad}"
+        return f"wrote {len(self.written)} cases to {self.out}{bad_cases_note(self.errors)}"
 
 
 def find_cases(
@@ -77,7 +78,7 @@ def _preprocess(spec: CaseSpec, models: Ensemble) -> PreprocessedCase:
             spec.components,
             center=spec.center,
             mask=spec.mask,
-            slices="all",
+            slices="covered",
             series=spec.series,
             config=models.preprocess,
             case_id=spec.case_id,
@@ -109,20 +110,6 @@ def _preprocess_or_skip(
         log.warning("skipping case %s: %s (%s)", error.case, error.reason, error.file)
         errors.append((error.case, error.file, error.reason))
         return None
-
-
-def _write_pooled(models: Ensemble, pending, out: Path, options: dict, bar) -> list[str]:
-    """One model pass over the pooled slices of the `pending` cases, then one folder per case
-    (the progress `bar` advanced per case); returns their case ids."""
-    scores = models(np.concatenate([c.images for c in pending]))
-    written, first = [], 0
-    for case in pending:
-        last = first + len(case.images)
-        _write_case(out, case, scores[first:last], options)
-        written.append(case.case_id)
-        first = last
-        bar.update()
-    return written
 
 
 def predict_cases(
@@ -163,23 +150,24 @@ def predict_cases(
 
 
 def _predict_into(out: Path, models: Ensemble, cases, errors, skip_bad_cases, options, progress):
-    """The loop of `predict_cases`: cases preprocessed, pooled, predicted and written to `out`;
-    returns the case ids written."""
-    batch = max(p.batch_size for p in models.predictors)  # slices pooled per model pass
+    """The loop of `predict_cases`: cases preprocessed, their slices pooled into whole inference
+    batches (`pooled_predictions`), predicted and written to `out`; returns the case ids
+    written."""
     written: list[str] = []
-    pending: list[PreprocessedCase] = []
     with tqdm(total=len(cases), desc="predict", unit="case", disable=not progress) as bar:
-        for spec in cases:
-            case = _preprocess_or_skip(spec, models, errors if skip_bad_cases else None)
-            if case is None:
-                bar.update()
-                continue
-            pending.append(case)
-            if sum(len(c.images) for c in pending) >= batch:
-                written += _write_pooled(models, pending, out, options, bar)
-                pending = []
-        if pending:
-            written += _write_pooled(models, pending, out, options, bar)
+
+        def preprocessed():
+            for spec in cases:
+                case = _preprocess_or_skip(spec, models, errors if skip_bad_cases else None)
+                if case is None:
+                    bar.update()
+                else:
+                    yield case, case.images
+
+        for case, scores in pooled_predictions(models, preprocessed(), models.batch_size):
+            _write_case(out, case, scores, options)
+            written.append(case.case_id)
+            bar.update()
     return written
 
 

@@ -146,7 +146,8 @@ def resolve_runs(path: str | Path) -> list[Path]:
 @dataclasses.dataclass
 class Ensemble:
     """Models as `scores = ensemble(images)`: images float32 `[N, H, W, C]` (components in
-    `components` order, T2w unclipped) -> float32 `[N, H, W, 5]`, the mean P(class >= k)."""
+    `components` order, T2w unclipped) -> float32 `[N, H, W, 5]`, the mean P(class >= k).
+    Each model gets its own components in its own order (`data.components` of its run)."""
 
     predictors: list[Predictor]
     runs: list[Path]
@@ -155,7 +156,15 @@ class Ensemble:
 
     @property
     def components(self) -> tuple[str, ...]:
-        return self.predictors[0].components
+        """The components an exam gives, in the order `__call__` takes them: T2w first (the grid
+        every other component is resampled onto, so read even for a model that does not use
+        it), then the models' others in the first model's order."""
+        return ("t2w", *(c for c in self.predictors[0].components if c != "t2w"))
+
+    @property
+    def batch_size(self) -> int:
+        """Slices per model call that fill every model's batches."""
+        return max(p.batch_size for p in self.predictors)
 
     @property
     def spec(self):
@@ -171,6 +180,11 @@ class Ensemble:
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         images = np.asarray(images, np.float32)
+        if images.ndim != 4 or images.shape[-1] != len(self.components):
+            raise ValueError(
+                f"images: expected [N, H, W, {len(self.components)}] for components "
+                f"{self.components}, got {images.shape}"
+            )
         if self.tta == "flip":
             # One pass over [plain; flipped] per model: twice the batch, one compilation.
             both = np.concatenate([images, np.flip(images, LEFT_RIGHT_AXIS)])
@@ -178,7 +192,7 @@ class Ensemble:
             both = images
         total = np.zeros((*images.shape[:3], 5), np.float64)
         for predictor in self.predictors:
-            scores = predictor(both)
+            scores = predictor(both[..., [self.components.index(c) for c in predictor.components]])
             if self.tta == "flip":
                 n = len(images)
                 scores = 0.5 * (scores[:n] + np.flip(scores[n:], LEFT_RIGHT_AXIS))

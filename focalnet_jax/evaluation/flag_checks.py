@@ -9,7 +9,7 @@ from pathlib import Path
 
 from focalnet_jax.errors import UserError
 
-ONE_EXAM_FLAGS = ("t2w", "adc", "hbv", "mask", "center")
+ONE_EXAM_FLAGS = ("t2w", "adc", "hbv", "component", "mask", "center")
 MANY_EXAM_FLAGS = ("images", "masks", "manifest")
 
 

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from focalnet_jax import encoding
@@ -72,29 +71,89 @@ class Predictor:
                 f"images: expected [N, H, W, {len(self.components)}] for components "
                 f"{self.components}, got {images.shape}"
             )
-        n = images.shape[0]
         out = np.zeros((*images.shape[:3], 5), np.float32)
-        # Every batch has the same shape (the last one zero-padded): one compilation.
-        for first in range(0, n, self.batch_size):
+        # Every batch has the same shape (the last one zero-padded): one compilation. Batch i + 1
+        # is dispatched before batch i's scores are read back, so the host's copies overlap the
+        # device's work instead of leaving it idle between batches.
+        pending = None  # (first row, rows, scores on the device)
+        for first in range(0, images.shape[0], self.batch_size):
             chunk = images[first : first + self.batch_size]
             padded = np.zeros((self.batch_size, *images.shape[1:]), np.float32)
             padded[: len(chunk)] = chunk
-            scores = self.apply(self.variables, jnp.asarray(padded))
-            out[first : first + len(chunk)] = np.asarray(scores)[: len(chunk)]
+            scores = self.apply(self.variables, jax.device_put(padded))
+            if pending is not None:
+                _read_back(out, *pending)
+            pending = (first, len(chunk), scores)
+        if pending is not None:
+            _read_back(out, *pending)
         return out
+
+
+def _read_back(out: np.ndarray, first: int, rows: int, scores) -> None:
+    out[first : first + rows] = np.asarray(scores)[:rows]
+
+
+def pooled_predictions(predict: Callable, cases: Iterable, batch_size: int) -> Iterator:
+    """`(key, scores [S, H, W, 5])` for each `(key, images [S, H, W, C])` of `cases`, in order.
+
+    The slices of consecutive cases are pooled, so every call of `predict` (a `Predictor` or an
+    `Ensemble`) but the last gets a whole number of `batch_size` batches, whatever the cases'
+    lengths: only the last batch of all is padded. A case is yielded as soon as all its slices
+    are predicted; between calls fewer than `batch_size` slices wait, with the scores already
+    made of the cases they belong to.
+    """
+    queue: list[list] = []  # [key, images, predicted parts]
+    waiting = 0  # slices of the queued cases not predicted yet
+    for key, images in cases:
+        queue.append([key, images, []])
+        waiting += len(images)
+        if waiting >= batch_size:
+            yield from _predict_queued(predict, queue, waiting - waiting % batch_size)
+            waiting %= batch_size
+    yield from _predict_queued(predict, queue, waiting)
+
+
+def _predict_queued(predict: Callable, queue: list[list], count: int) -> Iterator:
+    """Predicts the first `count` slices not yet predicted of the `queue`d cases, then pops and
+    yields the cases that are complete."""
+    parts, takers = [], []
+    for entry in queue:
+        if count == 0:
+            break
+        _, images, done = entry
+        start = sum(len(part) for part in done)
+        take = min(len(images) - start, count)
+        if take:
+            parts.append(images[start : start + take])
+            takers.append((entry, take))
+            count -= take
+    if parts:
+        scores, first = predict(np.concatenate(parts)), 0
+        for entry, take in takers:
+            entry[2].append(scores[first : first + take])
+            first += take
+    while queue and sum(len(part) for part in queue[0][2]) == len(queue[0][1]):
+        key, images, done = queue.pop(0)
+        yield key, (np.concatenate(done) if done else np.zeros((*images.shape[:3], 5), np.float32))
 
 
 def predict_cases(
     predictor: Predictor, store, case_ids: Sequence[str], out_dir: str | Path
 ) -> list[Path]:
     """Writes `<case_id>.npz` (contract, with t2w/adc clipped to [0, 1] for figures and the
-    source slice indices) for every slice of each case."""
+    source slice indices) for every slice of each case. The slices of consecutive cases share
+    inference batches (`pooled_predictions`). `predictor`: a `Predictor` or an `Ensemble`."""
     channels = component_channels(store, predictor.components)
+
+    def inputs():
+        for case_id in case_ids:
+            images = np.asarray(store.images[store.case_slices(case_id)])
+            yield (case_id, images), images[..., channels]
+
     written = []
-    for case_id in case_ids:
+    for (case_id, images), scores in pooled_predictions(predictor, inputs(), predictor.batch_size):
         rows = store.case_slices(case_id)
         record = store.case(case_id)
-        images = np.asarray(store.images[rows])
         extra = {
             name: np.clip(images[..., list(store.components).index(name)], 0.0, 1.0)
             for name in ("t2w", "adc")
@@ -104,7 +163,7 @@ def predict_cases(
             write_case(
                 out_dir,
                 case_id,
-                scores=predictor(images[..., channels]),
+                scores=scores,
                 lesions=np.asarray(store.lesions[rows]),
                 lesion_classes=np.asarray(record["lesion_classes"], np.int32),
                 lesion_grade_known=np.asarray(record["lesion_grade_known"], bool),

@@ -5,7 +5,8 @@ of its training store), the model (or the ensemble of models, with optional flip
 evaluation/ensemble.py) gives P(class >= k) on every slice of the 80 mm crop, and the outputs are:
 - `lesion_score.nii.gz` (P(class >= 1)) and `cspca_score.nii.gz` (P(class >= 2)): the crop maps
   resampled (linear) back onto the T2w grid, so they open on top of the T2w series in 3D Slicer or
-  ITK-SNAP (0 outside the crop);
+  ITK-SNAP (0 outside the crop, and on T2w slices that a component does not cover: those are not
+  predicted, `coverage.covered_slices`);
 - `detection_map.nii.gz`: the PI-CAI detection map of `cspca_score` (evaluation/detection_map.py);
 - `detections.csv`: the 2D local maxima (docs/evaluation.md) with s1 >= threshold: LPS world
   coordinates, the T2w voxel holding the point, the crop slice/row/column, the lesion score and
@@ -89,8 +90,9 @@ def predict_exam(
 ) -> list[Path]:
     """Runs the model of `workdir` (runs or cross-validation folders: their ensemble, or an
     `Ensemble` already loaded) on one exam and writes the files listed in the module docstring to
-    `out_dir`; returns their paths. `components` maps names ('t2w', 'adc', 'hbv') to paths; the
-    model's components must all be present. `series` maps names to the SeriesInstanceUID or
+    `out_dir`; returns their paths. `components` maps names ('t2w', 'adc', 'hbv', 'dce', ...) to
+    paths; T2w (the grid of the outputs) and the model's components must all be present, in any
+    order. `series` maps names to the SeriesInstanceUID or
     SeriesDescription to read from a DICOM folder holding several."""
     models = workdir
     if not isinstance(models, Ensemble):
@@ -100,7 +102,8 @@ def predict_exam(
         raise UserError(
             f"exam lacks component(s) {missing} that the model(s) "
             f"{', '.join(map(str, models.runs))} need "
-            f"(it was trained on {list(models.components)}; given {list(components)})"
+            f"(they read {list(models.components)}, T2w as the reference grid; given "
+            f"{list(components)})"
         )
     if unused := [c for c in components if c not in models.components]:
         log.warning(
@@ -113,7 +116,7 @@ def predict_exam(
         ordered,
         center=center,
         mask=None if mask is None else str(mask),
-        slices="all",
+        slices="covered",
         series=series,
         config=models.preprocess,
         case_id=_exam_name(ordered[models.components[0]]),
@@ -144,15 +147,17 @@ def write_exam_outputs(
     min_score: float = MIN_SCORE,
     candidates: CandidateSettings | None = None,
 ) -> list[Path]:
-    """The files of the module docstring for a `PreprocessedCase` (every T2w slice) and its
-    scores float32 `[S, H, W, 5]`, written to `out_dir`; returns their paths."""
+    """The files of the module docstring for a `PreprocessedCase` (T2w slices `case.slice_index`;
+    the maps hold 0 on the others) and its scores float32 `[S, H, W, 5]`, written to `out_dir`;
+    returns their paths."""
     t2w = case.geometry.t2w_reference_image()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    maps = {
-        "lesion_score": crop_to_t2w(scores[..., 0], case.geometry, t2w),
-        "cspca_score": crop_to_t2w(scores[..., 1], case.geometry, t2w),
-    }
+    every_slice = np.zeros((t2w.GetSize()[2], *scores.shape[1:3]), np.float32)
+    maps = {}
+    for name, channel in (("lesion_score", 0), ("cspca_score", 1)):
+        every_slice[case.slice_index] = scores[..., channel]
+        maps[name] = crop_to_t2w(every_slice, case.geometry, t2w)
     maps["detection_map"] = detection_map_image(
         maps["cspca_score"], candidates or CandidateSettings()
     )

@@ -29,19 +29,75 @@ def parse_center(text: str | None) -> tuple[float, float, float] | None:
     return center
 
 
+def _flag(name: str, series: bool = False) -> str:
+    """The flag that gives component `name` of one exam (`series`: that chooses its series)."""
+    if name in COMPONENTS:
+        return f"--{name}-series" if series else f"--{name}"
+    return f"--component-series {name}=..." if series else f"--component {name}=..."
+
+
+def _named(items, flag: str, example: str, given: dict[str, str]) -> dict[str, str]:
+    """`given` and each NAME=VALUE of the repeated `flag`, each a name beyond t2w/adc/hbv."""
+    named = dict(given)
+    for item in items or ():
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep or not name or not value:
+            what = "PATH" if flag == "--component" else "UID"
+            raise UserError(f"{flag} expects NAME={what} (e.g. {example}), got {item!r}")
+        if name in COMPONENTS:
+            raise UserError(f"{flag} {item}: give {name} with {_flag(name, flag != '--component')}")
+        if name in named:
+            raise UserError(f"{flag} names {name!r} twice ({named[name]} and {value})")
+        named[name] = value
+    return named
+
+
+def parse_components(args: argparse.Namespace) -> tuple[dict[str, str], dict[str, str]]:
+    """One exam's component files (--t2w/--adc/--hbv, each --component NAME=PATH) and the
+    series chosen in DICOM folders of several (--<name>-series, --component-series NAME=UID)."""
+    components = _named(
+        args.component,
+        "--component",
+        "dce=exam/dce.mha",
+        {n: getattr(args, n) for n in COMPONENTS if getattr(args, n)},
+    )
+    series = _named(
+        args.component_series,
+        "--component-series",
+        "dce=1.2.840.1",
+        {n: getattr(args, f"{n}_series") for n in COMPONENTS if getattr(args, f"{n}_series")},
+    )
+    return components, series
+
+
+def _check_exam_gives(models, components: dict[str, str]) -> None:
+    """Raises naming the flag of each component the models read that the exam does not give."""
+    missing = [c for c in models.components if c not in components]
+    if missing:
+        flags = [f"--{c} PATH" if c in COMPONENTS else f"--component {c}=PATH" for c in missing]
+        raise UserError(
+            f"the model(s) {', '.join(map(str, models.runs))} read {list(models.components)} "
+            f"(T2w as the reference grid); give {', '.join(flags)}"
+        )
+
+
 def run(args: argparse.Namespace) -> str:
     """Predicts as the flags say; returns the line to print (what was written)."""
     check_predict_flags(args)
-    if args.layout is None and not (args.t2w and args.adc):
-        raise UserError("give --t2w and --adc (one exam) or --layout (many exams)")
-    series = {n: getattr(args, f"{n}_series") for n in COMPONENTS if getattr(args, f"{n}_series")}
+    if args.layout is None and not args.t2w:
+        raise UserError("give --t2w and the model's other components (one exam) or --layout")
+    components, series = parse_components(args)
     if series and args.layout is not None:
         raise UserError(
-            f"--{min(series)}-series is for one exam; a manifest chooses series in its "
+            f"{_flag(min(series), series=True)} is for one exam; a manifest chooses series in its "
             "<component>_series columns"
         )
-    if unread := sorted(n for n in series if not getattr(args, n)):
-        raise UserError(f"--{unread[0]}-series names a series of --{unread[0]}, which is not given")
+    if unread := sorted(n for n in series if n not in components):
+        raise UserError(
+            f"{_flag(unread[0], series=True)} names a series of {_flag(unread[0])}, which is not "
+            "given"
+        )
     center = parse_center(args.center)
     candidates = CandidateSettings.from_flags(args)
     models = load_ensemble(
@@ -61,7 +117,7 @@ def run(args: argparse.Namespace) -> str:
             **options,
         )
         return summary.describe()
-    components = {name: getattr(args, name) for name in COMPONENTS if getattr(args, name)}
+    _check_exam_gives(models, components)
     written = predict_exam(
         models, components, args.out, center=center, mask=args.mask, series=series, **options
     )

@@ -132,8 +132,8 @@ def subset_inputs(images, components: Sequence[str], subsets=None):
       subsets: as in :func:`component_subsets` (None = every non-empty proper subset).
 
     Returns:
-      ``[M, B, H, W, C]`` for M subsets. The train step never builds this array: it masks the
-      input one chunk of subsets at a time (:func:`subset_distances`).
+      ``[M, B, H, W, C]`` for M subsets. The train step masks the input one chunk of subsets
+      at a time (:func:`subset_distances`), so with chunks smaller than M it never builds this.
 
     >>> subset_inputs(jnp.ones((1, 1, 1, 2)), ("t2w", "adc"))[:, 0, 0, 0].tolist()
     [[1.0, 0.0], [0.0, 1.0]]
@@ -151,9 +151,10 @@ def subset_inputs(images, components: Sequence[str], subsets=None):
 def subset_distances(probs_of, images, masks, full_probs, targets, *, valid=None, chunk=0):
     """MFL's ``d[i, b]`` for every subset, the model run on ``chunk`` subsets at a time.
 
-    Subset i's input is ``images * masks[i]`` (built inside the chunk, never as ``[M, B, H, W,
-    C]``); ``probs_of`` maps ``[B, H, W, C]`` inputs to ``[B, H, W, K]`` probabilities and is
-    ``jax.vmap``-ped over the subsets of a chunk; the chunks run one after another
+    Subset i's input is ``images * masks[i]``, built inside the chunk (``[chunk, B, H, W, C]``;
+    ``[M, B, H, W, C]`` only when one chunk holds all M); ``probs_of`` maps ``[B, H, W, C]``
+    inputs to ``[B, H, W, K]`` probabilities and is ``jax.vmap``-ped over the subsets of a
+    chunk; the chunks run one after another
     (``lax.map(..., batch_size=chunk)``), so the live activations are those of ``chunk``
     subsets, whatever M is. Under ``jax.grad`` wrap ``probs_of`` in ``jax.checkpoint`` to keep
     that bound for the backward pass too (otherwise every chunk's activations are saved).

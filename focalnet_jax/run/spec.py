@@ -237,6 +237,11 @@ def _check_loss(loss_config, components: Sequence[str]):
         )
     if not loss_config.mfl:
         return spec, [], None
+    if len(components) < 2:  # a model of one component trains, only MFL has nothing to compare
+        raise ValueError(
+            f"data.components={tuple(components)}: MFL (loss.mfl=True) compares subsets of at "
+            "least 2 components; add a component or set loss.mfl=False"
+        )
     try:
         subsets = losses.component_subsets(components, loss_config.subsets)
     except (TypeError, ValueError) as error:

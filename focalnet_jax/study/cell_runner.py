@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from focalnet_jax.processes import pid_space
 from focalnet_jax.study.cells import Study
 from focalnet_jax.study.spec import cell_overrides
 
@@ -74,9 +75,8 @@ def run_cell(study_dir: str | Path, name: str) -> int:
     gpus = os.environ.get("CUDA_VISIBLE_DEVICES")
     placement.update({"gpus": gpus} if gpus is not None else {})
     start = time.time()
-    study.write_state(
-        cell, "running", pid=os.getpid(), host=socket.gethostname(), log=str(log), **placement
-    )
+    here = {"pid": os.getpid(), "host": socket.gethostname(), "pid_space": pid_space()}
+    study.write_state(cell, "running", **here, log=str(log), **placement)
     log.parent.mkdir(parents=True, exist_ok=True)
     on = f", CUDA_VISIBLE_DEVICES={gpus}" if gpus is not None else ""
     with open(log, "a") as out:

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import socket
 import time
 from collections.abc import Mapping
 from pathlib import Path
 
 from focalnet_jax.data.atomic_files import write_json_atomic
+from focalnet_jax.processes import pid_alive, pid_space
 from focalnet_jax.study.spec import StudyError, seed_for
 
 STUDY_FILE = "study.json"
@@ -67,21 +67,12 @@ class CellState:
     record: dict  # the state file's contents ({} when there is none)
 
 
-def _pid_alive(pid: int) -> bool:
-    """Whether process `pid` of this host runs. A zombie does not: a killed cell whose parent
-    died too stays one until the system's init reaps it, which some containers' init never does
-    (its state, from Linux's /proc/<pid>/stat, is Z)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:  # no /proc (not Linux): os.kill's answer; else the process has just ended
-        return not Path("/proc").is_dir()
-    return stat.rpartition(")")[2].split()[0] != "Z"
+def _recorded_here(record: Mapping) -> bool:
+    """Whether the pid of a running cell's state can be checked from this process: it was taken
+    in this pid space (states written before the space was kept: on this host name)."""
+    if "pid_space" in record:
+        return record["pid_space"] == pid_space()
+    return record.get("host") == socket.gethostname()
 
 
 class Study:
@@ -168,8 +159,8 @@ class Study:
         state = record.get("state", "pending")
         if state == "done" and not (path / METRICS_JSON).is_file():
             state = "pending"
-        elif state == "running" and record.get("host") == socket.gethostname():
-            if not _pid_alive(int(record.get("pid", -1))):
+        elif state == "running" and _recorded_here(record):
+            if not pid_alive(int(record.get("pid", -1))):
                 state = "interrupted"
         return CellState(state, record)
 

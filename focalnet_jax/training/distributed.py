@@ -10,6 +10,11 @@ among those it sees (one task per GPU, `--ntasks-per-node=<GPUs>`, every task se
 GPUs); a task alone on its node (`--ntasks-per-node=1`, launch/slurm_multinode.sh), or one that
 sees fewer GPUs than its node has tasks (SLURM bound GPUs to tasks: `--gpus-per-task`,
 `--gpu-bind`), drives every GPU it sees (`slurm_local_device_ids`).
+
+Coordinator port of a SLURM step: JAX's own pick, `61440 + SLURM_JOB_ID % 4096`, is the same for
+every step of a job, so two multi-task `srun` steps of one allocation running at once on the same
+first node would meet at one coordinator. `slurm_coordinator_port` adds the step id; a
+`JAX_COORDINATOR_PORT` (or `JAX_COORDINATOR_ADDRESS`) of the user's wins.
 """
 
 from __future__ import annotations
@@ -68,6 +73,41 @@ def slurm_local_device_ids(environ=None) -> list[int] | None:
     return [] if here == 1 or bound else None
 
 
+# JAX's range for SLURM: IANA's dynamic ports, above Linux's default range for outgoing connections
+# (32768-60999), so that the kernel does not hand the port to a client first.
+_PORT_BASE, _PORT_COUNT = 61440, 4096
+# Odd, so a job's steps 0..4095 all differ; near 4096 / golden ratio, so a step's port lands far
+# from the ports of neighbouring job ids (jobs at most 32 ids apart meet only when their step ids
+# differ by 89 or more).
+_STEP_STRIDE = 2531
+
+
+def slurm_coordinator_port(environ=None) -> int | None:
+    """The coordinator port of a SLURM step: `61440 + (SLURM_JOB_ID + 2531 * SLURM_STEP_ID) % 4096`,
+    the same in every task of the step, different in each step of a job (step 0: JAX's own pick).
+    None when the user set `JAX_COORDINATOR_PORT` (JAX reads it) or outside a job."""
+    environ = os.environ if environ is None else environ
+    if environ.get("JAX_COORDINATOR_PORT") or "SLURM_JOB_ID" not in environ:
+        return None
+    step = int(environ.get("SLURM_STEP_ID", environ.get("SLURM_STEPID", "0")))
+    job = int(environ["SLURM_JOB_ID"])
+    return _PORT_BASE + (job + _STEP_STRIDE * step) % _PORT_COUNT
+
+
+@contextlib.contextmanager
+def _coordinator_port(port: int | None):
+    """`JAX_COORDINATOR_PORT=port` for JAX's SLURM detection inside the block (None: unchanged),
+    so that child processes do not inherit it."""
+    if port is None:
+        yield
+        return
+    os.environ["JAX_COORDINATOR_PORT"] = str(port)
+    try:
+        yield
+    finally:
+        os.environ.pop("JAX_COORDINATOR_PORT", None)
+
+
 def initialize(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
@@ -94,7 +134,8 @@ def initialize(
         return "flags"
     if slurm_num_tasks() > 1:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(local_device_ids=slurm_local_device_ids())
+        with _coordinator_port(slurm_coordinator_port()):
+            jax.distributed.initialize(local_device_ids=slurm_local_device_ids())
         return "slurm"
     return "single"
 

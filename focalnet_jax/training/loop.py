@@ -23,7 +23,7 @@ from tqdm import tqdm
 from focalnet_jax.data.run_store import record_run_store
 from focalnet_jax.data.store import open_store
 from focalnet_jax.errors import UserError
-from focalnet_jax.run import RunSpec, clip_inputs
+from focalnet_jax.run import RunSpec
 from focalnet_jax.run import workdir as workdir_lib
 from focalnet_jax.training import checkpoint, input_pipeline, sharding
 from focalnet_jax.training import step as step_lib
@@ -35,10 +35,18 @@ _PANEL_SLICES = 4
 
 
 @jax.jit
-def _first_bad(first_bad, loss, grad_norm, step):
-    """First step whose loss or gradient norm was not finite (-1 while none)."""
+def _first_bad(first_bad, loss, grad_norm, steps_done):
+    """The number (from 1) of the first step whose loss or gradient norm was not finite (-1
+    while none). All operands live on the device (`steps_done`: the state's step after the
+    update), so the check neither transfers nor waits at each step."""
     bad = ~(jnp.isfinite(loss) & jnp.isfinite(grad_norm))
-    return jnp.where((first_bad < 0) & bad, step, first_bad)
+    return jnp.where((first_bad < 0) & bad, steps_done, first_bad)
+
+
+@jax.jit
+def _add(totals, sums):
+    """`totals + sums`, key by key (validation sums, on the device)."""
+    return jax.tree.map(jnp.add, totals, sums)
 
 
 def _scalars(metrics, subsets, prefix="train") -> dict[str, float]:
@@ -57,12 +65,14 @@ def evaluate(eval_step, state, reader, rows, batch_size, mesh) -> tuple[dict[str
     score P(class >= 1) on lesion and on background pixels over `rows`."""
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     totals, shown = None, []  # shown: the first `_PANEL_SLICES` predictions, over batches
+    # The sums stay on the device until the last batch: no wait at each batch, so reading the
+    # next batch overlaps the device's work on this one.
     for batch in input_pipeline.eval_batches(reader, rows, batch_size, mesh):
         sums, predicted = eval_step(variables, batch)
-        sums = jax.device_get(sums)
-        totals = sums if totals is None else {k: totals[k] + sums[k] for k in totals}
+        totals = sums if totals is None else _add(totals, sums)
         if sum(len(p) for p in shown) < _PANEL_SLICES:
-            shown.append(np.asarray(predicted[:_PANEL_SLICES]))
+            shown.append(predicted[:_PANEL_SLICES])
+    totals, shown = jax.device_get((totals, shown))
     count = max(float(totals["count"]), 1.0)
     metrics = {"val/loss": float(totals["loss"]) / count}
     for k, name in ((1, "lesion"), (2, "cspca")):
@@ -85,7 +95,7 @@ def panel(reader, rows: np.ndarray, predicted: np.ndarray) -> np.ndarray:
     """Grey image grid: one row per slice, columns = each component (clipped), truth, prediction
     (classes / 5)."""
     batch = reader.read(rows)
-    images = np.asarray(clip_inputs(batch["images"]))
+    images = np.clip(batch["images"], 0.0, 1.0)  # as `clip_inputs`, on the host
     columns = [images[..., c] for c in range(images.shape[-1])]
     columns += [batch["classes"] / 5.0, predicted[: len(rows)] / 5.0]
     return np.concatenate([np.concatenate(list(col), axis=0) for col in columns], axis=1)
@@ -101,10 +111,11 @@ class _Logger:
     the compilation.
     """
 
-    def __init__(self, spec: RunSpec, workdir: Path, manager, progress, start: int):
+    def __init__(self, spec: RunSpec, workdir: Path, manager, progress, start: int, mesh):
         self.spec, self.workdir, self.manager, self.progress = spec, workdir, manager, progress
         self.writer = SummaryWriter(workdir / "tb")
-        self.first_bad = jnp.int32(-1)
+        # Replicated like the step's metrics, so `_first_bad` compiles once.
+        self.first_bad = sharding.put_replicated(jnp.int32(-1), mesh)
         self.last_time, self.last_step = time.perf_counter(), start
         self.excluded_s = 0.0  # seconds outside training steps since the last log
 
@@ -124,7 +135,7 @@ class _Logger:
         if bad >= 0:
             self.manager.wait_until_finished()
             raise RuntimeError(
-                f"non-finite loss or gradient at step {bad + 1} (checked at step {step}); "
+                f"non-finite loss or gradient at step {bad} (checked at step {step}); "
                 f"last good checkpoint: step {self.manager.latest_step()} in {self.workdir}"
             )
 
@@ -191,7 +202,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     progress = tqdm(
         total=num_steps, initial=start, disable=jax.process_index() != 0, desc="train", unit="step"
     )
-    logger = _Logger(spec, workdir, manager, progress, start)
+    logger = _Logger(spec, workdir, manager, progress, start, mesh)
     try:  # Whatever happens, pending checkpoint writes finish and files are closed.
         return _steps(spec, state, batches, split.val_rows, mesh, logger, train_key, lam, num_steps)
     finally:
@@ -205,14 +216,16 @@ def _steps(spec: RunSpec, state, batches, val_rows, mesh, logger: _Logger, key, 
     """Steps `state.step`..`num_steps` with logging, checkpoints and validation; the last state."""
     train_step = step_lib.make_train_step(spec, mesh)
     eval_step = step_lib.make_eval_step(spec, mesh)
-    lam_operand = jnp.float32(lam)
+    # Placed on every device once, not copied from the default device at each step.
+    key, lam_operand = sharding.put_replicated((key, jnp.float32(lam)), mesh)
     train = spec.config.train
     saved = set(logger.manager.all_steps())
     for step, batch in batches.iterate(int(jax.device_get(state.step)), num_steps):
         state, metrics = train_step(state, batch, key, lam_operand)
-        logger.first_bad = _first_bad(logger.first_bad, metrics["loss"], metrics["grad_norm"], step)
+        logger.first_bad = _first_bad(
+            logger.first_bad, metrics["loss"], metrics["grad_norm"], state.step
+        )
         done = step + 1
-        logger.progress.update(1)
         final = done == num_steps
         if done % train.log_every == 0 or final:
             logger.train(done, metrics)
@@ -227,4 +240,5 @@ def _steps(spec: RunSpec, state, batches, val_rows, mesh, logger: _Logger, key, 
                     eval_step, state, batches.reader, val_rows, spec.global_batch, mesh
                 )
                 logger.validation(done, val, batches.reader, shown)
+        logger.progress.update(1)  # after the step's lines: the last bar drawn shows its loss
     return state

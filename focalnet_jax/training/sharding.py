@@ -6,6 +6,8 @@ batches are split along their leading axis over `data`; the train state is repli
 
 from __future__ import annotations
 
+import functools
+
 import jax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -13,7 +15,14 @@ from jax.sharding import PartitionSpec as P
 from focalnet_jax import run
 from focalnet_jax.run import DATA_AXIS
 
-__all__ = ["DATA_AXIS", "batch_sharding", "make_mesh", "per_device_batch", "replicated"]
+__all__ = [
+    "DATA_AXIS",
+    "batch_sharding",
+    "make_mesh",
+    "per_device_batch",
+    "put_replicated",
+    "replicated",
+]
 
 
 def make_mesh() -> Mesh:
@@ -29,6 +38,18 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 def replicated(mesh: Mesh) -> NamedSharding:
     """The same full array on every device."""
     return NamedSharding(mesh, P())
+
+
+@functools.cache
+def _identity_onto(target: NamedSharding):
+    return jax.jit(lambda tree: tree, out_shardings=target)
+
+
+def put_replicated(tree, mesh: Mesh):
+    """`tree` (the same value in every process: host or single-device arrays, PRNG keys) as
+    arrays replicated over all of `mesh`'s devices. `jax.device_put` refuses a sharding over
+    other processes' devices; a jitted identity places each process's own copies."""
+    return _identity_onto(replicated(mesh))(tree)
 
 
 def per_device_batch(global_batch: int, mesh: Mesh) -> int:

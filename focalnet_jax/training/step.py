@@ -8,8 +8,8 @@ Loss (paper eq. 4): `L = loss(f(x)) + lambda * MFL`, where `loss` is the run's n
   whose BatchNorm running averages are kept.
 * MFL (`spec.mfl`): the component-subset inputs (the other components zeroed, masked inside
   each chunk) go through the same network, `spec.mfl_chunk` subsets per `jax.vmap`-ped
-  application and the chunks one after another (`losses.subset_distances`), so the probe's
-  memory does not grow with the number of subsets. These passes normalise
+  application and the chunks one after another (`losses.subset_distances`), so with chunks the
+  probe's memory does not grow with the number of subsets. These passes normalise
   with their own batch statistics (training mode, as every training-time application in the
   paper) but their running-average updates are discarded, so the running averages describe full
   inputs only, which is what evaluation sees. `mutual_finding_loss` stops the gradient into the

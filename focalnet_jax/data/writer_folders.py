@@ -1,0 +1,93 @@
+"""Temporary folders of store writers: named after their writer, removed once it has died.
+
+A store is written in the sibling folder `.<name>.tmp-<pid>@<host>-<space>-<token>`: `pid` and
+`host` of the writing process, and `space`, 8 hex digits of a hash of the host name, the kernel's
+boot id and the process's PID namespace (Linux; elsewhere the host name alone). The pid can be
+checked only from the same space: on a shared file system another host, or a container with the
+same host name but its own PID namespace (`docker --network=host`), may be writing right now, and
+its pid means nothing here. So a leftover is removed only when its space is this process's and its
+pid has ended; every other one is left and named in one log line, to be removed by hand once no
+run writes it (its age proves nothing: a run elsewhere may take hours). A commit moves the old
+store aside to `<folder>.old` before moving the new one in; when its writer died between the two,
+the next writer moves the old store back first (`restore_moved_aside`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import secrets
+import shutil
+import socket
+from pathlib import Path
+
+from focalnet_jax.processes import pid_alive, pid_space
+
+log = logging.getLogger(__name__)
+
+_NAME = r"^\.{name}\.tmp-(?P<pid>\d+)@(?P<host>.+)-(?P<space>[0-9a-f]{{8}})-[0-9a-f]{{8}}(\.old)?$"
+
+
+def writer_folder(path: Path) -> Path:
+    """A new temporary folder name for this process writing `path` (not created)."""
+    owner = f"{os.getpid()}@{socket.gethostname()}-{pid_space()}-{secrets.token_hex(4)}"
+    return path.with_name(f".{path.name}.tmp-{owner}")
+
+
+def restore_moved_aside(path: str | os.PathLike) -> Path | None:
+    """Moves back the old store at `path` that a writer killed between its two renames (old
+    aside, new in place) left as `<its folder>.old`: only when `path` is missing and the writer
+    is known dead (same pid space, pid ended). Returns the folder restored from, if any."""
+    path = Path(path)
+    if path.exists():
+        return None
+    pattern = re.compile(_NAME.format(name=re.escape(path.name)))
+    for folder in sorted(path.parent.glob(f".{path.name}.tmp-*.old")):
+        match = pattern.match(folder.name)
+        if match and match["space"] == pid_space() and not pid_alive(int(match["pid"])):
+            os.replace(folder, path)
+            log.warning(
+                "restored %s from %s: preprocess pid %s ended before it replaced that store",
+                path,
+                folder,
+                match["pid"],
+            )
+            return folder
+    return None
+
+
+def remove_dead_leftovers(path: str | os.PathLike) -> list[Path]:
+    """Removes the temporary folders of writers of `path` that died before committing (same pid
+    space, pid ended); names every other one in a log line. Returns the removed folders."""
+    path = Path(path)
+    pattern = re.compile(_NAME.format(name=re.escape(path.name)))
+    removed = []
+    for folder in sorted(path.parent.glob(f".{path.name}.tmp-*")):
+        match = pattern.match(folder.name)
+        if match is None:
+            log.warning(
+                "leaving %s: a store leftover that does not name its writer; remove it by hand "
+                "when no preprocess run writes %s",
+                folder,
+                path,
+            )
+        elif match["space"] != pid_space():
+            log.warning(
+                "leaving %s: written by preprocess pid %s on %s, which cannot be checked from here "
+                "(another host or container); remove it by hand when no preprocess run writes %s",
+                folder,
+                match["pid"],
+                match["host"],
+                path,
+            )
+        elif pid_alive(int(match["pid"])):
+            log.warning("leaving %s: its writer, pid %s of this host, runs", folder, match["pid"])
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+            if folder.exists():
+                log.warning("could not remove %s, left by preprocess pid %s", folder, match["pid"])
+                continue
+            log.warning("removed %s, left by preprocess pid %s that ended", folder, match["pid"])
+            removed.append(folder)
+    return removed

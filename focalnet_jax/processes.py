@@ -1,0 +1,48 @@
+"""Whether a process recorded in a file (a store writer, a study cell) still runs.
+
+A pid means something only where it was taken: on a shared file system another host, or a
+container with the same host name but its own PID namespace (`docker --network=host`), may run
+that pid number right now. `pid_space()` names where this process's pids mean something; a
+recorded pid is checked with `pid_alive` only when its recorded space is this one.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import socket
+from pathlib import Path
+
+
+@functools.cache
+def pid_space() -> str:
+    """8 hex digits naming where this process's pids mean something: host name, boot id and PID
+    namespace (what of the latter two this system shows)."""
+    parts = [socket.gethostname()]
+    for read in (
+        lambda: Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
+        lambda: os.readlink("/proc/self/ns/pid"),
+    ):
+        try:
+            parts.append(read())
+        except OSError:  # not Linux
+            parts.append("")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:8]
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` of this pid space runs. A zombie does not: a killed process whose
+    parent died too stays one until the system's init reaps it, which some containers' init never
+    does (its state, from Linux's /proc/<pid>/stat, is Z)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # no /proc (not Linux): os.kill's answer; else the process has just ended
+        return not Path("/proc").is_dir()
+    return stat.rpartition(")")[2].split()[0] != "Z"

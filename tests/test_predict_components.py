@@ -1,0 +1,139 @@
+"""`focalnet predict` for a model of more than T2w/ADC/HBV whose components come in another order
+than the store's: a DCE model trained with `data.components=dce,adc,t2w` (MFL on) on a small
+synthetic store of T2w, ADC, HBV and DCE. One exam gives DCE with `--component dce=PATH` (and
+chooses its series with `--component-series dce=UID`, flags checked here); every
+output lies on the T2w grid (the reference frame, whatever the model's first component is); the
+model gets its channels in its own order; a folder of exams (`--layout picai`) gives the same maps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from test_train_helpers import fast_compiles, tiny_config
+
+from focalnet_jax.cli import main
+
+MODEL_COMPONENTS = ("dce", "adc", "t2w")
+MAPS = ("lesion_score", "cspca_score", "detection_map")
+
+
+def run_cli(argv) -> str:
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(io.StringIO()):
+        assert main([str(a) for a in argv]) == 0
+    return stdout.getvalue()
+
+
+def cli_error(argv) -> str:
+    with contextlib.redirect_stderr(io.StringIO()), pytest.raises(SystemExit) as caught:
+        main([str(a) for a in argv])
+    message = str(caught.value)
+    assert "\n" not in message, message
+    return message
+
+
+@pytest.fixture(scope="module")
+def dce_run(tmp_path_factory):
+    """{'data': synthetic PI-CAI folder, 'run': a 2-step run of a dce,adc,t2w model}."""
+    from focalnet_jax.training import train_and_evaluate
+
+    root = tmp_path_factory.mktemp("dce")
+    data, store = root / "data", root / "store"
+    components = "--components=t2w,adc,hbv,dce"
+    run_cli(["synth", f"--out={data}", "--cases=3", "--seed=5", "--small", components])
+    run_cli(["preprocess", "--layout=picai", f"--images={data / 'images'}",
+             f"--labels={data / 'labels'}", f"--masks={data / 'masks'}", f"--out={store}",
+             components])  # fmt: skip
+    overrides = [
+        "--config.train.steps=2",
+        "--config.data.slices=all",
+        f"--config.data.store={store}",
+        "--config.data.num_folds=2",
+        "--config.data.components=" + ",".join(MODEL_COMPONENTS),
+    ]
+    with fast_compiles(), contextlib.redirect_stderr(io.StringIO()):
+        train_and_evaluate(tiny_config(overrides=overrides), root / "run")
+    return {"data": data, "run": root / "run"}
+
+
+def exam(data: Path) -> dict[str, Path]:
+    t2w = sorted((data / "images").glob("*/*_t2w.mha"))[0]
+    case = t2w.name[: -len("_t2w.mha")]
+    files = {c: t2w.with_name(f"{case}_{c}.mha") for c in ("t2w", "adc", "hbv", "dce")}
+    return {"case": case, **files, "mask": data / "masks" / f"{case}.nii.gz"}
+
+
+def test_one_exam_gives_dce_by_name_and_the_maps_lie_on_the_t2w_grid(dce_run, tmp_path):
+    files = exam(dce_run["data"])
+    with fast_compiles():
+        run_cli(["predict", "--checkpoint", dce_run["run"], "--t2w", files["t2w"],
+                 "--adc", files["adc"], "--component", f"dce={files['dce']}",
+                 "--mask", files["mask"], "--out", tmp_path / "one"])  # fmt: skip
+        run_cli(["predict", "--checkpoint", dce_run["run"], "--layout", "picai",
+                 "--images", dce_run["data"] / "images", "--masks", dce_run["data"] / "masks",
+                 "--out", tmp_path / "many"])  # fmt: skip
+    t2w = sitk.ReadImage(str(files["t2w"]))
+    dce = sitk.ReadImage(str(files["dce"]))
+    assert dce.GetSize() != t2w.GetSize()  # a grid of its own: the maps must not take it
+    for name in MAPS:
+        one = sitk.ReadImage(str(tmp_path / "one" / f"{name}.nii.gz"))
+        assert one.GetSize() == t2w.GetSize()
+        np.testing.assert_allclose(one.GetOrigin(), t2w.GetOrigin(), atol=1e-3)
+        np.testing.assert_allclose(one.GetSpacing(), t2w.GetSpacing(), atol=1e-4)
+        many = sitk.ReadImage(str(tmp_path / "many" / files["case"] / f"{name}.nii.gz"))
+        np.testing.assert_allclose(
+            sitk.GetArrayFromImage(one), sitk.GetArrayFromImage(many), atol=1e-6
+        )
+
+
+def test_each_model_gets_its_channels_in_its_own_order(dce_run):
+    from focalnet_jax.data import preprocess_case
+    from focalnet_jax.evaluation.ensemble import load_ensemble
+    from focalnet_jax.evaluation.inference import Predictor
+
+    files = exam(dce_run["data"])
+    with fast_compiles():
+        models = load_ensemble(dce_run["run"])
+        assert models.components == ("t2w", "dce", "adc")  # what an exam gives, T2w first
+        case = preprocess_case(
+            {c: str(files[c]) for c in models.components}, mask=str(files["mask"])
+        )
+        model = Predictor.from_workdir(dce_run["run"])
+        own_order = case.images[..., [models.components.index(c) for c in MODEL_COMPONENTS]]
+        np.testing.assert_array_equal(models(case.images), model(own_order))
+        with pytest.raises(ValueError, match=r"images: expected \[N, H, W, 3\]"):
+            models(case.images[..., :2])
+
+
+def test_a_missing_or_malformed_component_is_a_one_line_error_naming_its_flag(dce_run, tmp_path):
+    files = exam(dce_run["data"])
+    one = ["predict", "--checkpoint", dce_run["run"], "--out", tmp_path / "o"]
+    message = cli_error([*one, "--t2w", files["t2w"], "--adc", files["adc"]])
+    assert "give --component dce=PATH" in message and str(dce_run["run"]) in message
+    message = cli_error([*one, "--t2w", files["t2w"], "--component", f"dce={files['dce']}"])
+    assert message.endswith("give --adc PATH")
+    cases = [
+        (["--component", "dce"], "--component expects NAME=PATH"),
+        (["--component", f"adc={files['adc']}"], "give adc with --adc"),
+        (["--component", "dce=a.mha", "--component", "dce=b.mha"], "names 'dce' twice"),
+        (["--component-series", "adc=1.2"], "give adc with --adc-series"),
+        (["--component-series", "dce"], "--component-series expects NAME=UID"),
+        (
+            ["--component-series", "dce=1.2"],
+            "--component-series dce=... names a series of --component dce=..., which is not given",
+        ),
+    ]
+    for flags, expected in cases:
+        assert expected in cli_error([*one, "--t2w", files["t2w"], *flags])
+    layout = ["--layout", "picai", "--images", dce_run["data"] / "images"]
+    assert "--component is for one exam" in cli_error([*one, *layout, "--component", "dce=x"])
+    message = cli_error([*one, *layout, "--component-series", "dce=1.2"])
+    assert message.endswith("--component-series dce=... is for one exam; a manifest chooses "
+                            "series in its <component>_series columns")  # fmt: skip
+    assert not (tmp_path / "o").exists()

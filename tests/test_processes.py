@@ -1,0 +1,62 @@
+"""Whether a recorded process still runs: a zombie does not, and a pid is judged only from the pid
+space it was taken in (a study cell's `running` state, a store writer's temporary folder)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from focalnet_jax.processes import pid_alive, pid_space
+from focalnet_jax.study.cells import STATE_FILE, Cell, Study
+
+
+def test_a_zombie_process_counts_as_ended():
+    """A cell process killed with its parent stays a zombie until init reaps it: `os.kill(pid, 0)`
+    still succeeds, but the cell is not running (it was taken for running, and never resumed)."""
+    running = subprocess.Popen(["sleep", "30"])
+    ended = subprocess.Popen(["true"])  # not waited for: a zombie of this process
+    try:
+        deadline = time.time() + 10
+        while Path(f"/proc/{ended.pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z":
+            assert time.time() < deadline
+            time.sleep(0.01)
+        assert pid_alive(running.pid) and not pid_alive(ended.pid)
+    finally:
+        running.kill()
+        running.wait()
+        ended.wait()
+    assert not pid_alive(running.pid) and not pid_alive(ended.pid)
+
+
+def _ended_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_a_running_cell_is_judged_only_from_its_pid_space(tmp_path):
+    """An ended pid makes a `running` cell `interrupted` only when it was recorded in this pid
+    space; a cell recorded with this host name in another space (a container with its own PID
+    namespace on a shared file system) may run there, and stays `running`. States written before
+    the space was kept are judged by host name."""
+    study, cell = Study(tmp_path, {}), Cell("ce", 0, 0)
+    state_file = study.path(cell) / STATE_FILE
+    state_file.parent.mkdir(parents=True)
+    other_space = f"{(int(pid_space(), 16) + 1) % 2**32:08x}"
+    host, ended = socket.gethostname(), _ended_pid()
+    expected = [
+        ({"pid_space": pid_space(), "pid": ended}, "interrupted"),
+        ({"pid_space": pid_space(), "pid": os.getpid()}, "running"),
+        ({"pid_space": other_space, "pid": ended}, "running"),
+        ({"pid": ended}, "interrupted"),  # an older state: this host name
+        ({"pid": ended, "host": f"not-{host}"}, "running"),
+    ]
+    for fields, state in expected:
+        record = {"state": "running", "host": host, **fields}
+        state_file.write_text(json.dumps(record))
+        assert study.state(cell).state == state, record
