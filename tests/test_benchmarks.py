@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 
@@ -35,11 +36,14 @@ profile_summary = _benchmark_module("profile_summary")
 
 
 def _run(script: str, *args: str) -> dict:
+    """The one JSON line of `benchmarks/SCRIPT ARGS`, run with XLA's most expensive optimisations
+    off: the tiny models compile in half the time (their numbers are not checked here)."""
     done = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / script), *args],
         capture_output=True,
         text=True,
         cwd=REPO,
+        env={**os.environ, "JAX_DISABLE_MOST_OPTIMIZATIONS": "true"},
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -53,16 +57,18 @@ def small_store(tmp_path_factory):
     return small_synthetic_store(tmp_path_factory.mktemp("bench"), cases=10, seed=2)
 
 
-def test_train_step_benchmark_times_the_chosen_kinds():
-    result = _run(
-        "train_step.py",
-        "--config=configs/focalnet.py",
-        "--kinds=fl,fl_mfl_select",
-        "--steps=1",
-        "--size=32",
-        "--profile-steps=2",
-        *TINY,
-    )
+TRAIN_STEP_ARGS = ("--config=configs/focalnet.py", "--steps=1", "--size=32", *TINY)
+
+
+@pytest.fixture(scope="module")
+def train_step_on_one_device() -> dict:
+    """`train_step.py` on one device, FL and FL+MFL select, 2 steps of each profiled (shared: its
+    FL step is also the 1-device reference of the FLOP count)."""
+    return _run("train_step.py", *TRAIN_STEP_ARGS, "--kinds=fl,fl_mfl_select", "--profile-steps=2")
+
+
+def test_train_step_benchmark_times_the_chosen_kinds(train_step_on_one_device):
+    result = train_step_on_one_device
     assert {"fl", "fl_mfl_select"} <= set(result) and "fl_mfl_vmap" not in result
     assert result["ratio_fl_mfl_select_to_fl"] == pytest.approx(
         result["fl_mfl_select"]["step_time_s"] / result["fl"]["step_time_s"]
@@ -263,14 +269,16 @@ def test_op_kind_from_the_profiler_category_first_then_the_names():
     assert profile_summary.op_kind(None, "all-reduce.1") == "collective"
 
 
-def test_train_step_flops_count_every_device_like_images_per_s(monkeypatch):
+def test_train_step_flops_count_every_device_like_images_per_s(
+    train_step_on_one_device, monkeypatch
+):
     """XLA counts one device's program of a sharded step: on 2 devices each holds half the batch,
     so that count is about half the 1-device one; `flops_per_step` (x 2) is the whole step's
     arithmetic, as much as on one device plus the replicated work (the update of the weights)."""
-    args = ("--config=configs/focalnet.py", "--kinds=fl", "--steps=1", "--size=32", *TINY)
-    one = _run("train_step.py", *args)["fl"]
+    one = train_step_on_one_device["fl"]
+    assert train_step_on_one_device["num_devices"] == 1
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
-    result = _run("train_step.py", *args)
+    result = _run("train_step.py", *TRAIN_STEP_ARGS, "--kinds=fl")
     two = result["fl"]
     assert result["num_devices"] == 2
     assert one["flops_per_step"] == one["flops_per_device_step"]
