@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from cli_calls import cli_error, run_cli
 from scipy import ndimage
 from test_train_helpers import fast_compiles, small_synthetic_store, tiny_config
 
-from focalnet_jax.cli import main
 from focalnet_jax.evaluation.detection_map import CandidateSettings, lesion_candidates
 from focalnet_jax.evaluation.ensemble import (
     LEFT_RIGHT_AXIS,
@@ -30,22 +30,6 @@ from focalnet_jax.evaluation.ensemble import (
 from focalnet_jax.evaluation.inference import Predictor
 
 CASES = 5
-
-
-def run_cli(argv) -> str:
-    stdout = io.StringIO()
-    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(io.StringIO()):
-        assert main([str(a) for a in argv]) == 0
-    return stdout.getvalue()
-
-
-def cli_error(argv) -> str:
-    """The one-line message of a refused command."""
-    with contextlib.redirect_stderr(io.StringIO()), pytest.raises(SystemExit) as caught:
-        main([str(a) for a in argv])
-    message = str(caught.value)
-    assert "\n" not in message, message
-    return message
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -15,27 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from cli_calls import cli_error, run_cli
 from test_train_helpers import fast_compiles, tiny_config
-
-from focalnet_jax.cli import main
 
 MODEL_COMPONENTS = ("dce", "adc", "t2w")
 MAPS = ("lesion_score", "cspca_score", "detection_map")
-
-
-def run_cli(argv) -> str:
-    stdout = io.StringIO()
-    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(io.StringIO()):
-        assert main([str(a) for a in argv]) == 0
-    return stdout.getvalue()
-
-
-def cli_error(argv) -> str:
-    with contextlib.redirect_stderr(io.StringIO()), pytest.raises(SystemExit) as caught:
-        main([str(a) for a in argv])
-    message = str(caught.value)
-    assert "\n" not in message, message
-    return message
 
 
 @pytest.fixture(scope="module")
