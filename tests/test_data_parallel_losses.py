@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
 # (loss, options): sigmoid batch Dice, CE + batch Dice, nnU-Net's softmax CE + Dice.
 CASES = {
     "soft_dice": ("soft_dice_loss", {"eps": 1e-5, "batch_dice": True}),
@@ -128,12 +126,9 @@ def _one_train_step() -> dict:
 
 
 def _script_output() -> dict:
-    env = dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS="--xla_force_host_platform_device_count=2",
-        PYTHONPATH=str(REPO),
-    )
+    from test_train_helpers import cpu_devices_env
+
+    env = cpu_devices_env(2)
     result = subprocess.run(
         [sys.executable, __file__], env=env, capture_output=True, text=True, timeout=240
     )

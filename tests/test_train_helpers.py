@@ -160,16 +160,22 @@ def process_flags(port: int, process_id: int, num_processes: int = 2) -> list[st
     ]
 
 
+def cpu_devices_env(devices: int, **extra) -> dict[str, str]:
+    """This environment for a child process of this checkout on `devices` CPU devices."""
+    return dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        PYTHONPATH=str(REPO),
+        **extra,
+    )
+
+
 def start_worker(out, workdir, devices: int, args=()) -> subprocess.Popen:
     """This file run as a script on `devices` CPU devices (optimisations off), its stdout and
     stderr going to `process.log` (a temporary file): `args` = `process_flags(...)` (if any),
     then `--config.k=v` overrides."""
-    env = dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-        JAX_DISABLE_MOST_OPTIMIZATIONS="1",
-    )
+    env = cpu_devices_env(devices, JAX_DISABLE_MOST_OPTIMIZATIONS="1")
     command = [sys.executable, str(Path(__file__).resolve()), str(out), str(workdir), *args]
     log = tempfile.TemporaryFile()
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)

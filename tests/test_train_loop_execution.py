@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 RUN = [
     "--config.loss.mfl=false",  # the loop's behaviour does not depend on the loss
@@ -58,7 +56,9 @@ def _compiles_of_a_run(workdir: str) -> dict[str, int]:
     jax.monitoring.register_event_duration_secs_listener(count)
     make_train_step, make_eval_step = step_lib.make_train_step, step_lib.make_eval_step
     step_lib.make_train_step = lambda *args: _guarded(make_train_step(*args))
-    step_lib.make_eval_step = lambda *args: _guarded(make_eval_step(*args))
+    step_lib.make_eval_step = lambda *args: (
+        lambda made: made._replace(fn=_guarded(made.fn))  # an EvalStep: its loss spec kept
+    )(make_eval_step(*args))
     loop._first_bad, loop._add = _guarded(loop._first_bad), _guarded(loop._add)
     with fast_compiles():
         train_and_evaluate(tiny_config(overrides=RUN), workdir, store=FakeStore())
@@ -66,12 +66,9 @@ def _compiles_of_a_run(workdir: str) -> dict[str, int]:
 
 
 def test_a_run_compiles_each_loop_function_once_and_transfers_nothing_implicitly(tmp_path):
-    env = dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS="--xla_force_host_platform_device_count=2",
-        PYTHONPATH=str(REPO),
-    )
+    from test_train_helpers import cpu_devices_env
+
+    env = cpu_devices_env(2)
     result = subprocess.run(
         [sys.executable, __file__, str(tmp_path / "run")],
         env=env,
