@@ -21,8 +21,9 @@ import time
 from pathlib import Path
 
 from focalnet_jax.processes import pid_space
-from focalnet_jax.study.cells import Study
-from focalnet_jax.study.spec import cell_overrides
+from focalnet_jax.study.cells import STUDY_FILE, Study
+from focalnet_jax.study.inputs import check_inputs
+from focalnet_jax.study.spec import StudyError, cell_overrides
 
 # `focalnet CMD: error: ...` (a user error) or `SomeError: ...` (the end of a traceback).
 REASON = re.compile(r"^(focalnet [\w ]+: error: |[\w.]+(Error|Exception|Exit|Interrupt)\b)")
@@ -81,15 +82,19 @@ def run_cell(study_dir: str | Path, name: str) -> int:
     on = f", CUDA_VISIBLE_DEVICES={gpus}" if gpus is not None else ""
     with open(log, "a") as out:
         out.write(f"=== cell {name}, seed {study.seed(cell)}{on}, {time.ctime()} ===\n")
-    error = None
-    for argv in cell_commands(study, cell):
+    try:  # a cell may start hours after `study run`, from a queue
+        check_inputs(study.plain, study.root / STUDY_FILE)
+        error = None
+    except StudyError as changed:
+        error = str(changed)
+    for argv in cell_commands(study, cell) if error is None else ():
         error = run_focalnet(argv, log)
         if error:
-            with open(log, "a") as out:
-                out.write(f"cell {name} failed: {error}\n")
             break
     elapsed = round(time.time() - start, 1)
     if error:
+        with open(log, "a") as out:
+            out.write(f"cell {name} failed: {error}\n")
         study.write_state(cell, "failed", error=error, log=str(log), seconds=elapsed, **placement)
         print(f"cell {name} failed: {error} (log: {log})", file=sys.stderr)
         return 1

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from focalnet_jax.data.atomic_files import write_json_atomic
 from focalnet_jax.processes import pid_alive, pid_space
+from focalnet_jax.study.inputs import INPUTS, input_digests
 from focalnet_jax.study.spec import StudyError, seed_for
 
 STUDY_FILE = "study.json"
@@ -61,7 +62,8 @@ def added_runs(recorded: Mapping, plain: Mapping, where: Path) -> list[str]:
     changed = sorted(
         k
         for k in set(recorded) | set(plain)
-        if recorded.get(k) != plain.get(k) and k != "spec_file"  # where it was read
+        # spec_file: where it was read; inputs: what it read, checked by `check_inputs`
+        if recorded.get(k) != plain.get(k) and k not in ("spec_file", INPUTS)
     )
     if set(changed) <= set(GROWING) and _only_adds(recorded, plain):
         grown = []
@@ -141,16 +143,20 @@ class Study:
 
     @classmethod
     def create(cls, root: str | Path, plain: Mapping) -> Study:
-        """Record `plain` in `root`, or check that it equals the one recorded there or only adds
-        runs to it (then record it: the grown study)."""
+        """Record `plain` in `root` with the digests of its inputs (`input_digests`), or check
+        that it equals the one recorded there or only adds runs to it (then record it: the grown
+        study, its recorded digests kept)."""
         path = Path(root) / STUDY_FILE
         if not cls.check_recorded(root, plain):
-            write_json_atomic(dict(plain), path)
+            plain = {**plain, INPUTS: input_digests(plain)}
+            write_json_atomic(plain, path)
         else:
-            added = added_runs(_read_study_file(path), plain, path)
+            recorded = _read_study_file(path)
+            added = added_runs(recorded, plain, path)
+            plain = {**plain, **({INPUTS: recorded[INPUTS]} if INPUTS in recorded else {})}
             if added:
                 print(f"{path}: study grows ({'; '.join(added)})")
-                write_json_atomic(dict(plain), path)
+                write_json_atomic(plain, path)
         return cls(root, plain)
 
     @property

@@ -11,7 +11,8 @@ import functools
 import shlex
 from pathlib import Path
 
-from focalnet_jax.study.cells import Study
+from focalnet_jax.study.cells import STUDY_FILE, Study
+from focalnet_jax.study.inputs import check_inputs
 from focalnet_jax.study.spec import StudyError, load_spec, validate
 
 
@@ -131,6 +132,7 @@ def _run(args: argparse.Namespace) -> int:
 
     _check_run_flags(args)
     study = _open_or_create(args)
+    check_inputs(study.plain, study.root / STUDY_FILE)
     cells = study.cells()
     states = {name: state for name, (state, _) in cell_states(study).items()}
     todo = [c for c in cells if states[c.name] in RUNNABLE]

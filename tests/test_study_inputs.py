@@ -1,0 +1,86 @@
+"""A study records what its cells train on (digests of the loaded base config and of the store's
+case table) and refuses to start a cell once either changed: `study run` in one line, and a cell
+started later from a queue as a failed cell with the reason."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+
+from focalnet_jax.cli import main
+from focalnet_jax.study.cell_runner import run_cell
+from focalnet_jax.study.cells import STUDY_FILE, Study
+from focalnet_jax.study.inputs import INPUTS, check_inputs
+from focalnet_jax.study.spec import StudyError
+
+CONFIG = """
+import ml_collections
+
+
+def get_config():
+    config = ml_collections.ConfigDict()
+    config.seed = {seed}
+    return config
+"""
+
+
+@pytest.fixture()
+def study(tmp_path):
+    """(study folder, base config file, store's cases.json) of a recorded one-cell study."""
+    base, store = tmp_path / "base.py", tmp_path / "store"
+    base.write_text(CONFIG.format(seed=0))
+    store.mkdir()
+    (store / "cases.json").write_text(json.dumps({"cases": [{"case_id": "a"}]}))
+    plain = {"base": str(base), "store": str(store), "repeats": 1, "folds": [0], "seed": 0,
+             "arms": {"ce": {}}, "ensembles": {}, "evaluate": {}}  # fmt: skip
+    Study.create(tmp_path / "study", plain)
+    return tmp_path / "study", base, store / "cases.json"
+
+
+def test_the_recorded_digests_are_those_of_the_loaded_config_and_the_case_table(study):
+    root, base, cases = study
+    recorded = json.loads((root / STUDY_FILE).read_text())[INPUTS]
+    config = '{"seed": 0}'  # ml_collections' JSON of the loaded config
+    assert recorded == {
+        "base_config": hashlib.sha256(config.encode()).hexdigest(),
+        "store_cases": hashlib.sha256(cases.read_bytes()).hexdigest(),
+    }
+    check_inputs(Study.open(root).plain, root)  # unchanged: no error
+
+
+def test_a_changed_base_config_or_store_is_refused(study, capsys):
+    root, base, cases = study
+    original = base.read_text()
+    base.write_text(CONFIG.format(seed=1))
+    with pytest.raises(StudyError, match="study's base config .* changed") as raised:
+        check_inputs(Study.open(root).plain, root)
+    assert f"store {cases.parent}" not in str(raised.value)
+    base.write_text(original + "\n# a comment changes nothing loaded\n")
+    check_inputs(Study.open(root).plain, root)
+    cases.write_text(json.dumps({"cases": [{"case_id": "a"}, {"case_id": "b"}]}))
+    with pytest.raises(SystemExit) as raised:
+        main(["study", "run", "--workdir", str(root)])
+    message = capsys.readouterr().err.strip()
+    assert raised.value.code == 2 and "\n" not in message
+    assert f"the study's store {cases.parent} changed since the study was recorded" in message
+
+
+def test_a_cell_started_after_a_change_fails_with_the_reason(study):
+    root, base, _ = study
+    base.write_text(CONFIG.format(seed=1))
+    study_ = Study.open(root)
+    cell = study_.cell("ce/rep0/fold0")
+    assert run_cell(root, cell.name) == 1
+    state = study_.state(cell)
+    assert state.state == "failed" and "base config" in state.record["error"]
+    assert "base config" in study_.log_path(cell).read_text()
+
+
+def test_a_study_recorded_without_digests_is_not_checked(study):
+    root, base, _ = study
+    plain = json.loads((root / STUDY_FILE).read_text())
+    del plain[INPUTS]
+    base.write_text(CONFIG.format(seed=1))
+    check_inputs(plain, root)
