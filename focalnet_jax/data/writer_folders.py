@@ -35,6 +35,13 @@ def writer_folder(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{owner}")
 
 
+def _writer_folders(path: Path, tail: str = "*"):
+    """(folder, match of `_NAME` or None) for each `.<name>.tmp-<tail>` folder beside `path`."""
+    pattern = re.compile(_NAME.format(name=re.escape(path.name)))
+    for folder in sorted(path.parent.glob(f".{path.name}.tmp-{tail}")):
+        yield folder, pattern.match(folder.name)
+
+
 def restore_moved_aside(path: str | os.PathLike) -> Path | None:
     """Moves back the old store at `path` that a writer killed between its two renames (old
     aside, new in place) left as `<its folder>.old`: only when `path` is missing and the writer
@@ -42,9 +49,7 @@ def restore_moved_aside(path: str | os.PathLike) -> Path | None:
     path = Path(path)
     if path.exists():
         return None
-    pattern = re.compile(_NAME.format(name=re.escape(path.name)))
-    for folder in sorted(path.parent.glob(f".{path.name}.tmp-*.old")):
-        match = pattern.match(folder.name)
+    for folder, match in _writer_folders(path, "*.old"):
         if match and match["space"] == pid_space() and not pid_alive(int(match["pid"])):
             os.replace(folder, path)
             log.warning(
@@ -61,10 +66,8 @@ def remove_dead_leftovers(path: str | os.PathLike) -> list[Path]:
     """Removes the temporary folders of writers of `path` that died before committing (same pid
     space, pid ended); names every other one in a log line. Returns the removed folders."""
     path = Path(path)
-    pattern = re.compile(_NAME.format(name=re.escape(path.name)))
     removed = []
-    for folder in sorted(path.parent.glob(f".{path.name}.tmp-*")):
-        match = pattern.match(folder.name)
+    for folder, match in _writer_folders(path):
         if match is None:
             log.warning(
                 "leaving %s: a store leftover that does not name its writer; remove it by hand "

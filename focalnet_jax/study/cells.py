@@ -147,7 +147,7 @@ class Study:
         that it equals the one recorded there or only adds runs to it (then record it: the grown
         study, its recorded digests kept)."""
         path = Path(root) / STUDY_FILE
-        if not cls.check_recorded(root, plain):
+        if not path.is_file():
             plain = {**plain, INPUTS: input_digests(plain)}
             write_json_atomic(plain, path)
         else:
