@@ -648,3 +648,29 @@ def test_one_compilation_serves_exams_of_any_length_and_the_flip_ensemble():
     finally:
         jax.monitoring.unregister_event_duration_listener(count)
     assert dict(compiles) == {"jit(apply)": 1}
+
+
+# --- persistent compilation cache -----------------------------------------------------------------
+
+
+def test_predict_and_evaluate_keep_their_compiled_inference_in_the_cache_given(cv, tmp_path):
+    """`--compilation_cache DIR`, as in training: the inference function compiled by `predict`
+    and by `evaluate --workdir` is written to DIR (every compilation kept here, however fast),
+    and JAX's own setting is back after the command."""
+    import jax
+
+    files = exam(cv["data"])
+    previous = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    try:
+        cache = ["--compilation_cache", tmp_path / "predict_cache"]
+        predict_one([cv["cv"] / "fold0"], files, tmp_path / "pred", *cache)
+        evaluate = ["evaluate", "--workdir", cv["cv"] / "fold1", "--out", tmp_path / "eval"]
+        cache = ["--compilation_cache", tmp_path / "eval_cache"]
+        run_cli([*evaluate, "--no-picai", "--no-figures", *cache])
+    finally:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", previous)
+    for folder in ("predict_cache", "eval_cache"):
+        cached = [p.name for p in (tmp_path / folder).iterdir()]
+        assert len([n for n in cached if n.startswith("jit_apply-")]) == 1, (folder, cached)
+    assert jax.config.jax_compilation_cache_dir is None
