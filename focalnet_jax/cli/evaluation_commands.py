@@ -10,6 +10,7 @@ from focalnet_jax.errors import UserError
 
 _CACHE_DEFAULT = "$JAX_COMPILATION_CACHE_DIR, else none"
 _CACHE_REUSE = "later runs of the same models reuse their compiled inference"
+_BATCH_HELP = "slices per inference batch (rounded up to a multiple of the local devices)"
 
 
 def add_evaluate(parser: argparse.ArgumentParser) -> None:
@@ -37,7 +38,7 @@ def add_evaluate(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--step", type=int, help="checkpoint step with --workdir (default: latest)")
     parser.add_argument("--store", type=Path, help="preprocessed store (default: the run's config)")
-    parser.add_argument("--batch-size", type=int, default=32, help="slices per inference batch")
+    parser.add_argument("--batch-size", type=int, default=32, help=_BATCH_HELP)
     parser.add_argument("--radius-mm", type=float, default=5.0, help="hit radius and NMS radius")
     parser.add_argument("--min-score", type=float, default=1e-3, help="lowest detection score")
     parser.add_argument(
@@ -178,7 +179,7 @@ def add_predict(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--threshold", type=float, default=0.5, help="lowest listed detection")
-    parser.add_argument("--batch-size", type=int, default=16, help="slices per inference batch")
+    parser.add_argument("--batch-size", type=int, default=16, help=_BATCH_HELP)
     parser.add_argument("--tta", choices=("none", "flip"), default="none", help="left-right flip")
     from focalnet_jax.evaluation.detection_map import add_candidate_flags
 
