@@ -262,8 +262,8 @@ def make_ensemble(
     predictors: Sequence[Predictor], runs: Sequence[Path], settings: Sequence, tta: str = "none"
 ) -> Ensemble:
     """An `Ensemble` of loaded models (`settings`: each run's preprocessing settings, None where
-    unknown), checked with `check_compatible`. Models of one architecture share one compiled
-    function (they differ only in their variables)."""
+    unknown), checked with `check_compatible`. Models of one architecture on the same devices
+    share one compiled function (they differ only in their variables)."""
     if tta not in TTA_MODES:
         raise EnsembleError(f"tta {tta!r}: expected one of {TTA_MODES}")
     check_compatible(runs, predictors, settings)
@@ -271,7 +271,10 @@ def make_ensemble(
     shared: dict[str, Predictor] = {}
     for i, predictor in enumerate(predictors):
         spec = predictor.spec
-        key = json.dumps([spec.config.model.to_dict(), spec.output_encoding], sort_keys=True)
+        devices = [device.id for device in predictor.mesh.devices.flat]
+        key = json.dumps(
+            [spec.config.model.to_dict(), spec.output_encoding, devices], sort_keys=True
+        )
         if key in shared:
             predictors[i] = dataclasses.replace(predictor, apply=shared[key].apply)
         shared.setdefault(key, predictor)
