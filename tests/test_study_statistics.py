@@ -115,3 +115,17 @@ def test_welch_is_nan_when_neither_arm_varies():
     t = (a.mean() - b.mean()) / np.sqrt(b.var(ddof=1) / 3)
     df = (b.var(ddof=1) / 3) ** 2 / ((b.var(ddof=1) / 3) ** 2 / 2)
     assert welch_pvalue(a, b, alternative="greater") == pytest.approx(stats.t.sf(t, df))
+
+
+def test_no_random_split_is_refused_not_a_p_of_one(tmp_path):
+    """11 + 11 runs take the random splits; with none drawn the p-value was (0 + 1) / (0 + 1) = 1
+    for any runs (b far above a here, p = 1 / 10001 with 10^4 splits)."""
+    from cli_calls import cli_error
+
+    a, b = list(range(11)), list(range(100, 111))
+    assert permutation_pvalue(a, b, iterations=10_000) == pytest.approx(1 / 10_001)
+    for iterations in (0, -5):
+        with pytest.raises(ValueError, match="at least 1"):
+            permutation_pvalue(a, b, iterations=iterations)
+    message = cli_error(["study", "report", "--workdir", tmp_path, "--iterations", "0"])
+    assert "--iterations 0: expected at least 1" in message
