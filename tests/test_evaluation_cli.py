@@ -234,6 +234,30 @@ def test_bad_predictions_name_file_and_reason(tmp_path):
         read_case(shapes / "case.npz")
 
 
+def test_predictions_without_a_patient_id_are_refused(tmp_path):
+    """The FP rate is per patient id: three lesion-free cases of patient id '' (or 'None', which
+    str(None) wrote) were one patient, their 3 false positives 3 FP per patient, not 1."""
+    for case_id, peak in (("n1", 0.7), ("n2", 0.6), ("n3", 0.5)):
+        write_blob_case(tmp_path / "given", case_id, blobs=[((4, 24, 24), peak)])
+    out = tmp_path / "given_eval"
+    run_cli(["evaluate", "--predictions", str(tmp_path / "given"), "--out", str(out),
+             "--no-picai", "--no-figures"])  # fmt: skip
+    curve = json.loads((out / "metrics.json").read_text())["froc"]["all"]["curve"]
+    assert curve["fp"] == pytest.approx([1 / 3, 2 / 3, 1.0])  # one FP each, 3 patients
+    empty = tmp_path / "empty_id"
+    empty.mkdir()
+    for case_id in ("n1", "n2", "n3"):
+        with np.load(tmp_path / "given" / f"{case_id}.npz") as data:
+            np.savez(empty / f"{case_id}.npz", **{**dict(data), "patient_id": np.asarray("")})
+    message = _error(["evaluate", "--predictions", str(empty), "--out", str(tmp_path / "o")])
+    assert f"{empty / 'n1.npz'}: 'patient_id' is empty" in message
+    assert not (tmp_path / "o").exists()
+    with np.load(tmp_path / "given" / "n1.npz") as data:
+        arrays = {k: data[k] for k in ("scores", "lesions", "lesion_classes", "spacing")}
+    with pytest.raises(PredictionsError, match=r"n1\.npz: 'patient_id' is None"):
+        write_case(tmp_path / "none", "n1", patient_id=None, **arrays)
+
+
 def test_predictions_with_unsafe_names_or_a_lesion_on_no_slice_are_refused(tmp_path):
     for name in ("a b", ".hidden"):
         folder = tmp_path / name.strip(".").replace(" ", "_")
