@@ -441,3 +441,15 @@ def test_lesion_grade_known_round_trips_and_defaults_to_known(tmp_path):
     assert read_case(tmp_path / "k.npz").grade_known.tolist() == [True, True]
     with pytest.raises(PredictionsError, match="unknown grade .* must have class 2"):
         write_case(tmp_path, "bad", patient_id="A", lesion_grade_known=[True, False], **arrays)
+
+
+@pytest.mark.parametrize("spacing", [(np.inf, 1.0), (1.0, np.nan), (0.0, 1.0)])
+def test_spacing_that_is_not_a_positive_finite_distance_is_refused(tmp_path, spacing):
+    """An infinite spacing made the window radius 0 (every pixel above min_score a detection) and
+    every distance infinite (no hit): sensitivity 0 without a word."""
+    from focalnet_jax.evaluation.predictions import PredictionsError, write_case
+
+    case = make_case("a", "A", (1, 16, 16), boxes=[(0, 2, 4, 2, 4, 2)], peaks=[(0, 3, 3, 0.9)])
+    arrays = {k: getattr(case, k) for k in ("scores", "lesions", "lesion_classes")}
+    with pytest.raises(PredictionsError, match=r"a\.npz: 'spacing' must be 2 positive numbers"):
+        write_case(tmp_path, "a", patient_id="A", spacing=spacing, **arrays)

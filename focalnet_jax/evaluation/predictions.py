@@ -103,7 +103,7 @@ def validate(case: CasePredictions) -> CasePredictions:
     absent = sorted(set(range(1, case.lesion_classes.size + 1)) - set(np.unique(lesions).tolist()))
     if absent:
         fail(f"lesion id(s) {absent} of 'lesion_classes' appear on no slice of 'lesions'")
-    if case.spacing.shape != (2,) or not np.all(case.spacing > 0):
+    if case.spacing.shape != (2,) or not np.all(np.isfinite(case.spacing) & (case.spacing > 0)):
         fail(f"'spacing' must be 2 positive numbers (mm), got {case.spacing.tolist()}")
     for name in ("t2w", "adc"):
         image = getattr(case, name)
