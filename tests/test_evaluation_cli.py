@@ -432,6 +432,17 @@ def test_cases_with_workdir_is_refused(tmp_path):
     assert "--cases goes with --predictions" in message
 
 
+@pytest.mark.parametrize("flag", [["--tta", "flip"], ["--step", "5"], ["--store", "s"]])
+def test_prediction_flags_with_predictions_are_refused(tmp_path, flag):
+    """--predictions evaluates files already predicted: a --tta flip there was ignored, so the
+    metrics of plain predictions passed for flip-TTA ones (likewise --step, --store)."""
+    write_cohort(tmp_path / "p")
+    argv = ["evaluate", "--predictions", str(tmp_path / "p"), "--out", str(tmp_path / "o")]
+    message = _error([*argv, *flag])
+    assert f"{flag[0]}{' flip' if flag[0] == '--tta' else ''} goes with --workdir" in message
+    assert not (tmp_path / "o").exists()
+
+
 def _evaluate_fold(predictions_dir, out, runs, shift=0.0):
     """evaluate of a cohort whose predictions say (models.json) they were made by `runs`."""
     write_cohort(predictions_dir, shift)
