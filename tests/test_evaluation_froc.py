@@ -453,3 +453,28 @@ def test_spacing_that_is_not_a_positive_finite_distance_is_refused(tmp_path, spa
     arrays = {k: getattr(case, k) for k in ("scores", "lesions", "lesion_classes")}
     with pytest.raises(PredictionsError, match=r"a\.npz: 'spacing' must be 2 positive numbers"):
         write_case(tmp_path, "a", patient_id="A", spacing=spacing, **arrays)
+
+
+def test_montage_draws_a_lesion_of_unknown_grade_apart_from_gs_3_4(tmp_path, monkeypatch):
+    """A lesion known only as clinically significant (class 2, grade unknown) was drawn and
+    named 'GS 3+4' in montage.png; its pixels are now their own contour and legend entry."""
+    from focalnet_jax.evaluation import evaluate, figures
+    from focalnet_jax.evaluation.predictions import write_case
+
+    case = make_case("a", "A", (1, 16, 16), boxes=[(0, 2, 4, 2, 4, 2), (0, 9, 11, 9, 11, 2)],
+                     peaks=[(0, 3, 3, 0.9)])  # fmt: skip
+    arrays = {k: getattr(case, k) for k in ("scores", "lesions", "lesion_classes", "spacing")}
+    path = write_case(tmp_path, "a", patient_id="A", lesion_grade_known=[False, True],
+                      t2w=np.zeros((1, 16, 16)), **arrays)  # fmt: skip
+    column = evaluate._montage_column(path, summarize_case(case), threshold=0.5)
+    np.testing.assert_array_equal(column.unknown_grade, case.lesions[0] == 1)  # 9 pixels
+    assert column.points.tolist() == [[3, 3]]
+    legends = []
+
+    def keep_legend(fig, out):
+        legends.append([t.get_text() for t in fig.legends[0].get_texts()])
+        return out
+
+    monkeypatch.setattr(figures, "_save", keep_legend)
+    figures.montage_figure(tmp_path / "m.png", [column])
+    assert legends[0] == [*figures.GS_NAMES.values(), "csPCa, GS unknown", "detection"]
