@@ -481,6 +481,27 @@ def test_summarize_refuses_an_ensemble_or_a_run_counted_twice_as_folds(tmp_path)
     )
 
 
+def test_summarize_refuses_folds_evaluated_with_other_settings(tmp_path):
+    """Method A on all slices, B on annotated slices only (as `evaluate --workdir` does with the
+    default data.slices): B's FP rate counts 3 of the 5 patients and none of the false positives
+    off the lesion slices, so the two were compared on different scales without a word."""
+    for method, slices in (("A", "all"), ("B", "annotated")):
+        write_cohort(tmp_path / "pred" / method)
+        run_cli(["evaluate", "--predictions", str(tmp_path / "pred" / method), "--out",
+                 str(tmp_path / method / "fold0"), "--no-picai", "--no-figures",
+                 "--slices", slices])  # fmt: skip
+    fold = {m: json.loads((tmp_path / m / "fold0" / "metrics.json").read_text()) for m in "AB"}
+    assert (fold["A"]["num_patients"], fold["B"]["num_patients"]) == (5, 3)
+    message = _error(["summarize", "--runs", f"A={tmp_path / 'A'}", f"B={tmp_path / 'B'}",
+                      "--out", str(tmp_path / "s")])  # fmt: skip
+    first, second = (tmp_path / m / "fold0" / "metrics.json" for m in "AB")
+    assert message.endswith(
+        f"{first} and {second} were evaluated with other settings {{'slices': ('all', "
+        "'annotated')}: their numbers are not comparable; evaluate every fold alike"
+    )
+    assert not (tmp_path / "s").exists()
+
+
 def test_summarize_keeps_every_method_of_a_repeated_runs_flag(tmp_path):
     """`--runs A=x --runs B=y` compares A and B (argparse's default kept only the last flag, so
     the summary silently held B alone)."""
