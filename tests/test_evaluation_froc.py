@@ -66,6 +66,19 @@ def test_window_radius_rounds_half_up(spacing, expected):
     assert window_radius(spacing) == expected
 
 
+@pytest.mark.parametrize("crop_mm, size, expected", [(80, 120, 8), (80, 200, 13), (80, 128, 8)])
+def test_window_radius_of_a_float32_spacing_rounds_half_up(crop_mm, size, expected):
+    """A crop of 80 mm on 120 pixels: 5 mm = 7.5 pixels, 8 rounded half up. The predictions file
+    stores the spacing as float32 (0.6666667 > 2/3): 7.4999997 pixels, which rounded down to 7,
+    so `evaluate` used a smaller window than `predict` (float64 spacing) and the SPEC."""
+    spacing = np.float32(crop_mm / size)
+    assert window_radius((spacing, spacing)) == (expected, expected)
+    assert window_radius((crop_mm / size,) * 2) == (expected, expected)
+    scores = np.zeros((1, size, size, 5), np.float32)
+    scores[0, 40, 40], scores[0, 40, 40 + expected] = 0.9, 0.5  # r pixels apart: one window
+    assert len(local_maxima(scores, (spacing, spacing))) == 1
+
+
 def test_local_maxima_window_border_and_min_score():
     scores = np.zeros((2, 40, 40, 5), np.float32)
     s1 = scores[..., 0]
