@@ -497,7 +497,7 @@ def test_summarize_refuses_folds_evaluated_with_other_settings(tmp_path):
     first, second = (tmp_path / m / "fold0" / "metrics.json" for m in "AB")
     assert message.endswith(
         f"{first} and {second} were evaluated with other settings {{'slices': ('all', "
-        "'annotated')}: their numbers are not comparable; evaluate every fold alike"
+        "'annotated')}: their numbers are not comparable; evaluate them alike"
     )
     assert not (tmp_path / "s").exists()
 

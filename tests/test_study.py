@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -253,6 +254,23 @@ def test_rerun_of_a_finished_study_trains_nothing(finished):
     assert _tree_state(finished) == before
     status = study("status", "--workdir", str(finished)).stdout
     assert status.count(" done ") >= 12 and "8 done" in status
+
+
+@pytest.mark.slow
+def test_report_refuses_cells_evaluated_with_other_settings(finished, tmp_path):
+    """A cell re-evaluated by hand with another hit radius (or slices) would enter the means and
+    the tests beside the others: the report names it and the difference instead."""
+    copy = shutil.copytree(finished, tmp_path / "copy", ignore=shutil.ignore_patterns("report"))
+    path = copy / "fl" / "rep1" / "fold1" / "eval" / "metrics.json"
+    metrics = json.loads(path.read_text())
+    metrics["settings"]["radius_mm"] = 10.0
+    path.write_text(json.dumps(metrics))
+    message = _one_line_error("report", "--workdir", str(copy))
+    assert message.endswith(
+        "cell ce/rep0/fold0 and cell fl/rep1/fold1 were evaluated with other settings "
+        "{'radius_mm': (5.0, 10.0)}: their numbers are not comparable; evaluate them alike"
+    )
+    assert not (copy / "report").exists()
 
 
 @pytest.mark.slow

@@ -22,6 +22,7 @@ from focalnet_jax.evaluation.report import (
     ROC_TITLES,
     TABLE_II,
     TABLE_III,
+    check_settings,
     folds_not_reached,
     lookup,
     markdown_report,
@@ -122,31 +123,6 @@ def check_folds(run_dir, paths: list[Path], fold_metrics: list[dict]) -> None:
             seen[run] = path
 
 
-def check_settings(paths: Mapping[str, list[Path]], folds: Mapping[str, list[dict]]) -> None:
-    """Every fold of every method must be evaluated with the same `settings` (hit radius, score
-    floor, ROC detections, slices): e.g. `evaluate --workdir` takes the run's `data.slices`
-    (annotated by default) and `--predictions` all slices, whose FP rates and sensitivities are
-    not comparable. A UserError names two metrics.json that differ and how; metrics without
-    `settings` cannot be checked."""
-    reference = None
-    for name, fold_metrics in folds.items():
-        for path, metrics in zip(paths[name], fold_metrics, strict=True):
-            settings = metrics.get("settings")
-            if settings is None:
-                continue
-            if reference is None:
-                reference = (path, settings)
-                continue
-            keys = sorted(set(settings) | set(reference[1]))
-            diff = {k: (reference[1].get(k), settings.get(k)) for k in keys
-                    if reference[1].get(k) != settings.get(k)}  # fmt: skip
-            if diff:
-                raise UserError(
-                    f"{reference[0]} and {path} were evaluated with other settings {diff}: "
-                    "their numbers are not comparable; evaluate every fold alike"
-                )
-
-
 def summarize_runs(runs: Mapping[str, str | Path], out_dir: str | Path) -> dict:
     """Summarises each method's folds and compares methods; writes the outputs to `out_dir`."""
     if not runs:
@@ -155,7 +131,7 @@ def summarize_runs(runs: Mapping[str, str | Path], out_dir: str | Path) -> dict:
     folds = {name: [read_metrics(p) for p in found] for name, found in paths.items()}
     for name, fold_metrics in folds.items():
         check_folds(runs[name], paths[name], fold_metrics)
-    check_settings(paths, folds)
+    check_settings({p: m for n in folds for p, m in zip(paths[n], folds[n], strict=True)})
     summary = {"methods": {}, "comparisons": {}}
     for name, fold_metrics in folds.items():
         summary["methods"][name] = {
