@@ -407,6 +407,10 @@ def test_arm_name_with_a_dot_is_a_one_line_error_naming_it(store, tmp_path):
     spec = write_spec(tmp_path / "slash.py", store, arms={"a/b": ARMS["ce"]}, ensembles={})
     message = _one_line_error("run", "--spec", str(spec), "--workdir", str(tmp_path / "bad"))
     assert "arm 'a/b': expected letters, digits, '_', '-'" in message
+    # `$` of a plain match would let a trailing newline into the folder name.
+    spec = write_spec(tmp_path / "newline.py", store, arms={"ce\n": ARMS["ce"]}, ensembles={})
+    message = _one_line_error("run", "--spec", str(spec), "--workdir", str(tmp_path / "bad"))
+    assert "arm 'ce\\n': expected letters, digits, '_', '-'" in message
     assert not (tmp_path / "bad").exists()
 
 

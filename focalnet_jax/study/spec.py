@@ -34,7 +34,7 @@ from focalnet_jax.config_loading import apply_overrides, get_config_from_file, l
 from focalnet_jax.errors import UserError
 
 SPEC_PREFIX = "--spec."
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")  # a folder name and a ConfigDict key
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")  # a folder name and a ConfigDict key
 RESERVED = ("report", "slurm", "compilation_cache")
 # Set by the study for every cell; an arm or `common` setting them would break the design.
 STUDY_KEYS = ("seed", "data.store", "data.fold", "data.num_folds")
@@ -176,7 +176,7 @@ def _plain(value):
 
 
 def _check_name(kind: str, name: str) -> None:
-    if not NAME.match(name) or name in RESERVED:
+    if not NAME.fullmatch(name) or name in RESERVED:
         raise StudyError(
             f"{kind} {name!r}: expected letters, digits, '_', '-' (not {list(RESERVED)})"
         )
