@@ -110,7 +110,7 @@ def test_a_missing_or_malformed_component_is_a_one_line_error_naming_its_flag(dc
         (["--component-series", "dce"], "--component-series expects NAME=UID"),
         (
             ["--component-series", "dce=1.2"],
-            "--component-series dce=... names a series of --component dce=..., which is not given",
+            "--component-series dce=UID names a series of --component dce=PATH, which is not given",
         ),
     ]
     for flags, expected in cases:
@@ -118,6 +118,6 @@ def test_a_missing_or_malformed_component_is_a_one_line_error_naming_its_flag(dc
     layout = ["--layout", "picai", "--images", dce_run["data"] / "images"]
     assert "--component is for one exam" in cli_error([*one, *layout, "--component", "dce=x"])
     message = cli_error([*one, *layout, "--component-series", "dce=1.2"])
-    assert message.endswith("--component-series dce=... is for one exam; a manifest chooses "
+    assert message.endswith("--component-series dce=UID is for one exam; a manifest chooses "
                             "series in its <component>_series columns")  # fmt: skip
     assert not (tmp_path / "o").exists()
