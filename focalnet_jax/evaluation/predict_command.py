@@ -11,7 +11,7 @@ from focalnet_jax.evaluation.batch_predict import predict_layout
 from focalnet_jax.evaluation.detection_map import CandidateSettings
 from focalnet_jax.evaluation.ensemble import load_ensemble
 from focalnet_jax.evaluation.flag_checks import check_predict_flags
-from focalnet_jax.evaluation.predict import predict_exam
+from focalnet_jax.evaluation.predict import check_exam_out, predict_exam
 
 COMPONENTS = ("t2w", "adc", "hbv")
 
@@ -100,6 +100,8 @@ def run(args: argparse.Namespace) -> str:
             "given"
         )
     center = parse_center(args.center)
+    if args.layout is None:
+        check_exam_out(args.out)  # before the models load
     candidates = CandidateSettings.from_flags(args)
     models = load_ensemble(
         args.checkpoint, step=args.step, batch_size=args.batch_size, tta=args.tta
