@@ -69,24 +69,29 @@ def _contents(folder) -> dict[str, str]:
     return {p.name: p.read_text() for p in folder.iterdir()}
 
 
-@pytest.mark.parametrize("k", [1, 2])
-def test_a_swap_failing_at_either_rename_keeps_the_old_folder_whole(tmp_path, monkeypatch, k):
+@pytest.mark.parametrize(("k", "after"), [(1, False), (2, False), (1, True)])
+def test_a_swap_interrupted_at_either_rename_keeps_the_old_folder_whole(
+    tmp_path, monkeypatch, k, after
+):
+    """The k-th rename fails (OSError), or Ctrl-C comes right after it (`after`)."""
     out = tmp_path / "out"
     old = _fill(out, "old")
     replace, renames = os.replace, []
 
-    def failing_replace(src, dst):  # the k-th rename of `out` or into it fails
+    def interrupted_replace(src, dst):
         renames.append((src, dst))
-        if len(renames) == k:
+        if len(renames) == k and not after:
             raise OSError("Input/output error")
         replace(src, dst)
+        if len(renames) == k:
+            raise KeyboardInterrupt
 
-    with pytest.raises(OSError, match="Input/output"), replaced_folder(out) as tmp:
+    with pytest.raises((OSError, KeyboardInterrupt)), replaced_folder(out) as tmp:
         _fill(tmp, "new")
-        monkeypatch.setattr(os, "replace", failing_replace)
+        monkeypatch.setattr(os, "replace", interrupted_replace)
     monkeypatch.undo()
     assert _contents(out) == old and os.listdir(tmp_path) == ["out"]
-    assert len(renames) == k + (k == 2)  # the second one failing, the old folder moved back
+    assert len(renames) == k + (k == 2 or after)  # and the old folder moved back
 
 
 KILLED_BETWEEN_RENAMES = """

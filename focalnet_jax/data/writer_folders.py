@@ -2,16 +2,16 @@
 their writer, removed once it has died.
 
 A store (or any folder replaced whole, `atomic_files.replaced_folder`) is written in the sibling
-folder `.<name>.tmp-<pid>@<host>-<space>-<token>`: `pid` and
-`host` of the writing process, and `space`, 8 hex digits of a hash of the host name, the kernel's
-boot id and the process's PID namespace (Linux; elsewhere the host name alone). The pid can be
-checked only from the same space: on a shared file system another host, or a container with the
-same host name but its own PID namespace (`docker --network=host`), may be writing right now, and
-its pid means nothing here. So a leftover is removed only when its space is this process's and its
-pid has ended; every other one is left and named in one log line, to be removed by hand once no
-run writes it (its age proves nothing: a run elsewhere may take hours). A commit (`swap_in`) moves
-the old folder aside to `<folder>.old` before moving the new one in; when its writer died between
-the two, the next writer moves the old folder back first (`restore_moved_aside`).
+folder `.<name>.tmp-<pid>@<host>-<space>-<token>`: `pid` and `host` of the writing process, and
+`space`, 8 hex digits of a hash of the host name, the kernel's boot id and the process's PID
+namespace (Linux; elsewhere the host name alone). The pid can be checked only from the same space:
+on a shared file system another host, or a container with the same host name but its own PID
+namespace (`docker --network=host`), may be writing right now, and its pid means nothing here. So a
+leftover is removed only when its space is this process's and its pid has ended; every other one is
+left and named in one log line, to be removed by hand once no run writes it (its age proves
+nothing: a run elsewhere may take hours). A commit (`swap_in`) moves the old folder aside to
+`<folder>.old` before moving the new one in; when its writer died between the two, the next writer
+moves the old folder back first (`restore_moved_aside`).
 """
 
 from __future__ import annotations
@@ -46,18 +46,20 @@ def _writer_folders(path: Path, tail: str = "*"):
 
 def swap_in(tmp: Path, path: Path) -> Path | None:
     """Renames the finished writer folder `tmp` (`writer_folder(path)`) to `path`. An existing
-    `path` is first moved aside to `<tmp>.old` (left there if this process is killed before the
-    second rename, for `restore_moved_aside`; moved back if that rename raises). Returns the folder
-    moved aside, for the caller to remove, or None."""
+    `path` is first moved aside to `<tmp>.old`: left there if this process is killed between the
+    two renames (for `restore_moved_aside`), moved back if either rename raises (also Ctrl-C right
+    after the first) before `path` is the new folder. Returns the folder moved aside, for the
+    caller to remove, or None."""
     if not path.exists():
         os.replace(tmp, path)
         return None
     old = tmp.with_name(f"{tmp.name}.old")
-    os.replace(path, old)
     try:
+        os.replace(path, old)
         os.replace(tmp, path)
     except BaseException:
-        os.replace(old, path)
+        if old.exists() and not path.exists():
+            os.replace(old, path)
         raise
     return old
 

@@ -72,6 +72,8 @@ def check_exam_out(out_dir: str | Path) -> None:
     """Refuses (one-line `UserError`) an output folder holding anything but `OUTPUT_FILES`: one
     exam's outputs replace that folder whole, which would delete the rest."""
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir} exists and is not a folder")
     if not out_dir.is_dir():
         return
     strays = sorted(
