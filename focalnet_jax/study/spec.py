@@ -35,7 +35,7 @@ from focalnet_jax.config_loading import apply_overrides, get_config_from_file, l
 from focalnet_jax.errors import UserError
 
 SPEC_PREFIX = "--spec."
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")  # a folder name and a ConfigDict key
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")  # a folder name and a ConfigDict key
 RESERVED = ("report", "slurm", "compilation_cache")
 # Set by the study for every cell; an arm or `common` setting them would break the design.
 STUDY_KEYS = ("seed", "data.store", "data.fold", "data.num_folds")
@@ -177,7 +177,7 @@ def _plain(value):
 
 
 def _check_name(kind: str, name: str) -> None:
-    if not NAME.match(name) or name in RESERVED:
+    if not NAME.fullmatch(name) or name in RESERVED:
         raise StudyError(
             f"{kind} {name!r}: expected letters, digits, '_', '-' (not {list(RESERVED)})"
         )
@@ -315,6 +315,17 @@ def cell_overrides(plain: Mapping, arm: str, repeat: int, fold: int) -> list[str
         ("seed", seed_for(plain, repeat)),
     ]
     return [override_text(key, value) for key, value in items]
+
+
+def evaluation_slices(plain: Mapping) -> str:
+    """The slices of the paper's 2D protocol that every cell and ensemble of the study is
+    evaluated on: `data.slices` of the base config with `common`. An arm's own `data.slices`
+    changes what it trains on, not the slices the arms are compared on (`annotated` counts the FP
+    rate over the lesion slices of the patients with a lesion, `all` over every slice and
+    patient)."""
+    config = get_config_from_file(plain["base"])
+    apply_overrides(config, [override_text(k, v) for k, v in flatten(plain["common"])])
+    return str(config.data.slices)
 
 
 def arm_config(plain: Mapping, arm: str) -> ml_collections.ConfigDict:
