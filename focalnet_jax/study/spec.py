@@ -253,9 +253,7 @@ def _check_common(plain: Mapping) -> None:
     items = flatten(plain["common"])
     _check_overrides("common", items)
     try:
-        config = get_config_from_file(plain["base"])
-        config.lock()
-        apply_overrides(config, [override_text(key, value) for key, value in items])
+        _common_config(plain)
     except (KeyError, ValueError) as error:
         raise _config_error("common", plain, error) from None
 
@@ -323,9 +321,13 @@ def evaluation_slices(plain: Mapping) -> str:
     changes what it trains on, not the slices the arms are compared on (`annotated` counts the FP
     rate over the lesion slices of the patients with a lesion, `all` over every slice and
     patient)."""
+    return str(_common_config(plain).data.slices)
+
+
+def _common_config(plain: Mapping) -> ml_collections.ConfigDict:
+    """The base config with `common`'s overrides (no arm's)."""
     config = get_config_from_file(plain["base"])
-    apply_overrides(config, [override_text(k, v) for k, v in flatten(plain["common"])])
-    return str(config.data.slices)
+    return apply_overrides(config, [override_text(k, v) for k, v in flatten(plain["common"])])
 
 
 def arm_config(plain: Mapping, arm: str) -> ml_collections.ConfigDict:
