@@ -167,6 +167,17 @@ def _read_back(batch: Batch, scores) -> None:
         batch.then()
 
 
+@dataclasses.dataclass
+class _Queued:
+    """A case waiting in `pooled_predictions`: its `images [S, H, W, C]` and the scores of its
+    first `predicted` slices, in the parts that successive batches made."""
+
+    key: object
+    images: np.ndarray
+    parts: list[np.ndarray] = dataclasses.field(default_factory=list)
+    predicted: int = 0
+
+
 def pooled_predictions(predict: Callable, cases: Iterable, batch_size: int) -> Iterator:
     """`(key, scores [S, H, W, 5])` for each `(key, images [S, H, W, C])` of `cases`, in order.
 
@@ -176,10 +187,10 @@ def pooled_predictions(predict: Callable, cases: Iterable, batch_size: int) -> I
     are predicted; between calls fewer than `batch_size` slices wait, with the scores already
     made of the cases they belong to.
     """
-    queue: list[list] = []  # [key, images, predicted parts]
+    queue: list[_Queued] = []
     waiting = 0  # slices of the queued cases not predicted yet
     for key, images in cases:
-        queue.append([key, images, []])
+        queue.append(_Queued(key, images))
         waiting += len(images)
         if waiting >= batch_size:
             yield from _predict_queued(predict, queue, waiting - waiting % batch_size)
@@ -187,28 +198,28 @@ def pooled_predictions(predict: Callable, cases: Iterable, batch_size: int) -> I
     yield from _predict_queued(predict, queue, waiting)
 
 
-def _predict_queued(predict: Callable, queue: list[list], count: int) -> Iterator:
+def _predict_queued(predict: Callable, queue: list[_Queued], count: int) -> Iterator:
     """Predicts the first `count` slices not yet predicted of the `queue`d cases, then pops and
     yields the cases that are complete."""
     parts, takers = [], []
     for entry in queue:
         if count == 0:
             break
-        _, images, done = entry
-        start = sum(len(part) for part in done)
-        take = min(len(images) - start, count)
+        take = min(len(entry.images) - entry.predicted, count)
         if take:
-            parts.append(images[start : start + take])
+            parts.append(entry.images[entry.predicted : entry.predicted + take])
             takers.append((entry, take))
             count -= take
     if parts:
         scores, first = predict(np.concatenate(parts)), 0
         for entry, take in takers:
-            entry[2].append(scores[first : first + take])
+            entry.parts.append(scores[first : first + take])
+            entry.predicted += take
             first += take
-    while queue and sum(len(part) for part in queue[0][2]) == len(queue[0][1]):
-        key, images, done = queue.pop(0)
-        yield key, (np.concatenate(done) if done else np.zeros((*images.shape[:3], 5), np.float32))
+    while queue and queue[0].predicted == len(queue[0].images):
+        done = queue.pop(0)
+        empty = np.zeros((*done.images.shape[:3], 5), np.float32)
+        yield done.key, (np.concatenate(done.parts) if done.parts else empty)
 
 
 def predict_cases(
