@@ -14,6 +14,7 @@ import SimpleITK as sitk
 
 from focalnet_jax.data import preprocess_case
 from focalnet_jax.data.io import write_image
+from focalnet_jax.evaluation import figures
 from focalnet_jax.evaluation.predict import write_exam_outputs
 
 PEAK = np.array([3.0, -4.0, 2.0])  # LPS mm, the centre of the highest Gaussian (0.9)
@@ -54,7 +55,7 @@ def _gaussian(world) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def outputs(tmp_path_factory):
-    """(T2w grid, preprocessed case, output folder): an exam whose ADC slab misses the T2w's
+    """(T2w grid, preprocessed case, output folder, scores): an exam whose ADC slab misses the T2w's
     first 2 and last 2 slices, so T2w slices 2..11 are predicted."""
     root = tmp_path_factory.mktemp("exam")
     t2w = _t2w_grid()
@@ -79,11 +80,11 @@ def outputs(tmp_path_factory):
     blob = _gaussian(np.stack(case.pixel_to_world(s, r, c), -1)).astype(np.float32)
     scores = blob[..., None] * np.array([1.0, 0.8, 0.5, 0.2, 0.1], np.float32)
     write_exam_outputs(case, scores, root / "out", threshold=0.3)
-    return t2w, case, root / "out"
+    return t2w, case, root / "out", scores
 
 
 def test_maps_lie_on_the_t2w_grid_and_hold_0_outside_the_predicted_crop(outputs):
-    t2w, case, out = outputs
+    t2w, case, out, _ = outputs
     assert case.slice_index.tolist() == list(range(2, 12))
     size = np.array(t2w.GetSize())
     k, j, i = np.meshgrid(*(np.arange(n) for n in size[::-1]), indexing="ij")
@@ -112,7 +113,7 @@ def test_maps_lie_on_the_t2w_grid_and_hold_0_outside_the_predicted_crop(outputs)
 
 
 def test_detections_csv_gives_lps_points_that_land_on_their_voxel(outputs):
-    t2w, case, out = outputs
+    t2w, case, out, _ = outputs
     with (out / "detections.csv").open() as f:
         reader = csv.DictReader(f)
         rows = list(reader)
@@ -140,7 +141,7 @@ def test_detections_csv_gives_lps_points_that_land_on_their_voxel(outputs):
 def test_detection_map_is_a_picai_detection_map_of_the_cspca_score(outputs):
     with contextlib.redirect_stdout(io.StringIO()):
         from picai_eval.analysis_utils import parse_detection_map
-    t2w, _, out = outputs
+    t2w, _, out, _ = outputs
     detection = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "detection_map.nii.gz")))
     cspca = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "cspca_score.nii.gz")))
     confidences, blobs = parse_detection_map(detection)  # raises on a softmax-like map
@@ -181,3 +182,27 @@ def test_flip_tta_mirrors_the_crop_left_right_in_patient_space(flip_x, transpose
     flipped = np.flip(world, LEFT_RIGHT_AXIS)
     mirrored = world * np.array([-1.0, 1.0, 1.0]) + np.array([2 * centre[0], 0.0, 0.0])
     np.testing.assert_allclose(flipped, mirrored, atol=1e-9)
+
+
+def test_overlay_names_its_slices_by_t2w_index_and_position(outputs, tmp_path, monkeypatch):
+    # DICOM viewers number images by InstanceNumber, which on ProstateX-0000 runs opposite to the
+    # T2w index k (k = 0 is image 19): a bare "T2w slice 8" sent a reader to image 8, k = 11,
+    # 9 mm away. Each panel names k (0-based, as t2w_k) and the z of its crop centre.
+    t2w, case, _, scores = outputs
+    panels = []
+    draw = figures.overlay_figure
+
+    def recorded(path, drawn):
+        panels.extend(drawn)
+        return draw(path, drawn)
+
+    monkeypatch.setattr(figures, "overlay_figure", recorded)
+    write_exam_outputs(case, scores, tmp_path, threshold=0.3)
+    with (tmp_path / "detections.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    k = int(rows[0]["t2w_k"])
+    i, j, _ = t2w.TransformPhysicalPointToContinuousIndex(tuple(PEAK))  # the crop centre
+    z = t2w.TransformContinuousIndexToPhysicalPoint((i, j, float(k)))[2]
+    assert panels[0].title == f"{case.case_id}\nT2w k={k} (0-based), centre z={z:.1f} mm"
+    s = int(rows[0]["crop_slice"])
+    np.testing.assert_array_equal(panels[0].t2w, np.clip(case.images[s, ..., 0], 0, 1))

@@ -242,11 +242,16 @@ def overlay(path: Path, case, scores: np.ndarray, detections, shown: np.ndarray)
     else:
         slices = [int(np.argmax(scores[..., 0].max(axis=(1, 2))))]
     panels = []
+    centre = (case.images.shape[1] - 1) / 2
     for z in slices:
         on = shown & (detections.slice == z)
+        # DICOM viewers number images by InstanceNumber, which may run opposite to the T2w index
+        # k: the title gives k (0-based, as `t2w_k`) and the head-foot position of the slice.
+        z_mm = case.pixel_to_world(z, centre, centre)[2]
         panels.append(
             figures.OverlayPanel(
-                title=f"{case.case_id}: T2w slice {int(case.slice_index[z])}",
+                title=f"{case.case_id}\nT2w k={int(case.slice_index[z])} (0-based), "
+                f"centre z={z_mm:.1f} mm",
                 t2w=t2w_crop[z],
                 score=scores[z, ..., 0],
                 points=np.stack([detections.row[on], detections.col[on]], axis=1),
