@@ -80,6 +80,10 @@ def test_train_step_benchmark_times_the_chosen_kinds(train_step_on_one_device):
         )
     assert result["model"] == "deeplab-18 width 0.125 OS 16 float32"
     assert result["platform"] == "cpu" and result["batch_size"] == 4
+    # Each kind's own compiled peak (XLA's memory analysis): MFL select holds more than FL. The
+    # device's running peak is null on the CPU backend (no memory statistics).
+    assert 0 < result["fl"]["compiled_peak_bytes"] < result["fl_mfl_select"]["compiled_peak_bytes"]
+    assert result["fl"]["peak_memory_bytes"] is None
     for kind in ("fl", "fl_mfl_select"):
         profile = result[kind]["profile"]
         assert (profile["source"], profile["calls"]) == ("host", 2)
