@@ -33,6 +33,7 @@ def _benchmark_module(name: str):
 
 
 profile_summary = _benchmark_module("profile_summary")
+result_line = _benchmark_module("result_line")
 
 
 def _run(script: str, *args: str) -> dict:
@@ -367,8 +368,10 @@ def test_inference_benchmark_times_one_model_and_an_ensemble():
     assert result["model"] == "deeplab-18 width 0.125 OS 16 float32"
 
 
-def test_flat_maxima_benchmark_counts_each_upsampled_peak_once():
+def test_flat_maxima_benchmark_counts_each_upsampled_peak_once(monkeypatch):
+    monkeypatch.setenv("BENCHMARK_COMMIT", "0123abc")
     result = _run("flat_maxima.py", "--patients=6", "--peaks=4")
+    assert result["commit"] == "0123abc" and result["date"]  # what ran, and when
     # Every peak is one flat maximum (the background is below min_score); pixel by pixel an
     # interior peak gives 2 x 2 window maxima, a border peak 4 x 2, a corner one 4 x 4.
     assert result["one_per_flat_maximum"]["detections_per_patient"] == 4.0
@@ -443,3 +446,14 @@ def test_profile_or_error_keeps_the_reason_when_tracing_fails():
     assert profile_summary.profile_or_error(failing, 1) == {
         "error": "ZeroDivisionError: division by zero"
     }
+
+
+def test_result_line_records_the_commit_of_the_checkout(monkeypatch):
+    monkeypatch.delenv("BENCHMARK_COMMIT", raising=False)
+    described = subprocess.run(
+        ["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True
+    )
+    expected = described.stdout.strip() if described.returncode == 0 else None
+    assert result_line.commit() == expected
+    monkeypatch.setenv("BENCHMARK_COMMIT", "0123abc")  # a copy of the tree without .git
+    assert result_line.provenance()["commit"] == "0123abc"
