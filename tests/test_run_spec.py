@@ -108,10 +108,11 @@ def test_every_field_of_a_resolved_run():
     assert spec.config.to_dict() == config.to_dict() and spec.config.loss.gamma == 1.5
     assert spec.components == ("t2w", "adc") and spec.t2w_channel == 0
     assert spec.image_size == (128, 128) and spec.input_shape == (1, 128, 128, 2)
-    # Loss: ordinal focal with the config's alpha and gamma bound into the scalar and the map.
+    # Loss: ordinal focal with the config's alpha, gamma and pool size bound into the scalar and
+    # the map.
     assert (spec.loss.name, spec.output_encoding) == ("ordinal_focal", "ordinal")
-    assert spec.loss.fn.keywords == {"alpha": 0.75, "gamma": 1.5}
-    assert spec.loss.map_fn.keywords == {"alpha": 0.75, "gamma": 1.5}
+    assert spec.loss.fn.keywords == {"alpha": 0.75, "gamma": 1.5, "pool_size": 3}
+    assert spec.loss.map_fn.keywords == {"alpha": 0.75, "gamma": 1.5, "pool_size": 3}
     assert (spec.mfl, spec.mfl_mode, spec.mfl_encoding) == (True, "select", "ordinal")
     assert spec.subsets == (("t2w",), ("adc",))
     assert spec.mfl_weight_setting is None  # 'auto'
