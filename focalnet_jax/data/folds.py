@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from focalnet_jax.data.atomic_files import files_moved_in
 from focalnet_jax.errors import UserError
 
 
@@ -99,16 +100,15 @@ def fold_table(store, num_folds: int = 5, seed: int = 0) -> list[dict]:
 def write_fold_files(
     store, out_dir: str | os.PathLike, num_folds: int = 5, seed: int = 0
 ) -> list[Path]:
-    """`fold-<k>.json` files with {"train": [case ids], "val": [case ids]}."""
+    """`fold-<k>.json` files with {"train": [case ids], "val": [case ids]}, all replaced together
+    once every one is written (a failure leaves the previous files, not a mix of two splits)."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for k in range(num_folds):
-        train, val = split_cases(store, k, num_folds, seed)
-        path = out_dir / f"fold-{k}.json"
-        path.write_text(json.dumps({"train": train, "val": val}, indent=1) + "\n")
-        paths.append(path)
-    return paths
+    with files_moved_in(out_dir) as tmp:
+        for k in range(num_folds):
+            train, val = split_cases(store, k, num_folds, seed)
+            text = json.dumps({"train": train, "val": val}, indent=1) + "\n"
+            (tmp / f"fold-{k}.json").write_text(text)
+    return [out_dir / f"fold-{k}.json" for k in range(num_folds)]
 
 
 SLICE_MODES = ("annotated", "all")
