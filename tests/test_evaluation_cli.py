@@ -234,6 +234,30 @@ def test_bad_predictions_name_file_and_reason(tmp_path):
         read_case(shapes / "case.npz")
 
 
+def test_predictions_without_a_patient_id_are_refused(tmp_path):
+    """The FP rate is per patient id: three lesion-free cases of patient id '' (or 'None', which
+    str(None) wrote) were one patient, their 3 false positives 3 FP per patient, not 1."""
+    for case_id, peak in (("n1", 0.7), ("n2", 0.6), ("n3", 0.5)):
+        write_blob_case(tmp_path / "given", case_id, blobs=[((4, 24, 24), peak)])
+    out = tmp_path / "given_eval"
+    run_cli(["evaluate", "--predictions", str(tmp_path / "given"), "--out", str(out),
+             "--no-picai", "--no-figures"])  # fmt: skip
+    curve = json.loads((out / "metrics.json").read_text())["froc"]["all"]["curve"]
+    assert curve["fp"] == pytest.approx([1 / 3, 2 / 3, 1.0])  # one FP each, 3 patients
+    empty = tmp_path / "empty_id"
+    empty.mkdir()
+    for case_id in ("n1", "n2", "n3"):
+        with np.load(tmp_path / "given" / f"{case_id}.npz") as data:
+            np.savez(empty / f"{case_id}.npz", **{**dict(data), "patient_id": np.asarray("")})
+    message = _error(["evaluate", "--predictions", str(empty), "--out", str(tmp_path / "o")])
+    assert f"{empty / 'n1.npz'}: 'patient_id' is empty" in message
+    assert not (tmp_path / "o").exists()
+    with np.load(tmp_path / "given" / "n1.npz") as data:
+        arrays = {k: data[k] for k in ("scores", "lesions", "lesion_classes", "spacing")}
+    with pytest.raises(PredictionsError, match=r"n1\.npz: 'patient_id' is None"):
+        write_case(tmp_path / "none", "n1", patient_id=None, **arrays)
+
+
 def test_predictions_with_unsafe_names_or_a_lesion_on_no_slice_are_refused(tmp_path):
     for name in ("a b", ".hidden"):
         folder = tmp_path / name.strip(".").replace(" ", "_")
@@ -408,6 +432,17 @@ def test_cases_with_workdir_is_refused(tmp_path):
     assert "--cases goes with --predictions" in message
 
 
+@pytest.mark.parametrize("flag", [["--tta", "flip"], ["--step", "5"], ["--store", "s"]])
+def test_prediction_flags_with_predictions_are_refused(tmp_path, flag):
+    """--predictions evaluates files already predicted: a --tta flip there was ignored, so the
+    metrics of plain predictions passed for flip-TTA ones (likewise --step, --store)."""
+    write_cohort(tmp_path / "p")
+    argv = ["evaluate", "--predictions", str(tmp_path / "p"), "--out", str(tmp_path / "o")]
+    message = _error([*argv, *flag])
+    assert f"{flag[0]}{' flip' if flag[0] == '--tta' else ''} goes with --workdir" in message
+    assert not (tmp_path / "o").exists()
+
+
 def _evaluate_fold(predictions_dir, out, runs, shift=0.0):
     """evaluate of a cohort whose predictions say (models.json) they were made by `runs`."""
     write_cohort(predictions_dir, shift)
@@ -444,6 +479,27 @@ def test_summarize_refuses_an_ensemble_or_a_run_counted_twice_as_folds(tmp_path)
         f"{first} and {second} both evaluate run runs/A/fold0: one fold would count twice; keep "
         f"one of them under {method}"
     )
+
+
+def test_summarize_refuses_folds_evaluated_with_other_settings(tmp_path):
+    """Method A on all slices, B on annotated slices only (as `evaluate --workdir` does with the
+    default data.slices): B's FP rate counts 3 of the 5 patients and none of the false positives
+    off the lesion slices, so the two were compared on different scales without a word."""
+    for method, slices in (("A", "all"), ("B", "annotated")):
+        write_cohort(tmp_path / "pred" / method)
+        run_cli(["evaluate", "--predictions", str(tmp_path / "pred" / method), "--out",
+                 str(tmp_path / method / "fold0"), "--no-picai", "--no-figures",
+                 "--slices", slices])  # fmt: skip
+    fold = {m: json.loads((tmp_path / m / "fold0" / "metrics.json").read_text()) for m in "AB"}
+    assert (fold["A"]["num_patients"], fold["B"]["num_patients"]) == (5, 3)
+    message = _error(["summarize", "--runs", f"A={tmp_path / 'A'}", f"B={tmp_path / 'B'}",
+                      "--out", str(tmp_path / "s")])  # fmt: skip
+    first, second = (tmp_path / m / "fold0" / "metrics.json" for m in "AB")
+    assert message.endswith(
+        f"{first} and {second} were evaluated with other settings {{'slices': ('all', "
+        "'annotated')}: their numbers are not comparable; evaluate them alike"
+    )
+    assert not (tmp_path / "s").exists()
 
 
 def test_summarize_keeps_every_method_of_a_repeated_runs_flag(tmp_path):

@@ -66,6 +66,19 @@ def test_window_radius_rounds_half_up(spacing, expected):
     assert window_radius(spacing) == expected
 
 
+@pytest.mark.parametrize("crop_mm, size, expected", [(80, 120, 8), (80, 200, 13), (80, 128, 8)])
+def test_window_radius_of_a_float32_spacing_rounds_half_up(crop_mm, size, expected):
+    """A crop of 80 mm on 120 pixels: 5 mm = 7.5 pixels, 8 rounded half up. The predictions file
+    stores the spacing as float32 (0.6666667 > 2/3): 7.4999997 pixels, which rounded down to 7,
+    so `evaluate` used a smaller window than `predict` (float64 spacing) and the SPEC."""
+    spacing = np.float32(crop_mm / size)
+    assert window_radius((spacing, spacing)) == (expected, expected)
+    assert window_radius((crop_mm / size,) * 2) == (expected, expected)
+    scores = np.zeros((1, size, size, 5), np.float32)
+    scores[0, 40, 40], scores[0, 40, 40 + expected] = 0.9, 0.5  # r pixels apart: one window
+    assert len(local_maxima(scores, (spacing, spacing))) == 1
+
+
 def test_local_maxima_window_border_and_min_score():
     scores = np.zeros((2, 40, 40, 5), np.float32)
     s1 = scores[..., 0]
@@ -441,3 +454,40 @@ def test_lesion_grade_known_round_trips_and_defaults_to_known(tmp_path):
     assert read_case(tmp_path / "k.npz").grade_known.tolist() == [True, True]
     with pytest.raises(PredictionsError, match="unknown grade .* must have class 2"):
         write_case(tmp_path, "bad", patient_id="A", lesion_grade_known=[True, False], **arrays)
+
+
+@pytest.mark.parametrize("spacing", [(np.inf, 1.0), (1.0, np.nan), (0.0, 1.0)])
+def test_spacing_that_is_not_a_positive_finite_distance_is_refused(tmp_path, spacing):
+    """An infinite spacing made the window radius 0 (every pixel above min_score a detection) and
+    every distance infinite (no hit): sensitivity 0 without a word."""
+    from focalnet_jax.evaluation.predictions import PredictionsError, write_case
+
+    case = make_case("a", "A", (1, 16, 16), boxes=[(0, 2, 4, 2, 4, 2)], peaks=[(0, 3, 3, 0.9)])
+    arrays = {k: getattr(case, k) for k in ("scores", "lesions", "lesion_classes")}
+    with pytest.raises(PredictionsError, match=r"a\.npz: 'spacing' must be 2 positive numbers"):
+        write_case(tmp_path, "a", patient_id="A", spacing=spacing, **arrays)
+
+
+def test_montage_draws_a_lesion_of_unknown_grade_apart_from_gs_3_4(tmp_path, monkeypatch):
+    """A lesion known only as clinically significant (class 2, grade unknown) was drawn and
+    named 'GS 3+4' in montage.png; its pixels are now their own contour and legend entry."""
+    from focalnet_jax.evaluation import evaluate, figures
+    from focalnet_jax.evaluation.predictions import write_case
+
+    case = make_case("a", "A", (1, 16, 16), boxes=[(0, 2, 4, 2, 4, 2), (0, 9, 11, 9, 11, 2)],
+                     peaks=[(0, 3, 3, 0.9)])  # fmt: skip
+    arrays = {k: getattr(case, k) for k in ("scores", "lesions", "lesion_classes", "spacing")}
+    path = write_case(tmp_path, "a", patient_id="A", lesion_grade_known=[False, True],
+                      t2w=np.zeros((1, 16, 16)), **arrays)  # fmt: skip
+    column = evaluate._montage_column(path, summarize_case(case), threshold=0.5)
+    np.testing.assert_array_equal(column.unknown_grade, case.lesions[0] == 1)  # 9 pixels
+    assert column.points.tolist() == [[3, 3]]
+    legends = []
+
+    def keep_legend(fig, out):
+        legends.append([t.get_text() for t in fig.legends[0].get_texts()])
+        return out
+
+    monkeypatch.setattr(figures, "_save", keep_legend)
+    figures.montage_figure(tmp_path / "m.png", [column])
+    assert legends[0] == [*figures.GS_NAMES.values(), "csPCa, GS unknown", "detection"]

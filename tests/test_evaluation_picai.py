@@ -66,3 +66,25 @@ def test_intervals_without_a_negative_case_are_null_with_the_reason():
     out = picai_metrics(results, bootstraps=50, seed=0)
     assert out["auroc_95_ci"] is None and out["score_95_ci"] is None
     assert out["bootstrap_error"] == "every one of the 3 cases is positive"
+
+
+def test_ap_without_a_lesion_is_undefined_not_zero():
+    """No clinically significant lesion: recall, hence AP, is undefined. picai_eval's AP is 0 with
+    candidates (scikit-learn sets the recall to 1 everywhere) and raises without any; both used to
+    reach metrics.json (an AP of 0 entered the study means and tests)."""
+    with_candidates = {"c0": ([(0.0, 0.7, 0.0)], 0.7), "c1": ([(0.0, 0.2, 0.0)], 0.2)}
+    without_candidates = {"c0": ([], 0.0), "c1": ([], 0.0)}
+    for results in (with_candidates, without_candidates):
+        out = picai_metrics(results, bootstraps=0)
+        assert (out["num_lesions"], out["num_positive_cases"], out["num_cases"]) == (0, 0, 2)
+        assert np.isnan(out["auroc"]) and np.isnan(out["ap"]) and np.isnan(out["score"])
+
+
+def test_point_estimates_equal_scikit_learn():
+    """AUROC of the case scores, AP of the lesion rows and their mean (picai_eval's score)."""
+    results = twelve_cases()
+    out = picai_metrics(results, bootstraps=0)
+    rows = [row for case in sorted(results) for row in results[case][0]]
+    ap = average_precision_score([r[0] for r in rows], [r[1] for r in rows])
+    assert out["ap"] == pytest.approx(ap)
+    assert out["score"] == pytest.approx(((9 + 7 + 9) / 27 + ap) / 2)

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -253,6 +254,23 @@ def test_rerun_of_a_finished_study_trains_nothing(finished):
     assert _tree_state(finished) == before
     status = study("status", "--workdir", str(finished)).stdout
     assert status.count(" done ") >= 12 and "8 done" in status
+
+
+@pytest.mark.slow
+def test_report_refuses_cells_evaluated_with_other_settings(finished, tmp_path):
+    """A cell re-evaluated by hand with another hit radius (or slices) would enter the means and
+    the tests beside the others: the report names it and the difference instead."""
+    copy = shutil.copytree(finished, tmp_path / "copy", ignore=shutil.ignore_patterns("report"))
+    path = copy / "fl" / "rep1" / "fold1" / "eval" / "metrics.json"
+    metrics = json.loads(path.read_text())
+    metrics["settings"]["radius_mm"] = 10.0
+    path.write_text(json.dumps(metrics))
+    message = _one_line_error("report", "--workdir", str(copy))
+    assert message.endswith(
+        "cell ce/rep0/fold0 and cell fl/rep1/fold1 were evaluated with other settings "
+        "{'radius_mm': (5.0, 10.0)}: their numbers are not comparable; evaluate them alike"
+    )
+    assert not (copy / "report").exists()
 
 
 @pytest.mark.slow
@@ -851,3 +869,22 @@ def test_status_report_and_evaluate_start_without_importing_jax(finished):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "8 done" in done.stdout
     assert done.stdout.splitlines()[-1] == "False False"
+
+
+def test_every_cell_and_ensemble_is_evaluated_on_the_studys_slices(store, tmp_path):
+    """An arm that trains on annotated slices only, in a study whose common config says all
+    slices: its cells were evaluated on its own data.slices, so its FP rate counted the lesion
+    slices of the patients with a lesion while the other arm's counted every slice and patient,
+    and stats.csv compared the two. Every cell and ensemble now evaluates on the study's."""
+    from focalnet_jax.study.cell_runner import cell_commands
+    from focalnet_jax.study.cells import Cell, Study
+    from focalnet_jax.study.spec import evaluation_slices, load_spec, validate
+
+    arms = {**ARMS, "ce_annotated": {**ARMS["ce"], "data": {"slices": "annotated"}}}
+    spec = write_spec(tmp_path / "slices.py", store, arms=arms)
+    plain = validate(load_spec(str(spec)), str(spec))
+    assert evaluation_slices(plain) == "all"  # common's data.slices, not an arm's
+    for arm in arms:
+        train, evaluate = cell_commands(Study(tmp_path / "s", plain), Cell(arm, 0, 0))
+        assert ("--config.data.slices=annotated" in train) == (arm == "ce_annotated")
+        assert evaluate[evaluate.index("--slices") + 1] == "all"

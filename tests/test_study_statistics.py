@@ -96,3 +96,36 @@ def test_metrics_table_says_how_many_runs_are_left_out():
     # ce: mean 0.7 and SD sqrt(0.02) = 0.141 over 2 of its 3 runs.
     assert table[1] == "| ce | " + " | ".join(["0.700 +- 0.141 (2/3)"] * 4) + " |"
     assert table[2] == "| fl | " + " | ".join(["0.700 +- 0.000 (3)"] * 4) + " |"
+
+
+def test_welch_is_nan_when_neither_arm_varies():
+    """Three runs of 1.0 against three of 0.5 (e.g. a sensitivity every run of each arm reaches
+    alike): the standard error is 0, so the t statistic is undefined; SciPy's p of 0 read as a
+    certain difference. One arm with spread gives Welch's p (NumPy reference)."""
+    from scipy import stats
+
+    from focalnet_jax.evaluation.stats import welch_pvalue
+
+    assert np.isnan(welch_pvalue([1.0, 1.0, 1.0], [0.5, 0.5, 0.5]))
+    assert np.isnan(welch_pvalue([1.0, 1.0, 1.0], [0.5, 0.5, 0.5], alternative="greater"))
+    rows = compare_arms({"m": {"a": [0.5, 0.5, 0.5], "b": [1.0, 1.0, 1.0]}})
+    assert all(np.isnan(r["p_welch"]) and np.isnan(r["p_welch_bonferroni"]) for r in rows)
+    assert [r["p_permutation"] for r in rows] == [pytest.approx(0.05), 1.0]  # 1 / C(6, 3)
+    a, b = np.array([1.0, 1.0, 1.0]), np.array([0.5, 0.6, 0.7])
+    t = (a.mean() - b.mean()) / np.sqrt(b.var(ddof=1) / 3)
+    df = (b.var(ddof=1) / 3) ** 2 / ((b.var(ddof=1) / 3) ** 2 / 2)
+    assert welch_pvalue(a, b, alternative="greater") == pytest.approx(stats.t.sf(t, df))
+
+
+def test_no_random_split_is_refused_not_a_p_of_one(tmp_path):
+    """11 + 11 runs take the random splits; with none drawn the p-value was (0 + 1) / (0 + 1) = 1
+    for any runs (b far above a here, p = 1 / 10001 with 10^4 splits)."""
+    from cli_calls import cli_error
+
+    a, b = list(range(11)), list(range(100, 111))
+    assert permutation_pvalue(a, b, iterations=10_000) == pytest.approx(1 / 10_001)
+    for iterations in (0, -5):
+        with pytest.raises(ValueError, match="at least 1"):
+            permutation_pvalue(a, b, iterations=iterations)
+    message = cli_error(["study", "report", "--workdir", tmp_path, "--iterations", "0"])
+    assert "--iterations 0: expected at least 1" in message

@@ -237,4 +237,5 @@ def _montage_column(path: Path, summary: CaseSummary, threshold: float) -> figur
         adc=None if case.adc is None else case.adc[z],
         classes=case.classes[z],
         points=np.stack([det.row[shown], det.col[shown]], axis=1),
+        unknown_grade=np.concatenate([[False], ~case.grade_known])[case.lesions[z]],
     )

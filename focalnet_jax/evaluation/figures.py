@@ -18,6 +18,7 @@ from focalnet_jax.evaluation.froc import sensitivity_at  # noqa: E402
 FP_RANGE = (0.01, 10.0)
 GS_NAMES = {1: "GS 3+3", 2: "GS 3+4", 3: "GS 4+3", 4: "GS 8", 5: "GS >= 9"}
 GS_COLOURS = {1: "#2ca02c", 2: "#1f77b4", 3: "#9467bd", 4: "#d62728", 5: "#8c564b"}
+UNKNOWN_GRADE = ("csPCa, GS unknown", "#e377c2")  # class 2 of unknown grade: not known 3+4
 CROSS_COLOUR = "#ff7f0e"
 LABELLED_POINTS = 10
 
@@ -36,13 +37,15 @@ class Curve:
 @dataclasses.dataclass(frozen=True)
 class MontageCase:
     """One column of the montage: `t2w`, `adc` (or None), `classes` `[H, W]` true class per pixel,
-    `points` `[P, 2]` (row, col) of the detections shown."""
+    `points` `[P, 2]` (row, col) of the detections shown, `unknown_grade` bool `[H, W]` (or None):
+    pixels of lesions known only as clinically significant, drawn apart from GS 3+4."""
 
     title: str
     t2w: np.ndarray
     adc: np.ndarray | None
     classes: np.ndarray
     points: np.ndarray
+    unknown_grade: np.ndarray | None = None
 
 
 def froc_step_curve(fp: np.ndarray, sens: np.ndarray) -> Curve:
@@ -118,20 +121,32 @@ def montage_figure(path: str | Path, cases: Sequence[MontageCase]) -> Path:
             if image is None:
                 continue
             ax.imshow(np.clip(image, 0, 1), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-            for cls in np.unique(case.classes[case.classes > 0]):
-                ax.contour(case.classes == cls, levels=[0.5], colors=GS_COLOURS[int(cls)])
+            unknown = _unknown_grade(case)
+            for cls in np.unique(case.classes[(case.classes > 0) & ~unknown]):
+                ax.contour((case.classes == cls) & ~unknown, levels=[0.5],
+                           colors=GS_COLOURS[int(cls)])  # fmt: skip
+            if unknown.any():
+                ax.contour(unknown, levels=[0.5], colors=UNKNOWN_GRADE[1])
             if len(case.points):
                 ax.scatter(case.points[:, 1], case.points[:, 0], marker="+", s=120, c=CROSS_COLOUR)
             ax.set_title(f"{case.title}\n{name}" if row == 0 else name, fontsize="small")
     handles = [
         plt.Line2D([], [], color=colour, label=GS_NAMES[cls]) for cls, colour in GS_COLOURS.items()
     ]
+    if any(_unknown_grade(case).any() for case in cases):
+        handles.append(plt.Line2D([], [], color=UNKNOWN_GRADE[1], label=UNKNOWN_GRADE[0]))
     handles.append(
         plt.Line2D([], [], color=CROSS_COLOUR, marker="+", linestyle="", label="detection")
     )
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize="small")
     fig.subplots_adjust(bottom=0.12)
     return _save(fig, path)
+
+
+def _unknown_grade(case: MontageCase) -> np.ndarray:
+    if case.unknown_grade is None:
+        return np.zeros(case.classes.shape, bool)
+    return case.unknown_grade
 
 
 def _save(fig, path: str | Path) -> Path:

@@ -30,7 +30,8 @@ def _check_batch_size(args: argparse.Namespace) -> None:
 
 
 def check_evaluate_flags(args: argparse.Namespace) -> None:
-    """`focalnet evaluate`: batch size, hit radius, score floor, bootstraps, the output folder."""
+    """`focalnet evaluate`: batch size, hit radius, score floor, bootstraps, flags that make
+    predictions given with --predictions, the output folder."""
     _check_batch_size(args)
     if not args.radius_mm > 0:
         raise UserError(f"--radius-mm {args.radius_mm}: expected a positive distance in mm")
@@ -38,6 +39,15 @@ def check_evaluate_flags(args: argparse.Namespace) -> None:
         raise UserError(f"--min-score {args.min_score}: expected a probability in [0, 1]")
     if args.picai_bootstraps < 0:
         raise UserError(f"--picai-bootstraps {args.picai_bootstraps}: expected 0 or more")
+    if args.predictions is not None:
+        # They shape a prediction; files already predicted would be evaluated as they are.
+        given = {"--tta flip": args.tta != "none", "--step": args.step is not None,
+                 "--store": args.store is not None}  # fmt: skip
+        if named := [flag for flag, on in given.items() if on]:
+            raise UserError(
+                f"{named[0]} goes with --workdir (it makes the predictions); --predictions "
+                f"{args.predictions} evaluates the files as they were predicted"
+            )
     default_out = args.workdir / "eval" if args.workdir is not None else None
     check_output_folder(args.out or default_out)
 

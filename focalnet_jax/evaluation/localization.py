@@ -10,6 +10,7 @@ from scipy import ndimage
 
 RADIUS_MM = 5.0
 MIN_SCORE = 1e-3
+_HALF_TOL = 1e-4  # pixels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +33,9 @@ class Detections:
 def window_radius(spacing, radius_mm: float = RADIUS_MM) -> tuple[int, int]:
     """Half-widths (rows, columns) in pixels: round(radius_mm / spacing), halves rounded up."""
     spacing = np.asarray(spacing, np.float64)
-    radius = np.floor(radius_mm / spacing + 0.5).astype(int)
+    # A half within float32 rounding of the spacing (predictions files store float32: 80 mm /
+    # 120 pixels reads 0.6666667, 5 mm of it 7.4999997 pixels) still rounds up.
+    radius = np.floor(radius_mm / spacing + 0.5 + _HALF_TOL).astype(int)
     return int(radius[0]), int(radius[1])
 
 

@@ -64,7 +64,9 @@ def picai_metrics(
     min_overlap: float = MIN_OVERLAP,
 ) -> dict:
     """Case AUROC, lesion AP and ranking score (AUROC + AP) / 2 of `picai_eval.Metrics`, with 95 %
-    bootstrap intervals over cases (`bootstraps` = 0 skips them); NaN where undefined."""
+    bootstrap intervals over cases (`bootstraps` = 0 skips them); NaN where undefined: the AUROC
+    without a positive or a negative case, the AP without a lesion (picai_eval gives 0 there, or
+    fails when no case has a candidate either)."""
     _, _, Metrics, version = import_picai()
     lesion_results = {case: list(results) for case, (results, _) in case_results.items()}
     metrics = Metrics(
@@ -80,12 +82,15 @@ def picai_metrics(
     with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
         # sklearn warns (and returns NaN) when a set has only one class.
         warnings.simplefilter("ignore")
+        num_lesions = int(metrics.num_lesions)
+        auroc = float(metrics.auroc)
+        ap = float(metrics.AP) + 0.0 if num_lesions else float("nan")  # its sum can give -0.0
         out = {
-            "auroc": float(metrics.auroc),
-            "ap": float(metrics.AP) + 0.0,  # picai_eval's AP sum can give -0.0
-            "score": float(metrics.score),
+            "auroc": auroc,
+            "ap": ap,
+            "score": (auroc + ap) / 2,  # as Metrics.score
             "num_cases": int(metrics.num_cases),
-            "num_lesions": int(metrics.num_lesions),
+            "num_lesions": num_lesions,
             "num_positive_cases": int(sum(metrics.case_target.values())),
         }
         if bootstraps > 0:

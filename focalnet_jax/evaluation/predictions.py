@@ -5,7 +5,7 @@ Keys:
 - `lesions` int32 `[S, H, W]`: lesion instance ids, 0 background;
 - `lesion_classes` int32 `[L]`: class (1..5) of instance id i + 1;
 - `spacing` float32 `[2]`: in-plane pixel spacing in mm, rows then columns;
-- `patient_id` str;
+- `patient_id` str (not empty);
 - optional `t2w`, `adc` float32 `[S, H, W]` (figures) and `slice_index` int32 `[S]` (the source
   slice of each crop slice; the PI-CAI 3D evaluation needs consecutive slices);
 - optional `lesion_grade_known` bool `[L]`: False for a lesion known only as clinically
@@ -76,6 +76,9 @@ def validate(case: CasePredictions) -> CasePredictions:
         raise PredictionsError(f"{where}: {reason}")
 
     scores, lesions = case.scores, case.lesions
+    if not case.patient_id.strip():
+        fail("'patient_id' is empty (false positives are counted per patient id: every case "
+             "without one would count as one patient)")  # fmt: skip
     if scores.ndim != 4 or scores.shape[-1] != NUM_SCORES:
         fail(f"'scores' must have shape [S, H, W, {NUM_SCORES}], got {scores.shape}")
     if not np.issubdtype(scores.dtype, np.floating):
@@ -100,7 +103,7 @@ def validate(case: CasePredictions) -> CasePredictions:
     absent = sorted(set(range(1, case.lesion_classes.size + 1)) - set(np.unique(lesions).tolist()))
     if absent:
         fail(f"lesion id(s) {absent} of 'lesion_classes' appear on no slice of 'lesions'")
-    if case.spacing.shape != (2,) or not np.all(case.spacing > 0):
+    if case.spacing.shape != (2,) or not np.all(np.isfinite(case.spacing) & (case.spacing > 0)):
         fail(f"'spacing' must be 2 positive numbers (mm), got {case.spacing.tolist()}")
     for name in ("t2w", "adc"):
         image = getattr(case, name)
@@ -135,6 +138,8 @@ def write_case(
 ) -> Path:
     """Validates one case and writes `out_dir/<case_id>.npz` (uncompressed: reads are fast)."""
     path = Path(out_dir) / f"{check_case_id(case_id, f'predictions folder {out_dir}')}.npz"
+    if patient_id is None:  # str(None) would make every such case patient 'None'
+        raise PredictionsError(f"{path}: 'patient_id' is None; give the case's patient id")
     case = CasePredictions(
         case_id=case_id,
         patient_id=str(patient_id),

@@ -71,6 +71,30 @@ def read_metrics(path: str | Path) -> dict:
     return metrics
 
 
+def check_settings(evaluations: Mapping) -> None:
+    """Evaluations to be averaged or compared ({metrics.json path or cell: metrics}) must share
+    their `settings` (hit radius, score floor, ROC detections, slices): e.g. `evaluate
+    --workdir` takes the run's `data.slices` (annotated by default) and `--predictions` all
+    slices, whose FP rates and sensitivities are not comparable. A UserError names two that
+    differ and how; metrics without `settings` cannot be checked."""
+    reference = None
+    for where, metrics in evaluations.items():
+        settings = metrics.get("settings")
+        if settings is None:
+            continue
+        if reference is None:
+            reference = (where, settings)
+            continue
+        keys = sorted(set(settings) | set(reference[1]))
+        diff = {k: (reference[1].get(k), settings.get(k)) for k in keys
+                if reference[1].get(k) != settings.get(k)}  # fmt: skip
+        if diff:
+            raise UserError(
+                f"{reference[0]} and {where} were evaluated with other settings {diff}: "
+                "their numbers are not comparable; evaluate them alike"
+            )
+
+
 def lookup(metrics: Mapping, path: Sequence[str]):
     """metrics[path[0]][path[1]]...; None where any key is absent."""
     value = metrics

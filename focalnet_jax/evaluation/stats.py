@@ -34,8 +34,8 @@ def welch_pvalue(a: Sequence, b: Sequence, alternative: str = "two-sided") -> fl
     `ttest_ind` ('two-sided', 'greater': H1 mean(a) > mean(b), 'less'). NaN below 2 values per
     side or when both sides are constant."""
     a, b = finite_values(a), finite_values(b)
-    if a.size < 2 or b.size < 2:
-        return float("nan")
+    if a.size < 2 or b.size < 2 or (np.ptp(a) == 0 and np.ptp(b) == 0):
+        return float("nan")  # no spread on either side: t is 0/0 or c/0, and SciPy's p 0 or 1
     with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
         # SciPy warns on (nearly) identical samples; the p-value is still what it returns.
         warnings.simplefilter("ignore", RuntimeWarning)

@@ -22,6 +22,7 @@ from focalnet_jax.evaluation.report import (
     ROC_TITLES,
     TABLE_II,
     TABLE_III,
+    check_settings,
     folds_not_reached,
     lookup,
     markdown_report,
@@ -130,6 +131,7 @@ def summarize_runs(runs: Mapping[str, str | Path], out_dir: str | Path) -> dict:
     folds = {name: [read_metrics(p) for p in found] for name, found in paths.items()}
     for name, fold_metrics in folds.items():
         check_folds(runs[name], paths[name], fold_metrics)
+    check_settings({p: m for n in folds for p, m in zip(paths[n], folds[n], strict=True)})
     summary = {"methods": {}, "comparisons": {}}
     for name, fold_metrics in folds.items():
         summary["methods"][name] = {

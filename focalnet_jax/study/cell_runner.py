@@ -23,7 +23,7 @@ from pathlib import Path
 from focalnet_jax.processes import pid_space
 from focalnet_jax.study.cells import STUDY_FILE, Study
 from focalnet_jax.study.inputs import check_inputs
-from focalnet_jax.study.spec import StudyError, cell_overrides
+from focalnet_jax.study.spec import StudyError, cell_overrides, evaluation_slices
 
 # `focalnet CMD: error: ...` (a user error) or `SomeError: ...` (the end of a traceback).
 REASON = re.compile(r"^(focalnet [\w ]+: error: |[\w.]+(Error|Exception|Exit|Interrupt)\b)")
@@ -37,6 +37,7 @@ def cell_commands(study: Study, cell) -> tuple[list[str], list[str]]:
     train += cell_overrides(study.plain, cell.arm, cell.repeat, cell.fold)
     options = study.plain["evaluate"]
     evaluate = ["evaluate", "--workdir", workdir, "--label", cell.name]
+    evaluate += ["--slices", evaluation_slices(study.plain)]  # every arm on the same slices
     evaluate += [f"--picai-bootstraps={int(options.get('picai_bootstraps', 0))}"]
     if not options.get("figures", False):
         evaluate.append("--no-figures")

@@ -203,6 +203,8 @@ def _status(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from focalnet_jax.study.report import write_report
 
+    if args.iterations < 1:
+        raise StudyError(f"--iterations {args.iterations}: expected at least 1 random split")
     study = Study.open(args.workdir)
     _ensembles(study)
     out = write_report(study, partial=args.partial, iterations=args.iterations)

@@ -9,7 +9,6 @@ re-evaluated after it.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import numpy as np
 
 from focalnet_jax.data.atomic_files import replaced_folder
 from focalnet_jax.study.cells import METRICS_JSON, PREDICTIONS, Cell, Study
-from focalnet_jax.study.spec import StudyError
+from focalnet_jax.study.spec import StudyError, evaluation_slices
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +54,6 @@ def average_predictions(members: list[Path], out_dir: Path) -> list[str]:
     return case_ids
 
 
-def _slices(member_dir: Path) -> str:
-    """The 2D-protocol slices of a member run (`data.slices` in its config.json)."""
-    config = json.loads((member_dir / "config.json").read_text())
-    return str(config["data"]["slices"])
-
-
 def update_ensemble(study: Study, cell: Cell) -> str:
     """Compute ensemble cell `cell` if its members are done; returns 'done', 'computed' or
     'waiting'."""
@@ -85,7 +78,7 @@ def update_ensemble(study: Study, cell: Cell) -> str:
         picai_bootstraps=int(options.get("picai_bootstraps", 0)),
         with_figures=bool(options.get("figures", False)),
         label=cell.name,
-        slices=_slices(study.path(members[0])),
+        slices=evaluation_slices(study.plain),
     )
     return "computed"
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from focalnet_jax.data.atomic_files import replaced_atomically
+from focalnet_jax.evaluation.report import check_settings
 from focalnet_jax.evaluation.stats import mean_sd
 from focalnet_jax.study import convergence, figures, statistics
 from focalnet_jax.study.cells import METRICS_JSON, Cell, Study
@@ -261,6 +262,8 @@ def write_report(
     rows = found.rows
     if not rows:
         raise StudyError(f"{study.root}: no cell is done yet; nothing to report")
+    cells = [f"cell {r['arm']}/rep{r['repeat']}/fold{r['fold']}" for r in rows]
+    check_settings(dict(zip(cells, found.metrics, strict=True)))  # comparable cells only
     out = study.root / "report"
     out.mkdir(parents=True, exist_ok=True)
     names = list(dict.fromkeys(r["arm"] for r in rows))

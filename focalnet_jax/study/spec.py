@@ -298,6 +298,17 @@ def cell_overrides(plain: Mapping, arm: str, repeat: int, fold: int) -> list[str
     return [override_text(key, value) for key, value in items]
 
 
+def evaluation_slices(plain: Mapping) -> str:
+    """The slices of the paper's 2D protocol that every cell and ensemble of the study is
+    evaluated on: `data.slices` of the base config with `common`. An arm's own `data.slices`
+    changes what it trains on, not the slices the arms are compared on (`annotated` counts the FP
+    rate over the lesion slices of the patients with a lesion, `all` over every slice and
+    patient)."""
+    config = get_config_from_file(plain["base"])
+    apply_overrides(config, [override_text(k, v) for k, v in flatten(plain["common"])])
+    return str(config.data.slices)
+
+
 def arm_config(plain: Mapping, arm: str) -> ml_collections.ConfigDict:
     """The training config of `arm` (repeat 0, first fold), e.g. for reports."""
     return load_config(plain["base"], cell_overrides(plain, arm, 0, plain["folds"][0]))

@@ -49,6 +49,8 @@ def permutation_pvalue(
 ) -> float:
     """One-sided permutation p of the order AUC (H1: `alternative` better; module docstring);
     NaN without values."""
+    if iterations < 1:  # no split drawn: p would be (0 + 1) / (0 + 1) = 1 whatever the runs
+        raise ValueError(f"iterations must be at least 1, got {iterations}")
     a, b = finite_values(baseline), finite_values(alternative)
     if a.size < 1 or b.size < 1:
         return float("nan")
