@@ -8,7 +8,8 @@ Prints one JSON line. The exam is a synthetic mp-MRI case of 20 T2w slices (384 
 the median of `--repeats` runs on that one exam after one warm-up run (compilation excluded), in
 seconds per exam (`time_exam`):
 - `predict_s`: the models on the preprocessed crop slices (all slices in one batch per model,
-  host to device and back included): `Ensemble.__call__`;
+  split over every local device, `num_devices`; host to device and back included):
+  `Ensemble.__call__`;
 - `with_preprocessing_s`: reading the exam files and `preprocess_case` (resampling to the crop,
   intensity normalisation) plus `predict_s`'s work;
 - `preprocess_s`: the preprocessing alone, and `write_outputs_s` (one run after a warm-up): what

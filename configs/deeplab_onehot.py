@@ -7,7 +7,7 @@ Command:
         --config.data.store=STORE
 Expected runtime: one forward-backward per step, as FocalNet's FL-only step (0.41x a FocalNet
 step on one H100, benchmarks/results/); whole runs not measured yet.
-Expected metric: paper: lower sensitivity than FocalNet at every FP rate (Fig. 5, Table I);
+Expected metric: paper: lower sensitivity than FocalNet at every FP rate (Fig. 5, Table II);
 with this code not measured yet.
 """
 

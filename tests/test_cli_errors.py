@@ -70,10 +70,11 @@ FLAG_ERRORS = [  # (argv, the message after "focalnet <command>: error: ")
      "--center expects x,y,z, got '1'"),
     (["preprocess", "--layout", "manifest", "--out", "o"], "--layout manifest needs --manifest"),
     (["predict", "--checkpoint", "c", "--t2w", "t", "--adc", "a", "--out", "o", "--hbv-series",
-      "1.2"], "--hbv-series names a series of --hbv, which is not given"),
+      "1.2"], "--hbv-series UID names a series of --hbv PATH, which is not given"),
     (["predict", "--checkpoint", "c", "--layout", "picai", "--images", "i", "--out", "o",
       "--adc-series", "1.2"],
-     "--adc-series is for one exam; a manifest chooses series in its <component>_series columns"),
+     "--adc-series UID is for one exam; a manifest chooses series in its <component>_series "
+     "columns"),
     # Flags out of range: refused before any model is loaded or file written.
     (["evaluate", "--workdir", "w", "--batch-size", "0"], "--batch-size 0: expected at least 1"),
     (["evaluate", "--predictions", "p", "--out", "o", "--radius-mm", "-1"],

@@ -1,17 +1,25 @@
-"""Whole or absent: atomic JSON files and output folders (data/atomic_files.py), and the writers
-built on them (metrics.json, <case>.npz)."""
+"""Whole or absent: atomic JSON files and output folders (data/atomic_files.py: an interrupted
+swap of folders keeps the old one whole and the next writer restores it), and the writers built
+on them (metrics.json, <case>.npz)."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from focalnet_jax.data.atomic_files import files_moved_in, replaced_folder, write_json_atomic
+from focalnet_jax.data.atomic_files import replaced_folder, write_json_atomic
 from focalnet_jax.evaluation.predictions import read_case, write_case
 from focalnet_jax.evaluation.report import write_json
+
+REPO = Path(__file__).resolve().parents[1]
+OUTPUTS = ("lesion_score.nii.gz", "detections.csv", "overlay.png")
 
 
 def test_a_failed_json_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
@@ -49,20 +57,86 @@ def test_a_failed_replaced_folder_removes_the_parents_it_created(tmp_path):
     assert os.listdir(tmp_path) == ["kept"] and os.listdir(tmp_path / "kept") == []
 
 
-def test_files_moved_in_keep_the_folders_other_files(tmp_path):
+def _fill(folder, text: str) -> dict[str, str]:
+    """Writes OUTPUTS into `folder`, each holding `text`; returns {name: text}."""
+    folder.mkdir(exist_ok=True)
+    for name in OUTPUTS:
+        (folder / name).write_text(text)
+    return dict.fromkeys(OUTPUTS, text)
+
+
+def _contents(folder) -> dict[str, str]:
+    return {p.name: p.read_text() for p in folder.iterdir()}
+
+
+@pytest.mark.parametrize(("k", "after"), [(1, False), (2, False), (1, True)])
+def test_a_swap_interrupted_at_either_rename_keeps_the_old_folder_whole(
+    tmp_path, monkeypatch, k, after
+):
+    """The k-th rename fails (OSError), or Ctrl-C comes right after it (`after`)."""
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "mine.txt").write_text("user")
-    (out / "a.txt").write_text("a0")
-    with pytest.raises(RuntimeError), files_moved_in(out) as tmp:
-        (tmp / "a.txt").write_text("a1")
-        raise RuntimeError("killed")
-    assert (out / "a.txt").read_text() == "a0" and sorted(os.listdir(tmp_path)) == ["out"]
-    with files_moved_in(out) as tmp:
-        (tmp / "a.txt").write_text("a1")
-        (tmp / "b.txt").write_text("b1")
-    assert sorted(os.listdir(out)) == ["a.txt", "b.txt", "mine.txt"]
-    assert (out / "a.txt").read_text() == "a1" and sorted(os.listdir(tmp_path)) == ["out"]
+    old = _fill(out, "old")
+    replace, renames = os.replace, []
+
+    def interrupted_replace(src, dst):
+        renames.append((src, dst))
+        if len(renames) == k and not after:
+            raise OSError("Input/output error")
+        replace(src, dst)
+        if len(renames) == k:
+            raise KeyboardInterrupt
+
+    with pytest.raises((OSError, KeyboardInterrupt)), replaced_folder(out) as tmp:
+        _fill(tmp, "new")
+        monkeypatch.setattr(os, "replace", interrupted_replace)
+    monkeypatch.undo()
+    assert _contents(out) == old and os.listdir(tmp_path) == ["out"]
+    assert len(renames) == k + (k == 2 or after)  # and the old folder moved back
+
+
+KILLED_BETWEEN_RENAMES = """
+import os, signal, sys
+from pathlib import Path
+from focalnet_jax.data.atomic_files import replaced_folder
+
+replace = os.replace
+
+def killed_after_the_first(src, dst):
+    replace(src, dst)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+with replaced_folder(sys.argv[1], "focalnet predict") as tmp:
+    for name in sys.argv[2:]:
+        (tmp / name).write_text("new")
+    os.replace = killed_after_the_first
+"""
+
+
+def test_a_writer_killed_between_the_renames_loses_nothing_and_the_next_restores(tmp_path):
+    """A real kill: the child dies after moving the old folder aside. Nothing is lost: the old
+    files lie whole in `<its folder>.old`; the next writer of `out` moves them back first, so a
+    failing one leaves `out` all old, and a finishing one all new, with no leftover."""
+    out = tmp_path / "out"
+    old = _fill(out, "old")
+    child = subprocess.run(
+        [sys.executable, "-c", KILLED_BETWEEN_RENAMES, str(out), *OUTPUTS],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    aside = [p for p in tmp_path.iterdir() if p.name.endswith(".old")]
+    written = [p for p in tmp_path.iterdir() if p not in aside]
+    assert not out.exists() and len(aside) == 1 and _contents(aside[0]) == old
+    assert len(written) == 1 and _contents(written[0]) == dict.fromkeys(OUTPUTS, "new")
+    with pytest.raises(RuntimeError), replaced_folder(out) as tmp:
+        _fill(tmp, "newer")
+        raise RuntimeError("failed")
+    assert _contents(out) == old and os.listdir(tmp_path) == ["out"]
+    with replaced_folder(out) as tmp:
+        new = _fill(tmp, "newer")
+    assert _contents(out) == new and os.listdir(tmp_path) == ["out"]
 
 
 def test_prediction_file_written_atomically_under_its_own_name(tmp_path, monkeypatch):

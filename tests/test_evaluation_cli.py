@@ -443,6 +443,16 @@ def test_prediction_flags_with_predictions_are_refused(tmp_path, flag):
     assert not (tmp_path / "o").exists()
 
 
+def test_allow_training_cases_without_all_cases_is_refused(tmp_path):
+    """--allow-training-cases only loosens --all-cases' held-out check; elsewhere it was ignored
+    without a word."""
+    write_cohort(tmp_path / "p")
+    argv = ["evaluate", "--predictions", str(tmp_path / "p"), "--out", str(tmp_path / "o")]
+    message = _error([*argv, "--allow-training-cases"])
+    assert "--allow-training-cases goes with --all-cases" in message
+    assert not (tmp_path / "o").exists()
+
+
 def _evaluate_fold(predictions_dir, out, runs, shift=0.0):
     """evaluate of a cohort whose predictions say (models.json) they were made by `runs`."""
     write_cohort(predictions_dir, shift)

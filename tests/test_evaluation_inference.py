@@ -484,14 +484,14 @@ def test_predictions_of_a_store_carry_which_lesion_grades_are_unknown(tmp_path):
 # --- execution: batches and transfers -------------------------------------------------------------
 
 
-def _tiny_predictor(batch_size: int):
+def _tiny_predictor(batch_size: int, seed: int = 0):
     import jax
     from test_train_helpers import tiny_config
 
     from focalnet_jax.run import RunSpec
 
     spec = RunSpec.from_config(tiny_config(), num_devices=1, image_size=(32, 32))
-    variables = spec.model.init(jax.random.key(0), np.zeros((1, 32, 32, 2), np.float32))
+    variables = spec.model.init(jax.random.key(seed), np.zeros((1, 32, 32, 2), np.float32))
     return Predictor.from_variables(spec, variables, batch_size=batch_size)
 
 
@@ -569,6 +569,57 @@ def test_predictor_dispatches_the_next_batch_before_reading_one_back():
     np.testing.assert_allclose(scores, predictor(images), atol=0)
 
 
+class _LoggedScores:
+    """Scores whose read-back is logged in `events`."""
+
+    def __init__(self, value, tag: str, events: list):
+        self.value, self.tag, self.events = value, tag, events
+
+    def __array__(self, dtype=None, copy=None):
+        self.events.append(f"read {self.tag}")
+        return np.asarray(self.value)
+
+
+def _logged(predictor, model: int, events: list):
+    """`predictor` whose dispatches (`dispatch <model>.<batch>`) and reads are logged."""
+    import dataclasses
+    import itertools
+
+    counter = itertools.count()
+
+    def apply(variables, images):
+        tag = f"{model}.{next(counter)}"
+        events.append(f"dispatch {tag}")
+        return _LoggedScores(predictor.apply(variables, images), tag, events)
+
+    return dataclasses.replace(predictor, apply=apply)
+
+
+def test_ensemble_dispatches_the_next_model_before_reading_the_last_one_back():
+    """Two models, 6 slices with flip TTA (12 a model, 3 batches of 4): model 1's first batch is
+    dispatched before model 0's last scores are read back (one batch waits at a time, across
+    models), and the scores are the mean over models of each one's plain and re-flipped
+    prediction, the models called one by one."""
+    from focalnet_jax.evaluation.ensemble import LEFT_RIGHT_AXIS, make_ensemble
+
+    plain = [_tiny_predictor(batch_size=4, seed=seed) for seed in (0, 1)]
+    events: list[str] = []
+    logged = [_logged(p, model, events) for model, p in enumerate(plain)]
+    ensemble = make_ensemble(logged, [Path("a"), Path("b")], [None, None], "flip")
+    ensemble.predictors = logged  # make_ensemble shares one model's apply: keep both logs
+    images = np.random.default_rng(0).uniform(0, 1.2, (6, 32, 32, 2)).astype(np.float32)
+    scores = ensemble(images)
+    assert events == [
+        "dispatch 0.0", "dispatch 0.1", "read 0.0", "dispatch 0.2", "read 0.1",
+        "dispatch 1.0", "read 0.2", "dispatch 1.1", "read 1.0", "dispatch 1.2", "read 1.1",
+        "read 1.2",
+    ]  # fmt: skip
+    flipped = np.flip(images, LEFT_RIGHT_AXIS)
+    each = [0.5 * (p(images) + np.flip(p(flipped), LEFT_RIGHT_AXIS)) for p in plain]
+    np.testing.assert_allclose(scores, np.mean(each, axis=0), atol=1e-6)
+    assert np.abs(each[0] - each[1]).max() > 1e-3  # two different models
+
+
 def test_one_compilation_serves_exams_of_any_length_and_the_flip_ensemble():
     """Padded batches: a model compiles once for exams of 3, 7, 9 and 1 slices, and a flip-TTA
     ensemble of two such models (one shared function) compiles nothing more."""
@@ -597,3 +648,29 @@ def test_one_compilation_serves_exams_of_any_length_and_the_flip_ensemble():
     finally:
         jax.monitoring.unregister_event_duration_listener(count)
     assert dict(compiles) == {"jit(apply)": 1}
+
+
+# --- persistent compilation cache -----------------------------------------------------------------
+
+
+def test_predict_and_evaluate_keep_their_compiled_inference_in_the_cache_given(cv, tmp_path):
+    """`--compilation_cache DIR`, as in training: the inference function compiled by `predict`
+    and by `evaluate --workdir` is written to DIR (every compilation kept here, however fast),
+    and JAX's own setting is back after the command."""
+    import jax
+
+    files = exam(cv["data"])
+    previous = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    try:
+        cache = ["--compilation_cache", tmp_path / "predict_cache"]
+        predict_one([cv["cv"] / "fold0"], files, tmp_path / "pred", *cache)
+        evaluate = ["evaluate", "--workdir", cv["cv"] / "fold1", "--out", tmp_path / "eval"]
+        cache = ["--compilation_cache", tmp_path / "eval_cache"]
+        run_cli([*evaluate, "--no-picai", "--no-figures", *cache])
+    finally:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", previous)
+    for folder in ("predict_cache", "eval_cache"):
+        cached = [p.name for p in (tmp_path / folder).iterdir()]
+        assert len([n for n in cached if n.startswith("jit_apply-")]) == 1, (folder, cached)
+    assert jax.config.jax_compilation_cache_dir is None

@@ -4,12 +4,14 @@ synthetic store of T2w, ADC, HBV and DCE. One exam gives DCE with `--component d
 chooses its series with `--component-series dce=UID`, flags checked here); every
 output lies on the T2w grid (the reference frame, whatever the model's first component is); the
 model gets its channels in its own order; a folder of exams (`--layout picai`) gives the same maps.
+One exam's --out is replaced whole: all old or all new outputs, never a mix or another's file lost.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,8 @@ import pytest
 import SimpleITK as sitk
 from cli_calls import cli_error, run_cli
 from test_train_helpers import fast_compiles, tiny_config
+
+from focalnet_jax.cli import main
 
 MODEL_COMPONENTS = ("dce", "adc", "t2w")
 MAPS = ("lesion_score", "cspca_score", "detection_map")
@@ -76,6 +80,52 @@ def test_one_exam_gives_dce_by_name_and_the_maps_lie_on_the_t2w_grid(dce_run, tm
         )
 
 
+def test_one_exams_out_holds_all_old_or_all_new_outputs_and_nothing_else(
+    dce_run, tmp_path, monkeypatch
+):
+    """A second prediction into --out (flip TTA: another models.json) replaces the first whole;
+    interrupted at either rename of the folder swap, it leaves the first whole; a folder holding
+    a file predict does not write is refused, before the models load, and kept as it was."""
+    from focalnet_jax.evaluation.predict import OUTPUT_FILES
+
+    files = exam(dce_run["data"])
+    out = tmp_path / "out"
+    argv = ["predict", "--checkpoint", dce_run["run"], "--t2w", files["t2w"], "--adc",
+            files["adc"], "--component", f"dce={files['dce']}", "--out", out]  # fmt: skip
+    with fast_compiles():
+        run_cli(argv)
+        first = {p.name: p.read_bytes() for p in out.iterdir()}
+        assert sorted(first) == sorted(OUTPUT_FILES)
+        replace = os.replace
+        for k in (1, 2):
+            renames = []
+
+            def interrupted(src, dst, k=k, renames=renames):
+                if out in (Path(src), Path(dst)):  # the k-th rename of the swap is interrupted
+                    renames.append(dst)
+                    if len(renames) == k:
+                        raise KeyboardInterrupt
+                replace(src, dst)
+
+            monkeypatch.setattr(os, "replace", interrupted)
+            with pytest.raises(SystemExit, match="130"), contextlib.redirect_stderr(io.StringIO()):
+                main([str(a) for a in [*argv, "--tta", "flip"]])  # as Ctrl-C ends it
+            monkeypatch.undo()
+            assert {p.name: p.read_bytes() for p in out.iterdir()} == first
+            assert os.listdir(tmp_path) == ["out"] and len(renames) == k + (k == 2)
+        run_cli([*argv, "--tta", "flip"])
+    second = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert sorted(second) == sorted(first) and second["models.json"] != first["models.json"]
+    assert os.listdir(tmp_path) == ["out"]
+    (out / "notes.txt").write_text("mine")
+    message = cli_error([*argv, "--checkpoint", tmp_path / "no_run"])
+    assert message.endswith(
+        f"--out {out} holds notes.txt, which focalnet predict does not write: one exam's outputs "
+        "replace that folder whole; choose a folder of their own"
+    )
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == {**second, "notes.txt": b"mine"}
+
+
 def test_each_model_gets_its_channels_in_its_own_order(dce_run):
     from focalnet_jax.data import preprocess_case
     from focalnet_jax.evaluation.ensemble import load_ensemble
@@ -110,7 +160,7 @@ def test_a_missing_or_malformed_component_is_a_one_line_error_naming_its_flag(dc
         (["--component-series", "dce"], "--component-series expects NAME=UID"),
         (
             ["--component-series", "dce=1.2"],
-            "--component-series dce=... names a series of --component dce=..., which is not given",
+            "--component-series dce=UID names a series of --component dce=PATH, which is not given",
         ),
     ]
     for flags, expected in cases:
@@ -118,6 +168,6 @@ def test_a_missing_or_malformed_component_is_a_one_line_error_naming_its_flag(dc
     layout = ["--layout", "picai", "--images", dce_run["data"] / "images"]
     assert "--component is for one exam" in cli_error([*one, *layout, "--component", "dce=x"])
     message = cli_error([*one, *layout, "--component-series", "dce=1.2"])
-    assert message.endswith("--component-series dce=... is for one exam; a manifest chooses "
+    assert message.endswith("--component-series dce=UID is for one exam; a manifest chooses "
                             "series in its <component>_series columns")  # fmt: skip
     assert not (tmp_path / "o").exists()

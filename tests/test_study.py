@@ -351,7 +351,12 @@ def _one_line_error(*argv: str) -> str:
         ("--spec.store=/no/such/store", "store '/no/such/store' does not exist"),
         ("--spec.arms.ce.loss.mfl=true", "loss.mfl=True with loss.name='sigmoid_ce'"),
         ("--spec.folds=(2,)", "folds=[2]"),
-        ("--spec.arms.ce.loss.nme=x", "unknown config key 'loss.nme'"),  # of arm 'ce', by its base
+        ("--spec.arms.ce.loss.nme=x", "arm 'ce' on base "),
+        ("--spec.arms.ce.loss.nme=x", ": --config.loss.nme: unknown config key 'loss.nme'"),
+        ("--spec.common.train.stpes=5", "error: common on base "),  # not the first arm's
+        ("--spec.common.train.stpes=5", ": --config.train.stpes: unknown config key 'train.stpes'"),
+        ("--spec.common.train.epochs=many", "common on base "),
+        ("--spec.common.train.epochs=many", ": --config.train.epochs=many: expected an integer"),
         ("--spec.comon.train.steps=5", "--spec.comon.train.steps: unknown config key 'comon'"),
     ],
 )
@@ -407,6 +412,10 @@ def test_arm_name_with_a_dot_is_a_one_line_error_naming_it(store, tmp_path):
     spec = write_spec(tmp_path / "slash.py", store, arms={"a/b": ARMS["ce"]}, ensembles={})
     message = _one_line_error("run", "--spec", str(spec), "--workdir", str(tmp_path / "bad"))
     assert "arm 'a/b': expected letters, digits, '_', '-'" in message
+    # `$` of a plain match would let a trailing newline into the folder name.
+    spec = write_spec(tmp_path / "newline.py", store, arms={"ce\n": ARMS["ce"]}, ensembles={})
+    message = _one_line_error("run", "--spec", str(spec), "--workdir", str(tmp_path / "bad"))
+    assert "arm 'ce\\n': expected letters, digits, '_', '-'" in message
     assert not (tmp_path / "bad").exists()
 
 
@@ -488,7 +497,7 @@ def test_spec_overrides_may_add_config_keys_to_common_and_arms(store):
     assert plain["arms"]["fl2"] == {"loss": {"name": "focal", "mfl": False}}  # a new arm
     cell = cell_overrides(plain, "ce_fl", 1, 0)
     assert "--config.train.steps=500" in cell and "--config.loss.weights=(0.25, 0.75)" in cell
-    with pytest.raises(StudyError, match="unknown config key 'train.stpes'"):
+    with pytest.raises(StudyError, match=r"^common on base .*: unknown config key 'train.stpes'"):
         validate(load_spec(bosma22, [*overrides, "--spec.common.train.stpes=5"]), bosma22)
     with pytest.raises(StudyError, match="unknown config key 'comon'"):
         load_spec(bosma22, ["--spec.comon.train.steps=5"])

@@ -298,3 +298,29 @@ def test_validation_loss_of_a_batch_dice_arm_is_its_loss_on_the_fold_as_one_batc
         losses.sigmoid_cross_entropy(logits[:4], targets[:4]),
         rtol=1e-5,
     )
+
+
+def test_eval_step_returns_only_the_panels_class_maps_and_sums_over_the_whole_batch():
+    """A batch of 8 slices (the last padding, weight 0) through a near-perfect model: the step
+    hands back the class maps of the first `PANEL_SLICES` = 4 slices only (the validation panel's,
+    the rest is not gathered from the devices), while its Dice sums count every weighted slice:
+    9 pixels of class 2 (slice 1) and 6 of class 4 (slice 4); the 16 of slice 7 are padding."""
+    config = tiny_config(overrides=["--config.loss.name=sigmoid_ce", "--config.loss.mfl=false"])
+    mesh = sharding.make_mesh()
+    spec = dataclasses.replace(RunSpec.from_config(config), model=_ClassLogits())
+    classes = np.zeros((8, 8, 8), np.int32)
+    classes[1, 2:5, 2:5], classes[4, 4:7, 1:3], classes[7, :4, :4] = 2, 4, 5
+    batch = {
+        "images": jnp.asarray(np.repeat((0.2 * classes + 0.1)[..., None], 2, axis=-1)),
+        "classes": jnp.asarray(classes),
+        "grade_known": jnp.ones((8, 8, 8), jnp.uint8),
+        "weight": jnp.asarray([1, 1, 1, 1, 1, 1, 1, 0], jnp.float32),
+    }
+    eval_step = step_lib.make_eval_step(spec, mesh)
+    sums, predicted = eval_step({}, jax.device_put(batch, sharding.batch_sharding(mesh)))
+    assert step_lib.PANEL_SLICES == 4 and predicted.shape == (4, 8, 8)
+    np.testing.assert_array_equal(np.asarray(predicted), classes[:4])
+    sums = jax.device_get(sums)
+    for k in (1, 2):
+        assert (sums[f"intersect_{k}"], sums[f"predicted_{k}"], sums[f"true_{k}"]) == (15, 15, 15)
+    assert sums["background"] == 7 * 64 - 15

@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from focalnet_jax.cli.training_commands import add_compilation_cache_flag
 from focalnet_jax.errors import UserError
+
+_CACHE_DEFAULT = "$JAX_COMPILATION_CACHE_DIR, else none"
+_CACHE_REUSE = "later runs of the same models reuse their compiled inference"
+_BATCH_HELP = "slices per inference batch (rounded up to a multiple of the local devices)"
 
 
 def add_evaluate(parser: argparse.ArgumentParser) -> None:
@@ -33,7 +38,7 @@ def add_evaluate(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--step", type=int, help="checkpoint step with --workdir (default: latest)")
     parser.add_argument("--store", type=Path, help="preprocessed store (default: the run's config)")
-    parser.add_argument("--batch-size", type=int, default=32, help="slices per inference batch")
+    parser.add_argument("--batch-size", type=int, default=32, help=_BATCH_HELP)
     parser.add_argument("--radius-mm", type=float, default=5.0, help="hit radius and NMS radius")
     parser.add_argument("--min-score", type=float, default=1e-3, help="lowest detection score")
     parser.add_argument(
@@ -45,9 +50,17 @@ def add_evaluate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--picai-bootstraps", type=int, default=1000, help="0 skips the CIs")
     parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
     parser.add_argument("--label", default=None, help="method name in the report")
+    add_compilation_cache_flag(parser, _CACHE_DEFAULT, _CACHE_REUSE)
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    from focalnet_jax.training.distributed import compilation_cache
+
+    with compilation_cache(args.compilation_cache):
+        return _evaluate(args)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
     from focalnet_jax.evaluation.evaluate import evaluate_predictions, evaluation_summary
     from focalnet_jax.evaluation.flag_checks import check_evaluate_flags
     from focalnet_jax.evaluation.predictions import read_case_list
@@ -166,15 +179,18 @@ def add_predict(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--threshold", type=float, default=0.5, help="lowest listed detection")
-    parser.add_argument("--batch-size", type=int, default=16, help="slices per inference batch")
+    parser.add_argument("--batch-size", type=int, default=16, help=_BATCH_HELP)
     parser.add_argument("--tta", choices=("none", "flip"), default="none", help="left-right flip")
     from focalnet_jax.evaluation.detection_map import add_candidate_flags
 
     add_candidate_flags(parser)
+    add_compilation_cache_flag(parser, _CACHE_DEFAULT, _CACHE_REUSE)
 
 
 def run_predict(args: argparse.Namespace) -> int:
     from focalnet_jax.evaluation import predict_command
+    from focalnet_jax.training.distributed import compilation_cache
 
-    print(predict_command.run(args))
+    with compilation_cache(args.compilation_cache):
+        print(predict_command.run(args))
     return 0

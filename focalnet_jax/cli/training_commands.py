@@ -17,12 +17,16 @@ def _add_distributed_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--process_id", type=int, help="this process's rank, 0..N-1")
 
 
-def _add_compilation_cache_flag(parser: argparse.ArgumentParser, default: str) -> None:
+def add_compilation_cache_flag(
+    parser: argparse.ArgumentParser,
+    default: str,
+    reuse: str = "restarts and folds reuse the compiled steps",
+) -> None:
+    """`--compilation_cache DIR` (`distributed.compilation_cache`); `reuse`: what it saves."""
     parser.add_argument(
         "--compilation_cache",
         type=Path,
-        help="folder of the persistent XLA compilation cache, so restarts and folds reuse the "
-        f"compiled steps (default: {default})",
+        help=f"folder of the persistent XLA compilation cache, so {reuse} (default: {default})",
     )
 
 
@@ -37,7 +41,7 @@ def add_train(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--fold", type=int, help="shortcut for --config.data.fold")
     parser.epilog = "Any config field can be overridden: --config.train.steps=100 --config.seed=1"
-    _add_compilation_cache_flag(parser, "$JAX_COMPILATION_CACHE_DIR, else none")
+    add_compilation_cache_flag(parser, "$JAX_COMPILATION_CACHE_DIR, else none")
     _add_distributed_flags(parser)
 
 
@@ -117,9 +121,7 @@ def add_cv(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", type=Path, required=True, help="fold k in WORKDIR/fold<k>")
     parser.add_argument("--folds", type=_int_list, help="comma-separated folds (default: all)")
     parser.add_argument("--fold", type=int, help=argparse.SUPPRESS)
-    _add_compilation_cache_flag(
-        parser, "$JAX_COMPILATION_CACHE_DIR, else WORKDIR/compilation_cache"
-    )
+    add_compilation_cache_flag(parser, "$JAX_COMPILATION_CACHE_DIR, else WORKDIR/compilation_cache")
     _add_distributed_flags(parser)
 
 

@@ -1,7 +1,7 @@
 """Files that are either whole or absent: each is written to a temporary name beside its final
 path and renamed over it (`os.replace`, atomic on one file system), so a killed or failing write
-leaves the previous file (or none), never a half-written one. Folders of outputs are filled under
-a temporary name, then renamed (`replaced_folder`) or their files moved in (`files_moved_in`)."""
+leaves the previous file (or none), never a half-written one. A folder of outputs is filled under
+a temporary name, then renamed over the old one (`replaced_folder`)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,14 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
+from focalnet_jax.data.writer_folders import (
+    remove_dead_leftovers,
+    restore_moved_aside,
+    swap_in,
+    writer_folder,
+)
 from focalnet_jax.errors import UserError
 
 
@@ -38,24 +43,26 @@ def write_json_atomic(value, path: str | os.PathLike) -> Path:
 
 
 @contextlib.contextmanager
-def replaced_folder(path: str | os.PathLike):
-    """Yields a new temporary folder beside `path` to fill; when the block ends without an error
-    it becomes `path` (an existing `path` is replaced whole, the old one removed after the rename);
-    when it raises, it is removed, so are the parent folders it created, and `path` stays as it
-    was."""
+def replaced_folder(path: str | os.PathLike, writer: str = "focalnet"):
+    """Yields a new temporary folder beside `path` to fill, named after this process
+    (`writer_folders.writer_folder`). When the block ends without an error it becomes `path`
+    (`writer_folders.swap_in`: an existing `path` is replaced whole, the old one removed after the
+    rename; a process killed between the two renames leaves the old one aside, and the next
+    `replaced_folder` of `path` moves it back first). When the block raises, the temporary folder
+    is removed, so are the parent folders it created, and `path` stays as it was. Leftovers of
+    writers of `path` that died are removed first (`writer`, the command, names them in the log).
+    """
     path = Path(path)
     created = [p for p in (path.parent, *path.parent.parents) if not p.exists()]  # deepest first
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    restore_moved_aside(path, writer)
+    remove_dead_leftovers(path, writer)
+    tmp = writer_folder(path)
+    tmp.mkdir(mode=0o755)
     done = False
     try:
         yield tmp
-        tmp.chmod(0o755)
-        old = None
-        if path.exists():
-            old = path.with_name(f"{tmp.name}.old")
-            os.replace(path, old)
-        os.replace(tmp, path)
+        old = swap_in(tmp, path)
         done = True
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
@@ -89,19 +96,3 @@ def check_replaceable(out: Path, overwrite: bool, marker: str, made_by: str, inp
             f"--out {out} {why}: it is not the output folder of an earlier {made_by}, and "
             "--overwrite would delete it whole; choose a new folder"
         )
-
-
-@contextlib.contextmanager
-def files_moved_in(path: str | os.PathLike):
-    """Yields a new temporary folder beside `path` to fill; when the block ends without an error
-    each of its files replaces the file of that name in `path` (created if absent; other files of
-    `path` are kept), each rename atomic; when it raises, nothing in `path` changes."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        yield tmp
-        for file in sorted(tmp.iterdir()):
-            os.replace(file, path / file.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

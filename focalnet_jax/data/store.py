@@ -39,6 +39,7 @@ from focalnet_jax.data.preprocess import PreprocessConfig
 from focalnet_jax.data.writer_folders import (
     remove_dead_leftovers,
     restore_moved_aside,
+    swap_in,
     writer_folder,
 )
 from focalnet_jax.errors import UserError
@@ -247,11 +248,7 @@ class StoreWriter:
         (self.tmp / "fingerprint.json").write_text(json.dumps(finger, indent=1))
         if self.errors:
             write_errors(self.tmp / "errors.csv", self.errors)
-        old = None
-        if self.path.exists():
-            old = self.path.with_name(self.tmp.name + ".old")
-            os.replace(self.path, old)
-        os.replace(self.tmp, self.path)
+        old = swap_in(self.tmp, self.path)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         return self.path

@@ -1,15 +1,17 @@
-"""Temporary folders of store writers: named after their writer, removed once it has died.
+"""Temporary folders of the writers of a whole folder (a store, an exam's predictions): named after
+their writer, removed once it has died.
 
-A store is written in the sibling folder `.<name>.tmp-<pid>@<host>-<space>-<token>`: `pid` and
-`host` of the writing process, and `space`, 8 hex digits of a hash of the host name, the kernel's
-boot id and the process's PID namespace (Linux; elsewhere the host name alone). The pid can be
-checked only from the same space: on a shared file system another host, or a container with the
-same host name but its own PID namespace (`docker --network=host`), may be writing right now, and
-its pid means nothing here. So a leftover is removed only when its space is this process's and its
-pid has ended; every other one is left and named in one log line, to be removed by hand once no
-run writes it (its age proves nothing: a run elsewhere may take hours). A commit moves the old
-store aside to `<folder>.old` before moving the new one in; when its writer died between the two,
-the next writer moves the old store back first (`restore_moved_aside`).
+A store (or any folder replaced whole, `atomic_files.replaced_folder`) is written in the sibling
+folder `.<name>.tmp-<pid>@<host>-<space>-<token>`: `pid` and `host` of the writing process, and
+`space`, 8 hex digits of a hash of the host name, the kernel's boot id and the process's PID
+namespace (Linux; elsewhere the host name alone). The pid can be checked only from the same space:
+on a shared file system another host, or a container with the same host name but its own PID
+namespace (`docker --network=host`), may be writing right now, and its pid means nothing here. So a
+leftover is removed only when its space is this process's and its pid has ended; every other one is
+left and named in one log line, to be removed by hand once no run writes it (its age proves
+nothing: a run elsewhere may take hours). A commit (`swap_in`) moves the old folder aside to
+`<folder>.old` before moving the new one in; when its writer died between the two, the next writer
+moves the old folder back first (`restore_moved_aside`).
 """
 
 from __future__ import annotations
@@ -42,10 +44,31 @@ def _writer_folders(path: Path, tail: str = "*"):
         yield folder, pattern.match(folder.name)
 
 
-def restore_moved_aside(path: str | os.PathLike) -> Path | None:
-    """Moves back the old store at `path` that a writer killed between its two renames (old
-    aside, new in place) left as `<its folder>.old`: only when `path` is missing and the writer
-    is known dead (same pid space, pid ended). Returns the folder restored from, if any."""
+def swap_in(tmp: Path, path: Path) -> Path | None:
+    """Renames the finished writer folder `tmp` (`writer_folder(path)`) to `path`. An existing
+    `path` is first moved aside to `<tmp>.old`: left there if this process is killed between the
+    two renames (for `restore_moved_aside`), moved back if either rename raises (also Ctrl-C right
+    after the first) before `path` is the new folder. Returns the folder moved aside, for the
+    caller to remove, or None."""
+    if not path.exists():
+        os.replace(tmp, path)
+        return None
+    old = tmp.with_name(f"{tmp.name}.old")
+    try:
+        os.replace(path, old)
+        os.replace(tmp, path)
+    except BaseException:
+        if old.exists() and not path.exists():
+            os.replace(old, path)
+        raise
+    return old
+
+
+def restore_moved_aside(path: str | os.PathLike, writer: str = "preprocess") -> Path | None:
+    """Moves back the old folder at `path` that a writer (`writer`: the command, for the log)
+    killed between the two renames of `swap_in` left as `<its folder>.old`: only when `path` is
+    missing and the writer is known dead (same pid space, pid ended). Returns the folder restored
+    from, if any."""
     path = Path(path)
     if path.exists():
         return None
@@ -53,35 +76,40 @@ def restore_moved_aside(path: str | os.PathLike) -> Path | None:
         if match and match["space"] == pid_space() and not pid_alive(int(match["pid"])):
             os.replace(folder, path)
             log.warning(
-                "restored %s from %s: preprocess pid %s ended before it replaced that store",
+                "restored %s from %s: %s pid %s ended before it replaced that folder",
                 path,
                 folder,
+                writer,
                 match["pid"],
             )
             return folder
     return None
 
 
-def remove_dead_leftovers(path: str | os.PathLike) -> list[Path]:
+def remove_dead_leftovers(path: str | os.PathLike, writer: str = "preprocess") -> list[Path]:
     """Removes the temporary folders of writers of `path` that died before committing (same pid
-    space, pid ended); names every other one in a log line. Returns the removed folders."""
+    space, pid ended); names every other one in a log line (`writer`: the command that writes
+    `path`). Returns the removed folders."""
     path = Path(path)
     removed = []
     for folder, match in _writer_folders(path):
         if match is None:
             log.warning(
-                "leaving %s: a store leftover that does not name its writer; remove it by hand "
-                "when no preprocess run writes %s",
+                "leaving %s: a leftover that does not name its writer; remove it by hand "
+                "when no %s run writes %s",
                 folder,
+                writer,
                 path,
             )
         elif match["space"] != pid_space():
             log.warning(
-                "leaving %s: written by preprocess pid %s on %s, which cannot be checked from here "
-                "(another host or container); remove it by hand when no preprocess run writes %s",
+                "leaving %s: written by %s pid %s on %s, which cannot be checked from here "
+                "(another host or container); remove it by hand when no %s run writes %s",
                 folder,
+                writer,
                 match["pid"],
                 match["host"],
+                writer,
                 path,
             )
         elif pid_alive(int(match["pid"])):
@@ -89,8 +117,8 @@ def remove_dead_leftovers(path: str | os.PathLike) -> list[Path]:
         else:
             shutil.rmtree(folder, ignore_errors=True)
             if folder.exists():
-                log.warning("could not remove %s, left by preprocess pid %s", folder, match["pid"])
+                log.warning("could not remove %s, left by %s pid %s", folder, writer, match["pid"])
                 continue
-            log.warning("removed %s, left by preprocess pid %s that ended", folder, match["pid"])
+            log.warning("removed %s, left by %s pid %s that ended", folder, writer, match["pid"])
             removed.append(folder)
     return removed

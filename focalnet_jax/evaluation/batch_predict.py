@@ -137,7 +137,7 @@ def predict_cases(
     out = Path(out)
     check_replaceable(out, overwrite, MODELS_FILE, "focalnet predict")
     errors = list(errors or [])
-    with replaced_folder(out) as tmp:
+    with replaced_folder(out, "focalnet predict") as tmp:
         write_models(models, tmp)
         try:
             written = _predict_into(tmp, models, cases, errors, skip_bad_cases, options, progress)

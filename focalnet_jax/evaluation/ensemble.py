@@ -14,9 +14,10 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ from focalnet_jax.data.run_store import RECORD_FILE, read_run_store
 from focalnet_jax.data.store import preprocess_settings as store_preprocess_settings
 from focalnet_jax.data.store import settings_diff
 from focalnet_jax.errors import UserError
-from focalnet_jax.evaluation.inference import Predictor
+from focalnet_jax.evaluation.inference import Batch, Predictor, checked_images, run_overlapped
 from focalnet_jax.evaluation.predictions import MODELS_FILE
 from focalnet_jax.run import workdir as workdir_lib
 
@@ -179,25 +180,33 @@ class Ensemble:
         return {"models": models, "tta": self.tta}
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        images = np.asarray(images, np.float32)
-        if images.ndim != 4 or images.shape[-1] != len(self.components):
-            raise ValueError(
-                f"images: expected [N, H, W, {len(self.components)}] for components "
-                f"{self.components}, got {images.shape}"
-            )
+        images = checked_images(images, self.components)
         if self.tta == "flip":
             # One pass over [plain; flipped] per model: twice the batch, one compilation.
             both = np.concatenate([images, np.flip(images, LEFT_RIGHT_AXIS)])
         else:
             both = images
         total = np.zeros((*images.shape[:3], 5), np.float64)
-        for predictor in self.predictors:
-            scores = predictor(both[..., [self.components.index(c) for c in predictor.components]])
-            if self.tta == "flip":
-                n = len(images)
-                scores = 0.5 * (scores[:n] + np.flip(scores[n:], LEFT_RIGHT_AXIS))
-            total += scores
+        run_overlapped(self._batches(both, total))
         return (total / len(self.predictors)).astype(np.float32)
+
+    def _batches(self, both: np.ndarray, total: np.ndarray) -> Iterator[Batch]:
+        """Every model's batches, one model after the other, so that `run_overlapped`
+        dispatches model i + 1's first batch before model i's last scores are read back; each
+        model's scores (flip TTA: the mean of plain and re-flipped) are added to `total` when
+        its last batch is in."""
+        for predictor in self.predictors:
+            scores = np.zeros((*both.shape[:3], 5), np.float32)
+            channels = [self.components.index(c) for c in predictor.components]
+            add = functools.partial(self._add_model, scores, total)
+            yield from predictor.batches(both[..., channels], scores, then=add)
+
+    def _add_model(self, scores: np.ndarray, total: np.ndarray) -> None:
+        """`total += ` one model's `scores` of the plain (and, flip TTA, the flipped) slices."""
+        if self.tta == "flip":
+            n = len(total)
+            scores = 0.5 * (scores[:n] + np.flip(scores[n:], LEFT_RIGHT_AXIS))
+        total += scores
 
 
 def write_models(models: Ensemble, out_dir: str | Path) -> Path:
@@ -253,8 +262,8 @@ def make_ensemble(
     predictors: Sequence[Predictor], runs: Sequence[Path], settings: Sequence, tta: str = "none"
 ) -> Ensemble:
     """An `Ensemble` of loaded models (`settings`: each run's preprocessing settings, None where
-    unknown), checked with `check_compatible`. Models of one architecture share one compiled
-    function (they differ only in their variables)."""
+    unknown), checked with `check_compatible`. Models of one architecture on the same devices
+    share one compiled function (they differ only in their variables)."""
     if tta not in TTA_MODES:
         raise EnsembleError(f"tta {tta!r}: expected one of {TTA_MODES}")
     check_compatible(runs, predictors, settings)
@@ -262,7 +271,10 @@ def make_ensemble(
     shared: dict[str, Predictor] = {}
     for i, predictor in enumerate(predictors):
         spec = predictor.spec
-        key = json.dumps([spec.config.model.to_dict(), spec.output_encoding], sort_keys=True)
+        devices = [device.id for device in predictor.mesh.devices.flat]
+        key = json.dumps(
+            [spec.config.model.to_dict(), spec.output_encoding, devices], sort_keys=True
+        )
         if key in shared:
             predictors[i] = dataclasses.replace(predictor, apply=shared[key].apply)
         shared.setdefault(key, predictor)

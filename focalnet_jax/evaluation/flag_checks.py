@@ -39,6 +39,10 @@ def check_evaluate_flags(args: argparse.Namespace) -> None:
         raise UserError(f"--min-score {args.min_score}: expected a probability in [0, 1]")
     if args.picai_bootstraps < 0:
         raise UserError(f"--picai-bootstraps {args.picai_bootstraps}: expected 0 or more")
+    if args.allow_training_cases and not args.all_cases:
+        raise UserError(
+            "--allow-training-cases goes with --all-cases (a run's own fold is held out)"
+        )
     if args.predictions is not None:
         # They shape a prediction; files already predicted would be evaluated as they are.
         given = {"--tta flip": args.tta != "none", "--step": args.step is not None,

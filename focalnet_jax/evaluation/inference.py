@@ -8,89 +8,174 @@ One `Predictor` serves every output encoding: `encoding.scores_from_outputs` tur
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import jax
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from focalnet_jax import encoding
 from focalnet_jax.data.run_store import check_run_store, recorded_cases
 from focalnet_jax.data.store import component_channels, open_store
 from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation.predictions import write_case
-from focalnet_jax.run import RunSpec, clip_inputs
+from focalnet_jax.run import DATA_AXIS, RunSpec, clip_inputs
 from focalnet_jax.run import workdir as workdir_lib
 
 log = logging.getLogger(__name__)
+
+
+def inference_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """1-D `data` mesh over `devices` (default: every device of this process,
+    `jax.local_devices()`): a batch of slices is split over them."""
+    return Mesh(np.array(list(devices or jax.local_devices())), (DATA_AXIS,))
+
+
+def checked_images(images: np.ndarray, components: Sequence[str]) -> np.ndarray:
+    """`images` as float32 `[N, H, W, C]`, C = len(components); else a ValueError."""
+    images = np.asarray(images, np.float32)
+    if images.ndim != 4 or images.shape[-1] != len(components):
+        raise ValueError(
+            f"images: expected [N, H, W, {len(components)}] for components "
+            f"{tuple(components)}, got {images.shape}"
+        )
+    return images
 
 
 @dataclasses.dataclass
 class Predictor:
     """A trained model as `scores = predictor(images)`: images float32 `[N, H, W, C]` (components
     in `spec.components` order, as the store holds them: T2w unclipped) -> float32
-    `[N, H, W, 5]`."""
+    `[N, H, W, 5]`.
+
+    Data parallel over `mesh` (`inference_mesh`): each batch of `batch_size` slices (a multiple
+    of the mesh's devices) is split over its devices along the slice axis; the variables are
+    replicated on them once, when the predictor is made.
+    """
 
     spec: RunSpec
     variables: dict
     apply: Callable
     batch_size: int = 16
     step: int | None = None  # the checkpoint step, where loaded from a run
+    mesh: Mesh = dataclasses.field(default_factory=inference_mesh)
 
     @property
     def components(self) -> tuple[str, ...]:
         return self.spec.components
 
     @classmethod
-    def from_workdir(cls, workdir: str | Path, *, step: int | None = None, batch_size: int = 16):
+    def from_workdir(
+        cls,
+        workdir: str | Path,
+        *,
+        step: int | None = None,
+        batch_size: int = 16,
+        devices: Sequence[jax.Device] | None = None,
+    ):
         """Loads the run's spec and checkpoint (`workdir.load_for_inference`)."""
         if step is None:
             step = workdir_lib.latest_step(workdir)
         spec, variables = workdir_lib.load_for_inference(workdir, step)
-        return dataclasses.replace(
-            cls.from_variables(spec, variables, batch_size=batch_size), step=step
-        )
+        predictor = cls.from_variables(spec, variables, batch_size=batch_size, devices=devices)
+        return dataclasses.replace(predictor, step=step)
 
     @classmethod
-    def from_variables(cls, spec: RunSpec, variables: dict, *, batch_size: int = 16):
-        """The model of a run's `spec` with the given params and batch_stats."""
+    def from_variables(
+        cls,
+        spec: RunSpec,
+        variables: dict,
+        *,
+        batch_size: int = 16,
+        devices: Sequence[jax.Device] | None = None,
+    ):
+        """The model of a run's `spec` with the given params and batch_stats, on `devices`
+        (default: every local device). `batch_size` is rounded up to a multiple of their
+        number, so every device gets the same share of each batch."""
+        mesh = inference_mesh(devices)
+        batch_size = -(-batch_size // mesh.size) * mesh.size
+        batch, replicated = NamedSharding(mesh, P(DATA_AXIS)), NamedSharding(mesh, P())
 
-        @jax.jit
+        @functools.partial(jax.jit, in_shardings=(replicated, batch), out_shardings=batch)
         def apply(variables, images):
             # Inputs are clipped to [0, 1] as at training; BatchNorm uses running averages.
             logits = spec.model.apply(variables, clip_inputs(images), train=False)
             return encoding.scores_from_outputs(logits, spec.output_encoding, from_logits=True)
 
-        return cls(spec, jax.device_put(variables), apply, batch_size)
+        placed = jax.device_put(variables, replicated)
+        return cls(spec, placed, apply, batch_size, mesh=mesh)
 
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        images = np.asarray(images, np.float32)
-        if images.ndim != 4 or images.shape[-1] != len(self.components):
-            raise ValueError(
-                f"images: expected [N, H, W, {len(self.components)}] for components "
-                f"{self.components}, got {images.shape}"
-            )
-        out = np.zeros((*images.shape[:3], 5), np.float32)
-        # Every batch has the same shape (the last one zero-padded): one compilation. Batch i + 1
-        # is dispatched before batch i's scores are read back, so the host's copies overlap the
-        # device's work instead of leaving it idle between batches.
-        pending = None  # (first row, rows, scores on the device)
-        for first in range(0, images.shape[0], self.batch_size):
+    def batches(
+        self, images: np.ndarray, out: np.ndarray, then: Callable[[], None] | None = None
+    ) -> Iterator[Batch]:
+        """The `Batch`es that predict `images` `[N, H, W, C]` into `out` `[N, H, W, 5]`, each
+        `batch_size` slices (the last zero-padded: one compilation), placed on the mesh as they
+        are drawn; `then` goes with the last one."""
+        sharding = NamedSharding(self.mesh, P(DATA_AXIS))
+        count = images.shape[0]
+        for first in range(0, count, self.batch_size):
             chunk = images[first : first + self.batch_size]
             padded = np.zeros((self.batch_size, *images.shape[1:]), np.float32)
             padded[: len(chunk)] = chunk
-            scores = self.apply(self.variables, jax.device_put(padded))
-            if pending is not None:
-                _read_back(out, *pending)
-            pending = (first, len(chunk), scores)
-        if pending is not None:
-            _read_back(out, *pending)
+            last = first + self.batch_size >= count
+            dispatch = functools.partial(
+                self.apply, self.variables, jax.device_put(padded, sharding)
+            )
+            yield Batch(dispatch, out, first, len(chunk), then if last else None)
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        images = checked_images(images, self.components)
+        out = np.zeros((*images.shape[:3], 5), np.float32)
+        run_overlapped(self.batches(images, out))
         return out
 
 
-def _read_back(out: np.ndarray, first: int, rows: int, scores) -> None:
-    out[first : first + rows] = np.asarray(scores)[:rows]
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """One model call: `dispatch()` starts it and returns its scores on the device (padded
+    rows included); they belong in `out[first : first + rows]`; `then()` (if any) runs once
+    they are there."""
+
+    dispatch: Callable[[], object]
+    out: np.ndarray
+    first: int
+    rows: int
+    then: Callable[[], None] | None = None
+
+
+def run_overlapped(batches: Iterable[Batch]) -> None:
+    """Runs `batches` in order, each dispatched (its inputs placed, its computation started)
+    before the scores of the one before are read back, so the host's copies overlap the
+    devices' work instead of leaving them idle between batches; one batch waits at a time."""
+    pending = None  # (batch, scores on the devices)
+    for batch in batches:
+        scores = batch.dispatch()
+        if pending is not None:
+            _read_back(*pending)
+        pending = (batch, scores)
+    if pending is not None:
+        _read_back(*pending)
+
+
+def _read_back(batch: Batch, scores) -> None:
+    batch.out[batch.first : batch.first + batch.rows] = jax.device_get(scores)[: batch.rows]
+    if batch.then is not None:
+        batch.then()
+
+
+@dataclasses.dataclass
+class _Queued:
+    """A case waiting in `pooled_predictions`: its `images [S, H, W, C]` and the scores of its
+    first `predicted` slices, in the parts that successive batches made."""
+
+    key: object
+    images: np.ndarray
+    parts: list[np.ndarray] = dataclasses.field(default_factory=list)
+    predicted: int = 0
 
 
 def pooled_predictions(predict: Callable, cases: Iterable, batch_size: int) -> Iterator:
@@ -102,10 +187,10 @@ def pooled_predictions(predict: Callable, cases: Iterable, batch_size: int) -> I
     are predicted; between calls fewer than `batch_size` slices wait, with the scores already
     made of the cases they belong to.
     """
-    queue: list[list] = []  # [key, images, predicted parts]
+    queue: list[_Queued] = []
     waiting = 0  # slices of the queued cases not predicted yet
     for key, images in cases:
-        queue.append([key, images, []])
+        queue.append(_Queued(key, images))
         waiting += len(images)
         if waiting >= batch_size:
             yield from _predict_queued(predict, queue, waiting - waiting % batch_size)
@@ -113,28 +198,28 @@ def pooled_predictions(predict: Callable, cases: Iterable, batch_size: int) -> I
     yield from _predict_queued(predict, queue, waiting)
 
 
-def _predict_queued(predict: Callable, queue: list[list], count: int) -> Iterator:
+def _predict_queued(predict: Callable, queue: list[_Queued], count: int) -> Iterator:
     """Predicts the first `count` slices not yet predicted of the `queue`d cases, then pops and
     yields the cases that are complete."""
     parts, takers = [], []
     for entry in queue:
         if count == 0:
             break
-        _, images, done = entry
-        start = sum(len(part) for part in done)
-        take = min(len(images) - start, count)
+        take = min(len(entry.images) - entry.predicted, count)
         if take:
-            parts.append(images[start : start + take])
+            parts.append(entry.images[entry.predicted : entry.predicted + take])
             takers.append((entry, take))
             count -= take
     if parts:
         scores, first = predict(np.concatenate(parts)), 0
         for entry, take in takers:
-            entry[2].append(scores[first : first + take])
+            entry.parts.append(scores[first : first + take])
+            entry.predicted += take
             first += take
-    while queue and sum(len(part) for part in queue[0][2]) == len(queue[0][1]):
-        key, images, done = queue.pop(0)
-        yield key, (np.concatenate(done) if done else np.zeros((*images.shape[:3], 5), np.float32))
+    while queue and queue[0].predicted == len(queue[0].images):
+        done = queue.pop(0)
+        empty = np.zeros((*done.images.shape[:3], 5), np.float32)
+        yield done.key, (np.concatenate(done.parts) if done.parts else empty)
 
 
 def predict_cases(

@@ -13,7 +13,10 @@ evaluation/ensemble.py) gives P(class >= k) on every slice of the 80 mm crop, an
   P(GS >= 3+4), P(GS >= 4+3), P(GS >= 8), P(GS >= 9);
 - `overlay.png`: the T2w crop slices of the highest detections with the score map and crosses;
 - `models.json`: the runs (and checkpoint steps) that made the prediction, and the TTA.
-The files are written to a temporary folder and moved into the output folder at the end.
+The files are written to a temporary folder beside the output folder, which then replaces it whole
+(`atomic_files.replaced_folder`), so a reader finds every old file or every new one, never a mix.
+An output folder holding anything else than these files is refused (`check_exam_out`): replacing it
+would delete that.
 """
 
 from __future__ import annotations
@@ -27,12 +30,13 @@ import numpy as np
 import SimpleITK as sitk
 
 from focalnet_jax.data import preprocess_case
-from focalnet_jax.data.atomic_files import files_moved_in
+from focalnet_jax.data.atomic_files import replaced_folder
 from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation import figures
 from focalnet_jax.evaluation.detection_map import CandidateSettings, detection_map_image
 from focalnet_jax.evaluation.ensemble import Ensemble, load_ensemble, write_models
 from focalnet_jax.evaluation.localization import MIN_SCORE, RADIUS_MM, local_maxima
+from focalnet_jax.evaluation.predictions import MODELS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +58,33 @@ CSV_COLUMNS = (
     "p_gs_ge_9",
 )
 OVERLAY_SLICES = 4
+OUTPUT_FILES = (
+    "lesion_score.nii.gz",
+    "cspca_score.nii.gz",
+    "detection_map.nii.gz",
+    "detections.csv",
+    "overlay.png",
+    MODELS_FILE,
+)
+
+
+def check_exam_out(out_dir: str | Path) -> None:
+    """Refuses (one-line `UserError`) an output folder holding anything but `OUTPUT_FILES`: one
+    exam's outputs replace that folder whole, which would delete the rest."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir} exists and is not a folder")
+    if not out_dir.is_dir():
+        return
+    strays = sorted(
+        p.name for p in out_dir.iterdir() if p.name not in OUTPUT_FILES or not p.is_file()
+    )
+    if strays:
+        more = f" (and {len(strays) - 1} more)" if len(strays) > 1 else ""
+        raise UserError(
+            f"--out {out_dir} holds {strays[0]}{more}, which focalnet predict does not write: one "
+            "exam's outputs replace that folder whole; choose a folder of their own"
+        )
 
 
 def _exam_name(t2w_path: str) -> str:
@@ -89,12 +120,14 @@ def predict_exam(
     candidates: CandidateSettings | None = None,
 ) -> list[Path]:
     """Runs the model of `workdir` (runs or cross-validation folders: their ensemble, or an
-    `Ensemble` already loaded) on one exam and writes the files listed in the module docstring to
-    `out_dir`; returns their paths. `components` maps names ('t2w', 'adc', 'hbv', 'dce', ...) to
-    paths; T2w (the grid of the outputs) and the model's components must all be present, in any
-    order. `series` maps names to the SeriesInstanceUID or
-    SeriesDescription to read from a DICOM folder holding several."""
+    `Ensemble` already loaded) on one exam; `out_dir` becomes a folder of the files listed in the
+    module docstring (replacing a folder of earlier ones whole, refusing one that holds anything
+    else: `check_exam_out`); returns their paths. `components` maps names ('t2w', 'adc', 'hbv',
+    'dce', ...) to paths; T2w (the grid of the outputs) and the model's components must all be
+    present, in any order. `series` maps names to the SeriesInstanceUID or SeriesDescription to
+    read from a DICOM folder holding several."""
     models = workdir
+    check_exam_out(out_dir)
     if not isinstance(models, Ensemble):
         models = load_ensemble(workdir, step=step, batch_size=batch_size, tta=tta)
     missing = [c for c in models.components if c not in components]
@@ -122,8 +155,8 @@ def predict_exam(
         case_id=_exam_name(ordered[models.components[0]]),
     )
     scores = models(case.images)
-    # Every file is written to a temporary folder first: a failure changes nothing in out_dir.
-    with files_moved_in(out_dir) as tmp:
+    # Written beside out_dir, which it then replaces whole: a failure changes nothing there.
+    with replaced_folder(out_dir, "focalnet predict") as tmp:
         written = write_exam_outputs(
             case,
             scores,
@@ -134,6 +167,7 @@ def predict_exam(
             candidates=candidates,
         )
         written.append(write_models(models, tmp))
+        check_exam_out(out_dir)  # again: a file put there meanwhile is refused, never deleted
     return [Path(out_dir) / path.name for path in written]
 
 

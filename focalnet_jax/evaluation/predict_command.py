@@ -11,7 +11,7 @@ from focalnet_jax.evaluation.batch_predict import predict_layout
 from focalnet_jax.evaluation.detection_map import CandidateSettings
 from focalnet_jax.evaluation.ensemble import load_ensemble
 from focalnet_jax.evaluation.flag_checks import check_predict_flags
-from focalnet_jax.evaluation.predict import predict_exam
+from focalnet_jax.evaluation.predict import check_exam_out, predict_exam
 
 COMPONENTS = ("t2w", "adc", "hbv")
 
@@ -30,10 +30,12 @@ def parse_center(text: str | None) -> tuple[float, float, float] | None:
 
 
 def _flag(name: str, series: bool = False) -> str:
-    """The flag that gives component `name` of one exam (`series`: that chooses its series)."""
+    """The flag and its value that give component `name` of one exam (`series`: that chooses its
+    series), e.g. `--adc PATH`, `--component-series dce=UID`."""
+    value = "UID" if series else "PATH"
     if name in COMPONENTS:
-        return f"--{name}-series" if series else f"--{name}"
-    return f"--component-series {name}=..." if series else f"--component {name}=..."
+        return f"--{name}-series {value}" if series else f"--{name} {value}"
+    return f"--component{'-series' if series else ''} {name}={value}"
 
 
 def _named(items, flag: str, example: str, given: dict[str, str]) -> dict[str, str]:
@@ -75,10 +77,9 @@ def _check_exam_gives(models, components: dict[str, str]) -> None:
     """Raises naming the flag of each component the models read that the exam does not give."""
     missing = [c for c in models.components if c not in components]
     if missing:
-        flags = [f"--{c} PATH" if c in COMPONENTS else f"--component {c}=PATH" for c in missing]
         raise UserError(
             f"the model(s) {', '.join(map(str, models.runs))} read {list(models.components)} "
-            f"(T2w as the reference grid); give {', '.join(flags)}"
+            f"(T2w as the reference grid); give {', '.join(map(_flag, missing))}"
         )
 
 
@@ -99,6 +100,8 @@ def run(args: argparse.Namespace) -> str:
             "given"
         )
     center = parse_center(args.center)
+    if args.layout is None:
+        check_exam_out(args.out)  # before the models load
     candidates = CandidateSettings.from_flags(args)
     models = load_ensemble(
         args.checkpoint, step=args.step, batch_size=args.batch_size, tta=args.tta

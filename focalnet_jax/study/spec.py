@@ -13,12 +13,13 @@ where their models have the same shape. The folds themselves come from `data.fol
 study leaves to the base config: every arm and repeat sees the same patients in fold k.
 
 `validate` checks everything that can be checked before a cell runs, one line per error: unknown
-config keys (against the loaded base config, with each arm's overrides applied exactly as its
-cells will apply them), repeats < 1, folds outside num_folds, ensembles naming unknown arms, a
-store that does not exist or cannot be opened (`data.store.open_store`: no cases.json, an old
-format), fewer patients in it than num_folds, components an arm trains on that it lacks, names
-that cannot be folder names, and every check of `run.RunSpec.from_config` on each arm's config
-(loss names and settings, the MFL rule of `losses.check_mfl`, schedule, model).
+config keys and values (against the loaded base config: `common`'s on it alone, named as
+`common`'s; each arm's with `common` applied exactly as its cells will apply them), repeats < 1,
+folds outside num_folds, ensembles naming unknown arms, a store that does not exist or cannot be
+opened (`data.store.open_store`: no cases.json, an old format), fewer patients in it than
+num_folds, components an arm trains on that it lacks, names that cannot be folder names, and every
+check of `run.RunSpec.from_config` on each arm's config (loss names and settings, the MFL rule of
+`losses.check_mfl`, schedule, model).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from focalnet_jax.config_loading import apply_overrides, get_config_from_file, l
 from focalnet_jax.errors import UserError
 
 SPEC_PREFIX = "--spec."
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")  # a folder name and a ConfigDict key
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")  # a folder name and a ConfigDict key
 RESERVED = ("report", "slurm", "compilation_cache")
 # Set by the study for every cell; an arm or `common` setting them would break the design.
 STUDY_KEYS = ("seed", "data.store", "data.fold", "data.num_folds")
@@ -176,7 +177,7 @@ def _plain(value):
 
 
 def _check_name(kind: str, name: str) -> None:
-    if not NAME.match(name) or name in RESERVED:
+    if not NAME.fullmatch(name) or name in RESERVED:
         raise StudyError(
             f"{kind} {name!r}: expected letters, digits, '_', '-' (not {list(RESERVED)})"
         )
@@ -218,7 +219,7 @@ def validate(spec: ml_collections.ConfigDict, spec_file: str) -> dict:
         folds=folds,
         spec_file=str(spec_file),
     )
-    _check_overrides("common", flatten(plain["common"]))
+    _check_common(plain)
     opened = _open_store(plain)
     for arm in plain["arms"]:
         _check_arm(plain, arm, opened.components)
@@ -239,6 +240,24 @@ def _check_ensembles(ensembles: Mapping[str, Sequence[str]], arms: Sequence[str]
             raise StudyError(f"ensemble {name!r}: expected >= 2 arms, got {members}")
 
 
+def _config_error(where: str, plain: Mapping, error: Exception) -> StudyError:
+    """The one-line error of overrides of `where` ('common', an arm) refused by the base config."""
+    message = error.args[0] if error.args else str(error)
+    return StudyError(f"{where} on base {str(plain['base']).partition(':')[0]}: {message}")
+
+
+def _check_common(plain: Mapping) -> None:
+    """`common` names keys of the base config with values of their types, checked on the base
+    alone, so that a typo there is named against `common`, not against the first arm (the loss
+    checks of `load_config` wait for each arm: they depend on its loss)."""
+    items = flatten(plain["common"])
+    _check_overrides("common", items)
+    try:
+        _common_config(plain)
+    except (KeyError, ValueError) as error:
+        raise _config_error("common", plain, error) from None
+
+
 def _check_arm(plain: Mapping, arm: str, store_components: Sequence[str]) -> None:
     """The config of `arm` loads, passes every check a cell's `focalnet train` makes before it
     starts (`RunSpec.from_config`), and trains on components the store holds."""
@@ -246,9 +265,7 @@ def _check_arm(plain: Mapping, arm: str, store_components: Sequence[str]) -> Non
     try:
         config = load_config(plain["base"], cell_overrides(plain, arm, 0, plain["folds"][0]))
     except (KeyError, ValueError, FileNotFoundError) as error:
-        message = error.args[0] if error.args else str(error)
-        base_path = str(plain["base"]).partition(":")[0]
-        raise StudyError(f"arm {arm!r} on base {base_path}: {message}") from None
+        raise _config_error(f"arm {arm!r}", plain, error) from None
     from focalnet_jax.run import RunSpec  # JAX: only `study run` validates arms
 
     try:
@@ -304,9 +321,13 @@ def evaluation_slices(plain: Mapping) -> str:
     changes what it trains on, not the slices the arms are compared on (`annotated` counts the FP
     rate over the lesion slices of the patients with a lesion, `all` over every slice and
     patient)."""
+    return str(_common_config(plain).data.slices)
+
+
+def _common_config(plain: Mapping) -> ml_collections.ConfigDict:
+    """The base config with `common`'s overrides (no arm's)."""
     config = get_config_from_file(plain["base"])
-    apply_overrides(config, [override_text(k, v) for k, v in flatten(plain["common"])])
-    return str(config.data.slices)
+    return apply_overrides(config, [override_text(k, v) for k, v in flatten(plain["common"])])
 
 
 def arm_config(plain: Mapping, arm: str) -> ml_collections.ConfigDict:

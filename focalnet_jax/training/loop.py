@@ -31,8 +31,6 @@ from focalnet_jax.training.tb_logging import SummaryWriter
 
 log = logging.getLogger(__name__)
 
-_PANEL_SLICES = 4
-
 
 @jax.jit
 def _first_bad(first_bad, loss, grad_norm, steps_done):
@@ -65,14 +63,16 @@ def evaluate(eval_step, state, reader, rows, batch_size, mesh) -> tuple[dict[str
     0.5) and the mean lesion score P(class >= 1) on lesion and on background pixels over `rows`
     (`eval_step`: `step.make_eval_step`)."""
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    totals, shown = None, []  # shown: the first `_PANEL_SLICES` predictions, over batches
+    # shown: the class maps of the first `step.PANEL_SLICES` rows (the step returns those of
+    # each batch's first ones), over batches.
+    totals, shown = None, []
     # The sums stay on the device until the last batch: no wait at each batch, so reading the
     # next batch overlaps the device's work on this one.
     for batch in input_pipeline.eval_batches(reader, rows, batch_size, mesh):
         sums, predicted = eval_step(variables, batch)
         totals = sums if totals is None else _add(totals, sums)
-        if sum(len(p) for p in shown) < _PANEL_SLICES:
-            shown.append(predicted[:_PANEL_SLICES])
+        if sum(len(p) for p in shown) < step_lib.PANEL_SLICES:
+            shown.append(predicted)
     totals, shown = jax.device_get((totals, shown))
     metrics = {"val/loss": step_lib.validation_loss(totals, eval_step.loss)}
     for k, name in ((1, "lesion"), (2, "cspca")):
@@ -87,7 +87,7 @@ def evaluate(eval_step, state, reader, rows, batch_size, mesh) -> tuple[dict[str
     metrics["val/mean_score_background"] = float(totals["score_background"]) / max(
         float(totals["background"]), 1
     )
-    predicted = np.concatenate(shown)[: min(_PANEL_SLICES, len(rows))]
+    predicted = np.concatenate(shown)[: min(step_lib.PANEL_SLICES, len(rows))]
     return metrics, {"rows": rows[: len(predicted)], "predicted": predicted}
 
 

@@ -175,6 +175,9 @@ def make_train_step(spec: RunSpec, mesh: Mesh):
     return jax.jit(sharded, donate_argnums=0)
 
 
+PANEL_SLICES = 4  # slices of the validation image panel: the class maps `eval_step` returns
+
+
 def predicted_classes(scores, output_encoding: str):
     """Decoded class map `[B,H,W]` int32 from P(class >= k) scores (0/1 for a binary output)."""
     # A binary output repeats P(lesion) in all five columns: decode its first column only.
@@ -221,8 +224,9 @@ def validation_loss(totals: dict, loss: losses.LossSpec) -> float:
     return value
 
 
-def eval_step(variables, batch, *, spec: RunSpec):
-    """`(sums, predicted_classes)` of one validation batch; see `make_eval_step`."""
+def eval_step(variables, batch, *, spec: RunSpec, shown: int = PANEL_SLICES):
+    """`(sums, predicted classes of the first `shown` slices)` of one validation batch; see
+    `make_eval_step`."""
     images = clip_inputs(batch["images"])
     weight = batch["weight"].astype(jnp.float32)
     logits = spec.model.apply(variables, images, train=False)
@@ -241,7 +245,7 @@ def eval_step(variables, batch, *, spec: RunSpec):
         sums[f"intersect_{k}"] = jnp.sum(pred * true)
         sums[f"predicted_{k}"] = jnp.sum(pred)
         sums[f"true_{k}"] = jnp.sum(true)
-    return sums, predicted
+    return sums, predicted[:shown]
 
 
 class EvalStep(NamedTuple):
@@ -255,7 +259,7 @@ class EvalStep(NamedTuple):
         return self.fn(variables, batch)
 
 
-def make_eval_step(spec: RunSpec, mesh: Mesh) -> EvalStep:
+def make_eval_step(spec: RunSpec, mesh: Mesh, shown: int = PANEL_SLICES) -> EvalStep:
     """Jitted global-view `eval_step(variables, batch) -> (sums, predicted_classes)`.
 
     batch: `images`, `classes`, `grade_known` as in training plus `weight [B]` (0 on padding).
@@ -264,8 +268,10 @@ def make_eval_step(spec: RunSpec, mesh: Mesh) -> EvalStep:
     score k in (1, 2) (lesion, csPCa) the Dice terms `intersect_k`, `predicted_k`, `true_k` of
     the class map decoded by `encoding.ordinal_decode` (P(class >= k) > 0.5); P(class >= 1)
     summed over lesion pixels (`score_lesion`) and background pixels (`score_background`,
-    `background`)); `predicted_classes [B,H,W]` int32 is the decoded class map (0/1 for a binary
-    output). Outputs are replicated, so every process can read them.
+    `background`)); `predicted_classes [min(shown, B),H,W]` int32 is the decoded class map (0/1
+    for a binary output) of the batch's first `shown` slices, those the validation image panel
+    shows: only they are gathered from the devices. Outputs are replicated, so every process
+    can read them.
     """
-    bound = functools.partial(eval_step, spec=spec)
+    bound = functools.partial(eval_step, spec=spec, shown=shown)
     return EvalStep(jax.jit(bound, out_shardings=NamedSharding(mesh, P())), spec.loss)

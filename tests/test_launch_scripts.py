@@ -1,0 +1,80 @@
+"""The scripts in launch/ call `focalnet` with flags it declares, and the two that run without a
+cluster (one host; a SLURM array task, run here as its batch script) reach `focalnet train` with
+their fold and compilation cache. (launch/local_cpu_processes.sh runs in
+tests/test_train_input_pipeline.py.)"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from focalnet_jax.cli import build_parser
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted((REPO / "launch").glob("*.sh"))
+CALL = re.compile(r"python -m focalnet_jax\.cli (\w+)((?:[^\n]*\\\n)*[^\n]*)")
+
+
+def _declared_flags(command: str) -> set[str]:
+    subparsers = next(a for a in build_parser()._actions if a.choices and command in a.choices)
+    return {
+        flag for action in subparsers.choices[command]._actions for flag in action.option_strings
+    }
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_launch_scripts_parse_and_pass_only_declared_flags(script):
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    calls = CALL.findall(script.read_text())
+    assert calls, f"{script.name} calls no focalnet command"
+    for command, rest in calls:
+        used = set(re.findall(r"(?<![\w-])--[a-z][\w-]*", rest))
+        assert used <= _declared_flags(command), (script.name, used - _declared_flags(command))
+
+
+def _run(script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+    environ = {**os.environ, "PYTHONPATH": str(REPO), **env}
+    environ["PATH"] = f"{os.path.dirname(sys.executable)}:{environ['PATH']}"
+    environ.pop("JAX_COMPILATION_CACHE_DIR", None)
+    command = ["bash", str(REPO / "launch" / script), *args]
+    return subprocess.run(
+        command, env=environ, cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+
+
+def _one_line_error(done: subprocess.CompletedProcess) -> str:
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("focalnet train: error: "), done.stderr[-2000:]
+    return last
+
+
+def test_slurm_folds_task_trains_its_array_index_with_the_arrays_cache(tmp_path):
+    """Task 3 of the array sets data.fold=3 (`--fold`), refused against 2 folds; a task's cache is
+    the array's WORKDIR/compilation_cache (logged before the absent store is refused). Nothing is
+    written."""
+    workdir, store = tmp_path / "cv", tmp_path / "absent"
+    env = {"CONFIG": "configs/demo.py", "WORKDIR": str(workdir)}
+    args = [f"--config.data.store={store}", "--config.data.num_folds=2"]
+    done = _run("slurm_folds.sh", *args, **env, SLURM_ARRAY_TASK_ID="3")
+    assert (
+        _one_line_error(done) == "focalnet train: error: data.fold=3 not in [0, data.num_folds=2)"
+    )
+    done = _run("slurm_folds.sh", *args, **env, SLURM_ARRAY_TASK_ID="1")
+    assert _one_line_error(done) == f"focalnet train: error: store {store} does not exist"
+    assert f"compilation cache: {workdir / 'compilation_cache'}" in done.stderr
+    assert not workdir.exists()
+
+
+def test_one_host_passes_config_workdir_and_overrides(tmp_path):
+    workdir, store = tmp_path / "run", tmp_path / "absent"
+    done = _run("one_host.sh", "configs/demo.py", str(workdir), f"--config.data.store={store}")
+    assert _one_line_error(done) == f"focalnet train: error: store {store} does not exist"
+    assert f"compilation cache: {workdir / 'compilation_cache'}" in done.stderr
+    assert not workdir.exists()
