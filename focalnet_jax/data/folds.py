@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from focalnet_jax.data.atomic_files import files_moved_in
+from focalnet_jax.data.atomic_files import replaced_atomically
 from focalnet_jax.errors import UserError
 
 
@@ -100,15 +100,17 @@ def fold_table(store, num_folds: int = 5, seed: int = 0) -> list[dict]:
 def write_fold_files(
     store, out_dir: str | os.PathLike, num_folds: int = 5, seed: int = 0
 ) -> list[Path]:
-    """`fold-<k>.json` files with {"train": [case ids], "val": [case ids]}, all replaced together
-    once every one is written (a failure leaves the previous files, not a mix of two splits)."""
+    """`fold-<k>.json` files with {"train": [case ids], "val": [case ids]}: every split made
+    before any file is replaced, each file replaced atomically (a failure leaves the previous
+    files, not fold files of two splits side by side)."""
     out_dir = Path(out_dir)
-    with files_moved_in(out_dir) as tmp:
-        for k in range(num_folds):
-            train, val = split_cases(store, k, num_folds, seed)
-            text = json.dumps({"train": train, "val": val}, indent=1) + "\n"
-            (tmp / f"fold-{k}.json").write_text(text)
-    return [out_dir / f"fold-{k}.json" for k in range(num_folds)]
+    splits = [split_cases(store, k, num_folds, seed) for k in range(num_folds)]
+    paths = []
+    for k, (train, val) in enumerate(splits):
+        paths.append(out_dir / f"fold-{k}.json")
+        with replaced_atomically(paths[-1]) as tmp:
+            tmp.write_text(json.dumps({"train": train, "val": val}, indent=1) + "\n")
+    return paths
 
 
 SLICE_MODES = ("annotated", "all")
