@@ -93,7 +93,7 @@ def test_predict_maps_on_t2w_grid_and_detections_map_back(trained_run, exam_comp
     assert rows, "an untrained model still has local maxima above 1e-3"
     case = preprocess_case(exam_components, case_id="px")
     for row in rows[:200]:
-        world = tuple(float(row[k]) for k in ("x_mm", "y_mm", "z_mm"))
+        world = tuple(float(row[k]) for k in ("x_lps_mm", "y_lps_mm", "z_lps_mm"))
         voxel = [int(row[k]) for k in ("t2w_i", "t2w_j", "t2w_k")]
         # The world point lies in the listed T2w voxel (written to 1e-4 mm).
         index = np.asarray(t2w.TransformPhysicalPointToContinuousIndex(world))
@@ -196,7 +196,8 @@ def test_predict_on_a_y_flipped_nifti_equals_predict_on_the_dicom(
     for name in outputs:
         with (tmp_path / name / "detections.csv").open() as f:
             rows[name] = [
-                [float(r[k]) for k in ("x_mm", "y_mm", "z_mm")] for r in csv.DictReader(f)
+                [float(r[k]) for k in ("x_lps_mm", "y_lps_mm", "z_lps_mm")]
+                for r in csv.DictReader(f)
             ]
     assert len(rows["nifti"]) == len(rows["dicom"]) > 0
     np.testing.assert_allclose(rows["nifti"][:20], rows["dicom"][:20], atol=1e-3)
@@ -247,7 +248,7 @@ def test_outputs_put_a_known_score_blob_at_its_world_point(exam_components, tmp_
     assert detection[peak[::-1]] == cspca.max() and abs(cspca.max() - 0.8 * lesion.max()) < 1e-6
     with (tmp_path / "detections.csv").open() as f:
         rows = list(csv.DictReader(f))
-    best = np.array([float(rows[0][k]) for k in ("x_mm", "y_mm", "z_mm")])
+    best = np.array([float(rows[0][k]) for k in ("x_lps_mm", "y_lps_mm", "z_lps_mm")])
     # The best local maximum is the crop pixel nearest the finding on a slice next to it.
     assert np.linalg.norm(best - finding) < 2.0 and float(rows[0]["lesion_score"]) > 0.85
 

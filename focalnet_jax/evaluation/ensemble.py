@@ -5,8 +5,8 @@
   five fold models. The models must agree on their input components, their output encoding and
   the preprocessing settings that shape their inputs; anything else is an error naming the runs.
 - Test-time augmentation `flip`: the mean of the prediction and the re-flipped prediction of the
-  left-right flipped input. The crop's columns run along the T2w x axis, which in LPS goes from
-  the patient's right to left for axial series, so the flip mirrors the columns (axis 2 of
+  left-right flipped input. The crop's columns run along the T2w in-plane axis nearest LPS x
+  (the patient's right to left; data/geometry.py), so the flip mirrors the columns (axis 2 of
   `[N, H, W, C]`) about the crop centre: the flip training used (`augment.source_coordinates`).
   Without interpolation it is exact, and a mirrored prostate is a plausible prostate.
 """
@@ -35,7 +35,7 @@ from focalnet_jax.run import workdir as workdir_lib
 log = logging.getLogger(__name__)
 
 TTA_MODES = ("none", "flip")
-LEFT_RIGHT_AXIS = 2  # columns of [N, H, W, C]: the T2w x axis (LPS: patient right -> left)
+LEFT_RIGHT_AXIS = 2  # columns of [N, H, W, C]: along LPS +x (patient right -> left)
 # Labels only: how a label value 1 reads does not change a model's inputs.
 LABEL_ONLY_SETTINGS = ("label_values",)
 

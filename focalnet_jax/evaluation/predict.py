@@ -42,9 +42,9 @@ log = logging.getLogger(__name__)
 
 CSV_COLUMNS = (
     "detection",
-    "x_mm",
-    "y_mm",
-    "z_mm",
+    "x_lps_mm",
+    "y_lps_mm",
+    "z_lps_mm",
     "t2w_i",
     "t2w_j",
     "t2w_k",
@@ -97,10 +97,18 @@ def _exam_name(t2w_path: str) -> str:
 
 def crop_to_t2w(volume: np.ndarray, geometry, t2w: sitk.Image) -> sitk.Image:
     """A crop-grid volume `[S, H, W]` (every T2w slice) resampled linearly onto the T2w grid `t2w`
-    (`geometry.t2w_reference_image()`)."""
+    (`geometry.t2w_reference_image()`); T2w slices outside `geometry.slice_index` hold 0."""
     image = sitk.GetImageFromArray(np.asarray(volume, np.float32))
     image.CopyInformation(geometry.reference_image(volume.shape[0]))
-    return sitk.Resample(image, t2w, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    resampled = sitk.Resample(image, t2w, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    # Crop slices lie on the T2w slices, but a T2w voxel's continuous slice index is off by
+    # rounding (~1e-15 on an oblique grid), which leaks ~1e-16 of a predicted slice into its
+    # neighbours: slices that were not predicted are set to exactly 0.
+    values = sitk.GetArrayFromImage(resampled)
+    values[np.setdiff1d(np.arange(len(values)), geometry.slice_index)] = 0.0
+    out = sitk.GetImageFromArray(values)
+    out.CopyInformation(resampled)
+    return out
 
 
 def predict_exam(
@@ -234,11 +242,16 @@ def overlay(path: Path, case, scores: np.ndarray, detections, shown: np.ndarray)
     else:
         slices = [int(np.argmax(scores[..., 0].max(axis=(1, 2))))]
     panels = []
+    centre = (case.images.shape[1] - 1) / 2
     for z in slices:
         on = shown & (detections.slice == z)
+        # DICOM viewers number images by InstanceNumber, which may run opposite to the T2w index
+        # k: the title gives k (0-based, as `t2w_k`) and the head-foot position of the slice.
+        z_mm = case.pixel_to_world(z, centre, centre)[2]
         panels.append(
             figures.OverlayPanel(
-                title=f"{case.case_id}: T2w slice {int(case.slice_index[z])}",
+                title=f"{case.case_id}\nT2w k={int(case.slice_index[z])} (0-based), "
+                f"centre z={z_mm:.1f} mm",
                 t2w=t2w_crop[z],
                 score=scores[z, ..., 0],
                 points=np.stack([detections.row[on], detections.col[on]], axis=1),
