@@ -397,24 +397,27 @@ def test_dicom_refusals_and_series_column_through_the_cli(
     assert store.images.shape == (19, 128, 128, 2)
 
 
-def _write_series(folder, shift_x_mm: float, slices: int = 6, spacing: float = 3.0) -> None:
+def _write_series(
+    folder, shift_x_mm: float, slices: int = 6, spacing: float = 3.0, values=None, tags=None
+) -> None:
     """`slices` 16 x 16 axial DICOM slices `spacing` mm apart, slice k shifted by k * shift_x_mm
-    along x."""
+    along x; `values`: int16 [slices, 16, 16] stored pixel values; `tags`: more tags of each."""
     folder.mkdir()
     shape = (slices, 16, 16)
-    volume = sitk.GetImageFromArray((np.arange(np.prod(shape)) % 97).reshape(shape).astype("i2"))
+    values = (np.arange(np.prod(shape)) % 97).reshape(shape) if values is None else values
+    volume = sitk.GetImageFromArray(np.asarray(values, "i2"))
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     ctype = locale.setlocale(locale.LC_CTYPE)  # GDCM's writer sets the C locale: restored below
     try:
         for k in range(slices):
             image = volume[:, :, k]
-            tags = {"0008|0060": "MR", "0020|000d": "1.2.826.0.1.3680043.2.1125.1.43",
+            slice_tags = {"0008|0060": "MR", "0020|000d": "1.2.826.0.1.3680043.2.1125.1.43",
                     "0020|000e": "1.2.826.0.1.3680043.2.1125.1.42",
                     "0020|0037": "1\\0\\0\\0\\1\\0",
                     "0020|0032": f"{shift_x_mm * k:.6f}\\0\\{spacing * k:.6f}",
-                    "0020|0013": str(k + 1)}  # fmt: skip
-            for tag, value in tags.items():
+                    "0020|0013": str(k + 1), **(tags or {})}  # fmt: skip
+            for tag, value in slice_tags.items():
                 image.SetMetaData(tag, value)
             writer.SetFileName(str(folder / f"{k}.dcm"))
             writer.Execute(image)
@@ -440,3 +443,24 @@ def test_long_thin_stack_with_rounded_cosines_is_not_sheared(tmp_path):
     assert read_image(tmp_path / "thin").GetSize() == (16, 16, 60)
     _write_series(tmp_path / "tilted", 0.02, slices=60, spacing=1.0)  # a 1.1 degree tilt
     _expect(tmp_path / "tilted", "slice positions move within the slice plane by up to 1.18 mm")
+
+
+def _set_rescale_slope(file, slope: bytes) -> None:
+    """Overwrite RescaleSlope (0028,1053), written as '1 ' in implicit VR, with 2-byte `slope`."""
+    element = b"\x28\x00\x53\x10\x02\x00\x00\x00"
+    data = file.read_bytes()
+    assert data.count(element + b"1 ") == 1
+    file.write_bytes(data.replace(element + b"1 ", element + slope))
+
+
+def test_rescale_slope_varying_per_slice_is_applied_per_slice(tmp_path):
+    # Slopes that vary per slice (as some scanners write them): ITK chose the pixel type of the
+    # first slice (slope 1: int16), so stored 20000 x slope 2 wrapped to -25536 and 97 x 0.5
+    # was truncated to 48.
+    values = np.stack([np.full((16, 16), v) for v in (20000, 20000, 97, 20000, 97, 20000)])
+    _write_series(tmp_path / "s", 0.0, values=values, tags={"0028|1053": "1", "0028|1052": "0"})
+    for k, slope in ((3, b"2 "), (4, b".5")):
+        _set_rescale_slope(tmp_path / "s" / f"{k}.dcm", slope)
+    volume = sitk.GetArrayFromImage(read_image(tmp_path / "s"))
+    np.testing.assert_array_equal(volume[:, 0, 0], [20000, 20000, 97, 40000, 48.5, 20000])
+    assert np.ptp(volume, axis=(1, 2)).max() == 0

@@ -271,7 +271,7 @@ def read_series(
     A damaged slice of the series that GDCM cannot read (`_damaged_slice`: truncated, corrupt) is
     refused: at either end of the stack it would leave no gap, and the series would be read one
     slice short. Other DICOM objects of the folder outside any image series are left out, with a
-    warning."""
+    warning. Read as float32, each slice with its own rescale slope and intercept."""
     folder = Path(folder)
     found = list_series(folder)
     chosen = choose_series(folder, series, found)
@@ -303,4 +303,7 @@ def read_series(
         )
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(chosen.files)
+    # Float32 output: each slice rescaled by its own RescaleSlope/Intercept. Else ITK takes the
+    # first slice's pixel type (int16 for slope 1), wrapping or truncating other slices' values.
+    reader.SetOutputPixelType(sitk.sitkFloat32)
     return reader.Execute()
