@@ -132,11 +132,18 @@ def _check_unlabelled(unlabelled: str) -> None:
         raise LayoutError(f"unlabelled={unlabelled!r}: expected 'error', 'negative' or 'skip'")
 
 
+def _not_a_folder(what: str, path) -> str:
+    """Why `path`, given as the `what` folder, is none: missing, or a file (e.g. an archive)."""
+    if not Path(path).exists():
+        return f"{what} folder {path} does not exist"
+    return f"{what} folder {path} is a file, not a folder (an archive? extract it first)"
+
+
 def _picai_images(images: Path) -> dict[str, tuple[str, Path, str, Path]]:
     """Case id -> (patient id, patient folder, image suffix, first image file) of every
     `<patient>/<patient>_<study>_<component>.<suffix>` under `images`."""
     if not images.is_dir():
-        raise LayoutError(f"images folder {images} does not exist")
+        raise LayoutError(_not_a_folder("images", images))
     found: dict[str, tuple[str, Path, str, Path]] = {}
     for patient_dir in sorted(p for p in images.iterdir() if p.is_dir()):
         for file in sorted(patient_dir.iterdir()):
@@ -164,7 +171,7 @@ def _check_labels_folder(labels, unlabelled: str) -> None:
             "or --unlabelled skip"
         )
     if labels is not None and not Path(labels).is_dir():
-        raise LayoutError(f"labels folder {labels} does not exist")
+        raise LayoutError(_not_a_folder("labels", labels))
 
 
 def discover_picai(
@@ -191,7 +198,7 @@ def discover_picai(
     check_components(components)
     _check_labels_folder(labels, unlabelled)
     if masks is not None and not Path(masks).is_dir():  # else every crop centred on the T2w
-        raise LayoutError(f"masks folder {masks} does not exist")
+        raise LayoutError(_not_a_folder("masks", masks))
     found = _picai_images(Path(images))
     sheet = read_marksheet(marksheet) if marksheet else {}
     cases = []
