@@ -464,3 +464,38 @@ def test_rescale_slope_varying_per_slice_is_applied_per_slice(tmp_path):
     volume = sitk.GetArrayFromImage(read_image(tmp_path / "s"))
     np.testing.assert_array_equal(volume[:, 0, 0], [20000, 20000, 97, 40000, 48.5, 20000])
     assert np.ptp(volume, axis=(1, 2)).max() == 0
+
+
+def _compress_in_name_only(file, syntax: str = "1.2.840.10008.1.2.4.90") -> None:
+    """Give a part-10 file (explicit VR little endian) transfer syntax `syntax` and encapsulated
+    pixel data that no codec decodes: a JPEG 2000 codestream start, then zeros."""
+    data = bytearray(file.read_bytes())
+    at = data.find(b"\x02\x00\x10\x00UI")
+    length = int.from_bytes(data[at + 6 : at + 8], "little")
+    value = syntax.encode() + b"\0" * (len(syntax) % 2)
+    data[at + 6 : at + 8 + length] = len(value).to_bytes(2, "little") + value
+    group = data.find(b"\x02\x00\x00\x00UL")  # meta group length, after the new value's size
+    size = int.from_bytes(data[group + 8 : group + 12], "little") + len(value) - length
+    data[group + 8 : group + 12] = size.to_bytes(4, "little")
+    pixels = data.rfind(b"\xe0\x7f\x10\x00OW\x00\x00")
+    fragment = b"\xff\x4f\xff\x51" + bytes(60)
+    item = b"\xfe\xff\x00\xe0"
+    data[pixels:] = (
+        b"\xe0\x7f\x10\x00OB\x00\x00\xff\xff\xff\xff" + item + bytes(4)
+        + item + len(fragment).to_bytes(4, "little") + fragment + b"\xfe\xff\xdd\xe0" + bytes(4)
+    )  # fmt: skip
+    file.write_bytes(bytes(data))
+
+
+@pytest.mark.real_data
+def test_slice_in_a_transfer_syntax_no_codec_decodes_is_named(prostatex_case_dir, tmp_path):
+    # It was "file '<folder>': unreadable or truncated image (ITK ERROR: GDCMImageIO(0x55..):
+    # Failed to change to Implicit Transfer Syntax)": neither the file nor the compression.
+    folder = tmp_path / "adc"
+    shutil.copytree(prostatex_case_dir / "adc", folder)
+    broken = sorted(folder.iterdir())[9]
+    _compress_in_name_only(broken)
+    error = _expect(folder, "pixel data in transfer syntax 1.2.840.10008.1.2.4.90 (1 of 19 files)")
+    assert error.file == str(broken)
+    assert "cannot be decoded (" in error.reason and "GDCMImageIO(0x" not in error.reason
+    assert error.reason.endswith("; convert the series to uncompressed DICOM (e.g. gdcmconv --raw)")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -306,4 +307,38 @@ def read_series(
     # Float32 output: each slice rescaled by its own RescaleSlope/Intercept. Else ITK takes the
     # first slice's pixel type (int16 for slope 1), wrapping or truncating other slices' values.
     reader.SetOutputPixelType(sitk.sitkFloat32)
-    return reader.Execute()
+    try:
+        return reader.Execute()
+    except RuntimeError as err:
+        raise _undecodable(chosen.files, err) from err
+
+
+_UNCOMPRESSED = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2")
+
+
+def _transfer_syntax(file: str) -> str:
+    """TransferSyntaxUID (0002,0010) of a part-10 file, from its meta header (explicit VR little
+    endian in every file), or '' where there is none."""
+    with open(file, "rb") as f:
+        head = f.read(4096)
+    at = head.find(b"\x02\x00\x10\x00UI")
+    if at < 0:
+        return ""
+    length = int.from_bytes(head[at + 6 : at + 8], "little")
+    return head[at + 8 : at + 8 + length].rstrip(b"\0 ").decode("ascii", "replace")
+
+
+def _undecodable(files, err: RuntimeError) -> SeriesError:
+    """The error for a series (`files`) whose pixel data ITK cannot read: names the first file
+    in a compressed transfer syntax (GDCM lacks a codec for some), else the folder."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    itk = re.sub(r"^ITK ERROR: \w+\(0x[0-9a-f]+\): ", "", lines[-1] if lines else "read error")
+    compressed = [(f, ts) for f in files if (ts := _transfer_syntax(f)) not in ("", *_UNCOMPRESSED)]
+    if not compressed:
+        return SeriesError(Path(files[0]).parent, f"pixel data cannot be read ({itk})")
+    file, syntax = compressed[0]
+    return SeriesError(
+        file,
+        f"pixel data in transfer syntax {syntax} ({len(compressed)} of {len(files)} files) cannot "
+        f"be decoded ({itk}); convert the series to uncompressed DICOM (e.g. gdcmconv --raw)",
+    )
