@@ -499,3 +499,11 @@ def test_slice_in_a_transfer_syntax_no_codec_decodes_is_named(prostatex_case_dir
     assert error.file == str(broken)
     assert "cannot be decoded (" in error.reason and "GDCMImageIO(0x" not in error.reason
     assert error.reason.endswith("; convert the series to uncompressed DICOM (e.g. gdcmconv --raw)")
+
+
+@pytest.mark.real_data
+def test_exam_folder_given_for_a_series_names_its_series_folders(prostatex_case_dir):
+    # DICOM exports nest patient/study/series folders; the exam folder given as T2w said only
+    # "folder holds no DICOM series".
+    error = _expect(prostatex_case_dir, "folder holds no DICOM series; it holds folders ")
+    assert error.reason.endswith("adc, hbv, t2w: give one series' folder")

@@ -100,7 +100,9 @@ def choose_series(
     `found`: `list_series(folder)`, where already listed."""
     found = list_series(folder) if found is None else found
     if not found:
-        raise SeriesError(folder, "folder holds no DICOM series")
+        inner = sorted(p.name for p in Path(folder).iterdir() if p.is_dir())
+        hint = f"; it holds folders {', '.join(inner[:5])}: give one series' folder"
+        raise SeriesError(folder, "folder holds no DICOM series" + (hint if inner else ""))
     listing = "; ".join(str(s) for s in found)
     if series is None:
         if len(found) > 1:
