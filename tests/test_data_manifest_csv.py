@@ -68,3 +68,15 @@ def test_case_ids_differing_only_in_case_are_refused(tmp_path):
     path = _manifest(tmp_path, "Case1,p1,t,a,l", "CASE1,p2,t,a,l")
     with pytest.raises(LayoutError, match=r"line 3: case_id 'CASE1' repeats 'Case1' \(line 2\)"):
         read_manifest(path)
+
+
+def test_relative_paths_are_taken_from_the_manifest_folder_made_absolute(tmp_path, monkeypatch):
+    # Given as a relative path ('cases.csv'), its relative cells stayed relative to the working
+    # directory of the run ('exams/t2w'), and the store recorded them so.
+    (tmp_path / "sub").mkdir()
+    path = tmp_path / "sub" / "cases.csv"
+    path.write_text(HEADER + ",prostate_mask\nc1,p1,exams/t2w,/abs/adc,../l.nii.gz,\n")
+    monkeypatch.chdir(tmp_path)
+    (case,) = read_manifest("sub/cases.csv")
+    assert case.components == {"t2w": str(tmp_path / "sub/exams/t2w"), "adc": "/abs/adc"}
+    assert case.label == str(tmp_path / "l.nii.gz") and case.mask is None

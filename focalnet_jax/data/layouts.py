@@ -375,10 +375,11 @@ def _manifest_case(
     centre_columns: Sequence[str],
     labels: bool,
 ) -> CaseSpec:
-    """The `CaseSpec` of a checked manifest row; paths relative to the manifest's folder."""
+    """The `CaseSpec` of a checked manifest row; relative paths taken from the manifest's folder
+    and made absolute (the store records them, and a later working directory is another)."""
 
     def resolve(value: str) -> str | None:
-        return str(manifest.parent / value) if value else None
+        return os.path.abspath(manifest.parent / value) if value else None
 
     return CaseSpec(
         case_id=row["case_id"],
