@@ -72,7 +72,34 @@ def test_series_with_a_repeated_slice_is_refused(prostatex_case_dir, tmp_path):
     folder = tmp_path / "adc"
     shutil.copytree(prostatex_case_dir / "adc", folder)
     shutil.copy(folder / "1-07.dcm", folder / "1-07-copy.dcm")
-    _expect(folder, "repeated slice position")
+    error = _expect(folder, "the same image (SOPInstanceUID) as 1-07")
+    assert error.file in (str(folder / "1-07.dcm"), str(folder / "1-07-copy.dcm"))
+    assert error.reason.endswith("1 file(s) of 20 copy another file of the series (exported "
+                                 "twice?); remove the copies")  # fmt: skip
+
+
+@pytest.mark.real_data
+def test_series_exported_twice_into_one_folder_is_not_called_several_volumes(
+    prostatex_case_dir, tmp_path
+):
+    # Every position held two images, so it was refused as "several volumes in one series
+    # (b-values, echoes or time points?)".
+    folder = tmp_path / "adc"
+    shutil.copytree(prostatex_case_dir / "adc", folder)
+    for file in list(folder.iterdir()):
+        shutil.copy(file, folder / f"copy-{file.name}")
+    _expect(folder, "19 file(s) of 38 copy another file of the series")
+
+
+def _copy_as_another_image(source, target) -> None:
+    """Copy a DICOM file with another SOPInstanceUID (its last digit changed), as another image
+    at the same position (another b-value) has."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(source))
+    reader.ReadImageInformation()
+    uid = reader.GetMetaData("0008|0018").strip("\0 ").encode()
+    other = uid[:-1] + (b"1" if uid[-1:] != b"1" else b"2")
+    target.write_bytes(source.read_bytes().replace(uid, other))
 
 
 @pytest.mark.real_data
@@ -82,8 +109,8 @@ def test_series_of_several_b_values_is_refused_as_several_volumes(prostatex_case
     folder = tmp_path / "dwi"
     folder.mkdir()
     for file in (prostatex_case_dir / "hbv").iterdir():
-        for b in (50, 800):
-            shutil.copy(file, folder / f"b{b}_{file.name}")
+        shutil.copy(file, folder / f"b50_{file.name}")
+        _copy_as_another_image(file, folder / f"b800_{file.name}")
     error = _expect(folder, "each of the 19 slice positions holds 2 images (38 files)")
     assert "several volumes in one series (b-values" in error.reason
     assert error.file == str(folder) and "median spacing" not in error.reason

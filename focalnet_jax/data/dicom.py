@@ -36,7 +36,7 @@ _NOT_THE_COMPONENT = {
     "adc": ("TRACEW", "TRACE"),  # a trace-weighted DWI (high-b image)
     "hbv": ("ADC",),  # an ADC map
 }
-_POSITION, _ORIENTATION = "0020|0032", "0020|0037"
+_POSITION, _ORIENTATION, _SOP_INSTANCE = "0020|0032", "0020|0037", "0008|0018"
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def _header(file: str) -> dict[str, str]:
     reader = sitk.ImageFileReader()
     reader.SetFileName(file)
     reader.ReadImageInformation()
-    keys = (_ORIENTATION, _POSITION, _INSTANCE)
+    keys = (_ORIENTATION, _POSITION, _INSTANCE, _SOP_INSTANCE)
     return {k: reader.GetMetaData(k).strip() for k in keys if reader.HasMetaDataKey(k)}
 
 
@@ -142,6 +142,7 @@ def check_slice_positions(files) -> None:
     if len(files) < 2:
         return
     headers = [_header(f) for f in files]
+    _refuse_copies(headers, files)
     orientation = [_floats(h, _ORIENTATION, f) for h, f in zip(headers, files, strict=True)]
     position = np.array([_floats(h, _POSITION, f) for h, f in zip(headers, files, strict=True)])
     tilted = [
@@ -176,6 +177,27 @@ def check_slice_positions(files) -> None:
         f"{tolerance:.2f} mm) between {name(i)} and {name(i + 1)}; "
         f"{len(bad)} irregular step(s) of {len(steps)}",
     )
+
+
+def _refuse_copies(headers: list[dict], files) -> None:
+    """Refuse a series holding one image (SOPInstanceUID) in several files: slices exported
+    twice into one folder, which would otherwise be called a repeated position or several
+    volumes."""
+    first: dict[str, str] = {}
+    copies = []
+    for header, file in zip(headers, files, strict=True):
+        uid = header.get(_SOP_INSTANCE)
+        if uid and uid in first:
+            copies.append((file, first[uid]))
+        elif uid:
+            first[uid] = file
+    if copies:
+        file, original = copies[0]
+        raise SeriesError(
+            file,
+            f"the same image (SOPInstanceUID) as {Path(original).name}: {len(copies)} file(s) of "
+            f"{len(files)} copy another file of the series (exported twice?); remove the copies",
+        )
 
 
 def _refuse_several_volumes(along: np.ndarray, tolerance: float, files) -> None:
