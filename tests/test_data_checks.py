@@ -534,3 +534,17 @@ def test_exam_folder_given_for_a_series_names_its_series_folders(prostatex_case_
     # "folder holds no DICOM series".
     error = _expect(prostatex_case_dir, "folder holds no DICOM series; it holds folders ")
     assert error.reason.endswith("adc, hbv, t2w: give one series' folder")
+
+
+@pytest.mark.parametrize(
+    "position, shown", [(b"0\\x\\3 ", "'0\\\\x\\\\3'"), (b"0\\3   ", "'0\\\\3'")]
+)
+def test_malformed_slice_position_is_one_line(tmp_path, position, shown):
+    # A position that is no number, or has 2 values, ended in a ValueError traceback.
+    _write_series(tmp_path / "s", 0.0)
+    file = tmp_path / "s" / "1.dcm"
+    data = file.read_bytes()
+    assert data.count(b"0\\0\\3 ") == 1  # as GDCM writes (0, 0, 3.000000)
+    file.write_bytes(data.replace(b"0\\0\\3 ", position))
+    error = _expect(tmp_path / "s", f"DICOM tag (0020,0032) {shown} is not 3 numbers")
+    assert error.file == str(file)

@@ -130,10 +130,18 @@ def _header(file: str) -> dict[str, str]:
     return {k: reader.GetMetaData(k).strip() for k in keys if reader.HasMetaDataKey(k)}
 
 
-def _floats(header: dict, key: str, file: str) -> np.ndarray:
+def _floats(header: dict, key: str, file: str, count: int) -> np.ndarray:
+    """The `count` numbers of tag `key` (e.g. '0020|0032') of a header; else a SeriesError."""
+    tag = key.replace("|", ",")
     if key not in header:
-        raise SeriesError(file, f"DICOM file lacks tag ({key.replace('|', ',')})")
-    return np.array([float(v) for v in header[key].split("\\")])
+        raise SeriesError(file, f"DICOM file lacks tag ({tag})")
+    try:
+        values = np.array([float(v) for v in header[key].split("\\")])
+    except ValueError:
+        values = np.array([])
+    if values.shape != (count,) or not np.isfinite(values).all():
+        raise SeriesError(file, f"DICOM tag ({tag}) {header[key]!r} is not {count} numbers")
+    return values
 
 
 def check_slice_positions(files) -> None:
@@ -143,8 +151,8 @@ def check_slice_positions(files) -> None:
         return
     headers = [_header(f) for f in files]
     _refuse_copies(headers, files)
-    orientation = [_floats(h, _ORIENTATION, f) for h, f in zip(headers, files, strict=True)]
-    position = np.array([_floats(h, _POSITION, f) for h, f in zip(headers, files, strict=True)])
+    orientation = [_floats(h, _ORIENTATION, f, 6) for h, f in zip(headers, files, strict=True)]
+    position = np.array([_floats(h, _POSITION, f, 3) for h, f in zip(headers, files, strict=True)])
     tilted = [
         f
         for o, f in zip(orientation, files, strict=True)
