@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import pytest
 from PIL import Image
+from tensorboard.backend.event_processing import plugin_event_accumulator
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_train_helpers import (
     MULTI_DEVICE_ATOL,
@@ -266,3 +267,29 @@ def test_images_per_s_leaves_out_validation_and_checkpoint_time(tmp_path, monkey
     logger.train(4, {"loss": np.float32(0.5)})
     logger.writer.close()
     assert [w["train/images_per_s"] for w in written] == [16.0, 16.0]
+
+
+def test_resume_after_a_crash_past_the_last_checkpoint_drops_the_orphaned_events(tmp_path):
+    """A run stopped at step 8 with its newest checkpoint at 5 resumes from 5: TensorBoard's
+    readers (the EventAccumulator and the one its server uses) show steps 1..10 once each, not
+    steps 6..8 twice, and the values of steps 6..8 are the resumed session's."""
+    store, workdir = FakeStore(), tmp_path / "w"
+    first = tiny_config(overrides=[*RUN, "--config.train.steps=8"])
+    with fast_compiles():
+        train_and_evaluate(first, workdir, store=store)
+        shutil.rmtree(workdir / "checkpoints" / "8")  # as if killed after step 8 was logged
+        second = tiny_config(overrides=[*RUN, "--config.train.steps=10"])
+        train_and_evaluate(second, workdir, store=store)
+    _, scalars = _scalars(workdir)
+    for tag in ("train/loss", "train/images_per_s", "train/lr"):
+        assert [e.step for e in scalars[tag]] == list(range(1, 11)), tag
+    assert [e.step for e in scalars["val/loss"]] == [10]  # the first session's step 8: orphaned
+    _, resumed_file = sorted((workdir / "tb").iterdir())  # one event file a session
+    resumed = EventAccumulator(str(resumed_file))
+    resumed.Reload()
+    assert [e.step for e in resumed.Scalars("train/loss")] == list(range(6, 11))
+    expected = {e.step: e.wall_time for e in resumed.Scalars("train/images_per_s")}
+    assert {e.step: e.wall_time for e in scalars["train/images_per_s"][5:]} == expected
+    served = plugin_event_accumulator.EventAccumulator(str(workdir / "tb"))
+    served.Reload()
+    assert [e.step for e in served.Tensors("train/loss")] == list(range(1, 11))

@@ -114,6 +114,7 @@ class _Logger:
     def __init__(self, spec: RunSpec, workdir: Path, manager, progress, start: int, mesh):
         self.spec, self.workdir, self.manager, self.progress = spec, workdir, manager, progress
         self.writer = SummaryWriter(workdir / "tb")
+        self.writer.session_start(start + 1)  # drops what a stopped session logged past `start`
         # Replicated like the step's metrics, so `_first_bad` compiles once.
         self.first_bad = sharding.put_replicated(jnp.int32(-1), mesh)
         self.last_time, self.last_step = time.perf_counter(), start
