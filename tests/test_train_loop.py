@@ -28,7 +28,7 @@ from test_train_helpers import (
     tiny_config,
 )
 
-from focalnet_jax.errors import UserError
+from focalnet_jax.errors import UserError, UserErrorExit, one_line_user_errors
 from focalnet_jax.run import RunSpec
 from focalnet_jax.run import workdir as workdir_lib
 from focalnet_jax.training import train_and_evaluate
@@ -127,13 +127,18 @@ def test_tensorboard_scalars_and_panels(runs):
     assert [p.step for p in panels] == [10, 20] and panels[0].width == 32 * 4
 
 
-def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(runs):
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(runs, capsys):
     store = FakeStore()
     store.images = np.full_like(store.images, np.nan)
     config = tiny_config(overrides=[*RUN, "--config.train.steps=20"])
     workdir = runs["root"] / "nan"
-    with pytest.raises(RuntimeError, match="at step 11 .*last good checkpoint: step 10"):
+    with pytest.raises(UserErrorExit), one_line_user_errors("focalnet train"):
         train_and_evaluate(config, workdir, store=store)
+    expected = (
+        "focalnet train: error: non-finite loss or gradient at step 11 (checked at step 11); "
+        f"last good checkpoint: step 10 in {workdir}\n"
+    )
+    assert capsys.readouterr().err.endswith("\n" + expected)  # one line, after the bar
     steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [5, 10]
 

@@ -32,6 +32,11 @@ from focalnet_jax.training.tb_logging import SummaryWriter
 log = logging.getLogger(__name__)
 
 
+class NonFiniteLossError(UserError):
+    """The loss or gradient norm of a step was NaN or infinite (learning rate, data): `focalnet`
+    prints one line naming the step and the last good checkpoint."""
+
+
 @jax.jit
 def _first_bad(first_bad, loss, grad_norm, steps_done):
     """The number (from 1) of the first step whose loss or gradient norm was not finite (-1
@@ -135,7 +140,7 @@ class _Logger:
         bad = int(jax.device_get(self.first_bad))
         if bad >= 0:
             self.manager.wait_until_finished()
-            raise RuntimeError(
+            raise NonFiniteLossError(
                 f"non-finite loss or gradient at step {bad} (checked at step {step}); "
                 f"last good checkpoint: step {self.manager.latest_step()} in {self.workdir}"
             )
