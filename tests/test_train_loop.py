@@ -298,3 +298,16 @@ def test_resume_after_a_crash_past_the_last_checkpoint_drops_the_orphaned_events
     served = plugin_event_accumulator.EventAccumulator(str(workdir / "tb"))
     served.Reload()
     assert [e.step for e in served.Tensors("train/loss")] == list(range(1, 11))
+
+
+def test_progress_bar_shows_each_step_with_its_own_loss(tmp_path, capsys):
+    """Every frame of the console bar pairs step n with train/loss of step n (a validation line
+    redraws the bar: it showed step n - 1 beside step n's loss)."""
+    overrides = ["--config.train.steps=4", "--config.train.eval_every=2"]
+    with fast_compiles():
+        train_and_evaluate(tiny_config(overrides=overrides), tmp_path / "w", store=FakeStore())
+    frames = re.findall(r"train:[^\r\n]*?(\d+)/4 \[[^\]]*loss=([0-9.]+)\]", capsys.readouterr().err)
+    _, scalars = _scalars(tmp_path / "w")
+    logged = {e.step: f"{e.value:.4f}" for e in scalars["train/loss"]}
+    assert {int(n) for n, _ in frames} >= {2, 4}
+    assert [(int(n), loss) for n, loss in frames] == [(int(n), logged[int(n)]) for n, _ in frames]

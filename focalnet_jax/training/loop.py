@@ -235,6 +235,8 @@ def _steps(spec: RunSpec, state, batches, val_rows, mesh, logger: _Logger, key, 
         final = done == num_steps
         if done % train.log_every == 0 or final:
             logger.train(done, metrics)
+        # Before checkpoint and validation: the bar they redraw or leave on screen shows `done`.
+        logger.progress.update(1)
         if (done % train.checkpoint_every == 0 or final) and done not in saved:
             logger.check_finite(done)
             with logger.outside_steps(state):
@@ -246,5 +248,4 @@ def _steps(spec: RunSpec, state, batches, val_rows, mesh, logger: _Logger, key, 
                     eval_step, state, batches.reader, val_rows, spec.global_batch, mesh
                 )
                 logger.validation(done, val, batches.reader, shown)
-        logger.progress.update(1)  # after the step's lines: the last bar drawn shows its loss
     return state
