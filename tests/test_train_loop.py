@@ -311,3 +311,22 @@ def test_progress_bar_shows_each_step_with_its_own_loss(tmp_path, capsys):
     logged = {e.step: f"{e.value:.4f}" for e in scalars["train/loss"]}
     assert {int(n) for n, _ in frames} >= {2, 4}
     assert [(int(n), loss) for n, loss in frames] == [(int(n), logged[int(n)]) for n, _ in frames]
+
+
+def test_non_finite_loss_is_caught_before_validation_logs_anything(tmp_path):
+    """Validation between two logs first checks the steps: a NaN at step 1 stops the run at the
+    step-2 validation, which writes no val/ scalars or panel of the diverged parameters."""
+    store = FakeStore()
+    store.images = np.full_like(store.images, np.nan)
+    overrides = [
+        "--config.train.steps=4",
+        "--config.train.log_every=1000",
+        "--config.train.eval_every=2",
+    ]
+    with (
+        fast_compiles(),
+        pytest.raises(UserError, match=r"at step 1 \(checked at step 2\); .*: none yet in"),
+    ):
+        train_and_evaluate(tiny_config(overrides=overrides), tmp_path / "w", store=store)
+    events, scalars = _scalars(tmp_path / "w")
+    assert scalars == {} and events.Tags()["images"] == []

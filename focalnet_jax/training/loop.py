@@ -140,9 +140,11 @@ class _Logger:
         bad = int(jax.device_get(self.first_bad))
         if bad >= 0:
             self.manager.wait_until_finished()
+            latest = self.manager.latest_step()
+            kept = f"step {latest}" if latest is not None else "none yet"
             raise NonFiniteLossError(
                 f"non-finite loss or gradient at step {bad} (checked at step {step}); "
-                f"last good checkpoint: step {self.manager.latest_step()} in {self.workdir}"
+                f"last good checkpoint: {kept} in {self.workdir}"
             )
 
     def train(self, done: int, metrics) -> None:
@@ -243,6 +245,7 @@ def _steps(spec: RunSpec, state, batches, val_rows, mesh, logger: _Logger, key, 
                 checkpoint.save(logger.manager, done, state)
             saved.add(done)
         if len(val_rows) and ((train.eval_every and done % train.eval_every == 0) or final):
+            logger.check_finite(done)  # no validation of diverged parameters
             with logger.outside_steps(state):
                 val, shown = evaluate(
                     eval_step, state, batches.reader, val_rows, spec.global_batch, mesh
