@@ -330,3 +330,21 @@ def test_non_finite_loss_is_caught_before_validation_logs_anything(tmp_path):
         train_and_evaluate(tiny_config(overrides=overrides), tmp_path / "w", store=store)
     events, scalars = _scalars(tmp_path / "w")
     assert scalars == {} and events.Tags()["images"] == []
+
+
+def test_console_names_the_run_and_fold_before_its_bar(tmp_path, caplog):
+    """`focalnet cv` trains one fold after another: each run's first line names its workdir and
+    fold, then its slices, steps and starting step (here a resume at 1 of 2)."""
+    store, workdir = FakeStore(), tmp_path / "fold1"
+    with fast_compiles(), caplog.at_level("INFO", logger="focalnet_jax.training.loop"):
+        for steps in (1, 2):
+            overrides = ["--config.data.fold=1", f"--config.train.steps={steps}"]
+            train_and_evaluate(tiny_config(overrides=overrides), workdir, store=store)
+    split = RunSpec.from_config(tiny_config(overrides=["--config.data.fold=1"])).fold_split(store)
+    lines = [r.getMessage() for r in caplog.records if "val slices" in r.getMessage()]
+    counts = f"{len(split.train_rows)} train / {len(split.val_rows)} val slices"
+    per_epoch = f"({len(split.train_rows) // 4} per epoch)"  # batch 4, 20 slices
+    assert [line.split(", lambda")[0] for line in lines] == [
+        f"{workdir}, fold 1: {counts}, 1 steps {per_epoch}, start at 0",
+        f"{workdir}, fold 1: {counts}, 2 steps {per_epoch}, start at 1",
+    ]

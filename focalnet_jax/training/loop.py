@@ -203,9 +203,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     workdir_lib.save_config(config, workdir)
     if jax.process_index() == 0:
         log.info(
-            "%d train / %d val slices, %d steps (%d per epoch), start at %d, lambda %.4g",
-            len(split.train_rows), len(split.val_rows), num_steps, batches.steps_per_epoch,
-            start, lam,
+            "%s, fold %d: %d train / %d val slices, %d steps (%d per epoch), start at %d, "
+            "lambda %.4g", workdir, config.data.fold, len(split.train_rows), len(split.val_rows),
+            num_steps, batches.steps_per_epoch, start, lam,
         )  # fmt: skip
     progress = tqdm(
         total=num_steps, initial=start, disable=jax.process_index() != 0, desc="train", unit="step"
