@@ -23,6 +23,7 @@ import json
 
 import jax
 import numpy as np
+import result_line  # benchmarks/result_line.py (the script directory)
 from scipy import ndimage
 
 from focalnet_jax.evaluation import matching
@@ -114,6 +115,7 @@ def main() -> None:
     else:
         result = {"patients": args.patients, "peaks": args.peaks, "seed": args.seed}
     result |= {"one_per_flat_maximum": grouped, "every_window_max_pixel": every_pixel}
+    result |= result_line.provenance()
     print(json.dumps(result))
 
 

@@ -14,6 +14,8 @@
 #
 #   benchmarks/gpu_checks.sh [OUT]          (OUT default: benchmarks/results; PYTHON default: python)
 #   QUICK=1 benchmarks/gpu_checks.sh OUT    tiny model and sizes: checks the script on a CPU
+# Each line records the commit measured (`git describe`); on a copy of the tree without its git
+# history pass it: BENCHMARK_COMMIT=$(git rev-parse HEAD) benchmarks/gpu_checks.sh (else null).
 set -u
 out=${1:-benchmarks/results}
 python=${PYTHON:-python}

@@ -29,24 +29,17 @@ import time
 import jax
 import jax.numpy as jnp
 import result_line  # benchmarks/result_line.py (the script directory)
-from train_step import _batch, _peak_memory  # benchmarks/train_step.py (the script directory)
+from train_step import (  # benchmarks/train_step.py (the script directory)
+    _batch,
+    _peak_memory,
+    compiled_peak_bytes,
+)
 
 from focalnet_jax import losses
 from focalnet_jax.config_loading import load_config
 from focalnet_jax.run import RunSpec
 from focalnet_jax.training import sharding, train_state
 from focalnet_jax.training import step as step_lib
-
-
-def compiled_peak_bytes(compiled) -> int:
-    """XLA's peak estimate of a compiled step: arguments + outputs + temporaries - aliased."""
-    m = compiled.memory_analysis()
-    return int(
-        m.argument_size_in_bytes
-        + m.output_size_in_bytes
-        + m.temp_size_in_bytes
-        - m.alias_size_in_bytes
-    )
 
 
 class _Step:

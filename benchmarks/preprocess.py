@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import result_line  # benchmarks/result_line.py (the script directory)
 import SimpleITK as sitk
 
 from focalnet_jax.data.build_store import preprocess_cases
@@ -84,6 +85,7 @@ def main() -> None:
                 "cpu": _cpu_name(),
                 "cpu_count": os.cpu_count(),
                 "target_seconds_per_case_per_core": 2.0,
+                **result_line.provenance(),
             }
         )
     )

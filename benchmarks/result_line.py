@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import jax
 
@@ -28,9 +31,33 @@ def device_fields() -> dict:
     }
 
 
+def commit() -> str | None:
+    """The code measured: `$BENCHMARK_COMMIT` where set (a copy of the tree without its git
+    history), else `git describe --always --dirty` of this checkout, else None."""
+    if os.environ.get("BENCHMARK_COMMIT"):
+        return os.environ["BENCHMARK_COMMIT"]
+    try:
+        done = subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if done.returncode != 0:
+        return None
+    return done.stdout.strip() or None
+
+
 def provenance() -> dict:
-    """`jax_version` and `date` (ISO) of the run."""
-    return {"jax_version": jax.__version__, "date": datetime.date.today().isoformat()}
+    """`jax_version`, `date` (ISO) and `commit` (`commit()`) of the run."""
+    return {
+        "jax_version": jax.__version__,
+        "date": datetime.date.today().isoformat(),
+        "commit": commit(),
+    }
 
 
 def stdout_to_stderr() -> contextlib.AbstractContextManager:

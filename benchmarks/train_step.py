@@ -3,11 +3,15 @@
     python benchmarks/train_step.py --config configs/focalnet.py [--steps 20] [--kinds fl,...]
         [--config.k=v ...]
 
-Prints one JSON line: per step kind, images/s, step time, compile time and peak device memory
-(`device.memory_stats()['peak_bytes_in_use']`, null where the backend has none), the MFL/FL
-step-time ratios, and the device kind. Inputs are random slices of the store's size (128 x 128)
-with square lesions, so no store is needed. Each step is compiled once (`lower().compile()`,
-timed), run once to warm up, then timed over `--steps` steps with `block_until_ready`.
+Prints one JSON line: per step kind, images/s, step time, compile time and memory, the MFL/FL
+step-time ratios, and the device kind. Memory: `compiled_peak_bytes`, the compiled step's peak
+from XLA's memory analysis (arguments + outputs + temporaries - aliased, per device: each kind's
+own, on every backend); `peak_memory_bytes`, the device's `memory_stats()['peak_bytes_in_use']`
+after the kind's steps (null where the backend has none), a running maximum of the process: only
+the first kind's is its own, a later kind's is at least every earlier kind's. Inputs are random
+slices of the store's size (128 x 128) with square lesions, so no store is needed. Each step is
+compiled once (`lower().compile()`, timed), run once to warm up, then timed over `--steps` steps
+with `block_until_ready`.
 `images_per_s` is the global batch (all devices) over the step time. `flops_per_device_step` is
 XLA's count for the lowered step (`Lowered.cost_analysis()`), which under `shard_map` is one
 device's program; `flops_per_step` is that times the number of devices (the arithmetic of the
@@ -55,7 +59,19 @@ def _batch(batch_size: int, size: int, channels: int, seed: int = 0) -> dict[str
     }
 
 
+def compiled_peak_bytes(compiled) -> int:
+    """XLA's peak estimate of a compiled step: arguments + outputs + temporaries - aliased."""
+    m = compiled.memory_analysis()
+    return int(
+        m.argument_size_in_bytes
+        + m.output_size_in_bytes
+        + m.temp_size_in_bytes
+        - m.alias_size_in_bytes
+    )
+
+
 def _peak_memory() -> int | None:
+    """The device's peak bytes in use since the process started (not reset between steps)."""
     stats = jax.local_devices()[0].memory_stats()
     return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
 
@@ -91,6 +107,7 @@ def measure(config, *, steps: int, size: int, profile_steps: int = 0) -> dict:
         "flops_per_step": flops,
         "flops_per_device_step": device_flops,
         "tflops_per_s": flops / step_time / 1e12 if flops else None,
+        "compiled_peak_bytes": compiled_peak_bytes(compiled),
         "peak_memory_bytes": _peak_memory(),
         "final_loss": float(metrics["loss"]),
     }

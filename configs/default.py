@@ -70,6 +70,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.loss.mfl_chunk = 4  # subsets per MFL probe chunk (memory bound); 0 = all at once
     config.loss.alpha = 0.75  # ordinal focal loss positive-bit weight (eq. 1)
     config.loss.gamma = 2.0  # focal exponent (eq. 2)
+    config.loss.pool_size = 3  # ordinal focal loss: side of the max filter over q (1 = none)
     # Options of the combined and Dice losses (bound only to the losses that take them):
     config.loss.weights = (1.0, 1.0)  # ce_focal (CE, FL) / ce_dice (CE, Dice) term weights
     config.loss.eps = 1.0  # Dice smoothing (nnU-Net: 1e-5)

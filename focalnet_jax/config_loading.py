@@ -33,7 +33,11 @@ def _import_config_module(path: Path, kind: str):
     if spec is None or spec.loader is None:
         raise UserError(f"{kind} {path}: cannot be imported as a Python module")
     module = importlib.util.module_from_spec(spec)
-    # Experiment configs import `configs/default.py` as a sibling module.
+    # Experiment configs import `configs/default.py` as a sibling module. Imported fresh from
+    # this file's folder each time: a module of that name cached by an earlier load (another
+    # folder's `default.py`, or this one before an edit) would stand in for it without a word.
+    siblings = {p.stem for p in path.parent.glob("*.py")} - set(sys.stdlib_module_names)
+    cached = {name: sys.modules.pop(name) for name in siblings if name in sys.modules}
     sys.path.insert(0, str(path.parent.resolve()))
     try:
         spec.loader.exec_module(module)
@@ -45,6 +49,9 @@ def _import_config_module(path: Path, kind: str):
         raise UserError(f"{kind} {path}: cannot import: {error}") from error
     finally:
         sys.path.pop(0)
+        for name in siblings:
+            sys.modules.pop(name, None)
+        sys.modules.update(cached)
     if not callable(getattr(module, "get_config", None)):
         raise UserError(f"{kind} {path}: defines no get_config() function")
     return module

@@ -33,6 +33,7 @@ def _benchmark_module(name: str):
 
 
 profile_summary = _benchmark_module("profile_summary")
+result_line = _benchmark_module("result_line")
 
 
 def _run(script: str, *args: str) -> dict:
@@ -80,6 +81,10 @@ def test_train_step_benchmark_times_the_chosen_kinds(train_step_on_one_device):
         )
     assert result["model"] == "deeplab-18 width 0.125 OS 16 float32"
     assert result["platform"] == "cpu" and result["batch_size"] == 4
+    # Each kind's own compiled peak (XLA's memory analysis): MFL select holds more than FL. The
+    # device's running peak is null on the CPU backend (no memory statistics).
+    assert 0 < result["fl"]["compiled_peak_bytes"] < result["fl_mfl_select"]["compiled_peak_bytes"]
+    assert result["fl"]["peak_memory_bytes"] is None
     for kind in ("fl", "fl_mfl_select"):
         profile = result[kind]["profile"]
         assert (profile["source"], profile["calls"]) == ("host", 2)
@@ -352,19 +357,24 @@ def test_bf16_curves_train_both_dtypes_and_evaluate_them(small_store, tmp_path):
     assert png.stat().st_size > 0
 
 
-def test_inference_benchmark_times_one_model_and_an_ensemble():
+def test_inference_benchmark_times_one_model_and_an_ensemble(monkeypatch):
+    """On 2 devices: inference splits each batch of slices over every local device."""
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
     result = _run(
         "inference.py", "--config=configs/focalnet.py", "--models=2", "--repeats=1", *TINY
     )
     assert result["slices"] == 20 and result["platform"] == "cpu"
+    assert result["num_devices"] == 2
     for count in ("models_1", "models_2"):
         assert 0 < result[count]["predict_s"] < result[count]["with_preprocessing_s"]
     assert result["preprocess_s"] > 0 and result["write_outputs_s"] > 0
     assert result["model"] == "deeplab-18 width 0.125 OS 16 float32"
 
 
-def test_flat_maxima_benchmark_counts_each_upsampled_peak_once():
+def test_flat_maxima_benchmark_counts_each_upsampled_peak_once(monkeypatch):
+    monkeypatch.setenv("BENCHMARK_COMMIT", "0123abc")
     result = _run("flat_maxima.py", "--patients=6", "--peaks=4")
+    assert result["commit"] == "0123abc" and result["date"]  # what ran, and when
     # Every peak is one flat maximum (the background is below min_score); pixel by pixel an
     # interior peak gives 2 x 2 window maxima, a border peak 4 x 2, a corner one 4 x 4.
     assert result["one_per_flat_maximum"]["detections_per_patient"] == 4.0
@@ -439,3 +449,76 @@ def test_profile_or_error_keeps_the_reason_when_tracing_fails():
     assert profile_summary.profile_or_error(failing, 1) == {
         "error": "ZeroDivisionError: division by zero"
     }
+
+
+def test_result_line_records_the_commit_of_the_checkout(monkeypatch):
+    monkeypatch.delenv("BENCHMARK_COMMIT", raising=False)
+    described = subprocess.run(
+        ["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True
+    )
+    expected = described.stdout.strip() if described.returncode == 0 else None
+    assert result_line.commit() == expected
+    monkeypatch.setenv("BENCHMARK_COMMIT", "0123abc")  # a copy of the tree without .git
+    assert result_line.provenance()["commit"] == "0123abc"
+
+
+# Stands in for python in benchmarks/gpu_checks.sh: runs the benchmark until its flags are parsed
+# (`parse_known_args`), loads its config with what is left (config overrides only, else an
+# error), prints its arguments as the one JSON line and stops before measuring anything.
+_FLAGS_ONLY = """
+import argparse, json, os, runpy, sys
+if sys.argv[1] == "-c":
+    exec(sys.argv[2])
+    sys.exit(0)
+from focalnet_jax.config_loading import load_config
+parse = argparse.ArgumentParser.parse_known_args
+def parse_and_stop(self, args=None, namespace=None):
+    known, overrides = parse(self, args, namespace)
+    load_config(known.config, overrides)
+    flags = {k: str(v) for k, v in vars(known).items()}
+    argv = sys.argv[1:] if args is None else list(args)
+    print(json.dumps({"script": script, "argv": argv, "flags": flags, "overrides": overrides}))
+    sys.exit(0)
+argparse.ArgumentParser.parse_known_args = parse_and_stop
+script, sys.argv = sys.argv[1], sys.argv[1:]
+sys.path.insert(0, os.path.dirname(script))
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("quick", ["0", "1"])
+def test_gpu_checks_pass_only_flags_and_overrides_the_benchmarks_declare(tmp_path, quick):
+    (tmp_path / "flags_only.py").write_text(_FLAGS_ONLY)
+    python = tmp_path / "python"
+    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{tmp_path}/flags_only.py" "$@"\n')
+    python.chmod(0o755)
+    out = tmp_path / "out"
+    done = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "gpu_checks.sh"), str(out)],
+        cwd=REPO,
+        env={**os.environ, "PYTHON": str(python), "QUICK": quick},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    log = (out / "gpu_checks.log").read_text() if out.is_dir() else ""
+    assert done.returncode == 0, done.stderr[-2000:] + log[-3000:]
+    lines = {
+        path.name.split("_cpu_")[0]: json.loads(path.read_text()) for path in out.glob("*.json")
+    }
+    assert {name: line["script"] for name, line in lines.items()} == {
+        "fold_time_bfloat16": "benchmarks/fold_time.py",
+        "train_step_bfloat16": "benchmarks/train_step.py",
+        "train_step_float32": "benchmarks/train_step.py",
+        "mfl_scaling": "benchmarks/mfl_scaling.py",
+        "inference": "benchmarks/inference.py",
+    }
+    # What the scripts check after parsing: step kinds, subset counts and modes.
+    train_step = _benchmark_module("train_step")
+    for name in ("train_step_bfloat16", "train_step_float32"):
+        assert set(lines[name]["flags"]["kinds"].split(",")) <= set(train_step.KINDS)
+    mfl_scaling = _benchmark_module("mfl_scaling")
+    parser = mfl_scaling._parser()
+    args, overrides = parser.parse_known_args(lines["mfl_scaling"]["argv"])
+    components = mfl_scaling._config(args, overrides, mfl=False).data.components
+    assert mfl_scaling._kinds(parser, args, components) == [(2, "select"), (14, "select")]

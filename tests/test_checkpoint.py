@@ -173,3 +173,18 @@ def test_a_run_starts_from_its_pretrained_backbone_with_each_components_filters(
         jax.device_get(state.batch_stats["backbone"]["bn1"]["var"]),
         saved["batch_stats"]["backbone"]["bn1"]["var"],
     )
+
+
+def test_a_run_saved_before_loss_pool_size_existed_resumes(tmp_path):
+    """A config.json written before `loss.pool_size` was a key trained with the loss's 3 x 3
+    filter: it resumes under a config that says 3, and is refused under one that says 1."""
+    config = tiny_config()
+    path = workdir_lib.save_config(config, tmp_path)
+    saved = json.loads(path.read_text())
+    del saved["loss"]["pool_size"]
+    path.write_text(json.dumps(saved))
+    (tmp_path / workdir_lib.CHECKPOINT_DIR / "5").mkdir(parents=True)
+    workdir_lib.check_resumed_config(config, tmp_path)
+    config.loss.pool_size = 1
+    with pytest.raises(UserError, match=r"loss\.pool_size 3 -> 1"):
+        workdir_lib.check_resumed_config(config, tmp_path)

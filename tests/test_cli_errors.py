@@ -175,6 +175,25 @@ def test_a_fold_that_would_be_overruled_is_refused(argv, message, tmp_path, caps
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    ("command", "rest", "message"),
+    [
+        ("cv", [], "--config {}: cv trains every fold, or those of --folds (e.g. --folds 2)"),
+        ("train", ["--fold", "1"], "--fold 1 and --config {} disagree"),
+    ],
+)
+def test_a_fold_of_the_config_arg_that_would_be_overruled_is_refused(
+    command, rest, message, tmp_path, capsys
+):
+    """`cv --config configs/focalnet.py:fold=2` trained every fold, `train ...:fold=2 --fold 1`
+    fold 1, the fold the config file was asked for silently ignored."""
+    config = f"{REPO / 'configs' / 'focalnet.py'}:fold=2"
+    status, err = _run([command, "--config", config, "--workdir", str(tmp_path), *rest], capsys)
+    expected = f"focalnet {command}: error: {message.format(config)}"
+    assert (status, err.splitlines()[-1]) == (2, expected)
+    assert list(tmp_path.iterdir()) == []
+
+
 BAD_CONFIG_FILES = [  # (file name, text, the message after "config file <path>: ")
     ("config.txt", "x = 1\n", "not a Python file (expected a .py file with get_config())"),
     ("broken.py", "import ml_collections\n\ndef get_config(:\n", "syntax error at line 3: "),

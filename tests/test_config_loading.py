@@ -132,3 +132,26 @@ def test_missing_file_and_unlocked_loading(tmp_path):
     config.new_field = 1  # unlocked until load_config locks it
     apply_overrides(config, ["--config.new_field=2"])
     assert config.new_field == 2
+
+
+def test_each_config_imports_the_default_of_its_own_folder(tmp_path):
+    """Two config folders, each with its own `default.py`: the second load got the first
+    folder's `default` (cached by the import system), and an edited `default.py` was not read
+    again in the same process."""
+    for name in ("a", "b"):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "default.py").write_text(
+            "import ml_collections\n\n\ndef get_config():\n"
+            f"    return ml_collections.ConfigDict({{'origin': {name!r}}})\n"
+        )
+        (folder / "exp.py").write_text(
+            "import default\n\n\ndef get_config():\n    return default.get_config()\n"
+        )
+    assert get_config_from_file(str(tmp_path / "a" / "exp.py")).origin == "a"
+    assert get_config_from_file(str(tmp_path / "b" / "exp.py")).origin == "b"
+    (tmp_path / "a" / "default.py").write_text(
+        "import ml_collections\n\n\ndef get_config():\n"
+        "    return ml_collections.ConfigDict({'origin': 'a, edited'})\n"
+    )
+    assert get_config_from_file(str(tmp_path / "a" / "exp.py")).origin == "a, edited"

@@ -90,3 +90,30 @@ def test_folds_a_store_cannot_make_are_a_user_error_naming_it(num_folds):
         with pytest.raises(UserError) as raised:
             call()
         assert str(raised.value) == message
+
+
+def test_fold_files_are_replaced_together_or_not_at_all(tmp_path, monkeypatch):
+    """A write failing at fold 2 left fold-0/1.json of the new split beside fold-2..4.json of the
+    old one; now the previous files stay whole."""
+    import json
+
+    from focalnet_jax.data import folds as folds_lib
+
+    max_class = {f"p{i}": i % 3 for i in range(10)}
+    cases = [{"case_id": f"{p}_1", "patient_id": p} for p in max_class]
+    store = SimpleNamespace(path="s", cases=cases, patient_max_class=lambda: max_class)
+    old = folds_lib.write_fold_files(store, tmp_path, num_folds=5, seed=0)
+    before = [path.read_text() for path in old]
+    real = folds_lib.split_cases
+
+    def failing(store, fold, num_folds, seed):
+        if fold == 2:
+            raise OSError("disk full")
+        return real(store, fold, num_folds, seed)
+
+    monkeypatch.setattr(folds_lib, "split_cases", failing)
+    with pytest.raises(OSError, match="disk full"):
+        folds_lib.write_fold_files(store, tmp_path, num_folds=5, seed=1)
+    assert [path.read_text() for path in old] == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"fold-{k}.json" for k in range(5)]
+    assert json.loads(before[0])["val"]  # a real split was kept

@@ -316,6 +316,22 @@ def test_manifest_and_marksheet_from_a_spreadsheet(dataset, tmp_path, capfd):
     assert first["meta"]["patient_id"] == first["patient_id"]
 
 
+def test_an_empty_component_cell_of_a_manifest_names_the_component(dataset, tmp_path, capfd):
+    # The line said "file '': no path given": which of the case's components was missing?
+    cases = discover_picai(dataset / "images", dataset / "labels")
+    write_manifest(cases, tmp_path / "all.csv")
+    with (tmp_path / "all.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    rows[0]["adc"] = ""
+    with (tmp_path / "m.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    argv = ["preprocess", "--layout", "manifest", "--manifest", str(tmp_path / "m.csv")]
+    err = _user_error(capfd, [*argv, "--out", str(tmp_path / "store")])
+    assert err.endswith(f"case {cases[0].case_id!r}, file '': no adc path given")
+
+
 def test_misspelt_masks_folder_is_refused_and_missing_masks_named(dataset, tmp_path, capfd, caplog):
     # A --masks folder that does not exist was ignored: every crop silently centred on the T2w
     # volume centre instead of the gland.

@@ -203,6 +203,27 @@ def test_index_lesion_ties_broken_by_diameter(small_case, tmp_path):
     assert list(case.lesion_classes) == [3, 3] and case.index_lesion == 2
 
 
+def test_touching_lesions_of_two_grades_stay_two_lesions(small_case, tmp_path):
+    """A GS 8 lesion (value 4) touching a larger GS 3+4 one (value 2) was merged with it into
+    one lesion of the majority value: its voxels were stored as class 2 and the case had no GS 8
+    lesion. Each keeps its voxels' class now, and the GS 8 one is the index lesion."""
+    folder, sc = small_case
+    t2w = sc.images["t2w"]
+    label = np.zeros(sitk.GetArrayViewFromImage(t2w).shape, np.uint8)
+    label[2:4, 40:50, 40:52] = 2  # 10 x 12 voxels
+    label[2:4, 42:46, 52:56] = 4  # 4 x 4 voxels, sharing a face with the value-2 block
+    image = sitk.GetImageFromArray(label)
+    image.CopyInformation(t2w)
+    write_image(image, tmp_path / "l.nii.gz")
+    case = preprocess_case({"t2w": folder / "t2w.mha"}, tmp_path / "l.nii.gz")
+    assert list(case.lesion_classes) == [2, 4]
+    for instance, value in ((1, 2), (2, 4)):
+        on = case.lesions == instance
+        assert on.sum() > 0 and np.all(case.classes[on] == value)
+    assert case.index_lesion == 2
+    assert np.array_equal(case.classes > 0, case.lesions > 0)
+
+
 def test_t2w_and_adc_scaling(small_case):
     folder, sc = small_case
     case = preprocess_case(

@@ -187,3 +187,30 @@ def test_opens_1500_cases_in_seconds(tmp_path):
     elapsed = time.perf_counter() - start
     assert len(store) == 30000 and len(world) == 1500
     assert elapsed < 3.0
+
+
+def test_errors_csv_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """`<store>.errors.csv` (every case failed) was opened for writing in place: a write failing
+    part way left it truncated; now the previous file stays."""
+    import csv
+
+    from focalnet_jax.data.store import write_errors
+
+    path = tmp_path / "store.errors.csv"
+    write_errors(path, [("c1", "c1_t2w.mha", "file not found")])
+    before = path.read_text()
+
+    class FailingWriter:
+        def __init__(self, f):
+            self.f = f
+
+        def writerow(self, row):
+            self.f.write(",".join(row) + "\n")
+
+        def writerows(self, rows):
+            raise OSError("disk full")
+
+    monkeypatch.setattr(csv, "writer", FailingWriter)
+    with pytest.raises(OSError, match="disk full"):
+        write_errors(path, [("c2", "c2_adc.mha", "unreadable")])
+    assert path.read_text() == before and [p.name for p in tmp_path.iterdir()] == [path.name]

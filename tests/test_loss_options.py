@@ -152,6 +152,26 @@ def test_config_options_reach_the_loss():
     np.testing.assert_allclose(fn(LOGITS[..., :5], BITS[..., :5]), expected, rtol=1e-6)
 
 
+def test_the_focal_weight_pool_size_is_a_config_option():
+    """The paper's 3 x 3 max filter over q (eq. 2) can be set (an ablation, 1 = none) like alpha
+    and gamma; a size the loss refuses is an error naming the key, and a loss without the filter
+    refuses it."""
+    focalnet = str(REPO / "configs" / "focalnet.py")
+    logits, bits = LOGITS[..., :5], BITS[..., :5]
+    default = RunSpec.from_config(load_config(focalnet), num_devices=1).loss.fn(logits, bits)
+    np.testing.assert_allclose(default, losses.ordinal_focal_loss(logits, bits), rtol=1e-6)
+    config = load_config(focalnet, ["--config.loss.pool_size=1"])
+    unpooled = RunSpec.from_config(config, num_devices=1).loss.fn(logits, bits)
+    expected = losses.ordinal_focal_loss(logits, bits, pool_size=1)
+    np.testing.assert_allclose(unpooled, expected, rtol=1e-6)
+    assert float(unpooled) < float(default)  # pooling only raises each pixel's weight
+    with pytest.raises(ValueError, match=r"^loss\.pool_size: expected a positive odd int"):
+        RunSpec.from_config(load_config(focalnet, ["--config.loss.pool_size=2"]), num_devices=1)
+    argv = ["--config.loss.name=sigmoid_ce", "--config.loss.mfl=false", "--config.loss.pool_size=5"]
+    with pytest.raises(ValueError, match=r"^loss\.pool_size=5: loss 'sigmoid_ce' does not take"):
+        load_config(focalnet, argv)
+
+
 def test_benchmark_loss_does_not_inherit_mfl():
     focalnet = str(REPO / "configs" / "focalnet.py")
     with pytest.raises(ValueError, match="loss.mfl=True with loss.name='ce_focal'"):

@@ -41,6 +41,32 @@ INVALID = [
     (["--config.train.prefetch=-1"], r"^train\.prefetch: expected a positive int"),
     (["--config.train.eval_every=-5"], r"^train\.eval_every: expected an int >= 0"),
     (["--config.optim.decay_steps=0"], r"^optim\.decay_steps: expected a positive int"),
+    # Flipped the sign of the learning rate every decay_steps (gradient ascent), silently.
+    (["--config.optim.decay_rate=-0.7"], r"^optim\.decay_rate: expected a number in \(0, 1\]"),
+    # numpy's default_rng((seed, epoch)) refused it in the prefetch thread, with a traceback.
+    (["--config.seed=-1"], r"^seed: expected an int in \[0, 2\*\*63\)"),
+    # jax.random.uniform(minval > maxval) is minval every time: one fixed zoom or shift.
+    (["--config.augment.scale_range=(1.1, 0.9)"], r"^augment\.scale_range: expected \(low, high\)"),
+    (["--config.augment.max_shift=-0.1"], r"^augment\.max_shift: expected a value in \[0.0, 1.0\]"),
+    # u <= -1 moves the upper T2w threshold to <= 0: a divisor <= 0, T2w clipped to 0.
+    (["--config.augment.intensity_range=(-1.5, 0.2)"], r"^augment\.intensity_range: expected"),
+    # Options the loss checks when traced: a traceback once the train step compiled.
+    (
+        ["--config.loss.name=ce_dice", "--config.loss.mfl=False", "--config.loss.eps=0.0"],
+        r"^loss\.eps: expected a value in >= 1e-12, got 0.0",
+    ),
+    (
+        ["--config.loss.name=ce_focal", "--config.loss.mfl=False", "--config.loss.weights=(1.0,)"],
+        r"^loss\.weights: expected two non-negative numbers",
+    ),
+    (
+        [
+            "--config.loss.name=soft_dice",
+            "--config.loss.mfl=False",
+            "--config.loss.dice_background=False",
+        ],
+        r"^loss\.dice_background=False: only a softmax output has a background channel",
+    ),
 ]
 
 
@@ -82,10 +108,11 @@ def test_every_field_of_a_resolved_run():
     assert spec.config.to_dict() == config.to_dict() and spec.config.loss.gamma == 1.5
     assert spec.components == ("t2w", "adc") and spec.t2w_channel == 0
     assert spec.image_size == (128, 128) and spec.input_shape == (1, 128, 128, 2)
-    # Loss: ordinal focal with the config's alpha and gamma bound into the scalar and the map.
+    # Loss: ordinal focal with the config's alpha, gamma and pool size bound into the scalar and
+    # the map.
     assert (spec.loss.name, spec.output_encoding) == ("ordinal_focal", "ordinal")
-    assert spec.loss.fn.keywords == {"alpha": 0.75, "gamma": 1.5}
-    assert spec.loss.map_fn.keywords == {"alpha": 0.75, "gamma": 1.5}
+    assert spec.loss.fn.keywords == {"alpha": 0.75, "gamma": 1.5, "pool_size": 3}
+    assert spec.loss.map_fn.keywords == {"alpha": 0.75, "gamma": 1.5, "pool_size": 3}
     assert (spec.mfl, spec.mfl_mode, spec.mfl_encoding) == (True, "select", "ordinal")
     assert spec.subsets == (("t2w",), ("adc",))
     assert spec.mfl_weight_setting is None  # 'auto'

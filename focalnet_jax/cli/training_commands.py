@@ -69,16 +69,28 @@ def _training_setup(args: argparse.Namespace):
     return config
 
 
+def _config_arg_sets_fold(spec: str) -> bool:
+    """Whether the `:arg` of `--config FILE:arg` sets `fold` (`configs/focalnet.py:fold=2`)."""
+    return any(
+        item.split("=", 1)[0].strip() == "fold" for item in spec.partition(":")[2].split(",")
+    )
+
+
 def _set_fold(config, args: argparse.Namespace, fold_overridden: bool) -> None:
     """`train --fold K` sets data.fold; refused where it would be silently overruled: against a
-    different `--config.data.fold`, and in `cv`, which trains the folds of `--folds`."""
-    if args.command == "cv" and (args.fold is not None or fold_overridden):
-        given = f"--fold {args.fold}" if args.fold is not None else "--config.data.fold"
-        raise UserError(f"{given}: cv trains every fold, or those of --folds (e.g. --folds 2)")
+    different `--config.data.fold` or `--config FILE:fold=J`, and in `cv`, which trains the folds
+    of `--folds`."""
+    in_arg = _config_arg_sets_fold(args.config)
+    given = [f"--fold {args.fold}"] if args.fold is not None else []
+    given += ["--config.data.fold"] if fold_overridden else []
+    given += [f"--config {args.config}"] if in_arg else []
+    if args.command == "cv" and given:
+        raise UserError(f"{given[0]}: cv trains every fold, or those of --folds (e.g. --folds 2)")
     if args.fold is None:
         return
-    if fold_overridden and config.data.fold != args.fold:
-        raise UserError(f"--fold {args.fold} and --config.data.fold={config.data.fold} disagree")
+    if len(given) > 1 and config.data.fold != args.fold:
+        other = f"--config.data.fold={config.data.fold}" if fold_overridden else given[1]
+        raise UserError(f"--fold {args.fold} and {other} disagree")
     config.data.fold = args.fold
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from focalnet_jax.data.atomic_files import replaced_atomically
 from focalnet_jax.errors import UserError
 
 
@@ -99,15 +100,16 @@ def fold_table(store, num_folds: int = 5, seed: int = 0) -> list[dict]:
 def write_fold_files(
     store, out_dir: str | os.PathLike, num_folds: int = 5, seed: int = 0
 ) -> list[Path]:
-    """`fold-<k>.json` files with {"train": [case ids], "val": [case ids]}."""
+    """`fold-<k>.json` files with {"train": [case ids], "val": [case ids]}: every split made
+    before any file is replaced, each file replaced atomically (a failure leaves the previous
+    files, not fold files of two splits side by side)."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    splits = [split_cases(store, k, num_folds, seed) for k in range(num_folds)]
     paths = []
-    for k in range(num_folds):
-        train, val = split_cases(store, k, num_folds, seed)
-        path = out_dir / f"fold-{k}.json"
-        path.write_text(json.dumps({"train": train, "val": val}, indent=1) + "\n")
-        paths.append(path)
+    for k, (train, val) in enumerate(splits):
+        paths.append(out_dir / f"fold-{k}.json")
+        with replaced_atomically(paths[-1]) as tmp:
+            tmp.write_text(json.dumps({"train": train, "val": val}, indent=1) + "\n")
     return paths
 
 

@@ -153,7 +153,7 @@ def read_image(
     3D, holds NaN/Inf voxels, or is an ambiguous or irregular DICOM series.
     """
     if path is None or not str(path):
-        raise CaseError(case, path, "no path given")
+        raise CaseError(case, path, f"no {component + ' ' if component else ''}path given")
     path = Path(path)
     if not path.exists():
         raise CaseError(case, path, "file not found")

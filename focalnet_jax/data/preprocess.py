@@ -167,17 +167,28 @@ def _center_of(mask_path, case, t2w: sitk.Image) -> tuple[float, float, float] |
 
 
 def _label_instances(label: np.ndarray, case, path):
-    """3D connected lesions of a raw label volume -> (instance map int32, value of each [L])."""
+    """3D connected lesions of a raw label volume -> (instance map int32, value of each [L]).
+
+    A lesion is a connected region of one label value, so two touching lesions of different
+    values stay two lesions, each voxel keeping its value (one region of both would take one
+    value and re-grade the other lesion's voxels). Ids follow the raster order of each lesion's
+    first voxel."""
     values = np.unique(label)
     bad = [int(v) for v in values if v not in (0, 1, 2, 3, 4, 5)]
     if bad:
         raise CaseError(case, path, f"label values {bad[:5]} outside the allowed set 0..5")
-    instances, n = ndimage.label(label > 0, structure=_CONNECTIVITY)
-    inst_values = []
-    for i, where in enumerate(ndimage.find_objects(instances), start=1):
-        inside = label[where][instances[where] == i].astype(np.int64)
-        inst_values.append(int(np.bincount(inside).argmax()))
-    return instances.astype(np.int32), np.asarray(inst_values, dtype=np.int64)
+    regions = np.zeros(label.shape, np.int64)
+    region_values = [0]
+    for value in values[values > 0]:
+        parts, n = ndimage.label(label == value, structure=_CONNECTIVITY)
+        regions[parts > 0] = parts[parts > 0] + len(region_values) - 1
+        region_values += [int(value)] * n
+    ids, first = np.unique(regions.ravel(), return_index=True)
+    order = ids[ids > 0][np.argsort(first[ids > 0], kind="stable")]  # regions in raster order
+    renumber = np.zeros(len(region_values), np.int32)
+    renumber[order] = np.arange(1, len(order) + 1)
+    inst_values = np.asarray(region_values, np.int64)[order]
+    return renumber[regions], inst_values
 
 
 def _max_diameter_mm(mask2d: np.ndarray, spacing: float) -> float:

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from focalnet_jax.data.atomic_files import replaced_atomically
 from focalnet_jax.data.case_ids import check_case_id
 from focalnet_jax.data.geometry import CropGeometry, display_axes
 from focalnet_jax.data.preprocess import PreprocessConfig
@@ -259,8 +260,8 @@ class StoreWriter:
 
 
 def write_errors(path: str | os.PathLike, errors) -> None:
-    """errors.csv with columns case, file, reason."""
-    with Path(path).open("w", newline="") as f:
+    """errors.csv with columns case, file, reason (atomically: whole or the previous file)."""
+    with replaced_atomically(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["case", "file", "reason"])
         writer.writerows(errors)

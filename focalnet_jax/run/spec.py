@@ -119,10 +119,12 @@ class RunSpec:
 
     @classmethod
     def _resolve(cls, config, num_devices, image_size) -> RunSpec:
+        _check_seed(config.seed)
         components = _check_data(config.data)
         loss, subsets, mfl_weight = _check_loss(config.loss, components)
         check_model_config(config.model)
         _check_train(config.train)
+        _check_augment(config.augment)
         schedule, tx = _optimizer(config.optim)
         per_device_batch(config.train.batch_size, num_devices or jax.device_count())
         default_size = PreprocessConfig().crop_size
@@ -230,6 +232,7 @@ def _check_loss(loss_config, components: Sequence[str]):
     check_scalar(loss_config.alpha, "loss.alpha", 0.0, 1.0)
     check_scalar(loss_config.gamma, "loss.gamma", 0.0)
     spec = losses.get_loss(name, **{k: loss_config[k] for k in takes if k in loss_config})
+    _check_bound_options(spec)
     losses.check_mfl(name, bool(loss_config.mfl), bool(loss_config.get("mfl_any_loss", False)))
     if loss_config.mfl_mode not in losses.MFL_MODES:
         raise ValueError(
@@ -248,6 +251,41 @@ def _check_loss(loss_config, components: Sequence[str]):
         key = "data" if str(error).startswith("components") else "loss"
         raise ValueError(f"{key}.{error}") from None
     return spec, subsets, losses.parse_mfl_weight(loss_config.mfl_weight)
+
+
+def _check_bound_options(spec: losses.LossSpec) -> None:
+    """Traces the bound loss once on a `[1, 3, 3, K]` batch, so that an option it refuses
+    (`loss.eps=0`, `loss.weights` of one number, `loss.dice_background=False` with a sigmoid
+    output) is an error naming it now, not a traceback once the train step compiles."""
+    shape = jax.ShapeDtypeStruct((1, 3, 3, encoding.num_outputs(spec.encoding)), jnp.float32)
+    try:
+        jax.eval_shape(spec.fn, shape, shape)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"loss.{error}") from None
+
+
+def _check_seed(seed) -> None:
+    # The data order draws from numpy.random.default_rng((seed, epoch)), which refuses negatives.
+    if isinstance(seed, bool) or not (isinstance(seed, int) and 0 <= seed < 2**63):
+        raise ValueError(f"seed: expected an int in [0, 2**63), got {seed!r}")
+
+
+def _check_range(value, key: str, above: float) -> None:
+    """`value` = (low, high), numbers with `above` < low <= high."""
+    pair = not isinstance(value, str) and len(value) == 2
+    numbers = pair and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+    if not (numbers and above < value[0] <= value[1]):
+        raise ValueError(f"{key}: expected (low, high) with {above:g} < low <= high, got {value!r}")
+
+
+def _check_augment(augment) -> None:
+    """The ranges the augmentation draws from (`training.augment`): `jax.random.uniform` with
+    minval > maxval returns minval every time, so a reversed range or a negative shift limit
+    would apply one fixed zoom or shift to every slice without a word; a zoom <= 0 or an upper
+    T2w threshold moved by <= -100 % has no meaning."""
+    check_scalar(augment.max_shift, "augment.max_shift", 0.0, 1.0)
+    _check_range(augment.scale_range, "augment.scale_range", 0.0)
+    _check_range(augment.intensity_range, "augment.intensity_range", -1.0)
 
 
 def _check_mfl_chunk(chunk) -> int:
@@ -283,6 +321,9 @@ def _optimizer(optim) -> tuple[optax.Schedule, optax.GradientTransformation]:
     check_scalar(optim.lr, "optim.lr", 0.0)
     check_scalar(optim.momentum, "optim.momentum", 0.0, 1.0)
     check_scalar(optim.weight_decay, "optim.weight_decay", 0.0)
+    rate = optim.decay_rate  # <= 0 zeroes the rate or flips its sign, > 1 grows it without end
+    if isinstance(rate, bool) or not (isinstance(rate, int | float) and 0 < rate <= 1):
+        raise ValueError(f"optim.decay_rate: expected a number in (0, 1], got {rate!r}")
     schedule = optax.exponential_decay(
         init_value=optim.lr,
         transition_steps=optim.decay_steps,

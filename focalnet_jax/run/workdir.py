@@ -91,6 +91,10 @@ RESUMABLE_KEYS = (
     "train.steps",
 )
 
+# Keys added to the config after runs were saved, with the value the code used while they were
+# absent: a saved config.json without one is read as having that value, so those runs resume.
+IMPLIED_WHEN_ABSENT = {"loss.pool_size": 3}
+
 
 def check_resumed_config(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
     """A `UserError` when `config` differs from the run's saved `config.json` in a key outside
@@ -99,7 +103,8 @@ def check_resumed_config(config: ml_collections.ConfigDict, workdir: str | Path)
     path, steps = Path(workdir) / CONFIG_FILE, Path(workdir) / CHECKPOINT_DIR
     if not path.is_file() or not any(p.name.isdigit() for p in steps.glob("*")):
         return
-    saved, new = flat_settings(_read_config_json(path)), flat_settings(json.loads(config.to_json()))
+    saved = {**IMPLIED_WHEN_ABSENT, **flat_settings(_read_config_json(path))}
+    new = flat_settings(json.loads(config.to_json()))
     absent = "(absent)"
     changed = [
         f"{key} {saved.get(key, absent)!r} -> {new.get(key, absent)!r}"
