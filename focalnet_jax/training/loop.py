@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import jax
@@ -79,21 +80,30 @@ def evaluate(eval_step, state, reader, rows, batch_size, mesh) -> tuple[dict[str
         if sum(len(p) for p in shown) < step_lib.PANEL_SLICES:
             shown.append(predicted)
     totals, shown = jax.device_get((totals, shown))
+    predicted = np.concatenate(shown)[: min(step_lib.PANEL_SLICES, len(rows))]
+    metrics = validation_metrics(totals, eval_step)
+    return metrics, {"rows": rows[: len(predicted)], "predicted": predicted}
+
+
+def validation_metrics(totals: Mapping, eval_step: step_lib.EvalStep) -> dict[str, float]:
+    """The `val/` scalars from the validation sums `totals` of `evaluate`: the loss, Dice of
+    lesion (class >= 1) and csPCa (class >= 2; not for a binary output, which predicts no grade)
+    and the mean P(class >= 1) on lesion and on background pixels (NaN where there are none)."""
     metrics = {"val/loss": step_lib.validation_loss(totals, eval_step.loss)}
-    for k, name in ((1, "lesion"), (2, "cspca")):
+    scores = (
+        ((1, "lesion"),) if eval_step.loss.encoding == "binary" else ((1, "lesion"), (2, "cspca"))
+    )
+    for k, name in scores:
         denominator = float(totals[f"predicted_{k}"] + totals[f"true_{k}"])
         dice = 2.0 * float(totals[f"intersect_{k}"]) / denominator if denominator else 1.0
         metrics[f"val/dice_{name}"] = dice
     # Threshold-free: focal-loss scores are low in absolute terms, yet lesions should outscore
     # the background.
-    metrics["val/mean_score_lesion"] = float(totals["score_lesion"]) / max(
-        float(totals["true_1"]), 1
-    )
-    metrics["val/mean_score_background"] = float(totals["score_background"]) / max(
-        float(totals["background"]), 1
-    )
-    predicted = np.concatenate(shown)[: min(step_lib.PANEL_SLICES, len(rows))]
-    return metrics, {"rows": rows[: len(predicted)], "predicted": predicted}
+    for name, pixels in (("lesion", "true_1"), ("background", "background")):
+        count = float(totals[pixels])
+        mean = float(totals[f"score_{name}"]) / count if count else float("nan")
+        metrics[f"val/mean_score_{name}"] = mean
+    return metrics
 
 
 def panel(reader, rows: np.ndarray, predicted: np.ndarray) -> np.ndarray:
