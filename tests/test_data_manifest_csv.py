@@ -80,3 +80,15 @@ def test_relative_paths_are_taken_from_the_manifest_folder_made_absolute(tmp_pat
     (case,) = read_manifest("sub/cases.csv")
     assert case.components == {"t2w": str(tmp_path / "sub/exams/t2w"), "adc": "/abs/adc"}
     assert case.label == str(tmp_path / "l.nii.gz") and case.mask is None
+
+
+def test_rows_without_a_patient_id_are_warned_about_once(tmp_path, caplog):
+    """An empty patient_id makes each case its own patient: two exams of one patient could be
+    split over folds without a word."""
+    path = _manifest(tmp_path, "c1,p1,t,a,l", "c2,,t,a,l", "c3,,t,a,l")
+    with caplog.at_level("WARNING", logger="focalnet_jax.data.layouts"):
+        cases = read_manifest(path)
+    assert [c.patient_id for c in cases] == ["p1", "c2", "c3"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1
+    assert "2 row(s) without a patient_id (lines 3, 4)" in warnings[0]

@@ -332,7 +332,24 @@ def read_manifest(
             if errors is None:
                 raise
             errors.append((case, str(manifest), str(error)))
+    _warn_missing_patients(manifest, rows)
     return cases
+
+
+def _warn_missing_patients(manifest: Path, rows) -> None:
+    """One warning for the rows with an empty `patient_id`: each such case is taken as a patient
+    of its own, so two exams of one patient could fall into different folds."""
+    lines = [line for line, row in rows if not row["patient_id"]]
+    if lines:
+        log.warning(
+            "manifest %s: %d row(s) without a patient_id (lines %s%s): each case is taken as a "
+            "patient of its own; give the patient id where a patient has several exams, so that "
+            "they stay in one fold",
+            manifest,
+            len(lines),
+            ", ".join(map(str, lines[:5])),
+            ", ..." if len(lines) > 5 else "",
+        )
 
 
 def _check_manifest_columns(
