@@ -548,3 +548,14 @@ def test_malformed_slice_position_is_one_line(tmp_path, position, shown):
     file.write_bytes(data.replace(b"0\\0\\3 ", position))
     error = _expect(tmp_path / "s", f"DICOM tag (0020,0032) {shown} is not 3 numbers")
     assert error.file == str(file)
+
+
+def test_slices_without_pixel_spacing_are_refused(tmp_path):
+    # Without PixelSpacing (0028,0030) ITK took 1 mm pixels without a word.
+    _write_series(tmp_path / "s", 0.0)
+    for file in (tmp_path / "s").iterdir():
+        data = file.read_bytes()
+        assert data.count(b"\x28\x00\x30\x00") == 1  # implicit VR little endian, as GDCM writes
+        file.write_bytes(data.replace(b"\x28\x00\x30\x00", b"\x28\x00\x31\x00"))  # another tag
+    error = _expect(tmp_path / "s", "DICOM file lacks PixelSpacing (0028,0030)")
+    assert error.file.endswith(".dcm")

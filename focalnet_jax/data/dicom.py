@@ -37,6 +37,7 @@ _NOT_THE_COMPONENT = {
     "hbv": ("ADC",),  # an ADC map
 }
 _POSITION, _ORIENTATION, _SOP_INSTANCE = "0020|0032", "0020|0037", "0008|0018"
+_PIXEL_SPACING = "0028|0030"
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ def _header(file: str) -> dict[str, str]:
     reader = sitk.ImageFileReader()
     reader.SetFileName(file)
     reader.ReadImageInformation()
-    keys = (_ORIENTATION, _POSITION, _INSTANCE, _SOP_INSTANCE)
+    keys = (_ORIENTATION, _POSITION, _INSTANCE, _SOP_INSTANCE, _PIXEL_SPACING)
     return {k: reader.GetMetaData(k).strip() for k in keys if reader.HasMetaDataKey(k)}
 
 
@@ -145,12 +146,14 @@ def _floats(header: dict, key: str, file: str, count: int) -> np.ndarray:
 
 
 def check_slice_positions(files) -> None:
-    """Refuse a stack (`files`, one slice each) with several orientations, repeated positions, a
-    missing slice or uneven spacing. Reads only the headers."""
+    """Refuse a stack (`files`, one slice each) without a pixel spacing, with several
+    orientations, repeated positions, a missing slice or uneven spacing. Reads only the
+    headers."""
     if len(files) < 2:
         return
     headers = [_header(f) for f in files]
     _refuse_copies(headers, files)
+    _check_pixel_spacing(headers[0], files[0])
     orientation = [_floats(h, _ORIENTATION, f, 6) for h, f in zip(headers, files, strict=True)]
     position = np.array([_floats(h, _POSITION, f, 3) for h, f in zip(headers, files, strict=True)])
     tilted = [
@@ -185,6 +188,19 @@ def check_slice_positions(files) -> None:
         f"{tolerance:.2f} mm) between {name(i)} and {name(i + 1)}; "
         f"{len(bad)} irregular step(s) of {len(steps)}",
     )
+
+
+def _check_pixel_spacing(header: dict, file: str) -> None:
+    """A slice without PixelSpacing (0028,0030), or with one that is not 2 positive numbers, is
+    refused: ITK would take 1 mm pixels without a word."""
+    if _PIXEL_SPACING not in header:
+        raise SeriesError(
+            file, "DICOM file lacks PixelSpacing (0028,0030): its pixel size is unknown"
+        )
+    if not (_floats(header, _PIXEL_SPACING, file, 2) > 0).all():
+        raise SeriesError(
+            file, f"PixelSpacing (0028,0030) {header[_PIXEL_SPACING]!r} is not positive"
+        )
 
 
 def _refuse_copies(headers: list[dict], files) -> None:
