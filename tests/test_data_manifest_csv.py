@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from focalnet_jax.data.layouts import LayoutError, read_manifest
+from focalnet_jax.data.layouts import LayoutError, read_manifest, read_marksheet
 from focalnet_jax.errors import UserError
 
 HEADER = "case_id,patient_id,t2w,adc,label"
@@ -92,3 +92,14 @@ def test_rows_without_a_patient_id_are_warned_about_once(tmp_path, caplog):
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1
     assert "2 row(s) without a patient_id (lines 3, 4)" in warnings[0]
+
+
+def test_marksheet_rows_of_one_study_must_agree(tmp_path):
+    """Two rows of one study with other values: the last one won without a word."""
+    sheet = tmp_path / "marksheet.csv"
+    rows = ["patient_id,study_id,case_csPCa", "10000,1000000,YES", "10001,1000001,NO"]
+    sheet.write_text("\n".join([*rows, "10000,1000000,YES", ""]))  # an exact repeat is harmless
+    assert read_marksheet(sheet)["10000_1000000"]["case_csPCa"] == "YES"
+    sheet.write_text("\n".join([*rows, "10000,1000000,NO", ""]))
+    with pytest.raises(LayoutError, match=r"line 4: study 10000_1000000 is also on line 2, with "):
+        read_marksheet(sheet)

@@ -120,10 +120,16 @@ def read_marksheet(path: str | os.PathLike) -> dict[str, dict]:
         missing = [c for c in ("patient_id", "study_id") if c not in columns]
         if missing:
             raise LayoutError(f"{path}: marksheet lacks column(s) {missing}; has {columns}")
-        rows = {}
+        rows, lines = {}, {}
         for row in reader:
             row = {k.strip(): (v or "").strip() for k, v in row.items() if k}
-            rows[f"{row['patient_id']}_{row['study_id']}"] = row
+            key = f"{row['patient_id']}_{row['study_id']}"
+            if key in rows and rows[key] != row:  # which one holds the truth is not ours to pick
+                raise LayoutError(
+                    f"marksheet {path}, line {reader.line_num}: study {key} is also on line "
+                    f"{lines[key]}, with other values; keep one row per study"
+                )
+            rows[key], lines[key] = row, lines.get(key, reader.line_num)
     return rows
 
 
