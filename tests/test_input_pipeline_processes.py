@@ -74,9 +74,15 @@ def test_two_processes_read_their_own_rows_of_the_one_process_global_batch(tmp_p
         )
         for i in range(2)
     ]
-    for process in processes:
-        output, _ = process.communicate(timeout=120)
-        assert process.returncode == 0, output.decode(errors="replace")[-2000:]
+    try:
+        for process in processes:
+            output, _ = process.communicate(timeout=120)
+            assert process.returncode == 0, output.decode(errors="replace")[-2000:]
+    finally:  # one failed: the other would wait for it at a collective
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
     results = [json.loads(out.read_text()) for out in outs]
     # One process's global batches: the permutation of epoch `step // 6` drawn from (seed, epoch).
     rows, steps_per_epoch = np.arange(27), 27 // GLOBAL_BATCH
