@@ -218,6 +218,16 @@ def test_multi_device_and_multi_process_match_one_device(runs, tmp_path):
                     atol=MULTI_DEVICE_ATOL,
                     err_msg=f"{name}: {collection}{jax.tree_util.keystr(key)}",
                 )
+    # Only process 0 writes TensorBoard events: one event file for the two processes.
+    assert len(list((tmp_path / "two_by_two" / "tb").glob("events.out.tfevents.*"))) == 1
+    # The checkpoint of 2 processes x 2 devices resumes on this process's one device and
+    # reaches step 10 of the uninterrupted one-device run.
+    with fast_compiles():
+        ten = tiny_config(overrides=[*RUN, "--config.train.steps=10"])
+        resumed = train_and_evaluate(ten, tmp_path / "two_by_two", store=runs["store"])
+    _, reference = workdir_lib.load_for_inference(runs["root"] / "full", step=10)
+    for got, want in zip(_leaves(resumed.params), _leaves(reference["params"]), strict=True):
+        np.testing.assert_allclose(got, want, rtol=MULTI_DEVICE_RTOL, atol=MULTI_DEVICE_ATOL)
 
 
 def test_training_loop_times_validation_and_checkpoints_outside_the_steps(tmp_path, monkeypatch):
