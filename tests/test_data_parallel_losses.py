@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -126,14 +125,9 @@ def _one_train_step() -> dict:
 
 
 def _script_output() -> dict:
-    from test_train_helpers import cpu_devices_env
+    from test_train_helpers import script_json
 
-    env = cpu_devices_env(2)
-    result = subprocess.run(
-        [sys.executable, __file__], env=env, capture_output=True, text=True, timeout=240
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return script_json(__file__, timeout=240)
 
 
 def test_batch_dice_over_two_devices_equals_one_device():

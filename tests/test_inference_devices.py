@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import collections
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -95,18 +94,10 @@ def _run(out: str) -> dict:
 
 
 def test_two_devices_predict_what_one_device_predicts(tmp_path):
-    from test_train_helpers import cpu_devices_env
+    from test_train_helpers import script_json
 
     out = tmp_path / "scores.npz"
-    result = subprocess.run(
-        [sys.executable, __file__, str(out)],
-        env=cpu_devices_env(2),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    facts = json.loads(result.stdout.strip().splitlines()[-1])
+    facts = script_json(__file__, str(out))
     assert facts["devices"] == 2
     assert facts["one"] == {"mesh": 1, "rows_per_device": [3], "batch_size": 3, "variables_on": 1}
     # Every local device by default; batch 3 rounded up to 4, two slices a device.

@@ -8,6 +8,7 @@ it with several CPU devices or as several processes) and saves the final paramet
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -169,6 +170,20 @@ def cpu_devices_env(devices: int, **extra) -> dict[str, str]:
         PYTHONPATH=str(REPO),
         **extra,
     )
+
+
+def script_json(script: str, *args: str, devices: int = 2, timeout: float = 300):
+    """Runs `script` (a test file's `__main__` part) with `args` on `devices` CPU devices and
+    returns the JSON value of its last stdout line; its exit status must be 0."""
+    result = subprocess.run(
+        [sys.executable, script, *args],
+        env=cpu_devices_env(devices),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def start_worker(out, workdir, devices: int, args=()) -> subprocess.Popen:

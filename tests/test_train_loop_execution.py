@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import collections
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -66,18 +65,9 @@ def _compiles_of_a_run(workdir: str) -> dict[str, int]:
 
 
 def test_a_run_compiles_each_loop_function_once_and_transfers_nothing_implicitly(tmp_path):
-    from test_train_helpers import cpu_devices_env
+    from test_train_helpers import script_json
 
-    env = cpu_devices_env(2)
-    result = subprocess.run(
-        [sys.executable, __file__, str(tmp_path / "run")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    compiles = json.loads(result.stdout.strip().splitlines()[-1])
+    compiles = script_json(__file__, str(tmp_path / "run"))
     for name in ("jit(train_step)", "jit(eval_step)", "jit(_first_bad)", "jit(_add)"):
         assert compiles.get(name) == 1, (name, compiles)
 

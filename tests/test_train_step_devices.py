@@ -12,7 +12,6 @@ it on 2 CPU devices.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -78,17 +77,9 @@ def _steps() -> dict:
 
 
 def test_focalnet_step_with_mfl_and_sync_bn_on_two_devices_equals_one_device():
-    from test_train_helpers import cpu_devices_env
+    from test_train_helpers import script_json
 
-    result = subprocess.run(
-        [sys.executable, __file__],
-        env=cpu_devices_env(2),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    steps = json.loads(result.stdout.strip().splitlines()[-1])
+    steps = script_json(__file__)
     for mode in MODES:
         one, two = steps[mode]["1"], steps[mode]["2"]
         assert one["metrics"].keys() == two["metrics"].keys()
