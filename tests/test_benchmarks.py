@@ -522,3 +522,15 @@ def test_gpu_checks_pass_only_flags_and_overrides_the_benchmarks_declare(tmp_pat
     args, overrides = parser.parse_known_args(lines["mfl_scaling"]["argv"])
     components = mfl_scaling._config(args, overrides, mfl=False).data.components
     assert mfl_scaling._kinds(parser, args, components) == [(2, "select"), (14, "select")]
+
+
+def test_mfl_modes_benchmark_finds_select_equal_to_vmap_under_frozen_normalisation():
+    # Under frozen normalisation the two MFL modes are the same function of the parameters, so
+    # the benchmark must measure the same loss and gradient (its control case).
+    args = ("--config=configs/focalnet.py", "--size=32", *TINY, "--config.model.norm=frozen")
+    result = _run("mfl_modes.py", *args)
+    assert (result["subsets"], result["norm"], result["same_choice"]) == (2, "frozen", True)
+    assert result["select_mfl"] == pytest.approx(result["vmap_mfl"], rel=1e-5)
+    assert result["vmap_gradient_norm"] > 0
+    assert result["gradient_cosine"] == pytest.approx(1.0, abs=1e-5)
+    assert result["gradient_relative_difference"] < 1e-3

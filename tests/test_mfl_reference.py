@@ -7,7 +7,7 @@ averaged over slices; the full output a reference without gradient.
 The network is one per-pixel linear layer (`nn.Dense` on the channels), so the reference can
 apply it, and differentiate MFL with respect to its weights, in a few lines of NumPy (float64).
 Three components (6 subsets by default), the given components in any order, an explicit subset
-list given out of component order, both MFL modes, chunked and not.
+list given out of component order, the paper's two components, both MFL modes, chunked and not.
 """
 
 from __future__ import annotations
@@ -108,13 +108,15 @@ PIRADS_LIKE = [("hbv", "adc"), ("t2w",), ("adc",)]  # out of component order on 
         (COMPONENTS, None),
         (("hbv", "t2w", "adc"), None),
         (("adc", "hbv", "t2w"), PIRADS_LIKE),
+        (("t2w", "adc"), None),  # the paper's two subsets (chunk 1: a loop of 2 chunks)
     ],
 )
 def test_mfl_value_choice_and_gradient_equal_the_numpy_reference(mode, chunk, components, subsets):
     spec = _spec(components, subsets, mode, chunk)
-    assert len(spec.subsets) == (6 if subsets is None else 3)
+    assert len(spec.subsets) == (2 ** len(components) - 2 if subsets is None else 3)
     data = _data(components)
-    params = PixelLinear().init(jax.random.key(0), jnp.zeros((1, H, W, 3)))["params"]
+    shape = (1, H, W, len(components))
+    params = PixelLinear().init(jax.random.key(0), jnp.zeros(shape))["params"]
     kernel = np.asarray(params["Dense_0"]["kernel"])
     bias = np.asarray(params["Dense_0"]["bias"])
     mfl, chosen, grad_kernel, grad_bias = _reference(kernel, bias, *data, components, spec.subsets)
