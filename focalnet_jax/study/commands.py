@@ -11,7 +11,7 @@ import functools
 import shlex
 from pathlib import Path
 
-from focalnet_jax.study.cells import STUDY_FILE, Study
+from focalnet_jax.study.cells import STUDY_FILE, Study, run_lock
 from focalnet_jax.study.inputs import check_inputs
 from focalnet_jax.study.spec import StudyError, load_spec, validate
 
@@ -128,11 +128,19 @@ def cell_states(study: Study) -> dict[str, tuple[str, str]]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from focalnet_jax.study import local, slurm
-
     _check_run_flags(args)
     study = _open_or_create(args)
     check_inputs(study.plain, study.root / STUDY_FILE)
+    if args.dry_run:  # writes nothing, so it needs no lock (and the folder may not exist yet)
+        return _start_cells(study, args)
+    with run_lock(study.root):
+        return _start_cells(study, args)
+
+
+def _start_cells(study: Study, args: argparse.Namespace) -> int:
+    """Run (local) or submit (slurm) the cells not done, queued or running; the exit status."""
+    from focalnet_jax.study import local, slurm
+
     cells = study.cells()
     states = {name: state for name, (state, _) in cell_states(study).items()}
     todo = [c for c in cells if states[c.name] in RUNNABLE]
@@ -174,6 +182,7 @@ def _ensembles(study: Study) -> None:
 
 
 def _status(args: argparse.Namespace) -> int:
+    from focalnet_jax.study import slurm
     from focalnet_jax.study.ensembles import ensemble_done
 
     study = Study.open(args.workdir)
@@ -182,7 +191,9 @@ def _status(args: argparse.Namespace) -> int:
     for cell in study.cells():
         state = study.state(cell)
         name, task = states[cell.name]
-        detail = state.record.get("error") or state.record.get("log", "")
+        stopped = slurm.stop_reason(study, task) if name == "interrupted" and task else None
+        stopped = f"ended by SLURM: {stopped}" if stopped else None
+        detail = state.record.get("error") or stopped or state.record.get("log", "")
         seconds = state.record.get("seconds", "")
         rows.append((cell.name, name, task, str(seconds), detail))
         counts[name] = counts.get(name, 0) + 1
