@@ -152,3 +152,27 @@ def test_task_ended_by_slurm_is_interrupted_with_its_reason_and_submitted_again(
 
 def _text(path: Path) -> str:
     return path.read_text(errors="replace") if path.is_file() else ""
+
+
+@pytest.mark.slow
+def test_task_that_fails_before_its_cell_starts_is_failed_with_its_output(
+    spec_file, cluster, tmp_path
+):
+    """A task whose shell fails before the cell starts (here its task list is gone; on a cluster,
+    e.g., a node without the submitting Python) wrote no state: its cell stayed `pending` with
+    nothing said. It is `failed` with the task output's last line."""
+    env = {**ENV, **cluster.env}
+    workdir = tmp_path / "study"
+    args = ["run", "--spec", str(spec_file), "--workdir", str(workdir), "--executor=slurm"]
+    study(*args, "--spec.repeats=1", "--spec.folds=(0,)", "--sbatch=--hold", env=env)
+    [job] = json.loads((workdir / "slurm" / "jobs.json").read_text())
+    Path(job["script"]).with_suffix(".txt").unlink()
+    subprocess.run(["scontrol", "release", job["job_id"]], env=env, check=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and _queued_cells(workdir, env):
+        time.sleep(0.5)
+    status = study("status", "--workdir", str(workdir), env=env).stdout
+    line = rf"ce/rep0/fold0\s+failed\s+{job['job_id']}_0\s+task output: sed: can't read .*\.txt"
+    assert re.search(line, status), status
+    again = study("run", "--workdir", str(workdir), "--executor=slurm", "--dry-run", env=env)
+    assert "0 running or queued elsewhere, 2 to run" in again.stdout, again.stdout

@@ -109,7 +109,8 @@ def cell_states(study: Study) -> dict[str, tuple[str, str]]:
     whose latest submitted task is in the queue takes that task's state (`queued` while it
     waits), whatever an earlier attempt recorded (`failed`, `interrupted`), so it is not
     submitted twice; a cell `running` on another host whose task has left the queue (e.g. killed
-    at its time limit) is `interrupted`."""
+    at its time limit) is `interrupted`; a cell whose task left the queue without starting it
+    (e.g. the task's shell failed) is `failed`."""
     from focalnet_jax.study import slurm
 
     tasks = slurm.task_ids(study)
@@ -123,6 +124,8 @@ def cell_states(study: Study) -> dict[str, tuple[str, str]]:
             name, task = ("queued" if queue[latest] == "PENDING" else queue[latest].lower()), latest
         elif name == "running" and task and queue is not None and task not in queue:
             name = "interrupted"
+        elif name == "pending" and latest and queue is not None and latest not in queue:
+            name = "failed"  # its task ended before the cell started (its output says why)
         states[cell.name] = (name, task)
     return states
 
@@ -191,9 +194,9 @@ def _status(args: argparse.Namespace) -> int:
     for cell in study.cells():
         state = study.state(cell)
         name, task = states[cell.name]
-        stopped = slurm.stop_reason(study, task) if name == "interrupted" and task else None
-        stopped = f"ended by SLURM: {stopped}" if stopped else None
-        detail = state.record.get("error") or stopped or state.record.get("log", "")
+        ended = name in ("interrupted", "failed") and task and "error" not in state.record
+        why = (slurm.task_end(study, task) or "task left the queue, no output") if ended else None
+        detail = state.record.get("error") or why or state.record.get("log", "")
         seconds = state.record.get("seconds", "")
         rows.append((cell.name, name, task, str(seconds), detail))
         counts[name] = counts.get(name, 0) + 1

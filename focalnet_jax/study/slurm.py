@@ -144,16 +144,21 @@ def task_ids(study: Study) -> dict[str, str]:
     return ids
 
 
-def stop_reason(study: Study, task: str) -> str | None:
-    """Why SLURM ended task `<job>_<task>`, from the last `*** JOB ... ***` line slurmstepd wrote
-    to its output `DIR/slurm/<job>_<task>.out` (time limit, `scancel`, node failure); None when
-    it wrote none (or the output is gone)."""
+def task_end(study: Study, task: str) -> str | None:
+    """Why task `<job>_<task>` ended without finishing its cell, from its output
+    `DIR/slurm/<job>_<task>.out`: slurmstepd's last `*** JOB ... ***` line (time limit, `scancel`,
+    node failure: `ended by SLURM: JOB 11 ON n1 CANCELLED AT ... DUE TO TIME LIMIT`), else the
+    output's last line (e.g. the shell's error where the cell could not start); None without
+    output."""
     try:
         text = (study.root / "slurm" / f"{task}.out").read_text(errors="replace")
     except OSError:
         return None
     found = STOPPED.findall(text)
-    return found[-1][0] if found else None
+    if found:
+        return f"ended by SLURM: {found[-1][0]}"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return f"task output: {lines[-1]}" if lines else None
 
 
 def has_queue() -> bool:
