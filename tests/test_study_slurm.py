@@ -176,3 +176,28 @@ def test_task_that_fails_before_its_cell_starts_is_failed_with_its_output(
     assert re.search(line, status), status
     again = study("run", "--workdir", str(workdir), "--executor=slurm", "--dry-run", env=env)
     assert "0 running or queued elsewhere, 2 to run" in again.stdout, again.stdout
+
+
+@pytest.mark.slow
+def test_run_submits_nothing_while_squeue_does_not_answer(spec_file, cluster, tmp_path):
+    """`squeue` fails now and then on a busy controller ('Socket timed out'); sbatch may still
+    work. The queued cells then looked pending and were submitted a second time. `squeue` here
+    fails as it does then (a stand-in that prints its error), sbatch is the real one."""
+    env = {**ENV, **cluster.env}
+    workdir = tmp_path / "study"
+    args = ["run", "--spec", str(spec_file), "--workdir", str(workdir), "--executor=slurm"]
+    args += ["--spec.repeats=1", "--spec.folds=(0,)", "--sbatch=--hold"]
+    study(*args, env=env)
+    failing = tmp_path / "bin" / "squeue"
+    failing.parent.mkdir()
+    failing.write_text(
+        "#!/bin/sh\necho 'squeue: error: slurm_load_jobs error: Socket timed out on send/recv "
+        "operation' >&2\nexit 1\n"
+    )
+    failing.chmod(0o755)
+    busy = {**env, "PATH": f"{failing.parent}:{env['PATH']}"}
+    again = study(*args, env=busy, check=False)
+    assert again.returncode == 2, again.stdout + again.stderr
+    assert "`squeue` did not answer" in again.stderr, again.stderr
+    assert len(json.loads((workdir / "slurm" / "jobs.json").read_text())) == 1
+    assert sorted(_queued_cells(workdir, env)) == ["ce/rep0/fold0", "fl/rep0/fold0"]

@@ -104,17 +104,26 @@ def _slurm_options(study: Study, args: argparse.Namespace) -> dict:
 RUNNABLE = ("pending", "failed", "interrupted")
 
 
-def cell_states(study: Study) -> dict[str, tuple[str, str]]:
+def cell_states(study: Study, *, need_queue: bool = False) -> dict[str, tuple[str, str]]:
     """{cell name: (state, SLURM task id or '')}, with the SLURM queue's view: a cell not done
     whose latest submitted task is in the queue takes that task's state (`queued` while it
     waits), whatever an earlier attempt recorded (`failed`, `interrupted`), so it is not
     submitted twice; a cell `running` on another host whose task has left the queue (e.g. killed
     at its time limit) is `interrupted`; a cell whose task left the queue without starting it
-    (e.g. the task's shell failed) is `failed`."""
+    (e.g. the task's shell failed) is `failed`. `need_queue`: raise `StudyError` when `squeue`
+    does not answer (e.g. it timed out on a busy controller) and a cell not done was submitted,
+    since a queued cell would look runnable and be submitted twice."""
     from focalnet_jax.study import slurm
 
     tasks = slurm.task_ids(study)
     queue = slurm.queue_states(list(tasks.values()))
+    if need_queue and queue is None:
+        submitted = [c for c in study.cells() if c.name in tasks]
+        if any(study.state(c).state != "done" for c in submitted):
+            raise StudyError(
+                f"{study.root}: `squeue` did not answer, so which submitted cells are still "
+                "queued is unknown; nothing submitted (run again once `squeue` works)"
+            )
     states = {}
     for cell in study.cells():
         state = study.state(cell)
@@ -145,7 +154,8 @@ def _start_cells(study: Study, args: argparse.Namespace) -> int:
     from focalnet_jax.study import local, slurm
 
     cells = study.cells()
-    states = {name: state for name, (state, _) in cell_states(study).items()}
+    need_queue = args.executor == "slurm"
+    states = {n: state for n, (state, _) in cell_states(study, need_queue=need_queue).items()}
     todo = [c for c in cells if states[c.name] in RUNNABLE]
     done = sum(s == "done" for s in states.values())
     print(
