@@ -72,7 +72,34 @@ def test_series_with_a_repeated_slice_is_refused(prostatex_case_dir, tmp_path):
     folder = tmp_path / "adc"
     shutil.copytree(prostatex_case_dir / "adc", folder)
     shutil.copy(folder / "1-07.dcm", folder / "1-07-copy.dcm")
-    _expect(folder, "repeated slice position")
+    error = _expect(folder, "the same image (SOPInstanceUID) as 1-07")
+    assert error.file in (str(folder / "1-07.dcm"), str(folder / "1-07-copy.dcm"))
+    assert error.reason.endswith("1 file(s) of 20 copy another file of the series (exported "
+                                 "twice?); remove the copies")  # fmt: skip
+
+
+@pytest.mark.real_data
+def test_series_exported_twice_into_one_folder_is_not_called_several_volumes(
+    prostatex_case_dir, tmp_path
+):
+    # Every position held two images, so it was refused as "several volumes in one series
+    # (b-values, echoes or time points?)".
+    folder = tmp_path / "adc"
+    shutil.copytree(prostatex_case_dir / "adc", folder)
+    for file in list(folder.iterdir()):
+        shutil.copy(file, folder / f"copy-{file.name}")
+    _expect(folder, "19 file(s) of 38 copy another file of the series")
+
+
+def _copy_as_another_image(source, target) -> None:
+    """Copy a DICOM file with another SOPInstanceUID (its last digit changed), as another image
+    at the same position (another b-value) has."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(source))
+    reader.ReadImageInformation()
+    uid = reader.GetMetaData("0008|0018").strip("\0 ").encode()
+    other = uid[:-1] + (b"1" if uid[-1:] != b"1" else b"2")
+    target.write_bytes(source.read_bytes().replace(uid, other))
 
 
 @pytest.mark.real_data
@@ -82,8 +109,8 @@ def test_series_of_several_b_values_is_refused_as_several_volumes(prostatex_case
     folder = tmp_path / "dwi"
     folder.mkdir()
     for file in (prostatex_case_dir / "hbv").iterdir():
-        for b in (50, 800):
-            shutil.copy(file, folder / f"b{b}_{file.name}")
+        shutil.copy(file, folder / f"b50_{file.name}")
+        _copy_as_another_image(file, folder / f"b800_{file.name}")
     error = _expect(folder, "each of the 19 slice positions holds 2 images (38 files)")
     assert "several volumes in one series (b-values" in error.reason
     assert error.file == str(folder) and "median spacing" not in error.reason
@@ -397,24 +424,27 @@ def test_dicom_refusals_and_series_column_through_the_cli(
     assert store.images.shape == (19, 128, 128, 2)
 
 
-def _write_series(folder, shift_x_mm: float, slices: int = 6, spacing: float = 3.0) -> None:
+def _write_series(
+    folder, shift_x_mm: float, slices: int = 6, spacing: float = 3.0, values=None, tags=None
+) -> None:
     """`slices` 16 x 16 axial DICOM slices `spacing` mm apart, slice k shifted by k * shift_x_mm
-    along x."""
+    along x; `values`: int16 [slices, 16, 16] stored pixel values; `tags`: more tags of each."""
     folder.mkdir()
     shape = (slices, 16, 16)
-    volume = sitk.GetImageFromArray((np.arange(np.prod(shape)) % 97).reshape(shape).astype("i2"))
+    values = (np.arange(np.prod(shape)) % 97).reshape(shape) if values is None else values
+    volume = sitk.GetImageFromArray(np.asarray(values, "i2"))
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     ctype = locale.setlocale(locale.LC_CTYPE)  # GDCM's writer sets the C locale: restored below
     try:
         for k in range(slices):
             image = volume[:, :, k]
-            tags = {"0008|0060": "MR", "0020|000d": "1.2.826.0.1.3680043.2.1125.1.43",
+            slice_tags = {"0008|0060": "MR", "0020|000d": "1.2.826.0.1.3680043.2.1125.1.43",
                     "0020|000e": "1.2.826.0.1.3680043.2.1125.1.42",
                     "0020|0037": "1\\0\\0\\0\\1\\0",
                     "0020|0032": f"{shift_x_mm * k:.6f}\\0\\{spacing * k:.6f}",
-                    "0020|0013": str(k + 1)}  # fmt: skip
-            for tag, value in tags.items():
+                    "0020|0013": str(k + 1), **(tags or {})}  # fmt: skip
+            for tag, value in slice_tags.items():
                 image.SetMetaData(tag, value)
             writer.SetFileName(str(folder / f"{k}.dcm"))
             writer.Execute(image)
@@ -440,3 +470,92 @@ def test_long_thin_stack_with_rounded_cosines_is_not_sheared(tmp_path):
     assert read_image(tmp_path / "thin").GetSize() == (16, 16, 60)
     _write_series(tmp_path / "tilted", 0.02, slices=60, spacing=1.0)  # a 1.1 degree tilt
     _expect(tmp_path / "tilted", "slice positions move within the slice plane by up to 1.18 mm")
+
+
+def _set_rescale_slope(file, slope: bytes) -> None:
+    """Overwrite RescaleSlope (0028,1053), written as '1 ' in implicit VR, with 2-byte `slope`."""
+    element = b"\x28\x00\x53\x10\x02\x00\x00\x00"
+    data = file.read_bytes()
+    assert data.count(element + b"1 ") == 1
+    file.write_bytes(data.replace(element + b"1 ", element + slope))
+
+
+def test_rescale_slope_varying_per_slice_is_applied_per_slice(tmp_path):
+    # Slopes that vary per slice (as some scanners write them): ITK chose the pixel type of the
+    # first slice (slope 1: int16), so stored 20000 x slope 2 wrapped to -25536 and 97 x 0.5
+    # was truncated to 48.
+    values = np.stack([np.full((16, 16), v) for v in (20000, 20000, 97, 20000, 97, 20000)])
+    _write_series(tmp_path / "s", 0.0, values=values, tags={"0028|1053": "1", "0028|1052": "0"})
+    for k, slope in ((3, b"2 "), (4, b".5")):
+        _set_rescale_slope(tmp_path / "s" / f"{k}.dcm", slope)
+    volume = sitk.GetArrayFromImage(read_image(tmp_path / "s"))
+    np.testing.assert_array_equal(volume[:, 0, 0], [20000, 20000, 97, 40000, 48.5, 20000])
+    assert np.ptp(volume, axis=(1, 2)).max() == 0
+
+
+def _compress_in_name_only(file, syntax: str = "1.2.840.10008.1.2.4.90") -> None:
+    """Give a part-10 file (explicit VR little endian) transfer syntax `syntax` and encapsulated
+    pixel data that no codec decodes: a JPEG 2000 codestream start, then zeros."""
+    data = bytearray(file.read_bytes())
+    at = data.find(b"\x02\x00\x10\x00UI")
+    length = int.from_bytes(data[at + 6 : at + 8], "little")
+    value = syntax.encode() + b"\0" * (len(syntax) % 2)
+    data[at + 6 : at + 8 + length] = len(value).to_bytes(2, "little") + value
+    group = data.find(b"\x02\x00\x00\x00UL")  # meta group length, after the new value's size
+    size = int.from_bytes(data[group + 8 : group + 12], "little") + len(value) - length
+    data[group + 8 : group + 12] = size.to_bytes(4, "little")
+    pixels = data.rfind(b"\xe0\x7f\x10\x00OW\x00\x00")
+    fragment = b"\xff\x4f\xff\x51" + bytes(60)
+    item = b"\xfe\xff\x00\xe0"
+    data[pixels:] = (
+        b"\xe0\x7f\x10\x00OB\x00\x00\xff\xff\xff\xff" + item + bytes(4)
+        + item + len(fragment).to_bytes(4, "little") + fragment + b"\xfe\xff\xdd\xe0" + bytes(4)
+    )  # fmt: skip
+    file.write_bytes(bytes(data))
+
+
+@pytest.mark.real_data
+def test_slice_in_a_transfer_syntax_no_codec_decodes_is_named(prostatex_case_dir, tmp_path):
+    # It was "file '<folder>': unreadable or truncated image (ITK ERROR: GDCMImageIO(0x55..):
+    # Failed to change to Implicit Transfer Syntax)": neither the file nor the compression.
+    folder = tmp_path / "adc"
+    shutil.copytree(prostatex_case_dir / "adc", folder)
+    broken = sorted(folder.iterdir())[9]
+    _compress_in_name_only(broken)
+    error = _expect(folder, "pixel data in transfer syntax 1.2.840.10008.1.2.4.90 (1 of 19 files)")
+    assert error.file == str(broken)
+    assert "cannot be decoded (" in error.reason and "GDCMImageIO(0x" not in error.reason
+    assert error.reason.endswith("; convert the series to uncompressed DICOM (e.g. gdcmconv --raw)")
+
+
+@pytest.mark.real_data
+def test_exam_folder_given_for_a_series_names_its_series_folders(prostatex_case_dir):
+    # DICOM exports nest patient/study/series folders; the exam folder given as T2w said only
+    # "folder holds no DICOM series".
+    error = _expect(prostatex_case_dir, "folder holds no DICOM series; it holds folders ")
+    assert error.reason.endswith("adc, hbv, t2w: give one series' folder")
+
+
+@pytest.mark.parametrize(
+    "position, shown", [(b"0\\x\\3 ", "'0\\\\x\\\\3'"), (b"0\\3   ", "'0\\\\3'")]
+)
+def test_malformed_slice_position_is_one_line(tmp_path, position, shown):
+    # A position that is no number, or has 2 values, ended in a ValueError traceback.
+    _write_series(tmp_path / "s", 0.0)
+    file = tmp_path / "s" / "1.dcm"
+    data = file.read_bytes()
+    assert data.count(b"0\\0\\3 ") == 1  # as GDCM writes (0, 0, 3.000000)
+    file.write_bytes(data.replace(b"0\\0\\3 ", position))
+    error = _expect(tmp_path / "s", f"DICOM tag (0020,0032) {shown} is not 3 numbers")
+    assert error.file == str(file)
+
+
+def test_slices_without_pixel_spacing_are_refused(tmp_path):
+    # Without PixelSpacing (0028,0030) ITK took 1 mm pixels without a word.
+    _write_series(tmp_path / "s", 0.0)
+    for file in (tmp_path / "s").iterdir():
+        data = file.read_bytes()
+        assert data.count(b"\x28\x00\x30\x00") == 1  # implicit VR little endian, as GDCM writes
+        file.write_bytes(data.replace(b"\x28\x00\x30\x00", b"\x28\x00\x31\x00"))  # another tag
+    error = _expect(tmp_path / "s", "DICOM file lacks PixelSpacing (0028,0030)")
+    assert error.file.endswith(".dcm")

@@ -347,3 +347,13 @@ def test_misspelt_masks_folder_is_refused_and_missing_masks_named(dataset, tmp_p
     case_id = first.name.removesuffix(".nii.gz")
     assert f"1 of 2 cases have no mask in {masks} (crop centred on the T2w volume centre): " \
            f"{case_id}" in caplog.text  # fmt: skip
+
+
+def test_archive_given_as_a_folder_is_named_a_file(dataset, tmp_path, capfd):
+    # PI-CAI images come as zip archives: one given as --images was reported as "does not exist".
+    archive = shutil.make_archive(str(tmp_path / "images"), "zip", dataset / "images")
+    err = _user_error(capfd, [*_picai(dataset, tmp_path / "s", images=archive), "--labels",
+                              str(dataset / "labels")])  # fmt: skip
+    assert err.endswith(
+        f"images folder {archive} is a file, not a folder (an archive? extract it first)"
+    )

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import pytest
 from PIL import Image
+from tensorboard.backend.event_processing import plugin_event_accumulator
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_train_helpers import (
     MULTI_DEVICE_ATOL,
@@ -27,7 +28,7 @@ from test_train_helpers import (
     tiny_config,
 )
 
-from focalnet_jax.errors import UserError
+from focalnet_jax.errors import UserError, UserErrorExit, one_line_user_errors
 from focalnet_jax.run import RunSpec
 from focalnet_jax.run import workdir as workdir_lib
 from focalnet_jax.training import train_and_evaluate
@@ -126,13 +127,18 @@ def test_tensorboard_scalars_and_panels(runs):
     assert [p.step for p in panels] == [10, 20] and panels[0].width == 32 * 4
 
 
-def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(runs):
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(runs, capsys):
     store = FakeStore()
     store.images = np.full_like(store.images, np.nan)
     config = tiny_config(overrides=[*RUN, "--config.train.steps=20"])
     workdir = runs["root"] / "nan"
-    with pytest.raises(RuntimeError, match="at step 11 .*last good checkpoint: step 10"):
+    with pytest.raises(UserErrorExit), one_line_user_errors("focalnet train"):
         train_and_evaluate(config, workdir, store=store)
+    expected = (
+        "focalnet train: error: non-finite loss or gradient at step 11 (checked at step 11); "
+        f"last good checkpoint: step 10 in {workdir}\n"
+    )
+    assert capsys.readouterr().err.endswith("\n" + expected)  # one line, after the bar
     steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [5, 10]
 
@@ -266,3 +272,79 @@ def test_images_per_s_leaves_out_validation_and_checkpoint_time(tmp_path, monkey
     logger.train(4, {"loss": np.float32(0.5)})
     logger.writer.close()
     assert [w["train/images_per_s"] for w in written] == [16.0, 16.0]
+
+
+def test_resume_after_a_crash_past_the_last_checkpoint_drops_the_orphaned_events(tmp_path):
+    """A run stopped at step 8 with its newest checkpoint at 5 resumes from 5: TensorBoard's
+    readers (the EventAccumulator and the one its server uses) show steps 1..10 once each, not
+    steps 6..8 twice, and the values of steps 6..8 are the resumed session's."""
+    store, workdir = FakeStore(), tmp_path / "w"
+    first = tiny_config(overrides=[*RUN, "--config.train.steps=8"])
+    with fast_compiles():
+        train_and_evaluate(first, workdir, store=store)
+        shutil.rmtree(workdir / "checkpoints" / "8")  # as if killed after step 8 was logged
+        second = tiny_config(overrides=[*RUN, "--config.train.steps=10"])
+        train_and_evaluate(second, workdir, store=store)
+    _, scalars = _scalars(workdir)
+    for tag in ("train/loss", "train/images_per_s", "train/lr"):
+        assert [e.step for e in scalars[tag]] == list(range(1, 11)), tag
+    assert [e.step for e in scalars["val/loss"]] == [10]  # the first session's step 8: orphaned
+    _, resumed_file = sorted((workdir / "tb").iterdir())  # one event file a session
+    resumed = EventAccumulator(str(resumed_file))
+    resumed.Reload()
+    assert [e.step for e in resumed.Scalars("train/loss")] == list(range(6, 11))
+    expected = {e.step: e.wall_time for e in resumed.Scalars("train/images_per_s")}
+    assert {e.step: e.wall_time for e in scalars["train/images_per_s"][5:]} == expected
+    served = plugin_event_accumulator.EventAccumulator(str(workdir / "tb"))
+    served.Reload()
+    assert [e.step for e in served.Tensors("train/loss")] == list(range(1, 11))
+
+
+def test_progress_bar_shows_each_step_with_its_own_loss(tmp_path, capsys):
+    """Every frame of the console bar pairs step n with train/loss of step n (a validation line
+    redraws the bar: it showed step n - 1 beside step n's loss)."""
+    overrides = ["--config.train.steps=4", "--config.train.eval_every=2"]
+    with fast_compiles():
+        train_and_evaluate(tiny_config(overrides=overrides), tmp_path / "w", store=FakeStore())
+    frames = re.findall(r"train:[^\r\n]*?(\d+)/4 \[[^\]]*loss=([0-9.]+)\]", capsys.readouterr().err)
+    _, scalars = _scalars(tmp_path / "w")
+    logged = {e.step: f"{e.value:.4f}" for e in scalars["train/loss"]}
+    assert {int(n) for n, _ in frames} >= {2, 4}
+    assert [(int(n), loss) for n, loss in frames] == [(int(n), logged[int(n)]) for n, _ in frames]
+
+
+def test_non_finite_loss_is_caught_before_validation_logs_anything(tmp_path):
+    """Validation between two logs first checks the steps: a NaN at step 1 stops the run at the
+    step-2 validation, which writes no val/ scalars or panel of the diverged parameters."""
+    store = FakeStore()
+    store.images = np.full_like(store.images, np.nan)
+    overrides = [
+        "--config.train.steps=4",
+        "--config.train.log_every=1000",
+        "--config.train.eval_every=2",
+    ]
+    with (
+        fast_compiles(),
+        pytest.raises(UserError, match=r"at step 1 \(checked at step 2\); .*: none yet in"),
+    ):
+        train_and_evaluate(tiny_config(overrides=overrides), tmp_path / "w", store=store)
+    events, scalars = _scalars(tmp_path / "w")
+    assert scalars == {} and events.Tags()["images"] == []
+
+
+def test_console_names_the_run_and_fold_before_its_bar(tmp_path, caplog):
+    """`focalnet cv` trains one fold after another: each run's first line names its workdir and
+    fold, then its slices, steps and starting step (here a resume at 1 of 2)."""
+    store, workdir = FakeStore(), tmp_path / "fold1"
+    with fast_compiles(), caplog.at_level("INFO", logger="focalnet_jax.training.loop"):
+        for steps in (1, 2):
+            overrides = ["--config.data.fold=1", f"--config.train.steps={steps}"]
+            train_and_evaluate(tiny_config(overrides=overrides), workdir, store=store)
+    split = RunSpec.from_config(tiny_config(overrides=["--config.data.fold=1"])).fold_split(store)
+    lines = [r.getMessage() for r in caplog.records if "val slices" in r.getMessage()]
+    counts = f"{len(split.train_rows)} train / {len(split.val_rows)} val slices"
+    per_epoch = f"({len(split.train_rows) // 4} per epoch)"  # batch 4, 20 slices
+    assert [line.split(", lambda")[0] for line in lines] == [
+        f"{workdir}, fold 1: {counts}, 1 steps {per_epoch}, start at 0",
+        f"{workdir}, fold 1: {counts}, 2 steps {per_epoch}, start at 1",
+    ]

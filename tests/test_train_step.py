@@ -22,7 +22,7 @@ from test_train_helpers import COMPONENTS, FakeStore, fast_compiles, tiny_config
 from focalnet_jax import encoding, losses
 from focalnet_jax.errors import UserError
 from focalnet_jax.run import RunSpec
-from focalnet_jax.training import sharding, train_state
+from focalnet_jax.training import loop, sharding, train_state
 from focalnet_jax.training import step as step_lib
 
 LAMBDA = 1000.0
@@ -324,3 +324,31 @@ def test_eval_step_returns_only_the_panels_class_maps_and_sums_over_the_whole_ba
     for k in (1, 2):
         assert (sums[f"intersect_{k}"], sums[f"predicted_{k}"], sums[f"true_{k}"]) == (15, 15, 15)
     assert sums["background"] == 7 * 64 - 15
+
+
+def _totals(**given):
+    sums = dict.fromkeys(("loss", "count", "score_lesion", "score_background", "background"), 0.0)
+    sums |= {f"{t}_{k}": 0.0 for t in ("intersect", "predicted", "true") for k in (1, 2)}
+    return sums | given
+
+
+def test_validation_metrics_from_hand_counted_sums():
+    """Dice 2|A & B| / (|A| + |B|) per score, mean scores per pixel kind; a binary output has no
+    csPCa Dice (it predicts no grade: its csPCa Dice read 0 at every step), and a fold without
+    lesion pixels has no mean lesion score (it read 0)."""
+    ordinal = step_lib.EvalStep(None, losses.get_loss("ordinal_focal"))
+    totals = _totals(loss=6.0, count=4.0, intersect_1=3.0, predicted_1=4.0, true_1=6.0,
+                     intersect_2=1.0, predicted_2=1.0, true_2=3.0, score_lesion=1.5,
+                     score_background=2.0, background=40.0)  # fmt: skip
+    metrics = loop.validation_metrics(totals, ordinal)
+    assert metrics == pytest.approx({"val/loss": 1.5, "val/dice_lesion": 0.6,
+                                     "val/dice_cspca": 0.5, "val/mean_score_lesion": 0.25,
+                                     "val/mean_score_background": 0.05})  # fmt: skip
+
+    binary = step_lib.EvalStep(None, losses.get_loss("binary_ce"))
+    assert "val/dice_cspca" not in loop.validation_metrics(totals, binary)
+
+    no_lesion = loop.validation_metrics(_totals(count=1.0, background=10.0), ordinal)
+    assert np.isnan(no_lesion["val/mean_score_lesion"])
+    assert no_lesion["val/dice_lesion"] == 1.0  # nothing true, nothing predicted
+    assert no_lesion["val/mean_score_background"] == 0.0

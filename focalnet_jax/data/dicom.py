@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +36,8 @@ _NOT_THE_COMPONENT = {
     "adc": ("TRACEW", "TRACE"),  # a trace-weighted DWI (high-b image)
     "hbv": ("ADC",),  # an ADC map
 }
-_POSITION, _ORIENTATION = "0020|0032", "0020|0037"
+_POSITION, _ORIENTATION, _SOP_INSTANCE = "0020|0032", "0020|0037", "0008|0018"
+_PIXEL_SPACING = "0028|0030"
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +101,9 @@ def choose_series(
     `found`: `list_series(folder)`, where already listed."""
     found = list_series(folder) if found is None else found
     if not found:
-        raise SeriesError(folder, "folder holds no DICOM series")
+        inner = sorted(p.name for p in Path(folder).iterdir() if p.is_dir())
+        hint = f"; it holds folders {', '.join(inner[:5])}: give one series' folder"
+        raise SeriesError(folder, "folder holds no DICOM series" + (hint if inner else ""))
     listing = "; ".join(str(s) for s in found)
     if series is None:
         if len(found) > 1:
@@ -123,24 +127,35 @@ def _header(file: str) -> dict[str, str]:
     reader = sitk.ImageFileReader()
     reader.SetFileName(file)
     reader.ReadImageInformation()
-    keys = (_ORIENTATION, _POSITION, _INSTANCE)
+    keys = (_ORIENTATION, _POSITION, _INSTANCE, _SOP_INSTANCE, _PIXEL_SPACING)
     return {k: reader.GetMetaData(k).strip() for k in keys if reader.HasMetaDataKey(k)}
 
 
-def _floats(header: dict, key: str, file: str) -> np.ndarray:
+def _floats(header: dict, key: str, file: str, count: int) -> np.ndarray:
+    """The `count` numbers of tag `key` (e.g. '0020|0032') of a header; else a SeriesError."""
+    tag = key.replace("|", ",")
     if key not in header:
-        raise SeriesError(file, f"DICOM file lacks tag ({key.replace('|', ',')})")
-    return np.array([float(v) for v in header[key].split("\\")])
+        raise SeriesError(file, f"DICOM file lacks tag ({tag})")
+    try:
+        values = np.array([float(v) for v in header[key].split("\\")])
+    except ValueError:
+        values = np.array([])
+    if values.shape != (count,) or not np.isfinite(values).all():
+        raise SeriesError(file, f"DICOM tag ({tag}) {header[key]!r} is not {count} numbers")
+    return values
 
 
 def check_slice_positions(files) -> None:
-    """Refuse a stack (`files`, one slice each) with several orientations, repeated positions, a
-    missing slice or uneven spacing. Reads only the headers."""
+    """Refuse a stack (`files`, one slice each) without a pixel spacing, with several
+    orientations, repeated positions, a missing slice or uneven spacing. Reads only the
+    headers."""
     if len(files) < 2:
         return
     headers = [_header(f) for f in files]
-    orientation = [_floats(h, _ORIENTATION, f) for h, f in zip(headers, files, strict=True)]
-    position = np.array([_floats(h, _POSITION, f) for h, f in zip(headers, files, strict=True)])
+    _refuse_copies(headers, files)
+    _check_pixel_spacing(headers[0], files[0])
+    orientation = [_floats(h, _ORIENTATION, f, 6) for h, f in zip(headers, files, strict=True)]
+    position = np.array([_floats(h, _POSITION, f, 3) for h, f in zip(headers, files, strict=True)])
     tilted = [
         f
         for o, f in zip(orientation, files, strict=True)
@@ -173,6 +188,40 @@ def check_slice_positions(files) -> None:
         f"{tolerance:.2f} mm) between {name(i)} and {name(i + 1)}; "
         f"{len(bad)} irregular step(s) of {len(steps)}",
     )
+
+
+def _check_pixel_spacing(header: dict, file: str) -> None:
+    """A slice without PixelSpacing (0028,0030), or with one that is not 2 positive numbers, is
+    refused: ITK would take 1 mm pixels without a word."""
+    if _PIXEL_SPACING not in header:
+        raise SeriesError(
+            file, "DICOM file lacks PixelSpacing (0028,0030): its pixel size is unknown"
+        )
+    if not (_floats(header, _PIXEL_SPACING, file, 2) > 0).all():
+        raise SeriesError(
+            file, f"PixelSpacing (0028,0030) {header[_PIXEL_SPACING]!r} is not positive"
+        )
+
+
+def _refuse_copies(headers: list[dict], files) -> None:
+    """Refuse a series holding one image (SOPInstanceUID) in several files: slices exported
+    twice into one folder, which would otherwise be called a repeated position or several
+    volumes."""
+    first: dict[str, str] = {}
+    copies = []
+    for header, file in zip(headers, files, strict=True):
+        uid = header.get(_SOP_INSTANCE)
+        if uid and uid in first:
+            copies.append((file, first[uid]))
+        elif uid:
+            first[uid] = file
+    if copies:
+        file, original = copies[0]
+        raise SeriesError(
+            file,
+            f"the same image (SOPInstanceUID) as {Path(original).name}: {len(copies)} file(s) of "
+            f"{len(files)} copy another file of the series (exported twice?); remove the copies",
+        )
 
 
 def _refuse_several_volumes(along: np.ndarray, tolerance: float, files) -> None:
@@ -271,7 +320,7 @@ def read_series(
     A damaged slice of the series that GDCM cannot read (`_damaged_slice`: truncated, corrupt) is
     refused: at either end of the stack it would leave no gap, and the series would be read one
     slice short. Other DICOM objects of the folder outside any image series are left out, with a
-    warning."""
+    warning. Read as float32, each slice with its own rescale slope and intercept."""
     folder = Path(folder)
     found = list_series(folder)
     chosen = choose_series(folder, series, found)
@@ -303,4 +352,41 @@ def read_series(
         )
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(chosen.files)
-    return reader.Execute()
+    # Float32 output: each slice rescaled by its own RescaleSlope/Intercept. Else ITK takes the
+    # first slice's pixel type (int16 for slope 1), wrapping or truncating other slices' values.
+    reader.SetOutputPixelType(sitk.sitkFloat32)
+    try:
+        return reader.Execute()
+    except RuntimeError as err:
+        raise _undecodable(chosen.files, err) from err
+
+
+_UNCOMPRESSED = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2")
+
+
+def _transfer_syntax(file: str) -> str:
+    """TransferSyntaxUID (0002,0010) of a part-10 file, from its meta header (explicit VR little
+    endian in every file), or '' where there is none."""
+    with open(file, "rb") as f:
+        head = f.read(4096)
+    at = head.find(b"\x02\x00\x10\x00UI")
+    if at < 0:
+        return ""
+    length = int.from_bytes(head[at + 6 : at + 8], "little")
+    return head[at + 8 : at + 8 + length].rstrip(b"\0 ").decode("ascii", "replace")
+
+
+def _undecodable(files, err: RuntimeError) -> SeriesError:
+    """The error for a series (`files`) whose pixel data ITK cannot read: names the first file
+    in a compressed transfer syntax (GDCM lacks a codec for some), else the folder."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    itk = re.sub(r"^ITK ERROR: \w+\(0x[0-9a-f]+\): ", "", lines[-1] if lines else "read error")
+    compressed = [(f, ts) for f in files if (ts := _transfer_syntax(f)) not in ("", *_UNCOMPRESSED)]
+    if not compressed:
+        return SeriesError(Path(files[0]).parent, f"pixel data cannot be read ({itk})")
+    file, syntax = compressed[0]
+    return SeriesError(
+        file,
+        f"pixel data in transfer syntax {syntax} ({len(compressed)} of {len(files)} files) cannot "
+        f"be decoded ({itk}); convert the series to uncompressed DICOM (e.g. gdcmconv --raw)",
+    )

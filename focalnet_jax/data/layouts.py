@@ -12,7 +12,7 @@ column or empty cell is an error unless `unlabelled` says otherwise), optional `
 `center_x, center_y, center_z` (LPS mm), and optional `<component>_series` columns choosing a series
 of a DICOM folder that holds several (SeriesInstanceUID or exact SeriesDescription). Relative paths
 are relative to the CSV's folder. Case and patient ids are checked with `check_case_id` (they become
-file names).
+file names; two case ids differing only in letter case are refused). Empty rows are skipped.
 """
 
 from __future__ import annotations
@@ -120,10 +120,16 @@ def read_marksheet(path: str | os.PathLike) -> dict[str, dict]:
         missing = [c for c in ("patient_id", "study_id") if c not in columns]
         if missing:
             raise LayoutError(f"{path}: marksheet lacks column(s) {missing}; has {columns}")
-        rows = {}
+        rows, lines = {}, {}
         for row in reader:
             row = {k.strip(): (v or "").strip() for k, v in row.items() if k}
-            rows[f"{row['patient_id']}_{row['study_id']}"] = row
+            key = f"{row['patient_id']}_{row['study_id']}"
+            if key in rows and rows[key] != row:  # which one holds the truth is not ours to pick
+                raise LayoutError(
+                    f"marksheet {path}, line {reader.line_num}: study {key} is also on line "
+                    f"{lines[key]}, with other values; keep one row per study"
+                )
+            rows[key], lines[key] = row, lines.get(key, reader.line_num)
     return rows
 
 
@@ -132,11 +138,18 @@ def _check_unlabelled(unlabelled: str) -> None:
         raise LayoutError(f"unlabelled={unlabelled!r}: expected 'error', 'negative' or 'skip'")
 
 
+def _not_a_folder(what: str, path) -> str:
+    """Why `path`, given as the `what` folder, is none: missing, or a file (e.g. an archive)."""
+    if not Path(path).exists():
+        return f"{what} folder {path} does not exist"
+    return f"{what} folder {path} is a file, not a folder (an archive? extract it first)"
+
+
 def _picai_images(images: Path) -> dict[str, tuple[str, Path, str, Path]]:
     """Case id -> (patient id, patient folder, image suffix, first image file) of every
     `<patient>/<patient>_<study>_<component>.<suffix>` under `images`."""
     if not images.is_dir():
-        raise LayoutError(f"images folder {images} does not exist")
+        raise LayoutError(_not_a_folder("images", images))
     found: dict[str, tuple[str, Path, str, Path]] = {}
     for patient_dir in sorted(p for p in images.iterdir() if p.is_dir()):
         for file in sorted(patient_dir.iterdir()):
@@ -164,7 +177,7 @@ def _check_labels_folder(labels, unlabelled: str) -> None:
             "or --unlabelled skip"
         )
     if labels is not None and not Path(labels).is_dir():
-        raise LayoutError(f"labels folder {labels} does not exist")
+        raise LayoutError(_not_a_folder("labels", labels))
 
 
 def discover_picai(
@@ -191,7 +204,7 @@ def discover_picai(
     check_components(components)
     _check_labels_folder(labels, unlabelled)
     if masks is not None and not Path(masks).is_dir():  # else every crop centred on the T2w
-        raise LayoutError(f"masks folder {masks} does not exist")
+        raise LayoutError(_not_a_folder("masks", masks))
     found = _picai_images(Path(images))
     sheet = read_marksheet(marksheet) if marksheet else {}
     cases = []
@@ -252,8 +265,12 @@ def _series_choices(row: dict, components: Sequence[str]) -> dict[str, str]:
     return {name: row[f"{name}_series"] for name in components if row.get(f"{name}_series")}
 
 
-def _manifest_rows(manifest: Path, required: Sequence[str]) -> tuple[list[str], list[dict]]:
-    """(columns, rows with stripped keys and values) of a manifest CSV."""
+def _manifest_rows(
+    manifest: Path, required: Sequence[str]
+) -> tuple[list[str], list[tuple[int, dict]]]:
+    """(columns, (line, row with stripped keys and values) of each case) of a manifest CSV. Rows
+    of empty cells (a spreadsheet's empty rows) are skipped; a column named twice, or a row with
+    more cells than columns (an unquoted path holding a comma), is an error."""
     if not manifest.is_file():
         raise LayoutError(f"manifest {manifest} does not exist")
     with io.StringIO(_csv_text(manifest, "manifest"), newline="") as f:
@@ -262,7 +279,20 @@ def _manifest_rows(manifest: Path, required: Sequence[str]) -> tuple[list[str], 
         missing = [c for c in required if c not in columns]
         if missing:
             raise LayoutError(f"manifest {manifest}: missing column(s) {missing}; has {columns}")
-        rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+        repeated = sorted({c for c in columns if c and columns.count(c) > 1})
+        if repeated:
+            raise LayoutError(f"manifest {manifest}: column(s) {repeated} named more than once")
+        rows = []
+        for row in reader:
+            if None in row:  # csv.DictReader's key for the cells beyond the header's
+                raise LayoutError(
+                    f"manifest {manifest}, line {reader.line_num}: {len(columns) + len(row[None])} "
+                    f"cells, but the header names {len(columns)} columns (a path holding a comma "
+                    "must be in double quotes)"
+                )
+            row = {k.strip(): (v or "").strip() for k, v in row.items()}
+            if any(row.values()):
+                rows.append((reader.line_num, row))
     if not rows:
         raise LayoutError(f"manifest {manifest} lists no cases")
     return columns, rows
@@ -289,13 +319,16 @@ def read_manifest(
     check_components(components)
     columns, rows = _manifest_rows(manifest, ["case_id", "patient_id", *components])
     centre_columns = _check_manifest_columns(manifest, columns, labels, unlabelled)
-    cases, seen = [], set()
-    for line, row in enumerate(rows, start=2):
+    cases, seen = [], {}  # case id folded to lower case -> (line, case id)
+    for line, row in rows:
         case = row["case_id"]
         where = f"manifest {manifest}, line {line}"
-        if case in seen:
-            raise LayoutError(f"{where}: repeated case_id {case!r}")
-        seen.add(case)
+        if case.lower() in seen:  # ids become file names, one file on macOS and Windows
+            raise LayoutError(
+                f"{where}: case_id {case!r} repeats {seen[case.lower()][1]!r} (line "
+                f"{seen[case.lower()][0]}); case ids must differ in more than letter case"
+            )
+        seen[case.lower()] = (line, case)
         try:
             _check_manifest_row(row, where, labels and unlabelled == "error")
             if labels and not row.get("label") and unlabelled == "skip":
@@ -305,7 +338,24 @@ def read_manifest(
             if errors is None:
                 raise
             errors.append((case, str(manifest), str(error)))
+    _warn_missing_patients(manifest, rows)
     return cases
+
+
+def _warn_missing_patients(manifest: Path, rows) -> None:
+    """One warning for the rows with an empty `patient_id`: each such case is taken as a patient
+    of its own, so two exams of one patient could fall into different folds."""
+    lines = [line for line, row in rows if not row["patient_id"]]
+    if lines:
+        log.warning(
+            "manifest %s: %d row(s) without a patient_id (lines %s%s): each case is taken as a "
+            "patient of its own; give the patient id where a patient has several exams, so that "
+            "they stay in one fold",
+            manifest,
+            len(lines),
+            ", ".join(map(str, lines[:5])),
+            ", ..." if len(lines) > 5 else "",
+        )
 
 
 def _check_manifest_columns(
@@ -348,10 +398,11 @@ def _manifest_case(
     centre_columns: Sequence[str],
     labels: bool,
 ) -> CaseSpec:
-    """The `CaseSpec` of a checked manifest row; paths relative to the manifest's folder."""
+    """The `CaseSpec` of a checked manifest row; relative paths taken from the manifest's folder
+    and made absolute (the store records them, and a later working directory is another)."""
 
     def resolve(value: str) -> str | None:
-        return str(manifest.parent / value) if value else None
+        return os.path.abspath(manifest.parent / value) if value else None
 
     return CaseSpec(
         case_id=row["case_id"],

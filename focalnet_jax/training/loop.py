@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import jax
@@ -30,6 +31,11 @@ from focalnet_jax.training import step as step_lib
 from focalnet_jax.training.tb_logging import SummaryWriter
 
 log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(UserError):
+    """The loss or gradient norm of a step was NaN or infinite (learning rate, data): `focalnet`
+    prints one line naming the step and the last good checkpoint."""
 
 
 @jax.jit
@@ -74,21 +80,30 @@ def evaluate(eval_step, state, reader, rows, batch_size, mesh) -> tuple[dict[str
         if sum(len(p) for p in shown) < step_lib.PANEL_SLICES:
             shown.append(predicted)
     totals, shown = jax.device_get((totals, shown))
+    predicted = np.concatenate(shown)[: min(step_lib.PANEL_SLICES, len(rows))]
+    metrics = validation_metrics(totals, eval_step)
+    return metrics, {"rows": rows[: len(predicted)], "predicted": predicted}
+
+
+def validation_metrics(totals: Mapping, eval_step: step_lib.EvalStep) -> dict[str, float]:
+    """The `val/` scalars from the validation sums `totals` of `evaluate`: the loss, Dice of
+    lesion (class >= 1) and csPCa (class >= 2; not for a binary output, which predicts no grade)
+    and the mean P(class >= 1) on lesion and on background pixels (NaN where there are none)."""
     metrics = {"val/loss": step_lib.validation_loss(totals, eval_step.loss)}
-    for k, name in ((1, "lesion"), (2, "cspca")):
+    scores = (
+        ((1, "lesion"),) if eval_step.loss.encoding == "binary" else ((1, "lesion"), (2, "cspca"))
+    )
+    for k, name in scores:
         denominator = float(totals[f"predicted_{k}"] + totals[f"true_{k}"])
         dice = 2.0 * float(totals[f"intersect_{k}"]) / denominator if denominator else 1.0
         metrics[f"val/dice_{name}"] = dice
     # Threshold-free: focal-loss scores are low in absolute terms, yet lesions should outscore
     # the background.
-    metrics["val/mean_score_lesion"] = float(totals["score_lesion"]) / max(
-        float(totals["true_1"]), 1
-    )
-    metrics["val/mean_score_background"] = float(totals["score_background"]) / max(
-        float(totals["background"]), 1
-    )
-    predicted = np.concatenate(shown)[: min(step_lib.PANEL_SLICES, len(rows))]
-    return metrics, {"rows": rows[: len(predicted)], "predicted": predicted}
+    for name, pixels in (("lesion", "true_1"), ("background", "background")):
+        count = float(totals[pixels])
+        mean = float(totals[f"score_{name}"]) / count if count else float("nan")
+        metrics[f"val/mean_score_{name}"] = mean
+    return metrics
 
 
 def panel(reader, rows: np.ndarray, predicted: np.ndarray) -> np.ndarray:
@@ -114,6 +129,7 @@ class _Logger:
     def __init__(self, spec: RunSpec, workdir: Path, manager, progress, start: int, mesh):
         self.spec, self.workdir, self.manager, self.progress = spec, workdir, manager, progress
         self.writer = SummaryWriter(workdir / "tb")
+        self.writer.session_start(start + 1)  # drops what a stopped session logged past `start`
         # Replicated like the step's metrics, so `_first_bad` compiles once.
         self.first_bad = sharding.put_replicated(jnp.int32(-1), mesh)
         self.last_time, self.last_step = time.perf_counter(), start
@@ -134,9 +150,11 @@ class _Logger:
         bad = int(jax.device_get(self.first_bad))
         if bad >= 0:
             self.manager.wait_until_finished()
-            raise RuntimeError(
+            latest = self.manager.latest_step()
+            kept = f"step {latest}" if latest is not None else "none yet"
+            raise NonFiniteLossError(
                 f"non-finite loss or gradient at step {bad} (checked at step {step}); "
-                f"last good checkpoint: step {self.manager.latest_step()} in {self.workdir}"
+                f"last good checkpoint: {kept} in {self.workdir}"
             )
 
     def train(self, done: int, metrics) -> None:
@@ -195,9 +213,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     workdir_lib.save_config(config, workdir)
     if jax.process_index() == 0:
         log.info(
-            "%d train / %d val slices, %d steps (%d per epoch), start at %d, lambda %.4g",
-            len(split.train_rows), len(split.val_rows), num_steps, batches.steps_per_epoch,
-            start, lam,
+            "%s, fold %d: %d train / %d val slices, %d steps (%d per epoch), start at %d, "
+            "lambda %.4g", workdir, config.data.fold, len(split.train_rows), len(split.val_rows),
+            num_steps, batches.steps_per_epoch, start, lam,
         )  # fmt: skip
     progress = tqdm(
         total=num_steps, initial=start, disable=jax.process_index() != 0, desc="train", unit="step"
@@ -229,16 +247,18 @@ def _steps(spec: RunSpec, state, batches, val_rows, mesh, logger: _Logger, key, 
         final = done == num_steps
         if done % train.log_every == 0 or final:
             logger.train(done, metrics)
+        # Before checkpoint and validation: the bar they redraw or leave on screen shows `done`.
+        logger.progress.update(1)
         if (done % train.checkpoint_every == 0 or final) and done not in saved:
             logger.check_finite(done)
             with logger.outside_steps(state):
                 checkpoint.save(logger.manager, done, state)
             saved.add(done)
         if len(val_rows) and ((train.eval_every and done % train.eval_every == 0) or final):
+            logger.check_finite(done)  # no validation of diverged parameters
             with logger.outside_steps(state):
                 val, shown = evaluate(
                     eval_step, state, batches.reader, val_rows, spec.global_batch, mesh
                 )
                 logger.validation(done, val, batches.reader, shown)
-        logger.progress.update(1)  # after the step's lines: the last bar drawn shows its loss
     return state

@@ -48,6 +48,17 @@ class SummaryWriter:
         event = event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary)
         self._writer.add_event(event)
 
+    def session_start(self, step: int) -> None:
+        """Mark a (re)start that continues at `step`: TensorBoard drops the events of earlier
+        sessions at `step` and after (those logged past the checkpoint a run resumed from), so a
+        resumed run shows each step once. Every session writes one; TensorBoard's reader ignores
+        the first of a run."""
+        if self.enabled:
+            start = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
+            self._writer.add_event(
+                event_pb2.Event(wall_time=time.time(), step=int(step), session_log=start)
+            )
+
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
         """One scalar per tag (`train/loss`, ...) at `step`."""
         if not self.enabled:

@@ -1,0 +1,105 @@
+"""Manifest CSVs as spreadsheet programs and hand edits write them: byte-order mark, Windows line
+endings, quoted paths holding commas, rows of empty cells, blank lines; and the malformed ones
+(a row with more cells than columns, a column named twice, case ids differing only in case) that
+were read with shifted or dropped cells. `read_manifest` only: no image is read."""
+
+from __future__ import annotations
+
+import pytest
+
+from focalnet_jax.data.layouts import LayoutError, read_manifest, read_marksheet
+from focalnet_jax.errors import UserError
+
+HEADER = "case_id,patient_id,t2w,adc,label"
+
+
+def _manifest(tmp_path, *lines, bom=False):
+    path = tmp_path / "cases.csv"
+    text = "\r\n".join([HEADER, *lines, ""])  # Windows line endings
+    path.write_bytes((("\ufeff" if bom else "") + text).encode())
+    return path
+
+
+def test_spreadsheet_manifest_reads_quoted_commas_and_skips_empty_rows(tmp_path):
+    # Rows of empty cells (",,,,": a spreadsheet's formatted but empty rows) were refused as
+    # "case id '' is empty"; a blank line shifted every later line number by one.
+    path = _manifest(
+        tmp_path,
+        'c1,p1,"exams/a, b/t2w",exams/adc,l1.nii.gz',
+        ",,,,",
+        "",
+        "c2,p2,t2w2,adc2,l2.mha",
+        " , , , , ",
+        bom=True,
+    )
+    cases = read_manifest(path)
+    assert [c.case_id for c in cases] == ["c1", "c2"]
+    assert cases[0].components == {"t2w": str(tmp_path / "exams/a, b/t2w"),
+                                   "adc": str(tmp_path / "exams/adc")}  # fmt: skip
+    assert cases[1].label == str(tmp_path / "l2.mha")
+    path = _manifest(tmp_path, "c1,p1,t,a,l", ",,,,", "", "c 2,p2,t,a,l")
+    with pytest.raises(UserError, match=r"line 5: case id 'c 2' contains ' '"):
+        read_manifest(path)
+
+
+def test_row_with_more_cells_than_columns_is_refused_naming_the_line(tmp_path):
+    # A path with a comma, not in quotes: its cells shifted into the next columns (t2w 'exams/a',
+    # adc ' b/t2w', label 'exams/adc') and the last one was dropped without a word.
+    path = _manifest(tmp_path, "c1,p1,t,a,l", "c2,p2,exams/a, b/t2w,exams/adc,l2.nii.gz")
+    with pytest.raises(LayoutError) as info:
+        read_manifest(path)
+    assert str(info.value) == (
+        f"manifest {path}, line 3: 6 cells, but the header names 5 columns (a path holding a "
+        "comma must be in double quotes)"
+    )
+
+
+def test_column_named_twice_is_refused(tmp_path):
+    # The second 't2w' column silently replaced the first.
+    path = tmp_path / "cases.csv"
+    path.write_text(HEADER + ",t2w\nc1,p1,t_first,a,l,t_second\n")
+    with pytest.raises(LayoutError, match=r"column\(s\) \['t2w'\] named more than once"):
+        read_manifest(path)
+
+
+def test_case_ids_differing_only_in_case_are_refused(tmp_path):
+    # 'Case1' and 'CASE1' name the same file on case-insensitive file systems (macOS, Windows):
+    # one case's predictions would overwrite the other's.
+    path = _manifest(tmp_path, "Case1,p1,t,a,l", "CASE1,p2,t,a,l")
+    with pytest.raises(LayoutError, match=r"line 3: case_id 'CASE1' repeats 'Case1' \(line 2\)"):
+        read_manifest(path)
+
+
+def test_relative_paths_are_taken_from_the_manifest_folder_made_absolute(tmp_path, monkeypatch):
+    # Given as a relative path ('cases.csv'), its relative cells stayed relative to the working
+    # directory of the run ('exams/t2w'), and the store recorded them so.
+    (tmp_path / "sub").mkdir()
+    path = tmp_path / "sub" / "cases.csv"
+    path.write_text(HEADER + ",prostate_mask\nc1,p1,exams/t2w,/abs/adc,../l.nii.gz,\n")
+    monkeypatch.chdir(tmp_path)
+    (case,) = read_manifest("sub/cases.csv")
+    assert case.components == {"t2w": str(tmp_path / "sub/exams/t2w"), "adc": "/abs/adc"}
+    assert case.label == str(tmp_path / "l.nii.gz") and case.mask is None
+
+
+def test_rows_without_a_patient_id_are_warned_about_once(tmp_path, caplog):
+    """An empty patient_id makes each case its own patient: two exams of one patient could be
+    split over folds without a word."""
+    path = _manifest(tmp_path, "c1,p1,t,a,l", "c2,,t,a,l", "c3,,t,a,l")
+    with caplog.at_level("WARNING", logger="focalnet_jax.data.layouts"):
+        cases = read_manifest(path)
+    assert [c.patient_id for c in cases] == ["p1", "c2", "c3"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1
+    assert "2 row(s) without a patient_id (lines 3, 4)" in warnings[0]
+
+
+def test_marksheet_rows_of_one_study_must_agree(tmp_path):
+    """Two rows of one study with other values: the last one won without a word."""
+    sheet = tmp_path / "marksheet.csv"
+    rows = ["patient_id,study_id,case_csPCa", "10000,1000000,YES", "10001,1000001,NO"]
+    sheet.write_text("\n".join([*rows, "10000,1000000,YES", ""]))  # an exact repeat is harmless
+    assert read_marksheet(sheet)["10000_1000000"]["case_csPCa"] == "YES"
+    sheet.write_text("\n".join([*rows, "10000,1000000,NO", ""]))
+    with pytest.raises(LayoutError, match=r"line 4: study 10000_1000000 is also on line 2, with "):
+        read_marksheet(sheet)
