@@ -8,6 +8,7 @@ Layout of a study folder DIR:
   `cell.log`;
 - `DIR/<ensemble>/rep<r>/fold<k>/eval/`: the ensemble's averaged predictions and metrics;
 - `DIR/slurm/`: job array scripts, task lists, `jobs.json` and the tasks' SLURM output;
+- `DIR/.study-run.lock`: held (`flock`) by the one `study run` that may start or submit cells;
 - `DIR/report/`: `focalnet study report`.
 
 A cell's state: `done` (its state file says so and `eval/metrics.json` exists), `failed` (the last
@@ -18,11 +19,14 @@ this host is gone without finishing: a re-run resumes it from its latest checkpo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
+import os
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from focalnet_jax.data.atomic_files import write_json_atomic
@@ -32,6 +36,7 @@ from focalnet_jax.study.spec import StudyError, seed_for
 
 STUDY_FILE = "study.json"
 STATE_FILE = "study_cell.json"
+RUN_LOCK = ".study-run.lock"
 LOG_FILE = "cell.log"
 METRICS_JSON = Path("eval") / "metrics.json"
 PREDICTIONS = Path("eval") / "predictions"
@@ -215,3 +220,30 @@ class Study:
 
     def log_path(self, cell: Cell) -> Path:
         return self.path(cell) / LOG_FILE
+
+
+@contextlib.contextmanager
+def run_lock(root: str | Path) -> Iterator[None]:
+    """Hold `root/.study-run.lock` (an exclusive `flock`, released when the process ends, also when
+    killed) while one `study run` reads the cells' states and starts or submits those not done;
+    a second `study run` on the same folder meanwhile would take the same cells for its own and
+    train each twice in one folder. Raises `StudyError` naming the holder when it is held."""
+    path = Path(root) / RUN_LOCK
+    with open(path, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            raise StudyError(
+                f"{root}: another `study run` ({holder}) is starting or running this study's "
+                "cells; wait for it to end (`study status` shows them)"
+            ) from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        lock.flush()
+        try:
+            yield
+        finally:
+            lock.truncate(0)

@@ -11,7 +11,7 @@ import functools
 import shlex
 from pathlib import Path
 
-from focalnet_jax.study.cells import STUDY_FILE, Study
+from focalnet_jax.study.cells import STUDY_FILE, Study, run_lock
 from focalnet_jax.study.inputs import check_inputs
 from focalnet_jax.study.spec import StudyError, load_spec, validate
 
@@ -104,16 +104,26 @@ def _slurm_options(study: Study, args: argparse.Namespace) -> dict:
 RUNNABLE = ("pending", "failed", "interrupted")
 
 
-def cell_states(study: Study) -> dict[str, tuple[str, str]]:
+def cell_states(study: Study, *, need_queue: bool = False) -> dict[str, tuple[str, str]]:
     """{cell name: (state, SLURM task id or '')}, with the SLURM queue's view: a cell not done
     whose latest submitted task is in the queue takes that task's state (`queued` while it
     waits), whatever an earlier attempt recorded (`failed`, `interrupted`), so it is not
     submitted twice; a cell `running` on another host whose task has left the queue (e.g. killed
-    at its time limit) is `interrupted`."""
+    at its time limit) is `interrupted`; a cell whose task left the queue without starting it
+    (e.g. the task's shell failed) is `failed`. `need_queue`: raise `StudyError` when `squeue`
+    does not answer (e.g. it timed out on a busy controller) and a cell not done was submitted,
+    since a queued cell would look runnable and be submitted twice."""
     from focalnet_jax.study import slurm
 
     tasks = slurm.task_ids(study)
     queue = slurm.queue_states(list(tasks.values()))
+    if need_queue and queue is None:
+        submitted = [c for c in study.cells() if c.name in tasks]
+        if any(study.state(c).state != "done" for c in submitted):
+            raise StudyError(
+                f"{study.root}: `squeue` did not answer, so which submitted cells are still "
+                "queued is unknown; nothing submitted (run again once `squeue` works)"
+            )
     states = {}
     for cell in study.cells():
         state = study.state(cell)
@@ -123,18 +133,29 @@ def cell_states(study: Study) -> dict[str, tuple[str, str]]:
             name, task = ("queued" if queue[latest] == "PENDING" else queue[latest].lower()), latest
         elif name == "running" and task and queue is not None and task not in queue:
             name = "interrupted"
+        elif name == "pending" and latest and queue is not None and latest not in queue:
+            name = "failed"  # its task ended before the cell started (its output says why)
         states[cell.name] = (name, task)
     return states
 
 
 def _run(args: argparse.Namespace) -> int:
-    from focalnet_jax.study import local, slurm
-
     _check_run_flags(args)
     study = _open_or_create(args)
     check_inputs(study.plain, study.root / STUDY_FILE)
+    if args.dry_run:  # writes nothing, so it needs no lock (and the folder may not exist yet)
+        return _start_cells(study, args)
+    with run_lock(study.root):
+        return _start_cells(study, args)
+
+
+def _start_cells(study: Study, args: argparse.Namespace) -> int:
+    """Run (local) or submit (slurm) the cells not done, queued or running; the exit status."""
+    from focalnet_jax.study import local, slurm
+
     cells = study.cells()
-    states = {name: state for name, (state, _) in cell_states(study).items()}
+    need_queue = args.executor == "slurm"
+    states = {n: state for n, (state, _) in cell_states(study, need_queue=need_queue).items()}
     todo = [c for c in cells if states[c.name] in RUNNABLE]
     done = sum(s == "done" for s in states.values())
     print(
@@ -174,6 +195,7 @@ def _ensembles(study: Study) -> None:
 
 
 def _status(args: argparse.Namespace) -> int:
+    from focalnet_jax.study import slurm
     from focalnet_jax.study.ensembles import ensemble_done
 
     study = Study.open(args.workdir)
@@ -182,7 +204,9 @@ def _status(args: argparse.Namespace) -> int:
     for cell in study.cells():
         state = study.state(cell)
         name, task = states[cell.name]
-        detail = state.record.get("error") or state.record.get("log", "")
+        ended = name in ("interrupted", "failed") and task and "error" not in state.record
+        why = (slurm.task_end(study, task) or "task left the queue, no output") if ended else None
+        detail = state.record.get("error") or why or state.record.get("log", "")
         seconds = state.record.get("seconds", "")
         rows.append((cell.name, name, task, str(seconds), detail))
         counts[name] = counts.get(name, 0) + 1

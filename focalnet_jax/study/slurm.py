@@ -28,6 +28,10 @@ from focalnet_jax.study.spec import StudyError
 JOBS_FILE = "jobs.json"
 # sbatch --time: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS (numbers of any length).
 TIME_FORMAT = re.compile(r"\d+(:\d+){0,2}|\d+-\d+(:\d+){0,2}")
+# What slurmstepd writes to a task's output when it ends the task, e.g. `slurmstepd-n1: error:
+# *** JOB 11 ON n1 CANCELLED AT 2026-12-01T11:20:00 DUE TO TIME LIMIT ***` (also DUE TO NODE
+# FAILURE, DUE TO PREEMPTION, or CANCELLED ... without a reason: `scancel`).
+STOPPED = re.compile(r"\*\*\* ((JOB|STEP) .+) \*\*\*")
 
 
 def check_time(value: str, source: str = "--time") -> str:
@@ -87,17 +91,18 @@ def submit(
     prints the script and writes nothing)."""
     slurm_dir = study.root / "slurm"
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    tasks_file = (slurm_dir / f"array-{stamp}.txt").resolve()
-    script = sbatch_script(study, tasks_file, len(cells), options)
     if dry_run:
-        print(script, end="")
+        tasks_file = (slurm_dir / f"array-{stamp}.txt").resolve()
+        print(sbatch_script(study, tasks_file, len(cells), options), end="")
         return None
     if shutil.which("sbatch") is None:
         raise StudyError("--executor slurm: `sbatch` is not on PATH (see docs/studies.md)")
     slurm_dir.mkdir(parents=True, exist_ok=True)
+    name = _new_name(slurm_dir, f"array-{stamp}")
+    tasks_file = (slurm_dir / f"{name}.txt").resolve()
     tasks_file.write_text("".join(f"{cell.name}\n" for cell in cells))
-    script_file = slurm_dir / f"array-{stamp}.sbatch"
-    script_file.write_text(script)
+    script_file = slurm_dir / f"{name}.sbatch"
+    script_file.write_text(sbatch_script(study, tasks_file, len(cells), options))
     done = subprocess.run(
         ["sbatch", "--parsable", str(script_file)], capture_output=True, text=True, check=False
     )
@@ -109,6 +114,20 @@ def submit(
     jobs.append({"job_id": job_id, "script": str(script_file), "cells": [c.name for c in cells]})
     write_json_atomic(jobs, slurm_dir / JOBS_FILE)
     return job_id
+
+
+def _new_name(folder: Path, stem: str) -> str:
+    """`stem`, or `stem-2`, `stem-3`, ...: the first whose task list is not in `folder` yet
+    (created here, empty), so that an array submitted within the same second as an earlier one
+    does not overwrite the task list that the earlier array's tasks are still to read."""
+    name, n = stem, 1
+    while True:
+        try:
+            (folder / f"{name}.txt").open("x").close()
+            return name
+        except FileExistsError:
+            n += 1
+            name = f"{stem}-{n}"
 
 
 def read_jobs(study: Study) -> list[dict]:
@@ -123,6 +142,23 @@ def task_ids(study: Study) -> dict[str, str]:
         for index, name in enumerate(job["cells"]):
             ids[name] = f"{job['job_id']}_{index}"
     return ids
+
+
+def task_end(study: Study, task: str) -> str | None:
+    """Why task `<job>_<task>` ended without finishing its cell, from its output
+    `DIR/slurm/<job>_<task>.out`: slurmstepd's last `*** JOB ... ***` line (time limit, `scancel`,
+    node failure: `ended by SLURM: JOB 11 ON n1 CANCELLED AT ... DUE TO TIME LIMIT`), else the
+    output's last line (e.g. the shell's error where the cell could not start); None without
+    output."""
+    try:
+        text = (study.root / "slurm" / f"{task}.out").read_text(errors="replace")
+    except OSError:
+        return None
+    found = STOPPED.findall(text)
+    if found:
+        return f"ended by SLURM: {found[-1][0]}"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return f"task output: {lines[-1]}" if lines else None
 
 
 def has_queue() -> bool:

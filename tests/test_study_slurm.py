@@ -1,0 +1,203 @@
+"""The SLURM executor on a one-node cluster started here (tests/slurm_cluster.py): two `study run`
+at once on one folder submit each cell once; arrays submitted within one second keep their own
+task lists; a task ended by SLURM (`scancel`, time limit) leaves its cell `interrupted` with
+slurmstepd's reason in `study status`, and the next `study run` submits it again."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from slurm_cluster import OneNodeCluster
+from test_study import ENV, _require_slurm, study, write_spec
+from test_train_helpers import REPO, small_synthetic_store
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    return small_synthetic_store(tmp_path_factory.mktemp("slurm_study"), cases=8, seed=3)
+
+
+@pytest.fixture(scope="module")
+def spec_file(store) -> Path:
+    return write_spec(store.parent / "tiny_study.py", store)
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    _require_slurm()
+    started = OneNodeCluster(tmp_path / "cluster")
+    try:
+        yield started.start()
+    finally:
+        started.stop()
+
+
+def _queued_cells(workdir: Path, env: dict) -> list[str]:
+    """The cell of every array task in the queue (from each job's task list)."""
+    listed = subprocess.run(
+        ["squeue", "-h", "-r", "-o", "%i"], env=env, capture_output=True, text=True, check=True
+    )
+    cells = []
+    for job in json.loads((workdir / "slurm" / "jobs.json").read_text()):
+        for index, name in enumerate(job["cells"]):
+            cells += [name] if f"{job['job_id']}_{index}" in listed.stdout.split() else []
+    return cells
+
+
+@pytest.mark.slow
+def test_two_study_runs_at_once_submit_each_cell_once(spec_file, cluster, tmp_path):
+    """Each `study run` reads which cells are not done, then submits them: two at once on one
+    folder took the same cells, and two tasks trained each cell in one folder. The first run's
+    sbatch (the real one) waits here until the second run has ended."""
+    entered, release = tmp_path / "entered", tmp_path / "release"
+    wrapper = tmp_path / "bin" / "sbatch"
+    wrapper.parent.mkdir()
+    wrapper.write_text(
+        f"#!/bin/sh\nif mkdir {entered} 2>/dev/null; then\n"
+        f"  while [ ! -e {release} ]; do sleep 0.1; done\nfi\n"
+        f'exec {shutil.which("sbatch")} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    env = {**ENV, **cluster.env, "PATH": f"{wrapper.parent}:{ENV['PATH']}"}
+    workdir = tmp_path / "study"
+    args = ["run", "--spec", str(spec_file), "--workdir", str(workdir), "--spec.repeats=1"]
+    args += ["--spec.folds=(0,)", "--executor=slurm", "--sbatch=--hold"]
+    cli = [sys.executable, "-m", "focalnet_jax.cli", "study"]
+    first = subprocess.Popen([*cli, *args], env=env, cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not entered.exists() and time.time() < deadline and first.poll() is None:
+            time.sleep(0.1)
+        assert entered.exists(), "the first study run did not reach sbatch"
+        second = study(*args, env=env, check=False)
+    finally:
+        release.touch()
+        first_out = first.communicate(timeout=120)[0]
+    assert first.returncode == 0 and "submitted job array" in first_out, first_out
+    assert second.returncode == 2, second.stdout + second.stderr  # a user error
+    assert "another `study run`" in second.stderr, second.stderr
+    assert len(second.stderr.strip().splitlines()) == 1, second.stderr
+    assert sorted(_queued_cells(workdir, env)) == ["ce/rep0/fold0", "fl/rep0/fold0"]
+    # The lock ends with its run: the next one finds both cells queued and submits nothing.
+    assert "nothing to submit" in study(*args, env=env).stdout
+
+
+@pytest.mark.slow
+def test_arrays_submitted_in_one_second_keep_their_own_task_lists(
+    spec_file, cluster, tmp_path, monkeypatch
+):
+    """The task list was named by the second of submission: a second array in the same second
+    overwrote the first's list before its (held) tasks read it, so they ran the wrong cells."""
+    from focalnet_jax.study import slurm
+    from focalnet_jax.study.cells import Study
+    from focalnet_jax.study.spec import load_spec, validate
+
+    for key, value in cluster.env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(slurm.time, "strftime", lambda *_: "20260101-000000")  # one second
+    plain = validate(load_spec(str(spec_file), ["--spec.folds=(0,)", "--spec.repeats=1"]), "spec")
+    tiny = Study.create(tmp_path / "study", plain)
+    ce, fl = tiny.cells()
+    options = {"extra": ["--hold"]}
+    slurm.submit(tiny, [ce], options)
+    slurm.submit(tiny, [fl], options)
+    jobs = slurm.read_jobs(tiny)
+    assert [job["cells"] for job in jobs] == [[ce.name], [fl.name]]
+    for job in jobs:
+        script = Path(job["script"]).read_text()
+        tasks_file = re.search(r"(\S+\.txt)\)$", script, re.M).group(1)
+        assert Path(tasks_file).read_text() == job["cells"][0] + "\n"
+
+
+@pytest.mark.slow
+def test_task_ended_by_slurm_is_interrupted_with_its_reason_and_submitted_again(
+    store, cluster, tmp_path
+):
+    """`scancel` (as a time limit or a node failure) kills the cell without a word in its state
+    file or cell.log: `study status` showed it `interrupted` with its log path only. It shows
+    slurmstepd's line from the task's output, and `study run` submits the cell again."""
+    from test_study import ARMS
+
+    one_arm = write_spec(tmp_path / "one_arm.py", store, {"ce": ARMS["ce"]}, {})
+    env = {**ENV, **cluster.env}
+    workdir = tmp_path / "study"
+    args = ["run", "--spec", str(one_arm), "--workdir", str(workdir), "--executor=slurm"]
+    study(*args, "--spec.repeats=1", "--spec.folds=(0,)", "--spec.common.train.steps=5000", env=env)
+    cell_log = workdir / "ce" / "rep0" / "fold0" / "cell.log"
+    deadline = time.time() + 120
+    while time.time() < deadline and "$ focalnet train" not in _text(cell_log):
+        time.sleep(0.5)
+    job = json.loads((workdir / "slurm" / "jobs.json").read_text())[0]["job_id"]
+    subprocess.run(["scancel", job], env=env, check=True)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        status = study("status", "--workdir", str(workdir), env=env).stdout
+        if "CANCELLED" in status:
+            break
+        time.sleep(1)
+    line = (
+        rf"ce/rep0/fold0\s+interrupted\s+{job}_0\s+ended by SLURM: JOB \d+ ON \S+ CANCELLED AT \S+$"
+    )
+    assert re.search(line, status, re.M), status
+    again = study("run", "--workdir", str(workdir), "--executor=slurm", "--dry-run", env=env)
+    assert "0 running or queued elsewhere, 1 to run" in again.stdout, again.stdout
+
+
+def _text(path: Path) -> str:
+    return path.read_text(errors="replace") if path.is_file() else ""
+
+
+@pytest.mark.slow
+def test_task_that_fails_before_its_cell_starts_is_failed_with_its_output(
+    spec_file, cluster, tmp_path
+):
+    """A task whose shell fails before the cell starts (here its task list is gone; on a cluster,
+    e.g., a node without the submitting Python) wrote no state: its cell stayed `pending` with
+    nothing said. It is `failed` with the task output's last line."""
+    env = {**ENV, **cluster.env}
+    workdir = tmp_path / "study"
+    args = ["run", "--spec", str(spec_file), "--workdir", str(workdir), "--executor=slurm"]
+    study(*args, "--spec.repeats=1", "--spec.folds=(0,)", "--sbatch=--hold", env=env)
+    [job] = json.loads((workdir / "slurm" / "jobs.json").read_text())
+    Path(job["script"]).with_suffix(".txt").unlink()
+    subprocess.run(["scontrol", "release", job["job_id"]], env=env, check=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and _queued_cells(workdir, env):
+        time.sleep(0.5)
+    status = study("status", "--workdir", str(workdir), env=env).stdout
+    line = rf"ce/rep0/fold0\s+failed\s+{job['job_id']}_0\s+task output: sed: can't read .*\.txt"
+    assert re.search(line, status), status
+    again = study("run", "--workdir", str(workdir), "--executor=slurm", "--dry-run", env=env)
+    assert "0 running or queued elsewhere, 2 to run" in again.stdout, again.stdout
+
+
+@pytest.mark.slow
+def test_run_submits_nothing_while_squeue_does_not_answer(spec_file, cluster, tmp_path):
+    """`squeue` fails now and then on a busy controller ('Socket timed out'); sbatch may still
+    work. The queued cells then looked pending and were submitted a second time. `squeue` here
+    fails as it does then (a stand-in that prints its error), sbatch is the real one."""
+    env = {**ENV, **cluster.env}
+    workdir = tmp_path / "study"
+    args = ["run", "--spec", str(spec_file), "--workdir", str(workdir), "--executor=slurm"]
+    args += ["--spec.repeats=1", "--spec.folds=(0,)", "--sbatch=--hold"]
+    study(*args, env=env)
+    failing = tmp_path / "bin" / "squeue"
+    failing.parent.mkdir()
+    failing.write_text(
+        "#!/bin/sh\necho 'squeue: error: slurm_load_jobs error: Socket timed out on send/recv "
+        "operation' >&2\nexit 1\n"
+    )
+    failing.chmod(0o755)
+    busy = {**env, "PATH": f"{failing.parent}:{env['PATH']}"}
+    again = study(*args, env=busy, check=False)
+    assert again.returncode == 2, again.stdout + again.stderr
+    assert "`squeue` did not answer" in again.stderr, again.stderr
+    assert len(json.loads((workdir / "slurm" / "jobs.json").read_text())) == 1
+    assert sorted(_queued_cells(workdir, env)) == ["ce/rep0/fold0", "fl/rep0/fold0"]
