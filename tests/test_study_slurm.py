@@ -1,7 +1,7 @@
 """The SLURM executor on a one-node cluster started here (tests/slurm_cluster.py): two `study run`
 at once on one folder submit each cell once; arrays submitted within one second keep their own
 task lists; a task ended by SLURM (`scancel`, time limit) leaves its cell `interrupted` with
-slurmstepd's reason in `study status`, and the next `study run` submits it again."""
+slurmstepd's reason in `study status`, and the next `study run` submits it again; a requeued task appends to its output."""
 
 from __future__ import annotations
 
@@ -201,3 +201,48 @@ def test_run_submits_nothing_while_squeue_does_not_answer(spec_file, cluster, tm
     assert "`squeue` did not answer" in again.stderr, again.stderr
     assert len(json.loads((workdir / "slurm" / "jobs.json").read_text())) == 1
     assert sorted(_queued_cells(workdir, env)) == ["ce/rep0/fold0", "fl/rep0/fold0"]
+
+
+@pytest.mark.slow
+def test_a_requeued_task_keeps_the_output_of_its_earlier_run(store, cluster, tmp_path):
+    """A requeued task (node failure, preemption, `scontrol requeue`) ran again into a truncated
+    output file: slurmstepd's line saying why the first run ended was lost."""
+    from test_study import ARMS
+
+    one_arm = write_spec(tmp_path / "one_arm.py", store, {"ce": ARMS["ce"]}, {})
+    env = {**ENV, **cluster.env}
+    workdir = tmp_path / "study"
+    args = ["run", "--spec", str(one_arm), "--workdir", str(workdir), "--executor=slurm"]
+    study(*args, "--spec.repeats=1", "--spec.folds=(0,)", "--spec.common.train.steps=5000", env=env)
+    cell_log = workdir / "ce" / "rep0" / "fold0" / "cell.log"
+    job = json.loads((workdir / "slurm" / "jobs.json").read_text())[0]["job_id"]
+    output = workdir / "slurm" / f"{job}_0.out"
+    starts = 0
+    for attempt in range(2):
+        deadline = time.time() + 240
+        while time.time() < deadline and _text(cell_log).count("$ focalnet train") <= attempt:
+            time.sleep(0.5)
+        starts = _text(cell_log).count("$ focalnet train")
+        if attempt == 0:
+            subprocess.run(["scontrol", "requeue", f"{job}_0"], env=env, check=True)
+            _start_now(f"{job}_0", env)
+    subprocess.run(["scancel", job], env=env, check=True)
+    assert starts == 2, _text(cell_log)[-2000:]
+    deadline = time.time() + 60
+    while time.time() < deadline and "CANCELLED" not in _text(output):
+        time.sleep(0.5)
+    text = _text(output)
+    assert "DUE TO JOB REQUEUE" in text and "CANCELLED" in text, text[-2000:]
+
+
+def _start_now(task: str, env: dict) -> None:
+    """Lifts the begin time SLURM gives a requeued task (about two minutes) once it is pending."""
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        show = ["scontrol", "show", "job", task]
+        state = subprocess.run(show, env=env, capture_output=True, text=True).stdout
+        if "JobState=PENDING" in state:
+            update = ["scontrol", "update", f"JobId={task}", "StartTime=now"]
+            subprocess.run(update, env=env, check=True)
+            return
+        time.sleep(0.2)

@@ -62,6 +62,7 @@ def sbatch_script(study: Study, tasks_file: Path, num_tasks: int, options: Mappi
         f"#SBATCH --job-name={_directive_value(f'study-{study.root.resolve().name}')}",
         f"#SBATCH --array=0-{num_tasks - 1}" + (f"%{throttle}" if throttle else ""),
         f"#SBATCH --output={_directive_value(f'{slurm_dir}/%A_%a.out')}",
+        "#SBATCH --open-mode=append",  # a requeued task keeps why its earlier run ended
         "#SBATCH --ntasks=1",
     ]
     if options.get("partition"):
