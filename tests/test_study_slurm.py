@@ -1,7 +1,8 @@
 """The SLURM executor on a one-node cluster started here (tests/slurm_cluster.py): two `study run`
 at once on one folder submit each cell once; arrays submitted within one second keep their own
 task lists; a task ended by SLURM (`scancel`, time limit) leaves its cell `interrupted` with
-slurmstepd's reason in `study status`, and the next `study run` submits it again; a requeued task appends to its output."""
+slurmstepd's reason in `study status`, and the next `study run` submits it again; a requeued
+task appends to its output."""
 
 from __future__ import annotations
 
