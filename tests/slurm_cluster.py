@@ -10,6 +10,7 @@ to export, and stops it on Ctrl-C.
 
 from __future__ import annotations
 
+import getpass
 import os
 import shutil
 import signal
@@ -128,7 +129,11 @@ class OneNodeCluster:
         raise RuntimeError(f"SLURM node not idle after {timeout_s} s; logs in {self.root / 'log'}")
 
     def stop(self, timeout_s: float = 20.0) -> None:
-        """SIGTERM to every daemon by its pid file (slurmd first), SIGKILL if it lingers."""
+        """Cancels every job left and waits (up to `timeout_s`) until the queue is empty, so no
+        job step outlives its daemons; then SIGTERM to every daemon by its pid file (slurmd
+        first), SIGKILL if it lingers."""
+        if self.pid_files:
+            self._drain(timeout_s)
         for pid_file in reversed(self.pid_files):
             if not pid_file.is_file():
                 continue
@@ -147,6 +152,17 @@ class OneNodeCluster:
             else:
                 os.kill(pid, signal.SIGKILL)
         self.pid_files.clear()
+
+    def _drain(self, timeout_s: float) -> None:
+        env = {**os.environ, **self.env}
+        cancel = ["scancel", "--user", getpass.getuser()]
+        subprocess.run(cancel, env=env, capture_output=True, timeout=timeout_s)
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            queue = subprocess.run(["squeue", "-h"], env=env, capture_output=True, text=True)
+            if queue.returncode != 0 or not queue.stdout.strip():
+                return
+            time.sleep(0.2)
 
 
 if __name__ == "__main__":
