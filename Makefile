@@ -22,7 +22,7 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 
 test: lint
-	$(VENV)/bin/pytest -q tests
+	$(VENV)/bin/pytest -q --durations=15 tests
 
 demo: $(STAMP)
 	$(PY) -m focalnet_jax.demo --out $(DEMO_DIR)

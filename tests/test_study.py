@@ -26,6 +26,7 @@ import pytest
 from slurm_cluster import OneNodeCluster, missing_binaries
 from test_train_helpers import REPO, small_synthetic_store
 
+from focalnet_jax.study.cells import RUN_LOCK
 from focalnet_jax.study.synthetic import focalnet
 from focalnet_jax.training.tb_logging import read_scalars
 
@@ -243,7 +244,12 @@ def test_study_stats_match_enumeration_and_welch(finished):
 
 
 def _tree_state(root: Path) -> dict:
-    return {str(p): p.stat().st_mtime_ns for p in root.rglob("*") if "report" not in p.parts}
+    """mtime of every file but the report and the run lock (each `study run` takes it)."""
+    return {
+        str(p): p.stat().st_mtime_ns
+        for p in root.rglob("*")
+        if "report" not in p.parts and p.name != RUN_LOCK
+    }
 
 
 @pytest.mark.slow

@@ -173,11 +173,12 @@ def cpu_devices_env(devices: int, **extra) -> dict[str, str]:
 
 
 def script_json(script: str, *args: str, devices: int = 2, timeout: float = 300):
-    """Runs `script` (a test file's `__main__` part) with `args` on `devices` CPU devices and
-    returns the JSON value of its last stdout line; its exit status must be 0."""
+    """Runs `script` (a test file's `__main__` part) with `args` on `devices` CPU devices
+    (optimisations off: the tests compare paths compiled alike) and returns the JSON value of its
+    last stdout line; its exit status must be 0."""
     result = subprocess.run(
         [sys.executable, script, *args],
-        env=cpu_devices_env(devices),
+        env=cpu_devices_env(devices, JAX_DISABLE_MOST_OPTIMIZATIONS="1"),
         capture_output=True,
         text=True,
         timeout=timeout,
