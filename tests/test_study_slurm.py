@@ -124,18 +124,10 @@ def test_task_ended_by_slurm_is_interrupted_with_its_reason_and_submitted_again(
     """`scancel` (as a time limit or a node failure) kills the cell without a word in its state
     file or cell.log: `study status` showed it `interrupted` with its log path only. It shows
     slurmstepd's line from the task's output, and `study run` submits the cell again."""
-    from test_study import ARMS
-
-    one_arm = write_spec(tmp_path / "one_arm.py", store, {"ce": ARMS["ce"]}, {})
-    env = {**ENV, **cluster.env}
-    workdir = tmp_path / "study"
-    args = ["run", "--spec", str(one_arm), "--workdir", str(workdir), "--executor=slurm"]
-    study(*args, "--spec.repeats=1", "--spec.folds=(0,)", "--spec.common.train.steps=5000", env=env)
-    cell_log = workdir / "ce" / "rep0" / "fold0" / "cell.log"
+    workdir, env, cell_log, job = _one_cell_on_slurm(store, cluster, tmp_path)
     deadline = time.time() + 120
     while time.time() < deadline and "$ focalnet train" not in _text(cell_log):
         time.sleep(0.5)
-    job = json.loads((workdir / "slurm" / "jobs.json").read_text())[0]["job_id"]
     subprocess.run(["scancel", job], env=env, check=True)
     deadline = time.time() + 60
     while time.time() < deadline:
@@ -149,6 +141,20 @@ def test_task_ended_by_slurm_is_interrupted_with_its_reason_and_submitted_again(
     assert re.search(line, status, re.M), status
     again = study("run", "--workdir", str(workdir), "--executor=slurm", "--dry-run", env=env)
     assert "0 running or queued elsewhere, 1 to run" in again.stdout, again.stdout
+
+
+def _one_cell_on_slurm(store: Path, cluster, tmp_path: Path) -> tuple[Path, dict, Path, str]:
+    """Submits a one-cell study (arm `ce`, 5000 steps: it runs until stopped) to `cluster`;
+    returns (its workdir, the environment reaching the cluster, the cell's log, the job id)."""
+    from test_study import ARMS
+
+    one_arm = write_spec(tmp_path / "one_arm.py", store, {"ce": ARMS["ce"]}, {})
+    env = {**ENV, **cluster.env}
+    workdir = tmp_path / "study"
+    args = ["run", "--spec", str(one_arm), "--workdir", str(workdir), "--executor=slurm"]
+    study(*args, "--spec.repeats=1", "--spec.folds=(0,)", "--spec.common.train.steps=5000", env=env)
+    job = json.loads((workdir / "slurm" / "jobs.json").read_text())[0]["job_id"]
+    return workdir, env, workdir / "ce" / "rep0" / "fold0" / "cell.log", job
 
 
 def _text(path: Path) -> str:
@@ -208,15 +214,7 @@ def test_run_submits_nothing_while_squeue_does_not_answer(spec_file, cluster, tm
 def test_a_requeued_task_keeps_the_output_of_its_earlier_run(store, cluster, tmp_path):
     """A requeued task (node failure, preemption, `scontrol requeue`) ran again into a truncated
     output file: slurmstepd's line saying why the first run ended was lost."""
-    from test_study import ARMS
-
-    one_arm = write_spec(tmp_path / "one_arm.py", store, {"ce": ARMS["ce"]}, {})
-    env = {**ENV, **cluster.env}
-    workdir = tmp_path / "study"
-    args = ["run", "--spec", str(one_arm), "--workdir", str(workdir), "--executor=slurm"]
-    study(*args, "--spec.repeats=1", "--spec.folds=(0,)", "--spec.common.train.steps=5000", env=env)
-    cell_log = workdir / "ce" / "rep0" / "fold0" / "cell.log"
-    job = json.loads((workdir / "slurm" / "jobs.json").read_text())[0]["job_id"]
+    workdir, env, cell_log, job = _one_cell_on_slurm(store, cluster, tmp_path)
     output = workdir / "slurm" / f"{job}_0.out"
     starts = 0
     for attempt in range(2):
