@@ -124,6 +124,31 @@ def test_evaluate_writes_contract_metrics_picai_and_figures(tmp_path):
     assert "Table II" in report and "PI-CAI protocol" in report
 
 
+def test_a_rerun_into_the_same_out_leaves_no_figure_of_the_earlier_evaluation(tmp_path):
+    """A second evaluation writes its own figures or none: an earlier run's PNGs beside the new
+    metrics.json would show other numbers. Only the evaluation's own file names are removed."""
+    predictions, out = tmp_path / "predictions", tmp_path / "eval"
+    write_cohort(predictions)
+    figures = {"froc.png", "froc_gs.png", "roc.png", "montage.png"}
+    run_cli(["evaluate", "--predictions", str(predictions), "--out", str(out), "--no-picai"])
+    assert figures <= {p.name for p in out.iterdir()}
+    (out / "notes.txt").write_text("mine")
+    (out / "slide.png").write_bytes(b"mine")
+    # Without T2w in any file there is no montage: the earlier montage.png must not stay.
+    no_images = tmp_path / "no_images"
+    write_blob_case(no_images, "n1", lesion=(2, (4, 20, 20)), blobs=[((4, 20, 20), 0.8)],
+                    with_images=False)  # fmt: skip
+    run_cli(["evaluate", "--predictions", str(no_images), "--out", str(out), "--no-picai"])
+    assert {p.name for p in out.iterdir()} == figures - {"montage.png"} | {
+        "metrics.json", "report.md", "notes.txt", "slide.png"}  # fmt: skip
+    run_cli(["evaluate", "--predictions", str(predictions), "--out", str(out), "--no-picai",
+             "--no-figures"])  # fmt: skip
+    assert sorted(p.name for p in out.iterdir()) == [
+        "metrics.json", "notes.txt", "report.md", "slide.png"]  # fmt: skip
+    assert json.loads((out / "metrics.json").read_text())["num_cases"] == 5
+    assert (out / "notes.txt").read_text() == "mine" and (out / "slide.png").read_bytes() == b"mine"
+
+
 def test_summarize_mean_sd_welch_bonferroni(tmp_path):
     runs = []
     for method, shifts in (
