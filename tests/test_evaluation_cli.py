@@ -457,15 +457,45 @@ def test_cases_with_workdir_is_refused(tmp_path):
     assert "--cases goes with --predictions" in message
 
 
-@pytest.mark.parametrize("flag", [["--tta", "flip"], ["--step", "5"], ["--store", "s"]])
+@pytest.mark.parametrize(
+    "flag",
+    [
+        ["--tta", "flip"],
+        ["--step", "5"],
+        ["--store", "s"],
+        ["--all-cases"],
+        ["--batch-size", "8"],
+        ["--compilation_cache", "cache"],
+    ],  # fmt: skip
+)
 def test_prediction_flags_with_predictions_are_refused(tmp_path, flag):
     """--predictions evaluates files already predicted: a --tta flip there was ignored, so the
-    metrics of plain predictions passed for flip-TTA ones (likewise --step, --store)."""
+    metrics of plain predictions passed for flip-TTA ones (likewise --step, --store); no model
+    runs, so a --batch-size or --compilation_cache there did nothing."""
+    import jax
+
     write_cohort(tmp_path / "p")
     argv = ["evaluate", "--predictions", str(tmp_path / "p"), "--out", str(tmp_path / "o")]
-    message = _error([*argv, *flag])
-    assert f"{flag[0]}{' flip' if flag[0] == '--tta' else ''} goes with --workdir" in message
-    assert not (tmp_path / "o").exists()
+    cache_before = jax.config.jax_compilation_cache_dir
+    with contextlib.chdir(tmp_path):
+        message = _error([*argv, *flag])
+    named = f"{flag[0]}{' flip' if flag[0] == '--tta' else ''}"
+    assert message.endswith(
+        f"{named} goes with --workdir (it makes the predictions); --predictions "
+        f"{tmp_path / 'p'} evaluates the files as they were predicted"
+    )
+    assert "\n" not in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p"]  # no out, no cache folder
+    assert jax.config.jax_compilation_cache_dir == cache_before
+
+
+def test_evaluate_flag_defaults_are_the_localisation_defaults():
+    """The CLI spells the defaults out (importing localization would load SciPy at parse)."""
+    from focalnet_jax.cli import build_parser
+    from focalnet_jax.evaluation import localization
+
+    args = build_parser().parse_args(["evaluate", "--predictions", "p", "--out", "o"])
+    assert (args.radius_mm, args.min_score) == (localization.RADIUS_MM, localization.MIN_SCORE)
 
 
 def test_allow_training_cases_without_all_cases_is_refused(tmp_path):

@@ -25,13 +25,14 @@ def check_output_folder(path: Path | None, flag: str = "--out") -> None:
 
 
 def _check_batch_size(args: argparse.Namespace) -> None:
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size}: expected at least 1")
 
 
 def check_evaluate_flags(args: argparse.Namespace) -> None:
     """`focalnet evaluate`: batch size, hit radius, score floor, bootstraps, flags that make
-    predictions given with --predictions, the output folder."""
+    predictions (or the compiled model that makes them) given with --predictions, the output
+    folder."""
     _check_batch_size(args)
     if not args.radius_mm > 0:
         raise UserError(f"--radius-mm {args.radius_mm}: expected a positive distance in mm")
@@ -44,9 +45,11 @@ def check_evaluate_flags(args: argparse.Namespace) -> None:
             "--allow-training-cases goes with --all-cases (a run's own fold is held out)"
         )
     if args.predictions is not None:
-        # They shape a prediction; files already predicted would be evaluated as they are.
+        # They shape or speed up a prediction; files already predicted are evaluated as they are.
         given = {"--tta flip": args.tta != "none", "--step": args.step is not None,
-                 "--store": args.store is not None}  # fmt: skip
+                 "--store": args.store is not None, "--all-cases": args.all_cases,
+                 "--batch-size": args.batch_size is not None,
+                 "--compilation_cache": args.compilation_cache is not None}  # fmt: skip
         if named := [flag for flag, on in given.items() if on]:
             raise UserError(
                 f"{named[0]} goes with --workdir (it makes the predictions); --predictions "
