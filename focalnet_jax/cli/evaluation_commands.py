@@ -191,10 +191,21 @@ def add_summarize(parser: argparse.ArgumentParser) -> None:
         action="extend",  # `--runs A=x --runs B=y` keeps both (the default kept only B)
         required=True,
         metavar="NAME=DIR",
-        help="method name and a folder holding one metrics.json per fold (searched recursively); "
-        "repeatable",
+        help="method name and a folder holding one metrics.json of `focalnet evaluate` per fold "
+        "(searched recursively; one that evaluates an ensemble, or a run already counted, is "
+        "refused); repeatable",
     )
-    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="output folder: summary.json, summary.md, froc.png, froc_gs.png, roc.png (replaced; "
+        "no other file touched)",
+    )
+    parser.epilog = (
+        "Every fold of every method must be evaluated with the same settings (--slices, "
+        "--radius-mm, --min-score); folds that differ are refused."
+    )
 
 
 def run_summarize(args: argparse.Namespace) -> int:
@@ -216,7 +227,9 @@ def add_predict(parser: argparse.ArgumentParser) -> None:
         required=True,
         help="training run or CV folder (its finished folds); repeat: ensemble",
     )
-    parser.add_argument("--step", type=int, help="checkpoint step of one run (default: latest)")
+    parser.add_argument(
+        "--step", type=int, help="checkpoint step of a single run (default: its latest)"
+    )
     parser.add_argument("--t2w", help="one exam: T2w DICOM folder, .mha, .nii(.gz), .nrrd")
     parser.add_argument("--adc", help="one exam: ADC DICOM folder or image file")
     parser.add_argument("--hbv", help="one exam: high b-value DWI DICOM folder or image file")
@@ -226,15 +239,33 @@ def add_predict(parser: argparse.ArgumentParser) -> None:
         metavar="NAME=PATH",
         help="one exam: another component the model reads, e.g. dce=exam/dce.mha; repeat",
     )
-    parser.add_argument("--mask", help="prostate mask on any grid (centres the crop)")
-    parser.add_argument("--center", help="crop centre 'x,y,z' (LPS mm)")
+    parser.add_argument(
+        "--mask", help="one exam: prostate mask on any grid; its centroid centres the crop"
+    )
+    parser.add_argument(
+        "--center",
+        help="one exam, without --mask: crop centre 'x,y,z' (LPS mm) (default: the T2w volume "
+        "centre)",
+    )
     parser.add_argument("--layout", choices=("picai", "manifest"), help="many exams")
     parser.add_argument("--images", type=Path, help="picai: <images>/<patient>/<case>_<comp>.mha")
-    parser.add_argument("--masks", type=Path, help="picai: whole-gland masks for centring")
-    parser.add_argument("--manifest", type=Path, help="manifest: CSV of cases (labels unused)")
-    parser.add_argument("--skip-bad-cases", action="store_true", help="bad cases: errors.csv")
     parser.add_argument(
-        "--overwrite", action="store_true", help="many exams: replace a non-empty --out whole"
+        "--masks",
+        type=Path,
+        help="picai: whole-gland masks <masks>/<case>.nii.gz (or .nii, .mha, .nrrd) centre the "
+        "crops (a case without one: the T2w volume centre)",
+    )
+    parser.add_argument("--manifest", type=Path, help="manifest: CSV of cases (labels unused)")
+    parser.add_argument(
+        "--skip-bad-cases",
+        action="store_true",
+        help="many exams: skip a case that fails, listed in OUT/errors.csv (default: the first "
+        "bad case stops the run, OUT unchanged)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="many exams: replace a non-empty --out whole (only an earlier predict output)",
     )
     for name in ("t2w", "adc", "hbv"):
         parser.add_argument(
@@ -248,10 +279,27 @@ def add_predict(parser: argparse.ArgumentParser) -> None:
         metavar="NAME=UID",
         help="SeriesInstanceUID or exact SeriesDescription of a --component series; repeat",
     )
-    parser.add_argument("--out", type=Path, required=True, help="output folder")
-    parser.add_argument("--threshold", type=float, default=0.5, help="lowest listed detection")
-    parser.add_argument("--batch-size", type=int, default=16, help=_BATCH_HELP)
-    parser.add_argument("--tta", choices=("none", "flip"), default="none", help="left-right flip")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="output folder, replaced whole; one exam: refused if it holds other files than "
+        "predict's; many exams: one subfolder per case",
+    )
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        default=0.5,
+        help="detections.csv and overlay.png show the detections whose lesion score "
+        "P(class >= 1) is at least this (default: 0.5)",
+    )
+    parser.add_argument("--batch-size", type=int, default=16, help=f"{_BATCH_HELP} (default: 16)")
+    parser.add_argument(
+        "--tta",
+        choices=("none", "flip"),
+        default="none",
+        help="flip: average with the left-right flipped input's prediction (default: none)",
+    )
     from focalnet_jax.evaluation.detection_map import add_candidate_flags
 
     add_candidate_flags(parser)

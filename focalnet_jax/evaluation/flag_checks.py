@@ -11,6 +11,7 @@ from focalnet_jax.errors import UserError
 
 ONE_EXAM_FLAGS = ("t2w", "adc", "hbv", "component", "mask", "center")
 MANY_EXAM_FLAGS = ("images", "masks", "manifest")
+MANY_EXAM_SWITCHES = ("skip_bad_cases", "overwrite")
 
 
 def check_output_folder(path: Path | None, flag: str = "--out") -> None:
@@ -60,7 +61,8 @@ def check_evaluate_flags(args: argparse.Namespace) -> None:
 
 
 def check_predict_flags(args: argparse.Namespace) -> None:
-    """`focalnet predict`: batch size, one exam or many (not both), the output folder."""
+    """`focalnet predict`: batch size, one exam or many (not both), one crop centre, the output
+    folder."""
     _check_batch_size(args)
     if args.layout is not None:
         mixed = [f for f in ONE_EXAM_FLAGS if getattr(args, f)]
@@ -75,8 +77,15 @@ def check_predict_flags(args: argparse.Namespace) -> None:
             raise UserError(f"--{flag} does not go with --layout {args.layout}")
     else:
         mixed = [f for f in MANY_EXAM_FLAGS if getattr(args, f) is not None]
+        mixed += [f for f in MANY_EXAM_SWITCHES if getattr(args, f)]
         if mixed:
-            raise UserError(f"--{mixed[0]} needs --layout (many exams); one exam is --t2w/--adc")
+            flag = mixed[0].replace("_", "-")
+            raise UserError(f"--{flag} needs --layout (many exams); one exam is --t2w/--adc")
+        if args.mask and args.center:
+            raise UserError(
+                f"--center {args.center} does not go with --mask {args.mask}: the mask's "
+                "centroid centres the crop"
+            )
     check_output_folder(args.out)
 
 
