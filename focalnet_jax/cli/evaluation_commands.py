@@ -248,7 +248,11 @@ def add_predict(parser: argparse.ArgumentParser) -> None:
         "centre)",
     )
     parser.add_argument("--layout", choices=("picai", "manifest"), help="many exams")
-    parser.add_argument("--images", type=Path, help="picai: <images>/<patient>/<case>_<comp>.mha")
+    parser.add_argument(
+        "--images",
+        type=Path,
+        help="picai: <images>/<patient>/<case>_<comp>.mha (or .mhd, .nii, .nii.gz, .nrrd)",
+    )
     parser.add_argument(
         "--masks",
         type=Path,
@@ -270,14 +274,15 @@ def add_predict(parser: argparse.ArgumentParser) -> None:
     for name in ("t2w", "adc", "hbv"):
         parser.add_argument(
             f"--{name}-series",
-            help=f"SeriesInstanceUID or exact SeriesDescription of the {name} series "
+            help=f"one exam: SeriesInstanceUID or exact SeriesDescription of the {name} series "
             "(when its DICOM folder holds several)",
         )
     parser.add_argument(
         "--component-series",
         action="append",
         metavar="NAME=UID",
-        help="SeriesInstanceUID or exact SeriesDescription of a --component series; repeat",
+        help="one exam: SeriesInstanceUID or exact SeriesDescription of a --component series; "
+        "repeat",
     )
     parser.add_argument(
         "--out",
