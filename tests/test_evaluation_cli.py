@@ -582,3 +582,18 @@ def test_summarize_keeps_every_method_of_a_repeated_runs_flag(tmp_path):
     message = _error(["summarize", "--runs", f"A={tmp_path / 'A'}", "--runs",
                       f"A={tmp_path / 'B'}", "--out", str(tmp_path / "s2")])  # fmt: skip
     assert message.endswith(f"--runs names 'A' twice ({tmp_path / 'A'} and {tmp_path / 'B'})")
+
+
+@pytest.mark.parametrize("command", ["evaluate", "summarize", "predict"])
+def test_help_shows_each_default_the_parser_uses(command):
+    """A flag with a default says it in its help, and the value said is the one parsed."""
+    import argparse
+
+    from focalnet_jax.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for action in commands.choices[command]._actions:
+        if action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            continue
+        shown = f"{action.default:g}" if isinstance(action.default, float) else action.default
+        assert f"default: {shown})" in action.help, (action.option_strings, action.help)
