@@ -92,6 +92,14 @@ FLAG_ERRORS = [  # (argv, the message after "focalnet <command>: error: ")
      "--manifest needs --layout (many exams); one exam is --t2w/--adc"),
     (["predict", "--checkpoint", "c", "--layout", "picai", "--images", "i", "--manifest", "m",
       "--out", "o"], "--manifest does not go with --layout picai"),
+    # Many-exam switches and a second crop centre were ignored for one exam without a word.
+    (["predict", "--checkpoint", "c", "--t2w", "t", "--adc", "a", "--out", "o",
+      "--skip-bad-cases"], "--skip-bad-cases needs --layout (many exams); one exam is --t2w/--adc"),
+    (["predict", "--checkpoint", "c", "--t2w", "t", "--adc", "a", "--out", "o", "--overwrite"],
+     "--overwrite needs --layout (many exams); one exam is --t2w/--adc"),
+    (["predict", "--checkpoint", "c", "--t2w", "t", "--adc", "a", "--out", "o", "--mask", "m",
+      "--center", "1,2,3"],
+     "--center 1,2,3 does not go with --mask m: the mask's centroid centres the crop"),
     (["summarize", "--runs", "A=d1", "A=d2", "--out", "o"], "--runs names 'A' twice (d1 and d2)"),
 ]  # fmt: skip
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from focalnet_jax.data.atomic_files import replaced_atomically
 from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation import figures
 from focalnet_jax.evaluation.evaluate import FROC_PANELS, GS_PANELS
@@ -146,7 +147,8 @@ def summarize_runs(runs: Mapping[str, str | Path], out_dir: str | Path) -> dict:
     out_dir = Path(out_dir)
     write_json(summary, out_dir / "summary.json")
     title = "Cross-validation summary: " + ", ".join(folds)
-    (out_dir / "summary.md").write_text(markdown_report(folds, title=title, comparisons=lines))
+    with replaced_atomically(out_dir / "summary.md") as tmp:
+        tmp.write_text(markdown_report(folds, title=title, comparisons=lines))
     write_band_figures(folds, out_dir)
     return summary
 

@@ -118,7 +118,9 @@ def panel(reader, rows: np.ndarray, predicted: np.ndarray) -> np.ndarray:
 
 class _Logger:
     """The loop's periodic outputs: scalars every `log_every` steps (with images/s), validation
-    every `eval_every` steps, a non-finite check before each log and checkpoint.
+    every `eval_every` steps, a non-finite check before each log and checkpoint. The progress
+    bar shows the loss of the latest log, with its step (`log_every` > 1: an earlier step than
+    the bar's count; fetching every step's loss would make the host wait for each step).
 
     `train/images_per_s` = training images of the global batch (all devices, all processes) since
     the previous log / the seconds spent training them: the time inside `outside_steps()`
@@ -166,7 +168,8 @@ class _Logger:
         scalars["train/images_per_s"] = images / max(seconds, 1e-9)
         self.last_time, self.last_step, self.excluded_s = now, done, 0.0
         self.writer.scalars(done, scalars)
-        self.progress.set_postfix(loss=f"{scalars['train/loss']:.4f}", refresh=False)
+        # The bar moves at every step, the loss only at a log: the bar names the loss's step.
+        self.progress.set_postfix(loss=f"{scalars['train/loss']:.4f} (step {done})", refresh=False)
 
     def validation(self, done: int, val: dict, reader, shown: dict) -> None:
         self.writer.scalars(done, val)
