@@ -279,3 +279,24 @@ def test_predict_leaves_out_the_t2w_slices_a_shorter_dwi_slab_misses(
     write_image(read_image(exam_components["adc"])[:42], narrow)
     with pytest.raises(ValueError, match=r"adc covers 50.0 % of the crop of the stored slices"):
         predict_exam(trained_run, {**exam_components, "adc": str(narrow)}, tmp_path / "narrow")
+
+
+def test_predict_refuses_a_single_slice_t2w_in_one_line(
+    trained_run, exam_components, tmp_path, capfd
+):
+    # One file of the T2w series (a broken export) was predicted as a 1-slice exam without a word.
+    t2w = tmp_path / "t2w"
+    t2w.mkdir()
+    shutil.copy(Path(exam_components["t2w"]) / "1-10.dcm", t2w)
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as raised:
+        main(["predict", "--checkpoint", str(trained_run), "--t2w", str(t2w),
+              "--adc", exam_components["adc"], "--out", str(tmp_path / "out")])  # fmt: skip
+    err = capfd.readouterr().err
+    assert raised.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith("focalnet predict: error: case ")
+    assert err.endswith(f", file '{t2w}': t2w has a single slice (384 x 384 x 1 voxels): "
+                        "a broken or partial export (prostate MRI series hold about 20-30 "
+                        "slices); export the whole series\n")  # fmt: skip
+    assert not (tmp_path / "out").exists()
+
