@@ -300,3 +300,32 @@ def test_predict_refuses_a_single_slice_t2w_in_one_line(
                         "slices); export the whole series\n")  # fmt: skip
     assert not (tmp_path / "out").exists()
 
+
+def test_center_ras_is_the_lps_point_with_x_and_y_negated(trained_run, exam_components, tmp_path):
+    # 3D Slicer shows the exam's GS 4+3 finding, LPS (25.7457, 31.8707, -38.511) mm
+    # (shared/data/prostatex/README.md), as RAS (-25.7457, -31.8707, -38.511). Given that way, the
+    # crop is centred on the finding: each detection lies at the crop pixel the LPS-centred crop
+    # puts it at (the RAS numbers taken as LPS would put the crop 82 mm away, partly outside).
+    from focalnet_jax.data import preprocess_case
+
+    finding = (25.7457, 31.8707, -38.511)
+    out = tmp_path / "out"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["predict", "--checkpoint", str(trained_run), "--t2w", exam_components["t2w"],
+                     "--adc", exam_components["adc"], "--out", str(out), "--threshold", "0",
+                     "--center-ras=-25.7457,-31.8707,-38.511"]) == 0  # fmt: skip
+    with (out / "detections.csv").open() as f:
+        rows = list(csv.DictReader(f))[:50]
+    assert rows
+    centred = preprocess_case(exam_components, case_id="px", center=finding)
+    np.testing.assert_allclose(centred.center, finding)
+    np.testing.assert_allclose(centred.world_to_pixel(*finding)[1:], (63.5, 63.5), atol=1e-6)
+    for row in rows:
+        world = [float(row[k]) for k in ("x_lps_mm", "y_lps_mm", "z_lps_mm")]
+        listed = [float(row[k]) for k in ("crop_row", "crop_col")]
+        np.testing.assert_allclose(centred.world_to_pixel(*world)[1:], listed, atol=1e-3)
+    argv = ["predict", "--checkpoint", str(trained_run), "--t2w", exam_components["t2w"],
+            "--adc", exam_components["adc"], "--out", str(tmp_path / "x")]  # fmt: skip
+    with contextlib.redirect_stderr(io.StringIO()) as stderr, pytest.raises(SystemExit):
+        main([*argv, "--center", "1,2,3", "--center-ras", "1,2,3"])
+    assert "argument --center-ras: not allowed with argument --center" in stderr.getvalue()

@@ -156,7 +156,20 @@ def add_predict(parser: argparse.ArgumentParser) -> None:
         help="one exam: another component the model reads, e.g. dce=exam/dce.mha; repeat",
     )
     parser.add_argument("--mask", help="prostate mask on any grid (centres the crop)")
-    parser.add_argument("--center", help="crop centre 'x,y,z' (LPS mm)")
+    centre = parser.add_mutually_exclusive_group()
+    centre.add_argument(
+        "--center",
+        metavar="X,Y,Z",
+        help="one exam: crop centre in mm, LPS (DICOM patient coordinates: +x left, +y posterior, "
+        "+z head), as detections.csv gives points; 3D Slicer shows RAS (negate x and y, or use "
+        "--center-ras); a negative X needs '=': --center=-25.7,31.9,-38.5",
+    )
+    centre.add_argument(
+        "--center-ras",
+        metavar="X,Y,Z",
+        help="one exam: crop centre in mm, RAS (3D Slicer, nibabel: +x right, +y anterior), "
+        "used as the LPS point -X,-Y,Z; a negative X needs '=': --center-ras=-25.7,-31.9,-38.5",
+    )
     parser.add_argument("--layout", choices=("picai", "manifest"), help="many exams")
     parser.add_argument("--images", type=Path, help="picai: <images>/<patient>/<case>_<comp>.mha")
     parser.add_argument("--masks", type=Path, help="picai: whole-gland masks for centring")

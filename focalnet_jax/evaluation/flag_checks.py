@@ -9,7 +9,7 @@ from pathlib import Path
 
 from focalnet_jax.errors import UserError
 
-ONE_EXAM_FLAGS = ("t2w", "adc", "hbv", "component", "mask", "center")
+ONE_EXAM_FLAGS = ("t2w", "adc", "hbv", "component", "mask", "center", "center_ras")
 MANY_EXAM_FLAGS = ("images", "masks", "manifest")
 
 
@@ -63,7 +63,8 @@ def check_predict_flags(args: argparse.Namespace) -> None:
         mixed = [f for f in ONE_EXAM_FLAGS if getattr(args, f)]
         if mixed:
             raise UserError(
-                f"--{mixed[0]} is for one exam; --layout {args.layout} reads its exams from "
+                f"--{mixed[0].replace('_', '-')} is for one exam; --layout {args.layout} reads "
+                f"its exams from "
                 f"{'--images' if args.layout == 'picai' else '--manifest'}"
             )
         other = "manifest" if args.layout == "picai" else "images"
