@@ -8,6 +8,7 @@ import json
 import re
 import shutil
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -387,3 +388,43 @@ def test_a_single_slice_component_is_refused_naming_case_and_folder(
     manifest.write_text(f"case_id,patient_id,t2w,adc\nc1,p1,{prostatex_case_dir / 't2w'},{one}\n")
     err = _user_error(capfd, [*argv, "--unlabelled", "negative"])
     assert f"file '{one}': adc has a single slice (84 x 128 x 1 voxels)" in err
+
+
+def _jpeg2000_slice(series: Path, k: int = 9) -> Path:
+    """Rewrites slice `k` (file order) of the DICOM series folder `series` in JPEG 2000 lossless
+    (1.2.840.10008.1.2.4.90), encoded by GDCM through SimpleITK; returns its file."""
+    file = sorted(series.iterdir())[k]
+    writer = sitk.ImageFileWriter()
+    writer.SetImageIO("GDCMImageIO")
+    writer.KeepOriginalImageUIDOn()
+    writer.SetUseCompression(True)
+    writer.SetCompressor("JPEG2000")
+    writer.SetFileName(str(file))
+    writer.Execute(sitk.ReadImage(str(file)))
+    return file
+
+
+@pytest.mark.real_data
+def test_a_corrupt_jpeg2000_slice_is_one_line_holding_what_gdcm_printed(
+    prostatex_case_dir, tmp_path, capfd
+):
+    # GDCM printed "Invalid marker size" on stderr 7 times before the one-line error.
+    folder = tmp_path / "adc"
+    shutil.copytree(prostatex_case_dir / "adc", folder)
+    file = _jpeg2000_slice(folder)
+    original = sitk.GetArrayFromImage(read_image(prostatex_case_dir / "adc"))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(read_image(folder)), original)
+    data = bytearray(file.read_bytes())
+    assert b"1.2.840.10008.1.2.4.90" in data[:1024]
+    start = data.find(b"\xff\x4f\xff\x51")  # codestream start, then the SIZ marker segment
+    data[start + 4 : start + 6] = b"\x00\x01"  # SIZ length 1 (it is at least 41)
+    file.write_bytes(bytes(data))
+    manifest = tmp_path / "cases.csv"
+    t2w = prostatex_case_dir / "t2w"
+    manifest.write_text(f"case_id,patient_id,t2w,adc\nc1,p1,{t2w},{folder}\n")
+    argv = ["preprocess", "--layout", "manifest", "--manifest", str(manifest)]
+    argv += ["--out", str(tmp_path / "s")]
+    err = _user_error(capfd, [*argv, "--unlabelled", "negative"])
+    assert f"case 'c1', file '{file}': pixel data in transfer syntax 1.2.840.10008.1.2.4.90 " \
+           "(1 of 19 files) cannot be decoded (" in err  # fmt: skip
+    assert err.endswith("; the DICOM reader printed: Invalid marker size (x7)")

@@ -366,8 +366,7 @@ def _read_components(
         for name, path in components.items()
     }
     for name, image in images.items():
-        # One slice: its thickness is a header value no slice position confirms, and on one
-        # slice the T2w's bladder reference is not found (docs/data.md, "What is refused").
+        # One slice: a header thickness, no bladder reference (docs/data.md, "What is refused")
         if image.GetSize()[2] < 2:
             size = " x ".join(map(str, image.GetSize()))
             raise CaseError(
