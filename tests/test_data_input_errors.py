@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import locale
 import re
 import shutil
 import struct
@@ -400,7 +401,11 @@ def _jpeg2000_slice(series: Path, k: int = 9) -> Path:
     writer.SetUseCompression(True)
     writer.SetCompressor("JPEG2000")
     writer.SetFileName(str(file))
-    writer.Execute(sitk.ReadImage(str(file)))
+    ctype = locale.setlocale(locale.LC_CTYPE)  # GDCM's writer sets the C locale: restored below
+    try:
+        writer.Execute(sitk.ReadImage(str(file)))
+    finally:
+        locale.setlocale(locale.LC_CTYPE, ctype)
     return file
 
 
