@@ -242,10 +242,21 @@ def add_predict(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--mask", help="one exam: prostate mask on any grid; its centroid centres the crop"
     )
-    parser.add_argument(
+    centre = parser.add_mutually_exclusive_group()
+    centre.add_argument(
         "--center",
-        help="one exam, without --mask: crop centre 'x,y,z' (LPS mm) (default: the T2w volume "
-        "centre)",
+        metavar="X,Y,Z",
+        help="one exam, without --mask: crop centre in mm, LPS (DICOM patient coordinates: +x "
+        "left, +y posterior, +z head), as detections.csv gives points; 3D Slicer shows RAS "
+        "(negate x and y, or use --center-ras); a negative X needs '=': "
+        "--center=-25.7,31.9,-38.5 (default: the T2w volume centre)",
+    )
+    centre.add_argument(
+        "--center-ras",
+        metavar="X,Y,Z",
+        help="one exam, without --mask: crop centre in mm, RAS (3D Slicer, nibabel: +x right, "
+        "+y anterior), used as the LPS point -X,-Y,Z; a negative X needs '=': "
+        "--center-ras=-25.7,-31.9,-38.5",
     )
     parser.add_argument("--layout", choices=("picai", "manifest"), help="many exams")
     parser.add_argument(

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from focalnet_jax.errors import UserError
 
-ONE_EXAM_FLAGS = ("t2w", "adc", "hbv", "component", "mask", "center")
+ONE_EXAM_FLAGS = ("t2w", "adc", "hbv", "component", "mask", "center", "center_ras")
 MANY_EXAM_FLAGS = ("images", "masks", "manifest")
 MANY_EXAM_SWITCHES = ("skip_bad_cases", "overwrite")
 
@@ -68,7 +68,8 @@ def check_predict_flags(args: argparse.Namespace) -> None:
         mixed = [f for f in ONE_EXAM_FLAGS if getattr(args, f)]
         if mixed:
             raise UserError(
-                f"--{mixed[0]} is for one exam; --layout {args.layout} reads its exams from "
+                f"--{mixed[0].replace('_', '-')} is for one exam; --layout {args.layout} reads "
+                f"its exams from "
                 f"{'--images' if args.layout == 'picai' else '--manifest'}"
             )
         other = "manifest" if args.layout == "picai" else "images"
@@ -81,11 +82,12 @@ def check_predict_flags(args: argparse.Namespace) -> None:
         if mixed:
             flag = mixed[0].replace("_", "-")
             raise UserError(f"--{flag} needs --layout (many exams); one exam is --t2w/--adc")
-        if args.mask and args.center:
-            raise UserError(
-                f"--center {args.center} does not go with --mask {args.mask}: the mask's "
-                "centroid centres the crop"
-            )
+        for flag in ("center", "center_ras"):
+            if args.mask and getattr(args, flag):
+                raise UserError(
+                    f"--{flag.replace('_', '-')} {getattr(args, flag)} does not go with --mask "
+                    f"{args.mask}: the mask's centroid centres the crop"
+                )
     check_output_folder(args.out)
 
 
