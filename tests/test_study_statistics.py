@@ -129,3 +129,55 @@ def test_no_random_split_is_refused_not_a_p_of_one(tmp_path):
             permutation_pvalue(a, b, iterations=iterations)
     message = cli_error(["study", "report", "--workdir", tmp_path, "--iterations", "0"])
     assert "--iterations 0: expected at least 1" in message
+
+
+def picai_auroc(scores: list[float]) -> float:
+    """picai_eval's case AUROC (trapezoid under its ROC curve) of 3 positive and 7 negative
+    cases with these case scores."""
+    from focalnet_jax.evaluation.picai import picai_metrics
+
+    targets = [1, 0, 0, 1, 0, 0, 0, 1, 0, 0]
+    results = {
+        f"c{i}": ([(float(t), s, 0.5 * t)], s)
+        for i, (t, s) in enumerate(zip(targets, scores, strict=True))
+    }
+    return picai_metrics(results, bootstraps=0)["auroc"]
+
+
+def test_equal_metrics_of_other_float_paths_are_ties():
+    """Runs with the same AUROC (11 of the 21 positive-negative pairs ranked right, 14 of 21)
+    whose ROC curves differ get picai_eval AUROCs one ulp apart. Those are ties: in the
+    permutation test (which ordered them) and in Welch's test (which read two arms of equal runs
+    as a spread of 1e-17 and gave p ~ 1e-61)."""
+    from scipy import stats
+
+    from focalnet_jax.evaluation.stats import welch_pvalue
+
+    low = picai_auroc([0.6, 0.3, 0.2, 0.0, 0.5, 0.4, 0.1, 0.8, 0.7, 0.9])
+    high = picai_auroc([0.4, 0.0, 0.2, 0.3, 0.1, 0.8, 0.6, 0.7, 0.5, 0.9])
+    assert low < high and low == pytest.approx(11 / 21, abs=1e-15) == high
+    # Pooled ranks: 0.4 -> 1, the four runs at 11/21 -> 3.5 each, 0.9 -> 6; b's rank sum 13.
+    # Of the C(6, 3) = 20 splits, those with a rank sum >= 13 hold 0.9 and two of the four
+    # ties: C(4, 2) = 6, so p = 6 / 20 (and SciPy's permutation test on exact ties agrees).
+    a, b = [high, high, 0.4], [low, low, 0.9]
+    assert permutation_pvalue(a, b) == pytest.approx(0.3, abs=1e-12)
+    tied = stats.permutation_test(
+        ([11 / 21, 11 / 21, 0.9], [11 / 21, 11 / 21, 0.4]),
+        lambda x, y: stats.mannwhitneyu(x, y).statistic,
+        permutation_type="independent",
+        alternative="greater",
+    )
+    assert tied.pvalue == pytest.approx(0.3, abs=1e-12)
+    fourteen = [
+        picai_auroc([0.8, 0.4, 0.7, 0.0, 0.1, 0.2, 0.5, 0.9, 0.6, 0.3]),
+        picai_auroc([0.5, 0.6, 0.1, 0.3, 0.7, 0.4, 0.0, 0.9, 0.2, 0.8]),
+    ]
+    assert fourteen[0] != fourteen[1] and fourteen[0] == pytest.approx(14 / 21, abs=1e-15)
+    assert np.isnan(welch_pvalue([*fourteen, fourteen[0]], [low, high, low]))
+    rows = compare_arms({"m": {"a": [low, high, low], "b": [*fourteen, fourteen[0]]}})
+    assert all(np.isnan(r["p_welch"]) for r in rows)
+    # One arm varies: Welch's p of the exact values (t and df by hand, the tied arm's SE 0).
+    varied = np.array([0.5, 0.6, 0.75])
+    t = (varied.mean() - 14 / 21) / np.sqrt(varied.var(ddof=1) / 3)
+    p = welch_pvalue(varied, [*fourteen, fourteen[0]], alternative="greater")
+    assert p == pytest.approx(stats.t.sf(t, 2), rel=1e-9)

@@ -21,7 +21,10 @@ the baseline arm `a` (every metric compared here is higher-is-better).
 - `p_welch_bonferroni`: min(1, p_welch x m), m = the number of ordered arm pairs of that metric.
 
 Values that are not numbers (NaN: e.g. an AUROC of a fold without negatives) are left out of
-both tests; a test with fewer than 1 (permutation) or 2 (Welch) values per arm gives NaN.
+both tests; a test with fewer than 1 (permutation) or 2 (Welch) values per arm gives NaN. Values
+within `evaluation.stats.TIE_TOLERANCE` of each other are ties in both tests (equal metrics reached
+by other float paths, e.g. picai_eval's trapezoid AUROC, differ in the last bit; picai_eval's own
+test orders them).
 """
 
 from __future__ import annotations
@@ -32,7 +35,12 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from scipy.stats import rankdata
 
-from focalnet_jax.evaluation.stats import bonferroni, finite_values, welch_pvalue
+from focalnet_jax.evaluation.stats import (
+    bonferroni,
+    finite_values,
+    tie_close_values,
+    welch_pvalue,
+)
 
 APPROXIMATE_ITERATIONS = 10_000
 PERMUTATION_SEED = 0
@@ -54,7 +62,8 @@ def permutation_pvalue(
     a, b = finite_values(baseline), finite_values(alternative)
     if a.size < 1 or b.size < 1:
         return float("nan")
-    ranks = rankdata(np.concatenate([a, b]))  # mid-ranks: a tie counts half, as in the AUC
+    # Mid-ranks: a tie counts half, as in the AUC; values equal but for float rounding are ties.
+    ranks = rankdata(tie_close_values(np.concatenate([a, b])))
     observed = ranks[a.size :].sum() - _RANK_SUM_TOL
     if ranks.size <= EXACT_MAX_RUNS:
         splits = np.array(list(itertools.combinations(range(ranks.size), b.size)))
