@@ -181,3 +181,47 @@ def test_equal_metrics_of_other_float_paths_are_ties():
     t = (varied.mean() - 14 / 21) / np.sqrt(varied.var(ddof=1) / 3)
     p = welch_pvalue(varied, [*fourteen, fourteen[0]], alternative="greater")
     assert p == pytest.approx(stats.t.sf(t, 2), rel=1e-9)
+
+
+def test_report_comparisons_say_what_was_tested_and_on_how_many_runs():
+    """ce's third run has no AUROC (NaN): both tests use its 2 other runs, and the table says
+    n a = 2, n b = 3, with the unit (runs), that they are unpaired, how the permutation p was
+    computed and that only Welch's p is corrected (x 2 ordered pairs)."""
+    from scipy import stats
+
+    from focalnet_jax.study.report import _comparisons
+
+    per_arm = {"ce": [0.6, 0.7, float("nan")], "fl": [0.8, 0.9, 0.85]}
+    rows = compare_arms({"picai_auroc": per_arm}, iterations=999)
+    lines = _comparisons(rows, 999)
+    text = " ".join(lines)
+    for phrase in ("Unit: the run", "Unpaired", "999 random splits drawn with seed 0",
+                   "p >= 1/1000", "not corrected for multiple comparisons",
+                   "p_welch x 2 (the ordered pairs of each metric)"):  # fmt: skip
+        assert phrase in text
+    # ce -> fl: fl's 3 runs above ce's 2: 1 of the C(5, 2) = 10 splits; Welch by hand (NumPy).
+    a, b = np.array([0.6, 0.7]), np.array([0.8, 0.9, 0.85])
+    va, vb = a.var(ddof=1) / 2, b.var(ddof=1) / 3
+    t = (b.mean() - a.mean()) / np.sqrt(va + vb)
+    p = stats.t.sf(t, (va + vb) ** 2 / (va**2 / 1 + vb**2 / 2))
+    row = next(line for line in lines if line.startswith("| picai_auroc | ce | fl |"))
+    assert row == (
+        f"| picai_auroc | ce | fl | 2 | 3 | 0.650 | 0.850 | 0.1000 | {p:.4f} | "
+        f"{min(1, 2 * p):.4f} |"
+    )
+    assert _comparisons([], 999)[-1] == "One arm: nothing to compare."
+
+
+def test_report_warns_when_arms_hold_runs_of_other_cells():
+    """A partial report where fl has only fold 0 of ce's folds 0 and 1: an unpaired comparison
+    would set ce's fold 1 against nothing; the report says so. The same cells: no warning."""
+    from focalnet_jax.study.report import _coverage
+
+    def rows(arm, cells):
+        return [{"arm": arm, "repeat": r, "fold": k} for r, k in cells]
+
+    both = rows("ce", [(0, 0), (0, 1)]) + rows("fl", [(0, 0)])
+    (warning,) = [line for line in _coverage(both, ["ce", "fl"]) if line]
+    assert warning.startswith("**The arms hold runs of different cells** (runs: ce 2, fl 1)")
+    same = rows("ce", [(0, 0), (0, 1)]) + rows("fl", [(0, 1), (0, 0)])
+    assert _coverage(same, ["ce", "fl"]) == []

@@ -182,26 +182,52 @@ def _metrics_table(rows: Sequence[Mapping], names: Sequence[str]) -> list[str]:
 
 
 def _comparisons(stats_rows: Sequence[Mapping], iterations: int) -> list[str]:
+    """The headline metrics' rows of stats.csv, with what each test permuted and corrected."""
+    if not stats_rows:
+        return ["", "## Comparisons", "", "One arm: nothing to compare."]
+    pairs = (
+        sum(1 for r in stats_rows if r["metric"] == stats_rows[0]["metric"]) if stats_rows else 0
+    )
     lines = [
         "",
         "## Comparisons (H1: b better than a)",
         "",
-        "p_permutation: picai_eval's permutation test over runs (exact when the two arms have "
-        f"<= 20 runs together, else {iterations} random splits drawn with seed "
-        f"{statistics.PERMUTATION_SEED}); p_welch: one-sided Welch "
-        "t-test; Bonferroni over the ordered pairs of each metric. See docs/studies.md.",
+        "Unit: the run (one value per trained cell or ensemble cell); n a, n b: the runs with a "
+        "value (an undefined metric leaves its run out). Unpaired: the runs of a and b are not "
+        "matched by repeat or fold. p_permutation: picai_eval's one-sided permutation test of "
+        "the order AUC (exact over every split when the two arms have <= 20 runs together, else "
+        f"{iterations} random splits drawn with seed {statistics.PERMUTATION_SEED}, p >= "
+        f"1/{iterations + 1}), not corrected for multiple comparisons; p_welch: one-sided Welch "
+        f"t-test; p_welch_bonferroni: p_welch x {pairs} (the ordered pairs of each metric), "
+        "capped at 1. See docs/studies.md.",
         "",
-        "| metric | a | b | mean a | mean b | p_permutation | p_welch | p_welch_bonferroni |",
-        "|---|---|---|---|---|---|---|---|",
+        "| metric | a | b | n a | n b | mean a | mean b | p_permutation | p_welch "
+        "| p_welch_bonferroni |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in stats_rows:
         if r["metric"] in HEADLINE:
             lines.append(
-                f"| {r['metric']} | {r['arm_a']} | {r['arm_b']} | {_fmt(r['mean_a'])} | "
-                f"{_fmt(r['mean_b'])} | {_fmt(r['p_permutation'], 4)} | {_fmt(r['p_welch'], 4)} "
-                f"| {_fmt(r['p_welch_bonferroni'], 4)} |"
+                f"| {r['metric']} | {r['arm_a']} | {r['arm_b']} | {r['n_a']} | {r['n_b']} | "
+                f"{_fmt(r['mean_a'])} | {_fmt(r['mean_b'])} | {_fmt(r['p_permutation'], 4)} | "
+                f"{_fmt(r['p_welch'], 4)} | {_fmt(r['p_welch_bonferroni'], 4)} |"
             )
     return lines
+
+
+def _coverage(rows: Sequence[Mapping], names: Sequence[str]) -> list[str]:
+    """A warning when arms hold runs of different (repeat, fold) cells (a partial report): an
+    unpaired comparison of them mixes folds of other difficulty into the difference."""
+    cells = {name: {(r["repeat"], r["fold"]) for r in rows if r["arm"] == name} for name in names}
+    if len({frozenset(c) for c in cells.values()}) <= 1:
+        return []
+    counts = ", ".join(f"{name} {len(c)}" for name, c in cells.items())
+    return [
+        "",
+        f"**The arms hold runs of different cells** (runs: {counts}): their comparisons mix "
+        "folds and repeats that the other arm lacks, so a hard or easy fold can make a "
+        "difference; compare them once the same cells are done.",
+    ]
 
 
 def _convergence(rows: Sequence[Mapping], arms: Sequence[str]) -> list[str]:
@@ -235,7 +261,7 @@ def _convergence(rows: Sequence[Mapping], arms: Sequence[str]) -> list[str]:
 def _markdown(study: Study, found: Collected, stats_rows, iterations: int) -> str:
     names = list(dict.fromkeys(r["arm"] for r in found.rows))
     lines = _header(study, found.missing) + _metrics_table(found.rows, names)
-    lines += _comparisons(stats_rows, iterations)
+    lines += _comparisons(stats_rows, iterations) + _coverage(found.rows, names)
     lines += _convergence(found.rows, [a for a in study.arms if a in names])
     lines += ["", "## Figures", ""]
     pngs = ["metrics.png", "froc_cs.png"] + (["pvalues.png"] if len(names) > 1 else [])
