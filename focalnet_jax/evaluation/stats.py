@@ -72,13 +72,24 @@ def bonferroni(pvalue: float, num_comparisons: int) -> float:
 
 
 def compare_methods(per_method: Mapping[str, Sequence]) -> list[dict]:
-    """Welch's t-test between every pair of methods on one metric's fold values, Bonferroni
-    corrected for the number of pairs: [{'a', 'b', 'p', 'p_bonferroni'}]."""
+    """Welch's two-sided t-test between every pair of methods on one metric's fold values,
+    Bonferroni corrected for the number of pairs: [{'a', 'b', 'n_a', 'n_b', 'p', 'p_bonferroni'}]
+    with n the folds that have a value (the test leaves out the others)."""
     pairs = list(itertools.combinations(per_method, 2))
     rows = []
     for a, b in pairs:
         p = welch_pvalue(per_method[a], per_method[b])
-        rows.append({"a": a, "b": b, "p": p, "p_bonferroni": bonferroni(p, len(pairs))})
+        n_a, n_b = finite_values(per_method[a]).size, finite_values(per_method[b]).size
+        rows.append(
+            {
+                "a": a,
+                "b": b,
+                "n_a": n_a,
+                "n_b": n_b,
+                "p": p,
+                "p_bonferroni": bonferroni(p, len(pairs)),
+            }
+        )
     return rows
 
 
