@@ -184,32 +184,90 @@ def test_equal_metrics_of_other_float_paths_are_ties():
 
 
 def test_report_comparisons_say_what_was_tested_and_on_how_many_runs():
-    """ce's third run has no AUROC (NaN): both tests use its 2 other runs, and the table says
-    n a = 2, n b = 3, with the unit (runs), that they are unpaired, how the permutation p was
-    computed and that only Welch's p is corrected (x 2 ordered pairs)."""
+    """ce's third run has no AUROC (NaN): both unpaired tests use its 2 other runs, the paired
+    test the 2 folds both arms have, and the table says n a = 2, n b = 3, n pairs = 2, with the
+    unit (runs), which tests are paired, how the permutation p was computed and that only
+    Welch's p is corrected (x 2 ordered pairs)."""
     from scipy import stats
 
     from focalnet_jax.study.report import _comparisons
 
     per_arm = {"ce": [0.6, 0.7, float("nan")], "fl": [0.8, 0.9, 0.85]}
-    rows = compare_arms({"picai_auroc": per_arm}, iterations=999)
+    cells = {"ce": [(0, 0), (0, 1), (0, 2)], "fl": [(0, 0), (0, 1), (0, 2)]}
+    rows = compare_arms({"picai_auroc": per_arm}, iterations=999, cells=cells)
     lines = _comparisons(rows, 999)
     text = " ".join(lines)
-    for phrase in ("Unit: the run", "Unpaired", "999 random splits drawn with seed 0",
-                   "p >= 1/1000", "not corrected for multiple comparisons",
+    for phrase in ("Unit: the run", "unpaired (the runs of a and b are not matched",
+                   "999 random splits drawn with seed 0", "p >= 1/1000",
+                   "over the n pairs of runs of the same repeat and fold",
+                   "neither is corrected for multiple comparisons",
                    "p_welch x 2 (the ordered pairs of each metric)"):  # fmt: skip
         assert phrase in text
-    # ce -> fl: fl's 3 runs above ce's 2: 1 of the C(5, 2) = 10 splits; Welch by hand (NumPy).
+    # ce -> fl: fl's 3 runs above ce's 2: 1 of the C(5, 2) = 10 splits. Paired: differences
+    # +0.2, +0.2 on folds 0 and 1; of the 4 sign patterns only (+, +) reaches +0.4: p = 1/4.
+    # Welch by hand (NumPy).
     a, b = np.array([0.6, 0.7]), np.array([0.8, 0.9, 0.85])
     va, vb = a.var(ddof=1) / 2, b.var(ddof=1) / 3
     t = (b.mean() - a.mean()) / np.sqrt(va + vb)
     p = stats.t.sf(t, (va + vb) ** 2 / (va**2 / 1 + vb**2 / 2))
     row = next(line for line in lines if line.startswith("| picai_auroc | ce | fl |"))
     assert row == (
-        f"| picai_auroc | ce | fl | 2 | 3 | 0.650 | 0.850 | 0.1000 | {p:.4f} | "
+        f"| picai_auroc | ce | fl | 2 | 3 | 0.650 | 0.850 | 0.1000 | 2 | 0.2500 | {p:.4f} | "
         f"{min(1, 2 * p):.4f} |"
     )
     assert _comparisons([], 999)[-1] == "One arm: nothing to compare."
+
+
+def scipy_paired_p(a, b, n_resamples=np.inf):
+    """SciPy's paired permutation test (signs of the pairs flipped) of mean(b - a), H1 > 0."""
+    from scipy import stats
+
+    return stats.permutation_test(
+        (np.asarray(b), np.asarray(a)),
+        lambda x, y: np.mean(x - y),
+        permutation_type="samples",
+        alternative="greater",
+        n_resamples=n_resamples,
+        random_state=0,
+    ).pvalue
+
+
+def test_paired_permutation_pvalue_equals_scipy():
+    """Exact (2^n sign patterns) against SciPy's paired permutation test on 7 and on 12 pairs,
+    keys in other orders and a cell only one arm has left out; a pair with a NaN is left out;
+    more than 20 pairs: random sign patterns, within Monte Carlo error of SciPy's exact p and
+    never below 1 / (iterations + 1)."""
+    from focalnet_jax.study.statistics import paired_permutation_pvalue
+
+    rng = np.random.default_rng(7)
+    for n in (7, 12):
+        a = np.round(rng.normal(0.6, 0.05, n), 2)
+        b = np.round(a + rng.normal(0.02, 0.03, n), 2)  # rounded: zero differences occur
+        base = {(0, k): v for k, v in enumerate(a)} | {(9, 9): 0.1}
+        alt = {(0, k): v for k, v in reversed(list(enumerate(b)))}
+        p, pairs = paired_permutation_pvalue(base, alt)
+        assert pairs == n and p == pytest.approx(scipy_paired_p(a, b), abs=1e-12)
+    p, pairs = paired_permutation_pvalue(
+        {1: 0.5, 2: float("nan"), 3: 0.6}, {1: 0.7, 2: 0.9, 3: 0.7}
+    )
+    assert (p, pairs) == (pytest.approx(0.25), 2)
+    # 22 pairs: exact p from the distribution of the signed sum of the differences (integers in
+    # units of 0.001), counted by dynamic programming over the 2^22 sign patterns.
+    a = np.round(rng.normal(0.6, 0.05, 22), 3)
+    diffs = np.round(rng.normal(10, 30, 22)).astype(int)
+    b = a + diffs / 1000
+    counts = {0: 1}
+    for d in diffs:
+        signed = {}
+        for total, ways in counts.items():
+            for step in (d, -d):
+                signed[total + step] = signed.get(total + step, 0) + ways
+        counts = signed
+    exact = sum(w for total, w in counts.items() if total >= diffs.sum()) / 2**22
+    p, _ = paired_permutation_pvalue(dict(enumerate(a)), dict(enumerate(b)), iterations=20_000)
+    assert abs(p - exact) < 4 * np.sqrt(exact * (1 - exact) / 20_000) + 1 / 20_001
+    far = paired_permutation_pvalue(dict(enumerate(a)), dict(enumerate(a + 1)), iterations=999)
+    assert far == (pytest.approx(1 / 1000), 22)
 
 
 def test_report_warns_when_arms_hold_runs_of_other_cells():

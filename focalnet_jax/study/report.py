@@ -54,6 +54,8 @@ STATS_COLUMNS = (
     "p_permutation",
     "p_welch",
     "p_welch_bonferroni",
+    "n_pairs",
+    "p_permutation_paired",
 )
 
 
@@ -193,23 +195,26 @@ def _comparisons(stats_rows: Sequence[Mapping], iterations: int) -> list[str]:
         "## Comparisons (H1: b better than a)",
         "",
         "Unit: the run (one value per trained cell or ensemble cell); n a, n b: the runs with a "
-        "value (an undefined metric leaves its run out). Unpaired: the runs of a and b are not "
-        "matched by repeat or fold. p_permutation: picai_eval's one-sided permutation test of "
-        "the order AUC (exact over every split when the two arms have <= 20 runs together, else "
-        f"{iterations} random splits drawn with seed {statistics.PERMUTATION_SEED}, p >= "
-        f"1/{iterations + 1}), not corrected for multiple comparisons; p_welch: one-sided Welch "
-        f"t-test; p_welch_bonferroni: p_welch x {pairs} (the ordered pairs of each metric), "
-        "capped at 1. See docs/studies.md.",
+        "value (an undefined metric leaves its run out). p_permutation: picai_eval's one-sided "
+        "permutation test of the order AUC, unpaired (the runs of a and b are not matched by "
+        "repeat or fold; exact over every split when the two arms have <= 20 runs together, "
+        f"else {iterations} random splits drawn with seed {statistics.PERMUTATION_SEED}, p >= "
+        f"1/{iterations + 1}); p paired: one-sided sign-flip permutation test of the mean "
+        "difference b - a over the n pairs of runs of the same repeat and fold (exact up to 20 "
+        f"pairs, else {iterations} random sign patterns); neither is corrected for multiple "
+        "comparisons. p_welch: one-sided Welch t-test, unpaired; p_welch_bonferroni: p_welch x "
+        f"{pairs} (the ordered pairs of each metric), capped at 1. See docs/studies.md.",
         "",
-        "| metric | a | b | n a | n b | mean a | mean b | p_permutation | p_welch "
-        "| p_welch_bonferroni |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| metric | a | b | n a | n b | mean a | mean b | p_permutation | n pairs | p paired "
+        "| p_welch | p_welch_bonferroni |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in stats_rows:
         if r["metric"] in HEADLINE:
             lines.append(
                 f"| {r['metric']} | {r['arm_a']} | {r['arm_b']} | {r['n_a']} | {r['n_b']} | "
                 f"{_fmt(r['mean_a'])} | {_fmt(r['mean_b'])} | {_fmt(r['p_permutation'], 4)} | "
+                f"{r['n_pairs']} | {_fmt(r['p_permutation_paired'], 4)} | "
                 f"{_fmt(r['p_welch'], 4)} | {_fmt(r['p_welch_bonferroni'], 4)} |"
             )
     return lines
@@ -297,7 +302,8 @@ def write_report(
         metric: {name: [r[metric] for r in rows if r["arm"] == name] for name in names}
         for metric in METRICS
     }
-    stats_rows = statistics.compare_arms(per_metric, iterations)
+    cells = {name: [(r["repeat"], r["fold"]) for r in rows if r["arm"] == name] for name in names}
+    stats_rows = statistics.compare_arms(per_metric, iterations, cells)
     _write_csv(out / "runs.csv", RUN_COLUMNS, rows)
     _write_csv(out / "stats.csv", STATS_COLUMNS, stats_rows)
     figures.box_strip(out / "metrics.png", {m: per_metric[m] for m in HEADLINE})
