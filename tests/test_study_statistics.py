@@ -218,6 +218,20 @@ def test_report_comparisons_say_what_was_tested_and_on_how_many_runs():
     assert _comparisons([], 999)[-1] == "One arm: nothing to compare."
 
 
+def test_report_prints_small_p_values_with_their_digits():
+    """10 + 10 runs, every run of b above every run of a: the exact p is 1 / C(20, 10) =
+    1/184756 and the paired p 1/2^10; printed with 4 decimals both read 0.0000, i.e. p = 0."""
+    from focalnet_jax.study.report import _comparisons
+
+    a, b = [0.5 + 0.01 * i for i in range(10)], [0.7 + 0.01 * i for i in range(10)]
+    cells = {arm: [(r, 0) for r in range(10)] for arm in ("a", "b")}
+    rows = compare_arms({"picai_auroc": {"a": a, "b": b}}, cells=cells)
+    assert rows[0]["p_permutation"] == pytest.approx(1 / 184756)
+    assert rows[0]["p_permutation_paired"] == pytest.approx(1 / 1024)
+    row = next(line for line in _comparisons(rows, 999) if line.startswith("| picai_auroc | a |"))
+    assert "| 5.4e-06 | 10 | 9.8e-04 |" in row and "0.0000" not in row
+
+
 def scipy_paired_p(a, b, n_resamples=np.inf):
     """SciPy's paired permutation test (signs of the pairs flipped) of mean(b - a), H1 > 0."""
     from scipy import stats

@@ -147,6 +147,12 @@ def _fmt(value, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def _fmt_p(p: float) -> str:
+    """A p-value: 4 decimals, or 2 significant digits below 0.001 (an exact permutation p of
+    1/184756 printed as 0.0000 read as p = 0)."""
+    return _fmt(p, 4) if not math.isfinite(p) or p >= 1e-3 else f"{p:.1e}"
+
+
 def _header(study: Study, missing: Sequence[str]) -> list[str]:
     plain = study.plain
     spec_file = relative_to_cwd(plain["spec_file"])
@@ -213,9 +219,9 @@ def _comparisons(stats_rows: Sequence[Mapping], iterations: int) -> list[str]:
         if r["metric"] in HEADLINE:
             lines.append(
                 f"| {r['metric']} | {r['arm_a']} | {r['arm_b']} | {r['n_a']} | {r['n_b']} | "
-                f"{_fmt(r['mean_a'])} | {_fmt(r['mean_b'])} | {_fmt(r['p_permutation'], 4)} | "
-                f"{r['n_pairs']} | {_fmt(r['p_permutation_paired'], 4)} | "
-                f"{_fmt(r['p_welch'], 4)} | {_fmt(r['p_welch_bonferroni'], 4)} |"
+                f"{_fmt(r['mean_a'])} | {_fmt(r['mean_b'])} | {_fmt_p(r['p_permutation'])} | "
+                f"{r['n_pairs']} | {_fmt_p(r['p_permutation_paired'])} | "
+                f"{_fmt_p(r['p_welch'])} | {_fmt_p(r['p_welch_bonferroni'])} |"
             )
     return lines
 
