@@ -147,11 +147,14 @@ def picai_auroc(scores: list[float]) -> float:
 def test_equal_metrics_of_other_float_paths_are_ties():
     """Runs with the same AUROC (11 of the 21 positive-negative pairs ranked right, 14 of 21)
     whose ROC curves differ get picai_eval AUROCs one ulp apart. Those are ties: in the
-    permutation test (which ordered them) and in Welch's test (which read two arms of equal runs
-    as a spread of 1e-17 and gave p ~ 1e-61)."""
+    permutation test of the report's values (rounded to METRIC_DECIMALS; the raw values were
+    ordered) and in Welch's test (which read two arms of equal runs as a spread of 1e-17 and gave
+    p ~ 1e-61)."""
+    from picai_eval.statistical_helper import perform_permutation_test
     from scipy import stats
 
     from focalnet_jax.evaluation.stats import welch_pvalue
+    from focalnet_jax.study.report import METRIC_DECIMALS
 
     low = picai_auroc([0.6, 0.3, 0.2, 0.0, 0.5, 0.4, 0.1, 0.8, 0.7, 0.9])
     high = picai_auroc([0.4, 0.0, 0.2, 0.3, 0.1, 0.8, 0.6, 0.7, 0.5, 0.9])
@@ -160,7 +163,10 @@ def test_equal_metrics_of_other_float_paths_are_ties():
     # Of the C(6, 3) = 20 splits, those with a rank sum >= 13 hold 0.9 and two of the four
     # ties: C(4, 2) = 6, so p = 6 / 20 (and SciPy's permutation test on exact ties agrees).
     a, b = [high, high, 0.4], [low, low, 0.9]
+    assert permutation_pvalue(a, b) == pytest.approx(0.5, abs=1e-12)  # 10 splits: ordered apart
+    a, b = [[round(v, METRIC_DECIMALS) for v in arm] for arm in (a, b)]
     assert permutation_pvalue(a, b) == pytest.approx(0.3, abs=1e-12)
+    assert perform_permutation_test(a, b) == pytest.approx(0.3, abs=1e-12)  # the contract
     tied = stats.permutation_test(
         ([11 / 21, 11 / 21, 0.9], [11 / 21, 11 / 21, 0.4]),
         lambda x, y: stats.mannwhitneyu(x, y).statistic,

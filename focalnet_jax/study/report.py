@@ -59,10 +59,16 @@ STATS_COLUMNS = (
 )
 
 
+# runs.csv holds each metric rounded to this many decimals, and the tests read those values: equal
+# metrics that picai_eval's trapezoid AUROC gives as 0.6666666666666666 or 0.6666666666666667
+# (by the ROC curve's steps) are ties, and p_permutation equals picai_eval's test on the columns.
+METRIC_DECIMALS = 12
+
+
 def _lookup(metrics: Mapping, path: Sequence[str], where: str, *, partial: bool) -> float:
-    """The number at `path` in a cell's metrics.json (NaN where the metric is undefined: null, or
-    its section says why it was `skipped`); a missing key is a `StudyError` naming the cell and
-    key, or with `partial` a warning and NaN."""
+    """The number at `path` in a cell's metrics.json, rounded to METRIC_DECIMALS (NaN where the
+    metric is undefined: null, or its section says why it was `skipped`); a missing key is a
+    `StudyError` naming the cell and key, or with `partial` a warning and NaN."""
     value = metrics
     for key in path:
         if isinstance(value, Mapping) and "skipped" in value:
@@ -74,7 +80,7 @@ def _lookup(metrics: Mapping, path: Sequence[str], where: str, *, partial: bool)
             print(f"warning: {message}; reported as NaN", file=sys.stderr)
             return float("nan")
         value = value[key]
-    return float("nan") if value is None else float(value)
+    return float("nan") if value is None else round(float(value), METRIC_DECIMALS)
 
 
 def _row(

@@ -24,10 +24,11 @@ the baseline arm `a` (every metric compared here is higher-is-better).
   same repeat and fold paired, the signs of their differences flipped.
 
 Values that are not numbers (NaN: e.g. an AUROC of a fold without negatives) are left out of
-every test; a test with fewer than 1 (permutation) or 2 (Welch) values per arm gives NaN. Values
-within `evaluation.stats.TIE_TOLERANCE` of each other are ties in every test (equal metrics reached
-by other float paths, e.g. picai_eval's trapezoid AUROC, differ in the last bit; picai_eval's own
-test orders them).
+every test; a test with fewer than 1 (permutation) or 2 (Welch) values per arm gives NaN. The
+report rounds every metric to `report.METRIC_DECIMALS` before the tests (equal metrics reached by
+other float paths, e.g. picai_eval's trapezoid AUROC, differ in the last bit), so `p_permutation`
+is exactly picai_eval's test on runs.csv's values; Welch's and the paired test also count values
+within `evaluation.stats.TIE_TOLERANCE` of each other as equal.
 """
 
 from __future__ import annotations
@@ -66,8 +67,9 @@ def permutation_pvalue(
     a, b = finite_values(baseline), finite_values(alternative)
     if a.size < 1 or b.size < 1:
         return float("nan")
-    # Mid-ranks: a tie counts half, as in the AUC; values equal but for float rounding are ties.
-    ranks = rankdata(tie_close_values(np.concatenate([a, b])))
+    # Mid-ranks: a tie counts half, as in the AUC (the report rounds its metrics first, so values
+    # equal but for float rounding are ties: METRIC_DECIMALS in module `report`).
+    ranks = rankdata(np.concatenate([a, b]))
     observed = ranks[a.size :].sum() - _RANK_SUM_TOL
     if ranks.size <= EXACT_MAX_RUNS:
         splits = np.array(list(itertools.combinations(range(ranks.size), b.size)))
