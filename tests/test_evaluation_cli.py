@@ -215,10 +215,29 @@ def test_summarize_comparisons_name_the_folds_that_never_reached_a_sensitivity()
     assert row["p"] == pytest.approx(p) and row["p_bonferroni"] == pytest.approx(p)
     assert row["not_reached"] == {"A": 1, "B": 0}
     assert lines == [
-        f"- froc/all/fp_at_sensitivity/0.8: A vs B: p = {p:.4g}, Bonferroni p = {p:.4g} "
-        "(n.r. folds left out: A 1)"
+        f"- froc/all/fp_at_sensitivity/0.8: A vs B (folds 2 vs 3): p = {p:.4g}, "
+        f"Bonferroni p = {p:.4g} (n.r. folds left out: A 1)"
     ]
     assert "not_reached" not in comparisons["froc/all/pauc/0.1-3"][0]
+
+
+def test_summarize_comparisons_give_the_folds_each_test_used():
+    """A's second fold has no GS >= 9 AUC (no such lesion: null): the two-sided Welch test uses
+    A's 2 other folds, and its row and line say so (they gave no n; the table's 2/3 was the only
+    trace). Reference: SciPy's Welch test on the folds with a value."""
+    from scipy import stats
+
+    def fold(auc):
+        return {"froc": {}, "roc": {"gs_ge_9": {"auc": auc}}}
+
+    folds = {"A": [fold(0.7), fold(None), fold(0.8)], "B": [fold(0.6), fold(0.65), fold(0.5)]}
+    comparisons, lines = method_comparisons(folds)
+    (row,) = comparisons["roc/gs_ge_9/auc"]
+    p = stats.ttest_ind([0.7, 0.8], [0.6, 0.65, 0.5], equal_var=False).pvalue
+    assert (row["n_a"], row["n_b"]) == (2, 3) and row["p"] == pytest.approx(p)
+    assert lines == [
+        f"- roc/gs_ge_9/auc: A vs B (folds 2 vs 3): p = {p:.4g}, Bonferroni p = {p:.4g}"
+    ]
 
 
 def _error(argv) -> str:

@@ -233,6 +233,17 @@ def test_study_stats_match_enumeration_and_welch(finished):
         b = [float(r[metric]) for r in runs if r["arm"] == row["arm_b"]]
         a, b = [v for v in a if math.isfinite(v)], [v for v in b if math.isfinite(v)]
         assert float(row["p_permutation"]) == pytest.approx(exhaustive_permutation_p(a, b))
+        # Paired: the runs of the same repeat and fold, every sign pattern of their differences.
+        cells = [
+            {(r["repeat"], r["fold"]): float(r[metric]) for r in runs if r["arm"] == arm}
+            for arm in (row["arm_a"], row["arm_b"])
+        ]
+        diffs = [cells[1][k] - cells[0][k] for k in cells[0]]
+        diffs = np.array([d for d in diffs if math.isfinite(d)])
+        sums = [np.dot(signs, diffs) for signs in itertools.product((1, -1), repeat=diffs.size)]
+        paired = np.mean(np.array(sums) >= diffs.sum() - 1e-9) if diffs.size else math.nan
+        assert int(row["n_pairs"]) == diffs.size
+        assert float(row["p_permutation_paired"]) == pytest.approx(paired, nan_ok=True)
         if np.std(a) + np.std(b) > 0:
             va, vb = np.var(a, ddof=1) / len(a), np.var(b, ddof=1) / len(b)
             t = (np.mean(b) - np.mean(a)) / math.sqrt(va + vb)
