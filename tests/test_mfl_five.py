@@ -26,7 +26,6 @@ from focalnet_jax import encoding
 from focalnet_jax.run import RunSpec
 from focalnet_jax.training import sharding, train_state
 from focalnet_jax.training import step as step_lib
-from focalnet_jax.training.loop import _mfl_note
 
 COMPONENTS = ("t2w", "adc", "hbv", "dce", "lowb")
 PIRADS = [("t2w",), ("hbv", "adc"), ("t2w", "adc", "hbv"), ("adc", "hbv", "dce"), ("lowb", "adc")]
@@ -173,4 +172,6 @@ def test_five_components_thirty_subsets_through_the_train_step(variables):
 def test_the_run_says_how_many_subsets_it_probes_and_how(mode, chunk, subsets, note):
     # The start line gave slices, steps and lambda, but not the number of subsets each step
     # runs: 30 subsets cost ~10x the forward passes of 2, unsaid.
+    from focalnet_jax.training.loop import _mfl_note
+
     assert _mfl_note(_spec(mode, chunk, subsets)) == ", " + note
