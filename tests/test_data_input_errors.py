@@ -319,7 +319,8 @@ def test_manifest_and_marksheet_from_a_spreadsheet(dataset, tmp_path, capfd):
 
 
 def test_an_empty_component_cell_of_a_manifest_names_the_component(dataset, tmp_path, capfd):
-    # The line said "file '': no path given": which of the case's components was missing?
+    # The line said "file '': no path given": which of the case's components was missing? Then
+    # "case 'x', file '': no adc path given": which manifest, which line?
     cases = discover_picai(dataset / "images", dataset / "labels")
     write_manifest(cases, tmp_path / "all.csv")
     with (tmp_path / "all.csv").open(newline="") as f:
@@ -331,7 +332,10 @@ def test_an_empty_component_cell_of_a_manifest_names_the_component(dataset, tmp_
         writer.writerows(rows)
     argv = ["preprocess", "--layout", "manifest", "--manifest", str(tmp_path / "m.csv")]
     err = _user_error(capfd, [*argv, "--out", str(tmp_path / "store")])
-    assert err.endswith(f"case {cases[0].case_id!r}, file '': no adc path given")
+    assert err.endswith(
+        f"manifest {tmp_path / 'm.csv'}, line 2: case {cases[0].case_id!r} has an empty adc "
+        "cell; give each component's DICOM folder or image file, or leave the case out"
+    )
 
 
 def test_misspelt_masks_folder_is_refused_and_missing_masks_named(dataset, tmp_path, capfd, caplog):

@@ -180,6 +180,23 @@ class _Logger:
             self.progress.write(f"step {done}: {line}")
 
 
+def _mfl_note(spec: RunSpec) -> str:
+    """What MFL runs each step, e.g. `, MFL over 30 subsets of 5 components (select: 30 forward
+    passes without gradients, 4 at a time, then each slice's chosen subset with gradients)`."""
+    if not spec.mfl:
+        return ""
+    m, chunk = len(spec.subsets), spec.mfl_chunk if 0 < spec.mfl_chunk < len(spec.subsets) else 0
+    at_a_time = f"{chunk} at a time" if chunk else "all at once"
+    if spec.mfl_mode == "select":
+        passes = f"{m} forward passes without gradients, {at_a_time}, then each slice's chosen "
+        passes += "subset with gradients"
+    else:
+        passes = f"{m} forward and backward passes, {at_a_time}"
+    return (
+        f", MFL over {m} subsets of {len(spec.components)} components ({spec.mfl_mode}: {passes})"
+    )
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *, store=None):
     """Train `config` in `workdir` (resuming from its newest intact checkpoint); returns the final
     state. A resume must keep the saved config but for `workdir.RESUMABLE_KEYS` (a `UserError`
@@ -217,8 +234,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     if jax.process_index() == 0:
         log.info(
             "%s, fold %d: %d train / %d val slices, %d steps (%d per epoch), start at %d, "
-            "lambda %.4g", workdir, config.data.fold, len(split.train_rows), len(split.val_rows),
-            num_steps, batches.steps_per_epoch, start, lam,
+            "lambda %.4g%s", workdir, config.data.fold, len(split.train_rows), len(split.val_rows),
+            num_steps, batches.steps_per_epoch, start, lam, _mfl_note(spec),
         )  # fmt: skip
     progress = tqdm(
         total=num_steps, initial=start, disable=jax.process_index() != 0, desc="train", unit="step"
