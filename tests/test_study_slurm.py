@@ -136,7 +136,8 @@ def test_task_ended_by_slurm_is_interrupted_with_its_reason_and_submitted_again(
             break
         time.sleep(1)
     line = (
-        rf"ce/rep0/fold0\s+interrupted\s+{job}_0\s+ended by SLURM: JOB \d+ ON \S+ CANCELLED AT \S+$"
+        rf"ce/rep0/fold0\s+interrupted\s+{job}_0\s+[\d.]+\s+1\s+"
+        r"ended by SLURM: JOB \d+ ON \S+ CANCELLED AT \S+$"
     )
     assert re.search(line, status, re.M), status
     again = study("run", "--workdir", str(workdir), "--executor=slurm", "--dry-run", env=env)
@@ -216,17 +217,23 @@ def test_a_requeued_task_keeps_the_output_of_its_earlier_run(store, cluster, tmp
     output file: slurmstepd's line saying why the first run ended was lost."""
     workdir, env, cell_log, job = _one_cell_on_slurm(store, cluster, tmp_path)
     output = workdir / "slurm" / f"{job}_0.out"
-    starts = 0
+    state_file = cell_log.parent / "study_cell.json"
+    starts, records = 0, []
     for attempt in range(2):
         deadline = time.time() + 240
         while time.time() < deadline and _text(cell_log).count("$ focalnet train") <= attempt:
             time.sleep(0.5)
         starts = _text(cell_log).count("$ focalnet train")
+        records.append((json.loads(state_file.read_text()), time.time()))
         if attempt == 0:
             subprocess.run(["scontrol", "requeue", f"{job}_0"], env=env, check=True)
             _start_now(f"{job}_0", env)
     subprocess.run(["scancel", job], env=env, check=True)
     assert starts == 2, _text(cell_log)[-2000:]
+    # The requeued attempt's record counts the killed one: from its start to at most now.
+    (first, _), (second, seen) = records
+    assert second["attempts"] == 2 and len(second["attempt_seconds"]) == 2, second
+    assert 0 < second["attempt_seconds"][0] <= seen - first["started"], (first, second)
     deadline = time.time() + 60
     while time.time() < deadline and "CANCELLED" not in _text(output):
         time.sleep(0.5)

@@ -196,6 +196,7 @@ def _ensembles(study: Study) -> None:
 
 def _status(args: argparse.Namespace) -> int:
     from focalnet_jax.study import slurm
+    from focalnet_jax.study.attempts import time_so_far
     from focalnet_jax.study.ensembles import ensemble_done
 
     study = Study.open(args.workdir)
@@ -207,19 +208,18 @@ def _status(args: argparse.Namespace) -> int:
         ended = name in ("interrupted", "failed") and task and "error" not in state.record
         why = (slurm.task_end(study, task) or "task left the queue, no output") if ended else None
         detail = state.record.get("error") or why or state.record.get("log", "")
-        seconds = state.record.get("seconds", "")
-        rows.append((cell.name, name, task, str(seconds), detail))
+        spent = time_so_far(state.record, study.path(cell))
+        seconds, attempts = (str(spent[0]), str(spent[1])) if spent else ("", "")
+        rows.append((cell.name, name, task, seconds, attempts, detail))
         counts[name] = counts.get(name, 0) + 1
     for cell in study.ensemble_cells():
         name = "done" if ensemble_done(study, cell) else "waiting"
-        rows.append((cell.name, name, "", "", "ensemble"))
-    widths = [
-        max(len(r[i]) for r in rows + [("cell", "state", "slurm job", "s", "")])
-        for i in (0, 1, 2, 3)
-    ]
-    header = ("cell", "state", "slurm job", "s", "log / error")
+        rows.append((cell.name, name, "", "", "", "ensemble"))
+    # s: seconds over all attempts (one running or killed: until its folder's latest write)
+    header = ("cell", "state", "slurm job", "s", "attempts", "log / error")
+    widths = [max(len(r[i]) for r in [*rows, header]) for i in range(5)]
     for row in [header, *rows]:
-        print("  ".join(v.ljust(w) for v, w in zip(row[:4], widths, strict=True)) + "  " + row[4])
+        print("  ".join(v.ljust(w) for v, w in zip(row[:5], widths, strict=True)) + "  " + row[5])
     print(", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
     return 0
 
