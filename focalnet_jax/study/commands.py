@@ -104,7 +104,9 @@ def _slurm_options(study: Study, args: argparse.Namespace) -> dict:
 RUNNABLE = ("pending", "failed", "interrupted")
 
 
-def cell_states(study: Study, *, need_queue: bool = False) -> dict[str, tuple[str, str]]:
+def cell_states(
+    study: Study, *, need_queue: bool = False, record: bool = False
+) -> dict[str, tuple[str, str]]:
     """{cell name: (state, SLURM task id or '')}, with the SLURM queue's view: a cell not done
     whose latest submitted task is in the queue takes that task's state (`queued` while it
     waits), whatever an earlier attempt recorded (`failed`, `interrupted`), so it is not
@@ -112,10 +114,13 @@ def cell_states(study: Study, *, need_queue: bool = False) -> dict[str, tuple[st
     at its time limit) is `interrupted`; a cell whose task left the queue without starting it
     (e.g. the task's shell failed) is `failed`. `need_queue`: raise `StudyError` when `squeue`
     does not answer (e.g. it timed out on a busy controller) and a cell not done was submitted,
-    since a queued cell would look runnable and be submitted twice."""
+    since a queued cell would look runnable and be submitted twice. An array whose `study run`
+    died before recording it counts as recorded when it is in the queue
+    (`slurm.adopt_unrecorded`; `record`, under the run lock: recorded in jobs.json)."""
     from focalnet_jax.study import slurm
 
-    tasks = slurm.task_ids(study)
+    adopted = slurm.adopt_unrecorded(study, record=record, strict=need_queue or record)
+    tasks = slurm.task_ids([*slurm.read_jobs(study), *([] if record else adopted)])
     queue = slurm.queue_states(list(tasks.values()))
     if need_queue and queue is None:
         submitted = [c for c in study.cells() if c.name in tasks]
@@ -154,8 +159,9 @@ def _start_cells(study: Study, args: argparse.Namespace) -> int:
     from focalnet_jax.study import local, slurm
 
     cells = study.cells()
-    need_queue = args.executor == "slurm"
-    states = {n: state for n, (state, _) in cell_states(study, need_queue=need_queue).items()}
+    need_queue, record = args.executor == "slurm", not args.dry_run
+    found = cell_states(study, need_queue=need_queue, record=record)
+    states = {n: state for n, (state, _) in found.items()}
     todo = [c for c in cells if states[c.name] in RUNNABLE]
     done = sum(s == "done" for s in states.values())
     print(
