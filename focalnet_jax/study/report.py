@@ -3,7 +3,9 @@ the figures (module `figures`).
 
 runs.csv has one row per training cell and per ensemble cell (`kind` says which), with the
 metrics of its `eval/metrics.json` in the columns of `METRICS`, and for a training cell its final
-validation loss and that loss's drop over the last quarter of training (module `convergence`).
+validation loss and that loss's drop over the last quarter of training (module `convergence`),
+and what it cost: its seconds over all its attempts and their number (module `attempts`; NaN for
+an ensemble).
 stats.csv compares every ordered pair of arms and ensembles on every metric (module `statistics`).
 """
 
@@ -42,7 +44,18 @@ METRICS = {
 }
 HEADLINE = ("picai_auroc", "picai_ap", "picai_score", "froc_cs_sens_at_1fp")
 CONVERGENCE = ("val_loss", "val_loss_drop_last_quarter")  # NaN for an ensemble
-RUN_COLUMNS = ("arm", "kind", "repeat", "fold", "seed", *METRICS, *CONVERGENCE, "num_patients")
+COST = ("total_seconds", "attempts")  # over every attempt of a training cell; NaN for an ensemble
+RUN_COLUMNS = (
+    "arm",
+    "kind",
+    "repeat",
+    "fold",
+    "seed",
+    *METRICS,
+    *CONVERGENCE,
+    "num_patients",
+    *COST,
+)
 STATS_COLUMNS = (
     "metric",
     "arm_a",
@@ -102,6 +115,9 @@ def _row(
         curve = convergence.val_loss_curve(study.path(cell))
     row["val_loss"], row["val_loss_drop_last_quarter"] = curve.final, curve.drop_last_quarter
     row["num_patients"] = metrics.get("num_patients")
+    record = {} if cell.ensemble else study.state(cell).record
+    row["total_seconds"] = float(record.get("total_seconds", record.get("seconds", math.nan)))
+    row["attempts"] = int(record.get("attempts", 1)) if record else math.nan
     return row, curve
 
 
@@ -275,11 +291,36 @@ def _convergence(rows: Sequence[Mapping], arms: Sequence[str]) -> list[str]:
     return lines
 
 
+def _cost(rows: Sequence[Mapping], arms: Sequence[str]) -> list[str]:
+    """Per training arm: wall-clock seconds per run over all its attempts, and the retries."""
+    lines = [
+        "",
+        "## Cost (wall-clock time of each run's cell, over all its attempts)",
+        "",
+        "A run that failed, was killed or was requeued and then resumed counts every attempt "
+        "(an attempt killed without a word counts until its last log or state write).",
+        "",
+        "| arm | s per run (mean +- SD) | total h | attempts | runs with > 1 attempt |",
+        "|---|---|---|---|---|",
+    ]
+    for arm in arms:
+        selected = [r for r in rows if r["arm"] == arm and r["kind"] == "arm"]
+        seconds = mean_sd([r["total_seconds"] for r in selected])
+        total = np.nansum([r["total_seconds"] for r in selected]) / 3600
+        attempts = [r["attempts"] for r in selected]
+        lines.append(
+            f"| {arm} | {_fmt(seconds['mean'], 1)} +- {_fmt(seconds['sd'], 1)} | "
+            f"{_fmt(float(total), 3)} | {sum(attempts)} | {sum(a > 1 for a in attempts)} |"
+        )
+    return lines
+
+
 def _markdown(study: Study, found: Collected, stats_rows, iterations: int) -> str:
     names = list(dict.fromkeys(r["arm"] for r in found.rows))
     lines = _header(study, found.missing) + _metrics_table(found.rows, names)
     lines += _comparisons(stats_rows, iterations) + _coverage(found.rows, names)
     lines += _convergence(found.rows, [a for a in study.arms if a in names])
+    lines += _cost(found.rows, [a for a in study.arms if a in names])
     lines += ["", "## Figures", ""]
     pngs = ["metrics.png", "froc_cs.png"] + (["pvalues.png"] if len(names) > 1 else [])
     lines += [f"![{png}]({png})" for png in (*pngs, "val_loss.png")]
