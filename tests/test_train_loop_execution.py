@@ -1,11 +1,13 @@
-"""How the training loop runs on the devices: over a run with logging, validation and checkpoints
-on 2 devices, every function the loop jits compiles once, and no step makes an implicit transfer
-(the run key and lambda are placed on the mesh once; the non-finite check reads the step count on
-the device).
+"""How the training loop runs on the devices: over two epochs of a run with logging, validation
+and checkpoints on 2 devices, stopped and resumed in a new process, each process compiles every
+function the loop jits once, and from the second step on nothing transfers implicitly between
+host and devices (the run key and lambda are placed on the mesh once; the non-finite check reads
+the step count on the device; validation finishes its fetched sums on the host).
 
-Run as a script (`python tests/test_train_loop_execution.py WORKDIR`) it trains the tiny config
-on the fake store under `jax.transfer_guard("disallow")` and prints, as JSON, how many times each
-function was compiled; the test starts it on 2 CPU devices.
+Run as a script (`python tests/test_train_loop_execution.py WORKDIR STEPS`) it trains (or resumes)
+the tiny config on the fake store up to STEPS, the steady state under
+`jax.transfer_guard("disallow")`, and prints, as JSON, how many times each function was compiled
+and the step the process started from; the test starts it on 2 CPU devices.
 """
 
 from __future__ import annotations
@@ -16,13 +18,19 @@ import sys
 from pathlib import Path
 
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+# The fake store's fold 0 trains on 20 slices: 5 steps of 4 per epoch, so 12 steps span two
+# epochs and part of a third. ce_dice with batch Dice: its validation loss is finished from
+# sums on the host, the only loss with such a step (the loop does not otherwise depend on it).
 RUN = [
-    "--config.loss.mfl=false",  # the loop's behaviour does not depend on the loss
-    "--config.train.steps=6",
+    "--config.loss.name=ce_dice",
+    "--config.loss.batch_dice=true",
+    "--config.loss.eps=1e-5",
+    "--config.loss.mfl=false",
     "--config.train.log_every=2",
     "--config.train.eval_every=2",
     "--config.train.checkpoint_every=3",
 ]
+STEPS_PER_EPOCH = 5
 
 
 def _guarded(fn):
@@ -37,13 +45,34 @@ def _guarded(fn):
     return call
 
 
-def _compiles_of_a_run(workdir: str) -> dict[str, int]:
-    """{compiled function: times} over a 6-step run whose train steps, non-finite checks and
-    validation steps may not transfer anything implicitly."""
+def _guarded_after_the_first(iterate, starts: list):
+    """`TrainBatches.iterate` whose caller runs every step after the first (train steps, logs,
+    checkpoints, validation) with implicit transfers an error; the first step's set-up (the
+    state, key and lambda placed on the mesh) is left out. Each start step goes to `starts`."""
+    import jax
+
+    def guarded(self, start_step, stop_step):
+        starts.append(start_step)
+        steps = iterate(self, start_step, stop_step)
+        first = next(steps, None)
+        if first is None:
+            return
+        yield first
+        with jax.transfer_guard("disallow"):
+            yield from steps
+
+    return guarded
+
+
+def _compiles_of_a_run(workdir: str, steps: int) -> dict:
+    """{"compiles": {compiled function: times}, "start": step the process started from} of a run
+    trained (or resumed) in `workdir` up to `steps`, whose train steps, non-finite checks and
+    validation steps, and whose whole loop from its second step on, may not transfer anything
+    implicitly."""
     import jax
     from test_train_helpers import FakeStore, fast_compiles, tiny_config
 
-    from focalnet_jax.training import loop, train_and_evaluate
+    from focalnet_jax.training import input_pipeline, loop, train_and_evaluate
     from focalnet_jax.training import step as step_lib
 
     compiles: collections.Counter = collections.Counter()
@@ -59,17 +88,68 @@ def _compiles_of_a_run(workdir: str) -> dict[str, int]:
         lambda made: made._replace(fn=_guarded(made.fn))  # an EvalStep: its loss spec kept
     )(make_eval_step(*args))
     loop._first_bad, loop._add = _guarded(loop._first_bad), _guarded(loop._add)
+    starts: list[int] = []
+    batches = input_pipeline.TrainBatches
+    batches.iterate = _guarded_after_the_first(batches.iterate, starts)
+    config = tiny_config(overrides=[*RUN, f"--config.train.steps={steps}"])
     with fast_compiles():
-        train_and_evaluate(tiny_config(overrides=RUN), workdir, store=FakeStore())
-    return dict(compiles)
+        state = train_and_evaluate(config, workdir, store=FakeStore())
+    assert int(jax.device_get(state.step)) == steps
+    return {"compiles": dict(compiles), "start": starts}
 
 
-def test_a_run_compiles_each_loop_function_once_and_transfers_nothing_implicitly(tmp_path):
+def test_each_process_compiles_each_loop_function_once_and_transfers_nothing_implicitly(
+    tmp_path,
+):
+    """Steps 0-5 in one process, then 6-11 resumed from the step-6 checkpoint in another: every
+    process compiles the train step, the validation step and the loop's two helpers once (the
+    epoch boundaries at steps 5 and 10, 3 validations and 2 checkpoints in each process add no
+    compilation), and `_guarded_after_the_first` lets no step after the first transfer."""
     from test_train_helpers import script_json
 
-    compiles = script_json(__file__, str(tmp_path / "run"))
-    for name in ("jit(train_step)", "jit(eval_step)", "jit(_first_bad)", "jit(_add)"):
-        assert compiles.get(name) == 1, (name, compiles)
+    workdir = str(tmp_path / "run")
+    first = script_json(__file__, workdir, "6")
+    resumed = script_json(__file__, workdir, "12")
+    assert (first["start"], resumed["start"]) == ([0], [6])
+    assert 12 > 2 * STEPS_PER_EPOCH
+    for run in (first, resumed):
+        for name in ("jit(train_step)", "jit(eval_step)", "jit(_first_bad)", "jit(_add)"):
+            assert run["compiles"].get(name) == 1, (name, run["compiles"])
+
+
+def test_a_batch_dice_validation_loss_is_finished_on_the_host():
+    """The fetched validation sums of a batch-Dice arm give its loss without a transfer to a
+    device or a compiled op (`jnp.mean` on them moved them to a device at every validation).
+    By hand: CE 3 / 4 slices = 0.75; Dice per channel (2 o + eps) / (t + eps) with eps = 1e-5 on
+    overlap (1, 0, 0, 0, 0.5), total (4, 0, 0, 0, 2): 0.5000012, 1, 1, 1, 0.5000025, so the Dice
+    loss is 1 - 4.0000037 / 5 = 0.1999993 and val/loss 0.9499993."""
+    import jax
+    import numpy as np
+
+    from focalnet_jax import losses
+    from focalnet_jax.training import step as step_lib
+
+    totals = {
+        "loss": np.float32(3.0),
+        "count": np.float32(4.0),
+        "dice_overlap": np.array([1.0, 0.0, 0.0, 0.0, 0.5], np.float32),
+        "dice_total": np.array([4.0, 0.0, 0.0, 0.0, 2.0], np.float32),
+    }
+    loss = losses.get_loss("ce_dice", batch_dice=True, eps=1e-5)
+    compiles = []
+
+    def count(event: str, duration: float, **kwargs) -> None:
+        if event == BACKEND_COMPILE_EVENT:
+            compiles.append(kwargs.get("fun_name"))
+
+    jax.monitoring.register_event_duration_secs_listener(count)
+    try:
+        with jax.transfer_guard("disallow"):
+            value = step_lib.validation_loss(totals, loss)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(count)
+    assert compiles == []
+    np.testing.assert_allclose(value, 0.9499993, rtol=1e-6)
 
 
 def test_validation_fetches_its_sums_once_whatever_the_number_of_batches(monkeypatch):
@@ -111,4 +191,4 @@ def test_validation_fetches_its_sums_once_whatever_the_number_of_batches(monkeyp
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).parent))
-    print(json.dumps(_compiles_of_a_run(sys.argv[1])))
+    print(json.dumps(_compiles_of_a_run(sys.argv[1], int(sys.argv[2]))))
