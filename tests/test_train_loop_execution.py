@@ -5,7 +5,7 @@ host and devices (the run key and lambda are placed on the mesh once; the non-fi
 the step count on the device; validation finishes its fetched sums on the host).
 
 Run as a script (`python tests/test_train_loop_execution.py WORKDIR STEPS`) it trains (or resumes)
-the tiny config on the fake store up to STEPS, the steady state under
+the tiny config on a 16-patient fake store up to STEPS, the steady state under
 `jax.transfer_guard("disallow")`, and prints, as JSON, how many times each function was compiled
 and the step the process started from; the test starts it on 2 CPU devices.
 """
@@ -18,8 +18,9 @@ import sys
 from pathlib import Path
 
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
-# The fake store's fold 0 trains on 20 slices: 5 steps of 4 per epoch, so 12 steps span two
-# epochs and part of a third. ce_dice with batch Dice: its validation loss is finished from
+# A fake store of 16 patients: fold 0 trains on 31 slices, 5 steps of 6 per epoch (the slice
+# left over is dropped), so 12 steps span two epochs and part of a third; its 9 validation slices
+# are 2 batches, the second padded. ce_dice with batch Dice: its validation loss is finished from
 # sums on the host, the only loss with such a step (the loop does not otherwise depend on it).
 RUN = [
     "--config.loss.name=ce_dice",
@@ -29,8 +30,9 @@ RUN = [
     "--config.train.log_every=2",
     "--config.train.eval_every=2",
     "--config.train.checkpoint_every=3",
+    "--config.train.batch_size=6",
 ]
-STEPS_PER_EPOCH = 5
+PATIENTS = 16
 
 
 def _guarded(fn):
@@ -48,11 +50,12 @@ def _guarded(fn):
 def _guarded_after_the_first(iterate, starts: list):
     """`TrainBatches.iterate` whose caller runs every step after the first (train steps, logs,
     checkpoints, validation) with implicit transfers an error; the first step's set-up (the
-    state, key and lambda placed on the mesh) is left out. Each start step goes to `starts`."""
+    state, key and lambda placed on the mesh) is left out. Each call's start step, steps per
+    epoch and training slices go to `starts`."""
     import jax
 
     def guarded(self, start_step, stop_step):
-        starts.append(start_step)
+        starts.append([start_step, self.steps_per_epoch, len(self.rows)])
         steps = iterate(self, start_step, stop_step)
         first = next(steps, None)
         if first is None:
@@ -65,7 +68,8 @@ def _guarded_after_the_first(iterate, starts: list):
 
 
 def _compiles_of_a_run(workdir: str, steps: int) -> dict:
-    """{"compiles": {compiled function: times}, "start": step the process started from} of a run
+    """{"compiles": {compiled function: times}, "start": [[step the process started from, steps
+    per epoch, training slices]]} of a run
     trained (or resumed) in `workdir` up to `steps`, whose train steps, non-finite checks and
     validation steps, and whose whole loop from its second step on, may not transfer anything
     implicitly."""
@@ -88,12 +92,12 @@ def _compiles_of_a_run(workdir: str, steps: int) -> dict:
         lambda made: made._replace(fn=_guarded(made.fn))  # an EvalStep: its loss spec kept
     )(make_eval_step(*args))
     loop._first_bad, loop._add = _guarded(loop._first_bad), _guarded(loop._add)
-    starts: list[int] = []
+    starts: list[list[int]] = []
     batches = input_pipeline.TrainBatches
     batches.iterate = _guarded_after_the_first(batches.iterate, starts)
     config = tiny_config(overrides=[*RUN, f"--config.train.steps={steps}"])
     with fast_compiles():
-        state = train_and_evaluate(config, workdir, store=FakeStore())
+        state = train_and_evaluate(config, workdir, store=FakeStore(patients=PATIENTS))
     assert int(jax.device_get(state.step)) == steps
     return {"compiles": dict(compiles), "start": starts}
 
@@ -102,16 +106,15 @@ def test_each_process_compiles_each_loop_function_once_and_transfers_nothing_imp
     tmp_path,
 ):
     """Steps 0-5 in one process, then 6-11 resumed from the step-6 checkpoint in another: every
-    process compiles the train step, the validation step and the loop's two helpers once (the
-    epoch boundaries at steps 5 and 10, 3 validations and 2 checkpoints in each process add no
-    compilation), and `_guarded_after_the_first` lets no step after the first transfer."""
+    process compiles the train step, the validation step and the loop's two helpers once (two
+    epochs, each leaving a partial batch out, 3 validations and 2 checkpoints in each process add
+    no compilation), and `_guarded_after_the_first` lets no step after the first transfer."""
     from test_train_helpers import script_json
 
     workdir = str(tmp_path / "run")
     first = script_json(__file__, workdir, "6")
     resumed = script_json(__file__, workdir, "12")
-    assert (first["start"], resumed["start"]) == ([0], [6])
-    assert 12 > 2 * STEPS_PER_EPOCH
+    assert (first["start"], resumed["start"]) == ([[0, 5, 31]], [[6, 5, 31]])
     for run in (first, resumed):
         for name in ("jit(train_step)", "jit(eval_step)", "jit(_first_bad)", "jit(_add)"):
             assert run["compiles"].get(name) == 1, (name, run["compiles"])
