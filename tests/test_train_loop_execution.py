@@ -1,13 +1,15 @@
 """How the training loop runs on the devices: over two epochs of a run with logging, validation
 and checkpoints on 2 devices, stopped and resumed in a new process, each process compiles every
-function the loop jits once, and from the second step on nothing transfers implicitly between
-host and devices (the run key and lambda are placed on the mesh once; the non-finite check reads
-the step count on the device; validation finishes its fetched sums on the host).
+function the loop jits once, from the second step on nothing transfers implicitly between host
+and devices (the run key and lambda are placed on the mesh once; the non-finite check reads the
+step count on the device; validation finishes its fetched sums on the host), and a step that
+neither logs, checkpoints nor validates reads nothing back from the devices.
 
 Run as a script (`python tests/test_train_loop_execution.py WORKDIR STEPS`) it trains (or resumes)
 the tiny config on a 16-patient fake store up to STEPS, the steady state under
-`jax.transfer_guard("disallow")`, and prints, as JSON, how many times each function was compiled
-and the step the process started from; the test starts it on 2 CPU devices.
+`jax.transfer_guard("disallow")`, and prints, as JSON, how many times each function was compiled,
+the step the process started from and the device values read in quiet steps; the test starts it
+on 2 CPU devices.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import collections
 import json
 import sys
+import types
 from pathlib import Path
 
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
@@ -27,12 +30,10 @@ RUN = [
     "--config.loss.batch_dice=true",
     "--config.loss.eps=1e-5",
     "--config.loss.mfl=false",
-    "--config.train.log_every=2",
-    "--config.train.eval_every=2",
-    "--config.train.checkpoint_every=3",
     "--config.train.batch_size=6",
 ]
 PATIENTS = 16
+LOG_EVERY, EVAL_EVERY, CHECKPOINT_EVERY = 2, 2, 3
 
 
 def _guarded(fn):
@@ -47,32 +48,57 @@ def _guarded(fn):
     return call
 
 
-def _guarded_after_the_first(iterate, starts: list):
+def _count_device_reads(quiet):
+    """Counts in `quiet.reads` the device values the main thread reads (`float(x)`,
+    `np.asarray(x)`, `jax.device_get`: all go through `ArrayImpl._value`) while `quiet.now` is
+    true. The transfer guard cannot see these on CPU devices, whose host reads are no transfers."""
+    import threading
+
+    from jax._src import array
+
+    read = array.ArrayImpl.__dict__["_value"]
+    assert isinstance(read, property)  # a JAX upgrade that moves it fails here, loudly
+
+    def counted(self):
+        if quiet.now and threading.current_thread() is threading.main_thread():
+            quiet.reads += 1
+        return read.fget(self)
+
+    array.ArrayImpl._value = property(counted)
+
+
+def _guarded_after_the_first(iterate, starts: list, quiet):
     """`TrainBatches.iterate` whose caller runs every step after the first (train steps, logs,
     checkpoints, validation) with implicit transfers an error; the first step's set-up (the
-    state, key and lambda placed on the mesh) is left out. Each call's start step, steps per
-    epoch and training slices go to `starts`."""
+    state, key and lambda placed on the mesh) is left out. A step that neither logs, checkpoints
+    nor validates runs with `quiet.now` true (`_count_device_reads`) and is listed in
+    `quiet.steps`. Each call's start step, steps per epoch and training slices go to `starts`."""
+    import contextlib
+
     import jax
 
     def guarded(self, start_step, stop_step):
         starts.append([start_step, self.steps_per_epoch, len(self.rows)])
-        steps = iterate(self, start_step, stop_step)
-        first = next(steps, None)
-        if first is None:
-            return
-        yield first
-        with jax.transfer_guard("disallow"):
-            yield from steps
+        with contextlib.closing(iterate(self, start_step, stop_step)) as steps:
+            for step, batch in steps:
+                done = step + 1
+                periodic = done % LOG_EVERY == 0 or done % CHECKPOINT_EVERY == 0
+                quiet.now = not (periodic or done % EVAL_EVERY == 0 or done == stop_step)
+                quiet.steps += [done] if quiet.now else []
+                guard = "allow" if step == start_step else "disallow"
+                with jax.transfer_guard(guard):
+                    yield step, batch
+                quiet.now = False
 
     return guarded
 
 
 def _compiles_of_a_run(workdir: str, steps: int) -> dict:
-    """{"compiles": {compiled function: times}, "start": [[step the process started from, steps
-    per epoch, training slices]]} of a run
-    trained (or resumed) in `workdir` up to `steps`, whose train steps, non-finite checks and
-    validation steps, and whose whole loop from its second step on, may not transfer anything
-    implicitly."""
+    """Of a run trained (or resumed) in `workdir` up to `steps`, whose train steps, non-finite
+    checks and validation steps, and whose whole loop from its second step on, may not transfer
+    anything implicitly: {"compiles": {compiled function: times}, "start": [[step the process
+    started from, steps per epoch, training slices]], "quiet": [quiet steps, device values they
+    read]}."""
     import jax
     from test_train_helpers import FakeStore, fast_compiles, tiny_config
 
@@ -93,28 +119,39 @@ def _compiles_of_a_run(workdir: str, steps: int) -> dict:
     )(make_eval_step(*args))
     loop._first_bad, loop._add = _guarded(loop._first_bad), _guarded(loop._add)
     starts: list[list[int]] = []
+    quiet = types.SimpleNamespace(now=False, reads=0, steps=[])
+    _count_device_reads(quiet)
     batches = input_pipeline.TrainBatches
-    batches.iterate = _guarded_after_the_first(batches.iterate, starts)
-    config = tiny_config(overrides=[*RUN, f"--config.train.steps={steps}"])
+    batches.iterate = _guarded_after_the_first(batches.iterate, starts, quiet)
+    periodic = [
+        f"--config.train.log_every={LOG_EVERY}",
+        f"--config.train.eval_every={EVAL_EVERY}",
+        f"--config.train.checkpoint_every={CHECKPOINT_EVERY}",
+    ]
+    config = tiny_config(overrides=[*RUN, *periodic, f"--config.train.steps={steps}"])
     with fast_compiles():
         state = train_and_evaluate(config, workdir, store=FakeStore(patients=PATIENTS))
     assert int(jax.device_get(state.step)) == steps
-    return {"compiles": dict(compiles), "start": starts}
+    return {"compiles": dict(compiles), "start": starts, "quiet": [quiet.steps, quiet.reads]}
 
 
-def test_each_process_compiles_each_loop_function_once_and_transfers_nothing_implicitly(
+def test_each_process_compiles_once_transfers_nothing_implicitly_and_reads_back_only_to_log(
     tmp_path,
 ):
     """Steps 0-5 in one process, then 6-11 resumed from the step-6 checkpoint in another: every
     process compiles the train step, the validation step and the loop's two helpers once (two
     epochs, each leaving a partial batch out, 3 validations and 2 checkpoints in each process add
-    no compilation), and `_guarded_after_the_first` lets no step after the first transfer."""
+    no compilation), `_guarded_after_the_first` lets no step after the first transfer, and a step
+    that neither logs, checkpoints nor validates reads no value back from the devices (it only
+    dispatches: the host runs ahead of the devices)."""
     from test_train_helpers import script_json
 
     workdir = str(tmp_path / "run")
     first = script_json(__file__, workdir, "6")
     resumed = script_json(__file__, workdir, "12")
     assert (first["start"], resumed["start"]) == ([[0, 5, 31]], [[6, 5, 31]])
+    # Steps that neither log, checkpoint nor validate read nothing back from the devices.
+    assert (first["quiet"], resumed["quiet"]) == ([[1, 5], 0], [[7, 11], 0])
     for run in (first, resumed):
         for name in ("jit(train_step)", "jit(eval_step)", "jit(_first_bad)", "jit(_add)"):
             assert run["compiles"].get(name) == 1, (name, run["compiles"])
