@@ -20,6 +20,10 @@ class UserError(ValueError):
     """Input, files or settings the user must fix; the message says which and why."""
 
 
+class LayoutError(UserError):
+    """The input folder or manifest as a whole cannot be read (names the path and the reason)."""
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (`kill`, a SLURM time limit) raised like Ctrl-C, so temporary files are removed."""
 

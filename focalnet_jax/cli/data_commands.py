@@ -47,8 +47,19 @@ def run_synth(args: argparse.Namespace) -> int:
 
 def add_preprocess(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layout", choices=("picai", "manifest"), required=True)
-    parser.add_argument("--images", type=Path, help="picai: <images>/<patient>/<case>_<comp>.mha")
-    parser.add_argument("--labels", type=Path, help="picai: <labels>/<case>.nii.gz (ISUP values)")
+    parser.add_argument(
+        "--images",
+        type=Path,
+        action="append",
+        help="picai: <images>/<patient>/<case>_<comp>.mha; repeat for several image folders",
+    )
+    parser.add_argument(
+        "--labels",
+        type=Path,
+        action="append",
+        help="picai: <labels>/<case>.nii.gz (ISUP values); repeat to fill in: a case takes its "
+        "label from the first folder that holds one (e.g. expert, then AI-derived labels)",
+    )
     parser.add_argument("--masks", type=Path, help="picai: whole-gland masks for centring")
     parser.add_argument(
         "--marksheet", type=Path, help="picai: marksheet.csv (kept as case metadata)"

@@ -29,12 +29,18 @@ from focalnet_jax.data.layouts import (
     CaseSpec,
     LayoutError,
     discover_picai,
-    label_scheme,
     read_manifest,
     unread_inputs,
 )
+from focalnet_jax.data.picai_sources import label_scheme, marksheet_disagreements
 from focalnet_jax.data.preprocess import PreprocessConfig, preprocess_case
-from focalnet_jax.data.store import StoreWriter, bad_cases_note, store_settings, write_errors
+from focalnet_jax.data.store import (
+    StoreWriter,
+    bad_cases_note,
+    open_store,
+    store_settings,
+    write_errors,
+)
 from focalnet_jax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -289,6 +295,13 @@ def preprocess_layout(
         overwrite=overwrite,
         errors=refused or (),
     )
+    disagreements = marksheet_disagreements(open_store(summary.path).cases) if marksheet else []
+    if disagreements:
+        log.warning(
+            "%d stored case(s) whose label contradicts the marksheet's csPCa flag (label maps "
+            "decide what trains): %s%s", len(disagreements), "; ".join(disagreements[:5]),
+            "; ..." if len(disagreements) > 5 else "",
+        )  # fmt: skip
     if unread:
         what = "manifest columns" if layout == "manifest" else "images"
         summary.unread = (

@@ -1,8 +1,9 @@
 """Finding cases on disk: the PI-CAI layout and the manifest CSV layout (docs/data.md).
 
-PI-CAI: `<images>/<patient>/<patient>_<study>_<component>.mha`, labels
-`<labels>/<patient>_<study>.nii.gz`
-(0 background, 2..5 ISUP, 1 csPCa of unknown grade), optional whole-gland masks
+PI-CAI: `<images>/<patient>/<patient>_<study>_<component>.mha` (one or more image folders, see
+`picai_sources`), labels `<labels>/<patient>_<study>.nii.gz` (one or more label folders, the first
+holding a case's file winning; 0 background, 2..5 ISUP, 1 csPCa of unknown grade), optional
+whole-gland masks
 `<masks>/<patient>_<study>.nii.gz`, optional `marksheet.csv` read by column name. A `dataset.json`
 beside the labels may declare `{"label_values": "isup"}` (value 1 = GS 3+3, as the synthetic
 generator writes); otherwise label value 1 means "csPCa, grade unknown".
@@ -19,28 +20,27 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import math
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from focalnet_jax.data.case_ids import check_case_id
 from focalnet_jax.data.io import IMAGE_SUFFIXES
-from focalnet_jax.errors import UserError
+from focalnet_jax.data.picai_sources import (
+    check_unlabelled_case,
+    label_folders,
+    not_a_folder,
+    picai_images,
+)
+from focalnet_jax.errors import LayoutError, UserError
 
 DEFAULT_COMPONENTS = ("t2w", "adc")
 LABEL_SUFFIXES = (".nii.gz", ".nii", ".mha", ".nrrd")
 CENTRE_COLUMNS = ("center_x", "center_y", "center_z")  # optional manifest crop centre, LPS mm
 log = logging.getLogger(__name__)
-_PICAI_NAME = re.compile(r"^(?P<patient>[^_]+)_(?P<study>[^_]+)_(?P<component>[^_.]+)\.")
-
-
-class LayoutError(UserError):
-    """The input folder or manifest as a whole cannot be read (names the path and the reason)."""
 
 
 @dataclass
@@ -74,25 +74,6 @@ def check_components(components: Sequence[str]) -> None:
             f"components {','.join(c)!r}: expected t2w first (the reference frame), then distinct "
             "others, e.g. 't2w,adc,hbv'"
         )
-
-
-def label_scheme(labels: str | os.PathLike | None) -> str:
-    """'isup' when `<labels>/dataset.json` says so, else 'picai' (value 1 = grade unknown)."""
-    if labels is None:
-        return "picai"
-    meta = Path(labels) / "dataset.json"
-    if meta.exists():
-        try:
-            table = json.loads(meta.read_text())
-        except (OSError, ValueError) as err:  # a folder, JSONDecodeError, UnicodeDecodeError
-            raise LayoutError(f"{meta}: not readable JSON ({err})") from err
-        if not isinstance(table, dict):
-            raise LayoutError(f'{meta}: expected a JSON object like {{"label_values": "isup"}}')
-        value = table.get("label_values", "picai")
-        if value not in ("picai", "isup"):
-            raise LayoutError(f"{meta}: label_values {value!r}, expected 'picai' or 'isup'")
-        return value
-    return "picai"
 
 
 def _csv_text(path: Path, what: str) -> str:
@@ -139,51 +120,20 @@ def _check_unlabelled(unlabelled: str) -> None:
         raise LayoutError(f"unlabelled={unlabelled!r}: expected 'error', 'negative' or 'skip'")
 
 
-def _not_a_folder(what: str, path) -> str:
-    """Why `path`, given as the `what` folder, is none: missing, or a file (e.g. an archive)."""
-    if not Path(path).exists():
-        return f"{what} folder {path} does not exist"
-    return f"{what} folder {path} is a file, not a folder (an archive? extract it first)"
-
-
-def _picai_images(images: Path) -> dict[str, tuple[str, Path, str, Path]]:
-    """Case id -> (patient id, patient folder, image suffix, first image file) of every
-    `<patient>/<patient>_<study>_<component>.<suffix>` under `images`."""
-    if not images.is_dir():
-        raise LayoutError(_not_a_folder("images", images))
-    found: dict[str, tuple[str, Path, str, Path]] = {}
-    for patient_dir in sorted(p for p in images.iterdir() if p.is_dir()):
-        for file in sorted(patient_dir.iterdir()):
-            match = _PICAI_NAME.match(file.name)
-            if match and file.name.lower().endswith(IMAGE_SUFFIXES):
-                suffix = file.name[len(match.group(0)) - 1 :]
-                case = f"{match['patient']}_{match['study']}"
-                if case in found and found[case][1] != patient_dir:
-                    raise LayoutError(
-                        f"case {case!r}: files in two patient folders: {found[case][3]} and {file}"
-                    )
-                found.setdefault(case, (match["patient"], patient_dir, suffix, file))
-    if not found:
-        raise LayoutError(
-            f"no cases found in {images} (expected <patient>/<patient>_<study>_<component>.mha)"
-        )
-    return found
-
-
-def _check_labels_folder(labels, unlabelled: str) -> None:
-    """No labels folder is an error unless `unlabelled` says what unlabelled cases mean."""
-    if labels is None and unlabelled == "error":
+def _check_labels_folders(labels, unlabelled: str) -> tuple[Path, ...]:
+    """The label folders; none is an error unless `unlabelled` says what unlabelled cases mean."""
+    folders = label_folders(labels)
+    if not folders and unlabelled == "error":
         raise LayoutError(
             "no --labels folder: give it, or pass --unlabelled negative (every case lesion-free) "
             "or --unlabelled skip"
         )
-    if labels is not None and not Path(labels).is_dir():
-        raise LayoutError(_not_a_folder("labels", labels))
+    return folders
 
 
 def discover_picai(
-    images: str | os.PathLike,
-    labels: str | os.PathLike | None = None,
+    images: str | os.PathLike | Sequence[str | os.PathLike],
+    labels: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     masks: str | os.PathLike | None = None,
     *,
     components: Sequence[str] = DEFAULT_COMPONENTS,
@@ -191,28 +141,34 @@ def discover_picai(
     unlabelled: str = "error",
     errors: list | None = None,
 ) -> list[CaseSpec]:
-    """Cases of a PI-CAI-layout folder, sorted by case id.
+    """Cases of one or more PI-CAI image folders (`picai_sources.picai_images`), sorted by id.
 
     A case is any `<patient>_<study>` with at least one image file; a missing component file or
-    label is left for `preprocess_case` to report for that case. `unlabelled`: 'error' (default: the
-    missing label file is that case's error, and `labels` None an error), 'negative' (no lesions)
-    or 'skip' (case left out). Components: T2w first. A case whose files lie in two patient folders
-    raises `LayoutError` naming both files. A case with a file present in two formats, or whose id
-    is not a safe file name (`check_case_id`), raises `UserError`, or, where `errors` is a list
+    label is left for `preprocess_case` to report for that case. `labels`: one label folder or
+    several in order of preference (a case takes its file from the first that holds one).
+    `unlabelled`: 'error' (default: the missing label file is that case's error, and no `labels`
+    an error), 'negative' (no lesions; refused for a case the `marksheet` calls csPCa) or 'skip'
+    (case left out). Components: T2w first. A case whose files lie in two patient folders raises
+    `LayoutError` naming both files. A case with a file present in two formats, or whose id is not
+    a safe file name (`check_case_id`), raises `UserError`, or, where `errors` is a list
     (--skip-bad-cases), is appended to it as (case, file, reason) and left out.
     """
     _check_unlabelled(unlabelled)
     check_components(components)
-    _check_labels_folder(labels, unlabelled)
+    folders = _check_labels_folders(labels, unlabelled)
     if masks is not None and not Path(masks).is_dir():  # else every crop centred on the T2w
-        raise LayoutError(_not_a_folder("masks", masks))
-    found = _picai_images(Path(images))
+        raise LayoutError(not_a_folder("masks", masks))
+    found = picai_images(images)
     sheet = read_marksheet(marksheet) if marksheet else {}
     cases = []
     for case, (patient, folder, suffix, file) in sorted(found.items()):
         try:
             check_case_id(case, f"PI-CAI image file {file}")
-            spec = _picai_case(case, patient, folder, suffix, labels, masks, components, unlabelled)
+            spec = _picai_case(
+                case, patient, folder, suffix, folders, masks, components, unlabelled
+            )
+            if spec is not None and spec.label is None and case in sheet:
+                check_unlabelled_case(case, sheet[case], marksheet, folders)
         except UserError as error:
             if errors is None:
                 raise
@@ -225,8 +181,26 @@ def discover_picai(
     return cases
 
 
+def _picai_label(case: str, folders: Sequence[Path], unlabelled: str) -> Path | None:
+    """The label file of `case` in the first of `folders` holding one; where none does and
+    `unlabelled` is 'error', the path in the first folder (reported missing by preprocess_case)
+    or, with several folders, a `LayoutError` naming them."""
+    for labels in folders:
+        label = _find(labels, case, LABEL_SUFFIXES, case)
+        if label is not None:
+            return label
+    if folders and unlabelled == "error":
+        if len(folders) > 1:
+            raise LayoutError(
+                f"case {case!r}: no label file <case>.nii.gz in any of the --labels folders "
+                f"{', '.join(map(str, folders))}"
+            )
+        return folders[0] / f"{case}.nii.gz"
+    return None
+
+
 def _picai_case(
-    case: str, patient: str, folder: Path, suffix: str, labels, masks, components, unlabelled
+    case: str, patient: str, folder: Path, suffix: str, folders, masks, components, unlabelled
 ) -> CaseSpec | None:
     """The files of one PI-CAI case (None where it has no label and `unlabelled` is 'skip');
     a file present in two formats raises `LayoutError` naming both."""
@@ -234,11 +208,7 @@ def _picai_case(
     for name in components:
         path = _find(folder, f"{case}_{name}", IMAGE_SUFFIXES, case)
         paths[name] = str(path or folder / f"{case}_{name}{suffix}")
-    label = None
-    if labels is not None:
-        label = _find(Path(labels), case, LABEL_SUFFIXES, case)
-        if label is None and unlabelled == "error":
-            label = Path(labels) / f"{case}.nii.gz"  # reported missing by preprocess_case
+    label = _picai_label(case, folders, unlabelled)
     if label is None and unlabelled == "skip":
         return None
     mask = _find(Path(masks), case, LABEL_SUFFIXES, case) if masks is not None else None

@@ -1,0 +1,163 @@
+"""Where the files of PI-CAI cases come from: image folders, label folders in order of preference,
+and the marksheet's word on whether a case without a label file holds csPCa.
+
+PI-CAI is distributed as five image folders (`picai_public_images_fold0..4/<patient>/...`) and
+two lesion-label sets (`human_expert/resampled` for some positive cases, `AI/Bosma22a` for the
+others). `picai_images` reads any number of image folders (or a folder holding them) as one
+dataset; `label_folders` takes several label folders, the first holding a case's file winning, as
+PI-CAI's semi-supervised baseline prefers expert labels and fills in with AI-derived ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from focalnet_jax.data.io import IMAGE_SUFFIXES
+from focalnet_jax.errors import LayoutError
+
+PICAI_NAME = re.compile(r"^(?P<patient>[^_]+)_(?P<study>[^_]+)_(?P<component>[^_.]+)\.")
+PathArg = str | os.PathLike
+
+
+def as_folders(paths: PathArg | Sequence[PathArg] | None) -> tuple[Path, ...]:
+    """One path, several paths or None -> a tuple of `Path`s (in the given order)."""
+    if paths is None:
+        return ()
+    if isinstance(paths, (str, os.PathLike)):
+        return (Path(paths),)
+    return tuple(Path(p) for p in paths)
+
+
+def not_a_folder(what: str, path) -> str:
+    """Why `path`, given as the `what` folder, is none: missing, or a file (e.g. an archive)."""
+    if not Path(path).exists():
+        return f"{what} folder {path} does not exist"
+    return f"{what} folder {path} is a file, not a folder (an archive? extract it first)"
+
+
+def _image_files(patient_dir: Path):
+    """(case id, patient id, image suffix, file) of each PI-CAI image file in a patient folder."""
+    for file in sorted(patient_dir.iterdir()):
+        match = PICAI_NAME.match(file.name)
+        if match and file.name.lower().endswith(IMAGE_SUFFIXES):
+            suffix = file.name[len(match.group(0)) - 1 :]
+            yield f"{match['patient']}_{match['study']}", match["patient"], suffix, file
+
+
+def _patient_dirs(folder: Path) -> list[Path]:
+    """The patient folders of an image folder; a folder holding no image files but image folders
+    of its own (the five `picai_public_images_fold<k>` archives extracted side by side) gives
+    the patient folders of each."""
+    subdirs = sorted(p for p in folder.iterdir() if p.is_dir())
+    if any(next(_image_files(d), None) for d in subdirs):
+        return subdirs
+    return [p for d in subdirs for p in sorted(q for q in d.iterdir() if q.is_dir())]
+
+
+def picai_images(images: PathArg | Sequence[PathArg]) -> dict[str, tuple[str, Path, str, Path]]:
+    """Case id -> (patient id, patient folder, image suffix, first image file) of every
+    `<patient>/<patient>_<study>_<component>.<suffix>` under the image folder(s). A case whose
+    files lie in two patient folders (also of two image folders) raises `LayoutError` naming
+    both files."""
+    folders = as_folders(images)
+    for folder in folders:
+        if not folder.is_dir():
+            raise LayoutError(not_a_folder("images", folder))
+    found: dict[str, tuple[str, Path, str, Path]] = {}
+    for patient_dir in (d for folder in folders for d in _patient_dirs(folder)):
+        for case, patient, suffix, file in _image_files(patient_dir):
+            if case in found and found[case][1] != patient_dir:
+                raise LayoutError(
+                    f"case {case!r}: files in two patient folders: {found[case][3]} and {file}"
+                )
+            found.setdefault(case, (patient, patient_dir, suffix, file))
+    if not found:
+        raise LayoutError(
+            f"no cases found in {', '.join(map(str, folders))} (expected "
+            "<patient>/<patient>_<study>_<component>.mha, or folders of such patient folders)"
+        )
+    return found
+
+
+def label_folders(labels: PathArg | Sequence[PathArg] | None) -> tuple[Path, ...]:
+    """The label folders in order of preference, each checked to be a folder."""
+    folders = as_folders(labels)
+    for folder in folders:
+        if not folder.is_dir():
+            raise LayoutError(not_a_folder("labels", folder))
+    return folders
+
+
+def _folder_scheme(folder: Path) -> str:
+    meta = folder / "dataset.json"
+    if not meta.exists():
+        return "picai"
+    try:
+        table = json.loads(meta.read_text())
+    except (OSError, ValueError) as err:  # a folder, JSONDecodeError, UnicodeDecodeError
+        raise LayoutError(f"{meta}: not readable JSON ({err})") from err
+    if not isinstance(table, dict):
+        raise LayoutError(f'{meta}: expected a JSON object like {{"label_values": "isup"}}')
+    value = table.get("label_values", "picai")
+    if value not in ("picai", "isup"):
+        raise LayoutError(f"{meta}: label_values {value!r}, expected 'picai' or 'isup'")
+    return value
+
+
+def label_scheme(labels: PathArg | Sequence[PathArg] | None) -> str:
+    """'isup' when `<labels>/dataset.json` says so, else 'picai' (value 1 = grade unknown); label
+    folders that disagree are an error naming two of them."""
+    folders = as_folders(labels)
+    schemes = [_folder_scheme(folder) for folder in folders]
+    for folder, scheme in zip(folders[1:], schemes[1:], strict=True):
+        if scheme != schemes[0]:
+            raise LayoutError(
+                f"labels folders {folders[0]} ({schemes[0]!r}) and {folder} ({scheme!r}) read "
+                "label value 1 differently (dataset.json); preprocess them separately"
+            )
+    return schemes[0] if schemes else "picai"
+
+
+def marksheet_cspca(row: dict) -> bool | None:
+    """Whether a marksheet row says the case holds csPCa: its `case_csPCa` (YES/NO), else
+    `case_ISUP` >= 2; None where the row says neither."""
+    flag = row.get("case_csPCa", "").strip().upper()
+    if flag in ("YES", "NO"):
+        return flag == "YES"
+    try:
+        return int(row.get("case_ISUP", "")) >= 2
+    except ValueError:
+        return None
+
+
+def check_unlabelled_case(case: str, row: dict, marksheet, folders: Sequence[Path]) -> None:
+    """A case without a label file that `--unlabelled negative` would store lesion-free: an error
+    where the marksheet says it holds csPCa (its lesions would train and score as background)."""
+    if marksheet_cspca(row):
+        where = ", ".join(map(str, folders)) or "no --labels folder"
+        raise LayoutError(
+            f"case {case!r}: marksheet {marksheet} says csPCa (case_csPCa "
+            f"{row.get('case_csPCa', '')!r}, case_ISUP {row.get('case_ISUP', '')!r}) but no label "
+            f"file is in {where}; --unlabelled negative would store it lesion-free. Add a label "
+            "folder that holds it (e.g. a second --labels with AI-derived labels) or pass "
+            "--unlabelled skip"
+        )
+
+
+def marksheet_disagreements(records) -> list[str]:
+    """'<case> (marksheet says ..., label max class k)' for each stored case (store record with
+    `meta` and `max_class`) whose marksheet csPCa flag contradicts its label: csPCa without a
+    lesion of class >= 2, or no csPCa with one."""
+    found = []
+    for record in records:
+        says = marksheet_cspca(record.get("meta") or {})
+        if says is not None and says != (record["max_class"] >= 2):
+            flag = "csPCa" if says else "no csPCa"
+            found.append(
+                f"{record['case_id']} (marksheet: {flag}, label max class {record['max_class']})"
+            )
+    return found

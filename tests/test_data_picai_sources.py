@@ -1,0 +1,169 @@
+"""PI-CAI as distributed: five image folders, expert labels filled in by AI-derived ones, and the
+marksheet's csPCa flag guarding cases that have no label file."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import pytest
+
+from focalnet_jax.cli import main
+from focalnet_jax.data.layouts import LayoutError, discover_picai
+from focalnet_jax.data.picai_sources import label_scheme, marksheet_cspca
+from focalnet_jax.data.store import open_store
+
+MARKSHEET = [
+    "patient_id,study_id,lesion_GS,lesion_ISUP,case_ISUP,case_csPCa",
+    '10000,1000000,"4+3,3+4","3,2",3,YES',
+    "10001,1000001,0+0,0,0,NO",
+    "10002,1000002,N/A,N/A,0,NO",
+    '10003,1000003,"3+4,4+3,N/A","2,3,N/A",3,YES',
+    "10003,1000004,4+4,4,4,YES",
+]
+
+
+def _touch(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")
+    return path
+
+
+def _replica(root, fold_of=None):
+    """PI-CAI file names (empty files: discovery reads names only): patient 10003 has two
+    studies; 10002 lies in fold 3's folder; `_cor`/`_sag` beside every T2w; expert labels for
+    10000 and 10003_1000003, AI labels for 10000, 10001 and 10003_1000004."""
+    fold_of = fold_of or {"10000": 0, "10001": 0, "10002": 3, "10003": 0}
+    for case in ("10000_1000000", "10001_1000001", "10002_1000002", "10003_1000003",
+                 "10003_1000004"):  # fmt: skip
+        patient = case.split("_")[0]
+        folder = root / f"picai_public_images_fold{fold_of[patient]}" / patient
+        for name in ("t2w", "adc", "hbv", "cor", "sag"):
+            _touch(folder / f"{case}_{name}.mha")
+    human = root / "human_expert" / "resampled"
+    ai = root / "AI" / "Bosma22a"
+    for case in ("10000_1000000", "10003_1000003"):
+        _touch(human / f"{case}.nii.gz")
+    for case in ("10000_1000000", "10001_1000001", "10003_1000004"):
+        _touch(ai / f"{case}.nii.gz")
+    (root / "marksheet.csv").write_text("\n".join(MARKSHEET) + "\n")
+    return human, ai
+
+
+def test_images_of_several_fold_folders_are_one_dataset(tmp_path):
+    """The five archive folders were no dataset: their parent found 'no cases', and only one
+    folder could be given."""
+    _replica(tmp_path)
+    folds = [tmp_path / "picai_public_images_fold0", tmp_path / "picai_public_images_fold3"]
+    by_list = discover_picai(folds, unlabelled="negative")
+    by_parent = discover_picai(tmp_path, unlabelled="negative")
+    ids = ["10000_1000000", "10001_1000001", "10002_1000002", "10003_1000003", "10003_1000004"]
+    for cases in (by_list, by_parent):
+        assert [c.case_id for c in cases] == ids
+        assert [c.patient_id for c in cases] == ["10000", "10001", "10002", "10003", "10003"]
+    assert by_list[2].components["t2w"] == str(folds[1] / "10002" / "10002_1000002_t2w.mha")
+
+
+def test_a_study_in_two_fold_folders_is_an_error_naming_both(tmp_path):
+    _replica(tmp_path)
+    copy = tmp_path / "picai_public_images_fold4" / "10001" / "10001_1000001_t2w.mha"
+    _touch(copy)
+    with pytest.raises(LayoutError, match=r"case '10001_1000001': files in two patient folders"):
+        discover_picai(tmp_path, unlabelled="negative")
+
+
+def test_first_labels_folder_holding_a_case_wins(tmp_path):
+    """Expert labels, then AI-derived ones (PI-CAI's semi-supervised setting): one --labels only."""
+    human, ai = _replica(tmp_path)
+    cases = discover_picai(tmp_path, [human, ai], unlabelled="negative")
+    labels = {c.case_id: c.label for c in cases}
+    assert labels == {
+        "10000_1000000": str(human / "10000_1000000.nii.gz"),  # in both: the expert's
+        "10001_1000001": str(ai / "10001_1000001.nii.gz"),
+        "10002_1000002": None,  # in neither: lesion-free, as asked
+        "10003_1000003": str(human / "10003_1000003.nii.gz"),
+        "10003_1000004": str(ai / "10003_1000004.nii.gz"),
+    }
+    swapped = {c.case_id: c.label for c in discover_picai(tmp_path, [ai, human], unlabelled="skip")}
+    assert swapped["10000_1000000"] == str(ai / "10000_1000000.nii.gz")
+    assert "10002_1000002" not in swapped
+    with pytest.raises(LayoutError, match=r"case '10002_1000002': no label file .* folders .*"):
+        discover_picai(tmp_path, [human, ai])
+    refused = []
+    assert len(discover_picai(tmp_path, [human, ai], errors=refused)) == 4
+    assert [r[0] for r in refused] == ["10002_1000002"]
+
+
+def test_marksheet_csPCa_case_without_label_is_not_stored_lesion_free(tmp_path):
+    """`--unlabelled negative` stored 10003_1000004 (case_csPCa YES, ISUP 4) as background when
+    only the expert labels were given."""
+    human, ai = _replica(tmp_path)
+    sheet = tmp_path / "marksheet.csv"
+    with pytest.raises(LayoutError) as info:
+        discover_picai(tmp_path, human, unlabelled="negative", marksheet=sheet)
+    message = str(info.value)
+    assert "\n" not in message  # 10001_1000001 and 10002_1000002 (NO, no label) pass
+    assert message.startswith("case '10003_1000004': marksheet ") and "--unlabelled skip" in message
+    refused = []
+    cases = discover_picai(tmp_path, human, unlabelled="negative", marksheet=sheet, errors=refused)
+    assert [r[0] for r in refused] == ["10003_1000004"]
+    assert "says csPCa (case_csPCa 'YES', case_ISUP '4')" in refused[0][2]
+    assert [c.case_id for c in cases] == [
+        "10000_1000000", "10001_1000001", "10002_1000002", "10003_1000003"
+    ]  # fmt: skip
+    assert cases[0].meta["lesion_GS"] == "4+3,3+4" and cases[2].meta["lesion_ISUP"] == "N/A"
+    filled = discover_picai(tmp_path, [human, ai], unlabelled="negative", marksheet=sheet)
+    assert len(filled) == 5
+
+
+def test_marksheet_cspca_reads_the_flag_then_the_case_isup():
+    assert marksheet_cspca({"case_csPCa": "YES", "case_ISUP": "0"}) is True
+    assert marksheet_cspca({"case_csPCa": "no", "case_ISUP": "3"}) is False
+    assert marksheet_cspca({"case_ISUP": "2"}) is True
+    assert marksheet_cspca({"case_ISUP": "1"}) is False  # GS 3+3 is not clinically significant
+    assert marksheet_cspca({"case_ISUP": "N/A"}) is None and marksheet_cspca({}) is None
+
+
+def test_label_folders_that_read_value_1_differently_are_refused(tmp_path):
+    human, ai = _replica(tmp_path)
+    assert label_scheme([human, ai]) == "picai"
+    (ai / "dataset.json").write_text(json.dumps({"label_values": "isup"}))
+    with pytest.raises(LayoutError, match=r"read label value 1 differently"):
+        label_scheme([human, ai])
+
+
+def test_preprocess_cli_takes_repeated_images_and_labels(tmp_path, caplog):
+    """End to end on synthetic cases split into two image folders and two label folders."""
+    data = tmp_path / "synth"
+    assert main(["synth", "--out", str(data), "--cases", "3", "--seed", "3", "--small"]) == 0
+    patients = sorted(p.name for p in (data / "images").iterdir())
+    first, second = tmp_path / "fold0", tmp_path / "fold1"
+    shutil.copytree(data / "images" / patients[0], first / patients[0])
+    for patient in patients[1:]:
+        shutil.copytree(data / "images" / patient, second / patient)
+    labels = sorted((data / "labels").glob("*.nii.gz"))
+    expert, ai = tmp_path / "expert", tmp_path / "ai"
+    for folder, files in ((expert, labels[:1]), (ai, labels)):
+        folder.mkdir()
+        shutil.copy(data / "labels" / "dataset.json", folder)
+        for file in files:
+            shutil.copy(file, folder)
+    rows = (data / "marksheet.csv").read_text().splitlines()  # patient_id,study_id,case_ISUP
+    patient, study, isup = rows[1].split(",")
+    rows[1] = f"{patient},{study},{0 if int(isup) >= 2 else 3}"  # contradicts its label
+    (tmp_path / "marksheet.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "store"
+    args = ["preprocess", "--layout", "picai", "--images", str(first), "--images", str(second)]
+    args += ["--labels", str(expert), "--labels", str(ai), "--out", str(out)]
+    with caplog.at_level(logging.WARNING):
+        assert main([*args, "--marksheet", str(tmp_path / "marksheet.csv")]) == 0
+    warned = [r.getMessage() for r in caplog.records if "contradicts the marksheet" in r.message]
+    flag = "no csPCa" if int(isup) >= 2 else "csPCa"
+    assert len(warned) == 1 and "1 stored case(s) " in warned[0]
+    assert f"{patient}_{study} (marksheet: {flag}, label max class {isup})" in warned[0]
+    store = open_store(out)
+    used = {r["case_id"]: r["files"]["label"] for r in store.cases}
+    assert len(used) == len(labels) == 3
+    assert used[labels[0].name[: -len(".nii.gz")]] == str(expert / labels[0].name)
+    assert all(used[f.name[: -len(".nii.gz")]] == str(ai / f.name) for f in labels[1:])
