@@ -53,6 +53,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.fold = 0  # validation fold; the other folds train
     config.data.num_folds = 5
     config.data.fold_seed = 0  # patient-level stratified fold assignment seed
+    config.data.splits = ""  # or given folds: picai_baseline's ds-config folder, splits.json
     config.data.components = ("t2w", "adc")  # input channels: store components by name, any order
     config.data.slices = "annotated"  # 'annotated' (paper: slices with lesions) or 'all'
 

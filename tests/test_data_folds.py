@@ -117,3 +117,72 @@ def test_fold_files_are_replaced_together_or_not_at_all(tmp_path, monkeypatch):
     assert [path.read_text() for path in old] == before
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"fold-{k}.json" for k in range(5)]
     assert json.loads(before[0])["val"]  # a real split was kept
+
+
+def _picai_store():
+    """Patient 10003 has two studies; 10009 was refused by --skip-bad-cases (not stored)."""
+    ids = ["10000_1000000", "10001_1000001", "10002_1000002", "10003_1000003", "10003_1000004"]
+    cases = [{"case_id": c, "patient_id": c.split("_")[0]} for c in ids]
+    return SimpleNamespace(path="stores/picai", cases=cases)
+
+
+def _write_ds_configs(folder, folds):
+    """picai_baseline's `ds-config-{train,valid}-fold-<k>.json` of (train, val) id lists."""
+    import json
+
+    folder.mkdir(exist_ok=True)
+    for k, (train, val) in enumerate(folds):
+        for name, ids in (("train", train), ("valid", val)):
+            text = json.dumps({"subject_list": ids}, indent=4)
+            (folder / f"ds-config-{name}-fold-{k}.json").write_text(text)
+
+
+GIVEN = [
+    (["10000_1000000", "10003_1000003", "10003_1000004"], ["10001_1000001", "10002_1000002"]),
+    (["10001_1000001", "10002_1000002", "10009_1000010"], ["10000_1000000", "10003_1000003",
+                                                           "10003_1000004"]),
+]  # fmt: skip
+
+
+def test_given_picai_baseline_splits_are_read_in_all_three_formats(tmp_path, caplog):
+    """The official PI-CAI folds could not be given: folds were always seeded from the store."""
+    import json
+
+    store = _picai_store()
+    _write_ds_configs(tmp_path / "picai", GIVEN)
+    nnunet = tmp_path / "splits.json"
+    nnunet.write_text(json.dumps([{"train": t, "val": v} for t, v in GIVEN]))
+    ours = tmp_path / "ours"
+    ours.mkdir()
+    for k, (t, v) in enumerate(GIVEN):
+        (ours / f"fold-{k}.json").write_text(json.dumps({"train": t, "val": v}))
+    for splits in (tmp_path / "picai", nnunet, ours):
+        assert split_cases(store, 0, 2, splits=splits) == GIVEN[0]
+        caplog.clear()
+        train, val = split_cases(store, 1, 2, seed=7, splits=str(splits))
+        assert train == ["10001_1000001", "10002_1000002"] and val == GIVEN[1][1]
+        assert "1 listed case(s) not in store stores/picai (first: 10009_1000010)" in caplog.text
+    with pytest.raises(UserError, match=r"splits.json: 2 folds, data.num_folds is 5"):
+        split_cases(store, 0, 5, splits=nnunet)
+
+
+def test_given_splits_that_part_a_patient_or_repeat_a_case_are_refused(tmp_path):
+    store = _picai_store()
+    parted = [(["10000_1000000", "10003_1000003"], ["10001_1000001", "10003_1000004"])] * 2
+    _write_ds_configs(tmp_path / "parted", parted)
+    with pytest.raises(UserError) as info:
+        split_cases(store, 0, 2, splits=tmp_path / "parted")
+    assert str(info.value) == (
+        f"split {tmp_path / 'parted'} fold 0: patient 10003 has case 10003_1000003 in train and "
+        "10003_1000004 in val; a patient's studies must stay in one fold"
+    )
+    twice = [(["10000_1000000", "10001_1000001"], ["10001_1000001"])] * 2
+    _write_ds_configs(tmp_path / "twice", twice)
+    with pytest.raises(UserError, match=r"case 10001_1000001 is in both train and val"):
+        split_cases(store, 1, 2, splits=tmp_path / "twice")
+    with pytest.raises(UserError, match=r"ds-config-valid-fold-2.json does not exist"):
+        (tmp_path / "twice" / "ds-config-train-fold-2.json").write_text('{"subject_list": []}')
+        split_cases(store, 2, 3, splits=tmp_path / "twice")
+    (tmp_path / "bad.json").write_text('{"train": []}')
+    with pytest.raises(UserError, match=r"bad.json: no list of folds, data.num_folds is 2"):
+        split_cases(store, 0, 2, splits=tmp_path / "bad.json")

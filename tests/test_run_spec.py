@@ -162,3 +162,24 @@ def test_baselines_resolve_their_encodings():
     assert isinstance(single.model, UNet)
     assert (single.output_encoding, single.model.num_outputs) == ("binary", 1)
     assert not single.mfl and single.subsets == () and single.mfl_weight(None, None) == 0.0
+
+
+def test_data_splits_takes_the_folds_from_given_split_files(tmp_path):
+    """`data.splits` (e.g. picai_baseline's folds) decides fold k's cases, not `data.fold_seed`."""
+    import json
+
+    store = FakeStore(patients=6, slices=3, size=32)
+    ids = store.case_ids
+    folds = [{"train": ids[2:], "val": ids[:2]}, {"train": ids[:4], "val": ids[4:]}]
+    (tmp_path / "splits.json").write_text(json.dumps(folds))
+    for k in (0, 1):
+        overrides = [
+            f"--config.data.splits={tmp_path / 'splits.json'}",
+            "--config.data.num_folds=2",
+        ]
+        config = tiny_config(overrides=[*overrides, f"--config.data.fold={k}"])
+        split = RunSpec.from_config(config, num_devices=1).for_store(store).fold_split(store)
+        assert (list(split.train_cases), list(split.val_cases)) == (
+            folds[k]["train"],
+            folds[k]["val"],
+        )

@@ -1,8 +1,10 @@
-"""Patient-level cross-validation folds, stratified by each patient's highest lesion class."""
+"""Patient-level cross-validation folds, stratified by each patient's highest lesion class, or
+read from given split files (PI-CAI's official folds, see `read_given_split`)."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -11,6 +13,8 @@ import numpy as np
 
 from focalnet_jax.data.atomic_files import replaced_atomically
 from focalnet_jax.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 def assign_folds(
@@ -66,14 +70,105 @@ def store_folds(store, num_folds: int, seed: int) -> tuple[dict[str, int], dict[
     return assign_folds(list(max_class), max_class, num_folds, seed), max_class
 
 
-def split_cases(store, fold: int, num_folds: int = 5, seed: int = 0) -> tuple[list[str], list[str]]:
-    """(train case ids, validation case ids) of `fold` for a store (see `data.store.Store`)."""
+def split_cases(
+    store, fold: int, num_folds: int = 5, seed: int = 0, splits: str | os.PathLike = ""
+) -> tuple[list[str], list[str]]:
+    """(train case ids, validation case ids) of `fold` for a store (see `data.store.Store`): the
+    seeded folds, or where `splits` names split files, those (`read_given_split`)."""
+    if splits:
+        if not 0 <= fold < num_folds:
+            raise UserError(f"fold={fold}: expected 0 <= fold < num_folds={num_folds}")
+        train, val = read_given_split(splits, fold, num_folds)
+        return check_given_split(store, train, val, f"split {splits} fold {fold}")
     folds, _ = store_folds(store, num_folds, seed)
     if not 0 <= fold < num_folds:
         raise UserError(f"fold={fold}: expected 0 <= fold < num_folds={num_folds}")
     train = [r["case_id"] for r in store.cases if folds[r["patient_id"]] != fold]
     val = [r["case_id"] for r in store.cases if folds[r["patient_id"]] == fold]
     return train, val
+
+
+def _json_file(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"split file {path} does not exist") from None
+    except (OSError, ValueError) as err:
+        raise UserError(f"split file {path}: not readable JSON ({err})") from None
+
+
+def _id_list(value, path: Path, key: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise UserError(f"split file {path}: {key!r} is not a list of case ids")
+    return value
+
+
+def read_given_split(
+    splits: str | os.PathLike, fold: int, num_folds: int
+) -> tuple[list[str], list[str]]:
+    """(train ids, validation ids) of `fold` from `splits`, which is one of:
+    a folder of picai_baseline's `ds-config-train-fold-<k>.json` and `ds-config-valid-fold-<k>.json`
+    (`{"subject_list": ["<patient>_<study>", ...]}`); a folder of `fold-<k>.json`
+    (`{"train": [...], "val": [...]}`, as `focalnet folds --out` writes); or a JSON file holding
+    a list of `{"train": [...], "val": [...]}` per fold (nnU-Net's `splits_final.json`,
+    picai_baseline's `splits.json`), of `num_folds` entries."""
+    path = Path(splits)
+    if path.is_dir():
+        train_file = path / f"ds-config-train-fold-{fold}.json"
+        if train_file.exists() or (path / f"ds-config-valid-fold-{fold}.json").exists():
+            pair = [(train_file, "train"), (path / f"ds-config-valid-fold-{fold}.json", "valid")]
+            table = {}
+            for file, key in pair:
+                value = _json_file(file)
+                entries = value.get("subject_list") if isinstance(value, dict) else None
+                table[key] = _id_list(entries, file, "subject_list")
+            return table["train"], table["valid"]
+        entry, where = _json_file(path / f"fold-{fold}.json"), path / f"fold-{fold}.json"
+    else:
+        table, where = _json_file(path), path
+        if not isinstance(table, list) or len(table) != num_folds:
+            found = f"{len(table)} folds" if isinstance(table, list) else "no list of folds"
+            raise UserError(f"split file {path}: {found}, data.num_folds is {num_folds}")
+        entry = table[fold]
+    if not isinstance(entry, dict):
+        raise UserError(f"split file {where}: fold {fold} is not a {{'train', 'val'}} object")
+    return _id_list(entry.get("train"), where, "train"), _id_list(entry.get("val"), where, "val")
+
+
+def check_given_split(store, train: Sequence[str], val: Sequence[str], what: str):
+    """The given (train, val) ids restricted to the store's cases, in store order. A case in both
+    lists, or a patient with cases on both sides, is an error naming them; listed cases missing
+    from the store (refused by --skip-bad-cases) and store cases in neither list get one warning."""
+    both = sorted(set(train) & set(val))
+    if both:
+        raise UserError(f"{what}: case {both[0]} is in both train and val ({len(both)} such)")
+    side = {c: "train" for c in train} | {c: "val" for c in val}
+    patients: dict[str, tuple[str, str]] = {}  # patient -> (side, case) of its first case
+    for record in store.cases:
+        case, patient = record["case_id"], record["patient_id"]
+        if case not in side:
+            continue
+        first = patients.setdefault(patient, (side[case], case))
+        if first[0] != side[case]:
+            raise UserError(
+                f"{what}: patient {patient} has case {first[1]} in {first[0]} and {case} in "
+                f"{side[case]}; a patient's studies must stay in one fold"
+            )
+    stored = [r["case_id"] for r in store.cases]
+    missing = sorted(set(side) - set(stored))
+    unused = [c for c in stored if c not in side]
+    if missing or unused:
+        log.warning(
+            "%s: %d listed case(s) not in store %s (first: %s); %d store case(s) in neither list "
+            "(first: %s)", what, len(missing), store.path, ", ".join(missing[:3]) or "-",
+            len(unused), ", ".join(unused[:3]) or "-",
+        )  # fmt: skip
+    train_ids = [c for c in stored if side.get(c) == "train"]
+    val_ids = [c for c in stored if side.get(c) == "val"]
+    if not train_ids or not val_ids:
+        empty = "train" if not train_ids else "val"
+        raise UserError(f"{what}: none of its {empty} cases is in store {store.path}")
+    return train_ids, val_ids
 
 
 def fold_table(store, num_folds: int = 5, seed: int = 0) -> list[dict]:

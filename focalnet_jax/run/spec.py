@@ -170,9 +170,11 @@ class RunSpec:
         return dataclasses.replace(self, image_size=tuple(store.images.shape[1:3]))
 
     def fold_split(self, store) -> FoldSplit:
-        """Training and validation cases and rows of `data.fold` (patient-level folds)."""
+        """Training and validation cases and rows of `data.fold` (patient-level folds, or those
+        of the split files `data.splits` names)."""
         data = self.config.data
-        train, val = folds.split_cases(store, data.fold, data.num_folds, data.fold_seed)
+        splits = data.get("splits", "")
+        train, val = folds.split_cases(store, data.fold, data.num_folds, data.fold_seed, splits)
         return FoldSplit(
             train_cases=tuple(train),
             val_cases=tuple(val),

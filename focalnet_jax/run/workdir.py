@@ -93,7 +93,7 @@ RESUMABLE_KEYS = (
 
 # Keys added to the config after runs were saved, with the value the code used while they were
 # absent: a saved config.json without one is read as having that value, so those runs resume.
-IMPLIED_WHEN_ABSENT = {"loss.pool_size": 3}
+IMPLIED_WHEN_ABSENT = {"loss.pool_size": 3, "data.splits": ""}
 
 
 def check_resumed_config(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
