@@ -186,3 +186,19 @@ def test_given_splits_that_part_a_patient_or_repeat_a_case_are_refused(tmp_path)
     (tmp_path / "bad.json").write_text('{"train": []}')
     with pytest.raises(UserError, match=r"bad.json: no list of folds, data.num_folds is 2"):
         split_cases(store, 0, 2, splits=tmp_path / "bad.json")
+
+
+def test_fold_table_of_given_splits_counts_their_validation_cases(tmp_path):
+    """`focalnet folds --splits` prints the given folds, so the official split can be checked
+    against the store before training."""
+    store = _picai_store()
+    for i, record in enumerate(store.cases):
+        record["start"], record["stop"] = 6 * i, 6 * i + 6
+    max_class = {"10000": 5, "10001": 0, "10002": 0, "10003": 4}
+    store.patient_max_class = lambda: max_class
+    _write_ds_configs(tmp_path / "picai", GIVEN)
+    rows = fold_table(store, 2, splits=tmp_path / "picai")
+    assert [(r["patients"], r["cases"], r["slices"]) for r in rows] == [(2, 2, 12), (2, 3, 18)]
+    assert rows[0]["patients_per_max_class"] == [2, 0, 0, 0, 0, 0]
+    assert rows[1]["patients_per_max_class"] == [0, 0, 0, 0, 1, 1]
+    assert rows[1]["case_ids"] == GIVEN[1][1]

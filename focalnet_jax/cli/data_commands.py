@@ -122,14 +122,22 @@ def add_folds(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="also write fold-<k>.json files here")
     parser.add_argument("--list-cases", action="store_true", help="print each fold's case ids")
+    parser.add_argument(
+        "--splits",
+        type=Path,
+        help="print given folds instead (as data.splits: picai_baseline ds-config folder, "
+        "splits.json, fold-<k>.json folder)",
+    )
 
 
 def run_folds(args: argparse.Namespace) -> int:
     from focalnet_jax.data.folds import fold_table, write_fold_files
     from focalnet_jax.data.store import open_store
 
+    if args.out and args.splits:
+        raise UserError("--out writes seeded folds; the --splits given are fold files already")
     store = open_store(args.store)
-    rows = fold_table(store, args.num_folds, args.seed)
+    rows = fold_table(store, args.num_folds, args.seed, args.splits or "")
     print("fold  patients  cases  slices  patients per highest class 0..5")
     for row in rows:
         per_class = " ".join(f"{n:3d}" for n in row["patients_per_max_class"])

@@ -171,13 +171,20 @@ def check_given_split(store, train: Sequence[str], val: Sequence[str], what: str
     return train_ids, val_ids
 
 
-def fold_table(store, num_folds: int = 5, seed: int = 0) -> list[dict]:
-    """Per fold: patients, cases, slices and patients per highest class (for printing)."""
-    folds, max_class = store_folds(store, num_folds, seed)
+def fold_table(store, num_folds: int = 5, seed: int = 0, splits="") -> list[dict]:
+    """Per fold: patients, cases, slices and patients per highest class of its validation cases
+    (for printing), of the seeded folds or of the split files `splits` names."""
+    if splits:
+        max_class = store.patient_max_class()
+        val = [set(split_cases(store, k, num_folds, seed, splits)[1]) for k in range(num_folds)]
+        fold_of = {case: k for k, cases in enumerate(val) for case in cases}
+    else:
+        folds, max_class = store_folds(store, num_folds, seed)
+        fold_of = {r["case_id"]: folds[r["patient_id"]] for r in store.cases}
     rows = []
     for k in range(num_folds):
-        patients = [p for p, f in folds.items() if f == k]
-        cases = [r for r in store.cases if folds[r["patient_id"]] == k]
+        cases = [r for r in store.cases if fold_of.get(r["case_id"]) == k]
+        patients = sorted({r["patient_id"] for r in cases})
         per_class = [sum(max_class[p] == c for p in patients) for c in range(6)]
         rows.append(
             {
