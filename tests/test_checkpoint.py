@@ -188,3 +188,17 @@ def test_a_run_saved_before_loss_pool_size_existed_resumes(tmp_path):
     config.loss.pool_size = 1
     with pytest.raises(UserError, match=r"loss\.pool_size 3 -> 1"):
         workdir_lib.check_resumed_config(config, tmp_path)
+
+
+def test_a_run_saved_before_data_splits_existed_resumes_on_seeded_folds(tmp_path):
+    """Such a run trained on the seeded folds (`data.splits` ''): other folds are refused."""
+    config = tiny_config()
+    path = workdir_lib.save_config(config, tmp_path)
+    saved = json.loads(path.read_text())
+    del saved["data"]["splits"]
+    path.write_text(json.dumps(saved))
+    (tmp_path / workdir_lib.CHECKPOINT_DIR / "5").mkdir(parents=True)
+    workdir_lib.check_resumed_config(config, tmp_path)
+    config.data.splits = "splits/picai"
+    with pytest.raises(UserError, match=r"data\.splits '' -> 'splits/picai'"):
+        workdir_lib.check_resumed_config(config, tmp_path)
