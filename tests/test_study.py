@@ -640,6 +640,7 @@ def test_demo_rebuilds_a_store_of_an_older_format(store, tmp_path):
     [
         ({"loss": {"nme": "x"}}, "arm 'ce' on base"),  # checked against the base config
         ({"seed": 3}, "'seed' is set by the study"),
+        ({"data": {"fold_seed": 7}}, "arm 'ce': 'data.fold_seed' chooses the folds, which every"),
         ({"loss": {"name": "ce_focal"}}, "loss.mfl=True with loss.name='ce_focal'"),
     ],
 )

@@ -9,8 +9,9 @@ evaluation options) and `slurm` (job array options). Any field is overridable wi
 
 Seed rule: cell (arm, repeat r, fold k) trains with `config.seed = spec.seed + r`, the same for
 every arm and fold, so arms of one repeat start from the same initialisation and data order
-where their models have the same shape. The folds themselves come from `data.fold_seed`, which the
-study leaves to the base config: every arm and repeat sees the same patients in fold k.
+where their models have the same shape. The folds themselves come from `data.fold_seed` (or given
+`data.splits`), which the base config or `common` sets, never an arm: every arm and repeat sees the
+same patients in fold k.
 
 `validate` checks everything that can be checked before a cell runs, one line per error: unknown
 config keys and values (against the loaded base config: `common`'s on it alone, named as
@@ -39,6 +40,7 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")  # a folder name and a ConfigDic
 RESERVED = ("report", "slurm", "compilation_cache")
 # Set by the study for every cell; an arm or `common` setting them would break the design.
 STUDY_KEYS = ("seed", "data.store", "data.fold", "data.num_folds")
+FOLD_KEYS = ("data.fold_seed", "data.splits")  # the folds: `common` may set them, an arm not
 
 
 def relative_to_cwd(path: str | Path) -> str:
@@ -183,10 +185,15 @@ def _check_name(kind: str, name: str) -> None:
         )
 
 
-def _check_overrides(where: str, items: list[tuple[str, object]]) -> None:
+def _check_overrides(where: str, items: list[tuple[str, object]], *, arm: bool) -> None:
     for key, _ in items:
         if key in STUDY_KEYS:
             raise StudyError(f"{where}: {key!r} is set by the study for each cell, not by an arm")
+        if arm and key in FOLD_KEYS:
+            raise StudyError(
+                f"{where}: {key!r} chooses the folds, which every arm shares (fold k holds the "
+                "same patients in every arm); set it in `common`"
+            )
 
 
 def validate(spec: ml_collections.ConfigDict, spec_file: str) -> dict:
@@ -251,7 +258,7 @@ def _check_common(plain: Mapping) -> None:
     alone, so that a typo there is named against `common`, not against the first arm (the loss
     checks of `load_config` wait for each arm: they depend on its loss)."""
     items = flatten(plain["common"])
-    _check_overrides("common", items)
+    _check_overrides("common", items, arm=False)
     try:
         _common_config(plain)
     except (KeyError, ValueError) as error:
@@ -261,7 +268,7 @@ def _check_common(plain: Mapping) -> None:
 def _check_arm(plain: Mapping, arm: str, store_components: Sequence[str]) -> None:
     """The config of `arm` loads, passes every check a cell's `focalnet train` makes before it
     starts (`RunSpec.from_config`), and trains on components the store holds."""
-    _check_overrides(f"arm {arm!r}", flatten(plain["arms"][arm]))
+    _check_overrides(f"arm {arm!r}", flatten(plain["arms"][arm]), arm=True)
     try:
         config = load_config(plain["base"], cell_overrides(plain, arm, 0, plain["folds"][0]))
     except (KeyError, ValueError, FileNotFoundError) as error:
