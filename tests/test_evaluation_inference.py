@@ -312,7 +312,8 @@ def test_batch_predicts_every_good_case_and_lists_the_corrupt_one(cv, tmp_path):
     message = cli_error(argv)
     assert bad["case"] in message and str(corrupt) in message
     assert not (tmp_path / "out").exists()  # no models.json without its cases
-    printed = run_cli([*argv, "--skip-bad-cases"])
+    assert (tmp_path / "out.partial" / "models.json").is_file()  # kept for --resume
+    printed = run_cli([*argv, "--skip-bad-cases", "--resume"])
     assert f"wrote {CASES - 1} cases" in printed
     names = ("lesion_score", "cspca_score", "detection_map")
     expected = {exam(cv["data"], i)["case"] for i in range(CASES)} - {bad["case"]}

@@ -262,7 +262,9 @@ def add_predict(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--images",
         type=Path,
-        help="picai: <images>/<patient>/<case>_<comp>.mha (or .mhd, .nii, .nii.gz, .nrrd)",
+        action="append",
+        help="picai: <images>/<patient>/<case>_<comp>.mha (or .mhd, .nii, .nii.gz, .nrrd); "
+        "repeat for several image folders",
     )
     parser.add_argument(
         "--masks",
@@ -280,7 +282,14 @@ def add_predict(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--overwrite",
         action="store_true",
-        help="many exams: replace a non-empty --out whole (only an earlier predict output)",
+        help="many exams: replace a non-empty --out whole (only an earlier predict output); "
+        "without --resume: discard the unfinished OUT.partial of an interrupted run",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="many exams: continue the unfinished OUT.partial of an interrupted run (same models "
+        "and settings): its finished cases are kept, the others predicted",
     )
     for name in ("t2w", "adc", "hbv"):
         parser.add_argument(

@@ -51,16 +51,17 @@ def _writer_folders(path: Path, tail: str = "*"):
         yield folder, pattern.match(folder.name)
 
 
-def swap_in(tmp: Path, path: Path) -> Path | None:
-    """Renames the finished writer folder `tmp` (`writer_folder(path)`) to `path`. An existing
-    `path` is first moved aside to `<tmp>.old`: left there if this process is killed between the
-    two renames (for `restore_moved_aside`), moved back if either rename raises (also Ctrl-C right
-    after the first) before `path` is the new folder. Returns the folder moved aside, for the
-    caller to remove, or None."""
+def swap_in(tmp: Path, path: Path, aside: Path | None = None) -> Path | None:
+    """Renames the finished writer folder `tmp` (`writer_folder(path)`, or another folder beside
+    `path` given with `aside`, a `writer_folder(path)` name ending in `.old`) to `path`. An
+    existing `path` is first moved aside to `<tmp>.old` (or `aside`): left there if this process
+    is killed between the two renames (for `restore_moved_aside`), moved back if either rename
+    raises (also Ctrl-C right after the first) before `path` is the new folder. Returns the
+    folder moved aside, for the caller to remove, or None."""
     if not path.exists():
         os.replace(tmp, path)
         return None
-    old = tmp.with_name(f"{tmp.name}.old")
+    old = aside or tmp.with_name(f"{tmp.name}.old")
     try:
         os.replace(path, old)
         os.replace(tmp, path)

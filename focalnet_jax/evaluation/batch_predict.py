@@ -4,11 +4,13 @@ Cases are found by the preprocessing's readers (data/layouts.py; labels are not 
 read) and preprocessed with its checks and the models' settings. The slices of consecutive cases
 are pooled into full inference batches (`inference.pooled_predictions`), so the accelerator sees
 `batch_size` slices at a time whatever the exams' lengths: only the run's last batch is padded.
-The run's outputs (each case's, predict.py) are written to a temporary sibling folder that becomes
-`<out>` when complete, so `<out>` never mixes two runs; a non-empty `<out>` is refused unless
-`overwrite`. A bad case stops the run with its error, or,
-with `skip_bad_cases`, is listed in `<out>/errors.csv` (case, file, reason; written, maybe
-empty, whenever bad cases are skipped) and skipped.
+The run's outputs (each case's, predict.py) are written, case folder by case folder, to
+`<out>.partial/` (partial_output.py), which becomes `<out>` when complete, so `<out>` never mixes
+two runs; a non-empty `<out>` is refused unless `overwrite`. A run stopped before the end (a
+crash, Ctrl-C, SIGTERM, SIGKILL) keeps its finished cases there, and `resume` predicts the others
+with the same models and settings. A bad case stops the run with its error, or, with
+`skip_bad_cases`, is listed in `<out>/errors.csv` (case, file, reason; written, maybe empty,
+whenever bad cases are skipped) and skipped.
 """
 
 from __future__ import annotations
@@ -18,18 +20,24 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
-from focalnet_jax.data.atomic_files import check_replaceable, replaced_folder
+from focalnet_jax.data.atomic_files import check_replaceable
 from focalnet_jax.data.io import CaseError
 from focalnet_jax.data.layouts import CaseSpec, LayoutError, discover_picai, read_manifest
+from focalnet_jax.data.picai_sources import as_folders
 from focalnet_jax.data.preprocess import PreprocessedCase, preprocess_case
 from focalnet_jax.data.store import bad_cases_note, write_errors
 from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation.detection_map import CandidateSettings
-from focalnet_jax.evaluation.ensemble import Ensemble, write_models
+from focalnet_jax.evaluation.ensemble import Ensemble
 from focalnet_jax.evaluation.inference import pooled_predictions
+from focalnet_jax.evaluation.partial_output import (
+    ERRORS_FILE,
+    partial_output,
+    recorded_settings,
+    write_case_folder,
+)
 from focalnet_jax.evaluation.predict import write_exam_outputs
 from focalnet_jax.evaluation.predictions import MODELS_FILE
 
@@ -38,25 +46,33 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class BatchSummary:
+    """The cases in `out` (`kept` of them finished by the interrupted run that was resumed) and
+    the bad cases skipped, as (case, file, reason)."""
+
     out: Path
     written: list[str]
     errors: list[tuple[str, str, str]]
+    kept: int = 0
 
     def describe(self) -> str:
-        return f"wrote {len(self.written)} cases to {self.out}{bad_cases_note(self.errors)}"
+        resumed = f" ({self.kept} finished before the resume, skipped)" if self.kept else ""
+        return (
+            f"wrote {len(self.written)} cases to {self.out}{resumed}{bad_cases_note(self.errors)}"
+        )
 
 
 def find_cases(
     layout: str,
     components: Sequence[str],
     *,
-    images: str | Path | None = None,
+    images: str | Path | Sequence[str | Path] | None = None,
     masks: str | Path | None = None,
     manifest: str | Path | None = None,
     errors: list | None = None,
 ) -> list[CaseSpec]:
-    """The cases of a PI-CAI folder (`images`, optional gland `masks` for centring) or of a
-    manifest CSV (its label column, if any, is ignored). A case id that is not a safe folder
+    """The cases of PI-CAI image folders (`images`: one or several, `picai_sources.picai_images`;
+    optional gland `masks` for centring) or of a manifest CSV (its label column, if any, is
+    ignored). A case id that is not a safe folder
     name raises, or, where `errors` is a list, is appended to it as (case, file, reason)."""
     if layout == "picai":
         if images is None:
@@ -89,14 +105,6 @@ def _preprocess(spec: CaseSpec, models: Ensemble) -> PreprocessedCase:
         raise CaseError(spec.case_id, "", f"{type(error).__name__}: {error}") from error
 
 
-def _write_case(out: Path, case: PreprocessedCase, scores: np.ndarray, options: dict) -> Path:
-    """The case's outputs in `out/<case_id>`."""
-    final = out / case.case_id
-    final.mkdir()
-    write_exam_outputs(case, scores, final, **options)
-    return final
-
-
 def _preprocess_or_skip(
     spec: CaseSpec, models: Ensemble, errors: list | None
 ) -> PreprocessedCase | None:
@@ -123,36 +131,69 @@ def predict_cases(
     progress: bool = True,
     errors: list | None = None,
     overwrite: bool = False,
+    resume: bool = False,
 ) -> BatchSummary:
-    """Predicts every case into `out/<case_id>/` (and `out/models.json`: `write_models`); returns
-    what was written and the bad cases (those of `errors`, found before, first). The outputs are
-    made in a temporary sibling folder that becomes `out` at the end; a non-empty `out` is
-    refused unless `overwrite` (then replaced whole).
+    """Predicts every case into `out/<case_id>/` (and `out/models.json`: the models and settings,
+    `partial_output.recorded_settings`); returns what was written and the bad cases (those of
+    `errors`, found before, first). The outputs are made in `<out>.partial/`
+    (`partial_output.partial_output`), which becomes `out` at the end; a non-empty `out` is
+    refused unless `overwrite` (then replaced whole). With `resume` the cases already finished
+    in the partial are skipped and the others (also those that failed before) predicted.
 
-    Raises the first CaseError unless `skip_bad_cases`; `out` is then left as it was.
+    Raises the first CaseError unless `skip_bad_cases`; `out` is then left as it was and the
+    partial kept for `resume`.
     """
+    candidates = candidates or CandidateSettings()
     options = {"threshold": threshold, "candidates": candidates}
     if not cases:
         raise LayoutError("no cases to predict")
     out = Path(out)
     check_replaceable(out, overwrite, MODELS_FILE, "focalnet predict")
     errors = list(errors or [])
-    with replaced_folder(out, "focalnet predict") as tmp:
-        write_models(models, tmp)
+    settings = recorded_settings(models.describe(), threshold, candidates)
+    with partial_output(out, settings, resume=resume, overwrite=overwrite) as taken:
+        partial, done, failed = taken
+        kept = _check_finished(partial, done, cases)
+        if failed:
+            log.info("retrying %d cases that failed before: %s", len(failed), ", ".join(failed))
+        todo = [spec for spec in cases if spec.case_id not in done]
         try:
-            written = _predict_into(tmp, models, cases, errors, skip_bad_cases, options, progress)
+            written = _predict_into(
+                partial, models, todo, errors, skip_bad_cases, options, progress
+            )
         finally:
             if skip_bad_cases:
-                write_errors(tmp / "errors.csv", errors)
-    if not written:
+                write_errors(partial / ERRORS_FILE, errors)
+    if not kept + written:
         raise UserError(f"{out}: every one of {len(cases)} cases failed; see errors.csv")
-    return BatchSummary(out, written, errors)
+    return BatchSummary(out, kept + written, errors, kept=len(kept))
+
+
+def _check_finished(partial: Path, done: set[str], cases: Sequence[CaseSpec]) -> list[str]:
+    """The finished cases of a resumed `partial`, in the order of `cases` (how many, logged). A
+    finished case that is not among `cases` is
+    an error: the inputs changed, and the output would not be that of one run."""
+    ids = [spec.case_id for spec in cases]
+    if stray := sorted(done - set(ids)):
+        raise UserError(
+            f"--resume: {partial} holds case {stray[0]}, which is not among the {len(ids)} cases "
+            "to predict now; resume with the same inputs, or add --overwrite (without --resume) "
+            "to start over"
+        )
+    kept = [case for case in ids if case in done]
+    if done:
+        log.info(
+            "resuming %s: %d of %d cases already finished, skipped; predicting the other %d",
+            partial, len(kept), len(ids), len(ids) - len(kept),
+        )  # fmt: skip
+    return kept
 
 
 def _predict_into(out: Path, models: Ensemble, cases, errors, skip_bad_cases, options, progress):
     """The loop of `predict_cases`: cases preprocessed, their slices pooled into whole inference
-    batches (`pooled_predictions`), predicted and written to `out`; returns the case ids
-    written."""
+    batches (`pooled_predictions`), predicted and written to `out` (each case's folder whole or
+    absent: `write_case_folder`; errors.csv rewritten at each bad case skipped); returns the
+    case ids written."""
     written: list[str] = []
     with tqdm(total=len(cases), desc="predict", unit="case", disable=not progress) as bar:
 
@@ -160,12 +201,17 @@ def _predict_into(out: Path, models: Ensemble, cases, errors, skip_bad_cases, op
             for spec in cases:
                 case = _preprocess_or_skip(spec, models, errors if skip_bad_cases else None)
                 if case is None:
+                    write_errors(out / ERRORS_FILE, errors)
                     bar.update()
                 else:
                     yield case, case.images
 
         for case, scores in pooled_predictions(models, preprocessed(), models.batch_size):
-            _write_case(out, case, scores, options)
+
+            def write(folder, case=case, scores=scores):
+                write_exam_outputs(case, scores, folder, **options)
+
+            write_case_folder(out, case.case_id, write)
             written.append(case.case_id)
             bar.update()
     return written
@@ -176,7 +222,7 @@ def predict_layout(
     layout: str,
     out: str | Path,
     *,
-    images: str | Path | None = None,
+    images: str | Path | Sequence[str | Path] | None = None,
     masks: str | Path | None = None,
     manifest: str | Path | None = None,
     **options,
@@ -184,7 +230,7 @@ def predict_layout(
     """`find_cases` + `predict_cases` with the models' components."""
     errors = [] if options.get("skip_bad_cases") else None
     check_replaceable(Path(out), options.get("overwrite", False), MODELS_FILE, "focalnet predict",
-                      (images, masks, manifest))  # fmt: skip
+                      (*as_folders(images), masks, manifest))  # fmt: skip
     cases = find_cases(
         layout, models.components, images=images, masks=masks, manifest=manifest, errors=errors
     )

@@ -11,7 +11,7 @@ from focalnet_jax.errors import UserError
 
 ONE_EXAM_FLAGS = ("t2w", "adc", "hbv", "component", "mask", "center", "center_ras")
 MANY_EXAM_FLAGS = ("images", "masks", "manifest")
-MANY_EXAM_SWITCHES = ("skip_bad_cases", "overwrite")
+MANY_EXAM_SWITCHES = ("skip_bad_cases", "overwrite", "resume")
 
 
 def check_output_folder(path: Path | None, flag: str = "--out") -> None:

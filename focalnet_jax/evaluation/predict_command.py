@@ -5,12 +5,15 @@ ensemble (`ensemble.load_ensemble`) and the detection-map settings (`CandidateSe
 from __future__ import annotations
 
 import argparse
+import sys
 
+from focalnet_jax.data.io import CaseError
 from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation.batch_predict import predict_layout
 from focalnet_jax.evaluation.detection_map import CandidateSettings
 from focalnet_jax.evaluation.ensemble import load_ensemble
 from focalnet_jax.evaluation.flag_checks import check_predict_flags
+from focalnet_jax.evaluation.partial_output import partial_folder, resume_hint
 from focalnet_jax.evaluation.predict import check_exam_out, predict_exam
 
 COMPONENTS = ("t2w", "adc", "hbv")
@@ -92,6 +95,29 @@ def _check_exam_gives(models, components: dict[str, str]) -> None:
         )
 
 
+def _predict_many(models, args: argparse.Namespace, options: dict) -> str:
+    """`predict_layout` as the flags say; when it is interrupted (Ctrl-C, SIGTERM) or fails on a
+    case, prints how to resume the partial output it keeps."""
+    try:
+        summary = predict_layout(
+            models,
+            args.layout,
+            args.out,
+            images=args.images,
+            masks=args.masks,
+            manifest=args.manifest,
+            skip_bad_cases=args.skip_bad_cases,
+            overwrite=args.overwrite,
+            resume=args.resume,
+            **options,
+        )
+    except (KeyboardInterrupt, CaseError):
+        if partial_folder(args.out).is_dir():
+            print(resume_hint(args.out), file=sys.stderr)
+        raise
+    return summary.describe()
+
+
 def run(args: argparse.Namespace) -> str:
     """Predicts as the flags say; returns the line to print (what was written)."""
     check_predict_flags(args)
@@ -117,18 +143,7 @@ def run(args: argparse.Namespace) -> str:
     )
     options = {"threshold": args.threshold, "candidates": candidates}
     if args.layout is not None:
-        summary = predict_layout(
-            models,
-            args.layout,
-            args.out,
-            images=args.images,
-            masks=args.masks,
-            manifest=args.manifest,
-            skip_bad_cases=args.skip_bad_cases,
-            overwrite=args.overwrite,
-            **options,
-        )
-        return summary.describe()
+        return _predict_many(models, args, options)
     _check_exam_gives(models, components)
     written = predict_exam(
         models, components, args.out, center=center, mask=args.mask, series=series, **options

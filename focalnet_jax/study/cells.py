@@ -21,15 +21,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import json
-import os
 import socket
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from focalnet_jax.data.atomic_files import write_json_atomic
+from focalnet_jax.file_lock import LockHeld, acquire_lock, release_lock
 from focalnet_jax.processes import pid_alive, pid_space
 from focalnet_jax.study.inputs import INPUTS, input_digests
 from focalnet_jax.study.spec import StudyError, seed_for
@@ -228,22 +227,14 @@ def run_lock(root: str | Path) -> Iterator[None]:
     killed) while one `study run` reads the cells' states and starts or submits those not done;
     a second `study run` on the same folder meanwhile would take the same cells for its own and
     train each twice in one folder. Raises `StudyError` naming the holder when it is held."""
-    path = Path(root) / RUN_LOCK
-    with open(path, "a+") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            holder = lock.read().strip() or "another process"
-            raise StudyError(
-                f"{root}: another `study run` ({holder}) is starting or running this study's "
-                "cells; wait for it to end (`study status` shows them)"
-            ) from None
-        lock.seek(0)
-        lock.truncate()
-        lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        lock.flush()
-        try:
-            yield
-        finally:
-            lock.truncate(0)
+    try:
+        lock = acquire_lock(Path(root) / RUN_LOCK)
+    except LockHeld as held:
+        raise StudyError(
+            f"{root}: another `study run` ({held.holder}) is starting or running this study's "
+            "cells; wait for it to end (`study status` shows them)"
+        ) from None
+    try:
+        yield
+    finally:
+        release_lock(lock)

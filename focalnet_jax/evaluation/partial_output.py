@@ -1,0 +1,205 @@
+"""The unfinished output of a batch `focalnet predict`: `<out>.partial/`, beside `--out`, filled
+case by case and renamed to `--out` once every case is done, so that a run stopped by a crash,
+Ctrl-C, SIGTERM or a time limit keeps the cases it finished, and `--resume` continues it.
+
+- `<out>.partial/models.json`: the models and settings that make the outputs (checkpoints and
+  steps, TTA, detection-map candidate settings, detections threshold; not the batch size, which
+  does not change them). `--resume` continues a partial only with the same ones, else it is a
+  one-line error naming the first difference.
+- `<out>.partial/<case_id>/`: a finished case. It is written in `.<case_id>.tmp-<pid>/` and
+  renamed, so a reader (and `--resume`) never finds half a case; the leftovers of a killed
+  writer are removed when the next run takes the partial.
+- `<out>.partial/.predict.lock`: held (`file_lock`) by the one run that writes the partial, so
+  that two runs never write it at once; the system releases it when the process ends, also on
+  SIGKILL. It is removed when the partial becomes `--out`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+from focalnet_jax.data.atomic_files import write_json_atomic
+from focalnet_jax.data.writer_folders import (
+    remove_dead_leftovers,
+    restore_moved_aside,
+    swap_in,
+    writer_folder,
+)
+from focalnet_jax.errors import UserError
+from focalnet_jax.evaluation.detection_map import CandidateSettings
+from focalnet_jax.evaluation.predictions import MODELS_FILE
+from focalnet_jax.file_lock import LockHeld, acquire_lock, release_lock
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = ".predict.lock"
+ERRORS_FILE = "errors.csv"
+WRITER = "focalnet predict"
+
+
+def partial_folder(out: str | os.PathLike) -> Path:
+    """`<out>.partial`, where a batch prediction into `out` is made."""
+    out = Path(out)
+    return out.with_name(f"{out.name}.partial")
+
+
+def resume_hint(out: str | os.PathLike) -> str:
+    """The line that says how to continue an interrupted run into `out`."""
+    partial = partial_folder(out)
+    done = len(finished_cases(partial)) if partial.is_dir() else 0
+    return (
+        f"focalnet predict: kept the {done} finished cases in {partial}; run the same command "
+        "with --resume to predict the others"
+    )
+
+
+def recorded_settings(describe: dict, threshold: float, candidates: CandidateSettings) -> dict:
+    """What `models.json` records: the ensemble's `describe()` (models and steps, TTA), the
+    detections threshold and the candidate settings (threshold as text: '0.3' and 0.3 agree)."""
+    settings = dataclasses.asdict(candidates)
+    settings["threshold"] = str(settings["threshold"])
+    return {**describe, "threshold": float(threshold), "candidates": settings}
+
+
+def finished_cases(partial: Path) -> set[str]:
+    """The case ids with a finished folder in `partial`."""
+    return {p.name for p in partial.iterdir() if p.is_dir() and not p.name.startswith(".")}
+
+
+def write_case_folder(partial: Path, case_id: str, write) -> Path:
+    """Calls `write(folder)` on a new temporary folder in `partial`, then renames it to
+    `partial/<case_id>`; returns that."""
+    final = partial / case_id
+    tmp = partial / f".{case_id}.tmp-{os.getpid()}"
+    tmp.mkdir()
+    try:
+        write(tmp)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _difference(recorded: dict, current: dict, prefix: str = "") -> str | None:
+    """The first setting in which `recorded` and `current` differ, as 'KEY: A (partial) vs B'."""
+    for key in sorted(set(recorded) | set(current)):
+        was, now = recorded.get(key), current.get(key)
+        if isinstance(was, dict) and isinstance(now, dict):
+            if found := _difference(was, now, f"{prefix}{key}."):
+                return found
+        elif was != now:
+            return f"{prefix}{key}: {json.dumps(was)} in the partial, {json.dumps(now)} now"
+    return None
+
+
+def _check_resumable(partial: Path, settings: dict) -> None:
+    """Refuses (one line) a partial made with other models or settings than `settings`."""
+    try:
+        recorded = json.loads((partial / MODELS_FILE).read_text())
+    except (OSError, ValueError) as error:
+        raise UserError(
+            f"{partial} has no readable {MODELS_FILE} ({error}): it is not the partial output "
+            f"of {WRITER}; remove it or add --overwrite to start over"
+        ) from None
+    if difference := _difference(recorded, settings):
+        raise UserError(
+            f"--resume: {partial} was made with other models or settings ({difference}); run with "
+            "those, or add --overwrite (without --resume) to start over"
+        )
+
+
+def _failed_before(partial: Path) -> list[str]:
+    """The cases of the partial's `errors.csv` (skipped as bad by the run that made it), which
+    is removed: this run retries them and writes its own."""
+    path = partial / ERRORS_FILE
+    try:
+        with path.open(newline="") as f:
+            failed = [row["case"] for row in csv.DictReader(f) if row.get("case")]
+    except (OSError, KeyError, csv.Error):
+        failed = []
+    path.unlink(missing_ok=True)
+    return failed
+
+
+def _others(partial: Path) -> list[str]:
+    """The names in `partial` other than its lock file."""
+    return sorted(p.name for p in partial.iterdir() if p.name != LOCK_FILE)
+
+
+def _clear(partial: Path, keep: str) -> None:
+    """Removes everything in `partial` but the file `keep`."""
+    for path in partial.iterdir():
+        if path.name == keep:
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def _take(partial: Path, resume: bool, overwrite: bool) -> object:
+    """Locks the existing or new `partial` for this run; returns the lock. An existing partial
+    is refused without `resume` or `overwrite` (one line saying which continues and which starts
+    over), or while another run holds it."""
+    exists = partial.exists()
+    if exists and not partial.is_dir():
+        raise UserError(f"{partial} exists and is not a folder; move it away")
+    if exists and not (partial / MODELS_FILE).is_file() and _others(partial):
+        raise UserError(
+            f"{partial} holds {_others(partial)[0]} but no {MODELS_FILE}: it is not the partial "
+            f"output of {WRITER}, and would be deleted; move it away or choose another --out"
+        )
+    if exists and not resume and not overwrite:
+        raise UserError(
+            f"{partial} holds an unfinished run of {WRITER} into this --out: add --resume to "
+            "continue it, or --overwrite to start over"
+        )
+    partial.mkdir(mode=0o755, exist_ok=True)
+    try:
+        return acquire_lock(partial / LOCK_FILE)
+    except (LockHeld, FileNotFoundError) as held:
+        holder = held.holder if isinstance(held, LockHeld) else "a run that has just finished"
+        raise UserError(
+            f"{partial} is being written by another {WRITER} ({holder}); wait for it to end"
+        ) from None
+
+
+@contextlib.contextmanager
+def partial_output(out: Path, settings: dict, *, resume: bool, overwrite: bool) -> Iterator:
+    """Yields `(partial, finished case ids, case ids that failed before)` for this run to fill,
+    holding its lock; when the block ends without an error the partial becomes `out` (an
+    existing `out` replaced whole, as `atomic_files.replaced_folder` does), else it is kept for
+    `--resume`. Without `resume` an existing partial is refused, or with `overwrite` emptied;
+    with `resume` its recorded settings must equal `settings` (its `models.json`, written here
+    for a new partial)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    restore_moved_aside(out, WRITER)
+    remove_dead_leftovers(out, WRITER)  # temporary folders of runs before partials were kept
+    partial = partial_folder(out)
+    lock = _take(partial, resume, overwrite)
+    try:
+        if resume and (partial / MODELS_FILE).exists():
+            _check_resumable(partial, settings)
+            for leftover in partial.glob(".*.tmp-*"):  # of a killed writer: the lock is ours
+                shutil.rmtree(leftover, ignore_errors=True)
+            failed = _failed_before(partial)
+        else:
+            _clear(partial, LOCK_FILE)
+            failed = []
+        write_json_atomic(settings, partial / MODELS_FILE)
+        yield partial, finished_cases(partial), failed
+        aside = writer_folder(out)
+        moved = swap_in(partial, out, aside=aside.with_name(f"{aside.name}.old"))
+        (out / LOCK_FILE).unlink(missing_ok=True)
+        if moved is not None:
+            shutil.rmtree(moved, ignore_errors=True)
+    finally:
+        release_lock(lock)

@@ -1,0 +1,67 @@
+"""An exclusive lock held by one process on a file (`fcntl.flock`): the system releases it when
+the process ends, also when it is killed (SIGKILL, a node lost), so a lock is never left stale.
+The holder writes its pid and host into the file, for the refusal of a second process to name."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+
+class LockHeld(Exception):
+    """Another process holds the lock; `holder` is what it wrote ('pid N on HOST')."""
+
+    def __init__(self, path: Path, holder: str):
+        super().__init__(f"{path} is held by {holder}")
+        self.path, self.holder = path, holder
+
+
+def acquire_lock(path: str | os.PathLike) -> IO[str]:
+    """Takes the exclusive lock of `path` (created if missing) without waiting and writes this
+    process into it; returns the open file that holds it (`release_lock`). Raises `LockHeld` when
+    another process holds it, or when `path` was removed or replaced while this one waited for it
+    (its holder removed it when done: the lock of that file guards nothing any more)."""
+    path = Path(path)
+    lock = open(path, "a+")  # noqa: SIM115 - it stays open while the lock is held
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise LockHeld(path, holder) from None
+    try:
+        same = os.stat(path).st_ino == os.fstat(lock.fileno()).st_ino
+    except FileNotFoundError:
+        same = False
+    if not same:
+        lock.close()
+        raise LockHeld(path, "a process that has just finished with it")
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    lock.flush()
+    return lock
+
+
+def release_lock(lock: IO[str]) -> None:
+    """Empties the file of a lock taken by `acquire_lock` and releases it."""
+    try:
+        lock.truncate(0)
+    finally:
+        lock.close()
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Holds the lock of `path` in the block (`acquire_lock`; raises `LockHeld`)."""
+    lock = acquire_lock(path)
+    try:
+        yield
+    finally:
+        release_lock(lock)

@@ -1,0 +1,221 @@
+"""Resumable `focalnet predict --layout picai`: the cases go to `<out>.partial/`, each case folder
+whole or absent; a run killed (SIGTERM, SIGKILL) or interrupted keeps the finished cases, and
+`--resume` predicts the others, giving the files an uninterrupted run gives; an existing partial
+is refused without `--resume` or `--overwrite`, a partial of other models or settings refused
+with `--resume`, one being written by another run refused. `--images` may be repeated.
+
+The interrupted child blocks for good on a FIFO put in place of the last case's T2w file, so it is
+killed mid-run (earlier cases written, the last not) on any machine speed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from cli_calls import cli_error, run_cli
+from test_train_helpers import fast_compiles, tiny_config
+
+from focalnet_jax.evaluation import batch_predict
+from focalnet_jax.evaluation.partial_output import LOCK_FILE, partial_folder
+from focalnet_jax.file_lock import exclusive_lock
+
+REPO = Path(__file__).resolve().parents[1]
+CASES = 3
+MAPS = ("lesion_score", "cspca_score", "detection_map")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """{'data': synthetic PI-CAI folder of 3 cases, 'run': a 2-step run, 'reference': an
+    uninterrupted prediction of every case}."""
+    from focalnet_jax.training import train_and_evaluate
+
+    root = tmp_path_factory.mktemp("resume")
+    data, store = root / "data", root / "store"
+    run_cli(["synth", f"--out={data}", f"--cases={CASES}", "--seed=3", "--small"])
+    run_cli(["preprocess", "--layout=picai", f"--images={data / 'images'}",
+             f"--labels={data / 'labels'}", f"--out={store}"])  # fmt: skip
+    overrides = ["--config.train.steps=2", "--config.data.slices=all", "--config.loss.mfl=False",
+                 f"--config.data.store={store}", "--config.data.num_folds=2"]  # fmt: skip
+    with fast_compiles(), contextlib.redirect_stderr(io.StringIO()):
+        train_and_evaluate(tiny_config(overrides=overrides), root / "run")
+        run_cli([*_predict(root / "run", data / "images", root / "reference")])
+    return {"data": data, "run": root / "run", "reference": root / "reference", "root": root}
+
+
+def _predict(run: Path, images: Path, out: Path, *more) -> list[str]:
+    return ["predict", "--checkpoint", str(run), "--layout", "picai", "--images", str(images),
+            "--batch-size", "2", "--out", str(out), *map(str, more)]  # fmt: skip
+
+
+def _cases(images: Path) -> list[str]:
+    return sorted(p.name[: -len("_t2w.mha")] for p in images.glob("*/*_t2w.mha"))
+
+
+def _images_with_fifo(tiny, where: Path) -> tuple[Path, Path, Path]:
+    """A copy of the image folder whose last case's T2w file is a FIFO (a reader blocks on it):
+    (images, the FIFO, the real file)."""
+    images = where / "images"
+    shutil.copytree(tiny["data"] / "images", images)
+    last = _cases(images)[-1]
+    t2w = next(images.glob(f"*/{last}_t2w.mha"))
+    t2w.unlink()
+    os.mkfifo(t2w)
+    return images, t2w, next((tiny["data"] / "images").glob(f"*/{last}_t2w.mha"))
+
+
+def _finished(partial: Path) -> list[str]:
+    return sorted(p.name for p in partial.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _release_readers(fifo: Path, child: subprocess.Popen, seconds: float = 60) -> None:
+    """Opens and closes `fifo` for writing until `child` ends: each open of it for reading then
+    returns and reads an empty file."""
+    deadline = time.monotonic() + seconds
+    while child.poll() is None and time.monotonic() < deadline:
+        with contextlib.suppress(OSError):  # ENXIO: no reader right now
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        time.sleep(0.05)
+
+
+def assert_same_outputs(out: Path, reference: Path, extra: tuple[str, ...] = ()) -> None:
+    """Same files (but `extra` in `out`); maps equal numerically, detections.csv equal within its
+    4 decimals, models.json byte for byte."""
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    assert files == sorted([*extra, *(str(p.relative_to(reference)) for p in reference.rglob("*"))])
+    assert (out / "models.json").read_bytes() == (reference / "models.json").read_bytes()
+    for case in _finished(reference):
+        for name in MAPS:
+            got, want = (sitk.ReadImage(str(d / case / f"{name}.nii.gz")) for d in (out, reference))
+            assert got.GetSize() == want.GetSize()
+            np.testing.assert_allclose(
+                sitk.GetArrayFromImage(got), sitk.GetArrayFromImage(want), atol=1e-5
+            )
+        rows = [list(csv.reader((d / case / "detections.csv").open())) for d in (out, reference)]
+        assert rows[0][0] == rows[1][0] and len(rows[0]) == len(rows[1])
+        if len(rows[0]) > 1:
+            np.testing.assert_allclose(
+                np.array(rows[0][1:], float), np.array(rows[1][1:], float), atol=2e-4
+            )
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
+def test_a_killed_run_resumes_to_the_uninterrupted_output(tiny, tmp_path, signum):
+    images, fifo, real = _images_with_fifo(tiny, tmp_path)
+    out = tmp_path / "out"
+    partial = partial_folder(out)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+    command = [sys.executable, "-m", "focalnet_jax.cli", *_predict(tiny["run"], images, out)]
+    child = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+    first = _cases(images)[0]
+    deadline = time.monotonic() + 240
+    while not (partial / first).is_dir() and child.poll() is None:
+        assert time.monotonic() < deadline, "no case finished in 240 s"
+        time.sleep(0.1)
+    time.sleep(0.5)  # the child now blocks on the FIFO of the last case
+    child.send_signal(signum)
+    _release_readers(fifo, child)  # SIGTERM is handled once the blocked read returns
+    stderr = child.communicate(timeout=60)[1]
+    assert child.returncode == (128 + signum if signum == signal.SIGTERM else -signum), stderr
+    assert not out.exists() and (partial / first / "detections.csv").is_file()
+    assert not (partial / _cases(images)[-1]).exists()
+    if signum == signal.SIGTERM:
+        hint = [line for line in stderr.splitlines() if "--resume" in line]
+        assert hint == [
+            f"focalnet predict: kept the {len(_finished(partial))} finished cases in "
+            f"{partial}; run the same command with --resume to predict the others"
+        ], stderr
+    fifo.unlink()
+    shutil.copy(real, fifo)
+
+    message = cli_error(_predict(tiny["run"], images, out))
+    assert message.endswith("add --resume to continue it, or --overwrite to start over")
+    with fast_compiles():
+        printed = run_cli([*_predict(tiny["run"], images, out), "--resume"])
+    kept = printed.split("(")[1].split()[0]
+    assert printed.startswith(f"wrote {CASES} cases to {out} ({kept} finished before the resume")
+    assert 1 <= int(kept) < CASES
+    assert not partial.exists() and not (out / LOCK_FILE).exists()
+    assert_same_outputs(out, tiny["reference"])
+
+
+def _interrupted(tiny, out: Path, monkeypatch, images: Path, *more) -> None:
+    """A run into `out` stopped (as by Ctrl-C) once it has written its first case."""
+    write = batch_predict.write_case_folder
+
+    def once(partial, case_id, writer):
+        if _finished(partial):
+            raise KeyboardInterrupt
+        return write(partial, case_id, writer)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(batch_predict, "write_case_folder", once)
+        with pytest.raises(SystemExit) as stopped, fast_compiles():
+            run_cli([*_predict(tiny["run"], images, out), *more])
+    assert stopped.value.code == 130
+    assert len(_finished(partial_folder(out))) == 1
+
+
+def test_resume_refuses_other_settings_and_a_partial_another_run_writes(
+    tiny, tmp_path, monkeypatch
+):
+    out = tmp_path / "out"
+    _interrupted(tiny, out, monkeypatch, tiny["data"] / "images")
+    predict = _predict(tiny["run"], tiny["data"] / "images", out)
+    with fast_compiles():
+        message = cli_error([*predict, "--resume", "--threshold", "0.3"])
+        assert "with other models or settings (threshold: 0.5 in the partial, 0.3 now)" in message
+        message = cli_error([*predict, "--resume", "--candidate-min-voxels", "3"])
+        assert "(candidates.min_voxels: 10 in the partial, 3 now)" in message
+        with exclusive_lock(partial_folder(out) / LOCK_FILE):
+            message = cli_error([*predict, "--resume"])
+        assert message.endswith(f"(pid {os.getpid()} on {os.uname().nodename}); wait for it to end")
+        run_cli([*predict, "--resume", "--batch-size", "3"])  # the batch size may change
+    assert_same_outputs(out, tiny["reference"])
+
+
+def test_a_case_that_failed_before_is_retried_on_resume(tiny, tmp_path, monkeypatch, caplog):
+    images = tmp_path / "images"
+    shutil.copytree(tiny["data"] / "images", images)
+    bad = _cases(images)[0]
+    adc = next(images.glob(f"*/{bad}_adc.mha"))
+    adc.rename(tmp_path / "adc.mha")
+    out = tmp_path / "out"
+    _interrupted(tiny, out, monkeypatch, images, "--skip-bad-cases")
+    with (partial_folder(out) / "errors.csv").open() as f:  # written at each bad case
+        assert [row["case"] for row in csv.DictReader(f)] == [bad]
+    (tmp_path / "adc.mha").rename(adc)
+    caplog.set_level("INFO", logger="focalnet_jax.evaluation.batch_predict")
+    with fast_compiles():
+        printed = run_cli([*_predict(tiny["run"], images, out), "--skip-bad-cases", "--resume"])
+    assert printed == f"wrote {CASES} cases to {out} (1 finished before the resume, skipped)\n"
+    assert f"retrying 1 cases that failed before: {bad}" in caplog.text
+    assert f"1 of {CASES} cases already finished, skipped; predicting the other 2" in caplog.text
+    assert (out / "errors.csv").read_text() == "case,file,reason\n"
+    assert_same_outputs(out, tiny["reference"], extra=("errors.csv",))
+
+
+def test_overwrite_starts_over_and_images_may_be_repeated(tiny, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    _interrupted(tiny, out, monkeypatch, tiny["data"] / "images")
+    folds = []
+    for k, patient in enumerate(sorted((tiny["data"] / "images").iterdir())):
+        folds.append(tmp_path / f"fold{k % 2}")
+        shutil.copytree(patient, folds[-1] / patient.name)
+    more = [*_predict(tiny["run"], folds[0], out), "--images", folds[1], "--overwrite"]
+    with fast_compiles():
+        printed = run_cli(more)
+    assert printed == f"wrote {CASES} cases to {out}\n"
+    assert_same_outputs(out, tiny["reference"])
