@@ -4,7 +4,8 @@ The run is built from the config's `RunSpec`; resume order: the newest intact ch
 `workdir` (a damaged newer one is moved aside), else `model.pretrained` (torchvision ResNet
 weights), else a fresh initialisation (`checkpoint.resume_or_initialize`). The data order and
 augmentation depend only on (seed, step), so a restarted run continues exactly where the
-checkpoint left it.
+checkpoint left it. SIGTERM stops the loop at a step boundary with a checkpoint there
+(`graceful_stop`).
 """
 
 from __future__ import annotations
@@ -245,6 +246,7 @@ def _stop(logger: _Logger, saved: set, done: int, state) -> TrainingStopped:
     """Save step `done` and wait until every process has it on disk (`graceful_stop`); the
     exception to raise."""
     _save(logger, saved, done, state)
+    logger.writer.flush()
     logger.manager.wait_until_finished()
     checkpoint.sync_processes(f"stopped_at_{done}")  # none exits while another still writes
     return TrainingStopped(done, logger.workdir)
@@ -284,7 +286,9 @@ def _steps(spec: RunSpec, state, batches, val_rows, mesh, logger: _Logger, key, 
                         eval_step, state, batches.reader, val_rows, spec.global_batch, mesh
                     )
                     logger.validation(done, val, batches.reader, shown)
-        # A SIGTERM during the last step's checkpoint or validation (in `cv`: before the next fold).
+        # A SIGTERM since the last step's check (its checkpoint, validation, the last write)
+        # stops here, with that step saved: in `cv`, before the next fold.
+        logger.manager.wait_until_finished()
         if sigterm.stop_now(agreement_point=True):
             raise _stop(logger, saved, int(jax.device_get(state.step)), state)
     return state
