@@ -259,6 +259,7 @@ def test_a_task_ended_while_training_saves_its_step_and_the_requeued_task_resume
     deadline = time.time() + 240
     while time.time() < deadline and not re.search(r"\b[1-9]\d*/5000\b", _text(cell_log)):
         time.sleep(0.2)  # until the progress bar shows a step: the training loop runs
+    assert re.search(r"\b[1-9]\d*/5000\b", _text(cell_log)), _text(cell_log)[-2000:]
     subprocess.run(["scontrol", "requeue", f"{job}_0"], env=env, check=True)
     stopped = re.compile(
         r"focalnet train: stopped by SIGTERM at step (\d+) in \S+; checkpoint saved"
@@ -267,13 +268,16 @@ def test_a_task_ended_while_training_saves_its_step_and_the_requeued_task_resume
     while time.time() < deadline and not stopped.search(_text(cell_log)):
         time.sleep(0.2)
     match = stopped.search(_text(cell_log))
-    assert match, _text(cell_log)[-2000:]
+    output = workdir / "slurm" / f"{job}_0.out"
+    assert match, _text(cell_log)[-2000:] + _text(output)[-1000:]
     step = int(match.group(1))
-    checkpoints = workdir / "ce" / "rep0" / "fold0" / "checkpoints"
-    assert str(step) in [p.name for p in checkpoints.iterdir()]
+    checkpoints = sorted(
+        p.name for p in (workdir / "ce" / "rep0" / "fold0" / "checkpoints").iterdir()
+    )
+    assert str(step) in checkpoints, (step, checkpoints)
     _start_now(f"{job}_0", env)
-    deadline = time.time() + 240
+    deadline = time.time() + 360  # the requeued task may wait for its begin time (2 minutes)
     while time.time() < deadline and f"start at {step}," not in _text(cell_log):
         time.sleep(0.5)
     subprocess.run(["scancel", job], env=env, check=True)
-    assert f"start at {step}," in _text(cell_log), _text(cell_log)[-2000:]
+    assert f"start at {step}," in _text(cell_log), ("resumed", _text(cell_log)[-2000:])
