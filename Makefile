@@ -4,6 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo_run
+TEST_WORKERS ?= 2
 
 .PHONY: test lint format demo clean
 
@@ -22,7 +23,7 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 
 test: lint
-	$(VENV)/bin/pytest -q --durations=15 tests
+	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
 
 demo: $(STAMP)
 	$(PY) -m focalnet_jax.demo --out $(DEMO_DIR)

@@ -2,7 +2,9 @@
 munge, run as root): a munge key and daemon of its own, a generated slurm.conf (this machine's
 hostname and CPU count, free ports, state/spool/log folders inside the temporary folder,
 `proctrack/linuxproc` and `task/none` so that no cgroup set-up is needed), then slurmctld and
-slurmd. `stop()` ends every daemon it started, by its pid file.
+slurmd. `stop()` ends every daemon it started, by its pid file. One cluster runs at a time on the
+machine: `start()` waits for an exclusive lock on LOCK_FILE (held until `stop()`), so test files run
+in parallel processes (`pytest -n`) take turns.
 
 Usable on its own: `python tests/slurm_cluster.py DIR` starts a cluster, prints the `SLURM_CONF`
 to export, and stops it on Ctrl-C.
@@ -10,6 +12,7 @@ to export, and stops it on Ctrl-C.
 
 from __future__ import annotations
 
+import fcntl
 import getpass
 import os
 import shutil
@@ -17,9 +20,11 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+LOCK_FILE = Path(tempfile.gettempdir()) / "focalnet-test-slurm-cluster.lock"
 BINARIES = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "squeue", "sinfo")
 
 
@@ -46,6 +51,7 @@ class OneNodeCluster:
         self.pid_files: list[Path] = []
         self.conf = self.root / "slurm.conf"
         self.env = {"SLURM_CONF": str(self.conf)}
+        self._lock = None
 
     def _write_conf(self, munge_socket: Path) -> None:
         host = socket.gethostname().split(".")[0]
@@ -111,6 +117,15 @@ class OneNodeCluster:
         return sock
 
     def start(self, timeout_s: float = 60.0) -> OneNodeCluster:
+        self._lock = open(LOCK_FILE, "a")  # held until stop()
+        fcntl.flock(self._lock, fcntl.LOCK_EX)
+        try:
+            return self._start(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, timeout_s: float) -> OneNodeCluster:
         sock = self._start_munge()
         self._write_conf(sock)
         env = {**os.environ, **self.env}
@@ -152,6 +167,9 @@ class OneNodeCluster:
             else:
                 os.kill(pid, signal.SIGKILL)
         self.pid_files.clear()
+        if self._lock is not None:
+            self._lock.close()  # releases the flock
+            self._lock = None
 
     def _drain(self, timeout_s: float) -> None:
         env = {**os.environ, **self.env}

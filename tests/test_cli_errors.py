@@ -68,6 +68,11 @@ FLAG_ERRORS = [  # (argv, the message after "focalnet <command>: error: ")
     (["evaluate", "--predictions", "p"], "--out is required with --predictions"),
     (["predict", "--checkpoint", "c", "--t2w", "t", "--adc", "a", "--out", "o", "--center", "1"],
      "--center expects x,y,z, got '1'"),
+    (["predict", "--checkpoint", "c", "--t2w", "t", "--adc", "a", "--out", "o", "--center-ras",
+      "1,2"], "--center-ras expects x,y,z, got '1,2'"),
+    (["predict", "--checkpoint", "c", "--layout", "picai", "--images", "i", "--out", "o",
+      "--center-ras", "1,2,3"], "--center-ras is for one exam; --layout picai reads its exams "
+     "from --images"),
     (["preprocess", "--layout", "manifest", "--out", "o"], "--layout manifest needs --manifest"),
     (["predict", "--checkpoint", "c", "--t2w", "t", "--adc", "a", "--out", "o", "--hbv-series",
       "1.2"], "--hbv-series UID names a series of --hbv PATH, which is not given"),
@@ -92,6 +97,17 @@ FLAG_ERRORS = [  # (argv, the message after "focalnet <command>: error: ")
      "--manifest needs --layout (many exams); one exam is --t2w/--adc"),
     (["predict", "--checkpoint", "c", "--layout", "picai", "--images", "i", "--manifest", "m",
       "--out", "o"], "--manifest does not go with --layout picai"),
+    # Many-exam switches and a second crop centre were ignored for one exam without a word.
+    (["predict", "--checkpoint", "c", "--t2w", "t", "--adc", "a", "--out", "o",
+      "--skip-bad-cases"], "--skip-bad-cases needs --layout (many exams); one exam is --t2w/--adc"),
+    (["predict", "--checkpoint", "c", "--t2w", "t", "--adc", "a", "--out", "o", "--overwrite"],
+     "--overwrite needs --layout (many exams); one exam is --t2w/--adc"),
+    (["predict", "--checkpoint", "c", "--t2w", "t", "--adc", "a", "--out", "o", "--mask", "m",
+      "--center", "1,2,3"],
+     "--center 1,2,3 does not go with --mask m: the mask's centroid centres the crop"),
+    (["predict", "--checkpoint", "c", "--t2w", "t", "--adc", "a", "--out", "o", "--mask", "m",
+      "--center-ras", "1,2,3"],
+     "--center-ras 1,2,3 does not go with --mask m: the mask's centroid centres the crop"),
     (["summarize", "--runs", "A=d1", "A=d2", "--out", "o"], "--runs names 'A' twice (d1 and d2)"),
 ]  # fmt: skip
 

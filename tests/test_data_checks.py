@@ -525,7 +525,10 @@ def test_slice_in_a_transfer_syntax_no_codec_decodes_is_named(prostatex_case_dir
     error = _expect(folder, "pixel data in transfer syntax 1.2.840.10008.1.2.4.90 (1 of 19 files)")
     assert error.file == str(broken)
     assert "cannot be decoded (" in error.reason and "GDCMImageIO(0x" not in error.reason
-    assert error.reason.endswith("; convert the series to uncompressed DICOM (e.g. gdcmconv --raw)")
+    assert error.reason.endswith(
+        "; convert the series to uncompressed DICOM (e.g. gdcmconv --raw); the DICOM reader "
+        "printed: Invalid marker size (x6)"
+    )
 
 
 @pytest.mark.real_data

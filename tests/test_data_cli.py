@@ -102,6 +102,36 @@ def test_manifest_layout(dataset, tmp_path):
         )
 
 
+def test_summary_names_the_components_stored_and_those_left_unread(dataset, tmp_path, capsys):
+    # A manifest with hbv, dce, ... columns, or a PI-CAI folder with more series, preprocessed
+    # without --components stored T2w and ADC only, and said nothing: the store's missing
+    # components surfaced at training time, after the preprocessing.
+    out = tmp_path / "picai"
+    capsys.readouterr()
+    assert main(_picai_args(dataset, out)) == 0
+    assert capsys.readouterr().out.strip() == (
+        f"wrote 4 cases (24 slices of t2w, adc) to {out}; images not read: hbv "
+        "(--components is t2w,adc)"
+    )
+    cases = discover_picai(dataset / "images", dataset / "labels", components=("t2w", "adc", "hbv"))
+    write_manifest(cases, tmp_path / "cases.csv")
+    args = ["preprocess", "--layout", "manifest", "--manifest", str(tmp_path / "cases.csv")]
+    assert main([*args, "--out", str(tmp_path / "m"), "--components", "t2w,hbv"]) == 0
+    assert (
+        capsys.readouterr()
+        .out.strip()
+        .endswith(
+            "24 slices of t2w, hbv) to "
+            f"{tmp_path / 'm'}; manifest columns not read: adc "
+            "(--components is t2w,hbv)"
+        )
+    )
+    assert main([*args, "--out", str(tmp_path / "all"), "--components", "t2w,adc,hbv"]) == 0
+    assert capsys.readouterr().out.strip() == (
+        f"wrote 4 cases (24 slices of t2w, adc, hbv) to {tmp_path / 'all'}"
+    )
+
+
 def test_empty_input_folder(tmp_path):
     for folder in ("images", "labels", "masks"):
         (tmp_path / folder).mkdir()

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import csv
 import json
+import locale
 import re
 import shutil
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -317,7 +319,8 @@ def test_manifest_and_marksheet_from_a_spreadsheet(dataset, tmp_path, capfd):
 
 
 def test_an_empty_component_cell_of_a_manifest_names_the_component(dataset, tmp_path, capfd):
-    # The line said "file '': no path given": which of the case's components was missing?
+    # The line said "file '': no path given": which of the case's components was missing? Then
+    # "case 'x', file '': no adc path given": which manifest, which line?
     cases = discover_picai(dataset / "images", dataset / "labels")
     write_manifest(cases, tmp_path / "all.csv")
     with (tmp_path / "all.csv").open(newline="") as f:
@@ -329,7 +332,10 @@ def test_an_empty_component_cell_of_a_manifest_names_the_component(dataset, tmp_
         writer.writerows(rows)
     argv = ["preprocess", "--layout", "manifest", "--manifest", str(tmp_path / "m.csv")]
     err = _user_error(capfd, [*argv, "--out", str(tmp_path / "store")])
-    assert err.endswith(f"case {cases[0].case_id!r}, file '': no adc path given")
+    assert err.endswith(
+        f"manifest {tmp_path / 'm.csv'}, line 2: case {cases[0].case_id!r} has an empty adc "
+        "cell; give each component's DICOM folder or image file, or leave the case out"
+    )
 
 
 def test_misspelt_masks_folder_is_refused_and_missing_masks_named(dataset, tmp_path, capfd, caplog):
@@ -357,3 +363,77 @@ def test_archive_given_as_a_folder_is_named_a_file(dataset, tmp_path, capfd):
     assert err.endswith(
         f"images folder {archive} is a file, not a folder (an archive? extract it first)"
     )
+
+
+@pytest.mark.real_data
+def test_a_single_slice_component_is_refused_naming_case_and_folder(
+    prostatex_case_dir, tmp_path, capfd
+):
+    # A one-file T2w export (slice 10 of 19) was preprocessed without a word: its ADC and HBV were
+    # sampled on its plane as on the whole exam's (to 4e-7), but one slice holds no 10 ml bladder,
+    # so the T2w reference fell back to the 99.5th percentile (627 for the bladder's 563) and
+    # the T2w channel moved by up to 0.14 (of 1.36); its 3 mm thickness came from a header tag.
+    t2w = tmp_path / "t2w"
+    t2w.mkdir()
+    shutil.copy(prostatex_case_dir / "t2w" / "1-10.dcm", t2w)
+    adc = prostatex_case_dir / "adc"
+    manifest = tmp_path / "cases.csv"
+    manifest.write_text(f"case_id,patient_id,t2w,adc\nc1,p1,{t2w},{adc}\n")
+    out = tmp_path / "store"
+    argv = ["preprocess", "--layout", "manifest", "--manifest", str(manifest), "--out", str(out)]
+    err = _user_error(capfd, [*argv, "--unlabelled", "negative"])
+    assert err.endswith(
+        f"case 'c1', file '{t2w}': t2w has a single slice (384 x 384 x 1 voxels): a broken or "
+        "partial export (prostate MRI series hold about 20-30 slices); export the whole series"
+    )
+    assert not out.exists()
+    # Any component: a one-slice ADC image file is named as well.
+    one = tmp_path / "adc.mha"
+    sitk.WriteImage(read_image(adc)[:, :, 9:10], str(one))
+    manifest.write_text(f"case_id,patient_id,t2w,adc\nc1,p1,{prostatex_case_dir / 't2w'},{one}\n")
+    err = _user_error(capfd, [*argv, "--unlabelled", "negative"])
+    assert f"file '{one}': adc has a single slice (84 x 128 x 1 voxels)" in err
+
+
+def _jpeg2000_slice(series: Path, k: int = 9) -> Path:
+    """Rewrites slice `k` (file order) of the DICOM series folder `series` in JPEG 2000 lossless
+    (1.2.840.10008.1.2.4.90), encoded by GDCM through SimpleITK; returns its file."""
+    file = sorted(series.iterdir())[k]
+    writer = sitk.ImageFileWriter()
+    writer.SetImageIO("GDCMImageIO")
+    writer.KeepOriginalImageUIDOn()
+    writer.SetUseCompression(True)
+    writer.SetCompressor("JPEG2000")
+    writer.SetFileName(str(file))
+    ctype = locale.setlocale(locale.LC_CTYPE)  # GDCM's writer sets the C locale: restored below
+    try:
+        writer.Execute(sitk.ReadImage(str(file)))
+    finally:
+        locale.setlocale(locale.LC_CTYPE, ctype)
+    return file
+
+
+@pytest.mark.real_data
+def test_a_corrupt_jpeg2000_slice_is_one_line_holding_what_gdcm_printed(
+    prostatex_case_dir, tmp_path, capfd
+):
+    # GDCM printed "Invalid marker size" on stderr 7 times before the one-line error.
+    folder = tmp_path / "adc"
+    shutil.copytree(prostatex_case_dir / "adc", folder)
+    file = _jpeg2000_slice(folder)
+    original = sitk.GetArrayFromImage(read_image(prostatex_case_dir / "adc"))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(read_image(folder)), original)
+    data = bytearray(file.read_bytes())
+    assert b"1.2.840.10008.1.2.4.90" in data[:1024]
+    start = data.find(b"\xff\x4f\xff\x51")  # codestream start, then the SIZ marker segment
+    data[start + 4 : start + 6] = b"\x00\x01"  # SIZ length 1 (it is at least 41)
+    file.write_bytes(bytes(data))
+    manifest = tmp_path / "cases.csv"
+    t2w = prostatex_case_dir / "t2w"
+    manifest.write_text(f"case_id,patient_id,t2w,adc\nc1,p1,{t2w},{folder}\n")
+    argv = ["preprocess", "--layout", "manifest", "--manifest", str(manifest)]
+    argv += ["--out", str(tmp_path / "s")]
+    err = _user_error(capfd, [*argv, "--unlabelled", "negative"])
+    assert f"case 'c1', file '{file}': pixel data in transfer syntax 1.2.840.10008.1.2.4.90 " \
+           "(1 of 19 files) cannot be decoded (" in err  # fmt: skip
+    assert err.endswith("; the DICOM reader printed: Invalid marker size (x7)")

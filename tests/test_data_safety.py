@@ -22,7 +22,7 @@ from focalnet_jax.cli import main
 from focalnet_jax.data.case_ids import check_case_id
 from focalnet_jax.data.layouts import discover_picai, read_manifest, write_manifest
 from focalnet_jax.data.store import open_store, read_settings
-from focalnet_jax.data.writer_folders import pid_space
+from focalnet_jax.data.writer_folders import pid_space, remove_dead_leftovers
 from focalnet_jax.errors import UserError
 
 
@@ -282,6 +282,39 @@ def test_leftovers_of_dead_writers_are_removed_live_ones_kept(manifest_rows, tmp
     assert f"written by preprocess pid {container.name.split('-')[1].split('@')[0]} on {host}" in (
         "".join(messages)
     )
+
+
+def test_leftovers_named_before_the_pid_space_say_who_left_them_and_how_to_remove_them(
+    tmp_path, caplog
+):
+    # `.<store>.tmp-<pid>@<host>-<token>` (the naming before the pid space) names a pid that may be
+    # another container's with this host name, or an earlier boot's: kept, even with that pid
+    # ended here. The line said only "does not name its writer; remove it by hand".
+    host, pid = socket.gethostname(), _dead_pid()
+    store = tmp_path / "my store"
+    old = tmp_path / f".my store.tmp-{pid}@{host}-0123abcd"
+    aside = tmp_path / f".my store.tmp-{pid}@{host}-4567cdef.old"
+    legacy = tmp_path / ".my store.tmp-k2j3h4g5"
+    for folder in (old, aside, legacy):
+        folder.mkdir()
+    with caplog.at_level(logging.WARNING, logger="focalnet_jax.data"):
+        assert remove_dead_leftovers(store) == []
+    lines = [r.getMessage() for r in caplog.records]
+    tail = f"once no preprocess run writes {store} (on any host or container), "
+    assert lines == [
+        f"leaving {old}: left by preprocess pid {pid} on {host}, named as before the pid's "
+        f"container and boot were recorded, so whether it still runs cannot be checked; {tail}"
+        f"remove it: rm -r {shlex.quote(str(old))}",
+        f"leaving {aside}: left by preprocess pid {pid} on {host}, named as before the pid's "
+        f"container and boot were recorded, so whether it still runs cannot be checked; {tail}"
+        f"it may be an earlier {store} that run moved aside: move it elsewhere to keep it, else "
+        f"remove it: rm -r {shlex.quote(str(aside))}",
+        f"leaving {legacy}: a leftover that does not name its writer; {tail}remove it: rm -r "
+        f"{shlex.quote(str(legacy))}",
+    ]
+    for line, folder in zip(lines, (old, aside, legacy), strict=True):  # the command works
+        subprocess.run(line.rpartition(": ")[2], shell=True, check=True, cwd=tmp_path / "..")
+        assert not folder.exists()
 
 
 def test_a_store_moved_aside_by_a_killed_commit_is_restored(manifest_rows, tmp_path, capsys):

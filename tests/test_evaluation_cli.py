@@ -124,6 +124,31 @@ def test_evaluate_writes_contract_metrics_picai_and_figures(tmp_path):
     assert "Table II" in report and "PI-CAI protocol" in report
 
 
+def test_a_rerun_into_the_same_out_leaves_no_figure_of_the_earlier_evaluation(tmp_path):
+    """A second evaluation writes its own figures or none: an earlier run's PNGs beside the new
+    metrics.json would show other numbers. Only the evaluation's own file names are removed."""
+    predictions, out = tmp_path / "predictions", tmp_path / "eval"
+    write_cohort(predictions)
+    figures = {"froc.png", "froc_gs.png", "roc.png", "montage.png"}
+    run_cli(["evaluate", "--predictions", str(predictions), "--out", str(out), "--no-picai"])
+    assert figures <= {p.name for p in out.iterdir()}
+    (out / "notes.txt").write_text("mine")
+    (out / "slide.png").write_bytes(b"mine")
+    # Without T2w in any file there is no montage: the earlier montage.png must not stay.
+    no_images = tmp_path / "no_images"
+    write_blob_case(no_images, "n1", lesion=(2, (4, 20, 20)), blobs=[((4, 20, 20), 0.8)],
+                    with_images=False)  # fmt: skip
+    run_cli(["evaluate", "--predictions", str(no_images), "--out", str(out), "--no-picai"])
+    assert {p.name for p in out.iterdir()} == figures - {"montage.png"} | {
+        "metrics.json", "report.md", "notes.txt", "slide.png"}  # fmt: skip
+    run_cli(["evaluate", "--predictions", str(predictions), "--out", str(out), "--no-picai",
+             "--no-figures"])  # fmt: skip
+    assert sorted(p.name for p in out.iterdir()) == [
+        "metrics.json", "notes.txt", "report.md", "slide.png"]  # fmt: skip
+    assert json.loads((out / "metrics.json").read_text())["num_cases"] == 5
+    assert (out / "notes.txt").read_text() == "mine" and (out / "slide.png").read_bytes() == b"mine"
+
+
 def test_summarize_mean_sd_welch_bonferroni(tmp_path):
     runs = []
     for method, shifts in (
@@ -190,10 +215,29 @@ def test_summarize_comparisons_name_the_folds_that_never_reached_a_sensitivity()
     assert row["p"] == pytest.approx(p) and row["p_bonferroni"] == pytest.approx(p)
     assert row["not_reached"] == {"A": 1, "B": 0}
     assert lines == [
-        f"- froc/all/fp_at_sensitivity/0.8: A vs B: p = {p:.4g}, Bonferroni p = {p:.4g} "
-        "(n.r. folds left out: A 1)"
+        f"- froc/all/fp_at_sensitivity/0.8: A vs B (folds 2 vs 3): p = {p:.4g}, "
+        f"Bonferroni p = {p:.4g} (n.r. folds left out: A 1)"
     ]
     assert "not_reached" not in comparisons["froc/all/pauc/0.1-3"][0]
+
+
+def test_summarize_comparisons_give_the_folds_each_test_used():
+    """A's second fold has no GS >= 9 AUC (no such lesion: null): the two-sided Welch test uses
+    A's 2 other folds, and its row and line say so (they gave no n; the table's 2/3 was the only
+    trace). Reference: SciPy's Welch test on the folds with a value."""
+    from scipy import stats
+
+    def fold(auc):
+        return {"froc": {}, "roc": {"gs_ge_9": {"auc": auc}}}
+
+    folds = {"A": [fold(0.7), fold(None), fold(0.8)], "B": [fold(0.6), fold(0.65), fold(0.5)]}
+    comparisons, lines = method_comparisons(folds)
+    (row,) = comparisons["roc/gs_ge_9/auc"]
+    p = stats.ttest_ind([0.7, 0.8], [0.6, 0.65, 0.5], equal_var=False).pvalue
+    assert (row["n_a"], row["n_b"]) == (2, 3) and row["p"] == pytest.approx(p)
+    assert lines == [
+        f"- roc/gs_ge_9/auc: A vs B (folds 2 vs 3): p = {p:.4g}, Bonferroni p = {p:.4g}"
+    ]
 
 
 def _error(argv) -> str:
@@ -432,15 +476,45 @@ def test_cases_with_workdir_is_refused(tmp_path):
     assert "--cases goes with --predictions" in message
 
 
-@pytest.mark.parametrize("flag", [["--tta", "flip"], ["--step", "5"], ["--store", "s"]])
+@pytest.mark.parametrize(
+    "flag",
+    [
+        ["--tta", "flip"],
+        ["--step", "5"],
+        ["--store", "s"],
+        ["--all-cases"],
+        ["--batch-size", "8"],
+        ["--compilation_cache", "cache"],
+    ],  # fmt: skip
+)
 def test_prediction_flags_with_predictions_are_refused(tmp_path, flag):
     """--predictions evaluates files already predicted: a --tta flip there was ignored, so the
-    metrics of plain predictions passed for flip-TTA ones (likewise --step, --store)."""
+    metrics of plain predictions passed for flip-TTA ones (likewise --step, --store); no model
+    runs, so a --batch-size or --compilation_cache there did nothing."""
+    import jax
+
     write_cohort(tmp_path / "p")
     argv = ["evaluate", "--predictions", str(tmp_path / "p"), "--out", str(tmp_path / "o")]
-    message = _error([*argv, *flag])
-    assert f"{flag[0]}{' flip' if flag[0] == '--tta' else ''} goes with --workdir" in message
-    assert not (tmp_path / "o").exists()
+    cache_before = jax.config.jax_compilation_cache_dir
+    with contextlib.chdir(tmp_path):
+        message = _error([*argv, *flag])
+    named = f"{flag[0]}{' flip' if flag[0] == '--tta' else ''}"
+    assert message.endswith(
+        f"{named} goes with --workdir (it makes the predictions); --predictions "
+        f"{tmp_path / 'p'} evaluates the files as they were predicted"
+    )
+    assert "\n" not in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p"]  # no out, no cache folder
+    assert jax.config.jax_compilation_cache_dir == cache_before
+
+
+def test_evaluate_flag_defaults_are_the_localisation_defaults():
+    """The CLI spells the defaults out (importing localization would load SciPy at parse)."""
+    from focalnet_jax.cli import build_parser
+    from focalnet_jax.evaluation import localization
+
+    args = build_parser().parse_args(["evaluate", "--predictions", "p", "--out", "o"])
+    assert (args.radius_mm, args.min_score) == (localization.RADIUS_MM, localization.MIN_SCORE)
 
 
 def test_allow_training_cases_without_all_cases_is_refused(tmp_path):
@@ -527,3 +601,18 @@ def test_summarize_keeps_every_method_of_a_repeated_runs_flag(tmp_path):
     message = _error(["summarize", "--runs", f"A={tmp_path / 'A'}", "--runs",
                       f"A={tmp_path / 'B'}", "--out", str(tmp_path / "s2")])  # fmt: skip
     assert message.endswith(f"--runs names 'A' twice ({tmp_path / 'A'} and {tmp_path / 'B'})")
+
+
+@pytest.mark.parametrize("command", ["evaluate", "summarize", "predict"])
+def test_help_shows_each_default_the_parser_uses(command):
+    """A flag with a default says it in its help, and the value said is the one parsed."""
+    import argparse
+
+    from focalnet_jax.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for action in commands.choices[command]._actions:
+        if action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            continue
+        shown = f"{action.default:g}" if isinstance(action.default, float) else action.default
+        assert f"default: {shown})" in action.help, (action.option_strings, action.help)

@@ -279,3 +279,53 @@ def test_predict_leaves_out_the_t2w_slices_a_shorter_dwi_slab_misses(
     write_image(read_image(exam_components["adc"])[:42], narrow)
     with pytest.raises(ValueError, match=r"adc covers 50.0 % of the crop of the stored slices"):
         predict_exam(trained_run, {**exam_components, "adc": str(narrow)}, tmp_path / "narrow")
+
+
+def test_predict_refuses_a_single_slice_t2w_in_one_line(
+    trained_run, exam_components, tmp_path, capfd
+):
+    # One file of the T2w series (a broken export) was predicted as a 1-slice exam without a word.
+    t2w = tmp_path / "t2w"
+    t2w.mkdir()
+    shutil.copy(Path(exam_components["t2w"]) / "1-10.dcm", t2w)
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as raised:
+        main(["predict", "--checkpoint", str(trained_run), "--t2w", str(t2w),
+              "--adc", exam_components["adc"], "--out", str(tmp_path / "out")])  # fmt: skip
+    err = capfd.readouterr().err
+    assert raised.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith("focalnet predict: error: case ")
+    assert err.endswith(f", file '{t2w}': t2w has a single slice (384 x 384 x 1 voxels): "
+                        "a broken or partial export (prostate MRI series hold about 20-30 "
+                        "slices); export the whole series\n")  # fmt: skip
+    assert not (tmp_path / "out").exists()
+
+
+def test_center_ras_is_the_lps_point_with_x_and_y_negated(trained_run, exam_components, tmp_path):
+    # 3D Slicer shows the exam's GS 4+3 finding, LPS (25.7457, 31.8707, -38.511) mm
+    # (shared/data/prostatex/README.md), as RAS (-25.7457, -31.8707, -38.511). Given that way, the
+    # crop is centred on the finding: each detection lies at the crop pixel the LPS-centred crop
+    # puts it at (the RAS numbers taken as LPS would put the crop 82 mm away, partly outside).
+    from focalnet_jax.data import preprocess_case
+
+    finding = (25.7457, 31.8707, -38.511)
+    out = tmp_path / "out"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["predict", "--checkpoint", str(trained_run), "--t2w", exam_components["t2w"],
+                     "--adc", exam_components["adc"], "--out", str(out), "--threshold", "0",
+                     "--center-ras=-25.7457,-31.8707,-38.511"]) == 0  # fmt: skip
+    with (out / "detections.csv").open() as f:
+        rows = list(csv.DictReader(f))[:50]
+    assert rows
+    centred = preprocess_case(exam_components, case_id="px", center=finding)
+    np.testing.assert_allclose(centred.center, finding)
+    np.testing.assert_allclose(centred.world_to_pixel(*finding)[1:], (63.5, 63.5), atol=1e-6)
+    for row in rows:
+        world = [float(row[k]) for k in ("x_lps_mm", "y_lps_mm", "z_lps_mm")]
+        listed = [float(row[k]) for k in ("crop_row", "crop_col")]
+        np.testing.assert_allclose(centred.world_to_pixel(*world)[1:], listed, atol=1e-3)
+    argv = ["predict", "--checkpoint", str(trained_run), "--t2w", exam_components["t2w"],
+            "--adc", exam_components["adc"], "--out", str(tmp_path / "x")]  # fmt: skip
+    with contextlib.redirect_stderr(io.StringIO()) as stderr, pytest.raises(SystemExit):
+        main([*argv, "--center", "1,2,3", "--center-ras", "1,2,3"])
+    assert "argument --center-ras: not allowed with argument --center" in stderr.getvalue()

@@ -233,6 +233,17 @@ def test_study_stats_match_enumeration_and_welch(finished):
         b = [float(r[metric]) for r in runs if r["arm"] == row["arm_b"]]
         a, b = [v for v in a if math.isfinite(v)], [v for v in b if math.isfinite(v)]
         assert float(row["p_permutation"]) == pytest.approx(exhaustive_permutation_p(a, b))
+        # Paired: the runs of the same repeat and fold, every sign pattern of their differences.
+        cells = [
+            {(r["repeat"], r["fold"]): float(r[metric]) for r in runs if r["arm"] == arm}
+            for arm in (row["arm_a"], row["arm_b"])
+        ]
+        diffs = [cells[1][k] - cells[0][k] for k in cells[0]]
+        diffs = np.array([d for d in diffs if math.isfinite(d)])
+        sums = [np.dot(signs, diffs) for signs in itertools.product((1, -1), repeat=diffs.size)]
+        paired = np.mean(np.array(sums) >= diffs.sum() - 1e-9) if diffs.size else math.nan
+        assert int(row["n_pairs"]) == diffs.size
+        assert float(row["p_permutation_paired"]) == pytest.approx(paired, nan_ok=True)
         if np.std(a) + np.std(b) > 0:
             va, vb = np.var(a, ddof=1) / len(a), np.var(b, ddof=1) / len(b)
             t = (np.mean(b) - np.mean(a)) / math.sqrt(va + vb)
@@ -281,6 +292,10 @@ def test_report_refuses_cells_evaluated_with_other_settings(finished, tmp_path):
 
 @pytest.mark.slow
 def test_killed_study_resumes_the_interrupted_cell(store, tmp_path):
+    """A study killed mid-cell resumes the cell from its checkpoint. The cell's time counts
+    every attempt (its `seconds` counted the last one only): here one killed, one that really
+    fails (its `focalnet train` finds no JAX platform of the name given) and the one that
+    finishes; the state file, `study status`, runs.csv and report.md give their sum and number."""
     workdir = tmp_path / "killed"
     spec = write_spec(tmp_path / "one_cell.py", store, arms={"ce": ARMS["ce"]}, ensembles={})
     args = ["--spec", str(spec), "--workdir", str(workdir), "--spec.repeats=1"]
@@ -294,22 +309,57 @@ def test_killed_study_resumes_the_interrupted_cell(store, tmp_path):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    first_checkpoint = workdir / "ce" / "rep0" / "fold0" / "checkpoints" / "3"
+    cell = workdir / "ce" / "rep0" / "fold0"
+    first_checkpoint = cell / "checkpoints" / "3"
     deadline = time.time() + 300
     while not first_checkpoint.is_dir() and time.time() < deadline and process.poll() is None:
         time.sleep(0.05)
     os.killpg(process.pid, signal.SIGKILL)  # the study and its cell processes
     process.wait()
+    killed_at = time.time()
     assert first_checkpoint.is_dir()
+    killed = json.loads((cell / "study_cell.json").read_text())
+    last_write = max(p.stat().st_mtime for p in [cell, *cell.rglob("*")])
+    lived = first_checkpoint.stat().st_mtime - killed["started"]  # removed by the later run
     refused = study("report", "--workdir", str(workdir), check=False)
     assert refused.returncode != 0 and "cells not done" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
+    began = time.time()
+    failing = study(
+        "run", "--workdir", str(workdir), env={**ENV, "JAX_PLATFORMS": "nope"}, check=False
+    )
+    failing_run = time.time() - began
+    assert failing.returncode == 1 and "FAILED ce/rep0/fold0" in failing.stdout, failing.stdout
+    failed = json.loads((cell / "study_cell.json").read_text())
+    began = time.time()
     study("run", "--workdir", str(workdir))
+    last_run = time.time() - began
     study("report", "--workdir", str(workdir))
-    log = (workdir / "ce" / "rep0" / "fold0" / "cell.log").read_text()
+    log = (cell / "cell.log").read_text()
     starts = [int(s) for s in re.findall(r"start at (\d+)", log)]
-    assert starts[0] == 0 and starts[-1] > 0  # the second attempt resumed from a checkpoint
+    assert starts[0] == 0 and starts[-1] > 0  # the last attempt resumed from a checkpoint
     assert len(read_csv(workdir / "report" / "runs.csv")) == 1
+    # The killed attempt counts until its last sign of life (the latest write in its folder): at
+    # least until its first checkpoint, at most until it was killed.
+    killed_s = round(last_write - killed["started"], 1)
+    assert lived - 0.1 <= killed_s <= killed_at - killed["started"] + 0.1
+    assert failed["state"] == "failed" and failed["attempt_seconds"] == [
+        killed_s,
+        failed["seconds"],
+    ]
+    state = json.loads((cell / "study_cell.json").read_text())
+    assert state["attempt_seconds"] == [killed_s, failed["seconds"], state["seconds"]]
+    assert 0 < failed["seconds"] <= failing_run and 0 < state["seconds"] <= last_run
+    total = state["total_seconds"]
+    assert state["attempts"] == 3 and total == pytest.approx(
+        sum(state["attempt_seconds"]), abs=0.051
+    )
+    status = study("status", "--workdir", str(workdir)).stdout
+    assert re.search(rf"ce/rep0/fold0\s+done\s+{total}\s+3\s", status), status
+    [row] = read_csv(workdir / "report" / "runs.csv")
+    assert float(row["total_seconds"]) == total and row["attempts"] == "3"
+    report = (workdir / "report" / "report.md").read_text()
+    assert f"| ce | {total:.1f} +- n/a | {total / 3600:.3f} | 3 | 1 |" in report, report
 
 
 @pytest.mark.slow
@@ -668,7 +718,9 @@ def test_slurm_job_array_gives_the_rows_of_the_local_study(finished, spec_file, 
         expected = local[(row["arm"], row["repeat"], row["fold"])]
         assert row.keys() == expected.keys()
         for key, value in row.items():
-            if key in ("arm", "kind", "repeat", "fold", "seed", "num_patients"):
+            if key == "total_seconds":  # the time each took
+                continue
+            if key in ("arm", "kind", "repeat", "fold", "seed", "num_patients", "attempts"):
                 assert value == expected[key]
             else:
                 assert float(value) == pytest.approx(float(expected[key]), abs=1e-6, nan_ok=True)

@@ -2,13 +2,15 @@
 at once on one folder submit each cell once; arrays submitted within one second keep their own
 task lists; a task ended by SLURM (`scancel`, time limit) leaves its cell `interrupted` with
 slurmstepd's reason in `study status`, and the next `study run` submits it again; a requeued
-task appends to its output."""
+task appends to its output and its cell counts both attempts; an array whose `study run` was
+killed right after `sbatch` is adopted by the next run, not submitted again."""
 
 from __future__ import annotations
 
 import json
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from slurm_cluster import OneNodeCluster
-from test_study import ENV, _require_slurm, study, write_spec
+from test_study import ARMS, ENV, _require_slurm, study, write_spec
 from test_train_helpers import REPO, small_synthetic_store
 
 
@@ -136,7 +138,8 @@ def test_task_ended_by_slurm_is_interrupted_with_its_reason_and_submitted_again(
             break
         time.sleep(1)
     line = (
-        rf"ce/rep0/fold0\s+interrupted\s+{job}_0\s+ended by SLURM: JOB \d+ ON \S+ CANCELLED AT \S+$"
+        rf"ce/rep0/fold0\s+interrupted\s+{job}_0\s+[\d.]+\s+1\s+"
+        r"ended by SLURM: JOB \d+ ON \S+ CANCELLED AT \S+$"
     )
     assert re.search(line, status, re.M), status
     again = study("run", "--workdir", str(workdir), "--executor=slurm", "--dry-run", env=env)
@@ -146,8 +149,6 @@ def test_task_ended_by_slurm_is_interrupted_with_its_reason_and_submitted_again(
 def _one_cell_on_slurm(store: Path, cluster, tmp_path: Path) -> tuple[Path, dict, Path, str]:
     """Submits a one-cell study (arm `ce`, 5000 steps: it runs until stopped) to `cluster`;
     returns (its workdir, the environment reaching the cluster, the cell's log, the job id)."""
-    from test_study import ARMS
-
     one_arm = write_spec(tmp_path / "one_arm.py", store, {"ce": ARMS["ce"]}, {})
     env = {**ENV, **cluster.env}
     workdir = tmp_path / "study"
@@ -216,17 +217,23 @@ def test_a_requeued_task_keeps_the_output_of_its_earlier_run(store, cluster, tmp
     output file: slurmstepd's line saying why the first run ended was lost."""
     workdir, env, cell_log, job = _one_cell_on_slurm(store, cluster, tmp_path)
     output = workdir / "slurm" / f"{job}_0.out"
-    starts = 0
+    state_file = cell_log.parent / "study_cell.json"
+    starts, records = 0, []
     for attempt in range(2):
         deadline = time.time() + 240
         while time.time() < deadline and _text(cell_log).count("$ focalnet train") <= attempt:
             time.sleep(0.5)
         starts = _text(cell_log).count("$ focalnet train")
+        records.append((json.loads(state_file.read_text()), time.time()))
         if attempt == 0:
             subprocess.run(["scontrol", "requeue", f"{job}_0"], env=env, check=True)
             _start_now(f"{job}_0", env)
     subprocess.run(["scancel", job], env=env, check=True)
     assert starts == 2, _text(cell_log)[-2000:]
+    # The requeued attempt's record counts the killed one: from its start to at most now.
+    (first, _), (second, seen) = records
+    assert second["attempts"] == 2 and len(second["attempt_seconds"]) == 2, second
+    assert 0 < second["attempt_seconds"][0] <= seen - first["started"], (first, second)
     deadline = time.time() + 60
     while time.time() < deadline and "CANCELLED" not in _text(output):
         time.sleep(0.5)
@@ -245,6 +252,66 @@ def _start_now(task: str, env: dict) -> None:
             subprocess.run(update, env=env, check=True)
             return
         time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_array_of_a_run_killed_after_sbatch_is_adopted_not_submitted_again(
+    store, cluster, tmp_path
+):
+    """`study run` killed between `sbatch` and writing jobs.json left a queued array that no later
+    run knew of: the next run submitted its cells again, and two tasks trained each cell in one
+    folder. Here `sbatch` is the real one, then SIGKILLs the `study run` that called it. The
+    array's name and cells, written before `sbatch`, let `study status` show it and the next
+    `study run` adopt it (or refuse, naming the jobs, while two carry its name); its cell trains
+    once."""
+    killing = tmp_path / "bin" / "sbatch"
+    killing.parent.mkdir()
+    killing.write_text(f'#!/bin/sh\n{shutil.which("sbatch")} "$@"\nkill -9 $PPID\n')
+    killing.chmod(0o755)
+    env = {**ENV, **cluster.env}
+    one_arm = write_spec(tmp_path / "one_arm.py", store, {"ce": ARMS["ce"]}, {})
+    workdir = tmp_path / "study"
+    args = ["run", "--spec", str(one_arm), "--workdir", str(workdir), "--executor=slurm"]
+    args += ["--spec.repeats=1", "--spec.folds=(0,)", "--sbatch=--hold"]
+    killed = study(*args, env={**env, "PATH": f"{killing.parent}:{env['PATH']}"}, check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    assert not (workdir / "slurm" / "jobs.json").exists()
+    [intent] = json.loads((workdir / "slurm" / "submitting.json").read_text())
+    [job] = _jobs_named(intent["job_name"], env)
+    twin = subprocess.run(["sbatch", "--parsable", intent["script"]], env=env, capture_output=True)
+    twin_id = twin.stdout.decode().strip()
+    refused = study("run", "--workdir", str(workdir), "--executor=slurm", env=env, check=False)
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
+    assert f"jobs {job}, {twin_id} are all called {intent['job_name']!r}" in refused.stderr
+    subprocess.run(["scancel", twin_id], env=env, check=True)
+    deadline = time.time() + 30
+    while time.time() < deadline and _jobs_named(intent["job_name"], env) != [job]:
+        time.sleep(0.2)
+    status = study("status", "--workdir", str(workdir), env=env).stdout
+    assert re.search(rf"ce/rep0/fold0\s+queued\s+{job}_0", status), status
+    again = study("run", "--workdir", str(workdir), "--executor=slurm", env=env).stdout
+    assert f"adopted job array {job} (1 tasks)" in again and "nothing to submit" in again, again
+    [recorded] = json.loads((workdir / "slurm" / "jobs.json").read_text())
+    assert recorded["job_id"] == job and recorded["cells"] == ["ce/rep0/fold0"]
+    assert json.loads((workdir / "slurm" / "submitting.json").read_text()) == []
+    subprocess.run(["scontrol", "release", job], env=env, check=True)
+    state_file = workdir / "ce" / "rep0" / "fold0" / "study_cell.json"
+    deadline = time.time() + 400
+    while time.time() < deadline and _queued_cells(workdir, env):
+        time.sleep(1)
+    state = json.loads(state_file.read_text())
+    assert state["state"] == "done" and state["slurm_job"] == f"{job}_0", state
+    assert state["attempts"] == 1
+    assert _text(state_file.parent / "cell.log").count("=== cell ce/rep0/fold0") == 1
+    last = study("run", "--workdir", str(workdir), "--executor=slurm", env=env).stdout
+    assert "1 done" in last and "nothing to submit" in last, last
+
+
+def _jobs_named(name: str, env: dict) -> list[str]:
+    """The ids of the job arrays called `name` in the queue."""
+    listed = ["squeue", "-h", "-o", "%F", f"--name={name}"]
+    queued = subprocess.run(listed, env=env, capture_output=True, text=True, check=True).stdout
+    return sorted(set(queued.split()))
 
 
 @pytest.mark.slow

@@ -129,3 +129,177 @@ def test_no_random_split_is_refused_not_a_p_of_one(tmp_path):
             permutation_pvalue(a, b, iterations=iterations)
     message = cli_error(["study", "report", "--workdir", tmp_path, "--iterations", "0"])
     assert "--iterations 0: expected at least 1" in message
+
+
+def picai_auroc(scores: list[float]) -> float:
+    """picai_eval's case AUROC (trapezoid under its ROC curve) of 3 positive and 7 negative
+    cases with these case scores."""
+    from focalnet_jax.evaluation.picai import picai_metrics
+
+    targets = [1, 0, 0, 1, 0, 0, 0, 1, 0, 0]
+    results = {
+        f"c{i}": ([(float(t), s, 0.5 * t)], s)
+        for i, (t, s) in enumerate(zip(targets, scores, strict=True))
+    }
+    return picai_metrics(results, bootstraps=0)["auroc"]
+
+
+def test_equal_metrics_of_other_float_paths_are_ties():
+    """Runs with the same AUROC (11 of the 21 positive-negative pairs ranked right, 14 of 21)
+    whose ROC curves differ get picai_eval AUROCs one ulp apart. Those are ties: in the
+    permutation test of the report's values (rounded to METRIC_DECIMALS; the raw values were
+    ordered) and in Welch's test (which read two arms of equal runs as a spread of 1e-17 and gave
+    p ~ 1e-61)."""
+    from picai_eval.statistical_helper import perform_permutation_test
+    from scipy import stats
+
+    from focalnet_jax.evaluation.stats import welch_pvalue
+    from focalnet_jax.study.report import METRIC_DECIMALS
+
+    low = picai_auroc([0.6, 0.3, 0.2, 0.0, 0.5, 0.4, 0.1, 0.8, 0.7, 0.9])
+    high = picai_auroc([0.4, 0.0, 0.2, 0.3, 0.1, 0.8, 0.6, 0.7, 0.5, 0.9])
+    assert low < high and low == pytest.approx(11 / 21, abs=1e-15) == high
+    # Pooled ranks: 0.4 -> 1, the four runs at 11/21 -> 3.5 each, 0.9 -> 6; b's rank sum 13.
+    # Of the C(6, 3) = 20 splits, those with a rank sum >= 13 hold 0.9 and two of the four
+    # ties: C(4, 2) = 6, so p = 6 / 20 (and SciPy's permutation test on exact ties agrees).
+    a, b = [high, high, 0.4], [low, low, 0.9]
+    assert permutation_pvalue(a, b) == pytest.approx(0.5, abs=1e-12)  # 10 splits: ordered apart
+    a, b = [[round(v, METRIC_DECIMALS) for v in arm] for arm in (a, b)]
+    assert permutation_pvalue(a, b) == pytest.approx(0.3, abs=1e-12)
+    assert perform_permutation_test(a, b) == pytest.approx(0.3, abs=1e-12)  # the contract
+    tied = stats.permutation_test(
+        ([11 / 21, 11 / 21, 0.9], [11 / 21, 11 / 21, 0.4]),
+        lambda x, y: stats.mannwhitneyu(x, y).statistic,
+        permutation_type="independent",
+        alternative="greater",
+    )
+    assert tied.pvalue == pytest.approx(0.3, abs=1e-12)
+    fourteen = [
+        picai_auroc([0.8, 0.4, 0.7, 0.0, 0.1, 0.2, 0.5, 0.9, 0.6, 0.3]),
+        picai_auroc([0.5, 0.6, 0.1, 0.3, 0.7, 0.4, 0.0, 0.9, 0.2, 0.8]),
+    ]
+    assert fourteen[0] != fourteen[1] and fourteen[0] == pytest.approx(14 / 21, abs=1e-15)
+    assert np.isnan(welch_pvalue([*fourteen, fourteen[0]], [low, high, low]))
+    rows = compare_arms({"m": {"a": [low, high, low], "b": [*fourteen, fourteen[0]]}})
+    assert all(np.isnan(r["p_welch"]) for r in rows)
+    # One arm varies: Welch's p of the exact values (t and df by hand, the tied arm's SE 0).
+    varied = np.array([0.5, 0.6, 0.75])
+    t = (varied.mean() - 14 / 21) / np.sqrt(varied.var(ddof=1) / 3)
+    p = welch_pvalue(varied, [*fourteen, fourteen[0]], alternative="greater")
+    assert p == pytest.approx(stats.t.sf(t, 2), rel=1e-9)
+
+
+def test_report_comparisons_say_what_was_tested_and_on_how_many_runs():
+    """ce's third run has no AUROC (NaN): both unpaired tests use its 2 other runs, the paired
+    test the 2 folds both arms have, and the table says n a = 2, n b = 3, n pairs = 2, with the
+    unit (runs), which tests are paired, how the permutation p was computed and that only
+    Welch's p is corrected (x 2 ordered pairs)."""
+    from scipy import stats
+
+    from focalnet_jax.study.report import _comparisons
+
+    per_arm = {"ce": [0.6, 0.7, float("nan")], "fl": [0.8, 0.9, 0.85]}
+    cells = {"ce": [(0, 0), (0, 1), (0, 2)], "fl": [(0, 0), (0, 1), (0, 2)]}
+    rows = compare_arms({"picai_auroc": per_arm}, iterations=999, cells=cells)
+    lines = _comparisons(rows, 999)
+    text = " ".join(lines)
+    for phrase in ("Unit: the run", "unpaired (the runs of a and b are not matched",
+                   "999 random splits drawn with seed 0", "p >= 1/1000",
+                   "over the n pairs of runs of the same repeat and fold",
+                   "neither is corrected for multiple comparisons",
+                   "p_welch x 2 (the ordered pairs of each metric)"):  # fmt: skip
+        assert phrase in text
+    # ce -> fl: fl's 3 runs above ce's 2: 1 of the C(5, 2) = 10 splits. Paired: differences
+    # +0.2, +0.2 on folds 0 and 1; of the 4 sign patterns only (+, +) reaches +0.4: p = 1/4.
+    # Welch by hand (NumPy).
+    a, b = np.array([0.6, 0.7]), np.array([0.8, 0.9, 0.85])
+    va, vb = a.var(ddof=1) / 2, b.var(ddof=1) / 3
+    t = (b.mean() - a.mean()) / np.sqrt(va + vb)
+    p = stats.t.sf(t, (va + vb) ** 2 / (va**2 / 1 + vb**2 / 2))
+    row = next(line for line in lines if line.startswith("| picai_auroc | ce | fl |"))
+    assert row == (
+        f"| picai_auroc | ce | fl | 2 | 3 | 0.650 | 0.850 | 0.1000 | 2 | 0.2500 | {p:.4f} | "
+        f"{min(1, 2 * p):.4f} |"
+    )
+    assert _comparisons([], 999)[-1] == "One arm: nothing to compare."
+
+
+def test_report_prints_small_p_values_with_their_digits():
+    """10 + 10 runs, every run of b above every run of a: the exact p is 1 / C(20, 10) =
+    1/184756 and the paired p 1/2^10; printed with 4 decimals both read 0.0000, i.e. p = 0."""
+    from focalnet_jax.study.report import _comparisons
+
+    a, b = [0.5 + 0.01 * i for i in range(10)], [0.7 + 0.01 * i for i in range(10)]
+    cells = {arm: [(r, 0) for r in range(10)] for arm in ("a", "b")}
+    rows = compare_arms({"picai_auroc": {"a": a, "b": b}}, cells=cells)
+    assert rows[0]["p_permutation"] == pytest.approx(1 / 184756)
+    assert rows[0]["p_permutation_paired"] == pytest.approx(1 / 1024)
+    row = next(line for line in _comparisons(rows, 999) if line.startswith("| picai_auroc | a |"))
+    assert "| 5.4e-06 | 10 | 9.8e-04 |" in row and "0.0000" not in row
+
+
+def scipy_paired_p(a, b, n_resamples=np.inf):
+    """SciPy's paired permutation test (signs of the pairs flipped) of mean(b - a), H1 > 0."""
+    from scipy import stats
+
+    return stats.permutation_test(
+        (np.asarray(b), np.asarray(a)),
+        lambda x, y: np.mean(x - y),
+        permutation_type="samples",
+        alternative="greater",
+        n_resamples=n_resamples,
+        random_state=0,
+    ).pvalue
+
+
+def test_paired_permutation_pvalue_equals_scipy():
+    """Exact (2^n sign patterns) against SciPy's paired permutation test on 7 and on 12 pairs,
+    keys in other orders and a cell only one arm has left out; a pair with a NaN is left out;
+    more than 20 pairs: random sign patterns, within Monte Carlo error of SciPy's exact p and
+    never below 1 / (iterations + 1)."""
+    from focalnet_jax.study.statistics import paired_permutation_pvalue
+
+    rng = np.random.default_rng(7)
+    for n in (7, 12):
+        a = np.round(rng.normal(0.6, 0.05, n), 2)
+        b = np.round(a + rng.normal(0.02, 0.03, n), 2)  # rounded: zero differences occur
+        base = {(0, k): v for k, v in enumerate(a)} | {(9, 9): 0.1}
+        alt = {(0, k): v for k, v in reversed(list(enumerate(b)))}
+        p, pairs = paired_permutation_pvalue(base, alt)
+        assert pairs == n and p == pytest.approx(scipy_paired_p(a, b), abs=1e-12)
+    p, pairs = paired_permutation_pvalue(
+        {1: 0.5, 2: float("nan"), 3: 0.6}, {1: 0.7, 2: 0.9, 3: 0.7}
+    )
+    assert (p, pairs) == (pytest.approx(0.25), 2)
+    # 22 pairs: exact p from the distribution of the signed sum of the differences (integers in
+    # units of 0.001), counted by dynamic programming over the 2^22 sign patterns.
+    a = np.round(rng.normal(0.6, 0.05, 22), 3)
+    diffs = np.round(rng.normal(10, 30, 22)).astype(int)
+    b = a + diffs / 1000
+    counts = {0: 1}
+    for d in diffs:
+        signed = {}
+        for total, ways in counts.items():
+            for step in (d, -d):
+                signed[total + step] = signed.get(total + step, 0) + ways
+        counts = signed
+    exact = sum(w for total, w in counts.items() if total >= diffs.sum()) / 2**22
+    p, _ = paired_permutation_pvalue(dict(enumerate(a)), dict(enumerate(b)), iterations=20_000)
+    assert abs(p - exact) < 4 * np.sqrt(exact * (1 - exact) / 20_000) + 1 / 20_001
+    far = paired_permutation_pvalue(dict(enumerate(a)), dict(enumerate(a + 1)), iterations=999)
+    assert far == (pytest.approx(1 / 1000), 22)
+
+
+def test_report_warns_when_arms_hold_runs_of_other_cells():
+    """A partial report where fl has only fold 0 of ce's folds 0 and 1: an unpaired comparison
+    would set ce's fold 1 against nothing; the report says so. The same cells: no warning."""
+    from focalnet_jax.study.report import _coverage
+
+    def rows(arm, cells):
+        return [{"arm": arm, "repeat": r, "fold": k} for r, k in cells]
+
+    both = rows("ce", [(0, 0), (0, 1)]) + rows("fl", [(0, 0)])
+    (warning,) = [line for line in _coverage(both, ["ce", "fl"]) if line]
+    assert warning.startswith("**The arms hold runs of different cells** (runs: ce 2, fl 1)")
+    same = rows("ce", [(0, 0), (0, 1)]) + rows("fl", [(0, 1), (0, 0)])
+    assert _coverage(same, ["ce", "fl"]) == []

@@ -310,17 +310,43 @@ def test_resume_after_a_crash_past_the_last_checkpoint_drops_the_orphaned_events
     assert [e.step for e in served.Tensors("train/loss")] == list(range(1, 11))
 
 
+def _bar_frames(text: str, steps: int) -> list[tuple[int, str, int]]:
+    """(count, loss, step the loss is named from) of each frame of the console bar."""
+    pattern = rf"train:[^\r\n]*?(\d+)/{steps} \[[^\]]*loss=([0-9.]+) \(step (\d+)\)\]"
+    return [(int(n), loss, int(step)) for n, loss, step in re.findall(pattern, text)]
+
+
 def test_progress_bar_shows_each_step_with_its_own_loss(tmp_path, capsys):
     """Every frame of the console bar pairs step n with train/loss of step n (a validation line
     redraws the bar: it showed step n - 1 beside step n's loss)."""
     overrides = ["--config.train.steps=4", "--config.train.eval_every=2"]
     with fast_compiles():
         train_and_evaluate(tiny_config(overrides=overrides), tmp_path / "w", store=FakeStore())
-    frames = re.findall(r"train:[^\r\n]*?(\d+)/4 \[[^\]]*loss=([0-9.]+)\]", capsys.readouterr().err)
+    frames = _bar_frames(capsys.readouterr().err, 4)
     _, scalars = _scalars(tmp_path / "w")
     logged = {e.step: f"{e.value:.4f}" for e in scalars["train/loss"]}
-    assert {int(n) for n, _ in frames} >= {2, 4}
-    assert [(int(n), loss) for n, loss in frames] == [(int(n), logged[int(n)]) for n, _ in frames]
+    assert {n for n, _, _ in frames} >= {2, 4}
+    assert frames == [(n, logged[n], n) for n, _, _ in frames]
+
+
+def test_progress_bar_names_the_step_of_its_loss_between_logs(tmp_path, capsys, monkeypatch):
+    """log_every 2 over 5 steps logs steps 2, 4, 5: a frame at step 3 shows step 2's loss, and
+    says so (it showed it as the loss of step 3). Every step is drawn here (tqdm redraws at most
+    every 0.1 s by default)."""
+    import functools
+
+    from focalnet_jax.training import loop
+
+    monkeypatch.setattr(loop, "tqdm", functools.partial(loop.tqdm, mininterval=0, miniters=1))
+    overrides = ["--config.train.steps=5", "--config.train.log_every=2"]
+    with fast_compiles():
+        train_and_evaluate(tiny_config(overrides=overrides), tmp_path / "w", store=FakeStore())
+    frames = _bar_frames(capsys.readouterr().err, 5)
+    _, scalars = _scalars(tmp_path / "w")
+    logged = {e.step: f"{e.value:.4f}" for e in scalars["train/loss"]}
+    assert sorted(logged) == [2, 4, 5]
+    expected = [(2, logged[2], 2), (3, logged[2], 2), (4, logged[4], 4), (5, logged[5], 5)]
+    assert sorted(set(frames)) == expected
 
 
 def test_non_finite_loss_is_caught_before_validation_logs_anything(tmp_path):

@@ -83,7 +83,6 @@ def add_preprocess(parser: argparse.ArgumentParser) -> None:
 
 def run_preprocess(args: argparse.Namespace) -> int:
     from focalnet_jax.data.build_store import preprocess_layout
-    from focalnet_jax.data.store import bad_cases_note
 
     summary = preprocess_layout(
         args.layout,
@@ -102,10 +101,7 @@ def run_preprocess(args: argparse.Namespace) -> int:
         interpolator=args.interpolator,
         overwrite=args.overwrite,
     )
-    print(
-        f"wrote {summary.num_cases} cases ({summary.num_slices} slices) to {summary.path}"
-        + bad_cases_note(summary.errors)
-    )
+    print(summary)
     return 0
 
 

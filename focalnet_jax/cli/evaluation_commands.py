@@ -10,7 +10,14 @@ from focalnet_jax.errors import UserError
 
 _CACHE_DEFAULT = "$JAX_COMPILATION_CACHE_DIR, else none"
 _CACHE_REUSE = "later runs of the same models reuse their compiled inference"
-_BATCH_HELP = "slices per inference batch (rounded up to a multiple of the local devices)"
+_BATCH_HELP = "slices per inference batch, rounded up to a multiple of the local devices"
+
+
+EVALUATE_BATCH_SIZE = 32
+# localization.RADIUS_MM and MIN_SCORE, not imported: that would load SciPy at every command's
+# parse (tests/test_evaluation_cli.py checks they agree).
+RADIUS_MM, MIN_SCORE = 5.0, 1e-3
+_WORKDIR_ONLY = "--workdir only"
 
 
 def add_evaluate(parser: argparse.ArgumentParser) -> None:
@@ -18,54 +25,118 @@ def add_evaluate(parser: argparse.ArgumentParser) -> None:
     source.add_argument(
         "--predictions", type=Path, help="folder of <case_id>.npz prediction files (contract)"
     )
-    source.add_argument("--workdir", type=Path, help="run: predict its validation fold, evaluate")
-    parser.add_argument("--all-cases", action="store_true", help="every case of --store (test set)")
+    source.add_argument(
+        "--workdir",
+        type=Path,
+        help="training run: predict its validation fold into OUT/predictions, then evaluate; with "
+        "--all-cases a run or a CV folder (the ensemble of its finished folds)",
+    )
+    parser.add_argument(
+        "--all-cases",
+        action="store_true",
+        help="predict and evaluate every case of --store (a test set); needs --workdir, --store "
+        "and --out",
+    )
     parser.add_argument(
         "--allow-training-cases",
         action="store_true",
         help="with --all-cases: evaluate even if the store holds cases, or patients, the runs "
         "trained on (not held-out numbers; warned)",
     )
-    parser.add_argument("--tta", choices=("none", "flip"), default="none", help="left-right flip")
     parser.add_argument(
-        "--out", type=Path, help="output folder (required with --predictions; default WORKDIR/eval)"
+        "--tta",
+        choices=("none", "flip"),
+        default="none",
+        help=f"flip: average with the left-right flipped input's prediction ({_WORKDIR_ONLY}; "
+        "default: none)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="output folder (required with --predictions and with --all-cases; default "
+        "WORKDIR/eval); with --workdir its predictions/ is replaced whole; an earlier "
+        "evaluation's figures in it are removed, no other file",
     )
     parser.add_argument(
         "--cases",
         type=Path,
-        help="with --predictions: the case ids to evaluate (one a line, or a JSON list); a listed "
-        "case without <case_id>.npz is an error (default: every file found)",
+        help="with --predictions: the case ids to evaluate (one a line, a JSON list, or "
+        'picai_eval\'s {"subject_list": [...]}); a listed case without <case_id>.npz is an '
+        "error (default: every file found)",
     )
-    parser.add_argument("--step", type=int, help="checkpoint step with --workdir (default: latest)")
-    parser.add_argument("--store", type=Path, help="preprocessed store (default: the run's config)")
-    parser.add_argument("--batch-size", type=int, default=32, help=_BATCH_HELP)
-    parser.add_argument("--radius-mm", type=float, default=5.0, help="hit radius and NMS radius")
-    parser.add_argument("--min-score", type=float, default=1e-3, help="lowest detection score")
+    parser.add_argument(
+        "--step", type=int, help=f"checkpoint step of one run ({_WORKDIR_ONLY}; default: latest)"
+    )
+    parser.add_argument(
+        "--store",
+        type=Path,
+        help=f"preprocessed store ({_WORKDIR_ONLY}; default: the run's data.store; required "
+        "with --all-cases)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        help=f"{_BATCH_HELP} ({_WORKDIR_ONLY}; default: {EVALUATE_BATCH_SIZE})",
+    )
+    parser.add_argument(
+        "--radius-mm",
+        type=float,
+        default=RADIUS_MM,
+        help="paper protocol: hit distance to a lesion and radius of the local-maximum window, "
+        f"in mm (default: {RADIUS_MM:g})",
+    )
+    parser.add_argument(
+        "--min-score",
+        type=float,
+        default=MIN_SCORE,
+        help="paper protocol: a detection's lesion score P(class >= 1) must exceed this "
+        f"(default: {MIN_SCORE:g})",
+    )
     parser.add_argument(
         "--slices",
         choices=("all", "annotated"),
-        help="slices of the 2D protocol (default: all; with --workdir the run's data.slices)",
+        help="slices of the 2D protocol (default: all; with --workdir and no --all-cases, the "
+        "run's data.slices)",
     )
     parser.add_argument("--no-picai", action="store_true", help="skip the PI-CAI metrics")
-    parser.add_argument("--picai-bootstraps", type=int, default=1000, help="0 skips the CIs")
-    parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
-    parser.add_argument("--label", default=None, help="method name in the report")
-    add_compilation_cache_flag(parser, _CACHE_DEFAULT, _CACHE_REUSE)
+    parser.add_argument(
+        "--picai-bootstraps",
+        type=int,
+        default=1000,
+        help="bootstrap resamples of the PI-CAI 95%% CIs; 0 skips the CIs (default: 1000)",
+    )
+    parser.add_argument(
+        "--no-figures",
+        action="store_true",
+        help="write no PNG figures (an earlier evaluation's in --out are removed)",
+    )
+    parser.add_argument(
+        "--label",
+        default=None,
+        help="method name in the report (default: the --workdir folder's name, else 'model')",
+    )
+    add_compilation_cache_flag(parser, _CACHE_DEFAULT, f"{_CACHE_REUSE}; {_WORKDIR_ONLY}")
+    parser.epilog = (
+        "With --predictions (files already predicted) the flags that make predictions are "
+        "refused: --tta flip, --step, --store, --all-cases, --batch-size, --compilation_cache. "
+        "--cases needs --predictions; --allow-training-cases needs --all-cases."
+    )
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    from focalnet_jax.evaluation.flag_checks import check_evaluate_flags
     from focalnet_jax.training.distributed import compilation_cache
 
+    check_evaluate_flags(args)  # before the cache is set: refused with --predictions
     with compilation_cache(args.compilation_cache):
         return _evaluate(args)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
     from focalnet_jax.evaluation.evaluate import evaluate_predictions, evaluation_summary
-    from focalnet_jax.evaluation.flag_checks import check_evaluate_flags
     from focalnet_jax.evaluation.predictions import read_case_list
 
-    check_evaluate_flags(args)
+    batch_size = args.batch_size or EVALUATE_BATCH_SIZE
     slices = args.slices or "all"
     if args.workdir is not None and args.cases is not None:
         raise UserError("--cases goes with --predictions (--workdir evaluates its fold)")
@@ -76,7 +147,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         out, slices = args.out, args.slices or "all"
         predictions = None if out is None else out / "predictions"
         cases = predict_test_store(args.workdir, args.store, predictions, step=args.step,
-                                   tta=args.tta, batch_size=args.batch_size,
+                                   tta=args.tta, batch_size=batch_size,
                                    allow_training_cases=args.allow_training_cases)  # fmt: skip
     elif args.workdir is not None:
         from focalnet_jax.evaluation.run_predictions import predict_fold
@@ -89,7 +160,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             predictions,
             step=args.step,
             store_path=args.store,
-            batch_size=args.batch_size,
+            batch_size=batch_size,
             tta=args.tta,
         )
         slices = args.slices or str(read_config(args.workdir).data.slices)
@@ -120,10 +191,21 @@ def add_summarize(parser: argparse.ArgumentParser) -> None:
         action="extend",  # `--runs A=x --runs B=y` keeps both (the default kept only B)
         required=True,
         metavar="NAME=DIR",
-        help="method name and a folder holding one metrics.json per fold (searched recursively); "
-        "repeatable",
+        help="method name and a folder holding one metrics.json of `focalnet evaluate` per fold "
+        "(searched recursively; one that evaluates an ensemble, or a run already counted, is "
+        "refused); repeatable",
     )
-    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="output folder: summary.json, summary.md, froc.png, froc_gs.png, roc.png (replaced; "
+        "no other file touched)",
+    )
+    parser.epilog = (
+        "Every fold of every method must be evaluated with the same settings (--slices, "
+        "--radius-mm, --min-score); folds that differ are refused."
+    )
 
 
 def run_summarize(args: argparse.Namespace) -> int:
@@ -145,7 +227,9 @@ def add_predict(parser: argparse.ArgumentParser) -> None:
         required=True,
         help="training run or CV folder (its finished folds); repeat: ensemble",
     )
-    parser.add_argument("--step", type=int, help="checkpoint step of one run (default: latest)")
+    parser.add_argument(
+        "--step", type=int, help="checkpoint step of a single run (default: its latest)"
+    )
     parser.add_argument("--t2w", help="one exam: T2w DICOM folder, .mha, .nii(.gz), .nrrd")
     parser.add_argument("--adc", help="one exam: ADC DICOM folder or image file")
     parser.add_argument("--hbv", help="one exam: high b-value DWI DICOM folder or image file")
@@ -155,32 +239,83 @@ def add_predict(parser: argparse.ArgumentParser) -> None:
         metavar="NAME=PATH",
         help="one exam: another component the model reads, e.g. dce=exam/dce.mha; repeat",
     )
-    parser.add_argument("--mask", help="prostate mask on any grid (centres the crop)")
-    parser.add_argument("--center", help="crop centre 'x,y,z' (LPS mm)")
-    parser.add_argument("--layout", choices=("picai", "manifest"), help="many exams")
-    parser.add_argument("--images", type=Path, help="picai: <images>/<patient>/<case>_<comp>.mha")
-    parser.add_argument("--masks", type=Path, help="picai: whole-gland masks for centring")
-    parser.add_argument("--manifest", type=Path, help="manifest: CSV of cases (labels unused)")
-    parser.add_argument("--skip-bad-cases", action="store_true", help="bad cases: errors.csv")
     parser.add_argument(
-        "--overwrite", action="store_true", help="many exams: replace a non-empty --out whole"
+        "--mask", help="one exam: prostate mask on any grid; its centroid centres the crop"
+    )
+    centre = parser.add_mutually_exclusive_group()
+    centre.add_argument(
+        "--center",
+        metavar="X,Y,Z",
+        help="one exam, without --mask: crop centre in mm, LPS (DICOM patient coordinates: +x "
+        "left, +y posterior, +z head), as detections.csv gives points; 3D Slicer shows RAS "
+        "(negate x and y, or use --center-ras); a negative X needs '=': "
+        "--center=-25.7,31.9,-38.5 (default: the T2w volume centre)",
+    )
+    centre.add_argument(
+        "--center-ras",
+        metavar="X,Y,Z",
+        help="one exam, without --mask: crop centre in mm, RAS (3D Slicer, nibabel: +x right, "
+        "+y anterior), used as the LPS point -X,-Y,Z; a negative X needs '=': "
+        "--center-ras=-25.7,-31.9,-38.5",
+    )
+    parser.add_argument("--layout", choices=("picai", "manifest"), help="many exams")
+    parser.add_argument(
+        "--images",
+        type=Path,
+        help="picai: <images>/<patient>/<case>_<comp>.mha (or .mhd, .nii, .nii.gz, .nrrd)",
+    )
+    parser.add_argument(
+        "--masks",
+        type=Path,
+        help="picai: whole-gland masks <masks>/<case>.nii.gz (or .nii, .mha, .nrrd) centre the "
+        "crops (a case without one: the T2w volume centre)",
+    )
+    parser.add_argument("--manifest", type=Path, help="manifest: CSV of cases (labels unused)")
+    parser.add_argument(
+        "--skip-bad-cases",
+        action="store_true",
+        help="many exams: skip a case that fails, listed in OUT/errors.csv (default: the first "
+        "bad case stops the run, OUT unchanged)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="many exams: replace a non-empty --out whole (only an earlier predict output)",
     )
     for name in ("t2w", "adc", "hbv"):
         parser.add_argument(
             f"--{name}-series",
-            help=f"SeriesInstanceUID or exact SeriesDescription of the {name} series "
+            help=f"one exam: SeriesInstanceUID or exact SeriesDescription of the {name} series "
             "(when its DICOM folder holds several)",
         )
     parser.add_argument(
         "--component-series",
         action="append",
         metavar="NAME=UID",
-        help="SeriesInstanceUID or exact SeriesDescription of a --component series; repeat",
+        help="one exam: SeriesInstanceUID or exact SeriesDescription of a --component series; "
+        "repeat",
     )
-    parser.add_argument("--out", type=Path, required=True, help="output folder")
-    parser.add_argument("--threshold", type=float, default=0.5, help="lowest listed detection")
-    parser.add_argument("--batch-size", type=int, default=16, help=_BATCH_HELP)
-    parser.add_argument("--tta", choices=("none", "flip"), default="none", help="left-right flip")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="output folder, replaced whole; one exam: refused if it holds other files than "
+        "predict's; many exams: one subfolder per case",
+    )
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        default=0.5,
+        help="detections.csv and overlay.png show the detections whose lesion score "
+        "P(class >= 1) is at least this (default: 0.5)",
+    )
+    parser.add_argument("--batch-size", type=int, default=16, help=f"{_BATCH_HELP} (default: 16)")
+    parser.add_argument(
+        "--tta",
+        choices=("none", "flip"),
+        default="none",
+        help="flip: average with the left-right flipped input's prediction (default: none)",
+    )
     from focalnet_jax.evaluation.detection_map import add_candidate_flags
 
     add_candidate_flags(parser)

@@ -31,9 +31,10 @@ from focalnet_jax.data.layouts import (
     discover_picai,
     label_scheme,
     read_manifest,
+    unread_inputs,
 )
 from focalnet_jax.data.preprocess import PreprocessConfig, preprocess_case
-from focalnet_jax.data.store import StoreWriter, store_settings, write_errors
+from focalnet_jax.data.store import StoreWriter, bad_cases_note, store_settings, write_errors
 from focalnet_jax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,15 @@ class PreprocessSummary:
     num_cases: int
     num_slices: int
     errors: list[tuple[str, str, str]] = field(default_factory=list)
+    components: tuple[str, ...] = ()  # stored, in channel order
+    unread: str = ""  # what the input offers beyond `components` (see `unread_inputs`), or ""
+
+    def __str__(self) -> str:
+        """`wrote N cases (S slices of t2w, adc) to PATH`, the inputs left unread and the bad
+        cases, if any: a store of fewer components than the input offers is said so."""
+        slices = f"{self.num_slices} slices of {', '.join(self.components)}"
+        note = self.unread + bad_cases_note(self.errors)
+        return f"wrote {self.num_cases} cases ({slices}) to {self.path}{note}"
 
 
 # Deferred while the pool is being built: an interrupt raised inside `Pool()` leaves its workers
@@ -190,7 +200,10 @@ def preprocess_cases(
         if not writer.records:
             _refuse_empty_store(writer, out, len(jobs))
         path = writer.commit()
-        return PreprocessSummary(path, len(writer.records), writer.num_slices, list(writer.errors))
+        return PreprocessSummary(
+            path, len(writer.records), writer.num_slices, list(writer.errors),
+            components=tuple(cases[0].components),
+        )  # fmt: skip
 
 
 def _find_cases(
@@ -264,7 +277,8 @@ def preprocess_layout(
         label_values = label_scheme(labels) if layout == "picai" else "isup"
     config = PreprocessConfig(label_values=label_values, interpolator=interpolator)
     log.info("preprocessing %d cases with %d workers", len(cases), workers)
-    return preprocess_cases(
+    unread = unread_inputs(layout, cases, components, manifest)
+    summary = preprocess_cases(
         cases,
         out,
         config=config,
@@ -275,3 +289,9 @@ def preprocess_layout(
         overwrite=overwrite,
         errors=refused or (),
     )
+    if unread:
+        what = "manifest columns" if layout == "manifest" else "images"
+        summary.unread = (
+            f"; {what} not read: {', '.join(unread)} (--components is {','.join(components)})"
+        )
+    return summary

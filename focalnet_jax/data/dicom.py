@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from focalnet_jax.data import native_stderr
 from focalnet_jax.errors import UserError
 
 SPACING_TOLERANCE_MM = 0.01  # absolute slice-spacing tolerance (mm) ...
@@ -320,8 +321,32 @@ def read_series(
     A damaged slice of the series that GDCM cannot read (`_damaged_slice`: truncated, corrupt) is
     refused: at either end of the stack it would leave no gap, and the series would be read one
     slice short. Other DICOM objects of the folder outside any image series are left out, with a
-    warning. Read as float32, each slice with its own rescale slope and intercept."""
+    warning. Read as float32, each slice with its own rescale slope and intercept.
+
+    What GDCM and ITK print on stderr meanwhile (e.g. 'Invalid marker size' for each broken
+    JPEG 2000 frame) is captured (`native_stderr`) and passed on in one line: at the end of the
+    reason of a refusal, or, after a read that succeeds, in one warning (it may tell of a frame
+    decoded with errors; dropped, it would be lost)."""
     folder = Path(folder)
+    notes: list[str] = []  # warnings, logged once stderr is back
+    try:
+        with native_stderr.captured() as printed:
+            image = _read_series(folder, series, component, notes)
+    except SeriesError as err:
+        if not printed.text.strip():
+            raise
+        reason = f"{err.reason}; the DICOM reader printed: {printed.summary()}"
+        raise SeriesError(err.file, reason) from err
+    finally:
+        for note in notes:
+            log.warning("%s", note)
+    if printed.text.strip():
+        log.warning("%s: read, but the DICOM reader printed: %s", folder, printed.summary())
+    return image
+
+
+def _read_series(folder: Path, series: str | None, component: str | None, notes: list[str]):
+    """`read_series` with fd 2 captured; its warnings are appended to `notes`."""
     found = list_series(folder)
     chosen = choose_series(folder, series, found)
     if component is not None:
@@ -338,10 +363,10 @@ def read_series(
     broken = [name for name in unread if _damaged_slice(folder / name, chosen.uid)]
     others = [name for name in unread if name not in broken and _is_part10(folder / name)]
     if others:
-        log.warning(
-            "%s: %d DICOM file(s) of no image series left out (%s): reports, presentation states "
-            "or raw data; a damaged slice of series %s among them would leave it one slice short",
-            *(folder, len(others), ", ".join(others[:5]), chosen.uid),
+        notes.append(
+            f"{folder}: {len(others)} DICOM file(s) of no image series left out "
+            f"({', '.join(others[:5])}): reports, presentation states or raw data; a damaged "
+            f"slice of series {chosen.uid} among them would leave it one slice short"
         )
     if broken:  # a regular stack without them: they were its first or last slices
         raise SeriesError(

@@ -34,6 +34,7 @@ from focalnet_jax.errors import UserError
 
 DEFAULT_COMPONENTS = ("t2w", "adc")
 LABEL_SUFFIXES = (".nii.gz", ".nii", ".mha", ".nrrd")
+CENTRE_COLUMNS = ("center_x", "center_y", "center_z")  # optional manifest crop centre, LPS mm
 log = logging.getLogger(__name__)
 _PICAI_NAME = re.compile(r"^(?P<patient>[^_]+)_(?P<study>[^_]+)_(?P<component>[^_.]+)\.")
 
@@ -330,7 +331,7 @@ def read_manifest(
             )
         seen[case.lower()] = (line, case)
         try:
-            _check_manifest_row(row, where, labels and unlabelled == "error")
+            _check_manifest_row(row, where, components, labels and unlabelled == "error")
             if labels and not row.get("label") and unlabelled == "skip":
                 continue
             cases.append(_manifest_case(manifest, row, where, components, centre_columns, labels))
@@ -363,7 +364,7 @@ def _check_manifest_columns(
 ) -> list[str]:
     """The manifest's centre columns (all three or none); a missing label column is an error
     unless `unlabelled` says what it means."""
-    centre_columns = [c for c in ("center_x", "center_y", "center_z") if c in columns]
+    centre_columns = [c for c in CENTRE_COLUMNS if c in columns]
     if centre_columns and len(centre_columns) != 3:
         raise LayoutError(f"manifest {manifest}: give all of center_x, center_y, center_z")
     if labels and "label" not in columns and unlabelled != "negative":
@@ -378,11 +379,23 @@ def _check_manifest_columns(
     return centre_columns
 
 
-def _check_manifest_row(row: dict, where: str, label_required: bool) -> None:
-    """Safe case and patient ids; a label cell where `label_required`."""
+def _check_manifest_row(
+    row: dict, where: str, components: Sequence[str], label_required: bool
+) -> None:
+    """Safe case and patient ids; a path in every component cell; a label cell where
+    `label_required`."""
     check_case_id(row["case_id"], where)
     if row["patient_id"]:
         check_case_id(row["patient_id"], where, what="patient id")
+    empty = [name for name in components if not row[name]]
+    if empty:
+        cells = (
+            f"an empty {empty[0]} cell" if len(empty) == 1 else f"empty {', '.join(empty)} cells"
+        )
+        raise LayoutError(
+            f"{where}: case {row['case_id']!r} has {cells}; give each component's DICOM folder "
+            "or image file, or leave the case out"
+        )
     if label_required and not row.get("label"):
         raise LayoutError(
             f"{where}: case {row['case_id']!r} has an empty label cell; give its label, or pass "
@@ -434,6 +447,29 @@ def _manifest_centre(row: dict, where: str, centre_columns: Sequence[str]):
             raise LayoutError(f"{where}: {column} {row[column]!r} is not a finite number (mm)")
         centre.append(value)
     return tuple(centre)
+
+
+def unread_inputs(
+    layout: str, cases: Sequence[CaseSpec], components: Sequence[str], manifest=None
+) -> list[str]:
+    """What the cases offer beyond `components`, sorted: for 'picai' the names of other image
+    files `<case>_<name>.<suffix>` beside their T2w (e.g. hbv, dce with components t2w,adc), for
+    'manifest' the columns of `manifest` that no setting reads (e.g. an hbv column)."""
+    if layout == "manifest":
+        with io.StringIO(_csv_text(Path(manifest), "manifest"), newline="") as f:
+            header = next(csv.reader(f), [])
+        known = {"case_id", "patient_id", "label", "prostate_mask", *CENTRE_COLUMNS, *components}
+        known |= {f"{name}_series" for name in components}
+        return sorted({c.strip() for c in header if c.strip()} - known)
+    names = set()
+    for case in cases:
+        for file in Path(case.components["t2w"]).parent.glob(f"{case.case_id}_*"):
+            suffix = max(
+                (s for s in IMAGE_SUFFIXES if file.name.lower().endswith(s)), key=len, default=""
+            )
+            if suffix:
+                names.add(file.name[len(case.case_id) + 1 : -len(suffix)])
+    return sorted(names - set(components))
 
 
 def write_manifest(cases: Sequence[CaseSpec], path: str | os.PathLike) -> None:

@@ -358,12 +358,23 @@ def _crop_label(label, t2w: sitk.Image, reference: sitk.Image, shape, cfg, case:
 def _read_components(
     components: Mapping[str, str | os.PathLike], case: str, series: Mapping[str, str]
 ) -> dict[str, sitk.Image]:
-    """Every component's image (the chosen series of a DICOM folder); the first (T2w) must be an
-    axial series and each other must overlap its field of view."""
+    """Every component's image (the chosen series of a DICOM folder); each must hold two slices
+    or more, the first (T2w) must be an axial series and each other must overlap its field of
+    view."""
     images = {
         name: read_image(path, case=case, series=series.get(name), component=name)
         for name, path in components.items()
     }
+    for name, image in images.items():
+        # One slice: a header thickness, no bladder reference (docs/data.md, "What is refused")
+        if image.GetSize()[2] < 2:
+            size = " x ".join(map(str, image.GetSize()))
+            raise CaseError(
+                case,
+                components[name],
+                f"{name} has a single slice ({size} voxels): a broken or partial export (prostate "
+                "MRI series hold about 20-30 slices); export the whole series",
+            )
     t2w_name, t2w = next(iter(images.items()))
     if problem := not_axial(t2w.GetDirection()):
         raise CaseError(case, components[t2w_name], problem)

@@ -11,7 +11,10 @@ leftover is removed only when its space is this process's and its pid has ended;
 left and named in one log line, to be removed by hand once no run writes it (its age proves
 nothing: a run elsewhere may take hours). A commit (`swap_in`) moves the old folder aside to
 `<folder>.old` before moving the new one in; when its writer died between the two, the next writer
-moves the old folder back first (`restore_moved_aside`).
+moves the old folder back first (`restore_moved_aside`). A folder named as before the space was
+(`.<name>.tmp-<pid>@<host>-<token>`) is never removed: its name cannot tell this PID namespace and
+boot from another container's with the same host name, or an earlier boot; its log line names
+the pid and host and gives the command that removes it.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import logging
 import os
 import re
 import secrets
+import shlex
 import shutil
 import socket
 from pathlib import Path
@@ -29,6 +33,9 @@ from focalnet_jax.processes import pid_alive, pid_space
 log = logging.getLogger(__name__)
 
 _NAME = r"^\.{name}\.tmp-(?P<pid>\d+)@(?P<host>.+)-(?P<space>[0-9a-f]{{8}})-[0-9a-f]{{8}}(\.old)?$"
+# Before the pid space was named (`.<name>.tmp-<pid>@<host>-<token>`): the pid may belong to
+# another container with this host name, or to an earlier boot, so its writer cannot be checked.
+_OLD_NAME = r"^\.{name}\.tmp-(?P<pid>\d+)@(?P<host>.+)-[0-9a-f]{{8}}(?P<old>\.old)?$"
 
 
 def writer_folder(path: Path) -> Path:
@@ -94,23 +101,18 @@ def remove_dead_leftovers(path: str | os.PathLike, writer: str = "preprocess") -
     removed = []
     for folder, match in _writer_folders(path):
         if match is None:
-            log.warning(
-                "leaving %s: a leftover that does not name its writer; remove it by hand "
-                "when no %s run writes %s",
-                folder,
-                writer,
-                path,
-            )
+            log.warning("%s", _unchecked_leftover(folder, path, writer))
         elif match["space"] != pid_space():
             log.warning(
                 "leaving %s: written by %s pid %s on %s, which cannot be checked from here "
-                "(another host or container); remove it by hand when no %s run writes %s",
+                "(another host or container); once no %s run writes %s, remove it: rm -r %s",
                 folder,
                 writer,
                 match["pid"],
                 match["host"],
                 writer,
                 path,
+                shlex.quote(str(folder)),
             )
         elif pid_alive(int(match["pid"])):
             log.warning("leaving %s: its writer, pid %s of this host, runs", folder, match["pid"])
@@ -122,3 +124,26 @@ def remove_dead_leftovers(path: str | os.PathLike, writer: str = "preprocess") -
             log.warning("removed %s, left by %s pid %s that ended", folder, writer, match["pid"])
             removed.append(folder)
     return removed
+
+
+def _unchecked_leftover(folder: Path, path: Path, writer: str) -> str:
+    """The log line for a leftover beside `path` whose name does not say where its pid can be
+    checked (`_OLD_NAME`, or no writer at all): who left it, as far as the name says, and the
+    command that removes it once no run writes `path`."""
+    old = re.match(_OLD_NAME.format(name=re.escape(path.name)), folder.name)
+    who = "a leftover that does not name its writer"
+    if old:
+        who = (
+            f"left by {writer} pid {old['pid']} on {old['host']}, named as before the pid's "
+            "container and boot were recorded, so whether it still runs cannot be checked"
+        )
+    todo = f"remove it: rm -r {shlex.quote(str(folder))}"
+    if old and old["old"]:
+        todo = (
+            f"it may be an earlier {path} that run moved aside: move it elsewhere to keep it, "
+            f"else {todo}"
+        )
+    return (
+        f"leaving {folder}: {who}; once no {writer} run writes {path} (on any host or "
+        f"container), {todo}"
+    )

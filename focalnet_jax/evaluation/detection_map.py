@@ -52,8 +52,9 @@ class CandidateSettings:
 
     threshold: one of THRESHOLD_MODES, or a fixed score in (0, 1) given as a string or number.
     min_voxels: blobs of at most this many voxels are dropped.
-    num_lesions: most candidates extracted by the `dynamic*` modes.
-    dynamic_threshold_factor: a candidate extends down to its peak / factor.
+    num_lesions: most candidates extracted by the `dynamic*` modes but the `-fast` ones.
+    dynamic_threshold_factor: a candidate extends down to its peak / factor (`dynamic-fast*`:
+    the map's peak, one threshold for the case).
     """
 
     threshold: str = "dynamic-fast"
@@ -117,10 +118,15 @@ def detection_map_image(
 
 # `focalnet predict` flags, in `CandidateSettings` field order: (flag suffix, type, help).
 FLAGS = (
-    ("threshold", str, "mode or score"),
-    ("min_voxels", int, "drop blobs <= N"),
-    ("num_lesions", int, "dynamic: most blobs"),
-    ("factor", float, "blob: peak / factor"),
+    ("threshold", str, f"one of {', '.join(THRESHOLD_MODES)}, or a fixed score in (0, 1)"),
+    ("min_voxels", int, "blobs of at most this many T2w voxels are dropped"),
+    ("num_lesions", int, "dynamic(-v2)(-mean) modes, not -fast: most blobs extracted"),
+    (
+        "factor",
+        float,
+        "dynamic modes: blobs extend down to peak / factor (-fast: the map's peak; "
+        "else each blob's)",
+    ),
 )
 
 
@@ -131,4 +137,4 @@ def add_candidate_flags(parser: argparse.ArgumentParser) -> None:
     defaults = dataclasses.astuple(CandidateSettings())
     for (flag, kind, text), default in zip(FLAGS, defaults, strict=True):
         group.add_argument(f"--candidate-{flag.replace('_', '-')}", type=kind, default=default,
-                           help=text)  # fmt: skip
+                           help=f"{text} (default: {default})")  # fmt: skip

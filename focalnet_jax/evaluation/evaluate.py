@@ -29,6 +29,9 @@ FROC_PANELS = (
     ("All lesions", "all"),
 )
 GS_PANELS = (("GS 3+3", "gs_3+3"), ("GS 3+4", "gs_3+4"), ("GS 4+3", "gs_4+3"), ("GS >= 8", "gs_8+"))
+# Every figure `write_figures` may write: an evaluation removes those of an earlier one in its
+# output folder before writing its metrics, so no figure is left beside numbers it does not show.
+FIGURE_FILES = ("froc.png", "froc_gs.png", "roc.png", "montage.png")
 
 
 def _warn_without_case_list(predictions_dir: str | Path, found: int) -> None:
@@ -133,14 +136,19 @@ def evaluate_predictions(
     metrics["picai"] = _picai_section(picai_results, picai_skipped, picai_bootstraps, seed)
     metrics.update(_models_record(predictions_dir))
     if out_dir is not None:
-        _write_outputs(metrics, Path(out_dir), label)
+        out_dir = Path(out_dir)
+        _write_outputs(metrics, out_dir, label)
         if with_figures:
             write_figures(metrics, summaries, paths, has_images, out_dir, montage_cases, label)
     return metrics
 
 
 def _write_outputs(metrics: dict, out_dir: Path, label: str) -> None:
-    """`metrics.json` and `report.md` in `out_dir`, each written atomically."""
+    """`metrics.json` and `report.md` in `out_dir`, each written atomically, after the figures of
+    an earlier evaluation there (`FIGURE_FILES`; no other file) are removed: a run without
+    figures, or without the montage, leaves none of another run's."""
+    for name in FIGURE_FILES:
+        (out_dir / name).unlink(missing_ok=True)
     write_json(metrics, out_dir / "metrics.json")
     report = markdown_report({label: [json_safe(metrics)]}, title=f"Evaluation of {label}")
     with replaced_atomically(out_dir / "report.md") as tmp:
@@ -181,7 +189,7 @@ def write_figures(
     label: str,
 ) -> list[Path]:
     """froc.png (Fig. 5), froc_gs.png (Fig. 6), roc.png (Fig. 7) and montage.png (Fig. 4, when the
-    predictions carry T2w)."""
+    predictions carry T2w): `FIGURE_FILES`."""
     froc = metrics["froc"]
 
     def froc_panels(panels):

@@ -13,6 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from focalnet_jax.data.atomic_files import replaced_atomically  # noqa: E402
 from focalnet_jax.evaluation.froc import sensitivity_at  # noqa: E402
 
 FP_RANGE = (0.01, 10.0)
@@ -150,11 +151,14 @@ def _unknown_grade(case: MontageCase) -> np.ndarray:
 
 
 def _save(fig, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    """Writes `fig` to the PNG `path` atomically (a killed write leaves no half image) and closes
+    it."""
+    try:
+        with replaced_atomically(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    return Path(path)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,8 +9,9 @@ from pathlib import Path
 
 from focalnet_jax.errors import UserError
 
-ONE_EXAM_FLAGS = ("t2w", "adc", "hbv", "component", "mask", "center")
+ONE_EXAM_FLAGS = ("t2w", "adc", "hbv", "component", "mask", "center", "center_ras")
 MANY_EXAM_FLAGS = ("images", "masks", "manifest")
+MANY_EXAM_SWITCHES = ("skip_bad_cases", "overwrite")
 
 
 def check_output_folder(path: Path | None, flag: str = "--out") -> None:
@@ -25,13 +26,14 @@ def check_output_folder(path: Path | None, flag: str = "--out") -> None:
 
 
 def _check_batch_size(args: argparse.Namespace) -> None:
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size}: expected at least 1")
 
 
 def check_evaluate_flags(args: argparse.Namespace) -> None:
     """`focalnet evaluate`: batch size, hit radius, score floor, bootstraps, flags that make
-    predictions given with --predictions, the output folder."""
+    predictions (or the compiled model that makes them) given with --predictions, the output
+    folder."""
     _check_batch_size(args)
     if not args.radius_mm > 0:
         raise UserError(f"--radius-mm {args.radius_mm}: expected a positive distance in mm")
@@ -44,9 +46,11 @@ def check_evaluate_flags(args: argparse.Namespace) -> None:
             "--allow-training-cases goes with --all-cases (a run's own fold is held out)"
         )
     if args.predictions is not None:
-        # They shape a prediction; files already predicted would be evaluated as they are.
+        # They shape or speed up a prediction; files already predicted are evaluated as they are.
         given = {"--tta flip": args.tta != "none", "--step": args.step is not None,
-                 "--store": args.store is not None}  # fmt: skip
+                 "--store": args.store is not None, "--all-cases": args.all_cases,
+                 "--batch-size": args.batch_size is not None,
+                 "--compilation_cache": args.compilation_cache is not None}  # fmt: skip
         if named := [flag for flag, on in given.items() if on]:
             raise UserError(
                 f"{named[0]} goes with --workdir (it makes the predictions); --predictions "
@@ -57,13 +61,15 @@ def check_evaluate_flags(args: argparse.Namespace) -> None:
 
 
 def check_predict_flags(args: argparse.Namespace) -> None:
-    """`focalnet predict`: batch size, one exam or many (not both), the output folder."""
+    """`focalnet predict`: batch size, one exam or many (not both), one crop centre, the output
+    folder."""
     _check_batch_size(args)
     if args.layout is not None:
         mixed = [f for f in ONE_EXAM_FLAGS if getattr(args, f)]
         if mixed:
             raise UserError(
-                f"--{mixed[0]} is for one exam; --layout {args.layout} reads its exams from "
+                f"--{mixed[0].replace('_', '-')} is for one exam; --layout {args.layout} reads "
+                f"its exams from "
                 f"{'--images' if args.layout == 'picai' else '--manifest'}"
             )
         other = "manifest" if args.layout == "picai" else "images"
@@ -72,8 +78,16 @@ def check_predict_flags(args: argparse.Namespace) -> None:
             raise UserError(f"--{flag} does not go with --layout {args.layout}")
     else:
         mixed = [f for f in MANY_EXAM_FLAGS if getattr(args, f) is not None]
+        mixed += [f for f in MANY_EXAM_SWITCHES if getattr(args, f)]
         if mixed:
-            raise UserError(f"--{mixed[0]} needs --layout (many exams); one exam is --t2w/--adc")
+            flag = mixed[0].replace("_", "-")
+            raise UserError(f"--{flag} needs --layout (many exams); one exam is --t2w/--adc")
+        for flag in ("center", "center_ras"):
+            if args.mask and getattr(args, flag):
+                raise UserError(
+                    f"--{flag.replace('_', '-')} {getattr(args, flag)} does not go with --mask "
+                    f"{args.mask}: the mask's centroid centres the crop"
+                )
     check_output_folder(args.out)
 
 

@@ -16,8 +16,8 @@ from focalnet_jax.evaluation.predict import check_exam_out, predict_exam
 COMPONENTS = ("t2w", "adc", "hbv")
 
 
-def parse_center(text: str | None) -> tuple[float, float, float] | None:
-    """'x,y,z' (LPS mm) -> a point; None for None."""
+def parse_center(text: str | None, flag: str = "--center") -> tuple[float, float, float] | None:
+    """'x,y,z' (mm) given with `flag` -> a point; None for None."""
     if not text:
         return None
     try:
@@ -25,8 +25,17 @@ def parse_center(text: str | None) -> tuple[float, float, float] | None:
     except ValueError:
         center = ()
     if len(center) != 3:
-        raise UserError(f"--center expects x,y,z, got {text!r}")
+        raise UserError(f"{flag} expects x,y,z, got {text!r}")
     return center
+
+
+def crop_centre(args: argparse.Namespace) -> tuple[float, float, float] | None:
+    """The LPS crop centre (mm) of `--center` (LPS) or `--center-ras` (RAS, as 3D Slicer shows
+    points: LPS with x and y negated), or None."""
+    if args.center_ras:
+        x, y, z = parse_center(args.center_ras, "--center-ras")
+        return (-x, -y, z)
+    return parse_center(args.center)
 
 
 def _flag(name: str, series: bool = False) -> str:
@@ -99,7 +108,7 @@ def run(args: argparse.Namespace) -> str:
             f"{_flag(unread[0], series=True)} names a series of {_flag(unread[0])}, which is not "
             "given"
         )
-    center = parse_center(args.center)
+    center = crop_centre(args)
     if args.layout is None:
         check_exam_out(args.out)  # before the models load
     candidates = CandidateSettings.from_flags(args)

@@ -174,7 +174,14 @@ def markdown_report(
     partial AUCs, GS ROC AUCs, PI-CAI metrics, and optional comparison lines."""
     lines = [f"# {title}", "", *_cohort(runs), *_paper_protocol(runs), *_picai_protocol(runs)]
     if comparisons:
-        lines += ["## Comparisons (Welch's t-test over folds, Bonferroni-corrected)", ""]
+        lines += [
+            "## Comparisons (Welch's two-sided t-test over folds, Bonferroni-corrected)",
+            "",
+            "Unpaired (the folds of two methods are not matched); a fold without a value is left "
+            "out (the folds each test used are given); Bonferroni: p x the method pairs, capped "
+            "at 1.",
+            "",
+        ]
         lines += list(comparisons) + [""]
     return "\n".join(lines)
 

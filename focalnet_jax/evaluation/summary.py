@@ -2,9 +2,9 @@
 
 Every `metrics.json` found under a method's DIR (recursively, sorted by path) is one fold. Writes
 `summary.json` (mean, SD, n of N and fold values of each metric, and for FP at a sensitivity how
-many folds never reached it; Welch p-values between methods with Bonferroni correction, and
-how many such folds a test left out), `summary.md` (the paper's tables, mean+-SD), and
-`froc.png`, `froc_gs.png`, `roc.png` with a +-2 SD band per method.
+many folds never reached it; two-sided Welch p-values between methods with Bonferroni correction,
+the folds each test used, and how many never-reached folds it left out), `summary.md` (the
+paper's tables, mean+-SD), and `froc.png`, `froc_gs.png`, `roc.png` with a +-2 SD band per method.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from focalnet_jax.data.atomic_files import replaced_atomically
 from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation import figures
 from focalnet_jax.evaluation.evaluate import FROC_PANELS, GS_PANELS
@@ -79,8 +80,8 @@ def method_comparisons(folds: Mapping[str, list[dict]]) -> tuple[dict, list[str]
 
 def _comparison_line(path: tuple[str, ...], row: dict) -> str:
     line = (
-        f"- {'/'.join(path)}: {row['a']} vs {row['b']}: p = {row['p']:.4g}, "
-        f"Bonferroni p = {row['p_bonferroni']:.4g}"
+        f"- {'/'.join(path)}: {row['a']} vs {row['b']} (folds {row['n_a']} vs {row['n_b']}): "
+        f"p = {row['p']:.4g}, Bonferroni p = {row['p_bonferroni']:.4g}"
     )
     missed = [f"{name} {k}" for name, k in row.get("not_reached", {}).items() if k]
     if missed:
@@ -146,7 +147,8 @@ def summarize_runs(runs: Mapping[str, str | Path], out_dir: str | Path) -> dict:
     out_dir = Path(out_dir)
     write_json(summary, out_dir / "summary.json")
     title = "Cross-validation summary: " + ", ".join(folds)
-    (out_dir / "summary.md").write_text(markdown_report(folds, title=title, comparisons=lines))
+    with replaced_atomically(out_dir / "summary.md") as tmp:
+        tmp.write_text(markdown_report(folds, title=title, comparisons=lines))
     write_band_figures(folds, out_dir)
     return summary
 

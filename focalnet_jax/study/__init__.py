@@ -7,6 +7,7 @@ Modules, one concept each:
 - `cells`: the cells of a study folder and their state (pending, running, done,
   failed, interrupted);
 - `cell_runner`: `focalnet study cell`, one cell = `focalnet train` + `focalnet evaluate`;
+- `attempts`: a cell's time over all its attempts (failed, killed, requeued, resumed);
 - `local`, `slurm`: the executors (processes on this machine; one `sbatch` job array);
 - `ensembles`: averaged predictions of several arms, evaluated like a cell;
 - `statistics`: permutation test (picai_eval), Welch's t-test, Bonferroni;

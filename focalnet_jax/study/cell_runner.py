@@ -5,7 +5,8 @@ from the cell's latest checkpoint) followed by `focalnet evaluate --workdir CELL
 `python -m focalnet_jax.cli` in a child process (so the study package never imports the CLI that
 imports it). Everything the cell prints goes to `CELL/cell.log` (appended: a resumed cell keeps
 the log of its earlier attempts); a failed command's last line of output (the one-line user
-error, or the exception of a traceback) is the cell's recorded reason. A cell already done
+error, or the exception of a traceback) is the cell's recorded reason. Its state file counts the
+seconds of this attempt and of every earlier one (module `attempts`). A cell already done
 returns at once. The local and SLURM executors both start cells with this command.
 """
 
@@ -21,6 +22,7 @@ import time
 from pathlib import Path
 
 from focalnet_jax.processes import pid_space
+from focalnet_jax.study.attempts import HEARTBEAT_S, attempt_fields, earlier_attempts
 from focalnet_jax.study.cells import STUDY_FILE, Study
 from focalnet_jax.study.inputs import check_inputs
 from focalnet_jax.study.spec import StudyError, cell_overrides, evaluation_slices
@@ -44,16 +46,24 @@ def cell_commands(study: Study, cell) -> tuple[list[str], list[str]]:
     return train, evaluate
 
 
-def run_focalnet(argv: list[str], log: Path) -> str | None:
-    """Run `focalnet ARGV` in a child process, its output appended to `log`; None on success,
-    else a one-line reason: the last user error or exception line the command printed (else its
-    last line, else its exit status)."""
+def run_focalnet(argv: list[str], log: Path, heartbeat=None) -> str | None:
+    """Run `focalnet ARGV` in a child process, its output appended to `log`, calling `heartbeat()`
+    (if given) every `HEARTBEAT_S` seconds while it runs; None on success, else a one-line reason:
+    the last user error or exception line the command printed (else its last line, else its exit
+    status)."""
     with open(log, "ab", buffering=0) as out:
         out.write(f"$ focalnet {shlex.join(argv)}\n".encode())
         start = out.tell()
-        status = subprocess.call(
+        child = subprocess.Popen(
             [sys.executable, "-m", "focalnet_jax.cli", *argv], stdout=out, stderr=subprocess.STDOUT
         )
+        while True:
+            try:
+                status = child.wait(timeout=HEARTBEAT_S)
+                break
+            except subprocess.TimeoutExpired:
+                if heartbeat is not None:
+                    heartbeat()
     if status == 0:
         return None
     with open(log, "rb") as written:
@@ -63,23 +73,35 @@ def run_focalnet(argv: list[str], log: Path) -> str | None:
     return reasons[-1] if reasons else f"focalnet {argv[0]} exited with status {status}"
 
 
-def run_cell(study_dir: str | Path, name: str) -> int:
-    """Train and evaluate cell `name` of the study in `study_dir`; 0 when done, 1 when failed."""
-    study = Study.open(study_dir)
-    cell = study.cell(name)
-    if study.state(cell).state == "done":
-        return 0
-    log = study.log_path(cell)
+def _placement() -> dict:
+    """Where the cell runs, kept in its state: the SLURM task, and its GPU(s) (one per worker slot
+    of the local executor, or SLURM's allocation)."""
     job = os.environ.get("SLURM_ARRAY_JOB_ID")
-    # Where the cell runs, kept in its state: the SLURM task, and its GPU(s) (one per worker slot
-    # of the local executor, or SLURM's allocation).
     placement = {"slurm_job": f"{job}_{os.environ['SLURM_ARRAY_TASK_ID']}"} if job else {}
     gpus = os.environ.get("CUDA_VISIBLE_DEVICES")
-    placement.update({"gpus": gpus} if gpus is not None else {})
-    start = time.time()
+    return {**placement, **({"gpus": gpus} if gpus is not None else {})}
+
+
+def run_cell(study_dir: str | Path, name: str) -> int:
+    """Train and evaluate cell `name` of the study in `study_dir`; 0 when done, 1 when failed.
+    Its state file counts this attempt's seconds and those of the earlier ones (`attempts`)."""
+    study = Study.open(study_dir)
+    cell = study.cell(name)
+    previous = study.state(cell)
+    if previous.state == "done":
+        return 0
+    log = study.log_path(cell)
+    earlier = earlier_attempts(previous.record, study.path(cell))  # before this attempt writes
+    placement, start = _placement(), time.time()
     here = {"pid": os.getpid(), "host": socket.gethostname(), "pid_space": pid_space()}
-    study.write_state(cell, "running", **here, log=str(log), **placement)
+
+    def record(state: str, **fields) -> None:
+        seconds = attempt_fields(earlier, time.time() - start)
+        study.write_state(cell, state, log=str(log), **seconds, **placement, **fields)
+
+    record("running", **here, started=start)
     log.parent.mkdir(parents=True, exist_ok=True)
+    gpus = placement.get("gpus")
     on = f", CUDA_VISIBLE_DEVICES={gpus}" if gpus is not None else ""
     with open(log, "a") as out:
         out.write(f"=== cell {name}, seed {study.seed(cell)}{on}, {time.ctime()} ===\n")
@@ -89,15 +111,14 @@ def run_cell(study_dir: str | Path, name: str) -> int:
     except StudyError as changed:
         error = str(changed)
     for argv in cell_commands(study, cell) if error is None else ():
-        error = run_focalnet(argv, log)
+        error = run_focalnet(argv, log, lambda: record("running", **here, started=start))
         if error:
             break
-    elapsed = round(time.time() - start, 1)
     if error:
         with open(log, "a") as out:
             out.write(f"cell {name} failed: {error}\n")
-        study.write_state(cell, "failed", error=error, log=str(log), seconds=elapsed, **placement)
+        record("failed", error=error)
         print(f"cell {name} failed: {error} (log: {log})", file=sys.stderr)
         return 1
-    study.write_state(cell, "done", log=str(log), seconds=elapsed, **placement)
+    record("done")
     return 0

@@ -104,7 +104,9 @@ def _slurm_options(study: Study, args: argparse.Namespace) -> dict:
 RUNNABLE = ("pending", "failed", "interrupted")
 
 
-def cell_states(study: Study, *, need_queue: bool = False) -> dict[str, tuple[str, str]]:
+def cell_states(
+    study: Study, *, need_queue: bool = False, record: bool = False
+) -> dict[str, tuple[str, str]]:
     """{cell name: (state, SLURM task id or '')}, with the SLURM queue's view: a cell not done
     whose latest submitted task is in the queue takes that task's state (`queued` while it
     waits), whatever an earlier attempt recorded (`failed`, `interrupted`), so it is not
@@ -112,10 +114,13 @@ def cell_states(study: Study, *, need_queue: bool = False) -> dict[str, tuple[st
     at its time limit) is `interrupted`; a cell whose task left the queue without starting it
     (e.g. the task's shell failed) is `failed`. `need_queue`: raise `StudyError` when `squeue`
     does not answer (e.g. it timed out on a busy controller) and a cell not done was submitted,
-    since a queued cell would look runnable and be submitted twice."""
+    since a queued cell would look runnable and be submitted twice. An array whose `study run`
+    died before recording it counts as recorded when it is in the queue
+    (`slurm.adopt_unrecorded`; `record`, under the run lock: recorded in jobs.json)."""
     from focalnet_jax.study import slurm
 
-    tasks = slurm.task_ids(study)
+    adopted = slurm.adopt_unrecorded(study, record=record, strict=need_queue or record)
+    tasks = slurm.task_ids([*slurm.read_jobs(study), *([] if record else adopted)])
     queue = slurm.queue_states(list(tasks.values()))
     if need_queue and queue is None:
         submitted = [c for c in study.cells() if c.name in tasks]
@@ -154,8 +159,9 @@ def _start_cells(study: Study, args: argparse.Namespace) -> int:
     from focalnet_jax.study import local, slurm
 
     cells = study.cells()
-    need_queue = args.executor == "slurm"
-    states = {n: state for n, (state, _) in cell_states(study, need_queue=need_queue).items()}
+    need_queue, record = args.executor == "slurm", not args.dry_run
+    found = cell_states(study, need_queue=need_queue, record=record)
+    states = {n: state for n, (state, _) in found.items()}
     todo = [c for c in cells if states[c.name] in RUNNABLE]
     done = sum(s == "done" for s in states.values())
     print(
@@ -196,6 +202,7 @@ def _ensembles(study: Study) -> None:
 
 def _status(args: argparse.Namespace) -> int:
     from focalnet_jax.study import slurm
+    from focalnet_jax.study.attempts import time_so_far
     from focalnet_jax.study.ensembles import ensemble_done
 
     study = Study.open(args.workdir)
@@ -207,19 +214,18 @@ def _status(args: argparse.Namespace) -> int:
         ended = name in ("interrupted", "failed") and task and "error" not in state.record
         why = (slurm.task_end(study, task) or "task left the queue, no output") if ended else None
         detail = state.record.get("error") or why or state.record.get("log", "")
-        seconds = state.record.get("seconds", "")
-        rows.append((cell.name, name, task, str(seconds), detail))
+        spent = time_so_far(state.record, study.path(cell))
+        seconds, attempts = (str(spent[0]), str(spent[1])) if spent else ("", "")
+        rows.append((cell.name, name, task, seconds, attempts, detail))
         counts[name] = counts.get(name, 0) + 1
     for cell in study.ensemble_cells():
         name = "done" if ensemble_done(study, cell) else "waiting"
-        rows.append((cell.name, name, "", "", "ensemble"))
-    widths = [
-        max(len(r[i]) for r in rows + [("cell", "state", "slurm job", "s", "")])
-        for i in (0, 1, 2, 3)
-    ]
-    header = ("cell", "state", "slurm job", "s", "log / error")
+        rows.append((cell.name, name, "", "", "", "ensemble"))
+    # s: seconds over all attempts (one running or killed: until its folder's latest write)
+    header = ("cell", "state", "slurm job", "s", "attempts", "log / error")
+    widths = [max(len(r[i]) for r in [*rows, header]) for i in range(5)]
     for row in [header, *rows]:
-        print("  ".join(v.ljust(w) for v, w in zip(row[:4], widths, strict=True)) + "  " + row[4])
+        print("  ".join(v.ljust(w) for v, w in zip(row[:5], widths, strict=True)) + "  " + row[5])
     print(", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
     return 0
 

@@ -3,7 +3,9 @@ the figures (module `figures`).
 
 runs.csv has one row per training cell and per ensemble cell (`kind` says which), with the
 metrics of its `eval/metrics.json` in the columns of `METRICS`, and for a training cell its final
-validation loss and that loss's drop over the last quarter of training (module `convergence`).
+validation loss and that loss's drop over the last quarter of training (module `convergence`),
+and what it cost: its seconds over all its attempts and their number (module `attempts`; NaN for
+an ensemble).
 stats.csv compares every ordered pair of arms and ensembles on every metric (module `statistics`).
 """
 
@@ -42,7 +44,18 @@ METRICS = {
 }
 HEADLINE = ("picai_auroc", "picai_ap", "picai_score", "froc_cs_sens_at_1fp")
 CONVERGENCE = ("val_loss", "val_loss_drop_last_quarter")  # NaN for an ensemble
-RUN_COLUMNS = ("arm", "kind", "repeat", "fold", "seed", *METRICS, *CONVERGENCE, "num_patients")
+COST = ("total_seconds", "attempts")  # over every attempt of a training cell; NaN for an ensemble
+RUN_COLUMNS = (
+    "arm",
+    "kind",
+    "repeat",
+    "fold",
+    "seed",
+    *METRICS,
+    *CONVERGENCE,
+    "num_patients",
+    *COST,
+)
 STATS_COLUMNS = (
     "metric",
     "arm_a",
@@ -54,13 +67,21 @@ STATS_COLUMNS = (
     "p_permutation",
     "p_welch",
     "p_welch_bonferroni",
+    "n_pairs",
+    "p_permutation_paired",
 )
 
 
+# runs.csv holds each metric rounded to this many decimals, and the tests read those values: equal
+# metrics that picai_eval's trapezoid AUROC gives as 0.6666666666666666 or 0.6666666666666667
+# (by the ROC curve's steps) are ties, and p_permutation equals picai_eval's test on the columns.
+METRIC_DECIMALS = 12
+
+
 def _lookup(metrics: Mapping, path: Sequence[str], where: str, *, partial: bool) -> float:
-    """The number at `path` in a cell's metrics.json (NaN where the metric is undefined: null, or
-    its section says why it was `skipped`); a missing key is a `StudyError` naming the cell and
-    key, or with `partial` a warning and NaN."""
+    """The number at `path` in a cell's metrics.json, rounded to METRIC_DECIMALS (NaN where the
+    metric is undefined: null, or its section says why it was `skipped`); a missing key is a
+    `StudyError` naming the cell and key, or with `partial` a warning and NaN."""
     value = metrics
     for key in path:
         if isinstance(value, Mapping) and "skipped" in value:
@@ -72,7 +93,7 @@ def _lookup(metrics: Mapping, path: Sequence[str], where: str, *, partial: bool)
             print(f"warning: {message}; reported as NaN", file=sys.stderr)
             return float("nan")
         value = value[key]
-    return float("nan") if value is None else float(value)
+    return float("nan") if value is None else round(float(value), METRIC_DECIMALS)
 
 
 def _row(
@@ -94,6 +115,9 @@ def _row(
         curve = convergence.val_loss_curve(study.path(cell))
     row["val_loss"], row["val_loss_drop_last_quarter"] = curve.final, curve.drop_last_quarter
     row["num_patients"] = metrics.get("num_patients")
+    record = {} if cell.ensemble else study.state(cell).record
+    row["total_seconds"] = float(record.get("total_seconds", record.get("seconds", math.nan)))
+    row["attempts"] = int(record.get("attempts", 1)) if record else math.nan
     return row, curve
 
 
@@ -145,6 +169,12 @@ def _fmt(value, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def _fmt_p(p: float) -> str:
+    """A p-value: 4 decimals, or 2 significant digits below 0.001 (an exact permutation p of
+    1/184756 printed as 0.0000 read as p = 0)."""
+    return _fmt(p, 4) if not math.isfinite(p) or p >= 1e-3 else f"{p:.1e}"
+
+
 def _header(study: Study, missing: Sequence[str]) -> list[str]:
     plain = study.plain
     spec_file = relative_to_cwd(plain["spec_file"])
@@ -182,26 +212,55 @@ def _metrics_table(rows: Sequence[Mapping], names: Sequence[str]) -> list[str]:
 
 
 def _comparisons(stats_rows: Sequence[Mapping], iterations: int) -> list[str]:
+    """The headline metrics' rows of stats.csv, with what each test permuted and corrected."""
+    if not stats_rows:
+        return ["", "## Comparisons", "", "One arm: nothing to compare."]
+    pairs = (
+        sum(1 for r in stats_rows if r["metric"] == stats_rows[0]["metric"]) if stats_rows else 0
+    )
     lines = [
         "",
         "## Comparisons (H1: b better than a)",
         "",
-        "p_permutation: picai_eval's permutation test over runs (exact when the two arms have "
-        f"<= 20 runs together, else {iterations} random splits drawn with seed "
-        f"{statistics.PERMUTATION_SEED}); p_welch: one-sided Welch "
-        "t-test; Bonferroni over the ordered pairs of each metric. See docs/studies.md.",
+        "Unit: the run (one value per trained cell or ensemble cell); n a, n b: the runs with a "
+        "value (an undefined metric leaves its run out). p_permutation: picai_eval's one-sided "
+        "permutation test of the order AUC, unpaired (the runs of a and b are not matched by "
+        "repeat or fold; exact over every split when the two arms have <= 20 runs together, "
+        f"else {iterations} random splits drawn with seed {statistics.PERMUTATION_SEED}, p >= "
+        f"1/{iterations + 1}); p paired: one-sided sign-flip permutation test of the mean "
+        "difference b - a over the n pairs of runs of the same repeat and fold (exact up to 20 "
+        f"pairs, else {iterations} random sign patterns); neither is corrected for multiple "
+        "comparisons. p_welch: one-sided Welch t-test, unpaired; p_welch_bonferroni: p_welch x "
+        f"{pairs} (the ordered pairs of each metric), capped at 1. See docs/studies.md.",
         "",
-        "| metric | a | b | mean a | mean b | p_permutation | p_welch | p_welch_bonferroni |",
-        "|---|---|---|---|---|---|---|---|",
+        "| metric | a | b | n a | n b | mean a | mean b | p_permutation | n pairs | p paired "
+        "| p_welch | p_welch_bonferroni |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in stats_rows:
         if r["metric"] in HEADLINE:
             lines.append(
-                f"| {r['metric']} | {r['arm_a']} | {r['arm_b']} | {_fmt(r['mean_a'])} | "
-                f"{_fmt(r['mean_b'])} | {_fmt(r['p_permutation'], 4)} | {_fmt(r['p_welch'], 4)} "
-                f"| {_fmt(r['p_welch_bonferroni'], 4)} |"
+                f"| {r['metric']} | {r['arm_a']} | {r['arm_b']} | {r['n_a']} | {r['n_b']} | "
+                f"{_fmt(r['mean_a'])} | {_fmt(r['mean_b'])} | {_fmt_p(r['p_permutation'])} | "
+                f"{r['n_pairs']} | {_fmt_p(r['p_permutation_paired'])} | "
+                f"{_fmt_p(r['p_welch'])} | {_fmt_p(r['p_welch_bonferroni'])} |"
             )
     return lines
+
+
+def _coverage(rows: Sequence[Mapping], names: Sequence[str]) -> list[str]:
+    """A warning when arms hold runs of different (repeat, fold) cells (a partial report): an
+    unpaired comparison of them mixes folds of other difficulty into the difference."""
+    cells = {name: {(r["repeat"], r["fold"]) for r in rows if r["arm"] == name} for name in names}
+    if len({frozenset(c) for c in cells.values()}) <= 1:
+        return []
+    counts = ", ".join(f"{name} {len(c)}" for name, c in cells.items())
+    return [
+        "",
+        f"**The arms hold runs of different cells** (runs: {counts}): their comparisons mix "
+        "folds and repeats that the other arm lacks, so a hard or easy fold can make a "
+        "difference; compare them once the same cells are done.",
+    ]
 
 
 def _convergence(rows: Sequence[Mapping], arms: Sequence[str]) -> list[str]:
@@ -232,11 +291,36 @@ def _convergence(rows: Sequence[Mapping], arms: Sequence[str]) -> list[str]:
     return lines
 
 
+def _cost(rows: Sequence[Mapping], arms: Sequence[str]) -> list[str]:
+    """Per training arm: wall-clock seconds per run over all its attempts, and the retries."""
+    lines = [
+        "",
+        "## Cost (wall-clock time of each run's cell, over all its attempts)",
+        "",
+        "A run that failed, was killed or was requeued and then resumed counts every attempt "
+        "(an attempt killed without a word counts until its last log or state write).",
+        "",
+        "| arm | s per run (mean +- SD) | total h | attempts | runs with > 1 attempt |",
+        "|---|---|---|---|---|",
+    ]
+    for arm in arms:
+        selected = [r for r in rows if r["arm"] == arm and r["kind"] == "arm"]
+        seconds = mean_sd([r["total_seconds"] for r in selected])
+        total = np.nansum([r["total_seconds"] for r in selected]) / 3600
+        attempts = [r["attempts"] for r in selected]
+        lines.append(
+            f"| {arm} | {_fmt(seconds['mean'], 1)} +- {_fmt(seconds['sd'], 1)} | "
+            f"{_fmt(float(total), 3)} | {sum(attempts)} | {sum(a > 1 for a in attempts)} |"
+        )
+    return lines
+
+
 def _markdown(study: Study, found: Collected, stats_rows, iterations: int) -> str:
     names = list(dict.fromkeys(r["arm"] for r in found.rows))
     lines = _header(study, found.missing) + _metrics_table(found.rows, names)
-    lines += _comparisons(stats_rows, iterations)
+    lines += _comparisons(stats_rows, iterations) + _coverage(found.rows, names)
     lines += _convergence(found.rows, [a for a in study.arms if a in names])
+    lines += _cost(found.rows, [a for a in study.arms if a in names])
     lines += ["", "## Figures", ""]
     pngs = ["metrics.png", "froc_cs.png"] + (["pvalues.png"] if len(names) > 1 else [])
     lines += [f"![{png}]({png})" for png in (*pngs, "val_loss.png")]
@@ -271,7 +355,8 @@ def write_report(
         metric: {name: [r[metric] for r in rows if r["arm"] == name] for name in names}
         for metric in METRICS
     }
-    stats_rows = statistics.compare_arms(per_metric, iterations)
+    cells = {name: [(r["repeat"], r["fold"]) for r in rows if r["arm"] == name] for name in names}
+    stats_rows = statistics.compare_arms(per_metric, iterations, cells)
     _write_csv(out / "runs.csv", RUN_COLUMNS, rows)
     _write_csv(out / "stats.csv", STATS_COLUMNS, stats_rows)
     figures.box_strip(out / "metrics.png", {m: per_metric[m] for m in HEADLINE})

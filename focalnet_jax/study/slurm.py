@@ -2,7 +2,11 @@
 
 `submit` writes `DIR/slurm/array-<time>.txt` (the task list: line i+1 is task i's cell) and
 `DIR/slurm/array-<time>.sbatch`, submits the script with `sbatch --parsable` and appends the job
-id and its tasks to `DIR/slurm/jobs.json`. Each task `cd`s to the submitting folder and runs the
+id and its tasks to `DIR/slurm/jobs.json`. So that no array goes untracked when `study run` dies
+between `sbatch` and that write, the array's name carries a token of its own
+(`study-<folder>-<token>`) and is recorded with its cells in `DIR/slurm/submitting.json` before
+`sbatch` runs; the next `study run` or `study status` finds such an array in `squeue --name` and
+adopts it (`adopt_unrecorded`). Each task `cd`s to the submitting folder and runs the
 cell with the submitting Python (`sys.executable`); `sbatch` exports the submitting environment
 by default (`--export=ALL`), so the task sees the same `PYTHONPATH`, virtual environment and
 variables. Task output: `DIR/slurm/<job>_<task>.out` (the cell's own log is `CELL/cell.log`).
@@ -17,6 +21,7 @@ import shlex
 import shutil
 import subprocess
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -26,6 +31,7 @@ from focalnet_jax.study.local import cell_argv
 from focalnet_jax.study.spec import StudyError
 
 JOBS_FILE = "jobs.json"
+INTENTS_FILE = "submitting.json"  # arrays being submitted: written before `sbatch`
 # sbatch --time: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS (numbers of any length).
 TIME_FORMAT = re.compile(r"\d+(:\d+){0,2}|\d+-\d+(:\d+){0,2}")
 # What slurmstepd writes to a task's output when it ends the task, e.g. `slurmstepd-n1: error:
@@ -53,13 +59,21 @@ def _directive_value(value: str) -> str:
     return f'"{value}"'
 
 
-def sbatch_script(study: Study, tasks_file: Path, num_tasks: int, options: Mapping) -> str:
-    """The job array script for `num_tasks` cells listed in `tasks_file`."""
+def job_name(study: Study, token: str) -> str:
+    """`study-<folder>-<token>`: the folder's name for people reading the queue, the token to find
+    the array by (`squeue --name` splits its argument at commas, so a comma becomes `_`)."""
+    return f"study-{study.root.resolve().name.replace(',', '_')}-{token}"
+
+
+def sbatch_script(
+    study: Study, tasks_file: Path, num_tasks: int, options: Mapping, name: str
+) -> str:
+    """The job array script, called `name`, for `num_tasks` cells listed in `tasks_file`."""
     slurm_dir = (study.root / "slurm").resolve()
     throttle = int(options.get("throttle") or 0)
     lines = [
         "#!/bin/bash",
-        f"#SBATCH --job-name={_directive_value(f'study-{study.root.resolve().name}')}",
+        f"#SBATCH --job-name={_directive_value(name)}",
         f"#SBATCH --array=0-{num_tasks - 1}" + (f"%{throttle}" if throttle else ""),
         f"#SBATCH --output={_directive_value(f'{slurm_dir}/%A_%a.out')}",
         "#SBATCH --open-mode=append",  # a requeued task keeps why its earlier run ended
@@ -89,32 +103,50 @@ def submit(
     study: Study, cells: Sequence[Cell], options: Mapping, *, dry_run: bool = False
 ) -> str | None:
     """Write and submit the job array of `cells`; returns the job id (None for a dry run, which
-    prints the script and writes nothing)."""
+    prints the script and writes nothing). The array is recorded in `INTENTS_FILE` before
+    `sbatch` and in `JOBS_FILE` after it (module docstring)."""
     slurm_dir = study.root / "slurm"
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    name = job_name(study, uuid.uuid4().hex[:12])
     if dry_run:
         tasks_file = (slurm_dir / f"array-{stamp}.txt").resolve()
-        print(sbatch_script(study, tasks_file, len(cells), options), end="")
+        print(sbatch_script(study, tasks_file, len(cells), options, name), end="")
         return None
     if shutil.which("sbatch") is None:
         raise StudyError("--executor slurm: `sbatch` is not on PATH (see docs/studies.md)")
     slurm_dir.mkdir(parents=True, exist_ok=True)
-    name = _new_name(slurm_dir, f"array-{stamp}")
-    tasks_file = (slurm_dir / f"{name}.txt").resolve()
+    stem = _new_name(slurm_dir, f"array-{stamp}")
+    tasks_file = (slurm_dir / f"{stem}.txt").resolve()
     tasks_file.write_text("".join(f"{cell.name}\n" for cell in cells))
-    script_file = slurm_dir / f"{name}.sbatch"
-    script_file.write_text(sbatch_script(study, tasks_file, len(cells), options))
+    script_file = slurm_dir / f"{stem}.sbatch"
+    script_file.write_text(sbatch_script(study, tasks_file, len(cells), options, name))
+    array = {"job_name": name, "script": str(script_file), "cells": [c.name for c in cells]}
+    write_json_atomic([*read_intents(study), array], slurm_dir / INTENTS_FILE)
+    job_id = run_sbatch(script_file)
+    record_job(study, {"job_id": job_id, **array})
+    return job_id
+
+
+def run_sbatch(script_file: Path) -> str:
+    """Submit `script_file` (`sbatch --parsable`); its job id, or a `StudyError` with sbatch's
+    last line."""
     done = subprocess.run(
         ["sbatch", "--parsable", str(script_file)], capture_output=True, text=True, check=False
     )
     if done.returncode != 0:
         reason = (done.stderr or done.stdout).strip().splitlines()
         raise StudyError(f"sbatch {script_file}: {reason[-1] if reason else done.returncode}")
-    job_id = done.stdout.strip().split(";")[0]
-    jobs = read_jobs(study)
-    jobs.append({"job_id": job_id, "script": str(script_file), "cells": [c.name for c in cells]})
-    write_json_atomic(jobs, slurm_dir / JOBS_FILE)
-    return job_id
+    return done.stdout.strip().split(";")[0]
+
+
+def record_job(study: Study, job: Mapping) -> None:
+    """Append submitted array `job` ({job_id, job_name, script, cells}) to `JOBS_FILE`, then drop
+    its intent from `INTENTS_FILE` (dying in between leaves an intent that `adopt_unrecorded`
+    finds recorded)."""
+    slurm_dir = study.root / "slurm"
+    write_json_atomic([*read_jobs(study), dict(job)], slurm_dir / JOBS_FILE)
+    left = [i for i in read_intents(study) if i["job_name"] != job["job_name"]]
+    write_json_atomic(left, slurm_dir / INTENTS_FILE)
 
 
 def _new_name(folder: Path, stem: str) -> str:
@@ -136,10 +168,78 @@ def read_jobs(study: Study) -> list[dict]:
     return json.loads(path.read_text()) if path.is_file() else []
 
 
-def task_ids(study: Study) -> dict[str, str]:
-    """{cell name: `<job>_<task>`} of the latest submission of each cell."""
+def read_intents(study: Study) -> list[dict]:
+    path = study.root / "slurm" / INTENTS_FILE
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def adopt_unrecorded(study: Study, *, record: bool, strict: bool) -> list[dict]:
+    """The arrays submitted by a `study run` that died before recording them in `JOBS_FILE`: each
+    intent in `INTENTS_FILE` whose name `squeue --name` finds, as a `JOBS_FILE` entry.
+
+    `record` (only under the run lock, so that the intents' writer has ended): append them to
+    `JOBS_FILE` and clear `INTENTS_FILE`; an intent not in the queue is dropped, since its `sbatch`
+    submitted nothing or its array has left the queue (its cells' state files say how they
+    ended). `strict`: raise `StudyError` when `squeue` does not answer and an intent is
+    unresolved, or when more than one job carries an intent's name, naming them (else such
+    intents are left out)."""
+    recorded = {job.get("job_name") for job in read_jobs(study)}
+    waiting = [i for i in read_intents(study) if i["job_name"] not in recorded]
+    found = queued_names([i["job_name"] for i in waiting]) if waiting else {}
+    if found is None and strict:
+        raise StudyError(
+            f"{study.root / 'slurm' / INTENTS_FILE}: job array {waiting[0]['job_name']!r} was "
+            "being submitted and is not in jobs.json, and `squeue` did not answer, so whether "
+            "it is queued is unknown; nothing started (run again once `squeue` works)"
+        )
+    adopted = []
+    for intent in waiting if found else ():
+        ids = sorted(found.get(intent["job_name"], []), key=lambda i: (len(i), i))
+        if len(ids) > 1 and strict:
+            raise StudyError(
+                f"jobs {', '.join(ids)} are all called {intent['job_name']!r}, the array of "
+                f"{len(intent['cells'])} cells one `study run` submitted; cancel all but one "
+                "(`scancel`) and run again"
+            )
+        adopted += [{"job_id": ids[0], **intent}] if len(ids) == 1 else []
+    if record and found is not None:
+        for job in adopted:
+            record_job(study, job)
+            print(
+                f"adopted job array {job['job_id']} ({len(job['cells'])} tasks): submitted by a "
+                "`study run` that ended before recording it"
+            )
+        if read_intents(study):
+            write_json_atomic([], study.root / "slurm" / INTENTS_FILE)
+    return adopted
+
+
+def queued_names(names: Sequence[str]) -> dict[str, list[str]] | None:
+    """{job name: [array job ids in the queue]} of `names` (`squeue --name`); None where squeue
+    is absent or fails."""
+    if not has_queue():
+        return None
+    done = subprocess.run(
+        ["squeue", "-h", "-o", "%F %j", f"--name={','.join(names)}"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        return None
+    found: dict[str, list[str]] = {}
+    for line in done.stdout.splitlines():
+        job_id, _, name = line.strip().partition(" ")
+        if job_id and job_id not in found.setdefault(name, []):
+            found[name].append(job_id)
+    return found
+
+
+def task_ids(jobs: Sequence[Mapping]) -> dict[str, str]:
+    """{cell name: `<job>_<task>`} of the latest submission of each cell among `jobs` (entries
+    of `JOBS_FILE`)."""
     ids = {}
-    for job in read_jobs(study):
+    for job in jobs:
         for index, name in enumerate(job["cells"]):
             ids[name] = f"{job['job_id']}_{index}"
     return ids

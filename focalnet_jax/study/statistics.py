@@ -1,7 +1,8 @@
 """Comparisons of arms over their runs (one value per cell): the permutation test of Bosma et al.
-2022 (as picai_eval computes it), Welch's t-test (SciPy) and the Bonferroni correction.
+2022 (as picai_eval computes it), a paired permutation test over the cells both arms ran, Welch's
+t-test (SciPy) and the Bonferroni correction.
 
-Both tests are one-sided with the same direction: H1 = the alternative arm `b` scores higher than
+All tests are one-sided with the same direction: H1 = the alternative arm `b` scores higher than
 the baseline arm `a` (every metric compared here is higher-is-better).
 
 - `p_permutation`: the one-sided permutation test of picai_eval's
@@ -19,20 +20,32 @@ the baseline arm `a` (every metric compared here is higher-is-better).
 - `p_welch`: Welch's unequal-variance t-test (`evaluation.stats.welch_pvalue`), one-sided
   (H1: mean of b > mean of a).
 - `p_welch_bonferroni`: min(1, p_welch x m), m = the number of ordered arm pairs of that metric.
+- `p_permutation_paired` over `n_pairs`: `paired_permutation_pvalue`, the runs of a and b of the
+  same repeat and fold paired, the signs of their differences flipped.
 
 Values that are not numbers (NaN: e.g. an AUROC of a fold without negatives) are left out of
-both tests; a test with fewer than 1 (permutation) or 2 (Welch) values per arm gives NaN.
+every test; a test with fewer than 1 (permutation) or 2 (Welch) values per arm gives NaN. The
+report rounds every metric to `report.METRIC_DECIMALS` before the tests (equal metrics reached by
+other float paths, e.g. picai_eval's trapezoid AUROC, differ in the last bit), so `p_permutation`
+is exactly picai_eval's test on runs.csv's values; Welch's and the paired test also count values
+within `evaluation.stats.TIE_TOLERANCE` of each other as equal.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
 from scipy.stats import rankdata
 
-from focalnet_jax.evaluation.stats import bonferroni, finite_values, welch_pvalue
+from focalnet_jax.evaluation.stats import (
+    TIE_TOLERANCE,
+    bonferroni,
+    finite_values,
+    tie_close_values,
+    welch_pvalue,
+)
 
 APPROXIMATE_ITERATIONS = 10_000
 PERMUTATION_SEED = 0
@@ -54,7 +67,9 @@ def permutation_pvalue(
     a, b = finite_values(baseline), finite_values(alternative)
     if a.size < 1 or b.size < 1:
         return float("nan")
-    ranks = rankdata(np.concatenate([a, b]))  # mid-ranks: a tie counts half, as in the AUC
+    # Mid-ranks: a tie counts half, as in the AUC (the report rounds its metrics first, so values
+    # equal but for float rounding are ties: METRIC_DECIMALS in module `report`).
+    ranks = rankdata(np.concatenate([a, b]))
     observed = ranks[a.size :].sum() - _RANK_SUM_TOL
     if ranks.size <= EXACT_MAX_RUNS:
         splits = np.array(list(itertools.combinations(range(ranks.size), b.size)))
@@ -67,6 +82,41 @@ def permutation_pvalue(
     return (extreme + 1) / (iterations + 1)
 
 
+def paired_permutation_pvalue(
+    baseline: Mapping[Hashable, float],
+    alternative: Mapping[Hashable, float],
+    iterations: int = APPROXIMATE_ITERATIONS,
+    seed: int = PERMUTATION_SEED,
+) -> tuple[float, int]:
+    """(one-sided p, pairs) of the paired sign-flip permutation test of the mean difference
+    `alternative - baseline` over the cells (keys: repeat and fold) where both have a value
+    (H1: the mean difference > 0). Null: each pair's difference is as likely negative; every one of
+    the 2^n sign patterns enumerated up to EXACT_MAX_RUNS pairs, else `iterations` drawn with
+    `seed`, p = (at least as extreme + 1) / (iterations + 1). NaN without pairs."""
+    if iterations < 1:
+        raise ValueError(f"iterations must be at least 1, got {iterations}")
+    keys = [k for k in baseline if k in alternative]
+    a = np.array([baseline[k] for k in keys], np.float64)
+    b = np.array([alternative[k] for k in keys], np.float64)
+    kept = np.isfinite(a) & np.isfinite(b)
+    if not kept.any():
+        return float("nan"), 0
+    pooled = tie_close_values(np.concatenate([a[kept], b[kept]]))  # equal but for rounding: 0
+    diff = pooled[kept.sum() :] - pooled[: kept.sum()]
+    observed = diff.sum() - TIE_TOLERANCE * max(1.0, np.abs(diff).sum())
+    if diff.size <= EXACT_MAX_RUNS:
+        sums = np.zeros(1)
+        for d in diff:  # every sign pattern's sum, 2^n of them
+            sums = np.concatenate([sums + d, sums - d])
+        return float(np.mean(sums >= observed)), int(diff.size)
+    rng = np.random.default_rng(seed)
+    extreme = 0
+    for start in range(0, iterations, _CHUNK):
+        signs = rng.choice([-1.0, 1.0], size=(min(_CHUNK, iterations - start), diff.size))
+        extreme += int(np.sum(signs @ diff >= observed))
+    return (extreme + 1) / (iterations + 1), int(diff.size)
+
+
 def _mean(values: Sequence[float]) -> float:
     kept = finite_values(values)
     return float(kept.mean()) if kept.size else float("nan")
@@ -75,16 +125,24 @@ def _mean(values: Sequence[float]) -> float:
 def compare_arms(
     per_metric: Mapping[str, Mapping[str, Sequence[float]]],
     iterations: int = APPROXIMATE_ITERATIONS,
+    cells: Mapping[str, Sequence[Hashable]] | None = None,
 ) -> list[dict]:
     """Rows of stats.csv: for each metric and each ordered pair (baseline a, alternative b).
 
-    `per_metric`: {metric: {arm: per-run values}}.
+    `per_metric`: {metric: {arm: per-run values}}; `cells`: {arm: the cell (repeat, fold) of each
+    of its runs, in the same order}, which adds the paired test (`p_permutation_paired`,
+    `n_pairs`).
     """
     rows = []
     for metric, per_arm in per_metric.items():
         pairs = list(itertools.permutations(per_arm, 2))
         for a, b in pairs:
             p_welch = welch_pvalue(per_arm[b], per_arm[a], alternative="greater")
+            paired = {}
+            if cells is not None:
+                by_cell = [dict(zip(cells[arm], per_arm[arm], strict=True)) for arm in (a, b)]
+                p, n = paired_permutation_pvalue(*by_cell, iterations)
+                paired = {"n_pairs": n, "p_permutation_paired": p}
             rows.append(
                 {
                     "metric": metric,
@@ -97,6 +155,7 @@ def compare_arms(
                     "p_permutation": permutation_pvalue(per_arm[a], per_arm[b], iterations),
                     "p_welch": p_welch,
                     "p_welch_bonferroni": bonferroni(p_welch, len(pairs)),
+                    **paired,
                 }
             )
     return rows

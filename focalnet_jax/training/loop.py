@@ -120,7 +120,9 @@ def panel(reader, rows: np.ndarray, predicted: np.ndarray) -> np.ndarray:
 
 class _Logger:
     """The loop's periodic outputs: scalars every `log_every` steps (with images/s), validation
-    every `eval_every` steps, a non-finite check before each log and checkpoint.
+    every `eval_every` steps, a non-finite check before each log and checkpoint. The progress
+    bar shows the loss of the latest log, with its step (`log_every` > 1: an earlier step than
+    the bar's count; fetching every step's loss would make the host wait for each step).
 
     `train/images_per_s` = training images of the global batch (all devices, all processes) since
     the previous log / the seconds spent training them: the time inside `outside_steps()`
@@ -168,7 +170,8 @@ class _Logger:
         scalars["train/images_per_s"] = images / max(seconds, 1e-9)
         self.last_time, self.last_step, self.excluded_s = now, done, 0.0
         self.writer.scalars(done, scalars)
-        self.progress.set_postfix(loss=f"{scalars['train/loss']:.4f}", refresh=False)
+        # The bar moves at every step, the loss only at a log: the bar names the loss's step.
+        self.progress.set_postfix(loss=f"{scalars['train/loss']:.4f} (step {done})", refresh=False)
 
     def validation(self, done: int, val: dict, reader, shown: dict) -> None:
         self.writer.scalars(done, val)
@@ -177,6 +180,23 @@ class _Logger:
             self.writer.image(done, "val/panel", image)
             line = ", ".join(f"{k} {v:.4f}" for k, v in sorted(val.items()))
             self.progress.write(f"step {done}: {line}")
+
+
+def _mfl_note(spec: RunSpec) -> str:
+    """What MFL runs each step, e.g. `, MFL over 30 subsets of 5 components (select: 30 forward
+    passes without gradients, 4 at a time, then each slice's chosen subset with gradients)`."""
+    if not spec.mfl:
+        return ""
+    m, chunk = len(spec.subsets), spec.mfl_chunk if 0 < spec.mfl_chunk < len(spec.subsets) else 0
+    at_a_time = f"{chunk} at a time" if chunk else "all at once"
+    if spec.mfl_mode == "select":
+        passes = f"{m} forward passes without gradients, {at_a_time}, then each slice's chosen "
+        passes += "subset with gradients"
+    else:
+        passes = f"{m} forward and backward passes, {at_a_time}"
+    return (
+        f", MFL over {m} subsets of {len(spec.components)} components ({spec.mfl_mode}: {passes})"
+    )
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *, store=None):
@@ -216,8 +236,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     if jax.process_index() == 0:
         log.info(
             "%s, fold %d: %d train / %d val slices, %d steps (%d per epoch), start at %d, "
-            "lambda %.4g", workdir, config.data.fold, len(split.train_rows), len(split.val_rows),
-            num_steps, batches.steps_per_epoch, start, lam,
+            "lambda %.4g%s", workdir, config.data.fold, len(split.train_rows), len(split.val_rows),
+            num_steps, batches.steps_per_epoch, start, lam, _mfl_note(spec),
         )  # fmt: skip
     progress = tqdm(
         total=num_steps, initial=start, disable=jax.process_index() != 0, desc="train", unit="step"

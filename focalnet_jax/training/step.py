@@ -213,7 +213,8 @@ def validation_loss(totals: dict, loss: losses.LossSpec) -> float:
     """The validation loss from `eval_step` sums added over every batch of the fold: the
     weighted mean of the per-slice losses, plus for a batch-Dice loss its Dice weight times the
     Dice loss of the fold taken as one batch (the arm's own loss; a mean of per-image Dice with
-    eps 1e-5 is ~1 on every lesion-free channel and does not fall with training)."""
+    eps 1e-5 is ~1 on every lesion-free channel and does not fall with training). `totals`:
+    host (NumPy) values, as `jax.device_get` returns them; they are finished on the host."""
     value = float(totals["loss"]) / max(float(totals["count"]), 1.0)
     options = losses.batch_dice_options(loss)
     if options is not None:

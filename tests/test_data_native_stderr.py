@@ -1,0 +1,63 @@
+"""`native_stderr.captured()`: what is written to file descriptor 2 in the block (by C code, or
+by a child process sharing it) is captured, and fd 2 is back afterwards, also after an error."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from focalnet_jax.data.native_stderr import Captured, captured
+
+
+def test_fd2_writes_in_the_block_are_captured_and_fd2_restored(capfd):
+    os.write(2, b"before\n")
+    with captured() as printed:
+        os.write(2, b"Invalid marker size\n")
+        subprocess.run([sys.executable, "-c", "import os; os.write(2, b'from a child\\n')"])
+    os.write(2, b"after\n")
+    assert printed.text == "Invalid marker size\nfrom a child\n"
+    assert capfd.readouterr().err == "before\nafter\n"
+
+
+def test_text_is_captured_when_the_block_raises(capfd):
+    with pytest.raises(RuntimeError, match="decode failed"), captured() as printed:
+        os.write(2, b"A marker ID was expected\n")
+        raise RuntimeError("decode failed")
+    assert printed.text == "A marker ID was expected\n"
+    os.write(2, b"restored\n")
+    assert capfd.readouterr().err == "restored\n"
+
+
+def test_nested_and_threaded_captures_each_get_their_own_text(capfd):
+    with captured() as outer:
+        os.write(2, b"outer 1\n")
+        with captured() as inner:
+            os.write(2, b"inner\n")
+        os.write(2, b"outer 2\n")
+    assert (outer.text, inner.text) == ("outer 1\nouter 2\n", "inner\n")
+    texts = {}
+
+    def write(name):
+        with captured() as printed:
+            for _ in range(50):
+                os.write(2, f"{name}\n".encode())
+        texts[name] = printed.text
+
+    threads = [threading.Thread(target=write, args=(name,)) for name in "ab"]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert texts == {"a": "a\n" * 50, "b": "b\n" * 50}
+    assert capfd.readouterr().err == ""
+
+
+def test_summary_is_one_line_of_distinct_lines_with_counts():
+    printed = Captured("Invalid marker size\n\n  Invalid marker size\nStream too short\n" * 2)
+    assert printed.summary() == "Invalid marker size (x4); Stream too short (x2)"
+    assert Captured("x" * 400).summary(limit=10) == "xxxxxxx..."
+    assert Captured("").summary() == ""
