@@ -25,7 +25,8 @@ class LayoutError(UserError):
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM (`kill`, a SLURM time limit) raised like Ctrl-C, so temporary files are removed."""
+    """SIGTERM (`kill`, a SLURM time limit) raised like Ctrl-C, so temporary files are removed.
+    A message, where given, says what was done and replaces `interrupted by SIGTERM`."""
 
 
 @contextlib.contextmanager
@@ -67,15 +68,17 @@ def is_user_error(error: BaseException) -> bool:
 def one_line_user_errors(prog: str, *, verbose: bool = False):
     """A user error (`is_user_error`) raised in the block is printed as `<prog>: error: <message>`
     on one line of stderr (after its traceback when `verbose`) and ends the program with exit
-    status 2 (`UserErrorExit`); Ctrl-C or `Terminated` as `<prog>: interrupted by ...` with status
-    130 or 143; any other exception passes unchanged."""
+    status 2 (`UserErrorExit`); Ctrl-C or `Terminated` as `<prog>: interrupted by ...` (or
+    `<prog>: <the Terminated's message>`) with status 130 or 143; any other exception passes
+    unchanged."""
     try:
         yield
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         if verbose:
             traceback.print_exc()
-        terminated = sys.exc_info()[0] is Terminated
-        print(f"{prog}: interrupted by {'SIGTERM' if terminated else 'Ctrl-C'}", file=sys.stderr)
+        terminated = isinstance(interrupt, Terminated)
+        what = f"interrupted by {'SIGTERM' if terminated else 'Ctrl-C'}"
+        print(f"{prog}: {(terminated and str(interrupt)) or what}", file=sys.stderr)
         raise SystemExit(128 + (signal.SIGTERM if terminated else signal.SIGINT)) from None
     except Exception as error:
         if not is_user_error(error):

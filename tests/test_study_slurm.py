@@ -312,3 +312,39 @@ def _jobs_named(name: str, env: dict) -> list[str]:
     listed = ["squeue", "-h", "-o", "%F", f"--name={name}"]
     queued = subprocess.run(listed, env=env, capture_output=True, text=True, check=True).stdout
     return sorted(set(queued.split()))
+
+
+@pytest.mark.slow
+def test_a_task_ended_while_training_saves_its_step_and_the_requeued_task_resumes_there(
+    store, cluster, tmp_path
+):
+    """SLURM ends a task (requeue, preemption, time limit, `scancel`) with SIGTERM to all its
+    processes, then SIGKILL after KillWait: the cell's `focalnet train` saves the step it is at,
+    says so in cell.log and exits with status 143 (the `study cell` above it ends at once, the
+    cell is `interrupted` as before); the requeued task's training starts at that step."""
+    workdir, env, cell_log, job = _one_cell_on_slurm(store, cluster, tmp_path)
+    deadline = time.time() + 240
+    while time.time() < deadline and not re.search(r"\b[1-9]\d*/5000\b", _text(cell_log)):
+        time.sleep(0.2)  # until the progress bar shows a step: the training loop runs
+    assert re.search(r"\b[1-9]\d*/5000\b", _text(cell_log)), _text(cell_log)[-2000:]
+    subprocess.run(["scontrol", "requeue", f"{job}_0"], env=env, check=True)
+    stopped = re.compile(
+        r"focalnet train: stopped by SIGTERM at step (\d+) in \S+; checkpoint saved"
+    )
+    deadline = time.time() + 60
+    while time.time() < deadline and not stopped.search(_text(cell_log)):
+        time.sleep(0.2)
+    match = stopped.search(_text(cell_log))
+    output = workdir / "slurm" / f"{job}_0.out"
+    assert match, _text(cell_log)[-2000:] + _text(output)[-1000:]
+    step = int(match.group(1))
+    checkpoints = sorted(
+        p.name for p in (workdir / "ce" / "rep0" / "fold0" / "checkpoints").iterdir()
+    )
+    assert str(step) in checkpoints, (step, checkpoints)
+    _start_now(f"{job}_0", env)
+    deadline = time.time() + 360  # the requeued task may wait for its begin time (2 minutes)
+    while time.time() < deadline and f"start at {step}," not in _text(cell_log):
+        time.sleep(0.5)
+    subprocess.run(["scancel", job], env=env, check=True)
+    assert f"start at {step}," in _text(cell_log), ("resumed", _text(cell_log)[-2000:])

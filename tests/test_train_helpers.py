@@ -214,7 +214,7 @@ def finish(
     finally:
         for process in processes:
             if process.poll() is None:
-                process.kill()  # SIGKILL: a process blocked in a barrier ignores SIGTERM
+                process.kill()  # SIGKILL: at once (SIGTERM would save a checkpoint first)
                 process.wait()
     outputs = []
     for process in processes:

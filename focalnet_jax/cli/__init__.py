@@ -20,7 +20,9 @@ from focalnet_jax.cli import evaluation_commands as evaluation
 from focalnet_jax.cli import training_commands as training
 from focalnet_jax.errors import one_line_user_errors, sigterm_as_interrupt
 
-LONG_RUNNING = ("train", "cv", "study")  # SIGTERM keeps its default: the process ends at once
+# SIGTERM keeps its default (the process ends at once) but in the training loop, which stops at the
+# next step boundary with a checkpoint (focalnet_jax/training/graceful_stop.py).
+LONG_RUNNING = ("train", "cv", "study")
 
 # `study` (arms x repeats x folds) declares its flags and actions in focalnet_jax.study.commands.
 

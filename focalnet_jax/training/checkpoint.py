@@ -74,14 +74,14 @@ def _move_aside(step_dir: Path) -> Path:
     while target.exists():
         number += 1
         target = step_dir.with_name(f"{CORRUPT_PREFIX}{step_dir.name}.{number}")
-    _sync(f"checkpoint_name_aside_{step_dir.name}")  # every process has seen the old names
+    sync_processes(f"checkpoint_name_aside_{step_dir.name}")  # every process has seen the old names
     if jax.process_index() == 0:
         step_dir.rename(target)
-    _sync(f"checkpoint_moved_aside_{step_dir.name}")
+    sync_processes(f"checkpoint_moved_aside_{step_dir.name}")
     return target
 
 
-def _sync(name: str) -> None:
+def sync_processes(name: str) -> None:
     """Barrier over all processes (no-op in a single process)."""
     if jax.process_count() > 1:
         ocp.multihost.sync_global_processes(name)

@@ -15,6 +15,11 @@ Coordinator port of a SLURM step: JAX's own pick, `61440 + SLURM_JOB_ID % 4096`,
 every step of a job, so two multi-task `srun` steps of one allocation running at once on the same
 first node would meet at one coordinator. `slurm_coordinator_port` adds the step id; a
 `JAX_COORDINATOR_PORT` (or `JAX_COORDINATOR_ADDRESS`) of the user's wins.
+
+SIGTERM: JAX's preemption service (on by default) would take SIGTERM in every process that joins
+a group and never end it (a second SIGTERM too); it is turned off, so SIGTERM ends a process of a
+group at once, as it does a single one, but in the training loop, which stops at a step boundary
+with a checkpoint (`graceful_stop`).
 """
 
 from __future__ import annotations
@@ -108,6 +113,14 @@ def _coordinator_port(port: int | None):
         os.environ.pop("JAX_COORDINATOR_PORT", None)
 
 
+def _configure_group() -> None:
+    """JAX settings for a process group, before `jax.distributed.initialize`."""
+    # CPU collectives across processes need gloo; GPU/TPU backends ignore this setting.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # Its SIGTERM handler would keep a stopped process running (module docstring).
+    jax.config.update("jax_enable_preemption_service", False)
+
+
 def initialize(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
@@ -128,12 +141,11 @@ def initialize(
             )
         if num_processes == 1:
             return "single"
-        # CPU collectives across processes need gloo; GPU/TPU backends ignore this setting.
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        _configure_group()
         jax.distributed.initialize(coordinator_address, num_processes, process_id)
         return "flags"
     if slurm_num_tasks() > 1:
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        _configure_group()
         with _coordinator_port(slurm_coordinator_port()):
             jax.distributed.initialize(local_device_ids=slurm_local_device_ids())
         return "slurm"

@@ -1,0 +1,75 @@
+"""Stop a training run at a step boundary on SIGTERM (a SLURM time limit or preemption, `scancel`,
+`kill`), so that the steps since the last checkpoint are not lost.
+
+Inside `SigtermStop` (the training loop) the first SIGTERM only sets a flag and puts SIGTERM's
+default back, so a second one ends the process at once, as one outside the loop does (data
+loading, compilation of the state, the final checkpoint write). The loop asks `stop_now` at step
+boundaries: a single process stops after the step it is in; the processes of a multi-process run
+take the OR of their flags (`multihost_utils.process_allgather`) only at the loop's log steps
+(`train.log_every`, and the last step), where they all call it and the loop already waits for the
+devices to read the logged values, so all stop after the same step. The stop then comes up to
+`train.log_every` steps after the signal; SLURM sends SIGKILL `KillWait` seconds (default 30)
+after SIGTERM, so `log_every` steps and a checkpoint write must fit in that time.
+
+On a stop the loop saves a checkpoint at that step and raises `TrainingStopped`; `focalnet` prints
+its message as one line on stderr and exits with status 143 (128 + SIGTERM).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from focalnet_jax.errors import Terminated
+
+
+class TrainingStopped(Terminated):
+    """The run stopped after step `step` on SIGTERM; its checkpoint at that step is saved."""
+
+    def __init__(self, step: int, workdir: str | Path):
+        super().__init__(
+            f"stopped by SIGTERM at step {step} in {workdir}; checkpoint saved, run again to resume"
+        )
+        self.step = step
+
+
+class SigtermStop:
+    """Context manager: a SIGTERM inside it sets `received` (once: the next one ends the process).
+    Off the main thread, where Python cannot take signals, it changes nothing."""
+
+    def __init__(self):
+        self.received = False
+        self._previous = None
+        self._installed = False
+
+    def __enter__(self) -> SigtermStop:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._installed:
+            # None: the handler before was not Python's (it cannot be put back): the default.
+            previous = signal.SIG_DFL if self._previous is None else self._previous
+            signal.signal(signal.SIGTERM, previous)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self.received = True
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    def stop_now(self, agreement_point: bool) -> bool:
+        """Whether the run stops after this step: this process's flag in a single process; in a
+        multi-process run, at an `agreement_point` (a step at which every process calls this
+        with True), whether any process has its flag set, else False."""
+        if jax.process_count() == 1:
+            return self.received
+        if not agreement_point:
+            return False
+        flags = multihost_utils.process_allgather(np.int32(self.received))
+        return bool(np.any(flags))

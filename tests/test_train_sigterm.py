@@ -1,0 +1,184 @@
+"""SIGTERM stops training at a step boundary (focalnet_jax/training/graceful_stop.py): real
+`focalnet train` processes on a tiny synthetic store, signalled mid-run, exit with status 143 and
+one line, leave a checkpoint at the step they stopped and the TensorBoard events up to it; the
+rerun reaches the parameters of an uninterrupted run. Two processes of one run, only one of them
+signalled, stop at the same log step. A second SIGTERM, or one outside the loop, ends the process
+at once."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from test_train_helpers import REPO, cpu_devices_env, free_port, small_synthetic_store
+
+from focalnet_jax.run import workdir as workdir_lib
+from focalnet_jax.training.tb_logging import read_scalars
+
+STEPS = 30
+TINY_RUN = [
+    "--config.data.num_folds=2",
+    "--config.data.slices=all",
+    "--config.model.depth=18",
+    "--config.model.width=0.125",
+    "--config.model.output_stride=16",
+    "--config.train.batch_size=4",
+    "--config.train.checkpoint_every=1000",
+    "--config.train.eval_every=0",
+    f"--config.train.steps={STEPS}",
+]
+STOPPED = re.compile(
+    r"focalnet train: stopped by SIGTERM at step (\d+) in (\S+); checkpoint saved, "
+    r"run again to resume"
+)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    return small_synthetic_store(tmp_path_factory.mktemp("sigterm_data"), cases=6, seed=3)
+
+
+def _train_argv(store: Path, workdir: Path, log_every: int, flags=()) -> list[str]:
+    """`focalnet train` of the tiny run; the compilation cache beside the workdirs."""
+    return [
+        sys.executable, "-m", "focalnet_jax.cli", "train", "--config", "configs/focalnet.py",
+        "--workdir", str(workdir), "--compilation_cache", str(workdir.parent / "cache"),
+        f"--config.data.store={store}", f"--config.train.log_every={log_every}", *TINY_RUN, *flags,
+    ]  # fmt: skip
+
+
+def _start(argv: list[str], stderr: Path) -> subprocess.Popen:
+    env = cpu_devices_env(1, JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+    with open(stderr, "wb") as err:
+        return subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=err, cwd=REPO)
+
+
+def _wait_for_step(process: subprocess.Popen, stderr: Path, step: int, timeout: float = 240):
+    """Until the progress bar on `stderr` shows step `step` of the run (or more)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        shown = re.findall(rf"\b(\d+)/{STEPS}\b", stderr.read_text(errors="replace"))
+        if shown and max(map(int, shown)) >= step:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no step {step} (exit {process.poll()}): {_text(stderr)[-2000:]}")
+
+
+def _text(path: Path) -> str:
+    return path.read_text(errors="replace")
+
+
+def _stopped_step(process: subprocess.Popen, stderr: Path, workdir: Path) -> int:
+    """The step of the one `stopped by SIGTERM` line of a process that exited with 143."""
+    try:
+        status = process.wait(timeout=180)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise AssertionError(f"no stop after SIGTERM: {_text(stderr)[-2000:]}") from None
+    lines = [line for line in re.split(r"[\r\n]", _text(stderr)) if "SIGTERM" in line]
+    assert status == 143 and len(lines) == 1, (status, _text(stderr)[-2000:])
+    match = STOPPED.fullmatch(lines[0])
+    assert match and match.group(2) == str(workdir), lines[0]
+    return int(match.group(1))
+
+
+def _variables(workdir: Path, step: int) -> dict:
+    return jax.device_get(workdir_lib.load_for_inference(workdir, step=step)[1])
+
+
+def test_sigterm_saves_the_step_it_stops_at_and_the_rerun_equals_an_uninterrupted_run(
+    store, tmp_path
+):
+    full, stopped = tmp_path / "full", tmp_path / "stopped"
+    done = subprocess.run(
+        _train_argv(store, full, 1), env=cpu_devices_env(1, JAX_DISABLE_MOST_OPTIMIZATIONS="1"),
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    stderr = tmp_path / "stopped.err"
+    process = _start(_train_argv(store, stopped, 1), stderr)
+    _wait_for_step(process, stderr, 2)
+    process.send_signal(signal.SIGTERM)
+    step = _stopped_step(process, stderr, stopped)
+    assert 2 <= step < STEPS
+    # The stop's own checkpoint (checkpoint_every is 1000) and every logged step up to it.
+    assert [p.name for p in (stopped / "checkpoints").iterdir()] == [str(step)]
+    assert read_scalars(stopped / "tb", "train/loss")[0].tolist() == list(range(1, step + 1))
+    rerun = subprocess.run(
+        _train_argv(store, stopped, 1), env=cpu_devices_env(1, JAX_DISABLE_MOST_OPTIMIZATIONS="1"),
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+    )  # fmt: skip
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f"start at {step}" in rerun.stderr
+    assert read_scalars(stopped / "tb", "train/loss")[0].tolist() == list(range(1, STEPS + 1))
+    want, got = _variables(full, STEPS), _variables(stopped, STEPS)
+    for collection in ("params", "batch_stats"):
+        flat = jax.tree_util.tree_flatten_with_path(want[collection])[0]
+        assert len(flat) > 0
+        for (path, a), b in zip(flat, jax.tree.leaves(got[collection]), strict=True):
+            np.testing.assert_array_equal(b, a, err_msg=f"{collection}{jax.tree_util.keystr(path)}")
+    assert not np.array_equal(  # and the stopped step's parameters are not the last ones
+        jax.tree.leaves(_variables(stopped, step)["params"])[0], jax.tree.leaves(want["params"])[0]
+    )
+
+
+@pytest.mark.slow
+def test_two_processes_stop_at_the_same_log_step_when_one_is_signalled(store, tmp_path):
+    """Process 1 alone gets SIGTERM; both agree at the next log step (every 3 steps), save that
+    step and exit with 143: neither waits for the other in a collective."""
+    workdir, port = tmp_path / "two", free_port()
+    processes, logs = [], []
+    for rank in (0, 1):
+        flags = ["--coordinator_address", f"localhost:{port}", "--num_processes", "2"]
+        logs.append(tmp_path / f"process{rank}.err")
+        argv = _train_argv(store, workdir, 3, [*flags, "--process_id", str(rank)])
+        processes.append(_start(argv, logs[-1]))
+    try:
+        _wait_for_step(processes[0], logs[0], 2)  # process 0 draws the bar
+        processes[1].send_signal(signal.SIGTERM)
+        steps = [_stopped_step(p, log, workdir) for p, log in zip(processes, logs, strict=True)]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert steps[0] == steps[1] and steps[0] % 3 == 0 and 3 <= steps[0] < STEPS, steps
+    assert [p.name for p in (workdir / "checkpoints").iterdir()] == [str(steps[0])]
+    logged = read_scalars(workdir / "tb", "train/loss")[0].tolist()
+    assert logged == list(range(3, steps[0] + 1, 3))
+
+
+# A child process: `twice` takes one SIGTERM in `SigtermStop`, prints what it saw, then gets a
+# second; `after` gets one once the block has ended.
+CHILD = """
+import os, signal, sys, time
+from focalnet_jax.training.graceful_stop import SigtermStop
+
+with SigtermStop() as stop:
+    if sys.argv[1] == "twice":
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.5)
+        print(stop.received, stop.stop_now(agreement_point=False), flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(5)
+print("not ended", flush=True)
+"""
+
+
+@pytest.mark.parametrize("mode", ["twice", "after"])
+def test_a_second_sigterm_or_one_outside_the_loop_ends_the_process_at_once(mode):
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, mode], env=cpu_devices_env(1), capture_output=True,
+        text=True, timeout=60, cwd=REPO,
+    )  # fmt: skip
+    assert done.returncode == -signal.SIGTERM, (done.returncode, done.stderr[-2000:])
+    assert done.stdout == ("True True\n" if mode == "twice" else "")
