@@ -84,3 +84,28 @@ def test_a_study_recorded_without_digests_is_not_checked(study):
     del plain[INPUTS]
     base.write_text(CONFIG.format(seed=1))
     check_inputs(plain, root)
+
+
+def test_a_change_of_the_given_split_files_is_refused(tmp_path):
+    """`data.splits` (set in `common`) chooses each cell's patients: split files edited between
+    cells would give the cells other folds, so their digest is recorded and checked too."""
+    base, store, splits = tmp_path / "base.py", tmp_path / "store", tmp_path / "splits.json"
+    base.write_text(CONFIG.format(seed=0))
+    store.mkdir()
+    (store / "cases.json").write_text(json.dumps({"cases": [{"case_id": "a"}]}))
+    splits.write_text(json.dumps([{"train": ["a"], "val": ["b"]}]))
+    plain = {"base": str(base), "store": str(store), "repeats": 1, "folds": [0], "seed": 0,
+             "common": {"data": {"splits": str(splits)}}, "arms": {"ce": {}}, "ensembles": {},
+             "evaluate": {}}  # fmt: skip
+    root = tmp_path / "study"
+    Study.create(root, plain)
+    recorded = json.loads((root / STUDY_FILE).read_text())[INPUTS]
+    assert recorded["splits"] == hashlib.sha256(b"splits.json\0" + splits.read_bytes()).hexdigest()
+    check_inputs(Study.open(root).plain, root)  # unchanged: no error
+    splits.write_text(json.dumps([{"train": ["b"], "val": ["a"]}]))
+    with pytest.raises(StudyError, match=f"study's splits {splits} changed"):
+        check_inputs(Study.open(root).plain, root)
+    # A study recorded before split files were digested is not checked for them.
+    study_file = json.loads((root / STUDY_FILE).read_text())
+    del study_file[INPUTS]["splits"]
+    check_inputs(study_file, root)

@@ -1,5 +1,6 @@
 """What a study's cells train on, recorded when the study is: digests of the base config (as
-loaded, so that edits of the files it imports count) and of the store's case table.
+loaded, so that edits of the files it imports count), of the store's case table and, where
+`data.splits` (of the base config or `common`) names given folds, of those split files.
 
 The spec names both by path only. Edited between cells, they would give the cells that are done
 and those still to run other recipes or data, and the study's comparisons would mix them without
@@ -13,36 +14,83 @@ import hashlib
 from collections.abc import Mapping
 from pathlib import Path
 
-from focalnet_jax.study.spec import StudyError
+from focalnet_jax.study.spec import StudyError, flatten
 
 INPUTS = "inputs"  # the key of study.json holding the digests
 
 
 def input_digests(plain: Mapping) -> dict[str, str]:
     """{'base_config': sha256 of the loaded base config, 'store_cases': sha256 of the store's
-    cases.json} (hex) of a validated spec."""
+    cases.json, and where `data.splits` is set 'splits': `splits_digest`} (hex) of a validated
+    spec."""
     from focalnet_jax.config_loading import load_config
 
-    config = load_config(plain["base"]).to_json_best_effort(sort_keys=True)
+    loaded = load_config(plain["base"])
+    config = loaded.to_json_best_effort(sort_keys=True)
     cases = Path(plain["store"]).expanduser() / "cases.json"
-    return {
+    digests = {
         "base_config": hashlib.sha256(config.encode()).hexdigest(),
         "store_cases": hashlib.sha256(cases.read_bytes()).hexdigest(),
     }
+    splits = given_splits(plain, loaded)
+    return {**digests, "splits": splits_digest(splits)} if splits else digests
+
+
+def given_splits(plain: Mapping, base_config) -> str:
+    """The `data.splits` every cell trains with: `common`'s, else the base config's ('' for none;
+    an arm may not set it, `spec.FOLD_KEYS`)."""
+    common = dict(flatten(plain.get("common", {})))
+    if "data.splits" in common:
+        return str(common["data.splits"] or "")
+    data = base_config.get("data")
+    return str(data.get("splits", "") or "") if data is not None else ""
+
+
+def splits_digest(splits: str) -> str:
+    """sha256 (hex) of the split files `data.splits` names (as `data.folds.read_given_split`
+    reads them): the file, or a folder's `ds-config-*-fold-*.json` and `fold-*.json`, each as
+    its name, NUL, its bytes."""
+    path = Path(splits).expanduser()
+    if path.is_dir():
+        files = sorted({*path.glob("ds-config-*-fold-*.json"), *path.glob("fold-*.json")})
+    else:
+        files = [path]
+    digest = hashlib.sha256()
+    try:
+        for file in files:
+            digest.update(file.name.encode() + b"\0" + file.read_bytes())
+    except OSError as error:
+        raise StudyError(
+            f"data.splits {splits}: cannot read {error.filename} ({error.strerror})"
+        ) from None
+    if not files:
+        raise StudyError(f"data.splits {splits}: the folder holds no split files")
+    return digest.hexdigest()
+
+
+def _input_name(plain: Mapping, key: str) -> str:
+    """How the message of `check_inputs` names the input of digest `key`."""
+    if key == "splits":
+        from focalnet_jax.config_loading import load_config
+
+        return f"splits {given_splits(plain, load_config(plain['base'])) or '(now unset)'}"
+    return {
+        "base_config": f"base config {plain['base']}",
+        "store_cases": f"store {plain['store']}",
+    }[key]
 
 
 def check_inputs(plain: Mapping, where: str | Path) -> None:
-    """Raises a `StudyError` naming what changed when the base config or the store's cases
-    differ from those recorded in `plain` (a study.json's contents)."""
+    """Raises a `StudyError` naming what changed when the base config, the store's cases or the
+    split files differ from those recorded in `plain` (a study.json's contents)."""
     recorded = plain.get(INPUTS)
     if not recorded:
         return
     current = input_digests(plain)
-    names = {
-        "base_config": f"base config {plain['base']}",
-        "store_cases": f"store {plain['store']}",
-    }
-    changed = [names[k] for k in names if recorded.get(k) != current[k]]
+    # A digest recorded before its kind was (splits) is not there to compare.
+    kinds = ("base_config", "store_cases", "splits")
+    changed = [k for k in kinds if k in recorded and recorded[k] != current.get(k)]
+    changed = [_input_name(plain, k) for k in changed]
     if changed:
         raise StudyError(
             f"{where}: the study's {' and '.join(changed)} changed since the study was recorded; "
