@@ -219,3 +219,21 @@ def test_overwrite_starts_over_and_images_may_be_repeated(tiny, tmp_path, monkey
         printed = run_cli(more)
     assert printed == f"wrote {CASES} cases to {out}\n"
     assert_same_outputs(out, tiny["reference"])
+
+
+def test_resume_removes_a_killed_writers_temporary_files_and_folders(tmp_path):
+    """A writer killed by SIGKILL leaves `.<case>.tmp-<pid>/` folders and, mid errors.csv or
+    models.json, `.<file>.tmp-<pid>` files; the run that resumes removes both, so `--out` ends
+    with none of them."""
+    from focalnet_jax.evaluation.partial_output import partial_output
+
+    out, settings = tmp_path / "out", {"models": [{"run": "r", "step": 2}], "tta": "none"}
+    with pytest.raises(RuntimeError), partial_output(out, settings, resume=False, overwrite=False):
+        raise RuntimeError("stopped")  # the partial is kept for --resume
+    partial = partial_folder(out)
+    (partial / ".case0.tmp-4242").mkdir()
+    (partial / ".errors.csv.tmp-4242").write_text("case,file,reason\n")
+    with partial_output(out, settings, resume=True, overwrite=False) as (_, done, failed):
+        assert (done, failed) == (set(), [])
+        assert sorted(p.name for p in partial.iterdir()) == [LOCK_FILE, "models.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["models.json"]

@@ -8,7 +8,8 @@ Ctrl-C, SIGTERM or a time limit keeps the cases it finished, and `--resume` cont
   one-line error naming the first difference.
 - `<out>.partial/<case_id>/`: a finished case. It is written in `.<case_id>.tmp-<pid>/` and
   renamed, so a reader (and `--resume`) never finds half a case; the leftovers of a killed
-  writer are removed when the next run takes the partial.
+  writer (those folders, and `.<file>.tmp-<pid>` files of errors.csv or models.json) are removed
+  when the next run takes the partial.
 - `<out>.partial/.predict.lock`: held (`file_lock`) by the one run that writes the partial, so
   that two runs never write it at once; the system releases it when the process ends, also on
   SIGKILL. It is removed when the partial becomes `--out`.
@@ -134,15 +135,19 @@ def _others(partial: Path) -> list[str]:
     return sorted(p.name for p in partial.iterdir() if p.name != LOCK_FILE)
 
 
+def _remove(path: Path) -> None:
+    """Removes the folder (whole) or file `path`."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
 def _clear(partial: Path, keep: str) -> None:
     """Removes everything in `partial` but the file `keep`."""
     for path in partial.iterdir():
-        if path.name == keep:
-            continue
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
+        if path.name != keep:
+            _remove(path)
 
 
 def _take(partial: Path, resume: bool, overwrite: bool) -> object:
@@ -189,7 +194,7 @@ def partial_output(out: Path, settings: dict, *, resume: bool, overwrite: bool) 
         if resume and (partial / MODELS_FILE).exists():
             _check_resumable(partial, settings)
             for leftover in partial.glob(".*.tmp-*"):  # of a killed writer: the lock is ours
-                shutil.rmtree(leftover, ignore_errors=True)
+                _remove(leftover)
             failed = _failed_before(partial)
         else:
             _clear(partial, LOCK_FILE)
