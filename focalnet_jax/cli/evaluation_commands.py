@@ -21,6 +21,18 @@ _WORKDIR_ONLY = "--workdir only"
 
 
 def add_evaluate(parser: argparse.ArgumentParser) -> None:
+    _add_evaluate_inputs(parser)
+    _add_evaluate_protocol(parser)
+    add_compilation_cache_flag(parser, _CACHE_DEFAULT, f"{_CACHE_REUSE}; {_WORKDIR_ONLY}")
+    parser.epilog = (
+        "With --predictions (files already predicted) the flags that make predictions are "
+        "refused: --tta flip, --step, --store, --all-cases, --batch-size, --compilation_cache. "
+        "--cases needs --predictions; --allow-training-cases needs --all-cases."
+    )
+
+
+def _add_evaluate_inputs(parser: argparse.ArgumentParser) -> None:
+    """`evaluate`'s flags of what it evaluates and where it writes."""
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument(
         "--predictions", type=Path, help="folder of <case_id>.npz prediction files (contract)"
@@ -78,6 +90,10 @@ def add_evaluate(parser: argparse.ArgumentParser) -> None:
         type=int,
         help=f"{_BATCH_HELP} ({_WORKDIR_ONLY}; default: {EVALUATE_BATCH_SIZE})",
     )
+
+
+def _add_evaluate_protocol(parser: argparse.ArgumentParser) -> None:
+    """`evaluate`'s flags of the protocol and of what it writes."""
     parser.add_argument(
         "--radius-mm",
         type=float,
@@ -114,12 +130,6 @@ def add_evaluate(parser: argparse.ArgumentParser) -> None:
         "--label",
         default=None,
         help="method name in the report (default: the --workdir folder's name, else 'model')",
-    )
-    add_compilation_cache_flag(parser, _CACHE_DEFAULT, f"{_CACHE_REUSE}; {_WORKDIR_ONLY}")
-    parser.epilog = (
-        "With --predictions (files already predicted) the flags that make predictions are "
-        "refused: --tta flip, --step, --store, --all-cases, --batch-size, --compilation_cache. "
-        "--cases needs --predictions; --allow-training-cases needs --all-cases."
     )
 
 
@@ -230,67 +240,8 @@ def add_predict(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--step", type=int, help="checkpoint step of a single run (default: its latest)"
     )
-    parser.add_argument("--t2w", help="one exam: T2w DICOM folder, .mha, .nii(.gz), .nrrd")
-    parser.add_argument("--adc", help="one exam: ADC DICOM folder or image file")
-    parser.add_argument("--hbv", help="one exam: high b-value DWI DICOM folder or image file")
-    parser.add_argument(
-        "--component",
-        action="append",
-        metavar="NAME=PATH",
-        help="one exam: another component the model reads, e.g. dce=exam/dce.mha; repeat",
-    )
-    parser.add_argument(
-        "--mask", help="one exam: prostate mask on any grid; its centroid centres the crop"
-    )
-    centre = parser.add_mutually_exclusive_group()
-    centre.add_argument(
-        "--center",
-        metavar="X,Y,Z",
-        help="one exam, without --mask: crop centre in mm, LPS (DICOM patient coordinates: +x "
-        "left, +y posterior, +z head), as detections.csv gives points; 3D Slicer shows RAS "
-        "(negate x and y, or use --center-ras); a negative X needs '=': "
-        "--center=-25.7,31.9,-38.5 (default: the T2w volume centre)",
-    )
-    centre.add_argument(
-        "--center-ras",
-        metavar="X,Y,Z",
-        help="one exam, without --mask: crop centre in mm, RAS (3D Slicer, nibabel: +x right, "
-        "+y anterior), used as the LPS point -X,-Y,Z; a negative X needs '=': "
-        "--center-ras=-25.7,-31.9,-38.5",
-    )
-    parser.add_argument("--layout", choices=("picai", "manifest"), help="many exams")
-    parser.add_argument(
-        "--images",
-        type=Path,
-        action="append",
-        help="picai: <images>/<patient>/<case>_<comp>.mha (or .mhd, .nii, .nii.gz, .nrrd); "
-        "repeat for several image folders",
-    )
-    parser.add_argument(
-        "--masks",
-        type=Path,
-        help="picai: whole-gland masks <masks>/<case>.nii.gz (or .nii, .mha, .nrrd) centre the "
-        "crops (a case without one: the T2w volume centre)",
-    )
-    parser.add_argument("--manifest", type=Path, help="manifest: CSV of cases (labels unused)")
-    parser.add_argument(
-        "--skip-bad-cases",
-        action="store_true",
-        help="many exams: skip a case that fails, listed in OUT/errors.csv (default: the first "
-        "bad case stops the run, OUT unchanged)",
-    )
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="many exams: replace a non-empty --out whole (only an earlier predict output); "
-        "without --resume: discard the unfinished OUT.partial of an interrupted run",
-    )
-    parser.add_argument(
-        "--resume",
-        action="store_true",
-        help="many exams: continue the unfinished OUT.partial of an interrupted run (same models "
-        "and settings): its finished cases are kept, the others predicted",
-    )
+    _add_one_exam_flags(parser)
+    _add_many_exams_flags(parser)
     for name in ("t2w", "adc", "hbv"):
         parser.add_argument(
             f"--{name}-series",
@@ -329,6 +280,75 @@ def add_predict(parser: argparse.ArgumentParser) -> None:
 
     add_candidate_flags(parser)
     add_compilation_cache_flag(parser, _CACHE_DEFAULT, _CACHE_REUSE)
+
+
+def _add_one_exam_flags(parser: argparse.ArgumentParser) -> None:
+    """`predict`'s flags of one exam: its images, mask and crop centre."""
+    parser.add_argument("--t2w", help="one exam: T2w DICOM folder, .mha, .nii(.gz), .nrrd")
+    parser.add_argument("--adc", help="one exam: ADC DICOM folder or image file")
+    parser.add_argument("--hbv", help="one exam: high b-value DWI DICOM folder or image file")
+    parser.add_argument(
+        "--component",
+        action="append",
+        metavar="NAME=PATH",
+        help="one exam: another component the model reads, e.g. dce=exam/dce.mha; repeat",
+    )
+    parser.add_argument(
+        "--mask", help="one exam: prostate mask on any grid; its centroid centres the crop"
+    )
+    centre = parser.add_mutually_exclusive_group()
+    centre.add_argument(
+        "--center",
+        metavar="X,Y,Z",
+        help="one exam, without --mask: crop centre in mm, LPS (DICOM patient coordinates: +x "
+        "left, +y posterior, +z head), as detections.csv gives points; 3D Slicer shows RAS "
+        "(negate x and y, or use --center-ras); a negative X needs '=': "
+        "--center=-25.7,31.9,-38.5 (default: the T2w volume centre)",
+    )
+    centre.add_argument(
+        "--center-ras",
+        metavar="X,Y,Z",
+        help="one exam, without --mask: crop centre in mm, RAS (3D Slicer, nibabel: +x right, "
+        "+y anterior), used as the LPS point -X,-Y,Z; a negative X needs '=': "
+        "--center-ras=-25.7,-31.9,-38.5",
+    )
+
+
+def _add_many_exams_flags(parser: argparse.ArgumentParser) -> None:
+    """`predict`'s flags of many exams: where they are, bad cases, an earlier output."""
+    parser.add_argument("--layout", choices=("picai", "manifest"), help="many exams")
+    parser.add_argument(
+        "--images",
+        type=Path,
+        action="append",
+        help="picai: <images>/<patient>/<case>_<comp>.mha (or .mhd, .nii, .nii.gz, .nrrd); "
+        "repeat for several image folders",
+    )
+    parser.add_argument(
+        "--masks",
+        type=Path,
+        help="picai: whole-gland masks <masks>/<case>.nii.gz (or .nii, .mha, .nrrd) centre the "
+        "crops (a case without one: the T2w volume centre)",
+    )
+    parser.add_argument("--manifest", type=Path, help="manifest: CSV of cases (labels unused)")
+    parser.add_argument(
+        "--skip-bad-cases",
+        action="store_true",
+        help="many exams: skip a case that fails, listed in OUT/errors.csv (default: the first "
+        "bad case stops the run, OUT unchanged)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="many exams: replace a non-empty --out whole (only an earlier predict output); "
+        "without --resume: discard the unfinished OUT.partial of an interrupted run",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="many exams: continue the unfinished OUT.partial of an interrupted run (same models "
+        "and settings): its finished cases are kept, the others predicted",
+    )
 
 
 def run_predict(args: argparse.Namespace) -> int:
