@@ -61,3 +61,21 @@ def test_summary_is_one_line_of_distinct_lines_with_counts():
     assert printed.summary() == "Invalid marker size (x4); Stream too short (x2)"
     assert Captured("x" * 400).summary(limit=10) == "xxxxxxx..."
     assert Captured("").summary() == ""
+
+
+def test_read_series_passes_the_text_on_when_the_read_fails_otherwise(
+    tmp_path, monkeypatch, caplog
+):
+    """An exception of the DICOM read other than a refusal (`SeriesError`, whose reason ends
+    with the text) keeps the text too: it is logged as one warning naming the folder."""
+    from focalnet_jax.data import dicom
+
+    def failing_read(folder, series, component, notes):
+        os.write(2, b"Invalid marker size\nInvalid marker size\n")
+        raise MemoryError("no room for the volume")
+
+    monkeypatch.setattr(dicom, "_read_series", failing_read)
+    with pytest.raises(MemoryError), caplog.at_level("WARNING", logger=dicom.log.name):
+        dicom.read_series(tmp_path)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert warnings == [f"{tmp_path}: the DICOM reader printed: Invalid marker size (x2)"]

@@ -325,10 +325,11 @@ def read_series(
 
     What GDCM and ITK print on stderr meanwhile (e.g. 'Invalid marker size' for each broken
     JPEG 2000 frame) is captured (`native_stderr`) and passed on in one line: at the end of the
-    reason of a refusal, or, after a read that succeeds, in one warning (it may tell of a frame
-    decoded with errors; dropped, it would be lost)."""
+    reason of a refusal, or, after a read that succeeds or fails otherwise, in one warning (it
+    may tell of a frame decoded with errors; dropped, it would be lost)."""
     folder = Path(folder)
     notes: list[str] = []  # warnings, logged once stderr is back
+    printed = native_stderr.Captured()  # empty, should the capture itself fail
     try:
         with native_stderr.captured() as printed:
             image = _read_series(folder, series, component, notes)
@@ -337,6 +338,10 @@ def read_series(
             raise
         reason = f"{err.reason}; the DICOM reader printed: {printed.summary()}"
         raise SeriesError(err.file, reason) from err
+    except BaseException:  # not a refusal (a bug, no memory, Ctrl-C): the text goes on too
+        if printed.text.strip():
+            log.warning("%s: the DICOM reader printed: %s", folder, printed.summary())
+        raise
     finally:
         for note in notes:
             log.warning("%s", note)
