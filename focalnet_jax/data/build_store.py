@@ -295,16 +295,23 @@ def preprocess_layout(
         overwrite=overwrite,
         errors=refused or (),
     )
-    disagreements = marksheet_disagreements(open_store(summary.path).cases) if marksheet else []
-    if disagreements:
-        log.warning(
-            "%d stored case(s) whose label contradicts the marksheet's csPCa flag (label maps "
-            "decide what trains): %s%s", len(disagreements), "; ".join(disagreements[:5]),
-            "; ..." if len(disagreements) > 5 else "",
-        )  # fmt: skip
+    if marksheet:
+        _warn_marksheet_disagreements(summary.path)
     if unread:
         what = "manifest columns" if layout == "manifest" else "images"
         summary.unread = (
             f"; {what} not read: {', '.join(unread)} (--components is {','.join(components)})"
         )
     return summary
+
+
+def _warn_marksheet_disagreements(store_path) -> None:
+    """One warning naming the stored cases whose label contradicts their marksheet row's csPCa
+    flag (`picai_sources.marksheet_disagreements`), if any."""
+    disagreements = marksheet_disagreements(open_store(store_path).cases)
+    if disagreements:
+        log.warning(
+            "%d stored case(s) whose label contradicts the marksheet's csPCa flag (label maps "
+            "decide what trains): %s%s", len(disagreements), "; ".join(disagreements[:5]),
+            "; ..." if len(disagreements) > 5 else "",
+        )  # fmt: skip
