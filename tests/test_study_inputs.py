@@ -10,7 +10,7 @@ import json
 import pytest
 
 from focalnet_jax.cli import main
-from focalnet_jax.study.cell_runner import run_cell
+from focalnet_jax.study.cell_runner import failure_reason, run_cell
 from focalnet_jax.study.cells import STUDY_FILE, Study
 from focalnet_jax.study.inputs import INPUTS, check_inputs
 from focalnet_jax.study.spec import StudyError
@@ -109,3 +109,21 @@ def test_a_change_of_the_given_split_files_is_refused(tmp_path):
     study_file = json.loads((root / STUDY_FILE).read_text())
     del study_file[INPUTS]["splits"]
     check_inputs(study_file, root)
+
+
+def test_a_failed_cell_names_the_signal_that_stopped_its_training_not_an_earlier_error_line():
+    """A cell whose `focalnet train` was stopped by SIGTERM records the stop line, even after an
+    earlier line that looks like an error (a warning naming an exception); a user error or a
+    traceback's last line are reasons likewise; without any, the last line."""
+    stop = (
+        "focalnet train: stopped by SIGTERM at step 7 in w; checkpoint saved, run again to resume"
+    )
+    warning = "OSError: [Errno 5] a read retried on the way"  # matched the old pattern
+    assert failure_reason(["step 6", warning, stop, ""]) == stop
+    assert failure_reason(["focalnet train: interrupted by SIGTERM"]) == (
+        "focalnet train: interrupted by SIGTERM"
+    )
+    assert failure_reason(["x", "focalnet train: error: bad", "y"]) == "focalnet train: error: bad"
+    assert failure_reason(["Traceback", "KeyError: 'a'", "done"]) == "KeyError: 'a'"
+    assert failure_reason(["a", "last words", ""]) == "last words"
+    assert failure_reason(["", ""]) is None

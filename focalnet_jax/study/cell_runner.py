@@ -27,8 +27,12 @@ from focalnet_jax.study.cells import STUDY_FILE, Study
 from focalnet_jax.study.inputs import check_inputs
 from focalnet_jax.study.spec import StudyError, cell_overrides, evaluation_slices
 
-# `focalnet CMD: error: ...` (a user error) or `SomeError: ...` (the end of a traceback).
-REASON = re.compile(r"^(focalnet [\w ]+: error: |[\w.]+(Error|Exception|Exit|Interrupt)\b)")
+# `focalnet CMD: error: ...` (a user error), `focalnet CMD: stopped by SIGTERM ...` or
+# `... interrupted by ...` (a signal), or `SomeError: ...` (the end of a traceback).
+REASON = re.compile(
+    r"^(focalnet [\w ]+: (error: |stopped by |interrupted by )"
+    r"|[\w.]+(Error|Exception|Exit|Interrupt)\b)"
+)
 
 
 def cell_commands(study: Study, cell) -> tuple[list[str], list[str]]:
@@ -69,8 +73,14 @@ def run_focalnet(argv: list[str], log: Path, heartbeat=None) -> str | None:
     with open(log, "rb") as written:
         written.seek(start)
         lines = [line.strip() for line in written.read().decode(errors="replace").splitlines()]
+    return failure_reason(lines) or f"focalnet {argv[0]} exited with status {status}"
+
+
+def failure_reason(lines: list[str]) -> str | None:
+    """The last of a failed command's output `lines` that says why (REASON), else its last
+    non-empty line; None without one."""
     reasons = [line for line in lines if REASON.match(line)] or [line for line in lines if line]
-    return reasons[-1] if reasons else f"focalnet {argv[0]} exited with status {status}"
+    return reasons[-1] if reasons else None
 
 
 def _placement() -> dict:
