@@ -16,6 +16,7 @@ ROOT = "focalnet_jax"
 LAYERS = {
     "errors": -1,
     "processes": -1,
+    "file_lock": -1,
     "encoding": 0,
     "data": 0,
     "models": 1,
