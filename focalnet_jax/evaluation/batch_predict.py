@@ -16,6 +16,7 @@ whenever bad cases are skipped) and skipped.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -207,10 +208,7 @@ def _predict_into(out: Path, models: Ensemble, cases, errors, skip_bad_cases, op
                     yield case, case.images
 
         for case, scores in pooled_predictions(models, preprocessed(), models.batch_size):
-
-            def write(folder, case=case, scores=scores):
-                write_exam_outputs(case, scores, folder, **options)
-
+            write = functools.partial(write_exam_outputs, case, scores, **options)
             write_case_folder(out, case.case_id, write)
             written.append(case.case_id)
             bar.update()
