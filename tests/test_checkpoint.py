@@ -175,15 +175,22 @@ def test_a_run_starts_from_its_pretrained_backbone_with_each_components_filters(
     )
 
 
+def _run_saved_without(workdir, section: str, key: str):
+    """A tiny config, and a run in `workdir` with a checkpoint whose config.json was saved before
+    `section.key` existed (the key removed); returns the config."""
+    config = tiny_config()
+    path = workdir_lib.save_config(config, workdir)
+    saved = json.loads(path.read_text())
+    del saved[section][key]
+    path.write_text(json.dumps(saved))
+    (workdir / workdir_lib.CHECKPOINT_DIR / "5").mkdir(parents=True)
+    return config
+
+
 def test_a_run_saved_before_loss_pool_size_existed_resumes(tmp_path):
     """A config.json written before `loss.pool_size` was a key trained with the loss's 3 x 3
     filter: it resumes under a config that says 3, and is refused under one that says 1."""
-    config = tiny_config()
-    path = workdir_lib.save_config(config, tmp_path)
-    saved = json.loads(path.read_text())
-    del saved["loss"]["pool_size"]
-    path.write_text(json.dumps(saved))
-    (tmp_path / workdir_lib.CHECKPOINT_DIR / "5").mkdir(parents=True)
+    config = _run_saved_without(tmp_path, "loss", "pool_size")
     workdir_lib.check_resumed_config(config, tmp_path)
     config.loss.pool_size = 1
     with pytest.raises(UserError, match=r"loss\.pool_size 3 -> 1"):
@@ -192,12 +199,7 @@ def test_a_run_saved_before_loss_pool_size_existed_resumes(tmp_path):
 
 def test_a_run_saved_before_data_splits_existed_resumes_on_seeded_folds(tmp_path):
     """Such a run trained on the seeded folds (`data.splits` ''): other folds are refused."""
-    config = tiny_config()
-    path = workdir_lib.save_config(config, tmp_path)
-    saved = json.loads(path.read_text())
-    del saved["data"]["splits"]
-    path.write_text(json.dumps(saved))
-    (tmp_path / workdir_lib.CHECKPOINT_DIR / "5").mkdir(parents=True)
+    config = _run_saved_without(tmp_path, "data", "splits")
     workdir_lib.check_resumed_config(config, tmp_path)
     config.data.splits = "splits/picai"
     with pytest.raises(UserError, match=r"data\.splits '' -> 'splits/picai'"):

@@ -316,6 +316,12 @@ def _bar_frames(text: str, steps: int) -> list[tuple[int, str, int]]:
     return [(int(n), loss, int(step)) for n, loss, step in re.findall(pattern, text)]
 
 
+def _logged_losses(workdir) -> dict[int, str]:
+    """{step: train/loss as the bar prints it} of a run's TensorBoard events."""
+    _, scalars = _scalars(workdir)
+    return {e.step: f"{e.value:.4f}" for e in scalars["train/loss"]}
+
+
 def test_progress_bar_shows_each_step_with_its_own_loss(tmp_path, capsys):
     """Every frame of the console bar pairs step n with train/loss of step n (a validation line
     redraws the bar: it showed step n - 1 beside step n's loss)."""
@@ -323,8 +329,7 @@ def test_progress_bar_shows_each_step_with_its_own_loss(tmp_path, capsys):
     with fast_compiles():
         train_and_evaluate(tiny_config(overrides=overrides), tmp_path / "w", store=FakeStore())
     frames = _bar_frames(capsys.readouterr().err, 4)
-    _, scalars = _scalars(tmp_path / "w")
-    logged = {e.step: f"{e.value:.4f}" for e in scalars["train/loss"]}
+    logged = _logged_losses(tmp_path / "w")
     assert {n for n, _, _ in frames} >= {2, 4}
     assert frames == [(n, logged[n], n) for n, _, _ in frames]
 
@@ -342,8 +347,7 @@ def test_progress_bar_names_the_step_of_its_loss_between_logs(tmp_path, capsys, 
     with fast_compiles():
         train_and_evaluate(tiny_config(overrides=overrides), tmp_path / "w", store=FakeStore())
     frames = _bar_frames(capsys.readouterr().err, 5)
-    _, scalars = _scalars(tmp_path / "w")
-    logged = {e.step: f"{e.value:.4f}" for e in scalars["train/loss"]}
+    logged = _logged_losses(tmp_path / "w")
     assert sorted(logged) == [2, 4, 5]
     expected = [(2, logged[2], 2), (3, logged[2], 2), (4, logged[4], 4), (5, logged[5], 5)]
     assert sorted(set(frames)) == expected
