@@ -14,16 +14,15 @@ from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 import SimpleITK as sitk
-from scipy import ndimage
 
 from focalnet_jax.data import coverage, intensity
 from focalnet_jax.data.geometry import CropGeometry, display_axes, not_axial
 from focalnet_jax.data.io import CaseError, read_image, zyx
+from focalnet_jax.data.lesions import index_lesion, instance_classes, label_instances
 
 LABEL_SCHEMES = ("picai", "isup")
 SLICE_MODES = ("all", "annotated", "covered")
 _INTERPOLATORS = {"bspline": sitk.sitkBSpline, "linear": sitk.sitkLinear}
-_CONNECTIVITY = ndimage.generate_binary_structure(3, 3)
 
 
 @dataclass(frozen=True)
@@ -166,56 +165,6 @@ def _center_of(mask_path, case, t2w: sitk.Image) -> tuple[float, float, float] |
     )
 
 
-def _label_instances(label: np.ndarray, case, path):
-    """3D connected lesions of a raw label volume -> (instance map int32, value of each [L]).
-
-    A lesion is a connected region of one label value, so two touching lesions of different
-    values stay two lesions, each voxel keeping its value (one region of both would take one
-    value and re-grade the other lesion's voxels). Ids follow the raster order of each lesion's
-    first voxel."""
-    values = np.unique(label)
-    bad = [int(v) for v in values if v not in (0, 1, 2, 3, 4, 5)]
-    if bad:
-        raise CaseError(case, path, f"label values {bad[:5]} outside the allowed set 0..5")
-    regions = np.zeros(label.shape, np.int64)
-    region_values = [0]
-    for value in values[values > 0]:
-        parts, n = ndimage.label(label == value, structure=_CONNECTIVITY)
-        regions[parts > 0] = parts[parts > 0] + len(region_values) - 1
-        region_values += [int(value)] * n
-    ids, first = np.unique(regions.ravel(), return_index=True)
-    order = ids[ids > 0][np.argsort(first[ids > 0], kind="stable")]  # regions in raster order
-    renumber = np.zeros(len(region_values), np.int32)
-    renumber[order] = np.arange(1, len(order) + 1)
-    inst_values = np.asarray(region_values, np.int64)[order]
-    return renumber[regions], inst_values
-
-
-def _max_diameter_mm(mask2d: np.ndarray, spacing: float) -> float:
-    points = np.argwhere(mask2d).astype(np.float64)
-    if len(points) > 400:  # the extreme points lie on the boundary
-        points = np.argwhere(mask2d & ~ndimage.binary_erosion(mask2d)).astype(np.float64)
-    diff = points[:, None, :] - points[None, :, :]
-    return float(np.sqrt((diff**2).sum(-1)).max() * spacing)
-
-
-def index_lesion(lesions: np.ndarray, lesion_classes: np.ndarray, spacing: float) -> int:
-    """Instance id of the highest-class lesion (ties: largest in-plane diameter); 0 if none."""
-    if len(lesion_classes) == 0:
-        return 0
-    best, best_key = 0, None
-    for i, cls in enumerate(lesion_classes, start=1):
-        present = lesions == i
-        diameter = max(
-            (_max_diameter_mm(present[s], spacing) for s in np.flatnonzero(present.any((1, 2)))),
-            default=0.0,
-        )
-        key = (int(cls), diameter)
-        if best_key is None or key > best_key:
-            best, best_key = i, key
-    return best
-
-
 def _crop_centre(t2w: sitk.Image, mask, center, case: str, t2w_path) -> tuple[tuple, str]:
     """LPS crop centre (mm) and its source: gland-mask centroid, given centre, or T2w centre. A
     mask centroid or given centre outside the T2w volume is refused (a wrong mask or centre,
@@ -335,7 +284,7 @@ def _crop_label(label, t2w: sitk.Image, reference: sitk.Image, shape, cfg, case:
     raw_label = sitk.GetArrayFromImage(label_image)
     if not np.array_equal(raw_label, np.round(raw_label)):
         raise CaseError(case, label, "label holds non-integer values")
-    instances, values = _label_instances(raw_label.astype(np.int64), case, label)
+    instances, values = label_instances(raw_label.astype(np.int64), case, label)
     inst_image = sitk.GetImageFromArray(instances)
     inst_image.CopyInformation(label_image)
     lesions = _resample(inst_image, reference, sitk.sitkNearestNeighbor, sitk.sitkInt32)
@@ -347,9 +296,7 @@ def _crop_label(label, t2w: sitk.Image, reference: sitk.Image, shape, cfg, case:
             f"{len(lost)} of {len(values)} lesions lost by resampling onto the crop "
             f"(instances {lost[:5]}: outside the 80 mm crop or thinner than a crop pixel)",
         )
-    unknown = (values == 1) & (cfg.label_values == "picai")
-    lesion_classes = np.where(unknown, 2, values).astype(np.int32)
-    lesion_grade_known = ~unknown
+    lesion_classes, lesion_grade_known = instance_classes(values, cfg.label_values)
     lut_class = np.concatenate([[0], lesion_classes]).astype(np.int32)
     lut_known = np.concatenate([[True], lesion_grade_known]).astype(np.uint8)
     return lut_class[lesions], lut_known[lesions], lesions, lesion_classes, lesion_grade_known
