@@ -437,3 +437,50 @@ def test_a_corrupt_jpeg2000_slice_is_one_line_holding_what_gdcm_printed(
     assert f"case 'c1', file '{file}': pixel data in transfer syntax 1.2.840.10008.1.2.4.90 " \
            "(1 of 19 files) cannot be decoded (" in err  # fmt: skip
     assert err.endswith("; the DICOM reader printed: Invalid marker size (x7)")
+
+
+def _one_slice(path: Path, to: Path) -> str:
+    """Writes slice 5 of the image `path` to `to` (its geometry kept); its reason-text size."""
+    one = sitk.ReadImage(str(path))[:, :, 5:6]
+    sitk.WriteImage(one, str(to))
+    return " x ".join(map(str, one.GetSize()))
+
+
+def test_a_single_slice_label_or_mask_stops_the_run_or_is_listed(dataset, tmp_path, capfd):
+    # A one-slice label (PI-CAI labels may be .mha) or gland mask was resampled without a word.
+    root = tmp_path / "data"
+    shutil.copytree(dataset, root)
+    first, second = sorted(p.name.removesuffix(".nii.gz") for p in root.glob("labels/*.nii.gz"))
+    slices = sitk.ReadImage(str(next(root.glob(f"images/*/{first}_t2w.mha")))).GetSize()[2]
+    label, one_label = root / "labels" / f"{first}.nii.gz", root / "labels" / f"{first}.mha"
+    kept = label.read_bytes()
+    size = _one_slice(label, one_label)
+    label.unlink()
+    out = tmp_path / "store"
+    argv = [*_picai(root, out), "--labels", str(root / "labels"), "--masks", str(root / "masks")]
+    reason = (
+        f"label has a single slice ({size} voxels) where the T2w has {slices}: a broken or "
+        "partial export (the other T2w slices would read as empty); save the label over the "
+        "whole T2w volume"
+    )
+    assert _user_error(capfd, argv).endswith(f"case {first!r}, file '{one_label}': {reason}")
+    assert not out.exists()
+    assert main([*argv, "--skip-bad-cases"]) == 0
+    assert open_store(out).case_ids == [second]
+    with (out / "errors.csv").open() as f:
+        assert [(r["case"], r["file"], r["reason"]) for r in csv.DictReader(f)] == [
+            (first, str(one_label), reason)
+        ]
+    # The gland mask (NIfTI) of the other case likewise.
+    one_label.unlink()
+    label.write_bytes(kept)
+    mask = root / "masks" / f"{second}.nii.gz"
+    size = _one_slice(mask, mask)
+    assert main([*argv, "--skip-bad-cases", "--overwrite"]) == 0
+    assert open_store(out).case_ids == [first]
+    with (out / "errors.csv").open() as f:
+        assert [(r["case"], r["file"], r["reason"]) for r in csv.DictReader(f)] == [
+            (second, str(mask), f"prostate mask has a single slice ({size} voxels) where the T2w "
+             f"has {slices}: a broken or partial export (the other T2w slices would read as "
+             "empty); save the prostate mask over the whole T2w volume")
+        ]  # fmt: skip

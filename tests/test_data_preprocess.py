@@ -430,3 +430,31 @@ def test_blank_hbv_is_refused(small_case, tmp_path):
         preprocess_case(components, case_id="c3")
     write_image(sc.images["hbv"], tmp_path / "hbv.mha")
     assert preprocess_case(components, case_id="c3").images.shape[-1] == 3
+
+
+@pytest.mark.parametrize("suffix", [".mha", ".nii.gz"])
+@pytest.mark.parametrize(
+    "what, keyword",
+    [("label", "label"), ("prostate mask", "mask"), ("bladder mask", "bladder_mask")],
+)
+def test_a_single_slice_label_or_mask_is_refused(small_case, tmp_path, what, keyword, suffix):
+    # One slice of a label exported alone was resampled without a word: a lesion on T2w slices
+    # 2..4 (242 crop pixels) was stored on slice 3 only (129 pixels), the other two slices as
+    # background. A one-slice gland mask moved the crop centre to its slice (z 1.7 -> 3.0 mm); a
+    # one-slice bladder mask was refused as "not on the T2w grid", which did not say why.
+    folder, sc = small_case
+    components = {"t2w": folder / "t2w.mha", "adc": folder / "adc.mha"}
+    args = {"label": _label_with(sc, [(3, (0, -4, 0))], tmp_path), "mask": folder / "mask.nii.gz"}
+    whole = preprocess_case(components, **args, case_id="c4")
+    assert np.flatnonzero(whole.annotated).tolist() == [2, 3, 4]
+    source = args["label"] if what == "label" else args["mask"]
+    one = tmp_path / f"one{suffix}"
+    write_image(sitk.ReadImage(str(source))[:, :, 3:4], one)  # T2w slice 3, its geometry kept
+    assert sitk.ReadImage(str(one)).GetSize() == (96, 96, 1)
+    with pytest.raises(CaseError) as info:
+        preprocess_case(components, **{**args, keyword: one}, case_id="c4")
+    assert str(info.value) == (
+        f"case 'c4', file '{one}': {what} has a single slice (96 x 96 x 1 voxels) where the T2w "
+        "has 6: a broken or partial export (the other T2w slices would read as empty); save the "
+        f"{what} over the whole T2w volume"
+    )

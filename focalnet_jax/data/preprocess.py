@@ -153,9 +153,24 @@ def _check_has_geometry(image: sitk.Image, t2w: sitk.Image, case: str, path, wha
         )
 
 
+def _check_slices(image: sitk.Image, t2w: sitk.Image, case: str, path, what: str) -> None:
+    """Refuses a label or mask of a single slice (the T2w holds two or more): a partial export,
+    whose other T2w slices would read as empty (their lesions stored as background)."""
+    if image.GetSize()[2] < 2:
+        size = " x ".join(map(str, image.GetSize()))
+        raise CaseError(
+            case,
+            path,
+            f"{what} has a single slice ({size} voxels) where the T2w has "
+            f"{t2w.GetSize()[2]}: a broken or partial export (the other T2w slices would read as "
+            f"empty); save the {what} over the whole T2w volume",
+        )
+
+
 def _center_of(mask_path, case, t2w: sitk.Image) -> tuple[float, float, float] | None:
     """LPS centroid (mm) of a mask's nonzero voxels, None when it has none."""
     mask = read_image(mask_path, case=case)
+    _check_slices(mask, t2w, case, mask_path, "prostate mask")
     _check_has_geometry(mask, t2w, case, mask_path, "prostate mask")
     voxels = np.argwhere(sitk.GetArrayViewFromImage(mask) > 0)
     if len(voxels) == 0:
@@ -209,7 +224,9 @@ def _t2w_reference(images, components, cfg, case, centre, bladder_mask) -> inten
     raw = sitk.GetArrayViewFromImage(t2w)
     bladder = None
     if bladder_mask is not None:
-        bladder = sitk.GetArrayFromImage(read_image(bladder_mask, case=case)) > 0
+        bladder_image = read_image(bladder_mask, case=case)
+        _check_slices(bladder_image, t2w, case, bladder_mask, "bladder mask")
+        bladder = sitk.GetArrayFromImage(bladder_image) > 0
         if bladder.shape != raw.shape:
             raise CaseError(case, bladder_mask, "bladder mask is not on the T2w grid")
     ci, cj, _ = t2w.TransformPhysicalPointToContinuousIndex(tuple(centre))
@@ -278,6 +295,7 @@ def _crop_label(label, t2w: sitk.Image, reference: sitk.Image, shape, cfg, case:
         empty = np.zeros(0, np.int32)
         return zeros, np.ones(shape, np.uint8), zeros.copy(), empty, empty.astype(bool)
     label_image = read_image(label, case=case)
+    _check_slices(label_image, t2w, case, label, "label")
     _check_has_geometry(label_image, t2w, case, label, "label")
     if not _overlaps(label_image, t2w):
         raise CaseError(case, label, "label does not overlap the T2w field of view")
