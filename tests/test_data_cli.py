@@ -182,7 +182,7 @@ def _nan(a):
 
 
 BAD = {  # patient id -> (file to spoil, how, reason fragment)
-    "90001": ("adc", "delete", "file not found"),
+    "90001": ("adc", "delete", "adc image missing: looked for 90001_"),
     "90002": ("t2w", "truncate", "unreadable or truncated"),
     "90003": ("adc", "2d", "expected a 3D image"),
     "90004": ("adc", _array_change(_nan), "NaN or Inf"),
@@ -209,6 +209,7 @@ def bad_dataset(dataset, tmp_path_factory):
         path = files[what]
         if how == "delete":
             path.unlink()
+            path = path if what == "labels" else path.parent  # named by its patient folder
         elif how == "truncate":
             data = path.read_bytes()
             path.write_bytes(data[: len(data) // 3])

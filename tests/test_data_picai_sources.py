@@ -10,6 +10,7 @@ import shutil
 import pytest
 
 from focalnet_jax.cli import main
+from focalnet_jax.data.io import CaseError
 from focalnet_jax.data.layouts import LayoutError, discover_picai
 from focalnet_jax.data.picai_sources import label_scheme, marksheet_cspca
 from focalnet_jax.data.store import open_store
@@ -93,6 +94,30 @@ def test_first_labels_folder_holding_a_case_wins(tmp_path):
     refused = []
     assert len(discover_picai(tmp_path, [human, ai], errors=refused)) == 4
     assert [r[0] for r in refused] == ["10002_1000002"]
+
+
+def test_a_missing_component_file_names_the_component_and_the_names_looked_for(tmp_path):
+    """An exam stored as NIfTI without its ADC was reported as "file not found" for
+    `10001_1000001_adc.nii.gz`, a name guessed from the exam's other files."""
+    human, ai = _replica(tmp_path)
+    folder = tmp_path / "picai_public_images_fold0" / "10001"
+    for name in ("t2w", "hbv"):
+        (folder / f"10001_1000001_{name}.mha").rename(folder / f"10001_1000001_{name}.nii.gz")
+    (folder / "10001_1000001_adc.mha").unlink()
+    reason = (
+        "adc image missing: looked for 10001_1000001_adc with suffix .mha, .mhd, .nii, .nii.gz "
+        "or .nrrd in this folder"
+    )
+    with pytest.raises(CaseError) as info:
+        discover_picai(tmp_path, [human, ai], unlabelled="negative")
+    assert str(info.value) == f"case '10001_1000001', file '{folder}': {reason}"
+    refused = []
+    cases = discover_picai(tmp_path, [human, ai], unlabelled="negative", errors=refused)
+    assert refused == [("10001_1000001", str(folder), reason)]
+    assert "10001_1000001" not in [c.case_id for c in cases] and len(cases) == 4
+    # A case left out for want of a label is not refused for a missing component.
+    kept = discover_picai(tmp_path, human, unlabelled="skip")
+    assert [c.case_id for c in kept] == ["10000_1000000", "10003_1000003"]
 
 
 def test_marksheet_csPCa_case_without_label_is_not_stored_lesion_free(tmp_path):

@@ -28,17 +28,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from focalnet_jax.data.case_ids import check_case_id
-from focalnet_jax.data.io import IMAGE_SUFFIXES
+from focalnet_jax.data.io import IMAGE_SUFFIXES, CaseError
 from focalnet_jax.data.picai_sources import (
+    LABEL_SUFFIXES,
     check_unlabelled_case,
+    find_file,
     label_folders,
+    missing_component,
     not_a_folder,
     picai_images,
 )
 from focalnet_jax.errors import LayoutError, UserError
 
 DEFAULT_COMPONENTS = ("t2w", "adc")
-LABEL_SUFFIXES = (".nii.gz", ".nii", ".mha", ".nrrd")
 CENTRE_COLUMNS = ("center_x", "center_y", "center_z")  # optional manifest crop centre, LPS mm
 log = logging.getLogger(__name__)
 
@@ -55,15 +57,6 @@ class CaseSpec:
     center: tuple[float, float, float] | None = None
     meta: dict = field(default_factory=dict)
     series: dict[str, str] = field(default_factory=dict)  # component -> DICOM series choice
-
-
-def _find(folder: Path, stem: str, suffixes, case: str) -> Path | None:
-    """The one file `<folder>/<stem><suffix>`, or None; two of them (e.g. `.mha` and `.nii.gz`)
-    are an error naming `case` and both files."""
-    found = [folder / (stem + suffix) for suffix in suffixes if (folder / (stem + suffix)).exists()]
-    if len(found) > 1:
-        raise LayoutError(f"case {case!r}: two files for {stem}: {found[0]} and {found[1]}")
-    return found[0] if found else None
 
 
 def check_components(components: Sequence[str]) -> None:
@@ -143,8 +136,9 @@ def discover_picai(
 ) -> list[CaseSpec]:
     """Cases of one or more PI-CAI image folders (`picai_sources.picai_images`), sorted by id.
 
-    A case is any `<patient>_<study>` with at least one image file; a missing component file or
-    label is left for `preprocess_case` to report for that case. `labels`: one label folder or
+    A case is any `<patient>_<study>` with at least one image file; a missing component file is
+    a `CaseError` naming the patient folder and the file names looked for, a missing label file
+    is left for `preprocess_case` to report for that case. `labels`: one label folder or
     several in order of preference (a case takes its file from the first that holds one).
     `unlabelled`: 'error' (default: the missing label file is that case's error, and no `labels`
     an error), 'negative' (no lesions; refused for a case the `marksheet` calls csPCa) or 'skip'
@@ -161,18 +155,19 @@ def discover_picai(
     found = picai_images(images)
     sheet = read_marksheet(marksheet) if marksheet else {}
     cases = []
-    for case, (patient, folder, suffix, file) in sorted(found.items()):
+    for case, (patient, folder, file) in sorted(found.items()):
         try:
             check_case_id(case, f"PI-CAI image file {file}")
-            spec = _picai_case(
-                case, patient, folder, suffix, folders, masks, components, unlabelled
-            )
+            spec = _picai_case(case, patient, folder, folders, masks, components, unlabelled)
             if spec is not None and spec.label is None and case in sheet:
                 check_unlabelled_case(case, sheet[case], marksheet, folders)
         except UserError as error:
             if errors is None:
                 raise
-            errors.append((case, str(file), str(error)))
+            if isinstance(error, CaseError):  # names its own file
+                errors.append((error.case, error.file, error.reason))
+            else:
+                errors.append((case, str(file), str(error)))
             continue
         if spec is not None:
             spec.meta = dict(sheet.get(case, {}))
@@ -186,7 +181,7 @@ def _picai_label(case: str, folders: Sequence[Path], unlabelled: str) -> Path | 
     `unlabelled` is 'error', the path in the first folder (reported missing by preprocess_case)
     or, with several folders, a `LayoutError` naming them."""
     for labels in folders:
-        label = _find(labels, case, LABEL_SUFFIXES, case)
+        label = find_file(labels, case, LABEL_SUFFIXES, case)
         if label is not None:
             return label
     if folders and unlabelled == "error":
@@ -200,18 +195,21 @@ def _picai_label(case: str, folders: Sequence[Path], unlabelled: str) -> Path | 
 
 
 def _picai_case(
-    case: str, patient: str, folder: Path, suffix: str, folders, masks, components, unlabelled
+    case: str, patient: str, folder: Path, folders, masks, components, unlabelled
 ) -> CaseSpec | None:
     """The files of one PI-CAI case (None where it has no label and `unlabelled` is 'skip');
-    a file present in two formats raises `LayoutError` naming both."""
-    paths = {}
-    for name in components:
-        path = _find(folder, f"{case}_{name}", IMAGE_SUFFIXES, case)
-        paths[name] = str(path or folder / f"{case}_{name}{suffix}")
+    a file present in two formats raises `LayoutError` naming both, a missing component file a
+    `CaseError` (`picai_sources.missing_component`)."""
+    found = {name: find_file(folder, f"{case}_{name}", IMAGE_SUFFIXES, case) for name in components}
     label = _picai_label(case, folders, unlabelled)
     if label is None and unlabelled == "skip":
         return None
-    mask = _find(Path(masks), case, LABEL_SUFFIXES, case) if masks is not None else None
+    paths = {}
+    for name, path in found.items():
+        if path is None:
+            raise missing_component(case, folder, name)
+        paths[name] = str(path)
+    mask = find_file(Path(masks), case, LABEL_SUFFIXES, case) if masks is not None else None
     return CaseSpec(
         case_id=case,
         patient_id=patient,

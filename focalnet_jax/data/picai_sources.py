@@ -16,10 +16,11 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from focalnet_jax.data.io import IMAGE_SUFFIXES
+from focalnet_jax.data.io import IMAGE_SUFFIXES, CaseError
 from focalnet_jax.errors import LayoutError
 
 PICAI_NAME = re.compile(r"^(?P<patient>[^_]+)_(?P<study>[^_]+)_(?P<component>[^_.]+)\.")
+LABEL_SUFFIXES = (".nii.gz", ".nii", ".mha", ".nrrd")  # labels and gland masks
 PathArg = str | os.PathLike
 
 
@@ -39,13 +40,33 @@ def not_a_folder(what: str, path) -> str:
     return f"{what} folder {path} is a file, not a folder (an archive? extract it first)"
 
 
+def find_file(folder: Path, stem: str, suffixes, case: str) -> Path | None:
+    """The one file `<folder>/<stem><suffix>`, or None; two of them (e.g. `.mha` and `.nii.gz`)
+    are an error naming `case` and both files."""
+    found = [folder / (stem + suffix) for suffix in suffixes if (folder / (stem + suffix)).exists()]
+    if len(found) > 1:
+        raise LayoutError(f"case {case!r}: two files for {stem}: {found[0]} and {found[1]}")
+    return found[0] if found else None
+
+
+def _looked_for(stem: str, suffixes) -> str:
+    """'<stem> with suffix .a, .b or .c': the file names `find_file` accepts."""
+    return f"{stem} with suffix {', '.join(suffixes[:-1])} or {suffixes[-1]}"
+
+
+def missing_component(case: str, folder: Path, name: str) -> CaseError:
+    """The error for a case whose patient `folder` holds no image file of component `name`
+    (e.g. 'adc'): names the folder, the component and the file names looked for."""
+    looked_for = _looked_for(f"{case}_{name}", IMAGE_SUFFIXES)
+    return CaseError(case, folder, f"{name} image missing: looked for {looked_for} in this folder")
+
+
 def _image_files(patient_dir: Path):
-    """(case id, patient id, image suffix, file) of each PI-CAI image file in a patient folder."""
+    """(case id, patient id, file) of each PI-CAI image file in a patient folder."""
     for file in sorted(patient_dir.iterdir()):
         match = PICAI_NAME.match(file.name)
         if match and file.name.lower().endswith(IMAGE_SUFFIXES):
-            suffix = file.name[len(match.group(0)) - 1 :]
-            yield f"{match['patient']}_{match['study']}", match["patient"], suffix, file
+            yield f"{match['patient']}_{match['study']}", match["patient"], file
 
 
 def _patient_dirs(folder: Path) -> list[Path]:
@@ -58,8 +79,8 @@ def _patient_dirs(folder: Path) -> list[Path]:
     return [p for d in subdirs for p in sorted(q for q in d.iterdir() if q.is_dir())]
 
 
-def picai_images(images: PathArg | Sequence[PathArg]) -> dict[str, tuple[str, Path, str, Path]]:
-    """Case id -> (patient id, patient folder, image suffix, first image file) of every
+def picai_images(images: PathArg | Sequence[PathArg]) -> dict[str, tuple[str, Path, Path]]:
+    """Case id -> (patient id, patient folder, first image file) of every
     `<patient>/<patient>_<study>_<component>.<suffix>` under the image folder(s). A case whose
     files lie in two patient folders (also of two image folders) raises `LayoutError` naming
     both files."""
@@ -67,14 +88,14 @@ def picai_images(images: PathArg | Sequence[PathArg]) -> dict[str, tuple[str, Pa
     for folder in folders:
         if not folder.is_dir():
             raise LayoutError(not_a_folder("images", folder))
-    found: dict[str, tuple[str, Path, str, Path]] = {}
+    found: dict[str, tuple[str, Path, Path]] = {}
     for patient_dir in (d for folder in folders for d in _patient_dirs(folder)):
-        for case, patient, suffix, file in _image_files(patient_dir):
+        for case, patient, file in _image_files(patient_dir):
             if case in found and found[case][1] != patient_dir:
                 raise LayoutError(
-                    f"case {case!r}: files in two patient folders: {found[case][3]} and {file}"
+                    f"case {case!r}: files in two patient folders: {found[case][2]} and {file}"
                 )
-            found.setdefault(case, (patient, patient_dir, suffix, file))
+            found.setdefault(case, (patient, patient_dir, file))
     if not found:
         raise LayoutError(
             f"no cases found in {', '.join(map(str, folders))} (expected "
