@@ -193,7 +193,7 @@ BAD = {  # patient id -> (file to spoil, how, reason fragment)
         "outside the allowed set",
     ),
     "90007": ("labels", _shift, "label does not overlap the T2w field of view"),
-    "90008": ("labels", "delete", "file not found"),
+    "90008": ("labels", "delete", "label missing: looked for 90008_"),
 }
 
 
@@ -209,7 +209,7 @@ def bad_dataset(dataset, tmp_path_factory):
         path = files[what]
         if how == "delete":
             path.unlink()
-            path = path if what == "labels" else path.parent  # named by its patient folder
+            path = path.parent  # named by its folder
         elif how == "truncate":
             data = path.read_bytes()
             path.write_bytes(data[: len(data) // 3])

@@ -89,11 +89,25 @@ def test_first_labels_folder_holding_a_case_wins(tmp_path):
     swapped = {c.case_id: c.label for c in discover_picai(tmp_path, [ai, human], unlabelled="skip")}
     assert swapped["10000_1000000"] == str(ai / "10000_1000000.nii.gz")
     assert "10002_1000002" not in swapped
-    with pytest.raises(LayoutError, match=r"case '10002_1000002': no label file .* folders .*"):
+    # A case in neither names both folders and the names looked for (it said `<case>.nii.gz`).
+    reason = (
+        "label missing: looked for 10002_1000002 with suffix .nii.gz, .nii, .mha or .nrrd in this "
+        f"folder and {ai}"
+    )
+    with pytest.raises(CaseError) as info:
         discover_picai(tmp_path, [human, ai])
+    assert str(info.value) == f"case '10002_1000002', file '{human}': {reason}"
     refused = []
     assert len(discover_picai(tmp_path, [human, ai], errors=refused)) == 4
-    assert [r[0] for r in refused] == ["10002_1000002"]
+    assert refused == [("10002_1000002", str(human), reason)]
+    # With one folder the case's error came from preprocessing: "file not found" for
+    # `10001_1000001.nii.gz`, one of the four names accepted.
+    with pytest.raises(CaseError) as info:
+        discover_picai(tmp_path, human)
+    assert str(info.value) == (
+        f"case '10001_1000001', file '{human}': label missing: looked for 10001_1000001 with "
+        "suffix .nii.gz, .nii, .mha or .nrrd in this folder"
+    )
 
 
 def test_a_missing_component_file_names_the_component_and_the_names_looked_for(tmp_path):

@@ -35,6 +35,7 @@ from focalnet_jax.data.picai_sources import (
     find_file,
     label_folders,
     missing_component,
+    missing_label,
     not_a_folder,
     picai_images,
 )
@@ -136,16 +137,16 @@ def discover_picai(
 ) -> list[CaseSpec]:
     """Cases of one or more PI-CAI image folders (`picai_sources.picai_images`), sorted by id.
 
-    A case is any `<patient>_<study>` with at least one image file; a missing component file is
-    a `CaseError` naming the patient folder and the file names looked for, a missing label file
-    is left for `preprocess_case` to report for that case. `labels`: one label folder or
-    several in order of preference (a case takes its file from the first that holds one).
-    `unlabelled`: 'error' (default: the missing label file is that case's error, and no `labels`
-    an error), 'negative' (no lesions; refused for a case the `marksheet` calls csPCa) or 'skip'
-    (case left out). Components: T2w first. A case whose files lie in two patient folders raises
-    `LayoutError` naming both files. A case with a file present in two formats, or whose id is not
-    a safe file name (`check_case_id`), raises `UserError`, or, where `errors` is a list
-    (--skip-bad-cases), is appended to it as (case, file, reason) and left out.
+    A case is any `<patient>_<study>` with at least one image file; a missing component or label
+    file is a `CaseError` naming the folder(s) and the file names looked for. `labels`: one
+    label folder or several in order of preference (a case takes its file from the first that
+    holds one). `unlabelled`: 'error' (default: the missing label file is that case's error, and
+    no `labels` an error), 'negative' (no lesions; refused for a case the `marksheet` calls
+    csPCa) or 'skip' (case left out). Components: T2w first. A case whose files lie in two
+    patient folders raises `LayoutError` naming both files. A case with a file present in two
+    formats, or whose id is not a safe file name (`check_case_id`), raises `UserError`, or,
+    where `errors` is a list (--skip-bad-cases), is appended to it as (case, file, reason) and
+    left out.
     """
     _check_unlabelled(unlabelled)
     check_components(components)
@@ -178,19 +179,13 @@ def discover_picai(
 
 def _picai_label(case: str, folders: Sequence[Path], unlabelled: str) -> Path | None:
     """The label file of `case` in the first of `folders` holding one; where none does and
-    `unlabelled` is 'error', the path in the first folder (reported missing by preprocess_case)
-    or, with several folders, a `LayoutError` naming them."""
+    `unlabelled` is 'error', a `CaseError` (`picai_sources.missing_label`)."""
     for labels in folders:
         label = find_file(labels, case, LABEL_SUFFIXES, case)
         if label is not None:
             return label
     if folders and unlabelled == "error":
-        if len(folders) > 1:
-            raise LayoutError(
-                f"case {case!r}: no label file <case>.nii.gz in any of the --labels folders "
-                f"{', '.join(map(str, folders))}"
-            )
-        return folders[0] / f"{case}.nii.gz"
+        raise missing_label(case, folders)
     return None
 
 

@@ -61,6 +61,14 @@ def missing_component(case: str, folder: Path, name: str) -> CaseError:
     return CaseError(case, folder, f"{name} image missing: looked for {looked_for} in this folder")
 
 
+def missing_label(case: str, folders: Sequence[Path]) -> CaseError:
+    """The error for a case whose label file is in none of the label `folders`: names the first
+    folder, the others and the file names looked for."""
+    where = " and ".join(["this folder", *map(str, folders[1:])])
+    looked_for = _looked_for(case, LABEL_SUFFIXES)
+    return CaseError(case, folders[0], f"label missing: looked for {looked_for} in {where}")
+
+
 def _image_files(patient_dir: Path):
     """(case id, patient id, file) of each PI-CAI image file in a patient folder."""
     for file in sorted(patient_dir.iterdir()):
