@@ -6,6 +6,8 @@ two lesion-label sets (`human_expert/resampled` for some positive cases, `AI/Bos
 others). `picai_images` reads any number of image folders (or a folder holding them) as one
 dataset; `label_folders` takes several label folders, the first holding a case's file winning, as
 PI-CAI's semi-supervised baseline prefers expert labels and fills in with AI-derived ones.
+`find_file` takes a case's one file of a component, label or mask in any accepted format;
+`missing_component` and `missing_label` name, where there is none, every file name looked for.
 """
 
 from __future__ import annotations
