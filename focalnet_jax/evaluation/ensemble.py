@@ -150,7 +150,7 @@ class Ensemble:
     """Models as `scores = ensemble(images)`: images float32 `[N, H, W, C]` (components in
     `components` order, T2w unclipped) -> float32 `[N, H, W, 5]`, the mean P(class >= k).
     Each model gets its channels gathered into its own order (`data.components` of its run), so
-    models that list one set of components in different orders give exactly the mean of their
+    models that list one set of components in different orders give the mean of their
     single-model predictions."""
 
     predictors: list[Predictor]
@@ -174,7 +174,8 @@ class Ensemble:
     @property
     def spec(self):
         """The first model's `RunSpec` (they agree on the set of components, the encoding and
-        the preprocessing; its `components` order is the first model's, not `components`')."""
+        the preprocessing); its `components` are in that model's order, which the ensemble's
+        input order (`components`, T2w first) need not follow."""
         return self.predictors[0].spec
 
     def describe(self) -> dict:
