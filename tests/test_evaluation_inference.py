@@ -212,18 +212,22 @@ def test_evaluate_workdir_refuses_a_cv_folder_with_one_finished_fold(cv, tmp_pat
     assert not (tmp_path / "eval").exists()
 
 
-def test_models_that_disagree_on_components_are_a_one_line_error(cv, tmp_path):
-    other = tmp_path / "swapped"
+def test_models_that_disagree_on_the_set_of_components_are_a_one_line_error(cv, tmp_path):
+    """Another set (t2w, hbv for t2w, adc) is refused; another order of one set is not
+    (tests/test_predict_components.py)."""
+    other = tmp_path / "other_set"
     shutil.copytree(cv["cv"] / "fold1", other)
     config = json.loads((other / "config.json").read_text())
-    config["data"]["components"] = ["adc", "t2w"]
+    config["data"]["components"] = ["t2w", "hbv"]
     (other / "config.json").write_text(json.dumps(config))
     files = exam(cv["data"])
     message = cli_error(["predict", "--checkpoint", cv["cv"] / "fold0", "--checkpoint", other,
                          "--t2w", files["t2w"], "--adc", files["adc"],
                          "--out", tmp_path / "o"])  # fmt: skip
-    assert "models disagree on components" in message
-    assert str(other) in message and "['adc', 't2w']" in message
+    assert message == (
+        "focalnet predict: error: models disagree on the set of components: "
+        f"{cv['cv'] / 'fold0'}: ['t2w', 'adc']; {other}: ['t2w', 'hbv']"
+    )
 
 
 # --- detection maps -------------------------------------------------------------------------------

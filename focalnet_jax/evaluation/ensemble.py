@@ -2,7 +2,8 @@
 
 - Ensemble: the mean over models of P(class >= k), k = 1..5 (`Predictor` gives every encoding
   in that form: one-hot models through the tail sums of their softmax), as nnU-Net averages its
-  five fold models. The models must agree on their input components, their output encoding and
+  five fold models. The models must agree on the set of their input components (not their
+  order: each model gets its channels in its own training order), their output encoding and
   the preprocessing settings that shape their inputs; anything else is an error naming the runs.
 - Test-time augmentation `flip`: the mean of the prediction and the re-flipped prediction of the
   left-right flipped input. The crop's columns run along the T2w in-plane axis nearest LPS x
@@ -148,7 +149,9 @@ def resolve_runs(path: str | Path) -> list[Path]:
 class Ensemble:
     """Models as `scores = ensemble(images)`: images float32 `[N, H, W, C]` (components in
     `components` order, T2w unclipped) -> float32 `[N, H, W, 5]`, the mean P(class >= k).
-    Each model gets its own components in its own order (`data.components` of its run)."""
+    Each model gets its channels gathered into its own order (`data.components` of its run), so
+    models that list one set of components in different orders give the mean of their
+    single-model predictions."""
 
     predictors: list[Predictor]
     runs: list[Path]
@@ -157,9 +160,10 @@ class Ensemble:
 
     @property
     def components(self) -> tuple[str, ...]:
-        """The components an exam gives, in the order `__call__` takes them: T2w first (the grid
-        every other component is resampled onto, so read even for a model that does not use
-        it), then the models' others in the first model's order."""
+        """The components an exam gives, in the order `__call__` takes them stacked: T2w first
+        (the grid every other component is resampled onto, so read even for a model that does
+        not use it), then the others in the first model's order, e.g. ('t2w', 'adc', 'hbv') for
+        models of t2w,adc,hbv then t2w,hbv,adc, ('t2w', 'hbv', 'adc') the other way round."""
         return ("t2w", *(c for c in self.predictors[0].components if c != "t2w"))
 
     @property
@@ -169,7 +173,9 @@ class Ensemble:
 
     @property
     def spec(self):
-        """The first model's `RunSpec` (they agree on components, encoding and preprocessing)."""
+        """The first model's `RunSpec` (they agree on the set of components, the encoding and
+        the preprocessing); its `components` are in that model's order, which the ensemble's
+        input order (`components`, T2w first) need not follow."""
         return self.predictors[0].spec
 
     def describe(self) -> dict:
@@ -197,6 +203,7 @@ class Ensemble:
         its last batch is in."""
         for predictor in self.predictors:
             scores = np.zeros((*both.shape[:3], 5), np.float32)
+            # This model's channels in its own order: a host-side gather, one compiled function.
             channels = [self.components.index(c) for c in predictor.components]
             add = functools.partial(self._add_model, scores, total)
             yield from predictor.batches(both[..., channels], scores, then=add)
@@ -216,10 +223,10 @@ def write_models(models: Ensemble, out_dir: str | Path) -> Path:
 
 
 def check_compatible(runs: Sequence[Path], predictors: Sequence[Predictor], settings) -> None:
-    """Raises EnsembleError naming the runs when models differ in components, output encoding or
-    input preprocessing settings."""
+    """Raises EnsembleError naming the runs when models differ in their set of components (their
+    orders may differ), output encoding or input preprocessing settings."""
     checks = {
-        "components": [list(p.components) for p in predictors],
+        "the set of components": [sorted(p.components) for p in predictors],
         "output encodings": [p.spec.output_encoding for p in predictors],
         "input preprocessing settings": [input_settings(s) for s in settings],
     }
@@ -227,6 +234,8 @@ def check_compatible(runs: Sequence[Path], predictors: Sequence[Predictor], sett
         if any(v != values[0] for v in values[1:]):
             if what == "input preprocessing settings":
                 values = [settings_difference(v, values[0]) or "reference" for v in values]
+            elif what == "the set of components":  # as each run lists them
+                values = [list(p.components) for p in predictors]
             listed = "; ".join(f"{run}: {v}" for run, v in zip(runs, values, strict=True))
             raise EnsembleError(f"models disagree on {what}: {listed}")
 
@@ -263,7 +272,9 @@ def make_ensemble(
 ) -> Ensemble:
     """An `Ensemble` of loaded models (`settings`: each run's preprocessing settings, None where
     unknown), checked with `check_compatible`. Models of one architecture on the same devices
-    share one compiled function (they differ only in their variables)."""
+    share one compiled function (they differ only in their variables: one set of components is
+    one number of input channels, and each model's order is a gather of the channels before
+    its batches, `Ensemble._batches`)."""
     if tta not in TTA_MODES:
         raise EnsembleError(f"tta {tta!r}: expected one of {TTA_MODES}")
     check_compatible(runs, predictors, settings)
