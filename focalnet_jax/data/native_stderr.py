@@ -9,9 +9,9 @@ once, and what another thread writes to stderr meanwhile (a log line, a progress
 is captured too. Who wrote a byte to fd 2 cannot be told there, and no line shape sets GDCM's
 apart, so callers pass the text on (in an error or a warning) as what was printed on stderr
 during the block, never as the library's, and never drop it. (Capturing only while no other
-thread runs would switch the capture off under any progress bar's monitor thread.) The data
-commands read images in the main thread of each process (`--workers` runs spawn processes, each
-with its own fd 2).
+thread runs would switch it off in `preprocess` and batch `predict`: tqdm's monitor thread runs
+beside their progress bars, also disabled ones.) The data commands read images in the main
+thread of each process (`--workers` runs spawn processes, each with its own fd 2).
 """
 
 from __future__ import annotations
