@@ -526,8 +526,8 @@ def test_slice_in_a_transfer_syntax_no_codec_decodes_is_named(prostatex_case_dir
     assert error.file == str(broken)
     assert "cannot be decoded (" in error.reason and "GDCMImageIO(0x" not in error.reason
     assert error.reason.endswith(
-        "; convert the series to uncompressed DICOM (e.g. gdcmconv --raw); the DICOM reader "
-        "printed: Invalid marker size (x6)"
+        "; convert the series to uncompressed DICOM (e.g. gdcmconv --raw); printed on stderr "
+        "during the read: Invalid marker size (x6)"
     )
 
 

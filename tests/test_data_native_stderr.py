@@ -1,5 +1,6 @@
-"""`native_stderr.captured()`: what is written to file descriptor 2 in the block (by C code, or
-by a child process sharing it) is captured, and fd 2 is back afterwards, also after an error."""
+"""`native_stderr.captured()`: what is written to file descriptor 2 in the block (by C code, by a
+child process sharing it, or by another thread) is captured, and fd 2 is back afterwards, also
+after an error; a DICOM read passes it on as printed on stderr during the read, not as its own."""
 
 from __future__ import annotations
 
@@ -78,4 +79,39 @@ def test_read_series_passes_the_text_on_when_the_read_fails_otherwise(
     with pytest.raises(MemoryError), caplog.at_level("WARNING", logger=dicom.log.name):
         dicom.read_series(tmp_path)
     warnings = [r.getMessage() for r in caplog.records]
-    assert warnings == [f"{tmp_path}: the DICOM reader printed: Invalid marker size (x2)"]
+    assert warnings == [f"{tmp_path}: printed on stderr during the read: Invalid marker size (x2)"]
+
+
+@pytest.mark.real_data
+def test_another_threads_stderr_during_a_real_read_is_not_called_the_readers(
+    prostatex_case_dir, monkeypatch, caplog, capfd
+):
+    """A line another thread wrote to fd 2 while a DICOM series was read was reported as 'the
+    DICOM reader printed: ...'. It is still captured (fd 2 is the process's), and passed on as
+    what was printed on stderr during the read."""
+    from focalnet_jax.data import dicom
+
+    inside, written = threading.Event(), threading.Event()
+    list_series = dicom.list_series
+
+    def list_series_after_the_write(folder):  # runs inside the capture, then reads for real
+        inside.set()
+        assert written.wait(10)
+        return list_series(folder)
+
+    def other_thread():
+        assert inside.wait(10)
+        os.write(2, b"epoch 3: loss 0.41\n")
+        written.set()
+
+    monkeypatch.setattr(dicom, "list_series", list_series_after_the_write)
+    writer = threading.Thread(target=other_thread)
+    writer.start()
+    folder = prostatex_case_dir / "adc"
+    with caplog.at_level("WARNING", logger=dicom.log.name):
+        image = dicom.read_series(folder)
+    writer.join()
+    assert image.GetSize() == (84, 128, 19)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert warnings == [f"{folder}: read; printed on stderr during the read: epoch 3: loss 0.41"]
+    assert capfd.readouterr().err == ""  # not printed twice

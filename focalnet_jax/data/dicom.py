@@ -323,10 +323,11 @@ def read_series(
     slice short. Other DICOM objects of the folder outside any image series are left out, with a
     warning. Read as float32, each slice with its own rescale slope and intercept.
 
-    What GDCM and ITK print on stderr meanwhile (e.g. 'Invalid marker size' for each broken
-    JPEG 2000 frame) is captured (`native_stderr`) and passed on in one line: at the end of the
-    reason of a refusal, or, after a read that succeeds or fails otherwise, in one warning (it
-    may tell of a frame decoded with errors; dropped, it would be lost)."""
+    What is printed on stderr meanwhile (GDCM and ITK print e.g. 'Invalid marker size' for each
+    broken JPEG 2000 frame) is captured (`native_stderr`) and passed on in one line: at the end of
+    the reason of a refusal, or, after a read that succeeds or fails otherwise, in one warning (it
+    may tell of a frame decoded with errors; dropped, it would be lost). It is called what was
+    printed on stderr during the read, not the reader's: another thread may have printed some."""
     folder = Path(folder)
     notes: list[str] = []  # warnings, logged once stderr is back
     printed = native_stderr.Captured()  # empty, should the capture itself fail
@@ -336,17 +337,17 @@ def read_series(
     except SeriesError as err:
         if not printed.text.strip():
             raise
-        reason = f"{err.reason}; the DICOM reader printed: {printed.summary()}"
+        reason = f"{err.reason}; printed on stderr during the read: {printed.summary()}"
         raise SeriesError(err.file, reason) from err
     except BaseException:  # not a refusal (a bug, no memory, Ctrl-C): the text goes on too
         if printed.text.strip():
-            log.warning("%s: the DICOM reader printed: %s", folder, printed.summary())
+            log.warning("%s: printed on stderr during the read: %s", folder, printed.summary())
         raise
     finally:
         for note in notes:
             log.warning("%s", note)
     if printed.text.strip():
-        log.warning("%s: read, but the DICOM reader printed: %s", folder, printed.summary())
+        log.warning("%s: read; printed on stderr during the read: %s", folder, printed.summary())
     return image
 
 

@@ -10,10 +10,11 @@ generator writes); otherwise label value 1 means "csPCa, grade unknown".
 
 Manifest: a CSV with `case_id, patient_id`, one path column per component, `label` (a missing
 column or empty cell is an error unless `unlabelled` says otherwise), optional `prostate_mask` and
-`center_x, center_y, center_z` (LPS mm), and optional `<component>_series` columns choosing a series
-of a DICOM folder that holds several (SeriesInstanceUID or exact SeriesDescription). Relative paths
-are relative to the CSV's folder. Case and patient ids are checked with `check_case_id` (they become
-file names; two case ids differing only in letter case are refused). Empty rows are skipped.
+`center_x, center_y, center_z` (mm; LPS, or RAS where the optional `center_space` cell says RAS),
+and optional `<component>_series` columns choosing a series of a DICOM folder that holds several
+(SeriesInstanceUID or exact SeriesDescription). Relative paths are relative to the CSV's folder.
+Case and patient ids are checked with `check_case_id` (they become file names; two case ids
+differing only in letter case are refused). Empty rows are skipped.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from focalnet_jax.data.atomic_files import replaced_atomically
 from focalnet_jax.data.case_ids import check_case_id
 from focalnet_jax.data.io import IMAGE_SUFFIXES, CaseError
 from focalnet_jax.data.picai_sources import (
@@ -42,7 +44,8 @@ from focalnet_jax.data.picai_sources import (
 from focalnet_jax.errors import LayoutError, UserError
 
 DEFAULT_COMPONENTS = ("t2w", "adc")
-CENTRE_COLUMNS = ("center_x", "center_y", "center_z")  # optional manifest crop centre, LPS mm
+CENTRE_COLUMNS = ("center_x", "center_y", "center_z")  # optional manifest crop centre, mm
+CENTRE_SPACE_COLUMN = "center_space"  # optional: 'LPS' (empty cell: the default) or 'RAS'
 log = logging.getLogger(__name__)
 
 
@@ -391,9 +394,23 @@ def _manifest_case(
     )
 
 
+def _centre_space(row: dict, where: str) -> str:
+    """The row's `center_space`: 'LPS' (also for an empty cell or no column) or 'RAS' (in any
+    letter case); another value is an error naming the line, the case and the value."""
+    space = row.get(CENTRE_SPACE_COLUMN, "").upper() or "LPS"
+    if space not in ("LPS", "RAS"):
+        raise LayoutError(
+            f"{where}: case {row['case_id']!r}: {CENTRE_SPACE_COLUMN} "
+            f"{row[CENTRE_SPACE_COLUMN]!r} is not LPS or RAS (an empty cell means LPS)"
+        )
+    return space
+
+
 def _manifest_centre(row: dict, where: str, centre_columns: Sequence[str]):
-    """The row's (x, y, z) centre in mm, or None where all three cells are empty; a partly
-    given or non-finite centre is an error naming the line and the column."""
+    """The row's LPS (x, y, z) centre in mm, or None where all three cells are empty; a centre
+    given in RAS (`center_space`, as 3D Slicer shows points) has x and y negated. A partly given
+    or non-finite centre is an error naming the line and the column."""
+    space = _centre_space(row, where)
     given = [c for c in centre_columns if row[c]]
     if not given:
         return None
@@ -409,6 +426,8 @@ def _manifest_centre(row: dict, where: str, centre_columns: Sequence[str]):
         if not math.isfinite(value):
             raise LayoutError(f"{where}: {column} {row[column]!r} is not a finite number (mm)")
         centre.append(value)
+    if space == "RAS":
+        centre[0], centre[1] = -centre[0], -centre[1]
     return tuple(centre)
 
 
@@ -421,7 +440,8 @@ def unread_inputs(
     if layout == "manifest":
         with io.StringIO(_csv_text(Path(manifest), "manifest"), newline="") as f:
             header = next(csv.reader(f), [])
-        known = {"case_id", "patient_id", "label", "prostate_mask", *CENTRE_COLUMNS, *components}
+        known = {"case_id", "patient_id", "label", "prostate_mask", *components}
+        known |= {*CENTRE_COLUMNS, CENTRE_SPACE_COLUMN}
         known |= {f"{name}_series" for name in components}
         return sorted({c.strip() for c in header if c.strip()} - known)
     names = set()
@@ -436,17 +456,18 @@ def unread_inputs(
 
 
 def write_manifest(cases: Sequence[CaseSpec], path: str | os.PathLike) -> None:
-    """Write cases as a manifest CSV (absolute paths)."""
+    """Write cases as a manifest CSV, atomically (absolute paths; a case's centre in LPS, its
+    `center_space` cell saying so)."""
     names = list(cases[0].components) if cases else list(DEFAULT_COMPONENTS)
     columns = ["case_id", "patient_id", *names, "label", "prostate_mask"]
-    columns += ["center_x", "center_y", "center_z"]
+    columns += [*CENTRE_COLUMNS, CENTRE_SPACE_COLUMN]
     chosen = [n for n in names if any(n in c.series for c in cases)]
     columns += [f"{n}_series" for n in chosen]
-    with Path(path).open("w", newline="") as f:
+    with replaced_atomically(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(columns)
         for c in cases:
-            centre = list(c.center) if c.center else ["", "", ""]
+            centre = [*c.center, "LPS"] if c.center else ["", "", "", ""]
             paths = [str(Path(c.components[n]).resolve()) for n in names]
             extra = [str(Path(p).resolve()) if p else "" for p in (c.label, c.mask)]
             series = [c.series.get(n, "") for n in chosen]

@@ -1,13 +1,17 @@
-"""What C and C++ libraries (GDCM, ITK, OpenJPEG) print on the process's stderr while a block
-runs, captured so that a refused input still ends in one line.
+"""What is printed on the process's stderr while a block runs (by C and C++ libraries such as
+GDCM, ITK, OpenJPEG among others), captured so that a refused input still ends in one line.
 
 GDCM prints e.g. 'Invalid marker size' for each broken JPEG 2000 frame straight to file
 descriptor 2, which `sys.stderr` and `contextlib.redirect_stderr` never see. `captured()` points
 fd 2 at an unnamed temporary file for the block (a file, not a pipe: nothing has to drain it) and
 back in `finally`. Fd 2 belongs to the whole process: a lock keeps threads from swapping it at
-once, and what another thread writes to stderr meanwhile is captured too, so callers pass the text
-on (in an error or a warning), never drop it. The data commands read images in the main thread of
-each process (`--workers` runs spawn processes, each with its own fd 2).
+once, and what another thread writes to stderr meanwhile (a log line, a progress bar's refresh)
+is captured too. Who wrote a byte to fd 2 cannot be told there, and no line shape sets GDCM's
+apart, so callers pass the text on (in an error or a warning) as what was printed on stderr
+during the block, never as the library's, and never drop it. (Capturing only while no other
+thread runs would switch it off in `preprocess` and batch `predict`: tqdm's monitor thread runs
+beside their progress bars, also disabled ones.) The data commands read images in the main
+thread of each process (`--workers` runs spawn processes, each with its own fd 2).
 """
 
 from __future__ import annotations
