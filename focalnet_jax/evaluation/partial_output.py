@@ -175,6 +175,8 @@ def _remove_earlier_lock(folder: Path, out: Path) -> None:
         return
     try:
         lock = acquire_lock(path)
+    except FileNotFoundError:  # its folder was moved meanwhile: nothing left to remove here
+        return
     except LockHeld as held:
         raise UserError(
             f"{path} is held by {held.holder}: a {WRITER} of an earlier version is writing {out}; "
