@@ -49,10 +49,16 @@ def acquire_lock(path: str | os.PathLike) -> IO[str]:
     return lock
 
 
-def release_lock(lock: IO[str]) -> None:
-    """Empties the file of a lock taken by `acquire_lock` and releases it."""
+def release_lock(lock: IO[str], remove: bool = False) -> None:
+    """Empties the file of a lock taken by `acquire_lock` and releases it; with `remove` the file
+    is removed first (while still held, and only if its path is still that file), and a process
+    that opened it meanwhile is refused by `acquire_lock` when it gets the lock."""
     try:
         lock.truncate(0)
+        if remove and os.stat(lock.name).st_ino == os.fstat(lock.fileno()).st_ino:
+            os.unlink(lock.name)
+    except FileNotFoundError:
+        pass
     finally:
         lock.close()
 

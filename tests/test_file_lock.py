@@ -59,3 +59,17 @@ def test_a_second_holder_in_one_process_is_refused_until_the_first_releases(tmp_
             acquire_lock(path)
         assert held.value.holder == f"pid {os.getpid()} on {socket.gethostname()}"
     release_lock(acquire_lock(path))
+
+
+def test_a_holder_removes_the_file_of_its_lock_only_while_the_path_is_still_that_file(tmp_path):
+    path = tmp_path / "run.lock"
+    lock = acquire_lock(path)
+    release_lock(lock, remove=True)
+    assert not path.exists()
+    lock = acquire_lock(path)
+    path.unlink()
+    other = acquire_lock(path)  # a new file at the path, held by another holder
+    release_lock(lock, remove=True)
+    assert path.read_text() == f"pid {os.getpid()} on {socket.gethostname()}\n"
+    release_lock(other, remove=True)
+    assert not path.exists()

@@ -28,7 +28,7 @@ from cli_calls import cli_error, run_cli
 from test_train_helpers import fast_compiles, tiny_config
 
 from focalnet_jax.evaluation import batch_predict
-from focalnet_jax.evaluation.partial_output import LOCK_FILE, partial_folder
+from focalnet_jax.evaluation.partial_output import LOCK_FILE, lock_file, partial_folder
 from focalnet_jax.file_lock import exclusive_lock
 
 REPO = Path(__file__).resolve().parents[1]
@@ -147,7 +147,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_output(tiny, tmp_path, signum
     kept = printed.split("(")[1].split()[0]
     assert printed.startswith(f"wrote {CASES} cases to {out} ({kept} finished before the resume")
     assert 1 <= int(kept) < CASES
-    assert not partial.exists() and not (out / LOCK_FILE).exists()
+    assert not partial.exists() and not (out / LOCK_FILE).exists() and not lock_file(out).exists()
     assert_same_outputs(out, tiny["reference"])
 
 
@@ -179,9 +179,12 @@ def test_resume_refuses_other_settings_and_a_partial_another_run_writes(
         assert "with other models or settings (threshold: 0.5 in the partial, 0.3 now)" in message
         message = cli_error([*predict, "--resume", "--candidate-min-voxels", "3"])
         assert "(candidates.min_voxels: 10 in the partial, 3 now)" in message
-        with exclusive_lock(partial_folder(out) / LOCK_FILE):
+        with exclusive_lock(lock_file(out)):
             message = cli_error([*predict, "--resume"])
-        assert message.endswith(f"(pid {os.getpid()} on {os.uname().nodename}); wait for it to end")
+        assert message.endswith(
+            f"is being written by another focalnet predict (pid {os.getpid()} on "
+            f"{os.uname().nodename}); wait for it to end"
+        )
         run_cli([*predict, "--resume", "--batch-size", "3"])  # the batch size may change
     assert_same_outputs(out, tiny["reference"])
 
@@ -223,8 +226,8 @@ def test_overwrite_starts_over_and_images_may_be_repeated(tiny, tmp_path, monkey
 
 def test_resume_removes_a_killed_writers_temporary_files_and_folders(tmp_path):
     """A writer killed by SIGKILL leaves `.<case>.tmp-<pid>/` folders and, mid errors.csv or
-    models.json, `.<file>.tmp-<pid>` files; the run that resumes removes both, so `--out` ends
-    with none of them."""
+    models.json, `.<file>.tmp-<pid>` files (and an earlier version its `.predict.lock`); the run
+    that resumes removes them, so `--out` ends with none of them."""
     from focalnet_jax.evaluation.partial_output import partial_output
 
     out, settings = tmp_path / "out", {"models": [{"run": "r", "step": 2}], "tta": "none"}
@@ -233,7 +236,8 @@ def test_resume_removes_a_killed_writers_temporary_files_and_folders(tmp_path):
     partial = partial_folder(out)
     (partial / ".case0.tmp-4242").mkdir()
     (partial / ".errors.csv.tmp-4242").write_text("case,file,reason\n")
+    (partial / LOCK_FILE).write_text("pid 4242 on host\n")
     with partial_output(out, settings, resume=True, overwrite=False) as (_, done, failed):
         assert (done, failed) == (set(), [])
-        assert sorted(p.name for p in partial.iterdir()) == [LOCK_FILE, "models.json"]
+        assert sorted(p.name for p in partial.iterdir()) == ["models.json"]
     assert sorted(p.name for p in out.iterdir()) == ["models.json"]

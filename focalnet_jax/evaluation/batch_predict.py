@@ -138,7 +138,8 @@ def predict_cases(
     `partial_output.recorded_settings`); returns what was written and the bad cases (those of
     `errors`, found before, first). The outputs are made in `<out>.partial/`
     (`partial_output.partial_output`), which becomes `out` at the end; a non-empty `out` is
-    refused unless `overwrite` (then replaced whole). With `resume` the cases already finished
+    refused unless `overwrite` (then replaced whole), also one that another run finished after
+    this one started (checked under the lock beside `out`). With `resume` the cases already finished
     in the partial are skipped and the others (also those that failed before) predicted.
 
     Raises the first CaseError unless `skip_bad_cases`; `out` is then left as it was and the
@@ -149,7 +150,6 @@ def predict_cases(
     if not cases:
         raise LayoutError("no cases to predict")
     out = Path(out)
-    check_replaceable(out, overwrite, MODELS_FILE, "focalnet predict")
     errors = list(errors or [])
     settings = recorded_settings(models.describe(), threshold, candidates)
     with partial_output(out, settings, resume=resume, overwrite=overwrite) as taken:

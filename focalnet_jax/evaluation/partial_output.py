@@ -10,9 +10,14 @@ Ctrl-C, SIGTERM or a time limit keeps the cases it finished, and `--resume` cont
   renamed, so a reader (and `--resume`) never finds half a case; the leftovers of a killed
   writer (those folders, and `.<file>.tmp-<pid>` files of errors.csv or models.json) are removed
   when the next run takes the partial.
-- `<out>.partial/.predict.lock`: held (`file_lock`) by the one run that writes the partial, so
-  that two runs never write it at once; the system releases it when the process ends, also on
-  SIGKILL. It is removed when the partial becomes `--out`.
+- `.<out>.predict.lock`, beside `--out` (`lock_file`): held (`file_lock`) by the one run that
+  writes into `--out`, from its check that `--out` may be written until the partial has become
+  `--out`, so two runs never write one partial, and a run never replaces an `--out` that another
+  run finished after this one started (without `--overwrite`). The system releases it when the
+  process ends, also on SIGKILL; the run removes the file when it ends, and one that a killed
+  run left is taken by the next run. It is never inside the folder that becomes `--out`.
+  Earlier versions held `<out>.partial/.predict.lock` instead, and one killed right after the
+  rename left it in `--out`: the next run removes it, or refuses while its holder runs.
 """
 
 from __future__ import annotations
@@ -26,8 +31,9 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
-from focalnet_jax.data.atomic_files import write_json_atomic
+from focalnet_jax.data.atomic_files import check_replaceable, write_json_atomic
 from focalnet_jax.data.writer_folders import (
     remove_dead_leftovers,
     restore_moved_aside,
@@ -41,7 +47,7 @@ from focalnet_jax.file_lock import LockHeld, acquire_lock, release_lock
 
 log = logging.getLogger(__name__)
 
-LOCK_FILE = ".predict.lock"
+LOCK_FILE = ".predict.lock"  # named `.<out>.predict.lock` beside --out (`lock_file`)
 ERRORS_FILE = "errors.csv"
 WRITER = "focalnet predict"
 
@@ -50,6 +56,12 @@ def partial_folder(out: str | os.PathLike) -> Path:
     """`<out>.partial`, where a batch prediction into `out` is made."""
     out = Path(out)
     return out.with_name(f"{out.name}.partial")
+
+
+def lock_file(out: str | os.PathLike) -> Path:
+    """`.<out>.predict.lock`, beside `out`: the lock of the run writing into `out`."""
+    out = Path(out)
+    return out.with_name(f".{out.name}{LOCK_FILE}")
 
 
 def resume_hint(out: str | os.PathLike) -> str:
@@ -131,7 +143,7 @@ def _failed_before(partial: Path) -> list[str]:
 
 
 def _others(partial: Path) -> list[str]:
-    """The names in `partial` other than its lock file."""
+    """The names in `partial` other than the lock file of earlier versions."""
     return sorted(p.name for p in partial.iterdir() if p.name != LOCK_FILE)
 
 
@@ -143,17 +155,41 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def _clear(partial: Path, keep: str) -> None:
-    """Removes everything in `partial` but the file `keep`."""
-    for path in partial.iterdir():
-        if path.name != keep:
-            _remove(path)
+def _lock_out(out: Path) -> IO[str]:
+    """Takes the lock beside `out` (`lock_file`) for this run; returns it. One line naming the
+    holder while another run holds it."""
+    try:
+        return acquire_lock(lock_file(out))
+    except LockHeld as held:
+        raise UserError(
+            f"{out} is being written by another {WRITER} ({held.holder}); wait for it to end"
+        ) from None
 
 
-def _take(partial: Path, resume: bool, overwrite: bool) -> object:
-    """Locks the existing or new `partial` for this run; returns the lock. An existing partial
-    is refused without `resume` or `overwrite` (one line saying which continues and which starts
-    over), or while another run holds it."""
+def _remove_earlier_lock(folder: Path, out: Path) -> None:
+    """Removes `folder/.predict.lock`, the lock that earlier versions held in the partial (and
+    left in `--out` when killed right after the rename), once no process holds it (logged); while
+    one does, that earlier run still writes into `out`, and this one is refused in one line."""
+    path = folder / LOCK_FILE
+    if not path.is_file():
+        return
+    try:
+        lock = acquire_lock(path)
+    except FileNotFoundError:  # its folder was moved meanwhile: nothing left to remove here
+        return
+    except LockHeld as held:
+        raise UserError(
+            f"{path} is held by {held.holder}: a {WRITER} of an earlier version is writing {out}; "
+            "wait for it to end"
+        ) from None
+    release_lock(lock, remove=True)
+    log.warning("removed %s, left by a %s of an earlier version that ended", path, WRITER)
+
+
+def _take(partial: Path, out: Path, resume: bool, overwrite: bool) -> None:
+    """Makes `partial` ready for this run, which holds the lock beside `out`. An existing
+    partial is refused without `resume` or `overwrite` (one line saying which continues and
+    which starts over), or while a run of an earlier version holds its lock."""
     exists = partial.exists()
     if exists and not partial.is_dir():
         raise UserError(f"{partial} exists and is not a folder; move it away")
@@ -162,49 +198,49 @@ def _take(partial: Path, resume: bool, overwrite: bool) -> object:
             f"{partial} holds {_others(partial)[0]} but no {MODELS_FILE}: it is not the partial "
             f"output of {WRITER}, and would be deleted; move it away or choose another --out"
         )
+    if exists:
+        _remove_earlier_lock(partial, out)
     if exists and not resume and not overwrite:
         raise UserError(
             f"{partial} holds an unfinished run of {WRITER} into this --out: add --resume to "
             "continue it, or --overwrite to start over"
         )
     partial.mkdir(mode=0o755, exist_ok=True)
-    try:
-        return acquire_lock(partial / LOCK_FILE)
-    except (LockHeld, FileNotFoundError) as held:
-        holder = held.holder if isinstance(held, LockHeld) else "a run that has just finished"
-        raise UserError(
-            f"{partial} is being written by another {WRITER} ({holder}); wait for it to end"
-        ) from None
 
 
 @contextlib.contextmanager
 def partial_output(out: Path, settings: dict, *, resume: bool, overwrite: bool) -> Iterator:
-    """Yields `(partial, finished case ids, case ids that failed before)` for this run to fill,
-    holding its lock; when the block ends without an error the partial becomes `out` (an
-    existing `out` replaced whole, as `atomic_files.replaced_folder` does), else it is kept for
-    `--resume`. Without `resume` an existing partial is refused, or with `overwrite` emptied;
-    with `resume` its recorded settings must equal `settings` (its `models.json`, written here
-    for a new partial)."""
+    """Yields `(partial, finished case ids, case ids that failed before)` for this run to fill;
+    when the block ends without an error the partial becomes `out` (an existing `out` replaced
+    whole, as `atomic_files.replaced_folder` does), else it is kept for `--resume`. All of it,
+    from the check that a non-empty `out` is replaced only with `overwrite` (and is an earlier
+    output) to the rename, holds the lock beside `out` (`lock_file`). Without `resume` an
+    existing partial is refused, or with `overwrite` emptied; with `resume` its recorded
+    settings must equal `settings` (its `models.json`, written here for a new partial)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    restore_moved_aside(out, WRITER)
-    remove_dead_leftovers(out, WRITER)  # temporary folders of runs before partials were kept
-    partial = partial_folder(out)
-    lock = _take(partial, resume, overwrite)
+    lock = _lock_out(out)
     try:
+        restore_moved_aside(out, WRITER)
+        remove_dead_leftovers(out, WRITER)  # temporary folders of runs before partials were kept
+        if (out / MODELS_FILE).is_file():
+            _remove_earlier_lock(out, out)
+        check_replaceable(out, overwrite, MODELS_FILE, WRITER)
+        partial = partial_folder(out)
+        _take(partial, out, resume, overwrite)
         if resume and (partial / MODELS_FILE).exists():
             _check_resumable(partial, settings)
             for leftover in partial.glob(".*.tmp-*"):  # of a killed writer: the lock is ours
                 _remove(leftover)
             failed = _failed_before(partial)
         else:
-            _clear(partial, LOCK_FILE)
+            for path in partial.iterdir():
+                _remove(path)
             failed = []
         write_json_atomic(settings, partial / MODELS_FILE)
         yield partial, finished_cases(partial), failed
         aside = writer_folder(out)
         moved = swap_in(partial, out, aside=aside.with_name(f"{aside.name}.old"))
-        (out / LOCK_FILE).unlink(missing_ok=True)
         if moved is not None:
             shutil.rmtree(moved, ignore_errors=True)
     finally:
-        release_lock(lock)
+        release_lock(lock, remove=True)
