@@ -12,7 +12,14 @@ devices to read the logged values, so all stop after the same step. The stop the
 after SIGTERM, so `log_every` steps and a checkpoint write must fit in that time.
 
 On a stop the loop saves a checkpoint at that step and raises `TrainingStopped`; `focalnet` prints
-its message as one line on stderr and exits with status 143 (128 + SIGTERM).
+its message as one line on stderr and exits with status 143 (128 + SIGTERM). The last step is not
+stopped: it goes on to its checkpoint and validation, and `train_and_evaluate` checks for a SIGTERM
+once more (every process, so all agree) after the run's checkpoint writes have finished and its
+logs are closed. A SIGTERM by then (in the last step, its checkpoint, its validation or those
+writes) raises `TrainingStopped` with `complete` set: the run is complete, its last checkpoint
+(what a rerun and evaluation take as finished, `ensemble.final_step`) is on disk. `focalnet train`,
+and `cv` after its last fold, then print `TrainingStopped.completed` and exit with status 0; `cv`
+before another fold stops with 143, as above.
 """
 
 from __future__ import annotations
@@ -29,13 +36,18 @@ from focalnet_jax.errors import Terminated
 
 
 class TrainingStopped(Terminated):
-    """The run stopped after step `step` on SIGTERM; its checkpoint at that step is saved."""
+    """The run stopped after step `step` on SIGTERM; its checkpoint at that step is saved.
+    `complete`: `step` is the run's last, its checkpoint written and logs closed (module
+    docstring); `completed` is then the line that says so."""
 
-    def __init__(self, step: int, workdir: str | Path):
+    def __init__(self, step: int, workdir: str | Path, *, complete: bool = False):
         super().__init__(
             f"stopped by SIGTERM at step {step} in {workdir}; checkpoint saved, run again to resume"
         )
-        self.step = step
+        self.step, self.complete = step, complete
+        self.completed = (
+            f"completed at step {step} in {workdir} although a SIGTERM arrived; nothing to resume"
+        )
 
 
 class SigtermStop:
