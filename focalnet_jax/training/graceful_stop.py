@@ -1,15 +1,16 @@
 """Stop a training run at a step boundary on SIGTERM (a SLURM time limit or preemption, `scancel`,
 `kill`), so that the steps since the last checkpoint are not lost.
 
-Inside `SigtermStop` (the training loop) the first SIGTERM only sets a flag and puts SIGTERM's
-default back, so a second one ends the process at once, as one outside the loop does (data
-loading, compilation of the state, the final checkpoint write). The loop asks `stop_now` at step
-boundaries: a single process stops after the step it is in; the processes of a multi-process run
-take the OR of their flags (`multihost_utils.process_allgather`) only at the loop's log steps
-(`train.log_every`, and the last step), where they all call it and the loop already waits for the
-devices to read the logged values, so all stop after the same step. The stop then comes up to
-`train.log_every` steps after the signal; SLURM sends SIGKILL `KillWait` seconds (default 30)
-after SIGTERM, so `log_every` steps and a checkpoint write must fit in that time.
+Inside `SigtermStop` (the training loop and the run's last writes) the first SIGTERM only sets a
+flag and puts SIGTERM's default back, so a second one ends the process at once, as one outside it
+does (data loading, compilation of the state, the process's exit). The loop asks `stop_now` at
+step boundaries: a single process stops after the step it is in; the processes of a multi-process
+run take the OR of their flags (`multihost_utils.process_allgather`) only at the loop's log steps
+(`train.log_every`), where they all call it and the loop already waits for the devices to read
+the logged values, so all stop after the same step, and once the run is complete (below). The
+stop then comes up to `train.log_every` steps after the signal; SLURM sends SIGKILL `KillWait`
+seconds (default 30) after SIGTERM, so `log_every` steps and a checkpoint write must fit in that
+time.
 
 On a stop the loop saves a checkpoint at that step and raises `TrainingStopped`; `focalnet` prints
 its message as one line on stderr and exits with status 143 (128 + SIGTERM). The last step is not

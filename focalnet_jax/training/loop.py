@@ -4,8 +4,8 @@ The run is built from the config's `RunSpec`; resume order: the newest intact ch
 `workdir` (a damaged newer one is moved aside), else `model.pretrained` (torchvision ResNet
 weights), else a fresh initialisation (`checkpoint.resume_or_initialize`). The data order and
 augmentation depend only on (seed, step), so a restarted run continues exactly where the
-checkpoint left it. SIGTERM stops the loop at a step boundary with a checkpoint there
-(`graceful_stop`).
+checkpoint left it. SIGTERM stops the loop at a step boundary with a checkpoint there; one after
+the last step has begun completes the run first (`graceful_stop`).
 """
 
 from __future__ import annotations
