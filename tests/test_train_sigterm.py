@@ -2,8 +2,10 @@
 `focalnet train` processes on a tiny synthetic store, signalled mid-run, exit with status 143 and
 one line, leave a checkpoint at the step they stopped and the TensorBoard events up to it; the
 rerun reaches the parameters of an uninterrupted run. Two processes of one run, only one of them
-signalled, stop at the same log step. A second SIGTERM, or one outside the loop, ends the process
-at once."""
+signalled, stop at the same log step. A SIGTERM during the last step's checkpoint or validation
+completes the run (status 0, one line); in `cv` one at a fold's end stops before the next fold
+unless that fold is the last. A second SIGTERM, or one outside the loop, ends the process at
+once."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import numpy as np
 import pytest
 from test_train_helpers import REPO, cpu_devices_env, free_port, small_synthetic_store
 
+from focalnet_jax.evaluation.ensemble import final_step
 from focalnet_jax.run import workdir as workdir_lib
 from focalnet_jax.training.tb_logging import read_scalars
 
@@ -35,9 +38,10 @@ TINY_RUN = [
     f"--config.train.steps={STEPS}",
 ]
 STOPPED = re.compile(
-    r"focalnet train: stopped by SIGTERM at step (\d+) in (\S+); checkpoint saved, "
+    r"focalnet (?:train|cv): stopped by SIGTERM at step (\d+) in (\S+); checkpoint saved, "
     r"run again to resume"
 )
+COMPLETED = "completed at step {} in {} although a SIGTERM arrived; nothing to resume"
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +49,12 @@ def store(tmp_path_factory) -> Path:
     return small_synthetic_store(tmp_path_factory.mktemp("sigterm_data"), cases=6, seed=3)
 
 
-def _train_argv(store: Path, workdir: Path, log_every: int, flags=()) -> list[str]:
-    """`focalnet train` of the tiny run; the compilation cache beside the workdirs."""
+def _train_argv(
+    store: Path, workdir: Path, log_every: int, flags=(), command: str = "train"
+) -> list[str]:
+    """`focalnet train` (or `cv`) of the tiny run; the compilation cache beside the workdirs."""
     return [
-        sys.executable, "-m", "focalnet_jax.cli", "train", "--config", "configs/focalnet.py",
+        sys.executable, "-m", "focalnet_jax.cli", command, "--config", "configs/focalnet.py",
         "--workdir", str(workdir), "--compilation_cache", str(workdir.parent / "cache"),
         f"--config.data.store={store}", f"--config.train.log_every={log_every}", *TINY_RUN, *flags,
     ]  # fmt: skip
@@ -182,3 +188,116 @@ def test_a_second_sigterm_or_one_outside_the_loop_ends_the_process_at_once(mode)
     )  # fmt: skip
     assert done.returncode == -signal.SIGTERM, (done.returncode, done.stderr[-2000:])
     assert done.stdout == ("True True\n" if mode == "twice" else "")
+
+
+# `focalnet ARGS` in a child whose process RANK sends itself SIGTERM as its first checkpoint write
+# or validation begins (argv: checkpoint|validation, RANK, ARGS). With `checkpoint_every` 1000 and
+# `eval_every` 0 these are the last step's (in `cv`: of the first fold that trains).
+SIGNAL_AT_THE_END = """
+import os, signal, sys
+import jax
+from focalnet_jax import cli
+from focalnet_jax.training import checkpoint, loop
+
+where, rank = sys.argv[1], int(sys.argv[2])
+fired = []
+
+def signalled(function):
+    def wrapped(*args, **kwargs):
+        if not fired and jax.process_index() == rank:
+            fired.append(True)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return function(*args, **kwargs)
+    return wrapped
+
+if where == "checkpoint":
+    checkpoint.save = signalled(checkpoint.save)
+else:
+    loop.evaluate = signalled(loop.evaluate)
+sys.exit(cli.main(sys.argv[3:]))
+"""
+LAST = 4  # steps of the runs below
+
+
+def _signalled_at_the_end(argv: list[str], where: str, rank: int = 0) -> list[str]:
+    """`argv` (a `_train_argv`) run by SIGNAL_AT_THE_END, `LAST` steps."""
+    return [
+        sys.executable, "-c", SIGNAL_AT_THE_END, where, str(rank), *argv[3:],
+        f"--config.train.steps={LAST}",
+    ]  # fmt: skip
+
+
+def _run(argv: list[str]) -> tuple[int, list[str]]:
+    """(exit status, the lines of stderr that name SIGTERM) of `argv` on one CPU device."""
+    done = subprocess.run(
+        argv, env=cpu_devices_env(1, JAX_DISABLE_MOST_OPTIMIZATIONS="1"), capture_output=True,
+        text=True, timeout=300, cwd=REPO,
+    )  # fmt: skip
+    assert done.returncode in (0, 143), (done.returncode, done.stderr[-3000:])
+    return done.returncode, [line for line in re.split(r"[\r\n]", done.stderr) if "SIGTERM" in line]
+
+
+def _complete(workdir: Path) -> None:
+    """`workdir` is a finished run: its last checkpoint, the last step's logs and validation."""
+    assert final_step(workdir) == (LAST, "")
+    assert [p.name for p in (workdir / "checkpoints").iterdir()] == [str(LAST)]
+    assert read_scalars(workdir / "tb", "train/loss")[0].tolist() == list(range(1, LAST + 1))
+    steps, values = read_scalars(workdir / "tb", "val/loss")
+    assert steps.tolist() == [LAST] and np.isfinite(values).all()
+
+
+@pytest.mark.parametrize("where", ["checkpoint", "validation"])
+def test_sigterm_during_the_last_steps_checkpoint_or_validation_completes_the_run(
+    store, tmp_path, where
+):
+    workdir = tmp_path / "run"
+    status, lines = _run(_signalled_at_the_end(_train_argv(store, workdir, 1), where))
+    assert (status, lines) == (0, [f"focalnet train: {COMPLETED.format(LAST, workdir)}"])
+    _complete(workdir)
+
+
+def test_cv_stops_before_the_next_fold_unless_the_sigterm_comes_at_the_last_folds_end(
+    store, tmp_path
+):
+    workdir = tmp_path / "cv"
+    argv = _train_argv(store, workdir, 1, ["--folds", "0,1"], command="cv")
+    status, lines = _run(_signalled_at_the_end(argv, "validation"))
+    stopped = STOPPED.fullmatch(lines[0]) if lines else None
+    assert status == 143 and len(lines) == 1 and stopped, (status, lines)
+    assert lines[0].startswith("focalnet cv: ")
+    assert stopped.groups() == (str(LAST), str(workdir / "fold0"))
+    _complete(workdir / "fold0")
+    assert not (workdir / "fold1").exists()
+    # Run again: fold 0 is complete (no step, no validation), fold 1 trains and is signalled at
+    # its last validation.
+    status, lines = _run(_signalled_at_the_end(argv, "validation"))
+    assert (status, lines) == (0, [f"focalnet cv: {COMPLETED.format(LAST, workdir / 'fold1')}"])
+    _complete(workdir / "fold1")
+
+
+@pytest.mark.slow
+def test_two_processes_both_complete_when_one_is_signalled_during_the_last_validation(
+    store, tmp_path
+):
+    """Process 1 alone gets SIGTERM as the last step's validation begins: both agree after the
+    run's writes, exit with status 0 and say so; the run is complete."""
+    workdir, port = tmp_path / "two", free_port()
+    processes, logs = [], []
+    for rank in (0, 1):
+        flags = ["--coordinator_address", f"localhost:{port}", "--num_processes", "2"]
+        logs.append(tmp_path / f"process{rank}.err")
+        argv = _train_argv(store, workdir, 1, [*flags, "--process_id", str(rank)])
+        processes.append(_start(_signalled_at_the_end(argv, "validation", rank=1), logs[-1]))
+    try:
+        statuses = [p.wait(timeout=300) for p in processes]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    for status, log in zip(statuses, logs, strict=True):
+        lines = [line for line in re.split(r"[\r\n]", _text(log)) if "SIGTERM" in line]
+        assert (status, lines) == (0, [f"focalnet train: {COMPLETED.format(LAST, workdir)}"]), (
+            status, _text(log)[-2000:],
+        )  # fmt: skip
+    _complete(workdir)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from focalnet_jax.errors import UserError
@@ -94,15 +95,29 @@ def _set_fold(config, args: argparse.Namespace, fold_overridden: bool) -> None:
     config.data.fold = args.fold
 
 
+def _train_run(config, workdir: Path, command: str, *, last: bool = True) -> None:
+    """`train_and_evaluate(config, workdir)`. A SIGTERM that arrived once the run was complete
+    (`graceful_stop.TrainingStopped.complete`) ends the command's `last` run with one line on
+    stderr (the command exits with status 0); before another run (`cv`) it stops the command."""
+    from focalnet_jax.training import train_and_evaluate
+    from focalnet_jax.training.graceful_stop import TrainingStopped
+
+    try:
+        train_and_evaluate(config, workdir)
+    except TrainingStopped as stop:
+        if not (stop.complete and last):
+            raise
+        print(f"focalnet {command}: {stop.completed}", file=sys.stderr)
+
+
 def run_train(args: argparse.Namespace) -> int:
     import jax
 
-    from focalnet_jax.training import train_and_evaluate
     from focalnet_jax.training.distributed import compilation_cache
 
     with compilation_cache(args.compilation_cache):
         config = _training_setup(args)
-        train_and_evaluate(config, args.workdir)
+        _train_run(config, args.workdir, args.command)
     if jax.process_index() == 0:  # once per run, not once per process
         print(f"checkpoints and TensorBoard logs in {args.workdir}")
     return 0
@@ -128,7 +143,6 @@ def add_cv(parser: argparse.ArgumentParser) -> None:
 def run_cv(args: argparse.Namespace) -> int:
     import jax
 
-    from focalnet_jax.training import train_and_evaluate
     from focalnet_jax.training.distributed import compilation_cache
 
     cache = args.compilation_cache
@@ -137,9 +151,10 @@ def run_cv(args: argparse.Namespace) -> int:
     with compilation_cache(cache):
         config = _training_setup(args)
         folds = args.folds or list(range(config.data.num_folds))
-        for fold in folds:
+        for index, fold in enumerate(folds):
             config.data.fold = fold
-            train_and_evaluate(config, args.workdir / f"fold{fold}")
+            last = index == len(folds) - 1
+            _train_run(config, args.workdir / f"fold{fold}", args.command, last=last)
     if jax.process_index() == 0:
         print(f"trained folds {folds}; runs in {args.workdir}/fold<k>")
     return 0

@@ -1,18 +1,26 @@
 """Stop a training run at a step boundary on SIGTERM (a SLURM time limit or preemption, `scancel`,
 `kill`), so that the steps since the last checkpoint are not lost.
 
-Inside `SigtermStop` (the training loop) the first SIGTERM only sets a flag and puts SIGTERM's
-default back, so a second one ends the process at once, as one outside the loop does (data
-loading, compilation of the state, the final checkpoint write). The loop asks `stop_now` at step
-boundaries: a single process stops after the step it is in; the processes of a multi-process run
-take the OR of their flags (`multihost_utils.process_allgather`) only at the loop's log steps
-(`train.log_every`, and the last step), where they all call it and the loop already waits for the
-devices to read the logged values, so all stop after the same step. The stop then comes up to
-`train.log_every` steps after the signal; SLURM sends SIGKILL `KillWait` seconds (default 30)
-after SIGTERM, so `log_every` steps and a checkpoint write must fit in that time.
+Inside `SigtermStop` (the training loop and the run's last writes) the first SIGTERM only sets a
+flag and puts SIGTERM's default back, so a second one ends the process at once, as one outside it
+does (data loading, compilation of the state, the process's exit). The loop asks `stop_now` at
+step boundaries: a single process stops after the step it is in; the processes of a multi-process
+run take the OR of their flags (`multihost_utils.process_allgather`) only at the loop's log steps
+(`train.log_every`), where they all call it and the loop already waits for the devices to read
+the logged values, so all stop after the same step, and once the run is complete (below). The
+stop then comes up to `train.log_every` steps after the signal; SLURM sends SIGKILL `KillWait`
+seconds (default 30) after SIGTERM, so `log_every` steps and a checkpoint write must fit in that
+time.
 
 On a stop the loop saves a checkpoint at that step and raises `TrainingStopped`; `focalnet` prints
-its message as one line on stderr and exits with status 143 (128 + SIGTERM).
+its message as one line on stderr and exits with status 143 (128 + SIGTERM). The last step is not
+stopped: it goes on to its checkpoint and validation, and `train_and_evaluate` checks for a SIGTERM
+once more (every process, so all agree) after the run's checkpoint writes have finished and its
+logs are closed. A SIGTERM by then (in the last step, its checkpoint, its validation or those
+writes) raises `TrainingStopped` with `complete` set: the run is complete, its last checkpoint
+(what a rerun and evaluation take as finished, `ensemble.final_step`) is on disk. `focalnet train`,
+and `cv` after its last fold, then print `TrainingStopped.completed` and exit with status 0; `cv`
+before another fold stops with 143, as above.
 """
 
 from __future__ import annotations
@@ -29,13 +37,18 @@ from focalnet_jax.errors import Terminated
 
 
 class TrainingStopped(Terminated):
-    """The run stopped after step `step` on SIGTERM; its checkpoint at that step is saved."""
+    """The run stopped after step `step` on SIGTERM; its checkpoint at that step is saved.
+    `complete`: `step` is the run's last, its checkpoint written and logs closed (module
+    docstring); `completed` is then the line that says so."""
 
-    def __init__(self, step: int, workdir: str | Path):
+    def __init__(self, step: int, workdir: str | Path, *, complete: bool = False):
         super().__init__(
             f"stopped by SIGTERM at step {step} in {workdir}; checkpoint saved, run again to resume"
         )
-        self.step = step
+        self.step, self.complete = step, complete
+        self.completed = (
+            f"completed at step {step} in {workdir} although a SIGTERM arrived; nothing to resume"
+        )
 
 
 class SigtermStop:

@@ -4,8 +4,8 @@ The run is built from the config's `RunSpec`; resume order: the newest intact ch
 `workdir` (a damaged newer one is moved aside), else `model.pretrained` (torchvision ResNet
 weights), else a fresh initialisation (`checkpoint.resume_or_initialize`). The data order and
 augmentation depend only on (seed, step), so a restarted run continues exactly where the
-checkpoint left it. SIGTERM stops the loop at a step boundary with a checkpoint there
-(`graceful_stop`).
+checkpoint left it. SIGTERM stops the loop at a step boundary with a checkpoint there; one after
+the last step has begun completes the run first (`graceful_stop`).
 """
 
 from __future__ import annotations
@@ -243,13 +243,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
         total=num_steps, initial=start, disable=jax.process_index() != 0, desc="train", unit="step"
     )
     logger = _Logger(spec, workdir, manager, progress, start, mesh)
-    try:  # Whatever happens, pending checkpoint writes finish and files are closed.
-        return _steps(spec, state, batches, split.val_rows, mesh, logger, train_key, lam, num_steps)
-    finally:
-        progress.close()
-        manager.wait_until_finished()
-        manager.close()
-        logger.writer.close()
+    with SigtermStop() as sigterm:
+        try:  # Whatever happens, pending checkpoint writes finish and files are closed.
+            state = _steps(
+                spec, state, batches, split.val_rows, mesh, logger, train_key, lam, num_steps,
+                sigterm,
+            )  # fmt: skip
+        finally:
+            progress.close()
+            manager.wait_until_finished()
+            manager.close()
+            logger.writer.close()
+        # Complete: the last checkpoint is on disk, the logs closed. A SIGTERM since the last
+        # step's check (its checkpoint, validation, these writes) says so (`graceful_stop`).
+        if sigterm.stop_now(agreement_point=True):
+            raise TrainingStopped(int(jax.device_get(state.step)), workdir, complete=True)
+    return state
 
 
 def _save(logger: _Logger, saved: set, done: int, state) -> None:
@@ -272,43 +281,42 @@ def _stop(logger: _Logger, saved: set, done: int, state) -> TrainingStopped:
     return TrainingStopped(done, logger.workdir)
 
 
-def _steps(spec: RunSpec, state, batches, val_rows, mesh, logger: _Logger, key, lam, num_steps):
+def _steps(
+    spec: RunSpec, state, batches, val_rows, mesh, logger: _Logger, key, lam, num_steps,
+    sigterm: SigtermStop,
+):  # fmt: skip
     """Steps `state.step`..`num_steps` with logging, checkpoints and validation; the last state.
-    A SIGTERM stops it at a step boundary with a checkpoint (`graceful_stop`)."""
+    A SIGTERM (`sigterm`) stops it at a step boundary before the last with a checkpoint
+    (`graceful_stop`)."""
     train_step = step_lib.make_train_step(spec, mesh)
     eval_step = step_lib.make_eval_step(spec, mesh)
     # Placed on every device once, not copied from the default device at each step.
     key, lam_operand = sharding.put_replicated((key, jnp.float32(lam)), mesh)
     train = spec.config.train
     saved = set(logger.manager.all_steps())
-    with SigtermStop() as sigterm:
-        for step, batch in batches.iterate(int(jax.device_get(state.step)), num_steps):
-            state, metrics = train_step(state, batch, key, lam_operand)
-            logger.first_bad = _first_bad(
-                logger.first_bad, metrics["loss"], metrics["grad_norm"], state.step
-            )
-            done = step + 1
-            final = done == num_steps
-            logged = done % train.log_every == 0 or final
-            if logged:
-                logger.train(done, metrics)
-            # Before checkpoint and validation: the bar they redraw or leave on screen shows `done`.
-            logger.progress.update(1)
-            # The last step goes on to its checkpoint and validation, then stops below.
-            if not final and sigterm.stop_now(agreement_point=logged):
-                raise _stop(logger, saved, done, state)
-            if done % train.checkpoint_every == 0 or final:
-                _save(logger, saved, done, state)
-            if len(val_rows) and ((train.eval_every and done % train.eval_every == 0) or final):
-                logger.check_finite(done)  # no validation of diverged parameters
-                with logger.outside_steps(state):
-                    val, shown = evaluate(
-                        eval_step, state, batches.reader, val_rows, spec.global_batch, mesh
-                    )
-                    logger.validation(done, val, batches.reader, shown)
-        # A SIGTERM since the last step's check (its checkpoint, validation, the last write)
-        # stops here, with that step saved: in `cv`, before the next fold.
-        logger.manager.wait_until_finished()
-        if sigterm.stop_now(agreement_point=True):
-            raise _stop(logger, saved, int(jax.device_get(state.step)), state)
+    for step, batch in batches.iterate(int(jax.device_get(state.step)), num_steps):
+        state, metrics = train_step(state, batch, key, lam_operand)
+        logger.first_bad = _first_bad(
+            logger.first_bad, metrics["loss"], metrics["grad_norm"], state.step
+        )
+        done = step + 1
+        final = done == num_steps
+        logged = done % train.log_every == 0 or final
+        if logged:
+            logger.train(done, metrics)
+        # Before checkpoint and validation: the bar they redraw or leave on screen shows `done`.
+        logger.progress.update(1)
+        # The last step goes on to its checkpoint and validation: a SIGTERM then completes the
+        # run (`train_and_evaluate`).
+        if not final and sigterm.stop_now(agreement_point=logged):
+            raise _stop(logger, saved, done, state)
+        if done % train.checkpoint_every == 0 or final:
+            _save(logger, saved, done, state)
+        if len(val_rows) and ((train.eval_every and done % train.eval_every == 0) or final):
+            logger.check_finite(done)  # no validation of diverged parameters
+            with logger.outside_steps(state):
+                val, shown = evaluate(
+                    eval_step, state, batches.reader, val_rows, spec.global_batch, mesh
+                )
+                logger.validation(done, val, batches.reader, shown)
     return state
