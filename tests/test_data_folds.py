@@ -202,3 +202,41 @@ def test_fold_table_of_given_splits_counts_their_validation_cases(tmp_path):
     assert rows[0]["patients_per_max_class"] == [2, 0, 0, 0, 0, 0]
     assert rows[1]["patients_per_max_class"] == [0, 0, 0, 0, 1, 1]
     assert rows[1]["case_ids"] == GIVEN[1][1]
+
+
+def test_split_files_name_what_read_given_split_reads(tmp_path, monkeypatch):
+    """One list of split files for training (`read_given_split`) and a study's digest of them:
+    a file is itself (`~` expanded); a folder, per fold, picai_baseline's pair where either is
+    there, else `fold-<k>.json`, and for every fold only files of those names."""
+    import json
+
+    from focalnet_jax.data.folds import read_given_split, split_files
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "splits.json").write_text(json.dumps([{"train": ["a"], "val": ["b"]}] * 2))
+    assert split_files(tmp_path / "splits.json") == [tmp_path / "splits.json"]
+    assert split_files("~/splits.json", fold=1) == [tmp_path / "splits.json"]
+    assert read_given_split("~/splits.json", 1, 2) == (["a"], ["b"])
+
+    folder = tmp_path / "mixed"
+    _write_ds_configs(folder, GIVEN[:1])  # fold 0: picai_baseline's pair
+    for k in (0, 1, 10):
+        (folder / f"fold-{k}.json").write_text(json.dumps({"train": ["a"], "val": [f"v{k}"]}))
+    for stray in ("fold-01.json", "fold-a.json", "fold-1.json.bak", "splits.json", "notes.txt"):
+        (folder / stray).write_text("{}")
+    pair = [folder / "ds-config-train-fold-0.json", folder / "ds-config-valid-fold-0.json"]
+    assert split_files(folder, 0) == pair
+    assert read_given_split(folder, 0, 2) == GIVEN[0]
+    assert split_files(folder, 1) == [folder / "fold-1.json"]
+    assert read_given_split(folder, 10, 11) == (["a"], ["v10"])
+    assert split_files(folder, 2) == [folder / "fold-2.json"]  # missing: named, not skipped
+    with pytest.raises(UserError, match=r"split file .*mixed/fold-2.json does not exist"):
+        read_given_split(folder, 2, 3)
+    names = ["ds-config-train-fold-0.json", "ds-config-valid-fold-0.json", "fold-0.json",
+             "fold-1.json", "fold-10.json"]  # fmt: skip
+    assert split_files(folder) == [folder / name for name in names]
+    # One file of picai_baseline's pair is there: the other is read, and named missing.
+    (folder / "ds-config-valid-fold-0.json").unlink()
+    assert split_files(folder, 0) == pair
+    with pytest.raises(UserError, match=r"ds-config-valid-fold-0.json does not exist"):
+        read_given_split(folder, 0, 2)

@@ -12,7 +12,7 @@ import pytest
 from focalnet_jax.cli import main
 from focalnet_jax.study.cell_runner import failure_reason, run_cell
 from focalnet_jax.study.cells import STUDY_FILE, Study
-from focalnet_jax.study.inputs import INPUTS, check_inputs
+from focalnet_jax.study.inputs import INPUTS, check_inputs, splits_digest
 from focalnet_jax.study.spec import StudyError
 
 CONFIG = """
@@ -109,6 +109,28 @@ def test_a_change_of_the_given_split_files_is_refused(tmp_path):
     study_file = json.loads((root / STUDY_FILE).read_text())
     del study_file[INPUTS]["splits"]
     check_inputs(study_file, root)
+
+
+def test_the_digest_of_a_split_folder_covers_the_files_training_reads(tmp_path):
+    """A folder's digest: its split files as `data.folds.split_files` lists them (the files
+    `read_given_split` reads), by name and bytes; a file training never reads does not count."""
+    folder = tmp_path / "picai"
+    folder.mkdir()
+    for name in ("ds-config-train-fold-0.json", "ds-config-valid-fold-0.json", "fold-1.json"):
+        (folder / name).write_text(json.dumps({"subject_list": [name]}))
+    expected = hashlib.sha256()
+    for name in ("ds-config-train-fold-0.json", "ds-config-valid-fold-0.json", "fold-1.json"):
+        expected.update(name.encode() + b"\0" + (folder / name).read_bytes())
+    assert splits_digest(str(folder)) == expected.hexdigest()
+    (folder / "fold-notes.json").write_text("{}")  # matched `fold-*.json`, never read
+    assert splits_digest(str(folder)) == expected.hexdigest()
+    (folder / "fold-1.json").write_text("[]")
+    assert splits_digest(str(folder)) != expected.hexdigest()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "fold-x.json").write_text("{}")
+    with pytest.raises(StudyError, match=f"data.splits {empty}: the folder holds no split files"):
+        splits_digest(str(empty))
 
 
 def test_a_failed_cell_names_the_signal_that_stopped_its_training_not_an_earlier_error_line():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -103,6 +104,38 @@ def _id_list(value, path: Path, key: str) -> list[str]:
     return value
 
 
+# The names of split files in a folder, per fold k: picai_baseline's pair, or `focalnet folds`'.
+_PICAI_FILES = ("ds-config-train-fold-{k}.json", "ds-config-valid-fold-{k}.json")
+_FOLD_FILE = "fold-{k}.json"
+_SPLIT_NAMES = [
+    re.compile(re.escape(name).replace(r"\{k\}", "(0|[1-9][0-9]*)"))
+    for name in (*_PICAI_FILES, _FOLD_FILE)
+]
+
+
+def split_files(splits: str | os.PathLike, fold: int | None = None) -> list[Path]:
+    """The files of `splits` (`data.splits`, `~` expanded) that `read_given_split` reads for
+    `fold`, or for any fold (None), sorted. A path that is not a folder: itself. A folder, for
+    `fold` k: picai_baseline's `ds-config-train-fold-<k>.json` and `ds-config-valid-fold-<k>.json`
+    where either is there, else `fold-<k>.json` (named even when missing, so that reading names
+    it); for any fold: every file of those names (k a decimal integer without leading zeros)."""
+    path = Path(splits).expanduser()
+    if not path.is_dir():
+        return [path]
+    if fold is not None:
+        pair = [path / name.format(k=fold) for name in _PICAI_FILES]
+        return pair if any(p.exists() for p in pair) else [path / _FOLD_FILE.format(k=fold)]
+    return sorted(p for p in path.iterdir() if any(n.fullmatch(p.name) for n in _SPLIT_NAMES))
+
+
+def _subject_list(file: Path) -> list[str]:
+    """The case ids of a picai_baseline ds-config file (`{"subject_list": [...]}`)."""
+    value = _json_file(file)
+    return _id_list(
+        value.get("subject_list") if isinstance(value, dict) else None, file, "subject_list"
+    )
+
+
 def read_given_split(
     splits: str | os.PathLike, fold: int, num_folds: int
 ) -> tuple[list[str], list[str]]:
@@ -111,24 +144,20 @@ def read_given_split(
     (`{"subject_list": ["<patient>_<study>", ...]}`); a folder of `fold-<k>.json`
     (`{"train": [...], "val": [...]}`, as `focalnet folds --out` writes); or a JSON file holding
     a list of `{"train": [...], "val": [...]}` per fold (nnU-Net's `splits_final.json`,
-    picai_baseline's `splits.json`), of `num_folds` entries."""
-    path = Path(splits)
-    if path.is_dir():
-        train_file = path / f"ds-config-train-fold-{fold}.json"
-        if train_file.exists() or (path / f"ds-config-valid-fold-{fold}.json").exists():
-            pair = [(train_file, "train"), (path / f"ds-config-valid-fold-{fold}.json", "valid")]
-            table = {}
-            for file, key in pair:
-                value = _json_file(file)
-                entries = value.get("subject_list") if isinstance(value, dict) else None
-                table[key] = _id_list(entries, file, "subject_list")
-            return table["train"], table["valid"]
-        entry, where = _json_file(path / f"fold-{fold}.json"), path / f"fold-{fold}.json"
+    picai_baseline's `splits.json`), of `num_folds` entries. Which files: `split_files`."""
+    path = Path(splits).expanduser()
+    files = split_files(path, fold)
+    if len(files) == 2:  # picai_baseline's train and valid files
+        train, valid = (_subject_list(file) for file in files)
+        return train, valid
+    where = files[0]
+    if path.is_dir():  # fold-<k>.json
+        entry = _json_file(where)
     else:
-        table, where = _json_file(path), path
+        table = _json_file(where)
         if not isinstance(table, list) or len(table) != num_folds:
             found = f"{len(table)} folds" if isinstance(table, list) else "no list of folds"
-            raise UserError(f"split file {path}: {found}, data.num_folds is {num_folds}")
+            raise UserError(f"split file {where}: {found}, data.num_folds is {num_folds}")
         entry = table[fold]
     if not isinstance(entry, dict):
         raise UserError(f"split file {where}: fold {fold} is not a {{'train', 'val'}} object")
@@ -209,7 +238,7 @@ def write_fold_files(
     splits = [split_cases(store, k, num_folds, seed) for k in range(num_folds)]
     paths = []
     for k, (train, val) in enumerate(splits):
-        paths.append(out_dir / f"fold-{k}.json")
+        paths.append(out_dir / _FOLD_FILE.format(k=k))
         with replaced_atomically(paths[-1]) as tmp:
             tmp.write_text(json.dumps({"train": train, "val": val}, indent=1) + "\n")
     return paths

@@ -6,6 +6,12 @@ the latest `train.keep_checkpoints` kept), `tb/` (TensorBoard events). Training 
 the whole train state (`focalnet_jax.training.checkpoint`); inference reads only the variables
 (`load_for_inference`), so evaluation needs nothing from training.
 
+Paths in a run's config (`PATH_KEYS`: the store, the split files, the pretrained weights) are made
+absolute when training fixes the config (`absolute_paths`: `~` expanded, a relative path taken
+against the current folder), so that `config.json` names the same files from any folder. A
+`config.json` saved before, with a relative path, is read against the current folder, with a
+warning naming the file and that folder where the path is not there (`read_config`).
+
 Damaged checkpoints: a step whose restore fails and whose files show the damage (a missing, empty
 or truncated file, invalid JSON metadata) raises `UnreadableCheckpointError` naming the step
 folder, the file and the reason (`restore`, `find_damage`); a resuming run moves such a step
@@ -14,8 +20,10 @@ aside (`focalnet_jax.training.checkpoint.resume`).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import os
 from pathlib import Path
 
 import jax
@@ -28,6 +36,8 @@ from focalnet_jax.data.atomic_files import replaced_atomically
 from focalnet_jax.data.store import flat_settings
 from focalnet_jax.errors import UserError
 from focalnet_jax.run.spec import DATA_AXIS, RunSpec
+
+log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -52,6 +62,36 @@ class CheckpointMismatchError(UserError):
     def __init__(self, step_dir: Path, reason: str):
         self.step_dir, self.reason = Path(step_dir), reason
         super().__init__(f"checkpoint {step_dir} does not fit the state asked for: {reason}")
+
+
+# The config keys that hold paths (module docstring).
+PATH_KEYS = ("data.store", "data.splits", "model.pretrained")
+
+
+def _absolute(value):
+    """A non-empty path string, `~` expanded and made absolute; anything else as it is."""
+    return os.path.abspath(os.path.expanduser(value)) if isinstance(value, str) and value else value
+
+
+def absolute_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of `config` whose `PATH_KEYS` hold absolute paths ('' stays '')."""
+    config = config.copy_and_resolve_references()
+    for key in PATH_KEYS:
+        group, leaf = key.split(".")
+        if leaf in config.get(group, {}):
+            config[group][leaf] = _absolute(config[group][leaf])
+    return config
+
+
+@functools.cache
+def _warn_relative(path: str, key: str, value: str, cwd: str) -> None:
+    """Once per saved relative path and current folder (several readers read one config)."""
+    log.warning(
+        "%s: %s %r is relative (saved before %s recorded absolute paths) and does not exist "
+        "relative to the current folder %s: run from the folder the run was trained in, or write "
+        "its absolute path into %s",
+        path, key, value, CONFIG_FILE, cwd, CONFIG_FILE,
+    )  # fmt: skip
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
@@ -105,6 +145,10 @@ def check_resumed_config(config: ml_collections.ConfigDict, workdir: str | Path)
         return
     saved = {**IMPLIED_WHEN_ABSENT, **flat_settings(_read_config_json(path))}
     new = flat_settings(json.loads(config.to_json()))
+    # Paths compare absolute: a run saved with a relative path resumes from the folder it ran in.
+    saved, new = (
+        {k: _absolute(v) if k in PATH_KEYS else v for k, v in f.items()} for f in (saved, new)
+    )
     absent = "(absent)"
     changed = [
         f"{key} {saved.get(key, absent)!r} -> {new.get(key, absent)!r}"
@@ -123,13 +167,22 @@ def check_resumed_config(config: ml_collections.ConfigDict, workdir: str | Path)
 
 
 def read_config(workdir: str | Path) -> ml_collections.ConfigDict:
-    """The config saved by `save_config` (lists where the original had tuples)."""
+    """The config saved by `save_config` (lists where the original had tuples), its `PATH_KEYS`
+    absolute: those saved relative (before they were made absolute) taken against the current
+    folder, with a warning where the path is not there."""
     path = Path(workdir) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(
             f"workdir {workdir}: no {CONFIG_FILE} (not a training run directory)"
         )
-    return ml_collections.ConfigDict(_read_config_json(path))
+    config = ml_collections.ConfigDict(_read_config_json(path))
+    for key in PATH_KEYS:
+        group, leaf = key.split(".")
+        value = config.get(group, {}).get(leaf)
+        if isinstance(value, str) and value and not os.path.isabs(os.path.expanduser(value)):
+            if not os.path.exists(_absolute(value)):
+                _warn_relative(str(path), key, value, os.getcwd())
+    return absolute_paths(config)
 
 
 def make_manager(

@@ -14,6 +14,7 @@ import hashlib
 from collections.abc import Mapping
 from pathlib import Path
 
+from focalnet_jax.data.folds import split_files
 from focalnet_jax.study.spec import StudyError, flatten
 
 INPUTS = "inputs"  # the key of study.json holding the digests
@@ -47,16 +48,11 @@ def given_splits(plain: Mapping, base_config) -> str:
 
 
 def splits_digest(splits: str) -> str:
-    """sha256 (hex) of the split files `data.splits` names (as `data.folds.read_given_split`
-    reads them): the file, or a folder's `ds-config-*-fold-*.json` and `fold-*.json`, each as
-    its name, NUL, its bytes."""
-    path = Path(splits).expanduser()
-    if path.is_dir():
-        files = sorted({*path.glob("ds-config-*-fold-*.json"), *path.glob("fold-*.json")})
-    else:
-        files = [path]
+    """sha256 (hex) of the split files `data.splits` names (`data.folds.split_files`, every
+    fold: the file, or the folder's split files), each as its name, NUL, its bytes."""
     digest = hashlib.sha256()
     try:
+        files = split_files(splits)
         for file in files:
             digest.update(file.name.encode() + b"\0" + file.read_bytes())
     except OSError as error:

@@ -205,8 +205,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     names the other keys that differ); `config.json` then records the new values.
 
     `store`: an opened store (default: `open_store(config.data.store)`). The config is validated
-    (`RunSpec.from_config`) before the store is opened or anything compiled.
+    (`RunSpec.from_config`) before the store is opened or anything compiled; its paths are made
+    absolute first (`workdir.absolute_paths`), as `config.json` records them.
     """
+    config = workdir_lib.absolute_paths(config)
     spec = RunSpec.from_config(config)
     workdir, mesh = Path(workdir), sharding.make_mesh()
     workdir_lib.check_resumed_config(config, workdir)  # a resume: the same run, extended
