@@ -405,6 +405,7 @@ def _one_line_error(*argv: str) -> str:
         ("--spec.repeats=0", "repeats=0: expected an integer >= 1"),
         ("--spec.ensembles.both=('ce','xx')", "ensemble 'both'"),
         ("--spec.store=/no/such/store", "store '/no/such/store' does not exist"),
+        ("--spec.store=", "the spec names no store: give --spec FILE:STORE or --spec.store=STORE"),
         ("--spec.arms.ce.loss.mfl=true", "loss.mfl=True with loss.name='sigmoid_ce'"),
         ("--spec.folds=(2,)", "folds=[2]"),
         ("--spec.arms.ce.loss.nme=x", "arm 'ce' on base "),

@@ -208,8 +208,10 @@ def validate(spec: ml_collections.ConfigDict, spec_file: str) -> dict:
     folds = [folds] if isinstance(folds, int) else list(folds)
     if not folds or any(not isinstance(f, int) or not 0 <= f < num_folds for f in folds):
         raise StudyError(f"folds={plain['folds']!r}: expected folds in 0..{num_folds - 1}")
+    if not plain["store"]:
+        raise StudyError("the spec names no store: give --spec FILE:STORE or --spec.store=STORE")
     store = Path(plain["store"]).expanduser()
-    if not plain["store"] or not store.is_dir():
+    if not store.is_dir():
         raise StudyError(f"store {plain['store']!r} does not exist (preprocessed store folder)")
     if not plain["arms"]:
         raise StudyError("arms: expected at least one arm")
