@@ -50,6 +50,13 @@ def test_package_error_classes_are_user_errors():
     assert not is_user_error(ValueError("a bug")) and not is_user_error(KeyError("k"))
 
 
+def test_an_unknown_flag_names_the_command_and_shows_its_usage(capsys):
+    status, err = _run(["folds", "--store", "s", "--seeed", "1"], capsys)
+    lines = err.splitlines()
+    assert status == 2 and lines[0].startswith("usage: focalnet folds [-h]")
+    assert lines[-1] == "focalnet folds: error: unrecognized arguments: --seeed 1"
+
+
 @pytest.mark.parametrize("where", ["before", "after"])
 def test_verbose_shows_the_traceback(tmp_path, capsys, where):
     args = ["folds", "--store", str(tmp_path / "nowhere")]

@@ -95,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, add_fn, _) in _COMMANDS.items():
-        add_fn(sub.add_parser(name, help=help_text, description=help_text, parents=[common]))
+        command = sub.add_parser(name, help=help_text, description=help_text, parents=[common])
+        add_fn(command)
+        command.set_defaults(command_parser=command)  # its usage for an unknown flag
     return parser
 
 
@@ -106,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # `study` `--spec.KEY=VALUE`.
     args, unknown = parser.parse_known_args(argv)
     if unknown and args.command not in ("train", "cv", "study"):
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = unknown
     run_fn = _COMMANDS[args.command][2]
     action = getattr(args, "study_command", None)  # `focalnet study ACTION: error: ...`
