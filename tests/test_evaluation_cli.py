@@ -565,6 +565,25 @@ def test_summarize_refuses_an_ensemble_or_a_run_counted_twice_as_folds(tmp_path)
     )
 
 
+def test_summarize_refuses_a_fold_shared_by_two_methods(tmp_path):
+    """The same folder given for two methods (or one inside the other) compared a method with
+    its own folds: every test p = 1, without a word."""
+    for fold, shift in enumerate((0.0, 0.1)):
+        _evaluate_fold(tmp_path / "pred" / str(fold), tmp_path / "A" / f"fold{fold}" / "eval",
+                       [f"runs/A/fold{fold}"], shift)  # fmt: skip
+    out = tmp_path / "s"
+    for b, shared in ((tmp_path / "A", "fold0"), (tmp_path / "A" / "fold1", "fold1")):
+        message = _error(
+            ["summarize", "--runs", f"A={tmp_path / 'A'}", f"B={b}", "--out", str(out)]
+        )
+        fold = tmp_path / "A" / shared / "eval" / "metrics.json"
+        assert message.endswith(
+            f"{fold} is a fold of both A ({tmp_path / 'A'}) and B ({b}): a method would be "
+            "compared with its own folds; give each its own folder"
+        )
+    assert not out.exists()
+
+
 def test_summarize_refuses_folds_evaluated_with_other_settings(tmp_path):
     """Method A on all slices, B on annotated slices only (as `evaluate --workdir` does with the
     default data.slices): B's FP rate counts 3 of the 5 patients and none of the false positives

@@ -202,8 +202,8 @@ def add_summarize(parser: argparse.ArgumentParser) -> None:
         required=True,
         metavar="NAME=DIR",
         help="method name and a folder holding one metrics.json of `focalnet evaluate` per fold "
-        "(searched recursively; one that evaluates an ensemble, or a run already counted, is "
-        "refused); repeatable",
+        "(searched recursively; one that evaluates an ensemble, a run already counted, or a "
+        "file under another method's folder is refused); repeatable",
     )
     parser.add_argument(
         "--out",

@@ -124,11 +124,26 @@ def check_folds(run_dir, paths: list[Path], fold_metrics: list[dict]) -> None:
             seen[run] = path
 
 
+def check_methods_apart(runs: Mapping[str, str | Path], paths: Mapping[str, list[Path]]) -> None:
+    """A UserError names a metrics.json found under the folders of two methods (the same folder
+    given twice, or one inside the other): the comparison would test a fold against itself."""
+    owner: dict[Path, str] = {}
+    for name, found in paths.items():
+        for path in found:
+            other = owner.setdefault(path.resolve(), name)
+            if other != name:
+                raise UserError(
+                    f"{path} is a fold of both {other} ({runs[other]}) and {name} ({runs[name]}): "
+                    "a method would be compared with its own folds; give each its own folder"
+                )
+
+
 def summarize_runs(runs: Mapping[str, str | Path], out_dir: str | Path) -> dict:
     """Summarises each method's folds and compares methods; writes the outputs to `out_dir`."""
     if not runs:
         raise UserError("summarize needs at least one --runs NAME=DIR")
     paths = {name: find_folds(d) for name, d in runs.items()}
+    check_methods_apart(runs, paths)
     folds = {name: [read_metrics(p) for p in found] for name, found in paths.items()}
     for name, fold_metrics in folds.items():
         check_folds(runs[name], paths[name], fold_metrics)
