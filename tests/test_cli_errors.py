@@ -177,6 +177,18 @@ def test_cv_folds_that_are_not_integers(capsys):
     )
 
 
+def test_cv_refuses_a_fold_outside_num_folds_before_training_any(tmp_path, capsys):
+    """`cv --folds 0,7` with 5 folds trained fold 0 to the end, then stopped at fold 7."""
+    argv = ["cv", "--config", str(REPO / "configs" / "focalnet.py"), "--workdir", str(tmp_path)]
+    argv += ["--folds", "0,7", "--config.data.store=nostore"]
+    status, err = _run(argv, capsys)
+    assert (status, err.splitlines()[-1]) == (
+        2,
+        "focalnet cv: error: data.fold=7 not in [0, data.num_folds=5)",
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

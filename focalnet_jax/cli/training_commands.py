@@ -143,6 +143,7 @@ def add_cv(parser: argparse.ArgumentParser) -> None:
 def run_cv(args: argparse.Namespace) -> int:
     import jax
 
+    from focalnet_jax.run import RunSpec
     from focalnet_jax.training.distributed import compilation_cache
 
     cache = args.compilation_cache
@@ -151,6 +152,9 @@ def run_cv(args: argparse.Namespace) -> int:
     with compilation_cache(cache):
         config = _training_setup(args)
         folds = args.folds or list(range(config.data.num_folds))
+        for fold in folds:  # a fold outside num_folds stops cv before any fold trains
+            config.data.fold = fold
+            RunSpec.from_config(config)
         for index, fold in enumerate(folds):
             config.data.fold = fold
             last = index == len(folds) - 1
