@@ -458,3 +458,43 @@ def test_a_single_slice_label_or_mask_is_refused(small_case, tmp_path, what, key
         "has 6: a broken or partial export (the other T2w slices would read as empty); save the "
         f"{what} over the whole T2w volume"
     )
+
+
+def test_an_image_given_as_a_mask_is_refused_and_label_maps_are_kept(small_case, tmp_path):
+    # Any image was taken as the prostate mask (its voxels > 0 averaged): the T2w given as the
+    # mask centred the crop on the centroid of the whole slab without a word.
+    folder, sc = small_case
+    components = {"t2w": folder / "t2w.mha", "adc": folder / "adc.mha"}
+    gland = sitk.GetArrayFromImage(sc.mask)
+    assert sorted(np.unique(gland)) == [0, 1]
+    zonal = gland.astype(np.uint8) * 2  # 0 outside, 2 transition zone, 1 peripheral (z above 3)
+    zonal[3:][gland[3:] > 0] = 1
+    image = sitk.GetImageFromArray(zonal)
+    image.CopyInformation(sc.mask)
+    write_image(image, tmp_path / "zonal.nii.gz")
+    centre = preprocess_case(components, mask=folder / "mask.nii.gz", case_id="c5").center
+    zonal_centre = preprocess_case(components, mask=tmp_path / "zonal.nii.gz", case_id="c5").center
+    np.testing.assert_allclose(zonal_centre, centre)  # every label counts as gland
+    t2w = sitk.GetArrayFromImage(sc.images["t2w"])
+    values = np.unique(t2w)
+    assert len(values) > 1000 and values[0] >= 0 and values[-1] > 255
+    probability = sitk.Cast(sc.mask, sitk.sitkFloat32) * 0.5  # 0 / 0.5
+    write_image(probability, tmp_path / "half.nii.gz")
+    negative = sitk.Cast(sc.mask, sitk.sitkInt16) - 1  # -1 / 0
+    write_image(negative, tmp_path / "negative.nii.gz")
+    for keyword, what, path, found in [
+        ("mask", "prostate mask", folder / "t2w.mha",
+         f"{len(values)} distinct values (min {float(values[0])}, max {float(values[-1])})"),
+        ("bladder_mask", "bladder mask", folder / "t2w.mha",
+         f"{len(values)} distinct values (min {float(values[0])}, max {float(values[-1])})"),
+        ("mask", "prostate mask", tmp_path / "half.nii.gz",
+         "2 distinct values (min 0.0, max 0.5), not all integers"),
+        ("mask", "prostate mask", tmp_path / "negative.nii.gz",
+         "2 distinct values (min -1.0, max 0.0)"),
+    ]:  # fmt: skip
+        with pytest.raises(CaseError) as info:
+            preprocess_case(components, **{keyword: path}, case_id="c5")
+        assert str(info.value) == (
+            f"case 'c5', file '{path}': {what} holds {found}: an image, not a label map (at most 8 "
+            "integer labels in 0..255, 0 the background)"
+        )

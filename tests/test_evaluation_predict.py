@@ -329,3 +329,53 @@ def test_center_ras_is_the_lps_point_with_x_and_y_negated(trained_run, exam_comp
     with contextlib.redirect_stderr(io.StringIO()) as stderr, pytest.raises(SystemExit):
         main([*argv, "--center", "1,2,3", "--center-ras", "1,2,3"])
     assert "argument --center-ras: not allowed with argument --center" in stderr.getvalue()
+
+
+def test_predict_refuses_an_image_as_mask_and_centres_on_a_zonal_mask(
+    trained_run, exam_components, tmp_path, capfd
+):
+    # `--mask <the T2w folder>` was accepted: the centroid of every voxel > 0 (the whole slab)
+    # centred the crop. A 0/1 gland mask and a 0/1/2 zonal mask of the same voxels centre it alike.
+    from focalnet_jax.data import preprocess_case
+    from focalnet_jax.data.io import read_image
+
+    argv = ["predict", "--checkpoint", str(trained_run), "--t2w", exam_components["t2w"],
+            "--adc", exam_components["adc"], "--threshold", "0"]  # fmt: skip
+    t2w = read_image(exam_components["t2w"])
+    values = np.unique(sitk.GetArrayViewFromImage(t2w))
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as raised:
+        main([*argv, "--mask", exam_components["t2w"], "--out", str(tmp_path / "bad")])
+    err = capfd.readouterr().err
+    assert raised.value.code == 2 and err.count("\n") == 1, err
+    assert err.endswith(
+        f", file '{exam_components['t2w']}': prostate mask holds {len(values)} distinct values "
+        f"(min {float(values[0])}, max {float(values[-1])}): an image, not a label map (at most 8 "
+        "integer labels in 0..255, 0 the background)\n"
+    )
+    assert len(values) > 8 and not (tmp_path / "bad").exists()
+    i, j, k = t2w.TransformPhysicalPointToIndex((25.7457, 31.8707, -38.511))  # the finding
+    labels = np.zeros(sitk.GetArrayViewFromImage(t2w).shape, np.uint8)
+    labels[k - 2 : k + 3, j - 30 : j + 10, i - 20 : i + 30] = 1
+    zonal = labels.copy()
+    zonal[:, j - 30 : j - 10] *= 2
+    voxels = np.argwhere(labels > 0).mean(0)[::-1]  # mean (x, y, z) index
+    centre = t2w.TransformContinuousIndexToPhysicalPoint(tuple(float(v) for v in voxels))
+    crop = preprocess_case(exam_components, case_id="px", center=centre)
+    maps = {}
+    for name, array in (("gland", labels), ("zonal", zonal)):
+        image = sitk.GetImageFromArray(array)
+        image.CopyInformation(t2w)
+        sitk.WriteImage(image, str(tmp_path / f"{name}.nii.gz"))
+        out = tmp_path / name
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert main([*argv, "--mask", str(tmp_path / f"{name}.nii.gz"), "--out", str(out)]) == 0
+        maps[name] = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "lesion_score.nii.gz")))
+        with (out / "detections.csv").open() as f:
+            rows = list(csv.DictReader(f))[:20]
+        assert rows
+        for row in rows:  # each detection at the crop pixel of the centroid-centred crop
+            world = [float(row[key]) for key in ("x_lps_mm", "y_lps_mm", "z_lps_mm")]
+            listed = [float(row[key]) for key in ("crop_row", "crop_col")]
+            np.testing.assert_allclose(crop.world_to_pixel(*world)[1:], listed, atol=1e-3)
+    np.testing.assert_array_equal(maps["zonal"], maps["gland"])

@@ -167,11 +167,36 @@ def _check_slices(image: sitk.Image, t2w: sitk.Image, case: str, path, what: str
         )
 
 
+MAX_MASK_LABELS = (
+    8  # distinct values of a mask: 0/1 gland, or small zonal label maps (0, 1, 2, ...)
+)
+
+
+def _check_label_map(mask: sitk.Image, case: str, path, what: str) -> None:
+    """Refuses a mask that is not a label map of at most `MAX_MASK_LABELS` integers in 0..255 (an
+    image given as the mask, e.g. the T2w, would centre the crop on all its voxels above 0)."""
+    values = np.unique(sitk.GetArrayViewFromImage(mask))
+    lo, hi = float(values[0]), float(values[-1])
+    integers = bool(np.all(values == np.round(values)))
+    if integers and lo >= 0 and hi <= 255 and len(values) <= MAX_MASK_LABELS:
+        return
+    found = f"{len(values)} distinct values (min {lo}, max {hi})"
+    if not integers:
+        found += ", not all integers"
+    raise CaseError(
+        case,
+        path,
+        f"{what} holds {found}: an image, not a label map (at most {MAX_MASK_LABELS} integer "
+        "labels in 0..255, 0 the background)",
+    )
+
+
 def _center_of(mask_path, case, t2w: sitk.Image) -> tuple[float, float, float] | None:
     """LPS centroid (mm) of a mask's nonzero voxels, None when it has none."""
     mask = read_image(mask_path, case=case)
     _check_slices(mask, t2w, case, mask_path, "prostate mask")
     _check_has_geometry(mask, t2w, case, mask_path, "prostate mask")
+    _check_label_map(mask, case, mask_path, "prostate mask")
     voxels = np.argwhere(sitk.GetArrayViewFromImage(mask) > 0)
     if len(voxels) == 0:
         return None
@@ -226,6 +251,7 @@ def _t2w_reference(images, components, cfg, case, centre, bladder_mask) -> inten
     if bladder_mask is not None:
         bladder_image = read_image(bladder_mask, case=case)
         _check_slices(bladder_image, t2w, case, bladder_mask, "bladder mask")
+        _check_label_map(bladder_image, case, bladder_mask, "bladder mask")
         bladder = sitk.GetArrayFromImage(bladder_image) > 0
         if bladder.shape != raw.shape:
             raise CaseError(case, bladder_mask, "bladder mask is not on the T2w grid")
