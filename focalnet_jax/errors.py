@@ -4,7 +4,7 @@
 status 2 (`UserErrorExit`; `--verbose` adds the traceback); any other exception keeps its
 traceback. Raise it (every package error class that means bad input subclasses it) with a message
 naming the case, file or setting and the reason. It is a `ValueError`, so callers that catch
-`ValueError` keep working.
+`ValueError` keep working. `plural` words the counts of such messages.
 """
 
 from __future__ import annotations
@@ -18,6 +18,12 @@ import traceback
 
 class UserError(ValueError):
     """Input, files or settings the user must fix; the message says which and why."""
+
+
+def plural(count: int, noun: str, nouns: str | None = None) -> str:
+    """`count` and its noun as a message writes them: '1 patient', '0 patients', '3 cases';
+    `nouns` is the plural where it is not `noun` + 's' (e.g. 'series')."""
+    return f"{count} {noun if count == 1 else nouns or noun + 's'}"
 
 
 class LayoutError(UserError):

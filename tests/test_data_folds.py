@@ -82,14 +82,31 @@ def test_folds_a_store_cannot_make_are_a_user_error_naming_it(num_folds):
     max_class = {"p0": 0, "p1": 2, "p2": 1}
     cases = [{"case_id": f"{p}_1", "patient_id": p} for p in max_class]
     store = SimpleNamespace(path="stores/tiny", cases=cases, patient_max_class=lambda: max_class)
+    folds = "1 fold" if num_folds == 1 else f"{num_folds} folds"
     message = (
-        f"store stores/tiny: 3 patients cannot be split into {num_folds} folds; "
-        "choose 2 <= num_folds <= 3"
+        f"store stores/tiny: 3 patients cannot be split into {folds}; choose 2 <= num_folds <= 3"
     )
     for call in (lambda: split_cases(store, 0, num_folds), lambda: fold_table(store, num_folds)):
         with pytest.raises(UserError) as raised:
             call()
         assert str(raised.value) == message
+
+
+@pytest.mark.parametrize("num_folds", [5, 2])
+@pytest.mark.parametrize("patients", [1, 0])
+def test_a_store_of_fewer_than_two_patients_says_cross_validation_needs_two(patients, num_folds):
+    # One patient said "1 patients cannot be split into 5 folds; choose 2 <= num_folds <= 1".
+    max_class = {f"p{i}": 0 for i in range(patients)}
+    cases = [{"case_id": f"{p}_1", "patient_id": p} for p in max_class]
+    store = SimpleNamespace(path="stores/one", cases=cases, patient_max_class=lambda: max_class)
+    held = "1 patient" if patients == 1 else "0 patients"
+    for call in (lambda: split_cases(store, 0, num_folds), lambda: fold_table(store, num_folds)):
+        with pytest.raises(UserError) as raised:
+            call()
+        assert str(raised.value) == (
+            f"store stores/one holds {held}: cross-validation (num_folds {num_folds}) needs at "
+            "least 2 patients"
+        )
 
 
 def test_fold_files_are_replaced_together_or_not_at_all(tmp_path, monkeypatch):

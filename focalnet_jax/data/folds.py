@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from focalnet_jax.data.atomic_files import replaced_atomically
-from focalnet_jax.errors import UserError
+from focalnet_jax.errors import UserError, plural
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +63,15 @@ def store_folds(store, num_folds: int, seed: int) -> tuple[dict[str, int], dict[
     """(patient -> fold, patient -> highest class) of a store; a `UserError` naming the store, its
     patients and `num_folds` when the folds cannot be made (fewer than 2, or than the patients)."""
     max_class = store.patient_max_class()
+    if len(max_class) < 2:
+        raise UserError(
+            f"store {store.path} holds {plural(len(max_class), 'patient')}: cross-validation "
+            f"(num_folds {num_folds}) needs at least 2 patients"
+        )
     if num_folds < 2 or len(max_class) < num_folds:
         raise UserError(
-            f"store {store.path}: {len(max_class)} patients cannot be split into {num_folds} "
-            f"folds; choose 2 <= num_folds <= {len(max_class)}"
+            f"store {store.path}: {plural(len(max_class), 'patient')} cannot be split into "
+            f"{plural(num_folds, 'fold')}; choose 2 <= num_folds <= {len(max_class)}"
         )
     return assign_folds(list(max_class), max_class, num_folds, seed), max_class
 
