@@ -187,8 +187,18 @@ def test_predict_preprocesses_as_the_run_was_trained(run, tmp_path, caplog):
     assert preprocess_settings(config, old)["interpolator"] == "linear"
     # Neither a record nor the training store: the preprocessing is unknown, an error.
     config.data.store = str(tmp_path / "gone")
-    with pytest.raises(UserError, match=f"run {old} records no store settings .*/gone is not"):
+    with pytest.raises(UserError) as raised:
         preprocess_settings(config, old)
+    assert str(raised.value) == (
+        f"run {old} records no store settings ({RECORD_FILE}) and its training store "
+        f"{tmp_path / 'gone'} is not readable: its preprocessing is unknown; restore that store, "
+        "set data.store in config.json to a copy, or give a copy as `focalnet evaluate --workdir "
+        "RUN --store COPY`"
+    )
+    # A copy given (evaluate --workdir RUN --store COPY) is read instead of data.store.
+    assert preprocess_settings(config, old, run["b"])["interpolator"] == "linear"
+    with pytest.raises(UserError, match=f"store {tmp_path / 'gone2'} \\(--store\\) is not read"):
+        preprocess_settings(config, old, tmp_path / "gone2")
 
 
 def test_check_run_store_ignores_only_the_named_keys(run):

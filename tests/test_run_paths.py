@@ -95,3 +95,47 @@ def test_a_config_json_with_relative_paths_is_read_against_the_current_folder(
     # other split files: refused, naming them.
     with pytest.raises(UserError, match=f"data.splits '{run / 'splits'}' -> '{elsewhere}/splits'"):
         workdir_lib.check_resumed_config(load_config(CONFIG, [*RUN, *RELATIVE]), run / "run")
+
+
+def test_evaluate_from_another_folder_says_the_relative_store_was_taken_against_it(
+    run, tmp_path, monkeypatch, capsys
+):
+    # `evaluate --workdir` of an old run (data.store 'store' saved relative) from another folder
+    # ended with "store <there>/store does not exist", a path the user never typed.
+    from focalnet_jax.data.run_store import RECORD_FILE
+
+    old = tmp_path / "old"
+    shutil.copytree(run / "run", old, ignore=shutil.ignore_patterns("eval"))
+    path = old / workdir_lib.CONFIG_FILE
+    saved = json.loads(path.read_text())
+    saved["data"].update(store="store", splits=str(run / "splits"))
+    path.write_text(json.dumps(saved))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    note = (
+        f"(data.store 'store' saved relative in {path} and taken against the current folder "
+        f"{elsewhere})"
+    )
+    evaluate = ["evaluate", f"--workdir={old}", "--no-picai", "--no-figures"]
+    for recorded in (True, False):  # the run's store settings recorded (store.json), or not
+        if not recorded:
+            (old / RECORD_FILE).unlink()
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as raised:
+            cli.main([*evaluate, f"--out={tmp_path / 'eval'}"])
+        err = capsys.readouterr().err
+        assert raised.value.code == 2 and err.count("\n") == 1, err
+        assert err == (
+            f"focalnet evaluate: error: store {elsewhere / 'store'} of run {old} does not exist "
+            f"{note}: run from the folder the run was trained in, or pass --store\n"
+            if recorded
+            else f"focalnet evaluate: error: run {old} records no store settings ({RECORD_FILE}) "
+            f"and its training store {elsewhere / 'store'} is not readable {note}: its "
+            "preprocessing is unknown; restore that store, set data.store in config.json to a "
+            "copy, or give a copy as `focalnet evaluate --workdir RUN --store COPY`\n"
+        )
+    # As the message says: --store names the store, from here.
+    with fast_compiles():
+        assert cli.main([*evaluate, f"--out={tmp_path / 'eval'}", f"--store={run / 'store'}"]) == 0
+    assert sorted(p.stem for p in (tmp_path / "eval" / "predictions").glob("*.npz")) == GIVEN[0][1]

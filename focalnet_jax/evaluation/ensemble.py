@@ -45,30 +45,39 @@ class EnsembleError(UserError):
     """Runs that cannot form an ensemble (names the runs and the reason)."""
 
 
-def preprocess_settings(config, workdir: str | Path | None = None) -> dict | None:
+def preprocess_settings(
+    config, workdir: str | Path | None = None, store: str | Path | None = None
+) -> dict | None:
     """The preprocessing settings the run was trained with: those recorded in `workdir`
     (`data.run_store`; a training store rebuilt since with other settings is named in a warning),
-    else (a run from before these records) its training store's; neither: a UserError."""
-    path = str(config.data.store or "")
-    store = store_preprocess_settings(path) if path else None
+    else (a run from before these records) its training store's (`store`, e.g. evaluate's
+    --store, else `data.store`); neither: a UserError."""
+    path = str(store or config.data.store or "")
+    settings = store_preprocess_settings(path) if path else None
     record = read_run_store(workdir) if workdir is not None else None
     if record is not None:
-        diff = settings_diff(record["settings"]["preprocess"], store or {}, ("run", "store"))
-        if store is not None and diff:
+        diff = settings_diff(record["settings"]["preprocess"], settings or {}, ("run", "store"))
+        if settings is not None and diff:
             log.warning(
                 "store %s was rebuilt since training (%s): preprocessing as the run was trained",
                 path,
                 "; ".join(diff),
             )
         return record["settings"]["preprocess"]
-    if store is None:
+    if settings is None:
+        given = store is not None
+        note = (
+            "" if given or workdir is None else workdir_lib.missing_path_note(workdir, "data.store")
+        )
         raise UserError(
             f"run {workdir} records no store settings ({RECORD_FILE}) and its training store "
-            f"{path or '(none configured)'} is not readable: its preprocessing is unknown; "
-            f"restore that store or set data.store in {workdir_lib.CONFIG_FILE} to a copy"
+            f"{path or '(none configured)'}{' (--store)' if given else ''} is not readable{note}: "
+            f"its preprocessing is unknown; restore that store, set data.store in "
+            f"{workdir_lib.CONFIG_FILE} to a copy, or give a copy as `focalnet evaluate --workdir "
+            "RUN --store COPY`"
         )
     log.warning("run %s records no store settings: preprocessing as store %s", workdir, path)
-    return store
+    return settings
 
 
 def input_settings(preprocess: dict | None) -> dict:
@@ -246,10 +255,12 @@ def load_ensemble(
     step: int | None = None,
     batch_size: int = 16,
     tta: str = "none",
+    store: str | Path | None = None,
 ) -> Ensemble:
     """An `Ensemble` of every run named by `paths` (runs or cross-validation folders).
 
-    `step` picks one checkpoint step and needs a single run.
+    `step` picks one checkpoint step and needs a single run. `store`: the runs' training store
+    where it is not their `data.store` (read for runs that record no preprocessing settings).
     """
     if tta not in TTA_MODES:
         raise EnsembleError(f"tta {tta!r}: expected one of {TTA_MODES}")
@@ -262,7 +273,8 @@ def load_ensemble(
         raise EnsembleError(f"--step picks one checkpoint of one run; got {len(runs)} runs")
     predictors = [Predictor.from_workdir(run, step=step, batch_size=batch_size) for run in runs]
     settings = [
-        preprocess_settings(p.spec.config, run) for run, p in zip(runs, predictors, strict=True)
+        preprocess_settings(p.spec.config, run, store)
+        for run, p in zip(runs, predictors, strict=True)
     ]
     return make_ensemble(predictors, runs, settings, tta)
 

@@ -276,9 +276,16 @@ def predict_validation_fold(
     if predictor is None:
         predictor = Predictor.from_workdir(workdir, step=step, batch_size=batch_size)
     data = predictor.spec.config.data
-    store_path = store_path or data.store
     if not store_path:
-        raise UserError(f"workdir {workdir}: its config has no data.store; pass --store")
+        store_path = data.store
+        if not store_path:
+            raise UserError(f"workdir {workdir}: its config has no data.store; pass --store")
+        if not Path(store_path).exists():
+            note = workdir_lib.missing_path_note(workdir, "data.store")
+            fix = "run from the folder the run was trained in" if note else "restore it"
+            raise FileNotFoundError(
+                f"store {store_path} of run {workdir} does not exist{note}: {fix}, or pass --store"
+            )
     store = open_store(store_path)
     check_run_store(workdir, store.settings, against=f"store {store_path}", ignore=("slices",))
     val_cases = validation_cases(workdir, store, predictor.spec)

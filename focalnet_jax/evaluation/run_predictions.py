@@ -171,7 +171,7 @@ def predict_fold(
             "ensemble has seen every fold in training: evaluate it on a test store "
             "(--store TEST --all-cases) or evaluate each fold run"
         )
-    models = load_ensemble(workdir, step=step, batch_size=batch_size, tta=tta)
+    models = load_ensemble(workdir, step=step, batch_size=batch_size, tta=tta, store=store_path)
     with replaced_folder(out_dir) as tmp:  # no earlier run's cases left beside these
         cases = predict_validation_fold(
             workdir, tmp, store_path=store_path, batch_size=batch_size, predictor=models

@@ -94,6 +94,24 @@ def _warn_relative(path: str, key: str, value: str, cwd: str) -> None:
     )  # fmt: skip
 
 
+def missing_path_note(workdir: str | Path, key: str) -> str:
+    """Why the path of `key` ('data.store', ...) that `read_config(workdir)` gave is not there,
+    where `config.json` saved it relative: ' (data.store 'x' saved relative in W/config.json
+    and taken against the current folder C)'; else ''."""
+    path = Path(workdir) / CONFIG_FILE
+    group, leaf = key.split(".")
+    try:
+        value = _read_config_json(path).get(group, {}).get(leaf)
+    except (OSError, UserError):
+        return ""
+    if not (isinstance(value, str) and value) or os.path.isabs(os.path.expanduser(value)):
+        return ""
+    return (
+        f" ({key} {value!r} saved relative in {path} and taken against the current folder "
+        f"{os.getcwd()})"
+    )
+
+
 def save_config(config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
     """Write the resolved config as `workdir/config.json` (process 0 only; atomically, so a run
     killed while writing keeps the previous file); returns the path."""
