@@ -957,3 +957,17 @@ def test_every_cell_and_ensemble_is_evaluated_on_the_studys_slices(store, tmp_pa
         train, evaluate = cell_commands(Study(tmp_path / "s", plain), Cell(arm, 0, 0))
         assert ("--config.data.slices=annotated" in train) == (arm == "ce_annotated")
         assert evaluate[evaluate.index("--slices") + 1] == "all"
+
+
+def test_synthetic_study_help_shows_its_command_as_written(capsys):
+    # The docstring's line continuation joined the command's two lines with a run of 9 spaces.
+    from focalnet_jax.study import synthetic
+
+    with pytest.raises(SystemExit):
+        synthetic.main(["--help"])
+    out = capsys.readouterr().out
+    assert (
+        "    python -m focalnet_jax.study.synthetic --out runs/synthetic_mfl \\\n"
+        "        [--results docs/results/synthetic_mfl] [--spec.KEY=VALUE ...]\n"
+    ) in out
+    assert not re.search(r"\S {3,}\S", out.split("options:")[0])

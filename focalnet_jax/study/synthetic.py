@@ -1,6 +1,6 @@
 """One command for the synthetic MFL study (configs/studies/synthetic_mfl.py):
 
-    python -m focalnet_jax.study.synthetic --out runs/synthetic_mfl \
+    python -m focalnet_jax.study.synthetic --out runs/synthetic_mfl \\
         [--results docs/results/synthetic_mfl] [--spec.KEY=VALUE ...]
 
 synthesises a PI-CAI-layout dataset where most lesions are visible in only one component (MFL's
