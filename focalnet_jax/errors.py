@@ -20,10 +20,9 @@ class UserError(ValueError):
     """Input, files or settings the user must fix; the message says which and why."""
 
 
-def plural(count: int, noun: str, nouns: str | None = None) -> str:
-    """`count` and its noun as a message writes them: '1 patient', '0 patients', '3 cases';
-    `nouns` is the plural where it is not `noun` + 's' (e.g. 'series')."""
-    return f"{count} {noun if count == 1 else nouns or noun + 's'}"
+def plural(count: int, noun: str) -> str:
+    """`count` and its (regular) noun as a message writes them: '1 patient', '0 patients'."""
+    return f"{count} {noun if count == 1 else noun + 's'}"
 
 
 class LayoutError(UserError):

@@ -347,3 +347,36 @@ def test_a_signal_while_the_worker_pool_starts_ends_in_one_line(
     ], stderr
     assert not out.exists() and not list(tmp_path.glob(".store.tmp-*"))
     assert time.monotonic() - start < 30
+
+
+def test_one_patient_is_counted_in_the_singular_and_cannot_be_cross_validated(tmp_path, capfd):
+    # A one-case dataset printed "wrote 1 synthetic cases", "wrote 1 cases (6 slices ...)", and
+    # `folds` said "1 patients cannot be split into 5 folds; choose 2 <= num_folds <= 1".
+    data, store = tmp_path / "data", tmp_path / "store"
+    capfd.readouterr()
+    assert main(["synth", "--out", str(data), "--cases", "1", "--seed", "3", "--small"]) == 0
+    assert capfd.readouterr().out.splitlines()[-1] == f"wrote 1 synthetic case to {data}"
+    assert main(_picai_args(data, store)) == 0
+    assert capfd.readouterr().out.startswith(f"wrote 1 case (6 slices of t2w, adc) to {store}")
+    for argv in (
+        ["folds", "--store", str(store)],
+        ["folds", "--store", str(store), "--num-folds=2"],
+    ):
+        with pytest.raises(SystemExit) as raised:
+            main(argv)
+        assert raised.value.code == 2
+        folds = 2 if "--num-folds=2" in argv else 5
+        assert capfd.readouterr().err == (
+            f"focalnet folds: error: store {store} holds 1 patient: cross-validation (num_folds "
+            f"{folds}) needs at least 2 patients\n"
+        )
+    # Its T2w given as its gland mask (an image, not a label map), bad cases skipped: none left.
+    (mask,) = (data / "masks").iterdir()
+    sitk.WriteImage(sitk.ReadImage(str(next((data / "images").glob("*/*_t2w.mha")))), str(mask))
+    with pytest.raises(SystemExit):
+        main(_picai_args(data, tmp_path / "none", "--skip-bad-cases"))
+    err = capfd.readouterr().err.splitlines()[-1]
+    assert err.startswith(
+        f"focalnet preprocess: error: store {tmp_path / 'none'}: no case stored (1 case failed); "
+    )
+    assert "prostate mask holds" in err and "an image, not a label map" in err

@@ -290,7 +290,7 @@ def test_array_of_a_run_killed_after_sbatch_is_adopted_not_submitted_again(
     status = study("status", "--workdir", str(workdir), env=env).stdout
     assert re.search(rf"ce/rep0/fold0\s+queued\s+{job}_0", status), status
     again = study("run", "--workdir", str(workdir), "--executor=slurm", env=env).stdout
-    assert f"adopted job array {job} (1 tasks)" in again and "nothing to submit" in again, again
+    assert f"adopted job array {job} (1 task)" in again and "nothing to submit" in again, again
     [recorded] = json.loads((workdir / "slurm" / "jobs.json").read_text())
     assert recorded["job_id"] == job and recorded["cells"] == ["ce/rep0/fold0"]
     assert json.loads((workdir / "slurm" / "submitting.json").read_text()) == []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from focalnet_jax.errors import UserError
+from focalnet_jax.errors import UserError, plural
 
 
 def add_synth(parser: argparse.ArgumentParser) -> None:
@@ -41,7 +41,7 @@ def run_synth(args: argparse.Namespace) -> int:
     cases = write_dataset(
         args.out, args.cases, args.seed, config, progress=True, overwrite=args.overwrite
     )
-    print(f"wrote {len(cases)} synthetic cases to {args.out}")
+    print(f"wrote {plural(len(cases), 'synthetic case')} to {args.out}")
     return 0
 
 

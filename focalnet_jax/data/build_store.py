@@ -41,7 +41,7 @@ from focalnet_jax.data.store import (
     store_settings,
     write_errors,
 )
-from focalnet_jax.errors import UserError
+from focalnet_jax.errors import UserError, plural
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +58,9 @@ class PreprocessSummary:
     def __str__(self) -> str:
         """`wrote N cases (S slices of t2w, adc) to PATH`, the inputs left unread and the bad
         cases, if any: a store of fewer components than the input offers is said so."""
-        slices = f"{self.num_slices} slices of {', '.join(self.components)}"
+        slices = f"{plural(self.num_slices, 'slice')} of {', '.join(self.components)}"
         note = self.unread + bad_cases_note(self.errors)
-        return f"wrote {self.num_cases} cases ({slices}) to {self.path}{note}"
+        return f"wrote {plural(self.num_cases, 'case')} ({slices}) to {self.path}{note}"
 
 
 # Deferred while the pool is being built: an interrupt raised inside `Pool()` leaves its workers
@@ -164,7 +164,8 @@ def _refuse_empty_store(writer: StoreWriter, out, num_cases: int) -> NoReturn:
     if errors:
         write_errors(Path(out).with_name(Path(out).name + ".errors.csv"), errors)
     raise UserError(
-        f"store {out}: every one of {num_cases} cases failed; first: {errors[0] if errors else ''}"
+        f"store {out}: no case stored ({plural(num_cases, 'case')} failed); first: "
+        f"{errors[0] if errors else ''}"
     )
 
 
@@ -282,7 +283,7 @@ def preprocess_layout(
     if label_values == "auto":  # a manifest's class / ISUP map: value 1 is GS 3+3 (ISUP 1)
         label_values = label_scheme(labels) if layout == "picai" else "isup"
     config = PreprocessConfig(label_values=label_values, interpolator=interpolator)
-    log.info("preprocessing %d cases with %d workers", len(cases), workers)
+    log.info("preprocessing %s with %s", plural(len(cases), "case"), plural(workers, "worker"))
     unread = unread_inputs(layout, cases, components, manifest)
     summary = preprocess_cases(
         cases,

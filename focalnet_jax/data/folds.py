@@ -48,7 +48,9 @@ def assign_folds(
     if missing:
         raise ValueError(f"no highest class given for patients {missing[:5]}")
     if len(patients) < num_folds:
-        raise ValueError(f"{len(patients)} patients cannot fill {num_folds} folds")
+        raise ValueError(
+            f"{plural(len(patients), 'patient')} cannot fill {plural(num_folds, 'fold')}"
+        )
     rng = np.random.default_rng(seed)
     folds, position = {}, 0
     for cls in sorted(set(classes[p] for p in patients), reverse=True):
@@ -161,7 +163,7 @@ def read_given_split(
     else:
         table = _json_file(where)
         if not isinstance(table, list) or len(table) != num_folds:
-            found = f"{len(table)} folds" if isinstance(table, list) else "no list of folds"
+            found = plural(len(table), "fold") if isinstance(table, list) else "no list of folds"
             raise UserError(f"split file {where}: {found}, data.num_folds is {num_folds}")
         entry = table[fold]
     if not isinstance(entry, dict):

@@ -29,7 +29,7 @@ from focalnet_jax.data.layouts import CaseSpec, LayoutError, discover_picai, rea
 from focalnet_jax.data.picai_sources import as_folders
 from focalnet_jax.data.preprocess import PreprocessedCase, preprocess_case
 from focalnet_jax.data.store import bad_cases_note, write_errors
-from focalnet_jax.errors import UserError
+from focalnet_jax.errors import UserError, plural
 from focalnet_jax.evaluation.detection_map import CandidateSettings
 from focalnet_jax.evaluation.ensemble import Ensemble
 from focalnet_jax.evaluation.inference import pooled_predictions
@@ -58,7 +58,8 @@ class BatchSummary:
     def describe(self) -> str:
         resumed = f" ({self.kept} finished before the resume, skipped)" if self.kept else ""
         return (
-            f"wrote {len(self.written)} cases to {self.out}{resumed}{bad_cases_note(self.errors)}"
+            f"wrote {plural(len(self.written), 'case')} to {self.out}{resumed}"
+            f"{bad_cases_note(self.errors)}"
         )
 
 
@@ -156,7 +157,9 @@ def predict_cases(
         partial, done, failed = taken
         kept = _check_finished(partial, done, cases)
         if failed:
-            log.info("retrying %d cases that failed before: %s", len(failed), ", ".join(failed))
+            log.info(
+                "retrying %s that failed before: %s", plural(len(failed), "case"), ", ".join(failed)
+            )
         todo = [spec for spec in cases if spec.case_id not in done]
         try:
             written = _predict_into(
@@ -166,7 +169,9 @@ def predict_cases(
             if skip_bad_cases:
                 write_errors(partial / ERRORS_FILE, errors)
     if not kept + written:
-        raise UserError(f"{out}: every one of {len(cases)} cases failed; see errors.csv")
+        raise UserError(
+            f"{out}: no case predicted ({plural(len(cases), 'case')} failed); see errors.csv"
+        )
     return BatchSummary(out, kept + written, errors, kept=len(kept))
 
 
@@ -177,15 +182,15 @@ def _check_finished(partial: Path, done: set[str], cases: Sequence[CaseSpec]) ->
     ids = [spec.case_id for spec in cases]
     if stray := sorted(done - set(ids)):
         raise UserError(
-            f"--resume: {partial} holds case {stray[0]}, which is not among the {len(ids)} cases "
-            "to predict now; resume with the same inputs, or add --overwrite (without --resume) "
-            "to start over"
+            f"--resume: {partial} holds case {stray[0]}, which is not among the "
+            f"{plural(len(ids), 'case')} to predict now; resume with the same inputs, or add "
+            "--overwrite (without --resume) to start over"
         )
     kept = [case for case in ids if case in done]
     if done:
         log.info(
-            "resuming %s: %d of %d cases already finished, skipped; predicting the other %d",
-            partial, len(kept), len(ids), len(ids) - len(kept),
+            "resuming %s: %d of %s already finished, skipped; predicting the other %d",
+            partial, len(kept), plural(len(ids), "case"), len(ids) - len(kept),
         )  # fmt: skip
     return kept
 
@@ -232,5 +237,5 @@ def predict_layout(
     cases = find_cases(
         layout, models.components, images=images, masks=masks, manifest=manifest, errors=errors
     )
-    log.info("predicting %d %s cases into %s", len(cases), layout, out)
+    log.info("predicting %s into %s", plural(len(cases), f"{layout} case"), out)
     return predict_cases(models, cases, out, errors=errors, **options)

@@ -11,6 +11,7 @@ import functools
 import shlex
 from pathlib import Path
 
+from focalnet_jax.errors import plural
 from focalnet_jax.study.cells import STUDY_FILE, Study, run_lock
 from focalnet_jax.study.inputs import check_inputs
 from focalnet_jax.study.spec import StudyError, load_spec, validate
@@ -165,8 +166,8 @@ def _start_cells(study: Study, args: argparse.Namespace) -> int:
     todo = [c for c in cells if states[c.name] in RUNNABLE]
     done = sum(s == "done" for s in states.values())
     print(
-        f"{len(cells)} cells: {done} done, {len(cells) - done - len(todo)} running or queued "
-        f"elsewhere, {len(todo)} to run"
+        f"{plural(len(cells), 'cell')}: {done} done, {len(cells) - done - len(todo)} running or "
+        f"queued elsewhere, {len(todo)} to run"
     )
     if args.executor == "slurm":
         if not todo:
@@ -174,14 +175,18 @@ def _start_cells(study: Study, args: argparse.Namespace) -> int:
             return 0
         job = slurm.submit(study, todo, _slurm_options(study, args), dry_run=args.dry_run)
         if job:
-            print(f"submitted job array {job} ({len(todo)} tasks); `focalnet study status`")
+            print(
+                f"submitted job array {job} ({plural(len(todo), 'task')}); `focalnet study status`"
+            )
         return 0
     devices = args.devices.split(",") if args.devices else local.visible_gpus()
     parallel = local.worker_slots(args.parallel, devices)
     if args.dry_run:
         for cell in todo:
             print(shlex.join(local.cell_argv(study, cell)))
-        print(f"dry run: {len(todo)} cells would run, {parallel} at once; nothing started")
+        print(
+            f"dry run: {plural(len(todo), 'cell')} would run, {parallel} at once; nothing started"
+        )
         return 0
     results = local.run_local(study, todo, parallel=parallel, devices=devices)
     _ensembles(study)

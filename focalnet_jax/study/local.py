@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Sequence
 
+from focalnet_jax.errors import plural
 from focalnet_jax.study.cells import Cell, Study
 from focalnet_jax.study.spec import StudyError
 
@@ -59,7 +60,9 @@ def run_local(
     if parallel < 1:
         raise StudyError(f"--parallel {parallel}: expected >= 1")
     if devices and parallel > len(devices):
-        raise StudyError(f"--parallel {parallel}: more than the {len(devices)} GPUs {devices}")
+        raise StudyError(
+            f"--parallel {parallel}: more than the {plural(len(devices), 'GPU')} {devices}"
+        )
     queue, running, results = list(cells), {}, {}
     total, start = len(queue), time.time()
     while queue or running:

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from focalnet_jax.data.atomic_files import replaced_atomically
+from focalnet_jax.errors import plural
 from focalnet_jax.evaluation.report import check_settings
 from focalnet_jax.evaluation.stats import mean_sd
 from focalnet_jax.study import convergence, figures, statistics
@@ -150,7 +151,7 @@ def collect(study: Study, *, partial: bool) -> Collected:
     if out.missing and not partial:
         shown = ", ".join(out.missing[:4]) + (", ..." if len(out.missing) > 4 else "")
         raise StudyError(
-            f"{study.root}: {len(out.missing)} cells not done ({shown}); "
+            f"{study.root}: {plural(len(out.missing), 'cell')} not done ({shown}); "
             "`focalnet study status` lists them, --partial reports the others"
         )
     return out
@@ -182,8 +183,8 @@ def _header(study: Study, missing: Sequence[str]) -> list[str]:
         f"# Study {Path(spec_file.partition(':')[0]).stem}",
         "",
         f"Spec `{spec_file}`; base `{relative_to_cwd(plain['base'])}`; store "
-        f"`{relative_to_cwd(plain['store'])}`; {plain['repeats']} repeats (seed {plain['seed']} "
-        f"+ r) x folds {plain['folds']} of {plain['num_folds']}.",
+        f"`{relative_to_cwd(plain['store'])}`; {plural(plain['repeats'], 'repeat')} "
+        f"(seed {plain['seed']} + r) x folds {plain['folds']} of {plain['num_folds']}.",
         "",
         "| arm | overrides |",
         "| --- | --- |",
@@ -194,7 +195,8 @@ def _header(study: Study, missing: Sequence[str]) -> list[str]:
     for name, members in study.ensembles.items():
         lines.append(f"| {name} | ensemble: mean P(class >= k) of {', '.join(members)} |")
     if missing:
-        lines += ["", f"**Partial report**: {len(missing)} cells missing ({', '.join(missing)})."]
+        missed = f"{plural(len(missing), 'cell')} missing ({', '.join(missing)})"
+        lines += ["", f"**Partial report**: {missed}."]
     return lines
 
 

@@ -26,6 +26,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from focalnet_jax.data.atomic_files import write_json_atomic
+from focalnet_jax.errors import plural
 from focalnet_jax.study.cells import Cell, Study
 from focalnet_jax.study.local import cell_argv
 from focalnet_jax.study.spec import StudyError
@@ -198,16 +199,16 @@ def adopt_unrecorded(study: Study, *, record: bool, strict: bool) -> list[dict]:
         if len(ids) > 1 and strict:
             raise StudyError(
                 f"jobs {', '.join(ids)} are all called {intent['job_name']!r}, the array of "
-                f"{len(intent['cells'])} cells one `study run` submitted; cancel all but one "
-                "(`scancel`) and run again"
+                f"{plural(len(intent['cells']), 'cell')} one `study run` submitted; cancel all but "
+                "one (`scancel`) and run again"
             )
         adopted += [{"job_id": ids[0], **intent}] if len(ids) == 1 else []
     if record and found is not None:
         for job in adopted:
             record_job(study, job)
             print(
-                f"adopted job array {job['job_id']} ({len(job['cells'])} tasks): submitted by a "
-                "`study run` that ended before recording it"
+                f"adopted job array {job['job_id']} ({plural(len(job['cells']), 'task')}): "
+                "submitted by a `study run` that ended before recording it"
             )
         if read_intents(study):
             write_json_atomic([], study.root / "slurm" / INTENTS_FILE)

@@ -33,7 +33,7 @@ from pathlib import Path
 import ml_collections
 
 from focalnet_jax.config_loading import apply_overrides, get_config_from_file, load_config
-from focalnet_jax.errors import UserError
+from focalnet_jax.errors import UserError, plural
 
 SPEC_PREFIX = "--spec."
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")  # a folder name and a ConfigDict key
@@ -301,7 +301,8 @@ def _open_store(plain: Mapping):
     patients = len(opened.patient_max_class())
     if patients < plain["num_folds"]:
         raise StudyError(
-            f"num_folds={plain['num_folds']}: store {plain['store']} has only {patients} patients"
+            f"num_folds={plain['num_folds']}: store {plain['store']} has only "
+            f"{plural(patients, 'patient')}"
         )
     return opened
 
