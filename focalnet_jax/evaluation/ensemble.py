@@ -179,9 +179,11 @@ class Ensemble:
         return self.predictors[0].spec
 
     def describe(self) -> dict:
-        """Which models formed the predictions: {"models": [{"run", "step"}], "tta"}."""
+        """Which models formed the predictions: {"models": [{"run", "step"}], "tta"}, each run
+        absolute (symlinks resolved, so that one run reads the same however it was named)."""
         models = [
-            {"run": str(r), "step": p.step} for r, p in zip(self.runs, self.predictors, strict=True)
+            {"run": str(r.resolve()), "step": p.step}
+            for r, p in zip(self.runs, self.predictors, strict=True)
         ]
         return {"models": models, "tta": self.tta}
 
@@ -256,7 +258,7 @@ def load_ensemble(
     if isinstance(paths, str | Path):
         paths = [paths]
     runs = [run for path in paths for run in resolve_runs(path)]
-    if len(set(map(str, runs))) != len(runs):
+    if len({run.resolve() for run in runs}) != len(runs):
         raise EnsembleError(f"a run is named twice: {[str(r) for r in runs]}")
     if step is not None and len(runs) > 1:
         raise EnsembleError(f"--step picks one checkpoint of one run; got {len(runs)} runs")
