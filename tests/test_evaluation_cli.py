@@ -565,6 +565,26 @@ def test_summarize_refuses_an_ensemble_or_a_run_counted_twice_as_folds(tmp_path)
     )
 
 
+def test_summarize_refuses_one_run_recorded_by_two_names(tmp_path, monkeypatch):
+    """`evaluate --workdir runs/cv/fold1`, then `--workdir /abs/.../runs/cv/fold1 --tta flip`
+    into the same fold folder: metrics written before runs were recorded absolute hold the path
+    as typed, and the two names of one run were counted as two folds (n 3 of a 2-fold CV)."""
+    monkeypatch.chdir(tmp_path)
+    cv = tmp_path / "runs" / "cv"
+    for fold in (0, 1):
+        (cv / f"fold{fold}").mkdir(parents=True)
+    _evaluate_fold(tmp_path / "pred" / "0", cv / "fold0" / "eval", ["runs/cv/fold0"])
+    _evaluate_fold(tmp_path / "pred" / "1", cv / "fold1" / "eval", ["runs/cv/fold1"], 0.1)
+    _evaluate_fold(tmp_path / "pred" / "tta", cv / "fold1" / "eval_tta", [str(cv / "fold1")])
+    message = _error(["summarize", "--runs", "A=runs/cv", "--out", str(tmp_path / "s")])
+    first, second = (f"runs/cv/fold1/{d}/metrics.json" for d in ("eval", "eval_tta"))
+    assert message.endswith(
+        f"{first} and {second} both evaluate run {cv / 'fold1'} (recorded as runs/cv/fold1 and "
+        f"{cv / 'fold1'}): one fold would count twice; keep one of them under runs/cv"
+    )
+    assert "\n" not in message and not (tmp_path / "s").exists()
+
+
 def test_summarize_refuses_a_fold_shared_by_two_methods(tmp_path):
     """The same folder given for two methods (or one inside the other) compared a method with
     its own folds: every test p = 1, without a word."""

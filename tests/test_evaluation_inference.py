@@ -164,6 +164,55 @@ def test_cv_folder_without_finished_fold_is_a_one_line_error(cv, tmp_path):
     assert "no fold with a finished checkpoint" in message and str(empty) in message
 
 
+def test_folds_never_trained_are_named_in_a_warning_and_models_json(cv, tmp_path, caplog):
+    """`cv --folds 0,1` of data.num_folds=3: the folder's ensemble is 2 of 3 folds, said in one
+    line (a subset may be trained on purpose, so not an error) and recorded in models.json."""
+    partial = tmp_path / "cv3"
+    for k in (0, 1):
+        shutil.copytree(cv["cv"] / f"fold{k}", partial / f"fold{k}")
+        config = json.loads((partial / f"fold{k}" / "config.json").read_text())
+        config["data"]["num_folds"] = 3
+        (partial / f"fold{k}" / "config.json").write_text(json.dumps(config))
+    with caplog.at_level("WARNING", logger="focalnet_jax"):
+        assert resolve_runs(partial) == [partial / "fold0", partial / "fold1"]
+    assert f"{partial}: ensemble of 2 of 3 folds; fold2 was never trained" in caplog.messages
+    out = predict_one([partial], exam(cv["data"]), tmp_path / "out")
+    models = json.loads((out / "models.json").read_text())
+    assert [m["run"] for m in models["models"]] == [str(partial / f"fold{k}") for k in (0, 1)]
+    assert models["left_out"] == [{"run": str(partial / "fold2"), "reason": "never trained"}]
+
+
+def test_one_fold_evaluated_by_two_names_is_one_run_to_summarize(cv, tmp_path, monkeypatch):
+    """`evaluate --workdir runs/cv/fold1`, then the same run by its absolute path with
+    `--tta flip` into the fold's folder: metrics.json records the run absolute, so summarize
+    refuses the second evaluation of the fold rather than counting three folds of two."""
+    runs = tmp_path / "runs" / "cv"
+    for k in (0, 1):
+        shutil.copytree(cv["cv"] / f"fold{k}", runs / f"fold{k}")
+    monkeypatch.chdir(tmp_path)
+    flags = ["--no-picai", "--no-figures"]
+    for k in (0, 1):
+        run_cli(["evaluate", "--workdir", f"runs/cv/fold{k}", *flags])
+    run_cli(["evaluate", "--workdir", runs / "fold1", "--tta", "flip",
+             "--out", "runs/cv/fold1/eval_tta", *flags])  # fmt: skip
+    for name in ("eval", "eval_tta"):
+        models = json.loads((runs / "fold1" / name / "metrics.json").read_text())["models"]
+        assert models["models"] == [{"run": str(runs / "fold1"), "step": 2}]
+    message = cli_error(["summarize", "--runs", "A=runs/cv", "--out", tmp_path / "summary"])
+    first, second = (f"runs/cv/fold1/{name}/metrics.json" for name in ("eval", "eval_tta"))
+    assert message.endswith(
+        f"{first} and {second} both evaluate run {runs / 'fold1'}: one fold would count twice; "
+        "keep one of them under runs/cv"
+    )
+    assert "\n" not in message and not (tmp_path / "summary").exists()
+
+
+def test_one_run_by_two_paths_is_named_twice(cv, monkeypatch):
+    monkeypatch.chdir(cv["cv"])
+    with pytest.raises(EnsembleError, match="a run is named twice"):
+        load_ensemble([cv["cv"] / "fold0", "fold0"])
+
+
 def test_epoch_based_run_killed_early_is_left_out_of_the_ensemble(cv, tmp_path, caplog):
     """An epoch-based run records its total steps (epochs x whole batches of its training
     slices) at start; a run whose checkpoints stop short of it is not finished."""

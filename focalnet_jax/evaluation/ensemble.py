@@ -124,11 +124,18 @@ def final_step(workdir: Path) -> tuple[int | None, str]:
 
 
 def resolve_runs(path: str | Path) -> list[Path]:
-    """The runs of a `--checkpoint` / `--workdir` argument: the run itself, or every `fold*` run
-    of a cross-validation folder with a finished checkpoint (the others are skipped, logged)."""
+    """The runs of a `--checkpoint` / `--workdir` argument (`resolve_folder`'s runs)."""
+    return resolve_folder(path)[0]
+
+
+def resolve_folder(path: str | Path) -> tuple[list[Path], list[dict]]:
+    """(runs, left out) of a `--checkpoint` / `--workdir` argument: the run itself, or every
+    `fold*` run of a cross-validation folder with a finished checkpoint. Left out, each logged
+    and listed as {"run": absolute path, "reason"}: unfinished folds, and the `fold<k>` of
+    k < `data.num_folds` (the largest the fold runs' config.json give) with no run at all."""
     path = Path(path)
     if (path / workdir_lib.CONFIG_FILE).is_file():
-        return [path]
+        return [path], []
     folds = [p for p in path.glob("fold*") if (p / workdir_lib.CONFIG_FILE).is_file()]
     folds.sort(key=lambda p: (len(p.name), p.name))  # fold2 before fold10
     if not folds:
@@ -136,22 +143,46 @@ def resolve_runs(path: str | Path) -> list[Path]:
             f"{path}: neither a training run (no {workdir_lib.CONFIG_FILE}) nor a "
             f"cross-validation folder (no fold<k>/{workdir_lib.CONFIG_FILE})"
         )
-    runs, skipped = [], []
+    runs, skipped = [], {}
     for fold in folds:
         step, reason = final_step(fold)
         if step is None:
-            skipped.append(f"{fold.name}: {reason}")
+            skipped[fold] = reason
         else:
             runs.append(fold)
     if not runs:
         raise EnsembleError(
             f"cross-validation folder {path}: no fold with a finished checkpoint ("
-            + "; ".join(skipped)
+            + "; ".join(f"{fold.name}: {reason}" for fold, reason in skipped.items())
             + ")"
         )
-    for reason in skipped:
-        log.warning("%s: fold left out of the ensemble (%s)", path, reason)
-    return runs
+    for fold, reason in skipped.items():
+        log.warning("%s: fold left out of the ensemble (%s: %s)", path, fold.name, reason)
+    num_folds = max(_num_folds(fold) for fold in folds)
+    missing = [f"fold{k}" for k in range(num_folds) if path / f"fold{k}" not in folds]
+    if missing:
+        log.warning(
+            "%s: ensemble of %d of %d folds; %s %s never trained",
+            path,
+            len(runs),
+            num_folds,
+            ", ".join(missing),
+            "was" if len(missing) == 1 else "were",
+        )
+    left_out = [{"run": str(fold.resolve()), "reason": reason} for fold, reason in skipped.items()]
+    left_out += [
+        {"run": str((path / name).resolve()), "reason": "never trained"} for name in missing
+    ]
+    return runs, left_out
+
+
+def _num_folds(run: Path) -> int:
+    """`data.num_folds` of a run's config.json; 0 where it gives none."""
+    try:
+        value = json.loads((run / workdir_lib.CONFIG_FILE).read_text())["data"]["num_folds"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+    return value if isinstance(value, int) else 0
 
 
 @dataclasses.dataclass
@@ -160,12 +191,14 @@ class Ensemble:
     `components` order, T2w unclipped) -> float32 `[N, H, W, 5]`, the mean P(class >= k).
     Each model gets its channels gathered into its own order (`data.components` of its run), so
     models that list one set of components in different orders give the mean of their
-    single-model predictions."""
+    single-model predictions. `left_out`: the folds of its cross-validation folders left out
+    ({"run", "reason"}, `resolve_folder`)."""
 
     predictors: list[Predictor]
     runs: list[Path]
     preprocess: dict | None
     tta: str = "none"
+    left_out: list[dict] = dataclasses.field(default_factory=list)
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -188,11 +221,17 @@ class Ensemble:
         return self.predictors[0].spec
 
     def describe(self) -> dict:
-        """Which models formed the predictions: {"models": [{"run", "step"}], "tta"}."""
+        """Which models formed the predictions: {"models": [{"run", "step"}], "tta"}, each run
+        absolute (symlinks resolved, so that one run reads the same however it was named), and
+        "left_out" (a list of {"run", "reason"}) where a cross-validation folder's fold was."""
         models = [
-            {"run": str(r), "step": p.step} for r, p in zip(self.runs, self.predictors, strict=True)
+            {"run": str(r.resolve()), "step": p.step}
+            for r, p in zip(self.runs, self.predictors, strict=True)
         ]
-        return {"models": models, "tta": self.tta}
+        described = {"models": models, "tta": self.tta}
+        if self.left_out:
+            described["left_out"] = self.left_out
+        return described
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         images = checked_images(images, self.components)
@@ -266,8 +305,9 @@ def load_ensemble(
         raise EnsembleError(f"tta {tta!r}: expected one of {TTA_MODES}")
     if isinstance(paths, str | Path):
         paths = [paths]
-    runs = [run for path in paths for run in resolve_runs(path)]
-    if len(set(map(str, runs))) != len(runs):
+    resolved = [resolve_folder(path) for path in paths]
+    runs = [run for path_runs, _ in resolved for run in path_runs]
+    if len({run.resolve() for run in runs}) != len(runs):
         raise EnsembleError(f"a run is named twice: {[str(r) for r in runs]}")
     if step is not None and len(runs) > 1:
         raise EnsembleError(f"--step picks one checkpoint of one run; got {len(runs)} runs")
@@ -276,7 +316,9 @@ def load_ensemble(
         preprocess_settings(p.spec.config, run, store)
         for run, p in zip(runs, predictors, strict=True)
     ]
-    return make_ensemble(predictors, runs, settings, tta)
+    ensemble = make_ensemble(predictors, runs, settings, tta)
+    ensemble.left_out = [fold for _, left_out in resolved for fold in left_out]
+    return ensemble
 
 
 def make_ensemble(

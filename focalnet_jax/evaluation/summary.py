@@ -105,8 +105,9 @@ def check_folds(run_dir, paths: list[Path], fold_metrics: list[dict]) -> None:
     several runs (e.g. `evaluate --all-cases` of the folder, written under it) or two that
     evaluated the same run (e.g. with and without `--tta`), either of which would change the
     mean, the SD and the tests. Their `models` record says which runs made the predictions
-    (metrics without one, from `--predictions`, cannot be checked)."""
-    seen: dict[str, Path] = {}
+    (metrics without one, from `--predictions`, cannot be checked); runs compare by
+    `run_identity`."""
+    seen: dict[str, tuple[Path, str]] = {}
     for path, metrics in zip(paths, fold_metrics, strict=True):
         models = (metrics.get("models") or {}).get("models") or []
         if len(models) > 1:
@@ -116,12 +117,24 @@ def check_folds(run_dir, paths: list[Path], fold_metrics: list[dict]) -> None:
             )
         for model in models:
             run = str(model.get("run"))
-            if run in seen:
+            key = run_identity(run)
+            if key in seen:
+                first, recorded = seen[key]
+                named = run if recorded == run else f"{key} (recorded as {recorded} and {run})"
                 raise UserError(
-                    f"{seen[run]} and {path} both evaluate run {run}: one fold would count "
+                    f"{first} and {path} both evaluate run {named}: one fold would count "
                     f"twice; keep one of them under {run_dir}"
                 )
-            seen[run] = path
+            seen[key] = (path, run)
+
+
+def run_identity(run: str) -> str:
+    """A recorded run as summarize compares it: the run folder resolved (absolute, symlinks
+    followed) where it exists, a relative one taken against the current folder (metrics written
+    before runs were recorded absolute); else the text as recorded (a run moved or deleted since,
+    or relative to another folder, is then told apart from its other names only by the text)."""
+    folder = Path(run)
+    return str(folder.resolve()) if folder.is_dir() else run
 
 
 def check_methods_apart(runs: Mapping[str, str | Path], paths: Mapping[str, list[Path]]) -> None:
