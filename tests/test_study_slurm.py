@@ -21,6 +21,9 @@ from slurm_cluster import OneNodeCluster
 from test_study import ARMS, ENV, _require_slurm, study, write_spec
 from test_train_helpers import REPO, small_synthetic_store
 
+from focalnet_jax.file_lock import LockHeld, acquire_lock, release_lock
+from focalnet_jax.study.cells import RUN_LOCK
+
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
@@ -275,6 +278,7 @@ def test_array_of_a_run_killed_after_sbatch_is_adopted_not_submitted_again(
     args += ["--spec.repeats=1", "--spec.folds=(0,)", "--sbatch=--hold"]
     killed = study(*args, env={**env, "PATH": f"{killing.parent}:{env['PATH']}"}, check=False)
     assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    _wait_until_unlocked(workdir)  # the wrapper, which shares the run lock, is ending
     assert not (workdir / "slurm" / "jobs.json").exists()
     [intent] = json.loads((workdir / "slurm" / "submitting.json").read_text())
     [job] = _jobs_named(intent["job_name"], env)
@@ -305,6 +309,66 @@ def test_array_of_a_run_killed_after_sbatch_is_adopted_not_submitted_again(
     assert _text(state_file.parent / "cell.log").count("=== cell ce/rep0/fold0") == 1
     last = study("run", "--workdir", str(workdir), "--executor=slurm", env=env).stdout
     assert "1 done" in last and "nothing to submit" in last, last
+
+
+@pytest.mark.slow
+def test_run_killed_while_its_sbatch_submits_leaves_no_array_untracked(
+    spec_file, cluster, tmp_path
+):
+    """`study run` killed while its `sbatch` was still submitting released the run lock at once:
+    the next run found no array in the queue, dropped the intent and submitted the cells again,
+    then the first `sbatch` submitted its array too, recorded nowhere, and two tasks trained each
+    cell. Here `sbatch` (a wrapper of the real one) SIGKILLs its `study run`, then waits until
+    released: the next run meanwhile refuses, naming that `sbatch`, and once it has ended adopts
+    its array."""
+    release, pid_file = tmp_path / "release", tmp_path / "sbatch.pid"
+    wrapper = tmp_path / "bin" / "sbatch"
+    wrapper.parent.mkdir()
+    workdir = tmp_path / "study"
+    wrapper.write_text(  # kills its run once the run lock names it (at most 30 s later)
+        f"#!/bin/sh\necho $$ > {pid_file}\nn=0\n"
+        f'while ! grep -q "its sbatch: pid $$" {workdir / RUN_LOCK} && [ $n -lt 600 ]; do\n'
+        "  sleep 0.05; n=$((n + 1))\ndone\nkill -9 $PPID\n"
+        f"while [ ! -e {release} ]; do sleep 0.1; done\n"
+        f'exec {shutil.which("sbatch")} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    env = {**ENV, **cluster.env}
+    args = ["run", "--spec", str(spec_file), "--workdir", str(workdir), "--executor=slurm"]
+    args += ["--spec.repeats=1", "--spec.folds=(0,)", "--sbatch=--hold"]
+    try:
+        killed = study(*args, env={**env, "PATH": f"{wrapper.parent}:{env['PATH']}"}, check=False)
+        assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+        refused = study(*args, env=env, check=False)  # its sbatch would be the real one
+    finally:
+        release.touch()
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused
+    holder = (
+        rf"another `study run` \(pid \d+ on \S+, its sbatch: pid {pid_file.read_text().strip()}\)"
+    )
+    assert re.search(holder, refused.stderr), refused.stderr
+    _wait_until_unlocked(workdir)
+    [intent] = json.loads((workdir / "slurm" / "submitting.json").read_text())
+    [job] = _jobs_named(intent["job_name"], env)
+    again = study(*args, env=env).stdout
+    assert f"adopted job array {job} (2 tasks)" in again and "nothing to submit" in again, again
+    listed = ["squeue", "-h", "-o", "%F"]
+    queued = subprocess.run(listed, env=env, capture_output=True, text=True, check=True).stdout
+    assert set(queued.split()) == {job}, queued  # one array, no second one of the same cells
+    [recorded] = json.loads((workdir / "slurm" / "jobs.json").read_text())
+    assert recorded["job_id"] == job and sorted(recorded["cells"]) == sorted(intent["cells"])
+
+
+def _wait_until_unlocked(workdir: Path, timeout_s: float = 120.0) -> None:
+    """Waits until no process holds the study's run lock (a killed run's `sbatch` shares it)."""
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            release_lock(acquire_lock(workdir / RUN_LOCK))
+            return
+        except LockHeld as held:
+            assert time.time() < deadline, f"run lock still held by {held.holder}"
+            time.sleep(0.1)
 
 
 def _jobs_named(name: str, env: dict) -> list[str]:
