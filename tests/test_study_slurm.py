@@ -3,7 +3,8 @@ at once on one folder submit each cell once; arrays submitted within one second 
 task lists; a task ended by SLURM (`scancel`, time limit) leaves its cell `interrupted` with
 slurmstepd's reason in `study status`, and the next `study run` submits it again; a requeued
 task appends to its output and its cell counts both attempts; an array whose `study run` was
-killed right after `sbatch` is adopted by the next run, not submitted again."""
+killed right after `sbatch` is adopted by the next run, not submitted again; one killed while its
+`sbatch` still submits leaves the run lock held until that `sbatch` has ended, then is adopted."""
 
 from __future__ import annotations
 
