@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from slurm_cluster import OneNodeCluster
+from slurm_cluster import KILL_WAIT_S, OneNodeCluster
 from test_study import ARMS, ENV, _require_slurm, study, write_spec
 from test_train_helpers import REPO, small_synthetic_store
 
@@ -222,39 +222,51 @@ def test_a_requeued_task_keeps_the_output_of_its_earlier_run(store, cluster, tmp
     workdir, env, cell_log, job = _one_cell_on_slurm(store, cluster, tmp_path)
     output = workdir / "slurm" / f"{job}_0.out"
     state_file = cell_log.parent / "study_cell.json"
-    starts, records = 0, []
-    for attempt in range(2):
-        deadline = time.time() + 240
-        while time.time() < deadline and _text(cell_log).count("$ focalnet train") <= attempt:
-            time.sleep(0.5)
-        starts = _text(cell_log).count("$ focalnet train")
+    records = []
+    for attempt, stage in enumerate(("first run started", "requeued run started")):
+        _wait_for(lambda n=attempt + 1: _text(cell_log).count("$ focalnet train") >= n, stage,
+                  lambda: _text(cell_log)[-2000:] + _text(output)[-1000:])  # fmt: skip
         records.append((json.loads(state_file.read_text()), time.time()))
         if attempt == 0:
             subprocess.run(["scontrol", "requeue", f"{job}_0"], env=env, check=True)
             _start_now(f"{job}_0", env)
     subprocess.run(["scancel", job], env=env, check=True)
-    assert starts == 2, _text(cell_log)[-2000:]
     # The requeued attempt's record counts the killed one: from its start to at most now.
     (first, _), (second, seen) = records
     assert second["attempts"] == 2 and len(second["attempt_seconds"]) == 2, second
     assert 0 < second["attempt_seconds"][0] <= seen - first["started"], (first, second)
-    deadline = time.time() + 60
-    while time.time() < deadline and "CANCELLED" not in _text(output):
-        time.sleep(0.5)
-    text = _text(output)
-    assert "DUE TO JOB REQUEUE" in text and "CANCELLED" in text, text[-2000:]
+    # slurmstepd's line for the requeue, then the one for `scancel` appended after it.
+    ended = r"\*\*\* JOB \d+ ON \S+ CANCELLED AT \S+ DUE TO JOB REQUEUE \*\*\*\n"
+    ended += r"(.*\n)*.*\*\*\* JOB \d+ ON \S+ CANCELLED AT \S+ \*\*\*"
+    _wait_for(lambda: re.search(ended, _text(output)), "both ends in the task output",
+              lambda: _text(output)[-2000:])  # fmt: skip
 
 
-def _start_now(task: str, env: dict) -> None:
-    """Lifts the begin time SLURM gives a requeued task (about two minutes) once it is pending."""
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        show = ["scontrol", "show", "job", task]
-        state = subprocess.run(show, env=env, capture_output=True, text=True).stdout
-        if "JobState=PENDING" in state:
-            update = ["scontrol", "update", f"JobId={task}", "StartTime=now"]
-            subprocess.run(update, env=env, check=True)
+def _wait_for(condition, stage: str, detail=lambda: "", timeout_s: float = 600.0) -> None:
+    """Polls `condition()` every 0.2 s until it holds; fails naming `stage` (with `detail()`)
+    after `timeout_s` (generous: a loaded machine starts and stops tasks slowly)."""
+    deadline = time.time() + timeout_s
+    while not condition():
+        assert time.time() < deadline, (f"{stage}: not within {timeout_s:.0f} s", detail())
+        time.sleep(0.2)
+
+
+def _start_now(task: str, env: dict, timeout_s: float = 600.0) -> None:
+    """Lifts the begin time SLURM gives a requeued task (about two minutes) once it is pending
+    again, i.e. once its earlier run has ended (on a loaded node that may take a while); returns
+    at once where the requeued run has started already."""
+    show = ["scontrol", "show", "job", task]
+    update = ["scontrol", "update", f"JobId={task}", "StartTime=now"]
+    deadline = time.time() + timeout_s
+    while True:
+        job = subprocess.run(show, env=env, capture_output=True, text=True).stdout
+        if "Restarts=0" not in job and "JobState=RUNNING" in job:
             return
+        if "JobState=PENDING" in job:
+            lifted = subprocess.run(update, env=env, capture_output=True, text=True)
+            if lifted.returncode == 0:
+                return
+        assert time.time() < deadline, ("requeued task pending", job, timeout_s)
         time.sleep(0.2)
 
 
@@ -388,28 +400,24 @@ def test_a_task_ended_while_training_saves_its_step_and_the_requeued_task_resume
     says so in cell.log and exits with status 143 (the `study cell` above it ends at once, the
     cell is `interrupted` as before); the requeued task's training starts at that step."""
     workdir, env, cell_log, job = _one_cell_on_slurm(store, cluster, tmp_path)
-    deadline = time.time() + 240
-    while time.time() < deadline and not re.search(r"\b[1-9]\d*/5000\b", _text(cell_log)):
-        time.sleep(0.2)  # until the progress bar shows a step: the training loop runs
-    assert re.search(r"\b[1-9]\d*/5000\b", _text(cell_log)), _text(cell_log)[-2000:]
+    output = workdir / "slurm" / f"{job}_0.out"
+
+    def logs() -> str:
+        return _text(cell_log)[-2000:] + _text(output)[-1000:]
+
+    # Until the progress bar shows a step: the training loop runs.
+    _wait_for(lambda: re.search(r"\b[1-9]\d*/5000\b", _text(cell_log)), "training", logs)
     subprocess.run(["scontrol", "requeue", f"{job}_0"], env=env, check=True)
     stopped = re.compile(
         r"focalnet train: stopped by SIGTERM at step (\d+) in \S+; checkpoint saved"
     )
-    deadline = time.time() + 60
-    while time.time() < deadline and not stopped.search(_text(cell_log)):
-        time.sleep(0.2)
-    match = stopped.search(_text(cell_log))
-    output = workdir / "slurm" / f"{job}_0.out"
-    assert match, _text(cell_log)[-2000:] + _text(output)[-1000:]
-    step = int(match.group(1))
+    # SIGKILL comes KILL_WAIT_S after SIGTERM: the message comes before, or never.
+    _wait_for(lambda: stopped.search(_text(cell_log)), "stopped", logs, KILL_WAIT_S + 60)
+    step = int(stopped.search(_text(cell_log)).group(1))
     checkpoints = sorted(
         p.name for p in (workdir / "ce" / "rep0" / "fold0" / "checkpoints").iterdir()
     )
     assert str(step) in checkpoints, (step, checkpoints)
     _start_now(f"{job}_0", env)
-    deadline = time.time() + 360  # the requeued task may wait for its begin time (2 minutes)
-    while time.time() < deadline and f"start at {step}," not in _text(cell_log):
-        time.sleep(0.5)
+    _wait_for(lambda: f"start at {step}," in _text(cell_log), "resumed", logs)
     subprocess.run(["scancel", job], env=env, check=True)
-    assert f"start at {step}," in _text(cell_log), ("resumed", _text(cell_log)[-2000:])
