@@ -9,6 +9,7 @@ killed right after `sbatch` is adopted by the next run, not submitted again; one
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -223,9 +224,13 @@ def test_a_requeued_task_keeps_the_output_of_its_earlier_run(store, cluster, tmp
     output = workdir / "slurm" / f"{job}_0.out"
     state_file = cell_log.parent / "study_cell.json"
     records = []
+
+    def logs() -> str:
+        return _text(cell_log)[-2000:] + _text(output)[-1000:]
+
     for attempt, stage in enumerate(("first run started", "requeued run started")):
-        _wait_for(lambda n=attempt + 1: _text(cell_log).count("$ focalnet train") >= n, stage,
-                  lambda: _text(cell_log)[-2000:] + _text(output)[-1000:])  # fmt: skip
+        starts = lambda n=attempt + 1: _text(cell_log).count("$ focalnet train") >= n  # noqa: E731
+        _wait_for(starts, stage, logs, task=(job, env))
         records.append((json.loads(state_file.read_text()), time.time()))
         if attempt == 0:
             subprocess.run(["scontrol", "requeue", f"{job}_0"], env=env, check=True)
@@ -242,13 +247,25 @@ def test_a_requeued_task_keeps_the_output_of_its_earlier_run(store, cluster, tmp
               lambda: _text(output)[-2000:])  # fmt: skip
 
 
-def _wait_for(condition, stage: str, detail=lambda: "", timeout_s: float = 600.0) -> None:
+def _wait_for(condition, stage: str, detail=lambda: "", timeout_s=600.0, task=None) -> None:
     """Polls `condition()` every 0.2 s until it holds; fails naming `stage` (with `detail()`)
-    after `timeout_s` (generous: a loaded machine starts and stops tasks slowly)."""
-    deadline = time.time() + timeout_s
+    after `timeout_s` (generous: a loaded machine starts and stops tasks slowly), or at once
+    when job `task` ((job id, env)) has left the queue (its task failed: it will not hold)."""
+    deadline = checked = time.time()
+    deadline += timeout_s
     while not condition():
         assert time.time() < deadline, (f"{stage}: not within {timeout_s:.0f} s", detail())
+        if task and time.time() > checked + 5:
+            checked = time.time()
+            assert _in_queue(*task) or condition(), (f"{stage}: the job left the queue", detail())
         time.sleep(0.2)
+
+
+def _in_queue(job: str, env: dict) -> bool:
+    """Whether `job` is in the queue (pending, running or completing); True while unknown."""
+    listed = ["squeue", "-h", "-o", "%i", "-j", job]
+    queued = subprocess.run(listed, env=env, capture_output=True, text=True)
+    return bool(queued.stdout.strip()) or "Invalid job id" not in queued.stderr
 
 
 def _start_now(task: str, env: dict, timeout_s: float = 600.0) -> None:
@@ -372,6 +389,44 @@ def test_run_killed_while_its_sbatch_submits_leaves_no_array_untracked(
     assert recorded["job_id"] == job and sorted(recorded["cells"]) == sorted(intent["cells"])
 
 
+@pytest.mark.slow
+def test_ctrl_c_of_a_run_waits_for_its_sbatch(spec_file, tmp_path):
+    """Ctrl-C (SIGINT to the terminal's process group) of a `study run` while its `sbatch`
+    submitted killed that `sbatch` too, maybe after slurmctld had its array, and released the run
+    lock. `sbatch` (here a stand-in that waits until released) is left to end, in a session of
+    its own, and the run ends after it, the run lock held until then."""
+    release, pid_file = tmp_path / "release", tmp_path / "sbatch.pid"
+    stand_in = tmp_path / "bin" / "sbatch"
+    stand_in.parent.mkdir()
+    stand_in.write_text(
+        f"#!/bin/sh\necho $$ > {pid_file}\nwhile [ ! -e {release} ]; do sleep 0.1; done\necho 7\n"
+    )
+    stand_in.chmod(0o755)
+    workdir = tmp_path / "study"
+    args = ["run", "--spec", str(spec_file), "--workdir", str(workdir), "--executor=slurm"]
+    args += ["--spec.repeats=1", "--spec.folds=(0,)"]
+    env = {**ENV, "PATH": f"{stand_in.parent}:{ENV['PATH']}"}
+    cli = [sys.executable, "-m", "focalnet_jax.cli", "study", *args]
+    run = subprocess.Popen(cli, env=env, cwd=REPO, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)  # fmt: skip
+    try:
+        noted = lambda: "its sbatch: pid" in _text(workdir / RUN_LOCK)  # noqa: E731
+        _wait_for(lambda: noted() or run.poll() is not None, "sbatch started")
+        sbatch = pid_file.read_text().strip()
+        os.killpg(run.pid, signal.SIGINT)  # as a terminal's Ctrl-C
+        waiting = run.stderr.readline()
+        assert waiting.startswith(f"waiting for sbatch (pid {sbatch}) to end"), waiting
+        with pytest.raises(LockHeld, match=f"pid {run.pid} on \\S+, its sbatch: pid {sbatch}$"):
+            acquire_lock(workdir / RUN_LOCK)
+    finally:
+        release.touch()
+        rest = run.communicate(timeout=120)[1]
+    assert run.returncode == 128 + signal.SIGINT and "interrupted by Ctrl-C" in rest, rest
+    _wait_until_unlocked(workdir, timeout_s=5)  # the run has waited for its sbatch
+    [intent] = json.loads((workdir / "slurm" / "submitting.json").read_text())  # to adopt
+    assert intent["cells"] == ["ce/rep0/fold0", "fl/rep0/fold0"], intent
+
+
 def _wait_until_unlocked(workdir: Path, timeout_s: float = 120.0) -> None:
     """Waits until no process holds the study's run lock (a killed run's `sbatch` shares it)."""
     deadline = time.time() + timeout_s
@@ -406,18 +461,21 @@ def test_a_task_ended_while_training_saves_its_step_and_the_requeued_task_resume
         return _text(cell_log)[-2000:] + _text(output)[-1000:]
 
     # Until the progress bar shows a step: the training loop runs.
-    _wait_for(lambda: re.search(r"\b[1-9]\d*/5000\b", _text(cell_log)), "training", logs)
+    steps = re.compile(r"\b[1-9]\d*/5000\b")
+    _wait_for(lambda: steps.search(_text(cell_log)), "training", logs, task=(job, env))
     subprocess.run(["scontrol", "requeue", f"{job}_0"], env=env, check=True)
     stopped = re.compile(
         r"focalnet train: stopped by SIGTERM at step (\d+) in \S+; checkpoint saved"
     )
     # SIGKILL comes KILL_WAIT_S after SIGTERM: the message comes before, or never.
-    _wait_for(lambda: stopped.search(_text(cell_log)), "stopped", logs, KILL_WAIT_S + 60)
+    _wait_for(
+        lambda: stopped.search(_text(cell_log)), "stopped", logs, KILL_WAIT_S + 60, (job, env)
+    )
     step = int(stopped.search(_text(cell_log)).group(1))
     checkpoints = sorted(
         p.name for p in (workdir / "ce" / "rep0" / "fold0" / "checkpoints").iterdir()
     )
     assert str(step) in checkpoints, (step, checkpoints)
     _start_now(f"{job}_0", env)
-    _wait_for(lambda: f"start at {step}," in _text(cell_log), "resumed", logs)
+    _wait_for(lambda: f"start at {step}," in _text(cell_log), "resumed", logs, task=(job, env))
     subprocess.run(["scancel", job], env=env, check=True)

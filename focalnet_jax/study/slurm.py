@@ -6,10 +6,10 @@ id and its tasks to `DIR/slurm/jobs.json`. So that no array goes untracked when 
 between `sbatch` and that write, the array's name carries a token of its own
 (`study-<folder>-<token>`) and is recorded with its cells in `DIR/slurm/submitting.json` before
 `sbatch` runs; the next `study run` or `study status` finds such an array in `squeue --name` and
-adopts it (`adopt_unrecorded`). `sbatch` shares the run lock and runs in a session of its own, so a
-`study run` that dies while `sbatch` is still submitting (killed, Ctrl-C) leaves the lock held until
-`sbatch` has ended: the next `study run` cannot look in the queue before the array is there and
-drop its intent (`run_sbatch`). Each task `cd`s to the submitting folder and runs the
+adopts it (`adopt_unrecorded`). `sbatch` shares the run lock and runs in a session of its own,
+so a `study run` that dies while `sbatch` is still submitting (killed, hung up) leaves the lock
+held until `sbatch` has ended: the next `study run` cannot look in the queue before the array is
+there and drop its intent (`run_sbatch`). Each task `cd`s to the submitting folder and runs the
 cell with the submitting Python (`sys.executable`); `sbatch` exports the submitting environment
 by default (`--export=ALL`), so the task sees the same `PYTHONPATH`, virtual environment and
 variables. Task output: `DIR/slurm/<job>_<task>.out` (the cell's own log is `CELL/cell.log`).
@@ -23,6 +23,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -141,9 +142,10 @@ def submit(
 def run_sbatch(script_file: Path, lock: IO[str] | None = None) -> str:
     """Submit `script_file` (`sbatch --parsable`); its job id, or a `StudyError` with sbatch's
     last line. `sbatch` gets `lock` (the run lock's open file, its pid noted in it) and a session
-    of its own, and is never killed here: this process may die (SIGKILL, Ctrl-C, hang-up) while
+    of its own, and is never killed here: this process may die (SIGKILL, a hang-up) while
     `sbatch` submits, but the lock lasts until `sbatch` has ended, and by then its array is in the
-    queue for the next `study run` to adopt, or was not submitted."""
+    queue for the next `study run` to adopt, or was not submitted. Interrupted (Ctrl-C, SIGTERM),
+    this process waits for `sbatch` to end before it ends."""
     child = subprocess.Popen(
         ["sbatch", "--parsable", str(script_file)],
         stdin=subprocess.DEVNULL,
@@ -155,7 +157,17 @@ def run_sbatch(script_file: Path, lock: IO[str] | None = None) -> str:
     )
     if lock is not None:
         note_sharer(lock, f"its sbatch: pid {child.pid}")
-    stdout, stderr = child.communicate()
+    try:
+        stdout, stderr = child.communicate()
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM; slurmctld may have the array already
+        print(
+            f"waiting for sbatch (pid {child.pid}) to end, so that the next `study run` finds "
+            "its array",
+            file=sys.stderr,
+            flush=True,
+        )
+        child.wait()  # a second interrupt leaves it running, the lock held
+        raise
     if child.returncode != 0:
         reason = (stderr or stdout).strip().splitlines()
         raise StudyError(f"sbatch {script_file}: {reason[-1] if reason else child.returncode}")
