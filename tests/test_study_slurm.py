@@ -410,9 +410,10 @@ def test_ctrl_c_of_a_run_waits_for_its_sbatch(spec_file, tmp_path):
     run = subprocess.Popen(cli, env=env, cwd=REPO, stderr=subprocess.PIPE, text=True,
                            start_new_session=True)  # fmt: skip
     try:
-        noted = lambda: "its sbatch: pid" in _text(workdir / RUN_LOCK)  # noqa: E731
-        _wait_for(lambda: noted() or run.poll() is not None, "sbatch started")
-        sbatch = pid_file.read_text().strip()
+        _wait_for(lambda: _text(pid_file).strip() or run.poll() is not None, "sbatch started")
+        sbatch = _text(pid_file).strip()
+        noted = f"its sbatch: pid {sbatch}"  # in the run lock once `sbatch` has started
+        _wait_for(lambda: noted in _text(workdir / RUN_LOCK), "sbatch noted", timeout_s=60)
         os.killpg(run.pid, signal.SIGINT)  # as a terminal's Ctrl-C
         waiting = run.stderr.readline()
         assert waiting.startswith(f"waiting for sbatch (pid {sbatch}) to end"), waiting
