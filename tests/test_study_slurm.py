@@ -265,15 +265,19 @@ def _in_queue(job: str, env: dict) -> bool:
     """Whether `job` is in the queue (pending, running or completing); True while unknown."""
     listed = ["squeue", "-h", "-o", "%i", "-j", job]
     queued = subprocess.run(listed, env=env, capture_output=True, text=True)
-    return bool(queued.stdout.strip()) or "Invalid job id" not in queued.stderr
+    if queued.returncode == 0:
+        return bool(queued.stdout.strip())  # nothing listed: ended, slurmctld still knows it
+    return "Invalid job id" not in queued.stderr  # not known any more: ended
 
 
 def _start_now(task: str, env: dict, timeout_s: float = 600.0) -> None:
-    """Lifts the begin time SLURM gives a requeued task (about two minutes) once it is pending
-    again, i.e. once its earlier run has ended (on a loaded node that may take a while); returns
-    at once where the requeued run has started already."""
+    """Brings the begin time SLURM gives a requeued task (about two minutes) forward to two
+    seconds from now once it is pending again, i.e. once its earlier run has ended (on a loaded
+    node that may take a while); returns at once where the requeued run has started already.
+    Not to now: slurmd refuses a job whose credential was issued within the second it revoked
+    the job's earlier one ('Job credential revoked'), and the requeued task then fails."""
     show = ["scontrol", "show", "job", task]
-    update = ["scontrol", "update", f"JobId={task}", "StartTime=now"]
+    update = ["scontrol", "update", f"JobId={task}", "StartTime=now+2"]
     deadline = time.time() + timeout_s
     while True:
         job = subprocess.run(show, env=env, capture_output=True, text=True).stdout
