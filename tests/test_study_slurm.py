@@ -271,19 +271,20 @@ def _in_queue(job: str, env: dict) -> bool:
 
 
 def _start_now(task: str, env: dict, timeout_s: float = 600.0) -> None:
-    """Brings the begin time SLURM gives a requeued task (about two minutes) forward to two
-    seconds from now once it is pending again, i.e. once its earlier run has ended (on a loaded
-    node that may take a while); returns at once where the requeued run has started already.
-    Not to now: slurmd refuses a job whose credential was issued within the second it revoked
-    the job's earlier one ('Job credential revoked'), and the requeued task then fails."""
+    """Lifts the begin time SLURM gives a requeued task (about two minutes) once it is pending
+    again, i.e. once its earlier run has ended (on a loaded node that may take a while), in the
+    next second of the clock; returns at once where the requeued run has started already.
+    slurmd revoked the earlier run's credential before the task was pending, and refuses a
+    credential issued within that second ('Job credential revoked': the requeued task fails)."""
     show = ["scontrol", "show", "job", task]
-    update = ["scontrol", "update", f"JobId={task}", "StartTime=now+2"]
+    update = ["scontrol", "update", f"JobId={task}", "StartTime=now"]
     deadline = time.time() + timeout_s
     while True:
         job = subprocess.run(show, env=env, capture_output=True, text=True).stdout
         if "Restarts=0" not in job and "JobState=RUNNING" in job:
             return
         if "JobState=PENDING" in job:
+            time.sleep(1.05 - time.time() % 1)  # into the next second
             lifted = subprocess.run(update, env=env, capture_output=True, text=True)
             if lifted.returncode == 0:
                 return
