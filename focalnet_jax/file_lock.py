@@ -1,6 +1,8 @@
 """An exclusive lock held by one process on a file (`fcntl.flock`): the system releases it when
-the process ends, also when it is killed (SIGKILL, a node lost), so a lock is never left stale.
-The holder writes its pid and host into the file, for the refusal of a second process to name."""
+the process ends, also when it is killed (SIGKILL, a node lost), so a lock is never left stale. A
+child given the lock's file (`subprocess.Popen(pass_fds=...)`) shares it: the lock then lasts until
+the holder and that child have both ended. The holder writes its pid and host (and such a child's
+pid, `note_sharer`) into the file, for the refusal of a second process to name."""
 
 from __future__ import annotations
 
@@ -42,11 +44,21 @@ def acquire_lock(path: str | os.PathLike) -> IO[str]:
     if not same:
         lock.close()
         raise LockHeld(path, "a process that has just finished with it")
+    _write_holder(lock, "")
+    return lock
+
+
+def note_sharer(lock: IO[str], note: str) -> None:
+    """Adds `note` (e.g. 'its sbatch: pid N') to the holder written in the file of `lock`, taken by
+    `acquire_lock`: a child that shares the lock holds it on after this process has ended."""
+    _write_holder(lock, f", {note}")
+
+
+def _write_holder(lock: IO[str], note: str) -> None:
     lock.seek(0)
     lock.truncate()
-    lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()}{note}\n")
     lock.flush()
-    return lock
 
 
 def release_lock(lock: IO[str], remove: bool = False) -> None:

@@ -25,6 +25,13 @@ import time
 from pathlib import Path
 
 LOCK_FILE = Path(tempfile.gettempdir()) / "focalnet-test-slurm-cluster.lock"
+# Seconds from SLURM's SIGTERM to a task's processes to its SIGKILL (SLURM's default is 30): a
+# training stopped by SIGTERM saves its step first, which on a loaded machine takes a while. A
+# task that ends on SIGTERM ends at once, whatever this is.
+KILL_WAIT_S = 60
+# Seconds a client (sbatch, squeue, scontrol) waits for slurmctld before it fails with `Socket
+# timed out` (SLURM's default is 10, which a loaded machine's slurmctld may miss).
+MESSAGE_TIMEOUT_S = 60
 BINARIES = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "squeue", "sinfo")
 
 
@@ -87,7 +94,8 @@ class OneNodeCluster:
             "SlurmctldTimeout=30",
             "SlurmdTimeout=30",
             "InactiveLimit=0",
-            "KillWait=5",
+            f"KillWait={KILL_WAIT_S}",
+            f"MessageTimeout={MESSAGE_TIMEOUT_S}",
             f"NodeName={host} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} State=UNKNOWN",
             f"PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP",
         ]
@@ -116,7 +124,7 @@ class OneNodeCluster:
         self.pid_files.append(pid_file)
         return sock
 
-    def start(self, timeout_s: float = 60.0) -> OneNodeCluster:
+    def start(self, timeout_s: float = 300.0) -> OneNodeCluster:
         self._lock = open(LOCK_FILE, "a")  # held until stop()
         fcntl.flock(self._lock, fcntl.LOCK_EX)
         try:
@@ -143,10 +151,10 @@ class OneNodeCluster:
             time.sleep(0.5)
         raise RuntimeError(f"SLURM node not idle after {timeout_s} s; logs in {self.root / 'log'}")
 
-    def stop(self, timeout_s: float = 20.0) -> None:
-        """Cancels every job left and waits (up to `timeout_s`) until the queue is empty, so no
-        job step outlives its daemons; then SIGTERM to every daemon by its pid file (slurmd
-        first), SIGKILL if it lingers."""
+    def stop(self, timeout_s: float = KILL_WAIT_S + MESSAGE_TIMEOUT_S) -> None:
+        """Cancels every job left and waits (up to `timeout_s`: a task's processes have
+        `KILL_WAIT_S` to end) until the queue is empty, so no job step outlives its daemons; then
+        SIGTERM to every daemon by its pid file (slurmd first), SIGKILL if it lingers."""
         if self.pid_files:
             self._drain(timeout_s)
         for pid_file in reversed(self.pid_files):

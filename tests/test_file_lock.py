@@ -1,5 +1,6 @@
 """`file_lock`: one process holds the lock; a second is refused naming the holder; the system
-frees it when the holder is killed (SIGKILL).
+frees it when the holder is killed (SIGKILL), or, where the holder gave it to a child, once the
+child has ended too.
 `study run` refuses a second run on one folder with its one-line error."""
 
 from __future__ import annotations
@@ -9,11 +10,18 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from focalnet_jax.file_lock import LockHeld, acquire_lock, exclusive_lock, release_lock
+from focalnet_jax.file_lock import (
+    LockHeld,
+    acquire_lock,
+    exclusive_lock,
+    note_sharer,
+    release_lock,
+)
 from focalnet_jax.study.cells import RUN_LOCK, run_lock
 from focalnet_jax.study.spec import StudyError
 
@@ -42,6 +50,43 @@ def test_a_held_lock_names_its_holder_and_is_freed_when_the_holder_is_killed(tmp
     assert path.read_text() == f"pid {os.getpid()} on {socket.gethostname()}\n"
     release_lock(lock)
     assert path.read_text() == ""
+
+
+SHARE = "import subprocess, sys, time; from focalnet_jax.file_lock import acquire_lock, " \
+    "note_sharer; lock = acquire_lock(sys.argv[1]); child = subprocess.Popen(['sleep', '600'], " \
+    "pass_fds=(lock.fileno(),)); note_sharer(lock, f'its child: pid {child.pid}'); " \
+    "print(child.pid, flush=True); time.sleep(600)"  # fmt: skip
+
+
+def test_a_child_given_the_lock_holds_it_until_it_ends_after_the_holder_is_killed(tmp_path):
+    """`study run` gives its lock to `sbatch`: killed meanwhile, the lock lasts until `sbatch`
+    ends, and the refusal names both."""
+    path = tmp_path / "run.lock"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    holder = subprocess.Popen([sys.executable, "-c", SHARE, str(path)], env=env,
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    child = int(holder.stdout.readline())
+    try:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        with pytest.raises(LockHeld) as held:
+            acquire_lock(path)
+        host = socket.gethostname()
+        assert held.value.holder == f"pid {holder.pid} on {host}, its child: pid {child}"
+    finally:
+        os.kill(child, signal.SIGKILL)
+    deadline = time.time() + 60
+    while True:  # the child is gone once the system has released its files
+        try:
+            release_lock(acquire_lock(path))
+            break
+        except LockHeld:
+            assert time.time() < deadline, "the lock outlived its holder's child"
+            time.sleep(0.05)
+    lock = acquire_lock(path)
+    note_sharer(lock, "its sbatch: pid 7")
+    assert path.read_text() == f"pid {os.getpid()} on {host}, its sbatch: pid 7\n"
+    release_lock(lock)
 
 
 def _study_lock(tmp_path: Path, held: Path):

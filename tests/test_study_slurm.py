@@ -3,11 +3,13 @@ at once on one folder submit each cell once; arrays submitted within one second 
 task lists; a task ended by SLURM (`scancel`, time limit) leaves its cell `interrupted` with
 slurmstepd's reason in `study status`, and the next `study run` submits it again; a requeued
 task appends to its output and its cell counts both attempts; an array whose `study run` was
-killed right after `sbatch` is adopted by the next run, not submitted again."""
+killed right after `sbatch` is adopted by the next run, not submitted again; one killed while its
+`sbatch` still submits leaves the run lock held until that `sbatch` has ended, then is adopted."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -17,9 +19,12 @@ import time
 from pathlib import Path
 
 import pytest
-from slurm_cluster import OneNodeCluster
+from slurm_cluster import KILL_WAIT_S, OneNodeCluster
 from test_study import ARMS, ENV, _require_slurm, study, write_spec
 from test_train_helpers import REPO, small_synthetic_store
+
+from focalnet_jax.file_lock import LockHeld, acquire_lock, release_lock
+from focalnet_jax.study.cells import RUN_LOCK
 
 
 @pytest.fixture(scope="module")
@@ -218,39 +223,72 @@ def test_a_requeued_task_keeps_the_output_of_its_earlier_run(store, cluster, tmp
     workdir, env, cell_log, job = _one_cell_on_slurm(store, cluster, tmp_path)
     output = workdir / "slurm" / f"{job}_0.out"
     state_file = cell_log.parent / "study_cell.json"
-    starts, records = 0, []
-    for attempt in range(2):
-        deadline = time.time() + 240
-        while time.time() < deadline and _text(cell_log).count("$ focalnet train") <= attempt:
-            time.sleep(0.5)
-        starts = _text(cell_log).count("$ focalnet train")
+    records = []
+
+    def logs() -> str:
+        return _text(cell_log)[-2000:] + _text(output)[-1000:]
+
+    for attempt, stage in enumerate(("first run started", "requeued run started")):
+        starts = lambda n=attempt + 1: _text(cell_log).count("$ focalnet train") >= n  # noqa: E731
+        _wait_for(starts, stage, logs, task=(job, env))
         records.append((json.loads(state_file.read_text()), time.time()))
         if attempt == 0:
             subprocess.run(["scontrol", "requeue", f"{job}_0"], env=env, check=True)
             _start_now(f"{job}_0", env)
     subprocess.run(["scancel", job], env=env, check=True)
-    assert starts == 2, _text(cell_log)[-2000:]
     # The requeued attempt's record counts the killed one: from its start to at most now.
     (first, _), (second, seen) = records
     assert second["attempts"] == 2 and len(second["attempt_seconds"]) == 2, second
     assert 0 < second["attempt_seconds"][0] <= seen - first["started"], (first, second)
-    deadline = time.time() + 60
-    while time.time() < deadline and "CANCELLED" not in _text(output):
-        time.sleep(0.5)
-    text = _text(output)
-    assert "DUE TO JOB REQUEUE" in text and "CANCELLED" in text, text[-2000:]
+    # slurmstepd's line for the requeue, then the one for `scancel` appended after it.
+    ended = r"\*\*\* JOB \d+ ON \S+ CANCELLED AT \S+ DUE TO JOB REQUEUE \*\*\*\n"
+    ended += r"(.*\n)*.*\*\*\* JOB \d+ ON \S+ CANCELLED AT \S+ \*\*\*"
+    _wait_for(lambda: re.search(ended, _text(output)), "both ends in the task output",
+              lambda: _text(output)[-2000:])  # fmt: skip
 
 
-def _start_now(task: str, env: dict) -> None:
-    """Lifts the begin time SLURM gives a requeued task (about two minutes) once it is pending."""
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        show = ["scontrol", "show", "job", task]
-        state = subprocess.run(show, env=env, capture_output=True, text=True).stdout
-        if "JobState=PENDING" in state:
-            update = ["scontrol", "update", f"JobId={task}", "StartTime=now"]
-            subprocess.run(update, env=env, check=True)
+def _wait_for(condition, stage: str, detail=lambda: "", timeout_s=600.0, task=None) -> None:
+    """Polls `condition()` every 0.2 s until it holds; fails naming `stage` (with `detail()`)
+    after `timeout_s` (generous: a loaded machine starts and stops tasks slowly), or at once
+    when job `task` ((job id, env)) has left the queue (its task failed: it will not hold)."""
+    deadline = checked = time.time()
+    deadline += timeout_s
+    while not condition():
+        assert time.time() < deadline, (f"{stage}: not within {timeout_s:.0f} s", detail())
+        if task and time.time() > checked + 5:
+            checked = time.time()
+            assert _in_queue(*task) or condition(), (f"{stage}: the job left the queue", detail())
+        time.sleep(0.2)
+
+
+def _in_queue(job: str, env: dict) -> bool:
+    """Whether `job` is in the queue (pending, running or completing); True while unknown."""
+    listed = ["squeue", "-h", "-o", "%i", "-j", job]
+    queued = subprocess.run(listed, env=env, capture_output=True, text=True)
+    if queued.returncode == 0:
+        return bool(queued.stdout.strip())  # nothing listed: ended, slurmctld still knows it
+    return "Invalid job id" not in queued.stderr  # not known any more: ended
+
+
+def _start_now(task: str, env: dict, timeout_s: float = 600.0) -> None:
+    """Lifts the begin time SLURM gives a requeued task (about two minutes) once it is pending
+    again, i.e. once its earlier run has ended (on a loaded node that may take a while), in the
+    next second of the clock; returns at once where the requeued run has started already.
+    slurmd revoked the earlier run's credential before the task was pending, and refuses a
+    credential issued within that second ('Job credential revoked': the requeued task fails)."""
+    show = ["scontrol", "show", "job", task]
+    update = ["scontrol", "update", f"JobId={task}", "StartTime=now"]
+    deadline = time.time() + timeout_s
+    while True:
+        job = subprocess.run(show, env=env, capture_output=True, text=True).stdout
+        if "Restarts=0" not in job and "JobState=RUNNING" in job:
             return
+        if "JobState=PENDING" in job:
+            time.sleep(1.05 - time.time() % 1)  # into the next second
+            lifted = subprocess.run(update, env=env, capture_output=True, text=True)
+            if lifted.returncode == 0:
+                return
+        assert time.time() < deadline, ("requeued task pending", job, timeout_s)
         time.sleep(0.2)
 
 
@@ -275,6 +313,7 @@ def test_array_of_a_run_killed_after_sbatch_is_adopted_not_submitted_again(
     args += ["--spec.repeats=1", "--spec.folds=(0,)", "--sbatch=--hold"]
     killed = study(*args, env={**env, "PATH": f"{killing.parent}:{env['PATH']}"}, check=False)
     assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    _wait_until_unlocked(workdir)  # the wrapper, which shares the run lock, is ending
     assert not (workdir / "slurm" / "jobs.json").exists()
     [intent] = json.loads((workdir / "slurm" / "submitting.json").read_text())
     [job] = _jobs_named(intent["job_name"], env)
@@ -307,6 +346,105 @@ def test_array_of_a_run_killed_after_sbatch_is_adopted_not_submitted_again(
     assert "1 done" in last and "nothing to submit" in last, last
 
 
+@pytest.mark.slow
+def test_run_killed_while_its_sbatch_submits_leaves_no_array_untracked(
+    spec_file, cluster, tmp_path
+):
+    """`study run` killed while its `sbatch` was still submitting released the run lock at once:
+    the next run found no array in the queue, dropped the intent and submitted the cells again,
+    then the first `sbatch` submitted its array too, recorded nowhere, and two tasks trained each
+    cell. Here `sbatch` (a wrapper of the real one) SIGKILLs its `study run`, then waits until
+    released: the next run meanwhile refuses, naming that `sbatch`, and once it has ended adopts
+    its array."""
+    release, pid_file = tmp_path / "release", tmp_path / "sbatch.pid"
+    wrapper = tmp_path / "bin" / "sbatch"
+    wrapper.parent.mkdir()
+    workdir = tmp_path / "study"
+    wrapper.write_text(  # kills its run once the run lock names it (at most 30 s later)
+        f"#!/bin/sh\necho $$ > {pid_file}\nn=0\n"
+        f'while ! grep -q "its sbatch: pid $$" {workdir / RUN_LOCK} && [ $n -lt 600 ]; do\n'
+        "  sleep 0.05; n=$((n + 1))\ndone\nkill -9 $PPID\n"
+        f"while [ ! -e {release} ]; do sleep 0.1; done\n"
+        f'exec {shutil.which("sbatch")} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    env = {**ENV, **cluster.env}
+    args = ["run", "--spec", str(spec_file), "--workdir", str(workdir), "--executor=slurm"]
+    args += ["--spec.repeats=1", "--spec.folds=(0,)", "--sbatch=--hold"]
+    try:
+        killed = study(*args, env={**env, "PATH": f"{wrapper.parent}:{env['PATH']}"}, check=False)
+        assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+        refused = study(*args, env=env, check=False)  # its sbatch would be the real one
+    finally:
+        release.touch()
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused
+    holder = (
+        rf"another `study run` \(pid \d+ on \S+, its sbatch: pid {pid_file.read_text().strip()}\)"
+    )
+    assert re.search(holder, refused.stderr), refused.stderr
+    _wait_until_unlocked(workdir)
+    [intent] = json.loads((workdir / "slurm" / "submitting.json").read_text())
+    [job] = _jobs_named(intent["job_name"], env)
+    again = study(*args, env=env).stdout
+    assert f"adopted job array {job} (2 tasks)" in again and "nothing to submit" in again, again
+    listed = ["squeue", "-h", "-o", "%F"]
+    queued = subprocess.run(listed, env=env, capture_output=True, text=True, check=True).stdout
+    assert set(queued.split()) == {job}, queued  # one array, no second one of the same cells
+    [recorded] = json.loads((workdir / "slurm" / "jobs.json").read_text())
+    assert recorded["job_id"] == job and sorted(recorded["cells"]) == sorted(intent["cells"])
+
+
+@pytest.mark.slow
+def test_ctrl_c_of_a_run_waits_for_its_sbatch(spec_file, tmp_path):
+    """Ctrl-C (SIGINT to the terminal's process group) of a `study run` while its `sbatch`
+    submitted killed that `sbatch` too, maybe after slurmctld had its array, and released the run
+    lock. `sbatch` (here a stand-in that waits until released) is left to end, in a session of
+    its own, and the run ends after it, the run lock held until then."""
+    release, pid_file = tmp_path / "release", tmp_path / "sbatch.pid"
+    stand_in = tmp_path / "bin" / "sbatch"
+    stand_in.parent.mkdir()
+    stand_in.write_text(
+        f"#!/bin/sh\necho $$ > {pid_file}\nwhile [ ! -e {release} ]; do sleep 0.1; done\necho 7\n"
+    )
+    stand_in.chmod(0o755)
+    workdir = tmp_path / "study"
+    args = ["run", "--spec", str(spec_file), "--workdir", str(workdir), "--executor=slurm"]
+    args += ["--spec.repeats=1", "--spec.folds=(0,)"]
+    env = {**ENV, "PATH": f"{stand_in.parent}:{ENV['PATH']}"}
+    cli = [sys.executable, "-m", "focalnet_jax.cli", "study", *args]
+    run = subprocess.Popen(cli, env=env, cwd=REPO, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)  # fmt: skip
+    try:
+        _wait_for(lambda: _text(pid_file).strip() or run.poll() is not None, "sbatch started")
+        sbatch = _text(pid_file).strip()
+        noted = f"its sbatch: pid {sbatch}"  # in the run lock once `sbatch` has started
+        _wait_for(lambda: noted in _text(workdir / RUN_LOCK), "sbatch noted", timeout_s=60)
+        os.killpg(run.pid, signal.SIGINT)  # as a terminal's Ctrl-C
+        waiting = run.stderr.readline()
+        assert waiting.startswith(f"waiting for sbatch (pid {sbatch}) to end"), waiting
+        with pytest.raises(LockHeld, match=f"pid {run.pid} on \\S+, its sbatch: pid {sbatch}$"):
+            acquire_lock(workdir / RUN_LOCK)
+    finally:
+        release.touch()
+        rest = run.communicate(timeout=120)[1]
+    assert run.returncode == 128 + signal.SIGINT and "interrupted by Ctrl-C" in rest, rest
+    _wait_until_unlocked(workdir, timeout_s=5)  # the run has waited for its sbatch
+    [intent] = json.loads((workdir / "slurm" / "submitting.json").read_text())  # to adopt
+    assert intent["cells"] == ["ce/rep0/fold0", "fl/rep0/fold0"], intent
+
+
+def _wait_until_unlocked(workdir: Path, timeout_s: float = 120.0) -> None:
+    """Waits until no process holds the study's run lock (a killed run's `sbatch` shares it)."""
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            release_lock(acquire_lock(workdir / RUN_LOCK))
+            return
+        except LockHeld as held:
+            assert time.time() < deadline, f"run lock still held by {held.holder}"
+            time.sleep(0.1)
+
+
 def _jobs_named(name: str, env: dict) -> list[str]:
     """The ids of the job arrays called `name` in the queue."""
     listed = ["squeue", "-h", "-o", "%F", f"--name={name}"]
@@ -323,28 +461,27 @@ def test_a_task_ended_while_training_saves_its_step_and_the_requeued_task_resume
     says so in cell.log and exits with status 143 (the `study cell` above it ends at once, the
     cell is `interrupted` as before); the requeued task's training starts at that step."""
     workdir, env, cell_log, job = _one_cell_on_slurm(store, cluster, tmp_path)
-    deadline = time.time() + 240
-    while time.time() < deadline and not re.search(r"\b[1-9]\d*/5000\b", _text(cell_log)):
-        time.sleep(0.2)  # until the progress bar shows a step: the training loop runs
-    assert re.search(r"\b[1-9]\d*/5000\b", _text(cell_log)), _text(cell_log)[-2000:]
+    output = workdir / "slurm" / f"{job}_0.out"
+
+    def logs() -> str:
+        return _text(cell_log)[-2000:] + _text(output)[-1000:]
+
+    # Until the progress bar shows a step: the training loop runs.
+    steps = re.compile(r"\b[1-9]\d*/5000\b")
+    _wait_for(lambda: steps.search(_text(cell_log)), "training", logs, task=(job, env))
     subprocess.run(["scontrol", "requeue", f"{job}_0"], env=env, check=True)
     stopped = re.compile(
         r"focalnet train: stopped by SIGTERM at step (\d+) in \S+; checkpoint saved"
     )
-    deadline = time.time() + 60
-    while time.time() < deadline and not stopped.search(_text(cell_log)):
-        time.sleep(0.2)
-    match = stopped.search(_text(cell_log))
-    output = workdir / "slurm" / f"{job}_0.out"
-    assert match, _text(cell_log)[-2000:] + _text(output)[-1000:]
-    step = int(match.group(1))
+    # SIGKILL comes KILL_WAIT_S after SIGTERM: the message comes before, or never.
+    _wait_for(
+        lambda: stopped.search(_text(cell_log)), "stopped", logs, KILL_WAIT_S + 60, (job, env)
+    )
+    step = int(stopped.search(_text(cell_log)).group(1))
     checkpoints = sorted(
         p.name for p in (workdir / "ce" / "rep0" / "fold0" / "checkpoints").iterdir()
     )
     assert str(step) in checkpoints, (step, checkpoints)
     _start_now(f"{job}_0", env)
-    deadline = time.time() + 360  # the requeued task may wait for its begin time (2 minutes)
-    while time.time() < deadline and f"start at {step}," not in _text(cell_log):
-        time.sleep(0.5)
+    _wait_for(lambda: f"start at {step}," in _text(cell_log), "resumed", logs, task=(job, env))
     subprocess.run(["scancel", job], env=env, check=True)
-    assert f"start at {step}," in _text(cell_log), ("resumed", _text(cell_log)[-2000:])

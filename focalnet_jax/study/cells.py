@@ -26,6 +26,7 @@ import socket
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import IO
 
 from focalnet_jax.data.atomic_files import write_json_atomic
 from focalnet_jax.file_lock import LockHeld, acquire_lock, release_lock
@@ -222,11 +223,12 @@ class Study:
 
 
 @contextlib.contextmanager
-def run_lock(root: str | Path) -> Iterator[None]:
+def run_lock(root: str | Path) -> Iterator[IO[str]]:
     """Hold `root/.study-run.lock` (an exclusive `flock`, released when the process ends, also when
     killed) while one `study run` reads the cells' states and starts or submits those not done;
     a second `study run` on the same folder meanwhile would take the same cells for its own and
-    train each twice in one folder. Raises `StudyError` naming the holder when it is held."""
+    train each twice in one folder. Yields the lock's open file (its `sbatch` shares it:
+    `slurm.run_sbatch`). Raises `StudyError` naming the holder when it is held."""
     try:
         lock = acquire_lock(Path(root) / RUN_LOCK)
     except LockHeld as held:
@@ -235,6 +237,6 @@ def run_lock(root: str | Path) -> Iterator[None]:
             "cells; wait for it to end (`study status` shows them)"
         ) from None
     try:
-        yield
+        yield lock
     finally:
         release_lock(lock)

@@ -10,6 +10,7 @@ import argparse
 import functools
 import shlex
 from pathlib import Path
+from typing import IO
 
 from focalnet_jax.errors import plural
 from focalnet_jax.study.cells import STUDY_FILE, Study, run_lock
@@ -151,12 +152,13 @@ def _run(args: argparse.Namespace) -> int:
     check_inputs(study.plain, study.root / STUDY_FILE)
     if args.dry_run:  # writes nothing, so it needs no lock (and the folder may not exist yet)
         return _start_cells(study, args)
-    with run_lock(study.root):
-        return _start_cells(study, args)
+    with run_lock(study.root) as lock:
+        return _start_cells(study, args, lock)
 
 
-def _start_cells(study: Study, args: argparse.Namespace) -> int:
-    """Run (local) or submit (slurm) the cells not done, queued or running; the exit status."""
+def _start_cells(study: Study, args: argparse.Namespace, lock: IO[str] | None = None) -> int:
+    """Run (local) or submit (slurm) the cells not done, queued or running; the exit status.
+    `lock`: the run lock held (None for a dry run), shared with `sbatch`."""
     from focalnet_jax.study import local, slurm
 
     cells = study.cells()
@@ -173,7 +175,9 @@ def _start_cells(study: Study, args: argparse.Namespace) -> int:
         if not todo:
             print("nothing to submit")
             return 0
-        job = slurm.submit(study, todo, _slurm_options(study, args), dry_run=args.dry_run)
+        job = slurm.submit(
+            study, todo, _slurm_options(study, args), dry_run=args.dry_run, lock=lock
+        )
         if job:
             print(
                 f"submitted job array {job} ({plural(len(todo), 'task')}); `focalnet study status`"

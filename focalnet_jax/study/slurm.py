@@ -6,7 +6,10 @@ id and its tasks to `DIR/slurm/jobs.json`. So that no array goes untracked when 
 between `sbatch` and that write, the array's name carries a token of its own
 (`study-<folder>-<token>`) and is recorded with its cells in `DIR/slurm/submitting.json` before
 `sbatch` runs; the next `study run` or `study status` finds such an array in `squeue --name` and
-adopts it (`adopt_unrecorded`). Each task `cd`s to the submitting folder and runs the
+adopts it (`adopt_unrecorded`). `sbatch` shares the run lock and runs in a session of its own,
+so a `study run` that dies while `sbatch` is still submitting (killed, hung up) leaves the lock
+held until `sbatch` has ended: the next `study run` cannot look in the queue before the array is
+there and drop its intent (`run_sbatch`). Each task `cd`s to the submitting folder and runs the
 cell with the submitting Python (`sys.executable`); `sbatch` exports the submitting environment
 by default (`--export=ALL`), so the task sees the same `PYTHONPATH`, virtual environment and
 variables. Task output: `DIR/slurm/<job>_<task>.out` (the cell's own log is `CELL/cell.log`).
@@ -20,13 +23,16 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import IO
 
 from focalnet_jax.data.atomic_files import write_json_atomic
 from focalnet_jax.errors import plural
+from focalnet_jax.file_lock import note_sharer
 from focalnet_jax.study.cells import Cell, Study
 from focalnet_jax.study.local import cell_argv
 from focalnet_jax.study.spec import StudyError
@@ -101,11 +107,17 @@ def sbatch_script(
 
 
 def submit(
-    study: Study, cells: Sequence[Cell], options: Mapping, *, dry_run: bool = False
+    study: Study,
+    cells: Sequence[Cell],
+    options: Mapping,
+    *,
+    dry_run: bool = False,
+    lock: IO[str] | None = None,
 ) -> str | None:
     """Write and submit the job array of `cells`; returns the job id (None for a dry run, which
     prints the script and writes nothing). The array is recorded in `INTENTS_FILE` before
-    `sbatch` and in `JOBS_FILE` after it (module docstring)."""
+    `sbatch` and in `JOBS_FILE` after it; `lock`, the run lock held, is shared with `sbatch`
+    (module docstring)."""
     slurm_dir = study.root / "slurm"
     stamp = time.strftime("%Y%m%d-%H%M%S")
     name = job_name(study, uuid.uuid4().hex[:12])
@@ -123,21 +135,44 @@ def submit(
     script_file.write_text(sbatch_script(study, tasks_file, len(cells), options, name))
     array = {"job_name": name, "script": str(script_file), "cells": [c.name for c in cells]}
     write_json_atomic([*read_intents(study), array], slurm_dir / INTENTS_FILE)
-    job_id = run_sbatch(script_file)
+    job_id = run_sbatch(script_file, lock)
     record_job(study, {"job_id": job_id, **array})
     return job_id
 
 
-def run_sbatch(script_file: Path) -> str:
+def run_sbatch(script_file: Path, lock: IO[str] | None = None) -> str:
     """Submit `script_file` (`sbatch --parsable`); its job id, or a `StudyError` with sbatch's
-    last line."""
-    done = subprocess.run(
-        ["sbatch", "--parsable", str(script_file)], capture_output=True, text=True, check=False
+    last line. `sbatch` gets `lock` (the run lock's open file, its pid noted in it) and a session
+    of its own, and is never killed here: this process may die (SIGKILL, a hang-up) while
+    `sbatch` submits, but the lock lasts until `sbatch` has ended, and by then its array is in the
+    queue for the next `study run` to adopt, or was not submitted. Interrupted (Ctrl-C, SIGTERM),
+    this process waits for `sbatch` to end before it ends."""
+    child = subprocess.Popen(
+        ["sbatch", "--parsable", str(script_file)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # a Ctrl-C or hang-up of the terminal does not reach it
+        pass_fds=(lock.fileno(),) if lock is not None else (),
     )
-    if done.returncode != 0:
-        reason = (done.stderr or done.stdout).strip().splitlines()
-        raise StudyError(f"sbatch {script_file}: {reason[-1] if reason else done.returncode}")
-    return done.stdout.strip().split(";")[0]
+    if lock is not None:
+        note_sharer(lock, f"its sbatch: pid {child.pid}")
+    try:
+        stdout, stderr = child.communicate()
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM; slurmctld may have the array already
+        print(
+            f"waiting for sbatch (pid {child.pid}) to end, so that the next `study run` finds "
+            "its array",
+            file=sys.stderr,
+            flush=True,
+        )
+        child.wait()  # a second interrupt leaves it running, the lock held
+        raise
+    if child.returncode != 0:
+        reason = (stderr or stdout).strip().splitlines()
+        raise StudyError(f"sbatch {script_file}: {reason[-1] if reason else child.returncode}")
+    return stdout.strip().split(";")[0]
 
 
 def record_job(study: Study, job: Mapping) -> None:
@@ -178,7 +213,8 @@ def adopt_unrecorded(study: Study, *, record: bool, strict: bool) -> list[dict]:
     """The arrays submitted by a `study run` that died before recording them in `JOBS_FILE`: each
     intent in `INTENTS_FILE` whose name `squeue --name` finds, as a `JOBS_FILE` entry.
 
-    `record` (only under the run lock, so that the intents' writer has ended): append them to
+    `record` (only under the run lock, so that the intents' writer and its `sbatch` have ended,
+    `run_sbatch`): append them to
     `JOBS_FILE` and clear `INTENTS_FILE`; an intent not in the queue is dropped, since its `sbatch`
     submitted nothing or its array has left the queue (its cells' state files say how they
     ended). `strict`: raise `StudyError` when `squeue` does not answer and an intent is
