@@ -322,7 +322,7 @@ def test_killed_study_resumes_the_interrupted_cell(store, tmp_path):
     last_write = max(p.stat().st_mtime for p in [cell, *cell.rglob("*")])
     lived = first_checkpoint.stat().st_mtime - killed["started"]  # removed by the later run
     refused = study("report", "--workdir", str(workdir), check=False)
-    assert refused.returncode != 0 and "cells not done" in refused.stderr
+    assert refused.returncode != 0 and "1 cell not done (ce/rep0/fold0)" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
     began = time.time()
     failing = study(
