@@ -73,6 +73,16 @@ def _absolute(value):
     return os.path.abspath(os.path.expanduser(value)) if isinstance(value, str) and value else value
 
 
+def _relative_path(saved: dict, key: str) -> str | None:
+    """The path a saved config (`config.json` as a dict) holds at `key` ('data.store', ...)
+    where it is relative (saved before `absolute_paths`), else None."""
+    group, leaf = key.split(".")
+    value = saved.get(group, {}).get(leaf)
+    if isinstance(value, str) and value and not os.path.isabs(os.path.expanduser(value)):
+        return value
+    return None
+
+
 def absolute_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """A copy of `config` whose `PATH_KEYS` hold absolute paths ('' stays '')."""
     config = config.copy_and_resolve_references()
@@ -99,12 +109,11 @@ def missing_path_note(workdir: str | Path, key: str) -> str:
     where `config.json` saved it relative: ' (data.store 'x' saved relative in W/config.json
     and taken against the current folder C)'; else ''."""
     path = Path(workdir) / CONFIG_FILE
-    group, leaf = key.split(".")
     try:
-        value = _read_config_json(path).get(group, {}).get(leaf)
+        value = _relative_path(_read_config_json(path), key)
     except (OSError, UserError):
         return ""
-    if not (isinstance(value, str) and value) or os.path.isabs(os.path.expanduser(value)):
+    if value is None:
         return ""
     return (
         f" ({key} {value!r} saved relative in {path} and taken against the current folder "
@@ -193,14 +202,12 @@ def read_config(workdir: str | Path) -> ml_collections.ConfigDict:
         raise FileNotFoundError(
             f"workdir {workdir}: no {CONFIG_FILE} (not a training run directory)"
         )
-    config = ml_collections.ConfigDict(_read_config_json(path))
+    saved = _read_config_json(path)
     for key in PATH_KEYS:
-        group, leaf = key.split(".")
-        value = config.get(group, {}).get(leaf)
-        if isinstance(value, str) and value and not os.path.isabs(os.path.expanduser(value)):
-            if not os.path.exists(_absolute(value)):
-                _warn_relative(str(path), key, value, os.getcwd())
-    return absolute_paths(config)
+        value = _relative_path(saved, key)
+        if value is not None and not os.path.exists(_absolute(value)):
+            _warn_relative(str(path), key, value, os.getcwd())
+    return absolute_paths(ml_collections.ConfigDict(saved))
 
 
 def make_manager(
