@@ -191,7 +191,8 @@ def test_a_second_sigterm_or_one_outside_the_loop_ends_the_process_at_once(mode)
 
 
 # `focalnet ARGS` in a child whose process RANK sends itself SIGTERM as its first checkpoint write
-# or validation begins (argv: checkpoint|validation, RANK, ARGS). With `checkpoint_every` 1000 and
+# or validation begins (argv: checkpoint|validation|kill, RANK, ARGS; kill: SIGKILL as validation
+# begins, once the checkpoint writes have finished). With `checkpoint_every` 1000 and
 # `eval_every` 0 these are the last step's (in `cv`: of the first fold that trains).
 SIGNAL_AT_THE_END = """
 import os, signal, sys
@@ -200,19 +201,24 @@ from focalnet_jax import cli
 from focalnet_jax.training import checkpoint, loop
 
 where, rank = sys.argv[1], int(sys.argv[2])
-fired = []
+fired, managers = [], []
 
 def signalled(function):
     def wrapped(*args, **kwargs):
         if not fired and jax.process_index() == rank:
             fired.append(True)
-            os.kill(os.getpid(), signal.SIGTERM)
+            if where == "kill":
+                managers[-1].wait_until_finished()
+            os.kill(os.getpid(), signal.SIGKILL if where == "kill" else signal.SIGTERM)
         return function(*args, **kwargs)
     return wrapped
 
-if where == "checkpoint":
-    checkpoint.save = signalled(checkpoint.save)
-else:
+def save(manager, step, state, save=checkpoint.save):
+    managers.append(manager)
+    return save(manager, step, state)
+
+checkpoint.save = signalled(checkpoint.save) if where == "checkpoint" else save
+if where != "checkpoint":
     loop.evaluate = signalled(loop.evaluate)
 sys.exit(cli.main(sys.argv[3:]))
 """
@@ -254,6 +260,31 @@ def test_sigterm_during_the_last_steps_checkpoint_or_validation_completes_the_ru
     status, lines = _run(_signalled_at_the_end(_train_argv(store, workdir, 1), where))
     assert (status, lines) == (0, [f"focalnet train: {COMPLETED.format(LAST, workdir)}"])
     _complete(workdir)
+
+
+def test_a_run_killed_during_its_last_validation_validates_on_the_rerun(store, tmp_path):
+    """SIGKILL as the last step's validation begins (its checkpoint written): the run is on disk
+    with its train logs but no `val/` scalars; the rerun trains no step and logs the validation."""
+    workdir = tmp_path / "run"
+    argv = _signalled_at_the_end(_train_argv(store, workdir, 1), "kill")
+    killed = subprocess.run(
+        argv, env=cpu_devices_env(1, JAX_DISABLE_MOST_OPTIMIZATIONS="1"), capture_output=True,
+        text=True, timeout=300, cwd=REPO,
+    )  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, (killed.returncode, killed.stderr[-3000:])
+    assert final_step(workdir) == (LAST, "")
+    losses = read_scalars(workdir / "tb", "train/loss")
+    assert losses[0].tolist() == list(range(1, LAST + 1))
+    assert read_scalars(workdir / "tb", "val/loss")[0].size == 0
+    done = subprocess.run(
+        [*_train_argv(store, workdir, 1), f"--config.train.steps={LAST}"],
+        env=cpu_devices_env(1, JAX_DISABLE_MOST_OPTIMIZATIONS="1"), capture_output=True,
+        text=True, timeout=300, cwd=REPO,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"validation at step {LAST} was not logged" in done.stderr
+    _complete(workdir)
+    np.testing.assert_array_equal(read_scalars(workdir / "tb", "train/loss")[1], losses[1])
 
 
 def test_cv_stops_before_the_next_fold_unless_the_sigterm_comes_at_the_last_folds_end(

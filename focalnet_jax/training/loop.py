@@ -6,6 +6,11 @@ weights), else a fresh initialisation (`checkpoint.resume_or_initialize`). The d
 augmentation depend only on (seed, step), so a restarted run continues exactly where the
 checkpoint left it. SIGTERM stops the loop at a step boundary with a checkpoint there; one after
 the last step has begun completes the run first (`graceful_stop`).
+
+The TensorBoard events are flushed at each checkpoint, so a process killed later (SIGKILL, a second
+SIGTERM) keeps the logs up to the step it resumes from. Killed during the last step's validation,
+after its checkpoint was written, the run is complete on disk without its final `val/` scalars: a
+rerun trains no step and validates that checkpoint (`_missing_final_validation`).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from focalnet_jax.data.run_store import record_run_store
@@ -30,7 +36,7 @@ from focalnet_jax.run import workdir as workdir_lib
 from focalnet_jax.training import checkpoint, input_pipeline, sharding
 from focalnet_jax.training import step as step_lib
 from focalnet_jax.training.graceful_stop import SigtermStop, TrainingStopped
-from focalnet_jax.training.tb_logging import SummaryWriter
+from focalnet_jax.training.tb_logging import SummaryWriter, read_scalars
 
 log = logging.getLogger(__name__)
 
@@ -234,6 +240,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     manager = workdir_lib.make_manager(workdir, keep=config.train.keep_checkpoints)
     state = checkpoint.resume_or_initialize(spec, manager, mesh, init_key)
     start = int(jax.device_get(state.step))
+    validate_first = _missing_final_validation(workdir, start, num_steps, len(split.val_rows))
     workdir_lib.save_config(config, workdir)
     if jax.process_index() == 0:
         log.info(
@@ -241,6 +248,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
             "lambda %.4g%s", workdir, config.data.fold, len(split.train_rows), len(split.val_rows),
             num_steps, batches.steps_per_epoch, start, lam, _mfl_note(spec),
         )  # fmt: skip
+        if validate_first:
+            log.warning(
+                "%s: the run is complete but its validation at step %d was not logged (the "
+                "process was killed during it); validating that checkpoint now", workdir, start,
+            )  # fmt: skip
     progress = tqdm(
         total=num_steps, initial=start, disable=jax.process_index() != 0, desc="train", unit="step"
     )
@@ -249,7 +261,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
         try:  # Whatever happens, pending checkpoint writes finish and files are closed.
             state = _steps(
                 spec, state, batches, split.val_rows, mesh, logger, train_key, lam, num_steps,
-                sigterm,
+                sigterm, validate_first,
             )  # fmt: skip
         finally:
             progress.close()
@@ -263,14 +275,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     return state
 
 
+def _missing_final_validation(workdir: Path, start: int, num_steps: int, val_slices: int) -> bool:
+    """Whether a run resumed at its last step (`start == num_steps`) lacks that step's `val/loss`
+    in its TensorBoard log: killed during its final validation. Process 0 reads the log and the
+    others take its answer, so that all of them validate or none."""
+    if start != num_steps or not val_slices:
+        return False
+    missing = False
+    if jax.process_index() == 0:
+        missing = num_steps not in read_scalars(workdir / "tb", "val/loss")[0]
+    if jax.process_count() > 1:
+        missing = bool(multihost_utils.broadcast_one_to_all(np.bool_(missing)))
+    return missing
+
+
 def _save(logger: _Logger, saved: set, done: int, state) -> None:
-    """Checkpoint `state` at step `done` unless saved already (its parameters checked first)."""
+    """Checkpoint `state` at step `done` unless saved already (its parameters checked first),
+    and flush the TensorBoard events logged so far."""
     if done in saved:
         return
     logger.check_finite(done)
     with logger.outside_steps(state):
         checkpoint.save(logger.manager, done, state)
+        logger.writer.flush()
     saved.add(done)
+
+
+def _validate(logger: _Logger, eval_step, state, reader, val_rows, spec: RunSpec, mesh, done):
+    """Validate `state` (step `done`) on `val_rows` and log it; not of diverged parameters."""
+    logger.check_finite(done)
+    with logger.outside_steps(state):
+        val, shown = evaluate(eval_step, state, reader, val_rows, spec.global_batch, mesh)
+        logger.validation(done, val, reader, shown)
 
 
 def _stop(logger: _Logger, saved: set, done: int, state) -> TrainingStopped:
@@ -285,13 +321,17 @@ def _stop(logger: _Logger, saved: set, done: int, state) -> TrainingStopped:
 
 def _steps(
     spec: RunSpec, state, batches, val_rows, mesh, logger: _Logger, key, lam, num_steps,
-    sigterm: SigtermStop,
+    sigterm: SigtermStop, validate_first: bool,
 ):  # fmt: skip
     """Steps `state.step`..`num_steps` with logging, checkpoints and validation; the last state.
     A SIGTERM (`sigterm`) stops it at a step boundary before the last with a checkpoint
-    (`graceful_stop`)."""
-    train_step = step_lib.make_train_step(spec, mesh)
+    (`graceful_stop`). `validate_first`: validate `state` before any step (its step's validation
+    was cut off)."""
     eval_step = step_lib.make_eval_step(spec, mesh)
+    if validate_first:
+        done = int(jax.device_get(state.step))
+        _validate(logger, eval_step, state, batches.reader, val_rows, spec, mesh, done)
+    train_step = step_lib.make_train_step(spec, mesh)
     # Placed on every device once, not copied from the default device at each step.
     key, lam_operand = sharding.put_replicated((key, jnp.float32(lam)), mesh)
     train = spec.config.train
@@ -315,10 +355,5 @@ def _steps(
         if done % train.checkpoint_every == 0 or final:
             _save(logger, saved, done, state)
         if len(val_rows) and ((train.eval_every and done % train.eval_every == 0) or final):
-            logger.check_finite(done)  # no validation of diverged parameters
-            with logger.outside_steps(state):
-                val, shown = evaluate(
-                    eval_step, state, batches.reader, val_rows, spec.global_batch, mesh
-                )
-                logger.validation(done, val, batches.reader, shown)
+            _validate(logger, eval_step, state, batches.reader, val_rows, spec, mesh, done)
     return state
