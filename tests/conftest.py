@@ -1,15 +1,60 @@
 """Shared fixtures. The real ProstateX exam lives in ../shared/data beside the checkout; tests that
-need it skip where it is absent, and fail instead under FOCALNET_REQUIRE_REAL_DATA=1 (CI)."""
+need it skip where it is absent, and fail instead under FOCALNET_REQUIRE_REAL_DATA=1 (CI).
+
+The session shares one persistent XLA compilation cache (`$JAX_COMPILATION_CACHE_DIR`, a temporary
+folder made at the start and removed at the end; a value set before is kept): the test worker
+processes and every child process they start then compile each of the tiny models' steps once
+per session, not once per test. Its size bound turns on JAX's file lock, so that no process reads
+an entry another is still writing. Tests that count compilations, or check where a command puts
+its own cache, take `without_compilation_cache`.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("FOCALNET_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+CACHE_DIR, CACHE_MAX_SIZE = "JAX_COMPILATION_CACHE_DIR", "JAX_COMPILATION_CACHE_MAX_SIZE"
+_CACHE_FOLDER = pytest.StashKey[str]()
+
+
+def pytest_configure(config):
+    if CACHE_DIR in os.environ:  # the user's, or made by the xdist controller
+        return
+    folder = tempfile.mkdtemp(prefix="focalnet-tests-xla-cache-")
+    config.stash[_CACHE_FOLDER] = folder
+    os.environ.update({CACHE_DIR: folder, CACHE_MAX_SIZE: str(2**33)})  # 8 GiB: never reached
+
+
+def pytest_unconfigure(config):
+    folder = config.stash.get(_CACHE_FOLDER, None)
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def without_compilation_cache(monkeypatch):
+    """JAX's defaults (no persistent cache, no size bound) in this test and its child processes."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+
+    for name in (CACHE_DIR, CACHE_MAX_SIZE):
+        monkeypatch.delenv(name, raising=False)
+    keys = ("jax_compilation_cache_dir", "jax_compilation_cache_max_size")
+    previous = {key: getattr(jax.config, key) for key in keys}
+    compilation_cache.reset_cache()  # the cache reads its settings once, when first used
+    jax.config.update("jax_compilation_cache_dir", None)
+    jax.config.update("jax_compilation_cache_max_size", -1)
+    yield
+    compilation_cache.reset_cache()
+    for key, value in previous.items():
+        jax.config.update(key, value)
 
 
 def _require_real_data() -> bool:

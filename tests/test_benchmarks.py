@@ -293,6 +293,7 @@ def test_train_step_flops_count_every_device_like_images_per_s(
     assert two["images_per_s"] == pytest.approx(4 / two["step_time_s"])
 
 
+@pytest.mark.usefixtures("without_compilation_cache")
 def test_fold_time_benchmark_projects_the_paper_fold_from_a_short_run(small_store):
     result = _run(
         "fold_time.py",

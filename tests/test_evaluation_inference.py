@@ -674,6 +674,7 @@ def test_ensemble_dispatches_the_next_model_before_reading_the_last_one_back():
     assert np.abs(each[0] - each[1]).max() > 1e-3  # two different models
 
 
+@pytest.mark.usefixtures("without_compilation_cache")
 def test_one_compilation_serves_exams_of_any_length_and_the_flip_ensemble():
     """Padded batches: a model compiles once for exams of 3, 7, 9 and 1 slices, and a flip-TTA
     ensemble of two such models (one shared function) compiles nothing more."""
@@ -707,6 +708,7 @@ def test_one_compilation_serves_exams_of_any_length_and_the_flip_ensemble():
 # --- persistent compilation cache -----------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("without_compilation_cache")
 def test_predict_and_evaluate_keep_their_compiled_inference_in_the_cache_given(cv, tmp_path):
     """`--compilation_cache DIR`, as in training: the inference function compiled by `predict`
     and by `evaluate --workdir` is written to DIR (every compilation kept here, however fast),

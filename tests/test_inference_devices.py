@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 SIZE, CHANNELS, SLICES = 32, 2, 7
 
@@ -93,6 +94,7 @@ def _run(out: str) -> dict:
     return facts
 
 
+@pytest.mark.usefixtures("without_compilation_cache")
 def test_two_devices_predict_what_one_device_predicts(tmp_path):
     from test_train_helpers import script_json
 

@@ -68,6 +68,7 @@ def cache_every_compilation():
     jax.config.update("jax_persistent_cache_min_compile_time_secs", previous)
 
 
+@pytest.mark.usefixtures("without_compilation_cache")
 def test_cv_trains_the_requested_folds_in_their_own_directories(
     demo_run, tmp_path, cache_every_compilation
 ):

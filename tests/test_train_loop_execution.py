@@ -21,6 +21,8 @@ import types
 import warnings
 from pathlib import Path
 
+import pytest
+
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 # A fake store of 16 patients: fold 0 trains on 31 slices, 5 steps of 6 per epoch (the slice
 # left over is dropped), so 12 steps span two epochs and part of a third; its 9 validation slices
@@ -159,6 +161,7 @@ def _compiles_of_a_run(workdir: str, steps: int) -> dict:
     }
 
 
+@pytest.mark.usefixtures("without_compilation_cache")
 def test_each_process_compiles_once_transfers_nothing_implicitly_and_reads_back_only_to_log(
     tmp_path,
 ):

@@ -250,8 +250,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
         )  # fmt: skip
         if validate_first:
             log.warning(
-                "%s: the run is complete but its validation at step %d was not logged (the "
-                "process was killed during it); validating that checkpoint now", workdir, start,
+                "%s: the run is complete but its validation at step %d is not in its "
+                "TensorBoard log (as when a process is killed during it); validating that "
+                "checkpoint now", workdir, start,
             )  # fmt: skip
     progress = tqdm(
         total=num_steps, initial=start, disable=jax.process_index() != 0, desc="train", unit="step"
