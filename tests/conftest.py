@@ -21,7 +21,6 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("FOCALNET_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 CACHE_DIR, CACHE_MAX_SIZE = "JAX_COMPILATION_CACHE_DIR", "JAX_COMPILATION_CACHE_MAX_SIZE"
-CACHE_MIN_TIME = "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"
 _CACHE_FOLDER = pytest.StashKey[str]()
 
 
@@ -30,8 +29,7 @@ def pytest_configure(config):
         return
     folder = tempfile.mkdtemp(prefix="focalnet-tests-xla-cache-")
     config.stash[_CACHE_FOLDER] = folder
-    # Every executable, however fast it compiled; 8 GiB: never reached.
-    os.environ.update({CACHE_DIR: folder, CACHE_MAX_SIZE: str(2**33), CACHE_MIN_TIME: "0"})
+    os.environ.update({CACHE_DIR: folder, CACHE_MAX_SIZE: str(2**33)})  # 8 GiB: never reached
 
 
 def pytest_unconfigure(config):
@@ -46,18 +44,13 @@ def without_compilation_cache(monkeypatch):
     import jax
     from jax.experimental.compilation_cache import compilation_cache
 
-    for name in (CACHE_DIR, CACHE_MAX_SIZE, CACHE_MIN_TIME):
+    for name in (CACHE_DIR, CACHE_MAX_SIZE):
         monkeypatch.delenv(name, raising=False)
-    keys = (
-        "jax_compilation_cache_dir",
-        "jax_compilation_cache_max_size",
-        "jax_persistent_cache_min_compile_time_secs",
-    )
+    keys = ("jax_compilation_cache_dir", "jax_compilation_cache_max_size")
     previous = {key: getattr(jax.config, key) for key in keys}
     compilation_cache.reset_cache()  # the cache reads its settings once, when first used
     jax.config.update("jax_compilation_cache_dir", None)
     jax.config.update("jax_compilation_cache_max_size", -1)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     yield
     compilation_cache.reset_cache()
     for key, value in previous.items():
