@@ -233,12 +233,17 @@ def _signalled_at_the_end(argv: list[str], where: str, rank: int = 0) -> list[st
     ]  # fmt: skip
 
 
-def _run(argv: list[str]) -> tuple[int, list[str]]:
-    """(exit status, the lines of stderr that name SIGTERM) of `argv` on one CPU device."""
-    done = subprocess.run(
+def _child(argv: list[str]) -> subprocess.CompletedProcess:
+    """`argv` run to its end on one CPU device, its output captured."""
+    return subprocess.run(
         argv, env=cpu_devices_env(1, JAX_DISABLE_MOST_OPTIMIZATIONS="1"), capture_output=True,
         text=True, timeout=300, cwd=REPO,
     )  # fmt: skip
+
+
+def _run(argv: list[str]) -> tuple[int, list[str]]:
+    """(exit status, the lines of stderr that name SIGTERM) of `argv` on one CPU device."""
+    done = _child(argv)
     assert done.returncode in (0, 143), (done.returncode, done.stderr[-3000:])
     return done.returncode, [line for line in re.split(r"[\r\n]", done.stderr) if "SIGTERM" in line]
 
@@ -267,20 +272,13 @@ def test_a_run_killed_during_its_last_validation_validates_on_the_rerun(store, t
     with its train logs but no `val/` scalars; the rerun trains no step and logs the validation."""
     workdir = tmp_path / "run"
     argv = _signalled_at_the_end(_train_argv(store, workdir, 1), "kill")
-    killed = subprocess.run(
-        argv, env=cpu_devices_env(1, JAX_DISABLE_MOST_OPTIMIZATIONS="1"), capture_output=True,
-        text=True, timeout=300, cwd=REPO,
-    )  # fmt: skip
+    killed = _child(argv)
     assert killed.returncode == -signal.SIGKILL, (killed.returncode, killed.stderr[-3000:])
     assert final_step(workdir) == (LAST, "")
     losses = read_scalars(workdir / "tb", "train/loss")
     assert losses[0].tolist() == list(range(1, LAST + 1))
     assert read_scalars(workdir / "tb", "val/loss")[0].size == 0
-    done = subprocess.run(
-        [*_train_argv(store, workdir, 1), f"--config.train.steps={LAST}"],
-        env=cpu_devices_env(1, JAX_DISABLE_MOST_OPTIMIZATIONS="1"), capture_output=True,
-        text=True, timeout=300, cwd=REPO,
-    )  # fmt: skip
+    done = _child([*_train_argv(store, workdir, 1), f"--config.train.steps={LAST}"])
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"validation at step {LAST} is not in its TensorBoard log" in done.stderr
     _complete(workdir)

@@ -167,9 +167,8 @@ def _check_slices(image: sitk.Image, t2w: sitk.Image, case: str, path, what: str
         )
 
 
-MAX_MASK_LABELS = (
-    8  # distinct values of a mask: 0/1 gland, or small zonal label maps (0, 1, 2, ...)
-)
+# Distinct values of a mask: 0/1 gland, or small zonal label maps (0, 1, 2, ...).
+MAX_MASK_LABELS = 8
 
 
 def _check_label_map(mask: sitk.Image, case: str, path, what: str) -> None:

@@ -214,12 +214,11 @@ def adopt_unrecorded(study: Study, *, record: bool, strict: bool) -> list[dict]:
     intent in `INTENTS_FILE` whose name `squeue --name` finds, as a `JOBS_FILE` entry.
 
     `record` (only under the run lock, so that the intents' writer and its `sbatch` have ended,
-    `run_sbatch`): append them to
-    `JOBS_FILE` and clear `INTENTS_FILE`; an intent not in the queue is dropped, since its `sbatch`
-    submitted nothing or its array has left the queue (its cells' state files say how they
-    ended). `strict`: raise `StudyError` when `squeue` does not answer and an intent is
-    unresolved, or when more than one job carries an intent's name, naming them (else such
-    intents are left out)."""
+    `run_sbatch`): append them to `JOBS_FILE` and clear `INTENTS_FILE`; an intent not in the queue
+    is dropped, since its `sbatch` submitted nothing or its array has left the queue (its cells'
+    state files say how they ended). `strict`: raise `StudyError` when `squeue` does not answer
+    and an intent is unresolved, or when more than one job carries an intent's name, naming them
+    (else such intents are left out)."""
     recorded = {job.get("job_name") for job in read_jobs(study)}
     waiting = [i for i in read_intents(study) if i["job_name"] not in recorded]
     found = queued_names([i["job_name"] for i in waiting]) if waiting else {}

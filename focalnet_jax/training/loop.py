@@ -329,9 +329,8 @@ def _steps(
     (`graceful_stop`). `validate_first`: validate `state` before any step (its step's validation
     was cut off)."""
     eval_step = step_lib.make_eval_step(spec, mesh)
-    if validate_first:
-        done = int(jax.device_get(state.step))
-        _validate(logger, eval_step, state, batches.reader, val_rows, spec, mesh, done)
+    if validate_first:  # the run resumed at its last step
+        _validate(logger, eval_step, state, batches.reader, val_rows, spec, mesh, num_steps)
     train_step = step_lib.make_train_step(spec, mesh)
     # Placed on every device once, not copied from the default device at each step.
     key, lam_operand = sharding.put_replicated((key, jnp.float32(lam)), mesh)
