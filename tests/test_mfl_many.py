@@ -18,6 +18,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 import pytest
 from test_train_helpers import fast_compiles, tiny_config
@@ -140,8 +141,9 @@ def batch_norm():
         out = {key: _loss_and_grads(spec, variables, batch) for key, spec in specs.items()}
         full, out["full_pass_stats"] = probs(images, variables)
         targets = encoding.encode(classes, "ordinal")
-        # Independent reference: each subset in its own application (its own batch statistics).
-        own = jnp.stack([probs(images * m, variables)[0] for m in masks])
+        # Independent reference: each subset in its own application (its own batch statistics),
+        # one after the other.
+        own = lax.map(lambda m: probs(images * m, variables)[0], masks)
         out["mfl_own_stats"] = losses.mutual_finding_loss(full, own, targets)[0]
         # Not the reference: all subsets normalised together, as one batch of M * B images.
         joint = probs(
@@ -238,19 +240,23 @@ def test_slices_without_lesions_train_no_subset_and_are_not_counted_as_choosing_
     images, classes, grade_known = _batch(seed=2)
     classes = classes.at[0].set(0)
     specs = {mode: _spec("frozen", mode) for mode in ("vmap", "select")}
-    variables = _variables(specs["vmap"])
-    out = {
-        mode: _loss_and_grads(spec, variables, (images, classes, grade_known))
-        for mode, spec in specs.items()
-    }
     masks = losses.subset_masks(COMPONENTS)
 
-    def probs(x):
-        return jax.nn.sigmoid(specs["vmap"].model.apply(variables, x, train=True))
+    @jax.jit
+    def run(variables, images, classes, grade_known):
+        out = {
+            mode: _loss_and_grads(spec, variables, (images, classes, grade_known))
+            for mode, spec in specs.items()
+        }
 
-    targets = encoding.encode(classes, "ordinal")
-    own = jnp.stack([probs(images * m) for m in masks])
-    expected, chosen = losses.mutual_finding_loss(probs(images), own, targets)
+        def probs(x):
+            return jax.nn.sigmoid(specs["vmap"].model.apply(variables, x, train=True))
+
+        own = jax.vmap(lambda m: probs(images * m))(masks)  # each subset on its own
+        targets = encoding.encode(classes, "ordinal")
+        return out, losses.mutual_finding_loss(probs(images), own, targets)
+
+    out, (expected, chosen) = run(_variables(specs["vmap"]), images, classes, grade_known)
     share = np.zeros(len(masks))
     for b in (1, 2, 3):  # the lesion slices, each 1/4 of the batch
         share[int(chosen[b])] += 0.25
