@@ -18,9 +18,9 @@ import re
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 import numpy as np
 import pytest
+from jax import lax
 from test_train_helpers import fast_compiles, tiny_config
 
 from focalnet_jax import encoding, losses

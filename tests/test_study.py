@@ -532,6 +532,55 @@ def test_spec_may_add_runs_to_a_study_and_nothing_else(spec_file, store, tmp_pat
         assert f"this folder holds a study with other {fields}; use a new --workdir" in message
 
 
+def test_paths_are_recorded_absolute_and_a_study_with_relative_ones_resumes(
+    spec_file, store, tmp_path, monkeypatch, capsys
+):
+    """`common`'s split files (and an arm's pretrained weights) given relative to the folder the
+    study starts in are recorded absolute, as training records a run's paths, so `study run` or
+    a cell started from another folder reads the same files. A study.json recorded before, with
+    relative paths, resumes from its folder and is recorded with absolute ones."""
+    from focalnet_jax.study.cells import Study
+    from focalnet_jax.study.inputs import check_inputs
+    from focalnet_jax.study.spec import cell_overrides, load_spec, validate
+
+    start, elsewhere = tmp_path / "start", tmp_path / "elsewhere"
+    (start / "splits").mkdir(parents=True)
+    elsewhere.mkdir()
+    ids = sorted(c["case_id"] for c in json.loads((store / "cases.json").read_text())["cases"])
+    for k in (0, 1):
+        val = ids[k::2]
+        fold = {"train": [i for i in ids if i not in val], "val": val}
+        (start / "splits" / f"fold-{k}.json").write_text(json.dumps(fold))
+    overrides = ["--spec.folds=(0,)", "--spec.repeats=1", "--spec.common.data.splits=splits"]
+    overrides.append("--spec.arms.fl.model.pretrained=weights/resnet.npz")
+    monkeypatch.chdir(start)
+    plain = validate(load_spec(str(spec_file), overrides), str(spec_file))
+    assert plain["common"]["data"]["splits"] == str(start / "splits")
+    assert plain["arms"]["fl"]["model"]["pretrained"] == str(start / "weights" / "resnet.npz")
+    assert plain["arms"]["ce"] == ARMS["ce"]  # no path: unchanged
+    assert f"--config.data.splits={start / 'splits'}" in cell_overrides(plain, "ce", 0, 0)
+    # A study recorded with the relative paths, as before: resumed from its folder, it is the
+    # same study, now recorded absolute; from another folder its cells read the same files.
+    workdir = tmp_path / "s"
+    relative = {
+        **plain,
+        "common": {**plain["common"], "data": {"slices": "all", "splits": "splits"}},
+    }
+    relative["arms"] = {
+        **plain["arms"],
+        "fl": {**ARMS["fl"], "model": {"pretrained": "weights/resnet.npz"}},
+    }
+    Study.create(workdir, relative)
+    Study.create(workdir, plain)
+    assert "study grows" not in capsys.readouterr().out
+    recorded = json.loads((workdir / "study.json").read_text())
+    assert recorded["common"] == plain["common"] and recorded["arms"] == plain["arms"]
+    monkeypatch.chdir(elsewhere)
+    reopened = Study.open(workdir)
+    check_inputs(reopened.plain, workdir)
+    assert cell_overrides(reopened.plain, "ce", 0, 0) == cell_overrides(plain, "ce", 0, 0)
+
+
 def test_spec_overrides_may_add_config_keys_to_common_and_arms(store):
     """The shipped bosma22 spec has `common = {}`: `--spec.common.train.steps=500`, as the docs
     show it, was refused (unknown key 'common.train'); common and arm overrides may name any key

@@ -68,7 +68,7 @@ class CheckpointMismatchError(UserError):
 PATH_KEYS = ("data.store", "data.splits", "model.pretrained")
 
 
-def _absolute(value):
+def absolute_path(value):
     """A non-empty path string, `~` expanded and made absolute; anything else as it is."""
     return os.path.abspath(os.path.expanduser(value)) if isinstance(value, str) and value else value
 
@@ -89,7 +89,7 @@ def absolute_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     for key in PATH_KEYS:
         group, leaf = key.split(".")
         if leaf in config.get(group, {}):
-            config[group][leaf] = _absolute(config[group][leaf])
+            config[group][leaf] = absolute_path(config[group][leaf])
     return config
 
 
@@ -174,7 +174,7 @@ def check_resumed_config(config: ml_collections.ConfigDict, workdir: str | Path)
     new = flat_settings(json.loads(config.to_json()))
     # Paths compare absolute: a run saved with a relative path resumes from the folder it ran in.
     saved, new = (
-        {k: _absolute(v) if k in PATH_KEYS else v for k, v in f.items()} for f in (saved, new)
+        {k: absolute_path(v) if k in PATH_KEYS else v for k, v in f.items()} for f in (saved, new)
     )
     absent = "(absent)"
     changed = [
@@ -205,7 +205,7 @@ def read_config(workdir: str | Path) -> ml_collections.ConfigDict:
     saved = _read_config_json(path)
     for key in PATH_KEYS:
         value = _relative_path(saved, key)
-        if value is not None and not os.path.exists(_absolute(value)):
+        if value is not None and not os.path.exists(absolute_path(value)):
             _warn_relative(str(path), key, value, os.getcwd())
     return absolute_paths(ml_collections.ConfigDict(saved))
 

@@ -32,7 +32,7 @@ from focalnet_jax.data.atomic_files import write_json_atomic
 from focalnet_jax.file_lock import LockHeld, acquire_lock, release_lock
 from focalnet_jax.processes import pid_alive, pid_space
 from focalnet_jax.study.inputs import INPUTS, input_digests
-from focalnet_jax.study.spec import StudyError, seed_for
+from focalnet_jax.study.spec import StudyError, seed_for, with_absolute_paths
 
 STUDY_FILE = "study.json"
 STATE_FILE = "study_cell.json"
@@ -64,6 +64,8 @@ def added_runs(recorded: Mapping, plain: Mapping, where: Path) -> list[str]:
     Any other difference (fewer runs, an arm's or ensemble's new definition, `common`, `base`,
     `store`, `seed`, `num_folds`, ...) is a `StudyError` naming the fields: use a new --workdir.
     """
+    # A study recorded before its paths were made absolute compares as if they were.
+    recorded = with_absolute_paths(recorded)
     changed = sorted(
         k
         for k in set(recorded) | set(plain)
@@ -161,6 +163,8 @@ class Study:
             plain = {**plain, **({INPUTS: recorded[INPUTS]} if INPUTS in recorded else {})}
             if added:
                 print(f"{path}: study grows ({'; '.join(added)})")
+            # A study recorded before its paths were made absolute is recorded with them.
+            if added or any(recorded.get(k) != plain[k] for k in ("common", "arms")):
                 write_json_atomic(plain, path)
         return cls(root, plain)
 

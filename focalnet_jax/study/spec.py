@@ -11,7 +11,8 @@ Seed rule: cell (arm, repeat r, fold k) trains with `config.seed = spec.seed + r
 every arm and fold, so arms of one repeat start from the same initialisation and data order
 where their models have the same shape. The folds themselves come from `data.fold_seed` (or given
 `data.splits`), which the base config or `common` sets, never an arm: every arm and repeat sees the
-same patients in fold k.
+same patients in fold k. Paths that `common` or an arm set (`run.workdir.PATH_KEYS`) are recorded
+absolute (`with_absolute_paths`).
 
 `validate` checks everything that can be checked before a cell runs, one line per error: unknown
 config keys and values (against the loaded base config: `common`'s on it alone, named as
@@ -228,11 +229,30 @@ def validate(spec: ml_collections.ConfigDict, spec_file: str) -> dict:
         folds=folds,
         spec_file=str(spec_file),
     )
+    plain = with_absolute_paths(plain)
     _check_common(plain)
     opened = _open_store(plain)
     for arm in plain["arms"]:
         _check_arm(plain, arm, opened.components)
     return plain
+
+
+def with_absolute_paths(plain: Mapping) -> dict:
+    """`plain` (a spec as a dict) with the paths `common` and the arms set for a run
+    (`run.workdir.PATH_KEYS`: split files, pretrained weights) absolute, as training records
+    them, so that a study resumed, or a cell started, from another folder reads the same files."""
+    from focalnet_jax.run.workdir import PATH_KEYS, absolute_path  # JAX: as `_check_arm`
+
+    def absolute(overrides: Mapping) -> dict:
+        out = {k: dict(v) if isinstance(v, Mapping) else v for k, v in overrides.items()}
+        for key in PATH_KEYS:
+            group, leaf = key.split(".")
+            if isinstance(out.get(group), dict) and leaf in out[group]:
+                out[group][leaf] = absolute_path(out[group][leaf])
+        return out
+
+    arms = {name: absolute(overrides) for name, overrides in plain["arms"].items()}
+    return {**plain, "common": absolute(plain.get("common", {})), "arms": arms}
 
 
 def _check_ensembles(ensembles: Mapping[str, Sequence[str]], arms: Sequence[str]) -> None:
