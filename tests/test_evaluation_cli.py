@@ -313,12 +313,29 @@ def test_predictions_with_unsafe_names_or_a_lesion_on_no_slice_are_refused(tmp_p
     with np.load(write_blob_case(tmp_path / "five", "c", lesion=(5, (4, 20, 20)))) as data:
         arrays = dict(data)
     for key in ("scores", "lesions", "t2w", "adc", "slice_index"):
-        arrays[key] = arrays[key][:0]  # no slice left: the GS 5 lesion would vanish
+        arrays[key] = arrays[key][:1]  # slice 0 alone: the GS 5 lesion (slices 3-5) would vanish
     np.savez(tmp_path / "empty.npz", **arrays)
     with pytest.raises(
         PredictionsError, match=r"lesion id\(s\) \[1\] of 'lesion_classes' appear on no"
     ):
         read_case(tmp_path / "empty.npz")
+
+
+@pytest.mark.parametrize("shape", [(0, 48, 48), (8, 0, 48), (8, 48, 0)])
+def test_predictions_without_a_pixel_are_refused_in_one_line(tmp_path, shape):
+    """A lesion-free case with no slice (or no row, or no column) passed validation and
+    `focalnet evaluate` then failed in the local maxima with a NumPy traceback ("zero-size array
+    to reduction operation maximum")."""
+    arrays = {"scores": np.zeros((*shape, 5), np.float32), "lesions": np.zeros(shape, np.int32),
+              "lesion_classes": np.zeros(0, np.int32)}  # fmt: skip
+    with pytest.raises(PredictionsError, match=r"e\.npz: 'scores' shape .* holds no pixel"):
+        write_case(tmp_path / "w", "e", spacing=(0.625, 0.625), patient_id="p", **arrays)
+    write_blob_case(tmp_path / "p", "c1", blobs=[((4, 24, 24), 0.3)])
+    np.savez(tmp_path / "p" / "e.npz", spacing=np.float32([0.625, 0.625]),
+             patient_id=np.asarray("p"), **arrays)  # fmt: skip
+    message = _error(_evaluate_argv(tmp_path / "p", tmp_path / "o"))
+    assert f"{tmp_path / 'p' / 'e.npz'}: 'scores' shape {(*shape, 5)} holds no pixel" in message
+    assert not (tmp_path / "o").exists()
 
 
 def test_out_at_or_under_a_file_is_refused_before_any_work(tmp_path):

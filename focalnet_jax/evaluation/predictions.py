@@ -81,6 +81,8 @@ def validate(case: CasePredictions) -> CasePredictions:
              "without one would count as one patient)")  # fmt: skip
     if scores.ndim != 4 or scores.shape[-1] != NUM_SCORES:
         fail(f"'scores' must have shape [S, H, W, {NUM_SCORES}], got {scores.shape}")
+    if 0 in scores.shape[:3]:
+        fail(f"'scores' shape {scores.shape} holds no pixel: nothing to evaluate")
     if not np.issubdtype(scores.dtype, np.floating):
         fail(f"'scores' must be floating, got {scores.dtype}")
     if not np.all(np.isfinite(scores)) or scores.min(initial=0) < 0 or scores.max(initial=0) > 1:
