@@ -91,6 +91,9 @@ FLAG_ERRORS = [  # (argv, the message after "focalnet <command>: error: ")
     (["evaluate", "--workdir", "w", "--batch-size", "0"], "--batch-size 0: expected at least 1"),
     (["evaluate", "--predictions", "p", "--out", "o", "--radius-mm", "-1"],
      "--radius-mm -1.0: expected a positive distance in mm"),
+    # An infinite radius passed: every lesion was missed (sensitivity 0) and radius_mm was null.
+    (["evaluate", "--predictions", "p", "--out", "o", "--radius-mm", "inf"],
+     "--radius-mm inf: expected a positive distance in mm"),
     (["evaluate", "--predictions", "p", "--out", "o", "--min-score", "2"],
      "--min-score 2.0: expected a probability in [0, 1]"),
     (["evaluate", "--predictions", "p", "--out", "o", "--picai-bootstraps", "-1"],

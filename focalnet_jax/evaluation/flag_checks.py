@@ -5,6 +5,7 @@ created. Each failure is a `UserError` naming the flag, the value and the reason
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from focalnet_jax.errors import UserError
@@ -35,7 +36,7 @@ def check_evaluate_flags(args: argparse.Namespace) -> None:
     predictions (or the compiled model that makes them) given with --predictions, the output
     folder."""
     _check_batch_size(args)
-    if not args.radius_mm > 0:
+    if not 0 < args.radius_mm < math.inf:  # inf: window and hit margin overflow, no hit
         raise UserError(f"--radius-mm {args.radius_mm}: expected a positive distance in mm")
     if not 0 <= args.min_score <= 1:
         raise UserError(f"--min-score {args.min_score}: expected a probability in [0, 1]")
