@@ -84,6 +84,25 @@ def test_convergence_table_counts_runs_at_a_plateau():
     ]
 
 
+def test_convergence_table_says_n_a_for_runs_without_a_drop():
+    """A run without a reference evaluation (one evaluation, or none before 3/4 of the steps) has
+    no drop: ce's two such runs read "0 / 2" (no run at a plateau) beside a drop of n/a, and fl's
+    third run was counted as not at a plateau; fl's loss mean is over 2 of its 3 runs."""
+    nan = math.nan
+    rows = [
+        {"arm": "ce", "kind": "arm", "val_loss": 0.10, "val_loss_drop_last_quarter": nan},
+        {"arm": "ce", "kind": "arm", "val_loss": 0.12, "val_loss_drop_last_quarter": nan},
+        {"arm": "fl", "kind": "arm", "val_loss": 0.03, "val_loss_drop_last_quarter": 0.01},
+        {"arm": "fl", "kind": "arm", "val_loss": 0.05, "val_loss_drop_last_quarter": 0.08},
+        {"arm": "fl", "kind": "arm", "val_loss": nan, "val_loss_drop_last_quarter": nan},
+    ]
+    table = [line for line in _convergence(rows, ["ce", "fl"]) if line.startswith("| ")]
+    assert table[1:] == [
+        "| ce | 0.1100 +- 0.0141 | n/a | 0 / 0 (2 n/a) |",
+        "| fl | 0.0400 +- 0.0141 (2/3) | +4.5%; +8.0% | 1 / 2 (1 n/a) |",
+    ]
+
+
 def test_val_loss_figure(tmp_path):
     curve = convergence.LossCurve(np.array([100, 200, 400]), np.array([0.3, 0.2, 0.19]))
     runs = {"ce": [("rep0 fold0", curve), ("rep1 fold0", curve)], "fl": []}

@@ -273,7 +273,10 @@ def _convergence(rows: Sequence[Mapping], arms: Sequence[str]) -> list[str]:
         "## Convergence (validation loss: each arm's own loss on the validation fold)",
         "",
         f"A run is at a plateau when its validation loss fell by at most {limit} over the last "
-        "quarter of its steps (a rise counts: more steps would not help). See docs/studies.md.",
+        "quarter of its steps (a rise counts: more steps would not help). A run without an "
+        "evaluation at or before 3/4 of its steps has no drop: it is left out of the drop's mean "
+        "and max and of the plateau count, which says how many such runs (n/a). See "
+        "docs/studies.md.",
         "",
         "| arm | final val/loss (mean +- SD) | drop over the last quarter (mean; max) "
         "| runs at a plateau |",
@@ -285,10 +288,13 @@ def _convergence(rows: Sequence[Mapping], arms: Sequence[str]) -> list[str]:
         drops = np.array([r["val_loss_drop_last_quarter"] for r in selected], float)
         known = drops[np.isfinite(drops)]
         spread = f"{known.mean():+.1%}; {known.max():+.1%}" if known.size else "n/a"
-        plateau = sum(convergence.at_plateau(d) for d in drops)
+        plateau = f"{sum(convergence.at_plateau(d) for d in known)} / {known.size}"
+        unknown = len(selected) - known.size  # no reference evaluation: not "not at a plateau"
+        plateau += f" ({unknown} n/a)" if unknown else ""
+        runs = "" if final["n"] == final["of"] else f" ({final['n']}/{final['of']})"
         lines.append(
-            f"| {arm} | {_fmt(final['mean'], 4)} +- {_fmt(final['sd'], 4)} | {spread} "
-            f"| {plateau} / {len(selected)} |"
+            f"| {arm} | {_fmt(final['mean'], 4)} +- {_fmt(final['sd'], 4)}{runs} | {spread} "
+            f"| {plateau} |"
         )
     return lines
 
