@@ -303,3 +303,26 @@ def test_report_warns_when_arms_hold_runs_of_other_cells():
     assert warning.startswith("**The arms hold runs of different cells** (runs: ce 2, fl 1)")
     same = rows("ce", [(0, 0), (0, 1)]) + rows("fl", [(0, 1), (0, 0)])
     assert _coverage(same, ["ce", "fl"]) == []
+
+
+def test_figures_say_which_values_are_undefined(tmp_path, monkeypatch):
+    """fl's AUROC is undefined in all 3 runs (NaN) and both's in 1: the box plot drew 3, 0 and 2
+    runs under bare arm names, and the p-value matrix left fl's pairs empty like the diagonal."""
+    from focalnet_jax.study import figures
+
+    kept = []
+    monkeypatch.setattr(figures, "_save", lambda fig, path: kept.append(fig) or path)
+    nan = float("nan")
+    per_arm = {"ce": [0.6, 0.7, 0.8], "fl": [nan, nan, nan], "both": [0.7, 0.75, nan]}
+    figures.box_strip(tmp_path / "m.png", {"picai_auroc": per_arm})
+    labels = [t.get_text() for t in kept[0].axes[0].get_xticklabels()]
+    assert labels == ["ce", "fl (0/3)", "both (2/3)"]
+    rows = compare_arms({"picai_auroc": per_arm}, 100)
+    figures.pvalue_matrices(tmp_path / "p.png", rows, ["picai_auroc"])
+    texts = {(t.get_position(), t.get_text()) for t in kept[1].axes[0].texts}
+    # Rows a (y), columns b (x) in the order ce, fl, both; ce -> both: 5 of the C(5, 2) = 10
+    # splits (ranks 1, 2.5, 2.5, 4, 5; both's 2.5 + 4 = 6.5), both -> ce: 7 of 10.
+    assert texts == {
+        ((1, 0), "n/a"), ((2, 0), "0.5"), ((0, 1), "n/a"), ((2, 1), "n/a"),
+        ((0, 2), "0.7"), ((1, 2), "n/a"),
+    }  # fmt: skip

@@ -29,7 +29,8 @@ def _save(fig, path: Path) -> Path:
 
 
 def box_strip(path: Path, metrics: Mapping[str, Mapping[str, Sequence[float]]]) -> Path:
-    """One panel per metric: a box per arm with every run as a jittered point."""
+    """One panel per metric: a box per arm with every run as a jittered point; an arm with runs
+    whose metric is undefined (NaN, not drawn) says how many runs are drawn: `arm (n/N)`."""
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.8), squeeze=False)
     rng = np.random.default_rng(0)  # jitter only
     for ax, (metric, per_arm) in zip(axes[0], metrics.items(), strict=True):
@@ -39,7 +40,11 @@ def box_strip(path: Path, metrics: Mapping[str, Mapping[str, Sequence[float]]]) 
         ax.boxplot(shown, widths=0.5, showfliers=False)
         for i, v in enumerate(values, start=1):
             ax.scatter(i + rng.uniform(-0.12, 0.12, v.size), v, s=14, color=f"C{i - 1}", zorder=3)
-        ax.set_xticks(range(1, len(arms) + 1), arms, rotation=30, ha="right")
+        labels = [
+            arm if v.size == len(per_arm[arm]) else f"{arm} ({v.size}/{len(per_arm[arm])})"
+            for arm, v in zip(arms, values, strict=True)
+        ]
+        ax.set_xticks(range(1, len(arms) + 1), labels, rotation=30, ha="right")
         ax.set_title(metric, fontsize="medium")
         ax.grid(True, axis="y", alpha=0.3)
     return _save(fig, path)
@@ -77,7 +82,8 @@ def pvalue_text_color(p: float) -> str:
 
 
 def pvalue_matrices(path: Path, rows: Sequence[Mapping], metrics: Sequence[str]) -> Path:
-    """One panel per metric: p_permutation of (row = baseline a, column = alternative b)."""
+    """One panel per metric: p_permutation of (row = baseline a, column = alternative b); a pair
+    whose p is undefined (NaN: an arm without values) reads n/a, the diagonal stays empty."""
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 4.0), squeeze=False)
     for ax, metric in zip(axes[0], metrics, strict=True):
         selected = [r for r in rows if r["metric"] == metric]
@@ -90,6 +96,8 @@ def pvalue_matrices(path: Path, rows: Sequence[Mapping], metrics: Sequence[str])
             if np.isfinite(p):
                 ax.text(j, i, f"{p:.2g}", ha="center", va="center", fontsize="small",
                         color=pvalue_text_color(p))  # fmt: skip
+            elif i != j:  # an empty cell read as no comparison, like the diagonal
+                ax.text(j, i, "n/a", ha="center", va="center", fontsize="small", color="k")
         ax.set_xticks(range(len(arms)), arms, rotation=30, ha="right")
         ax.set_yticks(range(len(arms)), arms)
         ax.set_xlabel("alternative b (H1: b better)")
