@@ -64,6 +64,32 @@ def test_truncated_file(tmp_path):
     _expect(tmp_path / "junk.mha", "unreadable or truncated")
 
 
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+@pytest.mark.parametrize("sform", [True, False])
+def test_nifti_of_voxel_size_0_is_refused_not_read_as_1_mm(tmp_path, capfd, suffix, sform):
+    """ITK read a NIfTI whose pixdim gives a voxel size of 0 with 1 mm voxels, without a word
+    (with an sform of 3 mm slices, too: it judged the sform's scales unexpected)."""
+    import gzip
+    import struct
+
+    _, image = _volume()
+    write_image(image, tmp_path / "x.nii")
+    header = bytearray((tmp_path / "x.nii").read_bytes())
+    header[76 + 12 : 76 + 16] = struct.pack("<f", 0.0)  # pixdim[3]: z voxel size
+    if not sform:
+        header[254:256] = struct.pack("<h", 0)  # sform_code 0: the qform alone
+    data = bytes(header) if suffix == ".nii" else gzip.compress(bytes(header))
+    (tmp_path / f"z0{suffix}").write_bytes(data)
+    if not sform:
+        spacing = sitk.ReadImage(str(tmp_path / f"z0{suffix}")).GetSpacing()
+        np.testing.assert_allclose(spacing, (0.5, 0.7, 1.0), rtol=1e-6)  # ITK: 1 mm slices
+    capfd.readouterr()
+    _expect(tmp_path / f"z0{suffix}", "NIfTI header gives voxel size z 0 (pixdim)")
+    assert capfd.readouterr().err == ""  # refused before ITK complains about the sform
+    write_image(image, tmp_path / f"ok{suffix}")
+    assert read_image(tmp_path / f"ok{suffix}").GetSpacing()[2] == pytest.approx(3.0)
+
+
 def test_2d_image(tmp_path):
     sitk.WriteImage(sitk.GetImageFromArray(np.zeros((8, 8), np.float32)), str(tmp_path / "x.mha"))
     _expect(tmp_path / "x.mha", "expected a 3D image")

@@ -74,6 +74,31 @@ def _truncation(path: Path) -> str | None:
     return None
 
 
+def _nifti_voxel_size_problem(path: Path) -> str | None:
+    """Why the voxel size in a NIfTI header cannot be taken, or None: a pixdim of 0 (or not
+    finite) along a spatial axis, which ITK reads as 1 mm without a word."""
+    name = path.name.lower()
+    if not name.endswith((".nii", ".nii.gz")):
+        return None
+    try:
+        with (gzip.open if name.endswith(".gz") else open)(path, "rb") as f:
+            header = f.read(348)
+    except (EOFError, OSError, zlib.error):
+        return None  # ITK's or `_truncation`'s reason stands
+    if len(header) < 348:
+        return None
+    endian = "<" if struct.unpack("<i", header[:4])[0] == 348 else ">"
+    ndim = struct.unpack(endian + "h", header[40:42])[0]
+    pixdim = struct.unpack(endian + "8f", header[76:108])[1 : 1 + min(max(ndim, 0), 3)]
+    bad = [f"{a} {v:g}" for a, v in zip("xyz", pixdim, strict=False) if not (np.isfinite(v) and v)]
+    if not bad:
+        return None
+    return (
+        f"NIfTI header gives voxel size {', '.join(bad)} (pixdim), which is read as 1 mm: every "
+        "distance in mm would be wrong; save the image with its voxel size"
+    )
+
+
 def _why(path: Path, err: RuntimeError) -> str:
     """The reason in an ITK read error, or how much of a MetaImage is missing. (ITK reports a
     truncated `.mha` as 'No such file or directory', a stale errno.)"""
@@ -150,7 +175,8 @@ def read_image(
     (required when the folder holds several; see `dicom.read_series`); `component` ('t2w',
     'adc', ...) refuses a DICOM series whose ImageType says it is another component. Raises
     `CaseError` naming the case and file when the file is missing, unreadable or truncated, not
-    3D, holds NaN/Inf voxels, or is an ambiguous or irregular DICOM series.
+    3D, holds NaN/Inf voxels, is a NIfTI file of voxel size 0, or is an ambiguous or irregular
+    DICOM series.
     """
     if path is None or not str(path):
         raise CaseError(case, path, f"no {component + ' ' if component else ''}path given")
@@ -176,6 +202,8 @@ def read_image(
             short = _metaimage_shortfall(path)
             if short:
                 raise CaseError(case, path, f"unreadable or truncated image ({short})")
+            if problem := _nifti_voxel_size_problem(path):  # before ITK reads it as 1 mm
+                raise CaseError(case, path, problem)
             image = sitk.ReadImage(str(path))
             problem = _truncation(path)
             if problem:
