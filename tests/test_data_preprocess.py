@@ -498,3 +498,25 @@ def test_an_image_given_as_a_mask_is_refused_and_label_maps_are_kept(small_case,
             f"case 'c5', file '{path}': {what} holds {found}: an image, not a label map (at most 8 "
             "integer labels in 0..255, 0 the background)"
         )
+
+
+def test_an_empty_bladder_mask_is_refused(small_case, tmp_path):
+    # An all-zero bladder mask was ignored without a word: the bladder was searched for instead
+    # (the T2w reference's source 'bladder' or 'fallback', not 'mask').
+    folder, sc = small_case
+    components = {"t2w": folder / "t2w.mha", "adc": folder / "adc.mha"}
+    write_image(sitk.Cast(sc.mask, sitk.sitkUInt8) * 0, tmp_path / "empty.nii.gz")
+    with pytest.raises(CaseError) as info:
+        preprocess_case(components, bladder_mask=tmp_path / "empty.nii.gz", case_id="c6")
+    assert (
+        str(info.value) == f"case 'c6', file '{tmp_path / 'empty.nii.gz'}': bladder mask is empty"
+    )
+    bladder = np.zeros(sitk.GetArrayViewFromImage(sc.mask).shape, np.uint8)
+    bladder[:, 5:25, 30:60] = 1
+    image = sitk.GetImageFromArray(bladder)
+    image.CopyInformation(sc.mask)
+    write_image(image, tmp_path / "bladder.nii.gz")
+    case = preprocess_case(components, bladder_mask=tmp_path / "bladder.nii.gz", case_id="c6")
+    t2w = sitk.GetArrayFromImage(sc.images["t2w"])
+    assert case.t2w_reference["source"] == "mask"
+    assert case.t2w_reference["bladder"] == float(np.median(t2w[bladder > 0]))

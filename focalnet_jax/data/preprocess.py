@@ -254,6 +254,8 @@ def _t2w_reference(images, components, cfg, case, centre, bladder_mask) -> inten
         bladder = sitk.GetArrayFromImage(bladder_image) > 0
         if bladder.shape != raw.shape:
             raise CaseError(case, bladder_mask, "bladder mask is not on the T2w grid")
+        if not bladder.any():  # else the bladder would be searched for, the mask ignored
+            raise CaseError(case, bladder_mask, "bladder mask is empty")
     ci, cj, _ = t2w.TransformPhysicalPointToContinuousIndex(tuple(centre))
     spacing, center_yx = zyx(t2w.GetSpacing()), (cj, ci)
     axes = display_axes(t2w.GetDirection())
