@@ -520,3 +520,25 @@ def test_an_empty_bladder_mask_is_refused(small_case, tmp_path):
     t2w = sitk.GetArrayFromImage(sc.images["t2w"])
     assert case.t2w_reference["source"] == "mask"
     assert case.t2w_reference["bladder"] == float(np.median(t2w[bladder > 0]))
+
+
+def test_a_bladder_mask_stored_in_another_orientation_marks_the_same_voxels(small_case, tmp_path):
+    # The bladder mask was taken voxel for voxel on the T2w grid whatever its geometry (only its
+    # shape was checked): the same region stored flipped in x and y (as RAS tools store it)
+    # marked the mirrored voxels, and the T2w upper reference fell from 542 to 234.
+    folder, sc = small_case
+    components = {"t2w": folder / "t2w.mha", "adc": folder / "adc.mha"}
+    bladder = np.zeros(sitk.GetArrayViewFromImage(sc.mask).shape, np.uint8)
+    bladder[:, 5:25, 30:60] = 1
+    image = sitk.GetImageFromArray(bladder)
+    image.CopyInformation(sc.mask)
+    write_image(image, tmp_path / "bladder.nii.gz")
+    write_image(sitk.Flip(image, [True, True, False]), tmp_path / "flipped.nii.gz")
+    t2w = sitk.GetArrayFromImage(sc.images["t2w"])
+    for name in ("bladder.nii.gz", "flipped.nii.gz"):
+        case = preprocess_case(components, bladder_mask=tmp_path / name, case_id="c7")
+        assert case.t2w_reference["bladder"] == float(np.median(t2w[bladder > 0]))
+    # Without its header (origin 0, 1 mm voxels) it would be taken through that geometry.
+    write_image(sitk.GetImageFromArray(bladder), tmp_path / "bare.nii.gz")
+    with pytest.raises(CaseError, match="bladder mask has the T2w's 96 x 96 x 6 voxels but no geo"):
+        preprocess_case(components, bladder_mask=tmp_path / "bare.nii.gz", case_id="c7")

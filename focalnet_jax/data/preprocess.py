@@ -240,9 +240,10 @@ def _check_inside(t2w: sitk.Image, point, case: str, file, what: str) -> None:
 
 
 def _t2w_reference(images, components, cfg, case, centre, bladder_mask) -> intensity.T2wReference:
-    """Air and bladder intensities of the T2w (the first component), raw scanner units. The
-    bladder search runs with rows along the T2w axis nearest anterior-posterior (a T2w stored
-    transposed is transposed back)."""
+    """Air and bladder intensities of the T2w (the first component), raw scanner units. A given
+    bladder mask is taken onto the T2w grid by nearest neighbour (through physical coordinates,
+    as the label). The bladder search runs with rows along the T2w axis nearest
+    anterior-posterior (a T2w stored transposed is transposed back)."""
     name = next(iter(components))
     t2w = images[name]
     raw = sitk.GetArrayViewFromImage(t2w)
@@ -251,9 +252,8 @@ def _t2w_reference(images, components, cfg, case, centre, bladder_mask) -> inten
         bladder_image = read_image(bladder_mask, case=case)
         _check_slices(bladder_image, t2w, case, bladder_mask, "bladder mask")
         _check_label_map(bladder_image, case, bladder_mask, "bladder mask")
-        bladder = sitk.GetArrayFromImage(bladder_image) > 0
-        if bladder.shape != raw.shape:
-            raise CaseError(case, bladder_mask, "bladder mask is not on the T2w grid")
+        _check_has_geometry(bladder_image, t2w, case, bladder_mask, "bladder mask")
+        bladder = _resample(bladder_image, t2w, sitk.sitkNearestNeighbor) > 0
         if not bladder.any():  # else the bladder would be searched for, the mask ignored
             raise CaseError(case, bladder_mask, "bladder mask is empty")
     ci, cj, _ = t2w.TransformPhysicalPointToContinuousIndex(tuple(centre))
