@@ -221,6 +221,28 @@ def test_fold_table_of_given_splits_counts_their_validation_cases(tmp_path):
     assert rows[1]["case_ids"] == GIVEN[1][1]
 
 
+def test_fold_table_counts_a_case_validated_in_two_folds_in_each_and_warns(tmp_path, caplog):
+    """Split files that validate a case in two folds were tabled with the case in the last of
+    them only: here fold 0 showed no validation case (it validates two) and nothing was said."""
+    store = _picai_store()
+    for i, record in enumerate(store.cases):
+        record["start"], record["stop"] = 6 * i, 6 * i + 6
+    store.patient_max_class = lambda: {"10000": 5, "10001": 0, "10002": 0, "10003": 4}
+    _write_ds_configs(tmp_path / "twice", [GIVEN[0], GIVEN[0]])
+    rows = fold_table(store, 2, splits=tmp_path / "twice")
+    assert [(r["patients"], r["cases"], r["slices"]) for r in rows] == [(2, 2, 12)] * 2
+    assert rows[0]["case_ids"] == rows[1]["case_ids"] == GIVEN[0][1]
+    assert (
+        f"split {tmp_path / 'twice'}: 2 store case(s) in the validation of more than one fold "
+        "(first: 10001_1000001, folds 0, 1); 3 in the validation of none (first: 10000_1000000, "
+        "10003_1000003, 10003_1000004)"
+    ) in caplog.text
+    caplog.clear()
+    _write_ds_configs(tmp_path / "picai", GIVEN)  # each case validated once: no such warning
+    fold_table(store, 2, splits=tmp_path / "picai")
+    assert "validation of more than one fold" not in caplog.text
+
+
 def test_split_files_name_what_read_given_split_reads(tmp_path, monkeypatch):
     """One list of split files for training (`read_given_split`) and a study's digest of them:
     a file is itself (`~` expanded); a folder, per fold, picai_baseline's pair where either is

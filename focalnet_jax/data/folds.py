@@ -209,17 +209,21 @@ def check_given_split(store, train: Sequence[str], val: Sequence[str], what: str
 
 def fold_table(store, num_folds: int = 5, seed: int = 0, splits="") -> list[dict]:
     """Per fold: patients, cases, slices and patients per highest class of its validation cases
-    (for printing), of the seeded folds or of the split files `splits` names."""
+    (for printing), of the seeded folds or of the split files `splits` names (a case that they
+    validate in several folds counted in each, and named in a warning)."""
     if splits:
         max_class = store.patient_max_class()
         val = [set(split_cases(store, k, num_folds, seed, splits)[1]) for k in range(num_folds)]
-        fold_of = {case: k for k, cases in enumerate(val) for case in cases}
+        _warn_validated_twice_or_never(store, val, splits)
     else:
         folds, max_class = store_folds(store, num_folds, seed)
-        fold_of = {r["case_id"]: folds[r["patient_id"]] for r in store.cases}
+        val = [
+            {r["case_id"] for r in store.cases if folds[r["patient_id"]] == k}
+            for k in range(num_folds)
+        ]
     rows = []
     for k in range(num_folds):
-        cases = [r for r in store.cases if fold_of.get(r["case_id"]) == k]
+        cases = [r for r in store.cases if r["case_id"] in val[k]]
         patients = sorted({r["patient_id"] for r in cases})
         per_class = [sum(max_class[p] == c for p in patients) for c in range(6)]
         rows.append(
@@ -233,6 +237,25 @@ def fold_table(store, num_folds: int = 5, seed: int = 0, splits="") -> list[dict
             }
         )
     return rows
+
+
+def _warn_validated_twice_or_never(store, val: Sequence[set], splits) -> None:
+    """One warning naming the store cases that the split files `splits` validate in more than
+    one fold (`val`: each fold's validation case ids), and those they validate in none."""
+    folds_of: dict[str, list[int]] = {}
+    for k, cases in enumerate(val):
+        for case in cases:
+            folds_of.setdefault(case, []).append(k)
+    stored = [r["case_id"] for r in store.cases]
+    twice = [c for c in stored if len(folds_of.get(c, ())) > 1]
+    never = [c for c in stored if c not in folds_of]
+    if twice or never:
+        first = f"{twice[0]}, folds {', '.join(map(str, folds_of[twice[0]]))}" if twice else "-"
+        log.warning(
+            "split %s: %d store case(s) in the validation of more than one fold (first: %s); %d "
+            "in the validation of none (first: %s)", splits, len(twice), first, len(never),
+            ", ".join(never[:3]) or "-",
+        )  # fmt: skip
 
 
 def write_fold_files(
