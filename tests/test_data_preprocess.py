@@ -542,3 +542,24 @@ def test_a_bladder_mask_stored_in_another_orientation_marks_the_same_voxels(smal
     write_image(sitk.GetImageFromArray(bladder), tmp_path / "bare.nii.gz")
     with pytest.raises(CaseError, match="bladder mask has the T2w's 96 x 96 x 6 voxels but no geo"):
         preprocess_case(components, bladder_mask=tmp_path / "bare.nii.gz", case_id="c7")
+
+
+def test_a_lesion_wholly_outside_the_gland_mask_is_named_in_a_warning(small_case, tmp_path, caplog):
+    # A lesion sharing no voxel with the gland mask (a label or mask of another exam, or one
+    # stored mirrored) was stored without a word; it is still stored, and now named.
+    folder, sc = small_case
+    components = {"t2w": folder / "t2w.mha", "adc": folder / "adc.mha"}
+    mask = folder / "mask.nii.gz"
+    inside = _label_with(sc, [(3, (0, -4, 0))], tmp_path, "inside.nii.gz")
+    assert preprocess_case(components, inside, mask=mask, case_id="c8").lesion_classes.tolist() == [
+        3
+    ]
+    assert "outside the prostate mask" not in caplog.text
+    both = _label_with(sc, [(3, (0, -4, 0)), (4, (-30, -30, 0))], tmp_path, "both.nii.gz")
+    case = preprocess_case(components, both, mask=mask, case_id="c8")
+    outside = int(case.lesions[case.classes == 4][0])
+    assert sorted(case.lesion_classes.tolist()) == [3, 4]
+    assert (
+        f"case c8: 1 of 2 lesions of label {both} (instances [{outside}]) lie wholly outside the "
+        f"prostate mask {mask}: a label or mask of another exam, or one stored mirrored?"
+    ) in caplog.text

@@ -6,12 +6,16 @@ the 'picai' scheme, csPCa of unknown grade (class 2, grade bits invalid) or, und
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
+import SimpleITK as sitk
 from scipy import ndimage
 
-from focalnet_jax.data.io import CaseError
+from focalnet_jax.data.io import CaseError, read_image
 
 _CONNECTIVITY = ndimage.generate_binary_structure(3, 3)
+log = logging.getLogger(__name__)
 
 
 def label_instances(label: np.ndarray, case, path):
@@ -70,3 +74,23 @@ def index_lesion(lesions: np.ndarray, lesion_classes: np.ndarray, spacing: float
         if best_key is None or key > best_key:
             best, best_key = i, key
     return best
+
+
+def warn_outside(full, mask, label, case) -> None:
+    """A warning naming the lesions of `full` (a `PreprocessedCase` of every T2w slice, from
+    `label`) that share no crop voxel with the gland `mask` (a file, taken onto the crop grid by
+    nearest neighbour): a label or mask of another exam, or one stored mirrored."""
+    count = len(full.lesion_classes)
+    if not count:
+        return
+    grid = full.geometry.reference_image(len(full.annotated))
+    gland = read_image(mask, case=case)
+    gland = sitk.Resample(gland, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0.0)
+    inside = sitk.GetArrayViewFromImage(gland) > 0
+    outside = sorted(set(range(1, count + 1)) - set(np.unique(full.lesions[inside]).tolist()))
+    if outside:
+        log.warning(
+            "case %s: %d of %d lesions of label %s (instances %s) lie wholly outside the prostate "
+            "mask %s: a label or mask of another exam, or one stored mirrored?",
+            case, len(outside), count, label, outside[:5], mask,
+        )  # fmt: skip

@@ -18,7 +18,7 @@ import SimpleITK as sitk
 from focalnet_jax.data import coverage, intensity
 from focalnet_jax.data.geometry import CropGeometry, display_axes, not_axial
 from focalnet_jax.data.io import CaseError, read_image, zyx
-from focalnet_jax.data.lesions import index_lesion, instance_classes, label_instances
+from focalnet_jax.data.lesions import index_lesion, instance_classes, label_instances, warn_outside
 
 LABEL_SCHEMES = ("picai", "isup")
 SLICE_MODES = ("all", "annotated", "covered")
@@ -480,6 +480,8 @@ def preprocess_case(
     centre, source = _crop_centre(images[t2w_name], mask, center, case, components[t2w_name])
     # 3. Each component and the label resampled once onto the crop grid (every T2w slice).
     full = _crop_every_slice(images, components, label, centre, source, bladder_mask, cfg, case)
+    if mask is not None:  # lesions wholly outside the gland: a label or mask of another exam?
+        warn_outside(full, mask, label, case)
     # 4. The slices to store, each covered by every component.
     annotated = full.annotated
     reference = full.geometry.reference_image(len(annotated))
