@@ -16,6 +16,7 @@ import pytest
 import SimpleITK as sitk
 
 from focalnet_jax.cli import main
+from focalnet_jax.data import preprocess_case
 from focalnet_jax.data.intensity import adc_unit_problem
 from focalnet_jax.data.io import CaseError, read_image
 from focalnet_jax.data.store import open_store
@@ -54,6 +55,16 @@ def test_folder_of_two_series_is_refused_and_either_can_be_chosen(mixed_folder):
     assert read_image(mixed_folder, series="t2_tse_tra").GetSize() == (384, 384, 19)
     assert read_image(mixed_folder, series=ADC_UID).GetSize() == (84, 128, 19)
     _expect(mixed_folder, "series 'b800' matches no series", series="b800")
+
+
+@pytest.mark.real_data
+def test_two_components_of_one_folder_need_two_series(mixed_folder):
+    components = {"t2w": mixed_folder, "adc": mixed_folder}
+    case = preprocess_case(components, series={"t2w": T2W_UID, "adc": ADC_UID}, case_id="c1")
+    assert case.images.shape == (19, 128, 128, 2)
+    with pytest.raises(CaseError) as info:
+        preprocess_case(components, series={"t2w": T2W_UID, "adc": T2W_UID}, case_id="c1")
+    assert info.value.reason == "t2w and adc are the same series: each component needs its own"
 
 
 @pytest.mark.real_data

@@ -563,3 +563,19 @@ def test_a_lesion_wholly_outside_the_gland_mask_is_named_in_a_warning(small_case
         f"case c8: 1 of 2 lesions of label {both} (instances [{outside}]) lie wholly outside the "
         f"prostate mask {mask}: a label or mask of another exam, or one stored mirrored?"
     ) in caplog.text
+
+
+def test_one_file_given_as_two_components_is_refused(small_case, tmp_path):
+    # A manifest column pasted twice: the T2w given as the ADC map too passed the ADC unit check
+    # (its values reach a few hundred) and was stored as a second channel without a word.
+    folder, _ = small_case
+    (tmp_path / "link.mha").symlink_to(folder / "t2w.mha")
+    for adc in (folder / "t2w.mha", tmp_path / "link.mha"):
+        with pytest.raises(CaseError) as info:
+            preprocess_case({"t2w": folder / "t2w.mha", "adc": adc}, case_id="c9")
+        assert str(info.value) == (
+            f"case 'c9', file '{adc}': t2w and adc are the same file: each component needs its own"
+        )
+    components = {"t2w": folder / "t2w.mha", "adc": folder / "adc.mha", "hbv": folder / "adc.mha"}
+    with pytest.raises(CaseError, match="adc and hbv are the same file"):
+        preprocess_case(components, case_id="c9")

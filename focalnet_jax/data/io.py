@@ -11,7 +11,7 @@ import gzip
 import os
 import struct
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -222,6 +222,20 @@ def read_image(
     if not np.isfinite(sitk.GetArrayViewFromImage(image)).all():
         raise CaseError(case, path, "image holds NaN or Inf voxels")
     return image
+
+
+def check_distinct(components: Mapping, series: Mapping, case: str) -> None:
+    """Raises `CaseError` where two components (name -> path, `series` chosen in a DICOM folder)
+    name the same file, or the same series of a folder: e.g. a manifest column pasted twice, whose
+    T2w would pass as an ADC map."""
+    seen: dict = {}  # (real path, series) -> component
+    for name, path in components.items():
+        key = (os.path.realpath(os.fspath(path)), series.get(name)) if str(path) else name
+        if key in seen:
+            what = "series" if series.get(name) else "folder" if os.path.isdir(path) else "file"
+            reason = f"{seen[key]} and {name} are the same {what}: each component needs its own"
+            raise CaseError(case, path, reason)
+        seen[key] = name
 
 
 def write_image(image: sitk.Image, path: str | os.PathLike) -> None:

@@ -17,7 +17,7 @@ import SimpleITK as sitk
 
 from focalnet_jax.data import coverage, intensity
 from focalnet_jax.data.geometry import CropGeometry, display_axes, not_axial
-from focalnet_jax.data.io import CaseError, read_image, zyx
+from focalnet_jax.data.io import CaseError, check_distinct, read_image, zyx
 from focalnet_jax.data.lesions import index_lesion, instance_classes, label_instances, warn_outside
 
 LABEL_SCHEMES = ("picai", "isup")
@@ -350,13 +350,14 @@ def _crop_label(label, t2w: sitk.Image, reference: sitk.Image, shape, cfg, case:
 def _read_components(
     components: Mapping[str, str | os.PathLike], case: str, series: Mapping[str, str]
 ) -> dict[str, sitk.Image]:
-    """Every component's image (the chosen series of a DICOM folder); each must hold two slices
-    or more, the first (T2w) must be an axial series and each other must overlap its field of
-    view."""
+    """Every component's image (the chosen series of a DICOM folder); each must be its own file
+    or series, hold two slices or more, the first (T2w) must be an axial series and each other
+    must overlap its field of view."""
     images = {
         name: read_image(path, case=case, series=series.get(name), component=name)
         for name, path in components.items()
     }
+    check_distinct(components, series, case)  # after a DICOM ImageType has said what is wrong
     for name, image in images.items():
         # One slice: a header thickness, no bladder reference (docs/data.md, "What is refused")
         if image.GetSize()[2] < 2:
