@@ -90,6 +90,36 @@ def test_nifti_of_voxel_size_0_is_refused_not_read_as_1_mm(tmp_path, capfd, suff
     assert read_image(tmp_path / f"ok{suffix}").GetSpacing()[2] == pytest.approx(3.0)
 
 
+@pytest.mark.parametrize(
+    "matrix, found",
+    [
+        ("2 0 0 0 1 0 0 0 1", "lengths 2, 1, 1 and cosines up to 0 "),
+        ("1 0 0 0.2 1 0 0 0 1", "lengths 1, 1.02, 1 and cosines up to 0.196 "),
+    ],
+)
+def test_direction_matrix_that_is_no_rotation_is_refused(tmp_path, matrix, found):
+    """A MetaImage whose TransformMatrix holds a voxel size or a shear was read as it stands: the
+    crop, 0.625 mm pixels on paper, spanned 1.25 mm pixels (160 mm) along the scaled axis."""
+    _, image = _volume()
+    write_image(image, tmp_path / "x.mha")
+    text = (tmp_path / "x.mha").read_bytes()
+    bad = text.replace(
+        b"TransformMatrix = 1 0 0 0 1 0 0 0 1", f"TransformMatrix = {matrix}".encode()
+    )
+    assert bad != text
+    (tmp_path / "bad.mha").write_bytes(bad)
+    direction = sitk.ReadImage(str(tmp_path / "bad.mha")).GetDirection()  # ITK reads it so
+    assert sorted(direction) == sorted(float(v) for v in matrix.split())
+    _expect(tmp_path / "bad.mha", f"direction matrix is no rotation: its axes have {found}")
+    rotated = sitk.Image(image)  # an oblique axial series (18 degrees, as ProstateX-0000) is kept
+    c, s = np.cos(np.radians(18.0)), np.sin(np.radians(18.0))
+    rotated.SetDirection((1.0, 0.0, 0.0, 0.0, c, -s, 0.0, s, c))
+    write_image(rotated, tmp_path / "oblique.mha")
+    assert read_image(tmp_path / "oblique.mha").GetDirection() == pytest.approx(
+        rotated.GetDirection()
+    )
+
+
 def test_2d_image(tmp_path):
     sitk.WriteImage(sitk.GetImageFromArray(np.zeros((8, 8), np.float32)), str(tmp_path / "x.mha"))
     _expect(tmp_path / "x.mha", "expected a 3D image")

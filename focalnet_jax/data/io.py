@@ -162,6 +162,24 @@ def _metaimage_truncation(path: Path) -> str | None:
     return None
 
 
+def _direction_problem(direction: Sequence[float]) -> str | None:
+    """Why a 3 x 3 direction matrix (row-major) is no rotation or reflection, or None: its
+    columns (the voxel axes in LPS) must be unit vectors at right angles, to 1e-3 (DICOM
+    cosines are written to 3 or 4 decimals). A scaled or sheared one (e.g. a MetaImage
+    TransformMatrix holding the voxel size) makes every size and the crop in mm wrong."""
+    columns = np.reshape(np.asarray(direction, np.float64), (3, 3))
+    gram = columns.T @ columns
+    if np.abs(gram - np.eye(3)).max() <= 1e-3:
+        return None
+    length = np.sqrt(np.diag(gram))
+    cosine = np.abs(gram / np.outer(length, length) - np.eye(3)).max()
+    lengths = ", ".join(f"{v:.3g}" for v in length)
+    return (
+        f"direction matrix is no rotation: its axes have lengths {lengths} and cosines up to "
+        f"{cosine:.3g} between them (want 1 and 0); every size and the crop in mm would be wrong"
+    )
+
+
 def read_image(
     path: str | os.PathLike,
     *,
@@ -175,8 +193,8 @@ def read_image(
     (required when the folder holds several; see `dicom.read_series`); `component` ('t2w',
     'adc', ...) refuses a DICOM series whose ImageType says it is another component. Raises
     `CaseError` naming the case and file when the file is missing, unreadable or truncated, not
-    3D, holds NaN/Inf voxels, is a NIfTI file of voxel size 0, or is an ambiguous or irregular
-    DICOM series.
+    3D, has a direction matrix that is no rotation, holds NaN/Inf voxels, is a NIfTI file of
+    voxel size 0, or is an ambiguous or irregular DICOM series.
     """
     if path is None or not str(path):
         raise CaseError(case, path, f"no {component + ' ' if component else ''}path given")
@@ -218,6 +236,8 @@ def read_image(
             path,
             f"expected a scalar image, got {image.GetNumberOfComponentsPerPixel()} channels",
         )
+    if problem := _direction_problem(image.GetDirection()):
+        raise CaseError(case, path, problem)
     image = sitk.Cast(image, sitk.sitkFloat32)
     if not np.isfinite(sitk.GetArrayViewFromImage(image)).all():
         raise CaseError(case, path, "image holds NaN or Inf voxels")
