@@ -573,9 +573,23 @@ def test_one_file_given_as_two_components_is_refused(small_case, tmp_path):
     for adc in (folder / "t2w.mha", tmp_path / "link.mha"):
         with pytest.raises(CaseError) as info:
             preprocess_case({"t2w": folder / "t2w.mha", "adc": adc}, case_id="c9")
-        assert str(info.value) == (
-            f"case 'c9', file '{adc}': t2w and adc are the same file: each component needs its own"
-        )
+        assert str(info.value) == (f"case 'c9', file '{adc}': t2w and adc are the same file")
     components = {"t2w": folder / "t2w.mha", "adc": folder / "adc.mha", "hbv": folder / "adc.mha"}
     with pytest.raises(CaseError, match="adc and hbv are the same file"):
         preprocess_case(components, case_id="c9")
+
+
+def test_a_label_given_as_the_gland_mask_too_is_refused(small_case, tmp_path):
+    # `--masks` pointed at the labels folder (or a manifest's label path pasted as its
+    # prostate_mask): the crop was centred on the lesions' centroid, not the gland's, without a
+    # word (a lesion-free case's empty label was refused as an empty mask).
+    folder, sc = small_case
+    components = {"t2w": folder / "t2w.mha", "adc": folder / "adc.mha"}
+    label = _label_with(sc, [(3, (-16, 8, 0))], tmp_path)
+    with pytest.raises(CaseError) as info:
+        preprocess_case(components, label, mask=label, case_id="c10")
+    assert (
+        str(info.value) == f"case 'c10', file '{label}': label and prostate mask are the same file"
+    )
+    gland = preprocess_case(components, label, mask=folder / "mask.nii.gz", case_id="c10")
+    assert gland.center_source == "mask"

@@ -244,17 +244,18 @@ def read_image(
     return image
 
 
-def check_distinct(components: Mapping, series: Mapping, case: str) -> None:
-    """Raises `CaseError` where two components (name -> path, `series` chosen in a DICOM folder)
-    name the same file, or the same series of a folder: e.g. a manifest column pasted twice, whose
-    T2w would pass as an ADC map."""
-    seen: dict = {}  # (real path, series) -> component
-    for name, path in components.items():
-        key = (os.path.realpath(os.fspath(path)), series.get(name)) if str(path) else name
+def check_distinct(files: Mapping, series: Mapping, case: str) -> None:
+    """Raises `CaseError` where two of `files` (name -> path or None, e.g. components; `series`
+    chosen in a DICOM folder) are the same file, or the same series of a folder: e.g. a manifest
+    column pasted twice, whose T2w would pass as an ADC map."""
+    seen: dict = {}  # (real path, series) -> name
+    for name, path in files.items():
+        if path is None or not str(path):
+            continue
+        key = (os.path.realpath(os.fspath(path)), series.get(name))
         if key in seen:
             what = "series" if series.get(name) else "folder" if os.path.isdir(path) else "file"
-            reason = f"{seen[key]} and {name} are the same {what}: each component needs its own"
-            raise CaseError(case, path, reason)
+            raise CaseError(case, path, f"{seen[key]} and {name} are the same {what}")
         seen[key] = name
 
 

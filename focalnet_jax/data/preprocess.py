@@ -474,6 +474,7 @@ def preprocess_case(
     """
     cfg = PreprocessConfig.from_any(config)
     case = _case_name(components, case_id, slices)
+    check_distinct({"label": label, "prostate mask": mask}, {}, case)  # e.g. --masks of labels
     # 1. Read; the T2w grid is the reference frame.
     images = _read_components(components, case, series or {})
     # 2. Crop centre: gland-mask centroid, else the given centre, else the T2w volume centre.
