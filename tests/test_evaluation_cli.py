@@ -240,6 +240,24 @@ def test_summarize_comparisons_give_the_folds_each_test_used():
     ]
 
 
+def test_summarize_says_which_comparisons_have_no_test():
+    """A pair without a Welch test (p NaN) had no summary.md line at all, so a reader could not
+    tell an untested pair from one never asked for; it now reads p = n/a with the reason."""
+
+    def fold(auc):
+        return {"froc": {}, "roc": {"gs_ge_9": {"auc": auc}}}
+
+    one_fold = {"A": [fold(0.7), fold(None)], "B": [fold(0.6), fold(0.65)]}
+    constant = {"A": [fold(0.7), fold(0.7)], "B": [fold(0.6), fold(0.6)]}
+    for folds, counts, reason in (
+        (one_fold, "1 vs 2", "Welch's test needs 2 folds with a value per method"),
+        (constant, "2 vs 2", "no spread: each method has one value in every fold"),
+    ):
+        comparisons, lines = method_comparisons(folds)
+        assert np.isnan(comparisons["roc/gs_ge_9/auc"][0]["p"])
+        assert lines == [f"- roc/gs_ge_9/auc: A vs B (folds {counts}): p = n/a ({reason})"]
+
+
 def _error(argv) -> str:
     with pytest.raises(SystemExit) as raised:
         main(argv)

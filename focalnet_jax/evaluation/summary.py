@@ -63,9 +63,10 @@ def metric_summary(fold_metrics: list[dict], path: tuple[str, ...]) -> dict:
 
 def method_comparisons(folds: Mapping[str, list[dict]]) -> tuple[dict, list[str]]:
     """Per metric ('/'-joined path): the pairwise Welch tests (`compare_methods`) over the folds
-    with a value, and the summary.md lines of the finite p-values. For FP at a sensitivity each
-    row also holds `not_reached` ({method: folds that never reached it}): those folds are not in
-    the test, which then favours the method that missed more often, so its line says so."""
+    with a value, and the summary.md lines of the pairs where either method has a value (p = n/a
+    where there is no test, and why). For FP at a sensitivity each row also holds `not_reached`
+    ({method: folds that never reached it}): those folds are not in the test, which then favours
+    the method that missed more often, so its line says so."""
     comparisons, lines = {}, []
     for path in summary_metrics():
         rows = compare_methods({name: [lookup(m, path) for m in fm] for name, fm in folds.items()})
@@ -74,15 +75,19 @@ def method_comparisons(folds: Mapping[str, list[dict]]) -> tuple[dict, list[str]
             for row in rows:
                 row["not_reached"] = {row["a"]: missed[row["a"]], row["b"]: missed[row["b"]]}
         comparisons["/".join(path)] = rows
-        lines += [_comparison_line(path, row) for row in rows if np.isfinite(row["p"])]
+        lines += [_comparison_line(path, row) for row in rows if row["n_a"] or row["n_b"]]
     return comparisons, lines
 
 
 def _comparison_line(path: tuple[str, ...], row: dict) -> str:
-    line = (
-        f"- {'/'.join(path)}: {row['a']} vs {row['b']} (folds {row['n_a']} vs {row['n_b']}): "
-        f"p = {row['p']:.4g}, Bonferroni p = {row['p_bonferroni']:.4g}"
-    )
+    """The summary.md line of one comparison; an untestable pair (p NaN) says why."""
+    line = f"- {'/'.join(path)}: {row['a']} vs {row['b']} (folds {row['n_a']} vs {row['n_b']}): "
+    if np.isfinite(row["p"]):
+        line += f"p = {row['p']:.4g}, Bonferroni p = {row['p_bonferroni']:.4g}"
+    elif min(row["n_a"], row["n_b"]) < 2:
+        line += "p = n/a (Welch's test needs 2 folds with a value per method)"
+    else:
+        line += "p = n/a (no spread: each method has one value in every fold)"
     missed = [f"{name} {k}" for name, k in row.get("not_reached", {}).items() if k]
     if missed:
         line += f" (n.r. folds left out: {', '.join(missed)})"
