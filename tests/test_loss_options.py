@@ -120,6 +120,22 @@ def test_background_channel_exists_only_for_softmax():
         losses.soft_dice_loss(LOGITS, BITS, dice_background=False)
 
 
+@pytest.mark.parametrize(
+    ("loss", "option"),
+    [
+        ("ordinal_focal_loss", {"gamma": np.inf}),  # was accepted: loss 0, NaN gradients
+        ("focal_loss", {"gamma": np.inf}),
+        ("soft_dice_loss", {"eps": np.inf}),  # was accepted: a NaN loss
+        ("ce_focal_loss", {"weights": (np.inf, 1.0)}),  # was accepted: an infinite loss
+        ("ce_dice_loss", {"weights": (1.0, np.nan)}),
+    ],
+)
+def test_a_non_finite_option_is_refused(loss, option):
+    name = next(iter(option))
+    with pytest.raises(ValueError, match=f"^{name}: expected .*finite"):
+        getattr(losses, loss)(LOGITS[..., :5], BITS[..., :5], **option)
+
+
 def test_combined_losses_are_weighted_sums():
     ce = losses.sigmoid_cross_entropy(LOGITS, BITS)
     fl = losses.focal_loss(LOGITS, BITS)

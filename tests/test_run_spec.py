@@ -29,6 +29,21 @@ INVALID = [
     (["--config.loss.mfl_weight=lots"], r"^loss\.mfl_weight: expected 'auto' or a number"),
     (["--config.loss.alpha=1.5"], r"^loss\.alpha: expected a value in \[0.0, 1.0\]"),
     (["--config.loss.gamma=-1.0"], r"^loss\.gamma: expected a value in >= 0.0"),
+    # Accepted, gamma = inf trained with loss 0 and NaN gradients; eps = inf made Dice NaN.
+    (["--config.loss.gamma=inf"], r"^loss\.gamma: expected a finite value, got inf"),
+    (
+        ["--config.loss.name=soft_dice", "--config.loss.mfl=False", "--config.loss.eps=inf"],
+        r"^loss\.eps: expected a finite value, got inf",
+    ),
+    (
+        [
+            "--config.loss.name=ce_focal",
+            "--config.loss.mfl=False",
+            "--config.loss.weights=(inf,1.0)",
+        ],
+        r"^loss\.weights: expected two finite non-negative numbers",
+    ),
+    (["--config.optim.lr=inf"], r"^optim\.lr: expected a finite value, got inf"),
     (["--config.data.fold=5"], r"^data\.fold=5 not in \[0, data\.num_folds=5\)"),
     (["--config.data.slices=some"], r"^data\.slices: expected one of"),
     (["--config.data.components=t2w,t2w"], r"^data\.components: expected distinct"),
@@ -57,7 +72,7 @@ INVALID = [
     ),
     (
         ["--config.loss.name=ce_focal", "--config.loss.mfl=False", "--config.loss.weights=(1.0,)"],
-        r"^loss\.weights: expected two non-negative numbers",
+        r"^loss\.weights: expected two finite non-negative numbers",
     ),
     (
         [

@@ -7,6 +7,8 @@ The 0/1 check needs the values, so it runs on concrete arrays only and is skippe
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,7 +56,10 @@ def check_inputs(logits, targets, valid):
 
 
 def check_scalar(value, name: str, low: float, high: float | None = None):
-    """Range check for Python hyperparameters (traced values pass through unchecked)."""
+    """Range check for Python hyperparameters (traced values pass through unchecked); inf and
+    NaN are refused (gamma = inf trains with loss 0 and NaN gradients, eps = inf a NaN Dice)."""
+    if isinstance(value, float) and math.isinf(value):
+        raise ValueError(f"{name}: expected a finite value, got {value}")
     if isinstance(value, int | float) and not (value >= low and (high is None or value <= high)):
         interval = f"[{low}, {high}]" if high is not None else f">= {low}"
         raise ValueError(f"{name}: expected a value in {interval}, got {value}")

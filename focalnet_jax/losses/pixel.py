@@ -14,6 +14,8 @@ left out of the focal weight's max. Inputs are checked as in :mod:`focalnet_jax.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -215,8 +217,10 @@ def softmax_cross_entropy(logits, targets, *, valid=None):
 
 def _check_weights(weights) -> tuple[float, float]:
     weights = tuple(weights)
-    if len(weights) != 2 or any(not isinstance(w, int | float) or w < 0 for w in weights):
-        raise ValueError(f"weights: expected two non-negative numbers, got {weights!r}")
+    if len(weights) != 2 or any(
+        not isinstance(w, int | float) or not (0 <= w < math.inf) for w in weights
+    ):
+        raise ValueError(f"weights: expected two finite non-negative numbers, got {weights!r}")
     return weights
 
 
