@@ -168,15 +168,16 @@ def onehot_scores(probs):
       probs: class probabilities ``[..., K]`` (K = 6), after the softmax.
 
     Returns:
-      float32 ``[..., K - 1]``.
+      float32 ``[..., K - 1]``, in [0, 1].
     """
     xp = _xp(probs)
     probs = _as_probs(probs, "probs").astype(xp.float32)
     if probs.shape[-1] < 2:
         raise ValueError(f"probs: expected at least 2 classes on the last axis, got {probs.shape}")
     # Summed from the highest class down: small tails keep their precision (1 - cumsum would not).
+    # Where class 0 is all but impossible the float32 sum rounds above 1: capped at 1.
     tails = xp.cumsum(xp.flip(probs[..., 1:], axis=-1), axis=-1)
-    return xp.flip(tails, axis=-1)
+    return xp.minimum(xp.flip(tails, axis=-1), 1.0)
 
 
 def num_outputs(encoding: str) -> int:

@@ -68,6 +68,21 @@ def test_onehot_scores_are_tail_sums():
     assert encoding.onehot_scores(tiny)[-1] == np.float32(1e-9)
 
 
+@pytest.mark.parametrize("as_jax", [False, True])
+def test_onehot_scores_never_exceed_one(as_jax):
+    # Class 0 all but impossible: the float32 sum of the other five softmax outputs rounded to
+    # 1.0000001 on 9 of these 64 pixels, and the prediction file of a one-hot model with such a
+    # pixel was refused ("'scores' must be finite probabilities in [0, 1]").
+    logits = np.random.default_rng(0).normal(size=(1, 8, 8, 6)).astype(np.float32)
+    logits[..., 0] = -30.0
+    outputs = jnp.asarray(logits) if as_jax else logits
+    scores = np.asarray(encoding.scores_from_outputs(outputs, "onehot", from_logits=True))
+    assert scores.dtype == np.float32 and scores.max() <= 1.0
+    np.testing.assert_allclose(scores[..., 0], 1.0, rtol=0, atol=1e-6)
+    probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    assert np.asarray(encoding.onehot_scores(jnp.asarray(probs) if as_jax else probs)).max() <= 1
+
+
 def test_num_outputs_and_encode_shapes():
     assert encoding.ENCODINGS == ("ordinal", "onehot", "binary")
     classes = np.array([[0, 2], [5, 1]])

@@ -411,6 +411,20 @@ def test_mutual_finding_loss_ignores_pixels_outside_positive_bits():
     np.testing.assert_array_equal(chosen, [0, 1])
 
 
+def test_mutual_finding_loss_takes_the_tail_sums_of_a_onehot_output():
+    # The softmax tail sums MFL compares for a one-hot model rounded above 1 where class 0 is
+    # all but impossible, and mutual_finding_loss refused its own inputs outside jit.
+    logits = np.random.default_rng(0).normal(size=(1, 8, 8, 6)).astype(np.float32)
+    logits[..., 0] = -30.0
+    full = losses.mfl_probs(jnp.asarray(logits), "onehot")
+    subsets = losses.mfl_probs(jnp.asarray(logits[None] + 1.0), "onehot")
+    targets = np.ones((1, 8, 8, 5), np.float32)
+    loss, chosen = losses.mutual_finding_loss(full, subsets, targets)
+    expected = np.sum((np.asarray(full) - np.asarray(subsets[0])) ** 2) / 64
+    np.testing.assert_allclose(loss, expected, rtol=1e-5)
+    assert chosen.tolist() == [0]
+
+
 def test_mutual_finding_loss_gradients():
     full, subsets, targets = _mfl_example()
     grad_full = jax.grad(lambda f: losses.mutual_finding_loss(f, subsets, targets)[0])(full)
