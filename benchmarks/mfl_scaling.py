@@ -15,8 +15,9 @@ MFL over plain; `flops_ratio` is XLA's FLOP count of the lowered steps (`Lowered
 MFL over plain (a loop body is counted once, so it is the cost only of a step without chunks); on
 a backend with memory statistics the process's running peak after each step's first call is
 reported too (`device_peak_bytes`, a running maximum: steps run plain first, then by subset
-count). Prints one JSON line: `{"results": [{"subsets", "mode", "time_ratio",
-"memory_ratio", ...}], "device": ..., ...}`.
+count). Prints one JSON line: `{"results": [{"subsets", "mode", "mfl_chunk", "chunked",
+"time_ratio", "memory_ratio", ...}], "device": ..., ...}`; `chunked` is false where `mfl_chunk`
+is 0 or not below the subset count (the step then runs every subset in one `vmap`).
 """
 
 from __future__ import annotations
@@ -116,11 +117,14 @@ def _time_rounds(
 
 
 def _result_row(kind: tuple[int, str], step: _Step, plain: _Step, ratios: list, chunk: int) -> dict:
-    """The JSON row of one (subset count, mode): median time ratio and memory against plain."""
+    """The JSON row of one (subset count, mode): median time ratio and memory against plain.
+    `mfl_chunk` is the setting; `chunked` whether the step ran its subsets in chunks (as the
+    train step does: only when `mfl_chunk` is below the subset count, else all in one `vmap`)."""
     return {
         "subsets": kind[0],
         "mode": kind[1],
         "mfl_chunk": chunk,
+        "chunked": 0 < chunk < kind[0],
         "time_ratio": statistics.median(ratios),
         "memory_ratio": step.peak_bytes / plain.peak_bytes,
         "flops_ratio": step.flops / plain.flops if step.flops and plain.flops else None,

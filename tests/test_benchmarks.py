@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -419,7 +420,23 @@ def test_mfl_scaling_benchmark_reports_ratios_to_the_plain_step_of_the_same_run(
     assert row["memory_ratio"] == pytest.approx(row["peak_bytes"] / result["plain_peak_bytes"])
     assert row["memory_ratio"] > 1 and row["time_ratio"] > 0
     assert row["flops_ratio"] > 1  # two subsets without chunks: more arithmetic than plain
+    assert row["chunked"] is False  # mfl_chunk 4 is not below 2 subsets: one vmap
     assert result["components"] == ["t2w", "adc", "hbv"] and result["device"] == "cpu"
+
+
+def test_mfl_scaling_rows_say_whether_the_step_ran_in_chunks():
+    """The train step chunks only when `mfl_chunk` is below the subset count: at 2 subsets a
+    chunk of 4 runs the same step as `mfl_chunk=0`, and the row says so."""
+    mfl_scaling = _benchmark_module("mfl_scaling")
+    step = types.SimpleNamespace(peak_bytes=30, flops=3.0, device_peak_bytes=None)
+    plain = types.SimpleNamespace(peak_bytes=10, flops=1.0, device_peak_bytes=None)
+    chunked = {
+        (subsets, chunk): mfl_scaling._result_row((subsets, "vmap"), step, plain, [2.0], chunk)[
+            "chunked"
+        ]
+        for subsets, chunk in ((2, 4), (4, 4), (6, 4), (14, 4), (14, 0))
+    }
+    assert chunked == {(2, 4): False, (4, 4): False, (6, 4): True, (14, 4): True, (14, 0): False}
 
 
 def test_mfl_chunk_loop_benchmark_times_each_kind_vmapped_and_looped():
