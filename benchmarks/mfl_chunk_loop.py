@@ -119,6 +119,7 @@ def main(argv=None) -> None:
         parser.error(f"--chunk: expected a positive number of subsets, got {args.chunk}")
     config = load_config(args.config, overrides)
     result = {"config": args.config, "overrides": overrides}
+    result |= {"size": args.size, "repeats": args.repeats}
     result |= measure(
         config,
         chunk=args.chunk,

@@ -8,8 +8,9 @@ recomputed batch mixes slices of different subsets and so normalises with other 
 The config's model at its initial weights, on one random batch of `train.batch_size` slices
 (uniform inputs, one square lesion of class 1 + b % 5 per slice), through the train step's loss
 (`step.loss_fn`, no augmentation). MFL's gradient is the loss's gradient at lambda = 1 minus that
-at lambda = 0 (the named loss's part cancels). Prints one JSON line: per mode `mfl` and the
-norm of its gradient; `same_choice` (the two modes trained the same subset on every slice);
+at lambda = 0 (the named loss's part cancels). Prints one JSON line: `seed`; per mode `mfl` and
+the norm of its gradient; `same_choice` (the two modes trained each subset on the same share of
+the slices, `mfl_subset_share`: a count per subset, not a slice-by-slice comparison);
 `gradient_cosine` (1: the same direction); `gradient_relative_difference`
 (|g_select - g_vmap| / |g_vmap|).
 """
@@ -88,7 +89,8 @@ def main(argv=None) -> None:
     args, overrides = parser.parse_known_args(argv)
     config = load_config(args.config, overrides)
     with result_line.stdout_to_stderr():
-        result = {"config": args.config, "overrides": overrides, "size": args.size}
+        result = {"config": args.config, "overrides": overrides}
+        result |= {"size": args.size, "seed": args.seed}
         result |= measure(config, size=args.size, seed=args.seed)
     result |= result_line.device_fields() | {"model": result_line.model_description(config)}
     print(json.dumps(result | {"batch_size": config.train.batch_size} | result_line.provenance()))

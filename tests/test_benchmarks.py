@@ -450,6 +450,7 @@ def test_mfl_chunk_loop_benchmark_times_each_kind_vmapped_and_looped():
         *TINY,
     )
     assert (result["subsets"], result["chunk"], result["device_kind"]) == (2, 1, "cpu")
+    assert (result["size"], result["repeats"]) == (32, 1)
     for form in ("vmap", "loop"):  # the parameter gradient's profile: its convolutions found
         profile = result[f"parameter_gradient_{form}_profile"]
         assert profile["calls"] == 1 and profile["by_kind"]["convolution"]["ms_per_call"] > 0
@@ -546,8 +547,9 @@ def test_mfl_modes_benchmark_finds_select_equal_to_vmap_under_frozen_normalisati
     # Under frozen normalisation the two MFL modes are the same function of the parameters, so
     # the benchmark must measure the same loss and gradient (its control case).
     args = ("--config=configs/focalnet.py", "--size=32", *TINY, "--config.model.norm=frozen")
-    result = _run("mfl_modes.py", *args)
+    result = _run("mfl_modes.py", *args, "--seed=1")
     assert (result["subsets"], result["norm"], result["same_choice"]) == (2, "frozen", True)
+    assert (result["seed"], result["size"]) == (1, 32)  # what set the weights and the batch
     assert result["select_mfl"] == pytest.approx(result["vmap_mfl"], rel=1e-5)
     assert result["vmap_gradient_norm"] > 0
     assert result["gradient_cosine"] == pytest.approx(1.0, abs=1e-5)
