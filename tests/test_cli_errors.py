@@ -100,6 +100,12 @@ FLAG_ERRORS = [  # (argv, the message after "focalnet <command>: error: ")
      "--picai-bootstraps -1: expected 0 or more"),
     (["predict", "--checkpoint", "c", "--t2w", "t", "--adc", "a", "--out", "o", "--batch-size",
       "0"], "--batch-size 0: expected at least 1"),
+    # A threshold above 1 wrote an empty detections.csv without a word; NaN did too, and many
+    # exams (--layout) ended in a traceback writing it to models.json.
+    (["predict", "--checkpoint", "c", "--t2w", "t", "--adc", "a", "--out", "o", "--threshold",
+      "1.5"], "--threshold 1.5: expected a lesion score in [0, 1]"),
+    (["predict", "--checkpoint", "c", "--layout", "picai", "--images", "i", "--out", "o",
+      "--threshold", "nan"], "--threshold nan: expected a lesion score in [0, 1]"),
     # One exam (--t2w/--adc) or many (--layout), never both.
     (["predict", "--checkpoint", "c", "--t2w", "t", "--adc", "a", "--layout", "picai", "--images",
       "i", "--out", "o"], "--t2w is for one exam; --layout picai reads its exams from --images"),

@@ -62,9 +62,11 @@ def check_evaluate_flags(args: argparse.Namespace) -> None:
 
 
 def check_predict_flags(args: argparse.Namespace) -> None:
-    """`focalnet predict`: batch size, one exam or many (not both), one crop centre, the output
-    folder."""
+    """`focalnet predict`: batch size, detections threshold, one exam or many (not both), one
+    crop centre, the output folder."""
     _check_batch_size(args)
+    if not 0 <= args.threshold <= 1:  # above 1 (or NaN): no detection can reach it
+        raise UserError(f"--threshold {args.threshold}: expected a lesion score in [0, 1]")
     if args.layout is not None:
         mixed = [f for f in ONE_EXAM_FLAGS if getattr(args, f)]
         if mixed:
