@@ -106,6 +106,15 @@ FLAG_ERRORS = [  # (argv, the message after "focalnet <command>: error: ")
       "1.5"], "--threshold 1.5: expected a lesion score in [0, 1]"),
     (["predict", "--checkpoint", "c", "--layout", "picai", "--images", "i", "--out", "o",
       "--threshold", "nan"], "--threshold nan: expected a lesion score in [0, 1]"),
+    # A NaN or infinite factor passed, and many exams ended in a traceback writing models.json.
+    (["predict", "--checkpoint", "c", "--layout", "picai", "--images", "i", "--out", "o",
+      "--candidate-factor", "nan"], "candidate settings CandidateSettings(threshold="
+     "'dynamic-fast', min_voxels=10, num_lesions=5, dynamic_threshold_factor=nan): expected "
+     "min_voxels >= 0, num_lesions >= 1, dynamic_threshold_factor > 1 and finite"),
+    (["predict", "--checkpoint", "c", "--t2w", "t", "--adc", "a", "--out", "o",
+      "--candidate-factor", "inf"], "candidate settings CandidateSettings(threshold="
+     "'dynamic-fast', min_voxels=10, num_lesions=5, dynamic_threshold_factor=inf): expected "
+     "min_voxels >= 0, num_lesions >= 1, dynamic_threshold_factor > 1 and finite"),
     # One exam (--t2w/--adc) or many (--layout), never both.
     (["predict", "--checkpoint", "c", "--t2w", "t", "--adc", "a", "--layout", "picai", "--images",
       "i", "--out", "o"], "--t2w is for one exam; --layout picai reads its exams from --images"),

@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import dataclasses
 import io
+import math
 
 import numpy as np
 import SimpleITK as sitk
@@ -74,10 +75,11 @@ class CandidateSettings:
                     f"candidate threshold {threshold!r}: expected one of {THRESHOLD_MODES} "
                     "or a score in (0, 1)"
                 )
-        if self.min_voxels < 0 or self.num_lesions < 1 or self.dynamic_threshold_factor <= 1:
+        factor = self.dynamic_threshold_factor  # NaN, inf: no threshold, and not JSON (models.json)
+        if self.min_voxels < 0 or self.num_lesions < 1 or not 1 < factor < math.inf:
             raise UserError(
                 f"candidate settings {self}: expected min_voxels >= 0, num_lesions >= 1, "
-                "dynamic_threshold_factor > 1"
+                "dynamic_threshold_factor > 1 and finite"
             )
 
     @classmethod
