@@ -25,6 +25,7 @@ from focalnet_jax.evaluation.ensemble import (
     LEFT_RIGHT_AXIS,
     EnsembleError,
     load_ensemble,
+    resolve_folder,
     resolve_runs,
 )
 from focalnet_jax.evaluation.inference import Predictor
@@ -180,6 +181,20 @@ def test_folds_never_trained_are_named_in_a_warning_and_models_json(cv, tmp_path
     models = json.loads((out / "models.json").read_text())
     assert [m["run"] for m in models["models"]] == [str(partial / f"fold{k}") for k in (0, 1)]
     assert models["left_out"] == [{"run": str(partial / "fold2"), "reason": "never trained"}]
+
+
+def test_a_copy_of_a_fold_is_left_out_of_the_folders_ensemble(cv, tmp_path, caplog):
+    """`fold0.bak`, a copy of fold0 beside the folds, joined the ensemble as a third model without
+    a word: fold 0 counted twice in the mean. Only `fold<k>` runs are the folder's folds."""
+    folder = tmp_path / "cv_copy"
+    for name, source in (("fold0", "fold0"), ("fold1", "fold1"), ("fold0.bak", "fold0")):
+        shutil.copytree(cv["cv"] / source, folder / name)
+    with caplog.at_level("WARNING", logger="focalnet_jax"):
+        runs, left_out = resolve_folder(folder)
+    assert runs == [folder / "fold0", folder / "fold1"]
+    reason = "not a fold<k> run of focalnet cv (a copy of a fold would count it twice)"
+    assert left_out == [{"run": str(folder / "fold0.bak"), "reason": reason}]
+    assert f"{folder}: fold0.bak left out of the ensemble ({reason})" in caplog.messages
 
 
 def test_one_fold_evaluated_by_two_names_is_one_run_to_summarize(cv, tmp_path, monkeypatch):

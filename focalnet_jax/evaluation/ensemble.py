@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import json
 import logging
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -36,6 +37,8 @@ from focalnet_jax.run import workdir as workdir_lib
 log = logging.getLogger(__name__)
 
 TTA_MODES = ("none", "flip")
+FOLD_NAME = re.compile(r"fold\d+")  # the runs of `focalnet cv`: fold<k>
+NOT_A_FOLD = "not a fold<k> run of focalnet cv (a copy of a fold would count it twice)"
 LEFT_RIGHT_AXIS = 2  # columns of [N, H, W, C]: along LPS +x (patient right -> left)
 # Labels only: how a label value 1 reads does not change a model's inputs.
 LABEL_ONLY_SETTINGS = ("label_values",)
@@ -130,19 +133,24 @@ def resolve_runs(path: str | Path) -> list[Path]:
 
 def resolve_folder(path: str | Path) -> tuple[list[Path], list[dict]]:
     """(runs, left out) of a `--checkpoint` / `--workdir` argument: the run itself, or every
-    `fold*` run of a cross-validation folder with a finished checkpoint. Left out, each logged
-    and listed as {"run": absolute path, "reason"}: unfinished folds, and the `fold<k>` of
+    `fold<k>` run of a cross-validation folder with a finished checkpoint. Left out, each logged
+    and listed as {"run": absolute path, "reason"}: unfinished folds, other `fold*` runs (e.g. a
+    copy `fold0.bak`, which would count its fold twice in the mean), and the `fold<k>` of
     k < `data.num_folds` (the largest the fold runs' config.json give) with no run at all."""
     path = Path(path)
     if (path / workdir_lib.CONFIG_FILE).is_file():
         return [path], []
-    folds = [p for p in path.glob("fold*") if (p / workdir_lib.CONFIG_FILE).is_file()]
+    named = [p for p in path.glob("fold*") if (p / workdir_lib.CONFIG_FILE).is_file()]
+    folds = [p for p in named if FOLD_NAME.fullmatch(p.name)]
     folds.sort(key=lambda p: (len(p.name), p.name))  # fold2 before fold10
     if not folds:
         raise EnsembleError(
             f"{path}: neither a training run (no {workdir_lib.CONFIG_FILE}) nor a "
             f"cross-validation folder (no fold<k>/{workdir_lib.CONFIG_FILE})"
         )
+    strays = sorted(set(named) - set(folds))
+    for stray in strays:
+        log.warning("%s: %s left out of the ensemble (%s)", path, stray.name, NOT_A_FOLD)
     runs, skipped = [], {}
     for fold in folds:
         step, reason = final_step(fold)
@@ -170,6 +178,7 @@ def resolve_folder(path: str | Path) -> tuple[list[Path], list[dict]]:
             "was" if len(missing) == 1 else "were",
         )
     left_out = [{"run": str(fold.resolve()), "reason": reason} for fold, reason in skipped.items()]
+    left_out += [{"run": str(stray.resolve()), "reason": NOT_A_FOLD} for stray in strays]
     left_out += [
         {"run": str((path / name).resolve()), "reason": "never trained"} for name in missing
     ]
