@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -416,6 +418,45 @@ def test_label_or_mask_saved_without_geometry_is_refused(small_case, tmp_path, w
     bare.CopyInformation(sc.images["t2w"])
     write_image(bare, tmp_path / "bare.nii.gz")
     preprocess_case(components, files["label"], mask=files["mask"], case_id="c2")
+
+
+def _without_orientation(image: sitk.Image, path):
+    """`image` written as a NIfTI whose header places it nowhere (qform_code and sform_code 0,
+    as an array saved without an affine); ITK reads it at origin 0, identity direction."""
+    write_image(image, path)
+    data = bytearray(path.read_bytes())
+    assert struct.unpack("<i", data[:4])[0] == 348 and struct.unpack("<2h", data[252:256]) != (0, 0)
+    data[252:256] = struct.pack("<2h", 0, 0)
+    path.write_bytes(data)
+    return path
+
+
+def test_components_without_orientation_on_other_grids_are_refused(small_case, tmp_path):
+    # T2w (1 mm voxels) and ADC (2 mm) saved without orientation were both read with their first
+    # voxel at origin 0 and resampled onto each other there, off by the difference of their real
+    # origins (here about 1 mm; 38 mm for an ADC of 256 mm beside a T2w of 180 mm), without a word.
+    folder, sc = small_case
+    t2w, adc = sc.images["t2w"], sc.images["adc"]
+    components = {
+        "t2w": _without_orientation(t2w, tmp_path / "t2w.nii"),
+        "adc": _without_orientation(adc, tmp_path / "adc.nii"),
+    }
+    assert sitk.ReadImage(str(components["adc"])).GetOrigin() == (0.0, 0.0, 0.0)
+    with pytest.raises(CaseError) as info:
+        preprocess_case(components, mask=folder / "mask.nii.gz", case_id="c4")
+    assert info.value.file == str(components["t2w"])
+    assert info.value.reason.startswith(
+        "t2w is a NIfTI without orientation (qform_code and sform_code 0: read at origin 0, not "
+        "where the scanner put it) and adc lies on another grid"
+    )
+    # Given with its header, the ADC is still refused beside the T2w read at origin 0.
+    components["adc"] = folder / "adc.mha"
+    with pytest.raises(CaseError, match="t2w is a NIfTI without orientation"):
+        preprocess_case(components, case_id="c4")
+    # On one grid (the ADC resampled onto the T2w's) the voxels correspond: kept.
+    on_t2w = sitk.Resample(adc, t2w, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    components["adc"] = _without_orientation(on_t2w, tmp_path / "adc_on_t2w.nii")
+    assert preprocess_case(components, case_id="c4").images.shape[-1] == 2
 
 
 def test_blank_hbv_is_refused(small_case, tmp_path):

@@ -260,6 +260,53 @@ def check_distinct(files: Mapping, series: Mapping, case: str) -> None:
         seen[key] = name
 
 
+def unplaced_nifti(path: str | os.PathLike) -> bool:
+    """Whether `path` is a NIfTI-1 file whose header places its voxels nowhere (qform_code and
+    sform_code 0, e.g. saved from an array without an affine): ITK reads it at origin 0 with
+    identity direction, not where the scanner put it."""
+    path = Path(path)
+    name = path.name.lower()
+    if not name.endswith((".nii", ".nii.gz")) or not path.is_file():
+        return False
+    with (gzip.open if name.endswith(".gz") else open)(path, "rb") as f:
+        header = f.read(348)
+    if len(header) < 348:
+        return False
+    endian = "<" if struct.unpack("<i", header[:4])[0] == 348 else ">"
+    if struct.unpack(endian + "i", header[:4])[0] != 348:  # NIfTI-2: not checked
+        return False
+    qform_code, sform_code = struct.unpack(endian + "2h", header[252:256])
+    return qform_code <= 0 and sform_code <= 0
+
+
+def _same_grid(a: sitk.Image, b: sitk.Image) -> bool:
+    return a.GetSize() == b.GetSize() and all(
+        np.allclose(getattr(a, f)(), getattr(b, f)(), atol=1e-4)
+        for f in ("GetSpacing", "GetOrigin", "GetDirection")
+    )
+
+
+def check_placed(images: Mapping[str, sitk.Image], paths: Mapping, case: str) -> None:
+    """Refuses (`CaseError` naming the file) a component that is an `unplaced_nifti` unless every
+    component lies on its very grid: components are aligned by scanner coordinates, and such a
+    file's first voxel sits at the origin whatever its field of view (an ADC of 256 mm beside a
+    T2w of 180 mm would be shifted 38 mm). `images`, `paths`: component name -> image, file."""
+    unplaced = [name for name in images if unplaced_nifti(paths[name])]
+    if not unplaced:
+        return
+    name = unplaced[0]
+    other = next((n for n, image in images.items() if not _same_grid(image, images[name])), None)
+    if other is None:
+        return
+    raise CaseError(
+        case,
+        paths[name],
+        f"{name} is a NIfTI without orientation (qform_code and sform_code 0: read at origin 0, "
+        f"not where the scanner put it) and {other} lies on another grid, so the two cannot be "
+        "aligned by scanner coordinates; convert the series with their geometry (e.g. dcm2niix)",
+    )
+
+
 def write_image(image: sitk.Image, path: str | os.PathLike) -> None:
     """Write an image (compressed for `.nii.gz` / `.mha`), creating parent folders."""
     path = Path(path)

@@ -17,7 +17,7 @@ import SimpleITK as sitk
 
 from focalnet_jax.data import coverage, intensity
 from focalnet_jax.data.geometry import CropGeometry, display_axes, not_axial
-from focalnet_jax.data.io import CaseError, check_distinct, read_image, zyx
+from focalnet_jax.data.io import CaseError, check_distinct, check_placed, read_image, zyx
 from focalnet_jax.data.lesions import index_lesion, instance_classes, label_instances, warn_outside
 
 LABEL_SCHEMES = ("picai", "isup")
@@ -351,8 +351,8 @@ def _read_components(
     components: Mapping[str, str | os.PathLike], case: str, series: Mapping[str, str]
 ) -> dict[str, sitk.Image]:
     """Every component's image (the chosen series of a DICOM folder); each must be its own file
-    or series, hold two slices or more, the first (T2w) must be an axial series and each other
-    must overlap its field of view."""
+    or series, hold two slices or more and be placed in scanner coordinates (`io.check_placed`),
+    the first (T2w) must be an axial series and each other must overlap its field of view."""
     images = {
         name: read_image(path, case=case, series=series.get(name), component=name)
         for name, path in components.items()
@@ -368,6 +368,7 @@ def _read_components(
                 f"{name} has a single slice ({size} voxels): a broken or partial export (prostate "
                 "MRI series hold about 20-30 slices); export the whole series",
             )
+    check_placed(images, components, case)
     t2w_name, t2w = next(iter(images.items()))
     if problem := not_axial(t2w.GetDirection()):
         raise CaseError(case, components[t2w_name], problem)
