@@ -49,6 +49,23 @@ def test_replaced_folder_is_all_new_or_all_old(tmp_path):
     assert os.listdir(tmp_path) == ["case1"] and os.listdir(final) == ["new.txt"]
 
 
+def test_a_folder_given_by_a_link_is_replaced_where_the_link_points(tmp_path):
+    # `--out results` with `results -> /disk/results`: the link itself was renamed aside and
+    # became the new folder, the folder it pointed to kept the old files, and the link moved
+    # aside stayed beside it (rmtree refuses a link) after every run.
+    real, link = tmp_path / "disk" / "results", tmp_path / "results"
+    real.mkdir(parents=True)
+    (real / "old.txt").write_text("old")
+    link.symlink_to(real)
+    for _ in range(2):
+        with replaced_folder(link) as tmp:
+            (tmp / "new.txt").write_text("new")
+    assert link.is_symlink() and link.resolve() == real
+    assert os.listdir(real) == ["new.txt"]
+    assert sorted(os.listdir(tmp_path)) == ["disk", "results"]
+    assert os.listdir(real.parent) == ["results"]
+
+
 def test_a_failed_replaced_folder_removes_the_parents_it_created(tmp_path):
     (tmp_path / "kept").mkdir()
     with pytest.raises(RuntimeError), replaced_folder(tmp_path / "kept/new/deeper/out") as tmp:

@@ -224,6 +224,29 @@ def test_overwrite_starts_over_and_images_may_be_repeated(tiny, tmp_path, monkey
     assert_same_outputs(out, tiny["reference"])
 
 
+def test_an_out_given_by_a_link_is_made_where_the_link_points(tmp_path):
+    """`--out results` with `results -> disk/results`: the partial, the lock and the finished
+    output are beside and in the folder the link points to, and the link is kept (it became the
+    output folder itself, the folder it pointed to left with the earlier output)."""
+    from focalnet_jax.evaluation.partial_output import partial_output
+
+    real, link = tmp_path / "disk" / "results", tmp_path / "results"
+    real.mkdir(parents=True)
+    (real / "models.json").write_text("{}\n")  # an earlier output
+    link.symlink_to(real)
+    settings = {"models": [{"run": "r", "step": 2}], "tta": "none"}
+    with pytest.raises(RuntimeError), partial_output(link, settings, resume=False, overwrite=True):
+        raise RuntimeError("stopped")
+    assert partial_folder(link) == real.with_name("results.partial")
+    assert partial_folder(link).is_dir() and lock_file(link).parent == real.parent
+    with partial_output(link, settings, resume=True, overwrite=True) as (partial, _, _):
+        (partial / "case0").mkdir()
+    assert link.is_symlink() and link.resolve() == real
+    assert sorted(p.name for p in real.iterdir()) == ["case0", "models.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk", "results"]
+    assert sorted(p.name for p in real.parent.iterdir()) == ["results"]
+
+
 def test_resume_removes_a_killed_writers_temporary_files_and_folders(tmp_path):
     """A writer killed by SIGKILL leaves `.<case>.tmp-<pid>/` folders and, mid errors.csv or
     models.json, `.<file>.tmp-<pid>` files (and an earlier version its `.predict.lock`); the run

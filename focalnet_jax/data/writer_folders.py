@@ -38,6 +38,14 @@ _NAME = r"^\.{name}\.tmp-(?P<pid>\d+)@(?P<host>.+)-(?P<space>[0-9a-f]{{8}})-[0-9
 _OLD_NAME = r"^\.{name}\.tmp-(?P<pid>\d+)@(?P<host>.+)-[0-9a-f]{{8}}(?P<old>\.old)?$"
 
 
+def through_link(path: str | os.PathLike) -> Path:
+    """`path`, or the path it points to when it is a symbolic link: a folder replaced whole is
+    replaced there and the link kept (renamed over, the link itself became the new folder,
+    beside it, and the folder it points to was left as it was)."""
+    path = Path(path)
+    return path.resolve() if path.is_symlink() else path
+
+
 def writer_folder(path: Path) -> Path:
     """A new temporary folder name for this process writing `path` (not created)."""
     owner = f"{os.getpid()}@{socket.gethostname()}-{pid_space()}-{secrets.token_hex(4)}"
