@@ -66,6 +66,19 @@ def test_a_folder_given_by_a_link_is_replaced_where_the_link_points(tmp_path):
     assert os.listdir(real.parent) == ["results"]
 
 
+def test_the_working_folder_given_as_dot_is_replaced(tmp_path, monkeypatch):
+    # `cd results/exam1 && focalnet predict ... --out .`: '.' has no name to put the writer
+    # folder beside, and the command ended, after predicting, in a ValueError traceback.
+    out = tmp_path / "exam1"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    monkeypatch.chdir(out)
+    with replaced_folder(".") as tmp:
+        assert tmp.parent == tmp_path
+        (tmp / "new.txt").write_text("new")
+    assert os.listdir(out) == ["new.txt"] and os.listdir(tmp_path) == ["exam1"]
+
+
 def test_a_failed_replaced_folder_removes_the_parents_it_created(tmp_path):
     (tmp_path / "kept").mkdir()
     with pytest.raises(RuntimeError), replaced_folder(tmp_path / "kept/new/deeper/out") as tmp:

@@ -247,6 +247,21 @@ def test_an_out_given_by_a_link_is_made_where_the_link_points(tmp_path):
     assert sorted(p.name for p in real.parent.iterdir()) == ["results"]
 
 
+def test_an_out_of_dot_is_made_beside_the_working_folder(tmp_path, monkeypatch):
+    """`--layout picai ... --out .` ended in a ValueError traceback ('.' has an empty name)."""
+    from focalnet_jax.evaluation.partial_output import partial_output
+
+    out = tmp_path / "results"
+    out.mkdir()
+    monkeypatch.chdir(out)
+    settings = {"models": [{"run": "r", "step": 2}], "tta": "none"}
+    assert partial_folder(".") == tmp_path / "results.partial"
+    with partial_output(Path("."), settings, resume=False, overwrite=False) as (partial, _, _):
+        (partial / "case0").mkdir()
+    assert sorted(p.name for p in out.iterdir()) == ["case0", "models.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]
+
+
 def test_resume_removes_a_killed_writers_temporary_files_and_folders(tmp_path):
     """A writer killed by SIGKILL leaves `.<case>.tmp-<pid>/` folders and, mid errors.csv or
     models.json, `.<file>.tmp-<pid>` files (and an earlier version its `.predict.lock`); the run

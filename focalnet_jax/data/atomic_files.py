@@ -15,7 +15,7 @@ from focalnet_jax.data.writer_folders import (
     remove_dead_leftovers,
     restore_moved_aside,
     swap_in,
-    through_link,
+    target_folder,
     writer_folder,
 )
 from focalnet_jax.errors import UserError
@@ -52,9 +52,9 @@ def replaced_folder(path: str | os.PathLike, writer: str = "focalnet"):
     `replaced_folder` of `path` moves it back first). When the block raises, the temporary folder
     is removed, so are the parent folders it created, and `path` stays as it was. Leftovers of
     writers of `path` that died are removed first (`writer`, the command, names them in the log).
-    A symbolic link `path` is kept and the folder it points to replaced (`through_link`).
+    A symbolic link `path` is kept and the folder it points to replaced (`target_folder`).
     """
-    path = through_link(path)
+    path = target_folder(path)
     created = [p for p in (path.parent, *path.parent.parents) if not p.exists()]  # deepest first
     path.parent.mkdir(parents=True, exist_ok=True)
     restore_moved_aside(path, writer)

@@ -38,11 +38,12 @@ _NAME = r"^\.{name}\.tmp-(?P<pid>\d+)@(?P<host>.+)-(?P<space>[0-9a-f]{{8}})-[0-9
 _OLD_NAME = r"^\.{name}\.tmp-(?P<pid>\d+)@(?P<host>.+)-[0-9a-f]{{8}}(?P<old>\.old)?$"
 
 
-def through_link(path: str | os.PathLike) -> Path:
-    """`path`, or the path it points to when it is a symbolic link: a folder replaced whole is
-    replaced there and the link kept (renamed over, the link itself became the new folder,
-    beside it, and the folder it points to was left as it was)."""
-    path = Path(path)
+def target_folder(path: str | os.PathLike) -> Path:
+    """The folder to replace for `path`: absolute, without `.` or `..` (`--out .` has no name to
+    put a writer folder beside), and where it points when it is a symbolic link, which is kept
+    (renamed over, the link itself became the new folder, beside it, and the folder it points
+    to was left as it was)."""
+    path = Path(os.path.abspath(path))
     return path.resolve() if path.is_symlink() else path
 
 

@@ -38,7 +38,7 @@ from focalnet_jax.data.writer_folders import (
     remove_dead_leftovers,
     restore_moved_aside,
     swap_in,
-    through_link,
+    target_folder,
     writer_folder,
 )
 from focalnet_jax.errors import UserError
@@ -56,14 +56,14 @@ WRITER = "focalnet predict"
 def partial_folder(out: str | os.PathLike) -> Path:
     """`<out>.partial`, where a batch prediction into `out` is made (beside the folder a link
     `out` points to)."""
-    out = through_link(out)
+    out = target_folder(out)
     return out.with_name(f"{out.name}.partial")
 
 
 def lock_file(out: str | os.PathLike) -> Path:
     """`.<out>.predict.lock`, beside `out` (the folder a link `out` points to): the lock of the
     run writing into `out`."""
-    out = through_link(out)
+    out = target_folder(out)
     return out.with_name(f".{out.name}{LOCK_FILE}")
 
 
@@ -220,8 +220,8 @@ def partial_output(out: Path, settings: dict, *, resume: bool, overwrite: bool) 
     output) to the rename, holds the lock beside `out` (`lock_file`). Without `resume` an
     existing partial is refused, or with `overwrite` emptied; with `resume` its recorded
     settings must equal `settings` (its `models.json`, written here for a new partial). A
-    symbolic link `out` is kept and the folder it points to replaced (`through_link`)."""
-    out = through_link(out)
+    symbolic link `out` is kept and the folder it points to replaced (`target_folder`)."""
+    out = target_folder(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     lock = _lock_out(out)
     try:
