@@ -71,6 +71,9 @@ def test_verbose_shows_the_traceback(tmp_path, capsys, where):
 
 FLAG_ERRORS = [  # (argv, the message after "focalnet <command>: error: ")
     (["synth", "--out", "x", "--cases", "0"], "--cases 0: expected at least 1"),
+    # A negative seed ended in numpy's traceback "expected non-negative integer".
+    (["synth", "--out", "x", "--cases", "1", "--seed", "-1"], "--seed -1: expected 0 or more"),
+    (["folds", "--store", "s", "--seed", "-1"], "--seed -1: expected 0 or more"),
     (["summarize", "--runs", "nodir", "--out", "o"], "--runs expects NAME=DIR, got 'nodir'"),
     (["evaluate", "--predictions", "p"], "--out is required with --predictions"),
     (["predict", "--checkpoint", "c", "--t2w", "t", "--adc", "a", "--out", "o", "--center", "1"],
@@ -282,6 +285,9 @@ TRAIN_SETTING_ERRORS = [  # (arguments after `train --workdir W`, the message)
      "train.batch_size=0: must be positive"),
     (["--config", DEMO, "--config.data.store=s", "--config.train.batch_size=-2"],
      "train.batch_size=-2: must be positive"),
+    # Ended in numpy's traceback "expected non-negative integer" once the store was read.
+    (["--config", DEMO, "--config.data.store=s", "--config.data.fold_seed=-1"],
+     "data.fold_seed: expected an int >= 0, got -1"),
     (["--config", DEMO],
      "data.store is not set: give the preprocessed store with --config.data.store=STORE"),
 ]  # fmt: skip

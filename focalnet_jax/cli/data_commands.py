@@ -38,6 +38,8 @@ def run_synth(args: argparse.Namespace) -> int:
         raise UserError(str(err)) from err
     if args.cases < 1:
         raise UserError(f"--cases {args.cases}: expected at least 1")
+    if args.seed < 0:
+        raise UserError(f"--seed {args.seed}: expected 0 or more")
     cases = write_dataset(
         args.out, args.cases, args.seed, config, progress=True, overwrite=args.overwrite
     )
@@ -136,6 +138,8 @@ def run_folds(args: argparse.Namespace) -> int:
 
     if args.out and args.splits:
         raise UserError("--out writes seeded folds; the --splits given are fold files already")
+    if args.seed < 0:
+        raise UserError(f"--seed {args.seed}: expected 0 or more")
     store = open_store(args.store)
     rows = fold_table(store, args.num_folds, args.seed, args.splits or "")
     print("fold  patients  cases  slices  patients per highest class 0..5")

@@ -222,6 +222,9 @@ def _check_data(data) -> tuple[str, ...]:
         raise ValueError(f"data.num_folds: expected an int >= 2, got {data.num_folds!r}")
     if not (isinstance(data.fold, int) and 0 <= data.fold < data.num_folds):
         raise ValueError(f"data.fold={data.fold!r} not in [0, data.num_folds={data.num_folds})")
+    seed = data.fold_seed
+    if isinstance(seed, bool) or not (isinstance(seed, int) and seed >= 0):
+        raise ValueError(f"data.fold_seed: expected an int >= 0, got {seed!r}")
     return tuple(components)
 
 
