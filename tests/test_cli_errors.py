@@ -74,6 +74,9 @@ FLAG_ERRORS = [  # (argv, the message after "focalnet <command>: error: ")
     # A negative seed ended in numpy's traceback "expected non-negative integer".
     (["synth", "--out", "x", "--cases", "1", "--seed", "-1"], "--seed -1: expected 0 or more"),
     (["folds", "--store", "s", "--seed", "-1"], "--seed -1: expected 0 or more"),
+    # A NaN share passed every comparison: no lesion was visible in T2w or ADC only.
+    (["synth", "--out", "x", "--cases", "1", "--t2w-only-share", "nan"],
+     "lesion visibility shares (nan, 0.15): expected >= 0, summing to <= 1"),
     (["summarize", "--runs", "nodir", "--out", "o"], "--runs expects NAME=DIR, got 'nodir'"),
     (["evaluate", "--predictions", "p"], "--out is required with --predictions"),
     (["predict", "--checkpoint", "c", "--t2w", "t", "--adc", "a", "--out", "o", "--center", "1"],

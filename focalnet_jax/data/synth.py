@@ -82,7 +82,7 @@ class SynthConfig:
             )
         shares = (self.t2w_only_share, self.adc_only_share)
         shares += (self.dce_only_share,) if "dce" in c else ()
-        if min(shares) < 0 or sum(shares) > 1:
+        if not (all(share >= 0 for share in shares) and sum(shares) <= 1):  # NaN fails too
             raise ValueError(f"lesion visibility shares {shares}: expected >= 0, summing to <= 1")
 
     @classmethod
