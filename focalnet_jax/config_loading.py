@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,6 +20,16 @@ import ml_collections
 from focalnet_jax.errors import UserError
 
 _PREFIX = "--config."
+
+
+def _raised_in(error: Exception, folder: Path) -> str:
+    """`NameError at FILE:LINE`: the exception's type and the deepest line of the config files in
+    `folder` (the file and the siblings it imports) that it passed through."""
+    folder = folder.resolve()
+    frames = traceback.extract_tb(error.__traceback__)
+    ours = [f for f in frames if Path(f.filename).resolve().parent == folder]
+    where = f" at {ours[-1].filename}:{ours[-1].lineno}" if ours else ""
+    return f"{type(error).__name__}{where}"
 
 
 def _import_config_module(path: Path, kind: str):
@@ -47,6 +58,8 @@ def _import_config_module(path: Path, kind: str):
         ) from error
     except ImportError as error:
         raise UserError(f"{kind} {path}: cannot import: {error}") from error
+    except Exception as error:  # the file's own code raised: its error, not the package's
+        raise UserError(f"{kind} {path}: {_raised_in(error, path.parent)}: {error}") from error
     finally:
         sys.path.pop(0)
         for name in siblings:
@@ -60,16 +73,20 @@ def _import_config_module(path: Path, kind: str):
 def get_config_from_file(spec: str, *, kind: str = "config file") -> ml_collections.ConfigDict:
     """`spec` = `path/to/config.py` or `path/to/config.py:arg`; returns the unlocked ConfigDict.
 
-    A file that cannot be loaded, or whose `get_config` rejects `arg` (ValueError) or returns no
-    ConfigDict, is a `UserError` naming `kind`, the file and the reason.
+    A file that cannot be loaded, or whose `get_config` rejects `arg` (ValueError), raises
+    another error (named with the config file's line) or returns no ConfigDict, is a `UserError`
+    naming `kind`, the file and the reason.
     """
     path_text, sep, arg = spec.partition(":")
     module = _import_config_module(Path(path_text), kind)
+    call = f"get_config({arg!r})" if sep else "get_config()"
     try:
         config = module.get_config(arg) if sep else module.get_config()
     except (ValueError, TypeError) as error:
-        call = f"get_config({arg!r})" if sep else "get_config()"
         raise UserError(f"{kind} {path_text}: {call}: {error}") from error
+    except Exception as error:  # e.g. a misspelled field read: AttributeError
+        where = _raised_in(error, Path(path_text).parent)
+        raise UserError(f"{kind} {path_text}: {call}: {where}: {error}") from error
     if not isinstance(config, ml_collections.ConfigDict):
         raise UserError(
             f"{kind} {path_text}: get_config() returned {type(config).__name__}, not a ConfigDict"

@@ -259,6 +259,13 @@ BAD_CONFIG_FILES = [  # (file name, text, the message after "config file <path>:
     ("empty.py", "x = 1\n", "defines no get_config() function"),
     ("number.py", "def get_config():\n    return 3\n",
      "get_config() returned int, not a ConfigDict"),
+    # Any other error of the file's own code ended in a traceback.
+    ("name_error.py", "import ml_collections\n\nx = undefined_name\n",
+     "NameError at {path}:3: name 'undefined_name' is not defined"),
+    ("misspelled.py", "import ml_collections\n\ndef get_config():\n"
+     "    config = ml_collections.ConfigDict({'train': {'steps': 1}})\n"
+     "    return config.train.stepz\n",
+     "get_config(): AttributeError at {path}:5: "),
 ]  # fmt: skip
 
 
@@ -266,6 +273,7 @@ BAD_CONFIG_FILES = [  # (file name, text, the message after "config file <path>:
 def test_train_and_study_with_a_bad_config_file(tmp_path, capsys, name, text, reason):
     path = tmp_path / name
     path.write_text(text)
+    reason = reason.format(path=path)
     status, err = _run(["train", "--config", str(path), "--workdir", str(tmp_path / "w")], capsys)
     assert status == 2 and err.splitlines()[-1].startswith(
         f"focalnet train: error: config file {path}: {reason}"
