@@ -287,9 +287,14 @@ def test_train_and_study_with_a_bad_config_file(tmp_path, capsys, name, text, re
 
 
 DEMO = str(REPO / "configs" / "demo.py")
+DEFAULT = str(REPO / "configs" / "default.py")
 TRAIN_SETTING_ERRORS = [  # (arguments after `train --workdir W`, the message)
     (["--config", f"{DEMO}:fold=abc"],
      f"config file {DEMO}: get_config('fold=abc'): config arg fold='abc': expected an integer"),
+    # Its arg was ignored: `default.py:fold=2` trained fold 0.
+    (["--config", f"{DEFAULT}:fold=2", "--config.data.store=s"],
+     f"config file {DEFAULT}: get_config('fold=2'): config arg 'fold' unknown; this file takes "
+     "none"),
     (["--config", DEMO, "--config.train.stepz=3"],
      "--config.train.stepz: unknown config key 'train.stepz'"),
     (["--config", DEMO, "--config.data.store=s", "--config.train.batch_size=0"],
