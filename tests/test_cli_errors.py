@@ -314,3 +314,16 @@ def test_train_setting_errors(tmp_path, capsys, args, message):
     status, err = _run(["train", "--workdir", str(tmp_path / "w"), *args], capsys)
     assert (status, err.splitlines()[-1]) == (2, f"focalnet train: error: {message}")
     assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate"])
+def test_a_compilation_cache_that_is_a_file_is_refused(tmp_path, capsys, command):
+    """JAX cached nothing in a file given as the folder, and the command ran on without a word."""
+    cache = tmp_path / "cache"
+    cache.write_text("not a folder")
+    argv = ["train", "--config", DEMO] if command == "train" else ["evaluate", "--out", "o"]
+    argv += ["--workdir", str(tmp_path / "w"), "--compilation_cache", str(cache)]
+    status, err = _run(argv, capsys)
+    message = f"focalnet {command}: error: compilation cache {cache} exists and is not a folder"
+    assert (status, err.splitlines()[-1]) == (2, message)
+    assert sorted(tmp_path.iterdir()) == [cache]
