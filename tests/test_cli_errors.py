@@ -199,6 +199,12 @@ def test_cv_folds_that_are_not_integers(capsys):
     assert err.splitlines()[-1] == (
         "focalnet cv: error: argument --folds: expected comma-separated integers, got '1,a'"
     )
+    # `--folds 0,0` trained fold 0, resumed it as done and printed "trained folds [0, 0]".
+    status, err = _run(["cv", "--config", "c.py", "--workdir", "w", "--folds", "0,2,0"], capsys)
+    assert status == 2
+    assert err.splitlines()[-1] == (
+        "focalnet cv: error: argument --folds: '0,2,0' names fold(s) [0] more than once"
+    )
 
 
 def test_cv_refuses_a_fold_outside_num_folds_before_training_any(tmp_path, capsys):

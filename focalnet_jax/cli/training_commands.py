@@ -124,11 +124,17 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def _int_list(text: str) -> list[int]:
+    """`--folds 0,2` -> [0, 2]; a fold given twice is refused (it was trained once, then resumed
+    as done, and reported twice)."""
     try:
-        return [int(f) for f in text.split(",")]
+        values = [int(f) for f in text.split(",")]
     except ValueError:
         message = f"expected comma-separated integers, got {text!r}"
         raise argparse.ArgumentTypeError(message) from None
+    repeated = sorted({v for v in values if values.count(v) > 1})
+    if repeated:
+        raise argparse.ArgumentTypeError(f"{text!r} names fold(s) {repeated} more than once")
+    return values
 
 
 def add_cv(parser: argparse.ArgumentParser) -> None:
