@@ -408,6 +408,8 @@ def _one_line_error(*argv: str) -> str:
         ("--spec.store=", "the spec names no store: give --spec FILE:STORE or --spec.store=STORE"),
         ("--spec.arms.ce.loss.mfl=true", "loss.mfl=True with loss.name='sigmoid_ce'"),
         ("--spec.folds=(2,)", "folds=[2]"),
+        # A fold given twice ran each of its cells twice and counted it twice in the report.
+        ("--spec.folds=(0,1,0)", "error: folds=[0, 1, 0]: expected each fold once"),
         ("--spec.arms.ce.loss.nme=x", "arm 'ce' on base "),
         ("--spec.arms.ce.loss.nme=x", ": --config.loss.nme: unknown config key 'loss.nme'"),
         ("--spec.common.train.stpes=5", "error: common on base "),  # not the first arm's

@@ -209,6 +209,8 @@ def validate(spec: ml_collections.ConfigDict, spec_file: str) -> dict:
     folds = [folds] if isinstance(folds, int) else list(folds)
     if not folds or any(not isinstance(f, int) or not 0 <= f < num_folds for f in folds):
         raise StudyError(f"folds={plain['folds']!r}: expected folds in 0..{num_folds - 1}")
+    if len(set(folds)) != len(folds):  # each cell twice, its fold counted twice in the report
+        raise StudyError(f"folds={plain['folds']!r}: expected each fold once")
     if not plain["store"]:
         raise StudyError("the spec names no store: give --spec FILE:STORE or --spec.store=STORE")
     store = Path(plain["store"]).expanduser()
