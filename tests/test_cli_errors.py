@@ -333,3 +333,28 @@ def test_a_compilation_cache_that_is_a_file_is_refused(tmp_path, capsys, command
     message = f"focalnet {command}: error: compilation cache {cache} exists and is not a folder"
     assert (status, err.splitlines()[-1]) == (2, message)
     assert sorted(tmp_path.iterdir()) == [cache]
+
+
+@pytest.mark.parametrize(
+    ("command", "flag"),
+    [("train", "--workdir"), ("cv", "--workdir"), ("preprocess", "--out"), ("synth", "--out"),
+     ("folds", "--out")],
+)  # fmt: skip
+def test_an_output_folder_below_a_file_is_refused(tmp_path, capsys, command, flag):
+    """`train --workdir FILE/run` ended in a NotADirectoryError traceback once the store was
+    read; the others in `[Errno 17] File exists: 'FILE'`."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    out = blocker / "sub"
+    argv = {
+        "train": ["train", "--config", DEMO, "--config.data.store=s", "--workdir", str(out)],
+        "cv": ["cv", "--config", DEMO, "--config.data.store=s", "--workdir", str(out)],
+        "preprocess": ["preprocess", "--layout", "manifest", "--manifest", "m.csv", "--out",
+                       str(out)],
+        "synth": ["synth", "--cases", "1", "--out", str(out)],
+        "folds": ["folds", "--store", "s", "--out", str(out)],
+    }[command]  # fmt: skip
+    status, err = _run(argv, capsys)
+    message = f"focalnet {command}: error: {flag} {out}: {blocker} exists and is not a folder"
+    assert (status, err.splitlines()[-1]) == (2, message)
+    assert sorted(tmp_path.iterdir()) == [blocker]

@@ -95,8 +95,10 @@ def add_preprocess(parser: argparse.ArgumentParser) -> None:
 
 
 def run_preprocess(args: argparse.Namespace) -> int:
+    from focalnet_jax.data.atomic_files import check_output_folder
     from focalnet_jax.data.build_store import preprocess_layout
 
+    check_output_folder(args.out)
     summary = preprocess_layout(
         args.layout,
         out=args.out,
@@ -133,11 +135,13 @@ def add_folds(parser: argparse.ArgumentParser) -> None:
 
 
 def run_folds(args: argparse.Namespace) -> int:
+    from focalnet_jax.data.atomic_files import check_output_folder
     from focalnet_jax.data.folds import fold_table, write_fold_files
     from focalnet_jax.data.store import open_store
 
     if args.out and args.splits:
         raise UserError("--out writes seeded folds; the --splits given are fold files already")
+    check_output_folder(args.out)  # before the table is printed
     if args.seed < 0:
         raise UserError(f"--seed {args.seed}: expected 0 or more")
     store = open_store(args.store)

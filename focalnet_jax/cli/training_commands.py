@@ -113,8 +113,10 @@ def _train_run(config, workdir: Path, command: str, *, last: bool = True) -> Non
 def run_train(args: argparse.Namespace) -> int:
     import jax
 
+    from focalnet_jax.data.atomic_files import check_output_folder
     from focalnet_jax.training.distributed import compilation_cache
 
+    check_output_folder(args.workdir, "--workdir")
     with compilation_cache(args.compilation_cache):
         config = _training_setup(args)
         _train_run(config, args.workdir, args.command)
@@ -149,9 +151,11 @@ def add_cv(parser: argparse.ArgumentParser) -> None:
 def run_cv(args: argparse.Namespace) -> int:
     import jax
 
+    from focalnet_jax.data.atomic_files import check_output_folder
     from focalnet_jax.run import RunSpec
     from focalnet_jax.training.distributed import compilation_cache
 
+    check_output_folder(args.workdir, "--workdir")
     cache = args.compilation_cache
     if cache is None and not jax.config.jax_compilation_cache_dir:
         cache = args.workdir / "compilation_cache"

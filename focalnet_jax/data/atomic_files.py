@@ -75,6 +75,17 @@ def replaced_folder(path: str | os.PathLike, writer: str = "focalnet"):
                 folder.rmdir()
 
 
+def check_output_folder(path: Path | None, flag: str = "--out") -> None:
+    """Raises when `path` or a folder above it exists as something other than a folder."""
+    if path is None:
+        return
+    for where in (path, *path.parents):
+        if where.exists():
+            if not where.is_dir():
+                raise UserError(f"{flag} {path}: {where} exists and is not a folder")
+            return
+
+
 def check_replaceable(out: Path, overwrite: bool, marker: str, made_by: str, inputs=()) -> None:
     """Refuses a non-empty folder `out` (to be replaced whole by `replaced_folder`) unless
     `overwrite`, and even then unless it is an earlier output of `made_by` (it holds the file
@@ -83,6 +94,7 @@ def check_replaceable(out: Path, overwrite: bool, marker: str, made_by: str, inp
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder")
+    check_output_folder(out)  # a file above it
     if not (out.is_dir() and any(out.iterdir())):
         return
     if not overwrite:

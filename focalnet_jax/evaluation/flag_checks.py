@@ -8,22 +8,12 @@ import argparse
 import math
 from pathlib import Path
 
+from focalnet_jax.data.atomic_files import check_output_folder
 from focalnet_jax.errors import UserError
 
 ONE_EXAM_FLAGS = ("t2w", "adc", "hbv", "component", "mask", "center", "center_ras")
 MANY_EXAM_FLAGS = ("images", "masks", "manifest")
 MANY_EXAM_SWITCHES = ("skip_bad_cases", "overwrite", "resume")
-
-
-def check_output_folder(path: Path | None, flag: str = "--out") -> None:
-    """Raises when `path` or a folder above it exists as something other than a folder."""
-    if path is None:
-        return
-    for where in (path, *path.parents):
-        if where.exists():
-            if not where.is_dir():
-                raise UserError(f"{flag} {path}: {where} exists and is not a folder")
-            return
 
 
 def _check_batch_size(args: argparse.Namespace) -> None:
