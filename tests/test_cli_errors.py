@@ -338,11 +338,11 @@ def test_a_compilation_cache_that_is_a_file_is_refused(tmp_path, capsys, command
 @pytest.mark.parametrize(
     ("command", "flag"),
     [("train", "--workdir"), ("cv", "--workdir"), ("preprocess", "--out"), ("synth", "--out"),
-     ("folds", "--out")],
+     ("folds", "--out"), ("study run", "--workdir")],
 )  # fmt: skip
 def test_an_output_folder_below_a_file_is_refused(tmp_path, capsys, command, flag):
     """`train --workdir FILE/run` ended in a NotADirectoryError traceback once the store was
-    read; the others in `[Errno 17] File exists: 'FILE'`."""
+    read, `study run` as soon as it wrote; the others in `[Errno 17] File exists: 'FILE'`."""
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     out = blocker / "sub"
@@ -353,6 +353,7 @@ def test_an_output_folder_below_a_file_is_refused(tmp_path, capsys, command, fla
                        str(out)],
         "synth": ["synth", "--cases", "1", "--out", str(out)],
         "folds": ["folds", "--store", "s", "--out", str(out)],
+        "study run": ["study", "run", "--spec", DEMO, "--workdir", str(out), "--dry-run"],
     }[command]  # fmt: skip
     status, err = _run(argv, capsys)
     message = f"focalnet {command}: error: {flag} {out}: {blocker} exists and is not a folder"

@@ -12,6 +12,7 @@ import shlex
 from pathlib import Path
 from typing import IO
 
+from focalnet_jax.data.atomic_files import check_output_folder
 from focalnet_jax.errors import plural
 from focalnet_jax.study.cells import STUDY_FILE, Study, run_lock
 from focalnet_jax.study.inputs import check_inputs
@@ -148,6 +149,7 @@ def cell_states(
 
 def _run(args: argparse.Namespace) -> int:
     _check_run_flags(args)
+    check_output_folder(args.workdir, "--workdir")  # a dry run too: as the real run would
     study = _open_or_create(args)
     check_inputs(study.plain, study.root / STUDY_FILE)
     if args.dry_run:  # writes nothing, so it needs no lock (and the folder may not exist yet)
