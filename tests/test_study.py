@@ -445,6 +445,13 @@ def _stale_copy(store: Path, tmp_path: Path) -> Path:
         (["--devices", "0,-1"], "--devices '0,-1': expected comma-separated GPU ids"),
         (["--executor", "slurm", "--time", "banana"], "--time 'banana': expected a SLURM time"),
         (["--executor", "slurm", "--time", "1-2:3:4:5"], "--time '1-2:3:4:5': expected a SLURM"),
+        # A flag of the other executor was ignored without a word.
+        (["--gpus", "2"], "--gpus is a SLURM setting: it needs --executor slurm"),
+        (["--sbatch=--hold"], "--sbatch is a SLURM setting: it needs --executor slurm"),
+        (
+            ["--executor", "slurm", "--parallel", "4"],
+            "--parallel is for --executor local (SLURM places each cell's task)",
+        ),
     ],
 )
 def test_run_flags_are_checked_before_anything_is_written(spec_file, tmp_path, flags, expected):

@@ -66,6 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     cell.add_argument("--cell", required=True, help="ARM/rep<r>/fold<k>")
 
 
+SLURM_FLAGS = ("partition", "time", "gpus", "cpus", "throttle")  # and --sbatch, a list
+
+
 def _open_or_create(args: argparse.Namespace) -> Study:
     if args.spec is None:
         if args.overrides:
@@ -93,11 +96,19 @@ def _check_run_flags(args: argparse.Namespace) -> None:
             raise StudyError(f"--{key} {getattr(args, key)}: expected 0 or more")
     if args.time is not None:
         check_time(args.time)
+    # A flag of the other executor was ignored without a word.
+    slurm = [f"--{k}" for k in SLURM_FLAGS if getattr(args, k) is not None]
+    slurm += ["--sbatch"] if args.sbatch else []
+    local = [f"--{k}" for k in ("parallel", "devices") if getattr(args, k) is not None]
+    if args.executor == "local" and slurm:
+        raise StudyError(f"{slurm[0]} is a SLURM setting: it needs --executor slurm")
+    if args.executor == "slurm" and local:
+        raise StudyError(f"{local[0]} is for --executor local (SLURM places each cell's task)")
 
 
 def _slurm_options(study: Study, args: argparse.Namespace) -> dict:
     options = dict(study.plain["slurm"])
-    for key in ("partition", "time", "gpus", "cpus", "throttle"):
+    for key in SLURM_FLAGS:
         if getattr(args, key) is not None:
             options[key] = getattr(args, key)
     options["extra"] = list(options.get("extra") or ()) + list(args.sbatch)
