@@ -35,6 +35,8 @@ def _raised_in(error: Exception, folder: Path) -> str:
 def _import_config_module(path: Path, kind: str):
     """The module of the Python file `path`; a `UserError` naming `kind` (`config file`, `spec`),
     the file and the reason (for a syntax error its line) when it cannot be imported."""
+    if path.is_dir():
+        raise UserError(f"{kind} {path}: a folder, not a Python file with get_config()")
     if not path.is_file():
         raise FileNotFoundError(f"{kind} {path} does not exist")
     if path.suffix != ".py":

@@ -292,6 +292,13 @@ def test_train_and_study_with_a_bad_config_file(tmp_path, capsys, name, text, re
     assert not (tmp_path / "w").exists() and not (tmp_path / "s").exists()
 
 
+def test_a_config_folder_is_not_said_to_be_missing(tmp_path, capsys):
+    """`--config configs` read 'config file configs does not exist'."""
+    status, err = _run(["train", "--config", str(tmp_path), "--workdir", "w"], capsys)
+    expected = f"focalnet train: error: config file {tmp_path}: a folder, not a Python file with "
+    assert (status, err.splitlines()[-1]) == (2, expected + "get_config()")
+
+
 DEMO = str(REPO / "configs" / "demo.py")
 DEFAULT = str(REPO / "configs" / "default.py")
 TRAIN_SETTING_ERRORS = [  # (arguments after `train --workdir W`, the message)
