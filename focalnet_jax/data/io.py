@@ -74,9 +74,11 @@ def _truncation(path: Path) -> str | None:
     return None
 
 
-def _nifti_voxel_size_problem(path: Path) -> str | None:
-    """Why the voxel size in a NIfTI header cannot be taken, or None: a pixdim of 0 (or not
-    finite) along a spatial axis, which ITK reads as 1 mm without a word."""
+def _nifti1_header(path: str | os.PathLike) -> tuple[bytes, str] | None:
+    """(the 348-byte header, its struct byte order '<' or '>') of a NIfTI-1 file `path`; None
+    for another format, a NIfTI-2 file or one that cannot be read (ITK's or `_truncation`'s
+    reason then stands)."""
+    path = Path(path)
     name = path.name.lower()
     if not name.endswith((".nii", ".nii.gz")):
         return None
@@ -84,10 +86,19 @@ def _nifti_voxel_size_problem(path: Path) -> str | None:
         with (gzip.open if name.endswith(".gz") else open)(path, "rb") as f:
             header = f.read(348)
     except (EOFError, OSError, zlib.error):
-        return None  # ITK's or `_truncation`'s reason stands
-    if len(header) < 348:
         return None
-    endian = "<" if struct.unpack("<i", header[:4])[0] == 348 else ">"
+    for endian in "<>":
+        if len(header) == 348 and struct.unpack(endian + "i", header[:4])[0] == 348:
+            return header, endian
+    return None
+
+
+def _nifti_voxel_size_problem(path: Path) -> str | None:
+    """Why the voxel size in a NIfTI header cannot be taken, or None: a pixdim of 0 (or not
+    finite) along a spatial axis, which ITK reads as 1 mm without a word."""
+    if (found := _nifti1_header(path)) is None:
+        return None
+    header, endian = found
     ndim = struct.unpack(endian + "h", header[40:42])[0]
     pixdim = struct.unpack(endian + "8f", header[76:108])[1 : 1 + min(max(ndim, 0), 3)]
     bad = [f"{a} {v:g}" for a, v in zip("xyz", pixdim, strict=False) if not (np.isfinite(v) and v)]
@@ -264,17 +275,9 @@ def unplaced_nifti(path: str | os.PathLike) -> bool:
     """Whether `path` is a NIfTI-1 file whose header places its voxels nowhere (qform_code and
     sform_code 0, e.g. saved from an array without an affine): ITK reads it at origin 0 with
     identity direction, not where the scanner put it."""
-    path = Path(path)
-    name = path.name.lower()
-    if not name.endswith((".nii", ".nii.gz")) or not path.is_file():
+    if (found := _nifti1_header(path)) is None:
         return False
-    with (gzip.open if name.endswith(".gz") else open)(path, "rb") as f:
-        header = f.read(348)
-    if len(header) < 348:
-        return False
-    endian = "<" if struct.unpack("<i", header[:4])[0] == 348 else ">"
-    if struct.unpack(endian + "i", header[:4])[0] != 348:  # NIfTI-2: not checked
-        return False
+    header, endian = found
     qform_code, sform_code = struct.unpack(endian + "2h", header[252:256])
     return qform_code <= 0 and sform_code <= 0
 
