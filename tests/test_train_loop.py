@@ -162,6 +162,22 @@ def test_resume_keeps_the_saved_config_but_for_the_resumable_keys(runs):
     assert workdir_lib.read_config(runs["root"] / "resumed").train.steps == 20
 
 
+def test_resume_with_fewer_steps_than_the_checkpoint_is_refused(runs):
+    """A rerun whose config ends before the saved step would call the run finished at a step it
+    no longer has: refused, `config.json` and `store.json` as they were."""
+    workdir, store = runs["root"] / "full", runs["store"]
+    saved = [(workdir / name).read_text() for name in ("config.json", "store.json")]
+    config = tiny_config(overrides=[*RUN, "--config.train.steps=10"])
+    message = (
+        f"workdir {workdir}: its checkpoint is at step 20, past the 10 steps of this config "
+        "(train.steps=10); a resumed run may extend its training, not shorten it"
+    )
+    with pytest.raises(UserError, match="^" + re.escape(message)):
+        train_and_evaluate(config, workdir, store=store)
+    assert [(workdir / name).read_text() for name in ("config.json", "store.json")] == saved
+    assert workdir_lib.read_config(workdir).train.steps == 20
+
+
 @pytest.mark.parametrize(
     "patients, rows",
     [(10, 4), (5, 3)],

@@ -208,7 +208,8 @@ def _mfl_note(spec: RunSpec) -> str:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *, store=None):
     """Train `config` in `workdir` (resuming from its newest intact checkpoint); returns the final
     state. A resume must keep the saved config but for `workdir.RESUMABLE_KEYS` (a `UserError`
-    names the other keys that differ); `config.json` then records the new values.
+    names the other keys that differ), and may not end before the step it resumes from (a
+    `UserError`, nothing recorded); `config.json` then records the new values.
 
     `store`: an opened store (default: `open_store(config.data.store)`). The config is validated
     (`RunSpec.from_config`) before the store is opened or anything compiled; its paths are made
@@ -231,15 +232,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
         seed=config.seed, prefetch=config.train.prefetch,
     )  # fmt: skip
     num_steps = spec.total_steps(batches.steps_per_epoch)
-    record_run_store(
-        workdir, store, split=split, total_steps=num_steps, write=jax.process_index() == 0
-    )
     lam = spec.mfl_weight(store, split.train_rows)
     key = jax.random.key(config.seed)
     init_key, train_key = jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
     manager = workdir_lib.make_manager(workdir, keep=config.train.keep_checkpoints)
     state = checkpoint.resume_or_initialize(spec, manager, mesh, init_key)
     start = int(jax.device_get(state.step))
+    if start > num_steps:  # before store.json and config.json record the shorter run
+        manager.close()
+        raise UserError(_past_the_end(workdir, start, num_steps, config, batches.steps_per_epoch))
+    record_run_store(
+        workdir, store, split=split, total_steps=num_steps, write=jax.process_index() == 0
+    )
     validate_first = _missing_final_validation(workdir, start, num_steps, len(split.val_rows))
     workdir_lib.save_config(config, workdir)
     if jax.process_index() == 0:
@@ -274,6 +278,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
         if sigterm.stop_now(agreement_point=True):
             raise TrainingStopped(int(jax.device_get(state.step)), workdir, complete=True)
     return state
+
+
+def _past_the_end(workdir: Path, start: int, num_steps: int, config, steps_per_epoch: int) -> str:
+    """Why a run resumed at step `start` cannot train the `num_steps` of `config` (one line)."""
+    train = config.train
+    if train.steps > 0:
+        given = f"train.steps={train.steps}"
+    else:
+        given = f"train.epochs={train.epochs} x {steps_per_epoch} steps per epoch"
+    return (
+        f"workdir {workdir}: its checkpoint is at step {start}, past the {num_steps} steps of "
+        f"this config ({given}); a resumed run may extend its training, not shorten it: give "
+        f"at least {start} steps, or train this config in another workdir"
+    )
 
 
 def _missing_final_validation(workdir: Path, start: int, num_steps: int, val_slices: int) -> bool:
