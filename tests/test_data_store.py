@@ -214,3 +214,27 @@ def test_errors_csv_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         write_errors(path, [("c2", "c2_adc.mha", "unreadable")])
     assert path.read_text() == before and [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_a_table_that_does_not_fit_the_arrays_is_refused(tmp_path):
+    """A `cases.json` of another store over these arrays opened without a word: case 'b' got
+    rows 3..5 of a 3-row store, an empty case, and a case listed twice hid the other record."""
+    with StoreWriter(tmp_path / "two", ("t2w", "adc"), SETTINGS) as writer:
+        writer.add(_case("a", 3, lesion_class=4), patient_id="p1")
+        writer.add(_case("b", 2), patient_id="p2")
+        writer.commit()
+    with StoreWriter(tmp_path / "one", ("t2w", "adc"), SETTINGS) as writer:
+        writer.add(_case("a", 3, lesion_class=4), patient_id="p1")
+        writer.commit()
+    table = json.loads((tmp_path / "two" / "cases.json").read_text())
+    (tmp_path / "one" / "cases.json").write_text(json.dumps(table))
+    with pytest.raises(StaleStoreError, match=r"case 'b' has slices 3..5, the arrays 3;"):
+        open_store(tmp_path / "one")
+    table["cases"] = table["cases"][:1] * 2  # 'a' twice
+    (tmp_path / "two" / "cases.json").write_text(json.dumps(table))
+    with pytest.raises(StaleStoreError, match=r"case 'a' is listed twice"):
+        open_store(tmp_path / "two")
+    table["cases"][1] = {**table["cases"][1], "case_id": "b"}  # 'b' re-reads rows 0..3
+    (tmp_path / "two" / "cases.json").write_text(json.dumps(table))
+    with pytest.raises(StaleStoreError, match=r"case 'b' has slices 0..3, expected to start at 3 "):
+        open_store(tmp_path / "two")

@@ -394,6 +394,7 @@ def open_store(path: str | os.PathLike, *, expected_settings: dict | None = None
     for name, array in arrays.items():
         if len(array) != n:
             raise UserError(f"store {path}: {name}.npy has {len(array)} slices, images.npy {n}")
+    _check_slice_ranges(table["cases"], n, table_path)
     return Store(
         path=path,
         components=tuple(table["components"]),
@@ -402,6 +403,31 @@ def open_store(path: str | os.PathLike, *, expected_settings: dict | None = None
         fingerprint=table["fingerprint"],
         **arrays,
     )
+
+
+def _check_slice_ranges(cases, num_slices: int, table_path: Path) -> None:
+    """Each case record's `start`/`stop` must lie within the arrays' `num_slices` rows, after the
+    previous case's, each case id once: a `cases.json` of another store (or hand-edited) would
+    otherwise give cases other cases' slices, or none, without a word."""
+    stop, seen = 0, set()
+    for record in cases:
+        case = record["case_id"]
+        if case in seen:
+            raise StaleStoreError(f"{table_path}: case {case!r} is listed twice")
+        seen.add(case)
+        start, end = record.get("start"), record.get("stop")
+        if not (isinstance(start, int) and isinstance(end, int) and stop <= start <= end):
+            raise StaleStoreError(
+                f"{table_path}: case {case!r} has slices {start}..{end}, expected to start at "
+                f"{stop} or later; the table does not fit the arrays, run `focalnet preprocess` "
+                "again"
+            )
+        if end > num_slices:
+            raise StaleStoreError(
+                f"{table_path}: case {case!r} has slices {start}..{end}, the arrays "
+                f"{num_slices}; the table does not fit the arrays, run `focalnet preprocess` again"
+            )
+        stop = end
 
 
 def _check_orientation(cases, path: Path) -> None:
