@@ -238,3 +238,26 @@ def test_a_table_that_does_not_fit_the_arrays_is_refused(tmp_path):
     (tmp_path / "two" / "cases.json").write_text(json.dumps(table))
     with pytest.raises(StaleStoreError, match=r"case 'b' has slices 0..3, expected to start at 3 "):
         open_store(tmp_path / "two")
+
+
+def test_a_store_behind_a_symbolic_link_is_replaced_and_the_link_kept(tmp_path, monkeypatch):
+    """`--out` a link to a store on another disk: the link itself became the new store, the
+    store it points to stayed old (and was trained on later), a dangling `.old` link was left
+    beside; `--out .` inside a store raised ValueError (a path without a name)."""
+    with StoreWriter(tmp_path / "disk" / "store", ("t2w", "adc"), SETTINGS) as writer:
+        writer.add(_case("old", 1), patient_id="p")
+        writer.commit()
+    (tmp_path / "stores").mkdir()
+    link = tmp_path / "stores" / "picai"
+    link.symlink_to(tmp_path / "disk" / "store")
+    with StoreWriter(link, ("t2w", "adc"), SETTINGS) as writer:
+        writer.add(_case("new", 1), patient_id="p")
+        writer.commit()
+    assert link.is_symlink() and [p.name for p in (tmp_path / "stores").iterdir()] == ["picai"]
+    assert open_store(tmp_path / "disk" / "store").case_ids == ["new"]
+    assert sorted(p.name for p in (tmp_path / "disk").iterdir()) == ["store"]
+    monkeypatch.chdir(tmp_path / "disk" / "store")
+    with StoreWriter(".", ("t2w", "adc"), SETTINGS) as writer:
+        writer.add(_case("newer", 1), patient_id="p")
+        writer.commit()
+    assert open_store(tmp_path / "disk" / "store").case_ids == ["newer"]

@@ -40,6 +40,7 @@ from focalnet_jax.data.writer_folders import (
     remove_dead_leftovers,
     restore_moved_aside,
     swap_in,
+    target_folder,
     writer_folder,
 )
 from focalnet_jax.errors import UserError
@@ -123,11 +124,12 @@ class StoreWriter:
 
     Use as a context manager: leaving the block by an exception aborts, so nothing half-written
     stays. A store already at `path` is replaced on commit when made with the same settings;
-    with other settings only when `overwrite` (else `StaleStoreError` naming the settings).
+    with other settings only when `overwrite` (else `StaleStoreError` naming the settings). A
+    symbolic link `path` is kept and the store it points to replaced (`target_folder`).
     """
 
     def __init__(self, path: str | os.PathLike, components, settings: dict, *, overwrite=False):
-        self.path = Path(path)
+        self.path = target_folder(path)  # a symbolic link is kept, its folder replaced
         restore_moved_aside(self.path)
         if (self.path / "cases.json").exists():
             diff = settings_diff(read_settings(self.path), settings, ("existing", "new"))
