@@ -3,6 +3,7 @@ marksheet's csPCa flag guarding cases that have no label file."""
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import shutil
@@ -206,3 +207,34 @@ def test_preprocess_cli_takes_repeated_images_and_labels(tmp_path, caplog):
     assert len(used) == len(labels) == 3
     assert used[labels[0].name[: -len(".nii.gz")]] == str(expert / labels[0].name)
     assert all(used[f.name[: -len(".nii.gz")]] == str(ai / f.name) for f in labels[1:])
+
+
+def test_cases_all_refused_while_found_are_listed_beside_the_store(tmp_path, capfd):
+    """With --skip-bad-cases and every case refused before preprocessing (here: no label file
+    in the labels folder), the error named the first alone and the others were listed nowhere;
+    a run whose cases all failed in preprocessing lists them in `<out>.errors.csv`, and so does
+    this one now."""
+    _replica(tmp_path)
+    (tmp_path / "labels").mkdir()
+    out = tmp_path / "store"
+    labels = tmp_path / "labels"
+    argv = ["preprocess", "--layout", "picai", "--images", str(tmp_path), "--labels", str(labels),
+            "--out", str(out), "--skip-bad-cases"]  # fmt: skip
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as raised:
+        main(argv)
+    err = capfd.readouterr().err.strip().splitlines()
+    assert raised.value.code == 2 and len(err) == 1, err
+    assert err[0].endswith(
+        f"5 refused, listed in {out}.errors.csv, first: case '10000_1000000', file '{labels}': "
+        "label missing: looked for 10000_1000000 with suffix .nii.gz, .nii, .mha or .nrrd in "
+        "this folder"
+    )
+    with (tmp_path / "store.errors.csv").open() as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["case", "file", "reason"]
+    assert [r[0] for r in rows[1:]] == [
+        "10000_1000000", "10001_1000001", "10002_1000002", "10003_1000003", "10003_1000004"
+    ]  # fmt: skip
+    assert all(r[1] == str(tmp_path / "labels") and "label missing" in r[2] for r in rows[1:])
+    assert not out.exists()

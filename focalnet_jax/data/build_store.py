@@ -156,13 +156,18 @@ def _add_results(writer: StoreWriter, results, bar: tqdm, skip_bad_cases: bool) 
         writer.add(case, patient_id=spec.patient_id, files=files, meta=spec.meta)
 
 
+def _errors_beside(out) -> Path:
+    """`<out>.errors.csv`: where the bad cases of a run that stored none are listed."""
+    return Path(out).with_name(Path(out).name + ".errors.csv")
+
+
 def _refuse_empty_store(writer: StoreWriter, out, num_cases: int) -> NoReturn:
     """Every case failed: drop the temporary store, list the errors in `<out>.errors.csv` beside
     it, and raise."""
     errors = list(writer.errors)
     writer.abort()
     if errors:
-        write_errors(Path(out).with_name(Path(out).name + ".errors.csv"), errors)
+        write_errors(_errors_beside(out), errors)
     raise UserError(
         f"store {out}: no case stored ({plural(num_cases, 'case')} failed); first: "
         f"{errors[0] if errors else ''}"
@@ -214,10 +219,11 @@ def preprocess_cases(
 
 
 def _find_cases(
-    layout: str, *, images, labels, masks, marksheet, manifest, components, unlabelled, refused
+    layout: str, *, out, images, labels, masks, marksheet, manifest, components, unlabelled, refused
 ) -> list[CaseSpec]:
     """The cases of a PI-CAI folder (`layout` 'picai') or a manifest ('manifest'). `refused`: a
-    list collecting the cases refused while finding them, or None to raise on the first."""
+    list collecting the cases refused while finding them, or None to raise on the first; where
+    every case is refused they are listed in `<out>.errors.csv`."""
     if layout == "picai":
         if images is None:
             raise LayoutError("--layout picai needs --images")
@@ -238,11 +244,15 @@ def _find_cases(
         )
     else:
         raise LayoutError(f"layout {layout!r}: expected 'picai' or 'manifest'")
-    if not cases:
+    if not cases and refused:
+        write_errors(_errors_beside(out), refused)
+        case, file, reason = refused[0]
         raise LayoutError(
-            f"no cases to preprocess ({layout} layout)"
-            + (f"; {len(refused)} refused, first: {refused[0][2]}" if refused else "")
+            f"no cases to preprocess ({layout} layout); {len(refused)} refused, listed in "
+            f"{_errors_beside(out)}, first: case {case!r}, file {file!r}: {reason}"
         )
+    if not cases:
+        raise LayoutError(f"no cases to preprocess ({layout} layout)")
     return cases
 
 
@@ -271,6 +281,7 @@ def preprocess_layout(
     refused = [] if skip_bad_cases else None  # cases refused while finding them (bad ids, labels)
     cases = _find_cases(
         layout,
+        out=out,
         images=images,
         labels=labels,
         masks=masks,
