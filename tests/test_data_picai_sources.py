@@ -12,7 +12,7 @@ import pytest
 
 from focalnet_jax.cli import main
 from focalnet_jax.data.io import CaseError
-from focalnet_jax.data.layouts import LayoutError, discover_picai
+from focalnet_jax.data.layouts import LayoutError, discover_picai, read_manifest
 from focalnet_jax.data.picai_sources import label_scheme, marksheet_cspca
 from focalnet_jax.data.store import open_store
 
@@ -238,3 +238,27 @@ def test_cases_all_refused_while_found_are_listed_beside_the_store(tmp_path, cap
     ]  # fmt: skip
     assert all(r[1] == str(tmp_path / "labels") and "label missing" in r[2] for r in rows[1:])
     assert not out.exists()
+
+
+def test_unlabelled_skip_names_the_cases_it_leaves_out(tmp_path, caplog):
+    """`--unlabelled skip` left cases out without a word: with only the expert labels, three of
+    five PI-CAI cases (every csPCa case labelled by AI alone) were missing from the store, and the
+    closing line counted the rest."""
+    human, _ = _replica(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="focalnet_jax.data.layouts"):
+        kept = discover_picai(tmp_path, human, unlabelled="skip")
+    assert len(kept) == 2
+    assert (
+        f"--unlabelled skip: left out 3 case(s) (no label file in {human}): 10001_1000001, "
+        "10002_1000002, 10003_1000004"
+    ) in caplog.text
+    caplog.clear()
+    manifest = tmp_path / "cases.csv"
+    manifest.write_text(
+        "case_id,patient_id,t2w,adc,label\na,p,t.mha,a.mha,\nb,q,t.mha,a.mha,l.nii\n"
+    )
+    with caplog.at_level(logging.WARNING, logger="focalnet_jax.data.layouts"):
+        assert [c.case_id for c in read_manifest(manifest, unlabelled="skip")] == ["b"]
+    assert f"--unlabelled skip: left out 1 case(s) (no label in manifest {manifest}): a" in (
+        caplog.text
+    )

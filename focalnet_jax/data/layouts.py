@@ -158,7 +158,7 @@ def discover_picai(
         raise LayoutError(not_a_folder("masks", masks))
     found = picai_images(images)
     sheet = read_marksheet(marksheet) if marksheet else {}
-    cases = []
+    cases, unlabelled_cases = [], []
     for case, (patient, folder, file) in sorted(found.items()):
         try:
             check_case_id(case, f"PI-CAI image file {file}")
@@ -173,10 +173,14 @@ def discover_picai(
             else:
                 errors.append((case, str(file), str(error)))
             continue
-        if spec is not None:
-            spec.meta = dict(sheet.get(case, {}))
-            cases.append(spec)
+        if spec is None:
+            unlabelled_cases.append(case)
+            continue
+        spec.meta = dict(sheet.get(case, {}))
+        cases.append(spec)
     _warn_unmasked(cases, masks)
+    where = ", ".join(map(str, folders)) or "no --labels folder given"
+    _warn_left_out(unlabelled_cases, f"no label file in {where}")
     return cases
 
 
@@ -215,6 +219,15 @@ def _picai_case(
         label=str(label) if label is not None else None,
         mask=str(mask) if mask is not None else None,
     )
+
+
+def _warn_left_out(case_ids: Sequence[str], why: str) -> None:
+    """One warning naming the cases `--unlabelled skip` left out (`why`: for want of what)."""
+    if case_ids:
+        log.warning(
+            "--unlabelled skip: left out %d case(s) (%s): %s%s", len(case_ids), why,
+            ", ".join(case_ids[:5]), ", ..." if len(case_ids) > 5 else "",
+        )  # fmt: skip
 
 
 def _warn_unmasked(cases: Sequence[CaseSpec], masks) -> None:
@@ -286,7 +299,7 @@ def read_manifest(
     check_components(components)
     columns, rows = _manifest_rows(manifest, ["case_id", "patient_id", *components])
     centre_columns = _check_manifest_columns(manifest, columns, labels, unlabelled)
-    cases, seen = [], {}  # case id folded to lower case -> (line, case id)
+    cases, seen, skipped = [], {}, []  # seen: case id folded to lower case -> (line, case id)
     for line, row in rows:
         case = row["case_id"]
         where = f"manifest {manifest}, line {line}"
@@ -299,6 +312,7 @@ def read_manifest(
         try:
             _check_manifest_row(row, where, components, labels and unlabelled == "error")
             if labels and not row.get("label") and unlabelled == "skip":
+                skipped.append(case)
                 continue
             cases.append(_manifest_case(manifest, row, where, components, centre_columns, labels))
         except UserError as error:
@@ -306,6 +320,7 @@ def read_manifest(
                 raise
             errors.append((case, str(manifest), str(error)))
     _warn_missing_patients(manifest, rows)
+    _warn_left_out(skipped, f"no label in manifest {manifest}")
     return cases
 
 
