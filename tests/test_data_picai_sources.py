@@ -262,3 +262,19 @@ def test_unlabelled_skip_names_the_cases_it_leaves_out(tmp_path, caplog):
     assert f"--unlabelled skip: left out 1 case(s) (no label in manifest {manifest}): a" in (
         caplog.text
     )
+
+
+def test_a_patient_folder_beside_the_fold_folders_is_an_error(tmp_path):
+    """One patient folder left beside the five fold folders made their parent a single image
+    folder: the fold folders were read as patient folders without images and their cases left
+    out without a word (here 4 of 5 studies)."""
+    _replica(tmp_path)
+    stray = tmp_path / "10009"
+    for name in ("t2w", "adc"):
+        _touch(stray / f"10009_1000009_{name}.mha")
+    with pytest.raises(LayoutError) as info:
+        discover_picai(tmp_path, unlabelled="negative")
+    assert str(info.value) == (
+        f"images folder {tmp_path} holds patient folders (e.g. 10009) and folders of patient "
+        "folders (e.g. picai_public_images_fold0); give each image folder with its own --images"
+    )

@@ -79,14 +79,32 @@ def _image_files(patient_dir: Path):
             yield f"{match['patient']}_{match['study']}", match["patient"], file
 
 
+def _holds_images(folder: Path) -> bool:
+    return next(_image_files(folder), None) is not None
+
+
 def _patient_dirs(folder: Path) -> list[Path]:
     """The patient folders of an image folder; a folder holding no image files but image folders
     of its own (the five `picai_public_images_fold<k>` archives extracted side by side) gives
-    the patient folders of each."""
+    the patient folders of each. A folder holding both is an error (the image folders in it were
+    read as patient folders without images, and left out)."""
     subdirs = sorted(p for p in folder.iterdir() if p.is_dir())
-    if any(next(_image_files(d), None) for d in subdirs):
+    patients = [d for d in subdirs if _holds_images(d)]
+    if patients:
+        others = (d for d in subdirs if not _holds_images(d))
+        nested = next((d for d in others if any(map(_holds_images, _subdirs(d)))), None)
+        if nested is not None:
+            raise LayoutError(
+                f"images folder {folder} holds patient folders (e.g. {patients[0].name}) and "
+                f"folders of patient folders (e.g. {nested.name}); give each image folder with "
+                "its own --images"
+            )
         return subdirs
-    return [p for d in subdirs for p in sorted(q for q in d.iterdir() if q.is_dir())]
+    return [p for d in subdirs for p in _subdirs(d)]
+
+
+def _subdirs(folder: Path) -> list[Path]:
+    return sorted(q for q in folder.iterdir() if q.is_dir())
 
 
 def picai_images(images: PathArg | Sequence[PathArg]) -> dict[str, tuple[str, Path, Path]]:
