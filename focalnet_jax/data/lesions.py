@@ -12,7 +12,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from focalnet_jax.data.io import CaseError, read_image
+from focalnet_jax.data.io import CaseError
 
 _CONNECTIVITY = ndimage.generate_binary_structure(3, 3)
 log = logging.getLogger(__name__)
@@ -76,15 +76,15 @@ def index_lesion(lesions: np.ndarray, lesion_classes: np.ndarray, spacing: float
     return best
 
 
-def warn_outside(full, mask, label, case) -> None:
+def warn_outside(full, gland: sitk.Image, label, mask, case) -> None:
     """A warning naming the lesions of `full` (a `PreprocessedCase` of every T2w slice, from
-    `label`) that share no crop voxel with the gland `mask` (a file, taken onto the crop grid by
-    nearest neighbour): a label or mask of another exam, or one stored mirrored."""
+    `label`) that share no crop voxel with the gland mask `gland` (read from the file `mask`,
+    taken onto the crop grid by nearest neighbour): a label or mask of another exam, or one
+    stored mirrored."""
     count = len(full.lesion_classes)
     if not count:
         return
     grid = full.geometry.reference_image(len(full.annotated))
-    gland = read_image(mask, case=case)
     gland = sitk.Resample(gland, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0.0)
     inside = sitk.GetArrayViewFromImage(gland) > 0
     outside = sorted(set(range(1, count + 1)) - set(np.unique(full.lesions[inside]).tolist()))

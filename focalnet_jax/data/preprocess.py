@@ -190,9 +190,9 @@ def _check_label_map(mask: sitk.Image, case: str, path, what: str) -> None:
     )
 
 
-def _center_of(mask_path, case, t2w: sitk.Image) -> tuple[float, float, float] | None:
-    """LPS centroid (mm) of a mask's nonzero voxels, None when it has none."""
-    mask = read_image(mask_path, case=case)
+def _center_of(mask: sitk.Image, mask_path, case, t2w: sitk.Image) -> tuple | None:
+    """LPS centroid (mm) of the nonzero voxels of `mask` (read from `mask_path`), None when it
+    has none."""
     _check_slices(mask, t2w, case, mask_path, "prostate mask")
     _check_has_geometry(mask, t2w, case, mask_path, "prostate mask")
     _check_label_map(mask, case, mask_path, "prostate mask")
@@ -204,12 +204,14 @@ def _center_of(mask_path, case, t2w: sitk.Image) -> tuple[float, float, float] |
     )
 
 
-def _crop_centre(t2w: sitk.Image, mask, center, case: str, t2w_path) -> tuple[tuple, str]:
-    """LPS crop centre (mm) and its source: gland-mask centroid, given centre, or T2w centre. A
-    mask centroid or given centre outside the T2w volume is refused (a wrong mask or centre,
-    e.g. RAS for LPS), naming the mask or the T2w file."""
-    if mask is not None:
-        centre = _center_of(mask, case, t2w)
+def _crop_centre(
+    t2w: sitk.Image, gland: sitk.Image | None, mask, center, case: str, t2w_path
+) -> tuple[tuple, str]:
+    """LPS crop centre (mm) and its source: centroid of the gland mask `gland` (read from the file
+    `mask`), given centre, or T2w centre. A mask centroid or given centre outside the T2w volume
+    is refused (a wrong mask or centre, e.g. RAS for LPS), naming the mask or the T2w file."""
+    if gland is not None:
+        centre = _center_of(gland, mask, case, t2w)
         if centre is None:
             raise CaseError(case, mask, "prostate mask is empty")
         _check_inside(t2w, centre, case, mask, "prostate mask centroid")
@@ -480,11 +482,12 @@ def preprocess_case(
     images = _read_components(components, case, series or {})
     # 2. Crop centre: gland-mask centroid, else the given centre, else the T2w volume centre.
     t2w_name = next(iter(components))
-    centre, source = _crop_centre(images[t2w_name], mask, center, case, components[t2w_name])
+    gland = read_image(mask, case=case) if mask is not None else None
+    centre, source = _crop_centre(images[t2w_name], gland, mask, center, case, components[t2w_name])
     # 3. Each component and the label resampled once onto the crop grid (every T2w slice).
     full = _crop_every_slice(images, components, label, centre, source, bladder_mask, cfg, case)
-    if mask is not None:  # lesions wholly outside the gland: a label or mask of another exam?
-        warn_outside(full, mask, label, case)
+    if gland is not None:  # lesions wholly outside the gland: a label or mask of another exam?
+        warn_outside(full, gland, label, mask, case)
     # 4. The slices to store, each covered by every component.
     annotated = full.annotated
     reference = full.geometry.reference_image(len(annotated))
