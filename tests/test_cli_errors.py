@@ -329,17 +329,25 @@ def test_train_setting_errors(tmp_path, capsys, args, message):
     assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.parametrize("below", [False, True])
 @pytest.mark.parametrize("command", ["train", "evaluate"])
-def test_a_compilation_cache_that_is_a_file_is_refused(tmp_path, capsys, command):
-    """JAX cached nothing in a file given as the folder, and the command ran on without a word."""
-    cache = tmp_path / "cache"
-    cache.write_text("not a folder")
+def test_a_compilation_cache_that_is_or_lies_below_a_file_is_refused(
+    tmp_path, capsys, command, below
+):
+    """JAX cached nothing in a file given as the folder, or in a folder below a file, and the
+    command ran on without a word."""
+    blocker = tmp_path / "cache"
+    blocker.write_text("not a folder")
+    cache = blocker / "sub" if below else blocker
     argv = ["train", "--config", DEMO] if command == "train" else ["evaluate", "--out", "o"]
     argv += ["--workdir", str(tmp_path / "w"), "--compilation_cache", str(cache)]
     status, err = _run(argv, capsys)
-    message = f"focalnet {command}: error: compilation cache {cache} exists and is not a folder"
+    where = f": {blocker}" if below else ""
+    message = (
+        f"focalnet {command}: error: --compilation_cache {cache}{where} exists and is not a folder"
+    )
     assert (status, err.splitlines()[-1]) == (2, message)
-    assert sorted(tmp_path.iterdir()) == [cache]
+    assert sorted(tmp_path.iterdir()) == [blocker]
 
 
 @pytest.mark.parametrize(

@@ -76,13 +76,16 @@ def replaced_folder(path: str | os.PathLike, writer: str = "focalnet"):
 
 
 def check_output_folder(path: Path | None, flag: str = "--out") -> None:
-    """Raises when `path` or a folder above it exists as something other than a folder."""
+    """Raises a one-line `UserError` naming `flag` when `path` or a folder above it exists as
+    something other than a folder."""
     if path is None:
         return
+    path = Path(path)
     for where in (path, *path.parents):
         if where.exists():
             if not where.is_dir():
-                raise UserError(f"{flag} {path}: {where} exists and is not a folder")
+                blocker = "" if where == path else f": {where}"
+                raise UserError(f"{flag} {path}{blocker} exists and is not a folder")
             return
 
 
@@ -92,9 +95,7 @@ def check_replaceable(out: Path, overwrite: bool, marker: str, made_by: str, inp
     `marker`) in which none of the `inputs` (paths or None) lies: any other folder, e.g. the data
     folder, would be deleted whole. One-line `UserError`s naming `out`."""
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a folder")
-    check_output_folder(out)  # a file above it
+    check_output_folder(out)
     if not (out.is_dir() and any(out.iterdir())):
         return
     if not overwrite:

@@ -30,7 +30,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from focalnet_jax.data import preprocess_case
-from focalnet_jax.data.atomic_files import replaced_folder
+from focalnet_jax.data.atomic_files import check_output_folder, replaced_folder
 from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation import figures
 from focalnet_jax.evaluation.detection_map import CandidateSettings, detection_map_image
@@ -72,8 +72,7 @@ def check_exam_out(out_dir: str | Path) -> None:
     """Refuses (one-line `UserError`) an output folder holding anything but `OUTPUT_FILES`: one
     exam's outputs replace that folder whole, which would delete the rest."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--out {out_dir} exists and is not a folder")
+    check_output_folder(out_dir)
     if not out_dir.is_dir():
         return
     strays = sorted(

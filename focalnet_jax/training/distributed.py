@@ -30,7 +30,7 @@ from pathlib import Path
 
 import jax
 
-from focalnet_jax.errors import UserError
+from focalnet_jax.data.atomic_files import check_output_folder
 
 
 def slurm_num_tasks(environ=None) -> int:
@@ -167,12 +167,11 @@ def describe() -> str:
 @contextlib.contextmanager
 def compilation_cache(path: Path | None):
     """JAX's persistent compilation cache in `path` for the block (None: JAX's own setting,
-    `$JAX_COMPILATION_CACHE_DIR`); the previous setting is restored after it. A `path` that is a
-    file is a `UserError` (JAX would cache nothing there without a word)."""
+    `$JAX_COMPILATION_CACHE_DIR`); the previous setting is restored after it. A `path` that is,
+    or lies below, a file is a `UserError` (JAX would cache nothing there without a word)."""
     from jax.experimental.compilation_cache import compilation_cache as cache
 
-    if path is not None and Path(path).exists() and not Path(path).is_dir():
-        raise UserError(f"compilation cache {path} exists and is not a folder")
+    check_output_folder(path, "--compilation_cache")
     previous = jax.config.jax_compilation_cache_dir
     if path is None or str(path) == previous:
         yield
