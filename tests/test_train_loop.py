@@ -284,7 +284,8 @@ def test_images_per_s_leaves_out_validation_and_checkpoint_time(tmp_path, monkey
     from focalnet_jax.training import loop, sharding
 
     clock = iter([0.0, 1.0, 1.0, 4.0, 5.0])
-    monkeypatch.setattr(loop.time, "perf_counter", lambda: next(clock))
+    # The loop's own clock only: JAX reads `time.perf_counter` too (e.g. when it first compiles).
+    monkeypatch.setattr(loop, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
     spec = types.SimpleNamespace(global_batch=8, subsets=())
     progress = types.SimpleNamespace(set_postfix=lambda **_: None)
     logger = loop._Logger(
