@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import re
 import sys
 import traceback
 from collections.abc import Sequence
@@ -20,6 +21,17 @@ import ml_collections
 from focalnet_jax.errors import UserError
 
 _PREFIX = "--config."
+
+
+def _one_line(error: Exception) -> str:
+    """The error's message on one line: a KeyError's text (also one wrapped in another error, as
+    ml_collections raises it) without the quotes of its repr, and a locked group's list of other
+    fields left out (its "Did you mean" kept)."""
+    text: object = error
+    while isinstance(text, BaseException) and len(text.args) == 1:
+        text = text.args[0]
+    text = re.sub(r"\s*Other fields present: \"[^\n]*\"", "", str(text))
+    return " ".join(text.split())
 
 
 def _raised_in(error: Exception, folder: Path) -> str:
@@ -61,7 +73,8 @@ def _import_config_module(path: Path, kind: str):
     except ImportError as error:
         raise UserError(f"{kind} {path}: cannot import: {error}") from error
     except Exception as error:  # the file's own code raised: its error, not the package's
-        raise UserError(f"{kind} {path}: {_raised_in(error, path.parent)}: {error}") from error
+        where = _raised_in(error, path.parent)
+        raise UserError(f"{kind} {path}: {where}: {_one_line(error)}") from error
     finally:
         sys.path.pop(0)
         for name in siblings:
@@ -73,7 +86,8 @@ def _import_config_module(path: Path, kind: str):
 
 
 def get_config_from_file(spec: str, *, kind: str = "config file") -> ml_collections.ConfigDict:
-    """`spec` = `path/to/config.py` or `path/to/config.py:arg`; returns the unlocked ConfigDict.
+    """`spec` = `path/to/config.py` or `path/to/config.py:arg`; returns the ConfigDict as the file
+    made it (locked when it starts from `configs/default.py`).
 
     A file that cannot be loaded, or whose `get_config` rejects `arg` (ValueError), raises
     another error (named with the config file's line) or returns no ConfigDict, is a `UserError`
@@ -88,7 +102,7 @@ def get_config_from_file(spec: str, *, kind: str = "config file") -> ml_collecti
         raise UserError(f"{kind} {path_text}: {call}: {error}") from error
     except Exception as error:  # e.g. a misspelled field read: AttributeError
         where = _raised_in(error, Path(path_text).parent)
-        raise UserError(f"{kind} {path_text}: {call}: {where}: {error}") from error
+        raise UserError(f"{kind} {path_text}: {call}: {where}: {_one_line(error)}") from error
     if not isinstance(config, ml_collections.ConfigDict):
         raise UserError(
             f"{kind} {path_text}: get_config() returned {type(config).__name__}, not a ConfigDict"

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from focalnet_jax.config_loading import apply_overrides, get_config_from_file, load_config
+from focalnet_jax.errors import UserError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 CONFIG_FILES = sorted(p.name for p in CONFIGS.glob("*.py"))
@@ -125,11 +126,12 @@ def test_config_args_select_variants_and_reject_unknown_names():
         load_config(str(CONFIGS / "ablation_loss.py") + ":loss=dice")
 
 
-def test_missing_file_and_unlocked_loading(tmp_path):
+def test_missing_file_and_a_field_added_on_purpose(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.py"):
         load_config(str(tmp_path / "nope.py"))
     config = get_config_from_file(str(CONFIGS / "demo.py"))
-    config.new_field = 1  # unlocked until load_config locks it
+    with config.unlocked():  # locked by configs/default.py
+        config.new_field = 1
     apply_overrides(config, ["--config.new_field=2"])
     assert config.new_field == 2
 
@@ -155,3 +157,29 @@ def test_each_config_imports_the_default_of_its_own_folder(tmp_path):
         "    return ml_collections.ConfigDict({'origin': 'a, edited'})\n"
     )
     assert get_config_from_file(str(tmp_path / "a" / "exp.py")).origin == "a, edited"
+
+
+@pytest.mark.parametrize(
+    ("line", "reason"),
+    [
+        ("config.train.stpes = 5", 'Key "stpes" does not exist and cannot be added since the '
+         'config is locked. Did you mean "steps" instead of "stpes"?'),
+        ("config.train.zzz = 5", 'Key "zzz" does not exist and cannot be added since the config '
+         "is locked."),
+    ],
+)  # fmt: skip
+def test_a_key_the_defaults_lack_is_an_error_at_its_line(tmp_path, line, reason):
+    """`default.get_config()` came unlocked: a misspelled key set in an experiment file was a
+    new field that nothing read, and the run trained with the default. The error is one line
+    naming the file and line; a field added on purpose goes inside `config.unlocked()`."""
+    path = tmp_path / "exp.py"
+    head = f"import sys\n\nsys.path.insert(0, {str(CONFIGS)!r})\nimport default\n\n\n"
+    body = "def get_config():\n    config = default.get_config()\n    {}\n    return config\n"
+    path.write_text(head + body.format(line))
+    with pytest.raises(UserError) as error:
+        get_config_from_file(str(path))
+    assert str(error.value) == (
+        f"config file {path}: get_config(): AttributeError at {path}:9: {reason}"
+    )
+    path.write_text(head + body.format(f"with config.unlocked():\n        {line}"))
+    assert get_config_from_file(str(path)).train.get("stpes", 5) == 5
