@@ -1,9 +1,10 @@
 """Defaults shared by every config: the paper's optimiser, augmentation and data settings.
 
 Not meant to be trained directly (no store path, a ResNet-101); experiment files start from
-`default.get_config()` and override what changes. It is returned locked: setting a key it lacks (a
-typo such as `config.train.stpes = 5`) is an error at that line, not a value nothing reads; a
-file that means to add a field does so inside `with config.unlocked():`. Every field is overridable on the command line:
+`default.get_config()` and override what changes. It is returned locked: setting a key it
+lacks (a typo such as `config.train.stpes = 5`) is an error at that line, not a value nothing
+reads; a file that means to add a field does so inside `with config.unlocked():`. Every field is
+overridable on the command line:
 `focalnet train --config configs/focalnet.py --workdir runs/x --config.train.steps=100`.
 Expected runtime: none of its own (a base, not an experiment).
 Expected metric: none of its own.
