@@ -51,6 +51,50 @@ def test_source_coordinates_of_shift_zoom_and_flip():
     np.testing.assert_allclose(cols[0], np.arange(7)[::-1])
 
 
+def _marked(height=9, width=11):
+    """An image and labels zero but for two marks: (1, 2) value 1.0, class 4, grade unknown;
+    (5, 6) value 0.5, class 2 (grade known)."""
+    image = np.zeros((height, width, 1), np.float32)
+    classes = np.zeros((height, width), np.int32)
+    grade_known = np.ones((height, width), np.uint8)
+    image[1, 2, 0], classes[1, 2], grade_known[1, 2] = 1.0, 4, 0
+    image[5, 6, 0], classes[5, 6] = 0.5, 2
+    return image, classes, grade_known
+
+
+def _warp_marked(shift, zoom, flip):
+    image, classes, grade_known = _marked()
+    coords = augment.source_coordinates(image.shape[:2], jnp.array(shift), zoom, flip)
+    out = np.asarray(augment._warp(jnp.asarray(image), coords, order=1))[..., 0]
+    labels = np.stack([classes, 1 - grade_known], -1).astype(np.float32)
+    labels = np.asarray(augment._warp(jnp.asarray(labels), coords, order=0))
+    return out, labels[..., 0], labels[..., 1]
+
+
+def test_marks_move_to_the_hand_computed_pixels_in_image_and_labels():
+    # 9 x 11, centre (4, 5). Flip first (col -> 10 - col), then shift (2, 3):
+    # (5, 6) -> (5, 4) -> (7, 7); (1, 2) -> (1, 8) -> (3, 11): outside, gone.
+    out, classes, unknown = _warp_marked((2.0, 3.0), 1.0, True)
+    expected = np.zeros((9, 11), np.float32)
+    expected[7, 7] = 0.5
+    np.testing.assert_array_equal(out, expected)
+    np.testing.assert_array_equal(classes, 4 * expected)  # class 2 where the image is 0.5
+    np.testing.assert_array_equal(unknown, 0)
+    # Zoom 2 about the centre, shift (1, -1): (1, 2) -> (4 + 2 * -3 + 1, 5 + 2 * -3 - 1)
+    # = (-1, -2), gone; (5, 6) -> (4 + 2 + 1, 5 + 2 - 1) = (7, 6), where the image peaks. Nearest
+    # neighbour (half away from zero) gives the label the 2 x 2 block reading within half a pixel.
+    out, classes, unknown = _warp_marked((1.0, -1.0), 2.0, False)
+    assert out[7, 6] == 0.5 and out.max() == 0.5
+    block = np.zeros((9, 11), np.float32)
+    block[6:8, 5:7] = 2
+    np.testing.assert_array_equal(classes, block)
+    np.testing.assert_array_equal(unknown, 0)
+    # No zoom, shift (-1, 2), no flip: (1, 2) -> (0, 4) keeps class 4 and its unknown grade.
+    out, classes, unknown = _warp_marked((-1.0, 2.0), 1.0, False)
+    assert out[0, 4] == 1.0 and classes[0, 4] == 4 and unknown[0, 4] == 1
+    assert out[4, 8] == 0.5 and classes[4, 8] == 2 and unknown.sum() == 1
+
+
 def test_no_augmentation_only_clips():
     image, classes, grade_known = _example()
     out, c, g = augment.augment_example(jax.random.key(0), image, classes, grade_known, _config())

@@ -32,7 +32,7 @@ def t2w_divisor(u: jax.Array, lower_ratio: float = 0.0) -> jax.Array:
 
 def source_coordinates(shape, shift, zoom, flip):
     """Input (row, col) read by every output pixel, for out = centre + zoom * (in - centre) + shift
-    (then a left-right mirror when `flip`); arrays `[H, W]` each."""
+    with `in` mirrored left-right first when `flip` (col -> W - 1 - col); arrays `[H, W]` each."""
     height, width = shape
     rows, cols = jnp.meshgrid(
         jnp.arange(height, dtype=jnp.float32), jnp.arange(width, dtype=jnp.float32), indexing="ij"
