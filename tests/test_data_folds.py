@@ -221,6 +221,22 @@ def test_fold_table_of_given_splits_counts_their_validation_cases(tmp_path):
     assert rows[1]["case_ids"] == GIVEN[1][1]
 
 
+@pytest.mark.parametrize("num_folds", [1, 0, -1])
+def test_given_splits_with_fewer_than_two_folds_are_refused(tmp_path, num_folds):
+    """`focalnet folds --splits X --num-folds 0` printed an empty table and exited 0."""
+    store = _picai_store()
+    store.patient_max_class = lambda: {"10000": 5, "10001": 0, "10002": 0, "10003": 4}
+    _write_ds_configs(tmp_path / "picai", GIVEN)
+    message = f"split {tmp_path / 'picai'}: num_folds={num_folds}; cross-validation needs 2 or more"
+    for call in (
+        lambda: fold_table(store, num_folds, splits=tmp_path / "picai"),
+        lambda: split_cases(store, 0, num_folds, splits=tmp_path / "picai"),
+    ):
+        with pytest.raises(UserError) as raised:
+            call()
+        assert str(raised.value) == message
+
+
 def test_fold_table_counts_a_case_validated_in_two_folds_in_each_and_warns(tmp_path, caplog):
     """Split files that validate a case in two folds were tabled with the case in the last of
     them only: here fold 0 showed no validation case (it validates two) and nothing was said."""

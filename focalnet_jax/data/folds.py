@@ -84,6 +84,7 @@ def split_cases(
     """(train case ids, validation case ids) of `fold` for a store (see `data.store.Store`): the
     seeded folds, or where `splits` names split files, those (`read_given_split`)."""
     if splits:
+        _check_given_num_folds(splits, num_folds)
         if not 0 <= fold < num_folds:
             raise UserError(f"fold={fold}: expected 0 <= fold < num_folds={num_folds}")
         train, val = read_given_split(splits, fold, num_folds)
@@ -94,6 +95,12 @@ def split_cases(
     train = [r["case_id"] for r in store.cases if folds[r["patient_id"]] != fold]
     val = [r["case_id"] for r in store.cases if folds[r["patient_id"]] == fold]
     return train, val
+
+
+def _check_given_num_folds(splits, num_folds: int) -> None:
+    """Given folds are at least 2 (0 or fewer tabled no fold and said nothing)."""
+    if num_folds < 2:
+        raise UserError(f"split {splits}: num_folds={num_folds}; cross-validation needs 2 or more")
 
 
 def _json_file(path: Path):
@@ -212,6 +219,7 @@ def fold_table(store, num_folds: int = 5, seed: int = 0, splits="") -> list[dict
     (for printing), of the seeded folds or of the split files `splits` names (a case that they
     validate in several folds counted in each, and named in a warning)."""
     if splits:
+        _check_given_num_folds(splits, num_folds)
         max_class = store.patient_max_class()
         val = [set(split_cases(store, k, num_folds, seed, splits)[1]) for k in range(num_folds)]
         _warn_validated_twice_or_never(store, val, splits)
