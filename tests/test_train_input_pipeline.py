@@ -79,6 +79,47 @@ def test_eval_batches_cover_every_row_once_with_padding(store):
     np.testing.assert_array_equal(np.asarray(batches[1]["classes"][0]), store.classes[9])
 
 
+def test_a_case_whose_bladder_is_nearly_air_is_refused_for_intensity_variation(tmp_path):
+    """air / bladder 0.9 and the upper threshold moved by -15 %: divisor s = (0.85 - 0.9) / 0.1
+    < 0, and the slice's T2w came out black (0 everywhere) without a word."""
+    import jax.numpy as jnp
+    import ml_collections
+    from test_train_helpers import tiny_config
+
+    from focalnet_jax.errors import UserError
+    from focalnet_jax.training import augment, train_and_evaluate
+
+    config = ml_collections.ConfigDict(
+        dict(shift=False, max_shift=0.1, scale=False, scale_range=(0.9, 1.1), flip=False,
+             intensity=True, intensity_range=(-0.15, -0.15))
+    )  # fmt: skip
+    image = jnp.full((8, 8, 2), 0.5, jnp.float32)
+    labels = jnp.zeros((8, 8), jnp.int32), jnp.ones((8, 8), jnp.uint8)
+    out, _, _ = augment.augment_example(jax.random.key(0), image, *labels, config, lower_ratio=0.9)
+    assert np.all(np.asarray(out)[..., 0] == 0)  # what training would have seen
+    store = FakeStore(patients=6, slices=3)
+    store.cases[2]["t2w_reference"] = {"air": 360.0, "bladder": 400.0, "source": "mask"}
+    rows = case_rows(store, store.case_ids, "all")
+    message = (
+        "store memory:/fake-store: 1 training case(s) (first: case002, T2w air 360, bladder "
+        "400) have air within 15% of the bladder, so augment.intensity_range (-0.15, 0.2) moves "
+        "the upper threshold to or below air (T2w black or NaN); check their T2w reference or "
+        "narrow the range"
+    )
+    with pytest.raises(UserError) as raised:
+        input_pipeline.check_t2w_ratios(store, rows, (-0.15, 0.2))
+    assert str(raised.value) == message
+    input_pipeline.check_t2w_ratios(store, rows, (-0.05, 0.2))  # 0.9 < 1 - 0.05: s > 0
+    others = rows[(rows < 6) | (rows >= 9)]  # case002 validates: its rows are not trained
+    input_pipeline.check_t2w_ratios(store, others, (-0.15, 0.2))
+    # The trainer refuses such a store before anything is compiled.
+    for case in store.cases:
+        case["t2w_reference"] = {"air": 360.0, "bladder": 400.0, "source": "mask"}
+    with pytest.raises(UserError, match=r"training case\(s\) \(first: case0"):
+        train_and_evaluate(tiny_config(), tmp_path / "w", store=store)
+    assert not (tmp_path / "w" / "config.json").exists()
+
+
 def test_global_batch_not_divisible_by_device_count_is_an_error():
     code = (
         "import jax; from focalnet_jax.training import sharding; mesh = sharding.make_mesh(); "

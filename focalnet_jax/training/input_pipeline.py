@@ -70,6 +70,29 @@ class SliceReader:
         }
 
 
+def check_t2w_ratios(store, rows: np.ndarray, intensity_range) -> None:
+    """Refuses training rows of a case whose T2w air / bladder ratio r (`t2w_lower_ratios`) is
+    `1 + intensity_range[0]` or more: moving its upper (bladder) threshold down by that much puts
+    it at or below air, a T2w divisor s <= 0 (`augment.t2w_divisor`) that makes the slice black
+    (s < 0) or NaN (s = 0). One line naming the first such case and its references."""
+    ratios = t2w_lower_ratios(store)
+    low = float(intensity_range[0])
+    bad = np.zeros(len(ratios), bool)
+    rows = np.asarray(rows, np.int64)
+    bad[rows[ratios[rows] >= 1.0 + low]] = True
+    cases = [r for r in store.cases if bad[r["start"] : r["stop"]].any()]
+    if cases:
+        first = cases[0]
+        ref = first["t2w_reference"]
+        raise UserError(
+            f"store {store.path}: {len(cases)} training case(s) (first: {first['case_id']}, T2w "
+            f"air {ref['air']:g}, bladder {ref['bladder']:g}) have air within {-low:.0%} of the "
+            f"bladder, so augment.intensity_range {tuple(intensity_range)} moves the upper "
+            "threshold to or below air (T2w black or NaN); check their T2w reference or narrow "
+            "the range"
+        )
+
+
 def to_global(local: dict[str, np.ndarray], mesh: Mesh, global_batch: int) -> dict[str, jax.Array]:
     """This process's rows -> global arrays sharded over `data`."""
     target = sharding.batch_sharding(mesh)

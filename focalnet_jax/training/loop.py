@@ -226,6 +226,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     store = open_store(config.data.store) if store is None else store
     spec = spec.for_store(store)
     split = spec.fold_split(store)
+    if spec.augment.intensity and spec.t2w_channel is not None:
+        input_pipeline.check_t2w_ratios(store, split.train_rows, spec.augment.intensity_range)
     reader = input_pipeline.SliceReader(store, spec.components)
     batches = input_pipeline.TrainBatches(
         reader, split.train_rows, spec.global_batch, mesh,
