@@ -240,6 +240,34 @@ def test_a_table_that_does_not_fit_the_arrays_is_refused(tmp_path):
         open_store(tmp_path / "two")
 
 
+def test_arrays_that_do_not_fit_the_table_are_refused(tmp_path):
+    """A table of three components over arrays of two opened without a word (reading 'hbv'
+    failed mid-training), and an integer annotated.npy [1, 0, 0] made `case_rows` index rows
+    1, 0, 0 instead of masking row 0."""
+    with StoreWriter(tmp_path / "s", ("t2w", "adc"), SETTINGS) as writer:
+        writer.add(_case("a", 3, lesion_class=4), patient_id="p1")
+        writer.commit()
+    table_file = tmp_path / "s" / "cases.json"
+    table = json.loads(table_file.read_text())
+    table_file.write_text(json.dumps({**table, "components": ["t2w", "adc", "hbv"]}))
+    with pytest.raises(StaleStoreError) as raised:
+        open_store(tmp_path / "s")
+    assert str(raised.value) == (
+        f"{tmp_path / 's' / 'images.npy'}: float32 [3, 8, 8, 2], expected float32 [3, 8, 8, 3] "
+        "(cases.json lists 3 components); the arrays do not fit the table, run `focalnet "
+        "preprocess` again"
+    )
+    table_file.write_text(json.dumps(table))
+    annotated = np.load(tmp_path / "s" / "annotated.npy")
+    np.save(tmp_path / "s" / "annotated.npy", annotated.astype(np.int64))
+    with pytest.raises(StaleStoreError, match=r"annotated.npy: int64 \[3\], expected bool \[3\]"):
+        open_store(tmp_path / "s")
+    np.save(tmp_path / "s" / "annotated.npy", annotated)
+    np.save(tmp_path / "s" / "classes.npy", np.zeros((3, 8, 7), np.uint8))
+    with pytest.raises(StaleStoreError, match=r"classes.npy: uint8 \[3, 8, 7\], expected uint8"):
+        open_store(tmp_path / "s")
+
+
 def test_a_store_behind_a_symbolic_link_is_replaced_and_the_link_kept(tmp_path, monkeypatch):
     """`--out` a link to a store on another disk: the link itself became the new store, the
     store it points to stayed old (and was trained on later), a dangling `.old` link was left

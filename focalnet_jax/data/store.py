@@ -396,6 +396,7 @@ def open_store(path: str | os.PathLike, *, expected_settings: dict | None = None
     for name, array in arrays.items():
         if len(array) != n:
             raise UserError(f"store {path}: {name}.npy has {len(array)} slices, images.npy {n}")
+    _check_array_layout(arrays, len(table["components"]), path)
     _check_slice_ranges(table["cases"], n, table_path)
     return Store(
         path=path,
@@ -405,6 +406,21 @@ def open_store(path: str | os.PathLike, *, expected_settings: dict | None = None
         fingerprint=table["fingerprint"],
         **arrays,
     )
+
+
+def _check_array_layout(arrays: dict, num_components: int, path: Path) -> None:
+    """Each array has its dtype and shape: images `[N, H, W, C]` (C: the table's components),
+    classes, grade_known, lesions `[N, H, W]`, annotated and slice_index `[N]`."""
+    frame = arrays["images"].shape[:3]
+    shapes = {"images": (*frame, num_components), "annotated": frame[:1], "slice_index": frame[:1]}
+    for name, array in arrays.items():
+        dtype, shape = np.dtype(_ARRAYS[name]), shapes.get(name, frame)
+        if array.dtype != dtype or array.shape != shape:
+            raise StaleStoreError(
+                f"{path / f'{name}.npy'}: {array.dtype} {list(array.shape)}, expected {dtype} "
+                f"{list(shape)} (cases.json lists {num_components} components); the arrays do "
+                "not fit the table, run `focalnet preprocess` again"
+            )
 
 
 def _check_slice_ranges(cases, num_slices: int, table_path: Path) -> None:
