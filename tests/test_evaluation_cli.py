@@ -361,11 +361,12 @@ def test_out_at_or_under_a_file_is_refused_before_any_work(tmp_path):
     write_cohort(predictions)
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    for out in (blocker, blocker / "sub"):
+    for out, where in ((blocker, ""), (blocker / "sub", f": {blocker}")):
+        expected = f"--out {out}{where} exists and is not a folder"
         message = _error(["evaluate", "--predictions", str(predictions), "--out", str(out)])
-        assert message.endswith(f"--out {out}: {blocker} exists and is not a folder")
+        assert message.endswith(expected)
         message = _error(["summarize", "--runs", f"A={predictions}", "--out", str(out)])
-        assert message.endswith(f"--out {out}: {blocker} exists and is not a folder")
+        assert message.endswith(expected)
 
 
 def test_summarize_rejects_bad_runs(tmp_path):
