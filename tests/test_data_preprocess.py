@@ -541,7 +541,7 @@ def test_an_image_given_as_a_mask_is_refused_and_label_maps_are_kept(small_case,
         )
 
 
-def test_an_empty_bladder_mask_is_refused(small_case, tmp_path):
+def test_an_empty_bladder_mask_or_one_on_air_is_refused(small_case, tmp_path):
     # An all-zero bladder mask was ignored without a word: the bladder was searched for instead
     # (the T2w reference's source 'bladder' or 'fallback', not 'mask').
     folder, sc = small_case
@@ -561,6 +561,19 @@ def test_an_empty_bladder_mask_is_refused(small_case, tmp_path):
     t2w = sitk.GetArrayFromImage(sc.images["t2w"])
     assert case.t2w_reference["source"] == "mask"
     assert case.t2w_reference["bladder"] == float(np.median(t2w[bladder > 0]))
+    # A mask on air (not above the 1st percentile) normalised the T2w inverted, without a word.
+    air = float(np.percentile(t2w, 1.0))
+    image = sitk.GetImageFromArray((t2w <= air).astype(np.uint8))
+    image.CopyInformation(sc.mask)
+    write_image(image, tmp_path / "on_air.nii.gz")
+    with pytest.raises(CaseError) as info:
+        preprocess_case(components, bladder_mask=tmp_path / "on_air.nii.gz", case_id="c6")
+    median = float(np.median(t2w[t2w <= air]))
+    assert str(info.value) == (
+        f"case 'c6', file '{tmp_path / 'on_air.nii.gz'}': bladder mask: its median T2w "
+        f"{median:g} is not above air {air:g} (percentile 1 of the T2w); does the mask cover the "
+        "bladder?"
+    )
 
 
 def test_a_bladder_mask_stored_in_another_orientation_marks_the_same_voxels(small_case, tmp_path):

@@ -30,6 +30,10 @@ class T2wReference:
     source: str  # 'bladder' (found), 'mask' (given bladder mask) or 'fallback' (high percentile)
 
 
+class BladderMaskError(ValueError):
+    """A given bladder mask whose T2w is not brighter than air (it covers something else)."""
+
+
 def _disk(radius: int) -> np.ndarray:
     yy, xx = np.mgrid[-radius : radius + 1, -radius : radius + 1]
     return (yy**2 + xx**2 <= radius**2)[None]
@@ -137,10 +141,17 @@ def t2w_reference(
     case: str = "?",
     **bladder_kwargs,
 ) -> T2wReference:
-    """Air and bladder intensities of a raw T2w volume (z, y, x); logs when the fallback is used."""
+    """Air and bladder intensities of a raw T2w volume (z, y, x); logs when the fallback is used.
+    A given `bladder_mask` whose median is not above air is a `BladderMaskError`."""
     air = float(np.percentile(t2w, air_percentile))
     if bladder_mask is not None and bladder_mask.any():
-        return T2wReference(air, float(np.median(t2w[bladder_mask])), "mask")
+        bladder = float(np.median(t2w[bladder_mask]))
+        if bladder <= air:  # the normalised T2w would be inverted or infinite
+            raise BladderMaskError(
+                f"bladder mask: its median T2w {bladder:g} is not above air {air:g} (percentile "
+                f"{air_percentile:g} of the T2w); does the mask cover the bladder?"
+            )
+        return T2wReference(air, bladder, "mask")
     mask = find_bladder(t2w, spacing_zyx, center_yx, **bladder_kwargs)
     if mask is not None:
         bladder, source = float(np.median(t2w[mask])), "bladder"

@@ -279,6 +279,8 @@ def _t2w_reference(images, components, cfg, case, centre, bladder_mask) -> inten
             max_cv=cfg.bladder_max_cv,
             min_volume_ml=cfg.bladder_min_volume_ml,
         )
+    except intensity.BladderMaskError as err:
+        raise CaseError(case, bladder_mask, str(err)) from err
     except ValueError as err:
         raise CaseError(case, components[name], str(err)) from err
 
