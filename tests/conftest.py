@@ -32,6 +32,28 @@ def pytest_configure(config):
     os.environ.update({CACHE_DIR: folder, CACHE_MAX_SIZE: str(2**33)})  # 8 GiB: never reached
 
 
+# The files that run for minutes (multi-process and end-to-end runs), longest first. Under
+# `pytest -n 2 --dist loadfile` (`make test`) each file goes whole to the next free worker, in
+# collection order: started first, they share out evenly between the workers; in alphabetical
+# order the longest (test_train_sigterm) started near the end and ran on alone.
+LONG_FILES = (
+    "test_train_sigterm.py",
+    "test_study_slurm.py",
+    "test_study.py",
+    "test_benchmarks.py",
+    "test_train_demo.py",
+    "test_train_loop.py",
+    "test_mfl_many.py",
+    "test_train_configs.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    """The `LONG_FILES` first, in that order; the order within each file is kept."""
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))
+
+
 def pytest_unconfigure(config):
     folder = config.stash.get(_CACHE_FOLDER, None)
     if folder is not None:
