@@ -281,12 +281,17 @@ def test_split_files_name_what_read_given_split_reads(tmp_path, monkeypatch):
         (folder / stray).write_text("{}")
     pair = [folder / "ds-config-train-fold-0.json", folder / "ds-config-valid-fold-0.json"]
     assert split_files(folder, 0) == pair
-    assert read_given_split(folder, 0, 2) == GIVEN[0]
+    assert read_given_split(folder, 0, 11) == GIVEN[0]
+    # Fewer folds than the folder holds: its folds 2..10 would never be validated.
+    with pytest.raises(
+        UserError, match=r"^split folder .*mixed: holds fold 10, data.num_folds is 2$"
+    ):
+        read_given_split(folder, 0, 2)
     assert split_files(folder, 1) == [folder / "fold-1.json"]
     assert read_given_split(folder, 10, 11) == (["a"], ["v10"])
     assert split_files(folder, 2) == [folder / "fold-2.json"]  # missing: named, not skipped
     with pytest.raises(UserError, match=r"split file .*mixed/fold-2.json does not exist"):
-        read_given_split(folder, 2, 3)
+        read_given_split(folder, 2, 11)
     names = ["ds-config-train-fold-0.json", "ds-config-valid-fold-0.json", "fold-0.json",
              "fold-1.json", "fold-10.json"]  # fmt: skip
     assert split_files(folder) == [folder / name for name in names]
@@ -294,4 +299,4 @@ def test_split_files_name_what_read_given_split_reads(tmp_path, monkeypatch):
     (folder / "ds-config-valid-fold-0.json").unlink()
     assert split_files(folder, 0) == pair
     with pytest.raises(UserError, match=r"ds-config-valid-fold-0.json does not exist"):
-        read_given_split(folder, 0, 2)
+        read_given_split(folder, 0, 11)

@@ -158,8 +158,16 @@ def read_given_split(
     (`{"subject_list": ["<patient>_<study>", ...]}`); a folder of `fold-<k>.json`
     (`{"train": [...], "val": [...]}`, as `focalnet folds --out` writes); or a JSON file holding
     a list of `{"train": [...], "val": [...]}` per fold (nnU-Net's `splits_final.json`,
-    picai_baseline's `splits.json`), of `num_folds` entries. Which files: `split_files`."""
+    picai_baseline's `splits.json`), of `num_folds` entries (a folder: no fold from `num_folds`
+    on). Which files: `split_files`."""
     path = Path(splits).expanduser()
+    if path.is_dir():
+        numbers = {int(n.fullmatch(p.name)[1]) for p in split_files(path) for n in _SPLIT_NAMES
+                   if n.fullmatch(p.name)}  # fmt: skip
+        if numbers and max(numbers) >= num_folds:  # its folds from num_folds on: never validated
+            raise UserError(
+                f"split folder {path}: holds fold {max(numbers)}, data.num_folds is {num_folds}"
+            )
     files = split_files(path, fold)
     if len(files) == 2:  # picai_baseline's train and valid files
         train, valid = (_subject_list(file) for file in files)
