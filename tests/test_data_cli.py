@@ -62,6 +62,11 @@ def test_synth_preprocess_folds_end_to_end(dataset, tmp_path, capsys):
     assert main([*args, "--list-cases"]) == 0
     printed = capsys.readouterr().out
     assert "fold" in printed and all(r["case_id"] in printed for r in store.cases)
+    header, *lines = printed.splitlines()
+    assert header.split()[:5] == ["fold", "patients", "cases", "slices", "annotated"]
+    rows = [line.split() for line in lines if line.split()[0] in ("0", "1")]
+    assert sum(int(row[3]) for row in rows) == len(store.annotated)
+    assert sum(int(row[4]) for row in rows) == int(store.annotated.sum()) > 0
     assert (tmp_path / "fold-0.json").is_file() and (tmp_path / "fold-1.json").is_file()
 
 

@@ -211,11 +211,14 @@ def test_fold_table_of_given_splits_counts_their_validation_cases(tmp_path):
     store = _picai_store()
     for i, record in enumerate(store.cases):
         record["start"], record["stop"] = 6 * i, 6 * i + 6
+    store.annotated = np.zeros(30, bool)
+    store.annotated[[0, 1, 7, 20, 25, 29]] = True  # lesion slices of cases 0, 0, 1, 3, 4, 4
     max_class = {"10000": 5, "10001": 0, "10002": 0, "10003": 4}
     store.patient_max_class = lambda: max_class
     _write_ds_configs(tmp_path / "picai", GIVEN)
     rows = fold_table(store, 2, splits=tmp_path / "picai")
-    assert [(r["patients"], r["cases"], r["slices"]) for r in rows] == [(2, 2, 12), (2, 3, 18)]
+    counts = [(r["patients"], r["cases"], r["slices"], r["annotated"]) for r in rows]
+    assert counts == [(2, 2, 12, 1), (2, 3, 18, 5)]
     assert rows[0]["patients_per_max_class"] == [2, 0, 0, 0, 0, 0]
     assert rows[1]["patients_per_max_class"] == [0, 0, 0, 0, 1, 1]
     assert rows[1]["case_ids"] == GIVEN[1][1]
@@ -243,6 +246,7 @@ def test_fold_table_counts_a_case_validated_in_two_folds_in_each_and_warns(tmp_p
     store = _picai_store()
     for i, record in enumerate(store.cases):
         record["start"], record["stop"] = 6 * i, 6 * i + 6
+    store.annotated = np.zeros(30, bool)
     store.patient_max_class = lambda: {"10000": 5, "10001": 0, "10002": 0, "10003": 4}
     _write_ds_configs(tmp_path / "twice", [GIVEN[0], GIVEN[0]])
     rows = fold_table(store, 2, splits=tmp_path / "twice")

@@ -146,12 +146,12 @@ def run_folds(args: argparse.Namespace) -> int:
         raise UserError(f"--seed {args.seed}: expected 0 or more")
     store = open_store(args.store)
     rows = fold_table(store, args.num_folds, args.seed, args.splits or "")
-    print("fold  patients  cases  slices  patients per highest class 0..5")
+    print("fold  patients  cases  slices  annotated  patients per highest class 0..5")
     for row in rows:
         per_class = " ".join(f"{n:3d}" for n in row["patients_per_max_class"])
         print(
             f"{row['fold']:4d}  {row['patients']:8d}  {row['cases']:5d}  {row['slices']:6d}"
-            f"  {per_class}"
+            f"  {row['annotated']:9d}  {per_class}"
         )
         if args.list_cases:
             print("      " + " ".join(row["case_ids"]))

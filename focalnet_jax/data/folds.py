@@ -223,9 +223,10 @@ def check_given_split(store, train: Sequence[str], val: Sequence[str], what: str
 
 
 def fold_table(store, num_folds: int = 5, seed: int = 0, splits="") -> list[dict]:
-    """Per fold: patients, cases, slices and patients per highest class of its validation cases
-    (for printing), of the seeded folds or of the split files `splits` names (a case that they
-    validate in several folds counted in each, and named in a warning)."""
+    """Per fold: patients, cases, slices (all stored; `annotated`: those with a lesion, which
+    `data.slices=annotated` trains and validates on) and patients per highest class of its
+    validation cases (for printing), of the seeded folds or of the split files `splits` names (a
+    case that they validate in several folds counted in each, and named in a warning)."""
     if splits:
         _check_given_num_folds(splits, num_folds)
         max_class = store.patient_max_class()
@@ -248,6 +249,7 @@ def fold_table(store, num_folds: int = 5, seed: int = 0, splits="") -> list[dict
                 "patients": len(patients),
                 "cases": len(cases),
                 "slices": int(sum(r["stop"] - r["start"] for r in cases)),
+                "annotated": int(sum(store.annotated[r["start"] : r["stop"]].sum() for r in cases)),
                 "patients_per_max_class": per_class,
                 "case_ids": [r["case_id"] for r in cases],
             }
