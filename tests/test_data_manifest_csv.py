@@ -103,3 +103,19 @@ def test_marksheet_rows_of_one_study_must_agree(tmp_path):
     sheet.write_text("\n".join([*rows, "10000,1000000,NO", ""]))
     with pytest.raises(LayoutError, match=r"line 4: study 10000_1000000 is also on line 2, with "):
         read_marksheet(sheet)
+
+
+def test_marksheet_row_without_a_study_id_is_refused_naming_its_line(tmp_path):
+    """A row with an empty study_id was keyed '10000_' and matched no case: the study's values
+    (its case_csPCa, case_ISUP) were lost without a word. Empty rows are still skipped."""
+    sheet = tmp_path / "marksheet.csv"
+    rows = ["patient_id,study_id,case_csPCa", "10000,1000000,YES", ",,", "10001,,NO", ""]
+    sheet.write_text("\n".join(rows))
+    with pytest.raises(LayoutError) as raised:
+        read_marksheet(sheet)
+    assert str(raised.value) == f"marksheet {sheet}, line 4: empty study_id"
+    sheet.write_text("\n".join([*rows[:3], ",,YES", ""]))
+    with pytest.raises(LayoutError, match=r"line 4: empty patient_id and study_id$"):
+        read_marksheet(sheet)
+    sheet.write_text("\n".join(rows[:3]) + "\n")
+    assert list(read_marksheet(sheet)) == ["10000_1000000"]

@@ -89,7 +89,9 @@ def _csv_text(path: Path, what: str) -> str:
 
 
 def read_marksheet(path: str | os.PathLike) -> dict[str, dict]:
-    """PI-CAI marksheet -> {'<patient>_<study>': {column: value}}; columns found by name."""
+    """PI-CAI marksheet -> {'<patient>_<study>': {column: value}}; columns found by name. A row
+    of empty cells (a spreadsheet's empty row) is skipped; a row with an empty `patient_id` or
+    `study_id` is an error naming its line (it matched no case: the study's values were lost)."""
     path = Path(path)
     if not path.is_file():
         raise LayoutError(f"marksheet {path} is not a file")
@@ -102,6 +104,13 @@ def read_marksheet(path: str | os.PathLike) -> dict[str, dict]:
         rows, lines = {}, {}
         for row in reader:
             row = {k.strip(): (v or "").strip() for k, v in row.items() if k}
+            if not any(row.values()):
+                continue
+            empty = [c for c in ("patient_id", "study_id") if not row[c]]
+            if empty:
+                raise LayoutError(
+                    f"marksheet {path}, line {reader.line_num}: empty {' and '.join(empty)}"
+                )
             key = f"{row['patient_id']}_{row['study_id']}"
             if key in rows and rows[key] != row:  # which one holds the truth is not ours to pick
                 raise LayoutError(
