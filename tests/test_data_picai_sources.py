@@ -163,6 +163,13 @@ def test_marksheet_cspca_reads_the_flag_then_the_case_isup():
     assert marksheet_cspca({"case_ISUP": "2"}) is True
     assert marksheet_cspca({"case_ISUP": "1"}) is False  # GS 3+3 is not clinically significant
     assert marksheet_cspca({"case_ISUP": "N/A"}) is None and marksheet_cspca({}) is None
+    # A spreadsheet's `2.0` said neither: --unlabelled negative stored the csPCa case lesion-free.
+    assert marksheet_cspca({"case_ISUP": "2.0"}) is True
+    assert marksheet_cspca({"case_ISUP": "1.0"}) is False
+    assert (
+        marksheet_cspca({"case_ISUP": "2.5"}) is None
+        and marksheet_cspca({"case_ISUP": "nan"}) is None
+    )
 
 
 def test_label_folders_that_read_value_1_differently_are_refused(tmp_path):

@@ -173,14 +173,16 @@ def label_scheme(labels: PathArg | Sequence[PathArg] | None) -> str:
 
 def marksheet_cspca(row: dict) -> bool | None:
     """Whether a marksheet row says the case holds csPCa: its `case_csPCa` (YES/NO), else
-    `case_ISUP` >= 2; None where the row says neither."""
+    `case_ISUP` >= 2 (written as an integer or, by a spreadsheet, `2.0`); None where the row says
+    neither."""
     flag = row.get("case_csPCa", "").strip().upper()
     if flag in ("YES", "NO"):
         return flag == "YES"
     try:
-        return int(row.get("case_ISUP", "")) >= 2
+        isup = float(row.get("case_ISUP", ""))
     except ValueError:
         return None
+    return isup >= 2 if isup.is_integer() else None
 
 
 def check_unlabelled_case(case: str, row: dict, marksheet, folders: Sequence[Path]) -> None:
