@@ -405,3 +405,25 @@ def test_console_names_the_run_and_fold_before_its_bar(tmp_path, caplog):
         f"{workdir}, fold 1: {counts}, 1 steps {per_epoch}, start at 0",
         f"{workdir}, fold 1: {counts}, 2 steps {per_epoch}, start at 1",
     ]
+
+
+def test_a_run_stopped_at_a_validation_step_validates_it_on_resume(tmp_path, monkeypatch, caplog):
+    """SIGTERM after step 2 of 3 (eval_every 2) stops the run before the step-2 validation; the
+    rerun validates the step-2 checkpoint before training on, so val/loss has steps 2 and 3 (it
+    had 3 alone: the point at 2 was never logged)."""
+    from focalnet_jax.training import graceful_stop
+    from focalnet_jax.training.graceful_stop import TrainingStopped
+    from focalnet_jax.training.tb_logging import read_scalars
+
+    checks = iter(range(1, 100))
+    monkeypatch.setattr(graceful_stop.SigtermStop, "stop_now", lambda *_, **__: next(checks) == 2)
+    store, workdir = FakeStore(), tmp_path / "w"
+    config = tiny_config(overrides=["--config.train.steps=3", "--config.train.eval_every=2"])
+    with fast_compiles(), caplog.at_level("WARNING", logger="focalnet_jax.training.loop"):
+        with pytest.raises(TrainingStopped, match="at step 2"):
+            train_and_evaluate(config, workdir, store=store)
+        assert read_scalars(workdir / "tb", "val/loss")[0].size == 0
+        train_and_evaluate(config, workdir, store=store)
+    assert read_scalars(workdir / "tb", "val/loss")[0].tolist() == [2, 3]
+    assert read_scalars(workdir / "tb", "train/loss")[0].tolist() == [1, 2, 3]
+    assert "the validation at step 2 is not in its TensorBoard log" in caplog.text

@@ -8,9 +8,10 @@ checkpoint left it. SIGTERM stops the loop at a step boundary with a checkpoint 
 the last step has begun completes the run first (`graceful_stop`).
 
 The TensorBoard events are flushed at each checkpoint, so a process killed later (SIGKILL, a second
-SIGTERM) keeps the logs up to the step it resumes from. Killed during the last step's validation,
-after its checkpoint was written, the run is complete on disk without its final `val/` scalars: a
-rerun trains no step and validates that checkpoint (`_missing_final_validation`).
+SIGTERM) keeps the logs up to the step it resumes from. A run that resumes at a step whose
+validation is not in its log (killed during it after the checkpoint was written, or stopped by
+SIGTERM at a validation step: the stop comes before it) validates that checkpoint first
+(`_missing_validation`); at its last step the rerun trains no step.
 """
 
 from __future__ import annotations
@@ -246,7 +247,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     record_run_store(
         workdir, store, split=split, total_steps=num_steps, write=jax.process_index() == 0
     )
-    validate_first = _missing_final_validation(workdir, start, num_steps, len(split.val_rows))
+    validate_first = _missing_validation(
+        workdir, start, num_steps, config.train.eval_every, len(split.val_rows)
+    )
     workdir_lib.save_config(config, workdir)
     if jax.process_index() == 0:
         log.info(
@@ -256,9 +259,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
         )  # fmt: skip
         if validate_first:
             log.warning(
-                "%s: the run is complete but its validation at step %d is not in its "
-                "TensorBoard log (as when a process is killed during it); validating that "
-                "checkpoint now", workdir, start,
+                "%s: the validation at step %d is not in its TensorBoard log (as when a process "
+                "is killed during it, or stopped at that step); validating that checkpoint now",
+                workdir, start,
             )  # fmt: skip
     progress = tqdm(
         total=num_steps, initial=start, disable=jax.process_index() != 0, desc="train", unit="step"
@@ -296,11 +299,15 @@ def _past_the_end(workdir: Path, start: int, num_steps: int, config, steps_per_e
     )
 
 
-def _missing_final_validation(workdir: Path, start: int, num_steps: int, val_slices: int) -> bool:
-    """Whether a run resumed at its last step (`start == num_steps`) lacks that step's `val/loss`
-    in its TensorBoard log: killed during its final validation. Process 0 reads the log and the
-    others take its answer, so that all of them validate or none."""
-    if start != num_steps or not val_slices:
+def _missing_validation(
+    workdir: Path, start: int, num_steps: int, eval_every: int, val_slices: int
+) -> bool:
+    """Whether a run resumed at a step due for validation (its last, `num_steps`, or a multiple
+    of `eval_every`) lacks that step's `val/loss` in its TensorBoard log: killed during that
+    validation, or stopped by SIGTERM at that step. Process 0 reads the log and the others take
+    its answer, so that all of them validate or none."""
+    due = start == num_steps or (eval_every and start % eval_every == 0)
+    if not (start and due and val_slices):
         return False
     missing = False
     if jax.process_index() == 0:
@@ -349,8 +356,9 @@ def _steps(
     (`graceful_stop`). `validate_first`: validate `state` before any step (its step's validation
     was cut off)."""
     eval_step = step_lib.make_eval_step(spec, mesh)
-    if validate_first:  # the run resumed at its last step
-        _validate(logger, eval_step, state, batches.reader, val_rows, spec, mesh, num_steps)
+    if validate_first:
+        start = int(jax.device_get(state.step))
+        _validate(logger, eval_step, state, batches.reader, val_rows, spec, mesh, start)
     train_step = step_lib.make_train_step(spec, mesh)
     # Placed on every device once, not copied from the default device at each step.
     key, lam_operand = sharding.put_replicated((key, jnp.float32(lam)), mesh)
