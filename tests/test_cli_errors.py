@@ -219,6 +219,29 @@ def test_cv_refuses_a_fold_outside_num_folds_before_training_any(tmp_path, capsy
     assert list(tmp_path.iterdir()) == []
 
 
+def test_cv_refuses_a_fold_run_of_another_config_before_training_any(tmp_path, capsys):
+    """`cv --folds 0,1` where fold1 holds a run trained with another learning rate: refused
+    before fold 0 starts (fold 0 was trained to the end, then fold 1 refused)."""
+    from focalnet_jax.config_loading import load_config
+    from focalnet_jax.run import workdir as workdir_lib
+
+    config_file = str(REPO / "configs" / "focalnet.py")
+    store = tmp_path / "nostore"
+    saved = load_config(config_file, [f"--config.data.store={store}", "--config.optim.lr=0.5"])
+    saved.data.fold = 1
+    (tmp_path / "cv" / "fold1" / "checkpoints" / "10").mkdir(parents=True)
+    workdir_lib.save_config(saved, tmp_path / "cv" / "fold1")
+    argv = ["cv", "--config", config_file, "--workdir", str(tmp_path / "cv"), "--folds", "0,1"]
+    status, err = _run([*argv, f"--config.data.store={store}"], capsys)
+    line = err.splitlines()[-1]
+    assert status == 2
+    assert line.startswith(
+        f"focalnet cv: error: workdir {tmp_path / 'cv' / 'fold1'}: it was trained with another "
+        "config; config keys differ from its config.json: optim.lr 0.5 -> 0.001 ("
+    )
+    assert sorted(p.name for p in (tmp_path / "cv").iterdir()) == ["fold1"]
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

@@ -148,11 +148,25 @@ def add_cv(parser: argparse.ArgumentParser) -> None:
     _add_distributed_flags(parser)
 
 
+def _check_folds(config, folds: list[int], workdir: Path) -> None:
+    """A `UserError` before any fold trains: a fold outside `data.num_folds`, or a fold whose
+    run in `workdir/fold<k>` was trained with another config (its resume would be refused)."""
+    # Imported once logging is set up (`_training_setup`): importing Orbax gives the root logger
+    # a handler of Python's default format, which `logging.basicConfig` would then leave as it is.
+    from focalnet_jax.run import RunSpec
+    from focalnet_jax.run import workdir as workdir_lib
+
+    for fold in folds:
+        config.data.fold = fold
+        RunSpec.from_config(config)
+        resumed = workdir / f"fold{fold}"
+        workdir_lib.check_resumed_config(workdir_lib.absolute_paths(config), resumed)
+
+
 def run_cv(args: argparse.Namespace) -> int:
     import jax
 
     from focalnet_jax.data.atomic_files import check_output_folder
-    from focalnet_jax.run import RunSpec
     from focalnet_jax.training.distributed import compilation_cache
 
     check_output_folder(args.workdir, "--workdir")
@@ -162,9 +176,7 @@ def run_cv(args: argparse.Namespace) -> int:
     with compilation_cache(cache):
         config = _training_setup(args)
         folds = args.folds or list(range(config.data.num_folds))
-        for fold in folds:  # a fold outside num_folds stops cv before any fold trains
-            config.data.fold = fold
-            RunSpec.from_config(config)
+        _check_folds(config, folds, args.workdir)
         for index, fold in enumerate(folds):
             config.data.fold = fold
             last = index == len(folds) - 1
