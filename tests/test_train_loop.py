@@ -427,3 +427,20 @@ def test_a_run_stopped_at_a_validation_step_validates_it_on_resume(tmp_path, mon
     assert read_scalars(workdir / "tb", "val/loss")[0].tolist() == [2, 3]
     assert read_scalars(workdir / "tb", "train/loss")[0].tolist() == [1, 2, 3]
     assert "the validation at step 2 is not in its TensorBoard log" in caplog.text
+
+
+def test_a_training_split_smaller_than_the_batch_is_one_line_naming_fold_and_store(tmp_path):
+    """Batch 32 on the 10 annotated slices of fold 0's 4 training cases: refused before anything
+    is written, the line naming the fold, store and slice selection (it named none of them)."""
+    store = FakeStore(patients=6)
+    config = tiny_config(overrides=["--config.train.batch_size=32", "--config.data.num_folds=3"])
+    split = RunSpec.from_config(config).fold_split(store)
+    message = (
+        f"the training split of data.fold=0 in store {store.path} (data.slices=annotated: "
+        f"{len(split.train_cases)} cases) has {len(split.train_rows)} slices, fewer than one "
+        "global batch of train.batch_size=32"
+    )
+    with pytest.raises(UserError) as raised:
+        train_and_evaluate(config, tmp_path / "w", store=store)
+    assert str(raised.value) == message and len(split.train_rows) < 32
+    assert not (tmp_path / "w").exists()

@@ -103,7 +103,8 @@ def to_global(local: dict[str, np.ndarray], mesh: Mesh, global_batch: int) -> di
 
 
 class TrainBatches:
-    """Training batches by step: deterministic in (seed, step), each process reading its share."""
+    """Training batches by step: deterministic in (seed, step), each process reading its share.
+    `name`: what `rows` are, in the error when they fill no global batch."""
 
     def __init__(
         self,
@@ -114,6 +115,7 @@ class TrainBatches:
         *,
         seed: int,
         prefetch: int = 2,
+        name: str = "the training split",
     ):
         self.reader, self.rows, self.mesh = reader, np.asarray(rows, np.int64), mesh
         self.global_batch, self.seed, self.prefetch = global_batch, seed, max(int(prefetch), 1)
@@ -121,7 +123,7 @@ class TrainBatches:
         self.steps_per_epoch = len(self.rows) // global_batch
         if self.steps_per_epoch == 0:
             raise UserError(
-                f"the training split has {len(self.rows)} slices, fewer than one global batch of "
+                f"{name} has {len(self.rows)} slices, fewer than one global batch of "
                 f"train.batch_size={global_batch}"
             )
 

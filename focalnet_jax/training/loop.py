@@ -233,6 +233,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     batches = input_pipeline.TrainBatches(
         reader, split.train_rows, spec.global_batch, mesh,
         seed=config.seed, prefetch=config.train.prefetch,
+        name=f"the training split of data.fold={config.data.fold} in store {store.path} "
+        f"(data.slices={config.data.slices}: {len(split.train_cases)} cases)",
     )  # fmt: skip
     num_steps = spec.total_steps(batches.steps_per_epoch)
     lam = spec.mfl_weight(store, split.train_rows)
