@@ -31,9 +31,7 @@ class PreprocessConfig:
 
     crop_mm: float = 80.0  # side of the square axial crop (mm)
     crop_size: int = 128  # crop pixels per side (0.625 mm at 80 mm)
-    interpolator: str = (
-        "bspline"  # images: 'bspline' | 'linear'; labels are always nearest neighbour
-    )
+    interpolator: str = "bspline"  # images: 'bspline' | 'linear'; labels: nearest neighbour
     t2w_air_percentile: float = 1.0  # T2w intensity mapped to 0
     bladder_max_cv: float = 0.15  # urine is homogeneous: std / mean of the bladder candidate
     bladder_min_volume_ml: float = 10.0  # smaller bright components are not the bladder
