@@ -28,6 +28,7 @@ from test_train_helpers import (
     tiny_config,
 )
 
+from focalnet_jax.data import folds
 from focalnet_jax.errors import UserError, UserErrorExit, one_line_user_errors
 from focalnet_jax.run import RunSpec
 from focalnet_jax.run import workdir as workdir_lib
@@ -391,15 +392,20 @@ def test_non_finite_loss_is_caught_before_validation_logs_anything(tmp_path):
 
 def test_console_names_the_run_and_fold_before_its_bar(tmp_path, caplog):
     """`focalnet cv` trains one fold after another: each run's first line names its workdir and
-    fold, then its slices, steps and starting step (here a resume at 1 of 2)."""
+    fold, then its slices, steps and starting step (here a resume at 1 of 2). A fold whose
+    validation cases hold no annotated slice is said to validate none (only "0 val slices" said
+    it)."""
     store, workdir = FakeStore(), tmp_path / "fold1"
+    split = RunSpec.from_config(tiny_config(overrides=["--config.data.fold=1"])).fold_split(store)
+    store.annotated[folds.case_rows(store, split.val_cases, "all")] = False
     with fast_compiles(), caplog.at_level("INFO", logger="focalnet_jax.training.loop"):
         for steps in (1, 2):
             overrides = ["--config.data.fold=1", f"--config.train.steps={steps}"]
             train_and_evaluate(tiny_config(overrides=overrides), workdir, store=store)
-    split = RunSpec.from_config(tiny_config(overrides=["--config.data.fold=1"])).fold_split(store)
     lines = [r.getMessage() for r in caplog.records if "val slices" in r.getMessage()]
-    counts = f"{len(split.train_rows)} train / {len(split.val_rows)} val slices"
+    counts = f"{len(split.train_rows)} train / 0 val slices"
+    empty = f"{workdir}: fold 1 validates no slice ({len(split.val_cases)} validation cases, "
+    assert caplog.text.count(empty + "data.slices=annotated): the run logs no val/ scalars") == 2
     per_epoch = f"({len(split.train_rows) // 4} per epoch)"  # batch 4, 20 slices
     assert [line.split(", lambda")[0] for line in lines] == [
         f"{workdir}, fold 1: {counts}, 1 steps {per_epoch}, start at 0",

@@ -259,6 +259,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
             "lambda %.4g%s", workdir, config.data.fold, len(split.train_rows), len(split.val_rows),
             num_steps, batches.steps_per_epoch, start, lam, _mfl_note(spec),
         )  # fmt: skip
+        if not len(split.val_rows):
+            log.warning(
+                "%s: fold %d validates no slice (%d validation cases, data.slices=%s): the run "
+                "logs no val/ scalars", workdir, config.data.fold, len(split.val_cases),
+                config.data.slices,
+            )  # fmt: skip
         if validate_first:
             log.warning(
                 "%s: the validation at step %d is not in its TensorBoard log (as when a process "
