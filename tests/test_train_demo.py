@@ -4,6 +4,8 @@ logs the MFL term and the chosen-subset shares."""
 
 from __future__ import annotations
 
+import signal
+
 import jax
 import numpy as np
 import pytest
@@ -21,7 +23,13 @@ def demo_run(tmp_path_factory):
     train = ["train", f"--config={REPO / 'configs' / 'demo.py'}", f"--workdir={workdir}"]
     train += [f"--config.data.store={store}", "--config.train.steps=30"]
     train += ["--config.train.log_every=1", "--config.train.eval_every=0"]
+    sigterm = signal.getsignal(signal.SIGTERM)
     assert cli.main(train) == 0
+    # A caller's `cli.main(argv)` goes on after it: SIGTERM is left as it was (not the status-0
+    # exit of a `focalnet` process whose run is complete, graceful_stop.exit_zero_on_sigterm).
+    assert signal.getsignal(signal.SIGTERM) == sigterm
+    wakeup = signal.set_wakeup_fd(-1)
+    assert wakeup == -1, wakeup
     events = EventAccumulator(str(workdir / "tb"), size_guidance={"scalars": 0})
     events.Reload()
     scalars = {t: [(e.step, e.value) for e in events.Scalars(t)] for t in events.Tags()["scalars"]}

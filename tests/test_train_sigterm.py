@@ -4,8 +4,8 @@ one line, leave a checkpoint at the step they stopped and the TensorBoard events
 rerun reaches the parameters of an uninterrupted run. Two processes of one run, only one of them
 signalled, stop at the same log step. A SIGTERM during the last step's checkpoint or validation
 completes the run (status 0, one line); in `cv` one at a fold's end stops before the next fold
-unless that fold is the last. A second SIGTERM, or one outside the loop, ends the process at
-once."""
+unless that fold is the last; one during the process's exit after the run ends it at once with
+status 0. A second SIGTERM, or one outside the loop, ends the process at once."""
 
 from __future__ import annotations
 
@@ -191,11 +191,12 @@ def test_a_second_sigterm_or_one_outside_the_loop_ends_the_process_at_once(mode)
 
 
 # `focalnet ARGS` in a child whose process RANK sends itself SIGTERM as its first checkpoint write
-# or validation begins (argv: checkpoint|validation|kill, RANK, ARGS; kill: SIGKILL as validation
-# begins, once the checkpoint writes have finished). With `checkpoint_every` 1000 and
-# `eval_every` 0 these are the last step's (in `cv`: of the first fold that trains).
+# or validation begins (argv: checkpoint|validation|exit|kill, RANK, ARGS; kill: SIGKILL as
+# validation begins, once the checkpoint writes have finished; exit: SIGTERM as the process exits,
+# which then takes 60 s, as a shutdown barrier may). With `checkpoint_every` 1000 and `eval_every`
+# 0 these are the last step's (in `cv`: of the first fold that trains).
 SIGNAL_AT_THE_END = """
-import os, signal, sys
+import atexit, os, signal, sys, time
 import jax
 from focalnet_jax import cli
 from focalnet_jax.training import checkpoint, loop
@@ -218,9 +219,12 @@ def save(manager, step, state, save=checkpoint.save):
     return save(manager, step, state)
 
 checkpoint.save = signalled(checkpoint.save) if where == "checkpoint" else save
-if where != "checkpoint":
+if where in ("validation", "kill"):
     loop.evaluate = signalled(loop.evaluate)
-sys.exit(cli.main(sys.argv[3:]))
+if where == "exit":
+    atexit.register(lambda: os.kill(os.getpid(), signal.SIGTERM) or time.sleep(60))
+sys.argv[1:] = sys.argv[3:]  # the process's own command line, as `focalnet` has it
+sys.exit(cli.main())
 """
 LAST = 4  # steps of the runs below
 
@@ -257,12 +261,16 @@ def _complete(workdir: Path) -> None:
     assert steps.tolist() == [LAST] and np.isfinite(values).all()
 
 
-@pytest.mark.parametrize("where", ["checkpoint", "validation"])
-def test_sigterm_during_the_last_steps_checkpoint_or_validation_completes_the_run(
+@pytest.mark.parametrize("where", ["checkpoint", "validation", "exit"])
+def test_sigterm_during_the_last_steps_checkpoint_validation_or_exit_completes_the_run(
     store, tmp_path, where
 ):
+    """`exit`: a SIGTERM during the process's exit after the run ends it at once, with status 0
+    (it was killed by the signal, as if the run had not finished)."""
     workdir = tmp_path / "run"
+    started = time.monotonic()
     status, lines = _run(_signalled_at_the_end(_train_argv(store, workdir, 1), where))
+    assert time.monotonic() - started < 60  # not after the 60 s exit
     assert (status, lines) == (0, [f"focalnet train: {COMPLETED.format(LAST, workdir)}"])
     _complete(workdir)
 

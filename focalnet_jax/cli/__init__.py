@@ -102,11 +102,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """`focalnet ARGV`; the exit status. Without `argv`: the process's own command line (the
+    console script, `python -m focalnet_jax.cli`), and the process ends when this returns: after
+    a complete training run a SIGTERM then ends it with status 0 (`graceful_stop`)."""
+    process_ends = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     # `train` and `cv` take free-form `--config.KEY=VALUE` overrides that argparse does not know,
     # `study` `--spec.KEY=VALUE`.
     args, unknown = parser.parse_known_args(argv)
+    args.process_ends = process_ends
     if unknown and args.command not in ("train", "cv", "study"):
         args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = unknown

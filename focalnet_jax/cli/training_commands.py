@@ -95,19 +95,32 @@ def _set_fold(config, args: argparse.Namespace, fold_overridden: bool) -> None:
     config.data.fold = args.fold
 
 
-def _train_run(config, workdir: Path, command: str, *, last: bool = True) -> None:
+def _train_run(
+    config, workdir: Path, command: str, *, last: bool = True, process_ends: bool = False
+) -> None:
     """`train_and_evaluate(config, workdir)`. A SIGTERM that arrived once the run was complete
     (`graceful_stop.TrainingStopped.complete`) ends the command's `last` run with one line on
-    stderr (the command exits with status 0); before another run (`cv`) it stops the command."""
+    stderr (the command exits with status 0); before another run (`cv`) it stops the command.
+    After the `last` run, when the process ends with the command (`process_ends`, not a caller's
+    `cli.main(argv)`), a SIGTERM during its exit ends it at once with status 0 and that line
+    (`graceful_stop.exit_zero_on_sigterm`): the command's work is done."""
+    import jax
+
     from focalnet_jax.training import train_and_evaluate
-    from focalnet_jax.training.graceful_stop import TrainingStopped
+    from focalnet_jax.training.graceful_stop import TrainingStopped, exit_zero_on_sigterm
 
     try:
-        train_and_evaluate(config, workdir)
+        step = int(jax.device_get(train_and_evaluate(config, workdir).step))
     except TrainingStopped as stop:
         if not (stop.complete and last):
             raise
         print(f"focalnet {command}: {stop.completed}", file=sys.stderr)
+        if process_ends:
+            exit_zero_on_sigterm("")  # said already
+        return
+    if last and process_ends:
+        completed = TrainingStopped(step, workdir, complete=True).completed
+        exit_zero_on_sigterm(f"focalnet {command}: {completed}")
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -119,9 +132,9 @@ def run_train(args: argparse.Namespace) -> int:
     check_output_folder(args.workdir, "--workdir")
     with compilation_cache(args.compilation_cache):
         config = _training_setup(args)
-        _train_run(config, args.workdir, args.command)
+        _train_run(config, args.workdir, args.command, process_ends=args.process_ends)
     if jax.process_index() == 0:  # once per run, not once per process
-        print(f"checkpoints and TensorBoard logs in {args.workdir}")
+        print(f"checkpoints and TensorBoard logs in {args.workdir}", flush=True)
     return 0
 
 
@@ -180,7 +193,8 @@ def run_cv(args: argparse.Namespace) -> int:
         for index, fold in enumerate(folds):
             config.data.fold = fold
             last = index == len(folds) - 1
-            _train_run(config, args.workdir / f"fold{fold}", args.command, last=last)
+            workdir = args.workdir / f"fold{fold}"
+            _train_run(config, workdir, args.command, last=last, process_ends=args.process_ends)
     if jax.process_index() == 0:
-        print(f"trained folds {folds}; runs in {args.workdir}/fold<k>")
+        print(f"trained folds {folds}; runs in {args.workdir}/fold<k>", flush=True)
     return 0

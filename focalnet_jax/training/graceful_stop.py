@@ -3,7 +3,7 @@
 
 Inside `SigtermStop` (the training loop and the run's last writes) the first SIGTERM only sets a
 flag and puts SIGTERM's default back, so a second one ends the process at once, as one outside it
-does (data loading, compilation of the state, the process's exit). The loop asks `stop_now` at
+does (data loading, compilation of the state). The loop asks `stop_now` at
 step boundaries: a single process stops after the step it is in; the processes of a multi-process
 run take the OR of their flags (`multihost_utils.process_allgather`) only at the loop's log steps
 (`train.log_every`), where they all call it and the loop already waits for the devices to read
@@ -20,11 +20,14 @@ logs are closed. A SIGTERM by then (in the last step, its checkpoint, its valida
 writes) raises `TrainingStopped` with `complete` set: the run is complete, its last checkpoint
 (what a rerun and evaluation take as finished, `ensemble.final_step`) is on disk. `focalnet train`,
 and `cv` after its last fold, then print `TrainingStopped.completed` and exit with status 0; `cv`
-before another fold stops with 143, as above.
+before another fold stops with 143, as above. After that last run a SIGTERM during the process's
+exit (JAX's shutdown; in a multi-process run its barrier) ends it at once, with status 0 and that
+line (`exit_zero_on_sigterm`): a finished run is not reported as killed.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from pathlib import Path
@@ -86,3 +89,28 @@ class SigtermStop:
             return False
         flags = multihost_utils.process_allgather(np.int32(self.received))
         return bool(np.any(flags))
+
+
+def exit_zero_on_sigterm(line: str) -> None:
+    """From now to the process's end (its exit: JAX's shutdown, in a multi-process run its barrier)
+    a SIGTERM ends the process at once with status 0 after `line` (if not empty) on stderr: call it
+    once the command's work is complete and on disk. Python's signal handler writes the signal
+    number to a pipe (`signal.set_wakeup_fd`) as the signal arrives, and a thread waiting on it
+    exits, so a main thread held in JAX's C++ code does not delay it. Off the main thread it
+    changes nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    message = (line + "\n").encode() if line else b""
+
+    def wait_for_sigterm() -> None:
+        while os.read(read, 1) != bytes([signal.SIGTERM]):  # SIGINT keeps its own way
+            pass
+        if message:
+            os.write(2, message)
+        os._exit(0)
+
+    threading.Thread(target=wait_for_sigterm, name="sigterm-after-completion", daemon=True).start()
+    signal.set_wakeup_fd(write)
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)  # the thread acts on it
