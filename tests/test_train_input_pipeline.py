@@ -196,6 +196,41 @@ def test_a_slurm_task_given_its_own_gpus_drives_the_gpus_it_sees():
     assert detected == ("gpu01:61517", 16, 11, [])  # port: 61440 + job id 77 % 4096
 
 
+def test_a_slurm_step_that_would_leave_gpus_idle_is_refused(monkeypatch):
+    """2 tasks on each node, each seeing the node's 8 GPUs (`--ntasks-per-node=2
+    --gpus-per-node=8`): JAX's rule gives task k GPU k alone, 6 GPUs would train nothing. Refused
+    in one line before any process group is joined; given GPUs per task, or the user's device ids,
+    it stands."""
+    from focalnet_jax.errors import UserError
+
+    ids = distributed.slurm_local_device_ids
+    step = {
+        "SLURM_STEP_TASKS_PER_NODE": "2(x2)", "SLURM_NODEID": "1",
+        "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7",
+    }  # fmt: skip
+    want = (
+        "SLURM step: 2 tasks on node 1 see the same 8 GPUs and each drives only the GPU numbered "
+        "by its SLURM_LOCALID, so 6 would sit idle; give --ntasks-per-node=8 (one task per GPU) "
+        "or 1 (one task drives them all), --gpus-per-task, or JAX_LOCAL_DEVICE_IDS"
+    )
+    with pytest.raises(UserError) as refused:
+        ids(step)
+    assert str(refused.value) == want
+    assert ids({**step, "SLURM_GPUS_PER_TASK": "4"}) == []
+    assert ids({**step, "JAX_LOCAL_DEVICE_IDS": "0,1,2,3"}) is None
+    assert ids({**step, "SLURM_STEP_TASKS_PER_NODE": "1(x2)"}) == []
+    # `focalnet train` in such a task: the one line, before jax.distributed.initialize.
+    task = {**step, "SLURM_JOB_ID": "7", "SLURM_STEP_NUM_TASKS": "4", "SLURM_NTASKS": "4"}
+    for name, value in task.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("JAX_LOCAL_DEVICE_IDS", raising=False)
+    joined = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: joined.append(k))
+    with pytest.raises(UserError, match="^SLURM step: 2 tasks on node 1 "):
+        distributed.initialize()
+    assert joined == []
+
+
 @pytest.mark.slow
 def test_slurm_steps_give_the_task_layout_read_for_the_devices(tmp_path):
     """`srun` of one task and of two tasks on the one-node test cluster: what each task decides

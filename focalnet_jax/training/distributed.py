@@ -31,6 +31,7 @@ from pathlib import Path
 import jax
 
 from focalnet_jax.data.atomic_files import check_output_folder
+from focalnet_jax.errors import UserError
 
 
 def slurm_num_tasks(environ=None) -> int:
@@ -67,7 +68,9 @@ def slurm_local_device_ids(environ=None) -> list[int] | None:
     node has tasks, e.g. `--gpu-bind`: JAX's rule would ask task k for a GPU k it cannot see, or
     give a task of 2 GPUs one of them), else None (JAX's rule: the device numbered
     `SLURM_LOCALID`, one per task). None too when `JAX_LOCAL_DEVICE_IDS` is set: JAX then takes
-    the user's choice."""
+    the user's choice. A `UserError` when JAX's rule would leave GPUs idle: several tasks on the
+    node, none given its own GPUs, each seeing more GPUs than the node has tasks
+    (`--ntasks-per-node=2 --gpus-per-node=8`: 2 of 8 GPUs would train)."""
     environ = os.environ if environ is None else environ
     if environ.get("JAX_LOCAL_DEVICE_IDS"):
         return None
@@ -77,6 +80,13 @@ def slurm_local_device_ids(environ=None) -> list[int] | None:
     here = counts[node] if node < len(counts) else max(counts, default=0)
     visible = _visible_gpus(environ)
     bound = bool(environ.get("SLURM_GPUS_PER_TASK")) or (visible is not None and 0 < visible < here)
+    if here > 1 and not bound and visible is not None and visible > here:
+        raise UserError(
+            f"SLURM step: {here} tasks on node {node} see the same {visible} GPUs and each drives "
+            f"only the GPU numbered by its SLURM_LOCALID, so {visible - here} would sit idle; give "
+            f"--ntasks-per-node={visible} (one task per GPU) or 1 (one task drives them all), "
+            "--gpus-per-task, or JAX_LOCAL_DEVICE_IDS"
+        )
     return [] if here == 1 or bound else None
 
 
@@ -147,9 +157,10 @@ def initialize(
         jax.distributed.initialize(coordinator_address, num_processes, process_id)
         return "flags"
     if slurm_num_tasks() > 1:
+        device_ids = slurm_local_device_ids()  # refuses a layout that leaves GPUs idle
         _configure_group()
         with _coordinator_port(slurm_coordinator_port()):
-            jax.distributed.initialize(local_device_ids=slurm_local_device_ids())
+            jax.distributed.initialize(local_device_ids=device_ids)
         return "slurm"
     return "single"
 
