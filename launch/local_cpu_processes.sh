@@ -11,6 +11,11 @@ PORT=${PORT:-$(python -c 'import socket; s = socket.socket(); s.bind(("", 0)); p
 export JAX_PLATFORMS=cpu
 export XLA_FLAGS="--xla_force_host_platform_device_count=${D}"
 pids=()
+# A SIGTERM for this script goes on to every process, which all stop at the same step with its
+# checkpoint (focalnet_jax/training/graceful_stop.py); a second one ends them at once. Untrapped,
+# it ended this script alone and left the processes training.
+stopping=
+trap 'stopping=1; kill -TERM "${pids[@]}" 2>/dev/null || true' TERM
 for ((i = 0; i < N; i++)); do
     python -m focalnet_jax.cli train --config "$CONFIG" --workdir "$WORKDIR" \
         --coordinator_address "localhost:${PORT}" --num_processes "$N" --process_id "$i" "$@" &
@@ -22,8 +27,15 @@ status=0
 for ((i = 0; i < N; i++)); do
     wait -n && continue
     status=$?
+    [[ -n $stopping ]] && break
     kill "${pids[@]}" 2>/dev/null || true
     break
 done
+if [[ -n $stopping ]]; then # the processes' own statuses: 143 stopped, 0 complete
+    status=0
+    for pid in "${pids[@]}"; do
+        wait "$pid" || status=$?
+    done
+fi
 wait
 exit "$status"

@@ -5,10 +5,13 @@ tests/test_train_input_pipeline.py.)"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -78,3 +81,65 @@ def test_one_host_passes_config_workdir_and_overrides(tmp_path):
     assert _one_line_error(done) == f"focalnet train: error: store {store} does not exist"
     assert f"compilation cache: {workdir / 'compilation_cache'}" in done.stderr
     assert not workdir.exists()
+
+
+# tests/test_train_sigterm.py's tiny run, `STEPS` steps, each logged (the progress bar shows it).
+STEPS = 8
+TINY_RUN = [
+    "--config.data.num_folds=2", "--config.data.slices=all", "--config.model.depth=18",
+    "--config.model.width=0.125", "--config.model.output_stride=16",
+    "--config.train.batch_size=4", "--config.train.checkpoint_every=1000",
+    "--config.train.eval_every=0", "--config.train.log_every=1", f"--config.train.steps={STEPS}",
+]  # fmt: skip
+
+
+def _until(condition, what: str, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what()
+        time.sleep(0.2)
+
+
+def _steps_shown(log: str) -> int:
+    """The last step of the run the progress bar in `log` shows (0: none yet)."""
+    return max(map(int, re.findall(rf"\b(\d+)/{STEPS}\b", log)), default=0)
+
+
+@pytest.mark.slow
+def test_local_cpu_processes_pass_a_sigterm_for_the_script_on_to_every_process(tmp_path):
+    """SIGTERM to the script alone: both processes stop at the same step with its checkpoint and
+    the script exits with their status, 143 (untrapped, the script died of it and left them
+    training)."""
+    from test_train_helpers import cpu_devices_env, small_synthetic_store
+
+    store = small_synthetic_store(tmp_path / "data", cases=6, seed=3)
+    workdir, err = tmp_path / "run", tmp_path / "script.err"
+    env = cpu_devices_env(1, JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+    env["PATH"] = f"{os.path.dirname(sys.executable)}:{env['PATH']}"
+    env.pop("PORT", None)
+    argv = ["bash", str(REPO / "launch" / "local_cpu_processes.sh"), "2", "1"]
+    argv += ["configs/focalnet.py", str(workdir), f"--config.data.store={store}", *TINY_RUN]
+    with open(err, "wb") as stderr:
+        script = subprocess.Popen(
+            argv, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr,
+            start_new_session=True,
+        )  # fmt: skip
+
+    def log() -> str:
+        return err.read_text(errors="replace")
+
+    try:
+        _until(lambda: _steps_shown(log()) >= 2, lambda: f"no step 2: {log()[-2000:]}")
+        script.send_signal(signal.SIGTERM)
+        status = script.wait(timeout=180)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(script.pid, signal.SIGKILL)  # whatever is left of its processes
+        script.wait()
+    stopped = re.findall(r"focalnet train: stopped by SIGTERM at step (\d+) in (\S+);", log())
+    assert status == 143 and len(stopped) == 2 and stopped[0] == stopped[1], (
+        status, log()[-2000:],
+    )  # fmt: skip
+    step = int(stopped[0][0])
+    assert stopped[0][1] == str(workdir) and 2 <= step < STEPS
+    assert [p.name for p in (workdir / "checkpoints").iterdir()] == [str(step)]
