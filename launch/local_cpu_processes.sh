@@ -7,6 +7,10 @@
 set -euo pipefail
 N=${1:?processes}; D=${2:?devices per process}; CONFIG=${3:?config}; WORKDIR=${4:?workdir}
 shift 4
+if [[ ! $N =~ ^[1-9][0-9]*$ || ! $D =~ ^[1-9][0-9]*$ ]]; then
+    echo "$0: N (processes) and D (devices per process) must be positive integers, got N=$N D=$D" >&2
+    exit 2
+fi
 PORT=${PORT:-$(python -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')}
 export JAX_PLATFORMS=cpu
 export XLA_FLAGS="--xla_force_host_platform_device_count=${D}"

@@ -83,6 +83,18 @@ def test_one_host_passes_config_workdir_and_overrides(tmp_path):
     assert not workdir.exists()
 
 
+@pytest.mark.parametrize("counts", [("0", "1"), ("x", "1"), ("2", "0"), ("2", "2x")])
+def test_local_cpu_processes_refuses_counts_that_are_not_positive_integers(tmp_path, counts):
+    """N=0 started nothing and exited with status 0; N=x failed with `x: unbound variable`."""
+    done = _run("local_cpu_processes.sh", *counts, "configs/demo.py", str(tmp_path / "run"))
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert done.stderr.splitlines() == [
+        f"{REPO / 'launch' / 'local_cpu_processes.sh'}: N (processes) and D (devices per process) "
+        f"must be positive integers, got N={counts[0]} D={counts[1]}"
+    ]
+    assert not (tmp_path / "run").exists()
+
+
 # tests/test_train_sigterm.py's tiny run, `STEPS` steps, each logged (the progress bar shows it).
 STEPS = 8
 TINY_RUN = [
