@@ -15,6 +15,9 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
 # One cache for the array: a requeued or restarted task reuses the compiled steps, and since the
 # MFL weight is an operand of the step, every fold's step is the same executable.
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-${WORKDIR:?set WORKDIR}/compilation_cache}
-python -m focalnet_jax.cli train --config "${CONFIG:?set CONFIG}" \
+# exec: the task is the batch shell, so a signal for it (`sbatch --signal=B:TERM@120`, `scancel
+# --batch`) reaches the training, which saves the step it stops at; bash would die of it at once
+# and leave the training to SLURM's SIGKILL at the job's end.
+exec python -m focalnet_jax.cli train --config "${CONFIG:?set CONFIG}" \
     --workdir "${WORKDIR:?set WORKDIR}/fold${SLURM_ARRAY_TASK_ID}" \
     --fold "${SLURM_ARRAY_TASK_ID}" "$@"

@@ -1,7 +1,9 @@
 """The scripts in launch/ call `focalnet` with flags it declares, and the two that run without a
 cluster (one host; a SLURM array task, run here as its batch script) reach `focalnet train` with
-their fold and compilation cache. (launch/local_cpu_processes.sh runs in
-tests/test_train_input_pipeline.py.)"""
+their fold and compilation cache. launch/local_cpu_processes.sh refuses bad counts and passes a
+SIGTERM on to its processes (its start-up runs in tests/test_train_input_pipeline.py); a SLURM
+array task on the one-node test cluster (tests/slurm_cluster.py) stops on a SIGTERM for its batch
+shell and resumes when requeued."""
 
 from __future__ import annotations
 
@@ -115,6 +117,67 @@ def _until(condition, what: str, timeout: float = 240) -> None:
 def _steps_shown(log: str) -> int:
     """The last step of the run the progress bar in `log` shows (0: none yet)."""
     return max(map(int, re.findall(rf"\b(\d+)/{STEPS}\b", log)), default=0)
+
+
+@pytest.mark.slow
+def test_a_slurm_folds_task_signalled_as_its_batch_shell_saves_its_step_and_resumes_requeued(
+    tmp_path,
+):
+    """SIGTERM to the task's batch shell only (what `sbatch --signal=B:TERM@120` sends; here
+    `scancel --batch`): the training stops at a step boundary with its checkpoint (bash, running
+    it as a child, died of the signal and SLURM killed the training at the job's end); the
+    requeued task resumes from that step and completes. The test node has no GPUs: the script
+    runs without its `--gpus` line."""
+    from slurm_cluster import OneNodeCluster, missing_binaries
+    from test_train_helpers import cpu_devices_env, small_synthetic_store
+
+    from focalnet_jax.evaluation.ensemble import final_step
+
+    if missing_binaries() or os.geteuid() != 0:
+        reason = "needs the SLURM binaries and root (tests/slurm_cluster.py)"
+        if os.environ.get("FOCALNET_REQUIRE_SLURM", "") not in ("", "0"):
+            pytest.fail(reason + " (FOCALNET_REQUIRE_SLURM=1)")
+        pytest.skip(reason)
+    store = small_synthetic_store(tmp_path / "data", cases=6, seed=3)
+    lines = (REPO / "launch" / "slurm_folds.sh").read_text().splitlines(keepends=True)
+    script = tmp_path / "slurm_folds.sh"
+    script.write_text("".join(line for line in lines if not line.startswith("#SBATCH --gpus")))
+    workdir, out = tmp_path / "cv", tmp_path / "task.out"
+    cluster = OneNodeCluster(tmp_path / "cluster")
+    env = {**cpu_devices_env(1, JAX_DISABLE_MOST_OPTIMIZATIONS="1"), **cluster.env}
+    env.update(CONFIG="configs/focalnet.py", WORKDIR=str(workdir))
+    env["PATH"] = f"{os.path.dirname(sys.executable)}:{env['PATH']}"
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    submit = ["sbatch", "--parsable", "--array=0", "--cpus-per-task=1", f"--output={out}"]
+    submit += [str(script), f"--config.data.store={store}", *TINY_RUN]
+
+    def slurm(*argv: str) -> str:
+        done = subprocess.run(argv, env=env, cwd=REPO, capture_output=True, text=True, timeout=90)
+        assert done.returncode == 0, (argv, done.stderr[-2000:])
+        return done.stdout
+
+    def log() -> str:
+        return out.read_text(errors="replace") if out.exists() else ""
+
+    try:
+        cluster.start()
+        job = slurm(*submit).strip()
+        _until(lambda: _steps_shown(log()) >= 2, lambda: f"no step 2: {log()[-2000:]}")
+        slurm("scancel", "--batch", "--signal=TERM", job)
+        _until(lambda: not slurm("squeue", "-h", "-j", job).strip(), lambda: log()[-2000:])
+        stopped = re.findall(r"focalnet train: stopped by SIGTERM at step (\d+) in (\S+);", log())
+        assert len(stopped) == 1 and stopped[0][1] == str(workdir / "fold0"), log()[-2000:]
+        step = int(stopped[0][0])
+        assert 2 <= step < STEPS
+        assert [p.name for p in (workdir / "fold0" / "checkpoints").iterdir()] == [str(step)]
+        slurm("scontrol", "requeue", job)
+        slurm("scontrol", "update", f"JobId={job}", "StartTime=now")  # not 2 minutes later
+        _until(lambda: f"start at {step}" in log(), lambda: f"not resumed: {log()[-2000:]}")
+        _until(lambda: not slurm("squeue", "-h", "-j", job).strip(), lambda: log()[-2000:])
+    finally:
+        cluster.stop()
+    assert final_step(workdir / "fold0") == (STEPS, "")
+    assert f"checkpoints and TensorBoard logs in {workdir / 'fold0'}" in log()
 
 
 @pytest.mark.slow
