@@ -10,6 +10,8 @@
 #SBATCH --cpus-per-task=8
 #SBATCH --time=04:00:00
 #SBATCH --output=%x-%A_%a.out
+# A requeued job appends to its output, which keeps why its earlier run ended.
+#SBATCH --open-mode=append
 set -euo pipefail
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
 # One cache for the array: a requeued or restarted task reuses the compiled steps, and since the

@@ -11,6 +11,8 @@
 #SBATCH --cpus-per-task=16
 #SBATCH --time=04:00:00
 #SBATCH --output=%x-%j.out
+# A requeued job appends to its output, which keeps why its earlier run ended.
+#SBATCH --open-mode=append
 set -euo pipefail
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_latency_hiding_scheduler=true"
@@ -23,5 +25,8 @@ srun_flags=(--kill-on-bad-exit=1)
 if [[ -n ${SLURM_CPUS_PER_TASK:-} ]]; then
     srun_flags+=("--cpus-per-task=${SLURM_CPUS_PER_TASK}")
 fi
+# Not exec: srun takes a SIGTERM as an order to kill its tasks (SIGKILL, no checkpoint), while a
+# signal for the batch shell (`sbatch --signal=B:TERM@120`, `scancel --batch`) ends bash, and SLURM
+# then ends the step with SIGTERM, which the training takes to save the step it stops at.
 srun "${srun_flags[@]}" python -m focalnet_jax.cli train --config "${CONFIG:?set CONFIG}" \
     --workdir "${WORKDIR:?set WORKDIR}" "$@"

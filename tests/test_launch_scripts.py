@@ -126,8 +126,9 @@ def test_a_slurm_folds_task_signalled_as_its_batch_shell_saves_its_step_and_resu
     """SIGTERM to the task's batch shell only (what `sbatch --signal=B:TERM@120` sends; here
     `scancel --batch`): the training stops at a step boundary with its checkpoint (bash, running
     it as a child, died of the signal and SLURM killed the training at the job's end); the
-    requeued task resumes from that step and completes. The test node has no GPUs: the script
-    runs without its `--gpus` line."""
+    requeued task resumes from that step and completes, appending to the task's output (the
+    first run's lines were lost). The test node has no GPUs: the script runs without its `--gpus`
+    line."""
     from slurm_cluster import OneNodeCluster, missing_binaries
     from test_train_helpers import cpu_devices_env, small_synthetic_store
 
@@ -178,6 +179,8 @@ def test_a_slurm_folds_task_signalled_as_its_batch_shell_saves_its_step_and_resu
         cluster.stop()
     assert final_step(workdir / "fold0") == (STEPS, "")
     assert f"checkpoints and TensorBoard logs in {workdir / 'fold0'}" in log()
+    # The task's output keeps why its first run ended (`--open-mode=append`).
+    assert log().count("focalnet train: stopped by SIGTERM at step") == 1, log()[-2000:]
 
 
 @pytest.mark.slow
