@@ -450,3 +450,16 @@ def test_a_training_split_smaller_than_the_batch_is_one_line_naming_fold_and_sto
         train_and_evaluate(config, tmp_path / "w", store=store)
     assert str(raised.value) == message and len(split.train_rows) < 32
     assert not (tmp_path / "w").exists()
+
+
+def test_panel_pixels_are_clipped_and_nan_is_black():
+    """A NaN input (as in a store whose images went non-finite) was cast to an undefined byte,
+    with NumPy's 'invalid value encountered in cast' warning."""
+    import warnings
+
+    from focalnet_jax.training.tb_logging import to_uint8
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pixels = to_uint8(np.array([[np.nan, 0.5, 2.0, -1.0, np.inf, -np.inf]], np.float32))
+    assert pixels.tolist() == [[0, 128, 255, 0, 255, 0]]

@@ -26,8 +26,10 @@ def _png(image: np.ndarray) -> bytes:
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
-    """Float image in [0, 1] (`[H, W]` or `[H, W, 3]`) -> uint8, values outside clipped."""
-    return (np.clip(np.asarray(image, np.float32), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    """Float image in [0, 1] (`[H, W]` or `[H, W, 3]`) -> uint8, values outside clipped, NaN
+    black (a non-finite input shown, not cast to an undefined value)."""
+    image = np.nan_to_num(np.asarray(image, np.float32), nan=0.0)
+    return (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
 class SummaryWriter:
