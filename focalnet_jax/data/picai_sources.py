@@ -88,10 +88,11 @@ def _patient_dirs(folder: Path) -> list[Path]:
     of its own (the five `picai_public_images_fold<k>` archives extracted side by side) gives
     the patient folders of each. A folder holding both is an error (the image folders in it were
     read as patient folders without images, and left out)."""
-    subdirs = sorted(p for p in folder.iterdir() if p.is_dir())
-    patients = [d for d in subdirs if _holds_images(d)]
+    subdirs = _subdirs(folder)
+    holds = {d: _holds_images(d) for d in subdirs}  # each folder listed once
+    patients = [d for d in subdirs if holds[d]]
     if patients:
-        others = (d for d in subdirs if not _holds_images(d))
+        others = (d for d in subdirs if not holds[d])
         nested = next((d for d in others if any(map(_holds_images, _subdirs(d)))), None)
         if nested is not None:
             raise LayoutError(
