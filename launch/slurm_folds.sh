@@ -13,6 +13,11 @@
 # A requeued job appends to its output, which keeps why its earlier run ended.
 #SBATCH --open-mode=append
 set -euo pipefail
+if [[ -z ${SLURM_ARRAY_TASK_ID:-} ]]; then
+    echo "$0: SLURM_ARRAY_TASK_ID is not set (task k of a SLURM job array trains fold k); submit" \
+        "it as an array: CONFIG=... WORKDIR=... sbatch --array=0-4 $0 [--config.KEY=VALUE ...]" >&2
+    exit 2
+fi
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
 # One cache for the array: a requeued or restarted task reuses the compiled steps, and since the
 # MFL weight is an operand of the step, every fold's step is the same executable.

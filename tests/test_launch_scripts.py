@@ -77,6 +77,26 @@ def test_slurm_folds_task_trains_its_array_index_with_the_arrays_cache(tmp_path)
     assert not workdir.exists()
 
 
+def test_slurm_folds_outside_a_job_array_says_how_to_submit_it(tmp_path):
+    """Run outside a job array (no SLURM_ARRAY_TASK_ID: `bash launch/slurm_folds.sh`), the script
+    failed with bash's `SLURM_ARRAY_TASK_ID: unbound variable`; nothing is written."""
+    workdir = tmp_path / "cv"
+    environ = {k: v for k, v in os.environ.items() if k != "SLURM_ARRAY_TASK_ID"}
+    script = REPO / "launch" / "slurm_folds.sh"
+    done = subprocess.run(
+        ["bash", str(script), "--config.data.num_folds=2"],
+        env={**environ, "CONFIG": "configs/demo.py", "WORKDIR": str(workdir)},
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        f"{script}: SLURM_ARRAY_TASK_ID is not set (task k of a SLURM job array trains fold k); "
+        "submit it as an array: CONFIG=... WORKDIR=... sbatch --array=0-4 "
+        f"{script} [--config.KEY=VALUE ...]"
+    ]
+    assert done.stdout == "" and not workdir.exists()
+
+
 def test_one_host_passes_config_workdir_and_overrides(tmp_path):
     workdir, store = tmp_path / "run", tmp_path / "absent"
     done = _run("one_host.sh", "configs/demo.py", str(workdir), f"--config.data.store={store}")
