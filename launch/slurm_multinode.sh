@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Data-parallel training over several nodes: one process per node, each driving its GPUs.
-# jax.distributed.initialize reads the coordinator and ranks from SLURM's variables; the
-# coordinator's port is derived from the job and step ids (JAX_COORDINATOR_PORT=P to choose it).
+# jax.distributed.initialize reads the ranks from SLURM's variables; the coordinator is the
+# step's first node, its port derived from the job and step ids (JAX_COORDINATOR_PORT=P sets it).
 # Usage: CONFIG=configs/focalnet.py:fold=0 WORKDIR=runs/x sbatch launch/slurm_multinode.sh \
 #            --config.data.store=STORE
 #SBATCH --job-name=focalnet

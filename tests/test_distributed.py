@@ -1,6 +1,7 @@
-"""The coordinator port of a SLURM step (focalnet_jax/training/distributed.py): the same in every
-task of a step, different in each step of a job; two 2-task steps of one job running at once on the
-one-node test cluster (tests/slurm_cluster.py) both join their own process group and sum across it.
+"""The coordinator of a SLURM step (focalnet_jax/training/distributed.py): the first host of the
+step's node list, expanded here; its port the same in every task of a step, different in each step
+of a job; two 2-task steps of one job running at once on the one-node test cluster
+(tests/slurm_cluster.py) both join their own process group and sum across it.
 """
 
 from __future__ import annotations
@@ -38,25 +39,80 @@ def test_each_step_of_a_job_gets_its_own_port_and_each_task_the_same():
     assert port({"SLURM_STEP_ID": "1"}) is None
 
 
-def test_jax_reads_the_step_port_in_a_slurm_task_and_children_do_not_inherit_it(monkeypatch):
+@pytest.mark.parametrize(
+    ("nodelist", "hosts"),
+    [
+        ("node001", ["node001"]),
+        ("node001,host2", ["node001", "host2"]),
+        ("node[01-02]-ib", ["node01-ib", "node02-ib"]),
+        ("node[08-10]", ["node08", "node09", "node10"]),  # padding as written
+        ("node[8-10]", ["node8", "node9", "node10"]),
+        (
+            "gpu-a[001-003,007]-ib,gpu-b12",
+            ["gpu-a001-ib", "gpu-a002-ib", "gpu-a003-ib", "gpu-a007-ib", "gpu-b12"],
+        ),
+        ("a[1,3],b[09-10]-x,c", ["a1", "a3", "b09-x", "b10-x", "c"]),
+        ("r[1-2]n[1-2]", ["r1n1", "r1n2", "r2n1", "r2n2"]),
+        ("rack[1-2]-node[01-02]", ["rack1-node01", "rack1-node02", "rack2-node01", "rack2-node02"]),
+    ],
+)
+def test_slurm_node_lists_expand_to_their_hosts_in_order(nodelist, hosts):
+    assert distributed.slurm_hostnames(nodelist) == hosts
+
+
+@pytest.mark.parametrize("nodelist", ["node[01-02", "node01]", "a[[1]]", "a[3-1]", "a[]", "a,,b"])
+def test_a_node_list_that_cannot_be_read_is_refused_in_one_line(nodelist):
+    from focalnet_jax.errors import UserError
+
+    with pytest.raises(UserError, match=r"^SLURM node list '.*': "):
+        distributed.slurm_hostnames(nodelist)
+
+
+def test_jax_is_given_the_first_host_of_the_step_and_its_port(monkeypatch):
+    """JAX 0.10's own parse gave `node01` for `node[01-02]-ib` and `rack1` for
+    `rack[1-2]-node[01-02]` (it drops what follows the first bracket): every task then looked for
+    the coordinator on a host that is not the first node. The step's port (or the user's
+    `JAX_COORDINATOR_PORT`) goes with the host; a `JAX_COORDINATOR_ADDRESS` of the user's is left
+    to JAX. Nothing is set in the environment (child processes inherit nothing)."""
     from jax._src import clusters
 
-    task = _task("77", "2", "1", SLURM_STEP_NODELIST="gpu[01-02]", SLURM_NTASKS="2")
-    for name, value in {**task, "SLURM_LOCALID": "1"}.items():
+    task = _task(
+        "77", "2", "1", SLURM_STEP_NODELIST="node[01-02]-ib", SLURM_NTASKS="2",
+        SLURM_STEP_NUM_TASKS="2", SLURM_STEP_TASKS_PER_NODE="1(x2)", SLURM_LOCALID="0",
+    )  # fmt: skip
+    for name, value in task.items():
         monkeypatch.setenv(name, value)
-    monkeypatch.delenv("JAX_COORDINATOR_PORT", raising=False)
-    with distributed._coordinator_port(distributed.slurm_coordinator_port()):
-        detected = clusters.ClusterEnv.auto_detect_unset_distributed_params(
-            None, None, None, None, None, 300
-        )
-    assert detected == ("gpu01:62483", 2, 1, [1])
-    assert "JAX_COORDINATOR_PORT" not in os.environ
+    for name in ("JAX_COORDINATOR_PORT", "JAX_COORDINATOR_ADDRESS", "JAX_LOCAL_DEVICE_IDS"):
+        monkeypatch.delenv(name, raising=False)
+    jax_own = clusters.ClusterEnv.auto_detect_unset_distributed_params(
+        None, None, None, None, None, 300
+    )
+    assert jax_own[0] == "node01:61517"  # JAX's own: no `-ib`, and its port, 61440 + 77
+    calls = []
+    monkeypatch.setattr(distributed, "_configure_group", lambda: None)
+    monkeypatch.setattr(
+        distributed.jax.distributed, "initialize", lambda *a, **k: calls.append((a, k))
+    )
+    before = dict(os.environ)
+    assert distributed.initialize() == "slurm"
+    # The step's port: 61440 + (77 + 2531 * 2) % 4096.
+    assert calls == [(("node01-ib:62483",), {"local_device_ids": []})]
+    assert dict(os.environ) == before
+    monkeypatch.setenv("SLURM_STEP_NODELIST", "rack[1-2]-node[01-02]")
+    jax_own = clusters.ClusterEnv.auto_detect_unset_distributed_params(
+        None, None, None, None, None, 300
+    )
+    assert jax_own[0] == "rack1:61517"
+    assert distributed.slurm_coordinator_address() == "rack1-node01:62483"
     monkeypatch.setenv("JAX_COORDINATOR_PORT", "12345")
-    with distributed._coordinator_port(distributed.slurm_coordinator_port()):
-        detected = clusters.ClusterEnv.auto_detect_unset_distributed_params(
-            None, None, None, None, None, 300
-        )
-    assert detected[0] == "gpu01:12345" and os.environ["JAX_COORDINATOR_PORT"] == "12345"
+    assert distributed.slurm_coordinator_address() == "rack1-node01:12345"
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "head:999")
+    assert distributed.slurm_coordinator_address() is None
+    # What JAX then does with the given address: it keeps it, and reads the ranks.
+    detected = clusters.ClusterEnv.auto_detect_unset_distributed_params(
+        "node01-ib:62483", None, None, [], None, 300
+    )
+    assert detected == ("node01-ib:62483", 2, 1, [])
 
 
 # Each task: join the step's process group, sum the process ranks + 1 across it, then wait (at

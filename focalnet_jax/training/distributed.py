@@ -1,9 +1,9 @@
 """Multi-process start-up: `jax.distributed.initialize` from flags or a SLURM allocation.
 
 Order: explicit flags (`--coordinator_address HOST:PORT --num_processes N --process_id I`), then an
-`srun` step of more than one task (JAX reads the coordinator and ranks from SLURM's environment),
-else a single process (also a job's batch script or `salloc` shell, outside any step). Must run
-before anything touches a JAX device.
+`srun` step of more than one task (JAX reads the ranks from SLURM's environment; the coordinator is
+given to it, `slurm_coordinator_address`), else a single process (also a job's batch script or
+`salloc` shell, outside any step). Must run before anything touches a JAX device.
 
 Devices of a SLURM task: JAX's own rule gives each task the one GPU numbered `SLURM_LOCALID`
 among those it sees (one task per GPU, `--ntasks-per-node=<GPUs>`, every task seeing the node's
@@ -16,6 +16,11 @@ every step of a job, so two multi-task `srun` steps of one allocation running at
 first node would meet at one coordinator. `slurm_coordinator_port` adds the step id; a
 `JAX_COORDINATOR_PORT` (or `JAX_COORDINATOR_ADDRESS`) of the user's wins.
 
+Coordinator host of a SLURM step: the first host of `SLURM_STEP_NODELIST`, expanded here
+(`slurm_hostnames`). JAX 0.10's own parse keeps only the text before the first bracket and the
+first number in it, so it drops what follows the bracket: `node[01-02]-ib` gave `node01`,
+`rack[1-2]-node[01-02]` gave `rack1`.
+
 SIGTERM: JAX's preemption service (on by default) would take SIGTERM in every process that joins
 a group and never end it (a second SIGTERM too); it is turned off, so SIGTERM ends a process of a
 group at once, as it does a single one, but in the training loop, which stops at a step boundary
@@ -25,7 +30,9 @@ with a checkpoint (`graceful_stop`).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
+import re
 from pathlib import Path
 
 import jax
@@ -102,7 +109,7 @@ _STEP_STRIDE = 2531
 def slurm_coordinator_port(environ=None) -> int | None:
     """The coordinator port of a SLURM step: `61440 + (SLURM_JOB_ID + 2531 * SLURM_STEP_ID) % 4096`,
     the same in every task of the step, different in each step of a job (step 0: JAX's own pick).
-    None when the user set `JAX_COORDINATOR_PORT` (JAX reads it) or outside a job."""
+    None when the user set `JAX_COORDINATOR_PORT` (the port then) or outside a job."""
     environ = os.environ if environ is None else environ
     if environ.get("JAX_COORDINATOR_PORT") or "SLURM_JOB_ID" not in environ:
         return None
@@ -111,18 +118,56 @@ def slurm_coordinator_port(environ=None) -> int | None:
     return _PORT_BASE + (job + _STEP_STRIDE * step) % _PORT_COUNT
 
 
-@contextlib.contextmanager
-def _coordinator_port(port: int | None):
-    """`JAX_COORDINATOR_PORT=port` for JAX's SLURM detection inside the block (None: unchanged),
-    so that child processes do not inherit it."""
-    if port is None:
-        yield
-        return
-    os.environ["JAX_COORDINATOR_PORT"] = str(port)
-    try:
-        yield
-    finally:
-        os.environ.pop("JAX_COORDINATOR_PORT", None)
+# One item of a host list's brackets: `7`, `001-003`.
+_HOST_RANGE = re.compile(r"(\d+)(?:-(\d+))?")
+
+
+def _bracket_values(text: str, nodelist: str) -> list[str]:
+    """`001-003,7` -> ['001', '002', '003', '7']: each number as wide as the range's start
+    (zero padding as written: `[08-10]` -> 08, 09, 10; `[8-10]` -> 8, 9, 10)."""
+    values = []
+    for item in text.split(","):
+        match = _HOST_RANGE.fullmatch(item)
+        if not match or int(match[2] or match[1]) < int(match[1]):
+            raise UserError(f"SLURM node list {nodelist!r}: cannot read [{text}]")
+        width = len(match[1])
+        values += [f"{n:0{width}d}" for n in range(int(match[1]), int(match[2] or match[1]) + 1)]
+    return values
+
+
+def slurm_hostnames(nodelist: str) -> list[str]:
+    """SLURM's compact node list expanded in SLURM's order (`scontrol show hostnames`):
+    `gpu-a[001-003,007]-ib,gpu-b12` -> gpu-a001-ib, gpu-a002-ib, gpu-a003-ib, gpu-a007-ib, gpu-b12.
+    A name of several brackets (`rack[1-2]-node[01-02]`) gives every combination, the last
+    bracket fastest. A `UserError` for text that is no node list (unbalanced bracket, `[3-1]`)."""
+    names, depth, start = [], 0, 0
+    for index, char in enumerate(nodelist + ","):
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if depth not in (0, 1):
+            raise UserError(f"SLURM node list {nodelist!r}: unbalanced brackets")
+        if char == "," and depth == 0:
+            names.append(nodelist[start:index])
+            start = index + 1
+    if depth or not all(names):
+        raise UserError(f"SLURM node list {nodelist!r}: unbalanced brackets or an empty name")
+    hosts = []
+    for name in names:
+        parts = re.split(r"\[([^\]]*)\]", name)  # literal, bracket, literal, ..., literal
+        choices = [[p] if i % 2 == 0 else _bracket_values(p, nodelist) for i, p in enumerate(parts)]
+        hosts += ["".join(combination) for combination in itertools.product(*choices)]
+    return hosts
+
+
+def slurm_coordinator_address(environ=None) -> str | None:
+    """`HOST:PORT` of process 0 of a SLURM step: the first host of `SLURM_STEP_NODELIST` (where
+    JAX puts it), at the user's `JAX_COORDINATOR_PORT`, else `slurm_coordinator_port`. None when
+    the user set `JAX_COORDINATOR_ADDRESS` (JAX reads it), and outside a step."""
+    environ = os.environ if environ is None else environ
+    nodelist = environ.get("SLURM_STEP_NODELIST")
+    port = environ.get("JAX_COORDINATOR_PORT") or slurm_coordinator_port(environ)
+    if environ.get("JAX_COORDINATOR_ADDRESS") or not nodelist or port is None:
+        return None
+    return f"{slurm_hostnames(nodelist)[0]}:{port}"
 
 
 def _configure_group() -> None:
@@ -159,8 +204,8 @@ def initialize(
     if slurm_num_tasks() > 1:
         device_ids = slurm_local_device_ids()  # refuses a layout that leaves GPUs idle
         _configure_group()
-        with _coordinator_port(slurm_coordinator_port()):
-            jax.distributed.initialize(local_device_ids=device_ids)
+        address = slurm_coordinator_address()
+        jax.distributed.initialize(address, local_device_ids=device_ids)
         return "slurm"
     return "single"
 
