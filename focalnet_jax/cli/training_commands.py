@@ -162,18 +162,33 @@ def add_cv(parser: argparse.ArgumentParser) -> None:
 
 
 def _check_folds(config, folds: list[int], workdir: Path) -> None:
-    """A `UserError` before any fold trains: a fold outside `data.num_folds`, or a fold whose
-    run in `workdir/fold<k>` was trained with another config (its resume would be refused)."""
+    """A `UserError` before any fold trains, for the first of `folds` whose start would be
+    refused: first a fold outside `data.num_folds`, or a fold whose run in `workdir/fold<k>` was
+    trained with another config; then each fold's start as training checks it without training
+    (`loop.check_run_start`: the store, the fold's split and batches, a resumed run's recorded
+    store and cases, its checkpoint past the config's steps), the message led by `fold <k>: `."""
     # Imported once logging is set up (`_training_setup`): importing Orbax gives the root logger
     # a handler of Python's default format, which `logging.basicConfig` would then leave as it is.
+    from focalnet_jax.errors import is_user_error
     from focalnet_jax.run import RunSpec
     from focalnet_jax.run import workdir as workdir_lib
+    from focalnet_jax.training import sharding
+    from focalnet_jax.training.loop import check_run_start
 
     for fold in folds:
         config.data.fold = fold
         RunSpec.from_config(config)
         resumed = workdir / f"fold{fold}"
         workdir_lib.check_resumed_config(workdir_lib.absolute_paths(config), resumed)
+    mesh = sharding.make_mesh()
+    for fold in folds:
+        config.data.fold = fold
+        try:
+            check_run_start(config, workdir / f"fold{fold}", mesh)
+        except Exception as error:
+            if not is_user_error(error):
+                raise
+            raise UserError(f"fold {fold}: {error}") from error
 
 
 def run_cv(args: argparse.Namespace) -> int:

@@ -84,12 +84,8 @@ def record_run_store(
     slices), so that evaluation and ensembles do not recompute them. `write`: this process writes
     files (e.g. process 0 only)."""
     workdir = Path(workdir)
-    record = read_run_store(workdir)
-    if record is not None:
-        _compare(record, store.settings, workdir, f"store {store.path}", ())
-        if split is not None:
-            _compare_cases(record, split, workdir, store.path)
-    else:
+    record = check_training_store(workdir, store, split=split)
+    if record is None:
         if (workdir / "config.json").exists():
             log.warning(
                 "run %s has no %s (started before store settings were recorded): recording "
@@ -108,6 +104,19 @@ def record_run_store(
     if write:
         workdir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(record, workdir / RECORD_FILE)
+
+
+def check_training_store(workdir: str | os.PathLike, store, *, split=None) -> dict | None:
+    """The run's record (None: a new run, or one from before these records) once `store`, and
+    the cases of `split` (a `FoldSplit`), agree with it: `StaleStoreError` (one line) for a store
+    with other settings, or other training or validation cases, than the run recorded. Writes
+    nothing; `record_run_store` checks with it."""
+    record = read_run_store(workdir)
+    if record is not None:
+        _compare(record, store.settings, workdir, f"store {store.path}", ())
+        if split is not None:
+            _compare_cases(record, split, workdir, store.path)
+    return record
 
 
 def _compare_cases(record: dict, split, workdir, store_path) -> None:

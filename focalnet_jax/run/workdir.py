@@ -393,6 +393,20 @@ def latest_step(workdir: str | Path) -> int | None:
         manager.close()
 
 
+def resumable_step(workdir: str | Path) -> int | None:
+    """The newest checkpoint step of the run whose files look whole (`find_damage`; no array is
+    read): the step its resume starts from, unless reading that step fails; None: none."""
+    directory = (Path(workdir) / CHECKPOINT_DIR).resolve()
+    if not directory.is_dir():
+        return None
+    manager = make_manager(workdir, read_only=True)
+    try:
+        steps = sorted(manager.all_steps(), reverse=True)
+    finally:
+        manager.close()
+    return next((step for step in steps if find_damage(directory / str(step)) is None), None)
+
+
 def _no_checkpoint(workdir: Path) -> str:
     return (
         f"workdir {workdir}: no checkpoint under {CHECKPOINT_DIR}/ yet (a run saves its first at "

@@ -17,6 +17,7 @@ SIGTERM at a validation step: the stop comes before it) validates that checkpoin
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Mapping
@@ -29,11 +30,12 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from focalnet_jax.data.run_store import record_run_store
+from focalnet_jax.data.run_store import check_training_store, record_run_store
 from focalnet_jax.data.store import open_store
 from focalnet_jax.errors import UserError
 from focalnet_jax.run import RunSpec
 from focalnet_jax.run import workdir as workdir_lib
+from focalnet_jax.run.spec import FoldSplit
 from focalnet_jax.training import checkpoint, input_pipeline, sharding
 from focalnet_jax.training import step as step_lib
 from focalnet_jax.training.graceful_stop import SigtermStop, TrainingStopped
@@ -206,19 +208,29 @@ def _mfl_note(spec: RunSpec) -> str:
     )
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *, store=None):
-    """Train `config` in `workdir` (resuming from its newest intact checkpoint); returns the final
-    state. A resume must keep the saved config but for `workdir.RESUMABLE_KEYS` (a `UserError`
-    names the other keys that differ), and may not end before the step it resumes from (a
-    `UserError`, nothing recorded); `config.json` then records the new values.
+@dataclasses.dataclass(frozen=True)
+class RunStart:
+    """What a training start was checked with (`check_run_start`)."""
 
-    `store`: an opened store (default: `open_store(config.data.store)`). The config is validated
-    (`RunSpec.from_config`) before the store is opened or anything compiled; its paths are made
-    absolute first (`workdir.absolute_paths`), as `config.json` records them.
-    """
+    config: ml_collections.ConfigDict  # its paths absolute
+    spec: RunSpec  # with the store's image size
+    store: object  # the opened store
+    split: FoldSplit  # the cases and rows of `data.fold`
+    batches: input_pipeline.TrainBatches
+    num_steps: int  # the step training ends at
+
+
+def check_run_start(
+    config: ml_collections.ConfigDict, workdir: str | Path, mesh, *, store=None
+) -> RunStart:
+    """Every refusal (`UserError`, one line) of a training start in `workdir` that needs neither
+    a train state nor a compilation: the config, a resume's saved config, the store (unset,
+    absent, without the components), the fold's split and batches, a resume's recorded store and
+    cases, and a resume's checkpoint past the config's steps. Writes nothing, so `cv` checks every
+    fold with it before the first trains. `store`: an opened store (default:
+    `open_store(config.data.store)`)."""
     config = workdir_lib.absolute_paths(config)
     spec = RunSpec.from_config(config)
-    workdir, mesh = Path(workdir), sharding.make_mesh()
     workdir_lib.check_resumed_config(config, workdir)  # a resume: the same run, extended
     if store is None and not config.data.store:
         raise UserError(
@@ -237,15 +249,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
         f"(data.slices={config.data.slices}: {len(split.train_cases)} cases)",
     )  # fmt: skip
     num_steps = spec.total_steps(batches.steps_per_epoch)
+    # A resume starts at its newest readable step (or an older one): past the end, refused
+    # before store.json and config.json would record the shorter run.
+    start = workdir_lib.resumable_step(workdir)
+    if start is not None and start > num_steps:
+        raise UserError(_past_the_end(workdir, start, num_steps, config, batches.steps_per_epoch))
+    check_training_store(workdir, store, split=split)
+    return RunStart(config, spec, store, split, batches, num_steps)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *, store=None):
+    """Train `config` in `workdir` (resuming from its newest intact checkpoint); returns the final
+    state. A resume must keep the saved config but for `workdir.RESUMABLE_KEYS` (a `UserError`
+    names the other keys that differ), and may not end before the step it resumes from (a
+    `UserError`, nothing recorded); `config.json` then records the new values.
+
+    `store`: an opened store (default: `open_store(config.data.store)`). The config is validated
+    (`RunSpec.from_config`) before the store is opened or anything compiled; its paths are made
+    absolute first (`workdir.absolute_paths`), as `config.json` records them. Every check that
+    needs no train state comes first (`check_run_start`).
+    """
+    workdir, mesh = Path(workdir), sharding.make_mesh()
+    run = check_run_start(config, workdir, mesh, store=store)
+    config, spec, store, split, batches = run.config, run.spec, run.store, run.split, run.batches
+    num_steps = run.num_steps
     lam = spec.mfl_weight(store, split.train_rows)
     key = jax.random.key(config.seed)
     init_key, train_key = jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
     manager = workdir_lib.make_manager(workdir, keep=config.train.keep_checkpoints)
     state = checkpoint.resume_or_initialize(spec, manager, mesh, init_key)
-    start = int(jax.device_get(state.step))
-    if start > num_steps:  # before store.json and config.json record the shorter run
-        manager.close()
-        raise UserError(_past_the_end(workdir, start, num_steps, config, batches.steps_per_epoch))
+    start = int(jax.device_get(state.step))  # the step `check_run_start` checked, or an older one
     record_run_store(
         workdir, store, split=split, total_steps=num_steps, write=jax.process_index() == 0
     )

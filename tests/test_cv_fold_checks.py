@@ -1,0 +1,102 @@
+"""`focalnet cv` checks the start of every fold it is asked for (`loop.check_run_start`, the checks
+of `focalnet train` that need no training) before the first fold trains: a later fold's run whose
+recorded store or cases differ, or whose checkpoint lies past the new step count, is refused in
+one line, `fold <k>: ` and the message `train` gives for that fold; no fold trains. It was found
+only once the earlier folds had trained."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_train_helpers import REPO, TINY, FakeStore, small_synthetic_store
+
+from focalnet_jax import cli
+from focalnet_jax.config_loading import load_config
+from focalnet_jax.data.run_store import record_run_store
+from focalnet_jax.data.store import open_store
+from focalnet_jax.run import RunSpec
+from focalnet_jax.run import workdir as workdir_lib
+
+CONFIG = str(REPO / "configs" / "focalnet.py")
+RUN = [*TINY, "--config.data.num_folds=2", "--config.data.slices=all", "--config.train.steps=10"]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """4 synthetic cases of 6 slices: 2 folds of 2 cases."""
+    return small_synthetic_store(tmp_path_factory.mktemp("cv_checks"), cases=4, seed=3)
+
+
+def _fold_config(store, fold: int, *extra: str):
+    config = load_config(CONFIG, [*RUN, f"--config.data.store={store}", *extra])
+    config.data.fold = fold
+    return workdir_lib.absolute_paths(config)
+
+
+def _past_the_end(fold_dir, store) -> str:
+    """A fold run trained to step 20: its config.json and a checkpoint at step 20 (a small tree;
+    the check reads no array)."""
+    from focalnet_jax.training import checkpoint
+
+    workdir_lib.save_config(_fold_config(store, 1, "--config.train.steps=20"), fold_dir)
+    manager = workdir_lib.make_manager(fold_dir)
+    checkpoint.save(manager, 20, {"step": np.int32(20)})
+    manager.wait_until_finished()
+    manager.close()
+    return (
+        f"workdir {fold_dir}: its checkpoint is at step 20, past the 10 steps of this config "
+        "(train.steps=10); a resumed run may extend its training, not shorten it: give at least "
+        "20 steps, or train this config in another workdir"
+    )
+
+
+def _other_store(fold_dir, store) -> str:
+    """A fold run recorded on a store of other settings."""
+    record_run_store(fold_dir, FakeStore())
+    return (
+        f"run {fold_dir} was trained on store memory:/fake-store, made with other settings than "
+        f"store {store}: "
+    )
+
+
+def _other_cases(fold_dir, store) -> str:
+    """fold1/ holds a run of fold 0 (its training and validation cases)."""
+    opened = open_store(store)
+    split = RunSpec.from_config(_fold_config(store, 0)).fold_split(opened)
+    record_run_store(fold_dir, opened, split=split)
+    return (
+        f"run {fold_dir}: store {store} gives other train cases than the run recorded (2 recorded, "
+        "2 now; 4 differ): resume on the store it trained on"
+    )
+
+
+def _error_line(argv, capsys) -> str:
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as raised:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert raised.value.code == 2 and "Traceback" not in err, err
+    return err.splitlines()[-1]
+
+
+@pytest.mark.parametrize("make_fold_run", [_past_the_end, _other_store, _other_cases])
+def test_cv_refuses_a_later_folds_run_before_any_fold_trains(
+    make_fold_run, store, tmp_path, capsys, monkeypatch
+):
+    import focalnet_jax.training
+
+    cv, flags = tmp_path / "cv", [*RUN, f"--config.data.store={store}"]
+    message = make_fold_run(cv / "fold1", store)
+    train = ["train", "--config", CONFIG, "--workdir", str(cv / "fold1"), "--fold", "1", *flags]
+    assert _error_line(train, capsys).startswith(f"focalnet train: error: {message}")
+    trained = []
+
+    def train_and_evaluate(config, workdir):  # nothing may train: it names the fold that did
+        trained.append(workdir)
+        raise AssertionError(f"{workdir} trained")
+
+    monkeypatch.setattr(focalnet_jax.training, "train_and_evaluate", train_and_evaluate)
+    argv = ["cv", "--config", CONFIG, "--workdir", str(cv), "--folds", "0,1", *flags]
+    assert _error_line(argv, capsys).startswith(f"focalnet cv: error: fold 1: {message}")
+    assert trained == []
+    assert sorted(p.name for p in cv.iterdir()) == ["fold1"]
