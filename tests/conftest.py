@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 
@@ -25,6 +26,11 @@ _CACHE_FOLDER = pytest.StashKey[str]()
 
 
 def pytest_configure(config):
+    # A shell without job control starts a background command with Ctrl-C ignored, and a child
+    # process inherits that: the tests that send SIGINT to their children would see it do
+    # nothing (one waited forever). A handler here makes it the default again in every child.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     if CACHE_DIR in os.environ:  # the user's, or made by the xdist controller
         return
     folder = tempfile.mkdtemp(prefix="focalnet-tests-xla-cache-")

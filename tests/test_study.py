@@ -1017,6 +1017,23 @@ def test_every_cell_and_ensemble_is_evaluated_on_the_studys_slices(store, tmp_pa
         assert evaluate[evaluate.index("--slices") + 1] == "all"
 
 
+def test_cells_share_the_studys_cache_unless_one_is_set_in_the_environment(
+    spec_file, tmp_path, monkeypatch
+):
+    from focalnet_jax.study.cell_runner import cell_commands
+    from focalnet_jax.study.cells import Cell, Study
+    from focalnet_jax.study.spec import load_spec, validate
+
+    study_ = Study(tmp_path / "s", validate(load_spec(str(spec_file)), str(spec_file)))
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    train, _ = cell_commands(study_, Cell("ce", 0, 0))
+    cache = train[train.index("--compilation_cache") + 1]
+    assert cache == str((tmp_path / "s" / "compilation_cache").resolve())
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "cache"))
+    train, _ = cell_commands(study_, Cell("ce", 0, 0))
+    assert "--compilation_cache" not in train  # `focalnet train` reads the variable itself
+
+
 def test_synthetic_study_help_shows_its_command_as_written(capsys):
     # The docstring's line continuation joined the command's two lines with a run of 9 spaces.
     from focalnet_jax.study import synthetic

@@ -52,11 +52,11 @@ def store(tmp_path_factory) -> Path:
 def _train_argv(
     store: Path, workdir: Path, log_every: int, flags=(), command: str = "train"
 ) -> list[str]:
-    """`focalnet train` (or `cv`) of the tiny run; the compilation cache beside the workdirs."""
+    """`focalnet train` (or `cv`) of the tiny run (the session's compilation cache)."""
     return [
         sys.executable, "-m", "focalnet_jax.cli", command, "--config", "configs/focalnet.py",
-        "--workdir", str(workdir), "--compilation_cache", str(workdir.parent / "cache"),
-        f"--config.data.store={store}", f"--config.train.log_every={log_every}", *TINY_RUN, *flags,
+        "--workdir", str(workdir), f"--config.data.store={store}",
+        f"--config.train.log_every={log_every}", *TINY_RUN, *flags,
     ]  # fmt: skip
 
 

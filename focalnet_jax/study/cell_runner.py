@@ -39,7 +39,8 @@ def cell_commands(study: Study, cell) -> tuple[list[str], list[str]]:
     """The `focalnet train` and `focalnet evaluate` argument lists of a training cell."""
     workdir = str(study.path(cell))
     train = ["train", "--config", study.plain["base"], "--workdir", workdir]
-    train += ["--compilation_cache", str(study.root.resolve() / "compilation_cache")]
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):  # else the cache set there, as in train
+        train += ["--compilation_cache", str(study.root.resolve() / "compilation_cache")]
     train += cell_overrides(study.plain, cell.arm, cell.repeat, cell.fold)
     options = study.plain["evaluate"]
     evaluate = ["evaluate", "--workdir", workdir, "--label", cell.name]
