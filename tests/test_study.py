@@ -443,6 +443,9 @@ def _stale_copy(store: Path, tmp_path: Path) -> Path:
         (["--parallel", "0"], "--parallel 0: expected >= 1"),
         (["--devices", "abc"], "--devices 'abc': expected comma-separated GPU ids (integers >= 0)"),
         (["--devices", "0,-1"], "--devices '0,-1': expected comma-separated GPU ids"),
+        # Two workers on one GPU (--dry-run: were it let through, nothing would run).
+        (["--devices", "0,0", "--dry-run"], "--devices '0,0': GPU 0 is given twice"),
+        (["--devices", "1,0,01", "--dry-run"], "--devices '1,0,01': GPU 1 is given twice"),
         (["--executor", "slurm", "--time", "banana"], "--time 'banana': expected a SLURM time"),
         (["--executor", "slurm", "--time", "1-2:3:4:5"], "--time '1-2:3:4:5': expected a SLURM"),
         # A flag of the other executor was ignored without a word.

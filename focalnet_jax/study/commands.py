@@ -91,6 +91,11 @@ def _check_run_flags(args: argparse.Namespace) -> None:
         raise StudyError(
             f"--devices {args.devices!r}: expected comma-separated GPU ids (integers >= 0)"
         )
+    if args.devices is not None:
+        ids = [int(d) for d in args.devices.split(",")]
+        repeated = next((d for i, d in enumerate(ids) if d in ids[:i]), None)
+        if repeated is not None:  # two workers would share the GPU
+            raise StudyError(f"--devices {args.devices!r}: GPU {repeated} is given twice")
     for key in ("gpus", "cpus", "throttle"):
         if getattr(args, key) is not None and getattr(args, key) < 0:
             raise StudyError(f"--{key} {getattr(args, key)}: expected 0 or more")
