@@ -32,6 +32,29 @@ def test_read_scalars_keeps_the_last_value_of_a_rewritten_step(tmp_path):
     assert read_scalars(tmp_path / "no_events", "val/loss")[0].size == 0
 
 
+def test_read_scalars_follows_the_event_order_of_files_started_in_the_same_second(tmp_path):
+    # A run logged steps 1..4, stopped, and resumed from its step-2 checkpoint within the same
+    # second on another host: the two file names share their second, and the resumed run's
+    # host name sorts first, so name order reads the resumed run before the earlier one.
+    first = SummaryWriter(tmp_path, enabled=True)
+    first.session_start(1)
+    for step in range(1, 5):
+        first.scalars(step, {"val/loss": 1.0 / step})
+    first.close()
+    (earlier,) = tmp_path.iterdir()
+    resumed = SummaryWriter(tmp_path, enabled=True)
+    resumed.session_start(3)  # drops the steps 3 and 4 the first run logged past its checkpoint
+    resumed.scalars(3, {"val/loss": 0.3})
+    resumed.close()
+    (later,) = set(tmp_path.iterdir()) - {earlier}
+    second = earlier.name.split(".")[3]
+    earlier.rename(tmp_path / f"events.out.tfevents.{second}.node-b.200.0")
+    later.rename(tmp_path / f"events.out.tfevents.{second}.node-a.100.0")
+    steps, values = read_scalars(tmp_path, "val/loss")
+    assert steps.tolist() == [1, 2, 3]
+    np.testing.assert_allclose(values, [1.0, 0.5, 0.3], rtol=1e-6)
+
+
 def test_val_loss_curve_of_a_run_folder(tmp_path):
     _write(tmp_path / "tb", [(300 * k, 1.0 / k) for k in range(1, 9)])
     curve = convergence.val_loss_curve(tmp_path)

@@ -8,6 +8,7 @@ is a no-op, so the loop calls the writer unconditionally.
 from __future__ import annotations
 
 import io
+import math
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -101,19 +102,32 @@ class SummaryWriter:
             self._writer.close()
 
 
+def _first_wall_time(path: Path) -> float:
+    """Wall time (s since the epoch) of the first event of an event file: its writer's start
+    (the file-version event); inf for a file with no complete event."""
+    from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
+
+    first = next(iter(LegacyEventFileLoader(str(path)).Load()), None)
+    return math.inf if first is None else first.wall_time
+
+
 def read_scalars(logdir: str | Path, tag: str) -> tuple[np.ndarray, np.ndarray]:
     """(steps `[N]` int, values `[N]` float) of scalar `tag` in the event files under `logdir`, in
-    step order; a step written twice (a run resumed from an earlier checkpoint) keeps its last
-    value. Empty arrays where there are no events or no such tag."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    step order. Files are read in the order their writers started (first event's wall time, then
+    name, which sorts by the whole second, then as text by host, pid and a per-process count);
+    with TensorBoard's rule, a session start at step s drops the steps >= s logged before it, and
+    a step written twice keeps its last value. Empty arrays where there are no events or no such
+    tag."""
+    from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
 
-    empty = np.zeros(0, np.int64), np.zeros(0, np.float64)
-    if not Path(logdir).is_dir():
-        return empty
-    events = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
-    events.Reload()
-    if tag not in events.Tags()["scalars"]:
-        return empty
-    by_step = {e.step: e.value for e in events.Scalars(tag)}
+    files = [p for p in Path(logdir).glob("*tfevents*") if p.is_file()]
+    by_step: dict[int, float] = {}
+    for path in sorted(files, key=lambda p: (_first_wall_time(p), p.name)):
+        for event in LegacyEventFileLoader(str(path)).Load():
+            if event.session_log.status == event_pb2.SessionLog.START:
+                by_step = {s: v for s, v in by_step.items() if s < event.step}
+            for value in event.summary.value:
+                if value.tag == tag and value.HasField("simple_value"):
+                    by_step[event.step] = value.simple_value
     steps = np.array(sorted(by_step), np.int64)
     return steps, np.array([by_step[s] for s in steps], np.float64)
