@@ -27,6 +27,24 @@ INVALID = [
     # One component trains (test_a_single_component_trains_without_mfl); MFL needs two.
     (["--config.data.components=t2w"], r"^data\.components=\('t2w',\): MFL \(loss\.mfl=True\)"),
     (["--config.loss.mfl_weight=lots"], r"^loss\.mfl_weight: expected 'auto' or a number"),
+    # The MFL settings are checked with MFL off too: they failed once loss.mfl was set True.
+    (
+        ["--config.loss.mfl=False", "--config.loss.subsets=[['t2w', 'hbv']]"],
+        r"^loss\.subsets\[0\]: unknown component",
+    ),
+    (
+        ["--config.loss.mfl=False", "--config.loss.mfl_weight=-1.0"],
+        r"^loss\.mfl_weight: expected a finite number >= 0, got '-1.0'",
+    ),
+    (["--config.loss.mfl=False", "--config.loss.mfl_chunk=-1"], r"^loss\.mfl_chunk: expected"),
+    (
+        [
+            "--config.loss.mfl=False",
+            "--config.data.components=t2w",
+            "--config.loss.subsets=[['t2w']]",
+        ],
+        r"^loss\.subsets=\[\['t2w'\]\]: data\.components=\('t2w',\) has no proper subset",
+    ),
     (["--config.loss.alpha=1.5"], r"^loss\.alpha: expected a value in \[0.0, 1.0\]"),
     (["--config.loss.gamma=-1.0"], r"^loss\.gamma: expected a value in >= 0.0"),
     # Accepted, gamma = inf trained with loss 0 and NaN gradients; eps = inf made Dice NaN.
@@ -90,6 +108,20 @@ def test_a_single_component_trains_without_mfl():
         tiny_config(overrides=["--config.data.components=t2w", "--config.loss.mfl=False"])
     )
     assert spec.components == ("t2w",) and spec.subsets == () and not spec.mfl
+
+
+def test_valid_mfl_settings_with_mfl_off_leave_the_run_without_mfl():
+    config = tiny_config(
+        overrides=[
+            "--config.loss.mfl=False",
+            "--config.loss.subsets=[['adc']]",
+            "--config.loss.mfl_weight=2.5",
+            "--config.loss.mfl_chunk=1",
+        ]
+    )
+    spec = RunSpec.from_config(config)
+    assert not spec.mfl and spec.subsets == () and spec.mfl_weight_setting is None
+    assert spec.mfl_weight(None, None) == 0.0
 
 
 @pytest.mark.parametrize(("overrides", "message"), INVALID)

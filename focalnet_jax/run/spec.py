@@ -243,19 +243,31 @@ def _check_loss(loss_config, components: Sequence[str]):
         raise ValueError(
             f"loss.mfl_mode: expected one of {losses.MFL_MODES}, got {loss_config.mfl_mode!r}"
         )
-    if not loss_config.mfl:
-        return spec, [], None
-    if len(components) < 2:  # a model of one component trains, only MFL has nothing to compare
+    # The MFL settings are checked with MFL off too, not first when someone turns it on.
+    if loss_config.mfl and len(components) < 2:  # one component trains, MFL has nothing to compare
         raise ValueError(
             f"data.components={tuple(components)}: MFL (loss.mfl=True) compares subsets of at "
             "least 2 components; add a component or set loss.mfl=False"
         )
+    if len(components) < 2 and loss_config.subsets is not None:
+        raise ValueError(
+            f"loss.subsets={loss_config.subsets!r}: data.components={tuple(components)} has no "
+            "proper subset to name; set loss.subsets=None"
+        )
+    subsets = _check_subsets(loss_config.subsets, components) if len(components) > 1 else []
+    mfl_weight = losses.parse_mfl_weight(loss_config.mfl_weight)
+    if not loss_config.mfl:
+        return spec, [], None
+    return spec, subsets, mfl_weight
+
+
+def _check_subsets(subsets, components: Sequence[str]) -> list[tuple[str, ...]]:
+    """`loss.subsets` resolved for 2 or more `components` (None = every non-empty proper subset)."""
     try:
-        subsets = losses.component_subsets(components, loss_config.subsets)
+        return losses.component_subsets(components, subsets)
     except (TypeError, ValueError) as error:
         key = "data" if str(error).startswith("components") else "loss"
         raise ValueError(f"{key}.{error}") from None
-    return spec, subsets, losses.parse_mfl_weight(loss_config.mfl_weight)
 
 
 def _check_bound_options(spec: losses.LossSpec) -> None:
