@@ -120,6 +120,26 @@ def test_a_case_whose_bladder_is_nearly_air_is_refused_for_intensity_variation(t
     assert not (tmp_path / "w" / "config.json").exists()
 
 
+def test_t2w_ratios_are_the_cases_air_over_bladder_unclipped():
+    """Clipped to [0, 0.9] before: a negative air value moved the threshold as if air were 0
+    (divisor off by 1.5 % at u = -0.15, air/bladder -0.1), and air/bladder 0.95 under a range down
+    to -3 % was augmented as 0.9 (divisor 0.7 instead of 0.4 at u = -0.03)."""
+    import jax.numpy as jnp
+
+    from focalnet_jax.data.store import t2w_lower_ratios
+    from focalnet_jax.training import augment
+
+    store = FakeStore(patients=4, slices=3)
+    references = [(-40.0, 400.0), (380.0, 400.0), (0.0, 400.0), None]
+    for case, reference in zip(store.cases, references, strict=True):
+        air_bladder = dict(zip(("air", "bladder"), reference, strict=True)) if reference else {}
+        case["t2w_reference"] = {**air_bladder, "source": "mask"} if reference else None
+    np.testing.assert_allclose(t2w_lower_ratios(store), np.repeat([-0.1, 0.95, 0.0, 0.0], 3))
+    divisor = float(augment.t2w_divisor(jnp.float32(-0.03), 0.95))
+    assert divisor == pytest.approx((0.97 * 400 - 380) / (400 - 380), rel=1e-5)  # = 0.4
+    input_pipeline.check_t2w_ratios(store, np.arange(12), (-0.03, 0.2))  # 0.95 < 0.97: s > 0
+
+
 def test_global_batch_not_divisible_by_device_count_is_an_error():
     code = (
         "import jax; from focalnet_jax.training import sharding; mesh = sharding.make_mesh(); "

@@ -474,8 +474,8 @@ def component_channels(store, components) -> list[int]:
 
 
 def t2w_lower_ratios(store) -> np.ndarray:
-    """Per store row, float32 `[N]`: the case's T2w air / bladder intensity ratio (0 where not
-    recorded), clipped to [0, 0.9].
+    """Per store row, float32 `[N]`: the case's T2w air / bladder intensity ratio, exact (below 1;
+    negative for a negative air value), 0 where not recorded.
 
     The store keeps T2w as (x - air) / (bladder - air), unclipped; this ratio is all that the
     intensity augmentation needs to move the upper (bladder) threshold (`training.augment`).
@@ -485,7 +485,7 @@ def t2w_lower_ratios(store) -> np.ndarray:
         reference = record.get("t2w_reference") or {}
         air, bladder = reference.get("air"), reference.get("bladder")
         if air is not None and bladder and bladder > air:
-            ratios[record["start"] : record["stop"]] = np.clip(max(air, 0.0) / bladder, 0.0, 0.9)
+            ratios[record["start"] : record["stop"]] = air / bladder
     return ratios
 
 
