@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -25,16 +24,7 @@ from focalnet_jax.data.build_store import preprocess_cases
 from focalnet_jax.data.layouts import discover_picai
 from focalnet_jax.data.preprocess import PreprocessConfig
 from focalnet_jax.data.synth import SynthConfig, write_dataset
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from focalnet_jax.demo import cpu_name
 
 
 def _time(cases, out, workers, config) -> float:
@@ -82,7 +72,7 @@ def main() -> None:
                 "seconds_per_case_n_workers": round(many, 4),
                 "speedup": round(one / many, 2),
                 "seconds_per_case_per_core": round(one, 4),
-                "cpu": _cpu_name(),
+                "cpu": cpu_name(),
                 "cpu_count": os.cpu_count(),
                 "target_seconds_per_case_per_core": 2.0,
                 **result_line.provenance(),

@@ -6,7 +6,7 @@ evaluate the validation fold, printing each `focalnet` command as it runs it.
 Steps already done in `--out` (dataset, store, finished training) are reused, so an interrupted
 demo continues where it stopped; a store of an older format is rebuilt. A few minutes on 2
 CPU cores; the seconds each step took are written to `--out/timings.json` (with `reused`: whether
-`--out` held earlier steps' outputs, so that not every step ran).
+`--out` held earlier steps' outputs, so that not every step ran; and the CPU model).
 """
 
 from __future__ import annotations
@@ -26,6 +26,17 @@ from focalnet_jax.data.atomic_files import write_json_atomic
 from focalnet_jax.study.synthetic import synthetic_store
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.py"
+
+
+def cpu_name() -> str:
+    """The CPU model (Linux: `model name` of /proc/cpuinfo), else what `platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _run(argv: list[str]) -> None:
@@ -71,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         "cases": args.cases,
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
+        "cpu": cpu_name(),  # float32 round-off, so the trained model, differs by CPU model
         "date": datetime.date.today().isoformat(),
     }
     write_json_atomic(timings, args.out / "timings.json")

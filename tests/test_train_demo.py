@@ -103,3 +103,18 @@ def test_cv_trains_the_requested_folds_in_their_own_directories(
                 "--config.train.stepz=2",
             ]
         )
+
+
+def test_demo_timings_name_the_cpu_model_as_lscpu_does():
+    """`make demo`'s timings.json records the CPU model (float32 round-off, so the trained demo
+    model and its metrics, differ between CPU models)."""
+    import shutil
+    import subprocess
+
+    from focalnet_jax.demo import cpu_name
+
+    if shutil.which("lscpu") is None:
+        pytest.skip("lscpu not installed")
+    listed = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    names = [line.split(":", 1)[1].strip() for line in listed.splitlines() if "Model name" in line]
+    assert cpu_name() == names[0]
