@@ -81,6 +81,29 @@ def test_read_only_manager_logs_no_warning_and_creates_nothing(tmp_path, caplog)
     manager.close()
 
 
+def test_read_only_manager_waits_for_no_other_process(saved, monkeypatch):
+    """A process opens a read-only manager where another may not (`resumable_step` of a fresh run
+    finds the folder the other process has just created): a barrier there met the other's
+    `create_directory` barrier, and a two-process start failed with 'sync_global_devices name
+    mismatch'. The barriers Orbax asks for are recorded (a single process skips them)."""
+    from orbax.checkpoint._src.multihost import multihost
+
+    barriers = []
+    real = multihost.sync_global_processes
+    monkeypatch.setattr(
+        multihost,
+        "sync_global_processes",
+        lambda name, **kw: (barriers.append(name), real(name, **kw)),
+    )
+    workdir, _, _ = saved
+    manager = workdir_lib.make_manager(workdir, read_only=True)
+    assert manager.all_steps() == [2, 3, 4] and workdir_lib.resumable_step(workdir) == 4
+    manager.close()
+    assert barriers == []
+    workdir_lib.make_manager(workdir, keep=3).close()  # the writing one: every process opens it
+    assert [b.rsplit(":", 1)[-1] for b in barriers] == ["create_directory", "save_root_metadata"]
+
+
 def test_load_for_inference_latest_and_given_step(saved):
     workdir, states, _ = saved
     spec, variables = workdir_lib.load_for_inference(workdir)

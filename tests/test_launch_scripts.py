@@ -158,7 +158,9 @@ def _signalled_at_step_2(argv: list[str], env: dict, log_file: Path) -> tuple[in
         return log_file.read_text(errors="replace")
 
     try:
-        _until(lambda: _steps_shown(log()) >= 2, lambda: f"no step 2: {log()[-2000:]}")
+        _until(lambda: _steps_shown(log()) >= 2 or script.poll() is not None,
+               lambda: f"no step 2: {log()[-2000:]}")  # fmt: skip
+        assert script.poll() is None, f"ended ({script.returncode}) before step 2: {log()[-2000:]}"
         script.send_signal(signal.SIGTERM)
         status = script.wait(timeout=180)
         _until(lambda: "checkpoints and TensorBoard logs" in log() or "stopped by" in log(),

@@ -214,12 +214,18 @@ def make_manager(
     workdir: str | Path, *, keep: int | None = None, read_only: bool = False
 ) -> ocp.CheckpointManager:
     """Orbax manager for `workdir/checkpoints`, keeping the latest `keep` steps (None = all);
-    `read_only` creates and deletes nothing."""
+    `read_only` creates and deletes nothing, and waits for no other process: a process may open
+    one where another does not (`resumable_step` finds the folder another process has just
+    created), and a barrier there would meet the other's next one."""
     directory = (Path(workdir) / CHECKPOINT_DIR).resolve()
-    # Read-only: the saving options are off (Orbax would warn while turning each one off).
+    # Read-only: the saving options are off (Orbax would warn while turning each one off), and
+    # so is the root metadata, whose barrier Orbax makes even when it writes nothing.
     saving = {"max_to_keep": keep, "create": True}
     if read_only:
-        saving = {"max_to_keep": None, "create": False, "save_interval_steps": 0}
+        saving = {
+            "max_to_keep": None, "create": False, "save_interval_steps": 0,
+            "save_root_metadata": False,
+        }  # fmt: skip
     options = ocp.CheckpointManagerOptions(read_only=read_only, **saving)
     if not read_only:
         return ocp.CheckpointManager(directory, options=options)
