@@ -6,6 +6,9 @@ only once the earlier folds had trained."""
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 from test_train_helpers import REPO, TINY, FakeStore, small_synthetic_store
@@ -79,24 +82,48 @@ def _error_line(argv, capsys) -> str:
     return err.splitlines()[-1]
 
 
-@pytest.mark.parametrize("make_fold_run", [_past_the_end, _other_store, _other_cases])
-def test_cv_refuses_a_later_folds_run_before_any_fold_trains(
-    make_fold_run, store, tmp_path, capsys, monkeypatch
-):
+def _cv_error(cv: Path, flags: list[str], capsys, monkeypatch) -> str:
+    """`focalnet cv --folds 0,1`'s error line; no fold may train."""
     import focalnet_jax.training
 
-    cv, flags = tmp_path / "cv", [*RUN, f"--config.data.store={store}"]
-    message = make_fold_run(cv / "fold1", store)
-    train = ["train", "--config", CONFIG, "--workdir", str(cv / "fold1"), "--fold", "1", *flags]
-    assert _error_line(train, capsys).startswith(f"focalnet train: error: {message}")
-    trained = []
-
     def train_and_evaluate(config, workdir):  # nothing may train: it names the fold that did
-        trained.append(workdir)
         raise AssertionError(f"{workdir} trained")
 
     monkeypatch.setattr(focalnet_jax.training, "train_and_evaluate", train_and_evaluate)
     argv = ["cv", "--config", CONFIG, "--workdir", str(cv), "--folds", "0,1", *flags]
-    assert _error_line(argv, capsys).startswith(f"focalnet cv: error: fold 1: {message}")
-    assert trained == []
+    return _error_line(argv, capsys)
+
+
+@pytest.mark.parametrize("make_fold_run", [_past_the_end, _other_store, _other_cases])
+def test_cv_refuses_a_later_folds_run_before_any_fold_trains(
+    make_fold_run, store, tmp_path, capsys, monkeypatch
+):
+    cv, flags = tmp_path / "cv", [*RUN, f"--config.data.store={store}"]
+    message = make_fold_run(cv / "fold1", store)
+    train = ["train", "--config", CONFIG, "--workdir", str(cv / "fold1"), "--fold", "1", *flags]
+    assert _error_line(train, capsys).startswith(f"focalnet train: error: {message}")
+    error = _cv_error(cv, flags, capsys, monkeypatch)
+    assert error.startswith(f"focalnet cv: error: fold 1: {message}")
     assert sorted(p.name for p in cv.iterdir()) == ["fold1"]
+
+
+def test_cv_refuses_a_later_fold_whose_automatic_lambda_is_undefined(
+    store, tmp_path, capsys, monkeypatch
+):
+    """`loss.mfl_weight='auto'` over fold 1's training slices, none with a lesion: lambda = 1 / 0.
+    It was computed when fold 1 started, after fold 0 had trained."""
+    lesion_free = tmp_path / "store"
+    shutil.copytree(store, lesion_free)
+    rows = RunSpec.from_config(_fold_config(lesion_free, 1)).fold_split(open_store(lesion_free))
+    for name in ("classes", "lesions"):
+        array = np.load(lesion_free / f"{name}.npy", mmap_mode="r+")
+        array[rows.train_rows] = 0
+        array.flush()
+    cv = tmp_path / "cv"
+    error = _cv_error(cv, [*RUN, f"--config.data.store={lesion_free}"], capsys, monkeypatch)
+    assert error == (
+        f"focalnet cv: error: fold 1: loss.mfl_weight='auto': the {len(rows.train_rows)} training "
+        f"slices of data.fold=1 in store {lesion_free}: labels: no positive target bits, so "
+        "lambda = 1 / ratio is undefined; set loss.mfl_weight to a number"
+    )
+    assert not cv.exists()

@@ -165,8 +165,9 @@ def _check_folds(config, folds: list[int], workdir: Path) -> None:
     """A `UserError` before any fold trains, for the first of `folds` whose start would be
     refused: first a fold outside `data.num_folds`, or a fold whose run in `workdir/fold<k>` was
     trained with another config; then each fold's start as training checks it without training
-    (`loop.check_run_start`: the store, the fold's split and batches, a resumed run's recorded
-    store and cases, its checkpoint past the config's steps), the message led by `fold <k>: `."""
+    (`loop.check_run_start`: the store, the fold's split and batches, `loss.mfl_weight='auto'`
+    on its training rows, a resumed run's recorded store and cases, its checkpoint past the
+    config's steps), the message led by `fold <k>: `."""
     # Imported once logging is set up (`_training_setup`): importing Orbax gives the root logger
     # a handler of Python's default format, which `logging.basicConfig` would then leave as it is.
     from focalnet_jax.errors import is_user_error

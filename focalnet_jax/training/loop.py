@@ -218,6 +218,7 @@ class RunStart:
     split: FoldSplit  # the cases and rows of `data.fold`
     batches: input_pipeline.TrainBatches
     num_steps: int  # the step training ends at
+    mfl_weight: float  # lambda of eq. 4 (`RunSpec.mfl_weight`: 'auto' from the training rows)
 
 
 def check_run_start(
@@ -225,8 +226,9 @@ def check_run_start(
 ) -> RunStart:
     """Every refusal (`UserError`, one line) of a training start in `workdir` that needs neither
     a train state nor a compilation: the config, a resume's saved config, the store (unset,
-    absent, without the components), the fold's split and batches, a resume's recorded store and
-    cases, and a resume's checkpoint past the config's steps. Writes nothing, so `cv` checks every
+    absent, without the components), the fold's split and batches, `loss.mfl_weight='auto'` on
+    its training rows, a resume's recorded store and cases, and a resume's checkpoint past the
+    config's steps. Writes nothing, so `cv` checks every
     fold with it before the first trains. `store`: an opened store (default:
     `open_store(config.data.store)`)."""
     config = workdir_lib.absolute_paths(config)
@@ -249,13 +251,14 @@ def check_run_start(
         f"(data.slices={config.data.slices}: {len(split.train_cases)} cases)",
     )  # fmt: skip
     num_steps = spec.total_steps(batches.steps_per_epoch)
+    lam = spec.mfl_weight(store, split.train_rows)
     # A resume starts at its newest readable step (or an older one): past the end, refused
     # before store.json and config.json would record the shorter run.
     start = workdir_lib.resumable_step(workdir)
     if start is not None and start > num_steps:
         raise UserError(_past_the_end(workdir, start, num_steps, config, batches.steps_per_epoch))
     check_training_store(workdir, store, split=split)
-    return RunStart(config, spec, store, split, batches, num_steps)
+    return RunStart(config, spec, store, split, batches, num_steps, lam)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *, store=None):
@@ -272,8 +275,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     workdir, mesh = Path(workdir), sharding.make_mesh()
     run = check_run_start(config, workdir, mesh, store=store)
     config, spec, store, split, batches = run.config, run.spec, run.store, run.split, run.batches
-    num_steps = run.num_steps
-    lam = spec.mfl_weight(store, split.train_rows)
+    num_steps, lam = run.num_steps, run.mfl_weight
     key = jax.random.key(config.seed)
     init_key, train_key = jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
     manager = workdir_lib.make_manager(workdir, keep=config.train.keep_checkpoints)
