@@ -127,3 +127,18 @@ def test_cv_refuses_a_later_fold_whose_automatic_lambda_is_undefined(
         "lambda = 1 / ratio is undefined; set loss.mfl_weight to a number"
     )
     assert not cv.exists()
+
+
+@pytest.mark.parametrize("missing", [False, True])
+def test_cv_store_errors_name_no_fold(missing, tmp_path, capsys):
+    """The store is every fold's: its error was led by `fold 0: `."""
+    absent = tmp_path / "nostore"
+    flags = [f"--config.data.store={absent}"] if missing else []
+    argv = ["cv", "--config", CONFIG, "--workdir", str(tmp_path / "cv"), "--folds", "0,1"]
+    message = (
+        f"store {absent} does not exist"
+        if missing
+        else "data.store is not set: give the preprocessed store with --config.data.store=STORE"
+    )
+    assert _error_line([*argv, *RUN, *flags], capsys) == f"focalnet cv: error: {message}"
+    assert not (tmp_path / "cv").exists()

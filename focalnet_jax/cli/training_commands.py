@@ -174,18 +174,19 @@ def _check_folds(config, folds: list[int], workdir: Path) -> None:
     from focalnet_jax.run import RunSpec
     from focalnet_jax.run import workdir as workdir_lib
     from focalnet_jax.training import sharding
-    from focalnet_jax.training.loop import check_run_start
+    from focalnet_jax.training.loop import check_run_start, open_config_store
 
     for fold in folds:
         config.data.fold = fold
         RunSpec.from_config(config)
         resumed = workdir / f"fold{fold}"
         workdir_lib.check_resumed_config(workdir_lib.absolute_paths(config), resumed)
+    store = open_config_store(workdir_lib.absolute_paths(config))  # its errors name no fold
     mesh = sharding.make_mesh()
     for fold in folds:
         config.data.fold = fold
         try:
-            check_run_start(config, workdir / f"fold{fold}", mesh)
+            check_run_start(config, workdir / f"fold{fold}", mesh, store=store)
         except Exception as error:
             if not is_user_error(error):
                 raise

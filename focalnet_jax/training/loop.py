@@ -221,6 +221,15 @@ class RunStart:
     mfl_weight: float  # lambda of eq. 4 (`RunSpec.mfl_weight`: 'auto' from the training rows)
 
 
+def open_config_store(config: ml_collections.ConfigDict):
+    """The store of `config.data.store`, opened; a `UserError` when it is unset or unreadable."""
+    if not config.data.store:
+        raise UserError(
+            "data.store is not set: give the preprocessed store with --config.data.store=STORE"
+        )
+    return open_store(config.data.store)
+
+
 def check_run_start(
     config: ml_collections.ConfigDict, workdir: str | Path, mesh, *, store=None
 ) -> RunStart:
@@ -230,15 +239,11 @@ def check_run_start(
     its training rows, a resume's recorded store and cases, and a resume's checkpoint past the
     config's steps. Writes nothing, so `cv` checks every
     fold with it before the first trains. `store`: an opened store (default:
-    `open_store(config.data.store)`)."""
+    `open_config_store(config)`)."""
     config = workdir_lib.absolute_paths(config)
     spec = RunSpec.from_config(config)
     workdir_lib.check_resumed_config(config, workdir)  # a resume: the same run, extended
-    if store is None and not config.data.store:
-        raise UserError(
-            "data.store is not set: give the preprocessed store with --config.data.store=STORE"
-        )
-    store = open_store(config.data.store) if store is None else store
+    store = open_config_store(config) if store is None else store
     spec = spec.for_store(store)
     split = spec.fold_split(store)
     if spec.augment.intensity and spec.t2w_channel is not None:
@@ -267,7 +272,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     names the other keys that differ), and may not end before the step it resumes from (a
     `UserError`, nothing recorded); `config.json` then records the new values.
 
-    `store`: an opened store (default: `open_store(config.data.store)`). The config is validated
+    `store`: an opened store (default: `open_config_store(config)`). The config is validated
     (`RunSpec.from_config`) before the store is opened or anything compiled; its paths are made
     absolute first (`workdir.absolute_paths`), as `config.json` records them. Every check that
     needs no train state comes first (`check_run_start`).
