@@ -99,7 +99,9 @@ def evaluate(eval_step, state, reader, rows, batch_size, mesh) -> tuple[dict[str
 def validation_metrics(totals: Mapping, eval_step: step_lib.EvalStep) -> dict[str, float]:
     """The `val/` scalars from the validation sums `totals` of `evaluate`: the loss, Dice of
     lesion (class >= 1) and csPCa (class >= 2; not for a binary output, which predicts no grade)
-    and the mean P(class >= 1) on lesion and on background pixels (NaN where there are none)."""
+    and the mean P(class >= 1) on lesion and on background pixels (NaN where there are none). A
+    Dice is 1 where neither the truth nor the prediction has a pixel of its class over the whole
+    validation set (nothing missed, nothing made up; nnU-Net's evaluation reports NaN there)."""
     metrics = {"val/loss": step_lib.validation_loss(totals, eval_step.loss)}
     scores = (
         ((1, "lesion"),) if eval_step.loss.encoding == "binary" else ((1, "lesion"), (2, "cspca"))
