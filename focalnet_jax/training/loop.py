@@ -224,7 +224,8 @@ class RunStart:
 
 
 def open_config_store(config: ml_collections.ConfigDict):
-    """The store of `config.data.store`, opened; a `UserError` when it is unset or unreadable."""
+    """The store of `config.data.store`, opened; a user error (one line) when it is unset, absent
+    or not a store of the current format."""
     if not config.data.store:
         raise UserError(
             "data.store is not set: give the preprocessed store with --config.data.store=STORE"
@@ -239,9 +240,8 @@ def check_run_start(
     a train state nor a compilation: the config, a resume's saved config, the store (unset,
     absent, without the components), the fold's split and batches, `loss.mfl_weight='auto'` on
     its training rows, a resume's recorded store and cases, and a resume's checkpoint past the
-    config's steps. Writes nothing, so `cv` checks every
-    fold with it before the first trains. `store`: an opened store (default:
-    `open_config_store(config)`)."""
+    config's steps. Writes nothing, so `cv` checks every fold with it before the first trains.
+    `store`: an opened store (default: `open_config_store(config)`)."""
     config = workdir_lib.absolute_paths(config)
     spec = RunSpec.from_config(config)
     workdir_lib.check_resumed_config(config, workdir)  # a resume: the same run, extended
