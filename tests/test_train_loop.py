@@ -435,6 +435,26 @@ def test_a_run_stopped_at_a_validation_step_validates_it_on_resume(tmp_path, mon
     assert "the validation at step 2 is not in its TensorBoard log" in caplog.text
 
 
+def test_a_resume_at_a_validated_step_does_not_validate_it_again(tmp_path):
+    """A run resumed at step 4 of 8 (eval_every 2) whose log has val/loss at 2 and 4: nothing to
+    validate first; without the point at 4 (stopped before it), validate. The check looked for
+    the last step (8) instead, absent until the run ends, so each such resume validated again
+    and warned that the validation was missing."""
+    from focalnet_jax.training.loop import _missing_validation
+    from focalnet_jax.training.tb_logging import SummaryWriter
+
+    for logged, missing in (([2, 4], False), ([2], True)):
+        workdir = tmp_path / f"logged_{len(logged)}"
+        writer = SummaryWriter(workdir / "tb", enabled=True)
+        for step in logged:
+            writer.scalars(step, {"val/loss": 0.5})
+        writer.close()
+        assert _missing_validation(workdir, 4, 8, 2, val_slices=3) is missing
+        # Not due (not a multiple of eval_every), or nothing to validate: never.
+        assert _missing_validation(workdir, 3, 8, 2, val_slices=3) is False
+        assert _missing_validation(workdir, 4, 8, 2, val_slices=0) is False
+
+
 def test_a_training_split_smaller_than_the_batch_is_one_line_naming_fold_and_store(tmp_path):
     """Batch 32 on the 10 annotated slices of fold 0's 4 training cases: refused before anything
     is written, the line naming the fold, store and slice selection (it named none of them)."""

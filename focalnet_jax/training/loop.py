@@ -361,7 +361,7 @@ def _missing_validation(
         return False
     missing = False
     if jax.process_index() == 0:
-        missing = num_steps not in read_scalars(workdir / "tb", "val/loss")[0]
+        missing = start not in read_scalars(workdir / "tb", "val/loss")[0]
     if jax.process_count() > 1:
         missing = bool(multihost_utils.broadcast_one_to_all(np.bool_(missing)))
     return missing
