@@ -169,3 +169,81 @@ def test_two_steps_of_one_job_run_at_once_on_one_node(tmp_path):
     assert len(steps) == 2, results
     # Each step is its own group of 2 processes (SLURM rank = JAX rank): 1 + 2 = 3 in each.
     assert results == {f"result-{s}-{r}": f"slurm {r} 2 3.0" for s in steps for r in (0, 1)}
+
+
+# A process of a 2-process group: `failing` ("0", "1" or "both") names who fails (process 0 with a
+# user error, process 1 with a bug) after a first collective; the others go on to their next one,
+# as training does.
+_GROUP_MEMBER = """
+import atexit, sys
+from jax.experimental import multihost_utils
+from focalnet_jax.errors import UserError, one_line_user_errors
+from focalnet_jax.training import distributed
+port, rank, failing = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+distributed.initialize(f"localhost:{port}", 2, rank)
+atexit.register(lambda: print("left as usual", flush=True))
+multihost_utils.sync_global_devices("the start")  # as the checkpoint manager's opening barrier
+with distributed.leave_group_on_failure(wait_s=2), one_line_user_errors("focalnet train"):
+    if failing in ("both", str(rank)):
+        raise (UserError if rank == 0 else RuntimeError)(f"process {rank} cannot go on")
+    multihost_utils.sync_global_devices("the next step")
+"""
+
+
+def _run_group(failing: str) -> list[tuple[int, str]]:
+    """(exit status, output) of each process of a 2-process group; at 60 s they are killed."""
+    from test_train_helpers import cpu_devices_env, free_port
+
+    port, env = str(free_port()), cpu_devices_env(1)
+    command = [sys.executable, "-c", _GROUP_MEMBER, port]
+    processes = [
+        subprocess.Popen(
+            [*command, str(rank), failing],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for rank in range(2)
+    ]
+    results = []
+    for process in processes:
+        try:
+            output, _ = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            for other in processes:
+                other.kill()
+            output, _ = process.communicate()
+        results.append((process.returncode, output.decode(errors="replace")))
+    return results
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("failing", ["0", "1"])
+def test_a_process_that_fails_alone_ends_the_group_at_once(failing):
+    """Process 0 alone refused a start (a write only it does), or process 1 alone hit a bug,
+    while the other waited for it in a collective: the failing one waited 5 minutes at JAX's
+    shutdown barrier and the other in its collective (both killed at 60 s here). Now it leaves
+    after `wait_s` (2 s) with its status and message, and the other's collective fails."""
+    import time
+
+    start = time.monotonic()
+    results = _run_group(failing)
+    assert time.monotonic() - start < 45, results
+    status, output = results[int(failing)]
+    if failing == "0":
+        assert status == 2 and "focalnet train: error: process 0 cannot go on" in output, output
+    else:
+        assert status == 1 and "RuntimeError: process 1 cannot go on" in output, output
+    assert "left as usual" not in output
+    other_status, other_output = results[1 - int(failing)]
+    assert other_status not in (0, -9), other_output  # its collective failed; it was not killed
+
+
+@pytest.mark.slow
+def test_processes_that_all_fail_leave_as_usual():
+    """The same refusal in every process (a config error, a refused resume): each prints its line
+    and leaves as a single process does (exit status 2, Python's exit handlers run)."""
+    results = _run_group("both")
+    assert results[0][0] == 2 and "focalnet train: error: process 0 cannot go on" in results[0][1]
+    assert results[1][0] == 1 and "RuntimeError: process 1 cannot go on" in results[1][1]
+    assert all("left as usual" in output for _, output in results), results

@@ -121,5 +121,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # SIGTERM unwinds like Ctrl-C, removing temporary folders, except in training: a task of a
     # multi-process run must not wait at JAX's shutdown barrier for the others.
     terminate = contextlib.nullcontext() if args.command in LONG_RUNNING else sigterm_as_interrupt()
-    with one_line_user_errors(prog, verbose=args.verbose), terminate:
+    # A training process that fails alone leaves its process group at once (`distributed`).
+    group = contextlib.nullcontext()
+    if process_ends and args.command in ("train", "cv"):
+        from focalnet_jax.training.distributed import leave_group_on_failure
+
+        group = leave_group_on_failure()
+    with group, one_line_user_errors(prog, verbose=args.verbose), terminate:
         return int(run_fn(args) or 0)

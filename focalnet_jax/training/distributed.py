@@ -21,6 +21,13 @@ Coordinator host of a SLURM step: the first host of `SLURM_STEP_NODELIST`, expan
 first number in it, so it drops what follows the bracket: `node[01-02]-ib` gave `node01`,
 `rack[1-2]-node[01-02]` gave `rack1`.
 
+A failure of one process (`leave_group_on_failure`): a process whose command fails waits up to
+`FAILURE_WAIT_S` seconds for the others to fail too (the same refusal in each: they then exit as a
+single one does); one that fails alone (a write or read only it does: process 0's `store.json`,
+`config.json` or TensorBoard events, one host's store) then ends without JAX's shutdown barrier,
+and the others' collective, waiting for it, fails on its closed connection. Before, it waited at
+that barrier (JAX's shutdown timeout: 5 minutes) while the others waited for it.
+
 SIGTERM: JAX's preemption service (on by default) would take SIGTERM in every process that joins
 a group and never end it (a second SIGTERM too); it is turned off, so SIGTERM ends a process of a
 group at once, as it does a single one, but in the training loop, which stops at a step boundary
@@ -31,8 +38,11 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import os
 import re
+import sys
+import traceback
 from pathlib import Path
 
 import jax
@@ -239,3 +249,41 @@ def compilation_cache(path: Path | None):
     finally:
         cache.reset_cache()
         cache.set_cache_dir(previous)
+
+
+# Seconds a failing process of a group waits for the others to fail too (module docstring).
+FAILURE_WAIT_S = 30.0
+
+
+def _group_client():
+    """JAX's client of the process group this process joined; None outside one."""
+    from jax._src import distributed as jax_distributed  # the client Orbax's barriers use too
+
+    return jax_distributed.global_state.client
+
+
+@contextlib.contextmanager
+def leave_group_on_failure(wait_s: float = FAILURE_WAIT_S):
+    """Around a command whose failures have been printed (`errors.one_line_user_errors` inside
+    it): in a process group, a failure (an exception, a non-zero `SystemExit`) waits up to
+    `wait_s` seconds at a barrier for every process to fail too, then leaves as usual; when the
+    others do not come (they wait for this one in a collective), the process ends at once with
+    its status (an exception: 1, its traceback printed) without JAX's shutdown barrier. Only for
+    a command that ends its process (`os._exit`)."""
+    try:
+        yield
+    except BaseException as error:
+        client = _group_client()
+        status = error.code if isinstance(error, SystemExit) else 1
+        if client is None or not status:
+            raise
+        try:
+            client.wait_at_barrier("focalnet_command_failed", int(wait_s * 1000))
+        except Exception:  # timed out, or the group is gone: this process failed alone
+            if not isinstance(error, SystemExit):
+                traceback.print_exception(error)
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(status if isinstance(status, int) else 1)
+        raise
