@@ -221,3 +221,23 @@ def test_predict_names_a_given_component_the_model_does_not_use(run, tmp_path, c
         "component(s) ['hbv'] of the exam not used: the model(s) were trained on ['t2w', 'adc']"
     ]
     assert (tmp_path / "pred" / "detection_map.nii.gz").is_file()
+
+
+def test_a_process_that_does_not_write_the_record_does_not_warn_of_its_absence(tmp_path, caplog):
+    """Process 1 of a new two-process run may find the config.json that process 0 has just
+    written and not yet its store.json: it warned that the run had started before store settings
+    were recorded. Only the writer warns."""
+    from test_train_helpers import FakeStore
+
+    from focalnet_jax.data.run_store import record_run_store
+
+    (tmp_path / "config.json").write_text("{}")
+    store = FakeStore()
+    with caplog.at_level(logging.WARNING, logger="focalnet_jax"):
+        record_run_store(tmp_path, store, write=False)
+        assert caplog.records == [] and not (tmp_path / RECORD_FILE).exists()
+        record_run_store(tmp_path, store, write=True)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"run {tmp_path} has no {RECORD_FILE} (started before store settings were recorded): "
+        f"recording store {store.path}"
+    ]

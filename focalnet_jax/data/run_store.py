@@ -82,11 +82,12 @@ def record_run_store(
     (`train_patients`: a test store is held out only if none of its patients trained),
     `total_steps` the step training ends at (epoch-based runs: from the number of training
     slices), so that evaluation and ensembles do not recompute them. `write`: this process writes
-    files (e.g. process 0 only)."""
+    files and warns (e.g. process 0 only)."""
     workdir = Path(workdir)
     record = check_training_store(workdir, store, split=split)
     if record is None:
-        if (workdir / "config.json").exists():
+        # The writer alone: another process may find config.json that process 0 has just written.
+        if write and (workdir / "config.json").exists():
             log.warning(
                 "run %s has no %s (started before store settings were recorded): recording "
                 "store %s",
