@@ -224,11 +224,7 @@ def test_a_process_that_fails_alone_ends_the_group_at_once(failing):
     while the other waited for it in a collective: the failing one waited 5 minutes at JAX's
     shutdown barrier and the other in its collective (both killed at 60 s here). Now it leaves
     after `wait_s` (2 s) with its status and message, and the other's collective fails."""
-    import time
-
-    start = time.monotonic()
-    results = _run_group(failing)
-    assert time.monotonic() - start < 45, results
+    results = _run_group(failing)  # a process still there at 60 s is killed: status -9
     status, output = results[int(failing)]
     if failing == "0":
         assert status == 2 and "focalnet train: error: process 0 cannot go on" in output, output
