@@ -388,28 +388,27 @@ def _abstract_checkpoint(spec: RunSpec) -> dict:
     )
 
 
-def latest_step(workdir: str | Path) -> int | None:
-    """The newest checkpoint step of the run (None: no checkpoint)."""
+def _saved_steps(workdir: str | Path) -> list[int]:
+    """The run's checkpoint steps, newest first (none without a checkpoint folder)."""
     if not (Path(workdir) / CHECKPOINT_DIR).is_dir():
-        return None
+        return []
     manager = make_manager(workdir, read_only=True)
     try:
-        return manager.latest_step()
+        return sorted(manager.all_steps(), reverse=True)
     finally:
         manager.close()
+
+
+def latest_step(workdir: str | Path) -> int | None:
+    """The newest checkpoint step of the run (None: no checkpoint)."""
+    return next(iter(_saved_steps(workdir)), None)
 
 
 def resumable_step(workdir: str | Path) -> int | None:
     """The newest checkpoint step of the run whose files look whole (`find_damage`; no array is
     read): the step its resume starts from, unless reading that step fails; None: none."""
     directory = (Path(workdir) / CHECKPOINT_DIR).resolve()
-    if not directory.is_dir():
-        return None
-    manager = make_manager(workdir, read_only=True)
-    try:
-        steps = sorted(manager.all_steps(), reverse=True)
-    finally:
-        manager.close()
+    steps = _saved_steps(workdir)
     return next((step for step in steps if find_damage(directory / str(step)) is None), None)
 
 
