@@ -96,11 +96,9 @@ def test_train_step_benchmark_times_the_chosen_kinds(train_step_on_one_device):
         )
         top = [op["ms_per_call"] for op in profile["top_ops"]]
         assert len(top) == 15 and top == sorted(top, reverse=True)
-    # MFL select runs the network more often than FL alone: more op time per step.
-    assert (
-        result["fl_mfl_select"]["profile"]["op_ms_per_call"]
-        > result["fl"]["profile"]["op_ms_per_call"]
-    )
+    # MFL select runs the network more often than FL alone: more arithmetic per step (XLA's
+    # count, not a time: op times on a shared machine are too noisy to compare in a test).
+    assert result["fl_mfl_select"]["flops_per_step"] > result["fl"]["flops_per_step"]
 
 
 def _device_trace(xla_ops_line: str = "") -> str:

@@ -334,7 +334,6 @@ def test_a_signal_while_the_worker_pool_starts_ends_in_one_line(
     code = [sys.executable, "-c", SIGNAL_IN_POOL_CONSTRUCTION, str(int(signum)), where]
     argv = [*code, *_picai_args(dataset, out, "--workers", "2")]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    start = time.monotonic()
     process = subprocess.Popen(
         argv, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO, start_new_session=True
     )
@@ -351,7 +350,6 @@ def test_a_signal_while_the_worker_pool_starts_ends_in_one_line(
         f"focalnet preprocess: {line}"
     ], stderr
     assert not out.exists() and not list(tmp_path.glob(".store.tmp-*"))
-    assert time.monotonic() - start < 30
 
 
 def test_one_patient_is_counted_in_the_singular_and_cannot_be_cross_validated(tmp_path, capfd):
