@@ -401,6 +401,12 @@ def test_flat_maxima_benchmark_counts_detections_per_patient_not_per_case(tmp_pa
     assert result["every_window_max_pixel"]["detections_per_patient"] == 32.0
 
 
+def test_store_open_benchmark_opens_every_case_it_wrote():
+    result = _run("store_open.py", "--cases=30", "--slices=3")
+    assert (result["cases"], result["slices"]) == (30, 90)
+    assert result["open_seconds"] > 0 and result["target_seconds"] == 3.0
+
+
 def test_mfl_scaling_benchmark_reports_ratios_to_the_plain_step_of_the_same_run():
     result = _run(
         "mfl_scaling.py",

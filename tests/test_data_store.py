@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 
 import numpy as np
 import pytest
@@ -174,19 +173,6 @@ def test_bad_cases_note_counts_in_words():
     assert bad_cases_note([]) == ""
     assert bad_cases_note([bad]) == "; 1 bad case in errors.csv"
     assert bad_cases_note([bad, bad]) == "; 2 bad cases in errors.csv"
-
-
-def test_opens_1500_cases_in_seconds(tmp_path):
-    with StoreWriter(tmp_path / "s", ("t2w", "adc"), SETTINGS) as writer:
-        for i in range(1500):
-            writer.add(_case(f"c{i}", 20, size=4, lesion_class=i % 6, seed=i), patient_id=f"p{i}")
-        writer.commit()
-    start = time.perf_counter()
-    store = open_store(tmp_path / "s", expected_settings=SETTINGS)
-    world = [store.pixel_to_world(c, 0, 0, 0) for c in store.case_ids]
-    elapsed = time.perf_counter() - start
-    assert len(store) == 30000 and len(world) == 1500
-    assert elapsed < 3.0
 
 
 def test_errors_csv_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
