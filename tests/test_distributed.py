@@ -190,12 +190,13 @@ with distributed.leave_group_on_failure(wait_s=2), one_line_user_errors("focalne
 """
 
 
-def _run_group(failing: str) -> list[tuple[int, str]]:
-    """(exit status, output) of each process of a 2-process group; at 60 s they are killed."""
+def _run_group(failing: str, member: str = _GROUP_MEMBER) -> list[tuple[int, str]]:
+    """(exit status, output) of each process of a 2-process group running `member`; at 60 s they
+    are killed."""
     from test_train_helpers import cpu_devices_env, free_port
 
     port, env = str(free_port()), cpu_devices_env(1)
-    command = [sys.executable, "-c", _GROUP_MEMBER, port]
+    command = [sys.executable, "-c", member, port]
     processes = [
         subprocess.Popen(
             [*command, str(rank), failing],
@@ -243,3 +244,74 @@ def test_processes_that_all_fail_leave_as_usual():
     assert results[0][0] == 2 and "focalnet train: error: process 0 cannot go on" in results[0][1]
     assert results[1][0] == 1 and "RuntimeError: process 1 cannot go on" in results[1][1]
     assert all("left as usual" in output for _, output in results), results
+
+
+# As _GROUP_MEMBER, the failure inside `distributed.together` (process 0's start-up writes), the
+# first collective after it.
+_TOGETHER_MEMBER = """
+import atexit, sys
+from jax.experimental import multihost_utils
+from focalnet_jax.errors import UserError, one_line_user_errors
+from focalnet_jax.training import distributed
+port, rank, failing = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+distributed.initialize(f"localhost:{port}", 2, rank)
+atexit.register(lambda: print("left as usual", flush=True))
+with distributed.leave_group_on_failure(wait_s=20), one_line_user_errors("focalnet train"):
+    for block in range(2):  # each block has its own keys
+        with distributed.together("start the run"):
+            if failing == f"{rank} in block {block}":
+                raise (UserError if rank == 0 else RuntimeError)(f"process {rank} cannot write")
+    multihost_utils.sync_global_devices("the first step")
+print("trained", flush=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("block", [0, 1])
+def test_a_failure_in_a_together_block_ends_every_process_with_one_line(block):
+    """Process 0 alone fails to write: the other, instead of waiting for it in the next
+    collective, stops with a line naming it and its error; both leave as usual."""
+    results = _run_group(f"0 in block {block}", _TOGETHER_MEMBER)
+    assert results[0][0] == 2, results
+    assert "focalnet train: error: process 0 cannot write" in results[0][1]
+    assert results[1][0] == 2, results
+    line = "focalnet train: error: process 0 could not start the run: process 0 cannot write\n"
+    assert line in results[1][1]
+    assert all("left as usual" in out and "trained" not in out for _, out in results), results
+
+
+@pytest.mark.slow
+def test_a_bug_in_a_together_block_is_named_with_its_type():
+    results = _run_group("1 in block 0", _TOGETHER_MEMBER)
+    assert results[1][0] == 1 and "RuntimeError: process 1 cannot write" in results[1][1]
+    assert results[0][0] == 2, results
+    line = "could not start the run: RuntimeError: process 1 cannot write\n"
+    assert "focalnet train: error: process 1 " + line in results[0][1]
+    assert all("left as usual" in output for _, output in results), results
+
+
+@pytest.mark.slow
+def test_together_blocks_that_succeed_everywhere_go_on():
+    results = _run_group("none", _TOGETHER_MEMBER)
+    assert [status for status, _ in results] == [0, 0], results
+    assert all("trained" in output for _, output in results), results
+
+
+@pytest.mark.slow
+def test_a_run_whose_tensorboard_folder_process_0_cannot_make_ends_in_every_process(tmp_path):
+    """A file `tb` in a new run's workdir: only process 0 makes the TensorBoard folder. The other
+    process stops with the same reason instead of waiting for process 0 in the first step."""
+    from test_train_helpers import finish, free_port, process_flags, start_worker
+
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "tb").write_text("not a folder")
+    port = free_port()
+    processes = [
+        start_worker(tmp_path / f"unused{i}.npz", workdir, 1, process_flags(port, i))
+        for i in range(2)
+    ]
+    outputs = finish(processes, timeout=120, returncode=1)  # the workers' uncaught errors
+    exists = f"[Errno 17] File exists: '{workdir / 'tb'}'"
+    assert f"FileExistsError: {exists}" in outputs[0]
+    assert f"UserError: process 0 could not start the run: {exists}" in outputs[1]

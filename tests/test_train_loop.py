@@ -283,15 +283,15 @@ def test_images_per_s_leaves_out_validation_and_checkpoint_time(tmp_path, monkey
     import types
 
     from focalnet_jax.training import loop, sharding
+    from focalnet_jax.training.tb_logging import SummaryWriter
 
     clock = iter([0.0, 1.0, 1.0, 4.0, 5.0])
     # The loop's own clock only: JAX reads `time.perf_counter` too (e.g. when it first compiles).
     monkeypatch.setattr(loop, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
     spec = types.SimpleNamespace(global_batch=8, subsets=())
     progress = types.SimpleNamespace(set_postfix=lambda **_: None)
-    logger = loop._Logger(
-        spec, tmp_path, manager=None, progress=progress, start=0, mesh=sharding.make_mesh()
-    )
+    mesh, writer = sharding.make_mesh(), SummaryWriter(tmp_path / "tb")
+    logger = loop._Logger(spec, tmp_path, None, progress, start=0, mesh=mesh, writer=writer)
     written = []
     monkeypatch.setattr(logger.writer, "scalars", lambda step, values: written.append(values))
     logger.train(2, {"loss": np.float32(0.5)})

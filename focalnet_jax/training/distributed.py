@@ -23,10 +23,15 @@ first number in it, so it drops what follows the bracket: `node[01-02]-ib` gave 
 
 A failure of one process (`leave_group_on_failure`): a process whose command fails waits up to
 `FAILURE_WAIT_S` seconds for the others to fail too (the same refusal in each: they then exit as a
-single one does); one that fails alone (a write or read only it does: process 0's `store.json`,
-`config.json` or TensorBoard events, one host's store) then ends without JAX's shutdown barrier,
+single one does); one that fails alone (a read only it does: one host's store; a write only
+process 0 does after the run's start) then ends without JAX's shutdown barrier,
 and the others' collective, waiting for it, fails on its closed connection. Before, it waited at
 that barrier (JAX's shutdown timeout: 5 minutes) while the others waited for it.
+
+Work only some processes do (`together`): process 0's writes at a run's start (`store.json`,
+`config.json`, TensorBoard events) are followed by an exchange of every process's outcome through
+the group's key-value store, so that a failure there ends every process with one line (the others
+name the process that failed and its error) instead of leaving them in a collective.
 
 SIGTERM: JAX's preemption service (on by default) would take SIGTERM in every process that joins
 a group and never end it (a second SIGTERM too); it is turned off, so SIGTERM ends a process of a
@@ -48,7 +53,7 @@ from pathlib import Path
 import jax
 
 from focalnet_jax.data.atomic_files import check_output_folder
-from focalnet_jax.errors import UserError
+from focalnet_jax.errors import UserError, is_user_error
 
 
 def slurm_num_tasks(environ=None) -> int:
@@ -287,3 +292,39 @@ def leave_group_on_failure(wait_s: float = FAILURE_WAIT_S):
             sys.stderr.flush()
             os._exit(status if isinstance(status, int) else 1)
         raise
+
+
+# Seconds a process waits for the others' outcomes of a `together` block.
+OUTCOME_WAIT_S = 600.0
+_together_blocks = itertools.count()  # the same sequence in every process of a group
+
+
+@contextlib.contextmanager
+def together(what: str, wait_s: float = OUTCOME_WAIT_S):
+    """Around work that may fail in one process alone and that holds no collective: in a process
+    group every process leaves it failing when any one failed in it. Each process records its
+    outcome in the group's key-value store; a process that failed raises its own error, the others
+    a `UserError` "process <i> could not <what>: <its error>" (the first failed process), so that
+    every one fails together (`leave_group_on_failure`). No-op in a single process."""
+    client = _group_client() if jax.process_count() > 1 else None
+    if client is None:
+        yield
+        return
+    prefix = f"focalnet_together/{next(_together_blocks)}/"
+    try:
+        yield
+    except BaseException as error:
+        reason = str(error) if is_user_error(error) else f"{type(error).__name__}: {error}"
+        client.key_value_set(prefix + str(jax.process_index()), "failed: " + reason)
+        raise
+    client.key_value_set(prefix + str(jax.process_index()), "ok")
+    for process in range(jax.process_count()):
+        try:
+            outcome = client.blocking_key_value_get(prefix + str(process), int(wait_s * 1000))
+        except Exception as error:  # timed out; the group's end aborts the process before this
+            raise UserError(
+                f"process {process} did not say within {wait_s:.0f} s whether it could {what}"
+            ) from error
+        if outcome != "ok":
+            reason = outcome.removeprefix("failed: ").replace("\n", " ")
+            raise UserError(f"process {process} could not {what}: {reason}")

@@ -36,7 +36,7 @@ from focalnet_jax.errors import UserError
 from focalnet_jax.run import RunSpec
 from focalnet_jax.run import workdir as workdir_lib
 from focalnet_jax.run.spec import FoldSplit
-from focalnet_jax.training import checkpoint, input_pipeline, sharding
+from focalnet_jax.training import checkpoint, distributed, input_pipeline, sharding
 from focalnet_jax.training import step as step_lib
 from focalnet_jax.training.graceful_stop import SigtermStop, TrainingStopped
 from focalnet_jax.training.tb_logging import SummaryWriter, read_scalars
@@ -141,10 +141,9 @@ class _Logger:
     the compilation.
     """
 
-    def __init__(self, spec: RunSpec, workdir: Path, manager, progress, start: int, mesh):
+    def __init__(self, spec: RunSpec, workdir: Path, manager, progress, start: int, mesh, writer):
         self.spec, self.workdir, self.manager, self.progress = spec, workdir, manager, progress
-        self.writer = SummaryWriter(workdir / "tb")
-        self.writer.session_start(start + 1)  # drops what a stopped session logged past `start`
+        self.writer = writer  # `SummaryWriter` of `workdir/tb`, its session started
         # Replicated like the step's metrics, so `_first_bad` compiles once.
         self.first_bad = sharding.put_replicated(jnp.int32(-1), mesh)
         self.last_time, self.last_step = time.perf_counter(), start
@@ -268,38 +267,20 @@ def check_run_start(
     return RunStart(config, spec, store, split, batches, num_steps, lam)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *, store=None):
-    """Train `config` in `workdir` (resuming from its newest intact checkpoint); returns the final
-    state. A resume must keep the saved config but for `workdir.RESUMABLE_KEYS` (a `UserError`
-    names the other keys that differ), and may not end before the step it resumes from (a
-    `UserError`, nothing recorded); `config.json` then records the new values.
-
-    `store`: an opened store (default: `open_config_store(config)`). The config is validated
-    (`RunSpec.from_config`) before the store is opened or anything compiled; its paths are made
-    absolute first (`workdir.absolute_paths`), as `config.json` records them. Every check that
-    needs no train state comes first (`check_run_start`).
-    """
-    workdir, mesh = Path(workdir), sharding.make_mesh()
-    run = check_run_start(config, workdir, mesh, store=store)
-    config, spec, store, split, batches = run.config, run.spec, run.store, run.split, run.batches
-    num_steps, lam = run.num_steps, run.mfl_weight
-    key = jax.random.key(config.seed)
-    init_key, train_key = jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
-    manager = workdir_lib.make_manager(workdir, keep=config.train.keep_checkpoints)
-    state = checkpoint.resume_or_initialize(spec, manager, mesh, init_key)
-    start = int(jax.device_get(state.step))  # the step `check_run_start` checked, or an older one
+def _record_start(run: RunStart, workdir: Path, start: int, validate_first: bool):
+    """A run's start records (process 0 writes them): `store.json` (`record_run_store`),
+    `config.json`, the start's log lines, and the TensorBoard writer, returned with the session
+    starting at `start + 1`. Holds no collective (`distributed.together`)."""
+    config, split = run.config, run.split
     record_run_store(
-        workdir, store, split=split, total_steps=num_steps, write=jax.process_index() == 0
-    )
-    validate_first = _missing_validation(
-        workdir, start, num_steps, config.train.eval_every, len(split.val_rows)
+        workdir, run.store, split=split, total_steps=run.num_steps, write=jax.process_index() == 0
     )
     workdir_lib.save_config(config, workdir)
     if jax.process_index() == 0:
         log.info(
             "%s, fold %d: %d train / %d val slices, %d steps (%d per epoch), start at %d, "
             "lambda %.4g%s", workdir, config.data.fold, len(split.train_rows), len(split.val_rows),
-            num_steps, batches.steps_per_epoch, start, lam, _mfl_note(spec),
+            run.num_steps, run.batches.steps_per_epoch, start, run.mfl_weight, _mfl_note(run.spec),
         )  # fmt: skip
         if not len(split.val_rows):
             log.warning(
@@ -313,10 +294,41 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
                 "is killed during it, or stopped at that step); validating that checkpoint now",
                 workdir, start,
             )  # fmt: skip
+    writer = SummaryWriter(workdir / "tb")
+    writer.session_start(start + 1)  # drops what a stopped session logged past `start`
+    return writer
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *, store=None):
+    """Train `config` in `workdir` (resuming from its newest intact checkpoint); returns the final
+    state. A resume must keep the saved config but for `workdir.RESUMABLE_KEYS` (a `UserError`
+    names the other keys that differ), and may not end before the step it resumes from (a
+    `UserError`, nothing recorded); `config.json` then records the new values.
+
+    `store`: an opened store (default: `open_config_store(config)`). The config is validated
+    (`RunSpec.from_config`) before the store is opened or anything compiled; its paths are made
+    absolute first (`workdir.absolute_paths`), as `config.json` records them. Every check that
+    needs no train state comes first (`check_run_start`).
+    """
+    workdir, mesh = Path(workdir), sharding.make_mesh()
+    run = check_run_start(config, workdir, mesh, store=store)
+    config, spec, split, batches = run.config, run.spec, run.split, run.batches
+    num_steps, lam = run.num_steps, run.mfl_weight
+    key = jax.random.key(config.seed)
+    init_key, train_key = jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
+    manager = workdir_lib.make_manager(workdir, keep=config.train.keep_checkpoints)
+    state = checkpoint.resume_or_initialize(spec, manager, mesh, init_key)
+    start = int(jax.device_get(state.step))  # the step `check_run_start` checked, or an older one
+    validate_first = _missing_validation(
+        workdir, start, num_steps, config.train.eval_every, len(split.val_rows)
+    )
+    # Process 0's writes: a failure there ends every process of a group, each with one line.
+    with distributed.together("start the run"):
+        writer = _record_start(run, workdir, start, validate_first)
     progress = tqdm(
         total=num_steps, initial=start, disable=jax.process_index() != 0, desc="train", unit="step"
     )
-    logger = _Logger(spec, workdir, manager, progress, start, mesh)
+    logger = _Logger(spec, workdir, manager, progress, start, mesh, writer)
     with SigtermStop() as sigterm:
         try:  # Whatever happens, pending checkpoint writes finish and files are closed.
             state = _steps(
