@@ -760,7 +760,7 @@ def test_slurm_job_array_gives_the_rows_of_the_local_study(finished, spec_file, 
         submitted = study(*args, "--spec.repeats=1", "--spec.folds=(0,)", env=env).stdout
         assert "submitted job array" in submitted
         cells = [workdir / arm / "rep0" / "fold0" / "study_cell.json" for arm in ("ce", "fl")]
-        deadline = time.time() + 400
+        deadline = time.time() + 600  # two cells, each a training and an evaluation process
         while time.time() < deadline:
             states = [json.loads(c.read_text())["state"] if c.is_file() else "" for c in cells]
             if all(s in ("done", "failed") for s in states):

@@ -132,16 +132,19 @@ def test_task_ended_by_slurm_is_interrupted_with_its_reason_and_submitted_again(
     file or cell.log: `study status` showed it `interrupted` with its log path only. It shows
     slurmstepd's line from the task's output, and `study run` submits the cell again."""
     workdir, env, cell_log, job = _one_cell_on_slurm(store, cluster, tmp_path)
-    deadline = time.time() + 120
-    while time.time() < deadline and "$ focalnet train" not in _text(cell_log):
-        time.sleep(0.5)
+    started = lambda: "$ focalnet train" in _text(cell_log)  # noqa: E731
+    _wait_for(started, "training started", lambda: _text(cell_log)[-2000:], task=(job, env))
     subprocess.run(["scancel", job], env=env, check=True)
-    deadline = time.time() + 60
-    while time.time() < deadline:
+    # The cell is `interrupted` (and its reason shown) once the task has left the queue: after its
+    # training has saved its step, up to KILL_WAIT_S after the SIGTERM.
+    status = ""
+
+    def cancelled() -> bool:
+        nonlocal status
         status = study("status", "--workdir", str(workdir), env=env).stdout
-        if "CANCELLED" in status:
-            break
-        time.sleep(1)
+        return "CANCELLED" in status
+
+    _wait_for(cancelled, "the cancelled task in `study status`", lambda: status)
     line = (
         rf"ce/rep0/fold0\s+interrupted\s+{job}_0\s+[\d.]+\s+1\s+"
         r"ended by SLURM: JOB \d+ ON \S+ CANCELLED AT \S+$"
@@ -181,9 +184,7 @@ def test_task_that_fails_before_its_cell_starts_is_failed_with_its_output(
     [job] = json.loads((workdir / "slurm" / "jobs.json").read_text())
     Path(job["script"]).with_suffix(".txt").unlink()
     subprocess.run(["scontrol", "release", job["job_id"]], env=env, check=True)
-    deadline = time.time() + 60
-    while time.time() < deadline and _queued_cells(workdir, env):
-        time.sleep(0.5)
+    _wait_for(lambda: not _queued_cells(workdir, env), "the released task ended")
     status = study("status", "--workdir", str(workdir), env=env).stdout
     line = rf"ce/rep0/fold0\s+failed\s+{job['job_id']}_0\s+task output: sed: can't read .*\.txt"
     assert re.search(line, status), status
@@ -323,9 +324,7 @@ def test_array_of_a_run_killed_after_sbatch_is_adopted_not_submitted_again(
     assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
     assert f"jobs {job}, {twin_id} are all called {intent['job_name']!r}" in refused.stderr
     subprocess.run(["scancel", twin_id], env=env, check=True)
-    deadline = time.time() + 30
-    while time.time() < deadline and _jobs_named(intent["job_name"], env) != [job]:
-        time.sleep(0.2)
+    _wait_for(lambda: _jobs_named(intent["job_name"], env) == [job], "the twin cancelled")
     status = study("status", "--workdir", str(workdir), env=env).stdout
     assert re.search(rf"ce/rep0/fold0\s+queued\s+{job}_0", status), status
     again = study("run", "--workdir", str(workdir), "--executor=slurm", env=env).stdout
@@ -335,9 +334,8 @@ def test_array_of_a_run_killed_after_sbatch_is_adopted_not_submitted_again(
     assert json.loads((workdir / "slurm" / "submitting.json").read_text()) == []
     subprocess.run(["scontrol", "release", job], env=env, check=True)
     state_file = workdir / "ce" / "rep0" / "fold0" / "study_cell.json"
-    deadline = time.time() + 400
-    while time.time() < deadline and _queued_cells(workdir, env):
-        time.sleep(1)
+    cell_log = lambda: _text(state_file.parent / "cell.log")[-2000:]  # noqa: E731
+    _wait_for(lambda: not _queued_cells(workdir, env), "the adopted task ended", cell_log)
     state = json.loads(state_file.read_text())
     assert state["state"] == "done" and state["slurm_job"] == f"{job}_0", state
     assert state["attempts"] == 1
