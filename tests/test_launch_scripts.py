@@ -118,7 +118,9 @@ def test_local_cpu_processes_refuses_counts_that_are_not_positive_integers(tmp_p
 
 
 # tests/test_train_sigterm.py's tiny run, `STEPS` steps, each logged (the progress bar shows it).
-STEPS = 8
+# SIGTERM comes once the bar shows step 2 and must arrive before the last step (a SIGTERM then
+# completes the run): 8 steps left under a second for it, 40 leave several.
+STEPS = 40
 TINY_RUN = [
     "--config.data.num_folds=2", "--config.data.slices=all", "--config.model.depth=18",
     "--config.model.width=0.125", "--config.model.output_stride=16",
