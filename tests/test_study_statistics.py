@@ -53,9 +53,9 @@ def test_exact_pvalue_at_ten_and_ten_runs_is_fast_and_exact():
     rng = np.random.default_rng(5)
     a = list(np.round(rng.normal(0.60, 0.05, 10), 2))
     b = list(np.round(rng.normal(0.63, 0.05, 10), 2))
-    start = time.perf_counter()
+    start = time.process_time()  # this process's CPU time: not what other processes take
     p = permutation_pvalue(a, b)
-    assert time.perf_counter() - start < 5.0
+    assert time.process_time() - start < 5.0
     assert p == pytest.approx(enumerated_permutation_p(a, b), abs=1e-12)
 
 
