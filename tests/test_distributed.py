@@ -173,7 +173,9 @@ def test_two_steps_of_one_job_run_at_once_on_one_node(tmp_path):
 
 # A process of a 2-process group: `failing` ("0", "1" or "both") names who fails (process 0 with a
 # user error, process 1 with a bug) after a first collective; the others go on to their next one,
-# as training does.
+# as training does. A failing process waits 2 s for the others to fail too (a lone failure waits
+# all of it), or 60 s where both fail (they meet as soon as both have failed; 2 s would fail the
+# test when one of them is that much later).
 _GROUP_MEMBER = """
 import atexit, sys
 from jax.experimental import multihost_utils
@@ -183,7 +185,8 @@ port, rank, failing = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 distributed.initialize(f"localhost:{port}", 2, rank)
 atexit.register(lambda: print("left as usual", flush=True))
 multihost_utils.sync_global_devices("the start")  # as the checkpoint manager's opening barrier
-with distributed.leave_group_on_failure(wait_s=2), one_line_user_errors("focalnet train"):
+wait_s = 60 if failing == "both" else 2
+with distributed.leave_group_on_failure(wait_s), one_line_user_errors("focalnet train"):
     if failing in ("both", str(rank)):
         raise (UserError if rank == 0 else RuntimeError)(f"process {rank} cannot go on")
     multihost_utils.sync_global_devices("the next step")
@@ -311,7 +314,7 @@ def test_a_run_whose_tensorboard_folder_process_0_cannot_make_ends_in_every_proc
         start_worker(tmp_path / f"unused{i}.npz", workdir, 1, process_flags(port, i))
         for i in range(2)
     ]
-    outputs = finish(processes, timeout=120, returncode=1)  # the workers' uncaught errors
+    outputs = finish(processes, timeout=240, returncode=1)  # the workers' uncaught errors
     exists = f"[Errno 17] File exists: '{workdir / 'tb'}'"
     assert f"FileExistsError: {exists}" in outputs[0]
     assert f"UserError: process 0 could not start the run: {exists}" in outputs[1]
