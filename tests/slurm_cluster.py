@@ -12,6 +12,7 @@ to export, and stops it on Ctrl-C.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import getpass
 import os
@@ -40,10 +41,13 @@ def missing_binaries() -> list[str]:
     return [b for b in BINARIES if shutil.which(b, path=path) is None]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(count: int) -> list[int]:
+    """`count` different free ports: each socket stays bound until all are chosen."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
 
 
 def _sbin(name: str) -> str:
@@ -64,13 +68,14 @@ class OneNodeCluster:
         host = socket.gethostname().split(".")[0]
         for name in ("state", "spool", "log"):
             (self.root / name).mkdir(parents=True, exist_ok=True)
+        controller_port, node_port = _free_ports(2)
         lines = [
             "ClusterName=focalnettest",
             f"SlurmctldHost={host}",
             "SlurmUser=root",
             "SlurmdUser=root",
-            f"SlurmctldPort={_free_port()}",
-            f"SlurmdPort={_free_port()}",
+            f"SlurmctldPort={controller_port}",
+            f"SlurmdPort={node_port}",
             "AuthType=auth/munge",
             "CredType=cred/munge",
             f"AuthInfo=socket={munge_socket}",
