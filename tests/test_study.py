@@ -65,7 +65,7 @@ def study(*args: str, env=None, check=True) -> subprocess.CompletedProcess:
         text=True,
         env=env or ENV,
         cwd=REPO,
-        timeout=600,
+        timeout=1200,  # the 8-cell study takes about 2 minutes on 2 cores; a hang ends here
     )
     if check:
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
