@@ -6,6 +6,9 @@ positions along the slice normal (ImagePositionPatient . (row x column cosines))
 within `max(SPACING_TOLERANCE_MM, SPACING_TOLERANCE_REL * spacing)`, and the same position within
 the slice plane to that tolerance. A missing slice, a repeated position, uneven spacing or a sheared
 stack would otherwise be read with one wrong z spacing (ITK only warns, or says nothing).
+
+A series stored as one multi-frame file (enhanced DICOM) is read and checked frame by frame in
+`dicom_multiframe`; a series of several files, any of them multi-frame, is refused.
 """
 
 from __future__ import annotations
@@ -21,10 +24,16 @@ import numpy as np
 import SimpleITK as sitk
 
 from focalnet_jax.data import native_stderr
+from focalnet_jax.data.dicom_multiframe import (
+    NUMBER_OF_FRAMES,
+    SPACING_TOLERANCE_MM,
+    SPACING_TOLERANCE_REL,
+    MultiFrameError,
+    number_of_frames,
+    read_multiframe,
+)
 from focalnet_jax.errors import UserError
 
-SPACING_TOLERANCE_MM = 0.01  # absolute slice-spacing tolerance (mm) ...
-SPACING_TOLERANCE_REL = 0.01  # ... or this fraction of the spacing, whichever is larger
 # In-plane drift allowed per mm along the normal, on top of the spacing tolerance: direction
 # cosines written to 3-4 decimals; a gantry tilt of 1 degree drifts 0.017 mm per mm.
 SHEAR_TOLERANCE_SLOPE = 1e-3
@@ -128,7 +137,7 @@ def _header(file: str) -> dict[str, str]:
     reader = sitk.ImageFileReader()
     reader.SetFileName(file)
     reader.ReadImageInformation()
-    keys = (_ORIENTATION, _POSITION, _INSTANCE, _SOP_INSTANCE, _PIXEL_SPACING)
+    keys = (_ORIENTATION, _POSITION, _INSTANCE, _SOP_INSTANCE, _PIXEL_SPACING, NUMBER_OF_FRAMES)
     return {k: reader.GetMetaData(k).strip() for k in keys if reader.HasMetaDataKey(k)}
 
 
@@ -153,6 +162,7 @@ def check_slice_positions(files) -> None:
     if len(files) < 2:
         return
     headers = [_header(f) for f in files]
+    _refuse_multiframe_files(headers, files)
     _refuse_copies(headers, files)
     _check_pixel_spacing(headers[0], files[0])
     orientation = [_floats(h, _ORIENTATION, f, 6) for h, f in zip(headers, files, strict=True)]
@@ -201,6 +211,21 @@ def _check_pixel_spacing(header: dict, file: str) -> None:
     if not (_floats(header, _PIXEL_SPACING, file, 2) > 0).all():
         raise SeriesError(
             file, f"PixelSpacing (0028,0030) {header[_PIXEL_SPACING]!r} is not positive"
+        )
+
+
+def _refuse_multiframe_files(headers: list[dict], files) -> None:
+    """Refuse a series of several files of which one holds several frames: read as one stack of
+    slices, its frames would be misplaced."""
+    frames = [int(h.get(NUMBER_OF_FRAMES) or 1) for h in headers]
+    several = [k for k, n in enumerate(frames) if n > 1]
+    if several:
+        k = several[0]
+        raise SeriesError(
+            files[k],
+            f"holds {frames[k]} frames, in a series of {len(files)} files ({len(several)} of them "
+            "multi-frame), which would be read as one stack of slices; give each multi-frame "
+            "file a folder of its own, or export the series as one slice a file",
         )
 
 
@@ -381,6 +406,13 @@ def _read_series(folder: Path, series: str | None, component: str | None, notes:
             f"folder ({', '.join(broken[:5])}); without them series {chosen.uid} would be read "
             f"from {len(chosen.files)} files",
         )
+    if len(chosen.files) == 1 and number_of_frames(chosen.files[0]) > 1:
+        try:
+            return read_multiframe(chosen.files[0])
+        except MultiFrameError as err:
+            raise SeriesError(chosen.files[0], f"multi-frame DICOM: {err}") from None
+        except RuntimeError as err:
+            raise _undecodable(chosen.files, err) from err
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(chosen.files)
     # Float32 output: each slice rescaled by its own RescaleSlope/Intercept. Else ITK takes the

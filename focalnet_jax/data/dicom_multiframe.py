@@ -1,0 +1,208 @@
+"""Enhanced (multi-frame) DICOM: a series stored as one file whose frames are its slices (Enhanced
+MR Image Storage, as newer scanners export, or a Legacy Converted Enhanced MR image of a classic
+series).
+
+SimpleITK (GDCM) reads such a file as one 3D image, its geometry taken from the frames' functional
+groups, but checks none of it: frames out of slice order were read with 1 mm pixels and 1 mm
+slices, the frames of several volumes (the b-values of a DWI) as one stack, and frames with
+rescale values of their own all with the first frame's. `read_multiframe` reads the frames'
+position, orientation, pixel spacing and rescale values (pydicom, without the pixel data) and
+refuses a file whose frames are not one regular stack, or that was read with another geometry.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import pydicom
+import SimpleITK as sitk
+from pydicom.errors import InvalidDicomError
+
+NUMBER_OF_FRAMES = "0028|0008"
+# Slice positions (here and in dicom.py's classic series) within max(0.01 mm, 1 % of the spacing).
+SPACING_TOLERANCE_MM, SPACING_TOLERANCE_REL = 0.01, 0.01
+ORIENTATION_TOLERANCE = 1e-3  # direction cosines are written to 3-4 decimals
+_GROUPS = {  # value -> (functional group sequence, attribute keyword)
+    "position": ("PlanePositionSequence", "ImagePositionPatient"),
+    "orientation": ("PlaneOrientationSequence", "ImageOrientationPatient"),
+    "pixel_spacing": ("PixelMeasuresSequence", "PixelSpacing"),
+    "slope": ("PixelValueTransformationSequence", "RescaleSlope"),
+    "intercept": ("PixelValueTransformationSequence", "RescaleIntercept"),
+}
+
+
+class MultiFrameError(ValueError):
+    """A multi-frame file that is not one regular stack; `reason` says why (dicom.py names the
+    file)."""
+
+
+def number_of_frames(file: str | os.PathLike) -> int:
+    """NumberOfFrames (0028,0008) of a DICOM file; 1 for a single-frame image."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(file))
+    reader.ReadImageInformation()
+    if not reader.HasMetaDataKey(NUMBER_OF_FRAMES):
+        return 1
+    try:
+        return int(reader.GetMetaData(NUMBER_OF_FRAMES).strip() or 1)
+    except ValueError:
+        return 1
+
+
+def frame_values(file: str | os.PathLike) -> dict[str, list]:
+    """Per frame (the file's frame order): `position` (x, y, z) mm, `orientation` (6 cosines),
+    `pixel_spacing` (row, column spacing) mm, `slope`, `intercept` (None where absent), each
+    from the frame's own functional groups, else the shared ones."""
+    try:
+        dataset = pydicom.dcmread(file, stop_before_pixels=True)
+    except (InvalidDicomError, OSError, ValueError) as error:
+        raise MultiFrameError(f"its header cannot be read ({error})") from None
+    shared_groups = dataset.get("SharedFunctionalGroupsSequence") or [pydicom.Dataset()]
+    per_frame = dataset.get("PerFrameFunctionalGroupsSequence") or []
+    frames = int(dataset.get("NumberOfFrames", 1))
+    if len(per_frame) != frames:
+        raise MultiFrameError(
+            f"{frames} frames but {len(per_frame)} per-frame functional groups (5200,9230)"
+        )
+    values: dict[str, list] = {name: [] for name in _GROUPS}
+    for frame in per_frame:
+        for name, (sequence, keyword) in _GROUPS.items():
+            values[name].append(_group_value(frame, shared_groups[0], sequence, keyword))
+    return values
+
+
+def _group_value(frame, shared, sequence: str, keyword: str):
+    """`keyword` of the frame's `sequence` item, else of the shared one (float, or a list of
+    floats); None in neither, or where empty."""
+    for groups in (frame, shared):
+        items = groups.get(sequence) or []
+        if items and keyword in items[0] and items[0][keyword].value not in (None, ""):
+            value = items[0][keyword].value
+            if isinstance(value, Sequence) and not isinstance(value, str):
+                return [float(v) for v in value]
+            return float(value)
+    return None
+
+
+def read_multiframe(file: str | os.PathLike) -> sitk.Image:
+    """The frames of `file` as one float32 3D image (rescaled), after `check_frames`; a
+    `MultiFrameError` when its frames are not one regular stack or the image read has another
+    geometry than its frames."""
+    values = frame_values(file)
+    check_frames(values)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(file))
+    reader.SetOutputPixelType(sitk.sitkFloat32)
+    image = reader.Execute()
+    if image.GetDimension() != 3 or image.GetSize()[2] != len(values["position"]):
+        raise MultiFrameError(
+            f"{len(values['position'])} frames read as an image of size {image.GetSize()}"
+        )
+    check_image_geometry(image, values)
+    return image
+
+
+def check_frames(values: dict[str, list]) -> None:
+    """Refuse frames (`frame_values`) without a position, orientation or pixel spacing, with
+    several orientations, pixel spacings or rescale values, or whose positions along the slice
+    normal are not equally spaced in the frame order (frames out of order, a missing frame,
+    several volumes)."""
+    for name in ("position", "orientation", "pixel_spacing"):
+        missing = [k for k, v in enumerate(values[name]) if v is None]
+        if missing:
+            sequence, keyword = _GROUPS[name]
+            raise MultiFrameError(f"frame {missing[0] + 1} has no {keyword} (in {sequence})")
+    orientation = np.array(values["orientation"])
+    turned = np.flatnonzero(
+        np.abs(orientation - orientation[0]).max(axis=1) > ORIENTATION_TOLERANCE
+    )
+    if len(turned):
+        raise MultiFrameError(f"frame {turned[0] + 1} is oriented unlike frame 1")
+    pixel = np.array(values["pixel_spacing"])
+    other = np.flatnonzero(np.abs(pixel - pixel[0]).max(axis=1) > 1e-4 * pixel[0].max())
+    if len(other):
+        raise MultiFrameError(
+            f"frame {other[0] + 1} has pixel spacing {pixel[other[0]].tolist()} mm, frame 1 "
+            f"{pixel[0].tolist()} mm"
+        )
+    rescale = list(zip(values["slope"], values["intercept"], strict=True))
+    if len(set(rescale)) > 1:
+        k = next(k for k, r in enumerate(rescale) if r != rescale[0])
+        raise MultiFrameError(
+            f"frames have rescale values of their own (RescaleSlope, RescaleIntercept: frame 1 "
+            f"{rescale[0]}, frame {k + 1} {rescale[k]}), which ITK would not apply"
+        )
+    normal = np.cross(orientation[0][:3], orientation[0][3:])
+    _check_positions(np.array(values["position"]) @ normal)
+
+
+def _check_positions(along: np.ndarray) -> None:
+    """Refuse frame positions along the slice normal (`along`: [frames] mm, frame order) that
+    are not equally spaced."""
+    steps = np.diff(along)
+    if not len(steps):
+        return
+    spacing = float(np.median(np.abs(steps)))
+    tolerance = max(SPACING_TOLERANCE_MM, SPACING_TOLERANCE_REL * spacing)
+    _refuse_several_volumes(along, tolerance)
+    step = float(np.median(steps))
+    bad = np.flatnonzero(np.abs(steps - step) > tolerance)
+    if len(bad):
+        k = int(bad[0])
+        raise MultiFrameError(
+            f"frame positions along the slice normal go from {along[k]:.2f} mm (frame {k + 1}) "
+            f"to {along[k + 1]:.2f} mm (frame {k + 2}), a step of {steps[k]:.2f} mm against the "
+            f"median {step:.2f} mm (tolerance {tolerance:.2f} mm): frames out of slice order, a "
+            f"missing frame or uneven spacing; {len(bad)} irregular step(s) of {len(steps)}"
+        )
+
+
+def _refuse_several_volumes(along: np.ndarray, tolerance: float) -> None:
+    """Refuse frames whose positions (`along`, mm) repeat, each the same number (> 1) of times:
+    several volumes in one file (b-values, echoes, time points)."""
+    ordered = np.sort(along)
+    starts = np.concatenate([[0], np.flatnonzero(np.diff(ordered) > tolerance) + 1, [len(along)]])
+    counts = np.diff(starts)
+    if len(counts) < len(along) and np.all(counts == counts[0]):
+        raise MultiFrameError(
+            f"each of the {len(counts)} slice positions holds {counts[0]} of the {len(along)} "
+            "frames: several volumes in one file (b-values, echoes or time points?), not one 3D "
+            "stack; export the one wanted (e.g. the highest b-value) as a series of its own"
+        )
+
+
+def check_image_geometry(image: sitk.Image, values: dict[str, list]) -> None:
+    """Refuse an image (as ITK read it) whose pixel spacing, orientation or slice positions are
+    not those of its frames: frame k must lie at the image's index (0, 0, k)."""
+    spacing = values["pixel_spacing"][0]  # (row spacing, column spacing): ITK's (y, x)
+    read = image.GetSpacing()
+    if not np.allclose(read[:2], spacing[::-1], rtol=1e-4, atol=1e-4):
+        raise MultiFrameError(
+            f"read with {read[0]:g} x {read[1]:g} mm pixels, but its frames have "
+            f"{spacing[1]:g} x {spacing[0]:g} mm"
+        )
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    cosines = np.array(values["orientation"][0]).reshape(2, 3)
+    if np.abs(direction[:, :2].T - cosines).max() > ORIENTATION_TOLERANCE:
+        raise MultiFrameError("read with an orientation other than its frames'")
+    position = np.array(values["position"])
+    placed = np.array(
+        [image.TransformIndexToPhysicalPoint((0, 0, k)) for k in range(len(position))]
+    )
+    spacing_z = (
+        float(np.median(np.abs(np.diff(position @ direction[:, 2])))) if len(position) > 1 else 0.0
+    )
+    tolerance = max(SPACING_TOLERANCE_MM, SPACING_TOLERANCE_REL * spacing_z)
+    off = np.linalg.norm(placed - position, axis=1)
+    if off.max() > tolerance:
+        k = int(np.argmax(off))
+        raise MultiFrameError(
+            f"read with frame {k + 1} at {_mm(placed[k])}, {off[k]:.2f} mm from its position "
+            f"{_mm(position[k])} (tolerance {tolerance:.2f} mm)"
+        )
+
+
+def _mm(point) -> str:
+    return "(" + ", ".join(f"{v:.2f}" for v in point) + ") mm"

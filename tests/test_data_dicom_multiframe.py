@@ -1,0 +1,213 @@
+"""Enhanced (multi-frame) DICOM (focalnet_jax/data/dicom_multiframe.py): the real ProstateX T2w
+series converted to one Legacy Converted Enhanced MR file (highdicom) reads as the same image and
+preprocesses to the same case; frames out of order, missing, of several volumes, with rescale values
+of their own or without a position, and a multi-frame file inside a series of several files, are
+refused in one line naming the file."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+
+from focalnet_jax.data.dicom import SeriesError, read_series
+from focalnet_jax.data.preprocess import preprocess_case
+
+# The ProstateX-0000 finding (GS 4+3), LPS world coordinates (mm): ../shared/data/prostatex.
+FINDING_MM = (25.7457, 31.8707, -38.511)
+
+
+@pytest.fixture(scope="module")
+def enhanced(prostatex_case_dir, tmp_path_factory) -> Path:
+    """The T2w series as one Legacy Converted Enhanced MR file, alone in its folder."""
+    highdicom = pytest.importorskip("highdicom")
+    slices = [pydicom.dcmread(f) for f in sorted((prostatex_case_dir / "t2w").iterdir())]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # its patient name has one component
+        image = highdicom.legacy.LegacyConvertedEnhancedMRImage(
+            slices,
+            series_instance_uid=pydicom.uid.generate_uid(),
+            series_number=100,
+            sop_instance_uid=pydicom.uid.generate_uid(),
+            instance_number=1,
+        )
+    folder = tmp_path_factory.mktemp("enhanced") / "t2w"
+    folder.mkdir()
+    image.save_as(folder / "t2w.dcm")
+    return folder
+
+
+def _edited(enhanced: Path, tmp_path: Path, edit) -> Path:
+    """A copy of the enhanced file in a folder of its own, `edit(dataset)` applied."""
+    dataset = pydicom.dcmread(enhanced / "t2w.dcm")
+    edit(dataset)
+    folder = tmp_path / "edited"
+    folder.mkdir()
+    dataset.save_as(folder / "t2w.dcm")
+    return folder
+
+
+def _refusal(folder: Path) -> str:
+    with pytest.raises(SeriesError) as raised:
+        read_series(folder)
+    message = str(raised.value)
+    assert "\n" not in message and message.startswith(f"{folder / 't2w.dcm'}: multi-frame DICOM: ")
+    return message
+
+
+def test_enhanced_file_reads_as_the_classic_series(enhanced, prostatex_case_dir):
+    classic = read_series(prostatex_case_dir / "t2w")
+    frames = read_series(enhanced)
+    assert frames.GetSize() == classic.GetSize() == (384, 384, 19)
+    np.testing.assert_allclose(frames.GetSpacing(), classic.GetSpacing(), rtol=1e-6)
+    # The frames are stored head to foot: the same voxels, the slice axis reversed, at the same
+    # world positions (resampled onto the classic grid with nearest neighbour, every value equal).
+    on_classic = sitk.Resample(frames, classic, sitk.Transform(), sitk.sitkNearestNeighbor)
+    np.testing.assert_array_equal(
+        sitk.GetArrayFromImage(on_classic), sitk.GetArrayFromImage(classic)
+    )
+    index = classic.TransformPhysicalPointToIndex(FINDING_MM)
+    same = frames.TransformPhysicalPointToIndex(FINDING_MM)
+    assert classic[index] == frames[same] and same[2] == 18 - index[2]
+
+
+def test_enhanced_t2w_preprocesses_to_the_same_case(enhanced, prostatex_case_dir):
+    """The same crop slices in reverse order (the T2w slice order of the file), each at the same
+    world position."""
+    paths = {c: prostatex_case_dir / c for c in ("t2w", "adc", "hbv")}
+    classic = preprocess_case(paths, case_id="ProstateX-0000")
+    frames = preprocess_case({**paths, "t2w": enhanced}, case_id="ProstateX-0000")
+    last = len(classic.slice_index) - 1
+    np.testing.assert_allclose(frames.images[::-1], classic.images, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(frames.classes[::-1], classic.classes)
+    for s in (0, 7, last):
+        np.testing.assert_allclose(
+            frames.pixel_to_world(last - s, 5, 7), classic.pixel_to_world(s, 5, 7), atol=1e-6
+        )
+
+
+def _swap_frames(dataset, a: int = 3, b: int = 4) -> None:
+    pixels = dataset.pixel_array.copy()
+    pixels[[a, b]] = pixels[[b, a]]
+    groups = dataset.PerFrameFunctionalGroupsSequence
+    groups[a], groups[b] = copy.deepcopy(groups[b]), copy.deepcopy(groups[a])
+    dataset.PixelData = pixels.tobytes()
+
+
+def test_frames_out_of_order_are_refused(enhanced, tmp_path):
+    """ITK read them with 1 x 1 x 1 mm voxels, without a word."""
+    message = _refusal(_edited(enhanced, tmp_path, _swap_frames))
+    assert (
+        "(frame 3) to " in message
+        and "(frame 4), a step of -6.00 mm against the median -3.00" in message
+    )
+    assert "frames out of slice order, a missing frame or uneven spacing" in message
+
+
+def _drop_frame(dataset, k: int = 9) -> None:
+    pixels = np.delete(dataset.pixel_array, k, axis=0)
+    del dataset.PerFrameFunctionalGroupsSequence[k]
+    dataset.NumberOfFrames = len(pixels)
+    dataset.PixelData = pixels.tobytes()
+
+
+def test_a_missing_frame_is_refused(enhanced, tmp_path):
+    message = _refusal(_edited(enhanced, tmp_path, _drop_frame))
+    assert "a step of -6.00 mm against the median -3.00 mm" in message
+    assert "1 irregular step(s) of 17" in message
+
+
+def _two_volumes(dataset) -> None:
+    pixels = dataset.pixel_array
+    groups = dataset.PerFrameFunctionalGroupsSequence
+    dataset.PerFrameFunctionalGroupsSequence = pydicom.Sequence(
+        [copy.deepcopy(g) for g in groups] * 2
+    )
+    dataset.NumberOfFrames = 2 * len(pixels)
+    dataset.PixelData = np.concatenate([pixels, pixels // 2]).tobytes()
+
+
+def test_frames_of_several_volumes_are_refused(enhanced, tmp_path):
+    message = _refusal(_edited(enhanced, tmp_path, _two_volumes))
+    assert "each of the 19 slice positions holds 2 of the 38 frames: several volumes" in message
+
+
+def _rescale(slopes) -> callable:
+    """Rescale values in each frame's own group (slope `slopes[k]`, intercept -5)."""
+
+    def edit(dataset) -> None:
+        shared = dataset.SharedFunctionalGroupsSequence[0]
+        template = shared.PixelValueTransformationSequence
+        del shared.PixelValueTransformationSequence
+        for slope, group in zip(slopes, dataset.PerFrameFunctionalGroupsSequence, strict=True):
+            own = copy.deepcopy(template)
+            own[0].RescaleSlope, own[0].RescaleIntercept = slope, -5
+            group.PixelValueTransformationSequence = own
+        return None
+
+    return edit
+
+
+def test_frames_with_rescale_values_of_their_own_are_refused(enhanced, tmp_path):
+    """ITK applied frame 1's values to every frame."""
+    message = _refusal(_edited(enhanced, tmp_path, _rescale([1 + k for k in range(19)])))
+    assert "(RescaleSlope, RescaleIntercept: frame 1 (1.0, -5.0), frame 2 (2.0, -5.0))" in message
+
+
+def test_the_same_rescale_in_every_frame_is_applied(enhanced, tmp_path):
+    stored = sitk.GetArrayFromImage(read_series(enhanced))
+    rescaled = read_series(_edited(enhanced, tmp_path, _rescale([2.0] * 19)))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(rescaled), 2 * stored - 5)
+
+
+def test_a_frame_without_a_position_is_refused(enhanced, tmp_path):
+    def edit(dataset) -> None:
+        del dataset.PerFrameFunctionalGroupsSequence[6].PlanePositionSequence
+
+    message = _refusal(_edited(enhanced, tmp_path, edit))
+    assert message.endswith("frame 7 has no ImagePositionPatient (in PlanePositionSequence)")
+
+
+def test_a_multiframe_file_in_a_series_of_several_files_is_refused(enhanced, tmp_path):
+    """Two exports of the enhanced file in one folder (one series UID): ITK would stack them."""
+    folder = tmp_path / "two"
+    shutil.copytree(enhanced, folder)
+    dataset = pydicom.dcmread(folder / "t2w.dcm")
+    dataset.SOPInstanceUID = pydicom.uid.generate_uid()
+    dataset.save_as(folder / "t2w_again.dcm")
+    with pytest.raises(SeriesError) as raised:
+        read_series(folder)
+    message = str(raised.value)
+    assert message.startswith(f"{folder / 't2w.dcm'}: holds 19 frames, in a series of 2 files")
+    assert "(2 of them multi-frame)" in message
+
+
+def _frame_spacing(spacings) -> callable:
+    """Each frame's own PixelMeasuresSequence, pixel spacing `spacings[k]` mm (the shared one
+    kept: a file that contradicts itself)."""
+
+    def edit(dataset) -> None:
+        shared = dataset.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence
+        for spacing, group in zip(spacings, dataset.PerFrameFunctionalGroupsSequence, strict=True):
+            own = copy.deepcopy(shared)
+            own[0].PixelSpacing = [spacing, spacing]
+            group.PixelMeasuresSequence = own
+
+    return edit
+
+
+def test_frames_of_other_pixel_spacings_are_refused(enhanced, tmp_path):
+    message = _refusal(_edited(enhanced, tmp_path, _frame_spacing([0.5] * 18 + [0.6])))
+    assert message.endswith("frame 19 has pixel spacing [0.6, 0.6] mm, frame 1 [0.5, 0.5] mm")
+
+
+def test_an_image_read_with_other_pixels_than_its_frames_is_refused(enhanced, tmp_path):
+    """Every frame's own pixel spacing 0.6 mm, the shared one 0.5 mm: ITK reads 0.5 mm pixels."""
+    message = _refusal(_edited(enhanced, tmp_path, _frame_spacing([0.6] * 19)))
+    assert message.endswith("read with 0.5 x 0.5 mm pixels, but its frames have 0.6 x 0.6 mm")
