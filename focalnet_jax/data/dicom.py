@@ -29,6 +29,7 @@ from focalnet_jax.data.dicom_multiframe import (
     SPACING_TOLERANCE_MM,
     SPACING_TOLERANCE_REL,
     MultiFrameError,
+    images_per_position,
     number_of_frames,
     read_multiframe,
 )
@@ -255,15 +256,14 @@ def _refuse_several_volumes(along: np.ndarray, tolerance: float, files) -> None:
     (`along`: sorted positions along the normal, mm): several volumes in one series, e.g. the
     b-values of a DWI acquisition, whose repeated positions would otherwise be reported as one
     stray repeated slice."""
-    starts = np.concatenate([[0], np.flatnonzero(np.diff(along) > tolerance) + 1, [len(along)]])
-    counts = np.diff(starts)
-    if len(counts) < 2 or counts[0] < 2 or np.any(counts != counts[0]):
+    per_position = images_per_position(along, tolerance)
+    if not per_position:
         return
     raise SeriesError(
         Path(files[0]).parent,
-        f"each of the {len(counts)} slice positions holds {counts[0]} images ({len(along)} "
-        "files): several volumes in one series (b-values, echoes or time points?), not one 3D "
-        "stack; export the one wanted (e.g. the highest b-value) as a series of its own",
+        f"each of the {len(along) // per_position} slice positions holds {per_position} images "
+        f"({len(along)} files): several volumes in one series (b-values, echoes or time points?), "
+        "not one 3D stack; export the one wanted (e.g. the highest b-value) as a series of its own",
     )
 
 

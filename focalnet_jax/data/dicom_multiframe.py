@@ -146,11 +146,18 @@ def _check_positions(along: np.ndarray) -> None:
         return
     spacing = float(np.median(np.abs(steps)))
     tolerance = max(SPACING_TOLERANCE_MM, SPACING_TOLERANCE_REL * spacing)
-    _refuse_several_volumes(along, tolerance)
+    per_position = images_per_position(along, tolerance)
+    if per_position:
+        raise MultiFrameError(
+            f"each of the {len(along) // per_position} slice positions holds {per_position} of "
+            f"the {len(along)} frames: several volumes in one file (b-values, echoes or time "
+            "points?), not one 3D stack; export the one wanted (e.g. the highest b-value) as a "
+            "series of its own"
+        )
     step = float(np.median(steps))
     bad = np.flatnonzero(np.abs(steps - step) > tolerance)
-    if len(bad):
-        k = int(bad[0])
+    if len(bad) or spacing <= tolerance:
+        k = int(bad[0]) if len(bad) else 0
         raise MultiFrameError(
             f"frame positions along the slice normal go from {along[k]:.2f} mm (frame {k + 1}) "
             f"to {along[k + 1]:.2f} mm (frame {k + 2}), a step of {steps[k]:.2f} mm against the "
@@ -159,18 +166,16 @@ def _check_positions(along: np.ndarray) -> None:
         )
 
 
-def _refuse_several_volumes(along: np.ndarray, tolerance: float) -> None:
-    """Refuse frames whose positions (`along`, mm) repeat, each the same number (> 1) of times:
-    several volumes in one file (b-values, echoes, time points)."""
+def images_per_position(along: np.ndarray, tolerance: float) -> int:
+    """How many images each slice position holds (`along`: positions along the slice normal, mm,
+    any order) when every one of two or more positions holds the same number (> 1): several
+    volumes in one series (b-values, echoes, time points); else 0."""
     ordered = np.sort(along)
     starts = np.concatenate([[0], np.flatnonzero(np.diff(ordered) > tolerance) + 1, [len(along)]])
     counts = np.diff(starts)
-    if len(counts) < len(along) and np.all(counts == counts[0]):
-        raise MultiFrameError(
-            f"each of the {len(counts)} slice positions holds {counts[0]} of the {len(along)} "
-            "frames: several volumes in one file (b-values, echoes or time points?), not one 3D "
-            "stack; export the one wanted (e.g. the highest b-value) as a series of its own"
-        )
+    if len(counts) < 2 or counts[0] < 2 or np.any(counts != counts[0]):
+        return 0
+    return int(counts[0])
 
 
 def check_image_geometry(image: sitk.Image, values: dict[str, list]) -> None:
