@@ -211,3 +211,56 @@ def test_an_image_read_with_other_pixels_than_its_frames_is_refused(enhanced, tm
     """Every frame's own pixel spacing 0.6 mm, the shared one 0.5 mm: ITK reads 0.5 mm pixels."""
     message = _refusal(_edited(enhanced, tmp_path, _frame_spacing([0.6] * 19)))
     assert message.endswith("read with 0.5 x 0.5 mm pixels, but its frames have 0.6 x 0.6 mm")
+
+
+def _rescale_in_both(dataset) -> None:
+    """Slope 2 in each frame's own group, the shared group's slope 1 kept (a file that
+    contradicts itself): ITK applied the shared one."""
+    shared = dataset.SharedFunctionalGroupsSequence[0].PixelValueTransformationSequence
+    for group in dataset.PerFrameFunctionalGroupsSequence:
+        own = copy.deepcopy(shared)
+        own[0].RescaleSlope = 2
+        group.PixelValueTransformationSequence = own
+
+
+def test_rescale_values_of_the_frames_and_the_shared_group_that_differ_are_refused(
+    enhanced, tmp_path
+):
+    """Read before with slope 1 (the shared one), although every frame says 2."""
+    message = _refusal(_edited(enhanced, tmp_path, _rescale_in_both))
+    assert message.endswith(
+        "frame 1: RescaleSlope 2 in its own PixelValueTransformationSequence, 1 in the shared "
+        "one, which ITK would apply"
+    )
+
+
+def test_a_frame_with_three_orientation_cosines_is_refused_in_one_line(enhanced, tmp_path):
+    """numpy's ValueError (an inhomogeneous array) came out before, not a refusal."""
+
+    def edit(dataset) -> None:
+        orientation = copy.deepcopy(
+            dataset.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence
+        )
+        orientation[0].ImageOrientationPatient = [1, 0, 0]
+        dataset.PerFrameFunctionalGroupsSequence[4].PlaneOrientationSequence = orientation
+
+    message = _refusal(_edited(enhanced, tmp_path, edit))
+    assert message.endswith(
+        "frame 5: ImageOrientationPatient has 3 value(s), not 6 (in PlaneOrientationSequence)"
+    )
+
+
+def test_several_volumes_with_rescale_values_of_their_own_are_named_as_several_volumes(
+    enhanced, tmp_path
+):
+    """Each volume its own slope (as b-values may have): refused as several volumes, not for
+    the rescale values (which exporting one volume would not change)."""
+
+    def edit(dataset) -> None:
+        _two_volumes(dataset)  # each frame's group is also the other volume's: copied apart
+        groups = [copy.deepcopy(g) for g in dataset.PerFrameFunctionalGroupsSequence]
+        dataset.PerFrameFunctionalGroupsSequence = pydicom.Sequence(groups)
+        _rescale([1.0] * 19 + [2.0] * 19)(dataset)
+
+    message = _refusal(_edited(enhanced, tmp_path, edit))
+    assert "each of the 19 slice positions holds 2 of the 38 frames: several volumes" in message

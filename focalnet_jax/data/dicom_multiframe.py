@@ -31,6 +31,8 @@ _GROUPS = {  # value -> (functional group sequence, attribute keyword)
     "slope": ("PixelValueTransformationSequence", "RescaleSlope"),
     "intercept": ("PixelValueTransformationSequence", "RescaleIntercept"),
 }
+_VALUE_COUNTS = {"ImagePositionPatient": 3, "ImageOrientationPatient": 6, "PixelSpacing": 2}
+_RESCALE = ("RescaleSlope", "RescaleIntercept")
 
 
 class MultiFrameError(ValueError):
@@ -67,23 +69,46 @@ def frame_values(file: str | os.PathLike) -> dict[str, list]:
             f"{frames} frames but {len(per_frame)} per-frame functional groups (5200,9230)"
         )
     values: dict[str, list] = {name: [] for name in _GROUPS}
-    for frame in per_frame:
+    for k, frame in enumerate(per_frame):
         for name, (sequence, keyword) in _GROUPS.items():
-            values[name].append(_group_value(frame, shared_groups[0], sequence, keyword))
+            try:
+                value = _frame_value(frame, shared_groups[0], sequence, keyword)
+            except MultiFrameError as error:
+                raise MultiFrameError(f"frame {k + 1}: {error}") from None
+            values[name].append(value)
     return values
 
 
-def _group_value(frame, shared, sequence: str, keyword: str):
-    """`keyword` of the frame's `sequence` item, else of the shared one (float, or a list of
-    floats); None in neither, or where empty."""
-    for groups in (frame, shared):
-        items = groups.get(sequence) or []
-        if items and keyword in items[0] and items[0][keyword].value not in (None, ""):
-            value = items[0][keyword].value
-            if isinstance(value, Sequence) and not isinstance(value, str):
-                return [float(v) for v in value]
-            return float(value)
-    return None
+def _frame_value(frame, shared, sequence: str, keyword: str):
+    """`keyword` of the frame's own `sequence` item, else of the shared one (`_group_value`).
+    Rescale values given in both and differing are refused: ITK applies the shared ones."""
+    own, common = _group_value(frame, sequence, keyword), _group_value(shared, sequence, keyword)
+    if keyword in _RESCALE and None not in (own, common) and own != common:
+        raise MultiFrameError(
+            f"{keyword} {own:g} in its own {sequence}, {common:g} in the shared one, which ITK "
+            "would apply"
+        )
+    value = common if own is None else own
+    count = _VALUE_COUNTS.get(keyword, 1)
+    given = len(value) if isinstance(value, list) else 1
+    if value is not None and given != count:
+        raise MultiFrameError(f"{keyword} has {given} value(s), not {count} (in {sequence})")
+    return value
+
+
+def _group_value(groups, sequence: str, keyword: str):
+    """`keyword` of the first item of `groups`' `sequence` (float, or a list of floats); None
+    where absent or empty."""
+    items = groups.get(sequence) or []
+    if not items or keyword not in items[0] or items[0][keyword].value in (None, ""):
+        return None
+    value = items[0][keyword].value
+    several = isinstance(value, Sequence) and not isinstance(value, str | bytes)
+    try:
+        floats = [float(v) for v in (value if several else [value])]
+    except (TypeError, ValueError):
+        raise MultiFrameError(f"{keyword} {value!r} is not a number (in {sequence})") from None
+    return floats if several else floats[0]
 
 
 def read_multiframe(file: str | os.PathLike) -> sitk.Image:
@@ -127,6 +152,8 @@ def check_frames(values: dict[str, list]) -> None:
             f"frame {other[0] + 1} has pixel spacing {pixel[other[0]].tolist()} mm, frame 1 "
             f"{pixel[0].tolist()} mm"
         )
+    normal = np.cross(orientation[0][:3], orientation[0][3:])
+    _check_positions(np.array(values["position"]) @ normal)
     rescale = list(zip(values["slope"], values["intercept"], strict=True))
     if len(set(rescale)) > 1:
         k = next(k for k, r in enumerate(rescale) if r != rescale[0])
@@ -134,8 +161,6 @@ def check_frames(values: dict[str, list]) -> None:
             f"frames have rescale values of their own (RescaleSlope, RescaleIntercept: frame 1 "
             f"{rescale[0]}, frame {k + 1} {rescale[k]}), which ITK would not apply"
         )
-    normal = np.cross(orientation[0][:3], orientation[0][3:])
-    _check_positions(np.array(values["position"]) @ normal)
 
 
 def _check_positions(along: np.ndarray) -> None:
