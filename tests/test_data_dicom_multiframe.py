@@ -264,3 +264,18 @@ def test_several_volumes_with_rescale_values_of_their_own_are_named_as_several_v
 
     message = _refusal(_edited(enhanced, tmp_path, edit))
     assert "each of the 19 slice positions holds 2 of the 38 frames: several volumes" in message
+
+
+def test_frames_all_at_one_position_are_refused_as_one_slice(enhanced, tmp_path):
+    """A single-slice time series: before, 'frames out of slice order ... 0 irregular step(s)'."""
+
+    def edit(dataset) -> None:
+        first = dataset.PerFrameFunctionalGroupsSequence[0].PlanePositionSequence[0]
+        for group in dataset.PerFrameFunctionalGroupsSequence:
+            group.PlanePositionSequence[0].ImagePositionPatient = list(first.ImagePositionPatient)
+
+    message = _refusal(_edited(enhanced, tmp_path, edit))
+    assert message.endswith(
+        "all 19 frames lie at one slice position (2.12 mm along the slice normal): images of one "
+        "slice (a time series?), not a 3D stack"
+    )

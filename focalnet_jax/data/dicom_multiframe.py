@@ -179,6 +179,11 @@ def _check_positions(along: np.ndarray) -> None:
             "points?), not one 3D stack; export the one wanted (e.g. the highest b-value) as a "
             "series of its own"
         )
+    if np.ptp(along) <= tolerance:
+        raise MultiFrameError(
+            f"all {len(along)} frames lie at one slice position ({along[0]:.2f} mm along the "
+            "slice normal): images of one slice (a time series?), not a 3D stack"
+        )
     step = float(np.median(steps))
     bad = np.flatnonzero(np.abs(steps - step) > tolerance)
     if len(bad) or spacing <= tolerance:
