@@ -318,3 +318,19 @@ def test_a_run_whose_tensorboard_folder_process_0_cannot_make_ends_in_every_proc
     exists = f"[Errno 17] File exists: '{workdir / 'tb'}'"
     assert f"FileExistsError: {exists}" in outputs[0]
     assert f"UserError: process 0 could not start the run: {exists}" in outputs[1]
+
+
+def test_a_failure_in_a_together_block_stays_its_own_when_it_cannot_be_recorded(monkeypatch):
+    """The group's key-value store gone (its coordinator, process 0, ended): the block's error
+    was replaced by the store's, a traceback instead of the error's one line."""
+    from focalnet_jax.errors import UserError
+
+    class Gone:
+        def key_value_set(self, key, value):
+            raise RuntimeError("UNAVAILABLE: failed to connect to the coordination service")
+
+    monkeypatch.setattr(distributed.jax, "process_count", lambda: 2)
+    monkeypatch.setattr(distributed, "_group_client", lambda: Gone())
+    with pytest.raises(UserError, match="^cannot write store.json$"):
+        with distributed.together("start the run"):
+            raise UserError("cannot write store.json")

@@ -315,7 +315,9 @@ def together(what: str, wait_s: float = OUTCOME_WAIT_S):
         yield
     except BaseException as error:
         reason = str(error) if is_user_error(error) else f"{type(error).__name__}: {error}"
-        client.key_value_set(prefix + str(jax.process_index()), "failed: " + reason)
+        # Unrecorded (the group's service gone), this process still ends with its own error.
+        with contextlib.suppress(Exception):
+            client.key_value_set(prefix + str(jax.process_index()), "failed: " + reason)
         raise
     client.key_value_set(prefix + str(jax.process_index()), "ok")
     for process in range(jax.process_count()):
