@@ -40,7 +40,7 @@ def _case(index: int, num_slices: int) -> PreprocessedCase:
         t2w_origin=(-10.0, 5.0, 2.0),
         t2w_spacing=(0.5, 0.5, 3.0),
         t2w_direction=(1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0),
-        corner_index=(100.0 + index, 90.0, 0),
+        corner_index=(100.0 + index, 90.0),
         spacing=0.625,
         size=SIZE,
         slice_index=tuple(range(num_slices)),

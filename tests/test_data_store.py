@@ -32,7 +32,7 @@ def _case(case_id, num_slices, size=8, lesion_class=0, seed=0):
         t2w_origin=(-10.0, 5.0, 2.0),
         t2w_spacing=(0.5, 0.5, 3.0),
         t2w_direction=(1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0),
-        corner_index=(100.0 + seed, 90.0, 0),
+        corner_index=(100.0 + seed, 90.0),
         spacing=0.625,
         size=size,
         slice_index=tuple(range(2, 2 + num_slices)),
