@@ -334,3 +334,32 @@ def test_a_failure_in_a_together_block_stays_its_own_when_it_cannot_be_recorded(
     with pytest.raises(UserError, match="^cannot write store.json$"):
         with distributed.together("start the run"):
             raise UserError("cannot write store.json")
+
+
+def test_an_outcome_that_never_comes_is_a_line_with_the_stores_reason(monkeypatch):
+    """Process 1 never records its outcome: process 0 stops after `wait_s` with a line naming it
+    and what the key-value store said."""
+    from focalnet_jax.errors import UserError
+
+    class Silent:
+        def __init__(self):
+            self.values = {}
+
+        def key_value_set(self, key, value):
+            self.values[key] = value
+
+        def blocking_key_value_get(self, key, timeout_ms):
+            if key in self.values:
+                return self.values[key]
+            raise RuntimeError(f"DEADLINE_EXCEEDED: no {key} after {timeout_ms} ms\nmore")
+
+    monkeypatch.setattr(distributed.jax, "process_count", lambda: 2)
+    monkeypatch.setattr(distributed, "_group_client", lambda: Silent())
+    with pytest.raises(UserError) as raised:
+        with distributed.together("start the run", wait_s=3):
+            pass
+    assert str(raised.value).startswith(
+        "process 1 did not say whether it could start the run (waited up to 3 s: "
+        "DEADLINE_EXCEEDED: no focalnet_together/"
+    )
+    assert str(raised.value).endswith("/1 after 3000 ms more)")

@@ -323,9 +323,11 @@ def together(what: str, wait_s: float = OUTCOME_WAIT_S):
     for process in range(jax.process_count()):
         try:
             outcome = client.blocking_key_value_get(prefix + str(process), int(wait_s * 1000))
-        except Exception as error:  # timed out; the group's end aborts the process before this
+        except Exception as error:  # timed out, or the group's service gone
+            reason = str(error).replace("\n", " ")
             raise UserError(
-                f"process {process} did not say within {wait_s:.0f} s whether it could {what}"
+                f"process {process} did not say whether it could {what} (waited up to "
+                f"{wait_s:.0f} s: {reason})"
             ) from error
         if outcome != "ok":
             reason = outcome.removeprefix("failed: ").replace("\n", " ")
