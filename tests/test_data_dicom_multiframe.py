@@ -24,23 +24,32 @@ FINDING_MM = (25.7457, 31.8707, -38.511)
 
 
 @pytest.fixture(scope="module")
-def enhanced(prostatex_case_dir, tmp_path_factory) -> Path:
-    """The T2w series as one Legacy Converted Enhanced MR file, alone in its folder."""
+def enhanced_exam(prostatex_case_dir, tmp_path_factory) -> dict[str, Path]:
+    """Each series of the exam as one Legacy Converted Enhanced MR file, alone in its folder."""
     highdicom = pytest.importorskip("highdicom")
-    slices = [pydicom.dcmread(f) for f in sorted((prostatex_case_dir / "t2w").iterdir())]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # its patient name has one component
-        image = highdicom.legacy.LegacyConvertedEnhancedMRImage(
-            slices,
-            series_instance_uid=pydicom.uid.generate_uid(),
-            series_number=100,
-            sop_instance_uid=pydicom.uid.generate_uid(),
-            instance_number=1,
-        )
-    folder = tmp_path_factory.mktemp("enhanced") / "t2w"
-    folder.mkdir()
-    image.save_as(folder / "t2w.dcm")
-    return folder
+    root = tmp_path_factory.mktemp("enhanced")
+    folders = {}
+    for component in ("t2w", "adc", "hbv"):
+        slices = [pydicom.dcmread(f) for f in sorted((prostatex_case_dir / component).iterdir())]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # its patient name has one component
+            image = highdicom.legacy.LegacyConvertedEnhancedMRImage(
+                slices,
+                series_instance_uid=pydicom.uid.generate_uid(),
+                series_number=100,
+                sop_instance_uid=pydicom.uid.generate_uid(),
+                instance_number=1,
+            )
+        folders[component] = root / component
+        folders[component].mkdir()
+        image.save_as(folders[component] / f"{component}.dcm")
+    return folders
+
+
+@pytest.fixture(scope="module")
+def enhanced(enhanced_exam) -> Path:
+    """The T2w series as one enhanced file, `t2w.dcm`."""
+    return enhanced_exam["t2w"]
 
 
 def _edited(enhanced: Path, tmp_path: Path, edit) -> Path:
@@ -77,12 +86,16 @@ def test_enhanced_file_reads_as_the_classic_series(enhanced, prostatex_case_dir)
     assert classic[index] == frames[same] and same[2] == 18 - index[2]
 
 
-def test_enhanced_t2w_preprocesses_to_the_same_case(enhanced, prostatex_case_dir):
+@pytest.mark.parametrize("enhanced_components", [("t2w",), ("t2w", "adc", "hbv")])
+def test_enhanced_exam_preprocesses_to_the_same_case(
+    enhanced_exam, prostatex_case_dir, enhanced_components
+):
     """The same crop slices in reverse order (the T2w slice order of the file), each at the same
-    world position."""
+    world position; ADC and HBV, stored head to foot too, resampled onto them alike."""
     paths = {c: prostatex_case_dir / c for c in ("t2w", "adc", "hbv")}
     classic = preprocess_case(paths, case_id="ProstateX-0000")
-    frames = preprocess_case({**paths, "t2w": enhanced}, case_id="ProstateX-0000")
+    given = {**paths, **{c: enhanced_exam[c] for c in enhanced_components}}
+    frames = preprocess_case(given, case_id="ProstateX-0000")
     last = len(classic.slice_index) - 1
     np.testing.assert_allclose(frames.images[::-1], classic.images, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(frames.classes[::-1], classic.classes)
