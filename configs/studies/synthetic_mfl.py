@@ -12,9 +12,10 @@ exact (6 runs together; smallest possible one-sided p = 1/20). More power: `--sp
 Expected runtime: 48 min on an idle 2-core machine (measured 2026-11-30: 47.8 min of cells, CE
 about 3.3 min, FL about 4 min, FL+MFL about 9 min a cell), plus about 1 min to synthesise and
 preprocess the data.
-Expected metric (docs/results/synthetic_mfl/, mean over 3 runs): case AUROC 0.73 (CE), 0.60 (FL),
-0.51 (FL+MFL). Every run is at a plateau: its validation loss fell by at most 4.4 % over the last
-quarter of its 2400 steps (the report's "Convergence" table and val_loss.png).
+Expected metric (docs/results/synthetic_mfl/, run 2026-12-02, mean over 3 runs): case AUROC 0.55
+(CE), 0.49 (FL), 0.47 (FL+MFL). Eight of the nine runs are at a plateau: their validation loss
+fell by at most 5 % over the last quarter of the 2400 steps; CE's repeat 1 fell by 6.0 % (the
+report's "Convergence" table and val_loss.png).
 """
 
 from __future__ import annotations
