@@ -36,7 +36,7 @@ _RESCALE = ("RescaleSlope", "RescaleIntercept")
 
 
 class MultiFrameError(ValueError):
-    """A multi-frame file that is not one regular stack; `reason` says why (dicom.py names the
+    """A multi-frame file that is not one regular stack; the message says why (`dicom` adds the
     file)."""
 
 
