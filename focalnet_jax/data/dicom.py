@@ -9,6 +9,10 @@ stack would otherwise be read with one wrong z spacing (ITK only warns, or says 
 
 A series stored as one multi-frame file (enhanced DICOM) is read and checked frame by frame in
 `dicom_multiframe`; a series of several files, any of them multi-frame, is refused.
+
+A series whose slice positions each hold several images (several volumes) is refused, but as the
+`hbv` component a DWI series of several b-values gives its highest b-value's volume
+(`dicom_bvalues`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from focalnet_jax.data import native_stderr
+from focalnet_jax.data.dicom_bvalues import BValueError, highest_b_files
 from focalnet_jax.data.dicom_multiframe import (
     NUMBER_OF_FRAMES,
     SPACING_TOLERANCE_MM,
@@ -59,6 +64,10 @@ class SeriesError(UserError):
     def __init__(self, file: str | os.PathLike, reason: str):
         self.file, self.reason = str(file), reason
         super().__init__(f"{self.file}: {reason}")
+
+
+class SeveralVolumesError(SeriesError):
+    """A series whose slice positions each hold the same number (> 1) of images."""
 
 
 @dataclass(frozen=True)
@@ -259,7 +268,7 @@ def _refuse_several_volumes(along: np.ndarray, tolerance: float, files) -> None:
     per_position = images_per_position(along, tolerance)
     if not per_position:
         return
-    raise SeriesError(
+    raise SeveralVolumesError(
         Path(files[0]).parent,
         f"each of the {len(along) // per_position} slice positions holds {per_position} images "
         f"({len(along)} files): several volumes in one series (b-values, echoes or time points?), "
@@ -384,7 +393,7 @@ def _read_series(folder: Path, series: str | None, component: str | None, notes:
         check_component(folder, chosen, component)
     unread = _unread_files(folder, found)
     try:
-        check_slice_positions(chosen.files)
+        files = _stack_files(folder, chosen, component, notes)
     except SeriesError as err:
         if not unread:
             raise
@@ -414,14 +423,41 @@ def _read_series(folder: Path, series: str | None, component: str | None, notes:
         except RuntimeError as err:
             raise _undecodable(chosen.files, err) from err
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(chosen.files)
+    reader.SetFileNames(files)
     # Float32 output: each slice rescaled by its own RescaleSlope/Intercept. Else ITK takes the
     # first slice's pixel type (int16 for slope 1), wrapping or truncating other slices' values.
     reader.SetOutputPixelType(sitk.sitkFloat32)
     try:
         return reader.Execute()
     except RuntimeError as err:
-        raise _undecodable(chosen.files, err) from err
+        raise _undecodable(files, err) from err
+
+
+def _stack_files(folder: Path, chosen: SeriesInfo, component: str | None, notes: list[str]):
+    """The files of `chosen` that form its 3D stack, checked (`check_slice_positions`): all of
+    them, or, for `hbv`, those of the highest b-value of a series of several b-values (noted)."""
+    try:
+        check_slice_positions(chosen.files)
+        return list(chosen.files)
+    except SeveralVolumesError as err:
+        if component != "hbv":
+            raise
+        try:
+            files, b_values = highest_b_files(chosen.files)
+        except BValueError as why:
+            raise SeriesError(err.file, f"{err.reason}; as hbv: {why}") from None
+    listed = ", ".join(f"{b:g}" for b in b_values)
+    try:
+        check_slice_positions(files)
+    except SeriesError as err:
+        raise SeriesError(
+            err.file, f"the {len(files)} images of b = {b_values[-1]:g} s/mm^2: {err.reason}"
+        ) from None
+    notes.append(
+        f"{folder}: series {chosen.uid} holds b-values {listed} s/mm^2; hbv read from the "
+        f"{len(files)} images of b = {b_values[-1]:g}"
+    )
+    return files
 
 
 _UNCOMPRESSED = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2")

@@ -1,0 +1,106 @@
+"""The b-value of a DWI slice, and the highest-b volume of a series that holds several b-values.
+
+A scanner's DWI series usually holds every b-value it acquired (b = 0, 50, 800, 1400 s/mm^2, ...)
+and often the trace-weighted images of each: several volumes at the same slice positions. Read as
+the `hbv` component, such a series gives the volume of its highest b-value (the high-b image of
+the paper and of PI-CAI); `dicom.read_series` refuses it as any other component.
+
+A slice's b-value, in s/mm^2, is the first of these that it has:
+- DiffusionBValue (0018,9087), the standard tag (Canon, newer GE and Philips, converters);
+- Siemens `B_value` (0019,xx0C) of the private block `SIEMENS MR HEADER`;
+- GE `Slop_int_6` (0043,xx39) of `GEMS_PARM_01`: its first value, less the 1e9 GE adds to each
+  b-value of a multi-b scan;
+- Philips `Diffusion_B_Factor` (2001,xx03) of `Philips Imaging DD 001`.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pydicom
+
+# (group, private creator, element offset within the creator's block, how the value is read)
+_PRIVATE = (
+    (0x0019, "SIEMENS MR HEADER", 0x0C, "text"),
+    (0x0043, "GEMS_PARM_01", 0x39, "ge"),
+    (0x2001, "Philips Imaging DD 001", 0x03, "float32"),
+)
+_GE_MULTI_B_BIAS = 1_000_000_000
+
+
+class BValueError(ValueError):
+    """The b-values of a series cannot select one volume; the message says why."""
+
+
+def _number(value, kind: str) -> float:
+    """A private element's value as a number: raw bytes (an implicit-VR file whose creator
+    pydicom does not know) are text for IS elements and a little-endian float32 for FL ones."""
+    if isinstance(value, bytes):
+        if kind == "float32" and len(value) == 4:
+            return struct.unpack("<f", value)[0]
+        value = value.decode("latin-1").strip("\0 ").split("\\")
+    if isinstance(value, str):
+        value = value.strip().split("\\")
+    if not isinstance(value, (int, float)):
+        value = list(value)[0]  # a multi-valued element: its first value
+    number = float(value)
+    if kind == "ge" and number >= _GE_MULTI_B_BIAS:
+        number -= _GE_MULTI_B_BIAS
+    return number
+
+
+def b_value(header: pydicom.Dataset) -> float | None:
+    """The b-value (s/mm^2) a slice's header gives (module docstring), or None."""
+    standard = header.get((0x0018, 0x9087))
+    if standard is not None and standard.value not in (None, ""):
+        return float(standard.value)
+    for group, creator, offset, kind in _PRIVATE:
+        try:
+            element = header.private_block(group, creator)[offset]
+        except KeyError:
+            continue
+        if element.value in (None, b"", ""):
+            continue
+        try:
+            return _number(element.value, kind)
+        except (TypeError, ValueError, struct.error):
+            continue
+    return None
+
+
+def _along_normal(header: pydicom.Dataset) -> float:
+    """A slice's position along its normal, mm; NaN without position or orientation (the
+    stack's check then refuses it)."""
+    try:
+        cosines = np.array(header.ImageOrientationPatient, dtype=float)
+        position = np.array(header.ImagePositionPatient, dtype=float)
+        return float(position @ np.cross(cosines[:3], cosines[3:]))
+    except (AttributeError, TypeError, ValueError):
+        return np.nan
+
+
+def highest_b_files(files: Sequence[str]) -> tuple[list[str], list[float]]:
+    """The files of the highest b-value among `files` (one series), in ascending order along the
+    slice normal (GDCM's order for a series of one volume; for several it falls back to instance
+    numbers), and the series' distinct b-values in ascending order. A file without a b-value, or
+    a series of one b-value (its volumes differ otherwise: echoes, directions, time points), is a
+    `BValueError`."""
+    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    values = [b_value(h) for h in headers]
+    missing = [f for f, b in zip(files, values, strict=True) if b is None]
+    if missing:
+        raise BValueError(
+            f"{Path(missing[0]).name} ({len(missing)} of {len(files)} files) gives no b-value "
+            "(DiffusionBValue (0018,9087) or the Siemens, GE or Philips private tag), so the "
+            "highest b-value's volume cannot be chosen"
+        )
+    distinct = sorted(set(values))
+    if len(distinct) < 2:
+        raise BValueError(f"every file has b = {distinct[0]:g} s/mm^2")
+    chosen = [k for k, b in enumerate(values) if b == distinct[-1]]
+    along = [_along_normal(headers[k]) for k in chosen]
+    order = np.argsort(along, kind="stable") if np.isfinite(along).all() else range(len(chosen))
+    return [files[chosen[i]] for i in order], distinct
