@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from focalnet_jax.data import dicom
+from focalnet_jax.data import dicom, dicom_seg
 from focalnet_jax.errors import UserError
 
 IMAGE_SUFFIXES = (".mha", ".mhd", ".nii", ".nii.gz", ".nrrd")
@@ -254,6 +254,39 @@ def read_image(
     if not np.isfinite(sitk.GetArrayViewFromImage(image)).all():
         raise CaseError(case, path, "image holds NaN or Inf voxels")
     return image
+
+
+def _seg_file(path, case: str) -> Path | None:
+    """The DICOM SEG that `path` gives (`dicom_seg.find_seg`), or None."""
+    if path is None or not str(path):
+        return None
+    try:
+        return dicom_seg.find_seg(path)
+    except dicom_seg.SegError as err:
+        raise CaseError(case, err.file, err.reason) from None
+
+
+def read_label(path: str | os.PathLike, *, case: str = "?", label_values: str) -> sitk.Image:
+    """A lesion label: a DICOM SEG (file, or a folder holding one) as a label map under
+    `label_values` ('picai' or 'isup', `dicom_seg.read_lesions`), else `read_image`'s image.
+    Raises `CaseError` naming the case, the file and the reason."""
+    if (seg := _seg_file(path, case)) is None:
+        return read_image(path, case=case)
+    try:
+        return dicom_seg.read_lesions(seg, label_values)
+    except dicom_seg.SegError as err:
+        raise CaseError(case, err.file, err.reason) from None
+
+
+def read_mask(path: str | os.PathLike, *, case: str = "?") -> sitk.Image:
+    """A whole-gland mask: a DICOM SEG's gland segment (`dicom_seg.read_gland`), else
+    `read_image`'s image. Raises `CaseError` naming the case, the file and the reason."""
+    if (seg := _seg_file(path, case)) is None:
+        return read_image(path, case=case)
+    try:
+        return dicom_seg.read_gland(seg)
+    except dicom_seg.SegError as err:
+        raise CaseError(case, err.file, err.reason) from None
 
 
 def check_distinct(files: Mapping, series: Mapping, case: str) -> None:

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 import numpy as np
 import SimpleITK as sitk
 
-from focalnet_jax.data import coverage, intensity
+from focalnet_jax.data import coverage, intensity, io
 from focalnet_jax.data.geometry import CropGeometry, display_axes, not_axial
 from focalnet_jax.data.io import CaseError, check_distinct, check_placed, read_image, zyx
 from focalnet_jax.data.lesions import index_lesion, instance_classes, label_instances, warn_outside
@@ -323,7 +323,7 @@ def _crop_label(label, t2w: sitk.Image, reference: sitk.Image, shape, cfg, case:
         zeros = np.zeros(shape, np.int32)
         empty = np.zeros(0, np.int32)
         return zeros, np.ones(shape, np.uint8), zeros.copy(), empty, empty.astype(bool)
-    label_image = read_image(label, case=case)
+    label_image = io.read_label(label, case=case, label_values=cfg.label_values)
     _check_slices(label_image, t2w, case, label, "label")
     _check_has_geometry(label_image, t2w, case, label, "label")
     if not _overlaps(label_image, t2w):
@@ -482,7 +482,7 @@ def preprocess_case(
     images = _read_components(components, case, series or {})
     # 2. Crop centre: gland-mask centroid, else the given centre, else the T2w volume centre.
     t2w_name = next(iter(components))
-    gland = read_image(mask, case=case) if mask is not None else None
+    gland = io.read_mask(mask, case=case) if mask is not None else None
     centre, source = _crop_centre(images[t2w_name], gland, mask, center, case, components[t2w_name])
     # 3. Each component and the label resampled once onto the crop grid (every T2w slice).
     full = _crop_every_slice(images, components, label, centre, source, bladder_mask, cfg, case)

@@ -1,0 +1,211 @@
+"""DICOM Segmentation (SEG) objects as lesion labels and whole-gland masks, read with highdicom.
+
+A SEG (SOP Class 1.2.840.10008.5.1.4.1.1.66.4, as 3D Slicer, OHIF and most annotation tools export)
+holds binary or fractional segments on frames placed in scanner coordinates. `read_lesions` and
+`read_gland` turn one into a uint8 SimpleITK image on the grid of its frames (origin, spacing and
+direction from their plane positions, orientation and pixel measures; frames a segment leaves out
+are background), with one background slice added on either side, so that a SEG of one frame
+is no single-slice label and nearest-neighbour resampling onto the T2w leaves its neighbours
+empty. A fractional segment covers the voxels of at least 0.5 of its maximum fractional value.
+
+Lesion labels: each segment's SegmentLabel (letter case and surrounding spaces ignored) says its
+grade: `ISUP k` (k 1..5), `GS a+b` or `Gleason a+b` (a, b 3..5; 3+3 ISUP 1, 3+4 2, 4+3 3, sum 8
+4, sum 9-10 5), or `csPCa` (grade unknown). Its value follows the label convention (`picai`: 2..5
+ISUP, 1 csPCa of unknown grade, so ISUP 1 has none; `isup`: 1..5 ISUP, so csPCa has none). A
+voxel of overlapping segments takes the highest value.
+
+Whole-gland masks: the one segment of a SEG, else the union of those whose segmented property
+type is SCT 41216001 (Prostate) or whose SegmentLabel contains 'prostate' or 'gland'.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import SimpleITK as sitk
+from pydicom.errors import InvalidDicomError
+
+from focalnet_jax.errors import UserError
+
+SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+PROSTATE_CODE = ("SCT", "41216001")
+FRACTION_THRESHOLD = 0.5  # of the maximum fractional value
+ACCEPTED_LABELS = "'ISUP k' (k 1..5), 'GS a+b' or 'Gleason a+b' (a, b 3..5), 'csPCa'"
+_ISUP = re.compile(r"isup\s*([1-5])")
+_GLEASON = re.compile(r"(?:gs|gleason)\s*([3-5])\s*\+\s*([3-5])")
+# Positions along the slice normal: equal steps within max(0.01 mm, 1 % of the step).
+_TOLERANCE_MM, _TOLERANCE_REL = 0.01, 0.01
+
+
+class SegError(UserError):
+    """A SEG that cannot be read as a label or mask: names the file and the reason."""
+
+    def __init__(self, file: str | os.PathLike, reason: str):
+        self.file, self.reason = str(file), reason
+        super().__init__(f"{self.file}: {reason}")
+
+
+def _sop_class(file: Path) -> str | None:
+    """SOPClassUID of a DICOM file; None for a file that is not DICOM."""
+    try:
+        header = pydicom.dcmread(file, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+    except (InvalidDicomError, OSError, ValueError, EOFError):
+        return None
+    return str(header.get("SOPClassUID", "")) or None
+
+
+def find_seg(path: str | os.PathLike) -> Path | None:
+    """The SEG file that `path` gives: the file itself if it is a SEG, or the one SEG among the
+    files of a folder (other DICOM files, e.g. the source series, beside it are left alone);
+    None where there is none. A folder holding several SEGs is a `SegError` naming them."""
+    path = Path(path)
+    if path.is_file():
+        return path if _sop_class(path) == SEG_SOP_CLASS else None
+    if not path.is_dir():
+        return None
+    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    segs = [p for p in files if _sop_class(p) == SEG_SOP_CLASS]
+    if len(segs) > 1:
+        names = ", ".join(p.name for p in segs[:5])
+        raise SegError(path, f"folder holds {len(segs)} DICOM SEG files ({names}); give one file")
+    return segs[0] if segs else None
+
+
+def _read(file: Path):
+    """The highdicom `Segmentation` of `file`, its volume (segments stacked last:
+    [slices, rows, columns, segments], values 0/1 or fractions 0..1) and its segment numbers."""
+    import highdicom  # imported here (0.3 s): needed only for SEG input
+
+    try:
+        seg = highdicom.seg.segread(file)
+        numbers = list(seg.segment_numbers)
+        volume = seg.get_volume(combine_segments=False, rescale_fractional=True)
+    except (AttributeError, KeyError, ValueError, RuntimeError, TypeError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise SegError(file, f"cannot be read as a segmentation volume ({reason})") from None
+    _check_spacing(seg, volume, file)
+    return seg, volume, numbers
+
+
+def _check_spacing(seg, volume, file: Path) -> None:
+    """Refuses a SEG whose slice spacing is a guess: frames at unequal steps along the normal
+    (frames left out) and no SpacingBetweenSlices (0018,0088) in its pixel measures, from which
+    highdicom would take the smallest step (two frames 6 mm apart on a 3 mm series read as
+    neighbours, the slice between them labelled)."""
+    frames = seg.get("PerFrameFunctionalGroupsSequence") or []
+    for groups in [*(seg.get("SharedFunctionalGroupsSequence") or []), *frames[:1]]:
+        measures = groups.get("PixelMeasuresSequence") or [pydicom.Dataset()]
+        if measures[0].get("SpacingBetweenSlices") not in (None, ""):
+            return
+    positions = [f.PlanePositionSequence[0].ImagePositionPatient for f in frames]
+    along = np.unique(np.round(np.asarray(positions, np.float64) @ volume.direction[:, 0], 2))
+    steps = np.diff(along)
+    if len(steps) < 2:
+        return
+    tolerance = max(_TOLERANCE_MM, _TOLERANCE_REL * float(steps.min()))
+    if np.ptp(steps) > tolerance:
+        raise SegError(
+            file,
+            f"frames at {len(along)} positions {steps.min():.2f} to {steps.max():.2f} mm apart "
+            "along the slice normal and no SpacingBetweenSlices (0018,0088): the slice spacing "
+            "is unknown; export the SEG with it (or with every frame)",
+        )
+
+
+def _description(seg, number: int) -> tuple[str, tuple[str, str]]:
+    """SegmentLabel and (coding scheme, code value) of the segmented property type of segment
+    `number`."""
+    description = seg.get_segment_description(number)
+    code = description.segmented_property_type
+    return str(description.segment_label), (str(code.scheme_designator), str(code.value))
+
+
+def _image(masks: np.ndarray, volume) -> sitk.Image:
+    """uint8 `masks` [slices, rows, columns] on `volume`'s grid, as a SimpleITK image with one
+    background slice added on either side (see the module docstring)."""
+    padded = np.pad(masks.astype(np.uint8), ((1, 1), (0, 0), (0, 0)))
+    image = sitk.GetImageFromArray(padded)
+    affine = volume.affine  # index (slice, row, column) -> LPS mm
+    image.SetOrigin(tuple(float(v) for v in affine[:3, 3] - affine[:3, 0]))
+    image.SetSpacing(tuple(float(v) for v in volume.spacing[::-1]))
+    image.SetDirection(tuple(float(v) for v in volume.direction[:, ::-1].ravel()))
+    return image
+
+
+def _segment_masks(volume) -> np.ndarray:
+    """bool [slices, rows, columns, segments]: binary segments, fractional ones thresholded."""
+    return np.asarray(volume.array) >= FRACTION_THRESHOLD
+
+
+def segment_value(label: str, label_values: str) -> int | str:
+    """The label value (1..5) of a SegmentLabel under `label_values` ('picai' or 'isup'), or the
+    reason it has none: a string starting 'no value' or 'unknown'."""
+    text = label.strip().lower()
+    if isup := _ISUP.fullmatch(text):
+        grade = int(isup.group(1))
+    elif gleason := _GLEASON.fullmatch(text):
+        a, b = int(gleason.group(1)), int(gleason.group(2))
+        grade = {6: 1, 7: 2 if a == 3 else 3, 8: 4}.get(a + b, 5)
+    elif text == "cspca":
+        if label_values == "isup":
+            return (
+                "no value under --label-values isup (1 = ISUP 1, GS 3+3; a manifest's default) "
+                "for csPCa of unknown grade: give the segment its grade, or pass "
+                "--label-values picai"
+            )
+        return 1
+    else:
+        return f"unknown segment label: expected {ACCEPTED_LABELS}"
+    if grade == 1 and label_values == "picai":
+        return (
+            "no value under --label-values picai (1 = csPCa of unknown grade) for ISUP 1 (GS "
+            "3+3, no csPCa): pass --label-values isup, or leave the segment out"
+        )
+    return grade
+
+
+def read_lesions(file: str | os.PathLike, label_values: str) -> sitk.Image:
+    """A SEG file's segments as a label map (uint8, 0 background, 1..5 by `segment_value`
+    under `label_values`; the highest where segments overlap) on the grid of its frames. A
+    segment label of no value is a `SegError` naming the segment and why."""
+    file = Path(file)
+    seg, volume, numbers = _read(file)
+    masks = _segment_masks(volume)
+    label = np.zeros(masks.shape[:3], np.uint8)
+    for k, number in enumerate(numbers):
+        text, _ = _description(seg, number)
+        value = segment_value(text, label_values)
+        if isinstance(value, str):
+            raise SegError(file, f"segment {number} {text!r}: {value}")
+        label = np.maximum(label, np.where(masks[..., k], value, 0).astype(np.uint8))
+    return _image(label, volume)
+
+
+def read_gland(file: str | os.PathLike) -> sitk.Image:
+    """A SEG file's whole-gland segment (see the module docstring) as a 0/1 uint8 mask on the
+    grid of its frames; a SEG of several segments none of which is the gland is a `SegError`
+    naming them."""
+    file = Path(file)
+    seg, volume, numbers = _read(file)
+    masks = _segment_masks(volume)
+    described = [(number, *_description(seg, number)) for number in numbers]
+    chosen = [
+        k
+        for k, (_, text, code) in enumerate(described)
+        if len(numbers) == 1
+        or code == PROSTATE_CODE
+        or any(word in text.lower() for word in ("prostate", "gland"))
+    ]
+    if not chosen:
+        listing = ", ".join(f"{n} {text!r} ({code[0]} {code[1]})" for n, text, code in described)
+        raise SegError(
+            file,
+            f"{len(numbers)} segments ({listing}), none the whole gland: a prostate mask SEG "
+            "needs one segment, or segments of property type SCT 41216001 (Prostate) or with "
+            "'prostate' or 'gland' in their label",
+        )
+    return _image(masks[..., chosen].any(axis=-1), volume)
