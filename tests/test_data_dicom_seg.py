@@ -10,6 +10,7 @@ import shutil
 import warnings
 from pathlib import Path
 
+import highdicom
 import numpy as np
 import pydicom
 import pytest
@@ -21,8 +22,6 @@ from focalnet_jax.data import io
 from focalnet_jax.data.dicom import read_series
 from focalnet_jax.data.store import open_store
 from focalnet_jax.errors import UserError
-
-highdicom = pytest.importorskip("highdicom")
 
 LESION = (codes.SCT.MorphologicallyAbnormalStructure, codes.SCT.Neoplasm)
 PROSTATE = (codes.SCT.AnatomicalStructure, codes.SCT.Prostate)
