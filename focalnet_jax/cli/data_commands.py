@@ -89,7 +89,8 @@ def add_preprocess(parser: argparse.ArgumentParser) -> None:
         choices=("auto", "picai", "isup"),
         default="auto",
         help="label value 1: 'picai' = csPCa of unknown grade, 'isup' = GS 3+3; 'auto': "
-        "picai layout reads <labels>/dataset.json, else 'picai'; manifest 'isup'",
+        "picai layout reads <labels>/dataset.json, else 'picai'; manifest 'isup'. A DICOM SEG "
+        "label's 'csPCa' segments need picai, its 'ISUP 1' (GS 3+3) ones isup",
     )
     parser.add_argument("--interpolator", choices=("bspline", "linear"), default="bspline")
 
