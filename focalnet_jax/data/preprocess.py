@@ -460,9 +460,9 @@ def preprocess_case(
 
     Args:
       components: component name -> DICOM folder or image file, T2w first (the reference grid).
-      label: class / ISUP map (0 background; see `PreprocessConfig.label_values`), or None.
+      label: class / ISUP map (0 background; `PreprocessConfig.label_values`), DICOM SEG, or None.
       center: LPS point (mm) to centre the crop on, used when `mask` is None.
-      mask: whole-gland mask whose centroid centres the crop.
+      mask: whole-gland mask (image or DICOM SEG) whose centroid centres the crop.
       slices: 'all' (every T2w slice), 'annotated' (slices holding lesion labels) or 'covered'
         (the T2w slices every component covers, for inference: the others named in a warning).
       config: None, a `PreprocessConfig`, or a mapping of its fields.
