@@ -255,6 +255,24 @@ def test_bad_segments_are_refused_naming_case_file_and_segment(source, tmp_path)
     )
 
 
+def test_a_seg_whose_frames_are_no_regular_volume_is_refused(source, tmp_path):
+    # The middle of three frames moved 5 mm within its plane (a sheared stack).
+    mask = np.zeros((len(source), 384, 384), bool)
+    mask[3:6, 1:5, 1:5] = True
+    file = _seg(tmp_path / "s.dcm", source, [("ISUP 3", mask, LESION)])
+    dataset = pydicom.dcmread(file)
+    plane = dataset.PerFrameFunctionalGroupsSequence[1].PlanePositionSequence[0]
+    plane.ImagePositionPatient = [
+        float(plane.ImagePositionPatient[0]) + 5.0,
+        *plane.ImagePositionPatient[1:],
+    ]
+    dataset.save_as(file)
+    assert _error(lambda: io.read_label(file, case="px", label_values="picai")) == (
+        f"case 'px', file '{file}': cannot be read as a segmentation volume (Frame positions do "
+        "not form a regularly-spaced volume.)"
+    )
+
+
 def test_a_seg_folder_given_as_a_component_is_refused(source, tmp_path):
     folder = tmp_path / "seg"
     lesion = _box(source, 9, slice(180, 190), slice(180, 190))

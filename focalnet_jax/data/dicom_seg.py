@@ -39,6 +39,9 @@ _ISUP = re.compile(r"isup\s*([1-5])")
 _GLEASON = re.compile(r"(?:gs|gleason)\s*([3-5])\s*\+\s*([3-5])")
 # Positions along the slice normal: equal steps within max(0.01 mm, 1 % of the step).
 _TOLERANCE_MM, _TOLERANCE_REL = 0.01, 0.01
+# What highdicom raises for a SEG it cannot read as a volume (e.g. frames at irregular positions)
+_HIGHDICOM_ERRORS = (AttributeError, KeyError, ValueError, RuntimeError, TypeError)
+_HIGHDICOM_ERRORS += (NotImplementedError,)
 
 
 class SegError(UserError):
@@ -84,7 +87,7 @@ def _read(file: Path):
         seg = highdicom.seg.segread(file)
         numbers = list(seg.segment_numbers)
         volume = seg.get_volume(combine_segments=False, rescale_fractional=True)
-    except (AttributeError, KeyError, ValueError, RuntimeError, TypeError) as error:
+    except _HIGHDICOM_ERRORS as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise SegError(file, f"cannot be read as a segmentation volume ({reason})") from None
     _check_spacing(seg, volume, file)
@@ -102,7 +105,8 @@ def _check_spacing(seg, volume, file: Path) -> None:
         if measures[0].get("SpacingBetweenSlices") not in (None, ""):
             return
     positions = [f.PlanePositionSequence[0].ImagePositionPatient for f in frames]
-    along = np.unique(np.round(np.asarray(positions, np.float64) @ volume.direction[:, 0], 2))
+    along = np.sort(np.asarray(positions, np.float64) @ volume.direction[:, 0])
+    along = along[np.r_[True, np.diff(along) > _TOLERANCE_MM]]  # one per position (segments)
     steps = np.diff(along)
     if len(steps) < 2:
         return
