@@ -38,7 +38,7 @@ from focalnet_jax.data.dicom_multiframe import (
     number_of_frames,
     read_multiframe,
 )
-from focalnet_jax.data.dicom_seg import SEG_SOP_CLASS as SEG_SOP
+from focalnet_jax.data.dicom_seg import is_seg
 from focalnet_jax.errors import UserError
 
 # In-plane drift allowed per mm along the normal, on top of the spacing tolerance: direction
@@ -55,7 +55,6 @@ _NOT_THE_COMPONENT = {
 }
 _POSITION, _ORIENTATION, _SOP_INSTANCE = "0020|0032", "0020|0037", "0008|0018"
 _PIXEL_SPACING = "0028|0030"
-_SOP_CLASS = "0008|0016"
 
 log = logging.getLogger(__name__)
 
@@ -292,20 +291,6 @@ def check_component(folder: str | os.PathLike, info: SeriesInfo, component: str)
         )
 
 
-def _refuse_seg(file: str) -> None:
-    """Refuse a DICOM Segmentation (SEG) read as an image series: its frames are segments, not
-    intensities (labels and gland masks read it with `dicom_seg`)."""
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(file)
-    reader.ReadImageInformation()
-    if reader.HasMetaDataKey(_SOP_CLASS) and reader.GetMetaData(_SOP_CLASS).strip() == SEG_SOP:
-        raise SeriesError(
-            file,
-            "a DICOM Segmentation (SEG), not an image series: give it as a lesion label or "
-            "prostate mask (manifest columns label, prostate_mask)",
-        )
-
-
 _HEAD_BYTES = 1 << 16  # a slice's header, where its SeriesInstanceUID is
 
 
@@ -407,7 +392,12 @@ def _read_series(folder: Path, series: str | None, component: str | None, notes:
     chosen = choose_series(folder, series, found)
     if component is not None:
         check_component(folder, chosen, component)
-    _refuse_seg(chosen.files[0])
+    if is_seg(chosen.files[0]):  # its frames are segments (labels and masks read it)
+        raise SeriesError(
+            chosen.files[0],
+            "a DICOM Segmentation (SEG), not an image series: give it as a lesion label or "
+            "prostate mask (manifest columns label, prostate_mask)",
+        )
     unread = _unread_files(folder, found)
     try:
         files = _stack_files(folder, chosen, component, notes)

@@ -29,6 +29,7 @@ import pydicom
 import SimpleITK as sitk
 from pydicom.errors import InvalidDicomError
 
+from focalnet_jax.data.dicom_multiframe import SPACING_TOLERANCE_MM, SPACING_TOLERANCE_REL
 from focalnet_jax.errors import UserError
 
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -37,11 +38,15 @@ FRACTION_THRESHOLD = 0.5  # of the maximum fractional value
 ACCEPTED_LABELS = "'ISUP k' (k 1..5), 'GS a+b' or 'Gleason a+b' (a, b 3..5), 'csPCa'"
 _ISUP = re.compile(r"isup\s*([1-5])")
 _GLEASON = re.compile(r"(?:gs|gleason)\s*([3-5])\s*\+\s*([3-5])")
-# Positions along the slice normal: equal steps within max(0.01 mm, 1 % of the step).
-_TOLERANCE_MM, _TOLERANCE_REL = 0.01, 0.01
 # What highdicom raises for a SEG it cannot read as a volume (e.g. frames at irregular positions)
-_HIGHDICOM_ERRORS = (AttributeError, KeyError, ValueError, RuntimeError, TypeError)
-_HIGHDICOM_ERRORS += (NotImplementedError,)
+_HIGHDICOM_ERRORS = (
+    AttributeError,
+    KeyError,
+    ValueError,
+    RuntimeError,
+    TypeError,
+    NotImplementedError,
+)
 
 
 class SegError(UserError):
@@ -52,13 +57,13 @@ class SegError(UserError):
         super().__init__(f"{self.file}: {reason}")
 
 
-def _sop_class(file: Path) -> str | None:
-    """SOPClassUID of a DICOM file; None for a file that is not DICOM."""
+def is_seg(file: str | os.PathLike) -> bool:
+    """Whether `file` is a DICOM SEG (its SOPClassUID); False for a file that is not DICOM."""
     try:
         header = pydicom.dcmread(file, stop_before_pixels=True, specific_tags=["SOPClassUID"])
     except (InvalidDicomError, OSError, ValueError, EOFError):
-        return None
-    return str(header.get("SOPClassUID", "")) or None
+        return False
+    return str(header.get("SOPClassUID", "")) == SEG_SOP_CLASS
 
 
 def find_seg(path: str | os.PathLike) -> Path | None:
@@ -67,11 +72,11 @@ def find_seg(path: str | os.PathLike) -> Path | None:
     None where there is none. A folder holding several SEGs is a `SegError` naming them."""
     path = Path(path)
     if path.is_file():
-        return path if _sop_class(path) == SEG_SOP_CLASS else None
+        return path if is_seg(path) else None
     if not path.is_dir():
         return None
     files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
-    segs = [p for p in files if _sop_class(p) == SEG_SOP_CLASS]
+    segs = [p for p in files if is_seg(p)]
     if len(segs) > 1:
         names = ", ".join(p.name for p in segs[:5])
         raise SegError(path, f"folder holds {len(segs)} DICOM SEG files ({names}); give one file")
@@ -106,11 +111,11 @@ def _check_spacing(seg, volume, file: Path) -> None:
             return
     positions = [f.PlanePositionSequence[0].ImagePositionPatient for f in frames]
     along = np.sort(np.asarray(positions, np.float64) @ volume.direction[:, 0])
-    along = along[np.r_[True, np.diff(along) > _TOLERANCE_MM]]  # one per position (segments)
+    along = along[np.r_[True, np.diff(along) > SPACING_TOLERANCE_MM]]  # one per position (segments)
     steps = np.diff(along)
     if len(steps) < 2:
         return
-    tolerance = max(_TOLERANCE_MM, _TOLERANCE_REL * float(steps.min()))
+    tolerance = max(SPACING_TOLERANCE_MM, SPACING_TOLERANCE_REL * float(steps.min()))
     if np.ptp(steps) > tolerance:
         raise SegError(
             file,
