@@ -107,8 +107,8 @@ def test_other_components_and_no_component_still_refuse_several_volumes(
 @pytest.mark.parametrize(
     ("b_values", "expected"),
     [
-        ({"a": 1000, "b": None}, r"b_1-\d+\.dcm \(19 of 38 files\) gives no b-value"),
-        ({"a": 1000, "b": 1000}, "every file has b = 1000 s/mm.2"),
+        ({"a": 1000, "b": None}, r"b_1-\d+\.dcm \(19 of 38\) gives no b-value"),
+        ({"a": 1000, "b": 1000}, "every image has b = 1000 s/mm.2"),
     ],
     ids=["one_volume_without_b", "one_b_value"],
 )

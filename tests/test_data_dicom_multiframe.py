@@ -113,14 +113,36 @@ def _swap_frames(dataset, a: int = 3, b: int = 4) -> None:
     dataset.PixelData = pixels.tobytes()
 
 
-def test_frames_out_of_order_are_refused(enhanced, tmp_path):
-    """ITK read them with 1 x 1 x 1 mm voxels, without a word."""
-    message = _refusal(_edited(enhanced, tmp_path, _swap_frames))
-    assert (
-        "(frame 3) to " in message
-        and "(frame 4), a step of -6.00 mm against the median -3.00" in message
+def _assert_same_image(read: sitk.Image, want: sitk.Image, pixels=None) -> None:
+    """`read` has `want`'s geometry and voxels (or `pixels` [z, y, x])."""
+    assert read.GetSize() == want.GetSize()
+    for got, expected in (
+        (read.GetOrigin(), want.GetOrigin()),
+        (read.GetSpacing(), want.GetSpacing()),
+        (read.GetDirection(), want.GetDirection()),
+    ):
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+    expected = sitk.GetArrayFromImage(want) if pixels is None else pixels
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(read), expected)
+
+
+def _interleave(dataset) -> None:
+    """Frames in the order 1, 3, 5, ..., 2, 4, ... (as an interleaved acquisition stores them)."""
+    order = list(range(0, 19, 2)) + list(range(1, 19, 2))
+    pixels = dataset.pixel_array[order]
+    groups = dataset.PerFrameFunctionalGroupsSequence
+    dataset.PerFrameFunctionalGroupsSequence = pydicom.Sequence(
+        [copy.deepcopy(groups[k]) for k in order]
     )
-    assert "frames out of slice order, a missing frame or uneven spacing" in message
+    dataset.PixelData = pixels.tobytes()
+
+
+@pytest.mark.parametrize("edit", [_swap_frames, _interleave], ids=["two_swapped", "interleaved"])
+def test_frames_out_of_slice_order_are_read_in_it(enhanced, prostatex_case_dir, tmp_path, edit):
+    """ITK read them with 1 x 1 x 1 mm voxels, without a word (they were refused since): now
+    sorted along the slice normal, foot to head, as GDCM sorts the classic series."""
+    read = read_series(_edited(enhanced, tmp_path, edit))
+    _assert_same_image(read, read_series(prostatex_case_dir / "t2w"))
 
 
 def _drop_frame(dataset, k: int = 9) -> None:
@@ -149,6 +171,65 @@ def _two_volumes(dataset) -> None:
 def test_frames_of_several_volumes_are_refused(enhanced, tmp_path):
     message = _refusal(_edited(enhanced, tmp_path, _two_volumes))
     assert "each of the 19 slice positions holds 2 of the 38 frames: several volumes" in message
+
+
+def _dwi(b_values, slopes) -> callable:
+    """Two volumes of the T2w frames, b-value `b_values[v]` (None: no MRDiffusionSequence) and
+    rescale slope `slopes[v]` (intercept -5) in each frame's own groups: volume 0 the stored
+    pixels, volume 1 half of them; the frames interleaved by position (volume 0, volume 1 at
+    each), as scanners store a DWI."""
+
+    def edit(dataset) -> None:
+        pixels = dataset.pixel_array
+        shared = dataset.SharedFunctionalGroupsSequence[0]
+        template = shared.PixelValueTransformationSequence
+        del shared.PixelValueTransformationSequence
+        groups, frames = [], []
+        for k, group in enumerate(dataset.PerFrameFunctionalGroupsSequence):
+            for volume, (b, slope) in enumerate(zip(b_values, slopes, strict=True)):
+                own = copy.deepcopy(group)
+                rescale = copy.deepcopy(template)
+                rescale[0].RescaleSlope, rescale[0].RescaleIntercept = slope, -5
+                own.PixelValueTransformationSequence = rescale
+                if b is not None:
+                    diffusion = pydicom.Dataset()
+                    diffusion.DiffusionBValue = float(b)
+                    own.MRDiffusionSequence = pydicom.Sequence([diffusion])
+                groups.append(own)
+                frames.append(pixels[k] if volume == 0 else pixels[k] // 2)
+        dataset.PerFrameFunctionalGroupsSequence = pydicom.Sequence(groups)
+        dataset.NumberOfFrames = len(frames)
+        dataset.PixelData = np.stack(frames).tobytes()
+
+    return edit
+
+
+def test_hbv_of_a_file_of_several_b_values_is_its_highest(enhanced, tmp_path, caplog):
+    """b = 1400 (slope 2) and b = 50 (slope 1) interleaved: as hbv, the b = 1400 frames, with
+    their own slope although ITK applied frame 1's (the b = 50 one) to every frame."""
+    edited = _edited(enhanced, tmp_path, _dwi([50, 1400], [1.0, 2.0]))
+    with caplog.at_level("WARNING"):
+        read = read_series(edited, component="hbv")
+    stored = sitk.GetArrayFromImage(read_series(enhanced))  # slope 1, intercept 0
+    _assert_same_image(read, read_series(enhanced), pixels=2 * (stored // 2) - 5)
+    assert "b-values 50, 1400 s/mm^2; hbv read from the 19 frames of b = 1400" in caplog.text
+    message = _refusal(edited)  # as no component, or another one: several volumes
+    assert "holds 2 of the 38 frames: several volumes" in message
+
+
+@pytest.mark.parametrize(
+    ("b_values", "reason"),
+    [
+        ([None, 1400], "as hbv: frame 1 (19 of 38) gives no b-value"),
+        ([800, 800], "as hbv: every image has b = 800 s/mm^2"),
+    ],
+)
+def test_b_values_of_a_file_that_choose_no_volume_are_refused(enhanced, tmp_path, b_values, reason):
+    edited = _edited(enhanced, tmp_path, _dwi(b_values, [1.0, 1.0]))
+    with pytest.raises(SeriesError) as raised:
+        read_series(edited, component="hbv")
+    message = str(raised.value)
+    assert "holds 2 of the 38 frames: several volumes" in message and reason in message
 
 
 def _rescale(slopes) -> callable:

@@ -424,7 +424,7 @@ def _read_series(folder: Path, series: str | None, component: str | None, notes:
         )
     if len(chosen.files) == 1 and number_of_frames(chosen.files[0]) > 1:
         try:
-            return read_multiframe(chosen.files[0])
+            return read_multiframe(chosen.files[0], component, notes)
         except MultiFrameError as err:
             raise SeriesError(chosen.files[0], f"multi-frame DICOM: {err}") from None
         except RuntimeError as err:

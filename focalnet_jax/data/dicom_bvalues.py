@@ -82,25 +82,30 @@ def _along_normal(header: pydicom.Dataset) -> float:
         return np.nan
 
 
-def highest_b_files(files: Sequence[str]) -> tuple[list[str], list[float]]:
-    """The files of the highest b-value among `files` (one series), in ascending order along the
-    slice normal (GDCM's order for a series of one volume; for several it falls back to instance
-    numbers), and the series' distinct b-values in ascending order. A file without a b-value, or
-    a series of one b-value (its volumes differ otherwise: echoes, directions, time points), is a
-    `BValueError`."""
-    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
-    values = [b_value(h) for h in headers]
-    missing = [f for f, b in zip(files, values, strict=True) if b is None]
+def highest_b(b_values: Sequence[float | None], names: Sequence[str]) -> tuple[list[int], list]:
+    """The indices of the highest of `b_values` (one per image, None where an image gives none;
+    `names` name the images in messages) and the distinct b-values in ascending order. An image
+    without a b-value, or one b-value for all (the volumes differ otherwise: echoes,
+    directions, time points), is a `BValueError`."""
+    missing = [name for name, b in zip(names, b_values, strict=True) if b is None]
     if missing:
         raise BValueError(
-            f"{Path(missing[0]).name} ({len(missing)} of {len(files)} files) gives no b-value "
-            "(DiffusionBValue (0018,9087) or the Siemens, GE or Philips private tag), so the "
-            "highest b-value's volume cannot be chosen"
+            f"{missing[0]} ({len(missing)} of {len(names)}) gives no b-value (DiffusionBValue "
+            "(0018,9087) or the Siemens, GE or Philips private tag), so the highest b-value's "
+            "volume cannot be chosen"
         )
-    distinct = sorted(set(values))
+    distinct = sorted(set(b_values))
     if len(distinct) < 2:
-        raise BValueError(f"every file has b = {distinct[0]:g} s/mm^2")
-    chosen = [k for k, b in enumerate(values) if b == distinct[-1]]
+        raise BValueError(f"every image has b = {distinct[0]:g} s/mm^2")
+    return [k for k, b in enumerate(b_values) if b == distinct[-1]], distinct
+
+
+def highest_b_files(files: Sequence[str]) -> tuple[list[str], list[float]]:
+    """The files of the highest b-value among `files` (one series; `highest_b`), in ascending
+    order along the slice normal (GDCM's order for a series of one volume; for several it falls
+    back to instance numbers), and the series' distinct b-values in ascending order."""
+    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    chosen, distinct = highest_b([b_value(h) for h in headers], [Path(f).name for f in files])
     along = [_along_normal(headers[k]) for k in chosen]
     order = np.argsort(along, kind="stable") if np.isfinite(along).all() else range(len(chosen))
     return [files[chosen[i]] for i in order], distinct

@@ -6,8 +6,10 @@ SimpleITK (GDCM) reads such a file as one 3D image, its geometry taken from the 
 groups, but checks none of it: frames out of slice order were read with 1 mm pixels and 1 mm
 slices, the frames of several volumes (the b-values of a DWI) as one stack, and frames with
 rescale values of their own all with the first frame's. `read_multiframe` reads the frames'
-position, orientation, pixel spacing and rescale values (pydicom, without the pixel data) and
-refuses a file whose frames are not one regular stack, or that was read with another geometry.
+position, orientation, pixel spacing, rescale and b-values (pydicom, without the pixel data),
+stacks frames out of slice order along the slice normal (placing them by their functional groups),
+takes the highest b-value's frames of a DWI file read as `hbv`, and refuses a file whose frames
+are not one regular stack, or that was read with another geometry.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import pydicom
 import SimpleITK as sitk
 from pydicom.errors import InvalidDicomError
 
+from focalnet_jax.data.dicom_bvalues import BValueError, highest_b
+
 NUMBER_OF_FRAMES = "0028|0008"
 # Slice positions (here and in dicom.py's classic series) within max(0.01 mm, 1 % of the spacing).
 SPACING_TOLERANCE_MM, SPACING_TOLERANCE_REL = 0.01, 0.01
@@ -30,6 +34,7 @@ _GROUPS = {  # value -> (functional group sequence, attribute keyword)
     "pixel_spacing": ("PixelMeasuresSequence", "PixelSpacing"),
     "slope": ("PixelValueTransformationSequence", "RescaleSlope"),
     "intercept": ("PixelValueTransformationSequence", "RescaleIntercept"),
+    "b_value": ("MRDiffusionSequence", "DiffusionBValue"),
 }
 _VALUE_COUNTS = {"ImagePositionPatient": 3, "ImageOrientationPatient": 6, "PixelSpacing": 2}
 _RESCALE = ("RescaleSlope", "RescaleIntercept")
@@ -111,12 +116,20 @@ def _group_value(groups, sequence: str, keyword: str):
     return floats if several else floats[0]
 
 
-def read_multiframe(file: str | os.PathLike) -> sitk.Image:
-    """The frames of `file` as one float32 3D image (rescaled), after `check_frames`; a
-    `MultiFrameError` when its frames are not one regular stack or the image read has another
-    geometry than its frames."""
+def read_multiframe(
+    file: str | os.PathLike, component: str | None = None, notes: list[str] | None = None
+) -> sitk.Image:
+    """The frames of `file` as one float32 3D image (rescaled): all of them, or as `hbv`, of a
+    file of several b-values, those of the highest (`dicom_bvalues.highest_b`; noted in
+    `notes`); in the file's order where it is monotonic along the slice normal, else sorted
+    along it. A `MultiFrameError` when those frames are not one regular stack (`check_frames`)
+    or the image read has another geometry than its frames."""
     values = frame_values(file)
     check_frames(values)
+    frames, note = _stack_frames(values, component)
+    stacked = {name: [value[k] for k in frames] for name, value in values.items()}
+    _check_positions(_along_normal(stacked), [k + 1 for k in frames])
+    _check_rescale(stacked)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(file))
     reader.SetOutputPixelType(sitk.sitkFloat32)
@@ -125,15 +138,87 @@ def read_multiframe(file: str | os.PathLike) -> sitk.Image:
         raise MultiFrameError(
             f"{len(values['position'])} frames read as an image of size {image.GetSize()}"
         )
-    check_image_geometry(image, values)
+    if frames != list(range(len(values["position"]))):
+        image = _restacked(image, frames, stacked, _rescale_of(values, 0))
+    check_image_geometry(image, stacked)
+    if note and notes is not None:
+        notes.append(note)
     return image
 
 
+def _along_normal(values: dict[str, list]) -> np.ndarray:
+    """[frames] positions along the slice normal of the first frame's orientation, mm."""
+    orientation = np.array(values["orientation"][0])
+    return np.array(values["position"]) @ np.cross(orientation[:3], orientation[3:])
+
+
+def _stack_frames(values: dict[str, list], component: str | None) -> tuple[list[int], str]:
+    """The frames (0-based, file order) that form the stack, in stack order, and a note on the
+    b-value chosen ('' without one): see `read_multiframe`."""
+    along = _along_normal(values)
+    frames, note = list(range(len(along))), ""
+    spacing = float(np.median(np.abs(np.diff(along)))) if len(along) > 1 else 0.0
+    tolerance = max(SPACING_TOLERANCE_MM, SPACING_TOLERANCE_REL * spacing)
+    per_position = images_per_position(along, tolerance)
+    if per_position and component == "hbv":
+        names = [f"frame {k + 1}" for k in frames]
+        try:
+            frames, b_values = highest_b(values["b_value"], names)
+        except BValueError as why:
+            reason = f"{_several_volumes(len(along), per_position)}; as hbv: {why}"
+            raise MultiFrameError(reason) from None
+        listed = ", ".join(f"{b:g}" for b in b_values)
+        note = (
+            f"b-values {listed} s/mm^2; hbv read from the {len(frames)} frames of "
+            f"b = {b_values[-1]:g}"
+        )
+    steps = np.diff(along[frames])
+    if not (np.all(steps > 0) or np.all(steps < 0)):
+        frames = [frames[i] for i in np.argsort(along[frames], kind="stable")]
+    return frames, note
+
+
+def _rescale_of(values: dict[str, list], k: int) -> tuple[float, float]:
+    """(slope, intercept) frame `k` gives (1, 0 where it gives none)."""
+    slope, intercept = values["slope"][k], values["intercept"][k]
+    return (1.0 if slope is None else slope, 0.0 if intercept is None else intercept)
+
+
+def _restacked(image: sitk.Image, frames: list[int], stacked: dict, applied) -> sitk.Image:
+    """The `frames` of `image` (as ITK read the file: frame k at slice k, every frame rescaled
+    with `applied`, frame 1's values; its geometry, which ITK may have given up on, unused) as
+    a stack of their own, placed by their functional groups (`stacked`): pixel spacing and
+    orientation, slice axis along the normal, origin at the first frame's position; pixels
+    rescaled with the frames' own values."""
+    pixels = sitk.GetArrayFromImage(image)[frames].astype(np.float64)  # [frames, rows, cols]
+    slope, intercept = _rescale_of(stacked, 0)
+    if (slope, intercept) != applied:
+        pixels = (pixels - applied[1]) / applied[0] * slope + intercept
+    out = sitk.GetImageFromArray(pixels.astype(np.float32))
+    along = _along_normal(stacked)
+    step = (along[-1] - along[0]) / (len(frames) - 1) if len(frames) > 1 else 1.0
+    orientation = np.array(stacked["orientation"][0])
+    axis = np.cross(orientation[:3], orientation[3:]) * np.sign(step)
+    columns = np.column_stack([orientation[:3], orientation[3:], axis])  # x, y, z axes
+    out.SetDirection(tuple(columns.ravel()))
+    row_spacing, column_spacing = stacked["pixel_spacing"][0]
+    out.SetSpacing((column_spacing, row_spacing, abs(step)))
+    out.SetOrigin(tuple(stacked["position"][0]))
+    return out
+
+
+def _several_volumes(frames: int, per_position: int) -> str:
+    return (
+        f"each of the {frames // per_position} slice positions holds {per_position} of the "
+        f"{frames} frames: several volumes in one file (b-values, echoes or time points?), not "
+        "one 3D stack; export the one wanted as a series of its own (as hbv, a file of several "
+        "b-values gives its highest)"
+    )
+
+
 def check_frames(values: dict[str, list]) -> None:
-    """Refuse frames (`frame_values`) without a position, orientation or pixel spacing, with
-    several orientations, pixel spacings or rescale values, or whose positions along the slice
-    normal are not equally spaced in the frame order (frames out of order, a missing frame,
-    several volumes)."""
+    """Refuse frames (`frame_values`) without a position, orientation or pixel spacing, or with
+    several orientations or pixel spacings."""
     for name in ("position", "orientation", "pixel_spacing"):
         missing = [k for k, v in enumerate(values[name]) if v is None]
         if missing:
@@ -152,9 +237,12 @@ def check_frames(values: dict[str, list]) -> None:
             f"frame {other[0] + 1} has pixel spacing {pixel[other[0]].tolist()} mm, frame 1 "
             f"{pixel[0].tolist()} mm"
         )
-    normal = np.cross(orientation[0][:3], orientation[0][3:])
-    _check_positions(np.array(values["position"]) @ normal)
-    rescale = list(zip(values["slope"], values["intercept"], strict=True))
+
+
+def _check_rescale(stacked: dict[str, list]) -> None:
+    """Refuse frames of a stack with rescale values of their own that differ (ITK applies one
+    frame's values to all)."""
+    rescale = list(zip(stacked["slope"], stacked["intercept"], strict=True))
     if len(set(rescale)) > 1:
         k = next(k for k, r in enumerate(rescale) if r != rescale[0])
         raise MultiFrameError(
@@ -163,9 +251,9 @@ def check_frames(values: dict[str, list]) -> None:
         )
 
 
-def _check_positions(along: np.ndarray) -> None:
-    """Refuse frame positions along the slice normal (`along`: [frames] mm, frame order) that
-    are not equally spaced."""
+def _check_positions(along: np.ndarray, numbers: list[int]) -> None:
+    """Refuse frame positions along the slice normal (`along`: [frames] mm, stack order; frame
+    `numbers` as the file counts them) that are not equally spaced."""
     steps = np.diff(along)
     if not len(steps):
         return
@@ -173,12 +261,7 @@ def _check_positions(along: np.ndarray) -> None:
     tolerance = max(SPACING_TOLERANCE_MM, SPACING_TOLERANCE_REL * spacing)
     per_position = images_per_position(along, tolerance)
     if per_position:
-        raise MultiFrameError(
-            f"each of the {len(along) // per_position} slice positions holds {per_position} of "
-            f"the {len(along)} frames: several volumes in one file (b-values, echoes or time "
-            "points?), not one 3D stack; export the one wanted (e.g. the highest b-value) as a "
-            "series of its own"
-        )
+        raise MultiFrameError(_several_volumes(len(along), per_position))
     if np.ptp(along) <= tolerance:
         raise MultiFrameError(
             f"all {len(along)} frames lie at one slice position ({along[0]:.2f} mm along the "
@@ -189,10 +272,10 @@ def _check_positions(along: np.ndarray) -> None:
     if len(bad) or spacing <= tolerance:
         k = int(bad[0]) if len(bad) else 0
         raise MultiFrameError(
-            f"frame positions along the slice normal go from {along[k]:.2f} mm (frame {k + 1}) "
-            f"to {along[k + 1]:.2f} mm (frame {k + 2}), a step of {steps[k]:.2f} mm against the "
-            f"median {step:.2f} mm (tolerance {tolerance:.2f} mm): frames out of slice order, a "
-            f"missing frame or uneven spacing; {len(bad)} irregular step(s) of {len(steps)}"
+            f"frame positions along the slice normal go from {along[k]:.2f} mm (frame "
+            f"{numbers[k]}) to {along[k + 1]:.2f} mm (frame {numbers[k + 1]}), a step of "
+            f"{steps[k]:.2f} mm against the median {step:.2f} mm (tolerance {tolerance:.2f} mm): "
+            f"a missing frame or uneven spacing; {len(bad)} irregular step(s) of {len(steps)}"
         )
 
 
