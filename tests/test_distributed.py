@@ -186,7 +186,9 @@ distributed.initialize(f"localhost:{port}", 2, rank)
 atexit.register(lambda: print("left as usual", flush=True))
 multihost_utils.sync_global_devices("the start")  # as the checkpoint manager's opening barrier
 wait_s = 60 if failing == "both" else 2
-with distributed.leave_group_on_failure(wait_s), one_line_user_errors("focalnet train"):
+with distributed.leave_group_on_failure("focalnet train", wait_s), one_line_user_errors(
+    "focalnet train"
+):
     if failing in ("both", str(rank)):
         raise (UserError if rank == 0 else RuntimeError)(f"process {rank} cannot go on")
     multihost_utils.sync_global_devices("the next step")
@@ -227,7 +229,9 @@ def test_a_process_that_fails_alone_ends_the_group_at_once(failing):
     """Process 0 alone refused a start (a write only it does), or process 1 alone hit a bug,
     while the other waited for it in a collective: the failing one waited 5 minutes at JAX's
     shutdown barrier and the other in its collective (both killed at 200 s here). Now it leaves
-    after `wait_s` (2 s) with its status and message, and the other's collective fails."""
+    after `wait_s` (2 s) with its status and message, and the other's collective fails: where
+    process 0 is the other (the group's store lives in it), it names process 1 and its error in
+    one line instead of its collective's traceback (Gloo's "Connection closed by peer")."""
     results = _run_group(failing)  # a process still there at 200 s is killed: status -9
     status, output = results[int(failing)]
     if failing == "0":
@@ -237,6 +241,13 @@ def test_a_process_that_fails_alone_ends_the_group_at_once(failing):
     assert "left as usual" not in output
     other_status, other_output = results[1 - int(failing)]
     assert other_status not in (0, -9), other_output  # its collective failed; it was not killed
+    if failing == "1":
+        lines = [line for line in other_output.splitlines() if "focalnet train" in line]
+        assert lines[0].startswith(
+            "focalnet train: error: process 1 failed (RuntimeError: process 1 cannot go on); "
+            "this process stopped with it ("
+        ), other_output
+        assert other_status == 1 and "Traceback" not in other_output, other_output
 
 
 @pytest.mark.slow
@@ -259,7 +270,9 @@ from focalnet_jax.training import distributed
 port, rank, failing = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 distributed.initialize(f"localhost:{port}", 2, rank)
 atexit.register(lambda: print("left as usual", flush=True))
-with distributed.leave_group_on_failure(wait_s=20), one_line_user_errors("focalnet train"):
+with distributed.leave_group_on_failure("focalnet train", 20), one_line_user_errors(
+    "focalnet train"
+):
     for block in range(2):  # each block has its own keys
         with distributed.together("start the run"):
             if failing == f"{rank} in block {block}":

@@ -126,6 +126,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if process_ends and args.command in ("train", "cv"):
         from focalnet_jax.training.distributed import leave_group_on_failure
 
-        group = leave_group_on_failure()
+        group = leave_group_on_failure(prog)
     with group, one_line_user_errors(prog, verbose=args.verbose), terminate:
         return int(run_fn(args) or 0)

@@ -26,7 +26,11 @@ A failure of one process (`leave_group_on_failure`): a process whose command fai
 single one does); one that fails alone (a read only it does: one host's store; a write only
 process 0 does after the run's start) then ends without JAX's shutdown barrier,
 and the others' collective, waiting for it, fails on its closed connection. Before, it waited at
-that barrier (JAX's shutdown timeout: 5 minutes) while the others waited for it.
+that barrier (JAX's shutdown timeout: 5 minutes) while the others waited for it. Each failing
+process records its reason in the group's key-value store, so that one whose collective failed
+with another's exit says in one line which process failed and why, not its collective's
+traceback (the store lives in process 0: when process 0 fails alone, the others end with JAX's
+own message that the coordination service is gone).
 
 Work only some processes do (`together`): process 0's writes at a run's start (`store.json`,
 `config.json`, TensorBoard events) are followed by an exchange of every process's outcome through
@@ -47,6 +51,7 @@ import logging
 import os
 import re
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -267,14 +272,41 @@ def _group_client():
     return jax_distributed.global_state.client
 
 
+_FAILED = "focalnet_failed/"  # key-value store: a failed process's time and reason
+
+
+def _reason(error: BaseException) -> str:
+    """One line saying why a command failed: a user error's message, else type and message."""
+    if isinstance(error, SystemExit):  # its line is printed: `<prog>: error: <message>`
+        return str(error).split(": error: ", 1)[-1]
+    return " ".join(f"{type(error).__name__}: {error}".split())
+
+
+def _first_other_failure(client) -> tuple[int, str] | None:
+    """(process, reason) of the earliest failure another process of the group recorded; None
+    where none did, or the group's store cannot be read."""
+    try:
+        entries = client.key_value_dir_get(_FAILED)
+    except Exception:
+        return None
+    failures = []
+    for key, value in entries:
+        process, (when, reason) = int(key.rsplit("/", 1)[-1]), value.split(" ", 1)
+        if process != jax.process_index():
+            failures.append((float(when), process, reason))
+    return min(failures)[1:] if failures else None
+
+
 @contextlib.contextmanager
-def leave_group_on_failure(wait_s: float = FAILURE_WAIT_S):
+def leave_group_on_failure(prog: str, wait_s: float = FAILURE_WAIT_S):
     """Around a command whose failures have been printed (`errors.one_line_user_errors` inside
-    it): in a process group, a failure (an exception, a non-zero `SystemExit`) waits up to
-    `wait_s` seconds at a barrier for every process to fail too, then leaves as usual; when the
-    others do not come (they wait for this one in a collective), the process ends at once with
-    its status (an exception: 1, its traceback printed) without JAX's shutdown barrier. Only for
-    a command that ends its process (`os._exit`)."""
+    it): in a process group, a failure (an exception, a non-zero `SystemExit`) is recorded in
+    the group's key-value store, then waits up to `wait_s` seconds at a barrier for every
+    process to fail too, and leaves as usual; when the others do not come (they wait for this
+    one in a collective), the process ends at once with its status without JAX's shutdown
+    barrier. An exception there is printed as its traceback, but where another process
+    recorded a failure first (this one's collective failed with it) as one line of `prog`
+    naming that process and its reason. Only for a command that ends its process (`os._exit`)."""
     try:
         yield
     except BaseException as error:
@@ -282,10 +314,20 @@ def leave_group_on_failure(wait_s: float = FAILURE_WAIT_S):
         status = error.code if isinstance(error, SystemExit) else 1
         if client is None or not status:
             raise
+        with contextlib.suppress(Exception):  # unrecorded, this process still ends as it would
+            key = f"{_FAILED}{jax.process_index()}"
+            client.key_value_set(key, f"{time.time()!r} {_reason(error)}")
         try:
             client.wait_at_barrier("focalnet_command_failed", int(wait_s * 1000))
         except Exception:  # timed out, or the group is gone: this process failed alone
-            if not isinstance(error, SystemExit):
+            first = None if isinstance(error, SystemExit) else _first_other_failure(client)
+            if first is not None:
+                print(
+                    f"{prog}: error: process {first[0]} failed ({first[1]}); this process "
+                    f"stopped with it ({_reason(error)})",
+                    file=sys.stderr,
+                )
+            elif not isinstance(error, SystemExit):
                 traceback.print_exception(error)
             logging.shutdown()
             sys.stdout.flush()
