@@ -186,6 +186,26 @@ def test_sparse_seg_without_its_slice_spacing_is_refused(source, tmp_path):
     )
 
 
+def test_seg_of_two_positions_without_its_slice_spacing_is_refused(source, tmp_path):
+    # Two one-frame lesions 12 mm apart (frames 4 and 8): highdicom took 12 mm as the slice
+    # spacing, and the two lesions covered seven T2w slices, not two.
+    lesions = [
+        ("ISUP 3", _box(source, 4, slice(100, 110), slice(120, 130)), LESION),
+        ("ISUP 2", _box(source, 8, slice(150, 160), slice(120, 130)), LESION),
+    ]
+    file = _seg(tmp_path / "two.dcm", source, lesions)
+    dataset = pydicom.dcmread(file)
+    del dataset.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].SpacingBetweenSlices
+    dataset.save_as(file)
+    with pytest.raises(io.CaseError) as raised:
+        io.read_label(file, case="px", label_values="picai")
+    assert str(raised.value) == (
+        f"case 'px', file '{file}': frames at 2 positions 12.00 mm apart along the slice normal "
+        "and no SpacingBetweenSlices (0018,0088): whether slices lie between them is unknown; "
+        "export the SEG with it (or with every frame)"
+    )
+
+
 def test_fractional_segments_are_thresholded_at_half_their_maximum(source, t2w, tmp_path):
     fractions = np.zeros((len(source), 384, 384), np.float32)
     for frame, value in ((5, 0.3), (6, 0.45), (7, 0.55), (8, 1.0)):

@@ -100,10 +100,10 @@ def _read(file: Path):
 
 
 def _check_spacing(seg, volume, file: Path) -> None:
-    """Refuses a SEG whose slice spacing is a guess: frames at unequal steps along the normal
-    (frames left out) and no SpacingBetweenSlices (0018,0088) in its pixel measures, from which
-    highdicom would take the smallest step (two frames 6 mm apart on a 3 mm series read as
-    neighbours, the slice between them labelled)."""
+    """Refuses a SEG whose slice spacing is a guess: no SpacingBetweenSlices (0018,0088) in its
+    pixel measures and frames at two positions only, or at unequal steps along the normal (frames
+    left out), from which highdicom would take the one or the smallest step (two frames 6 mm
+    apart on a 3 mm series read as neighbours, the slice between them labelled)."""
     frames = seg.get("PerFrameFunctionalGroupsSequence") or []
     for groups in [*(seg.get("SharedFunctionalGroupsSequence") or []), *frames[:1]]:
         measures = groups.get("PixelMeasuresSequence") or [pydicom.Dataset()]
@@ -113,6 +113,13 @@ def _check_spacing(seg, volume, file: Path) -> None:
     along = np.sort(np.asarray(positions, np.float64) @ volume.direction[:, 0])
     along = along[np.r_[True, np.diff(along) > SPACING_TOLERANCE_MM]]  # one per position (segments)
     steps = np.diff(along)
+    if len(steps) == 1:
+        raise SegError(
+            file,
+            f"frames at 2 positions {steps[0]:.2f} mm apart along the slice normal and no "
+            "SpacingBetweenSlices (0018,0088): whether slices lie between them is unknown; export "
+            "the SEG with it (or with every frame)",
+        )
     if len(steps) < 2:
         return
     tolerance = max(SPACING_TOLERANCE_MM, SPACING_TOLERANCE_REL * float(steps.min()))
