@@ -94,6 +94,21 @@ def test_hbv_is_the_highest_b_value_whichever_tag_gives_it(
     assert "50, 800, 1000 s/mm^2; hbv read from the 19 images of b = 1000" in caplog.text
 
 
+def test_files_without_the_part10_header_are_read_as_gdcm_reads_them(
+    prostatex_case_dir, original, tmp_path
+):
+    """Slices without the 128-byte preamble and file meta (older exports; GDCM reads them):
+    their b-values are read too, not refused by pydicom with a traceback."""
+    dwi = _write_dwi(prostatex_case_dir / "hbv", tmp_path / "dwi", {"a": 50, "b": 1000}, "siemens")
+    for file in dwi.iterdir():
+        dataset = pydicom.dcmread(file)
+        dataset.preamble = None
+        del dataset.file_meta
+        dataset.save_as(file, implicit_vr=False, little_endian=True)
+    assert b"DICM" not in next(dwi.iterdir()).read_bytes()[:200]
+    _assert_same_image(read_image(dwi, case="c", component="hbv"), original)
+
+
 def test_other_components_and_no_component_still_refuse_several_volumes(
     prostatex_case_dir, tmp_path
 ):

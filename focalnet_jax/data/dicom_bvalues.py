@@ -104,7 +104,7 @@ def highest_b_files(files: Sequence[str]) -> tuple[list[str], list[float]]:
     """The files of the highest b-value among `files` (one series; `highest_b`), in ascending
     order along the slice normal (GDCM's order for a series of one volume; for several it falls
     back to instance numbers), and the series' distinct b-values in ascending order."""
-    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    headers = [pydicom.dcmread(f, stop_before_pixels=True, force=True) for f in files]
     chosen, distinct = highest_b([b_value(h) for h in headers], [Path(f).name for f in files])
     along = [_along_normal(headers[k]) for k in chosen]
     order = np.argsort(along, kind="stable") if np.isfinite(along).all() else range(len(chosen))
