@@ -212,7 +212,10 @@ def test_hbv_of_a_file_of_several_b_values_is_its_highest(enhanced, tmp_path, ca
         read = read_series(edited, component="hbv")
     stored = sitk.GetArrayFromImage(read_series(enhanced))  # slope 1, intercept 0
     _assert_same_image(read, read_series(enhanced), pixels=2 * (stored // 2) - 5)
-    assert "b-values 50, 1400 s/mm^2; hbv read from the 19 frames of b = 1400" in caplog.text
+    file = edited / "t2w.dcm"  # the warning names it (a batch logs many cases)
+    assert f"{file}: b-values 50, 1400 s/mm^2; hbv read from the 19 frames of b = 1400" in (
+        caplog.text
+    )
     message = _refusal(edited)  # as no component, or another one: several volumes
     assert "holds 2 of the 38 frames: several volumes" in message
 

@@ -142,7 +142,7 @@ def read_multiframe(
         image = _restacked(image, frames, stacked, _rescale_of(values, 0))
     check_image_geometry(image, stacked)
     if note and notes is not None:
-        notes.append(note)
+        notes.append(f"{file}: {note}")
     return image
 
 
