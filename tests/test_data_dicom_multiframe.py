@@ -220,6 +220,18 @@ def test_hbv_of_a_file_of_several_b_values_is_its_highest(enhanced, tmp_path, ca
     assert "holds 2 of the 38 frames: several volumes" in message
 
 
+def test_two_volumes_of_the_highest_b_value_of_a_file_are_refused_naming_it(enhanced, tmp_path):
+    """b = 50, 1400, 1400 (e.g. two directions, no trace): the message says which 38 frames of
+    the 57 hold two volumes, as for a classic series."""
+    edited = _edited(enhanced, tmp_path, _dwi([50, 1400, 1400], [1.0, 1.0, 1.0]))
+    with pytest.raises(SeriesError) as raised:
+        read_series(edited, component="hbv")
+    assert str(raised.value).startswith(
+        f"{edited / 't2w.dcm'}: multi-frame DICOM: the 38 frames of b = 1400 s/mm^2: each of the "
+        "19 slice positions holds 2 of the 38 frames: several volumes"
+    )
+
+
 @pytest.mark.parametrize(
     ("b_values", "reason"),
     [

@@ -126,9 +126,14 @@ def read_multiframe(
     or the image read has another geometry than its frames."""
     values = frame_values(file)
     check_frames(values)
-    frames, note = _stack_frames(values, component)
+    frames, chosen, note = _stack_frames(values, component)
     stacked = {name: [value[k] for k in frames] for name, value in values.items()}
-    _check_positions(_along_normal(stacked), [k + 1 for k in frames])
+    try:
+        _check_positions(_along_normal(stacked), [k + 1 for k in frames])
+    except MultiFrameError as err:
+        if not chosen:
+            raise
+        raise MultiFrameError(f"{chosen}: {err}") from None
     _check_rescale(stacked)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(file))
@@ -152,11 +157,12 @@ def _along_normal(values: dict[str, list]) -> np.ndarray:
     return np.array(values["position"]) @ np.cross(orientation[:3], orientation[3:])
 
 
-def _stack_frames(values: dict[str, list], component: str | None) -> tuple[list[int], str]:
-    """The frames (0-based, file order) that form the stack, in stack order, and a note on the
-    b-value chosen ('' without one): see `read_multiframe`."""
+def _stack_frames(values: dict[str, list], component: str | None) -> tuple[list[int], str, str]:
+    """The frames (0-based, file order) that form the stack, in stack order; the b-value chosen
+    ('the 19 frames of b = 1400 s/mm^2') and a note on it ('' without one): see
+    `read_multiframe`."""
     along = _along_normal(values)
-    frames, note = list(range(len(along))), ""
+    frames, chosen, note = list(range(len(along))), "", ""
     spacing = float(np.median(np.abs(np.diff(along)))) if len(along) > 1 else 0.0
     tolerance = max(SPACING_TOLERANCE_MM, SPACING_TOLERANCE_REL * spacing)
     per_position = images_per_position(along, tolerance)
@@ -168,14 +174,12 @@ def _stack_frames(values: dict[str, list], component: str | None) -> tuple[list[
             reason = f"{_several_volumes(len(along), per_position)}; as hbv: {why}"
             raise MultiFrameError(reason) from None
         listed = ", ".join(f"{b:g}" for b in b_values)
-        note = (
-            f"b-values {listed} s/mm^2; hbv read from the {len(frames)} frames of "
-            f"b = {b_values[-1]:g}"
-        )
+        chosen = f"the {len(frames)} frames of b = {b_values[-1]:g} s/mm^2"
+        note = f"b-values {listed} s/mm^2; hbv read from {chosen}"
     steps = np.diff(along[frames])
     if not (np.all(steps > 0) or np.all(steps < 0)):
         frames = [frames[i] for i in np.argsort(along[frames], kind="stable")]
-    return frames, note
+    return frames, chosen, note
 
 
 def _rescale_of(values: dict[str, list], k: int) -> tuple[float, float]:
