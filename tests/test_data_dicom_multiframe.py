@@ -235,7 +235,11 @@ def test_two_volumes_of_the_highest_b_value_of_a_file_are_refused_naming_it(enha
 @pytest.mark.parametrize(
     ("b_values", "reason"),
     [
-        ([None, 1400], "as hbv: frame 1 (19 of 38) gives no b-value"),
+        (
+            [None, 1400],
+            "as hbv: frame 1 (19 of 38) gives no b-value (DiffusionBValue (0018,9087) in its own "
+            "or the shared MRDiffusionSequence (0018,9117)), so",
+        ),
         ([800, 800], "as hbv: every image has b = 800 s/mm^2"),
     ],
 )

@@ -82,17 +82,21 @@ def _along_normal(header: pydicom.Dataset) -> float:
         return np.nan
 
 
-def highest_b(b_values: Sequence[float | None], names: Sequence[str]) -> tuple[list[int], list]:
+_SLICE_TAGS = "DiffusionBValue (0018,9087) or the Siemens, GE or Philips private tag"
+
+
+def highest_b(
+    b_values: Sequence[float | None], names: Sequence[str], tags: str = _SLICE_TAGS
+) -> tuple[list[int], list]:
     """The indices of the highest of `b_values` (one per image, None where an image gives none;
-    `names` name the images in messages) and the distinct b-values in ascending order. An image
-    without a b-value, or one b-value for all (the volumes differ otherwise: echoes,
-    directions, time points), is a `BValueError`."""
+    `names` name the images and `tags` the tags read in messages) and the distinct b-values in
+    ascending order. An image without a b-value, or one b-value for all (the volumes differ
+    otherwise: echoes, directions, time points), is a `BValueError`."""
     missing = [name for name, b in zip(names, b_values, strict=True) if b is None]
     if missing:
         raise BValueError(
-            f"{missing[0]} ({len(missing)} of {len(names)}) gives no b-value (DiffusionBValue "
-            "(0018,9087) or the Siemens, GE or Philips private tag), so the highest b-value's "
-            "volume cannot be chosen"
+            f"{missing[0]} ({len(missing)} of {len(names)}) gives no b-value ({tags}), so the "
+            "highest b-value's volume cannot be chosen"
         )
     distinct = sorted(set(b_values))
     if len(distinct) < 2:

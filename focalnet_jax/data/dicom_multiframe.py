@@ -38,6 +38,7 @@ _GROUPS = {  # value -> (functional group sequence, attribute keyword)
 }
 _VALUE_COUNTS = {"ImagePositionPatient": 3, "ImageOrientationPatient": 6, "PixelSpacing": 2}
 _RESCALE = ("RescaleSlope", "RescaleIntercept")
+_FRAME_TAGS = "DiffusionBValue (0018,9087) in its own or the shared MRDiffusionSequence (0018,9117)"
 
 
 class MultiFrameError(ValueError):
@@ -169,7 +170,7 @@ def _stack_frames(values: dict[str, list], component: str | None) -> tuple[list[
     if per_position and component == "hbv":
         names = [f"frame {k + 1}" for k in frames]
         try:
-            frames, b_values = highest_b(values["b_value"], names)
+            frames, b_values = highest_b(values["b_value"], names, _FRAME_TAGS)
         except BValueError as why:
             reason = f"{_several_volumes(len(along), per_position)}; as hbv: {why}"
             raise MultiFrameError(reason) from None
