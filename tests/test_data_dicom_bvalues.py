@@ -10,6 +10,7 @@ import copy
 import logging
 import re
 import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -172,6 +173,12 @@ def test_b_value_tags_read_as_numbers(tmp_path):
     plain.save_as(path, enforce_file_format=True)
     assert dicom_bvalues.b_value(pydicom.dcmread(path)) is None
     assert dicom_bvalues._number("0\\8\\0\\0", "ge") == 0.0  # GE b = 0 of a single-b scan
+    unreadable = copy.deepcopy(dataset)  # a standard tag that is no number: the next tag tells
+    with warnings.catch_warnings():  # pydicom warns of bytes in an FD tag: a malformed file
+        warnings.simplefilter("ignore", UserWarning)
+        unreadable.add_new((0x0018, 0x9087), "UN", b"n/a")
+    _set_b(unreadable, "siemens", 800.0)
+    assert dicom_bvalues.b_value(unreadable) == 800.0
 
 
 def test_multi_b_series_preprocesses_to_the_case_of_its_high_b_series(prostatex_case_dir, tmp_path):

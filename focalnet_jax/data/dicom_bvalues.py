@@ -36,7 +36,7 @@ class BValueError(ValueError):
 
 
 def _number(value, kind: str) -> float:
-    """A private element's value as a number: raw bytes (an implicit-VR file whose creator
+    """An element's value as a number: raw bytes (an implicit-VR file whose private creator
     pydicom does not know) are text for IS elements and a little-endian float32 for FL ones."""
     if isinstance(value, bytes):
         if kind == "float32" and len(value) == 4:
@@ -55,18 +55,18 @@ def _number(value, kind: str) -> float:
 def b_value(header: pydicom.Dataset) -> float | None:
     """The b-value (s/mm^2) a slice's header gives (module docstring), or None."""
     standard = header.get((0x0018, 0x9087))
-    if standard is not None and standard.value not in (None, ""):
-        return float(standard.value)
+    elements = [(standard, "text")] if standard is not None else []
     for group, creator, offset, kind in _PRIVATE:
         try:
-            element = header.private_block(group, creator)[offset]
+            elements.append((header.private_block(group, creator)[offset], kind))
         except KeyError:
             continue
+    for element, kind in elements:
         if element.value in (None, b"", ""):
             continue
         try:
             return _number(element.value, kind)
-        except (TypeError, ValueError, struct.error):
+        except (TypeError, ValueError, struct.error):  # unreadable: the next tag may tell
             continue
     return None
 
