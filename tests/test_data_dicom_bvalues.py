@@ -173,6 +173,9 @@ def test_b_value_tags_read_as_numbers(tmp_path):
     plain.save_as(path, enforce_file_format=True)
     assert dicom_bvalues.b_value(pydicom.dcmread(path)) is None
     assert dicom_bvalues._number("0\\8\\0\\0", "ge") == 0.0  # GE b = 0 of a single-b scan
+    upper = copy.deepcopy(dataset)  # an older Philips file's creator, in capitals
+    upper.private_block(0x2001, "PHILIPS IMAGING DD 001", create=True).add_new(0x03, "FL", 1500.0)
+    assert dicom_bvalues.b_value(upper) == 1500.0
     unreadable = copy.deepcopy(dataset)  # a standard tag that is no number: the next tag tells
     with warnings.catch_warnings():  # pydicom warns of bytes in an FD tag: a malformed file
         warnings.simplefilter("ignore", UserWarning)

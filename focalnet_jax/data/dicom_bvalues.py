@@ -52,15 +52,26 @@ def _number(value, kind: str) -> float:
     return number
 
 
+def _private_element(header: pydicom.Dataset, group: int, creator: str, offset: int):
+    """Element `offset` of `creator`'s private block in `group` (creator names compared without
+    letter case: older Philips files write `PHILIPS IMAGING DD 001`); None where absent."""
+    for block in range(0x10, 0x100):
+        name = header.get((group, block))
+        value = name.value if name is not None else None
+        if isinstance(value, bytes):
+            value = value.decode("latin-1")
+        if isinstance(value, str) and value.strip("\0 ").upper() == creator.upper():
+            return header.get((group, (block << 8) | offset))
+    return None
+
+
 def b_value(header: pydicom.Dataset) -> float | None:
     """The b-value (s/mm^2) a slice's header gives (module docstring), or None."""
     standard = header.get((0x0018, 0x9087))
     elements = [(standard, "text")] if standard is not None else []
     for group, creator, offset, kind in _PRIVATE:
-        try:
-            elements.append((header.private_block(group, creator)[offset], kind))
-        except KeyError:
-            continue
+        if (element := _private_element(header, group, creator, offset)) is not None:
+            elements.append((element, kind))
     for element, kind in elements:
         if element.value in (None, b"", ""):
             continue
