@@ -47,9 +47,10 @@ def _box(source, frame: int, rows: slice, cols: slice) -> np.ndarray:
     return mask
 
 
-def _seg(path: Path, source, segments, *, fractional: bool = False) -> Path:
+def _seg(path: Path, source, segments, *, fractional: bool = False, labelmap=False) -> Path:
     """A SEG of `segments` [(label, mask [frames, rows, columns], (category, type))] on the
-    source frames, empty frames left out (highdicom's default), written to `path`."""
+    source frames, empty frames left out (highdicom's default), written to `path`; `labelmap`:
+    a label map SEG (segments that do not overlap, as one map of segment numbers)."""
     descriptions = [
         highdicom.seg.SegmentDescription(
             segment_number=k,
@@ -62,11 +63,14 @@ def _seg(path: Path, source, segments, *, fractional: bool = False) -> Path:
     ]
     pixels = np.stack([mask for _, mask, _ in segments], axis=-1)
     kind = highdicom.seg.SegmentationTypeValues.FRACTIONAL if fractional else "BINARY"
+    if labelmap:
+        kind = highdicom.seg.SegmentationTypeValues.LABELMAP
+        pixels = (pixels * np.arange(1, len(segments) + 1)).max(axis=-1).astype(np.uint8)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # its patient name has one component
         seg = highdicom.seg.Segmentation(
             source_images=source,
-            pixel_array=pixels.astype(np.float32 if fractional else bool),
+            pixel_array=pixels if labelmap else pixels.astype(np.float32 if fractional else bool),
             segmentation_type=kind,
             segment_descriptions=descriptions,
             series_instance_uid=pydicom.uid.generate_uid(),
@@ -131,6 +135,28 @@ def test_segment_labels_give_their_grades_and_overlaps_the_highest(source, t2w, 
     np.testing.assert_allclose(index, np.round(index), atol=1e-3)
     assert label[tuple(int(i) for i in np.round(index))] == 4
     assert label.GetSpacing() == pytest.approx((0.5, 0.5, 3.0), abs=1e-6)
+
+
+def test_a_label_map_seg_reads_as_the_binary_seg_of_its_segments(source, tmp_path):
+    """A label map SEG (Label Map Segmentation Storage, one segment number a pixel) was not
+    recognised as a SEG: a file was refused as an unknown image format."""
+    boxes = [
+        ("ISUP 3", (6, slice(170, 180), slice(200, 215))),
+        ("csPCa", (8, slice(150, 170), slice(150, 160))),
+    ]
+    segments = [(text, _box(source, *box), LESION) for text, box in boxes]
+    labelmap = _seg(tmp_path / "map.dcm", source, segments, labelmap=True)
+    assert pydicom.dcmread(labelmap).SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.7"
+    binary = _seg(tmp_path / "binary.dcm", source, segments)
+    read = io.read_label(labelmap, label_values="picai")
+    want = io.read_label(binary, label_values="picai")
+    assert sitk.GetArrayViewFromImage(read).sum() == 3 * 150 + 1 * 200
+    for got, expected in (
+        (read.GetOrigin(), want.GetOrigin()),
+        (read.GetSpacing(), want.GetSpacing()),
+    ):
+        np.testing.assert_allclose(got, expected, atol=1e-6)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(read), sitk.GetArrayFromImage(want))
 
 
 def test_isup_convention_gives_isup_1_and_gleason_sums(source, tmp_path):

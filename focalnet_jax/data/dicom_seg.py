@@ -1,12 +1,13 @@
 """DICOM Segmentation (SEG) objects as lesion labels and whole-gland masks, read with highdicom.
 
-A SEG (SOP Class 1.2.840.10008.5.1.4.1.1.66.4, as 3D Slicer, OHIF and most annotation tools export)
-holds binary or fractional segments on frames placed in scanner coordinates. `read_lesions` and
-`read_gland` turn one into a uint8 SimpleITK image on the grid of its frames (origin, spacing and
-direction from their plane positions, orientation and pixel measures; frames a segment leaves out
-are background), with one background slice added on either side, so that a SEG of one frame
-is no single-slice label and nearest-neighbour resampling onto the T2w leaves its neighbours
-empty. A fractional segment covers the voxels of at least 0.5 of its maximum fractional value.
+A SEG (SOP Class 1.2.840.10008.5.1.4.1.1.66.4, as 3D Slicer, OHIF and most annotation tools export,
+or the label map SEG, 66.7) holds binary, fractional or label-map segments on frames placed in
+scanner coordinates. `read_lesions` and `read_gland` turn one into a uint8 SimpleITK image on
+the grid of its frames (origin, spacing and direction from their plane positions, orientation and
+pixel measures; frames a segment leaves out are background), with one background slice added on
+either side, so that a SEG of one frame is no single-slice label and nearest-neighbour
+resampling onto the T2w leaves its neighbours empty. A fractional segment covers the voxels of
+at least 0.5 of its maximum fractional value.
 
 Lesion labels: each segment's SegmentLabel (letter case and surrounding spaces ignored) says its
 grade: `ISUP k` (k 1..5), `GS a+b` or `Gleason a+b` (a, b 3..5; 3+3 ISUP 1, 3+4 2, 4+3 3, sum 8
@@ -32,7 +33,8 @@ from pydicom.errors import InvalidDicomError
 from focalnet_jax.data.dicom_multiframe import SPACING_TOLERANCE_MM, SPACING_TOLERANCE_REL
 from focalnet_jax.errors import UserError
 
-SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+# Segmentation Storage, and Label Map Segmentation Storage (one segment number a pixel)
+SEG_SOP_CLASSES = ("1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7")
 PROSTATE_CODE = ("SCT", "41216001")
 FRACTION_THRESHOLD = 0.5  # of the maximum fractional value
 ACCEPTED_LABELS = "'ISUP k' (k 1..5), 'GS a+b' or 'Gleason a+b' (a, b 3..5), 'csPCa'"
@@ -63,7 +65,7 @@ def is_seg(file: str | os.PathLike) -> bool:
         header = pydicom.dcmread(file, stop_before_pixels=True, specific_tags=["SOPClassUID"])
     except (InvalidDicomError, OSError, ValueError, EOFError):
         return False
-    return str(header.get("SOPClassUID", "")) == SEG_SOP_CLASS
+    return str(header.get("SOPClassUID", "")) in SEG_SOP_CLASSES
 
 
 def find_seg(path: str | os.PathLike) -> Path | None:
