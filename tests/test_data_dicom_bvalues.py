@@ -92,7 +92,7 @@ def test_hbv_is_the_highest_b_value_whichever_tag_gives_it(
     assert f"series {pydicom.dcmread(next(dwi.iterdir())).SeriesInstanceUID} holds b-values " in (
         caplog.text
     )
-    assert "50, 800, 1000 s/mm^2; hbv read from the 19 images of b = 1000" in caplog.text
+    assert "50, 800, 1000; hbv read from the 19 images of b = 1000 s/mm^2\n" in caplog.text
 
 
 def test_files_without_the_part10_header_are_read_as_gdcm_reads_them(
@@ -146,6 +146,40 @@ def test_two_volumes_of_the_highest_b_value_are_refused_naming_it(prostatex_case
     dwi = _write_dwi(prostatex_case_dir / "hbv", tmp_path / "dwi", b_values, "standard")
     with pytest.raises(SeriesError, match="^.*: the 38 images of b = 1400 s/mm.2: each of the 19 "):
         read_series(dwi, component="hbv")
+
+
+def _mark_directions(dwi: Path, directions: dict[str, str]) -> None:
+    """Give the files of each copy (name prefix) a Philips `Diffusion_Direction` (I: isotropic),
+    an ImageType without TRACEW and, but for I, pixels + 500 (as Philips stores a b-value's
+    directional images beside their trace)."""
+    for file in dwi.iterdir():
+        direction = directions.get(file.name.split("_")[0])
+        if direction is None:
+            continue
+        dataset = pydicom.dcmread(file)
+        dataset.ImageType = ["ORIGINAL", "PRIMARY", "M", "DIFFUSION"]
+        block = dataset.private_block(0x2001, "Philips Imaging DD 001", create=True)
+        block.add_new(0x04, "CS", direction)
+        if direction != "I":
+            dataset.PixelData = (
+                (dataset.pixel_array + 500).astype(dataset.pixel_array.dtype).tobytes()
+            )
+        dataset.save_as(file)
+
+
+def test_isotropic_images_of_the_highest_b_value_are_taken_over_directional_ones(
+    prostatex_case_dir, original, tmp_path, caplog
+):
+    b_values = {"b0": 0.0, "x": 1000.0, "y": 1000.0, "iso": 1000.0}
+    dwi = _write_dwi(prostatex_case_dir / "hbv", tmp_path / "dwi", b_values, "philips")
+    _mark_directions(dwi, {"x": "P", "y": "S", "iso": "I"})
+    with caplog.at_level(logging.WARNING):
+        read = read_image(dwi, case="c", component="hbv")
+    _assert_same_image(read, original)
+    assert "hbv read from the 19 isotropic images of b = 1000 s/mm^2 (38 directional" in caplog.text
+    _mark_directions(dwi, {"iso": "R"})  # no image marked isotropic: which one is unknown
+    with pytest.raises(CaseError, match="the 57 images of b = 1000 s/mm.2: each of the 19 slice"):
+        read_image(dwi, case="c", component="hbv")
 
 
 def test_b_value_tags_read_as_numbers(tmp_path):

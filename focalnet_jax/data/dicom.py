@@ -450,19 +450,19 @@ def _stack_files(folder: Path, chosen: SeriesInfo, component: str | None, notes:
         if component != "hbv":
             raise
         try:
-            files, b_values = highest_b_files(chosen.files)
+            files, b_values, directional = highest_b_files(chosen.files)
         except BValueError as why:
             raise SeriesError(err.file, f"{err.reason}; as hbv: {why}") from None
-    listed = ", ".join(f"{b:g}" for b in b_values)
+    kind = "isotropic images" if directional else "images"
+    read = f"the {len(files)} {kind} of b = {b_values[-1]:g} s/mm^2"
     try:
         check_slice_positions(files)
     except SeriesError as err:
-        raise SeriesError(
-            err.file, f"the {len(files)} images of b = {b_values[-1]:g} s/mm^2: {err.reason}"
-        ) from None
+        raise SeriesError(err.file, f"{read}: {err.reason}") from None
+    listed = ", ".join(f"{b:g}" for b in b_values)
+    left_out = f" ({directional} directional ones left out)" if directional else ""
     notes.append(
-        f"{folder}: series {chosen.uid} holds b-values {listed} s/mm^2; hbv read from the "
-        f"{len(files)} images of b = {b_values[-1]:g}"
+        f"{folder}: series {chosen.uid} holds b-values {listed}; hbv read from {read}{left_out}"
     )
     return files
 

@@ -11,6 +11,8 @@ A slice's b-value, in s/mm^2, is the first of these that it has:
 - GE `Slop_int_6` (0043,xx39) of `GEMS_PARM_01`: its first value, less the 1e9 GE adds to each
   b-value of a multi-b scan;
 - Philips `Diffusion_B_Factor` (2001,xx03) of `Philips Imaging DD 001`.
+Where the highest b-value holds isotropic (trace) images beside directional ones (Philips stores
+both), the isotropic ones are taken.
 """
 
 from __future__ import annotations
@@ -115,12 +117,33 @@ def highest_b(
     return [k for k, b in enumerate(b_values) if b == distinct[-1]], distinct
 
 
-def highest_b_files(files: Sequence[str]) -> tuple[list[str], list[float]]:
+def _isotropic(header: pydicom.Dataset) -> bool:
+    """Whether a slice is marked as an isotropic (trace) image: DiffusionDirectionality
+    (0018,9075) ISOTROPIC, Philips `Diffusion_Direction` (2001,xx04) I, or ImageType TRACEW."""
+    directionality = str(header.get("DiffusionDirectionality", "")).strip().upper()
+    philips = _private_element(header, 0x2001, "Philips Imaging DD 001", 0x04)
+    direction = philips.value if philips is not None else ""
+    if isinstance(direction, bytes):
+        direction = direction.decode("latin-1")
+    image_type = [str(v).strip().upper() for v in header.get("ImageType", [])]
+    return (
+        directionality == "ISOTROPIC"
+        or str(direction).strip("\0 ").upper() == "I"
+        or "TRACEW" in image_type
+    )
+
+
+def highest_b_files(files: Sequence[str]) -> tuple[list[str], list[float], int]:
     """The files of the highest b-value among `files` (one series; `highest_b`), in ascending
     order along the slice normal (GDCM's order for a series of one volume; for several it falls
-    back to instance numbers), and the series' distinct b-values in ascending order."""
+    back to instance numbers); the series' distinct b-values in ascending order; and how many
+    directional images of that b-value were left out: where some of its images are marked
+    isotropic (`_isotropic`) and others not, only the isotropic ones are taken."""
     headers = [pydicom.dcmread(f, stop_before_pixels=True, force=True) for f in files]
     chosen, distinct = highest_b([b_value(h) for h in headers], [Path(f).name for f in files])
+    isotropic = [k for k in chosen if _isotropic(headers[k])]
+    directional = len(chosen) - len(isotropic) if isotropic else 0
+    chosen = isotropic or chosen
     along = [_along_normal(headers[k]) for k in chosen]
     order = np.argsort(along, kind="stable") if np.isfinite(along).all() else range(len(chosen))
-    return [files[chosen[i]] for i in order], distinct
+    return [files[chosen[i]] for i in order], distinct, directional
