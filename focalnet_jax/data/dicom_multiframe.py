@@ -8,8 +8,9 @@ slices, the frames of several volumes (the b-values of a DWI) as one stack, and 
 rescale values of their own all with the first frame's. `read_multiframe` reads the frames'
 position, orientation, pixel spacing, rescale and b-values (pydicom, without the pixel data),
 stacks frames out of slice order along the slice normal (placing them by their functional groups),
-takes the highest b-value's frames of a DWI file read as `hbv`, and refuses a file whose frames
-are not one regular stack, or that was read with another geometry.
+rescales each frame with its own values, takes the highest b-value's frames of a DWI file read as
+`hbv`, and refuses a file whose frames are not one regular stack, or that was read with another
+geometry.
 """
 
 from __future__ import annotations
@@ -135,7 +136,6 @@ def read_multiframe(
         if not chosen:
             raise
         raise MultiFrameError(f"{chosen}: {err}") from None
-    _check_rescale(stacked)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(file))
     reader.SetOutputPixelType(sitk.sitkFloat32)
@@ -144,8 +144,10 @@ def read_multiframe(
         raise MultiFrameError(
             f"{len(values['position'])} frames read as an image of size {image.GetSize()}"
         )
-    if frames != list(range(len(values["position"]))):
-        image = _restacked(image, frames, stacked, _rescale_of(values, 0))
+    applied = _rescale_of(values, 0)  # ITK applies frame 1's values to every frame
+    own = [_rescale_of(stacked, k) for k in range(len(frames))]
+    if frames != list(range(len(values["position"]))) or set(own) != {applied}:
+        image = _restacked(image, frames, stacked, applied)
     check_image_geometry(image, stacked)
     if note and notes is not None:
         notes.append(f"{file}: {note}")
@@ -193,12 +195,15 @@ def _restacked(image: sitk.Image, frames: list[int], stacked: dict, applied) -> 
     """The `frames` of `image` (as ITK read the file: frame k at slice k, every frame rescaled
     with `applied`, frame 1's values; its geometry, which ITK may have given up on, unused) as
     a stack of their own, placed by their functional groups (`stacked`): pixel spacing and
-    orientation, slice axis along the normal, origin at the first frame's position; pixels
-    rescaled with the frames' own values."""
+    orientation, slice axis along the normal, origin at the first frame's position; each frame
+    rescaled with its own values (the stored integers recovered from `applied`)."""
     pixels = sitk.GetArrayFromImage(image)[frames].astype(np.float64)  # [frames, rows, cols]
-    slope, intercept = _rescale_of(stacked, 0)
-    if (slope, intercept) != applied:
-        pixels = (pixels - applied[1]) / applied[0] * slope + intercept
+    own = np.array([_rescale_of(stacked, k) for k in range(len(frames))])  # [frames, 2]
+    if np.any(own != applied):
+        if applied[0] == 0:
+            raise MultiFrameError("frame 1 has RescaleSlope 0: the other frames' values are lost")
+        stored = np.round((pixels - applied[1]) / applied[0])
+        pixels = stored * own[:, 0, None, None] + own[:, 1, None, None]
     out = sitk.GetImageFromArray(pixels.astype(np.float32))
     along = _along_normal(stacked)
     step = (along[-1] - along[0]) / (len(frames) - 1) if len(frames) > 1 else 1.0
@@ -241,18 +246,6 @@ def check_frames(values: dict[str, list]) -> None:
         raise MultiFrameError(
             f"frame {other[0] + 1} has pixel spacing {pixel[other[0]].tolist()} mm, frame 1 "
             f"{pixel[0].tolist()} mm"
-        )
-
-
-def _check_rescale(stacked: dict[str, list]) -> None:
-    """Refuse frames of a stack with rescale values of their own that differ (ITK applies one
-    frame's values to all)."""
-    rescale = list(zip(stacked["slope"], stacked["intercept"], strict=True))
-    if len(set(rescale)) > 1:
-        k = next(k for k, r in enumerate(rescale) if r != rescale[0])
-        raise MultiFrameError(
-            f"frames have rescale values of their own (RescaleSlope, RescaleIntercept: frame 1 "
-            f"{rescale[0]}, frame {k + 1} {rescale[k]}), which ITK would not apply"
         )
 
 
