@@ -342,7 +342,10 @@ def test_manifest_of_seg_label_and_mask_stores_what_nifti_gives(
     source, t2w, prostatex_case_dir, tmp_path, capfd
 ):
     """`focalnet preprocess --layout manifest` with a SEG label (a folder holding the SEG beside
-    the T2w slices) and a SEG gland mask stores the label arrays and crop of the NIfTI ones."""
+    the T2w slices) and a SEG gland mask stores the label arrays and crop of the NIfTI ones; so
+    does one SEG of the lesions and the gland given as both (its Prostate segment, category
+    Anatomical Structure, no lesion: refused before as an unknown segment label, and the one
+    file as 'label and prostate mask are the same file')."""
     lesions = [  # ISUP 3 over the ProstateX finding (T2w frame 10 of 19), csPCa elsewhere
         ("ISUP 3", _box(source, 9, slice(190, 200), slice(225, 240)), LESION),
         ("csPCa", _box(source, 8, slice(170, 178), slice(180, 190)), LESION),
@@ -353,6 +356,7 @@ def test_manifest_of_seg_label_and_mask_stores_what_nifti_gives(
     shutil.copytree(prostatex_case_dir / "t2w", exam / "label")  # the SEG among its source
     _seg(exam / "label" / "seg.dcm", source, lesions)
     _seg(exam / "gland.dcm", source, [("Prostate", gland, PROSTATE)])
+    _seg(exam / "both.dcm", source, [*lesions, ("Prostate", gland, PROSTATE)])
     for name, frames in (("label", lesions[0][1] * 3 + lesions[1][1]), ("gland", gland)):
         image = sitk.GetImageFromArray(_on_t2w(source, t2w, frames.astype(np.uint8)))
         image.CopyInformation(t2w)
@@ -361,6 +365,7 @@ def test_manifest_of_seg_label_and_mask_stores_what_nifti_gives(
     rows = {
         "seg": f"px,p,{t2w_folder},{exam / 'label'},{exam / 'gland.dcm'}",
         "nifti": f"px,p,{t2w_folder},{exam / 'label.nii.gz'},{exam / 'gland.nii.gz'}",
+        "both": f"px,p,{t2w_folder},{exam / 'both.dcm'},{exam / 'both.dcm'}",
     }
     stores = {}
     for name, row in rows.items():
@@ -377,7 +382,10 @@ def test_manifest_of_seg_label_and_mask_stores_what_nifti_gives(
                 "pass --label-values picai"
             )
         assert main([*argv, "--label-values", "picai"]) == 0
-    seg, nifti = (open_store(stores[n]) for n in ("seg", "nifti"))
+    seg, nifti, both = (open_store(stores[n]) for n in ("seg", "nifti", "both"))
+    for array in ("classes", "grade_known", "annotated", "slice_index", "lesions"):
+        np.testing.assert_array_equal(getattr(both, array), getattr(seg, array))
+    np.testing.assert_allclose(both.case("px")["center"], seg.case("px")["center"], atol=1e-9)
     for array in ("classes", "grade_known", "annotated", "slice_index"):
         np.testing.assert_array_equal(getattr(seg, array), getattr(nifti, array))
     assert sorted(np.unique(seg.classes).tolist()) == [0, 2, 3]  # csPCa: class 2, grade unknown

@@ -13,7 +13,9 @@ Lesion labels: each segment's SegmentLabel (letter case and surrounding spaces i
 grade: `ISUP k` (k 1..5), `GS a+b` or `Gleason a+b` (a, b 3..5; 3+3 ISUP 1, 3+4 2, 4+3 3, sum 8
 4, sum 9-10 5), or `csPCa` (grade unknown). Its value follows the label convention (`picai`: 2..5
 ISUP, 1 csPCa of unknown grade, so ISUP 1 has none; `isup`: 1..5 ISUP, so csPCa has none). A
-voxel of overlapping segments takes the highest value.
+voxel of overlapping segments takes the highest value. Segments of category Anatomical Structure
+(the gland, zones or organs of a SEG that also holds the lesions) are no lesions and left out;
+one SEG may then be both a case's label and its gland mask.
 
 Whole-gland masks: the one segment of a SEG, else the union of those whose segmented property
 type is SCT 41216001 (Prostate) or whose SegmentLabel contains 'prostate' or 'gland'.
@@ -36,6 +38,7 @@ from focalnet_jax.errors import UserError
 # Segmentation Storage, and Label Map Segmentation Storage (one segment number a pixel)
 SEG_SOP_CLASSES = ("1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7")
 PROSTATE_CODE = ("SCT", "41216001")
+ANATOMY_CATEGORY = ("SCT", "91723000")  # Anatomical Structure: no lesion
 FRACTION_THRESHOLD = 0.5  # of the maximum fractional value
 ACCEPTED_LABELS = "'ISUP k' (k 1..5), 'GS a+b' or 'Gleason a+b' (a, b 3..5), 'csPCa'"
 _ISUP = re.compile(r"isup\s*([1-5])")
@@ -134,12 +137,16 @@ def _check_spacing(seg, volume, file: Path) -> None:
         )
 
 
-def _description(seg, number: int) -> tuple[str, tuple[str, str]]:
-    """SegmentLabel and (coding scheme, code value) of the segmented property type of segment
-    `number`."""
+def _description(seg, number: int) -> tuple[str, tuple[str, str], tuple[str, str]]:
+    """SegmentLabel and (coding scheme, code value) of the segmented property type and of the
+    category of segment `number`."""
     description = seg.get_segment_description(number)
-    code = description.segmented_property_type
-    return str(description.segment_label), (str(code.scheme_designator), str(code.value))
+    kind, category = description.segmented_property_type, description.segmented_property_category
+    return (
+        str(description.segment_label),
+        (str(kind.scheme_designator), str(kind.value)),
+        (str(category.scheme_designator), str(category.value)),
+    )
 
 
 def _image(masks: np.ndarray, volume) -> sitk.Image:
@@ -188,14 +195,17 @@ def segment_value(label: str, label_values: str) -> int | str:
 
 def read_lesions(file: str | os.PathLike, label_values: str) -> sitk.Image:
     """A SEG file's segments as a label map (uint8, 0 background, 1..5 by `segment_value`
-    under `label_values`; the highest where segments overlap) on the grid of its frames. A
-    segment label of no value is a `SegError` naming the segment and why."""
+    under `label_values`; the highest where segments overlap) on the grid of its frames;
+    segments of category Anatomical Structure (SCT 91723000: the gland, zones, organs) are left
+    out. A segment label of no value is a `SegError` naming the segment and why."""
     file = Path(file)
     seg, volume, numbers = _read(file)
     masks = _segment_masks(volume)
     label = np.zeros(masks.shape[:3], np.uint8)
     for k, number in enumerate(numbers):
-        text, _ = _description(seg, number)
+        text, _, category = _description(seg, number)
+        if category == ANATOMY_CATEGORY:  # e.g. the gland of a SEG that holds both
+            continue
         value = segment_value(text, label_values)
         if isinstance(value, str):
             raise SegError(file, f"segment {number} {text!r}: {value}")
@@ -210,7 +220,7 @@ def read_gland(file: str | os.PathLike) -> sitk.Image:
     file = Path(file)
     seg, volume, numbers = _read(file)
     masks = _segment_masks(volume)
-    described = [(number, *_description(seg, number)) for number in numbers]
+    described = [(number, *_description(seg, number)[:2]) for number in numbers]
     chosen = [
         k
         for k, (_, text, code) in enumerate(described)

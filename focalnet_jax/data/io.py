@@ -298,7 +298,7 @@ def check_distinct(files: Mapping, series: Mapping, case: str) -> None:
         if path is None or not str(path):
             continue
         key = (os.path.realpath(os.fspath(path)), series.get(name))
-        if key in seen:
+        if key in seen and _seg_file(path, case) is None:  # a SEG may hold label and gland
             what = "series" if series.get(name) else "folder" if os.path.isdir(path) else "file"
             raise CaseError(case, path, f"{seen[key]} and {name} are the same {what}")
         seen[key] = name
