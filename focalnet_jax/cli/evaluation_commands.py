@@ -269,6 +269,12 @@ def add_predict(parser: argparse.ArgumentParser) -> None:
         help="detections.csv and overlay.png show the detections whose lesion score "
         "P(class >= 1) is at least this (default: 0.5)",
     )
+    parser.add_argument(
+        "--dicom",
+        action="store_true",
+        help="also write detections_seg.dcm, the detection map's lesion candidates as a DICOM "
+        "Segmentation referencing the T2w series, for PACS viewers (the T2w must be DICOM)",
+    )
     parser.add_argument("--batch-size", type=int, default=16, help=f"{_BATCH_HELP} (default: 16)")
     parser.add_argument(
         "--tta",

@@ -8,7 +8,9 @@ The run's outputs (each case's, predict.py) are written, case folder by case fol
 `<out>.partial/` (partial_output.py), which becomes `<out>` when complete, so `<out>` never mixes
 two runs; a non-empty `<out>` is refused unless `overwrite`. A run stopped before the end (a
 crash, Ctrl-C, SIGTERM, SIGKILL) keeps its finished cases there, and `resume` predicts the others
-with the same models and settings. A bad case stops the run with its error, or, with
+with the same models and settings. With `dicom` each case's folder also holds its
+`detections_seg.dcm` (predict.py), written with the other files; a case whose T2w is an image
+file is a bad case (`dicom_output.dicom_sources`). A bad case stops the run with its error, or, with
 `skip_bad_cases`, is listed in `<out>/errors.csv` (case, file, reason; written, maybe empty,
 whenever bad cases are skipped) and skipped.
 """
@@ -31,6 +33,7 @@ from focalnet_jax.data.preprocess import PreprocessedCase, preprocess_case
 from focalnet_jax.data.store import bad_cases_note, write_errors
 from focalnet_jax.errors import UserError, plural
 from focalnet_jax.evaluation.detection_map import CandidateSettings
+from focalnet_jax.evaluation.dicom_output import dicom_sources
 from focalnet_jax.evaluation.ensemble import Ensemble
 from focalnet_jax.evaluation.inference import pooled_predictions
 from focalnet_jax.evaluation.partial_output import (
@@ -89,9 +92,13 @@ def find_cases(
     raise LayoutError(f"layout {layout!r}: expected 'picai' or 'manifest'")
 
 
-def _preprocess(spec: CaseSpec, models: Ensemble) -> PreprocessedCase:
-    """One case through the models' preprocessing; every failure is a CaseError naming it."""
+def _preprocess(spec: CaseSpec, models: Ensemble, dicom: bool) -> tuple[PreprocessedCase, list]:
+    """One case through the models' preprocessing, and with `dicom` its T2w series' datasets
+    (else None); every failure is a CaseError naming it."""
     try:
+        sources = None
+        if dicom:
+            sources = dicom_sources(spec.case_id, spec.components["t2w"], spec.series.get("t2w"))
         return preprocess_case(
             spec.components,
             center=spec.center,
@@ -100,7 +107,7 @@ def _preprocess(spec: CaseSpec, models: Ensemble) -> PreprocessedCase:
             series=spec.series,
             config=models.preprocess,
             case_id=spec.case_id,
-        )
+        ), sources
     except CaseError:
         raise
     except Exception as error:  # an unexpected failure still names the case
@@ -108,12 +115,12 @@ def _preprocess(spec: CaseSpec, models: Ensemble) -> PreprocessedCase:
 
 
 def _preprocess_or_skip(
-    spec: CaseSpec, models: Ensemble, errors: list | None
-) -> PreprocessedCase | None:
+    spec: CaseSpec, models: Ensemble, errors: list | None, dicom: bool
+) -> tuple[PreprocessedCase, list] | None:
     """`_preprocess`; where `errors` is a list (bad cases skipped), a CaseError is logged,
     appended to it as (case, file, reason) and gives None; otherwise it is raised."""
     try:
-        return _preprocess(spec, models)
+        return _preprocess(spec, models, dicom)
     except CaseError as error:
         if errors is None:
             raise
@@ -134,6 +141,7 @@ def predict_cases(
     errors: list | None = None,
     overwrite: bool = False,
     resume: bool = False,
+    dicom: bool = False,
 ) -> BatchSummary:
     """Predicts every case into `out/<case_id>/` (and `out/models.json`: the models and settings,
     `partial_output.recorded_settings`); returns what was written and the bad cases (those of
@@ -141,7 +149,8 @@ def predict_cases(
     (`partial_output.partial_output`), which becomes `out` at the end; a non-empty `out` is
     refused unless `overwrite` (then replaced whole), also one that another run finished after
     this one started (checked under the lock beside `out`). With `resume` the cases already finished
-    in the partial are skipped and the others (also those that failed before) predicted.
+    in the partial are skipped and the others (also those that failed before) predicted. `dicom`:
+    each case's `detections_seg.dcm` too (recorded in models.json, so a resume keeps it).
 
     Raises the first CaseError unless `skip_bad_cases`; `out` is then left as it was and the
     partial kept for `resume`.
@@ -152,7 +161,7 @@ def predict_cases(
         raise LayoutError("no cases to predict")
     out = Path(out)
     errors = list(errors or [])
-    settings = recorded_settings(models.describe(), threshold, candidates)
+    settings = recorded_settings(models.describe(), threshold, candidates, dicom=dicom)
     with partial_output(out, settings, resume=resume, overwrite=overwrite) as taken:
         partial, done, failed = taken
         kept = _check_finished(partial, done, cases)
@@ -163,7 +172,7 @@ def predict_cases(
         todo = [spec for spec in cases if spec.case_id not in done]
         try:
             written = _predict_into(
-                partial, models, todo, errors, skip_bad_cases, options, progress
+                partial, models, todo, errors, skip_bad_cases, options, progress, dicom
             )
         finally:
             if skip_bad_cases:
@@ -195,7 +204,9 @@ def _check_finished(partial: Path, done: set[str], cases: Sequence[CaseSpec]) ->
     return kept
 
 
-def _predict_into(out: Path, models: Ensemble, cases, errors, skip_bad_cases, options, progress):
+def _predict_into(
+    out: Path, models: Ensemble, cases, errors, skip_bad_cases, options, progress, dicom
+):
     """The loop of `predict_cases`: cases preprocessed, their slices pooled into whole inference
     batches (`pooled_predictions`), predicted and written to `out` (each case's folder whole or
     absent: `write_case_folder`; errors.csv rewritten at each bad case skipped); returns the
@@ -205,15 +216,19 @@ def _predict_into(out: Path, models: Ensemble, cases, errors, skip_bad_cases, op
 
         def preprocessed():
             for spec in cases:
-                case = _preprocess_or_skip(spec, models, errors if skip_bad_cases else None)
-                if case is None:
+                taken = _preprocess_or_skip(spec, models, errors if skip_bad_cases else None, dicom)
+                if taken is None:
                     write_errors(out / ERRORS_FILE, errors)
                     bar.update()
                 else:
-                    yield case, case.images
+                    yield taken, taken[0].images
 
-        for case, scores in pooled_predictions(models, preprocessed(), models.batch_size):
-            write = functools.partial(write_exam_outputs, case, scores, **options)
+        for (case, sources), scores in pooled_predictions(
+            models, preprocessed(), models.batch_size
+        ):
+            write = functools.partial(
+                write_exam_outputs, case, scores, dicom_sources=sources, **options
+            )
             write_case_folder(out, case.case_id, write)
             written.append(case.case_id)
             bar.update()

@@ -77,12 +77,16 @@ def resume_hint(out: str | os.PathLike) -> str:
     )
 
 
-def recorded_settings(describe: dict, threshold: float, candidates: CandidateSettings) -> dict:
+def recorded_settings(
+    describe: dict, threshold: float, candidates: CandidateSettings, dicom: bool = False
+) -> dict:
     """What `models.json` records: the ensemble's `describe()` (models and steps, TTA), the
-    detections threshold and the candidate settings (threshold as text: '0.3' and 0.3 agree)."""
+    detections threshold and the candidate settings (threshold as text: '0.3' and 0.3 agree),
+    and `"dicom": true` with `--dicom` (only then: earlier partials still resume without it)."""
     settings = dataclasses.asdict(candidates)
     settings["threshold"] = str(settings["threshold"])
-    return {**describe, "threshold": float(threshold), "candidates": settings}
+    recorded = {**describe, "threshold": float(threshold), "candidates": settings}
+    return {**recorded, "dicom": True} if dicom else recorded
 
 
 def finished_cases(partial: Path) -> set[str]:

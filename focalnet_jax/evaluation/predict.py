@@ -12,7 +12,9 @@ evaluation/ensemble.py) gives P(class >= k) on every slice of the 80 mm crop, an
   coordinates, the T2w voxel holding the point, the crop slice/row/column, the lesion score and
   P(GS >= 3+4), P(GS >= 4+3), P(GS >= 8), P(GS >= 9);
 - `overlay.png`: the T2w crop slices of the highest detections with the score map and crosses;
-- `models.json`: the runs (and checkpoint steps) that made the prediction, and the TTA.
+- `models.json`: the runs (and checkpoint steps) that made the prediction, and the TTA;
+- with `dicom` (a DICOM T2w): `detections_seg.dcm`, the detection map's candidates as a DICOM
+  Segmentation on the T2w source frames (evaluation/dicom_output.py).
 The files are written to a temporary folder beside the output folder, which then replaces it whole
 (`atomic_files.replaced_folder`), so a reader finds every old file or every new one, never a mix.
 An output folder holding anything else than these files is refused (`check_exam_out`): replacing it
@@ -34,6 +36,7 @@ from focalnet_jax.data.atomic_files import check_output_folder, replaced_folder
 from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation import figures
 from focalnet_jax.evaluation.detection_map import CandidateSettings, detection_map_image
+from focalnet_jax.evaluation.dicom_output import SEG_FILE, dicom_sources, write_seg
 from focalnet_jax.evaluation.ensemble import Ensemble, load_ensemble, write_models
 from focalnet_jax.evaluation.localization import MIN_SCORE, RADIUS_MM, local_maxima
 from focalnet_jax.evaluation.predictions import MODELS_FILE
@@ -66,17 +69,20 @@ OUTPUT_FILES = (
     "overlay.png",
     MODELS_FILE,
 )
+DICOM_FILES = (SEG_FILE,)  # with `dicom`
 
 
 def check_exam_out(out_dir: str | Path) -> None:
-    """Refuses (one-line `UserError`) an output folder holding anything but `OUTPUT_FILES`: one
-    exam's outputs replace that folder whole, which would delete the rest."""
+    """Refuses (one-line `UserError`) an output folder holding anything but `OUTPUT_FILES` and
+    `DICOM_FILES`: one exam's outputs replace that folder whole, which would delete the rest."""
     out_dir = Path(out_dir)
     check_output_folder(out_dir)
     if not out_dir.is_dir():
         return
     strays = sorted(
-        p.name for p in out_dir.iterdir() if p.name not in OUTPUT_FILES or not p.is_file()
+        p.name
+        for p in out_dir.iterdir()
+        if p.name not in OUTPUT_FILES + DICOM_FILES or not p.is_file()
     )
     if strays:
         more = f" (and {len(strays) - 1} more)" if len(strays) > 1 else ""
@@ -125,6 +131,7 @@ def predict_exam(
     min_score: float = MIN_SCORE,
     tta: str = "none",
     candidates: CandidateSettings | None = None,
+    dicom: bool = False,
 ) -> list[Path]:
     """Runs the model of `workdir` (runs or cross-validation folders: their ensemble, or an
     `Ensemble` already loaded) on one exam; `out_dir` becomes a folder of the files listed in the
@@ -132,7 +139,8 @@ def predict_exam(
     else: `check_exam_out`); returns their paths. `components` maps names ('t2w', 'adc', 'hbv',
     'dce', ...) to paths; T2w (the grid of the outputs) and the model's components must all be
     present, in any order. `series` maps names to the SeriesInstanceUID or SeriesDescription to
-    read from a DICOM folder holding several."""
+    read from a DICOM folder holding several. `dicom`: also `detections_seg.dcm` (a T2w image
+    file is a `CaseError`, raised before the model runs)."""
     models = workdir
     check_exam_out(out_dir)
     if not isinstance(models, Ensemble):
@@ -152,6 +160,10 @@ def predict_exam(
             list(models.components),
         )
     ordered = {name: str(components[name]) for name in models.components}
+    case_id = _exam_name(ordered[models.components[0]])
+    sources = None
+    if dicom:
+        sources = dicom_sources(case_id, ordered["t2w"], (series or {}).get("t2w"))
     case = preprocess_case(
         ordered,
         center=center,
@@ -159,7 +171,7 @@ def predict_exam(
         slices="covered",
         series=series,
         config=models.preprocess,
-        case_id=_exam_name(ordered[models.components[0]]),
+        case_id=case_id,
     )
     scores = models(case.images)
     # Written beside out_dir, which it then replaces whole: a failure changes nothing there.
@@ -172,6 +184,7 @@ def predict_exam(
             radius_mm=radius_mm,
             min_score=min_score,
             candidates=candidates,
+            dicom_sources=sources,
         )
         written.append(write_models(models, tmp))
         check_exam_out(out_dir)  # again: a file put there meanwhile is refused, never deleted
@@ -187,10 +200,12 @@ def write_exam_outputs(
     radius_mm: float = RADIUS_MM,
     min_score: float = MIN_SCORE,
     candidates: CandidateSettings | None = None,
+    dicom_sources: list | None = None,
 ) -> list[Path]:
     """The files of the module docstring for a `PreprocessedCase` (T2w slices `case.slice_index`;
     the maps hold 0 on the others) and its scores float32 `[S, H, W, 5]`, written to `out_dir`;
-    returns their paths."""
+    returns their paths. `dicom_sources`: the T2w series' datasets (`dicom_output.dicom_sources`),
+    given for `detections_seg.dcm` (written where the map holds a candidate)."""
     t2w = case.geometry.t2w_reference_image()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -211,6 +226,9 @@ def write_exam_outputs(
     shown = detections.scores[:, 0] >= threshold
     written.append(write_detections(out_dir / "detections.csv", case, detections, shown, t2w))
     written.append(overlay(out_dir / "overlay.png", case, scores, detections, shown))
+    if dicom_sources is not None:
+        seg = write_seg(out_dir, maps["detection_map"], dicom_sources, case.case_id)
+        written += [seg] if seg is not None else []
     log.info("%d detections with score >= %g", int(shown.sum()), threshold)
     return written
 

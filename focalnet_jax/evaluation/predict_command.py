@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from focalnet_jax.data.io import CaseError
 from focalnet_jax.errors import UserError
@@ -109,6 +110,7 @@ def _predict_many(models, args: argparse.Namespace, options: dict) -> str:
             skip_bad_cases=args.skip_bad_cases,
             overwrite=args.overwrite,
             resume=args.resume,
+            dicom=args.dicom,
             **options,
         )
     except (KeyboardInterrupt, CaseError):
@@ -137,6 +139,11 @@ def run(args: argparse.Namespace) -> str:
     center = crop_centre(args)
     if args.layout is None:
         check_exam_out(args.out)  # before the models load
+        if args.dicom and not Path(args.t2w).is_dir():
+            raise UserError(
+                f"--dicom: --t2w {args.t2w} is an image file, not a DICOM series folder, so there "
+                "is no DICOM source for detections_seg.dcm to reference; give the T2w DICOM folder"
+            )
     candidates = CandidateSettings.from_flags(args)
     models = load_ensemble(
         args.checkpoint, step=args.step, batch_size=args.batch_size, tta=args.tta
@@ -146,6 +153,13 @@ def run(args: argparse.Namespace) -> str:
         return _predict_many(models, args, options)
     _check_exam_gives(models, components)
     written = predict_exam(
-        models, components, args.out, center=center, mask=args.mask, series=series, **options
+        models,
+        components,
+        args.out,
+        center=center,
+        mask=args.mask,
+        series=series,
+        dicom=args.dicom,
+        **options,
     )
     return "wrote " + ", ".join(str(p) for p in written)

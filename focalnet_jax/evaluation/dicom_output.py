@@ -1,0 +1,209 @@
+"""`focalnet predict --dicom`: the detection map's lesion candidates as a DICOM Segmentation.
+
+For an exam whose T2w is a DICOM series (a folder of single-frame slices or of one enhanced
+multi-frame file), `detections_seg.dcm` is a binary SEG (highdicom) that references the T2w
+series and has one frame per T2w source frame holding a candidate. Its segments are the blobs of
+`detection_map.nii.gz` (each a 26-connected region of one confidence value), numbered 1..N by
+falling confidence; segment n is labelled `lesion n (p=0.83)`, p being the blob's value (its peak
+csPCa score P(GS >= 3+4)), followed by `csv 1,2` when rows of `detections.csv` (their
+`detection` ids) lie in it. The segment voxels are sampled from the map on the T2w grid at each
+source pixel's world point, which must fall on a T2w voxel centre (else the source frames are not
+the T2w grid: an error). An exam without candidates gets no SEG (a SEG needs a segment; logged).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import warnings
+from importlib.metadata import version
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import SimpleITK as sitk
+from pydicom.sr.codedict import codes
+from scipy import ndimage
+
+from focalnet_jax.data.dicom import choose_series
+from focalnet_jax.data.dicom_multiframe import frame_values
+from focalnet_jax.data.io import CaseError
+
+log = logging.getLogger(__name__)
+
+SEG_FILE = "detections_seg.dcm"
+VERSION = version("focalnet_jax")  # the installed package's
+SERIES_NUMBER = 1000
+LABEL_LENGTH = 64  # SegmentLabel is an LO value
+GRID_TOLERANCE = 0.05  # voxels: a source pixel centre off a T2w voxel centre by more is an error
+ALGORITHM = hd.AlgorithmIdentificationSequence(
+    name="focalnet_jax", family=codes.DCM.ArtificialIntelligence, version=VERSION
+)
+
+
+def dicom_sources(case_id: str, t2w: str | os.PathLike, series: str | None = None) -> list:
+    """The pydicom datasets of the T2w series of folder `t2w` (`series`: its UID or description,
+    where the folder holds several): its single-frame slices, or its one multi-frame file. A
+    `CaseError` for an image file (no DICOM source for the SEG to reference)."""
+    path = Path(t2w)
+    if not path.is_dir():
+        raise CaseError(
+            case_id,
+            path,
+            "--dicom: the T2w is an image file, not a DICOM series, so there is no DICOM source "
+            "for detections_seg.dcm to reference",
+        )
+    return [pydicom.dcmread(f) for f in choose_series(path, series).files]
+
+
+def candidate_labels(detection: np.ndarray) -> tuple[np.ndarray, list[float]]:
+    """The blobs of a detection map `[z, y, x]` (each filled with its confidence) as labels
+    uint16 `[z, y, x]` 1..N (0 background), numbered by falling confidence, and their
+    confidences."""
+    labels = np.zeros(detection.shape, np.uint16)
+    confidences: list[float] = []
+    for value in sorted(np.unique(detection[detection > 0]), reverse=True):
+        blobs, count = ndimage.label(detection == value, structure=np.ones((3, 3, 3)))
+        for blob in range(1, count + 1):
+            confidences.append(float(value))
+            labels[blobs == blob] = len(confidences)
+    return labels, confidences
+
+
+def _frames(sources: list) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per source frame (in highdicom's order): (position (3,) mm, orientation (6,) row then
+    column cosines, pixel spacing (2,) row then column mm)."""
+    if len(sources) == 1 and int(sources[0].get("NumberOfFrames", 1)) > 1:
+        values = frame_values(sources[0].filename)
+        return [
+            tuple(
+                np.asarray(values[k][f], float)
+                for k in ("position", "orientation", "pixel_spacing")
+            )
+            for f in range(len(values["position"]))
+        ]
+    return [
+        (
+            np.asarray(s.ImagePositionPatient, float),
+            np.asarray(s.ImageOrientationPatient, float),
+            np.asarray(s.PixelSpacing, float),
+        )
+        for s in sources
+    ]
+
+
+def source_frames(labels: np.ndarray, grid: sitk.Image, sources: list) -> np.ndarray:
+    """`labels` `[z, y, x]` on the T2w grid `grid` sampled at every pixel of every source frame:
+    `[frames, rows, columns]`. Raises ValueError where a source pixel's centre is not a T2w voxel
+    centre (within `GRID_TOLERANCE` voxels)."""
+    rows, cols = int(sources[0].Rows), int(sources[0].Columns)
+    to_index = np.linalg.inv(np.reshape(grid.GetDirection(), (3, 3)) @ np.diag(grid.GetSpacing()))
+    r, c = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+    size = np.array(grid.GetSize())
+    frames = []
+    for f, (position, orientation, spacing) in enumerate(_frames(sources)):
+        world = (
+            position
+            + c[..., None] * spacing[1] * orientation[:3]
+            + r[..., None] * spacing[0] * orientation[3:]
+        )
+        index = (world - np.asarray(grid.GetOrigin())) @ to_index.T
+        voxel = np.rint(index).astype(int)
+        off = np.abs(index - voxel).max()
+        if off > GRID_TOLERANCE or (voxel < 0).any() or (voxel >= size).any():
+            raise ValueError(
+                f"source frame {f + 1} does not lie on the T2w grid of the maps (off by {off:.3g} "
+                "voxels or outside it)"
+            )
+        frames.append(labels[voxel[..., 2], voxel[..., 1], voxel[..., 0]])
+    return np.stack(frames)
+
+
+def _csv_ids(detections_csv: Path, labels: np.ndarray) -> dict[int, list[str]]:
+    """Segment number -> the `detection` ids of the rows of `detections_csv` whose T2w voxel
+    (t2w_i, t2w_j, t2w_k) lies in it."""
+    ids: dict[int, list[str]] = {}
+    with detections_csv.open(newline="") as f:
+        for row in csv.DictReader(f):
+            i, j, k = (int(row[key]) for key in ("t2w_i", "t2w_j", "t2w_k"))
+            if segment := int(labels[k, j, i]):
+                ids.setdefault(segment, []).append(row["detection"])
+    return ids
+
+
+def segment_label(number: int, confidence: float, csv_ids: list[str]) -> str:
+    """`lesion 1 (p=0.83)`, with ` csv 2,5` for its rows of detections.csv (as many as fit in
+    `LABEL_LENGTH`, then `+k` for the others)."""
+    label = f"lesion {number} (p={confidence:.2f})"
+    for shown in range(len(csv_ids), 0, -1):
+        more = f"+{len(csv_ids) - shown}" if shown < len(csv_ids) else ""
+        text = f"{label} csv {','.join(csv_ids[:shown])}{more}"
+        if len(text) <= LABEL_LENGTH:
+            return text
+    return label
+
+
+def _description(number: int, label: str) -> hd.seg.SegmentDescription:
+    return hd.seg.SegmentDescription(
+        segment_number=number,
+        segment_label=label,
+        segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+        segmented_property_type=codes.SCT.Neoplasm,
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=ALGORITHM,
+        tracking_uid=hd.UID(),
+        tracking_id=f"lesion {number}",
+        anatomic_regions=[codes.SCT.Prostate],
+    )
+
+
+def write_seg(out_dir: Path, detection_map: sitk.Image, sources: list, case_id: str) -> Path | None:
+    """`out_dir/detections_seg.dcm` of the candidates of `detection_map` (float32 on the T2w
+    grid) on the frames of the T2w `sources`, labelled with the rows of `out_dir/detections.csv`
+    in them; None (logged) when there is no candidate. A `CaseError` naming `case_id` when the
+    source frames are not the T2w grid."""
+    labels, confidences = candidate_labels(sitk.GetArrayFromImage(detection_map))
+    if not confidences:
+        log.info(
+            "%s: no lesion candidate, %s not written (a SEG needs a segment)", case_id, SEG_FILE
+        )
+        return None
+    try:
+        frames = source_frames(labels, detection_map, sources)
+    except ValueError as error:
+        raise CaseError(case_id, sources[0].filename, f"--dicom: {error}") from None
+    csv_ids = _csv_ids(out_dir / "detections.csv", labels)
+    descriptions = [
+        _description(n, segment_label(n, p, csv_ids.get(n, [])))
+        for n, p in enumerate(confidences, 1)
+    ]
+    with warnings.catch_warnings():  # of the patient's name, copied from the sources as it is
+        warnings.filterwarnings("ignore", "The string .* unlikely to represent the intended person")
+        seg = _segmentation(sources, frames, descriptions)
+    path = out_dir / SEG_FILE
+    seg.save_as(path)
+    return path
+
+
+def _segmentation(sources: list, frames: np.ndarray, descriptions: list) -> hd.seg.Segmentation:
+    """The binary SEG of label `frames` `[frames, rows, columns]` (segment numbers) on
+    `sources`."""
+    return hd.seg.Segmentation(
+        source_images=sources,
+        pixel_array=frames,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=hd.UID(),
+        series_number=SERIES_NUMBER,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="focalnet_jax",
+        manufacturer_model_name="focalnet_jax",
+        software_versions=VERSION,
+        device_serial_number="none",
+        content_label="LESIONS",
+        content_description="focalnet_jax csPCa lesion candidates",
+        series_description="focalnet_jax lesion candidates",
+    )

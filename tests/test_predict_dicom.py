@@ -1,0 +1,247 @@
+"""`focalnet predict --dicom`: `detections_seg.dcm`, the detection map's candidates as a DICOM SEG
+on the T2w source frames of the real ProstateX exam (single-frame slices, and the same series as one
+enhanced multi-frame file), read back with highdicom; an image-file T2w refused in one line (one
+exam) or as a bad case (many); a resumed batch keeps writing SEGs. Scores are made by hand
+(Gaussians at known LPS points) and go through the real preprocessing and output writers."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+from cli_calls import cli_error, run_cli
+
+from focalnet_jax.data import preprocess_case
+from focalnet_jax.data.io import CaseError, write_image
+from focalnet_jax.data.layouts import CaseSpec
+from focalnet_jax.errors import UserError
+from focalnet_jax.evaluation.batch_predict import predict_cases
+from focalnet_jax.evaluation.dicom_output import SEG_FILE, dicom_sources, write_seg
+from focalnet_jax.evaluation.predict import write_exam_outputs
+
+FINDING = np.array([25.7457, 31.8707, -38.511])  # LPS mm, GS 4+3 (shared/data/prostatex/README.md)
+OTHER = FINDING + np.array([-22.0, 4.0, 3.0])  # a lower blob beside it
+
+
+def _gaussians(world) -> np.ndarray:
+    """Lesion score at LPS points `[..., 3]`: 0.9 at FINDING, 0.6 at OTHER (sigma 5 mm)."""
+    world = np.asarray(world)
+    return sum(
+        h * np.exp(-np.sum((world - c) ** 2, -1) / (2 * 5.0**2))
+        for h, c in ((0.9, FINDING), (0.6, OTHER))
+    )
+
+
+def _scores(case) -> np.ndarray:
+    """[S, H, W, 5] hand-made scores of `case`: the Gaussians, P(class >= 2) 0.8 of them."""
+    s, r, c = np.meshgrid(*(np.arange(n) for n in case.images.shape[:3]), indexing="ij")
+    blob = _gaussians(np.stack(case.pixel_to_world(s, r, c), -1)).astype(np.float32)
+    return blob[..., None] * np.array([1.0, 0.8, 0.5, 0.2, 0.1], np.float32)
+
+
+@pytest.fixture(scope="module")
+def exam(prostatex_case_dir):
+    return {n: str(prostatex_case_dir / n) for n in ("t2w", "adc", "hbv")}
+
+
+@pytest.fixture(scope="module")
+def t2w_slices(exam):
+    """{SOPInstanceUID: T2w slice index k} of the T2w files, and their SeriesInstanceUID."""
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(exam["t2w"])
+    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    return {h.SOPInstanceUID: k for k, h in enumerate(headers)}, headers[0].SeriesInstanceUID
+
+
+@pytest.fixture(scope="module")
+def written(exam, tmp_path_factory):
+    """The output folder of the hand-made scores with the T2w's DICOM sources."""
+    out = tmp_path_factory.mktemp("exam")
+    case = preprocess_case(exam, case_id="px")
+    sources = dicom_sources("px", exam["t2w"])
+    write_exam_outputs(case, _scores(case), out, threshold=0.3, dicom_sources=sources)
+    return out
+
+
+def _blobs(out) -> tuple[np.ndarray, list[float]]:
+    """The detection map [k, j, i] read back, and its candidates' values, highest first."""
+    detection = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "detection_map.nii.gz")))
+    return detection, sorted(np.unique(detection[detection > 0]).tolist(), reverse=True)
+
+
+def test_seg_segments_are_the_detection_map_blobs_on_the_t2w_frames(written, t2w_slices):
+    seg = hd.seg.segread(written / SEG_FILE)
+    detection, values = _blobs(written)
+    assert len(values) == 2  # one blob per Gaussian, each of one value
+    assert seg.SegmentationType == "BINARY" and seg.get_segment_numbers() == [1, 2]
+    uids, series_uid = t2w_slices
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series_uid
+    referenced = {
+        item.ReferencedSOPInstanceUID
+        for item in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence
+    }
+    assert referenced == set(uids)  # every T2w slice, none other
+    for number, value in enumerate(values, 1):
+        pixels = seg.get_pixels_by_source_instance(
+            source_sop_instance_uids=list(uids),
+            segment_numbers=[number],
+            ignore_spatial_locations=False,
+            assert_missing_frames_are_empty=True,
+        )[..., 0]
+        expected = np.stack([detection[k] == value for k in uids.values()])
+        assert pixels.sum() == expected.sum() > 100
+        np.testing.assert_array_equal(pixels.astype(bool), expected)
+
+
+def test_seg_labels_give_ids_likelihoods_csv_rows_and_algorithm(written):
+    seg = hd.seg.segread(written / SEG_FILE)
+    detection, values = _blobs(written)
+    with (written / "detections.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    for number, value in enumerate(values, 1):
+        inside = [
+            r["detection"]
+            for r in rows
+            if detection[int(r["t2w_k"]), int(r["t2w_j"]), int(r["t2w_i"])] == value
+        ]
+        assert inside  # both Gaussians peak above the 0.3 threshold
+        description = seg.get_segment_description(number)
+        assert (
+            description.segment_label == f"lesion {number} (p={value:.2f}) csv {','.join(inside)}"
+        )
+        assert description.segmented_property_type.value == "108369006"  # SCT Neoplasm
+        assert description.segmented_property_category.value == "49755003"
+        algorithm = description.algorithm_identification[0]
+        assert algorithm.AlgorithmName == "focalnet_jax" and algorithm.AlgorithmVersion == "0.1.0"
+        assert algorithm.AlgorithmFamilyCodeSequence[0].CodeMeaning == "Artificial Intelligence"
+    cspca = sitk.GetArrayFromImage(sitk.ReadImage(str(written / "cspca_score.nii.gz")))
+    assert values[0] == cspca.max() > 0.5  # the peak csPCa score on the T2w grid
+
+
+def test_seg_on_an_enhanced_multiframe_t2w_follows_its_frames(written, exam, tmp_path):
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(exam["t2w"])
+    singles = [pydicom.dcmread(f) for f in files]
+    enhanced = hd.legacy.LegacyConvertedEnhancedMRImage(singles, hd.UID(), 501, hd.UID(), 1)
+    (tmp_path / "t2w").mkdir()
+    enhanced.save_as(tmp_path / "t2w" / "t2w.dcm")
+    sources = dicom_sources("px", tmp_path / "t2w")
+    assert len(sources) == 1 and int(sources[0].NumberOfFrames) == len(singles)
+    # The T2w slice k of each frame, by its position: the frames run head first, opposite to k.
+    t2w = sitk.ReadImage(files)
+    order = [
+        t2w.TransformPhysicalPointToIndex(
+            tuple(map(float, f.PlanePositionSequence[0].ImagePositionPatient))
+        )[2]
+        for f in sources[0].PerFrameFunctionalGroupsSequence
+    ]
+    assert order == list(range(len(singles)))[::-1]
+    detection_map = sitk.ReadImage(str(written / "detection_map.nii.gz"))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "detections.csv").write_text((written / "detections.csv").read_text())
+    seg = hd.seg.segread(write_seg(tmp_path / "out", detection_map, sources, "px"))
+    detection, values = _blobs(written)
+    frames = list(range(1, len(singles) + 1))
+    for number, value in enumerate(values, 1):
+        pixels = seg.get_pixels_by_source_frame(
+            sources[0].SOPInstanceUID,
+            frames,
+            segment_numbers=[number],
+            assert_missing_frames_are_empty=True,
+        )[..., 0]
+        expected = np.stack([detection[k] == value for k in order])
+        assert pixels.sum() == expected.sum() > 100
+        np.testing.assert_array_equal(pixels.astype(bool), expected)
+
+
+def test_no_candidate_writes_no_seg(exam, tmp_path, caplog):
+    case = preprocess_case(exam, case_id="px")
+    sources = dicom_sources("px", exam["t2w"])
+    with caplog.at_level(logging.INFO):
+        written = write_exam_outputs(
+            case, np.zeros((*case.images.shape[:3], 5), np.float32), tmp_path, dicom_sources=sources
+        )
+    assert not (tmp_path / SEG_FILE).exists() and (tmp_path / "detection_map.nii.gz") in written
+    assert "px: no lesion candidate, detections_seg.dcm not written" in caplog.text
+
+
+def test_dicom_with_an_image_file_t2w_is_one_line(tmp_path):
+    t2w = tmp_path / "t2w.nii.gz"
+    write_image(sitk.Image(8, 8, 4, sitk.sitkFloat32), t2w)
+    message = cli_error(["predict", "--checkpoint", tmp_path / "no-run", "--t2w", t2w, "--adc", t2w,
+                         "--out", tmp_path / "out", "--dicom"])  # fmt: skip
+    assert message == (
+        f"focalnet predict: error: --dicom: --t2w {t2w} is an image file, not a DICOM series "
+        "folder, so there is no DICOM source for detections_seg.dcm to reference; give the T2w "
+        "DICOM folder"
+    )
+
+
+class _Scorer:
+    """Stands in for an `Ensemble` of t2w, adc, hbv: the hand-made Gaussian scores of the exam,
+    whatever the images; one batch a case (its slices), so each case is written before the next
+    is read."""
+
+    components = ("t2w", "adc", "hbv")
+    preprocess = None
+
+    def __init__(self, scores: np.ndarray):
+        self.scores, self.batch_size = scores, len(scores)
+
+    def describe(self) -> dict:
+        return {"models": [{"run": "hand-made", "step": 0}], "tta": "none"}
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        assert len(images) == len(self.scores)
+        return self.scores
+
+
+def test_batch_resume_writes_the_seg_of_every_case(exam, tmp_path):
+    scorer = _Scorer(_scores(preprocess_case(exam, case_id="px")))
+    nifti = tmp_path / "t2w.nii.gz"
+    write_image(sitk.ReadImage(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(exam["t2w"])), nifti)
+    good = CaseSpec("a", "p", dict(exam))
+    bad = CaseSpec("b", "p", {**exam, "t2w": str(nifti)})
+    out = tmp_path / "out"
+    with pytest.raises(CaseError, match="'b'.*--dicom: the T2w is an image file"):
+        predict_cases(scorer, [good, bad], out, dicom=True, progress=False)
+    partial = tmp_path / "out.partial"
+    assert (partial / "a" / SEG_FILE).is_file() and not (partial / "b").exists()
+    assert json.loads((partial / "models.json").read_text())["dicom"] is True
+    fixed = CaseSpec("b", "p", dict(exam))
+    with pytest.raises(UserError, match="dicom: true in the partial, null now"):
+        predict_cases(scorer, [good, fixed], out, resume=True, progress=False)
+    summary = predict_cases(scorer, [good, fixed], out, resume=True, dicom=True, progress=False)
+    assert summary.kept == 1 and summary.written == ["a", "b"]
+    for case in "ab":
+        assert hd.seg.segread(out / case / SEG_FILE).get_segment_numbers() == [1, 2]
+    # --skip-bad-cases: the image-file T2w is listed in errors.csv with its reason.
+    summary = predict_cases(
+        scorer, [good, bad], tmp_path / "skip", dicom=True, skip_bad_cases=True, progress=False
+    )
+    assert [e[0] for e in summary.errors] == ["b"] and "--dicom" in summary.errors[0][2]
+
+
+def test_one_exam_cli_writes_the_seg_and_rewrites_its_folder(exam, tmp_path, monkeypatch):
+    from focalnet_jax.evaluation import predict, predict_command
+
+    scorer = _Scorer(_scores(preprocess_case(exam, case_id="px")))
+    for module in (predict, predict_command):
+        monkeypatch.setattr(module, "load_ensemble", lambda *args, **kwargs: scorer)
+    out = tmp_path / "out"
+    argv = ["predict", "--checkpoint", tmp_path / "run", "--t2w", exam["t2w"], "--adc",
+            exam["adc"], "--hbv", exam["hbv"], "--out", out, "--threshold", "0.3",
+            "--dicom"]  # fmt: skip
+    for _ in range(2):  # again into the folder holding the SEG: replaced, not refused
+        printed = run_cli(argv)
+        assert str(out / SEG_FILE) in printed
+        seg = hd.seg.segread(out / SEG_FILE)
+        detection, values = _blobs(out)
+        assert seg.get_segment_numbers() == [1, 2] and len(values) == 2
+        assert seg.get_segment_description(1).segment_label.startswith(
+            f"lesion 1 (p={values[0]:.2f})"
+        )
