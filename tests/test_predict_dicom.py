@@ -22,7 +22,7 @@ from focalnet_jax.data.io import CaseError, write_image
 from focalnet_jax.data.layouts import CaseSpec
 from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation.batch_predict import predict_cases
-from focalnet_jax.evaluation.dicom_output import SEG_FILE, dicom_sources, write_seg
+from focalnet_jax.evaluation.dicom_output import SEG_FILE, dicom_sources, segment_label, write_seg
 from focalnet_jax.evaluation.predict import write_exam_outputs
 
 FINDING = np.array([25.7457, 31.8707, -38.511])  # LPS mm, GS 4+3 (shared/data/prostatex/README.md)
@@ -119,6 +119,8 @@ def test_seg_labels_give_ids_likelihoods_csv_rows_and_algorithm(written):
         algorithm = description.algorithm_identification[0]
         assert algorithm.AlgorithmName == "focalnet_jax" and algorithm.AlgorithmVersion == "0.1.0"
         assert algorithm.AlgorithmFamilyCodeSequence[0].CodeMeaning == "Artificial Intelligence"
+    many = segment_label(12, 0.5, [str(n) for n in range(1, 40)])  # cut to the 64 of LO
+    assert len(many) <= 64 and many.startswith("lesion 12 (p=0.50) csv 1,2,") and " +" in many
     cspca = sitk.GetArrayFromImage(sitk.ReadImage(str(written / "cspca_score.nii.gz")))
     assert values[0] == cspca.max() > 0.5  # the peak csPCa score on the T2w grid
 

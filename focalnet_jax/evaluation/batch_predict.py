@@ -96,10 +96,7 @@ def _preprocess(spec: CaseSpec, models: Ensemble, dicom: bool) -> tuple[Preproce
     """One case through the models' preprocessing, and with `dicom` its T2w series' datasets
     (else None); every failure is a CaseError naming it."""
     try:
-        sources = None
-        if dicom:
-            sources = dicom_sources(spec.case_id, spec.components["t2w"], spec.series.get("t2w"))
-        return preprocess_case(
+        case = preprocess_case(
             spec.components,
             center=spec.center,
             mask=spec.mask,
@@ -107,7 +104,10 @@ def _preprocess(spec: CaseSpec, models: Ensemble, dicom: bool) -> tuple[Preproce
             series=spec.series,
             config=models.preprocess,
             case_id=spec.case_id,
-        ), sources
+        )
+        if not dicom:
+            return case, None
+        return case, dicom_sources(spec.case_id, spec.components["t2w"], spec.series.get("t2w"))
     except CaseError:
         raise
     except Exception as error:  # an unexpected failure still names the case

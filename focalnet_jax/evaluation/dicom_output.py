@@ -123,22 +123,24 @@ def source_frames(labels: np.ndarray, grid: sitk.Image, sources: list) -> np.nda
 
 def _csv_ids(detections_csv: Path, labels: np.ndarray) -> dict[int, list[str]]:
     """Segment number -> the `detection` ids of the rows of `detections_csv` whose T2w voxel
-    (t2w_i, t2w_j, t2w_k) lies in it."""
+    (t2w_i, t2w_j, t2w_k) lies in it (a point of the crop beyond the T2w grid lies in none)."""
     ids: dict[int, list[str]] = {}
     with detections_csv.open(newline="") as f:
         for row in csv.DictReader(f):
-            i, j, k = (int(row[key]) for key in ("t2w_i", "t2w_j", "t2w_k"))
-            if segment := int(labels[k, j, i]):
+            voxel = np.array([int(row[key]) for key in ("t2w_k", "t2w_j", "t2w_i")])
+            if (voxel < 0).any() or (voxel >= labels.shape).any():
+                continue
+            if segment := int(labels[tuple(voxel)]):
                 ids.setdefault(segment, []).append(row["detection"])
     return ids
 
 
 def segment_label(number: int, confidence: float, csv_ids: list[str]) -> str:
     """`lesion 1 (p=0.83)`, with ` csv 2,5` for its rows of detections.csv (as many as fit in
-    `LABEL_LENGTH`, then `+k` for the others)."""
+    `LABEL_LENGTH`, then ` +k` for the k others)."""
     label = f"lesion {number} (p={confidence:.2f})"
     for shown in range(len(csv_ids), 0, -1):
-        more = f"+{len(csv_ids) - shown}" if shown < len(csv_ids) else ""
+        more = f" +{len(csv_ids) - shown}" if shown < len(csv_ids) else ""
         text = f"{label} csv {','.join(csv_ids[:shown])}{more}"
         if len(text) <= LABEL_LENGTH:
             return text

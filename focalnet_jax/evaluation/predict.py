@@ -161,9 +161,6 @@ def predict_exam(
         )
     ordered = {name: str(components[name]) for name in models.components}
     case_id = _exam_name(ordered[models.components[0]])
-    sources = None
-    if dicom:
-        sources = dicom_sources(case_id, ordered["t2w"], (series or {}).get("t2w"))
     case = preprocess_case(
         ordered,
         center=center,
@@ -173,6 +170,9 @@ def predict_exam(
         config=models.preprocess,
         case_id=case_id,
     )
+    sources = None
+    if dicom:
+        sources = dicom_sources(case_id, ordered["t2w"], (series or {}).get("t2w"))
     scores = models(case.images)
     # Written beside out_dir, which it then replaces whole: a failure changes nothing there.
     with replaced_folder(out_dir, "focalnet predict") as tmp:
