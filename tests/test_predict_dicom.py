@@ -22,7 +22,13 @@ from focalnet_jax.data.io import CaseError, write_image
 from focalnet_jax.data.layouts import CaseSpec
 from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation.batch_predict import predict_cases
-from focalnet_jax.evaluation.dicom_output import SEG_FILE, dicom_sources, segment_label, write_seg
+from focalnet_jax.evaluation.dicom_output import (
+    SCORE_MAP_FILE,
+    SEG_FILE,
+    dicom_sources,
+    segment_label,
+    write_dicom_outputs,
+)
 from focalnet_jax.evaluation.predict import write_exam_outputs
 
 FINDING = np.array([25.7457, 31.8707, -38.511])  # LPS mm, GS 4+3 (shared/data/prostatex/README.md)
@@ -125,6 +131,25 @@ def test_seg_labels_give_ids_likelihoods_csv_rows_and_algorithm(written):
     assert values[0] == cspca.max() > 0.5  # the peak csPCa score on the T2w grid
 
 
+def test_score_map_is_the_cspca_map_on_every_t2w_frame(written, t2w_slices):
+    pm = pydicom.dcmread(written / SCORE_MAP_FILE)
+    assert pm.SOPClassUID == "1.2.840.10008.5.1.4.1.1.30"  # Parametric Map Storage
+    uids, series_uid = t2w_slices
+    assert pm.ReferencedSeriesSequence[0].SeriesInstanceUID == series_uid
+    cspca = sitk.GetArrayFromImage(sitk.ReadImage(str(written / "cspca_score.nii.gz")))
+    values = pm.pixel_array  # float32 [frames, rows, columns]
+    frames = pm.PerFrameFunctionalGroupsSequence
+    assert values.dtype == np.float32 and len(frames) == len(uids) == len(cspca)
+    for frame, value in zip(frames, values, strict=True):
+        source = frame.DerivationImageSequence[0].SourceImageSequence[0]
+        np.testing.assert_array_equal(value, cspca[uids[source.ReferencedSOPInstanceUID]])
+    mapping = pm.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
+    assert (
+        mapping.LUTLabel == "csPCa"
+        and mapping.QuantityDefinitionSequence[0].ConceptCodeSequence[0].CodeValue == "111047"
+    )
+
+
 def test_seg_on_an_enhanced_multiframe_t2w_follows_its_frames(written, exam, tmp_path):
     files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(exam["t2w"])
     singles = [pydicom.dcmread(f) for f in files]
@@ -142,10 +167,14 @@ def test_seg_on_an_enhanced_multiframe_t2w_follows_its_frames(written, exam, tmp
         for f in sources[0].PerFrameFunctionalGroupsSequence
     ]
     assert order == list(range(len(singles)))[::-1]
-    detection_map = sitk.ReadImage(str(written / "detection_map.nii.gz"))
+    maps = {
+        n: sitk.ReadImage(str(written / f"{n}.nii.gz")) for n in ("cspca_score", "detection_map")
+    }
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "detections.csv").write_text((written / "detections.csv").read_text())
-    seg = hd.seg.segread(write_seg(tmp_path / "out", detection_map, sources, "px"))
+    files = write_dicom_outputs(tmp_path / "out", maps, sources, "px")
+    assert [f.name for f in files] == [SCORE_MAP_FILE, SEG_FILE]
+    seg = hd.seg.segread(files[1])
     detection, values = _blobs(written)
     frames = list(range(1, len(singles) + 1))
     for number, value in enumerate(values, 1):
@@ -167,7 +196,7 @@ def test_no_candidate_writes_no_seg(exam, tmp_path, caplog):
         written = write_exam_outputs(
             case, np.zeros((*case.images.shape[:3], 5), np.float32), tmp_path, dicom_sources=sources
         )
-    assert not (tmp_path / SEG_FILE).exists() and (tmp_path / "detection_map.nii.gz") in written
+    assert not (tmp_path / SEG_FILE).exists() and (tmp_path / SCORE_MAP_FILE) in written
     assert "px: no lesion candidate, detections_seg.dcm not written" in caplog.text
 
 
@@ -221,6 +250,7 @@ def test_batch_resume_writes_the_seg_of_every_case(exam, tmp_path):
     assert summary.kept == 1 and summary.written == ["a", "b"]
     for case in "ab":
         assert hd.seg.segread(out / case / SEG_FILE).get_segment_numbers() == [1, 2]
+        assert (out / case / SCORE_MAP_FILE).is_file()
     # --skip-bad-cases: the image-file T2w is listed in errors.csv with its reason.
     summary = predict_cases(
         scorer, [good, bad], tmp_path / "skip", dicom=True, skip_bad_cases=True, progress=False
@@ -240,7 +270,7 @@ def test_one_exam_cli_writes_the_seg_and_rewrites_its_folder(exam, tmp_path, mon
             "--dicom"]  # fmt: skip
     for _ in range(2):  # again into the folder holding the SEG: replaced, not refused
         printed = run_cli(argv)
-        assert str(out / SEG_FILE) in printed
+        assert str(out / SEG_FILE) in printed and str(out / SCORE_MAP_FILE) in printed
         seg = hd.seg.segread(out / SEG_FILE)
         detection, values = _blobs(out)
         assert seg.get_segment_numbers() == [1, 2] and len(values) == 2

@@ -272,8 +272,9 @@ def add_predict(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dicom",
         action="store_true",
-        help="also write detections_seg.dcm, the detection map's lesion candidates as a DICOM "
-        "Segmentation referencing the T2w series, for PACS viewers (the T2w must be DICOM)",
+        help="also write detections_seg.dcm (the detection map's lesion candidates, a DICOM "
+        "Segmentation) and score_map.dcm (the csPCa score, a DICOM Parametric Map) on the T2w "
+        "series' frames, for PACS viewers (the T2w must be DICOM)",
     )
     parser.add_argument("--batch-size", type=int, default=16, help=f"{_BATCH_HELP} (default: 16)")
     parser.add_argument(

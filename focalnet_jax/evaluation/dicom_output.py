@@ -1,4 +1,5 @@
-"""`focalnet predict --dicom`: the detection map's lesion candidates as a DICOM Segmentation.
+"""`focalnet predict --dicom`: the detection map's lesion candidates as a DICOM Segmentation, and
+the csPCa score as a DICOM Parametric Map.
 
 For an exam whose T2w is a DICOM series (a folder of single-frame slices or of one enhanced
 multi-frame file), `detections_seg.dcm` is a binary SEG (highdicom) that references the T2w
@@ -9,6 +10,8 @@ csPCa score P(GS >= 3+4)), followed by `csv 1,2` when rows of `detections.csv` (
 `detection` ids) lie in it. The segment voxels are sampled from the map on the T2w grid at each
 source pixel's world point, which must fall on a T2w voxel centre (else the source frames are not
 the T2w grid: an error). An exam without candidates gets no SEG (a SEG needs a segment; logged).
+`score_map.dcm` is a float Parametric Map of `cspca_score.nii.gz` on every source frame (the same
+sampling).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from focalnet_jax.data.io import CaseError
 log = logging.getLogger(__name__)
 
 SEG_FILE = "detections_seg.dcm"
+SCORE_MAP_FILE = "score_map.dcm"
 VERSION = version("focalnet_jax")  # the installed package's
 SERIES_NUMBER = 1000
 LABEL_LENGTH = 64  # SegmentLabel is an LO value
@@ -94,10 +98,10 @@ def _frames(sources: list) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     ]
 
 
-def source_frames(labels: np.ndarray, grid: sitk.Image, sources: list) -> np.ndarray:
-    """`labels` `[z, y, x]` on the T2w grid `grid` sampled at every pixel of every source frame:
-    `[frames, rows, columns]`. Raises ValueError where a source pixel's centre is not a T2w voxel
-    centre (within `GRID_TOLERANCE` voxels)."""
+def frame_voxels(grid: sitk.Image, sources: list) -> np.ndarray:
+    """The T2w voxel (k, j, i) of every pixel of every source frame, int32
+    `[frames, rows, columns, 3]`, on the T2w grid `grid`. Raises ValueError where a source pixel's
+    centre is not a T2w voxel centre (within `GRID_TOLERANCE` voxels)."""
     rows, cols = int(sources[0].Rows), int(sources[0].Columns)
     to_index = np.linalg.inv(np.reshape(grid.GetDirection(), (3, 3)) @ np.diag(grid.GetSpacing()))
     r, c = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
@@ -110,15 +114,20 @@ def source_frames(labels: np.ndarray, grid: sitk.Image, sources: list) -> np.nda
             + r[..., None] * spacing[0] * orientation[3:]
         )
         index = (world - np.asarray(grid.GetOrigin())) @ to_index.T
-        voxel = np.rint(index).astype(int)
+        voxel = np.rint(index).astype(np.int32)
         off = np.abs(index - voxel).max()
         if off > GRID_TOLERANCE or (voxel < 0).any() or (voxel >= size).any():
             raise ValueError(
                 f"source frame {f + 1} does not lie on the T2w grid of the maps (off by {off:.3g} "
                 "voxels or outside it)"
             )
-        frames.append(labels[voxel[..., 2], voxel[..., 1], voxel[..., 0]])
+        frames.append(voxel[..., ::-1])
     return np.stack(frames)
+
+
+def _sampled(volume: np.ndarray, voxels: np.ndarray) -> np.ndarray:
+    """`volume` `[z, y, x]` at `voxels` `[..., 3]` (k, j, i)."""
+    return volume[voxels[..., 0], voxels[..., 1], voxels[..., 2]]
 
 
 def _csv_ids(detections_csv: Path, labels: np.ndarray) -> dict[int, list[str]]:
@@ -161,51 +170,102 @@ def _description(number: int, label: str) -> hd.seg.SegmentDescription:
     )
 
 
-def write_seg(out_dir: Path, detection_map: sitk.Image, sources: list, case_id: str) -> Path | None:
+def _equipment() -> dict:
+    """The arguments naming this software in a SEG or Parametric Map."""
+    return {
+        "manufacturer": "focalnet_jax",
+        "manufacturer_model_name": "focalnet_jax",
+        "software_versions": VERSION,
+        "device_serial_number": "none",
+    }
+
+
+def _saved(make, path: Path) -> Path:
+    """`make()` (a highdicom object) saved to `path`; highdicom's warning that the patient's name
+    (copied from the sources as it is) has one component is left out."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The string .* unlikely to represent the intended person")
+        make().save_as(path)
+    return path
+
+
+def write_seg(
+    out_dir: Path, detection_map: sitk.Image, sources: list, voxels: np.ndarray, case_id: str
+) -> Path | None:
     """`out_dir/detections_seg.dcm` of the candidates of `detection_map` (float32 on the T2w
-    grid) on the frames of the T2w `sources`, labelled with the rows of `out_dir/detections.csv`
-    in them; None (logged) when there is no candidate. A `CaseError` naming `case_id` when the
-    source frames are not the T2w grid."""
+    grid) on the source frames (`voxels`: `frame_voxels`), labelled with the rows of
+    `out_dir/detections.csv` in them; None (logged) when there is no candidate."""
     labels, confidences = candidate_labels(sitk.GetArrayFromImage(detection_map))
     if not confidences:
         log.info(
             "%s: no lesion candidate, %s not written (a SEG needs a segment)", case_id, SEG_FILE
         )
         return None
-    try:
-        frames = source_frames(labels, detection_map, sources)
-    except ValueError as error:
-        raise CaseError(case_id, sources[0].filename, f"--dicom: {error}") from None
     csv_ids = _csv_ids(out_dir / "detections.csv", labels)
     descriptions = [
         _description(n, segment_label(n, p, csv_ids.get(n, [])))
         for n, p in enumerate(confidences, 1)
     ]
-    with warnings.catch_warnings():  # of the patient's name, copied from the sources as it is
-        warnings.filterwarnings("ignore", "The string .* unlikely to represent the intended person")
-        seg = _segmentation(sources, frames, descriptions)
-    path = out_dir / SEG_FILE
-    seg.save_as(path)
-    return path
-
-
-def _segmentation(sources: list, frames: np.ndarray, descriptions: list) -> hd.seg.Segmentation:
-    """The binary SEG of label `frames` `[frames, rows, columns]` (segment numbers) on
-    `sources`."""
-    return hd.seg.Segmentation(
-        source_images=sources,
-        pixel_array=frames,
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=descriptions,
-        series_instance_uid=hd.UID(),
-        series_number=SERIES_NUMBER,
-        sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer="focalnet_jax",
-        manufacturer_model_name="focalnet_jax",
-        software_versions=VERSION,
-        device_serial_number="none",
-        content_label="LESIONS",
-        content_description="focalnet_jax csPCa lesion candidates",
-        series_description="focalnet_jax lesion candidates",
+    return _saved(
+        lambda: hd.seg.Segmentation(
+            source_images=sources,
+            pixel_array=_sampled(labels, voxels),
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=descriptions,
+            series_instance_uid=hd.UID(),
+            series_number=SERIES_NUMBER,
+            sop_instance_uid=hd.UID(),
+            instance_number=1,
+            content_label="LESIONS",
+            content_description="focalnet_jax csPCa lesion candidates",
+            series_description="focalnet_jax lesion candidates",
+            **_equipment(),
+        ),
+        out_dir / SEG_FILE,
     )
+
+
+def write_score_map(out_dir: Path, cspca: sitk.Image, sources: list, voxels: np.ndarray) -> Path:
+    """`out_dir/score_map.dcm`: the csPCa score P(GS >= 3+4) (float32 on the T2w grid, 0..1) on
+    every source frame (`voxels`: `frame_voxels`), a float Parametric Map."""
+    mapping = hd.pm.RealWorldValueMapping(
+        lut_label="csPCa",
+        lut_explanation="P(GS >= 3+4), focalnet_jax",
+        unit=codes.UCUM.NoUnits,
+        value_range=(0.0, 1.0),
+        slope=1.0,
+        intercept=0.0,
+        quantity_definition=codes.DCM.ProbabilityOfCancer,
+    )
+    values = _sampled(sitk.GetArrayFromImage(cspca).astype(np.float32), voxels)
+    return _saved(
+        lambda: hd.pm.ParametricMap(
+            source_images=sources,
+            pixel_array=values,
+            series_instance_uid=hd.UID(),
+            series_number=SERIES_NUMBER + 1,
+            sop_instance_uid=hd.UID(),
+            instance_number=1,
+            contains_recognizable_visual_features=False,
+            real_world_value_mappings=[mapping],
+            voi_lut_transformations=[hd.VOILUTTransformation(window_center=0.5, window_width=1.0)],
+            content_label="CSPCA",
+            content_description="focalnet_jax csPCa score P(GS >= 3+4)",
+            series_description="focalnet_jax csPCa score",
+            **_equipment(),
+        ),
+        out_dir / SCORE_MAP_FILE,
+    )
+
+
+def write_dicom_outputs(out_dir: Path, maps: dict, sources: list, case_id: str) -> list[Path]:
+    """`score_map.dcm` and, where `maps["detection_map"]` holds a candidate,
+    `detections_seg.dcm` (`maps`: the T2w-grid images of predict.py) on the frames of the T2w
+    `sources`. A `CaseError` naming `case_id` when those frames are not the T2w grid."""
+    try:
+        voxels = frame_voxels(maps["cspca_score"], sources)
+    except ValueError as error:
+        raise CaseError(case_id, sources[0].filename, f"--dicom: {error}") from None
+    written = [write_score_map(out_dir, maps["cspca_score"], sources, voxels)]
+    seg = write_seg(out_dir, maps["detection_map"], sources, voxels, case_id)
+    return written + ([seg] if seg is not None else [])

@@ -14,7 +14,8 @@ evaluation/ensemble.py) gives P(class >= k) on every slice of the 80 mm crop, an
 - `overlay.png`: the T2w crop slices of the highest detections with the score map and crosses;
 - `models.json`: the runs (and checkpoint steps) that made the prediction, and the TTA;
 - with `dicom` (a DICOM T2w): `detections_seg.dcm`, the detection map's candidates as a DICOM
-  Segmentation on the T2w source frames (evaluation/dicom_output.py).
+  Segmentation, and `score_map.dcm`, the csPCa score as a DICOM Parametric Map, on the T2w
+  source frames (evaluation/dicom_output.py).
 The files are written to a temporary folder beside the output folder, which then replaces it whole
 (`atomic_files.replaced_folder`), so a reader finds every old file or every new one, never a mix.
 An output folder holding anything else than these files is refused (`check_exam_out`): replacing it
@@ -36,7 +37,12 @@ from focalnet_jax.data.atomic_files import check_output_folder, replaced_folder
 from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation import figures
 from focalnet_jax.evaluation.detection_map import CandidateSettings, detection_map_image
-from focalnet_jax.evaluation.dicom_output import SEG_FILE, dicom_sources, write_seg
+from focalnet_jax.evaluation.dicom_output import (
+    SCORE_MAP_FILE,
+    SEG_FILE,
+    dicom_sources,
+    write_dicom_outputs,
+)
 from focalnet_jax.evaluation.ensemble import Ensemble, load_ensemble, write_models
 from focalnet_jax.evaluation.localization import MIN_SCORE, RADIUS_MM, local_maxima
 from focalnet_jax.evaluation.predictions import MODELS_FILE
@@ -69,7 +75,7 @@ OUTPUT_FILES = (
     "overlay.png",
     MODELS_FILE,
 )
-DICOM_FILES = (SEG_FILE,)  # with `dicom`
+DICOM_FILES = (SEG_FILE, SCORE_MAP_FILE)  # with `dicom`
 
 
 def check_exam_out(out_dir: str | Path) -> None:
@@ -139,7 +145,7 @@ def predict_exam(
     else: `check_exam_out`); returns their paths. `components` maps names ('t2w', 'adc', 'hbv',
     'dce', ...) to paths; T2w (the grid of the outputs) and the model's components must all be
     present, in any order. `series` maps names to the SeriesInstanceUID or SeriesDescription to
-    read from a DICOM folder holding several. `dicom`: also `detections_seg.dcm` (a T2w image
+    read from a DICOM folder holding several. `dicom`: also the DICOM outputs (a T2w image
     file is a `CaseError`, raised before the model runs)."""
     models = workdir
     check_exam_out(out_dir)
@@ -205,7 +211,7 @@ def write_exam_outputs(
     """The files of the module docstring for a `PreprocessedCase` (T2w slices `case.slice_index`;
     the maps hold 0 on the others) and its scores float32 `[S, H, W, 5]`, written to `out_dir`;
     returns their paths. `dicom_sources`: the T2w series' datasets (`dicom_output.dicom_sources`),
-    given for `detections_seg.dcm` (written where the map holds a candidate)."""
+    given for `score_map.dcm` and `detections_seg.dcm` (where the map holds a candidate)."""
     t2w = case.geometry.t2w_reference_image()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -227,8 +233,7 @@ def write_exam_outputs(
     written.append(write_detections(out_dir / "detections.csv", case, detections, shown, t2w))
     written.append(overlay(out_dir / "overlay.png", case, scores, detections, shown))
     if dicom_sources is not None:
-        seg = write_seg(out_dir, maps["detection_map"], dicom_sources, case.case_id)
-        written += [seg] if seg is not None else []
+        written += write_dicom_outputs(out_dir, maps, dicom_sources, case.case_id)
     log.info("%d detections with score >= %g", int(shown.sum()), threshold)
     return written
 
