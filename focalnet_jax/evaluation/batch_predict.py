@@ -9,8 +9,8 @@ The run's outputs (each case's, predict.py) are written, case folder by case fol
 two runs; a non-empty `<out>` is refused unless `overwrite`. A run stopped before the end (a
 crash, Ctrl-C, SIGTERM, SIGKILL) keeps its finished cases there, and `resume` predicts the others
 with the same models and settings. With `dicom` each case's folder also holds its
-`detections_seg.dcm` (predict.py), written with the other files; a case whose T2w is an image
-file is a bad case (`dicom_output.dicom_sources`). A bad case stops the run with its error, or, with
+DICOM outputs (predict.py), written with the other files; a case whose T2w is an image file is a
+bad case (`dicom_output.dicom_sources`). A bad case stops the run with its error, or, with
 `skip_bad_cases`, is listed in `<out>/errors.csv` (case, file, reason; written, maybe empty,
 whenever bad cases are skipped) and skipped.
 """
@@ -92,7 +92,9 @@ def find_cases(
     raise LayoutError(f"layout {layout!r}: expected 'picai' or 'manifest'")
 
 
-def _preprocess(spec: CaseSpec, models: Ensemble, dicom: bool) -> tuple[PreprocessedCase, list]:
+def _preprocess(
+    spec: CaseSpec, models: Ensemble, dicom: bool
+) -> tuple[PreprocessedCase, list | None]:
     """One case through the models' preprocessing, and with `dicom` its T2w series' datasets
     (else None); every failure is a CaseError naming it."""
     try:
@@ -116,7 +118,7 @@ def _preprocess(spec: CaseSpec, models: Ensemble, dicom: bool) -> tuple[Preproce
 
 def _preprocess_or_skip(
     spec: CaseSpec, models: Ensemble, errors: list | None, dicom: bool
-) -> tuple[PreprocessedCase, list] | None:
+) -> tuple[PreprocessedCase, list | None] | None:
     """`_preprocess`; where `errors` is a list (bad cases skipped), a CaseError is logged,
     appended to it as (case, file, reason) and gives None; otherwise it is raised."""
     try:
@@ -150,7 +152,7 @@ def predict_cases(
     refused unless `overwrite` (then replaced whole), also one that another run finished after
     this one started (checked under the lock beside `out`). With `resume` the cases already finished
     in the partial are skipped and the others (also those that failed before) predicted. `dicom`:
-    each case's `detections_seg.dcm` too (recorded in models.json, so a resume keeps it).
+    each case's DICOM outputs too (recorded in models.json, so a resume writes them too).
 
     Raises the first CaseError unless `skip_bad_cases`; `out` is then left as it was and the
     partial kept for `resume`.

@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> str:
     center = crop_centre(args)
     if args.layout is None:
         check_exam_out(args.out)  # before the models load
-        if args.dicom and not Path(args.t2w).is_dir():
+        if args.dicom and Path(args.t2w).is_file():  # a missing one: the reader names it
             raise UserError(
                 f"--dicom: --t2w {args.t2w} is an image file, not a DICOM series folder, so there "
                 "is no DICOM source for detections_seg.dcm to reference; give the T2w DICOM folder"
