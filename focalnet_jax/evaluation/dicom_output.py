@@ -48,9 +48,9 @@ ALGORITHM = hd.AlgorithmIdentificationSequence(
 
 
 def dicom_sources(case_id: str, t2w: str | os.PathLike, series: str | None = None) -> list:
-    """The pydicom datasets of the T2w series of folder `t2w` (`series`: its UID or description,
-    where the folder holds several): its single-frame slices, or its one multi-frame file. A
-    `CaseError` for an image file (no DICOM source for the SEG to reference)."""
+    """The pydicom headers (no pixel data) of the T2w series of folder `t2w` (`series`: its UID
+    or description, where the folder holds several): its single-frame slices, or its one
+    multi-frame file. A `CaseError` for an image file (no DICOM source to reference)."""
     path = Path(t2w)
     if not path.is_dir():
         raise CaseError(
@@ -59,7 +59,7 @@ def dicom_sources(case_id: str, t2w: str | os.PathLike, series: str | None = Non
             "--dicom: the T2w is an image file, not a DICOM series, so there is no DICOM source "
             "for detections_seg.dcm to reference",
         )
-    return [pydicom.dcmread(f) for f in choose_series(path, series).files]
+    return [pydicom.dcmread(f, stop_before_pixels=True) for f in choose_series(path, series).files]
 
 
 def candidate_labels(detection: np.ndarray) -> tuple[np.ndarray, list[float]]:
