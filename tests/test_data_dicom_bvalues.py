@@ -216,6 +216,8 @@ def test_b_value_tags_read_as_numbers(tmp_path):
         unreadable.add_new((0x0018, 0x9087), "UN", b"n/a")
     _set_b(unreadable, "siemens", 800.0)
     assert dicom_bvalues.b_value(unreadable) == 800.0
+    unreadable[0x0018, 0x9087] = pydicom.DataElement(0x00189087, "FD", [])  # no value at all
+    assert dicom_bvalues.b_value(unreadable) == 800.0
 
 
 def test_multi_b_series_preprocesses_to_the_case_of_its_high_b_series(prostatex_case_dir, tmp_path):

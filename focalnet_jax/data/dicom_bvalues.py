@@ -79,7 +79,7 @@ def b_value(header: pydicom.Dataset) -> float | None:
             continue
         try:
             return _number(element.value, kind)
-        except (TypeError, ValueError, struct.error):  # unreadable: the next tag may tell
+        except (TypeError, ValueError, IndexError, struct.error):  # unreadable: the next may tell
             continue
     return None
 
