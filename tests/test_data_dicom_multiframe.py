@@ -173,11 +173,12 @@ def test_frames_of_several_volumes_are_refused(enhanced, tmp_path):
     assert "each of the 19 slice positions holds 2 of the 38 frames: several volumes" in message
 
 
-def _dwi(b_values, slopes) -> callable:
-    """Two volumes of the T2w frames, b-value `b_values[v]` (None: no MRDiffusionSequence) and
-    rescale slope `slopes[v]` (intercept -5) in each frame's own groups: volume 0 the stored
-    pixels, volume 1 half of them; the frames interleaved by position (volume 0, volume 1 at
-    each), as scanners store a DWI."""
+def _dwi(b_values, slopes, directions=None) -> callable:
+    """Volumes of the T2w frames, b-value `b_values[v]` (None: no MRDiffusionSequence), rescale
+    slope `slopes[v]` (intercept -5) and DiffusionDirectionality `directions[v]` (None: none) in
+    each frame's own groups: volume 0 the stored pixels, volume v those // (v + 1); the frames
+    interleaved by position (volume 0, 1, ... at each), as scanners store a DWI."""
+    directions = directions or [None] * len(b_values)
 
     def edit(dataset) -> None:
         pixels = dataset.pixel_array
@@ -186,7 +187,8 @@ def _dwi(b_values, slopes) -> callable:
         del shared.PixelValueTransformationSequence
         groups, frames = [], []
         for k, group in enumerate(dataset.PerFrameFunctionalGroupsSequence):
-            for volume, (b, slope) in enumerate(zip(b_values, slopes, strict=True)):
+            volumes = zip(b_values, slopes, directions, strict=True)
+            for volume, (b, slope, direction) in enumerate(volumes):
                 own = copy.deepcopy(group)
                 rescale = copy.deepcopy(template)
                 rescale[0].RescaleSlope, rescale[0].RescaleIntercept = slope, -5
@@ -194,9 +196,11 @@ def _dwi(b_values, slopes) -> callable:
                 if b is not None:
                     diffusion = pydicom.Dataset()
                     diffusion.DiffusionBValue = float(b)
+                    if direction is not None:
+                        diffusion.DiffusionDirectionality = direction
                     own.MRDiffusionSequence = pydicom.Sequence([diffusion])
                 groups.append(own)
-                frames.append(pixels[k] if volume == 0 else pixels[k] // 2)
+                frames.append(pixels[k] // (volume + 1))
         dataset.PerFrameFunctionalGroupsSequence = pydicom.Sequence(groups)
         dataset.NumberOfFrames = len(frames)
         dataset.PixelData = np.stack(frames).tobytes()
@@ -229,6 +233,22 @@ def test_two_volumes_of_the_highest_b_value_of_a_file_are_refused_naming_it(enha
     assert str(raised.value).startswith(
         f"{edited / 't2w.dcm'}: multi-frame DICOM: the 38 frames of b = 1400 s/mm^2: each of the "
         "19 slice positions holds 2 of the 38 frames: several volumes"
+    )
+
+
+def test_hbv_of_a_file_takes_the_isotropic_frames_of_its_highest_b_value(
+    enhanced, tmp_path, caplog
+):
+    """Directional and isotropic (trace) frames of b = 1400 beside b = 50 (as Philips stores a
+    DWI): as hbv, the isotropic ones (volume 1: the stored pixels // 2)."""
+    dwi = _dwi([1400, 1400, 50], [1.0] * 3, ["DIRECTIONAL", "ISOTROPIC", None])
+    edited = _edited(enhanced, tmp_path, dwi)
+    with caplog.at_level("WARNING"):
+        read = read_series(edited, component="hbv")
+    stored = sitk.GetArrayFromImage(read_series(enhanced))
+    _assert_same_image(read, read_series(enhanced), pixels=stored // 2 - 5)
+    assert "hbv read from the 19 isotropic frames of b = 1400 s/mm^2 (19 directional" in (
+        caplog.text
     )
 
 

@@ -36,7 +36,9 @@ _GROUPS = {  # value -> (functional group sequence, attribute keyword)
     "slope": ("PixelValueTransformationSequence", "RescaleSlope"),
     "intercept": ("PixelValueTransformationSequence", "RescaleIntercept"),
     "b_value": ("MRDiffusionSequence", "DiffusionBValue"),
+    "directionality": ("MRDiffusionSequence", "DiffusionDirectionality"),
 }
+_TEXT = ("DiffusionDirectionality",)  # read as upper-case text, not numbers
 _VALUE_COUNTS = {"ImagePositionPatient": 3, "ImageOrientationPatient": 6, "PixelSpacing": 2}
 _RESCALE = ("RescaleSlope", "RescaleIntercept")
 _FRAME_TAGS = "DiffusionBValue (0018,9087) in its own or the shared MRDiffusionSequence (0018,9117)"
@@ -104,12 +106,14 @@ def _frame_value(frame, shared, sequence: str, keyword: str):
 
 
 def _group_value(groups, sequence: str, keyword: str):
-    """`keyword` of the first item of `groups`' `sequence` (float, or a list of floats); None
-    where absent or empty."""
+    """`keyword` of the first item of `groups`' `sequence` (float, a list of floats, or for
+    `_TEXT` keywords a string); None where absent or empty."""
     items = groups.get(sequence) or []
     if not items or keyword not in items[0] or items[0][keyword].value in (None, ""):
         return None
     value = items[0][keyword].value
+    if keyword in _TEXT:
+        return str(value).strip().upper()
     several = isinstance(value, Sequence) and not isinstance(value, str | bytes)
     try:
         floats = [float(v) for v in (value if several else [value])]
@@ -176,9 +180,14 @@ def _stack_frames(values: dict[str, list], component: str | None) -> tuple[list[
         except BValueError as why:
             reason = f"{_several_volumes(len(along), per_position)}; as hbv: {why}"
             raise MultiFrameError(reason) from None
+        isotropic = [k for k in frames if values["directionality"][k] == "ISOTROPIC"]
+        directional = len(frames) - len(isotropic) if isotropic else 0
+        frames = isotropic or frames
         listed = ", ".join(f"{b:g}" for b in b_values)
-        chosen = f"the {len(frames)} frames of b = {b_values[-1]:g} s/mm^2"
-        note = f"b-values {listed} s/mm^2; hbv read from {chosen}"
+        kind = "isotropic frames" if directional else "frames"
+        chosen = f"the {len(frames)} {kind} of b = {b_values[-1]:g} s/mm^2"
+        left_out = f" ({directional} directional ones left out)" if directional else ""
+        note = f"b-values {listed} s/mm^2; hbv read from {chosen}{left_out}"
     steps = np.diff(along[frames])
     if not (np.all(steps > 0) or np.all(steps < 0)):
         frames = [frames[i] for i in np.argsort(along[frames], kind="stable")]
