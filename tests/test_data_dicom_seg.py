@@ -193,6 +193,17 @@ def test_sparse_seg_keeps_its_frames_at_their_positions(source, t2w, tmp_path):
     np.testing.assert_array_equal(_resampled(label, t2w), _on_t2w(source, t2w, single * 5))
 
 
+def _refusal_without_slice_spacing(file: Path) -> str:
+    """The one-line error of reading SEG `file` as a label once its SpacingBetweenSlices is
+    deleted."""
+    dataset = pydicom.dcmread(file)
+    del dataset.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].SpacingBetweenSlices
+    dataset.save_as(file)
+    with pytest.raises(io.CaseError) as raised:
+        io.read_label(file, case="px", label_values="picai")
+    return str(raised.value)
+
+
 def test_sparse_seg_without_its_slice_spacing_is_refused(source, tmp_path):
     # Frames 3, 4 and 9 without SpacingBetweenSlices: highdicom would take 3 mm from the nearest
     # two; with frames 3, 5 and 9 (6 mm, 12 mm) it would take 6 mm and label frame 4 and others.
@@ -200,12 +211,7 @@ def test_sparse_seg_without_its_slice_spacing_is_refused(source, tmp_path):
     mask |= _box(source, 5, slice(100, 110), slice(120, 130))
     mask |= _box(source, 9, slice(100, 110), slice(120, 130))
     file = _seg(tmp_path / "sparse.dcm", source, [("ISUP 3", mask, LESION)])
-    dataset = pydicom.dcmread(file)
-    del dataset.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].SpacingBetweenSlices
-    dataset.save_as(file)
-    with pytest.raises(io.CaseError) as raised:
-        io.read_label(file, case="px", label_values="picai")
-    assert str(raised.value) == (
+    assert _refusal_without_slice_spacing(file) == (
         f"case 'px', file '{file}': frames at 3 positions 6.00 to 12.00 mm apart along the slice "
         "normal and no SpacingBetweenSlices (0018,0088): the slice spacing is unknown; export the "
         "SEG with it (or with every frame)"
@@ -220,12 +226,7 @@ def test_seg_of_two_positions_without_its_slice_spacing_is_refused(source, tmp_p
         ("ISUP 2", _box(source, 8, slice(150, 160), slice(120, 130)), LESION),
     ]
     file = _seg(tmp_path / "two.dcm", source, lesions)
-    dataset = pydicom.dcmread(file)
-    del dataset.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].SpacingBetweenSlices
-    dataset.save_as(file)
-    with pytest.raises(io.CaseError) as raised:
-        io.read_label(file, case="px", label_values="picai")
-    assert str(raised.value) == (
+    assert _refusal_without_slice_spacing(file) == (
         f"case 'px', file '{file}': frames at 2 positions 12.00 mm apart along the slice normal "
         "and no SpacingBetweenSlices (0018,0088): whether slices lie between them is unknown; "
         "export the SEG with it (or with every frame)"
