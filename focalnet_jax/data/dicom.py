@@ -28,7 +28,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from focalnet_jax.data import native_stderr
-from focalnet_jax.data.dicom_bvalues import BValueError, highest_b_files
+from focalnet_jax.data.dicom_bvalues import BValueError, describe_choice, highest_b_files
 from focalnet_jax.data.dicom_multiframe import (
     NUMBER_OF_FRAMES,
     SPACING_TOLERANCE_MM,
@@ -453,14 +453,11 @@ def _stack_files(folder: Path, chosen: SeriesInfo, component: str | None, notes:
             files, b_values, directional = highest_b_files(chosen.files)
         except BValueError as why:
             raise SeriesError(err.file, f"{err.reason}; as hbv: {why}") from None
-    kind = "isotropic images" if directional else "images"
-    read = f"the {len(files)} {kind} of b = {b_values[-1]:g} s/mm^2"
+    listed, read, left_out = describe_choice(len(files), "images", b_values, directional)
     try:
         check_slice_positions(files)
     except SeriesError as err:
         raise SeriesError(err.file, f"{read}: {err.reason}") from None
-    listed = ", ".join(f"{b:g}" for b in b_values)
-    left_out = f" ({directional} directional ones left out)" if directional else ""
     notes.append(
         f"{folder}: series {chosen.uid} holds b-values {listed}; hbv read from {read}{left_out}"
     )

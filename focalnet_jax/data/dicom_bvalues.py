@@ -99,12 +99,17 @@ _SLICE_TAGS = "DiffusionBValue (0018,9087) or the Siemens, GE or Philips private
 
 
 def highest_b(
-    b_values: Sequence[float | None], names: Sequence[str], tags: str = _SLICE_TAGS
-) -> tuple[list[int], list]:
+    b_values: Sequence[float | None],
+    names: Sequence[str],
+    tags: str = _SLICE_TAGS,
+    isotropic: Sequence[bool] | None = None,
+) -> tuple[list[int], list, int]:
     """The indices of the highest of `b_values` (one per image, None where an image gives none;
-    `names` name the images and `tags` the tags read in messages) and the distinct b-values in
-    ascending order. An image without a b-value, or one b-value for all (the volumes differ
-    otherwise: echoes, directions, time points), is a `BValueError`."""
+    `names` name the images and `tags` the tags read in messages), the distinct b-values in
+    ascending order, and how many directional images of the highest were left out: where
+    `isotropic` marks some of its images (trace) and not others, only the marked ones are taken.
+    An image without a b-value, or one b-value for all (the volumes differ otherwise: echoes,
+    directions, time points), is a `BValueError`."""
     missing = [name for name, b in zip(names, b_values, strict=True) if b is None]
     if missing:
         raise BValueError(
@@ -114,7 +119,18 @@ def highest_b(
     distinct = sorted(set(b_values))
     if len(distinct) < 2:
         raise BValueError(f"every image has b = {distinct[0]:g} s/mm^2")
-    return [k for k, b in enumerate(b_values) if b == distinct[-1]], distinct
+    chosen = [k for k, b in enumerate(b_values) if b == distinct[-1]]
+    marked = [k for k in chosen if isotropic is not None and isotropic[k]]
+    return marked or chosen, distinct, len(chosen) - len(marked) if marked else 0
+
+
+def describe_choice(count: int, noun: str, b_values: list, directional: int):
+    """(the b-values listed, 'the 19 [isotropic] <noun> of b = 1400 s/mm^2', ' (38 directional
+    ones left out)' or '') for the messages on a `highest_b` choice of `count` images."""
+    kind = f"isotropic {noun}" if directional else noun
+    listed = ", ".join(f"{b:g}" for b in b_values)
+    left_out = f" ({directional} directional ones left out)" if directional else ""
+    return listed, f"the {count} {kind} of b = {b_values[-1]:g} s/mm^2", left_out
 
 
 def _isotropic(header: pydicom.Dataset) -> bool:
@@ -137,13 +153,13 @@ def highest_b_files(files: Sequence[str]) -> tuple[list[str], list[float], int]:
     """The files of the highest b-value among `files` (one series; `highest_b`), in ascending
     order along the slice normal (GDCM's order for a series of one volume; for several it falls
     back to instance numbers); the series' distinct b-values in ascending order; and how many
-    directional images of that b-value were left out: where some of its images are marked
-    isotropic (`_isotropic`) and others not, only the isotropic ones are taken."""
+    directional images of that b-value were left out (`_isotropic` marks the others)."""
     headers = [pydicom.dcmread(f, stop_before_pixels=True, force=True) for f in files]
-    chosen, distinct = highest_b([b_value(h) for h in headers], [Path(f).name for f in files])
-    isotropic = [k for k in chosen if _isotropic(headers[k])]
-    directional = len(chosen) - len(isotropic) if isotropic else 0
-    chosen = isotropic or chosen
+    names = [Path(f).name for f in files]
+    isotropic = [_isotropic(h) for h in headers]
+    chosen, distinct, directional = highest_b(
+        [b_value(h) for h in headers], names, _SLICE_TAGS, isotropic
+    )
     along = [_along_normal(headers[k]) for k in chosen]
     order = np.argsort(along, kind="stable") if np.isfinite(along).all() else range(len(chosen))
     return [files[chosen[i]] for i in order], distinct, directional

@@ -23,7 +23,7 @@ import pydicom
 import SimpleITK as sitk
 from pydicom.errors import InvalidDicomError
 
-from focalnet_jax.data.dicom_bvalues import BValueError, highest_b
+from focalnet_jax.data.dicom_bvalues import BValueError, describe_choice, highest_b
 
 NUMBER_OF_FRAMES = "0028|0008"
 # Slice positions (here and in dicom.py's classic series) within max(0.01 mm, 1 % of the spacing).
@@ -151,7 +151,7 @@ def read_multiframe(
     applied = _rescale_of(values, 0)  # ITK applies frame 1's values to every frame
     own = [_rescale_of(stacked, k) for k in range(len(frames))]
     if frames != list(range(len(values["position"]))) or set(own) != {applied}:
-        image = _restacked(image, frames, stacked, applied)
+        image = _restacked(image, frames, stacked, own, applied)
     check_image_geometry(image, stacked)
     if note and notes is not None:
         notes.append(f"{file}: {note}")
@@ -175,18 +175,15 @@ def _stack_frames(values: dict[str, list], component: str | None) -> tuple[list[
     per_position = images_per_position(along, tolerance)
     if per_position and component == "hbv":
         names = [f"frame {k + 1}" for k in frames]
+        isotropic = [d == "ISOTROPIC" for d in values["directionality"]]
         try:
-            frames, b_values = highest_b(values["b_value"], names, _FRAME_TAGS)
+            frames, b_values, directional = highest_b(
+                values["b_value"], names, _FRAME_TAGS, isotropic
+            )
         except BValueError as why:
             reason = f"{_several_volumes(len(along), per_position)}; as hbv: {why}"
             raise MultiFrameError(reason) from None
-        isotropic = [k for k in frames if values["directionality"][k] == "ISOTROPIC"]
-        directional = len(frames) - len(isotropic) if isotropic else 0
-        frames = isotropic or frames
-        listed = ", ".join(f"{b:g}" for b in b_values)
-        kind = "isotropic frames" if directional else "frames"
-        chosen = f"the {len(frames)} {kind} of b = {b_values[-1]:g} s/mm^2"
-        left_out = f" ({directional} directional ones left out)" if directional else ""
+        listed, chosen, left_out = describe_choice(len(frames), "frames", b_values, directional)
         note = f"b-values {listed} s/mm^2; hbv read from {chosen}{left_out}"
     steps = np.diff(along[frames])
     if not (np.all(steps > 0) or np.all(steps < 0)):
@@ -200,14 +197,15 @@ def _rescale_of(values: dict[str, list], k: int) -> tuple[float, float]:
     return (1.0 if slope is None else slope, 0.0 if intercept is None else intercept)
 
 
-def _restacked(image: sitk.Image, frames: list[int], stacked: dict, applied) -> sitk.Image:
+def _restacked(image: sitk.Image, frames: list[int], stacked: dict, own, applied) -> sitk.Image:
     """The `frames` of `image` (as ITK read the file: frame k at slice k, every frame rescaled
     with `applied`, frame 1's values; its geometry, which ITK may have given up on, unused) as
     a stack of their own, placed by their functional groups (`stacked`): pixel spacing and
     orientation, slice axis along the normal, origin at the first frame's position; each frame
-    rescaled with its own values (the stored integers recovered from `applied`)."""
+    rescaled with its own values (`own`: (slope, intercept) a frame; the stored integers
+    recovered from `applied`)."""
     pixels = sitk.GetArrayFromImage(image)[frames].astype(np.float64)  # [frames, rows, cols]
-    own = np.array([_rescale_of(stacked, k) for k in range(len(frames))])  # [frames, 2]
+    own = np.array(own)  # [frames, 2]
     if np.any(own != applied):
         if applied[0] == 0:
             raise MultiFrameError("frame 1 has RescaleSlope 0: the other frames' values are lost")
