@@ -62,14 +62,18 @@ def number_of_frames(file: str | os.PathLike) -> int:
         return 1
 
 
-def frame_values(file: str | os.PathLike) -> dict[str, list]:
+def frame_values(file: str | os.PathLike | pydicom.Dataset) -> dict[str, list]:
     """Per frame (the file's frame order): `position` (x, y, z) mm, `orientation` (6 cosines),
-    `pixel_spacing` (row, column spacing) mm, `slope`, `intercept` (None where absent), each
-    from the frame's own functional groups, else the shared ones."""
-    try:
-        dataset = pydicom.dcmread(file, stop_before_pixels=True)
-    except (InvalidDicomError, OSError, ValueError) as error:
-        raise MultiFrameError(f"its header cannot be read ({error})") from None
+    `pixel_spacing` (row, column spacing) mm, `slope`, `intercept`, `b_value` (s/mm^2),
+    `directionality` (upper-case text) (None where absent), each from the frame's own functional
+    groups, else the shared ones. `file`: a path, or its header already read."""
+    if isinstance(file, pydicom.Dataset):
+        dataset = file
+    else:
+        try:
+            dataset = pydicom.dcmread(file, stop_before_pixels=True)
+        except (InvalidDicomError, OSError, ValueError) as error:
+            raise MultiFrameError(f"its header cannot be read ({error})") from None
     shared_groups = dataset.get("SharedFunctionalGroupsSequence") or [pydicom.Dataset()]
     per_frame = dataset.get("PerFrameFunctionalGroupsSequence") or []
     frames = int(dataset.get("NumberOfFrames", 1))

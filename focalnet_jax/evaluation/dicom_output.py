@@ -80,7 +80,7 @@ def _frames(sources: list) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Per source frame (in highdicom's order): (position (3,) mm, orientation (6,) row then
     column cosines, pixel spacing (2,) row then column mm)."""
     if len(sources) == 1 and int(sources[0].get("NumberOfFrames", 1)) > 1:
-        values = frame_values(sources[0].filename)
+        values = frame_values(sources[0])
         return [
             tuple(
                 np.asarray(values[k][f], float)
