@@ -23,7 +23,6 @@ import warnings
 from importlib.metadata import version
 from pathlib import Path
 
-import highdicom as hd
 import numpy as np
 import pydicom
 import SimpleITK as sitk
@@ -42,9 +41,6 @@ VERSION = version("focalnet_jax")  # the installed package's
 SERIES_NUMBER = 1000
 LABEL_LENGTH = 64  # SegmentLabel is an LO value
 GRID_TOLERANCE = 0.05  # voxels: a source pixel centre off a T2w voxel centre by more is an error
-ALGORITHM = hd.AlgorithmIdentificationSequence(
-    name="focalnet_jax", family=codes.DCM.ArtificialIntelligence, version=VERSION
-)
 
 
 def dicom_sources(case_id: str, t2w: str | os.PathLike, series: str | None = None) -> list:
@@ -156,14 +152,20 @@ def segment_label(number: int, confidence: float, csv_ids: list[str]) -> str:
     return label
 
 
-def _description(number: int, label: str) -> hd.seg.SegmentDescription:
+def _description(number: int, label: str):
+    """Segment `number`'s highdicom SegmentDescription: a lesion candidate of this package."""
+    import highdicom as hd
+
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name="focalnet_jax", family=codes.DCM.ArtificialIntelligence, version=VERSION
+    )
     return hd.seg.SegmentDescription(
         segment_number=number,
         segment_label=label,
         segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
         segmented_property_type=codes.SCT.Neoplasm,
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-        algorithm_identification=ALGORITHM,
+        algorithm_identification=algorithm,
         tracking_uid=hd.UID(),
         tracking_id=f"lesion {number}",
         anatomic_regions=[codes.SCT.Prostate],
@@ -201,6 +203,8 @@ def write_seg(
             "%s: no lesion candidate, %s not written (a SEG needs a segment)", case_id, SEG_FILE
         )
         return None
+    import highdicom as hd  # imported here (0.3 s): needed only with --dicom
+
     csv_ids = _csv_ids(out_dir / "detections.csv", labels)
     descriptions = [
         _description(n, segment_label(n, p, csv_ids.get(n, [])))
@@ -228,6 +232,8 @@ def write_seg(
 def write_score_map(out_dir: Path, cspca: sitk.Image, sources: list, voxels: np.ndarray) -> Path:
     """`out_dir/score_map.dcm`: the csPCa score P(GS >= 3+4) (float32 on the T2w grid, 0..1) on
     every source frame (`voxels`: `frame_voxels`), a float Parametric Map."""
+    import highdicom as hd
+
     mapping = hd.pm.RealWorldValueMapping(
         lut_label="csPCa",
         lut_explanation="P(GS >= 3+4), focalnet_jax",
