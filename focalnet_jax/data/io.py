@@ -266,27 +266,28 @@ def _seg_file(path, case: str) -> Path | None:
         raise CaseError(case, err.file, err.reason) from None
 
 
+def _seg_or_image(path, case: str, read_seg) -> sitk.Image:
+    """`read_seg(file)` of the DICOM SEG that `path` gives, else `read_image`'s image; a
+    `SegError` becomes a `CaseError` naming the case."""
+    if (seg := _seg_file(path, case)) is None:
+        return read_image(path, case=case)
+    try:
+        return read_seg(seg)
+    except dicom_seg.SegError as err:
+        raise CaseError(case, err.file, err.reason) from None
+
+
 def read_label(path: str | os.PathLike, *, case: str = "?", label_values: str) -> sitk.Image:
     """A lesion label: a DICOM SEG (file, or a folder holding one) as a label map under
     `label_values` ('picai' or 'isup', `dicom_seg.read_lesions`), else `read_image`'s image.
     Raises `CaseError` naming the case, the file and the reason."""
-    if (seg := _seg_file(path, case)) is None:
-        return read_image(path, case=case)
-    try:
-        return dicom_seg.read_lesions(seg, label_values)
-    except dicom_seg.SegError as err:
-        raise CaseError(case, err.file, err.reason) from None
+    return _seg_or_image(path, case, lambda seg: dicom_seg.read_lesions(seg, label_values))
 
 
 def read_mask(path: str | os.PathLike, *, case: str = "?") -> sitk.Image:
     """A whole-gland mask: a DICOM SEG's gland segment (`dicom_seg.read_gland`), else
     `read_image`'s image. Raises `CaseError` naming the case, the file and the reason."""
-    if (seg := _seg_file(path, case)) is None:
-        return read_image(path, case=case)
-    try:
-        return dicom_seg.read_gland(seg)
-    except dicom_seg.SegError as err:
-        raise CaseError(case, err.file, err.reason) from None
+    return _seg_or_image(path, case, dicom_seg.read_gland)
 
 
 def check_distinct(files: Mapping, series: Mapping, case: str) -> None:
