@@ -1,7 +1,9 @@
 """Tests of focalnet_jax/models/pretrained.py: torchvision ResNet weights -> DeepLab variables.
 
 ``tests/data/torchvision_resnet50_keys.json`` lists every key of torchvision's ResNet-50
-``state_dict`` with its shape (320 entries, 25,557,032 trainable parameters).
+``state_dict`` with its shape (320 entries, 25,557,032 trainable parameters). Converted weights
+are checked against torchvision's forward twice: in NumPy (`numpy_torchvision_resnet.py`, always
+run) and in torch itself (marked `torch`, skipped where it is absent).
 """
 
 from __future__ import annotations
@@ -274,6 +276,87 @@ def test_converted_weights_reproduce_torchvision_features(output_stride, compone
     x = np.repeat(grey, components, axis=-1)
     ours = np.asarray(ResNet(depth=50, output_stride=output_stride).apply(backbone, x))
     assert ours.shape == reference.shape
+    np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max())
+
+
+def _torchvision_like_state(keys: dict[str, tuple[int, ...]], seed: int) -> dict[str, np.ndarray]:
+    """Random weights of torchvision's scale: He-normal convolutions, BatchNorm affine terms and
+    running statistics near 1 and 0 (features stay O(1) through 16 blocks)."""
+    rng = np.random.default_rng(seed)
+    state = {}
+    for key, shape in keys.items():
+        if len(shape) == 4:
+            value = rng.standard_normal(shape) * np.sqrt(2.0 / np.prod(shape[1:]))
+        elif key.endswith(("running_var", ".weight")) and len(shape) == 1:
+            value = rng.uniform(0.5, 1.5, shape)
+        elif len(shape) == 1:
+            value = rng.uniform(-0.2, 0.2, shape)
+        else:  # num_batches_tracked; fc.weight is 2D and unused
+            value = rng.standard_normal(shape)
+        state[key] = np.asarray(value, np.float32)
+    return state
+
+
+@jax.default_matmul_precision("highest")  # full float32 convolutions also on GPUs (no TF32)
+@pytest.mark.parametrize("output_stride", [32, 8])
+def test_converted_resnet50_reproduces_the_numpy_torchvision_forward(
+    output_stride, resnet50_keys, tmp_path
+):
+    """Without torch: ImageNet-layout RGB weights, converted for 2 components, give on (g, g) the
+    layer4 features a NumPy float64 forward of torchvision's definition gives on (g, g, g)."""
+    from numpy_torchvision_resnet import features
+
+    from focalnet_jax.models.resnet import ResNet
+
+    state = _torchvision_like_state(resnet50_keys, seed=3)
+    path = tmp_path / "resnet50.safetensors"
+    save_file(state, str(path))
+    dilate = {32: (False, False, False), 8: (False, True, True)}[output_stride]
+    grey = np.random.default_rng(4).standard_normal((1, 1, 64, 64)).astype(np.float32)
+    reference = features(state, np.repeat(grey, 3, axis=1), 50, dilate).transpose(0, 2, 3, 1)
+
+    cfg = config(depth=50, output_stride=output_stride)
+    variables = load_torchvision_resnet(
+        abstract_variables(cfg, 2), path, components=COMPONENTS[:2], model_config=cfg
+    )
+    backbone = {c: variables[c]["backbone"] for c in ("params", "batch_stats")}
+    x = np.repeat(grey.transpose(0, 2, 3, 1), 2, axis=-1)
+    ours = np.asarray(ResNet(depth=50, output_stride=output_stride).apply(backbone, x))
+    assert ours.shape == reference.shape == (1, 64 // output_stride, 64 // output_stride, 2048)
+    assert np.abs(reference).max() > 0.1 and (reference > 0).mean() > 0.1  # not a dead network
+    np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max())
+
+
+@jax.default_matmul_precision("highest")
+def test_resnet18_file_with_named_components_reproduces_the_numpy_torchvision_forward(tmp_path):
+    """Basic blocks: a ResNet-18 file (width 0.125) whose conv1 names the 3 components is, once
+    loaded, the network a NumPy forward of torchvision's ResNet-18 computes from that file."""
+    from numpy_torchvision_resnet import features
+
+    from focalnet_jax.models.resnet import ResNet
+
+    cfg = config(depth=18, width=0.125)
+    abstract = abstract_variables(cfg, 3)
+    backbone = {c: abstract[c]["backbone"] for c in ("params", "batch_stats")}
+    shapes = {}
+    for key, (collection, names) in backbone_key_map(backbone).items():
+        leaf = backbone[collection]
+        for name in names:
+            leaf = leaf[name]
+        hwio = leaf.shape
+        shapes[key] = hwio if len(hwio) == 1 else (hwio[3], hwio[2], hwio[0], hwio[1])
+    state = _torchvision_like_state(shapes, seed=5)
+    path = tmp_path / "resnet18.npz"
+    np.savez(path, **state, **{MARKER: np.asarray(",".join(COMPONENTS[:3]))})
+
+    x = np.random.default_rng(6).standard_normal((2, 3, 48, 40)).astype(np.float32)
+    reference = features(state, x, 18).transpose(0, 2, 3, 1)
+    variables = load_torchvision_resnet(abstract, path, components=COMPONENTS[:3], model_config=cfg)
+    loaded = {c: variables[c]["backbone"] for c in ("params", "batch_stats")}
+    model = ResNet(depth=18, output_stride=32, width=cfg.width)
+    ours = np.asarray(model.apply(loaded, x.transpose(0, 2, 3, 1)))
+    assert ours.shape == reference.shape == (2, 2, 2, 64)
+    assert np.abs(reference).max() > 0.1 and (reference > 0).mean() > 0.1
     np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max())
 
 
