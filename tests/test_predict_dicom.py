@@ -1,7 +1,8 @@
 """`focalnet predict --dicom`: `detections_seg.dcm`, the detection map's candidates as a DICOM SEG
 on the T2w source frames of the real ProstateX exam (single-frame slices, and the same series as one
 enhanced multi-frame file), read back with highdicom; an image-file T2w refused in one line (one
-exam) or as a bad case (many); a resumed batch keeps writing SEGs. Scores are made by hand
+exam) or as a bad case (many); a resumed batch keeps writing SEGs; dicom3tools' `dciodvfy` finds no
+error in either file. Scores are made by hand
 (Gaussians at known LPS points) and go through the real preprocessing and output writers."""
 
 from __future__ import annotations
@@ -9,6 +10,9 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
+import shutil
+import subprocess
 import warnings
 
 import highdicom as hd
@@ -151,6 +155,30 @@ def test_score_map_is_the_cspca_map_on_every_t2w_frame(written, t2w_slices):
     )
 
 
+def validator_errors(path, iod: str) -> list[str]:
+    """The `Error` lines of dicom3tools' `dciodvfy` on `path`, once it named `iod` as the file's
+    IOD; skips where dciodvfy is absent, fails there under FOCALNET_REQUIRE_DICOM_VALIDATOR=1."""
+    dciodvfy = shutil.which("dciodvfy")
+    if dciodvfy is None:
+        reason = "dciodvfy (Debian's dicom3tools) not installed: .ci/install_dicom_validator.sh"
+        if os.environ.get("FOCALNET_REQUIRE_DICOM_VALIDATOR", "") not in ("", "0"):
+            pytest.fail(reason + " (FOCALNET_REQUIRE_DICOM_VALIDATOR=1)")
+        pytest.skip(reason)
+    done = subprocess.run(
+        [dciodvfy, "-new", str(path)], capture_output=True, text=True, timeout=120
+    )
+    lines = (done.stdout + done.stderr).splitlines()
+    assert iod in lines, lines  # the IOD it checked the file against
+    return [line for line in lines if line.startswith("Error")]
+
+
+@pytest.mark.parametrize(
+    "name, iod", [(SEG_FILE, "Segmentation"), (SCORE_MAP_FILE, "ParametricMap")]
+)
+def test_outputs_pass_the_dicom_validator(written, name, iod):
+    assert validator_errors(written / name, iod) == []
+
+
 def test_seg_on_an_enhanced_multiframe_t2w_follows_its_frames(written, exam, tmp_path):
     files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(exam["t2w"])
     singles = [pydicom.dcmread(f) for f in files]
@@ -177,6 +205,8 @@ def test_seg_on_an_enhanced_multiframe_t2w_follows_its_frames(written, exam, tmp
     (tmp_path / "out" / "detections.csv").write_text((written / "detections.csv").read_text())
     files = write_dicom_outputs(tmp_path / "out", maps, sources, "px")
     assert [f.name for f in files] == [SCORE_MAP_FILE, SEG_FILE]
+    assert validator_errors(files[0], "ParametricMap") == []
+    assert validator_errors(files[1], "Segmentation") == []
     seg = hd.seg.segread(files[1])
     detection, values = _blobs(written)
     frames = list(range(1, len(singles) + 1))

@@ -11,7 +11,8 @@ csPCa score P(GS >= 3+4)), followed by `csv 1,2` when rows of `detections.csv` (
 source pixel's world point, which must fall on a T2w voxel centre (else the source frames are not
 the T2w grid: an error). An exam without candidates gets no SEG (a SEG needs a segment; logged).
 `score_map.dcm` is a float Parametric Map of `cspca_score.nii.gz` on every source frame (the same
-sampling).
+sampling), its frames' anatomy the prostate, an unpaired structure (Frame Anatomy functional
+group: FrameLaterality U; without it the IOD's conditional General Series Laterality is missing).
 """
 
 from __future__ import annotations
@@ -229,6 +230,18 @@ def write_seg(
     )
 
 
+def _with_prostate_anatomy(image):
+    """`image` (a multi-frame highdicom object) with a shared Frame Anatomy functional group: the
+    prostate (SCT 41216001), laterality U (unpaired)."""
+    import highdicom as hd
+
+    anatomy = pydicom.Dataset()
+    anatomy.FrameLaterality = "U"
+    anatomy.AnatomicRegionSequence = [hd.sr.CodedConcept.from_code(codes.SCT.Prostate)]
+    image.SharedFunctionalGroupsSequence[0].FrameAnatomySequence = [anatomy]
+    return image
+
+
 def write_score_map(out_dir: Path, cspca: sitk.Image, sources: list, voxels: np.ndarray) -> Path:
     """`out_dir/score_map.dcm`: the csPCa score P(GS >= 3+4) (float32 on the T2w grid, 0..1) on
     every source frame (`voxels`: `frame_voxels`), a float Parametric Map."""
@@ -245,20 +258,24 @@ def write_score_map(out_dir: Path, cspca: sitk.Image, sources: list, voxels: np.
     )
     values = _sampled(sitk.GetArrayFromImage(cspca).astype(np.float32), voxels)
     return _saved(
-        lambda: hd.pm.ParametricMap(
-            source_images=sources,
-            pixel_array=values,
-            series_instance_uid=hd.UID(),
-            series_number=SERIES_NUMBER + 1,
-            sop_instance_uid=hd.UID(),
-            instance_number=1,
-            contains_recognizable_visual_features=False,
-            real_world_value_mappings=[mapping],
-            voi_lut_transformations=[hd.VOILUTTransformation(window_center=0.5, window_width=1.0)],
-            content_label="CSPCA",
-            content_description="focalnet_jax csPCa score P(GS >= 3+4)",
-            series_description="focalnet_jax csPCa score",
-            **_equipment(),
+        lambda: _with_prostate_anatomy(
+            hd.pm.ParametricMap(
+                source_images=sources,
+                pixel_array=values,
+                series_instance_uid=hd.UID(),
+                series_number=SERIES_NUMBER + 1,
+                sop_instance_uid=hd.UID(),
+                instance_number=1,
+                contains_recognizable_visual_features=False,
+                real_world_value_mappings=[mapping],
+                voi_lut_transformations=[
+                    hd.VOILUTTransformation(window_center=0.5, window_width=1.0)
+                ],
+                content_label="CSPCA",
+                content_description="focalnet_jax csPCa score P(GS >= 3+4)",
+                series_description="focalnet_jax csPCa score",
+                **_equipment(),
+            )
         ),
         out_dir / SCORE_MAP_FILE,
     )
