@@ -124,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # A training process that fails alone leaves its process group at once (`distributed`).
     group = contextlib.nullcontext()
     if process_ends and args.command in ("train", "cv"):
-        from focalnet_jax.training.distributed import leave_group_on_failure
+        from focalnet_jax.training.group_failures import leave_group_on_failure
 
         group = leave_group_on_failure(prog)
     with group, one_line_user_errors(prog, verbose=args.verbose), terminate:

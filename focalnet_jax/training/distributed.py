@@ -21,21 +21,7 @@ Coordinator host of a SLURM step: the first host of `SLURM_STEP_NODELIST`, expan
 first number in it, so it drops what follows the bracket: `node[01-02]-ib` gave `node01`,
 `rack[1-2]-node[01-02]` gave `rack1`.
 
-A failure of one process (`leave_group_on_failure`): a process whose command fails waits up to
-`FAILURE_WAIT_S` seconds for the others to fail too (the same refusal in each: they then exit as a
-single one does); one that fails alone (a read only it does: one host's store; a write only
-process 0 does after the run's start) then ends without JAX's shutdown barrier,
-and the others' collective, waiting for it, fails on its closed connection. Before, it waited at
-that barrier (JAX's shutdown timeout: 5 minutes) while the others waited for it. Each failing
-process records its reason in the group's key-value store, so that one whose collective failed
-with another's exit says in one line which process failed and why, not its collective's
-traceback (the store lives in process 0: when process 0 fails alone, the others end with JAX's
-own message that the coordination service is gone).
-
-Work only some processes do (`together`): process 0's writes at a run's start (`store.json`,
-`config.json`, TensorBoard events) are followed by an exchange of every process's outcome through
-the group's key-value store, so that a failure there ends every process with one line (the others
-name the process that failed and its error) instead of leaving them in a collective.
+Failures of a process group (`leave_group_on_failure`, `together`): `group_failures`.
 
 SIGTERM: JAX's preemption service (on by default) would take SIGTERM in every process that joins
 a group and never end it (a second SIGTERM too); it is turned off, so SIGTERM ends a process of a
@@ -47,18 +33,15 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import logging
 import os
 import re
-import sys
-import time
-import traceback
 from pathlib import Path
 
 import jax
 
 from focalnet_jax.data.atomic_files import check_output_folder
-from focalnet_jax.errors import UserError, is_user_error
+from focalnet_jax.errors import UserError
+from focalnet_jax.training.group_failures import watch_for_group_failures
 
 
 def slurm_num_tasks(environ=None) -> int:
@@ -220,12 +203,14 @@ def initialize(
             return "single"
         _configure_group()
         jax.distributed.initialize(coordinator_address, num_processes, process_id)
+        watch_for_group_failures()
         return "flags"
     if slurm_num_tasks() > 1:
         device_ids = slurm_local_device_ids()  # refuses a layout that leaves GPUs idle
         _configure_group()
         address = slurm_coordinator_address()
         jax.distributed.initialize(address, local_device_ids=device_ids)
+        watch_for_group_failures()
         return "slurm"
     return "single"
 
@@ -259,118 +244,3 @@ def compilation_cache(path: Path | None):
     finally:
         cache.reset_cache()
         cache.set_cache_dir(previous)
-
-
-# Seconds a failing process of a group waits for the others to fail too (module docstring).
-FAILURE_WAIT_S = 30.0
-
-
-def _group_client():
-    """JAX's client of the process group this process joined; None outside one."""
-    from jax._src import distributed as jax_distributed  # the client Orbax's barriers use too
-
-    return jax_distributed.global_state.client
-
-
-_FAILED = "focalnet_failed/"  # key-value store: a failed process's time and reason
-
-
-def _reason(error: BaseException) -> str:
-    """One line saying why a command failed: a user error's message, else type and message."""
-    if isinstance(error, SystemExit):  # its line is printed: `<prog>: error: <message>`
-        return str(error).split(": error: ", 1)[-1]
-    return " ".join(f"{type(error).__name__}: {error}".split())
-
-
-def _first_other_failure(client) -> tuple[int, str] | None:
-    """(process, reason) of the earliest failure another process of the group recorded; None
-    where none did, or the group's store cannot be read."""
-    try:
-        entries = client.key_value_dir_get(_FAILED)
-    except Exception:
-        return None
-    failures = []
-    for key, value in entries:
-        process, (when, reason) = int(key.rsplit("/", 1)[-1]), value.split(" ", 1)
-        if process != jax.process_index():
-            failures.append((float(when), process, reason))
-    return min(failures)[1:] if failures else None
-
-
-@contextlib.contextmanager
-def leave_group_on_failure(prog: str, wait_s: float = FAILURE_WAIT_S):
-    """Around a command whose failures have been printed (`errors.one_line_user_errors` inside
-    it): in a process group, a failure (an exception, a non-zero `SystemExit`) is recorded in
-    the group's key-value store, then waits up to `wait_s` seconds at a barrier for every
-    process to fail too, and leaves as usual; when the others do not come (they wait for this
-    one in a collective), the process ends at once with its status without JAX's shutdown
-    barrier. An exception there is printed as its traceback, but where another process
-    recorded a failure first (this one's collective failed with it) as one line of `prog`
-    naming that process and its reason. Only for a command that ends its process (`os._exit`)."""
-    try:
-        yield
-    except BaseException as error:
-        client = _group_client()
-        status = error.code if isinstance(error, SystemExit) else 1
-        if client is None or not status:
-            raise
-        with contextlib.suppress(Exception):  # unrecorded, this process still ends as it would
-            key = f"{_FAILED}{jax.process_index()}"
-            client.key_value_set(key, f"{time.time()!r} {_reason(error)}")
-        try:
-            client.wait_at_barrier("focalnet_command_failed", int(wait_s * 1000))
-        except Exception:  # timed out, or the group is gone: this process failed alone
-            first = None if isinstance(error, SystemExit) else _first_other_failure(client)
-            if first is not None:
-                print(
-                    f"{prog}: error: process {first[0]} failed ({first[1]}); this process "
-                    f"stopped with it ({_reason(error)})",
-                    file=sys.stderr,
-                )
-            elif not isinstance(error, SystemExit):
-                traceback.print_exception(error)
-            logging.shutdown()
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(status if isinstance(status, int) else 1)
-        raise
-
-
-# Seconds a process waits for the others' outcomes of a `together` block.
-OUTCOME_WAIT_S = 600.0
-_together_blocks = itertools.count()  # the same sequence in every process of a group
-
-
-@contextlib.contextmanager
-def together(what: str, wait_s: float = OUTCOME_WAIT_S):
-    """Around work that may fail in one process alone and that holds no collective: in a process
-    group every process leaves it failing when any one failed in it. Each process records its
-    outcome in the group's key-value store; a process that failed raises its own error, the others
-    a `UserError` "process <i> could not <what>: <its error>" (the first failed process), so that
-    every one fails together (`leave_group_on_failure`). No-op in a single process."""
-    client = _group_client() if jax.process_count() > 1 else None
-    if client is None:
-        yield
-        return
-    prefix = f"focalnet_together/{next(_together_blocks)}/"
-    try:
-        yield
-    except BaseException as error:
-        reason = str(error) if is_user_error(error) else f"{type(error).__name__}: {error}"
-        # Unrecorded (the group's service gone), this process still ends with its own error.
-        with contextlib.suppress(Exception):
-            client.key_value_set(prefix + str(jax.process_index()), "failed: " + reason)
-        raise
-    client.key_value_set(prefix + str(jax.process_index()), "ok")
-    for process in range(jax.process_count()):
-        try:
-            outcome = client.blocking_key_value_get(prefix + str(process), int(wait_s * 1000))
-        except Exception as error:  # timed out, or the group's service gone
-            reason = str(error).replace("\n", " ")
-            raise UserError(
-                f"process {process} did not say whether it could {what} (waited up to "
-                f"{wait_s:.0f} s: {reason})"
-            ) from error
-        if outcome != "ok":
-            reason = outcome.removeprefix("failed: ").replace("\n", " ")
-            raise UserError(f"process {process} could not {what}: {reason}")

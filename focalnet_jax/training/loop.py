@@ -36,7 +36,7 @@ from focalnet_jax.errors import UserError
 from focalnet_jax.run import RunSpec
 from focalnet_jax.run import workdir as workdir_lib
 from focalnet_jax.run.spec import FoldSplit
-from focalnet_jax.training import checkpoint, distributed, input_pipeline, sharding
+from focalnet_jax.training import checkpoint, group_failures, input_pipeline, sharding
 from focalnet_jax.training import step as step_lib
 from focalnet_jax.training.graceful_stop import SigtermStop, TrainingStopped
 from focalnet_jax.training.tb_logging import SummaryWriter, read_scalars
@@ -270,7 +270,7 @@ def check_run_start(
 def _record_start(run: RunStart, workdir: Path, start: int, validate_first: bool):
     """A run's start records (process 0 writes them): `store.json` (`record_run_store`),
     `config.json`, the start's log lines, and the TensorBoard writer, returned with the session
-    starting at `start + 1`. Holds no collective (`distributed.together`)."""
+    starting at `start + 1`. Holds no collective (`group_failures.together`)."""
     config, split = run.config, run.split
     record_run_store(
         workdir, run.store, split=split, total_steps=run.num_steps, write=jax.process_index() == 0
@@ -323,7 +323,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
         workdir, start, num_steps, config.train.eval_every, len(split.val_rows)
     )
     # Process 0's writes: a failure there ends every process of a group, each with one line.
-    with distributed.together("start the run"):
+    with group_failures.together("start the run"):
         writer = _record_start(run, workdir, start, validate_first)
     progress = tqdm(
         total=num_steps, initial=start, disable=jax.process_index() != 0, desc="train", unit="step"

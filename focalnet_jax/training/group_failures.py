@@ -1,0 +1,260 @@
+"""Failures in a process group: every process ends, each with one line, when one fails alone.
+
+A failure of one process (`leave_group_on_failure`): a process whose command fails records its
+reason in the group's key-value store, tells every other process (a notice each: the group's
+first failure) and waits up to `FAILURE_WAIT_S` seconds for the others to fail too (the same
+refusal in each: they then exit as a single one does). A process that is still at work (a
+collective waiting for the failed one, on any backend) learns of it from a watch thread on its
+notice: after the same wait for a failure of its own, it prints one line naming the failed
+process and its reason, and ends with status 1, without JAX's shutdown barrier; so does the
+failing process. Process 0, which holds the store, ends last: had it gone first (it failed alone),
+the others ended with JAX's coordination-service abort (status -6, a C++ stack trace). Before
+any of this, a lone failure waited at JAX's shutdown barrier (5 minutes) while the others waited
+in their collective for it. A process that crashes without a word (killed, out of memory)
+notifies nobody: the others' collective fails on its closed connection (their line then names
+the first failure recorded, if any, else their traceback).
+
+Work only some processes do (`together`): process 0's writes at a run's start (`store.json`,
+`config.json`, TensorBoard events) are followed by an exchange of every process's outcome through
+the group's key-value store, so that a failure there ends every process with one line (the others
+name the process that failed and its error) instead of leaving them in a collective.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import itertools
+import logging
+import os
+import sys
+import threading
+import time
+import traceback
+
+import jax
+
+from focalnet_jax.errors import UserError, is_user_error
+
+# Seconds a failing process of a group waits for the others to fail too (module docstring).
+FAILURE_WAIT_S = 30.0
+
+
+def _group_client():
+    """JAX's client of the process group this process joined; None outside one."""
+    from jax._src import distributed as jax_distributed  # the client Orbax's barriers use too
+
+    return jax_distributed.global_state.client
+
+
+_FAILED = "focalnet_failed/"  # key-value store: a failed process's time and reason
+_NOTICE = "focalnet_notice/"  # + process: the group's first failure "<process> <reason>", or "exit"
+_LEFT = "focalnet_left/"  # a process other than 0 that leaves the group for a failure, as it goes
+_WATCH_POLL_MS = 3_600_000  # the watch's wait on the store, renewed until the process ends
+
+
+class _FailureWatch:
+    """What `leave_group_on_failure` hands the watch: its `prog` and `wait_s`; who reports the
+    end of this process, decided once under `lock`: its own failure (`failed_here`) or the watch
+    (`ending`, for another's failure)."""
+
+    prog: str | None = None
+    wait_s: float = 0.0
+    failed_here = threading.Event()
+    ending = threading.Event()
+    lock = threading.Lock()
+    started = False
+
+    @classmethod
+    def claim_for_failure_here(cls) -> bool:
+        """Whether this process's own failure reports its end (False: the watch does)."""
+        with cls.lock:
+            if not cls.ending.is_set():
+                cls.failed_here.set()
+            return cls.failed_here.is_set()
+
+    @classmethod
+    def claim_for_watch(cls) -> bool:
+        """Whether the watch reports this process's end (False: its own failure does)."""
+        with cls.lock:
+            if not cls.failed_here.is_set():
+                cls.ending.set()
+            return cls.ending.is_set()
+
+
+def watch_for_group_failures() -> None:
+    """Inside `leave_group_on_failure`, in a process group: a daemon thread waits on the group's
+    store for the notice of another process's failure (`_NOTICE` + this process). This process,
+    still at work (in a collective that waits for the failed one, on any backend), then gives its
+    own failure `wait_s` seconds to come (the same refusal everywhere: each leaves as usual);
+    else it prints one line naming the failed process and its reason, and ends with status 1.
+    Process 0, which holds the group's store, ends last (`_end_process`), so no other process
+    meets JAX's coordination-service abort. At a normal exit the watch is woken ("exit") and
+    joined before the interpreter ends. Idempotent; started by whichever comes second of
+    `initialize` and `leave_group_on_failure`."""
+    client = _group_client()
+    if _FailureWatch.prog is None or client is None or _FailureWatch.started:
+        return
+    _FailureWatch.started = True
+    rank, prog, wait_s = jax.process_index(), _FailureWatch.prog, _FailureWatch.wait_s
+    key = f"{_NOTICE}{rank}"
+
+    def watch() -> None:
+        while True:
+            try:
+                notice = client.blocking_key_value_get(key, _WATCH_POLL_MS)
+                break
+            except Exception as error:  # renewed at its deadline; else the group ended
+                if "DEADLINE_EXCEEDED" not in str(error):
+                    return
+        if notice == "exit" or _FailureWatch.failed_here.wait(wait_s):
+            return  # a normal exit, or this process failed too: it says so itself
+        if not _FailureWatch.claim_for_watch():
+            return
+        process, reason = notice.split(" ", 1)
+        print(f"{prog}: error: process {process} failed ({reason}); this process stopped with it",
+              file=sys.stderr)  # fmt: skip
+        _end_process(client, 1)
+
+    thread = threading.Thread(target=watch, name="focalnet-group-failures", daemon=True)
+    thread.start()
+
+    def wake_and_join() -> None:  # a thread still in the client's call at exit would abort
+        with contextlib.suppress(Exception):  # the store gone: its call has ended with it
+            client.key_value_set(key, "exit")
+        thread.join(timeout=10)
+
+    atexit.register(wake_and_join)
+
+
+def _notify_group(client, reason: str) -> None:
+    """This process's failure, the group's first, in every other process's notice."""
+    for process in range(jax.process_count()):
+        if process != jax.process_index():
+            with contextlib.suppress(Exception):  # held already: another process failed first
+                client.key_value_set(f"{_NOTICE}{process}", f"{jax.process_index()} {reason}")
+
+
+def _end_process(client, status: int) -> None:
+    """Ends this process of a group at once (no JAX shutdown barrier) with `status`. A process
+    other than 0 says in the store that it leaves; process 0 first waits up to `wait_s` seconds
+    for every other to have said so (its end takes the group's store with it: a process still
+    there would end with JAX's abort), then half a second for them to be gone."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    rank = jax.process_index()
+    with contextlib.suppress(Exception):  # the store gone: nobody left to wait for
+        if rank:
+            client.key_value_set(f"{_LEFT}{rank}", "left")
+        else:
+            deadline = time.monotonic() + _FailureWatch.wait_s
+            for process in range(1, jax.process_count()):
+                remaining_ms = max(1, int((deadline - time.monotonic()) * 1000))
+                client.blocking_key_value_get(f"{_LEFT}{process}", remaining_ms)
+            time.sleep(0.5)
+    os._exit(status)
+
+
+def _reason(error: BaseException) -> str:
+    """One line saying why a command failed: a user error's message, else type and message."""
+    if isinstance(error, SystemExit):  # its line is printed: `<prog>: error: <message>`
+        return str(error).split(": error: ", 1)[-1]
+    return " ".join(f"{type(error).__name__}: {error}".split())
+
+
+def _first_other_failure(client) -> tuple[int, str] | None:
+    """(process, reason) of the earliest failure another process of the group recorded; None
+    where none did, or the group's store cannot be read."""
+    try:
+        entries = client.key_value_dir_get(_FAILED)
+    except Exception:
+        return None
+    failures = []
+    for key, value in entries:
+        process, (when, reason) = int(key.rsplit("/", 1)[-1]), value.split(" ", 1)
+        if process != jax.process_index():
+            failures.append((float(when), process, reason))
+    return min(failures)[1:] if failures else None
+
+
+@contextlib.contextmanager
+def leave_group_on_failure(prog: str, wait_s: float = FAILURE_WAIT_S):
+    """Around a command whose failures have been printed (`errors.one_line_user_errors` inside
+    it): in a process group, a failure (an exception, a non-zero `SystemExit`) is recorded in
+    the group's key-value store, then waits up to `wait_s` seconds at a barrier for every
+    process to fail too, and leaves as usual; when the others do not come (they wait for this
+    one in a collective), the process ends at once with its status without JAX's shutdown
+    barrier. An exception there is printed as its traceback, but where another process
+    recorded a failure first (this one's collective failed with it) as one line of `prog`
+    naming that process and its reason. Only for a command that ends its process (`os._exit`)."""
+    _FailureWatch.prog, _FailureWatch.wait_s = prog, wait_s
+    watch_for_group_failures()
+    try:
+        yield
+    except BaseException as error:
+        client = _group_client()
+        status = error.code if isinstance(error, SystemExit) else 1
+        if client is None or not status:
+            raise
+        if not _FailureWatch.claim_for_failure_here():  # the watch is ending this process
+            time.sleep(2 * wait_s + 10)
+            raise
+        with contextlib.suppress(Exception):  # unrecorded, this process still ends as it would
+            key = f"{_FAILED}{jax.process_index()}"
+            client.key_value_set(key, f"{time.time()!r} {_reason(error)}")
+        _notify_group(client, _reason(error))
+        try:
+            client.wait_at_barrier("focalnet_command_failed", int(wait_s * 1000))
+        except Exception:  # timed out, or the group is gone: this process failed alone
+            first = None if isinstance(error, SystemExit) else _first_other_failure(client)
+            if first is not None:
+                print(
+                    f"{prog}: error: process {first[0]} failed ({first[1]}); this process "
+                    f"stopped with it ({_reason(error)})",
+                    file=sys.stderr,
+                )
+            elif not isinstance(error, SystemExit):
+                traceback.print_exception(error)
+            _end_process(client, status if isinstance(status, int) else 1)
+        raise
+
+
+# Seconds a process waits for the others' outcomes of a `together` block.
+OUTCOME_WAIT_S = 600.0
+_together_blocks = itertools.count()  # the same sequence in every process of a group
+
+
+@contextlib.contextmanager
+def together(what: str, wait_s: float = OUTCOME_WAIT_S):
+    """Around work that may fail in one process alone and that holds no collective: in a process
+    group every process leaves it failing when any one failed in it. Each process records its
+    outcome in the group's key-value store; a process that failed raises its own error, the others
+    a `UserError` "process <i> could not <what>: <its error>" (the first failed process), so that
+    every one fails together (`leave_group_on_failure`). No-op in a single process."""
+    client = _group_client() if jax.process_count() > 1 else None
+    if client is None:
+        yield
+        return
+    prefix = f"focalnet_together/{next(_together_blocks)}/"
+    try:
+        yield
+    except BaseException as error:
+        reason = str(error) if is_user_error(error) else f"{type(error).__name__}: {error}"
+        # Unrecorded (the group's service gone), this process still ends with its own error.
+        with contextlib.suppress(Exception):
+            client.key_value_set(prefix + str(jax.process_index()), "failed: " + reason)
+        raise
+    client.key_value_set(prefix + str(jax.process_index()), "ok")
+    for process in range(jax.process_count()):
+        try:
+            outcome = client.blocking_key_value_get(prefix + str(process), int(wait_s * 1000))
+        except Exception as error:  # timed out, or the group's service gone
+            reason = str(error).replace("\n", " ")
+            raise UserError(
+                f"process {process} did not say whether it could {what} (waited up to "
+                f"{wait_s:.0f} s: {reason})"
+            ) from error
+        if outcome != "ok":
+            reason = outcome.removeprefix("failed: ").replace("\n", " ")
+            raise UserError(f"process {process} could not {what}: {reason}")
