@@ -157,10 +157,12 @@ def _end_process(client, status: int) -> None:
 
 
 def _reason(error: BaseException) -> str:
-    """One line saying why a command failed: a user error's message, else type and message."""
+    """One line saying why a command (or a `together` block) failed: a user error's message,
+    else type and message."""
     if isinstance(error, SystemExit):  # its line is printed: `<prog>: error: <message>`
         return str(error).split(": error: ", 1)[-1]
-    return " ".join(f"{type(error).__name__}: {error}".split())
+    text = str(error) if is_user_error(error) else f"{type(error).__name__}: {error}"
+    return " ".join(text.split())
 
 
 def _first_other_failure(client) -> tuple[int, str] | None:
@@ -240,10 +242,9 @@ def together(what: str, wait_s: float = OUTCOME_WAIT_S):
     try:
         yield
     except BaseException as error:
-        reason = str(error) if is_user_error(error) else f"{type(error).__name__}: {error}"
         # Unrecorded (the group's service gone), this process still ends with its own error.
         with contextlib.suppress(Exception):
-            client.key_value_set(prefix + str(jax.process_index()), "failed: " + reason)
+            client.key_value_set(prefix + str(jax.process_index()), "failed: " + _reason(error))
         raise
     client.key_value_set(prefix + str(jax.process_index()), "ok")
     for process in range(jax.process_count()):
@@ -256,5 +257,5 @@ def together(what: str, wait_s: float = OUTCOME_WAIT_S):
                 f"{wait_s:.0f} s: {reason})"
             ) from error
         if outcome != "ok":
-            reason = outcome.removeprefix("failed: ").replace("\n", " ")
+            reason = outcome.removeprefix("failed: ")
             raise UserError(f"process {process} could not {what}: {reason}")
