@@ -171,18 +171,18 @@ def test_two_steps_of_one_job_run_at_once_on_one_node(tmp_path):
     assert results == {f"result-{s}-{r}": f"slurm {r} 2 3.0" for s in steps for r in (0, 1)}
 
 
-# A process of a 2-process group: `failing` ("0", "1" or "both") names who fails (process 0 with a
-# user error, process 1 with a bug) after a first collective; the others go on to their next one,
-# as training does. A failing process waits 2 s for the others to fail too (a lone failure waits
-# all of it), or 60 s where both fail (they meet as soon as both have failed; 2 s would fail the
-# test when one of them is that much later).
+# A process of a group of 2 or more: `failing` ("0", "1" or "both") names who fails (process 0
+# with a user error, process 1 with a bug) after a first collective; the others go on to their
+# next one, as training does. A failing process waits 2 s for the others to fail too (a lone
+# failure waits all of it), or 60 s where both fail (they meet as soon as both have failed; 2 s
+# would fail the test when one of them is that much later).
 _GROUP_MEMBER = """
 import atexit, sys
 from jax.experimental import multihost_utils
 from focalnet_jax.errors import UserError, one_line_user_errors
 from focalnet_jax.training import distributed, group_failures
-port, rank, failing = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-distributed.initialize(f"localhost:{port}", 2, rank)
+port, rank, failing, count = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+distributed.initialize(f"localhost:{port}", count, rank)
 atexit.register(lambda: print("left as usual", flush=True))
 multihost_utils.sync_global_devices("the start")  # as the checkpoint manager's opening barrier
 wait_s = 60 if failing == "both" else 2
@@ -195,8 +195,9 @@ with group_failures.leave_group_on_failure("focalnet train", wait_s), one_line_u
 """
 
 
-def _run_group(failing: str, member: str = _GROUP_MEMBER) -> list[tuple[int, str]]:
-    """(exit status, output) of each process of a 2-process group running `member`; at 200 s they
+def _run_group(failing: str, member: str = _GROUP_MEMBER, count: int = 2) -> list[tuple[int, str]]:
+    """(exit status, output) of each process of a `count`-process group running `member` (its
+    arguments: port, rank, `failing`, `count`); at 200 s they
     are killed (JAX's shutdown barrier, which a failing process is not to wait at, lasts 300 s)."""
     from test_train_helpers import cpu_devices_env, free_port
 
@@ -204,12 +205,12 @@ def _run_group(failing: str, member: str = _GROUP_MEMBER) -> list[tuple[int, str
     command = [sys.executable, "-c", member, port]
     processes = [
         subprocess.Popen(
-            [*command, str(rank), failing],
+            [*command, str(rank), failing, str(count)],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         )
-        for rank in range(2)
+        for rank in range(count)
     ]
     results = []
     for process in processes:
@@ -253,6 +254,19 @@ def test_a_process_that_fails_alone_ends_the_group_at_once(failing):
 
 
 @pytest.mark.slow
+def test_process_0_failing_alone_in_a_group_of_three_ends_the_others_first():
+    """Process 0, which holds the group's store, waits for both others to say they leave: each
+    ends with the one line and status 1, none with JAX's abort."""
+    results = _run_group("0", count=3)
+    assert results[0][0] == 2 and "focalnet train: error: process 0 cannot go on" in results[0][1]
+    for status, output in results[1:]:
+        lines = [line for line in output.splitlines() if "focalnet train" in line]
+        expected = "process 0 failed (process 0 cannot go on); this process stopped with it"
+        assert lines == [f"focalnet train: error: {expected}"], output
+        assert status == 1 and "fatal" not in output and "Traceback" not in output, output
+
+
+@pytest.mark.slow
 def test_processes_that_all_fail_leave_as_usual():
     """The same refusal in every process (a config error, a refused resume): each prints its line
     and leaves as a single process does (exit status 2, Python's exit handlers run)."""
@@ -269,8 +283,8 @@ import atexit, sys
 from jax.experimental import multihost_utils
 from focalnet_jax.errors import UserError, one_line_user_errors
 from focalnet_jax.training import distributed, group_failures
-port, rank, failing = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-distributed.initialize(f"localhost:{port}", 2, rank)
+port, rank, failing, count = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+distributed.initialize(f"localhost:{port}", count, rank)
 atexit.register(lambda: print("left as usual", flush=True))
 with group_failures.leave_group_on_failure("focalnet train", 20), one_line_user_errors(
     "focalnet train"
