@@ -398,3 +398,39 @@ def test_manifest_of_seg_label_and_mask_stores_what_nifti_gives(
     assert record["lesion_classes"] == expected["lesion_classes"][::-1] == [2, 3]
     assert record["center_source"] == "mask"
     np.testing.assert_allclose(record["center"], expected["center"], atol=1e-4)
+
+
+def test_picai_layout_takes_seg_labels_and_masks_as_it_takes_nifti_ones(
+    source, t2w, prostatex_case_dir, tmp_path
+):
+    """`focalnet preprocess --layout picai` finds `<labels>/<case>.dcm` and `<masks>/<case>.dcm`
+    (DICOM SEGs) as it finds `<case>.nii.gz`, and stores the same classes and crop centre."""
+    lesion = _box(source, 9, slice(190, 200), slice(225, 240))  # over the ProstateX finding
+    gland = _box(source, 9, slice(150, 230), slice(150, 250))
+    images = tmp_path / "images" / "px"
+    images.mkdir(parents=True)
+    sitk.WriteImage(t2w, str(images / "px_s1_t2w.mha"))
+    for kind in ("seg", "nifti"):
+        for folder in ("labels", "masks"):
+            (tmp_path / f"{folder}_{kind}").mkdir()
+    _seg(tmp_path / "labels_seg" / "px_s1.dcm", source, [("ISUP 3", lesion, LESION)])
+    _seg(tmp_path / "masks_seg" / "px_s1.dcm", source, [("Prostate", gland, PROSTATE)])
+    for folder, frames, value in (("labels", lesion, 3), ("masks", gland, 1)):
+        image = sitk.GetImageFromArray(_on_t2w(source, t2w, frames.astype(np.uint8) * value))
+        image.CopyInformation(t2w)
+        sitk.WriteImage(image, str(tmp_path / f"{folder}_nifti" / "px_s1.nii.gz"))
+    stores = {}
+    for kind in ("seg", "nifti"):
+        stores[kind] = tmp_path / f"store_{kind}"
+        argv = ["preprocess", "--layout", "picai", "--images", str(tmp_path / "images")]
+        argv += ["--labels", str(tmp_path / f"labels_{kind}")]
+        argv += ["--masks", str(tmp_path / f"masks_{kind}")]
+        assert main([*argv, "--components", "t2w", "--out", str(stores[kind])]) == 0
+    seg, nifti = open_store(stores["seg"]), open_store(stores["nifti"])
+    for array in ("classes", "grade_known", "annotated", "slice_index", "lesions"):
+        np.testing.assert_array_equal(getattr(seg, array), getattr(nifti, array))
+    assert sorted(np.unique(seg.classes).tolist()) == [0, 3] and (seg.classes == 3).sum() > 50
+    record, expected = seg.case("px_s1"), nifti.case("px_s1")
+    assert record["center_source"] == expected["center_source"] == "mask"
+    np.testing.assert_allclose(record["center"], expected["center"], atol=1e-4)
+    assert record["files"]["label"].endswith("px_s1.dcm")

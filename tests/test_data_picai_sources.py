@@ -92,8 +92,8 @@ def test_first_labels_folder_holding_a_case_wins(tmp_path):
     assert "10002_1000002" not in swapped
     # A case in neither names both folders and the names looked for (it said `<case>.nii.gz`).
     reason = (
-        "label missing: looked for 10002_1000002 with suffix .nii.gz, .nii, .mha or .nrrd in this "
-        f"folder and {ai}"
+        "label missing: looked for 10002_1000002 with suffix .nii.gz, .nii, .mha, .nrrd or .dcm "
+        f"in this folder and {ai}"
     )
     with pytest.raises(CaseError) as info:
         discover_picai(tmp_path, [human, ai])
@@ -107,7 +107,7 @@ def test_first_labels_folder_holding_a_case_wins(tmp_path):
         discover_picai(tmp_path, human)
     assert str(info.value) == (
         f"case '10001_1000001', file '{human}': label missing: looked for 10001_1000001 with "
-        "suffix .nii.gz, .nii, .mha or .nrrd in this folder"
+        "suffix .nii.gz, .nii, .mha, .nrrd or .dcm in this folder"
     )
 
 
@@ -234,7 +234,7 @@ def test_cases_all_refused_while_found_are_listed_beside_the_store(tmp_path, cap
     assert raised.value.code == 2 and len(err) == 1, err
     assert err[0].endswith(
         f"5 refused, listed in {out}.errors.csv, first: case '10000_1000000', file '{labels}': "
-        "label missing: looked for 10000_1000000 with suffix .nii.gz, .nii, .mha or .nrrd in "
+        "label missing: looked for 10000_1000000 with suffix .nii.gz, .nii, .mha, .nrrd or .dcm in "
         "this folder"
     )
     with (tmp_path / "store.errors.csv").open() as f:

@@ -59,8 +59,9 @@ def add_preprocess(parser: argparse.ArgumentParser) -> None:
         "--labels",
         type=Path,
         action="append",
-        help="picai: <labels>/<case>.nii.gz (ISUP values); repeat to fill in: a case takes its "
-        "label from the first folder that holds one (e.g. expert, then AI-derived labels)",
+        help="picai: <labels>/<case>.nii.gz (ISUP values; .dcm: a DICOM SEG); repeat to fill "
+        "in: a case takes its label from the first folder that holds one (e.g. expert, then "
+        "AI-derived labels)",
     )
     parser.add_argument("--masks", type=Path, help="picai: whole-gland masks for centring")
     parser.add_argument(

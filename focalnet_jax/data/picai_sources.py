@@ -22,7 +22,9 @@ from focalnet_jax.data.io import IMAGE_SUFFIXES, CaseError
 from focalnet_jax.errors import LayoutError
 
 PICAI_NAME = re.compile(r"^(?P<patient>[^_]+)_(?P<study>[^_]+)_(?P<component>[^_.]+)\.")
-LABEL_SUFFIXES = (".nii.gz", ".nii", ".mha", ".nrrd")  # labels and gland masks
+# Labels and gland masks; `.dcm`: a DICOM SEG (`dicom_seg`; another DICOM file reads as one slice,
+# refused as a label of a single slice).
+LABEL_SUFFIXES = (".nii.gz", ".nii", ".mha", ".nrrd", ".dcm")
 PathArg = str | os.PathLike
 
 
