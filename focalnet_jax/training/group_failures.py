@@ -55,31 +55,24 @@ _WATCH_POLL_MS = 3_600_000  # the watch's wait on the store, renewed until the p
 
 class _FailureWatch:
     """What `leave_group_on_failure` hands the watch: its `prog` and `wait_s`; who reports the
-    end of this process, decided once under `lock`: its own failure (`failed_here`) or the watch
-    (`ending`, for another's failure)."""
+    end of this process (`reporter`), decided once under `lock`: its own failure ("failure",
+    which also sets `failed_here`) or the watch ("watch", for another's failure)."""
 
     prog: str | None = None
     wait_s: float = 0.0
     failed_here = threading.Event()
-    ending = threading.Event()
+    reporter: str | None = None
     lock = threading.Lock()
     started = False
 
     @classmethod
-    def claim_for_failure_here(cls) -> bool:
-        """Whether this process's own failure reports its end (False: the watch does)."""
+    def claim(cls, who: str) -> bool:
+        """Whether `who` ("failure" or "watch") reports this process's end: the first to ask."""
         with cls.lock:
-            if not cls.ending.is_set():
+            cls.reporter = cls.reporter or who
+            if cls.reporter == "failure":
                 cls.failed_here.set()
-            return cls.failed_here.is_set()
-
-    @classmethod
-    def claim_for_watch(cls) -> bool:
-        """Whether the watch reports this process's end (False: its own failure does)."""
-        with cls.lock:
-            if not cls.failed_here.is_set():
-                cls.ending.set()
-            return cls.ending.is_set()
+            return cls.reporter == who
 
 
 def watch_for_group_failures() -> None:
@@ -109,7 +102,7 @@ def watch_for_group_failures() -> None:
                     return
         if notice == "exit" or _FailureWatch.failed_here.wait(wait_s):
             return  # a normal exit, or this process failed too: it says so itself
-        if not _FailureWatch.claim_for_watch():
+        if not _FailureWatch.claim("watch"):
             return
         process, reason = notice.split(" ", 1)
         print(f"{prog}: error: process {process} failed ({reason}); this process stopped with it",
@@ -199,7 +192,7 @@ def leave_group_on_failure(prog: str, wait_s: float = FAILURE_WAIT_S):
         status = error.code if isinstance(error, SystemExit) else 1
         if client is None or not status:
             raise
-        if not _FailureWatch.claim_for_failure_here():  # the watch is ending this process
+        if not _FailureWatch.claim("failure"):  # the watch is ending this process
             time.sleep(2 * wait_s + 10)
             raise
         with contextlib.suppress(Exception):  # unrecorded, this process still ends as it would
