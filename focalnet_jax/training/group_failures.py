@@ -1,8 +1,8 @@
 """Failures in a process group: every process ends, each with one line, when one fails alone.
 
-A failure of one process (`leave_group_on_failure`): a process whose command fails records its
-reason in the group's key-value store, tells every other process (a notice each: the group's
-first failure) and waits up to `FAILURE_WAIT_S` seconds for the others to fail too (the same
+A failure of one process (`leave_group_on_failure`): a process whose command fails tells every
+other process its reason in the group's key-value store (a notice each, which keeps the first
+failure it is told of) and waits up to `FAILURE_WAIT_S` seconds for the others to fail too (the same
 refusal in each: they then exit as a single one does). A process that is still at work (a
 collective waiting for the failed one, on any backend) learns of it from a watch thread on its
 notice: after the same wait for a failure of its own, it prints one line naming the failed
@@ -12,7 +12,7 @@ the others ended with JAX's coordination-service abort (status -6, a C++ stack t
 any of this, a lone failure waited at JAX's shutdown barrier (5 minutes) while the others waited
 in their collective for it. A process that crashes without a word (killed, out of memory)
 notifies nobody: the others' collective fails on its closed connection (their line then names
-the first failure recorded, if any, else their traceback).
+the first failure they were notified of, if any, else their traceback).
 
 Work only some processes do (`together`): process 0's writes at a run's start (`store.json`,
 `config.json`, TensorBoard events) are followed by an exchange of every process's outcome through
@@ -47,7 +47,6 @@ def _group_client():
     return jax_distributed.global_state.client
 
 
-_FAILED = "focalnet_failed/"  # key-value store: a failed process's time and reason
 _NOTICE = "focalnet_notice/"  # + process: the group's first failure "<process> <reason>", or "exit"
 _LEFT = "focalnet_left/"  # a process other than 0 that leaves the group for a failure, as it goes
 _WATCH_POLL_MS = 3_600_000  # the watch's wait on the store, renewed until the process ends
@@ -159,29 +158,27 @@ def _reason(error: BaseException) -> str:
 
 
 def _first_other_failure(client) -> tuple[int, str] | None:
-    """(process, reason) of the earliest failure another process of the group recorded; None
-    where none did, or the group's store cannot be read."""
+    """(process, reason) of the first failure another process of the group notified this one
+    of (`_notify_group`); None where none did, or the group's store cannot be read."""
     try:
-        entries = client.key_value_dir_get(_FAILED)
-    except Exception:
+        notice = client.key_value_try_get(f"{_NOTICE}{jax.process_index()}")
+    except Exception:  # no notice (NOT_FOUND), or the group's store gone
         return None
-    failures = []
-    for key, value in entries:
-        process, (when, reason) = int(key.rsplit("/", 1)[-1]), value.split(" ", 1)
-        if process != jax.process_index():
-            failures.append((float(when), process, reason))
-    return min(failures)[1:] if failures else None
+    if notice == "exit":  # woken at this process's exit: nobody failed before it
+        return None
+    process, reason = notice.split(" ", 1)
+    return int(process), reason
 
 
 @contextlib.contextmanager
 def leave_group_on_failure(prog: str, wait_s: float = FAILURE_WAIT_S):
     """Around a command whose failures have been printed (`errors.one_line_user_errors` inside
-    it): in a process group, a failure (an exception, a non-zero `SystemExit`) is recorded in
-    the group's key-value store, then waits up to `wait_s` seconds at a barrier for every
+    it): in a process group, a failure (an exception, a non-zero `SystemExit`) is notified to
+    every other process (`_notify_group`), then waits up to `wait_s` seconds at a barrier for every
     process to fail too, and leaves as usual; when the others do not come (they wait for this
     one in a collective), the process ends at once with its status without JAX's shutdown
     barrier. An exception there is printed as its traceback, but where another process
-    recorded a failure first (this one's collective failed with it) as one line of `prog`
+    notified this one of its failure (this one's collective failed with it) as one line of `prog`
     naming that process and its reason. Only for a command that ends its process (`os._exit`)."""
     _FailureWatch.prog, _FailureWatch.wait_s = prog, wait_s
     watch_for_group_failures()
@@ -195,9 +192,6 @@ def leave_group_on_failure(prog: str, wait_s: float = FAILURE_WAIT_S):
         if not _FailureWatch.claim("failure"):  # the watch is ending this process
             time.sleep(2 * wait_s + 10)
             raise
-        with contextlib.suppress(Exception):  # unrecorded, this process still ends as it would
-            key = f"{_FAILED}{jax.process_index()}"
-            client.key_value_set(key, f"{time.time()!r} {_reason(error)}")
         _notify_group(client, _reason(error))
         try:
             client.wait_at_barrier("focalnet_command_failed", int(wait_s * 1000))
