@@ -291,6 +291,28 @@ def test_report_refuses_cells_evaluated_with_other_settings(finished, tmp_path):
 
 
 @pytest.mark.slow
+def test_ensemble_of_a_member_no_longer_done_waits_and_leaves_the_report(
+    finished, tmp_path, capsys
+):
+    """A member cell removed (to train it again) takes its ensemble of that repeat and fold out
+    of `status` and `report --partial` until it is done again: the ensemble's metrics.json on
+    disk is of the member that no longer stands."""
+    from focalnet_jax import cli
+
+    copy = shutil.copytree(finished, tmp_path / "copy", ignore=shutil.ignore_patterns("report"))
+    shutil.rmtree(copy / "fl" / "rep1" / "fold1")
+    assert (copy / "both" / "rep1" / "fold1" / "eval" / "metrics.json").is_file()
+    assert cli.main(["study", "status", "--workdir", str(copy)]) == 0
+    states = dict(line.split()[:2] for line in capsys.readouterr().out.splitlines()[1:-1])
+    assert states["both/rep1/fold1"] == "waiting" and states["fl/rep1/fold1"] == "pending"
+    assert [states[f"both/rep{r}/fold{k}"] for r, k in ((0, 0), (0, 1), (1, 0))] == ["done"] * 3
+    assert cli.main(["study", "report", "--workdir", str(copy), "--partial"]) == 0
+    rows = read_csv(copy / "report" / "runs.csv")
+    cells = {(r["arm"], r["repeat"], r["fold"]) for r in rows}
+    assert len(rows) == 10 and not cells & {("fl", "1", "1"), ("both", "1", "1")}
+
+
+@pytest.mark.slow
 def test_killed_study_resumes_the_interrupted_cell(store, tmp_path):
     """A study killed mid-cell resumes the cell from its checkpoint. The cell's time counts
     every attempt (its `seconds` counted the last one only): here one killed, one that really

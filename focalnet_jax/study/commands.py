@@ -230,7 +230,7 @@ def _ensembles(study: Study) -> None:
 def _status(args: argparse.Namespace) -> int:
     from focalnet_jax.study import slurm
     from focalnet_jax.study.attempts import time_so_far
-    from focalnet_jax.study.ensembles import ensemble_done
+    from focalnet_jax.study.ensembles import ensemble_state
 
     study = Study.open(args.workdir)
     states = cell_states(study)
@@ -246,7 +246,7 @@ def _status(args: argparse.Namespace) -> int:
         rows.append((cell.name, name, task, seconds, attempts, detail))
         counts[name] = counts.get(name, 0) + 1
     for cell in study.ensemble_cells():
-        name = "done" if ensemble_done(study, cell) else "waiting"
+        name = ensemble_state(study, cell)  # outdated: computed by the next run or report
         rows.append((cell.name, name, "", "", "", "ensemble"))
     # s: seconds over all attempts (one running or killed: until its folder's latest write)
     header = ("cell", "state", "slurm job", "s", "attempts", "log / error")

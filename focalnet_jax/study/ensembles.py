@@ -54,19 +54,33 @@ def average_predictions(members: list[Path], out_dir: Path) -> list[str]:
     return case_ids
 
 
+def _members(study: Study, cell: Cell) -> list[Cell]:
+    return [Cell(arm, cell.repeat, cell.fold) for arm in study.ensembles[cell.arm]]
+
+
+def ensemble_state(study: Study, cell: Cell) -> str:
+    """'waiting' while a member cell of its repeat and fold is not done (its metrics, if any,
+    are of members that no longer stand); 'outdated' when it was never computed or a member
+    was re-evaluated after it (`update_ensemble` computes it); else 'done'."""
+    members = _members(study, cell)
+    if any(study.state(m).state != "done" for m in members):
+        return "waiting"
+    metrics = study.path(cell) / METRICS_JSON
+    newest_member = max((study.path(m) / METRICS_JSON).stat().st_mtime for m in members)
+    if metrics.is_file() and metrics.stat().st_mtime >= newest_member:
+        return "done"
+    return "outdated"
+
+
 def update_ensemble(study: Study, cell: Cell) -> str:
     """Compute ensemble cell `cell` if its members are done; returns 'done', 'computed' or
     'waiting'."""
     from focalnet_jax.evaluation.evaluate import evaluate_predictions
 
-    members = [Cell(arm, cell.repeat, cell.fold) for arm in study.ensembles[cell.arm]]
-    if any(study.state(m).state != "done" for m in members):
-        return "waiting"
-    out = study.path(cell) / "eval"
-    metrics = out / "metrics.json"
-    newest_member = max((study.path(m) / METRICS_JSON).stat().st_mtime for m in members)
-    if metrics.is_file() and metrics.stat().st_mtime >= newest_member:
-        return "done"
+    state = ensemble_state(study, cell)
+    if state != "outdated":
+        return state
+    members, out = _members(study, cell), study.path(cell) / "eval"
     member_dirs = [study.path(m) / PREDICTIONS for m in members]
     case_ids = average_predictions(member_dirs, out / "predictions")
     options = study.plain["evaluate"]
@@ -91,7 +105,3 @@ def update_ensembles(study: Study) -> dict[str, str]:
         if results[cell.name] == "computed":
             log.info("ensemble %s computed", cell.name)
     return results
-
-
-def ensemble_done(study: Study, cell: Cell) -> bool:
-    return (study.path(cell) / "eval" / "metrics.json").is_file()

@@ -27,6 +27,7 @@ from focalnet_jax.evaluation.report import check_settings
 from focalnet_jax.evaluation.stats import mean_sd
 from focalnet_jax.study import convergence, figures, statistics
 from focalnet_jax.study.cells import METRICS_JSON, Cell, Study
+from focalnet_jax.study.ensembles import ensemble_state
 from focalnet_jax.study.spec import StudyError, flatten, relative_to_cwd
 
 CS = ("froc", "clinically_significant")
@@ -139,14 +140,14 @@ def collect(study: Study, *, partial: bool) -> Collected:
     out = Collected()
     for cell in study.cells() + study.ensemble_cells():
         path = study.path(cell) / METRICS_JSON
-        if cell.ensemble or study.state(cell).state == "done":
-            if path.is_file():
-                metrics = json.loads(path.read_text())
-                row, curve = _row(study, cell, metrics, partial=partial)
-                out.rows.append(row)
-                out.metrics.append(metrics)
-                out.curves.append(curve)
-                continue
+        state = ensemble_state(study, cell) if cell.ensemble else study.state(cell).state
+        if state == "done":  # its metrics.json is there
+            metrics = json.loads(path.read_text())
+            row, curve = _row(study, cell, metrics, partial=partial)
+            out.rows.append(row)
+            out.metrics.append(metrics)
+            out.curves.append(curve)
+            continue
         out.missing.append(cell.name)
     if out.missing and not partial:
         shown = ", ".join(out.missing[:4]) + (", ..." if len(out.missing) > 4 else "")
