@@ -434,3 +434,19 @@ def test_picai_layout_takes_seg_labels_and_masks_as_it_takes_nifti_ones(
     assert record["center_source"] == expected["center_source"] == "mask"
     np.testing.assert_allclose(record["center"], expected["center"], atol=1e-4)
     assert record["files"]["label"].endswith("px_s1.dcm")
+
+
+def test_a_seg_label_of_another_frame_of_reference_is_refused(source, prostatex_case_dir, tmp_path):
+    from focalnet_jax.data.preprocess import preprocess_case
+
+    lesion = _box(source, 9, slice(180, 190), slice(180, 190))
+    file = _seg(tmp_path / "l.dcm", source, [("ISUP 3", lesion, LESION)])
+    seg = pydicom.dcmread(file)
+    seg.FrameOfReferenceUID = "1.2.3.4.5"
+    seg.save_as(file)
+    components = {"t2w": prostatex_case_dir / "t2w", "adc": prostatex_case_dir / "adc"}
+    message = _error(lambda: preprocess_case(components, label=file, case_id="px"))
+    assert message.startswith(
+        f"case 'px', file '{file}': label is in DICOM frame of reference 1.2.3.4.5, the T2w in "
+        f"{source[0].FrameOfReferenceUID}: their positions are not comparable"
+    )

@@ -484,3 +484,36 @@ def test_a_single_slice_label_or_mask_stops_the_run_or_is_listed(dataset, tmp_pa
              f"has {slices}: a broken or partial export (the other T2w slices would read as "
              "empty); save the prostate mask over the whole T2w volume")
         ]  # fmt: skip
+
+
+@pytest.mark.real_data
+def test_a_series_of_another_frame_of_reference_is_refused(prostatex_case_dir, tmp_path, capfd):
+    # An ADC series of another frame of reference (here the exam's own ADC, relabelled) was
+    # resampled onto the T2w through scanner coordinates as if the two shared them.
+    import pydicom
+
+    adc = tmp_path / "adc"
+    shutil.copytree(prostatex_case_dir / "adc", adc)
+    for file in adc.iterdir():
+        header = pydicom.dcmread(file)
+        header.FrameOfReferenceUID = "1.2.3.4.5"
+        header.save_as(file)
+    t2w_uid = pydicom.dcmread(next((prostatex_case_dir / "t2w").iterdir())).FrameOfReferenceUID
+    manifest = tmp_path / "cases.csv"
+    manifest.write_text(f"case_id,patient_id,t2w,adc\nc1,p1,{prostatex_case_dir / 't2w'},{adc}\n")
+    out = tmp_path / "store"
+    argv = ["preprocess", "--layout", "manifest", "--manifest", str(manifest), "--out", str(out)]
+    err = _user_error(capfd, [*argv, "--unlabelled", "negative"])
+    assert err.endswith(
+        f"case 'c1', file '{adc}': adc is in DICOM frame of reference 1.2.3.4.5, the T2w in "
+        f"{t2w_uid}: their positions are not comparable (another exam or a repositioned "
+        "patient?); give the adc of the T2w's exam, or, registered to the T2w, as an MHA or "
+        "NIfTI file in its scanner coordinates"
+    )
+    assert not out.exists()
+    # The same voxels as an image file carry no frame of reference: taken as the T2w's.
+    image = tmp_path / "adc.mha"
+    sitk.WriteImage(read_image(adc), str(image))
+    manifest.write_text(f"case_id,patient_id,t2w,adc\nc1,p1,{prostatex_case_dir / 't2w'},{image}\n")
+    assert main([*argv, "--unlabelled", "negative"]) in (0, None)
+    assert open_store(out).case_ids == ["c1"]

@@ -291,6 +291,15 @@ def test_bad_predictions_name_file_and_reason(tmp_path):
     with pytest.raises(PredictionsError, match=r"case\.npz: 'lesions' ids must lie in 0\.\.0"):
         read_case(shapes / "case.npz")
 
+    # float16 scores passed the check and ended in scipy's traceback (no file named); big-endian
+    # float32 is float32.
+    np.savez(shapes / "case.npz", **{**arrays, "scores": arrays["scores"].astype(np.float16)})
+    message = _error(["evaluate", "--predictions", str(shapes), "--out", str(tmp_path / "o")])
+    assert message.endswith("case.npz: 'scores' must be float32 (or float64), got float16")
+    assert not (tmp_path / "o").exists()
+    np.savez(shapes / "case.npz", **{**arrays, "scores": arrays["scores"].astype(">f4")})
+    assert read_case(shapes / "case.npz").scores.dtype == np.dtype(">f4")
+
     (shapes / "case.npz").write_text("not a zip")
     with pytest.raises(PredictionsError, match=r"case\.npz: not a valid predictions \.npz file"):
         read_case(shapes / "case.npz")

@@ -16,6 +16,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from focalnet_jax.data import coverage, intensity, io
+from focalnet_jax.data.frame_of_reference import check_one_frame_of_reference
 from focalnet_jax.data.geometry import CropGeometry, display_axes, not_axial
 from focalnet_jax.data.io import CaseError, check_distinct, check_placed, read_image, zyx
 from focalnet_jax.data.lesions import index_lesion, instance_classes, label_instances, warn_outside
@@ -480,6 +481,8 @@ def preprocess_case(
     check_distinct({"label": label, "prostate mask": mask}, {}, case)  # e.g. --masks of labels
     # 1. Read; the T2w grid is the reference frame.
     images = _read_components(components, case, series or {})
+    inputs = {**components, "label": label, "prostate mask": mask, "bladder mask": bladder_mask}
+    check_one_frame_of_reference(inputs, series or {}, case)
     # 2. Crop centre: gland-mask centroid, else the given centre, else the T2w volume centre.
     t2w_name = next(iter(components))
     gland = io.read_mask(mask, case=case) if mask is not None else None

@@ -83,8 +83,8 @@ def validate(case: CasePredictions) -> CasePredictions:
         fail(f"'scores' must have shape [S, H, W, {NUM_SCORES}], got {scores.shape}")
     if 0 in scores.shape[:3]:
         fail(f"'scores' shape {scores.shape} holds no pixel: nothing to evaluate")
-    if not np.issubdtype(scores.dtype, np.floating):
-        fail(f"'scores' must be floating, got {scores.dtype}")
+    if scores.dtype.kind != "f" or scores.dtype.itemsize not in (4, 8):  # scipy refuses float16
+        fail(f"'scores' must be float32 (or float64), got {scores.dtype}")
     if not np.all(np.isfinite(scores)) or scores.min(initial=0) < 0 or scores.max(initial=0) > 1:
         fail("'scores' must be finite probabilities in [0, 1]")
     if lesions.shape != scores.shape[:3]:
