@@ -138,12 +138,19 @@ def test_2d_image(tmp_path):
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
-def test_nan_inf_voxels(tmp_path, bad):
+@pytest.mark.parametrize(("name", "dtype"), [("x.mha", np.float32), ("x.nii", np.float32),
+                                             ("x.nii.gz", np.float64)])  # fmt: skip
+def test_nan_inf_voxels(tmp_path, bad, name, dtype):
+    # ITK reads a NIfTI file's NaN and Inf voxels as 0: such an image passed as a clean one.
     array, image = _volume()
+    array = array.astype(dtype)
     array[1, 2, 3] = bad
     image = sitk.GetImageFromArray(array)
-    write_image(image, tmp_path / "x.mha")
-    _expect(tmp_path / "x.mha", "NaN or Inf")
+    write_image(image, tmp_path / name)
+    _expect(tmp_path / name, "NaN or Inf")
+    array[1, 2, 3] = 0
+    write_image(sitk.GetImageFromArray(array), tmp_path / name)
+    assert read_image(tmp_path / name).GetSize() == image.GetSize()
 
 
 def test_empty_dicom_folder_and_unknown_suffix(tmp_path):

@@ -300,6 +300,10 @@ def test_bad_predictions_name_file_and_reason(tmp_path):
     np.savez(shapes / "case.npz", **{**arrays, "scores": arrays["scores"].astype(">f4")})
     assert read_case(shapes / "case.npz").scores.dtype == np.dtype(">f4")
 
+    (shapes / "case.npz").write_bytes(b"")  # a writer killed, a full disk: numpy's EOFError
+    with pytest.raises(PredictionsError, match=r"case\.npz: not a readable \.npz file \(No data"):
+        read_case(shapes / "case.npz")
+
     (shapes / "case.npz").write_text("not a zip")
     with pytest.raises(PredictionsError, match=r"case\.npz: not a valid predictions \.npz file"):
         read_case(shapes / "case.npz")

@@ -27,6 +27,8 @@ import SimpleITK as sitk
 from cli_calls import cli_error, run_cli
 from test_train_helpers import fast_compiles, tiny_config
 
+from focalnet_jax.cli import main
+from focalnet_jax.errors import plural
 from focalnet_jax.evaluation import batch_predict
 from focalnet_jax.evaluation.partial_output import LOCK_FILE, lock_file, partial_folder
 from focalnet_jax.file_lock import exclusive_lock
@@ -134,7 +136,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_output(tiny, tmp_path, signum
     if signum == signal.SIGTERM:
         hint = [line for line in stderr.splitlines() if "--resume" in line]
         assert hint == [
-            f"focalnet predict: kept the {len(_finished(partial))} finished cases in "
+            f"focalnet predict: kept {plural(len(_finished(partial)), 'finished case')} in "
             f"{partial}; run the same command with --resume to predict the others"
         ], stderr
     fifo.unlink()
@@ -208,6 +210,30 @@ def test_a_case_that_failed_before_is_retried_on_resume(tiny, tmp_path, monkeypa
     assert f"1 of {CASES} cases already finished, skipped; predicting the other 2" in caplog.text
     assert (out / "errors.csv").read_text() == "case,file,reason\n"
     assert_same_outputs(out, tiny["reference"], extra=("errors.csv",))
+
+
+def test_a_run_stopped_by_a_bad_case_says_to_fix_it_before_resuming(tiny, tmp_path):
+    """A bad case stops a run without --skip-bad-cases; the hint said only to --resume, which
+    stopped at the same case again."""
+    images = tmp_path / "images"
+    shutil.copytree(tiny["data"] / "images", images)
+    bad = _cases(images)[-1]
+    adc = next(images.glob(f"*/{bad}_adc.mha"))
+    adc.write_text("ObjectType = Image\n")
+    out = tmp_path / "out"
+    stderr = io.StringIO()
+    with fast_compiles(), contextlib.redirect_stderr(stderr), pytest.raises(SystemExit) as stop:
+        main([str(a) for a in _predict(tiny["run"], images, out)])
+    assert f"case '{bad}', file '{adc}'" in str(stop.value)
+    done = len(_finished(partial_folder(out)))
+    hint, error = stderr.getvalue().splitlines()[-2:]
+    assert error.startswith(f"focalnet predict: error: case '{bad}'")
+    assert hint == (
+        f"focalnet predict: kept {plural(done, 'finished case')} in {partial_folder(out)}; fix the "
+        "case below (or add --skip-bad-cases to list it in errors.csv) and run the same command "
+        "with --resume to predict the others"
+    )
+    assert done == CASES - 1 and not out.exists()
 
 
 def test_overwrite_starts_over_and_images_may_be_repeated(tiny, tmp_path, monkeypatch):

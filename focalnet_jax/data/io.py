@@ -110,6 +110,27 @@ def _nifti_voxel_size_problem(path: Path) -> str | None:
     )
 
 
+_NIFTI_FLOATS = {16: "f4", 64: "f8"}  # NIfTI-1 datatype codes of float32 and float64 voxels
+
+
+def _nifti_non_finite(path: Path) -> int:
+    """How many NaN or Inf voxels a complete NIfTI-1 file of float voxels stores (ITK reads
+    them as 0 without a word); 0 for another format."""
+    if (found := _nifti1_header(path)) is None:
+        return 0
+    header, endian = found
+    code = _NIFTI_FLOATS.get(struct.unpack(endian + "h", header[70:72])[0])
+    if code is None:  # integer voxels hold no NaN
+        return 0
+    dims = struct.unpack(endian + "8h", header[40:56])
+    count = int(np.prod([max(d, 1) for d in dims[1 : 1 + max(dims[0], 0)]]))
+    offset = int(struct.unpack(endian + "f", header[108:112])[0])
+    with (gzip.open if path.name.lower().endswith(".gz") else open)(path, "rb") as f:
+        f.seek(offset)
+        voxels = np.frombuffer(f.read(count * int(code[1])), endian + code, count)
+    return int(np.count_nonzero(~np.isfinite(voxels)))
+
+
 def _why(path: Path, err: RuntimeError) -> str:
     """The reason in an ITK read error, or how much of a MetaImage is missing. (ITK reports a
     truncated `.mha` as 'No such file or directory', a stale errno.)"""
@@ -238,6 +259,8 @@ def read_image(
             problem = _truncation(path)
             if problem:
                 raise CaseError(case, path, f"unreadable or truncated image ({problem})")
+            if _nifti_non_finite(path):
+                raise CaseError(case, path, "image holds NaN or Inf voxels")
     except RuntimeError as err:
         raise CaseError(case, path, f"unreadable or truncated image ({_why(path, err)})") from err
     if image.GetDimension() != 3 or image.GetSize()[2] < 1:

@@ -41,7 +41,7 @@ from focalnet_jax.data.writer_folders import (
     target_folder,
     writer_folder,
 )
-from focalnet_jax.errors import UserError
+from focalnet_jax.errors import UserError, plural
 from focalnet_jax.evaluation.detection_map import CandidateSettings
 from focalnet_jax.evaluation.predictions import MODELS_FILE
 from focalnet_jax.file_lock import LockHeld, acquire_lock, release_lock
@@ -67,14 +67,18 @@ def lock_file(out: str | os.PathLike) -> Path:
     return out.with_name(f".{out.name}{LOCK_FILE}")
 
 
-def resume_hint(out: str | os.PathLike) -> str:
-    """The line that says how to continue an interrupted run into `out`."""
+def resume_hint(out: str | os.PathLike, *, bad_case: bool = False) -> str:
+    """The line that says how to continue a run into `out` that was interrupted, or stopped by
+    a bad case (`bad_case`: a bare `--resume` would stop at that case again)."""
     partial = partial_folder(out)
     done = len(finished_cases(partial)) if partial.is_dir() else 0
-    return (
-        f"focalnet predict: kept the {done} finished cases in {partial}; run the same command "
-        "with --resume to predict the others"
-    )
+    kept = f"focalnet predict: kept {plural(done, 'finished case')} in {partial}"
+    if bad_case:
+        return (
+            f"{kept}; fix the case below (or add --skip-bad-cases to list it in errors.csv) and "
+            "run the same command with --resume to predict the others"
+        )
+    return f"{kept}; run the same command with --resume to predict the others"
 
 
 def recorded_settings(

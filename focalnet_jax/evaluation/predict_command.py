@@ -113,9 +113,9 @@ def _predict_many(models, args: argparse.Namespace, options: dict) -> str:
             dicom=args.dicom,
             **options,
         )
-    except (KeyboardInterrupt, CaseError):
+    except (KeyboardInterrupt, CaseError) as stop:
         if partial_folder(args.out).is_dir():
-            print(resume_hint(args.out), file=sys.stderr)
+            print(resume_hint(args.out, bad_case=isinstance(stop, CaseError)), file=sys.stderr)
         raise
     return summary.describe()
 

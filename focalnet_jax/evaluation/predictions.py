@@ -182,7 +182,7 @@ def read_case(path: str | Path) -> CasePredictions:
             if missing:
                 raise PredictionsError(f"{path}: missing contract key(s) {missing}")
             arrays = {key: data[key] for key in REQUIRED_KEYS + OPTIONAL_KEYS if key in data.files}
-    except (OSError, ValueError, zipfile.BadZipFile) as error:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:  # EOF: an empty file
         if isinstance(error, PredictionsError):
             raise
         if "allow_pickle" in str(error):  # not a zip: numpy took it for a pickle
