@@ -365,12 +365,9 @@ def _read_components(
         # One slice: a header thickness, no bladder reference (docs/data.md, "What is refused")
         if image.GetSize()[2] < 2:
             size = " x ".join(map(str, image.GetSize()))
-            raise CaseError(
-                case,
-                components[name],
-                f"{name} has a single slice ({size} voxels): a broken or partial export (prostate "
-                "MRI series hold about 20-30 slices); export the whole series",
-            )
+            reason = f"{name} has a single slice ({size} voxels): a broken or partial export "
+            reason += "(prostate MRI series hold about 20-30 slices); export the whole series"
+            raise CaseError(case, components[name], reason)
     check_placed(images, components, case)
     t2w_name, t2w = next(iter(images.items()))
     if problem := not_axial(t2w.GetDirection()):
@@ -481,8 +478,8 @@ def preprocess_case(
     check_distinct({"label": label, "prostate mask": mask}, {}, case)  # e.g. --masks of labels
     # 1. Read; the T2w grid is the reference frame.
     images = _read_components(components, case, series or {})
-    inputs = {**components, "label": label, "prostate mask": mask, "bladder mask": bladder_mask}
-    check_one_frame_of_reference(inputs, series or {}, case)
+    masks = {"label": label, "prostate mask": mask, "bladder mask": bladder_mask}
+    check_one_frame_of_reference({**components, **masks}, series or {}, case)
     # 2. Crop centre: gland-mask centroid, else the given centre, else the T2w volume centre.
     t2w_name = next(iter(components))
     gland = io.read_mask(mask, case=case) if mask is not None else None
