@@ -10,6 +10,7 @@ naming the case, file or setting and the reason. It is a `ValueError`, so caller
 from __future__ import annotations
 
 import contextlib
+import errno
 import signal
 import sys
 import threading
@@ -63,10 +64,19 @@ class UserErrorExit(SystemExit):
         return self.line
 
 
+# Errors of the file system the user fixes (the message names the path): no space, no quota, a
+# read-only mount.
+_USER_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+
+
 def is_user_error(error: BaseException) -> bool:
     """Whether `error` is the user's to fix: a `UserError` (every error class of the package that
-    means bad input subclasses it) or a missing or clashing file."""
-    return isinstance(error, (UserError, FileNotFoundError, FileExistsError))
+    means bad input subclasses it), a missing, clashing or unwritable file, a file where a folder
+    belongs (or the reverse), or a full or read-only disk."""
+    file_errors = (FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError)
+    if isinstance(error, (UserError, *file_errors, IsADirectoryError)):
+        return True
+    return isinstance(error, OSError) and error.errno in _USER_ERRNOS
 
 
 @contextlib.contextmanager

@@ -5,6 +5,8 @@ file and reason in a one-line error."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -29,8 +31,9 @@ from test_train_helpers import (
 )
 
 from focalnet_jax.errors import UserError
+from focalnet_jax.run import checkpoint_digests as digests
 from focalnet_jax.run import workdir as workdir_lib
-from focalnet_jax.training import train_and_evaluate
+from focalnet_jax.training import checkpoint, train_and_evaluate
 
 RUN = [
     "--config.train.checkpoint_every=2",
@@ -76,6 +79,21 @@ def _remove_data(step_dir: Path) -> str:
     return f"{path.relative_to(step_dir)}: missing"
 
 
+def _overwrite_data(step_dir: Path) -> str:
+    """4 KiB of zeros in the middle of the largest data file: the size stays, the content not."""
+    path = _largest_data_file(step_dir)
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 4096] = bytes(min(4096, len(data) - middle))
+    path.write_bytes(bytes(data))
+    return f"{path.relative_to(step_dir)}: content changed since it was saved (sha256 differs)"
+
+
+def _without_digests(step_dir: Path, name: str, text: str) -> None:
+    (step_dir / digests.DIGEST_FILE).unlink()
+    (step_dir / name).write_text(text)
+
+
 def _copy_with(trained, name: str, damage) -> tuple[Path, str]:
     """A copy of the trained workdir whose step 4 got `damage`; the expected file and reason."""
     workdir = trained["root"] / name
@@ -83,7 +101,7 @@ def _copy_with(trained, name: str, damage) -> tuple[Path, str]:
     return workdir, damage(workdir / "checkpoints" / "4")
 
 
-@pytest.mark.parametrize("damage", [_truncate_data, _empty_metadata, _remove_data])
+@pytest.mark.parametrize("damage", [_truncate_data, _empty_metadata, _remove_data, _overwrite_data])
 def test_restart_resumes_from_the_newest_intact_step(trained, damage, caplog):
     workdir, expected = _copy_with(trained, damage.__name__, damage)
     with (
@@ -224,7 +242,10 @@ def test_resume_without_config_json_names_the_arrays_that_differ(trained, tmp_pa
         (lambda d: _truncate(d / "default/_METADATA", 1000), "default/_METADATA: invalid JSON ("),
         (lambda d: _truncate(d / "default/manifest.ocdbt", 0), "default/manifest.ocdbt: empty"),
         (lambda d: shutil.rmtree(d / "default"), "default/_METADATA: missing"),
-        (lambda d: (d / "default/_METADATA").write_text("{}"), "default/_METADATA: no array"),
+        # Without the digests (an older run) that would see the size change first.
+        (lambda d: _without_digests(d, "default/_METADATA", "{}"), "default/_METADATA: no array"),
+        (_overwrite_data, f"{DATA_DIR}/"),
+        (lambda d: (d / digests.DIGEST_FILE).write_text("[]"), f"{digests.DIGEST_FILE}: not a"),
     ],
 )
 def test_inference_loading_names_the_file_and_reason(trained, tmp_path, damage, reason):
@@ -263,3 +284,62 @@ def test_predict_and_evaluate_name_the_damaged_checkpoint(trained, tmp_path):
         assert last.startswith(f"focalnet {name}: error: {reason}"), result.stderr
     assert not (tmp_path / "eval").exists()  # nothing half-written
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4"]
+
+
+def test_a_step_saved_without_digests_fails_its_read_in_one_line(trained, tmp_path):
+    """A step of an older run (no digests) whose compressed data no longer decompresses: the
+    failed TensorStore read is an `UnreadableCheckpointError` naming it, not a traceback."""
+    workdir = tmp_path / "run"
+    shutil.copytree(trained["workdir"], workdir)
+    step_dir = workdir / "checkpoints" / "4"
+    (step_dir / digests.DIGEST_FILE).unlink()
+    _overwrite_data(step_dir)
+    assert workdir_lib.find_damage(step_dir) is None  # nothing to see by looking
+    with pytest.raises(workdir_lib.UnreadableCheckpointError) as raised:
+        workdir_lib.load_for_inference(workdir)
+    message = str(raised.value)
+    assert message.startswith(f"checkpoint {step_dir.resolve()} is unreadable: ")
+    assert "Error reading" in message and "\n" not in message
+
+
+def test_digests_are_written_for_each_saved_step_and_match(trained):
+    for step in (2, 4):
+        step_dir = trained["workdir"] / "checkpoints" / str(step)
+        recorded = json.loads((step_dir / digests.DIGEST_FILE).read_text())["files"]
+        files = sorted(
+            str(p.relative_to(step_dir)) for p in step_dir.rglob("*")
+            if p.is_file() and p.name != digests.DIGEST_FILE
+        )  # fmt: skip
+        assert sorted(recorded) == files and digests.mismatch(step_dir) is None
+        name = f"{DATA_DIR}/" + _largest_data_file(step_dir).name
+        content = (step_dir / name).read_bytes()
+        assert recorded[name] == {
+            "bytes": len(content),
+            "sha256": hashlib.sha256(content).hexdigest(),
+        }
+
+
+def test_inference_refuses_variables_that_are_not_finite(trained, tmp_path):
+    """Variables saved with NaN (damage without digests to find it; training never saves them)
+    are refused naming the array, not run into NaN scores."""
+    workdir = tmp_path / "run"
+    shutil.copytree(trained["workdir"], workdir)
+    state = jax.device_get(trained["final"])
+    kernel = state.params["aspp"]["branch0"]["kernel"]
+    state = state.replace(
+        params={**state.params, "aspp": {**state.params["aspp"], "branch0": {
+            **state.params["aspp"]["branch0"], "kernel": np.where(np.arange(kernel.size).reshape(
+                kernel.shape) < 3, np.nan, kernel)}}}
+    )  # fmt: skip
+    manager = workdir_lib.make_manager(workdir)
+    checkpoint.save(manager, 6, state)
+    checkpoint.finish_saves(manager)
+    manager.close()
+    assert digests.mismatch(workdir / "checkpoints" / "6") is None
+    with pytest.raises(workdir_lib.UnreadableCheckpointError) as raised:
+        workdir_lib.load_for_inference(workdir)
+    step_dir = (workdir / "checkpoints" / "6").resolve()
+    assert str(raised.value) == (
+        f"checkpoint {step_dir} is unreadable: params/aspp/branch0/kernel: 3 of {kernel.size} "
+        "values are not finite"
+    )

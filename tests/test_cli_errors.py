@@ -4,6 +4,7 @@ errors keep theirs."""
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -47,6 +48,9 @@ def test_package_error_classes_are_user_errors():
     for error in errors:
         assert isinstance(error, UserError) and is_user_error(error)
     assert is_user_error(FileNotFoundError("x")) and is_user_error(FileExistsError("x"))
+    assert is_user_error(PermissionError(13, "Permission denied", "out"))
+    assert is_user_error(OSError(errno.ENOSPC, "No space left on device", "out/a.npy"))
+    assert not is_user_error(OSError(errno.EIO, "Input/output error", "out/a.npy"))
     assert not is_user_error(ValueError("a bug")) and not is_user_error(KeyError("k"))
 
 
@@ -397,3 +401,24 @@ def test_an_output_folder_below_a_file_is_refused(tmp_path, capsys, command, fla
     message = f"focalnet {command}: error: {flag} {out}: {blocker} exists and is not a folder"
     assert (status, err.splitlines()[-1]) == (2, message)
     assert sorted(tmp_path.iterdir()) == [blocker]
+
+
+def test_an_output_folder_that_cannot_be_written_is_one_line(tmp_path):
+    """A read-only output folder (or a full or read-only disk) is the user's to fix: it ended in
+    a PermissionError traceback (synth, preprocess, train, predict, evaluate). Root ignores
+    permission bits, so as root the command runs without the capability that lets it."""
+    read_only = tmp_path / "ro"
+    read_only.mkdir(mode=0o555)
+    drop = ["-dac_override", "-dac_read_search"]
+    as_user = []
+    if os.geteuid() == 0:
+        as_user = ["setpriv", "--bounding-set", ",".join(drop), "--inh-caps", ",".join(drop), "--"]
+    out = read_only / "syn"
+    argv = [sys.executable, "-m", "focalnet_jax.cli", "synth", "--cases", "1", "--small"]
+    result = subprocess.run(
+        [*as_user, *argv, "--out", str(out)], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"focalnet synth: error: [Errno 13] Permission denied: '{read_only}/")
+    assert list(read_only.iterdir()) == []

@@ -312,8 +312,13 @@ def _check_mfl_chunk(chunk) -> int:
 
 
 def _check_train(train) -> None:
-    if train.steps <= 0 and train.epochs <= 0:
-        raise ValueError("train.steps and train.epochs are both <= 0; set one of them")
+    # A negative step count would otherwise read as 0 (= use train.epochs) without a word.
+    for key, zero in (("steps", "train.epochs"), ("epochs", "train.steps")):
+        value = train[key]
+        if isinstance(value, bool) or not (isinstance(value, int) and value >= 0):
+            raise ValueError(f"train.{key}: expected an int >= 0 (0 = use {zero}), got {value!r}")
+    if train.steps == 0 and train.epochs == 0:
+        raise ValueError("train.steps and train.epochs are both 0; set one of them")
     # keep_checkpoints=0 would have Orbax delete every checkpoint as soon as it is written.
     for key in ("log_every", "checkpoint_every", "keep_checkpoints", "prefetch"):
         if isinstance(train[key], bool) or not (isinstance(train[key], int) and train[key] >= 1):

@@ -12,8 +12,9 @@ against the current folder), so that `config.json` names the same files from any
 `config.json` saved before, with a relative path, is read against the current folder, with a
 warning naming the file and that folder where the path is not there (`read_config`).
 
-Damaged checkpoints: a step whose restore fails and whose files show the damage (a missing, empty
-or truncated file, invalid JSON metadata) raises `UnreadableCheckpointError` naming the step
+Damaged checkpoints: a step whose files show the damage (a missing, empty or truncated file,
+invalid JSON metadata, content that differs from its digests at save time: `checkpoint_digests`),
+or whose arrays TensorStore fails to read, raises `UnreadableCheckpointError` naming the step
 folder, the file and the reason (`restore`, `find_damage`); a resuming run moves such a step
 aside (`focalnet_jax.training.checkpoint.resume`).
 """
@@ -35,6 +36,7 @@ import tensorstore as ts
 from focalnet_jax.data.atomic_files import replaced_atomically
 from focalnet_jax.data.store import flat_settings
 from focalnet_jax.errors import UserError
+from focalnet_jax.run import checkpoint_digests
 from focalnet_jax.run.spec import DATA_AXIS, RunSpec
 
 log = logging.getLogger(__name__)
@@ -251,7 +253,7 @@ def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = N
     step_dir = Path(manager.directory) / str(step)
     # Damage found by looking is reported before Orbax reads the step: a restore that fails half
     # way leaves its background I/O threads to fail noisily when the interpreter exits.
-    if damage := find_damage(step_dir):
+    if damage := find_damage(step_dir) or checkpoint_digests.mismatch(step_dir):
         raise UnreadableCheckpointError(step_dir, damage)
     # Checked before Orbax reads: its failed reads would also leave threads failing at exit.
     if mismatch := state_mismatch(step_dir, abstract_state):
@@ -259,10 +261,22 @@ def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = N
     try:
         return manager.restore(int(step), args=ocp.args.StandardRestore(abstract_state))
     except Exception as error:
-        damage = find_damage(step_dir)
+        damage = find_damage(step_dir) or _read_failure(error)
         if damage is None:
             raise
         raise UnreadableCheckpointError(step_dir, damage) from error
+
+
+def _read_failure(error: BaseException) -> str | None:
+    """The first line of TensorStore's read error behind a failed restore (`Error reading "<array>"
+    in OCDBT database ...: <reason>`, e.g. a compressed block that no longer decompresses), or
+    None when the failure is not a read of the files."""
+    while error is not None:
+        line = str(error).split("\n", 1)[0]
+        if isinstance(error, ValueError) and "Error reading" in line:
+            return line
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def _leaf_name(path) -> str:
@@ -426,8 +440,8 @@ def load_for_inference(workdir: str | Path, step: int | None = None):
 
     Raises FileNotFoundError naming the workdir when it has no config or no checkpoint (or not the
     step asked for), `UnreadableCheckpointError` naming the step folder, file and reason when the
-    step's files are damaged, a `UserError` naming the differing arrays when the checkpoint does not
-    fit the model its config describes.
+    step's files are damaged or its variables hold NaN or infinity, a `UserError` naming the
+    differing arrays when the checkpoint does not fit the model its config describes.
     """
     workdir = Path(workdir)
     config = read_config(workdir)
@@ -450,7 +464,22 @@ def load_for_inference(workdir: str | Path, step: int | None = None):
                 f"its {CONFIG_FILE} ({config.model.name}, depth {config.model.depth}): "
                 f"{error.reason}"
             ) from error
+        step_dir = Path(manager.directory) / str(manager.latest_step() if step is None else step)
     finally:
         manager.close()
-    variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
-    return spec, jax.tree.map(np.asarray, variables)
+    variables = jax.tree.map(
+        np.asarray, {"params": state["params"], "batch_stats": state["batch_stats"]}
+    )
+    if non_finite := _non_finite(variables):
+        raise UnreadableCheckpointError(step_dir, non_finite)
+    return spec, variables
+
+
+def _non_finite(variables) -> str | None:
+    """`"<array>: N of M values are not finite"` for the first such array of `variables` (host
+    arrays), None when all are finite. A training run stops before it saves such a state, so
+    they come of damage that no digest was there to find (a step saved without them)."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(variables):
+        if bad := int(np.size(leaf) - np.count_nonzero(np.isfinite(leaf))):
+            return f"{_leaf_name(path)}: {bad} of {np.size(leaf)} values are not finite"
+    return None

@@ -21,7 +21,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
 from focalnet_jax.errors import UserError
-from focalnet_jax.run import RunSpec
+from focalnet_jax.run import RunSpec, checkpoint_digests
 from focalnet_jax.run.workdir import CheckpointMismatchError, UnreadableCheckpointError, restore
 from focalnet_jax.training import train_state
 
@@ -31,8 +31,18 @@ log = logging.getLogger(__name__)
 
 
 def save(manager: ocp.CheckpointManager, step: int, state) -> None:
-    """Save `state` at `step` (asynchronous; `manager.wait_until_finished()` before exiting)."""
+    """Save `state` at `step` (asynchronous; `finish_saves` before exiting). The steps saved
+    before get their digests first (`finish_saves`)."""
+    finish_saves(manager)
     manager.save(int(step), args=ocp.args.StandardSave(state))
+
+
+def finish_saves(manager: ocp.CheckpointManager) -> None:
+    """Wait until every pending save is on disk, then (process 0) write the content digests of
+    each saved step without them (`checkpoint_digests`), which `restore` checks."""
+    manager.wait_until_finished()
+    if jax.process_index() == 0:
+        checkpoint_digests.write_missing(manager.directory)
 
 
 def resume(manager: ocp.CheckpointManager, abstract_state):

@@ -337,7 +337,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
             )  # fmt: skip
         finally:
             progress.close()
-            manager.wait_until_finished()
+            checkpoint.finish_saves(manager)
             manager.close()
             logger.writer.close()
         # Complete: the last checkpoint is on disk, the logs closed. A SIGTERM since the last
@@ -404,7 +404,7 @@ def _stop(logger: _Logger, saved: set, done: int, state) -> TrainingStopped:
     exception to raise."""
     _save(logger, saved, done, state)
     logger.writer.flush()
-    logger.manager.wait_until_finished()
+    checkpoint.finish_saves(logger.manager)
     checkpoint.sync_processes(f"stopped_at_{done}")  # none exits while another still writes
     return TrainingStopped(done, logger.workdir)
 

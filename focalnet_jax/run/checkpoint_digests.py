@@ -1,0 +1,84 @@
+"""SHA-256 digests of a checkpoint step folder's files, written once the step is on disk and checked
+before it is restored.
+
+Damaged content of the same size (a zeroed or overwritten block of an OCDBT data file) is found by
+no look at the files: a block stored raw restores silently as other weights (zeros, NaN), a
+compressed one fails inside Orbax's concurrent reads with a traceback of hundreds of lines. The
+digests (`DIGEST_FILE` in the step folder: each file's size and SHA-256) name the damaged file
+before Orbax reads anything. A step saved without them (an older run, or a process killed between
+Orbax's commit and `write_missing`) is restored unchecked, as before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from focalnet_jax.data.atomic_files import write_json_atomic
+
+DIGEST_FILE = "focalnet_digests.json"
+_ALGORITHM = "sha256"
+
+
+def _file_digest(path: Path) -> str:
+    with path.open("rb") as file:
+        return hashlib.file_digest(file, _ALGORITHM).hexdigest()
+
+
+def _step_files(step_dir: Path) -> list[Path]:
+    return sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != DIGEST_FILE)
+
+
+def write(step_dir: str | Path) -> Path:
+    """Writes `step_dir/DIGEST_FILE` (atomically): `{"algorithm": "sha256", "files": {relative
+    path: {"bytes": size, "sha256": hex digest}}}` of every file of the step folder."""
+    step_dir = Path(step_dir)
+    files = {
+        str(path.relative_to(step_dir)): {
+            "bytes": path.stat().st_size,
+            _ALGORITHM: _file_digest(path),
+        }
+        for path in _step_files(step_dir)
+    }
+    return write_json_atomic({"algorithm": _ALGORITHM, "files": files}, step_dir / DIGEST_FILE)
+
+
+def write_missing(checkpoint_dir: str | Path) -> list[int]:
+    """Digests for each finished step folder (all-digit name) of `checkpoint_dir` without them;
+    returns those steps. Call once no save is pending (`CheckpointManager.wait_until_finished`)."""
+    checkpoint_dir = Path(checkpoint_dir)
+    steps = sorted(
+        int(path.name)
+        for path in checkpoint_dir.glob("*")
+        if path.is_dir() and path.name.isdigit() and not (path / DIGEST_FILE).exists()
+    )
+    for step in steps:
+        write(checkpoint_dir / str(step))
+    return steps
+
+
+def mismatch(step_dir: str | Path) -> str | None:
+    """`"<file>: <reason>"` for the first file of `step_dir` whose size or SHA-256 differs from its
+    digest at save time (or that is gone), None when all match or the step has no digests."""
+    step_dir = Path(step_dir)
+    path = step_dir / DIGEST_FILE
+    if not path.is_file():
+        return None
+    try:
+        recorded = json.loads(path.read_bytes())
+        files = recorded["files"]
+        if recorded["algorithm"] != _ALGORITHM:
+            return f"{DIGEST_FILE}: unknown algorithm {recorded['algorithm']!r}"
+    except (ValueError, KeyError, TypeError) as error:
+        return f"{DIGEST_FILE}: not a digest file ({type(error).__name__}: {error})"
+    for name, saved in files.items():
+        file = step_dir / name
+        if not file.is_file():
+            return f"{name}: missing (listed in {DIGEST_FILE})"
+        size = file.stat().st_size
+        if size != saved["bytes"]:
+            return f"{name}: {size} bytes, {saved['bytes']} when saved"
+        if _file_digest(file) != saved[_ALGORITHM]:
+            return f"{name}: content changed since it was saved ({_ALGORITHM} differs)"
+    return None
