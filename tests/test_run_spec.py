@@ -70,7 +70,7 @@ INVALID = [
     (["--config.train.steps=0", "--config.train.epochs=0"], r"^train\.steps and train\.epochs"),
     # A negative count read as 0 (= use the other one): 200 epochs instead of failing.
     (["--config.train.steps=-5"], r"^train\.steps: expected an int >= 0 \(0 = use train\.epochs\)"),
-    (["--config.train.epochs=-1"], r"^train\.epochs: expected an int >= 0 \(0 = use train\.steps\)"),
+    (["--config.train.epochs=-1"], r"^train\.epochs: expected an int >= 0 \(0 = use train\.steps"),
     (["--config.train.log_every=0"], r"^train\.log_every: expected a positive int"),
     # 0 kept: Orbax deleted each checkpoint once written (no resume, nothing to evaluate).
     (["--config.train.keep_checkpoints=0"], r"^train\.keep_checkpoints: expected a positive"),
