@@ -352,6 +352,57 @@ def test_a_signal_while_the_worker_pool_starts_ends_in_one_line(
     assert not out.exists() and not list(tmp_path.glob(".store.tmp-*"))
 
 
+def _hold_fifos_open(fifos: list, timeout: float) -> list[int]:
+    """Write ends of `fifos`, each opened once a reader has it open (that reader then blocks in
+    its read until they are closed)."""
+    fds, deadline = [], time.monotonic() + timeout
+    for fifo in fifos:
+        while True:
+            try:
+                fds.append(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+                break
+            except OSError:  # ENXIO: no reader yet
+                assert time.monotonic() < deadline, f"no worker opened {fifo}"
+                time.sleep(0.05)
+    return fds
+
+
+def test_sigterm_to_the_process_group_with_an_idle_worker_ends_the_run(dataset, tmp_path):
+    """`kill -TERM -- -PGID` (a container stop, a job script's trap) reaches every worker: one
+    that had finished its case and waited for the next, killed while it held the lock of the task
+    queue, used to leave the parent waiting for that lock in `Pool.terminate` for ever. 4 cases,
+    4 workers: 3 block reading a T2w that is a FIFO, the 4th case is read and its worker waits."""
+    root = tmp_path / "data"
+    shutil.copytree(dataset, root)
+    fifos = sorted(root.glob("images/*/*_t2w.mha"))[1:]
+    for t2w in fifos:
+        t2w.unlink()
+        os.mkfifo(t2w)
+    out = tmp_path / "store"
+    argv = [sys.executable, "-m", "focalnet_jax.cli", *_picai_args(root, out, "--workers", "4")]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen(
+        argv, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO, start_new_session=True
+    )
+    fds = []
+    try:
+        fds = _hold_fifos_open(fifos, timeout=120)
+        time.sleep(3.0)  # the first case is read, its worker waits for another
+        os.killpg(process.pid, signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+        left = _group_alive(process.pid, timeout=5)
+    finally:
+        for fd in fds:
+            os.close(fd)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # only if the run hung or left a worker
+    assert process.returncode == 143, stderr
+    assert not left, "a process of the run outlived it"
+    assert stderr.strip().splitlines()[-1] == "focalnet preprocess: interrupted by SIGTERM"
+    assert "Traceback" not in stderr, stderr
+    assert not out.exists() and not list(tmp_path.glob(".store.tmp-*"))
+
+
 def test_one_patient_is_counted_in_the_singular_and_cannot_be_cross_validated(tmp_path, capfd):
     # A one-case dataset printed "wrote 1 synthetic cases", "wrote 1 cases (6 slices ...)", and
     # `folds` said "1 patients cannot be split into 5 folds; choose 2 <= num_folds <= 1".

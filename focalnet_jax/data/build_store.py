@@ -3,25 +3,18 @@
 Cases are handed to a `spawn` process pool (safe with SimpleITK's and JAX's threads) and written in
 input order. A bad case either stops the run (its `CaseError` names case, file and reason, and the
 temporary store is removed) or, with `skip_bad_cases`, is listed in `errors.csv` and skipped.
-Ctrl-C or SIGTERM while the pool is being built waits until it stands, then stops it like any
-other interrupt; workers ignore Ctrl-C (the parent stops them).
+Ctrl-C or SIGTERM stop the pool cleanly (`worker_pool`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import multiprocessing
 import os
-import signal
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from multiprocessing import resource_tracker
 from pathlib import Path
 from typing import NoReturn
 
-import SimpleITK as sitk
 from tqdm import tqdm
 
 from focalnet_jax.data.io import CaseError
@@ -41,6 +34,7 @@ from focalnet_jax.data.store import (
     store_settings,
     write_errors,
 )
+from focalnet_jax.data.worker_pool import worker_results
 from focalnet_jax.errors import UserError, plural
 
 log = logging.getLogger(__name__)
@@ -63,22 +57,6 @@ class PreprocessSummary:
         return f"wrote {plural(self.num_cases, 'case')} ({slices}) to {self.path}{note}"
 
 
-# Deferred while the pool is being built: an interrupt raised inside `Pool()` leaves its workers
-# and the thread that respawns them running, with nothing to terminate them.
-_DEFERRED = frozenset({signal.SIGINT, signal.SIGTERM})
-
-
-def _init_worker() -> None:
-    # Ctrl-C reaches the whole process group: the parent stops the pool, without a traceback from
-    # every worker. A worker starts with the parent's signals held (inherited while the pool was
-    # built): ignoring SIGINT first drops a pending one; a pending SIGTERM (the pool's terminate)
-    # then ends the worker at once.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _DEFERRED)
-    # One core per worker process: SimpleITK would otherwise start a thread per core in each.
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
-
-
 def _work(job):
     spec, config, slices = job
     try:
@@ -97,48 +75,6 @@ def _work(job):
         return spec, None, (err.case, err.file, err.reason)
     except Exception as err:  # an unexpected failure still names the case
         return spec, None, (spec.case_id, "", f"{type(err).__name__}: {err}")
-
-
-@contextlib.contextmanager
-def _signals_deferred():
-    """Ctrl-C and SIGTERM arriving in the block are recorded, and the first is raised again when
-    the block ends (its handler, e.g. KeyboardInterrupt, runs then). Processes started in the
-    block inherit both signals blocked (their mask, set by `_init_worker`)."""
-    # multiprocessing's resource tracker, started with the pool's first lock, unblocks both
-    # signals after starting (bpo-33613): start it before blocking them.
-    resource_tracker.ensure_running()
-    caught = []
-    # A handler runs in the main thread, whichever thread the signal reached: replace it there
-    # (the mask of the main thread alone would not hold a signal that another thread receives).
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = {s: signal.signal(s, lambda n, _: caught.append(n)) for s in _DEFERRED if in_main}
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a signal pending here is recorded
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        if caught:
-            signal.raise_signal(caught[0])
-
-
-@contextlib.contextmanager
-def _worker_results(jobs: list, workers: int):
-    """Yield the `_work` results of `jobs` in input order: computed in this process (1 worker) or
-    in a `spawn` pool of `workers` processes, terminated on exit."""
-    if workers == 1:
-        yield map(_work, jobs)
-        return
-    pool = None
-    try:
-        with _signals_deferred():  # raised once `pool` is set, so that it is terminated
-            pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker)
-        yield pool.imap(_work, jobs, chunksize=1)
-    finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
 
 
 def _add_results(writer: StoreWriter, results, bar: tqdm, skip_bad_cases: bool) -> None:
@@ -207,7 +143,7 @@ def preprocess_cases(
             log.warning("skipping case %s: %s", error[0], error[2])
             writer.add_error(*error)
         bar = tqdm(total=len(jobs), desc="preprocess", unit="case", disable=not progress)
-        with bar, _worker_results(jobs, workers) as results:
+        with bar, worker_results(_work, jobs, workers) as results:
             _add_results(writer, results, bar, skip_bad_cases)
         if not writer.records:
             _refuse_empty_store(writer, out, len(jobs))

@@ -1,0 +1,128 @@
+"""A `spawn` process pool for per-case work that Ctrl-C and SIGTERM stop cleanly
+(`worker_results`).
+
+- Ctrl-C or SIGTERM while the pool is being built waits until it stands, then stops it like any
+  other interrupt: raised inside `Pool()` it left the workers and the thread that respawns them
+  running, with nothing to terminate them.
+- Workers ignore Ctrl-C (it reaches the whole process group; the parent stops them, without a
+  traceback from each).
+- SIGTERM to the whole process group (`kill -- -PGID`, a container stop, a job script's trap)
+  reaches every worker. Within a case it ends the worker at once (a Python handler would wait
+  until a read in C++, e.g. SimpleITK's, returns: a FIFO or a hung network file system never
+  does). Between cases a worker holds a lock of the pool's queues: waiting for its next case it
+  holds the task queue's, sending a result the result queue's. Killed there it left the lock taken
+  (and a half-sent result), and the parent's `Pool.terminate` waited for ever; so there SIGTERM
+  unwinds the worker, releasing the lock, once a result being sent is sent (`_exit_on_sigterm`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import gc
+import multiprocessing
+import os
+import signal
+import threading
+from multiprocessing import resource_tracker
+from pathlib import Path
+
+import SimpleITK as sitk
+
+_DEFERRED = frozenset({signal.SIGINT, signal.SIGTERM})
+# Functions of multiprocessing/connection.py that write a message to a pipe.
+_SENDING = frozenset({"send", "send_bytes", "_send", "_send_bytes"})
+_RETRY_S = 0.02  # how soon a SIGTERM deferred during a send is acted on
+
+
+def _within(frame, file: str, functions: frozenset) -> bool:
+    """Whether `frame` (the one a signal interrupted) or a caller runs one of `functions` of the
+    standard library's module `file`."""
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name in functions and Path(code.co_filename).name == file:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    """In the pool's loop (`multiprocessing.pool.worker`), unwinds the worker (`SystemExit`: its
+    locks released), after the message it is sending, if any (retried by SIGALRM every
+    `_RETRY_S`); elsewhere (exiting) ends it at once. A second SIGTERM ends it at once."""
+    if _within(frame, "connection.py", _SENDING):
+        signal.signal(signal.SIGALRM, _exit_on_sigterm)
+        signal.setitimer(signal.ITIMER_REAL, _RETRY_S)
+        return
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if _within(frame, "pool.py", frozenset({"worker"})):
+        raise SystemExit(128 + signal.SIGTERM)
+    os.kill(os.getpid(), signal.SIGTERM)  # no lock held: an exception would print as ignored
+
+
+def _init_worker() -> None:
+    # A worker starts with the parent's signals held (inherited while the pool was built):
+    # ignoring SIGINT first drops a pending one; a pending SIGTERM (the pool's terminate) then
+    # ends the worker once unblocked.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _DEFERRED)
+    # One core per worker process: SimpleITK would otherwise start a thread per core in each.
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+
+
+def _run_case(work, job):
+    """`work(job)` in a worker: SIGTERM ends it at once within, unwinds it outside."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        return work(job)
+    finally:
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """Ctrl-C and SIGTERM arriving in the block are recorded, and the first is raised again when
+    the block ends (its handler, e.g. KeyboardInterrupt, runs then). Processes started in the
+    block inherit both signals blocked (their mask, set by `_init_worker`)."""
+    # multiprocessing's resource tracker, started with the pool's first lock, unblocks both
+    # signals after starting (bpo-33613): start it before blocking them.
+    resource_tracker.ensure_running()
+    caught = []
+    # A handler runs in the main thread, whichever thread the signal reached: replace it there
+    # (the mask of the main thread alone would not hold a signal that another thread receives).
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, lambda n, _: caught.append(n)) for s in _DEFERRED if in_main}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a signal pending here is recorded
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if caught:
+            signal.raise_signal(caught[0])
+
+
+@contextlib.contextmanager
+def worker_results(work, jobs: list, workers: int):
+    """Yield `work(job)` for each of `jobs` in input order: computed in this process (1 worker)
+    or in a `spawn` pool of `workers` processes, terminated on exit. `work` is a module-level
+    function (it is pickled to the workers)."""
+    if workers == 1:
+        yield map(work, jobs)
+        return
+    pool = None
+    try:
+        with _signals_deferred():  # raised once `pool` is set, so that it is terminated
+            pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker)
+        yield pool.imap(functools.partial(_run_case, work), jobs, chunksize=1)
+    finally:
+        if pool is not None:
+            # A signal meanwhile would be raised inside a finalizer of the pool's (which prints
+            # it and goes on); it is raised once they have run.
+            with _signals_deferred():
+                pool.terminate()
+                pool.join()
+                pool = None
+                gc.collect()  # the workers' finalizers (closing their pipes) run now
