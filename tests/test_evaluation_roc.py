@@ -89,3 +89,23 @@ def test_detections_on_a_lesion_of_unknown_grade_only_count_for_gs_ge_7():
         assert roc[task]["num_unknown_grade"] == 3
     # GS >= 9: positive 0.3 (slice 5); negatives 0.4, 0.3 (slices 3, 4), six 0.0: 6.5 of 8.
     assert roc["gs_ge_9"]["auc"] == pytest.approx(6.5 / 8)
+
+
+def test_the_mean_roc_band_follows_each_fold_staircase():
+    """`summarize`'s ROC band reads each fold's curve at a grid of false-positive rates. Scores
+    0.9 0.7 0.5 0.3 with labels 1 0 1 0: the curve (0,0) (0,.5) (.5,.5) (.5,1) (1,1), AUC 0.75.
+    Interpolating between the tops of its vertical segments drew (0,.5)-(.5,1) as a diagonal:
+    0.75 at FPR 0.25 and an area of 0.875 under the plotted curve."""
+    from focalnet_jax.evaluation.summary import FPR_GRID, roc_at
+
+    fpr, tpr = roc_curve(np.array([0.9, 0.7, 0.5, 0.3]), np.array([1, 0, 1, 0], bool))
+    np.testing.assert_allclose(fpr, [0, 0, 0.5, 0.5, 1])
+    np.testing.assert_allclose(tpr, [0, 0.5, 0.5, 1, 1])
+    at = roc_at(fpr, tpr, np.array([0.0, 0.25, 0.5, 0.75, 1.0]))
+    np.testing.assert_allclose(at, [0.5, 0.5, 1.0, 1.0, 1.0])  # tops of the vertical segments
+    curve = roc_at(fpr, tpr, FPR_GRID)
+    area = float(np.sum((curve[1:] + curve[:-1]) / 2 * np.diff(FPR_GRID)))
+    assert area == pytest.approx(0.75, abs=1 / 200)  # one grid step at the rise: 0.75 + 0.0025
+    # Ties: a diagonal segment (a positive and a negative scored alike) stays a diagonal.
+    fpr, tpr = roc_curve(np.array([0.9, 0.5, 0.5]), np.array([1, 1, 0], bool))
+    np.testing.assert_allclose(roc_at(fpr, tpr, np.array([0.0, 0.5, 1.0])), [0.5, 0.75, 1.0])

@@ -200,17 +200,26 @@ def _froc_band(fold_metrics: list[dict], group: str) -> figures.Curve | None:
     return figures.Curve(x=FP_GRID, y=mean, lower=lower, upper=upper)
 
 
+def roc_at(fpr: np.ndarray, tpr: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """The ROC polyline through (`fpr`, `tpr`) (non-decreasing, from (0, 0) to (1, 1), both
+    corners of each step) read at the false-positive rates `grid`: along each segment from the
+    last point at or left of the rate to the next one, so a step rises at its rate (the top of a
+    vertical segment there) and stays flat before it. Keeping only the top point of each vertical
+    segment and interpolating between those drew each step as a diagonal, above the curve."""
+    last = np.searchsorted(fpr, grid, side="right") - 1  # the last point at or left of the rate
+    nxt = np.minimum(last + 1, len(fpr) - 1)
+    run = fpr[nxt] - fpr[last]
+    slope = np.divide(tpr[nxt] - tpr[last], run, out=np.zeros_like(run), where=run > 0)
+    return tpr[last] + (grid - fpr[last]) * slope
+
+
 def _roc_band(fold_metrics: list[dict], task: str) -> figures.Curve | None:
     curves = []
     for m in fold_metrics:
         curve = lookup(m, ("roc", task, "curve"))
         if curve and curve["fpr"]:
-            # Each fold's ROC polyline runs from (0, 0) to (1, 1); at a vertical segment keep
-            # its top point so that interpolation is well defined.
             fpr = np.asarray(curve["fpr"], np.float64)
-            tpr = np.asarray(curve["tpr"], np.float64)
-            last = np.append(fpr[1:] != fpr[:-1], True)
-            curves.append(np.interp(FPR_GRID, fpr[last], tpr[last]))
+            curves.append(roc_at(fpr, np.asarray(curve["tpr"], np.float64), FPR_GRID))
     if not curves:
         return None
     mean, lower, upper = band(curves)
