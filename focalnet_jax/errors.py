@@ -64,19 +64,31 @@ class UserErrorExit(SystemExit):
         return self.line
 
 
-# Errors of the file system the user fixes (the message names the path): no space, no quota, a
-# read-only mount.
-_USER_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+# Errors of the file system the user fixes: no space, no quota, a read-only mount.
+_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 
 
 def is_user_error(error: BaseException) -> bool:
     """Whether `error` is the user's to fix: a `UserError` (every error class of the package that
     means bad input subclasses it), a missing, clashing or unwritable file, a file where a folder
-    belongs (or the reverse), or a full or read-only disk."""
+    belongs (or the reverse), or a full or read-only disk where the error names the path (a
+    `write` or `close` names none: `naming_the_disk`)."""
     file_errors = (FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError)
     if isinstance(error, (UserError, *file_errors, IsADirectoryError)):
         return True
-    return isinstance(error, OSError) and error.errno in _USER_ERRNOS
+    return isinstance(error, OSError) and error.errno in _DISK_ERRNOS and bool(error.filename)
+
+
+@contextlib.contextmanager
+def naming_the_disk(path):
+    """A full disk, quota or read-only mount met in the block by a call that names no file (a
+    `write` or `close`) is raised again naming `path`, the output being written."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in _DISK_ERRNOS or error.filename:
+            raise
+        raise OSError(error.errno, error.strerror, str(path)) from error
 
 
 @contextlib.contextmanager

@@ -293,7 +293,10 @@ def test_a_step_saved_without_digests_fails_its_read_in_one_line(trained, tmp_pa
     shutil.copytree(trained["workdir"], workdir)
     step_dir = workdir / "checkpoints" / "4"
     (step_dir / digests.DIGEST_FILE).unlink()
-    _overwrite_data(step_dir)
+    for path in (step_dir / DATA_DIR).iterdir():  # some hold raw blocks, which read as zeros
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2 : len(data) // 2 + 4096] = bytes(len(data[len(data) // 2 :][:4096]))
+        path.write_bytes(bytes(data))
     assert workdir_lib.find_damage(step_dir) is None  # nothing to see by looking
     with pytest.raises(workdir_lib.UnreadableCheckpointError) as raised:
         workdir_lib.load_for_inference(workdir)
@@ -317,6 +320,20 @@ def test_digests_are_written_for_each_saved_step_and_match(trained):
             "bytes": len(content),
             "sha256": hashlib.sha256(content).hexdigest(),
         }
+
+
+def test_a_step_without_digests_gets_them_once_no_save_is_in_progress(trained, tmp_path):
+    """What each log step of a run calls: a run killed after a save finished and before the next
+    one started left that (its newest) step without digests."""
+    workdir = tmp_path / "run"
+    shutil.copytree(trained["workdir"], workdir)
+    step_dir = workdir / "checkpoints" / "4"
+    recorded = (step_dir / digests.DIGEST_FILE).read_text()
+    (step_dir / digests.DIGEST_FILE).unlink()
+    manager = workdir_lib.make_manager(workdir)
+    checkpoint.write_finished_digests(manager)
+    manager.close()
+    assert (step_dir / digests.DIGEST_FILE).read_text() == recorded
 
 
 def test_inference_refuses_variables_that_are_not_finite(trained, tmp_path):
@@ -343,3 +360,34 @@ def test_inference_refuses_variables_that_are_not_finite(trained, tmp_path):
         f"checkpoint {step_dir} is unreadable: params/aspp/branch0/kernel: 3 of {kernel.size} "
         "values are not finite"
     )
+
+
+def test_a_step_that_cannot_be_read_for_permission_is_not_called_damaged(trained, tmp_path):
+    """A data file without read permission (no digests, so TensorStore meets it): a one-line
+    PermissionError naming the step, not `UnreadableCheckpointError`, which a resuming run would
+    answer by moving the whole step aside. Root ignores permission bits, so as root the read runs
+    without the capability that lets it."""
+    workdir = tmp_path / "run"
+    shutil.copytree(trained["workdir"], workdir)
+    step_dir = workdir / "checkpoints" / "4"
+    (step_dir / digests.DIGEST_FILE).unlink()
+    _largest_data_file(step_dir).chmod(0)
+    drop = "-dac_override,-dac_read_search"
+    as_user = []
+    if os.geteuid() == 0:
+        as_user = ["setpriv", "--bounding-set", drop, "--inh-caps", drop, "--"]
+    code = (
+        "import sys\nfrom focalnet_jax.run import workdir\n"
+        "try:\n    workdir.load_for_inference(sys.argv[1])\n"
+        "except Exception as error:\n    print(type(error).__name__, error.filename, error)\n"
+    )
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+    result = subprocess.run(
+        [*as_user, sys.executable, "-c", code, str(workdir)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    line = result.stdout.strip().splitlines()[-1]
+    assert line.startswith(
+        f"PermissionError {step_dir.resolve()} [Errno 13] PERMISSION_DENIED: "
+    ), result.stdout + result.stderr
+    assert "Error reading" in line

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 
 import numpy as np
@@ -275,3 +276,25 @@ def test_a_store_behind_a_symbolic_link_is_replaced_and_the_link_kept(tmp_path, 
         writer.add(_case("newer", 1), patient_id="p")
         writer.commit()
     assert open_store(tmp_path / "disk" / "store").case_ids == ["newer"]
+
+
+def test_a_full_disk_names_the_store_and_leaves_nothing(tmp_path):
+    """A write on a full disk (`/dev/full`: ENOSPC on flush) names no file; its one-line error
+    now names the store, and the temporary store is removed although each close fails again (it
+    stopped `abort` before its `rmtree`, leaving the half-written store to fill the disk)."""
+    from focalnet_jax.errors import is_user_error, naming_the_disk
+
+    out = tmp_path / "s"
+    with pytest.raises(OSError) as raised:
+        with naming_the_disk(out), StoreWriter(out, ("t2w", "adc"), SETTINGS) as writer:
+            writer.add(_case("a", 1), patient_id="p")
+            writer._files["images"].close()
+            writer._files["images"] = open("/dev/full", "wb")  # noqa: SIM115 (closed by abort)
+            writer.add(_case("b", 1), patient_id="p")
+            writer._files["images"].flush()
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(out)
+    assert is_user_error(raised.value)
+    assert str(raised.value) == f"[Errno 28] No space left on device: '{out}'"
+    assert list(tmp_path.iterdir()) == []
+    # Without a path it stays an internal error (its traceback shows where).
+    assert not is_user_error(OSError(errno.ENOSPC, "No space left on device"))

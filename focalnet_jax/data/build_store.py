@@ -35,7 +35,7 @@ from focalnet_jax.data.store import (
     write_errors,
 )
 from focalnet_jax.data.worker_pool import worker_results
-from focalnet_jax.errors import UserError, plural
+from focalnet_jax.errors import UserError, naming_the_disk, plural
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,10 @@ def preprocess_cases(
     settings = store_settings(cfg, components, slices)
     jobs = [(spec, cfg, slices) for spec in cases]
     workers = max(1, min(int(workers), len(jobs)))
-    with StoreWriter(out, components, settings, overwrite=overwrite) as writer:
+    with (
+        naming_the_disk(out),
+        StoreWriter(out, components, settings, overwrite=overwrite) as writer,
+    ):
         for error in errors:
             log.warning("skipping case %s: %s", error[0], error[2])
             writer.add_error(*error)

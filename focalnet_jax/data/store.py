@@ -21,6 +21,7 @@ place when complete; a later writer removes the leftovers of writers that died, 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -257,7 +258,8 @@ class StoreWriter:
 
     def abort(self) -> None:
         for f in self._files.values():
-            f.close()
+            with contextlib.suppress(OSError):  # a full disk fails the flush of close again
+                f.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 

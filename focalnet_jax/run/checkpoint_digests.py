@@ -5,8 +5,9 @@ Damaged content of the same size (a zeroed or overwritten block of an OCDBT data
 no look at the files: a block stored raw restores silently as other weights (zeros, NaN), a
 compressed one fails inside Orbax's concurrent reads with a traceback of hundreds of lines. The
 digests (`DIGEST_FILE` in the step folder: each file's size and SHA-256) name the damaged file
-before Orbax reads anything. A step saved without them (an older run, or a process killed between
-Orbax's commit and `write_missing`) is restored unchecked, as before.
+before Orbax reads anything. Training writes them at the first log step after a save is on disk
+(or at the next save, the end or the stop of the run); a step without them (an older run, or one
+killed before) is restored unchecked, as before.
 """
 
 from __future__ import annotations

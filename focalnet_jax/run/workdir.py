@@ -21,6 +21,7 @@ aside (`focalnet_jax.training.checkpoint.resume`).
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
@@ -261,16 +262,27 @@ def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = N
     try:
         return manager.restore(int(step), args=ocp.args.StandardRestore(abstract_state))
     except Exception as error:
-        damage = find_damage(step_dir) or _read_failure(error)
-        if damage is None:
-            raise
-        raise UnreadableCheckpointError(step_dir, damage) from error
+        if damage := find_damage(step_dir):
+            raise UnreadableCheckpointError(step_dir, damage) from error
+        failure = _read_failure(error)
+        status = failure and failure.split(":", 1)[0]
+        if status == "PERMISSION_DENIED":  # the user's to fix; the step is whole
+            raise PermissionError(errno.EACCES, failure, str(step_dir)) from error
+        if status in _DAMAGE_STATUS:
+            raise UnreadableCheckpointError(step_dir, failure) from error
+        raise
+
+
+# TensorStore's status codes of a read that found the stored content bad (a block that does not
+# decompress or decode); others (PERMISSION_DENIED, UNAVAILABLE, RESOURCE_EXHAUSTED, ...) are of
+# the environment, and the step is not damaged.
+_DAMAGE_STATUS = ("DATA_LOSS", "FAILED_PRECONDITION", "INVALID_ARGUMENT", "OUT_OF_RANGE")
 
 
 def _read_failure(error: BaseException) -> str | None:
-    """The first line of TensorStore's read error behind a failed restore (`Error reading "<array>"
-    in OCDBT database ...: <reason>`, e.g. a compressed block that no longer decompresses), or
-    None when the failure is not a read of the files."""
+    """The first line of TensorStore's read error behind a failed restore (`<STATUS>: Error
+    reading "<array>" in OCDBT database ...: <reason>`), or None when the failure is not a read
+    of the files."""
     while error is not None:
         line = str(error).split("\n", 1)[0]
         if isinstance(error, ValueError) and "Error reading" in line:

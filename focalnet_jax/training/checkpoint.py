@@ -37,6 +37,14 @@ def save(manager: ocp.CheckpointManager, step: int, state) -> None:
     manager.save(int(step), args=ocp.args.StandardSave(state))
 
 
+def write_finished_digests(manager: ocp.CheckpointManager) -> None:
+    """(Process 0) the content digests of each saved step without them, unless a save is still
+    being written (then at a later call): called at each log step, so that a run killed later
+    (SIGKILL, a lost node) leaves its newest step checked, not only at the next save."""
+    if jax.process_index() == 0 and not manager.is_saving_in_progress():
+        checkpoint_digests.write_missing(manager.directory)
+
+
 def finish_saves(manager: ocp.CheckpointManager) -> None:
     """Wait until every pending save is on disk, then (process 0) write the content digests of
     each saved step without them (`checkpoint_digests`), which `restore` checks."""

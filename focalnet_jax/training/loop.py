@@ -173,6 +173,8 @@ class _Logger:
 
     def train(self, done: int, metrics) -> None:
         self.check_finite(done)
+        with self.outside_steps():
+            checkpoint.write_finished_digests(self.manager)
         scalars = _scalars(metrics, self.spec.subsets)
         now = time.perf_counter()
         images = (done - self.last_step) * self.spec.global_batch
