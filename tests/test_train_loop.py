@@ -285,21 +285,23 @@ def test_training_loop_times_validation_and_checkpoints_outside_the_steps(tmp_pa
 
 
 def test_images_per_s_leaves_out_validation_and_checkpoint_time(tmp_path, monkeypatch):
-    """Batch 8, logs after steps 2 and 4; the clock reads 0 at the start, 1 at the first log,
-    1 -> 4 around a validation (3 s), 5 at the second log: each interval trained 16 images in
-    1 s of steps, so 16 images/s both times (counting the validation: 16 / 4 = 4)."""
+    """Batch 8, logs after steps 2 and 4. The loop's clock reads 0 at the start; each log writes
+    the checkpoint digests in 0.5 s (1 -> 1.5, 5.5 -> 6); a validation takes 3 s (1.5 -> 4.5).
+    Each interval trained 16 images in 1 s of steps: 16 images/s both times (counting the
+    validation and the digests, the second would be 16 / 4.5)."""
     import types
 
     from focalnet_jax.training import loop, sharding
     from focalnet_jax.training.tb_logging import SummaryWriter
 
-    clock = iter([0.0, 1.0, 1.0, 4.0, 5.0])
+    clock = iter([0.0, 1.0, 1.5, 1.5, 1.5, 4.5, 5.5, 6.0, 6.0])
     # The loop's own clock only: JAX reads `time.perf_counter` too (e.g. when it first compiles).
     monkeypatch.setattr(loop, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
     spec = types.SimpleNamespace(global_batch=8, subsets=())
     progress = types.SimpleNamespace(set_postfix=lambda **_: None)
     mesh, writer = sharding.make_mesh(), SummaryWriter(tmp_path / "tb")
-    logger = loop._Logger(spec, tmp_path, None, progress, start=0, mesh=mesh, writer=writer)
+    manager = workdir_lib.make_manager(tmp_path)
+    logger = loop._Logger(spec, tmp_path, manager, progress, start=0, mesh=mesh, writer=writer)
     written = []
     monkeypatch.setattr(logger.writer, "scalars", lambda step, values: written.append(values))
     logger.train(2, {"loss": np.float32(0.5)})
@@ -307,7 +309,9 @@ def test_images_per_s_leaves_out_validation_and_checkpoint_time(tmp_path, monkey
         pass
     logger.train(4, {"loss": np.float32(0.5)})
     logger.writer.close()
+    manager.close()
     assert [w["train/images_per_s"] for w in written] == [16.0, 16.0]
+    assert next(clock, None) is None  # every reading used: the digest writes were timed
 
 
 def test_resume_after_a_crash_past_the_last_checkpoint_drops_the_orphaned_events(tmp_path):
