@@ -64,19 +64,24 @@ class UserErrorExit(SystemExit):
         return self.line
 
 
-# Errors of the file system the user fixes: no space, no quota, a read-only mount.
-_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+# Errors of the file system the user fixes: no space, no quota, a read-only mount, a file size
+# limit (`ulimit -f`).
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
 
 
 def is_user_error(error: BaseException) -> bool:
     """Whether `error` is the user's to fix: a `UserError` (every error class of the package that
     means bad input subclasses it), a missing, clashing or unwritable file, a file where a folder
-    belongs (or the reverse), or a full or read-only disk where the error names the path (a
-    `write` or `close` names none: `naming_the_disk`)."""
-    file_errors = (FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError)
-    if isinstance(error, (UserError, *file_errors, IsADirectoryError)):
+    belongs (or the reverse), or a full or read-only disk (`DISK_ERRNOS`) where the error names
+    the path (a `write` or `close` names none: `naming_the_disk`)."""
+    if isinstance(error, UserError):
         return True
-    return isinstance(error, OSError) and error.errno in _DISK_ERRNOS and bool(error.filename)
+    file_errors = (FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError)
+    if isinstance(error, (*file_errors, IsADirectoryError)):
+        # The package's own message (no errno), or the system's naming the file; not a call on
+        # no file (`os.kill` of another user's process, a semaphore), which names nothing.
+        return error.errno is None or bool(error.filename)
+    return isinstance(error, OSError) and error.errno in DISK_ERRNOS and bool(error.filename)
 
 
 @contextlib.contextmanager
@@ -86,7 +91,7 @@ def naming_the_disk(path):
     try:
         yield
     except OSError as error:
-        if error.errno not in _DISK_ERRNOS or error.filename:
+        if error.errno not in DISK_ERRNOS or error.filename:
             raise
         raise OSError(error.errno, error.strerror, str(path)) from error
 

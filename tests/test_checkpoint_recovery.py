@@ -362,16 +362,30 @@ def test_inference_refuses_variables_that_are_not_finite(trained, tmp_path):
     )
 
 
-def test_a_step_that_cannot_be_read_for_permission_is_not_called_damaged(trained, tmp_path):
-    """A data file without read permission (no digests, so TensorStore meets it): a one-line
-    PermissionError naming the step, not `UnreadableCheckpointError`, which a resuming run would
-    answer by moving the whole step aside. Root ignores permission bits, so as root the read runs
-    without the capability that lets it."""
+def _unreadable_data(step_dir: Path) -> tuple[Path, str]:
+    """A data file without read permission, the digests removed (so TensorStore meets it)."""
+    (step_dir / digests.DIGEST_FILE).unlink()
+    _largest_data_file(step_dir).chmod(0)
+    return step_dir.resolve(), "Error reading"
+
+
+def _unreadable_manifest(step_dir: Path) -> tuple[Path, str]:
+    """The OCDBT manifest without read permission (read by the look for damage, first)."""
+    (step_dir / "default" / "manifest.ocdbt").chmod(0)
+    return step_dir.resolve() / "default", "manifest.ocdbt"
+
+
+@pytest.mark.parametrize("unreadable", [_unreadable_data, _unreadable_manifest])
+def test_a_step_that_cannot_be_read_for_permission_is_not_called_damaged(
+    trained, tmp_path, unreadable
+):
+    """A one-line PermissionError naming the step, not `UnreadableCheckpointError`, which a
+    resuming run would answer by moving the whole (intact) step aside. Root ignores permission
+    bits, so as root the read runs without the capability that lets it."""
     workdir = tmp_path / "run"
     shutil.copytree(trained["workdir"], workdir)
     step_dir = workdir / "checkpoints" / "4"
-    (step_dir / digests.DIGEST_FILE).unlink()
-    _largest_data_file(step_dir).chmod(0)
+    named, detail = unreadable(step_dir)
     drop = "-dac_override,-dac_read_search"
     as_user = []
     if os.geteuid() == 0:
@@ -387,7 +401,15 @@ def test_a_step_that_cannot_be_read_for_permission_is_not_called_damaged(trained
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     line = result.stdout.strip().splitlines()[-1]
-    assert line.startswith(
-        f"PermissionError {step_dir.resolve()} [Errno 13] PERMISSION_DENIED: "
-    ), result.stdout + result.stderr
-    assert "Error reading" in line
+    assert line.startswith(f"PermissionError {named}"), result.stdout + result.stderr
+    assert "[Errno 13] PERMISSION_DENIED: " in line and detail in line
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4"]
+
+
+def test_the_step_a_run_resumes_from_passes_its_digests(trained, tmp_path):
+    """`resumable_step` (the step the start checks hold the run to) skips a newest step whose
+    content no longer matches its digests, as the resume does."""
+    workdir, _ = _copy_with(trained, "resumable", _overwrite_data)
+    assert workdir_lib.find_damage(workdir / "checkpoints" / "4") is None
+    assert workdir_lib.resumable_step(workdir) == 2
+    assert workdir_lib.resumable_step(trained["workdir"]) == 4

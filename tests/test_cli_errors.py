@@ -49,6 +49,8 @@ def test_package_error_classes_are_user_errors():
         assert isinstance(error, UserError) and is_user_error(error)
     assert is_user_error(FileNotFoundError("x")) and is_user_error(FileExistsError("x"))
     assert is_user_error(PermissionError(13, "Permission denied", "out"))
+    assert is_user_error(OSError(errno.EFBIG, "File too large", "out/a.npy"))  # `ulimit -f`
+    assert not is_user_error(PermissionError(errno.EPERM, "Operation not permitted"))  # os.kill
     assert is_user_error(OSError(errno.ENOSPC, "No space left on device", "out/a.npy"))
     assert not is_user_error(OSError(errno.EIO, "Input/output error", "out/a.npy"))
     assert not is_user_error(ValueError("a bug")) and not is_user_error(KeyError("k"))

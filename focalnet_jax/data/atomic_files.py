@@ -18,19 +18,21 @@ from focalnet_jax.data.writer_folders import (
     target_folder,
     writer_folder,
 )
-from focalnet_jax.errors import UserError
+from focalnet_jax.errors import UserError, naming_the_disk
 
 
 @contextlib.contextmanager
 def replaced_atomically(path: str | os.PathLike):
     """Yields a temporary path beside `path` to write; renamed to `path` when the block ends
-    without an error, removed when it raises. Creates the parent folder."""
+    without an error, removed when it raises (a full or read-only disk names `path`). Creates the
+    parent folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        yield tmp
-        os.replace(tmp, path)
+        with naming_the_disk(path):
+            yield tmp
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -49,7 +49,8 @@ def _within(frame, file: str, functions: frozenset) -> bool:
 def _exit_on_sigterm(signum, frame) -> None:
     """In the pool's loop (`multiprocessing.pool.worker`), unwinds the worker (`SystemExit`: its
     locks released), after the message it is sending, if any (retried by SIGALRM every
-    `_RETRY_S`); elsewhere (exiting) ends it at once. A second SIGTERM ends it at once."""
+    `_RETRY_S`; a SIGTERM during the send is deferred the same way); elsewhere (exiting) ends it
+    at once. Once it has acted, SIGTERM takes its default action: a second one ends the worker."""
     if _within(frame, "connection.py", _SENDING):
         signal.signal(signal.SIGALRM, _exit_on_sigterm)
         signal.setitimer(signal.ITIMER_REAL, _RETRY_S)

@@ -254,7 +254,7 @@ def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = N
     step_dir = Path(manager.directory) / str(step)
     # Damage found by looking is reported before Orbax reads the step: a restore that fails half
     # way leaves its background I/O threads to fail noisily when the interpreter exits.
-    if damage := find_damage(step_dir) or checkpoint_digests.mismatch(step_dir):
+    if damage := step_damage(step_dir):
         raise UnreadableCheckpointError(step_dir, damage)
     # Checked before Orbax reads: its failed reads would also leave threads failing at exit.
     if mismatch := state_mismatch(step_dir, abstract_state):
@@ -352,6 +352,12 @@ def find_damage(step_dir: str | Path) -> str | None:
     return _ocdbt_damage(step_dir / ITEM_DIR)
 
 
+def step_damage(step_dir: Path) -> str | None:
+    """`"<file>: <reason>"` of a step folder's first damage found without reading its arrays
+    (`find_damage`, then the content digests of `checkpoint_digests`), or None."""
+    return find_damage(step_dir) or checkpoint_digests.mismatch(step_dir)
+
+
 def _ocdbt_damage(database: Path) -> str | None:
     """First missing or truncated file the OCDBT database at `database` refers to, or None."""
     try:
@@ -372,7 +378,10 @@ def _ocdbt_damage(database: Path) -> str | None:
                         if damage is not None:
                             return damage
     except ValueError as error:  # TensorStore errors name the file they could not decode
-        return f"{database.name}/: {str(error).split(' [tensorstore_spec', 1)[0]}"
+        reason = str(error).split(" [tensorstore_spec", 1)[0]
+        if reason.startswith("PERMISSION_DENIED"):  # the user's to fix; the step is whole
+            raise PermissionError(errno.EACCES, reason, f"{database}/") from error
+        return f"{database.name}/: {reason}"
     return None
 
 
@@ -431,11 +440,12 @@ def latest_step(workdir: str | Path) -> int | None:
 
 
 def resumable_step(workdir: str | Path) -> int | None:
-    """The newest checkpoint step of the run whose files look whole (`find_damage`; no array is
-    read): the step its resume starts from, unless reading that step fails; None: none."""
+    """The newest checkpoint step of the run whose files look whole and match their digests
+    (`step_damage`; no array is read): the step its resume starts from, unless reading that step
+    fails; None: none."""
     directory = (Path(workdir) / CHECKPOINT_DIR).resolve()
     steps = _saved_steps(workdir)
-    return next((step for step in steps if find_damage(directory / str(step)) is None), None)
+    return next((step for step in steps if step_damage(directory / str(step)) is None), None)
 
 
 def _no_checkpoint(workdir: Path) -> str:

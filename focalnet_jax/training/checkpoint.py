@@ -23,7 +23,7 @@ from jax.sharding import Mesh
 from focalnet_jax.errors import UserError
 from focalnet_jax.run import RunSpec, checkpoint_digests
 from focalnet_jax.run.workdir import CheckpointMismatchError, UnreadableCheckpointError, restore
-from focalnet_jax.training import train_state
+from focalnet_jax.training import save_failures, train_state
 
 CORRUPT_PREFIX = "corrupt-"
 
@@ -32,9 +32,12 @@ log = logging.getLogger(__name__)
 
 def save(manager: ocp.CheckpointManager, step: int, state) -> None:
     """Save `state` at `step` (asynchronous; `finish_saves` before exiting). The steps saved
-    before get their digests first (`finish_saves`)."""
+    before get their digests first (`finish_saves`). A full disk (or another environment failure
+    of this save or the one before) is an `OSError` naming the checkpoint folder
+    (`save_failures`)."""
     finish_saves(manager)
-    manager.save(int(step), args=ocp.args.StandardSave(state))
+    with save_failures.naming_the_checkpoint(manager.directory, f"saving checkpoint step {step}"):
+        manager.save(int(step), args=ocp.args.StandardSave(state))
 
 
 def write_finished_digests(manager: ocp.CheckpointManager) -> None:
@@ -47,8 +50,10 @@ def write_finished_digests(manager: ocp.CheckpointManager) -> None:
 
 def finish_saves(manager: ocp.CheckpointManager) -> None:
     """Wait until every pending save is on disk, then (process 0) write the content digests of
-    each saved step without them (`checkpoint_digests`), which `restore` checks."""
-    manager.wait_until_finished()
+    each saved step without them (`checkpoint_digests`), which `restore` checks. A save that
+    failed for the environment is an `OSError` naming the checkpoint folder (`save_failures`)."""
+    with save_failures.naming_the_checkpoint(manager.directory):
+        manager.wait_until_finished()
     if jax.process_index() == 0:
         checkpoint_digests.write_missing(manager.directory)
 

@@ -36,7 +36,13 @@ from focalnet_jax.errors import UserError
 from focalnet_jax.run import RunSpec
 from focalnet_jax.run import workdir as workdir_lib
 from focalnet_jax.run.spec import FoldSplit
-from focalnet_jax.training import checkpoint, group_failures, input_pipeline, sharding
+from focalnet_jax.training import (
+    checkpoint,
+    group_failures,
+    input_pipeline,
+    save_failures,
+    sharding,
+)
 from focalnet_jax.training import step as step_lib
 from focalnet_jax.training.graceful_stop import SigtermStop, TrainingStopped
 from focalnet_jax.training.tb_logging import SummaryWriter, read_scalars
@@ -319,6 +325,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     key = jax.random.key(config.seed)
     init_key, train_key = jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
     manager = workdir_lib.make_manager(workdir, keep=config.train.keep_checkpoints)
+    save_failures.quiet_background_failures()  # a full disk: one line, not Orbax's per-array logs
     state = checkpoint.resume_or_initialize(spec, manager, mesh, init_key)
     start = int(jax.device_get(state.step))  # the step `check_run_start` checked, or an older one
     validate_first = _missing_validation(
@@ -337,11 +344,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
                 spec, state, batches, split.val_rows, mesh, logger, train_key, lam, num_steps,
                 sigterm, validate_first,
             )  # fmt: skip
-        finally:
-            progress.close()
-            checkpoint.finish_saves(manager)
-            manager.close()
-            logger.writer.close()
+        except BaseException:
+            _close(progress, manager, logger.writer, failing=True)
+            raise
+        _close(progress, manager, logger.writer, failing=False)
         # Complete: the last checkpoint is on disk, the logs closed. A SIGTERM since the last
         # step's check (its checkpoint, validation, these writes) says so (`graceful_stop`).
         if sigterm.stop_now(agreement_point=True):
@@ -379,6 +385,22 @@ def _missing_validation(
     if jax.process_count() > 1:
         missing = bool(multihost_utils.broadcast_one_to_all(np.bool_(missing)))
     return missing
+
+
+def _close(progress, manager, writer, *, failing: bool) -> None:
+    """Finish the pending checkpoint writes, close the manager and the event files. `failing`
+    (the run is ending on an error): a failure here is logged, not raised over that error (a full
+    disk fails the pending save again)."""
+    progress.close()
+    try:
+        checkpoint.finish_saves(manager)
+    except Exception as error:
+        if not failing:
+            raise
+        log.debug("pending checkpoint writes failed too: %s", error)
+    finally:
+        manager.close()
+        writer.close()
 
 
 def _save(logger: _Logger, saved: set, done: int, state) -> None:
