@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 import traceback
+from pathlib import Path
 
 
 class UserError(ValueError):
@@ -85,15 +86,33 @@ def is_user_error(error: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def naming_the_disk(path):
+def naming_the_disk(path, temporary=None):
     """A full disk, quota or read-only mount met in the block by a call that names no file (a
-    `write` or `close`) is raised again naming `path`, the output being written."""
+    `write` or `close`) is raised again naming `path`, the output being written; one naming a
+    file in (or at) `temporary`, where `path` is written before its rename, names that file at
+    `path` instead (the temporary name is gone by the time the user reads it)."""
     try:
         yield
     except OSError as error:
-        if error.errno not in DISK_ERRNOS or error.filename:
+        if error.errno not in DISK_ERRNOS:
             raise
-        raise OSError(error.errno, error.strerror, str(path)) from error
+        named = _output_name(error.filename, path, temporary)
+        if named is None:
+            raise
+        raise OSError(error.errno, error.strerror, named) from error
+
+
+def _output_name(filename, path, temporary) -> str | None:
+    """`path` for an error naming no file, the file's name at `path` for one in `temporary`,
+    None for another file (it names itself)."""
+    if not filename:
+        return str(path)
+    if temporary is None:
+        return None
+    try:
+        return str(Path(path) / Path(filename).relative_to(temporary))
+    except ValueError:
+        return None
 
 
 @contextlib.contextmanager

@@ -30,7 +30,7 @@ def replaced_atomically(path: str | os.PathLike):
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with naming_the_disk(path):
+        with naming_the_disk(path, tmp):
             yield tmp
             os.replace(tmp, path)
     finally:
@@ -52,7 +52,8 @@ def replaced_folder(path: str | os.PathLike, writer: str = "focalnet"):
     (`writer_folders.swap_in`: an existing `path` is replaced whole, the old one removed after the
     rename; a process killed between the two renames leaves the old one aside, and the next
     `replaced_folder` of `path` moves it back first). When the block raises, the temporary folder
-    is removed, so are the parent folders it created, and `path` stays as it was. Leftovers of
+    is removed, so are the parent folders it created, and `path` stays as it was (a full disk
+    names `path`, or the file being written there: `errors.naming_the_disk`). Leftovers of
     writers of `path` that died are removed first (`writer`, the command, names them in the log).
     A symbolic link `path` is kept and the folder it points to replaced (`target_folder`).
     """
@@ -65,7 +66,8 @@ def replaced_folder(path: str | os.PathLike, writer: str = "focalnet"):
     tmp.mkdir(mode=0o755)
     done = False
     try:
-        yield tmp
+        with naming_the_disk(path, tmp):
+            yield tmp
         old = swap_in(tmp, path)
         done = True
         if old is not None:
