@@ -31,6 +31,7 @@ from test_train_helpers import (
 )
 
 from focalnet_jax.errors import UserError
+from focalnet_jax.run import checkpoint_damage
 from focalnet_jax.run import checkpoint_digests as digests
 from focalnet_jax.run import workdir as workdir_lib
 from focalnet_jax.training import checkpoint, train_and_evaluate
@@ -145,7 +146,7 @@ def test_two_processes_move_the_damaged_step_aside_once_and_resume(trained, tmp_
     # Moved once, nothing deleted; the new step 4 holds the final parameters.
     assert sorted(p.name for p in checkpoints.iterdir()) == ["2", "4", "corrupt-4"]
     assert (aside / "default" / "_METADATA").exists()
-    assert workdir_lib.find_damage(aside).startswith(expected)
+    assert checkpoint_damage.find_damage(aside).startswith(expected)
     manager = workdir_lib.make_manager(workdir, read_only=True)
     assert manager.all_steps() == [2, 4]
     manager.close()
@@ -251,7 +252,7 @@ def test_resume_without_config_json_names_the_arrays_that_differ(trained, tmp_pa
 def test_inference_loading_names_the_file_and_reason(trained, tmp_path, damage, reason):
     workdir = tmp_path / "run"
     shutil.copytree(trained["workdir"], workdir)
-    assert workdir_lib.find_damage(workdir / "checkpoints" / "4") is None  # intact before
+    assert checkpoint_damage.find_damage(workdir / "checkpoints" / "4") is None  # intact before
     damage(workdir / "checkpoints" / "4")
     step_dir = (workdir / "checkpoints" / "4").resolve()
     with pytest.raises(workdir_lib.UnreadableCheckpointError) as raised:
@@ -297,7 +298,7 @@ def test_a_step_saved_without_digests_fails_its_read_in_one_line(trained, tmp_pa
         data = bytearray(path.read_bytes())
         data[len(data) // 2 : len(data) // 2 + 4096] = bytes(len(data[len(data) // 2 :][:4096]))
         path.write_bytes(bytes(data))
-    assert workdir_lib.find_damage(step_dir) is None  # nothing to see by looking
+    assert checkpoint_damage.find_damage(step_dir) is None  # nothing to see by looking
     with pytest.raises(workdir_lib.UnreadableCheckpointError) as raised:
         workdir_lib.load_for_inference(workdir)
     message = str(raised.value)
@@ -410,6 +411,6 @@ def test_the_step_a_run_resumes_from_passes_its_digests(trained, tmp_path):
     """`resumable_step` (the step the start checks hold the run to) skips a newest step whose
     content no longer matches its digests, as the resume does."""
     workdir, _ = _copy_with(trained, "resumable", _overwrite_data)
-    assert workdir_lib.find_damage(workdir / "checkpoints" / "4") is None
+    assert checkpoint_damage.find_damage(workdir / "checkpoints" / "4") is None
     assert workdir_lib.resumable_step(workdir) == 2
     assert workdir_lib.resumable_step(trained["workdir"]) == 4

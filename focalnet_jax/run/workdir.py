@@ -15,7 +15,7 @@ warning naming the file and that folder where the path is not there (`read_confi
 Damaged checkpoints: a step whose files show the damage (a missing, empty or truncated file,
 invalid JSON metadata, content that differs from its digests at save time: `checkpoint_digests`),
 or whose arrays TensorStore fails to read, raises `UnreadableCheckpointError` naming the step
-folder, the file and the reason (`restore`, `find_damage`); a resuming run moves such a step
+folder, the file and the reason (`restore`, `checkpoint_damage`); a resuming run moves such a step
 aside (`focalnet_jax.training.checkpoint.resume`).
 """
 
@@ -32,24 +32,21 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
-import tensorstore as ts
 
 from focalnet_jax.data.atomic_files import replaced_atomically
 from focalnet_jax.data.store import flat_settings
 from focalnet_jax.errors import UserError
-from focalnet_jax.run import checkpoint_digests
+from focalnet_jax.run import checkpoint_damage
+from focalnet_jax.run.checkpoint_damage import ITEM_DIR
 from focalnet_jax.run.spec import DATA_AXIS, RunSpec
 
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
-ITEM_DIR = "default"  # the folder of the train state inside a step folder (Orbax's single item)
+
+
 # The JSON files Orbax writes into a step folder (relative paths; globs allowed).
-_JSON_FILES = ("_CHECKPOINT_METADATA", f"{ITEM_DIR}/_METADATA", f"{ITEM_DIR}/_sharding")
-_REQUIRED_FILES = (f"{ITEM_DIR}/_METADATA", f"{ITEM_DIR}/manifest.ocdbt")
-
-
 class UnreadableCheckpointError(UserError):
     """A checkpoint step folder that cannot be restored: damaged files (message names them)."""
 
@@ -254,7 +251,7 @@ def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = N
     step_dir = Path(manager.directory) / str(step)
     # Damage found by looking is reported before Orbax reads the step: a restore that fails half
     # way leaves its background I/O threads to fail noisily when the interpreter exits.
-    if damage := step_damage(step_dir):
+    if damage := checkpoint_damage.step_damage(step_dir):
         raise UnreadableCheckpointError(step_dir, damage)
     # Checked before Orbax reads: its failed reads would also leave threads failing at exit.
     if mismatch := state_mismatch(step_dir, abstract_state):
@@ -262,33 +259,15 @@ def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = N
     try:
         return manager.restore(int(step), args=ocp.args.StandardRestore(abstract_state))
     except Exception as error:
-        if damage := find_damage(step_dir):
+        if damage := checkpoint_damage.find_damage(step_dir):
             raise UnreadableCheckpointError(step_dir, damage) from error
-        failure = _read_failure(error)
+        failure = checkpoint_damage.read_failure(error)
         status = failure and failure.split(":", 1)[0]
         if status == "PERMISSION_DENIED":  # the user's to fix; the step is whole
             raise PermissionError(errno.EACCES, failure, str(step_dir)) from error
-        if status in _DAMAGE_STATUS:
+        if status in checkpoint_damage.DAMAGE_STATUS:
             raise UnreadableCheckpointError(step_dir, failure) from error
         raise
-
-
-# TensorStore's status codes of a read that found the stored content bad (a block that does not
-# decompress or decode); others (PERMISSION_DENIED, UNAVAILABLE, RESOURCE_EXHAUSTED, ...) are of
-# the environment, and the step is not damaged.
-_DAMAGE_STATUS = ("DATA_LOSS", "FAILED_PRECONDITION", "INVALID_ARGUMENT", "OUT_OF_RANGE")
-
-
-def _read_failure(error: BaseException) -> str | None:
-    """The first line of TensorStore's read error behind a failed restore (`<STATUS>: Error
-    reading "<array>" in OCDBT database ...: <reason>`), or None when the failure is not a read
-    of the files."""
-    while error is not None:
-        line = str(error).split("\n", 1)[0]
-        if isinstance(error, ValueError) and "Error reading" in line:
-            return line
-        error = error.__cause__ or error.__context__
-    return None
 
 
 def _leaf_name(path) -> str:
@@ -330,72 +309,6 @@ def state_mismatch(step_dir: str | Path, abstract_state, shown: int = 3) -> str 
     return f"{len(differences)} of {len(wanted)} arrays differ in name or shape, e.g. " + "; ".join(
         differences[:shown]
     )
-
-
-def find_damage(step_dir: str | Path) -> str | None:
-    """`"<file>: <reason>"` for the first damaged file of an Orbax step folder, or None when its
-    files look whole (a missing or empty file, invalid JSON metadata, an OCDBT data file shorter
-    than the data it is said to hold)."""
-    step_dir = Path(step_dir)
-    for name in _REQUIRED_FILES:
-        if not (step_dir / name).is_file():
-            return f"{name}: missing"
-    for path in sorted(p for p in step_dir.rglob("*") if p.is_file()):
-        if path.stat().st_size == 0:
-            return f"{path.relative_to(step_dir)}: empty file (0 bytes)"
-    json_files = [*_JSON_FILES, f"{ITEM_DIR}/array_metadatas/*"]
-    for path in sorted(p for pattern in json_files for p in step_dir.glob(pattern)):
-        try:
-            json.loads(path.read_bytes())
-        except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
-            return f"{path.relative_to(step_dir)}: invalid JSON ({error})"
-    return _ocdbt_damage(step_dir / ITEM_DIR)
-
-
-def step_damage(step_dir: Path) -> str | None:
-    """`"<file>: <reason>"` of a step folder's first damage found without reading its arrays
-    (`find_damage`, then the content digests of `checkpoint_digests`), or None."""
-    return find_damage(step_dir) or checkpoint_digests.mismatch(step_dir)
-
-
-def _ocdbt_damage(database: Path) -> str | None:
-    """First missing or truncated file the OCDBT database at `database` refers to, or None."""
-    try:
-        kvstore = ts.KvStore.open({"driver": "file", "path": f"{database}/"}).result()
-        manifest = ts.ocdbt.dump(kvstore).result()
-        pending = [v["root"]["location"] for v in manifest["versions"] if "location" in v["root"]]
-        while pending:
-            location = pending.pop()
-            damage = _reference_damage(database, location)
-            if damage is not None:
-                return damage
-            for entry in ts.ocdbt.dump(kvstore, location).result()["entries"]:
-                for value in entry.values():
-                    if isinstance(value, str) and value.startswith("btreenode:"):
-                        pending.append(value)
-                    elif isinstance(value, str) and value.startswith("value:"):
-                        damage = _reference_damage(database, value)
-                        if damage is not None:
-                            return damage
-    except ValueError as error:  # TensorStore errors name the file they could not decode
-        reason = str(error).split(" [tensorstore_spec", 1)[0]
-        if reason.startswith("PERMISSION_DENIED"):  # the user's to fix; the step is whole
-            raise PermissionError(errno.EACCES, reason, f"{database}/") from error
-        return f"{database.name}/: {reason}"
-    return None
-
-
-def _reference_damage(database: Path, location: str) -> str | None:
-    """Damage of one OCDBT reference `kind:<base>:<file>:<offset>:<length>`, or None."""
-    head, file, offset, length = location.rsplit(":", 3)
-    path = database / head.split(":", 1)[1] / file
-    name = path.relative_to(database.parent)
-    if not path.is_file():
-        return f"{name}: missing"
-    size, end = path.stat().st_size, int(offset) + int(length)
-    if size < end:
-        return f"{name}: truncated ({size} bytes; the checkpoint refers to bytes up to {end})"
-    return None
 
 
 def _abstract_checkpoint(spec: RunSpec) -> dict:
@@ -445,7 +358,10 @@ def resumable_step(workdir: str | Path) -> int | None:
     fails; None: none."""
     directory = (Path(workdir) / CHECKPOINT_DIR).resolve()
     steps = _saved_steps(workdir)
-    return next((step for step in steps if step_damage(directory / str(step)) is None), None)
+    return next(
+        (step for step in steps if checkpoint_damage.step_damage(directory / str(step)) is None),
+        None,
+    )
 
 
 def _no_checkpoint(workdir: Path) -> str:
