@@ -35,7 +35,7 @@ import result_line  # benchmarks/result_line.py (the script directory)
 
 from focalnet_jax.config_loading import load_config
 from focalnet_jax.data import preprocess_case
-from focalnet_jax.data.io import write_image
+from focalnet_jax.data.image_writing import write_image
 from focalnet_jax.data.synth import SynthConfig, synth_case
 from focalnet_jax.evaluation.ensemble import make_ensemble
 from focalnet_jax.evaluation.inference import Predictor

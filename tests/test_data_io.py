@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from focalnet_jax.data.io import CaseError, read_image, write_image, xyz, zyx
+from focalnet_jax.data.image_writing import write_image
+from focalnet_jax.data.io import CaseError, read_image, xyz, zyx
 
 
 def _volume(shape_zyx=(4, 6, 5)):

@@ -11,7 +11,7 @@ import SimpleITK as sitk
 
 from focalnet_jax.cli import main
 from focalnet_jax.data import preprocess_case
-from focalnet_jax.data.io import write_image
+from focalnet_jax.data.image_writing import write_image
 from focalnet_jax.data.layouts import CaseSpec, LayoutError, read_manifest, write_manifest
 from focalnet_jax.data.store import open_store
 

@@ -10,7 +10,8 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from focalnet_jax.data import intensity, preprocess_case
-from focalnet_jax.data.io import CaseError, write_image
+from focalnet_jax.data.image_writing import write_image
+from focalnet_jax.data.io import CaseError
 from focalnet_jax.data.synth import Lesion, SynthConfig, synth_case
 
 FINDING = (25.7457, 31.8707, -38.511)  # ProstateX-0000 finding 1, LPS mm, GS 4+3 (README)

@@ -175,7 +175,8 @@ def test_predict_on_a_y_flipped_nifti_equals_predict_on_the_dicom(
     # The same exam as a dcm2niix-style NIfTI (rows stored anterior to posterior: direction
     # (1, -1, 1)): the model sees the same crop, so the maps are the DICOM maps on the flipped
     # grid, and the detections sit at the same world points. (The crop used to be upside down.)
-    from focalnet_jax.data.io import read_image, write_image
+    from focalnet_jax.data.image_writing import write_image
+    from focalnet_jax.data.io import read_image
 
     flipped = sitk.Flip(read_image(exam_components["t2w"]), [False, True, False])
     write_image(flipped, tmp_path / "t2w.nii.gz")
@@ -259,7 +260,8 @@ def test_predict_leaves_out_the_t2w_slices_a_shorter_dwi_slab_misses(
     # An ADC slab shorter than the T2w's (here its 3 caudal slices cut off) is common in clinical
     # exams; the whole exam used to be refused ("adc covers 89.5 % of the crop"). Now the T2w
     # slices the ADC covers are predicted, as with the whole ADC, and the others hold 0.
-    from focalnet_jax.data.io import read_image, write_image
+    from focalnet_jax.data.image_writing import write_image
+    from focalnet_jax.data.io import read_image
     from focalnet_jax.evaluation.predict import predict_exam
 
     short = tmp_path / "adc_short.mha"

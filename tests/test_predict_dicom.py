@@ -23,7 +23,8 @@ import SimpleITK as sitk
 from cli_calls import cli_error, run_cli
 
 from focalnet_jax.data import preprocess_case
-from focalnet_jax.data.io import CaseError, write_image
+from focalnet_jax.data.image_writing import write_image
+from focalnet_jax.data.io import CaseError
 from focalnet_jax.data.layouts import CaseSpec
 from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation.batch_predict import predict_cases

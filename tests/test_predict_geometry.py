@@ -13,7 +13,7 @@ import pytest
 import SimpleITK as sitk
 
 from focalnet_jax.data import preprocess_case
-from focalnet_jax.data.io import write_image
+from focalnet_jax.data.image_writing import write_image
 from focalnet_jax.evaluation import figures
 from focalnet_jax.evaluation.predict import write_exam_outputs
 

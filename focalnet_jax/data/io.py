@@ -365,10 +365,3 @@ def check_placed(images: Mapping[str, sitk.Image], paths: Mapping, case: str) ->
         f"not where the scanner put it) and {other} lies on another grid, so the two cannot be "
         "aligned by scanner coordinates; convert the series with their geometry (e.g. dcm2niix)",
     )
-
-
-def write_image(image: sitk.Image, path: str | os.PathLike) -> None:
-    """Write an image (compressed for `.nii.gz` / `.mha`), creating parent folders."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sitk.WriteImage(image, str(path), useCompression=True)

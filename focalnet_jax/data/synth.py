@@ -36,7 +36,8 @@ import SimpleITK as sitk
 from tqdm import tqdm
 
 from focalnet_jax.data.atomic_files import check_replaceable, replaced_folder
-from focalnet_jax.data.io import write_image, xyz
+from focalnet_jax.data.image_writing import write_image
+from focalnet_jax.data.io import xyz
 from focalnet_jax.data.layouts import check_components
 from focalnet_jax.data.synth_render import (
     COMPONENTS,

@@ -34,6 +34,7 @@ import SimpleITK as sitk
 
 from focalnet_jax.data import preprocess_case
 from focalnet_jax.data.atomic_files import check_output_folder, replaced_folder
+from focalnet_jax.data.image_writing import write_image
 from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation import figures
 from focalnet_jax.evaluation.detection_map import CandidateSettings, detection_map_image
@@ -225,8 +226,7 @@ def write_exam_outputs(
     )
     written = []
     for name, image in maps.items():
-        written.append(out_dir / f"{name}.nii.gz")
-        sitk.WriteImage(image, str(written[-1]))
+        written.append(write_image(image, out_dir / f"{name}.nii.gz"))
 
     detections = local_maxima(scores, case.spacing, radius_mm=radius_mm, min_score=min_score)
     shown = detections.scores[:, 0] >= threshold
