@@ -3,28 +3,15 @@ ITK's NIfTI writer left a short `.nii.gz` that read back as zeros, reporting it 
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import resource
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from file_size_limit import file_size_limit
 
 from focalnet_jax.data.image_writing import write_image
 from focalnet_jax.errors import is_user_error
-
-
-@contextlib.contextmanager
-def _file_size_limit(size: int):
-    """This process's files may not grow past `size` bytes (`ulimit -f`; Python ignores
-    SIGXFSZ, so a write past it fails with EFBIG)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
 
 
 @pytest.mark.parametrize("name", ["scores.nii.gz", "scores.nii", "scores.mha"])
@@ -32,7 +19,7 @@ def test_a_write_cut_short_is_an_error_naming_the_file(tmp_path, name):
     rng = np.random.default_rng(0)
     image = sitk.GetImageFromArray(rng.random((20, 64, 64), dtype=np.float32))  # 320 KiB
     path = tmp_path / name
-    with _file_size_limit(64 * 1024), pytest.raises(OSError) as raised:
+    with file_size_limit(64 * 1024), pytest.raises(OSError) as raised:
         write_image(image, path)
     assert (raised.value.errno, raised.value.filename) == (errno.EFBIG, str(path))
     assert is_user_error(raised.value)

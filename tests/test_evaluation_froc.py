@@ -488,6 +488,6 @@ def test_montage_draws_a_lesion_of_unknown_grade_apart_from_gs_3_4(tmp_path, mon
         legends.append([t.get_text() for t in fig.legends[0].get_texts()])
         return out
 
-    monkeypatch.setattr(figures, "_save", keep_legend)
+    monkeypatch.setattr(figures, "save_png", keep_legend)
     figures.montage_figure(tmp_path / "m.png", [column])
     assert legends[0] == [*figures.GS_NAMES.values(), "csPCa, GS unknown", "detection"]

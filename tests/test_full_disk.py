@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import subprocess
 import sys
 
 import pytest
+from file_size_limit import file_size_limit
 from test_train_helpers import REPO, TINY, small_synthetic_store
 
 from focalnet_jax.errors import one_line_user_errors
@@ -168,3 +170,116 @@ def test_a_full_disk_names_the_output_not_its_temporary_name(tmp_path):
         with replaced_folder(out):
             raise elsewhere
     assert raised.value is elsewhere
+
+
+_EVENTS_ON_A_FULL_DISK = """
+import resource, sys
+import numpy as np
+from focalnet_jax.training.tb_logging import SummaryWriter
+
+writer = SummaryWriter(sys.argv[1], enabled=True)
+resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+rng = np.random.default_rng(0)
+for step in range(50):
+    try:
+        writer.image(step, "panel", rng.random((64, 64)))
+        writer.flush()
+    except OSError as error:
+        print("flush", error.errno, error.filename)
+        break
+try:
+    writer.close()
+except OSError as error:
+    print("close", error.errno, error.filename)
+"""
+
+
+def test_events_past_the_disk_name_their_folder_and_print_no_thread_traceback(tmp_path):
+    """The event writer's thread fails on the disk: the next flush and the close raise it naming
+    the events folder (they named no file), and the thread's own traceback is not printed."""
+    logdir = tmp_path / "tb"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run(
+        [sys.executable, "-c", _EVENTS_ON_A_FULL_DISK, str(logdir)],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"flush {errno.EFBIG} {logdir}\nclose {errno.EFBIG} {logdir}\n"
+    assert result.stderr == ""
+
+
+def test_closing_a_failing_run_raises_nothing_over_its_error(tmp_path):
+    """A run ending on an error closes its checkpoint manager and event file without raising
+    their own failure (a full disk fails the event file's flush again) over that error; a run
+    ending well raises the first failure after closing everything."""
+    from tqdm import tqdm
+
+    from focalnet_jax.run import workdir as workdir_lib
+    from focalnet_jax.training import loop
+    from focalnet_jax.training.tb_logging import SummaryWriter
+
+    for failing in (True, False):
+        run = tmp_path / f"failing_{failing}"
+        manager = workdir_lib.make_manager(run)
+        writer = SummaryWriter(run / "tb", enabled=True)
+        with file_size_limit(0):
+            writer.scalars(1, {"train/loss": 0.5})  # its thread fails writing it
+            if failing:
+                loop._close(tqdm(disable=True), manager, writer, failing=True)
+            else:
+                with pytest.raises(OSError) as raised:
+                    loop._close(tqdm(disable=True), manager, writer, failing=False)
+                assert (raised.value.errno, raised.value.filename) == (
+                    errno.EFBIG,
+                    str(run / "tb"),
+                )
+        assert writer.close() is None  # closed: left as it is, even on the full disk
+
+
+def test_only_an_environment_failure_or_its_explicit_cause_is_renamed_or_hidden(caplog):
+    """A bug raised while handling an environment failure is not that failure; TensorStore's
+    status text counts only as such (not any text naming an `os_error_code`), and only error
+    records of one are kept off the console."""
+    denied = PermissionError(errno.EACCES, "Permission denied")
+    try:
+        try:
+            raise denied
+        except PermissionError:
+            raise KeyError("a bug while handling it")  # noqa: B904
+    except KeyError as error:
+        bug = error
+    assert save_failures.environment_errno(bug) is None
+    try:
+        raise RuntimeError("the save thread failed") from denied
+    except RuntimeError as error:
+        assert save_failures.environment_errno(error) == errno.EACCES
+    unrelated = ValueError("the config says os_error_code='13'")
+    assert save_failures.environment_errno(unrelated) is None
+
+    full = (
+        'RESOURCE_EXHAUSTED: Error writing local file "/w/x": Failed to write 98 bytes to file '
+        "14: No space left on device [os_error_code='28']"
+    )
+    save_failures.quiet_background_failures()
+    absl = logging.getLogger("absl")
+    with caplog.at_level(logging.DEBUG, logger="absl"):
+        absl.error("thread raised an exception: %s", full)
+        absl.warning("retrying: %s", full)
+        absl.error("%s", unrelated)
+        absl.error("the commit failed", exc_info=bug)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"retrying: {full}",
+        str(unrelated),
+        "the commit failed",
+    ]
+
+
+def test_a_figure_past_the_disk_names_its_file_and_leaves_none(tmp_path):
+    """`study report`'s figures are written atomically; a full disk names the figure."""
+    from focalnet_jax.study import figures
+
+    path = tmp_path / "report" / "metrics.png"
+    with file_size_limit(1024), pytest.raises(OSError) as raised:
+        figures.box_strip(path, {"auroc": {"fl": [0.7, 0.8], "ce": [0.6, 0.65]}})
+    assert (raised.value.errno, raised.value.filename) == (errno.EFBIG, str(path))
+    assert list(path.parent.iterdir()) == []

@@ -89,7 +89,7 @@ def froc_figure(path: str | Path, panels: Mapping[str, Mapping[str, Curve]]) -> 
         ax.grid(True, which="both", alpha=0.3)
         if curves:
             ax.legend(loc="lower right", fontsize="small")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def roc_figure(path: str | Path, panels: Mapping[str, Mapping[str, Curve]]) -> Path:
@@ -107,7 +107,7 @@ def roc_figure(path: str | Path, panels: Mapping[str, Mapping[str, Curve]]) -> P
         ax.set_title(title)
         if curves:
             ax.legend(loc="lower right", fontsize="small")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def montage_figure(path: str | Path, cases: Sequence[MontageCase]) -> Path:
@@ -141,7 +141,7 @@ def montage_figure(path: str | Path, cases: Sequence[MontageCase]) -> Path:
     )
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize="small")
     fig.subplots_adjust(bottom=0.12)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def _unknown_grade(case: MontageCase) -> np.ndarray:
@@ -150,12 +150,12 @@ def _unknown_grade(case: MontageCase) -> np.ndarray:
     return case.unknown_grade
 
 
-def _save(fig, path: str | Path) -> Path:
-    """Writes `fig` to the PNG `path` atomically (a killed write leaves no half image) and closes
-    it."""
+def save_png(fig, path: str | Path, dpi: int = 100) -> Path:
+    """Writes `fig` to the PNG `path` atomically (a killed write leaves no half image; a full disk
+    names `path`), creating its folder, and closes it."""
     try:
         with replaced_atomically(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+            fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
     finally:
         plt.close(fig)
     return Path(path)
@@ -190,4 +190,4 @@ def overlay_figure(path: str | Path, panels: Sequence[OverlayPanel]) -> Path:
         ax.set_title(panel.title, fontsize="small")
         ax.axis("off")
     fig.colorbar(image, ax=list(axes[0]), shrink=0.8, label="P(lesion)")
-    return _save(fig, path)
+    return save_png(fig, path)

@@ -21,11 +21,8 @@ FP_GRID = np.geomspace(eval_figures.FP_RANGE[0], eval_figures.FP_RANGE[1], 400)
 
 
 def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return eval_figures.save_png(fig, path, dpi=120)
 
 
 def box_strip(path: Path, metrics: Mapping[str, Mapping[str, Sequence[float]]]) -> Path:

@@ -169,7 +169,7 @@ class _Logger:
     def check_finite(self, step: int) -> None:
         bad = int(jax.device_get(self.first_bad))
         if bad >= 0:
-            self.manager.wait_until_finished()
+            checkpoint.finish_saves(self.manager)
             latest = self.manager.latest_step()
             kept = f"step {latest}" if latest is not None else "none yet"
             raise NonFiniteLossError(
@@ -390,17 +390,24 @@ def _missing_validation(
 def _close(progress, manager, writer, *, failing: bool) -> None:
     """Finish the pending checkpoint writes, close the manager and the event files. `failing`
     (the run is ending on an error): a failure here is logged, not raised over that error (a full
-    disk fails the pending save again)."""
+    disk fails the pending save and the events' flush again); else each step is still taken after
+    a failure, the first of which is raised."""
     progress.close()
-    try:
-        checkpoint.finish_saves(manager)
-    except Exception as error:
-        if not failing:
-            raise
-        log.debug("pending checkpoint writes failed too: %s", error)
-    finally:
-        manager.close()
-        writer.close()
+    first = None
+    for what, close in (
+        ("pending checkpoint writes", lambda: checkpoint.finish_saves(manager)),
+        ("closing the checkpoint manager", manager.close),
+        ("closing the event file", writer.close),
+    ):
+        try:
+            close()
+        except Exception as error:
+            if failing or first is not None:
+                log.debug("%s failed too: %s", what, error)
+            else:
+                first = error
+    if first is not None:
+        raise first
 
 
 def _save(logger: _Logger, saved: set, done: int, state) -> None:

@@ -25,22 +25,33 @@ from focalnet_jax.errors import DISK_ERRNOS
 
 # The errnos of an environment the user fixes: disk space, quota, read-only, size limit, permission.
 ENVIRONMENT_ERRNOS = DISK_ERRNOS | {errno.EACCES}
-_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
+# TensorStore's status text of a failed file operation, e.g.
+# `RESOURCE_EXHAUSTED: Error writing local file "...": ... [os_error_code='28']`
+_TENSORSTORE_OS_ERROR = re.compile(
+    r"\b[A-Z]+(?:_[A-Z]+)*: Error .*\[os_error_code='?(\d+)'?\]", re.S
+)
 _BACKGROUND_LOGGERS = ("absl", "asyncio")  # Orbax's save threads; its asyncio tasks
 
 
+def _text_errno(text: str) -> int | None:
+    match = _TENSORSTORE_OS_ERROR.search(text)
+    return int(match.group(1)) if match else None
+
+
 def environment_errno(error: BaseException | None) -> int | None:
-    """The errno (`ENVIRONMENT_ERRNOS`) of an environment failure in `error` or the exceptions it
-    came from (an `OSError`, or TensorStore's error text with its `os_error_code`), else None."""
+    """The errno (`ENVIRONMENT_ERRNOS`) of an environment failure that is `error` or its explicit
+    cause (`raise ... from`), at any depth: an `OSError`, or TensorStore's status text of a
+    failed file operation with its `os_error_code`. Else None: an error raised while handling an
+    environment failure (its `__context__`) is another failure, not renamed."""
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
         code = error.errno if isinstance(error, OSError) else None
-        if code is None and (match := _OS_ERROR_CODE.search(str(error))):
-            code = int(match.group(1))
+        if code is None:
+            code = _text_errno(str(error))
         if code in ENVIRONMENT_ERRNOS:
             return code
-        error = error.__cause__ or error.__context__
+        error = error.__cause__
     return None
 
 
@@ -58,14 +69,16 @@ def naming_the_checkpoint(directory: str | Path, what: str = "saving a checkpoin
 
 
 class _EnvironmentFailureFilter(logging.Filter):
-    """Drops the log records of an environment failure (in their message or exception)."""
+    """Drops the error records of an environment failure (`environment_errno` of the record's
+    exception, or TensorStore's status text of one in its message); keeps all others."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
         error = record.exc_info[1] if record.exc_info else None
         if environment_errno(error) is not None:
             return False
-        match = _OS_ERROR_CODE.search(record.getMessage())
-        return not (match and int(match.group(1)) in ENVIRONMENT_ERRNOS)
+        return _text_errno(record.getMessage()) not in ENVIRONMENT_ERRNOS
 
 
 _FILTER = _EnvironmentFailureFilter()

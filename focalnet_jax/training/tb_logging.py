@@ -2,20 +2,26 @@
 and `read_scalars` to read a scalar's curve back.
 
 Only process 0 writes (multi-host runs produce one event file); on other processes every method
-is a no-op, so the loop calls the writer unconditionally.
+is a no-op, so the loop calls the writer unconditionally. A full disk (or quota, read-only mount,
+file size limit) is an `OSError` naming the events folder, raised by the writer's next call; the
+writing thread's own traceback of it is not printed.
 """
 
 from __future__ import annotations
 
 import io
 import math
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 from tensorboard.compat.proto import event_pb2, summary_pb2
+from tensorboard.summary.writer import event_file_writer
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+from focalnet_jax.errors import DISK_ERRNOS, naming_the_disk
 
 
 def _png(image: np.ndarray) -> bytes:
@@ -33,6 +39,31 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
     return (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
+def _writer_thread_disk_failure(args) -> bool:
+    """Whether an uncaught thread exception is an event writer's thread failing on the disk: the
+    writer raises it again at its next call (named there), the thread's traceback says no more."""
+    writer_thread = getattr(event_file_writer, "_AsyncWriterThread", ())
+    return (
+        isinstance(args.thread, writer_thread)
+        and isinstance(args.exc_value, OSError)
+        and args.exc_value.errno in DISK_ERRNOS
+    )
+
+
+def _quiet_writer_threads() -> None:
+    """Keeps `_writer_thread_disk_failure` tracebacks off the console (idempotent)."""
+    previous = threading.excepthook
+    if getattr(previous, "quiets_event_writers", False):
+        return
+
+    def hook(args):
+        if not _writer_thread_disk_failure(args):
+            previous(args)
+
+    hook.quiets_event_writers = True
+    threading.excepthook = hook
+
+
 class SummaryWriter:
     """Event-file writer under `logdir` for process 0; a no-op elsewhere."""
 
@@ -42,14 +73,21 @@ class SummaryWriter:
 
             enabled = jax.process_index() == 0
         self.enabled = enabled
+        self.logdir = Path(logdir)
         self._writer = None
+        self._closed = False
         if self.enabled:
-            Path(logdir).mkdir(parents=True, exist_ok=True)
-            self._writer = EventFileWriter(str(logdir), flush_secs=30)
+            _quiet_writer_threads()
+            with naming_the_disk(self.logdir):
+                self.logdir.mkdir(parents=True, exist_ok=True)
+                self._writer = EventFileWriter(str(logdir), flush_secs=30)
+
+    def _add_event(self, event: event_pb2.Event) -> None:
+        with naming_the_disk(self.logdir):
+            self._writer.add_event(event)
 
     def _add(self, summary: summary_pb2.Summary, step: int) -> None:
-        event = event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary)
-        self._writer.add_event(event)
+        self._add_event(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
 
     def session_start(self, step: int) -> None:
         """Mark a (re)start that continues at `step`: TensorBoard drops the events of earlier
@@ -58,7 +96,7 @@ class SummaryWriter:
         the first of a run."""
         if self.enabled:
             start = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
-            self._writer.add_event(
+            self._add_event(
                 event_pb2.Event(wall_time=time.time(), step=int(step), session_log=start)
             )
 
@@ -94,12 +132,21 @@ class SummaryWriter:
         )
 
     def flush(self) -> None:
+        """Writes the events queued so far; raises a failure of the writing thread."""
         if self.enabled:
-            self._writer.flush()
+            with naming_the_disk(self.logdir):
+                self._writer.flush()
 
     def close(self) -> None:
-        if self.enabled:
-            self._writer.close()
+        """Flushes (raising a failure of the writing thread, which closing alone would not
+        report) and closes the event file; a closed writer is left as it is."""
+        if self.enabled and not self._closed:
+            self._closed = True
+            with naming_the_disk(self.logdir):
+                try:
+                    self._writer.flush()
+                finally:
+                    self._writer.close()
 
 
 def _first_wall_time(path: Path) -> float:
