@@ -43,7 +43,7 @@ def saved(tmp_path_factory):
         state = state.replace(
             step=state.step + 1, params=jax.tree.map(lambda p: p + 1.0, state.params)
         )
-        checkpoint.save(manager, step, state)
+        checkpoint.save(manager, step, state, newer_than=0)
         states[step] = jax.device_get(state)
     manager.wait_until_finished()
     manager.close()

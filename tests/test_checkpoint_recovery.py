@@ -332,7 +332,7 @@ def test_a_step_without_digests_gets_them_once_no_save_is_in_progress(trained, t
     recorded = (step_dir / digests.DIGEST_FILE).read_text()
     (step_dir / digests.DIGEST_FILE).unlink()
     manager = workdir_lib.make_manager(workdir)
-    checkpoint.write_finished_digests(manager)
+    checkpoint.write_finished_digests(manager, newer_than=0)
     manager.close()
     assert (step_dir / digests.DIGEST_FILE).read_text() == recorded
 
@@ -350,8 +350,8 @@ def test_inference_refuses_variables_that_are_not_finite(trained, tmp_path):
                 kernel.shape) < 3, np.nan, kernel)}}}
     )  # fmt: skip
     manager = workdir_lib.make_manager(workdir)
-    checkpoint.save(manager, 6, state)
-    checkpoint.finish_saves(manager)
+    checkpoint.save(manager, 6, state, newer_than=0)
+    checkpoint.finish_saves(manager, newer_than=0)
     manager.close()
     assert digests.mismatch(workdir / "checkpoints" / "6") is None
     with pytest.raises(workdir_lib.UnreadableCheckpointError) as raised:
@@ -414,3 +414,21 @@ def test_the_step_a_run_resumes_from_passes_its_digests(trained, tmp_path):
     assert checkpoint_damage.find_damage(workdir / "checkpoints" / "4") is None
     assert workdir_lib.resumable_step(workdir) == 2
     assert workdir_lib.resumable_step(trained["workdir"]) == 4
+
+
+def test_a_resumed_run_writes_digests_only_for_the_steps_it_saved(trained, tmp_path):
+    """Steps of an earlier session without digests (a run killed before writing them, an older
+    version) keep none: digests written now would record what they hold now as their content at
+    save time. The resumed session's own step gets them."""
+    workdir = tmp_path / "run"
+    shutil.copytree(trained["workdir"], workdir)
+    for step in (2, 4):
+        (workdir / "checkpoints" / str(step) / digests.DIGEST_FILE).unlink()
+    longer = tiny_config(overrides=[*RUN, "--config.train.steps=6"])
+    with fast_compiles():
+        train_and_evaluate(longer, workdir, store=trained["store"])
+    has_digests = {
+        p.name: (p / digests.DIGEST_FILE).is_file() for p in (workdir / "checkpoints").iterdir()
+    }
+    assert has_digests == {"2": False, "4": False, "6": True}
+    assert digests.mismatch(workdir / "checkpoints" / "6") is None

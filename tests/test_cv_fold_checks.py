@@ -43,7 +43,7 @@ def _past_the_end(fold_dir, store) -> str:
 
     workdir_lib.save_config(_fold_config(store, 1, "--config.train.steps=20"), fold_dir)
     manager = workdir_lib.make_manager(fold_dir)
-    checkpoint.save(manager, 20, {"step": np.int32(20)})
+    checkpoint.save(manager, 20, {"step": np.int32(20)}, newer_than=0)
     manager.wait_until_finished()
     manager.close()
     return (

@@ -212,23 +212,27 @@ def test_closing_a_failing_run_raises_nothing_over_its_error(tmp_path):
     """A run ending on an error closes its checkpoint manager and event file without raising
     their own failure (a full disk fails the event file's flush again) over that error; a run
     ending well raises the first failure after closing everything."""
+    import types
+
     from tqdm import tqdm
 
     from focalnet_jax.run import workdir as workdir_lib
-    from focalnet_jax.training import loop
+    from focalnet_jax.training import loop, sharding
     from focalnet_jax.training.tb_logging import SummaryWriter
 
+    spec, mesh = types.SimpleNamespace(global_batch=4, subsets=()), sharding.make_mesh()
     for failing in (True, False):
         run = tmp_path / f"failing_{failing}"
         manager = workdir_lib.make_manager(run)
         writer = SummaryWriter(run / "tb", enabled=True)
+        logger = loop._Logger(spec, run, manager, tqdm(disable=True), 0, mesh, writer)
         with file_size_limit(0):
             writer.scalars(1, {"train/loss": 0.5})  # its thread fails writing it
             if failing:
-                loop._close(tqdm(disable=True), manager, writer, failing=True)
+                loop._close(logger, failing=True)
             else:
                 with pytest.raises(OSError) as raised:
-                    loop._close(tqdm(disable=True), manager, writer, failing=False)
+                    loop._close(logger, failing=False)
                 assert (raised.value.errno, raised.value.filename) == (
                     errno.EFBIG,
                     str(run / "tb"),

@@ -6,8 +6,9 @@ no look at the files: a block stored raw restores silently as other weights (zer
 compressed one fails inside Orbax's concurrent reads with a traceback of hundreds of lines. The
 digests (`DIGEST_FILE` in the step folder: each file's size and SHA-256) name the damaged file
 before Orbax reads anything. Training writes them at the first log step after a save is on disk
-(or at the next save, the end or the stop of the run); a step without them (an older run, or one
-killed before) is restored unchecked, as before.
+(or at the next save, the end or the stop of the run), for the steps it saved itself: a step
+without them (an older run, or one killed before) is restored unchecked, as before, and keeps
+none, since digests written later would record what it holds then as its content at save time.
 """
 
 from __future__ import annotations
@@ -45,14 +46,19 @@ def write(step_dir: str | Path) -> Path:
     return write_json_atomic({"algorithm": _ALGORITHM, "files": files}, step_dir / DIGEST_FILE)
 
 
-def write_missing(checkpoint_dir: str | Path) -> list[int]:
-    """Digests for each finished step folder (all-digit name) of `checkpoint_dir` without them;
-    returns those steps. Call once no save is pending (`CheckpointManager.wait_until_finished`)."""
+def write_missing(checkpoint_dir: str | Path, *, newer_than: int) -> list[int]:
+    """Digests for each finished step folder (all-digit name) of `checkpoint_dir` past step
+    `newer_than` (the step a training session started from: the later ones it saved itself)
+    without them; returns those steps. Call once no save is pending
+    (`CheckpointManager.wait_until_finished`)."""
     checkpoint_dir = Path(checkpoint_dir)
     steps = sorted(
         int(path.name)
         for path in checkpoint_dir.glob("*")
-        if path.is_dir() and path.name.isdigit() and not (path / DIGEST_FILE).exists()
+        if path.is_dir()
+        and path.name.isdigit()
+        and int(path.name) > newer_than
+        and not (path / DIGEST_FILE).exists()
     )
     for step in steps:
         write(checkpoint_dir / str(step))

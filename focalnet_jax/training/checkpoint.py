@@ -30,32 +30,34 @@ CORRUPT_PREFIX = "corrupt-"
 log = logging.getLogger(__name__)
 
 
-def save(manager: ocp.CheckpointManager, step: int, state) -> None:
+def save(manager: ocp.CheckpointManager, step: int, state, *, newer_than: int) -> None:
     """Save `state` at `step` (asynchronous; `finish_saves` before exiting). The steps saved
-    before get their digests first (`finish_saves`). A full disk (or another environment failure
-    of this save or the one before) is an `OSError` naming the checkpoint folder
-    (`save_failures`)."""
-    finish_saves(manager)
+    before (past `newer_than`, the step the session started from) get their digests first
+    (`finish_saves`). A full disk (or another environment failure of this save or the one
+    before) is an `OSError` naming the checkpoint folder (`save_failures`)."""
+    finish_saves(manager, newer_than=newer_than)
     with save_failures.naming_the_checkpoint(manager.directory, f"saving checkpoint step {step}"):
         manager.save(int(step), args=ocp.args.StandardSave(state))
 
 
-def write_finished_digests(manager: ocp.CheckpointManager) -> None:
-    """(Process 0) the content digests of each saved step without them, unless a save is still
-    being written (then at a later call): called at each log step, so that a run killed later
-    (SIGKILL, a lost node) leaves its newest step checked, not only at the next save."""
+def write_finished_digests(manager: ocp.CheckpointManager, *, newer_than: int) -> None:
+    """(Process 0) the content digests of each step saved past `newer_than` (the step the
+    session started from) without them, unless a save is still being written (then at a later
+    call): called at each log step, so that a run killed later (SIGKILL, a lost node) leaves its
+    newest step checked, not only at the next save."""
     if jax.process_index() == 0 and not manager.is_saving_in_progress():
-        checkpoint_digests.write_missing(manager.directory)
+        checkpoint_digests.write_missing(manager.directory, newer_than=newer_than)
 
 
-def finish_saves(manager: ocp.CheckpointManager) -> None:
+def finish_saves(manager: ocp.CheckpointManager, *, newer_than: int) -> None:
     """Wait until every pending save is on disk, then (process 0) write the content digests of
-    each saved step without them (`checkpoint_digests`), which `restore` checks. A save that
-    failed for the environment is an `OSError` naming the checkpoint folder (`save_failures`)."""
+    each step saved past `newer_than` (the step the session started from) without them
+    (`checkpoint_digests`), which `restore` checks. A save that failed for the environment is an
+    `OSError` naming the checkpoint folder (`save_failures`)."""
     with save_failures.naming_the_checkpoint(manager.directory):
         manager.wait_until_finished()
     if jax.process_index() == 0:
-        checkpoint_digests.write_missing(manager.directory)
+        checkpoint_digests.write_missing(manager.directory, newer_than=newer_than)
 
 
 def resume(manager: ocp.CheckpointManager, abstract_state):

@@ -152,6 +152,7 @@ class _Logger:
         self.writer = writer  # `SummaryWriter` of `workdir/tb`, its session started
         # Replicated like the step's metrics, so `_first_bad` compiles once.
         self.first_bad = sharding.put_replicated(jnp.int32(-1), mesh)
+        self.start = start  # the session's first step: its checkpoints are those after it
         self.last_time, self.last_step = time.perf_counter(), start
         self.excluded_s = 0.0  # seconds outside training steps since the last log
 
@@ -166,10 +167,14 @@ class _Logger:
         finally:
             self.excluded_s += time.perf_counter() - start
 
+    def finish_saves(self) -> None:
+        """The pending checkpoint writes on disk, with the digests of this session's steps."""
+        checkpoint.finish_saves(self.manager, newer_than=self.start)
+
     def check_finite(self, step: int) -> None:
         bad = int(jax.device_get(self.first_bad))
         if bad >= 0:
-            checkpoint.finish_saves(self.manager)
+            self.finish_saves()
             latest = self.manager.latest_step()
             kept = f"step {latest}" if latest is not None else "none yet"
             raise NonFiniteLossError(
@@ -180,7 +185,7 @@ class _Logger:
     def train(self, done: int, metrics) -> None:
         self.check_finite(done)
         with self.outside_steps():
-            checkpoint.write_finished_digests(self.manager)
+            checkpoint.write_finished_digests(self.manager, newer_than=self.start)
         scalars = _scalars(metrics, self.spec.subsets)
         now = time.perf_counter()
         images = (done - self.last_step) * self.spec.global_batch
@@ -345,9 +350,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
                 sigterm, validate_first,
             )  # fmt: skip
         except BaseException:
-            _close(progress, manager, logger.writer, failing=True)
+            _close(logger, failing=True)
             raise
-        _close(progress, manager, logger.writer, failing=False)
+        _close(logger, failing=False)
         # Complete: the last checkpoint is on disk, the logs closed. A SIGTERM since the last
         # step's check (its checkpoint, validation, these writes) says so (`graceful_stop`).
         if sigterm.stop_now(agreement_point=True):
@@ -387,17 +392,17 @@ def _missing_validation(
     return missing
 
 
-def _close(progress, manager, writer, *, failing: bool) -> None:
+def _close(logger: _Logger, *, failing: bool) -> None:
     """Finish the pending checkpoint writes, close the manager and the event files. `failing`
     (the run is ending on an error): a failure here is logged, not raised over that error (a full
     disk fails the pending save and the events' flush again); else each step is still taken after
     a failure, the first of which is raised."""
-    progress.close()
+    logger.progress.close()
     first = None
     for what, close in (
-        ("pending checkpoint writes", lambda: checkpoint.finish_saves(manager)),
-        ("closing the checkpoint manager", manager.close),
-        ("closing the event file", writer.close),
+        ("pending checkpoint writes", logger.finish_saves),
+        ("closing the checkpoint manager", logger.manager.close),
+        ("closing the event file", logger.writer.close),
     ):
         try:
             close()
@@ -417,7 +422,7 @@ def _save(logger: _Logger, saved: set, done: int, state) -> None:
         return
     logger.check_finite(done)
     with logger.outside_steps(state):
-        checkpoint.save(logger.manager, done, state)
+        checkpoint.save(logger.manager, done, state, newer_than=logger.start)
         logger.writer.flush()
     saved.add(done)
 
@@ -435,7 +440,7 @@ def _stop(logger: _Logger, saved: set, done: int, state) -> TrainingStopped:
     exception to raise."""
     _save(logger, saved, done, state)
     logger.writer.flush()
-    checkpoint.finish_saves(logger.manager)
+    logger.finish_saves()
     checkpoint.sync_processes(f"stopped_at_{done}")  # none exits while another still writes
     return TrainingStopped(done, logger.workdir)
 
