@@ -215,9 +215,9 @@ def signalled(function):
         return function(*args, **kwargs)
     return wrapped
 
-def save(manager, step, state, save=checkpoint.save):
+def save(manager, step, state, *, newer_than, save=checkpoint.save):
     managers.append(manager)
-    return save(manager, step, state)
+    return save(manager, step, state, newer_than=newer_than)
 
 checkpoint.save = signalled(checkpoint.save) if where == "checkpoint" else save
 if where in ("validation", "kill"):
