@@ -216,7 +216,7 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
     if loss is not None and "mfl" in loss:
         from focalnet_jax.losses import LOSS_NAMES, check_loss_options, check_mfl
 
-        check_mfl(loss.name, loss.mfl, loss.get("mfl_any_loss", False))
         if loss.name in LOSS_NAMES:  # an unknown name: RunSpec's error names the choices
+            check_mfl(loss.name, loss.mfl, loss.get("mfl_any_loss", False))
             check_loss_options(loss.name, loss)
     return config

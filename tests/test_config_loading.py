@@ -109,6 +109,16 @@ def test_bad_overrides_name_the_key(override, message):
         load_config(str(CONFIGS / "focalnet.py"), [override])
 
 
+def test_a_misspelt_loss_name_is_reported_as_unknown_not_as_an_mfl_mismatch():
+    """The name was checked after MFL: `loss.name=bogus` on an MFL config said to switch MFL off."""
+    from focalnet_jax.errors import UserError
+    from focalnet_jax.run import RunSpec
+
+    config = load_config(str(CONFIGS / "focalnet.py"), ["--config.loss.name=bogus"])
+    with pytest.raises(UserError, match=r"^loss.name: unknown loss 'bogus'; expected one of"):
+        RunSpec.from_config(config)
+
+
 def test_config_args_select_variants_and_reject_unknown_names():
     ce = load_config(str(CONFIGS / "ablation_loss.py") + ":loss=ce,fold=3")
     assert (ce.loss.name, ce.loss.mfl, ce.data.fold) == ("sigmoid_ce", False, 3)

@@ -643,6 +643,32 @@ def test_spec_overrides_may_add_config_keys_to_common_and_arms(store):
         load_spec(bosma22, ["--spec.comon.train.steps=5"])
 
 
+def test_spec_file_fields_misspelt_are_refused(tmp_path):
+    """A spec file's `fold = (1,)` (for `folds`) or `slurm = {"gpu": 1}` (for `gpus`) was kept
+    silently: the study ran every fold, its SLURM tasks asked for no GPU."""
+    from focalnet_jax.study.spec import StudyError, load_spec
+
+    def spec_with(extra: str) -> str:
+        path = tmp_path / "typo.py"
+        path.write_text(
+            "import ml_collections\n\ndef get_config():\n"
+            "    spec = ml_collections.ConfigDict()\n"
+            "    spec.base, spec.store, spec.repeats, spec.num_folds = 'b.py', 's', 1, 2\n"
+            "    spec.arms = {'ce': {'loss': {'name': 'sigmoid_ce'}}}\n"
+            f"    {extra}\n    return spec\n"
+        )
+        return str(path)
+
+    assert load_spec(spec_with("spec.folds = (1,)")).folds == (1,)
+    assert load_spec(spec_with("spec.slurm = {'gpus': 1}")).slurm.gpus == 1
+    with pytest.raises(StudyError, match=r"^spec .*typo.py: unknown field 'fold'; expected one of"):
+        load_spec(spec_with("spec.fold = (1,)"))
+    with pytest.raises(StudyError, match=r"unknown field\(s\) \['slurm.gpu'\]; slurm has \["):
+        load_spec(spec_with("spec.slurm = {'gpu': 1, 'time': '01:00:00'}"))
+    with pytest.raises(StudyError, match=r"unknown field\(s\) \['evaluate.picai_bootstrap'\]"):
+        load_spec(spec_with("spec.evaluate = {'picai_bootstrap': 500}"))
+
+
 def test_spec_store_is_opened_before_anything_runs(spec_file, store, tmp_path):
     workdir = tmp_path / "bad"
     run = ["run", "--spec", str(spec_file), "--workdir", str(workdir)]
@@ -709,6 +735,21 @@ def test_report_refuses_a_metric_missing_from_metrics_json(capsys):
         _lookup(metrics, ("picai", "score"), "c/eval/metrics.json", partial=False)
     assert math.isnan(_lookup(metrics, ("picai", "score"), "c/m.json", partial=True))
     assert "warning: c/m.json: no picai.score" in capsys.readouterr().err
+
+
+def test_report_partial_leaves_out_a_run_without_the_groups_froc_curve():
+    """`study report --partial` (what the missing-metric error advises) ended in a KeyError
+    traceback when a run's metrics.json lacked the FROC group."""
+    from focalnet_jax.study.report import froc_curves
+
+    curve = {"fp": [0.0, 1.0], "sensitivity": [0.5, 1.0]}
+    rows = [{"arm": "ce"}, {"arm": "ce"}, {"arm": "fl"}]
+    metrics = [
+        {"froc": {"cs": {"num_lesions": 2, "curve": curve}}},
+        {"froc": {}},  # another version's metrics.json
+        {"froc": {"cs": {"num_lesions": 0, "curve": curve}}},  # no lesion of the group
+    ]
+    assert froc_curves(rows, metrics, "cs") == {"ce": [([0.0, 1.0], [0.5, 1.0])], "fl": []}
 
 
 def test_demo_rebuilds_a_store_of_an_older_format(store, tmp_path):

@@ -96,7 +96,8 @@ def lesion_candidates(
     cspca: np.ndarray, settings: CandidateSettings = CandidateSettings()
 ) -> np.ndarray:
     """float32 detection map of the same shape as the csPCa score volume `cspca` (`[z, y, x]`,
-    values in [0, 1]): each candidate blob holds its confidence (the blob's peak score)."""
+    values in [0, 1]): each candidate blob holds its confidence (its peak score with the default
+    `dynamic-fast`, its mean score with a `-mean` mode)."""
     extract_lesion_candidates = import_picai()[0]
     blobs = extract_lesion_candidates(
         np.asarray(cspca, np.float32),

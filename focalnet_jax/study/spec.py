@@ -78,6 +78,9 @@ def defaults() -> ml_collections.ConfigDict:
     return spec
 
 
+_REQUIRED_FIELDS = ("base", "store", "repeats", "num_folds", "arms")
+
+
 def load_spec(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     """Load a spec file (`file.py[:arg]`) over `defaults()` and apply `--spec.KEY=VALUE`."""
     try:
@@ -91,12 +94,20 @@ def load_spec(path: str, overrides: Sequence[str] = ()) -> ml_collections.Config
             f"spec {path}: name {dotted.group(1)!r}: expected letters, digits, '_', '-' (no dots)"
         ) from None
     spec = defaults()
+    fields = sorted([*spec.keys(), *_REQUIRED_FIELDS])
     for key, value in loaded.items():
+        if key not in fields:  # a misspelt field would silently keep its default
+            raise StudyError(f"spec {path}: unknown field {key!r}; expected one of {fields}")
         if isinstance(value, ml_collections.ConfigDict) and key in ("evaluate", "slurm"):
+            if unknown := sorted(set(value.keys()) - set(spec[key].keys())):
+                raise StudyError(
+                    f"spec {path}: unknown field(s) {[f'{key}.{k}' for k in unknown]}; "
+                    f"{key} has {sorted(spec[key].keys())}"
+                )
             spec[key].update(value)
         else:
             spec[key] = value
-    missing = [k for k in ("base", "store", "repeats", "num_folds", "arms") if k not in spec]
+    missing = [k for k in _REQUIRED_FIELDS if k not in spec]
     if missing:
         raise StudyError(f"spec {path}: missing field(s) {missing}")
     spec.lock()
