@@ -152,15 +152,17 @@ def convert_value(key: str, text: str, current):
     return _parse_literal(key, text)
 
 
-def _split_overrides(overrides: Sequence[str]) -> list[tuple[str, str]]:
+def split_overrides(overrides: Sequence[str], prefix: str = _PREFIX) -> list[tuple[str, str]]:
+    """`(key, value)` of each `PREFIX.KEY=VALUE` or `PREFIX.KEY VALUE` in `overrides`;
+    `ValueError` naming an item of another form."""
     pairs, items, i = [], list(overrides), 0
     while i < len(items):
         item = items[i]
-        if not item.startswith(_PREFIX):
+        if not item.startswith(prefix):
             raise ValueError(
-                f"unrecognized argument {item!r}: overrides look like --config.a.b=value"
+                f"unrecognized argument {item!r}: overrides look like {prefix}a.b=value"
             )
-        body = item[len(_PREFIX) :]
+        body = item[len(prefix) :]
         if "=" in body:
             key, value = body.split("=", 1)
         elif i + 1 < len(items) and not items[i + 1].startswith("--"):
@@ -175,14 +177,14 @@ def _split_overrides(overrides: Sequence[str]) -> list[tuple[str, str]]:
 
 def override_keys(overrides: Sequence[str]) -> list[str]:
     """The dotted keys of `--config.a.b=value` overrides, in order: `['a.b']`."""
-    return [key for key, _ in _split_overrides(overrides)]
+    return [key for key, _ in split_overrides(overrides)]
 
 
 def apply_overrides(
     config: ml_collections.ConfigDict, overrides: Sequence[str]
 ) -> ml_collections.ConfigDict:
     """Apply `--config.a.b=value` (or `--config.a.b value`) overrides in place; returns `config`."""
-    for key, text in _split_overrides(overrides):
+    for key, text in split_overrides(overrides):
         *parents, leaf = key.split(".")
         node = config
         for depth, part in enumerate(parents):

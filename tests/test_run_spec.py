@@ -207,8 +207,7 @@ def test_baselines_resolve_their_encodings():
     onehot = RunSpec.from_config(tiny_config("configs/deeplab_onehot.py"), num_devices=1)
     assert (onehot.output_encoding, onehot.model.num_outputs) == ("onehot", 6)
     assert onehot.mfl_encoding == "ordinal"  # MFL on a one-hot output compares ordinal bits
-    unet = ["--config.model.unet_features=4", "--config.model.unet_levels=3"]
-    single = RunSpec.from_config(tiny_config("configs/unet_sing.py", unet), num_devices=1)
+    single = RunSpec.from_config(tiny_config("configs/unet_sing.py"), num_devices=1)
     assert isinstance(single.model, UNet)
     assert (single.output_encoding, single.model.num_outputs) == ("binary", 1)
     assert not single.mfl and single.subsets == () and single.mfl_weight(None, None) == 0.0

@@ -387,9 +387,11 @@ def test_killed_study_resumes_the_interrupted_cell(store, tmp_path):
 @pytest.mark.slow
 def test_failed_cell_is_reported_and_the_others_finish(store, tmp_path):
     workdir = tmp_path / "failing"
-    # A valid config (so `study run` starts it) whose pretrained weights file is missing: the
+    # A valid config (so `study run` starts it) whose pretrained weights file is damaged: the
     # cell's `focalnet train` fails when it initialises the model.
-    bad = {"loss": {"name": "focal", "mfl": False}, "model": {"pretrained": "/no/such/w.npz"}}
+    weights = tmp_path / "w.npz"
+    weights.write_bytes(b"not an npz archive")
+    bad = {"loss": {"name": "focal", "mfl": False}, "model": {"pretrained": str(weights)}}
     spec = write_spec(tmp_path / "failing.py", store, arms={"ce": ARMS["ce"], "fl": bad})
     args = ["--spec", str(spec), "--workdir", str(workdir), "--spec.repeats=1"]
     args += ["--spec.folds=(1,)"]
@@ -397,7 +399,7 @@ def test_failed_cell_is_reported_and_the_others_finish(store, tmp_path):
     assert done.returncode == 1
     log = workdir / "fl" / "rep0" / "fold1" / "cell.log"
     # The cell's state keeps the one-line user error of `focalnet train` (also in its log).
-    reason = "focalnet train: error: pretrained weights /no/such/w.npz: no such file"
+    reason = f"focalnet train: error: pretrained weights {weights}: unreadable .npz file"
     assert f"FAILED fl/rep0/fold1: {reason}" in done.stdout
     assert str(log) in done.stdout and reason in log.read_text()
     status = study("status", "--workdir", str(workdir)).stdout
@@ -566,6 +568,46 @@ def test_spec_may_add_runs_to_a_study_and_nothing_else(spec_file, store, tmp_pat
         assert f"this folder holds a study with other {fields}; use a new --workdir" in message
 
 
+def test_spec_overrides_take_a_value_after_a_space_as_config_overrides_do(
+    spec_file, tmp_path, capsys
+):
+    """`--spec.repeats 3` was refused (`unrecognized argument`), where `--config.train.steps 3`
+    works for `focalnet train`; both forms now give the same spec."""
+    from focalnet_jax import cli
+    from focalnet_jax.study.spec import load_spec
+
+    spaced = load_spec(str(spec_file), ["--spec.repeats", "3", "--spec.common.train.steps", "7"])
+    joined = load_spec(str(spec_file), ["--spec.repeats=3", "--spec.common.train.steps=7"])
+    assert spaced.to_dict() == joined.to_dict()
+    assert (spaced.repeats, spaced.common.train.steps) == (3, 7)
+    run = ["run", "--spec", str(spec_file), "--workdir", str(tmp_path / "s"), "--dry-run"]
+    assert cli.main(["study", *run, "--spec.repeats", "3", "--spec.folds", "(0,)"]) == 0
+    assert "dry run: 6 cells would run" in capsys.readouterr().out  # 2 arms x 3 repeats
+    message = _one_line_error(*run, "--spec.repeats")
+    assert message.endswith("override '--spec.repeats' has no value")
+
+
+def test_a_growth_refused_for_changed_inputs_writes_nothing(spec_file, tmp_path):
+    """A study grown (`--spec.repeats=3`) after its store changed was refused only after the
+    grown study.json was written; a dry run did not compare the inputs at all."""
+    from focalnet_jax.study.cells import Study
+    from focalnet_jax.study.inputs import INPUTS
+    from focalnet_jax.study.spec import load_spec, validate
+
+    workdir = tmp_path / "s"
+    Study.create(workdir, validate(load_spec(str(spec_file)), str(spec_file)))
+    recorded = json.loads((workdir / "study.json").read_text())
+    recorded[INPUTS]["store_cases"] = "0" * 64  # as if the store's cases changed since
+    (workdir / "study.json").write_text(json.dumps(recorded))
+    before = (workdir / "study.json").read_text()
+    run = ["run", "--spec", str(spec_file), "--workdir", str(workdir), "--spec.repeats=3"]
+    for dry in (["--dry-run"], []):
+        message = _one_line_error(*run, *dry)
+        assert "the study's store" in message and "changed since the study was recorded" in message
+    assert (workdir / "study.json").read_text() == before
+    assert sorted(p.name for p in workdir.iterdir()) == ["study.json"]
+
+
 def test_paths_are_recorded_absolute_and_a_study_with_relative_ones_resumes(
     spec_file, store, tmp_path, monkeypatch, capsys
 ):
@@ -579,6 +621,8 @@ def test_paths_are_recorded_absolute_and_a_study_with_relative_ones_resumes(
 
     start, elsewhere = tmp_path / "start", tmp_path / "elsewhere"
     (start / "splits").mkdir(parents=True)
+    (start / "weights").mkdir()
+    (start / "weights" / "resnet.npz").touch()  # only its path is used here
     elsewhere.mkdir()
     ids = sorted(c["case_id"] for c in json.loads((store / "cases.json").read_text())["cases"])
     for k in (0, 1):
@@ -760,6 +804,40 @@ def test_demo_rebuilds_a_store_of_an_older_format(store, tmp_path):
     assert not _store_is_current(tmp_path / "absent")
 
 
+def test_synthetic_runner_refuses_data_made_with_other_arguments(tmp_path, capsys):
+    """`--out` holding data of another `--cases`, `--seed` or `--single-share` was reused: the
+    study then ran on data other than the command asked for. `focalnet synth` records what it
+    was given in synth.json; data without it (an older version) is rebuilt, its store too."""
+    from focalnet_jax.study.synthetic import synthetic_store
+
+    store = synthetic_store(tmp_path, cases=2, seed=0, single_share=0.4)
+    assert "$ focalnet preprocess" in capsys.readouterr().out
+    record = json.loads((tmp_path / "data" / "synth.json").read_text())
+    assert (record["cases"], record["seed"], record["config"]["components"]) == (
+        2, 0, ["t2w", "adc", "hbv"],
+    )  # fmt: skip
+    assert record["config"]["t2w_only_share"] == record["config"]["adc_only_share"] == 0.4
+    cases = (store / "cases.json").read_bytes()
+    assert synthetic_store(tmp_path, cases=2, seed=0, single_share=0.4) == store
+    assert "$ focalnet" not in capsys.readouterr().out  # made as asked: kept
+    for asked, differ in (
+        ({"cases": 3, "seed": 0, "single_share": 0.4}, "cases 2 (asked 3)"),
+        ({"cases": 2, "seed": 1, "single_share": 0.4}, "seed 0 (asked 1)"),
+        (
+            {"cases": 2, "seed": 0, "single_share": 0.3},
+            "config.t2w_only_share 0.4 (asked 0.3), config.adc_only_share 0.4 (asked 0.3)",
+        ),
+    ):
+        with pytest.raises(SystemExit, match=re.escape(f"synthetic data made with {differ};")):
+            synthetic_store(tmp_path, **asked)
+    assert "$ focalnet" not in capsys.readouterr().out
+    (tmp_path / "data" / "synth.json").unlink()
+    synthetic_store(tmp_path, cases=2, seed=0, single_share=0.4)
+    out = capsys.readouterr().out
+    assert "has no synth.json (an older version)" in out and "$ focalnet preprocess" in out
+    assert (store / "cases.json").read_bytes() == cases  # the same arguments: the same data
+
+
 @pytest.mark.parametrize(
     ("arm", "expected"),
     [
@@ -767,6 +845,8 @@ def test_demo_rebuilds_a_store_of_an_older_format(store, tmp_path):
         ({"seed": 3}, "'seed' is set by the study"),
         ({"data": {"fold_seed": 7}}, "arm 'ce': 'data.fold_seed' chooses the folds, which every"),
         ({"loss": {"name": "ce_focal"}}, "loss.mfl=True with loss.name='ce_focal'"),
+        # A cell failed on it only once it started, maybe hours later from a queue.
+        ({"model": {"pretrained": "/no/such/r18.npz"}}, "'ce': model.pretrained /no/such/r18.npz:"),
     ],
 )
 def test_arm_overrides_are_checked_against_the_base_config(store, tmp_path, arm, expected):

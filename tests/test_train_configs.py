@@ -31,7 +31,6 @@ CONFIGS = [
     "demo.py",
     "mfl4.py",
 ]
-UNET = ["--config.model.unet_features=4", "--config.model.unet_levels=3"]
 _RESULTS: dict[str, dict] = {}  # configs that resolve identically are run once
 
 
@@ -86,8 +85,7 @@ def _two_steps(config) -> dict:
 
 @pytest.mark.parametrize("spec", CONFIGS)
 def test_config_builds_and_runs_two_steps(spec):
-    overrides = UNET if spec.startswith("unet") else []
-    config = tiny_config(f"configs/{spec}", overrides)
+    config = tiny_config(f"configs/{spec}")
     key = config.to_json(sort_keys=True)
     if key not in _RESULTS:
         _RESULTS[key] = _two_steps(config)

@@ -97,16 +97,20 @@ class FakeStore:
         return {r["patient_id"]: r["max_class"] for r in self.cases}
 
 
-TINY = [
+TINY_DEEPLAB = [
     "--config.model.depth=18",
     "--config.model.width=0.125",
     "--config.model.output_stride=16",
+]
+TINY_UNET = ["--config.model.unet_features=4", "--config.model.unet_levels=3"]
+TINY_TRAIN = [
     "--config.train.batch_size=4",
     "--config.train.log_every=1",
     "--config.train.checkpoint_every=1000",
     "--config.train.eval_every=0",
     "--config.train.prefetch=2",
 ]
+TINY = [*TINY_DEEPLAB, *TINY_TRAIN]
 
 
 @contextlib.contextmanager
@@ -137,9 +141,14 @@ def small_synthetic_store(root: Path, *, cases: int, seed: int) -> Path:
 
 
 def tiny_config(config_file: str = "configs/focalnet.py", overrides=()):
+    """`config_file` with `overrides`, its model made tiny (a ResNet-18 DeepLab at width 0.125
+    or a 3-level U-Net, whichever it names) and its training short."""
     from focalnet_jax.config_loading import load_config
 
-    return load_config(str(REPO / config_file), [*TINY, *overrides])
+    path = str(REPO / config_file)
+    unet = load_config(path, list(overrides)).model.name == "unet"
+    tiny = [*TINY_UNET, *TINY_TRAIN] if unet else TINY
+    return load_config(path, [*tiny, *overrides])
 
 
 def free_port() -> int:

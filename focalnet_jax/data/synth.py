@@ -28,7 +28,7 @@ from __future__ import annotations
 import csv
 import json
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +48,7 @@ from focalnet_jax.data.synth_render import (
     render,
 )
 
+SYNTH_RECORD = "synth.json"  # what a dataset was made with: `synthesis_record`
 _CLASS_SHARE = (0.24, 0.28, 0.2, 0.16, 0.12)  # of lesions, classes 1..5
 _DCE_STREAM = 1  # SeedSequence spawn key of the DCE random stream
 
@@ -278,6 +279,18 @@ def synth_case(
     )
 
 
+def synthesis_record(num_cases: int, seed: int, cfg: SynthConfig) -> dict:
+    """`{'cases', 'seed', 'config'}` as `write_dataset` records them in `SYNTH_RECORD` (the
+    config's fields, tuples as lists): what decides every voxel of the dataset."""
+    return json.loads(json.dumps({"cases": num_cases, "seed": seed, "config": asdict(cfg)}))
+
+
+def read_synthesis_record(folder: str | os.PathLike) -> dict | None:
+    """The `SYNTH_RECORD` of a dataset `write_dataset` wrote, or None (none there)."""
+    path = Path(folder) / SYNTH_RECORD
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def write_dataset(
     out: str | os.PathLike,
     num_cases: int,
@@ -289,10 +302,11 @@ def write_dataset(
 ) -> list[str]:
     """Write `num_cases` synthetic cases in the PI-CAI layout and a lesion table.
 
-    Returns the list of case ids `<patient>_<study>`. Case i depends only on (seed, i). The
-    dataset is written to a temporary folder beside `out` and renamed to `out` when complete; a
-    non-empty `out` is refused unless `overwrite` (then it is replaced whole), and even then unless
-    it is an earlier synthetic dataset (it holds `lesions.csv`).
+    Returns the list of case ids `<patient>_<study>`. Case i depends only on (seed, i); the
+    arguments are recorded in `out/synth.json` (`synthesis_record`). The dataset is written to a
+    temporary folder beside `out` and renamed to `out` when complete; a non-empty `out` is
+    refused unless `overwrite` (then it is replaced whole), and even then unless it is an
+    earlier synthetic dataset (it holds `lesions.csv`).
     """
     check_replaceable(Path(out), overwrite, "lesions.csv", "focalnet synth")
     with replaced_folder(out) as tmp:
@@ -331,4 +345,6 @@ def _write_cases(out: Path, num_cases: int, seed: int, cfg: SynthConfig, progres
         w = csv.writer(f)
         w.writerow(["patient_id", "study_id", "case_ISUP"])
         w.writerows(marks)
+    record = synthesis_record(num_cases, seed, cfg)
+    (out / SYNTH_RECORD).write_text(json.dumps(record, indent=1) + "\n")
     return case_ids

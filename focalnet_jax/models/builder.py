@@ -12,6 +12,11 @@ from focalnet_jax.models.resnet import check_resnet_args
 from focalnet_jax.models.unet import UNet
 
 MODEL_NAMES = ("deeplab", "unet")
+# The fields only one architecture reads: set on the other, a run would train without them.
+ARCHITECTURE_FIELDS = {
+    "deeplab": ("depth", "output_stride", "width", "aspp", "pretrained"),
+    "unet": ("unet_features", "unet_levels"),
+}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -51,6 +56,24 @@ def check_model_config(model_config: ml_collections.ConfigDict) -> None:
             value = model_config[field]
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"model.{field}: expected a positive int, got {value!r}")
+    _check_other_architecture_fields(model_config)
+
+
+def _check_other_architecture_fields(model_config: ml_collections.ConfigDict) -> None:
+    """Refuses a field of the other architecture set to other than its default (e.g.
+    `model.depth=50` with `model.name='unet'`): an arm meant to differ would repeat another."""
+    defaults = default_model_config()
+    for name, fields in ARCHITECTURE_FIELDS.items():
+        if name == model_config.name:
+            continue
+        for field in fields:
+            value = model_config.get(field, defaults[field])
+            if value != defaults[field]:
+                raise ValueError(
+                    f"model.{field}={value!r}: model {model_config.name!r} does not use {field} "
+                    f"(only {name!r} does), so it would train without it; leave it at "
+                    f"{defaults[field]!r} or set model.name={name!r}"
+                )
 
 
 def build_model(

@@ -31,7 +31,7 @@ from typing import IO
 from focalnet_jax.data.atomic_files import write_json_atomic
 from focalnet_jax.file_lock import LockHeld, acquire_lock, release_lock
 from focalnet_jax.processes import pid_alive, pid_space
-from focalnet_jax.study.inputs import INPUTS, input_digests
+from focalnet_jax.study.inputs import INPUTS, check_inputs, input_digests
 from focalnet_jax.study.spec import StudyError, seed_for, with_absolute_paths
 
 STUDY_FILE = "study.json"
@@ -124,6 +124,14 @@ def _recorded_here(record: Mapping) -> bool:
     return record.get("host") == socket.gethostname()
 
 
+def _with_recorded_inputs(plain: Mapping, recorded: Mapping, path: Path) -> dict:
+    """`plain` with the input digests `recorded` (the study.json at `path`) holds, checked
+    against the inputs now (`check_inputs`: a `StudyError` names what changed)."""
+    plain = {**plain, **({INPUTS: recorded[INPUTS]} if INPUTS in recorded else {})}
+    check_inputs(plain, path)
+    return plain
+
+
 class Study:
     """A study folder: its validated spec (`plain`) and its cells."""
 
@@ -139,20 +147,22 @@ class Study:
         return cls(root, _read_study_file(path))
 
     @staticmethod
-    def check_recorded(root: str | Path, plain: Mapping) -> bool:
-        """Whether `root` records a study; raises when `plain` is not that study or one that only
-        adds runs to it (`added_runs`)."""
+    def check_recorded(root: str | Path, plain: Mapping) -> dict:
+        """What `create` would record, writing nothing: `plain`, with the recorded input digests
+        where `root` records a study. Raises when `plain` is not that study or one that only adds
+        runs to it (`added_runs`), or when its inputs changed since (`check_inputs`)."""
         path = Path(root) / STUDY_FILE
         if not path.is_file():
-            return False
-        added_runs(_read_study_file(path), plain, path)
-        return True
+            return dict(plain)
+        recorded = _read_study_file(path)
+        added_runs(recorded, plain, path)
+        return _with_recorded_inputs(plain, recorded, path)
 
     @classmethod
     def create(cls, root: str | Path, plain: Mapping) -> Study:
         """Record `plain` in `root` with the digests of its inputs (`input_digests`), or check
-        that it equals the one recorded there or only adds runs to it (then record it: the grown
-        study, its recorded digests kept)."""
+        that it equals the one recorded there or only adds runs to it and that its inputs are
+        unchanged (`check_inputs`; then record it: the grown study, its recorded digests kept)."""
         path = Path(root) / STUDY_FILE
         if not path.is_file():
             plain = {**plain, INPUTS: input_digests(plain)}
@@ -160,7 +170,7 @@ class Study:
         else:
             recorded = _read_study_file(path)
             added = added_runs(recorded, plain, path)
-            plain = {**plain, **({INPUTS: recorded[INPUTS]} if INPUTS in recorded else {})}
+            plain = _with_recorded_inputs(plain, recorded, path)  # before a grown one is written
             if added:
                 print(f"{path}: study grows ({'; '.join(added)})")
             # A study recorded before its paths were made absolute is recorded with them.

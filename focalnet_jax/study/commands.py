@@ -70,14 +70,17 @@ SLURM_FLAGS = ("partition", "time", "gpus", "cpus", "throttle")  # and --sbatch,
 
 
 def _open_or_create(args: argparse.Namespace) -> Study:
+    """The study of `--workdir` (recorded from `--spec` where given), its inputs checked against
+    those recorded (`check_inputs`) before anything is written."""
     if args.spec is None:
         if args.overrides:
             raise StudyError(f"{args.overrides[0]}: --spec overrides need --spec FILE")
-        return Study.open(args.workdir)
+        study = Study.open(args.workdir)
+        check_inputs(study.plain, study.root / STUDY_FILE)
+        return study
     plain = validate(load_spec(args.spec, args.overrides), args.spec)
-    if args.dry_run:  # the same check of a recorded spec as a real run, nothing written
-        Study.check_recorded(args.workdir, plain)
-        return Study(args.workdir, plain)
+    if args.dry_run:  # the same checks as a real run, nothing written
+        return Study(args.workdir, Study.check_recorded(args.workdir, plain))
     return Study.create(args.workdir, plain)
 
 
@@ -167,7 +170,6 @@ def _run(args: argparse.Namespace) -> int:
     _check_run_flags(args)
     check_output_folder(args.workdir, "--workdir")  # a dry run too: as the real run would
     study = _open_or_create(args)
-    check_inputs(study.plain, study.root / STUDY_FILE)
     if args.dry_run:  # writes nothing, so it needs no lock (and the folder may not exist yet)
         return _start_cells(study, args)
     with run_lock(study.root) as lock:

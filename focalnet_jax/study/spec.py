@@ -33,7 +33,12 @@ from pathlib import Path
 
 import ml_collections
 
-from focalnet_jax.config_loading import apply_overrides, get_config_from_file, load_config
+from focalnet_jax.config_loading import (
+    apply_overrides,
+    get_config_from_file,
+    load_config,
+    split_overrides,
+)
 from focalnet_jax.errors import UserError, plural
 
 SPEC_PREFIX = "--spec."
@@ -112,11 +117,13 @@ def load_spec(path: str, overrides: Sequence[str] = ()) -> ml_collections.Config
         raise StudyError(f"spec {path}: missing field(s) {missing}")
     spec.lock()
     as_config = []
-    for item in overrides:
-        if not item.startswith(SPEC_PREFIX):
-            raise StudyError(f"unrecognized argument {item!r}: overrides look like --spec.a.b=v")
-        if not _add_override_key(spec, item[len(SPEC_PREFIX) :]):
-            as_config.append("--config." + item[len(SPEC_PREFIX) :])
+    try:
+        pairs = split_overrides(overrides, SPEC_PREFIX)  # KEY=VALUE or KEY VALUE
+    except ValueError as error:
+        raise StudyError(str(error)) from None
+    for key, value in pairs:
+        if not _add_override_key(spec, f"{key}={value}"):
+            as_config.append(f"--config.{key}={value}")
     try:
         apply_overrides(spec, as_config)
     except (KeyError, ValueError) as error:
@@ -302,7 +309,8 @@ def _check_common(plain: Mapping) -> None:
 
 def _check_arm(plain: Mapping, arm: str, store_components: Sequence[str]) -> None:
     """The config of `arm` loads, passes every check a cell's `focalnet train` makes before it
-    starts (`RunSpec.from_config`), and trains on components the store holds."""
+    starts (`RunSpec.from_config`), trains on components the store holds and names pretrained
+    weights that exist (a cell would fail on them only once it starts)."""
     _check_overrides(f"arm {arm!r}", flatten(plain["arms"][arm]), arm=True)
     try:
         config = load_config(plain["base"], cell_overrides(plain, arm, 0, plain["folds"][0]))
@@ -320,6 +328,9 @@ def _check_arm(plain: Mapping, arm: str, store_components: Sequence[str]) -> Non
             f"arm {arm!r}: data.components {tuple(config.data.components)}: {missing} not in "
             f"store {plain['store']} (it holds {store_components})"
         )
+    pretrained = config.model.pretrained
+    if pretrained and not Path(pretrained).expanduser().is_file():
+        raise StudyError(f"arm {arm!r}: model.pretrained {pretrained}: no such file")
 
 
 def _open_store(plain: Mapping):

@@ -6,7 +6,8 @@
 synthesises a PI-CAI-layout dataset where most lesions are visible in only one component (MFL's
 premise), preprocesses it, prints the patient-level folds, runs the study with the local executor
 and writes its report; `--results` copies the report folder there. Every step already done in
-`--out` is kept, so an interrupted run continues where it stopped. Each step is a `focalnet`
+`--out` is kept, so an interrupted run continues where it stopped; data there made with another
+`--cases`, `--seed` or `--single-share` is refused. Each step is a `focalnet`
 command run as `python -m focalnet_jax.cli` in a child process, printed before it runs.
 """
 
@@ -57,21 +58,55 @@ def _store_is_current(store: Path) -> bool:
     return True
 
 
+def _made_as_asked(data: Path, expected: dict) -> bool:
+    """Whether `data` holds the synthetic dataset `expected` (a `synthesis_record`) describes;
+    False when there is none, an incomplete one or one without a record (an older version: it is
+    rebuilt). Raises `SystemExit` for one made with other arguments: its store and study would
+    not be those asked for, and replacing it would lose what was trained on it."""
+    from focalnet_jax.data.synth import SYNTH_RECORD, read_synthesis_record
+
+    if not (data / "marksheet.csv").is_file():
+        return False
+    recorded = read_synthesis_record(data)
+    if recorded is None:
+        print(f"rebuilding the synthetic data: {data} has no {SYNTH_RECORD} (an older version)")
+        return False
+    flat = {"cases": recorded.get("cases"), "seed": recorded.get("seed")}
+    flat |= {f"config.{k}": v for k, v in (recorded.get("config") or {}).items()}
+    asked = {"cases": expected["cases"], "seed": expected["seed"]}
+    asked |= {f"config.{k}": v for k, v in expected["config"].items()}
+    differ = [f"{k} {flat.get(k)!r} (asked {v!r})" for k, v in asked.items() if flat.get(k) != v]
+    if differ:
+        raise SystemExit(
+            f"{data}: synthetic data made with {', '.join(differ)}; its store and study would "
+            "not be those asked for: use another --out"
+        )
+    return True
+
+
 def synthetic_store(
     out: Path, *, cases: int, seed: int = 0, workers: int = 2, single_share: float | None = None
 ) -> Path:
     """`focalnet synth` into `out/data` (with `single_share` of lesions visible in T2w only and
     as many in ADC only), then `focalnet preprocess` into `out/store`; each is skipped when its
-    output is already there, and a store of an older format is rebuilt. Returns the store."""
+    output is already there (`_made_as_asked`: data made with other arguments is refused), and a
+    store of an older format or of rebuilt data is rebuilt. Returns the store."""
+    from focalnet_jax.data.synth import SynthConfig, synthesis_record
+
     data, store = out / "data", out / "store"
-    if not (data / "marksheet.csv").is_file():
-        # No marksheet: nothing there, or an incomplete dataset to replace.
+    shares = {"t2w_only_share": single_share, "adc_only_share": single_share}
+    try:  # as `focalnet synth` records it
+        config = SynthConfig(**(shares if single_share is not None else {}))
+    except ValueError as error:
+        raise SystemExit(f"--single-share {single_share}: {error}") from None
+    rebuilt = not _made_as_asked(data, synthesis_record(cases, seed, config))
+    if rebuilt:
         synth = ["synth", "--out", str(data), "--cases", str(cases), "--seed", str(seed)]
         synth.append("--overwrite")
         if single_share is not None:
             synth += ["--t2w-only-share", str(single_share), "--adc-only-share", str(single_share)]
         focalnet(synth)
-    if not _store_is_current(store):
+    if rebuilt or not _store_is_current(store):
         focalnet(["preprocess", "--layout=picai", f"--images={data / 'images'}",
                   f"--labels={data / 'labels'}", f"--masks={data / 'masks'}", f"--out={store}",
                   f"--workers={workers}", "--overwrite"])  # fmt: skip
