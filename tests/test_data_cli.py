@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -400,6 +401,56 @@ def test_sigterm_to_the_process_group_with_an_idle_worker_ends_the_run(dataset, 
     assert not left, "a process of the run outlived it"
     assert stderr.strip().splitlines()[-1] == "focalnet preprocess: interrupted by SIGTERM"
     assert "Traceback" not in stderr, stderr
+    assert not out.exists() and not list(tmp_path.glob(".store.tmp-*"))
+
+
+def _reader_of(fifo: Path, parent: int) -> int:
+    """The pid of the child of `parent` that has `fifo` open."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        tasks = Path(f"/proc/{parent}/task").glob("*/children")  # each thread's children
+        for child in {int(pid) for task in tasks for pid in task.read_text().split()}:
+            with contextlib.suppress(FileNotFoundError):
+                fds = Path(f"/proc/{child}/fd")
+                if any(os.readlink(fd) == str(fifo) for fd in fds.iterdir()):
+                    return child
+        time.sleep(0.05)
+    raise AssertionError(f"no child of {parent} has {fifo} open")
+
+
+def test_a_worker_killed_in_a_case_ends_the_run_naming_the_case(dataset, tmp_path):
+    """A worker killed while it reads a case (the out-of-memory killer, a crash in a reader):
+    `multiprocessing.Pool` replaced it and the run waited for that case for ever; now one line
+    names the case and how its worker ended, and nothing is left behind."""
+    root = tmp_path / "data"
+    shutil.copytree(dataset, root)
+    fifo = sorted(root.glob("images/*/*_t2w.mha"))[0]
+    fifo.unlink()
+    os.mkfifo(fifo)
+    case = fifo.name.removesuffix("_t2w.mha")
+    out = tmp_path / "store"
+    argv = [sys.executable, "-m", "focalnet_jax.cli", *_picai_args(root, out, "--workers", "2")]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen(
+        argv, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO, start_new_session=True
+    )
+    fds = []
+    try:
+        fds = _hold_fifos_open([fifo], timeout=120)
+        os.kill(_reader_of(fifo, process.pid), signal.SIGKILL)
+        _, stderr = process.communicate(timeout=60)
+        left = _group_alive(process.pid, timeout=5)
+    finally:
+        for fd in fds:
+            os.close(fd)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # only if the run hung or left a worker
+    assert process.returncode == 2, stderr
+    assert not left, "a process of the run outlived it"
+    assert stderr.strip().splitlines()[-1] == (
+        f"focalnet preprocess: error: case {case!r}, file '': its worker process died (killed "
+        "by SIGKILL)"
+    ), stderr
     assert not out.exists() and not list(tmp_path.glob(".store.tmp-*"))
 
 

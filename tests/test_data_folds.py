@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 
 import numpy as np
@@ -134,6 +135,16 @@ def test_fold_files_are_replaced_together_or_not_at_all(tmp_path, monkeypatch):
     assert [path.read_text() for path in old] == before
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"fold-{k}.json" for k in range(5)]
     assert json.loads(before[0])["val"]  # a real split was kept
+    # A write failing at fold 3 (its temporary file cannot be written) left fold-0..2.json of the
+    # new split beside fold-3/4.json of the old one.
+    monkeypatch.setattr(folds_lib, "split_cases", real)
+    blocked = tmp_path / f".fold-3.json.tmp-{os.getpid()}"
+    blocked.mkdir()
+    with pytest.raises(IsADirectoryError):
+        folds_lib.write_fold_files(store, tmp_path, num_folds=5, seed=1)
+    blocked.rmdir()
+    assert [path.read_text() for path in old] == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"fold-{k}.json" for k in range(5)]
 
 
 def _picai_store():

@@ -17,7 +17,7 @@ import SimpleITK as sitk
 
 from focalnet_jax.cli import main
 from focalnet_jax.data.io import read_image
-from focalnet_jax.data.layouts import discover_picai, write_manifest
+from focalnet_jax.data.layouts import LayoutError, discover_picai, write_manifest
 from focalnet_jax.data.store import open_store
 
 
@@ -517,3 +517,30 @@ def test_a_series_of_another_frame_of_reference_is_refused(prostatex_case_dir, t
     manifest.write_text(f"case_id,patient_id,t2w,adc\nc1,p1,{prostatex_case_dir / 't2w'},{image}\n")
     assert main([*argv, "--unlabelled", "negative"]) in (0, None)
     assert open_store(out).case_ids == ["c1"]
+
+
+def test_a_flag_of_the_other_layout_is_refused(dataset, tmp_path, capfd):
+    # `--masks`, `--labels`, `--marksheet` or `--images` with a manifest, or `--manifest` with
+    # the PI-CAI layout, were ignored without a word: no mask-centred crops, no marksheet checks.
+    cases = discover_picai(dataset / "images", dataset / "labels")
+    write_manifest(cases, tmp_path / "cases.csv")
+    out = ["--out", str(tmp_path / "store")]
+    manifest = ["preprocess", "--layout", "manifest", "--manifest", str(tmp_path / "cases.csv")]
+    err = _user_error(capfd, [*manifest, *out, "--masks", str(dataset / "masks")])
+    assert err.endswith(
+        "--masks is not read with --layout manifest, only with --layout picai; a manifest names "
+        "each case's files in its columns"
+    )
+    err = _user_error(capfd, [*manifest, *out, "--marksheet", str(dataset / "marksheet.csv")])
+    assert "error: --marksheet is not read with --layout manifest, only with --layout picai" in err
+    picai = [*_picai(dataset, tmp_path / "store"), "--manifest", str(tmp_path / "cases.csv")]
+    err = _user_error(capfd, picai)
+    assert err.endswith("--manifest is not read with --layout picai, only with --layout manifest")
+    assert not (tmp_path / "store").exists()
+    # `focalnet predict` finds its cases the same way.
+    from focalnet_jax.evaluation.batch_predict import find_cases
+
+    listed = {"manifest": tmp_path / "cases.csv"}
+    with pytest.raises(LayoutError, match="^--masks is not read with --layout manifest"):
+        find_cases("manifest", ("t2w", "adc"), **listed, masks=str(dataset / "masks"))
+    assert len(find_cases("manifest", ("t2w", "adc"), **listed)) == len(cases)

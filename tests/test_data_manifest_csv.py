@@ -119,3 +119,23 @@ def test_marksheet_row_without_a_study_id_is_refused_naming_its_line(tmp_path):
         read_marksheet(sheet)
     sheet.write_text("\n".join(rows[:3]) + "\n")
     assert list(read_marksheet(sheet)) == ["10000_1000000"]
+
+
+def test_marksheet_rows_whose_cells_do_not_fit_the_header_are_refused(tmp_path):
+    """An unquoted `lesion_GS` of two lesions (3+3,4+3, as a spreadsheet edit leaves it) shifted
+    every later cell: case_csPCa read '3' passed the unlabelled check and a csPCa study was stored
+    lesion-free. A column named twice kept its last value. Both were read without a word."""
+    sheet = tmp_path / "marksheet.csv"
+    header = "patient_id,study_id,lesion_GS,lesion_ISUP,case_ISUP,case_csPCa"
+    sheet.write_text(f'{header}\n10000,1000000,"3+3,4+3","1,3",3,YES\n')
+    assert read_marksheet(sheet)["10000_1000000"]["case_csPCa"] == "YES"  # quoted: read right
+    sheet.write_text(f"{header}\n10000,1000000,3+3,4+3,1,3,3,YES\n")
+    with pytest.raises(LayoutError) as raised:
+        read_marksheet(sheet)
+    assert str(raised.value) == (
+        f"marksheet {sheet}, line 2: 8 cells, but the header names 6 columns (a value holding a "
+        "comma, e.g. lesion_GS '3+3,4+3', must be in double quotes)"
+    )
+    sheet.write_text("patient_id,study_id,case_csPCa,case_csPCa\n10000,1000000,NO,YES\n")
+    with pytest.raises(LayoutError, match=r"\['case_csPCa'\] named more than once$"):
+        read_marksheet(sheet)

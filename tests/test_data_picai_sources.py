@@ -285,3 +285,24 @@ def test_a_patient_folder_beside_the_fold_folders_is_an_error(tmp_path):
         f"images folder {tmp_path} holds patient folders (e.g. 10009) and folders of patient "
         "folders (e.g. picai_public_images_fold0); give each image folder with its own --images"
     )
+
+
+def test_label_files_of_no_given_case_are_named(tmp_path, caplog):
+    """Leaving one of PI-CAI's five image folders out dropped its labelled cases without a word
+    (about 300 a fold): the label files of no case found are named, one warning per folder."""
+    human, ai = _replica(tmp_path)
+    fold0 = tmp_path / "picai_public_images_fold0"  # 10002_1000002 lies in fold 3's folder
+    (human / "dataset.json").write_text("{}")  # not a label file
+    _touch(human / "10002_1000002.nii.gz")
+    with caplog.at_level(logging.WARNING, logger="focalnet_jax.data.layouts"):
+        cases = discover_picai(fold0, [human, ai], unlabelled="negative")
+    assert "10002_1000002" not in [c.case_id for c in cases]
+    warned = [r.getMessage() for r in caplog.records if "belong to no case" in r.getMessage()]
+    assert warned == [
+        f"1 label file(s) in {human} belong to no case of the image folder(s) (their images not "
+        "given?): 10002_1000002"
+    ]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="focalnet_jax.data.layouts"):
+        discover_picai(tmp_path, [human, ai], unlabelled="negative")  # every folder: all match
+    assert "belong to no case" not in caplog.text

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from focalnet_jax.data import worker_pool
-from focalnet_jax.data.worker_pool import stop_pool, worker_results
+from focalnet_jax.data.worker_pool import WorkerDiedError, stop_pool, worker_results
 
 
 def _spawn_pool(initializer=worker_pool._init_worker, initargs=()):
@@ -67,3 +67,30 @@ def test_a_terminated_pool_sends_sigterm_again_to_a_worker_that_missed_it(tmp_pa
         for process in processes:
             if process.exitcode is None:
                 process.kill()
+
+
+def _ends_its_worker_on_3(job: int) -> int:
+    if job == 3:
+        os.kill(os.getpid(), signal.SIGKILL)  # as the out-of-memory killer, or a crash
+    return job
+
+
+def test_a_worker_that_dies_in_a_job_is_reported_not_waited_for():
+    """`multiprocessing.Pool` replaces a worker that died and waits for its job's result for
+    ever; the results name the job and how its worker ended."""
+    outcome = {}
+
+    def consume():
+        try:
+            with worker_results(_ends_its_worker_on_3, [0, 1, 2, 3, 4], 2) as results:
+                outcome["results"] = list(results)
+        except WorkerDiedError as error:
+            outcome["error"] = error
+
+    consuming = threading.Thread(target=consume, daemon=True)
+    consuming.start()
+    consuming.join(timeout=60)
+    assert not consuming.is_alive(), "the results waited for ever for the lost job"
+    error = outcome["error"]
+    assert (error.index, error.how) == (3, "killed by SIGKILL")
+    assert str(error) == "a worker process ended in job 3 (killed by SIGKILL)"

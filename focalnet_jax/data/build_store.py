@@ -21,6 +21,7 @@ from focalnet_jax.data.io import CaseError
 from focalnet_jax.data.layouts import (
     CaseSpec,
     LayoutError,
+    check_layout_flags,
     discover_picai,
     read_manifest,
     unread_inputs,
@@ -34,7 +35,7 @@ from focalnet_jax.data.store import (
     store_settings,
     write_errors,
 )
-from focalnet_jax.data.worker_pool import worker_results
+from focalnet_jax.data.worker_pool import WorkerDiedError, worker_results
 from focalnet_jax.errors import UserError, naming_the_disk, plural
 
 log = logging.getLogger(__name__)
@@ -147,7 +148,13 @@ def preprocess_cases(
             writer.add_error(*error)
         bar = tqdm(total=len(jobs), desc="preprocess", unit="case", disable=not progress)
         with bar, worker_results(_work, jobs, workers) as results:
-            _add_results(writer, results, bar, skip_bad_cases)
+            try:
+                _add_results(writer, results, bar, skip_bad_cases)
+            except WorkerDiedError as died:  # a lost case cannot be skipped: the run stops
+                if died.index is None:
+                    raise UserError(f"store {out}: {died}") from None
+                case = jobs[died.index][0].case_id
+                raise CaseError(case, "", f"its worker process died ({died.how})") from None
         if not writer.records:
             _refuse_empty_store(writer, out, len(jobs))
         path = writer.commit()
@@ -162,7 +169,11 @@ def _find_cases(
 ) -> list[CaseSpec]:
     """The cases of a PI-CAI folder (`layout` 'picai') or a manifest ('manifest'). `refused`: a
     list collecting the cases refused while finding them, or None to raise on the first; where
-    every case is refused they are listed in `<out>.errors.csv`."""
+    every case is refused they are listed in `<out>.errors.csv`. A flag of the other layout is
+    refused (`check_layout_flags`)."""
+    check_layout_flags(
+        layout, manifest=manifest, images=images, labels=labels, masks=masks, marksheet=marksheet
+    )
     if layout == "picai":
         if images is None:
             raise LayoutError("--layout picai needs --images")

@@ -3,6 +3,7 @@ read from given split files (PI-CAI's official folds, see `read_given_split`).""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -279,15 +280,16 @@ def _warn_validated_twice_or_never(store, val: Sequence[set], splits) -> None:
 def write_fold_files(
     store, out_dir: str | os.PathLike, num_folds: int = 5, seed: int = 0
 ) -> list[Path]:
-    """`fold-<k>.json` files with {"train": [case ids], "val": [case ids]}: every split made
-    before any file is replaced, each file replaced atomically (a failure leaves the previous
-    files, not fold files of two splits side by side)."""
+    """`fold-<k>.json` files with {"train": [case ids], "val": [case ids]}: every split made and
+    every file written to a temporary file before any is renamed into place (a failure while
+    making or writing them, e.g. a full disk, leaves the previous files, not fold files of two
+    splits side by side)."""
     out_dir = Path(out_dir)
     splits = [split_cases(store, k, num_folds, seed) for k in range(num_folds)]
-    paths = []
-    for k, (train, val) in enumerate(splits):
-        paths.append(out_dir / _FOLD_FILE.format(k=k))
-        with replaced_atomically(paths[-1]) as tmp:
+    paths = [out_dir / _FOLD_FILE.format(k=k) for k in range(num_folds)]
+    with contextlib.ExitStack() as renames:  # each file renamed as the stack unwinds
+        for path, (train, val) in zip(paths, splits, strict=True):
+            tmp = renames.enter_context(replaced_atomically(path))
             tmp.write_text(json.dumps({"train": train, "val": val}, indent=1) + "\n")
     return paths
 

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from focalnet_jax.data.atomic_files import replaced_atomically
 from focalnet_jax.data.case_ids import check_case_id
+from focalnet_jax.data.csv_tables import csv_rows, csv_text
 from focalnet_jax.data.io import IMAGE_SUFFIXES, CaseError
 from focalnet_jax.data.picai_sources import (
     LABEL_SUFFIXES,
@@ -73,52 +74,42 @@ def check_components(components: Sequence[str]) -> None:
         )
 
 
-def _csv_text(path: Path, what: str) -> str:
-    """The text of a CSV file, UTF-8 with or without the byte-order mark spreadsheet programs
-    write (it would otherwise stick to the first column's name); other encodings are refused
-    naming the line."""
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line = data[: err.start].count(b"\n") + 1
-        raise LayoutError(
-            f"{what} {path}, line {line}: not UTF-8 text (byte 0x{data[err.start]:02x}); save it "
-            "as CSV UTF-8"
-        ) from err
-
-
 def read_marksheet(path: str | os.PathLike) -> dict[str, dict]:
     """PI-CAI marksheet -> {'<patient>_<study>': {column: value}}; columns found by name. A row
     of empty cells (a spreadsheet's empty row) is skipped; a row with an empty `patient_id` or
-    `study_id` is an error naming its line (it matched no case: the study's values were lost)."""
+    `study_id` is an error naming its line (it matched no case: the study's values were lost),
+    as is a column named twice or a row with more cells than columns (`csv_rows`)."""
     path = Path(path)
     if not path.is_file():
         raise LayoutError(f"marksheet {path} is not a file")
-    with io.StringIO(_csv_text(path, "marksheet"), newline="") as f:
-        reader = csv.DictReader(f)
-        columns = [c.strip() for c in reader.fieldnames or []]
-        missing = [c for c in ("patient_id", "study_id") if c not in columns]
-        if missing:
-            raise LayoutError(f"{path}: marksheet lacks column(s) {missing}; has {columns}")
-        rows, lines = {}, {}
-        for row in reader:
-            row = {k.strip(): (v or "").strip() for k, v in row.items() if k}
-            if not any(row.values()):
-                continue
-            empty = [c for c in ("patient_id", "study_id") if not row[c]]
-            if empty:
-                raise LayoutError(
-                    f"marksheet {path}, line {reader.line_num}: empty {' and '.join(empty)}"
-                )
-            key = f"{row['patient_id']}_{row['study_id']}"
-            if key in rows and rows[key] != row:  # which one holds the truth is not ours to pick
-                raise LayoutError(
-                    f"marksheet {path}, line {reader.line_num}: study {key} is also on line "
-                    f"{lines[key]}, with other values; keep one row per study"
-                )
-            rows[key], lines[key] = row, lines.get(key, reader.line_num)
+    hint = "a value holding a comma, e.g. lesion_GS '3+3,4+3', must be in double quotes"
+    _, table = csv_rows(path, "marksheet", ("patient_id", "study_id"), hint)
+    rows, lines = {}, {}
+    for line, row in table:
+        empty = [c for c in ("patient_id", "study_id") if not row[c]]
+        if empty:
+            raise LayoutError(f"marksheet {path}, line {line}: empty {' and '.join(empty)}")
+        key = f"{row['patient_id']}_{row['study_id']}"
+        if key in rows and rows[key] != row:  # which one holds the truth is not ours to pick
+            raise LayoutError(
+                f"marksheet {path}, line {line}: study {key} is also on line {lines[key]}, "
+                "with other values; keep one row per study"
+            )
+        rows[key], lines[key] = row, lines.get(key, line)
     return rows
+
+
+def check_layout_flags(layout: str, *, manifest=None, **picai_flags) -> None:
+    """Refuses a flag of the other layout, which would be ignored: `--manifest` with 'picai', a
+    PI-CAI flag (`picai_flags`, e.g. `masks=...`: `--masks`) with 'manifest'."""
+    if layout == "picai" and manifest:
+        raise LayoutError("--manifest is not read with --layout picai, only with --layout manifest")
+    given = [name for name, value in picai_flags.items() if value]
+    if layout == "manifest" and given:
+        raise LayoutError(
+            f"--{given[0]} is not read with --layout manifest, only with --layout picai; a "
+            "manifest names each case's files in its columns"
+        )
 
 
 def _check_unlabelled(unlabelled: str) -> None:
@@ -188,6 +179,7 @@ def discover_picai(
         spec.meta = dict(sheet.get(case, {}))
         cases.append(spec)
     _warn_unmasked(cases, masks)
+    _warn_unmatched_labels(folders, set(found))
     where = ", ".join(map(str, folders)) or "no --labels folder given"
     _warn_left_out(unlabelled_cases, f"no label file in {where}")
     return cases
@@ -239,6 +231,21 @@ def _warn_left_out(case_ids: Sequence[str], why: str) -> None:
         )  # fmt: skip
 
 
+def _warn_unmatched_labels(folders: Sequence[Path], case_ids: set[str]) -> None:
+    """One warning per label folder naming its label files of no case of the image folders (an
+    image folder left out, e.g. one of PI-CAI's five fold folders, drops its labelled cases)."""
+    for folder in folders:
+        names = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+        ids = [next((n[: -len(s)] for s in LABEL_SUFFIXES if n.endswith(s)), None) for n in names]
+        unmatched = [c for c in dict.fromkeys(ids) if c is not None and c not in case_ids]
+        if unmatched:
+            log.warning(
+                "%d label file(s) in %s belong to no case of the image folder(s) (their images "
+                "not given?): %s%s", len(unmatched), folder, ", ".join(unmatched[:5]),
+                ", ..." if len(unmatched) > 5 else "",
+            )  # fmt: skip
+
+
 def _warn_unmasked(cases: Sequence[CaseSpec], masks) -> None:
     """One warning naming the cases without a mask in the `masks` folder (if given)."""
     unmasked = [c.case_id for c in cases if c.mask is None]
@@ -262,26 +269,8 @@ def _manifest_rows(
     more cells than columns (an unquoted path holding a comma), is an error."""
     if not manifest.is_file():
         raise LayoutError(f"manifest {manifest} does not exist")
-    with io.StringIO(_csv_text(manifest, "manifest"), newline="") as f:
-        reader = csv.DictReader(f)
-        columns = [c.strip() for c in reader.fieldnames or []]
-        missing = [c for c in required if c not in columns]
-        if missing:
-            raise LayoutError(f"manifest {manifest}: missing column(s) {missing}; has {columns}")
-        repeated = sorted({c for c in columns if c and columns.count(c) > 1})
-        if repeated:
-            raise LayoutError(f"manifest {manifest}: column(s) {repeated} named more than once")
-        rows = []
-        for row in reader:
-            if None in row:  # csv.DictReader's key for the cells beyond the header's
-                raise LayoutError(
-                    f"manifest {manifest}, line {reader.line_num}: {len(columns) + len(row[None])} "
-                    f"cells, but the header names {len(columns)} columns (a path holding a comma "
-                    "must be in double quotes)"
-                )
-            row = {k.strip(): (v or "").strip() for k, v in row.items()}
-            if any(row.values()):
-                rows.append((reader.line_num, row))
+    hint = "a path holding a comma must be in double quotes"
+    columns, rows = csv_rows(manifest, "manifest", required, hint)
     if not rows:
         raise LayoutError(f"manifest {manifest} lists no cases")
     return columns, rows
@@ -462,7 +451,7 @@ def unread_inputs(
     files `<case>_<name>.<suffix>` beside their T2w (e.g. hbv, dce with components t2w,adc), for
     'manifest' the columns of `manifest` that no setting reads (e.g. an hbv column)."""
     if layout == "manifest":
-        with io.StringIO(_csv_text(Path(manifest), "manifest"), newline="") as f:
+        with io.StringIO(csv_text(Path(manifest), "manifest"), newline="") as f:
             header = next(csv.reader(f), [])
         known = {"case_id", "patient_id", "label", "prostate_mask", *components}
         known |= {*CENTRE_COLUMNS, CENTRE_SPACE_COLUMN}

@@ -20,6 +20,10 @@
   100 runs of `preprocess --workers 2` on 2 cases hung so at their end). Where the pool must be
   terminated (an error or an interrupt), a worker still alive after `_RESEND_S` gets SIGTERM
   again, which interrupts the wait.
+- A worker that dies (a crash in a reader, the kernel's out-of-memory killer) loses the job it
+  had: `multiprocessing.Pool` replaces the worker and waits for that result for ever. Each worker
+  notes the job it works on in a file named by its pid, and the parent, waiting, looks for a
+  worker that ended every `_POLL_S`: `WorkerDiedError` names its job and how it ended.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import gc
 import multiprocessing
 import os
 import signal
+import tempfile
 import threading
 from multiprocessing import resource_tracker
 from pathlib import Path
@@ -41,6 +46,18 @@ _DEFERRED = frozenset({signal.SIGINT, signal.SIGTERM})
 _SENDING = frozenset({"send", "send_bytes", "_send", "_send_bytes"})
 _RETRY_S = 0.02  # how soon a SIGTERM deferred during a send is acted on
 _RESEND_S = 0.5  # how often a terminated pool's workers still alive get SIGTERM again
+_POLL_S = 1.0  # how often the parent, waiting for a result, looks for a worker that died
+_JOB_NOTES: Path | None = None  # in a worker: the folder where it notes its job (`_run_case`)
+
+
+class WorkerDiedError(RuntimeError):
+    """A worker process ended while the pool ran: inside job `index` of `worker_results`'s
+    `jobs` (None: between jobs), as `how` says (e.g. 'killed by SIGSEGV', 'exit status 3')."""
+
+    def __init__(self, index: int | None, how: str):
+        self.index, self.how = index, how
+        where = f"in job {index}" if index is not None else "between jobs"
+        super().__init__(f"a worker process ended {where} ({how})")
 
 
 def _within(frame, file: str, functions: frozenset) -> bool:
@@ -69,7 +86,10 @@ def _exit_on_sigterm(signum, frame) -> None:
     os.kill(os.getpid(), signal.SIGTERM)  # no lock held: an exception would print as ignored
 
 
-def _init_worker() -> None:
+def _init_worker(job_notes: str | None = None) -> None:
+    """A worker's setup; `job_notes`: the folder where `_run_case` notes its job."""
+    global _JOB_NOTES
+    _JOB_NOTES = Path(job_notes) if job_notes else None
     # A worker starts with the parent's signals held (inherited while the pool was built):
     # ignoring SIGINT first drops a pending one; a pending SIGTERM (the pool's terminate) then
     # ends the worker once unblocked.
@@ -80,13 +100,20 @@ def _init_worker() -> None:
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
 
 
-def _run_case(work, job):
-    """`work(job)` in a worker: SIGTERM ends it at once within, unwinds it outside."""
+def _run_case(work, indexed_job):
+    """`work(job)` of `(index, job)` in a worker, its index noted meanwhile (`_JOB_NOTES`):
+    SIGTERM ends the worker at once within, unwinds it outside."""
+    index, job = indexed_job
+    note = _JOB_NOTES / str(os.getpid()) if _JOB_NOTES is not None else None
+    if note is not None:
+        note.write_text(str(index))
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         return work(job)
     finally:
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        if note is not None:
+            note.write_text("")
 
 
 @contextlib.contextmanager
@@ -116,25 +143,87 @@ def _signals_deferred():
 @contextlib.contextmanager
 def worker_results(work, jobs: list, workers: int):
     """Yield `work(job)` for each of `jobs` in input order: computed in this process (1 worker)
-    or in a `spawn` pool of `workers` processes, terminated on exit. `work` is a module-level
-    function (it is pickled to the workers)."""
+    or in a `spawn` pool of `workers` processes, closed when all are consumed, else terminated.
+    `work` is a module-level function (it is pickled to the workers). A worker that dies raises
+    `WorkerDiedError` while the results are read."""
     if workers == 1:
         yield map(work, jobs)
         return
     pool, failed = None, True
+    with tempfile.TemporaryDirectory(prefix="focalnet-workers-") as notes:
+        try:
+            with _signals_deferred():  # raised once `pool` is set, so that it is terminated
+                pool = multiprocessing.get_context("spawn").Pool(
+                    workers, initializer=_init_worker, initargs=(notes,)
+                )
+            indexed = pool.imap(functools.partial(_run_case, work), enumerate(jobs), chunksize=1)
+            yield _watched(indexed, pool, Path(notes))
+            failed = False
+        finally:
+            if pool is not None:
+                # A signal meanwhile would be raised inside a finalizer of the pool's (which
+                # prints it and goes on); it is raised once they have run.
+                with _signals_deferred():
+                    stop_pool(pool, terminate=failed)
+                    pool = None
+                    gc.collect()  # the workers' finalizers (closing their pipes) run now
+
+
+def _watched(results, pool, notes: Path):
+    """The items of `results` (`pool.imap`'s); `WorkerDiedError` once a worker of `pool` has
+    ended (while the pool runs, none ends but by dying): one the pool still lists or listed when
+    looked at, or one whose note in `notes` names a job while its process is gone (the pool
+    replaces a dead worker within 0.1 s, maybe before it was seen)."""
+    seen = {}  # pid -> process: every worker looked at, also one the pool has replaced since
+    while True:
+        seen |= {process.pid: process for process in pool._pool}  # no public accessor
+        try:
+            yield results.next(timeout=_POLL_S)
+        except StopIteration:
+            return
+        except multiprocessing.TimeoutError:
+            if died := _died(seen, notes):
+                raise died from None
+
+
+def _died(seen: dict, notes: Path) -> WorkerDiedError | None:
+    """The first worker found ended: of `seen` (pid -> process), or noted in `notes` in a job
+    with no process left."""
+    for pid, process in seen.items():
+        if process.exitcode is not None:
+            return WorkerDiedError(_noted_job(notes, pid), _how(process.exitcode))
+    for note in notes.iterdir():
+        job = _noted_job(notes, int(note.name))
+        if job is not None and not _exists(int(note.name)):
+            return WorkerDiedError(job, _how(None))
+    return None
+
+
+def _exists(pid: int) -> bool:
     try:
-        with _signals_deferred():  # raised once `pool` is set, so that it is terminated
-            pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker)
-        yield pool.imap(functools.partial(_run_case, work), jobs, chunksize=1)
-        failed = False
-    finally:
-        if pool is not None:
-            # A signal meanwhile would be raised inside a finalizer of the pool's (which prints
-            # it and goes on); it is raised once they have run.
-            with _signals_deferred():
-                stop_pool(pool, terminate=failed)
-                pool = None
-                gc.collect()  # the workers' finalizers (closing their pipes) run now
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _noted_job(notes: Path, pid: int) -> int | None:
+    """The job worker `pid` noted it works on (None: none, or between jobs)."""
+    note = notes / str(pid)
+    text = note.read_text() if note.is_file() else ""
+    return int(text) if text else None
+
+
+def _how(exitcode: int | None) -> str:
+    """'killed by SIGKILL' for -9, 'exit status 3' for 3 (a process's `exitcode`), 'exit status
+    unknown' for None (its process was reaped by the pool)."""
+    if exitcode is None:
+        return "exit status unknown"
+    if exitcode < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-exitcode).name}"
+        return f"killed by signal {-exitcode}"
+    return f"exit status {exitcode}"
 
 
 def stop_pool(pool, *, terminate: bool) -> None:

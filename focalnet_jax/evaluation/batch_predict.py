@@ -27,7 +27,13 @@ from tqdm import tqdm
 
 from focalnet_jax.data.atomic_files import check_replaceable
 from focalnet_jax.data.io import CaseError
-from focalnet_jax.data.layouts import CaseSpec, LayoutError, discover_picai, read_manifest
+from focalnet_jax.data.layouts import (
+    CaseSpec,
+    LayoutError,
+    check_layout_flags,
+    discover_picai,
+    read_manifest,
+)
 from focalnet_jax.data.picai_sources import as_folders
 from focalnet_jax.data.preprocess import PreprocessedCase, preprocess_case
 from focalnet_jax.data.store import bad_cases_note, write_errors
@@ -78,7 +84,9 @@ def find_cases(
     """The cases of PI-CAI image folders (`images`: one or several, `picai_sources.picai_images`;
     optional gland `masks` for centring) or of a manifest CSV (its label column, if any, is
     ignored). A case id that is not a safe folder
-    name raises, or, where `errors` is a list, is appended to it as (case, file, reason)."""
+    name raises, or, where `errors` is a list, is appended to it as (case, file, reason). A flag
+    of the other layout is refused (`check_layout_flags`)."""
+    check_layout_flags(layout, manifest=manifest, images=images, masks=masks)
     if layout == "picai":
         if images is None:
             raise LayoutError("--layout picai needs --images")
