@@ -368,6 +368,30 @@ def _hold_fifos_open(fifos: list, timeout: float) -> list[int]:
     return fds
 
 
+def _preprocess_with_fifos_held(root, out, workers: int, fifos: list, act):
+    """`focalnet preprocess` of `root` into `out` in a session of its own, `fifos` (T2w files
+    made FIFOs) held open once read (their readers block), then `act(process)`: (exit status,
+    stderr, whether a process of the run outlived it). The run is killed if it hangs."""
+    argv = [sys.executable, "-m", "focalnet_jax.cli"]
+    argv += _picai_args(root, out, "--workers", str(workers))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen(
+        argv, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO, start_new_session=True
+    )
+    fds = []
+    try:
+        fds = _hold_fifos_open(fifos, timeout=120)
+        act(process)
+        _, stderr = process.communicate(timeout=60)
+        left = _group_alive(process.pid, timeout=5)
+    finally:
+        for fd in fds:
+            os.close(fd)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # only if the run hung or left a worker
+    return process.returncode, stderr, left
+
+
 def test_sigterm_to_the_process_group_with_an_idle_worker_ends_the_run(dataset, tmp_path):
     """`kill -TERM -- -PGID` (a container stop, a job script's trap) reaches every worker: one
     that had finished its case and waited for the next, killed while it held the lock of the task
@@ -380,24 +404,13 @@ def test_sigterm_to_the_process_group_with_an_idle_worker_ends_the_run(dataset, 
         t2w.unlink()
         os.mkfifo(t2w)
     out = tmp_path / "store"
-    argv = [sys.executable, "-m", "focalnet_jax.cli", *_picai_args(root, out, "--workers", "4")]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    process = subprocess.Popen(
-        argv, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO, start_new_session=True
-    )
-    fds = []
-    try:
-        fds = _hold_fifos_open(fifos, timeout=120)
+
+    def stop(process):
         time.sleep(3.0)  # the first case is read, its worker waits for another
         os.killpg(process.pid, signal.SIGTERM)
-        _, stderr = process.communicate(timeout=60)
-        left = _group_alive(process.pid, timeout=5)
-    finally:
-        for fd in fds:
-            os.close(fd)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)  # only if the run hung or left a worker
-    assert process.returncode == 143, stderr
+
+    returncode, stderr, left = _preprocess_with_fifos_held(root, out, 4, fifos, stop)
+    assert returncode == 143, stderr
     assert not left, "a process of the run outlived it"
     assert stderr.strip().splitlines()[-1] == "focalnet preprocess: interrupted by SIGTERM"
     assert "Traceback" not in stderr, stderr
@@ -429,23 +442,12 @@ def test_a_worker_killed_in_a_case_ends_the_run_naming_the_case(dataset, tmp_pat
     os.mkfifo(fifo)
     case = fifo.name.removesuffix("_t2w.mha")
     out = tmp_path / "store"
-    argv = [sys.executable, "-m", "focalnet_jax.cli", *_picai_args(root, out, "--workers", "2")]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    process = subprocess.Popen(
-        argv, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO, start_new_session=True
-    )
-    fds = []
-    try:
-        fds = _hold_fifos_open([fifo], timeout=120)
+
+    def kill_its_reader(process):
         os.kill(_reader_of(fifo, process.pid), signal.SIGKILL)
-        _, stderr = process.communicate(timeout=60)
-        left = _group_alive(process.pid, timeout=5)
-    finally:
-        for fd in fds:
-            os.close(fd)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)  # only if the run hung or left a worker
-    assert process.returncode == 2, stderr
+
+    returncode, stderr, left = _preprocess_with_fifos_held(root, out, 2, [fifo], kill_its_reader)
+    assert returncode == 2, stderr
     assert not left, "a process of the run outlived it"
     assert stderr.strip().splitlines()[-1] == (
         f"focalnet preprocess: error: case {case!r}, file '': its worker process died (killed "

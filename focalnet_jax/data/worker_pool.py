@@ -52,11 +52,12 @@ _JOB_NOTES: Path | None = None  # in a worker: the folder where it notes its job
 
 class WorkerDiedError(RuntimeError):
     """A worker process ended while the pool ran: inside job `index` of `worker_results`'s
-    `jobs` (None: between jobs), as `how` says (e.g. 'killed by SIGSEGV', 'exit status 3')."""
+    `jobs` (None: between jobs, or its job unknown), as `how` says (e.g. 'killed by SIGSEGV',
+    'exit status 3')."""
 
     def __init__(self, index: int | None, how: str):
         self.index, self.how = index, how
-        where = f"in job {index}" if index is not None else "between jobs"
+        where = f"in job {index}" if index is not None else "in no job it noted"
         super().__init__(f"a worker process ended {where} ({how})")
 
 
@@ -104,16 +105,21 @@ def _run_case(work, indexed_job):
     """`work(job)` of `(index, job)` in a worker, its index noted meanwhile (`_JOB_NOTES`):
     SIGTERM ends the worker at once within, unwinds it outside."""
     index, job = indexed_job
-    note = _JOB_NOTES / str(os.getpid()) if _JOB_NOTES is not None else None
-    if note is not None:
-        note.write_text(str(index))
+    _note_job(str(index))
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         return work(job)
     finally:
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
-        if note is not None:
-            note.write_text("")
+        _note_job("")
+
+
+def _note_job(text: str) -> None:
+    """In a worker: `text` (a job's index, '' between jobs) as its note in `_JOB_NOTES`; a note
+    that cannot be written (a full temporary folder) leaves the job unnamed, the work going on."""
+    if _JOB_NOTES is not None:
+        with contextlib.suppress(OSError):
+            (_JOB_NOTES / str(os.getpid())).write_text(text)
 
 
 @contextlib.contextmanager
