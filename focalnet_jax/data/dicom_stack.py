@@ -119,10 +119,7 @@ def _check_slices_agree(headers: list[dict], files) -> None:
     columns and frame of reference: ITK reads them from one slice for the whole stack, so a slice
     that differs would be scaled or placed wrongly without a word."""
     first = Path(files[0]).name
-    spacings = []
-    for header, file in zip(headers, files, strict=True):
-        _check_pixel_spacing(header, file)
-        spacings.append(_floats(header, _PIXEL_SPACING, file, 2))
+    spacings = [_pixel_spacing(h, f) for h, f in zip(headers, files, strict=True)]
     off = np.abs(np.array(spacings) - spacings[0]).max(axis=1) > 1e-4 * spacings[0].max()
     if off.any():
         k = int(np.argmax(off))
@@ -141,17 +138,19 @@ def _check_slices_agree(headers: list[dict], files) -> None:
             )
 
 
-def _check_pixel_spacing(header: dict, file: str) -> None:
-    """A slice without PixelSpacing (0028,0030), or with one that is not 2 positive numbers, is
-    refused: ITK would take 1 mm pixels without a word."""
+def _pixel_spacing(header: dict, file: str) -> np.ndarray:
+    """The PixelSpacing (0028,0030) of a slice, mm; a slice without one, or with one that is not
+    2 positive numbers, is refused: ITK would take 1 mm pixels without a word."""
     if _PIXEL_SPACING not in header:
         raise SeriesError(
             file, "DICOM file lacks PixelSpacing (0028,0030): its pixel size is unknown"
         )
-    if not (_floats(header, _PIXEL_SPACING, file, 2) > 0).all():
+    spacing = _floats(header, _PIXEL_SPACING, file, 2)
+    if not (spacing > 0).all():
         raise SeriesError(
             file, f"PixelSpacing (0028,0030) {header[_PIXEL_SPACING]!r} is not positive"
         )
+    return spacing
 
 
 def _refuse_multiframe_files(headers: list[dict], files) -> None:

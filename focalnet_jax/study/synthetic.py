@@ -71,17 +71,20 @@ def _made_as_asked(data: Path, expected: dict) -> bool:
     if recorded is None:
         print(f"rebuilding the synthetic data: {data} has no {SYNTH_RECORD} (an older version)")
         return False
-    flat = {"cases": recorded.get("cases"), "seed": recorded.get("seed")}
-    flat |= {f"config.{k}": v for k, v in (recorded.get("config") or {}).items()}
-    asked = {"cases": expected["cases"], "seed": expected["seed"]}
-    asked |= {f"config.{k}": v for k, v in expected["config"].items()}
-    differ = [f"{k} {flat.get(k)!r} (asked {v!r})" for k, v in asked.items() if flat.get(k) != v]
+    made, asked = _flat(recorded), _flat(expected)
+    differ = [f"{k} {made.get(k)!r} (asked {v!r})" for k, v in asked.items() if made.get(k) != v]
     if differ:
         raise SystemExit(
             f"{data}: synthetic data made with {', '.join(differ)}; its store and study would "
             "not be those asked for: use another --out"
         )
     return True
+
+
+def _flat(record: dict) -> dict:
+    """A `synthesis_record` as {'cases', 'seed', 'config.<field>', ...}."""
+    config = {f"config.{k}": v for k, v in (record.get("config") or {}).items()}
+    return {"cases": record.get("cases"), "seed": record.get("seed"), **config}
 
 
 def synthetic_store(
