@@ -29,6 +29,7 @@ import SimpleITK as sitk
 
 from focalnet_jax.data import native_stderr
 from focalnet_jax.data.dicom_bvalues import BValueError, describe_choice, highest_b_files
+from focalnet_jax.data.dicom_monochrome1 import restore_series
 from focalnet_jax.data.dicom_multiframe import (
     MultiFrameError,
     number_of_frames,
@@ -262,9 +263,10 @@ def _read_series(folder: Path, series: str | None, component: str | None, notes:
     # first slice's pixel type (int16 for slope 1), wrapping or truncating other slices' values.
     reader.SetOutputPixelType(sitk.sitkFloat32)
     try:
-        return reader.Execute()
+        image = reader.Execute()
     except RuntimeError as err:
         raise _undecodable(files, err) from err
+    return restore_series(image, files)
 
 
 def _stack_files(folder: Path, chosen: SeriesInfo, component: str | None, notes: list[str]):

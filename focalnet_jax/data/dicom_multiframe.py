@@ -24,6 +24,7 @@ import SimpleITK as sitk
 from pydicom.errors import InvalidDicomError
 
 from focalnet_jax.data.dicom_bvalues import BValueError, describe_choice, highest_b
+from focalnet_jax.data.dicom_monochrome1 import restore_frames
 
 NUMBER_OF_FRAMES = "0028|0008"
 # Slice positions (here and in dicom.py's classic series) within max(0.01 mm, 1 % of the spacing).
@@ -157,6 +158,7 @@ def read_multiframe(
     if frames != list(range(len(values["position"]))) or set(own) != {applied}:
         image = _restacked(image, frames, stacked, own, applied)
     check_image_geometry(image, stacked)
+    image = restore_frames(image, file, own)
     if note and notes is not None:
         notes.append(f"{file}: {note}")
     return image
