@@ -8,10 +8,11 @@ import json
 import logging
 import shutil
 
+import numpy as np
 import pytest
 
 from focalnet_jax.cli import main
-from focalnet_jax.data.io import CaseError
+from focalnet_jax.data.io import CaseError, read_label
 from focalnet_jax.data.layouts import LayoutError, discover_picai, read_manifest
 from focalnet_jax.data.picai_sources import label_scheme, marksheet_cspca
 from focalnet_jax.data.store import open_store
@@ -306,3 +307,33 @@ def test_label_files_of_no_given_case_are_named(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="focalnet_jax.data.layouts"):
         discover_picai(tmp_path, [human, ai], unlabelled="negative")  # every folder: all match
     assert "belong to no case" not in caplog.text
+
+
+def test_suffixes_in_upper_case_preprocess_as_the_lower_case_ones(tmp_path):
+    """`10000_1000000_t2w.MHA` was found as a case, then called missing (ITK reads no `.MHA`);
+    labels as `.NII.GZ` were named as belonging to no case. A mixed-case NIfTI suffix, which ITK
+    refuses, is named with the reason."""
+    data = tmp_path / "synth"
+    assert main(["synth", "--out", str(data), "--cases", "2", "--seed", "5", "--small"]) == 0
+    upper = tmp_path / "upper"
+    shutil.copytree(data, upper)
+    for file in [*(upper / "images").rglob("*.mha"), *(upper / "labels").glob("*.nii.gz")]:
+        stem, _, suffix = file.name.partition(".")
+        file.rename(file.with_name(f"{stem}.{suffix.upper()}"))
+    stores = {}
+    for name in ("synth", "upper"):
+        root = tmp_path / name
+        args = ["preprocess", "--layout", "picai", "--images", str(root / "images")]
+        args += ["--labels", str(root / "labels"), "--out", str(tmp_path / f"{name}.store")]
+        assert main(args) == 0
+        stores[name] = open_store(tmp_path / f"{name}.store")
+    assert (
+        stores["upper"].case_ids == stores["synth"].case_ids and len(stores["synth"].case_ids) == 2
+    )
+    np.testing.assert_array_equal(stores["upper"].images, stores["synth"].images)
+    np.testing.assert_array_equal(stores["upper"].classes, stores["synth"].classes)
+    label = next((upper / "labels").glob("*.NII.GZ"))
+    mixed = label.with_name(label.name.replace(".NII.GZ", ".Nii.gz"))
+    label.rename(mixed)
+    with pytest.raises(CaseError, match=r"NIfTI suffix '\.Nii\.gz' in mixed letter case"):
+        read_label(mixed, case="c", label_values="picai")

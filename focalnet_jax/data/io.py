@@ -20,7 +20,16 @@ import SimpleITK as sitk
 from focalnet_jax.data import dicom, dicom_seg
 from focalnet_jax.errors import UserError
 
-IMAGE_SUFFIXES = (".mha", ".mhd", ".nii", ".nii.gz", ".nrrd")
+# The ITK reader of each image suffix, named: ITK finds one by a lower-case suffix only (it reads
+# a `.MHA` file with none).
+_IMAGE_IO = {
+    ".mha": "MetaImageIO",
+    ".mhd": "MetaImageIO",
+    ".nii": "NiftiImageIO",
+    ".nii.gz": "NiftiImageIO",
+    ".nrrd": "NrrdImageIO",
+}
+IMAGE_SUFFIXES = tuple(_IMAGE_IO)
 _MET_BYTES = {"MET_UCHAR": 1, "MET_CHAR": 1, "MET_USHORT": 2, "MET_SHORT": 2, "MET_UINT": 4}
 _MET_BYTES |= {"MET_INT": 4, "MET_FLOAT": 4, "MET_DOUBLE": 8}
 
@@ -255,7 +264,7 @@ def read_image(
                 raise CaseError(case, path, f"unreadable or truncated image ({short})")
             if problem := _nifti_voxel_size_problem(path):  # before ITK reads it as 1 mm
                 raise CaseError(case, path, problem)
-            image = sitk.ReadImage(str(path))
+            image = sitk.ReadImage(str(path), imageIO=_image_io(path, case))
             problem = _truncation(path)
             if problem:
                 raise CaseError(case, path, f"unreadable or truncated image ({problem})")
@@ -277,6 +286,20 @@ def read_image(
     if not np.isfinite(sitk.GetArrayViewFromImage(image)).all():
         raise CaseError(case, path, "image holds NaN or Inf voxels")
     return image
+
+
+def _image_io(path: Path, case: str) -> str:
+    """The ITK reader of an image file of one of `IMAGE_SUFFIXES`, in any letter case, but a
+    NIfTI suffix in lower or upper case only (ITK's NIfTI reader refuses `.Nii.gz`)."""
+    suffix = max((s for s in IMAGE_SUFFIXES if path.name.lower().endswith(s)), key=len)
+    written = path.name[-len(suffix) :]
+    if _IMAGE_IO[suffix] == "NiftiImageIO" and written not in (suffix, suffix.upper()):
+        raise CaseError(
+            case,
+            path,
+            f"NIfTI suffix {written!r} in mixed letter case is not read: rename it to {suffix}",
+        )
+    return _IMAGE_IO[suffix]
 
 
 def _seg_file(path, case: str) -> Path | None:

@@ -236,7 +236,10 @@ def _warn_unmatched_labels(folders: Sequence[Path], case_ids: set[str]) -> None:
     image folder left out, e.g. one of PI-CAI's five fold folders, drops its labelled cases)."""
     for folder in folders:
         names = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
-        ids = [next((n[: -len(s)] for s in LABEL_SUFFIXES if n.endswith(s)), None) for n in names]
+        ids = [
+            next((n[: -len(s)] for s in LABEL_SUFFIXES if n.lower().endswith(s)), None)
+            for n in names
+        ]
         unmatched = [c for c in dict.fromkeys(ids) if c is not None and c not in case_ids]
         if unmatched:
             log.warning(

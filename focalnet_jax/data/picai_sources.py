@@ -12,6 +12,7 @@ PI-CAI's semi-supervised baseline prefers expert labels and fills in with AI-der
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -45,9 +46,16 @@ def not_a_folder(what: str, path) -> str:
 
 
 def find_file(folder: Path, stem: str, suffixes, case: str) -> Path | None:
-    """The one file `<folder>/<stem><suffix>`, or None; two of them (e.g. `.mha` and `.nii.gz`)
-    are an error naming `case` and both files."""
+    """The one file `<folder>/<stem><suffix>`, its suffix in any letter case (`.MHA`, as
+    `_image_files` finds it), or None; two of them (e.g. `.mha` and `.nii.gz`) are an error
+    naming `case` and both files."""
     found = [folder / (stem + suffix) for suffix in suffixes if (folder / (stem + suffix)).exists()]
+    if not found and folder.is_dir():  # listed only then: a label folder holds 1,500 files
+        found = sorted(
+            file
+            for file in folder.glob(glob.escape(stem) + ".*")
+            if file.name[len(stem) :].lower() in suffixes
+        )
     if len(found) > 1:
         raise LayoutError(f"case {case!r}: two files for {stem}: {found[0]} and {found[1]}")
     return found[0] if found else None
