@@ -23,7 +23,8 @@ import result_line  # benchmarks/result_line.py (the script directory)
 
 from focalnet_jax.data.geometry import CropGeometry
 from focalnet_jax.data.preprocess import PreprocessConfig, PreprocessedCase
-from focalnet_jax.data.store import StoreWriter, open_store, store_settings
+from focalnet_jax.data.store import StoreWriter, open_store
+from focalnet_jax.data.store_settings import store_settings
 from focalnet_jax.demo import cpu_name
 
 COMPONENTS = ("t2w", "adc")

@@ -248,6 +248,22 @@ def test_cases_all_refused_while_found_are_listed_beside_the_store(tmp_path, cap
     assert not out.exists()
 
 
+def test_a_store_written_removes_the_errors_listed_beside_it_by_a_failed_run(tmp_path):
+    """`<out>.errors.csv` of a run that stored no case was left beside the store a later run
+    wrote, as if it listed that run's bad cases."""
+    data = tmp_path / "synth"
+    assert main(["synth", "--out", str(data), "--cases", "2", "--seed", "5", "--small"]) == 0
+    (tmp_path / "no_labels").mkdir()
+    out = tmp_path / "store"
+    argv = ["preprocess", "--layout", "picai", "--images", str(data / "images"), "--out", str(out)]
+    with pytest.raises(SystemExit):
+        main([*argv, "--labels", str(tmp_path / "no_labels"), "--skip-bad-cases"])
+    assert (tmp_path / "store.errors.csv").is_file() and not out.exists()
+    assert main([*argv, "--labels", str(data / "labels")]) == 0
+    assert len(open_store(out).case_ids) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["no_labels", "store", "synth"]
+
+
 def test_unlabelled_skip_names_the_cases_it_leaves_out(tmp_path, caplog):
     """`--unlabelled skip` left cases out without a word: with only the expert labels, three of
     five PI-CAI cases (every csPCa case labelled by AI alone) were missing from the store, and the

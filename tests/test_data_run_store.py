@@ -17,7 +17,8 @@ from focalnet_jax.data.build_store import preprocess_cases
 from focalnet_jax.data.layouts import discover_picai
 from focalnet_jax.data.preprocess import PreprocessConfig
 from focalnet_jax.data.run_store import RECORD_FILE, check_run_store
-from focalnet_jax.data.store import StaleStoreError, open_store
+from focalnet_jax.data.store import open_store
+from focalnet_jax.data.store_settings import StaleStoreError
 from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation.ensemble import preprocess_settings
 from focalnet_jax.run import workdir as workdir_lib

@@ -21,7 +21,8 @@ import pytest
 from focalnet_jax.cli import main
 from focalnet_jax.data.case_ids import check_case_id
 from focalnet_jax.data.layouts import discover_picai, read_manifest, write_manifest
-from focalnet_jax.data.store import open_store, read_settings
+from focalnet_jax.data.store import open_store
+from focalnet_jax.data.store_settings import read_settings
 from focalnet_jax.data.writer_folders import pid_space, remove_dead_leftovers
 from focalnet_jax.errors import UserError
 
@@ -341,7 +342,8 @@ def test_a_store_moved_aside_by_a_killed_commit_is_restored(manifest_rows, tmp_p
 
 KILLED_WRITER = """
 import os, signal, sys
-from focalnet_jax.data.store import StoreWriter, store_settings
+from focalnet_jax.data.store import StoreWriter
+from focalnet_jax.data.store_settings import store_settings
 writer = StoreWriter(sys.argv[1], ("t2w", "adc"), store_settings(None, ("t2w", "adc")))
 print(writer.tmp.name, flush=True)
 os.kill(os.getpid(), signal.SIGKILL)
@@ -369,7 +371,8 @@ def test_a_killed_writer_leftover_is_removed_by_the_next_run(manifest_rows, tmp_
 
 NAMESPACE_WRITER = """
 import os, sys, time
-from focalnet_jax.data.store import StoreWriter, store_settings
+from focalnet_jax.data.store import StoreWriter
+from focalnet_jax.data.store_settings import store_settings
 writer = StoreWriter(sys.argv[1], ("t2w", "adc"), store_settings(None, ("t2w", "adc")))
 print(writer.tmp.name, flush=True)
 while not os.path.exists(sys.argv[2]):  # writing, until the test is done

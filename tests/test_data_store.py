@@ -11,14 +11,8 @@ import pytest
 
 from focalnet_jax.data.geometry import CropGeometry
 from focalnet_jax.data.preprocess import PreprocessConfig, PreprocessedCase
-from focalnet_jax.data.store import (
-    StaleStoreError,
-    StoreWriter,
-    bad_cases_note,
-    fingerprint,
-    open_store,
-    store_settings,
-)
+from focalnet_jax.data.store import StoreWriter, bad_cases_note, open_store
+from focalnet_jax.data.store_settings import StaleStoreError, fingerprint, store_settings
 
 
 def _case(case_id, num_slices, size=8, lesion_class=0, seed=0):
@@ -143,6 +137,24 @@ def test_missing_store_and_corrupt_table_are_named(tmp_path):
     (tmp_path / "s" / "cases.json").write_text('{"settings": {')  # truncated
     with pytest.raises(StaleStoreError, match=r"s/cases.json: not valid JSON"):
         open_store(tmp_path / "s")
+
+
+def test_store_with_a_corrupt_table_is_replaced_only_with_overwrite(tmp_path):
+    """It could not be replaced at all: every write read its settings first and stopped."""
+    with StoreWriter(tmp_path / "s", ("t2w", "adc"), SETTINGS) as writer:
+        writer.add(_case("a", 1), patient_id="p")
+        writer.commit()
+    (tmp_path / "s" / "cases.json").write_text('{"settings": {')  # truncated
+    with pytest.raises(StaleStoreError) as refused:
+        StoreWriter(tmp_path / "s", ("t2w", "adc"), SETTINGS)
+    table = tmp_path / "s" / "cases.json"
+    assert str(refused.value).startswith(f"{table}: not a readable store table (JSONDecodeError(")
+    assert str(refused.value).endswith("; pass --overwrite to replace it")
+    with StoreWriter(tmp_path / "s", ("t2w", "adc"), SETTINGS, overwrite=True) as writer:
+        writer.add(_case("b", 2), patient_id="p")
+        writer.commit()
+    assert open_store(tmp_path / "s").case_ids == ["b"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
 
 
 def test_failure_leaves_nothing_and_keeps_old_store(tmp_path):

@@ -41,7 +41,8 @@ def trained_run(exam_components, tmp_path_factory):
     exam twice, as two patients of two folds."""
     from focalnet_jax.config_loading import load_config
     from focalnet_jax.data import preprocess_case
-    from focalnet_jax.data.store import StoreWriter, store_settings
+    from focalnet_jax.data.store import StoreWriter
+    from focalnet_jax.data.store_settings import store_settings
     from focalnet_jax.training import train_and_evaluate
 
     root = tmp_path_factory.mktemp("run")

@@ -32,9 +32,9 @@ from focalnet_jax.data.store import (
     StoreWriter,
     bad_cases_note,
     open_store,
-    store_settings,
     write_errors,
 )
+from focalnet_jax.data.store_settings import store_settings
 from focalnet_jax.data.worker_pool import WorkerDiedError, worker_results
 from focalnet_jax.errors import UserError, naming_the_disk, plural
 
@@ -98,6 +98,15 @@ def _errors_beside(out) -> Path:
     return Path(out).with_name(Path(out).name + ".errors.csv")
 
 
+def _remove_stale_errors(out) -> None:
+    """Remove `<out>.errors.csv` once a store is written: it lists the bad cases of an earlier
+    run that stored none, and beside the new store would read as this run's."""
+    stale = _errors_beside(out)
+    if stale.exists():
+        stale.unlink()
+        log.info("removed %s: it listed the cases of an earlier run that stored none", stale)
+
+
 def _refuse_empty_store(writer: StoreWriter, out, num_cases: int) -> NoReturn:
     """Every case failed: drop the temporary store, list the errors in `<out>.errors.csv` beside
     it, and raise."""
@@ -158,6 +167,7 @@ def preprocess_cases(
         if not writer.records:
             _refuse_empty_store(writer, out, len(jobs))
         path = writer.commit()
+        _remove_stale_errors(out)
         return PreprocessSummary(
             path, len(writer.records), writer.num_slices, list(writer.errors),
             components=tuple(cases[0].components),

@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from focalnet_jax.data.atomic_files import write_json_atomic
-from focalnet_jax.data.store import StaleStoreError, open_store, settings_diff
+from focalnet_jax.data.store import open_store
+from focalnet_jax.data.store_settings import StaleStoreError, settings_diff
 from focalnet_jax.errors import UserError
 
 log = logging.getLogger(__name__)

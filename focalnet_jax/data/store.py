@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import hashlib
 import json
 import logging
 import os
@@ -36,7 +35,13 @@ import numpy as np
 from focalnet_jax.data.atomic_files import replaced_atomically
 from focalnet_jax.data.case_ids import check_case_id
 from focalnet_jax.data.geometry import CropGeometry, display_axes
-from focalnet_jax.data.preprocess import PreprocessConfig
+from focalnet_jax.data.store_settings import (
+    STORE_VERSION,
+    StaleStoreError,
+    fingerprint,
+    read_settings,
+    settings_diff,
+)
 from focalnet_jax.data.writer_folders import (
     remove_dead_leftovers,
     restore_moved_aside,
@@ -48,9 +53,6 @@ from focalnet_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 
-# Bumped when stored values change: 2 = crop pixels within one voxel outside a component take
-# its nearest voxel (they were 0). `open_store` refuses other versions.
-STORE_VERSION = 2
 _HEADER_BYTES = 256  # fixed .npy header room, so arrays can be streamed before N is known
 _ARRAYS = {
     "images": np.float32,
@@ -60,56 +62,6 @@ _ARRAYS = {
     "annotated": np.bool_,
     "slice_index": np.int32,
 }
-
-
-class StaleStoreError(UserError):
-    """The store was made with other preprocessing settings than the caller expects."""
-
-
-def store_settings(config, components, slices: str = "all") -> dict:
-    """What a store's fingerprint covers: preprocessing config, components, slice selection."""
-    return {
-        "version": STORE_VERSION,
-        "preprocess": PreprocessConfig.from_any(config).settings(),
-        "components": list(components),
-        "slices": slices,
-    }
-
-
-def fingerprint(settings: dict) -> str:
-    """sha256 of the canonical JSON of the settings."""
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
-
-
-def flat_settings(settings: dict, prefix: str = "") -> dict:
-    """Nested settings as one level, keys joined by '.': {'a': {'b': 1}} -> {'a.b': 1}."""
-    out = {}
-    for key, value in settings.items():
-        if isinstance(value, dict):
-            out.update(flat_settings(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
-
-
-def settings_diff(have: dict, want: dict, names: tuple[str, str]) -> list[str]:
-    """'key: <names[0]> a, <names[1]> b' for every setting that differs; nested keys joined by
-    '.' (e.g. 'preprocess.adc_range')."""
-    a, b = flat_settings(have), flat_settings(want)
-    return [
-        f"{key}: {names[0]} {a.get(key)!r}, {names[1]} {b.get(key)!r}"
-        for key in sorted(set(a) | set(b))
-        if a.get(key) != b.get(key)
-    ]
-
-
-def read_settings(path: str | os.PathLike) -> dict:
-    """The settings recorded in a store's `cases.json`."""
-    table = Path(path) / "cases.json"
-    try:
-        return json.loads(table.read_text())["settings"]
-    except (OSError, ValueError, KeyError) as error:
-        raise UserError(f"{table}: not a readable store table ({error!r})") from error
 
 
 def _npy_header(dtype, shape) -> bytes:
@@ -125,15 +77,22 @@ class StoreWriter:
 
     Use as a context manager: leaving the block by an exception aborts, so nothing half-written
     stays. A store already at `path` is replaced on commit when made with the same settings;
-    with other settings only when `overwrite` (else `StaleStoreError` naming the settings). A
-    symbolic link `path` is kept and the store it points to replaced (`target_folder`).
+    with other settings, or a table that cannot be read, only when `overwrite` (else
+    `StaleStoreError` naming the settings or the reason). A symbolic link `path` is kept and the
+    store it points to replaced (`target_folder`).
     """
 
     def __init__(self, path: str | os.PathLike, components, settings: dict, *, overwrite=False):
         self.path = target_folder(path)  # a symbolic link is kept, its folder replaced
         restore_moved_aside(self.path)
         if (self.path / "cases.json").exists():
-            diff = settings_diff(read_settings(self.path), settings, ("existing", "new"))
+            try:
+                existing = read_settings(self.path)
+            except UserError as error:  # damaged: replaced when asked
+                if not overwrite:
+                    raise StaleStoreError(f"{error}; pass --overwrite to replace it") from None
+                existing = settings
+            diff = settings_diff(existing, settings, ("existing", "new"))
             if diff and not overwrite:
                 raise StaleStoreError(
                     f"store {self.path} exists, made with other settings ({'; '.join(diff)}); "

@@ -28,7 +28,7 @@ from focalnet_jax.data.atomic_files import write_json_atomic
 from focalnet_jax.data.preprocess import PreprocessConfig
 from focalnet_jax.data.run_store import RECORD_FILE, read_run_store
 from focalnet_jax.data.store import preprocess_settings as store_preprocess_settings
-from focalnet_jax.data.store import settings_diff
+from focalnet_jax.data.store_settings import settings_diff
 from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation.inference import Batch, Predictor, checked_images, run_overlapped
 from focalnet_jax.evaluation.predictions import MODELS_FILE

@@ -23,7 +23,8 @@ from pathlib import Path
 
 from focalnet_jax.data.atomic_files import replaced_folder
 from focalnet_jax.data.run_store import recorded_cases, training_patients
-from focalnet_jax.data.store import StaleStoreError, open_store
+from focalnet_jax.data.store import open_store
+from focalnet_jax.data.store_settings import StaleStoreError
 from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation.ensemble import (
     Ensemble,

@@ -34,7 +34,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from focalnet_jax.data.atomic_files import replaced_atomically
-from focalnet_jax.data.store import flat_settings
+from focalnet_jax.data.store_settings import flat_settings
 from focalnet_jax.errors import UserError
 from focalnet_jax.run import checkpoint_damage
 from focalnet_jax.run.checkpoint_damage import ITEM_DIR

@@ -47,7 +47,8 @@ def _stdout_fd() -> int | None:
 
 def _store_is_current(store: Path) -> bool:
     """Whether `store` holds a store this code reads (absent or of an older format: False)."""
-    from focalnet_jax.data.store import StaleStoreError, open_store
+    from focalnet_jax.data.store import open_store
+    from focalnet_jax.data.store_settings import StaleStoreError
 
     try:
         open_store(store)

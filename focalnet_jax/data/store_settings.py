@@ -1,0 +1,67 @@
+"""What a preprocessed store was made with (`cases.json`'s settings, see `store`): its format
+version, preprocessing config, components and slice selection; their fingerprint (a sha256), and
+the settings that differ between two stores, named."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from focalnet_jax.data.preprocess import PreprocessConfig
+from focalnet_jax.errors import UserError
+
+# Bumped when stored values change: 2 = crop pixels within one voxel outside a component take
+# its nearest voxel (they were 0). `open_store` refuses other versions.
+STORE_VERSION = 2
+
+
+class StaleStoreError(UserError):
+    """The store was made with other preprocessing settings than the caller expects."""
+
+
+def store_settings(config, components, slices: str = "all") -> dict:
+    """What a store's fingerprint covers: preprocessing config, components, slice selection."""
+    return {
+        "version": STORE_VERSION,
+        "preprocess": PreprocessConfig.from_any(config).settings(),
+        "components": list(components),
+        "slices": slices,
+    }
+
+
+def fingerprint(settings: dict) -> str:
+    """sha256 of the canonical JSON of the settings."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def flat_settings(settings: dict, prefix: str = "") -> dict:
+    """Nested settings as one level, keys joined by '.': {'a': {'b': 1}} -> {'a.b': 1}."""
+    out = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            out.update(flat_settings(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def settings_diff(have: dict, want: dict, names: tuple[str, str]) -> list[str]:
+    """'key: <names[0]> a, <names[1]> b' for every setting that differs; nested keys joined by
+    '.' (e.g. 'preprocess.adc_range')."""
+    a, b = flat_settings(have), flat_settings(want)
+    return [
+        f"{key}: {names[0]} {a.get(key)!r}, {names[1]} {b.get(key)!r}"
+        for key in sorted(set(a) | set(b))
+        if a.get(key) != b.get(key)
+    ]
+
+
+def read_settings(path: str | os.PathLike) -> dict:
+    """The settings recorded in a store's `cases.json`."""
+    table = Path(path) / "cases.json"
+    try:
+        return json.loads(table.read_text())["settings"]
+    except (OSError, ValueError, KeyError) as error:
+        raise UserError(f"{table}: not a readable store table ({error!r})") from error
