@@ -368,12 +368,13 @@ def _hold_fifos_open(fifos: list, timeout: float) -> list[int]:
     return fds
 
 
-def _preprocess_with_fifos_held(root, out, workers: int, fifos: list, act):
-    """`focalnet preprocess` of `root` into `out` in a session of its own, `fifos` (T2w files
-    made FIFOs) held open once read (their readers block), then `act(process)`: (exit status,
-    stderr, whether a process of the run outlived it). The run is killed if it hangs."""
+def _preprocess_with_fifos_held(root, out, workers: int, fifos: list, act, *extra):
+    """`focalnet preprocess` of `root` into `out` (`extra`: more arguments) in a session of its
+    own, `fifos` (T2w files made FIFOs) held open once read (their readers block), then
+    `act(process)`: (exit status, stderr, whether a process of the run outlived it). The run is
+    killed if it hangs."""
     argv = [sys.executable, "-m", "focalnet_jax.cli"]
-    argv += _picai_args(root, out, "--workers", str(workers))
+    argv += _picai_args(root, out, "--workers", str(workers), *extra)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     process = subprocess.Popen(
         argv, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO, start_new_session=True
@@ -454,6 +455,35 @@ def test_a_worker_killed_in_a_case_ends_the_run_naming_the_case(dataset, tmp_pat
         "by SIGKILL)"
     ), stderr
     assert not out.exists() and not list(tmp_path.glob(".store.tmp-*"))
+
+
+def test_a_case_whose_worker_was_killed_is_skipped_with_skip_bad_cases(dataset, tmp_path):
+    """With --skip-bad-cases the run stopped at a case whose worker died, as without; now that
+    case is listed in errors.csv like any bad case and the others are stored."""
+    root = tmp_path / "data"
+    shutil.copytree(dataset, root)
+    fifo = sorted(root.glob("images/*/*_t2w.mha"))[1]
+    fifo.unlink()
+    os.mkfifo(fifo)
+    case = fifo.name.removesuffix("_t2w.mha")
+    out = tmp_path / "store"
+
+    def kill_its_reader(process):
+        os.kill(_reader_of(fifo, process.pid), signal.SIGKILL)
+
+    returncode, stderr, left = _preprocess_with_fifos_held(
+        root, out, 2, [fifo], kill_its_reader, "--skip-bad-cases"
+    )
+    assert returncode == 0, stderr
+    assert not left, "a process of the run outlived it"
+    stored = open_store(out).case_ids
+    assert len(stored) == 3 and case not in stored
+    assert stored == sorted(stored)  # in input order, the lost case's place left out
+    with (out / "errors.csv").open() as f:
+        assert list(csv.reader(f))[1:] == [
+            [case, "", "its worker process died (killed by SIGKILL)"]
+        ]
+    assert not list(tmp_path.glob(".store.tmp-*"))
 
 
 def test_one_patient_is_counted_in_the_singular_and_cannot_be_cross_validated(tmp_path, capfd):

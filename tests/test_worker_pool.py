@@ -94,3 +94,20 @@ def test_a_worker_that_dies_in_a_job_is_reported_not_waited_for():
     error = outcome["error"]
     assert (error.index, error.how) == (3, "killed by SIGKILL")
     assert str(error) == "a worker process ended in job 3 (killed by SIGKILL)"
+
+
+def test_a_job_lost_with_its_worker_is_given_lost_s_result_and_the_others_go_on():
+    """Given `lost`, the job whose worker died yields `lost(index, how)` in its place, the jobs
+    after it are done by the worker the pool starts, in input order, and the pool stops."""
+    outcome = {}
+
+    def consume():
+        lost = lambda index, how: ("lost", index, how)  # noqa: E731
+        with worker_results(_ends_its_worker_on_3, list(range(8)), 2, lost) as results:
+            outcome["results"] = list(results)
+
+    consuming = threading.Thread(target=consume, daemon=True)
+    consuming.start()
+    consuming.join(timeout=60)
+    assert not consuming.is_alive(), "the results or the pool's end waited for the lost job"
+    assert outcome["results"] == [0, 1, 2, ("lost", 3, "killed by SIGKILL"), 4, 5, 6, 7]

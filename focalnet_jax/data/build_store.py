@@ -2,12 +2,14 @@
 
 Cases are handed to a `spawn` process pool (safe with SimpleITK's and JAX's threads) and written in
 input order. A bad case either stops the run (its `CaseError` names case, file and reason, and the
-temporary store is removed) or, with `skip_bad_cases`, is listed in `errors.csv` and skipped.
+temporary store is removed) or, with `skip_bad_cases`, is listed in `errors.csv` and skipped; so
+is a case whose worker process died in it.
 Ctrl-C or SIGTERM stop the pool cleanly (`worker_pool`).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Sequence
@@ -76,6 +78,12 @@ def _work(job):
         return spec, None, (err.case, err.file, err.reason)
     except Exception as err:  # an unexpected failure still names the case
         return spec, None, (spec.case_id, "", f"{type(err).__name__}: {err}")
+
+
+def _lost_case(jobs, index: int, how: str):
+    """`_work`'s result for job `index`, whose worker process died in it (`how`)."""
+    spec = jobs[index][0]
+    return spec, None, (spec.case_id, "", f"its worker process died ({how})")
 
 
 def _add_results(writer: StoreWriter, results, bar: tqdm, skip_bad_cases: bool) -> None:
@@ -156,14 +164,14 @@ def preprocess_cases(
             log.warning("skipping case %s: %s", error[0], error[2])
             writer.add_error(*error)
         bar = tqdm(total=len(jobs), desc="preprocess", unit="case", disable=not progress)
-        with bar, worker_results(_work, jobs, workers) as results:
+        lost = functools.partial(_lost_case, jobs) if skip_bad_cases else None
+        with bar, worker_results(_work, jobs, workers, lost) as results:
             try:
                 _add_results(writer, results, bar, skip_bad_cases)
-            except WorkerDiedError as died:  # a lost case cannot be skipped: the run stops
-                if died.index is None:
+            except WorkerDiedError as died:
+                if died.index is None:  # no case to name or skip: the run stops
                     raise UserError(f"store {out}: {died}") from None
-                case = jobs[died.index][0].case_id
-                raise CaseError(case, "", f"its worker process died ({died.how})") from None
+                raise CaseError(*_lost_case(jobs, died.index, died.how)[2]) from None
         if not writer.records:
             _refuse_empty_store(writer, out, len(jobs))
         path = writer.commit()

@@ -23,7 +23,9 @@
 - A worker that dies (a crash in a reader, the kernel's out-of-memory killer) loses the job it
   had: `multiprocessing.Pool` replaces the worker and waits for that result for ever. Each worker
   notes the job it works on in a file named by its pid, and the parent, waiting, looks for a
-  worker that ended every `_POLL_S`: `WorkerDiedError` names its job and how it ended.
+  worker that ended every `_POLL_S`: `WorkerDiedError` names its job and how it ended, or, where
+  the caller gives `lost`, what `lost` makes of the job stands for its result and the other jobs
+  go on (in a new worker the pool starts).
 """
 
 from __future__ import annotations
@@ -51,12 +53,12 @@ _JOB_NOTES: Path | None = None  # in a worker: the folder where it notes its job
 
 
 class WorkerDiedError(RuntimeError):
-    """A worker process ended while the pool ran: inside job `index` of `worker_results`'s
+    """Worker process `pid` ended while the pool ran: inside job `index` of `worker_results`'s
     `jobs` (None: between jobs, or its job unknown), as `how` says (e.g. 'killed by SIGSEGV',
     'exit status 3')."""
 
-    def __init__(self, index: int | None, how: str):
-        self.index, self.how = index, how
+    def __init__(self, index: int | None, how: str, pid: int | None = None):
+        self.index, self.how, self.pid = index, how, pid
         where = f"in job {index}" if index is not None else "in no job it noted"
         super().__init__(f"a worker process ended {where} ({how})")
 
@@ -102,13 +104,13 @@ def _init_worker(job_notes: str | None = None) -> None:
 
 
 def _run_case(work, indexed_job):
-    """`work(job)` of `(index, job)` in a worker, its index noted meanwhile (`_JOB_NOTES`):
-    SIGTERM ends the worker at once within, unwinds it outside."""
+    """`(index, work(job))` of `(index, job)` in a worker, its index noted meanwhile
+    (`_JOB_NOTES`): SIGTERM ends the worker at once within, unwinds it outside."""
     index, job = indexed_job
     _note_job(str(index))
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
-        return work(job)
+        return index, work(job)
     finally:
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
         _note_job("")
@@ -147,49 +149,66 @@ def _signals_deferred():
 
 
 @contextlib.contextmanager
-def worker_results(work, jobs: list, workers: int):
+def worker_results(work, jobs: list, workers: int, lost=None):
     """Yield `work(job)` for each of `jobs` in input order: computed in this process (1 worker)
     or in a `spawn` pool of `workers` processes, closed when all are consumed, else terminated.
-    `work` is a module-level function (it is pickled to the workers). A worker that dies raises
-    `WorkerDiedError` while the results are read."""
+    `work` is a module-level function (it is pickled to the workers). A worker that dies in a job
+    raises `WorkerDiedError` while the results are read; or, given `lost`, `lost(index, how)`
+    (e.g. 'killed by SIGKILL') is yielded as that job's result and the others go on."""
     if workers == 1:
         yield map(work, jobs)
         return
-    pool, failed = None, True
+    pool, failed, lost_jobs = None, True, []
     with tempfile.TemporaryDirectory(prefix="focalnet-workers-") as notes:
         try:
             with _signals_deferred():  # raised once `pool` is set, so that it is terminated
                 pool = multiprocessing.get_context("spawn").Pool(
                     workers, initializer=_init_worker, initargs=(notes,)
                 )
-            indexed = pool.imap(functools.partial(_run_case, work), enumerate(jobs), chunksize=1)
-            yield _watched(indexed, pool, Path(notes))
+            indexed = pool.imap_unordered(
+                functools.partial(_run_case, work), enumerate(jobs), chunksize=1
+            )
+            yield _watched(indexed, len(jobs), pool, Path(notes), lost, lost_jobs)
             failed = False
         finally:
             if pool is not None:
                 # A signal meanwhile would be raised inside a finalizer of the pool's (which
-                # prints it and goes on); it is raised once they have run.
+                # prints it and goes on); it is raised once they have run. A pool that lost a
+                # job is terminated: closed, it would wait for that job's result for ever.
                 with _signals_deferred():
-                    stop_pool(pool, terminate=failed)
+                    stop_pool(pool, terminate=failed or bool(lost_jobs))
                     pool = None
                     gc.collect()  # the workers' finalizers (closing their pipes) run now
 
 
-def _watched(results, pool, notes: Path):
-    """The items of `results` (`pool.imap`'s); `WorkerDiedError` once a worker of `pool` has
-    ended (while the pool runs, none ends but by dying): one the pool still lists or listed when
-    looked at, or one whose note in `notes` names a job while its process is gone (the pool
-    replaces a dead worker within 0.1 s, maybe before it was seen)."""
-    seen = {}  # pid -> process: every worker looked at, also one the pool has replaced since
-    while True:
-        seen |= {process.pid: process for process in pool._pool}  # no public accessor
-        try:
-            yield results.next(timeout=_POLL_S)
-        except StopIteration:
-            return
-        except multiprocessing.TimeoutError:
-            if died := _died(seen, notes):
-                raise died from None
+def _watched(results, count: int, pool, notes: Path, lost, lost_jobs: list):
+    """The results of jobs 0 .. `count` - 1 in input order, from `results` (`pool`'s
+    `imap_unordered` of (index, result)). Once a worker of `pool` has ended (while the pool runs,
+    none ends but by dying: one the pool still lists or listed when looked at, or one whose note
+    in `notes` names a job while its process is gone, the pool replacing a dead worker within
+    0.1 s), `WorkerDiedError`; or, where `lost` is given and the job is known, `lost(index, how)`
+    stands for the job's result, and the job is appended to `lost_jobs`."""
+    seen: dict = {}  # pid -> process: every worker looked at, also one the pool has replaced since
+    gone: set[int] = set()  # pids of the workers whose death was dealt with
+    arrived: dict = {}  # index -> result, of jobs done before an earlier one
+    for index in range(count):
+        while index not in arrived:
+            seen |= {p.pid: p for p in pool._pool if p.pid not in gone}  # no public accessor
+            try:
+                done, result = results.next(timeout=_POLL_S)
+                arrived[done] = result
+            except multiprocessing.TimeoutError:
+                died = _died(seen, notes)
+                if died is None:
+                    continue
+                if lost is None or died.index is None:
+                    raise died from None
+                arrived[died.index] = lost(died.index, died.how)
+                lost_jobs.append(died.index)
+                gone.add(died.pid)
+                seen.pop(died.pid, None)
+                (notes / str(died.pid)).unlink(missing_ok=True)
+        yield arrived.pop(index)
 
 
 def _died(seen: dict, notes: Path) -> WorkerDiedError | None:
@@ -197,11 +216,11 @@ def _died(seen: dict, notes: Path) -> WorkerDiedError | None:
     with no process left."""
     for pid, process in seen.items():
         if process.exitcode is not None:
-            return WorkerDiedError(_noted_job(notes, pid), _how(process.exitcode))
+            return WorkerDiedError(_noted_job(notes, pid), _how(process.exitcode), pid)
     for note in notes.iterdir():
         job = _noted_job(notes, int(note.name))
         if job is not None and not _exists(int(note.name)):
-            return WorkerDiedError(job, _how(None))
+            return WorkerDiedError(job, _how(None), int(note.name))
     return None
 
 
