@@ -432,3 +432,26 @@ def test_a_resumed_run_writes_digests_only_for_the_steps_it_saved(trained, tmp_p
     }
     assert has_digests == {"2": False, "4": False, "6": True}
     assert digests.mismatch(workdir / "checkpoints" / "6") is None
+
+
+def test_a_resume_reads_the_digests_of_the_step_it_resumes_from_once(
+    trained, tmp_path, monkeypatch
+):
+    """The start checks (`resumable_step`) and the restore each hashed every file of the step:
+    twice its size read before training went on. A damaged newer step is still checked by both
+    and moved aside."""
+    workdir, _ = _copy_with(trained, "hashed_once", _overwrite_data)  # step 4 damaged
+    hashed = []
+    real = digests.mismatch
+
+    def counted(step_dir):
+        hashed.append(Path(step_dir).name)
+        return real(step_dir)
+
+    monkeypatch.setattr(digests, "mismatch", counted)
+    longer = tiny_config(overrides=[*RUN, "--config.train.steps=6"])
+    with fast_compiles():
+        state = train_and_evaluate(longer, workdir, store=trained["store"])
+    assert int(state.step) == 6
+    assert hashed.count("2") == 1 and hashed.count("4") == 2, hashed
+    assert (workdir / "checkpoints" / "corrupt-4").is_dir()

@@ -238,12 +238,16 @@ def make_manager(
         absl_log.setLevel(level)
 
 
-def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = None):
+def restore(
+    manager: ocp.CheckpointManager, abstract_state, step: int | None = None, *, checked=False
+):
     """Restore into `abstract_state` (ShapeDtypeStructs with shardings): arrays land placed.
 
     `step=None` = the latest. Returns None when the manager has no checkpoint. Raises
     `UnreadableCheckpointError` when the step's files are damaged, `CheckpointMismatchError` when
-    they hold arrays of other names or shapes than `abstract_state` (another model).
+    they hold arrays of other names or shapes than `abstract_state` (another model). `checked`:
+    the step's files were found whole just before (`resumable_step`), their digests not computed
+    again (a read of every byte: 0.6 s for a ResNet-101 train state at 1.1 GB/s).
     """
     step = manager.latest_step() if step is None else step
     if step is None:
@@ -251,7 +255,7 @@ def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = N
     step_dir = Path(manager.directory) / str(step)
     # Damage found by looking is reported before Orbax reads the step: a restore that fails half
     # way leaves its background I/O threads to fail noisily when the interpreter exits.
-    if damage := checkpoint_damage.step_damage(step_dir):
+    if not checked and (damage := checkpoint_damage.step_damage(step_dir)):
         raise UnreadableCheckpointError(step_dir, damage)
     # Checked before Orbax reads: its failed reads would also leave threads failing at exit.
     if mismatch := state_mismatch(step_dir, abstract_state):

@@ -60,17 +60,18 @@ def finish_saves(manager: ocp.CheckpointManager, *, newer_than: int) -> None:
         checkpoint_digests.write_missing(manager.directory, newer_than=newer_than)
 
 
-def resume(manager: ocp.CheckpointManager, abstract_state):
+def resume(manager: ocp.CheckpointManager, abstract_state, checked_step: int | None = None):
     """The newest intact checkpoint restored into `abstract_state` (None when there is none).
 
     Damaged newer steps are moved aside to `corrupt-<step>/` and one warning names each (file and
     reason) and the step resumed from. Raises `UnreadableCheckpointError` naming every step, and
-    moving nothing, when all are damaged.
+    moving nothing, when all are damaged. `checked_step`: a step whose files were just found whole
+    (`workdir.resumable_step`), not checked again.
     """
     unreadable = []
     for step in sorted(manager.all_steps(), reverse=True):
         try:
-            state = restore(manager, abstract_state, step)
+            state = restore(manager, abstract_state, step, checked=step == checked_step)
         except UnreadableCheckpointError as error:
             unreadable.append(error)
             continue
@@ -113,16 +114,21 @@ def sync_processes(name: str) -> None:
 
 
 def resume_or_initialize(
-    spec: RunSpec, manager: ocp.CheckpointManager, mesh: Mesh, init_key: jax.Array
+    spec: RunSpec,
+    manager: ocp.CheckpointManager,
+    mesh: Mesh,
+    init_key: jax.Array,
+    checked_step: int | None = None,
 ) -> train_state.TrainState:
-    """The state a run starts from: its newest intact checkpoint (`resume`), else the pretrained
-    backbone of `model.pretrained`, else `model.init(init_key)`; replicated over `mesh`.
+    """The state a run starts from: its newest intact checkpoint (`resume`; `checked_step`: one
+    found whole already), else the pretrained backbone of `model.pretrained`, else
+    `model.init(init_key)`; replicated over `mesh`.
 
     A `UserError` when the newest intact checkpoint holds another model or optimiser state (a
     workdir whose `config.json` was lost or replaced; `workdir.check_resumed_config` catches the
     others before)."""
     try:
-        state = resume(manager, train_state.abstract_train_state(spec, mesh))
+        state = resume(manager, train_state.abstract_train_state(spec, mesh), checked_step)
     except CheckpointMismatchError as error:
         raise UserError(
             f"{error}; a resumed run trains the state it saved: train this config in another "

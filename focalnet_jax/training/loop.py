@@ -233,6 +233,7 @@ class RunStart:
     batches: input_pipeline.TrainBatches
     num_steps: int  # the step training ends at
     mfl_weight: float  # lambda of eq. 4 (`RunSpec.mfl_weight`: 'auto' from the training rows)
+    resumable: int | None  # the newest step found whole (`workdir.resumable_step`), or None
 
 
 def open_config_store(config: ml_collections.ConfigDict):
@@ -277,7 +278,7 @@ def check_run_start(
     if start is not None and start > num_steps:
         raise UserError(_past_the_end(workdir, start, num_steps, config, batches.steps_per_epoch))
     check_training_store(workdir, store, split=split)
-    return RunStart(config, spec, store, split, batches, num_steps, lam)
+    return RunStart(config, spec, store, split, batches, num_steps, lam, start)
 
 
 def _record_start(run: RunStart, workdir: Path, start: int, validate_first: bool):
@@ -331,7 +332,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     init_key, train_key = jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
     manager = workdir_lib.make_manager(workdir, keep=config.train.keep_checkpoints)
     save_failures.quiet_background_failures()  # a full disk: one line, not Orbax's per-array logs
-    state = checkpoint.resume_or_initialize(spec, manager, mesh, init_key)
+    state = checkpoint.resume_or_initialize(spec, manager, mesh, init_key, run.resumable)
     start = int(jax.device_get(state.step))  # the step `check_run_start` checked, or an older one
     validate_first = _missing_validation(
         workdir, start, num_steps, config.train.eval_every, len(split.val_rows)
