@@ -353,3 +353,50 @@ def test_suffixes_in_upper_case_preprocess_as_the_lower_case_ones(tmp_path):
     label.rename(mixed)
     with pytest.raises(CaseError, match=r"NIfTI suffix '\.Nii\.gz' in mixed letter case"):
         read_label(mixed, case="c", label_values="picai")
+
+
+def _gland_masks_as_labels(data, folder):
+    """A label folder holding `data`'s whole-gland masks under the label names."""
+    folder.mkdir()
+    shutil.copy(data / "labels" / "dataset.json", folder)
+    for mask in (data / "masks").glob("*.nii.gz"):
+        shutil.copy(mask, folder)
+    return folder
+
+
+def test_gland_masks_given_as_labels_are_refused_or_named(tmp_path, capfd, caplog):
+    """PI-CAI's labels come with whole-gland masks beside them, both 0/1 maps: given as
+    --labels, the masks were stored as one gland-sized csPCa lesion per case. Against the
+    case's mask such a label is refused (Dice 1.00); without masks the dataset's median lesion
+    volume (about 24 mL here; the real labels' lesions are under 1 mL) is named in a warning."""
+    data = tmp_path / "synth"
+    assert main(["synth", "--out", str(data), "--cases", "3", "--seed", "2", "--small"]) == 0
+    glands = _gland_masks_as_labels(data, tmp_path / "glands")
+    argv = ["preprocess", "--layout", "picai", "--images", str(data / "images")]
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as raised:
+        main(
+            [
+                *argv,
+                "--labels",
+                str(glands),
+                "--masks",
+                str(data / "masks"),
+                "--out",
+                str(tmp_path / "s1"),
+            ]
+        )
+    case = "10000_1000000"
+    assert raised.value.code == 2
+    assert capfd.readouterr().err.strip().splitlines()[-1] == (
+        f"focalnet preprocess: error: case {case!r}, file '{glands / case}.nii.gz': the lesion "
+        f"label matches the prostate mask {data / 'masks' / case}.nii.gz (Dice 1.00 on the "
+        "crop): a whole-gland mask given as the lesion label?"
+    )
+    with caplog.at_level(logging.WARNING):
+        assert main([*argv, "--labels", str(glands), "--out", str(tmp_path / "s2")]) == 0
+        assert main([*argv, "--labels", str(data / "labels"), "--out", str(tmp_path / "s3")]) == 0
+    warned = [r.getMessage() for r in caplog.records if "whole-gland masks?" in r.message]
+    assert len(warned) == 1, warned
+    median = float(warned[0].split("median volume of ")[1].split(" mL")[0])
+    assert warned[0].startswith("the lesions of the 3 labelled cases have") and 20 <= median <= 30

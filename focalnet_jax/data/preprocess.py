@@ -19,7 +19,12 @@ from focalnet_jax.data import coverage, intensity, io
 from focalnet_jax.data.frame_of_reference import check_one_frame_of_reference
 from focalnet_jax.data.geometry import CropGeometry, display_axes, not_axial
 from focalnet_jax.data.io import CaseError, check_distinct, check_placed, read_image, zyx
-from focalnet_jax.data.lesions import index_lesion, instance_classes, label_instances, warn_outside
+from focalnet_jax.data.lesions import (
+    check_against_gland,
+    index_lesion,
+    instance_classes,
+    label_instances,
+)
 
 LABEL_SCHEMES = ("picai", "isup")
 SLICE_MODES = ("all", "annotated", "covered")
@@ -486,8 +491,8 @@ def preprocess_case(
     centre, source = _crop_centre(images[t2w_name], gland, mask, center, case, components[t2w_name])
     # 3. Each component and the label resampled once onto the crop grid (every T2w slice).
     full = _crop_every_slice(images, components, label, centre, source, bladder_mask, cfg, case)
-    if gland is not None:  # lesions wholly outside the gland: a label or mask of another exam?
-        warn_outside(full, gland, label, mask, case)
+    if gland is not None:  # a label that is the gland; lesions wholly outside it
+        check_against_gland(full, gland, label, mask, case)
     # 4. The slices to store, each covered by every component.
     annotated = full.annotated
     reference = full.geometry.reference_image(len(annotated))
