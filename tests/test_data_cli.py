@@ -432,22 +432,31 @@ def _reader_of(fifo: Path, parent: int) -> int:
     raise AssertionError(f"no child of {parent} has {fifo} open")
 
 
-def test_a_worker_killed_in_a_case_ends_the_run_naming_the_case(dataset, tmp_path):
-    """A worker killed while it reads a case (the out-of-memory killer, a crash in a reader):
-    `multiprocessing.Pool` replaced it and the run waited for that case for ever; now one line
-    names the case and how its worker ended, and nothing is left behind."""
+def _kill_a_reader(dataset, tmp_path, k: int, *extra):
+    """`focalnet preprocess --workers 2` (`extra`: more arguments) of a copy of `dataset` whose
+    case k has a FIFO for its T2w, the worker reading it killed (SIGKILL): (case, store, exit
+    status, stderr, whether a process of the run outlived it)."""
     root = tmp_path / "data"
     shutil.copytree(dataset, root)
-    fifo = sorted(root.glob("images/*/*_t2w.mha"))[0]
+    fifo = sorted(root.glob("images/*/*_t2w.mha"))[k]
     fifo.unlink()
     os.mkfifo(fifo)
-    case = fifo.name.removesuffix("_t2w.mha")
     out = tmp_path / "store"
 
     def kill_its_reader(process):
         os.kill(_reader_of(fifo, process.pid), signal.SIGKILL)
 
-    returncode, stderr, left = _preprocess_with_fifos_held(root, out, 2, [fifo], kill_its_reader)
+    returncode, stderr, left = _preprocess_with_fifos_held(
+        root, out, 2, [fifo], kill_its_reader, *extra
+    )
+    return fifo.name.removesuffix("_t2w.mha"), out, returncode, stderr, left
+
+
+def test_a_worker_killed_in_a_case_ends_the_run_naming_the_case(dataset, tmp_path):
+    """A worker killed while it reads a case (the out-of-memory killer, a crash in a reader):
+    `multiprocessing.Pool` replaced it and the run waited for that case for ever; now one line
+    names the case and how its worker ended, and nothing is left behind."""
+    case, out, returncode, stderr, left = _kill_a_reader(dataset, tmp_path, 0)
     assert returncode == 2, stderr
     assert not left, "a process of the run outlived it"
     assert stderr.strip().splitlines()[-1] == (
@@ -460,29 +469,15 @@ def test_a_worker_killed_in_a_case_ends_the_run_naming_the_case(dataset, tmp_pat
 def test_a_case_whose_worker_was_killed_is_skipped_with_skip_bad_cases(dataset, tmp_path):
     """With --skip-bad-cases the run stopped at a case whose worker died, as without; now that
     case is listed in errors.csv like any bad case and the others are stored."""
-    root = tmp_path / "data"
-    shutil.copytree(dataset, root)
-    fifo = sorted(root.glob("images/*/*_t2w.mha"))[1]
-    fifo.unlink()
-    os.mkfifo(fifo)
-    case = fifo.name.removesuffix("_t2w.mha")
-    out = tmp_path / "store"
-
-    def kill_its_reader(process):
-        os.kill(_reader_of(fifo, process.pid), signal.SIGKILL)
-
-    returncode, stderr, left = _preprocess_with_fifos_held(
-        root, out, 2, [fifo], kill_its_reader, "--skip-bad-cases"
-    )
+    case, out, returncode, stderr, left = _kill_a_reader(dataset, tmp_path, 1, "--skip-bad-cases")
     assert returncode == 0, stderr
     assert not left, "a process of the run outlived it"
     stored = open_store(out).case_ids
     assert len(stored) == 3 and case not in stored
     assert stored == sorted(stored)  # in input order, the lost case's place left out
     with (out / "errors.csv").open() as f:
-        assert list(csv.reader(f))[1:] == [
-            [case, "", "its worker process died (killed by SIGKILL)"]
-        ]
+        rows = list(csv.reader(f))[1:]
+    assert rows == [[case, "", "its worker process died (killed by SIGKILL)"]]
     assert not list(tmp_path.glob(".store.tmp-*"))
 
 
