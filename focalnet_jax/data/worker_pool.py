@@ -38,6 +38,7 @@ import os
 import signal
 import tempfile
 import threading
+import time
 from multiprocessing import resource_tracker
 from pathlib import Path
 
@@ -191,23 +192,27 @@ def _watched(results, count: int, pool, notes: Path, lost, lost_jobs: list):
     seen: dict = {}  # pid -> process: every worker looked at, also one the pool has replaced since
     gone: set[int] = set()  # pids of the workers whose death was dealt with
     arrived: dict = {}  # index -> result, of jobs done before an earlier one
+    looked = time.monotonic()
     for index in range(count):
         while index not in arrived:
             seen |= {p.pid: p for p in pool._pool if p.pid not in gone}  # no public accessor
-            try:
+            with contextlib.suppress(multiprocessing.TimeoutError):
                 done, result = results.next(timeout=_POLL_S)
                 arrived[done] = result
-            except multiprocessing.TimeoutError:
-                died = _died(seen, notes)
-                if died is None:
-                    continue
-                if lost is None or died.index is None:
-                    raise died from None
-                arrived[died.index] = lost(died.index, died.how)
-                lost_jobs.append(died.index)
-                gone.add(died.pid)
-                seen.pop(died.pid, None)
-                (notes / str(died.pid)).unlink(missing_ok=True)
+            # Looked for every _POLL_S while results keep coming, not only once they stop: a
+            # lost job is found while the later jobs' results, held until it, are few.
+            if index in arrived or time.monotonic() - looked < _POLL_S:
+                continue
+            looked = time.monotonic()
+            if (died := _died(seen, notes)) is None:
+                continue
+            if lost is None or died.index is None:
+                raise died
+            arrived[died.index] = lost(died.index, died.how)
+            lost_jobs.append(died.index)
+            gone.add(died.pid)
+            seen.pop(died.pid, None)
+            (notes / str(died.pid)).unlink(missing_ok=True)
         yield arrived.pop(index)
 
 
