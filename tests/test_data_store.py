@@ -157,6 +157,26 @@ def test_store_with_a_corrupt_table_is_replaced_only_with_overwrite(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
 
 
+@pytest.mark.parametrize("table", ['{"cases": ["a"]}', "[1, 2]", "null", '{"settings": null}'])
+def test_a_folder_with_an_unreadable_table_and_other_files_is_never_replaced(tmp_path, table):
+    """Offered to be replaced with --overwrite, a folder holding files of no store (notes, other
+    data) beside a `cases.json` it could not read was deleted whole; tables of a list or null
+    were a traceback."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "cases.json").write_text(table)
+    (folder / "notes.txt").write_text("keep")
+    for overwrite in (False, True):
+        with pytest.raises(
+            FileExistsError, match=r"data exists and is not a preprocessed store \("
+        ):
+            StoreWriter(folder, ("t2w", "adc"), SETTINGS, overwrite=overwrite)
+    assert sorted(p.name for p in folder.iterdir()) == ["cases.json", "notes.txt"]
+    (folder / "notes.txt").unlink()  # cases.json alone: no store file to call it a store by
+    with pytest.raises(FileExistsError, match="not a preprocessed store"):
+        StoreWriter(folder, ("t2w", "adc"), SETTINGS, overwrite=True)
+
+
 def test_failure_leaves_nothing_and_keeps_old_store(tmp_path):
     with StoreWriter(tmp_path / "s", ("t2w", "adc"), SETTINGS) as writer:
         writer.add(_case("old", 1), patient_id="p")

@@ -64,6 +64,16 @@ _ARRAYS = {
 }
 
 
+def _holds_store_files_only(path: Path) -> bool:
+    """Whether the folder `path` holds a store's files (`fingerprint.json` or its arrays besides
+    `cases.json`) and no others."""
+    names = {p.name for p in path.iterdir()}
+    arrays = {f"{name}.npy" for name in _ARRAYS}
+    return names <= arrays | {"cases.json", "fingerprint.json", "errors.csv"} and bool(
+        names & (arrays | {"fingerprint.json"})
+    )
+
+
 def _npy_header(dtype, shape) -> bytes:
     header = repr({"descr": np.dtype(dtype).str, "fortran_order": False, "shape": tuple(shape)})
     body = header.ljust(_HEADER_BYTES - 10 - 1) + "\n"
@@ -88,7 +98,11 @@ class StoreWriter:
         if (self.path / "cases.json").exists():
             try:
                 existing = read_settings(self.path)
-            except UserError as error:  # damaged: replaced when asked
+            except UserError as error:  # a damaged store is replaced when asked, no other folder
+                if not _holds_store_files_only(self.path):
+                    raise FileExistsError(
+                        f"{self.path} exists and is not a preprocessed store ({error})"
+                    ) from None
                 if not overwrite:
                     raise StaleStoreError(f"{error}; pass --overwrite to replace it") from None
                 existing = settings

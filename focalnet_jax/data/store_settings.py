@@ -59,9 +59,13 @@ def settings_diff(have: dict, want: dict, names: tuple[str, str]) -> list[str]:
 
 
 def read_settings(path: str | os.PathLike) -> dict:
-    """The settings recorded in a store's `cases.json`."""
+    """The settings recorded in a store's `cases.json`; a `UserError` naming it where they
+    cannot be read (not JSON, no object of settings)."""
     table = Path(path) / "cases.json"
     try:
-        return json.loads(table.read_text())["settings"]
-    except (OSError, ValueError, KeyError) as error:
+        settings = json.loads(table.read_text())["settings"]
+    except (OSError, ValueError, KeyError, TypeError) as error:  # TypeError: a list, null
         raise UserError(f"{table}: not a readable store table ({error!r})") from error
+    if not isinstance(settings, dict):
+        raise UserError(f"{table}: not a readable store table (settings {settings!r})")
+    return settings
