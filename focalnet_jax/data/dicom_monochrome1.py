@@ -20,18 +20,20 @@ import pydicom
 import SimpleITK as sitk
 
 MONOCHROME1 = "MONOCHROME1"
-_TAGS = ["PhotometricInterpretation", "BitsStored", "PixelRepresentation"]
+_TAGS = ["PhotometricInterpretation", "BitsAllocated", "BitsStored", "PixelRepresentation"]
 _RESCALE_TAGS = ["RescaleSlope", "RescaleIntercept"]
 
 
 def _complement(header: pydicom.Dataset) -> int | None:
     """C such that ITK read stored value v of `header`'s image as C - v: None for an image that
-    is not MONOCHROME1 (read as stored)."""
-    if str(header.get("PhotometricInterpretation", "")).strip().upper() != MONOCHROME1:
+    is not MONOCHROME1 (read as stored; GDCM inverts 'MONOCHROME1' in upper case alone, as the
+    standard spells it, and takes BitsAllocated where BitsStored is missing)."""
+    if str(header.get("PhotometricInterpretation", "")).strip() != MONOCHROME1:
         return None
     if int(header.get("PixelRepresentation", 0)) == 1:
         return -1
-    return 2 ** int(header.get("BitsStored", 16)) - 1
+    bits = header.get("BitsStored") or header.get("BitsAllocated") or 16
+    return 2 ** int(bits) - 1
 
 
 def _restored(image: sitk.Image, offsets: Sequence[float | None]) -> sitk.Image:
