@@ -14,7 +14,7 @@ import pytest
 from focalnet_jax.cli import main
 from focalnet_jax.data.io import CaseError, read_label
 from focalnet_jax.data.layouts import LayoutError, discover_picai, read_manifest
-from focalnet_jax.data.picai_sources import label_scheme, marksheet_cspca
+from focalnet_jax.data.picai_sources import find_file, label_scheme, marksheet_cspca
 from focalnet_jax.data.store import open_store
 
 MARKSHEET = [
@@ -400,3 +400,24 @@ def test_gland_masks_given_as_labels_are_refused_or_named(tmp_path, capfd, caplo
     assert len(warned) == 1, warned
     median = float(warned[0].split("median volume of ")[1].split(" mL")[0])
     assert warned[0].startswith("the lesions of the 3 labelled cases have") and 20 <= median <= 30
+
+
+@pytest.mark.parametrize(
+    "names, found",
+    [
+        (["c.MHA"], "c.MHA"),
+        (["c.Mha"], "c.Mha"),
+        (["c.nii.gz", "c.MHA"], None),  # two files: lower case found first silently won
+        (["c.NII.GZ", "c.mha"], None),
+        (["c.nii.gz", "c.mhd"], None),
+        (["c.txt", "c_t2w.mha", "c.nii.gz"], "c.nii.gz"),
+    ],
+)
+def test_a_file_is_found_in_any_letter_case_and_two_are_refused(tmp_path, names, found):
+    for name in names:
+        _touch(tmp_path / name)
+    if found is None:
+        with pytest.raises(LayoutError, match=r"case 'c': two files for c: "):
+            find_file(tmp_path, "c", (".nii.gz", ".mha", ".mhd"), "c")
+    else:
+        assert find_file(tmp_path, "c", (".nii.gz", ".mha", ".mhd"), "c") == tmp_path / found

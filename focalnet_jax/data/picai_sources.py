@@ -12,7 +12,6 @@ PI-CAI's semi-supervised baseline prefers expert labels and fills in with AI-der
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import re
@@ -47,18 +46,32 @@ def not_a_folder(what: str, path) -> str:
 
 def find_file(folder: Path, stem: str, suffixes, case: str) -> Path | None:
     """The one file `<folder>/<stem><suffix>`, its suffix in any letter case (`.MHA`, as
-    `_image_files` finds it), or None; two of them (e.g. `.mha` and `.nii.gz`) are an error
-    naming `case` and both files."""
-    found = [folder / (stem + suffix) for suffix in suffixes if (folder / (stem + suffix)).exists()]
-    if not found and folder.is_dir():  # listed only then: a label folder holds 1,500 files
+    `_image_files` finds it), or None; two of them (e.g. `.mha` and `.nii.gz`, or `.nii.gz` and
+    `.MHA`) are an error naming `case` and both files. Each suffix is looked for in lower and
+    upper case; the folder is listed only where neither is there (`.Mha`)."""
+    spellings = dict.fromkeys(stem + s for suffix in suffixes for s in (suffix, suffix.upper()))
+    found = _distinct([folder / name for name in spellings if (folder / name).exists()])
+    if not found and folder.is_dir():
         found = sorted(
-            file
-            for file in folder.glob(glob.escape(stem) + ".*")
-            if file.name[len(stem) :].lower() in suffixes
+            folder / name
+            for name in os.listdir(folder)
+            if name.startswith(stem) and name[len(stem) :].lower() in suffixes
         )
     if len(found) > 1:
         raise LayoutError(f"case {case!r}: two files for {stem}: {found[0]} and {found[1]}")
     return found[0] if found else None
+
+
+def _distinct(paths: list[Path]) -> list[Path]:
+    """`paths` less those naming a file named before (one file found under two letter cases on a
+    case-insensitive file system)."""
+    seen, distinct = set(), []
+    for path in paths:
+        identity = (path.stat().st_dev, path.stat().st_ino)
+        if identity not in seen:
+            seen.add(identity)
+            distinct.append(path)
+    return distinct
 
 
 def _looked_for(stem: str, suffixes) -> str:
