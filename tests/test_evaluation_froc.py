@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from fractions import Fraction
 
 import numpy as np
 import pytest
 from scipy import ndimage
 
+from focalnet_jax.errors import UserError
+from focalnet_jax.evaluation.evaluate import evaluate_predictions
 from focalnet_jax.evaluation.froc import (
     count_patients,
     fp_at_sensitivity,
@@ -20,7 +23,7 @@ from focalnet_jax.evaluation.froc import (
 )
 from focalnet_jax.evaluation.localization import Detections, local_maxima, window_radius
 from focalnet_jax.evaluation.matching import lesion_diameters, lesion_hits, summarize_case
-from focalnet_jax.evaluation.predictions import CasePredictions
+from focalnet_jax.evaluation.predictions import CasePredictions, write_case
 
 
 def make_case(case_id, patient_id, shape, boxes=(), peaks=(), spacing=(1.0, 1.0)):
@@ -233,6 +236,57 @@ def test_plateau_on_a_lesion_is_one_hit_and_a_plateau_off_it_one_fp():
     froc = froc_analysis([summary])
     assert froc["all"]["curve"]["sensitivity"].tolist() == [1.0, 1.0]
     assert froc["all"]["curve"]["fp"].tolist() == [0.0, 1.0]
+
+
+def test_reach_of_a_flat_maximum_is_its_farthest_pixel_in_mm():
+    """A 3 x 7 plateau at 0.5 x 2 mm pixels: its point is the centre pixel (row 1, column 3),
+    the farthest pixels 1 row and 3 columns away: sqrt(0.5^2 + 6^2) mm. A single pixel: 0."""
+    scores = np.zeros((1, 20, 20, 5), np.float32)
+    scores[0, 5:8, 5:12] = 0.9
+    scores[0, 16, 16] = 0.4
+    det = local_maxima(scores, (0.5, 2.0), radius_mm=1.0)
+    assert _points(det) == [(0, 6, 8), (0, 16, 16)]
+    np.testing.assert_allclose(det.reach_mm, [np.hypot(0.5, 6.0), 0.0], rtol=1e-6)
+
+
+def test_a_saturated_plateau_over_two_lesions_is_one_point_and_counted_in_metrics(tmp_path, caplog):
+    """Scores of 1.0 (float32 sigmoid of a logit >= 17) over two lesions 15 mm apart are one flat
+    maximum, one detection midway, which hits neither (SPEC: one detection per flat maximum);
+    unsaturated, the two peaks are two hits. The evaluation counts such detections and says so."""
+    yy, xx = np.mgrid[:64, :64]
+    bumps = np.maximum(
+        np.exp(-((yy - 32) ** 2 + (xx - 16) ** 2) / 200.0),
+        np.exp(-((yy - 32) ** 2 + (xx - 40) ** 2) / 200.0),
+    )
+    boxes = [(0, 30, 33, 14, 17, 2), (0, 30, 33, 38, 41, 2)]
+    counts = {}
+    for name, s1 in (("unsaturated", 0.45 * bumps), ("saturated", np.minimum(1.0, 3 * bumps))):
+        case = make_case("c", "p", (1, 64, 64), boxes=boxes, spacing=(0.625, 0.625))
+        case.scores[0] = s1[..., None]
+        summary = summarize_case(case)
+        counts[name] = (len(summary.detections), int(np.isfinite(summary.lesion_score).sum()))
+        if name == "saturated":
+            assert float(summary.detections.reach_mm[0]) > 5.0
+    assert counts == {"unsaturated": (2, 2), "saturated": (1, 0)}
+    write_case(
+        tmp_path / "preds", "c", scores=case.scores, lesions=case.lesions,
+        lesion_classes=case.lesion_classes, spacing=case.spacing, patient_id="p",
+    )  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="focalnet_jax.evaluation.evaluate"):
+        metrics = evaluate_predictions(tmp_path / "preds", tmp_path / "eval", with_picai=False)
+    assert metrics["wide_flat_maxima"] == 1
+    warned = [r.getMessage() for r in caplog.records if "flat maximum reaching" in r.message]
+    assert len(warned) == 1 and "case c, slice 0" in warned[0]
+
+
+def test_a_radius_under_half_a_pixel_is_refused():
+    """Its window is one pixel: every pixel above min_score was a maximum, and the touching ones
+    one detection with the score at its centroid (0.004 for peaks of 0.9 and 0.6)."""
+    scores = np.zeros((1, 20, 20, 5), np.float32)
+    scores[0, 5, 5] = 0.9
+    with pytest.raises(UserError, match=r"radius_mm 0.3 is under half a pixel \(spacing 0.625 x"):
+        local_maxima(scores, (0.625, 0.625), radius_mm=0.3)
+    assert len(local_maxima(scores, (0.625, 0.625), radius_mm=0.32)) == 1  # rounds to 1 pixel
 
 
 # --- hit rule -------------------------------------------------------------------------------------

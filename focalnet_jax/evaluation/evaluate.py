@@ -77,7 +77,30 @@ def _paper_metrics(summaries: list[CaseSummary], settings: dict, predictions_dir
         "settings": settings,
         "froc": froc_analysis(summaries, num_patients),
         "roc": gs_roc(summaries),
+        "wide_flat_maxima": _wide_flat_maxima(summaries, settings["radius_mm"]),
     }
+
+
+def _wide_flat_maxima(summaries: list[CaseSummary], radius_mm: float) -> int:
+    """The number of detections whose flat maximum reaches farther than `radius_mm` from their
+    point, named in one warning: each is one detection at its centre (docs/evaluation.md), so a
+    lesion under the far part of such a plateau (a saturated score map: s1 is 1.0 in float32 from
+    a logit of 17) is missed by it, and the point may count as a false positive."""
+    wide = [
+        (float(d.reach_mm[i]), s.case_id, int(d.slice[i]))
+        for s in summaries
+        if (d := s.detections).reach_mm is not None
+        for i in np.flatnonzero(d.reach_mm > radius_mm)
+    ]
+    if wide:
+        reach, case, slice_ = max(wide)
+        log.warning(
+            "%d detection(s) stand for a flat maximum reaching more than %g mm from their point "
+            "(farthest %.1f mm: case %s, slice %d): each is one detection at its centre, so a "
+            "lesion under the far part of it is not hit by it (a saturated score map?)",
+            len(wide), radius_mm, reach, case, slice_,
+        )  # fmt: skip
+    return len(wide)
 
 
 def _picai_section(results: dict, skipped: str | None, bootstraps: int, seed: int) -> dict:

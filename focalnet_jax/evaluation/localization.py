@@ -8,6 +8,8 @@ import dataclasses
 import numpy as np
 from scipy import ndimage
 
+from focalnet_jax.errors import UserError
+
 RADIUS_MM = 5.0
 MIN_SCORE = 1e-3
 _HALF_TOL = 1e-4  # pixels
@@ -18,13 +20,15 @@ class Detections:
     """Localisation points of one case, ordered by decreasing s1 (ties: slice, row, column).
 
     `slice`, `row`, `col`: int32 `[D]` pixel indices; `scores`: float32 `[D, 5]`, P(class >= k) at
-    the point (column 0 is the detection score s1).
+    the point (column 0 is the detection score s1); `reach_mm`: float32 `[D]`, the in-plane
+    distance from the point to the farthest pixel of its flat maximum (None where not measured).
     """
 
     slice: np.ndarray
     row: np.ndarray
     col: np.ndarray
     scores: np.ndarray
+    reach_mm: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.slice.size)
@@ -55,13 +59,20 @@ def local_maxima(
       spacing: in-plane pixel spacing (rows, columns) in mm.
     Returns:
       `Detections` sorted by decreasing s1.
+    Raises:
+      UserError where `radius_mm` rounds to a window of one pixel along rows or columns.
     """
     s1 = np.asarray(scores[..., 0])
     r_row, r_col = window_radius(spacing, radius_mm)
+    if min(r_row, r_col) == 0:  # every pixel above min_score would be a maximum
+        raise UserError(
+            f"radius_mm {radius_mm:g} is under half a pixel (spacing {float(spacing[0]):g} x "
+            f"{float(spacing[1]):g} mm): a local maximum's window would be that pixel alone"
+        )
     window_max = ndimage.maximum_filter(
         s1, size=(1, 2 * r_row + 1, 2 * r_col + 1), mode="constant", cval=0.0
     )
-    z, y, x = flat_maximum_points((s1 == window_max) & (s1 > min_score))
+    z, y, x, reach = flat_maximum_points((s1 == window_max) & (s1 > min_score), spacing)
     point_scores = np.asarray(scores[z, y, x], np.float32).reshape(-1, scores.shape[-1])
     order = np.lexsort((x, y, z, -point_scores[:, 0]))
     return Detections(
@@ -69,14 +80,17 @@ def local_maxima(
         row=y[order].astype(np.int32),
         col=x[order].astype(np.int32),
         scores=point_scores[order],
+        reach_mm=reach[order].astype(np.float32),
     )
 
 
-def flat_maximum_points(maxima: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def flat_maximum_points(maxima: np.ndarray, spacing=(1.0, 1.0)):
     """One point per 8-connected group of True pixels of each slice of bool `[S, H, W]`: the
     group's pixel nearest its centroid (ties: lowest row, then lowest column).
 
-    Returns int64 `(slice, row, col)` `[G]`, one entry per group in label order.
+    Returns int64 `(slice, row, col)` `[G]`, one entry per group in label order, and float64
+    `reach` `[G]`: the distance from each point to the farthest pixel of its group, in the units
+    of `spacing` (rows, columns).
     """
     in_plane = np.zeros((3, 3, 3), bool)
     in_plane[1] = True  # 8-connected within a slice, never across slices
@@ -91,4 +105,8 @@ def flat_maximum_points(maxima: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.
     dx = n * x - sum_x[group].astype(np.int64)
     order = np.lexsort((x, y, dy**2 + dx**2, group))
     first = order[np.flatnonzero(np.diff(group[order], prepend=-1))]
-    return z[first], y[first], x[first]
+    # first[g]: group g's point (groups are 0..G-1, each sorted to its own run).
+    squared = ((y - y[first][group]) * spacing[0]) ** 2 + ((x - x[first][group]) * spacing[1]) ** 2
+    reach = np.zeros(first.size)
+    np.maximum.at(reach, group, squared)
+    return z[first], y[first], x[first], np.sqrt(reach)

@@ -143,8 +143,13 @@ def summarize_case(
     if slices == "annotated":
         annotated = (case.lesions > 0).any(axis=(1, 2))
         keep = annotated[detections.slice]
-        detections = Detections(
-            **{f: getattr(detections, f)[keep] for f in ("slice", "row", "col", "scores")}
+        detections = dataclasses.replace(
+            detections,
+            **{
+                f.name: getattr(detections, f.name)[keep]
+                for f in dataclasses.fields(detections)
+                if getattr(detections, f.name) is not None
+            },
         )
         num_slices = int(annotated.sum())
     hits = lesion_hits(detections, case.lesions, case.spacing, num_lesions, radius_mm=radius_mm)
