@@ -181,6 +181,17 @@ def test_resume_refuses_other_settings_and_a_partial_another_run_writes(
         assert "with other models or settings (threshold: 0.5 in the partial, 0.3 now)" in message
         message = cli_error([*predict, "--resume", "--candidate-min-voxels", "3"])
         assert "(candidates.min_voxels: 10 in the partial, 3 now)" in message
+        # Cropped around the T2w volume centre, a finished case would be around its mask now:
+        # the resumed output matched neither uninterrupted run.
+        masks = tiny["data"] / "masks"
+        message = cli_error([*predict, "--resume", "--masks", str(masks)])
+        first = _finished(partial_folder(out))[0]
+        assert message.endswith(
+            f"--resume: case {first} of {partial_folder(out)} was cropped around the T2w volume "
+            f"centre, and would be around the prostate mask {masks.resolve() / first}.nii.gz now; "
+            "give the same --masks or manifest centres, or add --overwrite (without --resume) to "
+            "start over"
+        ), message
         with exclusive_lock(lock_file(out)):
             message = cli_error([*predict, "--resume"])
         assert message.endswith(

@@ -44,7 +44,9 @@ from focalnet_jax.evaluation.ensemble import Ensemble
 from focalnet_jax.evaluation.inference import pooled_predictions
 from focalnet_jax.evaluation.partial_output import (
     ERRORS_FILE,
+    crop_centre_source,
     partial_output,
+    record_crop_centres,
     recorded_settings,
     write_case_folder,
 )
@@ -172,9 +174,11 @@ def predict_cases(
     out = Path(out)
     errors = list(errors or [])
     settings = recorded_settings(models.describe(), threshold, candidates, dicom=dicom)
+    centres = {spec.case_id: crop_centre_source(spec.mask, spec.center) for spec in cases}
     with partial_output(out, settings, resume=resume, overwrite=overwrite) as taken:
         partial, done, failed = taken
         kept = _check_finished(partial, done, cases)
+        record_crop_centres(partial, done, centres)
         if failed:
             log.info(
                 "retrying %s that failed before: %s", plural(len(failed), "case"), ", ".join(failed)

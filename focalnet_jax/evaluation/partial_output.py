@@ -6,6 +6,9 @@ Ctrl-C, SIGTERM or a time limit keeps the cases it finished, and `--resume` cont
   steps, TTA, detection-map candidate settings, detections threshold; not the batch size, which
   does not change them). `--resume` continues a partial only with the same ones, else it is a
   one-line error naming the first difference.
+- `<out>.partial/crop_centres.json`: how each case's crop is centred (its prostate mask, a given
+  point, or the T2w volume centre); `--resume` refuses a finished case that would be centred
+  otherwise now (other `--masks`).
 - `<out>.partial/<case_id>/`: a finished case. It is written in `.<case_id>.tmp-<pid>/` and
   renamed, so a reader (and `--resume`) never finds half a case; the leftovers of a killed
   writer (those folders, and `.<file>.tmp-<pid>` files of errors.csv or models.json) are removed
@@ -50,6 +53,7 @@ log = logging.getLogger(__name__)
 
 LOCK_FILE = ".predict.lock"  # named `.<out>.predict.lock` beside --out (`lock_file`)
 ERRORS_FILE = "errors.csv"
+CENTRES_FILE = "crop_centres.json"  # case id -> how its crop was centred (`record_crop_centres`)
 WRITER = "focalnet predict"
 
 
@@ -91,6 +95,38 @@ def recorded_settings(
     settings["threshold"] = str(settings["threshold"])
     recorded = {**describe, "threshold": float(threshold), "candidates": settings}
     return {**recorded, "dicom": True} if dicom else recorded
+
+
+def crop_centre_source(mask, center) -> str:
+    """How a case's crop is centred (`CaseSpec.mask` and `.center`), as `CENTRES_FILE` records
+    it: its prostate mask (resolved path), a given point (LPS mm), or the T2w volume centre."""
+    if mask:
+        return f"prostate mask {Path(mask).resolve()}"
+    if center is not None:
+        return "point " + ",".join(f"{float(v):.4f}" for v in center) + " mm"
+    return "T2w volume centre"
+
+
+def record_crop_centres(partial: Path, done: set[str], centres: dict[str, str]) -> None:
+    """Writes `centres` (case id -> `crop_centre_source`) as the partial's `CENTRES_FILE`, after
+    refusing (one line) a resume where a finished case of `done` was cropped around another
+    centre than it would be now (other --masks, or manifest centres): its outputs would not be
+    those of one run. A partial of an earlier version, without the file, is not checked."""
+    path = partial / CENTRES_FILE
+    if done and path.is_file():
+        try:
+            recorded = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            raise UserError(f"--resume: {path} cannot be read ({error})") from None
+        for case in sorted(done & set(centres)):
+            if recorded.get(case) != centres[case]:
+                raise UserError(
+                    f"--resume: case {case} of {partial} was cropped around the "
+                    f"{recorded.get(case, 'centre it did not record')}, and would be around the "
+                    f"{centres[case]} now; give the same --masks or manifest centres, or add "
+                    "--overwrite (without --resume) to start over"
+                )
+    write_json_atomic(centres, path)
 
 
 def finished_cases(partial: Path) -> set[str]:
