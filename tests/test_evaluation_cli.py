@@ -576,10 +576,10 @@ def test_allow_training_cases_without_all_cases_is_refused(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def _evaluate_fold(predictions_dir, out, runs, shift=0.0):
+def _evaluate_fold(predictions_dir, out, runs, shift=0.0, tta="none"):
     """evaluate of a cohort whose predictions say (models.json) they were made by `runs`."""
     write_cohort(predictions_dir, shift)
-    models = {"models": [{"run": r, "step": 2} for r in runs], "tta": "none"}
+    models = {"models": [{"run": r, "step": 2} for r in runs], "tta": tta}
     (predictions_dir / "models.json").write_text(json.dumps(models))
     run_cli(["evaluate", "--predictions", str(predictions_dir), "--out", str(out), "--no-picai",
              "--no-figures"])  # fmt: skip
@@ -672,6 +672,28 @@ def test_summarize_refuses_folds_evaluated_with_other_settings(tmp_path):
         "'annotated')}: their numbers are not comparable; evaluate them alike"
     )
     assert not (tmp_path / "s").exists()
+
+
+def test_summarize_refuses_a_method_whose_folds_were_predicted_with_other_tta(tmp_path):
+    """Fold 0 predicted with flip TTA, fold 1 without, were averaged as one method without a
+    word; two methods that differ in TTA (does it help?) are compared as before."""
+    for method, ttas in (("A", ("flip", "none")), ("B", ("none", "none"))):
+        for fold, tta in enumerate(ttas):
+            _evaluate_fold(tmp_path / "pred" / method / str(fold),
+                           tmp_path / method / f"fold{fold}" / "eval",
+                           [f"runs/{method}/fold{fold}"], 0.1 * fold, tta)  # fmt: skip
+    message = _error(["summarize", "--runs", f"A={tmp_path / 'A'}", "--out", str(tmp_path / "s")])
+    first, second = (tmp_path / "A" / f"fold{k}" / "eval" / "metrics.json" for k in (0, 1))
+    assert message.endswith(
+        f"{first} and {second} were evaluated with other settings {{'models.tta': ('flip', "
+        "'none')}: their numbers are not comparable; evaluate them alike"
+    )
+    for fold in (0, 1):  # A predicted with flip throughout
+        _evaluate_fold(tmp_path / "pred" / "A" / str(fold), tmp_path / "A" / f"fold{fold}" / "eval",
+                       [f"runs/A/fold{fold}"], 0.1 * fold, "flip")  # fmt: skip
+    run_cli(["summarize", "--runs", f"A={tmp_path / 'A'}", f"B={tmp_path / 'B'}", "--out",
+             str(tmp_path / "s")])  # fmt: skip
+    assert set(json.loads((tmp_path / "s" / "summary.json").read_text())["methods"]) == {"A", "B"}
 
 
 def test_summarize_keeps_every_method_of_a_repeated_runs_flag(tmp_path):

@@ -258,6 +258,16 @@ def test_epoch_based_run_killed_early_is_left_out_of_the_ensemble(cv, tmp_path, 
         assert resolve_runs(tmp_path / "cv_epochs") == [finished]
     left_out = f"fold left out of the ensemble (fold1: latest checkpoint at step {total - 1} of"
     assert f"{left_out} {total})" in caplog.text
+    # Named itself, the unfinished run is used at its latest checkpoint, and said to be.
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="focalnet_jax.evaluation.ensemble"):
+        load_ensemble(finished)
+        assert "not finished" not in caplog.text
+        load_ensemble(killed)
+    assert caplog.messages == [
+        f"{killed}: not finished (latest checkpoint at step {total - 1} of {total}): its latest "
+        "checkpoint is used"
+    ]
     # A run from before total steps were recorded cannot be told finished.
     record.pop("total_steps")
     (killed / "store.json").write_text(json.dumps(record))
@@ -424,7 +434,12 @@ def test_batch_from_a_manifest_without_labels(cv, tmp_path):
                             "new folder or add --overwrite to replace it")  # fmt: skip
     run_cli([*argv, "--overwrite"])
     cases = {exam(cv["data"], i)["case"] for i in (0, 2)}
-    assert {p.name for p in out.iterdir()} == cases | {"models.json"}  # old-case is gone
+    assert {p.name for p in out.iterdir()} == cases | {"models.json", "crop_centres.json"}
+    centres = json.loads((out / "crop_centres.json").read_text())  # old-case is gone
+    assert centres == {
+        exam(cv["data"], i)["case"]: f"prostate mask {Path(exam(cv['data'], i)['mask']).resolve()}"
+        for i in (0, 2)
+    }
     for case in cases:
         assert (out / case / "detection_map.nii.gz").is_file()
 

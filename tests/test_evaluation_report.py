@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import pytest
 from test_evaluation_froc import make_case, three_patients
 
+from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation.froc import froc_analysis
 from focalnet_jax.evaluation.matching import summarize_case
-from focalnet_jax.evaluation.report import json_safe, markdown_report
+from focalnet_jax.evaluation.report import check_settings, json_safe, markdown_report
 from focalnet_jax.evaluation.roc import gs_roc
 
 
@@ -69,3 +71,21 @@ def test_folds_that_never_reach_a_sensitivity_are_counted_apart_from_folds_witho
     assert table_row(only_empty, TABLE_III, "cv")["GS >= 8 FP@Sen90%"] == "n/a"
     only_missed = markdown_report({"cv": [missed_gs8, no_gs8]}, title="t")
     assert table_row(only_missed, TABLE_III, "cv")["GS >= 8 FP@Sen90%"] == "n.r. (1/2)"
+
+
+def test_evaluations_of_predictions_made_with_other_tta_or_candidates_are_not_pooled():
+    """`summarize` and `study report` pooled a fold evaluated with flip TTA and one without: only
+    the evaluation settings were compared. Predictions without `models.json` record neither."""
+    settings = {"radius_mm": 5.0, "min_score": 0.001, "roc_detections": 12, "slices": "all"}
+    flip = {"settings": settings, "models": {"tta": "flip", "candidates": {"mode": "peak"}}}
+    plain = {"settings": settings, "models": {"tta": "none", "candidates": {"mode": "peak"}}}
+    with pytest.raises(UserError) as raised:
+        check_settings({"a": flip, "b": plain})
+    assert str(raised.value) == (
+        "a and b were evaluated with other settings {'models.tta': ('flip', 'none')}: their "
+        "numbers are not comparable; evaluate them alike"
+    )
+    other = {"settings": settings, "models": {"tta": "flip", "candidates": {"mode": "mean"}}}
+    with pytest.raises(UserError, match="models.candidates"):
+        check_settings({"a": flip, "b": other})
+    check_settings({"a": flip, "b": {"settings": settings}, "c": dict(flip)})  # no models.json

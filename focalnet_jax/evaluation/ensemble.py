@@ -126,6 +126,15 @@ def final_step(workdir: Path) -> tuple[int | None, str]:
     return target, ""
 
 
+def _warn_unfinished(runs: Sequence[Path]) -> None:
+    """One warning for each run (named itself: a cross-validation folder leaves its unfinished
+    folds out) whose latest checkpoint, the one used, is not at its total steps."""
+    for run in runs:
+        finished, why = final_step(run)
+        if finished is None:
+            log.warning("%s: not finished (%s): its latest checkpoint is used", run, why)
+
+
 def resolve_runs(path: str | Path) -> list[Path]:
     """The runs of a `--checkpoint` / `--workdir` argument (`resolve_folder`'s runs)."""
     return resolve_folder(path)[0]
@@ -321,6 +330,8 @@ def load_ensemble(
     if step is not None and len(runs) > 1:
         raise EnsembleError(f"--step picks one checkpoint of one run; got {len(runs)} runs")
     predictors = [Predictor.from_workdir(run, step=step, batch_size=batch_size) for run in runs]
+    if step is None:
+        _warn_unfinished(runs)
     settings = [
         preprocess_settings(p.spec.config, run, store)
         for run, p in zip(runs, predictors, strict=True)

@@ -71,28 +71,47 @@ def read_metrics(path: str | Path) -> dict:
     return metrics
 
 
-def check_settings(evaluations: Mapping) -> None:
+# What of a predictions' `models.json` changes their numbers, beside the models themselves.
+PREDICTION_KEYS = ("tta", "candidates")
+
+
+def check_settings(evaluations: Mapping, *, predictions: bool = True) -> None:
     """Evaluations to be averaged or compared ({metrics.json path or cell: metrics}) must share
     their `settings` (hit radius, score floor, ROC detections, slices): e.g. `evaluate
     --workdir` takes the run's `data.slices` (annotated by default) and `--predictions` all
-    slices, whose FP rates and sensitivities are not comparable. A UserError names two that
+    slices, whose FP rates and sensitivities are not comparable. With `predictions`, so must
+    the test-time augmentation and detection-map candidate settings of the predictions (their
+    `models`), where both record them: the folds of one method. A UserError names two that
     differ and how; metrics without `settings` cannot be checked."""
     reference = None
     for where, metrics in evaluations.items():
         settings = metrics.get("settings")
         if settings is None:
             continue
+        models = (metrics.get("models") or {}) if predictions else {}
+        settings = {
+            **settings,
+            **{f"models.{k}": models[k] for k in PREDICTION_KEYS if k in models},
+        }
         if reference is None:
             reference = (where, settings)
             continue
-        keys = sorted(set(settings) | set(reference[1]))
-        diff = {k: (reference[1].get(k), settings.get(k)) for k in keys
-                if reference[1].get(k) != settings.get(k)}  # fmt: skip
-        if diff:
+        if diff := _differences(reference[1], settings):
             raise UserError(
                 f"{reference[0]} and {where} were evaluated with other settings {diff}: "
                 "their numbers are not comparable; evaluate them alike"
             )
+
+
+def _differences(a: Mapping, b: Mapping) -> dict:
+    """{key: (a's value, b's)} where they differ; a `models.` key only where both record it
+    (predictions without `models.json` record none)."""
+    pairs = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))}
+    return {
+        k: pair
+        for k, pair in pairs.items()
+        if pair[0] != pair[1] and not (k.startswith("models.") and None in pair)
+    }
 
 
 def lookup(metrics: Mapping, path: Sequence[str]):

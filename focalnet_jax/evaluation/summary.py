@@ -165,7 +165,12 @@ def summarize_runs(runs: Mapping[str, str | Path], out_dir: str | Path) -> dict:
     folds = {name: [read_metrics(p) for p in found] for name, found in paths.items()}
     for name, fold_metrics in folds.items():
         check_folds(runs[name], paths[name], fold_metrics)
-    check_settings({p: m for n in folds for p, m in zip(paths[n], folds[n], strict=True)})
+    # Evaluated alike throughout; predicted alike within a method (two methods may differ in TTA).
+    check_settings(
+        {p: m for n in folds for p, m in zip(paths[n], folds[n], strict=True)}, predictions=False
+    )
+    for name in folds:
+        check_settings(dict(zip(paths[name], folds[name], strict=True)))
     summary = {"methods": {}, "comparisons": {}}
     for name, fold_metrics in folds.items():
         summary["methods"][name] = {
