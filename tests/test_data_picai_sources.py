@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from focalnet_jax.cli import main
+from focalnet_jax.data.gland_labels import LabelledCase, check_gland_labels
 from focalnet_jax.data.io import CaseError, read_label
 from focalnet_jax.data.layouts import LayoutError, discover_picai, read_manifest
 from focalnet_jax.data.picai_sources import find_file, label_scheme, marksheet_cspca
@@ -366,40 +367,50 @@ def _gland_masks_as_labels(data, folder):
 
 def test_gland_masks_given_as_labels_are_refused_or_named(tmp_path, capfd, caplog):
     """PI-CAI's labels come with whole-gland masks beside them, both 0/1 maps: given as
-    --labels, the masks were stored as one gland-sized csPCa lesion per case. Against the
-    case's mask such a label is refused (Dice 1.00); without masks the dataset's median lesion
-    volume (about 24 mL here; the real labels' lesions are under 1 mL) is named in a warning."""
+    --labels, the masks were stored as one gland-sized csPCa lesion per case. With the cases'
+    masks such a run is refused (median Dice 1.00); without masks the median lesion volume
+    (about 24 mL here; the real labels' lesions are under 1 mL) is named in a warning."""
     data = tmp_path / "synth"
     assert main(["synth", "--out", str(data), "--cases", "3", "--seed", "2", "--small"]) == 0
     glands = _gland_masks_as_labels(data, tmp_path / "glands")
     argv = ["preprocess", "--layout", "picai", "--images", str(data / "images")]
     capfd.readouterr()
     with pytest.raises(SystemExit) as raised:
-        main(
-            [
-                *argv,
-                "--labels",
-                str(glands),
-                "--masks",
-                str(data / "masks"),
-                "--out",
-                str(tmp_path / "s1"),
-            ]
-        )
-    case = "10000_1000000"
-    assert raised.value.code == 2
+        main([*argv, "--labels", str(glands), "--masks", str(data / "masks"),
+              "--out", str(tmp_path / "s1")])  # fmt: skip
+    assert raised.value.code == 2 and not (tmp_path / "s1").exists()
     assert capfd.readouterr().err.strip().splitlines()[-1] == (
-        f"focalnet preprocess: error: case {case!r}, file '{glands / case}.nii.gz': the lesion "
-        f"label matches the prostate mask {data / 'masks' / case}.nii.gz (Dice 1.00 on the "
-        "crop): a whole-gland mask given as the lesion label?"
+        f"focalnet preprocess: error: store {tmp_path / 's1'}: the lesion labels of 3 of 3 "
+        "labelled cases match their prostate masks (median Dice 1.00; 10000_1000000: 1.00, "
+        "10001_1000001: 1.00, 10002_1000002: 1.00): whole-gland masks given as --labels? "
+        "Nothing was written"
     )
     with caplog.at_level(logging.WARNING):
         assert main([*argv, "--labels", str(glands), "--out", str(tmp_path / "s2")]) == 0
-        assert main([*argv, "--labels", str(data / "labels"), "--out", str(tmp_path / "s3")]) == 0
-    warned = [r.getMessage() for r in caplog.records if "whole-gland masks?" in r.message]
+        assert main([*argv, "--labels", str(data / "labels"), "--masks", str(data / "masks"),
+                     "--out", str(tmp_path / "s3")]) == 0  # fmt: skip
+    warned = [r.getMessage() for r in caplog.records if "whole-gland masks" in r.message]
     assert len(warned) == 1, warned
     median = float(warned[0].split("median volume of ")[1].split(" mL")[0])
-    assert warned[0].startswith("the lesions of the 3 labelled cases have") and 20 <= median <= 30
+    assert warned[0].startswith("the lesions of 3 labelled cases without a prostate mask")
+    assert 20 <= median <= 30
+
+
+def test_a_lesion_filling_its_gland_is_named_not_refused(caplog):
+    """One case cannot tell a gland mask from a tumour filling 87 % of its gland (Dice 0.93):
+    it is named in a warning among cases whose labels are lesions; fewer than 3 labelled cases
+    with masks are never refused."""
+    cases = [LabelledCase("big", 30.0, 0.93), LabelledCase("a", 0.8, 0.05)]
+    cases += [LabelledCase("b", 1.2, 0.08), LabelledCase("c", 0.4, None)]
+    with caplog.at_level(logging.WARNING):
+        check_gland_labels(cases, "store")
+        check_gland_labels([LabelledCase(c, 25.0, 0.99) for c in ("x", "y")], "store")
+    assert caplog.messages == [
+        "the lesion labels of 1 case(s) match their prostate masks (Dice >= 0.9: big: 0.93): "
+        "lesions filling the gland, or whole-gland masks given as labels?",
+        "the lesion labels of 2 case(s) match their prostate masks (Dice >= 0.9: x: 0.99, y: "
+        "0.99): lesions filling the gland, or whole-gland masks given as labels?",
+    ]
 
 
 @pytest.mark.parametrize(

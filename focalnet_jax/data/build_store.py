@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
-import numpy as np
 from tqdm import tqdm
 
+from focalnet_jax.data.gland_labels import check_gland_labels, labelled_case
 from focalnet_jax.data.io import CaseError
 from focalnet_jax.data.layouts import (
     CaseSpec,
@@ -42,10 +42,6 @@ from focalnet_jax.data.worker_pool import WorkerDiedError, worker_results
 from focalnet_jax.errors import UserError, naming_the_disk, plural
 
 log = logging.getLogger(__name__)
-# The median lesion volume (mL) over which a dataset's labels are taken for gland masks, and the
-# fewest labelled cases it is judged on.
-GLAND_SIZED_ML = 15.0
-_FEW_CASES = 3
 
 
 @dataclass
@@ -91,11 +87,11 @@ def _lost_case(jobs, index: int, how: str):
     return spec, None, (spec.case_id, "", f"its worker process died ({how})")
 
 
-def _add_results(writer: StoreWriter, results, bar: tqdm, skip_bad_cases: bool) -> dict:
+def _add_results(writer: StoreWriter, results, bar: tqdm, skip_bad_cases: bool) -> list:
     """Store each preprocessed case; a bad one raises its `CaseError`, or with `skip_bad_cases` is
-    listed as an error and skipped. Returns case id -> lesion volume (mL) of the stored cases
-    with lesions."""
-    volumes = {}
+    listed as an error and skipped. Returns the `LabelledCase` of each stored case with lesions
+    (`gland_labels`)."""
+    labelled = []
     for spec, case, error in results:
         bar.update()
         if error is not None:
@@ -107,29 +103,8 @@ def _add_results(writer: StoreWriter, results, bar: tqdm, skip_bad_cases: bool) 
         files = {**spec.components, "label": spec.label, "mask": spec.mask}
         writer.add(case, patient_id=spec.patient_id, files=files, meta=spec.meta)
         if len(case.lesion_classes):
-            volumes[case.case_id] = _lesion_volume_ml(case)
-    return volumes
-
-
-def _lesion_volume_ml(case) -> float:
-    """The volume of the lesions of a `PreprocessedCase`, mL (crop pixels times T2w slices)."""
-    row, column = case.spacing
-    return np.count_nonzero(case.lesions) * row * column * case.geometry.t2w_spacing[2] / 1000
-
-
-def _warn_gland_sized_lesions(volumes: dict[str, float]) -> None:
-    """One warning where the cases with lesions (`volumes`: case id -> lesion volume, mL), at
-    least `_FEW_CASES` of them, have lesions of a median volume over `GLAND_SIZED_ML`: whole-gland
-    masks given as labels (no mask given to check each case against, `check_against_gland`)."""
-    if len(volumes) < _FEW_CASES or np.median(list(volumes.values())) <= GLAND_SIZED_ML:
-        return
-    largest = sorted(volumes, key=volumes.get, reverse=True)[:3]
-    log.warning(
-        "the lesions of the %d labelled cases have a median volume of %.0f mL, the size of a whole "
-        "prostate (20-80 mL), not of lesions (e.g. %s): are the labels whole-gland masks?",
-        len(volumes), np.median(list(volumes.values())),
-        ", ".join(f"{c}: {volumes[c]:.0f} mL" for c in largest),
-    )  # fmt: skip
+            labelled.append(labelled_case(case))
+    return labelled
 
 
 def _errors_beside(out) -> Path:
@@ -198,14 +173,14 @@ def preprocess_cases(
         lost = functools.partial(_lost_case, jobs) if skip_bad_cases else None
         with bar, worker_results(_work, jobs, workers, lost) as results:
             try:
-                volumes = _add_results(writer, results, bar, skip_bad_cases)
+                labelled = _add_results(writer, results, bar, skip_bad_cases)
             except WorkerDiedError as died:
                 if died.index is None:  # no case to name or skip: the run stops
                     raise UserError(f"store {out}: {died}") from None
                 raise CaseError(*_lost_case(jobs, died.index, died.how)[2]) from None
         if not writer.records:
             _refuse_empty_store(writer, out, len(jobs))
-        _warn_gland_sized_lesions(volumes)
+        check_gland_labels(labelled, out)
         path = writer.commit()
         _remove_stale_errors(out)
         return PreprocessSummary(

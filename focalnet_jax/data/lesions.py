@@ -15,9 +15,6 @@ from scipy import ndimage
 from focalnet_jax.data.io import CaseError
 
 _CONNECTIVITY = ndimage.generate_binary_structure(3, 3)
-# A label overlapping the prostate mask this much (Dice) is the gland, not lesions: a lesion
-# covering nine tenths of the gland and little outside it is no focal annotation.
-GLAND_DICE = 0.9
 log = logging.getLogger(__name__)
 
 
@@ -79,28 +76,20 @@ def index_lesion(lesions: np.ndarray, lesion_classes: np.ndarray, spacing: float
     return best
 
 
-def check_against_gland(full, gland: sitk.Image, label, mask, case) -> None:
-    """Check the lesions of `full` (a `PreprocessedCase` of every T2w slice, from `label`)
-    against the gland mask `gland` (read from the file `mask`, taken onto the crop grid by
-    nearest neighbour). A `CaseError` where the label overlaps the gland with Dice of at least
-    `GLAND_DICE`: a whole-gland mask given as the label. A warning naming the lesions that share
-    no voxel with the gland: a label or mask of another exam, or one stored mirrored."""
+def gland_dice(full, gland: sitk.Image, label, mask, case) -> float | None:
+    """The Dice overlap of the lesions of `full` (a `PreprocessedCase` of every T2w slice, from
+    `label`) and the gland mask `gland` (read from the file `mask`, taken onto the crop grid by
+    nearest neighbour); None without lesions. A label of whole-gland masks scores about 1 (the
+    run judges its cases together: `build_store`). A warning names the lesions that share no
+    voxel with the gland: a label or mask of another exam, or one stored mirrored."""
     count = len(full.lesion_classes)
     if not count:
-        return
+        return None
     grid = full.geometry.reference_image(len(full.annotated))
     gland = sitk.Resample(gland, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0.0)
     inside = sitk.GetArrayViewFromImage(gland) > 0
     labelled = full.lesions > 0
-    overlap = np.count_nonzero(labelled & inside)
-    dice = 2 * overlap / (np.count_nonzero(labelled) + np.count_nonzero(inside))
-    if dice >= GLAND_DICE:
-        raise CaseError(
-            case,
-            label,
-            f"the lesion label matches the prostate mask {mask} (Dice {dice:.2f} on the crop): a "
-            "whole-gland mask given as the lesion label?",
-        )
+    dice = 2 * np.count_nonzero(labelled & inside) / (labelled.sum() + inside.sum())
     outside = sorted(set(range(1, count + 1)) - set(np.unique(full.lesions[inside]).tolist()))
     if outside:
         log.warning(
@@ -108,3 +97,4 @@ def check_against_gland(full, gland: sitk.Image, label, mask, case) -> None:
             "mask %s: a label or mask of another exam, or one stored mirrored?",
             case, len(outside), count, label, outside[:5], mask,
         )  # fmt: skip
+    return float(dice)

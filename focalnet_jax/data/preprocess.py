@@ -19,12 +19,7 @@ from focalnet_jax.data import coverage, intensity, io
 from focalnet_jax.data.frame_of_reference import check_one_frame_of_reference
 from focalnet_jax.data.geometry import CropGeometry, display_axes, not_axial
 from focalnet_jax.data.io import CaseError, check_distinct, check_placed, read_image, zyx
-from focalnet_jax.data.lesions import (
-    check_against_gland,
-    index_lesion,
-    instance_classes,
-    label_instances,
-)
+from focalnet_jax.data.lesions import gland_dice, index_lesion, instance_classes, label_instances
 
 LABEL_SCHEMES = ("picai", "isup")
 SLICE_MODES = ("all", "annotated", "covered")
@@ -85,7 +80,8 @@ class PreprocessedCase:
     lesions int32 [S,128,128] (instance ids, 0 background), lesion_classes int32 [L] (class of
     instance i + 1), lesion_grade_known bool [L], index_lesion (instance id of the index lesion,
     0 without lesions), slice_index int32 [S] (T2w slice of each crop slice), annotated bool [S]
-    (slice holds a lesion), spacing (row, col) mm.
+    (slice holds a lesion), spacing (row, col) mm; gland_dice: Dice of the lesions and the
+    prostate mask on the crop (None without lesions or mask; `lesions.gland_dice`).
     """
 
     case_id: str
@@ -104,6 +100,7 @@ class PreprocessedCase:
     center: tuple[float, float, float]
     center_source: str
     t2w_reference: dict = field(default_factory=dict)
+    gland_dice: float | None = None
 
     def pixel_to_world(self, s, row, col):
         """Crop pixel (s, row, col) -> LPS world (x, y, z) mm; `s` indexes the returned slices."""
@@ -491,8 +488,8 @@ def preprocess_case(
     centre, source = _crop_centre(images[t2w_name], gland, mask, center, case, components[t2w_name])
     # 3. Each component and the label resampled once onto the crop grid (every T2w slice).
     full = _crop_every_slice(images, components, label, centre, source, bladder_mask, cfg, case)
-    if gland is not None:  # a label that is the gland; lesions wholly outside it
-        check_against_gland(full, gland, label, mask, case)
+    if gland is not None:  # a label that is the gland (judged per run); lesions outside it
+        full = replace(full, gland_dice=gland_dice(full, gland, label, mask, case))
     # 4. The slices to store, each covered by every component.
     annotated = full.annotated
     reference = full.geometry.reference_image(len(annotated))
