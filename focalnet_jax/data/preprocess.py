@@ -80,8 +80,7 @@ class PreprocessedCase:
     lesions int32 [S,128,128] (instance ids, 0 background), lesion_classes int32 [L] (class of
     instance i + 1), lesion_grade_known bool [L], index_lesion (instance id of the index lesion,
     0 without lesions), slice_index int32 [S] (T2w slice of each crop slice), annotated bool [S]
-    (slice holds a lesion), spacing (row, col) mm; gland_dice: Dice of the lesions and the
-    prostate mask on the crop (None without lesions or mask; `lesions.gland_dice`).
+    (slice holds a lesion), spacing (row, col) mm.
     """
 
     case_id: str
@@ -100,7 +99,7 @@ class PreprocessedCase:
     center: tuple[float, float, float]
     center_source: str
     t2w_reference: dict = field(default_factory=dict)
-    gland_dice: float | None = None
+    gland_dice: float | None = None  # lesions vs prostate mask (`lesions.gland_dice`)
 
     def pixel_to_world(self, s, row, col):
         """Crop pixel (s, row, col) -> LPS world (x, y, z) mm; `s` indexes the returned slices."""
@@ -470,10 +469,7 @@ def preprocess_case(
       bladder_mask: optional bladder mask for the T2w upper reference.
       series: component name -> SeriesInstanceUID or exact SeriesDescription, choosing a series
         of a DICOM folder that holds several.
-    Returns:
-      A `PreprocessedCase` (images float32 [S,128,128,C], classes int32 [S,128,128], ...).
-    Raises:
-      CaseError naming the case, the file and the reason.
+    Returns a `PreprocessedCase`; raises `CaseError` naming the case, the file and the reason.
     """
     cfg = PreprocessConfig.from_any(config)
     case = _case_name(components, case_id, slices)
