@@ -262,11 +262,12 @@ def _read_series(folder: Path, series: str | None, component: str | None, notes:
     # Float32 output: each slice rescaled by its own RescaleSlope/Intercept. Else ITK takes the
     # first slice's pixel type (int16 for slope 1), wrapping or truncating other slices' values.
     reader.SetOutputPixelType(sitk.sitkFloat32)
+    reader.MetaDataDictionaryArrayUpdateOn()  # each slice's header, for `restore_series`
     try:
         image = reader.Execute()
     except RuntimeError as err:
         raise _undecodable(files, err) from err
-    return restore_series(image, files)
+    return restore_series(image, reader)
 
 
 def _stack_files(folder: Path, chosen: SeriesInfo, component: str | None, notes: list[str]):

@@ -7,33 +7,32 @@ values of such an image when it reads it, as a viewer would: each stored value v
 complement in BitsStored bits (2^bits - 1 - v unsigned, -1 - v signed), and is then rescaled.
 An ADC map read that way is upside down, with its lesions (low ADC) bright. `restore_series` and
 `restore_frames` undo this: a value s * (C - v) + b read from a slice of complement C, rescale
-slope s and intercept b becomes s * v + b = s * C + 2 * b - (s * (C - v) + b).
+slope s and intercept b becomes s * v + b = s * C + 2 * b - (s * (C - v) + b). The headers
+are those ITK read with the pixels (no second read of the files).
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
-import pydicom
 import SimpleITK as sitk
 
 MONOCHROME1 = "MONOCHROME1"
-_TAGS = ["PhotometricInterpretation", "BitsAllocated", "BitsStored", "PixelRepresentation"]
-_RESCALE_TAGS = ["RescaleSlope", "RescaleIntercept"]
+_PHOTOMETRIC, _BITS_ALLOCATED, _BITS_STORED = "0028|0004", "0028|0100", "0028|0101"
+_REPRESENTATION, _SLOPE, _INTERCEPT = "0028|0103", "0028|1053", "0028|1052"
 
 
-def _complement(header: pydicom.Dataset) -> int | None:
-    """C such that ITK read stored value v of `header`'s image as C - v: None for an image that
-    is not MONOCHROME1 (read as stored; GDCM inverts 'MONOCHROME1' in upper case alone, as the
-    standard spells it, and takes BitsAllocated where BitsStored is missing)."""
-    if str(header.get("PhotometricInterpretation", "")).strip() != MONOCHROME1:
+def _complement(tag: Callable[[str], str]) -> int | None:
+    """C such that ITK read stored value v of a slice whose header gives `tag(key)` ('' where
+    absent) as C - v; None for a slice that is not MONOCHROME1 (read as stored; GDCM inverts
+    'MONOCHROME1' in upper case alone, as the standard spells it, and takes BitsAllocated where
+    BitsStored is missing)."""
+    if tag(_PHOTOMETRIC) != MONOCHROME1:
         return None
-    if int(header.get("PixelRepresentation", 0)) == 1:
+    if tag(_REPRESENTATION) == "1":
         return -1
-    bits = header.get("BitsStored") or header.get("BitsAllocated") or 16
-    return 2 ** int(bits) - 1
+    return 2 ** int(tag(_BITS_STORED) or tag(_BITS_ALLOCATED) or 16) - 1
 
 
 def _restored(image: sitk.Image, offsets: Sequence[float | None]) -> sitk.Image:
@@ -50,32 +49,30 @@ def _restored(image: sitk.Image, offsets: Sequence[float | None]) -> sitk.Image:
     return out
 
 
-def restore_series(image: sitk.Image, files: Sequence[str | os.PathLike]) -> sitk.Image:
-    """`image` as ITK read it from `files` (one slice each, slice k from files[k]; float32, each
-    slice rescaled with its own slope and intercept), with the slices of MONOCHROME1 files
-    given back their values."""
+def restore_series(image: sitk.Image, reader: sitk.ImageSeriesReader) -> sitk.Image:
+    """`image` as `reader` read it (one slice per file, in its files' order; float32, each slice
+    rescaled with its own slope and intercept; `MetaDataDictionaryArrayUpdateOn`: each slice's
+    header kept), with the slices of MONOCHROME1 files given back their values."""
     offsets = []
-    for file in files:
-        header = pydicom.dcmread(
-            file, stop_before_pixels=True, specific_tags=_TAGS + _RESCALE_TAGS, force=True
-        )
-        complement = _complement(header)
-        if complement is None:
-            offsets.append(None)
-            continue
-        slope = float(header.get("RescaleSlope", 1) or 1)
-        intercept = float(header.get("RescaleIntercept", 0) or 0)
-        offsets.append(slope * complement + 2 * intercept)
+    for k in range(len(reader.GetFileNames())):
+
+        def tag(key: str, k=k) -> str:
+            return reader.GetMetaData(k, key).strip() if reader.HasMetaDataKey(k, key) else ""
+
+        complement = _complement(tag)
+        slope, intercept = float(tag(_SLOPE) or 1), float(tag(_INTERCEPT) or 0)
+        offsets.append(None if complement is None else slope * complement + 2 * intercept)
     return _restored(image, offsets)
 
 
 def restore_frames(
-    image: sitk.Image, file: str | os.PathLike, rescales: Sequence[tuple[float, float]]
+    image: sitk.Image, reader: sitk.ImageFileReader, rescales: Sequence[tuple[float, float]]
 ) -> sitk.Image:
-    """`image` as read from the multi-frame `file` (slice k rescaled with rescales[k], its
-    (slope, intercept)), given back its values where the file is MONOCHROME1."""
-    header = pydicom.dcmread(file, stop_before_pixels=True, specific_tags=_TAGS, force=True)
-    complement = _complement(header)
+    """`image` as read from a multi-frame file by `reader` (slice k rescaled with rescales[k],
+    its (slope, intercept)), given back its values where the file is MONOCHROME1."""
+    complement = _complement(
+        lambda key: reader.GetMetaData(key).strip() if reader.HasMetaDataKey(key) else ""
+    )
     if complement is None:
         return image
     return _restored(image, [slope * complement + 2 * b for slope, b in rescales])

@@ -158,7 +158,7 @@ def read_multiframe(
     if frames != list(range(len(values["position"]))) or set(own) != {applied}:
         image = _restacked(image, frames, stacked, own, applied)
     check_image_geometry(image, stacked)
-    image = restore_frames(image, file, own)
+    image = restore_frames(image, reader, own)
     if note and notes is not None:
         notes.append(f"{file}: {note}")
     return image
