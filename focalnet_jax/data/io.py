@@ -288,10 +288,16 @@ def read_image(
     return image
 
 
+def image_suffix(name: str) -> str:
+    """The one of `IMAGE_SUFFIXES` that the file name `name` ends with, in any letter case (the
+    longest: `.nii.gz`, not `.nii`); '' for none."""
+    return max((s for s in IMAGE_SUFFIXES if name.lower().endswith(s)), key=len, default="")
+
+
 def _image_io(path: Path, case: str) -> str:
     """The ITK reader of an image file of one of `IMAGE_SUFFIXES`, in any letter case, but a
     NIfTI suffix in lower or upper case only (ITK's NIfTI reader refuses `.Nii.gz`)."""
-    suffix = max((s for s in IMAGE_SUFFIXES if path.name.lower().endswith(s)), key=len)
+    suffix = image_suffix(path.name)
     written = path.name[-len(suffix) :]
     if _IMAGE_IO[suffix] == "NiftiImageIO" and written not in (suffix, suffix.upper()):
         raise CaseError(

@@ -31,7 +31,7 @@ from pathlib import Path
 from focalnet_jax.data.atomic_files import replaced_atomically
 from focalnet_jax.data.case_ids import check_case_id
 from focalnet_jax.data.csv_tables import csv_rows, csv_text
-from focalnet_jax.data.io import IMAGE_SUFFIXES, CaseError
+from focalnet_jax.data.io import IMAGE_SUFFIXES, CaseError, image_suffix
 from focalnet_jax.data.picai_sources import (
     LABEL_SUFFIXES,
     check_unlabelled_case,
@@ -463,10 +463,7 @@ def unread_inputs(
     names = set()
     for case in cases:
         for file in Path(case.components["t2w"]).parent.glob(f"{case.case_id}_*"):
-            suffix = max(
-                (s for s in IMAGE_SUFFIXES if file.name.lower().endswith(s)), key=len, default=""
-            )
-            if suffix:
+            if suffix := image_suffix(file.name):
                 names.add(file.name[len(case.case_id) + 1 : -len(suffix)])
     return sorted(names - set(components))
 
