@@ -64,6 +64,7 @@ def _made_as_asked(data: Path, expected: dict) -> bool:
     False when there is none, an incomplete one or one without a record (an older version: it is
     rebuilt). Raises `SystemExit` for one made with other arguments: its store and study would
     not be those asked for, and replacing it would lose what was trained on it."""
+    from focalnet_jax.data.store_settings import flat_settings
     from focalnet_jax.data.synth import SYNTH_RECORD, read_synthesis_record
 
     if not (data / "marksheet.csv").is_file():
@@ -72,7 +73,7 @@ def _made_as_asked(data: Path, expected: dict) -> bool:
     if recorded is None:
         print(f"rebuilding the synthetic data: {data} has no {SYNTH_RECORD} (an older version)")
         return False
-    made, asked = _flat(recorded), _flat(expected)
+    made, asked = flat_settings(recorded), flat_settings(expected)  # 'config.<field>' keys
     differ = [f"{k} {made.get(k)!r} (asked {v!r})" for k, v in asked.items() if made.get(k) != v]
     if differ:
         raise SystemExit(
@@ -80,12 +81,6 @@ def _made_as_asked(data: Path, expected: dict) -> bool:
             "not be those asked for: use another --out"
         )
     return True
-
-
-def _flat(record: dict) -> dict:
-    """A `synthesis_record` as {'cases', 'seed', 'config.<field>', ...}."""
-    config = {f"config.{k}": v for k, v in (record.get("config") or {}).items()}
-    return {"cases": record.get("cases"), "seed": record.get("seed"), **config}
 
 
 def synthetic_store(
