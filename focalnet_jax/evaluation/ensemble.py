@@ -127,8 +127,8 @@ def final_step(workdir: Path) -> tuple[int | None, str]:
 
 
 def _warn_unfinished(runs: Sequence[Path]) -> None:
-    """One warning for each run (named itself: a cross-validation folder leaves its unfinished
-    folds out) whose latest checkpoint, the one used, is not at its total steps."""
+    """One warning for each of `runs` (runs named themselves) whose latest checkpoint, the one
+    used, is not at its total steps."""
     for run in runs:
         finished, why = final_step(run)
         if finished is None:
@@ -330,8 +330,8 @@ def load_ensemble(
     if step is not None and len(runs) > 1:
         raise EnsembleError(f"--step picks one checkpoint of one run; got {len(runs)} runs")
     predictors = [Predictor.from_workdir(run, step=step, batch_size=batch_size) for run in runs]
-    if step is None:
-        _warn_unfinished(runs)
+    if step is None:  # the folds of a cross-validation folder are finished (`resolve_folder`)
+        _warn_unfinished([Path(p) for p in paths if (Path(p) / workdir_lib.CONFIG_FILE).is_file()])
     settings = [
         preprocess_settings(p.spec.config, run, store)
         for run, p in zip(runs, predictors, strict=True)
