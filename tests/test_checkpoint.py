@@ -222,6 +222,24 @@ def test_a_run_saved_before_loss_pool_size_existed_resumes(tmp_path):
         workdir_lib.check_resumed_config(config, tmp_path)
 
 
+def test_a_resume_compares_lambda_as_a_number(tmp_path):
+    """`--config.loss.mfl_weight=130` is saved as the text '130' (the key's default is 'auto'):
+    the same lambda written 130.0 or 1.3e2 resumes; another one, or 'auto', is refused."""
+    config = tiny_config(overrides=["--config.loss.mfl_weight=130"])
+    assert config.loss.mfl_weight == "130"
+    workdir_lib.save_config(config, tmp_path)
+    (tmp_path / workdir_lib.CHECKPOINT_DIR / "8").mkdir(parents=True)
+    for same in ("130.0", "1.3e2", " 130"):
+        config.loss.mfl_weight = same
+        workdir_lib.check_resumed_config(config, tmp_path)
+    config.loss.mfl_weight = "auto"
+    with pytest.raises(UserError, match=r"loss\.mfl_weight 130\.0 -> 'auto'"):
+        workdir_lib.check_resumed_config(config, tmp_path)
+    config.loss.mfl_weight = "131"
+    with pytest.raises(UserError, match=r"loss\.mfl_weight 130\.0 -> 131\.0"):
+        workdir_lib.check_resumed_config(config, tmp_path)
+
+
 def test_a_run_saved_before_data_splits_existed_resumes_on_seeded_folds(tmp_path):
     """Such a run trained on the seeded folds (`data.splits` ''): other folds are refused (named
     absolute, as `config.json` would record them)."""

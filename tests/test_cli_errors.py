@@ -254,7 +254,7 @@ def test_cv_refuses_a_fold_run_of_another_config_before_training_any(tmp_path, c
         (["cv", "--fold", "2"],
          "--fold 2: cv trains every fold, or those of --folds (e.g. --folds 2)"),
         (["cv", "--config.data.fold=2"],
-         "--config.data.fold: cv trains every fold, or those of --folds (e.g. --folds 2)"),
+         "--config.data.fold=2: cv trains every fold, or those of --folds (e.g. --folds 2)"),
         (["train", "--fold", "1", "--config.data.fold=2"],
          "--fold 1 and --config.data.fold=2 disagree"),
     ],
@@ -274,13 +274,19 @@ def test_a_fold_that_would_be_overruled_is_refused(argv, message, tmp_path, caps
     [
         ("cv", [], "--config {}: cv trains every fold, or those of --folds (e.g. --folds 2)"),
         ("train", ["--fold", "1"], "--fold 1 and --config {} disagree"),
+        ("train", ["--config.data.fold=1"], "--config.data.fold=1 and --config {} disagree"),
+        # --fold agreeing with one of the two others overruled the third.
+        ("train", ["--fold", "1", "--config.data.fold=1"], "--fold 1 and --config {} disagree"),
+        ("train", ["--fold", "2", "--config.data.fold=1"],
+         "--fold 2 and --config.data.fold=1 disagree"),
     ],
-)
+)  # fmt: skip
 def test_a_fold_of_the_config_arg_that_would_be_overruled_is_refused(
     command, rest, message, tmp_path, capsys
 ):
     """`cv --config configs/focalnet.py:fold=2` trained every fold, `train ...:fold=2 --fold 1`
-    fold 1, the fold the config file was asked for silently ignored."""
+    fold 1, `train ...:fold=2 --config.data.fold=1` (with or without `--fold 1`) fold 1, the fold
+    the config file was asked for silently ignored."""
     config = f"{REPO / 'configs' / 'focalnet.py'}:fold=2"
     status, err = _run([command, "--config", config, "--workdir", str(tmp_path), *rest], capsys)
     expected = f"focalnet {command}: error: {message.format(config)}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from pathlib import Path
 
@@ -70,29 +71,34 @@ def _training_setup(args: argparse.Namespace):
     return config
 
 
-def _config_arg_sets_fold(spec: str) -> bool:
-    """Whether the `:arg` of `--config FILE:arg` sets `fold` (`configs/focalnet.py:fold=2`)."""
-    return any(
-        item.split("=", 1)[0].strip() == "fold" for item in spec.partition(":")[2].split(",")
-    )
+def _config_arg_fold(spec: str) -> int | str | None:
+    """The fold the `:arg` of `--config FILE:arg` sets (`configs/focalnet.py:fold=2`: 2), None
+    where it sets none."""
+    for item in spec.partition(":")[2].split(","):
+        key, _, value = item.partition("=")
+        if key.strip() == "fold":
+            value = value.strip()
+            return int(value) if value.lstrip("-").isdigit() else value
+    return None
 
 
 def _set_fold(config, args: argparse.Namespace, fold_overridden: bool) -> None:
-    """`train --fold K` sets data.fold; refused where it would be silently overruled: against a
-    different `--config.data.fold` or `--config FILE:fold=J`, and in `cv`, which trains the folds
-    of `--folds`."""
-    in_arg = _config_arg_sets_fold(args.config)
-    given = [f"--fold {args.fold}"] if args.fold is not None else []
-    given += ["--config.data.fold"] if fold_overridden else []
-    given += [f"--config {args.config}"] if in_arg else []
+    """`train --fold K` sets data.fold. Refused where a fold asked for would be silently
+    overruled: two of `--fold`, `--config.data.fold` and `--config FILE:fold=J` that disagree, and
+    any of them in `cv`, which trains the folds of `--folds`."""
+    given = [(f"--fold {args.fold}", args.fold)] if args.fold is not None else []
+    if fold_overridden:  # the override is applied last: the config's fold is its value
+        given.append((f"--config.data.fold={config.data.fold}", config.data.fold))
+    if (arg_fold := _config_arg_fold(args.config)) is not None:
+        given.append((f"--config {args.config}", arg_fold))
     if args.command == "cv" and given:
-        raise UserError(f"{given[0]}: cv trains every fold, or those of --folds (e.g. --folds 2)")
-    if args.fold is None:
-        return
-    if len(given) > 1 and config.data.fold != args.fold:
-        other = f"--config.data.fold={config.data.fold}" if fold_overridden else given[1]
-        raise UserError(f"--fold {args.fold} and {other} disagree")
-    config.data.fold = args.fold
+        first = given[0][0]
+        raise UserError(f"{first}: cv trains every fold, or those of --folds (e.g. --folds 2)")
+    for (one, fold), (other, other_fold) in itertools.combinations(given, 2):
+        if fold != other_fold:
+            raise UserError(f"{one} and {other} disagree")
+    if args.fold is not None:
+        config.data.fold = args.fold
 
 
 def _train_run(

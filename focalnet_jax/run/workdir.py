@@ -21,6 +21,7 @@ aside (`focalnet_jax.training.checkpoint.resume`).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import json
@@ -36,6 +37,7 @@ import orbax.checkpoint as ocp
 from focalnet_jax.data.atomic_files import replaced_atomically
 from focalnet_jax.data.store_settings import flat_settings
 from focalnet_jax.errors import UserError
+from focalnet_jax.losses import parse_mfl_weight
 from focalnet_jax.run import checkpoint_damage
 from focalnet_jax.run.checkpoint_damage import ITEM_DIR
 from focalnet_jax.run.spec import DATA_AXIS, RunSpec
@@ -172,10 +174,9 @@ def check_resumed_config(config: ml_collections.ConfigDict, workdir: str | Path)
         return
     saved = {**IMPLIED_WHEN_ABSENT, **flat_settings(_read_config_json(path))}
     new = flat_settings(json.loads(config.to_json()))
-    # Paths compare absolute: a run saved with a relative path resumes from the folder it ran in.
-    saved, new = (
-        {k: absolute_path(v) if k in PATH_KEYS else v for k, v in f.items()} for f in (saved, new)
-    )
+    # Paths compare absolute: a run saved with a relative path resumes from the folder it ran in;
+    # lambda compares as the number it is ('130', '130.0' and 130.0 are one lambda).
+    saved, new = ({k: _compared(k, v) for k, v in f.items()} for f in (saved, new))
     absent = "(absent)"
     changed = [
         f"{key} {saved.get(key, absent)!r} -> {new.get(key, absent)!r}"
@@ -191,6 +192,17 @@ def check_resumed_config(config: ml_collections.ConfigDict, workdir: str | Path)
         f"{'; '.join(changed)} (a resumed run may change only {', '.join(RESUMABLE_KEYS)}; "
         "train another config in another workdir)"
     )
+
+
+def _compared(key: str, value):
+    """`value` of config key `key` as a resume compares it: a path absolute, lambda a number."""
+    if key in PATH_KEYS:
+        return absolute_path(value)
+    if key == "loss.mfl_weight":
+        with contextlib.suppress(ValueError):  # an invalid lambda is refused when the run starts
+            weight = parse_mfl_weight(value)
+            return "auto" if weight is None else weight
+    return value
 
 
 def read_config(workdir: str | Path) -> ml_collections.ConfigDict:
