@@ -441,13 +441,70 @@ def _one_line_error(*argv: str) -> str:
         ("--spec.common.train.epochs=many", "common on base "),
         ("--spec.common.train.epochs=many", ": --config.train.epochs=many: expected an integer"),
         ("--spec.comon.train.steps=5", "--spec.comon.train.steps: unknown config key 'comon'"),
+        # An ensemble of one arm twice is that arm, compared with itself in stats.csv.
+        ("--spec.ensembles.both=('ce','ce')",
+         "ensemble 'both': arm 'ce' is named twice, in ['ce', 'ce']"),
+        # slurm options were checked only once study.json and the task list were written.
+        ("--spec.slurm.time=8h", "slurm.time '8h': expected a SLURM time limit"),
+        ("--spec.slurm.extra=(1,)", "slurm.extra=[1]: expected a list of '#SBATCH' options"),
     ],
-)
+)  # fmt: skip
 def test_bad_spec_is_a_one_line_error_before_anything_runs(spec_file, tmp_path, override, expected):
     workdir = tmp_path / "bad"
     message = _one_line_error("run", "--spec", str(spec_file), "--workdir", str(workdir), override)
     assert expected in message
     assert not workdir.exists()
+
+
+def test_a_study_takes_new_slurm_options_and_records_them(spec_file, tmp_path):
+    """`slurm` says where the cells run, not what they compute: a study recorded with one time
+    limit is run with another (it was refused as 'a study with other ['slurm']'), which is
+    recorded for the next run; a changed seed is still refused."""
+    from focalnet_jax.study.cells import Study
+    from focalnet_jax.study.spec import load_spec, validate
+
+    workdir = tmp_path / "s"
+    Study.create(workdir, validate(load_spec(str(spec_file)), str(spec_file)))
+    longer = ["--spec.slurm.time=08:00:00", "--spec.slurm.gpus=2"]
+    study = Study.create(workdir, validate(load_spec(str(spec_file), longer), str(spec_file)))
+    assert study.plain["slurm"]["time"] == "08:00:00"
+    recorded = Study.open(workdir).plain["slurm"]
+    assert (recorded["time"], recorded["gpus"]) == ("08:00:00", 2)
+    message = _one_line_error("run", "--spec", str(spec_file), "--workdir", str(workdir),
+                              "--spec.seed=7", "--dry-run")  # fmt: skip
+    assert "this folder holds a study with other ['seed']" in message
+
+
+def test_a_damaged_state_metrics_or_jobs_file_is_a_one_line_error_naming_it(spec_file, tmp_path):
+    """A cell's state file or metrics cut short (written on a node that crashed) ended `study
+    status`, `study run` and `study report` with a JSONDecodeError traceback naming no file."""
+    from focalnet_jax.study import slurm
+    from focalnet_jax.study.cells import METRICS_JSON, STATE_FILE, Study
+    from focalnet_jax.study.spec import StudyError, load_spec, validate
+
+    workdir = tmp_path / "s"
+    study = Study.create(workdir, validate(load_spec(str(spec_file)), str(spec_file)))
+    cell = study.cell("ce/rep0/fold0")
+    state = study.path(cell) / STATE_FILE
+    state.parent.mkdir(parents=True)
+    state.write_text('{"state": "do')
+    for command in (["status"], ["run", "--dry-run"]):
+        message = _one_line_error(*command, "--workdir", str(workdir))
+        assert f"error: {state}: not a readable cell state file (" in message
+        assert message.endswith("remove it, and `study run` runs the cell again (resuming its "
+                                "checkpoint)")  # fmt: skip
+    study.write_state(cell, "done")
+    metrics = study.path(cell) / METRICS_JSON
+    metrics.parent.mkdir(parents=True)
+    metrics.write_text("")
+    message = _one_line_error("report", "--workdir", str(workdir), "--partial")
+    assert f"error: {metrics}: not a readable metrics file (Expecting value: " in message
+    assert message.endswith("remove it, and `study run` evaluates the cell again")
+    jobs = workdir / "slurm" / slurm.JOBS_FILE
+    jobs.parent.mkdir()
+    jobs.write_text('{"job": "1"}')
+    with pytest.raises(StudyError, match=re.escape(f"{jobs}: not a readable list of submitted")):
+        slurm.read_jobs(study)
 
 
 def _stale_copy(store: Path, tmp_path: Path) -> Path:
@@ -489,7 +546,7 @@ def test_run_flags_are_checked_before_anything_is_written(spec_file, tmp_path, f
 
 
 def test_slurm_time_formats():
-    from focalnet_jax.study.slurm import check_time
+    from focalnet_jax.study.spec import check_time
 
     for value in ("90", "30:00", "04:00:00", "2-12", "2-12:30", "2-12:30:00", "120:00:00"):
         assert check_time(value) == value
@@ -711,6 +768,16 @@ def test_spec_file_fields_misspelt_are_refused(tmp_path):
         load_spec(spec_with("spec.slurm = {'gpu': 1, 'time': '01:00:00'}"))
     with pytest.raises(StudyError, match=r"unknown field\(s\) \['evaluate.picai_bootstrap'\]"):
         load_spec(spec_with("spec.evaluate = {'picai_bootstrap': 500}"))
+    # A field of another type than its default's ended in ConfigDict's TypeError traceback.
+    for extra, message in [
+        ("spec.seed = '1'", "seed='1': expected int (its default is 0)"),
+        ("spec.seed = 1.5", "seed=1.5: expected int (its default is 0)"),
+        ("spec.evaluate = {'picai_bootstraps': 'x'}",
+         "evaluate.picai_bootstraps='x': expected int (its default is 0)"),
+        ("spec.slurm = {'gpus': 'one'}", "slurm.gpus='one': expected int (its default is 0)"),
+    ]:  # fmt: skip
+        with pytest.raises(StudyError, match=r"^spec .*typo.py: " + re.escape(message) + "$"):
+            load_spec(spec_with(extra))
 
 
 def test_spec_store_is_opened_before_anything_runs(spec_file, store, tmp_path):

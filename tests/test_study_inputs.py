@@ -78,6 +78,28 @@ def test_a_cell_started_after_a_change_fails_with_the_reason(study):
     assert "base config" in study_.log_path(cell).read_text()
 
 
+@pytest.mark.parametrize("damage", ["config_broken", "config_gone", "store_gone"])
+def test_a_cell_whose_inputs_cannot_be_read_fails_with_the_reason(study, damage):
+    """A base config that no longer loads, or a store not there (its file system not mounted on
+    the node a queued cell starts on), left the cell `running` with no reason anywhere."""
+    root, base, cases = study
+    if damage == "config_broken":
+        base.write_text(base.read_text() + "\nsyntax error here(\n")
+        reason = f"config file {base}: syntax error at line "
+    elif damage == "config_gone":
+        base.unlink()
+        reason = f"config file {base} does not exist"
+    else:
+        cases.unlink()
+        reason = f"store {cases.parent}: cannot read {cases} (No such file or directory)"
+    study_ = Study.open(root)
+    cell = study_.cell("ce/rep0/fold0")
+    assert run_cell(root, cell.name) == 1
+    state = study_.state(cell)
+    assert state.state == "failed" and state.record["error"].startswith(reason)
+    assert f"cell ce/rep0/fold0 failed: {reason}" in study_.log_path(cell).read_text()
+
+
 def test_a_study_recorded_without_digests_is_not_checked(study):
     root, base, _ = study
     plain = json.loads((root / STUDY_FILE).read_text())

@@ -393,11 +393,13 @@ def test_run_killed_while_its_sbatch_submits_leaves_no_array_untracked(
 
 
 @pytest.mark.slow
-def test_ctrl_c_of_a_run_waits_for_its_sbatch(spec_file, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_run_waits_for_its_sbatch(signum, spec_file, tmp_path):
     """Ctrl-C (SIGINT to the terminal's process group) of a `study run` while its `sbatch`
     submitted killed that `sbatch` too, maybe after slurmctld had its array, and released the run
     lock. `sbatch` (here a stand-in that waits until released) is left to end, in a session of
-    its own, and the run ends after it, the run lock held until then."""
+    its own, and the run ends after it, the run lock held until then. SIGTERM (`kill`, a job
+    script's trap) ended the run at once, without a word."""
     release, pid_file = tmp_path / "release", tmp_path / "sbatch.pid"
     stand_in = tmp_path / "bin" / "sbatch"
     stand_in.parent.mkdir()
@@ -417,7 +419,7 @@ def test_ctrl_c_of_a_run_waits_for_its_sbatch(spec_file, tmp_path):
         sbatch = _text(pid_file).strip()
         noted = f"its sbatch: pid {sbatch}"  # in the run lock once `sbatch` has started
         _wait_for(lambda: noted in _text(workdir / RUN_LOCK), "sbatch noted", timeout_s=60)
-        os.killpg(run.pid, signal.SIGINT)  # as a terminal's Ctrl-C
+        os.killpg(run.pid, signum)  # SIGINT: as a terminal's Ctrl-C
         waiting = run.stderr.readline()
         assert waiting.startswith(f"waiting for sbatch (pid {sbatch}) to end"), waiting
         with pytest.raises(LockHeld, match=f"pid {run.pid} on \\S+, its sbatch: pid {sbatch}$"):
@@ -425,7 +427,8 @@ def test_ctrl_c_of_a_run_waits_for_its_sbatch(spec_file, tmp_path):
     finally:
         release.touch()
         rest = run.communicate(timeout=120)[1]
-    assert run.returncode == 128 + signal.SIGINT and "interrupted by Ctrl-C" in rest, rest
+    said = "interrupted by Ctrl-C" if signum == signal.SIGINT else "interrupted by SIGTERM"
+    assert run.returncode == 128 + signum and said in rest, rest
     _wait_until_unlocked(workdir, timeout_s=5)  # the run has waited for its sbatch
     [intent] = json.loads((workdir / "slurm" / "submitting.json").read_text())  # to adopt
     assert intent["cells"] == ["ce/rep0/fold0", "fl/rep0/fold0"], intent

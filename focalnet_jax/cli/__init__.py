@@ -21,8 +21,9 @@ from focalnet_jax.cli import training_commands as training
 from focalnet_jax.errors import one_line_user_errors, sigterm_as_interrupt
 
 # SIGTERM keeps its default (the process ends at once) but in the training loop, which stops at the
-# next step boundary with a checkpoint (focalnet_jax/training/graceful_stop.py).
-LONG_RUNNING = ("train", "cv", "study")
+# next step boundary with a checkpoint (focalnet_jax/training/graceful_stop.py); and in `study
+# cell`, whose `focalnet train` child gets the same SIGTERM from SLURM (the cell is `interrupted`).
+LONG_RUNNING = ("train", "cv", "study cell")
 
 # `study` (arms x repeats x folds) declares its flags and actions in focalnet_jax.study.commands.
 
@@ -120,7 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     prog = f"focalnet {args.command}" + (f" {action}" if action else "")
     # SIGTERM unwinds like Ctrl-C, removing temporary folders, except in training: a task of a
     # multi-process run must not wait at JAX's shutdown barrier for the others.
-    terminate = contextlib.nullcontext() if args.command in LONG_RUNNING else sigterm_as_interrupt()
+    long_running = prog.removeprefix("focalnet ") in LONG_RUNNING
+    terminate = contextlib.nullcontext() if long_running else sigterm_as_interrupt()
     # A training process that fails alone leaves its process group at once (`distributed`).
     group = contextlib.nullcontext()
     if process_ends and args.command in ("train", "cv"):

@@ -21,11 +21,12 @@ import sys
 import time
 from pathlib import Path
 
+from focalnet_jax.errors import UserError
 from focalnet_jax.processes import pid_space
 from focalnet_jax.study.attempts import HEARTBEAT_S, attempt_fields, earlier_attempts
 from focalnet_jax.study.cells import STUDY_FILE, Study
 from focalnet_jax.study.inputs import check_inputs
-from focalnet_jax.study.spec import StudyError, cell_overrides, evaluation_slices
+from focalnet_jax.study.spec import cell_overrides, evaluation_slices
 
 # `focalnet CMD: error: ...` (a user error), `focalnet CMD: stopped by SIGTERM ...` or
 # `... interrupted by ...` (a signal), or `SomeError: ...` (the end of a traceback).
@@ -84,6 +85,12 @@ def failure_reason(lines: list[str]) -> str | None:
     return reasons[-1] if reasons else None
 
 
+def _one_line(error: Exception) -> str:
+    """A cell's reason for `error`: a user error's message, else the exception's name and text."""
+    text = " ".join(str(error).split())
+    return text if isinstance(error, UserError) else f"{type(error).__name__}: {text}"
+
+
 def _placement() -> dict:
     """Where the cell runs, kept in its state: the SLURM task, and its GPU(s) (one per worker slot
     of the local executor, or SLURM's allocation)."""
@@ -116,12 +123,12 @@ def run_cell(study_dir: str | Path, name: str) -> int:
     on = f", CUDA_VISIBLE_DEVICES={gpus}" if gpus is not None else ""
     with open(log, "a") as out:
         out.write(f"=== cell {name}, seed {study.seed(cell)}{on}, {time.ctime()} ===\n")
-    try:  # a cell may start hours after `study run`, from a queue
+    try:  # a cell may start hours after `study run`, from a queue, on another node
         check_inputs(study.plain, study.root / STUDY_FILE)
-        error = None
-    except StudyError as changed:
-        error = str(changed)
-    for argv in cell_commands(study, cell) if error is None else ():
+        commands, error = cell_commands(study, cell), None
+    except Exception as unusable:  # noqa: BLE001 - a config or store gone unreadable: recorded
+        commands, error = (), _one_line(unusable)
+    for argv in commands:
         error = run_focalnet(argv, log, lambda: record("running", **here, started=start))
         if error:
             break

@@ -42,18 +42,29 @@ METRICS_JSON = Path("eval") / "metrics.json"
 PREDICTIONS = Path("eval") / "predictions"
 
 
+def read_json_file(path: Path, what: str, kind: type = dict, remedy: str = ""):
+    """The JSON value of the study's file `path`, a `kind`; one that cannot be read or parsed
+    (cut short by a crash), or holds another type, is a `StudyError` naming it as `what`, with
+    `remedy` (what to do) where given."""
+    try:
+        value = json.loads(path.read_text())
+        problem = None if isinstance(value, kind) else f"expected a JSON {kind.__name__}"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        problem = str(error)
+    if problem is None:
+        return value
+    raise StudyError(f"{path}: not a readable {what} ({problem}){remedy and f'; {remedy}'}")
+
+
 def _read_study_file(path: Path) -> dict:
     """The spec recorded in `path`; a file that is not a JSON object is a `StudyError`."""
-    try:
-        plain = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise StudyError(f"{path}: not a readable study file ({error})") from None
-    if not isinstance(plain, dict):
-        raise StudyError(f"{path}: not a readable study file (expected a JSON object)")
-    return plain
+    return read_json_file(path, "study file")
 
 
 GROWING = ("repeats", "folds", "arms", "ensembles")  # the fields that may add runs
+# spec_file: where it was read; inputs: what it read, checked by `check_inputs`; slurm: where
+# the cells run, not what they compute (a corrected time limit is recorded for the next run).
+UNCOMPARED = ("spec_file", INPUTS, "slurm")
 
 
 def added_runs(recorded: Mapping, plain: Mapping, where: Path) -> list[str]:
@@ -63,14 +74,14 @@ def added_runs(recorded: Mapping, plain: Mapping, where: Path) -> list[str]:
     stay valid, since their configs (common, the arm's overrides, seed, fold, store) are unchanged.
     Any other difference (fewer runs, an arm's or ensemble's new definition, `common`, `base`,
     `store`, `seed`, `num_folds`, ...) is a `StudyError` naming the fields: use a new --workdir.
+    The `slurm` options may change (`UNCOMPARED`).
     """
     # A study recorded before its paths were made absolute compares as if they were.
     recorded = with_absolute_paths(recorded)
     changed = sorted(
         k
         for k in set(recorded) | set(plain)
-        # spec_file: where it was read; inputs: what it read, checked by `check_inputs`
-        if recorded.get(k) != plain.get(k) and k not in ("spec_file", INPUTS)
+        if recorded.get(k) != plain.get(k) and k not in UNCOMPARED
     )
     if set(changed) <= set(GROWING) and _only_adds(recorded, plain):
         grown = []
@@ -174,7 +185,7 @@ class Study:
             if added:
                 print(f"{path}: study grows ({'; '.join(added)})")
             # A study recorded before its paths were made absolute is recorded with them.
-            if added or any(recorded.get(k) != plain[k] for k in ("common", "arms")):
+            if added or any(recorded.get(k) != plain[k] for k in ("common", "arms", "slurm")):
                 write_json_atomic(plain, path)
         return cls(root, plain)
 
@@ -219,7 +230,10 @@ class Study:
     def state(self, cell: Cell) -> CellState:
         path = self.path(cell)
         state_file = path / STATE_FILE
-        record = json.loads(state_file.read_text()) if state_file.is_file() else {}
+        record = {}
+        if state_file.is_file():
+            remedy = "remove it, and `study run` runs the cell again (resuming its checkpoint)"
+            record = read_json_file(state_file, "cell state file", dict, remedy)
         state = record.get("state", "pending")
         if state == "done" and not (path / METRICS_JSON).is_file():
             state = "pending"

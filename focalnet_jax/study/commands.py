@@ -16,7 +16,7 @@ from focalnet_jax.data.atomic_files import check_output_folder
 from focalnet_jax.errors import plural
 from focalnet_jax.study.cells import STUDY_FILE, Study, run_lock
 from focalnet_jax.study.inputs import check_inputs
-from focalnet_jax.study.spec import StudyError, load_spec, validate
+from focalnet_jax.study.spec import StudyError, check_time, load_spec, validate
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -86,8 +86,6 @@ def _open_or_create(args: argparse.Namespace) -> Study:
 
 def _check_run_flags(args: argparse.Namespace) -> None:
     """`study run` flags in range, checked before anything is written."""
-    from focalnet_jax.study.slurm import check_time
-
     if args.parallel is not None and args.parallel < 1:
         raise StudyError(f"--parallel {args.parallel}: expected >= 1")
     if args.devices is not None and not all(d.isdigit() for d in args.devices.split(",")):

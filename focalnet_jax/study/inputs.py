@@ -26,12 +26,20 @@ def input_digests(plain: Mapping) -> dict[str, str]:
     spec."""
     from focalnet_jax.config_loading import load_config
 
-    loaded = load_config(plain["base"])
+    try:
+        loaded = load_config(plain["base"])  # a file that no longer loads: a UserError naming it
+    except FileNotFoundError as error:
+        raise StudyError(str(error)) from None
     config = loaded.to_json_best_effort(sort_keys=True)
     cases = Path(plain["store"]).expanduser() / "cases.json"
+    try:
+        store_cases = cases.read_bytes()
+    except OSError as error:  # e.g. the store's file system not mounted where a cell runs
+        reason = f"cannot read {cases} ({error.strerror})"
+        raise StudyError(f"store {plain['store']}: {reason}") from None
     digests = {
         "base_config": hashlib.sha256(config.encode()).hexdigest(),
-        "store_cases": hashlib.sha256(cases.read_bytes()).hexdigest(),
+        "store_cases": hashlib.sha256(store_cases).hexdigest(),
     }
     splits = given_splits(plain, loaded)
     return {**digests, "splits": splits_digest(splits)} if splits else digests

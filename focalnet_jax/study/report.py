@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import math
 import sys
 from collections.abc import Mapping, Sequence
@@ -26,7 +25,7 @@ from focalnet_jax.errors import plural
 from focalnet_jax.evaluation.report import check_settings
 from focalnet_jax.evaluation.stats import mean_sd
 from focalnet_jax.study import convergence, figures, statistics
-from focalnet_jax.study.cells import METRICS_JSON, Cell, Study
+from focalnet_jax.study.cells import METRICS_JSON, Cell, Study, read_json_file
 from focalnet_jax.study.ensembles import ensemble_state
 from focalnet_jax.study.spec import StudyError, flatten, relative_to_cwd
 
@@ -142,7 +141,8 @@ def collect(study: Study, *, partial: bool) -> Collected:
         path = study.path(cell) / METRICS_JSON
         state = ensemble_state(study, cell) if cell.ensemble else study.state(cell).state
         if state == "done":  # its metrics.json is there
-            metrics = json.loads(path.read_text())
+            remedy = "remove it, and `study run` evaluates the cell again"
+            metrics = read_json_file(path, "metrics file", dict, remedy)
             row, curve = _row(study, cell, metrics, partial=partial)
             out.rows.append(row)
             out.metrics.append(metrics)

@@ -17,7 +17,6 @@ variables. Task output: `DIR/slurm/<job>_<task>.out` (the cell's own log is `CEL
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shlex
@@ -33,29 +32,16 @@ from typing import IO
 from focalnet_jax.data.atomic_files import write_json_atomic
 from focalnet_jax.errors import plural
 from focalnet_jax.file_lock import note_sharer
-from focalnet_jax.study.cells import Cell, Study
+from focalnet_jax.study.cells import Cell, Study, read_json_file
 from focalnet_jax.study.local import cell_argv
-from focalnet_jax.study.spec import StudyError
+from focalnet_jax.study.spec import StudyError, check_time
 
 JOBS_FILE = "jobs.json"
 INTENTS_FILE = "submitting.json"  # arrays being submitted: written before `sbatch`
-# sbatch --time: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS (numbers of any length).
-TIME_FORMAT = re.compile(r"\d+(:\d+){0,2}|\d+-\d+(:\d+){0,2}")
 # What slurmstepd writes to a task's output when it ends the task, e.g. `slurmstepd-n1: error:
 # *** JOB 11 ON n1 CANCELLED AT 2026-12-01T11:20:00 DUE TO TIME LIMIT ***` (also DUE TO NODE
 # FAILURE, DUE TO PREEMPTION, or CANCELLED ... without a reason: `scancel`).
 STOPPED = re.compile(r"\*\*\* ((JOB|STEP) .+) \*\*\*")
-
-
-def check_time(value: str, source: str = "--time") -> str:
-    """Returns `value` when it is one of SLURM's time limit formats (`TIME_FORMAT`), else raises
-    `StudyError` naming it and the formats."""
-    if value and not TIME_FORMAT.fullmatch(str(value)):
-        raise StudyError(
-            f"{source} {value!r}: expected a SLURM time limit: minutes, MM:SS, HH:MM:SS, D-HH, "
-            "D-HH:MM or D-HH:MM:SS"
-        )
-    return value
 
 
 def _directive_value(value: str) -> str:
@@ -89,7 +75,7 @@ def sbatch_script(
     if options.get("partition"):
         lines.append(f"#SBATCH --partition={options['partition']}")
     if options.get("time"):
-        check_time(options["time"], "slurm time")
+        check_time(options["time"], "slurm time")  # a study.json recorded before it was checked
         lines.append(f"#SBATCH --time={options['time']}")
     if int(options.get("gpus") or 0):
         lines.append(f"#SBATCH --gpus-per-task={int(options['gpus'])}")
@@ -200,13 +186,17 @@ def _new_name(folder: Path, stem: str) -> str:
 
 
 def read_jobs(study: Study) -> list[dict]:
-    path = study.root / "slurm" / JOBS_FILE
-    return json.loads(path.read_text()) if path.is_file() else []
+    """The arrays recorded in `JOBS_FILE` ([] before the first)."""
+    return _read_list(study.root / "slurm" / JOBS_FILE, "list of submitted job arrays")
 
 
 def read_intents(study: Study) -> list[dict]:
-    path = study.root / "slurm" / INTENTS_FILE
-    return json.loads(path.read_text()) if path.is_file() else []
+    """The arrays being submitted, recorded in `INTENTS_FILE` ([] where none is)."""
+    return _read_list(study.root / "slurm" / INTENTS_FILE, "list of job arrays being submitted")
+
+
+def _read_list(path: Path, what: str) -> list[dict]:
+    return read_json_file(path, what, list) if path.is_file() else []
 
 
 def adopt_unrecorded(study: Study, *, record: bool, strict: bool) -> list[dict]:

@@ -64,6 +64,21 @@ class StudyError(UserError):
     """A user error in a study spec or study folder (reported as one line)."""
 
 
+# sbatch --time: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS (numbers of any length).
+TIME_FORMAT = re.compile(r"\d+(:\d+){0,2}|\d+-\d+(:\d+){0,2}")
+
+
+def check_time(value: str, source: str = "--time") -> str:
+    """Returns `value` when it is one of SLURM's time limit formats (`TIME_FORMAT`), else raises
+    `StudyError` naming it and the formats."""
+    if value and not TIME_FORMAT.fullmatch(str(value)):
+        raise StudyError(
+            f"{source} {value!r}: expected a SLURM time limit: minutes, MM:SS, HH:MM:SS, D-HH, "
+            "D-HH:MM or D-HH:MM:SS"
+        )
+    return value
+
+
 def defaults() -> ml_collections.ConfigDict:
     """The optional fields with their defaults (a spec file may leave them out)."""
     spec = ml_collections.ConfigDict()
@@ -109,9 +124,10 @@ def load_spec(path: str, overrides: Sequence[str] = ()) -> ml_collections.Config
                     f"spec {path}: unknown field(s) {[f'{key}.{k}' for k in unknown]}; "
                     f"{key} has {sorted(spec[key].keys())}"
                 )
-            spec[key].update(value)
+            for field, item in value.items():
+                _set_field(spec[key], field, item, f"spec {path}: {key}.{field}")
         else:
-            spec[key] = value
+            _set_field(spec, key, value, f"spec {path}: {key}")
     missing = [k for k in _REQUIRED_FIELDS if k not in spec]
     if missing:
         raise StudyError(f"spec {path}: missing field(s) {missing}")
@@ -188,6 +204,16 @@ def override_text(key: str, value) -> str:
     return f"--config.{key}={text}"
 
 
+def _set_field(node: ml_collections.ConfigDict, key: str, value, where: str) -> None:
+    """`node[key] = value`; a value of another type than the field's default (`seed = '1'`) is a
+    `StudyError` naming `where` (ConfigDict raised a TypeError)."""
+    try:
+        node[key] = value
+    except TypeError:
+        wanted = f"{type(node[key]).__name__} (its default is {node[key]!r})"
+        raise StudyError(f"{where}={value!r}: expected {wanted}") from None
+
+
 def _plain(value):
     """ConfigDicts and tuples as JSON-ready dicts and lists."""
     if isinstance(value, ml_collections.ConfigDict | Mapping):
@@ -239,6 +265,7 @@ def validate(spec: ml_collections.ConfigDict, spec_file: str) -> dict:
     for name in plain["arms"]:
         _check_name("arm", name)
     _check_ensembles(plain["ensembles"], list(plain["arms"]))
+    _check_slurm(plain["slurm"])
     base = plain["base"]
     base_path, sep, base_arg = str(base).partition(":")
     if not Path(base_path).is_file():
@@ -287,6 +314,25 @@ def _check_ensembles(ensembles: Mapping[str, Sequence[str]], arms: Sequence[str]
             )
         if len(members) < 2:
             raise StudyError(f"ensemble {name!r}: expected >= 2 arms, got {members}")
+        if twice := next((m for i, m in enumerate(members) if m in members[:i]), None):
+            # ('ce', 'ce') is arm ce itself, reported as an ensemble and compared with ce
+            raise StudyError(f"ensemble {name!r}: arm {twice!r} is named twice, in {members}")
+
+
+def _check_slurm(slurm: Mapping) -> None:
+    """The spec's `slurm` fields of the types and forms `sbatch` takes (`defaults`)."""
+    if not isinstance(slurm.get("partition"), str):
+        raise StudyError(f"slurm.partition={slurm.get('partition')!r}: expected a partition name")
+    if not isinstance(slurm.get("time"), str):
+        raise StudyError(f"slurm.time={slurm.get('time')!r}: expected text, e.g. '08:00:00'")
+    check_time(slurm["time"], "slurm.time")
+    for key in ("gpus", "cpus", "throttle"):
+        value = slurm.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise StudyError(f"slurm.{key}={value!r}: expected an integer >= 0")
+    extra = slurm.get("extra")
+    if not isinstance(extra, list | tuple) or not all(isinstance(e, str) for e in extra):
+        raise StudyError(f"slurm.extra={extra!r}: expected a list of '#SBATCH' options as text")
 
 
 def _config_error(where: str, plain: Mapping, error: Exception) -> StudyError:
