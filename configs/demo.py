@@ -10,7 +10,7 @@ cases, seed 0: synthesis, preprocessing, training, evaluation) 4.3 min on a fres
 it training (2026-12-01: docs/results/demo/timings.json).
 Expected metric (validation fold 0: 13 cases, 8 patients with annotated slices, MFL `select`,
 measured 2026-12-01, docs/results/demo): FROC sensitivity at 1 false positive per patient 0.07 for
-all lesions and 0.00 for index lesions (0.29 and 0.25 at 2); final val/loss 0.032. The demo model
+all lesions and 0.00 for index lesions (0.29 and 0.25 at 2). The demo model
 is too small and short-trained to say how well FocalNet detects cancer.
 """
 

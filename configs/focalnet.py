@@ -8,7 +8,7 @@ Command (one fold; `focalnet cv` runs all five):
 ImageNet initialisation (paper): add `--config.model.pretrained=resnet101.safetensors`
 (torchvision layout, read locally).
 Expected runtime: the paper reports 3-4 h per fold on a Titan Xp. Here one FL+MFL step (batch 16,
-float32) takes 0.060 s on one H100 (FL only: 0.025 s; benchmarks/results/
+float32, MFL `select`) takes 0.057 s on one H100 (FL only: 0.025 s; benchmarks/results/
 train_step_focalnet_h100_2026-11-22.json), so a fold of ~1400 slices (200 epochs x 87 steps =
 17,400 steps) needs about 17 min of steps in float32; a whole fold on a GPU has not been timed yet
 (`python benchmarks/fold_time.py --config configs/focalnet.py` times one end to end).

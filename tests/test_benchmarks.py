@@ -371,6 +371,13 @@ def test_inference_benchmark_times_one_model_and_an_ensemble(monkeypatch):
     assert result["model"] == "deeplab-18 width 0.125 OS 16 float32"
 
 
+def test_inference_benchmark_takes_a_config_of_four_components():
+    """`configs/mfl4.py` (T2w, ADC, high-b DWI, DCE) was refused: the exam had T2w and ADC only."""
+    result = _run("inference.py", "--config=configs/mfl4.py", "--models=1", "--repeats=1", *TINY)
+    assert result["components"] == ["t2w", "adc", "hbv", "dce"] and result["slices"] == 20
+    assert 0 < result["models_1"]["predict_s"] < result["models_1"]["with_preprocessing_s"]
+
+
 def test_flat_maxima_benchmark_counts_each_upsampled_peak_once(monkeypatch):
     monkeypatch.setenv("BENCHMARK_COMMIT", "0123abc")
     result = _run("flat_maxima.py", "--patients=6", "--peaks=4")

@@ -21,7 +21,7 @@ Command (STORE from `focalnet preprocess`):
     focalnet study report --workdir runs/bosma22
 Cells: 4 arms x 2 repeats x 5 folds = 40 runs, 10 per arm (Bosma et al.: 10 to 20), so two arms
 have 20 runs together and their permutation test is exact; `--spec.repeats=4` gives 20 per arm.
-Expected runtime: one cell is one FocalNet fold without MFL (its step takes 0.41x an FL+MFL step,
+Expected runtime: one cell is one FocalNet fold without MFL (its step takes 0.43x an FL+MFL step,
 benchmarks/results/); whole cells not timed yet.
 Expected metric: Bosma et al. (nnU-Net, bpMRI): CE+FL best at case AUROC (p < 0.01), the
 ensemble on par with the best arm; with this code not measured yet.

@@ -10,7 +10,8 @@ width 0.25, OS 16, batch 8) for `STEPS` steps each; 3 runs per arm, so every per
 exact (6 runs together; smallest possible one-sided p = 1/20). More power: `--spec.repeats=10`
 (smallest p = 1/184756) or `--spec.folds=0,1` (6 runs per arm, 1/924), at 3.3x or 2x the time.
 Expected runtime: 48 min on an idle 2-core machine (measured 2026-11-30: 47.8 min of cells, CE
-about 3.3 min, FL about 4 min, FL+MFL about 9 min a cell), plus about 1 min to synthesise and
+about 3.3 min, FL about 4 min, FL+MFL about 9 min a cell: docs/results/synthetic_mfl_2026-11-30/
+durations.txt; 63 min on 2026-12-02 beside other work), plus about 1 min to synthesise and
 preprocess the data.
 Expected metric (docs/results/synthetic_mfl/, run 2026-12-02, mean over 3 runs): case AUROC 0.55
 (CE), 0.49 (FL), 0.47 (FL+MFL). Eight of the nine runs are at a plateau: their validation loss

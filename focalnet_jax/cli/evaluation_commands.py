@@ -214,7 +214,8 @@ def add_summarize(parser: argparse.ArgumentParser) -> None:
     )
     parser.epilog = (
         "Every fold of every method must be evaluated with the same settings (--slices, "
-        "--radius-mm, --min-score); folds that differ are refused."
+        "--radius-mm, --min-score), and the folds of one method predicted with the same --tta "
+        "and --candidate-* settings; folds that differ are refused."
     )
 
 
