@@ -38,10 +38,15 @@ def replaced_atomically(path: str | os.PathLike):
 
 
 def write_json_atomic(value, path: str | os.PathLike) -> Path:
-    """Writes `value` (plain JSON types; NaN refused) as indented JSON to `path`, atomically."""
+    """Writes `value` (plain JSON types; NaN refused) as indented JSON to `path`, atomically; its
+    bytes reach the disk before the rename, so a machine that crashes leaves the old file or the
+    new one, not an empty one (a file system may order the rename first)."""
     text = json.dumps(value, indent=1, allow_nan=False) + "\n"
     with replaced_atomically(path) as tmp:
-        tmp.write_text(text)
+        with open(tmp, "w") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
     return Path(path)
 
 
