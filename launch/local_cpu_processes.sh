@@ -15,11 +15,12 @@ PORT=${PORT:-$(python -c 'import socket; s = socket.socket(); s.bind(("", 0)); p
 export JAX_PLATFORMS=cpu
 export XLA_FLAGS="--xla_force_host_platform_device_count=${D}"
 pids=()
-# A SIGTERM for this script goes on to every process, which all stop at the same step with its
-# checkpoint (focalnet_jax/training/graceful_stop.py); a second one ends them at once. Untrapped,
-# it ended this script alone and left the processes training.
+# A SIGTERM for this script, or Ctrl-C, goes on to every process as SIGTERM, and they all stop at
+# the same step with its checkpoint (focalnet_jax/training/graceful_stop.py); a second one ends
+# them at once. Untrapped, it ended this script alone and left the processes training (they ignore
+# Ctrl-C's SIGINT, as every background job of a script does).
 stopping=
-trap 'stopping=1; kill -TERM "${pids[@]}" 2>/dev/null || true' TERM
+trap 'stopping=1; kill -TERM "${pids[@]}" 2>/dev/null || true' TERM INT
 for ((i = 0; i < N; i++)); do
     python -m focalnet_jax.cli train --config "$CONFIG" --workdir "$WORKDIR" \
         --coordinator_address "localhost:${PORT}" --num_processes "$N" --process_id "$i" "$@" &

@@ -148,9 +148,12 @@ def test_slurm_scripts_append_to_their_output():
         assert "#SBATCH --open-mode=append" in (REPO / "launch" / name).read_text().splitlines()
 
 
-def _signalled_at_step_2(argv: list[str], env: dict, log_file: Path) -> tuple[int, str]:
+def _signalled_at_step_2(
+    argv: list[str], env: dict, log_file: Path, signum: int = signal.SIGTERM, group: bool = False
+) -> tuple[int, str]:
     """Runs `argv` (a launch script) until its progress bar shows step 2, sends the script's
-    process SIGTERM, and returns its exit status and log; nothing of it is left running."""
+    process `signum` (`group`: its whole process group, as a terminal's Ctrl-C does), and returns
+    its exit status and log; nothing of it is left running."""
     with open(log_file, "wb") as stderr:
         script = subprocess.Popen(
             argv, env=env, cwd=REPO, stdout=stderr, stderr=stderr, start_new_session=True
@@ -163,7 +166,10 @@ def _signalled_at_step_2(argv: list[str], env: dict, log_file: Path) -> tuple[in
         _until(lambda: _steps_shown(log()) >= 2 or script.poll() is not None,
                lambda: f"no step 2: {log()[-2000:]}")  # fmt: skip
         assert script.poll() is None, f"ended ({script.returncode}) before step 2: {log()[-2000:]}"
-        script.send_signal(signal.SIGTERM)
+        if group:
+            os.killpg(script.pid, signum)
+        else:
+            script.send_signal(signum)
         status = script.wait(timeout=180)
         _until(lambda: "checkpoints and TensorBoard logs" in log() or "stopped by" in log(),
                lambda: log()[-2000:], timeout=60)  # fmt: skip
@@ -203,10 +209,12 @@ def test_a_slurm_folds_task_signalled_as_its_batch_shell_saves_its_step_and_resu
 
 
 @pytest.mark.slow
-def test_local_cpu_processes_pass_a_sigterm_for_the_script_on_to_every_process(tmp_path):
-    """SIGTERM to the script alone: both processes stop at the same step with its checkpoint and
-    the script exits with their status, 143 (untrapped, the script died of it and left them
-    training)."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_local_cpu_processes_pass_a_sigterm_for_the_script_on_to_every_process(tmp_path, signum):
+    """SIGTERM to the script alone, or Ctrl-C (SIGINT to its process group): both processes
+    stop at the same step with its checkpoint and the script exits with their status, 143
+    (untrapped, the script died of it and left them training: they ignore SIGINT, as background
+    jobs of a script)."""
     from test_train_helpers import cpu_devices_env, small_synthetic_store
 
     store = small_synthetic_store(tmp_path / "data", cases=6, seed=3)
@@ -216,7 +224,8 @@ def test_local_cpu_processes_pass_a_sigterm_for_the_script_on_to_every_process(t
     env.pop("PORT", None)
     argv = ["bash", str(REPO / "launch" / "local_cpu_processes.sh"), "2", "1"]
     argv += ["configs/focalnet.py", str(workdir), f"--config.data.store={store}", *TINY_RUN]
-    status, log = _signalled_at_step_2(argv, env, tmp_path / "script.log")
+    group = signum == signal.SIGINT
+    status, log = _signalled_at_step_2(argv, env, tmp_path / "script.log", signum, group)
     stopped = re.findall(r"focalnet train: stopped by SIGTERM at step (\d+) in (\S+);", log)
     assert status == 143 and len(stopped) == 2 and stopped[0] == stopped[1], (status, log[-2000:])
     step = int(stopped[0][0])
