@@ -115,6 +115,54 @@ def test_jax_is_given_the_first_host_of_the_step_and_its_port(monkeypatch):
     assert detected == ("node01-ib:62483", 2, 1, [])
 
 
+_FLAGS_MEMBER = """
+import sys, jax
+from focalnet_jax.training import distributed
+distributed.initialize(f"localhost:{sys.argv[1]}", 2, int(sys.argv[2]))
+print("GPUs", jax.config.values["jax_cuda_visible_devices"], flush=True)
+"""
+
+
+@pytest.mark.parametrize(
+    ("slurm", "expected"),
+    [
+        # An `srun --pty` shell, or one task of a job: JAX's SLURM rule kept GPU SLURM_LOCALID 0.
+        ({"SLURM_NTASKS": "2", "SLURM_LOCALID": "0"}, "all"),
+        # A step of 2 tasks on 2 nodes (one a node): each drives every GPU it sees, as in the
+        # SLURM path (`slurm_local_device_ids`).
+        ({"SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_TASKS_PER_NODE": "1(x2)",
+          "SLURM_LOCALID": "0"}, "all"),
+        # A step of 2 tasks on one node: one GPU each, JAX's rule (0 here, SLURM_LOCALID).
+        ({"SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_TASKS_PER_NODE": "2",
+          "SLURM_LOCALID": "0"}, "0"),
+        ({"SLURM_NTASKS": "2", "SLURM_LOCALID": "0", "JAX_LOCAL_DEVICE_IDS": "1"}, "1"),
+    ],
+)  # fmt: skip
+def test_processes_started_with_flags_inside_slurm_drive_the_gpus_they_see(slurm, expected):
+    """`--coordinator_address ... --process_id $SLURM_PROCID` inside a SLURM allocation: JAX
+    applied its SLURM rule to the flags too, so a process alone on its node drove only GPU
+    `SLURM_LOCALID` of it (read here as JAX's `jax_cuda_visible_devices`)."""
+    from test_train_helpers import cpu_devices_env, free_port
+
+    port = str(free_port())
+    env = {**cpu_devices_env(1), "SLURM_JOB_ID": "77", "SLURM_STEP_NODELIST": "localhost", **slurm}
+    if "JAX_LOCAL_DEVICE_IDS" not in slurm:
+        env.pop("JAX_LOCAL_DEVICE_IDS", None)
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", _FLAGS_MEMBER, port, str(rank)],
+            env={**env, "SLURM_PROCID": str(rank)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    outputs = [process.communicate(timeout=120)[0] for process in processes]
+    for process, output in zip(processes, outputs, strict=True):
+        assert process.returncode == 0 and f"GPUs {expected}\n" in output, output
+
+
 # Each task: join the step's process group, sum the process ranks + 1 across it, then wait (at
 # most 240 s) until the other step's tasks got that far, so that both coordinators were up at once.
 TASK = """

@@ -1,6 +1,7 @@
 """Multi-process start-up: `jax.distributed.initialize` from flags or a SLURM allocation.
 
-Order: explicit flags (`--coordinator_address HOST:PORT --num_processes N --process_id I`), then an
+Order: explicit flags (`--coordinator_address HOST:PORT --num_processes N --process_id I`; their
+devices as below inside a SLURM step, else every device the process sees), then an
 `srun` step of more than one task (JAX reads the ranks from SLURM's environment; the coordinator is
 given to it, `slurm_coordinator_address`), else a single process (also a job's batch script or
 `salloc` shell, outside any step). Must run before anything touches a JAX device.
@@ -181,6 +182,17 @@ def _configure_group() -> None:
     jax.config.update("jax_enable_preemption_service", False)
 
 
+def _flags_device_ids(environ=None) -> list[int] | None:
+    """`local_device_ids` of a process started with flags. JAX applies its SLURM rule to them too
+    (the one GPU numbered `SLURM_LOCALID`, also in a step of one task or an `srun --pty` shell):
+    in a step of several tasks, the SLURM path's choice (`slurm_local_device_ids`); elsewhere []
+    (every device the process sees), or None where `JAX_LOCAL_DEVICE_IDS` gives them."""
+    environ = os.environ if environ is None else environ
+    if slurm_num_tasks(environ) > 1:
+        return slurm_local_device_ids(environ)
+    return None if environ.get("JAX_LOCAL_DEVICE_IDS") else []
+
+
 def initialize(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
@@ -202,7 +214,9 @@ def initialize(
         if num_processes == 1:
             return "single"
         _configure_group()
-        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+        jax.distributed.initialize(
+            coordinator_address, num_processes, process_id, local_device_ids=_flags_device_ids()
+        )
         watch_for_group_failures()
         return "flags"
     if slurm_num_tasks() > 1:
