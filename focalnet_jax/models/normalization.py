@@ -10,7 +10,10 @@
   ``scale``/``bias`` stay ordinary parameters.
 
 Hyper-parameters follow torchvision (``eps=1e-5``, running-average momentum 0.1, i.e. Flax
-``momentum=0.9``), so converted torchvision weights behave the same.
+``momentum=0.9``), so converted torchvision weights give the same outputs. One difference in
+training: the running variance averages the batch's biased variance (Flax's rule), torch's the
+unbiased one, n / (n - 1) of it, with n the values a channel has in the global batch (B x H x W;
+the batch size B in DeepLab-v3's image-pooling branch, e.g. 16 / 15 at batch 16).
 """
 
 from __future__ import annotations
