@@ -212,6 +212,11 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
     its default (`losses.check_loss_options`).
     """
     config = get_config_from_file(spec)
+    if "base" in config and "arms" in config:  # its overrides would be named unknown keys
+        raise UserError(
+            f"config file {spec.partition(':')[0]}: a study spec (it names a base config and "
+            f"arms), not a training config: run it with `focalnet study run --spec {spec}`"
+        )
     config.lock()
     config = apply_overrides(config, overrides)
     loss = config.get("loss")

@@ -327,6 +327,36 @@ def test_train_and_study_with_a_bad_config_file(tmp_path, capsys, name, text, re
     assert not (tmp_path / "w").exists() and not (tmp_path / "s").exists()
 
 
+@pytest.mark.parametrize("command", ["train", "cv"])
+def test_a_study_spec_or_another_config_given_to_train_is_a_one_line_error(
+    command, tmp_path, capsys
+):
+    """`train --config configs/studies/bosma22.py` (study specs sit beside the training configs)
+    ended in an AttributeError traceback ("'seed'"), and with `--config.data.store=S` said only
+    "unknown config key 'data'"; a config of none of the sections training reads did the same."""
+    spec = str(REPO / "configs" / "studies" / "bosma22.py")
+    workdir = str(tmp_path / "w")
+    for extra in ([], ["--config.data.store=s"]):
+        status, err = _run([command, "--config", spec, "--workdir", workdir, *extra], capsys)
+        assert (status, err.splitlines()[-1]) == (
+            2,
+            f"focalnet {command}: error: config file {spec}: a study spec (it names a base config "
+            f"and arms), not a training config: run it with `focalnet study run --spec {spec}`",
+        )
+    other = tmp_path / "other.py"
+    other.write_text(
+        "import ml_collections\n\ndef get_config():\n"
+        "    return ml_collections.ConfigDict({'seed': 0, 'model': {}})\n"
+    )
+    status, err = _run([command, "--config", str(other), "--workdir", workdir], capsys)
+    assert (status, err.splitlines()[-1]) == (
+        2,
+        f"focalnet {command}: error: not a training config: it has no data, loss, train, augment, "
+        "optim (a training config starts from configs/default.py)",
+    )
+    assert not (tmp_path / "w").exists()
+
+
 def test_a_config_folder_is_not_said_to_be_missing(tmp_path, capsys):
     """`--config configs` read 'config file configs does not exist'."""
     status, err = _run(["train", "--config", str(tmp_path), "--workdir", "w"], capsys)

@@ -33,6 +33,9 @@ DATA_AXIS = "data"
 """Name of the 1-D device mesh axis (data parallelism, sync-BN statistics)."""
 
 
+_SECTIONS = ("seed", "data", "loss", "model", "train", "augment", "optim")  # of a training config
+
+
 def clip_inputs(images: jax.Array) -> jax.Array:
     """Clip every component to [0, 1]: the model's input range, at training and at inference."""
     return jnp.clip(images, 0.0, 1.0)
@@ -119,6 +122,11 @@ class RunSpec:
 
     @classmethod
     def _resolve(cls, config, num_devices, image_size) -> RunSpec:
+        if missing := [key for key in _SECTIONS if key not in config]:  # else an AttributeError
+            raise ValueError(
+                f"not a training config: it has no {', '.join(missing)} (a training config "
+                "starts from configs/default.py)"
+            )
         _check_seed(config.seed)
         components = _check_data(config.data)
         loss, subsets, mfl_weight = _check_loss(config.loss, components)
