@@ -255,6 +255,35 @@ def test_outputs_put_a_known_score_blob_at_its_world_point(exam_components, tmp_
     assert np.linalg.norm(best - finding) < 2.0 and float(rows[0]["lesion_score"]) > 0.85
 
 
+def test_a_model_of_lesion_against_no_lesion_writes_no_grades(exam_components, tmp_path, caplog):
+    """A binary model (configs/unet_sing.py: one output, P(lesion)) wrote its lesion score in
+    every GS column of detections.csv, read as grade predictions, and said nothing."""
+    import jax
+    import jax.numpy as jnp
+
+    from focalnet_jax.config_loading import load_config
+    from focalnet_jax.evaluation.ensemble import make_ensemble
+    from focalnet_jax.evaluation.inference import Predictor
+    from focalnet_jax.evaluation.predict import predict_exam
+    from focalnet_jax.run import RunSpec
+
+    overrides = ["--config.model.unet_features=4", "--config.model.unet_levels=2"]
+    config = load_config(str(REPO / "configs" / "unet_sing.py"), overrides)
+    spec = RunSpec.from_config(config, num_devices=1)
+    assert spec.output_encoding == "binary"
+    images = jnp.zeros((1, *spec.image_size, len(spec.components)), jnp.float32)
+    variables = jax.device_get(spec.model.init(jax.random.key(0), images, train=False))
+    models = make_ensemble([Predictor.from_variables(spec, variables)], [Path("sing")], [None])
+    with caplog.at_level("WARNING"):
+        predict_exam(models, exam_components, tmp_path / "out", threshold=0.0)
+    assert "predict lesion against no lesion only (output encoding 'binary')" in caplog.text
+    with (tmp_path / "out" / "detections.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert rows and all(0.0 <= float(row["lesion_score"]) <= 1.0 for row in rows)
+    gs = ("p_gs_ge_3+4", "p_gs_ge_4+3", "p_gs_ge_8", "p_gs_ge_9")
+    assert {row[k] for row in rows for k in gs} == {""}
+
+
 def test_predict_leaves_out_the_t2w_slices_a_shorter_dwi_slab_misses(
     trained_run, exam_components, tmp_path, caplog
 ):

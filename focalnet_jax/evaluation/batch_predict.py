@@ -50,7 +50,7 @@ from focalnet_jax.evaluation.partial_output import (
     recorded_settings,
     write_case_folder,
 )
-from focalnet_jax.evaluation.predict import write_exam_outputs
+from focalnet_jax.evaluation.predict import grade_outputs, write_exam_outputs
 from focalnet_jax.evaluation.predictions import MODELS_FILE
 
 log = logging.getLogger(__name__)
@@ -168,11 +168,11 @@ def predict_cases(
     partial kept for `resume`.
     """
     candidates = candidates or CandidateSettings()
-    options = {"threshold": threshold, "candidates": candidates}
     if not cases:
         raise LayoutError("no cases to predict")
     out = Path(out)
     errors = list(errors or [])
+    options = {"threshold": threshold, "candidates": candidates, "grades": grade_outputs(models)}
     settings = recorded_settings(models.describe(), threshold, candidates, dicom=dicom)
     centres = {spec.case_id: crop_centre_source(spec.mask, spec.center) for spec in cases}
     with partial_output(out, settings, resume=resume, overwrite=overwrite) as taken:

@@ -181,12 +181,14 @@ def predict_exam(
     if dicom:
         sources = dicom_sources(case_id, ordered["t2w"], (series or {}).get("t2w"))
     scores = models(case.images)
+    grades = grade_outputs(models)
     # Written beside out_dir, which it then replaces whole: a failure changes nothing there.
     with replaced_folder(out_dir, "focalnet predict") as tmp:
         written = write_exam_outputs(
             case,
             scores,
             tmp,
+            grades=grades,
             threshold=threshold,
             radius_mm=radius_mm,
             min_score=min_score,
@@ -198,11 +200,28 @@ def predict_exam(
     return [Path(out_dir) / path.name for path in written]
 
 
+def grade_outputs(models: Ensemble) -> bool:
+    """Whether `models` predict grades; a model of lesion against no lesion (output encoding
+    'binary', e.g. configs/unet_sing.py) does not, which a warning says: its csPCa score, the
+    detection map and score_map.dcm repeat the lesion score, and detections.csv leaves its GS
+    columns empty."""
+    if models.spec.output_encoding != "binary":
+        return True
+    log.warning(
+        "the model(s) %s predict lesion against no lesion only (output encoding 'binary'): "
+        "cspca_score, the detection map and score_map.dcm hold the lesion score, not a grade's, "
+        "and the GS columns of detections.csv are left empty",
+        ", ".join(map(str, models.runs)),
+    )
+    return False
+
+
 def write_exam_outputs(
     case,
     scores: np.ndarray,
     out_dir: str | Path,
     *,
+    grades: bool = True,
     threshold: float = 0.5,
     radius_mm: float = RADIUS_MM,
     min_score: float = MIN_SCORE,
@@ -211,8 +230,10 @@ def write_exam_outputs(
 ) -> list[Path]:
     """The files of the module docstring for a `PreprocessedCase` (T2w slices `case.slice_index`;
     the maps hold 0 on the others) and its scores float32 `[S, H, W, 5]`, written to `out_dir`;
-    returns their paths. `dicom_sources`: the T2w series' datasets (`dicom_output.dicom_sources`),
-    given for `score_map.dcm` and `detections_seg.dcm` (where the map holds a candidate)."""
+    returns their paths. `grades`: False for a model without grades (`grade_outputs`), whose GS
+    columns of detections.csv are left empty. `dicom_sources`: the T2w series' datasets
+    (`dicom_output.dicom_sources`), given for `score_map.dcm` and `detections_seg.dcm` (where the
+    map holds a candidate)."""
     t2w = case.geometry.t2w_reference_image()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -230,7 +251,8 @@ def write_exam_outputs(
 
     detections = local_maxima(scores, case.spacing, radius_mm=radius_mm, min_score=min_score)
     shown = detections.scores[:, 0] >= threshold
-    written.append(write_detections(out_dir / "detections.csv", case, detections, shown, t2w))
+    detections_csv = out_dir / "detections.csv"
+    written.append(write_detections(detections_csv, case, detections, shown, t2w, grades))
     written.append(overlay(out_dir / "overlay.png", case, scores, detections, shown))
     if dicom_sources is not None:
         written += write_dicom_outputs(out_dir, maps, dicom_sources, case.case_id)
@@ -238,15 +260,19 @@ def write_exam_outputs(
     return written
 
 
-def write_detections(path: Path, case, detections, shown: np.ndarray, t2w: sitk.Image) -> Path:
-    """`detections.csv` (`CSV_COLUMNS`) of the detections where `shown`, numbered from 1."""
+def write_detections(
+    path: Path, case, detections, shown: np.ndarray, t2w: sitk.Image, grades: bool = True
+) -> Path:
+    """`detections.csv` (`CSV_COLUMNS`) of the detections where `shown`, numbered from 1; without
+    `grades` the GS columns are empty."""
     rows = []
     for n, i in enumerate(np.flatnonzero(shown), 1):
         s, r, c = int(detections.slice[i]), int(detections.row[i]), int(detections.col[i])
         world = case.pixel_to_world(s, r, c)
         voxel = t2w.TransformPhysicalPointToIndex(world)
-        p = detections.scores[i]
-        rows.append([n, *(f"{v:.4f}" for v in world), *voxel, s, r, c, *(f"{v:.4f}" for v in p)])
+        p = [f"{v:.4f}" for v in detections.scores[i]]
+        p = p if grades else [p[0], *[""] * (len(p) - 1)]
+        rows.append([n, *(f"{v:.4f}" for v in world), *voxel, s, r, c, *p])
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(CSV_COLUMNS)
