@@ -31,6 +31,10 @@ class LayoutError(UserError):
     """The input folder or manifest as a whole cannot be read (names the path and the reason)."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C whose message says what was kept (replacing `interrupted by Ctrl-C`)."""
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (`kill`, a SLURM time limit) raised like Ctrl-C, so temporary files are removed.
     A message, where given, says what was done and replaces `interrupted by SIGTERM`."""
@@ -120,8 +124,8 @@ def one_line_user_errors(prog: str, *, verbose: bool = False):
     """A user error (`is_user_error`) raised in the block is printed as `<prog>: error: <message>`
     on one line of stderr (after its traceback when `verbose`) and ends the program with exit
     status 2 (`UserErrorExit`); Ctrl-C or `Terminated` as `<prog>: interrupted by ...` (or
-    `<prog>: <the Terminated's message>`) with status 130 or 143; any other exception passes
-    unchanged."""
+    `<prog>: <the Interrupted's or Terminated's message>`) with status 130 or 143; any other
+    exception passes unchanged."""
     try:
         yield
     except KeyboardInterrupt as interrupt:
@@ -129,7 +133,7 @@ def one_line_user_errors(prog: str, *, verbose: bool = False):
             traceback.print_exc()
         terminated = isinstance(interrupt, Terminated)
         what = f"interrupted by {'SIGTERM' if terminated else 'Ctrl-C'}"
-        print(f"{prog}: {(terminated and str(interrupt)) or what}", file=sys.stderr)
+        print(f"{prog}: {str(interrupt) or what}", file=sys.stderr)
         raise SystemExit(128 + (signal.SIGTERM if terminated else signal.SIGINT)) from None
     except Exception as error:
         if not is_user_error(error):

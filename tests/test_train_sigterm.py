@@ -135,6 +135,26 @@ def test_sigterm_saves_the_step_it_stops_at_and_the_rerun_equals_an_uninterrupte
     )
 
 
+def test_ctrl_c_names_the_checkpoint_a_rerun_resumes_from(store, tmp_path):
+    """Ctrl-C stops at once, not at a step boundary: it said only `interrupted by Ctrl-C`, not
+    that the steps since the last checkpoint are lost, nor that a rerun resumes."""
+    workdir, stderr = tmp_path / "run", tmp_path / "run.err"
+    flags = ["--config.train.checkpoint_every=2"]
+    process = _start(_train_argv(store, workdir, 1, flags), stderr)
+    _wait_for_step(process, stderr, 3)
+    process.send_signal(signal.SIGINT)
+    status = process.wait(timeout=180)
+    kept = max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    last = [line for line in re.split(r"[\r\n]", _text(stderr)) if line][-1]
+    assert (status, last) == (
+        130,
+        f"focalnet train: interrupted by Ctrl-C: checkpoint {kept} kept in {workdir}, run again "
+        "to resume from it (SIGTERM, `kill PID`, stops after the current step with its "
+        "checkpoint)",
+    )
+    assert kept >= 2
+
+
 @pytest.mark.slow
 def test_two_processes_stop_at_the_same_log_step_when_one_is_signalled(store, tmp_path):
     """Process 1 alone gets SIGTERM; both agree at the next log step (every 3 steps), save that

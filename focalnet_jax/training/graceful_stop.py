@@ -36,7 +36,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from focalnet_jax.errors import Terminated
+from focalnet_jax.errors import Interrupted, Terminated
 
 
 class TrainingStopped(Terminated):
@@ -114,3 +114,13 @@ def exit_zero_on_sigterm(line: str) -> None:
     threading.Thread(target=wait_for_sigterm, name="sigterm-after-completion", daemon=True).start()
     signal.set_wakeup_fd(write)
     signal.signal(signal.SIGTERM, lambda signum, frame: None)  # the thread acts on it
+
+
+def ctrl_c_interrupt(latest: int | None, workdir: str | Path) -> Interrupted:
+    """The line of Ctrl-C during the steps, which stops at once (not at a step boundary): the
+    steps since the latest checkpoint are lost, and SIGTERM would have saved them."""
+    kept = f"checkpoint {latest} kept" if latest is not None else "no checkpoint saved yet"
+    return Interrupted(
+        f"interrupted by Ctrl-C: {kept} in {workdir}, run again to resume from it (SIGTERM, "
+        "`kill PID`, stops after the current step with its checkpoint)"
+    )

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from focalnet_jax.data.run_store import check_training_store, record_run_store
 from focalnet_jax.data.store import open_store
-from focalnet_jax.errors import UserError
+from focalnet_jax.errors import Terminated, UserError
 from focalnet_jax.run import RunSpec
 from focalnet_jax.run import workdir as workdir_lib
 from focalnet_jax.run.spec import FoldSplit
@@ -44,7 +44,7 @@ from focalnet_jax.training import (
     sharding,
 )
 from focalnet_jax.training import step as step_lib
-from focalnet_jax.training.graceful_stop import SigtermStop, TrainingStopped
+from focalnet_jax.training.graceful_stop import SigtermStop, TrainingStopped, ctrl_c_interrupt
 from focalnet_jax.training.tb_logging import SummaryWriter, read_scalars
 
 log = logging.getLogger(__name__)
@@ -350,6 +350,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
                 spec, state, batches, split.val_rows, mesh, logger, train_key, lam, num_steps,
                 sigterm, validate_first,
             )  # fmt: skip
+        except KeyboardInterrupt as interrupt:
+            _close(logger, failing=True)
+            if isinstance(interrupt, Terminated):  # SIGTERM: `TrainingStopped`, its own line
+                raise
+            raise ctrl_c_interrupt(manager.latest_step(), workdir) from None
         except BaseException:
             _close(logger, failing=True)
             raise
