@@ -63,6 +63,29 @@ def test_an_unknown_flag_names_the_command_and_shows_its_usage(capsys):
     assert lines[-1] == "focalnet folds: error: unrecognized arguments: --seeed 1"
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["predict", "--checkpiont", "runs/x", "--t2w", "t2w", "--out", "o"],
+         "focalnet predict: error: the following arguments are required: --checkpoint (not "
+         "recognized: --checkpiont)"),
+        (["evaluate", "--wrkdir=runs/x"],
+         "focalnet evaluate: error: one of the arguments --predictions --workdir is required (not "
+         "recognized: --wrkdir)"),
+        (["study", "status", "--workdr", "w"],
+         "focalnet study status: error: the following arguments are required: --workdir (not "
+         "recognized: --workdr)"),
+        # A required flag missing, nothing misspelt: argparse's line as it was.
+        (["predict", "--t2w", "t2w", "--out", "o"],
+         "focalnet predict: error: the following arguments are required: --checkpoint"),
+    ],
+)  # fmt: skip
+def test_a_misspelt_required_flag_is_named(argv, message, capsys):
+    """`predict --checkpiont` said only that --checkpoint is required, hiding the typo."""
+    status, err = _run(argv, capsys)
+    assert (status, err.splitlines()[-1]) == (2, message)
+
+
 @pytest.mark.parametrize("where", ["before", "after"])
 def test_verbose_shows_the_traceback(tmp_path, capsys, where):
     args = ["folds", "--store", str(tmp_path / "nowhere")]

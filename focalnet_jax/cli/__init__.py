@@ -82,15 +82,35 @@ _COMMANDS: dict[str, tuple] = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser (its subcommands' too), whose error for a missing required argument also
+    names the options of `argv` it does not know: a misspelt required flag (`--checkpiont`) was
+    reported only as `--checkpoint` missing."""
+
+    argv: Sequence[str] = ()  # the command line being parsed (`main`)
+
+    def error(self, message: str):
+        if message.startswith(("the following arguments are required", "one of the arguments")):
+            given = [arg.split("=", 1)[0] for arg in self.argv if arg.startswith("--")]
+            unknown = [
+                arg for arg in given
+                if arg not in self._option_string_actions
+                and not arg.startswith(("--config.", "--spec."))  # overrides, read later
+            ]  # fmt: skip
+            if unknown:
+                message += f" (not recognized: {' '.join(dict.fromkeys(unknown))})"
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="focalnet",
         description="FocalNet: prostate cancer detection and Gleason score prediction in mp-MRI.",
     )
     verbose_help = "show the traceback of an error"
     parser.add_argument("--verbose", action="store_true", help=verbose_help)
     # Also after the subcommand; SUPPRESS keeps a --verbose given before it.
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument(
         "--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose_help
     )
@@ -109,6 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     process_ends = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
+    _Parser.argv = argv
     # `train` and `cv` take free-form `--config.KEY=VALUE` overrides that argparse does not know,
     # `study` `--spec.KEY=VALUE`.
     args, unknown = parser.parse_known_args(argv)
