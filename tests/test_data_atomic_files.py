@@ -49,6 +49,17 @@ def test_replaced_folder_is_all_new_or_all_old(tmp_path):
     assert os.listdir(tmp_path) == ["case1"] and os.listdir(final) == ["new.txt"]
 
 
+def test_a_folder_that_cannot_be_made_is_named_as_the_one_asked_for(capsys):
+    """`synth --out /proc/s0` named its temporary folder `/proc/.s0.tmp-<pid>@<host>`."""
+    from focalnet_jax.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["synth", "--out", "/proc/s0", "--cases", "1"])
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exited.value.code == 2
+    assert line == "focalnet synth: error: [Errno 2] No such file or directory: '/proc/s0'"
+
+
 def test_a_folder_given_by_a_link_is_replaced_where_the_link_points(tmp_path):
     # `--out results` with `results -> /disk/results`: the link itself was renamed aside and
     # became the new folder, the folder it pointed to kept the old files, and the link moved

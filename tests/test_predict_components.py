@@ -163,6 +163,10 @@ def test_a_missing_or_malformed_component_is_a_one_line_error_naming_its_flag(dc
     assert "give --component dce=PATH" in message and str(dce_run["run"]) in message
     message = cli_error([*one, "--t2w", files["t2w"], "--component", f"dce={files['dce']}"])
     assert message.endswith("give --adc PATH")
+    # A misspelt name was not said to be unread: only the right one was asked for.
+    typo = ["--t2w", files["t2w"], "--adc", files["adc"], "--component", f"dec={files['dce']}"]
+    message = cli_error([*one, *typo])
+    assert message.endswith("give --component dce=PATH (given dec, which they do not read)")
     cases = [
         (["--component", "dce"], "--component expects NAME=PATH"),
         (["--component", f"adc={files['adc']}"], "give adc with --adc"),

@@ -68,7 +68,10 @@ def replaced_folder(path: str | os.PathLike, writer: str = "focalnet"):
     restore_moved_aside(path, writer)
     remove_dead_leftovers(path, writer)
     tmp = writer_folder(path)
-    tmp.mkdir(mode=0o755)
+    try:
+        tmp.mkdir(mode=0o755)
+    except OSError as error:  # e.g. under /proc, or read-only: named as the folder asked for
+        raise OSError(error.errno, error.strerror, str(path)) from error
     done = False
     try:
         with naming_the_disk(path, tmp):

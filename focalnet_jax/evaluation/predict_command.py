@@ -90,9 +90,12 @@ def _check_exam_gives(models, components: dict[str, str]) -> None:
     """Raises naming the flag of each component the models read that the exam does not give."""
     missing = [c for c in models.components if c not in components]
     if missing:
+        # A misspelt name (`--component dec=...`) is among the given ones the models do not read.
+        unread = [c for c in components if c not in models.components]
+        given = f" (given {', '.join(unread)}, which they do not read)" if unread else ""
         raise UserError(
             f"the model(s) {', '.join(map(str, models.runs))} read {list(models.components)} "
-            f"(T2w as the reference grid); give {', '.join(map(_flag, missing))}"
+            f"(T2w as the reference grid); give {', '.join(map(_flag, missing))}{given}"
         )
 
 
