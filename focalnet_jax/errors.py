@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import signal
 import sys
 import threading
@@ -56,6 +57,49 @@ def sigterm_as_interrupt():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+_RETRY_S = 0.02  # how soon a Ctrl-C that came inside a garbage-collector callback is raised
+
+
+@contextlib.contextmanager
+def ctrl_c_never_dropped():
+    """Ctrl-C raises `KeyboardInterrupt` as Python's own handler does, except inside a callback of
+    the garbage collector (JAX registers one), where Python prints an exception as ignored and
+    drops it, and the command went on to its end with status 0: there it is raised `_RETRY_S`
+    later (SIGALRM), once the callback has returned. A Ctrl-C ignored (a script's background job)
+    stays ignored; off the main thread nothing changes."""
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield
+        return
+
+    def interrupt(signum, frame):
+        if _in_gc_callback(frame):
+            signal.setitimer(signal.ITIMER_REAL, _RETRY_S)
+            return
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL if previous is None else previous)
+
+
+def _in_gc_callback(frame) -> bool:
+    """Whether `frame` (where a signal came) or a caller runs one of `gc.callbacks`."""
+    codes = {getattr(callback, "__code__", None) for callback in gc.callbacks}
+    while frame is not None:
+        if frame.f_code in codes:
+            return True
+        frame = frame.f_back
+    return False
 
 
 class UserErrorExit(SystemExit):

@@ -63,6 +63,34 @@ def test_an_unknown_flag_names_the_command_and_shows_its_usage(capsys):
     assert lines[-1] == "focalnet folds: error: unrecognized arguments: --seeed 1"
 
 
+def test_a_ctrl_c_inside_a_garbage_collector_callback_is_raised_once_it_returns():
+    """Python prints an exception raised in a gc callback as ignored and drops it: a Ctrl-C that
+    came while JAX's ran (late in `evaluate`) was dropped, and the command ended with status 0."""
+    import gc
+    import os
+    import signal
+    import time
+
+    from focalnet_jax.errors import ctrl_c_never_dropped
+
+    sent = []
+
+    def callback(phase, info):
+        if phase == "start" and not sent:
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGINT)  # its handler runs here, inside the callback
+
+    with ctrl_c_never_dropped():
+        gc.callbacks.append(callback)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                gc.collect()
+                time.sleep(5.0)  # the interrupt comes 0.02 s into it
+        finally:
+            gc.callbacks.remove(callback)
+    assert sent and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

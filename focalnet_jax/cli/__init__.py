@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from focalnet_jax.cli import data_commands as data
 from focalnet_jax.cli import evaluation_commands as evaluation
 from focalnet_jax.cli import training_commands as training
-from focalnet_jax.errors import one_line_user_errors, sigterm_as_interrupt
+from focalnet_jax.errors import ctrl_c_never_dropped, one_line_user_errors, sigterm_as_interrupt
 
 # SIGTERM keeps its default (the process ends at once) but in the training loop, which stops at the
 # next step boundary with a checkpoint (focalnet_jax/training/graceful_stop.py); and in `study
@@ -150,5 +150,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         from focalnet_jax.training.group_failures import leave_group_on_failure
 
         group = leave_group_on_failure(prog)
-    with group, one_line_user_errors(prog, verbose=args.verbose), terminate:
+    with group, one_line_user_errors(prog, verbose=args.verbose), terminate, ctrl_c_never_dropped():
         return int(run_fn(args) or 0)
