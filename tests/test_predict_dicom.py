@@ -253,6 +253,7 @@ class _Scorer:
 
     components = ("t2w", "adc", "hbv")
     preprocess = None
+    output_encoding = "ordinal"
 
     def __init__(self, scores: np.ndarray):
         self.scores, self.batch_size = scores, len(scores)

@@ -70,6 +70,8 @@ def after_rename(real, then):
 
 
 class Models:
+    output_encoding = "ordinal"
+
     def describe(self):
         return {"models": [{"run": "r", "step": 2}], "tta": "none"}
 

@@ -232,6 +232,11 @@ class Ensemble:
         return max(p.batch_size for p in self.predictors)
 
     @property
+    def output_encoding(self) -> str:
+        """The models' output encoding (`encoding.ENCODINGS`; they agree on it)."""
+        return self.predictors[0].spec.output_encoding
+
+    @property
     def spec(self):
         """The first model's `RunSpec` (they agree on the set of components, the encoding and
         the preprocessing); its `components` are in that model's order, which the ensemble's

@@ -205,7 +205,7 @@ def grade_outputs(models: Ensemble) -> bool:
     'binary', e.g. configs/unet_sing.py) does not, which a warning says: its csPCa score, the
     detection map and score_map.dcm repeat the lesion score, and detections.csv leaves its GS
     columns empty."""
-    if models.spec.output_encoding != "binary":
+    if models.output_encoding != "binary":
         return True
     log.warning(
         "the model(s) %s predict lesion against no lesion only (output encoding 'binary'): "
