@@ -66,30 +66,48 @@ _RETRY_S = 0.02  # how soon a Ctrl-C that came inside a garbage-collector callba
 def ctrl_c_never_dropped():
     """Ctrl-C raises `KeyboardInterrupt` as Python's own handler does, except inside a callback of
     the garbage collector (JAX registers one), where Python prints an exception as ignored and
-    drops it, and the command went on to its end with status 0: there it is raised `_RETRY_S`
-    later (SIGALRM), once the callback has returned. A Ctrl-C ignored (a script's background job)
-    stays ignored; off the main thread nothing changes."""
+    drops it, and the command went on to its end with status 0: there it is kept pending and
+    raised `_RETRY_S` later (SIGALRM), once the callback has returned, or when the block ends,
+    whichever comes first. (A finalizer the collector runs, `__del__`, is not looked for.) A
+    Ctrl-C ignored (a script's background job) stays ignored; off the main thread nothing
+    changes."""
     if (
         threading.current_thread() is not threading.main_thread()
         or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
     ):
         yield
         return
+    pending = []
 
-    def interrupt(signum, frame):
+    def on_sigint(signum, frame):
         if _in_gc_callback(frame):
+            pending.append(True)
             signal.setitimer(signal.ITIMER_REAL, _RETRY_S)
             return
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGALRM, interrupt)
-    signal.signal(signal.SIGINT, interrupt)
+    def on_sigalrm(signum, frame):
+        if not pending:  # an alarm of someone else's: its default action
+            signal.signal(signal.SIGALRM, previous)
+            signal.raise_signal(signal.SIGALRM)
+            return
+        if _in_gc_callback(frame):
+            signal.setitimer(signal.ITIMER_REAL, _RETRY_S)
+            return
+        pending.clear()
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, on_sigalrm)
+    previous = signal.SIG_DFL if previous is None else previous
+    signal.signal(signal.SIGINT, on_sigint)
     try:
         yield
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGALRM, signal.SIG_DFL if previous is None else previous)
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    if pending:  # the block ended before the alarm
+        raise KeyboardInterrupt
 
 
 def _in_gc_callback(frame) -> bool:

@@ -80,15 +80,27 @@ def test_a_ctrl_c_inside_a_garbage_collector_callback_is_raised_once_it_returns(
             sent.append(True)
             os.kill(os.getpid(), signal.SIGINT)  # its handler runs here, inside the callback
 
-    with ctrl_c_never_dropped():
-        gc.callbacks.append(callback)
-        try:
+    gc.callbacks.append(callback)
+    try:
+        with ctrl_c_never_dropped():
             with pytest.raises(KeyboardInterrupt):
                 gc.collect()
                 time.sleep(5.0)  # the interrupt comes 0.02 s into it
-        finally:
-            gc.callbacks.remove(callback)
+        sent.clear()
+        with pytest.raises(KeyboardInterrupt), ctrl_c_never_dropped():
+            gc.collect()  # the block ends before the interrupt's 0.02 s: raised as it ends
+    finally:
+        gc.callbacks.remove(callback)
     assert sent and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # An alarm of another's is not taken for a Ctrl-C: it goes to the handler there before.
+    alarms = []
+    previous = signal.signal(signal.SIGALRM, lambda signum, frame: alarms.append(signum))
+    try:
+        with ctrl_c_never_dropped():
+            os.kill(os.getpid(), signal.SIGALRM)
+        assert alarms == [signal.SIGALRM]
+    finally:
+        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.mark.parametrize(
@@ -103,8 +115,8 @@ def test_a_ctrl_c_inside_a_garbage_collector_callback_is_raised_once_it_returns(
         (["study", "status", "--workdr", "w"],
          "focalnet study status: error: the following arguments are required: --workdir (not "
          "recognized: --workdr)"),
-        # A required flag missing, nothing misspelt: argparse's line as it was.
-        (["predict", "--t2w", "t2w", "--out", "o"],
+        # A required flag missing, nothing misspelt (`--ou`: argparse takes it for `--out`).
+        (["predict", "--t2w", "t2w", "--ou", "o"],
          "focalnet predict: error: the following arguments are required: --checkpoint"),
     ],
 )  # fmt: skip

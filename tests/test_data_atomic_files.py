@@ -36,6 +36,22 @@ def test_a_failed_json_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path
     assert json.loads(path.read_text()) == {"auc": 0.5, "nan": None}
 
 
+def test_a_json_write_syncs_the_file_before_renaming_it(tmp_path, monkeypatch):
+    """A rename that reached the disk before the file's bytes left an empty file after a crash
+    (a study's state file): the bytes are synced first."""
+    from focalnet_jax.data import atomic_files
+
+    calls = []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(atomic_files.os, "fsync", lambda fd: calls.append("fsync") or fsync(fd))
+    monkeypatch.setattr(
+        atomic_files.os, "replace", lambda a, b: calls.append("replace") or replace(a, b)
+    )
+    write_json_atomic({"state": "done"}, tmp_path / "state.json")
+    assert calls == ["fsync", "replace"]
+    assert json.loads((tmp_path / "state.json").read_text()) == {"state": "done"}
+
+
 def test_replaced_folder_is_all_new_or_all_old(tmp_path):
     final = tmp_path / "case1"
     final.mkdir()

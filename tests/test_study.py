@@ -502,9 +502,10 @@ def test_a_damaged_state_metrics_or_jobs_file_is_a_one_line_error_naming_it(spec
     assert message.endswith("remove it, and `study run` evaluates the cell again")
     jobs = workdir / "slurm" / slurm.JOBS_FILE
     jobs.parent.mkdir()
-    jobs.write_text('{"job": "1"}')
-    with pytest.raises(StudyError, match=re.escape(f"{jobs}: not a readable list of submitted")):
-        slurm.read_jobs(study)
+    for text in ('{"job": "1"}', "[1]"):  # an object; an array of another type
+        jobs.write_text(text)
+        with pytest.raises(StudyError, match=re.escape(f"{jobs}: not a readable list of submit")):
+            slurm.read_jobs(study)
 
 
 def _stale_copy(store: Path, tmp_path: Path) -> Path:

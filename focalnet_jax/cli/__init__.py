@@ -94,7 +94,8 @@ class _Parser(argparse.ArgumentParser):
             given = [arg.split("=", 1)[0] for arg in self.argv if arg.startswith("--")]
             unknown = [
                 arg for arg in given
-                if arg not in self._option_string_actions
+                # argparse takes a prefix of an option for it (`--ou` for `--out`)
+                if not any(option.startswith(arg) for option in self._option_string_actions)
                 and not arg.startswith(("--config.", "--spec."))  # overrides, read later
             ]  # fmt: skip
             if unknown:

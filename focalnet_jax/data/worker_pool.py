@@ -44,7 +44,8 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
-_DEFERRED = frozenset({signal.SIGINT, signal.SIGTERM})
+# SIGALRM: a Ctrl-C kept pending by `errors.ctrl_c_never_dropped` comes back as one.
+_DEFERRED = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGALRM})
 # Functions of multiprocessing/connection.py that write a message to a pipe.
 _SENDING = frozenset({"send", "send_bytes", "_send", "_send_bytes"})
 _RETRY_S = 0.02  # how soon a SIGTERM deferred during a send is acted on

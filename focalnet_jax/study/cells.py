@@ -48,7 +48,8 @@ def read_json_file(path: Path, what: str, kind: type = dict, remedy: str = ""):
     `remedy` (what to do) where given."""
     try:
         value = json.loads(path.read_text())
-        problem = None if isinstance(value, kind) else f"expected a JSON {kind.__name__}"
+        wanted = {dict: "object", list: "array"}[kind]
+        problem = None if isinstance(value, kind) else f"expected a JSON {wanted}"
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         problem = str(error)
     if problem is None:

@@ -196,7 +196,10 @@ def read_intents(study: Study) -> list[dict]:
 
 
 def _read_list(path: Path, what: str) -> list[dict]:
-    return read_json_file(path, what, list) if path.is_file() else []
+    arrays = read_json_file(path, what, list) if path.is_file() else []
+    if not all(isinstance(array, dict) for array in arrays):
+        raise StudyError(f"{path}: not a readable {what} (expected a JSON array of objects)")
+    return arrays
 
 
 def adopt_unrecorded(study: Study, *, record: bool, strict: bool) -> list[dict]:

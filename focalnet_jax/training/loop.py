@@ -354,7 +354,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
             _close(logger, failing=True)
             if isinstance(interrupt, Terminated):  # SIGTERM: `TrainingStopped`, its own line
                 raise
-            raise ctrl_c_interrupt(manager.latest_step(), workdir) from None
+            # The step a rerun resumes from: whole on disk (a save cut short is not counted).
+            raise ctrl_c_interrupt(workdir_lib.resumable_step(workdir), workdir) from None
         except BaseException:
             _close(logger, failing=True)
             raise
