@@ -49,10 +49,11 @@ def check_gland_labels(cases: list[LabelledCase], store) -> None:
     (module docstring)."""
     masked = {c.case_id: c.gland_dice for c in cases if c.gland_dice is not None}
     matching = {case: dice for case, dice in masked.items() if dice >= GLAND_DICE}
-    if len(masked) >= FEW_CASES and np.median(list(masked.values())) >= GLAND_DICE:
+    median = np.median(list(masked.values())) if masked else 0.0
+    if len(masked) >= FEW_CASES and median >= GLAND_DICE:
         raise UserError(
             f"store {store}: the lesion labels of {len(matching)} of {len(masked)} labelled cases "
-            f"match their prostate masks (median Dice {np.median(list(masked.values())):.2f}; "
+            f"match their prostate masks (median Dice {median:.2f}; "
             f"{_listed(matching, '{:.2f}')}): whole-gland masks given as --labels? Nothing was "
             "written"
         )
@@ -63,12 +64,13 @@ def check_gland_labels(cases: list[LabelledCase], store) -> None:
             len(matching), GLAND_DICE, _listed(matching, "{:.2f}"),
         )  # fmt: skip
     unmasked = {c.case_id: c.volume_ml for c in cases if c.gland_dice is None}
-    if len(unmasked) >= FEW_CASES and np.median(list(unmasked.values())) > GLAND_SIZED_ML:
+    volume = np.median(list(unmasked.values())) if unmasked else 0.0
+    if len(unmasked) >= FEW_CASES and volume > GLAND_SIZED_ML:
         log.warning(
             "the lesions of %d labelled cases without a prostate mask have a median volume of "
             "%.0f mL, the size of a whole prostate (20-80 mL), not of lesions (%s): are the labels "
             "whole-gland masks?",
-            len(unmasked), np.median(list(unmasked.values())), _listed(unmasked, "{:.0f} mL"),
+            len(unmasked), volume, _listed(unmasked, "{:.0f} mL"),
         )  # fmt: skip
 
 

@@ -350,14 +350,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
                 spec, state, batches, split.val_rows, mesh, logger, train_key, lam, num_steps,
                 sigterm, validate_first,
             )  # fmt: skip
-        except KeyboardInterrupt as interrupt:
+        except BaseException as failure:
             _close(logger, failing=True)
-            if isinstance(interrupt, Terminated):  # SIGTERM: `TrainingStopped`, its own line
-                raise
-            # The step a rerun resumes from: whole on disk (a save cut short is not counted).
-            raise ctrl_c_interrupt(workdir_lib.resumable_step(workdir), workdir) from None
-        except BaseException:
-            _close(logger, failing=True)
+            # Ctrl-C: its line names the step a rerun resumes from, whole on disk (a save cut
+            # short is not counted); SIGTERM's `TrainingStopped` has its own.
+            if isinstance(failure, KeyboardInterrupt) and not isinstance(failure, Terminated):
+                raise ctrl_c_interrupt(workdir_lib.resumable_step(workdir), workdir) from None
             raise
         _close(logger, failing=False)
         # Complete: the last checkpoint is on disk, the logs closed. A SIGTERM since the last
