@@ -570,6 +570,29 @@ def test_bad_input_names_the_argument(call, error, match):
         call()
 
 
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: losses.ordinal_focal_loss(_X, _Y, gamma=np.float32(-1)), "gamma: .* >= 0.0"),
+        (lambda: losses.ordinal_focal_loss(_X, _Y, gamma=jnp.array(-1.0)), "gamma: .* >= 0.0"),
+        (lambda: losses.focal_loss(_X, _Y, gamma=np.float32("nan")), "gamma: .*finite"),
+        (lambda: losses.focal_loss(_X, _Y, alpha=np.float32(1.5)), r"alpha: .*\[0.0, 1.0\]"),
+        (lambda: losses.soft_dice_loss(_X, _Y, eps=np.float32(0)), "eps: .* >= 1e-12"),
+        (lambda: losses.ce_focal_loss(_X, _Y, weights=(np.float32(-1), 1)), "weights"),
+    ],
+)
+def test_numpy_and_jax_scalars_are_range_checked_like_python_floats(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_numpy_integer_pool_size_and_weights_are_accepted():
+    expected = losses.ordinal_focal_loss(_X, _Y, pool_size=3)
+    np.testing.assert_allclose(losses.ordinal_focal_loss(_X, _Y, pool_size=np.int64(3)), expected)
+    weighted = losses.ce_focal_loss(_X, _Y, weights=(np.float32(2), 1.0))
+    np.testing.assert_allclose(weighted, losses.ce_focal_loss(_X, _Y, weights=(2.0, 1.0)))
+
+
 def test_mutual_finding_loss_ties_train_the_first_subset_only():
     # Equal distances (here identical subset outputs, or a slice without lesions where every
     # distance is 0) choose the first subset, and only it receives the gradient, as `select`

@@ -8,6 +8,7 @@ The 0/1 check needs the values, so it runs on concrete arrays only and is skippe
 from __future__ import annotations
 
 import math
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -55,11 +56,28 @@ def check_inputs(logits, targets, valid):
     return logits, targets, check_bits(valid, "valid", logits.shape, logits.dtype)
 
 
+def concrete_real(value) -> float | None:
+    """``value`` as a Python float when it is a concrete real scalar (a Python, NumPy or 0-d JAX
+    number; bool excluded), else None (a tracer, or not a number)."""
+    if isinstance(value, bool | np.bool_) or not is_concrete(value):
+        return None
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, np.ndarray | jax.Array) and value.ndim == 0:
+        kind = np.dtype(value.dtype).kind
+        return float(value) if kind in "iuf" else None
+    return None
+
+
 def check_scalar(value, name: str, low: float, high: float | None = None):
-    """Range check for Python hyperparameters (traced values pass through unchecked); inf and
-    NaN are refused (gamma = inf trains with loss 0 and NaN gradients, eps = inf a NaN Dice)."""
-    if isinstance(value, float) and math.isinf(value):
-        raise ValueError(f"{name}: expected a finite value, got {value}")
-    if isinstance(value, int | float) and not (value >= low and (high is None or value <= high)):
+    """Range check for hyperparameters given as Python, NumPy or concrete 0-d JAX numbers (traced
+    values pass through unchecked); inf and NaN are refused (gamma = inf trains with loss 0 and
+    NaN gradients, eps = inf a NaN Dice)."""
+    number = concrete_real(value)
+    if number is None:
+        return
+    if not math.isfinite(number):
+        raise ValueError(f"{name}: expected a finite value, got {number}")
+    if not (number >= low and (high is None or number <= high)):
         interval = f"[{low}, {high}]" if high is not None else f">= {low}"
-        raise ValueError(f"{name}: expected a value in {interval}, got {value}")
+        raise ValueError(f"{name}: expected a value in {interval}, got {number}")

@@ -4,7 +4,8 @@ Each loss comes as a map and as the contract scalar built from it:
 
 - ``<loss>_map(logits, targets, *, valid=None, ...)`` returns the per-pixel loss ``[B, H, W]``
   (summed over the K channels) or, for losses containing soft Dice, the per-image loss ``[B]``;
-- ``<loss>(...)`` returns ``reductions.mean`` of that map (the mean over B, H, W).
+- ``<loss>(...)`` returns ``reductions.mean`` of that map (the mean over B, H, W), except the
+  batch Dice (``batch_dice=True``), whose scalar is one Dice over the whole batch.
 
 ``logits`` and ``targets`` are ``[B, H, W, K]``; targets are 0/1 bits already encoded with the
 loss's encoding (:mod:`focalnet_jax.encoding`). ``valid`` (``[B, H, W, K]``, default all ones)
@@ -15,6 +16,7 @@ left out of the focal weight's max. Inputs are checked as in :mod:`focalnet_jax.
 from __future__ import annotations
 
 import math
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +24,7 @@ import numpy as np
 from jax import lax
 
 from focalnet_jax.losses import reductions
-from focalnet_jax.losses.checks import check_inputs, check_scalar
+from focalnet_jax.losses.checks import check_inputs, check_scalar, concrete_real
 
 
 def _log_focal_weight(logits, targets, gamma):
@@ -81,9 +83,10 @@ def ordinal_focal_loss_map(logits, targets, *, alpha=0.75, gamma=2.0, pool_size=
     logits, targets, valid = check_inputs(logits, targets, valid)
     check_scalar(alpha, "alpha", 0.0, 1.0)
     check_scalar(gamma, "gamma", 0.0)
-    odd = isinstance(pool_size, int) and not isinstance(pool_size, bool) and pool_size % 2 == 1
-    if not odd or pool_size < 1:  # -1 % 2 == 1 in Python
+    odd = isinstance(pool_size, numbers.Integral) and not isinstance(pool_size, bool | np.bool_)
+    if not odd or pool_size < 1 or pool_size % 2 != 1:  # -1 % 2 == 1 in Python
         raise ValueError(f"pool_size: expected a positive odd int, got {pool_size!r}")
+    pool_size = int(pool_size)
     neg_inf = np.array(-np.inf, logits.dtype)  # concrete: lax.reduce_window picks its max rule
     log_margin = jnp.where(valid > 0, _log_focal_weight(logits, targets, gamma), neg_inf)
     log_q = jnp.max(log_margin, axis=-1)
@@ -216,12 +219,11 @@ def softmax_cross_entropy(logits, targets, *, valid=None):
 
 
 def _check_weights(weights) -> tuple[float, float]:
-    weights = tuple(weights)
-    if len(weights) != 2 or any(
-        not isinstance(w, int | float) or not (0 <= w < math.inf) for w in weights
-    ):
-        raise ValueError(f"weights: expected two finite non-negative numbers, got {weights!r}")
-    return weights
+    given = tuple(weights)
+    values = tuple(concrete_real(w) for w in given)
+    if len(given) != 2 or any(w is None or not (0 <= w < math.inf) for w in values):
+        raise ValueError(f"weights: expected two finite non-negative numbers, got {given!r}")
+    return values
 
 
 def _sum_over_devices(local, axis_name):

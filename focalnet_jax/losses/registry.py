@@ -14,7 +14,8 @@ from focalnet_jax.losses import pixel
 class LossSpec(NamedTuple):
     """A loss chosen by name: its output encoding, ``fn(logits, targets, *, valid=None)`` (the
     scalar) and ``map_fn`` (the same loss per pixel ``[B, H, W]`` or per image ``[B]``; reduce it
-    with :mod:`focalnet_jax.losses.reductions`). ``takes_axis_name``: ``fn`` also takes
+    with :mod:`focalnet_jax.losses.reductions`; the batch Dice's ``fn`` is one Dice over the batch,
+    not a reduction of ``map_fn``). ``takes_axis_name``: ``fn`` also takes
     ``axis_name``, the data axis over which a batch-level reduction (batch Dice) sums under
     ``jax.shard_map``, so a data-parallel step gets the global batch's loss."""
 
