@@ -54,7 +54,10 @@ def _read_and_summarize(paths, settings: dict, with_picai: bool):
     has_images: list[bool] = []
     for path in paths:
         case = read_case(path)
-        summaries.append(summarize_case(case, **settings))
+        try:
+            summaries.append(summarize_case(case, **settings))
+        except UserError as error:  # e.g. a spacing too coarse for radius_mm: name the file
+            raise UserError(f"{path}: {error}") from error
         has_images.append(case.t2w is not None)
         if picai_skipped is None:
             picai_skipped = picai.volume_reason(case)
@@ -74,6 +77,7 @@ def _paper_metrics(summaries: list[CaseSummary], settings: dict, predictions_dir
     return {
         "num_patients": num_patients,
         "num_cases": len(summaries),
+        "cases": [s.case_id for s in summaries],
         "settings": settings,
         "froc": froc_analysis(summaries, num_patients),
         "roc": gs_roc(summaries),

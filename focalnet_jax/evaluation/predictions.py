@@ -105,14 +105,21 @@ def validate(case: CasePredictions) -> CasePredictions:
     absent = sorted(set(range(1, case.lesion_classes.size + 1)) - set(np.unique(lesions).tolist()))
     if absent:
         fail(f"lesion id(s) {absent} of 'lesion_classes' appear on no slice of 'lesions'")
-    if case.spacing.shape != (2,) or not np.all(np.isfinite(case.spacing) & (case.spacing > 0)):
-        fail(f"'spacing' must be 2 positive numbers (mm), got {case.spacing.tolist()}")
+    spacing = case.spacing
+    if spacing.dtype.kind not in "iuf" or spacing.shape != (2,):
+        fail(f"'spacing' must be 2 numbers (mm), got {spacing.dtype} {spacing.shape}")
+    if not np.all(np.isfinite(spacing) & (spacing > 0)):
+        fail(f"'spacing' must be 2 positive numbers (mm), got {spacing.tolist()}")
     for name in ("t2w", "adc"):
         image = getattr(case, name)
+        if image is not None and image.dtype.kind != "f":
+            fail(f"'{name}' must be a float image, got {image.dtype}")
         if image is not None and image.shape != lesions.shape:
             fail(f"'{name}' shape {image.shape} does not match 'lesions' shape {lesions.shape}")
-    if case.slice_index is not None and case.slice_index.shape != (lesions.shape[0],):
-        fail(f"'slice_index' shape {case.slice_index.shape} must be ({lesions.shape[0]},)")
+    index = case.slice_index
+    if index is not None and (index.dtype.kind not in "iu" or index.shape != (lesions.shape[0],)):
+        fail(f"'slice_index' must be integers of shape ({lesions.shape[0]},), got {index.dtype} "
+             f"{index.shape}")  # fmt: skip
     known = case.lesion_grade_known
     if known is not None and (known.dtype != bool or known.shape != case.lesion_classes.shape):
         fail(
@@ -181,7 +188,11 @@ def read_case(path: str | Path) -> CasePredictions:
             missing = [key for key in REQUIRED_KEYS if key not in data.files]
             if missing:
                 raise PredictionsError(f"{path}: missing contract key(s) {missing}")
-            arrays = {key: data[key] for key in REQUIRED_KEYS + OPTIONAL_KEYS if key in data.files}
+            arrays = {
+                key: _load_key(data, key, path)
+                for key in REQUIRED_KEYS + OPTIONAL_KEYS
+                if key in data.files
+            }
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:  # EOF: an empty file
         if isinstance(error, PredictionsError):
             raise
@@ -199,7 +210,7 @@ def read_case(path: str | Path) -> CasePredictions:
         scores=arrays["scores"],
         lesions=arrays["lesions"],
         lesion_classes=arrays["lesion_classes"].reshape(-1),
-        spacing=arrays["spacing"].astype(np.float64).reshape(-1),
+        spacing=_as_float64(arrays["spacing"]).reshape(-1),
         t2w=arrays.get("t2w"),
         adc=arrays.get("adc"),
         slice_index=arrays.get("slice_index"),
@@ -207,6 +218,36 @@ def read_case(path: str | Path) -> CasePredictions:
         path=path,
     )
     return validate(case)
+
+
+def _load_key(data, key: str, path: Path) -> np.ndarray:
+    """One array of an open `.npz`; an array of Python objects (e.g. pandas strings saved with
+    dtype=object) is named, as it cannot be read without unpickling."""
+    try:
+        return data[key]
+    except ValueError as error:
+        if "Object arrays" not in str(error):
+            raise
+        raise PredictionsError(
+            f"{path}: '{key}' holds Python objects (dtype=object); save it as str or numbers"
+        ) from error
+
+
+def _as_float64(array: np.ndarray) -> np.ndarray:
+    """A numeric array as float64; any other is left for `validate` to name."""
+    return array.astype(np.float64) if array.dtype.kind in "iuf" else array
+
+
+def checked_case_ids(ids: Sequence[str], where: str) -> list[str]:
+    """`ids` as a list, each a safe case id (`data.case_ids.check_case_id`) listed once;
+    errors name `where`."""
+    ids = list(ids)
+    for case_id in ids:
+        check_case_id(case_id, where)
+    repeated = sorted(i for i, n in collections.Counter(ids).items() if n > 1)
+    if repeated:
+        raise PredictionsError(f"{where}: case id(s) listed twice: {repeated}")
+    return ids
 
 
 def read_case_list(path: str | Path) -> list[str]:
@@ -230,11 +271,7 @@ def read_case_list(path: str | Path) -> list[str]:
             )
     else:
         ids = [line.strip() for line in text.splitlines() if line.strip()]
-    for case_id in ids:
-        check_case_id(case_id, f"{path}")
-    repeated = sorted(i for i, n in collections.Counter(ids).items() if n > 1)
-    if repeated:
-        raise PredictionsError(f"{path}: case id(s) listed twice: {repeated}")
+    ids = checked_case_ids(ids, f"{path}")
     if not ids:
         raise PredictionsError(f"{path}: the case list is empty")
     return ids
@@ -257,6 +294,7 @@ def list_cases(directory: str | Path, case_ids: Sequence[str] | None = None) -> 
         if not paths:
             raise PredictionsError(f"{directory}: no <case_id>.npz prediction files in the folder")
         return paths
+    case_ids = checked_case_ids(case_ids, f"case list for {directory}")
     paths = [directory / f"{case_id}.npz" for case_id in sorted(case_ids)]
     missing = [path.stem for path in paths if not path.is_file()]
     if missing:

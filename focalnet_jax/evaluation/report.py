@@ -205,14 +205,49 @@ def markdown_report(
     return "\n".join(lines)
 
 
+def case_sets_differ(runs: Mapping[str, Sequence[Mapping]]) -> dict | None:
+    """Where the methods were evaluated on different case sets (their folds' `cases` records):
+    {"cases": {method: cases pooled over its folds}, "not_shared": cases some method lacks};
+    else None (also where a fold has no record: metrics written before it was kept)."""
+    pooled = {}
+    for name, folds in runs.items():
+        if any("cases" not in m for m in folds):
+            return None
+        pooled[name] = frozenset(c for m in folds for c in m["cases"])
+    if len(set(pooled.values())) <= 1:
+        return None
+    shared = frozenset.intersection(*pooled.values())
+    return {
+        "cases": {name: len(cases) for name, cases in pooled.items()},
+        "not_shared": len(frozenset.union(*pooled.values()) - shared),
+    }
+
+
+def case_sets_text(differ: Mapping) -> str:
+    """One sentence on the methods' different case sets (`case_sets_differ`)."""
+    counts = ", ".join(f"{name} {n}" for name, n in differ["cases"].items())
+    return (
+        f"the methods were evaluated on different cases (pooled over folds: {counts}; "
+        f"{differ['not_shared']} not evaluated by every method): their numbers and comparisons "
+        "mix case sets"
+    )
+
+
 def _cohort(runs: Mapping[str, Sequence[Mapping]]) -> list[str]:
-    """Folds per method; patients per fold and lesions per group of the first method."""
-    first_name, first = next(iter(runs.items()))
+    """Folds per method; patients per fold of each method (a warning where the methods' case sets
+    differ); lesions per group of the first method."""
+    first = next(iter(runs.values()))
+    differ = case_sets_differ(runs)
+    warning = [] if differ is None else ["", f"**Warning:** {case_sets_text(differ)}."]
     return [
         "Folds: " + ", ".join(f"{name} {len(folds)}" for name, folds in runs.items()),
-        "Patients per fold ({}): {}".format(
-            first_name, ", ".join(str(m.get("num_patients")) for m in first)
+        *(
+            "Patients per fold ({}): {}".format(
+                name, ", ".join(str(m.get("num_patients")) for m in folds)
+            )
+            for name, folds in runs.items()
         ),
+        *warning,
         "",
         "Lesions per group (first method, summed over folds): "
         + ", ".join(

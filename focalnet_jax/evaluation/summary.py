@@ -9,6 +9,7 @@ paper's tables, mean+-SD), and `froc.png`, `froc_gs.png`, `roc.png` with a +-2 S
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from focalnet_jax.evaluation.report import (
     ROC_TITLES,
     TABLE_II,
     TABLE_III,
+    case_sets_differ,
+    case_sets_text,
     check_settings,
     folds_not_reached,
     lookup,
@@ -31,6 +34,8 @@ from focalnet_jax.evaluation.report import (
     write_json,
 )
 from focalnet_jax.evaluation.stats import band, compare_methods, mean_sd
+
+log = logging.getLogger(__name__)
 
 FP_GRID = np.geomspace(figures.FP_RANGE[0], figures.FP_RANGE[1], 400)
 FPR_GRID = np.linspace(0.0, 1.0, 201)
@@ -171,7 +176,10 @@ def summarize_runs(runs: Mapping[str, str | Path], out_dir: str | Path) -> dict:
     )
     for name in folds:
         check_settings(dict(zip(paths[name], folds[name], strict=True)))
-    summary = {"methods": {}, "comparisons": {}}
+    differ = case_sets_differ(folds)
+    if differ is not None:
+        log.warning("%s", case_sets_text(differ))
+    summary = {"methods": {}, "comparisons": {}, "case_sets_differ": differ}
     for name, fold_metrics in folds.items():
         summary["methods"][name] = {
             "folds": [str(p) for p in paths[name]],

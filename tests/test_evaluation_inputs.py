@@ -1,0 +1,105 @@
+"""Inputs that must not change the evaluation's numbers silently: repeated or unsafe case ids
+given to the Python API, predictions files with wrong dtypes, a spacing too coarse for the hit
+radius, and methods summarised over different cases."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+from test_evaluation_cli import _error, run_cli, write_blob_case, write_cohort
+
+from focalnet_jax.errors import UserError
+from focalnet_jax.evaluation.evaluate import evaluate_predictions
+from focalnet_jax.evaluation.predictions import PredictionsError, read_case
+
+
+def test_the_api_refuses_a_repeated_or_unsafe_case_id(tmp_path):
+    predictions = tmp_path / "predictions"
+    write_cohort(predictions)
+    evaluated = evaluate_predictions(
+        predictions, cases=["c1", "c2"], with_picai=False, with_figures=False
+    )
+    assert evaluated["num_cases"] == 2 and evaluated["cases"] == ["c1", "c2"]
+    with pytest.raises(PredictionsError, match=r"listed twice: \['c1'\]"):
+        evaluate_predictions(predictions, cases=["c1", "c1", "c2"], with_picai=False)
+    write_blob_case(tmp_path / "outside", "x")
+    with pytest.raises(UserError, match=r"case id '\.\./outside/x' starts with '\.'"):
+        evaluate_predictions(predictions, cases=["../outside/x"], with_picai=False)
+
+
+def _case_with(tmp_path, **replaced):
+    good = write_blob_case(tmp_path / "good", "case", lesion=(2, (4, 20, 20)))
+    with np.load(good) as data:
+        arrays = {**dict(data), **replaced}
+    bad = tmp_path / "bad"
+    bad.mkdir(exist_ok=True)
+    np.savez(bad / "case.npz", **arrays)
+    return bad / "case.npz"
+
+
+@pytest.mark.parametrize(
+    "key, value, reason",
+    [
+        ("spacing", np.array(["0.6", "0.6"]), r"'spacing' must be 2 numbers \(mm\), got <U3"),
+        ("spacing", np.array([True, True]), r"'spacing' must be 2 numbers \(mm\), got bool"),
+        ("slice_index", np.arange(8) + 0.5, r"'slice_index' must be integers .*float64"),
+        ("slice_index", np.array(list("abcdefgh")), r"'slice_index' must be integers .*<U1"),
+        ("t2w", np.full((8, 48, 48), "x"), r"'t2w' must be a float image, got <U1"),
+        ("patient_id", np.array(["p"], dtype=object), r"'patient_id' holds Python objects"),
+        ("lesion_classes", np.array([2], dtype=object), r"'lesion_classes' holds Python objects"),
+    ],
+)
+def test_a_wrong_dtype_is_a_one_line_error_naming_file_and_key(tmp_path, key, value, reason):
+    path = _case_with(tmp_path, **{key: value})
+    with pytest.raises(PredictionsError, match=rf"^{path}: {reason}"):
+        read_case(path)
+    message = _error(["evaluate", "--predictions", str(path.parent), "--out", str(tmp_path / "o")])
+    assert str(path) in message and key in message
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_spacing_too_coarse_for_the_radius_names_the_file(tmp_path):
+    write_blob_case(tmp_path / "p", "fine", lesion=(2, (4, 20, 20)))
+    coarse = _case_with(tmp_path / "c", spacing=np.array([12.0, 12.0], np.float32))
+    (tmp_path / "p" / "coarse.npz").write_bytes(coarse.read_bytes())
+    argv = ["evaluate", "--predictions", str(tmp_path / "p"), "--out", str(tmp_path / "o")]
+    message = _error([*argv, "--no-picai"])
+    assert f"{tmp_path / 'p' / 'coarse.npz'}: radius_mm 5 is under half a pixel" in message
+
+
+def test_summarize_warns_where_methods_were_evaluated_on_other_cases(tmp_path, caplog):
+    predictions = tmp_path / "predictions"
+    write_cohort(predictions)
+    folds = {
+        "A": (["c1", "c2", "c3"], ["c1", "c2"]),
+        "B": (["c4"], ["c2", "c4"]),
+        "C": (["c3"], ["c2", "c1"]),  # A's cases, split otherwise
+    }
+    for method, lists in folds.items():
+        for fold, cases in enumerate(lists):
+            listed = tmp_path / f"{method}{fold}.txt"
+            listed.write_text("\n".join(cases))
+            run_cli(["evaluate", "--predictions", str(predictions), "--cases", str(listed),
+                     "--out", str(tmp_path / method / f"fold{fold}"), "--no-picai",
+                     "--no-figures"])  # fmt: skip
+    out = tmp_path / "summary"
+    with caplog.at_level(logging.WARNING):
+        run_cli(["summarize", "--runs", f"A={tmp_path / 'A'}", f"B={tmp_path / 'B'}",
+                 "--out", str(out)])  # fmt: skip
+    # Pooled: A {c1, c2, c3}, B {c2, c4}; c1, c3 and c4 are not evaluated by both.
+    expected = "pooled over folds: A 3, B 2; 3 not evaluated by every method"
+    assert expected in caplog.text
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["case_sets_differ"] == {"cases": {"A": 3, "B": 2}, "not_shared": 3}
+    report = (out / "summary.md").read_text()
+    assert expected in report
+    assert "Patients per fold (A): 3, 2" in report and "Patients per fold (B): 1, 2" in report
+
+    same = tmp_path / "same"
+    run_cli(["summarize", "--runs", f"A={tmp_path / 'A'}", f"C={tmp_path / 'C'}",
+             "--out", str(same)])  # fmt: skip
+    assert json.loads((same / "summary.json").read_text())["case_sets_differ"] is None
+    assert "Warning" not in (same / "summary.md").read_text()
