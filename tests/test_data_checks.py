@@ -62,9 +62,25 @@ def test_two_components_of_one_folder_need_two_series(mixed_folder):
     components = {"t2w": mixed_folder, "adc": mixed_folder}
     case = preprocess_case(components, series={"t2w": T2W_UID, "adc": ADC_UID}, case_id="c1")
     assert case.images.shape == (19, 128, 128, 2)
+    with pytest.raises(CaseError) as info:  # the ADC series also as a DCE (no ImageType rule)
+        preprocess_case(
+            {**components, "dce": mixed_folder},
+            series={"t2w": T2W_UID, "adc": ADC_UID, "dce": "ep2d_diff_tra_DYNDIST_ADC"},
+            case_id="c1",
+        )
+    assert (
+        info.value.reason == f"adc and dce are the same DICOM series (SeriesInstanceUID {ADC_UID})"
+    )
     with pytest.raises(CaseError) as info:
         preprocess_case(components, series={"t2w": T2W_UID, "adc": T2W_UID}, case_id="c1")
-    assert info.value.reason == "t2w and adc are the same series"
+    assert info.value.reason.startswith("series 't2_tse_tra' has ImageType 'ORIGINAL")
+    with pytest.raises(CaseError) as info:
+        preprocess_case(
+            {"t2w": mixed_folder, "dce": mixed_folder},
+            series={"t2w": T2W_UID, "dce": T2W_UID},
+            case_id="c1",
+        )
+    assert info.value.reason == "t2w and dce are the same series"
 
 
 @pytest.mark.real_data

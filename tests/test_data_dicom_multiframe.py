@@ -414,3 +414,16 @@ def test_frames_all_at_one_position_are_refused_as_one_slice(enhanced, tmp_path)
         "all 19 frames lie at one slice position (2.12 mm along the slice normal): images of one "
         "slice (a time series?), not a 3D stack"
     )
+
+
+@pytest.mark.parametrize("b_values", [[50], [0, 50]], ids=["one_volume", "two_volumes"])
+def test_a_file_of_low_b_values_only_is_no_hbv(enhanced, tmp_path, b_values):
+    edited = _edited(enhanced, tmp_path, _dwi(b_values, [1.0] * len(b_values)))
+    with pytest.raises(SeriesError, match="highest b-value is 50 s/mm.2, under 400: no high-b"):
+        read_series(edited, component="hbv")
+
+
+def test_an_enhanced_t2w_without_b_values_is_no_adc_or_hbv(enhanced):
+    for component in ("adc", "hbv"):
+        with pytest.raises(SeriesError, match=f"no diffusion marker.*it is no {component} series"):
+            read_series(enhanced, component=component)

@@ -186,3 +186,17 @@ def test_metaimage_header_with_missing_or_short_data_file(tmp_path, capfd, compr
 def _header(path) -> dict[str, str]:
     lines = path.read_text().splitlines()
     return {k.strip(): v.strip() for k, _, v in (line.partition("=") for line in lines)}
+
+
+def test_what_the_nifti_reader_prints_is_in_the_one_line_error(tmp_path, capfd):
+    path = tmp_path / "bad_datatype.nii"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((3, 4, 4), np.float32)), str(path))
+    data = bytearray(path.read_bytes())
+    data[70:72] = (999).to_bytes(2, "little")  # NIfTI-1 `datatype`: no such code
+    path.write_bytes(bytes(data))
+    with pytest.raises(CaseError) as info:
+        read_image(path, case="c1")
+    assert info.value.reason.endswith(
+        "; printed on stderr during the read: ** ERROR: nifti_convert_nhdr2nim: bad datatype"
+    )
+    assert "nifti_convert_nhdr2nim" not in capfd.readouterr().err  # not printed on its own line

@@ -20,18 +20,27 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import pydicom
 import SimpleITK as sitk
 
 from focalnet_jax.data import native_stderr
-from focalnet_jax.data.dicom_bvalues import BValueError, describe_choice, highest_b_files
+from focalnet_jax.data.dicom_bvalues import (
+    BValueError,
+    b_value,
+    describe_choice,
+    highest_b_files,
+    low_b_problem,
+)
 from focalnet_jax.data.dicom_monochrome1 import restore_series
 from focalnet_jax.data.dicom_multiframe import (
     MultiFrameError,
+    frame_values,
     number_of_frames,
     read_multiframe,
 )
@@ -47,6 +56,11 @@ _NOT_THE_COMPONENT = {
     "adc": ("TRACEW", "TRACE"),  # a trace-weighted DWI (high-b image)
     "hbv": ("ADC",),  # an ADC map
 }
+# ImageType values that mark a diffusion series or map. A series read as `adc` or `hbv` that is
+# an original magnitude image (ORIGINAL and M: a Siemens T2w, a Philips T2w or DWI) with none of
+# these must give a b-value (a Philips DWI does); else it is an anatomical series.
+_DIFFUSION_MARKERS = ("DIFFUSION", "ADC", "EADC", "TRACEW", "TRACE", "CALC_BVALUE")
+SERIES_UID = _UID  # the metadata key of the SeriesInstanceUID `read_series` sets on its image
 
 log = logging.getLogger(__name__)
 
@@ -129,13 +143,39 @@ def check_component(folder: str | os.PathLike, info: SeriesInfo, component: str)
     kind of series, e.g. the ADC map given as T2w or the high-b image as ADC."""
     values = {v.strip().upper() for v in info.image_type.split("\\")}
     wrong = [v for v in _NOT_THE_COMPONENT.get(component, ()) if v in values]
+    named = f"series {info.description or info.uid!r} has ImageType '{info.image_type}'"
     if wrong:
         raise SeriesError(
             folder,
-            f"series {info.description or info.uid!r} has ImageType '{info.image_type}' "
-            f"({wrong[0]}): it is no {component} series; another component's folder given as "
-            f"{component}?",
+            f"{named} ({wrong[0]}): it is no {component} series; another component's folder given "
+            f"as {component}?",
         )
+    if (
+        component in ("adc", "hbv")
+        and {"ORIGINAL", "M"} <= values
+        and not values.intersection(_DIFFUSION_MARKERS)
+        and _first_b_value(info) is None
+    ):
+        raise SeriesError(
+            folder,
+            f"{named} (an original magnitude image, no diffusion marker) and gives no b-value: it "
+            f"is no {component} series (a T2w?); a diffusion series whose b-value tags were "
+            "removed can be given as an .mha or .nii.gz file",
+        )
+
+
+def _first_b_value(info: SeriesInfo) -> float | None:
+    """The b-value (s/mm^2) the first file of `info` gives (of a multi-frame file, the highest
+    its frames give), or None; inf where a multi-frame file's header cannot be read (its reader
+    then says why)."""
+    header = pydicom.dcmread(info.files[0], stop_before_pixels=True, force=True)
+    if number_of_frames(info.files[0]) <= 1:
+        return b_value(header)
+    try:
+        known = [b for b in frame_values(header)["b_value"] if b is not None]
+    except MultiFrameError:
+        return math.inf
+    return max(known, default=None)
 
 
 _HEAD_BYTES = 1 << 16  # a slice's header, where its SeriesInstanceUID is
@@ -252,11 +292,13 @@ def _read_series(folder: Path, series: str | None, component: str | None, notes:
         )
     if len(chosen.files) == 1 and number_of_frames(chosen.files[0]) > 1:
         try:
-            return read_multiframe(chosen.files[0], component, notes)
+            image = read_multiframe(chosen.files[0], component, notes)
         except MultiFrameError as err:
             raise SeriesError(chosen.files[0], f"multi-frame DICOM: {err}") from None
         except RuntimeError as err:
             raise _undecodable(chosen.files, err) from err
+        image.SetMetaData(SERIES_UID, chosen.uid)
+        return image
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     # Float32 output: each slice rescaled by its own RescaleSlope/Intercept. Else ITK takes the
@@ -267,7 +309,9 @@ def _read_series(folder: Path, series: str | None, component: str | None, notes:
         image = reader.Execute()
     except RuntimeError as err:
         raise _undecodable(files, err) from err
-    return restore_series(image, reader)
+    image = restore_series(image, reader)
+    image.SetMetaData(SERIES_UID, chosen.uid)
+    return image
 
 
 def _stack_files(folder: Path, chosen: SeriesInfo, component: str | None, notes: list[str]):
@@ -275,6 +319,8 @@ def _stack_files(folder: Path, chosen: SeriesInfo, component: str | None, notes:
     them, or, for `hbv`, those of the highest b-value of a series of several b-values (noted)."""
     try:
         check_slice_positions(chosen.files)
+        if component == "hbv" and (problem := low_b_problem([_first_b_value(chosen)])):
+            raise SeriesError(folder, f"series {chosen.uid}: {problem}")
         return list(chosen.files)
     except SeveralVolumesError as err:
         if component != "hbv":
@@ -284,6 +330,8 @@ def _stack_files(folder: Path, chosen: SeriesInfo, component: str | None, notes:
         except BValueError as why:
             raise SeriesError(err.file, f"{err.reason}; as hbv: {why}") from None
     listed, read, left_out = describe_choice(len(files), "images", b_values, directional)
+    if problem := low_b_problem(b_values):
+        raise SeriesError(folder, f"series {chosen.uid} holds b-values {listed}: {problem}")
     try:
         check_slice_positions(files)
     except SeriesError as err:

@@ -33,6 +33,25 @@ _PRIVATE = (
 _GE_MULTI_B_BIAS = 1_000_000_000
 
 
+# The least b-value, s/mm^2, of an image read as the high-b (`hbv`) component: PI-RADS v2.1 asks
+# for b >= 1400 (acquired or computed) and b >= 800 for the DWI series; under 400 an image is a
+# low-b one (b = 0, 50, 100: the wrong volume or series).
+MIN_HIGH_B = 400.0
+
+
+def low_b_problem(b_values: Sequence[float | None]) -> str | None:
+    """Why images of `b_values` (s/mm^2; None where an image gives none) are no high-b image:
+    the highest given is under `MIN_HIGH_B`; None where it is not, or where none is given."""
+    known = [b for b in b_values if b is not None]
+    if not known or max(known) >= MIN_HIGH_B:
+        return None
+    return (
+        f"its highest b-value is {max(known):g} s/mm^2, under {MIN_HIGH_B:g}: no high-b image "
+        "(PI-RADS: b >= 1400 s/mm^2, acquired or computed); give the series of the highest "
+        "b-value as hbv"
+    )
+
+
 class BValueError(ValueError):
     """The b-values of a series cannot select one volume; the message says why."""
 

@@ -23,7 +23,7 @@ import pydicom
 import SimpleITK as sitk
 from pydicom.errors import InvalidDicomError
 
-from focalnet_jax.data.dicom_bvalues import BValueError, describe_choice, highest_b
+from focalnet_jax.data.dicom_bvalues import BValueError, describe_choice, highest_b, low_b_problem
 from focalnet_jax.data.dicom_monochrome1 import restore_frames
 
 NUMBER_OF_FRAMES = "0028|0008"
@@ -191,6 +191,8 @@ def _stack_frames(values: dict[str, list], component: str | None) -> tuple[list[
             raise MultiFrameError(reason) from None
         listed, chosen, left_out = describe_choice(len(frames), "frames", b_values, directional)
         note = f"b-values {listed} s/mm^2; hbv read from {chosen}{left_out}"
+    if component == "hbv" and (problem := low_b_problem([values["b_value"][k] for k in frames])):
+        raise MultiFrameError(problem)
     steps = np.diff(along[frames])
     if not (np.all(steps > 0) or np.all(steps < 0)):
         frames = [frames[i] for i in np.argsort(along[frames], kind="stable")]

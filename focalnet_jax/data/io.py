@@ -8,6 +8,7 @@ only with `xyz` / `zyx` below.
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 import struct
 import zlib
@@ -17,8 +18,10 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from focalnet_jax.data import dicom, dicom_seg
+from focalnet_jax.data import dicom, dicom_seg, native_stderr
 from focalnet_jax.errors import UserError
+
+log = logging.getLogger(__name__)
 
 # The ITK reader of each image suffix, named: ITK finds one by a lower-case suffix only (it reads
 # a `.MHA` file with none).
@@ -243,6 +246,7 @@ def read_image(
     path = Path(path)
     if not path.exists():
         raise CaseError(case, path, "file not found")
+    printed = native_stderr.Captured()  # what a file's reader printed (none for a folder)
     try:
         if path.is_dir():
             try:
@@ -264,14 +268,20 @@ def read_image(
                 raise CaseError(case, path, f"unreadable or truncated image ({short})")
             if problem := _nifti_voxel_size_problem(path):  # before ITK reads it as 1 mm
                 raise CaseError(case, path, problem)
-            image = sitk.ReadImage(str(path), imageIO=_image_io(path, case))
+            with native_stderr.captured() as printed:  # NIfTI's reader prints its reasons
+                image = sitk.ReadImage(str(path), imageIO=_image_io(path, case))
+            if printed.text.strip():
+                log.warning("%s: printed on stderr during the read: %s", path, printed.summary())
             problem = _truncation(path)
             if problem:
                 raise CaseError(case, path, f"unreadable or truncated image ({problem})")
             if _nifti_non_finite(path):
                 raise CaseError(case, path, "image holds NaN or Inf voxels")
     except RuntimeError as err:
-        raise CaseError(case, path, f"unreadable or truncated image ({_why(path, err)})") from err
+        reason = f"unreadable or truncated image ({_why(path, err)})"
+        if printed.text.strip():
+            reason += f"; printed on stderr during the read: {printed.summary()}"
+        raise CaseError(case, path, reason) from err
     if image.GetDimension() != 3 or image.GetSize()[2] < 1:
         raise CaseError(case, path, f"expected a 3D image, got size {image.GetSize()}")
     if image.GetNumberOfComponentsPerPixel() != 1:
@@ -282,10 +292,19 @@ def read_image(
         )
     if problem := _direction_problem(image.GetDirection()):
         raise CaseError(case, path, problem)
-    image = sitk.Cast(image, sitk.sitkFloat32)
+    uid = series_uid(image)
+    image = sitk.Cast(image, sitk.sitkFloat32)  # drops the metadata: the series UID set again
+    if uid is not None:
+        image.SetMetaData(dicom.SERIES_UID, uid)
     if not np.isfinite(sitk.GetArrayViewFromImage(image)).all():
         raise CaseError(case, path, "image holds NaN or Inf voxels")
     return image
+
+
+def series_uid(image: sitk.Image) -> str | None:
+    """The SeriesInstanceUID of an image `read_image` read from a DICOM folder, else None."""
+    key = dicom.SERIES_UID
+    return image.GetMetaData(key) if image.HasMetaDataKey(key) else None
 
 
 def image_suffix(name: str) -> str:
@@ -342,10 +361,11 @@ def read_mask(path: str | os.PathLike, *, case: str = "?") -> sitk.Image:
     return _seg_or_image(path, case, dicom_seg.read_gland)
 
 
-def check_distinct(files: Mapping, series: Mapping, case: str) -> None:
+def check_distinct(files: Mapping, series: Mapping, case: str, images: Mapping | None = None):
     """Raises `CaseError` where two of `files` (name -> path or None, e.g. components; `series`
     chosen in a DICOM folder) are the same file, or the same series of a folder: e.g. a manifest
-    column pasted twice, whose T2w would pass as an ADC map."""
+    column pasted twice, whose T2w would pass as an ADC map; with `images` (name -> the image
+    read), also where two are one series or image in other files (`check_distinct_images`)."""
     seen: dict = {}  # (real path, series) -> name
     for name, path in files.items():
         if path is None or not str(path):
@@ -355,6 +375,28 @@ def check_distinct(files: Mapping, series: Mapping, case: str) -> None:
             what = "series" if series.get(name) else "folder" if os.path.isdir(path) else "file"
             raise CaseError(case, path, f"{seen[key]} and {name} are the same {what}")
         seen[key] = name
+    if images is not None:
+        check_distinct_images(images, files, case)
+
+
+def check_distinct_images(images: Mapping[str, sitk.Image], paths: Mapping, case: str) -> None:
+    """Raises `CaseError` where two components read (`images`, name -> image; `paths`, name ->
+    file) are one series (the same SeriesInstanceUID, e.g. a copied folder, or one series chosen
+    by UID and by description) or one image (the same grid and voxels, e.g. a copied file)."""
+    names = list(images)
+    for k, name in enumerate(names):
+        for other in names[:k]:
+            a, b = images[other], images[name]
+            uid = series_uid(a)
+            if uid is not None and uid == series_uid(b):
+                reason = f"{other} and {name} are the same DICOM series (SeriesInstanceUID {uid})"
+            elif _same_grid(a, b) and np.array_equal(
+                sitk.GetArrayViewFromImage(a), sitk.GetArrayViewFromImage(b)
+            ):
+                reason = f"{other} and {name} are the same image (same grid and voxels)"
+            else:
+                continue
+            raise CaseError(case, paths[name], reason)
 
 
 def unplaced_nifti(path: str | os.PathLike) -> bool:

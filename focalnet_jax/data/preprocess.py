@@ -361,7 +361,7 @@ def _read_components(
         name: read_image(path, case=case, series=series.get(name), component=name)
         for name, path in components.items()
     }
-    check_distinct(components, series, case)  # after a DICOM ImageType has said what is wrong
+    check_distinct(components, series, case, images)  # after ImageType has said what is wrong
     for name, image in images.items():
         # One slice: a header thickness, no bladder reference (docs/data.md, "What is refused")
         if image.GetSize()[2] < 2:
