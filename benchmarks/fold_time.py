@@ -20,7 +20,9 @@ fold validates and saves more often than its first steps (`validations` and `che
 both counts): the projection leaves the time of those extra ones out. Prints one JSON line:
 measured `wall_s`, `steps_run`, `fold_steps`, `steady_step_time_s`, `overhead_s`,
 `projected_fold_s` (the measured wall time when the whole fold ran), the compilation cache folder
-in use (null: every step compiled in this run) and the device.
+in use (null: every step compiled in this run), the device and its peak memory (null on CPU).
+A SIGTERM (e.g. a time limit's) stops the run at its next step, saved; the line is then printed
+for the steps done (`stopped_by_sigterm`).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from focalnet_jax.data.store import open_store
 from focalnet_jax.demo import synthetic_store
 from focalnet_jax.run import RunSpec
 from focalnet_jax.training import train_and_evaluate
+from focalnet_jax.training.graceful_stop import TrainingStopped
 from focalnet_jax.training.tb_logging import read_scalars
 
 
@@ -89,14 +92,20 @@ def _steps_to_run(parser, config, fold_steps: int, max_steps: int) -> int:
     return steps_run
 
 
-def _timed_run(config, store) -> tuple[float, list[float]]:
-    """Trains `config` in a fresh temporary workdir: (wall seconds, `step_intervals`)."""
+def _timed_run(config, store) -> tuple[float, list[float], int | None]:
+    """Trains `config` in a fresh temporary workdir: (wall seconds, `step_intervals`, and the
+    step a SIGTERM stopped it at (its checkpoint saved), else None). A time limit's SIGTERM thus
+    still gives the intervals logged so far."""
     with tempfile.TemporaryDirectory(prefix="fold_time_") as tmp:
+        stopped_at = None
         with result_line.stdout_to_stderr():
             start = time.perf_counter()
-            train_and_evaluate(config, Path(tmp), store=store)
+            try:
+                train_and_evaluate(config, Path(tmp), store=store)
+            except TrainingStopped as stop:
+                stopped_at = stop.step
             wall = time.perf_counter() - start
-        return wall, step_intervals(Path(tmp), config.train.batch_size)
+        return wall, step_intervals(Path(tmp), config.train.batch_size), stopped_at
 
 
 def event_counts(every: int, steps: int) -> int:
@@ -135,7 +144,11 @@ def main(argv: list[str] | None = None) -> None:
     fold_steps = spec.total_steps(train_slices // config.train.batch_size)
     steps_run = _steps_to_run(parser, config, fold_steps, args.max_steps)
     config.train.steps = steps_run
-    wall, intervals = _timed_run(config, opened)
+    wall, intervals, stopped_at = _timed_run(config, opened)
+    if stopped_at is not None:  # SIGTERM (a time limit): project from the steps done
+        steps_run = stopped_at
+        if len(intervals) < 2:
+            raise SystemExit(f"stopped by SIGTERM at step {stopped_at}: too few logged intervals")
     result = {
         "benchmark": "fold_time",
         "config": args.config,
@@ -146,6 +159,7 @@ def main(argv: list[str] | None = None) -> None:
         "batch_size": config.train.batch_size,
         "fold_steps": fold_steps,
         "steps_run": steps_run,
+        "stopped_by_sigterm": stopped_at is not None,
         **_projection(wall, intervals, steps_run, fold_steps),
         **{
             name: {"run": event_counts(every, steps_run), "fold": event_counts(every, fold_steps)}
@@ -159,6 +173,7 @@ def main(argv: list[str] | None = None) -> None:
         "model": result_line.model_description(config),
         "loss": config.loss.name,
         "mfl": config.loss.mfl_mode if config.loss.mfl else None,
+        "device_peak_bytes": result_line.device_peak_bytes(),
         **result_line.device_fields(),
         **result_line.provenance(),
     }

@@ -1,54 +1,108 @@
 #!/usr/bin/env bash
-# The GPU checks still open, in one call that fits a 10-minute limit, most wanted first:
-#   1. benchmarks/fold_time.py --config configs/focalnet.py --config.model.dtype=bfloat16
-#      --max-steps 2000 (projects the paper's fold: 200 epochs of ~1400 slices, batch 16);
-#   2. benchmarks/train_step.py on the paper's model (configs/focalnet.py), FL and FL+MFL select,
-#      in bfloat16 (with 3 steps of each traced by jax.profiler: where the step's time goes) and
-#      in float32;
-#   3. benchmarks/mfl_scaling.py on the paper's model with four components, 2 and 14 subsets,
-#      select mode (the default), against the plain step of the same run;
-#   4. benchmarks/inference.py --config configs/focalnet.py --models 5 (seconds per patient).
-# Each writes one JSON line to OUT/<name>_<device>_<date>.json, its stderr goes to
-# OUT/gpu_checks.log (six files in all); each has its own time limit, so one that fails or runs
-# long leaves the others' results. The repository root is put first on PYTHONPATH.
+# The GPU checks still open, most wanted first:
+#   fold_time_bfloat16   benchmarks/fold_time.py --config configs/focalnet.py
+#                        --config.model.dtype=bfloat16 --max-steps 2000 (projects the paper's
+#                        fold: 200 epochs of ~1400 slices, batch 16);
+#   train_step_bfloat16  benchmarks/train_step.py on the paper's model, FL and FL+MFL select, in
+#                        bfloat16 (3 more steps of each traced by jax.profiler: where the time goes);
+#   train_step_float32   the same in float32;
+#   mfl_scaling          benchmarks/mfl_scaling.py on the paper's model with four components, 2, 6
+#                        and 14 subsets, select mode (the default), against the plain step;
+#   inference            benchmarks/inference.py --models 5 (seconds per patient; not by default).
 #
-#   benchmarks/gpu_checks.sh [OUT]          (OUT default: benchmarks/results; PYTHON default: python)
-#   QUICK=1 benchmarks/gpu_checks.sh OUT    tiny model and sizes: checks the script on a CPU
-# Each line records the commit measured (`git describe`); on a copy of the tree without its git
-# history pass it: BENCHMARK_COMMIT=$(git rev-parse HEAD) benchmarks/gpu_checks.sh (else null).
+#   benchmarks/gpu_checks.sh [OUT [NAMES]]
+# OUT: default $OUT, else benchmarks/results. NAMES: a comma-separated list of the names above,
+# or `all`; default the first four. Their time limits add up to 720 s: on a machine that allows
+# 10 minutes a command, run them as two commands, e.g. NAMES fold_time_bfloat16,
+# train_step_bfloat16,train_step_float32 (480 s) and then mfl_scaling (240 s).
+#
+# Each benchmark writes one JSON line to OUT/<name>_<device>_<date>.json (also printed here) and
+# its stderr to OUT/gpu_checks.log (appended); each has its own time limit (SIGTERM, then SIGKILL
+# 30 s later), so one that fails or runs long leaves the others' results, and fold_time stopped
+# by its limit still prints what it measured (`stopped_by_sigterm`). Before any, a preflight
+# imports the project and its dependencies, prints their versions and, unless QUICK=1 or
+# REQUIRE_GPU=0, stops (exit 2) where JAX sees no GPU. PYTHON: default .venv/bin/python where it
+# exists, else python3. On a GPU node without a package index (JAX with CUDA installed, the
+# project's other dependencies not), carry the wheels benchmarks/gpu_wheels.sh downloads into
+# .whl/ (WHEELS: another folder): they are installed into a temporary folder first. Compiled programs are cached in
+# $JAX_COMPILATION_CACHE_DIR (default a temporary folder): a rerun on the same machine skips
+# compiling.
+#   QUICK=1 benchmarks/gpu_checks.sh OUT all    tiny model and sizes: checks the script on a CPU
+# Each line records the commit measured (`git describe --always --dirty`); on a copy of the tree
+# without its git history pass it: BENCHMARK_COMMIT=$(git describe --always --dirty).
 set -u
-out=${1:-benchmarks/results}
-python=${PYTHON:-python}
+out=${1:-${OUT:-benchmarks/results}}
+names=${2:-fold_time_bfloat16,train_step_bfloat16,train_step_float32,mfl_scaling}
+[[ $names == all ]] && names=fold_time_bfloat16,train_step_bfloat16,train_step_float32,mfl_scaling,inference
+if [[ -n ${PYTHON:-} ]]; then
+  python=$PYTHON
+elif [[ -x .venv/bin/python ]]; then
+  python=.venv/bin/python
+else
+  python=python3
+fi
+tmp=${TMPDIR:-/tmp}
 mkdir -p "$out"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 log=$out/gpu_checks.log
-: >"$log"
+echo "== $(date -u +%FT%TZ) gpu_checks.sh $names" >>"$log"
+wheels=${WHEELS:-.whl}
+if compgen -G "$wheels/*.whl" >/dev/null; then
+  if ! "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target "$tmp/focalnet_site" "$wheels"/*.whl >>"$log" 2>&1; then
+    echo "installing $wheels/*.whl failed, see $log" >&2
+    exit 2
+  fi
+  export PYTHONPATH=$tmp/focalnet_site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$tmp/focalnet_jax_cache}
+require_gpu=${REQUIRE_GPU:-1}
+[[ ${QUICK:-0} == 1 ]] && require_gpu=0
+preflight='
+import importlib, sys
+import jax
+names = ("flax", "optax", "orbax.checkpoint", "ml_collections", "SimpleITK", "pydicom",
+         "highdicom", "numpy", "scipy", "tensorboard", "focalnet_jax.training")
+versions = {n: getattr(importlib.import_module(n), "__version__", "") for n in names}
+device = jax.devices()[0]
+print("jax", jax.__version__, device.platform, device.device_kind, versions)
+if sys.argv[-1] == "1" and device.platform != "gpu":
+    sys.exit(f"JAX sees no GPU (platform {device.platform}): a CUDA build of jax is needed")
+'
+if ! "$python" -c "$preflight" "$require_gpu" >>"$log" 2>&1; then
+  echo "preflight failed: $(tail -n 1 "$log")" >&2
+  exit 2
+fi
 device=$("$python" -c "import jax; print(jax.devices()[0].device_kind.replace(' ', '_'))")
 day=$(date +%F)
 if [[ ${QUICK:-0} == 1 ]]; then
   tiny=(--config.model.depth=18 --config.model.width=0.125 --config.model.output_stride=16
         --config.train.batch_size=4)
   size=(--size 32) steps=(--steps 1)
-  fold=(--max-steps 4 --cases 6 --out "${TMPDIR:-/tmp}/fold_time_data_quick"
-        --config.train.log_every=1)
+  fold=(--max-steps 4 --cases 6 --out "$tmp/fold_time_data_quick" --config.train.log_every=1)
   limits=(600 300 300 600 300) rounds=(--rounds 1) repeats=(--repeats 1)
 else
   tiny=() size=() steps=(--steps 20)
-  fold=(--max-steps 2000 --cases 24 --out "${TMPDIR:-/tmp}/fold_time_data")
-  limits=(170 110 100 130 70) rounds=() repeats=()
+  fold=(--max-steps 2000 --cases 24 --out "$tmp/fold_time_data")
+  limits=(200 150 130 240 90) rounds=() repeats=()
 fi
 status=0
 run() {  # name limit_s script args...
   local name=$1 limit=$2
   shift 2
-  local file="$out/${name}_${device}_${day}.json"
-  echo "== $name: $*" >>"$log"
-  if timeout "$limit" "$python" "$@" >"$file.tmp" 2>>"$log"; then
-    mv "$file.tmp" "$file" && echo "$name: $file"
+  [[ ",$names," == *",$name,"* ]] || return 0
+  local file="$out/${name}_${device}_${day}.json" start=$SECONDS rc
+  echo "== $name (limit ${limit} s): $*" >>"$log"
+  timeout -k 30 "$limit" "$python" "$@" >"$file.tmp" 2>>"$log"
+  rc=$?
+  if "$python" -c 'import json, sys; json.loads(open(sys.argv[-1]).read())' "$file.tmp" 2>/dev/null
+  then
+    mv "$file.tmp" "$file" && echo "$name: $file ($((SECONDS - start)) s, rc $rc)" && cat "$file"
   else
-    echo "$name: failed or over ${limit}s (rc $?), see $log" >&2
-    rm -f "$file.tmp" && status=1
+    echo "$name: no result (rc $rc after $((SECONDS - start)) s), see $log" >&2
+    rm -f "$file.tmp"
   fi
+  [[ $rc == 0 ]] || status=1
 }
 run fold_time_bfloat16 "${limits[0]}" benchmarks/fold_time.py --config configs/focalnet.py \
   --config.model.dtype=bfloat16 "${fold[@]}" "${tiny[@]}"
@@ -58,7 +112,7 @@ run train_step_bfloat16 "${limits[1]}" benchmarks/train_step.py --config configs
 run train_step_float32 "${limits[2]}" benchmarks/train_step.py --config configs/focalnet.py \
   --kinds fl,fl_mfl_select --config.model.dtype=float32 "${steps[@]}" "${size[@]}" "${tiny[@]}"
 run mfl_scaling "${limits[3]}" benchmarks/mfl_scaling.py --config configs/focalnet.py \
-  --components t2w,adc,hbv,dce --subset-counts 2,14 --modes select "${rounds[@]}" \
+  --components t2w,adc,hbv,dce --subset-counts 2,6,14 --modes select "${rounds[@]}" \
   "${size[@]}" "${tiny[@]}"
 run inference "${limits[4]}" benchmarks/inference.py --config configs/focalnet.py --models 5 \
   "${repeats[@]}" "${tiny[@]}"

@@ -140,6 +140,7 @@ def main(argv=None) -> None:
         result["write_outputs_s"] = time.perf_counter() - start
     result.update(
         tta=args.tta,
+        device_peak_bytes=result_line.device_peak_bytes(),
         **result_line.device_fields(),
         model=result_line.model_description(config),
         components=list(components),

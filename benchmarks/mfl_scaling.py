@@ -32,7 +32,6 @@ import jax.numpy as jnp
 import result_line  # benchmarks/result_line.py (the script directory)
 from train_step import (  # benchmarks/train_step.py (the script directory)
     _batch,
-    _peak_memory,
     compiled_peak_bytes,
 )
 
@@ -59,7 +58,7 @@ class _Step:
         self.peak_bytes = compiled_peak_bytes(self.compiled)
         self.state, metrics = self.compiled(self.state, self.batch, *self.args)  # warm-up
         jax.block_until_ready(metrics)
-        self.device_peak_bytes = _peak_memory()
+        self.device_peak_bytes = result_line.device_peak_bytes()
 
     def time(self, steps: int) -> float:
         start = time.perf_counter()

@@ -31,6 +31,13 @@ def device_fields() -> dict:
     }
 
 
+def device_peak_bytes() -> int | None:
+    """The first local device's peak bytes in use since the process started (a running maximum,
+    not reset between measurements); None where the device keeps no count (CPU)."""
+    stats = jax.local_devices()[0].memory_stats()
+    return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
+
+
 def commit() -> str | None:
     """The code measured: `$BENCHMARK_COMMIT` where set (a copy of the tree without its git
     history), else `git describe --always --dirty` of this checkout, else None."""

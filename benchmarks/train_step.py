@@ -70,12 +70,6 @@ def compiled_peak_bytes(compiled) -> int:
     )
 
 
-def _peak_memory() -> int | None:
-    """The device's peak bytes in use since the process started (not reset between steps)."""
-    stats = jax.local_devices()[0].memory_stats()
-    return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
-
-
 def measure(config, *, steps: int, size: int, profile_steps: int = 0) -> dict:
     """Compile, warm up and time `steps` train steps of `config` on one random batch; then, with
     `profile_steps`, trace that many more and add where their time goes (`profile`)."""
@@ -108,7 +102,7 @@ def measure(config, *, steps: int, size: int, profile_steps: int = 0) -> dict:
         "flops_per_device_step": device_flops,
         "tflops_per_s": flops / step_time / 1e12 if flops else None,
         "compiled_peak_bytes": compiled_peak_bytes(compiled),
-        "peak_memory_bytes": _peak_memory(),
+        "peak_memory_bytes": result_line.device_peak_bytes(),
         "final_loss": float(metrics["loss"]),
     }
     if profile_steps:

@@ -524,9 +524,15 @@ def test_gpu_checks_pass_only_flags_and_overrides_the_benchmarks_declare(tmp_pat
     python.chmod(0o755)
     out = tmp_path / "out"
     done = subprocess.run(
-        ["bash", str(REPO / "benchmarks" / "gpu_checks.sh"), str(out)],
+        ["bash", str(REPO / "benchmarks" / "gpu_checks.sh"), str(out), "all"],
         cwd=REPO,
-        env={**os.environ, "PYTHON": str(python), "QUICK": quick},
+        env={
+            **os.environ,
+            "PYTHON": str(python),
+            "QUICK": quick,
+            "REQUIRE_GPU": "0",
+            "WHEELS": str(tmp_path / "no_wheels"),
+        },  # fmt: skip
         capture_output=True,
         text=True,
         timeout=300,
@@ -551,7 +557,25 @@ def test_gpu_checks_pass_only_flags_and_overrides_the_benchmarks_declare(tmp_pat
     parser = mfl_scaling._parser()
     args, overrides = parser.parse_known_args(lines["mfl_scaling"]["argv"])
     components = mfl_scaling._config(args, overrides, mfl=False).data.components
-    assert mfl_scaling._kinds(parser, args, components) == [(2, "select"), (14, "select")]
+    kinds = [(2, "select"), (6, "select"), (14, "select")]
+    assert mfl_scaling._kinds(parser, args, components) == kinds
+    assert "jax " in log and "'SimpleITK': '" in log  # the preflight's versions
+    assert '"script": "benchmarks/mfl_scaling.py"' in done.stdout  # each line printed too
+
+
+def test_gpu_checks_stop_before_any_benchmark_where_jax_sees_no_gpu(tmp_path):
+    out = tmp_path / "out"
+    done = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "gpu_checks.sh"), str(out), "mfl_scaling"],
+        cwd=REPO,
+        env={**os.environ, "PYTHON": sys.executable, "WHEELS": str(tmp_path / "no_wheels")},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2
+    assert done.stderr.startswith("preflight failed: JAX sees no GPU (platform cpu)")
+    assert [p.name for p in out.iterdir()] == ["gpu_checks.log"]
 
 
 def test_mfl_modes_benchmark_finds_select_equal_to_vmap_under_frozen_normalisation():
