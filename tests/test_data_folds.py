@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -315,3 +316,86 @@ def test_split_files_name_what_read_given_split_reads(tmp_path, monkeypatch):
     assert split_files(folder, 0) == pair
     with pytest.raises(UserError, match=r"ds-config-valid-fold-0.json does not exist"):
         read_given_split(folder, 0, 11)
+
+
+def _ten_patient_store():
+    max_class = {f"p{i}": i % 3 for i in range(10)}
+    cases = [{"case_id": f"{p}_1", "patient_id": p} for p in max_class]
+    return SimpleNamespace(path="s", cases=cases, patient_max_class=lambda: max_class)
+
+
+def test_fewer_fold_files_written_over_more_remove_the_later_ones(tmp_path, caplog):
+    """`folds --num-folds 5 --out F` and then `--num-folds 3 --out F` left fold-3/4.json of the
+    first split beside fold-0..2.json of the second: training with num_folds=5 validated cases
+    twice, with num_folds=3 it was refused as 'holds fold 4'."""
+    import json
+
+    from focalnet_jax.data.folds import write_fold_files
+
+    store = _ten_patient_store()
+    write_fold_files(store, tmp_path, num_folds=5, seed=0)
+    (tmp_path / "notes.txt").write_text("kept")
+    caplog.clear()
+    paths = write_fold_files(store, tmp_path, num_folds=3, seed=1)
+    assert paths == [tmp_path / f"fold-{k}.json" for k in range(3)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [*(p.name for p in paths), "notes.txt"]
+    assert f"{tmp_path}: removed fold-3.json, fold-4.json, of an earlier split" in caplog.text
+    for k, path in enumerate(paths):
+        train, val = split_cases(store, k, 3, seed=1)
+        assert json.loads(path.read_text()) == {"train": train, "val": val}
+        assert split_cases(store, k, 3, splits=tmp_path) == (train, val)
+    with pytest.raises(UserError, match=r"fold-3.json does not exist"):
+        split_cases(store, 3, 5, splits=tmp_path)
+    caplog.clear()
+    write_fold_files(store, tmp_path, num_folds=3, seed=2)  # as many folds: nothing to remove
+    assert "removed" not in caplog.text
+
+
+def test_given_folds_that_validate_a_case_twice_are_refused_for_training(tmp_path, caplog):
+    """Fold files of two splits side by side (a 3-fold split written over a 5-fold one before
+    the later files were removed) were read for training without a word, a case validated in
+    two folds; `focalnet folds --splits` still prints them, with its warning."""
+    import json
+    import shutil
+
+    from focalnet_jax.data.folds import write_fold_files
+
+    store = _ten_patient_store()
+    mixed, newer = tmp_path / "mixed", tmp_path / "newer"
+    write_fold_files(store, mixed, num_folds=5, seed=0)
+    for path in write_fold_files(store, newer, num_folds=3, seed=1):
+        shutil.copy(path, mixed / path.name)
+    val = [set(json.loads((mixed / f"fold-{k}.json").read_text())["val"]) for k in range(5)]
+    for fold in (0, 4):
+        with pytest.raises(UserError) as raised:
+            split_cases(store, fold, 5, splits=mixed)
+        message = str(raised.value)
+        found = re.fullmatch(
+            rf"split {re.escape(str(mixed))}: folds (\d) and (\d) both validate case (p\d_1) "
+            r"\((\d+) store cases? validated in more than one fold\); each case must be "
+            r"validated in one fold only",
+            message,
+        )
+        assert found, message
+        j, k, case, count = int(found[1]), int(found[2]), found[3], int(found[4])
+        assert j < k and case in val[j] & val[k]
+        assert count == sum(
+            sum(c in v for v in val) > 1 for c in (r["case_id"] for r in store.cases)
+        )
+    for i, record in enumerate(store.cases):
+        record["start"], record["stop"] = i, i + 1
+    store.annotated = np.zeros(10, bool)
+    rows = fold_table(store, 5, splits=mixed)  # printed, with a warning
+    assert [set(row["case_ids"]) for row in rows] == val
+    assert "in the validation of more than one fold" in caplog.text
+    # A split file of one list of folds alike; each case validated once is no error.
+    table = [
+        {"train": ["p1_1", "p2_1"], "val": ["p0_1"]},
+        {"train": ["p1_1"], "val": ["p0_1", "p2_1"]},
+    ]
+    (tmp_path / "splits.json").write_text(json.dumps(table))
+    with pytest.raises(UserError, match=r"folds 0 and 1 both validate case p0_1 \(1 store case "):
+        split_cases(store, 0, 2, splits=tmp_path / "splits.json")
+    table[1]["val"] = ["p1_1", "p2_1"]
+    (tmp_path / "splits.json").write_text(json.dumps(table))
+    assert split_cases(store, 0, 2, splits=tmp_path / "splits.json") == (["p1_1", "p2_1"], ["p0_1"])

@@ -83,19 +83,48 @@ def split_cases(
     store, fold: int, num_folds: int = 5, seed: int = 0, splits: str | os.PathLike = ""
 ) -> tuple[list[str], list[str]]:
     """(train case ids, validation case ids) of `fold` for a store (see `data.store.Store`): the
-    seeded folds, or where `splits` names split files, those (`read_given_split`)."""
+    seeded folds, or where `splits` names split files, those (`read_given_split`); split files
+    whose folds validate a store case twice are refused."""
     if splits:
-        _check_given_num_folds(splits, num_folds)
-        if not 0 <= fold < num_folds:
-            raise UserError(f"fold={fold}: expected 0 <= fold < num_folds={num_folds}")
-        train, val = read_given_split(splits, fold, num_folds)
-        return check_given_split(store, train, val, f"split {splits} fold {fold}")
+        split = _given_fold(store, fold, num_folds, splits)
+        _refuse_validated_twice(store, splits, num_folds)
+        return split
     folds, _ = store_folds(store, num_folds, seed)
     if not 0 <= fold < num_folds:
         raise UserError(f"fold={fold}: expected 0 <= fold < num_folds={num_folds}")
     train = [r["case_id"] for r in store.cases if folds[r["patient_id"]] != fold]
     val = [r["case_id"] for r in store.cases if folds[r["patient_id"]] == fold]
     return train, val
+
+
+def _given_fold(store, fold: int, num_folds: int, splits) -> tuple[list[str], list[str]]:
+    """(train, val) of `fold` of the split files `splits`, checked against the store."""
+    _check_given_num_folds(splits, num_folds)
+    if not 0 <= fold < num_folds:
+        raise UserError(f"fold={fold}: expected 0 <= fold < num_folds={num_folds}")
+    train, val = read_given_split(splits, fold, num_folds)
+    return check_given_split(store, train, val, f"split {splits} fold {fold}")
+
+
+def _refuse_validated_twice(store, splits, num_folds: int) -> None:
+    """A `UserError` naming `splits`, two folds and a store case that both validate (e.g. the
+    fold files of two splits in one folder); a fold whose files are absent is not read."""
+    path, stored = Path(splits).expanduser(), {r["case_id"] for r in store.cases}
+    first: dict[str, int] = {}  # store case -> the first fold validating it
+    twice: dict[str, tuple[int, int]] = {}  # store case -> the first two folds validating it
+    for k in range(num_folds):
+        if path.is_dir() and not all(p.exists() for p in split_files(path, k)):
+            continue
+        for case in read_given_split(splits, k, num_folds)[1]:
+            if case in stored and first.setdefault(case, k) != k:
+                twice.setdefault(case, (first[case], k))
+    if twice:
+        case, (j, k) = next(iter(twice.items()))
+        raise UserError(
+            f"split {splits}: folds {j} and {k} both validate case {case} "
+            f"({plural(len(twice), 'store case')} validated in more than one fold); each case "
+            "must be validated in one fold only"
+        )
 
 
 def _check_given_num_folds(splits, num_folds: int) -> None:
@@ -231,7 +260,7 @@ def fold_table(store, num_folds: int = 5, seed: int = 0, splits="") -> list[dict
     if splits:
         _check_given_num_folds(splits, num_folds)
         max_class = store.patient_max_class()
-        val = [set(split_cases(store, k, num_folds, seed, splits)[1]) for k in range(num_folds)]
+        val = [set(_given_fold(store, k, num_folds, splits)[1]) for k in range(num_folds)]
         _warn_validated_twice_or_never(store, val, splits)
     else:
         folds, max_class = store_folds(store, num_folds, seed)
@@ -283,7 +312,9 @@ def write_fold_files(
     """`fold-<k>.json` files with {"train": [case ids], "val": [case ids]}: every split made and
     every file written to a temporary file before any is renamed into place (a failure while
     making or writing them, e.g. a full disk, leaves the previous files, not fold files of two
-    splits side by side)."""
+    splits side by side). Once all are in place, the `fold-<j>.json` of an earlier split for
+    j >= `num_folds` are removed (`_remove_later_folds`): read with the new files, they would
+    validate cases twice."""
     out_dir = Path(out_dir)
     splits = [split_cases(store, k, num_folds, seed) for k in range(num_folds)]
     paths = [out_dir / _FOLD_FILE.format(k=k) for k in range(num_folds)]
@@ -291,7 +322,20 @@ def write_fold_files(
         for path, (train, val) in zip(paths, splits, strict=True):
             tmp = renames.enter_context(replaced_atomically(path))
             tmp.write_text(json.dumps({"train": train, "val": val}, indent=1) + "\n")
+    _remove_later_folds(out_dir, num_folds)
     return paths
+
+
+def _remove_later_folds(out_dir: Path, num_folds: int) -> None:
+    """Removes the `fold-<j>.json` of `out_dir` for j >= `num_folds` (of an earlier split into
+    more folds), named in one warning."""
+    later = [(int(m[1]), p) for p in split_files(out_dir)
+             if (m := _SPLIT_NAMES[-1].fullmatch(p.name)) and int(m[1]) >= num_folds]  # fmt: skip
+    for _, path in sorted(later):
+        path.unlink(missing_ok=True)
+    if later:
+        names = ", ".join(path.name for _, path in sorted(later))
+        log.warning("%s: removed %s, of an earlier split into more folds", out_dir, names)
 
 
 SLICE_MODES = ("annotated", "all")
