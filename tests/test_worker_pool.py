@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from focalnet_jax.data import worker_pool
-from focalnet_jax.data.worker_pool import WorkerDiedError, stop_pool, worker_results
+from focalnet_jax.data.worker_pool import WorkerDiedError, WorkerError, stop_pool, worker_results
 
 
 def _spawn_pool(initializer=worker_pool._init_worker, initargs=()):
@@ -135,3 +135,51 @@ def test_a_dead_worker_is_found_while_the_other_jobs_keep_finishing(tmp_path):
     assert died.value.index == 3
     done = len(list(tmp_path.iterdir()))
     assert done <= 30, f"{done} of 59 jobs were done before the lost one was noticed"
+
+
+class _Unsendable(Exception):
+    """Its pickle is rebuilt as `_Unsendable(message)`, which its `__init__` refuses."""
+
+    def __init__(self, what: str, why: str):
+        super().__init__(f"{what}: {why}")
+
+
+def _fails_on_1(job: int) -> int:
+    if job == 1:
+        raise _Unsendable("job 1", "a bug")
+    if job == 2:
+        return len(job)  # TypeError
+    return job
+
+
+def test_a_job_s_exception_reaches_the_parent_with_the_worker_s_traceback():
+    """An exception whose pickle cannot be rebuilt stopped the pool's result thread, and the
+    results waited for ever; it comes as a `WorkerError` naming it, and another as itself, each
+    with the worker's traceback as its cause."""
+    outcome = {}
+
+    def consume(jobs):
+        try:
+            with worker_results(_fails_on_1, jobs, 2) as results:
+                outcome["results"] = list(results)
+        except Exception as error:
+            outcome["error"] = error
+
+    for jobs, kind, message, line in [
+        (
+            [0, 1, 3],
+            WorkerError,
+            "_Unsendable: job 1: a bug",
+            'raise _Unsendable("job 1", "a bug")',
+        ),
+        ([0, 2, 3], TypeError, "object of type 'int' has no len()", "return len(job)"),
+    ]:
+        outcome.clear()
+        consuming = threading.Thread(target=consume, args=(jobs,), daemon=True)
+        consuming.start()
+        consuming.join(timeout=60)
+        assert not consuming.is_alive(), "the results waited for ever for the failed job"
+        error = outcome["error"]
+        assert type(error) is kind and str(error) == message
+        worker = str(error.__cause__)  # multiprocessing's RemoteTraceback
+        assert "in _fails_on_1" in worker and line in worker, worker

@@ -3,7 +3,8 @@
 Cases are handed to a `spawn` process pool (safe with SimpleITK's and JAX's threads) and written in
 input order. A bad case either stops the run (its `CaseError` names case, file and reason, and the
 temporary store is removed) or, with `skip_bad_cases`, is listed in `errors.csv` and skipped; so
-is a case whose worker process died in it.
+is a case whose worker process died in it. Any other exception (a bug) stops the run with its
+traceback, a worker's as its cause (`worker_pool`).
 Ctrl-C or SIGTERM stop the pool cleanly (`worker_pool`).
 """
 
@@ -39,7 +40,7 @@ from focalnet_jax.data.store import (
 )
 from focalnet_jax.data.store_settings import store_settings
 from focalnet_jax.data.worker_pool import WorkerDiedError, worker_results
-from focalnet_jax.errors import UserError, naming_the_disk, plural
+from focalnet_jax.errors import DISK_ERRNOS, UserError, is_user_error, naming_the_disk, plural
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,8 @@ class PreprocessSummary:
 
 
 def _work(job):
+    """(spec, preprocessed case, None), or (spec, None, (case, file, reason)) for a bad case
+    (`_bad_input`); any other exception, a bug, is raised with its traceback."""
     spec, config, slices = job
     try:
         case = preprocess_case(
@@ -74,11 +77,29 @@ def _work(job):
             case_id=spec.case_id,
             series=spec.series,
         )
-        return spec, case, None
-    except CaseError as err:
-        return spec, None, (err.case, err.file, err.reason)
-    except Exception as err:  # an unexpected failure still names the case
-        return spec, None, (spec.case_id, "", f"{type(err).__name__}: {err}")
+    except Exception as err:
+        if (bad := _bad_input(spec, err)) is None:
+            raise
+        return spec, None, bad
+    return spec, case, None
+
+
+def _bad_input(spec: CaseSpec, err: Exception) -> tuple[str, str, str] | None:
+    """(case, file, reason) where `err`, raised preprocessing `spec`, means bad input: a
+    `UserError` (`CaseError`, or another naming its file) or a missing or unreadable file that it
+    names (`errors.is_user_error`), but not a full or read-only disk (no case's fault); else
+    None."""
+    if isinstance(err, CaseError):
+        return err.case, err.file, err.reason
+    if not is_user_error(err) or (isinstance(err, OSError) and err.errno in DISK_ERRNOS):
+        return None
+    if isinstance(err, OSError):
+        return spec.case_id, str(err.filename or ""), err.strerror or str(err)
+    return (
+        spec.case_id,
+        str(getattr(err, "file", "") or ""),
+        getattr(err, "reason", None) or str(err),
+    )
 
 
 def _lost_case(jobs, index: int, how: str):

@@ -26,6 +26,10 @@
   worker that ended every `_POLL_S`: `WorkerDiedError` names its job and how it ended, or, where
   the caller gives `lost`, what `lost` makes of the job stands for its result and the other jobs
   go on (in a new worker the pool starts).
+- An exception of a job reaches the parent as itself, the worker's traceback its `__cause__`
+  (`multiprocessing`'s `RemoteTraceback`). One that does not survive pickling (e.g. one whose
+  `__init__` takes other arguments than its `args`) stopped the pool's result thread, the parent
+  waiting for ever: it comes as a `WorkerError` naming its type and message (`_run_case`).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import tempfile
 import threading
 import time
 from multiprocessing import resource_tracker
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 
 import SimpleITK as sitk
@@ -63,6 +68,11 @@ class WorkerDiedError(RuntimeError):
         self.index, self.how, self.pid = index, how, pid
         where = f"in job {index}" if index is not None else "in no job it noted"
         super().__init__(f"a worker process ended {where} ({how})")
+
+
+class WorkerError(RuntimeError):
+    """A job's exception that cannot be sent from its worker process as itself: '<type>:
+    <message>', the worker's traceback its `__cause__`."""
 
 
 def _within(frame, file: str, functions: frozenset) -> bool:
@@ -107,15 +117,29 @@ def _init_worker(job_notes: str | None = None) -> None:
 
 def _run_case(work, indexed_job):
     """`(index, work(job))` of `(index, job)` in a worker, its index noted meanwhile
-    (`_JOB_NOTES`): SIGTERM ends the worker at once within, unwinds it outside."""
+    (`_JOB_NOTES`): SIGTERM ends the worker at once within, unwinds it outside. An exception of
+    `work` that would not survive pickling is raised as a `WorkerError`."""
     index, job = indexed_job
     _note_job(str(index))
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         return index, work(job)
+    except Exception as error:
+        if _survives_pickling(error):
+            raise
+        raise WorkerError(f"{type(error).__name__}: {error}") from error
     finally:
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
         _note_job("")
+
+
+def _survives_pickling(error: Exception) -> bool:
+    """Whether `error` is rebuilt from its pickle, as the parent receives a worker's result."""
+    try:
+        ForkingPickler.loads(ForkingPickler.dumps(error))
+    except Exception:
+        return False
+    return True
 
 
 def _note_job(text: str) -> None:

@@ -1,0 +1,87 @@
+"""`preprocess`: a bug met preprocessing a case (an exception other than a user error) is no bad
+case: with or without --skip-bad-cases it stops the run with its traceback, from a worker process
+too, and is listed nowhere; bad input stays a bad case (also `tests/test_data_cli.py`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+
+import pytest
+
+from focalnet_jax.cli import main
+from focalnet_jax.data import build_store
+from focalnet_jax.data.dicom_stack import SeriesError
+from focalnet_jax.data.io import CaseError
+from focalnet_jax.data.layouts import discover_picai
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    assert main(["synth", "--out", str(root), "--cases", "3", "--seed", "4", "--small"]) == 0
+    return root
+
+
+def _cases(root):
+    return discover_picai(root / "images", root / "labels", root / "masks")
+
+
+def _preprocess(root, out, *extra):
+    return [
+        "preprocess", "--layout", "picai", "--images", str(root / "images"),
+        "--labels", str(root / "labels"), "--masks", str(root / "masks"), "--out", str(out), *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("skip", [(), ("--skip-bad-cases",)])
+def test_a_bug_in_preprocessing_keeps_its_traceback_and_is_no_bad_case(
+    dataset, tmp_path, monkeypatch, skip
+):
+    """A TypeError in `preprocess_case` was a bad case: one line `case ..., file '': TypeError:
+    ...` (exit status 2), or with --skip-bad-cases a row of errors.csv, the others stored."""
+    real, second = build_store.preprocess_case, _cases(dataset)[1].case_id
+
+    def broken(components, label=None, **kwargs):
+        if kwargs["case_id"] == second:
+            return kwargs["slices"] + 1  # a bug: TypeError
+        return real(components, label, **kwargs)
+
+    monkeypatch.setattr(build_store, "preprocess_case", broken)
+    with pytest.raises(TypeError, match=r'can only concatenate str \(not "int"\) to str') as raised:
+        main(_preprocess(dataset, tmp_path / "store", *skip))
+    assert raised.traceback[-1].name == "broken"  # its own traceback, down to the bug
+    assert list(tmp_path.iterdir()) == []  # no store, no errors.csv beside it
+
+
+@pytest.mark.parametrize("skip_bad_cases", [False, True])
+def test_a_bug_in_a_worker_process_keeps_the_worker_s_traceback(dataset, tmp_path, skip_bad_cases):
+    """The same from a worker process (--workers 2), its traceback the exception's cause: here a
+    label given as a number, not a path, by a caller of `preprocess_cases`."""
+    cases = _cases(dataset)
+    cases[1] = dataclasses.replace(cases[1], label=7)
+    out = tmp_path / "store"
+    with pytest.raises(TypeError, match="expected str, bytes or os.PathLike object, not int") as e:
+        build_store.preprocess_cases(
+            cases, out, workers=2, skip_bad_cases=skip_bad_cases, progress=False
+        )
+    worker = str(e.value.__cause__)  # multiprocessing's RemoteTraceback: the worker's frames
+    assert "in _work" in worker and "in preprocess_case" in worker and "in check_distinct" in worker
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_input_is_a_bad_case_named_by_its_case_file_and_reason(dataset):
+    """A `UserError` (e.g. a `SeriesError`) or a file error naming its file is a bad case; a full
+    disk or another exception is not (None)."""
+    spec = _cases(dataset)[0]
+    assert build_store._bad_input(spec, CaseError("c1", "/x/t2w.mha", "file not found")) == (
+        "c1", "/x/t2w.mha", "file not found",
+    )  # fmt: skip
+    assert build_store._bad_input(spec, SeriesError("/x/dcm/1.dcm", "two series")) == (
+        spec.case_id, "/x/dcm/1.dcm", "two series",
+    )  # fmt: skip
+    denied = PermissionError(errno.EACCES, "Permission denied", "/x/adc.mha")
+    assert build_store._bad_input(spec, denied) == (spec.case_id, "/x/adc.mha", "Permission denied")
+    full = OSError(errno.ENOSPC, "No space left on device", "/tmp/x")
+    for error in (full, TypeError("a bug"), KeyError("t2w"), OSError(errno.EIO, "I/O error")):
+        assert build_store._bad_input(spec, error) is None, error
