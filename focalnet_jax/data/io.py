@@ -8,7 +8,6 @@ only with `xyz` / `zyx` below.
 from __future__ import annotations
 
 import gzip
-import logging
 import os
 import struct
 import zlib
@@ -18,10 +17,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from focalnet_jax.data import dicom, dicom_seg, native_stderr
+from focalnet_jax.data import dicom, dicom_seg
 from focalnet_jax.errors import UserError
-
-log = logging.getLogger(__name__)
 
 # The ITK reader of each image suffix, named: ITK finds one by a lower-case suffix only (it reads
 # a `.MHA` file with none).
@@ -105,12 +102,22 @@ def _nifti1_header(path: str | os.PathLike) -> tuple[bytes, str] | None:
     return None
 
 
-def _nifti_voxel_size_problem(path: Path) -> str | None:
-    """Why the voxel size in a NIfTI header cannot be taken, or None: a pixdim of 0 (or not
-    finite) along a spatial axis, which ITK reads as 1 mm without a word."""
+# The NIfTI-1 datatype codes (nifti1.h); with another, ITK's reader prints "bad datatype" on
+# stderr and refuses the file as "not recognized as a NIFTI file".
+_NIFTI_DATATYPES = frozenset(
+    (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 768, 1024, 1280, 1536, 1792, 2048, 2304)
+)
+
+
+def _nifti_header_problem(path: Path) -> str | None:
+    """Why a NIfTI-1 header cannot be taken, or None: a datatype that is no NIfTI-1 code, or a
+    pixdim of 0 (or not finite) along a spatial axis, which ITK reads as 1 mm without a word."""
     if (found := _nifti1_header(path)) is None:
         return None
     header, endian = found
+    datatype = struct.unpack(endian + "h", header[70:72])[0]
+    if datatype not in _NIFTI_DATATYPES:
+        return f"NIfTI header gives datatype {datatype}, which is no NIfTI-1 data type"
     ndim = struct.unpack(endian + "h", header[40:42])[0]
     pixdim = struct.unpack(endian + "8f", header[76:108])[1 : 1 + min(max(ndim, 0), 3)]
     bad = [f"{a} {v:g}" for a, v in zip("xyz", pixdim, strict=False) if not (np.isfinite(v) and v)]
@@ -246,7 +253,6 @@ def read_image(
     path = Path(path)
     if not path.exists():
         raise CaseError(case, path, "file not found")
-    printed = native_stderr.Captured()  # what a file's reader printed (none for a folder)
     try:
         if path.is_dir():
             try:
@@ -266,22 +272,16 @@ def read_image(
             short = _metaimage_shortfall(path)
             if short:
                 raise CaseError(case, path, f"unreadable or truncated image ({short})")
-            if problem := _nifti_voxel_size_problem(path):  # before ITK reads it as 1 mm
+            if problem := _nifti_header_problem(path):  # before ITK reads it (as 1 mm)
                 raise CaseError(case, path, problem)
-            with native_stderr.captured() as printed:  # NIfTI's reader prints its reasons
-                image = sitk.ReadImage(str(path), imageIO=_image_io(path, case))
-            if printed.text.strip():
-                log.warning("%s: printed on stderr during the read: %s", path, printed.summary())
+            image = sitk.ReadImage(str(path), imageIO=_image_io(path, case))
             problem = _truncation(path)
             if problem:
                 raise CaseError(case, path, f"unreadable or truncated image ({problem})")
             if _nifti_non_finite(path):
                 raise CaseError(case, path, "image holds NaN or Inf voxels")
     except RuntimeError as err:
-        reason = f"unreadable or truncated image ({_why(path, err)})"
-        if printed.text.strip():
-            reason += f"; printed on stderr during the read: {printed.summary()}"
-        raise CaseError(case, path, reason) from err
+        raise CaseError(case, path, f"unreadable or truncated image ({_why(path, err)})") from err
     if image.GetDimension() != 3 or image.GetSize()[2] < 1:
         raise CaseError(case, path, f"expected a 3D image, got size {image.GetSize()}")
     if image.GetNumberOfComponentsPerPixel() != 1:
