@@ -115,3 +115,27 @@ def test_another_threads_stderr_during_a_real_read_is_not_called_the_readers(
     warnings = [r.getMessage() for r in caplog.records]
     assert warnings == [f"{folder}: read; printed on stderr during the read: epoch 3: loss 0.41"]
     assert capfd.readouterr().err == ""  # not printed twice
+
+
+def test_an_interrupt_while_the_block_ends_still_gives_fd_2_back(monkeypatch):
+    """A SIGTERM that came while a read blocked runs its handler at the first call after it: in
+    the restore. Its exception used to skip it, leaving fd 2 on the capture's file (the command's
+    last line then lost)."""
+    from focalnet_jax.data import native_stderr
+
+    before = os.fstat(2)
+    calls = []
+    flush = native_stderr._flush_python_stderr
+
+    def interrupted_once_at_the_end():
+        calls.append(True)
+        if len(calls) == 2:  # the first call is at the start of the block
+            raise KeyboardInterrupt
+        flush()
+
+    monkeypatch.setattr(native_stderr, "_flush_python_stderr", interrupted_once_at_the_end)
+    with pytest.raises(KeyboardInterrupt), captured() as printed:
+        os.write(2, b"inside\n")
+    after = os.fstat(2)
+    assert (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino)
+    assert printed.text == "inside\n" and len(calls) == 3

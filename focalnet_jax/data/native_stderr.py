@@ -66,8 +66,22 @@ def captured():
         try:
             yield result
         finally:
-            _flush_python_stderr()
-            os.dup2(saved, 2)
+            # A signal that came during the block (SIGTERM while a read blocked) runs its Python
+            # handler at the first call here; its exception must not skip the restore, or fd 2
+            # stays on the sink and what the program prints next (its last line) is lost. So the
+            # restore is retried and the handler's exception raised once fd 2 is back.
+            interrupted = None
+            while True:
+                try:
+                    _flush_python_stderr()
+                    os.dup2(saved, 2)
+                    break
+                except OSError:  # dup2 itself failed: nothing to retry
+                    raise
+                except BaseException as error:  # a signal handler's (KeyboardInterrupt, ...)
+                    interrupted = interrupted or error
             os.close(saved)
             sink.seek(0)
             result.text = sink.read().decode("utf-8", "replace")
+            if interrupted is not None:
+                raise interrupted
