@@ -22,7 +22,8 @@ measured `wall_s`, `steps_run`, `fold_steps`, `steady_step_time_s`, `overhead_s`
 `projected_fold_s` (the measured wall time when the whole fold ran), the compilation cache folder
 in use (null: every step compiled in this run), the device and its peak memory (null on CPU).
 A SIGTERM (e.g. a time limit's) stops the run at its next step, saved; the line is then printed
-for the steps done (`stopped_by_sigterm`).
+for the steps done (`stopped_by_sigterm`; its `overhead_s` holds that stop's checkpoint and no
+last validation).
 """
 
 from __future__ import annotations
@@ -115,6 +116,18 @@ def event_counts(every: int, steps: int) -> int:
     return multiples + (0 if every and steps % every == 0 else 1)
 
 
+def _event_counts(train, steps_run: int, fold_steps: int, stopped: bool) -> dict:
+    """`validations` and `checkpoints`: {"run": in the run, "fold": in the whole fold}. A run
+    stopped by SIGTERM saved at its stop but did not validate there."""
+    counts = {}
+    for name, every in (("validations", train.eval_every), ("checkpoints", train.checkpoint_every)):
+        run = event_counts(every, steps_run)
+        if stopped and name == "validations":
+            run = steps_run // every if every else 0
+        counts[name] = {"run": run, "fold": event_counts(every, fold_steps)}
+    return counts
+
+
 def _projection(wall: float, intervals: list[float], steps_run: int, fold_steps: int) -> dict:
     """The measured wall time and, where the run stopped early, the fold's time projected from
     the steady step time (the median interval after the first, which holds the compilation)."""
@@ -147,8 +160,8 @@ def main(argv: list[str] | None = None) -> None:
     wall, intervals, stopped_at = _timed_run(config, opened)
     if stopped_at is not None:  # SIGTERM (a time limit): project from the steps done
         steps_run = stopped_at
-        if len(intervals) < 2:
-            raise SystemExit(f"stopped by SIGTERM at step {stopped_at}: too few logged intervals")
+        if len(intervals) < 3:
+            raise SystemExit(f"stopped by SIGTERM at step {stopped_at}: under 3 logged intervals")
     result = {
         "benchmark": "fold_time",
         "config": args.config,
@@ -161,13 +174,7 @@ def main(argv: list[str] | None = None) -> None:
         "steps_run": steps_run,
         "stopped_by_sigterm": stopped_at is not None,
         **_projection(wall, intervals, steps_run, fold_steps),
-        **{
-            name: {"run": event_counts(every, steps_run), "fold": event_counts(every, fold_steps)}
-            for name, every in (
-                ("validations", config.train.eval_every),
-                ("checkpoints", config.train.checkpoint_every),
-            )
-        },
+        **_event_counts(config.train, steps_run, fold_steps, stopped_at is not None),
         # A warm persistent cache ($JAX_COMPILATION_CACHE_DIR) skips the compilation.
         "compilation_cache": jax.config.jax_compilation_cache_dir,
         "model": result_line.model_description(config),

@@ -14,8 +14,9 @@ for tag in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 \
   manylinux2014_x86_64 manylinux1_x86_64; do
   platforms+=(--platform "$tag")
 done
-# The versions the test suite runs with; their dependencies not listed here (absl-py, PyYAML,
-# pillow, numpy, typing-extensions, packaging) come with JAX's and flax's.
+# The versions the test suite runs with. Their other dependencies (absl-py, PyYAML, pillow,
+# numpy, typing-extensions, packaging) are not downloaded: gpu_checks.sh's preflight imports
+# everything first and names what is missing.
 "$python" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
   --implementation cp "${platforms[@]}" -d "$dir" \
   ml_collections==1.1.0 simpleitk==2.5.7 pydicom==3.0.2 highdicom==0.28.2 pyjpegls==1.5.1

@@ -159,6 +159,7 @@ def main(argv=None) -> None:
         "model": f"{result_line.model_description(config)} norm {config.model.norm}",
         "steps_per_round": args.steps,
         "rounds": args.rounds,
+        "compilation_cache": jax.config.jax_compilation_cache_dir,  # warm: compiles are loads
         **result_line.provenance(),
     }
     print(json.dumps(result))

@@ -568,7 +568,12 @@ def test_gpu_checks_stop_before_any_benchmark_where_jax_sees_no_gpu(tmp_path):
     done = subprocess.run(
         ["bash", str(REPO / "benchmarks" / "gpu_checks.sh"), str(out), "mfl_scaling"],
         cwd=REPO,
-        env={**os.environ, "PYTHON": sys.executable, "WHEELS": str(tmp_path / "no_wheels")},
+        env={
+            **os.environ,
+            "PYTHON": sys.executable,
+            "WHEELS": str(tmp_path / "no_wheels"),
+            "JAX_PLATFORMS": "cpu",
+        },  # fmt: skip
         capture_output=True,
         text=True,
         timeout=300,
@@ -576,6 +581,15 @@ def test_gpu_checks_stop_before_any_benchmark_where_jax_sees_no_gpu(tmp_path):
     assert done.returncode == 2
     assert done.stderr.startswith("preflight failed: JAX sees no GPU (platform cpu)")
     assert [p.name for p in out.iterdir()] == ["gpu_checks.log"]
+    misspelt = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "gpu_checks.sh"), str(out), "fold_time_bf16"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert misspelt.returncode == 2
+    assert misspelt.stderr.startswith("unknown benchmark 'fold_time_bf16': expected names of ")
 
 
 def test_mfl_modes_benchmark_finds_select_equal_to_vmap_under_frozen_normalisation():

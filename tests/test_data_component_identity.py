@@ -13,7 +13,7 @@ import pytest
 import SimpleITK as sitk
 
 from focalnet_jax.data import preprocess_case
-from focalnet_jax.data.io import CaseError, read_image
+from focalnet_jax.data.io import CaseError, check_distinct, read_image
 
 
 def _edited_copy(source, folder, edit):
@@ -46,9 +46,24 @@ def test_a_copied_folder_given_as_a_second_component_is_the_same_series(
     components = {"t2w": prostatex_case_dir / "t2w", "adc": prostatex_case_dir / "adc", "dce": copy}
     with pytest.raises(CaseError) as info:
         preprocess_case(components, case_id="c3")
-    uid = pydicom.dcmread(next(copy.iterdir())).SeriesInstanceUID
     assert (info.value.case, info.value.file) == ("c3", str(copy))
-    assert info.value.reason == f"adc and dce are the same DICOM series (SeriesInstanceUID {uid})"
+    assert info.value.reason == "adc and dce are the same image (same grid and voxels)"
+
+
+def test_images_derived_from_one_series_share_its_uid_and_pass(tmp_path):
+    # An ADC map and a computed high-b image of one DWI series, converted to .mha with the
+    # series' tags (as PI-CAI's conversion copies them), carry one SeriesInstanceUID.
+    rng = np.random.default_rng(1)
+    paths = {}
+    for name, scale in (("t2w", 600.0), ("adc", 3000.0), ("hbv", 50.0)):
+        image = sitk.GetImageFromArray(rng.uniform(0, scale, (6, 32, 32)).astype(np.float32))
+        image.SetSpacing((3.0, 3.0, 3.0))
+        if name != "t2w":
+            image.SetMetaData("0020|000e", "1.2.3.4.5")
+        paths[name] = tmp_path / f"{name}.mha"
+        sitk.WriteImage(image, str(paths[name]))
+    images = {name: read_image(path, case="c8") for name, path in paths.items()}
+    check_distinct(paths, {}, "c8", images)  # no error: the voxels differ
 
 
 def test_one_image_copied_into_two_files_is_refused(tmp_path):
@@ -75,9 +90,9 @@ def test_a_t2w_series_given_as_adc_or_hbv_is_refused(prostatex_case_dir, tmp_pat
     assert info.value.file == str(t2w) and "\n" not in str(info.value)
     assert info.value.reason == (
         "series 't2_tse_tra' has ImageType 'ORIGINAL\\PRIMARY\\M\\NORM\\DIS2D' (an original "
-        f"magnitude image, no diffusion marker) and gives no b-value: it is no {component} "
-        "series (a T2w?); a diffusion series whose b-value tags were removed can be given as an "
-        ".mha or .nii.gz file"
+        f"magnitude image, no diffusion marker) and gives no b-value above 0: it is no "
+        f"{component} series (a T2w?); a diffusion series whose b-value tags were removed can be "
+        "given as an .mha or .nii.gz file"
     )
 
 
@@ -97,8 +112,21 @@ def test_an_original_magnitude_series_with_a_b_value_reads_as_hbv(prostatex_case
     without_b = _edited_copy(
         dwi, tmp_path / "no_b", lambda d: d.__delitem__(pydicom.tag.Tag(0x0018, 0x9087))
     )
-    with pytest.raises(CaseError, match="gives no b-value: it is no hbv series"):
+    with pytest.raises(CaseError, match="gives no b-value above 0: it is no hbv series"):
         read_image(without_b, case="c6", component="hbv")
+
+
+@pytest.mark.real_data
+def test_a_t2w_whose_philips_b_factor_is_0_is_no_adc(prostatex_case_dir, tmp_path):
+    # Philips writes Diffusion_B_Factor (2001,xx03) = 0 in non-diffusion series too.
+    def philips_t2w(dataset):
+        dataset.ImageType = ["ORIGINAL", "PRIMARY", "M_SE", "M", "SE"]
+        block = dataset.private_block(0x2001, "Philips Imaging DD 001", create=True)
+        block.add_new(0x03, "FL", 0.0)
+
+    t2w = _edited_copy(prostatex_case_dir / "t2w", tmp_path / "t2w", philips_t2w)
+    with pytest.raises(CaseError, match="gives no b-value above 0: it is no adc series"):
+        read_image(t2w, case="c9", component="adc")
 
 
 @pytest.mark.real_data

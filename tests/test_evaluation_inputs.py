@@ -25,6 +25,10 @@ def test_the_api_refuses_a_repeated_or_unsafe_case_id(tmp_path):
     assert evaluated["num_cases"] == 2 and evaluated["cases"] == ["c1", "c2"]
     with pytest.raises(PredictionsError, match=r"listed twice: \['c1'\]"):
         evaluate_predictions(predictions, cases=["c1", "c1", "c2"], with_picai=False)
+    with pytest.raises(PredictionsError, match="expected a list of case ids, got the string 'c1'"):
+        evaluate_predictions(predictions, cases="c1", with_picai=False)
+    with pytest.raises(PredictionsError, match="the case list is empty"):
+        evaluate_predictions(predictions, cases=[], with_picai=False)
     write_blob_case(tmp_path / "outside", "x")
     with pytest.raises(UserError, match=r"case id '\.\./outside/x' starts with '\.'"):
         evaluate_predictions(predictions, cases=["../outside/x"], with_picai=False)
@@ -47,7 +51,7 @@ def _case_with(tmp_path, **replaced):
         ("spacing", np.array([True, True]), r"'spacing' must be 2 numbers \(mm\), got bool"),
         ("slice_index", np.arange(8) + 0.5, r"'slice_index' must be integers .*float64"),
         ("slice_index", np.array(list("abcdefgh")), r"'slice_index' must be integers .*<U1"),
-        ("t2w", np.full((8, 48, 48), "x"), r"'t2w' must be a float image, got <U1"),
+        ("t2w", np.full((8, 48, 48), "x"), r"'t2w' must be a numeric image, got <U1"),
         ("patient_id", np.array(["p"], dtype=object), r"'patient_id' holds Python objects"),
         ("lesion_classes", np.array([2], dtype=object), r"'lesion_classes' holds Python objects"),
     ],
@@ -103,3 +107,13 @@ def test_summarize_warns_where_methods_were_evaluated_on_other_cases(tmp_path, c
              "--out", str(same)])  # fmt: skip
     assert json.loads((same / "summary.json").read_text())["case_sets_differ"] is None
     assert "Warning" not in (same / "summary.md").read_text()
+
+
+def test_cases_are_recorded_sorted_by_id_and_integer_images_read_as_float(tmp_path):
+    for case_id in ("P10", "P1-2", "P1"):  # by file name "P1-2.npz" < "P1.npz" ('-' < '.')
+        write_blob_case(tmp_path / "p", case_id, lesion=(2, (4, 20, 20)))
+    evaluated = evaluate_predictions(tmp_path / "p", with_picai=False, with_figures=False)
+    assert evaluated["cases"] == ["P1", "P1-2", "P10"]
+    path = _case_with(tmp_path, t2w=np.full((8, 48, 48), 300, np.int16))
+    t2w = read_case(path).t2w
+    assert t2w.dtype == np.float32 and float(t2w.max()) == 300.0

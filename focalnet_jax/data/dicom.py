@@ -58,9 +58,8 @@ _NOT_THE_COMPONENT = {
 }
 # ImageType values that mark a diffusion series or map. A series read as `adc` or `hbv` that is
 # an original magnitude image (ORIGINAL and M: a Siemens T2w, a Philips T2w or DWI) with none of
-# these must give a b-value (a Philips DWI does); else it is an anatomical series.
+# these must give a b-value above 0 (a Philips DWI does); else it is an anatomical series.
 _DIFFUSION_MARKERS = ("DIFFUSION", "ADC", "EADC", "TRACEW", "TRACE", "CALC_BVALUE")
-SERIES_UID = _UID  # the metadata key of the SeriesInstanceUID `read_series` sets on its image
 
 log = logging.getLogger(__name__)
 
@@ -154,28 +153,35 @@ def check_component(folder: str | os.PathLike, info: SeriesInfo, component: str)
         component in ("adc", "hbv")
         and {"ORIGINAL", "M"} <= values
         and not values.intersection(_DIFFUSION_MARKERS)
-        and _first_b_value(info) is None
+        and not _series_b_value(info)  # None, or 0: Philips writes b = 0 in its T2w too
     ):
         raise SeriesError(
             folder,
-            f"{named} (an original magnitude image, no diffusion marker) and gives no b-value: it "
-            f"is no {component} series (a T2w?); a diffusion series whose b-value tags were "
-            "removed can be given as an .mha or .nii.gz file",
+            f"{named} (an original magnitude image, no diffusion marker) and gives no b-value "
+            f"above 0: it is no {component} series (a T2w?); a diffusion series whose b-value "
+            "tags were removed can be given as an .mha or .nii.gz file",
         )
 
 
-def _first_b_value(info: SeriesInfo) -> float | None:
-    """The b-value (s/mm^2) the first file of `info` gives (of a multi-frame file, the highest
-    its frames give), or None; inf where a multi-frame file's header cannot be read (its reader
-    then says why)."""
-    header = pydicom.dcmread(info.files[0], stop_before_pixels=True, force=True)
-    if number_of_frames(info.files[0]) <= 1:
-        return b_value(header)
-    try:
-        known = [b for b in frame_values(header)["b_value"] if b is not None]
-    except MultiFrameError:
-        return math.inf
-    return max(known, default=None)
+def _series_b_value(info: SeriesInfo) -> float | None:
+    """The b-value (s/mm^2) of `info`: the first above 0 that its files give in order (of a
+    multi-frame file, the highest its frames give), else 0 where they give only 0, else None;
+    inf where a multi-frame file's header cannot be read (its reader then says why). For a
+    single volume, its b-value; the files after one that gives b > 0 are not read."""
+    if len(info.files) == 1 and number_of_frames(info.files[0]) > 1:
+        header = pydicom.dcmread(info.files[0], stop_before_pixels=True, force=True)
+        try:
+            known = [b for b in frame_values(header)["b_value"] if b is not None]
+        except MultiFrameError:
+            return math.inf
+        return max(known, default=None)
+    found = None
+    for file in info.files:
+        b = b_value(pydicom.dcmread(file, stop_before_pixels=True, force=True))
+        if b:
+            return b
+        found = b if b is not None else found
+    return found
 
 
 _HEAD_BYTES = 1 << 16  # a slice's header, where its SeriesInstanceUID is
@@ -292,13 +298,11 @@ def _read_series(folder: Path, series: str | None, component: str | None, notes:
         )
     if len(chosen.files) == 1 and number_of_frames(chosen.files[0]) > 1:
         try:
-            image = read_multiframe(chosen.files[0], component, notes)
+            return read_multiframe(chosen.files[0], component, notes)
         except MultiFrameError as err:
             raise SeriesError(chosen.files[0], f"multi-frame DICOM: {err}") from None
         except RuntimeError as err:
             raise _undecodable(chosen.files, err) from err
-        image.SetMetaData(SERIES_UID, chosen.uid)
-        return image
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     # Float32 output: each slice rescaled by its own RescaleSlope/Intercept. Else ITK takes the
@@ -309,9 +313,7 @@ def _read_series(folder: Path, series: str | None, component: str | None, notes:
         image = reader.Execute()
     except RuntimeError as err:
         raise _undecodable(files, err) from err
-    image = restore_series(image, reader)
-    image.SetMetaData(SERIES_UID, chosen.uid)
-    return image
+    return restore_series(image, reader)
 
 
 def _stack_files(folder: Path, chosen: SeriesInfo, component: str | None, notes: list[str]):
@@ -319,7 +321,7 @@ def _stack_files(folder: Path, chosen: SeriesInfo, component: str | None, notes:
     them, or, for `hbv`, those of the highest b-value of a series of several b-values (noted)."""
     try:
         check_slice_positions(chosen.files)
-        if component == "hbv" and (problem := low_b_problem([_first_b_value(chosen)])):
+        if component == "hbv" and (problem := low_b_problem([_series_b_value(chosen)])):
             raise SeriesError(folder, f"series {chosen.uid}: {problem}")
         return list(chosen.files)
     except SeveralVolumesError as err:

@@ -83,11 +83,12 @@ def split_cases(
     store, fold: int, num_folds: int = 5, seed: int = 0, splits: str | os.PathLike = ""
 ) -> tuple[list[str], list[str]]:
     """(train case ids, validation case ids) of `fold` for a store (see `data.store.Store`): the
-    seeded folds, or where `splits` names split files, those (`read_given_split`); split files
-    whose folds validate a store case twice are refused."""
+    seeded folds, or where `splits` names split files, those (`read_given_split`); a folder of
+    fold files whose folds validate a store case twice (files of two splits) is refused."""
     if splits:
         split = _given_fold(store, fold, num_folds, splits)
-        _refuse_validated_twice(store, splits, num_folds)
+        if Path(splits).expanduser().is_dir():  # one file may repeat cases (Monte-Carlo splits)
+            _refuse_validated_twice(store, splits, num_folds)
         return split
     folds, _ = store_folds(store, num_folds, seed)
     if not 0 <= fold < num_folds:
@@ -107,13 +108,14 @@ def _given_fold(store, fold: int, num_folds: int, splits) -> tuple[list[str], li
 
 
 def _refuse_validated_twice(store, splits, num_folds: int) -> None:
-    """A `UserError` naming `splits`, two folds and a store case that both validate (e.g. the
-    fold files of two splits in one folder); a fold whose files are absent is not read."""
+    """A `UserError` naming the folder `splits`, two folds and a store case that both validate
+    (e.g. the fold files of two splits in one folder); a fold whose files are absent is not
+    read."""
     path, stored = Path(splits).expanduser(), {r["case_id"] for r in store.cases}
     first: dict[str, int] = {}  # store case -> the first fold validating it
     twice: dict[str, tuple[int, int]] = {}  # store case -> the first two folds validating it
     for k in range(num_folds):
-        if path.is_dir() and not all(p.exists() for p in split_files(path, k)):
+        if not all(p.exists() for p in split_files(path, k)):
             continue
         for case in read_given_split(splits, k, num_folds)[1]:
             if case in stored and first.setdefault(case, k) != k:

@@ -292,19 +292,10 @@ def read_image(
         )
     if problem := _direction_problem(image.GetDirection()):
         raise CaseError(case, path, problem)
-    uid = series_uid(image)
-    image = sitk.Cast(image, sitk.sitkFloat32)  # drops the metadata: the series UID set again
-    if uid is not None:
-        image.SetMetaData(dicom.SERIES_UID, uid)
+    image = sitk.Cast(image, sitk.sitkFloat32)
     if not np.isfinite(sitk.GetArrayViewFromImage(image)).all():
         raise CaseError(case, path, "image holds NaN or Inf voxels")
     return image
-
-
-def series_uid(image: sitk.Image) -> str | None:
-    """The SeriesInstanceUID of an image `read_image` read from a DICOM folder, else None."""
-    key = dicom.SERIES_UID
-    return image.GetMetaData(key) if image.HasMetaDataKey(key) else None
 
 
 def image_suffix(name: str) -> str:
@@ -381,22 +372,18 @@ def check_distinct(files: Mapping, series: Mapping, case: str, images: Mapping |
 
 def check_distinct_images(images: Mapping[str, sitk.Image], paths: Mapping, case: str) -> None:
     """Raises `CaseError` where two components read (`images`, name -> image; `paths`, name ->
-    file) are one series (the same SeriesInstanceUID, e.g. a copied folder, or one series chosen
-    by UID and by description) or one image (the same grid and voxels, e.g. a copied file)."""
+    file) are one image: the same grid and voxels (a copied file or DICOM folder, one series
+    chosen by UID and by description). Images derived from one series (an ADC map and a high-b
+    image of one DWI) differ in their voxels and pass."""
     names = list(images)
     for k, name in enumerate(names):
         for other in names[:k]:
             a, b = images[other], images[name]
-            uid = series_uid(a)
-            if uid is not None and uid == series_uid(b):
-                reason = f"{other} and {name} are the same DICOM series (SeriesInstanceUID {uid})"
-            elif _same_grid(a, b) and np.array_equal(
+            if _same_grid(a, b) and np.array_equal(
                 sitk.GetArrayViewFromImage(a), sitk.GetArrayViewFromImage(b)
             ):
                 reason = f"{other} and {name} are the same image (same grid and voxels)"
-            else:
-                continue
-            raise CaseError(case, paths[name], reason)
+                raise CaseError(case, paths[name], reason)
 
 
 def unplaced_nifti(path: str | os.PathLike) -> bool:

@@ -112,8 +112,8 @@ def validate(case: CasePredictions) -> CasePredictions:
         fail(f"'spacing' must be 2 positive numbers (mm), got {spacing.tolist()}")
     for name in ("t2w", "adc"):
         image = getattr(case, name)
-        if image is not None and image.dtype.kind != "f":
-            fail(f"'{name}' must be a float image, got {image.dtype}")
+        if image is not None and image.dtype.kind not in "iuf":
+            fail(f"'{name}' must be a numeric image, got {image.dtype}")
         if image is not None and image.shape != lesions.shape:
             fail(f"'{name}' shape {image.shape} does not match 'lesions' shape {lesions.shape}")
     index = case.slice_index
@@ -211,8 +211,8 @@ def read_case(path: str | Path) -> CasePredictions:
         lesions=arrays["lesions"],
         lesion_classes=arrays["lesion_classes"].reshape(-1),
         spacing=_as_float64(arrays["spacing"]).reshape(-1),
-        t2w=arrays.get("t2w"),
-        adc=arrays.get("adc"),
+        t2w=_as_float32(arrays.get("t2w")),
+        adc=_as_float32(arrays.get("adc")),
         slice_index=arrays.get("slice_index"),
         lesion_grade_known=arrays.get("lesion_grade_known"),
         path=path,
@@ -238,10 +238,19 @@ def _as_float64(array: np.ndarray) -> np.ndarray:
     return array.astype(np.float64) if array.dtype.kind in "iuf" else array
 
 
+def _as_float32(image: np.ndarray | None) -> np.ndarray | None:
+    """An integer image (a figure's T2w or ADC) as float32; others as given (`validate`)."""
+    return image.astype(np.float32) if image is not None and image.dtype.kind in "iu" else image
+
+
 def checked_case_ids(ids: Sequence[str], where: str) -> list[str]:
     """`ids` as a list, each a safe case id (`data.case_ids.check_case_id`) listed once;
     errors name `where`."""
+    if isinstance(ids, str):
+        raise PredictionsError(f"{where}: expected a list of case ids, got the string {ids!r}")
     ids = list(ids)
+    if not ids:
+        raise PredictionsError(f"{where}: the case list is empty")
     for case_id in ids:
         check_case_id(case_id, where)
     repeated = sorted(i for i, n in collections.Counter(ids).items() if n > 1)
@@ -271,10 +280,7 @@ def read_case_list(path: str | Path) -> list[str]:
             )
     else:
         ids = [line.strip() for line in text.splitlines() if line.strip()]
-    ids = checked_case_ids(ids, f"{path}")
-    if not ids:
-        raise PredictionsError(f"{path}: the case list is empty")
-    return ids
+    return checked_case_ids(ids, f"{path}")
 
 
 def list_cases(directory: str | Path, case_ids: Sequence[str] | None = None) -> list[Path]:
@@ -288,7 +294,7 @@ def list_cases(directory: str | Path, case_ids: Sequence[str] | None = None) -> 
     if not directory.is_dir():
         raise PredictionsError(f"{directory}: predictions folder does not exist")
     if case_ids is None:
-        paths = sorted(directory.glob("*.npz"))
+        paths = sorted(directory.glob("*.npz"), key=lambda path: path.name[: -len(".npz")])
         for path in paths:
             check_case_id(path.stem, f"{directory}", what=f"case id of {path.name}")
         if not paths:
