@@ -356,7 +356,7 @@ def check_distinct(files: Mapping, series: Mapping, case: str, images: Mapping |
     """Raises `CaseError` where two of `files` (name -> path or None, e.g. components; `series`
     chosen in a DICOM folder) are the same file, or the same series of a folder: e.g. a manifest
     column pasted twice, whose T2w would pass as an ADC map; with `images` (name -> the image
-    read), also where two are one series or image in other files (`check_distinct_images`)."""
+    read), also where two are one image in other files (`check_distinct_images`)."""
     seen: dict = {}  # (real path, series) -> name
     for name, path in files.items():
         if path is None or not str(path):
