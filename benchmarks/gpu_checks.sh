@@ -100,13 +100,11 @@ run() {  # name limit_s script args...
   local name=$1 limit=$2
   shift 2
   [[ ",$names," == *",$name,"* ]] || return 0
-  local file="$out/${name}_${device}_${day}.json" start=$SECONDS rc
+  local file="$out/${name}_${device}_${day}.json" start=$SECONDS rc cached=()
   echo "== $name (limit ${limit} s): $*" >>"$log"
-  if [[ $name == fold_time_* ]]; then  # it records the cache; a rerun skips compiling
-    JAX_COMPILATION_CACHE_DIR=$cache timeout -k 30 "$limit" "$python" "$@" >"$file.tmp" 2>>"$log"
-  else
-    timeout -k 30 "$limit" "$python" "$@" >"$file.tmp" 2>>"$log"
-  fi
+  # fold_time records the cache, and a rerun skips compiling
+  [[ $name == fold_time_* ]] && cached=("JAX_COMPILATION_CACHE_DIR=$cache")
+  env "${cached[@]}" timeout -k 30 "$limit" "$python" "$@" >"$file.tmp" 2>>"$log"
   rc=$?
   if "$python" -c 'import json, sys; json.loads(open(sys.argv[-1]).read())' "$file.tmp" 2>/dev/null
   then

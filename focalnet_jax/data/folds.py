@@ -8,7 +8,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -111,22 +111,32 @@ def _refuse_validated_twice(store, splits, num_folds: int) -> None:
     """A `UserError` naming the folder `splits`, two folds and a store case that both validate
     (e.g. the fold files of two splits in one folder); a fold whose files are absent is not
     read."""
-    path, stored = Path(splits).expanduser(), {r["case_id"] for r in store.cases}
-    first: dict[str, int] = {}  # store case -> the first fold validating it
-    twice: dict[str, tuple[int, int]] = {}  # store case -> the first two folds validating it
-    for k in range(num_folds):
-        if not all(p.exists() for p in split_files(path, k)):
-            continue
-        for case in read_given_split(splits, k, num_folds)[1]:
-            if case in stored and first.setdefault(case, k) != k:
-                twice.setdefault(case, (first[case], k))
+    path = Path(splits).expanduser()
+    val = [
+        read_given_split(splits, k, num_folds)[1]
+        if all(p.exists() for p in split_files(path, k))
+        else []
+        for k in range(num_folds)
+    ]
+    twice = {case: folds for case, folds in _folds_validating(store, val).items() if len(folds) > 1}
     if twice:
-        case, (j, k) = next(iter(twice.items()))
+        case, (j, k, *_) = next(iter(twice.items()))
         raise UserError(
             f"split {splits}: folds {j} and {k} both validate case {case} "
             f"({plural(len(twice), 'store case')} validated in more than one fold); each case "
             "must be validated in one fold only"
         )
+
+
+def _folds_validating(store, val: Sequence[Collection[str]]) -> dict[str, list[int]]:
+    """{store case id: the folds validating it (indices into `val`, each fold's validation case
+    ids)}, in store order, for the store cases some fold validates."""
+    folds_of: dict[str, list[int]] = {}
+    for k, cases in enumerate(val):
+        for case in cases:
+            folds_of.setdefault(case, []).append(k)
+    stored = (r["case_id"] for r in store.cases)
+    return {case: folds_of[case] for case in stored if case in folds_of}
 
 
 def _check_given_num_folds(splits, num_folds: int) -> None:
@@ -292,13 +302,9 @@ def fold_table(store, num_folds: int = 5, seed: int = 0, splits="") -> list[dict
 def _warn_validated_twice_or_never(store, val: Sequence[set], splits) -> None:
     """One warning naming the store cases that the split files `splits` validate in more than
     one fold (`val`: each fold's validation case ids), and those they validate in none."""
-    folds_of: dict[str, list[int]] = {}
-    for k, cases in enumerate(val):
-        for case in cases:
-            folds_of.setdefault(case, []).append(k)
-    stored = [r["case_id"] for r in store.cases]
-    twice = [c for c in stored if len(folds_of.get(c, ())) > 1]
-    never = [c for c in stored if c not in folds_of]
+    folds_of = _folds_validating(store, val)
+    twice = [c for c, folds in folds_of.items() if len(folds) > 1]
+    never = [r["case_id"] for r in store.cases if r["case_id"] not in folds_of]
     if twice or never:
         first = f"{twice[0]}, folds {', '.join(map(str, folds_of[twice[0]]))}" if twice else "-"
         log.warning(
@@ -331,12 +337,12 @@ def write_fold_files(
 def _remove_later_folds(out_dir: Path, num_folds: int) -> None:
     """Removes the `fold-<j>.json` of `out_dir` for j >= `num_folds` (of an earlier split into
     more folds), named in one warning."""
-    later = [(int(m[1]), p) for p in split_files(out_dir)
-             if (m := _SPLIT_NAMES[-1].fullmatch(p.name)) and int(m[1]) >= num_folds]  # fmt: skip
-    for _, path in sorted(later):
+    numbered = ((m, p) for p in split_files(out_dir) if (m := _SPLIT_NAMES[-1].fullmatch(p.name)))
+    later = sorted((int(m[1]), p) for m, p in numbered if int(m[1]) >= num_folds)
+    for _, path in later:
         path.unlink(missing_ok=True)
     if later:
-        names = ", ".join(path.name for _, path in sorted(later))
+        names = ", ".join(path.name for _, path in later)
         log.warning("%s: removed %s, of an earlier split into more folds", out_dir, names)
 
 

@@ -294,7 +294,7 @@ def list_cases(directory: str | Path, case_ids: Sequence[str] | None = None) -> 
     if not directory.is_dir():
         raise PredictionsError(f"{directory}: predictions folder does not exist")
     if case_ids is None:
-        paths = sorted(directory.glob("*.npz"), key=lambda path: path.name[: -len(".npz")])
+        paths = sorted(directory.glob("*.npz"), key=lambda path: path.stem)  # by case id
         for path in paths:
             check_case_id(path.stem, f"{directory}", what=f"case id of {path.name}")
         if not paths:
