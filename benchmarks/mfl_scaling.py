@@ -15,9 +15,12 @@ MFL over plain; `flops_ratio` is XLA's FLOP count of the lowered steps (`Lowered
 MFL over plain (a loop body is counted once, so it is the cost only of a step without chunks); on
 a backend with memory statistics the process's running peak after each step's first call is
 reported too (`device_peak_bytes`, a running maximum: steps run plain first, then by subset
-count). Prints one JSON line: `{"results": [{"subsets", "mode", "mfl_chunk", "chunked",
-"time_ratio", "memory_ratio", ...}], "device": ..., ...}`; `chunked` is false where `mfl_chunk`
-is 0 or not below the subset count (the step then runs every subset in one `vmap`).
+count). The steps differ in their loss only: the state's init is compiled once and called again
+for each step's fresh state; `compile_time_s` (and `plain_compile_time_s`) is each step's own
+build, lowering and compile, also written to stderr as each is compiled. Prints one JSON line:
+`{"results": [{"subsets", "mode", "mfl_chunk", "chunked", "time_ratio", "memory_ratio", ...}],
+"device": ..., ...}`; `chunked` is false where `mfl_chunk` is 0 or not below the subset count
+(the step then runs every subset in one `vmap`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 
 import jax
@@ -45,9 +49,10 @@ from focalnet_jax.training import step as step_lib
 class _Step:
     """One compiled train step with its own state, timed on a fixed batch."""
 
-    def __init__(self, config, size: int, mesh):
+    def __init__(self, config, size: int, mesh, state):
+        start = time.perf_counter()
         spec = RunSpec.from_config(config, image_size=(size, size))
-        self.state = train_state.create_train_state(spec, jax.random.key(0), mesh)
+        self.state = state  # donated to the step
         self.batch = jax.device_put(
             _batch(spec.global_batch, size, len(spec.components)), sharding.batch_sharding(mesh)
         )
@@ -55,6 +60,7 @@ class _Step:
         lowered = step_lib.make_train_step(spec, mesh).lower(self.state, self.batch, *self.args)
         self.flops = (lowered.cost_analysis() or {}).get("flops")  # a loop body counted once
         self.compiled = lowered.compile()
+        self.compile_time_s = time.perf_counter() - start
         self.peak_bytes = compiled_peak_bytes(self.compiled)
         self.state, metrics = self.compiled(self.state, self.batch, *self.args)  # warm-up
         jax.block_until_ready(metrics)
@@ -66,6 +72,14 @@ class _Step:
             self.state, metrics = self.compiled(self.state, self.batch, *self.args)
         jax.block_until_ready((self.state, metrics))
         return (time.perf_counter() - start) / steps
+
+
+def _compiled_step(name, config, size: int, mesh, new_state) -> _Step:
+    """`_Step` from a fresh state; says on stderr when it is compiled (a run stopped by a time
+    limit shows how far it got)."""
+    step = _Step(config, size, mesh, new_state(jax.random.key(0)))
+    print(f"compiled {name} in {step.compile_time_s:.1f} s", file=sys.stderr, flush=True)
+    return step
 
 
 def _config(args, overrides, mfl: bool, mode: str = "vmap", count: int = 0):
@@ -129,6 +143,7 @@ def _result_row(kind: tuple[int, str], step: _Step, plain: _Step, ratios: list, 
         "flops_ratio": step.flops / plain.flops if step.flops and plain.flops else None,
         "peak_bytes": step.peak_bytes,
         "device_peak_bytes": step.device_peak_bytes,
+        "compile_time_s": step.compile_time_s,
     }
 
 
@@ -139,8 +154,21 @@ def main(argv=None) -> None:
     config = _config(args, overrides, mfl=False)
     kinds = _kinds(parser, args, config.data.components)
     mesh = sharding.make_mesh()
-    plain = _Step(config, args.size, mesh)
-    steps = {k: _Step(_config(args, overrides, True, k[1], k[0]), args.size, mesh) for k in kinds}
+    # The steps differ in their loss only: the state's init is compiled once, called per step.
+    new_state = train_state.fresh_state_maker(
+        RunSpec.from_config(config, image_size=(args.size, args.size)), mesh
+    )
+    plain = _compiled_step("plain", config, args.size, mesh, new_state)
+    steps = {
+        (m, mode): _compiled_step(
+            f"{m} subsets {mode}",
+            _config(args, overrides, True, mode, m),
+            args.size,
+            mesh,
+            new_state,
+        )
+        for m, mode in kinds
+    }
     plain_times, ratios = _time_rounds(plain, steps, args.rounds, args.steps)
     chunk = int(config.loss.mfl_chunk)
     device = jax.devices()[0]
@@ -151,6 +179,7 @@ def main(argv=None) -> None:
         "plain_step_time_s": statistics.median(plain_times),
         "plain_peak_bytes": plain.peak_bytes,
         "plain_device_peak_bytes": plain.device_peak_bytes,
+        "plain_compile_time_s": plain.compile_time_s,
         "config": args.config,
         "overrides": overrides,
         "components": list(config.data.components),

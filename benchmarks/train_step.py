@@ -19,12 +19,18 @@ whole step, the replicated work counted on every device), so `tflops_per_s` is t
 of all devices together, like `images_per_s`. With `--profile-steps N`, N more steps of each kind
 are traced with `jax.profiler`: `profile` holds the ops that took longest, and the time per kind
 of op (`profile_summary.py`).
+
+The kinds differ in their loss only, so the state's init is compiled once (`init_time_s`: its
+first call, compile and run) and called again for each kind's own fresh state. Each kind's result
+is also written to stderr as soon as it is measured, so a run stopped by a time limit keeps what
+it measured in its log.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import jax
@@ -70,12 +76,11 @@ def compiled_peak_bytes(compiled) -> int:
     )
 
 
-def measure(config, *, steps: int, size: int, profile_steps: int = 0) -> dict:
-    """Compile, warm up and time `steps` train steps of `config` on one random batch; then, with
-    `profile_steps`, trace that many more and add where their time goes (`profile`)."""
+def measure(config, state, mesh, *, steps: int, size: int, profile_steps: int = 0) -> dict:
+    """Compile, warm up and time `steps` train steps of `config` from `state` (donated) on one
+    random batch; then, with `profile_steps`, trace that many more and add where their time goes
+    (`profile`)."""
     spec = RunSpec.from_config(config, image_size=(size, size))
-    mesh = sharding.make_mesh()
-    state = train_state.create_train_state(spec, jax.random.key(0), mesh)
     batch = jax.device_put(
         _batch(spec.global_batch, size, len(spec.components)), sharding.batch_sharding(mesh)
     )
@@ -139,11 +144,25 @@ def main(argv=None) -> None:
     if unknown or not kinds:
         parser.error(f"--kinds: expected names from {','.join(KINDS)}, got {args.kinds!r}")
     result = {"config": args.config, "overrides": overrides}
+    mesh = sharding.make_mesh()
+    new_state = None
     for kind in kinds:
         config = load_config(args.config, [*overrides, *KINDS[kind]])
+        if new_state is None:  # the kinds differ in their loss only: one init compiled for all
+            spec = RunSpec.from_config(config, image_size=(args.size, args.size))
+            new_state = train_state.fresh_state_maker(spec, mesh)
+            start = time.perf_counter()
+            jax.block_until_ready(new_state(jax.random.key(0)))
+            result["init_time_s"] = time.perf_counter() - start
         result[kind] = measure(
-            config, steps=args.steps, size=args.size, profile_steps=args.profile_steps
+            config,
+            new_state(jax.random.key(0)),
+            mesh,
+            steps=args.steps,
+            size=args.size,
+            profile_steps=args.profile_steps,
         )
+        print(f"{kind}: {json.dumps(result[kind])}", file=sys.stderr, flush=True)
     for kind in ("fl_mfl_vmap", "fl_mfl_select"):
         if "fl" in result and kind in result:
             ratio = result[kind]["step_time_s"] / result["fl"]["step_time_s"]

@@ -40,6 +40,11 @@ result_line = _benchmark_module("result_line")
 def _run(script: str, *args: str) -> dict:
     """The one JSON line of `benchmarks/SCRIPT ARGS`, run with XLA's most expensive optimisations
     off: the tiny models compile in half the time (their numbers are not checked here)."""
+    return json.loads(_completed(script, *args).stdout)
+
+
+def _completed(script: str, *args: str) -> subprocess.CompletedProcess:
+    """`benchmarks/SCRIPT ARGS` run as `_run` runs it, checked to exit 0 and print one line."""
     done = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / script), *args],
         capture_output=True,
@@ -51,7 +56,7 @@ def _run(script: str, *args: str) -> dict:
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.strip().splitlines()
     assert len(lines) == 1, done.stdout  # one JSON line, nothing else on stdout
-    return json.loads(lines[0])
+    return done
 
 
 @pytest.fixture(scope="module")
@@ -63,14 +68,22 @@ TRAIN_STEP_ARGS = ("--config=configs/focalnet.py", "--steps=1", "--size=32", *TI
 
 
 @pytest.fixture(scope="module")
-def train_step_on_one_device() -> dict:
+def train_step_run() -> subprocess.CompletedProcess:
     """`train_step.py` on one device, FL and FL+MFL select, 2 steps of each profiled (shared: its
     FL step is also the 1-device reference of the FLOP count)."""
-    return _run("train_step.py", *TRAIN_STEP_ARGS, "--kinds=fl,fl_mfl_select", "--profile-steps=2")
+    return _completed(
+        "train_step.py", *TRAIN_STEP_ARGS, "--kinds=fl,fl_mfl_select", "--profile-steps=2"
+    )
+
+
+@pytest.fixture(scope="module")
+def train_step_on_one_device(train_step_run) -> dict:
+    return json.loads(train_step_run.stdout)
 
 
 def test_train_step_benchmark_times_the_chosen_kinds(train_step_on_one_device):
     result = train_step_on_one_device
+    assert result["init_time_s"] > 0  # the state's init, compiled once for both kinds
     assert {"fl", "fl_mfl_select"} <= set(result) and "fl_mfl_vmap" not in result
     assert result["ratio_fl_mfl_select_to_fl"] == pytest.approx(
         result["fl_mfl_select"]["step_time_s"] / result["fl"]["step_time_s"]
@@ -99,6 +112,17 @@ def test_train_step_benchmark_times_the_chosen_kinds(train_step_on_one_device):
     # MFL select runs the network more often than FL alone: more arithmetic per step (XLA's
     # count, not a time: op times on a shared machine are too noisy to compare in a test).
     assert result["fl_mfl_select"]["flops_per_step"] > result["fl"]["flops_per_step"]
+
+
+def test_train_step_logs_each_kind_as_it_is_measured(train_step_run, train_step_on_one_device):
+    """A run stopped by a time limit keeps in its log the kinds it measured: each kind's result
+    is on stderr as soon as it is measured, the same values as in the JSON line."""
+    logged = {
+        line.split(": ", 1)[0]: json.loads(line.split(": ", 1)[1])
+        for line in train_step_run.stderr.splitlines()
+        if line.startswith(("fl: ", "fl_mfl_select: "))
+    }
+    assert logged == {kind: train_step_on_one_device[kind] for kind in ("fl", "fl_mfl_select")}
 
 
 def _device_trace(xla_ops_line: str = "") -> str:
@@ -415,7 +439,7 @@ def test_store_open_benchmark_opens_every_case_it_wrote():
 
 
 def test_mfl_scaling_benchmark_reports_ratios_to_the_plain_step_of_the_same_run():
-    result = _run(
+    done = _completed(
         "mfl_scaling.py",
         "--config=configs/focalnet.py",
         "--components=t2w,adc,hbv",
@@ -426,6 +450,7 @@ def test_mfl_scaling_benchmark_reports_ratios_to_the_plain_step_of_the_same_run(
         "--size=32",
         *TINY,
     )
+    result = json.loads(done.stdout)
     (row,) = result["results"]
     assert (row["subsets"], row["mode"], row["mfl_chunk"]) == (2, "select", 4)
     assert row["memory_ratio"] == pytest.approx(row["peak_bytes"] / result["plain_peak_bytes"])
@@ -433,14 +458,22 @@ def test_mfl_scaling_benchmark_reports_ratios_to_the_plain_step_of_the_same_run(
     assert row["flops_ratio"] > 1  # two subsets without chunks: more arithmetic than plain
     assert row["chunked"] is False  # mfl_chunk 4 is not below 2 subsets: one vmap
     assert result["components"] == ["t2w", "adc", "hbv"] and result["device"] == "cpu"
+    # Each step's compile is timed and logged as it is done (a time-limited run shows how far).
+    assert row["compile_time_s"] > 0 and result["plain_compile_time_s"] > 0
+    compiled = [line.split(" in ")[0] for line in done.stderr.splitlines() if "compiled " in line]
+    assert compiled == ["compiled plain", "compiled 2 subsets select"]
 
 
 def test_mfl_scaling_rows_say_whether_the_step_ran_in_chunks():
     """The train step chunks only when `mfl_chunk` is below the subset count: at 2 subsets a
     chunk of 4 runs the same step as `mfl_chunk=0`, and the row says so."""
     mfl_scaling = _benchmark_module("mfl_scaling")
-    step = types.SimpleNamespace(peak_bytes=30, flops=3.0, device_peak_bytes=None)
-    plain = types.SimpleNamespace(peak_bytes=10, flops=1.0, device_peak_bytes=None)
+    step = types.SimpleNamespace(
+        peak_bytes=30, flops=3.0, device_peak_bytes=None, compile_time_s=1.0
+    )
+    plain = types.SimpleNamespace(
+        peak_bytes=10, flops=1.0, device_peak_bytes=None, compile_time_s=1.0
+    )
     chunked = {
         (subsets, chunk): mfl_scaling._result_row((subsets, "vmap"), step, plain, [2.0], chunk)[
             "chunked"

@@ -249,3 +249,19 @@ def test_a_run_saved_before_data_splits_existed_resumes_on_seeded_folds(tmp_path
     given = re.escape(str(Path.cwd() / "splits" / "picai"))
     with pytest.raises(UserError, match=rf"data\.splits '' -> '{given}'"):
         workdir_lib.check_resumed_config(config, tmp_path)
+
+
+def test_fresh_state_maker_compiles_once_and_makes_new_states():
+    """A benchmark's step kinds each take a fresh state from one compiled init: the second call
+    compiles nothing, gives the values `create_train_state` gives, in buffers of its own (a
+    compiled step donates the state it is given)."""
+    mesh = sharding.make_mesh()
+    spec = RunSpec.from_config(tiny_config(), image_size=(32, 32))
+    new_state = train_state.fresh_state_maker(spec, mesh)
+    first, second = new_state(jax.random.key(0)), new_state(jax.random.key(0))
+    assert new_state._cache_size() == 1
+    reference = train_state.create_train_state(spec, jax.random.key(0), mesh)
+    for a, b, r in zip(*(jax.tree.leaves(s) for s in (first, second, reference)), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(r))
+        np.testing.assert_array_equal(np.asarray(b), np.asarray(r))
+        assert a.unsafe_buffer_pointer() != b.unsafe_buffer_pointer()

@@ -6,6 +6,7 @@ cases; the model's `apply` and the optimiser live in the run's `RunSpec`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import flax
@@ -47,6 +48,12 @@ def _fresh_state(spec: RunSpec, rng: jax.Array) -> TrainState:
     return state_from_variables(init_variables(spec.model, rng, spec.input_shape), spec.tx)
 
 
+def fresh_state_maker(spec: RunSpec, mesh: Mesh) -> Callable[[jax.Array], TrainState]:
+    """`key -> TrainState`, a new state replicated over `mesh`: compiled at its first call, so
+    further calls (e.g. one per step kind of a benchmark) make new states without compiling."""
+    return jax.jit(lambda key: _fresh_state(spec, key), out_shardings=sharding.replicated(mesh))
+
+
 def create_train_state(
     spec: RunSpec, rng: jax.Array, mesh: Mesh, *, variables: dict | None = None
 ) -> TrainState:
@@ -54,9 +61,9 @@ def create_train_state(
 
     With `variables` (e.g. pretrained weights) the state starts from them instead of `model.init`.
     """
-    replicated = sharding.replicated(mesh)
     if variables is None:
-        return jax.jit(lambda key: _fresh_state(spec, key), out_shardings=replicated)(rng)
+        return fresh_state_maker(spec, mesh)(rng)
+    replicated = sharding.replicated(mesh)
     init = lambda v: state_from_variables(v, spec.tx)
     return jax.jit(init, out_shardings=replicated)(variables)
 
