@@ -745,6 +745,34 @@ def test_spec_overrides_may_add_config_keys_to_common_and_arms(store):
         load_spec(bosma22, ["--spec.comon.train.steps=5"])
 
 
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ("spec.arms = {'ce': 'sigmoid_ce'}",
+         "arm 'ce': 'sigmoid_ce': expected a nested dict of config overrides"),
+        ("spec.arms = {'ce': {}}\n    spec.ensembles = {'both': 5}",
+         "ensemble 'both': 5: expected a list of arm names"),
+    ],
+)  # fmt: skip
+def test_spec_arms_and_ensembles_of_the_wrong_type_are_one_line_errors(
+    store, tmp_path, fields, expected
+):
+    """A spec file's arm or ensemble of the wrong type gave a traceback (AttributeError,
+    TypeError), not the one-line error of every other spec mistake."""
+    from focalnet_jax.study.spec import StudyError, load_spec, validate
+
+    path = tmp_path / "typed.py"
+    path.write_text(
+        "import ml_collections\n\ndef get_config():\n"
+        "    spec = ml_collections.ConfigDict()\n"
+        f"    spec.base, spec.store = {str(REPO / 'configs' / 'focalnet.py')!r}, {str(store)!r}\n"
+        "    spec.repeats, spec.num_folds = 1, 2\n"
+        f"    {fields}\n    return spec\n"
+    )
+    with pytest.raises(StudyError, match="^" + re.escape(expected)):
+        validate(load_spec(str(path)), str(path))
+
+
 def test_spec_file_fields_misspelt_are_refused(tmp_path):
     """A spec file's `fold = (1,)` (for `folds`) or `slurm = {"gpu": 1}` (for `gpus`) was kept
     silently: the study ran every fold, its SLURM tasks asked for no GPU."""

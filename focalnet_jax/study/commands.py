@@ -130,11 +130,12 @@ def cell_states(
     """{cell name: (state, SLURM task id or '')}, with the SLURM queue's view: a cell not done
     whose latest submitted task is in the queue takes that task's state (`queued` while it
     waits), whatever an earlier attempt recorded (`failed`, `interrupted`), so it is not
-    submitted twice; a cell `running` on another host whose task has left the queue (e.g. killed
-    at its time limit) is `interrupted`; a cell whose task left the queue without starting it
-    (e.g. the task's shell failed) is `failed`. `need_queue`: raise `StudyError` when `squeue`
-    does not answer (e.g. it timed out on a busy controller) and a cell not done was submitted,
-    since a queued cell would look runnable and be submitted twice. An array whose `study run`
+    submitted twice; a cell `running` on another host whose own task (the one that started it)
+    has left the queue (e.g. killed at its time limit) is `interrupted`; a cell whose task left
+    the queue without starting it (e.g. the task's shell failed) is `failed`. `need_queue`: raise
+    `StudyError` when `squeue` does not answer (e.g. it timed out on a busy controller) and a
+    cell not done was submitted, since a queued cell would look runnable: trained here while its
+    task waits, or submitted twice. An array whose `study run`
     died before recording it counts as recorded when it is in the queue
     (`slurm.adopt_unrecorded`; `record`, under the run lock: recorded in jobs.json)."""
     from focalnet_jax.study import slurm
@@ -147,17 +148,18 @@ def cell_states(
         if any(study.state(c).state != "done" for c in submitted):
             raise StudyError(
                 f"{study.root}: `squeue` did not answer, so which submitted cells are still "
-                "queued is unknown; nothing submitted (run again once `squeue` works)"
+                "queued is unknown; nothing started or submitted (run again where `squeue` works)"
             )
     states = {}
     for cell in study.cells():
         state = study.state(cell)
         latest = tasks.get(cell.name, "")
-        name, task = state.state, state.record.get("slurm_job") or latest
+        own_task = state.record.get("slurm_job")  # the task running it, where SLURM runs it
+        name, task = state.state, own_task or latest
         if name != "done" and queue and latest in queue:
             name, task = ("queued" if queue[latest] == "PENDING" else queue[latest].lower()), latest
-        elif name == "running" and task and queue is not None and task not in queue:
-            name = "interrupted"
+        elif name == "running" and own_task and queue is not None and own_task not in queue:
+            name = "interrupted"  # not a cell run here: its process is alive (`Study.state`)
         elif name == "pending" and latest and queue is not None and latest not in queue:
             name = "failed"  # its task ended before the cell started (its output says why)
         states[cell.name] = (name, task)
@@ -180,8 +182,9 @@ def _start_cells(study: Study, args: argparse.Namespace, lock: IO[str] | None = 
     from focalnet_jax.study import local, slurm
 
     cells = study.cells()
-    need_queue, record = args.executor == "slurm", not args.dry_run
-    found = cell_states(study, need_queue=need_queue, record=record)
+    # Either executor needs the queue where a submitted cell is not done: a queued cell would
+    # look runnable, be trained here while its task waits (local) or be submitted twice (slurm).
+    found = cell_states(study, need_queue=True, record=not args.dry_run)
     states = {n: state for n, (state, _) in found.items()}
     todo = [c for c in cells if states[c.name] in RUNNABLE]
     done = sum(s == "done" for s in states.values())

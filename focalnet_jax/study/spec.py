@@ -260,10 +260,17 @@ def validate(spec: ml_collections.ConfigDict, spec_file: str) -> dict:
     store = Path(plain["store"]).expanduser()
     if not store.is_dir():
         raise StudyError(f"store {plain['store']!r} does not exist (preprocessed store folder)")
-    if not plain["arms"]:
-        raise StudyError("arms: expected at least one arm")
-    for name in plain["arms"]:
+    if not isinstance(plain["arms"], Mapping) or not plain["arms"]:
+        raise StudyError(f"arms={plain['arms']!r}: expected a dict of >= 1 arm: name -> overrides")
+    for name, overrides in plain["arms"].items():
         _check_name("arm", name)
+        if not isinstance(overrides, Mapping):
+            raise StudyError(
+                f"arm {name!r}: {overrides!r}: expected a nested dict of config overrides, "
+                "e.g. {'loss': {'name': 'sigmoid_ce', 'mfl': False}}"
+            )
+    if not isinstance(plain["ensembles"], Mapping):
+        raise StudyError(f"ensembles={plain['ensembles']!r}: expected a dict: name -> arm names")
     _check_ensembles(plain["ensembles"], list(plain["arms"]))
     _check_slurm(plain["slurm"])
     base = plain["base"]
@@ -307,6 +314,8 @@ def _check_ensembles(ensembles: Mapping[str, Sequence[str]], arms: Sequence[str]
         _check_name("ensemble", name)
         if name in arms:
             raise StudyError(f"ensemble {name!r}: an arm has that name")
+        if not isinstance(members, list | tuple) or not all(isinstance(m, str) for m in members):
+            raise StudyError(f"ensemble {name!r}: {members!r}: expected a list of arm names")
         unknown = [m for m in members if m not in arms]
         if unknown:
             raise StudyError(

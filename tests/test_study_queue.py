@@ -1,0 +1,66 @@
+"""Which cells a `study run` may start, as the SLURM queue says (`commands.cell_states`), without a
+cluster: `slurm.queue_states` stands in for `squeue` (None: it did not answer; {}: nothing
+queued). The real queue is used in tests/test_study.py's slow SLURM tests."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from focalnet_jax.processes import pid_space
+from focalnet_jax.study import commands, slurm
+from focalnet_jax.study.cells import Study
+from focalnet_jax.study.spec import StudyError
+
+PLAIN = {"arms": {"ce": {}}, "ensembles": {}, "repeats": 1, "folds": [0], "seed": 0}
+
+
+def _submitted_once(tmp_path) -> Study:
+    """A study whose one cell `ce/rep0/fold0` was submitted as task 99_0 of array 99."""
+    study = Study(tmp_path, PLAIN)
+    (tmp_path / "slurm").mkdir()
+    jobs = [{"job_id": "99", "job_name": "study-x", "script": "x", "cells": ["ce/rep0/fold0"]}]
+    (tmp_path / "slurm" / "jobs.json").write_text(json.dumps(jobs))
+    return study
+
+
+@pytest.mark.parametrize("executor", ["local", "slurm"])
+def test_no_cell_is_started_while_squeue_cannot_say_whether_it_is_queued(
+    tmp_path, monkeypatch, executor
+):
+    """The local executor trained a cell whose SLURM task still waited in the queue when `squeue`
+    did not answer (the guard held for `--executor slurm` only): two trainings, one folder."""
+    study = _submitted_once(tmp_path)  # never started: its task may still wait
+    monkeypatch.setattr(slurm, "queue_states", lambda ids: None)
+    args = argparse.Namespace(executor=executor, dry_run=True, devices=None, parallel=1)
+    with pytest.raises(StudyError, match="`squeue` did not answer.*nothing started or submitted"):
+        commands._start_cells(study, args)
+    monkeypatch.setattr(slurm, "queue_states", lambda ids: {"99_0": "PENDING"})
+    assert commands.cell_states(study) == {"ce/rep0/fold0": ("queued", "99_0")}
+
+
+def test_a_cell_running_here_stays_running_when_an_older_task_of_it_leaves_the_queue(
+    tmp_path, monkeypatch
+):
+    """A cell submitted once (array 99, long gone) and now trained by the local executor: its
+    state has no task of its own, and it read as `interrupted` (runnable: trained twice) because
+    task 99_0 was not in the queue. Only the task that runs a cell can leave it interrupted."""
+    study = _submitted_once(tmp_path)
+    monkeypatch.setattr(slurm, "queue_states", lambda ids: {})  # 99 has left the queue
+    cell = study.cell("ce/rep0/fold0")
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        here = {"pid": live.pid, "host": socket.gethostname(), "pid_space": pid_space()}
+        study.write_state(cell, "running", **here)
+        assert commands.cell_states(study)["ce/rep0/fold0"][0] == "running"
+        # A cell that task 99_0 itself ran, on another host, is interrupted once 99_0 has left.
+        study.write_state(cell, "running", host="elsewhere", pid=1, slurm_job="99_0")
+        assert commands.cell_states(study)["ce/rep0/fold0"] == ("interrupted", "99_0")
+    finally:
+        live.kill()
+        live.wait()
