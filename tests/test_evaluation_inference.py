@@ -26,7 +26,6 @@ from focalnet_jax.evaluation.ensemble import (
     EnsembleError,
     load_ensemble,
     resolve_folder,
-    resolve_runs,
 )
 from focalnet_jax.evaluation.inference import Predictor
 
@@ -159,7 +158,7 @@ def test_cv_folder_without_finished_fold_is_a_one_line_error(cv, tmp_path):
     config["train"]["steps"] = 10
     (empty / "fold1" / "config.json").write_text(json.dumps(config))
     with pytest.raises(EnsembleError, match="fold0: no checkpoint; fold1: latest checkpoint at"):
-        resolve_runs(empty)
+        resolve_folder(empty)
     message = cli_error(["predict", "--checkpoint", empty, "--t2w", "x", "--adc", "y",
                          "--out", tmp_path / "out"])  # fmt: skip
     assert "no fold with a finished checkpoint" in message and str(empty) in message
@@ -175,7 +174,7 @@ def test_folds_never_trained_are_named_in_a_warning_and_models_json(cv, tmp_path
         config["data"]["num_folds"] = 3
         (partial / f"fold{k}" / "config.json").write_text(json.dumps(config))
     with caplog.at_level("WARNING", logger="focalnet_jax"):
-        assert resolve_runs(partial) == [partial / "fold0", partial / "fold1"]
+        assert resolve_folder(partial)[0] == [partial / "fold0", partial / "fold1"]
     assert f"{partial}: ensemble of 2 of 3 folds; fold2 was never trained" in caplog.messages
     out = predict_one([partial], exam(cv["data"]), tmp_path / "out")
     models = json.loads((out / "models.json").read_text())
@@ -255,7 +254,7 @@ def test_epoch_based_run_killed_early_is_left_out_of_the_ensemble(cv, tmp_path, 
     shutil.rmtree(killed / "checkpoints" / str(total))  # killed before the last step was saved
     assert final_step(killed) == (None, f"latest checkpoint at step {total - 1} of {total}")
     with caplog.at_level("WARNING", logger="focalnet_jax"):
-        assert resolve_runs(tmp_path / "cv_epochs") == [finished]
+        assert resolve_folder(tmp_path / "cv_epochs")[0] == [finished]
     left_out = f"fold left out of the ensemble (fold1: latest checkpoint at step {total - 1} of"
     assert f"{left_out} {total})" in caplog.text
     # Named itself, the unfinished run is used at its latest checkpoint, and said to be.

@@ -1,8 +1,10 @@
 """`focalnet predict --dicom`: `detections_seg.dcm`, the detection map's candidates as a DICOM SEG
 on the T2w source frames of the real ProstateX exam (single-frame slices, and the same series as one
 enhanced multi-frame file), read back with highdicom; an image-file T2w refused in one line (one
-exam) or as a bad case (many); a resumed batch keeps writing SEGs; dicom3tools' `dciodvfy` finds no
-error in either file. Scores are made by hand
+exam) or as a bad case (many), as are a T2w without the patient attributes the outputs copy and
+frames off the maps' grid (naming their file); a resumed batch keeps writing SEGs; a lesion-only
+model's outputs are labelled P(lesion); dicom3tools' `dciodvfy` finds no error in either file.
+Scores are made by hand
 (Gaussians at known LPS points) and go through the real preprocessing and output writers."""
 
 from __future__ import annotations
@@ -312,3 +314,105 @@ def test_one_exam_cli_writes_the_seg_and_rewrites_its_folder(exam, tmp_path, mon
         assert seg.get_segment_description(1).segment_label.startswith(
             f"lesion 1 (p={values[0]:.2f})"
         )
+
+
+def _t2w_copy(exam, folder, edit) -> list[str]:
+    """The exam's T2w series copied into `folder`, `edit(k, header)` applied to each file's
+    header (k: its index in the series' order); the files in that order."""
+    folder.mkdir()
+    files = []
+    for k, f in enumerate(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(exam["t2w"])):
+        header = pydicom.dcmread(f)
+        edit(k, header)
+        header.save_as(folder / os.path.basename(f))
+        files.append(str(folder / os.path.basename(f)))
+    return files
+
+
+def test_a_t2w_without_the_attributes_the_outputs_copy_is_refused_before_inference(exam, tmp_path):
+    """An anonymiser that deletes PatientID or StudyDate (Type 2) left a traceback from highdicom
+    after inference; the sources are now refused as they are read, naming the file."""
+
+    def anonymise(k, header):
+        del header.PatientID, header.StudyDate
+
+    files = _t2w_copy(exam, tmp_path / "t2w", anonymise)
+    with pytest.raises(CaseError) as refused:
+        dicom_sources("px", tmp_path / "t2w")
+    assert (refused.value.case, refused.value.file) == ("px", files[0])
+    assert refused.value.reason == (
+        "--dicom: the T2w lacks PatientID, StudyDate, which score_map.dcm and detections_seg.dcm "
+        "copy from it (Type 2: present, possibly empty)"
+    )
+
+
+@pytest.fixture(scope="module")
+def shifted(exam, tmp_path_factory):
+    """The T2w series with its 10th file moved 0.04 mm along its rows: the reader takes it (the
+    series' in-plane drift is within its tolerance), the T2w grid of the maps is off by 0.08
+    voxels there (over `GRID_TOLERANCE`). Its files, in the series' order."""
+
+    def move(k, header):
+        if k == 9:
+            row = np.asarray(header.ImageOrientationPatient[:3], float)
+            moved = np.asarray(header.ImagePositionPatient, float) + 0.04 * row
+            header.ImagePositionPatient = [float(v) for v in moved]
+
+    return _t2w_copy(exam, tmp_path_factory.mktemp("shifted") / "t2w", move)
+
+
+def test_frames_off_the_maps_grid_name_the_file_of_the_frame(exam, shifted, tmp_path):
+    """The error named the series' first file whichever frame was off the grid."""
+    case = preprocess_case(exam, case_id="px")
+    sources = dicom_sources("px", os.path.dirname(shifted[0]))
+    with pytest.raises(CaseError) as refused:
+        write_exam_outputs(case, _scores(case), tmp_path, threshold=0.3, dicom_sources=sources)
+    assert (refused.value.case, refused.value.file) == ("px", shifted[9])
+    assert refused.value.reason.startswith("--dicom: source frame 10 does not lie on the T2w grid")
+
+
+def test_batch_skips_a_case_whose_outputs_fail_and_a_run_of_none_keeps_out(exam, shifted, tmp_path):
+    """--skip-bad-cases skipped cases that failed as they were read, but a case refused as its
+    DICOM outputs were written stopped the run; and a run that predicted no case replaced the
+    complete `out` of an earlier run with its empty partial."""
+    scorer = _Scorer(_scores(preprocess_case(exam, case_id="px")))
+    good = CaseSpec("a", "p", dict(exam))
+    off_grid = CaseSpec("b", "p", {**exam, "t2w": os.path.dirname(shifted[0])})
+    out = tmp_path / "out"
+    summary = predict_cases(
+        scorer, [good, off_grid], out, dicom=True, skip_bad_cases=True, progress=False
+    )
+    assert summary.written == ["a"] and [e[:2] for e in summary.errors] == [("b", shifted[9])]
+    with open(out / "errors.csv", newline="") as f:
+        assert [row["case"] for row in csv.DictReader(f)] == ["b"]
+    assert (out / "a" / SEG_FILE).is_file() and not (out / "b").exists()
+    # Again with only a bad case, over `out`: refused, and `out` keeps the earlier run's case.
+    nifti = tmp_path / "t2w.nii.gz"
+    write_image(sitk.ReadImage(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(exam["t2w"])), nifti)
+    image_file = CaseSpec("c", "p", {**exam, "t2w": str(nifti)})
+    with pytest.raises(UserError, match=r"no case predicted \(1 case failed\); see .*errors.csv"):
+        predict_cases(
+            scorer, [image_file], out, dicom=True, skip_bad_cases=True, overwrite=True,
+            progress=False,
+        )  # fmt: skip
+    assert (out / "a" / SEG_FILE).is_file()
+
+
+def test_dicom_outputs_of_a_lesion_model_say_lesion_not_cspca(exam, tmp_path):
+    """A model of lesion against no lesion (output encoding 'binary') wrote its P(lesion) as
+    'csPCa', 'P(GS >= 3+4)' into score_map.dcm and the SEG: labels that travel into a PACS."""
+    case = preprocess_case(exam, case_id="px")
+    sources = dicom_sources("px", exam["t2w"])
+    write_exam_outputs(
+        case, _scores(case), tmp_path, grades=False, threshold=0.3, dicom_sources=sources
+    )
+    pm = pydicom.dcmread(tmp_path / SCORE_MAP_FILE)
+    mapping = pm.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
+    assert (mapping.LUTLabel, mapping.LUTExplanation) == (
+        "lesion",
+        "P(lesion), no grade, focalnet_jax",
+    )
+    assert pm.ContentDescription == "focalnet_jax lesion score P(lesion), no grade"
+    assert pm.ContentLabel == "LESION" and pm.SeriesDescription == "focalnet_jax lesion score"
+    seg = pydicom.dcmread(tmp_path / SEG_FILE, stop_before_pixels=True)
+    assert seg.ContentDescription == "focalnet_jax lesion candidates, no grade"

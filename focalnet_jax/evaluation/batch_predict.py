@@ -9,10 +9,12 @@ The run's outputs (each case's, predict.py) are written, case folder by case fol
 two runs; a non-empty `<out>` is refused unless `overwrite`. A run stopped before the end (a
 crash, Ctrl-C, SIGTERM, SIGKILL) keeps its finished cases there, and `resume` predicts the others
 with the same models and settings. With `dicom` each case's folder also holds its
-DICOM outputs (predict.py), written with the other files; a case whose T2w is an image file is a
-bad case (`dicom_output.dicom_sources`). A bad case stops the run with its error, or, with
-`skip_bad_cases`, is listed in `<out>/errors.csv` (case, file, reason; written, maybe empty,
-whenever bad cases are skipped) and skipped.
+DICOM outputs (predict.py), written with the other files; a case whose T2w is an image file or
+lacks the patient and study attributes the outputs copy is a bad case
+(`dicom_output.dicom_sources`), and so is one whose T2w frames are not the maps' grid (found as its
+outputs are written). A bad case stops the run with its error, or, with `skip_bad_cases`, is
+listed in `<out>/errors.csv` (case, file, reason; written, maybe empty, whenever bad cases are
+skipped) and skipped. A run that predicts no case fails and leaves `<out>` as it was.
 """
 
 from __future__ import annotations
@@ -136,9 +138,14 @@ def _preprocess_or_skip(
     except CaseError as error:
         if errors is None:
             raise
-        log.warning("skipping case %s: %s (%s)", error.case, error.reason, error.file)
-        errors.append((error.case, error.file, error.reason))
+        _skipped(error, errors)
         return None
+
+
+def _skipped(error: CaseError, errors: list) -> None:
+    """A bad case skipped: logged and appended to `errors` as (case, file, reason)."""
+    log.warning("skipping case %s: %s (%s)", error.case, error.reason, error.file)
+    errors.append((error.case, error.file, error.reason))
 
 
 def predict_cases(
@@ -191,10 +198,11 @@ def predict_cases(
         finally:
             if skip_bad_cases:
                 write_errors(partial / ERRORS_FILE, errors)
-    if not kept + written:
-        raise UserError(
-            f"{out}: no case predicted ({plural(len(cases), 'case')} failed); see errors.csv"
-        )
+        if not kept + written:  # raised here, the partial is kept and `out` left as it was
+            raise UserError(
+                f"{out}: no case predicted ({plural(len(errors), 'case')} failed); see "
+                f"{partial / ERRORS_FILE}"
+            )
     return BatchSummary(out, kept + written, errors, kept=len(kept))
 
 
@@ -243,8 +251,14 @@ def _predict_into(
             write = functools.partial(
                 write_exam_outputs, case, scores, dicom_sources=sources, **options
             )
-            write_case_folder(out, case.case_id, write)
-            written.append(case.case_id)
+            try:
+                write_case_folder(out, case.case_id, write)
+                written.append(case.case_id)
+            except CaseError as error:  # e.g. --dicom: its T2w frames are not the maps' grid
+                if not skip_bad_cases:
+                    raise
+                _skipped(error, errors)
+                write_errors(out / ERRORS_FILE, errors)
             bar.update()
     return written
 

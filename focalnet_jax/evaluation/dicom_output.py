@@ -42,12 +42,19 @@ VERSION = version("focalnet_jax")  # the installed package's
 SERIES_NUMBER = 1000
 LABEL_LENGTH = 64  # SegmentLabel is an LO value
 GRID_TOLERANCE = 0.05  # voxels: a source pixel centre off a T2w voxel centre by more is an error
+# The patient and study attributes highdicom copies from the first source into a SEG or Parametric
+# Map (Type 2 in an image: present, possibly empty; some anonymisers delete them).
+COPIED_ATTRIBUTES = (
+    "StudyInstanceUID", "PatientID", "PatientName", "PatientBirthDate", "PatientSex",
+    "AccessionNumber", "StudyID", "StudyDate", "StudyTime",
+)  # fmt: skip
 
 
 def dicom_sources(case_id: str, t2w: str | os.PathLike, series: str | None = None) -> list:
     """The pydicom headers (no pixel data) of the T2w series of folder `t2w` (`series`: its UID
     or description, where the folder holds several): its single-frame slices, or its one
-    multi-frame file. A `CaseError` for an image file (no DICOM source to reference)."""
+    multi-frame file. A `CaseError` for an image file (no DICOM source to reference) and for a
+    first source without the attributes the outputs copy from it (`COPIED_ATTRIBUTES`)."""
     path = Path(t2w)
     if not path.is_dir():
         raise CaseError(
@@ -56,7 +63,16 @@ def dicom_sources(case_id: str, t2w: str | os.PathLike, series: str | None = Non
             "--dicom: the T2w is an image file, not a DICOM series, so there is no DICOM source "
             "for detections_seg.dcm to reference",
         )
-    return [pydicom.dcmread(f, stop_before_pixels=True) for f in choose_series(path, series).files]
+    files = choose_series(path, series).files
+    sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    if missing := [name for name in COPIED_ATTRIBUTES if name not in sources[0]]:
+        raise CaseError(
+            case_id,
+            files[0],
+            f"--dicom: the T2w lacks {', '.join(missing)}, which score_map.dcm and "
+            "detections_seg.dcm copy from it (Type 2: present, possibly empty)",
+        )
+    return sources
 
 
 def candidate_labels(detection: np.ndarray) -> tuple[np.ndarray, list[float]]:
@@ -95,10 +111,10 @@ def _frames(sources: list) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     ]
 
 
-def frame_voxels(grid: sitk.Image, sources: list) -> np.ndarray:
+def frame_voxels(grid: sitk.Image, sources: list, case_id: str) -> np.ndarray:
     """The T2w voxel (k, j, i) of every pixel of every source frame, int32
-    `[frames, rows, columns, 3]`, on the T2w grid `grid`. Raises ValueError where a source pixel's
-    centre is not a T2w voxel centre (within `GRID_TOLERANCE` voxels)."""
+    `[frames, rows, columns, 3]`, on the T2w grid `grid`. A `CaseError` naming the frame's file
+    where a source pixel's centre is not a T2w voxel centre (within `GRID_TOLERANCE` voxels)."""
     rows, cols = int(sources[0].Rows), int(sources[0].Columns)
     to_index = np.linalg.inv(np.reshape(grid.GetDirection(), (3, 3)) @ np.diag(grid.GetSpacing()))
     r, c = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
@@ -114,9 +130,12 @@ def frame_voxels(grid: sitk.Image, sources: list) -> np.ndarray:
         voxel = np.rint(index).astype(np.int32)
         off = np.abs(index - voxel).max()
         if off > GRID_TOLERANCE or (voxel < 0).any() or (voxel >= size).any():
-            raise ValueError(
-                f"source frame {f + 1} does not lie on the T2w grid of the maps (off by {off:.3g} "
-                "voxels or outside it)"
+            source = sources[f] if len(sources) > 1 else sources[0]  # a file a frame, or one
+            raise CaseError(
+                case_id,
+                source.filename,
+                f"--dicom: source frame {f + 1} does not lie on the T2w grid of the maps (off by "
+                f"{off:.3g} voxels or outside it)",
             )
         frames.append(voxel[..., ::-1])
     return np.stack(frames)
@@ -193,11 +212,17 @@ def _saved(make, path: Path) -> Path:
 
 
 def write_seg(
-    out_dir: Path, detection_map: sitk.Image, sources: list, voxels: np.ndarray, case_id: str
+    out_dir: Path,
+    detection_map: sitk.Image,
+    sources: list,
+    voxels: np.ndarray,
+    case_id: str,
+    grades: bool = True,
 ) -> Path | None:
     """`out_dir/detections_seg.dcm` of the candidates of `detection_map` (float32 on the T2w
     grid) on the source frames (`voxels`: `frame_voxels`), labelled with the rows of
-    `out_dir/detections.csv` in them; None (logged) when there is no candidate."""
+    `out_dir/detections.csv` in them; None (logged) when there is no candidate. `grades`: False
+    for a model of lesion against no lesion, whose candidates are lesions of any grade."""
     labels, confidences = candidate_labels(sitk.GetArrayFromImage(detection_map))
     if not confidences:
         log.info(
@@ -222,7 +247,8 @@ def write_seg(
             sop_instance_uid=hd.UID(),
             instance_number=1,
             content_label="LESIONS",
-            content_description="focalnet_jax csPCa lesion candidates",
+            content_description="focalnet_jax "
+            + ("csPCa lesion candidates" if grades else "lesion candidates, no grade"),
             series_description="focalnet_jax lesion candidates",
             **_equipment(),
         ),
@@ -242,14 +268,18 @@ def _with_prostate_anatomy(image):
     return image
 
 
-def write_score_map(out_dir: Path, cspca: sitk.Image, sources: list, voxels: np.ndarray) -> Path:
+def write_score_map(
+    out_dir: Path, cspca: sitk.Image, sources: list, voxels: np.ndarray, grades: bool = True
+) -> Path:
     """`out_dir/score_map.dcm`: the csPCa score P(GS >= 3+4) (float32 on the T2w grid, 0..1) on
-    every source frame (`voxels`: `frame_voxels`), a float Parametric Map."""
+    every source frame (`voxels`: `frame_voxels`), a float Parametric Map. `grades`: False for a
+    model of lesion against no lesion, whose score is P(lesion) of any grade, and labelled so."""
     import highdicom as hd
 
+    label, meaning = ("csPCa", "P(GS >= 3+4)") if grades else ("lesion", "P(lesion), no grade")
     mapping = hd.pm.RealWorldValueMapping(
-        lut_label="csPCa",
-        lut_explanation="P(GS >= 3+4), focalnet_jax",
+        lut_label=label,
+        lut_explanation=f"{meaning}, focalnet_jax",
         unit=codes.UCUM.NoUnits,
         value_range=(0.0, 1.0),
         slope=1.0,
@@ -271,9 +301,9 @@ def write_score_map(out_dir: Path, cspca: sitk.Image, sources: list, voxels: np.
                 voi_lut_transformations=[
                     hd.VOILUTTransformation(window_center=0.5, window_width=1.0)
                 ],
-                content_label="CSPCA",
-                content_description="focalnet_jax csPCa score P(GS >= 3+4)",
-                series_description="focalnet_jax csPCa score",
+                content_label=label.upper(),
+                content_description=f"focalnet_jax {label} score {meaning}",
+                series_description=f"focalnet_jax {label} score",
                 **_equipment(),
             )
         ),
@@ -281,14 +311,14 @@ def write_score_map(out_dir: Path, cspca: sitk.Image, sources: list, voxels: np.
     )
 
 
-def write_dicom_outputs(out_dir: Path, maps: dict, sources: list, case_id: str) -> list[Path]:
+def write_dicom_outputs(
+    out_dir: Path, maps: dict, sources: list, case_id: str, grades: bool = True
+) -> list[Path]:
     """`score_map.dcm` and, where `maps["detection_map"]` holds a candidate,
     `detections_seg.dcm` (`maps`: the T2w-grid images of predict.py) on the frames of the T2w
-    `sources`. A `CaseError` naming `case_id` when those frames are not the T2w grid."""
-    try:
-        voxels = frame_voxels(maps["cspca_score"], sources)
-    except ValueError as error:
-        raise CaseError(case_id, sources[0].filename, f"--dicom: {error}") from None
-    written = [write_score_map(out_dir, maps["cspca_score"], sources, voxels)]
-    seg = write_seg(out_dir, maps["detection_map"], sources, voxels, case_id)
+    `sources`. A `CaseError` naming `case_id` when those frames are not the T2w grid. `grades`:
+    False for a model of lesion against no lesion (labels say P(lesion), no grade)."""
+    voxels = frame_voxels(maps["cspca_score"], sources, case_id)
+    written = [write_score_map(out_dir, maps["cspca_score"], sources, voxels, grades)]
+    seg = write_seg(out_dir, maps["detection_map"], sources, voxels, case_id, grades)
     return written + ([seg] if seg is not None else [])

@@ -135,11 +135,6 @@ def _warn_unfinished(runs: Sequence[Path]) -> None:
             log.warning("%s: not finished (%s): its latest checkpoint is used", run, why)
 
 
-def resolve_runs(path: str | Path) -> list[Path]:
-    """The runs of a `--checkpoint` / `--workdir` argument (`resolve_folder`'s runs)."""
-    return resolve_folder(path)[0]
-
-
 def resolve_folder(path: str | Path) -> tuple[list[Path], list[dict]]:
     """(runs, left out) of a `--checkpoint` / `--workdir` argument: the run itself, or every
     `fold<k>` run of a cross-validation folder with a finished checkpoint. Left out, each logged

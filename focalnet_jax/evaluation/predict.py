@@ -255,7 +255,7 @@ def write_exam_outputs(
     written.append(write_detections(detections_csv, case, detections, shown, t2w, grades))
     written.append(overlay(out_dir / "overlay.png", case, scores, detections, shown))
     if dicom_sources is not None:
-        written += write_dicom_outputs(out_dir, maps, dicom_sources, case.case_id)
+        written += write_dicom_outputs(out_dir, maps, dicom_sources, case.case_id, grades)
     log.info("%d detections with score >= %g", int(shown.sum()), threshold)
     return written
 
