@@ -11,6 +11,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 from file_size_limit import file_size_limit
@@ -287,3 +288,33 @@ def test_a_figure_past_the_disk_names_its_file_and_leaves_none(tmp_path):
         figures.box_strip(path, {"auroc": {"fl": [0.7, 0.8], "ce": [0.6, 0.65]}})
     assert (raised.value.errno, raised.value.filename) == (errno.EFBIG, str(path))
     assert list(path.parent.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_a_checkpoint_folder_that_cannot_be_created_ends_train_at_once(tmp_path):
+    """No inode left for the checkpoint's folder: the one-line error was printed, then the
+    process waited 5 minutes for Orbax's threads (which wait for that folder) and printed their
+    tracebacks. Now it exits at once with the error alone."""
+    store = small_synthetic_store(tmp_path, cases=4, seed=2)
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    # Inodes: the mount, the run folder, config.json, store.json, tb/, its event file,
+    # checkpoints/; none for the step's folder.
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64m,nr_inodes=7", "tmpfs", str(disk)],
+        capture_output=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"no tmpfs can be mounted here: {mounted.stderr.decode().strip()}")
+    try:
+        started = time.monotonic()
+        failed = _train(disk / "run", store, {"limit": None})
+        took = time.monotonic() - started
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=True)
+    assert failed.returncode == 2, failed.stderr
+    assert "Traceback" not in failed.stderr and "ERROR" not in failed.stderr, failed.stderr
+    last = failed.stderr.strip().split("\n")[-1]
+    error = "focalnet train: error: [Errno 28] No space left on device: "
+    assert last.startswith(f"{error}'{(disk / 'run' / 'checkpoints').resolve()}/"), last
+    assert took < 120, took  # Orbax's wait alone was 300 s

@@ -900,6 +900,15 @@ def test_demo_rebuilds_a_store_of_an_older_format(store, tmp_path):
     assert not _store_is_current(tmp_path / "absent")
 
 
+def test_a_failed_step_of_the_demo_names_its_command(tmp_path):
+    """`focalnet synth --out failed with status 2`: the command's name and its first flag."""
+    from focalnet_jax.study.synthetic import focalnet
+
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(SystemExit, match="^focalnet synth failed with status 2$"):
+        focalnet(["synth", "--out", str(tmp_path / "afile"), "--cases", "2"])
+
+
 def test_synthetic_runner_refuses_data_made_with_other_arguments(tmp_path, capsys):
     """`--out` holding data of another `--cases`, `--seed` or `--single-share` was reused: the
     study then ran on data other than the command asked for. `focalnet synth` records what it

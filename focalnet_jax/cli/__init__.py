@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -151,5 +153,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         from focalnet_jax.training.group_failures import leave_group_on_failure
 
         group = leave_group_on_failure(prog)
-    with group, one_line_user_errors(prog, verbose=args.verbose), terminate, ctrl_c_never_dropped():
-        return int(run_fn(args) or 0)
+    try:
+        with (
+            group,
+            one_line_user_errors(prog, verbose=args.verbose),
+            terminate,
+            ctrl_c_never_dropped(),
+        ):
+            return int(run_fn(args) or 0)
+    except SystemExit as stop:
+        if process_ends and args.command in ("train", "cv") and stop.code:
+            _exit_now(stop.code)
+        raise
+
+
+def _exit_now(code: int) -> None:
+    """Ends a training process that failed, once its error is printed: the loop has finished or
+    failed its saves already (`loop._close`), but Orbax's threads of a save that failed to
+    create its folder wait 5 minutes for it before the interpreter could exit."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

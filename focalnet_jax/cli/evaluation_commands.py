@@ -66,7 +66,8 @@ def _add_evaluate_inputs(parser: argparse.ArgumentParser) -> None:
         "--out",
         type=Path,
         help="output folder (required with --predictions and with --all-cases; default "
-        "WORKDIR/eval); with --workdir its predictions/ is replaced whole; an earlier "
+        "WORKDIR/eval); with --workdir its predictions/ is replaced whole (refused if it holds "
+        "other files than predictions); an earlier "
         "evaluation's figures in it are removed, no other file",
     )
     parser.add_argument(

@@ -203,9 +203,11 @@ def run_cv(args: argparse.Namespace) -> int:
     import jax
 
     from focalnet_jax.data.atomic_files import check_output_folder
+    from focalnet_jax.run.run_folder import check_run_folder
     from focalnet_jax.training.distributed import compilation_cache
 
     check_output_folder(args.workdir, "--workdir")
+    check_run_folder(args.workdir, cv=True)
     cache = args.compilation_cache
     if cache is None and not jax.config.jax_compilation_cache_dir:
         cache = args.workdir / "compilation_cache"

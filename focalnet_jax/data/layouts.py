@@ -270,6 +270,8 @@ def _manifest_rows(
     """(columns, (line, row with stripped keys and values) of each case) of a manifest CSV. Rows
     of empty cells (a spreadsheet's empty rows) are skipped; a column named twice, or a row with
     more cells than columns (an unquoted path holding a comma), is an error."""
+    if manifest.is_dir():
+        raise LayoutError(f"manifest {manifest} is a folder, not a CSV file")
     if not manifest.is_file():
         raise LayoutError(f"manifest {manifest} does not exist")
     hint = "a path holding a comma must be in double quotes"

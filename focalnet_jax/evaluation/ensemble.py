@@ -33,6 +33,7 @@ from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation.inference import Batch, Predictor, checked_images, run_overlapped
 from focalnet_jax.evaluation.predictions import MODELS_FILE
 from focalnet_jax.run import workdir as workdir_lib
+from focalnet_jax.run.run_folder import fold_runs
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +144,12 @@ def resolve_folder(path: str | Path) -> tuple[list[Path], list[dict]]:
     k < `data.num_folds` (the largest the fold runs' config.json give) with no run at all."""
     path = Path(path)
     if (path / workdir_lib.CONFIG_FILE).is_file():
+        if folds := fold_runs(path):  # a run trained into a cross-validation folder
+            raise EnsembleError(
+                f"{path}: both a training run ({workdir_lib.CONFIG_FILE}) and a cross-validation "
+                f"folder ({folds[0]}/{workdir_lib.CONFIG_FILE}); name the run or the folds' runs "
+                "themselves (several --checkpoint)"
+            )
         return [path], []
     named = [p for p in path.glob("fold*") if (p / workdir_lib.CONFIG_FILE).is_file()]
     folds = [p for p in named if FOLD_NAME.fullmatch(p.name)]

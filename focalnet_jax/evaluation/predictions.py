@@ -291,6 +291,8 @@ def list_cases(directory: str | Path, case_ids: Sequence[str] | None = None) -> 
     a safe case id: `data.case_ids.check_case_id`).
     """
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise PredictionsError(f"{directory}: not a folder (a predictions folder of .npz files)")
     if not directory.is_dir():
         raise PredictionsError(f"{directory}: predictions folder does not exist")
     if case_ids is None:

@@ -34,6 +34,7 @@ from focalnet_jax.evaluation.ensemble import (
     write_models,
 )
 from focalnet_jax.evaluation.inference import predict_cases, predict_validation_fold
+from focalnet_jax.evaluation.predictions import MODELS_FILE
 from focalnet_jax.run.workdir import CONFIG_FILE
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,20 @@ def check_held_out(
         log.warning("%s (allowed)", message)
 
 
+def check_replaceable_predictions(out_dir: str | Path) -> None:
+    """A one-line `UserError` where `out_dir`, a predictions folder replaced whole, holds a file
+    that the predictions do not (`<case_id>.npz`, `models.json`): it would be deleted."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return
+    for path in sorted(out_dir.iterdir()):
+        if not (path.is_file() and (path.suffix == ".npz" or path.name == MODELS_FILE)):
+            raise UserError(
+                f"{out_dir} holds {path.name}, which focalnet evaluate does not write; the "
+                "folder is replaced whole, so move that out or choose another --out"
+            )
+
+
 def predict_test_store(
     workdir: str | Path | None,
     store_path: str | Path | None,
@@ -139,6 +154,7 @@ def predict_test_store(
     `allow_training_cases`."""
     if workdir is None or store_path is None or out_dir is None:
         raise UserError("--all-cases needs --workdir, --store and --out")
+    check_replaceable_predictions(out_dir)
     models = load_ensemble(workdir, step=step, batch_size=batch_size, tta=tta)
     store = open_store(store_path)
     check_test_store(store, models)
@@ -172,6 +188,7 @@ def predict_fold(
             "ensemble has seen every fold in training: evaluate it on a test store "
             "(--store TEST --all-cases) or evaluate each fold run"
         )
+    check_replaceable_predictions(out_dir)
     models = load_ensemble(workdir, step=step, batch_size=batch_size, tta=tta, store=store_path)
     with replaced_folder(out_dir) as tmp:  # no earlier run's cases left beside these
         cases = predict_validation_fold(

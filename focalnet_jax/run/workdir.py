@@ -40,12 +40,10 @@ from focalnet_jax.errors import UserError
 from focalnet_jax.losses import parse_mfl_weight
 from focalnet_jax.run import checkpoint_damage
 from focalnet_jax.run.checkpoint_damage import ITEM_DIR
+from focalnet_jax.run.run_folder import CHECKPOINT_DIR, CONFIG_FILE
 from focalnet_jax.run.spec import DATA_AXIS, RunSpec
 
 log = logging.getLogger(__name__)
-
-CONFIG_FILE = "config.json"
-CHECKPOINT_DIR = "checkpoints"
 
 
 # The JSON files Orbax writes into a step folder (relative paths; globs allowed).

@@ -34,7 +34,7 @@ def focalnet(argv: list[str]) -> None:
     print(f"\n$ focalnet {shlex.join(argv)}", flush=True)
     status = subprocess.call([sys.executable, "-m", "focalnet_jax.cli", *argv], stdout=_stdout_fd())
     if status:
-        raise SystemExit(f"focalnet {' '.join(argv[:2])} failed with status {status}")
+        raise SystemExit(f"focalnet {argv[0]} failed with status {status}")
 
 
 def _stdout_fd() -> int | None:

@@ -35,6 +35,7 @@ from focalnet_jax.data.store import open_store
 from focalnet_jax.errors import Terminated, UserError
 from focalnet_jax.run import RunSpec
 from focalnet_jax.run import workdir as workdir_lib
+from focalnet_jax.run.run_folder import check_run_folder
 from focalnet_jax.run.spec import FoldSplit
 from focalnet_jax.training import (
     checkpoint,
@@ -255,6 +256,7 @@ def check_run_start(
     its training rows, a resume's recorded store and cases, and a resume's checkpoint past the
     config's steps. Writes nothing, so `cv` checks every fold with it before the first trains.
     `store`: an opened store (default: `open_config_store(config)`)."""
+    check_run_folder(workdir)  # not another command's output folder
     config = workdir_lib.absolute_paths(config)
     spec = RunSpec.from_config(config)
     workdir_lib.check_resumed_config(config, workdir)  # a resume: the same run, extended

@@ -23,8 +23,9 @@ from pathlib import Path
 
 from focalnet_jax.errors import DISK_ERRNOS
 
-# The errnos of an environment the user fixes: disk space, quota, read-only, size limit, permission.
-ENVIRONMENT_ERRNOS = DISK_ERRNOS | {errno.EACCES}
+# The errnos of an environment the user fixes: disk space, quota, read-only, size limit, permission,
+# a file where a folder is needed.
+ENVIRONMENT_ERRNOS = DISK_ERRNOS | {errno.EACCES, errno.ENOTDIR}
 # TensorStore's status text of a failed file operation, e.g.
 # `RESOURCE_EXHAUSTED: Error writing local file "...": ... [os_error_code='28']`
 _TENSORSTORE_OS_ERROR = re.compile(
