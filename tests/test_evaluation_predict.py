@@ -282,6 +282,8 @@ def test_a_model_of_lesion_against_no_lesion_writes_no_grades(exam_components, t
     assert rows and all(0.0 <= float(row["lesion_score"]) <= 1.0 for row in rows)
     gs = ("p_gs_ge_3+4", "p_gs_ge_4+3", "p_gs_ge_8", "p_gs_ge_9")
     assert {row[k] for row in rows for k in gs} == {""}
+    # models.json says so too: its scores are P(lesion), of any grade.
+    assert json.loads((tmp_path / "out" / "models.json").read_text())["output_encoding"] == "binary"
 
 
 def test_predict_leaves_out_the_t2w_slices_a_shorter_dwi_slab_misses(

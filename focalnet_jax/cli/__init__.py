@@ -162,7 +162,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ):
             return int(run_fn(args) or 0)
     except SystemExit as stop:
-        if process_ends and args.command in ("train", "cv") and stop.code:
+        failed = isinstance(stop.code, int) and stop.code != 0  # a status: its error printed
+        if process_ends and args.command in ("train", "cv") and failed:
             _exit_now(stop.code)
         raise
 

@@ -247,8 +247,10 @@ class Ensemble:
 
     def describe(self) -> dict:
         """Which models formed the predictions: {"models": [{"run", "step"}], "tta"}, each run
-        absolute (symlinks resolved, so that one run reads the same however it was named), and
-        "left_out" (a list of {"run", "reason"}) where a cross-validation folder's fold was."""
+        absolute (symlinks resolved, so that one run reads the same however it was named),
+        "left_out" (a list of {"run", "reason"}) where a cross-validation folder's fold was, and
+        "output_encoding": "binary" for models of lesion against no lesion (scores without a
+        grade; only then, so that earlier outputs of graded models still resume)."""
         models = [
             {"run": str(r.resolve()), "step": p.step}
             for r, p in zip(self.runs, self.predictors, strict=True)
@@ -256,6 +258,8 @@ class Ensemble:
         described = {"models": models, "tta": self.tta}
         if self.left_out:
             described["left_out"] = self.left_out
+        if self.output_encoding == "binary":
+            described["output_encoding"] = "binary"
         return described
 
     def __call__(self, images: np.ndarray) -> np.ndarray:

@@ -1,9 +1,9 @@
-"""What a training `--workdir` may be: a new or empty folder, an earlier run of the same command
-(`config.json`), or for `cv` a folder of `fold<k>` runs. Another command's output is refused in
-one line: a run written into a store, a dataset, a study, predictions or a folder of images
-mixes with them, and that command's `--overwrite` deletes the run; a run written into a
-cross-validation folder stands beside its fold runs (`ensemble.resolve_folder` refuses such a
-folder)."""
+"""What a training `--workdir` may be: a new folder, one of the user's (e.g. holding a job's log),
+an earlier run of the same command (`config.json`), or for `cv` a folder of `fold<k>` runs.
+Another command's output is refused in one line: a run written into a store, a dataset, a study,
+predictions or a folder of images mixes with them, and that command's `--overwrite` deletes the
+run; a run written into a cross-validation folder stands beside its fold runs
+(`ensemble.resolve_folder` refuses such a folder)."""
 
 from __future__ import annotations
 
