@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from focalnet_jax.data.writer_folders import (
@@ -99,6 +100,15 @@ def check_output_folder(path: Path | None, flag: str = "--out") -> None:
                 blocker = "" if where == path else f": {where}"
                 raise UserError(f"{flag} {path}{blocker} exists and is not a folder")
             return
+
+
+def foreign_entries(folder: Path, own: Callable[[str], bool]) -> list[str]:
+    """The sorted names of what `folder` (a folder a command replaces whole) holds that is not a
+    file whose name `own` accepts: what replacing it would delete. [] where it does not exist."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if not (p.is_file() and own(p.name)))
 
 
 def check_replaceable(out: Path, overwrite: bool, marker: str, made_by: str, inputs=()) -> None:

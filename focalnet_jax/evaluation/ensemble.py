@@ -143,15 +143,15 @@ def resolve_folder(path: str | Path) -> tuple[list[Path], list[dict]]:
     copy `fold0.bak`, which would count its fold twice in the mean), and the `fold<k>` of
     k < `data.num_folds` (the largest the fold runs' config.json give) with no run at all."""
     path = Path(path)
+    named = fold_runs(path)
     if (path / workdir_lib.CONFIG_FILE).is_file():
-        if folds := fold_runs(path):  # a run trained into a cross-validation folder
+        if named:  # a run trained into a cross-validation folder
             raise EnsembleError(
                 f"{path}: both a training run ({workdir_lib.CONFIG_FILE}) and a cross-validation "
-                f"folder ({folds[0]}/{workdir_lib.CONFIG_FILE}); name the run or the folds' runs "
-                "themselves (several --checkpoint)"
+                f"folder ({named[0].name}/{workdir_lib.CONFIG_FILE}); name the run or the folds' "
+                "runs themselves (several --checkpoint)"
             )
         return [path], []
-    named = [p for p in path.glob("fold*") if (p / workdir_lib.CONFIG_FILE).is_file()]
     folds = [p for p in named if FOLD_NAME.fullmatch(p.name)]
     folds.sort(key=lambda p: (len(p.name), p.name))  # fold2 before fold10
     if not folds:

@@ -33,7 +33,11 @@ import numpy as np
 import SimpleITK as sitk
 
 from focalnet_jax.data import preprocess_case
-from focalnet_jax.data.atomic_files import check_output_folder, replaced_folder
+from focalnet_jax.data.atomic_files import (
+    check_output_folder,
+    foreign_entries,
+    replaced_folder,
+)
 from focalnet_jax.data.image_writing import write_image
 from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation import figures
@@ -84,14 +88,7 @@ def check_exam_out(out_dir: str | Path) -> None:
     `DICOM_FILES`: one exam's outputs replace that folder whole, which would delete the rest."""
     out_dir = Path(out_dir)
     check_output_folder(out_dir)
-    if not out_dir.is_dir():
-        return
-    strays = sorted(
-        p.name
-        for p in out_dir.iterdir()
-        if p.name not in OUTPUT_FILES + DICOM_FILES or not p.is_file()
-    )
-    if strays:
+    if strays := foreign_entries(out_dir, lambda name: name in OUTPUT_FILES + DICOM_FILES):
         more = f" (and {len(strays) - 1} more)" if len(strays) > 1 else ""
         raise UserError(
             f"--out {out_dir} holds {strays[0]}{more}, which focalnet predict does not write: one "

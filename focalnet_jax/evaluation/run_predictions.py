@@ -21,7 +21,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from focalnet_jax.data.atomic_files import replaced_folder
+from focalnet_jax.data.atomic_files import foreign_entries, replaced_folder
 from focalnet_jax.data.run_store import recorded_cases, training_patients
 from focalnet_jax.data.store import open_store
 from focalnet_jax.data.store_settings import StaleStoreError
@@ -127,15 +127,15 @@ def check_held_out(
 def check_replaceable_predictions(out_dir: str | Path) -> None:
     """A one-line `UserError` where `out_dir`, a predictions folder replaced whole, holds a file
     that the predictions do not (`<case_id>.npz`, `models.json`): it would be deleted."""
-    out_dir = Path(out_dir)
-    if not out_dir.is_dir():
-        return
-    for path in sorted(out_dir.iterdir()):
-        if not (path.is_file() and (path.suffix == ".npz" or path.name == MODELS_FILE)):
-            raise UserError(
-                f"{out_dir} holds {path.name}, which focalnet evaluate does not write; the "
-                "folder is replaced whole, so move that out or choose another --out"
-            )
+    if strays := foreign_entries(out_dir, _is_prediction_file):
+        raise UserError(
+            f"{out_dir} holds {strays[0]}, which focalnet evaluate does not write; the folder is "
+            "replaced whole, so move that out or choose another --out"
+        )
+
+
+def _is_prediction_file(name: str) -> bool:
+    return Path(name).suffix == ".npz" or name == MODELS_FILE
 
 
 def predict_test_store(

@@ -24,9 +24,9 @@ OTHER_OUTPUTS = {
 IMAGE_SUFFIXES = (".mha", ".mhd", ".nii", ".nii.gz", ".dcm")
 
 
-def fold_runs(folder: Path) -> list[str]:
-    """The names of the `fold*` runs (with a `config.json`) in `folder`, sorted."""
-    return sorted(p.parent.name for p in Path(folder).glob(f"fold*/{CONFIG_FILE}"))
+def fold_runs(folder: Path) -> list[Path]:
+    """The `fold*` runs (folders with a `config.json`) in `folder`, sorted by name."""
+    return sorted(p for p in Path(folder).glob("fold*") if (p / CONFIG_FILE).is_file())
 
 
 def check_run_folder(workdir: str | Path, *, cv: bool = False) -> None:
@@ -44,8 +44,8 @@ def check_run_folder(workdir: str | Path, *, cv: bool = False) -> None:
         )
     if not cv and not is_run and (folds := fold_runs(path)):
         raise UserError(
-            f"--workdir {path} is a cross-validation folder ({folds[0]}/{CONFIG_FILE}): give one "
-            f"fold's run, e.g. {path / folds[0]}, or train the folds with focalnet cv"
+            f"--workdir {path} is a cross-validation folder ({folds[0].name}/{CONFIG_FILE}): give "
+            f"one fold's run, e.g. {folds[0]}, or train the folds with focalnet cv"
         )
     if not is_run:
         for name, what in OTHER_OUTPUTS.items():

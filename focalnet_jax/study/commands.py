@@ -135,9 +135,9 @@ def cell_states(
     the queue without starting it (e.g. the task's shell failed) is `failed`. `need_queue`: raise
     `StudyError` when `squeue` does not answer (e.g. it timed out on a busy controller) and a
     cell not done was submitted, since a queued cell would look runnable: trained here while its
-    task waits, or submitted twice. An array whose `study run`
-    died before recording it counts as recorded when it is in the queue
-    (`slurm.adopt_unrecorded`; `record`, under the run lock: recorded in jobs.json)."""
+    task waits, or submitted twice. An array whose `study run` died before recording it counts
+    as recorded when it is in the queue (`slurm.adopt_unrecorded`; `record`, under the run lock:
+    recorded in jobs.json)."""
     from focalnet_jax.study import slurm
 
     adopted = slurm.adopt_unrecorded(study, record=record, strict=need_queue or record)
