@@ -324,6 +324,36 @@ def test_processes_that_all_fail_leave_as_usual():
     assert all("left as usual" in output for _, output in results), results
 
 
+# Every process of the group refuses, then ends at once as a training command does
+# (`cli._exit_now`); process 1 gets there 2 s after process 0, as on a loaded machine.
+_ENDING_MEMBER = """
+import sys, time
+from focalnet_jax.errors import UserError, one_line_user_errors
+from focalnet_jax.training import distributed, group_failures
+port, rank, failing, count = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+distributed.initialize(f"localhost:{port}", count, rank)
+try:
+    with group_failures.leave_group_on_failure("focalnet train", 60), one_line_user_errors(
+        "focalnet train"
+    ):
+        raise UserError(f"process {rank} stopped")
+except SystemExit as stop:
+    time.sleep(2 * rank)
+    group_failures.end_process(stop.code)
+"""
+
+
+@pytest.mark.slow
+def test_processes_that_all_fail_and_end_at_once_end_process_0_last():
+    """Every process stopped (a SIGTERM for all) and ends at once: process 0, which holds the
+    group's store, waits for the later process 1 to leave; it ended first, and process 1 with
+    JAX's abort (status -6, "Polled an error from coordination service")."""
+    results = _run_group("both", member=_ENDING_MEMBER)
+    for rank, (status, output) in enumerate(results):
+        assert status == 2 and f"focalnet train: error: process {rank} stopped" in output, output
+        assert "coordination service" not in output and "Traceback" not in output, output
+
+
 # As _GROUP_MEMBER, the failure inside `distributed.together` (process 0's start-up writes), the
 # first collective after it.
 _TOGETHER_MEMBER = """

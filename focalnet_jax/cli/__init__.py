@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
-import os
 import sys
 from collections.abc import Sequence
 
@@ -171,8 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _exit_now(code: int) -> None:
     """Ends a training process that failed, once its error is printed: the loop has finished or
     failed its saves already (`loop._close`), but Orbax's threads of a save that failed to
-    create its folder wait 5 minutes for it before the interpreter could exit."""
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    create its folder wait 5 minutes for it before the interpreter could exit. In a process group
+    (every process stopped by a SIGTERM, or refused the same run) process 0 ends last."""
+    from focalnet_jax.training.group_failures import end_process
+
+    end_process(code)

@@ -80,7 +80,7 @@ def watch_for_group_failures() -> None:
     still at work (in a collective that waits for the failed one, on any backend), then gives its
     own failure `wait_s` seconds to come (the same refusal everywhere: each leaves as usual);
     else it prints one line naming the failed process and its reason, and ends with status 1.
-    Process 0, which holds the group's store, ends last (`_end_process`), so no other process
+    Process 0, which holds the group's store, ends last (`end_process`), so no other process
     meets JAX's coordination-service abort. At a normal exit the watch is woken ("exit") and
     joined before the interpreter ends. Idempotent; started by whichever comes second of
     `initialize` and `leave_group_on_failure`."""
@@ -106,7 +106,7 @@ def watch_for_group_failures() -> None:
         process, reason = notice.split(" ", 1)
         print(f"{prog}: error: process {process} failed ({reason}); this process stopped with it",
               file=sys.stderr)  # fmt: skip
-        _end_process(client, 1)
+        end_process(1)
 
     thread = threading.Thread(target=watch, name="focalnet-group-failures", daemon=True)
     thread.start()
@@ -127,19 +127,20 @@ def _notify_group(client, reason: str) -> None:
                 client.key_value_set(f"{_NOTICE}{process}", f"{jax.process_index()} {reason}")
 
 
-def _end_process(client, status: int) -> None:
-    """Ends this process of a group at once (no JAX shutdown barrier) with `status`. A process
-    other than 0 says in the store that it leaves; process 0 first waits up to `wait_s` seconds
-    for every other to have said so (its end takes the group's store with it: a process still
-    there would end with JAX's abort), then half a second for them to be gone."""
+def end_process(status: int) -> None:
+    """Ends this process at once with `status` (no exit handlers, no JAX shutdown barrier), its
+    output flushed. In a process group, a process other than 0 says in the store that it leaves;
+    process 0, whose end takes the group's store with it (a process still there would end with
+    JAX's abort), first waits up to `wait_s` seconds for every other to have said so, then half a
+    second for them to be gone."""
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    rank = jax.process_index()
+    client = _group_client()
     with contextlib.suppress(Exception):  # the store gone: nobody left to wait for
-        if rank:
-            client.key_value_set(f"{_LEFT}{rank}", "left")
-        else:
+        if client is not None and jax.process_index():
+            client.key_value_set(f"{_LEFT}{jax.process_index()}", "left")
+        elif client is not None:
             deadline = time.monotonic() + _FailureWatch.wait_s
             for process in range(1, jax.process_count()):
                 remaining_ms = max(1, int((deadline - time.monotonic()) * 1000))
@@ -205,7 +206,7 @@ def leave_group_on_failure(prog: str, wait_s: float = FAILURE_WAIT_S):
                 )
             elif not isinstance(error, SystemExit):
                 traceback.print_exception(error)
-            _end_process(client, status if isinstance(status, int) else 1)
+            end_process(status if isinstance(status, int) else 1)
         raise
 
 
