@@ -64,11 +64,12 @@ _RETRY_S = 0.02  # how soon a Ctrl-C that came inside a garbage-collector callba
 
 @contextlib.contextmanager
 def ctrl_c_never_dropped():
-    """Ctrl-C raises `KeyboardInterrupt` as Python's own handler does, except inside a callback of
-    the garbage collector (JAX registers one), where Python prints an exception as ignored and
-    drops it, and the command went on to its end with status 0: there it is kept pending and
-    raised `_RETRY_S` later (SIGALRM), once the callback has returned, or when the block ends,
-    whichever comes first. (A finalizer the collector runs, `__del__`, is not looked for.) A
+    """Ctrl-C raises `KeyboardInterrupt` as Python's own handler does, except during a collection
+    of the garbage collector (JAX registers a callback of it; weakref callbacks and finalizers of
+    its garbage run in it too), where Python prints an exception as ignored and drops it, and the
+    command went on to its end with status 0: there it is kept pending and raised `_RETRY_S` later
+    (SIGALRM), once the collection has ended, or when the block ends, whichever comes first. (A
+    finalizer that a reference count reaching 0 runs, outside a collection, is not looked for.) A
     Ctrl-C ignored (a script's background job) stays ignored; off the main thread nothing
     changes."""
     if (
@@ -77,10 +78,21 @@ def ctrl_c_never_dropped():
     ):
         yield
         return
-    pending = []
+    pending, collecting = [], []
+
+    def on_start(phase, info):  # the collector's first callback
+        if phase == "start":
+            collecting.append(True)
+
+    def on_stop(phase, info):  # its last
+        if phase == "stop":
+            collecting.clear()
+
+    def in_collection(frame) -> bool:
+        return bool(collecting) or _in_gc_callback(frame)
 
     def on_sigint(signum, frame):
-        if _in_gc_callback(frame):
+        if in_collection(frame):
             pending.append(True)
             signal.setitimer(signal.ITIMER_REAL, _RETRY_S)
             return
@@ -91,7 +103,7 @@ def ctrl_c_never_dropped():
             signal.signal(signal.SIGALRM, previous)
             signal.raise_signal(signal.SIGALRM)
             return
-        if _in_gc_callback(frame):
+        if in_collection(frame):
             signal.setitimer(signal.ITIMER_REAL, _RETRY_S)
             return
         pending.clear()
@@ -100,9 +112,13 @@ def ctrl_c_never_dropped():
     previous = signal.signal(signal.SIGALRM, on_sigalrm)
     previous = signal.SIG_DFL if previous is None else previous
     signal.signal(signal.SIGINT, on_sigint)
+    gc.callbacks.insert(0, on_start)
+    gc.callbacks.append(on_stop)
     try:
         yield
     finally:
+        gc.callbacks.remove(on_start)
+        gc.callbacks.remove(on_stop)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
