@@ -97,7 +97,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.checkpoint_every = 1000
     config.train.keep_checkpoints = 3  # latest K checkpoints kept
     config.train.eval_every = 2000  # validation loss, Dice and image panels; 0 = only at the end
-    config.train.prefetch = 2  # batches placed on device ahead of the step
+    config.train.prefetch = 2  # batches queued on device ahead of the step (+1 being built)
 
     config.augment = ml_collections.ConfigDict()
     config.augment.shift = True

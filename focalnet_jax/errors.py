@@ -136,15 +136,23 @@ def _in_gc_callback(frame) -> bool:
     return False
 
 
-class UserErrorExit(SystemExit):
-    """Exit status 2 once a user error's line is on stderr; `str()` is that line."""
+class PrintedExit(SystemExit):
+    """Exit status `status` once a line `<prog>: <message>` saying why is on stderr; `str()` is
+    the `message` (what a process group tells its other processes)."""
 
-    def __init__(self, line: str):
-        super().__init__(2)
-        self.line = line
+    def __init__(self, message: str, status: int):
+        super().__init__(status)
+        self.message = message
 
     def __str__(self) -> str:
-        return self.line
+        return self.message
+
+
+class UserErrorExit(PrintedExit):
+    """Exit status 2 once a user error's line `<prog>: error: <message>` is on stderr."""
+
+    def __init__(self, message: str):
+        super().__init__(message, 2)
 
 
 # Errors of the file system the user fixes: no space, no quota, a read-only mount, a file size
@@ -202,22 +210,23 @@ def one_line_user_errors(prog: str, *, verbose: bool = False):
     """A user error (`is_user_error`) raised in the block is printed as `<prog>: error: <message>`
     on one line of stderr (after its traceback when `verbose`) and ends the program with exit
     status 2 (`UserErrorExit`); Ctrl-C or `Terminated` as `<prog>: interrupted by ...` (or
-    `<prog>: <the Interrupted's or Terminated's message>`) with status 130 or 143; any other
-    exception passes unchanged."""
+    `<prog>: <the Interrupted's or Terminated's message>`) with status 130 or 143
+    (`PrintedExit`); any other exception passes unchanged."""
     try:
         yield
     except KeyboardInterrupt as interrupt:
         if verbose:
             traceback.print_exc()
         terminated = isinstance(interrupt, Terminated)
-        what = f"interrupted by {'SIGTERM' if terminated else 'Ctrl-C'}"
-        print(f"{prog}: {str(interrupt) or what}", file=sys.stderr)
-        raise SystemExit(128 + (signal.SIGTERM if terminated else signal.SIGINT)) from None
+        message = str(interrupt) or f"interrupted by {'SIGTERM' if terminated else 'Ctrl-C'}"
+        print(f"{prog}: {message}", file=sys.stderr)
+        status = 128 + (signal.SIGTERM if terminated else signal.SIGINT)
+        raise PrintedExit(message, status) from None
     except Exception as error:
         if not is_user_error(error):
             raise
         if verbose:
             traceback.print_exc()
-        line = f"{prog}: error: " + str(error).replace("\n", " ")
-        print(line, file=sys.stderr)
-        raise UserErrorExit(line) from None
+        message = str(error).replace("\n", " ")
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        raise UserErrorExit(message) from None

@@ -239,6 +239,8 @@ with group_failures.leave_group_on_failure("focalnet train", wait_s), one_line_u
 ):
     if failing in ("both", str(rank)):
         raise (UserError if rank == 0 else RuntimeError)(f"process {rank} cannot go on")
+    if failing == f"{rank} interrupted":
+        raise KeyboardInterrupt  # Ctrl-C in this process's terminal
     multihost_utils.sync_global_devices("the next step")
 """
 
@@ -299,6 +301,18 @@ def test_a_process_that_fails_alone_ends_the_group_at_once(failing):
     ], other_output
     assert other_status == 1 and "Traceback" not in other_output, other_output
     assert "fatal" not in other_output, other_output
+
+
+@pytest.mark.slow
+def test_a_process_interrupted_alone_is_named_with_its_interruption():
+    """Ctrl-C in process 0's terminal alone: the other names what ended it, not its exit status
+    ("process 0 failed (130)")."""
+    (status, output), (other_status, other_output) = _run_group("0 interrupted")
+    assert status == 130 and "focalnet train: interrupted by Ctrl-C" in output, output
+    lines = [line for line in other_output.splitlines() if "focalnet train" in line]
+    expected = "process 0 failed (interrupted by Ctrl-C); this process stopped with it"
+    assert lines == [f"focalnet train: error: {expected}"], other_output
+    assert other_status == 1 and "fatal" not in other_output, other_output
 
 
 @pytest.mark.slow

@@ -34,7 +34,7 @@ import traceback
 
 import jax
 
-from focalnet_jax.errors import UserError, is_user_error
+from focalnet_jax.errors import PrintedExit, UserError, is_user_error
 
 # Seconds a failing process of a group waits for the others to fail too (module docstring).
 FAILURE_WAIT_S = 30.0
@@ -150,10 +150,13 @@ def end_process(status: int) -> None:
 
 
 def _reason(error: BaseException) -> str:
-    """One line saying why a command (or a `together` block) failed: a user error's message,
-    else type and message."""
-    if isinstance(error, SystemExit):  # its line is printed: `<prog>: error: <message>`
-        return str(error).split(": error: ", 1)[-1]
+    """One line saying why a command (or a `together` block) failed: the message of its printed
+    line (a user error's, an interruption's: "stopped by SIGTERM at step ..."), else type and
+    message."""
+    if isinstance(error, PrintedExit):
+        return " ".join(str(error).split())
+    if isinstance(error, SystemExit):
+        return f"exit status {error.code}"
     text = str(error) if is_user_error(error) else f"{type(error).__name__}: {error}"
     return " ".join(text.split())
 

@@ -7,7 +7,8 @@ depends only on (seed, step): a resumed run reads exactly what an uninterrupted 
 
 Every process draws the same global order and loads only the rows of its own devices, turned into
 one global array by `jax.make_array_from_process_local_data`. A background thread keeps
-`prefetch` batches on device ahead of the step.
+`prefetch` batches queued on device ahead of the step, and builds one more while the queue is
+full: up to `prefetch + 1` batches on device besides the step's own.
 """
 
 from __future__ import annotations
@@ -144,7 +145,8 @@ class TrainBatches:
         return to_global(self.local_batch(step), self.mesh, self.global_batch)
 
     def iterate(self, start_step: int, stop_step: int) -> Iterator[tuple[int, dict]]:
-        """(step, device batch) for start_step <= step < stop_step, prefetched by a thread."""
+        """(step, device batch) for start_step <= step < stop_step, prefetched by a thread (up to
+        `prefetch + 1` batches ahead on device: module docstring)."""
         slots: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stopping = threading.Event()
 
