@@ -5,7 +5,7 @@
 Command (one variant, one fold):
     focalnet train --config configs/ablation_loss.py:loss=fl,fold=0 \
         --workdir runs/ablation_loss/fl/fold0 --config.data.store=STORE
-Expected runtime: a ce or fl step takes 0.43x an fl_mfl step (MFL `select`) on one H100
+Expected runtime: a ce or fl step takes 0.41x an fl_mfl step (MFL `vmap`, as here) on one H100
 (benchmarks/results/); whole runs not measured yet.
 Expected metric: paper, sensitivity at 1 FP per patient: FL+MFL 25.0 % above CE and 8.1 % above
 FL; with this code not measured yet.

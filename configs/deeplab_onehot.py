@@ -5,7 +5,7 @@ batch and augmentation as `focalnet.py`.
 Command:
     focalnet train --config configs/deeplab_onehot.py:fold=0 --workdir runs/deeplab/fold0 \
         --config.data.store=STORE
-Expected runtime: one forward-backward per step, as FocalNet's FL-only step (0.43x a FocalNet
+Expected runtime: one forward-backward per step, as FocalNet's FL-only step (0.41x a FocalNet
 step on one H100, benchmarks/results/); whole runs not measured yet.
 Expected metric: paper: lower sensitivity than FocalNet at every FP rate (Fig. 5, Table II);
 with this code not measured yet.

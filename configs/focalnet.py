@@ -8,10 +8,11 @@ Command (one fold; `focalnet cv` runs all five):
 ImageNet initialisation (paper): add `--config.model.pretrained=resnet101.safetensors`
 (torchvision layout, read locally).
 Expected runtime: the paper reports 3-4 h per fold on a Titan Xp. Here one FL+MFL step (batch 16,
-float32, MFL `select`) takes 0.057 s on one H100 (FL only: 0.025 s; benchmarks/results/
+float32, MFL `vmap`) takes 0.060 s on one H100 (FL only: 0.025 s; benchmarks/results/
 train_step_focalnet_h100_2026-11-22.json), so a fold of ~1400 slices (200 epochs x 87 steps =
-17,400 steps) needs about 17 min of steps in float32; a whole fold on a GPU has not been timed yet
-(`python benchmarks/fold_time.py --config configs/focalnet.py` times one end to end).
+17,400 steps) needs about 17 min of steps in float32. In bfloat16 (MFL `select`) on one H200 a
+fold projects to 14.5 min in all (benchmarks/results/fold_time_bfloat16_NVIDIA_H200_2026-12-04.json,
+from its first 1,492 steps: `python benchmarks/fold_time.py --config configs/focalnet.py`).
 Expected metric: paper, 5-fold CV on 417 patients: 87.9 % sensitivity for clinically significant
 lesions at 1 false positive per patient (`froc.clinically_significant.sensitivity_at_fp["1"]`);
 with this code not measured yet.
@@ -36,6 +37,10 @@ def get_config(arg: str | None = None):
     config.loss.name = "ordinal_focal"
     config.loss.mfl = True
     config.loss.mfl_weight = "auto"
+    # The paper's MFL: every subset forward and backward. `select` (the project's default) gives
+    # the same gradient only under frozen normalisation; under this batch normalisation its
+    # recomputed batch mixes subsets and its gradient is another (docs/mfl.md).
+    config.loss.mfl_mode = "vmap"
     config.train.epochs = 200
     config.train.batch_size = 16
     return config

@@ -137,22 +137,22 @@ def _in_gc_callback(frame) -> bool:
 
 
 class PrintedExit(SystemExit):
-    """Exit status `status` once a line `<prog>: <message>` saying why is on stderr; `str()` is
-    the `message` (what a process group tells its other processes)."""
+    """Exit status `status` once `line`, `<prog>: <message>`, is on stderr; `str()` is the line,
+    `message` what a process group tells its other processes."""
 
-    def __init__(self, message: str, status: int):
+    def __init__(self, line: str, message: str, status: int):
         super().__init__(status)
-        self.message = message
+        self.line, self.message = line, message
 
     def __str__(self) -> str:
-        return self.message
+        return self.line
 
 
 class UserErrorExit(PrintedExit):
     """Exit status 2 once a user error's line `<prog>: error: <message>` is on stderr."""
 
-    def __init__(self, message: str):
-        super().__init__(message, 2)
+    def __init__(self, line: str, message: str):
+        super().__init__(line, message, 2)
 
 
 # Errors of the file system the user fixes: no space, no quota, a read-only mount, a file size
@@ -219,14 +219,16 @@ def one_line_user_errors(prog: str, *, verbose: bool = False):
             traceback.print_exc()
         terminated = isinstance(interrupt, Terminated)
         message = str(interrupt) or f"interrupted by {'SIGTERM' if terminated else 'Ctrl-C'}"
-        print(f"{prog}: {message}", file=sys.stderr)
+        line = f"{prog}: {message}"
+        print(line, file=sys.stderr)
         status = 128 + (signal.SIGTERM if terminated else signal.SIGINT)
-        raise PrintedExit(message, status) from None
+        raise PrintedExit(line, message, status) from None
     except Exception as error:
         if not is_user_error(error):
             raise
         if verbose:
             traceback.print_exc()
         message = str(error).replace("\n", " ")
-        print(f"{prog}: error: {message}", file=sys.stderr)
-        raise UserErrorExit(message) from None
+        line = f"{prog}: error: {message}"
+        print(line, file=sys.stderr)
+        raise UserErrorExit(line, message) from None

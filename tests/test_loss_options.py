@@ -103,6 +103,16 @@ def test_ce_dice_weights_against_numpy(batch, weights):
     np.testing.assert_allclose(got, expected, rtol=1e-5)
 
 
+def test_ce_dice_at_one_fifth_ce_is_nnunets_sigmoid_ce_and_dice():
+    """nnU-Net's sigmoid CE + Dice (`BCEWithLogitsLoss`: a mean over every element, bits too)
+    at 1:1 is `weights=(1 / K, 1)` here, whose CE sums the K bits (K = 5 in the bosma22 study)."""
+    p, bits = _sigmoid(LOGITS), BITS.shape[-1]
+    bce = -(BITS * np.log(p) + (1 - BITS) * np.log(1 - p))
+    expected = bce.mean() + dice_reference(p, BITS, 1e-5, True, True)
+    got = losses.ce_dice_loss(LOGITS, BITS, eps=1e-5, batch_dice=True, weights=(1 / bits, 1.0))
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
 @pytest.mark.parametrize("alpha", [0.0, 0.25, 0.5, 0.75, 1.0])
 @pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0, 3.5])
 def test_focal_alpha_gamma_and_valid_against_numpy(alpha, gamma):

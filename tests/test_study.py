@@ -1130,9 +1130,11 @@ def test_shipped_specs_validate_against_their_base(name, store):
         assert tuple(configs["ce_fl"].loss.weights) == (0.5, 0.5)
         dice = configs["ce_dice"].loss
         assert (dice.name, dice.eps, dice.batch_dice) == ("ce_dice", 1e-5, True)
+        assert tuple(dice.weights) == (0.2, 1.0)  # nnU-Net's 1:1 with a CE averaged over 5 bits
         assert sorted(plain["ensembles"]["ensemble"]) == sorted(plain["arms"])
     if name == "focalnet_ablation":
         assert configs["fl_mfl"].loss.mfl and not configs["fl"].loss.mfl
+        assert configs["fl_mfl"].loss.mfl_mode == "vmap"  # the paper's MFL under batch norm
         assert configs["unet_sing"].model.name == "unet" and not configs["aug_none"].augment.flip
     if name == "synthetic_mfl":
         assert [c.loss.mfl for c in configs.values()] == [False, False, True]

@@ -1,4 +1,5 @@
-"""Loss benchmark of Bosma et al. 2022 (RSNA; seed 004) on FocalNet's model and ordinal encoding:
+"""Loss benchmark of Bosma et al. 2022 ("Performant and Reproducible Deep Learning-Based Cancer
+Detection Models for Medical Imaging", abstract) on FocalNet's model and ordinal encoding:
 CE, FL, CE+FL and CE+Dice, MFL off in every arm, and the ensemble of the four (mean of their
 P(class >= k) maps per repeat and fold).
 
@@ -12,7 +13,8 @@ P(class >= k) maps per repeat and fold).
   here;
 - `ce_dice`: CE + soft Dice as nnU-Net's default: batch Dice, smoothing 1e-5, no background
   channel (the ordinal bits P(class >= k), k = 1..5, are all foreground channels, so nothing is
-  left out; `loss.dice_background=False` does it for a softmax output).
+  left out; `loss.dice_background=False` does it for a softmax output), 1:1 with nnU-Net's CE,
+  which averages the 5 bits where `sigmoid_ce` sums them: `loss.weights=(0.2, 1.0)`.
 
 Command (STORE from `focalnet preprocess`):
     focalnet study run --spec configs/studies/bosma22.py:STORE --workdir runs/bosma22 \
@@ -21,8 +23,8 @@ Command (STORE from `focalnet preprocess`):
     focalnet study report --workdir runs/bosma22
 Cells: 4 arms x 2 repeats x 5 folds = 40 runs, 10 per arm (Bosma et al.: 10 to 20), so two arms
 have 20 runs together and their permutation test is exact; `--spec.repeats=4` gives 20 per arm.
-Expected runtime: one cell is one FocalNet fold without MFL (its step takes 0.43x an FL+MFL step,
-benchmarks/results/); whole cells not timed yet.
+Expected runtime: one cell is one FocalNet fold without MFL (its step takes 0.41x an FL+MFL
+`vmap` step, benchmarks/results/); whole cells not timed yet.
 Expected metric: Bosma et al. (nnU-Net, bpMRI): CE+FL best at case AUROC (p < 0.01), the
 ensemble on par with the best arm; with this code not measured yet.
 """
@@ -48,7 +50,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "ce": {"loss": {"name": "sigmoid_ce", "mfl": False}},
         "fl": {"loss": {"name": "focal", "mfl": False}},
         "ce_fl": {"loss": {"name": "ce_focal", "mfl": False, "weights": (0.5, 0.5)}},
-        "ce_dice": {"loss": {"name": "ce_dice", "mfl": False, "eps": 1e-5, "batch_dice": True}},
+        "ce_dice": {
+            "loss": {
+                "name": "ce_dice",
+                "mfl": False,
+                "eps": 1e-5,
+                "batch_dice": True,
+                "weights": (0.2, 1.0),
+            },
+        },
     }
     spec.ensembles = {"ensemble": ("ce", "fl", "ce_fl", "ce_dice")}
     return spec

@@ -222,7 +222,8 @@ def mutual_finding_loss_map(full_probs, subset_probs, targets, *, valid=None):
 
     with sg = stop_gradient: the full output is a reference, trained by the focal loss only. The
     gradient reaches only the chosen subset's output (the first one on ties), exactly as when only
-    that subset is recomputed (the ``select`` MFL mode, see :func:`mfl_select`). A slice without
+    that subset is recomputed (the ``select`` MFL mode, see :func:`mfl_select`) where the model
+    has no batch statistics (``model.norm=frozen``; docs/mfl.md for batch norm). A slice without
     positive bits has d = 0 for every subset: it adds 0 and reports subset 0.
 
     Args:

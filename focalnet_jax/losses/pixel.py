@@ -345,8 +345,10 @@ def ce_dice_loss_map(
     logits, targets, *, valid=None, eps=1.0, activation="sigmoid", batch_dice=False,
     dice_background=True, weights=(1.0, 1.0),
 ):  # fmt: skip
-    """Per-image cross-entropy + soft Dice, weighted ``weights`` = (CE, Dice), 1:1 by default
-    (nnU-Net's default, used by Bosma et al. 2022).
+    """Per-image cross-entropy + soft Dice, weighted ``weights`` = (CE, Dice), 1:1 by default.
+    nnU-Net's default 1:1 (used by Bosma et al. 2022) holds a CE of one term a pixel: softmax
+    here; the sigmoid CE here sums its K bits where nnU-Net's averages them, so its 1:1 on
+    sigmoid bits is ``weights=(1 / K, 1)``.
 
     .. math:: L_b = w_{CE} \\frac{1}{HW} \\sum_{h,w} CE_{bhw} + w_D D_b
 

@@ -154,7 +154,7 @@ def _reason(error: BaseException) -> str:
     line (a user error's, an interruption's: "stopped by SIGTERM at step ..."), else type and
     message."""
     if isinstance(error, PrintedExit):
-        return " ".join(str(error).split())
+        return error.message
     if isinstance(error, SystemExit):
         return f"exit status {error.code}"
     text = str(error) if is_user_error(error) else f"{type(error).__name__}: {error}"

@@ -206,9 +206,10 @@ class _Logger:
             self.progress.write(f"step {done}: {line}")
 
 
-def _mfl_note(spec: RunSpec) -> str:
+def _mfl_note(spec: RunSpec, norm: str) -> str:
     """What MFL runs each step, e.g. `, MFL over 30 subsets of 5 components (select: 30 forward
-    passes without gradients, 4 at a time, then each slice's chosen subset with gradients)`."""
+    passes without gradients, 4 at a time, then each slice's chosen subset with gradients)`;
+    `select` under `norm` "batch" adds that its gradient is not the paper's (docs/mfl.md)."""
     if not spec.mfl:
         return ""
     m, chunk = len(spec.subsets), spec.mfl_chunk if 0 < spec.mfl_chunk < len(spec.subsets) else 0
@@ -216,6 +217,8 @@ def _mfl_note(spec: RunSpec) -> str:
     if spec.mfl_mode == "select":
         passes = f"{m} forward passes without gradients, {at_a_time}, then each slice's chosen "
         passes += "subset with gradients"
+        if norm == "batch":  # that subset's recomputed batch mixes subsets: other statistics
+            passes += "; under batch normalisation not the paper's MFL gradient, which `vmap` is"
     else:
         passes = f"{m} forward and backward passes, {at_a_time}"
     return (
@@ -296,7 +299,8 @@ def _record_start(run: RunStart, workdir: Path, start: int, validate_first: bool
         log.info(
             "%s, fold %d: %d train / %d val slices, %d steps (%d per epoch), start at %d, "
             "lambda %.4g%s", workdir, config.data.fold, len(split.train_rows), len(split.val_rows),
-            run.num_steps, run.batches.steps_per_epoch, start, run.mfl_weight, _mfl_note(run.spec),
+            run.num_steps, run.batches.steps_per_epoch, start, run.mfl_weight,
+            _mfl_note(run.spec, config.model.norm),
         )  # fmt: skip
         if not len(split.val_rows):
             log.warning(
