@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU checks, the open ones first, most wanted first:
-#   train_step_bfloat16  benchmarks/train_step.py on the paper's model, FL and FL+MFL select, in
-#                        bfloat16 (3 more steps of each traced by jax.profiler: where time goes);
-#   train_step_float32   the same in float32;
+#   train_step_bfloat16  benchmarks/train_step.py on the paper's model, FL and FL+MFL vmap (as
+#                        configs/focalnet.py trains), in bfloat16 (3 more steps of each traced by
+#                        jax.profiler: where time goes);
+#   train_step_float32   FL and FL+MFL select (the project's default mode) in float32;
 #   mfl_scaling          benchmarks/mfl_scaling.py on the paper's model with four components, 2, 6
 #                        and 14 subsets, select mode (the default), against the plain step;
 #   fold_time_bfloat16   benchmarks/fold_time.py --config configs/focalnet.py
@@ -17,7 +18,7 @@
 # (2026-12-04, JAX 0.11.2) one step program of the paper's model compiled in about 65 s (the
 # fold's first logged interval), and a new process on a new machine spent 80 to 95 s before XLA
 # autotuned its first step's kernels (limits of 150 and 130 s held no two kinds). The default
-# three's limits add up to 840 s: on a machine that allows 10 minutes a command, run them as two
+# three's limits add up to 840 s: to keep each command under 10 minutes, run them as two
 # commands, NAMES train_step_bfloat16,train_step_float32 (480 s) and then mfl_scaling (360 s). A
 # run stopped by its limit leaves in the log what it measured (train_step: each kind's result as
 # it is measured; mfl_scaling: each step's compile time).
@@ -29,8 +30,8 @@
 # imports the project and its dependencies, prints their versions and, unless QUICK=1 or
 # REQUIRE_GPU=0, stops (exit 2) where JAX sees no GPU. PYTHON: default .venv/bin/python where it
 # exists, else python3. On a GPU node without a package index (JAX with CUDA installed, the
-# project's other dependencies not), carry the wheels benchmarks/gpu_wheels.sh downloads into
-# .whl/ (WHEELS: another folder): they are installed into a temporary folder first. fold_time's
+# project's other dependencies not), copy along the wheels benchmarks/gpu_wheels.sh downloads
+# into .whl/ (WHEELS: another folder): they are installed into a temporary folder first. fold_time's
 # compiled programs are cached in $JAX_COMPILATION_CACHE_DIR (default a temporary folder), so a
 # rerun on the same machine skips compiling (the line records the cache); the other benchmarks
 # run without the cache, so the compile times they report are compilations.
@@ -123,7 +124,7 @@ run() {  # name limit_s script args...
   [[ $rc == 0 ]] || status=1
 }
 run train_step_bfloat16 "${limits[0]}" benchmarks/train_step.py --config configs/focalnet.py \
-  --kinds fl,fl_mfl_select --config.model.dtype=bfloat16 --profile-steps 3 "${steps[@]}" \
+  --kinds fl,fl_mfl_vmap --config.model.dtype=bfloat16 --profile-steps 3 "${steps[@]}" \
   "${size[@]}" "${tiny[@]}"
 run train_step_float32 "${limits[1]}" benchmarks/train_step.py --config configs/focalnet.py \
   --kinds fl,fl_mfl_select --config.model.dtype=float32 "${steps[@]}" "${size[@]}" "${tiny[@]}"

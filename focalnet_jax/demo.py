@@ -47,11 +47,17 @@ def _run(argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m focalnet_jax.demo", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m focalnet_jax.demo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--out", type=Path, required=True, help="folder for data, store and run")
-    parser.add_argument("--cases", type=int, default=60, help="synthetic cases")
-    parser.add_argument("--seed", type=int, default=0, help="synthetic data seed")
-    parser.add_argument("--workers", type=int, default=2, help="preprocessing processes")
+    parser.add_argument("--cases", type=int, default=60, help="synthetic cases (default 60)")
+    parser.add_argument("--seed", type=int, default=0, help="synthetic data seed (default 0)")
+    parser.add_argument(
+        "--workers", type=int, default=2, help="preprocessing processes (default 2)"
+    )
     parser.add_argument("overrides", nargs="*", help="extra --config.KEY=VALUE for training")
     args, extra = parser.parse_known_args(argv)
     if not CONFIG.is_file():

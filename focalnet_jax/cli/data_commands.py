@@ -69,12 +69,17 @@ def add_preprocess(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--manifest", type=Path, help="manifest: CSV of cases (see docs/data.md)")
     parser.add_argument("--out", type=Path, required=True, help="store folder to write")
-    parser.add_argument("--workers", type=int, default=1, help="worker processes")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     parser.add_argument(
         "--skip-bad-cases", action="store_true", help="list bad cases in errors.csv, keep going"
     )
     parser.add_argument("--components", default="t2w,adc", help="comma-separated, T2w first")
-    parser.add_argument("--slices", choices=("all", "annotated"), default="all")
+    parser.add_argument(
+        "--slices",
+        choices=("all", "annotated"),
+        default="all",
+        help="slices to store: every T2w slice, or those holding lesion labels (default all)",
+    )
     parser.add_argument(
         "--unlabelled",
         choices=("error", "negative", "skip"),
@@ -93,7 +98,12 @@ def add_preprocess(parser: argparse.ArgumentParser) -> None:
         "picai layout reads <labels>/dataset.json, else 'picai'; manifest 'isup'. A DICOM SEG "
         "label's 'csPCa' segments need picai, its 'ISUP 1' (GS 3+3) ones isup",
     )
-    parser.add_argument("--interpolator", choices=("bspline", "linear"), default="bspline")
+    parser.add_argument(
+        "--interpolator",
+        choices=("bspline", "linear"),
+        default="bspline",
+        help="image resampling (labels: nearest neighbour; default bspline)",
+    )
 
 
 def run_preprocess(args: argparse.Namespace) -> int:
@@ -124,8 +134,10 @@ def run_preprocess(args: argparse.Namespace) -> int:
 
 def add_folds(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", type=Path, required=True, help="preprocessed store")
-    parser.add_argument("--num-folds", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-folds", type=int, default=5, help="folds (default 5)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the patient-level split (default 0)"
+    )
     parser.add_argument("--out", type=Path, help="also write fold-<k>.json files here")
     parser.add_argument("--list-cases", action="store_true", help="print each fold's case ids")
     parser.add_argument(

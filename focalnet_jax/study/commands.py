@@ -7,7 +7,6 @@ only to check each arm's config as its cells will, and each cell imports JAX in 
 from __future__ import annotations
 
 import argparse
-import functools
 import shlex
 from pathlib import Path
 from typing import IO
@@ -29,7 +28,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="show the traceback of an error",
     )
     sub = parser.add_subparsers(dest="study_command", required=True, metavar="ACTION")
-    add = functools.partial(sub.add_parser, parents=[common])
+
+    def add(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, parents=[common])
+
     run = add("run", help="train and evaluate every cell not done yet")
     run.add_argument("--spec", help="spec file[:arg] (default: the one recorded in --workdir)")
     run.add_argument("--workdir", type=Path, required=True, help="study folder")
@@ -54,15 +56,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     run.epilog = "Any spec field: --spec.repeats=3 --spec.common.train.steps=500"
     status = add("status", help="table of cells: done/running/failed/pending")
-    status.add_argument("--workdir", type=Path, required=True)
+    status.add_argument("--workdir", type=Path, required=True, help="study folder")
     report = add("report", help="runs.csv, stats.csv, report.md and figures")
-    report.add_argument("--workdir", type=Path, required=True)
+    report.add_argument("--workdir", type=Path, required=True, help="study folder")
     report.add_argument("--partial", action="store_true", help="report while cells are missing")
     report.add_argument(
-        "--iterations", type=int, default=10_000, help="random splits of approximate tests"
+        "--iterations",
+        type=int,
+        default=10_000,
+        help="random splits of approximate tests (default 10000)",
     )
     cell = add("cell", help="run one cell here (used by the executors)")
-    cell.add_argument("--workdir", type=Path, required=True)
+    cell.add_argument("--workdir", type=Path, required=True, help="study folder")
     cell.add_argument("--cell", required=True, help="ARM/rep<r>/fold<k>")
 
 
