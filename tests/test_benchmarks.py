@@ -333,7 +333,7 @@ def test_fold_time_benchmark_projects_the_paper_fold_from_a_short_run(small_stor
     assert steady > 0 and overhead > 0
     assert result["wall_s"] == pytest.approx(overhead + 6 * steady)
     assert result["projected_fold_s"] == pytest.approx(overhead + 2000 * steady)
-    assert result["mfl"] == "select" and result["store_train_slices"] > 0  # the default mode
+    assert result["mfl"] == "vmap" and result["store_train_slices"] > 0  # the paper's, as trained
     assert result["compilation_cache"] is None
     # Validation only at the end (eval_every 0); checkpoints every 1000 steps and at the end.
     assert result["validations"] == {"run": 1, "fold": 1}

@@ -121,8 +121,10 @@ def test_one_exams_out_holds_all_old_or_all_new_outputs_and_nothing_else(
                 replace(src, dst)
 
             monkeypatch.setattr(os, "replace", interrupted)
-            with pytest.raises(SystemExit, match="130"), contextlib.redirect_stderr(io.StringIO()):
+            stderr = io.StringIO()
+            with pytest.raises(SystemExit) as stop, contextlib.redirect_stderr(stderr):
                 main([str(a) for a in [*argv, "--tta", "flip"]])  # as Ctrl-C ends it
+            assert stop.value.code == 130 and "interrupted by Ctrl-C" in stderr.getvalue()
             monkeypatch.undo()
             assert {p.name: p.read_bytes() for p in out.iterdir()} == first
             assert os.listdir(tmp_path) == ["out"] and len(renames) == k + (k == 2)
