@@ -339,7 +339,7 @@ def test_processes_that_all_fail_leave_as_usual():
 
 
 # Every process of the group refuses, then ends at once as a training command does
-# (`cli._exit_now`); process 1 gets there 2 s after process 0, as on a loaded machine.
+# (`cli.main`); process 1 gets there 2 s after process 0, as on a loaded machine.
 _ENDING_MEMBER = """
 import sys, time
 from focalnet_jax.errors import UserError, one_line_user_errors

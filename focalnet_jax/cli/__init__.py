@@ -146,9 +146,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     long_running = prog.removeprefix("focalnet ") in LONG_RUNNING
     terminate = contextlib.nullcontext() if long_running else sigterm_as_interrupt()
     # A training process that fails alone leaves its process group at once (`distributed`).
+    training = process_ends and args.command in ("train", "cv")
     group = contextlib.nullcontext()
-    if process_ends and args.command in ("train", "cv"):
-        from focalnet_jax.training.group_failures import leave_group_on_failure
+    if training:
+        from focalnet_jax.training.group_failures import end_process, leave_group_on_failure
 
         group = leave_group_on_failure(prog)
     try:
@@ -160,17 +161,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         ):
             return int(run_fn(args) or 0)
     except SystemExit as stop:
-        failed = isinstance(stop.code, int) and stop.code != 0  # a status: its error printed
-        if process_ends and args.command in ("train", "cv") and failed:
-            _exit_now(stop.code)
+        # A training process that failed ends once its error is printed (a status): the loop has
+        # finished or failed its saves already (`loop._close`), but Orbax's threads of a save that
+        # failed to create its folder wait 5 minutes before the interpreter could exit. In a
+        # process group (every process stopped by a SIGTERM, or refused the same run) process 0
+        # ends last (`end_process`).
+        if training and isinstance(stop.code, int) and stop.code != 0:
+            end_process(stop.code)
         raise
-
-
-def _exit_now(code: int) -> None:
-    """Ends a training process that failed, once its error is printed: the loop has finished or
-    failed its saves already (`loop._close`), but Orbax's threads of a save that failed to
-    create its folder wait 5 minutes for it before the interpreter could exit. In a process group
-    (every process stopped by a SIGTERM, or refused the same run) process 0 ends last."""
-    from focalnet_jax.training.group_failures import end_process
-
-    end_process(code)
