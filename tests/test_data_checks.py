@@ -352,7 +352,7 @@ def _refusals(tmp_path, rows, bad):
     return store
 
 
-def test_partial_coverage_and_adc_units_refused_through_the_cli(tmp_path):
+def test_partial_coverage_and_adc_units_refused_through_the_cli(tmp_path, capsys):
     data = tmp_path / "data"
     data.mkdir()
     rows = [
@@ -373,6 +373,30 @@ def test_partial_coverage_and_adc_units_refused_through_the_cli(tmp_path):
     # 2 mm beyond the lowest ADC slice: the nearest ADC slice (1000) fills it, not 0.
     start = store.case("within_a_voxel")["start"]
     np.testing.assert_allclose(store.images[start, :, :, 1], 1000.0 / 3000.0, atol=1e-4)
+    with (tmp_path / "outputs" / "store" / "errors.csv").open() as f:
+        shifted = next(row for row in csv.DictReader(f) if row["case"] == "shifted")
+    assert shifted["reason"].endswith(
+        "; --slices covered keeps only the slices every component covers"
+    )
+    # --slices covered stores the 4 T2w slices (2..5) the shifted ADC covers: T2w slice 2 (6 mm)
+    # lies one ADC voxel below ADC slice 0 (9 mm), within the margin, and takes its value.
+    manifest, out = tmp_path / "manifest.csv", tmp_path / "covered"
+    capsys.readouterr()
+    assert _preprocess(manifest, out, "--slices", "covered", "--skip-bad-cases") == 0
+    assert capsys.readouterr().out.strip() == (
+        f"wrote 3 cases (16 slices of t2w, adc) to {out}; 1 case stored without the T2w slices a "
+        "component does not cover (--slices covered); 2 bad cases in errors.csv"
+    )
+    covered = open_store(out)
+    assert covered.case_ids == ["good", "shifted", "within_a_voxel"]
+    rows = covered.case_slices("shifted")
+    assert covered.slice_index[rows].tolist() == [2, 3, 4, 5]
+    np.testing.assert_allclose(
+        covered.images[rows, 64, 64, 1],
+        np.array([1000.0, 1000.0, 1100.0, 1200.0]) / 3000.0,
+        atol=1e-4,
+    )
+    assert covered.slice_index[covered.case_slices("good")].tolist() == list(range(6))
 
 
 @pytest.mark.real_data

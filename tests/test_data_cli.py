@@ -43,6 +43,7 @@ def test_synth_preprocess_folds_end_to_end(dataset, tmp_path, capsys):
     store = open_store(out)
     assert store.components == ("t2w", "adc", "hbv") and len(store.cases) == 4
     assert store.images.shape == (4 * 6, 128, 128, 3)
+    assert not (out / "errors.csv").exists()  # no case could be skipped: none is listed
     with (dataset / "lesions.csv").open() as f:
         lesions = list(csv.DictReader(f))
     for record in store.cases:  # labels read as ISUP values (dataset.json): classes as generated
@@ -71,7 +72,7 @@ def test_synth_preprocess_folds_end_to_end(dataset, tmp_path, capsys):
     assert (tmp_path / "fold-0.json").is_file() and (tmp_path / "fold-1.json").is_file()
 
 
-def test_manifest_layout(dataset, tmp_path):
+def test_manifest_layout(dataset, tmp_path, capsys):
     manifest = tmp_path / "cases.csv"
     write_manifest(
         discover_picai(dataset / "images", dataset / "labels", dataset / "masks"), manifest
@@ -85,6 +86,28 @@ def test_manifest_layout(dataset, tmp_path):
     assert store.annotated.all() and store.settings["slices"] == "annotated"
     with (dataset / "lesions.csv").open() as f:
         lesions = list(csv.DictReader(f))
+    # The lesion-free cases have no slice to keep: left out and counted, never stored as an
+    # empty slice range (which evaluation refused as "holds no pixel", naming a prediction file).
+    assert (
+        store.case_ids
+        == ["10002_1000002", "10003_1000003"]
+        == sorted({r["case_id"] for r in lesions})
+    )
+    assert all(r["stop"] > r["start"] for r in store.cases)
+    assert (
+        capsys.readouterr()
+        .out.strip()
+        .endswith(
+            f"to {out}; 2 lesion-free cases left out (--slices annotated keeps the slices with a "
+            "lesion)"
+        )
+    )
+    free = tmp_path / "free.csv"
+    write_manifest([c for c in cases if c.case_id not in store.case_ids], free)
+    args = ["preprocess", "--layout", "manifest", "--manifest", str(free), "--slices", "annotated"]
+    with pytest.raises(SystemExit, match=r"no case stored \(2 cases lesion-free\): --slices ann"):
+        main([*args, "--out", str(tmp_path / "none")])
+    assert not (tmp_path / "none").exists()
     for record in store.cases:  # a manifest's label value 1 is GS 3+3 (class 1)
         expected = sorted(int(r["class"]) for r in lesions if r["case_id"] == record["case_id"])
         assert sorted(record["lesion_classes"]) == expected
@@ -238,6 +261,16 @@ def test_skip_bad_cases_writes_good_ones_and_errors_csv(bad_dataset, tmp_path):
     assert set(errors) == set(spoiled)
     for case, (path, reason) in spoiled.items():
         assert errors[case]["file"] == path and reason in errors[case]["reason"], errors[case]
+
+
+def test_skip_bad_cases_with_no_bad_case_writes_an_empty_errors_csv(dataset, tmp_path, capsys):
+    """A run told to skip bad cases says that it skipped none: errors.csv holds its header only
+    (as `predict --skip-bad-cases` does), and the closing line counts no bad case."""
+    out = tmp_path / "store"
+    assert main(_picai_args(dataset, out, "--skip-bad-cases")) == 0
+    assert len(open_store(out).cases) == 4
+    assert (out / "errors.csv").read_text().splitlines() == ["case,file,reason"]
+    assert "bad case" not in capsys.readouterr().out
 
 
 def test_first_bad_case_stops_run_and_leaves_nothing(bad_dataset, tmp_path):

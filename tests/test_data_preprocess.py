@@ -634,6 +634,20 @@ def test_one_file_given_as_two_components_is_refused(small_case, tmp_path):
         preprocess_case(components, case_id="c9")
 
 
+def test_components_not_led_by_t2w_are_refused(small_case):
+    # The first component is the reference grid and is normalised as T2w: given ADC first, the
+    # ADC map was cropped on its own grid and scaled by "air" and "bladder", the T2w by its
+    # percentiles, without a word.
+    folder, _ = small_case
+    with pytest.raises(CaseError) as info:
+        preprocess_case({"adc": folder / "adc.mha", "t2w": folder / "t2w.mha"}, case_id="c9")
+    assert str(info.value) == (
+        f"case 'c9', file '{folder / 'adc.mha'}': components 'adc,t2w': expected t2w first (the "
+        "reference grid), "
+        "e.g. {'t2w': ..., 'adc': ...}"
+    )
+
+
 def test_a_label_given_as_the_gland_mask_too_is_refused(small_case, tmp_path):
     # `--masks` pointed at the labels folder (or a manifest's label path pasted as its
     # prostate_mask): the crop was centred on the lesions' centroid, not the gland's, without a

@@ -257,6 +257,15 @@ def test_a_table_that_does_not_fit_the_arrays_is_refused(tmp_path):
     (tmp_path / "two" / "cases.json").write_text(json.dumps(table))
     with pytest.raises(StaleStoreError, match=r"case 'b' has slices 0..3, expected to start at 3 "):
         open_store(tmp_path / "two")
+    table["cases"][1] = {**table["cases"][1], "start": 3, "stop": 3}  # 'b' holds no slice
+    (tmp_path / "two" / "cases.json").write_text(json.dumps(table))
+    with pytest.raises(StaleStoreError, match=r"case 'b' has no slice \(a lesion-free case of"):
+        open_store(tmp_path / "two")
+    with (
+        StoreWriter(tmp_path / "three", ("t2w", "adc"), SETTINGS) as writer,
+        pytest.raises(ValueError, match="case c: no slice to store"),
+    ):
+        writer.add(_case("c", 0), patient_id="p3")
 
 
 def test_arrays_that_do_not_fit_the_table_are_refused(tmp_path):

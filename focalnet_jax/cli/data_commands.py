@@ -76,9 +76,11 @@ def add_preprocess(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--components", default="t2w,adc", help="comma-separated, T2w first")
     parser.add_argument(
         "--slices",
-        choices=("all", "annotated"),
+        choices=("all", "annotated", "covered"),
         default="all",
-        help="slices to store: every T2w slice, or those holding lesion labels (default all)",
+        help="slices to store: every T2w slice, those holding lesion labels, or those every "
+        "component covers (a DWI slab shorter than the T2w's; a lesion on another slice is still "
+        "an error) (default all)",
     )
     parser.add_argument(
         "--unlabelled",

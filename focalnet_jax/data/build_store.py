@@ -53,13 +53,27 @@ class PreprocessSummary:
     errors: list[tuple[str, str, str]] = field(default_factory=list)
     components: tuple[str, ...] = ()  # stored, in channel order
     unread: str = ""  # what the input offers beyond `components` (see `unread_inputs`), or ""
+    lesion_free: list[str] = field(default_factory=list)  # left out: no slice to keep
+    trimmed: list[str] = field(default_factory=list)  # stored without uncovered T2w slices
 
     def __str__(self) -> str:
-        """`wrote N cases (S slices of t2w, adc) to PATH`, the inputs left unread and the bad
-        cases, if any: a store of fewer components than the input offers is said so."""
+        """`wrote N cases (S slices of t2w, adc) to PATH`, the inputs left unread, the
+        lesion-free cases left out by `--slices annotated`, the cases stored without some T2w
+        slices by `--slices covered` and the bad cases, if any: a store of fewer components,
+        cases or slices than the input offers is said so."""
         slices = f"{plural(self.num_slices, 'slice')} of {', '.join(self.components)}"
-        note = self.unread + bad_cases_note(self.errors)
+        note = self.unread
+        if self.lesion_free:
+            note += f"; {plural(len(self.lesion_free), 'lesion-free case')} left out "
+            note += f"({_ANNOTATED_ONLY})"
+        if self.trimmed:
+            note += f"; {plural(len(self.trimmed), 'case')} stored without the T2w slices a "
+            note += "component does not cover (--slices covered)"
+        note += bad_cases_note(self.errors)
         return f"wrote {plural(self.num_cases, 'case')} ({slices}) to {self.path}{note}"
+
+
+_ANNOTATED_ONLY = "--slices annotated keeps the slices with a lesion"
 
 
 def _work(job):
@@ -108,11 +122,15 @@ def _lost_case(jobs, index: int, how: str):
     return spec, None, (spec.case_id, "", f"its worker process died ({how})")
 
 
-def _add_results(writer: StoreWriter, results, bar: tqdm, skip_bad_cases: bool) -> list:
+def _add_results(
+    writer: StoreWriter, results, bar: tqdm, skip_bad_cases: bool
+) -> tuple[list, list[str], list[str]]:
     """Store each preprocessed case; a bad one raises its `CaseError`, or with `skip_bad_cases` is
-    listed as an error and skipped. Returns the `LabelledCase` of each stored case with lesions
-    (`gland_labels`)."""
-    labelled = []
+    listed as an error and skipped. A case with no slice to keep (lesion-free, `--slices
+    annotated`) is left out. Returns the `LabelledCase` of each stored case with lesions
+    (`gland_labels`), the ids of the cases left out and those of the cases stored without some
+    T2w slices a component does not cover (`--slices covered`)."""
+    labelled, lesion_free, trimmed = [], [], []
     for spec, case, error in results:
         bar.update()
         if error is not None:
@@ -121,11 +139,17 @@ def _add_results(writer: StoreWriter, results, bar: tqdm, skip_bad_cases: bool) 
             log.warning("skipping case %s: %s (%s)", *error[:1], error[2], error[1])
             writer.add_error(*error)
             continue
+        if not len(case.images):
+            log.info("leaving out case %s: lesion-free, and %s", spec.case_id, _ANNOTATED_ONLY)
+            lesion_free.append(spec.case_id)
+            continue
         files = {**spec.components, "label": spec.label, "mask": spec.mask}
         writer.add(case, patient_id=spec.patient_id, files=files, meta=spec.meta)
+        if writer.settings["slices"] == "covered" and len(case.images) < case.geometry.t2w_size[2]:
+            trimmed.append(spec.case_id)
         if len(case.lesion_classes):
             labelled.append(labelled_case(case))
-    return labelled
+    return labelled, lesion_free, trimmed
 
 
 def _errors_beside(out) -> Path:
@@ -142,17 +166,17 @@ def _remove_stale_errors(out) -> None:
         log.info("removed %s: it listed the cases of an earlier run that stored none", stale)
 
 
-def _refuse_empty_store(writer: StoreWriter, out, num_cases: int) -> NoReturn:
-    """Every case failed: drop the temporary store, list the errors in `<out>.errors.csv` beside
-    it, and raise."""
+def _refuse_empty_store(writer: StoreWriter, out, lesion_free: Sequence[str]) -> NoReturn:
+    """Every case failed or was lesion-free (`--slices annotated`): drop the temporary store, list
+    the errors in `<out>.errors.csv` beside it, and raise."""
     errors = list(writer.errors)
     writer.abort()
     if errors:
         write_errors(_errors_beside(out), errors)
-    raise UserError(
-        f"store {out}: no case stored ({plural(num_cases, 'case')} failed); first: "
-        f"{errors[0] if errors else ''}"
-    )
+    why = [f"{plural(len(errors), 'case')} failed"] if errors else []
+    why += [f"{plural(len(lesion_free), 'case')} lesion-free"] if lesion_free else []
+    first = f"; first: {errors[0]}" if errors else f": {_ANNOTATED_ONLY}"
+    raise UserError(f"store {out}: no case stored ({', '.join(why)}){first}")
 
 
 def preprocess_cases(
@@ -170,9 +194,9 @@ def preprocess_cases(
     """Preprocess `cases` into the store `out` (replaced atomically when complete).
 
     Raises the first `CaseError` unless `skip_bad_cases`; then every bad case is written to
-    `<out>/errors.csv` and the others are stored. `errors`: cases already refused while finding
-    them, listed first in errors.csv. `overwrite`: replace a store at `out` made with other
-    settings (see `StoreWriter`).
+    `<out>/errors.csv` (written, maybe empty, whenever `skip_bad_cases`) and the others are
+    stored. `errors`: cases already refused while finding them, listed first in errors.csv.
+    `overwrite`: replace a store at `out` made with other settings (see `StoreWriter`).
     """
     if not cases:
         raise UserError(f"store {out}: no cases to preprocess")
@@ -194,19 +218,20 @@ def preprocess_cases(
         lost = functools.partial(_lost_case, jobs) if skip_bad_cases else None
         with bar, worker_results(_work, jobs, workers, lost) as results:
             try:
-                labelled = _add_results(writer, results, bar, skip_bad_cases)
+                added = _add_results(writer, results, bar, skip_bad_cases)
             except WorkerDiedError as died:
                 if died.index is None:  # no case to name or skip: the run stops
                     raise UserError(f"store {out}: {died}") from None
                 raise CaseError(*_lost_case(jobs, died.index, died.how)[2]) from None
+        labelled, lesion_free, trimmed = added
         if not writer.records:
-            _refuse_empty_store(writer, out, len(jobs))
+            _refuse_empty_store(writer, out, lesion_free)
         check_gland_labels(labelled, out)
-        path = writer.commit()
+        path = writer.commit(errors_file=skip_bad_cases)
         _remove_stale_errors(out)
         return PreprocessSummary(
             path, len(writer.records), writer.num_slices, list(writer.errors),
-            components=tuple(cases[0].components),
+            components=tuple(cases[0].components), lesion_free=lesion_free, trimmed=trimmed,
         )  # fmt: skip
 
 

@@ -5,8 +5,8 @@ is the value that looks most like tumour, so every component must cover the crop
 slice. A crop pixel centre counts as covered when it lies within `MARGIN_VOXELS` of the component's
 outermost voxel centres along each of the component's axes (continuous index in
 [-MARGIN_VOXELS, size - 1 + MARGIN_VOXELS]); inside that margin preprocessing extrapolates the
-nearest voxel instead of writing 0. Inference may keep only the slices every component covers
-(`covered_slices`: a DWI slab shorter than the T2w's).
+nearest voxel instead of writing 0. Inference, and a store made with `--slices covered`, keep only
+the slices every component covers (`covered_slices`: a DWI slab shorter than the T2w's).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from focalnet_jax.data.io import CaseError
 log = logging.getLogger(__name__)
 
 MARGIN_VOXELS = 1.0
+_COVERED_HINT = "; --slices covered keeps only the slices every component covers"
 
 
 def _grid(image: sitk.Image):
@@ -61,13 +62,16 @@ def shortfall(name: str, inside: np.ndarray, slices) -> str | None:
     )
 
 
-def check_covered(images, components, reference, keep: np.ndarray, case: str) -> None:
+def check_covered(
+    images, components, reference, keep: np.ndarray, case: str, hint: str = ""
+) -> None:
     """Each component image (`images`, name -> image; `components`, name -> path) must cover the
-    crop (`reference`) on the kept T2w slices `keep`; else a CaseError naming the file."""
+    crop (`reference`) on the kept T2w slices `keep`; else a CaseError naming the file, its
+    reason ended by `hint`."""
     for name, image in images.items():
         problem = shortfall(name, covered(image, reference, keep), keep)
         if problem:
-            raise CaseError(case, components[name], problem)
+            raise CaseError(case, components[name], problem + hint)
 
 
 def covered_slices(images, components, reference, annotated: np.ndarray, case: str) -> np.ndarray:
@@ -87,4 +91,18 @@ def covered_slices(images, components, reference, annotated: np.ndarray, case: s
             "other %d slices, which every component covers, are used",
             *(case, np.flatnonzero(~full).tolist(), len(keep)),
         )
+    return keep
+
+
+def kept_slices(images, components, reference, annotated: np.ndarray, slices: str, case: str):
+    """int [S]: the T2w slices to store under `slices`: 'all' (every one), 'annotated' (those
+    holding a lesion, `annotated` [Z]) or 'covered' (`covered_slices`); a kept slice that a
+    component does not cover is the `check_covered` error."""
+    if slices == "covered":
+        return covered_slices(images, components, reference, annotated, case)
+    if slices == "annotated":
+        keep, hint = np.flatnonzero(annotated), ""
+    else:
+        keep, hint = np.arange(len(annotated)), _COVERED_HINT
+    check_covered(images, components, reference, keep, case, hint)
     return keep

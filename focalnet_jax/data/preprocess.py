@@ -383,11 +383,16 @@ def _read_components(
 
 def _case_name(components: Mapping, case_id: str | None, slices: str) -> str:
     """`case_id`, else the T2w (first component) file name without extension; refuses no
-    components and an unknown `slices`."""
+    components, components not led by `t2w` (the reference grid, normalised as T2w: another
+    first component would take its place without a word) and an unknown `slices`."""
     if not components:
         raise CaseError(case_id or "?", None, "no components given")
-    t2w_path = components[next(iter(components))]
+    first = next(iter(components))
+    t2w_path = components[first]
     case = case_id or os.path.basename(os.fspath(t2w_path)).split(".")[0]
+    if first != "t2w":
+        order = f"components {','.join(components)!r}: expected t2w first (the reference grid)"
+        raise CaseError(case, t2w_path, order + ", e.g. {'t2w': ..., 'adc': ...}")
     if slices not in SLICE_MODES:
         raise CaseError(case, None, f"slices={slices!r}: expected one of {SLICE_MODES}")
     return case
@@ -463,7 +468,7 @@ def preprocess_case(
       center: LPS point (mm) to centre the crop on, used when `mask` is None.
       mask: whole-gland mask (image or DICOM SEG) whose centroid centres the crop.
       slices: 'all' (every T2w slice), 'annotated' (slices holding lesion labels) or 'covered'
-        (the T2w slices every component covers, for inference: the others named in a warning).
+        (the T2w slices every component covers: the others named in a warning).
       config: None, a `PreprocessConfig`, or a mapping of its fields.
       case_id: name used in errors and the store (default: the T2w file name).
       bladder_mask: optional bladder mask for the T2w upper reference.
@@ -487,12 +492,6 @@ def preprocess_case(
     if gland is not None:  # a label that is the gland (judged per run); lesions outside it
         full = replace(full, gland_dice=gland_dice(full, gland, label, mask, case))
     # 4. The slices to store, each covered by every component.
-    annotated = full.annotated
-    reference = full.geometry.reference_image(len(annotated))
-    if slices == "covered":
-        return _select_slices(
-            full, coverage.covered_slices(images, components, reference, annotated, case)
-        )
-    keep = np.flatnonzero(annotated) if slices == "annotated" else np.arange(len(annotated))
-    coverage.check_covered(images, components, reference, keep, case)
+    reference = full.geometry.reference_image(len(full.annotated))
+    keep = coverage.kept_slices(images, components, reference, full.annotated, slices, case)
     return _select_slices(full, keep)

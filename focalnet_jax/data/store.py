@@ -10,7 +10,8 @@ Layout (N = slices of all cases, concatenated case after case):
     slice_index.npy  int32   [N]                T2w slice of each crop slice
     cases.json       {"components", "settings", "fingerprint", "cases": [record, ...]}
     fingerprint.json the settings, their hash, and per-component intensity percentiles
-    errors.csv       cases left out by --skip-bad-cases (case, file, reason)
+    errors.csv       cases left out by --skip-bad-cases (case, file, reason; written, maybe
+                     empty, whenever --skip-bad-cases is given)
 
 Each case record holds case_id, patient_id, start, stop (its slice range), lesion_classes,
 lesion_grade_known, index_lesion, spacing (row, col mm), geometry (a `CropGeometry`), and the source
@@ -144,6 +145,8 @@ class StoreWriter:
             raise ValueError(
                 f"case {case.case_id}: components {case.components} != {self.components}"
             )
+        if not len(case.images):  # its records would hold an empty slice range
+            raise ValueError(f"case {case.case_id}: no slice to store")
         shape = case.images.shape[1:]
         if self._shape is None:
             self._shape = shape
@@ -193,8 +196,10 @@ class StoreWriter:
             stats[name] = {"p0.5": float(p[0]), "p50": float(p[1]), "p99.5": float(p[2])}
         return stats
 
-    def commit(self) -> Path:
-        """Finish the arrays and tables and move the folder to `path` (replacing an older store)."""
+    def commit(self, *, errors_file: bool = False) -> Path:
+        """Finish the arrays and tables and move the folder to `path` (replacing an older store).
+        errors.csv is written when a case was skipped, or always with `errors_file` (maybe empty:
+        a run that was told to skip bad cases says that it skipped none)."""
         if not self.records:
             self.abort()
             raise UserError(f"store {self.path}: no case was preprocessed")
@@ -222,7 +227,7 @@ class StoreWriter:
         finger = {"settings": self.settings, "fingerprint": digest, "num_cases": len(self.records)}
         finger.update(num_slices=self.num_slices, crop_shape=[h, w], statistics=self._statistics())
         (self.tmp / "fingerprint.json").write_text(json.dumps(finger, indent=1))
-        if self.errors:
+        if self.errors or errors_file:
             write_errors(self.tmp / "errors.csv", self.errors)
         old = swap_in(self.tmp, self.path)
         if old is not None:
@@ -396,8 +401,8 @@ def _check_array_layout(arrays: dict, num_components: int, path: Path) -> None:
 
 def _check_slice_ranges(cases, num_slices: int, table_path: Path) -> None:
     """Each case record's `start`/`stop` must lie within the arrays' `num_slices` rows, after the
-    previous case's, each case id once: a `cases.json` of another store (or hand-edited) would
-    otherwise give cases other cases' slices, or none, without a word."""
+    previous case's, at least one slice each, each case id once: a `cases.json` of another store
+    (or hand-edited) would otherwise give cases other cases' slices, or none, without a word."""
     stop, seen = 0, set()
     for record in cases:
         case = record["case_id"]
@@ -410,6 +415,11 @@ def _check_slice_ranges(cases, num_slices: int, table_path: Path) -> None:
                 f"{table_path}: case {case!r} has slices {start}..{end}, expected to start at "
                 f"{stop} or later; the table does not fit the arrays, run `focalnet preprocess` "
                 "again"
+            )
+        if end == start:  # made by `--slices annotated` before lesion-free cases were left out
+            raise StaleStoreError(
+                f"{table_path}: case {case!r} has no slice (a lesion-free case of `--slices "
+                "annotated`); nothing could be evaluated on it, run `focalnet preprocess` again"
             )
         if end > num_slices:
             raise StaleStoreError(
