@@ -27,7 +27,8 @@ from focalnet_jax.evaluation.ensemble import (
     load_ensemble,
     resolve_folder,
 )
-from focalnet_jax.evaluation.inference import Predictor
+from focalnet_jax.evaluation.inference import Predictor, variables_digest
+from focalnet_jax.run.workdir import load_for_inference
 
 CASES = 5
 
@@ -107,13 +108,18 @@ def test_predict_maps_of_the_ensemble_are_the_mean_of_the_single_models(cv, tmp_
         for score in ("lesion_score.nii.gz", "cspca_score.nii.gz"):
             mean = (read(single[0] / score) + read(single[1] / score)) / 2
             np.testing.assert_allclose(read(out / score), mean, atol=1e-5)
-    # models.json names the runs and steps that made each output folder; no temporary is left.
+    # models.json names the runs, steps and weights that made each output folder (the digest of
+    # each checkpoint's variables, as loaded again here); no temporary is left.
     expected = [{"run": str(f), "step": 2} for f in folds]
+    weights = [variables_digest(load_for_inference(f)[1]) for f in folds]
+    assert len(set(weights)) == 2 and all(len(w) == 16 for w in weights)
     assert json.loads((tmp_path / "cv" / "models.json").read_text()) == {
         "models": expected,
         "tta": "none",
+        "weights": weights,
     }
-    assert json.loads((tmp_path / "fold1" / "models.json").read_text())["models"] == expected[1:]
+    recorded = json.loads((tmp_path / "fold1" / "models.json").read_text())
+    assert recorded["models"] == expected[1:] and recorded["weights"] == weights[1:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cv", "fold0", "fold1", "repeated"]
 
 
@@ -759,3 +765,21 @@ def test_predict_and_evaluate_keep_their_compiled_inference_in_the_cache_given(c
         cached = [p.name for p in (tmp_path / folder).iterdir()]
         assert len([n for n in cached if n.startswith("jit_apply-")]) == 1, (folder, cached)
     assert jax.config.jax_compilation_cache_dir is None
+
+
+def test_variables_digest_reads_values_not_containers():
+    """One digest for one set of weights, as NumPy or JAX arrays; another where one value, a
+    dtype or a name differs."""
+    import jax
+    import jax.numpy as jnp
+
+    tree = {"params": {"conv": {"kernel": np.arange(6, dtype=np.float32).reshape(2, 3)}}}
+    digest = variables_digest(tree)
+    on_device = jax.tree.map(jnp.asarray, tree)
+    assert variables_digest(on_device) == digest
+    changed = tree["params"]["conv"]["kernel"].copy()
+    changed[1, 2] = 5.5
+    assert variables_digest({"params": {"conv": {"kernel": changed}}}) != digest
+    as_f64 = tree["params"]["conv"]["kernel"].astype(np.float64)
+    assert variables_digest({"params": {"conv": {"kernel": as_f64}}}) != digest
+    assert variables_digest({"params": {"conv2": tree["params"]["conv"]}}) != digest

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import json
 import os
 import shutil
 import signal
@@ -38,6 +39,12 @@ CASES = 3
 MAPS = ("lesion_score", "cspca_score", "detection_map")
 
 
+def _overrides(root: Path) -> list[str]:
+    """The settings of the fixture's run, trained on the store in `root`."""
+    return ["--config.train.steps=2", "--config.data.slices=all", "--config.loss.mfl=False",
+            f"--config.data.store={root / 'store'}", "--config.data.num_folds=2"]  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """{'data': synthetic PI-CAI folder of 3 cases, 'run': a 2-step run, 'reference': an
@@ -49,10 +56,8 @@ def tiny(tmp_path_factory):
     run_cli(["synth", f"--out={data}", f"--cases={CASES}", "--seed=3", "--small"])
     run_cli(["preprocess", "--layout=picai", f"--images={data / 'images'}",
              f"--labels={data / 'labels'}", f"--out={store}"])  # fmt: skip
-    overrides = ["--config.train.steps=2", "--config.data.slices=all", "--config.loss.mfl=False",
-                 f"--config.data.store={store}", "--config.data.num_folds=2"]  # fmt: skip
     with fast_compiles(), contextlib.redirect_stderr(io.StringIO()):
-        train_and_evaluate(tiny_config(overrides=overrides), root / "run")
+        train_and_evaluate(tiny_config(overrides=_overrides(root)), root / "run")
         run_cli([*_predict(root / "run", data / "images", root / "reference")])
     return {"data": data, "run": root / "run", "reference": root / "reference", "root": root}
 
@@ -200,6 +205,40 @@ def test_resume_refuses_other_settings_and_a_partial_another_run_writes(
         )
         run_cli([*predict, "--resume", "--batch-size", "3"])  # the batch size may change
     assert_same_outputs(out, tiny["reference"])
+
+
+def test_resume_refuses_a_run_trained_again_to_the_same_step(tiny, tmp_path, monkeypatch):
+    """A run folder trained again in place (another seed, the same step) between the stopped run
+    and `--resume` passed the check of runs and steps: the finished cases of the old weights
+    were kept beside the others' of the new. models.json now records each model's weights."""
+    from focalnet_jax.training import train_and_evaluate
+
+    run, other = tmp_path / "run", tmp_path / "other"
+    shutil.copytree(tiny["run"], run)
+    with fast_compiles(), contextlib.redirect_stderr(io.StringIO()):
+        train_and_evaluate(
+            tiny_config(overrides=[*_overrides(tiny["root"]), "--config.seed=1"]), other
+        )
+    out = tmp_path / "out"
+    write = batch_predict.write_case_folder
+
+    def once(partial, case_id, writer):
+        if _finished(partial):
+            raise KeyboardInterrupt
+        return write(partial, case_id, writer)
+
+    with monkeypatch.context() as patched, fast_compiles():
+        patched.setattr(batch_predict, "write_case_folder", once)
+        with pytest.raises(SystemExit):
+            run_cli(_predict(run, tiny["data"] / "images", out))
+    before = json.loads((partial_folder(out) / "models.json").read_text())["weights"]
+    shutil.rmtree(run)
+    shutil.copytree(other, run)  # trained again, to the same step
+    with fast_compiles():
+        message = cli_error([*_predict(run, tiny["data"] / "images", out), "--resume"])
+    assert "with other models or settings (weights: " in message, message
+    now = json.loads(message.split("in the partial, ")[1].split(" now)")[0])
+    assert len(before) == len(now) == 1 and before != now
 
 
 def test_a_case_that_failed_before_is_retried_on_resume(tiny, tmp_path, monkeypatch, caplog):

@@ -248,14 +248,19 @@ class Ensemble:
     def describe(self) -> dict:
         """Which models formed the predictions: {"models": [{"run", "step"}], "tta"}, each run
         absolute (symlinks resolved, so that one run reads the same however it was named),
-        "left_out" (a list of {"run", "reason"}) where a cross-validation folder's fold was, and
-        "output_encoding": "binary" for models of lesion against no lesion (scores without a
-        grade; only then, so that earlier outputs of graded models still resume)."""
+        "weights" (each model's `variables_digest`, where every model was loaded from a run: a
+        run trained again to the same step reads as other models), "left_out" (a list of {"run",
+        "reason"}) where a cross-validation folder's fold was, and "output_encoding": "binary"
+        for models of lesion against no lesion (scores without a grade; only then, so that
+        earlier outputs of graded models still resume)."""
         models = [
             {"run": str(r.resolve()), "step": p.step}
             for r, p in zip(self.runs, self.predictors, strict=True)
         ]
         described = {"models": models, "tta": self.tta}
+        weights = [p.weights for p in self.predictors]
+        if None not in weights:
+            described["weights"] = weights
         if self.left_out:
             described["left_out"] = self.left_out
         if self.output_encoding == "binary":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -33,6 +34,20 @@ def inference_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
     """1-D `data` mesh over `devices` (default: every device of this process,
     `jax.local_devices()`): a batch of slices is split over them."""
     return Mesh(np.array(list(devices or jax.local_devices())), (DATA_AXIS,))
+
+
+def variables_digest(variables) -> str:
+    """The first 16 hex digits of the SHA-256 of a variables tree (each leaf's path, dtype, shape
+    and bytes, in path order): one value for one set of weights, however they were loaded."""
+    digest = hashlib.sha256()
+    for path, leaf in sorted(
+        jax.tree_util.tree_leaves_with_path(variables),
+        key=lambda item: jax.tree_util.keystr(item[0]),
+    ):
+        array = np.ascontiguousarray(leaf)
+        digest.update(f"{jax.tree_util.keystr(path)}|{array.dtype}|{array.shape}|".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()[:16]
 
 
 def checked_images(images: np.ndarray, components: Sequence[str]) -> np.ndarray:
@@ -62,6 +77,7 @@ class Predictor:
     apply: Callable
     batch_size: int = 16
     step: int | None = None  # the checkpoint step, where loaded from a run
+    weights: str | None = None  # `variables_digest` of the checkpoint, where loaded from a run
     mesh: Mesh = dataclasses.field(default_factory=inference_mesh)
 
     @property
@@ -82,7 +98,7 @@ class Predictor:
             step = workdir_lib.latest_step(workdir)
         spec, variables = workdir_lib.load_for_inference(workdir, step)
         predictor = cls.from_variables(spec, variables, batch_size=batch_size, devices=devices)
-        return dataclasses.replace(predictor, step=step)
+        return dataclasses.replace(predictor, step=step, weights=variables_digest(variables))
 
     @classmethod
     def from_variables(

@@ -161,7 +161,9 @@ def _difference(recorded: dict, current: dict, prefix: str = "") -> str | None:
 
 
 def _check_resumable(partial: Path, settings: dict) -> None:
-    """Refuses (one line) a partial made with other models or settings than `settings`."""
+    """Refuses (one line) a partial made with other models or settings than `settings`. A partial
+    of an earlier version, without the models' "weights", has its models checked by run and
+    step alone, as then."""
     try:
         recorded = json.loads((partial / MODELS_FILE).read_text())
     except (OSError, ValueError) as error:
@@ -169,6 +171,8 @@ def _check_resumable(partial: Path, settings: dict) -> None:
             f"{partial} has no readable {MODELS_FILE} ({error}): it is not the partial output "
             f"of {WRITER}; remove it or add --overwrite to start over"
         ) from None
+    if "weights" not in recorded:
+        settings = {key: value for key, value in settings.items() if key != "weights"}
     if difference := _difference(recorded, settings):
         raise UserError(
             f"--resume: {partial} was made with other models or settings ({difference}); run with "
