@@ -547,3 +547,25 @@ def test_an_output_folder_that_cannot_be_written_is_one_line(tmp_path):
     (line,) = result.stderr.splitlines()
     assert line.startswith(f"focalnet synth: error: [Errno 13] Permission denied: '{read_only}/")
     assert list(read_only.iterdir()) == []
+
+
+def test_study_run_without_picai_eval_is_refused_before_any_cell(tmp_path):
+    """Without picai_eval every cell trained, then left out three of the report's four headline
+    metrics (NaN, with them every test on them). A picai_eval that cannot be imported (here a
+    package that raises on import, ahead of the installed one) is refused in one line."""
+    shadow = tmp_path / "shadow" / "picai_eval"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('hidden for this test')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(shadow.parent), str(REPO)])}
+    workdir = tmp_path / "s"
+    argv = ["study", "run", "--spec", str(REPO / "configs" / "studies" / "bosma22.py"),
+            "--workdir", str(workdir), "--dry-run"]  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "focalnet_jax.cli", *argv], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == (
+        "focalnet study run: error: picai_eval is not installed (hidden for this test); install "
+        "the 'picai' extra: the report compares arms on picai_eval's metrics"
+    )
+    assert not workdir.exists()

@@ -4,14 +4,16 @@ data or their augmentation shows up here.
 
 The fixture `tests/data/demo_loss_trace.json` was recorded on CPU (float32 TensorBoard scalars)
 with the code before the run-layer refactor. Another CPU or XLA version orders float32 reductions
-differently, and training amplifies that round-off: measured on a second CPU model, the train
-scalars differ from the fixture by at most 1.1e-6 (relative) at step 1, 1.5e-6 at step 2, 2.6e-5 at
-step 3, 4e-3 at step 4 and 30 % by step 7. So every train scalar is compared at the first
-`EXACT_STEPS` steps (the loss terms of the first batches, and one and two optimizer updates), the
-schedules (`train/lr`, `train/mfl_weight`) at every step, and the rest only for being there and
-finite. A change of the synthetic data or of preprocessing changes the store and so the trace:
-re-record it only for such an intended change, `python tests/test_loss_trace.py ROOT` (prints the
-trace and writes the fixture).
+differently, and training amplifies that round-off. The train scalars of two other CPU models
+differed from the fixture by at most (relative) 1.1e-6 and 2.6e-5 at step 1, 1.5e-6 and 1.8e-3 at
+step 2, 2.6e-5 and 1.6e-2 at step 3 (the second an AMD EPYC; there the gradient norm of step 3
+moved most), and by 30 % by step 7. So every train scalar is compared at the first steps with the
+tolerance `RTOL` of its step (the loss terms and gradient of the first batch, then after one and
+two optimizer updates), the schedules (`train/lr`, `train/mfl_weight`) at every step, and the
+rest only for being there and finite. What the looser steps still see, measured: a learning rate
+5 % higher moved the losses of step 2 by 4.5e-2. A change of the synthetic data or of
+preprocessing changes the store and so the trace: re-record it only for such an intended change,
+`python tests/test_loss_trace.py ROOT` (prints the trace and writes the fixture).
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ from focalnet_jax import cli
 
 FIXTURE = Path(__file__).parent / "data" / "demo_loss_trace.json"
 STEPS = 20
-RTOL, ATOL = 1e-4, 1e-7
-EXACT_STEPS = 3  # steps compared for every train scalar (module docstring)
+RTOL = (1e-4, 1e-2, 5e-2)  # of steps 1, 2, 3, each train scalar (module docstring)
+ATOL = 1e-7
 SCHEDULES = ("train/lr", "train/mfl_weight")  # functions of the step alone: compared at every step
 
 
@@ -59,12 +61,13 @@ def test_demo_trace_matches_the_recorded_one(trace):
     assert len(expected["train/loss"]) == STEPS
     for tag, values in expected.items():
         assert len(trace[tag]) == len(values) and np.all(np.isfinite(trace[tag])), tag
-        compared = (
-            len(values) if tag in SCHEDULES else EXACT_STEPS if tag.startswith("train/") else 0
-        )
-        np.testing.assert_allclose(
-            trace[tag][:compared], values[:compared], rtol=RTOL, atol=ATOL, err_msg=tag
-        )
+        if tag in SCHEDULES:
+            np.testing.assert_allclose(trace[tag], values, rtol=RTOL[0], atol=ATOL, err_msg=tag)
+        elif tag.startswith("train/"):
+            for step, rtol in enumerate(RTOL):
+                np.testing.assert_allclose(
+                    trace[tag][step], values[step], rtol=rtol, atol=ATOL, err_msg=f"{tag} {step}"
+                )
 
 
 if __name__ == "__main__":

@@ -877,6 +877,34 @@ def test_report_refuses_a_metric_missing_from_metrics_json(capsys):
     assert "warning: c/m.json: no picai.score" in capsys.readouterr().err
 
 
+def test_report_says_which_metrics_a_cell_did_not_evaluate_and_why():
+    """A cell evaluated without picai_eval read as NaN on three headline metrics, left out of
+    their tests, and the report did not say why."""
+    from focalnet_jax.study.report import Collected, _skipped_lines, skipped_metrics
+
+    absent = "picai_eval is not installed (No module named 'picai_eval'); install the 'picai' extra"
+    rows = [{"arm": a, "repeat": 0, "fold": f} for a, f in (("ce", 0), ("ce", 1), ("fl", 0))]
+    metrics = [
+        {"picai": {"skipped": absent}, "roc": {"gs_ge_7": {"auc": 0.7}}},
+        {"picai": {"auroc": 0.8, "ap": 0.5, "score": 0.65}, "roc": {"skipped": "one class"}},
+        {"picai": {"skipped": absent}, "roc": {"skipped": "one class"}},
+    ]
+    skipped = skipped_metrics(Collected(rows=rows, metrics=metrics))
+    picai = {
+        m: ["ce/rep0/fold0", "fl/rep0/fold0"] for m in ("picai_auroc", "picai_ap", "picai_score")
+    }
+    roc = {m: ["ce/rep0/fold1", "fl/rep0/fold0"] for m in ("roc_gs_ge_7_auc", "roc_gs_ge_4+3_auc")}
+    assert skipped == {absent: picai, "one class": roc}
+    assert _skipped_lines(skipped) == [
+        "",
+        "**Not evaluated** (picai_auroc, picai_ap, picai_score) in 2 cells (ce/rep0/fold0, "
+        f"fl/rep0/fold0): {absent}. Those runs are n/a for them and left out of their tests.",
+        "",
+        "**Not evaluated** (roc_gs_ge_7_auc, roc_gs_ge_4+3_auc) in 2 cells (ce/rep0/fold1, "
+        "fl/rep0/fold0): one class. Those runs are n/a for them and left out of their tests.",
+    ]
+
+
 def test_report_partial_leaves_out_a_run_without_the_groups_froc_curve():
     """`study report --partial` (what the missing-metric error advises) ended in a KeyError
     traceback when a run's metrics.json lacked the FROC group."""

@@ -172,7 +172,11 @@ def cell_states(
 
 
 def _run(args: argparse.Namespace) -> int:
+    from focalnet_jax.evaluation import picai
+
     _check_run_flags(args)
+    if reason := picai.available():  # each cell would train, then leave out three of the four
+        raise StudyError(f"{reason}: the report compares arms on picai_eval's metrics")
     check_output_folder(args.workdir, "--workdir")  # a dry run too: as the real run would
     study = _open_or_create(args)
     if args.dry_run:  # writes nothing, so it needs no lock (and the folder may not exist yet)

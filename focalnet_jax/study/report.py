@@ -70,6 +70,8 @@ STATS_COLUMNS = (
     "p_welch_bonferroni",
     "n_pairs",
     "p_permutation_paired",
+    "n_folds",
+    "p_permutation_folds",
 )
 
 
@@ -232,13 +234,16 @@ def _comparisons(stats_rows: Sequence[Mapping], iterations: int) -> list[str]:
         f"else {iterations} random splits drawn with seed {statistics.PERMUTATION_SEED}, p >= "
         f"1/{iterations + 1}); p paired: one-sided sign-flip permutation test of the mean "
         "difference b - a over the n pairs of runs of the same repeat and fold (exact up to 20 "
-        f"pairs, else {iterations} random sign patterns); neither is corrected for multiple "
-        "comparisons. p_welch: one-sided Welch t-test, unpaired; p_welch_bonferroni: p_welch x "
+        f"pairs, else {iterations} random sign patterns); p folds: the same test with the "
+        "differences averaged over the repeats of each fold and flipped per fold (n folds; the "
+        "repeats of a fold share its patients, so only this one counts a fold once); none is "
+        "corrected for multiple comparisons, and all but p folds treat the runs as independent. "
+        "p_welch: one-sided Welch t-test, unpaired; p_welch_bonferroni: p_welch x "
         f"{pairs} (the ordered pairs of each metric), capped at 1. See docs/studies.md.",
         "",
         "| metric | a | b | n a | n b | mean a | mean b | p_permutation | n pairs | p paired "
-        "| p_welch | p_welch_bonferroni |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| n folds | p folds | p_welch | p_welch_bonferroni |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in stats_rows:
         if r["metric"] in HEADLINE:
@@ -246,6 +251,7 @@ def _comparisons(stats_rows: Sequence[Mapping], iterations: int) -> list[str]:
                 f"| {r['metric']} | {r['arm_a']} | {r['arm_b']} | {r['n_a']} | {r['n_b']} | "
                 f"{_fmt(r['mean_a'])} | {_fmt(r['mean_b'])} | {_fmt_p(r['p_permutation'])} | "
                 f"{r['n_pairs']} | {_fmt_p(r['p_permutation_paired'])} | "
+                f"{r['n_folds']} | {_fmt_p(r['p_permutation_folds'])} | "
                 f"{_fmt_p(r['p_welch'])} | {_fmt_p(r['p_welch_bonferroni'])} |"
             )
     return lines
@@ -324,9 +330,43 @@ def _cost(rows: Sequence[Mapping], arms: Sequence[str]) -> list[str]:
     return lines
 
 
-def _markdown(study: Study, found: Collected, stats_rows, iterations: int) -> str:
+def skipped_metrics(found: Collected) -> dict[str, dict[str, list[str]]]:
+    """{reason: {metric column: [cell, ...]}} for the metrics a cell's evaluation skipped, saying
+    why (a section's "skipped": e.g. picai_eval not installed where the cell was evaluated, or
+    a fold without a case of one class): NaN in runs.csv, and so left out of every test."""
+    skipped: dict[str, dict[str, list[str]]] = {}
+    for row, metrics in zip(found.rows, found.metrics, strict=True):
+        cell = f"{row['arm']}/rep{row['repeat']}/fold{row['fold']}"
+        for column, path in METRICS.items():
+            value = metrics
+            for key in path:
+                if not isinstance(value, Mapping):
+                    break
+                if "skipped" in value:
+                    reason = str(value["skipped"])
+                    skipped.setdefault(reason, {}).setdefault(column, []).append(cell)
+                    break
+                value = value.get(key)
+    return skipped
+
+
+def _skipped_lines(skipped: Mapping[str, Mapping[str, Sequence[str]]]) -> list[str]:
+    """report.md's note of `skipped_metrics`: which metrics, in how many cells, and why."""
+    lines = []
+    for reason, columns in skipped.items():
+        cells = sorted({cell for found in columns.values() for cell in found})
+        shown = ", ".join(cells[:4]) + (", ..." if len(cells) > 4 else "")
+        lines.append(
+            f"**Not evaluated** ({', '.join(columns)}) in {plural(len(cells), 'cell')} "
+            f"({shown}): {reason}. Those runs are n/a for them and left out of their tests."
+        )
+    return [line for text in lines for line in ("", text)]
+
+
+def _markdown(study: Study, found: Collected, stats_rows, iterations: int, skipped) -> str:
     names = list(dict.fromkeys(r["arm"] for r in found.rows))
-    lines = _header(study, found.missing) + _metrics_table(found.rows, names)
+    lines = _header(study, found.missing) + _skipped_lines(skipped)
+    lines += _metrics_table(found.rows, names)
     lines += _comparisons(stats_rows, iterations) + _coverage(found.rows, names)
     lines += _convergence(found.rows, [a for a in study.arms if a in names])
     lines += _cost(found.rows, [a for a in study.arms if a in names])
@@ -360,6 +400,13 @@ def write_report(
         raise StudyError(f"{study.root}: no cell is done yet; nothing to report")
     cells = [f"cell {r['arm']}/rep{r['repeat']}/fold{r['fold']}" for r in rows]
     check_settings(dict(zip(cells, found.metrics, strict=True)))  # comparable cells only
+    skipped = skipped_metrics(found)
+    for reason, columns in skipped.items():
+        count = len({cell for found_in in columns.values() for cell in found_in})
+        print(
+            f"warning: {', '.join(columns)} not evaluated in {plural(count, 'cell')}: {reason}",
+            file=sys.stderr,
+        )
     out = study.root / "report"
     out.mkdir(parents=True, exist_ok=True)
     names = list(dict.fromkeys(r["arm"] for r in rows))
@@ -382,5 +429,5 @@ def write_report(
         figures.pvalue_matrices(out / "pvalues.png", stats_rows, HEADLINE)
     figures.val_loss_curves(out / "val_loss.png", losses)
     with replaced_atomically(out / "report.md") as tmp:
-        tmp.write_text(_markdown(study, found, stats_rows, iterations))
+        tmp.write_text(_markdown(study, found, stats_rows, iterations, skipped))
     return out

@@ -22,6 +22,9 @@ the baseline arm `a` (every metric compared here is higher-is-better).
 - `p_welch_bonferroni`: min(1, p_welch x m), m = the number of ordered arm pairs of that metric.
 - `p_permutation_paired` over `n_pairs`: `paired_permutation_pvalue`, the runs of a and b of the
   same repeat and fold paired, the signs of their differences flipped.
+- `p_permutation_folds` over `n_folds`: `fold_blocked_permutation_pvalue`, the same differences
+  averaged over the repeats of each fold, the signs flipped per fold: the fold, not the cell, is
+  the unit that varies independently.
 
 Values that are not numbers (NaN: e.g. an AUROC of a fold without negatives) are left out of
 every test; a test with fewer than 1 (permutation) or 2 (Welch) values per arm gives NaN. The
@@ -95,26 +98,66 @@ def paired_permutation_pvalue(
     `seed`, p = (at least as extreme + 1) / (iterations + 1). NaN without pairs."""
     if iterations < 1:
         raise ValueError(f"iterations must be at least 1, got {iterations}")
+    diff = _paired_differences(baseline, alternative)
+    if not diff:
+        return float("nan"), 0
+    return _sign_flip_pvalue(np.array(list(diff.values())), iterations, seed), len(diff)
+
+
+def fold_blocked_permutation_pvalue(
+    baseline: Mapping[tuple, float],
+    alternative: Mapping[tuple, float],
+    iterations: int = APPROXIMATE_ITERATIONS,
+    seed: int = PERMUTATION_SEED,
+) -> tuple[float, int]:
+    """(one-sided p, folds) of the sign-flip test of `paired_permutation_pvalue` with the fold as
+    its unit: the differences of the cells (keys: (repeat, fold)) where both have a value,
+    averaged over the repeats of each fold, their signs flipped per fold. Repeats of one fold
+    share its validation and training patients, so an arm better on some folds and worse on
+    others is so in every repeat: flipped per cell, such an effect reads as a consistent one.
+    NaN without pairs."""
+    if iterations < 1:
+        raise ValueError(f"iterations must be at least 1, got {iterations}")
+    diff = _paired_differences(baseline, alternative)
+    if not diff:
+        return float("nan"), 0
+    folds: dict[Hashable, list[float]] = {}
+    for (_, fold), d in diff.items():
+        folds.setdefault(fold, []).append(d)
+    means = np.array([np.mean(values) for values in folds.values()])
+    return _sign_flip_pvalue(means, iterations, seed), len(means)
+
+
+def _paired_differences(baseline: Mapping, alternative: Mapping) -> dict:
+    """{cell: alternative - baseline} over the cells where both are finite, values within
+    TIE_TOLERANCE of each other counted as equal (difference 0)."""
     keys = [k for k in baseline if k in alternative]
     a = np.array([baseline[k] for k in keys], np.float64)
     b = np.array([alternative[k] for k in keys], np.float64)
     kept = np.isfinite(a) & np.isfinite(b)
     if not kept.any():
-        return float("nan"), 0
+        return {}
     pooled = tie_close_values(np.concatenate([a[kept], b[kept]]))  # equal but for rounding: 0
     diff = pooled[kept.sum() :] - pooled[: kept.sum()]
+    return dict(zip([k for k, keep in zip(keys, kept, strict=True) if keep], diff, strict=True))
+
+
+def _sign_flip_pvalue(diff: np.ndarray, iterations: int, seed: int) -> float:
+    """One-sided p of the sum of `diff` [n] against its every sign pattern (2^n, up to
+    EXACT_MAX_RUNS), else `iterations` drawn with `seed`: (at least as extreme + 1) /
+    (iterations + 1)."""
     observed = diff.sum() - TIE_TOLERANCE * max(1.0, np.abs(diff).sum())
     if diff.size <= EXACT_MAX_RUNS:
         sums = np.zeros(1)
         for d in diff:  # every sign pattern's sum, 2^n of them
             sums = np.concatenate([sums + d, sums - d])
-        return float(np.mean(sums >= observed)), int(diff.size)
+        return float(np.mean(sums >= observed))
     rng = np.random.default_rng(seed)
     extreme = 0
     for start in range(0, iterations, _CHUNK):
         signs = rng.choice([-1.0, 1.0], size=(min(_CHUNK, iterations - start), diff.size))
         extreme += int(np.sum(signs @ diff >= observed))
-    return (extreme + 1) / (iterations + 1), int(diff.size)
+    return (extreme + 1) / (iterations + 1)
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -130,8 +173,8 @@ def compare_arms(
     """Rows of stats.csv: for each metric and each ordered pair (baseline a, alternative b).
 
     `per_metric`: {metric: {arm: per-run values}}; `cells`: {arm: the cell (repeat, fold) of each
-    of its runs, in the same order}, which adds the paired test (`p_permutation_paired`,
-    `n_pairs`).
+    of its runs, in the same order}, which adds the paired tests (`p_permutation_paired` over
+    `n_pairs` cells, `p_permutation_folds` over `n_folds` folds).
     """
     rows = []
     for metric, per_arm in per_metric.items():
@@ -142,7 +185,13 @@ def compare_arms(
             if cells is not None:
                 by_cell = [dict(zip(cells[arm], per_arm[arm], strict=True)) for arm in (a, b)]
                 p, n = paired_permutation_pvalue(*by_cell, iterations)
-                paired = {"n_pairs": n, "p_permutation_paired": p}
+                p_folds, folds = fold_blocked_permutation_pvalue(*by_cell, iterations)
+                paired = {
+                    "n_pairs": n,
+                    "p_permutation_paired": p,
+                    "n_folds": folds,
+                    "p_permutation_folds": p_folds,
+                }
             rows.append(
                 {
                     "metric": metric,
