@@ -21,6 +21,7 @@ from focalnet_jax.data.store import open_store
 from focalnet_jax.data.store_settings import StaleStoreError
 from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation.ensemble import preprocess_settings
+from focalnet_jax.evaluation.inference import variables_digest
 from focalnet_jax.run import workdir as workdir_lib
 
 RUN = [
@@ -97,7 +98,9 @@ def test_fold_evaluation_uses_the_recorded_validation_cases(run, tmp_path, capsy
     assert cli.main([*evaluate, "--store", str(without_train), "--out", str(out)]) == 0
     assert sorted(p.stem for p in (out / "predictions").glob("*.npz")) == sorted(val)
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["models"] == {"models": [{"run": str(run["workdir"]), "step": 1}], "tta": "none"}
+    weights = [variables_digest(workdir_lib.load_for_inference(run["workdir"])[1])]
+    models = [{"run": str(run["workdir"]), "step": 1}]
+    assert metrics["models"] == {"models": models, "tta": "none", "weights": weights}
     without_val = _store(run["root"], tmp_path / "without_val", drop=val[0])
     line = _user_error(
         [*evaluate, "--store", str(without_val), "--out", str(tmp_path / "e2")], capsys
