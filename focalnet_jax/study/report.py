@@ -85,10 +85,10 @@ def _lookup(metrics: Mapping, path: Sequence[str], where: str, *, partial: bool)
     """The number at `path` in a cell's metrics.json, rounded to METRIC_DECIMALS (NaN where the
     metric is undefined: null, or its section says why it was `skipped`); a missing key is a
     `StudyError` naming the cell and key, or with `partial` a warning and NaN."""
+    if _skip_reason(metrics, path) is not None:
+        return float("nan")
     value = metrics
     for key in path:
-        if isinstance(value, Mapping) and "skipped" in value:
-            return float("nan")
         if not isinstance(value, Mapping) or key not in value:
             message = f"{where}: no {'.'.join(path)} (evaluated by another version?)"
             if not partial:
@@ -97,6 +97,24 @@ def _lookup(metrics: Mapping, path: Sequence[str], where: str, *, partial: bool)
             return float("nan")
         value = value[key]
     return float("nan") if value is None else round(float(value), METRIC_DECIMALS)
+
+
+def _skip_reason(metrics: Mapping, path: Sequence[str]) -> str | None:
+    """Why the first section on `path` in a cell's metrics.json was `skipped` (e.g. picai_eval
+    not installed, a fold without a case of one class), or None."""
+    value = metrics
+    for key in path:
+        if not isinstance(value, Mapping):
+            return None
+        if "skipped" in value:
+            return str(value["skipped"])
+        value = value.get(key)
+    return None
+
+
+def _cell_name(row: Mapping) -> str:
+    """`arm/rep<r>/fold<k>` of a runs.csv row."""
+    return f"{row['arm']}/rep{row['repeat']}/fold{row['fold']}"
 
 
 def _row(
@@ -336,25 +354,22 @@ def skipped_metrics(found: Collected) -> dict[str, dict[str, list[str]]]:
     a fold without a case of one class): NaN in runs.csv, and so left out of every test."""
     skipped: dict[str, dict[str, list[str]]] = {}
     for row, metrics in zip(found.rows, found.metrics, strict=True):
-        cell = f"{row['arm']}/rep{row['repeat']}/fold{row['fold']}"
         for column, path in METRICS.items():
-            value = metrics
-            for key in path:
-                if not isinstance(value, Mapping):
-                    break
-                if "skipped" in value:
-                    reason = str(value["skipped"])
-                    skipped.setdefault(reason, {}).setdefault(column, []).append(cell)
-                    break
-                value = value.get(key)
+            if (reason := _skip_reason(metrics, path)) is not None:
+                skipped.setdefault(reason, {}).setdefault(column, []).append(_cell_name(row))
     return skipped
+
+
+def _skipped_cells(columns: Mapping[str, Sequence[str]]) -> list[str]:
+    """The cells of one reason of `skipped_metrics` ({column: cells}), each once, sorted."""
+    return sorted({cell for cells in columns.values() for cell in cells})
 
 
 def _skipped_lines(skipped: Mapping[str, Mapping[str, Sequence[str]]]) -> list[str]:
     """report.md's note of `skipped_metrics`: which metrics, in how many cells, and why."""
     lines = []
     for reason, columns in skipped.items():
-        cells = sorted({cell for found in columns.values() for cell in found})
+        cells = _skipped_cells(columns)
         shown = ", ".join(cells[:4]) + (", ..." if len(cells) > 4 else "")
         lines.append(
             f"**Not evaluated** ({', '.join(columns)}) in {plural(len(cells), 'cell')} "
@@ -398,15 +413,12 @@ def write_report(
     rows = found.rows
     if not rows:
         raise StudyError(f"{study.root}: no cell is done yet; nothing to report")
-    cells = [f"cell {r['arm']}/rep{r['repeat']}/fold{r['fold']}" for r in rows]
+    cells = [f"cell {_cell_name(r)}" for r in rows]
     check_settings(dict(zip(cells, found.metrics, strict=True)))  # comparable cells only
     skipped = skipped_metrics(found)
     for reason, columns in skipped.items():
-        count = len({cell for found_in in columns.values() for cell in found_in})
-        print(
-            f"warning: {', '.join(columns)} not evaluated in {plural(count, 'cell')}: {reason}",
-            file=sys.stderr,
-        )
+        count = plural(len(_skipped_cells(columns)), "cell")
+        print(f"warning: {', '.join(columns)} not evaluated in {count}: {reason}", file=sys.stderr)
     out = study.root / "report"
     out.mkdir(parents=True, exist_ok=True)
     names = list(dict.fromkeys(r["arm"] for r in rows))
