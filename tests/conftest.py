@@ -7,6 +7,12 @@ processes and every child process they start then compile each of the tiny model
 per session, not once per test. Its size bound turns on JAX's file lock, so that no process reads
 an entry another is still writing. Tests that count compilations, or check where a command puts
 its own cache, take `without_compilation_cache`.
+
+XLA compiles with its most expensive optimisations off (`JAX_DISABLE_MOST_OPTIMIZATIONS=true`,
+unless set before) in the test processes and every child process they start: the tiny models
+compile in a fraction of the time, and the values are those of the same JAX program (the tests
+compare against references with tolerances). Outside the tests (`make demo`, a benchmark run
+by hand) XLA keeps its defaults.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("FOCALNET_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 CACHE_DIR, CACHE_MAX_SIZE = "JAX_COMPILATION_CACHE_DIR", "JAX_COMPILATION_CACHE_MAX_SIZE"
+FAST_COMPILES = "JAX_DISABLE_MOST_OPTIMIZATIONS"
 _CACHE_FOLDER = pytest.StashKey[str]()
 
 
@@ -31,6 +38,7 @@ def pytest_configure(config):
     # nothing (one waited forever). A handler here makes it the default again in every child.
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    os.environ.setdefault(FAST_COMPILES, "true")  # before any test module imports jax
     if CACHE_DIR in os.environ:  # the user's, or made by the xdist controller
         return
     folder = tempfile.mkdtemp(prefix="focalnet-tests-xla-cache-")

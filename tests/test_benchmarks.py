@@ -38,8 +38,7 @@ result_line = _benchmark_module("result_line")
 
 
 def _run(script: str, *args: str) -> dict:
-    """The one JSON line of `benchmarks/SCRIPT ARGS`, run with XLA's most expensive optimisations
-    off: the tiny models compile in half the time (their numbers are not checked here)."""
+    """The one JSON line of `benchmarks/SCRIPT ARGS` (its numbers are not checked here)."""
     return json.loads(_completed(script, *args).stdout)
 
 
@@ -50,7 +49,6 @@ def _completed(script: str, *args: str) -> subprocess.CompletedProcess:
         capture_output=True,
         text=True,
         cwd=REPO,
-        env={**os.environ, "JAX_DISABLE_MOST_OPTIMIZATIONS": "true"},
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]

@@ -13,19 +13,12 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from test_train_helpers import fast_compiles, tiny_config
+from test_train_helpers import tiny_config
 
 from focalnet_jax.errors import UserError
 from focalnet_jax.run import RunSpec
 from focalnet_jax.run import workdir as workdir_lib
 from focalnet_jax.training import checkpoint, sharding, train_state
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compiles():
-    """The tiny models' initialisations compile with most XLA optimisations off."""
-    with fast_compiles():
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,6 @@ from test_train_helpers import (
     MULTI_DEVICE_RTOL,
     REPO,
     FakeStore,
-    fast_compiles,
     finish,
     free_port,
     process_flags,
@@ -50,8 +49,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("recovery")
     store = FakeStore()
     config = tiny_config(overrides=RUN)
-    with fast_compiles():
-        final = jax.device_get(train_and_evaluate(config, root / "run", store=store))
+    final = jax.device_get(train_and_evaluate(config, root / "run", store=store))
     return {"root": root, "workdir": root / "run", "store": store, "config": config, "final": final}
 
 
@@ -106,7 +104,6 @@ def _copy_with(trained, name: str, damage) -> tuple[Path, str]:
 def test_restart_resumes_from_the_newest_intact_step(trained, damage, caplog):
     workdir, expected = _copy_with(trained, damage.__name__, damage)
     with (
-        fast_compiles(),
         caplog.at_level(logging.WARNING, logger="focalnet_jax.training.checkpoint"),
     ):
         state = train_and_evaluate(trained["config"], workdir, store=trained["store"])
@@ -425,8 +422,7 @@ def test_a_resumed_run_writes_digests_only_for_the_steps_it_saved(trained, tmp_p
     for step in (2, 4):
         (workdir / "checkpoints" / str(step) / digests.DIGEST_FILE).unlink()
     longer = tiny_config(overrides=[*RUN, "--config.train.steps=6"])
-    with fast_compiles():
-        train_and_evaluate(longer, workdir, store=trained["store"])
+    train_and_evaluate(longer, workdir, store=trained["store"])
     has_digests = {
         p.name: (p / digests.DIGEST_FILE).is_file() for p in (workdir / "checkpoints").iterdir()
     }
@@ -450,8 +446,7 @@ def test_a_resume_reads_the_digests_of_the_step_it_resumes_from_once(
 
     monkeypatch.setattr(digests, "mismatch", counted)
     longer = tiny_config(overrides=[*RUN, "--config.train.steps=6"])
-    with fast_compiles():
-        state = train_and_evaluate(longer, workdir, store=trained["store"])
+    state = train_and_evaluate(longer, workdir, store=trained["store"])
     assert int(state.step) == 6
     assert hashed.count("2") == 1 and hashed.count("4") == 2, hashed
     assert (workdir / "checkpoints" / "corrupt-4").is_dir()

@@ -88,7 +88,7 @@ def _one_train_step() -> dict:
     import jax.numpy as jnp
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
-    from test_train_helpers import fast_compiles, tiny_config
+    from test_train_helpers import tiny_config
 
     from focalnet_jax.run import RunSpec
     from focalnet_jax.training import step as step_lib
@@ -108,19 +108,18 @@ def _one_train_step() -> dict:
         "t2w_lower_ratio": np.full(4, 0.05, np.float32),
     }
     out = {}
-    with fast_compiles():
-        for key, count in (("one", 1), ("all", jax.device_count())):
-            mesh = Mesh(np.array(jax.devices()[:count]), ("data",))
-            state = train_state.create_train_state(spec, jax.random.key(0), mesh)
-            placed = jax.device_put(batch, NamedSharding(mesh, P("data")))
-            step = step_lib.make_train_step(spec, mesh)
-            state, metrics = step(state, placed, jax.random.key(1), jnp.float32(0.0))
-            total = sum(float(jnp.abs(x).sum()) for x in jax.tree.leaves(state.params))
-            # The running averages: BatchNorm's statistics of the global batch, not of a share.
-            averages = sum(float(jnp.abs(x).sum()) for x in jax.tree.leaves(state.batch_stats))
-            rest = [float(v) for k, v in sorted(metrics.items()) if k not in ("loss", "grad_norm")]
-            out[key] = [float(metrics["loss"]), float(metrics["grad_norm"]), total, averages]
-            out[key] += [int(state.step), *rest]
+    for key, count in (("one", 1), ("all", jax.device_count())):
+        mesh = Mesh(np.array(jax.devices()[:count]), ("data",))
+        state = train_state.create_train_state(spec, jax.random.key(0), mesh)
+        placed = jax.device_put(batch, NamedSharding(mesh, P("data")))
+        step = step_lib.make_train_step(spec, mesh)
+        state, metrics = step(state, placed, jax.random.key(1), jnp.float32(0.0))
+        total = sum(float(jnp.abs(x).sum()) for x in jax.tree.leaves(state.params))
+        # The running averages: BatchNorm's statistics of the global batch, not of a share.
+        averages = sum(float(jnp.abs(x).sum()) for x in jax.tree.leaves(state.batch_stats))
+        rest = [float(v) for k, v in sorted(metrics.items()) if k not in ("loss", "grad_norm")]
+        out[key] = [float(metrics["loss"]), float(metrics["grad_norm"]), total, averages]
+        out[key] += [int(state.step), *rest]
     return out
 
 

@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_train_helpers import REPO, TINY, fast_compiles
+from test_train_helpers import REPO, TINY
 
 from focalnet_jax import cli
 from focalnet_jax.data.build_store import preprocess_cases
@@ -57,8 +57,7 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("run_store")
     assert cli.main(["synth", f"--out={root / 'data'}", "--cases=4", "--seed=2", "--small"]) == 0
     a, b = _store(root, root / "store"), _store(root, root / "linear", interpolator="linear")
-    with fast_compiles():
-        assert _train(root / "run", a) == 0
+    assert _train(root / "run", a) == 0
     return {"root": root, "a": a, "b": b, "workdir": root / "run"}
 
 
@@ -163,7 +162,7 @@ def test_a_run_from_before_the_record_resumes_and_evaluates_with_a_warning(run, 
     ]
     assert (tmp_path / "eval" / "metrics.json").is_file()
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="focalnet_jax"), fast_compiles():
+    with caplog.at_level(logging.WARNING, logger="focalnet_jax"):
         assert _train(old, run["a"]) == 0  # resumes at its last step: nothing left to train
     warnings = [r.getMessage() for r in caplog.records if RECORD_FILE in r.getMessage()]
     assert warnings == [

@@ -18,7 +18,7 @@ import pytest
 import SimpleITK as sitk
 from cli_calls import cli_error, run_cli
 from scipy import ndimage
-from test_train_helpers import fast_compiles, small_synthetic_store, tiny_config
+from test_train_helpers import small_synthetic_store, tiny_config
 
 from focalnet_jax.evaluation.detection_map import CandidateSettings, lesion_candidates
 from focalnet_jax.evaluation.ensemble import (
@@ -36,8 +36,7 @@ CASES = 5
 @pytest.fixture(scope="module", autouse=True)
 def quick_compiles():
     """Every model of this module compiles with most XLA optimisations off (tiny models)."""
-    with fast_compiles():
-        yield
+    yield
 
 
 @pytest.fixture(scope="module")

@@ -14,20 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from test_train_helpers import fast_compiles
 
 from focalnet_jax.cli import main
 from focalnet_jax.evaluation.predictions import write_case
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.real_data
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compiles():
-    """The tiny model trains and predicts with most XLA optimisations off (faster compiles)."""
-    with fast_compiles():
-        yield
 
 
 @pytest.fixture(scope="module")

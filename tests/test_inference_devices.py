@@ -75,7 +75,6 @@ def _predict_everything(devices, label: str, arrays: dict, facts: dict) -> None:
 
 def _run(out: str) -> dict:
     import jax
-    from test_train_helpers import fast_compiles
 
     compiles: collections.Counter = collections.Counter()
 
@@ -85,10 +84,9 @@ def _run(out: str) -> dict:
 
     arrays: dict = {}
     facts: dict = {"devices": jax.local_device_count()}
-    with fast_compiles():
-        _predict_everything(jax.local_devices()[:1], "one", arrays, facts)
-        jax.monitoring.register_event_duration_secs_listener(count)
-        _predict_everything(None, "all", arrays, facts)  # default: every local device
+    _predict_everything(jax.local_devices()[:1], "one", arrays, facts)
+    jax.monitoring.register_event_duration_secs_listener(count)
+    _predict_everything(None, "all", arrays, facts)  # default: every local device
     facts["compiles_all"] = dict(compiles)
     np.savez(out, **arrays)
     return facts

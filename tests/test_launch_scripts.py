@@ -191,7 +191,7 @@ def test_a_slurm_folds_task_signalled_as_its_batch_shell_saves_its_step_and_resu
 
     store = small_synthetic_store(tmp_path / "data", cases=6, seed=3)
     workdir = tmp_path / "cv"
-    env = cpu_devices_env(1, JAX_DISABLE_MOST_OPTIMIZATIONS="1", SLURM_ARRAY_TASK_ID="0")
+    env = cpu_devices_env(1, SLURM_ARRAY_TASK_ID="0")
     env.update(CONFIG="configs/focalnet.py", WORKDIR=str(workdir))
     env["PATH"] = f"{os.path.dirname(sys.executable)}:{env['PATH']}"
     argv = ["bash", str(REPO / "launch" / "slurm_folds.sh"), f"--config.data.store={store}"]
@@ -219,7 +219,7 @@ def test_local_cpu_processes_pass_a_sigterm_for_the_script_on_to_every_process(t
 
     store = small_synthetic_store(tmp_path / "data", cases=6, seed=3)
     workdir = tmp_path / "run"
-    env = cpu_devices_env(1, JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+    env = cpu_devices_env(1)
     env["PATH"] = f"{os.path.dirname(sys.executable)}:{env['PATH']}"
     env.pop("PORT", None)
     argv = ["bash", str(REPO / "launch" / "local_cpu_processes.sh"), "2", "1"]

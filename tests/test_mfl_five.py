@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_train_helpers import fast_compiles, tiny_config
+from test_train_helpers import tiny_config
 
 from focalnet_jax import encoding
 from focalnet_jax.run import RunSpec
@@ -88,12 +88,6 @@ def _all_subsets():
     masks = [m for m in range(1, 2**n - 1)]
     ordered = sorted(masks, key=lambda m: (bin(m).count("1"), [-(m >> k & 1) for k in range(n)]))
     return [tuple(c for k, c in enumerate(COMPONENTS) if m >> k & 1) for m in ordered]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compiles():
-    with fast_compiles():
-        yield
 
 
 @pytest.fixture(scope="module")

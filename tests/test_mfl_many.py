@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
-from test_train_helpers import fast_compiles, tiny_config
+from test_train_helpers import tiny_config
 
 from focalnet_jax import encoding, losses
 from focalnet_jax.run import RunSpec
@@ -31,12 +31,6 @@ from focalnet_jax.training import step as step_lib
 COMPONENTS = ("t2w", "adc", "hbv", "dce")
 LAMBDA = 1000.0
 SIZE = 32
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compiles():
-    with fast_compiles():
-        yield
 
 
 def _spec(norm: str, mode: str = "vmap", chunk: int = 0, axis_name=None) -> RunSpec:

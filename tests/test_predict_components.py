@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from cli_calls import cli_error, run_cli
-from test_train_helpers import fast_compiles, tiny_config
+from test_train_helpers import tiny_config
 
 from focalnet_jax.cli import main
 from focalnet_jax.evaluation.ensemble import EnsembleError, load_ensemble, make_ensemble
@@ -44,7 +44,7 @@ def train(store: Path, components: Sequence[str], workdir: Path) -> Path:
         "--config.data.num_folds=2",
         "--config.data.components=" + ",".join(components),
     ]
-    with fast_compiles(), contextlib.redirect_stderr(io.StringIO()):
+    with contextlib.redirect_stderr(io.StringIO()):
         train_and_evaluate(tiny_config(overrides=overrides), workdir)
     return workdir
 
@@ -72,13 +72,12 @@ def exam(data: Path) -> dict[str, Path]:
 
 def test_one_exam_gives_dce_by_name_and_the_maps_lie_on_the_t2w_grid(dce_run, tmp_path):
     files = exam(dce_run["data"])
-    with fast_compiles():
-        run_cli(["predict", "--checkpoint", dce_run["run"], "--t2w", files["t2w"],
-                 "--adc", files["adc"], "--component", f"dce={files['dce']}",
-                 "--mask", files["mask"], "--out", tmp_path / "one"])  # fmt: skip
-        run_cli(["predict", "--checkpoint", dce_run["run"], "--layout", "picai",
-                 "--images", dce_run["data"] / "images", "--masks", dce_run["data"] / "masks",
-                 "--out", tmp_path / "many"])  # fmt: skip
+    run_cli(["predict", "--checkpoint", dce_run["run"], "--t2w", files["t2w"],
+             "--adc", files["adc"], "--component", f"dce={files['dce']}",
+             "--mask", files["mask"], "--out", tmp_path / "one"])  # fmt: skip
+    run_cli(["predict", "--checkpoint", dce_run["run"], "--layout", "picai",
+             "--images", dce_run["data"] / "images", "--masks", dce_run["data"] / "masks",
+             "--out", tmp_path / "many"])  # fmt: skip
     t2w = sitk.ReadImage(str(files["t2w"]))
     dce = sitk.ReadImage(str(files["dce"]))
     assert dce.GetSize() != t2w.GetSize()  # a grid of its own: the maps must not take it
@@ -105,30 +104,29 @@ def test_one_exams_out_holds_all_old_or_all_new_outputs_and_nothing_else(
     out = tmp_path / "out"
     argv = ["predict", "--checkpoint", dce_run["run"], "--t2w", files["t2w"], "--adc",
             files["adc"], "--component", f"dce={files['dce']}", "--out", out]  # fmt: skip
-    with fast_compiles():
-        run_cli(argv)
-        first = {p.name: p.read_bytes() for p in out.iterdir()}
-        assert sorted(first) == sorted(OUTPUT_FILES)
-        replace = os.replace
-        for k in (1, 2):
-            renames = []
+    run_cli(argv)
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert sorted(first) == sorted(OUTPUT_FILES)
+    replace = os.replace
+    for k in (1, 2):
+        renames = []
 
-            def interrupted(src, dst, k=k, renames=renames):
-                if out in (Path(src), Path(dst)):  # the k-th rename of the swap is interrupted
-                    renames.append(dst)
-                    if len(renames) == k:
-                        raise KeyboardInterrupt
-                replace(src, dst)
+        def interrupted(src, dst, k=k, renames=renames):
+            if out in (Path(src), Path(dst)):  # the k-th rename of the swap is interrupted
+                renames.append(dst)
+                if len(renames) == k:
+                    raise KeyboardInterrupt
+            replace(src, dst)
 
-            monkeypatch.setattr(os, "replace", interrupted)
-            stderr = io.StringIO()
-            with pytest.raises(SystemExit) as stop, contextlib.redirect_stderr(stderr):
-                main([str(a) for a in [*argv, "--tta", "flip"]])  # as Ctrl-C ends it
-            assert stop.value.code == 130 and "interrupted by Ctrl-C" in stderr.getvalue()
-            monkeypatch.undo()
-            assert {p.name: p.read_bytes() for p in out.iterdir()} == first
-            assert os.listdir(tmp_path) == ["out"] and len(renames) == k + (k == 2)
-        run_cli([*argv, "--tta", "flip"])
+        monkeypatch.setattr(os, "replace", interrupted)
+        stderr = io.StringIO()
+        with pytest.raises(SystemExit) as stop, contextlib.redirect_stderr(stderr):
+            main([str(a) for a in [*argv, "--tta", "flip"]])  # as Ctrl-C ends it
+        assert stop.value.code == 130 and "interrupted by Ctrl-C" in stderr.getvalue()
+        monkeypatch.undo()
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == first
+        assert os.listdir(tmp_path) == ["out"] and len(renames) == k + (k == 2)
+    run_cli([*argv, "--tta", "flip"])
     second = {p.name: p.read_bytes() for p in out.iterdir()}
     assert sorted(second) == sorted(first) and second["models.json"] != first["models.json"]
     assert os.listdir(tmp_path) == ["out"]
@@ -145,17 +143,14 @@ def test_each_model_gets_its_channels_in_its_own_order(dce_run):
     from focalnet_jax.data import preprocess_case
 
     files = exam(dce_run["data"])
-    with fast_compiles():
-        models = load_ensemble(dce_run["run"])
-        assert models.components == ("t2w", "dce", "adc")  # what an exam gives, T2w first
-        case = preprocess_case(
-            {c: str(files[c]) for c in models.components}, mask=str(files["mask"])
-        )
-        model = Predictor.from_workdir(dce_run["run"])
-        own_order = case.images[..., [models.components.index(c) for c in MODEL_COMPONENTS]]
-        np.testing.assert_array_equal(models(case.images), model(own_order))
-        with pytest.raises(ValueError, match=r"images: expected \[N, H, W, 3\]"):
-            models(case.images[..., :2])
+    models = load_ensemble(dce_run["run"])
+    assert models.components == ("t2w", "dce", "adc")  # what an exam gives, T2w first
+    case = preprocess_case({c: str(files[c]) for c in models.components}, mask=str(files["mask"]))
+    model = Predictor.from_workdir(dce_run["run"])
+    own_order = case.images[..., [models.components.index(c) for c in MODEL_COMPONENTS]]
+    np.testing.assert_array_equal(models(case.images), model(own_order))
+    with pytest.raises(ValueError, match=r"images: expected \[N, H, W, 3\]"):
+        models(case.images[..., :2])
 
 
 def test_a_missing_or_malformed_component_is_a_one_line_error_naming_its_flag(dce_run, tmp_path):
@@ -203,12 +198,11 @@ def test_an_ensemble_of_one_set_of_components_in_two_orders_is_the_mean_of_its_m
     files = exam(dce_run["data"])
     one = ["predict", "--t2w", files["t2w"], "--adc", files["adc"],
            "--component", f"dce={files['dce']}", "--mask", files["mask"]]  # fmt: skip
-    with fast_compiles():
-        assert load_ensemble(runs).components == ("t2w", "dce", "adc")
-        assert load_ensemble(runs[::-1]).components == ("t2w", "adc", "dce")
-        for name, checkpoints in (("first", runs[:1]), ("second", runs[1:]), ("both", runs)):
-            run_cli([*one, *(f for run in checkpoints for f in ("--checkpoint", run)),
-                     "--out", tmp_path / name])  # fmt: skip
+    assert load_ensemble(runs).components == ("t2w", "dce", "adc")
+    assert load_ensemble(runs[::-1]).components == ("t2w", "adc", "dce")
+    for name, checkpoints in (("first", runs[:1]), ("second", runs[1:]), ("both", runs)):
+        run_cli([*one, *(f for run in checkpoints for f in ("--checkpoint", run)),
+                 "--out", tmp_path / name])  # fmt: skip
     for score in ("lesion_score", "cspca_score"):
         first, second, both = (
             sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / name / f"{score}.nii.gz")))
@@ -240,23 +234,22 @@ def test_models_of_t2w_adc_hbv_and_t2w_hbv_adc_give_the_mean_of_their_own_predic
     images = np.random.default_rng(0).uniform(0, 1.2, (6, 32, 32, 3)).astype(np.float32)
     swapped = images[..., [0, 2, 1]]  # t2w, hbv, adc
     flipped = np.flip(images, 2)
-    with fast_compiles():
-        own = (a(images), b(swapped))
-        assert np.abs(b(images) - own[1]).max() > 1e-3  # B's order matters
-        mean = (own[0] + own[1]) / 2
-        ab = make_ensemble([a, b], [Path("a"), Path("b")], [None, None])
-        assert ab.components == ("t2w", "adc", "hbv")
-        assert ab.predictors[1].apply is ab.predictors[0].apply
-        np.testing.assert_allclose(ab(images), mean, rtol=0, atol=1e-6)
-        ba = make_ensemble([b, a], [Path("b"), Path("a")], [None, None])
-        assert ba.components == ("t2w", "hbv", "adc")
-        np.testing.assert_allclose(ba(swapped), mean, rtol=0, atol=1e-6)
-        tta = make_ensemble([a, b], [Path("a"), Path("b")], [None, None], "flip")
-        each = [
-            0.5 * (a(images) + np.flip(a(flipped), 2)),
-            0.5 * (b(swapped) + np.flip(b(flipped[..., [0, 2, 1]]), 2)),
-        ]
-        np.testing.assert_allclose(tta(images), np.mean(each, axis=0), rtol=0, atol=1e-6)
+    own = (a(images), b(swapped))
+    assert np.abs(b(images) - own[1]).max() > 1e-3  # B's order matters
+    mean = (own[0] + own[1]) / 2
+    ab = make_ensemble([a, b], [Path("a"), Path("b")], [None, None])
+    assert ab.components == ("t2w", "adc", "hbv")
+    assert ab.predictors[1].apply is ab.predictors[0].apply
+    np.testing.assert_allclose(ab(images), mean, rtol=0, atol=1e-6)
+    ba = make_ensemble([b, a], [Path("b"), Path("a")], [None, None])
+    assert ba.components == ("t2w", "hbv", "adc")
+    np.testing.assert_allclose(ba(swapped), mean, rtol=0, atol=1e-6)
+    tta = make_ensemble([a, b], [Path("a"), Path("b")], [None, None], "flip")
+    each = [
+        0.5 * (a(images) + np.flip(a(flipped), 2)),
+        0.5 * (b(swapped) + np.flip(b(flipped[..., [0, 2, 1]]), 2)),
+    ]
+    np.testing.assert_allclose(tta(images), np.mean(each, axis=0), rtol=0, atol=1e-6)
 
 
 def test_models_of_different_sets_of_components_are_refused_naming_the_runs():

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from cli_calls import cli_error, run_cli
-from test_train_helpers import fast_compiles, tiny_config
+from test_train_helpers import tiny_config
 
 from focalnet_jax.cli import main
 from focalnet_jax.errors import plural
@@ -56,7 +56,7 @@ def tiny(tmp_path_factory):
     run_cli(["synth", f"--out={data}", f"--cases={CASES}", "--seed=3", "--small"])
     run_cli(["preprocess", "--layout=picai", f"--images={data / 'images'}",
              f"--labels={data / 'labels'}", f"--out={store}"])  # fmt: skip
-    with fast_compiles(), contextlib.redirect_stderr(io.StringIO()):
+    with contextlib.redirect_stderr(io.StringIO()):
         train_and_evaluate(tiny_config(overrides=_overrides(root)), root / "run")
         run_cli([*_predict(root / "run", data / "images", root / "reference")])
     return {"data": data, "run": root / "run", "reference": root / "reference", "root": root}
@@ -149,8 +149,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_output(tiny, tmp_path, signum
 
     message = cli_error(_predict(tiny["run"], images, out))
     assert message.endswith("add --resume to continue it, or --overwrite to start over")
-    with fast_compiles():
-        printed = run_cli([*_predict(tiny["run"], images, out), "--resume"])
+    printed = run_cli([*_predict(tiny["run"], images, out), "--resume"])
     kept = printed.split("(")[1].split()[0]
     assert printed.startswith(f"wrote {CASES} cases to {out} ({kept} finished before the resume")
     assert 1 <= int(kept) < CASES
@@ -169,7 +168,7 @@ def _interrupted(tiny, out: Path, monkeypatch, images: Path, *more) -> None:
 
     with monkeypatch.context() as patched:
         patched.setattr(batch_predict, "write_case_folder", once)
-        with pytest.raises(SystemExit) as stopped, fast_compiles():
+        with pytest.raises(SystemExit) as stopped:
             run_cli([*_predict(tiny["run"], images, out), *more])
     assert stopped.value.code == 130
     assert len(_finished(partial_folder(out))) == 1
@@ -181,29 +180,28 @@ def test_resume_refuses_other_settings_and_a_partial_another_run_writes(
     out = tmp_path / "out"
     _interrupted(tiny, out, monkeypatch, tiny["data"] / "images")
     predict = _predict(tiny["run"], tiny["data"] / "images", out)
-    with fast_compiles():
-        message = cli_error([*predict, "--resume", "--threshold", "0.3"])
-        assert "with other models or settings (threshold: 0.5 in the partial, 0.3 now)" in message
-        message = cli_error([*predict, "--resume", "--candidate-min-voxels", "3"])
-        assert "(candidates.min_voxels: 10 in the partial, 3 now)" in message
-        # Cropped around the T2w volume centre, a finished case would be around its mask now:
-        # the resumed output matched neither uninterrupted run.
-        masks = tiny["data"] / "masks"
-        message = cli_error([*predict, "--resume", "--masks", str(masks)])
-        first = _finished(partial_folder(out))[0]
-        assert message.endswith(
-            f"--resume: case {first} of {partial_folder(out)} was cropped around the T2w volume "
-            f"centre, and would be around the prostate mask {masks.resolve() / first}.nii.gz now; "
-            "give the same --masks or manifest centres, or add --overwrite (without --resume) to "
-            "start over"
-        ), message
-        with exclusive_lock(lock_file(out)):
-            message = cli_error([*predict, "--resume"])
-        assert message.endswith(
-            f"is being written by another focalnet predict (pid {os.getpid()} on "
-            f"{os.uname().nodename}); wait for it to end"
-        )
-        run_cli([*predict, "--resume", "--batch-size", "3"])  # the batch size may change
+    message = cli_error([*predict, "--resume", "--threshold", "0.3"])
+    assert "with other models or settings (threshold: 0.5 in the partial, 0.3 now)" in message
+    message = cli_error([*predict, "--resume", "--candidate-min-voxels", "3"])
+    assert "(candidates.min_voxels: 10 in the partial, 3 now)" in message
+    # Cropped around the T2w volume centre, a finished case would be around its mask now:
+    # the resumed output matched neither uninterrupted run.
+    masks = tiny["data"] / "masks"
+    message = cli_error([*predict, "--resume", "--masks", str(masks)])
+    first = _finished(partial_folder(out))[0]
+    assert message.endswith(
+        f"--resume: case {first} of {partial_folder(out)} was cropped around the T2w volume "
+        f"centre, and would be around the prostate mask {masks.resolve() / first}.nii.gz now; "
+        "give the same --masks or manifest centres, or add --overwrite (without --resume) to "
+        "start over"
+    ), message
+    with exclusive_lock(lock_file(out)):
+        message = cli_error([*predict, "--resume"])
+    assert message.endswith(
+        f"is being written by another focalnet predict (pid {os.getpid()} on "
+        f"{os.uname().nodename}); wait for it to end"
+    )
+    run_cli([*predict, "--resume", "--batch-size", "3"])  # the batch size may change
     assert_same_outputs(out, tiny["reference"])
 
 
@@ -215,7 +213,7 @@ def test_resume_refuses_a_run_trained_again_to_the_same_step(tiny, tmp_path, mon
 
     run, other = tmp_path / "run", tmp_path / "other"
     shutil.copytree(tiny["run"], run)
-    with fast_compiles(), contextlib.redirect_stderr(io.StringIO()):
+    with contextlib.redirect_stderr(io.StringIO()):
         train_and_evaluate(
             tiny_config(overrides=[*_overrides(tiny["root"]), "--config.seed=1"]), other
         )
@@ -227,15 +225,14 @@ def test_resume_refuses_a_run_trained_again_to_the_same_step(tiny, tmp_path, mon
             raise KeyboardInterrupt
         return write(partial, case_id, writer)
 
-    with monkeypatch.context() as patched, fast_compiles():
+    with monkeypatch.context() as patched:
         patched.setattr(batch_predict, "write_case_folder", once)
         with pytest.raises(SystemExit):
             run_cli(_predict(run, tiny["data"] / "images", out))
     before = json.loads((partial_folder(out) / "models.json").read_text())["weights"]
     shutil.rmtree(run)
     shutil.copytree(other, run)  # trained again, to the same step
-    with fast_compiles():
-        message = cli_error([*_predict(run, tiny["data"] / "images", out), "--resume"])
+    message = cli_error([*_predict(run, tiny["data"] / "images", out), "--resume"])
     assert "with other models or settings (weights: " in message, message
     now = json.loads(message.split("in the partial, ")[1].split(" now)")[0])
     assert len(before) == len(now) == 1 and before != now
@@ -253,8 +250,7 @@ def test_a_case_that_failed_before_is_retried_on_resume(tiny, tmp_path, monkeypa
         assert [row["case"] for row in csv.DictReader(f)] == [bad]
     (tmp_path / "adc.mha").rename(adc)
     caplog.set_level("INFO", logger="focalnet_jax.evaluation.batch_predict")
-    with fast_compiles():
-        printed = run_cli([*_predict(tiny["run"], images, out), "--skip-bad-cases", "--resume"])
+    printed = run_cli([*_predict(tiny["run"], images, out), "--skip-bad-cases", "--resume"])
     assert printed == f"wrote {CASES} cases to {out} (1 finished before the resume, skipped)\n"
     assert f"retrying 1 case that failed before: {bad}" in caplog.text
     assert f"1 of {CASES} cases already finished, skipped; predicting the other 2" in caplog.text
@@ -272,7 +268,7 @@ def test_a_run_stopped_by_a_bad_case_says_to_fix_it_before_resuming(tiny, tmp_pa
     adc.write_text("ObjectType = Image\n")
     out = tmp_path / "out"
     stderr = io.StringIO()
-    with fast_compiles(), contextlib.redirect_stderr(stderr), pytest.raises(SystemExit) as stop:
+    with contextlib.redirect_stderr(stderr), pytest.raises(SystemExit) as stop:
         main([str(a) for a in _predict(tiny["run"], images, out)])
     assert f"case '{bad}', file '{adc}'" in str(stop.value)
     done = len(_finished(partial_folder(out)))
@@ -294,8 +290,7 @@ def test_overwrite_starts_over_and_images_may_be_repeated(tiny, tmp_path, monkey
         folds.append(tmp_path / f"fold{k % 2}")
         shutil.copytree(patient, folds[-1] / patient.name)
     more = [*_predict(tiny["run"], folds[0], out), "--images", folds[1], "--overwrite"]
-    with fast_compiles():
-        printed = run_cli(more)
+    printed = run_cli(more)
     assert printed == f"wrote {CASES} cases to {out}\n"
     assert_same_outputs(out, tiny["reference"])
 

@@ -10,7 +10,7 @@ import logging
 import shutil
 
 import pytest
-from test_train_helpers import REPO, TINY, fast_compiles, small_synthetic_store
+from test_train_helpers import REPO, TINY, small_synthetic_store
 
 from focalnet_jax import cli
 from focalnet_jax.config_loading import load_config
@@ -37,7 +37,7 @@ def run(tmp_path_factory):
     (root / "splits").mkdir()
     for k, (train, val) in enumerate(GIVEN):
         (root / "splits" / f"fold-{k}.json").write_text(json.dumps({"train": train, "val": val}))
-    with pytest.MonkeyPatch.context() as patch, fast_compiles():
+    with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)
         train = ["train", f"--config={CONFIG}", "--workdir=run", *RUN, *RELATIVE]
         assert cli.main(train) == 0
@@ -136,6 +136,5 @@ def test_evaluate_from_another_folder_says_the_relative_store_was_taken_against_
             "copy, or give a copy as `focalnet evaluate --workdir RUN --store COPY`\n"
         )
     # As the message says: --store names the store, from here.
-    with fast_compiles():
-        assert cli.main([*evaluate, f"--out={tmp_path / 'eval'}", f"--store={run / 'store'}"]) == 0
+    assert cli.main([*evaluate, f"--out={tmp_path / 'eval'}", f"--store={run / 'store'}"]) == 0
     assert sorted(p.stem for p in (tmp_path / "eval" / "predictions").glob("*.npz")) == GIVEN[0][1]

@@ -54,8 +54,7 @@ ARMS = {
     "ce": {"loss": {"name": "sigmoid_ce", "mfl": False}},
     "fl": {"loss": {"name": "focal", "mfl": False}},
 }
-# Fast XLA compiles for the tiny model; inherited by every cell process.
-ENV = {**os.environ, "JAX_DISABLE_MOST_OPTIMIZATIONS": "true", "PYTHONPATH": str(REPO)}
+ENV = {**os.environ, "PYTHONPATH": str(REPO)}  # inherited by every cell process
 
 
 def study(*args: str, env=None, check=True) -> subprocess.CompletedProcess:

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_train_helpers import REPO, FakeStore, fast_compiles, tiny_config
+from test_train_helpers import REPO, FakeStore, tiny_config
 
 from focalnet_jax import losses
 from focalnet_jax.data.folds import case_rows
@@ -32,12 +32,6 @@ CONFIGS = [
     "mfl4.py",
 ]
 _RESULTS: dict[str, dict] = {}  # configs that resolve identically are run once
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compiles():
-    with fast_compiles():
-        yield
 
 
 def test_every_config_file_is_listed():

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from test_train_helpers import REPO, fast_compiles, small_synthetic_store
+from test_train_helpers import REPO, small_synthetic_store
 
 from focalnet_jax import cli
 from focalnet_jax.run import workdir as workdir_lib
@@ -84,8 +84,7 @@ def test_cv_trains_the_requested_folds_in_their_own_directories(
     store = workdir_lib.read_config(run_dir).data.store
     cv = ["cv", f"--config={REPO / 'configs' / 'demo.py'}", f"--workdir={tmp_path}", "--folds=1,0"]
     cv += [f"--config.data.store={store}", "--config.train.steps=2", "--config.train.eval_every=0"]
-    with fast_compiles():  # the check is on folds and their cache, not on XLA's code
-        assert cli.main([*cv, "--config.model.width=0.125"]) == 0
+    assert cli.main([*cv, "--config.model.width=0.125"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["compilation_cache", "fold0", "fold1"]
     for fold in (0, 1):
         spec, _ = workdir_lib.load_for_inference(tmp_path / f"fold{fold}")

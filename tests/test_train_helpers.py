@@ -7,7 +7,6 @@ it with several CPU devices or as several processes) and saves the final paramet
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import socket
@@ -113,19 +112,6 @@ TINY_TRAIN = [
 TINY = [*TINY_DEEPLAB, *TINY_TRAIN]
 
 
-@contextlib.contextmanager
-def fast_compiles():
-    """XLA with most optimisations off: the tiny models compile in a fraction of the time."""
-    import jax
-
-    previous = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", True)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_disable_most_optimizations", previous)
-
-
 def small_synthetic_store(root: Path, *, cases: int, seed: int) -> Path:
     """`focalnet synth --small` + `focalnet preprocess` (PI-CAI layout) under `root`; the store."""
     from focalnet_jax import cli
@@ -182,12 +168,11 @@ def cpu_devices_env(devices: int, **extra) -> dict[str, str]:
 
 
 def script_json(script: str, *args: str, devices: int = 2, timeout: float = 300):
-    """Runs `script` (a test file's `__main__` part) with `args` on `devices` CPU devices
-    (optimisations off: the tests compare paths compiled alike) and returns the JSON value of its
-    last stdout line; its exit status must be 0."""
+    """Runs `script` (a test file's `__main__` part) with `args` on `devices` CPU devices and
+    returns the JSON value of its last stdout line; its exit status must be 0."""
     result = subprocess.run(
         [sys.executable, script, *args],
-        env=cpu_devices_env(devices, JAX_DISABLE_MOST_OPTIMIZATIONS="1"),
+        env=cpu_devices_env(devices),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -197,10 +182,10 @@ def script_json(script: str, *args: str, devices: int = 2, timeout: float = 300)
 
 
 def start_worker(out, workdir, devices: int, args=()) -> subprocess.Popen:
-    """This file run as a script on `devices` CPU devices (optimisations off), its stdout and
-    stderr going to `process.log` (a temporary file): `args` = `process_flags(...)` (if any),
-    then `--config.k=v` overrides."""
-    env = cpu_devices_env(devices, JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+    """This file run as a script on `devices` CPU devices, its stdout and stderr going to
+    `process.log` (a temporary file): `args` = `process_flags(...)` (if any), then `--config.k=v`
+    overrides."""
+    env = cpu_devices_env(devices)
     command = [sys.executable, str(Path(__file__).resolve()), str(out), str(workdir), *args]
     log = tempfile.TemporaryFile()
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)

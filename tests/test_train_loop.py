@@ -20,7 +20,6 @@ from test_train_helpers import (
     MULTI_DEVICE_RTOL,
     FakeStore,
     batch_stats_file,
-    fast_compiles,
     finish,
     free_port,
     process_flags,
@@ -47,13 +46,12 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("train_loop")
     store = FakeStore()
     out = {"store": store, "root": root}
-    with fast_compiles():
-        full = tiny_config(overrides=[*RUN, "--config.train.steps=20"])
-        out["full"] = jax.device_get(train_and_evaluate(full, root / "full", store=store))
-        half = tiny_config(overrides=[*RUN, "--config.train.steps=10"])
-        out["half"] = jax.device_get(train_and_evaluate(half, root / "resumed", store=store))
-        shutil.copytree(root / "resumed", root / "nan")
-        out["resumed"] = jax.device_get(train_and_evaluate(full, root / "resumed", store=store))
+    full = tiny_config(overrides=[*RUN, "--config.train.steps=20"])
+    out["full"] = jax.device_get(train_and_evaluate(full, root / "full", store=store))
+    half = tiny_config(overrides=[*RUN, "--config.train.steps=10"])
+    out["half"] = jax.device_get(train_and_evaluate(half, root / "resumed", store=store))
+    shutil.copytree(root / "resumed", root / "nan")
+    out["resumed"] = jax.device_get(train_and_evaluate(full, root / "resumed", store=store))
     return out
 
 
@@ -193,8 +191,7 @@ def test_validation_panel_with_a_batch_smaller_than_the_panel(tmp_path, patients
         "--config.data.slices=all",
     ]
     store, config = FakeStore(patients=patients), tiny_config(overrides=overrides)
-    with fast_compiles():
-        train_and_evaluate(config, tmp_path / "w", store=store)
+    train_and_evaluate(config, tmp_path / "w", store=store)
     events, _ = _scalars(tmp_path / "w")
     (image,) = events.Images("val/panel")
     # Columns: the 2 components, the truth and the prediction.
@@ -239,9 +236,8 @@ def test_multi_device_and_multi_process_match_one_device(runs, tmp_path):
     assert len(list((tmp_path / "two_by_two" / "tb").glob("events.out.tfevents.*"))) == 1
     # The checkpoint of 2 processes x 2 devices resumes on this process's one device and
     # reaches step 10 of the uninterrupted one-device run.
-    with fast_compiles():
-        ten = tiny_config(overrides=[*RUN, "--config.train.steps=10"])
-        resumed = train_and_evaluate(ten, tmp_path / "two_by_two", store=runs["store"])
+    ten = tiny_config(overrides=[*RUN, "--config.train.steps=10"])
+    resumed = train_and_evaluate(ten, tmp_path / "two_by_two", store=runs["store"])
     _, reference = workdir_lib.load_for_inference(runs["root"] / "full", step=10)
     for got, want in zip(_leaves(resumed.params), _leaves(reference["params"]), strict=True):
         np.testing.assert_allclose(got, want, rtol=MULTI_DEVICE_RTOL, atol=MULTI_DEVICE_ATOL)
@@ -277,8 +273,7 @@ def test_training_loop_times_validation_and_checkpoints_outside_the_steps(tmp_pa
         "--config.train.eval_every=2",
         "--config.train.checkpoint_every=2",
     ]
-    with fast_compiles():
-        train_and_evaluate(tiny_config(overrides=overrides), tmp_path / "w", store=FakeStore())
+    train_and_evaluate(tiny_config(overrides=overrides), tmp_path / "w", store=FakeStore())
     _, scalars = _scalars(tmp_path / "w")
     rates = {e.step: e.value for e in scalars["train/images_per_s"]}
     assert sorted(rates) == [2, 4] and rates[4] > 0.01, rates
@@ -320,11 +315,10 @@ def test_resume_after_a_crash_past_the_last_checkpoint_drops_the_orphaned_events
     steps 6..8 twice, and the values of steps 6..8 are the resumed session's."""
     store, workdir = FakeStore(), tmp_path / "w"
     first = tiny_config(overrides=[*RUN, "--config.train.steps=8"])
-    with fast_compiles():
-        train_and_evaluate(first, workdir, store=store)
-        shutil.rmtree(workdir / "checkpoints" / "8")  # as if killed after step 8 was logged
-        second = tiny_config(overrides=[*RUN, "--config.train.steps=10"])
-        train_and_evaluate(second, workdir, store=store)
+    train_and_evaluate(first, workdir, store=store)
+    shutil.rmtree(workdir / "checkpoints" / "8")  # as if killed after step 8 was logged
+    second = tiny_config(overrides=[*RUN, "--config.train.steps=10"])
+    train_and_evaluate(second, workdir, store=store)
     _, scalars = _scalars(workdir)
     for tag in ("train/loss", "train/images_per_s", "train/lr"):
         assert [e.step for e in scalars[tag]] == list(range(1, 11)), tag
@@ -356,8 +350,7 @@ def test_progress_bar_shows_each_step_with_its_own_loss(tmp_path, capsys):
     """Every frame of the console bar pairs step n with train/loss of step n (a validation line
     redraws the bar: it showed step n - 1 beside step n's loss)."""
     overrides = ["--config.train.steps=4", "--config.train.eval_every=2"]
-    with fast_compiles():
-        train_and_evaluate(tiny_config(overrides=overrides), tmp_path / "w", store=FakeStore())
+    train_and_evaluate(tiny_config(overrides=overrides), tmp_path / "w", store=FakeStore())
     frames = _bar_frames(capsys.readouterr().err, 4)
     logged = _logged_losses(tmp_path / "w")
     assert {n for n, _, _ in frames} >= {2, 4}
@@ -374,8 +367,7 @@ def test_progress_bar_names_the_step_of_its_loss_between_logs(tmp_path, capsys, 
 
     monkeypatch.setattr(loop, "tqdm", functools.partial(loop.tqdm, mininterval=0, miniters=1))
     overrides = ["--config.train.steps=5", "--config.train.log_every=2"]
-    with fast_compiles():
-        train_and_evaluate(tiny_config(overrides=overrides), tmp_path / "w", store=FakeStore())
+    train_and_evaluate(tiny_config(overrides=overrides), tmp_path / "w", store=FakeStore())
     frames = _bar_frames(capsys.readouterr().err, 5)
     logged = _logged_losses(tmp_path / "w")
     assert sorted(logged) == [2, 4, 5]
@@ -394,7 +386,6 @@ def test_non_finite_loss_is_caught_before_validation_logs_anything(tmp_path):
         "--config.train.eval_every=2",
     ]
     with (
-        fast_compiles(),
         pytest.raises(UserError, match=r"at step 1 \(checked at step 2\); .*: none yet in"),
     ):
         train_and_evaluate(tiny_config(overrides=overrides), tmp_path / "w", store=store)
@@ -410,7 +401,7 @@ def test_console_names_the_run_and_fold_before_its_bar(tmp_path, caplog):
     store, workdir = FakeStore(), tmp_path / "fold1"
     split = RunSpec.from_config(tiny_config(overrides=["--config.data.fold=1"])).fold_split(store)
     store.annotated[folds.case_rows(store, split.val_cases, "all")] = False
-    with fast_compiles(), caplog.at_level("INFO", logger="focalnet_jax.training.loop"):
+    with caplog.at_level("INFO", logger="focalnet_jax.training.loop"):
         for steps in (1, 2):
             overrides = ["--config.data.fold=1", f"--config.train.steps={steps}"]
             train_and_evaluate(tiny_config(overrides=overrides), workdir, store=store)
@@ -437,7 +428,7 @@ def test_a_run_stopped_at_a_validation_step_validates_it_on_resume(tmp_path, mon
     monkeypatch.setattr(graceful_stop.SigtermStop, "stop_now", lambda *_, **__: next(checks) == 2)
     store, workdir = FakeStore(), tmp_path / "w"
     config = tiny_config(overrides=["--config.train.steps=3", "--config.train.eval_every=2"])
-    with fast_compiles(), caplog.at_level("WARNING", logger="focalnet_jax.training.loop"):
+    with caplog.at_level("WARNING", logger="focalnet_jax.training.loop"):
         with pytest.raises(TrainingStopped, match="at step 2"):
             train_and_evaluate(config, workdir, store=store)
         assert read_scalars(workdir / "tb", "val/loss")[0].size == 0

@@ -118,7 +118,7 @@ def _compiles_of_a_run(workdir: str, steps: int) -> dict:
     read], "donation": [[[input state leaves not donated, leaves]] per step, donation
     warnings]}."""
     import jax
-    from test_train_helpers import FakeStore, fast_compiles, tiny_config
+    from test_train_helpers import FakeStore, tiny_config
 
     from focalnet_jax.training import input_pipeline, loop, train_and_evaluate
     from focalnet_jax.training import step as step_lib
@@ -148,7 +148,7 @@ def _compiles_of_a_run(workdir: str, steps: int) -> dict:
         f"--config.train.checkpoint_every={CHECKPOINT_EVERY}",
     ]
     config = tiny_config(overrides=[*RUN, *periodic, f"--config.train.steps={steps}"])
-    with fast_compiles(), warnings.catch_warnings(record=True) as warned:
+    with warnings.catch_warnings(record=True) as warned:
         warnings.simplefilter("always")
         state = train_and_evaluate(config, workdir, store=FakeStore(patients=PATIENTS))
     assert int(jax.device_get(state.step)) == steps
@@ -236,7 +236,7 @@ def test_validation_fetches_its_sums_once_whatever_the_number_of_batches(monkeyp
     make as many host fetches as in 1 batch of 6, and give the same metrics and panel."""
     import jax
     import numpy as np
-    from test_train_helpers import FakeStore, fast_compiles, tiny_config
+    from test_train_helpers import FakeStore, tiny_config
 
     from focalnet_jax.run import RunSpec
     from focalnet_jax.training import input_pipeline, loop, sharding, train_state
@@ -251,14 +251,13 @@ def test_validation_fetches_its_sums_once_whatever_the_number_of_batches(monkeyp
     device_get, fetches = jax.device_get, []
     monkeypatch.setattr(jax, "device_get", lambda x: fetches.append(1) or device_get(x))
     results = {}
-    with fast_compiles():
-        for batch in (2, 6):
-            fetches.clear()
-            eval_step = step_lib.make_eval_step(spec, mesh)
-            results[batch] = (
-                *loop.evaluate(eval_step, state, reader, rows, batch, mesh),
-                len(fetches),
-            )
+    for batch in (2, 6):
+        fetches.clear()
+        eval_step = step_lib.make_eval_step(spec, mesh)
+        results[batch] = (
+            *loop.evaluate(eval_step, state, reader, rows, batch, mesh),
+            len(fetches),
+        )
     (metrics_2, shown_2, fetches_2), (metrics_6, shown_6, fetches_6) = results[2], results[6]
     assert fetches_2 == fetches_6
     assert metrics_2.keys() == metrics_6.keys()

@@ -61,7 +61,7 @@ def _train_argv(
 
 
 def _start(argv: list[str], stderr: Path) -> subprocess.Popen:
-    env = cpu_devices_env(1, JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+    env = cpu_devices_env(1)
     with open(stderr, "wb") as err:
         return subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=err, cwd=REPO)
 
@@ -104,7 +104,7 @@ def test_sigterm_saves_the_step_it_stops_at_and_the_rerun_equals_an_uninterrupte
 ):
     full, stopped = tmp_path / "full", tmp_path / "stopped"
     done = subprocess.run(
-        _train_argv(store, full, 1), env=cpu_devices_env(1, JAX_DISABLE_MOST_OPTIMIZATIONS="1"),
+        _train_argv(store, full, 1), env=cpu_devices_env(1),
         capture_output=True, text=True, timeout=300, cwd=REPO,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
@@ -118,7 +118,7 @@ def test_sigterm_saves_the_step_it_stops_at_and_the_rerun_equals_an_uninterrupte
     assert [p.name for p in (stopped / "checkpoints").iterdir()] == [str(step)]
     assert read_scalars(stopped / "tb", "train/loss")[0].tolist() == list(range(1, step + 1))
     rerun = subprocess.run(
-        _train_argv(store, stopped, 1), env=cpu_devices_env(1, JAX_DISABLE_MOST_OPTIMIZATIONS="1"),
+        _train_argv(store, stopped, 1), env=cpu_devices_env(1),
         capture_output=True, text=True, timeout=300, cwd=REPO,
     )  # fmt: skip
     assert rerun.returncode == 0, rerun.stderr[-2000:]
@@ -267,7 +267,7 @@ def _signalled_at_the_end(argv: list[str], where: str, rank: int = 0) -> list[st
 def _child(argv: list[str]) -> subprocess.CompletedProcess:
     """`argv` run to its end on one CPU device, its output captured."""
     return subprocess.run(
-        argv, env=cpu_devices_env(1, JAX_DISABLE_MOST_OPTIMIZATIONS="1"), capture_output=True,
+        argv, env=cpu_devices_env(1), capture_output=True,
         text=True, timeout=300, cwd=REPO,
     )  # fmt: skip
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from test_train_helpers import COMPONENTS, FakeStore, fast_compiles, tiny_config
+from test_train_helpers import COMPONENTS, FakeStore, tiny_config
 
 from focalnet_jax import encoding, losses
 from focalnet_jax.errors import UserError
@@ -26,12 +26,6 @@ from focalnet_jax.training import loop, sharding, train_state
 from focalnet_jax.training import step as step_lib
 
 LAMBDA = 1000.0
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compiles():
-    with fast_compiles():
-        yield
 
 
 def _batch(seed=0, size=32, batch=4):

@@ -46,7 +46,7 @@ def _steps() -> dict:
     import jax.numpy as jnp
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
-    from test_train_helpers import fast_compiles, tiny_config
+    from test_train_helpers import tiny_config
 
     from focalnet_jax.run import RunSpec
     from focalnet_jax.training import step as step_lib
@@ -61,12 +61,11 @@ def _steps() -> dict:
         out[mode] = {}
         for count in (1, jax.device_count()):
             mesh = Mesh(np.array(jax.devices()[:count]), ("data",))
-            with fast_compiles():
-                state = train_state.create_train_state(spec, jax.random.key(0), mesh)
-                before = jax.device_get(state.params)
-                batch = jax.device_put(_batch(), NamedSharding(mesh, P("data")))
-                step = step_lib.make_train_step(spec, mesh)
-                state, metrics = step(state, batch, jax.random.key(1), jnp.float32(50.0))
+            state = train_state.create_train_state(spec, jax.random.key(0), mesh)
+            before = jax.device_get(state.params)
+            batch = jax.device_put(_batch(), NamedSharding(mesh, P("data")))
+            step = step_lib.make_train_step(spec, mesh)
+            state, metrics = step(state, batch, jax.random.key(1), jnp.float32(50.0))
             update = jax.tree.map(np.subtract, jax.device_get(state.params), before)
             out[mode][count] = {
                 "metrics": {k: np.ravel(v).tolist() for k, v in jax.device_get(metrics).items()},
