@@ -103,9 +103,7 @@ def _copy_with(trained, name: str, damage) -> tuple[Path, str]:
 @pytest.mark.parametrize("damage", [_truncate_data, _empty_metadata, _remove_data, _overwrite_data])
 def test_restart_resumes_from_the_newest_intact_step(trained, damage, caplog):
     workdir, expected = _copy_with(trained, damage.__name__, damage)
-    with (
-        caplog.at_level(logging.WARNING, logger="focalnet_jax.training.checkpoint"),
-    ):
+    with caplog.at_level(logging.WARNING, logger="focalnet_jax.training.checkpoint"):
         state = train_and_evaluate(trained["config"], workdir, store=trained["store"])
     lines = [r.getMessage() for r in caplog.records if r.name == "focalnet_jax.training.checkpoint"]
     assert len(lines) == 1 and "\n" not in lines[0], lines

@@ -385,9 +385,7 @@ def test_non_finite_loss_is_caught_before_validation_logs_anything(tmp_path):
         "--config.train.log_every=1000",
         "--config.train.eval_every=2",
     ]
-    with (
-        pytest.raises(UserError, match=r"at step 1 \(checked at step 2\); .*: none yet in"),
-    ):
+    with pytest.raises(UserError, match=r"at step 1 \(checked at step 2\); .*: none yet in"):
         train_and_evaluate(tiny_config(overrides=overrides), tmp_path / "w", store=store)
     events, scalars = _scalars(tmp_path / "w")
     assert scalars == {} and events.Tags()["images"] == []
