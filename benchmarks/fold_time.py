@@ -12,18 +12,31 @@ Without `--store`, `--cases` synthetic cases are written and preprocessed under 
 when already there).
 
 The run starts fresh in a temporary workdir. `--max-steps` stops it early (a quick look on a slow
-machine); the fold's time is then projected as `overhead_s + fold_steps * steady_step_time_s`,
+machine); the fold's time is then projected as
+
+    overhead_s + fold_steps * steady_step_time_s
+        + (fold validations) * validation_s * val_slices.schedule / val_slices.store
+        - (run validations) * validation_s + (fold - run checkpoints) * checkpoint_s
+
 where the steady step time is the median of the loop's logged intervals after the first (the first
-holds the compilation) and `overhead_s` is the measured wall time not explained by the steps run
-at that rate (start-up, compilation, validation, checkpoints of the shortened run). The whole
-fold validates and saves more often than its first steps (`validations` and `checkpoints` give
-both counts): the projection leaves the time of those extra ones out. Prints one JSON line:
-measured `wall_s`, `steps_run`, `fold_steps`, `steady_step_time_s`, `overhead_s`,
-`projected_fold_s` (the measured wall time when the whole fold ran), the compilation cache folder
-in use (null: every step compiled in this run), the device and its peak memory (null on CPU).
-A SIGTERM (e.g. a time limit's) stops the run at its next step, saved; the line is then printed
-for the steps done (`stopped_by_sigterm`; its `overhead_s` holds that stop's checkpoint and no
-last validation).
+holds the compilation), `overhead_s` is the measured wall time not explained by the steps run at
+that rate (start-up, compilation, the shortened run's own validations and checkpoints), and
+`validation_s` and `checkpoint_s` are the loop's own timings of each (TensorBoard's
+`time/validation_s`, `time/checkpoint_s`): the median validation after the first (which compiles)
+and the median checkpoint save. A validation's time is taken to grow with its slices: the fold's
+validation set is `val_slices.schedule`, the schedule's training slices times the store's ratio
+of validation to training slices (the paper: 83-84 validation cases to 333-334 training ones). A
+shortened run that would validate fewer than twice validates every ceil(steps / 2) steps instead
+(`run_eval_every`), so that one validation after the compiled one is timed; what a run could not
+time (a SIGTERM before its second validation) is named in `projection_leaves_out`.
+`validations` and `checkpoints` give the counts of the run and of the whole fold.
+
+Prints one JSON line: measured `wall_s`, `steps_run`, `fold_steps`, `steady_step_time_s`,
+`overhead_s`, `validation_s`, `checkpoint_s`, `projected_fold_s` (the measured wall time when the
+whole fold ran), the compilation cache folder in use (null: every step compiled in this run), the
+device and its peak memory (null on CPU). A SIGTERM (e.g. a time limit's) stops the run at its
+next step, saved; the line is then printed for the steps done (`stopped_by_sigterm`; its
+`overhead_s` holds that stop's checkpoint and no last validation).
 """
 
 from __future__ import annotations
@@ -48,10 +61,15 @@ from focalnet_jax.training.graceful_stop import TrainingStopped
 from focalnet_jax.training.tb_logging import read_scalars
 
 
-def step_intervals(workdir: Path, batch_size: int) -> list[float]:
-    """Seconds per step over each logged interval, from `train/images_per_s`."""
+def loop_timings(workdir: Path, batch_size: int) -> dict[str, list[float]]:
+    """What the loop logged of its time, in step order: `intervals`, seconds per step over each
+    logged interval (from `train/images_per_s`); `validation_s` and `checkpoint_s`, the seconds
+    of each validation and checkpoint save."""
     _, images_per_s = read_scalars(workdir / "tb", "train/images_per_s")
-    return [batch_size / float(v) for v in images_per_s]
+    timings = {"intervals": [batch_size / float(v) for v in images_per_s]}
+    for name in ("validation_s", "checkpoint_s"):
+        timings[name] = [float(v) for v in read_scalars(workdir / "tb", f"time/{name}")[1]]
+    return timings
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -93,10 +111,10 @@ def _steps_to_run(parser, config, fold_steps: int, max_steps: int) -> int:
     return steps_run
 
 
-def _timed_run(config, store) -> tuple[float, list[float], int | None]:
-    """Trains `config` in a fresh temporary workdir: (wall seconds, `step_intervals`, and the
+def _timed_run(config, store) -> tuple[float, dict[str, list[float]], int | None]:
+    """Trains `config` in a fresh temporary workdir: (wall seconds, `loop_timings`, and the
     step a SIGTERM stopped it at (its checkpoint saved), else None). A time limit's SIGTERM thus
-    still gives the intervals logged so far."""
+    still gives the timings logged so far."""
     with tempfile.TemporaryDirectory(prefix="fold_time_") as tmp:
         stopped_at = None
         with result_line.stdout_to_stderr():
@@ -106,7 +124,7 @@ def _timed_run(config, store) -> tuple[float, list[float], int | None]:
             except TrainingStopped as stop:
                 stopped_at = stop.step
             wall = time.perf_counter() - start
-        return wall, step_intervals(Path(tmp), config.train.batch_size), stopped_at
+        return wall, loop_timings(Path(tmp), config.train.batch_size), stopped_at
 
 
 def event_counts(every: int, steps: int) -> int:
@@ -116,30 +134,61 @@ def event_counts(every: int, steps: int) -> int:
     return multiples + (0 if every and steps % every == 0 else 1)
 
 
-def _event_counts(train, steps_run: int, fold_steps: int, stopped: bool) -> dict:
-    """`validations` and `checkpoints`: {"run": in the run, "fold": in the whole fold}. A run
-    stopped by SIGTERM saved at its stop but did not validate there."""
+def run_eval_every(eval_every: int, steps_run: int, fold_steps: int) -> int:
+    """The run's `eval_every`: the config's, unless a shortened run would then validate fewer than
+    twice; then every ceil(steps_run / 2) steps (at that step and the last)."""
+    if steps_run == fold_steps or event_counts(eval_every, steps_run) >= 2:
+        return eval_every
+    return -(-steps_run // 2)
+
+
+def _event_counts(every: dict, steps_run: int, fold_steps: int, stopped: bool) -> dict:
+    """`validations` and `checkpoints`: {"run": in the run, "fold": in the whole fold}, with
+    `every[name] = (run's, fold's)` interval (`None`: never, a fold without validation slices).
+    A run stopped by SIGTERM saved at its stop but did not validate there."""
     counts = {}
-    for name, every in (("validations", train.eval_every), ("checkpoints", train.checkpoint_every)):
-        run = event_counts(every, steps_run)
+    for name, (run_every, fold_every) in every.items():
+        if fold_every is None:
+            counts[name] = {"run": 0, "fold": 0}
+            continue
+        run = event_counts(run_every, steps_run)
         if stopped and name == "validations":
-            run = steps_run // every if every else 0
-        counts[name] = {"run": run, "fold": event_counts(every, fold_steps)}
+            run = steps_run // run_every if run_every else 0
+        counts[name] = {"run": run, "fold": event_counts(fold_every, fold_steps)}
     return counts
 
 
-def _projection(wall: float, intervals: list[float], steps_run: int, fold_steps: int) -> dict:
-    """The measured wall time and, where the run stopped early, the fold's time projected from
-    the steady step time (the median interval after the first, which holds the compilation)."""
+def _median_or_none(values: list[float]) -> float | None:
+    return float(np.median(values)) if values else None
+
+
+def _projection(wall: float, timings: dict, steps_run: int, fold_steps: int, counts: dict,
+                val_scale: float) -> dict:  # fmt: skip
+    """The measured wall time and, where the run stopped early, the fold's time projected (the
+    module's formula); `val_scale`: the fold's validation slices over the store's."""
+    intervals = timings["intervals"]
     steady = float(np.median(intervals[1:]))
     overhead = wall - steps_run * steady
+    validation = _median_or_none(timings["validation_s"][1:])
+    saving = _median_or_none(timings["checkpoint_s"])
+    projected, left_out = overhead + fold_steps * steady, []
+    for name, each, scale in (("validations", validation, val_scale), ("checkpoints", saving, 1)):
+        run, fold = counts[name]["run"], counts[name]["fold"]
+        if each is not None:  # the run's own are in `overhead`, the fold's at its size
+            projected += fold * each * scale - run * each
+        elif fold > run or (fold and scale != 1):
+            left_out.append(name)
+    full = steps_run == fold_steps
     return {
         "wall_s": wall,
         "steady_step_time_s": steady,
         "first_interval_step_time_s": intervals[0],
         "overhead_s": overhead,
-        "projected_fold_s": wall if steps_run == fold_steps else overhead + fold_steps * steady,
-        "projected": steps_run < fold_steps,
+        "validation_s": validation,
+        "checkpoint_s": saving,
+        "projected_fold_s": wall if full else projected,
+        "projected": not full,
+        "projection_leaves_out": [] if full else left_out,
     }
 
 
@@ -153,28 +202,42 @@ def main(argv: list[str] | None = None) -> None:
     config = _schedule_config(parser, args, overrides, args.store)
     opened = open_store(args.store)
     spec = RunSpec.from_config(config)
-    train_slices = len(spec.fold_split(opened).train_rows)
+    split = spec.fold_split(opened)
+    train_slices, val_slices = len(split.train_rows), len(split.val_rows)
+    schedule_slices = args.train_slices or train_slices
+    schedule_val_slices = round(schedule_slices * val_slices / train_slices)
     fold_steps = spec.total_steps(train_slices // config.train.batch_size)
     steps_run = _steps_to_run(parser, config, fold_steps, args.max_steps)
+    eval_every = config.train.eval_every
     config.train.steps = steps_run
-    wall, intervals, stopped_at = _timed_run(config, opened)
+    config.train.eval_every = run_eval_every(eval_every, steps_run, fold_steps)
+    wall, timings, stopped_at = _timed_run(config, opened)
     if stopped_at is not None:  # SIGTERM (a time limit): project from the steps done
         steps_run = stopped_at
-        if len(intervals) < 3:
+        if len(timings["intervals"]) < 3:
             raise SystemExit(f"stopped by SIGTERM at step {stopped_at}: under 3 logged intervals")
+    train = config.train
+    every = {
+        "validations": (train.eval_every, eval_every) if val_slices else (0, None),
+        "checkpoints": (train.checkpoint_every, train.checkpoint_every),
+    }
+    counts = _event_counts(every, steps_run, fold_steps, stopped_at is not None)
+    val_scale = schedule_val_slices / val_slices if val_slices else 1.0
     result = {
         "benchmark": "fold_time",
         "config": args.config,
         "overrides": overrides,
         "store": str(args.store),
         "store_train_slices": train_slices,
-        "schedule_train_slices": args.train_slices or train_slices,
-        "batch_size": config.train.batch_size,
+        "schedule_train_slices": schedule_slices,
+        "val_slices": {"store": val_slices, "schedule": schedule_val_slices},
+        "batch_size": train.batch_size,
         "fold_steps": fold_steps,
         "steps_run": steps_run,
+        "run_eval_every": train.eval_every,
         "stopped_by_sigterm": stopped_at is not None,
-        **_projection(wall, intervals, steps_run, fold_steps),
-        **_event_counts(config.train, steps_run, fold_steps, stopped_at is not None),
+        **_projection(wall, timings, steps_run, fold_steps, counts, val_scale),
+        **counts,
         # A warm persistent cache ($JAX_COMPILATION_CACHE_DIR) skips the compilation.
         "compilation_cache": jax.config.jax_compilation_cache_dir,
         "model": result_line.model_description(config),

@@ -330,12 +330,56 @@ def test_fold_time_benchmark_projects_the_paper_fold_from_a_short_run(small_stor
     steady, overhead = result["steady_step_time_s"], result["overhead_s"]
     assert steady > 0 and overhead > 0
     assert result["wall_s"] == pytest.approx(overhead + 6 * steady)
-    assert result["projected_fold_s"] == pytest.approx(overhead + 2000 * steady)
     assert result["mfl"] == "vmap" and result["store_train_slices"] > 0  # the paper's, as trained
     assert result["compilation_cache"] is None
-    # Validation only at the end (eval_every 0); checkpoints every 1000 steps and at the end.
-    assert result["validations"] == {"run": 1, "fold": 1}
+    # The fold validates only at the end (eval_every 0): the run validates at steps 3 and 6, so
+    # that a validation after the compiled one is timed. Checkpoints every 1000 steps and at the
+    # end; the fold's validation set is the store's share of the schedule's 40 slices.
+    assert result["run_eval_every"] == 3
+    assert result["validations"] == {"run": 2, "fold": 1}
     assert result["checkpoints"] == {"run": 1, "fold": 2}
+    val = result["val_slices"]
+    assert val["schedule"] == round(40 * val["store"] / result["store_train_slices"])
+    validation, saving = result["validation_s"], result["checkpoint_s"]
+    assert validation > 0 and saving > 0 and result["projection_leaves_out"] == []
+    expected = overhead + 2000 * steady + validation * (val["schedule"] / val["store"] - 2) + saving
+    assert result["projected_fold_s"] == pytest.approx(expected)
+
+
+def test_fold_time_projection_adds_the_folds_validations_and_checkpoints():
+    fold_time = _benchmark_module("fold_time")
+    timings = {
+        "intervals": [5.0, 0.1, 0.3, 0.2],  # steady 0.2 s a step
+        "validation_s": [9.0, 2.0, 4.0],  # the first compiles: 3 s each after it
+        "checkpoint_s": [1.0, 0.5],  # 0.75 s each
+    }
+    counts = {"validations": {"run": 3, "fold": 9}, "checkpoints": {"run": 2, "fold": 18}}
+    got = fold_time._projection(100.0, timings, 300, 17400, counts, val_scale=2.0)
+    overhead = 100.0 - 300 * 0.2
+    assert (got["steady_step_time_s"], got["validation_s"], got["checkpoint_s"]) == (0.2, 3.0, 0.75)
+    # 9 validations of twice the slices, less the run's 3 (in the overhead); 16 more checkpoints.
+    assert got["projected_fold_s"] == pytest.approx(
+        overhead + 17400 * 0.2 + (9 * 3.0 * 2 - 3 * 3.0) + (18 - 2) * 0.75
+    )
+    assert got["projection_leaves_out"] == [] and got["projected"]
+    # A SIGTERM before the second validation: no validation timed, and the line says so.
+    stopped = fold_time._projection(
+        100.0, timings | {"validation_s": [9.0]}, 300, 17400, counts, val_scale=2.0
+    )
+    assert stopped["validation_s"] is None and stopped["projection_leaves_out"] == ["validations"]
+    assert stopped["projected_fold_s"] == pytest.approx(overhead + 17400 * 0.2 + 16 * 0.75)
+    # The whole fold ran: its wall time, nothing projected.
+    whole = fold_time._projection(100.0, timings, 17400, 17400, counts, val_scale=1.0)
+    assert whole["projected_fold_s"] == 100.0 and not whole["projected"]
+
+
+def test_fold_time_run_validates_twice_when_shortened():
+    fold_time = _benchmark_module("fold_time")
+    assert fold_time.run_eval_every(0, 6, 2000) == 3  # steps 3 and 6
+    assert fold_time.run_eval_every(2000, 2000, 17400) == 1000  # 1000 and 2000
+    assert fold_time.run_eval_every(2000, 1999, 17400) == 1000  # 1000 and 1999
+    assert fold_time.run_eval_every(400, 1200, 1200) == 400  # the whole fold: the config's
+    assert fold_time.run_eval_every(400, 900, 1200) == 400  # 400, 800, 900: twice already
 
 
 def test_fold_time_counts_validations_as_the_loop_runs_them():

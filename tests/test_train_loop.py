@@ -122,6 +122,10 @@ def test_tensorboard_scalars_and_panels(runs):
     # lambda = 1 / positive bit ratio of the training split (ordinal bits), > 1 by far.
     assert lam > 10
     assert [e.step for e in scalars["val/loss"]] == [10, 20]
+    # The loop's time outside its steps, logged apart: each validation and checkpoint save.
+    assert [e.step for e in scalars["time/validation_s"]] == [10, 20]
+    assert [e.step for e in scalars["time/checkpoint_s"]] == [5, 10, 15, 20]
+    assert all(e.value > 0 for e in scalars["time/validation_s"] + scalars["time/checkpoint_s"])
     panels = events.Images("val/panel")
     assert [p.step for p in panels] == [10, 20] and panels[0].width == 32 * 4
 

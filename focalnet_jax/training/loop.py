@@ -145,7 +145,9 @@ class _Logger:
     `train/images_per_s` = training images of the global batch (all devices, all processes) since
     the previous log / the seconds spent training them: the time inside `outside_steps()`
     (validation, checkpoint writes) is left out; the first interval after a start or resume holds
-    the compilation.
+    the compilation. That time is logged apart: the seconds of each validation and checkpoint save
+    the loop waited for (`time/validation_s`, `time/checkpoint_s`; the first validation of a
+    session holds its compilation).
     """
 
     def __init__(self, spec: RunSpec, workdir: Path, manager, progress, start: int, mesh, writer):
@@ -158,15 +160,20 @@ class _Logger:
         self.excluded_s = 0.0  # seconds outside training steps since the last log
 
     @contextlib.contextmanager
-    def outside_steps(self, state=None):
+    def outside_steps(self, state=None, timed: tuple[int, str] | None = None):
         """Time spent inside is not counted in `train/images_per_s`; the steps dispatched
-        before it (`state`'s computation) finish first, so that their time still counts."""
+        before it (`state`'s computation) finish first, so that their time still counts.
+        `timed=(step, tag)`: that time (s) is also logged as the scalar `tag` at `step` (not
+        where the block failed)."""
         jax.block_until_ready(state)
         start = time.perf_counter()
         try:
             yield
         finally:
-            self.excluded_s += time.perf_counter() - start
+            seconds = time.perf_counter() - start
+            self.excluded_s += seconds
+        if timed is not None:
+            self.writer.scalars(timed[0], {timed[1]: seconds})
 
     def finish_saves(self) -> None:
         """The pending checkpoint writes on disk, with the digests of this session's steps."""
@@ -432,7 +439,7 @@ def _save(logger: _Logger, saved: set, done: int, state) -> None:
     if done in saved:
         return
     logger.check_finite(done)
-    with logger.outside_steps(state):
+    with logger.outside_steps(state, timed=(done, "time/checkpoint_s")):
         checkpoint.save(logger.manager, done, state, newer_than=logger.start)
         logger.writer.flush()
     saved.add(done)
@@ -441,7 +448,7 @@ def _save(logger: _Logger, saved: set, done: int, state) -> None:
 def _validate(logger: _Logger, eval_step, state, reader, val_rows, spec: RunSpec, mesh, done):
     """Validate `state` (step `done`) on `val_rows` and log it; not of diverged parameters."""
     logger.check_finite(done)
-    with logger.outside_steps(state):
+    with logger.outside_steps(state, timed=(done, "time/validation_s")):
         val, shown = evaluate(eval_step, state, reader, val_rows, spec.global_batch, mesh)
         logger.validation(done, val, reader, shown)
 
