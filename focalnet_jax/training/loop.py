@@ -145,9 +145,8 @@ class _Logger:
     `train/images_per_s` = training images of the global batch (all devices, all processes) since
     the previous log / the seconds spent training them: the time inside `outside_steps()`
     (validation, checkpoint writes) is left out; the first interval after a start or resume holds
-    the compilation. That time is logged apart: the seconds of each validation and checkpoint save
-    the loop waited for (`time/validation_s`, `time/checkpoint_s`; the first validation of a
-    session holds its compilation).
+    the compilation. Logged apart: the seconds of each validation and checkpoint save
+    (`time/validation_s`, `time/checkpoint_s`; a session's first validation holds its compilation).
     """
 
     def __init__(self, spec: RunSpec, workdir: Path, manager, progress, start: int, mesh, writer):
@@ -163,15 +162,13 @@ class _Logger:
     def outside_steps(self, state=None, timed: tuple[int, str] | None = None):
         """Time spent inside is not counted in `train/images_per_s`; the steps dispatched
         before it (`state`'s computation) finish first, so that their time still counts.
-        `timed=(step, tag)`: that time (s) is also logged as the scalar `tag` at `step` (not
-        where the block failed)."""
+        `timed=(step, tag)`: that time (s) is logged as scalar `tag` at `step` unless it failed."""
         jax.block_until_ready(state)
         start = time.perf_counter()
         try:
             yield
         finally:
-            seconds = time.perf_counter() - start
-            self.excluded_s += seconds
+            self.excluded_s += (seconds := time.perf_counter() - start)
         if timed is not None:
             self.writer.scalars(timed[0], {timed[1]: seconds})
 
