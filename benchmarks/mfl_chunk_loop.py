@@ -2,7 +2,7 @@
 its gradient, all subsets in one `vmap` against chunks in a loop (`lax.map`), side by side.
 
     python benchmarks/mfl_chunk_loop.py --config configs/mfl4.py [--chunk 4] [--size 64]
-        [--repeats 5] [--config.k=v ...]
+        [--repeats 5] [--kinds forward,input_gradient,parameter_gradient] [--config.k=v ...]
 
 Every non-empty proper subset of the config's components is probed on a random batch, with the
 model's initial weights and `train=True` normalisation, as in the `vmap` MFL mode (the chunks
@@ -10,6 +10,7 @@ model's initial weights and `train=True` normalisation, as in the `vmap` MFL mod
 forward pass (distances `[M, B]`), the gradient of their sum with respect to the input images
 (the backward pass without weight gradients) and with respect to the parameters (what training
 computes), each compiled once and then the median of `--repeats` calls (`block_until_ready`);
+`--kinds` times only those named (each kind is two compilations, the longest part of a run);
 with each, the temporary memory of the compiled function from XLA's memory analysis
 (`*_temp_bytes`). Prints one JSON line with these and the `loop_over_vmap` time ratio of each: a
 ratio near 1 for the forward pass and far above 1 for the parameter gradient says that the loop's
@@ -27,7 +28,8 @@ import time
 
 import jax
 import jax.numpy as jnp
-import profile_summary  # benchmarks/profile_summary.py (the script directory)
+import kinds_flag  # benchmarks/kinds_flag.py (the script directory)
+import profile_summary  # benchmarks/profile_summary.py
 import result_line
 from jax.sharding import PartitionSpec
 
@@ -75,9 +77,12 @@ KINDS = {"forward": None, "input_gradient": 1, "parameter_gradient": 0}
 """Timed functions of the probe: itself, and its gradient with respect to argument 1 or 0."""
 
 
-def measure(config, *, chunk: int, size: int, repeats: int, profile_calls: int = 0) -> dict:
-    """Times (s) of each of `KINDS`, unchunked and in chunks of `chunk`, and their ratios; with
-    `profile_calls`, where the parameter gradient's time goes in each form (`profile_summary`)."""
+def measure(
+    config, *, chunk: int, size: int, repeats: int, kinds=tuple(KINDS), profile_calls: int = 0
+) -> dict:
+    """Times (s) of each of `kinds` (of `KINDS`), unchunked and in chunks of `chunk`, and their
+    ratios; with `profile_calls`, where the parameter gradient's time goes in each form
+    (`profile_summary`)."""
     spec = RunSpec.from_config(config, image_size=(size, size), num_devices=1)
     variables = train_state.init_variables(spec.model, jax.random.key(0), spec.input_shape)
     shape = (spec.global_batch, size, size, len(spec.components))
@@ -86,7 +91,8 @@ def measure(config, *, chunk: int, size: int, repeats: int, profile_calls: int =
     result = {}
     for name, n in (("vmap", 0), ("loop", chunk)):
         total = _probe(spec, variables.get("batch_stats", {}), n)
-        for kind, argnum in KINDS.items():
+        for kind in kinds:
+            argnum = KINDS[kind]
             fn = total if argnum is None else jax.grad(total, argnums=argnum)
             mapped = jax.shard_map(
                 fn, mesh=mesh, in_specs=PartitionSpec(), out_specs=PartitionSpec()
@@ -98,7 +104,7 @@ def measure(config, *, chunk: int, size: int, repeats: int, profile_calls: int =
                 result[f"{kind}_{name}_profile"] = profile_summary.profile_or_error(
                     lambda c=compiled: c(*args), profile_calls, top=5, hlo_text=compiled.as_text()
                 )
-    for kind in KINDS:
+    for kind in kinds:
         result[f"{kind}_loop_over_vmap"] = result[f"{kind}_loop_s"] / result[f"{kind}_vmap_s"]
     return result | {"subsets": len(losses.component_subsets(spec.components)), "chunk": chunk}
 
@@ -109,6 +115,7 @@ def main(argv=None) -> None:
     parser.add_argument("--chunk", type=int, default=4, help="subsets per loop iteration")
     parser.add_argument("--size", type=int, default=64, help="slice size")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls of each function")
+    kinds_flag.add_kinds_flag(parser, KINDS, "functions to time")
     profile_summary.add_calls_flag(
         parser,
         "--profile-calls",
@@ -117,14 +124,16 @@ def main(argv=None) -> None:
     args, overrides = parser.parse_known_args(argv)
     if args.chunk < 1:
         parser.error(f"--chunk: expected a positive number of subsets, got {args.chunk}")
+    kinds = kinds_flag.chosen_kinds(parser, args.kinds, KINDS)
     config = load_config(args.config, overrides)
     result = {"config": args.config, "overrides": overrides}
-    result |= {"size": args.size, "repeats": args.repeats}
+    result |= {"size": args.size, "repeats": args.repeats, "kinds": kinds}
     result |= measure(
         config,
         chunk=args.chunk,
         size=args.size,
         repeats=args.repeats,
+        kinds=kinds,
         profile_calls=args.profile_calls,
     )
     result |= result_line.device_fields() | {"model": result_line.model_description(config)}

@@ -35,8 +35,9 @@ import time
 
 import jax
 import jax.numpy as jnp
+import kinds_flag  # benchmarks/kinds_flag.py (the script directory)
 import numpy as np
-import profile_summary  # benchmarks/profile_summary.py (the script directory)
+import profile_summary  # benchmarks/profile_summary.py
 import result_line
 
 from focalnet_jax.config_loading import load_config
@@ -128,21 +129,14 @@ def main(argv=None) -> None:
     parser.add_argument("--config", required=True, help="config file[:arg]")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per kind")
     parser.add_argument("--size", type=int, default=128, help="slice size (store: 128)")
-    parser.add_argument(
-        "--kinds",
-        default=",".join(KINDS),
-        help=f"comma-separated step kinds to time, of {','.join(KINDS)} (ratios need fl)",
-    )
+    kinds_flag.add_kinds_flag(parser, KINDS, "step kinds to time (ratios need fl)")
     profile_summary.add_calls_flag(
         parser,
         "--profile-steps",
         "after timing, trace this many steps of each kind: its slowest ops (`profile`)",
     )
     args, overrides = parser.parse_known_args(argv)
-    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
-    unknown = sorted(set(kinds) - set(KINDS))
-    if unknown or not kinds:
-        parser.error(f"--kinds: expected names from {','.join(KINDS)}, got {args.kinds!r}")
+    kinds = kinds_flag.chosen_kinds(parser, args.kinds, KINDS)
     result = {"config": args.config, "overrides": overrides}
     mesh = sharding.make_mesh()
     new_state = None

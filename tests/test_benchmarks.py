@@ -411,6 +411,7 @@ def test_bf16_curves_train_both_dtypes_and_evaluate_them(small_store, tmp_path):
         f"--plot={png}",
         *TINY,
         "--config.train.log_every=1",
+        "--config.loss.mfl=false",  # the dtype is what differs; MFL's steps compile longer
     )
     assert result["steps"] == [1, 2, 3, 4, 5, 6]
     assert len(result["loss_float32"]) == len(result["loss_bfloat16"]) == 6
@@ -525,7 +526,9 @@ def test_mfl_scaling_rows_say_whether_the_step_ran_in_chunks():
     assert chunked == {(2, 4): False, (4, 4): False, (6, 4): True, (14, 4): True, (14, 0): False}
 
 
-def test_mfl_chunk_loop_benchmark_times_each_kind_vmapped_and_looped():
+def test_mfl_chunk_loop_benchmark_times_the_chosen_kinds_vmapped_and_looped():
+    """Two of the three kinds (each two compilations, most of the run's time): the input gradient
+    is the parameter gradient's code with the other argument."""
     result = _run(
         "mfl_chunk_loop.py",
         "--config=configs/focalnet.py",
@@ -533,18 +536,42 @@ def test_mfl_chunk_loop_benchmark_times_each_kind_vmapped_and_looped():
         "--size=32",
         "--repeats=1",
         "--profile-calls=1",
+        "--kinds=parameter_gradient,forward",
         *TINY,
     )
     assert (result["subsets"], result["chunk"], result["device_kind"]) == (2, 1, "cpu")
     assert (result["size"], result["repeats"]) == (32, 1)
+    assert result["kinds"] == ["parameter_gradient", "forward"]
     for form in ("vmap", "loop"):  # the parameter gradient's profile: its convolutions found
         profile = result[f"parameter_gradient_{form}_profile"]
         assert profile["calls"] == 1 and profile["by_kind"]["convolution"]["ms_per_call"] > 0
     assert "forward_vmap_profile" not in result
-    for kind in ("forward", "input_gradient", "parameter_gradient"):
+    assert not [key for key in result if key.startswith("input_gradient")]
+    for kind in ("forward", "parameter_gradient"):
         ratio = result[f"{kind}_loop_s"] / result[f"{kind}_vmap_s"]
         assert result[f"{kind}_loop_over_vmap"] == pytest.approx(ratio) and ratio > 0
         assert result[f"{kind}_vmap_temp_bytes"] > 0 and result[f"{kind}_loop_temp_bytes"] > 0
+
+
+@pytest.mark.parametrize(
+    ("text", "chosen"),
+    [("b,a", ["b", "a"]), (" a , a,", ["a"]), ("", None), (",", None), ("a,d", None)],
+)
+def test_kinds_flag_keeps_the_order_given_and_refuses_unknown_or_no_names(text, chosen, capsys):
+    import argparse
+
+    kinds_flag = _benchmark_module("kinds_flag")
+    parser = argparse.ArgumentParser(prog="bench")
+    kinds_flag.add_kinds_flag(parser, ("a", "b", "c"), "things to time")
+    assert parser.parse_args([]).kinds == "a,b,c"
+    if chosen is not None:
+        assert kinds_flag.chosen_kinds(parser, text, ("a", "b", "c")) == chosen
+        return
+    with pytest.raises(SystemExit) as stop:
+        kinds_flag.chosen_kinds(parser, text, ("a", "b", "c"))
+    assert stop.value.code == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last == f"bench: error: --kinds: expected names from a,b,c, got {text!r}"
 
 
 def test_profile_or_error_keeps_the_reason_when_tracing_fails():

@@ -117,7 +117,8 @@ def test_local_cpu_processes_refuses_counts_that_are_not_positive_integers(tmp_p
     assert not (tmp_path / "run").exists()
 
 
-# tests/test_train_sigterm.py's tiny run, `STEPS` steps, each logged (the progress bar shows it).
+# tests/test_train_sigterm.py's tiny run (no MFL), `STEPS` steps, each logged (the progress bar
+# shows it).
 # SIGTERM comes once the bar shows step 2 and must arrive before the last step (a SIGTERM then
 # completes the run): 8 steps left under a second for it, 40 leave several.
 STEPS = 40
@@ -126,6 +127,7 @@ TINY_RUN = [
     "--config.model.width=0.125", "--config.model.output_stride=16",
     "--config.train.batch_size=4", "--config.train.checkpoint_every=1000",
     "--config.train.eval_every=0", "--config.train.log_every=1", f"--config.train.steps={STEPS}",
+    "--config.loss.mfl=false",
 ]  # fmt: skip
 
 
