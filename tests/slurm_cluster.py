@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from focalnet_jax.processes import pid_alive
+
 LOCK_FILE = Path(tempfile.gettempdir()) / "focalnet-test-slurm-cluster.lock"
 # Seconds from SLURM's SIGTERM to a task's processes to its SIGKILL (SLURM's default is 30): a
 # training stopped by SIGTERM saves its step first, which on a loaded machine takes a while. A
@@ -48,14 +50,6 @@ def _free_ports(count: int) -> list[int]:
         for s in sockets:
             s.bind(("127.0.0.1", 0))
         return [s.getsockname()[1] for s in sockets]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def _sbin(name: str) -> str:
@@ -182,7 +176,7 @@ class OneNodeCluster:
         deadline = time.time() + timeout_s
         while pids and time.time() < deadline:
             time.sleep(0.1)
-            pids = [pid for pid in pids if _alive(pid)]
+            pids = [pid for pid in pids if pid_alive(pid)]
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
