@@ -40,6 +40,12 @@ RUN = [
 ]
 
 
+def loop_config(overrides=()):
+    """The tiny config without MFL, for what the loop does whatever the loss (MFL's step takes
+    longer to compile); `runs` and the runs resumed from it keep the paper's loss."""
+    return tiny_config(overrides=[*overrides, "--config.loss.mfl=false"])
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """`full`: 20 steps at once; `resumed`: 10 steps, then restarted to 20 in the same workdir."""
@@ -194,7 +200,7 @@ def test_validation_panel_with_a_batch_smaller_than_the_panel(tmp_path, patients
         "--config.train.steps=1",
         "--config.data.slices=all",
     ]
-    store, config = FakeStore(patients=patients), tiny_config(overrides=overrides)
+    store, config = FakeStore(patients=patients), loop_config(overrides=overrides)
     train_and_evaluate(config, tmp_path / "w", store=store)
     events, _ = _scalars(tmp_path / "w")
     (image,) = events.Images("val/panel")
@@ -277,7 +283,7 @@ def test_training_loop_times_validation_and_checkpoints_outside_the_steps(tmp_pa
         "--config.train.eval_every=2",
         "--config.train.checkpoint_every=2",
     ]
-    train_and_evaluate(tiny_config(overrides=overrides), tmp_path / "w", store=FakeStore())
+    train_and_evaluate(loop_config(overrides=overrides), tmp_path / "w", store=FakeStore())
     _, scalars = _scalars(tmp_path / "w")
     rates = {e.step: e.value for e in scalars["train/images_per_s"]}
     assert sorted(rates) == [2, 4] and rates[4] > 0.01, rates
@@ -318,10 +324,10 @@ def test_resume_after_a_crash_past_the_last_checkpoint_drops_the_orphaned_events
     readers (the EventAccumulator and the one its server uses) show steps 1..10 once each, not
     steps 6..8 twice, and the values of steps 6..8 are the resumed session's."""
     store, workdir = FakeStore(), tmp_path / "w"
-    first = tiny_config(overrides=[*RUN, "--config.train.steps=8"])
+    first = loop_config(overrides=[*RUN, "--config.train.steps=8"])
     train_and_evaluate(first, workdir, store=store)
     shutil.rmtree(workdir / "checkpoints" / "8")  # as if killed after step 8 was logged
-    second = tiny_config(overrides=[*RUN, "--config.train.steps=10"])
+    second = loop_config(overrides=[*RUN, "--config.train.steps=10"])
     train_and_evaluate(second, workdir, store=store)
     _, scalars = _scalars(workdir)
     for tag in ("train/loss", "train/images_per_s", "train/lr"):
@@ -354,7 +360,7 @@ def test_progress_bar_shows_each_step_with_its_own_loss(tmp_path, capsys):
     """Every frame of the console bar pairs step n with train/loss of step n (a validation line
     redraws the bar: it showed step n - 1 beside step n's loss)."""
     overrides = ["--config.train.steps=4", "--config.train.eval_every=2"]
-    train_and_evaluate(tiny_config(overrides=overrides), tmp_path / "w", store=FakeStore())
+    train_and_evaluate(loop_config(overrides=overrides), tmp_path / "w", store=FakeStore())
     frames = _bar_frames(capsys.readouterr().err, 4)
     logged = _logged_losses(tmp_path / "w")
     assert {n for n, _, _ in frames} >= {2, 4}
@@ -371,7 +377,7 @@ def test_progress_bar_names_the_step_of_its_loss_between_logs(tmp_path, capsys, 
 
     monkeypatch.setattr(loop, "tqdm", functools.partial(loop.tqdm, mininterval=0, miniters=1))
     overrides = ["--config.train.steps=5", "--config.train.log_every=2"]
-    train_and_evaluate(tiny_config(overrides=overrides), tmp_path / "w", store=FakeStore())
+    train_and_evaluate(loop_config(overrides=overrides), tmp_path / "w", store=FakeStore())
     frames = _bar_frames(capsys.readouterr().err, 5)
     logged = _logged_losses(tmp_path / "w")
     assert sorted(logged) == [2, 4, 5]
@@ -390,7 +396,7 @@ def test_non_finite_loss_is_caught_before_validation_logs_anything(tmp_path):
         "--config.train.eval_every=2",
     ]
     with pytest.raises(UserError, match=r"at step 1 \(checked at step 2\); .*: none yet in"):
-        train_and_evaluate(tiny_config(overrides=overrides), tmp_path / "w", store=store)
+        train_and_evaluate(loop_config(overrides=overrides), tmp_path / "w", store=store)
     events, scalars = _scalars(tmp_path / "w")
     assert scalars == {} and events.Tags()["images"] == []
 
@@ -401,12 +407,12 @@ def test_console_names_the_run_and_fold_before_its_bar(tmp_path, caplog):
     validation cases hold no annotated slice is said to validate none (only "0 val slices" said
     it)."""
     store, workdir = FakeStore(), tmp_path / "fold1"
-    split = RunSpec.from_config(tiny_config(overrides=["--config.data.fold=1"])).fold_split(store)
+    split = RunSpec.from_config(loop_config(overrides=["--config.data.fold=1"])).fold_split(store)
     store.annotated[folds.case_rows(store, split.val_cases, "all")] = False
     with caplog.at_level("INFO", logger="focalnet_jax.training.loop"):
         for steps in (1, 2):
             overrides = ["--config.data.fold=1", f"--config.train.steps={steps}"]
-            train_and_evaluate(tiny_config(overrides=overrides), workdir, store=store)
+            train_and_evaluate(loop_config(overrides=overrides), workdir, store=store)
     lines = [r.getMessage() for r in caplog.records if "val slices" in r.getMessage()]
     counts = f"{len(split.train_rows)} train / 0 val slices"
     empty = f"{workdir}: fold 1 validates no slice ({len(split.val_cases)} validation cases, "
@@ -429,7 +435,7 @@ def test_a_run_stopped_at_a_validation_step_validates_it_on_resume(tmp_path, mon
     checks = iter(range(1, 100))
     monkeypatch.setattr(graceful_stop.SigtermStop, "stop_now", lambda *_, **__: next(checks) == 2)
     store, workdir = FakeStore(), tmp_path / "w"
-    config = tiny_config(overrides=["--config.train.steps=3", "--config.train.eval_every=2"])
+    config = loop_config(overrides=["--config.train.steps=3", "--config.train.eval_every=2"])
     with caplog.at_level("WARNING", logger="focalnet_jax.training.loop"):
         with pytest.raises(TrainingStopped, match="at step 2"):
             train_and_evaluate(config, workdir, store=store)
