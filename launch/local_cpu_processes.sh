@@ -13,7 +13,7 @@ if [[ ! $N =~ ^[1-9][0-9]*$ || ! $D =~ ^[1-9][0-9]*$ ]]; then
 fi
 PORT=${PORT:-$(python -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')}
 export JAX_PLATFORMS=cpu
-export XLA_FLAGS="--xla_force_host_platform_device_count=${D}"
+export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=${D}"  # D wins over one before
 pids=()
 # A SIGTERM for this script, or Ctrl-C, goes on to every process as SIGTERM, and they all stop at
 # the same step with its checkpoint (focalnet_jax/training/graceful_stop.py); a second one ends

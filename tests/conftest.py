@@ -11,8 +11,11 @@ its own cache, take `without_compilation_cache`.
 XLA compiles with its most expensive optimisations off (`JAX_DISABLE_MOST_OPTIMIZATIONS=true`,
 unless set before) in the test processes and every child process they start: the tiny models
 compile in a fraction of the time, and the values are those of the same JAX program (the tests
-compare against references with tolerances). Outside the tests (`make demo`, a benchmark run
-by hand) XLA keeps its defaults.
+compare against references with tolerances). For the same reason XLA's CPU backend emits its
+fusions with its LLVM emitters rather than its MLIR ones (`--xla_cpu_use_fusion_emitters=false`
+added to `XLA_FLAGS`, unless `XLA_FLAGS` already sets it): the tiny models' train steps compile in
+about 60 % of the time (3.3 s against 5.5 s for one FL+MFL step), and the suite takes about a
+third less time. Outside the tests (`make demo`, a benchmark run by hand) XLA keeps its defaults.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("FOCALNET_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 CACHE_DIR, CACHE_MAX_SIZE = "JAX_COMPILATION_CACHE_DIR", "JAX_COMPILATION_CACHE_MAX_SIZE"
 FAST_COMPILES = "JAX_DISABLE_MOST_OPTIMIZATIONS"
+# A flag of XLA:CPU in jaxlib 0.10; a jaxlib without it stops at start-up, naming it as unknown.
+FAST_FUSIONS = "--xla_cpu_use_fusion_emitters"
 _CACHE_FOLDER = pytest.StashKey[str]()
 
 
@@ -39,6 +44,9 @@ def pytest_configure(config):
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     os.environ.setdefault(FAST_COMPILES, "true")  # before any test module imports jax
+    flags = os.environ.get("XLA_FLAGS", "")
+    if FAST_FUSIONS not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {FAST_FUSIONS}=false".strip()
     if CACHE_DIR in os.environ:  # the user's, or made by the xdist controller
         return
     folder = tempfile.mkdtemp(prefix="focalnet-tests-xla-cache-")

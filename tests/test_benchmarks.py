@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
-from test_train_helpers import REPO, TINY, small_synthetic_store
+from test_train_helpers import REPO, TINY, small_synthetic_store, xla_flags
 
 from focalnet_jax.evaluation.predictions import write_case
 
@@ -303,7 +303,7 @@ def test_train_step_flops_count_every_device_like_images_per_s(
     arithmetic, as much as on one device plus the replicated work (the update of the weights)."""
     one = train_step_on_one_device["fl"]
     assert train_step_on_one_device["num_devices"] == 1
-    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    monkeypatch.setenv("XLA_FLAGS", xla_flags(2))
     result = _run("train_step.py", *TRAIN_STEP_ARGS, "--kinds=fl")
     two = result["fl"]
     assert result["num_devices"] == 2
@@ -426,7 +426,7 @@ def test_bf16_curves_train_both_dtypes_and_evaluate_them(small_store, tmp_path):
 
 def test_inference_benchmark_times_one_model_and_an_ensemble(monkeypatch):
     """On 2 devices: inference splits each batch of slices over every local device."""
-    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    monkeypatch.setenv("XLA_FLAGS", xla_flags(2))
     result = _run(
         "inference.py", "--config=configs/focalnet.py", "--models=2", "--repeats=1", *TINY
     )

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_train_helpers import REPO, TINY
+from test_train_helpers import REPO, TINY, xla_flags
 
 from focalnet_jax import cli
 
@@ -253,7 +253,7 @@ def test_internal_errors_keep_their_traceback(monkeypatch):
 
 def _train_subprocess(tmp_path, *overrides, devices=1):
     env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = xla_flags(devices)
     argv = ["train", f"--config={REPO / 'configs' / 'focalnet.py'}", f"--workdir={tmp_path / 'w'}"]
     return subprocess.run(
         [sys.executable, "-m", "focalnet_jax.cli", *argv, *TINY, *overrides],

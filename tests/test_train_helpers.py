@@ -156,12 +156,19 @@ def process_flags(port: int, process_id: int, num_processes: int = 2) -> list[st
     ]
 
 
+def xla_flags(devices: int) -> str:
+    """`XLA_FLAGS` for a child process on `devices` CPU devices: this process's flags (the test
+    session's, see conftest) and the device count, which wins over one given before."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    return f"{flags} --xla_force_host_platform_device_count={devices}".strip()
+
+
 def cpu_devices_env(devices: int, **extra) -> dict[str, str]:
     """This environment for a child process of this checkout on `devices` CPU devices."""
     return dict(
         os.environ,
         JAX_PLATFORMS="cpu",
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        XLA_FLAGS=xla_flags(devices),
         PYTHONPATH=str(REPO),
         **extra,
     )
