@@ -14,8 +14,8 @@ compile in a fraction of the time, and the values are those of the same JAX prog
 compare against references with tolerances). For the same reason XLA's CPU backend emits its
 fusions with its LLVM emitters rather than its MLIR ones (`--xla_cpu_use_fusion_emitters=false`
 added to `XLA_FLAGS`, unless `XLA_FLAGS` already sets it): the tiny models' train steps compile in
-about 60 % of the time (3.3 s against 5.5 s for one FL+MFL step), and the suite takes about a
-third less time. Outside the tests (`make demo`, a benchmark run by hand) XLA keeps its defaults.
+about 60 % of the time (3.3 s against 5.5 s for one FL+MFL step on 2 cores). Outside the tests
+(`make demo`, a benchmark run by hand) XLA keeps its defaults.
 """
 
 from __future__ import annotations
