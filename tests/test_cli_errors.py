@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_train_helpers import REPO, TINY, xla_flags
+from test_train_helpers import REPO, TINY, cpu_devices_env
 
 from focalnet_jax import cli
 
@@ -252,14 +252,12 @@ def test_internal_errors_keep_their_traceback(monkeypatch):
 
 
 def _train_subprocess(tmp_path, *overrides, devices=1):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
-    env["XLA_FLAGS"] = xla_flags(devices)
     argv = ["train", f"--config={REPO / 'configs' / 'focalnet.py'}", f"--workdir={tmp_path / 'w'}"]
     return subprocess.run(
         [sys.executable, "-m", "focalnet_jax.cli", *argv, *TINY, *overrides],
         capture_output=True,
         text=True,
-        env=env,
+        env=cpu_devices_env(devices),
         timeout=300,
     )
 

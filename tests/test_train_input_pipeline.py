@@ -12,7 +12,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from test_train_helpers import REPO, FakeStore, xla_flags
+from test_train_helpers import REPO, FakeStore, cpu_devices_env
 
 from focalnet_jax.data.folds import case_rows
 from focalnet_jax.training import distributed, input_pipeline, sharding
@@ -144,9 +144,12 @@ def test_global_batch_not_divisible_by_device_count_is_an_error():
         "import jax; from focalnet_jax.training import sharding; mesh = sharding.make_mesh(); "
         "print(sharding.per_device_batch(8, mesh)); sharding.per_device_batch(6, mesh)"
     )
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(4))
     result = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", code],
+        env=cpu_devices_env(4),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode != 0 and result.stdout.strip() == "2"
     assert "train.batch_size=6 is not divisible by the 4 devices" in result.stderr
