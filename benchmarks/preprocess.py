@@ -22,7 +22,7 @@ import SimpleITK as sitk
 
 from focalnet_jax.data.build_store import preprocess_cases
 from focalnet_jax.data.layouts import discover_picai
-from focalnet_jax.data.preprocess import PreprocessConfig
+from focalnet_jax.data.preprocess_config import PreprocessConfig
 from focalnet_jax.data.synth import SynthConfig, write_dataset
 from focalnet_jax.demo import cpu_name
 

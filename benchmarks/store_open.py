@@ -22,7 +22,8 @@ import numpy as np
 import result_line  # benchmarks/result_line.py (the script directory)
 
 from focalnet_jax.data.geometry import CropGeometry
-from focalnet_jax.data.preprocess import PreprocessConfig, PreprocessedCase
+from focalnet_jax.data.preprocess import PreprocessedCase
+from focalnet_jax.data.preprocess_config import PreprocessConfig
 from focalnet_jax.data.store import StoreWriter, open_store
 from focalnet_jax.data.store_settings import store_settings
 from focalnet_jax.demo import cpu_name

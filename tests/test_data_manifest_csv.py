@@ -1,7 +1,8 @@
 """Manifest CSVs as spreadsheet programs and hand edits write them: byte-order mark, Windows line
 endings, quoted paths holding commas, rows of empty cells, blank lines; and the malformed ones
-(a row with more cells than columns, a column named twice, case ids differing only in case) that
-were read with shifted or dropped cells. `read_manifest` only: no image is read."""
+(a row with more cells than columns, a column named twice, case or patient ids differing only in
+case) that were read with shifted, dropped or split cells. `read_manifest` only: no image is
+read."""
 
 from __future__ import annotations
 
@@ -68,6 +69,21 @@ def test_case_ids_differing_only_in_case_are_refused(tmp_path):
     path = _manifest(tmp_path, "Case1,p1,t,a,l", "CASE1,p2,t,a,l")
     with pytest.raises(LayoutError, match=r"line 3: case_id 'CASE1' repeats 'Case1' \(line 2\)"):
         read_manifest(path)
+
+
+def test_patient_ids_differing_only_in_case_are_refused(tmp_path):
+    # 'Pat01' and 'pat01' were two patients to the folds: with seed 1 and 2 folds, the
+    # patient's two exams went to folds 0 and 1, trained on and validated on.
+    path = _manifest(tmp_path, "c1,Pat01,t,a,l", "c2,p2,t,a,l", "c3,pat01,t,a,l")
+    with pytest.raises(LayoutError) as info:
+        read_manifest(path)
+    assert str(info.value) == (
+        f"manifest {path}, line 4: patient_id 'pat01' is 'Pat01' (line 2) in another letter "
+        "case; write each patient's id the same way on all its rows"
+    )
+    # One spelling on every row is one patient, as before.
+    path = _manifest(tmp_path, "c1,Pat01,t,a,l", "c2,p2,t,a,l", "c3,Pat01,t,a,l")
+    assert [c.patient_id for c in read_manifest(path)] == ["Pat01", "p2", "Pat01"]
 
 
 def test_relative_paths_are_taken_from_the_manifest_folder_made_absolute(tmp_path, monkeypatch):

@@ -460,6 +460,39 @@ def test_components_without_orientation_on_other_grids_are_refused(small_case, t
     assert preprocess_case(components, case_id="c4").images.shape[-1] == 2
 
 
+@pytest.mark.parametrize("what", ["label", "prostate mask", "bladder mask"])
+def test_label_or_mask_without_orientation_off_the_t2w_grid_is_refused(small_case, tmp_path, what):
+    # A label or mask with the T2w's voxels and spacing, saved without orientation, was read at
+    # origin 0 and resampled onto the crop from there: refused for another reason (a lesion
+    # "lost by resampling", a mask centroid "outside the T2w"), or, near origin 0, taken moved.
+    folder, sc = small_case
+    components = {"t2w": folder / "t2w.mha", "adc": folder / "adc.mha"}
+    source = _label_with(sc, [(3, OFFSETS[4])], tmp_path) if what == "label" else None
+    image = sitk.ReadImage(str(source or folder / "mask.nii.gz"))
+    unplaced = _without_orientation(image, tmp_path / "unplaced.nii")
+    files = {"label": None, "prostate mask": folder / "mask.nii.gz", "bladder mask": None}
+    files[what] = unplaced
+    run = dict(mask=files["prostate mask"], bladder_mask=files["bladder mask"], case_id="c7")
+    with pytest.raises(CaseError) as info:
+        preprocess_case(components, files["label"], **run)
+    assert info.value.file == str(unplaced)
+    assert info.value.reason.startswith(
+        f"{what} is a NIfTI without orientation (qform_code and sform_code 0: read at origin 0, "
+        "not where the scanner put it) and the T2w lies on another grid"
+    )
+    # Beside a T2w (and an ADC on its grid) saved without orientation too, voxels correspond.
+    on_t2w = sitk.Resample(sc.images["adc"], sc.images["t2w"], sitk.Transform(), sitk.sitkLinear)
+    components = {
+        "t2w": _without_orientation(sc.images["t2w"], tmp_path / "t2w.nii"),
+        "adc": _without_orientation(on_t2w, tmp_path / "adc.nii"),
+    }
+    if what == "prostate mask":
+        run["mask"] = unplaced
+    else:
+        run["mask"] = _without_orientation(sc.mask, tmp_path / "mask.nii")
+    assert preprocess_case(components, files["label"], **run).images.shape[-1] == 2
+
+
 def test_blank_hbv_is_refused(small_case, tmp_path):
     # A constant HBV (a blank export) was stored as 0 everywhere, the value of normal tissue,
     # while a constant T2w or an all-zero ADC map is refused.

@@ -15,7 +15,7 @@ from test_train_helpers import REPO, TINY
 from focalnet_jax import cli
 from focalnet_jax.data.build_store import preprocess_cases
 from focalnet_jax.data.layouts import discover_picai
-from focalnet_jax.data.preprocess import PreprocessConfig
+from focalnet_jax.data.preprocess_config import PreprocessConfig
 from focalnet_jax.data.run_store import RECORD_FILE, check_run_store
 from focalnet_jax.data.store import open_store
 from focalnet_jax.data.store_settings import StaleStoreError

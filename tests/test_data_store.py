@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from focalnet_jax.data.geometry import CropGeometry
-from focalnet_jax.data.preprocess import PreprocessConfig, PreprocessedCase
+from focalnet_jax.data.preprocess import PreprocessedCase
+from focalnet_jax.data.preprocess_config import PreprocessConfig
 from focalnet_jax.data.store import StoreWriter, bad_cases_note, open_store
 from focalnet_jax.data.store_settings import StaleStoreError, fingerprint, store_settings
 

@@ -12,7 +12,7 @@ import pytest
 from focalnet_jax import cli
 from focalnet_jax.data.build_store import preprocess_cases
 from focalnet_jax.data.layouts import discover_picai
-from focalnet_jax.data.preprocess import PreprocessConfig
+from focalnet_jax.data.preprocess_config import PreprocessConfig
 from focalnet_jax.data.run_store import RECORD_FILE
 from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation.run_predictions import check_held_out

@@ -3,6 +3,7 @@
 The per-case entry point is `preprocess_case`; see docs/data.md.
 """
 
-from focalnet_jax.data.preprocess import PreprocessConfig, PreprocessedCase, preprocess_case
+from focalnet_jax.data.preprocess import PreprocessedCase, preprocess_case
+from focalnet_jax.data.preprocess_config import PreprocessConfig
 
 __all__ = ["PreprocessConfig", "PreprocessedCase", "preprocess_case"]

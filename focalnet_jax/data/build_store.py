@@ -31,7 +31,8 @@ from focalnet_jax.data.layouts import (
     unread_inputs,
 )
 from focalnet_jax.data.picai_sources import label_scheme, marksheet_disagreements
-from focalnet_jax.data.preprocess import PreprocessConfig, preprocess_case
+from focalnet_jax.data.preprocess import preprocess_case
+from focalnet_jax.data.preprocess_config import PreprocessConfig
 from focalnet_jax.data.store import (
     StoreWriter,
     bad_cases_note,

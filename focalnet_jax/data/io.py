@@ -414,12 +414,21 @@ def check_placed(images: Mapping[str, sitk.Image], paths: Mapping, case: str) ->
         return
     name = unplaced[0]
     other = next((n for n, image in images.items() if not _same_grid(image, images[name])), None)
-    if other is None:
-        return
-    raise CaseError(
-        case,
-        paths[name],
+    if other is not None:
+        raise CaseError(case, paths[name], _unplaced_reason(name, other))
+
+
+def check_placed_on_t2w(image: sitk.Image, path, t2w: sitk.Image, case: str, what: str) -> None:
+    """`check_placed` for a label or mask (`what`) read from `path`: an `unplaced_nifti` is
+    refused unless it lies on the T2w's very grid (a label of the T2w's voxel counts and spacing
+    would otherwise be taken at origin 0: its lesions lost, or moved without a word)."""
+    if unplaced_nifti(path) and not _same_grid(image, t2w):
+        raise CaseError(case, path, _unplaced_reason(what, "the T2w"))
+
+
+def _unplaced_reason(name: str, other: str) -> str:
+    return (
         f"{name} is a NIfTI without orientation (qform_code and sform_code 0: read at origin 0, "
         f"not where the scanner put it) and {other} lies on another grid, so the two cannot be "
-        "aligned by scanner coordinates; convert the series with their geometry (e.g. dcm2niix)",
+        "aligned by scanner coordinates; convert the series with their geometry (e.g. dcm2niix)"
     )

@@ -13,8 +13,8 @@ column or empty cell is an error unless `unlabelled` says otherwise), optional `
 `center_x, center_y, center_z` (mm; LPS, or RAS where the optional `center_space` cell says RAS),
 and optional `<component>_series` columns choosing a series of a DICOM folder that holds several
 (SeriesInstanceUID or exact SeriesDescription). Relative paths are relative to the CSV's folder.
-Case and patient ids are checked with `check_case_id` (they become file names; two case ids
-differing only in letter case are refused). Empty rows are skipped.
+Case and patient ids are checked with `check_case_id` (they become file names); two case ids, or
+two spellings of a patient id, differing only in letter case are refused. Empty rows are skipped.
 """
 
 from __future__ import annotations
@@ -303,6 +303,7 @@ def read_manifest(
     columns, rows = _manifest_rows(manifest, ["case_id", "patient_id", *components])
     centre_columns = _check_manifest_columns(manifest, columns, labels, unlabelled)
     cases, seen, skipped = [], {}, []  # seen: case id folded to lower case -> (line, case id)
+    patients = {}  # patient id folded to lower case -> (line, patient id as first written)
     for line, row in rows:
         case = row["case_id"]
         where = f"manifest {manifest}, line {line}"
@@ -312,6 +313,7 @@ def read_manifest(
                 f"{seen[case.lower()][0]}); case ids must differ in more than letter case"
             )
         seen[case.lower()] = (line, case)
+        _check_patient_spelling(patients, row["patient_id"] or case, line, where)
         try:
             _check_manifest_row(row, where, components, labels and unlabelled == "error")
             if labels and not row.get("label") and unlabelled == "skip":
@@ -325,6 +327,17 @@ def read_manifest(
     _warn_missing_patients(manifest, rows)
     _warn_left_out(skipped, f"no label in manifest {manifest}")
     return cases
+
+
+def _check_patient_spelling(patients: dict, patient: str, line: int, where: str) -> None:
+    """Refuses a patient id written in another case on an earlier line (folds compare ids exactly:
+    'Pat01' and 'pat01' could split one patient across folds). `patients`: updated here."""
+    first_line, first = patients.setdefault(patient.lower(), (line, patient))
+    if first != patient:
+        raise LayoutError(
+            f"{where}: patient_id {patient!r} is {first!r} (line {first_line}) in another letter "
+            "case; write each patient's id the same way on all its rows"
+        )
 
 
 def _warn_missing_patients(manifest: Path, rows) -> None:

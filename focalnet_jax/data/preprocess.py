@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import SimpleITK as sitk
@@ -20,55 +20,9 @@ from focalnet_jax.data.frame_of_reference import check_one_frame_of_reference
 from focalnet_jax.data.geometry import CropGeometry, display_axes, not_axial
 from focalnet_jax.data.io import CaseError, check_distinct, check_placed, read_image, zyx
 from focalnet_jax.data.lesions import gland_dice, index_lesion, instance_classes, label_instances
+from focalnet_jax.data.preprocess_config import INTERPOLATORS, PreprocessConfig
 
-LABEL_SCHEMES = ("picai", "isup")
 SLICE_MODES = ("all", "annotated", "covered")
-_INTERPOLATORS = {"bspline": sitk.sitkBSpline, "linear": sitk.sitkLinear}
-
-
-@dataclass(frozen=True)
-class PreprocessConfig:
-    """Preprocessing settings; every field enters the store fingerprint."""
-
-    crop_mm: float = 80.0  # side of the square axial crop (mm)
-    crop_size: int = 128  # crop pixels per side (0.625 mm at 80 mm)
-    interpolator: str = "bspline"  # images: 'bspline' | 'linear'; labels: nearest neighbour
-    t2w_air_percentile: float = 1.0  # T2w intensity mapped to 0
-    bladder_max_cv: float = 0.15  # urine is homogeneous: std / mean of the bladder candidate
-    bladder_min_volume_ml: float = 10.0  # smaller bright components are not the bladder
-    t2w_fallback_percentile: float = 99.5  # T2w upper reference where no bladder is found
-    adc_range: tuple[float, float] = (0.0, 3000.0)  # fixed ADC clip, 1e-6 mm^2/s
-    percentiles: tuple[float, float] = (1.0, 99.0)  # other components: per-case low/high -> 0/1
-    label_values: str = "picai"  # 'picai': value 1 = csPCa of unknown grade; 'isup': 1 = GS 3+3
-
-    @classmethod
-    def from_any(cls, config) -> PreprocessConfig:
-        """From None, a PreprocessConfig, or a mapping (e.g. a ConfigDict) of some of its fields."""
-        if config is None:
-            return cls()
-        if isinstance(config, cls):
-            return config
-        if not isinstance(config, Mapping) and hasattr(config, "to_dict"):
-            config = config.to_dict()
-        names = {f.name for f in fields(cls)}
-        unknown = set(config) - names
-        if unknown:
-            raise ValueError(
-                f"preprocess config: unknown keys {sorted(unknown)}; expected {sorted(names)}"
-            )
-        values = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
-        return cls(**values)
-
-    def __post_init__(self):
-        if self.interpolator not in _INTERPOLATORS:
-            raise ValueError(
-                f"interpolator {self.interpolator!r}: expected one of {list(_INTERPOLATORS)}"
-            )
-        if self.label_values not in LABEL_SCHEMES:
-            raise ValueError(f"label_values {self.label_values!r}: expected one of {LABEL_SCHEMES}")
-
-    def settings(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 
 @dataclass
@@ -139,8 +93,10 @@ def _resample(
 
 def _check_has_geometry(image: sitk.Image, t2w: sitk.Image, case: str, path, what: str) -> None:
     """Refuses a label or mask with the T2w's voxel counts but the default geometry (origin 0,
-    1 mm voxels) that an array saved without its image's header gets: it would be resampled
-    through that wrong geometry (lesions lost or silently moved)."""
+    1 mm voxels) that an array saved without its image's header gets, or a NIfTI without
+    orientation off the T2w grid: it would be resampled through that wrong geometry (lesions
+    lost or silently moved)."""
+    io.check_placed_on_t2w(image, path, t2w, case, what)
     default = np.allclose(image.GetOrigin(), 0.0) and np.allclose(image.GetSpacing(), 1.0)
     t2w_default = np.allclose(t2w.GetOrigin(), 0.0) and np.allclose(t2w.GetSpacing(), 1.0)
     if image.GetSize() == t2w.GetSize() and default and not t2w_default:
@@ -288,7 +244,7 @@ def _t2w_reference(images, components, cfg, case, centre, bladder_mask) -> inten
 def _normalised_channels(images, components, reference, cfg, case, centre, bladder_mask):
     """Each component resampled once onto the crop grid and normalised: float32 `[Z, H, W]` per
     component, and the T2w reference as a dict (air, bladder, source)."""
-    interpolator = _INTERPOLATORS[cfg.interpolator]
+    interpolator = INTERPOLATORS[cfg.interpolator]
     names = list(components)
     channels, t2w_reference = [], {}
     for name in names:

@@ -9,7 +9,7 @@ import json
 import os
 from pathlib import Path
 
-from focalnet_jax.data.preprocess import PreprocessConfig
+from focalnet_jax.data.preprocess_config import PreprocessConfig
 from focalnet_jax.errors import UserError
 
 # Bumped when stored values change: 2 = crop pixels within one voxel outside a component take

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from focalnet_jax.data.atomic_files import write_json_atomic
-from focalnet_jax.data.preprocess import PreprocessConfig
+from focalnet_jax.data.preprocess_config import PreprocessConfig
 from focalnet_jax.data.run_store import RECORD_FILE, read_run_store
 from focalnet_jax.data.store import preprocess_settings as store_preprocess_settings
 from focalnet_jax.data.store_settings import settings_diff

@@ -23,7 +23,7 @@ import optax
 
 from focalnet_jax import encoding, losses
 from focalnet_jax.data import folds
-from focalnet_jax.data.preprocess import PreprocessConfig
+from focalnet_jax.data.preprocess_config import PreprocessConfig
 from focalnet_jax.data.store import component_channels
 from focalnet_jax.errors import UserError
 from focalnet_jax.losses.checks import check_scalar
