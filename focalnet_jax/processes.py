@@ -31,18 +31,36 @@ def pid_space() -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:8]
 
 
-def pid_alive(pid: int) -> bool:
+def process_start(pid: int) -> int | None:
+    """When process `pid` started, in clock ticks after boot (field 22 of Linux's /proc/<pid>/stat);
+    None where unknown (no such process, not Linux). A pid is reused once its process ends; with
+    its start time it names one process."""
+    fields = _stat_fields(pid)
+    return None if fields is None else int(fields[19])
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """Linux's /proc/<pid>/stat from its field 3 (the state) on; None where it cannot be read."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rpartition(")")[2].split()
+
+
+def pid_alive(pid: int, started: int | None = None) -> bool:
     """Whether process `pid` of this pid space runs. A zombie does not: a killed process whose
     parent died too stays one until the system's init reaps it, which some containers' init never
-    does (its state, from Linux's /proc/<pid>/stat, is Z)."""
+    does (its state, from Linux's /proc/<pid>/stat, is Z). `started`: the recorded
+    `process_start` of the process meant; a process of that pid that started at another time
+    reuses the pid, and the one meant has ended."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's live process
         return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:  # no /proc (not Linux): os.kill's answer; else the process has just ended
+    fields = _stat_fields(pid)
+    if fields is None:  # no /proc (not Linux): os.kill's answer; else the process has just ended
         return not Path("/proc").is_dir()
-    return stat.rpartition(")")[2].split()[0] != "Z"
+    return fields[0] != "Z" and (started is None or int(fields[19]) == int(started))

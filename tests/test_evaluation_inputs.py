@@ -54,6 +54,7 @@ def _case_with(tmp_path, **replaced):
         ("t2w", np.full((8, 48, 48), "x"), r"'t2w' must be a numeric image, got <U1"),
         ("patient_id", np.array(["p"], dtype=object), r"'patient_id' holds Python objects"),
         ("lesion_classes", np.array([2], dtype=object), r"'lesion_classes' holds Python objects"),
+        ("lesion_classes", np.array([2.0], np.float32), r"'lesion_classes' .* got float32 \(1,\)"),
     ],
 )
 def test_a_wrong_dtype_is_a_one_line_error_naming_file_and_key(tmp_path, key, value, reason):

@@ -66,6 +66,10 @@ def test_intervals_without_a_negative_case_are_null_with_the_reason():
     out = picai_metrics(results, bootstraps=50, seed=0)
     assert out["auroc_95_ci"] is None and out["score_95_ci"] is None
     assert out["bootstrap_error"] == "every one of the 3 cases is positive"
+    # The AUROC (and with it the score) is NaN, named with its reason; the AP is defined.
+    assert np.isnan(out["auroc"]) and out["ap"] == pytest.approx(1.0)
+    reason = "AUROC undefined: every one of the 3 cases has a clinically significant lesion"
+    assert out["undefined"] == {"auroc": reason, "score": reason}
 
 
 def test_ap_without_a_lesion_is_undefined_not_zero():
@@ -78,6 +82,9 @@ def test_ap_without_a_lesion_is_undefined_not_zero():
         out = picai_metrics(results, bootstraps=0)
         assert (out["num_lesions"], out["num_positive_cases"], out["num_cases"]) == (0, 0, 2)
         assert np.isnan(out["auroc"]) and np.isnan(out["ap"]) and np.isnan(out["score"])
+        auroc = "AUROC undefined: no case has a clinically significant lesion"
+        ap = "AP undefined: no clinically significant lesion"
+        assert out["undefined"] == {"auroc": auroc, "ap": ap, "score": auroc}
 
 
 def test_point_estimates_equal_scikit_learn():
@@ -88,3 +95,4 @@ def test_point_estimates_equal_scikit_learn():
     ap = average_precision_score([r[0] for r in rows], [r[1] for r in rows])
     assert out["ap"] == pytest.approx(ap)
     assert out["score"] == pytest.approx(((9 + 7 + 9) / 27 + ap) / 2)
+    assert "undefined" not in out

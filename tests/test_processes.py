@@ -1,5 +1,6 @@
-"""Whether a recorded process still runs: a zombie does not, and a pid is judged only from the pid
-space it was taken in (a study cell's `running` state, a store writer's temporary folder)."""
+"""Whether a recorded process still runs: a zombie does not, a pid now held by a process started at
+another time does not, and a pid is judged only from the pid space it was taken in (a study
+cell's `running` state, a store writer's temporary folder)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from focalnet_jax.processes import pid_alive, pid_space
+from focalnet_jax.processes import pid_alive, pid_space, process_start
 from focalnet_jax.study.cells import STATE_FILE, Cell, Study
 
 
@@ -60,3 +61,26 @@ def test_a_running_cell_is_judged_only_from_its_pid_space(tmp_path):
         record = {"state": "running", "host": host, **fields}
         state_file.write_text(json.dumps(record))
         assert study.state(cell).state == state, record
+
+
+def test_a_pid_reused_by_another_process_leaves_the_cell_interrupted(tmp_path):
+    """A cell killed with SIGKILL (the OOM killer) writes no end; once another process held its
+    pid, the cell stayed `running` for good: `study run` never resumed it and `study report`
+    called it missing. The state records the process's start time beside its pid."""
+    me = process_start(os.getpid())
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        assert process_start(child.pid) >= me  # clock ticks after boot: started after this one
+        assert pid_alive(child.pid, process_start(child.pid))
+        assert not pid_alive(child.pid, process_start(child.pid) - 1)
+    finally:
+        child.kill()
+        child.wait()
+    assert process_start(child.pid) is None and not pid_alive(child.pid, None)
+    study, cell = Study(tmp_path, {}), Cell("ce", 0, 0)
+    state_file = study.path(cell) / STATE_FILE
+    state_file.parent.mkdir(parents=True)
+    here = {"state": "running", "pid_space": pid_space(), "pid": os.getpid()}
+    for started, state in ((me, "running"), (me - 1, "interrupted"), (None, "running")):
+        state_file.write_text(json.dumps({**here, "pid_started": started}))
+        assert study.state(cell).state == state, started

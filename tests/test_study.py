@@ -340,6 +340,7 @@ def test_killed_study_resumes_the_interrupted_cell(store, tmp_path):
     killed_at = time.time()
     assert first_checkpoint.is_dir()
     killed = json.loads((cell / "study_cell.json").read_text())
+    assert killed["state"] == "running" and isinstance(killed["pid_started"], int)  # pid reuse
     last_write = max(p.stat().st_mtime for p in [cell, *cell.rglob("*")])
     lived = first_checkpoint.stat().st_mtime - killed["started"]  # removed by the later run
     refused = study("report", "--workdir", str(workdir), check=False)
@@ -896,12 +897,54 @@ def test_report_says_which_metrics_a_cell_did_not_evaluate_and_why():
     assert skipped == {absent: picai, "one class": roc}
     assert _skipped_lines(skipped) == [
         "",
-        "**Not evaluated** (picai_auroc, picai_ap, picai_score) in 2 cells (ce/rep0/fold0, "
-        f"fl/rep0/fold0): {absent}. Those runs are n/a for them and left out of their tests.",
+        "**Not evaluated or undefined** (picai_auroc, picai_ap, picai_score) in 2 cells "
+        f"(ce/rep0/fold0, fl/rep0/fold0): {absent}. Those runs are n/a for them and left out of "
+        "their tests.",
         "",
-        "**Not evaluated** (roc_gs_ge_7_auc, roc_gs_ge_4+3_auc) in 2 cells (ce/rep0/fold1, "
-        "fl/rep0/fold0): one class. Those runs are n/a for them and left out of their tests.",
+        "**Not evaluated or undefined** (roc_gs_ge_7_auc, roc_gs_ge_4+3_auc) in 2 cells "
+        "(ce/rep0/fold1, fl/rep0/fold0): one class. Those runs are n/a for them and left out of "
+        "their tests.",
     ]
+
+
+def test_report_names_the_metrics_a_cell_evaluated_as_undefined():
+    """A fold whose top-12 detections lay only on class >= 2 lesions, or whose cases were all
+    positive: the evaluation wrote the AUC as NaN without a reason, and the report left the run
+    out of those tests without a word (only runs.csv's n_a, n_b told)."""
+    from types import SimpleNamespace
+
+    from focalnet_jax.evaluation.picai import picai_metrics
+    from focalnet_jax.evaluation.roc import gs_roc
+    from focalnet_jax.study.report import Collected, skipped_metrics
+
+    detections = SimpleNamespace(  # 3 detections: classes 3, 2, 3; scores P(class >= k)
+        roc_scores=np.array([[0.9, 0.2, 0.1, 0.05, 0.01], [0.5, 0.1, 0.05, 0.01, 0.0],
+                             [0.3, 0.05, 0.01, 0.0, 0.0]]),
+        roc_classes=np.array([3, 2, 3], np.int32),
+        roc_grade_known=np.ones(3, bool),
+    )  # fmt: skip
+    roc = gs_roc([detections])
+    # gs_ge_4+3 scores P(class >= 3) = 0.1, 0.05, 0.01: positives 0.1 and 0.01 against 0.05.
+    assert np.isnan(roc["gs_ge_7"]["auc"]) and roc["gs_ge_4+3"]["auc"] == 0.5
+    assert "skipped" not in roc["gs_ge_4+3"]
+    all_positive = {c: ([(1.0, 0.8, 0.5)], 0.8) for c in ("c0", "c1")}
+    picai = picai_metrics(all_positive, bootstraps=0)
+    metrics = json.loads(json.dumps({"roc": roc, "picai": picai}, default=lambda a: a.tolist()))
+    rows = [{"arm": "ce", "repeat": 0, "fold": 0}]
+    auroc = "AUROC undefined: every one of the 2 cases has a clinically significant lesion"
+    assert skipped_metrics(Collected(rows=rows, metrics=[metrics])) == {
+        auroc: {"picai_auroc": ["ce/rep0/fold0"], "picai_score": ["ce/rep0/fold0"]},
+        "AUC undefined: every top-12 detection lies on a lesion of class >= 2": {
+            "roc_gs_ge_7_auc": ["ce/rep0/fold0"]
+        },
+    }
+    # A NaN without a reason (metrics.json of an earlier version) is named too.
+    del metrics["picai"]["undefined"]
+    found = skipped_metrics(Collected(rows=rows, metrics=[metrics]))
+    assert found["undefined (null in the cell's metrics.json)"] == {
+        "picai_auroc": ["ce/rep0/fold0"],
+        "picai_score": ["ce/rep0/fold0"],
+    }
 
 
 def test_report_partial_leaves_out_a_run_without_the_groups_froc_curve():

@@ -66,7 +66,7 @@ def picai_metrics(
     """Case AUROC, lesion AP and ranking score (AUROC + AP) / 2 of `picai_eval.Metrics`, with 95 %
     bootstrap intervals over cases (`bootstraps` = 0 skips them); NaN where undefined: the AUROC
     without a positive or a negative case, the AP without a lesion (picai_eval gives 0 there, or
-    fails when no case has a candidate either)."""
+    fails when no case has a candidate either), each named with its reason in `undefined`."""
     _, _, Metrics, version = import_picai()
     lesion_results = {case: list(results) for case, (results, _) in case_results.items()}
     metrics = Metrics(
@@ -93,6 +93,8 @@ def picai_metrics(
             "num_lesions": num_lesions,
             "num_positive_cases": int(sum(metrics.case_target.values())),
         }
+        if undefined := _undefined_reasons(out):
+            out["undefined"] = undefined
         if bootstraps > 0:
             out.update(_bootstrap_intervals(metrics, bootstraps, seed))
     out.update(
@@ -103,6 +105,20 @@ def picai_metrics(
         }
     )
     return out
+
+
+def _undefined_reasons(out: Mapping) -> dict[str, str]:
+    """{metric: why it is NaN} for the AUROC, AP and score of `picai_metrics`' result."""
+    reasons = {}
+    positive, cases = out["num_positive_cases"], out["num_cases"]
+    if positive in (0, cases):
+        which = "no case has" if positive == 0 else f"every one of the {cases} cases has"
+        reasons["auroc"] = f"AUROC undefined: {which} a clinically significant lesion"
+    if out["num_lesions"] == 0:
+        reasons["ap"] = "AP undefined: no clinically significant lesion"
+    if reasons:
+        reasons["score"] = reasons.get("auroc", reasons.get("ap"))
+    return reasons
 
 
 def _bootstrap_intervals(metrics, bootstraps: int, seed: int) -> dict:

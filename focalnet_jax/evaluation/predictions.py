@@ -92,7 +92,8 @@ def validate(case: CasePredictions) -> CasePredictions:
     if not np.issubdtype(lesions.dtype, np.integer):
         fail(f"'lesions' must be integer, got {lesions.dtype}")
     if case.lesion_classes.ndim != 1 or not np.issubdtype(case.lesion_classes.dtype, np.integer):
-        fail(f"'lesion_classes' must be a 1-D integer array, got {case.lesion_classes.shape}")
+        got = f"{case.lesion_classes.dtype} {case.lesion_classes.shape}"
+        fail(f"'lesion_classes' must be a 1-D integer array, got {got}")
     if case.lesion_classes.size and (
         case.lesion_classes.min() < 1 or case.lesion_classes.max() > NUM_SCORES
     ):

@@ -48,7 +48,8 @@ def gs_roc(summaries: Sequence[CaseSummary]) -> dict:
 
     A detection on a lesion of unknown grade (class 2 meaning "GS >= 3+4") is a positive of
     `gs_ge_7` and left out of the tasks k >= 3, whose label it does not determine
-    (`num_unknown_grade` counts them)."""
+    (`num_unknown_grade` counts them). A task whose detections hold one class only has auc NaN
+    and `skipped` saying so."""
     scores = np.concatenate([s.roc_scores for s in summaries] or [np.zeros((0, 5))])
     classes = np.concatenate([s.roc_classes for s in summaries] or [np.zeros(0, np.int32)])
     known = np.concatenate([s.roc_grade_known for s in summaries] or [np.zeros(0, bool)])
@@ -65,4 +66,15 @@ def gs_roc(summaries: Sequence[CaseSummary]) -> dict:
             "num_unknown_grade": int((~kept).sum()),
             "curve": {"fpr": fpr, "tpr": tpr},
         }
+        if fpr.size == 0:  # the study report names such metrics and their cells
+            results[task]["skipped"] = _undefined_reason(labels, k)
     return results
+
+
+def _undefined_reason(labels: np.ndarray, k: int) -> str:
+    """Why a task's AUC is undefined (its detections hold one class only, or none)."""
+    if labels.size == 0:
+        return "AUC undefined: no detection"
+    if labels.any():
+        return f"AUC undefined: every top-12 detection lies on a lesion of class >= {k}"
+    return f"AUC undefined: no top-12 detection lies on a lesion of class >= {k}"

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from focalnet_jax.errors import UserError
-from focalnet_jax.processes import pid_space
+from focalnet_jax.processes import pid_space, process_start
 from focalnet_jax.study.attempts import HEARTBEAT_S, attempt_fields, earlier_attempts
 from focalnet_jax.study.cells import STUDY_FILE, Study
 from focalnet_jax.study.inputs import check_inputs
@@ -111,7 +111,8 @@ def run_cell(study_dir: str | Path, name: str) -> int:
     log = study.log_path(cell)
     earlier = earlier_attempts(previous.record, study.path(cell))  # before this attempt writes
     placement, start = _placement(), time.time()
-    here = {"pid": os.getpid(), "host": socket.gethostname(), "pid_space": pid_space()}
+    here = {"pid": os.getpid(), "pid_started": process_start(os.getpid())}
+    here |= {"host": socket.gethostname(), "pid_space": pid_space()}
 
     def record(state: str, **fields) -> None:
         seconds = attempt_fields(earlier, time.time() - start)

@@ -239,7 +239,7 @@ class Study:
         if state == "done" and not (path / METRICS_JSON).is_file():
             state = "pending"
         elif state == "running" and _recorded_here(record):
-            if not pid_alive(int(record.get("pid", -1))):
+            if not pid_alive(int(record.get("pid", -1)), record.get("pid_started")):
                 state = "interrupted"
         return CellState(state, record)
 

@@ -101,15 +101,32 @@ def _lookup(metrics: Mapping, path: Sequence[str], where: str, *, partial: bool)
 
 def _skip_reason(metrics: Mapping, path: Sequence[str]) -> str | None:
     """Why the first section on `path` in a cell's metrics.json was `skipped` (e.g. picai_eval
-    not installed, a fold without a case of one class), or None."""
+    not installed, a ROC task whose detections hold one class), or why the metric itself is
+    `undefined` there (a PI-CAI AUROC of a fold without a case of one class), or None."""
     value = metrics
     for key in path:
         if not isinstance(value, Mapping):
             return None
         if "skipped" in value:
             return str(value["skipped"])
+        if key == path[-1] and key in value.get("undefined", {}):
+            return str(value["undefined"][key])
         value = value.get(key)
     return None
+
+
+def _undefined_reason(metrics: Mapping, path: Sequence[str]) -> str | None:
+    """`_skip_reason`, or for a metric present as null or NaN without a reason (an evaluation by
+    an earlier version) a reason saying so; None for a number or a missing key."""
+    if (reason := _skip_reason(metrics, path)) is not None:
+        return reason
+    value = metrics
+    for key in path:
+        if not isinstance(value, Mapping) or key not in value:
+            return None
+        value = value[key]
+    undefined = value is None or (isinstance(value, float) and math.isnan(value))
+    return "undefined (null in the cell's metrics.json)" if undefined else None
 
 
 def _cell_name(row: Mapping) -> str:
@@ -349,13 +366,14 @@ def _cost(rows: Sequence[Mapping], arms: Sequence[str]) -> list[str]:
 
 
 def skipped_metrics(found: Collected) -> dict[str, dict[str, list[str]]]:
-    """{reason: {metric column: [cell, ...]}} for the metrics a cell's evaluation skipped, saying
-    why (a section's "skipped": e.g. picai_eval not installed where the cell was evaluated, or
-    a fold without a case of one class): NaN in runs.csv, and so left out of every test."""
+    """{reason: {metric column: [cell, ...]}} for the metrics a cell's evaluation skipped or found
+    undefined, saying why (`_undefined_reason`: e.g. picai_eval not installed where the cell was
+    evaluated, or a fold without a case of one class): NaN in runs.csv, and so left out of every
+    test."""
     skipped: dict[str, dict[str, list[str]]] = {}
     for row, metrics in zip(found.rows, found.metrics, strict=True):
         for column, path in METRICS.items():
-            if (reason := _skip_reason(metrics, path)) is not None:
+            if (reason := _undefined_reason(metrics, path)) is not None:
                 skipped.setdefault(reason, {}).setdefault(column, []).append(_cell_name(row))
     return skipped
 
@@ -372,7 +390,8 @@ def _skipped_lines(skipped: Mapping[str, Mapping[str, Sequence[str]]]) -> list[s
         cells = _skipped_cells(columns)
         shown = ", ".join(cells[:4]) + (", ..." if len(cells) > 4 else "")
         lines.append(
-            f"**Not evaluated** ({', '.join(columns)}) in {plural(len(cells), 'cell')} "
+            f"**Not evaluated or undefined** ({', '.join(columns)}) in "
+            f"{plural(len(cells), 'cell')} "
             f"({shown}): {reason}. Those runs are n/a for them and left out of their tests."
         )
     return [line for text in lines for line in ("", text)]
@@ -418,7 +437,10 @@ def write_report(
     skipped = skipped_metrics(found)
     for reason, columns in skipped.items():
         count = plural(len(_skipped_cells(columns)), "cell")
-        print(f"warning: {', '.join(columns)} not evaluated in {count}: {reason}", file=sys.stderr)
+        print(
+            f"warning: {', '.join(columns)} not evaluated or undefined in {count}: {reason}",
+            file=sys.stderr,
+        )
     out = study.root / "report"
     out.mkdir(parents=True, exist_ok=True)
     names = list(dict.fromkeys(r["arm"] for r in rows))
