@@ -302,8 +302,8 @@ def read_manifest(
     check_components(components)
     columns, rows = _manifest_rows(manifest, ["case_id", "patient_id", *components])
     centre_columns = _check_manifest_columns(manifest, columns, labels, unlabelled)
-    cases, seen, skipped = [], {}, []  # seen: case id folded to lower case -> (line, case id)
-    patients = {}  # patient id folded to lower case -> (line, patient id as first written)
+    # seen, patients: case id, patient id folded to lower case -> (line, id as first written)
+    cases, seen, skipped, patients = [], {}, [], {}
     for line, row in rows:
         case = row["case_id"]
         where = f"manifest {manifest}, line {line}"
@@ -313,7 +313,13 @@ def read_manifest(
                 f"{seen[case.lower()][0]}); case ids must differ in more than letter case"
             )
         seen[case.lower()] = (line, case)
-        _check_patient_spelling(patients, row["patient_id"] or case, line, where)
+        patient = row["patient_id"] or case
+        first_line, first = patients.setdefault(patient.lower(), (line, patient))
+        if first != patient:  # folds compare ids exactly: the patient's cases would be split
+            raise LayoutError(
+                f"{where}: patient_id {patient!r} is {first!r} (line {first_line}) in another "
+                "letter case; write each patient's id the same way on all its rows"
+            )
         try:
             _check_manifest_row(row, where, components, labels and unlabelled == "error")
             if labels and not row.get("label") and unlabelled == "skip":
@@ -327,17 +333,6 @@ def read_manifest(
     _warn_missing_patients(manifest, rows)
     _warn_left_out(skipped, f"no label in manifest {manifest}")
     return cases
-
-
-def _check_patient_spelling(patients: dict, patient: str, line: int, where: str) -> None:
-    """Refuses a patient id written in another case on an earlier line (folds compare ids exactly:
-    'Pat01' and 'pat01' could split one patient across folds). `patients`: updated here."""
-    first_line, first = patients.setdefault(patient.lower(), (line, patient))
-    if first != patient:
-        raise LayoutError(
-            f"{where}: patient_id {patient!r} is {first!r} (line {first_line}) in another letter "
-            "case; write each patient's id the same way on all its rows"
-        )
 
 
 def _warn_missing_patients(manifest: Path, rows) -> None:
