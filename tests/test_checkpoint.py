@@ -215,6 +215,31 @@ def test_a_run_saved_before_loss_pool_size_existed_resumes(tmp_path):
         workdir_lib.check_resumed_config(config, tmp_path)
 
 
+def test_a_run_saved_before_the_loss_options_and_mfl_chunk_existed_resumes_and_predicts(tmp_path):
+    """A config.json written before `loss.mfl_chunk`, `loss.mfl_any_loss` and the Dice/CE options
+    were keys: `predict` and `evaluate` ended in an AttributeError traceback ('mfl_chunk'), and a
+    resume was refused for good ("'(absent)' -> 4", a value no override can give). Each is read as
+    the value the code used then: all subsets at once, the losses' own defaults."""
+    config = _run_saved_without(tmp_path, "loss", "mfl_chunk")
+    path = tmp_path / workdir_lib.CONFIG_FILE
+    saved = json.loads(path.read_text())
+    for key in ("mfl_any_loss", "weights", "eps", "batch_dice", "dice_background"):
+        del saved["loss"][key]
+    path.write_text(json.dumps(saved))
+    read = workdir_lib.read_config(tmp_path)
+    assert (read.loss.mfl_chunk, read.loss.mfl_any_loss) == (0, False)
+    assert (list(read.loss.weights), read.loss.eps) == ([1.0, 1.0], 1.0)
+    assert (read.loss.batch_dice, read.loss.dice_background) == (False, True)
+    assert RunSpec.from_config(read, num_devices=1).mfl_chunk == 0  # as `predict` resolves it
+    assert config.loss.mfl_chunk == 4
+    with pytest.raises(UserError, match=r"loss\.mfl_chunk 0 -> 4"):
+        workdir_lib.check_resumed_config(config, tmp_path)
+    config.loss.mfl_chunk = 0
+    workdir_lib.check_resumed_config(config, tmp_path)
+    config.loss.mfl_any_loss = True  # a guard, changing no computation: a resume may set it
+    workdir_lib.check_resumed_config(config, tmp_path)
+
+
 def test_a_resume_compares_lambda_as_a_number(tmp_path):
     """`--config.loss.mfl_weight=130` is saved as the text '130' (the key's default is 'auto'):
     the same lambda written 130.0 or 1.3e2 resumes; another one, or 'auto', is refused."""

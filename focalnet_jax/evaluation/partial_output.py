@@ -3,9 +3,10 @@ case by case and renamed to `--out` once every case is done, so that a run stopp
 Ctrl-C, SIGTERM or a time limit keeps the cases it finished, and `--resume` continues it.
 
 - `<out>.partial/models.json`: the models and settings that make the outputs (checkpoints and
-  steps, TTA, detection-map candidate settings, detections threshold; not the batch size, which
-  does not change them). `--resume` continues a partial only with the same ones, else it is a
-  one-line error naming the first difference.
+  steps, TTA, detection-map candidate settings, detections threshold; not the batch size: a
+  slice's scores depend on its batch neighbours only in float rounding, see docs/evaluation.md).
+  `--resume` continues a partial only with the same ones, else it is a one-line error naming
+  the first difference.
 - `<out>.partial/crop_centres.json`: how each case's crop is centred (its prostate mask, a given
   point, or the T2w volume centre); `--resume` refuses a finished case that would be centred
   otherwise now (other `--masks`).

@@ -146,9 +146,12 @@ def _read_config_json(path: Path) -> dict:
 
 # What a resumed run may change: how long it trains, how often it logs, validates and saves, how
 # many checkpoints it keeps, its prefetch depth and where its store lies (the store's identity is
-# checked by `data.run_store`). Any other change would train another run in the same workdir.
+# checked by `data.run_store`), and `loss.mfl_any_loss`, a guard that changes no computation (a
+# run saved before it, MFL beside another loss, resumes with it set). Any other change would
+# train another run in the same workdir.
 RESUMABLE_KEYS = (
     "data.store",
+    "loss.mfl_any_loss",
     "train.checkpoint_every",
     "train.epochs",
     "train.eval_every",
@@ -159,8 +162,18 @@ RESUMABLE_KEYS = (
 )
 
 # Keys added to the config after runs were saved, with the value the code used while they were
-# absent: a saved config.json without one is read as having that value, so those runs resume.
-IMPLIED_WHEN_ABSENT = {"loss.pool_size": 3, "data.splits": ""}
+# absent (JSON types): a saved config.json without one is read as having that value, so those
+# runs resume and predict. (`loss.mfl_chunk` 0: every subset at once, as before chunking.)
+IMPLIED_WHEN_ABSENT = {
+    "loss.pool_size": 3,
+    "data.splits": "",
+    "loss.mfl_any_loss": False,
+    "loss.mfl_chunk": 0,
+    "loss.weights": [1.0, 1.0],
+    "loss.eps": 1.0,
+    "loss.batch_dice": False,
+    "loss.dice_background": True,
+}
 
 
 def check_resumed_config(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
@@ -170,7 +183,7 @@ def check_resumed_config(config: ml_collections.ConfigDict, workdir: str | Path)
     path, steps = Path(workdir) / CONFIG_FILE, Path(workdir) / CHECKPOINT_DIR
     if not path.is_file() or not any(p.name.isdigit() for p in steps.glob("*")):
         return
-    saved = {**IMPLIED_WHEN_ABSENT, **flat_settings(_read_config_json(path))}
+    saved = flat_settings(_with_implied(_read_config_json(path)))
     new = flat_settings(json.loads(config.to_json()))
     # Paths compare absolute: a run saved with a relative path resumes from the folder it ran in;
     # lambda compares as the number it is ('130', '130.0' and 130.0 are one lambda).
@@ -190,6 +203,16 @@ def check_resumed_config(config: ml_collections.ConfigDict, workdir: str | Path)
         f"{'; '.join(changed)} (a resumed run may change only {', '.join(RESUMABLE_KEYS)}; "
         "train another config in another workdir)"
     )
+
+
+def _with_implied(saved: dict) -> dict:
+    """`saved` (a config.json's object) with each `IMPLIED_WHEN_ABSENT` key it lacks, in a
+    section it has."""
+    for dotted, value in IMPLIED_WHEN_ABSENT.items():
+        section, key = dotted.split(".")
+        if isinstance(saved.get(section), dict):
+            saved[section].setdefault(key, value)
+    return saved
 
 
 def _compared(key: str, value):
@@ -212,7 +235,7 @@ def read_config(workdir: str | Path) -> ml_collections.ConfigDict:
         raise FileNotFoundError(
             f"workdir {workdir}: no {CONFIG_FILE} (not a training run directory)"
         )
-    saved = _read_config_json(path)
+    saved = _with_implied(_read_config_json(path))
     for key in PATH_KEYS:
         value = _relative_path(saved, key)
         if value is not None and not os.path.exists(absolute_path(value)):
