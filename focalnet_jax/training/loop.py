@@ -145,8 +145,8 @@ class _Logger:
     `train/images_per_s` = training images of the global batch (all devices, all processes) since
     the previous log / the seconds spent training them: the time inside `outside_steps()`
     (validation, checkpoint writes) is left out; the first interval after a start or resume holds
-    the compilation. Logged apart: the seconds of each validation and checkpoint save
-    (`time/validation_s`, `time/checkpoint_s`; a session's first validation holds its compilation).
+    the compilation. Logged apart: `time/validation_s` (a session's first holds its compilation)
+    and `time/checkpoint_s`, the loop's wait for an asynchronous save (its write runs on).
     """
 
     def __init__(self, spec: RunSpec, workdir: Path, manager, progress, start: int, mesh, writer):
