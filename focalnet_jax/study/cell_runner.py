@@ -111,8 +111,12 @@ def run_cell(study_dir: str | Path, name: str) -> int:
     log = study.log_path(cell)
     earlier = earlier_attempts(previous.record, study.path(cell))  # before this attempt writes
     placement, start = _placement(), time.time()
-    here = {"pid": os.getpid(), "pid_started": process_start(os.getpid())}
-    here |= {"host": socket.gethostname(), "pid_space": pid_space()}
+    here = {
+        "pid": os.getpid(),
+        "pid_started": process_start(os.getpid()),
+        "host": socket.gethostname(),
+        "pid_space": pid_space(),
+    }
 
     def record(state: str, **fields) -> None:
         seconds = attempt_fields(earlier, time.time() - start)

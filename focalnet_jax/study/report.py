@@ -87,16 +87,27 @@ def _lookup(metrics: Mapping, path: Sequence[str], where: str, *, partial: bool)
     `StudyError` naming the cell and key, or with `partial` a warning and NaN."""
     if _skip_reason(metrics, path) is not None:
         return float("nan")
+    value = _value_at(metrics, path)
+    if value is _MISSING:
+        message = f"{where}: no {'.'.join(path)} (evaluated by another version?)"
+        if not partial:
+            raise StudyError(message + "; --partial reports it as NaN")
+        print(f"warning: {message}; reported as NaN", file=sys.stderr)
+        return float("nan")
+    return float("nan") if value is None else round(float(value), METRIC_DECIMALS)
+
+
+_MISSING = object()
+
+
+def _value_at(metrics: Mapping, path: Sequence[str]):
+    """The value at `path` in a cell's metrics.json; `_MISSING` where a key on the path is not."""
     value = metrics
     for key in path:
         if not isinstance(value, Mapping) or key not in value:
-            message = f"{where}: no {'.'.join(path)} (evaluated by another version?)"
-            if not partial:
-                raise StudyError(message + "; --partial reports it as NaN")
-            print(f"warning: {message}; reported as NaN", file=sys.stderr)
-            return float("nan")
+            return _MISSING
         value = value[key]
-    return float("nan") if value is None else round(float(value), METRIC_DECIMALS)
+    return value
 
 
 def _skip_reason(metrics: Mapping, path: Sequence[str]) -> str | None:
@@ -120,11 +131,7 @@ def _undefined_reason(metrics: Mapping, path: Sequence[str]) -> str | None:
     an earlier version) a reason saying so; None for a number or a missing key."""
     if (reason := _skip_reason(metrics, path)) is not None:
         return reason
-    value = metrics
-    for key in path:
-        if not isinstance(value, Mapping) or key not in value:
-            return None
-        value = value[key]
+    value = _value_at(metrics, path)
     undefined = value is None or (isinstance(value, float) and math.isnan(value))
     return "undefined (null in the cell's metrics.json)" if undefined else None
 
