@@ -23,8 +23,14 @@ from focalnet_jax.data.case_ids import check_case_id
 from focalnet_jax.data.layouts import discover_picai, read_manifest, write_manifest
 from focalnet_jax.data.store import open_store
 from focalnet_jax.data.store_settings import read_settings
-from focalnet_jax.data.writer_folders import pid_space, remove_dead_leftovers
+from focalnet_jax.data.writer_folders import (
+    pid_space,
+    remove_dead_leftovers,
+    restore_moved_aside,
+    writer_folder,
+)
 from focalnet_jax.errors import UserError
+from focalnet_jax.processes import process_start
 
 
 @pytest.fixture(scope="module")
@@ -318,6 +324,29 @@ def test_leftovers_named_before_the_pid_space_say_who_left_them_and_how_to_remov
         assert not folder.exists()
 
 
+def test_a_writer_folder_whose_pid_was_reused_is_removed_and_its_store_restored(tmp_path):
+    """A writer folder names its process by pid and start time. A live process under that pid
+    that started at another time reuses the pid: the writer has ended, its folder is removed and
+    a store it moved aside is moved back. Before, a reused pid kept the folder for as long as the
+    new process ran. The same pid with its own start time is a live writer: kept."""
+    store = tmp_path / "store"
+    live = writer_folder(store)
+    assert live.name.startswith(f".store.tmp-{os.getpid()}.{process_start(os.getpid())}@")
+    start = process_start(os.getpid())
+    reused = live.with_name(
+        live.name.replace(f"-{os.getpid()}.{start}@", f"-{os.getpid()}.{start - 1}@")
+    )
+    for folder in (live, reused):
+        folder.mkdir()
+    assert remove_dead_leftovers(store) == [reused]
+    assert live.is_dir() and not reused.exists()
+    aside = reused.with_name(reused.name + ".old")
+    aside.mkdir()
+    (aside / "cases.json").write_text("{}")
+    assert restore_moved_aside(store) == aside
+    assert (store / "cases.json").read_text() == "{}"
+
+
 def test_a_store_moved_aside_by_a_killed_commit_is_restored(manifest_rows, tmp_path, capsys):
     """A commit killed between its two renames leaves the old store as `<folder>.old` and the
     finished new one in its folder, `store` missing. The next run moves the old store back
@@ -394,7 +423,8 @@ def test_a_live_writer_in_another_pid_namespace_keeps_its_folder(manifest_rows, 
     writer = subprocess.Popen(unshare, stdout=subprocess.PIPE, text=True)
     try:
         name = writer.stdout.readline().strip()
-        assert name.startswith(f".store.tmp-{pid}@{socket.gethostname()}-"), name
+        assert name.startswith(f".store.tmp-{pid}."), name
+        assert f"@{socket.gethostname()}-" in name, name
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
         result = subprocess.run(

@@ -2,16 +2,18 @@
 their writer, removed once it has died.
 
 A store (or any folder replaced whole, `atomic_files.replaced_folder`) is written in the sibling
-folder `.<name>.tmp-<pid>@<host>-<space>-<token>`: `pid` and `host` of the writing process, and
-`space`, 8 hex digits of a hash of the host name, the kernel's boot id and the process's PID
-namespace (Linux; elsewhere the host name alone). The pid can be checked only from the same space:
-on a shared file system another host, or a container with the same host name but its own PID
-namespace (`docker --network=host`), may be writing right now, and its pid means nothing here. So a
-leftover is removed only when its space is this process's and its pid has ended; every other one is
-left and named in one log line, to be removed by hand once no run writes it (its age proves
-nothing: a run elsewhere may take hours). A commit (`swap_in`) moves the old folder aside to
-`<folder>.old` before moving the new one in; when its writer died between the two, the next writer
-moves the old folder back first (`restore_moved_aside`). A folder named as before the space was
+folder `.<name>.tmp-<pid>.<start>@<host>-<space>-<token>`: `pid`, `start` (`process_start`, when
+it started; `.<start>` is left out where unknown) and `host` of the writing process, and `space`,
+8 hex digits of a hash of the host name, the kernel's boot id and the process's PID namespace
+(Linux; elsewhere the host name alone). A pid that runs under another start time was reused: the
+writer has ended. The pid can be checked only from the same space: on a shared file system
+another host, or a container with the same host name but its own PID namespace (`docker
+--network=host`), may be writing right now, and its pid means nothing here. So a leftover is
+removed only when its space is this process's and its process has ended; every other one is left
+and named in one log line, to be removed by hand once no run writes it (its age proves nothing: a
+run elsewhere may take hours). A commit (`swap_in`) moves the old folder aside to `<folder>.old`
+before moving the new one in; when its writer died between the two, the next writer moves the old
+folder back first (`restore_moved_aside`). A folder named as before the space was
 (`.<name>.tmp-<pid>@<host>-<token>`) is never removed: its name cannot tell this PID namespace and
 boot from another container's with the same host name, or an earlier boot; its log line names
 the pid and host and gives the command that removes it.
@@ -28,11 +30,14 @@ import shutil
 import socket
 from pathlib import Path
 
-from focalnet_jax.processes import pid_alive, pid_space
+from focalnet_jax.processes import pid_alive, pid_space, process_start
 
 log = logging.getLogger(__name__)
 
-_NAME = r"^\.{name}\.tmp-(?P<pid>\d+)@(?P<host>.+)-(?P<space>[0-9a-f]{{8}})-[0-9a-f]{{8}}(\.old)?$"
+_NAME = (
+    r"^\.{name}\.tmp-(?P<pid>\d+)(\.(?P<start>\d+))?@(?P<host>.+)-(?P<space>[0-9a-f]{{8}})"
+    r"-[0-9a-f]{{8}}(\.old)?$"
+)
 # Before the pid space was named (`.<name>.tmp-<pid>@<host>-<token>`): the pid may belong to
 # another container with this host name, or to an earlier boot, so its writer cannot be checked.
 _OLD_NAME = r"^\.{name}\.tmp-(?P<pid>\d+)@(?P<host>.+)-[0-9a-f]{{8}}(?P<old>\.old)?$"
@@ -49,7 +54,9 @@ def target_folder(path: str | os.PathLike) -> Path:
 
 def writer_folder(path: Path) -> Path:
     """A new temporary folder name for this process writing `path` (not created)."""
-    owner = f"{os.getpid()}@{socket.gethostname()}-{pid_space()}-{secrets.token_hex(4)}"
+    pid, start = os.getpid(), process_start(os.getpid())
+    process = f"{pid}" if start is None else f"{pid}.{start}"
+    owner = f"{process}@{socket.gethostname()}-{pid_space()}-{secrets.token_hex(4)}"
     return path.with_name(f".{path.name}.tmp-{owner}")
 
 
@@ -58,6 +65,13 @@ def _writer_folders(path: Path, tail: str = "*"):
     pattern = re.compile(_NAME.format(name=re.escape(path.name)))
     for folder in sorted(path.parent.glob(f".{path.name}.tmp-{tail}")):
         yield folder, pattern.match(folder.name)
+
+
+def _writer_alive(match: re.Match) -> bool:
+    """Whether the writer a `_NAME` match of this pid space names runs (its pid, and its start
+    time where the name records one)."""
+    start = match["start"]
+    return pid_alive(int(match["pid"]), None if start is None else int(start))
 
 
 def swap_in(tmp: Path, path: Path, aside: Path | None = None) -> Path | None:
@@ -90,7 +104,7 @@ def restore_moved_aside(path: str | os.PathLike, writer: str = "preprocess") -> 
     if path.exists():
         return None
     for folder, match in _writer_folders(path, "*.old"):
-        if match and match["space"] == pid_space() and not pid_alive(int(match["pid"])):
+        if match and match["space"] == pid_space() and not _writer_alive(match):
             os.replace(folder, path)
             log.warning(
                 "restored %s from %s: %s pid %s ended before it replaced that folder",
@@ -124,7 +138,7 @@ def remove_dead_leftovers(path: str | os.PathLike, writer: str = "preprocess") -
                 path,
                 shlex.quote(str(folder)),
             )
-        elif pid_alive(int(match["pid"])):
+        elif _writer_alive(match):
             log.warning("leaving %s: its writer, pid %s of this host, runs", folder, match["pid"])
         else:
             shutil.rmtree(folder, ignore_errors=True)
