@@ -11,6 +11,7 @@ import pytest
 from test_train_helpers import REPO, FakeStore, tiny_config
 
 from focalnet_jax import cli, losses
+from focalnet_jax.errors import UserError
 from focalnet_jax.models.deeplab import DeepLab
 from focalnet_jax.models.unet import UNet
 from focalnet_jax.run import DATA_AXIS, RunSpec
@@ -211,6 +212,28 @@ def test_baselines_resolve_their_encodings():
     assert isinstance(single.model, UNet)
     assert (single.output_encoding, single.model.num_outputs) == ("binary", 1)
     assert not single.mfl and single.subsets == () and single.mfl_weight(None, None) == 0.0
+
+
+def test_a_unet_too_deep_for_the_stores_images_is_refused_in_one_line():
+    """A U-Net halves its input `unet_levels` times. Before, a store of 32 x 32 images with
+    `unet_levels=6` (64) passed the config checks and ended in a ValueError traceback from
+    inside `model.init`."""
+    deep = tiny_config("configs/unet_sing.py", ["--config.model.unet_levels=6"])
+    spec = RunSpec.from_config(deep, num_devices=1)  # the store's size is not known yet
+    assert spec.image_size == (128, 128)
+    with pytest.raises(UserError) as error:
+        spec.for_store(FakeStore(patients=4, slices=2, size=32))
+    assert str(error.value) == (
+        "store memory:/fake-store: model.unet_levels=6: the U-Net halves its input 6 times, so "
+        "the image height and width must be multiples of 64, but the images are 32 x 32 "
+        "pixels; lower model.unet_levels or preprocess with a crop size that is a multiple of 64"
+    )
+    with pytest.raises(UserError, match=r"^model\.unet_levels=6: .* images are 96 x 96 pixels"):
+        RunSpec.from_config(deep, num_devices=1, image_size=(96, 96))
+    # Inference describes the saved state before any store: a default size the U-Net takes.
+    deeper = tiny_config("configs/unet_sing.py", ["--config.model.unet_levels=8"])
+    assert RunSpec.from_config(deeper, num_devices=1).image_size == (256, 256)
+    assert RunSpec.from_config(tiny_config(), num_devices=1).image_size == (128, 128)
 
 
 def test_data_splits_takes_the_folds_from_given_split_files(tmp_path):

@@ -13,6 +13,18 @@ Public API: :func:`build_model`, :func:`default_model_config`; pretrained torchv
 through :mod:`focalnet_jax.models.pretrained`.
 """
 
-from focalnet_jax.models.builder import build_model, check_model_config, default_model_config
+from focalnet_jax.models.builder import (
+    build_model,
+    check_input_size,
+    check_model_config,
+    default_model_config,
+    input_multiple,
+)
 
-__all__ = ["build_model", "check_model_config", "default_model_config"]
+__all__ = [
+    "build_model",
+    "check_input_size",
+    "check_model_config",
+    "default_model_config",
+    "input_multiple",
+]

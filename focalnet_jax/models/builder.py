@@ -59,6 +59,28 @@ def check_model_config(model_config: ml_collections.ConfigDict) -> None:
     _check_other_architecture_fields(model_config)
 
 
+def input_multiple(model_config: ml_collections.ConfigDict) -> int:
+    """The number the model input's height and width must be multiples of: ``2**unet_levels``
+    for a U-Net (it halves them that often), 1 for a DeepLab (its logits are resized to the
+    input)."""
+    return 2**model_config.unet_levels if model_config.name == "unet" else 1
+
+
+def check_input_size(model_config: ml_collections.ConfigDict, image_size) -> None:
+    """Raises ``ValueError`` where the model cannot take images of ``image_size`` (H, W) pixels
+    (see :func:`input_multiple`)."""
+    multiple = input_multiple(model_config)
+    if any(int(side) % multiple for side in image_size):
+        height, width = image_size
+        levels = model_config.unet_levels
+        raise ValueError(
+            f"model.unet_levels={levels}: the U-Net halves its input {levels} times, so the "
+            f"image height and width must be multiples of {multiple}, but the images are "
+            f"{height} x {width} pixels; lower model.unet_levels or preprocess with a crop size "
+            f"that is a multiple of {multiple}"
+        )
+
+
 def _check_other_architecture_fields(model_config: ml_collections.ConfigDict) -> None:
     """Refuses a field of the other architecture set to other than its default (e.g.
     `model.depth=50` with `model.name='unet'`): an arm meant to differ would repeat another."""

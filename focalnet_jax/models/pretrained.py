@@ -16,8 +16,10 @@ torchvision                                  Flax (``backbone`` subtree)
 
 ``fc.*`` (the ImageNet classifier) and ``*.num_batches_tracked`` have no counterpart in the
 segmentation network and are reported as ignored. A backbone key absent from the file is an
-error listing all of them; a key that is neither mapped nor ignored is logged as a warning; a
-shape mismatch is an error naming the key and both shapes. These errors, and a file its format's
+error naming them (the first ten, and a prefix they carry in the file); so is a ResNet block
+the model lacks (a deeper ResNet's file: its other keys would all fit); any other key that is
+neither mapped nor ignored is logged as a warning; a shape mismatch is an error naming the key
+and both shapes. These errors, and a file its format's
 reader cannot read, are ``PretrainedWeightsError`` (a ``UserError``: one line naming the file).
 
 First convolution: the RGB filters ``w`` [O, 3, 7, 7] (or grey ones, [O, 1, 7, 7]) become
@@ -53,6 +55,8 @@ _SUFFIXES = (".safetensors", ".npz", ".pth", ".pt")
 _BN_PARAMS = {"scale": "weight", "bias": "bias"}
 _BN_STATS = {"mean": "running_mean", "var": "running_var"}
 _IGNORED = re.compile(r"^fc\.(weight|bias)$|(^|\.)num_batches_tracked$")
+_BLOCK = re.compile(r"^((layer([1-4]))\.(\d+))\.")  # a ResNet block's key: stage [3], index [4]
+_SHOWN = 10  # keys named in an error
 MARKER = "focalnet_jax.conv1_input"  # "t2w,adc,...": the component of each conv1 input channel
 
 
@@ -72,6 +76,8 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
 def _read_weights(path: str | Path) -> tuple[dict[str, np.ndarray], tuple[str, ...] | None]:
     """(the ``state_dict`` as float32 arrays, the components its ``MARKER`` names or None)."""
     path = Path(path)
+    if path.is_dir():
+        raise PretrainedWeightsError(f"pretrained weights {path}: a folder, not a weights file")
     if not path.is_file():
         raise FileNotFoundError(f"pretrained weights {path}: no such file")
     suffix = path.suffix.lower()
@@ -249,16 +255,28 @@ def _check_request(model_config: ml_collections.ConfigDict, components: Sequence
 
 
 def _check_keys(state: Mapping[str, np.ndarray], mapping: Mapping, path, depth: int) -> None:
-    """Raises naming every backbone key missing from the file; logs the keys that are not
-    loaded (a warning for unexpected ones, info for the ignored classifier and BN counters)."""
+    """Raises naming the backbone keys missing from the file (and a prefix they carry there, e.g.
+    DataParallel's ``module.``) or the ResNet blocks the file has beyond the model's (a deeper
+    ResNet's file, whose other keys would all fit); logs the other keys not loaded (a warning
+    for unexpected ones, info for the ignored classifier and BN counters)."""
     missing = sorted(set(mapping) - set(state))
     if missing:
+        shown = ", ".join(missing[:_SHOWN]) + (", ..." if len(missing) > _SHOWN else "")
         raise PretrainedWeightsError(
-            f"pretrained weights {path}: {len(missing)} backbone keys missing for ResNet-"
-            f"{depth}: {missing}"
+            f"pretrained weights {path}: {len(missing)} of the {len(mapping)} backbone keys of "
+            f"ResNet-{depth} are missing ({shown}){_prefix_hint(state, missing)}"
+        )
+    unexpected = sorted(key for key in state if key not in mapping and not _IGNORED.search(key))
+    extra = {(int(m[3]), int(m[4])) for key in unexpected if (m := _BLOCK.match(key))}
+    if extra_blocks := [f"layer{stage}.{index}" for stage, index in sorted(extra)]:
+        model, found = _stage_blocks(mapping), _stage_blocks(state)
+        raise PretrainedWeightsError(
+            f"pretrained weights {path}: the file has ResNet blocks the model lacks "
+            f"({', '.join(extra_blocks[:_SHOWN])}{', ...' if len(extra_blocks) > _SHOWN else ''})"
+            f": its stages have {found} blocks, ResNet-{depth}'s {model}; set model.depth to "
+            "the file's ResNet"
         )
     ignored = sorted(key for key in state if key not in mapping and _IGNORED.search(key))
-    unexpected = sorted(key for key in state if key not in mapping and not _IGNORED.search(key))
     if unexpected:
         log.warning(
             "pretrained weights %s: %d unexpected keys not loaded: %s",
@@ -275,6 +293,22 @@ def _check_keys(state: Mapping[str, np.ndarray], mapping: Mapping, path, depth: 
         )
 
 
+def _prefix_hint(state: Mapping[str, np.ndarray], missing: Sequence[str]) -> str:
+    """'; the file holds them under the prefix ...' where a file key ends with a missing key
+    (a ``state_dict`` saved from a wrapped model, e.g. ``module.conv1.weight``), else ''."""
+    for key in state:
+        if key.endswith(f".{missing[0]}"):
+            prefix = key[: -len(missing[0])]
+            return f"; the file holds them under the prefix {prefix!r}: save it without that prefix"
+    return ""
+
+
+def _stage_blocks(keys) -> list[int]:
+    """The number of blocks of each ResNet stage (layer1..layer4) that `keys` name."""
+    blocks = {(m[3], m[4]) for key in keys if (m := _BLOCK.match(key))}
+    return [sum(1 for stage, _ in blocks if stage == str(s)) for s in range(1, 5)]
+
+
 def _fill_backbone(
     target: dict,
     state: Mapping,
@@ -282,11 +316,12 @@ def _fill_backbone(
     path,
     components: Sequence[str],
     marked: tuple[str, ...] | None,
+    width: float,
 ) -> None:
     """Sets every mapped leaf of the backbone tree `target` (in place) to its torchvision tensor
     in Flax layout as float32 (the first convolution made to fit `components`, see
     `_first_conv`); a shape other than the model's is an error naming the key, both shapes and
-    the leaf."""
+    the leaf (and the model's `width` where it is not torchvision's 1.0)."""
     for key, (collection, leaf_path) in sorted(mapping.items()):
         value = state[key]
         if key == "conv1.weight":
@@ -298,6 +333,11 @@ def _fill_backbone(
                 f"pretrained weights {path}: {key} has shape {tuple(state[key].shape)} "
                 f"(as Flax {value.shape}) but the model expects {expected} at "
                 f"{collection}/backbone/{'/'.join(leaf_path)}"
+                + (
+                    f" (model.width is {width}; a torchvision ResNet has width 1.0)"
+                    if width != 1
+                    else ""
+                )
             )
         _set(target[collection], leaf_path, np.ascontiguousarray(value, dtype=np.float32))
 
@@ -317,7 +357,7 @@ def load_torchvision_resnet(
       path: torchvision ResNet ``state_dict`` file (.safetensors, .npz, .pth).
       components: the model's MRI components, one input channel each, in input order (e.g.
         ``('t2w', 'adc')``); the first convolution is made to fit them.
-      model_config: the model configuration (must be a DeepLab with ``width=1.0``).
+      model_config: the model configuration (a DeepLab; a torchvision file fits ``width=1.0``).
 
     Returns:
       A new variables dict: backbone leaves are float32 NumPy arrays, the rest is unchanged.
@@ -327,7 +367,7 @@ def load_torchvision_resnet(
     mapping = backbone_key_map(_backbone(variables))
     _check_keys(state, mapping, path, model_config.depth)
     result = _copy_tree(variables)
-    _fill_backbone(_backbone(result), state, mapping, path, components, marked)
+    _fill_backbone(_backbone(result), state, mapping, path, components, marked, model_config.width)
     log.info("pretrained weights %s: loaded %d backbone tensors", path, len(mapping))
     return result
 

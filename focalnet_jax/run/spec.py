@@ -27,7 +27,12 @@ from focalnet_jax.data.preprocess_config import PreprocessConfig
 from focalnet_jax.data.store import component_channels
 from focalnet_jax.errors import UserError
 from focalnet_jax.losses.checks import check_scalar
-from focalnet_jax.models import build_model, check_model_config
+from focalnet_jax.models import (
+    build_model,
+    check_input_size,
+    check_model_config,
+    input_multiple,
+)
 
 DATA_AXIS = "data"
 """Name of the 1-D device mesh axis (data parallelism, sync-BN statistics)."""
@@ -135,7 +140,11 @@ class RunSpec:
         _check_augment(config.augment)
         schedule, tx = _optimizer(config.optim)
         per_device_batch(config.train.batch_size, num_devices or jax.device_count())
-        default_size = PreprocessConfig().crop_size
+        if image_size is None:  # the store's comes with `for_store`; parameters fit any size
+            multiple = input_multiple(config.model)
+            side = -(-PreprocessConfig().crop_size // multiple) * multiple
+            image_size = (side, side)
+        check_input_size(config.model, image_size)
         model = build_model(
             config.model,
             num_outputs=encoding.num_outputs(loss.encoding),
@@ -146,7 +155,7 @@ class RunSpec:
             config=ml_collections.FrozenConfigDict(config),
             components=components,
             t2w_channel=components.index("t2w") if "t2w" in components else None,
-            image_size=tuple(image_size or (default_size, default_size)),
+            image_size=tuple(image_size),
             loss=loss,
             output_encoding=loss.encoding,
             mfl=bool(config.loss.mfl),
@@ -175,7 +184,12 @@ class RunSpec:
     def for_store(self, store) -> RunSpec:
         """The spec with the store's image size; the store must hold every component."""
         component_channels(store, self.components)
-        return dataclasses.replace(self, image_size=tuple(store.images.shape[1:3]))
+        image_size = tuple(store.images.shape[1:3])
+        try:
+            check_input_size(self.config.model, image_size)
+        except ValueError as error:
+            raise UserError(f"store {store.path}: {error}") from None
+        return dataclasses.replace(self, image_size=image_size)
 
     def fold_split(self, store) -> FoldSplit:
         """Training and validation cases and rows of `data.fold` (patient-level folds, or those
