@@ -170,6 +170,10 @@ FLAG_ERRORS = [  # (argv, the message after "focalnet <command>: error: ")
     # A NaN share passed every comparison: no lesion was visible in T2w or ADC only.
     (["synth", "--out", "x", "--cases", "1", "--t2w-only-share", "nan"],
      "lesion visibility shares (nan, 0.15): expected >= 0, summing to <= 1"),
+    # Taken, and ignored: without DCE no lesion can be shown in DCE only.
+    (["synth", "--out", "x", "--cases", "1", "--dce-only-share", "0.3"],
+     "--dce-only-share 0.3: --components t2w,adc,hbv has no dce, so no lesion is shown in DCE "
+     "only; add dce or leave the flag out"),
     (["summarize", "--runs", "nodir", "--out", "o"], "--runs expects NAME=DIR, got 'nodir'"),
     (["evaluate", "--predictions", "p"], "--out is required with --predictions"),
     (["predict", "--checkpoint", "c", "--t2w", "t", "--adc", "a", "--out", "o", "--center", "1"],

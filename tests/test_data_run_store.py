@@ -16,7 +16,7 @@ from focalnet_jax import cli
 from focalnet_jax.data.build_store import preprocess_cases
 from focalnet_jax.data.layouts import discover_picai
 from focalnet_jax.data.preprocess_config import PreprocessConfig
-from focalnet_jax.data.run_store import RECORD_FILE, check_run_store
+from focalnet_jax.data.run_store import RECORD_FILE, check_run_store, read_run_store
 from focalnet_jax.data.store import open_store
 from focalnet_jax.data.store_settings import StaleStoreError
 from focalnet_jax.errors import UserError
@@ -244,3 +244,22 @@ def test_a_process_that_does_not_write_the_record_does_not_warn_of_its_absence(t
         f"run {tmp_path} has no {RECORD_FILE} (started before store settings were recorded): "
         f"recording store {store.path}"
     ]
+
+
+@pytest.mark.parametrize(
+    "record",
+    ["[]", "{}", '{"store": "/s", "settings": null}', '{"store": 1, "settings": {}}'],
+)
+def test_a_malformed_store_record_is_refused_in_one_line(tmp_path, record):
+    """Before, `store.json` of a list, without settings or with null settings ended in a
+    TypeError, KeyError or AttributeError traceback."""
+    (tmp_path / RECORD_FILE).write_text(record)
+    with pytest.raises(StaleStoreError) as refused:
+        read_run_store(tmp_path)
+    assert str(refused.value) == (
+        f"{tmp_path / RECORD_FILE}: not a store record (expected an object with a 'store' path "
+        "and its 'settings' object)"
+    )
+    (tmp_path / RECORD_FILE).write_text('{"store": "/s", "settings": {}, "train_cases": "a"}')
+    with pytest.raises(StaleStoreError, match=r"'train_cases' is not a list of ids$"):
+        read_run_store(tmp_path)

@@ -347,6 +347,22 @@ def test_a_writer_folder_whose_pid_was_reused_is_removed_and_its_store_restored(
     assert (store / "cases.json").read_text() == "{}"
 
 
+def test_writer_folders_of_a_store_named_with_glob_characters_are_found(tmp_path):
+    """`store[1]`'s folders were looked for with the pattern `.store[1].tmp-*`, which matches
+    `.store1.tmp-*`: a dead writer's folder of `store[1]` was never removed nor its moved-aside
+    store restored, and `store1`'s folders were taken for its own."""
+    host, space, pid = socket.gethostname(), pid_space(), _dead_pid()
+    store, neighbour = tmp_path / "store[1]", tmp_path / "store1"
+    dead = tmp_path / f".store[1].tmp-{pid}@{host}-{space}-0123abcd"
+    other = tmp_path / f".store1.tmp-{pid}@{host}-{space}-4567cdef"
+    for folder in (dead, dead.with_name(dead.name + ".old"), other):
+        folder.mkdir()
+    assert restore_moved_aside(store) == dead.with_name(dead.name + ".old")
+    assert store.is_dir()
+    assert remove_dead_leftovers(store) == [dead]
+    assert other.is_dir() and not neighbour.exists()
+
+
 def test_a_store_moved_aside_by_a_killed_commit_is_restored(manifest_rows, tmp_path, capsys):
     """A commit killed between its two renames leaves the old store as `<folder>.old` and the
     finished new one in its folder, `store` missing. The next run moves the old store back

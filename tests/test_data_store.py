@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -92,6 +94,22 @@ def test_stale_fingerprint_detected(tmp_path):
     with pytest.raises(StaleStoreError, match="preprocess"):
         open_store(tmp_path / "s", expected_settings=other)
     open_store(tmp_path / "s")  # without expectations it opens
+
+
+def test_settings_given_as_ints_are_the_same_settings(tmp_path):
+    """`crop_mm=80` hashed as 80, the default as 80.0: the store was refused as stale, naming
+    no differing setting ("made with other settings ()")."""
+    with StoreWriter(tmp_path / "s", ("t2w", "adc"), SETTINGS) as writer:
+        writer.add(_case("a", 1), patient_id="p")
+        writer.commit()
+    as_ints = {"crop_mm": 80, "adc_range": [0, 3000], "t2w_air_percentile": 1}
+    same = store_settings(as_ints, ("t2w", "adc"), "all")
+    assert fingerprint(same) == fingerprint(SETTINGS)
+    assert open_store(tmp_path / "s", expected_settings=same).case_ids == ["a"]
+    table = json.loads((tmp_path / "s" / "cases.json").read_text())
+    table["settings"]["preprocess"]["crop_mm"] = 80  # a store written with an int
+    (tmp_path / "s" / "cases.json").write_text(json.dumps(table))
+    assert open_store(tmp_path / "s", expected_settings=SETTINGS).case_ids == ["a"]
 
 
 def test_store_of_an_older_format_version_is_refused(tmp_path):
@@ -202,6 +220,76 @@ def test_refuses_to_overwrite_a_foreign_folder(tmp_path):
         StoreWriter(tmp_path / "data", ("t2w",), SETTINGS)
 
 
+def test_a_store_holding_other_files_is_never_replaced(tmp_path):
+    """Preprocessing again with the same settings replaced the store folder whole and deleted
+    what else it held (`focalnet folds --out STORE/folds`, a workdir, notes) without a word."""
+    store = tmp_path / "s"
+    with StoreWriter(store, ("t2w", "adc"), SETTINGS) as writer:
+        writer.add(_case("a", 1), patient_id="p")
+        writer.commit()
+    (store / "folds").mkdir()
+    (store / "folds" / "fold-0.json").write_text("{}")
+    (store / "notes.txt").write_text("keep")
+    for overwrite in (False, True):
+        with pytest.raises(FileExistsError) as refused:
+            StoreWriter(store, ("t2w", "adc"), SETTINGS, overwrite=overwrite)
+        assert str(refused.value) == (
+            f"store {store} holds files that are not the store's (folds, notes.txt): replacing "
+            "the store would delete them; move them out of it first"
+        )
+    assert (store / "folds" / "fold-0.json").read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
+
+
+def test_a_store_of_other_settings_committed_meanwhile_is_not_replaced(tmp_path):
+    """Two runs into one new --out: the settings were checked only when each started, so the
+    later commit replaced the earlier run's store of other settings without --overwrite."""
+    store = tmp_path / "s"
+    other = store_settings(PreprocessConfig(adc_range=(0.0, 2500.0)), ("t2w", "adc"), "all")
+    with StoreWriter(store, ("t2w", "adc"), SETTINGS) as first:
+        first.add(_case("a", 2), patient_id="p")
+        with StoreWriter(store, ("t2w", "adc"), other) as second:
+            second.add(_case("b", 1), patient_id="q")
+            second.commit()
+        with pytest.raises(StaleStoreError) as refused:
+            first.commit()
+    assert str(refused.value).startswith(
+        f"store {store} exists, meanwhile made with other settings (preprocess.adc_range: "
+    )
+    assert open_store(store).case_ids == ["b"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]  # the refused run's folder too
+    with StoreWriter(store, ("t2w", "adc"), other) as first:  # the same settings: replaced
+        first.add(_case("a", 2), patient_id="p")
+        with StoreWriter(store, ("t2w", "adc"), SETTINGS, overwrite=True) as second:
+            second.add(_case("b", 1), patient_id="q")
+            second.commit()
+        with pytest.raises(StaleStoreError, match="meanwhile made with other settings"):
+            first.commit()
+    assert open_store(store, expected_settings=SETTINGS).case_ids == ["b"]
+
+
+def test_a_store_reaches_the_disk_before_it_is_renamed_into_place(tmp_path, monkeypatch):
+    """The arrays and tables were never synced before the rename (and the old store's removal):
+    after a crash, zero-filled arrays of the right size would have opened as a store."""
+    synced, fsync = [], os.fsync
+
+    def spy(descriptor):
+        synced.append(os.readlink(f"/proc/self/fd/{descriptor}"))
+        return fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    with StoreWriter(tmp_path / "s", ("t2w", "adc"), SETTINGS) as writer:
+        writer.add(_case("a", 2), patient_id="p")
+        writer.commit(errors_file=True)
+    files = {p.name for p in (tmp_path / "s").iterdir()}
+    arrays = ("images", "classes", "grade_known", "lesions", "annotated", "slice_index")
+    tables = {"cases.json", "fingerprint.json", "errors.csv"}
+    assert files == {f"{name}.npy" for name in arrays} | tables
+    folder = writer.tmp
+    assert {Path(p).name for p in synced if Path(p).parent == folder} == files
+    assert str(folder) in synced  # its entries too, before it became `s`
+
+
 def test_bad_cases_note_counts_in_words():
     bad = ("case", "file", "reason")
     assert bad_cases_note([]) == ""
@@ -267,6 +355,32 @@ def test_a_table_that_does_not_fit_the_arrays_is_refused(tmp_path):
         pytest.raises(ValueError, match="case c: no slice to store"),
     ):
         writer.add(_case("c", 0), patient_id="p3")
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"geometry": None}, "case record 0 ('a') has geometry None, expected dict"),
+        ({"case_id": 5}, "case record 0 has case_id 5, expected a string"),
+        ({"start": "0"}, "case record 0 ('a') has start '0', expected int"),
+        ({"max_class": True}, "case record 0 ('a') has max_class True, expected int"),
+        ({"geometry": {}}, "case record 0 ('a') has geometry.t2w_direction None, expected 9"),
+    ],
+)
+def test_a_malformed_case_record_is_refused_naming_it(tmp_path, change, message):
+    """Before, a record without geometry, with an int case id or null geometry ended in a
+    KeyError or TypeError traceback from `open_store` (`focalnet folds`, training)."""
+    with StoreWriter(tmp_path / "s", ("t2w", "adc"), SETTINGS) as writer:
+        writer.add(_case("a", 1), patient_id="p")
+        writer.commit()
+    table_path = tmp_path / "s" / "cases.json"
+    table = json.loads(table_path.read_text())
+    table["cases"][0].update(change)
+    table_path.write_text(json.dumps(table))
+    with pytest.raises(StaleStoreError) as refused:
+        open_store(tmp_path / "s")
+    assert str(refused.value).startswith(f"{table_path}: {message}")
+    assert str(refused.value).endswith("; run `focalnet preprocess` again")
 
 
 def test_arrays_that_do_not_fit_the_table_are_refused(tmp_path):

@@ -19,7 +19,9 @@ def add_synth(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--adc-only-share", type=float, default=0.15, help="lesions only in ADC/HBV"
     )
-    parser.add_argument("--dce-only-share", type=float, default=0.15, help="lesions only in DCE")
+    parser.add_argument(
+        "--dce-only-share", type=float, help="lesions only in DCE (default 0.15; needs dce)"
+    )
     parser.add_argument(
         "--components", default="t2w,adc,hbv", help="comma-separated, t2w first; of t2w,adc,hbv,dce"
     )
@@ -30,8 +32,14 @@ def run_synth(args: argparse.Namespace) -> int:
     from focalnet_jax.data.synth import SynthConfig, write_dataset
 
     options = {"t2w_only_share": args.t2w_only_share, "adc_only_share": args.adc_only_share}
-    options["dce_only_share"] = args.dce_only_share
     options["components"] = tuple(c.strip() for c in args.components.split(",") if c.strip())
+    if args.dce_only_share is not None:
+        if "dce" not in options["components"]:
+            raise UserError(
+                f"--dce-only-share {args.dce_only_share}: --components {args.components} has no "
+                "dce, so no lesion is shown in DCE only; add dce or leave the flag out"
+            )
+        options["dce_only_share"] = args.dce_only_share
     try:
         config = SynthConfig.small(**options) if args.small else SynthConfig(**options)
     except ValueError as err:  # the options are the user's

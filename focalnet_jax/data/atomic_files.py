@@ -51,14 +51,30 @@ def write_json_atomic(value, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
+def sync_folder(folder: Path) -> None:
+    """Makes the bytes of every file in `folder` (and of subfolders) and the folder's entries
+    reach the disk (fsync), so that a folder renamed into place after it holds whole files, not
+    empty or zero-filled ones, even after a crash (a file system may order the rename first)."""
+    for file in sorted(p for p in folder.rglob("*") if p.is_file() and not p.is_symlink()):
+        with open(file, "rb") as f:
+            os.fsync(f.fileno())
+    for sub in sorted((folder, *(p for p in folder.rglob("*") if p.is_dir())), reverse=True):
+        descriptor = os.open(sub, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
 @contextlib.contextmanager
 def replaced_folder(path: str | os.PathLike, writer: str = "focalnet"):
     """Yields a new temporary folder beside `path` to fill, named after this process
     (`writer_folders.writer_folder`). When the block ends without an error it becomes `path`
     (`writer_folders.swap_in`: an existing `path` is replaced whole, the old one removed after the
     rename; a process killed between the two renames leaves the old one aside, and the next
-    `replaced_folder` of `path` moves it back first). When the block raises, the temporary folder
-    is removed, so are the parent folders it created, and `path` stays as it was (a full disk
+    `replaced_folder` of `path` moves it back first). Its files reach the disk before the rename
+    (`sync_folder`). When the block raises, the temporary folder is removed, so are the parent
+    folders it created, and `path` stays as it was (a full disk
     names `path`, or the file being written there: `errors.naming_the_disk`). Leftovers of
     writers of `path` that died are removed first (`writer`, the command, names them in the log).
     A symbolic link `path` is kept and the folder it points to replaced (`target_folder`).
@@ -77,6 +93,7 @@ def replaced_folder(path: str | os.PathLike, writer: str = "focalnet"):
     try:
         with naming_the_disk(path, tmp):
             yield tmp
+            sync_folder(tmp)
         old = swap_in(tmp, path)
         done = True
         if old is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 import SimpleITK as sitk
 
@@ -89,7 +89,17 @@ class PreprocessConfig:
         )
 
     def settings(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        """The fields as JSON values; a float field's numbers as floats (`crop_mm=80` and the
+        default 80.0 are one setting, with one store fingerprint)."""
+        values = {}
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if field.type == "float":
+                value = float(value)
+            elif field.type == "tuple[float, float]":
+                value = [float(v) for v in value]
+            values[field.name] = list(value) if isinstance(value, tuple) else value
+        return values
 
 
 def _finite(value) -> bool:

@@ -30,9 +30,24 @@ def read_run_store(workdir: str | os.PathLike) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
+        record = json.loads(path.read_text())
     except ValueError as error:
         raise StaleStoreError(f"{path}: unreadable store record ({error})") from error
+    if not (
+        isinstance(record, dict)
+        and isinstance(record.get("store"), str)
+        and isinstance(record.get("settings"), dict)
+    ):
+        raise StaleStoreError(
+            f"{path}: not a store record (expected an object with a 'store' path and its "
+            "'settings' object)"
+        )
+    for key in ("train_cases", "val_cases", "train_patients"):
+        if key in record and not (
+            isinstance(record[key], list) and all(isinstance(c, str) for c in record[key])
+        ):
+            raise StaleStoreError(f"{path}: '{key}' is not a list of ids")
+    return record
 
 
 def _compare(record: dict, settings: dict, workdir, against: str, ignore: Sequence[str]) -> None:

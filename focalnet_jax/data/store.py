@@ -33,9 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from focalnet_jax.data.atomic_files import replaced_atomically
-from focalnet_jax.data.case_ids import check_case_id
-from focalnet_jax.data.geometry import CropGeometry, display_axes
+from focalnet_jax.data.atomic_files import replaced_atomically, sync_folder
+from focalnet_jax.data.geometry import CropGeometry
 from focalnet_jax.data.store_settings import (
     STORE_VERSION,
     StaleStoreError,
@@ -43,6 +42,7 @@ from focalnet_jax.data.store_settings import (
     read_settings,
     settings_diff,
 )
+from focalnet_jax.data.store_table import check_slice_ranges, check_table
 from focalnet_jax.data.writer_folders import (
     remove_dead_leftovers,
     restore_moved_aside,
@@ -65,14 +65,47 @@ _ARRAYS = {
 }
 
 
-def _holds_store_files_only(path: Path) -> bool:
-    """Whether the folder `path` holds a store's files (`fingerprint.json` or its arrays besides
-    `cases.json`) and no others."""
-    names = {p.name for p in path.iterdir()}
-    arrays = {f"{name}.npy" for name in _ARRAYS}
-    return names <= arrays | {"cases.json", "fingerprint.json", "errors.csv"} and bool(
-        names & (arrays | {"fingerprint.json"})
-    )
+_STORE_FILES = {f"{name}.npy" for name in _ARRAYS} | {"cases.json", "fingerprint.json"}
+
+
+def _other_files(path: Path) -> list[str]:
+    """The names in the store folder `path` that are not a store's files (at most 5 named)."""
+    others = sorted(p.name for p in path.iterdir() if p.name not in _STORE_FILES | {"errors.csv"})
+    return others[:5] + ([f"{len(others) - 5} more"] if len(others) > 5 else [])
+
+
+def _check_replaceable(path: Path, settings: dict, overwrite: bool, when: str = "") -> None:
+    """Refuses to replace what is at `path` with a store of `settings`: anything but an empty
+    folder or a store; a store folder holding other files too (they would be deleted,
+    `--overwrite` or not); a store of other settings or one that cannot be read, unless
+    `overwrite`. `when`: 'meanwhile ' where checked again at the commit, for a store another run
+    wrote after this one started."""
+    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+        return
+    if not (path / "cases.json").exists():
+        raise FileExistsError(f"{path} exists and is not a preprocessed store")
+    try:
+        existing = read_settings(path)
+    except UserError as error:  # a damaged store is replaced when asked, no other folder
+        store_files = {p.name for p in path.iterdir()} & (_STORE_FILES - {"cases.json"})
+        if _other_files(path) or not store_files:
+            raise FileExistsError(
+                f"{path} exists and is not a preprocessed store ({error})"
+            ) from None
+        if not overwrite:
+            raise StaleStoreError(f"{error}; pass --overwrite to replace it") from None
+        return
+    if others := _other_files(path):
+        raise FileExistsError(
+            f"store {path} {when}holds files that are not the store's ({', '.join(others)}): "
+            "replacing the store would delete them; move them out of it first"
+        )
+    diff = settings_diff(existing, settings, ("existing", "new"))
+    if diff and not overwrite:
+        raise StaleStoreError(
+            f"store {path} exists, {when}made with other settings ({'; '.join(diff)}); "
+            "pass --overwrite to replace it"
+        )
 
 
 def _npy_header(dtype, shape) -> bytes:
@@ -96,32 +129,17 @@ class StoreWriter:
     def __init__(self, path: str | os.PathLike, components, settings: dict, *, overwrite=False):
         self.path = target_folder(path)  # a symbolic link is kept, its folder replaced
         restore_moved_aside(self.path)
-        if (self.path / "cases.json").exists():
-            try:
-                existing = read_settings(self.path)
-            except UserError as error:  # a damaged store is replaced when asked, no other folder
-                if not _holds_store_files_only(self.path):
-                    raise FileExistsError(
-                        f"{self.path} exists and is not a preprocessed store ({error})"
-                    ) from None
-                if not overwrite:
-                    raise StaleStoreError(f"{error}; pass --overwrite to replace it") from None
-                existing = settings
-            diff = settings_diff(existing, settings, ("existing", "new"))
-            if diff and not overwrite:
-                raise StaleStoreError(
-                    f"store {self.path} exists, made with other settings ({'; '.join(diff)}); "
-                    "pass --overwrite to replace it"
-                )
-        elif self.path.exists():
-            if not self.path.is_dir() or any(self.path.iterdir()):
-                raise FileExistsError(f"{self.path} exists and is not a preprocessed store")
+        self.overwrite = overwrite
+        _check_replaceable(self.path, settings, overwrite)
         self.components = tuple(components)
         self.settings = settings
         self.path.parent.mkdir(parents=True, exist_ok=True)
         remove_dead_leftovers(self.path)
         self.tmp = writer_folder(self.path)
-        self.tmp.mkdir(mode=0o755)
+        try:
+            self.tmp.mkdir(mode=0o755)
+        except OSError as error:  # e.g. under /proc, or read-only: named as the folder asked for
+            raise OSError(error.errno, error.strerror, str(self.path)) from error
         self._files = {}
         for name in _ARRAYS:
             f = (self.tmp / f"{name}.npy").open("wb")
@@ -229,6 +247,12 @@ class StoreWriter:
         (self.tmp / "fingerprint.json").write_text(json.dumps(finger, indent=1))
         if self.errors or errors_file:
             write_errors(self.tmp / "errors.csv", self.errors)
+        try:  # another run may have committed a store at `path` since this one started
+            _check_replaceable(self.path, self.settings, self.overwrite, "meanwhile ")
+        except (UserError, FileExistsError):
+            self.abort()
+            raise
+        sync_folder(self.tmp)
         old = swap_in(self.tmp, self.path)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
@@ -313,19 +337,6 @@ class Store:
         return out
 
 
-def _check_table(table, table_path: Path) -> None:
-    """A store table is an object with components, settings, fingerprint and case records."""
-    keys = ("components", "settings", "fingerprint", "cases")
-    if not isinstance(table, dict) or not all(k in table for k in keys):
-        raise StaleStoreError(f"{table_path}: not a store table (expected an object with {keys})")
-    cases = table["cases"]
-    cases_ok = isinstance(cases, list) and all(
-        isinstance(r, dict) and "case_id" in r for r in cases
-    )
-    if not isinstance(table["settings"], dict) or not cases_ok:
-        raise StaleStoreError(f"{table_path}: malformed settings or case records")
-
-
 def _load_array(file: Path) -> np.ndarray:
     """A store array, memory-mapped; a missing, truncated or corrupt file is a `StaleStoreError`
     (the store must be made again)."""
@@ -355,25 +366,23 @@ def open_store(path: str | os.PathLike, *, expected_settings: dict | None = None
         table = json.loads(table_path.read_text())
     except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
         raise StaleStoreError(f"{table_path}: not valid JSON ({error})") from error
-    _check_table(table, table_path)
+    check_table(table, table_path)
     if (version := table["settings"].get("version")) != STORE_VERSION:
         raise StaleStoreError(
             f"store {path} has format version {version}; this code reads version {STORE_VERSION} "
             "(2: crop edges within a voxel of a component hold its nearest value, not 0); run "
             "`focalnet preprocess` again"
         )
-    if expected_settings is not None and fingerprint(expected_settings) != table["fingerprint"]:
-        diff = settings_diff(table["settings"], expected_settings, ("store", "expected"))
+    names = ("store", "expected")  # settings compared as values: a fingerprint tells 80 from 80.0
+    diff = expected_settings and settings_diff(table["settings"], expected_settings, names)
+    if diff:
         raise StaleStoreError(
             f"store {path} is stale, made with other settings ({'; '.join(diff)}); "
             "run `focalnet preprocess` again"
         )
-    for record in table["cases"]:
-        check_case_id(record["case_id"], f"store {table_path}")
-    _check_orientation(table["cases"], path)
     arrays = {name: _load_array(path / f"{name}.npy") for name in _ARRAYS}
     _check_array_layout(arrays, len(table["components"]), path)  # their slice counts too
-    _check_slice_ranges(table["cases"], len(arrays["images"]), table_path)
+    check_slice_ranges(table["cases"], len(arrays["images"]), table_path)
     return Store(
         path=path,
         components=tuple(table["components"]),
@@ -397,54 +406,6 @@ def _check_array_layout(arrays: dict, num_components: int, path: Path) -> None:
                 f"{list(shape)} (cases.json lists {num_components} components); the arrays do "
                 "not fit the table, run `focalnet preprocess` again"
             )
-
-
-def _check_slice_ranges(cases, num_slices: int, table_path: Path) -> None:
-    """Each case record's `start`/`stop` must lie within the arrays' `num_slices` rows, after the
-    previous case's, at least one slice each, each case id once: a `cases.json` of another store
-    (or hand-edited) would otherwise give cases other cases' slices, or none, without a word."""
-    stop, seen = 0, set()
-    for record in cases:
-        case = record["case_id"]
-        if case in seen:
-            raise StaleStoreError(f"{table_path}: case {case!r} is listed twice")
-        seen.add(case)
-        start, end = record.get("start"), record.get("stop")
-        if not (isinstance(start, int) and isinstance(end, int) and stop <= start <= end):
-            raise StaleStoreError(
-                f"{table_path}: case {case!r} has slices {start}..{end}, expected to start at "
-                f"{stop} or later; the table does not fit the arrays, run `focalnet preprocess` "
-                "again"
-            )
-        if end == start:  # made by `--slices annotated` before lesion-free cases were left out
-            raise StaleStoreError(
-                f"{table_path}: case {case!r} has no slice (a lesion-free case of `--slices "
-                "annotated`); nothing could be evaluated on it, run `focalnet preprocess` again"
-            )
-        if end > num_slices:
-            raise StaleStoreError(
-                f"{table_path}: case {case!r} has slices {start}..{end}, the arrays "
-                f"{num_slices}; the table does not fit the arrays, run `focalnet preprocess` again"
-            )
-        stop = end
-
-
-def _check_orientation(cases, path: Path) -> None:
-    """Refuses cases cropped before the crop's in-plane axes were recorded whose T2w voxels are
-    stored flipped or transposed: their crops are mirrored or upside down relative to the ones
-    preprocessing makes now (`geometry.display_axes`)."""
-    old = [
-        r["case_id"]
-        for r in cases
-        if "in_plane_axes" not in r["geometry"]
-        and display_axes(r["geometry"]["t2w_direction"]) != (1, 0, 0, 1)
-    ]
-    if old:
-        raise StaleStoreError(
-            f"store {path}: {len(old)} case(s) ({', '.join(old[:5])}) have a T2w stored flipped "
-            "or transposed and were cropped mirrored or upside down by an older version; run "
-            "`focalnet preprocess ... --overwrite` again"
-        )
 
 
 def component_channels(store, components) -> list[int]:

@@ -188,12 +188,16 @@ def _paint_lesions(vol, grid: Grid, lesions, gland_full, modality: str, v: dict,
         shape.weight = shape.weight * np.clip(2 * gland_full[shape.box], 0, 1)
         shapes.append(shape)
         conspicuity, adc = _LESION[lesion.cls]
+        if modality == "adc" and lesion.visible_in in ("both", "adc", "dce"):
+            # Drawn for a DCE-only lesion too (drawn visible in all, `synth._lesions`): the
+            # stream, and so every later draw of the case, is that of the case without DCE.
+            adc *= rng.uniform(0.96, 1.04)
         if lesion.visible_in not in ("both", _SHOWN_IN[modality]):
             continue
         if modality == "t2w":
             _paint(vol, shape, 0.4 * v["tz"], shape.weight * conspicuity)
         elif modality == "adc":
-            _paint(vol, shape, adc * rng.uniform(0.96, 1.04))
+            _paint(vol, shape, adc)
         elif modality == "hbv":
             _paint(vol, shape, v["pz"] * (1.3 + 2.2 * conspicuity))
         else:  # early wash-in: 2.5x (class 1) to 5.5x (class 5) the normal PZ

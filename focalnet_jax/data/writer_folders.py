@@ -21,6 +21,7 @@ the pid and host and gives the command that removes it.
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import re
@@ -63,7 +64,7 @@ def writer_folder(path: Path) -> Path:
 def _writer_folders(path: Path, tail: str = "*"):
     """(folder, match of `_NAME` or None) for each `.<name>.tmp-<tail>` folder beside `path`."""
     pattern = re.compile(_NAME.format(name=re.escape(path.name)))
-    for folder in sorted(path.parent.glob(f".{path.name}.tmp-{tail}")):
+    for folder in sorted(path.parent.glob(f".{glob.escape(path.name)}.tmp-{tail}")):
         yield folder, pattern.match(folder.name)
 
 

@@ -37,7 +37,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-from focalnet_jax.data.atomic_files import check_replaceable, write_json_atomic
+from focalnet_jax.data.atomic_files import check_replaceable, sync_folder, write_json_atomic
 from focalnet_jax.data.writer_folders import (
     remove_dead_leftovers,
     restore_moved_aside,
@@ -143,6 +143,7 @@ def write_case_folder(partial: Path, case_id: str, write) -> Path:
     tmp.mkdir()
     try:
         write(tmp)
+        sync_folder(tmp)
         os.replace(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

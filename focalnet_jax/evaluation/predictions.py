@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import os
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -178,6 +179,8 @@ def write_case(
             arrays[name] = getattr(case, name)
     with replaced_atomically(path) as tmp, tmp.open("wb") as f:  # a file: savez adds no suffix
         np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())  # whole on disk before the rename, as `write_json_atomic`
     return path
 
 
