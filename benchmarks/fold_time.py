@@ -152,8 +152,8 @@ def _event_counts(every: dict, steps_run: int, fold_steps: int, stopped: bool) -
             counts[name] = {"run": 0, "fold": 0}
             continue
         run = event_counts(run_every, steps_run)
-        if stopped and name == "validations":
-            run = steps_run // run_every if run_every else 0
+        if stopped and name == "validations":  # not at the step it stopped after
+            run = (steps_run - 1) // run_every if run_every else 0
         counts[name] = {"run": run, "fold": event_counts(fold_every, fold_steps)}
     return counts
 

@@ -8,8 +8,9 @@
 #                        and 14 subsets, select mode (the default), against the plain step;
 #   fold_time_bfloat16   benchmarks/fold_time.py --config configs/focalnet.py
 #                        --config.model.dtype=bfloat16 --max-steps 2000 (projects the paper's
-#                        fold: 200 epochs of ~1400 slices, batch 16; measured on an H200 on
-#                        2026-12-04: benchmarks/results/fold_time_bfloat16_NVIDIA_H200_*.json);
+#                        fold: 200 epochs of ~1400 slices, batch 16, MFL vmap as the config
+#                        trains; measured on an H200 on 2026-12-04 with MFL select, the config's
+#                        mode then: benchmarks/results/fold_time_bfloat16_NVIDIA_H200_*.json);
 #   inference            benchmarks/inference.py --models 5 (seconds per patient; not by default).
 #
 #   benchmarks/gpu_checks.sh [OUT [NAMES]]

@@ -12,7 +12,7 @@ built from a `RunSpec` and compiled first; then, `--rounds` times, each MFL step
 load; `time_ratio` is the median over rounds of MFL time / adjacent plain time. `memory_ratio` is
 the compiled step's peak from XLA's memory analysis (arguments + outputs + temporaries - aliased),
 MFL over plain; `flops_ratio` is XLA's FLOP count of the lowered steps (`Lowered.cost_analysis()`),
-MFL over plain (a loop body is counted once, so it is the cost only of a step without chunks); on
+MFL over plain, null for a step run in chunks (XLA counts a loop's body once); on
 a backend with memory statistics the process's running peak after each step's first call is
 reported too (`device_peak_bytes`, a running maximum: steps run plain first, then by subset
 count). The steps differ in their loss only: the state's init is compiled once and called again
@@ -133,14 +133,16 @@ def _result_row(kind: tuple[int, str], step: _Step, plain: _Step, ratios: list, 
     """The JSON row of one (subset count, mode): median time ratio and memory against plain.
     `mfl_chunk` is the setting; `chunked` whether the step ran its subsets in chunks (as the
     train step does: only when `mfl_chunk` is below the subset count, else all in one `vmap`)."""
+    chunked = 0 < chunk < kind[0]
+    counted = step.flops and plain.flops and not chunked  # XLA counts a loop's body once
     return {
         "subsets": kind[0],
         "mode": kind[1],
         "mfl_chunk": chunk,
-        "chunked": 0 < chunk < kind[0],
+        "chunked": chunked,
         "time_ratio": statistics.median(ratios),
         "memory_ratio": step.peak_bytes / plain.peak_bytes,
-        "flops_ratio": step.flops / plain.flops if step.flops and plain.flops else None,
+        "flops_ratio": step.flops / plain.flops if counted else None,
         "peak_bytes": step.peak_bytes,
         "device_peak_bytes": step.device_peak_bytes,
         "compile_time_s": step.compile_time_s,

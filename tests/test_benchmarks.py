@@ -388,6 +388,12 @@ def test_fold_time_counts_validations_as_the_loop_runs_them():
     assert fold_time.event_counts(2000, 17400) == 9
     assert fold_time.event_counts(400, 1200) == 3  # the demo: 400, 800, 1200
     assert fold_time.event_counts(0, 5) == 1
+    # Stopped by SIGTERM after a step: validated at the earlier multiples only, not at its stop
+    # (counted once too often where it stopped at one), checkpointed there too.
+    every = {"validations": (2, 2), "checkpoints": (4, 4)}
+    counts = {steps: fold_time._event_counts(every, steps, 12, True) for steps in (6, 7)}
+    assert [counts[6]["validations"]["run"], counts[7]["validations"]["run"]] == [2, 3]
+    assert counts[6]["validations"]["fold"] == 6
 
 
 def test_bf16_curves_redraw_a_saved_result(tmp_path):

@@ -245,6 +245,20 @@ def test_flag_errors_of_each_command(argv, message, capsys):
     assert _run(argv, capsys) == (2, f"focalnet {argv[0]}: error: {message}\n")
 
 
+@pytest.mark.parametrize("address", ["localhost", "localhost:", ":1234", "node01:99999"])
+def test_a_coordinator_address_without_host_and_port_is_one_line(address, tmp_path, capsys):
+    """Process 0 of a group ended in JAX's IndexError traceback on an address without a port."""
+    config = str(REPO / "configs" / "demo.py")
+    argv = ["train", "--config", config, "--workdir", str(tmp_path / "run")]
+    argv += ["--coordinator_address", address, "--num_processes", "2", "--process_id", "0"]
+    assert _run(argv, capsys) == (
+        2,
+        f"focalnet train: error: --coordinator_address {address!r}: expected HOST:PORT, e.g. "
+        "node01:12345 (process 0's host, and a free port there)\n",
+    )
+    assert not (tmp_path / "run").exists()
+
+
 def test_internal_errors_keep_their_traceback(monkeypatch):
     def broken(args):
         raise ValueError("an internal shape mismatch")  # plain ValueError: not a user error

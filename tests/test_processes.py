@@ -84,3 +84,27 @@ def test_a_pid_reused_by_another_process_leaves_the_cell_interrupted(tmp_path):
     for started, state in ((me, "running"), (me - 1, "interrupted"), (None, "running")):
         state_file.write_text(json.dumps({**here, "pid_started": started}))
         assert study.state(cell).state == state, started
+
+
+def test_a_cell_whose_runner_alone_was_killed_runs_while_its_command_does(tmp_path):
+    """`kill` of a local cell runner left its `focalnet train` training; the cell read
+    `interrupted` (the runner's pid had ended), and the next `study run` started a second
+    training in the same folder. The state records the command's pid and start time too."""
+    runner = subprocess.Popen(["true"])
+    runner.wait()
+    study, cell = Study(tmp_path, {}), Cell("ce", 0, 0)
+    state_file = study.path(cell) / STATE_FILE
+    state_file.parent.mkdir(parents=True)
+    command = subprocess.Popen(["sleep", "30"])
+    here = {"state": "running", "pid_space": pid_space(), "pid": runner.pid, "pid_started": 1}
+    try:
+        record = {**here, "child_pid": command.pid, "child_started": process_start(command.pid)}
+        state_file.write_text(json.dumps(record))
+        assert study.state(cell).state == "running"
+        state_file.write_text(json.dumps({**record, "child_started": record["child_started"] - 1}))
+        assert study.state(cell).state == "interrupted"  # that pid is another process's now
+    finally:
+        command.kill()
+        command.wait()
+    state_file.write_text(json.dumps(record))
+    assert study.state(cell).state == "interrupted"

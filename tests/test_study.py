@@ -341,6 +341,7 @@ def test_killed_study_resumes_the_interrupted_cell(store, tmp_path):
     assert first_checkpoint.is_dir()
     killed = json.loads((cell / "study_cell.json").read_text())
     assert killed["state"] == "running" and isinstance(killed["pid_started"], int)  # pid reuse
+    assert isinstance(killed["child_pid"], int) and isinstance(killed["child_started"], int)
     last_write = max(p.stat().st_mtime for p in [cell, *cell.rglob("*")])
     lived = first_checkpoint.stat().st_mtime - killed["started"]  # removed by the later run
     refused = study("report", "--workdir", str(workdir), check=False)

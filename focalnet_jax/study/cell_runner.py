@@ -52,17 +52,19 @@ def cell_commands(study: Study, cell) -> tuple[list[str], list[str]]:
     return train, evaluate
 
 
-def run_focalnet(argv: list[str], log: Path, heartbeat=None) -> str | None:
-    """Run `focalnet ARGV` in a child process, its output appended to `log`, calling `heartbeat()`
-    (if given) every `HEARTBEAT_S` seconds while it runs; None on success, else a one-line reason:
-    the last user error or exception line the command printed (else its last line, else its exit
-    status)."""
+def run_focalnet(argv: list[str], log: Path, heartbeat=None, started=None) -> str | None:
+    """Run `focalnet ARGV` in a child process, its output appended to `log`, calling
+    `started(pid)` (if given) once it runs and `heartbeat()` (if given) every `HEARTBEAT_S`
+    seconds while it runs; None on success, else a one-line reason: the last user error or
+    exception line the command printed (else its last line, else its exit status)."""
     with open(log, "ab", buffering=0) as out:
         out.write(f"$ focalnet {shlex.join(argv)}\n".encode())
         start = out.tell()
         child = subprocess.Popen(
             [sys.executable, "-m", "focalnet_jax.cli", *argv], stdout=out, stderr=subprocess.STDOUT
         )
+        if started is not None:
+            started(child.pid)
         while True:
             try:
                 status = child.wait(timeout=HEARTBEAT_S)
@@ -133,8 +135,16 @@ def run_cell(study_dir: str | Path, name: str) -> int:
         commands, error = cell_commands(study, cell), None
     except Exception as unusable:  # noqa: BLE001 - a config or store gone unreadable: recorded
         commands, error = (), _one_line(unusable)
+
+    def heartbeat() -> None:
+        record("running", **here, started=start)
+
+    def child_started(pid: int) -> None:  # the cell runs while it does, this runner killed or not
+        here.update(child_pid=pid, child_started=process_start(pid))
+        heartbeat()
+
     for argv in commands:
-        error = run_focalnet(argv, log, lambda: record("running", **here, started=start))
+        error = run_focalnet(argv, log, heartbeat, child_started)
         if error:
             break
     if error:

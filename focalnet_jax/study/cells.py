@@ -239,7 +239,14 @@ class Study:
         if state == "done" and not (path / METRICS_JSON).is_file():
             state = "pending"
         elif state == "running" and _recorded_here(record):
-            if not pid_alive(int(record.get("pid", -1)), record.get("pid_started")):
+            # Its runner, or the `focalnet` command that runner started (left running when the
+            # runner alone was killed: a second one would train in the same folder).
+            processes = [("pid", "pid_started"), ("child_pid", "child_started")]
+            if not any(
+                pid_alive(int(record[pid]), record.get(started))
+                for pid, started in processes
+                if pid in record
+            ):
                 state = "interrupted"
         return CellState(state, record)
 

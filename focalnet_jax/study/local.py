@@ -65,28 +65,45 @@ def run_local(
         )
     queue, running, results = list(cells), {}, {}
     total, start = len(queue), time.time()
-    while queue or running:
-        free = [slot for slot in range(parallel) if slot not in running]
-        while queue and free:
-            slot, cell = free.pop(0), queue.pop(0)
-            env = dict(os.environ)
-            if devices:
-                env["CUDA_VISIBLE_DEVICES"] = devices[slot]
-            process = subprocess.Popen(cell_argv(study, cell), env=env, stdin=subprocess.DEVNULL)
-            running[slot] = (cell, process, time.time())
-            print(f"started {cell.name}" + (f" on GPU {devices[slot]}" if devices else ""))
-        time.sleep(0.2)
-        for slot, (cell, process, cell_start) in list(running.items()):
-            if process.poll() is None:
-                continue
-            del running[slot]
-            state = study.state(cell)
-            results[cell.name] = "done" if state.state == "done" else "failed"
-            where = "" if results[cell.name] == "done" else f": see {study.log_path(cell)}"
-            now = time.time()
-            print(
-                f"[{len(results)}/{total}] {cell.name} {results[cell.name]} in "
-                f"{now - cell_start:.0f} s (study: {(now - start) / 60:.1f} min){where}",
-                flush=True,
-            )
+    try:
+        while queue or running:
+            free = [slot for slot in range(parallel) if slot not in running]
+            while queue and free:
+                slot, cell = free.pop(0), queue.pop(0)
+                env = dict(os.environ)
+                if devices:
+                    env["CUDA_VISIBLE_DEVICES"] = devices[slot]
+                process = subprocess.Popen(
+                    cell_argv(study, cell), env=env, stdin=subprocess.DEVNULL
+                )
+                running[slot] = (cell, process, time.time())
+                print(f"started {cell.name}" + (f" on GPU {devices[slot]}" if devices else ""))
+            time.sleep(0.2)
+            for slot, (cell, process, cell_start) in list(running.items()):
+                if process.poll() is None:
+                    continue
+                del running[slot]
+                state = study.state(cell)
+                results[cell.name] = "done" if state.state == "done" else "failed"
+                where = "" if results[cell.name] == "done" else f": see {study.log_path(cell)}"
+                now = time.time()
+                print(
+                    f"[{len(results)}/{total}] {cell.name} {results[cell.name]} in "
+                    f"{now - cell_start:.0f} s (study: {(now - start) / 60:.1f} min){where}",
+                    flush=True,
+                )
+    except BaseException:  # Ctrl-C, SIGTERM: the run lock is held until the started cells end
+        _wait_for_cells(study, [(cell, process) for cell, process, _ in running.values()])
+        raise
     return results
+
+
+def _wait_for_cells(study: Study, started) -> None:
+    """Waits for each (cell, runner process) of `started` to end, and for the command its runner
+    started (`focalnet train`, which outlives a runner killed alone): until then another `study
+    run` would take the cell for one not running. A second interrupt ends the wait."""
+    for cell, process in started:
+        print(f"waiting for cell {cell.name} (pid {process.pid}) to end ...", flush=True)
+        process.wait()
+        while study.state(cell).state == "running":
+            time.sleep(0.2)

@@ -52,6 +52,18 @@ def _directive_value(value: str) -> str:
     return f'"{value}"'
 
 
+def _output_pattern(slurm_dir: Path) -> str:
+    """sbatch's `--output` for each task's `<slurm_dir>/<job>_<task>.out`: sbatch expands `%`
+    patterns anywhere in the path (a folder `runs 50%j` became `runs 504`, where no task could
+    write: each ended before its shell ran), so the folder's `%` are doubled; a backslash turns the
+    patterns off (every task would write one file), so it is refused."""
+    if "\\" in str(slurm_dir):
+        raise StudyError(
+            f"{str(slurm_dir)!r}: a study folder for SLURM may not contain a backslash"
+        )
+    return f"{str(slurm_dir).replace('%', '%%')}/%A_%a.out"
+
+
 def job_name(study: Study, token: str) -> str:
     """`study-<folder>-<token>`: the folder's name for people reading the queue, the token to find
     the array by (`squeue --name` splits its argument at commas, so a comma becomes `_`)."""
@@ -68,7 +80,7 @@ def sbatch_script(
         "#!/bin/bash",
         f"#SBATCH --job-name={_directive_value(name)}",
         f"#SBATCH --array=0-{num_tasks - 1}" + (f"%{throttle}" if throttle else ""),
-        f"#SBATCH --output={_directive_value(f'{slurm_dir}/%A_%a.out')}",
+        f"#SBATCH --output={_directive_value(_output_pattern(slurm_dir))}",
         "#SBATCH --open-mode=append",  # a requeued task keeps why its earlier run ended
         "#SBATCH --ntasks=1",
     ]
@@ -248,8 +260,9 @@ def queued_names(names: Sequence[str]) -> dict[str, list[str]] | None:
     is absent or fails."""
     if not has_queue():
         return None
-    done = subprocess.run(
-        ["squeue", "-h", "-o", "%F %j", f"--name={','.join(names)}"],
+    names_flag = f"--name={','.join(names)}"
+    done = subprocess.run(  # -a: arrays on hidden partitions too (only -j lists them without)
+        ["squeue", "-a", "-h", "-o", "%F %j", names_flag],
         capture_output=True,
         text=True,
         check=False,

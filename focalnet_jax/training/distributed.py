@@ -193,6 +193,18 @@ def _flags_device_ids(environ=None) -> list[int] | None:
     return None if environ.get("JAX_LOCAL_DEVICE_IDS") else []
 
 
+def check_coordinator_address(address: str) -> None:
+    """Raises `ValueError` unless `address` is HOST:PORT (a host name, IPv4 or [IPv6] address and
+    a port 1..65535), as process 0 binds it and the others connect to it (JAX ended in an
+    IndexError traceback on an address without a port)."""
+    host, colon, port = address.rpartition(":")
+    if not (colon and host and port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError(
+            f"--coordinator_address {address!r}: expected HOST:PORT, e.g. node01:12345 (process "
+            "0's host, and a free port there)"
+        )
+
+
 def initialize(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
@@ -213,6 +225,7 @@ def initialize(
             )
         if num_processes == 1:
             return "single"
+        check_coordinator_address(coordinator_address)
         _configure_group()
         jax.distributed.initialize(
             coordinator_address, num_processes, process_id, local_device_ids=_flags_device_ids()
