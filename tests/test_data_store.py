@@ -258,7 +258,7 @@ def test_a_store_of_other_settings_committed_meanwhile_is_not_replaced(tmp_path)
     )
     assert open_store(store).case_ids == ["b"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]  # the refused run's folder too
-    with StoreWriter(store, ("t2w", "adc"), other) as first:  # the same settings: replaced
+    with StoreWriter(store, ("t2w", "adc"), other) as first:  # overtaken by an --overwrite
         first.add(_case("a", 2), patient_id="p")
         with StoreWriter(store, ("t2w", "adc"), SETTINGS, overwrite=True) as second:
             second.add(_case("b", 1), patient_id="q")
@@ -365,6 +365,10 @@ def test_a_table_that_does_not_fit_the_arrays_is_refused(tmp_path):
         ({"start": "0"}, "case record 0 ('a') has start '0', expected int"),
         ({"max_class": True}, "case record 0 ('a') has max_class True, expected int"),
         ({"geometry": {}}, "case record 0 ('a') has geometry.t2w_direction None, expected 9"),
+        (
+            {"geometry": {"t2w_direction": ["x"] * 9}},
+            "case record 0 ('a') has geometry.t2w_direction ['x', ",
+        ),
     ],
 )
 def test_a_malformed_case_record_is_refused_naming_it(tmp_path, change, message):

@@ -224,9 +224,9 @@ def test_dce_enhancement_and_dce_only_visibility():
     sc = synth_case(2, cfg, lesions=lesions)
     ratio = [_at(sc.images["dce"], les.center, 1) / pz for les in lesions]
     assert all(r > 2.0 for r in ratio) and ratio[4] > 1.7 * ratio[0]  # early, more with class
-    # A DCE-only lesion: bright in DCE, absent from T2w, ADC and HBV: bit-identical to the case
-    # without it in T2w; in ADC and HBV to the case with it visible everywhere, but where that
-    # one paints it (the ADC value's draw is made for both, so the noise is the same).
+    # A DCE-only lesion: bright in DCE, not painted in T2w, ADC or HBV. T2w is bit-identical to
+    # the case without it; ADC and HBV (whose noise follows the lesion's ADC value's draw, made
+    # for both) to the case with it visible everywhere, but where that one paints it.
     dce_only = Lesion(tuple(p + [-12, 9, 0]), (4.0, 4.0, 4.0), 0.0, 3, "dce", "pz")
     sc = synth_case(2, cfg, lesions=[dce_only])
     inside, around = _inside_around(sc.images["dce"], dce_only)

@@ -217,52 +217,6 @@ def test_unexpected_key_warns(tiny_state, tmp_path, caplog):
     assert "1 unexpected keys" in caplog.text and "layer5.0.conv1.weight" in caplog.text
 
 
-def test_a_deeper_resnets_file_is_refused_naming_its_extra_blocks(tmp_path):
-    """Every key of a ResNet-18 is in a ResNet-34 file with the same shape: before, such a file
-    loaded into a ResNet-18 with only a warning, a network of the file's first blocks of each
-    stage followed by its last stage's first blocks, which expect another input."""
-    rng = np.random.default_rng(2)
-    deeper = jax.tree.map(
-        lambda leaf: rng.standard_normal(leaf.shape).astype(np.float32),
-        abstract_variables(config(depth=34, width=0.125), 3),
-    )
-    path = tmp_path / "resnet34.npz"
-    save_torchvision_resnet(deeper, path, components=COMPONENTS[:3])
-    with pytest.raises(UserError) as error:
-        _load(config(depth=18, width=0.125), read_state_dict(path), tmp_path)
-    assert str(error.value) == (
-        f"pretrained weights {tmp_path / 'weights.npz'}: the file has ResNet blocks the model "
-        "lacks (layer1.2, layer2.2, layer2.3, layer3.2, layer3.3, layer3.4, layer3.5, layer4.2): "
-        "its stages have [3, 4, 6, 3] blocks, ResNet-18's [2, 2, 2, 2]; set model.depth to the "
-        "file's ResNet"
-    )
-
-
-def test_keys_under_a_prefix_are_named_with_it_in_a_short_line(tiny_state, tmp_path):
-    """A state_dict saved from a wrapped model (DataParallel's `module.`): the error names the
-    prefix and ten of the 100 keys, not all of them."""
-    cfg, state = tiny_state
-    wrapped = {f"module.{key}": value for key, value in state.items()}
-    with pytest.raises(UserError) as error:
-        _load(cfg, wrapped, tmp_path)
-    message = str(error.value)
-    assert "100 of the 100 backbone keys of ResNet-18 are missing (bn1.bias, " in message
-    assert message.endswith(
-        ", ...); the file holds them under the prefix 'module.': save it without that prefix"
-    )
-    assert message.count(".weight") + message.count(".bias") + message.count("running_") == 10
-
-
-def test_a_folder_is_not_a_weights_file(tiny_state, tmp_path):
-    cfg, _ = tiny_state
-    folder = tmp_path / "weights.safetensors"
-    folder.mkdir()
-    with pytest.raises(UserError, match=r"weights\.safetensors: a folder, not a weights file$"):
-        load_torchvision_resnet(
-            abstract_variables(cfg, 3), folder, components=COMPONENTS[:3], model_config=cfg
-        )
-
-
 def test_bad_files_and_models_raise(tiny_state, tmp_path):
     cfg, state = tiny_state
     variables = abstract_variables(cfg, 3)

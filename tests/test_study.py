@@ -457,6 +457,27 @@ def test_bad_spec_is_a_one_line_error_before_anything_runs(spec_file, tmp_path, 
     assert not workdir.exists()
 
 
+def test_an_arm_too_deep_for_the_stores_images_is_refused_before_anything_runs(store, tmp_path):
+    """A U-Net arm whose `unet_levels` halve the store's images past one pixel passed `study run`
+    (its config was checked at the default image size), and every cell of it failed."""
+    spec = tmp_path / "unet_study.py"
+    spec.write_text(
+        "import ml_collections\n\n\ndef get_config(arg=None):\n"
+        "    spec = ml_collections.ConfigDict()\n"
+        f"    spec.base = {str(REPO / 'configs' / 'unet_sing.py')!r}\n"
+        f"    spec.store = {str(store)!r}\n"
+        "    spec.repeats, spec.folds, spec.num_folds = 1, (0,), 2\n"
+        "    spec.common = {'model': {'unet_features': 4}}\n"
+        "    spec.arms = {'deep': {'model': {'unet_levels': 8}}}\n"
+        "    spec.ensembles = {}\n"
+        "    return spec\n"
+    )
+    workdir = tmp_path / "unet"
+    message = _one_line_error("run", "--spec", str(spec), "--workdir", str(workdir))
+    assert "arm 'deep': model.unet_levels=8: the U-Net halves its input 8 times" in message
+    assert not workdir.exists()
+
+
 def test_a_study_takes_new_slurm_options_and_records_them(spec_file, tmp_path):
     """`slurm` says where the cells run, not what they compute: a study recorded with one time
     limit is run with another (it was refused as 'a study with other ['slurm']'), which is

@@ -41,6 +41,7 @@ def test_a_study_run_stopped_by_sigterm_holds_its_lock_until_its_cell_has_ended(
         argv, env=ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     state_file = workdir / "ce" / "rep0" / "fold0" / "study_cell.json"
+    train = None
     try:
         _wait_for(lambda: "child_pid" in _read(state_file), "the cell's train started")
         train = _read(state_file)["child_pid"]
@@ -54,6 +55,8 @@ def test_a_study_run_stopped_by_sigterm_holds_its_lock_until_its_cell_has_ended(
     finally:
         run.kill()
         run.wait()
+        if train is not None and pid_alive(train):
+            os.kill(train, signal.SIGKILL)
     assert run.returncode == 143, output
     assert "waiting for cell ce/rep0/fold0 (pid " in output
     assert _read(state_file)["state"] != "running"

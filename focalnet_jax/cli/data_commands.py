@@ -34,7 +34,7 @@ def run_synth(args: argparse.Namespace) -> int:
     options = {"t2w_only_share": args.t2w_only_share, "adc_only_share": args.adc_only_share}
     options["components"] = tuple(c.strip() for c in args.components.split(",") if c.strip())
     if args.dce_only_share is not None:
-        if "dce" not in options["components"]:
+        if args.dce_only_share and "dce" not in options["components"]:
             raise UserError(
                 f"--dce-only-share {args.dce_only_share}: --components {args.components} has no "
                 "dce, so no lesion is shown in DCE only; add dce or leave the flag out"

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from focalnet_jax.data.atomic_files import replaced_atomically, sync_folder
+from focalnet_jax.data.atomic_files import foreign_entries, replaced_atomically, sync_folder
 from focalnet_jax.data.geometry import CropGeometry
 from focalnet_jax.data.store_settings import (
     STORE_VERSION,
@@ -70,7 +70,7 @@ _STORE_FILES = {f"{name}.npy" for name in _ARRAYS} | {"cases.json", "fingerprint
 
 def _other_files(path: Path) -> list[str]:
     """The names in the store folder `path` that are not a store's files (at most 5 named)."""
-    others = sorted(p.name for p in path.iterdir() if p.name not in _STORE_FILES | {"errors.csv"})
+    others = foreign_entries(path, lambda name: name in _STORE_FILES | {"errors.csv"})
     return others[:5] + ([f"{len(others) - 5} more"] if len(others) > 5 else [])
 
 
@@ -122,8 +122,11 @@ class StoreWriter:
     Use as a context manager: leaving the block by an exception aborts, so nothing half-written
     stays. A store already at `path` is replaced on commit when made with the same settings;
     with other settings, or a table that cannot be read, only when `overwrite` (else
-    `StaleStoreError` naming the settings or the reason). A symbolic link `path` is kept and the
-    store it points to replaced (`target_folder`).
+    `StaleStoreError` naming the settings or the reason); one whose folder holds other files
+    too, never (`FileExistsError` naming them). Checked when the writer starts and again at the
+    commit, after its files are synced, right before the rename (another run may have committed
+    a store there meanwhile). A symbolic link `path` is kept and the store it points to replaced
+    (`target_folder`).
     """
 
     def __init__(self, path: str | os.PathLike, components, settings: dict, *, overwrite=False):
@@ -247,12 +250,12 @@ class StoreWriter:
         (self.tmp / "fingerprint.json").write_text(json.dumps(finger, indent=1))
         if self.errors or errors_file:
             write_errors(self.tmp / "errors.csv", self.errors)
+        sync_folder(self.tmp)
         try:  # another run may have committed a store at `path` since this one started
             _check_replaceable(self.path, self.settings, self.overwrite, "meanwhile ")
         except (UserError, FileExistsError):
             self.abort()
             raise
-        sync_folder(self.tmp)
         old = swap_in(self.tmp, self.path)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
@@ -373,8 +376,9 @@ def open_store(path: str | os.PathLike, *, expected_settings: dict | None = None
             "(2: crop edges within a voxel of a component hold its nearest value, not 0); run "
             "`focalnet preprocess` again"
         )
-    names = ("store", "expected")  # settings compared as values: a fingerprint tells 80 from 80.0
-    diff = expected_settings and settings_diff(table["settings"], expected_settings, names)
+    diff = []  # settings compared as values: a fingerprint tells 80 from 80.0
+    if expected_settings is not None:
+        diff = settings_diff(table["settings"], expected_settings, ("store", "expected"))
     if diff:
         raise StaleStoreError(
             f"store {path} is stale, made with other settings ({'; '.join(diff)}); "

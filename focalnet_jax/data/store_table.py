@@ -51,7 +51,10 @@ def _record_problem(record) -> str | None:
         if not isinstance(value, kind) or isinstance(value, bool):
             return f"has {key} {value!r}, expected {'a string' if kind is str else kind.__name__}"
     direction = record["geometry"].get("t2w_direction")
-    if not (isinstance(direction, list) and len(direction) == 9):
+    numbers = isinstance(direction, list) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in direction
+    )
+    if not (numbers and len(direction) == 9):
         return f"has geometry.t2w_direction {direction!r}, expected 9 numbers"
     return None
 

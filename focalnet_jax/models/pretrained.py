@@ -55,7 +55,7 @@ _SUFFIXES = (".safetensors", ".npz", ".pth", ".pt")
 _BN_PARAMS = {"scale": "weight", "bias": "bias"}
 _BN_STATS = {"mean": "running_mean", "var": "running_var"}
 _IGNORED = re.compile(r"^fc\.(weight|bias)$|(^|\.)num_batches_tracked$")
-_BLOCK = re.compile(r"^((layer([1-4]))\.(\d+))\.")  # a ResNet block's key: stage [3], index [4]
+_BLOCK = re.compile(r"^layer([1-4])\.(\d+)\.")  # a ResNet block's key: its stage, its index
 _SHOWN = 10  # keys named in an error
 MARKER = "focalnet_jax.conv1_input"  # "t2w,adc,...": the component of each conv1 input channel
 
@@ -261,20 +261,19 @@ def _check_keys(state: Mapping[str, np.ndarray], mapping: Mapping, path, depth: 
     for unexpected ones, info for the ignored classifier and BN counters)."""
     missing = sorted(set(mapping) - set(state))
     if missing:
-        shown = ", ".join(missing[:_SHOWN]) + (", ..." if len(missing) > _SHOWN else "")
         raise PretrainedWeightsError(
             f"pretrained weights {path}: {len(missing)} of the {len(mapping)} backbone keys of "
-            f"ResNet-{depth} are missing ({shown}){_prefix_hint(state, missing)}"
+            f"ResNet-{depth} are missing ({_first(missing)}){_prefix_hint(state, mapping, missing)}"
         )
     unexpected = sorted(key for key in state if key not in mapping and not _IGNORED.search(key))
-    extra = {(int(m[3]), int(m[4])) for key in unexpected if (m := _BLOCK.match(key))}
-    if extra_blocks := [f"layer{stage}.{index}" for stage, index in sorted(extra)]:
-        model, found = _stage_blocks(mapping), _stage_blocks(state)
+    own = _blocks(mapping)
+    extra = sorted({block for key in unexpected for block in _blocks([key])} - own)
+    if extra:
         raise PretrainedWeightsError(
             f"pretrained weights {path}: the file has ResNet blocks the model lacks "
-            f"({', '.join(extra_blocks[:_SHOWN])}{', ...' if len(extra_blocks) > _SHOWN else ''})"
-            f": its stages have {found} blocks, ResNet-{depth}'s {model}; set model.depth to "
-            "the file's ResNet"
+            f"({_first([f'layer{stage}.{index}' for stage, index in extra])}): its stages have "
+            f"{_stage_counts(_blocks(state))} blocks, ResNet-{depth}'s {_stage_counts(own)}; set "
+            "model.depth to the file's ResNet"
         )
     ignored = sorted(key for key in state if key not in mapping and _IGNORED.search(key))
     if unexpected:
@@ -293,20 +292,34 @@ def _check_keys(state: Mapping[str, np.ndarray], mapping: Mapping, path, depth: 
         )
 
 
-def _prefix_hint(state: Mapping[str, np.ndarray], missing: Sequence[str]) -> str:
-    """'; the file holds them under the prefix ...' where a file key ends with a missing key
-    (a ``state_dict`` saved from a wrapped model, e.g. ``module.conv1.weight``), else ''."""
+def _first(names: Sequence[str]) -> str:
+    """The first `_SHOWN` of `names` joined by ', ', '...' after them where there are more."""
+    return ", ".join(names[:_SHOWN]) + (", ..." if len(names) > _SHOWN else "")
+
+
+def _prefix_hint(state: Mapping[str, np.ndarray], mapping: Mapping, missing: Sequence[str]) -> str:
+    """'; the file holds them under the prefix ...' where the file holds every backbone key of
+    `mapping` under one prefix (a ``state_dict`` saved from a wrapped model, e.g.
+    ``module.conv1.weight``), else ''."""
     for key in state:
         if key.endswith(f".{missing[0]}"):
             prefix = key[: -len(missing[0])]
-            return f"; the file holds them under the prefix {prefix!r}: save it without that prefix"
+            if all(prefix + name in state for name in mapping):
+                return (
+                    f"; the file holds them under the prefix {prefix!r}: save it without that "
+                    "prefix"
+                )
     return ""
 
 
-def _stage_blocks(keys) -> list[int]:
-    """The number of blocks of each ResNet stage (layer1..layer4) that `keys` name."""
-    blocks = {(m[3], m[4]) for key in keys if (m := _BLOCK.match(key))}
-    return [sum(1 for stage, _ in blocks if stage == str(s)) for s in range(1, 5)]
+def _blocks(keys) -> set[tuple[int, int]]:
+    """The (stage, index) of every ResNet block (`layer<stage>.<index>.`) that `keys` name."""
+    return {(int(m[1]), int(m[2])) for key in keys if (m := _BLOCK.match(key))}
+
+
+def _stage_counts(blocks: set[tuple[int, int]]) -> list[int]:
+    """The number of blocks of each ResNet stage (layer1..layer4) among `blocks`."""
+    return [sum(1 for stage, _ in blocks if stage == s) for s in range(1, 5)]
 
 
 def _fill_backbone(

@@ -92,7 +92,7 @@ def run_local(
                     f"{now - cell_start:.0f} s (study: {(now - start) / 60:.1f} min){where}",
                     flush=True,
                 )
-    except BaseException:  # Ctrl-C, SIGTERM: the run lock is held until the started cells end
+    except KeyboardInterrupt:  # Ctrl-C, SIGTERM: the run lock is held until the cells end
         _wait_for_cells(study, [(cell, process) for cell, process, _ in running.values()])
         raise
     return results
@@ -101,9 +101,17 @@ def run_local(
 def _wait_for_cells(study: Study, started) -> None:
     """Waits for each (cell, runner process) of `started` to end, and for the command its runner
     started (`focalnet train`, which outlives a runner killed alone): until then another `study
-    run` would take the cell for one not running. A second interrupt ends the wait."""
+    run` would take the cell for one not running. The cells are not signalled: a signal that
+    reached only this process leaves them training (Ctrl-C in the terminal, or `kill -- -PGID`,
+    reaches them too). A second interrupt ends the wait."""
     for cell, process in started:
         print(f"waiting for cell {cell.name} (pid {process.pid}) to end ...", flush=True)
         process.wait()
-        while study.state(cell).state == "running":
+        while _runs(study.state(cell), process.pid):
             time.sleep(0.2)
+
+
+def _runs(state, runner: int) -> bool:
+    """Whether a cell whose runner (pid `runner`) has ended still runs: its state is that
+    runner's, and the command the runner started lives (`Study.state`)."""
+    return state.state == "running" and state.record.get("pid") == runner

@@ -287,7 +287,7 @@ def validate(spec: ml_collections.ConfigDict, spec_file: str) -> dict:
     _check_common(plain)
     opened = _open_store(plain)
     for arm in plain["arms"]:
-        _check_arm(plain, arm, opened.components)
+        _check_arm(plain, arm, opened.components, tuple(opened.images.shape[1:3]))
     return plain
 
 
@@ -362,10 +362,13 @@ def _check_common(plain: Mapping) -> None:
         raise _config_error("common", plain, error) from None
 
 
-def _check_arm(plain: Mapping, arm: str, store_components: Sequence[str]) -> None:
+def _check_arm(
+    plain: Mapping, arm: str, store_components: Sequence[str], image_size: tuple[int, int]
+) -> None:
     """The config of `arm` loads, passes every check a cell's `focalnet train` makes before it
-    starts (`RunSpec.from_config`), trains on components the store holds and names pretrained
-    weights that exist (a cell would fail on them only once it starts)."""
+    starts (`RunSpec.from_config` at the store's `image_size`), trains on components the store
+    holds and names pretrained weights that exist (a cell would fail on them only once it
+    starts)."""
     _check_overrides(f"arm {arm!r}", flatten(plain["arms"][arm]), arm=True)
     try:
         config = load_config(plain["base"], cell_overrides(plain, arm, 0, plain["folds"][0]))
@@ -374,7 +377,7 @@ def _check_arm(plain: Mapping, arm: str, store_components: Sequence[str]) -> Non
     from focalnet_jax.run import RunSpec  # JAX: only `study run` validates arms
 
     try:
-        RunSpec.from_config(config, num_devices=1)
+        RunSpec.from_config(config, num_devices=1, image_size=image_size)
     except UserError as error:
         raise StudyError(f"arm {arm!r}: {error}") from None
     missing = [c for c in config.data.components if c not in store_components]

@@ -194,9 +194,9 @@ def _flags_device_ids(environ=None) -> list[int] | None:
 
 
 def check_coordinator_address(address: str) -> None:
-    """Raises `ValueError` unless `address` is HOST:PORT (a host name, IPv4 or [IPv6] address and
-    a port 1..65535), as process 0 binds it and the others connect to it (JAX ended in an
-    IndexError traceback on an address without a port)."""
+    """Raises `ValueError` unless `address` is HOST:PORT (HOST anything before the last ':', e.g.
+    a host name, an IPv4 address or an [IPv6] one; PORT 1..65535), as process 0 binds it and the
+    others connect to it (JAX ended in an IndexError traceback on an address without a port)."""
     host, colon, port = address.rpartition(":")
     if not (colon and host and port.isdigit() and 0 < int(port) < 65536):
         raise ValueError(
