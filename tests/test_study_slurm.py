@@ -171,36 +171,18 @@ def _text(path: Path) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("folder", ["study", "runs 50%j/study"])
 def test_task_that_fails_before_its_cell_starts_is_failed_with_its_output(
-    spec_file, cluster, tmp_path
+    spec_file, cluster, tmp_path, folder
 ):
     """A task whose shell fails before the cell starts (here its task list is gone; on a cluster,
     e.g., a node without the submitting Python) wrote no state: its cell stayed `pending` with
-    nothing said. It is `failed` with the task output's last line."""
+    nothing said. It is `failed` with the task output's last line. sbatch expands `%` patterns
+    anywhere in `--output`: in a folder `runs 50%j` every task's output went to `runs 50<job
+    id>`, a folder that does not exist, and each task ended before its shell ran, `failed`
+    with no output on every run."""
     env = {**ENV, **cluster.env}
-    workdir = tmp_path / "study"
-    args = ["run", "--spec", str(spec_file), "--workdir", str(workdir), "--executor=slurm"]
-    study(*args, "--spec.repeats=1", "--spec.folds=(0,)", "--sbatch=--hold", env=env)
-    [job] = json.loads((workdir / "slurm" / "jobs.json").read_text())
-    Path(job["script"]).with_suffix(".txt").unlink()
-    subprocess.run(["scontrol", "release", job["job_id"]], env=env, check=True)
-    _wait_for(lambda: not _queued_cells(workdir, env), "the released task ended")
-    status = study("status", "--workdir", str(workdir), env=env).stdout
-    line = rf"ce/rep0/fold0\s+failed\s+{job['job_id']}_0\s+task output: sed: can't read .*\.txt"
-    assert re.search(line, status), status
-    again = study("run", "--workdir", str(workdir), "--executor=slurm", "--dry-run", env=env)
-    assert "0 running or queued elsewhere, 2 to run" in again.stdout, again.stdout
-
-
-def test_a_percent_sign_in_the_study_folder_reaches_the_task_output_path(
-    spec_file, cluster, tmp_path
-):
-    """sbatch expands `%` patterns anywhere in `--output`: in a folder `runs 50%j` every task's
-    output went to `runs 50<job id>`, a folder that does not exist, and each task ended before
-    its cell started, `failed` with no output on every run. Here the task's shell fails at once
-    (its task list is gone) and writes why into its output, found where the study reads it."""
-    env = {**ENV, **cluster.env}
-    workdir = tmp_path / "runs 50%j" / "study"
+    workdir = tmp_path / folder
     args = ["run", "--spec", str(spec_file), "--workdir", str(workdir), "--executor=slurm"]
     study(*args, "--spec.repeats=1", "--spec.folds=(0,)", "--sbatch=--hold", env=env)
     [job] = json.loads((workdir / "slurm" / "jobs.json").read_text())
@@ -210,7 +192,10 @@ def test_a_percent_sign_in_the_study_folder_reaches_the_task_output_path(
     output = workdir / "slurm" / f"{job['job_id']}_0.out"
     assert "sed: can't read" in output.read_text()
     status = study("status", "--workdir", str(workdir), env=env).stdout
-    assert re.search(r"ce/rep0/fold0\s+failed\s+\S+\s+task output: sed: can't read", status)
+    line = rf"ce/rep0/fold0\s+failed\s+{job['job_id']}_0\s+task output: sed: can't read .*\.txt"
+    assert re.search(line, status), status
+    again = study("run", "--workdir", str(workdir), "--executor=slurm", "--dry-run", env=env)
+    assert "0 running or queued elsewhere, 2 to run" in again.stdout, again.stdout
 
 
 @pytest.mark.slow
