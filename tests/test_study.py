@@ -568,6 +568,21 @@ def test_run_flags_are_checked_before_anything_is_written(spec_file, tmp_path, f
     assert not workdir.exists()
 
 
+def test_devices_outside_the_visible_gpus_are_refused(spec_file, tmp_path, monkeypatch):
+    """Inside an allocation of GPUs 2 and 3, `--devices 0,1` set each cell's
+    CUDA_VISIBLE_DEVICES to GPUs the allocation does not hold."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    workdir = tmp_path / "s"
+    argv = ["run", "--spec", str(spec_file), "--workdir", str(workdir), "--dry-run"]
+    message = _one_line_error(*argv, "--devices", "2,0")
+    assert message.endswith(
+        "--devices '2,0': GPU 0 is not among this process's CUDA_VISIBLE_DEVICES='2,3'; give ids "
+        "from it (they are the system's ids, as CUDA_VISIBLE_DEVICES takes them) or leave "
+        "--devices out"
+    )
+    assert not workdir.exists()
+
+
 def test_slurm_time_formats():
     from focalnet_jax.study.spec import check_time
 

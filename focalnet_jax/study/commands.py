@@ -7,6 +7,7 @@ only to check each arm's config as its cells will, and each cell imports JAX in 
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 from pathlib import Path
 from typing import IO
@@ -102,6 +103,17 @@ def _check_run_flags(args: argparse.Namespace) -> None:
         repeated = next((d for i, d in enumerate(ids) if d in ids[:i]), None)
         if repeated is not None:  # two workers would share the GPU
             raise StudyError(f"--devices {args.devices!r}: GPU {repeated} is given twice")
+        # A cell's CUDA_VISIBLE_DEVICES replaces this process's: inside an allocation of GPUs
+        # 2,3 (SLURM, a container), --devices 0,1 would name GPUs it was not given.
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if visible is not None and (
+            outside := [d for d in ids if str(d) not in visible.split(",")]
+        ):
+            raise StudyError(
+                f"--devices {args.devices!r}: GPU {outside[0]} is not among this process's "
+                f"CUDA_VISIBLE_DEVICES={visible!r}; give ids from it (they are the system's "
+                "ids, as CUDA_VISIBLE_DEVICES takes them) or leave --devices out"
+            )
     for key in ("gpus", "cpus", "throttle"):
         if getattr(args, key) is not None and getattr(args, key) < 0:
             raise StudyError(f"--{key} {getattr(args, key)}: expected 0 or more")
