@@ -236,6 +236,23 @@ def test_a_unet_too_deep_for_the_stores_images_is_refused_in_one_line():
     assert RunSpec.from_config(tiny_config(), num_devices=1).image_size == (128, 128)
 
 
+def test_seeds_that_differ_above_32_bits_give_different_keys():
+    """JAX without x64 keeps a seed's low 32 bits: seeds 0 and 2**32 trained from one
+    initialisation with one augmentation (their data order, from NumPy, differed)."""
+    import jax
+
+    def key_data(seed):
+        config = tiny_config(overrides=[f"--config.seed={seed}"])
+        return tuple(
+            jax.random.key_data(RunSpec.from_config(config, num_devices=1).root_key()).tolist()
+        )
+
+    for seed in (0, 5, 2**32 - 1):  # below 2**32: the key of earlier runs, so a resume matches
+        assert key_data(seed) == tuple(jax.random.key_data(jax.random.key(seed)).tolist())
+    keys = [key_data(seed) for seed in (0, 2**32, 2**33, 5, 2**32 + 5, 2**63 - 1)]
+    assert len(set(keys)) == len(keys)
+
+
 def test_data_splits_takes_the_folds_from_given_split_files(tmp_path):
     """`data.splits` (e.g. picai_baseline's folds) decides fold k's cases, not `data.fold_seed`."""
     import json

@@ -223,6 +223,14 @@ class RunSpec:
                 f"data.fold={self.config.data.fold} in store {store.path}: {error}"
             ) from None
 
+    def root_key(self) -> jax.Array:
+        """The run's root key from `seed` (an int in [0, 2**63)). JAX without x64 keeps a seed's
+        low 32 bits only (seeds 0 and 2**32 gave one initialisation and augmentation), so the
+        high bits are folded in; a seed below 2**32 keeps its key, `jax.random.key(seed)`."""
+        seed = int(self.config.seed)
+        key = jax.random.key(seed % 2**32)
+        return jax.random.fold_in(key, seed >> 32) if seed >> 32 else key
+
     def total_steps(self, steps_per_epoch: int) -> int:
         """`train.steps` when > 0, else `train.epochs` whole epochs."""
         train = self.config.train

@@ -1,4 +1,6 @@
-"""On-device augmentation (paper section II-D2/3), applied per training batch.
+"""On-device augmentation (paper section II-D2/3), applied to each training batch with a transform
+of its own drawn for every slice of it (the paper's "for each batch" read as new draws for each
+batch; a slice's key is the step's folded with its position in the global batch).
 
 Geometric: a random shift, an isotropic scale about the image centre and a left-right flip (no
 rotation: it blurs through interpolation). Images are resampled bilinearly, the class and

@@ -338,7 +338,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     run = check_run_start(config, workdir, mesh, store=store)
     config, spec, split, batches = run.config, run.spec, run.split, run.batches
     num_steps, lam = run.num_steps, run.mfl_weight
-    key = jax.random.key(config.seed)
+    key = spec.root_key()
     init_key, train_key = jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
     manager = workdir_lib.make_manager(workdir, keep=config.train.keep_checkpoints)
     save_failures.quiet_background_failures()  # a full disk: one line, not Orbax's per-array logs
