@@ -20,8 +20,9 @@ from focalnet_jax.models import default_model_config
 def parse_arg(arg: str | None, **defaults) -> dict:
     """Parse a `:arg` string `fold=2,runlocal` into {'fold': 2, 'runlocal': True} over `defaults`.
 
-    Values are converted to the type of the default (int/float/str); bare words are True flags.
-    Unknown names are an error naming them and the accepted ones.
+    Values are converted to the type of the default (int/float/str); bare words are True flags,
+    for a flag (a bool default) only (a bare `fold` trained fold 1). Unknown names are an error
+    naming them and the accepted ones.
     """
     values = dict(defaults)
     for item in filter(None, (part.strip() for part in (arg or "").split(","))):
@@ -31,6 +32,8 @@ def parse_arg(arg: str | None, **defaults) -> dict:
             raise ValueError(f"config arg {name!r} unknown; {expected}")
         default = defaults[name]
         if not sep:
+            if not isinstance(default, bool):
+                raise ValueError(f"config arg {name!r} needs a value ({name}=...)")
             values[name] = True
         elif isinstance(default, bool):
             if text.lower() not in ("1", "true", "yes", "0", "false", "no"):

@@ -1,8 +1,9 @@
 """MFL over four components: FocalNet (ordinal FL + MFL) on synthetic T2w, ADC, HBV and DCE with
 all 14 non-empty proper component subsets (`loss.subsets=None`), demo-sized for a CPU.
 
-Each synthetic component has lesions that only it shows (`focalnet synth --t2w-only-share,
---adc-only-share, --dce-only-share`, 15 % each), the situation MFL is for. Data and command:
+T2w, ADC/HBV and DCE each have lesions that only they show (`focalnet synth --t2w-only-share,
+--adc-only-share, --dce-only-share`, 15 % each; HBV shows ADC's), the situation MFL is for.
+Data and command:
     focalnet synth --out data/synth4 --cases 60 --seed 0 --small --components t2w,adc,hbv,dce
     focalnet preprocess --layout picai --images data/synth4/images --labels data/synth4/labels \
         --masks data/synth4/masks --out data/synth4_store --components t2w,adc,hbv,dce

@@ -134,6 +134,12 @@ def test_config_args_select_variants_and_reject_unknown_names():
         load_config(str(CONFIGS / "picai.py") + ":runlocal=ture")
     with pytest.raises(ValueError, match="loss='dice'"):
         load_config(str(CONFIGS / "ablation_loss.py") + ":loss=dice")
+    # A bare word is a flag's only: `:fold` set data.fold = True, which trained fold 1.
+    for name in ("focalnet.py", "demo.py", "picai.py"):
+        with pytest.raises(ValueError, match=r"config arg 'fold' needs a value \(fold=\.\.\.\)"):
+            load_config(str(CONFIGS / name) + ":fold")
+    with pytest.raises(ValueError, match=r"config arg 'store' needs a value"):
+        load_config(str(CONFIGS / "picai.py") + ":store")
 
 
 def test_missing_file_and_a_field_added_on_purpose(tmp_path):

@@ -10,6 +10,7 @@ import logging
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -726,3 +727,16 @@ def test_help_shows_each_default_the_parser_uses(command):
             continue
         shown = f"{action.default:g}" if isinstance(action.default, float) else action.default
         assert f"default: {shown})" in action.help, (action.option_strings, action.help)
+
+
+def test_evaluate_workdir_dot_names_the_method_after_the_run_folder(tmp_path, monkeypatch):
+    """`focalnet evaluate --workdir .` named the method '' ("# Evaluation of ", legends without
+    labels, a blank method in `summarize`)."""
+    from focalnet_jax.cli.evaluation_commands import method_label
+
+    run = tmp_path / "fold0"
+    run.mkdir()
+    monkeypatch.chdir(run)
+    assert method_label(None, Path(".")) == "fold0"
+    assert method_label("mine", Path(".")) == "mine"
+    assert method_label(None, None) == "model"

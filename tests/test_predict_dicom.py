@@ -346,6 +346,47 @@ def test_a_t2w_without_the_attributes_the_outputs_copy_is_refused_before_inferen
     )
 
 
+@pytest.mark.parametrize(
+    ("name", "value", "problem"),
+    [
+        ("PatientSex", "U", "PatientSex 'U' is not M, F, O or empty"),
+        ("PatientBirthDate", "00000000", "PatientBirthDate '00000000' is not a DICOM DA value"),
+        ("StudyTime", "11:47:31", "StudyTime '11:47:31' is not a DICOM TM value"),
+        ("FrameOfReferenceUID", None, "FrameOfReferenceUID is missing or empty"),
+    ],
+)
+def test_t2w_header_values_the_writer_refuses_are_a_bad_case_before_inference(
+    exam, tmp_path, name, value, problem
+):
+    """Values common in anonymised exports (sex U, a zero birth date, a time with colons, no
+    frame of reference) passed `dicom_sources`; highdicom raised a ValueError traceback after
+    inference, and `--skip-bad-cases` stopped the batch instead of skipping the case."""
+
+    def edit(k, header):
+        if value is None:
+            delattr(header, name)
+        else:
+            setattr(header, name, value)
+
+    with warnings.catch_warnings():  # pydicom warns of the invalid value it is given
+        warnings.simplefilter("ignore")
+        files = _t2w_copy(exam, tmp_path / "t2w", edit)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the check says why in its line, without a warning
+        with pytest.raises(CaseError) as refused:
+            dicom_sources("px", tmp_path / "t2w")
+    assert (refused.value.case, refused.value.file) == ("px", files[0])
+    assert refused.value.reason.startswith(f"--dicom: the T2w's {problem}")
+    if name == "PatientSex":  # the writer itself, should a value pass: a bad case, not a crash
+        case = preprocess_case(exam, case_id="px")
+        sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+        with pytest.raises(CaseError) as written:
+            write_exam_outputs(
+                case, _scores(case), tmp_path / "o", threshold=0.3, dicom_sources=sources
+            )
+        assert written.value.reason.startswith("--dicom: the DICOM writer refused the T2w: ")
+
+
 @pytest.fixture(scope="module")
 def shifted(exam, tmp_path_factory):
     """The T2w series with its 10th file moved 0.04 mm along its rows: the reader takes it (the

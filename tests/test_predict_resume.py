@@ -29,7 +29,7 @@ from cli_calls import cli_error, run_cli
 from test_train_helpers import tiny_config
 
 from focalnet_jax.cli import main
-from focalnet_jax.errors import plural
+from focalnet_jax.errors import UserError, plural
 from focalnet_jax.evaluation import batch_predict
 from focalnet_jax.evaluation.partial_output import LOCK_FILE, lock_file, partial_folder
 from focalnet_jax.file_lock import exclusive_lock
@@ -350,3 +350,24 @@ def test_resume_removes_a_killed_writers_temporary_files_and_folders(tmp_path):
         assert (done, failed) == (set(), [])
         assert sorted(p.name for p in partial.iterdir()) == ["models.json"]
     assert sorted(p.name for p in out.iterdir()) == ["models.json"]
+
+
+def test_a_candidate_threshold_written_otherwise_is_the_same_setting(tmp_path):
+    """`--candidate-threshold 0.30` then `--resume --candidate-threshold 0.3` was refused
+    ('"0.30" in the partial, "0.3" now'), though both are one threshold; a partial of an earlier
+    version recorded the text as typed, and resumes with the same number written otherwise."""
+    from focalnet_jax.evaluation.detection_map import CandidateSettings
+    from focalnet_jax.evaluation.partial_output import _check_resumable, recorded_settings
+    from focalnet_jax.evaluation.predictions import MODELS_FILE
+
+    typed, plain = CandidateSettings("0.30"), CandidateSettings("0.3")
+    assert recorded_settings({}, 0.5, typed) == recorded_settings({}, 0.5, plain)
+    assert recorded_settings({}, 0.5, typed)["candidates"]["threshold"] == "0.3"
+    earlier = recorded_settings({}, 0.5, plain)
+    earlier["candidates"]["threshold"] = "0.30"  # as typed
+    (tmp_path / MODELS_FILE).write_text(json.dumps(earlier))
+    _check_resumable(tmp_path, recorded_settings({}, 0.5, plain))  # no error
+    with pytest.raises(
+        UserError, match=r'candidates\.threshold: "0\.3" in the partial, "0\.4" now'
+    ):
+        _check_resumable(tmp_path, recorded_settings({}, 0.5, CandidateSettings("0.4")))

@@ -134,6 +134,15 @@ def test_invalid_config_names_the_key(overrides, message):
         RunSpec.from_config(tiny_config(overrides=overrides))
 
 
+def test_a_bool_fold_is_refused():
+    """True is an int in Python: a config file that set `data.fold = True` (a bare `:fold` did)
+    trained fold 1."""
+    config = tiny_config()
+    config.data.fold = True
+    with pytest.raises(UserError, match=r"^data\.fold=True not in \[0, data\.num_folds=5\)"):
+        RunSpec.from_config(config, num_devices=1)
+
+
 def test_global_batch_the_devices_do_not_divide():
     config = tiny_config(overrides=["--config.train.batch_size=6"])
     with pytest.raises(ValueError, match=r"^train\.batch_size=6 is not divisible by the 4 dev"):

@@ -188,7 +188,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         with_picai=not args.no_picai,
         picai_bootstraps=args.picai_bootstraps,
         with_figures=not args.no_figures,
-        label=args.label or (args.workdir.name if args.workdir else "model"),
+        label=method_label(args.label, args.workdir),
         slices=slices,
     )
     print(f"{evaluation_summary(metrics)}; wrote {out / 'metrics.json'}")
@@ -367,3 +367,9 @@ def run_predict(args: argparse.Namespace) -> int:
     with compilation_cache(args.compilation_cache):
         print(predict_command.run(args))
     return 0
+
+
+def method_label(label: str | None, workdir: Path | None) -> str:
+    """The method's name in the report and figures: `--label`, else the run folder's name (of
+    its absolute path: `--workdir .` named it ''), else 'model'."""
+    return label or (workdir.resolve().name if workdir else "model")

@@ -28,6 +28,7 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 from pydicom.sr.codedict import codes
+from pydicom.valuerep import DA, TM
 from scipy import ndimage
 
 from focalnet_jax.data.dicom import choose_series
@@ -72,7 +73,34 @@ def dicom_sources(case_id: str, t2w: str | os.PathLike, series: str | None = Non
             f"--dicom: the T2w lacks {', '.join(missing)}, which score_map.dcm and "
             "detections_seg.dcm copy from it (Type 2: present, possibly empty)",
         )
+    if problem := _unusable_value(sources[0]):
+        raise CaseError(
+            case_id,
+            files[0],
+            f"--dicom: the T2w's {problem}; score_map.dcm and detections_seg.dcm copy it and "
+            "the DICOM writer refuses it (fix the header, or predict without --dicom)",
+        )
     return sources
+
+
+def _unusable_value(source) -> str | None:
+    """What of the header `source` the SEG and Parametric Map writer (highdicom) refuses, checked
+    before inference (anonymised exports hold such values): a PatientSex other than M, F, O or
+    empty, a date or time not in DICOM's DA / TM form, no FrameOfReferenceUID; else None."""
+    sex = str(source.get("PatientSex") or "")
+    if sex not in ("", "M", "F", "O"):
+        return f"PatientSex {sex!r} is not M, F, O or empty"
+    for name, kind in (("PatientBirthDate", DA), ("StudyDate", DA), ("StudyTime", TM)):
+        if value := str(source.get(name) or ""):
+            try:
+                with warnings.catch_warnings():  # pydicom's "Invalid value" warning: said below
+                    warnings.simplefilter("ignore")
+                    kind(value)
+            except ValueError as error:
+                return f"{name} {value!r} is not a DICOM {kind.__name__} value ({error})"
+    if not source.get("FrameOfReferenceUID"):
+        return "FrameOfReferenceUID is missing or empty"
+    return None
 
 
 def candidate_labels(detection: np.ndarray) -> tuple[np.ndarray, list[float]]:
@@ -319,6 +347,12 @@ def write_dicom_outputs(
     `sources`. A `CaseError` naming `case_id` when those frames are not the T2w grid. `grades`:
     False for a model of lesion against no lesion (labels say P(lesion), no grade)."""
     voxels = frame_voxels(maps["cspca_score"], sources, case_id)
-    written = [write_score_map(out_dir, maps["cspca_score"], sources, voxels, grades)]
-    seg = write_seg(out_dir, maps["detection_map"], sources, voxels, case_id, grades)
+    try:
+        written = [write_score_map(out_dir, maps["cspca_score"], sources, voxels, grades)]
+        seg = write_seg(out_dir, maps["detection_map"], sources, voxels, case_id, grades)
+    except (ValueError, TypeError, AttributeError) as error:  # a header value it cannot take
+        reason = " ".join(str(error).split())
+        raise CaseError(
+            case_id, sources[0].filename, f"--dicom: the DICOM writer refused the T2w: {reason}"
+        ) from error
     return written + ([seg] if seg is not None else [])

@@ -46,7 +46,7 @@ from focalnet_jax.data.writer_folders import (
     writer_folder,
 )
 from focalnet_jax.errors import UserError, plural
-from focalnet_jax.evaluation.detection_map import CandidateSettings
+from focalnet_jax.evaluation.detection_map import THRESHOLD_MODES, CandidateSettings
 from focalnet_jax.evaluation.predictions import MODELS_FILE
 from focalnet_jax.file_lock import LockHeld, acquire_lock, release_lock
 
@@ -90,12 +90,20 @@ def recorded_settings(
     describe: dict, threshold: float, candidates: CandidateSettings, dicom: bool = False
 ) -> dict:
     """What `models.json` records: the ensemble's `describe()` (models and steps, TTA), the
-    detections threshold and the candidate settings (threshold as text: '0.3' and 0.3 agree),
-    and `"dicom": true` with `--dicom` (only then: earlier partials still resume without it)."""
+    detections threshold and the candidate settings (threshold as text, a score as its float's:
+    '0.3', '0.30' and 0.3 agree), and `"dicom": true` with `--dicom` (only then: earlier
+    partials still resume without it)."""
     settings = dataclasses.asdict(candidates)
-    settings["threshold"] = str(settings["threshold"])
+    settings["threshold"] = _threshold_text(settings["threshold"])
     recorded = {**describe, "threshold": float(threshold), "candidates": settings}
     return {**recorded, "dicom": True} if dicom else recorded
+
+
+def _threshold_text(threshold) -> str:
+    """A candidate threshold as `models.json` records it: a mode's name, or a score's float as
+    text ('0.30' -> '0.3')."""
+    text = str(threshold)
+    return text if text in THRESHOLD_MODES else str(float(text))
 
 
 def crop_centre_source(mask, center) -> str:
@@ -175,6 +183,9 @@ def _check_resumable(partial: Path, settings: dict) -> None:
         ) from None
     if "weights" not in recorded:
         settings = {key: value for key, value in settings.items() if key != "weights"}
+    if isinstance(candidates := recorded.get("candidates"), dict) and "threshold" in candidates:
+        with contextlib.suppress(ValueError):  # recorded as typed before ('0.30'); else compared
+            candidates["threshold"] = _threshold_text(candidates["threshold"])
     if difference := _difference(recorded, settings):
         raise UserError(
             f"--resume: {partial} was made with other models or settings ({difference}); run with "

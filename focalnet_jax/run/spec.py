@@ -248,14 +248,19 @@ def _check_data(data) -> tuple[str, ...]:
         raise ValueError(f"data.components: expected distinct component names, got {components!r}")
     if data.slices not in folds.SLICE_MODES:
         raise ValueError(f"data.slices: expected one of {folds.SLICE_MODES}, got {data.slices!r}")
-    if not (isinstance(data.num_folds, int) and data.num_folds >= 2):
+    if not _is_int(data.num_folds) or data.num_folds < 2:
         raise ValueError(f"data.num_folds: expected an int >= 2, got {data.num_folds!r}")
-    if not (isinstance(data.fold, int) and 0 <= data.fold < data.num_folds):
+    if not (_is_int(data.fold) and 0 <= data.fold < data.num_folds):
         raise ValueError(f"data.fold={data.fold!r} not in [0, data.num_folds={data.num_folds})")
     seed = data.fold_seed
-    if isinstance(seed, bool) or not (isinstance(seed, int) and seed >= 0):
+    if not _is_int(seed) or seed < 0:
         raise ValueError(f"data.fold_seed: expected an int >= 0, got {seed!r}")
     return tuple(components)
+
+
+def _is_int(value) -> bool:
+    """An int, not a bool (True passed as fold 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _check_loss(loss_config, components: Sequence[str]):
