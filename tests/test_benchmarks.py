@@ -487,6 +487,22 @@ def test_store_open_benchmark_opens_every_case_it_wrote():
     assert result["open_seconds"] > 0 and result["target_seconds"] == 3.0
 
 
+def test_mfl_scaling_gives_no_flop_ratio_for_a_step_run_in_chunks():
+    """XLA counts a loop's body once: 14 and 30 subsets in chunks of 4 gave one FLOP ratio
+    (4.03), while their times grew 2.2x."""
+    from types import SimpleNamespace
+
+    mfl_scaling = _benchmark_module("mfl_scaling")
+    plain = SimpleNamespace(flops=100.0, peak_bytes=10, device_peak_bytes=None, compile_time_s=1.0)
+    step = SimpleNamespace(flops=400.0, peak_bytes=20, device_peak_bytes=None, compile_time_s=2.0)
+    chunked = mfl_scaling._result_row((14, "select"), step, plain, [3.0, 5.0, 4.0], chunk=4)
+    assert (chunked["chunked"], chunked["flops_ratio"]) == (True, None)
+    assert (chunked["time_ratio"], chunked["memory_ratio"]) == (4.0, 2.0)
+    whole = mfl_scaling._result_row((14, "select"), step, plain, [4.0], chunk=0)
+    assert (whole["chunked"], whole["flops_ratio"]) == (False, 4.0)
+    assert mfl_scaling._result_row((2, "select"), step, plain, [4.0], chunk=4)["flops_ratio"] == 4.0
+
+
 def test_mfl_scaling_benchmark_reports_ratios_to_the_plain_step_of_the_same_run():
     done = _completed(
         "mfl_scaling.py",
