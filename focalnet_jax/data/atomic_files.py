@@ -55,10 +55,11 @@ def sync_folder(folder: Path) -> None:
     """Makes the bytes of every file in `folder` (and of subfolders) and the folder's entries
     reach the disk (fsync), so that a folder renamed into place after it holds whole files, not
     empty or zero-filled ones, even after a crash (a file system may order the rename first)."""
-    for file in sorted(p for p in folder.rglob("*") if p.is_file() and not p.is_symlink()):
+    entries = sorted(folder.rglob("*"))  # one walk: the files, then their folders, deepest first
+    for file in (p for p in entries if p.is_file() and not p.is_symlink()):
         with open(file, "rb") as f:
             os.fsync(f.fileno())
-    for sub in sorted((folder, *(p for p in folder.rglob("*") if p.is_dir())), reverse=True):
+    for sub in reversed([folder, *(p for p in entries if p.is_dir() and not p.is_symlink())]):
         descriptor = os.open(sub, os.O_RDONLY)
         try:
             os.fsync(descriptor)

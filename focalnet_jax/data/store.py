@@ -74,7 +74,7 @@ def _other_files(path: Path) -> list[str]:
     return others[:5] + ([f"{len(others) - 5} more"] if len(others) > 5 else [])
 
 
-def _check_replaceable(path: Path, settings: dict, overwrite: bool, when: str = "") -> None:
+def _check_store_replaceable(path: Path, settings: dict, overwrite: bool, when: str = "") -> None:
     """Refuses to replace what is at `path` with a store of `settings`: anything but an empty
     folder or a store; a store folder holding other files too (they would be deleted,
     `--overwrite` or not); a store of other settings or one that cannot be read, unless
@@ -133,7 +133,7 @@ class StoreWriter:
         self.path = target_folder(path)  # a symbolic link is kept, its folder replaced
         restore_moved_aside(self.path)
         self.overwrite = overwrite
-        _check_replaceable(self.path, settings, overwrite)
+        _check_store_replaceable(self.path, settings, overwrite)
         self.components = tuple(components)
         self.settings = settings
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -252,7 +252,7 @@ class StoreWriter:
             write_errors(self.tmp / "errors.csv", self.errors)
         sync_folder(self.tmp)
         try:  # another run may have committed a store at `path` since this one started
-            _check_replaceable(self.path, self.settings, self.overwrite, "meanwhile ")
+            _check_store_replaceable(self.path, self.settings, self.overwrite, "meanwhile ")
         except (UserError, FileExistsError):
             self.abort()
             raise
