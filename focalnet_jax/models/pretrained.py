@@ -267,7 +267,7 @@ def _check_keys(state: Mapping[str, np.ndarray], mapping: Mapping, path, depth: 
         )
     unexpected = sorted(key for key in state if key not in mapping and not _IGNORED.search(key))
     own = _blocks(mapping)
-    extra = sorted({block for key in unexpected for block in _blocks([key])} - own)
+    extra = sorted(_blocks(unexpected) - own)
     if extra:
         raise PretrainedWeightsError(
             f"pretrained weights {path}: the file has ResNet blocks the model lacks "

@@ -124,7 +124,10 @@ def run_cell(study_dir: str | Path, name: str) -> int:
         seconds = attempt_fields(earlier, time.time() - start)
         study.write_state(cell, state, log=str(log), **seconds, **placement, **fields)
 
-    record("running", **here, started=start)
+    def heartbeat() -> None:
+        record("running", **here, started=start)
+
+    heartbeat()
     log.parent.mkdir(parents=True, exist_ok=True)
     gpus = placement.get("gpus")
     on = f", CUDA_VISIBLE_DEVICES={gpus}" if gpus is not None else ""
@@ -135,9 +138,6 @@ def run_cell(study_dir: str | Path, name: str) -> int:
         commands, error = cell_commands(study, cell), None
     except Exception as unusable:  # noqa: BLE001 - a config or store gone unreadable: recorded
         commands, error = (), _one_line(unusable)
-
-    def heartbeat() -> None:
-        record("running", **here, started=start)
 
     def child_started(pid: int) -> None:  # the cell runs while it does, this runner killed or not
         here.update(child_pid=pid, child_started=process_start(pid))
