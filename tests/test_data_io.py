@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -198,3 +200,31 @@ def test_a_nifti_datatype_of_no_nifti_code_is_refused_before_itk_prints(tmp_path
         read_image(path, case="c1")
     assert info.value.reason == "NIfTI header gives datatype 999, which is no NIfTI-1 data type"
     assert capfd.readouterr().err == ""  # ITK's "bad datatype" line is not printed
+
+
+@pytest.mark.parametrize("sform_code", [1, 2, 4])
+def test_a_nifti_whose_qform_and_sform_disagree_is_refused(tmp_path, sform_code):
+    # A registered NIfTI (sform_code 2) whose qform stayed at the scanner's position: ITK took the
+    # qform's origin (nibabel and FSL the sform's), 20 mm from where the registration put it.
+    image = sitk.GetImageFromArray(np.ones((5, 6, 7), np.float32))
+    image.SetSpacing((0.5, 0.7, 3.0))
+    image.SetOrigin((10.0, -20.0, 30.0))
+    c, s = np.cos(0.3), np.sin(0.3)
+    image.SetDirection((c, -s, 0.0, s, c, 0.0, 0.0, 0.0, 1.0))
+    path = tmp_path / "adc.nii"
+    sitk.WriteImage(image, str(path))  # qform and sform both code 1, equal to float precision
+    assert read_image(path).GetOrigin() == pytest.approx((10.0, -20.0, 30.0))
+    data = bytearray(path.read_bytes())
+    data[254:256] = struct.pack("<h", sform_code)
+    srow_x_offset = struct.unpack("<f", data[292:296])[0]  # RAS x = -LPS x = -10
+    data[292:296] = struct.pack("<f", srow_x_offset + 20.0)
+    path.write_bytes(bytes(data))
+    with pytest.raises(CaseError) as info:
+        read_image(path, case="c1")
+    assert info.value.reason.startswith(
+        "NIfTI header places the image twice, differently (origins 20 mm apart): qform (code 1) "
+        f"at RAS (-10.00, 20.00, 30.00) mm, sform (code {sform_code}) at RAS (10.00, 20.00, 30.00)"
+    )
+    data[252:254] = struct.pack("<h", 0)  # the sform alone places it: taken
+    path.write_bytes(bytes(data))
+    assert read_image(path).GetOrigin() == pytest.approx((-10.0, -20.0, 30.0))

@@ -187,11 +187,12 @@ def _series_b_value(info: SeriesInfo) -> float | None:
 _HEAD_BYTES = 1 << 16  # a slice's header, where its SeriesInstanceUID is
 
 
-def _damaged_slice(file: Path, series_uid: str) -> bool:
+def _damaged_slice(file: Path, series_uid: str, image_class: str | None) -> bool:
     """Whether `file`, which GDCM read into no series, is a damaged slice of the series: its first
-    bytes name `series_uid` (a truncated slice keeps its header), or it is named `.dcm`/`.ima`
-    without the DICOM part-10 preamble ('DICM' at byte 128: corrupt). A part-10 file of another
-    series (a structured report, a presentation state, a raw-data object) is not."""
+    bytes name `series_uid`; or it is a part-10 file whose meta header is cut short or names the
+    series' SOP class `image_class` (a slice cut off before its SeriesInstanceUID); or it is named
+    `.dcm`/`.ima` without the DICOM part-10 preamble ('DICM' at byte 128: corrupt). A part-10 file
+    of another SOP class (a structured report, a presentation state, a raw-data object) is not."""
     try:
         with file.open("rb") as f:
             head = f.read(_HEAD_BYTES)
@@ -199,7 +200,19 @@ def _damaged_slice(file: Path, series_uid: str) -> bool:
         raise SeriesError(file, f"cannot be read ({err.strerror})") from None
     if series_uid.encode() in head:
         return True
-    return head[128:132] != b"DICM" and file.suffix.lower() in (".dcm", ".ima")
+    if head[128:132] == b"DICM":
+        return _sop_class(file) in (None, image_class)
+    return file.suffix.lower() in (".dcm", ".ima")
+
+
+def _sop_class(file: Path) -> str | None:
+    """The MediaStorageSOPClassUID of a part-10 file's meta header; None where that header cannot
+    be read (cut short or corrupt)."""
+    try:
+        meta = pydicom.filereader.read_file_meta_info(file)
+    except Exception:  # noqa: BLE001 - any failure to parse the meta header: a damaged file
+        return None
+    return str(meta.get("MediaStorageSOPClassUID", ""))
 
 
 def _is_part10(file: Path) -> bool:
@@ -281,7 +294,8 @@ def _read_series(folder: Path, series: str | None, component: str | None, notes:
         raise SeriesError(
             err.file, f"{err.reason}; not readable as DICOM: {', '.join(unread)}"
         ) from err
-    broken = [name for name in unread if _damaged_slice(folder / name, chosen.uid)]
+    image_class = _sop_class(chosen.files[0])
+    broken = [name for name in unread if _damaged_slice(folder / name, chosen.uid, image_class)]
     others = [name for name in unread if name not in broken and _is_part10(folder / name)]
     if others:
         notes.append(

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from focalnet_jax.data import dicom, dicom_seg
+from focalnet_jax.data import dicom, dicom_seg, nifti_header
 from focalnet_jax.errors import UserError
 
 # The ITK reader of each image suffix, named: ITK finds one by a lower-case suffix only (it reads
@@ -81,73 +81,6 @@ def _truncation(path: Path) -> str | None:
         if size < expected:
             return f"{size} bytes of image data, header promises {expected}"
     return None
-
-
-def _nifti1_header(path: str | os.PathLike) -> tuple[bytes, str] | None:
-    """(the 348-byte header, its struct byte order '<' or '>') of a NIfTI-1 file `path`; None
-    for another format, a NIfTI-2 file or one that cannot be read (ITK's or `_truncation`'s
-    reason then stands)."""
-    path = Path(path)
-    name = path.name.lower()
-    if not name.endswith((".nii", ".nii.gz")):
-        return None
-    try:
-        with (gzip.open if name.endswith(".gz") else open)(path, "rb") as f:
-            header = f.read(348)
-    except (EOFError, OSError, zlib.error):
-        return None
-    for endian in "<>":
-        if len(header) == 348 and struct.unpack(endian + "i", header[:4])[0] == 348:
-            return header, endian
-    return None
-
-
-# The NIfTI-1 datatype codes (nifti1.h); with another, ITK's reader prints "bad datatype" on
-# stderr and refuses the file as "not recognized as a NIFTI file".
-_NIFTI_DATATYPES = frozenset(
-    (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 768, 1024, 1280, 1536, 1792, 2048, 2304)
-)
-
-
-def _nifti_header_problem(path: Path) -> str | None:
-    """Why a NIfTI-1 header cannot be taken, or None: a datatype that is no NIfTI-1 code, or a
-    pixdim of 0 (or not finite) along a spatial axis, which ITK reads as 1 mm without a word."""
-    if (found := _nifti1_header(path)) is None:
-        return None
-    header, endian = found
-    datatype = struct.unpack(endian + "h", header[70:72])[0]
-    if datatype not in _NIFTI_DATATYPES:
-        return f"NIfTI header gives datatype {datatype}, which is no NIfTI-1 data type"
-    ndim = struct.unpack(endian + "h", header[40:42])[0]
-    pixdim = struct.unpack(endian + "8f", header[76:108])[1 : 1 + min(max(ndim, 0), 3)]
-    bad = [f"{a} {v:g}" for a, v in zip("xyz", pixdim, strict=False) if not (np.isfinite(v) and v)]
-    if not bad:
-        return None
-    return (
-        f"NIfTI header gives voxel size {', '.join(bad)} (pixdim), which is read as 1 mm: every "
-        "distance in mm would be wrong; save the image with its voxel size"
-    )
-
-
-_NIFTI_FLOATS = {16: "f4", 64: "f8"}  # NIfTI-1 datatype codes of float32 and float64 voxels
-
-
-def _nifti_non_finite(path: Path) -> int:
-    """How many NaN or Inf voxels a complete NIfTI-1 file of float voxels stores (ITK reads
-    them as 0 without a word); 0 for another format."""
-    if (found := _nifti1_header(path)) is None:
-        return 0
-    header, endian = found
-    code = _NIFTI_FLOATS.get(struct.unpack(endian + "h", header[70:72])[0])
-    if code is None:  # integer voxels hold no NaN
-        return 0
-    dims = struct.unpack(endian + "8h", header[40:56])
-    count = int(np.prod([max(d, 1) for d in dims[1 : 1 + max(dims[0], 0)]]))
-    offset = int(struct.unpack(endian + "f", header[108:112])[0])
-    with (gzip.open if path.name.lower().endswith(".gz") else open)(path, "rb") as f:
-        f.seek(offset)
-        voxels = np.frombuffer(f.read(count * int(code[1])), endian + code, count)
-    return int(np.count_nonzero(~np.isfinite(voxels)))
 
 
 def _why(path: Path, err: RuntimeError) -> str:
@@ -272,13 +205,13 @@ def read_image(
             short = _metaimage_shortfall(path)
             if short:
                 raise CaseError(case, path, f"unreadable or truncated image ({short})")
-            if problem := _nifti_header_problem(path):  # before ITK reads it (as 1 mm)
+            if problem := nifti_header.header_problem(path):  # before ITK reads it (as 1 mm)
                 raise CaseError(case, path, problem)
             image = sitk.ReadImage(str(path), imageIO=_image_io(path, case))
             problem = _truncation(path)
             if problem:
                 raise CaseError(case, path, f"unreadable or truncated image ({problem})")
-            if _nifti_non_finite(path):
+            if nifti_header.non_finite_count(path):
                 raise CaseError(case, path, "image holds NaN or Inf voxels")
     except RuntimeError as err:
         raise CaseError(case, path, f"unreadable or truncated image ({_why(path, err)})") from err
@@ -386,17 +319,6 @@ def check_distinct_images(images: Mapping[str, sitk.Image], paths: Mapping, case
                 raise CaseError(case, paths[name], reason)
 
 
-def unplaced_nifti(path: str | os.PathLike) -> bool:
-    """Whether `path` is a NIfTI-1 file whose header places its voxels nowhere (qform_code and
-    sform_code 0, e.g. saved from an array without an affine): ITK reads it at origin 0 with
-    identity direction, not where the scanner put it."""
-    if (found := _nifti1_header(path)) is None:
-        return False
-    header, endian = found
-    qform_code, sform_code = struct.unpack(endian + "2h", header[252:256])
-    return qform_code <= 0 and sform_code <= 0
-
-
 def _same_grid(a: sitk.Image, b: sitk.Image) -> bool:
     return a.GetSize() == b.GetSize() and all(
         np.allclose(getattr(a, f)(), getattr(b, f)(), atol=1e-4)
@@ -405,11 +327,12 @@ def _same_grid(a: sitk.Image, b: sitk.Image) -> bool:
 
 
 def check_placed(images: Mapping[str, sitk.Image], paths: Mapping, case: str) -> None:
-    """Refuses (`CaseError` naming the file) a component that is an `unplaced_nifti` unless every
-    component lies on its very grid: components are aligned by scanner coordinates, and such a
-    file's first voxel sits at the origin whatever its field of view (an ADC of 256 mm beside a
-    T2w of 180 mm would be shifted 38 mm). `images`, `paths`: component name -> image, file."""
-    unplaced = [name for name in images if unplaced_nifti(paths[name])]
+    """Refuses (`CaseError` naming the file) a component that is an unplaced NIfTI
+    (`nifti_header.unplaced`) unless every component lies on its very grid: components are
+    aligned by scanner coordinates, and such a file's first voxel sits at the origin whatever its
+    field of view (an ADC of 256 mm beside a T2w of 180 mm would be shifted 38 mm).
+    `images`, `paths`: component name -> image, file."""
+    unplaced = [name for name in images if nifti_header.unplaced(paths[name])]
     if not unplaced:
         return
     name = unplaced[0]
@@ -419,10 +342,10 @@ def check_placed(images: Mapping[str, sitk.Image], paths: Mapping, case: str) ->
 
 
 def check_placed_on_t2w(image: sitk.Image, path, t2w: sitk.Image, case: str, what: str) -> None:
-    """`check_placed` for a label or mask (`what`) read from `path`: an `unplaced_nifti` is
-    refused unless it lies on the T2w's very grid (a label of the T2w's voxel counts and spacing
+    """`check_placed` for a label or mask (`what`) read from `path`: an unplaced NIfTI is refused
+    unless it lies on the T2w's very grid (a label of the T2w's voxel counts and spacing
     would otherwise be taken at origin 0: its lesions lost, or moved without a word)."""
-    if unplaced_nifti(path) and not _same_grid(image, t2w):
+    if nifti_header.unplaced(path) and not _same_grid(image, t2w):
         raise CaseError(case, path, _unplaced_reason(what, "the T2w"))
 
 

@@ -1,0 +1,138 @@
+"""The NIfTI-1 header read directly, for what ITK's reader passes over without a word: a datatype or
+voxel size it cannot take, NaN/Inf voxels, no placement at all, or two placements that differ.
+
+Offsets and codes are those of nifti1.h; the header's affines are in RAS millimetres.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+# The NIfTI-1 datatype codes (nifti1.h); with another, ITK's reader prints "bad datatype" on
+# stderr and refuses the file as "not recognized as a NIFTI file".
+_DATATYPES = frozenset(
+    (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 768, 1024, 1280, 1536, 1792, 2048, 2304)
+)
+_FLOATS = {16: "f4", 64: "f8"}  # the datatype codes of float32 and float64 voxels
+_ORIGIN_MM = 0.1  # qform and sform origins further apart than this place the image twice
+_AXIS_TOLERANCE = 1e-3  # ... as do voxel axes (mm) differing by more than this share of a voxel
+
+
+def read_header(path: str | os.PathLike) -> tuple[bytes, str] | None:
+    """(the 348-byte header, its struct byte order '<' or '>') of a NIfTI-1 file `path`; None
+    for another format, a NIfTI-2 file or one that cannot be read (the reader's own reason for
+    refusing it then stands)."""
+    path = Path(path)
+    name = path.name.lower()
+    if not name.endswith((".nii", ".nii.gz")):
+        return None
+    try:
+        with (gzip.open if name.endswith(".gz") else open)(path, "rb") as f:
+            header = f.read(348)
+    except (EOFError, OSError, zlib.error):
+        return None
+    for endian in "<>":
+        if len(header) == 348 and struct.unpack(endian + "i", header[:4])[0] == 348:
+            return header, endian
+    return None
+
+
+def header_problem(path: str | os.PathLike) -> str | None:
+    """Why a NIfTI-1 header cannot be taken, or None: a datatype that is no NIfTI-1 code; a pixdim
+    of 0 (or not finite) along a spatial axis, which ITK reads as 1 mm; or a qform and an sform
+    (both codes > 0) that place the image differently (ITK takes one or the other by sform_code,
+    nibabel and FSL the sform)."""
+    if (found := read_header(path)) is None:
+        return None
+    header, endian = found
+    datatype = struct.unpack(endian + "h", header[70:72])[0]
+    if datatype not in _DATATYPES:
+        return f"NIfTI header gives datatype {datatype}, which is no NIfTI-1 data type"
+    ndim = struct.unpack(endian + "h", header[40:42])[0]
+    pixdim = struct.unpack(endian + "8f", header[76:108])[1 : 1 + min(max(ndim, 0), 3)]
+    bad = [f"{a} {v:g}" for a, v in zip("xyz", pixdim, strict=False) if not (np.isfinite(v) and v)]
+    if bad:
+        return (
+            f"NIfTI header gives voxel size {', '.join(bad)} (pixdim), which is read as 1 mm: "
+            "every distance in mm would be wrong; save the image with its voxel size"
+        )
+    return _placement_conflict(header, endian)
+
+
+def _placement_conflict(header: bytes, endian: str) -> str | None:
+    """Why the qform and sform of a header with both codes > 0 disagree, or None."""
+    qform_code, sform_code = struct.unpack(endian + "2h", header[252:256])
+    if qform_code <= 0 or sform_code <= 0:
+        return None
+    qform, sform = qform_affine(header, endian), sform_affine(header, endian)
+    voxel = float(np.max(np.linalg.norm(sform[:, :3], axis=0)))
+    apart = float(np.linalg.norm(qform[:, 3] - sform[:, 3]))
+    if apart <= _ORIGIN_MM and np.abs(qform[:, :3] - sform[:, :3]).max() <= _AXIS_TOLERANCE * voxel:
+        return None
+    shift = f"origins {apart:.3g} mm apart" if apart > _ORIGIN_MM else "voxel axes differ"
+
+    def origin(affine):
+        return "(" + ", ".join(f"{v:.2f}" for v in affine[:, 3]) + ")"
+
+    return (
+        f"NIfTI header places the image twice, differently ({shift}): qform (code {qform_code}) "
+        f"at RAS {origin(qform)} mm, sform (code {sform_code}) at RAS {origin(sform)} mm, and "
+        "readers differ in which they take; save it with one placement (qform equal to sform)"
+    )
+
+
+def qform_affine(header: bytes, endian: str) -> np.ndarray:
+    """The [3, 4] voxel-to-RAS affine (mm) of a header's quaternion, qoffset and pixdim."""
+    b, c, d, *offset = struct.unpack(endian + "6f", header[256:280])
+    pixdim = struct.unpack(endian + "8f", header[76:108])
+    a = np.sqrt(max(0.0, 1.0 - (b * b + c * c + d * d)))
+    rotation = np.array(
+        [
+            [a * a + b * b - c * c - d * d, 2 * (b * c - a * d), 2 * (b * d + a * c)],
+            [2 * (b * c + a * d), a * a + c * c - b * b - d * d, 2 * (c * d - a * b)],
+            [2 * (b * d - a * c), 2 * (c * d + a * b), a * a + d * d - c * c - b * b],
+        ]
+    )
+    qfac = -1.0 if pixdim[0] < 0 else 1.0
+    scale = np.diag([pixdim[1], pixdim[2], qfac * pixdim[3]])
+    return np.concatenate([rotation @ scale, np.array(offset)[:, None]], axis=1)
+
+
+def sform_affine(header: bytes, endian: str) -> np.ndarray:
+    """The [3, 4] voxel-to-RAS affine (mm) of a header's srow_x, srow_y, srow_z."""
+    return np.array(struct.unpack(endian + "12f", header[280:328]), dtype=np.float64).reshape(3, 4)
+
+
+def non_finite_count(path: Path) -> int:
+    """How many NaN or Inf voxels a complete NIfTI-1 file of float voxels stores (ITK reads
+    them as 0 without a word); 0 for another format."""
+    if (found := read_header(path)) is None:
+        return 0
+    header, endian = found
+    code = _FLOATS.get(struct.unpack(endian + "h", header[70:72])[0])
+    if code is None:  # integer voxels hold no NaN
+        return 0
+    dims = struct.unpack(endian + "8h", header[40:56])
+    count = int(np.prod([max(d, 1) for d in dims[1 : 1 + max(dims[0], 0)]]))
+    offset = int(struct.unpack(endian + "f", header[108:112])[0])
+    with (gzip.open if path.name.lower().endswith(".gz") else open)(path, "rb") as f:
+        f.seek(offset)
+        voxels = np.frombuffer(f.read(count * int(code[1])), endian + code, count)
+    return int(np.count_nonzero(~np.isfinite(voxels)))
+
+
+def unplaced(path: str | os.PathLike) -> bool:
+    """Whether `path` is a NIfTI-1 file whose header places its voxels nowhere (qform_code and
+    sform_code 0, e.g. saved from an array without an affine): ITK reads it at origin 0 with
+    identity direction, not where the scanner put it."""
+    if (found := read_header(path)) is None:
+        return False
+    header, endian = found
+    qform_code, sform_code = struct.unpack(endian + "2h", header[252:256])
+    return qform_code <= 0 and sform_code <= 0
