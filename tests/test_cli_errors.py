@@ -198,7 +198,9 @@ FLAG_ERRORS = [  # (argv, the message after "focalnet <command>: error: ")
     (["evaluate", "--predictions", "p", "--out", "o", "--radius-mm", "inf"],
      "--radius-mm inf: expected a positive distance in mm"),
     (["evaluate", "--predictions", "p", "--out", "o", "--min-score", "2"],
-     "--min-score 2.0: expected a probability in [0, 1]"),
+     "--min-score 2.0: expected a probability in [0, 1)"),
+    (["evaluate", "--predictions", "p", "--out", "o", "--min-score", "1"],  # s1 > 1: no detection
+     "--min-score 1.0: expected a probability in [0, 1)"),
     (["evaluate", "--predictions", "p", "--out", "o", "--picai-bootstraps", "-1"],
      "--picai-bootstraps -1: expected 0 or more"),
     (["predict", "--checkpoint", "c", "--t2w", "t", "--adc", "a", "--out", "o", "--batch-size",

@@ -49,6 +49,14 @@ def _case_with(tmp_path, **replaced):
     [
         ("spacing", np.array(["0.6", "0.6"]), r"'spacing' must be 2 numbers \(mm\), got <U3"),
         ("spacing", np.array([True, True]), r"'spacing' must be 2 numbers \(mm\), got bool"),
+        # In metres: the 5 mm window and hit radius covered the slice, any detection hit.
+        (
+            "spacing",
+            np.array([0.000625, 0.000625]),
+            r"'spacing' \[0.000625, 0.000625\] is no "
+            r"pixel size in mm \(expected 0.01..50; metres or cm\?\)",
+        ),  # fmt: skip
+        ("spacing", np.array([1e-30, 1.0]), r"'spacing' .* is no pixel size in mm"),  # overflow
         ("slice_index", np.arange(8) + 0.5, r"'slice_index' must be integers .*float64"),
         ("slice_index", np.array(list("abcdefgh")), r"'slice_index' must be integers .*<U1"),
         ("t2w", np.full((8, 48, 48), "x"), r"'t2w' must be a numeric image, got <U1"),

@@ -28,8 +28,8 @@ def check_evaluate_flags(args: argparse.Namespace) -> None:
     _check_batch_size(args)
     if not 0 < args.radius_mm < math.inf:  # inf: window and hit margin overflow, no hit
         raise UserError(f"--radius-mm {args.radius_mm}: expected a positive distance in mm")
-    if not 0 <= args.min_score <= 1:
-        raise UserError(f"--min-score {args.min_score}: expected a probability in [0, 1]")
+    if not 0 <= args.min_score < 1:  # a detection's s1 must exceed it: 1 would leave none
+        raise UserError(f"--min-score {args.min_score}: expected a probability in [0, 1)")
     if args.picai_bootstraps < 0:
         raise UserError(f"--picai-bootstraps {args.picai_bootstraps}: expected 0 or more")
     if args.allow_training_cases and not args.all_cases:

@@ -32,6 +32,8 @@ REQUIRED_KEYS = ("scores", "lesions", "lesion_classes", "spacing", "patient_id")
 OPTIONAL_KEYS = ("t2w", "adc", "slice_index", "lesion_grade_known")
 NUM_SCORES = 5
 MAX_NAMED = 10  # missing cases named in one error line
+_SPACING_MM = (0.01, 50.0)  # a pixel size outside this is no mm: metres (the window and hit
+# radius would cover the slice) or so small that the window size in pixels overflows
 MODELS_FILE = "models.json"  # beside the predictions: the runs and steps that made them
 
 
@@ -112,6 +114,11 @@ def validate(case: CasePredictions) -> CasePredictions:
         fail(f"'spacing' must be 2 numbers (mm), got {spacing.dtype} {spacing.shape}")
     if not np.all(np.isfinite(spacing) & (spacing > 0)):
         fail(f"'spacing' must be 2 positive numbers (mm), got {spacing.tolist()}")
+    if not np.all((spacing >= _SPACING_MM[0]) & (spacing <= _SPACING_MM[1])):
+        fail(
+            f"'spacing' {spacing.tolist()} is no pixel size in mm (expected "
+            f"{_SPACING_MM[0]:g}..{_SPACING_MM[1]:g}; metres or cm?)"
+        )
     for name in ("t2w", "adc"):
         image = getattr(case, name)
         if image is not None and image.dtype.kind not in "iuf":
