@@ -28,6 +28,8 @@ from test_train_helpers import (
 )
 
 from focalnet_jax.data import folds
+from focalnet_jax.data.run_store import read_run_store
+from focalnet_jax.data.store_settings import StaleStoreError
 from focalnet_jax.errors import UserError, UserErrorExit, one_line_user_errors
 from focalnet_jax.run import RunSpec
 from focalnet_jax.run import workdir as workdir_lib
@@ -185,6 +187,25 @@ def test_resume_with_fewer_steps_than_the_checkpoint_is_refused(runs):
         train_and_evaluate(config, workdir, store=store)
     assert [(workdir / name).read_text() for name in ("config.json", "store.json")] == saved
     assert workdir_lib.read_config(workdir).train.steps == 20
+
+
+def test_a_workdir_without_a_checkpoint_trains_a_new_run_on_another_fold(runs, tmp_path):
+    """A run killed before its first save, or whose checkpoints were moved away, left its
+    config.json and store.json: started on another fold it was refused ("resume on the store it
+    trained on") with nothing to resume, while any config change was accepted. It is a new run;
+    with a checkpoint step it is a resume, refused as before."""
+    workdir, store = tmp_path / "early", runs["store"]
+    shutil.copytree(runs["root"] / "full", workdir, ignore=shutil.ignore_patterns("checkpoints"))
+    fold_0 = read_run_store(workdir)["train_cases"]
+    config = tiny_config(overrides=[*RUN, "--config.train.steps=20", "--config.data.fold=1"])
+    train_and_evaluate(config, workdir, store=store)
+    assert read_run_store(workdir)["train_cases"] != fold_0
+    assert workdir_lib.read_config(workdir).data.fold == 1
+    resumed, rebuilt = tmp_path / "resumed", FakeStore(seed=1)  # the store made again, otherwise
+    shutil.copytree(runs["root"] / "full", resumed)
+    config = tiny_config(overrides=[*RUN, "--config.train.steps=20"])
+    with pytest.raises(StaleStoreError, match="made with other settings than store"):
+        train_and_evaluate(config, resumed, store=rebuilt)
 
 
 @pytest.mark.parametrize(

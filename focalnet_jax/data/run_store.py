@@ -90,6 +90,7 @@ def record_run_store(
     split=None,
     total_steps: int | None = None,
     write: bool = True,
+    new_run: bool = False,
 ) -> None:
     """At training start: a run that has a record (a resume) must use a store with the same
     settings, and the same training and validation cases where it recorded them
@@ -98,12 +99,13 @@ def record_run_store(
     (`train_patients`: a test store is held out only if none of its patients trained),
     `total_steps` the step training ends at (epoch-based runs: from the number of training
     slices), so that evaluation and ensembles do not recompute them. `write`: this process writes
-    files and warns (e.g. process 0 only)."""
+    files and warns (e.g. process 0 only). `new_run`: the run resumes no checkpoint, so an earlier
+    start's record (it saved none) is replaced, not compared."""
     workdir = Path(workdir)
-    record = check_training_store(workdir, store, split=split)
+    record = None if new_run else check_training_store(workdir, store, split=split)
     if record is None:
         # The writer alone: another process may find config.json that process 0 has just written.
-        if write and (workdir / "config.json").exists():
+        if write and not new_run and (workdir / "config.json").exists():
             log.warning(
                 "run %s has no %s (started before store settings were recorded): recording "
                 "store %s",

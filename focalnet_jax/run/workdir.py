@@ -180,8 +180,8 @@ def check_resumed_config(config: ml_collections.ConfigDict, workdir: str | Path)
     """A `UserError` when `config` differs from the run's saved `config.json` in a key outside
     `RESUMABLE_KEYS` (one line: the workdir, each key with its saved and new value); nothing when
     the workdir has no saved config or no checkpoint step (nothing to resume)."""
-    path, steps = Path(workdir) / CONFIG_FILE, Path(workdir) / CHECKPOINT_DIR
-    if not path.is_file() or not any(p.name.isdigit() for p in steps.glob("*")):
+    path = Path(workdir) / CONFIG_FILE
+    if not path.is_file() or not has_checkpoint_step(workdir):
         return
     saved = flat_settings(_with_implied(_read_config_json(path)))
     new = flat_settings(json.loads(config.to_json()))
@@ -203,6 +203,13 @@ def check_resumed_config(config: ml_collections.ConfigDict, workdir: str | Path)
         f"{'; '.join(changed)} (a resumed run may change only {', '.join(RESUMABLE_KEYS)}; "
         "train another config in another workdir)"
     )
+
+
+def has_checkpoint_step(workdir: str | Path) -> bool:
+    """Whether the run saved a checkpoint step (whole or not): starting it again resumes it. A
+    workdir without one (killed before its first save, or its checkpoints moved away) starts a
+    new run, whatever config and store its earlier start recorded."""
+    return any(p.name.isdigit() for p in (Path(workdir) / CHECKPOINT_DIR).glob("*"))
 
 
 def _with_implied(saved: dict) -> dict:

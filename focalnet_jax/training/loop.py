@@ -286,7 +286,8 @@ def check_run_start(
     start = workdir_lib.resumable_step(workdir)
     if start is not None and start > num_steps:
         raise UserError(_past_the_end(workdir, start, num_steps, config, batches.steps_per_epoch))
-    check_training_store(workdir, store, split=split)
+    if workdir_lib.has_checkpoint_step(workdir):  # a resume: the store and cases it recorded
+        check_training_store(workdir, store, split=split)
     return RunStart(config, spec, store, split, batches, num_steps, lam, start)
 
 
@@ -295,9 +296,8 @@ def _record_start(run: RunStart, workdir: Path, start: int, validate_first: bool
     `config.json`, the start's log lines, and the TensorBoard writer, returned with the session
     starting at `start + 1`. Holds no collective (`group_failures.together`)."""
     config, split = run.config, run.split
-    record_run_store(
-        workdir, run.store, split=split, total_steps=run.num_steps, write=jax.process_index() == 0
-    )
+    record_run_store(workdir, run.store, split=split, total_steps=run.num_steps,
+                     write=jax.process_index() == 0, new_run=start == 0)  # fmt: skip
     workdir_lib.save_config(config, workdir)
     if jax.process_index() == 0:
         log.info(
