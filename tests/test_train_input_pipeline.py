@@ -200,6 +200,7 @@ def test_a_slurm_task_given_its_own_gpus_drives_the_gpus_it_sees():
     # 2 tasks of 2 GPUs each on a 4-GPU node: each sees 2 = its node's tasks, yet both are its own.
     two = {"SLURM_STEP_TASKS_PER_NODE": "2", "CUDA_VISIBLE_DEVICES": "0,1"}
     assert ids(two) is None
+    assert ids({**two, "SLURM_GPUS_ON_NODE": "4"}) == []  # 2 of the job's 4 on the node
     assert ids({**two, "SLURM_GPUS_PER_TASK": "2"}) == []
     assert ids({**node, "CUDA_VISIBLE_DEVICES": "0", "JAX_LOCAL_DEVICE_IDS": "0"}) is None
     task = {
@@ -238,6 +239,12 @@ def test_a_slurm_step_that_would_leave_gpus_idle_is_refused(monkeypatch):
     assert str(refused.value) == want
     assert ids({**step, "SLURM_GPUS_PER_TASK": "4"}) == []
     assert ids({**step, "JAX_LOCAL_DEVICE_IDS": "0,1,2,3"}) is None
+    # `--gpus-per-node=8 --gpu-bind=per_task:4`: task 1 sees GPUs 4-7 of the node's 8 (as
+    # 4 devices), its own; it was refused as seeing "the same 4 GPUs" as task 0.
+    bound = {**step, "CUDA_VISIBLE_DEVICES": "4,5,6,7", "SLURM_GPUS_ON_NODE": "8"}
+    assert ids(bound) == []
+    with pytest.raises(UserError, match="see the same 8 GPUs"):  # not bound: all 8 seen
+        ids({**step, "SLURM_GPUS_ON_NODE": "8"})
     assert ids({**step, "SLURM_STEP_TASKS_PER_NODE": "1(x2)"}) == []
     # `focalnet train` in such a task: the one line, before jax.distributed.initialize.
     task = {**step, "SLURM_JOB_ID": "7", "SLURM_STEP_NUM_TASKS": "4", "SLURM_NTASKS": "4"}

@@ -75,13 +75,14 @@ def _visible_gpus(environ) -> int | None:
 def slurm_local_device_ids(environ=None) -> list[int] | None:
     """`local_device_ids` for `jax.distributed.initialize` in a SLURM task: [] (no restriction:
     every device the task sees) when the task is alone on its node, or SLURM gave each task its
-    own GPUs (`--gpus-per-task`: `SLURM_GPUS_PER_TASK` set, or the task sees fewer GPUs than its
-    node has tasks, e.g. `--gpu-bind`: JAX's rule would ask task k for a GPU k it cannot see, or
-    give a task of 2 GPUs one of them), else None (JAX's rule: the device numbered
-    `SLURM_LOCALID`, one per task). None too when `JAX_LOCAL_DEVICE_IDS` is set: JAX then takes
-    the user's choice. A `UserError` when JAX's rule would leave GPUs idle: several tasks on the
-    node, none given its own GPUs, each seeing more GPUs than the node has tasks
-    (`--ntasks-per-node=2 --gpus-per-node=8`: 2 of 8 GPUs would train)."""
+    own GPUs (`--gpus-per-task`: `SLURM_GPUS_PER_TASK` set; or the task sees fewer GPUs than its
+    node has tasks, or than the job has on the node, `SLURM_GPUS_ON_NODE`, e.g. `--gpu-bind`:
+    JAX's rule would ask task k for a GPU k it cannot see, or give a task of 4 GPUs one), else
+    None (JAX's rule: the device numbered `SLURM_LOCALID`, one per task). None too when
+    `JAX_LOCAL_DEVICE_IDS` is set: JAX then takes the user's choice. A `UserError` when JAX's
+    rule would leave GPUs idle: several tasks on the node, none given its own GPUs, each seeing
+    more GPUs than the node has tasks (`--ntasks-per-node=2 --gpus-per-node=8`: 2 of 8 GPUs
+    would train)."""
     environ = os.environ if environ is None else environ
     if environ.get("JAX_LOCAL_DEVICE_IDS"):
         return None
@@ -90,7 +91,10 @@ def slurm_local_device_ids(environ=None) -> list[int] | None:
     node = int(environ.get("SLURM_NODEID", 0))
     here = counts[node] if node < len(counts) else max(counts, default=0)
     visible = _visible_gpus(environ)
-    bound = bool(environ.get("SLURM_GPUS_PER_TASK")) or (visible is not None and 0 < visible < here)
+    on_node = int(environ.get("SLURM_GPUS_ON_NODE") or 0)
+    bound = bool(environ.get("SLURM_GPUS_PER_TASK")) or (
+        visible is not None and 0 < visible < max(here, on_node)
+    )
     if here > 1 and not bound and visible is not None and visible > here:
         raise UserError(
             f"SLURM step: {here} tasks on node {node} see the same {visible} GPUs and each drives "
