@@ -587,3 +587,17 @@ def test_study_run_without_picai_eval_is_refused_before_any_cell(tmp_path):
         "the 'picai' extra: the report compares arms on picai_eval's metrics"
     )
     assert not workdir.exists()
+
+
+def test_a_reader_that_goes_away_ends_the_command_without_a_traceback(tmp_path):
+    """`focalnet ... | head`: printing to a pipe whose reader has gone ended in a BrokenPipeError
+    traceback; now status 141 (128 + SIGPIPE, as a shell reports a process SIGPIPE ended)."""
+    argv = [sys.executable, "-m", "focalnet_jax.cli", "synth", "--cases", "1", "--small"]
+    process = subprocess.Popen(
+        [*argv, "--out", str(tmp_path / "syn")], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    process.stdout.close()  # the reader gone before the command prints its closing line
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 141
+    assert b"Traceback" not in err and b"BrokenPipeError" not in err
+    assert (tmp_path / "syn" / "lesions.csv").is_file()  # its work done and kept

@@ -419,11 +419,15 @@ def _evaluate_argv(predictions, out, *extra):
 
 
 @pytest.mark.parametrize("as_json", [True, False])
-def test_evaluate_cases_evaluates_exactly_the_listed_subset(tmp_path, as_json):
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-8-sig"])
+def test_evaluate_cases_evaluates_exactly_the_listed_subset(tmp_path, as_json, encoding):
+    """Also saved with a byte-order mark and CRLF, as spreadsheets do (the mark stuck to the
+    first id, or made a JSON list one id)."""
     predictions, out = tmp_path / "predictions", tmp_path / "eval"
     write_cohort(predictions)
     listed = tmp_path / ("cases.json" if as_json else "cases.txt")
-    listed.write_text(json.dumps(["c3", "c1"]) if as_json else "c3\n\nc1\n")
+    text = json.dumps(["c3", "c1"]) if as_json else "c3\r\n\r\nc1\r\n"
+    listed.write_text(text, encoding=encoding, newline="")
     run_cli(_evaluate_argv(predictions, out, "--cases", str(listed)))
     metrics = json.loads((out / "metrics.json").read_text())
     assert (metrics["num_patients"], metrics["num_cases"]) == (2, 2)

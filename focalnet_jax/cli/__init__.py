@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -160,6 +162,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             ctrl_c_never_dropped(),
         ):
             return int(run_fn(args) or 0)
+    except BrokenPipeError:
+        if not process_ends:
+            raise
+        # `focalnet ... | head`: the reader has gone; the rest of the output goes nowhere (no
+        # traceback), the status a shell gives a process that SIGPIPE ended.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + int(signal.SIGPIPE)
     except SystemExit as stop:
         # A training process that failed ends once its error is printed (a status): the loop has
         # finished or failed its saves already (`loop._close`), but Orbax's threads of a save that

@@ -274,8 +274,8 @@ def read_case_list(path: str | Path) -> list[str]:
     """Case ids of a `--cases` file: a JSON list, a JSON object with a `subject_list` list (as
     picai_eval's subject list), or one id a line (blank lines ignored). Errors name the file."""
     path = Path(path)
-    try:
-        text = path.read_text()
+    try:  # a byte-order mark ("UTF-8 with BOM", as spreadsheets save) is no part of the text
+        text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as error:
         raise PredictionsError(f"{path}: cannot read the case list ({error})") from error
     if text.lstrip().startswith(("[", "{")):
