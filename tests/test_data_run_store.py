@@ -263,3 +263,32 @@ def test_a_malformed_store_record_is_refused_in_one_line(tmp_path, record):
     (tmp_path / RECORD_FILE).write_text('{"store": "/s", "settings": {}, "train_cases": "a"}')
     with pytest.raises(StaleStoreError, match=r"'train_cases' is not a list of ids$"):
         read_run_store(tmp_path)
+
+
+@pytest.mark.parametrize("all_cases", [False, True])
+def test_a_stop_after_new_predictions_leaves_no_metrics_of_the_earlier_ones(
+    run, tmp_path, monkeypatch, all_cases
+):
+    """`evaluate --workdir` again into the same --out, stopped (Ctrl-C) after its new predictions
+    were swapped in and before their metrics were written: the earlier metrics.json and
+    report.md stayed beside the new predictions, a folder that contradicted itself."""
+    from focalnet_jax.evaluation import evaluate
+
+    out = tmp_path / "eval"
+    argv = ["evaluate", "--workdir", str(run["workdir"]), "--out", str(out), "--no-picai"]
+    if all_cases:
+        argv += ["--all-cases", "--store", str(run["a"]), "--allow-training-cases"]
+    assert cli.main([*argv, "--no-figures"]) == 0
+    assert (out / "metrics.json").is_file() and (out / "report.md").is_file()
+    first = json.loads((out / "predictions" / "models.json").read_text())
+    assert first["tta"] == "none"
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate, "evaluate_predictions", stopped)
+    with pytest.raises(SystemExit) as raised:
+        cli.main([*argv, "--no-figures", "--tta", "flip"])
+    assert raised.value.code == 130
+    assert json.loads((out / "predictions" / "models.json").read_text())["tta"] == "flip"
+    assert not (out / "metrics.json").exists() and not (out / "report.md").exists()

@@ -144,7 +144,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from focalnet_jax.evaluation.evaluate import evaluate_predictions, evaluation_summary
+    from focalnet_jax.evaluation.evaluate import (
+        evaluate_predictions,
+        evaluation_summary,
+        remove_evaluation,
+    )
     from focalnet_jax.evaluation.predictions import read_case_list
 
     batch_size = args.batch_size or EVALUATE_BATCH_SIZE
@@ -157,9 +161,12 @@ def _evaluate(args: argparse.Namespace) -> int:
 
         out, slices = args.out, args.slices or "all"
         predictions = None if out is None else out / "predictions"
+        # New predictions come in with no metrics of the ones they replace beside them (a stop
+        # before the new metrics are written leaves no folder that contradicts itself).
         cases = predict_test_store(args.workdir, args.store, predictions, step=args.step,
                                    tta=args.tta, batch_size=batch_size,
-                                   allow_training_cases=args.allow_training_cases)  # fmt: skip
+                                   allow_training_cases=args.allow_training_cases,
+                                   before_swap=lambda: remove_evaluation(out))  # fmt: skip
     elif args.workdir is not None:
         from focalnet_jax.evaluation.run_predictions import predict_fold
         from focalnet_jax.run.workdir import read_config
@@ -173,6 +180,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             store_path=args.store,
             batch_size=batch_size,
             tta=args.tta,
+            before_swap=lambda: remove_evaluation(out),
         )
         slices = args.slices or str(read_config(args.workdir).data.slices)
     elif args.out is None:

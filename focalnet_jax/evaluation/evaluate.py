@@ -170,6 +170,13 @@ def evaluate_predictions(
     return metrics
 
 
+def remove_evaluation(out_dir: str | Path) -> None:
+    """Removes the outputs of an earlier evaluation in `out_dir` (`metrics.json`, `report.md`,
+    `FIGURE_FILES`; no other file): none is left to describe predictions it did not read."""
+    for name in ("metrics.json", "report.md", *FIGURE_FILES):
+        (Path(out_dir) / name).unlink(missing_ok=True)
+
+
 def _write_outputs(metrics: dict, out_dir: Path, label: str) -> None:
     """`metrics.json` and `report.md` in `out_dir`, each written atomically, after the figures of
     an earlier evaluation there (`FIGURE_FILES`; no other file) are removed: a run without

@@ -18,7 +18,7 @@ earlier run stays in it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from focalnet_jax.data.atomic_files import foreign_entries, replaced_folder
@@ -147,11 +147,13 @@ def predict_test_store(
     tta: str = "none",
     batch_size: int = 16,
     allow_training_cases: bool = False,
+    before_swap: Callable[[], None] = lambda: None,
 ) -> list[str]:
-    """Writes `<case_id>.npz` for every case of the store at `store_path` into `out_dir`; returns
-    the case ids (the cases the evaluation expects). A store holding a case the models trained
-    on, or a case of a patient they trained on, is refused (`check_held_out`) unless
-    `allow_training_cases`."""
+    """Writes `<case_id>.npz` for every case of the store at `store_path` into `out_dir`, replaced
+    whole (`before_swap` is called right before: e.g. removing an evaluation of the predictions
+    it replaces); returns the case ids (the cases the evaluation expects). A store holding a case
+    the models trained on, or a case of a patient they trained on, is refused (`check_held_out`)
+    unless `allow_training_cases`."""
     if workdir is None or store_path is None or out_dir is None:
         raise UserError("--all-cases needs --workdir, --store and --out")
     check_replaceable_predictions(out_dir)
@@ -167,6 +169,7 @@ def predict_test_store(
     with replaced_folder(out_dir) as tmp:  # no earlier run's cases left beside these
         predict_cases(models, store, store.case_ids, tmp)
         write_models(models, tmp)
+        before_swap()
     return list(store.case_ids)
 
 
@@ -178,10 +181,12 @@ def predict_fold(
     store_path: str | Path | None = None,
     batch_size: int = 16,
     tta: str = "none",
+    before_swap: Callable[[], None] = lambda: None,
 ) -> list[str]:
-    """`inference.predict_validation_fold` of one run, with optional flip TTA; returns the case
-    ids. Anything but one run (a cross-validation folder, however many of its folds finished)
-    is refused: fold models trained on each other's folds."""
+    """`inference.predict_validation_fold` of one run, with optional flip TTA, into `out_dir`
+    replaced whole (`before_swap` as in `predict_test_store`); returns the case ids. Anything but
+    one run (a cross-validation folder, however many of its folds finished) is refused: fold
+    models trained on each other's folds."""
     if not (Path(workdir) / CONFIG_FILE).is_file():
         raise UserError(
             f"{workdir}: not a training run (no {CONFIG_FILE}); a cross-validation folder's "
@@ -195,4 +200,5 @@ def predict_fold(
             workdir, tmp, store_path=store_path, batch_size=batch_size, predictor=models
         )
         write_models(models, tmp)
+        before_swap()
     return cases
