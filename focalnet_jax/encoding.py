@@ -61,8 +61,10 @@ def _as_classes(classes, num_classes: int, name: str = "classes"):
     if not (xp.issubdtype(classes.dtype, xp.integer) or classes.dtype == xp.bool_):
         raise TypeError(f"{name}: expected an integer class map, got dtype {classes.dtype}")
     if _is_concrete(classes) and classes.size:
-        # NumPy on the concrete values: jnp ops would be staged (traced) inside a jit trace.
-        low, high = int(np.min(classes)), int(np.max(classes))
+        # On a host copy: a concrete JAX array's own min() is staged inside a jit trace (one
+        # closed over by the traced function), and int() of the tracer fails.
+        values = np.asarray(classes)
+        low, high = int(values.min()), int(values.max())
         if low < 0 or high >= num_classes:
             raise ValueError(
                 f"{name}: expected classes in 0..{num_classes - 1}, got values in {low}..{high}"
@@ -79,7 +81,8 @@ def _as_probs(probs, name: str, *, check_range: bool = True):
     if probs.ndim < 1:
         raise ValueError(f"{name}: expected shape [..., K], got a scalar")
     if check_range and _is_concrete(probs) and probs.size:
-        low, high = float(np.min(probs)), float(np.max(probs))
+        values = np.asarray(probs)  # a host copy, as in `_as_classes`
+        low, high = float(values.min()), float(values.max())
         if not (0.0 <= low and high <= 1.0):
             raise ValueError(
                 f"{name}: expected probabilities in [0, 1], got values in [{low}, {high}]"

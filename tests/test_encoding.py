@@ -188,3 +188,19 @@ def test_sigmoid_scores_keep_relative_precision_of_small_probabilities(as_jax, e
     )
     np.testing.assert_allclose(np.asarray(scores)[:, 0], reference, rtol=1e-5, atol=0)
     assert np.all(np.diff(np.asarray(scores)[:7, 0]) < 0)  # strictly ordered, no ties at 0
+
+
+def test_arrays_closed_over_by_a_jitted_function():
+    """A concrete JAX array captured by a traced function (a fixed label batch closed over by a
+    jitted loss): its value check ran `min()` on it, which jit stages, and ended in a
+    ConcretizationTypeError."""
+    classes = jnp.array([0, 3])
+    probs = jnp.array([[0.9, 0.2, 0.1, 0.0, 0.0]])
+    cases = [
+        (encoding.ordinal_encode, classes, [[0, 0, 0, 0, 0], [1, 1, 1, 0, 0]]),
+        (encoding.onehot_encode, classes, [[1, 0, 0, 0, 0, 0], [0, 0, 0, 1, 0, 0]]),
+        (encoding.ordinal_scores, probs, [[0.9, 0.2, 0.1, 0.0, 0.0]]),
+    ]
+    for function, captured, expected in cases:
+        traced = jax.jit(lambda scale, f=function, x=captured: scale * f(x))(1.0)
+        np.testing.assert_allclose(traced, expected, rtol=1e-6)
