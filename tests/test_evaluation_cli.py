@@ -393,6 +393,36 @@ def test_summarize_rejects_bad_runs(tmp_path):
     assert message.endswith(f"--runs names 'A' twice ({tmp_path / 'run'} and other)")
 
 
+@pytest.mark.parametrize(
+    "damage, problem",
+    [
+        (lambda m: m["froc"]["all"]["sensitivity_at_fp"].update({"1": "x"}),  # a traceback
+         "froc.all.sensitivity_at_fp.1 is 'x', not a number or null"),
+        (lambda m: m.update(froc=None),  # summarised as "n/a" everywhere
+         "froc.all missing"),
+        (lambda m: m["roc"].clear(), "roc.gs_ge_7 missing"),
+        (lambda m: m["froc"]["index"].pop("sensitivity_at_fp"),
+         "froc.index.sensitivity_at_fp missing"),
+        (lambda m: m.update(num_patients="x"), "num_patients is 'x', not a count"),
+        (lambda m: m["roc"]["gs_ge_8"].update(auc=[0.5]),
+         "roc.gs_ge_8.auc is [0.5], not a number or null"),
+    ],
+)  # fmt: skip
+def test_summarize_refuses_a_damaged_metrics_file_naming_the_key(tmp_path, damage, problem):
+    predictions, out = tmp_path / "predictions", tmp_path / "A" / "fold0"
+    write_cohort(predictions)
+    run_cli(_evaluate_argv(predictions, out))
+    metrics = json.loads((out / "metrics.json").read_text())
+    damage(metrics)
+    (out / "metrics.json").write_text(json.dumps(metrics))
+    message = _error(["summarize", "--runs", f"A={tmp_path / 'A'}", "--out", str(tmp_path / "s")])
+    assert message == (
+        f"focalnet summarize: error: {out / 'metrics.json'}: not a metrics.json of `focalnet "
+        f"evaluate`: {problem}"
+    )
+    assert not (tmp_path / "s").exists()
+
+
 def test_picai_bootstrap_redraws_resamples_with_one_class(tmp_path):
     # Two of four cases have neither lesions nor score blobs: some bootstrap resamples hold only
     # those (no lesion: AUROC undefined, and picai_eval's precision-recall fails) or only the

@@ -912,6 +912,15 @@ def test_report_refuses_a_metric_missing_from_metrics_json(capsys):
         _lookup(metrics, ("picai", "score"), "c/eval/metrics.json", partial=False)
     assert math.isnan(_lookup(metrics, ("picai", "score"), "c/m.json", partial=True))
     assert "warning: c/m.json: no picai.score" in capsys.readouterr().err
+    # Not a number (a dict traced back; a string or a bool was read as 0.7 or 1.0).
+    for value in ({"value": 0.5}, "0.7", True, [0.7]):
+        with pytest.raises(StudyError) as refused:
+            _lookup({"picai": {"auroc": value}}, ("picai", "auroc"), "c/m.json", partial=True)
+        assert str(refused.value) == (
+            f"c/m.json: picai.auroc is {value!r}, not a number (damaged or edited?); remove the "
+            "file, and `study run` evaluates the cell again"
+        )
+    assert _lookup({"picai": {"auroc": 1}}, ("picai", "auroc"), "c", partial=False) == 1.0
 
 
 def test_report_says_which_metrics_a_cell_did_not_evaluate_and_why():

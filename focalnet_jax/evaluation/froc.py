@@ -135,20 +135,21 @@ def froc_summary(fp: np.ndarray, sens: np.ndarray, num_lesions: int) -> dict:
     defined = num_lesions > 0
     return {
         "sensitivity_at_fp": {
-            _key(x): float(sensitivity_at(fp, sens, x)) if defined else None
+            contract_key(x): float(sensitivity_at(fp, sens, x)) if defined else None
             for x in SENSITIVITY_AT_FP
         },
         "fp_at_sensitivity": {
-            _key(s): fp_at_sensitivity(fp, sens, s) if defined else None for s in FP_AT_SENSITIVITY
+            contract_key(s): fp_at_sensitivity(fp, sens, s) if defined else None
+            for s in FP_AT_SENSITIVITY
         },
         "pauc": {
-            f"{_key(a)}-{_key(b)}": partial_auc(fp, sens, a, b) if defined else None
+            f"{contract_key(a)}-{contract_key(b)}": partial_auc(fp, sens, a, b) if defined else None
             for a, b in PAUC_RANGES
         },
     }
 
 
-def _key(value: float) -> str:
+def contract_key(value: float) -> str:
     """Contract key spelling: 0.25 -> "0.25", 1.0 -> "1"."""
     return f"{value:g}"
 

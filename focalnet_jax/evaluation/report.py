@@ -15,6 +15,7 @@ import numpy as np
 
 from focalnet_jax.data.atomic_files import write_json_atomic
 from focalnet_jax.errors import UserError
+from focalnet_jax.evaluation.metrics_shape import metrics_problem
 from focalnet_jax.evaluation.stats import mean_sd
 
 # (title, FROC group, sensitivities of the FP@Sen columns), as the paper's Tables II and III.
@@ -65,9 +66,8 @@ def read_metrics(path: str | Path) -> dict:
         metrics = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise UserError(f"{path}: not a readable metrics.json ({error})") from error
-    for key in ("froc", "roc", "num_patients"):
-        if key not in metrics:
-            raise UserError(f"{path}: missing key {key!r} of the metrics contract")
+    if problem := metrics_problem(metrics):
+        raise UserError(f"{path}: not a metrics.json of `focalnet evaluate`: {problem}")
     return metrics
 
 

@@ -94,7 +94,14 @@ def _lookup(metrics: Mapping, path: Sequence[str], where: str, *, partial: bool)
             raise StudyError(message + "; --partial reports it as NaN")
         print(f"warning: {message}; reported as NaN", file=sys.stderr)
         return float("nan")
-    return float("nan") if value is None else round(float(value), METRIC_DECIMALS)
+    if value is None:
+        return float("nan")
+    if isinstance(value, bool) or not isinstance(value, int | float):  # '0.7' was read as 0.7
+        raise StudyError(
+            f"{where}: {'.'.join(path)} is {value!r}, not a number (damaged or edited?); remove "
+            "the file, and `study run` evaluates the cell again"
+        )
+    return round(float(value), METRIC_DECIMALS)
 
 
 _MISSING = object()

@@ -1,0 +1,118 @@
+"""The shape of a `metrics.json` (SPEC section 6) where one is read back (`focalnet summarize`): a
+value of another type, or a group, task or summary key missing, is named by its key path, so that
+a damaged or hand-edited file is neither a traceback nor silently summarised as "n/a" (which the
+reports reserve for metrics that are undefined)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from focalnet_jax.evaluation.froc import (
+    FP_AT_SENSITIVITY,
+    GROUPS,
+    PAUC_RANGES,
+    SENSITIVITY_AT_FP,
+    contract_key,
+)
+from focalnet_jax.evaluation.roc import TASKS
+
+_FROC_SUMMARIES = {
+    "sensitivity_at_fp": [contract_key(x) for x in SENSITIVITY_AT_FP],
+    "fp_at_sensitivity": [contract_key(s) for s in FP_AT_SENSITIVITY],
+    "pauc": [f"{contract_key(a)}-{contract_key(b)}" for a, b in PAUC_RANGES],
+}
+_FROC_CURVE = ("threshold", "fp", "sensitivity")
+_ROC_CURVE = ("fpr", "tpr")
+_PICAI_VALUES = ("auroc", "ap", "score")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def metrics_problem(metrics) -> str | None:
+    """Why `metrics` (a `metrics.json`'s object) is not shaped as `focalnet evaluate` writes it,
+    naming the first key path that is not ('froc.all.sensitivity_at_fp.1 is 'x', not a number or
+    null'); None where it is."""
+    if not isinstance(metrics, Mapping):
+        return f"not a JSON object but {type(metrics).__name__}"
+    if not _is_count(metrics.get("num_patients")):
+        return _wrong(metrics, ("num_patients",), "a count")
+    for group in GROUPS:
+        if problem := _froc_group_problem(metrics, group):
+            return problem
+    for task in TASKS:
+        if problem := _roc_task_problem(metrics, task):
+            return problem
+    picai = metrics.get("picai")
+    if picai is not None and not isinstance(picai, Mapping):
+        return _wrong(metrics, ("picai",), "an object")
+    if picai and "skipped" not in picai:
+        for key in _PICAI_VALUES:
+            if not (picai.get(key) is None or _is_number(picai.get(key))):
+                return _wrong(metrics, ("picai", key), "a number or null")
+    return None
+
+
+def _froc_group_problem(metrics: Mapping, group: str) -> str | None:
+    path = ("froc", group)
+    if not isinstance(_at(metrics, path), Mapping):
+        return _wrong(metrics, path, "an object")
+    if not _is_count(_at(metrics, (*path, "num_lesions"))):
+        return _wrong(metrics, (*path, "num_lesions"), "a count")
+    for summary, keys in _FROC_SUMMARIES.items():
+        if not isinstance(_at(metrics, (*path, summary)), Mapping):
+            return _wrong(metrics, (*path, summary), "an object")
+        for key in keys:
+            value = _at(metrics, (*path, summary, key))
+            if not (value is None or _is_number(value)):
+                return _wrong(metrics, (*path, summary, key), "a number or null")
+    return _curve_problem(metrics, (*path, "curve"), _FROC_CURVE)
+
+
+def _roc_task_problem(metrics: Mapping, task: str) -> str | None:
+    path = ("roc", task)
+    if not isinstance(_at(metrics, path), Mapping):
+        return _wrong(metrics, path, "an object")
+    auc = _at(metrics, (*path, "auc"))
+    if not (auc is None or _is_number(auc)):
+        return _wrong(metrics, (*path, "auc"), "a number or null")
+    return _curve_problem(metrics, (*path, "curve"), _ROC_CURVE)
+
+
+def _curve_problem(metrics: Mapping, path: tuple, keys: tuple) -> str | None:
+    if not isinstance(_at(metrics, path), Mapping):
+        return _wrong(metrics, path, "an object")
+    for key in keys:
+        values = _at(metrics, (*path, key))
+        # null: NaN (a group without lesions has a curve of undefined sensitivity)
+        if not (isinstance(values, list) and all(v is None or _is_number(v) for v in values)):
+            return _wrong(metrics, (*path, key), "a list of numbers")
+    return None
+
+
+_ABSENT = object()
+
+
+def _at(metrics: Mapping, path: tuple):
+    """metrics[path[0]][path[1]]...; `_ABSENT` where a key is missing or a parent no object."""
+    value = metrics
+    for key in path:
+        if not isinstance(value, Mapping) or key not in value:
+            return _ABSENT
+        value = value[key]
+    return value
+
+
+def _wrong(metrics: Mapping, path: tuple, expected: str) -> str:
+    value, where = _at(metrics, path), ".".join(path)
+    return f"{where} missing" if value is _ABSENT else f"{where} is {_short(value)}, not {expected}"
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
