@@ -290,6 +290,44 @@ def test_report_refuses_cells_evaluated_with_other_settings(finished, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_report_stopped_half_way_leaves_the_earlier_one_whole(finished, tmp_path, monkeypatch):
+    """The report's files were written one by one into DIR/report: a stop while its figures
+    rendered left the new runs.csv and stats.csv beside the earlier report.md. The folder is
+    replaced whole; a file of the user's in it is refused, not deleted."""
+    from focalnet_jax import cli
+    from focalnet_jax.study import figures
+
+    copy = shutil.copytree(finished, tmp_path / "copy")
+    before = {p.name: p.read_bytes() for p in (copy / "report").iterdir()}
+    path = copy / "fl" / "rep1" / "fold1" / "eval" / "metrics.json"
+    metrics = json.loads(path.read_text())  # the cell evaluated again, otherwise
+    metrics["froc"]["clinically_significant"]["sensitivity_at_fp"]["1"] = 0.123
+    path.write_text(json.dumps(metrics))
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(figures, "froc_bands", stopped)
+        with pytest.raises(SystemExit) as raised:
+            cli.main(["study", "report", "--workdir", str(copy)])
+    assert raised.value.code == 130
+    assert {p.name: p.read_bytes() for p in (copy / "report").iterdir()} == before
+    (copy / "report" / "notes.txt").write_text("mine")
+    message = _one_line_error("report", "--workdir", str(copy))
+    assert message.endswith(
+        f"{copy / 'report'} holds notes.txt, which `study report` does not write; the folder is "
+        "replaced whole, so move that out"
+    )
+    (copy / "report" / "notes.txt").unlink()
+    assert cli.main(["study", "report", "--workdir", str(copy)]) == 0
+    runs = read_csv(copy / "report" / "runs.csv")
+    changed = [r for r in runs if (r["arm"], r["repeat"], r["fold"]) == ("fl", "1", "1")]
+    assert [float(r["froc_cs_sens_at_1fp"]) for r in changed] == [0.123]
+    assert sorted(p.name for p in (copy / "report").iterdir()) == sorted(before)
+
+
+@pytest.mark.slow
 def test_ensemble_of_a_member_no_longer_done_waits_and_leaves_the_report(
     finished, tmp_path, capsys
 ):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from focalnet_jax.data.atomic_files import replaced_atomically
+from focalnet_jax.data.atomic_files import foreign_entries, replaced_atomically, replaced_folder
 from focalnet_jax.errors import plural
 from focalnet_jax.evaluation.report import check_settings
 from focalnet_jax.evaluation.stats import mean_sd
@@ -44,6 +44,9 @@ METRICS = {
     "roc_gs_ge_4+3_auc": ("roc", "gs_ge_4+3", "auc"),
 }
 HEADLINE = ("picai_auroc", "picai_ap", "picai_score", "froc_cs_sens_at_1fp")
+# What DIR/report/ holds (pvalues.png with two arms or more); any other file there is refused.
+REPORT_FILES = ("report.md", "runs.csv", "stats.csv", "metrics.png", "froc_cs.png", "pvalues.png",
+                "val_loss.png")  # fmt: skip
 CONVERGENCE = ("val_loss", "val_loss_drop_last_quarter")  # NaN for an ensemble
 COST = ("total_seconds", "attempts")  # over every attempt of a training cell; NaN for an ensemble
 RUN_COLUMNS = (
@@ -456,7 +459,11 @@ def write_report(
             file=sys.stderr,
         )
     out = study.root / "report"
-    out.mkdir(parents=True, exist_ok=True)
+    if strays := foreign_entries(out, lambda name: name in REPORT_FILES):
+        raise StudyError(
+            f"{out} holds {strays[0]}, which `study report` does not write; the folder is "
+            "replaced whole, so move that out"
+        )
     names = list(dict.fromkeys(r["arm"] for r in rows))
     per_metric = {
         metric: {name: [r[metric] for r in rows if r["arm"] == name] for name in names}
@@ -464,18 +471,19 @@ def write_report(
     }
     cells = {name: [(r["repeat"], r["fold"]) for r in rows if r["arm"] == name] for name in names}
     stats_rows = statistics.compare_arms(per_metric, iterations, cells)
-    _write_csv(out / "runs.csv", RUN_COLUMNS, rows)
-    _write_csv(out / "stats.csv", STATS_COLUMNS, stats_rows)
-    figures.box_strip(out / "metrics.png", {m: per_metric[m] for m in HEADLINE})
     losses = {name: [] for name in names if name in study.arms}
     for row, curve in zip(rows, found.curves, strict=True):
         if row["kind"] == "arm":
             losses[row["arm"]].append((f"rep{row['repeat']} fold{row['fold']}", curve))
     froc = froc_curves(rows, found.metrics, "clinically_significant")
-    figures.froc_bands(out / "froc_cs.png", froc, "Clinically significant lesions")
-    if len(names) > 1:
-        figures.pvalue_matrices(out / "pvalues.png", stats_rows, HEADLINE)
-    figures.val_loss_curves(out / "val_loss.png", losses)
-    with replaced_atomically(out / "report.md") as tmp:
-        tmp.write_text(_markdown(study, found, stats_rows, iterations, skipped))
+    # Replaced whole: a report stopped half-way leaves the earlier one, not a mix of the two.
+    with replaced_folder(out, "focalnet study report") as tmp:
+        _write_csv(tmp / "runs.csv", RUN_COLUMNS, rows)
+        _write_csv(tmp / "stats.csv", STATS_COLUMNS, stats_rows)
+        figures.box_strip(tmp / "metrics.png", {m: per_metric[m] for m in HEADLINE})
+        figures.froc_bands(tmp / "froc_cs.png", froc, "Clinically significant lesions")
+        if len(names) > 1:
+            figures.pvalue_matrices(tmp / "pvalues.png", stats_rows, HEADLINE)
+        figures.val_loss_curves(tmp / "val_loss.png", losses)
+        (tmp / "report.md").write_text(_markdown(study, found, stats_rows, iterations, skipped))
     return out
