@@ -315,6 +315,44 @@ def test_a_process_interrupted_alone_is_named_with_its_interruption():
     assert other_status == 1 and "fatal" not in other_output, other_output
 
 
+_SIGNALLED_MEMBER = """
+import os, signal, sys
+from jax.experimental import multihost_utils
+from focalnet_jax.errors import one_line_user_errors
+from focalnet_jax.training import distributed, group_failures
+port, rank, signalled, count = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+distributed.initialize(f"localhost:{port}", count, rank)
+with group_failures.leave_group_on_failure("focalnet train", 2), one_line_user_errors(
+    "focalnet train"
+):
+    multihost_utils.sync_global_devices("the start")
+    if str(rank) == signalled:  # `kill PID` during start-up, its main thread then in C++
+        os.kill(os.getpid(), signal.SIGTERM)
+        group_failures._group_client().blocking_key_value_get("never set", 120_000)
+    multihost_utils.sync_global_devices("the next step")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signalled", ["0", "1"])
+def test_a_process_signalled_alone_before_the_training_loop_ends_the_group(signalled):
+    """SIGTERM to one process of a group outside the training loop (start-up, compilation): it
+    ended at once, and the other waited in its collective until JAX's heartbeat timeout (about
+    100 s), then aborted with a C++ stack trace. Now the signalled one ends with status 143 and
+    one line, and the other names it in one line and ends with status 1."""
+    results = _run_group(signalled, _SIGNALLED_MEMBER)
+    status, output = results[int(signalled)]
+    assert status == 143, output
+    assert "focalnet train: stopped by SIGTERM outside the training loop" in output, output
+    other_status, other_output = results[1 - int(signalled)]
+    lines = [line for line in other_output.splitlines() if "focalnet train" in line]
+    assert lines == [
+        f"focalnet train: error: process {signalled} failed (stopped by SIGTERM outside the "
+        "training loop); this process stopped with it"
+    ], other_output
+    assert other_status == 1 and "fatal" not in other_output, other_output
+
+
 @pytest.mark.slow
 def test_process_0_failing_alone_in_a_group_of_three_ends_the_others_first():
     """Process 0, which holds the group's store, waits for both others to say they leave: each

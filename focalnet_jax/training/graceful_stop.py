@@ -37,6 +37,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from focalnet_jax.errors import Interrupted, Terminated
+from focalnet_jax.training.group_failures import LOOP_TAKES_SIGTERM
 
 
 class TrainingStopped(Terminated):
@@ -67,6 +68,7 @@ class SigtermStop:
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
             self._installed = True
+            LOOP_TAKES_SIGTERM.set()  # not the process group's handler outside the loop
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -74,6 +76,7 @@ class SigtermStop:
             # None: the handler before was not Python's (it cannot be put back): the default.
             previous = signal.SIG_DFL if self._previous is None else self._previous
             signal.signal(signal.SIGTERM, previous)
+            LOOP_TAKES_SIGTERM.clear()
 
     def _on_sigterm(self, signum, frame) -> None:
         self.received = True

@@ -12,7 +12,8 @@ the others ended with JAX's coordination-service abort (status -6, a C++ stack t
 any of this, a lone failure waited at JAX's shutdown barrier (5 minutes) while the others waited
 in their collective for it. A process that crashes without a word (killed, out of memory)
 notifies nobody: the others' collective fails on its closed connection (their line then names
-the first failure they were notified of, if any, else their traceback).
+the first failure they were notified of, if any, else their traceback). A SIGTERM outside the
+training loop is such a failure (`_end_the_group_on_sigterm`), not a silent end.
 
 Work only some processes do (`together`): process 0's writes at a run's start (`store.json`,
 `config.json`, TensorBoard events) are followed by an exchange of every process's outcome through
@@ -27,6 +28,7 @@ import contextlib
 import itertools
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -66,12 +68,18 @@ class _FailureWatch:
 
     @classmethod
     def claim(cls, who: str) -> bool:
-        """Whether `who` ("failure" or "watch") reports this process's end: the first to ask."""
+        """Whether `who` ("failure", "sigterm" or "watch") reports this process's end: the first
+        to ask (any but the watch: this process failed, `failed_here`)."""
         with cls.lock:
             cls.reporter = cls.reporter or who
-            if cls.reporter == "failure":
+            if cls.reporter != "watch":
                 cls.failed_here.set()
             return cls.reporter == who
+
+
+# Set while a training loop takes SIGTERM itself (`graceful_stop.SigtermStop`, its stop at a step).
+LOOP_TAKES_SIGTERM = threading.Event()
+_SIGTERM_REASON = "stopped by SIGTERM outside the training loop"
 
 
 def watch_for_group_failures() -> None:
@@ -110,6 +118,7 @@ def watch_for_group_failures() -> None:
 
     thread = threading.Thread(target=watch, name="focalnet-group-failures", daemon=True)
     thread.start()
+    _end_the_group_on_sigterm(client, prog)
 
     def wake_and_join() -> None:  # a thread still in the client's call at exit would abort
         with contextlib.suppress(Exception):  # the store gone: its call has ended with it
@@ -117,6 +126,38 @@ def watch_for_group_failures() -> None:
         thread.join(timeout=10)
 
     atexit.register(wake_and_join)
+
+
+def _end_the_group_on_sigterm(client, prog: str) -> None:
+    """A SIGTERM to this process alone outside a training loop (start-up, compilation, between
+    the runs of `cv`) ended it at once, and the others waited for it until JAX's heartbeat
+    timeout (about 100 s), then aborted with a C++ stack trace. Now it ends with status 143 and
+    one line, the others told (`_notify_group`) and ended with theirs. The signal number reaches
+    a thread through `signal.set_wakeup_fd`, so a main thread held in JAX's C++ code does not
+    delay it; while `LOOP_TAKES_SIGTERM` is set the loop's own handler takes it. Main thread
+    only (signal handlers are set there)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+
+    def wait_for_sigterm() -> None:
+        while os.read(read, 1) != bytes([signal.SIGTERM]) or LOOP_TAKES_SIGTERM.is_set():
+            pass
+        if not _FailureWatch.claim("sigterm"):  # this process is ending already, its way
+            return
+        print(f"{prog}: {_SIGTERM_REASON}", file=sys.stderr)
+        _notify_group(client, _SIGTERM_REASON)
+        # As a failure (`leave_group_on_failure`): the others' watches wait as long for a failure
+        # of their own before they say they leave, which process 0 then waits for.
+        with contextlib.suppress(Exception):  # timed out (they are in a collective), or gone
+            client.wait_at_barrier("focalnet_command_failed", int(_FailureWatch.wait_s * 1000))
+        end_process(143)
+
+    thread = threading.Thread(target=wait_for_sigterm, name="focalnet-group-sigterm", daemon=True)
+    thread.start()
+    signal.set_wakeup_fd(write)
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)  # the thread acts on it
 
 
 def _notify_group(client, reason: str) -> None:
