@@ -244,7 +244,9 @@ def test_unreadable_dicom_slice_is_named(prostatex_case_dir, tmp_path, capfd):
     assert np.isfinite(sitk.GetArrayFromImage(read_image(prostatex_case_dir / "t2w"))).all()
 
 
-@pytest.mark.parametrize("damage", ["truncated", "not_dicom", "cut_in_meta", "cut_in_header"])
+@pytest.mark.parametrize(
+    "damage", ["truncated", "not_dicom", "cut_in_meta_group", "cut_in_meta", "cut_in_header"]
+)
 def test_unreadable_dicom_slice_at_the_end_of_the_stack_is_refused(
     prostatex_case_dir, tmp_path, damage
 ):
@@ -256,7 +258,8 @@ def test_unreadable_dicom_slice_at_the_end_of_the_stack_is_refused(
     data = last.read_bytes()
     # Cut inside the meta header, or after it but before the series UID (byte ~3060): the
     # 'DICM' preamble is there, so it was left out with a warning as another series' object.
-    cut = {"truncated": int(len(data) * 0.97), "cut_in_meta": 200, "cut_in_header": 3000}
+    cut = {"truncated": int(len(data) * 0.97), "cut_in_meta_group": 160, "cut_in_meta": 200,
+           "cut_in_header": 3000}  # fmt: skip
     last.write_bytes(data[: cut[damage]] if damage in cut else b"x" * 1000)
     with pytest.raises(ValueError) as raised:
         read_image(folder, case="c")

@@ -272,6 +272,7 @@ def test_a_stop_after_new_predictions_leaves_no_metrics_of_the_earlier_ones(
     """`evaluate --workdir` again into the same --out, stopped (Ctrl-C) after its new predictions
     were swapped in and before their metrics were written: the earlier metrics.json and
     report.md stayed beside the new predictions, a folder that contradicted itself."""
+    from focalnet_jax.data import atomic_files
     from focalnet_jax.evaluation import evaluate
 
     out = tmp_path / "eval"
@@ -286,6 +287,14 @@ def test_a_stop_after_new_predictions_leaves_no_metrics_of_the_earlier_ones(
     def stopped(*args, **kwargs):
         raise KeyboardInterrupt
 
+    # Stopped while the new predictions reach the disk: the earlier ones and their metrics stay.
+    with monkeypatch.context() as patch:
+        patch.setattr(atomic_files, "sync_folder", stopped)
+        with pytest.raises(SystemExit) as raised:
+            cli.main([*argv, "--no-figures", "--tta", "flip"])
+    assert raised.value.code == 130
+    assert json.loads((out / "predictions" / "models.json").read_text()) == first
+    assert (out / "metrics.json").is_file() and (out / "report.md").is_file()
     monkeypatch.setattr(evaluate, "evaluate_predictions", stopped)
     with pytest.raises(SystemExit) as raised:
         cli.main([*argv, "--no-figures", "--tta", "flip"])

@@ -353,6 +353,35 @@ def test_a_process_signalled_alone_before_the_training_loop_ends_the_group(signa
     assert other_status == 1 and "fatal" not in other_output, other_output
 
 
+_LOOP_SIGNALLED = """
+import os, signal, sys, time
+from focalnet_jax.training import group_failures
+from focalnet_jax.training.graceful_stop import SigtermStop
+
+class Client:  # the group's store, as far as the SIGTERM handler outside the loop uses it
+    def wait_at_barrier(self, *args): pass
+    def key_value_set(self, *args): pass
+
+group_failures._end_the_group_on_sigterm(Client(), "focalnet train")
+with SigtermStop() as stop:
+    os.kill(os.getpid(), signal.SIGTERM)  # in the loop's last moments
+    sum(range(1000))
+time.sleep(1)  # the thread outside the loop would act meanwhile
+print("loop took it:", stop.received)
+"""
+
+
+def test_a_sigterm_the_loop_takes_is_not_taken_again_outside_it():
+    """A SIGTERM the training loop took just before it ended also reached the process group's
+    handler outside the loop (its byte waited in the wakeup pipe): a complete run ended with
+    status 143 as "stopped by SIGTERM outside the training loop", the others told it failed."""
+    done = subprocess.run(
+        [sys.executable, "-c", _LOOP_SIGNALLED], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "loop took it: True\n" and "outside" not in done.stderr
+
+
 @pytest.mark.slow
 def test_process_0_failing_alone_in_a_group_of_three_ends_the_others_first():
     """Process 0, which holds the group's store, waits for both others to say they leave: each

@@ -320,6 +320,8 @@ def test_a_report_stopped_half_way_leaves_the_earlier_one_whole(finished, tmp_pa
         "replaced whole, so move that out"
     )
     (copy / "report" / "notes.txt").unlink()
+    # An earlier version's temporary file (killed while writing report.md there): taken, dropped.
+    (copy / "report" / ".report.md.tmp-12446").write_text("half a report")
     assert cli.main(["study", "report", "--workdir", str(copy)]) == 0
     runs = read_csv(copy / "report" / "runs.csv")
     changed = [r for r in runs if (r["arm"], r["repeat"], r["fold"]) == ("fl", "1", "1")]

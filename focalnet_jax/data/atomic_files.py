@@ -68,7 +68,9 @@ def sync_folder(folder: Path) -> None:
 
 
 @contextlib.contextmanager
-def replaced_folder(path: str | os.PathLike, writer: str = "focalnet"):
+def replaced_folder(
+    path: str | os.PathLike, writer: str = "focalnet", before_swap: Callable[[], None] | None = None
+):
     """Yields a new temporary folder beside `path` to fill, named after this process
     (`writer_folders.writer_folder`). When the block ends without an error it becomes `path`
     (`writer_folders.swap_in`: an existing `path` is replaced whole, the old one removed after the
@@ -79,6 +81,8 @@ def replaced_folder(path: str | os.PathLike, writer: str = "focalnet"):
     names `path`, or the file being written there: `errors.naming_the_disk`). Leftovers of
     writers of `path` that died are removed first (`writer`, the command, names them in the log).
     A symbolic link `path` is kept and the folder it points to replaced (`target_folder`).
+    `before_swap` is called once the new folder is on disk, right before the rename (e.g. to
+    remove what describes the folder it replaces).
     """
     path = target_folder(path)
     created = [p for p in (path.parent, *path.parent.parents) if not p.exists()]  # deepest first
@@ -95,6 +99,8 @@ def replaced_folder(path: str | os.PathLike, writer: str = "focalnet"):
         with naming_the_disk(path, tmp):
             yield tmp
             sync_folder(tmp)
+        if before_swap is not None:
+            before_swap()
         old = swap_in(tmp, path)
         done = True
         if old is not None:

@@ -205,12 +205,19 @@ def _damaged_slice(file: Path, series_uid: str, image_class: str | None) -> bool
     return file.suffix.lower() in (".dcm", ".ima")
 
 
-def _sop_class(file: Path) -> str | None:
+_META_START = 144  # preamble (128), 'DICM' (4), the meta group's length element (12 bytes)
+
+
+def _sop_class(file: str | Path) -> str | None:
     """The MediaStorageSOPClassUID of a part-10 file's meta header; None where that header cannot
-    be read (cut short or corrupt)."""
+    be read or is cut short (pydicom reads what there is of it without a word: the file ends
+    before the length its group length element gives)."""
     try:
         meta = pydicom.filereader.read_file_meta_info(file)
     except Exception:  # noqa: BLE001 - any failure to parse the meta header: a damaged file
+        return None
+    length = meta.get("FileMetaInformationGroupLength")
+    if not isinstance(length, int) or os.path.getsize(file) < _META_START + length:
         return None
     return str(meta.get("MediaStorageSOPClassUID", ""))
 

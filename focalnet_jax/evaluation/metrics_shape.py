@@ -5,7 +5,7 @@ reports reserve for metrics that are undefined)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from focalnet_jax.evaluation.froc import (
     FP_AT_SENSITIVITY,
@@ -95,22 +95,26 @@ def _curve_problem(metrics: Mapping, path: tuple, keys: tuple) -> str | None:
     return None
 
 
-_ABSENT = object()
+MISSING = object()  # `value_at`'s default where a path's key is not there
 
 
-def _at(metrics: Mapping, path: tuple):
-    """metrics[path[0]][path[1]]...; `_ABSENT` where a key is missing or a parent no object."""
+def value_at(metrics: Mapping, path: Sequence[str], default=None):
+    """metrics[path[0]][path[1]]...; `default` where a key is missing or a parent no object."""
     value = metrics
     for key in path:
         if not isinstance(value, Mapping) or key not in value:
-            return _ABSENT
+            return default
         value = value[key]
     return value
 
 
+def _at(metrics: Mapping, path: tuple):
+    return value_at(metrics, path, MISSING)
+
+
 def _wrong(metrics: Mapping, path: tuple, expected: str) -> str:
     value, where = _at(metrics, path), ".".join(path)
-    return f"{where} missing" if value is _ABSENT else f"{where} is {_short(value)}, not {expected}"
+    return f"{where} missing" if value is MISSING else f"{where} is {_short(value)}, not {expected}"
 
 
 def _short(value) -> str:

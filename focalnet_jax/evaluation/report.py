@@ -15,7 +15,7 @@ import numpy as np
 
 from focalnet_jax.data.atomic_files import write_json_atomic
 from focalnet_jax.errors import UserError
-from focalnet_jax.evaluation.metrics_shape import metrics_problem
+from focalnet_jax.evaluation.metrics_shape import metrics_problem, value_at
 from focalnet_jax.evaluation.stats import mean_sd
 
 # (title, FROC group, sensitivities of the FP@Sen columns), as the paper's Tables II and III.
@@ -114,16 +114,6 @@ def _differences(a: Mapping, b: Mapping) -> dict:
     }
 
 
-def lookup(metrics: Mapping, path: Sequence[str]):
-    """metrics[path[0]][path[1]]...; None where any key is absent."""
-    value = metrics
-    for key in path:
-        if not isinstance(value, Mapping) or key not in value:
-            return None
-        value = value[key]
-    return value
-
-
 def format_cell(values: Sequence, digits: int = 3, empty: str = "n/a", not_reached: int = 0) -> str:
     """One fold: the value (`empty` when null). Several: mean+-SD over the folds with a value,
     with '(n/N)' when some folds have none. `not_reached`: how many of the null folds are 'n.r.'
@@ -151,7 +141,7 @@ def not_reached(metrics: Mapping, path: Sequence[str]) -> bool:
     never reached that sensitivity (False when the group has no lesion, or for other paths)."""
     if len(path) != 4 or path[0] != "froc" or path[2] != "fp_at_sensitivity":
         return False
-    return lookup(metrics, path) is None and bool(lookup(metrics, (*path[:2], "num_lesions")))
+    return value_at(metrics, path) is None and bool(value_at(metrics, (*path[:2], "num_lesions")))
 
 
 def folds_not_reached(fold_metrics: Sequence[Mapping], path: Sequence[str]) -> int:
@@ -169,7 +159,7 @@ def _table(runs: Mapping[str, Sequence[Mapping]], columns: Sequence[tuple]) -> l
     for name, folds in runs.items():
         cells = [
             format_cell(
-                [lookup(m, path) for m in folds],
+                [value_at(m, path) for m in folds],
                 not_reached=folds_not_reached(folds, path),
             )
             for _, path in columns
@@ -251,7 +241,7 @@ def _cohort(runs: Mapping[str, Sequence[Mapping]]) -> list[str]:
         "",
         "Lesions per group (first method, summed over folds): "
         + ", ".join(
-            f"{group} {sum(lookup(m, ('froc', group, 'num_lesions')) or 0 for m in first)}"
+            f"{group} {sum(value_at(m, ('froc', group, 'num_lesions')) or 0 for m in first)}"
             for group in (first[0].get("froc") or {})
         ),
         "",
@@ -297,7 +287,7 @@ def _paper_protocol(runs: Mapping[str, Sequence[Mapping]]) -> list[str]:
 def _picai_protocol(runs: Mapping[str, Sequence[Mapping]]) -> list[str]:
     """PI-CAI metrics (or why they were not evaluated), with a single run's bootstrap intervals."""
     lines = ["## PI-CAI protocol (3D lesion candidates of P(class >= 2), picai_eval)", ""]
-    skipped = [lookup(m, ("picai", "skipped")) for folds in runs.values() for m in folds]
+    skipped = [value_at(m, ("picai", "skipped")) for folds in runs.values() for m in folds]
     if any(skipped):
         lines += ["Not evaluated: " + "; ".join(sorted({s for s in skipped if s})), ""]
     if all(skipped):
@@ -311,7 +301,7 @@ def _picai_protocol(runs: Mapping[str, Sequence[Mapping]]) -> list[str]:
         ],
     )
     first_name, first = next(iter(runs.items()))
-    if len(first) == 1 and lookup(first[0], ("picai", "score_95_ci")):
+    if len(first) == 1 and value_at(first[0], ("picai", "score_95_ci")):
         ci = first[0]["picai"]
         lines += [
             "",

@@ -147,7 +147,7 @@ def predict_test_store(
     tta: str = "none",
     batch_size: int = 16,
     allow_training_cases: bool = False,
-    before_swap: Callable[[], None] = lambda: None,
+    before_swap: Callable[[], None] | None = None,
 ) -> list[str]:
     """Writes `<case_id>.npz` for every case of the store at `store_path` into `out_dir`, replaced
     whole (`before_swap` is called right before: e.g. removing an evaluation of the predictions
@@ -166,10 +166,10 @@ def predict_test_store(
     )
     log.info("predicting all %d cases of %s with %d model(s)", len(store.cases), store_path,
              len(models.runs))  # fmt: skip
-    with replaced_folder(out_dir) as tmp:  # no earlier run's cases left beside these
+    # No earlier run's cases left beside these.
+    with replaced_folder(out_dir, before_swap=before_swap) as tmp:
         predict_cases(models, store, store.case_ids, tmp)
         write_models(models, tmp)
-        before_swap()
     return list(store.case_ids)
 
 
@@ -181,7 +181,7 @@ def predict_fold(
     store_path: str | Path | None = None,
     batch_size: int = 16,
     tta: str = "none",
-    before_swap: Callable[[], None] = lambda: None,
+    before_swap: Callable[[], None] | None = None,
 ) -> list[str]:
     """`inference.predict_validation_fold` of one run, with optional flip TTA, into `out_dir`
     replaced whole (`before_swap` as in `predict_test_store`); returns the case ids. Anything but
@@ -195,10 +195,10 @@ def predict_fold(
         )
     check_replaceable_predictions(out_dir)
     models = load_ensemble(workdir, step=step, batch_size=batch_size, tta=tta, store=store_path)
-    with replaced_folder(out_dir) as tmp:  # no earlier run's cases left beside these
+    # No earlier run's cases left beside these.
+    with replaced_folder(out_dir, before_swap=before_swap) as tmp:
         cases = predict_validation_fold(
             workdir, tmp, store_path=store_path, batch_size=batch_size, predictor=models
         )
         write_models(models, tmp)
-        before_swap()
     return cases

@@ -20,6 +20,7 @@ from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation import figures
 from focalnet_jax.evaluation.evaluate import FROC_PANELS, GS_PANELS
 from focalnet_jax.evaluation.froc import GROUPS, sensitivity_at
+from focalnet_jax.evaluation.metrics_shape import value_at
 from focalnet_jax.evaluation.report import (
     ROC_TITLES,
     TABLE_II,
@@ -28,7 +29,6 @@ from focalnet_jax.evaluation.report import (
     case_sets_text,
     check_settings,
     folds_not_reached,
-    lookup,
     markdown_report,
     read_metrics,
     write_json,
@@ -59,7 +59,7 @@ def metric_summary(fold_metrics: list[dict], path: tuple[str, ...]) -> dict:
     """mean_sd of one metric over the folds with its `values`; for FP at a sensitivity also
     `not_reached`: how many of the null folds never reached it (their lesions were found at no
     threshold often enough), so that a mean over the other folds is not read as the method's."""
-    values = [lookup(m, path) for m in fold_metrics]
+    values = [value_at(m, path) for m in fold_metrics]
     result = {**mean_sd(values), "values": values}
     if path[2:3] == ("fp_at_sensitivity",):
         result["not_reached"] = folds_not_reached(fold_metrics, path)
@@ -74,7 +74,9 @@ def method_comparisons(folds: Mapping[str, list[dict]]) -> tuple[dict, list[str]
     the method that missed more often, so its line says so."""
     comparisons, lines = {}, []
     for path in summary_metrics():
-        rows = compare_methods({name: [lookup(m, path) for m in fm] for name, fm in folds.items()})
+        rows = compare_methods(
+            {name: [value_at(m, path) for m in fm] for name, fm in folds.items()}
+        )
         if path[2:3] == ("fp_at_sensitivity",):
             missed = {name: folds_not_reached(fm, path) for name, fm in folds.items()}
             for row in rows:
@@ -202,8 +204,8 @@ def summarize_runs(runs: Mapping[str, str | Path], out_dir: str | Path) -> dict:
 def _froc_band(fold_metrics: list[dict], group: str) -> figures.Curve | None:
     curves = []
     for m in fold_metrics:
-        curve = lookup(m, ("froc", group, "curve"))
-        if curve and lookup(m, ("froc", group, "num_lesions")):
+        curve = value_at(m, ("froc", group, "curve"))
+        if curve and value_at(m, ("froc", group, "num_lesions")):
             fp = np.asarray(curve["fp"], np.float64)
             sens = np.asarray(curve["sensitivity"], np.float64)
             curves.append(sensitivity_at(fp, sens, FP_GRID))
@@ -229,7 +231,7 @@ def roc_at(fpr: np.ndarray, tpr: np.ndarray, grid: np.ndarray) -> np.ndarray:
 def _roc_band(fold_metrics: list[dict], task: str) -> figures.Curve | None:
     curves = []
     for m in fold_metrics:
-        curve = lookup(m, ("roc", task, "curve"))
+        curve = value_at(m, ("roc", task, "curve"))
         if curve and curve["fpr"]:
             fpr = np.asarray(curve["fpr"], np.float64)
             curves.append(roc_at(fpr, np.asarray(curve["tpr"], np.float64), FPR_GRID))
@@ -255,7 +257,7 @@ def write_band_figures(folds: Mapping[str, list[dict]], out_dir: Path) -> list[P
         for name, fm in folds.items():
             curve = _roc_band(fm, task)
             if curve is not None:
-                auc = mean_sd([lookup(m, ("roc", task, "auc")) for m in fm])
+                auc = mean_sd([value_at(m, ("roc", task, "auc")) for m in fm])
                 text = "n/a" if auc["mean"] is None else f"{auc['mean']:.3f}"
                 if auc["sd"] is not None:
                     text += f"±{auc['sd']:.3f}"

@@ -22,6 +22,7 @@ import numpy as np
 
 from focalnet_jax.data.atomic_files import foreign_entries, replaced_atomically, replaced_folder
 from focalnet_jax.errors import plural
+from focalnet_jax.evaluation.metrics_shape import MISSING, value_at
 from focalnet_jax.evaluation.report import check_settings
 from focalnet_jax.evaluation.stats import mean_sd
 from focalnet_jax.study import convergence, figures, statistics
@@ -90,8 +91,8 @@ def _lookup(metrics: Mapping, path: Sequence[str], where: str, *, partial: bool)
     `StudyError` naming the cell and key, or with `partial` a warning and NaN."""
     if _skip_reason(metrics, path) is not None:
         return float("nan")
-    value = _value_at(metrics, path)
-    if value is _MISSING:
+    value = value_at(metrics, path, MISSING)
+    if value is MISSING:
         message = f"{where}: no {'.'.join(path)} (evaluated by another version?)"
         if not partial:
             raise StudyError(message + "; --partial reports it as NaN")
@@ -105,19 +106,6 @@ def _lookup(metrics: Mapping, path: Sequence[str], where: str, *, partial: bool)
             "the file, and `study run` evaluates the cell again"
         )
     return round(float(value), METRIC_DECIMALS)
-
-
-_MISSING = object()
-
-
-def _value_at(metrics: Mapping, path: Sequence[str]):
-    """The value at `path` in a cell's metrics.json; `_MISSING` where a key on the path is not."""
-    value = metrics
-    for key in path:
-        if not isinstance(value, Mapping) or key not in value:
-            return _MISSING
-        value = value[key]
-    return value
 
 
 def _skip_reason(metrics: Mapping, path: Sequence[str]) -> str | None:
@@ -141,7 +129,7 @@ def _undefined_reason(metrics: Mapping, path: Sequence[str]) -> str | None:
     an earlier version) a reason saying so; None for a number or a missing key."""
     if (reason := _skip_reason(metrics, path)) is not None:
         return reason
-    value = _value_at(metrics, path)
+    value = value_at(metrics, path, MISSING)
     undefined = value is None or (isinstance(value, float) and math.isnan(value))
     return "undefined (null in the cell's metrics.json)" if undefined else None
 
@@ -441,6 +429,12 @@ def froc_curves(rows: Sequence[Mapping], metrics: Sequence[Mapping], group: str)
     return curves
 
 
+def _report_file(name: str) -> bool:
+    """Whether `name` is a file of DIR/report/, or the temporary file of one that an earlier
+    version, killed while writing it there, left (`.<name>.tmp-<pid>`)."""
+    return name in REPORT_FILES or any(name.startswith(f".{f}.tmp-") for f in REPORT_FILES)
+
+
 def write_report(
     study: Study, *, partial: bool = False, iterations: int = statistics.APPROXIMATE_ITERATIONS
 ) -> Path:
@@ -459,7 +453,7 @@ def write_report(
             file=sys.stderr,
         )
     out = study.root / "report"
-    if strays := foreign_entries(out, lambda name: name in REPORT_FILES):
+    if strays := foreign_entries(out, _report_file):
         raise StudyError(
             f"{out} holds {strays[0]}, which `study report` does not write; the folder is "
             "replaced whole, so move that out"

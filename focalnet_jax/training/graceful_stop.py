@@ -62,17 +62,22 @@ class SigtermStop:
     def __init__(self):
         self.received = False
         self._previous = None
+        self._wakeup_fd = -1
         self._installed = False
 
     def __enter__(self) -> SigtermStop:
         if threading.current_thread() is threading.main_thread():
+            # Not the process group's handler outside the loop (`group_failures`): its flag is
+            # set first, and no signal byte reaches its pipe while the loop takes SIGTERM.
+            LOOP_TAKES_SIGTERM.set()
             self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+            self._wakeup_fd = signal.set_wakeup_fd(-1)
             self._installed = True
-            LOOP_TAKES_SIGTERM.set()  # not the process group's handler outside the loop
         return self
 
     def __exit__(self, *exc_info) -> None:
         if self._installed:
+            signal.set_wakeup_fd(self._wakeup_fd)
             # None: the handler before was not Python's (it cannot be put back): the default.
             previous = signal.SIG_DFL if self._previous is None else self._previous
             signal.signal(signal.SIGTERM, previous)
