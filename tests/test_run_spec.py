@@ -4,6 +4,8 @@ of a valid one."""
 
 from __future__ import annotations
 
+import re
+
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -132,6 +134,21 @@ def test_valid_mfl_settings_with_mfl_off_leave_the_run_without_mfl():
 def test_invalid_config_names_the_key(overrides, message):
     with pytest.raises(ValueError, match=message):
         RunSpec.from_config(tiny_config(overrides=overrides))
+
+
+@pytest.mark.parametrize(
+    "key", ["optim.lr", "optim.momentum", "optim.weight_decay", "augment.max_shift", "loss.alpha",
+            "loss.gamma"],
+)  # fmt: skip
+def test_a_hyperparameter_of_none_is_refused(key):
+    """Set so in a config file (ml_collections takes None for any field; an override of None is
+    refused when parsed): None as the momentum trained plain SGD without a word, as the learning
+    rate failed inside optax's schedule."""
+    config = tiny_config()
+    section, name = key.split(".")
+    config[section][name] = None
+    with pytest.raises(ValueError, match=f"^{re.escape(key)}: expected a number, got None$"):
+        RunSpec.from_config(config)
 
 
 def test_a_bool_fold_is_refused():

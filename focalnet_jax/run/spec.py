@@ -26,7 +26,7 @@ from focalnet_jax.data import folds
 from focalnet_jax.data.preprocess_config import PreprocessConfig
 from focalnet_jax.data.store import component_channels
 from focalnet_jax.errors import UserError
-from focalnet_jax.losses.checks import check_scalar
+from focalnet_jax.losses.checks import check_scalar, concrete_real
 from focalnet_jax.models import (
     build_model,
     check_input_size,
@@ -263,14 +263,23 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _number(value, key: str, low: float, high: float | None = None) -> None:
+    """A config's hyperparameter: a finite number in [low, high] (`check_scalar`). None (a config
+    file's `config.optim.momentum = None`), a string or a bool is refused: None as the momentum
+    trained plain SGD without a word, as the learning rate failed inside optax's schedule."""
+    if concrete_real(value) is None:
+        raise ValueError(f"{key}: expected a number, got {value!r}")
+    check_scalar(value, key, low, high)
+
+
 def _check_loss(loss_config, components: Sequence[str]):
     """(LossSpec with hyperparameters bound, MFL subsets, lambda setting) of `loss_config`."""
     name = loss_config.name
     if name not in losses.LOSS_NAMES:
         raise ValueError(f"loss.name: unknown loss {name!r}; expected one of {losses.LOSS_NAMES}")
     takes = losses.get_loss(name).hyperparameters
-    check_scalar(loss_config.alpha, "loss.alpha", 0.0, 1.0)
-    check_scalar(loss_config.gamma, "loss.gamma", 0.0)
+    _number(loss_config.alpha, "loss.alpha", 0.0, 1.0)
+    _number(loss_config.gamma, "loss.gamma", 0.0)
     spec = losses.get_loss(name, **{k: loss_config[k] for k in takes if k in loss_config})
     _check_bound_options(spec)
     losses.check_mfl(name, bool(loss_config.mfl), bool(loss_config.get("mfl_any_loss", False)))
@@ -335,7 +344,7 @@ def _check_augment(augment) -> None:
     minval > maxval returns minval every time, so a reversed range or a negative shift limit
     would apply one fixed zoom or shift to every slice without a word; a zoom <= 0 or an upper
     T2w threshold moved by <= -100 % has no meaning."""
-    check_scalar(augment.max_shift, "augment.max_shift", 0.0, 1.0)
+    _number(augment.max_shift, "augment.max_shift", 0.0, 1.0)
     _check_range(augment.scale_range, "augment.scale_range", 0.0)
     _check_range(augment.intensity_range, "augment.intensity_range", -1.0)
 
@@ -375,9 +384,9 @@ def _optimizer(optim) -> tuple[optax.Schedule, optax.GradientTransformation]:
     """
     if not (isinstance(optim.decay_steps, int) and optim.decay_steps >= 1):
         raise ValueError(f"optim.decay_steps: expected a positive int, got {optim.decay_steps!r}")
-    check_scalar(optim.lr, "optim.lr", 0.0)
-    check_scalar(optim.momentum, "optim.momentum", 0.0, 1.0)
-    check_scalar(optim.weight_decay, "optim.weight_decay", 0.0)
+    _number(optim.lr, "optim.lr", 0.0)
+    _number(optim.momentum, "optim.momentum", 0.0, 1.0)
+    _number(optim.weight_decay, "optim.weight_decay", 0.0)
     rate = optim.decay_rate  # <= 0 zeroes the rate or flips its sign, > 1 grows it without end
     if isinstance(rate, bool) or not (isinstance(rate, int | float) and 0 < rate <= 1):
         raise ValueError(f"optim.decay_rate: expected a number in (0, 1], got {rate!r}")
