@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import locale
+import logging
 import re
 import shutil
 import struct
@@ -550,3 +551,35 @@ def test_a_flag_of_the_other_layout_is_refused(dataset, tmp_path, capfd):
     with pytest.raises(LayoutError, match="^--masks is not read with --layout manifest"):
         find_cases("manifest", ("t2w", "adc"), **listed, masks=str(dataset / "masks"))
     assert len(find_cases("manifest", ("t2w", "adc"), **listed)) == len(cases)
+
+
+def test_a_marksheet_with_no_row_for_the_cases_is_refused(dataset, tmp_path, caplog):
+    """Rows are matched by <patient_id>_<study_id>: a marksheet of other studies, or of ids a
+    float column wrote as `10000.0`, matched no case, and its values and the csPCa check of
+    unlabelled cases were dropped without a word. Integral float ids are now read as integers;
+    a marksheet matching no case is refused; cases without a row are warned of."""
+    text = (dataset / "marksheet.csv").read_text()
+    header, *rows = text.splitlines()
+    floats = tmp_path / "floats.csv"
+    floats.write_text(
+        "\n".join([header, *(re.sub(r"^(\d+),(\d+),", r"\1.0,\2.0,", r) for r in rows)]) + "\n"
+    )
+    images = dataset / "images"
+    cases = discover_picai(images, dataset / "labels", marksheet=floats)
+    assert all(case.meta for case in cases) and len(cases) == 2
+    other = tmp_path / "other.csv"
+    other.write_text(f"{header}\n" + "\n".join(re.sub(r"^1", "9", r) for r in rows) + "\n")
+    with pytest.raises(LayoutError) as refused:
+        discover_picai(images, dataset / "labels", marksheet=other)
+    first_case = cases[0].case_id
+    first_study = re.sub(r"^1", "9", first_case)
+    assert str(refused.value) == (
+        f"marksheet {other}: no row for any of the 2 cases (its first study is {first_study!r}, "
+        f"the first case {first_case!r}); rows are matched by <patient_id>_<study_id>: is it the "
+        "marksheet of these images?"
+    )
+    one = tmp_path / "one.csv"
+    one.write_text(f"{header}\n{rows[0]}\n")
+    with caplog.at_level(logging.WARNING, logger="focalnet_jax"):
+        assert len(discover_picai(images, dataset / "labels", marksheet=one)) == 2
+    assert f"marksheet {one} has no row for 1 of 2 cases: {cases[1].case_id}" in caplog.text

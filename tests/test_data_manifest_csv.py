@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from focalnet_jax.data.layouts import LayoutError, read_manifest, read_marksheet
+from focalnet_jax.data.layouts import LayoutError, read_manifest
+from focalnet_jax.data.picai_sources import read_marksheet
 from focalnet_jax.errors import UserError
 
 HEADER = "case_id,patient_id,t2w,adc,label"

@@ -34,6 +34,7 @@ from focalnet_jax.data.csv_tables import csv_rows, csv_text
 from focalnet_jax.data.io import IMAGE_SUFFIXES, CaseError, image_suffix
 from focalnet_jax.data.picai_sources import (
     LABEL_SUFFIXES,
+    check_marksheet_cases,
     check_unlabelled_case,
     find_file,
     label_folders,
@@ -41,6 +42,7 @@ from focalnet_jax.data.picai_sources import (
     missing_label,
     not_a_folder,
     picai_images,
+    read_marksheet,
 )
 from focalnet_jax.errors import LayoutError, UserError
 
@@ -72,31 +74,6 @@ def check_components(components: Sequence[str]) -> None:
             f"components {','.join(c)!r}: expected t2w first (the reference frame), then distinct "
             "others, e.g. 't2w,adc,hbv'"
         )
-
-
-def read_marksheet(path: str | os.PathLike) -> dict[str, dict]:
-    """PI-CAI marksheet -> {'<patient>_<study>': {column: value}}; columns found by name. A row
-    of empty cells (a spreadsheet's empty row) is skipped; a row with an empty `patient_id` or
-    `study_id` is an error naming its line (it matched no case: the study's values were lost),
-    as is a column named twice or a row with more cells than columns (`csv_rows`)."""
-    path = Path(path)
-    if not path.is_file():
-        raise LayoutError(f"marksheet {path} is not a file")
-    hint = "a value holding a comma, e.g. lesion_GS '3+3,4+3', must be in double quotes"
-    _, table = csv_rows(path, "marksheet", ("patient_id", "study_id"), hint)
-    rows, lines = {}, {}
-    for line, row in table:
-        empty = [c for c in ("patient_id", "study_id") if not row[c]]
-        if empty:
-            raise LayoutError(f"marksheet {path}, line {line}: empty {' and '.join(empty)}")
-        key = f"{row['patient_id']}_{row['study_id']}"
-        if key in rows and rows[key] != row:  # which one holds the truth is not ours to pick
-            raise LayoutError(
-                f"marksheet {path}, line {line}: study {key} is also on line {lines[key]}, "
-                "with other values; keep one row per study"
-            )
-        rows[key], lines[key] = row, lines.get(key, line)
-    return rows
 
 
 def check_layout_flags(layout: str, *, manifest=None, **picai_flags) -> None:
@@ -158,6 +135,7 @@ def discover_picai(
         raise LayoutError(not_a_folder("masks", masks))
     found = picai_images(images)
     sheet = read_marksheet(marksheet) if marksheet else {}
+    check_marksheet_cases(sheet, sorted(found), marksheet)
     cases, unlabelled_cases = [], []
     for case, (patient, folder, file) in sorted(found.items()):
         try:

@@ -13,13 +13,17 @@ PI-CAI's semi-supervised baseline prefers expert labels and fills in with AI-der
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
 
+from focalnet_jax.data.csv_tables import csv_rows
 from focalnet_jax.data.io import IMAGE_SUFFIXES, CaseError
 from focalnet_jax.errors import LayoutError
+
+log = logging.getLogger(__name__)
 
 PICAI_NAME = re.compile(r"^(?P<patient>[^_]+)_(?P<study>[^_]+)_(?P<component>[^_.]+)\.")
 # Labels and gland masks; `.dcm`: a DICOM SEG (`dicom_seg`; another DICOM file reads as one slice,
@@ -236,3 +240,55 @@ def marksheet_disagreements(records) -> list[str]:
                 f"{record['case_id']} (marksheet: {flag}, label max class {record['max_class']})"
             )
     return found
+
+
+def read_marksheet(path: str | os.PathLike) -> dict[str, dict]:
+    """PI-CAI marksheet -> {'<patient>_<study>': {column: value}}; columns found by name. A row
+    of empty cells (a spreadsheet's empty row) is skipped; a row with an empty `patient_id` or
+    `study_id` is an error naming its line (it matched no case: the study's values were lost),
+    as is a column named twice or a row with more cells than columns (`csv_rows`). Ids a
+    spreadsheet or pandas wrote as floats (`10000.0`) are read as the integers they are."""
+    path = Path(path)
+    if not path.is_file():
+        raise LayoutError(f"marksheet {path} is not a file")
+    hint = "a value holding a comma, e.g. lesion_GS '3+3,4+3', must be in double quotes"
+    _, table = csv_rows(path, "marksheet", ("patient_id", "study_id"), hint)
+    rows, lines = {}, {}
+    for line, row in table:
+        empty = [c for c in ("patient_id", "study_id") if not row[c]]
+        if empty:
+            raise LayoutError(f"marksheet {path}, line {line}: empty {' and '.join(empty)}")
+        key = f"{_id_text(row['patient_id'])}_{_id_text(row['study_id'])}"
+        if key in rows and rows[key] != row:  # which one holds the truth is not ours to pick
+            raise LayoutError(
+                f"marksheet {path}, line {line}: study {key} is also on line {lines[key]}, "
+                "with other values; keep one row per study"
+            )
+        rows[key], lines[key] = row, lines.get(key, line)
+    return rows
+
+
+def _id_text(value: str) -> str:
+    """A marksheet id as the file names spell it: `10000.0` (a float column's text) -> `10000`."""
+    return value[: value.index(".")] if re.fullmatch(r"\d+\.0+", value) else value
+
+
+def check_marksheet_cases(sheet: dict, case_ids: Sequence[str], marksheet) -> None:
+    """A `--marksheet` that has a row for none of `case_ids` is refused (one line naming its first
+    study and the first case): its values, and the csPCa check of unlabelled cases
+    (`check_unlabelled_case`), were dropped without a word. Cases without a row are warned of
+    (an image folder may hold part of a marksheet's studies, not studies it lacks)."""
+    if not sheet or not case_ids:
+        return
+    missing = [case for case in case_ids if case not in sheet]
+    if len(missing) == len(case_ids):
+        raise LayoutError(
+            f"marksheet {marksheet}: no row for any of the {len(case_ids)} cases (its first "
+            f"study is {next(iter(sheet))!r}, the first case {case_ids[0]!r}); rows are matched "
+            "by <patient_id>_<study_id>: is it the marksheet of these images?"
+        )
+    if missing:
+        log.warning(
+            "marksheet %s has no row for %d of %d cases: %s%s", marksheet, len(missing),
+            len(case_ids), ", ".join(missing[:5]), ", ..." if len(missing) > 5 else "",
+        )  # fmt: skip

@@ -267,8 +267,8 @@ def _normalised_channels(images, components, reference, cfg, case, centre, bladd
                 raise CaseError(
                     case,
                     components[name],
-                    f"{name} is constant between its {low:g}th and {high:g}th percentiles "
-                    f"({lo:g}): a blank series?",
+                    f"{name} is constant between its percentiles {low:g} and {high:g} "
+                    f"({lo:g}): a blank series?",  # not '1th'
                 )
             channels.append(intensity.normalise_percentiles(crop, lo, hi))
     return channels, t2w_reference
