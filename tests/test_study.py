@@ -26,6 +26,7 @@ import pytest
 from slurm_cluster import OneNodeCluster, missing_binaries
 from test_train_helpers import REPO, small_synthetic_store
 
+from focalnet_jax.file_lock import acquire_lock, release_lock
 from focalnet_jax.study.cells import RUN_LOCK
 from focalnet_jax.study.synthetic import focalnet
 from focalnet_jax.training.tb_logging import read_scalars
@@ -590,6 +591,10 @@ def _stale_copy(store: Path, tmp_path: Path) -> Path:
         # Two workers on one GPU (--dry-run: were it let through, nothing would run).
         (["--devices", "0,0", "--dry-run"], "--devices '0,0': GPU 0 is given twice"),
         (["--devices", "1,0,01", "--dry-run"], "--devices '1,0,01': GPU 1 is given twice"),
+        # More cells at once than GPUs: a dry run said "3 at once", a real run refused it only
+        # after recording the study.
+        (["--parallel", "3", "--devices", "0,1"], "--parallel 3: more than the 2 GPUs ['0', '1']"),
+        (["--parallel", "3", "--devices", "0,1", "--dry-run"], "--parallel 3: more than the 2"),
         (["--executor", "slurm", "--time", "banana"], "--time 'banana': expected a SLURM time"),
         (["--executor", "slurm", "--time", "1-2:3:4:5"], "--time '1-2:3:4:5': expected a SLURM"),
         # A flag of the other executor was ignored without a word.
@@ -606,6 +611,23 @@ def test_run_flags_are_checked_before_anything_is_written(spec_file, tmp_path, f
     message = _one_line_error("run", "--spec", str(spec_file), "--workdir", str(workdir), *flags)
     assert expected in message
     assert not workdir.exists()
+
+
+def test_a_run_refused_for_the_lock_records_nothing(spec_file, tmp_path):
+    """A `study run` refused because another holds the run lock recorded its grown spec first
+    (repeats 2 -> 3), which then could never be shrunk back. The spec is recorded under the lock."""
+    workdir = tmp_path / "s"
+    argv = ["run", "--spec", str(spec_file), "--workdir", str(workdir)]
+    _one_line_error(*argv, "--parallel", "0")  # refused: nothing made
+    assert not workdir.exists()
+    workdir.mkdir()
+    holder = acquire_lock(workdir / RUN_LOCK)
+    try:
+        message = _one_line_error(*argv, "--spec.repeats=3")
+    finally:
+        release_lock(holder)
+    assert "another `study run`" in message
+    assert not (workdir / "study.json").exists()
 
 
 def test_devices_outside_the_visible_gpus_are_refused(spec_file, tmp_path, monkeypatch):

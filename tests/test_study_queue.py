@@ -31,7 +31,7 @@ def _submitted_once(tmp_path) -> Study:
 
 @pytest.mark.parametrize("executor", ["local", "slurm"])
 def test_no_cell_is_started_while_squeue_cannot_say_whether_it_is_queued(
-    tmp_path, monkeypatch, executor
+    tmp_path, monkeypatch, capsys, executor
 ):
     """The local executor trained a cell whose SLURM task still waited in the queue when `squeue`
     did not answer (the guard held for `--executor slurm` only): two trainings, one folder."""
@@ -40,6 +40,13 @@ def test_no_cell_is_started_while_squeue_cannot_say_whether_it_is_queued(
     args = argparse.Namespace(executor=executor, dry_run=True, devices=None, parallel=1)
     with pytest.raises(StudyError, match="`squeue` did not answer.*nothing started or submitted"):
         commands._start_cells(study, args)
+    # `study status` shows the recorded state, and says why it may be out of date (it did not).
+    capsys.readouterr()
+    assert commands.cell_states(study) == {"ce/rep0/fold0": ("pending", "99_0")}
+    assert capsys.readouterr().err == (
+        "warning: `squeue` did not answer: cells submitted to SLURM show their last recorded "
+        "state (a queued cell reads pending)\n"
+    )
     monkeypatch.setattr(slurm, "queue_states", lambda ids: {"99_0": "PENDING"})
     assert commands.cell_states(study) == {"ce/rep0/fold0": ("queued", "99_0")}
 

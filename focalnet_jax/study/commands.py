@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import sys
 from pathlib import Path
 from typing import IO
 
@@ -75,9 +76,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 SLURM_FLAGS = ("partition", "time", "gpus", "cpus", "throttle")  # and --sbatch, a list
 
 
-def _open_or_create(args: argparse.Namespace) -> Study:
+def _open_or_create(args: argparse.Namespace, *, write: bool = True) -> Study:
     """The study of `--workdir` (recorded from `--spec` where given), its inputs checked against
-    those recorded (`check_inputs`) before anything is written."""
+    those recorded (`check_inputs`) before anything is written; `write=False` (or a dry run):
+    the same checks, nothing written."""
     if args.spec is None:
         if args.overrides:
             raise StudyError(f"{args.overrides[0]}: --spec overrides need --spec FILE")
@@ -85,7 +87,7 @@ def _open_or_create(args: argparse.Namespace) -> Study:
         check_inputs(study.plain, study.root / STUDY_FILE)
         return study
     plain = validate(load_spec(args.spec, args.overrides), args.spec)
-    if args.dry_run:  # the same checks as a real run, nothing written
+    if args.dry_run or not write:
         return Study(args.workdir, Study.check_recorded(args.workdir, plain))
     return Study.create(args.workdir, plain)
 
@@ -160,13 +162,18 @@ def cell_states(
     adopted = slurm.adopt_unrecorded(study, record=record, strict=need_queue or record)
     tasks = slurm.task_ids([*slurm.read_jobs(study), *([] if record else adopted)])
     queue = slurm.queue_states(list(tasks.values()))
-    if need_queue and queue is None:
-        submitted = [c for c in study.cells() if c.name in tasks]
-        if any(study.state(c).state != "done" for c in submitted):
+    submitted = [c for c in study.cells() if c.name in tasks] if queue is None else []
+    if any(study.state(c).state != "done" for c in submitted):
+        if need_queue:
             raise StudyError(
                 f"{study.root}: `squeue` did not answer, so which submitted cells are still "
                 "queued is unknown; nothing started or submitted (run again where `squeue` works)"
             )
+        print(  # `study status`
+            "warning: `squeue` did not answer: cells submitted to SLURM show their last "
+            "recorded state (a queued cell reads pending)",
+            file=sys.stderr,
+        )
     states = {}
     for cell in study.cells():
         state = study.state(cell)
@@ -190,11 +197,31 @@ def _run(args: argparse.Namespace) -> int:
     if reason := picai.available():  # each cell would train, then leave out three of the four
         raise StudyError(f"{reason}: the report compares arms on picai_eval's metrics")
     check_output_folder(args.workdir, "--workdir")  # a dry run too: as the real run would
-    study = _open_or_create(args)
+    study = _open_or_create(args, write=False)  # every check, nothing written
+    if args.executor == "local":
+        _local_slots(args)
     if args.dry_run:  # writes nothing, so it needs no lock (and the folder may not exist yet)
         return _start_cells(study, args)
-    with run_lock(study.root) as lock:
-        return _start_cells(study, args, lock)
+    # The spec is recorded under the lock: a run refused because another holds it changes
+    # nothing (a grown spec recorded then could never be shrunk back).
+    Path(args.workdir).mkdir(parents=True, exist_ok=True)
+    with run_lock(args.workdir) as lock:
+        return _start_cells(_open_or_create(args), args, lock)
+
+
+def _local_slots(args: argparse.Namespace) -> tuple[list[str], int]:
+    """(GPU ids, cells at once) of a local run: `--devices`, else the GPUs this host sees, and
+    `--parallel` (default one per GPU); more cells at once than GPUs is refused (`StudyError`),
+    before anything is written and by a dry run too."""
+    from focalnet_jax.study import local
+
+    devices = args.devices.split(",") if args.devices else local.visible_gpus()
+    parallel = local.worker_slots(args.parallel, devices)
+    if devices and parallel > len(devices):
+        raise StudyError(
+            f"--parallel {parallel}: more than the {plural(len(devices), 'GPU')} {devices}"
+        )
+    return devices, parallel
 
 
 def _start_cells(study: Study, args: argparse.Namespace, lock: IO[str] | None = None) -> int:
@@ -225,8 +252,7 @@ def _start_cells(study: Study, args: argparse.Namespace, lock: IO[str] | None = 
                 f"submitted job array {job} ({plural(len(todo), 'task')}); `focalnet study status`"
             )
         return 0
-    devices = args.devices.split(",") if args.devices else local.visible_gpus()
-    parallel = local.worker_slots(args.parallel, devices)
+    devices, parallel = _local_slots(args)
     if args.dry_run:
         for cell in todo:
             print(shlex.join(local.cell_argv(study, cell)))
