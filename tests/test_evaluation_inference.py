@@ -438,7 +438,8 @@ def test_batch_from_a_manifest_without_labels(cv, tmp_path):
                             "new folder or add --overwrite to replace it")  # fmt: skip
     run_cli([*argv, "--overwrite"])
     cases = {exam(cv["data"], i)["case"] for i in (0, 2)}
-    assert {p.name for p in out.iterdir()} == cases | {"models.json", "crop_centres.json"}
+    assert {p.name for p in out.iterdir()} == cases | {"models.json", "crop_centres.json",
+                                                       "inputs.json"}  # fmt: skip
     centres = json.loads((out / "crop_centres.json").read_text())  # old-case is gone
     assert centres == {
         exam(cv["data"], i)["case"]: f"prostate mask {Path(exam(cv['data'], i)['mask']).resolve()}"

@@ -28,6 +28,7 @@ from focalnet_jax.evaluation.partial_output import (
     partial_folder,
     partial_output,
     record_crop_centres,
+    record_inputs,
     write_case_folder,
 )
 from focalnet_jax.file_lock import exclusive_lock
@@ -124,19 +125,23 @@ def _predict_here(out: Path, name: str, overwrite: bool = False) -> None:
     settings = {"models": [{"run": "r", "step": 2}], "tta": "none"}
     with partial_output(out, settings, resume=False, overwrite=overwrite) as (partial, _, _):
         record_crop_centres(partial, set(), dict.fromkeys(("case0", "case1"), "T2w volume centre"))
+        record_inputs(partial, set(), dict.fromkeys(("case0", "case1"), {}))
         for case in ("case0", "case1"):
             write_case_folder(partial, case, lambda folder: (folder / "run.txt").write_text(name))
 
 
 def _written_by(out: Path) -> dict[str, str]:
-    """{entry of `out`: the run named in it} ("" for models.json and crop_centres.json)."""
+    """{entry of `out`: the run named in it} ("" for models.json, crop_centres.json and
+    inputs.json)."""
     return {
         p.name: (p / "run.txt").read_text() if p.is_dir() else "" for p in sorted(out.iterdir())
     }
 
 
 def _by(name: str) -> dict[str, str]:
-    return {"case0": name, "case1": name, "crop_centres.json": "", "models.json": ""}
+    return {
+        "case0": name, "case1": name, "crop_centres.json": "", "inputs.json": "", "models.json": ""
+    }  # fmt: skip
 
 
 def _no_lock_left(out: Path) -> None:

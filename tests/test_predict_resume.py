@@ -195,6 +195,19 @@ def test_resume_refuses_other_settings_and_a_partial_another_run_writes(
         "give the same --masks or manifest centres, or add --overwrite (without --resume) to "
         "start over"
     ), message
+    # Other images under the same case ids (a series exported again, another --images): the
+    # finished cases were kept beside cases of the new images. A copy with its times is taken.
+    other = shutil.copytree(tiny["data"] / "images", tmp_path / "other")
+    t2w = next((other / first.split("_")[0]).glob(f"{first}_t2w.*"))
+    image = sitk.ReadImage(str(t2w))
+    sitk.WriteImage(image + 1.0, str(t2w))
+    message = cli_error([*_predict(tiny["run"], other, out), "--resume"])
+    assert f"--resume: case {first} of {partial_folder(out)} was predicted from another t2w (" in (
+        message
+    )
+    assert message.endswith(
+        "resume with the same input files, or add --overwrite (without --resume) to start over"
+    )
     with exclusive_lock(lock_file(out)):
         message = cli_error([*predict, "--resume"])
     assert message.endswith(

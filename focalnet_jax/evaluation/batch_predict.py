@@ -47,8 +47,10 @@ from focalnet_jax.evaluation.inference import pooled_predictions
 from focalnet_jax.evaluation.partial_output import (
     ERRORS_FILE,
     crop_centre_source,
+    input_files,
     partial_output,
     record_crop_centres,
+    record_inputs,
     recorded_settings,
     write_case_folder,
 )
@@ -182,10 +184,12 @@ def predict_cases(
     options = {"threshold": threshold, "candidates": candidates, "grades": grade_outputs(models)}
     settings = recorded_settings(models.describe(), threshold, candidates, dicom=dicom)
     centres = {spec.case_id: crop_centre_source(spec.mask, spec.center) for spec in cases}
+    inputs = {spec.case_id: input_files({**spec.components, "mask": spec.mask}) for spec in cases}
     with partial_output(out, settings, resume=resume, overwrite=overwrite) as taken:
         partial, done, failed = taken
         kept = _check_finished(partial, done, cases)
         record_crop_centres(partial, done, centres)
+        record_inputs(partial, done, inputs)
         if failed:
             log.info(
                 "retrying %s that failed before: %s", plural(len(failed), "case"), ", ".join(failed)

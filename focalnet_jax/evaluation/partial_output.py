@@ -10,6 +10,9 @@ Ctrl-C, SIGTERM or a time limit keeps the cases it finished, and `--resume` cont
 - `<out>.partial/crop_centres.json`: how each case's crop is centred (its prostate mask, a given
   point, or the T2w volume centre); `--resume` refuses a finished case that would be centred
   otherwise now (other `--masks`).
+- `<out>.partial/inputs.json`: the files each case is predicted from (their count, size and
+  latest modification time); `--resume` refuses a finished case whose files differ now (other
+  `--images`, a series exported again).
 - `<out>.partial/<case_id>/`: a finished case. It is written in `.<case_id>.tmp-<pid>/` and
   renamed, so a reader (and `--resume`) never finds half a case; the leftovers of a killed
   writer (those folders, and `.<file>.tmp-<pid>` files of errors.csv or models.json) are removed
@@ -55,6 +58,7 @@ log = logging.getLogger(__name__)
 LOCK_FILE = ".predict.lock"  # named `.<out>.predict.lock` beside --out (`lock_file`)
 ERRORS_FILE = "errors.csv"
 CENTRES_FILE = "crop_centres.json"  # case id -> how its crop was centred (`record_crop_centres`)
+INPUTS_FILE = "inputs.json"  # case id -> the files it was predicted from (`record_inputs`)
 WRITER = "focalnet predict"
 
 
@@ -121,21 +125,71 @@ def record_crop_centres(partial: Path, done: set[str], centres: dict[str, str]) 
     refusing (one line) a resume where a finished case of `done` was cropped around another
     centre than it would be now (other --masks, or manifest centres): its outputs would not be
     those of one run. A partial of an earlier version, without the file, is not checked."""
-    path = partial / CENTRES_FILE
+
+    def refusal(case: str, recorded, now) -> str:
+        return (
+            f"--resume: case {case} of {partial} was cropped around the "
+            f"{recorded or 'centre it did not record'}, and would be around the {now} now; give "
+            "the same --masks or manifest centres, or add --overwrite (without --resume) to start "
+            "over"
+        )
+
+    _record_per_case(partial / CENTRES_FILE, done, centres, refusal)
+
+
+def input_files(files: dict[str, str | None]) -> dict[str, str]:
+    """{name: '<n> file(s), <bytes> bytes, modified <ns>'} of a case's input files or DICOM
+    folders (`files`: component or 'mask' -> path; None left out), from their sizes and latest
+    modification time (no file is read; a folder moved or copied with its times is the same), as
+    `INPUTS_FILE` records them."""
+    found = {}
+    for name, path in files.items():
+        if not path:
+            continue
+        path = Path(path)
+        if path.is_dir():  # a DICOM series
+            stats = [p.stat() for p in sorted(path.rglob("*")) if p.is_file()]
+        else:
+            stats = [path.stat()] if path.is_file() else []
+        size, modified = (
+            sum(s.st_size for s in stats),
+            max((s.st_mtime_ns for s in stats), default=0),
+        )
+        found[name] = f"{plural(len(stats), 'file')}, {size} bytes, modified {modified}"
+    return found
+
+
+def record_inputs(partial: Path, done: set[str], inputs: dict[str, dict[str, str]]) -> None:
+    """Writes `inputs` (case id -> `input_files`) as the partial's `INPUTS_FILE`, after refusing
+    (one line) a resume where a finished case of `done` was predicted from other files than it
+    would be now (other --images, a series exported again): its outputs would not be those of
+    one run. A partial of an earlier version, without the file, is not checked."""
+
+    def refusal(case: str, recorded, now) -> str:
+        recorded = recorded or {}
+        name = next(n for n in sorted({*recorded, *now}) if recorded.get(n) != now.get(n))
+        return (
+            f"--resume: case {case} of {partial} was predicted from another {name} "
+            f"({recorded.get(name, 'none')}; now {now.get(name, 'none')}); resume with the same "
+            "input files, or add --overwrite (without --resume) to start over"
+        )
+
+    _record_per_case(partial / INPUTS_FILE, done, inputs, refusal)
+
+
+def _record_per_case(path: Path, done: set[str], values: dict, refusal) -> None:
+    """Writes `values` (case id -> what a finished case was made with) to `path`, after refusing
+    the first finished case of `done` whose recorded value differs (`refusal(case, recorded,
+    now)` -> the line), where `path` exists."""
     if done and path.is_file():
         try:
             recorded = json.loads(path.read_text())
         except (OSError, ValueError) as error:
             raise UserError(f"--resume: {path} cannot be read ({error})") from None
-        for case in sorted(done & set(centres)):
-            if recorded.get(case) != centres[case]:
-                raise UserError(
-                    f"--resume: case {case} of {partial} was cropped around the "
-                    f"{recorded.get(case, 'centre it did not record')}, and would be around the "
-                    f"{centres[case]} now; give the same --masks or manifest centres, or add "
-                    "--overwrite (without --resume) to start over"
-                )
-    write_json_atomic(centres, path)
+        for case in sorted(done & set(values)):
+            if recorded.get(case) != values[case]:
+                raise UserError(refusal(case, recorded.get(case), values[case]))
+    write_json_atomic(values, path)
 
 
 def finished_cases(partial: Path) -> set[str]:
