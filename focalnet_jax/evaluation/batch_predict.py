@@ -190,8 +190,8 @@ def predict_cases(
         kept = _check_finished(partial, done, cases)
         record_crop_centres(partial, done, centres)
         record_inputs(partial, done, inputs)
-        if failed:
-            log.info(
+        if failed:  # a warning: printed without a logging setup, as docs/evaluation.md says
+            log.warning(
                 "retrying %s that failed before: %s", plural(len(failed), "case"), ", ".join(failed)
             )
         todo = [spec for spec in cases if spec.case_id not in done]

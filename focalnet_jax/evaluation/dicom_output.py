@@ -253,7 +253,7 @@ def write_seg(
     for a model of lesion against no lesion, whose candidates are lesions of any grade."""
     labels, confidences = candidate_labels(sitk.GetArrayFromImage(detection_map))
     if not confidences:
-        log.info(
+        log.warning(  # printed: the user looks for the file
             "%s: no lesion candidate, %s not written (a SEG needs a segment)", case_id, SEG_FILE
         )
         return None
