@@ -578,6 +578,10 @@ def test_a_marksheet_with_no_row_for_the_cases_is_refused(dataset, tmp_path, cap
         f"the first case {first_case!r}); rows are matched by <patient_id>_<study_id>: is it the "
         "marksheet of these images?"
     )
+    empty = tmp_path / "empty.csv"  # a header-only export: no row at all
+    empty.write_text(f"{header}\n,,\n")
+    with pytest.raises(LayoutError, match=r"no row for any of the 2 cases \(it has no study row,"):
+        discover_picai(images, dataset / "labels", marksheet=empty)
     one = tmp_path / "one.csv"
     one.write_text(f"{header}\n{rows[0]}\n")
     with caplog.at_level(logging.WARNING, logger="focalnet_jax"):

@@ -24,6 +24,7 @@ import pytest
 from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation.partial_output import (
     LOCK_FILE,
+    input_files,
     lock_file,
     partial_folder,
     partial_output,
@@ -229,3 +230,31 @@ def test_the_lock_an_earlier_version_left_in_the_partial_is_refused_while_held(t
     _predict_here(out, "second", overwrite=True)
     assert _written_by(out) == _by("second")
     _no_lock_left(out)
+
+
+def test_the_input_record_is_of_the_files_the_readers_read(tmp_path):
+    """`--resume` compares each finished case's `input_files`: a hidden file in a DICOM folder
+    (a macOS `._*` copy, `.DS_Store`) or a copy keeping times to the second (tar) refused an
+    unchanged case, and the pixels of a `.mhd` header's data file exported again went unseen."""
+    series = tmp_path / "t2w"
+    series.mkdir()
+    for name in ("1.dcm", "2.dcm"):
+        (series / name).write_bytes(b"x" * 100)
+    os.utime(series / "2.dcm", ns=(1_700_000_000_250_000_000, 1_700_000_000_250_000_000))
+    os.utime(series / "1.dcm", ns=(1_600_000_000_000_000_000, 1_600_000_000_000_000_000))
+    before = input_files({"t2w": str(series), "mask": None})
+    assert before == {"t2w": "2 files, 200 bytes, modified 1700000000"}
+    (series / "._1.dcm").write_bytes(b"AppleDouble")
+    (series / "sub").mkdir()
+    (series / "sub" / "3.dcm").write_bytes(b"y")
+    os.utime(series / "2.dcm", ns=(1_700_000_000_000_000_000, 1_700_000_000_000_000_000))
+    assert input_files({"t2w": str(series)}) == before
+    header = tmp_path / "adc.mhd"
+    header.write_text(
+        "NDims = 3\nDimSize = 2 2 1\nElementType = MET_UCHAR\nElementDataFile = adc.raw\n"
+    )
+    (tmp_path / "adc.raw").write_bytes(bytes(4))
+    first = input_files({"adc": str(header)})
+    assert first["adc"].startswith("2 files, ")
+    os.utime(tmp_path / "adc.raw", (2_000_000_000, 2_000_000_000))  # the data exported again
+    assert input_files({"adc": str(header)})["adc"].endswith("modified 2000000000")

@@ -105,6 +105,23 @@ def _metaimage_shortfall(path: Path) -> str | None:
         return None
 
 
+def metaimage_data_file(path: str | os.PathLike) -> Path | None:
+    """The separate data file a `.mhd` header names (`ElementDataFile`); None for another file,
+    data in the header's own file (LOCAL), a slice list or pattern, or a header not read."""
+    path = Path(path)
+    if not path.name.lower().endswith(".mhd"):
+        return None
+    try:
+        with path.open("rb") as f:
+            lines = (raw.decode("latin-1").partition("=") for raw in f)
+            value = next((v.strip() for k, _, v in lines if k.strip() == "ElementDataFile"), "")
+    except OSError:
+        return None
+    if value in ("", "LOCAL") or value.startswith("LIST") or "%" in value or " " in value:
+        return None
+    return path.parent / value
+
+
 def _metaimage_truncation(path: Path) -> str | None:
     """Why a MetaImage (one `.mha`, or a `.mhd` header and the one data file it names) holds
     fewer data bytes than its header promises, or None."""

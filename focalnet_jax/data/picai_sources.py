@@ -278,14 +278,15 @@ def check_marksheet_cases(sheet: dict, case_ids: Sequence[str], marksheet) -> No
     study and the first case): its values, and the csPCa check of unlabelled cases
     (`check_unlabelled_case`), were dropped without a word. Cases without a row are warned of
     (an image folder may hold part of a marksheet's studies, not studies it lacks)."""
-    if not sheet or not case_ids:
+    if marksheet is None or not case_ids:
         return
     missing = [case for case in case_ids if case not in sheet]
     if len(missing) == len(case_ids):
+        first = f"its first study is {next(iter(sheet))!r}" if sheet else "it has no study row"
         raise LayoutError(
-            f"marksheet {marksheet}: no row for any of the {len(case_ids)} cases (its first "
-            f"study is {next(iter(sheet))!r}, the first case {case_ids[0]!r}); rows are matched "
-            "by <patient_id>_<study_id>: is it the marksheet of these images?"
+            f"marksheet {marksheet}: no row for any of the {len(case_ids)} cases ({first}, the "
+            f"first case {case_ids[0]!r}); rows are matched by <patient_id>_<study_id>: is it "
+            "the marksheet of these images?"
         )
     if missing:
         log.warning(

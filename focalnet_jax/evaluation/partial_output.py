@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import IO
 
 from focalnet_jax.data.atomic_files import check_replaceable, sync_folder, write_json_atomic
+from focalnet_jax.data.io import metaimage_data_file
 from focalnet_jax.data.writer_folders import (
     remove_dead_leftovers,
     restore_moved_aside,
@@ -138,23 +139,24 @@ def record_crop_centres(partial: Path, done: set[str], centres: dict[str, str]) 
 
 
 def input_files(files: dict[str, str | None]) -> dict[str, str]:
-    """{name: '<n> file(s), <bytes> bytes, modified <ns>'} of a case's input files or DICOM
-    folders (`files`: component or 'mask' -> path; None left out), from their sizes and latest
-    modification time (no file is read; a folder moved or copied with its times is the same), as
-    `INPUTS_FILE` records them."""
+    """{name: '<n> file(s), <bytes> bytes, modified <s>'} of a case's input files (`files`:
+    component or 'mask' -> path; None left out): a file (with the data file a `.mhd` header
+    names), or the files a DICOM folder's reader looks at (its own, not hidden ones such as
+    macOS `._*` copies), from their sizes and latest modification time in whole seconds (no file
+    is read; data moved or copied keeping its times, also to the second as tar does, is the
+    same), as `INPUTS_FILE` records them."""
     found = {}
     for name, path in files.items():
         if not path:
             continue
         path = Path(path)
         if path.is_dir():  # a DICOM series
-            stats = [p.stat() for p in sorted(path.rglob("*")) if p.is_file()]
+            read = [p for p in sorted(path.iterdir()) if p.is_file() and not p.name.startswith(".")]
         else:
-            stats = [path.stat()] if path.is_file() else []
-        size, modified = (
-            sum(s.st_size for s in stats),
-            max((s.st_mtime_ns for s in stats), default=0),
-        )
+            read = [p for p in (path, metaimage_data_file(path)) if p is not None and p.is_file()]
+        stats = [p.stat() for p in read]
+        size = sum(s.st_size for s in stats)
+        modified = max((int(s.st_mtime) for s in stats), default=0)
         found[name] = f"{plural(len(stats), 'file')}, {size} bytes, modified {modified}"
     return found
 
