@@ -98,6 +98,10 @@ INVALID = [
         ["--config.loss.name=ce_focal", "--config.loss.mfl=False", "--config.loss.weights=(1.0,)"],
         r"^loss\.weights: expected two finite non-negative numbers",
     ),
+    (  # loss 0 and gradient 0 everywhere: an arm that trains nothing
+        ["--config.loss.name=ce_focal", "--config.loss.mfl=False", "--config.loss.weights=(0,0)"],
+        r"^loss\.weights: at least one term must weigh more than 0, got \(0, 0\)",
+    ),
     (
         [
             "--config.loss.name=soft_dice",
@@ -134,6 +138,15 @@ def test_valid_mfl_settings_with_mfl_off_leave_the_run_without_mfl():
 def test_invalid_config_names_the_key(overrides, message):
     with pytest.raises(ValueError, match=message):
         RunSpec.from_config(tiny_config(overrides=overrides))
+
+
+def test_a_loss_option_the_loss_does_not_take_is_refused_in_a_config_made_in_python():
+    """`load_config` refused it; a config built in Python (a notebook, `train_and_evaluate`)
+    trained plain CE while its `alpha` was believed applied."""
+    config = tiny_config(overrides=["--config.loss.name=sigmoid_ce", "--config.loss.mfl=False"])
+    config.loss.alpha = 0.25
+    with pytest.raises(ValueError, match=r"^loss\.alpha=0\.25: loss 'sigmoid_ce' does not take"):
+        RunSpec.from_config(config)
 
 
 @pytest.mark.parametrize(

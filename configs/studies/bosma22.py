@@ -16,6 +16,11 @@ P(class >= k) maps per repeat and fold).
   left out; `loss.dice_background=False` does it for a softmax output), 1:1 with nnU-Net's CE,
   which averages the 5 bits where `sigmoid_ce` sums them: `loss.weights=(0.2, 1.0)`.
 
+Inputs and slices are FocalNet's (`configs/focalnet.py`): T2w and ADC, and the slices with a
+lesion ROI (`data.slices='annotated'`); Bosma et al. train on bpMRI (T2w, ADC, high-b DWI) and
+whole exams: `--spec.common.data.components="('t2w','adc','hbv')"` and
+`--spec.common.data.slices=all` on a store with `hbv`.
+
 Command (STORE from `focalnet preprocess`):
     focalnet study run --spec configs/studies/bosma22.py:STORE --workdir runs/bosma22 \
         --executor slurm --gpus 1 --time 08:00:00 --throttle 16

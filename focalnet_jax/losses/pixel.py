@@ -223,6 +223,8 @@ def _check_weights(weights) -> tuple[float, float]:
     values = tuple(concrete_real(w) for w in given)
     if len(given) != 2 or any(w is None or not (0 <= w < math.inf) for w in values):
         raise ValueError(f"weights: expected two finite non-negative numbers, got {given!r}")
+    if not any(values):  # a loss of 0 everywhere: nothing trained, an arm reported as real
+        raise ValueError(f"weights: at least one term must weigh more than 0, got {given!r}")
     return values
 
 

@@ -283,6 +283,7 @@ def _check_loss(loss_config, components: Sequence[str]):
     spec = losses.get_loss(name, **{k: loss_config[k] for k in takes if k in loss_config})
     _check_bound_options(spec)
     losses.check_mfl(name, bool(loss_config.mfl), bool(loss_config.get("mfl_any_loss", False)))
+    losses.check_loss_options(name, loss_config)  # also for a config made in Python, not loaded
     if loss_config.mfl_mode not in losses.MFL_MODES:
         raise ValueError(
             f"loss.mfl_mode: expected one of {losses.MFL_MODES}, got {loss_config.mfl_mode!r}"
