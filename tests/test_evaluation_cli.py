@@ -774,3 +774,17 @@ def test_evaluate_workdir_dot_names_the_method_after_the_run_folder(tmp_path, mo
     assert method_label(None, Path(".")) == "fold0"
     assert method_label("mine", Path(".")) == "mine"
     assert method_label(None, None) == "model"
+
+
+def test_the_report_names_the_hit_radius_it_was_evaluated_with(tmp_path):
+    """`--radius-mm 10` computed every table with a 10 mm hit rule; the report (and a summary of
+    such folds) said "5 mm same-slice hit rule", the paper's."""
+    predictions, out = tmp_path / "predictions", tmp_path / "eval"
+    write_cohort(predictions)
+    run_cli(_evaluate_argv(predictions, out, "--radius-mm", "10"))
+    lines = (out / "report.md").read_text().splitlines()
+    assert "## Paper protocol (2D local maxima, 10 mm same-slice hit rule)" in lines
+    assert "### GS prediction: ROC AUC of the 12 highest detections per case" in lines
+    run_cli(["summarize", "--runs", f"A={out}", "--out", str(tmp_path / "s")])
+    summary = (tmp_path / "s" / "summary.md").read_text().splitlines()
+    assert "## Paper protocol (2D local maxima, 10 mm same-slice hit rule)" in summary

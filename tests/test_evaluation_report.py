@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from test_evaluation_froc import make_case, three_patients
 
@@ -89,3 +90,22 @@ def test_evaluations_of_predictions_made_with_other_tta_or_candidates_are_not_po
     with pytest.raises(UserError, match="models.candidates"):
         check_settings({"a": flip, "b": other})
     check_settings({"a": flip, "b": {"settings": settings}, "c": dict(flip)})  # no models.json
+
+
+def test_a_method_keeps_its_colour_in_a_panel_where_another_has_no_curve(tmp_path):
+    """Summary figures coloured curves by their place in each panel, leaving out methods without
+    a curve there (no lesion of the group, no ROC positive): B was orange in one panel and blue
+    in the next. A method's colour is now its place among all methods."""
+    import matplotlib.pyplot as plt
+
+    from focalnet_jax.evaluation import figures
+
+    curve = figures.Curve(x=np.array([0.1, 1.0]), y=np.array([0.5, 0.8]))
+    fig, ax = plt.subplots()
+    figures._draw_all(ax, {"A": None, "B": curve})
+    (line,) = ax.get_lines()
+    assert line.get_color() == "C1" and line.get_label() == "B"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["B"]
+    plt.close(fig)
+    path = figures.froc_figure(tmp_path / "f.png", {"GS 4+3": {"A": None, "B": curve}})
+    assert path.is_file()

@@ -65,6 +65,15 @@ def _draw(ax, label: str, curve: Curve, colour) -> None:
         ax.fill_between(curve.x, curve.lower, curve.upper, color=colour, alpha=0.2, linewidth=0)
 
 
+def _draw_all(ax, curves: Mapping[str, Curve | None]) -> None:
+    """Each curve in the colour of its place among `curves` (None: none drawn), and a legend."""
+    for i, (label, curve) in enumerate(curves.items()):
+        if curve is not None:
+            _draw(ax, label, curve, f"C{i}")
+    if any(curve is not None for curve in curves.values()):
+        ax.legend(loc="lower right", fontsize="small")
+
+
 def _grid(num_panels: int, width: float = 4.0):
     cols = min(num_panels, 4)
     rows = -(-num_panels // cols)
@@ -74,12 +83,13 @@ def _grid(num_panels: int, width: float = 4.0):
     return fig, axes.flat
 
 
-def froc_figure(path: str | Path, panels: Mapping[str, Mapping[str, Curve]]) -> Path:
-    """One panel per lesion group (title -> {method label -> curve}); log FP axis 0.01..10."""
+def froc_figure(path: str | Path, panels: Mapping[str, Mapping[str, Curve | None]]) -> Path:
+    """One panel per lesion group (title -> {method label -> curve}); log FP axis 0.01..10. A
+    method's colour is its place among the labels, so None (no curve in that panel) keeps the
+    others' colours the same in every panel."""
     fig, axes = _grid(len(panels))
     for ax, (title, curves) in zip(axes, panels.items(), strict=False):
-        for i, (label, curve) in enumerate(curves.items()):
-            _draw(ax, label, curve, f"C{i}")
+        _draw_all(ax, curves)
         ax.set_xscale("log")
         ax.set_xlim(*FP_RANGE)
         ax.set_ylim(0, 1.02)
@@ -87,26 +97,22 @@ def froc_figure(path: str | Path, panels: Mapping[str, Mapping[str, Curve]]) -> 
         ax.set_ylabel("Sensitivity")
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
-        if curves:
-            ax.legend(loc="lower right", fontsize="small")
     return save_png(fig, path)
 
 
-def roc_figure(path: str | Path, panels: Mapping[str, Mapping[str, Curve]]) -> Path:
-    """One panel per GS task (title -> {label (with AUC) -> curve}), with the chance diagonal."""
+def roc_figure(path: str | Path, panels: Mapping[str, Mapping[str, Curve | None]]) -> Path:
+    """One panel per GS task (title -> {label (with AUC) -> curve}, None as in `froc_figure`),
+    with the chance diagonal."""
     fig, axes = _grid(len(panels))
     for ax, (title, curves) in zip(axes, panels.items(), strict=False):
         ax.plot([0, 1], [0, 1], color="0.7", linestyle="--", linewidth=1)
-        for i, (label, curve) in enumerate(curves.items()):
-            _draw(ax, label, curve, f"C{i}")
+        _draw_all(ax, curves)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1.02)
         ax.set_aspect("equal")
         ax.set_xlabel("False positive rate")
         ax.set_ylabel("True positive rate")
         ax.set_title(title)
-        if curves:
-            ax.legend(loc="lower right", fontsize="small")
     return save_png(fig, path)
 
 

@@ -249,9 +249,13 @@ def _cohort(runs: Mapping[str, Sequence[Mapping]]) -> list[str]:
 
 
 def _paper_protocol(runs: Mapping[str, Sequence[Mapping]]) -> list[str]:
-    """Tables II and III, sensitivity at 1 FP and partial AUCs, GS ROC AUCs."""
+    """Tables II and III, sensitivity at 1 FP and partial AUCs, GS ROC AUCs; the hit radius and
+    the detections per case in the headings are the evaluation's (`settings`: every fold's, by
+    `check_settings`; the paper's 5 mm and 12 where a file records none)."""
+    settings = next(iter(runs.values()))[0].get("settings") or {}
+    radius, detections = settings.get("radius_mm", 5.0), settings.get("roc_detections", 12)
     return [
-        "## Paper protocol (2D local maxima, 5 mm same-slice hit rule)",
+        f"## Paper protocol (2D local maxima, {radius:g} mm same-slice hit rule)",
         "",
         "### False positives per patient at given sensitivity (Table II)",
         "",
@@ -277,7 +281,7 @@ def _paper_protocol(runs: Mapping[str, Sequence[Mapping]]) -> list[str]:
             ],
         ),
         "",
-        "### GS prediction: ROC AUC of the 12 highest detections per case",
+        f"### GS prediction: ROC AUC of the {detections} highest detections per case",
         "",
         *_table(runs, [(t, ("roc", task, "auc")) for task, t in ROC_TITLES.items()]),
         "",

@@ -246,9 +246,8 @@ def write_band_figures(folds: Mapping[str, list[dict]], out_dir: Path) -> list[P
 
     def froc_panels(panels):
         result = {}
-        for title, group in panels:
-            curves = {name: _froc_band(fm, group) for name, fm in folds.items()}
-            result[title] = {name: c for name, c in curves.items() if c is not None}
+        for title, group in panels:  # None kept: each method keeps its colour in every panel
+            result[title] = {name: _froc_band(fm, group) for name, fm in folds.items()}
         return result
 
     roc_panels = {}
@@ -256,12 +255,14 @@ def write_band_figures(folds: Mapping[str, list[dict]], out_dir: Path) -> list[P
         panel = {}
         for name, fm in folds.items():
             curve = _roc_band(fm, task)
-            if curve is not None:
-                auc = mean_sd([value_at(m, ("roc", task, "auc")) for m in fm])
-                text = "n/a" if auc["mean"] is None else f"{auc['mean']:.3f}"
-                if auc["sd"] is not None:
-                    text += f"±{auc['sd']:.3f}"
-                panel[f"{name} (AUC {text})"] = curve
+            if curve is None:
+                panel[name] = None  # keeps the others' colours
+                continue
+            auc = mean_sd([value_at(m, ("roc", task, "auc")) for m in fm])
+            text = "n/a" if auc["mean"] is None else f"{auc['mean']:.3f}"
+            if auc["sd"] is not None:
+                text += f"±{auc['sd']:.3f}"
+            panel[f"{name} (AUC {text})"] = curve
         roc_panels[title] = panel
     return [
         figures.froc_figure(out_dir / "froc.png", froc_panels(FROC_PANELS)),
