@@ -788,3 +788,21 @@ def test_the_report_names_the_hit_radius_it_was_evaluated_with(tmp_path):
     run_cli(["summarize", "--runs", f"A={out}", "--out", str(tmp_path / "s")])
     summary = (tmp_path / "s" / "summary.md").read_text().splitlines()
     assert "## Paper protocol (2D local maxima, 10 mm same-slice hit rule)" in summary
+
+
+def test_the_montage_shows_the_slice_where_a_lesion_was_hit_numbered_as_in_the_source(tmp_path):
+    """c1's lesion covers slices 3-5 alike and is hit on slice 4 (source slice 7): the montage
+    showed slice 3 (the first of the largest area) without the detection, a hit drawn as a miss,
+    titled by its array index."""
+    from focalnet_jax.evaluation.evaluate import _montage_column
+    from focalnet_jax.evaluation.matching import summarize_case
+    from focalnet_jax.evaluation.predictions import read_case
+
+    predictions = tmp_path / "predictions"
+    write_cohort(predictions)
+    path = predictions / "c1.npz"
+    case = read_case(path)
+    assert (case.lesions > 0).sum(axis=(1, 2)).tolist() == [0, 0, 0, 49, 49, 49, 0, 0]
+    column = _montage_column(path, summarize_case(case), threshold=0.3, radius_mm=5.0)
+    assert column.title == f"c1 (slice {int(case.slice_index[4])})"
+    assert column.points.tolist() == [[20, 20]]

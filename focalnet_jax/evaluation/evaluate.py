@@ -16,7 +16,12 @@ from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation import figures, picai
 from focalnet_jax.evaluation.froc import count_patients, froc_analysis
 from focalnet_jax.evaluation.localization import MIN_SCORE, RADIUS_MM
-from focalnet_jax.evaluation.matching import ROC_DETECTIONS, CaseSummary, summarize_case
+from focalnet_jax.evaluation.matching import (
+    ROC_DETECTIONS,
+    CaseSummary,
+    lesion_hits,
+    summarize_case,
+)
 from focalnet_jax.evaluation.predictions import MODELS_FILE, list_cases, read_case
 from focalnet_jax.evaluation.report import ROC_TITLES, json_safe, markdown_report, write_json
 from focalnet_jax.evaluation.roc import gs_roc
@@ -250,7 +255,8 @@ def write_figures(
     threshold = operating_threshold(froc["all"]["curve"])
     chosen = _montage_choice(summaries, has_images, montage_cases)
     if chosen:
-        columns = [_montage_column(paths[i], summaries[i], threshold) for i in chosen]
+        radius = metrics["settings"]["radius_mm"]
+        columns = [_montage_column(paths[i], summaries[i], threshold, radius) for i in chosen]
         written.append(figures.montage_figure(out_dir / "montage.png", columns))
     return written
 
@@ -262,19 +268,28 @@ def _montage_choice(summaries, has_images, count: int) -> list[int]:
     return lesion_first[:count]
 
 
-def _montage_column(path: Path, summary: CaseSummary, threshold: float) -> figures.MontageCase:
-    """The case's slice with the largest lesion area (else its highest detection), with the
-    detections at the 1 FP per patient operating threshold."""
+def _montage_column(
+    path: Path, summary: CaseSummary, threshold: float, radius_mm: float
+) -> figures.MontageCase:
+    """The case's slice with the largest lesion area among those where a detection at the 1 FP
+    per patient operating threshold hits a lesion (else among all; else its highest detection),
+    with the detections at that threshold; titled with its slice number in the source volume
+    (`slice_index`, where the predictions carry it). The first slice of the largest area showed
+    a lesion hit on the next one as missed."""
     case = read_case(path)
     area = (case.lesions > 0).sum(axis=(1, 2))
     det = summary.detections
     if area.any():
-        z = int(area.argmax())
+        hits = lesion_hits(det, case.lesions, case.spacing, case.lesion_classes.size,
+                           radius_mm=radius_mm).any(axis=1)  # fmt: skip
+        hit = np.isin(np.arange(area.size), det.slice[hits & (det.scores[:, 0] >= threshold)])
+        z = int(np.argmax(np.where(hit, area, -1) if (hit & (area > 0)).any() else area))
     else:
         z = int(det.slice[0]) if len(det) else 0
     shown = (det.slice == z) & (det.scores[:, 0] >= threshold)
+    number = z if case.slice_index is None else int(case.slice_index[z])
     return figures.MontageCase(
-        title=f"{case.case_id} (slice {z})",
+        title=f"{case.case_id} (slice {number})",
         t2w=case.t2w[z],
         adc=None if case.adc is None else case.adc[z],
         classes=case.classes[z],
