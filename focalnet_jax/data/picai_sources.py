@@ -277,7 +277,7 @@ def check_marksheet_cases(sheet: dict, case_ids: Sequence[str], marksheet) -> No
     """A `--marksheet` that has a row for none of `case_ids` is refused (one line naming its first
     study and the first case): its values, and the csPCa check of unlabelled cases
     (`check_unlabelled_case`), were dropped without a word. Cases without a row are warned of
-    (an image folder may hold part of a marksheet's studies, not studies it lacks)."""
+    (an image folder may hold only some of a marksheet's studies; a case it lacks loses both)."""
     if marksheet is None or not case_ids:
         return
     missing = [case for case in case_ids if case not in sheet]

@@ -268,7 +268,7 @@ def _normalised_channels(images, components, reference, cfg, case, centre, bladd
                     case,
                     components[name],
                     f"{name} is constant between its percentiles {low:g} and {high:g} "
-                    f"({lo:g}): a blank series?",  # not '1th'
+                    f"({lo:g}): a blank series?",
                 )
             channels.append(intensity.normalise_percentiles(crop, lo, hi))
     return channels, t2w_reference
