@@ -36,16 +36,20 @@ def _fold_config(store, fold: int, *extra: str):
     return workdir_lib.absolute_paths(config)
 
 
-def _past_the_end(fold_dir, store) -> str:
-    """A fold run trained to step 20: its config.json and a checkpoint at step 20 (a small tree;
-    the check reads no array)."""
+def _checkpoint_at(fold_dir, step: int) -> None:
+    """A checkpoint at `step` in `fold_dir` (a small tree; the checks read no array)."""
     from focalnet_jax.training import checkpoint
 
-    workdir_lib.save_config(_fold_config(store, 1, "--config.train.steps=20"), fold_dir)
     manager = workdir_lib.make_manager(fold_dir)
-    checkpoint.save(manager, 20, {"step": np.int32(20)}, newer_than=0)
+    checkpoint.save(manager, step, {"step": np.int32(step)}, newer_than=0)
     manager.wait_until_finished()
     manager.close()
+
+
+def _past_the_end(fold_dir, store) -> str:
+    """A fold run trained to step 20: its config.json and a checkpoint at step 20."""
+    workdir_lib.save_config(_fold_config(store, 1, "--config.train.steps=20"), fold_dir)
+    _checkpoint_at(fold_dir, 20)
     return (
         f"workdir {fold_dir}: its checkpoint is at step 20, past the 10 steps of this config "
         "(train.steps=10); a resumed run may extend its training, not shorten it: give at least "
@@ -54,8 +58,10 @@ def _past_the_end(fold_dir, store) -> str:
 
 
 def _other_store(fold_dir, store) -> str:
-    """A fold run recorded on a store of other settings."""
+    """A fold run recorded on a store of other settings, with a checkpoint (a workdir without one
+    starts a new run)."""
     record_run_store(fold_dir, FakeStore())
+    _checkpoint_at(fold_dir, 5)
     return (
         f"run {fold_dir} was trained on store memory:/fake-store, made with other settings than "
         f"store {store}: "
@@ -63,10 +69,11 @@ def _other_store(fold_dir, store) -> str:
 
 
 def _other_cases(fold_dir, store) -> str:
-    """fold1/ holds a run of fold 0 (its training and validation cases)."""
+    """fold1/ holds a run of fold 0 (its training and validation cases), with a checkpoint."""
     opened = open_store(store)
     split = RunSpec.from_config(_fold_config(store, 0)).fold_split(opened)
     record_run_store(fold_dir, opened, split=split)
+    _checkpoint_at(fold_dir, 5)
     return (
         f"run {fold_dir}: store {store} gives other train cases than the run recorded (2 recorded, "
         "2 now; 4 differ): resume on the store it trained on"
