@@ -533,7 +533,7 @@ def test_montage_draws_a_lesion_of_unknown_grade_apart_from_gs_3_4(tmp_path, mon
     arrays = {k: getattr(case, k) for k in ("scores", "lesions", "lesion_classes", "spacing")}
     path = write_case(tmp_path, "a", patient_id="A", lesion_grade_known=[False, True],
                       t2w=np.zeros((1, 16, 16)), **arrays)  # fmt: skip
-    column = evaluate._montage_column(path, summarize_case(case), threshold=0.5)
+    column = evaluate._montage_column(path, summarize_case(case), threshold=0.5, radius_mm=5.0)
     np.testing.assert_array_equal(column.unknown_grade, case.lesions[0] == 1)  # 9 pixels
     assert column.points.tolist() == [[3, 3]]
     legends = []
