@@ -301,7 +301,7 @@ def _read_series(folder: Path, series: str | None, component: str | None, notes:
         raise SeriesError(
             err.file, f"{err.reason}; not readable as DICOM: {', '.join(unread)}"
         ) from err
-    image_class = _sop_class(chosen.files[0])
+    image_class = _sop_class(chosen.files[0]) if unread else None  # read only where needed
     broken = [name for name in unread if _damaged_slice(folder / name, chosen.uid, image_class)]
     others = [name for name in unread if name not in broken and _is_part10(folder / name)]
     if others:

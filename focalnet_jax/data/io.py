@@ -117,9 +117,15 @@ def metaimage_data_file(path: str | os.PathLike) -> Path | None:
             value = next((v.strip() for k, _, v in lines if k.strip() == "ElementDataFile"), "")
     except OSError:
         return None
-    if value in ("", "LOCAL") or value.startswith("LIST") or "%" in value or " " in value:
+    return None if value in ("", "LOCAL") else _single_data_file(path, value)
+
+
+def _single_data_file(header: Path, data_file: str) -> Path | None:
+    """The one file an `ElementDataFile` value other than LOCAL names beside `header`; None for
+    a slice list (`LIST`) or a file-name pattern, which ITK reads itself."""
+    if data_file.startswith("LIST") or "%" in data_file or " " in data_file:
         return None
-    return path.parent / value
+    return header.parent / data_file
 
 
 def _metaimage_truncation(path: Path) -> str | None:
@@ -137,9 +143,8 @@ def _metaimage_truncation(path: Path) -> str | None:
             return "MetaImage header has no ElementDataFile line"
     data_file = header.get("ElementDataFile", "")
     if data_file != "LOCAL":
-        if data_file.startswith("LIST") or "%" in data_file or " " in data_file:
+        if (data_path := _single_data_file(path, data_file)) is None:
             return None  # slice lists and patterns: ITK's reason stands
-        data_path = path.parent / data_file
         if not data_path.is_file():
             return f"data file {data_path} named by the header not found"
         path, size, offset = data_path, data_path.stat().st_size, 0
