@@ -382,6 +382,41 @@ def test_a_sigterm_the_loop_takes_is_not_taken_again_outside_it():
     assert done.stdout == "loop took it: True\n" and "outside" not in done.stderr
 
 
+_SIGNALLED_AS_THE_LOOP_STARTS = """
+import os, signal, time
+from focalnet_jax.training import group_failures
+from focalnet_jax.training.graceful_stop import SigtermStop
+
+class Client:  # the group's store, as far as the SIGTERM handler outside the loop uses it
+    def wait_at_barrier(self, *args): pass
+    def key_value_set(self, *args): pass
+
+group_failures._end_the_group_on_sigterm(Client(), "focalnet train")
+os.kill(os.getpid(), signal.SIGTERM)  # its byte read once the loop has taken SIGTERM over
+with SigtermStop() as stop:
+    for step in range(100):
+        if stop.received:
+            break
+        time.sleep(0.02)  # a step: the thread reads the byte meanwhile
+print("stopped at step", step, stop.received)
+"""
+
+
+def test_a_sigterm_that_arrives_as_the_loop_starts_stops_the_loop():
+    """A SIGTERM that arrived just before the loop took SIGTERM over, its byte read by the
+    group's thread only after: the thread took it for the loop's and dropped it, and the loop
+    never saw it (trained on without a checkpoint until SLURM's SIGKILL). The loop stops."""
+    done = subprocess.run(
+        [sys.executable, "-c", _SIGNALLED_AS_THE_LOOP_STARTS],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("stopped at step") and done.stdout.endswith(" True\n"), (
+        done.stdout,
+        done.stderr,
+    )
+
+
 @pytest.mark.slow
 def test_process_0_failing_alone_in_a_group_of_three_ends_the_others_first():
     """Process 0, which holds the group's store, waits for both others to say they leave: each

@@ -37,7 +37,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from focalnet_jax.errors import Interrupted, Terminated
-from focalnet_jax.training.group_failures import LOOP_TAKES_SIGTERM
+from focalnet_jax.training.group_failures import LoopSigterm
 
 
 class TrainingStopped(Terminated):
@@ -67,9 +67,10 @@ class SigtermStop:
 
     def __enter__(self) -> SigtermStop:
         if threading.current_thread() is threading.main_thread():
-            # Not the process group's handler outside the loop (`group_failures`): its flag is
-            # set first, and no signal byte reaches its pipe while the loop takes SIGTERM.
-            LOOP_TAKES_SIGTERM.set()
+            # Not the process group's handler outside the loop (`group_failures`): it is told
+            # first (a signal byte already in its pipe then sets `received`), and no signal byte
+            # reaches its pipe while the loop takes SIGTERM.
+            LoopSigterm.stop = self
             self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
             self._wakeup_fd = signal.set_wakeup_fd(-1)
             self._installed = True
@@ -81,7 +82,7 @@ class SigtermStop:
             # None: the handler before was not Python's (it cannot be put back): the default.
             previous = signal.SIG_DFL if self._previous is None else self._previous
             signal.signal(signal.SIGTERM, previous)
-            LOOP_TAKES_SIGTERM.clear()
+            LoopSigterm.stop = None
 
     def _on_sigterm(self, signum, frame) -> None:
         self.received = True

@@ -77,8 +77,13 @@ class _FailureWatch:
             return cls.reporter == who
 
 
-# Set while a training loop takes SIGTERM itself (`graceful_stop.SigtermStop`, its stop at a step).
-LOOP_TAKES_SIGTERM = threading.Event()
+class LoopSigterm:
+    """The training loop's stop (`graceful_stop.SigtermStop`, an object with a `received` flag)
+    while the loop takes SIGTERM itself, at a step boundary; None outside the loop."""
+
+    stop = None
+
+
 _SIGTERM_REASON = "stopped by SIGTERM outside the training loop"
 
 
@@ -134,7 +139,8 @@ def _end_the_group_on_sigterm(client, prog: str) -> None:
     timeout (about 100 s), then aborted with a C++ stack trace. Now it ends with status 143 and
     one line, the others told (`_notify_group`) and ended with theirs. The signal number reaches
     a thread through `signal.set_wakeup_fd`, so a main thread held in JAX's C++ code does not
-    delay it; while `LOOP_TAKES_SIGTERM` is set the loop's own handler takes it. Main thread
+    delay it. A signal whose byte the thread reads while a loop takes SIGTERM (`LoopSigterm`:
+    it arrived as the loop was taking SIGTERM over) is the loop's: its stop is set. Main thread
     only (signal handlers are set there)."""
     if threading.current_thread() is not threading.main_thread():
         return
@@ -142,8 +148,12 @@ def _end_the_group_on_sigterm(client, prog: str) -> None:
     os.set_blocking(write, False)
 
     def wait_for_sigterm() -> None:
-        while os.read(read, 1) != bytes([signal.SIGTERM]) or LOOP_TAKES_SIGTERM.is_set():
-            pass
+        while True:
+            if os.read(read, 1) != bytes([signal.SIGTERM]):
+                continue
+            if (loop := LoopSigterm.stop) is None:
+                break
+            loop.received = True
         if not _FailureWatch.claim("sigterm"):  # this process is ending already, its way
             return
         print(f"{prog}: {_SIGTERM_REASON}", file=sys.stderr)
