@@ -87,6 +87,15 @@ INVALID = [
     # jax.random.uniform(minval > maxval) is minval every time: one fixed zoom or shift.
     (["--config.augment.scale_range=(1.1, 0.9)"], r"^augment\.scale_range: expected \(low, high\)"),
     (["--config.augment.max_shift=-0.1"], r"^augment\.max_shift: expected a value in \[0.0, 1.0\]"),
+    # None for a pair: a bare `object of type 'NoneType' has no len()` naming no key.
+    (["--config.augment.scale_range=None"], r"^augment\.scale_range: expected .* got None$"),
+    (["--config.augment.intensity_range=None"], r"^augment\.intensity_range: expected .* None$"),
+    # An entry of loss.subsets that is no list of names: `loss.'NoneType' object is not iterable`.
+    (
+        ["--config.loss.subsets=[('t2w',), None]"],
+        r"^loss\.subsets\[1\]: expected a sequence of names, got None$",
+    ),
+    (["--config.loss.subsets=3"], r"^loss\.subsets: expected a non-empty list of subsets, got 3$"),
     # u <= -1 moves the upper T2w threshold to <= 0: a divisor <= 0, T2w clipped to 0.
     (["--config.augment.intensity_range=(-1.5, 0.2)"], r"^augment\.intensity_range: expected"),
     # Options the loss checks when traced: a traceback once the train step compiled.
@@ -162,6 +171,22 @@ def test_a_hyperparameter_of_none_is_refused(key):
     config[section][name] = None
     with pytest.raises(ValueError, match=f"^{re.escape(key)}: expected a number, got None$"):
         RunSpec.from_config(config)
+
+
+@pytest.mark.parametrize("key", ["pool_size", "weights", "eps", "batch_dice"])
+def test_a_loss_option_of_none_is_refused(key):
+    """The loss binds only the options that are not None: `loss.pool_size = None` in a config
+    file trained with pooling 3 while config.json said null; `--config.loss.weights=None`
+    ended in a TypeError traceback."""
+    config = tiny_config(overrides=["--config.loss.name=ce_dice", "--config.loss.mfl=False"])
+    config.loss[key] = None
+    with pytest.raises(ValueError, match=f"^loss\\.{key}: expected a value, got None"):
+        RunSpec.from_config(config)
+
+
+def test_a_loss_option_of_none_is_refused_as_an_override():
+    with pytest.raises(ValueError, match=r"^loss\.weights: expected a value, got None"):
+        tiny_config(overrides=["--config.loss.weights=None"])
 
 
 def test_a_bool_fold_is_refused():

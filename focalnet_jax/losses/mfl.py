@@ -89,14 +89,13 @@ def component_subsets(components: Sequence[str], subsets=None) -> list[tuple[str
     if subsets is None:
         sizes = range(1, len(components))
         return [s for n in sizes for s in itertools.combinations(components, n)]
-    if isinstance(subsets, str) or len(subsets) == 0:
+    if not isinstance(subsets, list | tuple) or len(subsets) == 0:
         raise ValueError(f"subsets: expected a non-empty list of subsets, got {subsets!r}")
     result = []
     for i, subset in enumerate(subsets):
-        if isinstance(subset, str):
-            raise TypeError(
-                f"subsets[{i}]: expected a sequence of names, got the string {subset!r}"
-            )
+        if not isinstance(subset, list | tuple):  # a string would be read letter by letter
+            got = f"the string {subset!r}" if isinstance(subset, str) else repr(subset)
+            raise TypeError(f"subsets[{i}]: expected a sequence of names, got {got}")
         names = tuple(subset)
         unknown = [n for n in names if n not in components]
         if unknown:

@@ -121,9 +121,17 @@ def check_loss_options(name: str, options) -> None:
     """Refuses a hyperparameter that loss `name` does not take, set to other than its default
     (e.g. `loss.alpha=0.25` with `sigmoid_ce`, `loss.eps=1e-5` with `focal`): the loss would
     train without it, so an arm meant to differ would silently repeat another. `options`: the
-    config's `loss` section (keys that are not hyperparameters are ignored)."""
+    config's `loss` section (keys that are not hyperparameters are ignored). None, for any
+    hyperparameter, is refused: `get_loss` would bind the loss's default (`loss.pool_size=None`
+    trained with pooling 3) while the run's config.json says null."""
     takes = get_loss(name).hyperparameters
-    for option, default in _option_defaults().items():
+    defaults = _option_defaults()
+    for option in defaults:
+        if option in options and options[option] is None:
+            raise ValueError(
+                f"loss.{option}: expected a value, got None (the default is {defaults[option]!r})"
+            )
+    for option, default in defaults.items():
         if option in takes or option not in options:
             continue
         value = options[option]

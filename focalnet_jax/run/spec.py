@@ -334,7 +334,7 @@ def _check_seed(seed) -> None:
 
 def _check_range(value, key: str, above: float) -> None:
     """`value` = (low, high), numbers with `above` < low <= high."""
-    pair = not isinstance(value, str) and len(value) == 2
+    pair = isinstance(value, list | tuple) and len(value) == 2
     numbers = pair and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
     if not (numbers and above < value[0] <= value[1]):
         raise ValueError(f"{key}: expected (low, high) with {above:g} < low <= high, got {value!r}")
