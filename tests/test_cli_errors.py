@@ -174,6 +174,10 @@ FLAG_ERRORS = [  # (argv, the message after "focalnet <command>: error: ")
     (["synth", "--out", "x", "--cases", "1", "--dce-only-share", "0.3"],
      "--dce-only-share 0.3: --components t2w,adc,hbv has no dce, so no lesion is shown in DCE "
      "only; add dce or leave the flag out"),
+    # Taken: the lesions shown only in ADC/HBV were labelled and in no image.
+    (["synth", "--out", "x", "--cases", "1", "--components", "t2w,dce", "--adc-only-share", "0.2"],
+     "--adc-only-share 0.2: --components t2w,dce has no adc or hbv, so no lesion is shown in ADC "
+     "only; add adc or leave the flag out"),
     (["summarize", "--runs", "nodir", "--out", "o"], "--runs expects NAME=DIR, got 'nodir'"),
     (["evaluate", "--predictions", "p"], "--out is required with --predictions"),
     (["predict", "--checkpoint", "c", "--t2w", "t", "--adc", "a", "--out", "o", "--center", "1"],
@@ -397,6 +401,19 @@ def test_a_fold_of_the_config_arg_that_would_be_overruled_is_refused(
     expected = f"focalnet {command}: error: {message.format(config)}"
     assert (status, err.splitlines()[-1]) == (2, expected)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_fold_of_the_config_arg_written_with_a_sign_agrees_with_the_same_fold(tmp_path, capsys):
+    """`configs/focalnet.py:fold=+1` trains fold 1; with `--fold 1` it was refused as
+    disagreeing ('+1' compared as text)."""
+    config = f"{REPO / 'configs' / 'focalnet.py'}:fold=+1"
+    store = tmp_path / "nostore"
+    argv = ["train", "--config", config, "--workdir", str(tmp_path / "w"), "--fold", "1"]
+    status, err = _run([*argv, f"--config.data.store={store}"], capsys)
+    assert (status, err.splitlines()[-1]) == (
+        2,
+        f"focalnet train: error: store {store} does not exist",
+    )
 
 
 BAD_CONFIG_FILES = [  # (file name, text, the message after "config file <path>: ")

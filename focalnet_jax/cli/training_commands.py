@@ -9,6 +9,8 @@ from pathlib import Path
 
 from focalnet_jax.errors import UserError
 
+OVERRIDES_EPILOG = "Any config field can be overridden: --config.train.steps=100 --config.seed=1"
+
 
 def _add_distributed_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
@@ -42,7 +44,7 @@ def add_train(parser: argparse.ArgumentParser) -> None:
         "--workdir", type=Path, required=True, help="run folder; resumes if present"
     )
     parser.add_argument("--fold", type=int, help="shortcut for --config.data.fold")
-    parser.epilog = "Any config field can be overridden: --config.train.steps=100 --config.seed=1"
+    parser.epilog = OVERRIDES_EPILOG
     add_compilation_cache_flag(parser, "$JAX_COMPILATION_CACHE_DIR, else none")
     _add_distributed_flags(parser)
 
@@ -77,8 +79,10 @@ def _config_arg_fold(spec: str) -> int | str | None:
     for item in spec.partition(":")[2].split(","):
         key, _, value = item.partition("=")
         if key.strip() == "fold":
-            value = value.strip()
-            return int(value) if value.lstrip("-").isdigit() else value
+            try:  # as `configs/default.parse_arg` reads it: `fold=+1` is fold 1
+                return int(value)
+            except ValueError:
+                return value.strip()
     return None
 
 
@@ -163,6 +167,7 @@ def add_cv(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", type=Path, required=True, help="fold k in WORKDIR/fold<k>")
     parser.add_argument("--folds", type=_int_list, help="comma-separated folds (default: all)")
     parser.add_argument("--fold", type=int, help=argparse.SUPPRESS)
+    parser.epilog = OVERRIDES_EPILOG
     add_compilation_cache_flag(parser, "$JAX_COMPILATION_CACHE_DIR, else WORKDIR/compilation_cache")
     _add_distributed_flags(parser)
 
