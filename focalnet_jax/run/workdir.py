@@ -146,12 +146,14 @@ def _read_config_json(path: Path) -> dict:
 
 # What a resumed run may change: how long it trains, how often it logs, validates and saves, how
 # many checkpoints it keeps, its prefetch depth and where its store lies (the store's identity is
-# checked by `data.run_store`), and `loss.mfl_any_loss`, a guard that changes no computation (a
-# run saved before it, MFL beside another loss, resumes with it set). Any other change would
-# train another run in the same workdir.
+# checked by `data.run_store`), `loss.mfl_any_loss`, a guard that changes no computation (a run
+# saved before it, MFL beside another loss, resumes with it set), and `loss.mfl_chunk`, how many
+# MFL subsets run at once: the same losses and gradients up to float rounding, so a run out of
+# memory resumes with fewer. Any other change would train another run in the same workdir.
 RESUMABLE_KEYS = (
     "data.store",
     "loss.mfl_any_loss",
+    "loss.mfl_chunk",
     "train.checkpoint_every",
     "train.epochs",
     "train.eval_every",
@@ -338,8 +340,9 @@ def state_mismatch(step_dir: str | Path, abstract_state, shown: int = 3) -> str 
         raise UnreadableCheckpointError(step_dir, reason) from error
     finally:
         absl_log.setLevel(level)
-    if saved_tree is None:
-        raise UnreadableCheckpointError(step_dir, f"{metadata_file}: no array metadata")
+    if saved_tree is None:  # Orbax reads none from either file (a changed byte of `_sharding`)
+        reason = f"{metadata_file} or {ITEM_DIR}/_sharding: no array metadata"
+        raise UnreadableCheckpointError(step_dir, reason)
     leaves = jax.tree_util.tree_leaves_with_path
     saved = {_leaf_name(p): tuple(leaf.shape) for p, leaf in leaves(saved_tree)}
     wanted = {_leaf_name(p): tuple(leaf.shape) for p, leaf in leaves(abstract_state)}
