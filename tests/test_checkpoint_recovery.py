@@ -94,6 +94,18 @@ def _without_digests(step_dir: Path, name: str, text: str) -> None:
     (step_dir / name).write_text(text)
 
 
+def _edit_digests(step_dir: Path, edit) -> None:
+    """The step's digest file, still valid JSON, after `edit(record)` changed its object."""
+    path = step_dir / digests.DIGEST_FILE
+    record = json.loads(path.read_text())
+    edit(record)
+    path.write_text(json.dumps(record, indent=1))
+
+
+def _first_file(record: dict) -> dict:
+    return next(iter(record["files"].values()))
+
+
 def _copy_with(trained, name: str, damage) -> tuple[Path, str]:
     """A copy of the trained workdir whose step 4 got `damage`; the expected file and reason."""
     workdir = trained["root"] / name
@@ -243,6 +255,25 @@ def test_resume_without_config_json_names_the_arrays_that_differ(trained, tmp_pa
         (lambda d: _without_digests(d, "default/_METADATA", "{}"), "default/_METADATA: no array"),
         (_overwrite_data, f"{DATA_DIR}/"),
         (lambda d: (d / digests.DIGEST_FILE).write_text("[]"), f"{digests.DIGEST_FILE}: not a"),
+        # Valid JSON, a changed key or value: a KeyError or AttributeError traceback.
+        (
+            lambda d: _edit_digests(d, lambda r: _first_file(r).pop("bytes")),
+            f"{digests.DIGEST_FILE}: not a digest file (KeyError",
+        ),
+        (
+            lambda d: _edit_digests(d, lambda r: r.update(files=list(r["files"].values()))),
+            f"{digests.DIGEST_FILE}: not a digest file (AttributeError",
+        ),
+        # A changed digest blamed the intact file it describes.
+        (
+            lambda d: _edit_digests(d, lambda r: _first_file(r).update(sha256="0" * 64)),
+            f"{digests.DIGEST_FILE}: changed since it was written (its files_sha256 differs)",
+        ),
+        # Orbax reads no array metadata: from a changed `_sharding` as from `_METADATA`.
+        (
+            lambda d: _without_digests(d, "default/_sharding", "{}"),
+            "default/_METADATA or default/_sharding: no array metadata",
+        ),
     ],
 )
 def test_inference_loading_names_the_file_and_reason(trained, tmp_path, damage, reason):
@@ -300,6 +331,22 @@ def test_a_step_saved_without_digests_fails_its_read_in_one_line(trained, tmp_pa
     message = str(raised.value)
     assert message.startswith(f"checkpoint {step_dir.resolve()} is unreadable: ")
     assert "Error reading" in message and "\n" not in message
+
+
+def test_the_temporary_file_of_an_interrupted_digest_write_is_no_damage(trained, tmp_path):
+    """A process killed while it wrote a step's digests left `.focalnet_digests.json.tmp-<pid>`,
+    empty, in the step folder: the intact step was called damaged (an empty file), a resume
+    moved it aside and `predict` refused it."""
+    workdir = tmp_path / "run"
+    shutil.copytree(trained["workdir"], workdir)
+    step_dir = workdir / "checkpoints" / "4"
+    (step_dir / digests.DIGEST_FILE).unlink()
+    (step_dir / f".{digests.DIGEST_FILE}.tmp-4242").write_bytes(b"")
+    assert checkpoint_damage.step_damage(step_dir) is None
+    workdir_lib.load_for_inference(workdir)
+    digests.write(step_dir)  # written again, the leftover not among the files it records
+    recorded = json.loads((step_dir / digests.DIGEST_FILE).read_text())["files"]
+    assert not any(".tmp-" in name for name in recorded) and digests.mismatch(step_dir) is None
 
 
 def test_digests_are_written_for_each_saved_step_and_match(trained):

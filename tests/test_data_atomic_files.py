@@ -4,6 +4,7 @@ on them (metrics.json, <case>.npz)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -214,3 +215,24 @@ def test_prediction_file_written_atomically_under_its_own_name(tmp_path, monkeyp
     monkeypatch.undo()
     assert os.listdir(tmp_path) == ["c1.npz"]
     np.testing.assert_array_equal(read_case(path).scores, scores)
+
+
+def test_a_write_on_a_read_only_mount_names_the_file_not_its_temporary(tmp_path):
+    """The cleanup `unlink(missing_ok=True)` of the temporary file that was never created raised
+    EROFS on a read-only mount, in place of the error naming the file: `focalnet train` on a run
+    in such a mount said `Read-only file system: 'run/.store.json.tmp-5551'`."""
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mount)],
+                             capture_output=True, text=True)  # fmt: skip
+    if mounted.returncode != 0:
+        pytest.skip(f"no read-only tmpfs can be mounted here: {mounted.stderr.strip()}")
+    try:
+        with pytest.raises(OSError) as raised:
+            write_json_atomic({"a": 1}, mount / "store.json")
+        assert (raised.value.errno, raised.value.filename) == (
+            errno.EROFS,
+            str(mount / "store.json"),
+        )
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)

@@ -9,7 +9,7 @@ import contextlib
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 from focalnet_jax.data.writer_folders import (
@@ -35,7 +35,8 @@ def replaced_atomically(path: str | os.PathLike):
             yield tmp
             os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        if os.path.lexists(tmp):  # not `missing_ok`: a read-only disk refuses even that (EROFS)
+            tmp.unlink()
 
 
 def write_json_atomic(value, path: str | os.PathLike) -> Path:
@@ -126,13 +127,19 @@ def check_output_folder(path: Path | None, flag: str = "--out") -> None:
             return
 
 
-def foreign_entries(folder: Path, own: Callable[[str], bool]) -> list[str]:
+def foreign_entries(
+    folder: Path, own: Callable[[str], bool], own_folders: Collection[str] = ()
+) -> list[str]:
     """The sorted names of what `folder` (a folder a command replaces whole) holds that is not a
-    file whose name `own` accepts: what replacing it would delete. [] where it does not exist."""
+    file whose name `own` accepts, nor a folder named in `own_folders`: what replacing it would
+    delete. [] where it does not exist."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    return sorted(p.name for p in folder.iterdir() if not (p.is_file() and own(p.name)))
+    return sorted(
+        p.name for p in folder.iterdir()
+        if not (p.is_file() and own(p.name)) and not (p.is_dir() and p.name in own_folders)
+    )  # fmt: skip
 
 
 def check_replaceable(out: Path, overwrite: bool, marker: str, made_by: str, inputs=()) -> None:

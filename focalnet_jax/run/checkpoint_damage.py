@@ -50,7 +50,8 @@ def find_damage(step_dir: str | Path) -> str | None:
     for name in _REQUIRED_FILES:
         if not (step_dir / name).is_file():
             return f"{name}: missing"
-    for path in sorted(p for p in step_dir.rglob("*") if p.is_file()):
+    digest_file = checkpoint_digests.is_digest_file  # checked by `checkpoint_digests.mismatch`
+    for path in sorted(p for p in step_dir.rglob("*") if p.is_file() and not digest_file(p)):
         if path.stat().st_size == 0:
             return f"{path.relative_to(step_dir)}: empty file (0 bytes)"
     json_files = [*_JSON_FILES, f"{ITEM_DIR}/array_metadatas/*"]

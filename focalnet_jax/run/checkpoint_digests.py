@@ -28,13 +28,27 @@ def _file_digest(path: Path) -> str:
         return hashlib.file_digest(file, _ALGORITHM).hexdigest()
 
 
+def is_digest_file(path: Path) -> bool:
+    """`DIGEST_FILE`, or the temporary file of its atomic write (left by a process killed while
+    it wrote: not part of the step's checkpoint)."""
+    return path.name == DIGEST_FILE or path.name.startswith(f".{DIGEST_FILE}.tmp-")
+
+
 def _step_files(step_dir: Path) -> list[Path]:
-    return sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != DIGEST_FILE)
+    return sorted(p for p in step_dir.rglob("*") if p.is_file() and not is_digest_file(p))
+
+
+def _files_digest(files: dict) -> str:
+    """The digest of the `files` record itself: a changed byte of the digest file is named as
+    such, not as a change of the checkpoint file whose record it hit."""
+    text = json.dumps(files, sort_keys=True, separators=(",", ":"))
+    return hashlib.new(_ALGORITHM, text.encode()).hexdigest()
 
 
 def write(step_dir: str | Path) -> Path:
     """Writes `step_dir/DIGEST_FILE` (atomically): `{"algorithm": "sha256", "files": {relative
-    path: {"bytes": size, "sha256": hex digest}}}` of every file of the step folder."""
+    path: {"bytes": size, "sha256": hex digest}}, "files_sha256": the digest of "files"}` of every
+    file of the step folder."""
     step_dir = Path(step_dir)
     files = {
         str(path.relative_to(step_dir)): {
@@ -43,7 +57,8 @@ def write(step_dir: str | Path) -> Path:
         }
         for path in _step_files(step_dir)
     }
-    return write_json_atomic({"algorithm": _ALGORITHM, "files": files}, step_dir / DIGEST_FILE)
+    record = {"algorithm": _ALGORITHM, "files": files, "files_sha256": _files_digest(files)}
+    return write_json_atomic(record, step_dir / DIGEST_FILE)
 
 
 def write_missing(checkpoint_dir: str | Path, *, newer_than: int) -> list[int]:
@@ -77,8 +92,14 @@ def mismatch(step_dir: str | Path) -> str | None:
         files = recorded["files"]
         if recorded["algorithm"] != _ALGORITHM:
             return f"{DIGEST_FILE}: unknown algorithm {recorded['algorithm']!r}"
-    except (ValueError, KeyError, TypeError) as error:
+        for name, saved in files.items():
+            if not (isinstance(saved["bytes"], int) and isinstance(saved[_ALGORITHM], str)):
+                raise TypeError(f"{name}: {saved!r}")
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
         return f"{DIGEST_FILE}: not a digest file ({type(error).__name__}: {error})"
+    # Digest files written before "files_sha256" existed are read without it.
+    if "files_sha256" in recorded and recorded["files_sha256"] != _files_digest(files):
+        return f"{DIGEST_FILE}: changed since it was written (its files_sha256 differs)"
     for name, saved in files.items():
         file = step_dir / name
         if not file.is_file():
