@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from focalnet_jax.data.folds import assign_folds, fold_table, split_cases
+from focalnet_jax.data.folds import assign_folds, fold_table, split_cases, write_fold_files
 from focalnet_jax.errors import UserError
 
 
@@ -297,25 +297,36 @@ def test_split_files_name_what_read_given_split_reads(tmp_path, monkeypatch):
         (folder / stray).write_text("{}")
     pair = [folder / "ds-config-train-fold-0.json", folder / "ds-config-valid-fold-0.json"]
     assert split_files(folder, 0) == pair
-    assert read_given_split(folder, 0, 11) == GIVEN[0]
+    assert split_files(folder, 1) == [folder / "fold-1.json"]
+    assert split_files(folder, 2) == [folder / "fold-2.json"]  # missing: named, not skipped
+    names = ["ds-config-train-fold-0.json", "ds-config-valid-fold-0.json", "fold-0.json",
+             "fold-1.json", "fold-10.json"]  # fmt: skip
+    assert split_files(folder) == [folder / name for name in names]
+    # Both kinds in one folder: two splits, read fold by fold one kind or the other.
+    with pytest.raises(
+        UserError,
+        match=r"^split folder .*mixed: holds both picai_baseline split files "
+        r"\(ds-config-train-fold-0.json\) and fold files \(fold-0.json\); keep one kind$",
+    ):
+        read_given_split(folder, 1, 11)
+    for name in names[:2]:
+        (folder / name).unlink()
     # Fewer folds than the folder holds: its folds 2..10 would never be validated.
     with pytest.raises(
         UserError, match=r"^split folder .*mixed: holds fold 10, data.num_folds is 2$"
     ):
         read_given_split(folder, 0, 2)
-    assert split_files(folder, 1) == [folder / "fold-1.json"]
     assert read_given_split(folder, 10, 11) == (["a"], ["v10"])
-    assert split_files(folder, 2) == [folder / "fold-2.json"]  # missing: named, not skipped
     with pytest.raises(UserError, match=r"split file .*mixed/fold-2.json does not exist"):
         read_given_split(folder, 2, 11)
-    names = ["ds-config-train-fold-0.json", "ds-config-valid-fold-0.json", "fold-0.json",
-             "fold-1.json", "fold-10.json"]  # fmt: skip
-    assert split_files(folder) == [folder / name for name in names]
     # One file of picai_baseline's pair is there: the other is read, and named missing.
-    (folder / "ds-config-valid-fold-0.json").unlink()
-    assert split_files(folder, 0) == pair
+    picai = tmp_path / "picai"
+    _write_ds_configs(picai, GIVEN[:1])
+    assert read_given_split(picai, 0, 1) == GIVEN[0]
+    (picai / "ds-config-valid-fold-0.json").unlink()
+    assert split_files(picai, 0) == [picai / p.name for p in pair]
     with pytest.raises(UserError, match=r"ds-config-valid-fold-0.json does not exist"):
-        read_given_split(folder, 0, 11)
+        read_given_split(picai, 0, 11)
 
 
 def _ten_patient_store():
@@ -349,6 +360,18 @@ def test_fewer_fold_files_written_over_more_remove_the_later_ones(tmp_path, capl
     caplog.clear()
     write_fold_files(store, tmp_path, num_folds=3, seed=2)  # as many folds: nothing to remove
     assert "removed" not in caplog.text
+
+
+def test_fold_files_are_not_written_where_picai_baseline_split_files_would_be_read(tmp_path):
+    """`focalnet folds --out F` into a folder holding `ds-config-*` files wrote fold-<k>.json
+    beside them and said so; training with `data.splits=F` then read the older files."""
+    _write_ds_configs(tmp_path, GIVEN)
+    with pytest.raises(
+        UserError,
+        match=r"^--out .* holds ds-config-train-fold-0.json, a picai_baseline split file, ",
+    ):
+        write_fold_files(_ten_patient_store(), tmp_path, num_folds=2)
+    assert not list(tmp_path.glob("fold-*.json"))
 
 
 def test_given_folds_that_validate_a_case_twice_are_refused_for_training(tmp_path, caplog):

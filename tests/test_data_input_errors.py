@@ -176,6 +176,15 @@ def test_synth_refuses_a_non_empty_out_unless_overwrite(tmp_path, capfd):
         "synth, and --overwrite would delete it whole; choose a new folder"
     )
     assert (mine / "images").is_dir()
+    # Nor a synthetic dataset holding what synth did not write (a store, notes): deleted whole.
+    (out / "store").mkdir()
+    (out / "store" / "cases.json").write_text("[]")
+    err = _user_error(capfd, [*argv[:4], "1", "--seed", "6", "--small", "--overwrite"])
+    assert err.endswith(
+        f"--out {out} holds 'store', which focalnet synth did not write: --overwrite would "
+        f"delete it; move it out of {out} or choose a new folder"
+    )
+    assert (out / "store" / "cases.json").read_text() == "[]"
 
 
 def test_damaged_store_is_one_line(store, tmp_path, capfd):

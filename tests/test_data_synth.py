@@ -180,6 +180,19 @@ def test_dce_grid_and_other_components_unchanged():
     assert abs(len(changed) / len(draws) - 0.15) < 0.05
 
 
+@pytest.mark.parametrize("components", [("t2w",), ("t2w", "dce")])
+def test_without_adc_and_hbv_no_lesion_is_shown_only_there(components):
+    """`--components t2w` or `t2w,dce` kept the default ADC/HBV-only share: 15 % of the lesions
+    were labelled and in no image written. Their share goes to those visible everywhere."""
+    cfg, counts = SynthConfig(components=components), {}
+    for seed in range(300):
+        rng = np.random.default_rng(seed)
+        scene = {**_scene(rng, cfg, (0, 0, 0)), "z_range": (-30, 30)}
+        for lesion in _lesions(rng, cfg, scene):
+            counts[lesion.visible_in] = counts.get(lesion.visible_in, 0) + 1
+    assert "adc" not in counts and counts["both"] > counts["t2w"] > 0, counts
+
+
 def test_adding_dce_changes_only_the_lesions_that_become_dce_only():
     """With the default DCE-only share, a lesion that became DCE-only skipped its ADC value's
     draw, so every later draw moved: 98.6 % of the ADC and 80 % of the HBV voxels of such a

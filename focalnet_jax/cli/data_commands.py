@@ -17,7 +17,7 @@ def add_synth(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--t2w-only-share", type=float, default=0.15, help="lesions only in T2w")
     parser.add_argument(
-        "--adc-only-share", type=float, default=0.15, help="lesions only in ADC/HBV"
+        "--adc-only-share", type=float, help="lesions only in ADC/HBV (default 0.15; needs adc/hbv)"
     )
     parser.add_argument(
         "--dce-only-share", type=float, help="lesions only in DCE (default 0.15; needs dce)"
@@ -31,15 +31,21 @@ def add_synth(parser: argparse.ArgumentParser) -> None:
 def run_synth(args: argparse.Namespace) -> int:
     from focalnet_jax.data.synth import SynthConfig, write_dataset
 
-    options = {"t2w_only_share": args.t2w_only_share, "adc_only_share": args.adc_only_share}
+    options = {"t2w_only_share": args.t2w_only_share}
     options["components"] = tuple(c.strip() for c in args.components.split(",") if c.strip())
-    if args.dce_only_share is not None:
-        if args.dce_only_share and "dce" not in options["components"]:
+    for flag, share, shown_in in [
+        ("--adc-only-share", args.adc_only_share, ("adc", "hbv")),
+        ("--dce-only-share", args.dce_only_share, ("dce",)),
+    ]:
+        if share is None:
+            continue
+        if share and not set(shown_in) & set(options["components"]):
             raise UserError(
-                f"--dce-only-share {args.dce_only_share}: --components {args.components} has no "
-                "dce, so no lesion is shown in DCE only; add dce or leave the flag out"
+                f"{flag} {share}: --components {args.components} has no {' or '.join(shown_in)}, "
+                f"so no lesion is shown in {shown_in[0].upper()} only; add "
+                f"{shown_in[0]} or leave the flag out"
             )
-        options["dce_only_share"] = args.dce_only_share
+        options[f"{shown_in[0]}_only_share"] = share
     try:
         config = SynthConfig.small(**options) if args.small else SynthConfig(**options)
     except ValueError as err:  # the options are the user's

@@ -169,6 +169,13 @@ _SPLIT_NAMES = [
 ]
 
 
+def _picai_and_fold_files(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(picai_baseline's `ds-config-*` files, `fold-<k>.json` files) of a split folder."""
+    files = split_files(folder)
+    folds = [p for p in files if _SPLIT_NAMES[-1].fullmatch(p.name)]
+    return [p for p in files if p not in folds], folds
+
+
 def split_files(splits: str | os.PathLike, fold: int | None = None) -> list[Path]:
     """The files of `splits` (`data.splits`, `~` expanded) that `read_given_split` reads for
     `fold`, or for any fold (None), sorted. A path that is not a folder: itself. A folder, for
@@ -204,6 +211,12 @@ def read_given_split(
     on). Which files: `split_files`."""
     path = Path(splits).expanduser()
     if path.is_dir():
+        picai, folds = _picai_and_fold_files(path)
+        if picai and folds:  # read fold by fold, one kind or the other: two splits mixed
+            raise UserError(
+                f"split folder {path}: holds both picai_baseline split files ({picai[0].name}) "
+                f"and fold files ({folds[0].name}); keep one kind"
+            )
         numbers = {int(n.fullmatch(p.name)[1]) for p in split_files(path) for n in _SPLIT_NAMES
                    if n.fullmatch(p.name)}  # fmt: skip
         if numbers and max(numbers) >= num_folds:  # its folds from num_folds on: never validated
@@ -318,12 +331,19 @@ def write_fold_files(
     store, out_dir: str | os.PathLike, num_folds: int = 5, seed: int = 0
 ) -> list[Path]:
     """`fold-<k>.json` files with {"train": [case ids], "val": [case ids]}: every split made and
-    every file written to a temporary file before any is renamed into place (a failure while
+    every file written to a temporary file before any is renamed into place (a folder holding
+    picai_baseline's split files is refused) (a failure while
     making or writing them, e.g. a full disk, leaves the previous files, not fold files of two
     splits side by side). Once all are in place, the `fold-<j>.json` of an earlier split for
     j >= `num_folds` are removed (`_remove_later_folds`): read with the new files, they would
     validate cases twice."""
     out_dir = Path(out_dir)
+    if out_dir.is_dir() and (picai := _picai_and_fold_files(out_dir)[0]):
+        raise UserError(
+            f"--out {out_dir} holds {picai[0].name}, a picai_baseline split file, which a split "
+            "folder is read by before fold-<k>.json: the folds written would be ignored; choose "
+            "another folder"
+        )
     splits = [split_cases(store, k, num_folds, seed) for k in range(num_folds)]
     paths = [out_dir / _FOLD_FILE.format(k=k) for k in range(num_folds)]
     with contextlib.ExitStack() as renames:  # each file renamed as the stack unwinds

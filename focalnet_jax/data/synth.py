@@ -35,7 +35,7 @@ import numpy as np
 import SimpleITK as sitk
 from tqdm import tqdm
 
-from focalnet_jax.data.atomic_files import check_replaceable, replaced_folder
+from focalnet_jax.data.atomic_files import check_replaceable, foreign_entries, replaced_folder
 from focalnet_jax.data.image_writing import write_image
 from focalnet_jax.data.io import xyz
 from focalnet_jax.data.layouts import check_components
@@ -47,8 +47,12 @@ from focalnet_jax.data.synth_render import (
     bias_field,
     render,
 )
+from focalnet_jax.errors import UserError
 
 SYNTH_RECORD = "synth.json"  # what a dataset was made with: `synthesis_record`
+# What a dataset folder holds (`_write_cases`): all `--overwrite` replaces.
+_OWN_FILES = ("lesions.csv", "marksheet.csv", SYNTH_RECORD)
+_OWN_FOLDERS = ("images", "labels", "masks")
 _CLASS_SHARE = (0.24, 0.28, 0.2, 0.16, 0.12)  # of lesions, classes 1..5
 _DCE_STREAM = 1  # SeedSequence spawn key of the DCE random stream
 
@@ -65,7 +69,7 @@ class SynthConfig:
     negative_share: float = 0.25  # cases without lesions
     max_lesions: int = 3
     t2w_only_share: float = 0.15  # lesions visible only in T2w
-    adc_only_share: float = 0.15  # lesions visible only in ADC/HBV
+    adc_only_share: float = 0.15  # lesions visible only in ADC/HBV (only with "adc" or "hbv")
     coil_share: float = 0.5  # cases with an endorectal coil (strong bias field near the rectum)
     noise: float = 0.02  # Rician noise sigma relative to urine in T2w
     components: tuple[str, ...] = ("t2w", "adc", "hbv")  # T2w first; add "dce" for DCE
@@ -82,7 +86,8 @@ class SynthConfig:
             raise ValueError(
                 f"components {','.join(c)!r}: synthetic cases have only {','.join(COMPONENTS)}"
             )
-        shares = (self.t2w_only_share, self.adc_only_share)
+        shares = (self.t2w_only_share,)
+        shares += (self.adc_only_share,) if _shows_dwi(c) else ()
         shares += (self.dce_only_share,) if "dce" in c else ()
         if not (all(share >= 0 for share in shares) and sum(shares) <= 1):  # NaN fails too
             raise ValueError(f"lesion visibility shares {shares}: expected >= 0, summing to <= 1")
@@ -159,7 +164,9 @@ def _lesions(rng: np.random.Generator, cfg: SynthConfig, scene: dict) -> list[Le
         return []
     lesions = []
     p, g = np.asarray(scene["prostate"]), scene["gland"]
-    t2w_only, adc_only = cfg.t2w_only_share, cfg.t2w_only_share + cfg.adc_only_share
+    # A share of a component the dataset lacks is none: its lesions would be in no image.
+    t2w_only = cfg.t2w_only_share
+    adc_only = t2w_only + (cfg.adc_only_share if _shows_dwi(cfg.components) else 0.0)
     dce_only = adc_only + (cfg.dce_only_share if "dce" in cfg.components else 0.0)
     for _ in range(int(rng.integers(1, cfg.max_lesions + 1))):
         zone = "pz" if rng.random() < 0.7 else "tz"
@@ -178,9 +185,15 @@ def _lesions(rng: np.random.Generator, cfg: SynthConfig, scene: dict) -> list[Le
         visible = "t2w" if u < t2w_only else "adc" if u < adc_only else "both"
         visible = "dce" if adc_only <= u < dce_only else visible
         lesion = Lesion(tuple(p + offset), radii, rng.uniform(0, np.pi), cls, visible, zone)
-        if not any(_touch(lesion, other) for other in lesions):  # one class per connected lesion
+        # Extents apart (two may still meet across adjacent slices: each keeps its class).
+        if not any(_touch(lesion, other) for other in lesions):
             lesions.append(lesion)
     return lesions
+
+
+def _shows_dwi(components) -> bool:
+    """Whether a lesion visible only in ADC/HBV is seen in one of `components`."""
+    return bool({"adc", "hbv"} & set(components))
 
 
 def _touch(a: Lesion, b: Lesion) -> bool:
@@ -306,9 +319,15 @@ def write_dataset(
     arguments are recorded in `out/synth.json` (`synthesis_record`). The dataset is written to a
     temporary folder beside `out` and renamed to `out` when complete; a non-empty `out` is
     refused unless `overwrite` (then it is replaced whole), and even then unless it is an
-    earlier synthetic dataset (it holds `lesions.csv`).
+    earlier synthetic dataset (it holds `lesions.csv`) holding nothing else (a store or notes
+    put in it would be deleted).
     """
     check_replaceable(Path(out), overwrite, "lesions.csv", "focalnet synth")
+    if strays := foreign_entries(Path(out), _OWN_FILES.__contains__, _OWN_FOLDERS):
+        raise UserError(
+            f"--out {out} holds {strays[0]!r}, which focalnet synth did not write: --overwrite "
+            f"would delete it; move it out of {out} or choose a new folder"
+        )
     with replaced_folder(out) as tmp:
         return _write_cases(tmp, num_cases, seed, cfg or SynthConfig(), progress)
 
