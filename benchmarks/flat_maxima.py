@@ -24,6 +24,7 @@ import json
 import jax
 import numpy as np
 import result_line  # benchmarks/result_line.py (the script directory)
+from benchmark_flags import count
 from scipy import ndimage
 
 from focalnet_jax.evaluation import matching
@@ -97,8 +98,8 @@ def froc_numbers(cases, localize) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--patients", type=int, default=100)
-    parser.add_argument("--peaks", type=int, default=4)
+    parser.add_argument("--patients", type=count(1), default=100)
+    parser.add_argument("--peaks", type=count(1), default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--predictions", help="folder of <case_id>.npz files instead of synthetic")
     args = parser.parse_args()

@@ -51,6 +51,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import result_line  # benchmarks/result_line.py (the script directory)
+from benchmark_flags import count, one_line_errors
 
 from focalnet_jax.config_loading import load_config
 from focalnet_jax.data.store import open_store
@@ -77,15 +78,19 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", required=True, help="config file[:arg]")
     parser.add_argument("--store", type=Path, help="preprocessed store (default: synthetic)")
     parser.add_argument("--out", type=Path, default=Path("fold_time_data"), help="synthetic data")
-    parser.add_argument("--cases", type=int, default=60, help="synthetic cases without --store")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument(
+        "--cases", type=count(1), default=60, help="synthetic cases without --store"
+    )
+    parser.add_argument("--workers", type=count(1), default=os.cpu_count() or 1)
     parser.add_argument(
         "--train-slices",
         type=int,
         default=1400,
         help="training slices of the fold's schedule (paper: ~1400); 0 = the store's",
     )
-    parser.add_argument("--max-steps", type=int, default=0, help="stop early and project; 0 = all")
+    parser.add_argument(
+        "--max-steps", type=count(0), default=0, help="stop early and project; 0 = all"
+    )
     return parser
 
 
@@ -196,13 +201,14 @@ def main(argv: list[str] | None = None) -> None:
     """Times the fold (or its first `--max-steps` steps) and prints the JSON line."""
     parser = _parser()
     args, overrides = parser.parse_known_args(argv)
-    if args.store is None:
-        with result_line.stdout_to_stderr():
-            args.store = synthetic_store(args.out, cases=args.cases, workers=args.workers)
-    config = _schedule_config(parser, args, overrides, args.store)
-    opened = open_store(args.store)
-    spec = RunSpec.from_config(config)
-    split = spec.fold_split(opened)
+    with one_line_errors(parser):  # a store that is not there or not readable, a bad config
+        if args.store is None:
+            with result_line.stdout_to_stderr():
+                args.store = synthetic_store(args.out, cases=args.cases, workers=args.workers)
+        config = _schedule_config(parser, args, overrides, args.store)
+        opened = open_store(args.store)
+        spec = RunSpec.from_config(config)
+        split = spec.fold_split(opened)
     train_slices, val_slices = len(split.train_rows), len(split.val_rows)
     schedule_slices = args.train_slices or train_slices
     schedule_val_slices = round(schedule_slices * val_slices / train_slices)

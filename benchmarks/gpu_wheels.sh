@@ -15,9 +15,11 @@ for tag in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 \
   platforms+=(--platform "$tag")
 done
 # The versions the test suite runs with. Their other dependencies (absl-py, PyYAML, pillow,
-# numpy, typing-extensions, packaging) are not downloaded: gpu_checks.sh's preflight imports
-# everything first and names what is missing.
+# numpy, typing-extensions, packaging) are not downloaded, nor matplotlib (only the `inference`
+# check, not run by default, needs it): gpu_checks.sh's preflight first imports the checks asked
+# for, and so all they use, and names what is missing.
 "$python" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
   --implementation cp "${platforms[@]}" -d "$dir" \
-  ml_collections==1.1.0 simpleitk==2.5.7 pydicom==3.0.2 highdicom==0.28.2 pyjpegls==1.5.1
+  ml_collections==1.1.0 simpleitk==2.5.7 pydicom==3.0.2 highdicom==0.28.2 pyjpegls==1.5.1 \
+  tqdm==4.70.1
 ls -l "$dir"

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import result_line  # benchmarks/result_line.py (the script directory)
+from benchmark_flags import count
 
 from focalnet_jax.config_loading import load_config
 from focalnet_jax.data import preprocess_case
@@ -109,9 +110,9 @@ def time_exam(preprocess, ensembles: dict, repeats: int) -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="config file[:arg]")
-    parser.add_argument("--models", type=int, default=5, help="ensemble size")
+    parser.add_argument("--models", type=count(1), default=5, help="ensemble size")
     parser.add_argument(
-        "--repeats", type=int, default=10, help="timed runs on the exam (after a warm-up)"
+        "--repeats", type=count(1), default=10, help="timed runs on the exam (after a warm-up)"
     )
     parser.add_argument("--tta", choices=("none", "flip"), default="none")
     args, overrides = parser.parse_known_args(argv)

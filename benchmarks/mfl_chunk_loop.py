@@ -26,9 +26,9 @@ import json
 import statistics
 import time
 
+import benchmark_flags  # benchmarks/benchmark_flags.py (the script directory)
 import jax
 import jax.numpy as jnp
-import kinds_flag  # benchmarks/kinds_flag.py (the script directory)
 import profile_summary  # benchmarks/profile_summary.py
 import result_line
 from jax.sharding import PartitionSpec
@@ -112,19 +112,21 @@ def measure(
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="config file[:arg]")
-    parser.add_argument("--chunk", type=int, default=4, help="subsets per loop iteration")
+    parser.add_argument(
+        "--chunk", type=benchmark_flags.count(1), default=4, help="subsets per loop iteration"
+    )
     parser.add_argument("--size", type=int, default=64, help="slice size")
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls of each function")
-    kinds_flag.add_kinds_flag(parser, KINDS, "functions to time")
+    parser.add_argument(
+        "--repeats", type=benchmark_flags.count(1), default=5, help="timed calls of each function"
+    )
+    benchmark_flags.add_kinds_flag(parser, KINDS, "functions to time")
     profile_summary.add_calls_flag(
         parser,
         "--profile-calls",
         "trace this many parameter-gradient calls of each form: its slowest ops",
     )
     args, overrides = parser.parse_known_args(argv)
-    if args.chunk < 1:
-        parser.error(f"--chunk: expected a positive number of subsets, got {args.chunk}")
-    kinds = kinds_flag.chosen_kinds(parser, args.kinds, KINDS)
+    kinds = benchmark_flags.chosen_kinds(parser, args.kinds, KINDS)
     config = load_config(args.config, overrides)
     result = {"config": args.config, "overrides": overrides}
     result |= {"size": args.size, "repeats": args.repeats, "kinds": kinds}

@@ -34,6 +34,7 @@ import time
 import jax
 import jax.numpy as jnp
 import result_line  # benchmarks/result_line.py (the script directory)
+from benchmark_flags import count, int_list
 from train_step import (  # benchmarks/train_step.py (the script directory)
     _batch,
     compiled_peak_bytes,
@@ -97,17 +98,17 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--components", default="", help="comma-separated (default: config's)")
     parser.add_argument("--subset-counts", default="2,6,14", help="comma-separated M values")
     parser.add_argument("--modes", default=",".join(losses.MFL_MODES), help="MFL modes")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per step and round")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating timing rounds")
-    parser.add_argument("--size", type=int, default=128, help="slice size (store: 128)")
+    parser.add_argument("--steps", type=count(1), default=3, help="timed steps per step and round")
+    parser.add_argument("--rounds", type=count(1), default=3, help="alternating timing rounds")
+    parser.add_argument("--size", type=count(17), default=128, help="slice size (store: 128)")
     return parser
 
 
 def _kinds(parser, args, components) -> list[tuple[int, str]]:
     """(subset count, MFL mode) of every MFL step to time, counts ascending; bad flags are
     usage errors."""
-    counts = [int(c) for c in args.subset_counts.split(",")]
-    modes = args.modes.split(",")
+    counts = int_list(parser, "--subset-counts", args.subset_counts)
+    modes = list(dict.fromkeys(args.modes.split(",")))
     if set(modes) - set(losses.MFL_MODES):
         parser.error(f"--modes: expected names from {losses.MFL_MODES}, got {args.modes!r}")
     available = len(losses.component_subsets(components))

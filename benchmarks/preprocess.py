@@ -19,6 +19,7 @@ from pathlib import Path
 
 import result_line  # benchmarks/result_line.py (the script directory)
 import SimpleITK as sitk
+from benchmark_flags import count
 
 from focalnet_jax.data.build_store import preprocess_cases
 from focalnet_jax.data.layouts import discover_picai
@@ -35,12 +36,18 @@ def _time(cases, out, workers, config) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", type=int, default=8)
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--slices", type=int, default=24, help="T2w slices (PI-CAI: about 24)")
+    parser.add_argument("--cases", type=count(1), default=8)
+    parser.add_argument("--workers", type=count(1), default=os.cpu_count() or 1)
+    parser.add_argument("--slices", type=count(1), default=24, help="T2w slices (PI-CAI: about 24)")
     parser.add_argument("--components", default="t2w,adc,hbv")
     args = parser.parse_args()
     components = tuple(args.components.split(","))
+    synth_components = SynthConfig().components  # what the synthetic dataset holds
+    if components[0] != "t2w" or not set(components) <= set(synth_components):
+        parser.error(
+            f"--components: expected t2w first, then some of {synth_components[1:]}, "
+            f"got {args.components!r}"
+        )
     synth = SynthConfig(t2w_size=(args.slices, 384, 384), dwi_size=(args.slices, 128, 84))
     config = PreprocessConfig(label_values="isup")
     with tempfile.TemporaryDirectory() as tmp:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import result_line  # benchmarks/result_line.py (the script directory)
+from benchmark_flags import count
 
 from focalnet_jax.data.geometry import CropGeometry
 from focalnet_jax.data.preprocess import PreprocessedCase
@@ -68,8 +69,8 @@ def _case(index: int, num_slices: int) -> PreprocessedCase:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", type=int, default=1500)
-    parser.add_argument("--slices", type=int, default=20, help="crop slices per case")
+    parser.add_argument("--cases", type=count(1), default=1500)
+    parser.add_argument("--slices", type=count(1), default=20, help="crop slices per case")
     args = parser.parse_args()
     settings = store_settings(PreprocessConfig(), COMPONENTS, "all")
     with tempfile.TemporaryDirectory() as tmp:

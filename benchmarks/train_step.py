@@ -33,9 +33,9 @@ import json
 import sys
 import time
 
+import benchmark_flags  # benchmarks/benchmark_flags.py (the script directory)
 import jax
 import jax.numpy as jnp
-import kinds_flag  # benchmarks/kinds_flag.py (the script directory)
 import numpy as np
 import profile_summary  # benchmarks/profile_summary.py
 import result_line
@@ -127,16 +127,21 @@ def measure(config, state, mesh, *, steps: int, size: int, profile_steps: int = 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="config file[:arg]")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per kind")
-    parser.add_argument("--size", type=int, default=128, help="slice size (store: 128)")
-    kinds_flag.add_kinds_flag(parser, KINDS, "step kinds to time (ratios need fl)")
+    parser.add_argument(
+        "--steps", type=benchmark_flags.count(1), default=20, help="timed steps per kind"
+    )
+    # `_batch` draws a 16-pixel lesion square inside the slice
+    parser.add_argument(
+        "--size", type=benchmark_flags.count(17), default=128, help="slice size (store: 128)"
+    )
+    benchmark_flags.add_kinds_flag(parser, KINDS, "step kinds to time (ratios need fl)")
     profile_summary.add_calls_flag(
         parser,
         "--profile-steps",
         "after timing, trace this many steps of each kind: its slowest ops (`profile`)",
     )
     args, overrides = parser.parse_known_args(argv)
-    kinds = kinds_flag.chosen_kinds(parser, args.kinds, KINDS)
+    kinds = benchmark_flags.chosen_kinds(parser, args.kinds, KINDS)
     result = {"config": args.config, "overrides": overrides}
     mesh = sharding.make_mesh()
     new_state = None

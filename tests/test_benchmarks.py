@@ -582,15 +582,15 @@ def test_mfl_chunk_loop_benchmark_times_the_chosen_kinds_vmapped_and_looped():
 def test_kinds_flag_keeps_the_order_given_and_refuses_unknown_or_no_names(text, chosen, capsys):
     import argparse
 
-    kinds_flag = _benchmark_module("kinds_flag")
+    benchmark_flags = _benchmark_module("benchmark_flags")
     parser = argparse.ArgumentParser(prog="bench")
-    kinds_flag.add_kinds_flag(parser, ("a", "b", "c"), "things to time")
+    benchmark_flags.add_kinds_flag(parser, ("a", "b", "c"), "things to time")
     assert parser.parse_args([]).kinds == "a,b,c"
     if chosen is not None:
-        assert kinds_flag.chosen_kinds(parser, text, ("a", "b", "c")) == chosen
+        assert benchmark_flags.chosen_kinds(parser, text, ("a", "b", "c")) == chosen
         return
     with pytest.raises(SystemExit) as stop:
-        kinds_flag.chosen_kinds(parser, text, ("a", "b", "c"))
+        benchmark_flags.chosen_kinds(parser, text, ("a", "b", "c"))
     assert stop.value.code == 2
     last = capsys.readouterr().err.splitlines()[-1]
     assert last == f"bench: error: --kinds: expected names from a,b,c, got {text!r}"
@@ -714,6 +714,80 @@ def test_gpu_checks_stop_before_any_benchmark_where_jax_sees_no_gpu(tmp_path):
     )
     assert misspelt.returncode == 2
     assert misspelt.stderr.startswith("unknown benchmark 'fold_time_bf16': expected names of ")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        # A typo asking for a short run ran the whole fold.
+        (["fold_time.py", "--config", "configs/demo.py", "--max-steps", "-5"],
+         "argument --max-steps: expected an integer >= 0, got '-5'"),
+        (["fold_time.py", "--config", "configs/demo.py", "--store", "/nonexistent"],
+         "store /nonexistent does not exist"),
+        # A ZeroDivisionError, a StatisticsError, an IndexError: after minutes of compiling.
+        (["train_step.py", "--config", "configs/demo.py", "--steps", "0"],
+         "argument --steps: expected an integer >= 1, got '0'"),
+        (["mfl_scaling.py", "--config", "configs/mfl4.py", "--subset-counts", "2,,6"],
+         "--subset-counts: expected comma-separated integers, got '2,,6'"),
+        (["inference.py", "--config", "configs/focalnet.py", "--models", "0"],
+         "argument --models: expected an integer >= 1, got '0'"),
+    ],
+)  # fmt: skip
+def test_bad_benchmark_arguments_are_one_line_errors(argv, message):
+    script, *rest = argv
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / script), *rest],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and done.stdout == "", done.stderr
+    assert done.stderr.splitlines()[-1] == f"{script}: error: {message}", done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_mfl_scaling_times_each_kind_once():
+    """`--subset-counts 6,6 --modes select,select`: the same step compiled, timed and written four
+    times."""
+    mfl_scaling = _benchmark_module("mfl_scaling")
+    parser = mfl_scaling._parser()
+    args, _ = parser.parse_known_args(
+        ["--config", "configs/mfl4.py", "--subset-counts", "6,2,6", "--modes", "select,select"]
+    )
+    assert mfl_scaling._kinds(parser, args, ("t2w", "adc", "hbv", "dce")) == [
+        (2, "select"), (6, "select")
+    ]  # fmt: skip
+
+
+def test_gpu_checks_preflight_imports_the_benchmarks_asked_for(tmp_path):
+    """The preflight imported a fixed list: on a node without matplotlib (or tqdm) it passed, and
+    `inference` (or `fold_time`) failed on its import after the other checks' minutes."""
+    blocked = tmp_path / "blocked" / "matplotlib"
+    blocked.mkdir(parents=True)
+    (blocked / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'matplotlib'\", name='matplotlib')\n"
+    )
+    out = tmp_path / "out"
+    done = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "gpu_checks.sh"), str(out), "inference"],
+        cwd=REPO,
+        env={
+            **os.environ,
+            "PYTHON": sys.executable,
+            "PYTHONPATH": str(tmp_path / "blocked"),
+            "QUICK": "1",
+            "WHEELS": str(tmp_path / "no_wheels"),
+            "JAX_PLATFORMS": "cpu",
+        },  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == ("preflight failed: ModuleNotFoundError: No module named 'matplotlib'\n")
+    assert [p.name for p in out.iterdir()] == ["gpu_checks.log"]
 
 
 def test_mfl_modes_benchmark_finds_select_equal_to_vmap_under_frozen_normalisation():
