@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import subprocess
 import sys
 
@@ -365,9 +366,9 @@ class Client:  # the group's store, as far as the SIGTERM handler outside the lo
 group_failures._end_the_group_on_sigterm(Client(), "focalnet train")
 with SigtermStop() as stop:
     os.kill(os.getpid(), signal.SIGTERM)  # in the loop's last moments
-    sum(range(1000))
+    took = stop.stop_now(agreement_point=True)  # its last check
 time.sleep(1)  # the thread outside the loop would act meanwhile
-print("loop took it:", stop.received)
+print("loop took it:", took)
 """
 
 
@@ -383,7 +384,7 @@ def test_a_sigterm_the_loop_takes_is_not_taken_again_outside_it():
 
 
 _SIGNALLED_AS_THE_LOOP_STARTS = """
-import os, signal, time
+import os, signal, sys, time
 from focalnet_jax.training import group_failures
 from focalnet_jax.training.graceful_stop import SigtermStop
 
@@ -395,26 +396,64 @@ group_failures._end_the_group_on_sigterm(Client(), "focalnet train")
 os.kill(os.getpid(), signal.SIGTERM)  # its byte read once the loop has taken SIGTERM over
 with SigtermStop() as stop:
     for step in range(100):
-        if stop.received:
+        if stop.stop_now(agreement_point=True):
             break
         time.sleep(0.02)  # a step: the thread reads the byte meanwhile
-print("stopped at step", step, stop.received)
+print("stopped at step", step, stop.received, flush=True)
+if sys.argv[1] == "again":  # a second SIGTERM, in the loop: it ends the process at once
+    with SigtermStop() as stop:
+        stop.received = True  # as the group's thread left it
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+    print("not ended")
 """
 
 
-def test_a_sigterm_that_arrives_as_the_loop_starts_stops_the_loop():
+@pytest.mark.parametrize("then", ["once", "again"])
+def test_a_sigterm_that_arrives_as_the_loop_starts_stops_the_loop(then):
     """A SIGTERM that arrived just before the loop took SIGTERM over, its byte read by the
     group's thread only after: the thread took it for the loop's and dropped it, and the loop
-    never saw it (trained on without a checkpoint until SLURM's SIGKILL). The loop stops."""
+    never saw it (trained on without a checkpoint until SLURM's SIGKILL). The loop stops; a
+    second SIGTERM ends the process at once (it only set the flag again: the thread cannot put
+    SIGTERM's default back)."""
     done = subprocess.run(
-        [sys.executable, "-c", _SIGNALLED_AS_THE_LOOP_STARTS],
+        [sys.executable, "-c", _SIGNALLED_AS_THE_LOOP_STARTS, then],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
-    assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("stopped at step") and done.stdout.endswith(" True\n"), (
         done.stdout,
         done.stderr,
     )
+    assert done.returncode == (0 if then == "once" else -signal.SIGTERM), done.stderr
+
+
+_SIGNALLED_AFTER_THE_LAST_CHECK = """
+import os, signal, time
+from focalnet_jax.training import group_failures
+from focalnet_jax.training.graceful_stop import SigtermStop
+
+class Client:  # the group's store, as far as the SIGTERM handler outside the loop uses it
+    def wait_at_barrier(self, *args): pass
+    def key_value_set(self, *args): pass
+
+group_failures._end_the_group_on_sigterm(Client(), "focalnet cv")
+with SigtermStop() as stop:
+    assert not stop.stop_now(agreement_point=True)  # the loop's last check
+    os.kill(os.getpid(), signal.SIGTERM)  # then the run's last writes
+time.sleep(5)  # the next fold of `cv`
+print("not ended")
+"""
+
+
+def test_a_sigterm_after_the_loops_last_check_ends_the_process_as_one_after_the_loop():
+    """The loop's flag, set after its last check, was read by nobody: `cv` went on with its next
+    fold until SLURM's SIGKILL. It ends the process as a SIGTERM outside the loop does."""
+    done = subprocess.run(
+        [sys.executable, "-c", _SIGNALLED_AFTER_THE_LAST_CHECK],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 143 and done.stdout == "", (done.stdout, done.stderr)
+    assert done.stderr == "focalnet cv: stopped by SIGTERM outside the training loop\n"
 
 
 @pytest.mark.slow

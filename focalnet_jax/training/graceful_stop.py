@@ -57,10 +57,13 @@ class TrainingStopped(Terminated):
 
 class SigtermStop:
     """Context manager: a SIGTERM inside it sets `received` (once: the next one ends the process).
+    One that `stop_now` never reported (it came after the loop's last check) is sent again as
+    the block ends, to the handler outside it: the process ends as for a SIGTERM after the loop.
     Off the main thread, where Python cannot take signals, it changes nothing."""
 
     def __init__(self):
         self.received = False
+        self._reported = False  # `received` as `stop_now` last read it
         self._previous = None
         self._wakeup_fd = -1
         self._installed = False
@@ -76,15 +79,22 @@ class SigtermStop:
             self._installed = True
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, exc_type, *exc_info) -> None:
         if self._installed:
             signal.set_wakeup_fd(self._wakeup_fd)
             # None: the handler before was not Python's (it cannot be put back): the default.
             previous = signal.SIG_DFL if self._previous is None else self._previous
             signal.signal(signal.SIGTERM, previous)
             LoopSigterm.stop = None
+            # After the loop's last check: lost otherwise (`cv` trained its next fold on).
+            if exc_type is None and self.received and not self._reported:
+                os.kill(os.getpid(), signal.SIGTERM)
 
     def _on_sigterm(self, signum, frame) -> None:
+        if self.received:  # the first came through the process group's thread: this is the second
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
         self.received = True
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
@@ -93,10 +103,12 @@ class SigtermStop:
         multi-process run, at an `agreement_point` (a step at which every process calls this
         with True), whether any process has its flag set, else False."""
         if jax.process_count() == 1:
-            return self.received
+            self._reported = self.received
+            return self._reported
         if not agreement_point:
             return False
-        flags = multihost_utils.process_allgather(np.int32(self.received))
+        self._reported = self.received
+        flags = multihost_utils.process_allgather(np.int32(self._reported))
         return bool(np.any(flags))
 
 
