@@ -687,21 +687,27 @@ def test_gpu_checks_pass_only_flags_and_overrides_the_benchmarks_declare(tmp_pat
     assert '"script": "benchmarks/mfl_scaling.py"' in done.stdout  # each line printed too
 
 
-def test_gpu_checks_stop_before_any_benchmark_where_jax_sees_no_gpu(tmp_path):
-    out = tmp_path / "out"
-    done = subprocess.run(
-        ["bash", str(REPO / "benchmarks" / "gpu_checks.sh"), str(out), "mfl_scaling"],
+def _gpu_checks(tmp_path, names: str, **env: str) -> subprocess.CompletedProcess:
+    """`benchmarks/gpu_checks.sh TMP/out NAMES` with this Python on the CPU, no wheels, `env`."""
+    return subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "gpu_checks.sh"), str(tmp_path / "out"), names],
         cwd=REPO,
         env={
             **os.environ,
             "PYTHON": sys.executable,
             "WHEELS": str(tmp_path / "no_wheels"),
             "JAX_PLATFORMS": "cpu",
+            **env,
         },  # fmt: skip
         capture_output=True,
         text=True,
         timeout=300,
     )
+
+
+def test_gpu_checks_stop_before_any_benchmark_where_jax_sees_no_gpu(tmp_path):
+    out = tmp_path / "out"
+    done = _gpu_checks(tmp_path, "mfl_scaling")
     assert done.returncode == 2
     assert done.stderr.startswith("preflight failed: JAX sees no GPU (platform cpu)")
     assert [p.name for p in out.iterdir()] == ["gpu_checks.log"]
@@ -769,25 +775,10 @@ def test_gpu_checks_preflight_imports_the_benchmarks_asked_for(tmp_path):
     (blocked / "__init__.py").write_text(
         "raise ModuleNotFoundError(\"No module named 'matplotlib'\", name='matplotlib')\n"
     )
-    out = tmp_path / "out"
-    done = subprocess.run(
-        ["bash", str(REPO / "benchmarks" / "gpu_checks.sh"), str(out), "inference"],
-        cwd=REPO,
-        env={
-            **os.environ,
-            "PYTHON": sys.executable,
-            "PYTHONPATH": str(tmp_path / "blocked"),
-            "QUICK": "1",
-            "WHEELS": str(tmp_path / "no_wheels"),
-            "JAX_PLATFORMS": "cpu",
-        },  # fmt: skip
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = _gpu_checks(tmp_path, "inference", PYTHONPATH=str(tmp_path / "blocked"), QUICK="1")
     assert done.returncode == 2, done.stderr
-    assert done.stderr == ("preflight failed: ModuleNotFoundError: No module named 'matplotlib'\n")
-    assert [p.name for p in out.iterdir()] == ["gpu_checks.log"]
+    assert done.stderr == "preflight failed: ModuleNotFoundError: No module named 'matplotlib'\n"
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["gpu_checks.log"]
 
 
 def test_mfl_modes_benchmark_finds_select_equal_to_vmap_under_frozen_normalisation():

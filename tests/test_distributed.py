@@ -354,7 +354,9 @@ def test_a_process_signalled_alone_before_the_training_loop_ends_the_group(signa
     assert other_status == 1 and "fatal" not in other_output, other_output
 
 
-_LOOP_SIGNALLED = """
+# A process with the group's SIGTERM handler outside the training loop (`focalnet PROG`, argv 1),
+# then the BODY of one test (argv 2 on: its own).
+_WITH_THE_GROUPS_SIGTERM_HANDLER = """
 import os, signal, sys, time
 from focalnet_jax.training import group_failures
 from focalnet_jax.training.graceful_stop import SigtermStop
@@ -363,7 +365,18 @@ class Client:  # the group's store, as far as the SIGTERM handler outside the lo
     def wait_at_barrier(self, *args): pass
     def key_value_set(self, *args): pass
 
-group_failures._end_the_group_on_sigterm(Client(), "focalnet train")
+group_failures._end_the_group_on_sigterm(Client(), f"focalnet {sys.argv[1]}")
+"""
+
+
+def _signalled(body: str, prog: str = "train", *args: str) -> subprocess.CompletedProcess:
+    script = _WITH_THE_GROUPS_SIGTERM_HANDLER + body
+    return subprocess.run(
+        [sys.executable, "-c", script, prog, *args], capture_output=True, text=True, timeout=120
+    )
+
+
+_LOOP_SIGNALLED = """
 with SigtermStop() as stop:
     os.kill(os.getpid(), signal.SIGTERM)  # in the loop's last moments
     took = stop.stop_now(agreement_point=True)  # its last check
@@ -376,23 +389,12 @@ def test_a_sigterm_the_loop_takes_is_not_taken_again_outside_it():
     """A SIGTERM the training loop took just before it ended also reached the process group's
     handler outside the loop (its byte waited in the wakeup pipe): a complete run ended with
     status 143 as "stopped by SIGTERM outside the training loop", the others told it failed."""
-    done = subprocess.run(
-        [sys.executable, "-c", _LOOP_SIGNALLED], capture_output=True, text=True, timeout=120
-    )
+    done = _signalled(_LOOP_SIGNALLED)
     assert done.returncode == 0, done.stderr
     assert done.stdout == "loop took it: True\n" and "outside" not in done.stderr
 
 
 _SIGNALLED_AS_THE_LOOP_STARTS = """
-import os, signal, sys, time
-from focalnet_jax.training import group_failures
-from focalnet_jax.training.graceful_stop import SigtermStop
-
-class Client:  # the group's store, as far as the SIGTERM handler outside the loop uses it
-    def wait_at_barrier(self, *args): pass
-    def key_value_set(self, *args): pass
-
-group_failures._end_the_group_on_sigterm(Client(), "focalnet train")
 os.kill(os.getpid(), signal.SIGTERM)  # its byte read once the loop has taken SIGTERM over
 with SigtermStop() as stop:
     for step in range(100):
@@ -400,7 +402,7 @@ with SigtermStop() as stop:
             break
         time.sleep(0.02)  # a step: the thread reads the byte meanwhile
 print("stopped at step", step, stop.received, flush=True)
-if sys.argv[1] == "again":  # a second SIGTERM, in the loop: it ends the process at once
+if sys.argv[2] == "again":  # a second SIGTERM, in the loop: it ends the process at once
     with SigtermStop() as stop:
         stop.received = True  # as the group's thread left it
         os.kill(os.getpid(), signal.SIGTERM)
@@ -416,10 +418,7 @@ def test_a_sigterm_that_arrives_as_the_loop_starts_stops_the_loop(then):
     never saw it (trained on without a checkpoint until SLURM's SIGKILL). The loop stops; a
     second SIGTERM ends the process at once (it only set the flag again: the thread cannot put
     SIGTERM's default back)."""
-    done = subprocess.run(
-        [sys.executable, "-c", _SIGNALLED_AS_THE_LOOP_STARTS, then],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    done = _signalled(_SIGNALLED_AS_THE_LOOP_STARTS, "train", then)
     assert done.stdout.startswith("stopped at step") and done.stdout.endswith(" True\n"), (
         done.stdout,
         done.stderr,
@@ -428,15 +427,6 @@ def test_a_sigterm_that_arrives_as_the_loop_starts_stops_the_loop(then):
 
 
 _SIGNALLED_AFTER_THE_LAST_CHECK = """
-import os, signal, time
-from focalnet_jax.training import group_failures
-from focalnet_jax.training.graceful_stop import SigtermStop
-
-class Client:  # the group's store, as far as the SIGTERM handler outside the loop uses it
-    def wait_at_barrier(self, *args): pass
-    def key_value_set(self, *args): pass
-
-group_failures._end_the_group_on_sigterm(Client(), "focalnet cv")
 with SigtermStop() as stop:
     assert not stop.stop_now(agreement_point=True)  # the loop's last check
     os.kill(os.getpid(), signal.SIGTERM)  # then the run's last writes
@@ -448,10 +438,7 @@ print("not ended")
 def test_a_sigterm_after_the_loops_last_check_ends_the_process_as_one_after_the_loop():
     """The loop's flag, set after its last check, was read by nobody: `cv` went on with its next
     fold until SLURM's SIGKILL. It ends the process as a SIGTERM outside the loop does."""
-    done = subprocess.run(
-        [sys.executable, "-c", _SIGNALLED_AFTER_THE_LAST_CHECK],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    done = _signalled(_SIGNALLED_AFTER_THE_LAST_CHECK, "cv")
     assert done.returncode == 143 and done.stdout == "", (done.stdout, done.stderr)
     assert done.stderr == "focalnet cv: stopped by SIGTERM outside the training loop\n"
 
