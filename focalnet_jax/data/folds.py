@@ -331,12 +331,11 @@ def write_fold_files(
     store, out_dir: str | os.PathLike, num_folds: int = 5, seed: int = 0
 ) -> list[Path]:
     """`fold-<k>.json` files with {"train": [case ids], "val": [case ids]}: every split made and
-    every file written to a temporary file before any is renamed into place (a folder holding
-    picai_baseline's split files is refused) (a failure while
+    every file written to a temporary file before any is renamed into place (a failure while
     making or writing them, e.g. a full disk, leaves the previous files, not fold files of two
     splits side by side). Once all are in place, the `fold-<j>.json` of an earlier split for
     j >= `num_folds` are removed (`_remove_later_folds`): read with the new files, they would
-    validate cases twice."""
+    validate cases twice. A folder holding picai_baseline's split files is refused."""
     out_dir = Path(out_dir)
     if out_dir.is_dir() and (picai := _picai_and_fold_files(out_dir)[0]):
         raise UserError(
