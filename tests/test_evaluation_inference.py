@@ -132,6 +132,26 @@ def test_flip_tta_is_the_mean_of_plain_and_reflipped_flipped_prediction(cv):
     assert not np.allclose(expected, plain(images), atol=1e-4)  # the flip changes the output
 
 
+def test_flip_tta_names_a_model_trained_without_the_flip(cv, tmp_path, caplog):
+    """`--tta flip` gave a model trained with `augment.flip=False` mirrored slices it never saw,
+    without a word; the docs said the flip was the one the models were trained with."""
+    run = tmp_path / "noflip"
+    shutil.copytree(cv["cv"] / "fold0", run)
+    config = json.loads((run / "config.json").read_text())
+    config["augment"]["flip"] = False
+    (run / "config.json").write_text(json.dumps(config))
+    with caplog.at_level("WARNING", logger="focalnet_jax.evaluation.ensemble"):
+        load_ensemble([cv["cv"] / "fold0", run], tta="flip")
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{run} was trained without the left-right flip (augment.flip=False): --tta flip averages "
+        "in its predictions of mirrored slices it never saw"
+    ]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="focalnet_jax.evaluation.ensemble"):
+        load_ensemble(run, tta="none")
+    assert not caplog.records
+
+
 def test_flipped_axis_is_left_right_in_lps(cv):
     """Crop columns (axis 2 of [N, H, W, C]) run along LPS +x (patient right -> left)."""
     from focalnet_jax.data.store import open_store

@@ -368,6 +368,13 @@ def make_ensemble(
     if tta not in TTA_MODES:
         raise EnsembleError(f"tta {tta!r}: expected one of {TTA_MODES}")
     check_compatible(runs, predictors, settings)
+    if tta == "flip":
+        for run, predictor in zip(runs, predictors, strict=True):
+            if not predictor.spec.config.augment.flip:
+                log.warning(
+                    "%s was trained without the left-right flip (augment.flip=False): --tta flip "
+                    "averages in its predictions of mirrored slices it never saw", run,
+                )  # fmt: skip
     predictors = list(predictors)
     shared: dict[str, Predictor] = {}
     for i, predictor in enumerate(predictors):
