@@ -217,7 +217,7 @@ def read_given_split(
                 f"split folder {path}: holds both picai_baseline split files ({picai[0].name}) "
                 f"and fold files ({folds[0].name}); keep one kind"
             )
-        numbers = {int(n.fullmatch(p.name)[1]) for p in split_files(path) for n in _SPLIT_NAMES
+        numbers = {int(n.fullmatch(p.name)[1]) for p in picai + folds for n in _SPLIT_NAMES
                    if n.fullmatch(p.name)}  # fmt: skip
         if numbers and max(numbers) >= num_folds:  # its folds from num_folds on: never validated
             raise UserError(

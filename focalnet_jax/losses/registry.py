@@ -125,16 +125,16 @@ def check_loss_options(name: str, options) -> None:
     hyperparameter, is refused: `get_loss` would bind the loss's default (`loss.pool_size=None`
     trained with pooling 3) while the run's config.json says null."""
     takes = get_loss(name).hyperparameters
-    defaults = _option_defaults()
-    for option in defaults:
-        if option in options and options[option] is None:
-            raise ValueError(
-                f"loss.{option}: expected a value, got None (the default is {defaults[option]!r})"
-            )
-    for option, default in defaults.items():
-        if option in takes or option not in options:
+    for option, default in _option_defaults().items():
+        if option not in options:
             continue
         value = options[option]
+        if value is None:
+            raise ValueError(
+                f"loss.{option}: expected a value, got None (the default is {default!r})"
+            )
+        if option in takes:
+            continue
         same = tuple(value) == tuple(default) if isinstance(default, tuple) else value == default
         if not same:
             raise ValueError(
