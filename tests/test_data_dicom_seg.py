@@ -330,6 +330,20 @@ def test_a_seg_folder_given_as_a_component_is_refused(source, tmp_path):
     )
 
 
+def test_a_dicom_file_that_is_no_seg_is_refused_as_label_or_mask_naming_its_class(
+    prostatex_case_dir, tmp_path
+):
+    one_slice = tmp_path / "label.dcm"
+    shutil.copy(sorted((prostatex_case_dir / "t2w").iterdir())[0], one_slice)
+    mr_image = pydicom.dcmread(one_slice, stop_before_pixels=True).SOPClassUID
+    expected = (
+        f"case 'px', file '{one_slice}': DICOM file of SOP class {mr_image} is no DICOM SEG: give "
+        "a DICOM SEG, or an image file or DICOM series folder"
+    )
+    assert _error(lambda: io.read_label(one_slice, case="px", label_values="picai")) == expected
+    assert _error(lambda: io.read_mask(one_slice, case="px")) == expected
+
+
 def _user_error(capfd, argv) -> str:
     capfd.readouterr()
     with pytest.raises(SystemExit) as raised:

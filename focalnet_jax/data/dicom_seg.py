@@ -62,13 +62,19 @@ class SegError(UserError):
         super().__init__(f"{self.file}: {reason}")
 
 
-def is_seg(file: str | os.PathLike) -> bool:
-    """Whether `file` is a DICOM SEG (its SOPClassUID); False for a file that is not DICOM."""
+def sop_class(file: str | os.PathLike) -> str | None:
+    """The SOPClassUID of the DICOM file `file` ('' where it has none); None for a file that is
+    not DICOM."""
     try:
         header = pydicom.dcmread(file, stop_before_pixels=True, specific_tags=["SOPClassUID"])
     except (InvalidDicomError, OSError, ValueError, EOFError):
-        return False
-    return str(header.get("SOPClassUID", "")) in SEG_SOP_CLASSES
+        return None
+    return str(header.get("SOPClassUID", ""))
+
+
+def is_seg(file: str | os.PathLike) -> bool:
+    """Whether `file` is a DICOM SEG (its SOPClassUID); False for a file that is not DICOM."""
+    return sop_class(file) in SEG_SOP_CLASSES
 
 
 def find_seg(path: str | os.PathLike) -> Path | None:

@@ -287,6 +287,14 @@ def _seg_or_image(path, case: str, read_seg) -> sitk.Image:
     """`read_seg(file)` of the DICOM SEG that `path` gives, else `read_image`'s image; a
     `SegError` becomes a `CaseError` naming the case."""
     if (seg := _seg_file(path, case)) is None:
+        sop_class = dicom_seg.sop_class(path) if path and Path(path).is_file() else None
+        if sop_class is not None:  # a DICOM file, but no SEG (e.g. one slice of a series)
+            raise CaseError(
+                case,
+                path,
+                f"DICOM file of SOP class {sop_class or '(none)'} is no DICOM SEG: give a "
+                "DICOM SEG, or an image file or DICOM series folder",
+            )
         return read_image(path, case=case)
     try:
         return read_seg(seg)
