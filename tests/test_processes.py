@@ -108,3 +108,36 @@ def test_a_cell_whose_runner_alone_was_killed_runs_while_its_command_does(tmp_pa
         command.wait()
     state_file.write_text(json.dumps(record))
     assert study.state(cell).state == "interrupted"
+
+
+# A stand-in `study cell` runner: records the cell running as `cell_runner` does (its own pid
+# and its command's), with a `sleep` as its command, and is then killed alone (SIGKILL).
+_RUNNER_KILLED_ALONE = """
+import os, signal, subprocess, sys, time
+from focalnet_jax.processes import pid_space, process_start
+from focalnet_jax.study.cells import Cell, Study
+study, cell = Study(sys.argv[1], {}), Cell(sys.argv[2], 0, 0)
+study.path(cell).mkdir(parents=True, exist_ok=True)
+command = subprocess.Popen(["sleep", "1.5"], start_new_session=True)
+study.write_state(cell, "running", pid=os.getpid(), pid_started=process_start(os.getpid()),
+    pid_space=pid_space(), child_pid=command.pid, child_started=process_start(command.pid),
+    started=time.time(), command_ends=time.time() + 1.5)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_runner_killed_alone_keeps_its_slot_until_its_command_ends(tmp_path, monkeypatch):
+    """A local cell runner killed alone was reported `failed` at once and its slot given to the
+    next cell while its `focalnet train` trained on: two trainings on one GPU under
+    `--parallel 1`. The slot stays taken until the command ends; the cell is `interrupted`."""
+    from focalnet_jax.study import local
+
+    def stand_in(study, cell):
+        return [sys.executable, "-c", _RUNNER_KILLED_ALONE, str(study.root), cell.arm]
+
+    monkeypatch.setattr(local, "cell_argv", stand_in)
+    study, first, second = Study(tmp_path, {}), Cell("a", 0, 0), Cell("b", 0, 0)
+    results = local.run_local(study, [first, second], parallel=1)
+    assert results == {"a/rep0/fold0": "interrupted", "b/rep0/fold0": "interrupted"}
+    first_ends = study.state(first).record["command_ends"]
+    assert study.state(second).record["started"] >= first_ends  # not beside the first's command

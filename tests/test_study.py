@@ -676,6 +676,33 @@ def test_corrupt_study_file_is_a_one_line_error_naming_it(tmp_path):
         assert f"{tmp_path / 'study.json'}: not a readable study file" in message
 
 
+def test_a_study_file_without_a_recorded_field_is_a_one_line_error_naming_it(spec_file, tmp_path):
+    """`{}` (another program's study.json) ended status, run and report in a KeyError traceback;
+    one without `evaluate` passed `run --dry-run`, and each cell then failed."""
+    from focalnet_jax.study.cells import Study
+    from focalnet_jax.study.spec import load_spec, validate
+
+    workdir = tmp_path / "s"
+    Study.create(workdir, validate(load_spec(str(spec_file)), str(spec_file)))
+    recorded = json.loads((workdir / "study.json").read_text())
+    del recorded["evaluate"]
+    (workdir / "study.json").write_text(json.dumps(recorded))
+    for action in ("status", "run", "report"):
+        message = _one_line_error(
+            action, "--workdir", str(workdir), *(["--dry-run"] * (action == "run"))
+        )
+        assert message.endswith(
+            f"{workdir / 'study.json'}: not a readable study file (no evaluate); use a new "
+            "--workdir"
+        )
+    (workdir / "study.json").write_text("{}")
+    message = _one_line_error("status", "--workdir", str(workdir))
+    assert message.endswith(
+        "(no base, store, repeats, num_folds, folds, seed, common, arms, ensembles, evaluate, "
+        "slurm, spec_file); use a new --workdir"
+    )
+
+
 def test_dry_run_refuses_a_changed_spec_as_the_real_run_does(spec_file, tmp_path):
     from focalnet_jax.study.cells import Study
     from focalnet_jax.study.spec import load_spec, validate
@@ -960,6 +987,22 @@ def test_failed_command_records_its_one_line_error(tmp_path):
     assert text.startswith("earlier attempt\n$ focalnet folds --store=") and text.endswith(
         reason + "\n"
     )
+
+
+def test_a_command_killed_by_a_signal_records_the_signal_not_its_last_progress_line(
+    tmp_path, monkeypatch
+):
+    from focalnet_jax.study.cell_runner import run_focalnet
+
+    # A child that prints a progress-bar frame and is then killed (as by the out-of-memory killer).
+    child = tmp_path / "python"
+    child.write_text("#!/bin/sh\necho 'train:  40%|####      | 160/400'\nkill -9 $$\n")
+    child.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(child))
+    log = tmp_path / "cell.log"
+    assert run_focalnet(["train", "--workdir", "w"], log) == "focalnet train killed by SIGKILL"
+    child.write_text("#!/bin/sh\necho 'ValueError: x'\necho '10/400'\nkill -15 $$\n")
+    assert run_focalnet(["evaluate"], log) == "focalnet evaluate killed by SIGTERM (ValueError: x)"
 
 
 def test_report_refuses_a_metric_missing_from_metrics_json(capsys):

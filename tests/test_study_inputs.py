@@ -26,6 +26,14 @@ def get_config():
 """
 
 
+def _recorded(base, store, **fields) -> dict:
+    """A one-cell study's spec as `spec.validate` gives it (every field `Study.open` reads)."""
+    plain = {"base": str(base), "store": str(store), "repeats": 1, "num_folds": 5, "folds": [0],
+             "seed": 0, "common": {}, "arms": {"ce": {}}, "ensembles": {}, "evaluate": {},
+             "slurm": {}, "spec_file": str(base.parent / "spec.py")}  # fmt: skip
+    return {**plain, **fields}
+
+
 @pytest.fixture()
 def study(tmp_path):
     """(study folder, base config file, store's cases.json) of a recorded one-cell study."""
@@ -33,9 +41,7 @@ def study(tmp_path):
     base.write_text(CONFIG.format(seed=0))
     store.mkdir()
     (store / "cases.json").write_text(json.dumps({"cases": [{"case_id": "a"}]}))
-    plain = {"base": str(base), "store": str(store), "repeats": 1, "folds": [0], "seed": 0,
-             "arms": {"ce": {}}, "ensembles": {}, "evaluate": {}}  # fmt: skip
-    Study.create(tmp_path / "study", plain)
+    Study.create(tmp_path / "study", _recorded(base, store))
     return tmp_path / "study", base, store / "cases.json"
 
 
@@ -116,11 +122,8 @@ def test_a_change_of_the_given_split_files_is_refused(tmp_path):
     store.mkdir()
     (store / "cases.json").write_text(json.dumps({"cases": [{"case_id": "a"}]}))
     splits.write_text(json.dumps([{"train": ["a"], "val": ["b"]}]))
-    plain = {"base": str(base), "store": str(store), "repeats": 1, "folds": [0], "seed": 0,
-             "common": {"data": {"splits": str(splits)}}, "arms": {"ce": {}}, "ensembles": {},
-             "evaluate": {}}  # fmt: skip
     root = tmp_path / "study"
-    Study.create(root, plain)
+    Study.create(root, _recorded(base, store, common={"data": {"splits": str(splits)}}))
     recorded = json.loads((root / STUDY_FILE).read_text())[INPUTS]
     assert recorded["splits"] == hashlib.sha256(b"splits.json\0" + splits.read_bytes()).hexdigest()
     check_inputs(Study.open(root).plain, root)  # unchanged: no error

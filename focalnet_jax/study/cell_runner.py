@@ -5,7 +5,8 @@ from the cell's latest checkpoint) followed by `focalnet evaluate --workdir CELL
 `python -m focalnet_jax.cli` in a child process (so the study package never imports the CLI that
 imports it). Everything the cell prints goes to `CELL/cell.log` (appended: a resumed cell keeps
 the log of its earlier attempts); a failed command's last line of output (the one-line user
-error, or the exception of a traceback) is the cell's recorded reason. Its state file counts the
+error, or the exception of a traceback), or the signal that killed it, is the cell's recorded
+reason. Its state file counts the
 seconds of this attempt and of every earlier one (module `attempts`). A cell already done
 returns at once. The local and SLURM executors both start cells with this command.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -55,8 +57,9 @@ def cell_commands(study: Study, cell) -> tuple[list[str], list[str]]:
 def run_focalnet(argv: list[str], log: Path, heartbeat=None, started=None) -> str | None:
     """Run `focalnet ARGV` in a child process, its output appended to `log`, calling
     `started(pid)` (if given) once it runs and `heartbeat()` (if given) every `HEARTBEAT_S`
-    seconds while it runs; None on success, else a one-line reason: the last user error or
-    exception line the command printed (else its last line, else its exit status)."""
+    seconds while it runs; None on success, else a one-line reason: the signal that killed it
+    (with the last user error or exception line it printed, if any), else that line (else its
+    last line, else its exit status)."""
     with open(log, "ab", buffering=0) as out:
         out.write(f"$ focalnet {shlex.join(argv)}\n".encode())
         start = out.tell()
@@ -77,7 +80,19 @@ def run_focalnet(argv: list[str], log: Path, heartbeat=None, started=None) -> st
     with open(log, "rb") as written:
         written.seek(start)
         lines = [line.strip() for line in written.read().decode(errors="replace").splitlines()]
+    if status < 0:  # killed by a signal (e.g. the out-of-memory killer): no line of its own says so
+        killed = f"focalnet {argv[0]} killed by {_signal_name(-status)}"
+        said = [line for line in lines if REASON.match(line)]
+        return f"{killed} ({said[-1]})" if said else killed
     return failure_reason(lines) or f"focalnet {argv[0]} exited with status {status}"
+
+
+def _signal_name(number: int) -> str:
+    """'SIGKILL' for 9; 'signal N' for a number no signal of this platform has."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def failure_reason(lines: list[str]) -> str | None:

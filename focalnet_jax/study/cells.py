@@ -57,9 +57,32 @@ def read_json_file(path: Path, what: str, kind: type = dict, remedy: str = ""):
     raise StudyError(f"{path}: not a readable {what} ({problem}){remedy and f'; {remedy}'}")
 
 
+# What `spec.validate` records and the study's commands read (`inputs`: where recorded).
+RECORDED_FIELDS = (
+    "base",
+    "store",
+    "repeats",
+    "num_folds",
+    "folds",
+    "seed",
+    "common",
+    "arms",
+    "ensembles",
+    "evaluate",
+    "slurm",
+    "spec_file",
+)
+
+
 def _read_study_file(path: Path) -> dict:
-    """The spec recorded in `path`; a file that is not a JSON object is a `StudyError`."""
-    return read_json_file(path, "study file")
+    """The spec recorded in `path`; a file that is not a JSON object, or one without a field of
+    `RECORDED_FIELDS` (another program's, or one edited by hand), is a `StudyError`."""
+    recorded = read_json_file(path, "study file")
+    if missing := [field for field in RECORDED_FIELDS if field not in recorded]:
+        raise StudyError(
+            f"{path}: not a readable study file (no {', '.join(missing)}); use a new --workdir"
+        )
+    return recorded
 
 
 GROWING = ("repeats", "folds", "arms", "ensembles")  # the fields that may add runs

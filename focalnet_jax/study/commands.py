@@ -266,7 +266,10 @@ def _start_cells(study: Study, args: argparse.Namespace, lock: IO[str] | None = 
     for name in failed:
         record = study.state(study.cell(name)).record
         print(f"FAILED {name}: {record.get('error', '?')} (log: {record.get('log')})")
-    return 1 if failed else 0
+    interrupted = [name for name, result in results.items() if result == "interrupted"]
+    for name in interrupted:
+        print(f"INTERRUPTED {name}: its runner ended before the cell did; a re-run resumes it")
+    return 1 if failed or interrupted else 0
 
 
 def _ensembles(study: Study) -> None:

@@ -52,7 +52,9 @@ def worker_slots(parallel: int | None, devices: Sequence[str]) -> int:
 def run_local(
     study: Study, cells: Sequence[Cell], *, parallel: int = 1, devices: Sequence[str] = ()
 ) -> dict[str, str]:
-    """Run `cells`, at most `parallel` at once; returns {cell name: 'done' | 'failed'}.
+    """Run `cells`, at most `parallel` at once; returns {cell name: 'done' | 'failed' |
+    'interrupted'} (interrupted: its runner ended before the cell did, e.g. killed alone; a slot
+    stays taken until the `focalnet` command such a runner started has ended too).
 
     `devices`: GPU ids; worker slot i runs its cells with `CUDA_VISIBLE_DEVICES=devices[i]`, so
     `parallel` may not exceed their number.
@@ -63,7 +65,7 @@ def run_local(
         raise StudyError(
             f"--parallel {parallel}: more than the {plural(len(devices), 'GPU')} {devices}"
         )
-    queue, running, results = list(cells), {}, {}
+    queue, running, results, orphaned = list(cells), {}, {}, set()
     total, start = len(queue), time.time()
     try:
         while queue or running:
@@ -82,9 +84,19 @@ def run_local(
             for slot, (cell, process, cell_start) in list(running.items()):
                 if process.poll() is None:
                     continue
-                del running[slot]
                 state = study.state(cell)
-                results[cell.name] = "done" if state.state == "done" else "failed"
+                if _runs(state, process.pid):  # its runner killed alone: its command runs on
+                    if cell.name not in orphaned:
+                        orphaned.add(cell.name)
+                        print(
+                            f"the runner of cell {cell.name} ended; waiting for its command "
+                            f"(pid {state.record.get('child_pid')}) to end",
+                            flush=True,
+                        )
+                    continue
+                del running[slot]
+                ended = state.state in ("done", "interrupted")  # interrupted: no end written
+                results[cell.name] = state.state if ended else "failed"
                 where = "" if results[cell.name] == "done" else f": see {study.log_path(cell)}"
                 now = time.time()
                 print(
