@@ -403,13 +403,39 @@ def shifted(exam, tmp_path_factory):
 
 
 def test_frames_off_the_maps_grid_name_the_file_of_the_frame(exam, shifted, tmp_path):
-    """The error named the series' first file whichever frame was off the grid."""
+    """The error named the series' first file whichever frame was off the grid. Given the grid,
+    the sources are refused as they are read (before inference), as they are when written."""
     case = preprocess_case(exam, case_id="px")
     sources = dicom_sources("px", os.path.dirname(shifted[0]))
     with pytest.raises(CaseError) as refused:
         write_exam_outputs(case, _scores(case), tmp_path, threshold=0.3, dicom_sources=sources)
-    assert (refused.value.case, refused.value.file) == ("px", shifted[9])
-    assert refused.value.reason.startswith("--dicom: source frame 10 does not lie on the T2w grid")
+    with pytest.raises(CaseError) as read:
+        dicom_sources("px", os.path.dirname(shifted[0]), grid=case.geometry.t2w_reference_image())
+    for error in (refused.value, read.value):
+        assert (error.case, error.file) == ("px", shifted[9])
+        assert error.reason.startswith("--dicom: source frame 10 does not lie on the T2w grid")
+
+
+def test_a_t2w_of_cosines_written_to_3_decimals_writes_its_seg_on_the_grid(exam, tmp_path):
+    """ITK makes such cosines orthonormal as it reads the series: the maps were written, then
+    `--dicom` refused every frame as off the grid (0.155 voxels at the far edge, from the cosines
+    as written), after inference."""
+
+    def round_cosines(k, header):
+        header.ImageOrientationPatient = [f"{float(v):.3f}" for v in header.ImageOrientationPatient]
+
+    files = _t2w_copy(exam, tmp_path / "t2w", round_cosines)
+    case = preprocess_case({**exam, "t2w": str(tmp_path / "t2w")}, case_id="px")
+    out = tmp_path / "out"
+    sources = dicom_sources("px", str(tmp_path / "t2w"))
+    write_exam_outputs(case, _scores(case), out, threshold=0.3, dicom_sources=sources)
+    seg, (detection, values) = hd.seg.segread(out / SEG_FILE), _blobs(out)
+    uids = [pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files]
+    for number, value in enumerate(values, 1):
+        pixels = seg.get_pixels_by_source_instance(
+            source_sop_instance_uids=uids, segment_numbers=[number], ignore_spatial_locations=True
+        )[..., 0]
+        np.testing.assert_array_equal(pixels.astype(bool), detection == value)
 
 
 def test_batch_skips_a_case_whose_outputs_fail_and_a_run_of_none_keeps_out(exam, shifted, tmp_path):

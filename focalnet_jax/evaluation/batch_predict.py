@@ -123,7 +123,8 @@ def _preprocess(
         )
         if not dicom:
             return case, None
-        return case, dicom_sources(spec.case_id, spec.components["t2w"], spec.series.get("t2w"))
+        t2w, grid = spec.components["t2w"], case.geometry.t2w_reference_image()
+        return case, dicom_sources(spec.case_id, t2w, spec.series.get("t2w"), grid)
     except CaseError:
         raise
     except Exception as error:  # an unexpected failure still names the case

@@ -2,17 +2,17 @@
 the csPCa score as a DICOM Parametric Map.
 
 For an exam whose T2w is a DICOM series (a folder of single-frame slices or of one enhanced
-multi-frame file), `detections_seg.dcm` is a binary SEG (highdicom) that references the T2w
-series and has one frame per T2w source frame holding a candidate. Its segments are the blobs of
-`detection_map.nii.gz` (each a 26-connected region of one confidence value), numbered 1..N by
+multi-frame file), `detections_seg.dcm` is a binary SEG (highdicom) that references the T2w series
+and has one frame per segment and T2w source frame that segment covers. Its segments are the blobs
+of `detection_map.nii.gz` (each a 26-connected region of one confidence value), numbered 1..N by
 falling confidence; segment n is labelled `lesion n (p=0.83)`, p being the blob's value (its peak
-csPCa score P(GS >= 3+4)), followed by `csv 1,2` when rows of `detections.csv` (their
-`detection` ids) lie in it. The segment voxels are sampled from the map on the T2w grid at each
-source pixel's world point, which must fall on a T2w voxel centre (else the source frames are not
-the T2w grid: an error). An exam without candidates gets no SEG (a SEG needs a segment; logged).
-`score_map.dcm` is a float Parametric Map of `cspca_score.nii.gz` on every source frame (the same
-sampling), its frames' anatomy the prostate, an unpaired structure (Frame Anatomy functional
-group: FrameLaterality U; without it the IOD's conditional General Series Laterality is missing).
+csPCa score P(GS >= 3+4)), followed by `csv 1,2` when rows of `detections.csv` (their `detection`
+ids) lie in it. The segment voxels are sampled from the map on the T2w grid at each source pixel's
+world point, which must fall on a T2w voxel centre (else the source frames are not the T2w grid: an
+error). An exam without candidates gets no SEG (a SEG needs a segment; logged). `score_map.dcm` is a
+float Parametric Map of `cspca_score.nii.gz` on every source frame (the same sampling), its frames'
+anatomy the prostate, an unpaired structure (Frame Anatomy functional group: FrameLaterality U;
+without it the IOD's conditional General Series Laterality is missing).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from pydicom.valuerep import DA, TM
 from scipy import ndimage
 
 from focalnet_jax.data.dicom import choose_series
-from focalnet_jax.data.dicom_multiframe import frame_values
+from focalnet_jax.data.dicom_multiframe import ORIENTATION_TOLERANCE, frame_values
 from focalnet_jax.data.io import CaseError
 
 log = logging.getLogger(__name__)
@@ -51,11 +51,18 @@ COPIED_ATTRIBUTES = (
 )  # fmt: skip
 
 
-def dicom_sources(case_id: str, t2w: str | os.PathLike, series: str | None = None) -> list:
+def dicom_sources(
+    case_id: str,
+    t2w: str | os.PathLike,
+    series: str | None = None,
+    grid: sitk.Image | None = None,
+) -> list:
     """The pydicom headers (no pixel data) of the T2w series of folder `t2w` (`series`: its UID
     or description, where the folder holds several): its single-frame slices, or its one
-    multi-frame file. A `CaseError` for an image file (no DICOM source to reference) and for a
-    first source without the attributes the outputs copy from it (`COPIED_ATTRIBUTES`)."""
+    multi-frame file. A `CaseError` for an image file (no DICOM source to reference), for a
+    first source without the attributes the outputs copy from it (`COPIED_ATTRIBUTES`), and
+    for frames off the T2w grid `grid` of the maps, where given (`frame_voxels`; checked before
+    inference)."""
     path = Path(t2w)
     if not path.is_dir():
         raise CaseError(
@@ -80,6 +87,8 @@ def dicom_sources(case_id: str, t2w: str | os.PathLike, series: str | None = Non
             f"--dicom: the T2w's {problem}; score_map.dcm and detections_seg.dcm copy it and "
             "the DICOM writer refuses it (fix the header, or predict without --dicom)",
         )
+    if grid is not None:
+        frame_voxels(grid, sources, case_id)
     return sources
 
 
@@ -144,15 +153,17 @@ def frame_voxels(grid: sitk.Image, sources: list, case_id: str) -> np.ndarray:
     `[frames, rows, columns, 3]`, on the T2w grid `grid`. A `CaseError` naming the frame's file
     where a source pixel's centre is not a T2w voxel centre (within `GRID_TOLERANCE` voxels)."""
     rows, cols = int(sources[0].Rows), int(sources[0].Columns)
-    to_index = np.linalg.inv(np.reshape(grid.GetDirection(), (3, 3)) @ np.diag(grid.GetSpacing()))
+    axes = np.reshape(grid.GetDirection(), (3, 3))
+    to_index = np.linalg.inv(axes @ np.diag(grid.GetSpacing()))
     r, c = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
     size = np.array(grid.GetSize())
     frames = []
     for f, (position, orientation, spacing) in enumerate(_frames(sources)):
+        along_rows, along_columns = (_on_grid_axis(v, axes) for v in np.split(orientation, 2))
         world = (
             position
-            + c[..., None] * spacing[1] * orientation[:3]
-            + r[..., None] * spacing[0] * orientation[3:]
+            + c[..., None] * spacing[1] * along_rows
+            + r[..., None] * spacing[0] * along_columns
         )
         index = (world - np.asarray(grid.GetOrigin())) @ to_index.T
         voxel = np.rint(index).astype(np.int32)
@@ -167,6 +178,16 @@ def frame_voxels(grid: sitk.Image, sources: list, case_id: str) -> np.ndarray:
             )
         frames.append(voxel[..., ::-1])
     return np.stack(frames)
+
+
+def _on_grid_axis(cosines: np.ndarray, axes: np.ndarray) -> np.ndarray:
+    """The axis of `axes` (columns, unit vectors) that the direction `cosines` of a source frame
+    give, where they are it as written to 3 decimals (ITK makes a series' cosines orthonormal as it
+    reads them, as viewers do: a source pixel lies where the grid's axis puts it); else `cosines`
+    (a frame of another orientation, then refused as off the grid)."""
+    nearest = axes[:, np.argmax(np.abs(cosines @ axes))]
+    nearest = nearest * np.sign(cosines @ nearest)
+    return nearest if np.abs(cosines - nearest).max() <= ORIENTATION_TOLERANCE else cosines
 
 
 def _sampled(volume: np.ndarray, voxels: np.ndarray) -> np.ndarray:

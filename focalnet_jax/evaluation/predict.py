@@ -176,7 +176,8 @@ def predict_exam(
     )
     sources = None
     if dicom:
-        sources = dicom_sources(case_id, ordered["t2w"], (series or {}).get("t2w"))
+        grid = case.geometry.t2w_reference_image()
+        sources = dicom_sources(case_id, ordered["t2w"], (series or {}).get("t2w"), grid)
     scores = models(case.images)
     grades = grade_outputs(models)
     # Written beside out_dir, which it then replaces whole: a failure changes nothing there.
