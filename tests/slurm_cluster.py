@@ -35,7 +35,8 @@ KILL_WAIT_S = 60
 # Seconds a client (sbatch, squeue, scontrol) waits for slurmctld before it fails with `Socket
 # timed out` (SLURM's default is 10, which a loaded machine's slurmctld may miss).
 MESSAGE_TIMEOUT_S = 60
-BINARIES = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "squeue", "sinfo")
+# What the cluster and its tests run (.ci/install_slurm.sh installs them where one is absent)
+BINARIES = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "squeue", "sinfo", "scancel")
 
 
 def missing_binaries() -> list[str]:

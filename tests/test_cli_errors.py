@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -262,6 +263,32 @@ def test_a_coordinator_address_without_host_and_port_is_one_line(address, tmp_pa
         f"focalnet train: error: --coordinator_address {address!r}: expected HOST:PORT, e.g. "
         "node01:12345 (process 0's host, and a free port there)\n",
     )
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_coordinator_port_in_use_or_a_host_not_found_is_one_line(tmp_path, capsys):
+    """Process 0 on a port another process listens on ended in JAX's 'Failed to start RPC server'
+    traceback; a host name that resolves nowhere waited JAX's 5 minutes, then aborted."""
+    config = str(REPO / "configs" / "demo.py")
+    argv = ["train", "--config", config, "--workdir", str(tmp_path / "run"), "--num_processes", "2"]
+    with socket.socket(socket.AF_INET6) as taken:
+        taken.bind(("::", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        status, err = _run(
+            [*argv, "--coordinator_address", f"localhost:{port}", "--process_id", "0"], capsys
+        )
+    assert (status, err) == (
+        2,
+        f"focalnet train: error: --coordinator_address 'localhost:{port}': the coordinator "
+        f"(process 0) cannot listen on port {port} here (Address already in use); choose another "
+        "port\n",
+    )
+    absent = "nosuchhost.invalid:12345"
+    status, err = _run([*argv, "--coordinator_address", absent, "--process_id", "1"], capsys)
+    assert status == 2
+    assert err.startswith(f"focalnet train: error: --coordinator_address '{absent}': host ")
+    assert "'nosuchhost.invalid' not found (" in err and err.count("\n") == 1
     assert not (tmp_path / "run").exists()
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 
@@ -67,6 +68,44 @@ def test_a_node_list_that_cannot_be_read_is_refused_in_one_line(nodelist):
 
     with pytest.raises(UserError, match=r"^SLURM node list '.*': "):
         distributed.slurm_hostnames(nodelist)
+
+
+def test_a_slurm_steps_coordinator_is_checked_as_the_flags_one(monkeypatch):
+    """`JAX_COORDINATOR_PORT=abc` crashed JAX (status 139), `=70000` hung, and a
+    `JAX_COORDINATOR_ADDRESS` without a port ended in JAX's IndexError; a port in use on task 0's
+    node ended in JAX's traceback. Each is refused naming where it came from."""
+    task = _task(
+        "77", "0", "0", SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2",
+        SLURM_STEP_NUM_TASKS="2", SLURM_STEP_TASKS_PER_NODE="2", SLURM_LOCALID="0",
+    )  # fmt: skip
+    for name, value in task.items():
+        monkeypatch.setenv(name, value)
+    for name in ("JAX_COORDINATOR_PORT", "JAX_COORDINATOR_ADDRESS", "JAX_LOCAL_DEVICE_IDS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(distributed, "_configure_group", lambda: None)
+    monkeypatch.setattr(distributed.jax.distributed, "initialize", lambda *a, **k: None)
+    for port in ("abc", "70000"):
+        monkeypatch.setenv("JAX_COORDINATOR_PORT", port)
+        with pytest.raises(ValueError) as refused:
+            distributed.initialize()
+        assert str(refused.value) == (
+            f"the SLURM step's coordinator (JAX_COORDINATOR_PORT={port}) 'localhost:{port}': "
+            "expected HOST:PORT, e.g. node01:12345 (process 0's host, and a free port there)"
+        )
+    monkeypatch.delenv("JAX_COORDINATOR_PORT")
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "localhost")
+    with pytest.raises(ValueError, match=r"^JAX_COORDINATOR_ADDRESS 'localhost': expected HOST"):
+        distributed.initialize()
+    with socket.socket(socket.AF_INET6) as taken:
+        taken.bind(("::", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", f"localhost:{port}")
+        busy = rf"^JAX_COORDINATOR_ADDRESS 'localhost:{port}': the coordinator \(process 0\) "
+        with pytest.raises(ValueError, match=busy + f"cannot listen on port {port} here"):
+            distributed.initialize()
+        monkeypatch.setenv("SLURM_PROCID", "1")  # another task: it connects, binds nothing
+        assert distributed.initialize() == "slurm"
 
 
 def test_jax_is_given_the_first_host_of_the_step_and_its_port(monkeypatch):

@@ -36,6 +36,7 @@ import contextlib
 import itertools
 import os
 import re
+import socket
 from pathlib import Path
 
 import jax
@@ -197,16 +198,68 @@ def _flags_device_ids(environ=None) -> list[int] | None:
     return None if environ.get("JAX_LOCAL_DEVICE_IDS") else []
 
 
-def check_coordinator_address(address: str) -> None:
-    """Raises `ValueError` unless `address` is HOST:PORT (HOST anything before the last ':', e.g.
-    a host name, an IPv4 address or an [IPv6] one; PORT 1..65535), as process 0 binds it and the
-    others connect to it (JAX ended in an IndexError traceback on an address without a port)."""
+def check_coordinator_address(
+    address: str, what: str = "--coordinator_address", resolve: bool = False
+) -> None:
+    """Raises `ValueError` (naming `what` gave it) unless `address` is HOST:PORT (HOST anything
+    before the last ':', e.g. a host name, an IPv4 address or an [IPv6] one; PORT 1..65535), as
+    process 0 binds it and the others connect to it (JAX ended in an IndexError traceback on an
+    address without a port, and a crash on a port it cannot parse); with `resolve`, unless HOST
+    resolves here (JAX waited 5 minutes for a host that is not found)."""
     host, colon, port = address.rpartition(":")
     if not (colon and host and port.isdigit() and 0 < int(port) < 65536):
         raise ValueError(
-            f"--coordinator_address {address!r}: expected HOST:PORT, e.g. node01:12345 (process "
-            "0's host, and a free port there)"
+            f"{what} {address!r}: expected HOST:PORT, e.g. node01:12345 (process 0's host, and a "
+            "free port there)"
         )
+    if resolve:
+        try:
+            socket.getaddrinfo(host.removeprefix("[").removesuffix("]"), int(port))
+        except (socket.gaierror, UnicodeError) as error:
+            reason = getattr(error, "strerror", None) or str(error)
+            raise ValueError(f"{what} {address!r}: host {host!r} not found ({reason})") from None
+
+
+def check_coordinator_port_free(address: str, what: str = "--coordinator_address") -> None:
+    """Process 0: raises `ValueError` unless the port of `address` is free here, where JAX's
+    coordinator binds it on every interface (`[::]:PORT`): a port in use ended in JAX's
+    traceback, and a JAX left half-started crashed as the process ended."""
+    port = int(address.rpartition(":")[2])
+    for family, everywhere in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
+        try:
+            probe = socket.socket(family, socket.SOCK_STREAM)
+        except OSError:  # no IPv6 on this host: JAX binds IPv4 then
+            continue
+        with probe:
+            # As gRPC binds it: a port of a connection in TIME_WAIT is free.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((everywhere, port))
+            except OSError as error:
+                raise ValueError(
+                    f"{what} {address!r}: the coordinator (process 0) cannot listen on port "
+                    f"{port} here ({error.strerror}); choose another port"
+                ) from None
+        return
+
+
+def _check_slurm_coordinator(address: str | None, environ=None) -> None:
+    """The coordinator of a SLURM step checked as the flags' is: `address` (from the node list
+    and `JAX_COORDINATOR_PORT`, else the step's port), else the user's `JAX_COORDINATOR_ADDRESS`
+    (host resolved); its port free here in task 0. Nothing where JAX finds it alone."""
+    environ = os.environ if environ is None else environ
+    given = environ.get("JAX_COORDINATOR_ADDRESS")
+    if address is None and not given:
+        return
+    if address is None:
+        what = "JAX_COORDINATOR_ADDRESS"
+        check_coordinator_address(given, what, resolve=True)
+    else:
+        port = environ.get("JAX_COORDINATOR_PORT")
+        what = "the SLURM step's coordinator" + (f" (JAX_COORDINATOR_PORT={port})" if port else "")
+        check_coordinator_address(address, what)
+    if environ.get("SLURM_PROCID") == "0":
+        check_coordinator_port_free(address or given, what)
 
 
 def initialize(
@@ -229,7 +282,9 @@ def initialize(
             )
         if num_processes == 1:
             return "single"
-        check_coordinator_address(coordinator_address)
+        check_coordinator_address(coordinator_address, resolve=True)
+        if process_id == 0:
+            check_coordinator_port_free(coordinator_address)
         _configure_group()
         jax.distributed.initialize(
             coordinator_address, num_processes, process_id, local_device_ids=_flags_device_ids()
@@ -238,8 +293,9 @@ def initialize(
         return "flags"
     if slurm_num_tasks() > 1:
         device_ids = slurm_local_device_ids()  # refuses a layout that leaves GPUs idle
-        _configure_group()
         address = slurm_coordinator_address()
+        _check_slurm_coordinator(address)
+        _configure_group()
         jax.distributed.initialize(address, local_device_ids=device_ids)
         watch_for_group_failures()
         return "slurm"
