@@ -1,8 +1,8 @@
-"""`focalnet cv` checks the start of every fold it is asked for (`loop.check_run_start`, the checks
-of `focalnet train` that need no training) before the first fold trains: a later fold's run whose
-recorded store or cases differ, or whose checkpoint lies past the new step count, is refused in
-one line, `fold <k>: ` and the message `train` gives for that fold; no fold trains. It was found
-only once the earlier folds had trained."""
+"""`focalnet cv` checks the start of every fold it is asked for (`run_start.check_run_start`, the
+checks of `focalnet train` that need no training) before the first fold trains: a later fold's run
+whose recorded store or cases differ, or whose checkpoint lies past the new step count, is refused
+in one line, `fold <k>: ` and the message `train` gives for that fold; no fold trains. It was
+found only once the earlier folds had trained."""
 
 from __future__ import annotations
 

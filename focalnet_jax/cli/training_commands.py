@@ -176,7 +176,7 @@ def _check_folds(config, folds: list[int], workdir: Path) -> None:
     """A `UserError` before any fold trains, for the first of `folds` whose start would be
     refused: first a fold outside `data.num_folds`, or a fold whose run in `workdir/fold<k>` was
     trained with another config; then each fold's start as training checks it without training
-    (`loop.check_run_start`: the store, the fold's split and batches, `loss.mfl_weight='auto'`
+    (`run_start.check_run_start`: the store, the fold's split and batches, `loss.mfl_weight='auto'`
     on its training rows, a resumed run's recorded store and cases, its checkpoint past the
     config's steps), the message led by `fold <k>: `."""
     # Imported once logging is set up (`_training_setup`): importing Orbax gives the root logger
@@ -185,7 +185,7 @@ def _check_folds(config, folds: list[int], workdir: Path) -> None:
     from focalnet_jax.run import RunSpec
     from focalnet_jax.run import workdir as workdir_lib
     from focalnet_jax.training import sharding
-    from focalnet_jax.training.loop import check_run_start, open_config_store
+    from focalnet_jax.training.run_start import check_run_start, open_config_store
 
     for fold in folds:
         config.data.fold = fold

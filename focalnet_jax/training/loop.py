@@ -17,7 +17,6 @@ SIGTERM at a validation step: the stop comes before it) validates that checkpoin
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import time
 from collections.abc import Mapping
@@ -30,13 +29,10 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from focalnet_jax.data.run_store import check_training_store, record_run_store
-from focalnet_jax.data.store import open_store
+from focalnet_jax.data.run_store import record_run_store
 from focalnet_jax.errors import Terminated, UserError
 from focalnet_jax.run import RunSpec
 from focalnet_jax.run import workdir as workdir_lib
-from focalnet_jax.run.run_folder import check_run_folder
-from focalnet_jax.run.spec import FoldSplit
 from focalnet_jax.training import (
     checkpoint,
     group_failures,
@@ -46,6 +42,7 @@ from focalnet_jax.training import (
 )
 from focalnet_jax.training import step as step_lib
 from focalnet_jax.training.graceful_stop import SigtermStop, TrainingStopped, ctrl_c_interrupt
+from focalnet_jax.training.run_start import RunStart, check_run_start, training_lock
 from focalnet_jax.training.tb_logging import SummaryWriter, read_scalars
 
 log = logging.getLogger(__name__)
@@ -230,67 +227,6 @@ def _mfl_note(spec: RunSpec, norm: str) -> str:
     )
 
 
-@dataclasses.dataclass(frozen=True)
-class RunStart:
-    """What a training start was checked with (`check_run_start`)."""
-
-    config: ml_collections.ConfigDict  # its paths absolute
-    spec: RunSpec  # with the store's image size
-    store: object  # the opened store
-    split: FoldSplit  # the cases and rows of `data.fold`
-    batches: input_pipeline.TrainBatches
-    num_steps: int  # the step training ends at
-    mfl_weight: float  # lambda of eq. 4 (`RunSpec.mfl_weight`: 'auto' from the training rows)
-    resumable: int | None  # the newest step found whole (`workdir.resumable_step`), or None
-
-
-def open_config_store(config: ml_collections.ConfigDict):
-    """The store of `config.data.store`, opened; a user error (one line) when it is unset, absent
-    or not a store of the current format."""
-    if not config.data.store:
-        raise UserError(
-            "data.store is not set: give the preprocessed store with --config.data.store=STORE"
-        )
-    return open_store(config.data.store)
-
-
-def check_run_start(
-    config: ml_collections.ConfigDict, workdir: str | Path, mesh, *, store=None
-) -> RunStart:
-    """Every refusal (`UserError`, one line) of a training start in `workdir` that needs neither
-    a train state nor a compilation: the config, a resume's saved config, the store (unset,
-    absent, without the components), the fold's split and batches, `loss.mfl_weight='auto'` on
-    its training rows, a resume's recorded store and cases, and a resume's checkpoint past the
-    config's steps. Writes nothing, so `cv` checks every fold with it before the first trains.
-    `store`: an opened store (default: `open_config_store(config)`)."""
-    check_run_folder(workdir)  # not another command's output folder
-    config = workdir_lib.absolute_paths(config)
-    spec = RunSpec.from_config(config)
-    workdir_lib.check_resumed_config(config, workdir)  # a resume: the same run, extended
-    store = open_config_store(config) if store is None else store
-    spec = spec.for_store(store)
-    split = spec.fold_split(store)
-    if spec.augment.intensity and spec.t2w_channel is not None:
-        input_pipeline.check_t2w_ratios(store, split.train_rows, spec.augment.intensity_range)
-    reader = input_pipeline.SliceReader(store, spec.components)
-    batches = input_pipeline.TrainBatches(
-        reader, split.train_rows, spec.global_batch, mesh,
-        seed=config.seed, prefetch=config.train.prefetch,
-        name=f"the training split of data.fold={config.data.fold} in store {store.path} "
-        f"(data.slices={config.data.slices}: {len(split.train_cases)} cases)",
-    )  # fmt: skip
-    num_steps = spec.total_steps(batches.steps_per_epoch)
-    lam = spec.mfl_weight(store, split.train_rows)
-    # A resume starts at its newest readable step (or an older one): past the end, refused
-    # before store.json and config.json would record the shorter run.
-    start = workdir_lib.resumable_step(workdir)
-    if start is not None and start > num_steps:
-        raise UserError(_past_the_end(workdir, start, num_steps, config, batches.steps_per_epoch))
-    if workdir_lib.has_checkpoint_step(workdir):  # a resume: the store and cases it recorded
-        check_training_store(workdir, store, split=split)
-    return RunStart(config, spec, store, split, batches, num_steps, lam, start)
-
-
 def _record_start(run: RunStart, workdir: Path, start: int, validate_first: bool):
     """A run's start records (process 0 writes them): `store.json` (`record_run_store`),
     `config.json`, the start's log lines, and the TensorBoard writer, returned with the session
@@ -332,10 +268,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     `store`: an opened store (default: `open_config_store(config)`). The config is validated
     (`RunSpec.from_config`) before the store is opened or anything compiled; its paths are made
     absolute first (`workdir.absolute_paths`), as `config.json` records them. Every check that
-    needs no train state comes first (`check_run_start`).
+    needs no train state comes first (`check_run_start`), the workdir's lock held (one training
+    at a time in a workdir: `training_lock`).
     """
     workdir, mesh = Path(workdir), sharding.make_mesh()
-    run = check_run_start(config, workdir, mesh, store=store)
+    with training_lock(workdir):
+        return _train(check_run_start(config, workdir, mesh, store=store), workdir, mesh)
+
+
+def _train(run: RunStart, workdir: Path, mesh):
+    """`train_and_evaluate` from its checked start `run`."""
     config, spec, split, batches = run.config, run.spec, run.split, run.batches
     num_steps, lam = run.num_steps, run.mfl_weight
     key = spec.root_key()
@@ -373,20 +315,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
         if sigterm.stop_now(agreement_point=True):
             raise TrainingStopped(int(jax.device_get(state.step)), workdir, complete=True)
     return state
-
-
-def _past_the_end(workdir: Path, start: int, num_steps: int, config, steps_per_epoch: int) -> str:
-    """Why a run resumed at step `start` cannot train the `num_steps` of `config` (one line)."""
-    train = config.train
-    if train.steps > 0:
-        given = f"train.steps={train.steps}"
-    else:
-        given = f"train.epochs={train.epochs} x {steps_per_epoch} steps per epoch"
-    return (
-        f"workdir {workdir}: its checkpoint is at step {start}, past the {num_steps} steps of "
-        f"this config ({given}); a resumed run may extend its training, not shorten it: give "
-        f"at least {start} steps, or train this config in another workdir"
-    )
 
 
 def _missing_validation(

@@ -1,0 +1,129 @@
+"""The start of a training run in a workdir: every check that needs no train state
+(`check_run_start`, also run by `focalnet cv` for each fold before the first trains), and the
+workdir's training lock (`training_lock`): one training at a time writes in a workdir.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+
+import jax
+import ml_collections
+
+from focalnet_jax.data.run_store import check_training_store
+from focalnet_jax.data.store import open_store
+from focalnet_jax.errors import UserError
+from focalnet_jax.file_lock import LockHeld, acquire_lock, release_lock
+from focalnet_jax.run import RunSpec
+from focalnet_jax.run import workdir as workdir_lib
+from focalnet_jax.run.run_folder import check_run_folder
+from focalnet_jax.run.spec import FoldSplit
+from focalnet_jax.training import group_failures, input_pipeline
+
+LOCK_FILE = ".focalnet_train.lock"  # in the workdir, held by process 0 while the run trains
+
+
+@dataclasses.dataclass(frozen=True)
+class RunStart:
+    """What a training start was checked with (`check_run_start`)."""
+
+    config: ml_collections.ConfigDict  # its paths absolute
+    spec: RunSpec  # with the store's image size
+    store: object  # the opened store
+    split: FoldSplit  # the cases and rows of `data.fold`
+    batches: input_pipeline.TrainBatches
+    num_steps: int  # the step training ends at
+    mfl_weight: float  # lambda of eq. 4 (`RunSpec.mfl_weight`: 'auto' from the training rows)
+    resumable: int | None  # the newest step found whole (`workdir.resumable_step`), or None
+
+
+def open_config_store(config: ml_collections.ConfigDict):
+    """The store of `config.data.store`, opened; a user error (one line) when it is unset, absent
+    or not a store of the current format."""
+    if not config.data.store:
+        raise UserError(
+            "data.store is not set: give the preprocessed store with --config.data.store=STORE"
+        )
+    return open_store(config.data.store)
+
+
+def check_run_start(
+    config: ml_collections.ConfigDict, workdir: str | Path, mesh, *, store=None
+) -> RunStart:
+    """Every refusal (`UserError`, one line) of a training start in `workdir` that needs neither
+    a train state nor a compilation: the config, a resume's saved config, the store (unset,
+    absent, without the components), the fold's split and batches, `loss.mfl_weight='auto'` on
+    its training rows, a resume's recorded store and cases, and a resume's checkpoint past the
+    config's steps. Writes nothing, so `cv` checks every fold with it before the first trains.
+    `store`: an opened store (default: `open_config_store(config)`)."""
+    check_run_folder(workdir)  # not another command's output folder
+    config = workdir_lib.absolute_paths(config)
+    spec = RunSpec.from_config(config)
+    workdir_lib.check_resumed_config(config, workdir)  # a resume: the same run, extended
+    store = open_config_store(config) if store is None else store
+    spec = spec.for_store(store)
+    split = spec.fold_split(store)
+    if spec.augment.intensity and spec.t2w_channel is not None:
+        input_pipeline.check_t2w_ratios(store, split.train_rows, spec.augment.intensity_range)
+    reader = input_pipeline.SliceReader(store, spec.components)
+    batches = input_pipeline.TrainBatches(
+        reader, split.train_rows, spec.global_batch, mesh,
+        seed=config.seed, prefetch=config.train.prefetch,
+        name=f"the training split of data.fold={config.data.fold} in store {store.path} "
+        f"(data.slices={config.data.slices}: {len(split.train_cases)} cases)",
+    )  # fmt: skip
+    num_steps = spec.total_steps(batches.steps_per_epoch)
+    lam = spec.mfl_weight(store, split.train_rows)
+    # A resume starts at its newest readable step (or an older one): past the end, refused
+    # before store.json and config.json would record the shorter run.
+    start = workdir_lib.resumable_step(workdir)
+    if start is not None and start > num_steps:
+        raise UserError(_past_the_end(workdir, start, num_steps, config, batches.steps_per_epoch))
+    if workdir_lib.has_checkpoint_step(workdir):  # a resume: the store and cases it recorded
+        check_training_store(workdir, store, split=split)
+    return RunStart(config, spec, store, split, batches, num_steps, lam, start)
+
+
+def _past_the_end(workdir: Path, start: int, num_steps: int, config, steps_per_epoch: int) -> str:
+    """Why a run resumed at step `start` cannot train the `num_steps` of `config` (one line)."""
+    train = config.train
+    if train.steps > 0:
+        given = f"train.steps={train.steps}"
+    else:
+        given = f"train.epochs={train.epochs} x {steps_per_epoch} steps per epoch"
+    return (
+        f"workdir {workdir}: its checkpoint is at step {start}, past the {num_steps} steps of "
+        f"this config ({given}); a resumed run may extend its training, not shorten it: give "
+        f"at least {start} steps, or train this config in another workdir"
+    )
+
+
+@contextlib.contextmanager
+def training_lock(workdir: Path) -> Iterator[None]:
+    """Process 0 holds the lock of `workdir` (created) while the block trains there (`file_lock`:
+    released when the process ends, also killed). A second `train` or `cv` fold in it meanwhile
+    (a job submitted twice, a requeue while the old job runs) is refused in one line naming the
+    holder, in every process of its group: both runs' checkpoints and event files were lost.
+    A `workdir` this created is removed again where the block leaves it empty (a refused start)."""
+    lock, created = None, not workdir.exists()
+    with group_failures.together("take the workdir's training lock"):
+        if jax.process_index() == 0:
+            workdir.mkdir(parents=True, exist_ok=True)
+            try:
+                lock = acquire_lock(workdir / LOCK_FILE)
+            except LockHeld as held:
+                raise UserError(
+                    f"workdir {workdir} is being trained by {held.holder}: wait for that run to "
+                    "end, or train in another --workdir"
+                ) from None
+    try:
+        yield
+    finally:
+        if lock is not None:
+            release_lock(lock, remove=True)
+            if created:
+                with contextlib.suppress(OSError):  # not empty: the run's folder
+                    workdir.rmdir()

@@ -1,0 +1,56 @@
+"""One training at a time in a workdir (`run_start.training_lock`): a second `train` of a workdir
+being trained (a job submitted twice, a requeue while the old job runs) saved the same steps at
+once; both runs ended in Orbax tracebacks and left no checkpoint, while their event files mixed."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+
+import pytest
+from test_train_helpers import FakeStore, tiny_config
+
+from focalnet_jax.errors import UserError
+from focalnet_jax.training import train_and_evaluate
+from focalnet_jax.training.run_start import LOCK_FILE
+
+HOLD = """
+import sys, time
+from focalnet_jax.file_lock import acquire_lock
+lock = acquire_lock(sys.argv[1])
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_workdir_being_trained_is_refused_naming_the_run_that_trains_it(tmp_path):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(workdir / LOCK_FILE)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline() == "held\n"
+        config = tiny_config(overrides=["--config.loss.mfl=false", "--config.train.steps=2"])
+        with pytest.raises(UserError) as refused:
+            train_and_evaluate(config, workdir, store=FakeStore())
+    finally:
+        holder.kill()
+        holder.wait()
+    assert str(refused.value) == (
+        f"workdir {workdir} is being trained by pid {holder.pid} on {socket.gethostname()}: wait "
+        "for that run to end, or train in another --workdir"
+    )
+    assert [p.name for p in workdir.iterdir()] == [LOCK_FILE]  # nothing of this run written
+
+
+def test_a_refused_start_leaves_no_workdir_and_a_run_no_lock_file(tmp_path):
+    config = tiny_config(overrides=["--config.loss.mfl=false", "--config.data.fold=7"])
+    with pytest.raises(UserError, match="fold"):
+        train_and_evaluate(config, tmp_path / "refused", store=FakeStore())
+    assert not (tmp_path / "refused").exists()
+    config = tiny_config(overrides=["--config.loss.mfl=false", "--config.train.steps=1"])
+    train_and_evaluate(config, tmp_path / "run", store=FakeStore())
+    assert (tmp_path / "run" / "config.json").is_file()
+    assert not (tmp_path / "run" / LOCK_FILE).exists()
