@@ -85,7 +85,10 @@ INVALID = [
     # numpy's default_rng((seed, epoch)) refused it in the prefetch thread, with a traceback.
     (["--config.seed=-1"], r"^seed: expected an int in \[0, 2\*\*63\)"),
     # jax.random.uniform(minval > maxval) is minval every time: one fixed zoom or shift.
-    (["--config.augment.scale_range=(1.1, 0.9)"], r"^augment\.scale_range: expected \(low, high\)"),
+    (["--config.augment.scale_range=(1.1, 0.9)"], r"^augment\.scale_range: expected finite \(low"),
+    # An infinite zoom or T2w divisor: every slice a blank input, the loss finite.
+    (["--config.augment.scale_range=(0.9, 1e999)"], r"^augment\.scale_range: .* \(0\.9, inf\)$"),
+    (["--config.augment.intensity_range=(-0.15, 1e999)"], r"^augment\.intensity_range: expected"),
     (["--config.augment.max_shift=-0.1"], r"^augment\.max_shift: expected a value in \[0.0, 1.0\]"),
     # None for a pair: a bare `object of type 'NoneType' has no len()` naming no key.
     (["--config.augment.scale_range=None"], r"^augment\.scale_range: expected .* got None$"),

@@ -333,11 +333,14 @@ def _check_seed(seed) -> None:
 
 
 def _check_range(value, key: str, above: float) -> None:
-    """`value` = (low, high), numbers with `above` < low <= high."""
+    """`value` = (low, high), finite numbers with `above` < low <= high (an infinite zoom reads
+    every pixel from the centre, an infinite T2w divisor makes T2w 0: blank inputs, no NaN)."""
     pair = isinstance(value, list | tuple) and len(value) == 2
     numbers = pair and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
-    if not (numbers and above < value[0] <= value[1]):
-        raise ValueError(f"{key}: expected (low, high) with {above:g} < low <= high, got {value!r}")
+    if not (numbers and np.isfinite(value).all() and above < value[0] <= value[1]):
+        raise ValueError(
+            f"{key}: expected finite (low, high) with {above:g} < low <= high, got {value!r}"
+        )
 
 
 def _check_augment(augment) -> None:
