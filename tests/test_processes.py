@@ -141,3 +141,21 @@ def test_a_runner_killed_alone_keeps_its_slot_until_its_command_ends(tmp_path, m
     assert results == {"a/rep0/fold0": "interrupted", "b/rep0/fold0": "interrupted"}
     first_ends = study.state(first).record["command_ends"]
     assert study.state(second).record["started"] >= first_ends  # not beside the first's command
+
+
+def test_a_runner_that_fails_before_writing_its_state_is_failed_not_interrupted(
+    tmp_path, monkeypatch
+):
+    """A cell left `interrupted` by an earlier attempt whose new runner failed at once (a broken
+    environment) was reported `interrupted`, 'a re-run resumes it'."""
+    from focalnet_jax.study import local
+
+    def broken(study, cell):
+        return [sys.executable, "-c", "raise SystemExit('runner broke')"]
+
+    monkeypatch.setattr(local, "cell_argv", broken)
+    study, cell = Study(tmp_path, {}), Cell("a", 0, 0)
+    study.path(cell).mkdir(parents=True)
+    study.write_state(cell, "running", pid=_ended_pid(), pid_space=pid_space())
+    assert study.state(cell).state == "interrupted"  # the earlier attempt's
+    assert local.run_local(study, [cell], parallel=1) == {"a/rep0/fold0": "failed"}

@@ -95,7 +95,10 @@ def run_local(
                         )
                     continue
                 del running[slot]
-                ended = state.state in ("done", "interrupted")  # interrupted: no end written
+                # Interrupted: this runner's state, no end written (an earlier attempt's is not:
+                # this runner failed before it wrote its own).
+                mine = state.record.get("pid") == process.pid
+                ended = state.state == "done" or (state.state == "interrupted" and mine)
                 results[cell.name] = state.state if ended else "failed"
                 where = "" if results[cell.name] == "done" else f": see {study.log_path(cell)}"
                 now = time.time()
