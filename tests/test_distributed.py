@@ -651,3 +651,13 @@ def test_an_outcome_that_never_comes_is_a_line_with_the_stores_reason(monkeypatc
         "DEADLINE_EXCEEDED: no focalnet_together/"
     )
     assert str(raised.value).endswith("/1 after 3000 ms more)")
+
+
+def test_a_port_held_on_ipv6_alone_is_free_for_the_coordinator():
+    """gRPC binds `[::]`, else `0.0.0.0`: a port another service holds on IPv6 alone leaves the
+    coordinator IPv4, and JAX's group starts; the check refused it."""
+    with socket.socket(socket.AF_INET6) as v6_only:
+        v6_only.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        v6_only.bind(("::1", 0))
+        v6_only.listen()
+        distributed.check_coordinator_port_free(f"127.0.0.1:{v6_only.getsockname()[1]}")

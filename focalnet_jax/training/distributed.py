@@ -224,23 +224,21 @@ def check_coordinator_port_free(address: str, what: str = "--coordinator_address
     """Process 0: raises `ValueError` unless the port of `address` is free here, where JAX's
     coordinator binds it on every interface (`[::]:PORT`): a port in use ended in JAX's
     traceback, and a JAX left half-started crashed as the process ended."""
-    port = int(address.rpartition(":")[2])
+    port, first = int(address.rpartition(":")[2]), None
+    # As gRPC binds `[::]`: IPv6 (with IPv4 where dual-stack), else IPv4 alone.
     for family, everywhere in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
         try:
-            probe = socket.socket(family, socket.SOCK_STREAM)
-        except OSError:  # no IPv6 on this host: JAX binds IPv4 then
-            continue
-        with probe:
-            # As gRPC binds it: a port of a connection in TIME_WAIT is free.
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                # As gRPC binds it: a port of a connection in TIME_WAIT is free.
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 probe.bind((everywhere, port))
-            except OSError as error:
-                raise ValueError(
-                    f"{what} {address!r}: the coordinator (process 0) cannot listen on port "
-                    f"{port} here ({error.strerror}); choose another port"
-                ) from None
-        return
+            return
+        except OSError as error:  # also: no IPv6 on this host
+            first = first or error
+    raise ValueError(
+        f"{what} {address!r}: the coordinator (process 0) cannot listen on port {port} here "
+        f"({first.strerror}); choose another port"
+    )
 
 
 def _check_slurm_coordinator(address: str | None, environ=None) -> None:
