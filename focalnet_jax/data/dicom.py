@@ -26,6 +26,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import SimpleITK as sitk
 
@@ -334,7 +335,53 @@ def _read_series(folder: Path, series: str | None, component: str | None, notes:
         image = reader.Execute()
     except RuntimeError as err:
         raise _undecodable(files, err) from err
-    return restore_series(image, reader)
+    return restore_series(_placed_by_headers(image, reader, notes), reader)
+
+
+# |row . column| of ImageOrientationPatient read as rounding: cosines written to 3 decimals give
+# up to about 2e-3, where GDCM (over 1e-3) gives up on them and ITK reads the identity direction.
+ORTHOGONALITY_TOLERANCE = 1e-2
+
+
+def _placed_by_headers(image: sitk.Image, reader: sitk.ImageSeriesReader, notes: list[str]):
+    """`image` placed by its slices' headers where ITK gave up on the direction cosines (an
+    oblique series read as axial, without a word): direction from the first slice's cosines
+    made orthonormal (column, then row against it, as ITK does), slice axis along their normal
+    toward the last slice, origin and slice spacing from the first and last slices' positions."""
+
+    def floats(k: int, tag: str) -> np.ndarray:
+        return np.array([float(v) for v in reader.GetMetaData(k, tag).split("\\")])
+
+    last = len(reader.GetFileNames()) - 1
+    try:  # checked for a stack of several slices (`check_slice_positions`)
+        orientation, first = floats(0, "0020|0037"), floats(0, "0020|0032")
+    except (RuntimeError, ValueError):  # a single slice without them: ITK's placement
+        return image
+    if orientation.shape != (6,) or first.shape != (3,):
+        return image
+    row, column = orientation[:3], orientation[3:] / np.linalg.norm(orientation[3:])
+    if abs(row @ column) > ORTHOGONALITY_TOLERANCE * np.linalg.norm(row):
+        raise SeriesError(
+            reader.GetFileNames()[0],
+            f"ImageOrientationPatient {reader.GetMetaData(0, '0020|0037').strip()!r}: its row "
+            f"and column are not orthogonal (row . column = {row @ column:.4g})",
+        )
+    row = row - (row @ column) * column
+    row /= np.linalg.norm(row)
+    read = np.reshape(image.GetDirection(), (3, 3))
+    if max(np.abs(read[:, 0] - row).max(), np.abs(read[:, 1] - column).max()) < 1e-2:
+        return image  # ITK's own placement
+    normal = np.cross(row, column)
+    step = (floats(last, "0020|0032") - first) @ normal / last if last else image.GetSpacing()[2]
+    image.SetDirection(tuple(np.column_stack([row, column, normal * np.sign(step)]).ravel()))
+    image.SetOrigin(tuple(first))
+    image.SetSpacing((*image.GetSpacing()[:2], abs(step)))
+    notes.append(
+        f"{Path(reader.GetFileNames()[0]).parent}: direction cosines not orthogonal within 1e-3 "
+        f"(row . column = {orientation[:3] @ orientation[3:]:.4g}, e.g. written to 3 decimals), "
+        "which the DICOM reader ignores: placed by the slices' own cosines and positions"
+    )
+    return image
 
 
 def _stack_files(folder: Path, chosen: SeriesInfo, component: str | None, notes: list[str]):

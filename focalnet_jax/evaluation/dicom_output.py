@@ -159,7 +159,7 @@ def frame_voxels(grid: sitk.Image, sources: list, case_id: str) -> np.ndarray:
     size = np.array(grid.GetSize())
     frames = []
     for f, (position, orientation, spacing) in enumerate(_frames(sources)):
-        along_rows, along_columns = (_on_grid_axis(v, axes) for v in np.split(orientation, 2))
+        along_rows, along_columns = (_on_grid_axis(v, axes) for v in _orthonormal(orientation))
         world = (
             position
             + c[..., None] * spacing[1] * along_rows
@@ -180,14 +180,23 @@ def frame_voxels(grid: sitk.Image, sources: list, case_id: str) -> np.ndarray:
     return np.stack(frames)
 
 
+def _orthonormal(orientation: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(row, column) of an ImageOrientationPatient made orthonormal as the T2w reader makes them
+    (the column normalised, the row made orthogonal to it, then normalised)."""
+    column = orientation[3:] / np.linalg.norm(orientation[3:])
+    row = orientation[:3] - (orientation[:3] @ column) * column
+    return row / np.linalg.norm(row), column
+
+
 def _on_grid_axis(cosines: np.ndarray, axes: np.ndarray) -> np.ndarray:
-    """The axis of `axes` (columns, unit vectors) that the direction `cosines` of a source frame
-    give, where they are it as written to 3 decimals (ITK makes a series' cosines orthonormal as it
-    reads them, as viewers do: a source pixel lies where the grid's axis puts it); else `cosines`
-    (a frame of another orientation, then refused as off the grid)."""
+    """The axis of `axes` (columns, unit vectors) that the orthonormal `cosines` of a source frame
+    give, where they are it up to the rounding of cosines written to 3 decimals (the series'
+    slices agree within `ORIENTATION_TOLERANCE`: a source pixel lies where the grid's axis puts
+    it, as viewers place it); else `cosines` (a frame of another orientation, then refused as
+    off the grid)."""
     nearest = axes[:, np.argmax(np.abs(cosines @ axes))]
     nearest = nearest * np.sign(cosines @ nearest)
-    return nearest if np.abs(cosines - nearest).max() <= ORIENTATION_TOLERANCE else cosines
+    return nearest if np.abs(cosines - nearest).max() <= 2 * ORIENTATION_TOLERANCE else cosines
 
 
 def _sampled(volume: np.ndarray, voxels: np.ndarray) -> np.ndarray:
