@@ -2,11 +2,14 @@
 checks of `focalnet train` that need no training) before the first fold trains: a later fold's run
 whose recorded store or cases differ, or whose checkpoint lies past the new step count, is refused
 in one line, `fold <k>: ` and the message `train` gives for that fold; no fold trains. It was
-found only once the earlier folds had trained."""
+found only once the earlier folds had trained. So are a fold run outside `--folds` of another
+config and a fold another process trains now."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -89,15 +92,15 @@ def _error_line(argv, capsys) -> str:
     return err.splitlines()[-1]
 
 
-def _cv_error(cv: Path, flags: list[str], capsys, monkeypatch) -> str:
-    """`focalnet cv --folds 0,1`'s error line; no fold may train."""
+def _cv_error(cv: Path, flags: list[str], capsys, monkeypatch, folds: str = "0,1") -> str:
+    """`focalnet cv --folds FOLDS`'s error line; no fold may train."""
     import focalnet_jax.training
 
     def train_and_evaluate(config, workdir):  # nothing may train: it names the fold that did
         raise AssertionError(f"{workdir} trained")
 
     monkeypatch.setattr(focalnet_jax.training, "train_and_evaluate", train_and_evaluate)
-    argv = ["cv", "--config", CONFIG, "--workdir", str(cv), "--folds", "0,1", *flags]
+    argv = ["cv", "--config", CONFIG, "--workdir", str(cv), "--folds", folds, *flags]
     return _error_line(argv, capsys)
 
 
@@ -111,6 +114,44 @@ def test_cv_refuses_a_later_folds_run_before_any_fold_trains(
     assert _error_line(train, capsys).startswith(f"focalnet train: error: {message}")
     error = _cv_error(cv, flags, capsys, monkeypatch)
     assert error.startswith(f"focalnet cv: error: fold 1: {message}")
+    assert sorted(p.name for p in cv.iterdir()) == ["fold1"]
+
+
+def test_cv_refuses_a_fold_run_outside_folds_trained_with_another_config(
+    store, tmp_path, capsys, monkeypatch
+):
+    """`cv --folds 0` beside a fold1 trained with another fold seed: fold 0 was trained into the
+    folder, and `summarize` averaged folds whose validation cases overlap."""
+    cv, fold1 = tmp_path / "cv", tmp_path / "cv" / "fold1"
+    workdir_lib.save_config(_fold_config(store, 1, "--config.data.fold_seed=1"), fold1)
+    _checkpoint_at(fold1, 5)
+    error = _cv_error(cv, [*RUN, f"--config.data.store={store}"], capsys, monkeypatch, "0")
+    assert error.startswith(
+        f"focalnet cv: error: fold 1 (already in {cv}): workdir {fold1}: it was trained with "
+        "another config; config keys differ from its config.json: data.fold_seed 1 -> 0 "
+    )
+    assert sorted(p.name for p in cv.iterdir()) == ["fold1"]
+
+
+def test_cv_refuses_a_fold_being_trained_before_any_fold_trains(
+    store, tmp_path, capsys, monkeypatch
+):
+    """A fold another job trains (a `slurm_folds.sh` task) was refused once the folds before it
+    had trained, hours later."""
+    from focalnet_jax.file_lock import acquire_lock, release_lock
+    from focalnet_jax.training.run_start import LOCK_FILE
+
+    cv, fold1 = tmp_path / "cv", tmp_path / "cv" / "fold1"
+    fold1.mkdir(parents=True)
+    lock = acquire_lock(fold1 / LOCK_FILE)
+    try:
+        error = _cv_error(cv, [*RUN, f"--config.data.store={store}"], capsys, monkeypatch)
+    finally:
+        release_lock(lock)
+    assert error == (
+        f"focalnet cv: error: workdir {fold1} is being trained by pid {os.getpid()} on "
+        f"{socket.gethostname()}: wait for that run to end, or train in another --workdir"
+    )
     assert sorted(p.name for p in cv.iterdir()) == ["fold1"]
 
 

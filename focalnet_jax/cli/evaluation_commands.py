@@ -230,10 +230,11 @@ def add_summarize(parser: argparse.ArgumentParser) -> None:
 
 def run_summarize(args: argparse.Namespace) -> int:
     from focalnet_jax.evaluation.flag_checks import check_output_folder, parse_runs
-    from focalnet_jax.evaluation.summary import summarize_runs
+    from focalnet_jax.evaluation.summary import check_summary_folder, summarize_runs
 
     runs = parse_runs(args.runs)
     check_output_folder(args.out)
+    check_summary_folder(args.out)
     summarize_runs(runs, args.out)
     print(f"wrote {args.out / 'summary.json'} and {args.out / 'summary.md'}")
     return 0

@@ -140,6 +140,51 @@ def check_folds(run_dir, paths: list[Path], fold_metrics: list[dict]) -> None:
             seen[key] = (path, run)
 
 
+def check_summary_folder(out_dir: Path) -> None:
+    """A UserError for an `--out` that holds an evaluation (`metrics.json`, `report.md`,
+    `predictions/`): its figures would be replaced by the summary's, beside its own report."""
+    found = [n for n in ("metrics.json", "report.md", "predictions") if (out_dir / n).exists()]
+    if found:
+        raise UserError(
+            f"--out {out_dir} holds an evaluation ({found[0]}): its figures would be replaced by "
+            "the summary's; choose another folder"
+        )
+
+
+def check_fold_steps(run_dir, paths: list[Path], fold_metrics: list[dict]) -> None:
+    """Each evaluated run that exists as a folder, against its training: a UserError names a
+    metrics.json that evaluated a step other than the step its finished run ended at (evaluated
+    while the run trained, or stopped, and trained on since: the mean would mix an unfinished
+    model with finished ones); a warning names one of a run not finished, and a `fold<k>` run of
+    `run_dir` that no metrics.json evaluates (the mean is over the other folds alone)."""
+    from focalnet_jax.evaluation.ensemble import final_step  # Orbax: only where runs exist
+    from focalnet_jax.run.run_folder import fold_runs
+
+    evaluated = set()
+    for path, metrics in zip(paths, fold_metrics, strict=True):
+        for model in (metrics.get("models") or {}).get("models") or []:
+            run = Path(str(model.get("run")))
+            if not run.is_dir():
+                continue
+            evaluated.add(run.resolve())
+            finished, why = final_step(run)
+            if finished is None:
+                log.warning("%s: evaluates run %s, not finished (%s)", path, run, why)
+            elif model.get("step") != finished:
+                raise UserError(
+                    f"{path}: evaluates step {model.get('step')} of run {run}, whose training "
+                    f"ended at step {finished}: evaluate the finished run again (focalnet "
+                    f"evaluate --workdir {run}), or move this metrics.json out of {run_dir}"
+                )
+    if missing := [r for r in fold_runs(Path(run_dir)) if r.resolve() not in evaluated]:
+        log.warning(
+            "%s: %d fold run(s) without an evaluation, left out of the summary: %s",
+            run_dir,
+            len(missing),
+            ", ".join(str(r) for r in missing),
+        )
+
+
 def run_identity(run: str) -> str:
     """A recorded run as summarize compares it: the run folder resolved (absolute, symlinks
     followed) where it exists, a relative one taken against the current folder (metrics written
@@ -172,6 +217,7 @@ def summarize_runs(runs: Mapping[str, str | Path], out_dir: str | Path) -> dict:
     folds = {name: [read_metrics(p) for p in found] for name, found in paths.items()}
     for name, fold_metrics in folds.items():
         check_folds(runs[name], paths[name], fold_metrics)
+        check_fold_steps(runs[name], paths[name], fold_metrics)
     # Evaluated alike throughout; predicted alike within a method (two methods may differ in TTA).
     check_settings(
         {p: m for n in folds for p, m in zip(paths[n], folds[n], strict=True)}, predictions=False

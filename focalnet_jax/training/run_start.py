@@ -101,6 +101,26 @@ def _past_the_end(workdir: Path, start: int, num_steps: int, config, steps_per_e
     )
 
 
+def _held(workdir: Path, held: LockHeld) -> UserError:
+    return UserError(
+        f"workdir {workdir} is being trained by {held.holder}: wait for that run to end, or "
+        "train in another --workdir"
+    )
+
+
+def check_not_being_trained(workdirs: list[Path]) -> None:
+    """A `UserError` (in every process of a group) when another process holds the training lock
+    of one of `workdirs` now, checked by process 0 (`focalnet cv` checks its folds' before the
+    first trains; each fold's lock is taken as it starts, `training_lock`)."""
+    with group_failures.together("check the folds' training locks"):
+        for workdir in workdirs if jax.process_index() == 0 else ():
+            if (workdir / LOCK_FILE).is_file():
+                try:
+                    release_lock(acquire_lock(workdir / LOCK_FILE))
+                except LockHeld as held:
+                    raise _held(workdir, held) from None
+
+
 @contextlib.contextmanager
 def training_lock(workdir: Path) -> Iterator[None]:
     """Process 0 holds the lock of `workdir` (created) while the block trains there (`file_lock`:
@@ -115,10 +135,7 @@ def training_lock(workdir: Path) -> Iterator[None]:
             try:
                 lock = acquire_lock(workdir / LOCK_FILE)
             except LockHeld as held:
-                raise UserError(
-                    f"workdir {workdir} is being trained by {held.holder}: wait for that run to "
-                    "end, or train in another --workdir"
-                ) from None
+                raise _held(workdir, held) from None
     try:
         yield
     finally:

@@ -1,0 +1,64 @@
+"""`summarize` against the runs its folds evaluated: a metrics.json of a step other than the one
+its finished run ended at (evaluated while the run trained or was stopped, trained on since) was
+averaged with finished folds; an unfinished run and a trained fold without an evaluation were
+left in or out without a word; an `--out` holding an evaluation had its figures replaced."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+from cli_calls import cli_error, run_cli
+from test_evaluation_cli import _evaluate_fold
+from test_train_helpers import FakeStore, tiny_config
+
+from focalnet_jax.training import train_and_evaluate
+
+
+def _with_step(metrics_file, step: int) -> None:
+    metrics = json.loads(metrics_file.read_text())
+    metrics["models"]["models"][0]["step"] = step
+    metrics_file.write_text(json.dumps(metrics))
+
+
+def test_summarize_checks_each_fold_against_its_run(tmp_path, caplog):
+    cv = tmp_path / "cv"
+    steps = ["--config.loss.mfl=false", "--config.train.steps=2"]
+    every = ["--config.train.checkpoint_every=1", "--config.train.keep_checkpoints=5"]
+    train_and_evaluate(tiny_config(overrides=steps + every), cv / "fold0", store=FakeStore())
+    shutil.copytree(cv / "fold0", cv / "fold2")
+    shutil.rmtree(cv / "fold2" / "checkpoints" / "2")  # stopped at step 1 of 2
+    (cv / "fold1").mkdir()  # trained, never evaluated
+    shutil.copy(cv / "fold0" / "config.json", cv / "fold1" / "config.json")
+    _evaluate_fold(tmp_path / "p0", cv / "fold0" / "eval", [str(cv / "fold0")])
+    _evaluate_fold(tmp_path / "p2", cv / "fold2" / "eval", [str(cv / "fold2")], 0.1)
+    _with_step(cv / "fold2" / "eval" / "metrics.json", 1)
+    with caplog.at_level(logging.WARNING):
+        run_cli(["summarize", "--runs", f"A={cv}", "--out", tmp_path / "s"])
+    assert f"evaluates run {cv / 'fold2'}, not finished (latest checkpoint at step 1 of 2)" in (
+        caplog.text
+    )
+    assert f"{cv}: 1 fold run(s) without an evaluation, left out of the summary: " in caplog.text
+    assert str(cv / "fold1") in caplog.text
+    # fold0 evaluated at step 1, its run trained on to step 2 since.
+    _with_step(cv / "fold0" / "eval" / "metrics.json", 1)
+    message = cli_error(["summarize", "--runs", f"A={cv}", "--out", tmp_path / "s2"])
+    assert message.endswith(
+        f"{cv / 'fold0' / 'eval' / 'metrics.json'}: evaluates step 1 of run {cv / 'fold0'}, whose "
+        f"training ended at step 2: evaluate the finished run again (focalnet evaluate --workdir "
+        f"{cv / 'fold0'}), or move this metrics.json out of {cv}"
+    )
+    assert not (tmp_path / "s2").exists()
+
+
+def test_summarize_into_an_evaluation_folder_is_refused(tmp_path):
+    _evaluate_fold(tmp_path / "p", tmp_path / "A" / "fold0" / "eval", ["runs/A/fold0"])
+    evaluation = tmp_path / "A" / "fold0" / "eval"
+    before = {p.name: p.read_bytes() for p in evaluation.iterdir() if p.is_file()}
+    message = cli_error(["summarize", "--runs", f"A={tmp_path / 'A'}", "--out", evaluation])
+    assert message.endswith(
+        f"--out {evaluation} holds an evaluation (metrics.json): its figures would be replaced "
+        "by the summary's; choose another folder"
+    )
+    assert {p.name: p.read_bytes() for p in evaluation.iterdir() if p.is_file()} == before
