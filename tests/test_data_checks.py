@@ -471,6 +471,8 @@ def test_dicom_refusals_and_series_column_through_the_cli(
     }
     store = _refusals(tmp_path, rows, bad)
     assert store.images.shape == (19, 128, 128, 2)
+    # The series chosen is recorded with its folder (the folder alone names two).
+    assert store.cases[0]["files"]["series"] == {"adc": "ep2d_diff_tra_DYNDIST_ADC"}
 
 
 def _write_series(

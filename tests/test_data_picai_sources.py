@@ -182,8 +182,10 @@ def test_label_folders_that_read_value_1_differently_are_refused(tmp_path):
         label_scheme([human, ai])
 
 
-def test_preprocess_cli_takes_repeated_images_and_labels(tmp_path, caplog):
-    """End to end on synthetic cases split into two image folders and two label folders."""
+def test_preprocess_cli_takes_repeated_images_and_labels(tmp_path, caplog, monkeypatch):
+    """End to end on synthetic cases split into two image folders and two label folders, given
+    as paths relative to the working folder: the store records them absolute (they were recorded
+    as typed, meaningless from any other folder)."""
     data = tmp_path / "synth"
     assert main(["synth", "--out", str(data), "--cases", "3", "--seed", "3", "--small"]) == 0
     patients = sorted(p.name for p in (data / "images").iterdir())
@@ -203,8 +205,9 @@ def test_preprocess_cli_takes_repeated_images_and_labels(tmp_path, caplog):
     rows[1] = f"{patient},{study},{0 if int(isup) >= 2 else 3}"  # contradicts its label
     (tmp_path / "marksheet.csv").write_text("\n".join(rows) + "\n")
     out = tmp_path / "store"
-    args = ["preprocess", "--layout", "picai", "--images", str(first), "--images", str(second)]
-    args += ["--labels", str(expert), "--labels", str(ai), "--out", str(out)]
+    monkeypatch.chdir(tmp_path)
+    args = ["preprocess", "--layout", "picai", "--images", "fold0", "--images", "fold1"]
+    args += ["--labels", "expert", "--labels", "ai", "--out", str(out)]
     with caplog.at_level(logging.WARNING):
         assert main([*args, "--marksheet", str(tmp_path / "marksheet.csv")]) == 0
     warned = [r.getMessage() for r in caplog.records if "contradicts the marksheet" in r.message]
@@ -216,6 +219,10 @@ def test_preprocess_cli_takes_repeated_images_and_labels(tmp_path, caplog):
     assert len(used) == len(labels) == 3
     assert used[labels[0].name[: -len(".nii.gz")]] == str(expert / labels[0].name)
     assert all(used[f.name[: -len(".nii.gz")]] == str(ai / f.name) for f in labels[1:])
+    t2w = {r["case_id"]: r["files"]["t2w"] for r in store.cases}[f"{patient}_{study}"]
+    assert t2w == str(
+        (first if patient == patients[0] else second) / patient / f"{patient}_{study}_t2w.mha"
+    )
 
 
 def test_cases_all_refused_while_found_are_listed_beside_the_store(tmp_path, capfd):

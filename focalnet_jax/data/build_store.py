@@ -145,6 +145,8 @@ def _add_results(
             lesion_free.append(spec.case_id)
             continue
         files = {**spec.components, "label": spec.label, "mask": spec.mask}
+        if spec.series:  # the series chosen in a DICOM folder of several (`<component>_series`)
+            files["series"] = dict(spec.series)
         writer.add(case, patient_id=spec.patient_id, files=files, meta=spec.meta)
         if writer.settings["slices"] == "covered" and len(case.images) < case.geometry.t2w_size[2]:
             trimmed.append(spec.case_id)

@@ -189,14 +189,16 @@ def _picai_case(
     for name, path in found.items():
         if path is None:
             raise missing_component(case, folder, name)
-        paths[name] = str(path)
+        paths[name] = os.path.abspath(path)
     mask = find_file(Path(masks), case, LABEL_SUFFIXES, case) if masks is not None else None
+    # Absolute, as the manifest layout's: the store records them (`files`), and a later working
+    # directory is another.
     return CaseSpec(
         case_id=case,
         patient_id=patient,
         components=paths,
-        label=str(label) if label is not None else None,
-        mask=str(mask) if mask is not None else None,
+        label=os.path.abspath(label) if label is not None else None,
+        mask=os.path.abspath(mask) if mask is not None else None,
     )
 
 
