@@ -6,6 +6,7 @@ of a job; two 2-task steps of one job running at once on the one-node test clust
 
 from __future__ import annotations
 
+import errno
 import os
 import shlex
 import signal
@@ -661,3 +662,22 @@ def test_a_port_held_on_ipv6_alone_is_free_for_the_coordinator():
         v6_only.bind(("::1", 0))
         v6_only.listen()
         distributed.check_coordinator_port_free(f"127.0.0.1:{v6_only.getsockname()[1]}")
+
+
+def test_a_busy_port_on_a_host_without_ipv6_is_named_busy(monkeypatch):
+    """The refusal gave the IPv6 socket's 'Address family not supported', not the port's own
+    reason."""
+    real_socket = socket.socket
+
+    def no_ipv6(family=socket.AF_INET, *args, **kwargs):
+        if family == socket.AF_INET6:
+            raise OSError(errno.EAFNOSUPPORT, os.strerror(errno.EAFNOSUPPORT))
+        return real_socket(family, *args, **kwargs)
+
+    with real_socket(socket.AF_INET) as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        monkeypatch.setattr(distributed.socket, "socket", no_ipv6)
+        with pytest.raises(ValueError, match=r"port \d+ here \(Address already in use\)"):
+            distributed.check_coordinator_port_free(f"host:{port}")

@@ -27,12 +27,14 @@ def test_summarize_checks_each_fold_against_its_run(tmp_path, caplog):
     steps = ["--config.loss.mfl=false", "--config.train.steps=2"]
     every = ["--config.train.checkpoint_every=1", "--config.train.keep_checkpoints=5"]
     train_and_evaluate(tiny_config(overrides=steps + every), cv / "fold0", store=FakeStore())
+    shutil.copytree(cv / "fold0", cv / "fold1")
     shutil.copytree(cv / "fold0", cv / "fold2")
     shutil.rmtree(cv / "fold2" / "checkpoints" / "2")  # stopped at step 1 of 2
-    (cv / "fold1").mkdir()  # trained, never evaluated
-    shutil.copy(cv / "fold0" / "config.json", cv / "fold1" / "config.json")
-    _evaluate_fold(tmp_path / "p0", cv / "fold0" / "eval", [str(cv / "fold0")])
-    _evaluate_fold(tmp_path / "p2", cv / "fold2" / "eval", [str(cv / "fold2")], 0.1)
+    (cv / "fold3").mkdir()  # trained, never evaluated
+    shutil.copy(cv / "fold0" / "config.json", cv / "fold3" / "config.json")
+    for fold in (0, 1, 2):
+        run = cv / f"fold{fold}"
+        _evaluate_fold(tmp_path / f"p{fold}", run / "eval", [str(run)], 0.1 * fold)
     _with_step(cv / "fold2" / "eval" / "metrics.json", 1)
     with caplog.at_level(logging.WARNING):
         run_cli(["summarize", "--runs", f"A={cv}", "--out", tmp_path / "s"])
@@ -40,16 +42,34 @@ def test_summarize_checks_each_fold_against_its_run(tmp_path, caplog):
         caplog.text
     )
     assert f"{cv}: 1 fold run(s) without an evaluation, left out of the summary: " in caplog.text
-    assert str(cv / "fold1") in caplog.text
-    # fold0 evaluated at step 1, its run trained on to step 2 since.
+    assert str(cv / "fold3") in caplog.text
+    # fold0 evaluated at step 1, its run trained on to step 2 since; fold1 at its final step.
     _with_step(cv / "fold0" / "eval" / "metrics.json", 1)
     message = cli_error(["summarize", "--runs", f"A={cv}", "--out", tmp_path / "s2"])
     assert message.endswith(
         f"{cv / 'fold0' / 'eval' / 'metrics.json'}: evaluates step 1 of run {cv / 'fold0'}, whose "
-        f"training ended at step 2: evaluate the finished run again (focalnet evaluate --workdir "
-        f"{cv / 'fold0'}), or move this metrics.json out of {cv}"
+        "training ended at step 2, while other folds evaluate their final step: evaluate the "
+        f"finished run again (focalnet evaluate --workdir {cv / 'fold0'}), or move this "
+        f"metrics.json out of {cv}"
     )
     assert not (tmp_path / "s2").exists()
+    # Every fold at an earlier step (`evaluate --step 1`): summarised, and said.
+    _with_step(cv / "fold1" / "eval" / "metrics.json", 1)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        run_cli(["summarize", "--runs", f"A={cv}", "--out", tmp_path / "s3"])
+    assert "every fold evaluates a step before its run's final one" in caplog.text
+    # Moved: the runs recorded are elsewhere, not judged; each fold's metrics.json lies in it.
+    shutil.move(cv, tmp_path / "moved")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        run_cli(["summarize", "--runs", f"A={tmp_path / 'moved'}", "--out", tmp_path / "s4"])
+    moved = tmp_path / "moved"
+    assert f"{moved}: 1 fold run(s) without an evaluation, left out of the summary: " in (
+        caplog.text
+    )
+    assert str(moved / "fold3") in caplog.text and str(moved / "fold0") not in caplog.text
+    assert "not finished" not in caplog.text  # fold2's recorded run is gone: not judged
 
 
 def test_summarize_into_an_evaluation_folder_is_refused(tmp_path):

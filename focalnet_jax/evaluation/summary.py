@@ -152,37 +152,59 @@ def check_summary_folder(out_dir: Path) -> None:
 
 
 def check_fold_steps(run_dir, paths: list[Path], fold_metrics: list[dict]) -> None:
-    """Each evaluated run that exists as a folder, against its training: a UserError names a
-    metrics.json that evaluated a step other than the step its finished run ended at (evaluated
-    while the run trained, or stopped, and trained on since: the mean would mix an unfinished
-    model with finished ones); a warning names one of a run not finished, and a `fold<k>` run of
-    `run_dir` that no metrics.json evaluates (the mean is over the other folds alone)."""
+    """The folds of one method against the runs they evaluated, where those runs lie under
+    `run_dir` (a cv folder moved or copied since records runs elsewhere: not judged). A UserError
+    names a metrics.json that evaluated a step other than the step its finished run ended at
+    while another fold evaluated its run's final step (one evaluated while its run trained, or
+    was stopped, and trained on since: the mean would mix an unfinished model with finished
+    ones); folds that all evaluate earlier steps (`evaluate --step`), a run not finished, and a
+    `fold<k>` run of `run_dir` without a metrics.json in it or evaluating it (the mean is over
+    the other folds alone) are named in a warning."""
     from focalnet_jax.evaluation.ensemble import final_step  # Orbax: only where runs exist
     from focalnet_jax.run.run_folder import fold_runs
 
-    evaluated = set()
+    root = Path(run_dir).resolve()
+    evaluated, earlier, final = {p.resolve().parent for p in paths}, [], 0
     for path, metrics in zip(paths, fold_metrics, strict=True):
         for model in (metrics.get("models") or {}).get("models") or []:
             run = Path(str(model.get("run")))
-            if not run.is_dir():
+            if not (run.is_dir() and run.resolve().is_relative_to(root)):
                 continue
             evaluated.add(run.resolve())
             finished, why = final_step(run)
             if finished is None:
                 log.warning("%s: evaluates run %s, not finished (%s)", path, run, why)
             elif model.get("step") != finished:
-                raise UserError(
-                    f"{path}: evaluates step {model.get('step')} of run {run}, whose training "
-                    f"ended at step {finished}: evaluate the finished run again (focalnet "
-                    f"evaluate --workdir {run}), or move this metrics.json out of {run_dir}"
-                )
-    if missing := [r for r in fold_runs(Path(run_dir)) if r.resolve() not in evaluated]:
+                earlier.append((path, model.get("step"), run, finished))
+            else:
+                final += 1
+    if earlier and final:
+        path, step, run, finished = earlier[0]
+        raise UserError(
+            f"{path}: evaluates step {step} of run {run}, whose training ended at step "
+            f"{finished}, while other folds evaluate their final step: evaluate the finished run "
+            f"again (focalnet evaluate --workdir {run}), or move this metrics.json out of {run_dir}"
+        )
+    if earlier:
+        log.warning(
+            "%s: every fold evaluates a step before its run's final one (e.g. %s: step %s of %s)",
+            run_dir,
+            *earlier[0][:2],
+            earlier[0][3],
+        )
+    missing = [r for r in fold_runs(Path(run_dir)) if not _evaluated(r.resolve(), evaluated)]
+    if missing:
         log.warning(
             "%s: %d fold run(s) without an evaluation, left out of the summary: %s",
             run_dir,
             len(missing),
             ", ".join(str(r) for r in missing),
         )
+
+
+def _evaluated(run: Path, evaluated: set[Path]) -> bool:
+    """Whether `run` is one of `evaluated` (runs, and folders of metrics.json) or holds one."""
+    return any(where == run or where.is_relative_to(run) for where in evaluated)
 
 
 def run_identity(run: str) -> str:

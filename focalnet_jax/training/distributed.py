@@ -33,6 +33,7 @@ with a checkpoint (`graceful_stop`).
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import os
 import re
@@ -224,7 +225,7 @@ def check_coordinator_port_free(address: str, what: str = "--coordinator_address
     """Process 0: raises `ValueError` unless the port of `address` is free here, where JAX's
     coordinator binds it on every interface (`[::]:PORT`): a port in use ended in JAX's
     traceback, and a JAX left half-started crashed as the process ended."""
-    port, first = int(address.rpartition(":")[2]), None
+    port, errors = int(address.rpartition(":")[2]), []
     # As gRPC binds `[::]`: IPv6 (with IPv4 where dual-stack), else IPv4 alone.
     for family, everywhere in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
         try:
@@ -234,10 +235,12 @@ def check_coordinator_port_free(address: str, what: str = "--coordinator_address
                 probe.bind((everywhere, port))
             return
         except OSError as error:  # also: no IPv6 on this host
-            first = first or error
+            errors.append(error)
+    # The port's own reason, not that the host has no IPv6.
+    why = next((e for e in errors if e.errno != errno.EAFNOSUPPORT), errors[0])
     raise ValueError(
         f"{what} {address!r}: the coordinator (process 0) cannot listen on port {port} here "
-        f"({first.strerror}); choose another port"
+        f"({why.strerror}); choose another port"
     )
 
 
