@@ -41,22 +41,44 @@ class Terminated(KeyboardInterrupt):
     A message, where given, says what was done and replaces `interrupted by SIGTERM`."""
 
 
+_SIGTERM_RAISED: list[bool] = []  # `sigterm_as_interrupt` raised `Terminated` in its block
+
+
+def as_interrupt(error: BaseException) -> BaseException:
+    """`error`, or `Terminated` where `sigterm_as_interrupt` raised one in code that turned it
+    into an exception of its own (matplotlib's drawing ends in 'Invalid affine transformation
+    matrix' when a signal handler raises inside it)."""
+    if _SIGTERM_RAISED and not isinstance(error, KeyboardInterrupt):
+        terminated = Terminated()
+        terminated.__cause__ = error
+        return terminated
+    return error
+
+
 @contextlib.contextmanager
 def sigterm_as_interrupt():
     """SIGTERM raises `Terminated` in the main thread inside the block (the default handler ends
-    the process at once, leaving temporary folders and orphaned worker processes behind)."""
+    the process at once, leaving temporary folders and orphaned worker processes behind); an
+    exception that leaves the block after it was raised is that `Terminated` (`as_interrupt`)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def _raise(signum, frame):
+        _SIGTERM_RAISED.append(True)
         raise Terminated()
 
+    _SIGTERM_RAISED.clear()
     previous = signal.signal(signal.SIGTERM, _raise)
     try:
         yield
+    except Exception as error:
+        if (stop := as_interrupt(error)) is not error:
+            raise stop from error
+        raise
     finally:
         signal.signal(signal.SIGTERM, previous)
+        _SIGTERM_RAISED.clear()
 
 
 _RETRY_S = 0.02  # how soon a Ctrl-C that came inside a garbage-collector callback is raised

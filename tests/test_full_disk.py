@@ -298,10 +298,10 @@ def test_a_checkpoint_folder_that_cannot_be_created_ends_train_at_once(tmp_path)
     store = small_synthetic_store(tmp_path, cases=4, seed=2)
     disk = tmp_path / "disk"
     disk.mkdir()
-    # Inodes: the mount, the run folder, config.json, store.json, tb/, its event file,
-    # checkpoints/; none for the step's folder.
+    # Inodes: the mount, the run folder, its training lock, config.json, store.json, tb/, its
+    # event file, checkpoints/; none for the step's folder.
     mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64m,nr_inodes=7", "tmpfs", str(disk)],
+        ["mount", "-t", "tmpfs", "-o", "size=64m,nr_inodes=8", "tmpfs", str(disk)],
         capture_output=True,
     )
     if mounted.returncode != 0:

@@ -48,8 +48,8 @@ def test_a_workdir_being_trained_is_refused_naming_the_run_that_trains_it(tmp_pa
 def test_a_refused_start_leaves_no_workdir_and_a_run_no_lock_file(tmp_path):
     config = tiny_config(overrides=["--config.loss.mfl=false", "--config.data.fold=7"])
     with pytest.raises(UserError, match="fold"):
-        train_and_evaluate(config, tmp_path / "refused", store=FakeStore())
-    assert not (tmp_path / "refused").exists()
+        train_and_evaluate(config, tmp_path / "cv" / "fold7", store=FakeStore())
+    assert not (tmp_path / "cv").exists()  # neither the run's folder nor the one above it
     config = tiny_config(overrides=["--config.loss.mfl=false", "--config.train.steps=1"])
     train_and_evaluate(config, tmp_path / "run", store=FakeStore())
     assert (tmp_path / "run" / "config.json").is_file()

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from focalnet_jax.data.io import CaseError
-from focalnet_jax.errors import UserError
+from focalnet_jax.errors import UserError, as_interrupt
 from focalnet_jax.evaluation.batch_predict import predict_layout
 from focalnet_jax.evaluation.detection_map import CandidateSettings
 from focalnet_jax.evaluation.ensemble import load_ensemble
@@ -116,9 +116,13 @@ def _predict_many(models, args: argparse.Namespace, options: dict) -> str:
             dicom=args.dicom,
             **options,
         )
-    except (KeyboardInterrupt, CaseError) as stop:
-        if partial_folder(args.out).is_dir():
+    except (KeyboardInterrupt, Exception) as error:
+        stop = as_interrupt(error)  # a SIGTERM that drawing code turned into its own error
+        resumable = isinstance(stop, KeyboardInterrupt | CaseError)
+        if resumable and partial_folder(args.out).is_dir():
             print(resume_hint(args.out, bad_case=isinstance(stop, CaseError)), file=sys.stderr)
+        if stop is not error:
+            raise stop from error
         raise
     return summary.describe()
 

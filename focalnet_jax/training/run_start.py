@@ -127,8 +127,9 @@ def training_lock(workdir: Path) -> Iterator[None]:
     released when the process ends, also killed). A second `train` or `cv` fold in it meanwhile
     (a job submitted twice, a requeue while the old job runs) is refused in one line naming the
     holder, in every process of its group: both runs' checkpoints and event files were lost.
-    A `workdir` this created is removed again where the block leaves it empty (a refused start)."""
-    lock, created = None, not workdir.exists()
+    The folders this created are removed again where the block leaves them empty (a refused
+    start)."""
+    lock, created = None, [p for p in (workdir, *workdir.parents) if not p.exists()]
     with group_failures.together("take the workdir's training lock"):
         if jax.process_index() == 0:
             workdir.mkdir(parents=True, exist_ok=True)
@@ -141,6 +142,6 @@ def training_lock(workdir: Path) -> Iterator[None]:
     finally:
         if lock is not None:
             release_lock(lock, remove=True)
-            if created:
-                with contextlib.suppress(OSError):  # not empty: the run's folder
-                    workdir.rmdir()
+            with contextlib.suppress(OSError):  # not empty: the run's folder
+                for folder in created:  # innermost first
+                    folder.rmdir()
