@@ -95,3 +95,8 @@ def test_cosines_that_are_no_orthogonal_pair_are_refused(tmp_path):
         SeriesError, match=r"its row and column are not orthogonal \(row \. column = 0\.1\)"
     ):
         read_series(tmp_path / "s")
+    _write_series(tmp_path / "half", (0.5, 0.0, 0.0, 0.0, 1.0, 0.0))
+    with pytest.raises(
+        SeriesError, match=r"its row and column are not unit vectors \[0\.5 1\. *\]"
+    ):
+        read_series(tmp_path / "half")

@@ -71,6 +71,14 @@ def test_a_node_list_that_cannot_be_read_is_refused_in_one_line(nodelist):
         distributed.slurm_hostnames(nodelist)
 
 
+def _in_step(monkeypatch, task: dict) -> None:
+    """This process as the SLURM task `task` (`_task`), without the user's JAX settings."""
+    for name, value in task.items():
+        monkeypatch.setenv(name, value)
+    for name in ("JAX_COORDINATOR_PORT", "JAX_COORDINATOR_ADDRESS", "JAX_LOCAL_DEVICE_IDS"):
+        monkeypatch.delenv(name, raising=False)
+
+
 def test_a_slurm_steps_coordinator_is_checked_as_the_flags_one(monkeypatch):
     """`JAX_COORDINATOR_PORT=abc` crashed JAX (status 139), `=70000` hung, and a
     `JAX_COORDINATOR_ADDRESS` without a port ended in JAX's IndexError; a port in use on task 0's
@@ -79,10 +87,7 @@ def test_a_slurm_steps_coordinator_is_checked_as_the_flags_one(monkeypatch):
         "77", "0", "0", SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2",
         SLURM_STEP_NUM_TASKS="2", SLURM_STEP_TASKS_PER_NODE="2", SLURM_LOCALID="0",
     )  # fmt: skip
-    for name, value in task.items():
-        monkeypatch.setenv(name, value)
-    for name in ("JAX_COORDINATOR_PORT", "JAX_COORDINATOR_ADDRESS", "JAX_LOCAL_DEVICE_IDS"):
-        monkeypatch.delenv(name, raising=False)
+    _in_step(monkeypatch, task)
     monkeypatch.setattr(distributed, "_configure_group", lambda: None)
     monkeypatch.setattr(distributed.jax.distributed, "initialize", lambda *a, **k: None)
     for port in ("abc", "70000"):
@@ -121,10 +126,7 @@ def test_jax_is_given_the_first_host_of_the_step_and_its_port(monkeypatch):
         "77", "2", "1", SLURM_STEP_NODELIST="node[01-02]-ib", SLURM_NTASKS="2",
         SLURM_STEP_NUM_TASKS="2", SLURM_STEP_TASKS_PER_NODE="1(x2)", SLURM_LOCALID="0",
     )  # fmt: skip
-    for name, value in task.items():
-        monkeypatch.setenv(name, value)
-    for name in ("JAX_COORDINATOR_PORT", "JAX_COORDINATOR_ADDRESS", "JAX_LOCAL_DEVICE_IDS"):
-        monkeypatch.delenv(name, raising=False)
+    _in_step(monkeypatch, task)
     jax_own = clusters.ClusterEnv.auto_detect_unset_distributed_params(
         None, None, None, None, None, 300
     )

@@ -359,12 +359,17 @@ def _placed_by_headers(image: sitk.Image, reader: sitk.ImageSeriesReader, notes:
         return image
     if orientation.shape != (6,) or first.shape != (3,):
         return image
-    row, column = orientation[:3], orientation[3:] / np.linalg.norm(orientation[3:])
-    if abs(row @ column) > ORTHOGONALITY_TOLERANCE * np.linalg.norm(row):
+    written = f"ImageOrientationPatient {reader.GetMetaData(0, '0020|0037').strip()!r}: its row"
+    lengths = np.linalg.norm(orientation.reshape(2, 3), axis=1)
+    if np.abs(lengths - 1).max() > ORTHOGONALITY_TOLERANCE:
+        raise SeriesError(
+            reader.GetFileNames()[0], f"{written} and column are not unit vectors {lengths}"
+        )
+    row, column = orientation[:3], orientation[3:] / lengths[1]
+    if abs(row @ column) > ORTHOGONALITY_TOLERANCE:
         raise SeriesError(
             reader.GetFileNames()[0],
-            f"ImageOrientationPatient {reader.GetMetaData(0, '0020|0037').strip()!r}: its row "
-            f"and column are not orthogonal (row . column = {row @ column:.4g})",
+            f"{written} and column are not orthogonal (row . column = {row @ column:.4g})",
         )
     row = row - (row @ column) * column
     row /= np.linalg.norm(row)
