@@ -562,6 +562,12 @@ _Y = np.zeros((1, 2, 2, 5), np.float32)
         (lambda: losses.mutual_finding_loss(_X - 1, _X[None], _Y), ValueError, "full_probs"),
         (lambda: losses.mutual_finding_loss(_X, _X[None], _Y + 3), ValueError, "targets"),
         (lambda: losses.mfl_select(_X[None], np.zeros(2, int)), ValueError, "chosen"),
+        # An index past the subsets was clamped to the last, -1 wrapped to it: another subset.
+        (
+            lambda: losses.mfl_select(np.zeros((2, 3)), np.array([0, 2, -1])),
+            ValueError,
+            r"chosen: expected subsets in 0\.\.1, got \[ 2 -1\]",
+        ),
         (lambda: losses.positive_bit_ratio(_Y.astype(str)), TypeError, "labels"),
     ],
 )
@@ -648,3 +654,8 @@ def test_mfl_weight_must_be_auto_or_a_finite_non_negative_number(value):
         losses.parse_mfl_weight(value)
     assert losses.parse_mfl_weight(" Auto ") is None
     assert losses.parse_mfl_weight("0") == 0.0 and losses.parse_mfl_weight(130) == 130.0
+
+
+def test_mfl_select_traced_reads_no_other_subset_for_an_index_outside():
+    picked = jax.jit(losses.mfl_select)(jnp.array([[10.0, 11.0], [20.0, 21.0]]), jnp.array([2, 0]))
+    assert np.isnan(picked[0]) and picked[1] == 11.0  # not subset 1's 20

@@ -271,7 +271,8 @@ def mfl_select(values, chosen):
 
     Args:
       values: ``[M, B, ...]``.
-      chosen: integer ``[B]`` in 0..M-1.
+      chosen: integer ``[B]`` in 0..M-1 (refused otherwise where concrete; traced, an index
+        outside reads the fill value, 0 or NaN, never another subset).
 
     Returns:
       ``[B, ...]``.
@@ -285,4 +286,8 @@ def mfl_select(values, chosen):
         raise ValueError(
             f"chosen: expected int shape ({values.shape[1]},), got {chosen.dtype} {chosen.shape}"
         )
-    return values[chosen, jnp.arange(values.shape[1])]
+    if is_concrete(chosen):
+        bad = np.asarray(chosen)[(np.asarray(chosen) < 0) | (np.asarray(chosen) >= len(values))]
+        if bad.size:
+            raise ValueError(f"chosen: expected subsets in 0..{len(values) - 1}, got {bad[:3]}")
+    return values.at[chosen, jnp.arange(values.shape[1])].get(mode="fill")
