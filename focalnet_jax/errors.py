@@ -68,8 +68,14 @@ def sigterm_as_interrupt():
         _SIGTERM_RAISED.append(True)
         raise Terminated()
 
+    def _dropped(unraisable):  # raised where Python drops it (a garbage-collector callback)
+        if isinstance(unraisable.exc_value, Terminated):
+            _SIGTERM_RAISED.clear()  # the command went on: a later error is its own
+        previous_hook(unraisable)
+
     _SIGTERM_RAISED.clear()
-    previous = signal.signal(signal.SIGTERM, _raise)
+    previous, previous_hook = signal.signal(signal.SIGTERM, _raise), sys.unraisablehook
+    sys.unraisablehook = _dropped
     try:
         yield
     except Exception as error:
@@ -78,6 +84,7 @@ def sigterm_as_interrupt():
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
+        sys.unraisablehook = previous_hook
         _SIGTERM_RAISED.clear()
 
 

@@ -6,6 +6,8 @@ how to resume its kept cases (a batch predict stopped while drawing a case's ove
 from __future__ import annotations
 
 import argparse
+import errno
+import gc
 import os
 import signal
 import time
@@ -49,3 +51,24 @@ def test_a_batch_predict_terminated_while_drawing_says_how_to_resume(tmp_path, m
     with pytest.raises(Terminated), sigterm_as_interrupt():
         predict_command._predict_many(None, args, {})
     assert "run the same command with --resume to predict the others" in capsys.readouterr().err
+
+
+def test_an_error_after_a_sigterm_python_dropped_is_that_error():
+    """A SIGTERM in a garbage-collector callback (JAX registers one) is dropped by Python and the
+    command goes on; a later full disk was then reported as SIGTERM, status 143."""
+    fired = []
+
+    def callback(phase, info):
+        if phase == "start" and not fired:
+            fired.append(True)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # the handler raises `Terminated` here; Python drops it
+
+    with pytest.raises(OSError, match="No space left"), sigterm_as_interrupt():
+        gc.callbacks.append(callback)
+        try:
+            gc.collect()
+        finally:
+            gc.callbacks.remove(callback)
+        assert fired
+        raise OSError(errno.ENOSPC, "No space left on device", "/out/case7/prediction.nii.gz")

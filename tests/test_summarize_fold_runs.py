@@ -59,7 +59,20 @@ def test_summarize_checks_each_fold_against_its_run(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         run_cli(["summarize", "--runs", f"A={cv}", "--out", tmp_path / "s3"])
     assert "every fold evaluates a step before its run's final one" in caplog.text
-    # Moved: the runs recorded are elsewhere, not judged; each fold's metrics.json lies in it.
+    # Evaluations written outside the runs' folder (`evaluate --out results/A/fold<k>`): judged
+    # against the runs they recorded.
+    results = tmp_path / "results"
+    for fold in (0, 1):
+        shutil.copytree(cv / f"fold{fold}" / "eval", results / f"fold{fold}")
+    _with_step(results / "fold1" / "metrics.json", 2)
+    message = cli_error(["summarize", "--runs", f"A={results}", "--out", tmp_path / "s5"])
+    assert message.endswith(
+        f"evaluates step 1 of run {cv / 'fold0'}, whose training ended at step 2, while other "
+        "folds evaluate their final step: evaluate the finished run again (focalnet evaluate "
+        f"--workdir {cv / 'fold0'}), or move this metrics.json out of {results}"
+    )
+    # Moved: the runs recorded are gone; each is judged as its copy in the folder, and each
+    # fold's metrics.json lies in its run.
     shutil.move(cv, tmp_path / "moved")
     caplog.clear()
     with caplog.at_level(logging.WARNING):
@@ -68,8 +81,9 @@ def test_summarize_checks_each_fold_against_its_run(tmp_path, caplog):
     assert f"{moved}: 1 fold run(s) without an evaluation, left out of the summary: " in (
         caplog.text
     )
-    assert str(moved / "fold3") in caplog.text and str(moved / "fold0") not in caplog.text
-    assert "not finished" not in caplog.text  # fold2's recorded run is gone: not judged
+    assert f"left out of the summary: {moved / 'fold3'}\n" in caplog.text
+    assert f"evaluates run {moved / 'fold2'}, not finished" in caplog.text  # its copy there
+    assert "every fold evaluates a step before its run's final one" in caplog.text
 
 
 def test_summarize_into_an_evaluation_folder_is_refused(tmp_path):

@@ -152,8 +152,8 @@ def check_summary_folder(out_dir: Path) -> None:
 
 
 def check_fold_steps(run_dir, paths: list[Path], fold_metrics: list[dict]) -> None:
-    """The folds of one method against the runs they evaluated, where those runs lie under
-    `run_dir` (a cv folder moved or copied since records runs elsewhere: not judged). A UserError
+    """The folds of one method against the runs they evaluated (where `run_dir` holds a run of a
+    recorded run's name, from a cv folder moved or copied since, that one). A UserError
     names a metrics.json that evaluated a step other than the step its finished run ended at
     while another fold evaluated its run's final step (one evaluated while its run trained, or
     was stopped, and trained on since: the mean would mix an unfinished model with finished
@@ -161,14 +161,17 @@ def check_fold_steps(run_dir, paths: list[Path], fold_metrics: list[dict]) -> No
     `fold<k>` run of `run_dir` without a metrics.json in it or evaluating it (the mean is over
     the other folds alone) are named in a warning."""
     from focalnet_jax.evaluation.ensemble import final_step  # Orbax: only where runs exist
-    from focalnet_jax.run.run_folder import fold_runs
+    from focalnet_jax.run.run_folder import CONFIG_FILE, fold_runs
 
     root = Path(run_dir).resolve()
     evaluated, earlier, final = {p.resolve().parent for p in paths}, [], 0
     for path, metrics in zip(paths, fold_metrics, strict=True):
         for model in (metrics.get("models") or {}).get("models") or []:
             run = Path(str(model.get("run")))
-            if not (run.is_dir() and run.resolve().is_relative_to(root)):
+            copy = root / run.name
+            if (copy / CONFIG_FILE).is_file() and not run.resolve().is_relative_to(root):
+                run = copy  # a cv folder moved or copied: the run as it is there
+            if not run.is_dir():
                 continue
             evaluated.add(run.resolve())
             finished, why = final_step(run)
