@@ -68,6 +68,8 @@ def sigterm_as_interrupt():
         _SIGTERM_RAISED.append(True)
         raise Terminated()
 
+    _raise.defer_in_collection = True  # `ctrl_c_never_dropped` keeps it pending in a collection
+
     def _dropped(unraisable):  # raised where Python drops it (a garbage-collector callback)
         if isinstance(unraisable.exc_value, Terminated):
             _SIGTERM_RAISED.clear()  # the command went on: a later error is its own
@@ -100,7 +102,8 @@ def ctrl_c_never_dropped():
     (SIGALRM), once the collection has ended, or when the block ends, whichever comes first. (A
     finalizer that a reference count reaching 0 runs, outside a collection, is not looked for.) A
     Ctrl-C ignored (a script's background job) stays ignored; off the main thread nothing
-    changes."""
+    changes. A SIGTERM that `sigterm_as_interrupt`, entered around this block, raises as
+    `Terminated` is kept pending alike."""
     if (
         threading.current_thread() is not threading.main_thread()
         or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
@@ -120,12 +123,23 @@ def ctrl_c_never_dropped():
     def in_collection(frame) -> bool:
         return bool(collecting) or _in_gc_callback(frame)
 
-    def on_sigint(signum, frame):
-        if in_collection(frame):
-            pending.append(True)
-            signal.setitimer(signal.ITIMER_REAL, _RETRY_S)
-            return
+    def interrupt(signum, frame):
         raise KeyboardInterrupt
+
+    # SIGTERM raised as `Terminated` (`sigterm_as_interrupt`, entered around this block) is kept
+    # pending in a collection alike: dropped there, `kill` or a time limit went unheeded.
+    on_term = signal.getsignal(signal.SIGTERM)
+    deferred_term = getattr(on_term, "defer_in_collection", False)
+
+    def deferring(handler):
+        def on_signal(signum, frame):
+            if in_collection(frame):
+                pending.append((handler, signum))
+                signal.setitimer(signal.ITIMER_REAL, _RETRY_S)
+                return
+            handler(signum, frame)
+
+        return on_signal
 
     def on_sigalrm(signum, frame):
         if not pending:  # an alarm of someone else's: its default action
@@ -135,12 +149,15 @@ def ctrl_c_never_dropped():
         if in_collection(frame):
             signal.setitimer(signal.ITIMER_REAL, _RETRY_S)
             return
+        handler, signum = pending[0]
         pending.clear()
-        raise KeyboardInterrupt
+        handler(signum, frame)
 
     previous = signal.signal(signal.SIGALRM, on_sigalrm)
     previous = signal.SIG_DFL if previous is None else previous
-    signal.signal(signal.SIGINT, on_sigint)
+    signal.signal(signal.SIGINT, deferring(interrupt))
+    if deferred_term:
+        signal.signal(signal.SIGTERM, deferring(on_term))
     gc.callbacks.insert(0, on_start)
     gc.callbacks.append(on_stop)
     try:
@@ -149,10 +166,13 @@ def ctrl_c_never_dropped():
         gc.callbacks.remove(on_start)
         gc.callbacks.remove(on_stop)
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        if deferred_term:
+            signal.signal(signal.SIGTERM, on_term)
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
     if pending:  # the block ended before the alarm
-        raise KeyboardInterrupt
+        handler, signum = pending[0]
+        handler(signum, None)
 
 
 def _in_gc_callback(frame) -> bool:

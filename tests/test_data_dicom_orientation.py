@@ -95,8 +95,13 @@ def test_cosines_that_are_no_orthogonal_pair_are_refused(tmp_path):
         SeriesError, match=r"its row and column are not orthogonal \(row \. column = 0\.1\)"
     ):
         read_series(tmp_path / "s")
-    _write_series(tmp_path / "half", (0.5, 0.0, 0.0, 0.0, 1.0, 0.0))
-    with pytest.raises(
-        SeriesError, match=r"its row and column are not unit vectors \[0\.5 1\. *\]"
-    ):
-        read_series(tmp_path / "half")
+    _write_series(tmp_path / "short", (0.4, 0.0, 0.0, 0.0, 1.0, 0.0))
+    with pytest.raises(SeriesError, match=r"no direction cosines \(lengths 0\.4 and 1, want 1\)"):
+        read_series(tmp_path / "short")
+
+
+def test_cosines_written_to_1_decimal_are_read_as_the_reader_normalises_them(tmp_path):
+    """A 45 degree in-plane rotation written as 0.7 (lengths 0.99): read before, not refused."""
+    _write_series(tmp_path / "s", (0.7, 0.7, 0.0, -0.7, 0.7, 0.0))
+    direction = np.reshape(read_series(tmp_path / "s").GetDirection(), (3, 3))
+    np.testing.assert_allclose(direction[:, 0], [0.5**0.5, 0.5**0.5, 0.0], atol=1e-6)

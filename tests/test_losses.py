@@ -657,5 +657,9 @@ def test_mfl_weight_must_be_auto_or_a_finite_non_negative_number(value):
 
 
 def test_mfl_select_traced_reads_no_other_subset_for_an_index_outside():
-    picked = jax.jit(losses.mfl_select)(jnp.array([[10.0, 11.0], [20.0, 21.0]]), jnp.array([2, 0]))
-    assert np.isnan(picked[0]) and picked[1] == 11.0  # not subset 1's 20
+    select = jax.jit(losses.mfl_select)
+    values = jnp.array([[10.0, 11.0], [20.0, 21.0]])
+    for outside in (2, -1):  # clamped, or wrapped, to subset 1 (20) before
+        picked = select(values, jnp.array([outside, 0]))
+        assert np.isnan(picked[0]) and picked[1] == 11.0
+    assert select(values.astype(jnp.int32), jnp.array([-1, 1])).tolist() == [0, 21]

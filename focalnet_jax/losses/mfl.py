@@ -290,4 +290,7 @@ def mfl_select(values, chosen):
         bad = np.asarray(chosen)[(np.asarray(chosen) < 0) | (np.asarray(chosen) >= len(values))]
         if bad.size:
             raise ValueError(f"chosen: expected subsets in 0..{len(values) - 1}, got {bad[:3]}")
-    return values.at[chosen, jnp.arange(values.shape[1])].get(mode="fill")
+    fill = None if jnp.issubdtype(values.dtype, jnp.inexact) else 0  # NaN, or 0
+    return values.at[chosen, jnp.arange(values.shape[1])].get(
+        mode="fill", wrap_negative_indices=False, fill_value=fill
+    )
