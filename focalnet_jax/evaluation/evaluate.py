@@ -183,13 +183,15 @@ def remove_evaluation(out_dir: str | Path) -> None:
 
 
 def _write_outputs(metrics: dict, out_dir: Path, label: str) -> None:
-    """`metrics.json` and `report.md` in `out_dir`, each written atomically, after the figures of
-    an earlier evaluation there (`FIGURE_FILES`; no other file) are removed: a run without
-    figures, or without the montage, leaves none of another run's."""
-    for name in FIGURE_FILES:
-        (out_dir / name).unlink(missing_ok=True)
-    write_json(metrics, out_dir / "metrics.json")
+    """`metrics.json` and `report.md` in `out_dir`, each written atomically, the report built
+    first; where `out_dir` holds an earlier evaluation (its `metrics.json`), its outputs are
+    removed before (`remove_evaluation`): a run stopped between the two writes, without figures
+    or without the montage leaves none of another run's. Without an earlier evaluation no file
+    is removed (a figure of the user's of such a name stays)."""
     report = markdown_report({label: [json_safe(metrics)]}, title=f"Evaluation of {label}")
+    if (out_dir / "metrics.json").is_file():
+        remove_evaluation(out_dir)
+    write_json(metrics, out_dir / "metrics.json")
     with replaced_atomically(out_dir / "report.md") as tmp:
         tmp.write_text(report)
 

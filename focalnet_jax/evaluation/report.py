@@ -164,7 +164,8 @@ def _table(runs: Mapping[str, Sequence[Mapping]], columns: Sequence[tuple]) -> l
             )
             for _, path in columns
         ]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        shown = " ".join(str(name).split()).replace("|", "\\|")  # one markdown cell
+        lines.append(f"| {shown} | " + " | ".join(cells) + " |")
     return lines
 
 

@@ -126,7 +126,13 @@ def check_held_out(
 
 def check_replaceable_predictions(out_dir: str | Path) -> None:
     """A one-line `UserError` where `out_dir`, a predictions folder replaced whole, holds a file
-    that the predictions do not (`<case_id>.npz`, `models.json`): it would be deleted."""
+    that the predictions do not (`<case_id>.npz`, `models.json`): it would be deleted; and where
+    it is a file (it was moved aside, under a hidden name, for good)."""
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise UserError(
+            f"{out_dir} exists and is not a folder: focalnet evaluate writes its predictions "
+            "there; move it out or choose another --out"
+        )
     if strays := foreign_entries(out_dir, _is_prediction_file):
         raise UserError(
             f"{out_dir} holds {strays[0]}, which focalnet evaluate does not write; the folder is "
