@@ -343,10 +343,18 @@ def _read_series(folder: Path, series: str | None, component: str | None, notes:
 ORTHOGONALITY_TOLERANCE = 1e-2
 
 
+def orthonormal_cosines(orientation: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(row, column) of an ImageOrientationPatient made orthonormal as ITK makes a series' (the
+    column normalised, the row made orthogonal to it, then normalised)."""
+    column = orientation[3:] / np.linalg.norm(orientation[3:])
+    row = orientation[:3] - (orientation[:3] @ column) * column
+    return row / np.linalg.norm(row), column
+
+
 def _placed_by_headers(image: sitk.Image, reader: sitk.ImageSeriesReader, notes: list[str]):
     """`image` placed by its slices' headers where ITK gave up on the direction cosines (an
     oblique series read as axial, without a word): direction from the first slice's cosines
-    made orthonormal (column, then row against it, as ITK does), slice axis along their normal
+    made orthonormal (`orthonormal_cosines`), slice axis along their normal
     toward the last slice, origin and slice spacing from the first and last slices' positions."""
 
     def floats(k: int, tag: str) -> np.ndarray:
@@ -367,14 +375,13 @@ def _placed_by_headers(image: sitk.Image, reader: sitk.ImageSeriesReader, notes:
             f"{written} and column are no direction cosines (lengths "
             f"{lengths[0]:.3g} and {lengths[1]:.3g}, want 1)",
         )
-    row, column = orientation[:3] / lengths[0], orientation[3:] / lengths[1]
-    if abs(row @ column) > ORTHOGONALITY_TOLERANCE:
+    cosine = orientation[:3] @ orientation[3:] / (lengths[0] * lengths[1])
+    if abs(cosine) > ORTHOGONALITY_TOLERANCE:
         raise SeriesError(
             reader.GetFileNames()[0],
-            f"{written} and column are not orthogonal (row . column = {row @ column:.4g})",
+            f"{written} and column are not orthogonal (row . column = {cosine:.4g})",
         )
-    row = row - (row @ column) * column
-    row /= np.linalg.norm(row)
+    row, column = orthonormal_cosines(orientation)
     read = np.reshape(image.GetDirection(), (3, 3))
     if max(np.abs(read[:, 0] - row).max(), np.abs(read[:, 1] - column).max()) < 1e-2:
         return image  # ITK's own placement

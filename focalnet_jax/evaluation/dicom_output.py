@@ -31,7 +31,7 @@ from pydicom.sr.codedict import codes
 from pydicom.valuerep import DA, TM
 from scipy import ndimage
 
-from focalnet_jax.data.dicom import choose_series
+from focalnet_jax.data.dicom import choose_series, orthonormal_cosines
 from focalnet_jax.data.dicom_multiframe import ORIENTATION_TOLERANCE, frame_values
 from focalnet_jax.data.io import CaseError
 
@@ -159,7 +159,8 @@ def frame_voxels(grid: sitk.Image, sources: list, case_id: str) -> np.ndarray:
     size = np.array(grid.GetSize())
     frames = []
     for f, (position, orientation, spacing) in enumerate(_frames(sources)):
-        along_rows, along_columns = (_on_grid_axis(v, axes) for v in _orthonormal(orientation))
+        cosines = orthonormal_cosines(orientation)
+        along_rows, along_columns = (_on_grid_axis(v, axes) for v in cosines)
         world = (
             position
             + c[..., None] * spacing[1] * along_rows
@@ -178,14 +179,6 @@ def frame_voxels(grid: sitk.Image, sources: list, case_id: str) -> np.ndarray:
             )
         frames.append(voxel[..., ::-1])
     return np.stack(frames)
-
-
-def _orthonormal(orientation: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(row, column) of an ImageOrientationPatient made orthonormal as the T2w reader makes them
-    (the column normalised, the row made orthogonal to it, then normalised)."""
-    column = orientation[3:] / np.linalg.norm(orientation[3:])
-    row = orientation[:3] - (orientation[:3] @ column) * column
-    return row / np.linalg.norm(row), column
 
 
 def _on_grid_axis(cosines: np.ndarray, axes: np.ndarray) -> np.ndarray:

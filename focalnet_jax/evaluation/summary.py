@@ -181,20 +181,19 @@ def check_fold_steps(run_dir, paths: list[Path], fold_metrics: list[dict]) -> No
                 earlier.append((path, model.get("step"), run, finished))
             else:
                 final += 1
-    if earlier and final:
-        path, step, run, finished = earlier[0]
-        raise UserError(
-            f"{path}: evaluates step {step} of run {run}, whose training ended at step "
-            f"{finished}, while other folds evaluate their final step: evaluate the finished run "
-            f"again (focalnet evaluate --workdir {run}), or move this metrics.json out of {run_dir}"
-        )
     if earlier:
+        path, step, run, finished = earlier[0]
+        if final:
+            raise UserError(
+                f"{path}: evaluates step {step} of run {run}, whose training ended at step "
+                f"{finished}, while other folds evaluate their final step: evaluate the finished "
+                f"run again (focalnet evaluate --workdir {run}), or move this metrics.json out "
+                f"of {run_dir}"
+            )
         log.warning(
             "%s: every fold evaluates a step before its run's final one (e.g. %s: step %s of %s)",
-            run_dir,
-            *earlier[0][:2],
-            earlier[0][3],
-        )
+            run_dir, path, step, finished,
+        )  # fmt: skip
     missing = [r for r in fold_runs(Path(run_dir)) if not _evaluated(r.resolve(), evaluated)]
     if missing:
         log.warning(

@@ -287,7 +287,8 @@ def mfl_select(values, chosen):
             f"chosen: expected int shape ({values.shape[1]},), got {chosen.dtype} {chosen.shape}"
         )
     if is_concrete(chosen):
-        bad = np.asarray(chosen)[(np.asarray(chosen) < 0) | (np.asarray(chosen) >= len(values))]
+        index = np.asarray(chosen)
+        bad = index[(index < 0) | (index >= len(values))]
         if bad.size:
             raise ValueError(f"chosen: expected subsets in 0..{len(values) - 1}, got {bad[:3]}")
     fill = None if jnp.issubdtype(values.dtype, jnp.inexact) else 0  # NaN, or 0

@@ -6,9 +6,9 @@ from the cell's latest checkpoint) followed by `focalnet evaluate --workdir CELL
 imports it). Everything the cell prints goes to `CELL/cell.log` (appended: a resumed cell keeps
 the log of its earlier attempts); a failed command's last line of output (the one-line user
 error, or the exception of a traceback), or the signal that killed it, is the cell's recorded
-reason. Its state file counts the
-seconds of this attempt and of every earlier one (module `attempts`). A cell already done
-returns at once. The local and SLURM executors both start cells with this command.
+reason. Its state file counts the seconds of this attempt and of every earlier one (module
+`attempts`). A cell already done returns at once. The local and SLURM executors both start cells
+with this command.
 """
 
 from __future__ import annotations
