@@ -385,6 +385,24 @@ def test_a_store_moved_aside_by_a_killed_commit_is_restored(manifest_rows, tmp_p
     _only(tmp_path, "cases.csv", "store")
 
 
+def test_a_store_moved_aside_is_named_where_the_store_is_read(manifest_rows, tmp_path):
+    """Until the next preprocess moves it back, a store moved aside by a commit killed between
+    its two renames was read as "store … does not exist", the folder that holds it not named.
+    The line names it and a command that moves it back."""
+    manifest = _write(tmp_path / "cases.csv", manifest_rows)
+    store = tmp_path / "store"
+    assert main(_preprocess(manifest, store)) == 0
+    folder = tmp_path / f".store.tmp-{_dead_pid()}@{socket.gethostname()}-{pid_space()}-89abcdef"
+    os.replace(store, folder.with_name(folder.name + ".old"))
+    with pytest.raises(FileNotFoundError) as refused:
+        open_store(store)
+    line = str(refused.value)
+    assert line.startswith(f"store {store} does not exist; its earlier version was moved aside")
+    assert f"{folder.name}.old" in line
+    subprocess.run(line.rpartition(": ")[2], shell=True, check=True)
+    assert open_store(store).case_ids
+
+
 KILLED_WRITER = """
 import os, signal, sys
 from focalnet_jax.data.store import StoreWriter

@@ -138,3 +138,25 @@ def test_evaluate_from_another_folder_says_the_relative_store_was_taken_against_
     # As the message says: --store names the store, from here.
     assert cli.main([*evaluate, f"--out={tmp_path / 'eval'}", f"--store={run / 'store'}"]) == 0
     assert sorted(p.stem for p in (tmp_path / "eval" / "predictions").glob("*.npz")) == GIVEN[0][1]
+
+
+def test_evaluate_of_a_run_whose_store_was_moved_aside_names_where_it_is(run, tmp_path, capsys):
+    # A preprocess killed between its two renames leaves the store moved aside; `evaluate` said
+    # only that the run's store does not exist.
+    old = tmp_path / "old"
+    shutil.copytree(run / "run", old, ignore=shutil.ignore_patterns("eval"))
+    store, aside = tmp_path / "store", tmp_path / ".store.tmp-1@host-0123abcd-89abcdef.old"
+    shutil.copytree(run / "store", aside)
+    path = old / workdir_lib.CONFIG_FILE
+    saved = json.loads(path.read_text())
+    saved["data"]["store"] = str(store)
+    path.write_text(json.dumps(saved))
+    evaluate = ["evaluate", f"--workdir={old}", "--no-picai", "--no-figures"]
+    with pytest.raises(SystemExit) as raised:
+        cli.main([*evaluate, f"--out={tmp_path / 'eval'}"])
+    err = capsys.readouterr().err
+    assert raised.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith(
+        f"focalnet evaluate: error: store {store} does not exist; its earlier version was moved "
+        f"aside to {aside} by a writer stopped before it replaced store: "
+    )

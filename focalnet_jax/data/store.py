@@ -44,6 +44,7 @@ from focalnet_jax.data.store_settings import (
 )
 from focalnet_jax.data.store_table import check_slice_ranges, check_table
 from focalnet_jax.data.writer_folders import (
+    moved_aside_note,
     remove_dead_leftovers,
     restore_moved_aside,
     swap_in,
@@ -362,7 +363,7 @@ def open_store(path: str | os.PathLike, *, expected_settings: dict | None = None
     path = Path(path)
     table_path = path / "cases.json"
     if not path.exists():
-        raise FileNotFoundError(f"store {path} does not exist")
+        raise FileNotFoundError(f"store {path} does not exist{moved_aside_note(path)}")
     if not table_path.exists():
         raise FileNotFoundError(f"{path} is not a preprocessed store (no cases.json)")
     try:

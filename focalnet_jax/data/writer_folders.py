@@ -118,6 +118,23 @@ def restore_moved_aside(path: str | os.PathLike, writer: str = "preprocess") -> 
     return None
 
 
+def moved_aside_note(path: str | os.PathLike) -> str:
+    """For a missing folder `path`: the words naming the earlier versions of it that a writer
+    killed between the two renames of `swap_in` left moved aside (`.<name>.tmp-….old`), and how
+    to get one back; "" where there is none."""
+    path = Path(path)
+    folders = [folder for folder, _ in _writer_folders(path, "*.old")]
+    if path.exists() or not folders:
+        return ""
+    names = ", ".join(str(folder) for folder in folders)
+    return (
+        f"; its earlier version was moved aside to {names} by a writer stopped before it "
+        f"replaced {path.name}: run that command again (it moves the folder back once its "
+        f"writer has ended), or move it back: mv {shlex.quote(str(folders[-1]))} "
+        f"{shlex.quote(str(path))}"
+    )
+
+
 def remove_dead_leftovers(path: str | os.PathLike, writer: str = "preprocess") -> list[Path]:
     """Removes the temporary folders of writers of `path` that died before committing (same pid
     space, pid ended); names every other one in a log line (`writer`: the command that writes

@@ -22,6 +22,7 @@ from jax.sharding import PartitionSpec as P
 from focalnet_jax import encoding
 from focalnet_jax.data.run_store import check_run_store, recorded_cases
 from focalnet_jax.data.store import component_channels, open_store
+from focalnet_jax.data.writer_folders import moved_aside_note
 from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation.predictions import write_case
 from focalnet_jax.run import DATA_AXIS, RunSpec, clip_inputs
@@ -296,7 +297,7 @@ def predict_validation_fold(
         store_path = data.store
         if not store_path:
             raise UserError(f"workdir {workdir}: its config has no data.store; pass --store")
-        if not Path(store_path).exists():
+        if not Path(store_path).exists() and not moved_aside_note(store_path):
             note = workdir_lib.missing_path_note(workdir, "data.store")
             fix = "run from the folder the run was trained in" if note else "restore it"
             raise FileNotFoundError(
