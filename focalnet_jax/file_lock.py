@@ -7,12 +7,19 @@ pid, `note_sharer`) into the file, for the refusal of a second process to name."
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
+
+from focalnet_jax.errors import UserError
+
+# `flock` on a file system that has no locks (Lustre mounted without `flock`, some FUSE and
+# network file systems).
+_NO_LOCKS = frozenset({errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP})
 
 
 class LockHeld(Exception):
@@ -23,11 +30,23 @@ class LockHeld(Exception):
         self.path, self.holder = path, holder
 
 
+class LocksUnsupported(UserError):
+    """The file system of `path` has no file locks (`flock` fails there)."""
+
+    def __init__(self, path: Path, error: OSError):
+        super().__init__(
+            f"{path}: its file system does not support file locks ({error.strerror}); mount it "
+            "with locks (Lustre: -o flock), or write to a local or lock-capable file system"
+        )
+        self.path, self.reason = path, error.strerror
+
+
 def acquire_lock(path: str | os.PathLike) -> IO[str]:
     """Takes the exclusive lock of `path` (created if missing) without waiting and writes this
     process into it; returns the open file that holds it (`release_lock`). Raises `LockHeld` when
     another process holds it, or when `path` was removed or replaced while this one waited for it
-    (its holder removed it when done: the lock of that file guards nothing any more)."""
+    (its holder removed it when done: the lock of that file guards nothing any more), and
+    `LocksUnsupported` when its file system has no locks."""
     path = Path(path)
     lock = open(path, "a+")  # noqa: SIM115 - it stays open while the lock is held
     try:
@@ -37,6 +56,11 @@ def acquire_lock(path: str | os.PathLike) -> IO[str]:
         holder = lock.read().strip() or "another process"
         lock.close()
         raise LockHeld(path, holder) from None
+    except OSError as error:
+        lock.close()
+        if error.errno in _NO_LOCKS:
+            raise LocksUnsupported(path, error) from None
+        raise
     try:
         same = os.stat(path).st_ino == os.fstat(lock.fileno()).st_ino
     except FileNotFoundError:

@@ -54,3 +54,35 @@ def test_a_refused_start_leaves_no_workdir_and_a_run_no_lock_file(tmp_path):
     train_and_evaluate(config, tmp_path / "run", store=FakeStore())
     assert (tmp_path / "run" / "config.json").is_file()
     assert not (tmp_path / "run" / LOCK_FILE).exists()
+
+
+def test_a_file_system_without_locks_trains_with_a_warning(tmp_path, monkeypatch, caplog):
+    """Where `flock` fails (Lustre mounted without `flock`: ENOSYS), `train` ended in an OSError
+    traceback once it took the workdir's lock; it trains unguarded and says so. The lock's other
+    users (`predict`, `study run`) refuse in one line naming the file."""
+    import errno
+    import logging
+
+    from focalnet_jax.file_lock import LocksUnsupported, acquire_lock, fcntl
+
+    def no_locks(file, operation):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    config = tiny_config(overrides=["--config.loss.mfl=false", "--config.train.steps=1"])
+    with caplog.at_level(logging.WARNING, logger="focalnet_jax.training.run_start"):
+        train_and_evaluate(config, tmp_path / "run", store=FakeStore())
+    assert (tmp_path / "run" / "config.json").is_file()
+    assert [r.getMessage() for r in caplog.records] == [
+        f"the file system of {tmp_path / 'run'} has no file locks (Function not implemented): "
+        "training without the workdir's lock, so a second run started in it meanwhile is not "
+        "refused"
+    ]
+    with pytest.raises(LocksUnsupported) as refused:
+        acquire_lock(tmp_path / "x.lock")
+    assert isinstance(refused.value, UserError)
+    assert str(refused.value) == (
+        f"{tmp_path / 'x.lock'}: its file system does not support file locks (Function not "
+        "implemented); mount it with locks (Lustre: -o flock), or write to a local or "
+        "lock-capable file system"
+    )

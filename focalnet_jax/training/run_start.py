@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,12 +17,14 @@ import ml_collections
 from focalnet_jax.data.run_store import check_training_store
 from focalnet_jax.data.store import open_store
 from focalnet_jax.errors import UserError
-from focalnet_jax.file_lock import LockHeld, acquire_lock, release_lock
+from focalnet_jax.file_lock import LockHeld, LocksUnsupported, acquire_lock, release_lock
 from focalnet_jax.run import RunSpec
 from focalnet_jax.run import workdir as workdir_lib
 from focalnet_jax.run.run_folder import check_run_folder
 from focalnet_jax.run.spec import FoldSplit
 from focalnet_jax.training import group_failures, input_pipeline
+
+log = logging.getLogger(__name__)
 
 LOCK_FILE = ".focalnet_train.lock"  # in the workdir, held by process 0 while the run trains
 
@@ -119,6 +122,8 @@ def check_not_being_trained(workdirs: list[Path]) -> None:
                     release_lock(acquire_lock(workdir / LOCK_FILE))
                 except LockHeld as held:
                     raise _held(workdir, held) from None
+                except LocksUnsupported:  # `training_lock` says so as the fold starts
+                    continue
 
 
 @contextlib.contextmanager
@@ -128,7 +133,7 @@ def training_lock(workdir: Path) -> Iterator[None]:
     (a job submitted twice, a requeue while the old job runs) is refused in one line naming the
     holder, in every process of its group: both runs' checkpoints and event files were lost.
     The folders this created are removed again where the block leaves them empty (a refused
-    start)."""
+    start). On a file system without locks the run trains unguarded, with a warning."""
     lock, created = None, [p for p in (workdir, *workdir.parents) if not p.exists()]
     with group_failures.together("take the workdir's training lock"):
         if jax.process_index() == 0:
@@ -137,6 +142,13 @@ def training_lock(workdir: Path) -> Iterator[None]:
                 lock = acquire_lock(workdir / LOCK_FILE)
             except LockHeld as held:
                 raise _held(workdir, held) from None
+            except LocksUnsupported as unsupported:
+                log.warning(
+                    "the file system of %s has no file locks (%s): training without the "
+                    "workdir's lock, so a second run started in it meanwhile is not refused",
+                    workdir,
+                    unsupported.reason,
+                )
     try:
         yield
     finally:
