@@ -17,6 +17,7 @@ from focalnet_jax.errors import UserError
 from focalnet_jax.models.deeplab import DeepLab
 from focalnet_jax.models.unet import UNet
 from focalnet_jax.run import DATA_AXIS, RunSpec
+from focalnet_jax.training.run_start import unused_settings
 
 INVALID = [
     (["--config.loss.mfl_mode=scan"], r"^loss\.mfl_mode: expected one of \('vmap', 'select'\)"),
@@ -144,6 +145,24 @@ def test_valid_mfl_settings_with_mfl_off_leave_the_run_without_mfl():
     spec = RunSpec.from_config(config)
     assert not spec.mfl and spec.subsets == () and spec.mfl_weight_setting is None
     assert spec.mfl_weight(None, None) == 0.0
+    # config.json records them, so the run read as an MFL run: training names them unused.
+    assert unused_settings(config, spec) == [
+        "loss.mfl_weight=2.5, loss.subsets=[['adc']] unused: loss.mfl is False (no MFL in this run)"
+    ]
+    plain = tiny_config(overrides=["--config.loss.mfl=False"])
+    assert unused_settings(plain, RunSpec.from_config(plain)) == []
+
+
+def test_the_t2w_intensity_augmentation_without_a_t2w_is_named_unused():
+    """`ablation_augment.py:augment=advanced` and `basic` on components without T2w trained the
+    same run, each recorded with its own augmentation."""
+    components = "--config.data.components=adc,hbv"
+    for arm, unused in (("advanced", True), ("basic", False)):
+        config = tiny_config(f"configs/ablation_augment.py:augment={arm}", [components])
+        assert unused_settings(config, RunSpec.from_config(config)) == unused * [
+            "augment.intensity unused: data.components=('adc', 'hbv') has no t2w (the intensity "
+            "augmentation scales the T2w only)"
+        ]
 
 
 @pytest.mark.parametrize(("overrides", "message"), INVALID)
@@ -198,6 +217,24 @@ def test_a_bool_fold_is_refused():
     config = tiny_config()
     config.data.fold = True
     with pytest.raises(UserError, match=r"^data\.fold=True not in \[0, data\.num_folds=5\)"):
+        RunSpec.from_config(config, num_devices=1)
+
+
+@pytest.mark.parametrize(
+    ("key", "message"),
+    [
+        # The learning rate cut x0.7 at every step instead of every 2000.
+        ("optim.decay_steps", r"^optim\.decay_steps: expected a positive int, got True$"),
+        ("model.unet_features", r"^model\.unet_features: expected a positive int, got True$"),
+        ("model.unet_levels", r"^model\.unet_levels: expected a positive int, got True$"),
+    ],
+)
+def test_a_bool_count_is_refused(key, message):
+    """True is an int in Python: set in a config file, it was taken as 1."""
+    config = tiny_config("configs/unet_sing.py" if "unet" in key else "configs/focalnet.py")
+    section, name = key.split(".")
+    config[section][name] = True
+    with pytest.raises(ValueError, match=message):
         RunSpec.from_config(config, num_devices=1)
 
 

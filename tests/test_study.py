@@ -498,6 +498,24 @@ def test_bad_spec_is_a_one_line_error_before_anything_runs(spec_file, tmp_path, 
     assert not workdir.exists()
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("repeats", True, "repeats=True: expected an integer >= 1"),
+        ("folds", (True,), "folds=[True]: expected folds in 0..1"),
+        ("num_folds", True, "num_folds=True: expected an integer >= 2"),
+    ],
+)
+def test_a_bool_count_in_a_spec_file_is_refused(spec_file, key, value, expected):
+    """True is an int in Python: `folds = (True,)` in a spec file ran fold 1 alone."""
+    from focalnet_jax.study.spec import StudyError, load_spec, validate
+
+    spec = load_spec(str(spec_file))
+    spec[key] = value
+    with pytest.raises(StudyError, match=f"^{re.escape(expected)}$"):
+        validate(spec, str(spec_file))
+
+
 def test_an_arm_too_deep_for_the_stores_images_is_refused_before_anything_runs(store, tmp_path):
     """A U-Net arm whose `unet_levels` halve the store's images past one pixel passed `study run`
     (its config was checked at the default image size), and every cell of it failed."""

@@ -54,7 +54,7 @@ def check_model_config(model_config: ml_collections.ConfigDict) -> None:
     else:
         for field in ("unet_features", "unet_levels"):
             value = model_config[field]
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"model.{field}: expected a positive int, got {value!r}")
     _check_other_architecture_fields(model_config)
 
@@ -121,7 +121,7 @@ def build_model(
     """
     check_model_config(model_config)
     for arg, value in (("num_outputs", num_outputs), ("num_components", num_components)):
-        if not isinstance(value, int) or value < 1:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{arg}: expected a positive int, got {value!r}")
     common = dict(
         num_outputs=num_outputs,

@@ -386,7 +386,7 @@ def _optimizer(optim) -> tuple[optax.Schedule, optax.GradientTransformation]:
     (weight_decay / 2) * ||w||^2 added to the loss (TensorFlow's L2 regulariser semantics), which
     then passes through momentum like the rest of the gradient. It covers every parameter.
     """
-    if not (isinstance(optim.decay_steps, int) and optim.decay_steps >= 1):
+    if not (_is_int(optim.decay_steps) and optim.decay_steps >= 1):
         raise ValueError(f"optim.decay_steps: expected a positive int, got {optim.decay_steps!r}")
     _number(optim.lr, "optim.lr", 0.0)
     _number(optim.momentum, "optim.momentum", 0.0, 1.0)

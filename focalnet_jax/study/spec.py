@@ -241,17 +241,22 @@ def _check_overrides(where: str, items: list[tuple[str, object]], *, arm: bool) 
             )
 
 
+def _is_int(value) -> bool:
+    """An int, not a bool (`folds=True` read as fold 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def validate(spec: ml_collections.ConfigDict, spec_file: str) -> dict:
     """The spec as a plain dict, checked (module docstring); `StudyError` on the first problem."""
     plain = _plain(spec)
-    if not isinstance(plain["repeats"], int) or plain["repeats"] < 1:
+    if not _is_int(plain["repeats"]) or plain["repeats"] < 1:
         raise StudyError(f"repeats={plain['repeats']!r}: expected an integer >= 1")
     num_folds = plain["num_folds"]
-    if not isinstance(num_folds, int) or num_folds < 2:
+    if not _is_int(num_folds) or num_folds < 2:
         raise StudyError(f"num_folds={num_folds!r}: expected an integer >= 2")
     folds = list(range(num_folds)) if plain["folds"] is None else plain["folds"]
     folds = [folds] if isinstance(folds, int) else list(folds)
-    if not folds or any(not isinstance(f, int) or not 0 <= f < num_folds for f in folds):
+    if not folds or any(not _is_int(f) or not 0 <= f < num_folds for f in folds):
         raise StudyError(f"folds={plain['folds']!r}: expected folds in 0..{num_folds - 1}")
     if len(set(folds)) != len(folds):  # each cell twice, its fold counted twice in the report
         raise StudyError(f"folds={plain['folds']!r}: expected each fold once")

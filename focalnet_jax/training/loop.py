@@ -42,7 +42,12 @@ from focalnet_jax.training import (
 )
 from focalnet_jax.training import step as step_lib
 from focalnet_jax.training.graceful_stop import SigtermStop, TrainingStopped, ctrl_c_interrupt
-from focalnet_jax.training.run_start import RunStart, check_run_start, training_lock
+from focalnet_jax.training.run_start import (
+    RunStart,
+    check_run_start,
+    training_lock,
+    unused_settings,
+)
 from focalnet_jax.training.tb_logging import SummaryWriter, read_scalars
 
 log = logging.getLogger(__name__)
@@ -242,6 +247,8 @@ def _record_start(run: RunStart, workdir: Path, start: int, validate_first: bool
             run.num_steps, run.batches.steps_per_epoch, start, run.mfl_weight,
             _mfl_note(run.spec, config.model.norm),
         )  # fmt: skip
+        for line in unused_settings(config, run.spec):
+            log.warning("%s: %s", workdir, line)
         if not len(split.val_rows):
             log.warning(
                 "%s: fold %d validates no slice (%d validation cases, data.slices=%s): the run "

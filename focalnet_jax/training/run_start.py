@@ -90,6 +90,28 @@ def check_run_start(
     return RunStart(config, spec, store, split, batches, num_steps, lam, start)
 
 
+def unused_settings(config: ml_collections.ConfigDict, spec: RunSpec) -> list[str]:
+    """Settings of `config` this run does not apply, each as a warning line: a baseline given an
+    MFL weight or subsets but not `loss.mfl=True`, and the T2w intensity augmentation without a
+    T2w component (`config.json` records them, so the run reads as if they were used)."""
+    unused = []
+    loss = config.loss
+    if not loss.mfl:
+        given = [
+            f"loss.{key}={loss[key]}"
+            for key, default in (("mfl_weight", "auto"), ("subsets", None))
+            if loss[key] != default
+        ]
+        if given:
+            unused.append(f"{', '.join(given)} unused: loss.mfl is False (no MFL in this run)")
+    if spec.augment.intensity and spec.t2w_channel is None:
+        unused.append(
+            f"augment.intensity unused: data.components={tuple(spec.components)} has no t2w "
+            "(the intensity augmentation scales the T2w only)"
+        )
+    return unused
+
+
 def _past_the_end(workdir: Path, start: int, num_steps: int, config, steps_per_epoch: int) -> str:
     """Why a run resumed at step `start` cannot train the `num_steps` of `config` (one line)."""
     train = config.train
