@@ -125,6 +125,31 @@ def test_evaluate_writes_contract_metrics_picai_and_figures(tmp_path):
     assert "Table II" in report and "PI-CAI protocol" in report
 
 
+def test_predictions_of_a_store_of_annotated_slices_get_no_picai_numbers(tmp_path):
+    """A store made with `--slices annotated` holds a few slices of each case and no lesion-free
+    case: PI-CAI's 3D protocol scored those slices as the volume (candidates on the others never
+    counted), an AP and AUROC of no PI-CAI evaluation. Skipped, with the reason, where the
+    predictions' models.json names such a store; the paper's protocol is computed as before."""
+    predictions, out = tmp_path / "predictions", tmp_path / "eval"
+    write_cohort(predictions)
+    models = {"models": [{"run": "/r", "step": 1}], "tta": "none"}
+    (predictions / "models.json").write_text(json.dumps(models))
+    evaluate = ["evaluate", "--predictions", str(predictions), "--out", str(out)]
+    run_cli([*evaluate, "--picai-bootstraps", "0", "--no-figures"])
+    whole = json.loads((out / "metrics.json").read_text())
+    assert whole["picai"]["auroc"] == pytest.approx(5 / 6)
+    models["store"] = {"path": "/data/store", "slices": "annotated"}
+    (predictions / "models.json").write_text(json.dumps(models))
+    run_cli([*evaluate, "--picai-bootstraps", "0", "--no-figures"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["picai"] == {
+        "skipped": "the predictions hold only the annotated slices of store /data/store (made "
+        "with --slices annotated, its lesion-free cases left out): the 3D protocol needs every "
+        "slice of every case; predict from a store made with --slices all"
+    }
+    assert metrics["froc"] == whole["froc"] and metrics["models"]["store"] == models["store"]
+
+
 def test_a_rerun_into_the_same_out_leaves_no_figure_of_the_earlier_evaluation(tmp_path):
     """A second evaluation writes its own figures or none: an earlier run's PNGs beside the new
     metrics.json would show other numbers. Only the evaluation's own file names are removed."""

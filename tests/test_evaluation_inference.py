@@ -531,7 +531,13 @@ def test_all_cases_evaluation_counts_every_patient_of_the_test_store(cv, tmp_pat
     assert sorted(p.stem for p in (out / "predictions").glob("*.npz")) == sorted(store.case_ids)
     folds = [{"run": str(cv["cv"] / f"fold{k}"), "step": 2} for k in (0, 1)]
     weights = [variables_digest(load_for_inference(cv["cv"] / f"fold{k}")[1]) for k in (0, 1)]
-    assert metrics["models"] == {"models": folds, "tta": "none", "weights": weights}
+    store_read = {"path": str(store_path), "slices": "all"}
+    assert metrics["models"] == {
+        "models": folds,
+        "tta": "none",
+        "weights": weights,
+        "store": store_read,
+    }
     assert (out / "report.md").is_file()
 
 

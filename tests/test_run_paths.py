@@ -56,6 +56,8 @@ def test_config_json_records_absolute_paths_and_evaluate_runs_from_another_folde
     evaluate = ["evaluate", f"--workdir={run / 'run'}", f"--out={out}", "--no-picai"]
     assert cli.main([*evaluate, "--no-figures"]) == 0  # the store of its config, found from here
     assert sorted(p.stem for p in (out / "predictions").glob("*.npz")) == GIVEN[0][1]
+    models = json.loads((out / "predictions" / "models.json").read_text())
+    assert models["store"] == {"path": str(run / "store"), "slices": "all"}  # the store read
     # Its fold, recomputed from the saved config (as for a run that recorded no cases).
     spec, _ = workdir_lib.load_for_inference(run / "run")
     split = spec.fold_split(open_store(spec.config.data.store))

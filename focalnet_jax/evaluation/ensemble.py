@@ -298,10 +298,15 @@ class Ensemble:
         total += scores
 
 
-def write_models(models: Ensemble, out_dir: str | Path) -> Path:
+def write_models(models: Ensemble, out_dir: str | Path, store=None) -> Path:
     """`out_dir/models.json`: `Ensemble.describe()`, so that an ensemble of fewer runs than a
-    folder holds (a fold left out) is visible beside its predictions."""
-    return write_json_atomic(models.describe(), Path(out_dir) / MODELS_FILE)
+    folder holds (a fold left out) is visible beside its predictions; with the store the cases
+    were read from, its path and the slices it keeps ("store": {"path", "slices"}: a store of
+    the annotated slices alone holds no whole volume)."""
+    described = models.describe()
+    if store is not None:
+        described["store"] = {"path": str(store.path), "slices": store.settings["slices"]}
+    return write_json_atomic(described, Path(out_dir) / MODELS_FILE)
 
 
 def check_compatible(runs: Sequence[Path], predictors: Sequence[Predictor], settings) -> None:

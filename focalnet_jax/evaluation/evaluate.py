@@ -49,11 +49,13 @@ def _warn_without_case_list(predictions_dir: str | Path, found: int) -> None:
     )
 
 
-def _read_and_summarize(paths, settings: dict, with_picai: bool):
+def _read_and_summarize(paths, settings: dict, with_picai: bool, models: dict):
     """Each case's `CaseSummary` (`settings`: summarize_case's keywords), whether it holds images,
     its PI-CAI detection results, and why PI-CAI is skipped (None where it is not; then the
-    results hold every case)."""
+    results hold every case). `models`: the predictions' `models.json`, or {}."""
     picai_skipped = picai.available() if with_picai else "disabled (--no-picai)"
+    if picai_skipped is None:
+        picai_skipped = picai.store_reason(models)
     summaries: list[CaseSummary] = []
     picai_results: dict[str, tuple] = {}
     has_images: list[bool] = []
@@ -161,12 +163,13 @@ def evaluate_predictions(
         "roc_detections": roc_detections,
         "slices": slices,
     }
+    models = _models_record(predictions_dir)
     summaries, has_images, picai_results, picai_skipped = _read_and_summarize(
-        paths, settings, with_picai
+        paths, settings, with_picai, models.get("models", {})
     )
     metrics = _paper_metrics(summaries, settings, predictions_dir)
     metrics["picai"] = _picai_section(picai_results, picai_skipped, picai_bootstraps, seed)
-    metrics.update(_models_record(predictions_dir))
+    metrics.update(models)
     if out_dir is not None:
         out_dir = Path(out_dir)
         _write_outputs(metrics, out_dir, label)

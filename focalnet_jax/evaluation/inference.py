@@ -21,7 +21,7 @@ from jax.sharding import PartitionSpec as P
 
 from focalnet_jax import encoding
 from focalnet_jax.data.run_store import check_run_store, recorded_cases
-from focalnet_jax.data.store import component_channels, open_store
+from focalnet_jax.data.store import Store, component_channels, open_store
 from focalnet_jax.data.writer_folders import moved_aside_note
 from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation.predictions import write_case
@@ -286,10 +286,11 @@ def predict_validation_fold(
     store_path: str | Path | None = None,
     batch_size: int = 16,
     predictor=None,
-) -> list[str]:
+) -> tuple[list[str], Store]:
     """Predicts every case of the run's validation fold (`config.data.fold`) into `out_dir`;
-    returns their case ids (the cases an evaluation of the fold expects). `predictor`: the
-    run's model already loaded, e.g. with flip TTA (default: `Predictor.from_workdir`)."""
+    returns their case ids (the cases an evaluation of the fold expects) and the store read.
+    `predictor`: the run's model already loaded, e.g. with flip TTA (default:
+    `Predictor.from_workdir`)."""
     if predictor is None:
         predictor = Predictor.from_workdir(workdir, step=step, batch_size=batch_size)
     data = predictor.spec.config.data
@@ -310,7 +311,7 @@ def predict_validation_fold(
         raise UserError(f"store {store_path}: fold {data.fold} has no validation case")
     log.info("predicting %d validation cases of fold %s", len(val_cases), data.fold)
     predict_cases(predictor, store, val_cases, out_dir)
-    return list(val_cases)
+    return list(val_cases), store
 
 
 def validation_cases(workdir: str | Path, store, spec: RunSpec) -> list[str]:

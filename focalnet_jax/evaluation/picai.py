@@ -41,6 +41,21 @@ def volume_reason(case: CasePredictions) -> str | None:
     return None
 
 
+def store_reason(models: Mapping) -> str | None:
+    """None unless the predictions' `models.json` (`models`) names a store that keeps only the
+    annotated slices (`preprocess --slices annotated`), else why the 3D protocol cannot score
+    them: each case is then a few slices of its volume (the others' candidates never counted),
+    and its lesion-free cases are not in the store."""
+    store = models.get("store") or {}
+    if store.get("slices") == "annotated":
+        return (
+            f"the predictions hold only the annotated slices of store {store['path']} (made with "
+            "--slices annotated, its lesion-free cases left out): the 3D protocol needs every "
+            "slice of every case; predict from a store made with --slices all"
+        )
+    return None
+
+
 def case_label(case: CasePredictions) -> np.ndarray:
     """int32 `[S, H, W]`: 1 on clinically significant lesions (class >= 2), else 0."""
     return (case.classes >= 2).astype(np.int32)

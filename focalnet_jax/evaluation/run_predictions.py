@@ -175,7 +175,7 @@ def predict_test_store(
     # No earlier run's cases left beside these.
     with replaced_folder(out_dir, before_swap=before_swap) as tmp:
         predict_cases(models, store, store.case_ids, tmp)
-        write_models(models, tmp)
+        write_models(models, tmp, store)
     return list(store.case_ids)
 
 
@@ -203,8 +203,8 @@ def predict_fold(
     models = load_ensemble(workdir, step=step, batch_size=batch_size, tta=tta, store=store_path)
     # No earlier run's cases left beside these.
     with replaced_folder(out_dir, before_swap=before_swap) as tmp:
-        cases = predict_validation_fold(
+        cases, store = predict_validation_fold(
             workdir, tmp, store_path=store_path, batch_size=batch_size, predictor=models
         )
-        write_models(models, tmp)
+        write_models(models, tmp, store)
     return cases
