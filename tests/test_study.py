@@ -469,6 +469,14 @@ def _one_line_error(*argv: str) -> str:
     ("override", "expected"),
     [
         ("--spec.repeats=0", "repeats=0: expected an integer >= 1"),
+        # Each cell trained in full, then failed in `focalnet evaluate`; the study, recorded
+        # with it, refused the corrected value.
+        ("--spec.evaluate.picai_bootstraps=-1",
+         "evaluate.picai_bootstraps=-1: expected an integer >= 0"),
+        # Repeat 0's seed was checked (its arm configs), repeat 1's cells failed at their start.
+        ("--spec.seed=9223372036854775807",
+         "seed=9223372036854775807: repeats 0..1 train with seeds seed..seed+1, each expected in "
+         "[0, 2**63)"),
         ("--spec.ensembles.both=('ce','xx')", "ensemble 'both'"),
         ("--spec.store=/no/such/store", "store '/no/such/store' does not exist"),
         ("--spec.store=", "the spec names no store: give --spec FILE:STORE or --spec.store=STORE"),

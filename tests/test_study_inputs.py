@@ -174,3 +174,29 @@ def test_a_failed_cell_names_the_signal_that_stopped_its_training_not_an_earlier
     assert failure_reason(["Traceback", "KeyError: 'a'", "done"]) == "KeyError: 'a'"
     assert failure_reason(["a", "last words", ""]) == "last words"
     assert failure_reason(["", ""]) is None
+
+
+def test_a_store_preprocessed_again_from_a_changed_image_is_a_changed_store(tmp_path):
+    """The case table held no trace of the stored images: a store rebuilt with `--overwrite`
+    after one ADC was re-exported had the same cases.json, and a study's done and remaining
+    cells trained on other data without a word. Each record holds its data's SHA-256."""
+    import SimpleITK as sitk
+
+    from focalnet_jax.study.inputs import input_digests
+
+    data, store = tmp_path / "data", tmp_path / "store"
+    assert main(["synth", f"--out={data}", "--cases=2", "--seed=3", "--small"]) == 0
+    preprocess = ["preprocess", "--layout=picai", f"--images={data / 'images'}"]
+    preprocess += [f"--labels={data / 'labels'}", f"--out={store}", "--overwrite"]
+    base = tmp_path / "base.py"
+    base.write_text(CONFIG.format(seed=0))
+    plain = {"base": str(base), "store": str(store)}
+    assert main(preprocess) == 0
+    before = input_digests(plain)
+    assert main(preprocess) == 0  # the same images: the same digests
+    assert input_digests(plain) == before
+    adc = next((data / "images").glob("*/*_adc.mha"))
+    image = sitk.ReadImage(str(adc))
+    sitk.WriteImage(sitk.Cast(image, sitk.sitkFloat32) * 0.6, str(adc))
+    assert main(preprocess) == 0
+    assert input_digests(plain)["store_cases"] != before["store_cases"]

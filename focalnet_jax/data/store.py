@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import json
 import logging
 import os
@@ -182,8 +183,11 @@ class StoreWriter:
             "annotated": case.annotated,
             "slice_index": case.slice_index,
         }
-        for name, dtype in _ARRAYS.items():
-            self._files[name].write(np.ascontiguousarray(arrays[name], dtype=dtype).tobytes())
+        digest = hashlib.sha256()  # of the case's stored data: in cases.json, which a study
+        for name, dtype in _ARRAYS.items():  # records (a case preprocessed again differs)
+            data = np.ascontiguousarray(arrays[name], dtype=dtype).tobytes()
+            self._files[name].write(data)
+            digest.update(data)
         n = len(case.images)
         self.records.append(
             {
@@ -202,6 +206,7 @@ class StoreWriter:
                 "t2w_reference": case.t2w_reference,
                 "files": files or {},
                 "meta": meta or {},
+                "data_sha256": digest.hexdigest(),
             }
         )
         self.num_slices += n

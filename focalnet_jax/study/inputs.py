@@ -1,5 +1,6 @@
 """What a study's cells train on, recorded when the study is: digests of the base config (as
-loaded, so that edits of the files it imports count), of the store's case table and, where
+loaded, so that edits of the files it imports count), of the store's case table (which holds each
+case's `data_sha256`, so a store preprocessed again from changed images differs) and, where
 `data.splits` (of the base config or `common`) names given folds, of those split files.
 
 The spec names both by path only. Edited between cells, they would give the cells that are done

@@ -17,6 +17,7 @@ absolute (`with_absolute_paths`).
 `validate` checks everything that can be checked before a cell runs, one line per error: unknown
 config keys and values (against the loaded base config: `common`'s on it alone, named as
 `common`'s; each arm's with `common` applied exactly as its cells will apply them), repeats < 1,
+a repeat's seed out of range, `evaluate` options `focalnet evaluate` would refuse,
 folds outside num_folds, ensembles naming unknown arms, a store that does not exist or cannot be
 opened (`data.store.open_store`: no cases.json, an old format), fewer patients in it than
 num_folds, components an arm trains on that it lacks, names that cannot be folder names, and every
@@ -278,6 +279,8 @@ def validate(spec: ml_collections.ConfigDict, spec_file: str) -> dict:
         raise StudyError(f"ensembles={plain['ensembles']!r}: expected a dict: name -> arm names")
     _check_ensembles(plain["ensembles"], list(plain["arms"]))
     _check_slurm(plain["slurm"])
+    _check_evaluate(plain["evaluate"])
+    _check_seeds(plain["seed"], plain["repeats"])
     base = plain["base"]
     base_path, sep, base_arg = str(base).partition(":")
     if not Path(base_path).is_file():
@@ -347,6 +350,26 @@ def _check_slurm(slurm: Mapping) -> None:
     extra = slurm.get("extra")
     if not isinstance(extra, list | tuple) or not all(isinstance(e, str) for e in extra):
         raise StudyError(f"slurm.extra={extra!r}: expected a list of '#SBATCH' options as text")
+
+
+def _check_evaluate(options: Mapping) -> None:
+    """The spec's `evaluate` options of the types `focalnet evaluate` takes: a bad one failed
+    every cell once trained, and the study, recorded with it, could not be given another."""
+    bootstraps = options.get("picai_bootstraps")
+    if isinstance(bootstraps, bool) or not isinstance(bootstraps, int) or bootstraps < 0:
+        raise StudyError(f"evaluate.picai_bootstraps={bootstraps!r}: expected an integer >= 0")
+    if not isinstance(options.get("figures"), bool):
+        raise StudyError(f"evaluate.figures={options.get('figures')!r}: expected True or False")
+
+
+def _check_seeds(seed, repeats: int) -> None:
+    """Every repeat's seed (`seed_for`) in the range a run takes, not only repeat 0's (the only
+    one an arm's config is checked with): the last repeat's cells failed at their start."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= 2**63 - repeats:
+        raise StudyError(
+            f"seed={seed!r}: repeats 0..{repeats - 1} train with seeds seed..seed+{repeats - 1}, "
+            "each expected in [0, 2**63)"
+        )
 
 
 def _config_error(where: str, plain: Mapping, error: Exception) -> StudyError:
