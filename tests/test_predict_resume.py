@@ -385,3 +385,79 @@ def test_a_candidate_threshold_written_otherwise_is_the_same_setting(tmp_path):
         UserError, match=r'candidates\.threshold: "0\.3" in the partial, "0\.4" now'
     ):
         _check_resumable(tmp_path, recorded_settings({}, 0.5, CandidateSettings("0.4")))
+
+
+def test_every_case_refused_while_found_is_listed_beside_out(tiny, tmp_path):
+    """With --skip-bad-cases, a folder whose cases were all refused while finding them ended in
+    "no cases to predict", their reasons nowhere; they are listed in `<out>.errors.csv`, the
+    first named, and a later run that writes `out` removes that list."""
+    images = tmp_path / "images"
+    shutil.copytree(tiny["data"] / "images", images)
+    moved = {adc: tmp_path / adc.name for adc in images.glob("*/*_adc.mha")}
+    for adc, aside in moved.items():
+        adc.rename(aside)
+    out = tmp_path / "out"
+    predict = [*_predict(tiny["run"], images, out), "--skip-bad-cases"]
+    message = cli_error(predict)
+    listed = tmp_path / "out.errors.csv"
+    first = _cases(images)[0]
+    assert message.startswith(
+        f"focalnet predict: error: no cases to predict (picai layout); {CASES} refused, listed in "
+        f"{listed}, first: case '{first}', file "
+    )
+    assert "adc image missing" in message and not out.exists()
+    with listed.open() as f:
+        assert [row["case"] for row in csv.DictReader(f)] == _cases(images)
+    for adc, aside in moved.items():
+        aside.rename(adc)
+    run_cli(predict)
+    assert not listed.exists() and sorted(p.name for p in out.glob("*/")) == _cases(images)
+
+
+def test_a_refused_resume_keeps_the_list_of_cases_that_failed(tiny, tmp_path, monkeypatch, caplog):
+    """The partial's errors.csv was removed before the resume's checks: a resume refused (here
+    for other --masks) left the partial without its only record of the failed cases, and the
+    next resume did not say it retried them."""
+    images = tmp_path / "images"
+    shutil.copytree(tiny["data"] / "images", images)
+    bad = _cases(images)[0]
+    adc = next(images.glob(f"*/{bad}_adc.mha"))
+    adc.rename(tmp_path / "adc.mha")
+    out = tmp_path / "out"
+    _interrupted(tiny, out, monkeypatch, images, "--skip-bad-cases")
+    (tmp_path / "adc.mha").rename(adc)
+    predict = [*_predict(tiny["run"], images, out), "--skip-bad-cases", "--resume"]
+    message = cli_error([*predict, "--masks", tiny["data"] / "masks"])
+    assert "was cropped around the T2w volume centre" in message
+    with (partial_folder(out) / "errors.csv").open() as f:
+        assert [row["case"] for row in csv.DictReader(f)] == [bad]
+    run_cli(predict)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert f"retrying 1 case that failed before: {bad}" in warnings
+
+
+@pytest.mark.parametrize("case_id", ["models.json", "Errors.csv"])
+def test_a_case_named_as_a_file_of_out_is_refused_naming_it(tiny, tmp_path, case_id):
+    """Safe names, but those of predict's own files beside the case folders: the run ended in
+    an errno line naming no case, or the case folder took the place of errors.csv."""
+    images = tiny["data"] / "images"
+    rows = ["case_id,patient_id,t2w,adc"]
+    for number, case in enumerate(_cases(images)[:2]):
+        t2w, adc = (next(images.glob(f"*/{case}_{c}.mha")) for c in ("t2w", "adc"))
+        rows.append(f"{case_id if number == 0 else case},p{number},{t2w},{adc}")
+    manifest = tmp_path / "cases.csv"
+    manifest.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    predict = ["predict", "--checkpoint", tiny["run"], "--layout", "manifest", "--manifest",
+               manifest, "--batch-size", "2", "--out", out]  # fmt: skip
+    message = cli_error(predict)
+    assert message.startswith(f"focalnet predict: error: case '{case_id}', file '")
+    assert message.endswith(
+        f": case id '{case_id}' is the name of a file predict writes beside the case folders "
+        "(models.json, errors.csv, crop_centres.json, inputs.json); give the case another id"
+    )
+    assert not out.exists()
+    run_cli([*predict, "--skip-bad-cases"])
+    with (out / "errors.csv").open() as f:
+        assert [row["case"] for row in csv.DictReader(f)] == [case_id]
+    assert (out / "errors.csv").is_file() and (out / "models.json").is_file()

@@ -156,17 +156,29 @@ def _add_results(
 
 
 def _errors_beside(out) -> Path:
-    """`<out>.errors.csv`: where the bad cases of a run that stored none are listed."""
+    """`<out>.errors.csv`: where the bad cases of a run that wrote no `out` are listed."""
     return Path(out).with_name(Path(out).name + ".errors.csv")
 
 
-def _remove_stale_errors(out) -> None:
-    """Remove `<out>.errors.csv` once a store is written: it lists the bad cases of an earlier
-    run that stored none, and beside the new store would read as this run's."""
+def remove_stale_errors(out) -> None:
+    """Remove `<out>.errors.csv` once `out` (a store, predictions) is written: it lists the bad
+    cases of an earlier run that wrote none, and beside the new `out` would read as this run's."""
     stale = _errors_beside(out)
     if stale.exists():
         stale.unlink()
-        log.info("removed %s: it listed the cases of an earlier run that stored none", stale)
+        log.info("removed %s: it listed the cases of an earlier run that wrote none", stale)
+
+
+def every_case_refused(action: str, layout: str, out, refused) -> LayoutError:
+    """The error of a run (`action`: 'preprocess', 'predict') whose cases were all refused while
+    finding them (`refused`: (case, file, reason) rows), listed in `<out>.errors.csv` (written
+    here: `out` is left as it was)."""
+    write_errors(_errors_beside(out), refused)
+    case, file, reason = refused[0]
+    return LayoutError(
+        f"no cases to {action} ({layout} layout); {len(refused)} refused, listed in "
+        f"{_errors_beside(out)}, first: case {case!r}, file {file!r}: {reason}"
+    )
 
 
 def _refuse_empty_store(writer: StoreWriter, out, lesion_free: Sequence[str]) -> NoReturn:
@@ -231,7 +243,7 @@ def preprocess_cases(
             _refuse_empty_store(writer, out, lesion_free)
         check_gland_labels(labelled, out)
         path = writer.commit(errors_file=skip_bad_cases)
-        _remove_stale_errors(out)
+        remove_stale_errors(out)
         return PreprocessSummary(
             path, len(writer.records), writer.num_slices, list(writer.errors),
             components=tuple(cases[0].components), lesion_free=lesion_free, trimmed=trimmed,
@@ -269,12 +281,7 @@ def _find_cases(
     else:
         raise LayoutError(f"layout {layout!r}: expected 'picai' or 'manifest'")
     if not cases and refused:
-        write_errors(_errors_beside(out), refused)
-        case, file, reason = refused[0]
-        raise LayoutError(
-            f"no cases to preprocess ({layout} layout); {len(refused)} refused, listed in "
-            f"{_errors_beside(out)}, first: case {case!r}, file {file!r}: {reason}"
-        )
+        raise every_case_refused("preprocess", layout, out, refused)
     if not cases:
         raise LayoutError(f"no cases to preprocess ({layout} layout)")
     return cases

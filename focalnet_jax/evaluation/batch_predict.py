@@ -28,6 +28,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from focalnet_jax.data.atomic_files import check_replaceable
+from focalnet_jax.data.build_store import every_case_refused, remove_stale_errors
 from focalnet_jax.data.io import CaseError
 from focalnet_jax.data.layouts import (
     CaseSpec,
@@ -45,7 +46,9 @@ from focalnet_jax.evaluation.dicom_output import dicom_sources
 from focalnet_jax.evaluation.ensemble import Ensemble
 from focalnet_jax.evaluation.inference import pooled_predictions
 from focalnet_jax.evaluation.partial_output import (
+    CENTRES_FILE,
     ERRORS_FILE,
+    INPUTS_FILE,
     crop_centre_source,
     input_files,
     partial_output,
@@ -96,14 +99,41 @@ def find_cases(
     if layout == "picai":
         if images is None:
             raise LayoutError("--layout picai needs --images")
-        return discover_picai(
+        cases = discover_picai(
             images, None, masks, components=components, unlabelled="negative", errors=errors
         )
-    if layout == "manifest":
+    elif layout == "manifest":
         if manifest is None:
             raise LayoutError("--layout manifest needs --manifest")
-        return read_manifest(manifest, components=components, labels=False, errors=errors)
-    raise LayoutError(f"layout {layout!r}: expected 'picai' or 'manifest'")
+        cases = read_manifest(manifest, components=components, labels=False, errors=errors)
+    else:
+        raise LayoutError(f"layout {layout!r}: expected 'picai' or 'manifest'")
+    return _without_reserved_ids(cases, errors)
+
+
+# The files predict writes beside the case folders of OUT: a case of such an id (a safe name)
+# ended the run in an errno line naming neither, or its folder stood in for the file.
+_RESERVED = (MODELS_FILE, ERRORS_FILE, CENTRES_FILE, INPUTS_FILE)
+
+
+def _without_reserved_ids(cases: list[CaseSpec], errors: list | None) -> list[CaseSpec]:
+    """`cases` but those whose id is the name of a file of OUT (`_RESERVED`, in any letter
+    case): each raises a CaseError naming it, or where `errors` is a list is appended to it."""
+    kept = []
+    for spec in cases:
+        if spec.case_id.casefold() not in {name.casefold() for name in _RESERVED}:
+            kept.append(spec)
+            continue
+        error = CaseError(
+            spec.case_id,
+            next(iter(spec.components.values())),
+            f"case id {spec.case_id!r} is the name of a file predict writes beside the case "
+            f"folders ({', '.join(_RESERVED)}); give the case another id",
+        )
+        if errors is None:
+            raise error
+        errors.append((error.case, error.file, error.reason))
+    return kept
 
 
 def _preprocess(
@@ -191,6 +221,7 @@ def predict_cases(
         kept = _check_finished(partial, done, cases)
         record_crop_centres(partial, done, centres)
         record_inputs(partial, done, inputs)
+        (partial / ERRORS_FILE).unlink(missing_ok=True)  # retried now; this run lists its own
         if failed:  # a warning: printed without a logging setup, as docs/evaluation.md says
             log.warning(
                 "retrying %s that failed before: %s", plural(len(failed), "case"), ", ".join(failed)
@@ -278,12 +309,19 @@ def predict_layout(
     manifest: str | Path | None = None,
     **options,
 ) -> BatchSummary:
-    """`find_cases` + `predict_cases` with the models' components."""
+    """`find_cases` + `predict_cases` with the models' components. Where every case was refused
+    while finding them (`skip_bad_cases`), they are listed in `<out>.errors.csv` and the run is
+    refused naming the first (`out` has nothing to hold); a later run that writes `out` removes
+    that file."""
     errors = [] if options.get("skip_bad_cases") else None
     check_replaceable(Path(out), options.get("overwrite", False), MODELS_FILE, "focalnet predict",
                       (*as_folders(images), masks, manifest))  # fmt: skip
     cases = find_cases(
         layout, models.components, images=images, masks=masks, manifest=manifest, errors=errors
     )
+    if not cases and errors:  # OUT left as it was: the reasons beside it
+        raise every_case_refused("predict", layout, out, errors)
     log.info("predicting %s into %s", plural(len(cases), f"{layout} case"), out)
-    return predict_cases(models, cases, out, errors=errors, **options)
+    summary = predict_cases(models, cases, out, errors=errors, **options)
+    remove_stale_errors(out)
+    return summary

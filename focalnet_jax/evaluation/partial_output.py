@@ -250,15 +250,15 @@ def _check_resumable(partial: Path, settings: dict) -> None:
 
 
 def _failed_before(partial: Path) -> list[str]:
-    """The cases of the partial's `errors.csv` (skipped as bad by the run that made it), which
-    is removed: this run retries them and writes its own."""
+    """The cases of the partial's `errors.csv` (skipped as bad by the run that made it). The
+    file is kept until the resume's checks pass (`batch_predict.predict_cases` removes it): a
+    refused resume leaves the partial as it was."""
     path = partial / ERRORS_FILE
     try:
         with path.open(newline="") as f:
             failed = [row["case"] for row in csv.DictReader(f) if row.get("case")]
     except (OSError, KeyError, csv.Error):
         failed = []
-    path.unlink(missing_ok=True)
     return failed
 
 
