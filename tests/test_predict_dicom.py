@@ -23,6 +23,7 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 from cli_calls import cli_error, run_cli
+from pydicom.pixels import apply_windowing
 
 from focalnet_jax.data import preprocess_case
 from focalnet_jax.data.image_writing import write_image
@@ -156,6 +157,16 @@ def test_score_map_is_the_cspca_map_on_every_t2w_frame(written, t2w_slices):
         mapping.LUTLabel == "csPCa"
         and mapping.QuantityDefinitionSequence[0].ConceptCodeSequence[0].CodeValue == "111047"
     )
+    # The window a viewer applies is a grey ramp over 0..1: under the default LINEAR function
+    # (PS3.3 C.11.2.1.2.1, for integers) centre 0.5 / width 1 drew every score above 0 white.
+    voi = pm.SharedFunctionalGroupsSequence[0].FrameVOILUTSequence[0]
+    window = pydicom.Dataset()
+    window.update(voi)
+    window.PhotometricInterpretation, window.BitsStored, window.PixelRepresentation = (
+        "MONOCHROME2", 8, 0,
+    )  # fmt: skip
+    probe = np.array([0.0, 0.01, 0.25, 0.5, 0.75, 1.0])
+    np.testing.assert_allclose(apply_windowing(probe, window), 255 * probe)
 
 
 def validator_errors(path, iod: str) -> list[str]:

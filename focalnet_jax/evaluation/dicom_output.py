@@ -350,7 +350,9 @@ def write_score_map(
                 contains_recognizable_visual_features=False,
                 real_world_value_mappings=[mapping],
                 voi_lut_transformations=[
-                    hd.VOILUTTransformation(window_center=0.5, window_width=1.0)
+                    hd.VOILUTTransformation(
+                        window_center=0.5, window_width=1.0, voi_lut_function="LINEAR_EXACT"
+                    )
                 ],
                 content_label=label.upper(),
                 content_description=f"focalnet_jax {label} score {meaning}",
