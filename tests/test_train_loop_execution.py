@@ -194,6 +194,16 @@ def test_each_process_compiles_once_transfers_nothing_implicitly_and_reads_back_
     for run in (first, resumed):
         for name in ("jit(train_step)", "jit(eval_step)", "jit(_first_bad)", "jit(_add)"):
             assert run["compiles"].get(name) == 1, (name, run["compiles"])
+    # The run's CE + Dice logs each of its terms beside their sum, at every logged step.
+    import numpy as np
+
+    from focalnet_jax.training.tb_logging import read_scalars
+
+    steps, total = read_scalars(tmp_path / "run" / "tb", "train/ce_dice")
+    parts = [read_scalars(tmp_path / "run" / "tb", f"train/ce_dice/{t}") for t in ("ce", "dice")]
+    assert list(steps) == list(range(LOG_EVERY, 13, LOG_EVERY))
+    assert all(list(part_steps) == list(steps) for part_steps, _ in parts)
+    np.testing.assert_allclose(np.add(parts[0][1], parts[1][1]), total, rtol=1e-5)
 
 
 def test_a_batch_dice_validation_loss_is_finished_on_the_host():

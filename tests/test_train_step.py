@@ -346,3 +346,34 @@ def test_validation_metrics_from_hand_counted_sums():
     assert np.isnan(no_lesion["val/mean_score_lesion"])
     assert no_lesion["val/dice_lesion"] == 1.0  # nothing true, nothing predicted
     assert no_lesion["val/mean_score_background"] == 0.0
+
+
+@pytest.mark.parametrize(
+    ("name", "parts"),
+    [("ce_dice", {"ce": "sigmoid_ce", "dice": "soft_dice"}),
+     ("ce_focal", {"ce": "sigmoid_ce", "focal": "focal"})],
+)  # fmt: skip
+def test_a_loss_of_two_terms_logs_each_weighted_term(name, parts):
+    """SPEC: TensorBoard shows every loss term. A combined loss logged its total alone, so a CE +
+    Dice arm could not tell which term it trained down. Each weighted term is logged beside it
+    (`train/<name>/<term>`), equal to that loss alone times its weight, the two summing to it."""
+    overrides = [f"--config.loss.name={name}", "--config.loss.mfl=false",
+                 "--config.loss.weights=(0.25, 2.0)"]  # fmt: skip
+    spec = dataclasses.replace(
+        RunSpec.from_config(tiny_config(overrides=overrides)), model=_ClassLogits()
+    )
+    classes = np.zeros((4, 8, 8), np.int32)
+    classes[1, 2:5, 2:5], classes[3, 4:7, 1:3] = 2, 4
+    noisy = 0.2 * classes + 0.1 + np.random.default_rng(0).normal(0, 0.08, classes.shape)
+    images = jnp.asarray(np.repeat(noisy[..., None], 2, axis=-1), jnp.float32)  # some errors
+    grade_known = jnp.ones((4, 8, 8), jnp.uint8)
+    total, (terms, _) = step_lib.loss_fn({}, {}, images, classes, grade_known, 0.0, spec=spec)
+    assert set(terms) == {name, *(f"{name}/{part}" for part in parts), "mfl_weight"}
+    logits = _ClassLogits().apply({}, images)
+    targets = encoding.ordinal_encode(classes)
+    for weight, (part, alone) in zip((0.25, 2.0), parts.items(), strict=True):
+        expected = weight * losses.get_loss(alone).fn(logits, targets)
+        np.testing.assert_allclose(terms[f"{name}/{part}"], expected, rtol=1e-6)
+    np.testing.assert_allclose(sum(terms[f"{name}/{p}"] for p in parts), total, rtol=1e-6)
+    assert float(total) == float(terms[name])
+    assert min(float(terms[f"{name}/{p}"]) for p in parts) > 1e-3  # neither term vanishes

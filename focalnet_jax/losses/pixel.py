@@ -387,6 +387,30 @@ def ce_dice_loss(
     return reductions.mean(ce_dice_loss_map(logits, targets, weights=weights, **options))
 
 
+def ce_dice_terms(
+    logits, targets, *, valid=None, eps=1.0, activation="sigmoid", batch_dice=False,
+    dice_background=True, weights=(1.0, 1.0), axis_name=None,
+):  # fmt: skip
+    """The two weighted terms of :func:`ce_dice_loss` (the same arguments), for the training log:
+    ``{"ce": w_CE * mean CE, "dice": w_D * Dice loss}``, scalars that sum to it (up to float
+    rounding: the mean over images is linear).
+
+    >>> ones = jnp.ones((1, 1, 1, 1))  # CE log 2, Dice 0.2
+    >>> {k: round(float(v), 4) for k, v in ce_dice_terms(0 * ones, ones).items()}
+    {'ce': 0.6931, 'dice': 0.2}
+    """
+    w_ce, w_dice = _check_weights(weights)
+    ce_map = sigmoid_cross_entropy_map if activation == "sigmoid" else softmax_cross_entropy_map
+    dice = soft_dice_loss(
+        logits, targets, valid=valid, eps=eps, activation=activation, batch_dice=batch_dice,
+        dice_background=dice_background, axis_name=axis_name,
+    )  # fmt: skip
+    return {
+        "ce": w_ce * reductions.mean(ce_map(logits, targets, valid=valid)),
+        "dice": w_dice * dice,
+    }
+
+
 def ce_focal_loss_map(logits, targets, *, alpha=0.75, gamma=2.0, valid=None, weights=(1.0, 1.0)):
     """Per-pixel sigmoid cross-entropy + plain focal loss, weighted ``weights`` = (CE, FL);
     Bosma et al. 2022's CE+FL (as picai_baseline's nnU-Net trainer) is ``weights=(0.5, 0.5)``.
@@ -409,3 +433,14 @@ def ce_focal_loss(logits, targets, *, alpha=0.75, gamma=2.0, valid=None, weights
     return reductions.mean(
         ce_focal_loss_map(logits, targets, alpha=alpha, gamma=gamma, valid=valid, weights=weights)
     )
+
+
+def ce_focal_terms(logits, targets, *, alpha=0.75, gamma=2.0, valid=None, weights=(1.0, 1.0)):
+    """The two weighted terms of :func:`ce_focal_loss` (the same arguments), for the training log:
+    ``{"ce": w_CE * mean CE, "focal": w_FL * mean FL}``, scalars that sum to it."""
+    w_ce, w_focal = _check_weights(weights)
+    focal = focal_loss_map(logits, targets, alpha=alpha, gamma=gamma, valid=valid)
+    return {
+        "ce": w_ce * reductions.mean(sigmoid_cross_entropy_map(logits, targets, valid=valid)),
+        "focal": w_focal * reductions.mean(focal),
+    }

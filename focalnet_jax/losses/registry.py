@@ -17,7 +17,9 @@ class LossSpec(NamedTuple):
     with :mod:`focalnet_jax.losses.reductions`; the batch Dice's ``fn`` is one Dice over the batch,
     not a reduction of ``map_fn``). ``takes_axis_name``: ``fn`` also takes
     ``axis_name``, the data axis over which a batch-level reduction (batch Dice) sums under
-    ``jax.shard_map``, so a data-parallel step gets the global batch's loss."""
+    ``jax.shard_map``, so a data-parallel step gets the global batch's loss. ``terms_fn``: for a
+    loss of two weighted terms, the same arguments as ``fn`` -> ``{term: weighted scalar}``
+    summing to it (logged beside it), else None."""
 
     name: str
     encoding: str
@@ -25,12 +27,15 @@ class LossSpec(NamedTuple):
     hyperparameters: tuple[str, ...] = ()
     map_fn: Callable | None = None
     takes_axis_name: bool = False
+    terms_fn: Callable | None = None
 
 
-def _spec(name, encoding, fn, map_fn, hyperparameters=(), **bound) -> LossSpec:
+def _spec(name, encoding, fn, map_fn, hyperparameters=(), terms_fn=None, **bound) -> LossSpec:
     if bound:
         fn, map_fn = functools.partial(fn, **bound), functools.partial(map_fn, **bound)
-    return LossSpec(name, encoding, fn, hyperparameters, map_fn, "batch_dice" in hyperparameters)
+        terms_fn = terms_fn and functools.partial(terms_fn, **bound)
+    takes_axis_name = "batch_dice" in hyperparameters
+    return LossSpec(name, encoding, fn, hyperparameters, map_fn, takes_axis_name, terms_fn)
 
 
 _FOCAL = ("alpha", "gamma")
@@ -52,13 +57,21 @@ _REGISTRY = {
         _spec("focal", "ordinal", pixel.focal_loss, pixel.focal_loss_map, _FOCAL),
         _spec("softmax_ce", "onehot", pixel.softmax_cross_entropy, pixel.softmax_cross_entropy_map),
         _spec("soft_dice", "ordinal", pixel.soft_dice_loss, pixel.soft_dice_loss_map, _DICE),
-        _spec("ce_dice", "ordinal", pixel.ce_dice_loss, pixel.ce_dice_loss_map, _CE_DICE),
+        _spec(
+            "ce_dice",
+            "ordinal",
+            pixel.ce_dice_loss,
+            pixel.ce_dice_loss_map,
+            _CE_DICE,
+            terms_fn=pixel.ce_dice_terms,
+        ),
         _spec(
             "ce_focal",
             "ordinal",
             pixel.ce_focal_loss,
             pixel.ce_focal_loss_map,
             (*_FOCAL, "weights"),
+            terms_fn=pixel.ce_focal_terms,
         ),
         _spec(
             "softmax_ce_dice",
@@ -66,6 +79,7 @@ _REGISTRY = {
             pixel.ce_dice_loss,
             pixel.ce_dice_loss_map,
             _CE_DICE,
+            terms_fn=pixel.ce_dice_terms,
             activation="softmax",
         ),
         _spec("binary_ce", "binary", pixel.sigmoid_cross_entropy, pixel.sigmoid_cross_entropy_map),
@@ -104,7 +118,10 @@ def get_loss(name: str, **hyperparameters) -> LossSpec:
     if not given:
         return spec
     bind = functools.partial
-    return spec._replace(fn=bind(spec.fn, **given), map_fn=bind(spec.map_fn, **given))
+    terms_fn = spec.terms_fn and bind(spec.terms_fn, **given)
+    return spec._replace(
+        fn=bind(spec.fn, **given), map_fn=bind(spec.map_fn, **given), terms_fn=terms_fn
+    )
 
 
 def _option_defaults() -> dict:

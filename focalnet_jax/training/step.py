@@ -94,7 +94,8 @@ def loss_fn(params, batch_stats, images, classes, grade_known, mfl_weight, *, sp
     """`(total, (terms, batch_stats))` of eq. 4 on one (augmented, clipped) batch.
 
     images `[B,H,W,C]`, classes / grade_known `[B,H,W]`; `mfl_weight`: lambda, a number or a
-    float32 scalar. `terms`: the named loss, `mfl`, `mfl_weight` and `mfl_subset_share [M]`
+    float32 scalar. `terms`: the named loss (and `<name>/<term>`, each weighted term of a loss of
+    two, e.g. `ce_dice/ce`, `ce_dice/dice`), `mfl`, `mfl_weight` and `mfl_subset_share [M]`
     (share of the slices whose MFL trained each subset; lesion-free slices train none). The
     batch_stats are the full-input pass's.
     """
@@ -109,6 +110,9 @@ def loss_fn(params, batch_stats, images, classes, grade_known, mfl_weight, *, sp
     across = {"axis_name": DATA_AXIS} if spec.loss.takes_axis_name else {}
     main = spec.loss.fn(logits, targets, valid=valid, **across)  # batch Dice: the global batch
     terms, total = {spec.loss.name: main}, main
+    if spec.loss.terms_fn is not None:  # a loss of two terms: each logged beside it
+        parts = spec.loss.terms_fn(logits, targets, valid=valid, **across)
+        terms.update({f"{spec.loss.name}/{term}": value for term, value in parts.items()})
     if spec.mfl:
         mfl, share = _mfl(apply, variables, logits, images, classes, grade_known, spec)
         total = total + mfl_weight * mfl
