@@ -9,7 +9,8 @@ TEST_WORKERS ?= 2
 .PHONY: test lint format demo clean
 
 $(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@# A venv left by a failed creation (no python3-venv: no pip) or older than 3.11 is made again.
+	$(PY) -c 'import sys, pip; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || $(PYTHON) -m venv --clear $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
@@ -26,7 +27,7 @@ test: lint
 	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
 
 demo: $(STAMP)
-	$(PY) -m focalnet_jax.demo --out $(DEMO_DIR)
+	$(PY) -m focalnet_jax.demo --out "$(DEMO_DIR)"
 
 clean:
-	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache
+	rm -rf $(VENV) "$(DEMO_DIR)" .pytest_cache
