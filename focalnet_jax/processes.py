@@ -16,18 +16,22 @@ from pathlib import Path
 
 
 @functools.cache
+def boot_id() -> str | None:
+    """The Linux kernel's id of this boot (a new one at each boot); None elsewhere."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:  # not Linux
+        return None
+
+
 def pid_space() -> str:
     """8 hex digits naming where this process's pids mean something: host name, boot id and PID
     namespace (what of the latter two this system shows)."""
-    parts = [socket.gethostname()]
-    for read in (
-        lambda: Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
-        lambda: os.readlink("/proc/self/ns/pid"),
-    ):
-        try:
-            parts.append(read())
-        except OSError:  # not Linux
-            parts.append("")
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:  # not Linux
+        namespace = ""
+    parts = [socket.gethostname(), boot_id() or "", namespace]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:8]
 
 

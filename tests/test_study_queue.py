@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from focalnet_jax.processes import pid_space
+from focalnet_jax.processes import boot_id, pid_space
 from focalnet_jax.study import commands, slurm
 from focalnet_jax.study.cells import Study
 from focalnet_jax.study.spec import StudyError
@@ -71,3 +71,24 @@ def test_a_cell_running_here_stays_running_when_an_older_task_of_it_leaves_the_q
     finally:
         live.kill()
         live.wait()
+
+
+def test_a_cell_left_running_by_an_earlier_boot_of_this_host_is_interrupted(tmp_path):
+    """A cell whose state a reboot (or crash) of this host left `running` read so for good: its
+    pid space, which holds the boot, was not this one, so its pids could not be checked, and
+    `study run` never ran it again. The state records the boot: an earlier boot of this host
+    name is interrupted; this boot in another PID namespace (a container), or a state without
+    the boot, cannot be checked and stays running."""
+    study = Study(tmp_path, PLAIN)
+    cell = study.cell("ce/rep0/fold0")
+    host = socket.gethostname()
+    cases = [
+        ({"boot_id": "0" * 8 + "-earlier-boot"}, "interrupted"),
+        ({"boot_id": boot_id()}, "running"),  # another container of this boot
+        ({}, "running"),  # written before the boot was recorded
+        ({"boot_id": "0" * 8 + "-earlier-boot", "host": "elsewhere"}, "running"),
+    ]
+    for fields, expected in cases:
+        record = {"pid": 1, "host": host, "pid_space": "0123abcd", **fields}
+        study.write_state(cell, "running", **record)
+        assert study.state(cell).state == expected, fields

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from focalnet_jax.errors import UserError
-from focalnet_jax.processes import pid_space, process_start
+from focalnet_jax.processes import boot_id, pid_space, process_start
 from focalnet_jax.study.attempts import HEARTBEAT_S, attempt_fields, earlier_attempts
 from focalnet_jax.study.cells import STUDY_FILE, Study
 from focalnet_jax.study.inputs import check_inputs
@@ -133,6 +133,7 @@ def run_cell(study_dir: str | Path, name: str) -> int:
         "pid_started": process_start(os.getpid()),
         "host": socket.gethostname(),
         "pid_space": pid_space(),
+        "boot_id": boot_id(),
     }
 
     def record(state: str, **fields) -> None:

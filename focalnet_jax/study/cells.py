@@ -30,7 +30,7 @@ from typing import IO
 
 from focalnet_jax.data.atomic_files import write_json_atomic
 from focalnet_jax.file_lock import LockHeld, acquire_lock, release_lock
-from focalnet_jax.processes import pid_alive, pid_space
+from focalnet_jax.processes import boot_id, pid_alive, pid_space
 from focalnet_jax.study.inputs import INPUTS, check_inputs, input_digests
 from focalnet_jax.study.spec import StudyError, seed_for, with_absolute_paths
 
@@ -159,6 +159,14 @@ def _recorded_here(record: Mapping) -> bool:
     return record.get("host") == socket.gethostname()
 
 
+def _rebooted_since(record: Mapping) -> bool:
+    """Whether a running cell's state was written on this host (its name) in an earlier boot:
+    its processes ended with that boot (a reboot, a crash), which its pid space alone cannot
+    tell from another container's (so such a cell read as running for good)."""
+    written, now = record.get("boot_id"), boot_id()
+    return bool(written and now) and record.get("host") == socket.gethostname() and written != now
+
+
 def _with_recorded_inputs(plain: Mapping, recorded: Mapping, path: Path) -> dict:
     """`plain` with the input digests `recorded` (the study.json at `path`) holds, checked
     against the inputs now (`check_inputs`: a `StudyError` names what changed)."""
@@ -271,6 +279,8 @@ class Study:
                 if pid in record
             ):
                 state = "interrupted"
+        elif state == "running" and _rebooted_since(record):
+            state = "interrupted"
         return CellState(state, record)
 
     def write_state(self, cell: Cell, state: str, **fields) -> None:
