@@ -228,3 +228,78 @@ def test_a_nifti_whose_qform_and_sform_disagree_is_refused(tmp_path, sform_code)
     data[252:254] = struct.pack("<h", 0)  # the sform alone places it: taken
     path.write_bytes(bytes(data))
     assert read_image(path).GetOrigin() == pytest.approx((-10.0, -20.0, 30.0))
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd"])
+def test_complex_voxels_are_refused_in_one_line(tmp_path, suffix):
+    """A complex image (an ADC saved from a complex reconstruction) passed the channel check and
+    ended preprocess, also with --skip-bad-cases, in SimpleITK's RuntimeError from the cast."""
+    _, image = _volume()
+    path = tmp_path / f"adc{suffix}"
+    sitk.WriteImage(sitk.RealAndImaginaryToComplex(image, image * 0.5), str(path))
+    _expect(path, "expected real voxels, got complex of 32-bit float")
+
+
+def _nifti_header(tmp_path, *, qform_code: int, sform_code: int) -> bytearray:
+    """The bytes of `_volume()` written as .nii, with the given placement codes."""
+    _, image = _volume()
+    write_image(image, tmp_path / "base.nii")
+    data = bytearray((tmp_path / "base.nii").read_bytes())
+    data[252:256] = struct.pack("<2h", qform_code, sform_code)
+    return data
+
+
+def test_a_negative_nifti_voxel_size_is_refused(tmp_path):
+    """ITK mirrored the axis of a negative pixdim (nifti1_io reads it as 1 mm, nibabel refuses the
+    file): an ADC read mirrored left-right, resampled so onto the T2w, without a word."""
+    data = _nifti_header(tmp_path, qform_code=1, sform_code=0)
+    data[80:84] = struct.pack("<f", -0.5)  # pixdim[1]
+    (tmp_path / "mirrored.nii").write_bytes(bytes(data))
+    _expect(tmp_path / "mirrored.nii", "NIfTI header gives voxel size x -0.5 (pixdim), which ")
+
+
+def test_an_sform_whose_voxel_size_is_not_pixdims_is_refused(tmp_path, capfd):
+    """The sform alone (qform_code 0) places the voxels for nibabel and FSL with its column
+    lengths as the voxel size; ITK took pixdim's: 4 mm slices read as 3 mm, printing its
+    "unexpected scales in sform" warning twice."""
+    data = _nifti_header(tmp_path, qform_code=0, sform_code=1)
+    data[320:324] = struct.pack("<f", 4.0)  # srow_z[2]: 4 mm slices
+    (tmp_path / "z4.nii").write_bytes(bytes(data))
+    capfd.readouterr()
+    _expect(
+        tmp_path / "z4.nii",
+        "NIfTI header gives voxel size 0.5 x 0.7 x 4 mm in its sform (code 1) and 0.5 x 0.7 x 3 mm "
+        "in pixdim, and readers differ in which they take",
+    )
+    assert capfd.readouterr().err == ""
+    data[320:324] = struct.pack("<f", 3.0)  # the same voxel size: read
+    (tmp_path / "z3.nii").write_bytes(bytes(data))
+    assert read_image(tmp_path / "z3.nii").GetSpacing() == pytest.approx((0.5, 0.7, 3.0))
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("Offset", "-10, 20, 5.5"), ("Offset", "-10 20"), ("Offset", "nan 20 5.5"),
+     ("ElementSpacing", "0.5 0.7"), ("TransformMatrix", "1 0 0 0 1 0 0 0 inf")],
+)  # fmt: skip
+def test_a_metaimage_geometry_field_itk_cannot_parse_is_refused(tmp_path, field, value):
+    """MetaIO read the numbers it could and 0 for the rest: `Offset = -10, 20, 5.5` placed the
+    image at (-10, 0, 0), 20 mm from where its header meant, without a word."""
+    _, image = _volume()
+    write_image(image, tmp_path / "ok.mha")
+    lines = (tmp_path / "ok.mha").read_bytes().split(b"\n")
+    edited = [f"{field} = {value}".encode() if line.startswith(field.encode()) else line
+              for line in lines]  # fmt: skip
+    assert edited != lines
+    (tmp_path / "bad.mha").write_bytes(b"\n".join(edited))
+    _expect(tmp_path / "bad.mha", f"MetaImage header field {field} = {value!r} is not ")
+    assert read_image(tmp_path / "ok.mha").GetOrigin() == pytest.approx((-10.0, 20.0, 5.5))
+
+
+@pytest.mark.parametrize(("start", "name"), [(268, "qform"), (292, "sform")])
+def test_a_nifti_placement_holding_nan_is_refused(tmp_path, start, name):
+    """ITK read a NaN qoffset_x (or srow) as 0: the image placed elsewhere, without a word."""
+    data = _nifti_header(tmp_path, qform_code=1, sform_code=1)
+    data[start : start + 4] = struct.pack("<f", float("nan"))  # qoffset_x / srow_x[3]
+    (tmp_path / "nan.nii").write_bytes(bytes(data))
+    _expect(tmp_path / "nan.nii", f"NIfTI header's {name} (")

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from focalnet_jax.data import dicom, dicom_seg, nifti_header
+from focalnet_jax.data import dicom, dicom_seg, metaimage_header, nifti_header
 from focalnet_jax.errors import UserError
 
 # The ITK reader of each image suffix, named: ITK finds one by a lower-case suffix only (it reads
@@ -30,8 +30,6 @@ _IMAGE_IO = {
     ".nrrd": "NrrdImageIO",
 }
 IMAGE_SUFFIXES = tuple(_IMAGE_IO)
-_MET_BYTES = {"MET_UCHAR": 1, "MET_CHAR": 1, "MET_USHORT": 2, "MET_SHORT": 2, "MET_UINT": 4}
-_MET_BYTES |= {"MET_INT": 4, "MET_FLOAT": 4, "MET_DOUBLE": 8}
 
 
 class CaseError(UserError):
@@ -87,85 +85,11 @@ def _why(path: Path, err: RuntimeError) -> str:
     """The reason in an ITK read error, or how much of a MetaImage is missing. (ITK reports a
     truncated `.mha` as 'No such file or directory', a stale errno.)"""
     lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
-    short = _metaimage_shortfall(path)
+    short = metaimage_header.shortfall(path)
     if short:
         return short
     useful = [line for line in lines if "No such file or directory" not in line]
     return useful[-1] if useful else "read error"
-
-
-def _metaimage_shortfall(path: Path) -> str | None:
-    """Why a `.mha`/`.mhd` file holds fewer bytes than its header promises, or None (also for
-    other files and headers too broken to size: ITK's reason stands)."""
-    if not (path.is_file() and path.name.lower().endswith((".mha", ".mhd"))):
-        return None
-    try:
-        return _metaimage_truncation(path)
-    except (OSError, ValueError):
-        return None
-
-
-def metaimage_data_file(path: str | os.PathLike) -> Path | None:
-    """The separate data file a `.mhd` header names (`ElementDataFile`); None for another file,
-    data in the header's own file (LOCAL), a slice list or pattern, or a header not read."""
-    path = Path(path)
-    if not path.name.lower().endswith(".mhd"):
-        return None
-    try:
-        with path.open("rb") as f:
-            lines = (raw.decode("latin-1").partition("=") for raw in f)
-            value = next((v.strip() for k, _, v in lines if k.strip() == "ElementDataFile"), "")
-    except OSError:
-        return None
-    return None if value in ("", "LOCAL") else _single_data_file(path, value)
-
-
-def _single_data_file(header: Path, data_file: str) -> Path | None:
-    """The one file an `ElementDataFile` value other than LOCAL names beside `header`; None for
-    a slice list (`LIST`) or a file-name pattern, which ITK reads itself."""
-    if data_file.startswith("LIST") or "%" in data_file or " " in data_file:
-        return None
-    return header.parent / data_file
-
-
-def _metaimage_truncation(path: Path) -> str | None:
-    """Why a MetaImage (one `.mha`, or a `.mhd` header and the one data file it names) holds
-    fewer data bytes than its header promises, or None."""
-    header, size = {}, path.stat().st_size
-    with path.open("rb") as f:
-        for raw in f:
-            key, _, value = raw.decode("latin-1").partition("=")
-            header[key.strip()] = value.strip()
-            if key.strip() == "ElementDataFile":
-                offset = f.tell()
-                break
-        else:
-            return "MetaImage header has no ElementDataFile line"
-    data_file = header.get("ElementDataFile", "")
-    if data_file != "LOCAL":
-        if (data_path := _single_data_file(path, data_file)) is None:
-            return None  # slice lists and patterns: ITK's reason stands
-        if not data_path.is_file():
-            return f"data file {data_path} named by the header not found"
-        path, size, offset = data_path, data_path.stat().st_size, 0
-    where = "" if path.name.lower().endswith(".mha") else f" in {path.name}"
-    if header.get("CompressedData") == "True":
-        expected = int(header.get("CompressedDataSize", "0") or 0)
-        if size - offset < expected:
-            return f"{size - offset} bytes of compressed data{where}, header promises {expected}"
-        return None
-    itemsize = _MET_BYTES.get(header.get("ElementType", ""))
-    try:
-        count = int(np.prod([int(v) for v in header["DimSize"].split()]))
-        channels = int(header.get("ElementNumberOfChannels", "1"))
-    except (KeyError, ValueError):
-        return None
-    if itemsize is None:
-        return None
-    expected = count * channels * itemsize
-    if size - offset < expected:
-        return f"{size - offset} bytes of image data{where}, header promises {expected}"
-    return None
 
 
 def _direction_problem(direction: Sequence[float]) -> str | None:
@@ -224,10 +148,11 @@ def read_image(
                     f"unknown image format (expected a DICOM folder or {IMAGE_SUFFIXES})",
                 )
             # Sized first: ITK would print its own complaint about a short MetaImage to stderr.
-            short = _metaimage_shortfall(path)
+            short = metaimage_header.shortfall(path)
             if short:
                 raise CaseError(case, path, f"unreadable or truncated image ({short})")
-            if problem := nifti_header.header_problem(path):  # before ITK reads it (as 1 mm)
+            problem = metaimage_header.geometry_problem(path) or nifti_header.header_problem(path)
+            if problem:  # before ITK reads it (as 1 mm, or at origin 0)
                 raise CaseError(case, path, problem)
             image = sitk.ReadImage(str(path), imageIO=_image_io(path, case))
             problem = _truncation(path)
@@ -247,6 +172,8 @@ def read_image(
         )
     if problem := _direction_problem(image.GetDirection()):
         raise CaseError(case, path, problem)
+    if image.GetPixelID() in (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64):
+        raise CaseError(case, path, f"expected real voxels, got {image.GetPixelIDTypeAsString()}")
     image = sitk.Cast(image, sitk.sitkFloat32)
     if not np.isfinite(sitk.GetArrayViewFromImage(image)).all():
         raise CaseError(case, path, "image holds NaN or Inf voxels")

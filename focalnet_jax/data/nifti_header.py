@@ -45,9 +45,10 @@ def read_header(path: str | os.PathLike) -> tuple[bytes, str] | None:
 
 def header_problem(path: str | os.PathLike) -> str | None:
     """Why a NIfTI-1 header cannot be taken, or None: a datatype that is no NIfTI-1 code; a pixdim
-    of 0 (or not finite) along a spatial axis, which ITK reads as 1 mm; or a qform and an sform
-    (both codes > 0) that place the image differently (ITK takes one or the other by sform_code,
-    nibabel and FSL the sform)."""
+    of 0 or less (or not finite) along a spatial axis, which readers take differently; a NaN or
+    Inf in the placement its codes select; an sform whose voxel size is not pixdim's; or a qform
+    and an sform (both codes > 0) that place the image differently (ITK takes one or the other
+    by sform_code, nibabel and FSL the sform)."""
     if (found := read_header(path)) is None:
         return None
     header, endian = found
@@ -56,18 +57,47 @@ def header_problem(path: str | os.PathLike) -> str | None:
         return f"NIfTI header gives datatype {datatype}, which is no NIfTI-1 data type"
     ndim = struct.unpack(endian + "h", header[40:42])[0]
     pixdim = struct.unpack(endian + "8f", header[76:108])[1 : 1 + min(max(ndim, 0), 3)]
-    bad = [f"{a} {v:g}" for a, v in zip("xyz", pixdim, strict=False) if not (np.isfinite(v) and v)]
+    bad = [
+        f"{a} {v:g}" for a, v in zip("xyz", pixdim, strict=False) if not (np.isfinite(v) and v > 0)
+    ]
     if bad:
         return (
-            f"NIfTI header gives voxel size {', '.join(bad)} (pixdim), which is read as 1 mm: "
-            "every distance in mm would be wrong; save the image with its voxel size"
+            f"NIfTI header gives voxel size {', '.join(bad)} (pixdim), which readers take "
+            "differently (ITK reads 0 as 1 mm and mirrors the axis of a negative one, nifti1_io "
+            "reads either as 1 mm): every distance or side could be wrong; save the image with "
+            "its voxel size"
         )
-    return _placement_conflict(header, endian)
+    return _non_finite_placement(header, endian) or _placement_conflict(header, endian)
+
+
+def _non_finite_placement(header: bytes, endian: str) -> str | None:
+    """Why the placement a header's codes select holds a NaN or Inf (ITK reads it as 0: the
+    image placed elsewhere), or None."""
+    qform_code, sform_code = struct.unpack(endian + "2h", header[252:256])
+    fields = (
+        ("qform (quatern_b..d, qoffset)", qform_code, header[256:280], 6),
+        ("sform (srow_x, srow_y, srow_z)", sform_code, header[280:328], 12),
+    )
+    for name, code, raw, count in fields:
+        if code > 0 and not np.isfinite(struct.unpack(f"{endian}{count}f", raw)).all():
+            return f"NIfTI header's {name} holds NaN or Inf: the image would be placed elsewhere"
+    return None
 
 
 def _placement_conflict(header: bytes, endian: str) -> str | None:
-    """Why the qform and sform of a header with both codes > 0 disagree, or None."""
+    """Why the sform's voxel size (its column lengths) differs from pixdim (ITK places the voxels
+    by the sform but spaces them by pixdim, nibabel and FSL by the sform), or why the qform and
+    sform of a header with both codes > 0 disagree; else None."""
     qform_code, sform_code = struct.unpack(endian + "2h", header[252:256])
+    if sform_code > 0:
+        sizes = np.linalg.norm(sform_affine(header, endian)[:, :3], axis=0)
+        pixdim = np.abs(struct.unpack(endian + "8f", header[76:108])[1:4])
+        if (np.abs(sizes - pixdim) > _AXIS_TOLERANCE * np.maximum(sizes, pixdim)).any():
+            return (
+                f"NIfTI header gives voxel size {_shown(sizes)} mm in its sform (code "
+                f"{sform_code}) and {_shown(pixdim)} mm in pixdim, and readers differ in which "
+                "they take; save it with one voxel size"
+            )
     if qform_code <= 0 or sform_code <= 0:
         return None
     qform, sform = qform_affine(header, endian), sform_affine(header, endian)
@@ -85,6 +115,10 @@ def _placement_conflict(header: bytes, endian: str) -> str | None:
         f"at RAS {origin(qform)} mm, sform (code {sform_code}) at RAS {origin(sform)} mm, and "
         "readers differ in which they take; save it with one placement (qform equal to sform)"
     )
+
+
+def _shown(sizes) -> str:
+    return " x ".join(f"{size:.4g}" for size in sizes)
 
 
 def qform_affine(header: bytes, endian: str) -> np.ndarray:

@@ -40,8 +40,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
+from focalnet_jax.data import metaimage_header
 from focalnet_jax.data.atomic_files import check_replaceable, sync_folder, write_json_atomic
-from focalnet_jax.data.io import metaimage_data_file
 from focalnet_jax.data.writer_folders import (
     remove_dead_leftovers,
     restore_moved_aside,
@@ -153,7 +153,9 @@ def input_files(files: dict[str, str | None]) -> dict[str, str]:
         if path.is_dir():  # a DICOM series
             read = [p for p in sorted(path.iterdir()) if p.is_file() and not p.name.startswith(".")]
         else:
-            read = [p for p in (path, metaimage_data_file(path)) if p is not None and p.is_file()]
+            read = [
+                p for p in (path, metaimage_header.data_file(path)) if p is not None and p.is_file()
+            ]
         stats = [p.stat() for p in read]
         size = sum(s.st_size for s in stats)
         modified = max((int(s.st_mtime) for s in stats), default=0)

@@ -1,0 +1,132 @@
+"""The MetaImage (`.mha`, `.mhd`) header read directly, for what ITK's reader passes over without a
+word: data shorter than the header promises (ITK's reason is a stale errno), and geometry fields
+it cannot parse, which it fills with 0 (`Offset = 10, 20, 30` places the image at (10, 0, 0)).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+_MET_BYTES = {"MET_UCHAR": 1, "MET_CHAR": 1, "MET_USHORT": 2, "MET_SHORT": 2, "MET_UINT": 4}
+_MET_BYTES |= {"MET_INT": 4, "MET_FLOAT": 4, "MET_DOUBLE": 8}
+# The geometry fields of a MetaImage header (MetaIO's synonyms), with how many numbers each holds
+# in NDims dimensions.
+_GEOMETRY = {
+    "Offset": 1, "Origin": 1, "Position": 1, "ElementSpacing": 1, "ElementSize": 1,
+    "TransformMatrix": 2, "Rotation": 2, "Orientation": 2,
+}  # fmt: skip
+
+
+def _is_metaimage(path: Path) -> bool:
+    return path.is_file() and path.name.lower().endswith((".mha", ".mhd"))
+
+
+def _read(path: Path) -> tuple[dict[str, str], int | None]:
+    """({field: value} of the header up to `ElementDataFile`, the offset of the data after it
+    in the file, None where the header has no such line)."""
+    header = {}
+    with path.open("rb") as f:
+        for raw in f:
+            key, _, value = raw.decode("latin-1").partition("=")
+            header[key.strip()] = value.strip()
+            if key.strip() == "ElementDataFile":
+                return header, f.tell()
+    return header, None
+
+
+def geometry_problem(path: Path) -> str | None:
+    """Why a MetaImage header's geometry cannot be taken, or None (also for other files and
+    headers without NDims: ITK's reason stands): a field of `_GEOMETRY` that is not NDims (a
+    matrix: NDims x NDims) finite numbers separated by spaces."""
+    if not _is_metaimage(path):
+        return None
+    try:
+        header, _ = _read(path)
+        ndims = int(header["NDims"])
+    except (OSError, KeyError, ValueError):
+        return None
+    for field, power in _GEOMETRY.items():
+        if field not in header:
+            continue
+        try:
+            values = [float(v) for v in header[field].split()]
+        except ValueError:
+            values = []
+        if len(values) != ndims**power or not all(math.isfinite(v) for v in values):
+            return (
+                f"MetaImage header field {field} = {header[field]!r} is not {ndims**power} finite "
+                "numbers separated by spaces (ITK would read the rest as 0, placing the image "
+                "elsewhere)"
+            )
+    return None
+
+
+def shortfall(path: Path) -> str | None:
+    """Why a `.mha`/`.mhd` file holds fewer bytes than its header promises, or None (also for
+    other files and headers too broken to size: ITK's reason stands)."""
+    if not _is_metaimage(path):
+        return None
+    try:
+        return _truncation(path)
+    except (OSError, ValueError):
+        return None
+
+
+def data_file(path: str | os.PathLike) -> Path | None:
+    """The separate data file a `.mhd` header names (`ElementDataFile`); None for another file,
+    data in the header's own file (LOCAL), a slice list or pattern, or a header not read."""
+    path = Path(path)
+    if not path.name.lower().endswith(".mhd"):
+        return None
+    try:
+        header, _ = _read(path)
+    except OSError:
+        return None
+    value = header.get("ElementDataFile", "")
+    return None if value in ("", "LOCAL") else _single_data_file(path, value)
+
+
+def _single_data_file(header: Path, data_file: str) -> Path | None:
+    """The one file an `ElementDataFile` value other than LOCAL names beside `header`; None for
+    a slice list (`LIST`) or a file-name pattern, which ITK reads itself."""
+    if data_file.startswith("LIST") or "%" in data_file or " " in data_file:
+        return None
+    return header.parent / data_file
+
+
+def _truncation(path: Path) -> str | None:
+    """Why a MetaImage (one `.mha`, or a `.mhd` header and the one data file it names) holds
+    fewer data bytes than its header promises, or None."""
+    size = path.stat().st_size
+    header, offset = _read(path)
+    if offset is None:
+        return "MetaImage header has no ElementDataFile line"
+    data_file = header.get("ElementDataFile", "")
+    if data_file != "LOCAL":
+        if (data_path := _single_data_file(path, data_file)) is None:
+            return None  # slice lists and patterns: ITK's reason stands
+        if not data_path.is_file():
+            return f"data file {data_path} named by the header not found"
+        path, size, offset = data_path, data_path.stat().st_size, 0
+    where = "" if path.name.lower().endswith(".mha") else f" in {path.name}"
+    if header.get("CompressedData") == "True":
+        expected = int(header.get("CompressedDataSize", "0") or 0)
+        if size - offset < expected:
+            return f"{size - offset} bytes of compressed data{where}, header promises {expected}"
+        return None
+    itemsize = _MET_BYTES.get(header.get("ElementType", ""))
+    try:
+        count = int(np.prod([int(v) for v in header["DimSize"].split()]))
+        channels = int(header.get("ElementNumberOfChannels", "1"))
+    except (KeyError, ValueError):
+        return None
+    if itemsize is None:
+        return None
+    expected = count * channels * itemsize
+    if size - offset < expected:
+        return f"{size - offset} bytes of image data{where}, header promises {expected}"
+    return None
