@@ -401,6 +401,14 @@ def test_a_store_moved_aside_is_named_where_the_store_is_read(manifest_rows, tmp
     assert f"{folder.name}.old" in line
     subprocess.run(line.rpartition(": ")[2], shell=True, check=True)
     assert open_store(store).case_ids
+    # A store given by a link is replaced where the link points: looked for there.
+    (tmp_path / "stores").mkdir()
+    os.replace(store, tmp_path / "stores" / "v1")
+    (tmp_path / "link").symlink_to(tmp_path / "stores" / "v1")
+    aside = tmp_path / "stores" / f".v1{folder.name[len('.store') :]}.old"
+    os.replace(tmp_path / "stores" / "v1", aside)
+    with pytest.raises(FileNotFoundError, match=f"moved aside to {aside} by a"):
+        open_store(tmp_path / "link")
 
 
 KILLED_WRITER = """

@@ -148,6 +148,10 @@ def test_predictions_of_a_store_of_annotated_slices_get_no_picai_numbers(tmp_pat
         "slice of every case; predict from a store made with --slices all"
     }
     assert metrics["froc"] == whole["froc"] and metrics["models"]["store"] == models["store"]
+    for other in ([], {"store": "/data/store"}):  # another tool's models.json: read as before
+        (predictions / "models.json").write_text(json.dumps(other))
+        run_cli([*evaluate, "--picai-bootstraps", "0", "--no-figures"])
+        assert json.loads((out / "metrics.json").read_text())["picai"]["auroc"] == 5 / 6
 
 
 def test_a_rerun_into_the_same_out_leaves_no_figure_of_the_earlier_evaluation(tmp_path):

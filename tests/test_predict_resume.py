@@ -461,3 +461,18 @@ def test_a_case_named_as_a_file_of_out_is_refused_naming_it(tiny, tmp_path, case
     with (out / "errors.csv").open() as f:
         assert [row["case"] for row in csv.DictReader(f)] == [case_id]
     assert (out / "errors.csv").is_file() and (out / "models.json").is_file()
+
+
+def test_a_whole_run_into_out_of_dot_ends_well(tiny, tmp_path, monkeypatch):
+    """With `--out .` the run wrote every case, then ended in a ValueError traceback looking for
+    an earlier run's `<out>.errors.csv` beside '.'; that list is removed from beside the folder."""
+    out = tmp_path / "results"
+    out.mkdir()
+    stale = tmp_path / "results.errors.csv"
+    stale.write_text("case,file,reason\n")
+    monkeypatch.chdir(out)
+    assert run_cli(_predict(tiny["run"], tiny["data"] / "images", Path("."))) == (
+        f"wrote {CASES} cases to .\n"
+    )
+    assert sorted(p.name for p in out.glob("*/")) == _cases(tiny["data"] / "images")
+    assert not stale.exists()

@@ -160,5 +160,6 @@ def test_evaluate_of_a_run_whose_store_was_moved_aside_names_where_it_is(run, tm
     assert raised.value.code == 2 and err.count("\n") == 1, err
     assert err.startswith(
         f"focalnet evaluate: error: store {store} does not exist; its earlier version was moved "
-        f"aside to {aside} by a writer stopped before it replaced store: "
+        f"aside to {aside} by a `focalnet preprocess` stopped before it replaced store: run "
+        "`focalnet preprocess` again "
     )

@@ -524,6 +524,23 @@ def test_a_bool_count_in_a_spec_file_is_refused(spec_file, key, value, expected)
         validate(spec, str(spec_file))
 
 
+def test_a_study_on_a_store_moved_aside_names_where_it_is(spec_file, tmp_path):
+    """A preprocess stopped between its two renames leaves the store moved aside: `study run`
+    said only that the store does not exist."""
+    from focalnet_jax.study.spec import StudyError, load_spec, validate
+
+    spec = load_spec(str(spec_file))
+    spec.store = str(tmp_path / "store")
+    aside = tmp_path / ".store.tmp-1@host-0123abcd-89abcdef.old"
+    aside.mkdir()
+    with pytest.raises(StudyError) as refused:
+        validate(spec, str(spec_file))
+    assert str(refused.value).startswith(
+        f"store '{tmp_path / 'store'}' does not exist (preprocessed store folder); its earlier "
+        f"version was moved aside to {aside} by a `focalnet preprocess` stopped"
+    )
+
+
 def test_an_arm_too_deep_for_the_stores_images_is_refused_before_anything_runs(store, tmp_path):
     """A U-Net arm whose `unet_levels` halve the store's images past one pixel passed `study run`
     (its config was checked at the default image size), and every cell of it failed."""
@@ -1420,6 +1437,32 @@ def test_ensemble_predictions_keep_the_members_unknown_grades(tmp_path):
     case = read_case(tmp_path / "mean" / "c1.npz")
     np.testing.assert_allclose(case.scores, 0.4, rtol=1e-6)
     assert case.grade_known.tolist() == [False]
+    assert not (tmp_path / "mean" / "models.json").exists()  # the members name no store
+
+
+def test_an_ensemble_of_predictions_of_annotated_slices_gets_no_picai_numbers(tmp_path):
+    """The arms' cells skipped PI-CAI on predictions from a store of annotated slices, while the
+    ensemble of the same predictions, written without the members' models.json, computed it."""
+    from focalnet_jax.evaluation.evaluate import evaluate_predictions
+    from focalnet_jax.evaluation.predictions import write_case
+    from focalnet_jax.study.ensembles import average_predictions
+
+    store = {"path": "/data/store", "slices": "annotated"}
+    lesions = np.zeros((2, 8, 8), np.int32)
+    lesions[0, 2:4, 2:4] = 1
+    for name, value in (("a", 0.2), ("b", 0.6)):
+        for case, classes in (("c1", [3]), ("c2", [])):
+            write_case(tmp_path / name, case, scores=np.full((2, 8, 8, 5), value, np.float32),
+                       lesions=lesions if classes else 0 * lesions, lesion_classes=classes,
+                       spacing=(1.0, 1.0), patient_id=case)  # fmt: skip
+        models = {"models": [{"run": f"/{name}", "step": 1}], "tta": "none", "store": store}
+        (tmp_path / name / "models.json").write_text(json.dumps(models))
+    average_predictions([tmp_path / "a", tmp_path / "b"], tmp_path / "mean")
+    assert json.loads((tmp_path / "mean" / "models.json").read_text()) == {"store": store}
+    metrics = evaluate_predictions(tmp_path / "mean", with_figures=False, picai_bootstraps=0)
+    assert metrics["picai"]["skipped"].startswith(
+        "the predictions hold only the annotated slices of store /data/store"
+    )
 
 
 def test_froc_band_leaves_out_runs_without_a_lesion_of_the_group(tmp_path):

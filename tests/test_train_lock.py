@@ -81,6 +81,12 @@ def test_a_file_system_without_locks_trains_with_a_warning(tmp_path, monkeypatch
     with pytest.raises(LocksUnsupported) as refused:
         acquire_lock(tmp_path / "x.lock")
     assert isinstance(refused.value, UserError)
+    # A start refused there leaves neither the lock file nor the folders it made.
+    config = tiny_config(overrides=["--config.loss.mfl=false", "--config.data.fold=7"])
+    with pytest.raises(UserError, match="fold"):
+        train_and_evaluate(config, tmp_path / "cv" / "fold7", store=FakeStore())
+    assert not (tmp_path / "cv").exists()
+    assert not (tmp_path / "run" / LOCK_FILE).exists()  # nor does a run that trained
     assert str(refused.value) == (
         f"{tmp_path / 'x.lock'}: its file system does not support file locks (Function not "
         "implemented); mount it with locks (Lustre: -o flock), or write to a local or "

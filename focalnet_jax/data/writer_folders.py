@@ -118,20 +118,21 @@ def restore_moved_aside(path: str | os.PathLike, writer: str = "preprocess") -> 
     return None
 
 
-def moved_aside_note(path: str | os.PathLike) -> str:
-    """For a missing folder `path`: the words naming the earlier versions of it that a writer
-    killed between the two renames of `swap_in` left moved aside (`.<name>.tmp-….old`), and how
-    to get one back; "" where there is none."""
-    path = Path(path)
-    folders = [folder for folder, _ in _writer_folders(path, "*.old")]
-    if path.exists() or not folders:
+def moved_aside_note(path: str | os.PathLike, writer: str = "preprocess") -> str:
+    """For a missing folder `path` (or the folder a link `path` points to): the words naming the
+    earlier versions of it that a writer (`writer`: the command) killed between the two renames
+    of `swap_in` left moved aside (`.<name>.tmp-….old`), and how to get one back; "" where there
+    is none."""
+    target = target_folder(path)
+    folders = [folder for folder, _ in _writer_folders(target, "*.old")]
+    if target.exists() or not folders:
         return ""
     names = ", ".join(str(folder) for folder in folders)
     return (
-        f"; its earlier version was moved aside to {names} by a writer stopped before it "
-        f"replaced {path.name}: run that command again (it moves the folder back once its "
-        f"writer has ended), or move it back: mv {shlex.quote(str(folders[-1]))} "
-        f"{shlex.quote(str(path))}"
+        f"; its earlier version was moved aside to {names} by a `focalnet {writer}` stopped "
+        f"before it replaced {target.name}: run `focalnet {writer}` again (it moves the folder "
+        f"back once that run has ended), or move it back: mv {shlex.quote(str(folders[-1]))} "
+        f"{shlex.quote(str(target))}"
     )
 
 

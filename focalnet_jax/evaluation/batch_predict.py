@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -314,14 +315,15 @@ def predict_layout(
     refused naming the first (`out` has nothing to hold); a later run that writes `out` removes
     that file."""
     errors = [] if options.get("skip_bad_cases") else None
+    beside = Path(os.path.abspath(out))  # `--out .`: taken now, the folder is renamed over
     check_replaceable(Path(out), options.get("overwrite", False), MODELS_FILE, "focalnet predict",
                       (*as_folders(images), masks, manifest))  # fmt: skip
     cases = find_cases(
         layout, models.components, images=images, masks=masks, manifest=manifest, errors=errors
     )
     if not cases and errors:  # OUT left as it was: the reasons beside it
-        raise every_case_refused("predict", layout, out, errors)
+        raise every_case_refused("predict", layout, beside, errors)
     log.info("predicting %s into %s", plural(len(cases), f"{layout} case"), out)
     summary = predict_cases(models, cases, out, errors=errors, **options)
-    remove_stale_errors(out)
+    remove_stale_errors(beside)
     return summary

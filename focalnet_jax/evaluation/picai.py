@@ -41,17 +41,17 @@ def volume_reason(case: CasePredictions) -> str | None:
     return None
 
 
-def store_reason(models: Mapping) -> str | None:
+def store_reason(models) -> str | None:
     """None unless the predictions' `models.json` (`models`) names a store that keeps only the
     annotated slices (`preprocess --slices annotated`), else why the 3D protocol cannot score
     them: each case is then a few slices of its volume (the others' candidates never counted),
     and its lesion-free cases are not in the store."""
-    store = models.get("store") or {}
-    if store.get("slices") == "annotated":
+    store = models.get("store") if isinstance(models, Mapping) else None  # any JSON, by hand
+    if isinstance(store, Mapping) and store.get("slices") == "annotated":
         return (
-            f"the predictions hold only the annotated slices of store {store['path']} (made with "
-            "--slices annotated, its lesion-free cases left out): the 3D protocol needs every "
-            "slice of every case; predict from a store made with --slices all"
+            f"the predictions hold only the annotated slices of store {store.get('path')} (made "
+            "with --slices annotated, its lesion-free cases left out): the 3D protocol needs "
+            "every slice of every case; predict from a store made with --slices all"
         )
     return None
 

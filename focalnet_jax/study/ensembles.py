@@ -9,6 +9,7 @@ re-evaluated after it.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -21,11 +22,32 @@ from focalnet_jax.study.spec import StudyError, evaluation_slices
 log = logging.getLogger(__name__)
 
 
+def _store_read(members: list[Path]) -> dict | None:
+    """The store the members' predictions were read from (their `models.json` "store": path and
+    slices), where every member names the same one; else None."""
+    from focalnet_jax.evaluation.predictions import MODELS_FILE
+
+    stores = []
+    for member in members:
+        try:
+            stores.append(json.loads((member / MODELS_FILE).read_text()).get("store"))
+        except (OSError, ValueError, AttributeError):
+            return None
+    return (
+        stores[0]
+        if isinstance(stores[0], dict) and stores.count(stores[0]) == len(stores)
+        else None
+    )
+
+
 def average_predictions(members: list[Path], out_dir: Path) -> list[str]:
-    """Write the mean of the members' score maps, case by case; returns the case ids.
+    """Write the mean of the members' score maps, case by case, and a `models.json` naming the
+    store the members read (so the evaluation knows a store of annotated slices); returns the
+    case ids.
 
     Every member must hold the same cases with the same lesions (the same validation fold)."""
-    from focalnet_jax.evaluation.predictions import list_cases, read_case, write_case
+    from focalnet_jax.data.atomic_files import write_json_atomic
+    from focalnet_jax.evaluation.predictions import MODELS_FILE, list_cases, read_case, write_case
 
     cases = {p.name: p for p in list_cases(members[0])}
     for member in members[1:]:
@@ -51,6 +73,8 @@ def average_predictions(members: list[Path], out_dir: Path) -> list[str]:
                 slice_index=first.slice_index,
                 lesion_grade_known=first.lesion_grade_known,
             )
+        if (store := _store_read(members)) is not None:
+            write_json_atomic({"store": store}, tmp / MODELS_FILE)
     return case_ids
 
 

@@ -40,6 +40,7 @@ from focalnet_jax.config_loading import (
     load_config,
     split_overrides,
 )
+from focalnet_jax.data.writer_folders import moved_aside_note
 from focalnet_jax.errors import UserError, plural
 
 SPEC_PREFIX = "--spec."
@@ -265,7 +266,10 @@ def validate(spec: ml_collections.ConfigDict, spec_file: str) -> dict:
         raise StudyError("the spec names no store: give --spec FILE:STORE or --spec.store=STORE")
     store = Path(plain["store"]).expanduser()
     if not store.is_dir():
-        raise StudyError(f"store {plain['store']!r} does not exist (preprocessed store folder)")
+        raise StudyError(
+            f"store {plain['store']!r} does not exist (preprocessed store folder)"
+            f"{moved_aside_note(store)}"
+        )
     if not isinstance(plain["arms"], Mapping) or not plain["arms"]:
         raise StudyError(f"arms={plain['arms']!r}: expected a dict of >= 1 arm: name -> overrides")
     for name, overrides in plain["arms"].items():

@@ -157,14 +157,18 @@ def training_lock(workdir: Path) -> Iterator[None]:
     The folders this created are removed again where the block leaves them empty (a refused
     start). On a file system without locks the run trains unguarded, with a warning."""
     lock, created = None, [p for p in (workdir, *workdir.parents) if not p.exists()]
+    first = jax.process_index() == 0
     with group_failures.together("take the workdir's training lock"):
-        if jax.process_index() == 0:
+        if first:
             workdir.mkdir(parents=True, exist_ok=True)
+            existed = (workdir / LOCK_FILE).exists()
             try:
                 lock = acquire_lock(workdir / LOCK_FILE)
             except LockHeld as held:
                 raise _held(workdir, held) from None
             except LocksUnsupported as unsupported:
+                if not existed:  # made by the attempt: no lock file is left in the run
+                    (workdir / LOCK_FILE).unlink(missing_ok=True)
                 log.warning(
                     "the file system of %s has no file locks (%s): training without the "
                     "workdir's lock, so a second run started in it meanwhile is not refused",
@@ -176,6 +180,7 @@ def training_lock(workdir: Path) -> Iterator[None]:
     finally:
         if lock is not None:
             release_lock(lock, remove=True)
+        if first:
             with contextlib.suppress(OSError):  # not empty: the run's folder
                 for folder in created:  # innermost first
                     folder.rmdir()
