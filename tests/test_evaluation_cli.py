@@ -435,6 +435,13 @@ def test_summarize_rejects_bad_runs(tmp_path):
         (lambda m: m.update(num_patients="x"), "num_patients is 'x', not a count"),
         (lambda m: m["roc"]["gs_ge_8"].update(auc=[0.5]),
          "roc.gs_ge_8.auc is [0.5], not a number or null"),
+        # An IndexError once summary.json and summary.md were written (a band quietly wrong
+        # where the list was longer).
+        (lambda m: m["froc"]["all"]["curve"]["sensitivity"].pop(),
+         "froc.all.curve holds lists of different lengths (threshold 5, fp 5, sensitivity 4), "
+         "not one curve"),
+        (lambda m: m["settings"].update(radius_mm="5"),  # a ValueError, summary.json written
+         "settings.radius_mm is '5', not a number"),
     ],
 )  # fmt: skip
 def test_summarize_refuses_a_damaged_metrics_file_naming_the_key(tmp_path, damage, problem):
@@ -835,3 +842,48 @@ def test_the_montage_shows_the_slice_where_a_lesion_was_hit_numbered_as_in_the_s
     column = _montage_column(path, summarize_case(case), threshold=0.3, radius_mm=5.0)
     assert column.title == f"c1 (slice {int(case.slice_index[4])})"
     assert column.points.tolist() == [[20, 20]]
+
+
+def test_a_label_with_dollar_signs_is_drawn_as_written(tmp_path):
+    """Matplotlib read `$...$` in a label as a formula: `cost_$5 vs $10` was drawn as 'cost_5vs10'
+    in italics, and `a$\\q$` ended the command in a parse error after metrics.json was written."""
+    predictions, out = tmp_path / "predictions", tmp_path / "eval"
+    write_cohort(predictions)
+    label = "a$\\q$ cost_$5 vs $10"
+    run_cli(["evaluate", "--predictions", str(predictions), "--out", str(out), "--no-picai",
+             "--label", label])  # fmt: skip
+    assert {p.name for p in out.glob("*.png")} == {"froc.png", "froc_gs.png", "roc.png",
+                                                   "montage.png"}  # fmt: skip
+
+
+def test_summarize_removes_an_earlier_summarys_figures_and_says_how_many_folds_an_auc_has(
+    tmp_path, monkeypatch
+):
+    """summary.json and summary.md were written before the figures, an earlier summary's figures
+    left in place: a run stopped between them (a crash drawing) left figures of other methods
+    beside the new numbers. And roc.png's legend gave a mean AUC of one fold of three as the
+    method's, where summary.md's cell says '(1/3)'."""
+    from focalnet_jax.evaluation import figures, summary
+
+    for fold in range(3):
+        _evaluate_fold(tmp_path / "pred" / str(fold), tmp_path / "A" / f"fold{fold}", [f"/r{fold}"])
+    out = tmp_path / "summary"
+    run_cli(["summarize", "--runs", f"A={tmp_path / 'A'}", "--out", str(out)])
+    assert {p.name for p in out.glob("*.png")} == set(summary.SUMMARY_FIGURES)
+    for fold in (1, 2):  # their ROC of GS >= 7 undefined (one class)
+        path = tmp_path / "A" / f"fold{fold}" / "metrics.json"
+        metrics = json.loads(path.read_text())
+        metrics["roc"]["gs_ge_7"].update(auc=None)
+        path.write_text(json.dumps(metrics))
+    drawn = {}
+
+    def stopped(path, panels):
+        drawn.update(panels)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(figures, "roc_figure", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        summary.summarize_runs({"A": tmp_path / "A"}, out)
+    assert not (out / "roc.png").exists()  # the earlier summary's: removed before summary.json
+    auc = json.loads((tmp_path / "A" / "fold0" / "metrics.json").read_text())["roc"]["gs_ge_7"]
+    assert list(drawn["GS >= 7"]) == [f"A (AUC {auc['auc']:.3f} (1/3))"]

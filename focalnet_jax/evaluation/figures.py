@@ -10,6 +10,9 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
+# Labels are names (a method, `--label`), never formulas: `cost_$5 vs $10` was drawn as maths and
+# `a$\q$` ended the command in a parse error.
+matplotlib.rcParams["text.parse_math"] = False
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 

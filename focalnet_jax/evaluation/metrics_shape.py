@@ -48,6 +48,8 @@ def metrics_problem(metrics) -> str | None:
     for task in TASKS:
         if problem := _roc_task_problem(metrics, task):
             return problem
+    if problem := _settings_problem(metrics):
+        return problem
     picai = metrics.get("picai")
     if picai is not None and not isinstance(picai, Mapping):
         return _wrong(metrics, ("picai",), "an object")
@@ -92,6 +94,31 @@ def _curve_problem(metrics: Mapping, path: tuple, keys: tuple) -> str | None:
         # null: NaN (a group without lesions has a curve of undefined sensitivity)
         if not (isinstance(values, list) and all(v is None or _is_number(v) for v in values)):
             return _wrong(metrics, (*path, key), "a list of numbers")
+    lengths = {key: len(_at(metrics, (*path, key))) for key in keys}
+    if len(set(lengths.values())) > 1:  # one point of the curve is one entry of each list
+        shown = ", ".join(f"{key} {n}" for key, n in lengths.items())
+        return f"{'.'.join(path)} holds lists of different lengths ({shown}), not one curve"
+    return None
+
+
+_SETTINGS = {"radius_mm": _is_number, "min_score": _is_number, "roc_detections": _is_count}
+
+
+def _settings_problem(metrics: Mapping) -> str | None:
+    """Why `settings` (where present: the evaluation's, compared and shown by the reports) is
+    not as `focalnet evaluate` writes it, or None."""
+    settings = metrics.get("settings")
+    if settings is None:
+        return None
+    if not isinstance(settings, Mapping):
+        return _wrong(metrics, ("settings",), "an object")
+    for key, check in _SETTINGS.items():
+        if key in settings and not check(settings[key]):
+            return _wrong(
+                metrics, ("settings", key), "a number" if check is _is_number else "a count"
+            )
+    if "slices" in settings and not isinstance(settings["slices"], str):
+        return _wrong(metrics, ("settings", "slices"), "text")
     return None
 
 

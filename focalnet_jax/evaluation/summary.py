@@ -29,6 +29,7 @@ from focalnet_jax.evaluation.report import (
     case_sets_text,
     check_settings,
     folds_not_reached,
+    format_cell,
     markdown_report,
     read_metrics,
     write_json,
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 
 FP_GRID = np.geomspace(figures.FP_RANGE[0], figures.FP_RANGE[1], 400)
 FPR_GRID = np.linspace(0.0, 1.0, 201)
+SUMMARY_FIGURES = ("froc.png", "froc_gs.png", "roc.png")  # `write_band_figures`
 
 
 def summary_metrics() -> list[tuple[str, ...]]:
@@ -263,6 +265,9 @@ def summarize_runs(runs: Mapping[str, str | Path], out_dir: str | Path) -> dict:
     if len(folds) >= 2:
         summary["comparisons"], lines = method_comparisons(folds)
     out_dir = Path(out_dir)
+    if (out_dir / "summary.json").is_file():  # no figure of an earlier summary beside this one
+        for name in SUMMARY_FIGURES:
+            (out_dir / name).unlink(missing_ok=True)
     write_json(summary, out_dir / "summary.json")
     title = "Cross-validation summary: " + ", ".join(folds)
     with replaced_atomically(out_dir / "summary.md") as tmp:
@@ -328,14 +333,13 @@ def write_band_figures(folds: Mapping[str, list[dict]], out_dir: Path) -> list[P
             if curve is None:
                 panel[name] = None  # keeps the others' colours
                 continue
-            auc = mean_sd([value_at(m, ("roc", task, "auc")) for m in fm])
-            text = "n/a" if auc["mean"] is None else f"{auc['mean']:.3f}"
-            if auc["sd"] is not None:
-                text += f"±{auc['sd']:.3f}"
-            panel[f"{name} (AUC {text})"] = curve
+            # As summary.md's cell: with '(n/N)' where some folds have no AUC.
+            auc = format_cell([value_at(m, ("roc", task, "auc")) for m in fm])
+            panel[f"{name} (AUC {auc})"] = curve
         roc_panels[title] = panel
+    froc, froc_gs, roc = (out_dir / name for name in SUMMARY_FIGURES)
     return [
-        figures.froc_figure(out_dir / "froc.png", froc_panels(FROC_PANELS)),
-        figures.froc_figure(out_dir / "froc_gs.png", froc_panels(GS_PANELS)),
-        figures.roc_figure(out_dir / "roc.png", roc_panels),
+        figures.froc_figure(froc, froc_panels(FROC_PANELS)),
+        figures.froc_figure(froc_gs, froc_panels(GS_PANELS)),
+        figures.roc_figure(roc, roc_panels),
     ]
