@@ -44,7 +44,7 @@ def _froc_at_one_fp(workdir: Path, slices: str) -> dict[str, float]:
     from focalnet_jax.evaluation.inference import predict_validation_fold
 
     predictions = workdir / "predictions"
-    cases = predict_validation_fold(workdir, predictions)
+    cases, _ = predict_validation_fold(workdir, predictions)
     metrics = evaluate_predictions(
         predictions, cases=cases, with_picai=False, with_figures=False, slices=slices
     )

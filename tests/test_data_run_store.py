@@ -99,7 +99,13 @@ def test_fold_evaluation_uses_the_recorded_validation_cases(run, tmp_path, capsy
     metrics = json.loads((out / "metrics.json").read_text())
     weights = [variables_digest(workdir_lib.load_for_inference(run["workdir"])[1])]
     models = [{"run": str(run["workdir"]), "step": 1}]
-    assert metrics["models"] == {"models": models, "tta": "none", "weights": weights}
+    store = {"path": str(without_train), "slices": "all"}  # the store read
+    assert metrics["models"] == {
+        "models": models,
+        "tta": "none",
+        "weights": weights,
+        "store": store,
+    }
     without_val = _store(run["root"], tmp_path / "without_val", drop=val[0])
     line = _user_error(
         [*evaluate, "--store", str(without_val), "--out", str(tmp_path / "e2")], capsys

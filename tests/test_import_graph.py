@@ -14,7 +14,7 @@ ROOT = "focalnet_jax"
 
 # Layer of each top-level part; a module may import only parts of a lower layer, or its own part.
 LAYERS = {
-    "errors": -1,
+    "errors": -2,  # the package's error types, which every other part may raise
     "processes": -1,
     "file_lock": -1,
     "encoding": 0,
