@@ -251,7 +251,9 @@ def test_resume_refuses_a_run_trained_again_to_the_same_step(tiny, tmp_path, mon
     assert len(before) == len(now) == 1 and before != now
 
 
-def test_a_case_that_failed_before_is_retried_on_resume(tiny, tmp_path, monkeypatch, caplog):
+def _stopped_after_a_bad_case(tiny, tmp_path, monkeypatch) -> tuple[Path, str, Path, Path]:
+    """(images, bad case, its ADC path, out) of a --skip-bad-cases run stopped once it wrote its
+    first case, the bad case's ADC moved to `tmp_path/adc.mha` (its failure listed)."""
     images = tmp_path / "images"
     shutil.copytree(tiny["data"] / "images", images)
     bad = _cases(images)[0]
@@ -259,6 +261,11 @@ def test_a_case_that_failed_before_is_retried_on_resume(tiny, tmp_path, monkeypa
     adc.rename(tmp_path / "adc.mha")
     out = tmp_path / "out"
     _interrupted(tiny, out, monkeypatch, images, "--skip-bad-cases")
+    return images, bad, adc, out
+
+
+def test_a_case_that_failed_before_is_retried_on_resume(tiny, tmp_path, monkeypatch, caplog):
+    images, bad, adc, out = _stopped_after_a_bad_case(tiny, tmp_path, monkeypatch)
     with (partial_folder(out) / "errors.csv").open() as f:  # written at each bad case
         assert [row["case"] for row in csv.DictReader(f)] == [bad]
     (tmp_path / "adc.mha").rename(adc)
@@ -418,13 +425,7 @@ def test_a_refused_resume_keeps_the_list_of_cases_that_failed(tiny, tmp_path, mo
     """The partial's errors.csv was removed before the resume's checks: a resume refused (here
     for other --masks) left the partial without its only record of the failed cases, and the
     next resume did not say it retried them."""
-    images = tmp_path / "images"
-    shutil.copytree(tiny["data"] / "images", images)
-    bad = _cases(images)[0]
-    adc = next(images.glob(f"*/{bad}_adc.mha"))
-    adc.rename(tmp_path / "adc.mha")
-    out = tmp_path / "out"
-    _interrupted(tiny, out, monkeypatch, images, "--skip-bad-cases")
+    images, bad, adc, out = _stopped_after_a_bad_case(tiny, tmp_path, monkeypatch)
     (tmp_path / "adc.mha").rename(adc)
     predict = [*_predict(tiny["run"], images, out), "--skip-bad-cases", "--resume"]
     message = cli_error([*predict, "--masks", tiny["data"] / "masks"])
