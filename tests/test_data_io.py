@@ -280,7 +280,8 @@ def test_an_sform_whose_voxel_size_is_not_pixdims_is_refused(tmp_path, capfd):
 @pytest.mark.parametrize(
     ("field", "value"),
     [("Offset", "-10, 20, 5.5"), ("Offset", "-10 20"), ("Offset", "nan 20 5.5"),
-     ("ElementSpacing", "0.5 0.7"), ("TransformMatrix", "1 0 0 0 1 0 0 0 inf")],
+     ("Offset", "1_0 20 5.5"), ("ElementSpacing", "0.5 0.7"),
+     ("TransformMatrix", "1 0 0 0 1 0 0 0 inf")],
 )  # fmt: skip
 def test_a_metaimage_geometry_field_itk_cannot_parse_is_refused(tmp_path, field, value):
     """MetaIO read the numbers it could and 0 for the rest: `Offset = -10, 20, 5.5` placed the
@@ -294,6 +295,10 @@ def test_a_metaimage_geometry_field_itk_cannot_parse_is_refused(tmp_path, field,
     (tmp_path / "bad.mha").write_bytes(b"\n".join(edited))
     _expect(tmp_path / "bad.mha", f"MetaImage header field {field} = {value!r} is not ")
     assert read_image(tmp_path / "ok.mha").GetOrigin() == pytest.approx((-10.0, 20.0, 5.5))
+    # More numbers than NDims: ITK reads the first ones, as is this reader.
+    extra = [b"Offset = -10 20 5.5 0" if line.startswith(b"Offset") else line for line in lines]
+    (tmp_path / "extra.mha").write_bytes(b"\n".join(extra))
+    assert read_image(tmp_path / "extra.mha").GetOrigin() == pytest.approx((-10.0, 20.0, 5.5))
 
 
 @pytest.mark.parametrize(("start", "name"), [(268, "qform"), (292, "sform")])

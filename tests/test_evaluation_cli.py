@@ -854,6 +854,18 @@ def test_a_label_with_dollar_signs_is_drawn_as_written(tmp_path):
              "--label", label])  # fmt: skip
     assert {p.name for p in out.glob("*.png")} == {"froc.png", "froc_gs.png", "roc.png",
                                                    "montage.png"}  # fmt: skip
+    # Escaped in the legend, drawn as written; other text (the log axis's 10^k) stays maths.
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    from focalnet_jax.evaluation import figures
+
+    fig, ax = plt.subplots()
+    figures._draw_all(ax, {label: figures.Curve(x=np.ones(2), y=np.ones(2))})
+    fig.canvas.draw()
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [label.replace("$", r"\$")]
+    assert matplotlib.rcParams["text.parse_math"]
+    plt.close(fig)
 
 
 def test_summarize_removes_an_earlier_summarys_figures_and_says_how_many_folds_an_auc_has(

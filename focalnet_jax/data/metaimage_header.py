@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,14 @@ _GEOMETRY = {
     "Offset": 1, "Origin": 1, "Position": 1, "ElementSpacing": 1, "ElementSize": 1,
     "TransformMatrix": 2, "Rotation": 2, "Orientation": 2,
 }  # fmt: skip
+
+
+# A number as MetaIO reads one (Python's float() also takes '1_0', 'nan', 'inf').
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def _finite_number(word: str) -> bool:
+    return bool(_NUMBER.fullmatch(word)) and math.isfinite(float(word))
 
 
 def _is_metaimage(path: Path) -> bool:
@@ -52,15 +61,12 @@ def geometry_problem(path: Path) -> str | None:
     for field, power in _GEOMETRY.items():
         if field not in header:
             continue
-        try:
-            values = [float(v) for v in header[field].split()]
-        except ValueError:
-            values = []
-        if len(values) != ndims**power or not all(math.isfinite(v) for v in values):
+        words = header[field].split()[: ndims**power]  # ITK reads the first ones
+        if len(words) < ndims**power or not all(map(_finite_number, words)):
             return (
                 f"MetaImage header field {field} = {header[field]!r} is not {ndims**power} finite "
-                "numbers separated by spaces (ITK would read the rest as 0, placing the image "
-                "elsewhere)"
+                "numbers separated by spaces (ITK reads what it cannot parse as 0, placing the "
+                "image elsewhere)"
             )
     return None
 

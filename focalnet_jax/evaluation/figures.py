@@ -10,9 +10,6 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-# Labels are names (a method, `--label`), never formulas: `cost_$5 vs $10` was drawn as maths and
-# `a$\q$` ended the command in a parse error.
-matplotlib.rcParams["text.parse_math"] = False
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -60,6 +57,10 @@ def froc_step_curve(fp: np.ndarray, sens: np.ndarray) -> Curve:
 
 
 def _draw(ax, label: str, curve: Curve, colour) -> None:
+    """`curve` in `colour`, named `label` in the legend: a name (a method, `--label`), never a
+    formula, so its `$` are escaped (`cost_$5 vs $10` was drawn as maths; a name whose `$...$`
+    was no formula ended the command in a parse error)."""
+    label = label.replace("$", r"\$")
     if curve.step:
         ax.step(curve.x, curve.y, where="post", label=label, color=colour)
     else:
