@@ -133,6 +133,24 @@ def test_cv_refuses_a_fold_run_outside_folds_trained_with_another_config(
     assert sorted(p.name for p in cv.iterdir()) == ["fold1"]
 
 
+def test_every_fold_refusal_of_cv_names_the_fold_as_the_readme_says(
+    store, tmp_path, capsys, monkeypatch
+):
+    """A fold run trained with another config was refused as `workdir …/fold1: …`, and a fold
+    of --folds outside num_folds as `data.fold=5 not in …`, a key the user never set."""
+    cv, fold1 = tmp_path / "cv", tmp_path / "cv" / "fold1"
+    workdir_lib.save_config(_fold_config(store, 1, "--config.data.fold_seed=1"), fold1)
+    _checkpoint_at(fold1, 5)
+    flags = [*RUN, f"--config.data.store={store}"]
+    assert _cv_error(cv, flags, capsys, monkeypatch, "0,1").startswith(
+        f"focalnet cv: error: fold 1: workdir {fold1}: it was trained with another config; "
+    )
+    num_folds = _fold_config(store, 0).data.num_folds
+    assert _cv_error(cv, flags, capsys, monkeypatch, f"0,{num_folds}") == (
+        f"focalnet cv: error: --folds {num_folds}: not in [0, data.num_folds={num_folds})"
+    )
+
+
 def test_cv_refuses_a_fold_being_trained_before_any_fold_trains(
     store, tmp_path, capsys, monkeypatch
 ):

@@ -194,11 +194,17 @@ def _check_folds(config, folds: list[int], workdir: Path) -> None:
         open_config_store,
     )
 
+    num_folds = config.data.num_folds
+    if outside := [fold for fold in folds if not 0 <= fold < num_folds]:
+        raise UserError(f"--folds {outside[0]}: not in [0, data.num_folds={num_folds})")
     for fold in folds:
         config.data.fold = fold
-        RunSpec.from_config(config)
-        resumed = workdir / f"fold{fold}"
-        workdir_lib.check_resumed_config(workdir_lib.absolute_paths(config), resumed)
+        try:
+            RunSpec.from_config(config)
+            resumed = workdir / f"fold{fold}"
+            workdir_lib.check_resumed_config(workdir_lib.absolute_paths(config), resumed)
+        except UserError as error:
+            raise UserError(f"fold {fold}: {error}") from None
     for sibling in fold_runs(workdir):
         fold = sibling.name.removeprefix("fold")
         if fold.isdigit() and int(fold) not in folds:

@@ -62,8 +62,9 @@ def _store_is_current(store: Path) -> bool:
 def _made_as_asked(data: Path, expected: dict) -> bool:
     """Whether `data` holds the synthetic dataset `expected` (a `synthesis_record`) describes;
     False when there is none, an incomplete one or one without a record (an older version: it is
-    rebuilt). Raises `SystemExit` for one made with other arguments: its store and study would
-    not be those asked for, and replacing it would lose what was trained on it."""
+    rebuilt). Raises `SystemExit` for one made with other arguments: its store and what was
+    trained on it (the demo's run, a study) are not those asked for, and replacing it would lose
+    them."""
     from focalnet_jax.data.store_settings import flat_settings
     from focalnet_jax.data.synth import SYNTH_RECORD, read_synthesis_record
 
@@ -77,8 +78,8 @@ def _made_as_asked(data: Path, expected: dict) -> bool:
     differ = [f"{k} {made.get(k)!r} (asked {v!r})" for k, v in asked.items() if made.get(k) != v]
     if differ:
         raise SystemExit(
-            f"{data}: synthetic data made with {', '.join(differ)}; its store and study would "
-            "not be those asked for: use another --out"
+            f"{data}: synthetic data made with {', '.join(differ)}; the store made from it, and "
+            "what was trained on that, are not those asked for: use another --out"
         )
     return True
 
