@@ -639,3 +639,32 @@ def test_a_slice_unlike_the_others_is_refused_naming_it(tmp_path, tag, value, re
     header.save_as(file)
     error = _expect(tmp_path / "s", reason)
     assert error.file == str(file)
+
+
+def test_coverage_margins_the_t2w_by_half_a_voxel_and_tolerate_rounding():
+    """A component covers crop pixel centres within 1 of its voxels beyond its outermost centres;
+    a T2w slice one whole slice past a DWI slab is at that margin, read at -1.000000053 voxels
+    from the DICOM slab and at -1.0 from an MHA copy, kept from one and not the other. The T2w,
+    on whose grid predict writes its maps, covers within half a voxel (its voxels' outer face):
+    with 1, a detection on the crop's edge row was listed at T2w row -1."""
+    from focalnet_jax.data import coverage
+
+    reference = sitk.Image(4, 4, 3, sitk.sitkFloat32)  # crop: 4 x 4 pixels of 1 mm, 3 slices
+    reference.SetSpacing((1.0, 1.0, 3.0))
+    for shift, expected in ((3.0, [True, True, True]), (3.0 + 1.6e-7, [True, True, True]),
+                            (3.0 + 0.01, [False, True, True])):  # fmt: skip
+        slab = sitk.Image(4, 4, 2, sitk.sitkFloat32)  # slices 1 and 2 of the crop, then moved
+        slab.SetSpacing((1.0, 1.0, 3.0))
+        slab.SetOrigin((0.0, 0.0, shift))
+        inside = coverage.covered(slab, reference, [0, 1, 2])
+        assert inside.all(axis=(1, 2)).tolist() == expected, shift
+    t2w = sitk.Image(4, 4, 3, sitk.sitkFloat32)  # rows 0..3; the crop starts 0.7 row before
+    t2w.SetSpacing((1.0, 1.0, 3.0))
+    t2w.SetOrigin((0.0, 0.7, 0.0))
+    images = {"t2w": t2w, "adc": t2w}
+    with pytest.raises(CaseError, match=r"t2w covers .* \(tolerance 0.5 t2w voxel\)"):
+        coverage.check_covered(images, {"t2w": "t2w.mha", "adc": "adc.mha"}, reference,
+                               np.arange(3), "c1")  # fmt: skip
+    t2w.SetOrigin((0.0, 0.4, 0.0))  # 0.4 row before: inside the outer face of row 0
+    coverage.check_covered(images, {"t2w": "t2w.mha", "adc": "adc.mha"}, reference,
+                           np.arange(3), "c1")  # fmt: skip

@@ -4,9 +4,11 @@ Resampling fills crop pixels outside a component's field of view with 0, and aft
 is the value that looks most like tumour, so every component must cover the crop of every stored
 slice. A crop pixel centre counts as covered when it lies within `MARGIN_VOXELS` of the component's
 outermost voxel centres along each of the component's axes (continuous index in
-[-MARGIN_VOXELS, size - 1 + MARGIN_VOXELS]); inside that margin preprocessing extrapolates the
-nearest voxel instead of writing 0. Inference, and a store made with `--slices covered`, keep only
-the slices every component covers (`covered_slices`: a DWI slab shorter than the T2w's).
+[-MARGIN_VOXELS, size - 1 + MARGIN_VOXELS], give or take float rounding); inside that margin
+preprocessing extrapolates the nearest voxel instead of writing 0. The T2w's margin is half a
+voxel (`T2W_MARGIN_VOXELS`: its voxels' outer face). Inference, and a store made with `--slices
+covered`, keep only the slices every component covers (`covered_slices`: a DWI slab shorter than
+the T2w's).
 """
 
 from __future__ import annotations
@@ -21,6 +23,14 @@ from focalnet_jax.data.io import CaseError
 log = logging.getLogger(__name__)
 
 MARGIN_VOXELS = 1.0
+# The T2w, on whose grid `focalnet predict` writes its maps: every crop pixel centre within the
+# outer face of its voxels, so that each lies in a T2w voxel (with 1, a detection on a crop's edge
+# row was listed at T2w row -1, a voxel no map holds).
+T2W_MARGIN_VOXELS = 0.5
+# Positions are written to about 8 decimals: a T2w slice exactly one slice beyond a DWI slab read
+# at -1.000000053 of its voxels from DICOM and at -1.0 from an MHA copy, kept in one and not the
+# other.
+_ROUNDING_VOXELS = 1e-4
 _COVERED_HINT = "; --slices covered keeps only the slices every component covers"
 
 
@@ -29,9 +39,12 @@ def _grid(image: sitk.Image):
     return np.asarray(image.GetOrigin()), np.asarray(image.GetSpacing()), direction
 
 
-def covered(image: sitk.Image, reference: sitk.Image, slices) -> np.ndarray:
+def covered(
+    image: sitk.Image, reference: sitk.Image, slices, margin: float = MARGIN_VOXELS
+) -> np.ndarray:
     """bool [S, H, W]: whether `image` covers each pixel centre of `reference` slices `slices`
-    (reference z indices; H, W the reference's rows and columns)."""
+    (reference z indices; H, W the reference's rows and columns), within `margin` of its voxels
+    beyond its outermost voxel centres."""
     origin, spacing, direction = _grid(reference)
     nx, ny, _ = reference.GetSize()
     k, j, i = np.meshgrid(
@@ -43,11 +56,17 @@ def covered(image: sitk.Image, reference: sitk.Image, slices) -> np.ndarray:
     continuous = np.linalg.solve(img_direction, (world - img_origin).reshape(-1, 3).T).T
     continuous = continuous / img_spacing
     size = np.asarray(image.GetSize(), dtype=np.float64)
-    inside = (continuous >= -MARGIN_VOXELS) & (continuous <= size - 1 + MARGIN_VOXELS)
+    reach = margin + _ROUNDING_VOXELS
+    inside = (continuous >= -reach) & (continuous <= size - 1 + reach)
     return inside.all(axis=-1).reshape(k.shape)
 
 
-def shortfall(name: str, inside: np.ndarray, slices) -> str | None:
+def _margins(images) -> dict:
+    """{component name: its coverage margin}: the T2w (the first) `T2W_MARGIN_VOXELS`."""
+    return {name: T2W_MARGIN_VOXELS if i == 0 else MARGIN_VOXELS for i, name in enumerate(images)}
+
+
+def shortfall(name: str, inside: np.ndarray, slices, margin: float = MARGIN_VOXELS) -> str | None:
     """Why a component with coverage `inside` (from `covered`) is refused, or None if complete."""
     if inside.all():
         return None
@@ -58,7 +77,7 @@ def shortfall(name: str, inside: np.ndarray, slices) -> str | None:
         f"{name} covers {100 * inside.mean():.1f} % of the crop of the stored slices: "
         f"{len(partial)} of {len(per_slice)} slices not fully covered (least: T2w slice "
         f"{int(np.asarray(slices)[worst])}, {100 * per_slice[worst]:.1f} %); every component must "
-        f"cover the crop of every stored slice (tolerance {MARGIN_VOXELS:g} {name} voxel)"
+        f"cover the crop of every stored slice (tolerance {margin:g} {name} voxel)"
     )
 
 
@@ -69,7 +88,8 @@ def check_covered(
     crop (`reference`) on the kept T2w slices `keep`; else a CaseError naming the file, its
     reason ended by `hint`."""
     for name, image in images.items():
-        problem = shortfall(name, covered(image, reference, keep), keep)
+        margin = _margins(images)[name]
+        problem = shortfall(name, covered(image, reference, keep, margin), keep, margin)
         if problem:
             raise CaseError(case, components[name], problem + hint)
 
@@ -79,8 +99,13 @@ def covered_slices(images, components, reference, annotated: np.ndarray, case: s
     named in a warning. None covered, or a lesion (`annotated` [Z]) on an uncovered slice, is the
     `check_covered` error."""
     every = np.arange(len(annotated))
+    margins = _margins(images)
     full = np.all(
-        [covered(image, reference, every).all(axis=(1, 2)) for image in images.values()], axis=0
+        [
+            covered(image, reference, every, margins[name]).all(axis=(1, 2))
+            for name, image in images.items()
+        ],
+        axis=0,
     )
     keep = np.flatnonzero(full)
     if len(keep) == 0 or annotated[~full].any():
