@@ -278,7 +278,7 @@ def add_predict(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=0.5,
         help="detections.csv and overlay.png show the detections whose lesion score "
-        "P(class >= 1) is at least this (default: 0.5; a maximum below 0.001 is no detection)",
+        "P(class >= 1) is at least this; a maximum below 0.001 is no detection (default: 0.5)",
     )
     parser.add_argument(
         "--dicom",
