@@ -356,7 +356,7 @@ def test_cv_refuses_a_fold_outside_num_folds_before_training_any(tmp_path, capsy
     status, err = _run(argv, capsys)
     assert (status, err.splitlines()[-1]) == (
         2,
-        "focalnet cv: error: data.fold=7 not in [0, data.num_folds=5)",
+        "focalnet cv: error: --folds 7: not in [0, data.num_folds=5)",
     )
     assert list(tmp_path.iterdir()) == []
 
@@ -378,8 +378,8 @@ def test_cv_refuses_a_fold_run_of_another_config_before_training_any(tmp_path, c
     line = err.splitlines()[-1]
     assert status == 2
     assert line.startswith(
-        f"focalnet cv: error: workdir {tmp_path / 'cv' / 'fold1'}: it was trained with another "
-        "config; config keys differ from its config.json: optim.lr 0.5 -> 0.001 ("
+        f"focalnet cv: error: fold 1: workdir {tmp_path / 'cv' / 'fold1'}: it was trained with "
+        "another config; config keys differ from its config.json: optim.lr 0.5 -> 0.001 ("
     )
     assert sorted(p.name for p in (tmp_path / "cv").iterdir()) == ["fold1"]
 
