@@ -662,9 +662,13 @@ def test_coverage_margins_the_t2w_by_half_a_voxel_and_tolerate_rounding():
     t2w.SetSpacing((1.0, 1.0, 3.0))
     t2w.SetOrigin((0.0, 0.7, 0.0))
     images = {"t2w": t2w, "adc": t2w}
-    with pytest.raises(CaseError, match=r"t2w covers .* \(tolerance 0.5 t2w voxel\)"):
+    with pytest.raises(CaseError) as refused:  # no `--slices covered` hint: it cannot help
         coverage.check_covered(images, {"t2w": "t2w.mha", "adc": "adc.mha"}, reference,
-                               np.arange(3), "c1")  # fmt: skip
+                               np.arange(3), "c1", hint="; --slices covered ...")  # fmt: skip
+    assert refused.value.reason.endswith(
+        "(tolerance 0.5 t2w voxel); the crop reaches past the T2w's field of view: centre it "
+        "further inside the T2w"
+    )
     t2w.SetOrigin((0.0, 0.4, 0.0))  # 0.4 row before: inside the outer face of row 0
     coverage.check_covered(images, {"t2w": "t2w.mha", "adc": "adc.mha"}, reference,
                            np.arange(3), "c1")  # fmt: skip

@@ -32,6 +32,8 @@ T2W_MARGIN_VOXELS = 0.5
 # other.
 _ROUNDING_VOXELS = 1e-4
 _COVERED_HINT = "; --slices covered keeps only the slices every component covers"
+# The T2w misses every crop slice alike (the crop lies in its slice plane): no slice choice helps.
+T2W_HINT = "; the crop reaches past the T2w's field of view: centre it further inside the T2w"
 
 
 def _grid(image: sitk.Image):
@@ -87,11 +89,11 @@ def check_covered(
     """Each component image (`images`, name -> image; `components`, name -> path) must cover the
     crop (`reference`) on the kept T2w slices `keep`; else a CaseError naming the file, its
     reason ended by `hint`."""
-    for name, image in images.items():
+    for i, name in enumerate(images):
         margin = _margins(images)[name]
-        problem = shortfall(name, covered(image, reference, keep, margin), keep, margin)
+        problem = shortfall(name, covered(images[name], reference, keep, margin), keep, margin)
         if problem:
-            raise CaseError(case, components[name], problem + hint)
+            raise CaseError(case, components[name], problem + (hint if i else T2W_HINT))
 
 
 def covered_slices(images, components, reference, annotated: np.ndarray, case: str) -> np.ndarray:
