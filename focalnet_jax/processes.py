@@ -24,6 +24,7 @@ def boot_id() -> str | None:
         return None
 
 
+@functools.cache
 def pid_space() -> str:
     """8 hex digits naming where this process's pids mean something: host name, boot id and PID
     namespace (what of the latter two this system shows)."""

@@ -89,8 +89,9 @@ def check_covered(
     """Each component image (`images`, name -> image; `components`, name -> path) must cover the
     crop (`reference`) on the kept T2w slices `keep`; else a CaseError naming the file, its
     reason ended by `hint`."""
+    margins = _margins(images)
     for i, name in enumerate(images):
-        margin = _margins(images)[name]
+        margin = margins[name]
         problem = shortfall(name, covered(images[name], reference, keep, margin), keep, margin)
         if problem:
             raise CaseError(case, components[name], problem + (hint if i else T2W_HINT))

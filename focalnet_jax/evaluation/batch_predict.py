@@ -115,6 +115,7 @@ def find_cases(
 # The files predict writes beside the case folders of OUT: a case of such an id (a safe name)
 # ended the run in an errno line naming neither, or its folder stood in for the file.
 _RESERVED = (MODELS_FILE, ERRORS_FILE, CENTRES_FILE, INPUTS_FILE)
+_RESERVED_FOLDED = {name.casefold() for name in _RESERVED}
 
 
 def _without_reserved_ids(cases: list[CaseSpec], errors: list | None) -> list[CaseSpec]:
@@ -122,7 +123,7 @@ def _without_reserved_ids(cases: list[CaseSpec], errors: list | None) -> list[Ca
     case): each raises a CaseError naming it, or where `errors` is a list is appended to it."""
     kept = []
     for spec in cases:
-        if spec.case_id.casefold() not in {name.casefold() for name in _RESERVED}:
+        if spec.case_id.casefold() not in _RESERVED_FOLDED:
             kept.append(spec)
             continue
         error = CaseError(

@@ -163,13 +163,13 @@ def evaluate_predictions(
         "roc_detections": roc_detections,
         "slices": slices,
     }
-    models = _models_record(predictions_dir)
+    record = _models_record(predictions_dir)
     summaries, has_images, picai_results, picai_skipped = _read_and_summarize(
-        paths, settings, with_picai, models.get("models", {})
+        paths, settings, with_picai, record.get("models", {})
     )
     metrics = _paper_metrics(summaries, settings, predictions_dir)
     metrics["picai"] = _picai_section(picai_results, picai_skipped, picai_bootstraps, seed)
-    metrics.update(models)
+    metrics.update(record)
     if out_dir is not None:
         out_dir = Path(out_dir)
         _write_outputs(metrics, out_dir, label)

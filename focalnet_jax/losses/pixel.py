@@ -379,11 +379,11 @@ def ce_dice_loss(
     batch Dice loss of :func:`soft_dice_loss`, over the devices of ``axis_name`` when given): a
     scalar."""
     options = dict(valid=valid, eps=eps, activation=activation, dice_background=dice_background)
-    if batch_dice:
-        w_ce, w_dice = _check_weights(weights)
-        ce_map = sigmoid_cross_entropy_map if activation == "sigmoid" else softmax_cross_entropy_map
-        dice = soft_dice_loss(logits, targets, batch_dice=True, axis_name=axis_name, **options)
-        return w_ce * reductions.mean(ce_map(logits, targets, valid=valid)) + w_dice * dice
+    if batch_dice:  # the CE's mean and the batch Dice loss, weighted: the logged terms' sum
+        terms = ce_dice_terms(
+            logits, targets, batch_dice=True, weights=weights, axis_name=axis_name, **options
+        )
+        return terms["ce"] + terms["dice"]
     return reductions.mean(ce_dice_loss_map(logits, targets, weights=weights, **options))
 
 
