@@ -85,3 +85,30 @@ def test_bad_input_is_a_bad_case_named_by_its_case_file_and_reason(dataset):
     full = OSError(errno.ENOSPC, "No space left on device", "/tmp/x")
     for error in (full, TypeError("a bug"), KeyError("t2w"), OSError(errno.EIO, "I/O error")):
         assert build_store._bad_input(spec, error) is None, error
+
+
+def test_an_out_of_dot_is_written_and_its_errors_listed_beside_the_folder(
+    dataset, tmp_path, monkeypatch
+):
+    """`preprocess --out .` wrote the store, then ended in a ValueError traceback ('.' has an
+    empty name) looking for an earlier run's `<out>.errors.csv`; with every case refused while
+    finding them it raised the same in place of its one-line refusal and listed none."""
+    out = tmp_path / "store"
+    out.mkdir()
+    (tmp_path / "store.errors.csv").write_text("case,file,reason\nold,x,an earlier run's\n")
+    monkeypatch.chdir(out)
+    assert main(_preprocess(dataset, ".")) == 0  # `out` renamed over the working folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
+    assert len(build_store.open_store(out).case_ids) == 3
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.chdir(empty)
+    manifest = tmp_path / "bad.csv"
+    manifest.write_text(f"case_id,patient_id,t2w,adc\nbad id,p1,{tmp_path}/t2w.mha,x.mha\n")
+    with pytest.raises(SystemExit) as refused:
+        main(["preprocess", "--layout", "manifest", "--manifest", str(manifest), "--out", ".",
+              "--unlabelled", "negative", "--skip-bad-cases"])  # fmt: skip
+    assert refused.value.code == 2
+    listed = (tmp_path / "empty.errors.csv").read_text().splitlines()
+    assert listed[0] == "case,file,reason" and listed[1].startswith("bad id,")
+    assert list(empty.iterdir()) == []

@@ -206,3 +206,34 @@ def test_overlay_names_its_slices_by_t2w_index_and_position(outputs, tmp_path, m
     assert panels[0].title == f"{case.case_id}\nT2w k={k} (0-based), centre z={z:.1f} mm"
     s = int(rows[0]["crop_slice"])
     np.testing.assert_array_equal(panels[0].t2w, np.clip(case.images[s, ..., 0], 0, 1))
+
+
+@pytest.mark.parametrize("size, centre", [(127, 63.0), (200, 63.0 - 5e-5)])
+def test_a_detection_on_the_crop_edge_is_listed_at_the_t2w_edge_voxel(tmp_path, size, centre):
+    """Coverage admits a crop whose edge pixels lie on the T2w's outer voxel face (half a voxel
+    past its outermost centres, and 1e-4 of rounding): ITK's rounding listed a detection there
+    at T2w index `size` or -1, voxels no map holds."""
+    from types import SimpleNamespace
+
+    from focalnet_jax.data import coverage
+    from focalnet_jax.data.geometry import CropGeometry
+    from focalnet_jax.evaluation.localization import Detections
+    from focalnet_jax.evaluation.predict import write_detections
+
+    t2w = sitk.Image(size, size, 3, sitk.sitkFloat32)
+    t2w.SetSpacing((0.625, 0.625, 3.0))
+    geometry = CropGeometry.centred(
+        t2w, t2w.TransformContinuousIndexToPhysicalPoint((centre, centre, 1.0))
+    )
+    assert coverage.covered(t2w, geometry.reference_image(3), [0, 1, 2], 0.5).all()
+    edge = 0 if size == 200 else 127  # the crop row and column on the T2w's face
+    detections = Detections(
+        np.array([1], np.int32), np.array([edge], np.int32), np.array([edge], np.int32),
+        np.full((1, 5), 0.5, np.float32),
+    )  # fmt: skip
+    case = SimpleNamespace(pixel_to_world=lambda s, r, c: geometry.pixel_to_world(s, r, c))
+    write_detections(tmp_path / "d.csv", case, detections, np.array([True]), t2w)
+    with (tmp_path / "d.csv").open() as f:
+        (row,) = csv.DictReader(f)
+    expected = "0" if size == 200 else str(size - 1)
+    assert (row["t2w_i"], row["t2w_j"], row["t2w_k"]) == (expected, expected, "1")

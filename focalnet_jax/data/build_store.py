@@ -156,8 +156,10 @@ def _add_results(
 
 
 def _errors_beside(out) -> Path:
-    """`<out>.errors.csv`: where the bad cases of a run that wrote no `out` are listed."""
-    return Path(out).with_name(Path(out).name + ".errors.csv")
+    """`<out>.errors.csv`: where the bad cases of a run that wrote no `out` are listed (`out` may
+    be '.', a folder without a name of its own)."""
+    out = Path(os.path.abspath(out))
+    return out.with_name(out.name + ".errors.csv")
 
 
 def remove_stale_errors(out) -> None:
@@ -222,6 +224,7 @@ def preprocess_cases(
     settings = store_settings(cfg, components, slices)
     jobs = [(spec, cfg, slices) for spec in cases]
     workers = max(1, min(int(workers), len(jobs)))
+    beside = Path(os.path.abspath(out))  # `--out .`: taken now, the folder is renamed over
     with (
         naming_the_disk(out),
         StoreWriter(out, components, settings, overwrite=overwrite) as writer,
@@ -243,7 +246,7 @@ def preprocess_cases(
             _refuse_empty_store(writer, out, lesion_free)
         check_gland_labels(labelled, out)
         path = writer.commit(errors_file=skip_bad_cases)
-        remove_stale_errors(out)
+        remove_stale_errors(beside)
         return PreprocessSummary(
             path, len(writer.records), writer.num_slices, list(writer.errors),
             components=tuple(cases[0].components), lesion_free=lesion_free, trimmed=trimmed,

@@ -267,7 +267,7 @@ def write_detections(
     for n, i in enumerate(np.flatnonzero(shown), 1):
         s, r, c = int(detections.slice[i]), int(detections.row[i]), int(detections.col[i])
         world = case.pixel_to_world(s, r, c)
-        voxel = t2w.TransformPhysicalPointToIndex(world)
+        voxel = _nearest_t2w_voxel(t2w, world)
         p = [f"{v:.4f}" for v in detections.scores[i]]
         p = p if grades else [p[0], *[""] * (len(p) - 1)]
         rows.append([n, *(f"{v:.4f}" for v in world), *voxel, s, r, c, *p])
@@ -276,6 +276,14 @@ def write_detections(
         writer.writerow(CSV_COLUMNS)
         writer.writerows(rows)
     return path
+
+
+def _nearest_t2w_voxel(t2w: sitk.Image, world) -> list[int]:
+    """(i, j, k): the T2w voxel nearest the LPS point `world` (mm), which coverage puts within half
+    a voxel (and 1e-4 of rounding) past the T2w's outermost voxel centres: a point on a voxel's
+    outer face is held by that voxel, not by the index past it that ITK's rounding gives."""
+    index = np.floor(np.asarray(t2w.TransformPhysicalPointToContinuousIndex(world)) + 0.5)
+    return np.clip(index, 0, np.asarray(t2w.GetSize()) - 1).astype(int).tolist()
 
 
 def overlay(path: Path, case, scores: np.ndarray, detections, shown: np.ndarray) -> Path:
