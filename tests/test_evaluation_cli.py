@@ -442,6 +442,12 @@ def test_summarize_rejects_bad_runs(tmp_path):
          "not one curve"),
         (lambda m: m["settings"].update(radius_mm="5"),  # a ValueError, summary.json written
          "settings.radius_mm is '5', not a number"),
+        # A TypeError once summary.json was written beside the earlier summary.md.
+        (lambda m: m.update(picai={"auroc": 0.5, "ap": 0.2, "score": 0.35,
+                                   "auroc_95_ci": 0.6, "score_95_ci": [0.3, 0.4]}),
+         "picai.auroc_95_ci is 0.6, not null or a list of 2 numbers or nulls"),
+        (lambda m: m.update(cases="c1"),  # its characters taken as case ids
+         "cases is 'c1', not a list of case ids"),
     ],
 )  # fmt: skip
 def test_summarize_refuses_a_damaged_metrics_file_naming_the_key(tmp_path, damage, problem):

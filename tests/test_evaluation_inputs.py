@@ -87,8 +87,8 @@ def test_summarize_warns_where_methods_were_evaluated_on_other_cases(tmp_path, c
     predictions = tmp_path / "predictions"
     write_cohort(predictions)
     folds = {
-        "A": (["c1", "c2", "c3"], ["c1", "c2"]),
-        "B": (["c4"], ["c2", "c4"]),
+        "A": (["c1", "c2"], ["c3"]),
+        "B": (["c4"], ["c2"]),
         "C": (["c3"], ["c2", "c1"]),  # A's cases, split otherwise
     }
     for method, lists in folds.items():
@@ -109,13 +109,37 @@ def test_summarize_warns_where_methods_were_evaluated_on_other_cases(tmp_path, c
     assert summary["case_sets_differ"] == {"cases": {"A": 3, "B": 2}, "not_shared": 3}
     report = (out / "summary.md").read_text()
     assert expected in report
-    assert "Patients per fold (A): 3, 2" in report and "Patients per fold (B): 1, 2" in report
+    assert "Patients per fold (A): 2, 1" in report and "Patients per fold (B): 1, 1" in report
 
     same = tmp_path / "same"
     run_cli(["summarize", "--runs", f"A={tmp_path / 'A'}", f"C={tmp_path / 'C'}",
              "--out", str(same)])  # fmt: skip
     assert json.loads((same / "summary.json").read_text())["case_sets_differ"] is None
     assert "Warning" not in (same / "summary.md").read_text()
+
+
+def test_summarize_warns_where_folds_of_one_method_evaluated_the_same_cases(tmp_path, caplog):
+    """A fold evaluated again beside the first (or two repeats of a cross-validation) under one
+    method's folder: each counted as a fold, without a word."""
+    predictions = tmp_path / "predictions"
+    write_cohort(predictions)
+    for fold, cases in enumerate((["c1", "c2"], ["c2", "c3"], ["c4"])):
+        listed = tmp_path / f"{fold}.txt"
+        listed.write_text("\n".join(cases))
+        run_cli(["evaluate", "--predictions", str(predictions), "--cases", str(listed),
+                 "--out", str(tmp_path / "A" / f"fold{fold}"), "--no-picai",
+                 "--no-figures"])  # fmt: skip
+    with caplog.at_level(logging.WARNING):
+        run_cli(["summarize", "--runs", f"A={tmp_path / 'A'}", "--out", str(tmp_path / "s")])
+    expected = (
+        "folds of one method evaluated the same cases (cases in more than one fold: A 1): each "
+        "fold counts once in the mean, the SD and the tests, which take folds as independent"
+    )
+    assert expected in caplog.text
+    assert f"**Warning:** {expected}." in (tmp_path / "s" / "summary.md").read_text()
+    summary = json.loads((tmp_path / "s" / "summary.json").read_text())
+    assert summary["folds_sharing_cases"] == {"A": 1}
+    assert summary["methods"]["A"]["metrics"]["froc/all/pauc/0.1-3"]["of"] == 3
 
 
 def test_cases_are_recorded_sorted_by_id_and_integer_images_read_as_float(tmp_path):

@@ -109,3 +109,26 @@ def test_a_method_keeps_its_colour_in_a_panel_where_another_has_no_curve(tmp_pat
     plt.close(fig)
     path = figures.froc_figure(tmp_path / "f.png", {"GS 4+3": {"A": None, "B": curve}})
     assert path.is_file()
+
+
+def test_each_single_run_method_gives_its_bootstrap_intervals():
+    """Two final models (one run each): summary.md gave the first method's PI-CAI intervals only,
+    and summary.json none."""
+    from focalnet_jax.evaluation.summary import metric_summary
+
+    runs = {}
+    for name, low in (("A", 0.5), ("B", 0.8)):
+        metrics = fold_metrics(three_patients())
+        metrics["picai"] = {"auroc": low + 0.1, "ap": 0.3, "score": 0.4,
+                            "auroc_95_ci": [low, low + 0.2], "ap_95_ci": None,
+                            "score_95_ci": [0.25, 0.55]}  # fmt: skip
+        runs[name] = [metrics]
+    report = markdown_report(runs, title="t")
+    assert "95 % bootstrap intervals (A): AUROC [0.500, 0.700], AP n/a, score [0.250, 0.550]" in (
+        report
+    )
+    assert "95 % bootstrap intervals (B): AUROC [0.800, 1.000], AP n/a, score [0.250, 0.550]" in (
+        report
+    )
+    assert metric_summary(runs["B"], ("picai", "auroc"))["values_95_ci"] == [[0.8, 1.0]]
+    assert metric_summary(runs["B"], ("picai", "ap"))["values_95_ci"] == [None]

@@ -291,6 +291,25 @@ def test_report_refuses_cells_evaluated_with_other_settings(finished, tmp_path):
 
 
 @pytest.mark.slow
+def test_report_refuses_paired_cells_evaluated_on_other_cases(finished, tmp_path):
+    """A cell re-evaluated by hand on part of its fold (`evaluate --cases`) was paired with the
+    other arms' cells of its repeat and fold in the paired tests, without a word."""
+    copy = shutil.copytree(finished, tmp_path / "copy", ignore=shutil.ignore_patterns("report"))
+    path = copy / "fl" / "rep1" / "fold1" / "eval" / "metrics.json"
+    metrics = json.loads(path.read_text())
+    n = len(metrics["cases"])
+    metrics["cases"] = metrics["cases"][1:]
+    path.write_text(json.dumps(metrics))
+    message = _one_line_error("report", "--workdir", str(copy))
+    assert message.endswith(
+        f"cell ce/rep1/fold1 and cell fl/rep1/fold1 were evaluated on other cases ({n} and "
+        f"{n - 1}, 1 not in both): their paired comparison would not be by case; remove the "
+        "metrics.json of the one evaluated by hand, and `study run` evaluates it again"
+    )
+    assert not (copy / "report").exists()
+
+
+@pytest.mark.slow
 def test_a_report_stopped_half_way_leaves_the_earlier_one_whole(finished, tmp_path, monkeypatch):
     """The report's files were written one by one into DIR/report: a stop while its figures
     rendered left the new runs.csv and stats.csv beside the earlier report.md. The folder is
@@ -1144,7 +1163,7 @@ def test_report_names_the_metrics_a_cell_evaluated_as_undefined():
 def test_report_partial_leaves_out_a_run_without_the_groups_froc_curve():
     """`study report --partial` (what the missing-metric error advises) ended in a KeyError
     traceback when a run's metrics.json lacked the FROC group."""
-    from focalnet_jax.study.report import froc_curves
+    from focalnet_jax.study.figures import froc_curves
 
     curve = {"fp": [0.0, 1.0], "sensitivity": [0.5, 1.0]}
     rows = [{"arm": "ce"}, {"arm": "ce"}, {"arm": "fl"}]
@@ -1470,7 +1489,7 @@ def test_froc_band_leaves_out_runs_without_a_lesion_of_the_group(tmp_path):
     whose fold has none (null sensitivities): the band is the first run alone (n=1)."""
     from focalnet_jax.evaluation.froc import sensitivity_at
     from focalnet_jax.study import figures
-    from focalnet_jax.study.report import froc_curves
+    from focalnet_jax.study.figures import froc_curves
 
     def metrics(num_lesions, sensitivity):
         curve = {"fp": [0.0, 0.5], "sensitivity": sensitivity}

@@ -24,6 +24,7 @@ _FROC_SUMMARIES = {
 _FROC_CURVE = ("threshold", "fp", "sensitivity")
 _ROC_CURVE = ("fpr", "tpr")
 _PICAI_VALUES = ("auroc", "ap", "score")
+_PICAI_INTERVALS = ("auroc_95_ci", "ap_95_ci", "score_95_ci")
 
 
 def _is_number(value) -> bool:
@@ -50,6 +51,9 @@ def metrics_problem(metrics) -> str | None:
             return problem
     if problem := _settings_problem(metrics):
         return problem
+    cases = metrics.get("cases")  # absent from metrics written before it was kept
+    if not (cases is None or isinstance(cases, list) and all(isinstance(c, str) for c in cases)):
+        return _wrong(metrics, ("cases",), "a list of case ids")
     picai = metrics.get("picai")
     if picai is not None and not isinstance(picai, Mapping):
         return _wrong(metrics, ("picai",), "an object")
@@ -57,7 +61,18 @@ def metrics_problem(metrics) -> str | None:
         for key in _PICAI_VALUES:
             if not (picai.get(key) is None or _is_number(picai.get(key))):
                 return _wrong(metrics, ("picai", key), "a number or null")
+        for key in _PICAI_INTERVALS:
+            if not (picai.get(key) is None or _is_interval(picai.get(key))):
+                return _wrong(metrics, ("picai", key), "null or a list of 2 numbers or nulls")
     return None
+
+
+def _is_interval(value) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) == 2
+        and all(v is None or _is_number(v) for v in value)
+    )
 
 
 def _froc_group_problem(metrics: Mapping, group: str) -> str | None:

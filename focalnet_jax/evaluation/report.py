@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -224,12 +225,34 @@ def case_sets_text(differ: Mapping) -> str:
     )
 
 
+def folds_sharing_cases(runs: Mapping[str, Sequence[Mapping]]) -> dict[str, int]:
+    """{method: how many cases more than one of its folds evaluated} for the methods with any
+    (from the folds' `cases` records, where kept): e.g. a fold evaluated again beside the first,
+    or the folds of two repeats of a cross-validation, each counted as one fold."""
+    shared = {}
+    for name, folds in runs.items():
+        counts = Counter(case for m in folds for case in set(m.get("cases") or ()))
+        if n := sum(k > 1 for k in counts.values()):
+            shared[name] = n
+    return shared
+
+
+def folds_sharing_text(shared: Mapping[str, int]) -> str:
+    """One sentence on `folds_sharing_cases`."""
+    counts = ", ".join(f"{name} {n}" for name, n in shared.items())
+    return (
+        f"folds of one method evaluated the same cases (cases in more than one fold: {counts}): "
+        "each fold counts once in the mean, the SD and the tests, which take folds as independent"
+    )
+
+
 def _cohort(runs: Mapping[str, Sequence[Mapping]]) -> list[str]:
     """Folds per method; patients per fold of each method (a warning where the methods' case sets
-    differ); lesions per group of the first method."""
+    differ or folds of one method share cases); lesions per group of the first method."""
     first = next(iter(runs.values()))
-    differ = case_sets_differ(runs)
+    differ, shared = case_sets_differ(runs), folds_sharing_cases(runs)
     warning = [] if differ is None else ["", f"**Warning:** {case_sets_text(differ)}."]
+    warning += [] if not shared else ["", f"**Warning:** {folds_sharing_text(shared)}."]
     return [
         "Folds: " + ", ".join(f"{name} {len(folds)}" for name, folds in runs.items()),
         *(
@@ -290,7 +313,8 @@ def _paper_protocol(runs: Mapping[str, Sequence[Mapping]]) -> list[str]:
 
 
 def _picai_protocol(runs: Mapping[str, Sequence[Mapping]]) -> list[str]:
-    """PI-CAI metrics (or why they were not evaluated), with a single run's bootstrap intervals."""
+    """PI-CAI metrics (or why they were not evaluated), with the bootstrap intervals of each
+    method of a single run."""
     lines = ["## PI-CAI protocol (3D lesion candidates of P(class >= 2), picai_eval)", ""]
     skipped = [value_at(m, ("picai", "skipped")) for folds in runs.values() for m in folds]
     if any(skipped):
@@ -305,16 +329,16 @@ def _picai_protocol(runs: Mapping[str, Sequence[Mapping]]) -> list[str]:
             ("Ranking score", ("picai", "score")),
         ],
     )
-    first_name, first = next(iter(runs.items()))
-    if len(first) == 1 and value_at(first[0], ("picai", "score_95_ci")):
-        ci = first[0]["picai"]
-        lines += [
-            "",
-            "95 % bootstrap intervals ({}): AUROC {}, AP {}, score {}".format(
-                first_name,
-                *(_interval(ci.get(key)) for key in ("auroc_95_ci", "ap_95_ci", "score_95_ci")),
-            ),
-        ]
+    for name, folds in runs.items():
+        if len(folds) == 1 and value_at(folds[0], ("picai", "score_95_ci")):
+            ci = folds[0]["picai"]
+            lines += [
+                "",
+                "95 % bootstrap intervals ({}): AUROC {}, AP {}, score {}".format(
+                    name,
+                    *(_interval(ci.get(k)) for k in ("auroc_95_ci", "ap_95_ci", "score_95_ci")),
+                ),
+            ]
     return lines + [""]
 
 

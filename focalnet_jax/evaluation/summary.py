@@ -29,6 +29,8 @@ from focalnet_jax.evaluation.report import (
     case_sets_text,
     check_settings,
     folds_not_reached,
+    folds_sharing_cases,
+    folds_sharing_text,
     format_cell,
     markdown_report,
     read_metrics,
@@ -60,11 +62,14 @@ def summary_metrics() -> list[tuple[str, ...]]:
 def metric_summary(fold_metrics: list[dict], path: tuple[str, ...]) -> dict:
     """mean_sd of one metric over the folds with its `values`; for FP at a sensitivity also
     `not_reached`: how many of the null folds never reached it (their lesions were found at no
-    threshold often enough), so that a mean over the other folds is not read as the method's."""
+    threshold often enough), so that a mean over the other folds is not read as the method's; for
+    a PI-CAI metric also `values_95_ci`, each fold's bootstrap interval (null where none)."""
     values = [value_at(m, path) for m in fold_metrics]
     result = {**mean_sd(values), "values": values}
     if path[2:3] == ("fp_at_sensitivity",):
         result["not_reached"] = folds_not_reached(fold_metrics, path)
+    if path[0] == "picai":
+        result["values_95_ci"] = [value_at(m, ("picai", f"{path[1]}_95_ci")) for m in fold_metrics]
     return result
 
 
@@ -250,10 +255,17 @@ def summarize_runs(runs: Mapping[str, str | Path], out_dir: str | Path) -> dict:
     )
     for name in folds:
         check_settings(dict(zip(paths[name], folds[name], strict=True)))
-    differ = case_sets_differ(folds)
+    differ, shared = case_sets_differ(folds), folds_sharing_cases(folds)
     if differ is not None:
         log.warning("%s", case_sets_text(differ))
-    summary = {"methods": {}, "comparisons": {}, "case_sets_differ": differ}
+    if shared:
+        log.warning("%s", folds_sharing_text(shared))
+    summary = {
+        "methods": {},
+        "comparisons": {},
+        "case_sets_differ": differ,
+        "folds_sharing_cases": shared or None,
+    }
     for name, fold_metrics in folds.items():
         summary["methods"][name] = {
             "folds": [str(p) for p in paths[name]],
@@ -265,13 +277,14 @@ def summarize_runs(runs: Mapping[str, str | Path], out_dir: str | Path) -> dict:
     if len(folds) >= 2:
         summary["comparisons"], lines = method_comparisons(folds)
     out_dir = Path(out_dir)
+    title = "Cross-validation summary: " + ", ".join(folds)
+    markdown = markdown_report(folds, title=title, comparisons=lines)  # before anything is written
     if (out_dir / "summary.json").is_file():  # no figure of an earlier summary beside this one
         for name in SUMMARY_FIGURES:
             (out_dir / name).unlink(missing_ok=True)
     write_json(summary, out_dir / "summary.json")
-    title = "Cross-validation summary: " + ", ".join(folds)
     with replaced_atomically(out_dir / "summary.md") as tmp:
-        tmp.write_text(markdown_report(folds, title=title, comparisons=lines))
+        tmp.write_text(markdown)
     write_band_figures(folds, out_dir)
     return summary
 

@@ -122,3 +122,17 @@ def val_loss_curves(path: Path, curves: Mapping[str, Sequence[tuple[str, object]
         ax.set_title(f"{arm} (n={len(runs)})", fontsize="medium")
         ax.grid(True, alpha=0.3)
     return _save(fig, path)
+
+
+def froc_curves(rows: Sequence[Mapping], metrics: Sequence[Mapping], group: str) -> dict:
+    """{arm: [(fp, sensitivity) curve of each run]} for FROC `group`, over the runs whose
+    validation fold has a lesion of the group (elsewhere the sensitivity is undefined). A run
+    whose metrics.json lacks the group's curve (another version, taken by `--partial`, which
+    warned of it) is left out."""
+    curves = {row["arm"]: [] for row in rows}
+    for row, m in zip(rows, metrics, strict=True):
+        froc = m.get("froc", {}).get(group, {})
+        if froc.get("num_lesions") and "curve" in froc:
+            points = froc["curve"]
+            curves[row["arm"]].append((points["fp"], points["sensitivity"]))
+    return curves

@@ -415,18 +415,24 @@ def _markdown(study: Study, found: Collected, stats_rows, iterations: int, skipp
     return "\n".join(lines) + "\n"
 
 
-def froc_curves(rows: Sequence[Mapping], metrics: Sequence[Mapping], group: str) -> dict:
-    """{arm: [(fp, sensitivity) curve of each run]} for FROC `group`, over the runs whose
-    validation fold has a lesion of the group (elsewhere the sensitivity is undefined). A run
-    whose metrics.json lacks the group's curve (another version, taken by `--partial`, which
-    warned of it) is left out."""
-    curves = {row["arm"]: [] for row in rows}
+def check_paired_cases(rows: Sequence[Mapping], metrics: Sequence[Mapping]) -> None:
+    """The cells the paired tests match, those of one repeat and fold, must have been evaluated
+    on the same cases (their metrics.json `cases`, where recorded): a StudyError names two that
+    were not, e.g. one evaluated again by hand with `evaluate --cases`."""
+    first: dict[tuple, tuple[Mapping, list]] = {}
     for row, m in zip(rows, metrics, strict=True):
-        froc = m.get("froc", {}).get(group, {})
-        if froc.get("num_lesions") and "curve" in froc:
-            points = froc["curve"]
-            curves[row["arm"]].append((points["fp"], points["sensitivity"]))
-    return curves
+        if not isinstance(m.get("cases"), list):
+            continue
+        cases = sorted(map(str, m["cases"]))
+        other, expected = first.setdefault((row["repeat"], row["fold"]), (row, cases))
+        if cases != expected:
+            raise StudyError(
+                f"cell {_cell_name(other)} and cell {_cell_name(row)} were evaluated on other "
+                f"cases ({len(expected)} and {len(cases)}, "
+                f"{len(set(expected) ^ set(cases))} not in both): their paired comparison would "
+                "not be by case; remove the metrics.json of the one evaluated by hand, and "
+                "`study run` evaluates it again"
+            )
 
 
 def _report_file(name: str) -> bool:
@@ -445,6 +451,7 @@ def write_report(
         raise StudyError(f"{study.root}: no cell is done yet; nothing to report")
     cells = [f"cell {_cell_name(r)}" for r in rows]
     check_settings(dict(zip(cells, found.metrics, strict=True)))  # comparable cells only
+    check_paired_cases(rows, found.metrics)
     skipped = skipped_metrics(found)
     for reason, columns in skipped.items():
         count = plural(len(_skipped_cells(columns)), "cell")
@@ -469,7 +476,7 @@ def write_report(
     for row, curve in zip(rows, found.curves, strict=True):
         if row["kind"] == "arm":
             losses[row["arm"]].append((f"rep{row['repeat']} fold{row['fold']}", curve))
-    froc = froc_curves(rows, found.metrics, "clinically_significant")
+    froc = figures.froc_curves(rows, found.metrics, "clinically_significant")
     # Replaced whole: a report stopped half-way leaves the earlier one, not a mix of the two.
     with replaced_folder(out, "focalnet study report") as tmp:
         _write_csv(tmp / "runs.csv", RUN_COLUMNS, rows)
