@@ -89,6 +89,23 @@ def _overwrite_data(step_dir: Path) -> str:
     return f"{path.relative_to(step_dir)}: content changed since it was saved (sha256 differs)"
 
 
+def _flip_btree_root(step_dir: Path) -> str:
+    """One bit flipped in the OCDBT b-tree's root node: the database fails to decode (a CRC error
+    naming only `default/`), the digests name the file."""
+    import tensorstore as ts
+
+    database = step_dir / "default"
+    kvstore = ts.KvStore.open({"driver": "file", "path": f"{database}/"}).result()
+    versions = ts.ocdbt.dump(kvstore).result()["versions"]
+    location = next(v["root"]["location"] for v in versions if "location" in v["root"])
+    head, file, offset, length = location.rsplit(":", 3)
+    path = database / head.split(":", 1)[1] / file
+    data = bytearray(path.read_bytes())
+    data[int(offset) + int(length) // 2] ^= 1
+    path.write_bytes(bytes(data))
+    return f"{path.relative_to(step_dir)}: content changed since it was saved (sha256 differs)"
+
+
 def _without_digests(step_dir: Path, name: str, text: str) -> None:
     (step_dir / digests.DIGEST_FILE).unlink()
     (step_dir / name).write_text(text)
@@ -285,6 +302,20 @@ def test_inference_loading_names_the_file_and_reason(trained, tmp_path, damage, 
     with pytest.raises(workdir_lib.UnreadableCheckpointError) as raised:
         workdir_lib.load_for_inference(workdir)
     assert str(raised.value).startswith(f"checkpoint {step_dir} is unreadable: {reason}")
+
+
+def test_a_node_that_fails_to_decode_is_named_by_its_file(trained, tmp_path):
+    """A flipped bit in a b-tree node was reported as `default/: DATA_LOSS: Error decoding
+    b-tree node ...`, naming no file, though the step's digests name it."""
+    workdir = tmp_path / "run"
+    shutil.copytree(trained["workdir"], workdir)
+    step_dir = workdir / "checkpoints" / "4"
+    expected = _flip_btree_root(step_dir)
+    assert checkpoint_damage.find_damage(step_dir).startswith("default/: DATA_LOSS: ")
+    assert checkpoint_damage.step_damage(step_dir) == expected
+    with pytest.raises(workdir_lib.UnreadableCheckpointError) as raised:
+        workdir_lib.load_for_inference(workdir)
+    assert str(raised.value) == f"checkpoint {step_dir.resolve()} is unreadable: {expected}"
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

@@ -65,8 +65,12 @@ def find_damage(step_dir: str | Path) -> str | None:
 
 def step_damage(step_dir: Path) -> str | None:
     """`"<file>: <reason>"` of a step folder's first damage found without reading its arrays
-    (`find_damage`, then the content digests of `checkpoint_digests`), or None."""
-    return find_damage(step_dir) or checkpoint_digests.mismatch(step_dir)
+    (`find_damage`, then the content digests of `checkpoint_digests`), or None. An OCDBT node
+    that fails to decode names only its database folder: the digests name the file."""
+    damage = find_damage(step_dir)
+    if damage is not None and damage.startswith(f"{ITEM_DIR}/: "):
+        return checkpoint_digests.mismatch(step_dir) or damage
+    return damage or checkpoint_digests.mismatch(step_dir)
 
 
 def _ocdbt_damage(database: Path) -> str | None:
