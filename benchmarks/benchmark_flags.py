@@ -1,11 +1,12 @@
 """The benchmarks' shared flags: `--kinds a,b,...` (what to time, among the names a script knows),
-counts (`count`), and errors of the project's own checks as one line (`one_line_errors`).
+counts (`count`), and errors of the project's own checks as one line (`run_main`).
 Imported by the scripts beside it (the script directory is on `sys.path` when one runs)."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import os
+import sys
 from collections.abc import Callable, Iterable
 
 from focalnet_jax.errors import UserError
@@ -52,12 +53,12 @@ def int_list(parser: argparse.ArgumentParser, flag: str, text: str) -> list[int]
     return list(dict.fromkeys(values))
 
 
-@contextlib.contextmanager
-def one_line_errors(parser: argparse.ArgumentParser):
-    """A `UserError` or a missing file met in the block (a store that does not exist, a bad
-    option the project's own code refuses) ends the benchmark as `focalnet` would: one line,
-    `<prog>: error: <message>`, exit status 2."""
+def run_main(main: Callable[[], None]) -> None:
+    """Runs a benchmark's `main`: a `UserError` or a missing file met there (a store that does
+    not exist, a config value the project's own code refuses) ends it as `focalnet` would: one
+    line, `<script>: error: <message>`, exit status 2."""
     try:
-        yield
+        main()
     except (UserError, FileNotFoundError) as error:
-        parser.exit(2, f"{parser.prog}: error: {error}\n")
+        print(f"{os.path.basename(sys.argv[0])}: error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -24,9 +24,11 @@ from pathlib import Path
 import jax
 import numpy as np
 import result_line  # benchmarks/result_line.py (the script directory)
+from benchmark_flags import count, run_main
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from focalnet_jax.config_loading import load_config
+from focalnet_jax.errors import UserError
 from focalnet_jax.training import train_and_evaluate
 
 
@@ -89,8 +91,10 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--store", help="preprocessed store (needed unless --result)")
     parser.add_argument("--config", default="configs/demo.py")
-    parser.add_argument("--steps", type=int, default=0, help="0: the config's train.steps")
-    parser.add_argument("--smooth", type=int, default=5, help="logged points per moving average")
+    parser.add_argument("--steps", type=count(0), default=0, help="0: the config's train.steps")
+    parser.add_argument(
+        "--smooth", type=count(1), default=5, help="logged points per moving average"
+    )
     parser.add_argument("--plot", type=Path, help="also draw both curves into this PNG")
     parser.add_argument(
         "--evaluate",
@@ -120,11 +124,26 @@ def _train_both(args, overrides: list[str]) -> tuple[dict, dict]:
     return runs, froc
 
 
+def _check_smooth(smooth: int, points: int) -> None:
+    """A moving average wider than the curve's `points` (np.convolve then swaps its inputs: one
+    ratio of sums, a gap of 0 for opposite curves) is refused."""
+    if smooth > points:
+        raise UserError(f"--smooth {smooth}: the runs log {points} train/loss points; choose fewer")
+
+
+def _logged_points(config) -> int | None:
+    """The `train/loss` points a run of `config` logs (every `log_every` steps and the last), or
+    None where its length is set in epochs (known once the store is read)."""
+    steps = int(config.train.steps)
+    return -(-steps // int(config.train.log_every)) if steps > 0 else None
+
+
 def _compare_curves(runs: dict, smooth: int) -> dict:
     """Both `train/loss` curves, their relative gap after a moving average over `smooth`
     logged points (largest and mean), and each run's final `val/` scalars."""
     steps, loss32 = map(np.asarray, zip(*runs["float32"]["train/loss"], strict=True))
     _, loss16 = map(np.asarray, zip(*runs["bfloat16"]["train/loss"], strict=True))
+    _check_smooth(smooth, len(loss32))
     smooth32, smooth16 = _smooth(loss32, smooth), _smooth(loss16, smooth)
     gap = np.abs(smooth16 - smooth32) / np.abs(smooth32)
     return {
@@ -152,12 +171,17 @@ def main(argv: list[str] | None = None) -> None:
     elif not args.store:
         parser.error("--store is required (or --result with --plot to redraw a saved result)")
     else:
+        steps = [f"--config.train.steps={args.steps}"] if args.steps else []
+        points = _logged_points(load_config(args.config, [*overrides, *steps]))
+        if points is not None:  # before two runs are trained
+            _check_smooth(args.smooth, points)
         runs, froc = _train_both(args, overrides)
+        compared = _compare_curves(runs, args.smooth)
         result = {
             "benchmark": "bf16_loss_curves",
             "config": args.config,
             "overrides": overrides,
-            **_compare_curves(runs, args.smooth),
+            **compared,
             "froc_sensitivity_at_1fp": froc or None,
             "device_kind": jax.devices()[0].device_kind,
             **result_line.provenance(),
@@ -168,4 +192,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -51,7 +51,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import result_line  # benchmarks/result_line.py (the script directory)
-from benchmark_flags import count, one_line_errors
+from benchmark_flags import count, run_main
 
 from focalnet_jax.config_loading import load_config
 from focalnet_jax.data.store import open_store
@@ -201,14 +201,13 @@ def main(argv: list[str] | None = None) -> None:
     """Times the fold (or its first `--max-steps` steps) and prints the JSON line."""
     parser = _parser()
     args, overrides = parser.parse_known_args(argv)
-    with one_line_errors(parser):  # a store that is not there or not readable, a bad config
-        if args.store is None:
-            with result_line.stdout_to_stderr():
-                args.store = synthetic_store(args.out, cases=args.cases, workers=args.workers)
-        config = _schedule_config(parser, args, overrides, args.store)
-        opened = open_store(args.store)
-        spec = RunSpec.from_config(config)
-        split = spec.fold_split(opened)
+    if args.store is None:
+        with result_line.stdout_to_stderr():
+            args.store = synthetic_store(args.out, cases=args.cases, workers=args.workers)
+    config = _schedule_config(parser, args, overrides, args.store)
+    opened = open_store(args.store)
+    spec = RunSpec.from_config(config)
+    split = spec.fold_split(opened)
     train_slices, val_slices = len(split.train_rows), len(split.val_rows)
     schedule_slices = args.train_slices or train_slices
     schedule_val_slices = round(schedule_slices * val_slices / train_slices)
@@ -257,4 +256,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import result_line  # benchmarks/result_line.py (the script directory)
-from benchmark_flags import count
+from benchmark_flags import count, run_main
 
 from focalnet_jax.config_loading import load_config
 from focalnet_jax.data import preprocess_case
@@ -153,4 +153,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import result_line  # benchmarks/result_line.py (the script directory)
+from benchmark_flags import count, run_main
 
 from focalnet_jax.config_loading import load_config
 from focalnet_jax.run import RunSpec
@@ -84,7 +85,8 @@ def measure(config, *, size: int, seed: int) -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="config file[:arg]")
-    parser.add_argument("--size", type=int, default=64, help="slice size")
+    # `measure` draws a lesion square of max(size // 8, 2) pixels inside the slice
+    parser.add_argument("--size", type=count(17), default=64, help="slice size")
     parser.add_argument("--seed", type=int, default=0, help="weights and batch")
     args, overrides = parser.parse_known_args(argv)
     config = load_config(args.config, overrides)
@@ -97,4 +99,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

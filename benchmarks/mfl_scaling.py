@@ -34,7 +34,7 @@ import time
 import jax
 import jax.numpy as jnp
 import result_line  # benchmarks/result_line.py (the script directory)
-from benchmark_flags import count, int_list
+from benchmark_flags import count, int_list, run_main
 from train_step import (  # benchmarks/train_step.py (the script directory)
     _batch,
     compiled_peak_bytes,
@@ -198,4 +198,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
