@@ -449,6 +449,29 @@ def test_a_t2w_of_cosines_written_to_3_decimals_writes_its_seg_on_the_grid(exam,
         np.testing.assert_array_equal(pixels.astype(bool), detection == value)
 
 
+def test_a_t2w_without_the_dicom_file_header_writes_its_outputs(exam, tmp_path):
+    """Slices without the 128-byte preamble and file meta (older exports) are read by the series
+    reader, then `--dicom` ended in pydicom's InvalidDicomError traceback after inference (in a
+    batch: a bad case without its file, 'Use force=True to force reading')."""
+
+    files = _t2w_copy(exam, tmp_path / "t2w", lambda k, header: None)
+    for file in files:
+        dataset = pydicom.dcmread(file)
+        dataset.preamble = None
+        del dataset.file_meta
+        dataset.save_as(file, implicit_vr=False, little_endian=True)
+    with open(files[0], "rb") as f:
+        assert b"DICM" not in f.read(200)
+    case = preprocess_case({**exam, "t2w": str(tmp_path / "t2w")}, case_id="px")
+    out = tmp_path / "out"
+    sources = dicom_sources("px", str(tmp_path / "t2w"))
+    write_exam_outputs(case, _scores(case), out, threshold=0.3, dicom_sources=sources)
+    seg = hd.seg.segread(out / SEG_FILE)
+    assert seg.FrameOfReferenceUID == sources[0].FrameOfReferenceUID
+    score_map = pydicom.dcmread(out / SCORE_MAP_FILE)
+    assert score_map.ReferencedSeriesSequence[0].SeriesInstanceUID == sources[0].SeriesInstanceUID
+
+
 def test_batch_skips_a_case_whose_outputs_fail_and_a_run_of_none_keeps_out(exam, shifted, tmp_path):
     """--skip-bad-cases skipped cases that failed as they were read, but a case refused as its
     DICOM outputs were written stopped the run; and a run that predicted no case replaced the

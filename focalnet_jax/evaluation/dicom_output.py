@@ -72,7 +72,7 @@ def dicom_sources(
             "for detections_seg.dcm to reference",
         )
     files = choose_series(path, series).files
-    sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    sources = [_read_header(case_id, f) for f in files]
     if missing := [name for name in COPIED_ATTRIBUTES if name not in sources[0]]:
         raise CaseError(
             case_id,
@@ -90,6 +90,16 @@ def dicom_sources(
     if grid is not None:
         frame_voxels(grid, sources, case_id)
     return sources
+
+
+def _read_header(case_id: str, file) -> pydicom.Dataset:
+    """The header of one T2w file, also without the preamble and file meta of DICOM's file
+    format (older exports; the series reader, GDCM, takes them); a `CaseError` naming the file
+    where pydicom cannot read it."""
+    try:
+        return pydicom.dcmread(file, stop_before_pixels=True, force=True)
+    except (pydicom.errors.InvalidDicomError, OSError, ValueError) as error:
+        raise CaseError(case_id, file, f"--dicom: cannot read its DICOM header ({error})") from None
 
 
 def _unusable_value(source) -> str | None:
