@@ -24,7 +24,7 @@ import json
 import jax
 import numpy as np
 import result_line  # benchmarks/result_line.py (the script directory)
-from benchmark_flags import count
+from benchmark_flags import count, run_main
 from scipy import ndimage
 
 from focalnet_jax.evaluation import matching
@@ -121,4 +121,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

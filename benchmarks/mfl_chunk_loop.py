@@ -115,7 +115,7 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--chunk", type=benchmark_flags.count(1), default=4, help="subsets per loop iteration"
     )
-    parser.add_argument("--size", type=benchmark_flags.count(17), default=64, help="slice size")
+    parser.add_argument("--size", type=benchmark_flags.count(1), default=64, help="slice size")
     parser.add_argument(
         "--repeats", type=benchmark_flags.count(1), default=5, help="timed calls of each function"
     )

@@ -86,7 +86,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="config file[:arg]")
     # `measure` draws a lesion square of max(size // 8, 2) pixels inside the slice
-    parser.add_argument("--size", type=count(17), default=64, help="slice size")
+    parser.add_argument("--size", type=count(3), default=64, help="slice size")
     parser.add_argument("--seed", type=int, default=0, help="weights and batch")
     args, overrides = parser.parse_known_args(argv)
     config = load_config(args.config, overrides)

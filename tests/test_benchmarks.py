@@ -739,9 +739,9 @@ def test_gpu_checks_stop_before_any_benchmark_where_jax_sees_no_gpu(tmp_path):
          "argument --models: expected an integer >= 1, got '0'"),
         # Timings of 0 x 0 images; a numpy traceback.
         (["mfl_chunk_loop.py", "--config", "configs/mfl4.py", "--size", "0"],
-         "argument --size: expected an integer >= 17, got '0'"),
+         "argument --size: expected an integer >= 1, got '0'"),
         (["mfl_modes.py", "--config", "configs/demo.py", "--size", "2"],
-         "argument --size: expected an integer >= 17, got '2'"),
+         "argument --size: expected an integer >= 3, got '2'"),
         # A moving average wider than the curve reported a gap of 0 for opposite curves (after
         # two whole runs), a width of 0 a ValueError traceback.
         (["bf16_loss_curves.py", "--store", "/nonexistent", "--smooth", "0"],
@@ -753,6 +753,8 @@ def test_gpu_checks_stop_before_any_benchmark_where_jax_sees_no_gpu(tmp_path):
          "depth: expected one of (18, 34, 50, 101, 152), got 7"),
         (["mfl_scaling.py", "--config", "configs/nonexistent.py", "--subset-counts", "2"],
          "config file configs/nonexistent.py does not exist"),
+        (["flat_maxima.py", "--predictions", "/nonexistent"],
+         "/nonexistent: predictions folder does not exist"),
     ],
 )  # fmt: skip
 def test_bad_benchmark_arguments_are_one_line_errors(argv, message):

@@ -448,6 +448,7 @@ def test_summarize_rejects_bad_runs(tmp_path):
          "picai.auroc_95_ci is 0.6, not null or a list of 2 numbers or nulls"),
         (lambda m: m.update(cases="c1"),  # its characters taken as case ids
          "cases is 'c1', not a list of case ids"),
+        (lambda m: m.update(cases=None), "cases is None, not a list of case ids"),
     ],
 )  # fmt: skip
 def test_summarize_refuses_a_damaged_metrics_file_naming_the_key(tmp_path, damage, problem):

@@ -51,8 +51,8 @@ def metrics_problem(metrics) -> str | None:
             return problem
     if problem := _settings_problem(metrics):
         return problem
-    cases = metrics.get("cases")  # absent from metrics written before it was kept
-    if not (cases is None or isinstance(cases, list) and all(isinstance(c, str) for c in cases)):
+    cases = metrics.get("cases", [])  # absent from metrics written before it was kept
+    if not (isinstance(cases, list) and all(isinstance(c, str) for c in cases)):
         return _wrong(metrics, ("cases",), "a list of case ids")
     picai = metrics.get("picai")
     if picai is not None and not isinstance(picai, Mapping):
