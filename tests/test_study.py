@@ -961,6 +961,47 @@ def test_spec_arms_and_ensembles_of_the_wrong_type_are_one_line_errors(
         validate(load_spec(str(path)), str(path))
 
 
+def test_an_ensemble_of_lesion_only_and_graded_arms_is_refused(store, tmp_path):
+    """An ensemble of a U-Net-Sing arm (binary: its lesion probability in every column) and a
+    FocalNet arm averaged the lesion probability into P(GS >= 8) and the rest, and evaluated
+    it without a word; `predict` refuses such an ensemble."""
+    from focalnet_jax.evaluation.predictions import write_case
+    from focalnet_jax.study.ensembles import average_predictions
+    from focalnet_jax.study.spec import StudyError, load_spec, validate
+
+    path = tmp_path / "mixed.py"
+    path.write_text(
+        "import ml_collections\n\ndef get_config():\n"
+        "    spec = ml_collections.ConfigDict()\n"
+        f"    spec.base, spec.store = {str(REPO / 'configs' / 'focalnet.py')!r}, {str(store)!r}\n"
+        "    spec.repeats, spec.num_folds = 1, 2\n"
+        "    spec.arms = {'fl': {}, 'sing': {'loss': {'name': 'binary_ce', 'mfl': False}}}\n"
+        "    spec.ensembles = {'mix': ('fl', 'sing')}\n    return spec\n"
+    )
+    expected = (
+        "ensemble 'mix': its arms disagree on output encodings (fl: ordinal; sing: binary): a "
+        "lesion-only model's score is no P(class >= k) of a graded one"
+    )
+    with pytest.raises(StudyError, match="^" + re.escape(expected) + "$"):
+        validate(load_spec(str(path)), str(path))
+    # Predictions of such members (a spec edited since, cells done): refused as they meet.
+    for name, encoding in (("a", None), ("b", "binary")):
+        write_case(tmp_path / name, "c1", scores=np.full((1, 8, 8, 5), 0.5, np.float32),
+                   lesions=np.zeros((1, 8, 8), np.int32), lesion_classes=[],
+                   spacing=(1.0, 1.0), patient_id="p1")  # fmt: skip
+        record = {"models": [{"run": f"/{name}", "step": 1}], "tta": "none"}
+        record |= {"output_encoding": encoding} if encoding else {}
+        (tmp_path / name / "models.json").write_text(json.dumps(record))
+    with pytest.raises(StudyError, match=r"members disagree on output encodings: .*a: graded; "):
+        average_predictions([tmp_path / "a", tmp_path / "b"], tmp_path / "mean")
+    assert not (tmp_path / "mean").exists()
+    (tmp_path / "a" / "models.json").write_text(json.dumps(record))  # both binary: recorded
+    average_predictions([tmp_path / "a", tmp_path / "b"], tmp_path / "mean")
+    assert json.loads((tmp_path / "mean" / "models.json").read_text()) == {
+        "output_encoding": "binary"
+    }
+
+
 def test_spec_file_fields_misspelt_are_refused(tmp_path):
     """A spec file's `fold = (1,)` (for `folds`) or `slurm = {"gpu": 1}` (for `gpus`) was kept
     silently: the study ran every fold, its SLURM tasks asked for no GPU."""

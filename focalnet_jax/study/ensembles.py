@@ -22,33 +22,44 @@ from focalnet_jax.study.spec import StudyError, evaluation_slices
 log = logging.getLogger(__name__)
 
 
-def _store_read(members: list[Path]) -> dict | None:
-    """The store the members' predictions were read from (their `models.json` "store": path and
-    slices), where every member names the same one; else None."""
+def _members_record(members: list[Path]) -> dict:
+    """The ensemble's `models.json` record from its members': the store their predictions were
+    read from ("store": path and slices) where every member names the same one, and
+    "output_encoding": "binary" where every member is such a model (lesion-only scores). A
+    StudyError where binary and graded members meet: averaging a lesion probability into
+    P(class >= k) for k >= 2 means nothing."""
     from focalnet_jax.evaluation.predictions import MODELS_FILE
 
-    stores = []
+    records = []
     for member in members:
         try:
-            stores.append(json.loads((member / MODELS_FILE).read_text()).get("store"))
-        except (OSError, ValueError, AttributeError):
-            return None
-    return (
-        stores[0]
-        if isinstance(stores[0], dict) and stores.count(stores[0]) == len(stores)
-        else None
-    )
+            record = json.loads((member / MODELS_FILE).read_text())
+        except (OSError, ValueError):
+            record = None
+        records.append(record if isinstance(record, dict) else {})
+    binary = [r.get("output_encoding") == "binary" for r in records]
+    if any(binary) and not all(binary):
+        listed = "; ".join(
+            f"{m}: {'binary' if b else 'graded'}" for m, b in zip(members, binary, strict=True)
+        )
+        raise StudyError(f"ensemble members disagree on output encodings: {listed}")
+    out = {"output_encoding": "binary"} if all(binary) else {}
+    stores = [r.get("store") for r in records]
+    if isinstance(stores[0], dict) and stores.count(stores[0]) == len(stores):
+        out["store"] = stores[0]
+    return out
 
 
 def average_predictions(members: list[Path], out_dir: Path) -> list[str]:
-    """Write the mean of the members' score maps, case by case, and a `models.json` naming the
-    store the members read (so the evaluation knows a store of annotated slices); returns the
-    case ids.
+    """Write the mean of the members' score maps, case by case, and a `models.json`
+    (`_members_record`: the store the members read, so the evaluation knows a store of annotated
+    slices; binary members); returns the case ids.
 
     Every member must hold the same cases with the same lesions (the same validation fold)."""
     from focalnet_jax.data.atomic_files import write_json_atomic
     from focalnet_jax.evaluation.predictions import MODELS_FILE, list_cases, read_case, write_case
 
+    record = _members_record(members)
     cases = {p.name: p for p in list_cases(members[0])}
     for member in members[1:]:
         names = {p.name for p in list_cases(member)}
@@ -73,8 +84,8 @@ def average_predictions(members: list[Path], out_dir: Path) -> list[str]:
                 slice_index=first.slice_index,
                 lesion_grade_known=first.lesion_grade_known,
             )
-        if (store := _store_read(members)) is not None:
-            write_json_atomic({"store": store}, tmp / MODELS_FILE)
+        if record:
+            write_json_atomic(record, tmp / MODELS_FILE)
     return case_ids
 
 

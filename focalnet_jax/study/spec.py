@@ -298,8 +298,17 @@ def validate(spec: ml_collections.ConfigDict, spec_file: str) -> dict:
     plain = with_absolute_paths(plain)
     _check_common(plain)
     opened = _open_store(plain)
-    for arm in plain["arms"]:
-        _check_arm(plain, arm, opened.components, tuple(opened.images.shape[1:3]))
+    encodings = {
+        arm: _check_arm(plain, arm, opened.components, tuple(opened.images.shape[1:3]))
+        for arm in plain["arms"]
+    }
+    for name, members in plain["ensembles"].items():
+        if len({encodings[m] == "binary" for m in members}) > 1:  # as `check_compatible`
+            listed = "; ".join(f"{m}: {encodings[m]}" for m in members)
+            raise StudyError(
+                f"ensemble {name!r}: its arms disagree on output encodings ({listed}): a "
+                "lesion-only model's score is no P(class >= k) of a graded one"
+            )
     return plain
 
 
@@ -396,11 +405,11 @@ def _check_common(plain: Mapping) -> None:
 
 def _check_arm(
     plain: Mapping, arm: str, store_components: Sequence[str], image_size: tuple[int, int]
-) -> None:
+) -> str:
     """The config of `arm` loads, passes every check a cell's `focalnet train` makes before it
     starts (`RunSpec.from_config` at the store's `image_size`), trains on components the store
     holds and names pretrained weights that exist (a cell would fail on them only once it
-    starts)."""
+    starts); returns the arm's output encoding."""
     _check_overrides(f"arm {arm!r}", flatten(plain["arms"][arm]), arm=True)
     try:
         config = load_config(plain["base"], cell_overrides(plain, arm, 0, plain["folds"][0]))
@@ -409,7 +418,7 @@ def _check_arm(
     from focalnet_jax.run import RunSpec  # JAX: only `study run` validates arms
 
     try:
-        RunSpec.from_config(config, num_devices=1, image_size=image_size)
+        encoding = RunSpec.from_config(config, num_devices=1, image_size=image_size).output_encoding
     except UserError as error:
         raise StudyError(f"arm {arm!r}: {error}") from None
     missing = [c for c in config.data.components if c not in store_components]
@@ -421,6 +430,7 @@ def _check_arm(
     pretrained = config.model.pretrained
     if pretrained and not Path(pretrained).expanduser().is_file():
         raise StudyError(f"arm {arm!r}: model.pretrained {pretrained}: no such file")
+    return encoding
 
 
 def _open_store(plain: Mapping):
