@@ -21,12 +21,15 @@ def parse_arg(arg: str | None, **defaults) -> dict:
     """Parse a `:arg` string `fold=2,runlocal` into {'fold': 2, 'runlocal': True} over `defaults`.
 
     Values are converted to the type of the default (int/float/str); bare words are True flags,
-    for a flag (a bool default) only (a bare `fold` trained fold 1). Unknown names are an error
-    naming them and the accepted ones.
+    for a flag (a bool default) only (a bare `fold` trained fold 1). Unknown names, and a name
+    given twice, are an error naming them (and the accepted ones).
     """
-    values = dict(defaults)
+    values, given = dict(defaults), set()
     for item in filter(None, (part.strip() for part in (arg or "").split(","))):
         name, sep, text = item.partition("=")
+        if name in given:  # `fold=1,fold=2`: which one was meant?
+            raise ValueError(f"config arg {name!r} given twice")
+        given.add(name)
         if name not in defaults:
             expected = f"expected one of {sorted(defaults)}" if defaults else "this file takes none"
             raise ValueError(f"config arg {name!r} unknown; {expected}")

@@ -44,6 +44,17 @@ def _raised_in(error: Exception, folder: Path) -> str:
     return f"{type(error).__name__}{where}"
 
 
+def _refused(error: Exception, folder: Path) -> bool:
+    """Whether `error` is a config file's own refusal (a `raise` in the files of `folder`, e.g.
+    of an unknown `:arg`) or of the call itself (a `get_config` of another signature), whose
+    message says it all; not one met running the file (a value of the wrong type assigned to a
+    field, `int('5k')`), which needs its line."""
+    frames = traceback.extract_tb(error.__traceback__)
+    last = frames[-1]
+    ours = Path(last.filename).resolve().parent == folder.resolve()
+    return len(frames) == 1 or (ours and (last.line or "").lstrip().startswith("raise"))
+
+
 def _import_config_module(path: Path, kind: str):
     """The module of the Python file `path`; a `UserError` naming `kind` (`config file`, `spec`),
     the file and the reason (for a syntax error its line) when it cannot be imported."""
@@ -98,10 +109,11 @@ def get_config_from_file(spec: str, *, kind: str = "config file") -> ml_collecti
     call = f"get_config({arg!r})" if sep else "get_config()"
     try:
         config = module.get_config(arg) if sep else module.get_config()
-    except (ValueError, TypeError) as error:
-        raise UserError(f"{kind} {path_text}: {call}: {error}") from error
     except Exception as error:  # e.g. a misspelled field read: AttributeError
-        where = _raised_in(error, Path(path_text).parent)
+        folder = Path(path_text).parent
+        if isinstance(error, ValueError | TypeError) and _refused(error, folder):
+            raise UserError(f"{kind} {path_text}: {call}: {error}") from error
+        where = _raised_in(error, folder)
         raise UserError(f"{kind} {path_text}: {call}: {where}: {_one_line(error)}") from error
     if not isinstance(config, ml_collections.ConfigDict):
         raise UserError(
@@ -143,7 +155,10 @@ def convert_value(key: str, text: str, current):
         if value is None:  # e.g. `--config.loss.subsets=None`: back to the field's default meaning
             return None
         if isinstance(value, str):
-            # `--config.data.components=t2w,adc` is accepted as a comma-separated list.
+            # `--config.data.components=t2w,adc` is accepted as a comma-separated list, also
+            # in brackets (`(t2w,adc)`, `[t2w,adc]`: no Python literal without quotes).
+            if value[:1] + value[-1:] in ("()", "[]"):
+                value = value[1:-1]
             value = tuple(part.strip() for part in value.split(",") if part.strip())
         if not isinstance(value, tuple | list):
             value = (value,)

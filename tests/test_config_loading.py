@@ -140,6 +140,17 @@ def test_config_args_select_variants_and_reject_unknown_names():
             load_config(str(CONFIGS / name) + ":fold")
     with pytest.raises(ValueError, match=r"config arg 'store' needs a value"):
         load_config(str(CONFIGS / "picai.py") + ":store")
+    # A name given twice trained the last; `train --fold` compared with the first.
+    twice = r"get_config\('fold=1,fold=2'\): config arg 'fold' given twice$"
+    with pytest.raises(ValueError, match=twice):
+        load_config(str(CONFIGS / "demo.py") + ":fold=1,fold=2")
+
+
+def test_a_list_in_brackets_without_quotes_is_a_comma_separated_list():
+    """`--config.data.components=(t2w,adc)` gave the components '(t2w' and 'adc)'."""
+    for text in ("(t2w,adc)", "[t2w, adc]", "('t2w', 'adc')", "t2w,adc"):
+        config = load_config(str(CONFIGS / "demo.py"), [f"--config.data.components={text}"])
+        assert tuple(config.data.components) == ("t2w", "adc"), text
 
 
 def test_missing_file_and_a_field_added_on_purpose(tmp_path):
@@ -182,6 +193,10 @@ def test_each_config_imports_the_default_of_its_own_folder(tmp_path):
          'config is locked. Did you mean "steps" instead of "stpes"?'),
         ("config.train.zzz = 5", 'Key "zzz" does not exist and cannot be added since the config '
          "is locked."),
+        # A value of the wrong type, or an error met computing one, gave no line.
+        ("config.train.steps = '5'", "Could not override field 'steps' (reference). 5 is of "
+         "original type <class 'str'> and cannot be casted to type <class 'int'>"),
+        ("config.train.steps = int('5k')", "invalid literal for int() with base 10: '5k'"),
     ],
 )  # fmt: skip
 def test_a_key_the_defaults_lack_is_an_error_at_its_line(tmp_path, line, reason):
@@ -194,8 +209,9 @@ def test_a_key_the_defaults_lack_is_an_error_at_its_line(tmp_path, line, reason)
     path.write_text(head + body.format(line))
     with pytest.raises(UserError) as error:
         get_config_from_file(str(path))
-    assert str(error.value) == (
-        f"config file {path}: get_config(): AttributeError at {path}:9: {reason}"
-    )
-    path.write_text(head + body.format(f"with config.unlocked():\n        {line}"))
-    assert get_config_from_file(str(path)).train.get("stpes", 5) == 5
+    kind = "ValueError" if "int()" in reason else "TypeError" if "field" in reason else ""
+    kind = kind or "AttributeError"
+    assert str(error.value) == f"config file {path}: get_config(): {kind} at {path}:9: {reason}"
+    if kind == "AttributeError":
+        path.write_text(head + body.format(f"with config.unlocked():\n        {line}"))
+        assert get_config_from_file(str(path)).train.get("stpes", 5) == 5
