@@ -8,6 +8,7 @@ import csv
 import dataclasses
 import io
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -274,8 +275,31 @@ def test_a_model_of_lesion_against_no_lesion_writes_no_grades(exam_components, t
     assert rows and all(0.0 <= float(row["lesion_score"]) <= 1.0 for row in rows)
     gs = ("p_gs_ge_3+4", "p_gs_ge_4+3", "p_gs_ge_8", "p_gs_ge_9")
     assert {row[k] for row in rows for k in gs} == {""}
-    # models.json says so too: its scores are P(lesion), of any grade.
-    assert json.loads((tmp_path / "out" / "models.json").read_text())["output_encoding"] == "binary"
+    # models.json says so too: its scores are P(lesion), of any grade. It records the threshold
+    # and candidate settings, as a batch's does (one exam's recorded neither).
+    recorded = json.loads((tmp_path / "out" / "models.json").read_text())
+    assert recorded["output_encoding"] == "binary"
+    assert recorded["threshold"] == 0.0 and recorded["candidates"]["threshold"] == "dynamic-fast"
+    assert "dicom" not in recorded
+
+
+def test_predict_without_picai_eval_is_refused_before_the_models_load(
+    exam_components, tmp_path, monkeypatch
+):
+    """detection_map.nii.gz needs picai_eval (the `picai` extra): without it `predict` ended in
+    a ModuleNotFoundError traceback after preprocessing and inference."""
+    from focalnet_jax.evaluation import picai
+
+    monkeypatch.setattr(picai, "available", lambda: "picai_eval is not installed (x)")
+    expected = (
+        "focalnet predict: error: focalnet predict writes detection_map.nii.gz with picai_eval's "
+        "lesion candidates: picai_eval is not installed (x)"
+    )
+    with pytest.raises(SystemExit, match="^" + re.escape(expected) + "$"):
+        main(["predict", "--checkpoint", str(tmp_path / "no_run"), "--t2w",
+              exam_components["t2w"], "--adc", exam_components["adc"],
+              "--out", str(tmp_path / "out")])  # fmt: skip
+    assert not (tmp_path / "out").exists()
 
 
 def test_predict_leaves_out_the_t2w_slices_a_shorter_dwi_slab_misses(

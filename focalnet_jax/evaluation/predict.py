@@ -37,6 +37,7 @@ from focalnet_jax.data.atomic_files import (
     check_output_folder,
     foreign_entries,
     replaced_folder,
+    write_json_atomic,
 )
 from focalnet_jax.data.image_writing import write_image
 from focalnet_jax.errors import UserError
@@ -48,8 +49,9 @@ from focalnet_jax.evaluation.dicom_output import (
     dicom_sources,
     write_dicom_outputs,
 )
-from focalnet_jax.evaluation.ensemble import Ensemble, load_ensemble, write_models
+from focalnet_jax.evaluation.ensemble import Ensemble, load_ensemble
 from focalnet_jax.evaluation.localization import MIN_SCORE, RADIUS_MM, local_maxima
+from focalnet_jax.evaluation.partial_output import recorded_settings
 from focalnet_jax.evaluation.predictions import MODELS_FILE
 
 log = logging.getLogger(__name__)
@@ -193,7 +195,10 @@ def predict_exam(
             candidates=candidates,
             dicom_sources=sources,
         )
-        written.append(write_models(models, tmp))
+        settings = recorded_settings(
+            models.describe(), threshold, candidates or CandidateSettings(), dicom=dicom
+        )
+        written.append(write_json_atomic(settings, tmp / MODELS_FILE))
         check_exam_out(out_dir)  # again: a file put there meanwhile is refused, never deleted
     return [Path(out_dir) / path.name for path in written]
 

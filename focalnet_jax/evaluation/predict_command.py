@@ -10,6 +10,7 @@ from pathlib import Path
 
 from focalnet_jax.data.io import CaseError
 from focalnet_jax.errors import UserError, as_interrupt
+from focalnet_jax.evaluation import picai
 from focalnet_jax.evaluation.batch_predict import predict_layout
 from focalnet_jax.evaluation.detection_map import CandidateSettings
 from focalnet_jax.evaluation.ensemble import load_ensemble
@@ -151,6 +152,11 @@ def run(args: argparse.Namespace) -> str:
                 f"--dicom: --t2w {args.t2w} is an image file, not a DICOM series folder, so there "
                 "is no DICOM source for detections_seg.dcm to reference; give the T2w DICOM folder"
             )
+    if reason := picai.available():  # before the models load and predict
+        raise UserError(
+            f"focalnet predict writes detection_map.nii.gz with picai_eval's lesion candidates: "
+            f"{reason}"
+        )
     candidates = CandidateSettings.from_flags(args)
     models = load_ensemble(
         args.checkpoint, step=args.step, batch_size=args.batch_size, tta=args.tta
