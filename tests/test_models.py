@@ -256,6 +256,7 @@ def test_unet_batch_and_frozen_modes():
         ({"name": "fcn"}, "name"),
         ({"dtype": "float16"}, "dtype"),
         ({"width": 0.0}, "width"),
+        ({"width": float("inf")}, "width"),  # an OverflowError traceback at the first init
         ({"name": "unet", "unet_levels": 0}, "unet_levels"),
     ],
 )

@@ -238,6 +238,26 @@ def test_a_bool_count_is_refused(key, message):
         RunSpec.from_config(config, num_devices=1)
 
 
+@pytest.mark.parametrize("switch", ["shift", "scale", "flip", "intensity"])
+def test_an_augmentation_switch_of_none_is_refused(switch):
+    """`config.augment.flip = None` in a config file trained without that augmentation."""
+    config = tiny_config()
+    config.augment[switch] = None
+    with pytest.raises(UserError, match=rf"^augment\.{switch}: expected true or false, got None$"):
+        RunSpec.from_config(config, num_devices=1)
+
+
+def test_aspp_v3_with_batch_statistics_of_one_slice_is_refused():
+    """Its image-pooling branch gave its BatchNorm's bias alone and never trained (no gradient)."""
+    config = tiny_config(overrides=["--config.model.aspp=v3", "--config.train.batch_size=1"])
+    with pytest.raises(UserError, match=r"^model\.aspp=v3 with model\.norm=batch and train\."):
+        RunSpec.from_config(config, num_devices=1)
+    config.model.norm = "frozen"
+    RunSpec.from_config(config, num_devices=1)
+    config.model.norm, config.train.batch_size = "batch", 2
+    RunSpec.from_config(config, num_devices=1)
+
+
 def test_global_batch_the_devices_do_not_divide():
     config = tiny_config(overrides=["--config.train.batch_size=6"])
     with pytest.raises(ValueError, match=r"^train\.batch_size=6 is not divisible by the 4 dev"):

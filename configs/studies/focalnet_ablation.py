@@ -26,7 +26,7 @@ import ml_collections
 
 CONFIGS = Path(__file__).resolve().parents[1]
 NO_MFL = {"mfl": False}
-UNET = {"name": "unet", "unet_features": 64, "unet_levels": 5}
+UNET = {"name": "unet", "unet_features": 64, "unet_levels": 4}  # as configs/unet_mult.py
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -16,6 +16,7 @@ and ``layer4``. Basic blocks (depth 18/34) dilate both 3x3 convolutions.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -46,7 +47,8 @@ def check_resnet_args(depth: int, output_stride: int, width: float) -> None:
         raise ValueError(f"depth: expected one of {tuple(DEPTHS)}, got {depth!r}")
     if output_stride not in OUTPUT_STRIDES:
         raise ValueError(f"output_stride: expected one of {OUTPUT_STRIDES}, got {output_stride!r}")
-    if not width > 0:
+    real = isinstance(width, int | float) and not isinstance(width, bool)
+    if not (real and math.isfinite(width) and width > 0):
         raise ValueError(f"width: expected a positive multiplier, got {width!r}")
 
 
