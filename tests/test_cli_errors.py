@@ -198,10 +198,14 @@ FLAG_ERRORS = [  # (argv, the message after "focalnet <command>: error: ")
     # Flags out of range: refused before any model is loaded or file written.
     (["evaluate", "--workdir", "w", "--batch-size", "0"], "--batch-size 0: expected at least 1"),
     (["evaluate", "--predictions", "p", "--out", "o", "--radius-mm", "-1"],
-     "--radius-mm -1.0: expected a positive distance in mm"),
+     "--radius-mm -1.0: expected a positive distance in mm, at most 1000"),
     # An infinite radius passed: every lesion was missed (sensitivity 0) and radius_mm was null.
     (["evaluate", "--predictions", "p", "--out", "o", "--radius-mm", "inf"],
-     "--radius-mm inf: expected a positive distance in mm"),
+     "--radius-mm inf: expected a positive distance in mm, at most 1000"),
+    # A finite one too: 1e12 a MemoryError traceback, 1e300 every lesion missed (the window
+    # radius overflowed).
+    (["evaluate", "--predictions", "p", "--out", "o", "--radius-mm", "1e300"],
+     "--radius-mm 1e+300: expected a positive distance in mm, at most 1000"),
     (["evaluate", "--predictions", "p", "--out", "o", "--min-score", "2"],
      "--min-score 2.0: expected a probability in [0, 1)"),
     (["evaluate", "--predictions", "p", "--out", "o", "--min-score", "1"],  # s1 > 1: no detection

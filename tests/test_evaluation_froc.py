@@ -289,6 +289,27 @@ def test_a_radius_under_half_a_pixel_is_refused():
     assert len(local_maxima(scores, (0.625, 0.625), radius_mm=0.32)) == 1  # rounds to 1 pixel
 
 
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"radius_mm": -5.0}, "radius_mm -5.0: expected a positive distance in mm, at most 1000"),
+        ({"radius_mm": 1e19},
+         r"radius_mm 1e\+19: expected a positive distance in mm, at most 1000"),
+        ({"min_score": -0.5}, r"min_score -0.5: expected a probability in \[0, 1\)"),
+        ({"min_score": 1.5}, r"min_score 1.5: expected a probability in \[0, 1\)"),
+    ],
+)  # fmt: skip
+def test_evaluate_predictions_refuses_settings_out_of_range(tmp_path, setting, message):
+    """The Python API took any radius and floor: -5 mm or 1e19 mm (the window radius overflowed)
+    missed a detection inside its lesion, a floor of -0.5 made score-0 plateaus detections, 1.5
+    left an empty curve; nothing said so."""
+    write_case(tmp_path / "p", "c0", scores=np.zeros((1, 16, 16, 5), np.float32),
+               lesions=np.zeros((1, 16, 16), np.int32), lesion_classes=[], spacing=(1.0, 1.0),
+               patient_id="a")  # fmt: skip
+    with pytest.raises(UserError, match="^" + message + "$"):
+        evaluate_predictions(tmp_path / "p", with_picai=False, with_figures=False, **setting)
+
+
 # --- hit rule -------------------------------------------------------------------------------------
 
 

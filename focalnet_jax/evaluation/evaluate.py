@@ -15,7 +15,7 @@ from focalnet_jax.data.atomic_files import replaced_atomically
 from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation import figures, picai
 from focalnet_jax.evaluation.froc import count_patients, froc_analysis
-from focalnet_jax.evaluation.localization import MIN_SCORE, RADIUS_MM
+from focalnet_jax.evaluation.localization import MIN_SCORE, RADIUS_MM, check_detection_settings
 from focalnet_jax.evaluation.matching import (
     ROC_DETECTIONS,
     CaseSummary,
@@ -154,6 +154,7 @@ def evaluate_predictions(
     `slices` selects the slices of the paper's 2D protocol ('all', or 'annotated': slices with a
     lesion ROI, as the paper's validation); the PI-CAI 3D protocol always uses every slice.
     """
+    check_detection_settings(radius_mm, min_score)
     paths = list_cases(predictions_dir, cases)
     if cases is None:
         _warn_without_case_list(predictions_dir, len(paths))

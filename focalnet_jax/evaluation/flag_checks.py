@@ -5,11 +5,11 @@ created. Each failure is a `UserError` naming the flag, the value and the reason
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 from focalnet_jax.data.atomic_files import check_output_folder
 from focalnet_jax.errors import UserError
+from focalnet_jax.evaluation.localization import check_detection_settings
 
 ONE_EXAM_FLAGS = ("t2w", "adc", "hbv", "component", "mask", "center", "center_ras")
 MANY_EXAM_FLAGS = ("images", "masks", "manifest")
@@ -26,10 +26,7 @@ def check_evaluate_flags(args: argparse.Namespace) -> None:
     predictions (or the compiled model that makes them) given with --predictions, the output
     folder."""
     _check_batch_size(args)
-    if not 0 < args.radius_mm < math.inf:  # inf: window and hit margin overflow, no hit
-        raise UserError(f"--radius-mm {args.radius_mm}: expected a positive distance in mm")
-    if not 0 <= args.min_score < 1:  # a detection's s1 must exceed it: 1 would leave none
-        raise UserError(f"--min-score {args.min_score}: expected a probability in [0, 1)")
+    check_detection_settings(args.radius_mm, args.min_score, ("--radius-mm", "--min-score"))
     if args.picai_bootstraps < 0:
         raise UserError(f"--picai-bootstraps {args.picai_bootstraps}: expected 0 or more")
     if args.allow_training_cases and not args.all_cases:

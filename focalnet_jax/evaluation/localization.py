@@ -12,6 +12,20 @@ from focalnet_jax.errors import UserError
 
 RADIUS_MM = 5.0
 MIN_SCORE = 1e-3
+MAX_RADIUS_MM = 1000.0  # far past any crop; a window of 1e19 mm overflowed to no window at all
+
+
+def check_detection_settings(radius_mm, min_score, names=("radius_mm", "min_score")) -> None:
+    """A `UserError` (naming the setting as `names` say: the flags of the command line) unless
+    0 < radius_mm <= MAX_RADIUS_MM and 0 <= min_score < 1 (a detection's s1 must exceed it)."""
+    if not 0 < radius_mm <= MAX_RADIUS_MM:
+        raise UserError(
+            f"{names[0]} {radius_mm}: expected a positive distance in mm, at most {MAX_RADIUS_MM:g}"
+        )
+    if not 0 <= min_score < 1:
+        raise UserError(f"{names[1]} {min_score}: expected a probability in [0, 1)")
+
+
 _HALF_TOL = 1e-4  # pixels
 
 
