@@ -75,7 +75,7 @@ def test_case_ids_differing_only_in_case_are_refused(tmp_path):
 def test_patient_ids_differing_only_in_case_are_refused(tmp_path):
     # 'Pat01' and 'pat01' were two patients to the folds: with seed 1 and 2 folds, the
     # patient's two exams went to folds 0 and 1, trained on and validated on.
-    path = _manifest(tmp_path, "c1,Pat01,t,a,l", "c2,p2,t,a,l", "c3,pat01,t,a,l")
+    path = _manifest(tmp_path, "c1,Pat01,t1,a,l", "c2,p2,t2,a,l", "c3,pat01,t3,a,l")
     with pytest.raises(LayoutError) as info:
         read_manifest(path)
     assert str(info.value) == (
@@ -83,7 +83,7 @@ def test_patient_ids_differing_only_in_case_are_refused(tmp_path):
         "case; write each patient's id the same way on all its rows"
     )
     # One spelling on every row is one patient, as before.
-    path = _manifest(tmp_path, "c1,Pat01,t,a,l", "c2,p2,t,a,l", "c3,Pat01,t,a,l")
+    path = _manifest(tmp_path, "c1,Pat01,t1,a,l", "c2,p2,t2,a,l", "c3,Pat01,t3,a,l")
     assert [c.patient_id for c in read_manifest(path)] == ["Pat01", "p2", "Pat01"]
 
 
@@ -102,13 +102,30 @@ def test_relative_paths_are_taken_from_the_manifest_folder_made_absolute(tmp_pat
 def test_rows_without_a_patient_id_are_warned_about_once(tmp_path, caplog):
     """An empty patient_id makes each case its own patient: two exams of one patient could be
     split over folds without a word."""
-    path = _manifest(tmp_path, "c1,p1,t,a,l", "c2,,t,a,l", "c3,,t,a,l")
+    path = _manifest(tmp_path, "c1,p1,t1,a,l", "c2,,t2,a,l", "c3,,t3,a,l")
     with caplog.at_level("WARNING", logger="focalnet_jax.data.layouts"):
         cases = read_manifest(path)
     assert [c.patient_id for c in cases] == ["p1", "c2", "c3"]
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1
     assert "2 row(s) without a patient_id (lines 3, 4)" in warnings[0]
+
+
+def test_one_exam_on_two_rows_is_refused(tmp_path):
+    """A row copied with its id edited and its paths not: one exam stored as two patients, one
+    copy trained on while the other validated the same fold."""
+    path = _manifest(tmp_path, "c0,P1,exams/t2w,a0,l0", "c1,P2,t1,a1,l1", "c2,P3,./exams/t2w,a2,l2")
+    with pytest.raises(LayoutError) as info:
+        read_manifest(path)
+    assert str(info.value) == (
+        f"manifest {path}, line 4: case 'c2' reads the T2w of case 'c0' (line 2), "
+        f"{tmp_path / 'exams' / 't2w'}: one exam listed twice would be stored as two patients"
+    )
+    refused = []  # --skip-bad-cases: the second row listed, the first kept
+    kept = read_manifest(path, errors=refused)
+    assert [c.case_id for c in kept] == ["c0", "c1"] and [r[0] for r in refused] == ["c2"]
+    # An inference manifest (predict) may list one exam twice.
+    assert len(read_manifest(path, labels=False)) == 3
 
 
 def test_marksheet_rows_of_one_study_must_agree(tmp_path):

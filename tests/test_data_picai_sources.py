@@ -77,6 +77,28 @@ def test_a_study_in_two_fold_folders_is_an_error_naming_both(tmp_path):
         discover_picai(tmp_path, unlabelled="negative")
 
 
+@pytest.mark.parametrize(
+    ("files", "kind", "name", "first"),
+    [
+        (("Pat1/Pat1_s1", "Pat1/pat1_s2"), "patient", "pat1", "Pat1"),
+        (("Pat1/Pat1_s1", "pat1/pat1_s1"), "patient", "pat1", "Pat1"),
+        (("P3/P3_S1", "P3/P3_s1"), "case", "P3_s1", "P3_S1"),
+    ],
+)
+def test_ids_differing_in_letter_case_alone_are_refused(tmp_path, files, kind, name, first):
+    """Two studies of one patient folder written `Pat1_...` and `pat1_...` were two patients,
+    whose folds could put one study in training and the other in validation (the manifest
+    refuses such ids); on macOS and Windows such names are one file."""
+    for stem in files:
+        for component in ("t2w", "adc"):
+            _touch(tmp_path / "images" / f"{stem}_{component}.mha")
+    with pytest.raises(LayoutError) as refused:
+        discover_picai(tmp_path / "images", unlabelled="negative")
+    message = str(refused.value)
+    assert message.startswith(f"{kind} {name!r} (") and f") is {first!r} (" in message
+    assert message.endswith(f") in another letter case; name each {kind}'s files the same way")
+
+
 def test_first_labels_folder_holding_a_case_wins(tmp_path):
     """Expert labels, then AI-derived ones (PI-CAI's semi-supervised setting): one --labels only."""
     human, ai = _replica(tmp_path)
@@ -142,14 +164,16 @@ def test_marksheet_csPCa_case_without_label_is_not_stored_lesion_free(tmp_path):
     only the expert labels were given."""
     human, ai = _replica(tmp_path)
     sheet = tmp_path / "marksheet.csv"
-    with pytest.raises(LayoutError) as info:
+    with pytest.raises(CaseError) as info:
         discover_picai(tmp_path, human, unlabelled="negative", marksheet=sheet)
     message = str(info.value)
     assert "\n" not in message  # 10001_1000001 and 10002_1000002 (NO, no label) pass
-    assert message.startswith("case '10003_1000004': marksheet ") and "--unlabelled skip" in message
+    assert message.startswith(f"case '10003_1000004', file '{sheet}': the marksheet says csPCa")
+    assert "--unlabelled skip" in message
     refused = []
     cases = discover_picai(tmp_path, human, unlabelled="negative", marksheet=sheet, errors=refused)
-    assert [r[0] for r in refused] == ["10003_1000004"]
+    # Listed with the marksheet as its file (it was the case's first image, unrelated).
+    assert [r[:2] for r in refused] == [("10003_1000004", str(sheet))]
     assert "says csPCa (case_csPCa 'YES', case_ISUP '4')" in refused[0][2]
     assert [c.case_id for c in cases] == [
         "10000_1000000", "10001_1000001", "10002_1000002", "10003_1000003"

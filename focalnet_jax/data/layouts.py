@@ -282,8 +282,9 @@ def read_manifest(
     check_components(components)
     columns, rows = _manifest_rows(manifest, ["case_id", "patient_id", *components])
     centre_columns = _check_manifest_columns(manifest, columns, labels, unlabelled)
-    # seen, patients: case id, patient id folded to lower case -> (line, id as first written)
-    cases, seen, skipped, patients = [], {}, [], {}
+    # seen, patients: case id, patient id folded to lower case -> (line, id as first written);
+    # exams: a labelled case's T2w (file or folder, and series) -> (line, case id)
+    cases, seen, skipped, patients, exams = [], {}, [], {}, {}
     for line, row in rows:
         case = row["case_id"]
         where = f"manifest {manifest}, line {line}"
@@ -305,7 +306,10 @@ def read_manifest(
             if labels and not row.get("label") and unlabelled == "skip":
                 skipped.append(case)
                 continue
-            cases.append(_manifest_case(manifest, row, where, components, centre_columns, labels))
+            spec = _manifest_case(manifest, row, where, components, centre_columns, labels)
+            if labels:
+                _check_exam_once(spec, line, where, exams)
+            cases.append(spec)
         except UserError as error:
             if errors is None:
                 raise
@@ -313,6 +317,19 @@ def read_manifest(
     _warn_missing_patients(manifest, rows)
     _warn_left_out(skipped, f"no label in manifest {manifest}")
     return cases
+
+
+def _check_exam_once(spec: CaseSpec, line: int, where: str, exams: dict) -> None:
+    """A second row reading a case's T2w (its file or folder, and series) is refused: one exam
+    under two case and patient ids (a row copied, its id edited, its paths not) is stored as two
+    patients, and one copy could train while the other validates the same fold."""
+    key = (os.path.realpath(spec.components["t2w"]), spec.series.get("t2w"))
+    first_line, first = exams.setdefault(key, (line, spec.case_id))
+    if first != spec.case_id:
+        raise LayoutError(
+            f"{where}: case {spec.case_id!r} reads the T2w of case {first!r} (line {first_line}), "
+            f"{spec.components['t2w']}: one exam listed twice would be stored as two patients"
+        )
 
 
 def _warn_missing_patients(manifest: Path, rows) -> None:

@@ -145,12 +145,20 @@ def picai_images(images: PathArg | Sequence[PathArg]) -> dict[str, tuple[str, Pa
         if not folder.is_dir():
             raise LayoutError(not_a_folder("images", folder))
     found: dict[str, tuple[str, Path, Path]] = {}
+    spellings: dict[str, tuple[str, Path]] = {}  # patient or case id in lower case -> first
     for patient_dir in (d for folder in folders for d in _patient_dirs(folder)):
         for case, patient, file in _image_files(patient_dir):
             if case in found and found[case][1] != patient_dir:
                 raise LayoutError(
                     f"case {case!r}: files in two patient folders: {found[case][2]} and {file}"
                 )
+            for kind, name in (("patient", patient), ("case", case)):
+                first, first_file = spellings.setdefault(f"{kind} {name.lower()}", (name, file))
+                if first != name:  # folds compare ids exactly; one file on macOS and Windows
+                    raise LayoutError(
+                        f"{kind} {name!r} ({file}) is {first!r} ({first_file}) in another letter "
+                        f"case; name each {kind}'s files the same way"
+                    )
             found.setdefault(case, (patient, patient_dir, file))
     if not found:
         raise LayoutError(
@@ -218,12 +226,14 @@ def check_unlabelled_case(case: str, row: dict, marksheet, folders: Sequence[Pat
     where the marksheet says it holds csPCa (its lesions would train and score as background)."""
     if marksheet_cspca(row):
         where = ", ".join(map(str, folders)) or "no --labels folder"
-        raise LayoutError(
-            f"case {case!r}: marksheet {marksheet} says csPCa (case_csPCa "
+        raise CaseError(
+            case,
+            marksheet,
+            f"the marksheet says csPCa (case_csPCa "
             f"{row.get('case_csPCa', '')!r}, case_ISUP {row.get('case_ISUP', '')!r}) but no label "
             f"file is in {where}; --unlabelled negative would store it lesion-free. Add a label "
             "folder that holds it (e.g. a second --labels with AI-derived labels) or pass "
-            "--unlabelled skip"
+            "--unlabelled skip",
         )
 
 
