@@ -74,3 +74,27 @@ def test_a_bar_in_the_label_stays_in_its_cell(tmp_path):
             assert line.replace("\\|", "").count("|") == header.count("|"), (header, line)
             rows += 1
     assert rows == 4
+
+
+def test_froc_figures_draw_no_curve_for_a_group_without_lesions(tmp_path, monkeypatch):
+    """A GS group with no lesion (n=0) has no sensitivity (`n/a` in report.md, null in
+    metrics.json), but its froc_gs.png panel drew a line at sensitivity 0 before the first FP
+    point, with the method in its legend."""
+    from test_evaluation_cli import write_blob_case
+
+    from focalnet_jax.evaluation import figures
+
+    write_blob_case(tmp_path / "p", "c1", lesion=(3, (4, 20, 20)), blobs=[((4, 20, 20), 0.9)])
+    write_blob_case(tmp_path / "p", "c2", blobs=[((4, 12, 30), 0.6)])
+    drawn, real = {}, figures.froc_figure
+    monkeypatch.setattr(  # the real figure, its panels kept to look at
+        figures,
+        "froc_figure",
+        lambda path, panels: drawn.update({path.name: panels}) or real(path, panels),
+    )
+    evaluate.evaluate_predictions(tmp_path / "p", tmp_path / "eval", with_picai=False)
+    gs = drawn["froc_gs.png"]
+    assert sorted(gs) == ["GS 3+3 (n=0)", "GS 3+4 (n=0)", "GS 4+3 (n=1)", "GS >= 8 (n=0)"]
+    assert all(curves["model"] is None for title, curves in gs.items() if "(n=0)" in title)
+    assert gs["GS 4+3 (n=1)"]["model"] is not None
+    assert (tmp_path / "eval" / "froc_gs.png").is_file()

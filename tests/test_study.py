@@ -372,6 +372,21 @@ def test_ensemble_of_a_member_no_longer_done_waits_and_leaves_the_report(
 
 
 @pytest.mark.slow
+def test_a_slurm_run_with_nothing_to_submit_computes_the_outdated_ensembles(finished, tmp_path):
+    """`status` says an outdated ensemble is computed by the next `study run`; with the SLURM
+    executor that run said "nothing to submit" and left it outdated."""
+    _require_slurm()
+    copy = shutil.copytree(finished, tmp_path / "copy", ignore=shutil.ignore_patterns("report"))
+    ensemble = copy / "both" / "rep0" / "fold1" / "eval" / "metrics.json"
+    old = time.time() - 3600  # a member evaluated again after the ensemble was computed
+    os.utime(ensemble, (old, old))
+    assert re.search(r"both/rep0/fold1\s+outdated", study("status", "--workdir", str(copy)).stdout)
+    again = study("run", "--workdir", str(copy), "--executor=slurm").stdout
+    assert "nothing to submit" in again and "ensembles computed: both/rep0/fold1" in again
+    assert re.search(r"both/rep0/fold1\s+done", study("status", "--workdir", str(copy)).stdout)
+
+
+@pytest.mark.slow
 def test_killed_study_resumes_the_interrupted_cell(store, tmp_path):
     """A study killed mid-cell resumes the cell from its checkpoint. The cell's time counts
     every attempt (its `seconds` counted the last one only): here one killed, one that really

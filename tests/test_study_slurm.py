@@ -152,6 +152,16 @@ def test_task_ended_by_slurm_is_interrupted_with_its_reason_and_submitted_again(
     assert re.search(line, status, re.M), status
     again = study("run", "--workdir", str(workdir), "--executor=slurm", "--dry-run", env=env)
     assert "0 running or queued elsewhere, 1 to run" in again.stdout, again.stdout
+    # Submitted again, its task ends before the cell starts (its task list gone): the earlier
+    # attempt's task and reason were shown, the new task's output nowhere.
+    study("run", "--workdir", str(workdir), "--executor=slurm", "--sbatch=--hold", env=env)
+    second = json.loads((workdir / "slurm" / "jobs.json").read_text())[-1]
+    Path(second["script"]).with_suffix(".txt").unlink()
+    subprocess.run(["scontrol", "release", second["job_id"]], env=env, check=True)
+    _wait_for(lambda: not _queued_cells(workdir, env), "the released task ended")
+    status = study("status", "--workdir", str(workdir), env=env).stdout
+    line = rf"ce/rep0/fold0\s+failed\s+{second['job_id']}_0\s+.*task output: sed: can't read"
+    assert re.search(line, status), status
 
 
 def _one_cell_on_slurm(store: Path, cluster, tmp_path: Path) -> tuple[Path, dict, Path, str]:

@@ -238,11 +238,15 @@ def write_figures(
     froc = metrics["froc"]
 
     def froc_panels(panels):
+        """{panel title: {label: curve}}; no curve for a group without lesions (its sensitivity
+        is undefined: a line at 0 drawn before the first FP point said otherwise)."""
         return {
             f"{title} (n={froc[group]['num_lesions']})": {
                 label: figures.froc_step_curve(
                     froc[group]["curve"]["fp"], froc[group]["curve"]["sensitivity"]
                 )
+                if froc[group]["num_lesions"]
+                else None
             }
             for title, group in panels
         }

@@ -182,6 +182,10 @@ def cell_states(
         name, task = state.state, own_task or latest
         if name != "done" and queue and latest in queue:
             name, task = ("queued" if queue[latest] == "PENDING" else queue[latest].lower()), latest
+        elif name != "done" and own_task and latest not in (own_task, "") and queue is not None:
+            # submitted again after an attempt of `own_task`, and gone without starting the cell
+            # (each attempt records its task): the earlier attempt's state would be shown
+            name, task = "failed", latest
         elif name == "running" and own_task and queue is not None and own_task not in queue:
             name = "interrupted"  # not a cell run here: its process is alive (`Study.state`)
         elif name == "pending" and latest and queue is not None and latest not in queue:
@@ -243,14 +247,14 @@ def _start_cells(study: Study, args: argparse.Namespace, lock: IO[str] | None = 
     if args.executor == "slurm":
         if not todo:
             print("nothing to submit")
-            return 0
-        job = slurm.submit(
+        elif job := slurm.submit(
             study, todo, _slurm_options(study, args), dry_run=args.dry_run, lock=lock
-        )
-        if job:
+        ):
             print(
                 f"submitted job array {job} ({plural(len(todo), 'task')}); `focalnet study status`"
             )
+        if not args.dry_run:  # the cells' tasks leave the ensembles of done members to a run
+            _ensembles(study)
         return 0
     devices, parallel = _local_slots(args)
     if args.dry_run:
@@ -291,9 +295,12 @@ def _status(args: argparse.Namespace) -> int:
     for cell in study.cells():
         state = study.state(cell)
         name, task = states[cell.name]
-        ended = name in ("interrupted", "failed") and task and "error" not in state.record
+        later = bool(task) and task != state.record.get("slurm_job")  # it made no attempt
+        ended = name in ("interrupted", "failed") and bool(task)
+        ended = ended and (later or "error" not in state.record)
         why = (slurm.task_end(study, task) or "task left the queue, no output") if ended else None
-        detail = state.record.get("error") or why or state.record.get("log", "")
+        detail = (why if later else None) or state.record.get("error") or why
+        detail = detail or state.record.get("log", "")
         spent = time_so_far(state.record, study.path(cell))
         seconds, attempts = (str(spent[0]), str(spent[1])) if spent else ("", "")
         rows.append((cell.name, name, task, seconds, attempts, detail))
