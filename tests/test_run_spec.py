@@ -245,13 +245,20 @@ def test_an_augmentation_switch_of_none_is_refused(switch):
     config.augment[switch] = None
     with pytest.raises(UserError, match=rf"^augment\.{switch}: expected true or false, got None$"):
         RunSpec.from_config(config, num_devices=1)
+    RunSpec.from_config(config, num_devices=1, training=False)  # a run trained so still predicts
 
 
-def test_aspp_v3_with_batch_statistics_of_one_slice_is_refused():
+def test_aspp_v3_with_batch_statistics_of_one_slice_is_refused(tmp_path):
     """Its image-pooling branch gave its BatchNorm's bias alone and never trained (no gradient)."""
+    from focalnet_jax.run import workdir
+
     config = tiny_config(overrides=["--config.model.aspp=v3", "--config.train.batch_size=1"])
     with pytest.raises(UserError, match=r"^model\.aspp=v3 with model\.norm=batch and train\."):
         RunSpec.from_config(config, num_devices=1)
+    # A run trained so before this check still predicts: only training is refused.
+    workdir.save_config(config, tmp_path)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        workdir.load_for_inference(tmp_path)
     config.model.norm = "frozen"
     RunSpec.from_config(config, num_devices=1)
     config.model.norm, config.train.batch_size = "batch", 2

@@ -162,6 +162,13 @@ def test_task_ended_by_slurm_is_interrupted_with_its_reason_and_submitted_again(
     status = study("status", "--workdir", str(workdir), env=env).stdout
     line = rf"ce/rep0/fold0\s+failed\s+{second['job_id']}_0\s+.*task output: sed: can't read"
     assert re.search(line, status), status
+    # Then run here (`--executor local`: its attempt records no SLURM task) and failed: its own
+    # error is shown, not the last task's output.
+    from focalnet_jax.study.cells import Cell, Study
+
+    Study.open(workdir).write_state(Cell("ce", 0, 0), "failed", error="train: a local failure")
+    status = study("status", "--workdir", str(workdir), env=env).stdout
+    assert re.search(r"ce/rep0/fold0\s+failed\s+.*train: a local failure", status), status
 
 
 def _one_cell_on_slurm(store: Path, cluster, tmp_path: Path) -> tuple[Path, dict, Path, str]:

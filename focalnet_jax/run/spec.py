@@ -108,8 +108,11 @@ class RunSpec:
         *,
         num_devices: int | None = None,
         image_size: tuple[int, int] | None = None,
+        training: bool = True,
     ) -> RunSpec:
-        """Validate `config` and resolve it.
+        """Validate `config` and resolve it; `training=False` (a trained run loaded to predict)
+        skips the checks of what training alone would do wrong (`_check_training_only`), so a
+        run trained before them still predicts.
 
         Args:
           config: a run config (`configs/default.py` fields).
@@ -119,7 +122,10 @@ class RunSpec:
             training loop passes its store's).
         """
         try:
-            return cls._resolve(config, num_devices, image_size)
+            spec = cls._resolve(config, num_devices, image_size)
+            if training:
+                _check_training_only(config)
+            return spec
         except UserError:
             raise
         except (TypeError, ValueError) as error:  # every config error is the user's to fix
@@ -140,7 +146,6 @@ class RunSpec:
         _check_augment(config.augment)
         schedule, tx = _optimizer(config.optim)
         per_device_batch(config.train.batch_size, num_devices or jax.device_count())
-        _check_pooled_branch(config.model, config.train.batch_size)
         if image_size is None:  # the store's comes with `for_store`; parameters fit any size
             multiple = input_multiple(config.model)
             side = -(-PreprocessConfig().crop_size // multiple) * multiple
@@ -344,10 +349,16 @@ def _check_range(value, key: str, above: float) -> None:
         )
 
 
-def _check_pooled_branch(model, batch_size: int) -> None:
-    """ASPP v3's image-pooling branch holds one value per channel and slice: with batch
-    statistics over a batch of one slice its BatchNorm gives its bias alone, so the branch
-    would never train (no gradient reaches its convolution)."""
+def _check_training_only(config) -> None:
+    """What training alone would do wrong: an augmentation switch that is no boolean (`None` set
+    in a config file read as off); ASPP v3's image-pooling branch (one value per channel and
+    slice) under batch statistics of a one-slice batch: its BatchNorm gives its bias alone, so
+    the branch would never train (no gradient reaches its convolution)."""
+    for switch in ("shift", "scale", "flip", "intensity"):
+        value = config.augment[switch]
+        if not isinstance(value, bool):
+            raise ValueError(f"augment.{switch}: expected true or false, got {value!r}")
+    model, batch_size = config.model, config.train.batch_size
     if model.name == "deeplab" and model.aspp == "v3" and model.norm == "batch" and batch_size < 2:
         raise ValueError(
             f"model.aspp=v3 with model.norm=batch and train.batch_size={batch_size}: the image-"
@@ -360,11 +371,7 @@ def _check_augment(augment) -> None:
     """The ranges the augmentation draws from (`training.augment`): `jax.random.uniform` with
     minval > maxval returns minval every time, so a reversed range or a negative shift limit
     would apply one fixed zoom or shift to every slice without a word; a zoom <= 0 or an upper
-    T2w threshold moved by <= -100 % has no meaning. The switches are booleans (a `None` set in
-    a config file read as off)."""
-    for switch in ("shift", "scale", "flip", "intensity"):
-        if not isinstance(augment[switch], bool):
-            raise ValueError(f"augment.{switch}: expected true or false, got {augment[switch]!r}")
+    T2w threshold moved by <= -100 % has no meaning."""
     _number(augment.max_shift, "augment.max_shift", 0.0, 1.0)
     _check_range(augment.scale_range, "augment.scale_range", 0.0)
     _check_range(augment.intensity_range, "augment.intensity_range", -1.0)

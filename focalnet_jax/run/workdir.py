@@ -431,7 +431,7 @@ def load_for_inference(workdir: str | Path, step: int | None = None):
     workdir = Path(workdir)
     config = read_config(workdir)
     # Parameter shapes do not depend on the image size: the default crop describes the state.
-    spec = RunSpec.from_config(config, num_devices=1)
+    spec = RunSpec.from_config(config, num_devices=1, training=False)
     if not (workdir / CHECKPOINT_DIR).is_dir():
         raise FileNotFoundError(_no_checkpoint(workdir))
     manager = make_manager(workdir, read_only=True)

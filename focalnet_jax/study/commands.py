@@ -295,7 +295,9 @@ def _status(args: argparse.Namespace) -> int:
     for cell in study.cells():
         state = study.state(cell)
         name, task = states[cell.name]
-        later = bool(task) and task != state.record.get("slurm_job")  # it made no attempt
+        # a task that made no attempt: the cell never started, or its attempt was another task's
+        own = state.record.get("slurm_job")
+        later = bool(task) and (state.state == "pending" or bool(own) and task != own)
         ended = name in ("interrupted", "failed") and bool(task)
         ended = ended and (later or "error" not in state.record)
         why = (slurm.task_end(study, task) or "task left the queue, no output") if ended else None
