@@ -450,11 +450,12 @@ def test_dicom_refusals_and_series_column_through_the_cli(
     (gap / "1-07.dcm").unlink()
 
     def row(case, adc, **extra):
-        t2w_dir = str(prostatex_case_dir / "t2w")
+        t2w_dir = tmp_path / f"{case}_t2w"  # a copy each: one exam on two rows is refused
+        shutil.copytree(prostatex_case_dir / "t2w", t2w_dir)
         return {
             "case_id": case,
             "patient_id": case,
-            "t2w": t2w_dir,
+            "t2w": str(t2w_dir),
             "adc": str(adc),
             "label": str(tmp_path / "label.nii.gz"),
             **extra,

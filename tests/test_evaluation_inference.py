@@ -112,10 +112,14 @@ def test_predict_maps_of_the_ensemble_are_the_mean_of_the_single_models(cv, tmp_
     expected = [{"run": str(f), "step": 2} for f in folds]
     weights = [variables_digest(load_for_inference(f)[1]) for f in folds]
     assert len(set(weights)) == 2 and all(len(w) == 16 for w in weights)
+    candidates = {"threshold": "dynamic-fast", "num_lesions": 5, "min_voxels": 10,
+                  "dynamic_threshold_factor": 2.5}  # fmt: skip
     assert json.loads((tmp_path / "cv" / "models.json").read_text()) == {
         "models": expected,
         "tta": "none",
         "weights": weights,
+        "threshold": 0.5,
+        "candidates": candidates,
     }
     recorded = json.loads((tmp_path / "fold1" / "models.json").read_text())
     assert recorded["models"] == expected[1:] and recorded["weights"] == weights[1:]
