@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 from types import SimpleNamespace
+from unittest.mock import ANY
 
 import numpy as np
 import pytest
@@ -146,6 +147,29 @@ def test_fold_files_are_replaced_together_or_not_at_all(tmp_path, monkeypatch):
     blocked.rmdir()
     assert [path.read_text() for path in old] == before
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"fold-{k}.json" for k in range(5)]
+    # A stop between the renames (a kill, a failing rename) leaves files of two splits: refused
+    # when read, naming two of them (some cases were validated twice, some never).
+    renames = iter(range(10))
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if next(renames) == 2:
+            raise OSError(5, "Input/output error")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="Input/output error"):
+        folds_lib.write_fold_files(store, tmp_path, num_folds=5, seed=1)
+    monkeypatch.setattr(os, "replace", real_replace)
+    with pytest.raises(UserError) as refused:
+        folds_lib.read_given_split(tmp_path, 0, 5)
+    assert str(refused.value) == (
+        f"split folder {tmp_path}: fold-0.json and fold-3.json are folds of two different splits "
+        "(a `focalnet folds` stopped while replacing them?); write the folds again with "
+        "`focalnet folds --out`"
+    )
+    folds_lib.write_fold_files(store, tmp_path, num_folds=5, seed=1)
+    assert folds_lib.read_given_split(tmp_path, 0, 5) == folds_lib.split_cases(store, 0, 5, 1)
 
 
 def _picai_store():
@@ -353,7 +377,7 @@ def test_fewer_fold_files_written_over_more_remove_the_later_ones(tmp_path, capl
     assert f"{tmp_path}: removed fold-3.json, fold-4.json, of an earlier split" in caplog.text
     for k, path in enumerate(paths):
         train, val = split_cases(store, k, 3, seed=1)
-        assert json.loads(path.read_text()) == {"train": train, "val": val}
+        assert json.loads(path.read_text()) == {"train": train, "val": val, "split": ANY}
         assert split_cases(store, k, 3, splits=tmp_path) == (train, val)
     with pytest.raises(UserError, match=r"fold-3.json does not exist"):
         split_cases(store, 3, 5, splits=tmp_path)
@@ -388,6 +412,9 @@ def test_given_folds_that_validate_a_case_twice_are_refused_for_training(tmp_pat
     write_fold_files(store, mixed, num_folds=5, seed=0)
     for path in write_fold_files(store, newer, num_folds=3, seed=1):
         shutil.copy(path, mixed / path.name)
+    for path in mixed.iterdir():  # as written by hand (with their ids, refused as two splits)
+        entry = json.loads(path.read_text())
+        path.write_text(json.dumps({"train": entry["train"], "val": entry["val"]}))
     val = [set(json.loads((mixed / f"fold-{k}.json").read_text())["val"]) for k in range(5)]
     for fold in (0, 4):
         with pytest.raises(UserError) as raised:

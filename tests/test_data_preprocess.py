@@ -305,11 +305,40 @@ def test_default_case_finds_bladder_and_scales_urine_to_one(tmp_path):
     )
 
 
+def test_bladder_reference_does_not_depend_on_how_the_t2w_is_stored():
+    """The search box was cut by truncating voxel bounds and subsampled from its first row: the
+    same exam stored mirrored, or with its crop centre a rounding error either side of a whole
+    voxel, gave another bladder reference (565 against 537 for one synthetic case)."""
+    sc = synth_case(12)
+    t2w = sc.images["t2w"]
+    raw = sitk.GetArrayFromImage(t2w).astype(np.float32)
+    _, ny, nx = raw.shape
+    i, j, _ = t2w.TransformPhysicalPointToContinuousIndex(sc.prostate_center)
+    for row, column in [(j, i), (round(j) - 1e-6, i), (round(j) + 1e-6, round(i) + 0.5)]:
+        stored = {
+            "as is": (raw, (row, column), 1.0),
+            "mirrored": (raw[:, ::-1, ::-1], (ny - 1 - row, nx - 1 - column), -1.0),
+            "left-right": (raw[:, :, ::-1], (row, nx - 1 - column), 1.0),
+        }
+        found = {
+            name: intensity.find_bladder(
+                np.ascontiguousarray(volume), (3.0, 0.5, 0.5), center, anterior_sign=sign
+            )
+            for name, (volume, center, sign) in stored.items()
+        }
+        assert found["as is"].sum() > 10000
+        np.testing.assert_array_equal(found["mirrored"][:, ::-1, ::-1], found["as is"])
+        np.testing.assert_array_equal(found["left-right"][:, :, ::-1], found["as is"])
+    near = [intensity.find_bladder(raw, (3.0, 0.5, 0.5), (round(j) + d, i)) for d in (-1e-6, 1e-6)]
+    np.testing.assert_array_equal(*near)
+
+
 @pytest.mark.parametrize(
     "problem, reason",
     [
         ("component_outside", "adc does not overlap the T2w field of view"),
         ("label_outside", "label does not overlap the T2w field of view"),
+        ("bladder_outside", "bladder mask does not overlap the T2w field of view"),
         ("label_values", "outside the allowed set"),
         ("lesion_outside_crop", "lost by resampling"),
     ],
@@ -317,8 +346,13 @@ def test_default_case_finds_bladder_and_scales_urine_to_one(tmp_path):
 def test_bad_case_raises_naming_case_file_reason(small_case, tmp_path, problem, reason):
     folder, sc = small_case
     components = {"t2w": str(folder / "t2w.mha"), "adc": str(folder / "adc.mha")}
-    label = None
-    if problem == "component_outside":
+    label, bladder = None, None
+    if problem == "bladder_outside":  # it was called "empty" once resampled
+        image = sitk.Image(sc.mask)
+        image.SetOrigin(tuple(o + 500.0 for o in image.GetOrigin()))
+        bladder = bad = str(tmp_path / "bladder.nii.gz")
+        write_image(image, bladder)
+    elif problem == "component_outside":
         adc = sitk.Image(sc.images["adc"])
         adc.SetOrigin(tuple(o + 500.0 for o in adc.GetOrigin()))
         components["adc"] = str(tmp_path / "adc.mha")
@@ -341,20 +375,25 @@ def test_bad_case_raises_naming_case_file_reason(small_case, tmp_path, problem, 
         write_image(image, label)
         bad = str(label)
     with pytest.raises(CaseError) as info:
-        preprocess_case(components, label, case_id="case-7", mask=folder / "mask.nii.gz")
+        preprocess_case(
+            components, label, case_id="case-7", mask=folder / "mask.nii.gz", bladder_mask=bladder
+        )
     assert info.value.case == "case-7" and info.value.file == bad
     assert reason in info.value.reason and "case-7" in str(info.value) and bad in str(info.value)
 
 
 def _reordered(image: sitk.Image, order: str) -> sitk.Image:
-    """The same voxels stored y-flipped (as dcm2niix writes an axial series) or transposed."""
+    """The same voxels stored y-flipped (as dcm2niix writes an axial series), x- and y-flipped,
+    or transposed."""
     if order == "flip_y":
         return sitk.Flip(image, [False, True, False])
+    if order == "flip_xy":  # as RAS tools store it
+        return sitk.Flip(image, [True, True, False])
     return sitk.PermuteAxes(image, [1, 0, 2])
 
 
 @pytest.mark.real_data
-@pytest.mark.parametrize("order", ["flip_y", "transpose"])
+@pytest.mark.parametrize("order", ["flip_y", "flip_xy", "transpose"])
 def test_real_exam_stored_flipped_or_transposed_gives_the_same_crop(
     real_exam, prostatex_case_dir, tmp_path, order
 ):
@@ -372,7 +411,7 @@ def test_real_exam_stored_flipped_or_transposed_gives_the_same_crop(
     other = preprocess_case(
         components, tmp_path / "label.nii.gz", config={"interpolator": "linear"}, case_id="flip"
     )
-    assert other.t2w_reference["bladder"] == pytest.approx(case.t2w_reference["bladder"], abs=1)
+    assert other.t2w_reference["bladder"] == case.t2w_reference["bladder"]
     np.testing.assert_allclose(other.images, case.images[..., :2], atol=2e-3)
     np.testing.assert_array_equal(other.classes, case.classes)
     np.testing.assert_allclose(
@@ -447,8 +486,8 @@ def test_components_without_orientation_on_other_grids_are_refused(small_case, t
         preprocess_case(components, mask=folder / "mask.nii.gz", case_id="c4")
     assert info.value.file == str(components["t2w"])
     assert info.value.reason.startswith(
-        "t2w is a NIfTI without orientation (qform_code and sform_code 0: read at origin 0, not "
-        "where the scanner put it) and adc lies on another grid"
+        "t2w is a NIfTI without orientation (qform_code and sform_code 0): read at origin 0, not "
+        "where the scanner put it, and adc lies on another grid"
     )
     # Given with its header, the ADC is still refused beside the T2w read at origin 0.
     components["adc"] = folder / "adc.mha"
@@ -477,8 +516,8 @@ def test_label_or_mask_without_orientation_off_the_t2w_grid_is_refused(small_cas
         preprocess_case(components, files["label"], **run)
     assert info.value.file == str(unplaced)
     assert info.value.reason.startswith(
-        f"{what} is a NIfTI without orientation (qform_code and sform_code 0: read at origin 0, "
-        "not where the scanner put it) and the T2w lies on another grid"
+        f"{what} is a NIfTI without orientation (qform_code and sform_code 0): read at origin 0, "
+        "not where the scanner put it, and the T2w lies on another grid"
     )
     # Beside a T2w (and an ADC on its grid) saved without orientation too, voxels correspond.
     on_t2w = sitk.Resample(sc.images["adc"], sc.images["t2w"], sitk.Transform(), sitk.sitkLinear)
@@ -491,6 +530,50 @@ def test_label_or_mask_without_orientation_off_the_t2w_grid_is_refused(small_cas
     else:
         run["mask"] = _without_orientation(sc.mask, tmp_path / "mask.nii")
     assert preprocess_case(components, files["label"], **run).images.shape[-1] == 2
+
+
+def _without_position(image: sitk.Image, path):
+    """`image` written as an NRRD or MetaImage whose header gives no position (`space` fields
+    dropped, `spacings` kept; no `Offset`), as pynrrd's `nrrd.write(path, array)` or a
+    hand-written header: ITK reads it at origin 0."""
+    write_image(image, path)
+    head, data = path.read_bytes().split(b"\n\n", 1) if path.suffix == ".nrrd" else (None, None)
+    if head is not None:
+        lines = [line for line in head.decode().splitlines() if not line.startswith("space")]
+        lines.append("spacings: " + " ".join(f"{s:g}" for s in image.GetSpacing()))
+        path.write_bytes("\n".join(lines).encode() + b"\n\n" + data)
+    else:
+        text = path.read_bytes()
+        start = text.index(b"Offset = ")
+        path.write_bytes(text[:start] + text[text.index(b"\n", start) + 1 :])
+    assert sitk.ReadImage(str(path)).GetOrigin() == (0.0, 0.0, 0.0)
+    return path
+
+
+@pytest.mark.parametrize("suffix, how", [
+    (".nrrd", "an NRRD without position (no `space origin` field)"),
+    (".mha", "a MetaImage without position (no Offset, Origin or Position field)"),
+])  # fmt: skip
+def test_nrrd_or_metaimage_without_position_is_refused(small_case, tmp_path, suffix, how):
+    """A bare NRRD (pynrrd's default) or a MetaImage without Offset was read at origin 0 and
+    resampled from there: an ADC beside the T2w, or a label with the T2w's voxels, lay 20 mm and
+    more from where it was, without a word (only NIfTI files were checked)."""
+    folder, sc = small_case
+    t2w = folder / "t2w.mha"
+    adc = _without_position(sc.images["adc"], tmp_path / f"adc{suffix}")
+    with pytest.raises(CaseError) as info:
+        preprocess_case({"t2w": t2w, "adc": adc}, mask=folder / "mask.nii.gz", case_id="c8")
+    assert info.value.file == str(adc)
+    assert info.value.reason.startswith(f"adc is {how}: read at origin 0")
+    label = _without_position(
+        sitk.ReadImage(str(_label_with(sc, [(3, OFFSETS[4])], tmp_path))),
+        tmp_path / f"label{suffix}",
+    )
+    components = {"t2w": t2w, "adc": folder / "adc.mha"}
+    with pytest.raises(CaseError) as info:
+        preprocess_case(components, label, mask=folder / "mask.nii.gz", case_id="c8")
+    assert info.value.file == str(label)
+    assert info.value.reason.startswith(f"label is {how}: read at origin 0")
 
 
 def test_blank_hbv_is_refused(small_case, tmp_path):

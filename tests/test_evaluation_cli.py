@@ -7,7 +7,9 @@ import contextlib
 import io
 import json
 import logging
+import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -906,3 +908,49 @@ def test_summarize_removes_an_earlier_summarys_figures_and_says_how_many_folds_a
     assert not (out / "roc.png").exists()  # the earlier summary's: removed before summary.json
     auc = json.loads((tmp_path / "A" / "fold0" / "metrics.json").read_text())["roc"]["gs_ge_7"]
     assert list(drawn["GS >= 7"]) == [f"A (AUC {auc['auc']:.3f} (1/3))"]
+
+
+def test_summarize_stopped_before_its_report_leaves_no_earlier_report(tmp_path, monkeypatch):
+    """A rerun stopped between summary.json and summary.md (a full disk) left the earlier
+    summary.md, of other methods and numbers, beside the new summary.json."""
+    from focalnet_jax.evaluation import summary
+
+    for method in "AB":
+        for fold in range(2):
+            run = [f"/{method}{fold}"]
+            _evaluate_fold(tmp_path / method / "p" / str(fold), tmp_path / method / str(fold), run)
+    out = tmp_path / "summary"
+    run_cli(["summarize", "--runs", f"A={tmp_path / 'A'}", "--out", str(out)])
+    assert (out / "summary.md").is_file()
+
+    def full_disk(path):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(summary, "replaced_atomically", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        summary.summarize_runs({"A": tmp_path / "A", "B": tmp_path / "B"}, out)
+    assert json.loads((out / "summary.json").read_text())["methods"].keys() == {"A", "B"}
+    assert not (out / "summary.md").exists()
+
+
+@pytest.mark.parametrize("command", ["evaluate", "summarize", "synth"])
+def test_a_second_writer_of_one_folder_is_refused_in_one_line(tmp_path, command):
+    """Two evaluate (or summarize) runs into one --out each ended well, one's figures beside the
+    other's metrics; two synth runs both passed the check for an empty --out, the later one
+    replacing the other's dataset without a word."""
+    from focalnet_jax.data.writer_folders import lock_beside, writer_lock
+
+    out = tmp_path / "out"
+    argv = {
+        "evaluate": ["evaluate", "--predictions", str(tmp_path / "pred"), "--out", str(out)],
+        "summarize": ["summarize", "--runs", f"A={tmp_path / 'A'}", "--out", str(out)],
+        "synth": ["synth", "--out", str(out), "--cases", "1", "--small"],
+    }[command]
+    with writer_lock(out, command):
+        message = _error(argv)
+        assert lock_beside(out, command).is_file()
+    assert message == (
+        f"focalnet {command}: error: {out} is being written by another focalnet {command} (pid "
+        f"{os.getpid()} on {socket.gethostname()}); wait for it to end"
+    )
+    assert not out.exists() and not lock_beside(out, command).exists()

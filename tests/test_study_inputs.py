@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 
@@ -82,6 +83,18 @@ def test_a_cell_started_after_a_change_fails_with_the_reason(study):
     state = study_.state(cell)
     assert state.state == "failed" and "base config" in state.record["error"]
     assert "base config" in study_.log_path(cell).read_text()
+
+
+def test_a_cell_started_from_a_relative_folder_records_absolute_paths(study, monkeypatch):
+    """`study cell --workdir st` recorded the log as `st/.../cell.log`, which `study status`
+    run from another folder showed as a path that does not exist there."""
+    root, base, _ = study
+    base.write_text(CONFIG.format(seed=1))
+    monkeypatch.chdir(root.parent)
+    assert run_cell(root.name, "ce/rep0/fold0") == 1
+    study_ = Study.open(root)
+    log = study_.state(study_.cell("ce/rep0/fold0")).record["log"]
+    assert log == str(root / "ce/rep0/fold0/cell.log") and Path(log).is_file()
 
 
 @pytest.mark.parametrize("damage", ["config_broken", "config_gone", "store_gone"])

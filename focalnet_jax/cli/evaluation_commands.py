@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 
 from focalnet_jax.cli.training_commands import add_compilation_cache_flag
@@ -139,8 +140,20 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from focalnet_jax.training.distributed import compilation_cache
 
     check_evaluate_flags(args)  # before the cache is set: refused with --predictions
-    with compilation_cache(args.compilation_cache):
+    with compilation_cache(args.compilation_cache), _out_lock(args):
         return _evaluate(args)
+
+
+def _out_lock(args: argparse.Namespace) -> contextlib.AbstractContextManager:
+    """The lock beside the evaluation's output folder (`writer_lock`), held from the first
+    prediction to the last figure: two runs into one folder left one's figures beside the other's
+    metrics, both ending well."""
+    from focalnet_jax.data.writer_folders import writer_lock
+
+    out = args.out
+    if out is None and args.workdir is not None and not args.all_cases:
+        out = args.workdir / "eval"
+    return contextlib.nullcontext() if out is None else writer_lock(out, "evaluate")
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -229,13 +242,15 @@ def add_summarize(parser: argparse.ArgumentParser) -> None:
 
 
 def run_summarize(args: argparse.Namespace) -> int:
+    from focalnet_jax.data.writer_folders import writer_lock
     from focalnet_jax.evaluation.flag_checks import check_output_folder, parse_runs
     from focalnet_jax.evaluation.summary import check_summary_folder, summarize_runs
 
     runs = parse_runs(args.runs)
     check_output_folder(args.out)
-    check_summary_folder(args.out)
-    summarize_runs(runs, args.out)
+    with writer_lock(args.out, "summarize"):
+        check_summary_folder(args.out)
+        summarize_runs(runs, args.out)
     print(f"wrote {args.out / 'summary.json'} and {args.out / 'summary.md'}")
     return 0
 

@@ -4,6 +4,7 @@ read from given split files (PI-CAI's official folds, see `read_given_split`).""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -160,6 +161,27 @@ def _id_list(value, path: Path, key: str) -> list[str]:
     return value
 
 
+_SPLIT_KEY = "split"  # in `fold-<k>.json`: the id of the split it is a fold of (`write_fold_files`)
+
+
+def _check_one_split(folds: Sequence[Path]) -> None:
+    """Refuses the `fold-<k>.json` files `folds` of one folder where their `split` ids differ
+    (a `focalnet folds` stopped while renaming them: some cases validated twice, some never);
+    files without the id (written by hand or by earlier versions) are not compared."""
+    ids = {}
+    for path in folds:
+        entry = _json_file(path)
+        ids[path] = entry.get(_SPLIT_KEY) if isinstance(entry, dict) else None
+    first = next(((p, i) for p, i in ids.items() if i is not None), None)
+    other = first and next((p for p, i in ids.items() if i != first[1]), None)
+    if other is not None:
+        raise UserError(
+            f"split folder {first[0].parent}: {first[0].name} and {other.name} are folds of two "
+            "different splits (a `focalnet folds` stopped while replacing them?); write the "
+            "folds again with `focalnet folds --out`"
+        )
+
+
 # The names of split files in a folder, per fold k: picai_baseline's pair, or `focalnet folds`'.
 _PICAI_FILES = ("ds-config-train-fold-{k}.json", "ds-config-valid-fold-{k}.json")
 _FOLD_FILE = "fold-{k}.json"
@@ -223,6 +245,7 @@ def read_given_split(
             raise UserError(
                 f"split folder {path}: holds fold {max(numbers)}, data.num_folds is {num_folds}"
             )
+        _check_one_split(folds)
     files = split_files(path, fold)
     if len(files) == 2:  # picai_baseline's train and valid files
         train, valid = (_subject_list(file) for file in files)
@@ -330,12 +353,14 @@ def _warn_validated_twice_or_never(store, val: Sequence[set], splits) -> None:
 def write_fold_files(
     store, out_dir: str | os.PathLike, num_folds: int = 5, seed: int = 0
 ) -> list[Path]:
-    """`fold-<k>.json` files with {"train": [case ids], "val": [case ids]}: every split made and
-    every file written to a temporary file before any is renamed into place (a failure while
-    making or writing them, e.g. a full disk, leaves the previous files, not fold files of two
-    splits side by side). Once all are in place, the `fold-<j>.json` of an earlier split for
-    j >= `num_folds` are removed (`_remove_later_folds`): read with the new files, they would
-    validate cases twice. A folder holding picai_baseline's split files is refused."""
+    """`fold-<k>.json` files with {"train": [case ids], "val": [case ids], "split": id}: every
+    split made and every file written to a temporary file before any is renamed into place (a
+    failure while making or writing them, e.g. a full disk, leaves the previous files). A stop
+    between the renames leaves files of two splits, which `read_given_split` refuses by their
+    `split` ids (a hash of every fold's validation cases). Once all are in place, the
+    `fold-<j>.json` of an earlier split for j >= `num_folds` are removed
+    (`_remove_later_folds`): read with the new files, they would validate cases twice. A folder
+    holding picai_baseline's split files is refused."""
     out_dir = Path(out_dir)
     if out_dir.is_dir() and (picai := _picai_and_fold_files(out_dir)[0]):
         raise UserError(
@@ -345,10 +370,12 @@ def write_fold_files(
         )
     splits = [split_cases(store, k, num_folds, seed) for k in range(num_folds)]
     paths = [out_dir / _FOLD_FILE.format(k=k) for k in range(num_folds)]
+    split = hashlib.sha256(json.dumps([val for _, val in splits]).encode()).hexdigest()[:16]
     with contextlib.ExitStack() as renames:  # each file renamed as the stack unwinds
         for path, (train, val) in zip(paths, splits, strict=True):
             tmp = renames.enter_context(replaced_atomically(path))
-            tmp.write_text(json.dumps({"train": train, "val": val}, indent=1) + "\n")
+            entry = {"train": train, "val": val, _SPLIT_KEY: split}
+            tmp.write_text(json.dumps(entry, indent=1) + "\n")
     _remove_later_folds(out_dir, num_folds)
     return paths
 

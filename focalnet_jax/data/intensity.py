@@ -39,18 +39,55 @@ def _disk(radius: int) -> np.ndarray:
     return (yy**2 + xx**2 <= radius**2)[None]
 
 
-def _search_box(shape_zyx, spacing_zyx, center_yx, anterior_sign: float):
-    """Voxel bounds (y0, y1, x0, x1) of the bladder search box (60 mm anterior to 5 mm posterior
-    of `center_yx`, +-50 mm left-right, clipped to the volume) and the row/column step giving a
-    ~1 mm grid."""
+_SNAP = 1e-4  # voxels: a position this close to a whole voxel is that voxel (float noise)
+
+
+def _axis_grid(center: float, before: float, after: float, step: int, n: int):
+    """Sample positions (voxel units, ascending) `center + k * step` for the integers k that lie
+    in [center - before, center + after] (voxels) and in the volume [0, n - 1], and the first
+    k. Whole multiples of `step` from the centre, so the same voxels are sampled however the axis
+    is stored (mirrored: `n - 1 - center`, `before` and `after` swapped)."""
+    low, high = max(center - before, 0.0), min(center + after, n - 1.0)
+    first = int(np.ceil((low - center) / step - _SNAP))
+    last = int(np.floor((high - center) / step + _SNAP))
+    positions = center + step * np.arange(first, last + 1, dtype=np.float64)
+    whole = np.round(positions)
+    return np.where(np.abs(positions - whole) < _SNAP, whole, positions), first
+
+
+def _sample_axis(volume: np.ndarray, positions: np.ndarray, axis: int) -> np.ndarray:
+    """`volume` linearly interpolated at `positions` (voxel units, within the axis) along `axis`;
+    exact at whole positions."""
+    below = np.floor(positions).astype(int)
+    above = np.minimum(below + 1, volume.shape[axis] - 1)
+    shape = [1] * volume.ndim
+    shape[axis] = len(positions)
+    weight = (positions - below).reshape(shape).astype(np.float32)
+    lower, upper = np.take(volume, below, axis=axis), np.take(volume, above, axis=axis)
+    return lower + weight * (upper - lower)
+
+
+def _cells(center: float, step: int, first: int, count: int, n: int):
+    """Full-grid voxel indices along one axis and the grid sample (0-based) whose cell holds
+    each: the nearest sample, a tie going away from the centre (mirror-symmetric)."""
+    offset = np.round((np.arange(n) - center) / step, 6)
+    k = (np.sign(offset) * np.floor(np.abs(offset) + 0.5)).astype(int) - first
+    keep = (k >= 0) & (k < count)
+    return np.nonzero(keep)[0], k[keep]
+
+
+def _search_grid(shape_zyx, spacing_zyx, center_yx, anterior_sign: float):
+    """The ~1 mm sampling grid of the bladder search box (60 mm anterior to 5 mm posterior of
+    `center_yx`, +-50 mm left-right, within the volume): ((row positions, first k), (column
+    positions, first k)) from `_axis_grid`, and the step (voxels)."""
     _, sy, sx = (float(s) for s in spacing_zyx)
     _, ny, nx = shape_zyx
     cy, cx = ((ny - 1) / 2, (nx - 1) / 2) if center_yx is None else center_yx
-    front, back = (cy - 60 / sy, cy + 5 / sy) if anterior_sign > 0 else (cy - 5 / sy, cy + 60 / sy)
-    y0, y1 = int(np.clip(front, 0, ny)), int(np.clip(back, 0, ny))
-    x0, x1 = int(np.clip(cx - 50 / sx, 0, nx)), int(np.clip(cx + 50 / sx, 0, nx))
     step = max(1, int(round(1.0 / min(sy, sx))))
-    return (y0, y1, x0, x1), step
+    before, after = (60 / sy, 5 / sy) if anterior_sign > 0 else (5 / sy, 60 / sy)
+    rows = _axis_grid(float(cy), before, after, step, ny)
+    columns = _axis_grid(float(cx), 50 / sx, 50 / sx, step, nx)
+    return (float(cy), float(cx)), rows, columns, step
 
 
 def _homogeneous(values: np.ndarray, inside: np.ndarray, max_cv: float) -> bool:
@@ -97,7 +134,8 @@ def find_bladder(
 
     The bladder lies anterior (and superior) to the prostate, the endorectal coil posterior to it,
     so the search box spans 60 mm anterior to 5 mm posterior of the prostate centre `center_yx`
-    (voxel row, column; default the volume centre) and +-50 mm left-right, on a ~1 mm grid.
+    (voxel row, column; default the volume centre) and +-50 mm left-right, on a ~1 mm grid of
+    whole steps from that centre (the same voxels however the T2w is stored, mirrored or not).
     Candidates are the connected components of smoothed voxels above each of `fractions` of the
     box's 99.5th percentile, opened with a disk of `opening_mm` (removes thin fat layers); the
     bladder is the largest homogeneous one (urine: core coefficient of variation <= `max_cv`) of
@@ -105,10 +143,12 @@ def find_bladder(
     from a coil). `anterior_sign` is +1 when rows run anterior -> posterior (LPS y increasing),
     -1 otherwise.
     """
-    (y0, y1, x0, x1), step = _search_box(t2w.shape, spacing_zyx, center_yx, anterior_sign)
-    box = t2w[:, y0:y1:step, x0:x1:step].astype(np.float32)
-    if box.size == 0:
+    (cy, cx), (rows, first_row), (columns, first_column), step = _search_grid(
+        t2w.shape, spacing_zyx, center_yx, anterior_sign
+    )
+    if len(rows) == 0 or len(columns) == 0:
         return None
+    box = _sample_axis(_sample_axis(t2w.astype(np.float32), rows, 1), columns, 2)
     sz, sy, sx = (float(s) for s in spacing_zyx)
     found = _bladder_in_box(
         box,
@@ -123,10 +163,11 @@ def find_bladder(
     where, inside = found
     small = np.zeros(box.shape, bool)
     small[where] = inside
-    # Back to the full grid: every voxel of a selected ~1 mm cell.
-    full = np.repeat(np.repeat(small, step, axis=1), step, axis=2)
+    # Back to the full grid: every voxel whose nearest sample was selected.
+    y, ky = _cells(cy, step, first_row, len(rows), t2w.shape[1])
+    x, kx = _cells(cx, step, first_column, len(columns), t2w.shape[2])
     mask = np.zeros(t2w.shape, dtype=bool)
-    mask[:, y0:y1, x0:x1] = full[:, : y1 - y0, : x1 - x0]
+    mask[:, y[:, None], x[None, :]] = small[:, ky[:, None], kx[None, :]]
     return mask
 
 

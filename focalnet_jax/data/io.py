@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from focalnet_jax.data import dicom, dicom_seg, metaimage_header, nifti_header
+from focalnet_jax.data import dicom, dicom_seg, metaimage_header, nifti_header, nrrd_header
 from focalnet_jax.errors import UserError
 
 # The ITK reader of each image suffix, named: ITK finds one by a lower-case suffix only (it reads
@@ -283,32 +283,44 @@ def _same_grid(a: sitk.Image, b: sitk.Image) -> bool:
     )
 
 
+def unplaced(path) -> str | None:
+    """How the file `path` fails to place its voxels in scanner coordinates, or None: ITK reads
+    such a file with its first voxel at origin 0 and identity direction."""
+    if nifti_header.unplaced(path):
+        return "a NIfTI without orientation (qform_code and sform_code 0)"
+    if nrrd_header.unplaced(path):
+        return "an NRRD without position (no `space origin` field)"
+    if metaimage_header.unplaced(path):
+        return "a MetaImage without position (no Offset, Origin or Position field)"
+    return None
+
+
 def check_placed(images: Mapping[str, sitk.Image], paths: Mapping, case: str) -> None:
-    """Refuses (`CaseError` naming the file) a component that is an unplaced NIfTI
-    (`nifti_header.unplaced`) unless every component lies on its very grid: components are
-    aligned by scanner coordinates, and such a file's first voxel sits at the origin whatever its
-    field of view (an ADC of 256 mm beside a T2w of 180 mm would be shifted 38 mm).
+    """Refuses (`CaseError` naming the file) a component read from an unplaced file (`unplaced`)
+    unless every component lies on its very grid: components are aligned by scanner
+    coordinates, and such a file's first voxel sits at the origin whatever its field of view (an
+    ADC of 256 mm beside a T2w of 180 mm would be shifted 38 mm).
     `images`, `paths`: component name -> image, file."""
-    unplaced = [name for name in images if nifti_header.unplaced(paths[name])]
-    if not unplaced:
+    unplaced_ = {name: how for name in images if (how := unplaced(paths[name]))}
+    if not unplaced_:
         return
-    name = unplaced[0]
+    name, how = next(iter(unplaced_.items()))
     other = next((n for n, image in images.items() if not _same_grid(image, images[name])), None)
     if other is not None:
-        raise CaseError(case, paths[name], _unplaced_reason(name, other))
+        raise CaseError(case, paths[name], _unplaced_reason(name, how, other))
 
 
 def check_placed_on_t2w(image: sitk.Image, path, t2w: sitk.Image, case: str, what: str) -> None:
-    """`check_placed` for a label or mask (`what`) read from `path`: an unplaced NIfTI is refused
+    """`check_placed` for a label or mask (`what`) read from `path`: an unplaced file is refused
     unless it lies on the T2w's very grid (a label of the T2w's voxel counts and spacing
     would otherwise be taken at origin 0: its lesions lost, or moved without a word)."""
-    if nifti_header.unplaced(path) and not _same_grid(image, t2w):
-        raise CaseError(case, path, _unplaced_reason(what, "the T2w"))
+    if (how := unplaced(path)) and not _same_grid(image, t2w):
+        raise CaseError(case, path, _unplaced_reason(what, how, "the T2w"))
 
 
-def _unplaced_reason(name: str, other: str) -> str:
+def _unplaced_reason(name: str, how: str, other: str) -> str:
     return (
-        f"{name} is a NIfTI without orientation (qform_code and sform_code 0: read at origin 0, "
-        f"not where the scanner put it) and {other} lies on another grid, so the two cannot be "
-        "aligned by scanner coordinates; convert the series with their geometry (e.g. dcm2niix)"
+        f"{name} is {how}: read at origin 0, not where the scanner put it, and {other} lies on "
+        "another grid, so the two cannot be aligned by scanner coordinates; convert the series "
+        "with their geometry (e.g. dcm2niix)"
     )

@@ -71,6 +71,19 @@ def geometry_problem(path: Path) -> str | None:
     return None
 
 
+def unplaced(path: str | os.PathLike) -> bool:
+    """Whether `path` is a MetaImage whose header places its voxels nowhere (no `Offset`,
+    `Origin` or `Position`): ITK reads it at origin 0, not where the scanner put it."""
+    path = Path(path)
+    if not _is_metaimage(path):
+        return False
+    try:
+        header, _ = _read(path)
+    except OSError:
+        return False
+    return "NDims" in header and not {"Offset", "Origin", "Position"} & header.keys()
+
+
 def shortfall(path: Path) -> str | None:
     """Why a `.mha`/`.mhd` file holds fewer bytes than its header promises, or None (also for
     other files and headers too broken to size: ITK's reason stands)."""

@@ -211,6 +211,10 @@ def _t2w_reference(images, components, cfg, case, centre, bladder_mask) -> inten
         _check_slices(bladder_image, t2w, case, bladder_mask, "bladder mask")
         _check_label_map(bladder_image, case, bladder_mask, "bladder mask")
         _check_has_geometry(bladder_image, t2w, case, bladder_mask, "bladder mask")
+        if not _overlaps(bladder_image, t2w):  # resampled, it would be "empty"
+            raise CaseError(
+                case, bladder_mask, "bladder mask does not overlap the T2w field of view"
+            )
         bladder = _resample(bladder_image, t2w, sitk.sitkNearestNeighbor) > 0
         if not bladder.any():  # else the bladder would be searched for, the mask ignored
             raise CaseError(case, bladder_mask, "bladder mask is empty")

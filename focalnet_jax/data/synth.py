@@ -47,6 +47,7 @@ from focalnet_jax.data.synth_render import (
     bias_field,
     render,
 )
+from focalnet_jax.data.writer_folders import writer_lock
 from focalnet_jax.errors import UserError
 
 SYNTH_RECORD = "synth.json"  # what a dataset was made with: `synthesis_record`
@@ -322,14 +323,15 @@ def write_dataset(
     earlier synthetic dataset (it holds `lesions.csv`) holding nothing else (a store or notes
     put in it would be deleted).
     """
-    check_replaceable(Path(out), overwrite, "lesions.csv", "focalnet synth")
-    if strays := foreign_entries(Path(out), _OWN_FILES.__contains__, _OWN_FOLDERS):
-        raise UserError(
-            f"--out {out} holds {strays[0]!r}, which focalnet synth did not write: --overwrite "
-            f"would delete it; move it out of {out} or choose a new folder"
-        )
-    with replaced_folder(out) as tmp:
-        return _write_cases(tmp, num_cases, seed, cfg or SynthConfig(), progress)
+    with writer_lock(out, "synth"):  # a second run meanwhile replaced this one's dataset
+        check_replaceable(Path(out), overwrite, "lesions.csv", "focalnet synth")
+        if strays := foreign_entries(Path(out), _OWN_FILES.__contains__, _OWN_FOLDERS):
+            raise UserError(
+                f"--out {out} holds {strays[0]!r}, which focalnet synth did not write: "
+                f"--overwrite would delete it; move it out of {out} or choose a new folder"
+            )
+        with replaced_folder(out) as tmp:
+            return _write_cases(tmp, num_cases, seed, cfg or SynthConfig(), progress)
 
 
 def _write_cases(out: Path, num_cases: int, seed: int, cfg: SynthConfig, progress: bool):

@@ -21,6 +21,7 @@ the pid and host and gives the command that removes it.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import os
@@ -29,8 +30,11 @@ import secrets
 import shlex
 import shutil
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
+from focalnet_jax.errors import UserError
+from focalnet_jax.file_lock import LockHeld, acquire_lock, release_lock
 from focalnet_jax.processes import pid_alive, pid_space, process_start
 
 log = logging.getLogger(__name__)
@@ -51,6 +55,33 @@ def target_folder(path: str | os.PathLike) -> Path:
     to was left as it was)."""
     path = Path(os.path.abspath(path))
     return path.resolve() if path.is_symlink() else path
+
+
+def lock_beside(path: str | os.PathLike, command: str) -> Path:
+    """`.<name>.<command>.lock` beside `path` (the folder a link `path` points to): the lock of the
+    `focalnet <command>` run writing `path`, never inside the folder it replaces."""
+    path = target_folder(path)
+    return path.with_name(f".{path.name}.{command}.lock")
+
+
+@contextlib.contextmanager
+def writer_lock(path: str | os.PathLike, command: str) -> Iterator[None]:
+    """Holds the lock beside `path` (`lock_beside`) in the block, its file removed at the end: a
+    second `focalnet <command>` writing `path` meanwhile is refused in one line naming this one
+    (two runs mixed their outputs, or the later one replaced the other's without a word)."""
+    lock_path = lock_beside(path, command)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        lock = acquire_lock(lock_path)
+    except LockHeld as held:
+        raise UserError(
+            f"{path} is being written by another focalnet {command} ({held.holder}); wait for it "
+            "to end"
+        ) from None
+    try:
+        yield
+    finally:
+        release_lock(lock, remove=True)
 
 
 def writer_folder(path: Path) -> Path:

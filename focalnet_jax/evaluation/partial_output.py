@@ -43,6 +43,7 @@ from typing import IO
 from focalnet_jax.data import metaimage_header
 from focalnet_jax.data.atomic_files import check_replaceable, sync_folder, write_json_atomic
 from focalnet_jax.data.writer_folders import (
+    lock_beside,
     remove_dead_leftovers,
     restore_moved_aside,
     swap_in,
@@ -73,8 +74,7 @@ def partial_folder(out: str | os.PathLike) -> Path:
 def lock_file(out: str | os.PathLike) -> Path:
     """`.<out>.predict.lock`, beside `out` (the folder a link `out` points to): the lock of the
     run writing into `out`."""
-    out = target_folder(out)
-    return out.with_name(f".{out.name}{LOCK_FILE}")
+    return lock_beside(out, "predict")
 
 
 def resume_hint(out: str | os.PathLike, *, bad_case: bool = False) -> str:

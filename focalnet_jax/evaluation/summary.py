@@ -279,8 +279,8 @@ def summarize_runs(runs: Mapping[str, str | Path], out_dir: str | Path) -> dict:
     out_dir = Path(out_dir)
     title = "Cross-validation summary: " + ", ".join(folds)
     markdown = markdown_report(folds, title=title, comparisons=lines)  # before anything is written
-    if (out_dir / "summary.json").is_file():  # no figure of an earlier summary beside this one
-        for name in SUMMARY_FIGURES:
+    if (out_dir / "summary.json").is_file():  # nothing of an earlier summary beside this one
+        for name in ("summary.md", *SUMMARY_FIGURES):
             (out_dir / name).unlink(missing_ok=True)
     write_json(summary, out_dir / "summary.json")
     with replaced_atomically(out_dir / "summary.md") as tmp:

@@ -179,7 +179,7 @@ class Study:
     """A study folder: its validated spec (`plain`) and its cells."""
 
     def __init__(self, root: str | Path, plain: Mapping):
-        self.root = Path(root)
+        self.root = Path(root).absolute()  # recorded paths (cell logs) read from any folder
         self.plain = dict(plain)
 
     @classmethod

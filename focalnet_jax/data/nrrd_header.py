@@ -1,0 +1,45 @@
+"""The NRRD (`.nrrd`, `.nhdr`) header read directly, for what ITK's reader passes over without a
+word: a header without `space origin`, whose voxels ITK places at origin 0 with identity
+direction (pynrrd's `nrrd.write(path, array)`, a hand-written header with `spacings` only)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+_MAX_HEADER_BYTES = 1 << 20  # a header is a few hundred bytes; the data follow a blank line
+
+
+def _is_nrrd(path: Path) -> bool:
+    return path.is_file() and path.name.lower().endswith((".nrrd", ".nhdr"))
+
+
+def _fields(path: Path) -> dict[str, str] | None:
+    """{field: value} of an NRRD header (up to its blank line; comments and `key:=value` pairs
+    left out), or None where the file does not start with the NRRD magic."""
+    with path.open("rb") as f:
+        text = f.read(_MAX_HEADER_BYTES).decode("latin-1")
+    lines = text.split("\n\n", 1)[0].splitlines()
+    if not lines or not lines[0].startswith("NRRD"):
+        return None
+    fields = {}
+    for line in lines[1:]:
+        if line.startswith("#") or ":=" in line.partition(": ")[0]:
+            continue
+        key, sep, value = line.partition(": ")
+        if sep:
+            fields[key.strip()] = value.strip()
+    return fields
+
+
+def unplaced(path: str | os.PathLike) -> bool:
+    """Whether `path` is an NRRD whose header places its voxels nowhere (no `space origin`):
+    ITK reads it at origin 0 with identity direction, not where the scanner put it."""
+    path = Path(path)
+    if not _is_nrrd(path):
+        return False
+    try:
+        fields = _fields(path)
+    except OSError:
+        return False
+    return fields is not None and "space origin" not in fields
