@@ -387,7 +387,7 @@ def test_a_single_slice_component_is_refused_naming_case_and_folder(
 ):
     # A one-file T2w export (slice 10 of 19) was preprocessed without a word: its ADC and HBV were
     # sampled on its plane as on the whole exam's (to 4e-7), but one slice holds no 10 ml bladder,
-    # so the T2w reference fell back to the 99.5th percentile (627 for the bladder's 563) and
+    # so the T2w reference fell back to the 99.5th percentile (627 for the bladder's 561) and
     # the T2w channel moved by up to 0.14 (of 1.36); its 3 mm thickness came from a header tag.
     t2w = tmp_path / "t2w"
     t2w.mkdir()

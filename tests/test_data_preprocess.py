@@ -333,6 +333,30 @@ def test_bladder_reference_does_not_depend_on_how_the_t2w_is_stored():
     np.testing.assert_array_equal(*near)
 
 
+def test_bladder_search_grid_stays_within_the_volume():
+    """A first sample a rounding tolerance below row 0 (centre 5.9998, step 3) was read at row
+    -1 through row 0's neighbour: the volume's last row (0.2 from a last row of 1000)."""
+    volume = np.zeros((1, 8, 3), np.float32)
+    volume[0, :7] = np.arange(7)[:, None]
+    volume[0, 7] = 1000.0
+    positions, first = intensity._axis_grid(5.9998, 10.0, 10.0, 3, 8)
+    assert first == -2 and positions[0] == 0.0
+    sampled = intensity._sample_axis(volume, positions, 1)[0, :, 0]
+    np.testing.assert_allclose(sampled, [0.0, 2.9998, 5.9998], atol=1e-5)
+
+
+def test_percentile_scaling_leaves_zero_fill_out():
+    """An HBV exported zero-padded to a larger grid was scaled by percentiles of the padding too
+    (8.1..101 became 0..81): the same exam stored otherwise."""
+    hbv = np.random.default_rng(0).gamma(4.0, 10.0, size=(4, 20, 30)).astype(np.float32) + 1
+    padded = np.zeros((4, 50, 60), np.float32)
+    padded[:, 10:30, 15:45] = hbv
+    lo, hi = intensity.percentile_range(hbv)
+    assert (lo, hi) == pytest.approx(np.percentile(hbv, [1, 99]))
+    assert intensity.percentile_range(padded) == (lo, hi)
+    assert intensity.percentile_range(np.zeros((2, 2, 2))) == (0.0, 1e-6)  # refused as blank
+
+
 @pytest.mark.parametrize(
     "problem, reason",
     [

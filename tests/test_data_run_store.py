@@ -18,7 +18,7 @@ from focalnet_jax.data.layouts import discover_picai
 from focalnet_jax.data.preprocess_config import PreprocessConfig
 from focalnet_jax.data.run_store import RECORD_FILE, check_run_store, read_run_store
 from focalnet_jax.data.store import open_store
-from focalnet_jax.data.store_settings import StaleStoreError
+from focalnet_jax.data.store_settings import VERSION_CHANGE, StaleStoreError
 from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation.ensemble import preprocess_settings
 from focalnet_jax.evaluation.inference import variables_digest
@@ -307,3 +307,21 @@ def test_a_stop_after_new_predictions_leaves_no_metrics_of_the_earlier_ones(
     assert raised.value.code == 130
     assert json.loads((out / "predictions" / "models.json").read_text())["tta"] == "flip"
     assert not (out / "metrics.json").exists() and not (out / "report.md").exists()
+
+
+def test_a_run_trained_on_a_store_of_another_version_is_named_in_a_warning(run, tmp_path, caplog):
+    """A run trained on a store of an earlier format version was preprocessed for predict as
+    this version without a word, its inputs differing from those it trained on."""
+    old = tmp_path / "old"
+    shutil.copytree(run["workdir"], old)
+    record = json.loads((old / RECORD_FILE).read_text())
+    record["settings"]["version"] = 2
+    (old / RECORD_FILE).write_text(json.dumps(record))
+    config = workdir_lib.read_config(old)
+    with caplog.at_level(logging.WARNING, logger="focalnet_jax"):
+        assert preprocess_settings(config, old) == record["settings"]["preprocess"]
+        assert preprocess_settings(config, run["workdir"])
+    assert [r.getMessage() for r in caplog.records] == [
+        f"run {old} was trained on a store of format version 2; preprocessing as version 3 "
+        f"({VERSION_CHANGE}): its inputs may differ slightly from those it was trained on"
+    ]

@@ -113,12 +113,21 @@ def test_settings_given_as_ints_are_the_same_settings(tmp_path):
 
 
 def test_store_of_an_older_format_version_is_refused(tmp_path):
-    old = {**SETTINGS, "version": 1}  # version 1 stored 0 where a component missed a crop edge
-    with StoreWriter(tmp_path / "s", ("t2w", "adc"), old) as writer:
-        writer.add(_case("a", 1), patient_id="p")
-        writer.commit()
-    with pytest.raises(StaleStoreError, match="has format version 1; this code reads version 2"):
-        open_store(tmp_path / "s")
+    # Version 1 stored 0 where a component missed a crop edge; version 2 found another bladder
+    # reference for an exam stored mirrored.
+    for version in (1, 2):
+        old = {**SETTINGS, "version": version}
+        with StoreWriter(tmp_path / f"s{version}", ("t2w", "adc"), old) as writer:
+            writer.add(_case("a", 1), patient_id="p")
+            writer.commit()
+        with pytest.raises(StaleStoreError) as refused:
+            open_store(tmp_path / f"s{version}")
+        assert str(refused.value) == (
+            f"store {tmp_path / f's{version}'} has format version {version}; this code reads "
+            "version 3 (3: the T2w's bladder reference does not depend on how the exam is stored, "
+            "and percentile-scaled components (HBV, DCE) leave zero fill out of their "
+            "percentiles); run `focalnet preprocess` again"
+        )
 
 
 def test_case_cropped_upside_down_by_an_older_version_is_refused(tmp_path):

@@ -7,7 +7,8 @@
   high percentile is used instead and the fallback is logged.
 - ADC: clipped to fixed, patient-independent thresholds (default 0..3000 x 1e-6 mm^2/s), scaled
   to [0, 1].
-- Any other component: per-case percentiles (default 1st -> 0, 99th -> 1), unclipped.
+- Any other component: per-case percentiles of its non-zero voxels (default 1st -> 0, 99th -> 1),
+  unclipped.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ def _axis_grid(center: float, before: float, after: float, step: int, n: int):
     last = int(np.floor((high - center) / step + _SNAP))
     positions = center + step * np.arange(first, last + 1, dtype=np.float64)
     whole = np.round(positions)
-    return np.where(np.abs(positions - whole) < _SNAP, whole, positions), first
+    positions = np.where(np.abs(positions - whole) < _SNAP, whole, positions)
+    return np.clip(positions, 0.0, n - 1.0), first  # within the volume, not a row -1 (the last)
 
 
 def _sample_axis(volume: np.ndarray, positions: np.ndarray, axis: int) -> np.ndarray:
@@ -255,8 +257,12 @@ def adc_unit_problem(volume: np.ndarray) -> str | None:
 def percentile_range(
     volume: np.ndarray, low: float = 1.0, high: float = 99.0
 ) -> tuple[float, float]:
-    """Per-case (low, high) percentiles of a raw volume (reference of `normalise_percentiles`)."""
-    lo, hi = np.percentile(volume, [low, high])
+    """Per-case (low, high) percentiles of a raw volume's non-zero voxels (all voxels where none
+    is): the zero fill of an export padded to a larger grid moved both (an HBV's 8.1..101 to
+    0..81), scaling the same exam otherwise (reference of `normalise_percentiles`)."""
+    values = np.asarray(volume)
+    nonzero = values[values != 0]
+    lo, hi = np.percentile(nonzero if nonzero.size else values, [low, high])
     return float(lo), float(max(hi, lo + 1e-6))
 
 

@@ -38,6 +38,7 @@ from focalnet_jax.data.atomic_files import foreign_entries, replaced_atomically,
 from focalnet_jax.data.geometry import CropGeometry
 from focalnet_jax.data.store_settings import (
     STORE_VERSION,
+    VERSION_CHANGE,
     StaleStoreError,
     fingerprint,
     read_settings,
@@ -379,8 +380,7 @@ def open_store(path: str | os.PathLike, *, expected_settings: dict | None = None
     if (version := table["settings"].get("version")) != STORE_VERSION:
         raise StaleStoreError(
             f"store {path} has format version {version}; this code reads version {STORE_VERSION} "
-            "(2: crop edges within a voxel of a component hold its nearest value, not 0); run "
-            "`focalnet preprocess` again"
+            f"({VERSION_CHANGE}); run `focalnet preprocess` again"
         )
     diff = []  # settings compared as values: a fingerprint tells 80 from 80.0
     if expected_settings is not None:

@@ -12,9 +12,13 @@ from pathlib import Path
 from focalnet_jax.data.preprocess_config import PreprocessConfig
 from focalnet_jax.errors import UserError
 
-# Bumped when stored values change: 2 = crop pixels within one voxel outside a component take
-# its nearest voxel (they were 0). `open_store` refuses other versions.
-STORE_VERSION = 2
+# Bumped when stored values change (`open_store` refuses other versions): 2 = crop pixels within
+# one voxel outside a component take its nearest voxel (they were 0); 3 = `VERSION_CHANGE`.
+STORE_VERSION = 3
+VERSION_CHANGE = (
+    "3: the T2w's bladder reference does not depend on how the exam is stored, and percentile-"
+    "scaled components (HBV, DCE) leave zero fill out of their percentiles"
+)
 
 
 class StaleStoreError(UserError):
