@@ -14,13 +14,35 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+_ROW_KEYS = ("subsets", "mode", "mfl_chunk", "time_ratio", "memory_ratio")
+_RUN_KEYS = ("results", "model", "batch_size", "image_size", "device", "date")
+
+
+def _read_result(parser: argparse.ArgumentParser, path: str) -> dict:
+    """The JSON line of `mfl_scaling.py` in `path`; a missing file or another file ends the
+    script in one line (`parser.error`)."""
+    try:
+        with open(path) as f:
+            run = json.load(f)
+    except OSError as error:
+        parser.error(f"{path}: {error.strerror}")
+    except ValueError as error:
+        parser.error(f"{path}: not JSON ({error})")
+    missing = [k for k in _RUN_KEYS if not isinstance(run, dict) or k not in run]
+    rows = run.get("results") if not missing else None
+    if missing or not isinstance(rows, list) or not rows:
+        parser.error(f"{path}: not a result of mfl_scaling.py (no {', '.join(missing) or 'rows'})")
+    if gaps := [k for k in _ROW_KEYS if any(not isinstance(r, dict) or k not in r for r in rows)]:
+        parser.error(f"{path}: not a result of mfl_scaling.py (a row has no {gaps[0]})")
+    return run
+
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("results", nargs="+", help="JSON lines printed by mfl_scaling.py")
     parser.add_argument("--out", required=True, help="PNG to write")
     args = parser.parse_args(argv)
-    runs = [json.loads(open(path).read()) for path in args.results]
+    runs = [_read_result(parser, path) for path in args.results]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     for run in runs:
         lines = sorted({(r["mode"], r["mfl_chunk"]) for r in run["results"]})

@@ -810,3 +810,26 @@ def test_mfl_modes_benchmark_finds_select_equal_to_vmap_under_frozen_normalisati
     assert result["vmap_gradient_norm"] > 0
     assert result["gradient_cosine"] == pytest.approx(1.0, abs=1e-5)
     assert result["gradient_relative_difference"] < 1e-3
+
+
+def test_plot_mfl_scaling_refuses_what_is_not_a_result_in_one_line(tmp_path, capsys):
+    """A missing file, a non-JSON file and another JSON file ended in tracebacks."""
+    plot = _benchmark_module("plot_mfl_scaling")
+    (tmp_path / "empty.json").write_text("")
+    (tmp_path / "other.json").write_text("{}")
+    row = {"subsets": 2, "mode": "select", "mfl_chunk": 0, "time_ratio": 2.0}
+    run = {"results": [row], "model": "m", "batch_size": 1, "image_size": 8, "device": "cpu"}
+    (tmp_path / "row.json").write_text(json.dumps({**run, "date": "2026-12-06"}))
+    expected = {
+        "missing.json": "No such file or directory",
+        "empty.json": "not JSON (Expecting value: line 1 column 1 (char 0))",
+        "other.json": "not a result of mfl_scaling.py (no results, model, batch_size, "
+        "image_size, device, date)",
+        "row.json": "not a result of mfl_scaling.py (a row has no memory_ratio)",
+    }
+    for name, reason in expected.items():
+        with pytest.raises(SystemExit) as ended:
+            plot.main([str(tmp_path / name), "--out", str(tmp_path / "plot.png")])
+        assert ended.value.code == 2
+        assert capsys.readouterr().err.splitlines()[-1].endswith(f"{tmp_path / name}: {reason}")
+    assert not (tmp_path / "plot.png").exists()

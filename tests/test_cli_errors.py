@@ -196,7 +196,20 @@ FLAG_ERRORS = [  # (argv, the message after "focalnet <command>: error: ")
      "--adc-series UID is for one exam; a manifest chooses series in its <component>_series "
      "columns"),
     # Flags out of range: refused before any model is loaded or file written.
-    (["evaluate", "--workdir", "w", "--batch-size", "0"], "--batch-size 0: expected at least 1"),
+    (["evaluate", "--workdir", "w", "--batch-size", "0"],
+     "--batch-size 0: expected 1 to 1024 slices per model call (each case's last batch is padded "
+     "to it)"),
+    # 100000 padded a 7-slice case to 7.4 GB: XLA aborted, a temporary folder left behind.
+    (["evaluate", "--workdir", "w", "--batch-size", "100000"],
+     "--batch-size 100000: expected 1 to 1024 slices per model call (each case's last batch is "
+     "padded to it)"),
+    # Its metrics.json then made the next `evaluate --workdir` refuse the folder as not its own.
+    (["evaluate", "--predictions", "p", "--out", "p"],
+     "--out p is --predictions p or inside it: its metrics would be read as a file of the "
+     "predictions; choose a folder beside it"),
+    (["evaluate", "--predictions", "p", "--out", "p/eval"],
+     "--out p/eval is --predictions p or inside it: its metrics would be read as a file of the "
+     "predictions; choose a folder beside it"),
     (["evaluate", "--predictions", "p", "--out", "o", "--radius-mm", "-1"],
      "--radius-mm -1.0: expected a positive distance in mm, at most 1000"),
     # An infinite radius passed: every lesion was missed (sensitivity 0) and radius_mm was null.
@@ -213,7 +226,8 @@ FLAG_ERRORS = [  # (argv, the message after "focalnet <command>: error: ")
     (["evaluate", "--predictions", "p", "--out", "o", "--picai-bootstraps", "-1"],
      "--picai-bootstraps -1: expected 0 or more"),
     (["predict", "--checkpoint", "c", "--t2w", "t", "--adc", "a", "--out", "o", "--batch-size",
-      "0"], "--batch-size 0: expected at least 1"),
+      "0"], "--batch-size 0: expected 1 to 1024 slices per model call (each case's last batch is "
+     "padded to it)"),
     # A threshold above 1 wrote an empty detections.csv without a word; NaN did too, and many
     # exams (--layout) ended in a traceback writing it to models.json.
     (["predict", "--checkpoint", "c", "--t2w", "t", "--adc", "a", "--out", "o", "--threshold",

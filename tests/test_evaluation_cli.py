@@ -954,3 +954,14 @@ def test_a_second_writer_of_one_folder_is_refused_in_one_line(tmp_path, command)
         f"{os.getpid()} on {socket.gethostname()}); wait for it to end"
     )
     assert not out.exists() and not lock_beside(out, command).exists()
+
+
+def test_a_refused_evaluate_or_summarize_leaves_no_folder_made_for_its_lock(tmp_path):
+    """The lock beside --out made its parent folders before the inputs were read: a typo in an
+    input path left them behind."""
+    missing = tmp_path / "missing"
+    message = _error(["evaluate", "--predictions", str(missing), "--out", str(tmp_path / "a/x")])
+    assert message.endswith(f"{missing}: predictions folder does not exist")
+    message = _error(["summarize", "--runs", f"A={missing}", "--out", str(tmp_path / "b/c/x")])
+    assert message.endswith(f"{missing}: run folder does not exist")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

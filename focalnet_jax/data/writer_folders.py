@@ -68,9 +68,12 @@ def lock_beside(path: str | os.PathLike, command: str) -> Path:
 def writer_lock(path: str | os.PathLike, command: str) -> Iterator[None]:
     """Holds the lock beside `path` (`lock_beside`) in the block, its file removed at the end: a
     second `focalnet <command>` writing `path` meanwhile is refused in one line naming this one
-    (two runs mixed their outputs, or the later one replaced the other's without a word)."""
+    (two runs mixed their outputs, or the later one replaced the other's without a word). The
+    folders made for the lock are removed again when the block fails (a user error leaves none)."""
     lock_path = lock_beside(path, command)
+    made = [folder for folder in lock_path.parents if not folder.exists()]  # deepest first
     lock_path.parent.mkdir(parents=True, exist_ok=True)
+    done = False
     try:
         lock = acquire_lock(lock_path)
     except LockHeld as held:
@@ -80,8 +83,12 @@ def writer_lock(path: str | os.PathLike, command: str) -> Iterator[None]:
         ) from None
     try:
         yield
+        done = True
     finally:
         release_lock(lock, remove=True)
+        for folder in [] if done else made:
+            with contextlib.suppress(OSError):  # not empty: something was written there
+                folder.rmdir()
 
 
 def writer_folder(path: Path) -> Path:

@@ -16,9 +16,16 @@ MANY_EXAM_FLAGS = ("images", "masks", "manifest")
 MANY_EXAM_SWITCHES = ("skip_bad_cases", "overwrite", "resume")
 
 
+MAX_BATCH_SIZE = 1024  # slices per model call: every case's last batch is padded to it
+
+
 def _check_batch_size(args: argparse.Namespace) -> None:
-    if args.batch_size is not None and args.batch_size < 1:
-        raise UserError(f"--batch-size {args.batch_size}: expected at least 1")
+    """1..`MAX_BATCH_SIZE` (100000 padded a 7-slice case to 7.4 GB and aborted in XLA)."""
+    if args.batch_size is not None and not 1 <= args.batch_size <= MAX_BATCH_SIZE:
+        raise UserError(
+            f"--batch-size {args.batch_size}: expected 1 to {MAX_BATCH_SIZE} slices per model "
+            "call (each case's last batch is padded to it)"
+        )
 
 
 def check_evaluate_flags(args: argparse.Namespace) -> None:
@@ -46,6 +53,13 @@ def check_evaluate_flags(args: argparse.Namespace) -> None:
             )
     default_out = args.workdir / "eval" if args.workdir is not None else None
     check_output_folder(args.out or default_out)
+    if args.predictions is not None and args.out is not None:
+        predictions, out = Path(args.predictions).resolve(), Path(args.out).resolve()
+        if out == predictions or predictions in out.parents:
+            raise UserError(
+                f"--out {args.out} is --predictions {args.predictions} or inside it: its metrics "
+                "would be read as a file of the predictions; choose a folder beside it"
+            )
 
 
 def check_predict_flags(args: argparse.Namespace) -> None:
