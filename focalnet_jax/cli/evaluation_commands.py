@@ -11,7 +11,9 @@ from focalnet_jax.errors import UserError
 
 _CACHE_DEFAULT = "$JAX_COMPILATION_CACHE_DIR, else none"
 _CACHE_REUSE = "later runs of the same models reuse their compiled inference"
-_BATCH_HELP = "slices per inference batch (1 to 1024), rounded up to a multiple of the local devices"
+_BATCH_HELP = (
+    "slices per inference batch (1 to 1024), rounded up to a multiple of the local devices"
+)
 
 
 EVALUATE_BATCH_SIZE = 32

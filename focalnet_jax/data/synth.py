@@ -35,7 +35,12 @@ import numpy as np
 import SimpleITK as sitk
 from tqdm import tqdm
 
-from focalnet_jax.data.atomic_files import check_replaceable, foreign_entries, replaced_folder
+from focalnet_jax.data.atomic_files import (
+    check_output_folder,
+    check_replaceable,
+    foreign_entries,
+    replaced_folder,
+)
 from focalnet_jax.data.image_writing import write_image
 from focalnet_jax.data.io import xyz
 from focalnet_jax.data.layouts import check_components
@@ -323,6 +328,7 @@ def write_dataset(
     earlier synthetic dataset (it holds `lesions.csv`) holding nothing else (a store or notes
     put in it would be deleted).
     """
+    check_output_folder(Path(out))
     with writer_lock(out, "synth"):  # a second run meanwhile replaced this one's dataset
         check_replaceable(Path(out), overwrite, "lesions.csv", "focalnet synth")
         if strays := foreign_entries(Path(out), _OWN_FILES.__contains__, _OWN_FOLDERS):
