@@ -72,15 +72,17 @@ def writer_lock(path: str | os.PathLike, command: str) -> Iterator[None]:
     folders made for the lock are removed again when the block fails (a user error leaves none)."""
     lock_path = lock_beside(path, command)
     made = [folder for folder in lock_path.parents if not folder.exists()]  # deepest first
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
     done = False
     try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
         lock = acquire_lock(lock_path)
     except LockHeld as held:
         raise UserError(
             f"{path} is being written by another focalnet {command} ({held.holder}); wait for it "
             "to end"
         ) from None
+    except OSError as error:  # named as the folder asked for, not the lock beside it
+        raise OSError(error.errno, error.strerror, str(path)) from None
     try:
         yield
         done = True
