@@ -3,18 +3,18 @@ training loss term, so a refactor that changes a loss, the step, the optimizer, 
 data or their augmentation shows up here.
 
 The fixture `tests/data/demo_loss_trace.json` was recorded on CPU (float32 TensorBoard scalars),
-last on 2026-12-06 for store format version 3 (its T2w bladder references). Another CPU or XLA version orders float32 reductions
-differently, and training amplifies that round-off. The train scalars of two other CPU models
-differed from the fixture by at most (relative) 1.1e-6 and 2.6e-5 at step 1, 1.5e-6 and 1.8e-3 at
-step 2, 2.6e-5 and 1.6e-2 at step 3 (the second an AMD EPYC; there the gradient norm of step 3
-moved most), and by 30 % by step 7. The tests compile with XLA's most expensive optimisations off
-(conftest): on that AMD EPYC this run then differed by 9.0e-6, 1.2e-3 and 7.2e-3 at steps 1 to 3.
-So every train scalar is compared at the first steps with the tolerance `RTOL` of its step (the
-loss terms and gradient of the first batch, then after one and two optimizer updates), the
-schedules (`train/lr`, `train/mfl_weight`) at every step, and the rest only for being there and
-finite. What the looser steps still see, measured: a learning rate 5 % higher moved the losses of
-step 2 by 4.5e-2. A change of the synthetic data or of preprocessing changes the store and so the
-trace: re-record it only for such an intended change, `python tests/test_loss_trace.py ROOT`
+last on 2026-12-06 for store format version 3 (its T2w bladder references). Another CPU or XLA
+version orders float32 reductions differently, and training amplifies that round-off. The train
+scalars of two other CPU models differed from the fixture by at most (relative) 1.1e-6 and 2.6e-5 at
+step 1, 1.5e-6 and 1.8e-3 at step 2, 2.6e-5 and 1.6e-2 at step 3 (the second an AMD EPYC; there the
+gradient norm of step 3 moved most), and by 30 % by step 7. The tests compile with XLA's most
+expensive optimisations off (conftest): on that AMD EPYC this run then differed by 9.0e-6, 1.2e-3
+and 7.2e-3 at steps 1 to 3. So every train scalar is compared at the first steps with the tolerance
+`RTOL` of its step (the loss terms and gradient of the first batch, then after one and two optimizer
+updates), the schedules (`train/lr`, `train/mfl_weight`) at every step, and the rest only for being
+there and finite. What the looser steps still see, measured: a learning rate 5 % higher moved the
+losses of step 2 by 4.5e-2. A change of the synthetic data or of preprocessing changes the store and
+so the trace: re-record it only for such an intended change, `python tests/test_loss_trace.py ROOT`
 (prints the trace and writes the fixture).
 """
 
