@@ -195,6 +195,13 @@ FLAG_ERRORS = [  # (argv, the message after "focalnet <command>: error: ")
       "--adc-series", "1.2"],
      "--adc-series UID is for one exam; a manifest chooses series in its <component>_series "
      "columns"),
+    # A file system's root: a ValueError traceback naming the lock beside it.
+    (["synth", "--out", "/", "--cases", "1"],
+     "--out /: a file system's root cannot be an output folder"),
+    (["summarize", "--runs", "A=r", "--out", "/"],
+     "--out /: a file system's root cannot be an output folder"),
+    (["evaluate", "--predictions", "p", "--out", "/"],
+     "--out /: a file system's root cannot be an output folder"),
     # Flags out of range: refused before any model is loaded or file written.
     (["evaluate", "--workdir", "w", "--batch-size", "0"],
      "--batch-size 0: expected 1 to 1024 slices per model call (each case's last batch is padded "

@@ -446,3 +446,19 @@ def test_given_folds_that_validate_a_case_twice_are_refused_for_training(tmp_pat
     (tmp_path / "splits.json").write_text(json.dumps(table))
     assert split_cases(store, 0, 2, splits=tmp_path / "splits.json") == (["p1_1", "p2_1"], ["p0_1"])
     assert split_cases(store, 1, 2, splits=tmp_path / "splits.json") == (["p1_1"], ["p0_1", "p2_1"])
+
+
+def test_a_fold_file_without_a_split_id_beside_files_with_one_is_named(tmp_path):
+    """One fold file of an earlier version (or rewritten by a script) beside files that carry
+    their split's id: refused as of another split, saying it has no id."""
+    import json
+
+    from focalnet_jax.data.folds import read_given_split
+
+    (tmp_path / "fold-0.json").write_text(json.dumps({"train": ["b"], "val": ["a"], "split": "x"}))
+    (tmp_path / "fold-1.json").write_text(json.dumps({"train": ["a"], "val": ["b"]}))
+    with pytest.raises(UserError, match="fold-0.json and fold-1.json are folds of two different "
+                       r"splits \(the second has no split id\)"):  # fmt: skip
+        read_given_split(tmp_path, 0, 2)
+    (tmp_path / "fold-0.json").write_text(json.dumps({"train": ["b"], "val": ["a"]}))
+    assert read_given_split(tmp_path, 0, 2) == (["b"], ["a"])

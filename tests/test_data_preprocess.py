@@ -575,7 +575,7 @@ def _without_position(image: sitk.Image, path):
 
 
 @pytest.mark.parametrize("suffix, how", [
-    (".nrrd", "an NRRD without position (no `space origin` field)"),
+    (".nrrd", "an NRRD without position (no `space origin` or `axis mins` field)"),
     (".mha", "a MetaImage without position (no Offset, Origin or Position field)"),
 ])  # fmt: skip
 def test_nrrd_or_metaimage_without_position_is_refused(small_case, tmp_path, suffix, how):
@@ -598,6 +598,31 @@ def test_nrrd_or_metaimage_without_position_is_refused(small_case, tmp_path, suf
         preprocess_case(components, label, mask=folder / "mask.nii.gz", case_id="c8")
     assert info.value.file == str(label)
     assert info.value.reason.startswith(f"label is {how}: read at origin 0")
+
+
+def test_nrrd_placed_as_itk_reads_it_is_not_unplaced(tmp_path):
+    """teem (ITK's NRRD reader) matches field names in any case and without spaces, and takes
+    the origin from `axis mins` too: such files were refused as unplaced."""
+    from focalnet_jax.data import nrrd_header
+
+    head = "NRRD0004\ntype: uint8\ndimension: 3\nsizes: 2 2 2\nencoding: raw\n"
+    placed = {
+        "Space Origin: (10,20,30)": (10.0, 20.0, 30.0),
+        "spaceorigin: (10,20,30)": (10.0, 20.0, 30.0),
+        "space origin: (10,20,30)": (10.0, 20.0, 30.0),
+        "spacings: 1 1 2\naxis mins: 10 20 30": (10.5, 20.5, 31.0),
+        "spacings: 1 1 2": None,
+    }
+    for field, origin in placed.items():
+        path = tmp_path / "a.nrrd"
+        if "spacings" in field:
+            path.write_bytes((head + field + "\n\n").encode() + bytes(8))
+        else:
+            space = "space: left-posterior-superior\nspace directions: (1,0,0) (0,1,0) (0,0,2)\n"
+            path.write_bytes((head + space + field + "\n\n").encode() + bytes(8))
+        read = sitk.ReadImage(str(path)).GetOrigin()
+        assert read == pytest.approx(origin or (0.0, 0.0, 0.0)), field
+        assert nrrd_header.unplaced(path) == (origin is None), field
 
 
 def test_blank_hbv_is_refused(small_case, tmp_path):

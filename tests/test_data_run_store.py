@@ -321,7 +321,15 @@ def test_a_run_trained_on_a_store_of_another_version_is_named_in_a_warning(run, 
     with caplog.at_level(logging.WARNING, logger="focalnet_jax"):
         assert preprocess_settings(config, old) == record["settings"]["preprocess"]
         assert preprocess_settings(config, run["workdir"])
-    assert [r.getMessage() for r in caplog.records] == [
+    warning = (
         f"run {old} was trained on a store of format version 2; preprocessing as version 3 "
         f"({VERSION_CHANGE}): its inputs may differ slightly from those it was trained on"
-    ]
+    )
+    assert [r.getMessage() for r in caplog.records] == [warning]
+    # evaluate --workdir on a store of this version: evaluated, with the warning (it was
+    # refused as "made with other settings: version: run 2, now 3").
+    caplog.clear()
+    evaluate = ["evaluate", "--workdir", str(old), "--out", str(tmp_path / "eval"), "--no-picai"]
+    with caplog.at_level(logging.WARNING, logger="focalnet_jax"):
+        assert cli.main([*evaluate, "--no-figures"]) == 0
+    assert warning in [r.getMessage() for r in caplog.records]

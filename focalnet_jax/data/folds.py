@@ -166,8 +166,10 @@ _SPLIT_KEY = "split"  # in `fold-<k>.json`: the id of the split it is a fold of 
 
 def _check_one_split(folds: Sequence[Path]) -> None:
     """Refuses the `fold-<k>.json` files `folds` of one folder where their `split` ids differ
-    (a `focalnet folds` stopped while renaming them: some cases validated twice, some never);
-    files without the id (written by hand or by earlier versions) are not compared."""
+    (a `focalnet folds` stopped while renaming them: some cases validated twice, some never).
+    Where none has an id (written by hand or by earlier versions) nothing is compared; where
+    some have one, a file without one counts as of another split (a stopped rewrite of an
+    earlier version's folder)."""
     ids = {}
     for path in folds:
         entry = _json_file(path)
@@ -177,8 +179,9 @@ def _check_one_split(folds: Sequence[Path]) -> None:
     if other is not None:
         raise UserError(
             f"split folder {first[0].parent}: {first[0].name} and {other.name} are folds of two "
-            "different splits (a `focalnet folds` stopped while replacing them?); write the "
-            "folds again with `focalnet folds --out`"
+            f"different splits{' (the second has no split id)' if ids[other] is None else ''} "
+            "(a `focalnet folds` stopped while replacing them?); write the folds again with "
+            "`focalnet folds --out`"
         )
 
 

@@ -289,7 +289,7 @@ def unplaced(path) -> str | None:
     if nifti_header.unplaced(path):
         return "a NIfTI without orientation (qform_code and sform_code 0)"
     if nrrd_header.unplaced(path):
-        return "an NRRD without position (no `space origin` field)"
+        return "an NRRD without position (no `space origin` or `axis mins` field)"
     if metaimage_header.unplaced(path):
         return "a MetaImage without position (no Offset, Origin or Position field)"
     return None

@@ -16,7 +16,9 @@ def _is_nrrd(path: Path) -> bool:
 
 def _fields(path: Path) -> dict[str, str] | None:
     """{field: value} of an NRRD header (up to its blank line; comments and `key:=value` pairs
-    left out), or None where the file does not start with the NRRD magic."""
+    left out), or None where the file does not start with the NRRD magic. Field names are
+    lower case without spaces, as teem (ITK's reader) matches them: `Space Origin` is
+    `spaceorigin`."""
     with path.open("rb") as f:
         text = f.read(_MAX_HEADER_BYTES).decode("latin-1")
     lines = text.split("\n\n", 1)[0].splitlines()
@@ -28,13 +30,14 @@ def _fields(path: Path) -> dict[str, str] | None:
             continue
         key, sep, value = line.partition(": ")
         if sep:
-            fields[key.strip()] = value.strip()
+            fields[key.strip().lower().replace(" ", "")] = value.strip()
     return fields
 
 
 def unplaced(path: str | os.PathLike) -> bool:
-    """Whether `path` is an NRRD whose header places its voxels nowhere (no `space origin`):
-    ITK reads it at origin 0 with identity direction, not where the scanner put it."""
+    """Whether `path` is an NRRD whose header places its voxels nowhere (neither `space origin`
+    nor `axis mins`, from which ITK takes the origin): ITK reads it at origin 0 with identity
+    direction, not where the scanner put it."""
     path = Path(path)
     if not _is_nrrd(path):
         return False
@@ -42,4 +45,4 @@ def unplaced(path: str | os.PathLike) -> bool:
         fields = _fields(path)
     except OSError:
         return False
-    return fields is not None and "space origin" not in fields
+    return fields is not None and not {"spaceorigin", "axismins"} & fields.keys()

@@ -16,7 +16,12 @@ from pathlib import Path
 
 from focalnet_jax.data.atomic_files import write_json_atomic
 from focalnet_jax.data.store import open_store
-from focalnet_jax.data.store_settings import StaleStoreError, settings_diff
+from focalnet_jax.data.store_settings import (
+    STORE_VERSION,
+    VERSION_CHANGE,
+    StaleStoreError,
+    settings_diff,
+)
 from focalnet_jax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -58,6 +63,18 @@ def _compare(record: dict, settings: dict, workdir, against: str, ignore: Sequen
             f"run {workdir} was trained on store {record['store']}, made with other settings "
             f"than {against}: {'; '.join(diff)}"
         )
+
+
+def warn_other_version(record: dict | None, workdir) -> None:
+    """One warning where the run's `record` names a store of another format version than this
+    code makes (`VERSION_CHANGE`): its inputs now differ slightly from those it trained on."""
+    version = None if record is None else record["settings"].get("version")
+    if version not in (None, STORE_VERSION):
+        log.warning(
+            "run %s was trained on a store of format version %s; preprocessing as version %s "
+            "(%s): its inputs may differ slightly from those it was trained on",
+            workdir, version, STORE_VERSION, VERSION_CHANGE,
+        )  # fmt: skip
 
 
 def check_run_store(

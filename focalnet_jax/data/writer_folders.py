@@ -60,8 +60,10 @@ def target_folder(path: str | os.PathLike) -> Path:
 def lock_beside(path: str | os.PathLike, command: str) -> Path:
     """`.<name>.<command>.lock` beside `path` (the folder a link `path` points to): the lock of the
     `focalnet <command>` run writing `path`, never inside the folder it replaces."""
-    path = target_folder(path)
-    return path.with_name(f".{path.name}.{command}.lock")
+    folder = target_folder(path)
+    if not folder.name:
+        raise UserError(f"--out {path}: a file system's root cannot be an output folder")
+    return folder.with_name(f".{folder.name}.{command}.lock")
 
 
 @contextlib.contextmanager

@@ -26,9 +26,9 @@ import numpy as np
 
 from focalnet_jax.data.atomic_files import write_json_atomic
 from focalnet_jax.data.preprocess_config import PreprocessConfig
-from focalnet_jax.data.run_store import RECORD_FILE, read_run_store
+from focalnet_jax.data.run_store import RECORD_FILE, read_run_store, warn_other_version
 from focalnet_jax.data.store import preprocess_settings as store_preprocess_settings
-from focalnet_jax.data.store_settings import STORE_VERSION, VERSION_CHANGE, settings_diff
+from focalnet_jax.data.store_settings import settings_diff
 from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation.inference import Batch, Predictor, checked_images, run_overlapped
 from focalnet_jax.evaluation.predictions import MODELS_FILE
@@ -67,12 +67,7 @@ def preprocess_settings(
                 path,
                 "; ".join(diff),
             )
-        if (version := record["settings"].get("version")) not in (None, STORE_VERSION):
-            log.warning(
-                "run %s was trained on a store of format version %s; preprocessing as version %s "
-                "(%s): its inputs may differ slightly from those it was trained on",
-                workdir, version, STORE_VERSION, VERSION_CHANGE,
-            )  # fmt: skip
+        warn_other_version(record, workdir)
         return record["settings"]["preprocess"]
     if settings is None:
         given = store is not None

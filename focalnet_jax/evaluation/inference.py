@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from focalnet_jax import encoding
-from focalnet_jax.data.run_store import check_run_store, recorded_cases
+from focalnet_jax.data.run_store import check_run_store, recorded_cases, warn_other_version
 from focalnet_jax.data.store import Store, component_channels, open_store
 from focalnet_jax.data.writer_folders import moved_aside_note
 from focalnet_jax.errors import UserError
@@ -305,7 +305,11 @@ def predict_validation_fold(
                 f"store {store_path} of run {workdir} does not exist{note}: {fix}, or pass --store"
             )
     store = open_store(store_path)
-    check_run_store(workdir, store.settings, against=f"store {store_path}", ignore=("slices",))
+    # Another format version: as predict, with a warning (the run's cases are still checked).
+    record = check_run_store(
+        workdir, store.settings, against=f"store {store_path}", ignore=("slices", "version")
+    )
+    warn_other_version(record, workdir)
     val_cases = validation_cases(workdir, store, predictor.spec)
     if not val_cases:
         raise UserError(f"store {store_path}: fold {data.fold} has no validation case")
