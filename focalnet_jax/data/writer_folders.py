@@ -32,6 +32,7 @@ import shutil
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 from focalnet_jax.errors import UserError
 from focalnet_jax.file_lock import LockHeld, acquire_lock, release_lock
@@ -66,23 +67,31 @@ def lock_beside(path: str | os.PathLike, command: str) -> Path:
     return folder.with_name(f".{folder.name}.{command}.lock")
 
 
-@contextlib.contextmanager
-def writer_lock(path: str | os.PathLike, command: str) -> Iterator[None]:
-    """Holds the lock beside `path` (`lock_beside`) in the block, its file removed at the end: a
-    second `focalnet <command>` writing `path` meanwhile is refused in one line naming this one
-    (two runs mixed their outputs, or the later one replaced the other's without a word). The
-    folders made for the lock are removed again when the block fails (a user error leaves none)."""
-    lock_path = lock_beside(path, command)
-    made = [folder for folder in lock_path.parents if not folder.exists()]  # deepest first
-    done = False
+def take_writer_lock(path: str | os.PathLike, command: str) -> IO[str]:
+    """Takes the lock beside `path` (`lock_beside`) for this `focalnet <command>` run; returns it
+    (`release_lock`). One line naming the holder while another run holds it."""
     try:
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
-        lock = acquire_lock(lock_path)
+        return acquire_lock(lock_beside(path, command))
     except LockHeld as held:
         raise UserError(
             f"{path} is being written by another focalnet {command} ({held.holder}); wait for it "
             "to end"
         ) from None
+
+
+@contextlib.contextmanager
+def writer_lock(path: str | os.PathLike, command: str) -> Iterator[None]:
+    """Holds the lock beside `path` (`take_writer_lock`) in the block, its file removed at the
+    end: a second `focalnet <command>` writing `path` meanwhile is refused in one line naming
+    this one (two runs mixed their outputs, or the later one replaced the other's without a
+    word). The folders made for the lock are removed again when the block fails (a user error
+    leaves none)."""
+    lock_path = lock_beside(path, command)
+    made = [folder for folder in lock_path.parents if not folder.exists()]  # deepest first
+    done = False
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        lock = take_writer_lock(path, command)
     except OSError as error:  # named as the folder asked for, not the lock beside it
         raise OSError(error.errno, error.strerror, str(path)) from None
     try:

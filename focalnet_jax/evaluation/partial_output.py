@@ -38,7 +38,6 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
 
 from focalnet_jax.data import metaimage_header
 from focalnet_jax.data.atomic_files import check_replaceable, sync_folder, write_json_atomic
@@ -47,6 +46,7 @@ from focalnet_jax.data.writer_folders import (
     remove_dead_leftovers,
     restore_moved_aside,
     swap_in,
+    take_writer_lock,
     target_folder,
     writer_folder,
 )
@@ -277,17 +277,6 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def _lock_out(out: Path) -> IO[str]:
-    """Takes the lock beside `out` (`lock_file`) for this run; returns it. One line naming the
-    holder while another run holds it."""
-    try:
-        return acquire_lock(lock_file(out))
-    except LockHeld as held:
-        raise UserError(
-            f"{out} is being written by another {WRITER} ({held.holder}); wait for it to end"
-        ) from None
-
-
 def _remove_earlier_lock(folder: Path, out: Path) -> None:
     """Removes `folder/.predict.lock`, the lock that earlier versions held in the partial (and
     left in `--out` when killed right after the rename), once no process holds it (logged); while
@@ -342,7 +331,7 @@ def partial_output(out: Path, settings: dict, *, resume: bool, overwrite: bool) 
     symbolic link `out` is kept and the folder it points to replaced (`target_folder`)."""
     out = target_folder(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    lock = _lock_out(out)
+    lock = take_writer_lock(out, "predict")
     try:
         restore_moved_aside(out, WRITER)
         remove_dead_leftovers(out, WRITER)  # temporary folders of runs before partials were kept
