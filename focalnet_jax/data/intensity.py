@@ -58,14 +58,14 @@ def _axis_grid(center: float, before: float, after: float, step: int, n: int):
 
 
 def _sample_axis(volume: np.ndarray, positions: np.ndarray, axis: int) -> np.ndarray:
-    """`volume` linearly interpolated at `positions` (voxel units, within the axis) along `axis`;
-    exact at whole positions."""
+    """`volume` linearly interpolated at `positions` (voxel units, within the axis) along `axis`,
+    float32; exact at whole positions."""
     below = np.floor(positions).astype(int)
     above = np.minimum(below + 1, volume.shape[axis] - 1)
     shape = [1] * volume.ndim
     shape[axis] = len(positions)
     weight = (positions - below).reshape(shape).astype(np.float32)
-    lower, upper = np.take(volume, below, axis=axis), np.take(volume, above, axis=axis)
+    lower, upper = (np.take(volume, i, axis=axis).astype(np.float32) for i in (below, above))
     return lower + weight * (upper - lower)
 
 
@@ -150,7 +150,7 @@ def find_bladder(
     )
     if len(rows) == 0 or len(columns) == 0:
         return None
-    box = _sample_axis(_sample_axis(t2w.astype(np.float32), rows, 1), columns, 2)
+    box = _sample_axis(_sample_axis(t2w, rows, 1), columns, 2)  # only the box cast to float32
     sz, sy, sx = (float(s) for s in spacing_zyx)
     found = _bladder_in_box(
         box,
