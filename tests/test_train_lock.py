@@ -61,14 +61,20 @@ def test_a_file_system_without_locks_trains_with_a_warning(tmp_path, monkeypatch
     traceback once it took the workdir's lock; it trains unguarded and says so. The lock's other
     users (`predict`, `study run`) refuse in one line naming the file."""
     import errno
+    import fcntl
     import logging
+    import types
 
-    from focalnet_jax.file_lock import LocksUnsupported, acquire_lock, fcntl
+    from focalnet_jax import file_lock
+    from focalnet_jax.file_lock import LocksUnsupported, acquire_lock
 
     def no_locks(file, operation):
         raise OSError(errno.ENOSYS, "Function not implemented")
 
-    monkeypatch.setattr(fcntl, "flock", no_locks)
+    # The project's locks only: JAX's compilation cache keeps its own (a patched `fcntl.flock`
+    # left the test session's cache unusable, compiling the step again, ~1 min on 2 cores).
+    no_flock = types.SimpleNamespace(flock=no_locks, LOCK_EX=fcntl.LOCK_EX, LOCK_NB=fcntl.LOCK_NB)
+    monkeypatch.setattr(file_lock, "fcntl", no_flock)
     config = tiny_config(overrides=["--config.loss.mfl=false", "--config.train.steps=1"])
     with caplog.at_level(logging.WARNING, logger="focalnet_jax.training.run_start"):
         train_and_evaluate(config, tmp_path / "run", store=FakeStore())
