@@ -151,10 +151,9 @@ def _out_lock(args: argparse.Namespace) -> contextlib.AbstractContextManager:
     prediction to the last figure: two runs into one folder left one's figures beside the other's
     metrics, both ending well."""
     from focalnet_jax.data.writer_folders import writer_lock
+    from focalnet_jax.evaluation.flag_checks import evaluation_out
 
-    out = args.out
-    if out is None and args.workdir is not None and not args.all_cases:
-        out = args.workdir / "eval"
+    out = evaluation_out(args)
     return contextlib.nullcontext() if out is None else writer_lock(out, "evaluate")
 
 
@@ -164,6 +163,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         evaluation_summary,
         remove_evaluation,
     )
+    from focalnet_jax.evaluation.flag_checks import evaluation_out
     from focalnet_jax.evaluation.predictions import read_case_list
 
     batch_size = args.batch_size or EVALUATE_BATCH_SIZE
@@ -186,7 +186,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         from focalnet_jax.evaluation.run_predictions import predict_fold
         from focalnet_jax.run.workdir import read_config
 
-        out = args.out or args.workdir / "eval"
+        out = evaluation_out(args)
         predictions = out / "predictions"
         cases = predict_fold(
             args.workdir,

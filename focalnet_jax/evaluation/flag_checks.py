@@ -51,8 +51,7 @@ def check_evaluate_flags(args: argparse.Namespace) -> None:
                 f"{named[0]} goes with --workdir (it makes the predictions); --predictions "
                 f"{args.predictions} evaluates the files as they were predicted"
             )
-    default_out = args.workdir / "eval" if args.workdir is not None else None
-    check_output_folder(args.out or default_out)
+    check_output_folder(evaluation_out(args))
     if args.predictions is not None and args.out is not None:
         predictions, out = Path(args.predictions).resolve(), Path(args.out).resolve()
         if out == predictions or predictions in out.parents:
@@ -60,6 +59,16 @@ def check_evaluate_flags(args: argparse.Namespace) -> None:
                 f"--out {args.out} is --predictions {args.predictions} or inside it: its metrics "
                 "would be read as a file of the predictions; choose a folder beside it"
             )
+
+
+def evaluation_out(args: argparse.Namespace) -> Path | None:
+    """`focalnet evaluate`'s output folder: --out, else a run's `<workdir>/eval` where --workdir
+    evaluates its own fold (not with --all-cases, which needs --out); None where none is given."""
+    if args.out is not None:
+        return Path(args.out)
+    if args.workdir is not None and not args.all_cases:
+        return Path(args.workdir) / "eval"
+    return None
 
 
 def check_predict_flags(args: argparse.Namespace) -> None:
