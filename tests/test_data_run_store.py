@@ -10,13 +10,19 @@ import shutil
 from pathlib import Path
 
 import pytest
+import SimpleITK as sitk
 from test_train_helpers import REPO, TINY
 
 from focalnet_jax import cli
 from focalnet_jax.data.build_store import preprocess_cases
 from focalnet_jax.data.layouts import discover_picai
 from focalnet_jax.data.preprocess_config import PreprocessConfig
-from focalnet_jax.data.run_store import RECORD_FILE, check_run_store, read_run_store
+from focalnet_jax.data.run_store import (
+    CASE_DATA,
+    RECORD_FILE,
+    check_run_store,
+    read_run_store,
+)
 from focalnet_jax.data.store import open_store
 from focalnet_jax.data.store_settings import VERSION_CHANGE, StaleStoreError
 from focalnet_jax.errors import UserError
@@ -76,6 +82,8 @@ def test_training_records_the_store_settings(run):
     train, val = record.pop("train_cases"), record.pop("val_cases")
     patients = record.pop("train_patients")
     assert patients == sorted({open_store(run["a"]).case(c)["patient_id"] for c in train})
+    case_data = record.pop(CASE_DATA)
+    assert case_data == {c: store.case(c)["data_sha256"][:16] for c in train + val}
     assert record == {
         "store": str(run["a"]),
         "fingerprint": store.fingerprint,
@@ -141,6 +149,41 @@ def test_resume_on_a_store_with_other_settings_is_refused(run, capsys):
     manager = workdir_lib.make_manager(run["workdir"], read_only=True)
     assert manager.all_steps() == [1]  # nothing trained, nothing saved
     manager.close()
+
+
+def test_resume_on_a_store_with_other_labels_is_refused_and_on_a_moved_one_records_it(
+    run, tmp_path, capsys
+):
+    """Same settings and cases, another label of one training case (e.g. expert labels instead
+    of AI-derived ones): the resume trained on other ground truth without a word. A copy of the
+    store elsewhere resumes, and store.json then names it, as config.json does."""
+    workdir = tmp_path / "run"
+    shutil.copytree(run["workdir"], workdir)
+    case = json.loads((workdir / RECORD_FILE).read_text())["train_cases"][0]
+    shutil.copytree(run["root"] / "data", tmp_path / "data")
+    label_file = tmp_path / "data" / "labels" / f"{case}.nii.gz"
+    label = sitk.ReadImage(str(label_file))
+    array = sitk.GetArrayFromImage(label)
+    z, y, x = (n // 2 for n in array.shape)
+    array[z, y - 4 : y + 4, x - 4 : x + 4] = 3  # an ISUP 3 lesion at the crop's centre
+    relabelled = sitk.GetImageFromArray(array)
+    relabelled.CopyInformation(label)
+    sitk.WriteImage(relabelled, str(label_file))
+    other_labels = _store(tmp_path, tmp_path / "relabelled")
+    assert open_store(other_labels).settings == open_store(run["a"]).settings
+    resume = ["train", f"--config={REPO / 'configs' / 'focalnet.py'}", f"--workdir={workdir}",
+              *RUN, "--config.train.steps=2"]  # fmt: skip
+    line = _user_error([*resume, f"--config.data.store={other_labels}"], capsys)
+    assert line == (
+        f"focalnet train: error: run {workdir}: store {other_labels} holds other images or labels "
+        f"for case {case} (1 case of the run differ) than the store the run trained on: resume "
+        "on the store it trained on"
+    )
+    moved = tmp_path / "moved"
+    shutil.copytree(run["a"], moved)
+    assert cli.main([*resume, f"--config.data.store={moved}"]) == 0
+    record = json.loads((workdir / RECORD_FILE).read_text())
+    assert record["store"] == str(moved) == workdir_lib.read_config(workdir).data.store
 
 
 def test_evaluate_refuses_a_store_with_other_settings(run, capsys, tmp_path):

@@ -2,8 +2,11 @@
 (`store_settings`) and fingerprint, recorded at training start.
 
 Resuming, `evaluate --workdir` and `predict` compare the store (or the preprocessing) they are given
-with this record and refuse one made with other settings, naming each setting that differs. A run
-from before these records has none: it still resumes and evaluates, with a one-line warning.
+with this record and refuse one made with other settings, naming each setting that differs. A
+resume also compares the run's training and validation cases, and the data the store holds for
+them (`case_data`, a digest of each case's stored images and labels): a store preprocessed again
+from other labels, with the same settings and cases, is refused, naming a case. A run from before
+these records has none: it still resumes and evaluates, with a one-line warning.
 """
 
 from __future__ import annotations
@@ -22,11 +25,12 @@ from focalnet_jax.data.store_settings import (
     StaleStoreError,
     settings_diff,
 )
-from focalnet_jax.errors import UserError
+from focalnet_jax.errors import UserError, plural
 
 log = logging.getLogger(__name__)
 
 RECORD_FILE = "store.json"
+CASE_DATA = "case_data"  # {case id: digest of its stored data} of the run's training and val cases
 
 
 def read_run_store(workdir: str | os.PathLike) -> dict | None:
@@ -112,7 +116,9 @@ def record_run_store(
     """At training start: a run that has a record (a resume) must use a store with the same
     settings, and the same training and validation cases where it recorded them
     (`StaleStoreError` otherwise); a new run, or one from before these records (warned), records
-    `store`. `split` (a `FoldSplit`) adds the case ids and the training cases' patient ids
+    `store` (its path is updated on a resume: the store may have moved). `split` (a
+    `FoldSplit`) adds the case ids, their data's digests (`case_data`) and the training cases'
+    patient ids
     (`train_patients`: a test store is held out only if none of its patients trained),
     `total_steps` the step training ends at (epoch-based runs: from the number of training
     slices), so that evaluation and ensembles do not recompute them. `write`: this process writes
@@ -132,9 +138,12 @@ def record_run_store(
             )
         record = {"store": str(store.path), "fingerprint": store.fingerprint}
         record["settings"] = store.settings
+    record["store"] = str(store.path)  # a resume on the store moved, or copied, elsewhere
     if split is not None:
         record.update(train_cases=list(split.train_cases), val_cases=list(split.val_cases))
         record["train_patients"] = _patients(store, split.train_cases)
+        if (data := _case_data(store, (*split.train_cases, *split.val_cases))) is not None:
+            record[CASE_DATA] = data
     if total_steps is not None:
         record["total_steps"] = int(total_steps)
     if write:
@@ -145,13 +154,15 @@ def record_run_store(
 def check_training_store(workdir: str | os.PathLike, store, *, split=None) -> dict | None:
     """The run's record (None: a new run, or one from before these records) once `store`, and
     the cases of `split` (a `FoldSplit`), agree with it: `StaleStoreError` (one line) for a store
-    with other settings, or other training or validation cases, than the run recorded. Writes
+    with other settings, other training or validation cases, or other data of those cases, than
+    the run recorded. Writes
     nothing; `record_run_store` checks with it."""
     record = read_run_store(workdir)
     if record is not None:
         _compare(record, store.settings, workdir, f"store {store.path}", ())
         if split is not None:
             _compare_cases(record, split, workdir, store.path)
+            _compare_case_data(record, store, split, workdir)
     return record
 
 
@@ -163,6 +174,30 @@ def _compare_cases(record: dict, split, workdir, store_path) -> None:
                 f"run recorded ({len(record[key])} recorded, {len(cases)} now; "
                 f"{len(set(record[key]) ^ set(cases))} differ): resume on the store it trained on"
             )
+
+
+def _case_data(store, case_ids: Sequence[str]) -> dict[str, str] | None:
+    """{case id: the first 16 hex digits of its `data_sha256` (of its stored images and
+    labels)} of the store's `case_ids`; None where a case has none."""
+    digests = {c: store.case(c).get("data_sha256") for c in case_ids}
+    if not all(isinstance(d, str) for d in digests.values()):
+        return None
+    return {c: d[:16] for c, d in digests.items()}
+
+
+def _compare_case_data(record: dict, store, split, workdir) -> None:
+    """Refuses a store whose data of the run's cases differs from the data recorded (preprocessed
+    again from changed images, or from other labels: same case ids and settings)."""
+    recorded = record.get(CASE_DATA)
+    now = _case_data(store, (*split.train_cases, *split.val_cases))
+    if not isinstance(recorded, dict) or now is None:
+        return  # a record from before these digests, or a store without them
+    if changed := [c for c, d in now.items() if recorded.get(c) != d]:
+        raise StaleStoreError(
+            f"run {workdir}: store {store.path} holds other images or labels for case "
+            f"{changed[0]} ({plural(len(changed), 'case')} of the run differ) than the store the "
+            "run trained on: resume on the store it trained on"
+        )
 
 
 def recorded_cases(workdir: str | os.PathLike, key: str) -> list[str] | None:
