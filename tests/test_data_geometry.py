@@ -59,6 +59,16 @@ def test_kept_slices_map_through_slice_index():
         geometry.with_slices([]).world_to_pixel(*full)
 
 
+def test_positions_beyond_the_kept_slices_continue_one_t2w_slice_per_slice():
+    """Kept T2w slices 2, 3 and 5: crop slice -1 is T2w slice 1 and crop slice 3 is T2w slice 6
+    (slope 1 outside the kept ones), without a jump at either end."""
+    t2w = sitk.Image(16, 16, 10, sitk.sitkFloat32)
+    centre = t2w.TransformContinuousIndexToPhysicalPoint((7.5, 7.5, 4.0))
+    geometry = CropGeometry.centred(t2w, centre, crop_mm=8, size=8, slice_index=[2, 3, 5])
+    k = geometry.pixel_to_t2w_index(np.array([-1.0, 0.0, 2.0, 3.0, 4.5]), 0.0, 0.0)[:, 2]
+    np.testing.assert_allclose(k, [1.0, 2.0, 5.0, 6.0, 7.5])
+
+
 def test_geometry_records_the_whole_t2w_grid():
     t2w = _oblique_t2w()
     geometry = CropGeometry.centred(t2w, t2w.TransformContinuousIndexToPhysicalPoint((192, 192, 5)))

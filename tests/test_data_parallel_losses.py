@@ -17,7 +17,9 @@ import numpy as np
 
 # (loss, options): sigmoid batch Dice, CE + batch Dice, nnU-Net's softmax CE + Dice.
 CASES = {
-    "soft_dice": ("soft_dice_loss", {"eps": 1e-5, "batch_dice": True}),
+    # The default eps (1): the sums over devices scaled by 1/N (a `pmean` for the `psum`) scale
+    # eps by N, which a tiny eps hides.
+    "soft_dice": ("soft_dice_loss", {"eps": 1.0, "batch_dice": True}),
     "ce_dice": ("ce_dice_loss", {"eps": 1e-5, "batch_dice": True}),
     "softmax_ce_dice": (
         "ce_dice_loss",

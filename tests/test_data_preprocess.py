@@ -345,6 +345,15 @@ def test_bladder_search_grid_stays_within_the_volume():
     np.testing.assert_allclose(sampled, [0.0, 2.9998, 5.9998], atol=1e-5)
 
 
+def test_adc_range_maps_its_low_end_to_0_and_its_high_end_to_1():
+    """A configured `adc_range` with a low end above 0: values clipped to it, then scaled over
+    its width (the default low end 0 cannot tell `/ (high - low)` from `/ high`)."""
+    adc = np.array([0.0, 500.0, 1500.0, 2500.0, 4000.0], np.float32)
+    normalised = intensity.normalise_adc(adc, 500.0, 2500.0)
+    np.testing.assert_allclose(normalised, [0.0, 0.0, 0.5, 1.0, 1.0])
+    assert normalised.dtype == np.float32
+
+
 def test_percentile_scaling_leaves_zero_fill_out():
     """An HBV exported zero-padded to a larger grid was scaled by percentiles of the padding too
     (8.1..101 became 0..81): the same exam stored otherwise."""
