@@ -468,6 +468,25 @@ def test_a_fold_of_the_config_arg_written_with_a_sign_agrees_with_the_same_fold(
     )
 
 
+def test_a_store_of_the_config_arg_that_would_be_overruled_is_refused(tmp_path, capsys):
+    """`configs/picai.py:fold=0,store=A --config.data.store=B` trained on B, the store the config
+    file was given silently ignored; the same folder written two ways agrees."""
+    config = f"{REPO / 'configs' / 'picai.py'}:fold=0,store={tmp_path / 'a'}"
+    argv = ["train", "--config", config, "--workdir", str(tmp_path / "w")]
+    status, err = _run([*argv, f"--config.data.store={tmp_path / 'b'}"], capsys)
+    assert (status, err.splitlines()[-1]) == (
+        2,
+        f"focalnet train: error: --config {config} and --config.data.store={tmp_path / 'b'} "
+        "disagree",
+    )
+    status, err = _run([*argv, f"--config.data.store={tmp_path / 'x' / '..' / 'a'}"], capsys)
+    assert (status, err.splitlines()[-1]) == (
+        2,
+        f"focalnet train: error: store {tmp_path / 'a'} does not exist",
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
 BAD_CONFIG_FILES = [  # (file name, text, the message after "config file <path>: ")
     ("config.txt", "x = 1\n", "not a Python file (expected a .py file with get_config())"),
     ("broken.py", "import ml_collections\n\ndef get_config(:\n", "syntax error at line 3: "),

@@ -63,27 +63,47 @@ def _training_setup(args: argparse.Namespace):
     try:
         distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
         config = load_config(args.config, args.overrides)
-        fold_overridden = "data.fold" in override_keys(args.overrides)
+        overridden = override_keys(args.overrides)
     except (KeyError, ValueError, FileNotFoundError) as error:  # flags and config: the user's
         raise UserError(error.args[0] if error.args else str(error)) from error
-    _set_fold(config, args, fold_overridden)
+    _set_fold(config, args, "data.fold" in overridden)
+    _check_store_arg(config, args, "data.store" in overridden)
     RunSpec.from_config(config)  # every config error in one line, before any compilation
 
     logging.getLogger("focalnet_jax").info("%s", distributed.describe())
     return config
 
 
+def _config_arg(spec: str, name: str) -> str | None:
+    """The value the `:arg` of `--config FILE:arg` gives `name` (`configs/picai.py:fold=2`, 'fold':
+    '2'), None where it gives none."""
+    for item in spec.partition(":")[2].split(","):
+        key, _, value = item.partition("=")
+        if key.strip() == name:
+            return value.strip()
+    return None
+
+
 def _config_arg_fold(spec: str) -> int | str | None:
     """The fold the `:arg` of `--config FILE:arg` sets (`configs/focalnet.py:fold=2`: 2), None
     where it sets none."""
-    for item in spec.partition(":")[2].split(","):
-        key, _, value = item.partition("=")
-        if key.strip() == "fold":
-            try:  # as `configs/default.parse_arg` reads it: `fold=+1` is fold 1
-                return int(value)
-            except ValueError:
-                return value.strip()
-    return None
+    if (value := _config_arg(spec, "fold")) is None:
+        return None
+    try:  # as `configs/default.parse_arg` reads it: `fold=+1` is fold 1
+        return int(value)
+    except ValueError:
+        return value
+
+
+def _check_store_arg(config, args: argparse.Namespace, store_overridden: bool) -> None:
+    """Refuses `--config FILE:...,store=A` with `--config.data.store=B` naming another folder:
+    the override, applied last, silently overruled the store the file was given."""
+    arg_store = _config_arg(args.config, "store")
+    if not (store_overridden and arg_store):
+        return
+    given = config.data.store
+    if Path(arg_store).expanduser().resolve() != Path(given).expanduser().resolve():
+        raise UserError(f"--config {args.config} and --config.data.store={given} disagree")
 
 
 def _set_fold(config, args: argparse.Namespace, fold_overridden: bool) -> None:
