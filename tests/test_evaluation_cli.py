@@ -877,13 +877,18 @@ def test_a_label_with_dollar_signs_is_drawn_as_written(tmp_path):
     plt.close(fig)
 
 
-def test_summarize_removes_an_earlier_summarys_figures_and_says_how_many_folds_an_auc_has(
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_summarize_stopped_while_drawing_leaves_the_earlier_summary_and_counts_an_aucs_folds(
     tmp_path, monkeypatch
 ):
     """summary.json and summary.md were written before the figures, an earlier summary's figures
     left in place: a run stopped between them (a crash drawing) left figures of other methods
-    beside the new numbers. And roc.png's legend gave a mean AUC of one fold of three as the
-    method's, where summary.md's cell says '(1/3)'."""
+    beside the new numbers; removing them first lost the earlier summary's. Now all or nothing.
+    And roc.png's legend gave a mean AUC of one fold of three as the method's, where
+    summary.md's cell says '(1/3)'."""
     from focalnet_jax.evaluation import figures, summary
 
     for fold in range(3):
@@ -891,6 +896,7 @@ def test_summarize_removes_an_earlier_summarys_figures_and_says_how_many_folds_a
     out = tmp_path / "summary"
     run_cli(["summarize", "--runs", f"A={tmp_path / 'A'}", "--out", str(out)])
     assert {p.name for p in out.glob("*.png")} == set(summary.SUMMARY_FIGURES)
+    earlier = _files(out)
     for fold in (1, 2):  # their ROC of GS >= 7 undefined (one class)
         path = tmp_path / "A" / f"fold{fold}" / "metrics.json"
         metrics = json.loads(path.read_text())
@@ -905,14 +911,15 @@ def test_summarize_removes_an_earlier_summarys_figures_and_says_how_many_folds_a
     monkeypatch.setattr(figures, "roc_figure", stopped)
     with pytest.raises(KeyboardInterrupt):
         summary.summarize_runs({"A": tmp_path / "A"}, out)
-    assert not (out / "roc.png").exists()  # the earlier summary's: removed before summary.json
+    assert _files(out) == earlier  # nothing of the new one, no temporary folder
     auc = json.loads((tmp_path / "A" / "fold0" / "metrics.json").read_text())["roc"]["gs_ge_7"]
     assert list(drawn["GS >= 7"]) == [f"A (AUC {auc['auc']:.3f} (1/3))"]
 
 
-def test_summarize_stopped_before_its_report_leaves_no_earlier_report(tmp_path, monkeypatch):
+def test_summarize_on_a_full_disk_leaves_the_earlier_summary_whole(tmp_path, monkeypatch):
     """A rerun stopped between summary.json and summary.md (a full disk) left the earlier
-    summary.md, of other methods and numbers, beside the new summary.json."""
+    summary.md, of other methods and numbers, beside the new summary.json; removing the earlier
+    files first lost them. The error names the file at its place in --out."""
     from focalnet_jax.evaluation import summary
 
     for method in "AB":
@@ -921,16 +928,18 @@ def test_summarize_stopped_before_its_report_leaves_no_earlier_report(tmp_path, 
             _evaluate_fold(tmp_path / method / "p" / str(fold), tmp_path / method / str(fold), run)
     out = tmp_path / "summary"
     run_cli(["summarize", "--runs", f"A={tmp_path / 'A'}", "--out", str(out)])
-    assert (out / "summary.md").is_file()
+    earlier = _files(out)
 
-    def full_disk(path):
-        raise OSError(28, "No space left on device", str(path))
+    def full_disk(folds, folder):
+        (folder / "froc.png").write_bytes(b"half a figure")
+        raise OSError(28, "No space left on device", str(folder / "froc.png"))
 
-    monkeypatch.setattr(summary, "replaced_atomically", full_disk)
-    with pytest.raises(OSError, match="No space left"):
+    monkeypatch.setattr(summary, "write_band_figures", full_disk)
+    with pytest.raises(OSError) as failed:
         summary.summarize_runs({"A": tmp_path / "A", "B": tmp_path / "B"}, out)
-    assert json.loads((out / "summary.json").read_text())["methods"].keys() == {"A", "B"}
-    assert not (out / "summary.md").exists()
+    assert str(failed.value) == f"[Errno 28] No space left on device: '{out / 'froc.png'}'"
+    assert _files(out) == earlier
+    assert json.loads((out / "summary.json").read_text())["methods"].keys() == {"A"}
 
 
 @pytest.mark.parametrize("command", ["evaluate", "summarize", "synth"])

@@ -42,6 +42,29 @@ def test_an_evaluation_stopped_before_its_report_leaves_the_earlier_one_whole(
     assert after == before and json.loads(after["metrics.json"])["num_cases"] == 5
 
 
+def test_an_evaluation_on_a_full_disk_leaves_the_earlier_one_whole(tmp_path, monkeypatch):
+    """The earlier metrics.json, report.md and figures were removed before the new ones were
+    written: a full disk while drawing lost the earlier evaluation and left the new numbers
+    without their figures. The error names the figure at its place in --out."""
+    from focalnet_jax.evaluation import figures
+
+    write_cohort(tmp_path / "pred")
+    out = tmp_path / "out"
+    _evaluate(tmp_path / "pred", out)
+    earlier = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert {"metrics.json", "report.md", "froc.png", "roc.png"} <= set(earlier)
+
+    def full_disk(path, panels):
+        path.write_bytes(b"half a figure")
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(figures, "roc_figure", full_disk)
+    with pytest.raises(OSError) as failed:
+        evaluate.evaluate_predictions(tmp_path / "pred", out, with_picai=False, min_score=0.5)
+    assert str(failed.value) == f"[Errno 28] No space left on device: '{out / 'roc.png'}'"
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == earlier
+
+
 def test_a_file_where_the_predictions_go_is_refused(tmp_path):
     (tmp_path / "predictions").write_text("mine")
     with pytest.raises(

@@ -9,6 +9,7 @@ import json
 import logging
 import shutil
 
+import pytest
 from cli_calls import cli_error, run_cli
 from test_evaluation_cli import _evaluate_fold
 from test_train_helpers import FakeStore, tiny_config
@@ -96,3 +97,36 @@ def test_summarize_into_an_evaluation_folder_is_refused(tmp_path):
         "by the summary's; choose another folder"
     )
     assert {p.name: p.read_bytes() for p in evaluation.iterdir() if p.is_file()} == before
+
+
+def test_folds_are_searched_in_every_folder_but_hidden_ones_and_an_unlistable_one_is_named(
+    tmp_path, monkeypatch
+):
+    """`rglob` skipped a folder it could not list (permission denied): a fold left out of the
+    mean, the SD and the tests without a word. A hidden folder is an unfinished writer's
+    (`replaced_outputs`): its metrics.json is no fold."""
+    import errno
+    import os
+
+    from focalnet_jax.errors import UserError
+    from focalnet_jax.evaluation.summary import find_folds
+
+    method = tmp_path / "A"
+    for folder in ("fold0", "fold1/eval", "fold1/eval/.metrics.json.tmp-1@h-00000000-0000"):
+        (method / folder).mkdir(parents=True)
+        (method / folder / "metrics.json").write_text("{}")
+    assert find_folds(method) == [
+        method / "fold0" / "metrics.json",
+        method / "fold1" / "eval" / "metrics.json",
+    ]
+    scandir = os.scandir
+
+    def denied(path):
+        if os.fspath(path) == str(method / "fold1"):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", denied)
+    with pytest.raises(UserError) as refused:
+        find_folds(method)
+    assert str(refused.value) == f"{method}: cannot search {method / 'fold1'} (Permission denied)"

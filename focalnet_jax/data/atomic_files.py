@@ -39,6 +39,37 @@ def replaced_atomically(path: str | os.PathLike):
             tmp.unlink()
 
 
+@contextlib.contextmanager
+def replaced_outputs(
+    out_dir: str | os.PathLike, marker: str, outputs: Collection[str], writer: str = "focalnet"
+):
+    """Yields a new temporary folder inside `out_dir` (`.<marker>.tmp-<writer>`, made with the
+    parents) to write one set of output files in: `marker` (e.g. `metrics.json`) and others of
+    `outputs` (its report, its figures). When the block ends without an error the files reach
+    the disk, then the earlier set is removed (the files of `outputs`, where `out_dir` holds its
+    `marker`: none of it is left beside the new one; without a marker no file is removed, a
+    user's file of such a name stays) and the new files are renamed in, `marker` last. When the
+    block raises (a full disk) the temporary folder is removed and the earlier set stays whole.
+    Temporary folders of writers that died are removed first (`writer`, the command, names them
+    in the log)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    remove_dead_leftovers(out_dir / marker, writer)
+    tmp = writer_folder(out_dir / marker)
+    tmp.mkdir()
+    try:
+        with naming_the_disk(out_dir, tmp):
+            yield tmp
+            sync_folder(tmp)
+        if (out_dir / marker).is_file():
+            for name in outputs:
+                (out_dir / name).unlink(missing_ok=True)
+        for file in sorted(tmp.iterdir(), key=lambda file: file.name == marker):
+            os.replace(file, out_dir / file.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def write_json_atomic(value, path: str | os.PathLike) -> Path:
     """Writes `value` (plain JSON types; NaN refused) as indented JSON to `path`, atomically; its
     bytes reach the disk before the rename, so a machine that crashes leaves the old file or the

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from focalnet_jax.data.atomic_files import replaced_atomically
+from focalnet_jax.data.atomic_files import replaced_outputs
 from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation import figures, picai
 from focalnet_jax.evaluation.froc import count_patients, froc_analysis
@@ -147,8 +147,10 @@ def evaluate_predictions(
 ) -> dict:
     """Evaluates the `<case_id>.npz` of `predictions_dir` for every case id of `cases` (a listed
     case without a file is an error naming it), or without `cases` every file found; writes the
-    outputs to `out_dir` when given; a `models.json` beside the predictions (the runs and steps
-    that made them) is copied into the metrics as "models". Returns the metrics dict (arrays as
+    outputs to `out_dir` when given (`metrics.json`, `report.md`, the figures: all of them in
+    place of the earlier ones, or none, `replaced_outputs`); a `models.json` beside the
+    predictions (the runs and steps that made them) is copied into the metrics as "models".
+    Returns the metrics dict (arrays as
     NumPy; `metrics.json` holds its JSON-safe form).
 
     `slices` selects the slices of the paper's 2D protocol ('all', or 'annotated': slices with a
@@ -172,10 +174,13 @@ def evaluate_predictions(
     metrics["picai"] = _picai_section(picai_results, picai_skipped, picai_bootstraps, seed)
     metrics.update(record)
     if out_dir is not None:
-        out_dir = Path(out_dir)
-        _write_outputs(metrics, out_dir, label)
-        if with_figures:
-            write_figures(metrics, summaries, paths, has_images, out_dir, montage_cases, label)
+        report = markdown_report({label: [json_safe(metrics)]}, title=f"Evaluation of {label}")
+        outputs = ("metrics.json", "report.md", *FIGURE_FILES)
+        with replaced_outputs(out_dir, "metrics.json", outputs, "evaluate") as tmp:
+            write_json(metrics, tmp / "metrics.json")
+            (tmp / "report.md").write_text(report)
+            if with_figures:
+                write_figures(metrics, summaries, paths, has_images, tmp, montage_cases, label)
     return metrics
 
 
@@ -184,20 +189,6 @@ def remove_evaluation(out_dir: str | Path) -> None:
     `FIGURE_FILES`; no other file): none is left to describe predictions it did not read."""
     for name in ("metrics.json", "report.md", *FIGURE_FILES):
         (Path(out_dir) / name).unlink(missing_ok=True)
-
-
-def _write_outputs(metrics: dict, out_dir: Path, label: str) -> None:
-    """`metrics.json` and `report.md` in `out_dir`, each written atomically, the report built
-    first; where `out_dir` holds an earlier evaluation (its `metrics.json`), its outputs are
-    removed before (`remove_evaluation`): a run stopped between the two writes, without figures
-    or without the montage leaves none of another run's. Without an earlier evaluation no file
-    is removed (a figure of the user's of such a name stays)."""
-    report = markdown_report({label: [json_safe(metrics)]}, title=f"Evaluation of {label}")
-    if (out_dir / "metrics.json").is_file():
-        remove_evaluation(out_dir)
-    write_json(metrics, out_dir / "metrics.json")
-    with replaced_atomically(out_dir / "report.md") as tmp:
-        tmp.write_text(report)
 
 
 def evaluation_summary(metrics: dict) -> str:

@@ -10,12 +10,13 @@ paper's tables, mean+-SD), and `froc.png`, `froc_gs.png`, `roc.png` with a +-2 S
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
-from focalnet_jax.data.atomic_files import replaced_atomically
+from focalnet_jax.data.atomic_files import replaced_outputs
 from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation import figures
 from focalnet_jax.evaluation.evaluate import FROC_PANELS, GS_PANELS
@@ -113,10 +114,24 @@ def find_folds(run_dir: str | Path) -> list[Path]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: run folder does not exist")
-    found = sorted(run_dir.rglob("metrics.json"))
+    found = sorted(Path(folder) / "metrics.json" for folder in _folders(run_dir)
+                   if (Path(folder) / "metrics.json").is_file())  # fmt: skip
     if not found:
         raise UserError(f"{run_dir}: no metrics.json (output of `focalnet evaluate`) under it")
     return found
+
+
+def _folders(run_dir: Path):
+    """`run_dir` and the folders under it, but hidden ones (an unfinished writer's temporary
+    folder: `atomic_files.replaced_outputs`); one it cannot list is a `UserError` naming it
+    (`rglob` skipped it: a fold left out without a word)."""
+
+    def unreadable(error: OSError):
+        raise UserError(f"{run_dir}: cannot search {error.filename} ({error.strerror})")
+
+    for folder, subfolders, _ in os.walk(run_dir, onerror=unreadable):
+        subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
+        yield folder
 
 
 def check_folds(run_dir, paths: list[Path], fold_metrics: list[dict]) -> None:
@@ -279,13 +294,11 @@ def summarize_runs(runs: Mapping[str, str | Path], out_dir: str | Path) -> dict:
     out_dir = Path(out_dir)
     title = "Cross-validation summary: " + ", ".join(folds)
     markdown = markdown_report(folds, title=title, comparisons=lines)  # before anything is written
-    if (out_dir / "summary.json").is_file():  # nothing of an earlier summary beside this one
-        for name in ("summary.md", *SUMMARY_FIGURES):
-            (out_dir / name).unlink(missing_ok=True)
-    write_json(summary, out_dir / "summary.json")
-    with replaced_atomically(out_dir / "summary.md") as tmp:
-        tmp.write_text(markdown)
-    write_band_figures(folds, out_dir)
+    outputs = ("summary.json", "summary.md", *SUMMARY_FIGURES)
+    with replaced_outputs(out_dir, "summary.json", outputs, "summarize") as tmp:
+        write_json(summary, tmp / "summary.json")  # all in place of an earlier summary, or none
+        (tmp / "summary.md").write_text(markdown)
+        write_band_figures(folds, tmp)
     return summary
 
 
