@@ -57,6 +57,30 @@ def test_missing_file(tmp_path):
     _expect(tmp_path / "absent_t2w.mha", "file not found")
 
 
+def test_an_unreadable_file_is_named_as_unreadable_not_as_another_format(tmp_path, monkeypatch):
+    """A NIfTI file the user may not read (permission denied) was "not recognized as a NIFTI
+    file" (ITK's words): the user looked for a damaged file. (As root no mode denies reading:
+    the denial is the one `open` gives a user without read permission.)"""
+    import errno
+    import pathlib
+
+    _, image = _volume((6, 16, 16))
+    write_image(image, tmp_path / "mask.nii.gz")
+    real_open = pathlib.Path.open
+
+    def denied(path, *args, **kwargs):
+        if path == tmp_path / "mask.nii.gz":
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "open", denied)
+    with pytest.raises(CaseError) as refused:
+        read_image(tmp_path / "mask.nii.gz", case="c1")
+    assert str(refused.value).endswith(
+        f"'{tmp_path / 'mask.nii.gz'}': cannot be read (Permission denied)"
+    )
+
+
 def test_truncated_file(tmp_path):
     _, image = _volume((6, 64, 64))
     write_image(image, tmp_path / "x.nii.gz")

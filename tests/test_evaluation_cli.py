@@ -974,3 +974,17 @@ def test_a_refused_evaluate_or_summarize_leaves_no_folder_made_for_its_lock(tmp_
     message = _error(["summarize", "--runs", f"A={missing}", "--out", str(tmp_path / "b/c/x")])
     assert message.endswith(f"{missing}: run folder does not exist")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_lock_file_that_cannot_be_opened_is_named_not_the_output_folder(tmp_path):
+    """A lock file beside --out that cannot be opened (another user's; here a folder of its name)
+    was reported as the output folder being denied, a folder that did not even exist."""
+    from focalnet_jax.data.writer_folders import lock_beside
+
+    out = tmp_path / "out"
+    lock_beside(out, "synth").mkdir()
+    message = _error(["synth", "--out", str(out), "--cases", "1", "--small"])
+    assert message == (
+        f"focalnet synth: error: [Errno 21] Is a directory: '{lock_beside(out, 'synth')}'"
+    )
+    assert not out.exists()

@@ -147,6 +147,10 @@ def read_image(
                     path,
                     f"unknown image format (expected a DICOM folder or {IMAGE_SUFFIXES})",
                 )
+            try:  # ITK words an unreadable NIfTI file "is not recognized as a NIFTI file"
+                path.open("rb").close()
+            except OSError as err:
+                raise CaseError(case, path, f"cannot be read ({err.strerror})") from None
             # Sized first: ITK would print its own complaint about a short MetaImage to stderr.
             short = metaimage_header.shortfall(path)
             if short:

@@ -92,8 +92,9 @@ def writer_lock(path: str | os.PathLike, command: str) -> Iterator[None]:
     try:
         lock_path.parent.mkdir(parents=True, exist_ok=True)
         lock = take_writer_lock(path, command)
-    except OSError as error:  # named as the folder asked for, not the lock beside it
-        raise OSError(error.errno, error.strerror, str(path)) from None
+    except OSError as error:  # named as the folder asked for, unless the lock file is at fault
+        named = lock_path if os.path.lexists(lock_path) else path  # e.g. another user's
+        raise OSError(error.errno, error.strerror, str(named)) from None
     try:
         yield
         done = True
