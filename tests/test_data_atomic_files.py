@@ -197,6 +197,50 @@ def test_a_writer_killed_between_the_renames_loses_nothing_and_the_next_restores
     assert _contents(out) == new and os.listdir(tmp_path) == ["out"]
 
 
+def test_an_earlier_folder_that_cannot_be_removed_is_named_and_never_restored(
+    tmp_path, monkeypatch, caplog
+):
+    """The replaced folder could not be removed (another user's files): it stayed, without a
+    word, under the `.old` name a writer killed between the renames leaves, so that once `out`
+    was deleted the next run restored it as the earlier `out`."""
+    import logging
+    import shutil
+
+    from focalnet_jax.data import writer_folders
+
+    out = tmp_path / "out"
+    _fill(out, "old")
+    real_rmtree = shutil.rmtree
+
+    def denied(path, onerror=None, **kwargs):
+        if not Path(path).name.endswith(".old"):
+            return real_rmtree(path, onerror=onerror, **kwargs)
+        file = os.path.join(path, OUTPUTS[0])
+        onerror(
+            os.unlink, file, (PermissionError, PermissionError(13, "Permission denied", file), None)
+        )
+
+    monkeypatch.setattr(writer_folders.shutil, "rmtree", denied)
+    with caplog.at_level(logging.WARNING, logger="focalnet_jax"), replaced_folder(out) as tmp:
+        new = _fill(tmp, "new")
+    monkeypatch.undo()
+    assert _contents(out) == new
+    (left,) = [p for p in tmp_path.iterdir() if p != out]
+    assert left.name.startswith(".out.replaced-") and _contents(left) == dict.fromkeys(
+        OUTPUTS, "old"
+    )
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert message.startswith(
+        f"could not remove the earlier {out}, now replaced (Permission denied: "
+        f"{tmp_path / '.out.tmp-'}"
+    )
+    assert message.endswith(f".old/{OUTPUTS[0]}); what is left of it is at {left}: rm -r {left}")
+    shutil.rmtree(out)
+    with pytest.raises(RuntimeError), replaced_folder(out) as tmp:
+        raise RuntimeError("failed")
+    assert not out.exists() and writer_folders.moved_aside_note(out) == ""
+
+
 def test_prediction_file_written_atomically_under_its_own_name(tmp_path, monkeypatch):
     scores = np.full((1, 4, 4, 5), 0.25, np.float32)
     lesions = np.zeros((1, 4, 4), np.int32)

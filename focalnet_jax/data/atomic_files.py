@@ -14,6 +14,7 @@ from pathlib import Path
 
 from focalnet_jax.data.writer_folders import (
     remove_dead_leftovers,
+    remove_replaced,
     restore_moved_aside,
     swap_in,
     target_folder,
@@ -135,8 +136,7 @@ def replaced_folder(
             before_swap()
         old = swap_in(tmp, path)
         done = True
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        remove_replaced(old, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         for folder in [] if done else created:

@@ -48,6 +48,7 @@ from focalnet_jax.data.store_table import check_slice_ranges, check_table
 from focalnet_jax.data.writer_folders import (
     moved_aside_note,
     remove_dead_leftovers,
+    remove_replaced,
     restore_moved_aside,
     swap_in,
     target_folder,
@@ -263,9 +264,7 @@ class StoreWriter:
         except (UserError, FileExistsError):
             self.abort()
             raise
-        old = swap_in(self.tmp, self.path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        remove_replaced(swap_in(self.tmp, self.path), self.path)
         return self.path
 
     def abort(self) -> None:

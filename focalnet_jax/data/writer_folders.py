@@ -148,6 +148,29 @@ def swap_in(tmp: Path, path: Path, aside: Path | None = None) -> Path | None:
     return old
 
 
+def remove_replaced(old: Path | None, path: Path) -> None:
+    """Removes `old`, the folder `swap_in` moved aside from `path` (None: nothing). One that
+    cannot be removed whole (e.g. another user's files) is renamed `.<name>.replaced-<token>`,
+    which no later run takes for the `.old` of a writer killed between the renames (it would be
+    restored as the earlier `path`), and named in one warning with the reason."""
+    if old is None:
+        return
+    errors: list[OSError] = []
+    shutil.rmtree(old, onerror=lambda function, file, info: errors.append(info[1]))
+    if not os.path.lexists(old):
+        return
+    left = old.with_name(f".{path.name}.replaced-{secrets.token_hex(4)}")
+    try:
+        os.replace(old, left)
+    except OSError:
+        left = old
+    reason = f"{errors[0].strerror}: {errors[0].filename}" if errors else "unknown reason"
+    log.warning(
+        "could not remove the earlier %s, now replaced (%s); what is left of it is at %s: "
+        "rm -r %s", path, reason, left, shlex.quote(str(left)),
+    )  # fmt: skip
+
+
 def restore_moved_aside(path: str | os.PathLike, writer: str = "preprocess") -> Path | None:
     """Moves back the old folder at `path` that a writer (`writer`: the command, for the log)
     killed between the two renames of `swap_in` left as `<its folder>.old`: only when `path` is

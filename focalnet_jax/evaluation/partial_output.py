@@ -44,6 +44,7 @@ from focalnet_jax.data.atomic_files import check_replaceable, sync_folder, write
 from focalnet_jax.data.writer_folders import (
     lock_beside,
     remove_dead_leftovers,
+    remove_replaced,
     restore_moved_aside,
     swap_in,
     take_writer_lock,
@@ -353,7 +354,6 @@ def partial_output(out: Path, settings: dict, *, resume: bool, overwrite: bool) 
         yield partial, finished_cases(partial), failed
         aside = writer_folder(out)
         moved = swap_in(partial, out, aside=aside.with_name(f"{aside.name}.old"))
-        if moved is not None:
-            shutil.rmtree(moved, ignore_errors=True)
+        remove_replaced(moved, out)
     finally:
         release_lock(lock, remove=True)
