@@ -477,3 +477,30 @@ def test_a_whole_run_into_out_of_dot_ends_well(tiny, tmp_path, monkeypatch):
     )
     assert sorted(p.name for p in out.glob("*/")) == _cases(tiny["data"] / "images")
     assert not stale.exists()
+
+
+def test_resume_refuses_a_finished_case_predicted_from_another_series_of_its_folder(tmp_path):
+    """A manifest's `t2w_series` changed between the stopped run and its resume: the case
+    finished from the first series was kept beside cases of the second, the folder's files (all
+    that was recorded) being the same."""
+    from focalnet_jax.data.layouts import CaseSpec
+    from focalnet_jax.evaluation.partial_output import case_inputs, record_inputs
+
+    folder = tmp_path / "t2w"
+    folder.mkdir()
+    (folder / "1.dcm").write_bytes(b"a slice")
+    partial = tmp_path / "out.partial"
+    partial.mkdir()
+
+    def spec(series: str) -> CaseSpec:
+        return CaseSpec("a", "pa", {"t2w": str(folder)}, series={"t2w": series, "adc": ""})
+
+    record_inputs(partial, set(), {"a": case_inputs(spec("t2_tse_tra"))})
+    record_inputs(partial, {"a"}, {"a": case_inputs(spec("t2_tse_tra"))})  # the same: resumed
+    with pytest.raises(UserError) as refused:
+        record_inputs(partial, {"a"}, {"a": case_inputs(spec("B_flipped"))})
+    assert str(refused.value) == (
+        f"--resume: case a of {partial} was predicted from another t2w_series (series t2_tse_tra; "
+        "now series B_flipped); resume with the same input files, or add --overwrite (without "
+        "--resume) to start over"
+    )

@@ -50,8 +50,8 @@ from focalnet_jax.evaluation.partial_output import (
     CENTRES_FILE,
     ERRORS_FILE,
     INPUTS_FILE,
+    case_inputs,
     crop_centre_source,
-    input_files,
     partial_output,
     record_crop_centres,
     record_inputs,
@@ -217,7 +217,7 @@ def predict_cases(
     options = {"threshold": threshold, "candidates": candidates, "grades": grade_outputs(models)}
     settings = recorded_settings(models.describe(), threshold, candidates, dicom=dicom)
     centres = {spec.case_id: crop_centre_source(spec.mask, spec.center) for spec in cases}
-    inputs = {spec.case_id: input_files({**spec.components, "mask": spec.mask}) for spec in cases}
+    inputs = {spec.case_id: case_inputs(spec) for spec in cases}
     with partial_output(out, settings, resume=resume, overwrite=overwrite) as taken:
         partial, done, failed = taken
         kept = _check_finished(partial, done, cases)

@@ -11,8 +11,9 @@ Ctrl-C, SIGTERM or a time limit keeps the cases it finished, and `--resume` cont
   point, or the T2w volume centre); `--resume` refuses a finished case that would be centred
   otherwise now (other `--masks`).
 - `<out>.partial/inputs.json`: the files each case is predicted from (their count, size and
-  latest modification time); `--resume` refuses a finished case whose files differ now (other
-  `--images`, a series exported again).
+  latest modification time) and the DICOM series chosen in a folder of several; `--resume`
+  refuses a finished case whose files or series differ now (other `--images`, a series exported
+  again, another `<component>_series`).
 - `<out>.partial/<case_id>/`: a finished case. It is written in `.<case_id>.tmp-<pid>/` and
   renamed, so a reader (and `--resume`) never finds half a case; the leftovers of a killed
   writer (those folders, and `.<file>.tmp-<pid>` files of errors.csv or models.json) are removed
@@ -162,6 +163,14 @@ def input_files(files: dict[str, str | None]) -> dict[str, str]:
         modified = max((int(s.st_mtime) for s in stats), default=0)
         found[name] = f"{plural(len(stats), 'file')}, {size} bytes, modified {modified}"
     return found
+
+
+def case_inputs(spec) -> dict[str, str]:
+    """What a resume compares of a case (`layouts.CaseSpec`) against its finished outputs: its
+    files (`input_files`) and the series chosen in a DICOM folder of several
+    (`<component>_series`: another series of the same folder is other input)."""
+    chosen = {f"{name}_series": f"series {value}" for name, value in spec.series.items() if value}
+    return {**input_files({**spec.components, "mask": spec.mask}), **chosen}
 
 
 def record_inputs(partial: Path, done: set[str], inputs: dict[str, dict[str, str]]) -> None:
