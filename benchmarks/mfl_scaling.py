@@ -132,9 +132,10 @@ def _time_rounds(
 
 def _result_row(kind: tuple[int, str], step: _Step, plain: _Step, ratios: list, chunk: int) -> dict:
     """The JSON row of one (subset count, mode): median time ratio and memory against plain.
-    `mfl_chunk` is the setting; `chunked` whether the step ran its subsets in chunks (as the
-    train step does: only when `mfl_chunk` is below the subset count, else all in one `vmap`)."""
-    chunked = 0 < chunk < kind[0]
+    `mfl_chunk` is the setting; `chunked` whether the step ran its subsets in chunks (the train
+    step's rule, `losses.probe_chunk`: only when `mfl_chunk` is below the subset count, else all
+    in one `vmap`)."""
+    chunked = bool(losses.probe_chunk(chunk, kind[0]))
     counted = step.flops and plain.flops and not chunked  # XLA counts a loop's body once
     return {
         "subsets": kind[0],

@@ -16,9 +16,11 @@ with `block_until_ready`.
 XLA's count for the lowered step (`Lowered.cost_analysis()`), which under `shard_map` is one
 device's program; `flops_per_step` is that times the number of devices (the arithmetic of the
 whole step, the replicated work counted on every device), so `tflops_per_s` is the achieved rate
-of all devices together, like `images_per_s`. With `--profile-steps N`, N more steps of each kind
-are traced with `jax.profiler`: `profile` holds the ops that took longest, and the time per kind
-of op (`profile_summary.py`).
+of all devices together, like `images_per_s`. `chunked` says whether the MFL step runs its
+subsets in chunks (`loss.mfl_chunk` below the number of subsets; false without MFL): XLA counts
+the loop's body once, so there the three FLOP fields are null. With `--profile-steps N`, N more
+steps of each kind are traced with `jax.profiler`: `profile` holds the ops that took longest, and
+the time per kind of op (`profile_summary.py`).
 
 The kinds differ in their loss only, so the state's init is compiled once (`init_time_s`: its
 first call, compile and run) and called again for each kind's own fresh state. Each kind's result
@@ -40,6 +42,7 @@ import numpy as np
 import profile_summary  # benchmarks/profile_summary.py
 import result_line
 
+from focalnet_jax import losses
 from focalnet_jax.config_loading import load_config
 from focalnet_jax.run import RunSpec
 from focalnet_jax.training import sharding, train_state
@@ -77,6 +80,22 @@ def compiled_peak_bytes(compiled) -> int:
     )
 
 
+def flop_fields(spec: RunSpec, device_flops, devices: int, step_time: float) -> dict:
+    """`chunked` (whether the step runs its MFL subsets in chunks, `losses.probe_chunk`) and XLA's
+    count of one device's step (`device_flops`) as `flops_per_device_step`, times `devices` as
+    `flops_per_step`, over `step_time` as `tflops_per_s`; all three null where chunked (XLA
+    counts a loop's body once) or where XLA gave no count."""
+    chunked = bool(losses.probe_chunk(spec.mfl_chunk, len(spec.subsets)))
+    device_flops = None if chunked or not device_flops else device_flops
+    flops = device_flops * devices if device_flops else None
+    return {
+        "chunked": chunked,
+        "flops_per_step": flops,
+        "flops_per_device_step": device_flops,
+        "tflops_per_s": flops / step_time / 1e12 if flops else None,
+    }
+
+
 def measure(config, state, mesh, *, steps: int, size: int, profile_steps: int = 0) -> dict:
     """Compile, warm up and time `steps` train steps of `config` from `state` (donated) on one
     random batch; then, with `profile_steps`, trace that many more and add where their time goes
@@ -90,7 +109,6 @@ def measure(config, state, mesh, *, steps: int, size: int, profile_steps: int = 
     step = step_lib.make_train_step(spec, mesh)
     lowered = step.lower(state, batch, key, lam)
     device_flops = (lowered.cost_analysis() or {}).get("flops")
-    flops = device_flops * mesh.size if device_flops else None
     compiled = lowered.compile()
     compile_time = time.perf_counter() - start
     state, metrics = compiled(state, batch, key, lam)
@@ -104,9 +122,7 @@ def measure(config, state, mesh, *, steps: int, size: int, profile_steps: int = 
         "images_per_s": config.train.batch_size / step_time,
         "step_time_s": step_time,
         "compile_time_s": compile_time,
-        "flops_per_step": flops,
-        "flops_per_device_step": device_flops,
-        "tflops_per_s": flops / step_time / 1e12 if flops else None,
+        **flop_fields(spec, device_flops, mesh.size, step_time),
         "compiled_peak_bytes": compiled_peak_bytes(compiled),
         "peak_memory_bytes": result_line.device_peak_bytes(),
         "final_loss": float(metrics["loss"]),

@@ -174,9 +174,24 @@ def subset_distances(probs_of, images, masks, full_probs, targets, *, valid=None
         return distance(probs_of(images * subset_mask.astype(images.dtype)))
 
     masks = jnp.asarray(masks)
-    if not chunk or chunk >= masks.shape[0]:
+    chunk = probe_chunk(chunk, masks.shape[0])
+    if not chunk:
         return jax.vmap(subset_distance)(masks)
     return lax.map(subset_distance, masks, batch_size=chunk)
+
+
+def probe_chunk(chunk: int, count: int) -> int:
+    """Subsets per chunk that :func:`subset_distances` runs ``count`` subsets in, given
+    ``chunk`` (``loss.mfl_chunk``): ``chunk`` where it is below ``count``, else 0 (all ``count``
+    in one vmapped application, no loop).
+
+    A nonzero result means the probe loops (``lax.map``), and XLA's cost analysis then counts the
+    loop's body once: the FLOP count of such a step is not its arithmetic.
+
+    >>> probe_chunk(4, 14), probe_chunk(4, 4), probe_chunk(4, 2), probe_chunk(0, 14)
+    (4, 0, 0, 0)
+    """
+    return chunk if 0 < chunk < count else 0
 
 
 def _distance_to(full_probs, targets, valid):

@@ -29,6 +29,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
+from focalnet_jax import losses
 from focalnet_jax.data.run_store import record_run_store
 from focalnet_jax.errors import Terminated, UserError
 from focalnet_jax.run import RunSpec
@@ -218,7 +219,8 @@ def _mfl_note(spec: RunSpec, norm: str) -> str:
     `select` under `norm` "batch" adds that its gradient is not the paper's (docs/mfl.md)."""
     if not spec.mfl:
         return ""
-    m, chunk = len(spec.subsets), spec.mfl_chunk if 0 < spec.mfl_chunk < len(spec.subsets) else 0
+    m = len(spec.subsets)
+    chunk = losses.probe_chunk(spec.mfl_chunk, m)
     at_a_time = f"{chunk} at a time" if chunk else "all at once"
     if spec.mfl_mode == "select":
         passes = f"{m} forward passes without gradients, {at_a_time}, then each slice's chosen "

@@ -66,7 +66,7 @@ def _mfl(apply, variables, full_logits, images, classes, grade_known, spec: RunS
     full_probs = losses.mfl_probs(full_logits, spec.output_encoding)
     masks = losses.subset_masks(spec.components, spec.subsets, images.dtype)  # [M, C]
     probs_of = lambda x, v=variables: losses.mfl_probs(apply(x, v)[0], spec.output_encoding)
-    chunk = spec.mfl_chunk if spec.mfl_chunk < len(spec.subsets) else 0
+    chunk = losses.probe_chunk(spec.mfl_chunk, len(spec.subsets))
     distances = functools.partial(
         losses.subset_distances, images=images, masks=masks, full_probs=full_probs,
         targets=targets, valid=valid, chunk=chunk,
