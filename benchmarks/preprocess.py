@@ -6,6 +6,9 @@ Prints one JSON line. Case generation is not timed; each timing covers reading t
 files, resampling T2w/ADC/HBV and the label onto the crop grid, normalisation, lesion instances and
 writing the store (worker start-up included for N workers). The 1-worker run uses one core
 (SimpleITK limited to one thread), as each worker process does. Target: < 2 s per case per core.
+`--workers` defaults to the CPU count, at most `--cases`; more workers than cases is refused
+(preprocessing starts at most one worker per case, so the N-worker run would be fewer workers
+than the line says).
 """
 
 from __future__ import annotations
@@ -37,10 +40,17 @@ def _time(cases, out, workers, config) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=count(1), default=8)
-    parser.add_argument("--workers", type=count(1), default=os.cpu_count() or 1)
+    parser.add_argument("--workers", type=count(1), help="default: CPU count, at most --cases")
     parser.add_argument("--slices", type=count(1), default=24, help="T2w slices (PI-CAI: about 24)")
     parser.add_argument("--components", default="t2w,adc,hbv")
     args = parser.parse_args()
+    if args.workers is None:
+        args.workers = min(os.cpu_count() or 1, args.cases)
+    elif args.workers > args.cases:  # `preprocess_cases` caps its workers at the cases
+        parser.error(
+            f"--workers {args.workers}: more than the {args.cases} --cases (at most one worker "
+            "per case)"
+        )
     components = tuple(args.components.split(","))
     synth_components = SynthConfig().components  # what the synthetic dataset holds
     if components[0] != "t2w" or not set(components) <= set(synth_components):

@@ -777,6 +777,9 @@ def test_gpu_checks_stop_before_any_benchmark_where_jax_sees_no_gpu(tmp_path):
          "config file configs/nonexistent.py does not exist"),
         (["flat_maxima.py", "--predictions", "/nonexistent"],
          "/nonexistent: predictions folder does not exist"),
+        # One case timed in this process, labelled "2 workers" with a speedup.
+        (["preprocess.py", "--cases", "1", "--workers", "2"],
+         "--workers 2: more than the 1 --cases (at most one worker per case)"),
     ],
 )  # fmt: skip
 def test_bad_benchmark_arguments_are_one_line_errors(argv, message):
