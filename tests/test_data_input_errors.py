@@ -116,8 +116,11 @@ def test_case_in_two_patient_folders_or_two_formats(dataset, tmp_path, capfd):
     with (tmp_path / "s" / "errors.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [r["case"] for r in rows] == ["10000_1000000"]
-    assert rows[0]["reason"].endswith(f"two files for 10000_1000000_adc: {adc} and "
-                                      f"{adc.with_suffix('.nii.gz')}")  # fmt: skip
+    # The file column names the second of the two (it named the case's first image file).
+    assert rows[0]["file"] == str(adc.with_suffix(".nii.gz"))
+    assert rows[0]["reason"] == (
+        f"two files for 10000_1000000_adc: {adc} and {adc.with_suffix('.nii.gz')}"
+    )
 
 
 @pytest.mark.parametrize(

@@ -459,7 +459,39 @@ def test_a_file_is_found_in_any_letter_case_and_two_are_refused(tmp_path, names,
     for name in names:
         _touch(tmp_path / name)
     if found is None:
-        with pytest.raises(LayoutError, match=r"case 'c': two files for c: "):
+        with pytest.raises(CaseError, match=r"case 'c', file '.*': two files for c: "):
             find_file(tmp_path, "c", (".nii.gz", ".mha", ".mhd"), "c")
     else:
         assert find_file(tmp_path, "c", (".nii.gz", ".mha", ".mhd"), "c") == tmp_path / found
+
+
+@pytest.mark.parametrize(
+    ("patient", "study"),
+    [("P_1", "1000001"), ("10001", "1000001_b")],  # an underscore in the patient or study id
+)
+def test_an_id_holding_an_underscore_is_refused_not_left_out(tmp_path, patient, study):
+    """Files named `P_1_1000001_t2w.mha` in patient folder `P_1` did not fit the PI-CAI name:
+    the case was left out of the store, without a word where no label named it."""
+    images = tmp_path / "images"
+    for name in ("t2w", "adc", "hbv"):
+        _touch(images / "10000" / f"10000_1000000_{name}.mha")
+        _touch(images / patient / f"{patient}_{study}_{name}.mha")
+    with pytest.raises(LayoutError) as refused:
+        discover_picai(images, unlabelled="negative")
+    assert str(refused.value) == (
+        f"image file {images / patient / f'{patient}_{study}_adc.mha'} is not named "
+        "<patient>_<study>_<component>.<suffix> (PI-CAI layout: patient and study ids may not "
+        "hold '_')"
+    )
+
+
+def test_a_marksheet_row_repeated_with_its_ids_as_floats_is_one_row(tmp_path):
+    """`10000.0` is the id `10000` (a spreadsheet's float column): a row repeated so was refused
+    as "with other values"."""
+    from focalnet_jax.data.picai_sources import read_marksheet
+
+    sheet = tmp_path / "marksheet.csv"
+    sheet.write_text("patient_id,study_id,case_csPCa\n10000,1000000,YES\n10000.0,1000000.0,YES\n")
+    assert read_marksheet(sheet) == {
+        "10000_1000000": {"patient_id": "10000", "study_id": "1000000", "case_csPCa": "YES"}
+    }

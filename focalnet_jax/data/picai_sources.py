@@ -62,7 +62,7 @@ def find_file(folder: Path, stem: str, suffixes, case: str) -> Path | None:
             if name.startswith(stem) and name[len(stem) :].lower() in suffixes
         )
     if len(found) > 1:
-        raise LayoutError(f"case {case!r}: two files for {stem}: {found[0]} and {found[1]}")
+        raise CaseError(case, found[1], f"two files for {stem}: {found[0]} and {found[1]}")
     return found[0] if found else None
 
 
@@ -106,6 +106,21 @@ def _image_files(patient_dir: Path):
             yield f"{match['patient']}_{match['study']}", match["patient"], file
 
 
+def _check_names(patient_dir: Path) -> None:
+    """Refuses an image file of a patient folder named after it that `PICAI_NAME` does not read
+    as that patient's (`P_1/P_1_1000001_t2w.mha`, `10001/10001_1000001_b_t2w.mha`): an id holding
+    '_' left the case out of the store without a word."""
+    prefix = f"{patient_dir.name}_"
+    for file in sorted(patient_dir.iterdir()):
+        if file.name.startswith(prefix) and file.name.lower().endswith(IMAGE_SUFFIXES):
+            match = PICAI_NAME.match(file.name)
+            if match is None or match["patient"] != patient_dir.name:
+                raise LayoutError(
+                    f"image file {file} is not named <patient>_<study>_<component>.<suffix> "
+                    "(PI-CAI layout: patient and study ids may not hold '_')"
+                )
+
+
 def _holds_images(folder: Path) -> bool:
     return next(_image_files(folder), None) is not None
 
@@ -147,6 +162,7 @@ def picai_images(images: PathArg | Sequence[PathArg]) -> dict[str, tuple[str, Pa
     found: dict[str, tuple[str, Path, Path]] = {}
     spellings: dict[str, tuple[str, Path]] = {}  # patient or case id in lower case -> first
     for patient_dir in (d for folder in folders for d in _patient_dirs(folder)):
+        _check_names(patient_dir)
         for case, patient, file in _image_files(patient_dir):
             if case in found and found[case][1] != patient_dir:
                 raise LayoutError(
@@ -268,7 +284,8 @@ def read_marksheet(path: str | os.PathLike) -> dict[str, dict]:
         empty = [c for c in ("patient_id", "study_id") if not row[c]]
         if empty:
             raise LayoutError(f"marksheet {path}, line {line}: empty {' and '.join(empty)}")
-        key = f"{_id_text(row['patient_id'])}_{_id_text(row['study_id'])}"
+        row = {**row, **{c: _id_text(row[c]) for c in ("patient_id", "study_id")}}
+        key = f"{row['patient_id']}_{row['study_id']}"
         if key in rows and rows[key] != row:  # which one holds the truth is not ours to pick
             raise LayoutError(
                 f"marksheet {path}, line {line}: study {key} is also on line {lines[key]}, "
