@@ -780,6 +780,59 @@ def test_a_study_file_without_a_recorded_field_is_a_one_line_error_naming_it(spe
     )
 
 
+RECORDED = {
+    "base": "/studies/configs/focalnet.py",
+    "store": "/studies/store",
+    "repeats": 1,
+    "num_folds": 2,
+    "folds": [0, 1],
+    "seed": 0,
+    "common": {},
+    "arms": {"ce": {}, "fl": {}},
+    "ensembles": {"both": ["ce", "fl"]},
+    "evaluate": {"picai_bootstraps": 0, "figures": False},
+    "slurm": {"partition": "", "time": "", "gpus": 0, "cpus": 0, "throttle": 0, "extra": []},
+    "spec_file": "/studies/tiny_study.py",
+}  # a study.json as `study run` records it, written by hand (nothing is read from its paths)
+
+
+def write_recorded(workdir: Path, **changes) -> Path:
+    """`workdir/study.json` holding RECORDED with `changes`; returns it."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "study.json").write_text(json.dumps({**RECORDED, **changes}))
+    return workdir / "study.json"
+
+
+@pytest.mark.parametrize(
+    ("changes", "argv", "expected"),
+    [
+        # A TypeError traceback in status; an empty table and exit 0 for repeats < 1.
+        ({"repeats": "2"}, ["status"], "repeats='2': expected an integer >= 1"),
+        ({"repeats": -1}, ["status"], "repeats=-1: expected an integer >= 1"),
+        # A ValueError traceback in report; an AttributeError in a dry run.
+        ({"ensembles": "x"}, ["report", "--partial"],
+         "ensembles='x': expected a dict: name -> arm names"),
+        ({"common": None}, ["run", "--dry-run"], "common=None: expected a dict"),
+        # `study cell` trained fold 7 of a 2-fold study.
+        ({"folds": [0, 7]}, ["cell", "--cell", "ce/rep0/fold0"], "folds=[0, 7]: expected folds"),
+        ({"base": 3}, ["status"], "base=3: expected a path"),
+        ({"seed": -1}, ["status"], "seed=-1: repeats 0..0 train with seeds"),
+    ],
+)  # fmt: skip
+def test_a_study_file_with_a_field_of_another_type_or_range_is_a_one_line_error(
+    tmp_path, changes, argv, expected
+):
+    """study.json edited by hand is checked on reading as the spec is (`spec.check_fields`)."""
+    from focalnet_jax.study.cells import Study
+
+    write_recorded(tmp_path / "ok")
+    assert len(Study.open(tmp_path / "ok").cells()) == 4  # unchanged, it reads
+    path = write_recorded(tmp_path / "s", **changes)
+    message = _one_line_error(argv[0], "--workdir", str(tmp_path / "s"), *argv[1:])
+    assert f"error: {path}: not a readable study file ({expected}" in message
+    assert message.endswith("); use a new --workdir")
+
+
 def test_dry_run_refuses_a_changed_spec_as_the_real_run_does(spec_file, tmp_path):
     from focalnet_jax.study.cells import Study
     from focalnet_jax.study.spec import load_spec, validate

@@ -30,8 +30,11 @@ def get_config():
 def _recorded(base, store, **fields) -> dict:
     """A one-cell study's spec as `spec.validate` gives it (every field `Study.open` reads)."""
     plain = {"base": str(base), "store": str(store), "repeats": 1, "num_folds": 5, "folds": [0],
-             "seed": 0, "common": {}, "arms": {"ce": {}}, "ensembles": {}, "evaluate": {},
-             "slurm": {}, "spec_file": str(base.parent / "spec.py")}  # fmt: skip
+             "seed": 0, "common": {}, "arms": {"ce": {}}, "ensembles": {},
+             "evaluate": {"picai_bootstraps": 0, "figures": False},
+             "slurm": {"partition": "", "time": "", "gpus": 0, "cpus": 0, "throttle": 0,
+                       "extra": []},
+             "spec_file": str(base.parent / "spec.py")}  # fmt: skip
     return {**plain, **fields}
 
 

@@ -32,7 +32,7 @@ from focalnet_jax.data.atomic_files import write_json_atomic
 from focalnet_jax.file_lock import LockHeld, acquire_lock, release_lock
 from focalnet_jax.processes import boot_id, pid_alive, pid_space
 from focalnet_jax.study.inputs import INPUTS, check_inputs, input_digests
-from focalnet_jax.study.spec import StudyError, seed_for, with_absolute_paths
+from focalnet_jax.study.spec import StudyError, check_fields, seed_for, with_absolute_paths
 
 STUDY_FILE = "study.json"
 STATE_FILE = "study_cell.json"
@@ -76,13 +76,21 @@ RECORDED_FIELDS = (
 
 def _read_study_file(path: Path) -> dict:
     """The spec recorded in `path`; a file that is not a JSON object, or one without a field of
-    `RECORDED_FIELDS` (another program's, or one edited by hand), is a `StudyError`."""
+    `RECORDED_FIELDS` or with one of another type or out of range (`spec.check_fields`; another
+    program's, or one edited by hand), is a `StudyError`."""
     recorded = read_json_file(path, "study file")
-    if missing := [field for field in RECORDED_FIELDS if field not in recorded]:
+    try:
+        if missing := [field for field in RECORDED_FIELDS if field not in recorded]:
+            raise StudyError(f"no {', '.join(missing)}")
+        for key in ("base", "store", "spec_file"):
+            if not isinstance(recorded[key], str) or not recorded[key]:
+                raise StudyError(f"{key}={recorded[key]!r}: expected a path")
+        folds = check_fields(recorded)
+    except StudyError as error:
         raise StudyError(
-            f"{path}: not a readable study file (no {', '.join(missing)}); use a new --workdir"
-        )
-    return recorded
+            f"{path}: not a readable study file ({error}); use a new --workdir"
+        ) from None
+    return {**recorded, "folds": folds}
 
 
 GROWING = ("repeats", "folds", "arms", "ensembles")  # the fields that may add runs

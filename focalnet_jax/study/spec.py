@@ -248,28 +248,25 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def validate(spec: ml_collections.ConfigDict, spec_file: str) -> dict:
-    """The spec as a plain dict, checked (module docstring); `StudyError` on the first problem."""
-    plain = _plain(spec)
+def check_fields(plain: Mapping) -> list[int]:
+    """The fields of a spec (or of a recorded study) that need no file to check: counts, folds,
+    names, seeds and the `common`, `evaluate` and `slurm` dicts; returns its folds as a list
+    (None: every fold of num_folds). `StudyError` on the first problem."""
     if not _is_int(plain["repeats"]) or plain["repeats"] < 1:
         raise StudyError(f"repeats={plain['repeats']!r}: expected an integer >= 1")
     num_folds = plain["num_folds"]
     if not _is_int(num_folds) or num_folds < 2:
         raise StudyError(f"num_folds={num_folds!r}: expected an integer >= 2")
     folds = list(range(num_folds)) if plain["folds"] is None else plain["folds"]
-    folds = [folds] if isinstance(folds, int) else list(folds)
-    if not folds or any(not _is_int(f) or not 0 <= f < num_folds for f in folds):
+    folds = [folds] if isinstance(folds, int) else folds
+    listed = isinstance(folds, list | tuple) and folds
+    if not listed or any(not _is_int(f) or not 0 <= f < num_folds for f in folds):
         raise StudyError(f"folds={plain['folds']!r}: expected folds in 0..{num_folds - 1}")
     if len(set(folds)) != len(folds):  # each cell twice, its fold counted twice in the report
         raise StudyError(f"folds={plain['folds']!r}: expected each fold once")
-    if not plain["store"]:
-        raise StudyError("the spec names no store: give --spec FILE:STORE or --spec.store=STORE")
-    store = Path(plain["store"]).expanduser()
-    if not store.is_dir():
-        raise StudyError(
-            f"store {plain['store']!r} does not exist (preprocessed store folder)"
-            f"{moved_aside_note(store)}"
-        )
+    for key in ("common", "evaluate", "slurm"):
+        if not isinstance(plain[key], Mapping):
+            raise StudyError(f"{key}={plain[key]!r}: expected a dict")
     if not isinstance(plain["arms"], Mapping) or not plain["arms"]:
         raise StudyError(f"arms={plain['arms']!r}: expected a dict of >= 1 arm: name -> overrides")
     for name, overrides in plain["arms"].items():
@@ -285,6 +282,21 @@ def validate(spec: ml_collections.ConfigDict, spec_file: str) -> dict:
     _check_slurm(plain["slurm"])
     _check_evaluate(plain["evaluate"])
     _check_seeds(plain["seed"], plain["repeats"])
+    return list(folds)
+
+
+def validate(spec: ml_collections.ConfigDict, spec_file: str) -> dict:
+    """The spec as a plain dict, checked (module docstring); `StudyError` on the first problem."""
+    plain = _plain(spec)
+    folds = check_fields(plain)
+    if not plain["store"]:
+        raise StudyError("the spec names no store: give --spec FILE:STORE or --spec.store=STORE")
+    store = Path(plain["store"]).expanduser()
+    if not store.is_dir():
+        raise StudyError(
+            f"store {plain['store']!r} does not exist (preprocessed store folder)"
+            f"{moved_aside_note(store)}"
+        )
     base = plain["base"]
     base_path, sep, base_arg = str(base).partition(":")
     if not Path(base_path).is_file():
