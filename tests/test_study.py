@@ -833,6 +833,36 @@ def test_a_study_file_with_a_field_of_another_type_or_range_is_a_one_line_error(
     assert message.endswith("); use a new --workdir")
 
 
+@pytest.mark.parametrize(
+    ("record", "argv", "expected"),
+    [
+        # A ValueError, then a TypeError traceback in report; a TypeError (len) in status.
+        ({"state": "done", "attempts": "x"}, ["report"], "attempts 'x': expected a number"),
+        ({"state": "done", "total_seconds": None}, ["report", "--partial"],
+         "total_seconds None: expected a number"),
+        ({"state": 5}, ["status"],
+         "state 5: expected one of done, failed, running, interrupted, pending"),
+        ({"state": "finished"}, ["status"], "state 'finished': expected one of done, "),
+        ({"state": "failed", "seconds": True}, ["status"], "seconds True: expected a number"),
+        ({"state": "failed", "attempt_seconds": ["x"]}, ["status"],
+         "attempt_seconds ['x']: expected a list of numbers"),
+    ],
+)  # fmt: skip
+def test_a_state_file_with_a_field_of_another_type_is_a_one_line_error_naming_it(
+    tmp_path, record, argv, expected
+):
+    from focalnet_jax.study.cells import STATE_FILE
+
+    write_recorded(tmp_path)
+    state = tmp_path / "ce" / "rep0" / "fold0" / STATE_FILE
+    state.parent.mkdir(parents=True)
+    state.write_text(json.dumps({"cell": "ce/rep0/fold0", "time": 1.0, **record}))
+    message = _one_line_error(argv[0], "--workdir", str(tmp_path), *argv[1:])
+    assert f"error: {state}: not a readable cell state file ({expected}" in message
+    assert message.endswith("remove it, and `study run` runs the cell again (resuming its "
+                            "checkpoint)")  # fmt: skip
+
+
 def test_dry_run_refuses_a_changed_spec_as_the_real_run_does(spec_file, tmp_path):
     from focalnet_jax.study.cells import Study
     from focalnet_jax.study.spec import load_spec, validate

@@ -24,9 +24,9 @@ import dataclasses
 import json
 import socket
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from focalnet_jax.data.atomic_files import write_json_atomic
 from focalnet_jax.file_lock import LockHeld, acquire_lock, release_lock
@@ -42,14 +42,21 @@ METRICS_JSON = Path("eval") / "metrics.json"
 PREDICTIONS = Path("eval") / "predictions"
 
 
-def read_json_file(path: Path, what: str, kind: type = dict, remedy: str = ""):
+def read_json_file(
+    path: Path,
+    what: str,
+    kind: type = dict,
+    remedy: str = "",
+    check: Callable[[Any], str | None] = lambda value: None,
+):
     """The JSON value of the study's file `path`, a `kind`; one that cannot be read or parsed
-    (cut short by a crash), or holds another type, is a `StudyError` naming it as `what`, with
-    `remedy` (what to do) where given."""
+    (cut short by a crash), holds another type, or whose value `check` finds a problem in (its
+    text), is a `StudyError` naming it as `what`, with `remedy` (what to do) where given."""
     try:
         value = json.loads(path.read_text())
         wanted = {dict: "object", list: "array"}[kind]
         problem = None if isinstance(value, kind) else f"expected a JSON {wanted}"
+        problem = problem or check(value)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         problem = str(error)
     if problem is None:
@@ -153,10 +160,31 @@ class Cell:
         return f"{self.arm}/rep{self.repeat}/fold{self.fold}"
 
 
+STATES = ("done", "failed", "running", "interrupted", "pending")
+NUMBERS = ("seconds", "total_seconds", "attempts", "time", "started", "pid", "child_pid")
+
+
 @dataclasses.dataclass(frozen=True)
 class CellState:
-    state: str  # done | failed | running | interrupted | pending
+    state: str  # one of STATES
     record: dict  # the state file's contents ({} when there is none)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _state_problem(record: Mapping) -> str | None:
+    """What is wrong with a cell state file's `record` (edited by hand, another program's): a
+    state not in STATES, a time, count or pid (`NUMBERS`, `attempt_seconds`) that is no number."""
+    if record.get("state", "pending") not in STATES:
+        return f"state {record['state']!r}: expected one of {', '.join(STATES)}"
+    if wrong := next((k for k in NUMBERS if k in record and not _is_number(record[k])), None):
+        return f"{wrong} {record[wrong]!r}: expected a number"
+    every = record.get("attempt_seconds", [])
+    if not isinstance(every, list) or not all(_is_number(s) for s in every):
+        return f"attempt_seconds {every!r}: expected a list of numbers"
+    return None
 
 
 def _recorded_here(record: Mapping) -> bool:
@@ -273,7 +301,7 @@ class Study:
         record = {}
         if state_file.is_file():
             remedy = "remove it, and `study run` runs the cell again (resuming its checkpoint)"
-            record = read_json_file(state_file, "cell state file", dict, remedy)
+            record = read_json_file(state_file, "cell state file", dict, remedy, _state_problem)
         state = record.get("state", "pending")
         if state == "done" and not (path / METRICS_JSON).is_file():
             state = "pending"
