@@ -863,6 +863,20 @@ def test_a_state_file_with_a_field_of_another_type_is_a_one_line_error_naming_it
                             "checkpoint)")  # fmt: skip
 
 
+def test_report_refuses_a_file_where_its_folder_goes_and_keeps_it(tmp_path):
+    """A file at DIR/report was moved aside for good to a hidden `.report.tmp-...old` name."""
+    write_recorded(tmp_path)
+    (tmp_path / "report").write_text("mine")
+    for partial in ([], ["--partial"]):
+        message = _one_line_error("report", "--workdir", str(tmp_path), *partial)
+        assert message.endswith(
+            f"error: {tmp_path / 'report'} exists and is not a folder; `study report` writes its "
+            "report folder there, so move it away"
+        )
+    assert (tmp_path / "report").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report", "study.json"]
+
+
 def test_dry_run_refuses_a_changed_spec_as_the_real_run_does(spec_file, tmp_path):
     from focalnet_jax.study.cells import Study
     from focalnet_jax.study.spec import load_spec, validate

@@ -320,11 +320,12 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from focalnet_jax.study.report import write_report
+    from focalnet_jax.study.report import check_report_folder, write_report
 
     if args.iterations < 1:
         raise StudyError(f"--iterations {args.iterations}: expected at least 1 random split")
     study = Study.open(args.workdir)
+    check_report_folder(study)  # before the ensembles are computed
     _ensembles(study)
     out = write_report(study, partial=args.partial, iterations=args.iterations)
     print(f"wrote {out / 'runs.csv'}, {out / 'stats.csv'}, {out / 'report.md'} and figures")

@@ -441,10 +441,28 @@ def _report_file(name: str) -> bool:
     return name in REPORT_FILES or any(name.startswith(f".{f}.tmp-") for f in REPORT_FILES)
 
 
+def check_report_folder(study: Study) -> Path:
+    """DIR/report/, to be replaced whole; refuses one that exists as something other than a
+    folder (it was moved aside for good) or holds what `study report` does not write."""
+    out = study.root / "report"
+    if out.exists() and not out.is_dir():
+        raise StudyError(
+            f"{out} exists and is not a folder; `study report` writes its report folder there, "
+            "so move it away"
+        )
+    if strays := foreign_entries(out, _report_file):
+        raise StudyError(
+            f"{out} holds {strays[0]}, which `study report` does not write; the folder is "
+            "replaced whole, so move that out"
+        )
+    return out
+
+
 def write_report(
     study: Study, *, partial: bool = False, iterations: int = statistics.APPROXIMATE_ITERATIONS
 ) -> Path:
-    """Write DIR/report/; returns the folder."""
+    """Write DIR/report/ (`check_report_folder`, before anything is read); returns the folder."""
+    out = check_report_folder(study)
     found = collect(study, partial=partial)
     rows = found.rows
     if not rows:
@@ -458,12 +476,6 @@ def write_report(
         print(
             f"warning: {', '.join(columns)} not evaluated or undefined in {count}: {reason}",
             file=sys.stderr,
-        )
-    out = study.root / "report"
-    if strays := foreign_entries(out, _report_file):
-        raise StudyError(
-            f"{out} holds {strays[0]}, which `study report` does not write; the folder is "
-            "replaced whole, so move that out"
         )
     names = list(dict.fromkeys(r["arm"] for r in rows))
     per_metric = {
