@@ -531,6 +531,9 @@ def _one_line_error(*argv: str) -> str:
         # slurm options were checked only once study.json and the task list were written.
         ("--spec.slurm.time=8h", "slurm.time '8h': expected a SLURM time limit"),
         ("--spec.slurm.extra=(1,)", "slurm.extra=[1]: expected a list of '#SBATCH' options"),
+        ("--spec.slurm.extra=('--qos=x\\necho INJECTED',)",
+         "slurm.extra item '--qos=x\\necho INJECTED': expected one '#SBATCH' option on one line"),
+        ("--spec.slurm.extra=(' ',)", "slurm.extra item ' ': expected one '#SBATCH' option"),
     ],
 )  # fmt: skip
 def test_bad_spec_is_a_one_line_error_before_anything_runs(spec_file, tmp_path, override, expected):
@@ -674,6 +677,15 @@ def _stale_copy(store: Path, tmp_path: Path) -> Path:
         (["--parallel", "3", "--devices", "0,1", "--dry-run"], "--parallel 3: more than the 2"),
         (["--executor", "slurm", "--time", "banana"], "--time 'banana': expected a SLURM time"),
         (["--executor", "slurm", "--time", "1-2:3:4:5"], "--time '1-2:3:4:5': expected a SLURM"),
+        # An empty --time dropped the spec's slurm.time from the job script.
+        (["--executor", "slurm", "--time", ""], "--time '': expected a SLURM time limit"),
+        # A newline wrote a shell line into the job script.
+        (
+            ["--executor", "slurm", "--sbatch", "--qos=x\necho INJECTED"],
+            "--sbatch '--qos=x\\necho INJECTED': expected one '#SBATCH' option on one line",
+        ),
+        (["--executor", "slurm", "--sbatch=--qos=x\rid"], "--sbatch '--qos=x\\rid': expected"),
+        (["--executor", "slurm", "--sbatch="], "--sbatch '': expected one '#SBATCH' option"),
         # A flag of the other executor was ignored without a word.
         (["--gpus", "2"], "--gpus is a SLURM setting: it needs --executor slurm"),
         (["--sbatch=--hold"], "--sbatch is a SLURM setting: it needs --executor slurm"),
@@ -727,7 +739,7 @@ def test_slurm_time_formats():
 
     for value in ("90", "30:00", "04:00:00", "2-12", "2-12:30", "2-12:30:00", "120:00:00"):
         assert check_time(value) == value
-    for value in ("banana", "1:2:3:4", "-5", "1-", "4h", "01:00 "):
+    for value in ("banana", "1:2:3:4", "-5", "1-", "4h", "01:00 ", ""):
         with pytest.raises(ValueError, match="expected a SLURM time limit"):
             check_time(value)
 
@@ -817,6 +829,10 @@ def write_recorded(workdir: Path, **changes) -> Path:
         ({"folds": [0, 7]}, ["cell", "--cell", "ce/rep0/fold0"], "folds=[0, 7]: expected folds"),
         ({"base": 3}, ["status"], "base=3: expected a path"),
         ({"seed": -1}, ["status"], "seed=-1: repeats 0..0 train with seeds"),
+        # A shell line in the job script (checked by the spec's validation since).
+        ({"slurm": {**RECORDED["slurm"], "extra": ["--qos=x\necho INJECTED"]}},
+         ["run", "--dry-run", "--executor", "slurm"],
+         "slurm.extra item '--qos=x\\necho INJECTED': expected one '#SBATCH' option"),
     ],
 )  # fmt: skip
 def test_a_study_file_with_a_field_of_another_type_or_range_is_a_one_line_error(

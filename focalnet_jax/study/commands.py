@@ -17,7 +17,13 @@ from focalnet_jax.data.atomic_files import check_output_folder
 from focalnet_jax.errors import plural
 from focalnet_jax.study.cells import STUDY_FILE, Study, run_lock
 from focalnet_jax.study.inputs import check_inputs
-from focalnet_jax.study.spec import StudyError, check_time, load_spec, validate
+from focalnet_jax.study.spec import (
+    StudyError,
+    check_sbatch_option,
+    check_time,
+    load_spec,
+    validate,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -121,6 +127,8 @@ def _check_run_flags(args: argparse.Namespace) -> None:
             raise StudyError(f"--{key} {getattr(args, key)}: expected 0 or more")
     if args.time is not None:
         check_time(args.time)
+    for option in args.sbatch:
+        check_sbatch_option(option)
     # A flag of the other executor was ignored without a word.
     slurm = [f"--{k}" for k in SLURM_FLAGS if getattr(args, k) is not None]
     slurm += ["--sbatch"] if args.sbatch else []

@@ -72,13 +72,20 @@ TIME_FORMAT = re.compile(r"\d+(:\d+){0,2}|\d+-\d+(:\d+){0,2}")
 
 def check_time(value: str, source: str = "--time") -> str:
     """Returns `value` when it is one of SLURM's time limit formats (`TIME_FORMAT`), else raises
-    `StudyError` naming it and the formats."""
-    if value and not TIME_FORMAT.fullmatch(str(value)):
+    `StudyError` naming it and the formats ('' too: a spec's `slurm.time` '' is no limit)."""
+    if not TIME_FORMAT.fullmatch(str(value)):
         raise StudyError(
             f"{source} {value!r}: expected a SLURM time limit: minutes, MM:SS, HH:MM:SS, D-HH, "
             "D-HH:MM or D-HH:MM:SS"
         )
     return value
+
+
+def check_sbatch_option(value: str, source: str = "--sbatch") -> None:
+    """Raises `StudyError` naming `source` unless `value` is one '#SBATCH' option on one line (a
+    newline wrote a shell line into the job script)."""
+    if not value.strip() or "\n" in value or "\r" in value:
+        raise StudyError(f"{source} {value!r}: expected one '#SBATCH' option on one line")
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -367,7 +374,8 @@ def _check_slurm(slurm: Mapping) -> None:
         raise StudyError(f"slurm.partition={slurm.get('partition')!r}: expected a partition name")
     if not isinstance(slurm.get("time"), str):
         raise StudyError(f"slurm.time={slurm.get('time')!r}: expected text, e.g. '08:00:00'")
-    check_time(slurm["time"], "slurm.time")
+    if slurm["time"]:  # '': no time limit
+        check_time(slurm["time"], "slurm.time")
     for key in ("gpus", "cpus", "throttle"):
         value = slurm.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -375,6 +383,8 @@ def _check_slurm(slurm: Mapping) -> None:
     extra = slurm.get("extra")
     if not isinstance(extra, list | tuple) or not all(isinstance(e, str) for e in extra):
         raise StudyError(f"slurm.extra={extra!r}: expected a list of '#SBATCH' options as text")
+    for item in extra:
+        check_sbatch_option(item, "slurm.extra item")
 
 
 def _check_evaluate(options: Mapping) -> None:
