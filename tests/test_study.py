@@ -686,6 +686,10 @@ def _stale_copy(store: Path, tmp_path: Path) -> Path:
         ),
         (["--executor", "slurm", "--sbatch=--qos=x\rid"], "--sbatch '--qos=x\\rid': expected"),
         (["--executor", "slurm", "--sbatch="], "--sbatch '': expected one '#SBATCH' option"),
+        (
+            ["--executor", "slurm", "--partition", "gpu\necho INJECTED"],
+            "--partition 'gpu\\necho INJECTED': expected partition names separated by commas",
+        ),
         # A flag of the other executor was ignored without a word.
         (["--gpus", "2"], "--gpus is a SLURM setting: it needs --executor slurm"),
         (["--sbatch=--hold"], "--sbatch is a SLURM setting: it needs --executor slurm"),
@@ -735,7 +739,7 @@ def test_devices_outside_the_visible_gpus_are_refused(spec_file, tmp_path, monke
 
 
 def test_slurm_time_formats():
-    from focalnet_jax.study.spec import check_time
+    from focalnet_jax.study.slurm_options import check_time
 
     for value in ("90", "30:00", "04:00:00", "2-12", "2-12:30", "2-12:30:00", "120:00:00"):
         assert check_time(value) == value
@@ -885,10 +889,8 @@ def test_report_refuses_a_file_where_its_folder_goes_and_keeps_it(tmp_path):
     (tmp_path / "report").write_text("mine")
     for partial in ([], ["--partial"]):
         message = _one_line_error("report", "--workdir", str(tmp_path), *partial)
-        assert message.endswith(
-            f"error: {tmp_path / 'report'} exists and is not a folder; `study report` writes its "
-            "report folder there, so move it away"
-        )
+        expected = f"error: report folder {tmp_path / 'report'} exists and is not a folder"
+        assert message.endswith(expected)
     assert (tmp_path / "report").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report", "study.json"]
 

@@ -3,7 +3,8 @@
 Modules, one concept each:
 
 - `spec`: the study spec (an ml_collections file in `configs/studies/`), its validation and the
-  per-cell training overrides (the seed rule lives here);
+  per-cell training overrides (the seed rule lives here); `slurm_options`: the forms of its SLURM
+  options; `errors`: `StudyError`;
 - `cells`: the cells of a study folder and their state (pending, running, done,
   failed, interrupted);
 - `cell_runner`: `focalnet study cell`, one cell = `focalnet train` + `focalnet evaluate`;

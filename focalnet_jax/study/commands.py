@@ -17,13 +17,8 @@ from focalnet_jax.data.atomic_files import check_output_folder
 from focalnet_jax.errors import plural
 from focalnet_jax.study.cells import STUDY_FILE, Study, run_lock
 from focalnet_jax.study.inputs import check_inputs
-from focalnet_jax.study.spec import (
-    StudyError,
-    check_sbatch_option,
-    check_time,
-    load_spec,
-    validate,
-)
+from focalnet_jax.study.slurm_options import check_partition, check_sbatch_option, check_time
+from focalnet_jax.study.spec import StudyError, load_spec, validate
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -127,6 +122,8 @@ def _check_run_flags(args: argparse.Namespace) -> None:
             raise StudyError(f"--{key} {getattr(args, key)}: expected 0 or more")
     if args.time is not None:
         check_time(args.time)
+    if args.partition is not None:
+        check_partition(args.partition)
     for option in args.sbatch:
         check_sbatch_option(option)
     # A flag of the other executor was ignored without a word.

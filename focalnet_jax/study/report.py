@@ -1,12 +1,10 @@
 """`focalnet study report --workdir DIR [--partial]`: DIR/report/runs.csv, stats.csv, report.md and
 the figures (module `figures`).
 
-runs.csv has one row per training cell and per ensemble cell (`kind` says which), with the
-metrics of its `eval/metrics.json` in the columns of `METRICS`, and for a training cell its final
-validation loss and that loss's drop over the last quarter of training (module `convergence`),
-and what it cost: its seconds over all its attempts and their number (module `attempts`; NaN for
-an ensemble).
-stats.csv compares every ordered pair of arms and ensembles on every metric (module `statistics`).
+runs.csv: a row per training and ensemble cell (`kind`), the `METRICS` of its eval/metrics.json,
+and for a training cell its final validation loss, that loss's drop over the last quarter of
+training (`convergence`) and its seconds over all its attempts and their number (`attempts`).
+stats.csv compares every ordered pair of arms and ensembles on every metric (`statistics`).
 """
 
 from __future__ import annotations
@@ -20,7 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-from focalnet_jax.data.atomic_files import foreign_entries, replaced_atomically, replaced_folder
+from focalnet_jax.data.atomic_files import (
+    check_output_folder,
+    foreign_entries,
+    replaced_atomically,
+    replaced_folder,
+)
 from focalnet_jax.errors import plural
 from focalnet_jax.evaluation.metrics_shape import MISSING, value_at
 from focalnet_jax.evaluation.report import check_settings
@@ -436,8 +439,7 @@ def check_paired_cases(rows: Sequence[Mapping], metrics: Sequence[Mapping]) -> N
 
 
 def _report_file(name: str) -> bool:
-    """Whether `name` is a file of DIR/report/, or the temporary file of one that an earlier
-    version, killed while writing it there, left (`.<name>.tmp-<pid>`)."""
+    """Whether `name` is a file of DIR/report/, or one's `.<name>.tmp-<pid>` a killed run left."""
     return name in REPORT_FILES or any(name.startswith(f".{f}.tmp-") for f in REPORT_FILES)
 
 
@@ -445,11 +447,7 @@ def check_report_folder(study: Study) -> Path:
     """DIR/report/, to be replaced whole; refuses one that exists as something other than a
     folder (it was moved aside for good) or holds what `study report` does not write."""
     out = study.root / "report"
-    if out.exists() and not out.is_dir():
-        raise StudyError(
-            f"{out} exists and is not a folder; `study report` writes its report folder there, "
-            "so move it away"
-        )
+    check_output_folder(out, "report folder")
     if strays := foreign_entries(out, _report_file):
         raise StudyError(
             f"{out} holds {strays[0]}, which `study report` does not write; the folder is "

@@ -34,7 +34,8 @@ from focalnet_jax.errors import plural
 from focalnet_jax.file_lock import note_sharer
 from focalnet_jax.study.cells import Cell, Study, read_json_file
 from focalnet_jax.study.local import cell_argv
-from focalnet_jax.study.spec import StudyError, check_time
+from focalnet_jax.study.slurm_options import check_time
+from focalnet_jax.study.spec import StudyError
 
 JOBS_FILE = "jobs.json"
 INTENTS_FILE = "submitting.json"  # arrays being submitted: written before `sbatch`

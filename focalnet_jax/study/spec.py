@@ -42,6 +42,8 @@ from focalnet_jax.config_loading import (
 )
 from focalnet_jax.data.writer_folders import moved_aside_note
 from focalnet_jax.errors import UserError, plural
+from focalnet_jax.study.errors import StudyError
+from focalnet_jax.study.slurm_options import check_slurm_options
 
 SPEC_PREFIX = "--spec."
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")  # a folder name and a ConfigDict key
@@ -60,32 +62,6 @@ def relative_to_cwd(path: str | Path) -> str:
     except ValueError:
         pass
     return file + colon + arg
-
-
-class StudyError(UserError):
-    """A user error in a study spec or study folder (reported as one line)."""
-
-
-# sbatch --time: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS (numbers of any length).
-TIME_FORMAT = re.compile(r"\d+(:\d+){0,2}|\d+-\d+(:\d+){0,2}")
-
-
-def check_time(value: str, source: str = "--time") -> str:
-    """Returns `value` when it is one of SLURM's time limit formats (`TIME_FORMAT`), else raises
-    `StudyError` naming it and the formats ('' too: a spec's `slurm.time` '' is no limit)."""
-    if not TIME_FORMAT.fullmatch(str(value)):
-        raise StudyError(
-            f"{source} {value!r}: expected a SLURM time limit: minutes, MM:SS, HH:MM:SS, D-HH, "
-            "D-HH:MM or D-HH:MM:SS"
-        )
-    return value
-
-
-def check_sbatch_option(value: str, source: str = "--sbatch") -> None:
-    """Raises `StudyError` naming `source` unless `value` is one '#SBATCH' option on one line (a
-    newline wrote a shell line into the job script)."""
-    if not value.strip() or "\n" in value or "\r" in value:
-        raise StudyError(f"{source} {value!r}: expected one '#SBATCH' option on one line")
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -286,7 +262,7 @@ def check_fields(plain: Mapping) -> list[int]:
     if not isinstance(plain["ensembles"], Mapping):
         raise StudyError(f"ensembles={plain['ensembles']!r}: expected a dict: name -> arm names")
     _check_ensembles(plain["ensembles"], list(plain["arms"]))
-    _check_slurm(plain["slurm"])
+    check_slurm_options(plain["slurm"])
     _check_evaluate(plain["evaluate"])
     _check_seeds(plain["seed"], plain["repeats"])
     return list(folds)
@@ -366,25 +342,6 @@ def _check_ensembles(ensembles: Mapping[str, Sequence[str]], arms: Sequence[str]
         if twice := next((m for i, m in enumerate(members) if m in members[:i]), None):
             # ('ce', 'ce') is arm ce itself, reported as an ensemble and compared with ce
             raise StudyError(f"ensemble {name!r}: arm {twice!r} is named twice, in {members}")
-
-
-def _check_slurm(slurm: Mapping) -> None:
-    """The spec's `slurm` fields of the types and forms `sbatch` takes (`defaults`)."""
-    if not isinstance(slurm.get("partition"), str):
-        raise StudyError(f"slurm.partition={slurm.get('partition')!r}: expected a partition name")
-    if not isinstance(slurm.get("time"), str):
-        raise StudyError(f"slurm.time={slurm.get('time')!r}: expected text, e.g. '08:00:00'")
-    if slurm["time"]:  # '': no time limit
-        check_time(slurm["time"], "slurm.time")
-    for key in ("gpus", "cpus", "throttle"):
-        value = slurm.get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise StudyError(f"slurm.{key}={value!r}: expected an integer >= 0")
-    extra = slurm.get("extra")
-    if not isinstance(extra, list | tuple) or not all(isinstance(e, str) for e in extra):
-        raise StudyError(f"slurm.extra={extra!r}: expected a list of '#SBATCH' options as text")
-    for item in extra:
-        check_sbatch_option(item, "slurm.extra item")
 
 
 def _check_evaluate(options: Mapping) -> None:
