@@ -256,6 +256,20 @@ def test_one_run_by_two_paths_is_named_twice(cv, monkeypatch):
         load_ensemble([cv["cv"] / "fold0", "fold0"])
 
 
+def test_a_fold_run_of_another_fold_is_refused_not_counted_twice(cv, tmp_path):
+    """`cv/fold1` trained without `--fold 1` (data.fold 0): the ensemble of "two folds" was fold
+    0's model twice (one weights digest twice in models.json), without a word."""
+    for fold in ("fold0", "fold1"):
+        shutil.copytree(cv["cv"] / "fold0", tmp_path / "cv" / fold)
+    with pytest.raises(EnsembleError) as refused:
+        resolve_folder(tmp_path / "cv")
+    config = tmp_path / "cv" / "fold1" / "config.json"
+    assert str(refused.value) == (
+        f"{tmp_path / 'cv'}: fold1 trained data.fold=0 ({config}); in the ensemble it would stand "
+        "for fold1, counting another fold's model: retrain it with --fold 1, or move it out"
+    )
+
+
 def test_epoch_based_run_killed_early_is_left_out_of_the_ensemble(cv, tmp_path, caplog):
     """An epoch-based run records its total steps (epochs x whole batches of its training
     slices) at start; a run whose checkpoints stop short of it is not finished."""
@@ -281,6 +295,9 @@ def test_epoch_based_run_killed_early_is_left_out_of_the_ensemble(cv, tmp_path, 
     killed = tmp_path / "cv_epochs" / "fold1"
     shutil.copytree(finished, killed)
     shutil.rmtree(killed / "checkpoints" / str(total))  # killed before the last step was saved
+    config = json.loads((killed / "config.json").read_text())
+    config["data"]["fold"] = 1  # as fold 1's own run records it
+    (killed / "config.json").write_text(json.dumps(config))
     assert final_step(killed) == (None, f"latest checkpoint at step {total - 1} of {total}")
     with caplog.at_level("WARNING", logger="focalnet_jax"):
         assert resolve_folder(tmp_path / "cv_epochs")[0] == [finished]
@@ -296,6 +313,10 @@ def test_epoch_based_run_killed_early_is_left_out_of_the_ensemble(cv, tmp_path, 
         f"{killed}: not finished (latest checkpoint at step {total - 1} of {total}): its latest "
         "checkpoint is used"
     ]
+    # The folder and its unfinished fold named both: the fold is used, so not listed left out.
+    both = load_ensemble([tmp_path / "cv_epochs", killed])
+    assert [m["run"] for m in both.describe()["models"]] == [str(finished), str(killed)]
+    assert both.left_out == []
     # A run from before total steps were recorded cannot be told finished.
     record.pop("total_steps")
     (killed / "store.json").write_text(json.dumps(record))

@@ -160,6 +160,14 @@ def resolve_folder(path: str | Path) -> tuple[list[Path], list[dict]]:
             f"{path}: neither a training run (no {workdir_lib.CONFIG_FILE}) nor a "
             f"cross-validation folder (no fold<k>/{workdir_lib.CONFIG_FILE})"
         )
+    for fold in folds:
+        if (trained := _data_value(fold, "fold")) != int(fold.name[len("fold") :]):
+            raise EnsembleError(
+                f"{path}: {fold.name} trained data.fold={trained} "
+                f"({fold / workdir_lib.CONFIG_FILE}); in the ensemble it would stand for "
+                f"{fold.name}, counting another fold's model: retrain it with --fold "
+                f"{fold.name[len('fold') :]}, or move it out"
+            )
     strays = sorted(set(named) - set(folds))
     for stray in strays:
         log.warning("%s: %s left out of the ensemble (%s)", path, stray.name, NOT_A_FOLD)
@@ -178,7 +186,7 @@ def resolve_folder(path: str | Path) -> tuple[list[Path], list[dict]]:
         )
     for fold, reason in skipped.items():
         log.warning("%s: fold left out of the ensemble (%s: %s)", path, fold.name, reason)
-    num_folds = max(_num_folds(fold) for fold in folds)
+    num_folds = max(_data_value(fold, "num_folds") or 0 for fold in folds)
     missing = [f"fold{k}" for k in range(num_folds) if path / f"fold{k}" not in folds]
     if missing:
         log.warning(
@@ -197,13 +205,14 @@ def resolve_folder(path: str | Path) -> tuple[list[Path], list[dict]]:
     return runs, left_out
 
 
-def _num_folds(run: Path) -> int:
-    """`data.num_folds` of a run's config.json; 0 where it gives none."""
+def _data_value(run: Path, key: str) -> int | None:
+    """`data.<key>` (an integer: `fold`, `num_folds`) of a run's config.json; None where it
+    gives none."""
     try:
-        value = json.loads((run / workdir_lib.CONFIG_FILE).read_text())["data"]["num_folds"]
+        value = json.loads((run / workdir_lib.CONFIG_FILE).read_text())["data"][key]
     except (OSError, ValueError, KeyError, TypeError):
-        return 0
-    return value if isinstance(value, int) else 0
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 @dataclasses.dataclass
@@ -359,7 +368,10 @@ def load_ensemble(
         for run, p in zip(runs, predictors, strict=True)
     ]
     ensemble = make_ensemble(predictors, runs, settings, tta)
-    ensemble.left_out = [fold for _, left_out in resolved for fold in left_out]
+    used = {str(run.resolve()) for run in runs}  # a fold left out of its folder, named itself
+    ensemble.left_out = [
+        fold for _, left_out in resolved for fold in left_out if fold["run"] not in used
+    ]
     return ensemble
 
 
