@@ -208,3 +208,27 @@ def test_cv_store_errors_name_no_fold(missing, tmp_path, capsys):
     )
     assert _error_line([*argv, *RUN, *flags], capsys) == f"focalnet cv: error: {message}"
     assert not (tmp_path / "cv").exists()
+
+
+def test_all_slices_of_a_store_of_the_annotated_slices_alone_are_refused(tmp_path):
+    """A store made with `--slices annotated` has no lesion-free slice or case: a run of
+    `data.slices=all` on it trained on the annotated slices alone, its config.json and start line
+    saying "all"."""
+    from focalnet_jax.errors import UserError
+    from focalnet_jax.training import sharding
+    from focalnet_jax.training.run_start import check_run_start
+
+    store = FakeStore()
+    store.settings = {**store.settings, "slices": "annotated"}
+    overrides = ["--config.loss.mfl=false", "--config.data.store=unused"]
+    config = load_config(str(REPO / "configs" / "focalnet.py"), [*TINY, *overrides])
+    config.data.slices = "annotated"
+    check_run_start(config, tmp_path / "annotated", sharding.make_mesh(), store=store)
+    config.data.slices = "all"
+    with pytest.raises(UserError) as refused:
+        check_run_start(config, tmp_path / "all", sharding.make_mesh(), store=store)
+    assert str(refused.value) == (
+        f"store {store.path} holds only the annotated slices (preprocess --slices annotated; no "
+        "lesion-free case): data.slices=all would train on those alone; preprocess with --slices "
+        "all, or set data.slices=annotated"
+    )
