@@ -479,10 +479,21 @@ def test_an_id_holding_an_underscore_is_refused_not_left_out(tmp_path, patient, 
     with pytest.raises(LayoutError) as refused:
         discover_picai(images, unlabelled="negative")
     assert str(refused.value) == (
-        f"image file {images / patient / f'{patient}_{study}_adc.mha'} is not named "
+        f"image file {images / patient / f'{patient}_{study}_adc.mha'} is of no case: not named "
         "<patient>_<study>_<component>.<suffix> (PI-CAI layout: patient and study ids may not "
         "hold '_')"
     )
+
+
+def test_other_files_of_a_case_read_in_its_patient_folder_are_left_alone(tmp_path):
+    """A derived image or a gland mask kept beside a case's images is no case of its own: it
+    neither stops the reading nor is read."""
+    folder = tmp_path / "images" / "10000"
+    for name in ("t2w", "adc", "hbv", "t2w_n4corrected"):
+        _touch(folder / f"10000_1000000_{name}.mha")
+    _touch(folder / "10000_1000000.nii.gz")
+    cases = discover_picai(tmp_path / "images", unlabelled="negative")
+    assert [(c.case_id, sorted(c.components)) for c in cases] == [("10000_1000000", ["adc", "t2w"])]
 
 
 def test_a_marksheet_row_repeated_with_its_ids_as_floats_is_one_row(tmp_path):

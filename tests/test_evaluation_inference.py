@@ -270,6 +270,17 @@ def test_a_fold_run_of_another_fold_is_refused_not_counted_twice(cv, tmp_path):
     )
 
 
+def test_a_fold_run_with_a_damaged_config_is_named_as_damaged(cv, tmp_path):
+    from focalnet_jax.errors import UserError
+
+    shutil.copytree(cv["cv"], tmp_path / "cv")
+    config = tmp_path / "cv" / "fold1" / "config.json"
+    config.write_text(config.read_text()[:40])
+    with pytest.raises(UserError) as refused:
+        load_ensemble(tmp_path / "cv")
+    assert str(refused.value).startswith(f"{config} is damaged (not JSON: ")
+
+
 def test_epoch_based_run_killed_early_is_left_out_of_the_ensemble(cv, tmp_path, caplog):
     """An epoch-based run records its total steps (epochs x whole batches of its training
     slices) at start; a run whose checkpoints stop short of it is not finished."""

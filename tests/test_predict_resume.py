@@ -484,7 +484,7 @@ def test_resume_refuses_a_finished_case_predicted_from_another_series_of_its_fol
     finished from the first series was kept beside cases of the second, the folder's files (all
     that was recorded) being the same."""
     from focalnet_jax.data.layouts import CaseSpec
-    from focalnet_jax.evaluation.partial_output import case_inputs, record_inputs
+    from focalnet_jax.evaluation.partial_output import case_inputs, input_files, record_inputs
 
     folder = tmp_path / "t2w"
     folder.mkdir()
@@ -504,3 +504,6 @@ def test_resume_refuses_a_finished_case_predicted_from_another_series_of_its_fol
         "now series B_flipped); resume with the same input files, or add --overwrite (without "
         "--resume) to start over"
     )
+    # A partial of an earlier version recorded the files alone: compared on those.
+    (partial / "inputs.json").write_text(json.dumps({"a": input_files({"t2w": str(folder)})}))
+    record_inputs(partial, {"a"}, {"a": case_inputs(spec("B_flipped"))})

@@ -833,10 +833,6 @@ def write_recorded(workdir: Path, **changes) -> Path:
         ({"folds": [0, 7]}, ["cell", "--cell", "ce/rep0/fold0"], "folds=[0, 7]: expected folds"),
         ({"base": 3}, ["status"], "base=3: expected a path"),
         ({"seed": -1}, ["status"], "seed=-1: repeats 0..0 train with seeds"),
-        # A shell line in the job script (checked by the spec's validation since).
-        ({"slurm": {**RECORDED["slurm"], "extra": ["--qos=x\necho INJECTED"]}},
-         ["run", "--dry-run", "--executor", "slurm"],
-         "slurm.extra item '--qos=x\\necho INJECTED': expected one '#SBATCH' option"),
     ],
 )  # fmt: skip
 def test_a_study_file_with_a_field_of_another_type_or_range_is_a_one_line_error(
@@ -851,6 +847,33 @@ def test_a_study_file_with_a_field_of_another_type_or_range_is_a_one_line_error(
     message = _one_line_error(argv[0], "--workdir", str(tmp_path / "s"), *argv[1:])
     assert f"error: {path}: not a readable study file ({expected}" in message
     assert message.endswith("); use a new --workdir")
+
+
+def test_a_study_recorded_with_slurm_options_now_refused_opens_and_its_job_script_refuses_them(
+    tmp_path,
+):
+    """A study.json recorded before the SLURM options were checked (a time `8h`, an empty or a
+    two-line `extra` item) still opens (its trained cells are not lost, and a spec may replace
+    the options); the job script refuses the options it would write."""
+    from focalnet_jax.study.cells import Study
+    from focalnet_jax.study.errors import StudyError
+    from focalnet_jax.study.slurm import sbatch_script
+
+    slurm = {**RECORDED["slurm"], "time": "8h", "extra": ["", "--qos=x\necho INJECTED"]}
+    write_recorded(tmp_path, slurm=slurm)
+    study = Study.open(tmp_path)
+    assert len(study.cells()) == 4
+    for options, expected in [
+        (slurm, "slurm.time '8h': expected a SLURM time limit"),
+        ({**slurm, "time": ""}, "slurm.extra item '': expected one '#SBATCH' option on one line"),
+        ({**slurm, "time": "", "extra": slurm["extra"][1:]},
+         "slurm.extra item '--qos=x\\necho INJECTED': expected one '#SBATCH' option on one line"),
+        ({**slurm, "time": "", "extra": [], "partition": "gpu\nid"},
+         "slurm.partition 'gpu\\nid': expected partition names separated by commas"),
+    ]:  # fmt: skip
+        with pytest.raises(StudyError) as refused:
+            sbatch_script(study, tmp_path / "tasks.txt", 4, options, "study")
+        assert str(refused.value).startswith(expected)
 
 
 @pytest.mark.parametrize(

@@ -107,17 +107,18 @@ def _image_files(patient_dir: Path):
 
 
 def _check_names(patient_dir: Path) -> None:
-    """Refuses an image file of a patient folder named after it that `PICAI_NAME` does not read
-    as that patient's (`P_1/P_1_1000001_t2w.mha`, `10001/10001_1000001_b_t2w.mha`): an id holding
-    '_' left the case out of the store without a word."""
-    prefix = f"{patient_dir.name}_"
+    """Refuses an image file of a patient folder, named after it, of no case read there
+    (`P_1/P_1_1000001_t2w.mha`, `10001/10001_1000001_b_t2w.mha`: an id holding '_' left the case
+    out of the store without a word); other files of a case read (`<case>_t2w_n4.mha`,
+    `<case>.nii.gz`) are left alone."""
+    cases = {case for case, _, _ in _image_files(patient_dir)}
     for file in sorted(patient_dir.iterdir()):
-        if file.name.startswith(prefix) and file.name.lower().endswith(IMAGE_SUFFIXES):
-            match = PICAI_NAME.match(file.name)
-            if match is None or match["patient"] != patient_dir.name:
+        name = file.name
+        if name.startswith(f"{patient_dir.name}_") and name.lower().endswith(IMAGE_SUFFIXES):
+            if not any(name.startswith((f"{case}_", f"{case}.")) for case in cases):
                 raise LayoutError(
-                    f"image file {file} is not named <patient>_<study>_<component>.<suffix> "
-                    "(PI-CAI layout: patient and study ids may not hold '_')"
+                    f"image file {file} is of no case: not named <patient>_<study>_<component>"
+                    ".<suffix> (PI-CAI layout: patient and study ids may not hold '_')"
                 )
 
 

@@ -161,7 +161,8 @@ def resolve_folder(path: str | Path) -> tuple[list[Path], list[dict]]:
             f"cross-validation folder (no fold<k>/{workdir_lib.CONFIG_FILE})"
         )
     for fold in folds:
-        if (trained := _data_value(fold, "fold")) != int(fold.name[len("fold") :]):
+        trained = _data_value(fold, "fold")  # None: unreadable, named where the run is read
+        if trained is not None and trained != int(fold.name[len("fold") :]):
             raise EnsembleError(
                 f"{path}: {fold.name} trained data.fold={trained} "
                 f"({fold / workdir_lib.CONFIG_FILE}); in the ensemble it would stand for "

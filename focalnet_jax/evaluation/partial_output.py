@@ -188,20 +188,30 @@ def record_inputs(partial: Path, done: set[str], inputs: dict[str, dict[str, str
             "input files, or add --overwrite (without --resume) to start over"
         )
 
-    _record_per_case(partial / INPUTS_FILE, done, inputs, refusal)
+    _record_per_case(partial / INPUTS_FILE, done, inputs, refusal, _same_inputs)
 
 
-def _record_per_case(path: Path, done: set[str], values: dict, refusal) -> None:
+def _same_inputs(recorded, now: dict) -> bool:
+    """Whether a finished case's `recorded` inputs are those `now`; a record of an earlier
+    version, without the series chosen (`case_inputs`), is compared on its files alone."""
+    if isinstance(recorded, dict) and not any(k.endswith("_series") for k in recorded):
+        now = {k: v for k, v in now.items() if not k.endswith("_series")}
+    return recorded == now
+
+
+def _record_per_case(
+    path: Path, done: set[str], values: dict, refusal, same=lambda recorded, now: recorded == now
+) -> None:
     """Writes `values` (case id -> what a finished case was made with) to `path`, after refusing
-    the first finished case of `done` whose recorded value differs (`refusal(case, recorded,
-    now)` -> the line), where `path` exists."""
+    the first finished case of `done` whose recorded value differs (not `same(recorded, now)`;
+    `refusal(case, recorded, now)` -> the line), where `path` exists."""
     if done and path.is_file():
         try:
             recorded = json.loads(path.read_text())
         except (OSError, ValueError) as error:
             raise UserError(f"--resume: {path} cannot be read ({error})") from None
         for case in sorted(done & set(values)):
-            if recorded.get(case) != values[case]:
+            if not same(recorded.get(case), values[case]):
                 raise UserError(refusal(case, recorded.get(case), values[case]))
     write_json_atomic(values, path)
 

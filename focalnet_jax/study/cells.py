@@ -92,7 +92,7 @@ def _read_study_file(path: Path) -> dict:
         for key in ("base", "store", "spec_file"):
             if not isinstance(recorded[key], str) or not recorded[key]:
                 raise StudyError(f"{key}={recorded[key]!r}: expected a path")
-        folds = check_fields(recorded)
+        folds = check_fields(recorded, slurm=False)
     except StudyError as error:
         raise StudyError(
             f"{path}: not a readable study file ({error}); use a new --workdir"

@@ -459,8 +459,8 @@ def check_report_folder(study: Study) -> Path:
 def write_report(
     study: Study, *, partial: bool = False, iterations: int = statistics.APPROXIMATE_ITERATIONS
 ) -> Path:
-    """Write DIR/report/ (`check_report_folder`, before anything is read); returns the folder."""
-    out = check_report_folder(study)
+    """Write DIR/report/ (checked first by `check_report_folder`); returns the folder."""
+    out = study.root / "report"
     found = collect(study, partial=partial)
     rows = found.rows
     if not rows:

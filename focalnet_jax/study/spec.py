@@ -231,10 +231,12 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def check_fields(plain: Mapping) -> list[int]:
+def check_fields(plain: Mapping, slurm: bool = True) -> list[int]:
     """The fields of a spec (or of a recorded study) that need no file to check: counts, folds,
-    names, seeds and the `common`, `evaluate` and `slurm` dicts; returns its folds as a list
-    (None: every fold of num_folds). `StudyError` on the first problem."""
+    names, seeds and the `common`, `evaluate` and `slurm` dicts, and with `slurm` the SLURM
+    options' forms (a recorded study's are checked where they are used: a spec may replace them);
+    returns its folds as a list (None: every fold of num_folds). `StudyError` on the first
+    problem."""
     if not _is_int(plain["repeats"]) or plain["repeats"] < 1:
         raise StudyError(f"repeats={plain['repeats']!r}: expected an integer >= 1")
     num_folds = plain["num_folds"]
@@ -262,7 +264,8 @@ def check_fields(plain: Mapping) -> list[int]:
     if not isinstance(plain["ensembles"], Mapping):
         raise StudyError(f"ensembles={plain['ensembles']!r}: expected a dict: name -> arm names")
     _check_ensembles(plain["ensembles"], list(plain["arms"]))
-    check_slurm_options(plain["slurm"])
+    if slurm:
+        check_slurm_options(plain["slurm"])
     _check_evaluate(plain["evaluate"])
     _check_seeds(plain["seed"], plain["repeats"])
     return list(folds)
