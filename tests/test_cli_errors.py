@@ -166,11 +166,20 @@ def test_verbose_shows_the_traceback(tmp_path, capsys, where):
 FLAG_ERRORS = [  # (argv, the message after "focalnet <command>: error: ")
     (["synth", "--out", "x", "--cases", "0"], "--cases 0: expected at least 1"),
     # A negative seed ended in numpy's traceback "expected non-negative integer".
-    (["synth", "--out", "x", "--cases", "1", "--seed", "-1"], "--seed -1: expected 0 or more"),
+    (["synth", "--out", "x", "--cases", "1", "--seed", "-1"],
+     "--seed -1: expected 0 to 4294967295"),
+    # numpy reads a seed of 2**32 or more as words: case 0 of 7 + 2**32 was case 1 of seed 7.
+    (["synth", "--out", "x", "--cases", "1", "--seed", str(7 + 2**32)],
+     "--seed 4294967303: expected 0 to 4294967295"),
     (["folds", "--store", "s", "--seed", "-1"], "--seed -1: expected 0 or more"),
     # A NaN share passed every comparison: no lesion was visible in T2w or ADC only.
     (["synth", "--out", "x", "--cases", "1", "--t2w-only-share", "nan"],
-     "lesion visibility shares (nan, 0.15): expected >= 0, summing to <= 1"),
+     "lesion visibility shares (the --*-only-share options) t2w-only nan + adc-only 0.15 = nan: "
+     "expected each >= 0, summing to <= 1"),
+    (["synth", "--out", "x", "--cases", "1", "--components", "t2w,adc,hbv,dce",
+      "--t2w-only-share", "0.5", "--adc-only-share", "0.4"],
+     "lesion visibility shares (the --*-only-share options) t2w-only 0.5 + adc-only 0.4 + "
+     "dce-only 0.15 = 1.05: expected each >= 0, summing to <= 1"),
     # Taken, and ignored: without DCE no lesion can be shown in DCE only.
     (["synth", "--out", "x", "--cases", "1", "--dce-only-share", "0.3"],
      "--dce-only-share 0.3: --components t2w,adc,hbv has no dce, so no lesion is shown in DCE "

@@ -180,6 +180,19 @@ def test_dce_grid_and_other_components_unchanged():
     assert abs(len(changed) / len(draws) - 0.15) < 0.05
 
 
+def test_the_order_of_the_components_given_changes_no_image():
+    """`--components t2w,hbv,adc` drew the ADC and HBV voxels in that order: the same files as
+    `t2w,adc,hbv` held other images."""
+    given = synth_case([5, 1], SynthConfig.small(components=("t2w", "hbv", "adc")))
+    default = synth_case([5, 1], SynthConfig.small())
+    assert list(given.images) == ["t2w", "hbv", "adc"]
+    for name in ("t2w", "adc", "hbv"):
+        np.testing.assert_array_equal(
+            sitk.GetArrayViewFromImage(given.images[name]),
+            sitk.GetArrayViewFromImage(default.images[name]),
+        )
+
+
 @pytest.mark.parametrize("components", [("t2w",), ("t2w", "dce")])
 def test_without_adc_and_hbv_no_lesion_is_shown_only_there(components):
     """`--components t2w` or `t2w,dce` kept the default ADC/HBV-only share: 15 % of the lesions

@@ -52,8 +52,8 @@ def run_synth(args: argparse.Namespace) -> int:
         raise UserError(str(err)) from err
     if args.cases < 1:
         raise UserError(f"--cases {args.cases}: expected at least 1")
-    if args.seed < 0:
-        raise UserError(f"--seed {args.seed}: expected 0 or more")
+    if not 0 <= args.seed < 2**32:  # numpy reads a larger seed as words: another seed's cases
+        raise UserError(f"--seed {args.seed}: expected 0 to {2**32 - 1}")
     cases = write_dataset(
         args.out, args.cases, args.seed, config, progress=True, overwrite=args.overwrite
     )

@@ -92,11 +92,15 @@ class SynthConfig:
             raise ValueError(
                 f"components {','.join(c)!r}: synthetic cases have only {','.join(COMPONENTS)}"
             )
-        shares = (self.t2w_only_share,)
-        shares += (self.adc_only_share,) if _shows_dwi(c) else ()
-        shares += (self.dce_only_share,) if "dce" in c else ()
-        if not (all(share >= 0 for share in shares) and sum(shares) <= 1):  # NaN fails too
-            raise ValueError(f"lesion visibility shares {shares}: expected >= 0, summing to <= 1")
+        shares = {"t2w": self.t2w_only_share}
+        shares |= {"adc": self.adc_only_share} if _shows_dwi(c) else {}
+        shares |= {"dce": self.dce_only_share} if "dce" in c else {}
+        if not (all(s >= 0 for s in shares.values()) and sum(shares.values()) <= 1):  # NaN too
+            terms = " + ".join(f"{name}-only {share:g}" for name, share in shares.items())
+            raise ValueError(
+                f"lesion visibility shares (the --*-only-share options) {terms} = "
+                f"{sum(shares.values()):g}: expected each >= 0, summing to <= 1"
+            )
 
     @classmethod
     def small(cls, **overrides) -> SynthConfig:
@@ -279,11 +283,13 @@ def synth_case(
 
     t2 = render(t2_grid, scene, lesions, "t2w", rng)
     images = {"t2w": _t2w_image(t2_grid, t2["volume"], scene, cfg, rng)}
-    for name in cfg.components[1:]:
+    # In a fixed order (`t2w,hbv,adc` drew other ADC and HBV voxels than `t2w,adc,hbv`).
+    for name in [c for c in COMPONENTS[1:] if c in cfg.components]:
         if name == "dce":
             images[name] = _dce_image(seed, cfg, scene, lesions, fov_center)
         else:
             images[name] = _dwi_image(dwi_grid, scene, lesions, name, rng)
+    images = {name: images[name] for name in cfg.components}
     return SynthCase(
         images=images,
         label=t2_grid.image(_label(lesions, t2["lesions"], cfg.t2w_size)),
