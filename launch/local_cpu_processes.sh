@@ -5,7 +5,12 @@
 #   e.g. launch/local_cpu_processes.sh 2 2 configs/demo.py runs/mh --config.data.store=STORE
 # PORT: the coordinator's port (default: a free one, so that two runs at once do not meet).
 set -euo pipefail
-N=${1:?processes}; D=${2:?devices per process}; CONFIG=${3:?config}; WORKDIR=${4:?workdir}
+if (( $# < 4 )); then
+    echo "usage: [PORT=P] $0 N D CONFIG WORKDIR [--config.KEY=VALUE ...] (N processes of D" \
+        "devices each)" >&2
+    exit 2
+fi
+N=$1; D=$2; CONFIG=$3; WORKDIR=$4
 shift 4
 if [[ ! $N =~ ^[1-9][0-9]*$ || ! $D =~ ^[1-9][0-9]*$ ]]; then
     echo "$0: N (processes) and D (devices per process) must be positive integers, got N=$N D=$D" >&2

@@ -13,6 +13,11 @@
 # A requeued job appends to its output, which keeps why its earlier run ended.
 #SBATCH --open-mode=append
 set -euo pipefail
+if [[ -z ${CONFIG:-} || -z ${WORKDIR:-} ]]; then
+    echo "$0: CONFIG and WORKDIR must be set: CONFIG=... WORKDIR=... sbatch $0" \
+        "[--config.KEY=VALUE ...]" >&2
+    exit 2
+fi
 if [[ -z ${SLURM_ARRAY_TASK_ID:-} ]]; then
     echo "$0: SLURM_ARRAY_TASK_ID is not set (task k of a SLURM job array trains fold k); submit" \
         "it as an array: CONFIG=... WORKDIR=... sbatch --array=0-4 $0 [--config.KEY=VALUE ...]" >&2
@@ -21,10 +26,10 @@ fi
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
 # One cache for the array: a requeued or restarted task reuses the compiled steps, and since the
 # MFL weight is an operand of the step, every fold's step is the same executable.
-export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-${WORKDIR:?set WORKDIR}/compilation_cache}
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$WORKDIR/compilation_cache}
 # exec: the task is the batch shell, so a signal for it (`sbatch --signal=B:TERM@120`, `scancel
 # --batch`) reaches the training, which saves the step it stops at; bash would die of it at once
 # and leave the training to SLURM's SIGKILL at the job's end.
-exec python -m focalnet_jax.cli train --config "${CONFIG:?set CONFIG}" \
-    --workdir "${WORKDIR:?set WORKDIR}/fold${SLURM_ARRAY_TASK_ID}" \
+exec python -m focalnet_jax.cli train --config "$CONFIG" \
+    --workdir "$WORKDIR/fold${SLURM_ARRAY_TASK_ID}" \
     --fold "${SLURM_ARRAY_TASK_ID}" "$@"

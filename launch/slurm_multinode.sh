@@ -14,10 +14,15 @@
 # A requeued job appends to its output, which keeps why its earlier run ended.
 #SBATCH --open-mode=append
 set -euo pipefail
+if [[ -z ${CONFIG:-} || -z ${WORKDIR:-} ]]; then
+    echo "$0: CONFIG and WORKDIR must be set: CONFIG=... WORKDIR=... sbatch $0" \
+        "[--config.KEY=VALUE ...]" >&2
+    exit 2
+fi
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_latency_hiding_scheduler=true"
 # On the shared file system: a requeued job reuses the compiled steps.
-export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-${WORKDIR:?set WORKDIR}/compilation_cache}
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$WORKDIR/compilation_cache}
 # srun does not inherit sbatch's --cpus-per-task (Slurm 22.05 to 23.02: "must be requested
 # again"): each task would get one CPU for its input pipeline. A task that fails ends the others,
 # which would wait for it in a collective.
@@ -28,5 +33,5 @@ fi
 # Not exec: srun takes a SIGTERM as an order to kill its tasks (SIGKILL, no checkpoint), while a
 # signal for the batch shell (`sbatch --signal=B:TERM@120`, `scancel --batch`) ends bash, and SLURM
 # then ends the step with SIGTERM, which the training takes to save the step it stops at.
-srun "${srun_flags[@]}" python -m focalnet_jax.cli train --config "${CONFIG:?set CONFIG}" \
-    --workdir "${WORKDIR:?set WORKDIR}" "$@"
+srun "${srun_flags[@]}" python -m focalnet_jax.cli train --config "$CONFIG" \
+    --workdir "$WORKDIR" "$@"

@@ -117,6 +117,33 @@ def test_local_cpu_processes_refuses_counts_that_are_not_positive_integers(tmp_p
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    ("script", "args", "env", "expected"),
+    [
+        # bash's own `line 6: 2: workdir`, status 1; `3: config` where N and D were missing.
+        ("one_host.sh", ["configs/demo.py"], {},
+         "usage: {script} CONFIG WORKDIR [--config.KEY=VALUE ...]"),
+        ("local_cpu_processes.sh", ["configs/demo.py", "runs/mh"], {},
+         "usage: [PORT=P] {script} N D CONFIG WORKDIR [--config.KEY=VALUE ...] (N processes of D "
+         "devices each)"),
+        ("slurm_multinode.sh", [], {"CONFIG": "configs/demo.py"},
+         "{script}: CONFIG and WORKDIR must be set: CONFIG=... WORKDIR=... sbatch {script} "
+         "[--config.KEY=VALUE ...]"),
+        ("slurm_folds.sh", [], {"WORKDIR": "runs/cv", "SLURM_ARRAY_TASK_ID": "0"},
+         "{script}: CONFIG and WORKDIR must be set: CONFIG=... WORKDIR=... sbatch {script} "
+         "[--config.KEY=VALUE ...]"),
+    ],
+)  # fmt: skip
+def test_a_script_missing_an_argument_prints_its_usage(script, args, env, expected):
+    environ = {k: v for k, v in os.environ.items() if k not in ("CONFIG", "WORKDIR")}
+    path = REPO / "launch" / script
+    done = subprocess.run(
+        ["bash", str(path), *args], env={**environ, **env}, cwd=REPO, capture_output=True,
+        text=True, timeout=60,
+    )  # fmt: skip
+    assert (done.returncode, done.stderr.splitlines()) == (2, [expected.format(script=path)])
+
+
 # tests/test_train_sigterm.py's tiny run (no MFL), `STEPS` steps, each logged (the progress bar
 # shows it).
 # SIGTERM comes once the bar shows step 2 and must arrive before the last step (a SIGTERM then
