@@ -494,6 +494,10 @@ def test_other_files_of_a_case_read_in_its_patient_folder_are_left_alone(tmp_pat
     _touch(folder / "10000_1000000.nii.gz")
     cases = discover_picai(tmp_path / "images", unlabelled="negative")
     assert [(c.case_id, sorted(c.components)) for c in cases] == [("10000_1000000", ["adc", "t2w"])]
+    # A second study whose id holds '_', beside one read: refused, not left out.
+    _touch(folder / "10000_1000000_b_t2w.mha")
+    with pytest.raises(LayoutError, match="10000_1000000_b_t2w.mha is of no case"):
+        discover_picai(tmp_path / "images", unlabelled="negative")
 
 
 def test_a_marksheet_row_repeated_with_its_ids_as_floats_is_one_row(tmp_path):

@@ -499,6 +499,11 @@ def test_resume_refuses_a_finished_case_predicted_from_another_series_of_its_fol
     record_inputs(partial, {"a"}, {"a": case_inputs(spec("t2_tse_tra"))})  # the same: resumed
     with pytest.raises(UserError) as refused:
         record_inputs(partial, {"a"}, {"a": case_inputs(spec("B_flipped"))})
+    # ... and a refusal names the file that changed, not the series it did not record.
+    (partial / "inputs.json").write_text(json.dumps({"a": input_files({"t2w": str(folder)})}))
+    (folder / "2.dcm").write_bytes(b"another slice")
+    with pytest.raises(UserError, match=r"was predicted from another t2w \(1 file, "):
+        record_inputs(partial, {"a"}, {"a": case_inputs(spec("B_flipped"))})
     assert str(refused.value) == (
         f"--resume: case a of {partial} was predicted from another t2w_series (series t2_tse_tra; "
         "now series B_flipped); resume with the same input files, or add --overwrite (without "

@@ -833,6 +833,11 @@ def write_recorded(workdir: Path, **changes) -> Path:
         ({"folds": [0, 7]}, ["cell", "--cell", "ce/rep0/fold0"], "folds=[0, 7]: expected folds"),
         ({"base": 3}, ["status"], "base=3: expected a path"),
         ({"seed": -1}, ["status"], "seed=-1: repeats 0..0 train with seeds"),
+        # A ValueError traceback writing the job script; "--mem" written one letter a line.
+        ({"slurm": {**RECORDED["slurm"], "gpus": "two"}}, ["run", "--dry-run"],
+         "slurm.gpus='two': expected an integer >= 0"),
+        ({"slurm": {**RECORDED["slurm"], "extra": "--mem=4G"}}, ["status"],
+         "slurm.extra='--mem=4G': expected a list of '#SBATCH' options"),
     ],
 )  # fmt: skip
 def test_a_study_file_with_a_field_of_another_type_or_range_is_a_one_line_error(

@@ -25,6 +25,7 @@ from focalnet_jax.errors import LayoutError
 
 log = logging.getLogger(__name__)
 
+PICAI_COMPONENTS = ("t2w", "adc", "hbv", "dce", "sag", "cor")  # last words of image file names
 PICAI_NAME = re.compile(r"^(?P<patient>[^_]+)_(?P<study>[^_]+)_(?P<component>[^_.]+)\.")
 # Labels and gland masks; `.dcm`: a DICOM SEG (`dicom_seg`; another DICOM file reads as one slice,
 # refused as a label of a single slice).
@@ -107,15 +108,15 @@ def _image_files(patient_dir: Path):
 
 
 def _check_names(patient_dir: Path) -> None:
-    """Refuses an image file of a patient folder, named after it, of no case read there
-    (`P_1/P_1_1000001_t2w.mha`, `10001/10001_1000001_b_t2w.mha`: an id holding '_' left the case
-    out of the store without a word); other files of a case read (`<case>_t2w_n4.mha`,
-    `<case>.nii.gz`) are left alone."""
-    cases = {case for case, _, _ in _image_files(patient_dir)}
+    """Refuses an image file of a patient folder named as a component's (`..._t2w.mha`,
+    `PICAI_COMPONENTS`) that `PICAI_NAME` does not read (`P_1/P_1_1000001_t2w.mha`,
+    `10001/10001_1000001_b_t2w.mha`: an id holding '_' left the case out of the store without a
+    word); other files (`<case>_t2w_n4.mha`, `<case>.nii.gz`) are left alone."""
     for file in sorted(patient_dir.iterdir()):
-        name = file.name
-        if name.startswith(f"{patient_dir.name}_") and name.lower().endswith(IMAGE_SUFFIXES):
-            if not any(name.startswith((f"{case}_", f"{case}.")) for case in cases):
+        name = file.name.lower()
+        suffix = next((s for s in IMAGE_SUFFIXES if name.endswith(s)), None)
+        if suffix is not None and not PICAI_NAME.match(file.name):
+            if name[: -len(suffix)].rpartition("_")[2] in PICAI_COMPONENTS:
                 raise LayoutError(
                     f"image file {file} is of no case: not named <patient>_<study>_<component>"
                     ".<suffix> (PI-CAI layout: patient and study ids may not hold '_')"

@@ -180,6 +180,7 @@ def record_inputs(partial: Path, done: set[str], inputs: dict[str, dict[str, str
     one run. A partial of an earlier version, without the file, is not checked."""
 
     def refusal(case: str, recorded, now) -> str:
+        now = _comparable(recorded, now)
         recorded = recorded or {}
         name = next(n for n in sorted({*recorded, *now}) if recorded.get(n) != now.get(n))
         return (
@@ -191,12 +192,16 @@ def record_inputs(partial: Path, done: set[str], inputs: dict[str, dict[str, str
     _record_per_case(partial / INPUTS_FILE, done, inputs, refusal, _same_inputs)
 
 
-def _same_inputs(recorded, now: dict) -> bool:
-    """Whether a finished case's `recorded` inputs are those `now`; a record of an earlier
+def _comparable(recorded, now: dict) -> dict:
+    """The inputs `now` to compare with a finished case's `recorded` ones: a record of an earlier
     version, without the series chosen (`case_inputs`), is compared on its files alone."""
     if isinstance(recorded, dict) and not any(k.endswith("_series") for k in recorded):
-        now = {k: v for k, v in now.items() if not k.endswith("_series")}
-    return recorded == now
+        return {k: v for k, v in now.items() if not k.endswith("_series")}
+    return now
+
+
+def _same_inputs(recorded, now: dict) -> bool:
+    return recorded == _comparable(recorded, now)
 
 
 def _record_per_case(

@@ -199,15 +199,8 @@ class RunSpec:
 
     def fold_split(self, store) -> FoldSplit:
         """Training and validation cases and rows of `data.fold` (patient-level folds, or those
-        of the split files `data.splits` names); `data.slices=all` on a store of the annotated
-        slices alone is refused (it trained on those without a word)."""
+        of the split files `data.splits` names)."""
         data = self.config.data
-        if data.slices == "all" and store.settings.get("slices") == "annotated":
-            raise UserError(
-                f"store {store.path} holds only the annotated slices (preprocess --slices "
-                "annotated; no lesion-free case): data.slices=all would train on those alone; "
-                "preprocess with --slices all, or set data.slices=annotated"
-            )
         splits = data.get("splits", "")
         train, val = folds.split_cases(store, data.fold, data.num_folds, data.fold_seed, splits)
         return FoldSplit(

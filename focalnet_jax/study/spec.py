@@ -233,8 +233,9 @@ def _is_int(value) -> bool:
 
 def check_fields(plain: Mapping, slurm: bool = True) -> list[int]:
     """The fields of a spec (or of a recorded study) that need no file to check: counts, folds,
-    names, seeds and the `common`, `evaluate` and `slurm` dicts, and with `slurm` the SLURM
-    options' forms (a recorded study's are checked where they are used: a spec may replace them);
+    names, seeds, the `common`, `evaluate` and `slurm` dicts and the SLURM options' types, with
+    `slurm` their forms too (a recorded study's are checked where they are used: a spec may
+    replace them);
     returns its folds as a list (None: every fold of num_folds). `StudyError` on the first
     problem."""
     if not _is_int(plain["repeats"]) or plain["repeats"] < 1:
@@ -264,8 +265,7 @@ def check_fields(plain: Mapping, slurm: bool = True) -> list[int]:
     if not isinstance(plain["ensembles"], Mapping):
         raise StudyError(f"ensembles={plain['ensembles']!r}: expected a dict: name -> arm names")
     _check_ensembles(plain["ensembles"], list(plain["arms"]))
-    if slurm:
-        check_slurm_options(plain["slurm"])
+    check_slurm_options(plain["slurm"], forms=slurm)
     _check_evaluate(plain["evaluate"])
     _check_seeds(plain["seed"], plain["repeats"])
     return list(folds)

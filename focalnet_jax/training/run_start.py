@@ -59,15 +59,22 @@ def check_run_start(
     """Every refusal (`UserError`, one line) of a training start in `workdir` that needs neither
     a train state nor a compilation: the config, a resume's saved config, the store (unset,
     absent, without the components), the fold's split and batches, `loss.mfl_weight='auto'` on
-    its training rows, a resume's recorded store and cases, and a resume's checkpoint past the
-    config's steps. Writes nothing, so `cv` checks every fold with it before the first trains.
-    `store`: an opened store (default: `open_config_store(config)`)."""
+    its training rows, a resume's recorded store and cases, a resume's checkpoint past the
+    config's steps, and `data.slices=all` on a store of the annotated slices alone (it trained on
+    those without a word). Writes nothing, so `cv` checks every fold with it before the first
+    trains. `store`: an opened store (default: `open_config_store(config)`)."""
     check_run_folder(workdir)  # not another command's output folder
     config = workdir_lib.absolute_paths(config)
     spec = RunSpec.from_config(config)
     workdir_lib.check_resumed_config(config, workdir)  # a resume: the same run, extended
     store = open_config_store(config) if store is None else store
     spec = spec.for_store(store)
+    if config.data.slices == "all" and store.settings.get("slices") == "annotated":
+        raise UserError(
+            f"store {store.path} holds only the annotated slices (preprocess --slices "
+            "annotated; no lesion-free case): data.slices=all would train on those alone; "
+            "preprocess with --slices all, or set data.slices=annotated"
+        )
     split = spec.fold_split(store)
     if spec.augment.intensity and spec.t2w_channel is not None:
         input_pipeline.check_t2w_ratios(store, split.train_rows, spec.augment.intensity_range)
