@@ -118,8 +118,7 @@ def record_run_store(
     (`StaleStoreError` otherwise); a new run, or one from before these records (warned), records
     `store` (its path is updated on a resume: the store may have moved). `split` (a
     `FoldSplit`) adds the case ids, their data's digests (`case_data`) and the training cases'
-    patient ids
-    (`train_patients`: a test store is held out only if none of its patients trained),
+    patient ids (`train_patients`: a test store is held out only if none of its patients trained),
     `total_steps` the step training ends at (epoch-based runs: from the number of training
     slices), so that evaluation and ensembles do not recompute them. `write`: this process writes
     files and warns (e.g. process 0 only). `new_run`: the run resumes no checkpoint, so an earlier
@@ -136,9 +135,8 @@ def record_run_store(
                 RECORD_FILE,
                 store.path,
             )
-        record = {"store": str(store.path), "fingerprint": store.fingerprint}
-        record["settings"] = store.settings
-    record["store"] = str(store.path)  # a resume on the store moved, or copied, elsewhere
+        record = {"fingerprint": store.fingerprint, "settings": store.settings}
+    record["store"] = str(store.path)  # also a resume's: the store may have moved
     if split is not None:
         record.update(train_cases=list(split.train_cases), val_cases=list(split.val_cases))
         record["train_patients"] = _patients(store, split.train_cases)
@@ -155,8 +153,7 @@ def check_training_store(workdir: str | os.PathLike, store, *, split=None) -> di
     """The run's record (None: a new run, or one from before these records) once `store`, and
     the cases of `split` (a `FoldSplit`), agree with it: `StaleStoreError` (one line) for a store
     with other settings, other training or validation cases, or other data of those cases, than
-    the run recorded. Writes
-    nothing; `record_run_store` checks with it."""
+    the run recorded. Writes nothing; `record_run_store` checks with it."""
     record = read_run_store(workdir)
     if record is not None:
         _compare(record, store.settings, workdir, f"store {store.path}", ())

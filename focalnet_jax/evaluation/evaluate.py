@@ -37,6 +37,7 @@ GS_PANELS = (("GS 3+3", "gs_3+3"), ("GS 3+4", "gs_3+4"), ("GS 4+3", "gs_4+3"), (
 # Every figure `write_figures` may write: an evaluation removes those of an earlier one in its
 # output folder before writing its metrics, so no figure is left beside numbers it does not show.
 FIGURE_FILES = ("froc.png", "froc_gs.png", "roc.png", "montage.png")
+OUTPUT_FILES = ("metrics.json", "report.md", *FIGURE_FILES)  # what an evaluation writes in OUT
 
 
 def _warn_without_case_list(predictions_dir: str | Path, found: int) -> None:
@@ -150,8 +151,7 @@ def evaluate_predictions(
     outputs to `out_dir` when given (`metrics.json`, `report.md`, the figures: all of them in
     place of the earlier ones, or none, `replaced_outputs`); a `models.json` beside the
     predictions (the runs and steps that made them) is copied into the metrics as "models".
-    Returns the metrics dict (arrays as
-    NumPy; `metrics.json` holds its JSON-safe form).
+    Returns the metrics dict (arrays as NumPy; `metrics.json` holds its JSON-safe form).
 
     `slices` selects the slices of the paper's 2D protocol ('all', or 'annotated': slices with a
     lesion ROI, as the paper's validation); the PI-CAI 3D protocol always uses every slice.
@@ -175,8 +175,7 @@ def evaluate_predictions(
     metrics.update(record)
     if out_dir is not None:
         report = markdown_report({label: [json_safe(metrics)]}, title=f"Evaluation of {label}")
-        outputs = ("metrics.json", "report.md", *FIGURE_FILES)
-        with replaced_outputs(out_dir, "metrics.json", outputs, "evaluate") as tmp:
+        with replaced_outputs(out_dir, "metrics.json", OUTPUT_FILES, "evaluate") as tmp:
             write_json(metrics, tmp / "metrics.json")
             (tmp / "report.md").write_text(report)
             if with_figures:
@@ -185,9 +184,9 @@ def evaluate_predictions(
 
 
 def remove_evaluation(out_dir: str | Path) -> None:
-    """Removes the outputs of an earlier evaluation in `out_dir` (`metrics.json`, `report.md`,
-    `FIGURE_FILES`; no other file): none is left to describe predictions it did not read."""
-    for name in ("metrics.json", "report.md", *FIGURE_FILES):
+    """Removes the outputs of an earlier evaluation in `out_dir` (`OUTPUT_FILES`; no other file):
+    none is left to describe predictions it did not read."""
+    for name in OUTPUT_FILES:
         (Path(out_dir) / name).unlink(missing_ok=True)
 
 

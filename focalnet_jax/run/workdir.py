@@ -148,9 +148,9 @@ def _read_config_json(path: Path) -> dict:
 # many checkpoints it keeps, its prefetch depth and where its store lies (the store's settings,
 # the run's cases and their data are checked by `data.run_store`), `loss.mfl_any_loss`, a guard
 # that changes no computation (a run saved before it, MFL beside another loss, resumes with it
-# set), and `loss.mfl_chunk`, how many
-# MFL subsets run at once: the same losses and gradients up to float rounding, so a run out of
-# memory resumes with fewer. Any other change would train another run in the same workdir.
+# set), and `loss.mfl_chunk`, how many MFL subsets run at once: the same losses and gradients up
+# to float rounding, so a run out of memory resumes with fewer. Any other change would train
+# another run in the same workdir.
 RESUMABLE_KEYS = (
     "data.store",
     "loss.mfl_any_loss",

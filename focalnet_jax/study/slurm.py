@@ -34,7 +34,7 @@ from focalnet_jax.errors import plural
 from focalnet_jax.file_lock import note_sharer
 from focalnet_jax.study.cells import Cell, Study, read_json_file
 from focalnet_jax.study.local import cell_argv
-from focalnet_jax.study.slurm_options import check_partition, check_sbatch_option, check_time
+from focalnet_jax.study.slurm_options import check_slurm_forms
 from focalnet_jax.study.spec import StudyError
 
 JOBS_FILE = "jobs.json"
@@ -86,19 +86,16 @@ def sbatch_script(
         "#SBATCH --ntasks=1",
     ]
     # Checked here too: a study.json recorded before the checks, or edited by hand, is not.
+    check_slurm_forms(options)
     if options.get("partition"):
-        check_partition(options["partition"], "slurm.partition")
         lines.append(f"#SBATCH --partition={options['partition']}")
     if options.get("time"):
-        check_time(options["time"], "slurm.time")
         lines.append(f"#SBATCH --time={options['time']}")
     if int(options.get("gpus") or 0):
         lines.append(f"#SBATCH --gpus-per-task={int(options['gpus'])}")
     if int(options.get("cpus") or 0):
         lines.append(f"#SBATCH --cpus-per-task={int(options['cpus'])}")
-    for extra in options.get("extra") or ():
-        check_sbatch_option(extra, "slurm.extra item")
-        lines.append(f"#SBATCH {extra}")
+    lines += [f"#SBATCH {extra}" for extra in options.get("extra") or ()]
     argv = cell_argv(study, Cell("ARM", 0, 0))[:-1]  # the cell name comes from the task list
     lines += [
         "set -euo pipefail",

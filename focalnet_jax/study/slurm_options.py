@@ -40,18 +40,25 @@ def check_sbatch_option(value: str, source: str = "--sbatch") -> None:
         raise StudyError(f"{source} {value!r}: expected one '#SBATCH' option on one line")
 
 
+def check_slurm_forms(slurm: Mapping) -> None:
+    """The forms of the `slurm` options written into a job script (`partition`, `time`, each
+    `extra` item; an empty or absent partition or time is the cluster's default)."""
+    if slurm.get("partition"):
+        check_partition(slurm["partition"], "slurm.partition")
+    if slurm.get("time"):
+        check_time(slurm["time"], "slurm.time")
+    for item in slurm.get("extra") or ():
+        check_sbatch_option(item, "slurm.extra item")
+
+
 def check_slurm_options(slurm: Mapping, forms: bool = True) -> None:
     """The spec's `slurm` fields of the types `sbatch` takes (`spec.defaults`), and with `forms`
-    of its forms (a recorded study's are checked where the job script is written: a spec may
-    replace them)."""
+    their forms (`check_slurm_forms`; a recorded study's are checked where the job script is
+    written: a spec may replace them)."""
     if not isinstance(slurm.get("partition"), str):
         raise StudyError(f"slurm.partition={slurm.get('partition')!r}: expected a partition name")
-    if forms:
-        check_partition(slurm["partition"], "slurm.partition")
     if not isinstance(slurm.get("time"), str):
         raise StudyError(f"slurm.time={slurm.get('time')!r}: expected text, e.g. '08:00:00'")
-    if slurm["time"] and forms:  # '': no time limit
-        check_time(slurm["time"], "slurm.time")
     for key in ("gpus", "cpus", "throttle"):
         value = slurm.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -59,5 +66,5 @@ def check_slurm_options(slurm: Mapping, forms: bool = True) -> None:
     extra = slurm.get("extra")
     if not isinstance(extra, list | tuple) or not all(isinstance(e, str) for e in extra):
         raise StudyError(f"slurm.extra={extra!r}: expected a list of '#SBATCH' options as text")
-    for item in extra if forms else ():
-        check_sbatch_option(item, "slurm.extra item")
+    if forms:
+        check_slurm_forms(slurm)
