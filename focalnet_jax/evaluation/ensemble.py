@@ -19,7 +19,7 @@ import functools
 import json
 import logging
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -137,12 +137,16 @@ def _warn_unfinished(runs: Sequence[Path]) -> None:
             log.warning("%s: not finished (%s): its latest checkpoint is used", run, why)
 
 
-def resolve_folder(path: str | Path) -> tuple[list[Path], list[dict]]:
+def resolve_folder(
+    path: str | Path, used_elsewhere: Collection[str] = ()
+) -> tuple[list[Path], list[dict]]:
     """(runs, left out) of a `--checkpoint` / `--workdir` argument: the run itself, or every
     `fold<k>` run of a cross-validation folder with a finished checkpoint. Left out, each logged
     and listed as {"run": absolute path, "reason"}: unfinished folds, other `fold*` runs (e.g. a
     copy `fold0.bak`, which would count its fold twice in the mean), and the `fold<k>` of
-    k < `data.num_folds` (the largest the fold runs' config.json give) with no run at all."""
+    k < `data.num_folds` (the largest the fold runs' config.json give) with no run at all.
+    `used_elsewhere`: the absolute paths of runs named themselves beside the folder, used and so
+    never left out."""
     path = Path(path)
     named = fold_runs(path)
     if (path / workdir_lib.CONFIG_FILE).is_file():
@@ -170,13 +174,15 @@ def resolve_folder(path: str | Path) -> tuple[list[Path], list[dict]]:
                 f"{fold.name[len('fold') :]}, or move it out"
             )
     strays = sorted(set(named) - set(folds))
+    strays = [stray for stray in strays if str(stray.resolve()) not in used_elsewhere]
     for stray in strays:
         log.warning("%s: %s left out of the ensemble (%s)", path, stray.name, NOT_A_FOLD)
     runs, skipped = [], {}
     for fold in folds:
         step, reason = final_step(fold)
         if step is None:
-            skipped[fold] = reason
+            if str(fold.resolve()) not in used_elsewhere:
+                skipped[fold] = reason
         else:
             runs.append(fold)
     if not runs:
@@ -355,7 +361,8 @@ def load_ensemble(
         raise EnsembleError(f"tta {tta!r}: expected one of {TTA_MODES}")
     if isinstance(paths, str | Path):
         paths = [paths]
-    resolved = [resolve_folder(path) for path in paths]
+    named = {str(Path(p).resolve()) for p in paths if (Path(p) / workdir_lib.CONFIG_FILE).is_file()}
+    resolved = [resolve_folder(path, named) for path in paths]
     runs = [run for path_runs, _ in resolved for run in path_runs]
     if len({run.resolve() for run in runs}) != len(runs):
         raise EnsembleError(f"a run is named twice: {[str(r) for r in runs]}")
@@ -369,10 +376,7 @@ def load_ensemble(
         for run, p in zip(runs, predictors, strict=True)
     ]
     ensemble = make_ensemble(predictors, runs, settings, tta)
-    used = {str(run.resolve()) for run in runs}  # a fold left out of its folder, named itself
-    ensemble.left_out = [
-        fold for _, left_out in resolved for fold in left_out if fold["run"] not in used
-    ]
+    ensemble.left_out = [fold for _, left_out in resolved for fold in left_out]
     return ensemble
 
 
