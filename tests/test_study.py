@@ -762,6 +762,19 @@ def test_arm_name_with_a_dot_is_a_one_line_error_naming_it(store, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+def test_arm_names_that_differ_only_in_case_are_refused(store, tmp_path):
+    """Arms `ce` and `CE` are one folder on a case-insensitive file system: their cells would
+    train into, and report, each other's runs."""
+    arms = {"ce": ARMS["ce"], "CE": ARMS["ce"]}
+    spec = write_spec(tmp_path / "case.py", store, arms=arms, ensembles={})
+    message = _one_line_error("run", "--spec", str(spec), "--workdir", str(tmp_path / "bad"))
+    assert message.endswith(
+        "'CE' and 'ce': names that differ only in letter case are one folder on a "
+        "case-insensitive file system; rename one"
+    )
+    assert not (tmp_path / "bad").exists()
+
+
 def test_corrupt_study_file_is_a_one_line_error_naming_it(tmp_path):
     (tmp_path / "study.json").write_text('{"arms": ')
     for action in ("status", "run", "report"):

@@ -215,6 +215,19 @@ def _check_name(kind: str, name: str) -> None:
         )
 
 
+def _check_case_distinct(names: Sequence[str]) -> None:
+    """Arm and ensemble names are folder names: two that differ only in letter case would be one
+    folder on a case-insensitive file system (macOS, Windows), their cells each other's."""
+    seen: dict[str, str] = {}
+    for name in names:
+        if (other := seen.setdefault(name.casefold(), name)) != name:
+            first, second = sorted((other, name))
+            raise StudyError(
+                f"{first!r} and {second!r}: names that differ only in letter case are one folder "
+                "on a case-insensitive file system; rename one"
+            )
+
+
 def _check_overrides(where: str, items: list[tuple[str, object]], *, arm: bool) -> None:
     for key, _ in items:
         if key in STUDY_KEYS:
@@ -265,6 +278,7 @@ def check_fields(plain: Mapping, slurm: bool = True) -> list[int]:
     if not isinstance(plain["ensembles"], Mapping):
         raise StudyError(f"ensembles={plain['ensembles']!r}: expected a dict: name -> arm names")
     _check_ensembles(plain["ensembles"], list(plain["arms"]))
+    _check_case_distinct([*plain["arms"], *plain["ensembles"]])
     check_slurm_options(plain["slurm"], forms=slurm)
     _check_evaluate(plain["evaluate"])
     _check_seeds(plain["seed"], plain["repeats"])
