@@ -302,6 +302,57 @@ def test_bad_segments_are_refused_naming_case_file_and_segment(source, tmp_path)
     )
 
 
+def test_anatomy_as_other_tools_code_it_is_left_out_and_a_graded_one_kept(source, t2w, tmp_path):
+    """3D Slicer and dcmqi code Anatomical Structure as SCT 123037004, older files as SNOMED RT
+    T-D000A; their gland segment was refused as an unknown lesion label. A segment of that
+    category whose label gives a grade was dropped without a word: it is a lesion."""
+    from pydicom.sr.coding import Code
+
+    lesion = _box(source, 9, slice(180, 190), slice(180, 190))
+    gland = _box(source, 9, slice(140, 220), slice(150, 230))
+    slicer = (Code("123037004", "SCT", "Anatomical Structure"), codes.SCT.Prostate)
+    older = (Code("T-D000A", "SRT", "Anatomical Structure"), Code("T-9200B", "SRT", "Prostate"))
+    for name, kind in (("slicer", slicer), ("older", older)):
+        file = _seg(
+            tmp_path / f"{name}.dcm", source, [("ISUP 3", lesion, LESION), ("WG", gland, kind)]
+        )
+        label = io.read_label(file, label_values="picai")
+        np.testing.assert_array_equal(_resampled(label, t2w), _on_t2w(source, t2w, lesion * 3))
+        mask = io.read_mask(file)  # two segments: the gland by its property type
+        np.testing.assert_array_equal(_resampled(mask, t2w), _on_t2w(source, t2w, gland))
+    graded = _seg(tmp_path / "graded.dcm", source, [("ISUP 4", lesion, PROSTATE)])
+    label = io.read_label(graded, label_values="picai")
+    np.testing.assert_array_equal(_resampled(label, t2w), _on_t2w(source, t2w, lesion * 4))
+
+
+def test_a_seg_of_anatomy_alone_is_refused_as_a_label(source, tmp_path):
+    """A gland SEG given as the label gave a case without lesions, without a word."""
+    gland = _box(source, 9, slice(140, 220), slice(150, 230))
+    file = _seg(tmp_path / "g.dcm", source, [("Prostate", gland, PROSTATE)])
+    assert _error(lambda: io.read_label(file, case="px", label_values="picai")) == (
+        f"case 'px', file '{file}': no lesion segment: its 1 segment(s) (1 'Prostate') are "
+        "anatomical structures: a gland mask given as the label? give it as the prostate mask (a "
+        "case without lesions needs no label file with --unlabelled negative)"
+    )
+
+
+def test_a_seg_file_cut_short_is_a_one_line_error(source, tmp_path):
+    """A SEG cut short (an unfinished copy) ended preprocessing in an IndexError or struct.error
+    traceback, also with --skip-bad-cases."""
+    lesion = _box(source, 9, slice(180, 190), slice(180, 190))
+    whole = _seg(tmp_path / "whole.dcm", source, [("ISUP 3", lesion, LESION)]).read_bytes()
+    body, header = tmp_path / "body.dcm", tmp_path / "header.dcm"
+    body.write_bytes(whole[: len(whole) * 3 // 10])
+    header.write_bytes(whole[:153])  # ends inside the 4-byte length of (0002,0001), an OB
+    message = _error(lambda: io.read_label(body, case="px", label_values="picai"))
+    assert message.startswith(
+        f"case 'px', file '{body}': cannot be read as a segmentation volume ("
+    )
+    assert _error(lambda: io.read_label(header, case="px", label_values="picai")) == (
+        f"case 'px', file '{header}': a damaged DICOM file (its header is cut short)"
+    )
+
+
 def test_a_seg_whose_frames_are_no_regular_volume_is_refused(source, tmp_path):
     # The middle of three frames moved 5 mm within its plane (a sheared stack).
     mask = np.zeros((len(source), 384, 384), bool)

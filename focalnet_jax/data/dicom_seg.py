@@ -14,17 +14,21 @@ grade: `ISUP k` (k 1..5), `GS a+b` or `Gleason a+b` (a, b 3..5; 3+3 ISUP 1, 3+4 
 4, sum 9-10 5), or `csPCa` (grade unknown). Its value follows the label convention (`picai`: 2..5
 ISUP, 1 csPCa of unknown grade, so ISUP 1 has none; `isup`: 1..5 ISUP, so csPCa has none). A
 voxel of overlapping segments takes the highest value. Segments of category Anatomical Structure
-(the gland, zones or organs of a SEG that also holds the lesions) are no lesions and left out;
-one SEG may then be both a case's label and its gland mask.
+(the gland, zones or organs of a SEG that also holds the lesions; SCT 91723000, as 3D Slicer and
+dcmqi write it SCT 123037004, or SNOMED RT's T-D000A) whose label gives no grade are no lesions
+and left out; one SEG may then be both a case's label and its gland mask. A SEG all of whose
+segments are left out so is refused as a label (a gland mask given as one).
 
 Whole-gland masks: the one segment of a SEG, else the union of those whose segmented property
-type is SCT 41216001 (Prostate) or whose SegmentLabel contains 'prostate' or 'gland'.
+type is Prostate (SCT 41216001, SNOMED RT T-9200B or T-92000) or whose SegmentLabel contains
+'prostate' or 'gland'.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -37,15 +41,22 @@ from focalnet_jax.errors import UserError
 
 # Segmentation Storage, and Label Map Segmentation Storage (one segment number a pixel)
 SEG_SOP_CLASSES = ("1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7")
-PROSTATE_CODE = ("SCT", "41216001")
-ANATOMY_CATEGORY = ("SCT", "91723000")  # Anatomical Structure: no lesion
+PROSTATE_CODES = (("SCT", "41216001"), ("SRT", "T-9200B"), ("SRT", "T-92000"))
+# Anatomical Structure (SCT 91723000; SCT 123037004 "Body structure" as 3D Slicer and dcmqi code
+# it; SNOMED RT T-D000A in older files): no lesion unless its label gives a grade
+ANATOMY_CATEGORIES = (("SCT", "91723000"), ("SCT", "123037004"), ("SRT", "T-D000A"))
 FRACTION_THRESHOLD = 0.5  # of the maximum fractional value
 ACCEPTED_LABELS = "'ISUP k' (k 1..5), 'GS a+b' or 'Gleason a+b' (a, b 3..5), 'csPCa'"
 _ISUP = re.compile(r"isup\s*([1-5])")
 _GLEASON = re.compile(r"(?:gs|gleason)\s*([3-5])\s*\+\s*([3-5])")
-# What highdicom raises for a SEG it cannot read as a volume (e.g. frames at irregular positions)
+# What highdicom raises for a SEG it cannot read as a volume (e.g. frames at irregular positions,
+# a file cut short)
 _HIGHDICOM_ERRORS = (
     AttributeError,
+    IndexError,
+    EOFError,
+    OSError,
+    struct.error,
     KeyError,
     ValueError,
     RuntimeError,
@@ -64,11 +75,13 @@ class SegError(UserError):
 
 def sop_class(file: str | os.PathLike) -> str | None:
     """The SOPClassUID of the DICOM file `file` ('' where it has none); None for a file that is
-    not DICOM."""
+    not DICOM. A DICOM file whose header is cut short is a `SegError`."""
     try:
         header = pydicom.dcmread(file, stop_before_pixels=True, specific_tags=["SOPClassUID"])
     except (InvalidDicomError, OSError, ValueError, EOFError):
         return None
+    except struct.error:  # a DICOM element whose bytes the file ends before
+        raise SegError(file, "a damaged DICOM file (its header is cut short)") from None
     return str(header.get("SOPClassUID", ""))
 
 
@@ -203,19 +216,29 @@ def read_lesions(file: str | os.PathLike, label_values: str) -> sitk.Image:
     """A SEG file's segments as a label map (uint8, 0 background, 1..5 by `segment_value`
     under `label_values`; the highest where segments overlap) on the grid of its frames;
     segments of category Anatomical Structure (SCT 91723000: the gland, zones, organs) are left
-    out. A segment label of no value is a `SegError` naming the segment and why."""
+    out unless their label gives a grade. A segment label of no value is a `SegError` naming the
+    segment and why, and so is a SEG of anatomy alone (a gland mask given as a label)."""
     file = Path(file)
     seg, volume, numbers = _read(file)
     masks = _segment_masks(volume)
     label = np.zeros(masks.shape[:3], np.uint8)
+    anatomy = []
     for k, number in enumerate(numbers):
         text, _, category = _description(seg, number)
-        if category == ANATOMY_CATEGORY:  # e.g. the gland of a SEG that holds both
-            continue
         value = segment_value(text, label_values)
+        if category in ANATOMY_CATEGORIES and isinstance(value, str):
+            anatomy.append(f"{number} {text!r}")  # e.g. the gland of a SEG that holds both
+            continue
         if isinstance(value, str):
             raise SegError(file, f"segment {number} {text!r}: {value}")
         label = np.maximum(label, np.where(masks[..., k], value, 0).astype(np.uint8))
+    if len(anatomy) == len(numbers):
+        raise SegError(
+            file,
+            f"no lesion segment: its {len(numbers)} segment(s) ({', '.join(anatomy)}) are "
+            "anatomical structures: a gland mask given as the label? give it as the prostate "
+            "mask (a case without lesions needs no label file with --unlabelled negative)",
+        )
     return _image(label, volume)
 
 
@@ -231,7 +254,7 @@ def read_gland(file: str | os.PathLike) -> sitk.Image:
         k
         for k, (_, text, code) in enumerate(described)
         if len(numbers) == 1
-        or code == PROSTATE_CODE
+        or code in PROSTATE_CODES
         or any(word in text.lower() for word in ("prostate", "gland"))
     ]
     if not chosen:
