@@ -122,6 +122,16 @@ def get_config_from_file(spec: str, *, kind: str = "config file") -> ml_collecti
     return config
 
 
+def config_file_arg(spec: str, name: str) -> str | None:
+    """The value the `:arg` of `FILE:arg` gives `name` (`configs/picai.py:fold=2`, 'fold': '2'),
+    None where it gives none."""
+    for item in spec.partition(":")[2].split(","):
+        key, _, value = item.partition("=")
+        if key.strip() == name:
+            return value.strip()
+    return None
+
+
 def _parse_literal(key: str, text: str):
     try:
         return ast.literal_eval(text)

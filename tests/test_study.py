@@ -775,6 +775,21 @@ def test_arm_names_that_differ_only_in_case_are_refused(store, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.parametrize("arg", ["fold=0", "store=elsewhere"])
+def test_a_base_that_sets_the_fold_or_store_is_refused_before_any_cell(spec_file, arg, tmp_path):
+    """`base = configs/picai.py:fold=0` passed validation and --dry-run; then every cell of
+    another fold failed at its start (`train` refuses `:fold=0` with --config.data.fold=1)."""
+    base = f"{REPO / 'configs' / 'focalnet.py'}:{arg}"
+    args = ("--spec", str(spec_file), f"--spec.base={base}", "--workdir", str(tmp_path / "bad"))
+    message = _one_line_error("run", *args, "--dry-run")
+    key, field = ("fold", "folds") if arg.startswith("fold") else ("store", "store")
+    assert message.endswith(
+        f"base {base!r}: its {key}= is for one run; the study sets data.{key} of each cell (its "
+        f"{field!r} field): drop {key}= from base"
+    )
+    assert not (tmp_path / "bad").exists()
+
+
 def test_corrupt_study_file_is_a_one_line_error_naming_it(tmp_path):
     (tmp_path / "study.json").write_text('{"arms": ')
     for action in ("status", "run", "report"):

@@ -74,20 +74,12 @@ def _training_setup(args: argparse.Namespace):
     return config
 
 
-def _config_arg(spec: str, name: str) -> str | None:
-    """The value the `:arg` of `--config FILE:arg` gives `name` (`configs/picai.py:fold=2`, 'fold':
-    '2'), None where it gives none."""
-    for item in spec.partition(":")[2].split(","):
-        key, _, value = item.partition("=")
-        if key.strip() == name:
-            return value.strip()
-    return None
-
-
 def _config_arg_fold(spec: str) -> int | str | None:
     """The fold the `:arg` of `--config FILE:arg` sets (`configs/focalnet.py:fold=2`: 2), None
     where it sets none."""
-    if (value := _config_arg(spec, "fold")) is None:
+    from focalnet_jax.config_loading import config_file_arg
+
+    if (value := config_file_arg(spec, "fold")) is None:
         return None
     try:  # as `configs/default.parse_arg` reads it: `fold=+1` is fold 1
         return int(value)
@@ -98,7 +90,9 @@ def _config_arg_fold(spec: str) -> int | str | None:
 def _check_store_arg(config, args: argparse.Namespace, store_overridden: bool) -> None:
     """Refuses `--config FILE:...,store=A` with `--config.data.store=B` naming another folder:
     the override, applied last, silently overruled the store the file was given."""
-    arg_store = _config_arg(args.config, "store")
+    from focalnet_jax.config_loading import config_file_arg
+
+    arg_store = config_file_arg(args.config, "store")
     if not (store_overridden and arg_store):
         return
     given = config.data.store

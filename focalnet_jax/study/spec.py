@@ -36,6 +36,7 @@ import ml_collections
 
 from focalnet_jax.config_loading import (
     apply_overrides,
+    config_file_arg,
     get_config_from_file,
     load_config,
     split_overrides,
@@ -301,6 +302,12 @@ def validate(spec: ml_collections.ConfigDict, spec_file: str) -> dict:
     base_path, sep, base_arg = str(base).partition(":")
     if not Path(base_path).is_file():
         raise StudyError(f"base {base!r}: training config file does not exist")
+    for key, field in (("fold", "folds"), ("store", "store")):
+        if config_file_arg(str(base), key) is not None:  # each cell's train would refuse it
+            raise StudyError(
+                f"base {base!r}: its {key}= is for one run; the study sets data.{key} of each "
+                f"cell (its {field!r} field): drop {key}= from base"
+            )
     plain.update(
         base=str(Path(base_path).resolve()) + sep + base_arg,
         store=str(store.resolve()),
