@@ -98,3 +98,31 @@ def test_monochrome1_enhanced_adc_reads_as_the_classic_series(prostatex_case_dir
     np.testing.assert_array_equal(
         sitk.GetArrayFromImage(on_classic), sitk.GetArrayFromImage(classic)
     )
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_signed_monochrome1_of_fewer_bits_stored_is_refused_saying_why(
+    prostatex_case_dir, tmp_path, compressed
+):
+    """GDCM reads no signed MONOCHROME1 pixels of 12 bits stored in 16: the refusal was its raw
+    check, and for a compressed copy advised converting to uncompressed, which fails the same."""
+    from focalnet_jax.data.dicom_stack import SeriesError
+
+    slices = _adc_slices(prostatex_case_dir)
+    for dataset in slices:
+        values = dataset.pixel_array.astype(np.int16) - 2000
+        dataset.PixelData = values.tobytes()
+        dataset.PixelRepresentation, dataset.PhotometricInterpretation = 1, "MONOCHROME1"
+        dataset.RescaleSlope, dataset.RescaleIntercept = 1, 2000
+        if compressed:
+            dataset.compress(pydicom.uid.RLELossless)
+    folder = _saved(slices, tmp_path / "adc")
+    with pytest.raises(SeriesError) as refused:
+        read_series(folder)
+    message = str(refused.value)
+    first = Path(list_series(folder)[0].files[0])  # the first along the slice normal
+    assert message.startswith(f"{first}: pixel data cannot be read (")
+    assert message.endswith(
+        "): GDCM does not read signed MONOCHROME1 pixels of BitsStored 12 < BitsAllocated 16: "
+        "export the series as MONOCHROME2, or with BitsStored 16"
+    )

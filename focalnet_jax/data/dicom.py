@@ -38,7 +38,7 @@ from focalnet_jax.data.dicom_bvalues import (
     highest_b_files,
     low_b_problem,
 )
-from focalnet_jax.data.dicom_monochrome1 import restore_series
+from focalnet_jax.data.dicom_monochrome1 import gdcm_limit, restore_series
 from focalnet_jax.data.dicom_multiframe import (
     MultiFrameError,
     frame_values,
@@ -446,6 +446,8 @@ def _undecodable(files, err: RuntimeError) -> SeriesError:
     in a compressed transfer syntax (GDCM lacks a codec for some), else the folder."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     itk = re.sub(r"^ITK ERROR: \w+\(0x[0-9a-f]+\): ", "", lines[-1] if lines else "read error")
+    if limit := gdcm_limit(files[0]):  # uncompressed, it would fail the same way
+        return SeriesError(files[0], f"pixel data cannot be read ({itk}): {limit}")
     compressed = [(f, ts) for f in files if (ts := _transfer_syntax(f)) not in ("", *_UNCOMPRESSED)]
     if not compressed:
         return SeriesError(Path(files[0]).parent, f"pixel data cannot be read ({itk})")

@@ -8,7 +8,8 @@ complement in BitsStored bits (2^bits - 1 - v unsigned, -1 - v signed), and is t
 An ADC map read that way is upside down, with its lesions (low ADC) bright. `restore_series` and
 `restore_frames` undo this: a value s * (C - v) + b read from a slice of complement C, rescale
 slope s and intercept b becomes s * v + b = s * C + 2 * b - (s * (C - v) + b). The headers
-are those ITK read with the pixels (no second read of the files).
+are those ITK read with the pixels (no second read of the files). GDCM reads no signed
+MONOCHROME1 pixels of fewer bits stored than allocated (e.g. 12 of 16): `gdcm_limit` says so.
 """
 
 from __future__ import annotations
@@ -33,6 +34,25 @@ def _complement(tag: Callable[[str], str]) -> int | None:
     if tag(_REPRESENTATION) == "1":
         return -1
     return 2 ** int(tag(_BITS_STORED) or tag(_BITS_ALLOCATED) or 16) - 1
+
+
+def gdcm_limit(file: str) -> str | None:
+    """Why GDCM cannot read the pixels of DICOM file `file` where its header says (signed
+    MONOCHROME1 of BitsStored < BitsAllocated: GDCM fails its own check), else None."""
+    import pydicom
+
+    try:
+        header = pydicom.dcmread(file, stop_before_pixels=True)
+        photometric, signed = header.PhotometricInterpretation, header.PixelRepresentation == 1
+        stored, allocated = int(header.BitsStored), int(header.BitsAllocated)
+    except Exception:  # noqa: BLE001 - a header that does not say: no known limit
+        return None
+    if photometric != MONOCHROME1 or not signed or stored >= allocated:
+        return None
+    return (
+        f"GDCM does not read signed MONOCHROME1 pixels of BitsStored {stored} < BitsAllocated "
+        f"{allocated}: export the series as MONOCHROME2, or with BitsStored {allocated}"
+    )
 
 
 def _restored(image: sitk.Image, offsets: Sequence[float | None]) -> sitk.Image:
