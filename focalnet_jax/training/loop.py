@@ -259,8 +259,9 @@ def _record_start(run: RunStart, workdir: Path, start: int, validate_first: bool
             )  # fmt: skip
         if validate_first:
             log.warning(
-                "%s: the validation at step %d is not in its TensorBoard log (as when a process "
-                "is killed during it, or stopped at that step); validating that checkpoint now",
+                "%s: the validation at step %d is not in its TensorBoard log (a process killed "
+                "during it or stopped at that step, or a resume whose train.eval_every made the "
+                "step due); validating that checkpoint now",
                 workdir, start,
             )  # fmt: skip
     writer = SummaryWriter(workdir / "tb")
