@@ -437,6 +437,9 @@ def test_summarize_rejects_bad_runs(tmp_path):
         (lambda m: m.update(num_patients="x"), "num_patients is 'x', not a count"),
         (lambda m: m["roc"]["gs_ge_8"].update(auc=[0.5]),
          "roc.gs_ge_8.auc is [0.5], not a number or null"),
+        # Infinity (JSON as Python writes it) was left out of the mean as if undefined.
+        (lambda m: m["roc"]["gs_ge_8"].update(auc=float("inf")),
+         "roc.gs_ge_8.auc is inf, not a number or null"),
         # An IndexError once summary.json and summary.md were written (a band quietly wrong
         # where the list was longer).
         (lambda m: m["froc"]["all"]["curve"]["sensitivity"].pop(),

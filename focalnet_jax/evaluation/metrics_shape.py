@@ -5,6 +5,7 @@ reports reserve for metrics that are undefined)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 from focalnet_jax.evaluation.froc import (
@@ -28,7 +29,9 @@ _PICAI_INTERVALS = ("auroc_95_ci", "ap_95_ci", "score_95_ci")
 
 
 def _is_number(value) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    """An int or float, not a bool nor an infinity (`Infinity` in a file read as a float, then
+    left out of the mean and the tests as if undefined; `evaluate` writes none)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and not math.isinf(value)
 
 
 def _is_count(value) -> bool:

@@ -103,8 +103,8 @@ def _lookup(metrics: Mapping, path: Sequence[str], where: str, *, partial: bool)
         return float("nan")
     if value is None:
         return float("nan")
-    if isinstance(value, bool) or not isinstance(value, int | float):  # '0.7' was read as 0.7
-        raise StudyError(
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isinf(value):
+        raise StudyError(  # '0.7' was read as 0.7; Infinity left out of the mean without a word
             f"{where}: {'.'.join(path)} is {value!r}, not a number (damaged or edited?); remove "
             "the file, and `study run` evaluates the cell again"
         )
