@@ -29,6 +29,7 @@ from focalnet_jax.data.layouts import (
     discover_picai,
     read_manifest,
     unread_inputs,
+    unread_note,
 )
 from focalnet_jax.data.picai_sources import label_scheme, marksheet_disagreements
 from focalnet_jax.data.preprocess import preprocess_case
@@ -343,11 +344,7 @@ def preprocess_layout(
     )
     if marksheet:
         _warn_marksheet_disagreements(summary.path)
-    if unread:
-        what = "manifest columns" if layout == "manifest" else "images"
-        summary.unread = (
-            f"; {what} not read: {', '.join(unread)} (--components is {','.join(components)})"
-        )
+    summary.unread = unread_note(layout, unread, f"--components is {','.join(components)}")
     return summary
 
 

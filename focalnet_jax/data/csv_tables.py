@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
 from focalnet_jax.errors import LayoutError
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # C0 controls and DEL but tab, LF, CR
 
 
 def csv_text(path: Path, what: str) -> str:
@@ -27,31 +30,71 @@ def csv_text(path: Path, what: str) -> str:
         ) from err
 
 
+def _near_miss(column: str) -> str:
+    """`column` folded to compare it with the known names: letter case, spaces and hyphens (for
+    underscores) and British 'centre' (for 'center') aside."""
+    folded = column.casefold().replace(" ", "_").replace("-", "_")
+    return folded.replace("centre", "center")
+
+
+def _check_columns(
+    path: Path, what: str, columns: list[str], required: Sequence[str], known: Sequence[str]
+) -> None:
+    """Refuses a near miss of a `known` column (`Label`, `centre_x`: silently not read), a missing
+    `required` column and a column named twice."""
+    exact = {_near_miss(name): name for name in known}
+    for column in columns:
+        expected = exact.get(_near_miss(column))
+        if expected is not None and column != expected:
+            raise LayoutError(
+                f"{what} {path}: column {column!r} is not read; name it {expected!r} (column "
+                "names are matched exactly)"
+            )
+    missing = [c for c in required if c not in columns]
+    if missing:
+        raise LayoutError(f"{what} {path}: missing column(s) {missing}; has {columns}")
+    repeated = sorted({c for c in columns if c and columns.count(c) > 1})
+    if repeated:
+        raise LayoutError(f"{what} {path}: column(s) {repeated} named more than once")
+
+
+def _check_characters(path: Path, what: str, line: int, cells: dict[str, str]) -> None:
+    """Refuses a cell holding a control character (NUL, ...; tab and line breaks aside): no file
+    name or id holds one, and NUL ended the run in a traceback."""
+    for column, value in cells.items():
+        if bad := _CONTROL.search(value):
+            raise LayoutError(
+                f"{what} {path}, line {line}, column {column!r}: cell holds control character "
+                f"U+{ord(bad.group()):04X}; remove it"
+            )
+
+
 def csv_rows(
-    path: Path, what: str, required: Sequence[str], extra_cells: str
+    path: Path, what: str, required: Sequence[str], extra_cells: str, known: Sequence[str] = ()
 ) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
     """(columns, (line, row with stripped keys and values) of each row) of the CSV file `path`.
-    Rows of empty cells (a spreadsheet's empty rows) are skipped. A `LayoutError` names a missing
-    `required` column, a column named twice (one value would be dropped), and a row with more
-    cells than the header has columns (its values would shift; `extra_cells`: the likely cause,
-    e.g. 'a path holding a comma must be in double quotes')."""
+    Blank lines and rows of empty cells (a spreadsheet's empty rows) are skipped, also before the
+    header. A `LayoutError` names a near miss of a `known` column (`Label` for `label`), a
+    missing `required` column, a column named twice (one value would be dropped), a cell holding
+    a control character, and a row with more cells than the header has columns (its values
+    would shift; `extra_cells`: the likely cause, e.g. 'a path holding a comma must be in double
+    quotes')."""
     with io.StringIO(csv_text(path, what), newline="") as f:
-        reader = csv.DictReader(f)
-        columns = [c.strip() for c in reader.fieldnames or []]
-        missing = [c for c in required if c not in columns]
-        if missing:
-            raise LayoutError(f"{what} {path}: missing column(s) {missing}; has {columns}")
-        repeated = sorted({c for c in columns if c and columns.count(c) > 1})
-        if repeated:
-            raise LayoutError(f"{what} {path}: column(s) {repeated} named more than once")
+        reader = csv.reader(f)
+        header = next((cells for cells in reader if any(c.strip() for c in cells)), [])
+        columns = [c.strip() for c in header]
+        _check_characters(path, what, reader.line_num, dict(zip(columns, columns, strict=True)))
+        _check_columns(path, what, columns, required, known)
         rows = []
-        for row in reader:
-            if None in row:  # csv.DictReader's key for the cells beyond the header's
+        for cells in reader:
+            if len(cells) > len(columns):
                 raise LayoutError(
-                    f"{what} {path}, line {reader.line_num}: {len(columns) + len(row[None])} "
-                    f"cells, but the header names {len(columns)} columns ({extra_cells})"
+                    f"{what} {path}, line {reader.line_num}: {len(cells)} cells, but the header "
+                    f"names {len(columns)} columns ({extra_cells})"
                 )
-            row = {k.strip(): (v or "").strip() for k, v in row.items() if k}
+            cells += [""] * (len(columns) - len(cells))
+            row = {k: v.strip() for k, v in zip(columns, cells, strict=True) if k}
+            _check_characters(path, what, reader.line_num, row)
             if any(row.values()):
                 rows.append((reader.line_num, row))
     return columns, rows

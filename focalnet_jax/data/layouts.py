@@ -20,7 +20,6 @@ two spellings of a patient id, differing only in letter case are refused. Empty 
 from __future__ import annotations
 
 import csv
-import io
 import logging
 import math
 import os
@@ -30,8 +29,16 @@ from pathlib import Path
 
 from focalnet_jax.data.atomic_files import replaced_atomically
 from focalnet_jax.data.case_ids import check_case_id
-from focalnet_jax.data.csv_tables import csv_rows, csv_text
+from focalnet_jax.data.csv_tables import csv_rows
 from focalnet_jax.data.io import IMAGE_SUFFIXES, CaseError, image_suffix
+from focalnet_jax.data.manifest_checks import (
+    CENTRE_COLUMNS,
+    CENTRE_SPACE_COLUMN,
+    ExamsSeen,
+    check_manifest_columns,
+    known_columns,
+    unread_columns,
+)
 from focalnet_jax.data.picai_sources import (
     LABEL_SUFFIXES,
     check_marksheet_cases,
@@ -47,8 +54,6 @@ from focalnet_jax.data.picai_sources import (
 from focalnet_jax.errors import LayoutError, UserError
 
 DEFAULT_COMPONENTS = ("t2w", "adc")
-CENTRE_COLUMNS = ("center_x", "center_y", "center_z")  # optional manifest crop centre, mm
-CENTRE_SPACE_COLUMN = "center_space"  # optional: 'LPS' (empty cell: the default) or 'RAS'
 log = logging.getLogger(__name__)
 
 
@@ -245,17 +250,18 @@ def _series_choices(row: dict, components: Sequence[str]) -> dict[str, str]:
 
 
 def _manifest_rows(
-    manifest: Path, required: Sequence[str]
+    manifest: Path, required: Sequence[str], known: Sequence[str]
 ) -> tuple[list[str], list[tuple[int, dict]]]:
-    """(columns, (line, row with stripped keys and values) of each case) of a manifest CSV. Rows
-    of empty cells (a spreadsheet's empty rows) are skipped; a column named twice, or a row with
-    more cells than columns (an unquoted path holding a comma), is an error."""
+    """(columns, (line, row with stripped keys and values) of each case) of a manifest CSV
+    (`csv_tables.csv_rows`). Rows of empty cells (a spreadsheet's empty rows) are skipped; a near
+    miss of a `known` column, a column named twice, a cell holding a control character, or a row
+    with more cells than columns (an unquoted path holding a comma), is an error."""
     if manifest.is_dir():
         raise LayoutError(f"manifest {manifest} is a folder, not a CSV file")
     if not manifest.is_file():
         raise LayoutError(f"manifest {manifest} does not exist")
     hint = "a path holding a comma must be in double quotes"
-    columns, rows = csv_rows(manifest, "manifest", required, hint)
+    columns, rows = csv_rows(manifest, "manifest", required, hint, known)
     if not rows:
         raise LayoutError(f"manifest {manifest} lists no cases")
     return columns, rows
@@ -280,11 +286,11 @@ def read_manifest(
     manifest = Path(manifest)
     _check_unlabelled(unlabelled)
     check_components(components)
-    columns, rows = _manifest_rows(manifest, ["case_id", "patient_id", *components])
-    centre_columns = _check_manifest_columns(manifest, columns, labels, unlabelled)
-    # seen, patients: case id, patient id folded to lower case -> (line, id as first written);
-    # exams: a labelled case's T2w (file or folder, and series) -> (line, case id)
-    cases, seen, skipped, patients, exams = [], {}, [], {}, {}
+    required = ["case_id", "patient_id", *components]
+    columns, rows = _manifest_rows(manifest, required, known_columns(components))
+    centre_columns = check_manifest_columns(manifest, columns, labels, unlabelled)
+    # seen, patients: case id, patient id folded to lower case -> (line, id as first written)
+    cases, seen, skipped, patients, exams = [], {}, [], {}, ExamsSeen()
     for line, row in rows:
         case = row["case_id"]
         where = f"manifest {manifest}, line {line}"
@@ -308,7 +314,7 @@ def read_manifest(
                 continue
             spec = _manifest_case(manifest, row, where, components, centre_columns, labels)
             if labels:
-                _check_exam_once(spec, line, where, exams)
+                exams.check(case, spec.components["t2w"], spec.series.get("t2w"), line, where)
             cases.append(spec)
         except UserError as error:
             if errors is None:
@@ -317,19 +323,6 @@ def read_manifest(
     _warn_missing_patients(manifest, rows)
     _warn_left_out(skipped, f"no label in manifest {manifest}")
     return cases
-
-
-def _check_exam_once(spec: CaseSpec, line: int, where: str, exams: dict) -> None:
-    """A second row reading a case's T2w (its file or folder, and series) is refused: one exam
-    under two case and patient ids (a row copied, its id edited, its paths not) is stored as two
-    patients, and one copy could train while the other validates the same fold."""
-    key = (os.path.realpath(spec.components["t2w"]), spec.series.get("t2w"))
-    first_line, first = exams.setdefault(key, (line, spec.case_id))
-    if first != spec.case_id:
-        raise LayoutError(
-            f"{where}: case {spec.case_id!r} reads the T2w of case {first!r} (line {first_line}), "
-            f"{spec.components['t2w']}: one exam listed twice would be stored as two patients"
-        )
 
 
 def _warn_missing_patients(manifest: Path, rows) -> None:
@@ -346,26 +339,6 @@ def _warn_missing_patients(manifest: Path, rows) -> None:
             ", ".join(map(str, lines[:5])),
             ", ..." if len(lines) > 5 else "",
         )
-
-
-def _check_manifest_columns(
-    manifest: Path, columns: Sequence[str], labels: bool, unlabelled: str
-) -> list[str]:
-    """The manifest's centre columns (all three or none); a missing label column is an error
-    unless `unlabelled` says what it means."""
-    centre_columns = [c for c in CENTRE_COLUMNS if c in columns]
-    if centre_columns and len(centre_columns) != 3:
-        raise LayoutError(f"manifest {manifest}: give all of center_x, center_y, center_z")
-    if labels and "label" not in columns and unlabelled != "negative":
-        raise LayoutError(
-            f"manifest {manifest}: no 'label' column (has {columns}); "
-            + (
-                "--unlabelled skip would leave out every case"
-                if unlabelled == "skip"
-                else "add each case's label, or pass --unlabelled negative (no lesions)"
-            )
-        )
-    return centre_columns
 
 
 def _check_manifest_row(
@@ -402,19 +375,27 @@ def _manifest_case(
 ) -> CaseSpec:
     """The `CaseSpec` of a checked manifest row; relative paths taken from the manifest's folder
     and made absolute (the store records them, and a later working directory is another)."""
-
-    def resolve(value: str) -> str | None:
-        return os.path.abspath(manifest.parent / value) if value else None
-
     return CaseSpec(
         case_id=row["case_id"],
         patient_id=row["patient_id"] or row["case_id"],
-        components={name: resolve(row[name]) or "" for name in components},
-        label=resolve(row.get("label", "")) if labels else None,
-        mask=resolve(row.get("prostate_mask", "")),
+        components={name: _manifest_path(manifest, row[name]) or "" for name in components},
+        label=_manifest_path(manifest, row.get("label", "")) if labels else None,
+        mask=_manifest_path(manifest, row.get("prostate_mask", "")),
         center=_manifest_centre(row, where, centre_columns),
         series=_series_choices(row, components),
     )
+
+
+def _manifest_path(manifest: Path, value: str) -> str | None:
+    """A manifest cell's path: an absolute one as given; a relative one taken from the
+    manifest's folder, `..` resolved by the file system, not as text (`link/../x` lies beside
+    the link's target), its last part kept as written (a link to a file named by its hash)."""
+    if not value or os.path.isabs(value):
+        return value or None
+    head, tail = os.path.split(os.path.join(manifest.parent, value))
+    if tail in ("", ".", ".."):
+        return os.path.realpath(os.path.join(head, tail))
+    return os.path.join(os.path.realpath(head), tail)
 
 
 def _centre_space(row: dict, where: str) -> str:
@@ -461,18 +442,20 @@ def unread_inputs(
     files `<case>_<name>.<suffix>` beside their T2w (e.g. hbv, dce with components t2w,adc), for
     'manifest' the columns of `manifest` that no setting reads (e.g. an hbv column)."""
     if layout == "manifest":
-        with io.StringIO(csv_text(Path(manifest), "manifest"), newline="") as f:
-            header = next(csv.reader(f), [])
-        known = {"case_id", "patient_id", "label", "prostate_mask", *components}
-        known |= {*CENTRE_COLUMNS, CENTRE_SPACE_COLUMN}
-        known |= {f"{name}_series" for name in components}
-        return sorted({c.strip() for c in header if c.strip()} - known)
+        return unread_columns(manifest, components)
     names = set()
     for case in cases:
         for file in Path(case.components["t2w"]).parent.glob(f"{case.case_id}_*"):
             if suffix := image_suffix(file.name):
                 names.add(file.name[len(case.case_id) + 1 : -len(suffix)])
     return sorted(names - set(components))
+
+
+def unread_note(layout: str, unread: Sequence[str], reads: str) -> str:
+    """The summary's note on `unread_inputs` (`reads`: what reads the components, e.g.
+    '--components is t2w,adc'), or "" where all is read."""
+    what = "manifest columns" if layout == "manifest" else "images"
+    return f"; {what} not read: {', '.join(unread)} ({reads})" if unread else ""
 
 
 def write_manifest(cases: Sequence[CaseSpec], path: str | os.PathLike) -> None:

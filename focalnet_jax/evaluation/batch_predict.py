@@ -37,6 +37,8 @@ from focalnet_jax.data.layouts import (
     check_layout_flags,
     discover_picai,
     read_manifest,
+    unread_inputs,
+    unread_note,
 )
 from focalnet_jax.data.picai_sources import as_folders
 from focalnet_jax.data.preprocess import PreprocessedCase, preprocess_case
@@ -67,17 +69,19 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass
 class BatchSummary:
     """The cases in `out` (`kept` of them finished by the interrupted run that was resumed) and
-    the bad cases skipped, as (case, file, reason)."""
+    the bad cases skipped, as (case, file, reason); `unread`: the manifest columns the models do
+    not read (`layouts.unread_note`), or ""."""
 
     out: Path
     written: list[str]
     errors: list[tuple[str, str, str]]
     kept: int = 0
+    unread: str = ""
 
     def describe(self) -> str:
         resumed = f" ({self.kept} finished before the resume, skipped)" if self.kept else ""
         return (
-            f"wrote {plural(len(self.written), 'case')} to {self.out}{resumed}"
+            f"wrote {plural(len(self.written), 'case')} to {self.out}{resumed}{self.unread}"
             f"{bad_cases_note(self.errors)}"
         )
 
@@ -311,7 +315,8 @@ def predict_layout(
     manifest: str | Path | None = None,
     **options,
 ) -> BatchSummary:
-    """`find_cases` + `predict_cases` with the models' components. Where every case was refused
+    """`find_cases` + `predict_cases` with the models' components (a manifest's columns they do
+    not read named in the summary, as preprocess names them). Where every case was refused
     while finding them (`skip_bad_cases`), they are listed in `<out>.errors.csv` and the run is
     refused naming the first (`out` has nothing to hold); a later run that writes `out` removes
     that file."""
@@ -325,6 +330,11 @@ def predict_layout(
     if not cases and errors:  # OUT left as it was: the reasons beside it
         raise every_case_refused("predict", layout, beside, errors)
     log.info("predicting %s into %s", plural(len(cases), f"{layout} case"), out)
+    reads = f"the models read {','.join(models.components)}"
+    unread = (
+        unread_inputs(layout, cases, models.components, manifest) if layout == "manifest" else []
+    )
     summary = predict_cases(models, cases, out, errors=errors, **options)
+    summary.unread = unread_note(layout, unread, reads)
     remove_stale_errors(beside)
     return summary
