@@ -238,6 +238,24 @@ def test_a_run_saved_before_the_loss_options_and_mfl_chunk_existed_resumes_and_p
     workdir_lib.check_resumed_config(config, tmp_path)
 
 
+def test_a_deeplab_saved_before_model_upsample_existed_predicts_and_resumes_half_pixel(tmp_path):
+    """Runs saved before `model.upsample` resized their logits with half-pixel centres: read so,
+    they predict as they trained; a resume under the new default ('aligned') would train on with
+    another model, so it is refused naming the key. A U-Net has no such upsampling."""
+    config = _run_saved_without(tmp_path, "model", "upsample")
+    assert config.model.name == "deeplab" and config.model.upsample == "aligned"
+    assert workdir_lib.read_config(tmp_path).model.upsample == "half_pixel"
+    with pytest.raises(UserError, match=r"model\.upsample 'half_pixel' -> 'aligned'"):
+        workdir_lib.check_resumed_config(config, tmp_path)
+    config.model.upsample = "half_pixel"
+    workdir_lib.check_resumed_config(config, tmp_path)
+    unet = tmp_path / "unet"
+    config = _run_saved_without(unet, "model", "upsample")
+    path = unet / workdir_lib.CONFIG_FILE
+    path.write_text(path.read_text().replace('"deeplab"', '"unet"'))
+    assert workdir_lib.read_config(unet).model.upsample == "aligned"
+
+
 def test_a_resume_compares_lambda_as_a_number(tmp_path):
     """`--config.loss.mfl_weight=130` is saved as the text '130' (the key's default is 'auto'):
     the same lambda written 130.0 or 1.3e2 resumes; another one, or 'auto', is refused."""

@@ -3,7 +3,7 @@ training loss term, so a refactor that changes a loss, the step, the optimizer, 
 data or their augmentation shows up here.
 
 The fixture `tests/data/demo_loss_trace.json` was recorded on CPU (float32 TensorBoard scalars),
-last on 2026-12-06 for store format version 3 (its T2w bladder references). Another CPU or XLA
+last on 2026-12-06 for DeepLab's aligned logit upsampling (`model.upsample`). Another CPU or XLA
 version orders float32 reductions differently, and training amplifies that round-off. The train
 scalars of two other CPU models differed from the fixture by at most (relative) 1.1e-6 and 2.6e-5 at
 step 1, 1.5e-6 and 1.8e-3 at step 2, 2.6e-5 and 1.6e-2 at step 3 (the second an AMD EPYC; there the

@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
-from focalnet_jax.models.deeplab import ASPP_VERSIONS, DeepLab
+from focalnet_jax.models.deeplab import ASPP_VERSIONS, DeepLab, check_upsample
 from focalnet_jax.models.normalization import check_norm
 from focalnet_jax.models.resnet import check_resnet_args
 from focalnet_jax.models.unet import UNet
@@ -14,7 +14,7 @@ from focalnet_jax.models.unet import UNet
 MODEL_NAMES = ("deeplab", "unet")
 # The fields only one architecture reads: set on the other, a run would train without them.
 ARCHITECTURE_FIELDS = {
-    "deeplab": ("depth", "output_stride", "width", "aspp", "pretrained"),
+    "deeplab": ("depth", "output_stride", "width", "aspp", "upsample", "pretrained"),
     "unet": ("unet_features", "unet_levels"),
 }
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -28,6 +28,9 @@ def default_model_config() -> ml_collections.ConfigDict:
     config.output_stride = 8  # 8 | 16 | 32; strides of layer3/layer4 become dilations
     config.width = 1.0  # channel multiplier; 1.0 = torchvision (needed for pretrained weights)
     config.aspp = "v2"  # 'v2': sum of 4 atrous 3x3 convs (paper's [46]) | 'v3'
+    # logits to input size: 'aligned' (feature i on pixel output_stride * i, as the paper's
+    # TensorFlow) | 'half_pixel' (PyTorch align_corners=False: 3.5 pixels off at stride 8)
+    config.upsample = "aligned"
     config.norm = "batch"  # 'batch' (synced over the data axis) | 'frozen' (running averages)
     config.dtype = "float32"  # compute dtype 'float32' | 'bfloat16'; params and logits float32
     config.pretrained = ""  # '' or a local torchvision ResNet file (.safetensors/.npz/.pth)
@@ -51,6 +54,7 @@ def check_model_config(model_config: ml_collections.ConfigDict) -> None:
             raise ValueError(
                 f"model.aspp: expected one of {ASPP_VERSIONS}, got {model_config.aspp!r}"
             )
+        check_upsample(model_config.upsample)
     else:
         for field in ("unet_features", "unet_levels"):
             value = model_config[field]
@@ -137,5 +141,6 @@ def build_model(
         output_stride=model_config.output_stride,
         width=float(model_config.width),
         aspp=model_config.aspp,
+        upsample=model_config.upsample,
         **common,
     )

@@ -9,8 +9,13 @@
   ``256 * width`` channels, concatenated, projected by 1x1 conv -> BatchNorm -> ReLU, then a 1x1
   classifier with bias. (torchvision's dropout is left out so that training stays deterministic.)
 
-The logits are computed in the compute dtype, cast to float32 and resized with
-``jax.image.resize(..., 'bilinear')`` (half-pixel centres, i.e. PyTorch ``align_corners=False``).
+The logits are computed in the compute dtype, cast to float32 and upsampled bilinearly to the
+input size (`upsample_logits`). The backbone centres feature pixel i on input pixel
+``output_stride * i`` (its stride-2 steps pad symmetrically), so the default ``'aligned'`` places
+it there, holding the last feature's value past it (TensorFlow 1's ``resize_bilinear``, which the
+paper's DeepLab used). ``'half_pixel'`` (PyTorch ``align_corners=False``, ``jax.image.resize``)
+places it at ``output_stride * i + (output_stride - 1) / 2``: every score (output_stride - 1) / 2
+pixels down and right of the features it comes from (3.5 pixels at output stride 8).
 """
 
 from __future__ import annotations
@@ -20,11 +25,13 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from focalnet_jax.models.normalization import batch_norm
 from focalnet_jax.models.resnet import ResNet, check_resnet_args, scaled
 
 ASPP_VERSIONS = ("v2", "v3")
+UPSAMPLE_MODES = ("aligned", "half_pixel")
 ASPP_V2_RATES = (6, 12, 18, 24)  # at output stride 8
 ASPP_V3_RATES = (12, 24, 36)  # at output stride 8
 
@@ -135,12 +142,14 @@ class DeepLab(nn.Module):
     norm: str = "batch"
     axis_name: str | None = None
     dtype: Any = jnp.float32
+    upsample: str = "aligned"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         check_resnet_args(self.depth, self.output_stride, self.width)
         if self.aspp not in ASPP_VERSIONS:
             raise ValueError(f"aspp: expected one of {ASPP_VERSIONS}, got {self.aspp!r}")
+        check_upsample(self.upsample)
         check_input(x, self.num_components)
         features = ResNet(
             depth=self.depth,
@@ -165,4 +174,34 @@ class DeepLab(nn.Module):
                 name="aspp",
             )(features, train)
         logits = logits.astype(jnp.float32)
-        return jax.image.resize(logits, (*x.shape[:3], self.num_outputs), "bilinear")
+        return upsample_logits(logits, x.shape[1:3], self.output_stride, self.upsample)
+
+
+def check_upsample(mode: str) -> None:
+    if mode not in UPSAMPLE_MODES:
+        raise ValueError(f"model.upsample: expected one of {UPSAMPLE_MODES}, got {mode!r}")
+
+
+def upsample_logits(logits: jax.Array, size, output_stride: int, mode: str) -> jax.Array:
+    """float32 `[B, h, w, K]` logits of a backbone of `output_stride` -> `[B, H, W, K]` at the
+    input size `size` (H, W), bilinearly, in `mode` (module docstring)."""
+    batch, height, width, channels = logits.shape
+    if mode == "half_pixel":
+        return jax.image.resize(logits, (batch, *size, channels), "bilinear")
+    rows = _aligned_weights(size[0], height, output_stride)
+    cols = _aligned_weights(size[1], width, output_stride)
+    highest = jax.lax.Precision.HIGHEST  # no TF32 or bfloat16 passes on GPUs: exact weights
+    return jnp.einsum("Hh,bhwk,Ww->bHWk", rows, logits, cols, precision=highest)
+
+
+def _aligned_weights(size: int, features: int, stride: int) -> np.ndarray:
+    """float32 `[size, features]`: output pixel y as the linear interpolation of the features
+    either side of y / stride (feature i on pixel stride * i), the last one's value past it."""
+    position = np.arange(size) / stride
+    low = np.minimum(np.floor(position).astype(int), features - 1)
+    high = np.minimum(low + 1, features - 1)
+    frac = np.clip(position - low, 0.0, 1.0)
+    weights = np.zeros((size, features), np.float32)
+    np.add.at(weights, (np.arange(size), low), 1.0 - frac)
+    np.add.at(weights, (np.arange(size), high), frac)
+    return weights

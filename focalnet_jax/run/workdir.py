@@ -165,8 +165,9 @@ RESUMABLE_KEYS = (
 )
 
 # Keys added to the config after runs were saved, with the value the code used while they were
-# absent (JSON types): a saved config.json without one is read as having that value, so those
-# runs resume and predict. (`loss.mfl_chunk` 0: every subset at once, as before chunking.)
+# absent (JSON types, or a function of the saved config): a saved config.json without one is read
+# as having that value, so those runs resume and predict. (`loss.mfl_chunk` 0: every subset at
+# once, as before chunking.)
 IMPLIED_WHEN_ABSENT = {
     "loss.pool_size": 3,
     "data.splits": "",
@@ -176,6 +177,10 @@ IMPLIED_WHEN_ABSENT = {
     "loss.eps": 1.0,
     "loss.batch_dice": False,
     "loss.dice_background": True,
+    # DeepLab runs saved before the aligned upsampling used the half-pixel one; a U-Net has none
+    "model.upsample": lambda saved: (
+        "half_pixel" if saved["model"].get("name", "deeplab") == "deeplab" else "aligned"
+    ),
 }
 
 
@@ -220,8 +225,8 @@ def _with_implied(saved: dict) -> dict:
     section it has."""
     for dotted, value in IMPLIED_WHEN_ABSENT.items():
         section, key = dotted.split(".")
-        if isinstance(saved.get(section), dict):
-            saved[section].setdefault(key, value)
+        if isinstance(saved.get(section), dict) and key not in saved[section]:
+            saved[section][key] = value(saved) if callable(value) else value
     return saved
 
 

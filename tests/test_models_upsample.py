@@ -1,0 +1,75 @@
+"""DeepLab's logit upsampling (`deeplab.upsample_logits`): the backbone centres feature pixel i on
+input pixel output_stride * i, and the default 'aligned' mode puts it back there. The
+'half_pixel' mode (PyTorch align_corners=False), which every run used before the mode existed,
+put each score (output_stride - 1) / 2 pixels down and right of its features."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from focalnet_jax.models import build_model, default_model_config
+from focalnet_jax.models.deeplab import upsample_logits
+
+
+def test_aligned_upsampling_puts_feature_i_on_pixel_stride_i():
+    features = np.zeros((1, 5, 4, 1), np.float32)
+    features[0, 2, 1, 0] = 1.0
+    out = np.asarray(upsample_logits(jnp.asarray(features), (20, 16), 4, "aligned"))[0, :, :, 0]
+    assert out.max() == 1.0 and np.argwhere(out == 1.0).tolist() == [[8, 4]]
+    # Linear in between: a quarter of the stride away, 3/4 of the value; past the next centre, 0.
+    assert out[9, 4] == pytest.approx(0.75) and out[8, 6] == pytest.approx(0.5)
+    assert out[12, 4] == 0.0 and out[8, 8] == 0.0
+    # Past the last feature centre (row 16 of 20), its value is held to the border.
+    features[0] = 0.0
+    features[0, 4, :, 0] = 2.0
+    out = np.asarray(upsample_logits(jnp.asarray(features), (20, 16), 4, "aligned"))[0, :, :, 0]
+    np.testing.assert_array_equal(out[16:], 2.0)
+    assert out[14, 0] == pytest.approx(1.0)
+
+
+def test_half_pixel_mode_is_jax_image_resize():
+    logits = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 5, 4))
+    out = upsample_logits(logits, (24, 40), 8, "half_pixel")
+    np.testing.assert_array_equal(out, jax.image.resize(logits, (2, 24, 40, 4), "bilinear"))
+
+
+def _point_network(output_stride: int, upsample: str):
+    """A ResNet-18 DeepLab whose every convolution passes channel 0's centre tap, every BN the
+    identity, and ASPP v2's first branch alone: its logits are its input's channel 0 sampled at
+    the feature centres and upsampled."""
+    config = default_model_config()
+    config.depth, config.width, config.output_stride = 18, 0.125, output_stride
+    config.upsample = upsample
+    model = build_model(config, num_outputs=1, num_components=1)
+    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 1)))
+
+    def point(path, x):
+        key, x = jax.tree_util.keystr(path), np.zeros(x.shape, np.float32)
+        if key.endswith("['kernel']") and ("aspp" not in key or "branch0" in key):
+            x[x.shape[0] // 2, x.shape[1] // 2, 0, 0] = 1.0
+        elif key.endswith("['scale']"):
+            x[:] = 1.0
+        elif key.endswith("['var']"):
+            x[:] = 1.0 - 1e-5  # BatchNorm's eps: the identity
+        return x
+
+    return model, jax.tree_util.tree_map_with_path(point, variables)
+
+
+@pytest.mark.parametrize("output_stride", [8, 16])
+def test_a_bright_input_pixel_peaks_at_that_pixel(output_stride):
+    """One bright pixel at a feature centre (a multiple of the stride) comes out as the logits'
+    single peak at the same pixel, at its full value; half-pixel moved it 3.5 (7.5) pixels."""
+    shift = (output_stride - 1) / 2
+    for upsample, expected in (("aligned", 0.0), ("half_pixel", shift)):
+        model, variables = _point_network(output_stride, upsample)
+        image = np.zeros((1, 64, 64, 1), np.float32)
+        image[0, 32, 16, 0] = 1.0
+        logits = np.asarray(model.apply(variables, jnp.asarray(image)))[0, :, :, 0]
+        rows, cols = np.nonzero(logits == logits.max())
+        assert rows.mean() == 32 + expected and cols.mean() == 16 + expected
+        if upsample == "aligned":
+            assert (rows.size, logits[32, 16]) == (1, logits.max())
