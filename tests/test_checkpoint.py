@@ -13,6 +13,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from test_pretrained import random_variables
 from test_train_helpers import tiny_config
 
 from focalnet_jax.errors import UserError
@@ -169,9 +170,8 @@ def test_a_run_starts_from_its_pretrained_backbone_with_each_components_filters(
     spec = RunSpec.from_config(tiny_config(), image_size=(32, 32))
     assert spec.components == ("t2w", "adc")
     rng = np.random.default_rng(3)
-    saved = jax.tree.map(
-        lambda leaf: rng.standard_normal(leaf.shape).astype(np.float32),
-        train_state.init_variables(spec.model, jax.random.key(1), spec.input_shape),
+    saved = random_variables(
+        train_state.init_variables(spec.model, jax.random.key(1), spec.input_shape), rng
     )
     path = tmp_path / "backbone.safetensors"
     save_torchvision_resnet(saved, path, components=("adc", "t2w"))

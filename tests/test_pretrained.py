@@ -46,6 +46,19 @@ def abstract_variables(cfg, num_components):
     return jax.eval_shape(lambda: model.init(jax.random.key(0), x))
 
 
+def random_variables(variables, rng):
+    """Standard normal float32 leaves of `variables`' shapes; running variances their magnitude
+    (a negative one is refused)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf: _random_leaf(path[-1].key == "var", leaf.shape, rng), variables
+    )
+
+
+def _random_leaf(variance: bool, shape, rng):
+    value = rng.standard_normal(shape, dtype=np.float32)
+    return np.abs(value) if variance else value
+
+
 @pytest.fixture(scope="module")
 def resnet50_keys() -> dict[str, tuple[int, ...]]:
     entries = json.loads(KEYS_FILE.read_text())["keys"]
@@ -57,7 +70,9 @@ def resnet50_state(resnet50_keys) -> dict[str, np.ndarray]:
     """A random state_dict with every torchvision ResNet-50 key and shape."""
     rng = np.random.default_rng(0)
     return {
-        key: rng.standard_normal(shape, dtype=np.float32) if shape else np.array(7.0, np.float32)
+        key: _random_leaf(key.endswith("running_var"), shape, rng)
+        if shape
+        else np.array(7.0, np.float32)
         for key, shape in resnet50_keys.items()
     }
 
@@ -67,10 +82,7 @@ def tiny_state(tmp_path_factory):
     """(config, state_dict) of a tiny ResNet-18 DeepLab saved in torchvision's layout."""
     cfg = config(depth=18, width=0.125)
     rng = np.random.default_rng(1)
-    variables = jax.tree.map(
-        lambda leaf: rng.standard_normal(leaf.shape).astype(np.float32),
-        abstract_variables(cfg, 3),
-    )
+    variables = random_variables(abstract_variables(cfg, 3), rng)
     path = tmp_path_factory.mktemp("tiny") / "resnet18.npz"
     save_torchvision_resnet(variables, path, components=COMPONENTS[:3])
     return cfg, read_state_dict(path)
@@ -412,10 +424,7 @@ def test_first_conv_of_the_models_own_components_is_kept(components, suffix, tmp
     # filters into one, not even for 3 components, whose filters would otherwise read as RGB.
     cfg = config(depth=18, width=0.125)
     rng = np.random.default_rng(2)
-    variables = jax.tree.map(
-        lambda leaf: rng.standard_normal(leaf.shape).astype(np.float32),
-        abstract_variables(cfg, components),
-    )
+    variables = random_variables(abstract_variables(cfg, components), rng)
     names = COMPONENTS[:components]
     path = tmp_path / f"mri.{suffix}"
     save_torchvision_resnet(variables, path, components=names)

@@ -1,12 +1,12 @@
 """Weights files that do not fit the model are refused in one line naming the cause
-(focalnet_jax/models/pretrained.py): a deeper ResNet's file, keys under a prefix, a folder."""
+(focalnet_jax/models/pretrained.py): a deeper ResNet's file, keys under a prefix, a folder, NaN
+weights, negative running variances."""
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 import pytest
-from test_pretrained import COMPONENTS, _load, abstract_variables, config
+from test_pretrained import COMPONENTS, _load, abstract_variables, config, random_variables
 
 from focalnet_jax.errors import UserError
 from focalnet_jax.models.pretrained import (
@@ -19,10 +19,7 @@ from focalnet_jax.models.pretrained import (
 def _random_file(tmp_path, depth: int):
     """A tiny ResNet-`depth` backbone (width 0.125) of random weights saved as a file; its path."""
     rng = np.random.default_rng(depth)
-    variables = jax.tree.map(
-        lambda leaf: rng.standard_normal(leaf.shape).astype(np.float32),
-        abstract_variables(config(depth=depth, width=0.125), 3),
-    )
+    variables = random_variables(abstract_variables(config(depth=depth, width=0.125), 3), rng)
     path = tmp_path / f"resnet{depth}.npz"
     save_torchvision_resnet(variables, path, components=COMPONENTS[:3])
     return path
@@ -94,3 +91,22 @@ def test_keys_missing_without_a_prefix_name_no_prefix(tiny_state, tmp_path):
         "4 of the 100 backbone keys of ResNet-18 are missing (bn1.bias, bn1.running_mean, "
         "bn1.running_var, bn1.weight)"
     )
+
+
+@pytest.mark.parametrize(
+    "key,value,reason",
+    [
+        ("layer1.0.conv1.weight", np.nan, "576 of 576 values are not finite"),
+        ("bn1.running_mean", np.inf, "8 of 8 values are not finite"),
+        ("bn1.running_var", -1.0, "8 of 8 running variances are negative"),
+    ],
+)
+def test_values_no_network_can_use_are_refused_naming_the_key(
+    tiny_state, tmp_path, key, value, reason
+):
+    """NaN weights loaded ("loaded 100 backbone tensors") and the run stopped at step 1 on a
+    non-finite loss, blaming nothing; negative running variances trained to val/loss nan."""
+    cfg, state = tiny_state
+    with pytest.raises(UserError) as error:
+        _load(cfg, {**state, key: np.full_like(state[key], value)}, tmp_path)
+    assert str(error.value) == f"pretrained weights {tmp_path / 'weights.npz'}: {key}: {reason}"

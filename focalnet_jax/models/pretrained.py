@@ -19,7 +19,9 @@ segmentation network and are reported as ignored. A backbone key absent from the
 error naming them (the first ten, and a prefix they carry in the file); so is a ResNet block
 the model lacks (a deeper ResNet's file: its other keys would all fit); any other key that is
 neither mapped nor ignored is logged as a warning; a shape mismatch is an error naming the key
-and both shapes. These errors, and a file its format's
+and both shapes; so is a backbone tensor holding NaN or infinity, or a negative running variance
+(training would stop at its first step on a non-finite loss, or validate NaN), naming the key and
+how many values. These errors, and a file its format's
 reader cannot read, are ``PretrainedWeightsError`` (a ``UserError``: one line naming the file).
 
 First convolution: the RGB filters ``w`` [O, 3, 7, 7] (or grey ones, [O, 1, 7, 7]) become
@@ -322,6 +324,16 @@ def _stage_counts(blocks: set[tuple[int, int]]) -> list[int]:
     return [sum(1 for stage, _ in blocks if stage == s) for s in range(1, 5)]
 
 
+def _bad_values(key: str, value: np.ndarray) -> str | None:
+    """Why the values of tensor `key` would break training (NaN or infinity; a negative running
+    variance, whose square root is NaN), else None."""
+    if bad := int(value.size - np.count_nonzero(np.isfinite(value))):
+        return f"{bad} of {value.size} values are not finite"
+    if key.endswith("running_var") and (bad := int(np.count_nonzero(value < 0))):
+        return f"{bad} of {value.size} running variances are negative"
+    return None
+
+
 def _fill_backbone(
     target: dict,
     state: Mapping,
@@ -334,9 +346,12 @@ def _fill_backbone(
     """Sets every mapped leaf of the backbone tree `target` (in place) to its torchvision tensor
     in Flax layout as float32 (the first convolution made to fit `components`, see
     `_first_conv`); a shape other than the model's is an error naming the key, both shapes and
-    the leaf (and the model's `width` where it is not torchvision's 1.0)."""
+    the leaf (and the model's `width` where it is not torchvision's 1.0), and so is a tensor of
+    values no network can use (`_bad_values`)."""
     for key, (collection, leaf_path) in sorted(mapping.items()):
         value = state[key]
+        if bad := _bad_values(key, value):
+            raise PretrainedWeightsError(f"pretrained weights {path}: {key}: {bad}")
         if key == "conv1.weight":
             value = _first_conv(value, components, path, marked)
         value = _to_flax(value)
