@@ -437,6 +437,32 @@ def test_inference_refuses_variables_that_are_not_finite(trained, tmp_path):
     )
 
 
+def test_inference_refuses_negative_running_variances(trained, tmp_path):
+    """Finite variables whose BatchNorm variance is below 0 (a run started from such weights)
+    made every score NaN, and predict failed later in the lesion candidates."""
+    workdir = tmp_path / "run"
+    shutil.copytree(trained["workdir"], workdir)
+    state = jax.device_get(trained["final"])
+    stats = state.batch_stats["backbone"]
+    var = stats["bn1"]["var"]
+    state = state.replace(
+        batch_stats={
+            **state.batch_stats,
+            "backbone": {**stats, "bn1": {**stats["bn1"], "var": -var}},
+        }
+    )
+    manager = workdir_lib.make_manager(workdir)
+    checkpoint.save(manager, 6, state, newer_than=0)
+    checkpoint.finish_saves(manager, newer_than=0)
+    manager.close()
+    with pytest.raises(workdir_lib.UnreadableCheckpointError) as raised:
+        workdir_lib.load_for_inference(workdir)
+    assert str(raised.value) == (
+        f"checkpoint {(workdir / 'checkpoints' / '6').resolve()} is unreadable: "
+        f"batch_stats/backbone/bn1/var: {var.size} of {var.size} running variances are negative"
+    )
+
+
 def _unreadable_data(step_dir: Path) -> tuple[Path, str]:
     """A data file without read permission, the digests removed (so TensorStore meets it)."""
     (step_dir / digests.DIGEST_FILE).unlink()

@@ -47,7 +47,7 @@ from focalnet_jax.errors import UserError, plural
 from focalnet_jax.evaluation.detection_map import CandidateSettings
 from focalnet_jax.evaluation.dicom_output import dicom_sources
 from focalnet_jax.evaluation.ensemble import Ensemble
-from focalnet_jax.evaluation.inference import pooled_predictions
+from focalnet_jax.evaluation.inference import check_scores, pooled_predictions
 from focalnet_jax.evaluation.partial_output import (
     CENTRES_FILE,
     ERRORS_FILE,
@@ -290,6 +290,7 @@ def _predict_into(
         for (case, sources), scores in pooled_predictions(
             models, preprocessed(), models.batch_size
         ):
+            check_scores(models, case.case_id, case.images, scores)
             write = functools.partial(
                 write_exam_outputs, case, scores, dicom_sources=sources, **options
             )

@@ -295,6 +295,17 @@ class Ensemble:
         run_overlapped(self._batches(both, total))
         return (total / len(self.predictors)).astype(np.float32)
 
+    def non_finite(self, images: np.ndarray) -> list[str]:
+        """The checkpoint folders (a run where its model was not loaded from one) of the models
+        whose scores of `images`, alone (with the ensemble's TTA), are NaN or infinite."""
+        return [
+            str(predictor.checkpoint or run)
+            for run, predictor in zip(self.runs, self.predictors, strict=True)
+            if not np.isfinite(
+                dataclasses.replace(self, predictors=[predictor], runs=[run])(images)
+            ).all()
+        ]
+
     def _batches(self, both: np.ndarray, total: np.ndarray) -> Iterator[Batch]:
         """Every model's batches, one model after the other, so that `run_overlapped`
         dispatches model i + 1's first batch before model i's last scores are read back; each

@@ -80,6 +80,7 @@ class Predictor:
     step: int | None = None  # the checkpoint step, where loaded from a run
     weights: str | None = None  # `variables_digest` of the checkpoint, where loaded from a run
     mesh: Mesh = dataclasses.field(default_factory=inference_mesh)
+    checkpoint: Path | None = None  # the checkpoint step folder, where loaded from a run
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -99,7 +100,12 @@ class Predictor:
             step = workdir_lib.latest_step(workdir)
         spec, variables = workdir_lib.load_for_inference(workdir, step)
         predictor = cls.from_variables(spec, variables, batch_size=batch_size, devices=devices)
-        return dataclasses.replace(predictor, step=step, weights=variables_digest(variables))
+        return dataclasses.replace(
+            predictor,
+            step=step,
+            weights=variables_digest(variables),
+            checkpoint=Path(workdir) / workdir_lib.CHECKPOINT_DIR / str(step),
+        )
 
     @classmethod
     def from_variables(
@@ -149,6 +155,27 @@ class Predictor:
         out = np.zeros((*images.shape[:3], 5), np.float32)
         run_overlapped(self.batches(images, out))
         return out
+
+    def non_finite(self, images: np.ndarray) -> list[str]:
+        """[its checkpoint folder] where its scores of `images` are NaN or infinite, else []."""
+        return [] if np.isfinite(self(images)).all() else [str(self.checkpoint or "(not saved)")]
+
+
+def check_scores(models, case_id: str, images: np.ndarray, scores: np.ndarray) -> None:
+    """A `UserError` naming the case and the checkpoints (`models.non_finite`) where `scores`,
+    the output of `models` (a `Predictor` or an `Ensemble`) for the case's `images`, are not all
+    finite: variables that are finite can still compute NaN (e.g. weights that overflow), which
+    the lesion candidates and the predictions files would meet with no name for the cause."""
+    if np.isfinite(scores).all():
+        return
+    kind = "NaN" if np.isnan(scores).any() else "infinity"
+    names = models.non_finite(images)
+    which = " and ".join(f"checkpoint {name}" for name in names) or "the models' mean"
+    raise UserError(
+        f"case {case_id}: {which} give{'' if len(names) > 1 else 's'} non-finite scores ({kind}) "
+        "from finite variables: the model is unusable; retrain it, or predict with another "
+        "checkpoint (--step)"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,6 +281,7 @@ def predict_cases(
 
     written = []
     for (case_id, images), scores in pooled_predictions(predictor, inputs(), predictor.batch_size):
+        check_scores(predictor, case_id, images[..., channels], scores)
         rows = store.case_slices(case_id)
         record = store.case(case_id)
         extra = {

@@ -50,6 +50,7 @@ from focalnet_jax.evaluation.dicom_output import (
     write_dicom_outputs,
 )
 from focalnet_jax.evaluation.ensemble import Ensemble, load_ensemble
+from focalnet_jax.evaluation.inference import check_scores
 from focalnet_jax.evaluation.localization import MIN_SCORE, RADIUS_MM, local_maxima
 from focalnet_jax.evaluation.partial_output import recorded_settings
 from focalnet_jax.evaluation.predictions import MODELS_FILE
@@ -181,6 +182,7 @@ def predict_exam(
         grid = case.geometry.t2w_reference_image()
         sources = dicom_sources(case_id, ordered["t2w"], (series or {}).get("t2w"), grid)
     scores = models(case.images)
+    check_scores(models, case_id, case.images, scores)
     grades = grade_outputs(models)
     # Written beside out_dir, which it then replaces whole: a failure changes nothing there.
     with replaced_folder(out_dir, "focalnet predict") as tmp:

@@ -431,8 +431,9 @@ def load_for_inference(workdir: str | Path, step: int | None = None):
 
     Raises FileNotFoundError naming the workdir when it has no config or no checkpoint (or not the
     step asked for), `UnreadableCheckpointError` naming the step folder, file and reason when the
-    step's files are damaged or its variables hold NaN or infinity, a `UserError` naming the
-    differing arrays when the checkpoint does not fit the model its config describes.
+    step's files are damaged or its variables hold NaN, infinity or a negative BatchNorm running
+    variance, a `UserError` naming the differing arrays when the checkpoint does not fit the
+    model its config describes.
     """
     workdir = Path(workdir)
     config = read_config(workdir)
@@ -461,16 +462,22 @@ def load_for_inference(workdir: str | Path, step: int | None = None):
     variables = jax.tree.map(
         np.asarray, {"params": state["params"], "batch_stats": state["batch_stats"]}
     )
-    if non_finite := _non_finite(variables):
-        raise UnreadableCheckpointError(step_dir, non_finite)
+    if unusable := _unusable(variables):
+        raise UnreadableCheckpointError(step_dir, unusable)
     return spec, variables
 
 
-def _non_finite(variables) -> str | None:
+def _unusable(variables) -> str | None:
     """`"<array>: N of M values are not finite"` for the first such array of `variables` (host
-    arrays), None when all are finite. A training run stops before it saves such a state, so
-    they come of damage that no digest was there to find (a step saved without them)."""
+    arrays), or `"...: N of M running variances are negative"` for a BatchNorm variance
+    (`batch_stats/**/var`) below 0 (the model would compute NaN); None when neither. Training
+    saves neither (it stops on NaN; its variances average batch variances), so they come of
+    damage that no digest was there to find (a step saved without them) or an unchecked start."""
     for path, leaf in jax.tree_util.tree_leaves_with_path(variables):
+        name = _leaf_name(path)
         if bad := int(np.size(leaf) - np.count_nonzero(np.isfinite(leaf))):
-            return f"{_leaf_name(path)}: {bad} of {np.size(leaf)} values are not finite"
+            return f"{name}: {bad} of {np.size(leaf)} values are not finite"
+        variance = name.startswith("batch_stats/") and name.endswith("/var")
+        if variance and (bad := int(np.count_nonzero(leaf < 0))):
+            return f"{name}: {bad} of {np.size(leaf)} running variances are negative"
     return None
