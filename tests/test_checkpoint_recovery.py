@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from cli_calls import cli_error
 from test_train_helpers import (
     MULTI_DEVICE_ATOL,
     MULTI_DEVICE_RTOL,
@@ -189,14 +191,21 @@ def test_two_processes_move_the_damaged_step_aside_once_and_resume(trained, tmp_
         np.testing.assert_array_equal(value, saved[jax.tree_util.keystr(path)])
 
 
-def test_two_processes_both_refuse_a_checkpoint_of_another_model(trained, tmp_path):
-    """Without config.json, a wider model's run in two processes: each stops with the same error
-    (exit 1 from the worker's uncaught UserError) instead of one waiting for the other."""
-    workdir = tmp_path / "no_config"
+def _with_config_of(trained, workdir: Path, overrides: list[str]) -> None:
+    """A copy of the trained run in `workdir` whose config.json was replaced by the config of
+    `overrides` (so the config check passes, and the checkpoint's own arrays are compared)."""
     shutil.copytree(trained["workdir"], workdir)
-    (workdir / workdir_lib.CONFIG_FILE).unlink()
-    port = free_port()
+    workdir_lib.save_config(workdir_lib.absolute_paths(tiny_config(overrides=overrides)), workdir)
+
+
+def test_two_processes_both_refuse_a_checkpoint_of_another_model(trained, tmp_path):
+    """A config.json replaced by a wider model's, whose run in two processes: each stops with the
+    same error (exit 1 from the worker's uncaught UserError) instead of one waiting for the
+    other."""
+    workdir = tmp_path / "replaced_config"
     flags = [*RUN, "--config.model.width=0.25"]
+    _with_config_of(trained, workdir, flags)
+    port = free_port()
     processes = [
         start_worker(tmp_path / f"unused{i}.npz", workdir, 1, [*process_flags(port, i), *flags])
         for i in range(2)
@@ -206,6 +215,30 @@ def test_two_processes_both_refuse_a_checkpoint_of_another_model(trained, tmp_pa
     for output in outputs:
         assert f"UserError: checkpoint {step_dir} does not fit the state asked for: " in output
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4"]
+
+
+def test_a_resume_without_config_json_is_refused(trained, tmp_path):
+    """A lost config.json: a resume under another seed and learning rate (arrays of the same
+    shapes) went on from the checkpoint and wrote its config.json as the whole run's; evaluate
+    called the run no training run."""
+    workdir = tmp_path / "lost_config"
+    shutil.copytree(trained["workdir"], workdir)
+    (workdir / workdir_lib.CONFIG_FILE).unlink()
+    other = tiny_config(overrides=[*RUN, "--config.seed=7", "--config.optim.lr=0.5"])
+    lost = f"workdir {workdir}: checkpoints but no config.json (lost?): restore it"
+    with pytest.raises(UserError) as raised:
+        train_and_evaluate(other, workdir, store=trained["store"])
+    assert str(raised.value) == f"{lost}, or train in another workdir"
+    assert not (workdir / workdir_lib.CONFIG_FILE).exists()
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4"]
+    with pytest.raises(FileNotFoundError, match=f"^{re.escape(lost)}$"):
+        workdir_lib.load_for_inference(workdir)
+    exam = ["--t2w", "t2w.mha", "--adc", "adc.mha", "--out", tmp_path / "out"]
+    for command, argv in (
+        ("evaluate", ["--workdir", workdir]),
+        ("predict", ["--checkpoint", workdir, *exam]),
+    ):
+        assert cli_error([command, *argv]) == f"focalnet {command}: error: {lost}"
 
 
 def test_no_intact_step_refuses_and_moves_nothing(trained):
@@ -237,12 +270,12 @@ def test_resume_with_a_model_of_another_shape_names_the_differing_keys(trained, 
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4"]
 
 
-def test_resume_without_config_json_names_the_arrays_that_differ(trained, tmp_path):
-    """Without `config.json` to compare, the checkpoint's own array shapes are checked before
-    Orbax reads them: a one-line error names the step and the first arrays that differ."""
-    workdir = tmp_path / "no_config"
-    shutil.copytree(trained["workdir"], workdir)
-    (workdir / workdir_lib.CONFIG_FILE).unlink()
+def test_resume_with_a_replaced_config_json_names_the_arrays_that_differ(trained, tmp_path):
+    """With `config.json` replaced by the new config's, the checkpoint's own array shapes are
+    checked before Orbax reads them: a one-line error names the step and the first arrays that
+    differ."""
+    workdir = tmp_path / "replaced_config"
+    _with_config_of(trained, workdir, [*RUN, "--config.model.width=0.25"])
     wider = tiny_config(overrides=[*RUN, "--config.model.width=0.25"])
     with pytest.raises(UserError) as raised:
         train_and_evaluate(wider, workdir, store=trained["store"])

@@ -61,8 +61,9 @@ def _past_the_end(fold_dir, store) -> str:
 
 
 def _other_store(fold_dir, store) -> str:
-    """A fold run recorded on a store of other settings, with a checkpoint (a workdir without one
-    starts a new run)."""
+    """A fold run recorded on a store of other settings, with its config.json and a checkpoint (a
+    workdir without one starts a new run)."""
+    workdir_lib.save_config(_fold_config(store, 1), fold_dir)
     record_run_store(fold_dir, FakeStore())
     _checkpoint_at(fold_dir, 5)
     return (
@@ -72,7 +73,9 @@ def _other_store(fold_dir, store) -> str:
 
 
 def _other_cases(fold_dir, store) -> str:
-    """fold1/ holds a run of fold 0 (its training and validation cases), with a checkpoint."""
+    """fold1/ holds a run that recorded fold 0's training and validation cases, with its
+    config.json and a checkpoint."""
+    workdir_lib.save_config(_fold_config(store, 1), fold_dir)
     opened = open_store(store)
     split = RunSpec.from_config(_fold_config(store, 0)).fold_split(opened)
     record_run_store(fold_dir, opened, split=split)

@@ -159,6 +159,8 @@ def resolve_folder(
         return [path], []
     folds = [p for p in named if FOLD_NAME.fullmatch(p.name)]
     folds.sort(key=lambda p: (len(p.name), p.name))  # fold2 before fold10
+    if not folds and (lost := workdir_lib.lost_config(path)):
+        raise EnsembleError(lost)
     if not folds:
         raise EnsembleError(
             f"{path}: neither a training run (no {workdir_lib.CONFIG_FILE}) nor a "

@@ -186,11 +186,15 @@ IMPLIED_WHEN_ABSENT = {
 
 def check_resumed_config(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
     """A `UserError` when `config` differs from the run's saved `config.json` in a key outside
-    `RESUMABLE_KEYS` (one line: the workdir, each key with its saved and new value); nothing when
-    the workdir has no saved config or no checkpoint step (nothing to resume)."""
-    path = Path(workdir) / CONFIG_FILE
-    if not path.is_file() or not has_checkpoint_step(workdir):
+    `RESUMABLE_KEYS` (one line: the workdir, each key with its saved and new value), or when the
+    workdir has a checkpoint step but no `config.json` (lost: any config whose arrays fit would
+    resume it, and be recorded as the whole run's); nothing without a checkpoint step (nothing
+    to resume)."""
+    if lost := lost_config(workdir):
+        raise UserError(f"{lost}, or train in another workdir")
+    if not has_checkpoint_step(workdir):
         return
+    path = Path(workdir) / CONFIG_FILE
     saved = flat_settings(_with_implied(_read_config_json(path)))
     new = flat_settings(json.loads(config.to_json()))
     # Paths compare absolute: a run saved with a relative path resumes from the folder it ran in;
@@ -211,6 +215,14 @@ def check_resumed_config(config: ml_collections.ConfigDict, workdir: str | Path)
         f"{'; '.join(changed)} (a resumed run may change only {', '.join(RESUMABLE_KEYS)}; "
         "train another config in another workdir)"
     )
+
+
+def lost_config(workdir: str | Path) -> str | None:
+    """'workdir W: checkpoints but no config.json (lost?): restore it' where `workdir` has a
+    checkpoint step but no `config.json`, else None."""
+    if (Path(workdir) / CONFIG_FILE).is_file() or not has_checkpoint_step(workdir):
+        return None
+    return f"workdir {workdir}: checkpoints but no {CONFIG_FILE} (lost?): restore it"
 
 
 def has_checkpoint_step(workdir: str | Path) -> bool:
@@ -244,11 +256,13 @@ def _compared(key: str, value):
 def read_config(workdir: str | Path) -> ml_collections.ConfigDict:
     """The config saved by `save_config` (lists where the original had tuples), its `PATH_KEYS`
     absolute: those saved relative (before they were made absolute) taken against the current
-    folder, with a warning where the path is not there."""
+    folder, with a warning where the path is not there. FileNotFoundError without one (a lost
+    one where the workdir has a checkpoint step)."""
     path = Path(workdir) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(
-            f"workdir {workdir}: no {CONFIG_FILE} (not a training run directory)"
+            lost_config(workdir)
+            or f"workdir {workdir}: no {CONFIG_FILE} (not a training run directory)"
         )
     saved = _with_implied(_read_config_json(path))
     for key in PATH_KEYS:

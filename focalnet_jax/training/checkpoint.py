@@ -125,7 +125,7 @@ def resume_or_initialize(
     `model.init(init_key)`; replicated over `mesh`.
 
     A `UserError` when the newest intact checkpoint holds another model or optimiser state (a
-    workdir whose `config.json` was lost or replaced; `workdir.check_resumed_config` catches the
+    workdir whose `config.json` was replaced; `workdir.check_resumed_config` catches the
     others before)."""
     try:
         state = resume(manager, train_state.abstract_train_state(spec, mesh), checked_step)
