@@ -325,15 +325,28 @@ def test_anatomy_as_other_tools_code_it_is_left_out_and_a_graded_one_kept(source
     np.testing.assert_array_equal(_resampled(label, t2w), _on_t2w(source, t2w, lesion * 4))
 
 
-def test_a_seg_of_anatomy_alone_is_refused_as_a_label(source, tmp_path):
-    """A gland SEG given as the label gave a case without lesions, without a word."""
+def test_a_seg_of_anatomy_alone_is_refused_as_a_label_unless_it_is_the_mask_too(source, tmp_path):
+    """A gland SEG given as the label gave a case without lesions, without a word. Given as both
+    label and gland mask (3D Slicer's export of a lesion-free case), it is that case."""
     gland = _box(source, 9, slice(140, 220), slice(150, 230))
     file = _seg(tmp_path / "g.dcm", source, [("Prostate", gland, PROSTATE)])
     assert _error(lambda: io.read_label(file, case="px", label_values="picai")) == (
         f"case 'px', file '{file}': no lesion segment: its 1 segment(s) (1 'Prostate') are "
-        "anatomical structures: a gland mask given as the label? give it as the prostate mask (a "
-        "case without lesions needs no label file with --unlabelled negative)"
+        "anatomical structures: a gland mask given as the label? give it as the prostate mask, "
+        "or as both label and mask for a case without lesions"
     )
+    label = io.read_label(file, case="px", label_values="picai", mask=file)
+    assert not sitk.GetArrayViewFromImage(label).any()
+
+
+def test_an_anatomy_coded_lesion_of_no_value_is_refused_not_left_out(source, tmp_path):
+    """Tools that code every segment Anatomical Structure: a `csPCa` segment under isup (or
+    `GS 3+3` under picai) has no value; it was left out as anatomy, its lesion lost."""
+    lesion = _box(source, 9, slice(180, 190), slice(180, 190))
+    gland = _box(source, 9, slice(140, 220), slice(150, 230))
+    file = _seg(tmp_path / "c.dcm", source, [("csPCa", lesion, PROSTATE), ("WG", gland, PROSTATE)])
+    message = _error(lambda: io.read_label(file, case="px", label_values="isup"))
+    assert message.startswith(f"case 'px', file '{file}': segment 1 'csPCa': no value under ")
 
 
 def test_a_seg_file_cut_short_is_a_one_line_error(source, tmp_path):

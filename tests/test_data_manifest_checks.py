@@ -79,6 +79,12 @@ def test_a_control_character_in_a_cell_is_refused_naming_line_and_column(tmp_pat
     )
 
 
+def test_a_control_character_in_a_column_nothing_reads_is_left_alone(tmp_path):
+    path = tmp_path / "cases.csv"
+    path.write_text(f"{HEADER},notes\nc0,p0,t0,a0,l0,see\x0bbelow\n")
+    assert [c.case_id for c in read_manifest(path)] == ["c0"]
+
+
 @pytest.mark.parametrize(
     ("written", "expected"),
     [("Label", "label"), ("centre_x", "center_x"), ("Prostate_Mask", "prostate_mask"),
@@ -95,6 +101,15 @@ def test_a_misspelt_column_is_refused_naming_the_expected_name(tmp_path, written
         f"manifest {path}: column {written!r} is not read; name it {expected!r} (column names "
         "are matched exactly)"
     )
+
+
+@pytest.mark.parametrize("extra", ["Patient ID", "Label", "T2W"])
+def test_a_look_alike_beside_the_column_itself_is_a_column_of_its_own(tmp_path, extra):
+    """`Patient ID` (a readable copy) beside `patient_id` was refused as a misspelling, and the
+    advice (rename it `patient_id`) named a column already there."""
+    path = tmp_path / "cases.csv"
+    path.write_text(f"{HEADER},{extra}\nc0,p0,t0,a0,l0,x\n")
+    assert [c.case_id for c in read_manifest(path)] == ["c0"]
 
 
 def test_predict_names_the_manifest_columns_the_models_do_not_read(tmp_path, monkeypatch):

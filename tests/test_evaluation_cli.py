@@ -440,6 +440,8 @@ def test_summarize_rejects_bad_runs(tmp_path):
         # Infinity (JSON as Python writes it) was left out of the mean as if undefined.
         (lambda m: m["roc"]["gs_ge_8"].update(auc=float("inf")),
          "roc.gs_ge_8.auc is inf, not a number or null"),
+        (lambda m: m["roc"]["gs_ge_8"].update(auc=10**400),  # an OverflowError on float()
+         f"roc.gs_ge_8.auc is {'1' + '0' * 36}..., not a number or null"),
         # An IndexError once summary.json and summary.md were written (a band quietly wrong
         # where the list was longer).
         (lambda m: m["froc"]["all"]["curve"]["sensitivity"].pop(),

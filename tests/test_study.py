@@ -1308,7 +1308,7 @@ def test_report_refuses_a_metric_missing_from_metrics_json(capsys):
     assert "warning: c/m.json: no picai.score" in capsys.readouterr().err
     # Not a number (a dict traced back; a string or a bool was read as 0.7 or 1.0; Infinity,
     # which evaluate never writes, was left out of the mean and the tests without a word).
-    for value in ({"value": 0.5}, "0.7", True, [0.7], math.inf, -math.inf):
+    for value in ({"value": 0.5}, "0.7", True, [0.7], math.inf, -math.inf, 10**400):
         with pytest.raises(StudyError) as refused:
             _lookup({"picai": {"auroc": value}}, ("picai", "auroc"), "c/m.json", partial=True)
         assert str(refused.value) == (

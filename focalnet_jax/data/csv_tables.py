@@ -40,12 +40,13 @@ def _near_miss(column: str) -> str:
 def _check_columns(
     path: Path, what: str, columns: list[str], required: Sequence[str], known: Sequence[str]
 ) -> None:
-    """Refuses a near miss of a `known` column (`Label`, `centre_x`: silently not read), a missing
-    `required` column and a column named twice."""
+    """Refuses a near miss of a `known` column that is not there itself (`Label` for `label`,
+    `centre_x`: silently not read; `Patient ID` beside `patient_id` is a column of its own), a
+    missing `required` column and a column named twice."""
     exact = {_near_miss(name): name for name in known}
     for column in columns:
         expected = exact.get(_near_miss(column))
-        if expected is not None and column != expected:
+        if expected is not None and column != expected and expected not in columns:
             raise LayoutError(
                 f"{what} {path}: column {column!r} is not read; name it {expected!r} (column "
                 "names are matched exactly)"
@@ -58,11 +59,14 @@ def _check_columns(
         raise LayoutError(f"{what} {path}: column(s) {repeated} named more than once")
 
 
-def _check_characters(path: Path, what: str, line: int, cells: dict[str, str]) -> None:
-    """Refuses a cell holding a control character (NUL, ...; tab and line breaks aside): no file
-    name or id holds one, and NUL ended the run in a traceback."""
+def _check_characters(
+    path: Path, what: str, line: int, cells: dict[str, str], read: Sequence[str]
+) -> None:
+    """Refuses a cell of a `read` column holding a control character (NUL, ...; tab and line
+    breaks aside): no file name or id holds one, and NUL ended the run in a traceback. Columns
+    nothing reads (notes) are left as they are."""
     for column, value in cells.items():
-        if bad := _CONTROL.search(value):
+        if column in read and (bad := _CONTROL.search(value)):
             raise LayoutError(
                 f"{what} {path}, line {line}, column {column!r}: cell holds control character "
                 f"U+{ord(bad.group()):04X}; remove it"
@@ -83,7 +87,8 @@ def csv_rows(
         reader = csv.reader(f)
         header = next((cells for cells in reader if any(c.strip() for c in cells)), [])
         columns = [c.strip() for c in header]
-        _check_characters(path, what, reader.line_num, dict(zip(columns, columns, strict=True)))
+        read = {*required, *known}
+        _check_characters(path, what, reader.line_num, {c: c for c in columns}, read)
         _check_columns(path, what, columns, required, known)
         rows = []
         for cells in reader:
@@ -94,7 +99,7 @@ def csv_rows(
                 )
             cells += [""] * (len(columns) - len(cells))
             row = {k: v.strip() for k, v in zip(columns, cells, strict=True) if k}
-            _check_characters(path, what, reader.line_num, row)
+            _check_characters(path, what, reader.line_num, row, read)
             if any(row.values()):
                 rows.append((reader.line_num, row))
     return columns, rows

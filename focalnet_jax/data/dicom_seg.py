@@ -17,7 +17,8 @@ voxel of overlapping segments takes the highest value. Segments of category Anat
 (the gland, zones or organs of a SEG that also holds the lesions; SCT 91723000, as 3D Slicer and
 dcmqi write it SCT 123037004, or SNOMED RT's T-D000A) whose label gives no grade are no lesions
 and left out; one SEG may then be both a case's label and its gland mask. A SEG all of whose
-segments are left out so is refused as a label (a gland mask given as one).
+segments are left out so is refused as a label (a gland mask given as one), unless it is the
+case's gland mask too (a lesion-free case).
 
 Whole-gland masks: the one segment of a SEG, else the union of those whose segmented property
 type is Prostate (SCT 41216001, SNOMED RT T-9200B or T-92000) or whose SegmentLabel contains
@@ -46,6 +47,7 @@ PROSTATE_CODES = (("SCT", "41216001"), ("SRT", "T-9200B"), ("SRT", "T-92000"))
 # it; SNOMED RT T-D000A in older files): no lesion unless its label gives a grade
 ANATOMY_CATEGORIES = (("SCT", "91723000"), ("SCT", "123037004"), ("SRT", "T-D000A"))
 FRACTION_THRESHOLD = 0.5  # of the maximum fractional value
+_NONE = "unknown"  # `segment_value`'s reason for a label of no lesion form (the others: 'no value')
 ACCEPTED_LABELS = "'ISUP k' (k 1..5), 'GS a+b' or 'Gleason a+b' (a, b 3..5), 'csPCa'"
 _ISUP = re.compile(r"isup\s*([1-5])")
 _GLEASON = re.compile(r"(?:gs|gleason)\s*([3-5])\s*\+\s*([3-5])")
@@ -203,7 +205,7 @@ def segment_value(label: str, label_values: str) -> int | str:
             )
         return 1
     else:
-        return f"unknown segment label: expected {ACCEPTED_LABELS}"
+        return f"{_NONE} segment label: expected {ACCEPTED_LABELS}"
     if grade == 1 and label_values == "picai":
         return (
             "no value under --label-values picai (1 = csPCa of unknown grade) for ISUP 1 (GS "
@@ -212,12 +214,15 @@ def segment_value(label: str, label_values: str) -> int | str:
     return grade
 
 
-def read_lesions(file: str | os.PathLike, label_values: str) -> sitk.Image:
+def read_lesions(
+    file: str | os.PathLike, label_values: str, *, also_gland: bool = False
+) -> sitk.Image:
     """A SEG file's segments as a label map (uint8, 0 background, 1..5 by `segment_value`
     under `label_values`; the highest where segments overlap) on the grid of its frames;
     segments of category Anatomical Structure (SCT 91723000: the gland, zones, organs) are left
-    out unless their label gives a grade. A segment label of no value is a `SegError` naming the
-    segment and why, and so is a SEG of anatomy alone (a gland mask given as a label)."""
+    out unless their label is one of a lesion. A segment label of no value is a `SegError`
+    naming the segment and why, and so is a SEG of anatomy alone (a gland mask given as a
+    label) unless `also_gland` (the file is the case's gland mask too: a lesion-free case)."""
     file = Path(file)
     seg, volume, numbers = _read(file)
     masks = _segment_masks(volume)
@@ -226,18 +231,18 @@ def read_lesions(file: str | os.PathLike, label_values: str) -> sitk.Image:
     for k, number in enumerate(numbers):
         text, _, category = _description(seg, number)
         value = segment_value(text, label_values)
-        if category in ANATOMY_CATEGORIES and isinstance(value, str):
+        if category in ANATOMY_CATEGORIES and isinstance(value, str) and value.startswith(_NONE):
             anatomy.append(f"{number} {text!r}")  # e.g. the gland of a SEG that holds both
             continue
         if isinstance(value, str):
             raise SegError(file, f"segment {number} {text!r}: {value}")
         label = np.maximum(label, np.where(masks[..., k], value, 0).astype(np.uint8))
-    if len(anatomy) == len(numbers):
+    if len(anatomy) == len(numbers) and not also_gland:
         raise SegError(
             file,
             f"no lesion segment: its {len(numbers)} segment(s) ({', '.join(anatomy)}) are "
             "anatomical structures: a gland mask given as the label? give it as the prostate "
-            "mask (a case without lesions needs no label file with --unlabelled negative)",
+            "mask, or as both label and mask for a case without lesions",
         )
     return _image(label, volume)
 

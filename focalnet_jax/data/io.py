@@ -233,11 +233,17 @@ def _seg_or_image(path, case: str, read_seg) -> sitk.Image:
         raise CaseError(case, err.file, err.reason) from None
 
 
-def read_label(path: str | os.PathLike, *, case: str = "?", label_values: str) -> sitk.Image:
+def read_label(
+    path: str | os.PathLike, *, case: str = "?", label_values: str, mask=None
+) -> sitk.Image:
     """A lesion label: a DICOM SEG (file, or a folder holding one) as a label map under
-    `label_values` ('picai' or 'isup', `dicom_seg.read_lesions`), else `read_image`'s image.
-    Raises `CaseError` naming the case, the file and the reason."""
-    return _seg_or_image(path, case, lambda seg: dicom_seg.read_lesions(seg, label_values))
+    `label_values` ('picai' or 'isup', `dicom_seg.read_lesions`; a SEG of the gland alone only
+    where it is the case's `mask` too), else `read_image`'s image. Raises `CaseError` naming the
+    case, the file and the reason."""
+    also_gland = mask is not None and os.path.realpath(path) == os.path.realpath(mask)
+    return _seg_or_image(
+        path, case, lambda seg: dicom_seg.read_lesions(seg, label_values, also_gland=also_gland)
+    )
 
 
 def read_mask(path: str | os.PathLike, *, case: str = "?") -> sitk.Image:

@@ -278,14 +278,15 @@ def _normalised_channels(images, components, reference, cfg, case, centre, bladd
     return channels, t2w_reference
 
 
-def _crop_label(label, t2w: sitk.Image, reference: sitk.Image, shape, cfg, case: str):
-    """The label on the crop grid: (classes int32, grade_known uint8, lesions int32) `[Z, H, W]`
-    and per lesion instance (lesion_classes int32 `[L]`, lesion_grade_known bool `[L]`)."""
+def _crop_label(label, mask, t2w: sitk.Image, reference: sitk.Image, shape, cfg, case: str):
+    """The label (`mask`: the case's gland mask file, or None) on the crop grid: (classes int32,
+    grade_known uint8, lesions int32) `[Z, H, W]` and per lesion instance (lesion_classes int32
+    `[L]`, lesion_grade_known bool `[L]`)."""
     if label is None:
         zeros = np.zeros(shape, np.int32)
         empty = np.zeros(0, np.int32)
         return zeros, np.ones(shape, np.uint8), zeros.copy(), empty, empty.astype(bool)
-    label_image = io.read_label(label, case=case, label_values=cfg.label_values)
+    label_image = io.read_label(label, case=case, label_values=cfg.label_values, mask=mask)
     _check_slices(label_image, t2w, case, label, "label")
     _check_has_geometry(label_image, t2w, case, label, "label")
     if not _overlaps(label_image, t2w):
@@ -359,7 +360,7 @@ def _case_name(components: Mapping, case_id: str | None, slices: str) -> str:
 
 
 def _crop_every_slice(
-    images, components, label, centre, source, bladder_mask, cfg: PreprocessConfig, case: str
+    images, components, label, mask, centre, source, bladder_mask, cfg: PreprocessConfig, case
 ) -> PreprocessedCase:
     """The case on the crop centred at `centre` (LPS mm; found from `source`) over every T2w
     slice: each component resampled once onto the crop grid and normalised, the label's lesion
@@ -371,7 +372,7 @@ def _crop_every_slice(
         images, components, reference, cfg, case, centre, bladder_mask
     )
     volume = np.stack(channels, axis=-1)
-    labels = _crop_label(label, t2w, reference, volume.shape[:3], cfg, case)
+    labels = _crop_label(label, mask, t2w, reference, volume.shape[:3], cfg, case)
     classes, grade_known, lesions, lesion_classes, lesion_grade_known = labels
     return PreprocessedCase(
         case_id=case,
@@ -448,7 +449,9 @@ def preprocess_case(
     gland = io.read_mask(mask, case=case) if mask is not None else None
     centre, source = _crop_centre(images[t2w_name], gland, mask, center, case, components[t2w_name])
     # 3. Each component and the label resampled once onto the crop grid (every T2w slice).
-    full = _crop_every_slice(images, components, label, centre, source, bladder_mask, cfg, case)
+    full = _crop_every_slice(
+        images, components, label, mask, centre, source, bladder_mask, cfg, case
+    )
     if gland is not None:  # a label that is the gland (judged per run); lesions outside it
         full = replace(full, gland_dice=gland_dice(full, gland, label, mask, case))
     # 4. The slices to store, each covered by every component.

@@ -5,7 +5,7 @@ reports reserve for metrics that are undefined)."""
 
 from __future__ import annotations
 
-import math
+import sys
 from collections.abc import Mapping, Sequence
 
 from focalnet_jax.evaluation.froc import (
@@ -28,10 +28,13 @@ _PICAI_VALUES = ("auroc", "ap", "score")
 _PICAI_INTERVALS = ("auroc_95_ci", "ap_95_ci", "score_95_ci")
 
 
-def _is_number(value) -> bool:
-    """An int or float, not a bool nor an infinity (`Infinity` in a file read as a float, then
-    left out of the mean and the tests as if undefined; `evaluate` writes none)."""
-    return isinstance(value, int | float) and not isinstance(value, bool) and not math.isinf(value)
+def is_number(value) -> bool:
+    """An int or float that a float holds (NaN: undefined), not a bool nor an infinity
+    (`Infinity` in a file was read as a float, then left out of the mean and the tests as if
+    undefined; `evaluate` writes none) nor an int beyond the floats."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return abs(value) <= sys.float_info.max or value != value  # an exact compare, or NaN
 
 
 def _is_count(value) -> bool:
@@ -62,7 +65,7 @@ def metrics_problem(metrics) -> str | None:
         return _wrong(metrics, ("picai",), "an object")
     if picai and "skipped" not in picai:
         for key in _PICAI_VALUES:
-            if not (picai.get(key) is None or _is_number(picai.get(key))):
+            if not (picai.get(key) is None or is_number(picai.get(key))):
                 return _wrong(metrics, ("picai", key), "a number or null")
         for key in _PICAI_INTERVALS:
             if not (picai.get(key) is None or _is_interval(picai.get(key))):
@@ -74,7 +77,7 @@ def _is_interval(value) -> bool:
     return (
         isinstance(value, list)
         and len(value) == 2
-        and all(v is None or _is_number(v) for v in value)
+        and all(v is None or is_number(v) for v in value)
     )
 
 
@@ -89,7 +92,7 @@ def _froc_group_problem(metrics: Mapping, group: str) -> str | None:
             return _wrong(metrics, (*path, summary), "an object")
         for key in keys:
             value = _at(metrics, (*path, summary, key))
-            if not (value is None or _is_number(value)):
+            if not (value is None or is_number(value)):
                 return _wrong(metrics, (*path, summary, key), "a number or null")
     return _curve_problem(metrics, (*path, "curve"), _FROC_CURVE)
 
@@ -99,7 +102,7 @@ def _roc_task_problem(metrics: Mapping, task: str) -> str | None:
     if not isinstance(_at(metrics, path), Mapping):
         return _wrong(metrics, path, "an object")
     auc = _at(metrics, (*path, "auc"))
-    if not (auc is None or _is_number(auc)):
+    if not (auc is None or is_number(auc)):
         return _wrong(metrics, (*path, "auc"), "a number or null")
     return _curve_problem(metrics, (*path, "curve"), _ROC_CURVE)
 
@@ -110,7 +113,7 @@ def _curve_problem(metrics: Mapping, path: tuple, keys: tuple) -> str | None:
     for key in keys:
         values = _at(metrics, (*path, key))
         # null: NaN (a group without lesions has a curve of undefined sensitivity)
-        if not (isinstance(values, list) and all(v is None or _is_number(v) for v in values)):
+        if not (isinstance(values, list) and all(v is None or is_number(v) for v in values)):
             return _wrong(metrics, (*path, key), "a list of numbers")
     lengths = {key: len(_at(metrics, (*path, key))) for key in keys}
     if len(set(lengths.values())) > 1:  # one point of the curve is one entry of each list
@@ -119,7 +122,7 @@ def _curve_problem(metrics: Mapping, path: tuple, keys: tuple) -> str | None:
     return None
 
 
-_SETTINGS = {"radius_mm": _is_number, "min_score": _is_number, "roc_detections": _is_count}
+_SETTINGS = {"radius_mm": is_number, "min_score": is_number, "roc_detections": _is_count}
 
 
 def _settings_problem(metrics: Mapping) -> str | None:
@@ -133,7 +136,7 @@ def _settings_problem(metrics: Mapping) -> str | None:
     for key, check in _SETTINGS.items():
         if key in settings and not check(settings[key]):
             return _wrong(
-                metrics, ("settings", key), "a number" if check is _is_number else "a count"
+                metrics, ("settings", key), "a number" if check is is_number else "a count"
             )
     if "slices" in settings and not isinstance(settings["slices"], str):
         return _wrong(metrics, ("settings", "slices"), "text")

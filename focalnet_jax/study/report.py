@@ -25,7 +25,7 @@ from focalnet_jax.data.atomic_files import (
     replaced_folder,
 )
 from focalnet_jax.errors import plural
-from focalnet_jax.evaluation.metrics_shape import MISSING, value_at
+from focalnet_jax.evaluation.metrics_shape import MISSING, is_number, value_at
 from focalnet_jax.evaluation.report import check_settings
 from focalnet_jax.evaluation.stats import mean_sd
 from focalnet_jax.study import convergence, figures, statistics
@@ -103,7 +103,7 @@ def _lookup(metrics: Mapping, path: Sequence[str], where: str, *, partial: bool)
         return float("nan")
     if value is None:
         return float("nan")
-    if isinstance(value, bool) or not isinstance(value, int | float) or math.isinf(value):
+    if not is_number(value):
         raise StudyError(  # '0.7' was read as 0.7; Infinity left out of the mean without a word
             f"{where}: {'.'.join(path)} is {value!r}, not a number (damaged or edited?); remove "
             "the file, and `study run` evaluates the cell again"
