@@ -75,3 +75,37 @@ def test_evaluate_names_the_case_and_checkpoint_not_a_temporary_file(overflowing
     case = message.split("case ")[1].split(":")[0]
     assert message == _refusal(case, run, "evaluate")
     assert ".tmp" not in message and not (tmp_path / "eval").exists()
+
+
+def test_an_ensemble_names_its_model_of_non_finite_scores_in_that_models_component_order():
+    """Models of t2w,adc,hbv and t2w,hbv,adc: each was re-run alone on the ensemble's order of
+    the channels, so the one whose hbv filter overflows got adc (zeros) and passed, and the
+    error named no checkpoint; and --step, refused for several runs, was the remedy given."""
+    from pathlib import Path
+
+    from test_train_helpers import tiny_config
+
+    from focalnet_jax.errors import UserError
+    from focalnet_jax.evaluation.ensemble import make_ensemble
+    from focalnet_jax.evaluation.inference import Predictor, check_scores
+
+    predictors = []
+    for components in ("t2w,adc,hbv", "t2w,hbv,adc"):
+        config = tiny_config(overrides=[f"--config.data.components={components}"])
+        spec = RunSpec.from_config(config, num_devices=1, image_size=(32, 32))
+        variables = spec.model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))
+        variables = jax.tree.map(np.array, variables)  # writable copies
+        if components.endswith("adc"):  # its hbv channel (1) overflows to infinity
+            variables["params"]["backbone"]["conv1"]["kernel"][:, :, 1] = 1e38
+        predictors.append(Predictor.from_variables(spec, variables, batch_size=2))
+    runs = [Path("runA"), Path("runB")]
+    models = make_ensemble(predictors, runs, [None, None])
+    images = np.zeros((2, 32, 32, 3), np.float32)
+    images[..., models.components.index("hbv")] = 0.5
+    scores = models(images)
+    with pytest.raises(UserError) as refused:
+        check_scores(models, "c1", images, scores)
+    assert str(refused.value) == (
+        "case c1: checkpoint runB gives non-finite scores (NaN) from finite variables: the model "
+        "is unusable; retrain it, or leave its run out (name the others with --checkpoint)"
+    )

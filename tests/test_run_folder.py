@@ -86,6 +86,33 @@ def test_a_run_trained_into_a_cv_folder_makes_predict_refuse_not_guess(tmp_path)
         resolve_folder(tmp_path / "cv")
 
 
+def test_a_fold_whose_config_json_is_lost_is_named_not_called_never_trained(tmp_path):
+    """Its folder's ensemble left it out as "never trained" (models.json said so) and predicted
+    with the other folds."""
+    (tmp_path / "cv" / "fold0").mkdir(parents=True)
+    (tmp_path / "cv" / "fold0" / "config.json").write_text(json.dumps({}))
+    (tmp_path / "cv" / "fold1" / "checkpoints" / "2").mkdir(parents=True)
+    with pytest.raises(EnsembleError) as refused:
+        resolve_folder(tmp_path / "cv")
+    assert str(refused.value) == (
+        f"{tmp_path / 'cv'}: workdir {tmp_path / 'cv' / 'fold1'}: checkpoints but no config.json "
+        "(lost?): restore it, or move fold1 out"
+    )
+
+
+def test_a_folder_of_fold_runs_and_stray_checkpoints_is_told_what_it_is(tmp_path):
+    """`evaluate --workdir CV` on a folder of fold runs that holds a `checkpoints/` of its own
+    was told to restore its config.json, which the next refusal (a run and a cross-validation
+    folder at once) would then name."""
+    from focalnet_jax.evaluation.run_predictions import predict_fold
+
+    (tmp_path / "cv" / "fold0").mkdir(parents=True)
+    (tmp_path / "cv" / "fold0" / "config.json").write_text(json.dumps({}))
+    (tmp_path / "cv" / "checkpoints" / "2").mkdir(parents=True)
+    with pytest.raises(UserError, match=r"cv: not a training run \(no config.json\); a cross-"):
+        predict_fold(tmp_path / "cv", tmp_path / "out")
+
+
 def test_evaluate_refuses_to_replace_a_predictions_folder_holding_other_files(tmp_path):
     """`evaluate --workdir RUN --out OUT` replaced OUT/predictions whole: a file of the user's
     there was deleted without a word."""

@@ -149,6 +149,9 @@ def resolve_folder(
     never left out."""
     path = Path(path)
     named = fold_runs(path)
+    for fold in path.glob("fold*"):  # a fold whose config.json is lost is no run: not "missing"
+        if FOLD_NAME.fullmatch(fold.name) and (lost := workdir_lib.lost_config(fold)):
+            raise EnsembleError(f"{path}: {lost}, or move {fold.name} out")
     if (path / workdir_lib.CONFIG_FILE).is_file():
         if named:  # a run trained into a cross-validation folder
             raise EnsembleError(
@@ -299,14 +302,15 @@ class Ensemble:
 
     def non_finite(self, images: np.ndarray) -> list[str]:
         """The checkpoint folders (a run where its model was not loaded from one) of the models
-        whose scores of `images`, alone (with the ensemble's TTA), are NaN or infinite."""
-        return [
-            str(predictor.checkpoint or run)
-            for run, predictor in zip(self.runs, self.predictors, strict=True)
-            if not np.isfinite(
-                dataclasses.replace(self, predictors=[predictor], runs=[run])(images)
-            ).all()
-        ]
+        whose scores of `images` (stacked in `components` order), alone (with the ensemble's
+        TTA, each given its own order of the components), are NaN or infinite."""
+        names = []
+        for run, predictor in zip(self.runs, self.predictors, strict=True):
+            alone = dataclasses.replace(self, predictors=[predictor], runs=[run])
+            order = [self.components.index(c) for c in alone.components]
+            if not np.isfinite(alone(images[..., order])).all():
+                names.append(str(predictor.checkpoint or run))
+        return names
 
     def _batches(self, both: np.ndarray, total: np.ndarray) -> Iterator[Batch]:
         """Every model's batches, one model after the other, so that `run_overlapped`

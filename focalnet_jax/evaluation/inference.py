@@ -171,10 +171,13 @@ def check_scores(models, case_id: str, images: np.ndarray, scores: np.ndarray) -
     kind = "NaN" if np.isnan(scores).any() else "infinity"
     names = models.non_finite(images)
     which = " and ".join(f"checkpoint {name}" for name in names) or "the models' mean"
+    if len(getattr(models, "predictors", [models])) > 1:  # --step picks no model of several
+        remedy = "leave its run out (name the others with --checkpoint)"
+    else:
+        remedy = "predict with another checkpoint (--step)"
     raise UserError(
         f"case {case_id}: {which} give{'' if len(names) > 1 else 's'} non-finite scores ({kind}) "
-        "from finite variables: the model is unusable; retrain it, or predict with another "
-        "checkpoint (--step)"
+        f"from finite variables: the model is unusable; retrain it, or {remedy}"
     )
 
 
