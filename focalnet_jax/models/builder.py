@@ -28,8 +28,8 @@ def default_model_config() -> ml_collections.ConfigDict:
     config.output_stride = 8  # 8 | 16 | 32; strides of layer3/layer4 become dilations
     config.width = 1.0  # channel multiplier; 1.0 = torchvision (needed for pretrained weights)
     config.aspp = "v2"  # 'v2': sum of 4 atrous 3x3 convs (paper's [46]) | 'v3'
-    # logits to input size: 'aligned' (feature i on pixel output_stride * i, as the paper's
-    # TensorFlow) | 'half_pixel' (PyTorch align_corners=False: 3.5 pixels off at stride 8)
+    # logits to input size: 'aligned' (feature i on pixel output_stride * i, as TensorFlow 1's
+    # resize, the paper's framework) | 'half_pixel' (PyTorch align_corners=False: 3.5 px off)
     config.upsample = "aligned"
     config.norm = "batch"  # 'batch' (synced over the data axis) | 'frozen' (running averages)
     config.dtype = "float32"  # compute dtype 'float32' | 'bfloat16'; params and logits float32

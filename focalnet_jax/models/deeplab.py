@@ -12,10 +12,11 @@
 The logits are computed in the compute dtype, cast to float32 and upsampled bilinearly to the
 input size (`upsample_logits`). The backbone centres feature pixel i on input pixel
 ``output_stride * i`` (its stride-2 steps pad symmetrically), so the default ``'aligned'`` places
-it there, holding the last feature's value past it (TensorFlow 1's ``resize_bilinear``, which the
-paper's DeepLab used). ``'half_pixel'`` (PyTorch ``align_corners=False``, ``jax.image.resize``)
-places it at ``output_stride * i + (output_stride - 1) / 2``: every score (output_stride - 1) / 2
-pixels down and right of the features it comes from (3.5 pixels at output stride 8).
+it there, holding the last feature's value past it, as TensorFlow 1's default ``resize_bilinear``
+does (the paper implemented FocalNet in TensorFlow). ``'half_pixel'`` (PyTorch
+``align_corners=False``, ``jax.image.resize``) places it at ``output_stride * i +
+(output_stride - 1) / 2``: every score (output_stride - 1) / 2 pixels down and right of the
+features it comes from (3.5 pixels at output stride 8).
 """
 
 from __future__ import annotations
@@ -178,6 +179,7 @@ class DeepLab(nn.Module):
 
 
 def check_upsample(mode: str) -> None:
+    """Raises ``ValueError`` for a `mode` not in `UPSAMPLE_MODES`."""
     if mode not in UPSAMPLE_MODES:
         raise ValueError(f"model.upsample: expected one of {UPSAMPLE_MODES}, got {mode!r}")
 
