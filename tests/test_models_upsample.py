@@ -22,12 +22,13 @@ def test_aligned_upsampling_puts_feature_i_on_pixel_stride_i():
     # Linear in between: a quarter of the stride away, 3/4 of the value; past the next centre, 0.
     assert out[9, 4] == pytest.approx(0.75) and out[8, 6] == pytest.approx(0.5)
     assert out[12, 4] == 0.0 and out[8, 8] == 0.0
-    # Past the last feature centre (row 16 of 20), its value is held to the border.
+    # Past the last feature centre (row 16 of 20), the features mirrored: a peak there stays one
+    # pixel (held, rows 16..19 were one flat run, its one detection at row 17.5 -> 18).
     features[0] = 0.0
     features[0, 4, :, 0] = 2.0
     out = np.asarray(upsample_logits(jnp.asarray(features), (20, 16), 4, "aligned"))[0, :, :, 0]
-    np.testing.assert_array_equal(out[16:], 2.0)
-    assert out[14, 0] == pytest.approx(1.0)
+    np.testing.assert_allclose(out[14:, 3], [1.0, 1.5, 2.0, 1.5, 1.0, 0.5])
+    assert np.argwhere(out == 2.0)[:, 0].tolist() == [16] * 16
 
 
 def test_half_pixel_mode_is_jax_image_resize():
@@ -60,16 +61,22 @@ def _point_network(output_stride: int, upsample: str):
 
 
 @pytest.mark.parametrize("output_stride", [8, 16])
-def test_a_bright_input_pixel_peaks_at_that_pixel(output_stride):
+@pytest.mark.parametrize("where", ["inner", "first", "last"])
+def test_a_bright_input_pixel_peaks_at_that_pixel(output_stride, where):
     """One bright pixel at a feature centre (a multiple of the stride) comes out as the logits'
-    single peak at the same pixel, at its full value; half-pixel moved it 3.5 (7.5) pixels."""
+    single peak at the same pixel, also on the first and on the last feature (whose value held
+    to the border made a flat run, its one detection 3 pixels past the peak at stride 8);
+    half-pixel moved an inner one 3.5 (7.5) pixels."""
+    last = 64 - output_stride  # of 64 pixels
+    row, col = {"inner": (32, 16), "first": (0, 0), "last": (last, last)}[where]
     shift = (output_stride - 1) / 2
     for upsample, expected in (("aligned", 0.0), ("half_pixel", shift)):
         model, variables = _point_network(output_stride, upsample)
         image = np.zeros((1, 64, 64, 1), np.float32)
-        image[0, 32, 16, 0] = 1.0
+        image[0, row, col, 0] = 1.0
         logits = np.asarray(model.apply(variables, jnp.asarray(image)))[0, :, :, 0]
         rows, cols = np.nonzero(logits == logits.max())
-        assert rows.mean() == 32 + expected and cols.mean() == 16 + expected
         if upsample == "aligned":
-            assert (rows.size, logits[32, 16]) == (1, logits.max())
+            assert (rows.tolist(), cols.tolist()) == ([row], [col])
+        elif where == "inner":
+            assert rows.mean() == row + expected and cols.mean() == col + expected

@@ -12,8 +12,9 @@
 The logits are computed in the compute dtype, cast to float32 and upsampled bilinearly to the
 input size (`upsample_logits`). The backbone centres feature pixel i on input pixel
 ``output_stride * i`` (its stride-2 steps pad symmetrically), so the default ``'aligned'`` places
-it there, holding the last feature's value past it, as TensorFlow 1's default ``resize_bilinear``
-does (the paper implemented FocalNet in TensorFlow). ``'half_pixel'`` (PyTorch
+it there, as TensorFlow 1's default ``resize_bilinear`` does (the paper implemented FocalNet in
+TensorFlow); past the last feature (the bottom and right border pixels) it mirrors the features
+where TensorFlow holds the last one, so that a peak there stays one pixel. ``'half_pixel'`` (PyTorch
 ``align_corners=False``, ``jax.image.resize``) places it at ``output_stride * i +
 (output_stride - 1) / 2``: every score (output_stride - 1) / 2 pixels down and right of the
 features it comes from (3.5 pixels at output stride 8).
@@ -198,11 +199,13 @@ def upsample_logits(logits: jax.Array, size, output_stride: int, mode: str) -> j
 
 def _aligned_weights(size: int, features: int, stride: int) -> np.ndarray:
     """float32 `[size, features]`: output pixel y as the linear interpolation of the features
-    either side of y / stride (feature i on pixel stride * i), the last one's value past it."""
+    either side of y / stride (feature i on pixel stride * i); past the last feature, of it and
+    its mirror image, the one before it (held, its value would make a flat run whose centre, the
+    one detection of a flat maximum, lies up to stride / 2 - 1 pixels past a peak there)."""
     position = np.arange(size) / stride
     low = np.minimum(np.floor(position).astype(int), features - 1)
-    high = np.minimum(low + 1, features - 1)
-    frac = np.clip(position - low, 0.0, 1.0)
+    high = np.where(low + 1 < features, low + 1, max(features - 2, 0))
+    frac = position - low  # < 1: the last feature lies within one stride of the border
     weights = np.zeros((size, features), np.float32)
     np.add.at(weights, (np.arange(size), low), 1.0 - frac)
     np.add.at(weights, (np.arange(size), high), frac)
