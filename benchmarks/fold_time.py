@@ -118,8 +118,9 @@ def _steps_to_run(parser, config, fold_steps: int, max_steps: int) -> int:
 
 def _timed_run(config, store) -> tuple[float, dict[str, list[float]], int | None]:
     """Trains `config` in a fresh temporary workdir: (wall seconds, `loop_timings`, and the
-    step a SIGTERM stopped it at (its checkpoint saved), else None). A time limit's SIGTERM thus
-    still gives the timings logged so far."""
+    step a SIGTERM stopped it at (its checkpoint saved), else None: also for a SIGTERM that came
+    once the run was complete, its last validation and checkpoint done). A time limit's SIGTERM
+    thus still gives the timings logged so far."""
     with tempfile.TemporaryDirectory(prefix="fold_time_") as tmp:
         stopped_at = None
         with result_line.stdout_to_stderr():
@@ -127,7 +128,7 @@ def _timed_run(config, store) -> tuple[float, dict[str, list[float]], int | None
             try:
                 train_and_evaluate(config, Path(tmp), store=store)
             except TrainingStopped as stop:
-                stopped_at = stop.step
+                stopped_at = None if stop.complete else stop.step
             wall = time.perf_counter() - start
         return wall, loop_timings(Path(tmp), config.train.batch_size), stopped_at
 

@@ -96,10 +96,13 @@ def flop_fields(spec: RunSpec, device_flops, devices: int, step_time: float) -> 
     }
 
 
-def measure(config, state, mesh, *, steps: int, size: int, profile_steps: int = 0) -> dict:
+def measure(
+    config, state, mesh, *, steps: int, size: int, profile_steps: int = 0, kind: str = ""
+) -> dict:
     """Compile, warm up and time `steps` train steps of `config` from `state` (donated) on one
-    random batch; then, with `profile_steps`, trace that many more and add where their time goes
-    (`profile`)."""
+    random batch, the timings written to stderr at once as `<kind>: {...}` (a time limit that
+    stops the profile keeps them); then, with `profile_steps`, trace that many more and add
+    where their time goes (`profile`, written to stderr as `<kind> profile: {...}`)."""
     spec = RunSpec.from_config(config, image_size=(size, size))
     batch = jax.device_put(
         _batch(spec.global_batch, size, len(spec.components)), sharding.batch_sharding(mesh)
@@ -127,6 +130,7 @@ def measure(config, state, mesh, *, steps: int, size: int, profile_steps: int = 
         "peak_memory_bytes": result_line.device_peak_bytes(),
         "final_loss": float(metrics["loss"]),
     }
+    print(f"{kind}: {json.dumps(result)}", file=sys.stderr, flush=True)
     if profile_steps:
 
         def one_step():
@@ -137,6 +141,7 @@ def measure(config, state, mesh, *, steps: int, size: int, profile_steps: int = 
         result["profile"] = profile_summary.profile_or_error(
             one_step, profile_steps, hlo_text=compiled.as_text()
         )
+        print(f"{kind} profile: {json.dumps(result['profile'])}", file=sys.stderr, flush=True)
     return result
 
 
@@ -176,8 +181,8 @@ def main(argv=None) -> None:
             steps=args.steps,
             size=args.size,
             profile_steps=args.profile_steps,
+            kind=kind,
         )
-        print(f"{kind}: {json.dumps(result[kind])}", file=sys.stderr, flush=True)
     for kind in ("fl_mfl_vmap", "fl_mfl_select"):
         if "fl" in result and kind in result:
             ratio = result[kind]["step_time_s"] / result["fl"]["step_time_s"]

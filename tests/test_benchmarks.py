@@ -115,13 +115,51 @@ def test_train_step_benchmark_times_the_chosen_kinds(train_step_on_one_device):
 
 def test_train_step_logs_each_kind_as_it_is_measured(train_step_run, train_step_on_one_device):
     """A run stopped by a time limit keeps in its log the kinds it measured: each kind's result
-    is on stderr as soon as it is measured, the same values as in the JSON line."""
+    is on stderr as soon as it is measured, then its profile, the same values as in the JSON
+    line."""
     logged = {
         line.split(": ", 1)[0]: json.loads(line.split(": ", 1)[1])
         for line in train_step_run.stderr.splitlines()
-        if line.startswith(("fl: ", "fl_mfl_select: "))
+        if line.startswith(("fl: ", "fl_mfl_select: ", "fl profile: ", "fl_mfl_select profile: "))
     }
-    assert logged == {kind: train_step_on_one_device[kind] for kind in ("fl", "fl_mfl_select")}
+    for kind in ("fl", "fl_mfl_select"):
+        result = dict(train_step_on_one_device[kind])
+        assert logged[f"{kind} profile"] == result.pop("profile")
+        assert logged[kind] == result
+
+
+def test_train_step_logs_a_kinds_timings_before_its_profile(monkeypatch, capsys):
+    """A time limit that stopped a kind's profile lost its timings too: they were written once
+    the profile was done."""
+    train_step = _benchmark_module("train_step")
+    logged_before = []
+
+    def profile(*args, **kwargs):
+        logged_before.append(capsys.readouterr().err.splitlines())
+        return {"source": "host"}
+
+    monkeypatch.setattr(train_step.profile_summary, "profile_or_error", profile)
+    monkeypatch.chdir(REPO)
+    train_step.main([*TRAIN_STEP_ARGS, "--kinds=fl", "--profile-steps=1"])
+    timings = json.loads(logged_before[0][-1].removeprefix("fl: "))
+    assert timings["step_time_s"] > 0 and "profile" not in timings
+    assert 'fl profile: {"source": "host"}' in capsys.readouterr().err
+
+
+def test_fold_time_takes_a_sigterm_after_the_last_step_as_a_complete_run(monkeypatch):
+    """Such a run had validated and checkpointed at its last step; counted as stopped there, one
+    validation too few was taken out of the projection."""
+    from focalnet_jax.training.graceful_stop import TrainingStopped
+
+    fold_time = _benchmark_module("fold_time")
+
+    def train(config, workdir, store):
+        raise TrainingStopped(6, workdir, complete=True)
+
+    monkeypatch.setattr(fold_time, "train_and_evaluate", train)
+    monkeypatch.setattr(fold_time, "loop_timings", lambda workdir, batch_size: {})
+    config = types.SimpleNamespace(train=types.SimpleNamespace(batch_size=4))
+    assert fold_time._timed_run(config, None)[2] is None
 
 
 def _device_trace(xla_ops_line: str = "") -> str:
