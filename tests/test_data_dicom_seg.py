@@ -337,6 +337,9 @@ def test_a_seg_of_anatomy_alone_is_refused_as_a_label_unless_it_is_the_mask_too(
     )
     label = io.read_label(file, case="px", label_values="picai", mask=file)
     assert not sitk.GetArrayViewFromImage(label).any()
+    for label_path, mask_path in ((file.parent, file), (file, file.parent)):  # its folder
+        label = io.read_label(label_path, case="px", label_values="picai", mask=mask_path)
+        assert not sitk.GetArrayViewFromImage(label).any()
 
 
 def test_an_anatomy_coded_lesion_of_no_value_is_refused_not_left_out(source, tmp_path):

@@ -80,9 +80,21 @@ def test_a_control_character_in_a_cell_is_refused_naming_line_and_column(tmp_pat
 
 
 def test_a_control_character_in_a_column_nothing_reads_is_left_alone(tmp_path):
+    from focalnet_jax.data.manifest_checks import unread_columns
+
     path = tmp_path / "cases.csv"
-    path.write_text(f"{HEADER},notes\nc0,p0,t0,a0,l0,see\x0bbelow\n")
+    path.write_text(f"{HEADER},notes\nc0,p0,t0,a0,l0,see\x01below\n")
     assert [c.case_id for c in read_manifest(path)] == ["c0"]
+    assert unread_columns(path, ("t2w", "adc")) == ["notes"]  # as predict names them
+
+
+def test_a_control_character_in_a_column_name_is_refused(tmp_path):
+    """`label\x01` is no `label` column: with --unlabelled negative every case was stored
+    lesion-free."""
+    path = tmp_path / "cases.csv"
+    path.write_text(f"{HEADER}\x01\nc0,p0,t0,a0,l0\n")
+    with pytest.raises(LayoutError, match=r"line 1, column 'label\\x01': cell holds control"):
+        read_manifest(path, unlabelled="negative")
 
 
 @pytest.mark.parametrize(

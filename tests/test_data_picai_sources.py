@@ -510,3 +510,18 @@ def test_a_marksheet_row_repeated_with_its_ids_as_floats_is_one_row(tmp_path):
     assert read_marksheet(sheet) == {
         "10000_1000000": {"patient_id": "10000", "study_id": "1000000", "case_csPCa": "YES"}
     }
+
+
+def test_a_control_character_in_a_marksheet_cell_is_refused(tmp_path):
+    """Every cell of a marksheet is kept in the store: `YES\x01` read as no csPCa flag, and a
+    csPCa case without a label was no longer refused."""
+    from focalnet_jax.data.picai_sources import read_marksheet
+
+    sheet = tmp_path / "marksheet.csv"
+    sheet.write_text("patient_id,study_id,case_csPCa\n10000,1000000,YES\x01\n")
+    with pytest.raises(LayoutError) as refused:
+        read_marksheet(sheet)
+    assert str(refused.value) == (
+        f"marksheet {sheet}, line 2, column 'case_csPCa': cell holds control character U+0001; "
+        "remove it"
+    )

@@ -60,13 +60,13 @@ def _check_columns(
 
 
 def _check_characters(
-    path: Path, what: str, line: int, cells: dict[str, str], read: Sequence[str]
+    path: Path, what: str, line: int, cells: dict[str, str], read: Sequence[str] | None
 ) -> None:
-    """Refuses a cell of a `read` column holding a control character (NUL, ...; tab and line
-    breaks aside): no file name or id holds one, and NUL ended the run in a traceback. Columns
-    nothing reads (notes) are left as they are."""
+    """Refuses a cell of a `read` column (None: of any) holding a control character (NUL, ...;
+    tab and line breaks aside): no file name or id holds one, and NUL ended the run in a
+    traceback. Columns nothing reads (notes) are left as they are."""
     for column, value in cells.items():
-        if column in read and (bad := _CONTROL.search(value)):
+        if (read is None or column in read) and (bad := _CONTROL.search(value)):
             raise LayoutError(
                 f"{what} {path}, line {line}, column {column!r}: cell holds control character "
                 f"U+{ord(bad.group()):04X}; remove it"
@@ -87,8 +87,10 @@ def csv_rows(
         reader = csv.reader(f)
         header = next((cells for cells in reader if any(c.strip() for c in cells)), [])
         columns = [c.strip() for c in header]
-        read = {*required, *known}
-        _check_characters(path, what, reader.line_num, {c: c for c in columns}, read)
+        # Every column name; cells of the known and required columns, or of every column of a
+        # table naming none known (a marksheet, whose cells the store keeps)
+        read = {*required, *known} if known else None
+        _check_characters(path, what, reader.line_num, {c: c for c in columns}, None)
         _check_columns(path, what, columns, required, known)
         rows = []
         for cells in reader:

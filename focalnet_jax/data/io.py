@@ -240,7 +240,8 @@ def read_label(
     `label_values` ('picai' or 'isup', `dicom_seg.read_lesions`; a SEG of the gland alone only
     where it is the case's `mask` too), else `read_image`'s image. Raises `CaseError` naming the
     case, the file and the reason."""
-    also_gland = mask is not None and os.path.realpath(path) == os.path.realpath(mask)
+    seg, gland = _seg_file(path, case), _seg_file(mask, case)  # a folder names its one SEG
+    also_gland = seg is not None and gland is not None and seg.resolve() == gland.resolve()
     return _seg_or_image(
         path, case, lambda seg: dicom_seg.read_lesions(seg, label_values, also_gland=also_gland)
     )

@@ -24,8 +24,9 @@ def known_columns(components: Sequence[str]) -> list[str]:
 
 def unread_columns(manifest: str | os.PathLike, components: Sequence[str]) -> list[str]:
     """The columns of `manifest` that no setting reads (e.g. an hbv column), sorted."""
-    columns, _ = csv_rows(Path(manifest), "manifest", (), "")
-    return sorted({c for c in columns if c} - set(known_columns(components)))
+    known = known_columns(components)
+    columns, _ = csv_rows(Path(manifest), "manifest", (), "", known)
+    return sorted({c for c in columns if c} - set(known))
 
 
 def check_manifest_columns(

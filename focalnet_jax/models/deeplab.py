@@ -13,11 +13,11 @@ The logits are computed in the compute dtype, cast to float32 and upsampled bili
 input size (`upsample_logits`). The backbone centres feature pixel i on input pixel
 ``output_stride * i`` (its stride-2 steps pad symmetrically), so the default ``'aligned'`` places
 it there, as TensorFlow 1's default ``resize_bilinear`` does (the paper implemented FocalNet in
-TensorFlow); past the last feature (the bottom and right border pixels) it mirrors the features
-where TensorFlow holds the last one, so that a peak there stays one pixel. ``'half_pixel'`` (PyTorch
-``align_corners=False``, ``jax.image.resize``) places it at ``output_stride * i +
-(output_stride - 1) / 2``: every score (output_stride - 1) / 2 pixels down and right of the
-features it comes from (3.5 pixels at output stride 8).
+TensorFlow); past the last feature (the bottom and right border pixels) it goes towards the
+lower of the last two where TensorFlow holds the last one, so that a peak there stays one pixel.
+``'half_pixel'`` (PyTorch ``align_corners=False``, ``jax.image.resize``) places it at
+``output_stride * i + (output_stride - 1) / 2``: every score (output_stride - 1) / 2 pixels down
+and right of the features it comes from (3.5 pixels at output stride 8).
 """
 
 from __future__ import annotations
@@ -191,22 +191,35 @@ def upsample_logits(logits: jax.Array, size, output_stride: int, mode: str) -> j
     batch, height, width, channels = logits.shape
     if mode == "half_pixel":
         return jax.image.resize(logits, (batch, *size, channels), "bilinear")
-    rows = _aligned_weights(size[0], height, output_stride)
-    cols = _aligned_weights(size[1], width, output_stride)
+    return _aligned_axis(
+        _aligned_axis(logits, size[0], output_stride, 1), size[1], output_stride, 2
+    )
+
+
+def _aligned_axis(x: jax.Array, size: int, stride: int, axis: int) -> jax.Array:
+    """`x` upsampled along `axis` to `size` pixels, feature i on pixel stride * i, linearly in
+    between; past the last feature towards a virtual one beyond it, the lower of the last two
+    (a peak on the last feature stays one pixel: its value held made a flat run whose one
+    detection lay up to stride / 2 - 1 pixels past it; mirrored, a peak on the feature before
+    it made a second maximum on the border)."""
+    n = x.shape[axis]
+    last = jax.lax.slice_in_dim(x, n - 1, n, axis=axis)
+    before = jax.lax.slice_in_dim(x, max(n - 2, 0), max(n - 2, 0) + 1, axis=axis)
+    padded = jnp.concatenate([x, jnp.minimum(last, before)], axis=axis)
+    weights = jnp.asarray(_aligned_weights(size, n + 1, stride))
     highest = jax.lax.Precision.HIGHEST  # no TF32 or bfloat16 passes on GPUs: exact weights
-    return jnp.einsum("Hh,bhwk,Ww->bHWk", rows, logits, cols, precision=highest)
+    out = jnp.tensordot(weights, padded, axes=[[1], [axis]], precision=highest)  # [size, ...]
+    return jnp.moveaxis(out, 0, axis)
 
 
 def _aligned_weights(size: int, features: int, stride: int) -> np.ndarray:
     """float32 `[size, features]`: output pixel y as the linear interpolation of the features
-    either side of y / stride (feature i on pixel stride * i); past the last feature, of it and
-    its mirror image, the one before it (held, its value would make a flat run whose centre, the
-    one detection of a flat maximum, lies up to stride / 2 - 1 pixels past a peak there)."""
+    either side of y / stride (feature i on pixel stride * i; `features` reach past the last
+    pixel, so every pixel lies between two)."""
     position = np.arange(size) / stride
-    low = np.minimum(np.floor(position).astype(int), features - 1)
-    high = np.where(low + 1 < features, low + 1, max(features - 2, 0))
-    frac = position - low  # < 1: the last feature lies within one stride of the border
+    low = np.floor(position).astype(int)
+    frac = position - low
     weights = np.zeros((size, features), np.float32)
     np.add.at(weights, (np.arange(size), low), 1.0 - frac)
-    np.add.at(weights, (np.arange(size), high), frac)
+    np.add.at(weights, (np.arange(size), np.minimum(low + 1, features - 1)), frac)
     return weights
