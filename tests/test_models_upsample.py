@@ -30,11 +30,33 @@ def test_aligned_upsampling_puts_feature_i_on_pixel_stride_i():
     np.testing.assert_allclose(out[14:, 3], [1.0, 1.5, 2.0, 1.5, 1.0, 0.5])
     assert np.argwhere(out == 2.0)[:, 0].tolist() == [16] * 16
     # A peak on the feature before the last is no second maximum on the border (mirrored, row
-    # 19 took 3/4 of it): past the last feature the lower of the last two is approached.
+    # 19 took 3/4 of it), and the map falling towards the border goes on falling (held flat,
+    # the run is a maximum of its own where the window sees no higher pixel: stride 16 and 32).
     features[0] = 0.0
     features[0, 3, :, 0] = 2.0
     out = np.asarray(upsample_logits(jnp.asarray(features), (20, 16), 4, "aligned"))[0, :, :, 0]
-    np.testing.assert_allclose(out[12:, 3], [2.0, 1.5, 1.0, 0.5, 0.0, 0.0, 0.0, 0.0])
+    np.testing.assert_allclose(out[12:, 3], [2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -1.5])
+
+
+def test_aligned_upsampling_of_a_transposed_map_is_the_transposed_upsampling():
+    logits = jax.random.normal(jax.random.PRNGKey(2), (1, 8, 7, 1))
+    out = upsample_logits(logits, (61, 55), 8, "aligned")
+    transposed = upsample_logits(jnp.swapaxes(logits, 1, 2), (55, 61), 8, "aligned")
+    np.testing.assert_allclose(jnp.swapaxes(transposed, 1, 2), out, atol=1e-6)
+
+
+@pytest.mark.parametrize("output_stride", [8, 16, 32])
+def test_random_maps_have_their_detections_on_feature_centres(output_stride):
+    """Bilinear between feature centres, a map's local maxima lie on them: a detection on the
+    border strip past the last feature (stride - 1 pixels) is one the upsampling made."""
+    from focalnet_jax.evaluation.localization import local_maxima
+
+    features = 128 // output_stride
+    logits = 2.0 * jax.random.normal(jax.random.PRNGKey(3), (20, features, features, 1))
+    scores = jax.nn.sigmoid(upsample_logits(logits, (128, 128), output_stride, "aligned"))
+    detections = local_maxima(np.repeat(np.asarray(scores), 5, axis=-1), (0.625, 0.625))
+    points = np.stack([detections.row, detections.col], axis=-1)
+    assert len(points) > 20 and not (points % output_stride).any()
 
 
 def test_half_pixel_mode_is_jax_image_resize():

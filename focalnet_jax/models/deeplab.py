@@ -13,8 +13,9 @@ The logits are computed in the compute dtype, cast to float32 and upsampled bili
 input size (`upsample_logits`). The backbone centres feature pixel i on input pixel
 ``output_stride * i`` (its stride-2 steps pad symmetrically), so the default ``'aligned'`` places
 it there, as TensorFlow 1's default ``resize_bilinear`` does (the paper implemented FocalNet in
-TensorFlow); past the last feature (the bottom and right border pixels) it goes towards the
-lower of the last two where TensorFlow holds the last one, so that a peak there stays one pixel.
+TensorFlow); past the last feature (the bottom and right border pixels), where TensorFlow holds
+the last one, it goes one step down the slope (`_extended`), so that a peak there stays one pixel
+and a map that falls towards the border has no flat run there, a maximum of its own.
 ``'half_pixel'`` (PyTorch ``align_corners=False``, ``jax.image.resize``) places it at
 ``output_stride * i + (output_stride - 1) / 2``: every score (output_stride - 1) / 2 pixels down
 and right of the features it comes from (3.5 pixels at output stride 8).
@@ -191,25 +192,27 @@ def upsample_logits(logits: jax.Array, size, output_stride: int, mode: str) -> j
     batch, height, width, channels = logits.shape
     if mode == "half_pixel":
         return jax.image.resize(logits, (batch, *size, channels), "bilinear")
-    return _aligned_axis(
-        _aligned_axis(logits, size[0], output_stride, 1), size[1], output_stride, 2
-    )
+    # One virtual feature row and column past the last: the pixels past the last feature lie
+    # between two, so no value is held flat there (a flat run on the border is a maximum of its
+    # own, or moves the one detection of a peak on the last feature past it).
+    rows_first = _extended(_extended(logits, 1), 2)
+    columns_first = _extended(_extended(logits, 2), 1)
+    padded = jnp.minimum(rows_first, columns_first)  # equal but in the corner: the lower
+    rows = jnp.asarray(_aligned_weights(size[0], height + 1, output_stride))
+    cols = jnp.asarray(_aligned_weights(size[1], width + 1, output_stride))
+    highest = jax.lax.Precision.HIGHEST  # no TF32 or bfloat16 passes on GPUs: exact weights
+    return jnp.einsum("yi,bijk,xj->byxk", rows, padded, cols, precision=highest)
 
 
-def _aligned_axis(x: jax.Array, size: int, stride: int, axis: int) -> jax.Array:
-    """`x` upsampled along `axis` to `size` pixels, feature i on pixel stride * i, linearly in
-    between; past the last feature towards a virtual one beyond it, the lower of the last two
-    (a peak on the last feature stays one pixel: its value held made a flat run whose one
-    detection lay up to stride / 2 - 1 pixels past it; mirrored, a peak on the feature before
-    it made a second maximum on the border)."""
+def _extended(x: jax.Array, axis: int) -> jax.Array:
+    """`x` with one more feature along `axis`, one step down the slope from the last:
+    `last - |last - before|` (the one before the last mirrored where the last is a peak, the
+    line through the two extended where the map falls towards the border; the last itself where
+    there is one feature)."""
     n = x.shape[axis]
     last = jax.lax.slice_in_dim(x, n - 1, n, axis=axis)
     before = jax.lax.slice_in_dim(x, max(n - 2, 0), max(n - 2, 0) + 1, axis=axis)
-    padded = jnp.concatenate([x, jnp.minimum(last, before)], axis=axis)
-    weights = jnp.asarray(_aligned_weights(size, n + 1, stride))
-    highest = jax.lax.Precision.HIGHEST  # no TF32 or bfloat16 passes on GPUs: exact weights
-    out = jnp.tensordot(weights, padded, axes=[[1], [axis]], precision=highest)  # [size, ...]
-    return jnp.moveaxis(out, 0, axis)
+    return jnp.concatenate([x, last - jnp.abs(last - before)], axis=axis)
 
 
 def _aligned_weights(size: int, features: int, stride: int) -> np.ndarray:

@@ -208,12 +208,16 @@ def check_resumed_config(config: ml_collections.ConfigDict, workdir: str | Path)
     ]
     if not changed:
         return
-    model = any(item.startswith("model.") for item in changed)
+    # model.upsample has no parameters: another one is another config, not another model
+    model = any(item.startswith("model.") and "upsample" not in item for item in changed)
     what = "its checkpoint holds another model" if model else "it was trained with another config"
+    advice = "train another config in another workdir"
+    if (upsample := saved.get("model.upsample")) != new.get("model.upsample"):
+        advice += f"; give --config.model.upsample={upsample}, the upsampling it trained with"
     raise UserError(
         f"workdir {workdir}: {what}; config keys differ from its {CONFIG_FILE}: "
         f"{'; '.join(changed)} (a resumed run may change only {', '.join(RESUMABLE_KEYS)}; "
-        "train another config in another workdir)"
+        f"{advice})"
     )
 
 
