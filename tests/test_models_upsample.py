@@ -27,7 +27,8 @@ def test_aligned_upsampling_puts_feature_i_on_pixel_stride_i():
     features[0] = 0.0
     features[0, 4, :, 0] = 2.0
     out = np.asarray(upsample_logits(jnp.asarray(features), (20, 16), 4, "aligned"))[0, :, :, 0]
-    np.testing.assert_allclose(out[14:, 3], [1.0, 1.5, 2.0, 1.5, 1.0, 0.5])
+    # (|.| of the step down is smoothed within 1e-3 logits of 0: values within 1e-3)
+    np.testing.assert_allclose(out[14:, 3], [1.0, 1.5, 2.0, 1.5, 1.0, 0.5], atol=1e-3)
     assert np.argwhere(out == 2.0)[:, 0].tolist() == [16] * 16
     # A peak on the feature before the last is no second maximum on the border (mirrored, row
     # 19 took 3/4 of it), and the map falling towards the border goes on falling (held flat,
@@ -35,7 +36,8 @@ def test_aligned_upsampling_puts_feature_i_on_pixel_stride_i():
     features[0] = 0.0
     features[0, 3, :, 0] = 2.0
     out = np.asarray(upsample_logits(jnp.asarray(features), (20, 16), 4, "aligned"))[0, :, :, 0]
-    np.testing.assert_allclose(out[12:, 3], [2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -1.5])
+    expected = [2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -1.5]
+    np.testing.assert_allclose(out[12:, 3], expected, atol=1e-3)
 
 
 def test_aligned_upsampling_of_a_transposed_map_is_the_transposed_upsampling():

@@ -197,22 +197,30 @@ def upsample_logits(logits: jax.Array, size, output_stride: int, mode: str) -> j
     # own, or moves the one detection of a peak on the last feature past it).
     rows_first = _extended(_extended(logits, 1), 2)
     columns_first = _extended(_extended(logits, 2), 1)
-    padded = jnp.minimum(rows_first, columns_first)  # equal but in the corner: the lower
+    # Equal but in the corner, where their mean keeps the map symmetric under a transposition
+    # and its gradient continuous (a min splits it by float rounding where they tie).
+    padded = 0.5 * (rows_first + columns_first)
     rows = jnp.asarray(_aligned_weights(size[0], height + 1, output_stride))
     cols = jnp.asarray(_aligned_weights(size[1], width + 1, output_stride))
     highest = jax.lax.Precision.HIGHEST  # no TF32 or bfloat16 passes on GPUs: exact weights
     return jnp.einsum("yi,bijk,xj->byxk", rows, padded, cols, precision=highest)
 
 
+_SMOOTH = 1e-3  # logits: |d| as sqrt(d^2 + s^2) - s, whose gradient has no jump at d = 0
+
+
 def _extended(x: jax.Array, axis: int) -> jax.Array:
     """`x` with one more feature along `axis`, one step down the slope from the last:
     `last - |last - before|` (the one before the last mirrored where the last is a peak, the
     line through the two extended where the map falls towards the border; the last itself where
-    there is one feature)."""
+    there is one feature). |.| is smoothed within `_SMOOTH` logits of 0: equal features (a blank
+    background) otherwise split their gradient by the sign of their float rounding, which
+    differs between device layouts."""
     n = x.shape[axis]
     last = jax.lax.slice_in_dim(x, n - 1, n, axis=axis)
     before = jax.lax.slice_in_dim(x, max(n - 2, 0), max(n - 2, 0) + 1, axis=axis)
-    return jnp.concatenate([x, last - jnp.abs(last - before)], axis=axis)
+    step = jnp.sqrt(jnp.square(last - before) + _SMOOTH**2) - _SMOOTH
+    return jnp.concatenate([x, last - step], axis=axis)
 
 
 def _aligned_weights(size: int, features: int, stride: int) -> np.ndarray:
