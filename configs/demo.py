@@ -6,13 +6,13 @@ Command (after `focalnet synth` and `focalnet preprocess`, see the README quick 
 Model: ResNet-18 DeepLab-v2 at width 0.25, output stride 16; 1200 steps of batch 8 on fold 0.
 Expected runtime: the training run 228 s on 2 CPU cores (1200 steps, MFL `select`, 2026-12-05:
 benchmarks/results/fold_time_demo_cpu_2026-12-05.json); the whole `make demo` (60 synthetic
-cases, seed 0: synthesis, preprocessing, training, evaluation) 4.3 min on a fresh clone, 185 s of
-it training (2026-12-01: docs/results/demo/timings.json).
-Expected metric (validation fold 0: 13 cases, 8 patients with annotated slices, MFL `select`,
-measured 2026-12-01, docs/results/demo): FROC sensitivity at 1 false positive per patient 0.07 for
-all lesions and 0.00 for index lesions (0.29 and 0.25 at 2); other CPU models give other numbers
-(README, "Quick start"). The demo model
-is too small and short-trained to say how well FocalNet detects cancer.
+cases, seed 0: synthesis, preprocessing, training, evaluation) 6.3 min on a fresh clone, 294 s of
+it training (2026-12-06: docs/results/demo/timings.json).
+Measured metric (validation fold 0: 13 cases, 8 patients with annotated slices, MFL `select`,
+2026-12-06, docs/results/demo): FROC sensitivity at 1 false positive per patient 0.00 for all
+and for index lesions (0.14 and 0.12 at 2); earlier runs of the same command gave up to 0.71 and
+0.88, and other CPU models give other numbers (README, "Quick start"). The demo model is too
+small and short-trained to say how well FocalNet detects cancer.
 """
 
 from __future__ import annotations
