@@ -8,7 +8,7 @@ Expected runtime: the training run 228 s on 2 CPU cores (1200 steps, MFL `select
 benchmarks/results/fold_time_demo_cpu_2026-12-05.json); the whole `make demo` (60 synthetic
 cases, seed 0: synthesis, preprocessing, training, evaluation) 6.3 min on a fresh clone, 294 s of
 it training (2026-12-06: docs/results/demo/timings.json).
-Measured metric (validation fold 0: 13 cases, 8 patients with annotated slices, MFL `select`,
+Expected metric (validation fold 0: 13 cases, 8 patients with annotated slices, MFL `select`,
 2026-12-06, docs/results/demo): FROC sensitivity at 1 false positive per patient 0.00 for all
 and for index lesions (0.14 and 0.12 at 2); earlier runs of the same command gave up to 0.71 and
 0.88, and other CPU models give other numbers (README, "Quick start"). The demo model is too
