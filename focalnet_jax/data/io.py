@@ -214,10 +214,10 @@ def _seg_file(path, case: str) -> Path | None:
         raise CaseError(case, err.file, err.reason) from None
 
 
-def _seg_or_image(path, case: str, read_seg) -> sitk.Image:
-    """`read_seg(file)` of the DICOM SEG that `path` gives, else `read_image`'s image; a
-    `SegError` becomes a `CaseError` naming the case."""
-    if (seg := _seg_file(path, case)) is None:
+def _seg_or_image(path, seg: Path | None, case: str, read_seg) -> sitk.Image:
+    """`read_seg(seg)` where `path` gives the DICOM SEG `seg` (`_seg_file`), else `read_image`'s
+    image; a `SegError` becomes a `CaseError` naming the case."""
+    if seg is None:
         sop_class = dicom_seg.sop_class(path) if path and Path(path).is_file() else None
         if sop_class is not None:  # a DICOM file, but no SEG (e.g. one slice of a series)
             raise CaseError(
@@ -242,15 +242,17 @@ def read_label(
     case, the file and the reason."""
     seg, gland = _seg_file(path, case), _seg_file(mask, case)  # a folder names its one SEG
     also_gland = seg is not None and gland is not None and seg.resolve() == gland.resolve()
-    return _seg_or_image(
-        path, case, lambda seg: dicom_seg.read_lesions(seg, label_values, also_gland=also_gland)
-    )
+
+    def read(file: Path) -> sitk.Image:
+        return dicom_seg.read_lesions(file, label_values, also_gland=also_gland)
+
+    return _seg_or_image(path, seg, case, read)
 
 
 def read_mask(path: str | os.PathLike, *, case: str = "?") -> sitk.Image:
     """A whole-gland mask: a DICOM SEG's gland segment (`dicom_seg.read_gland`), else
     `read_image`'s image. Raises `CaseError` naming the case, the file and the reason."""
-    return _seg_or_image(path, case, dicom_seg.read_gland)
+    return _seg_or_image(path, _seg_file(path, case), case, dicom_seg.read_gland)
 
 
 def check_distinct(files: Mapping, series: Mapping, case: str, images: Mapping | None = None):

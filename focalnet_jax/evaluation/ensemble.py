@@ -18,7 +18,6 @@ import dataclasses
 import functools
 import json
 import logging
-import re
 from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 
@@ -33,12 +32,11 @@ from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation.inference import Batch, Predictor, checked_images, run_overlapped
 from focalnet_jax.evaluation.predictions import MODELS_FILE
 from focalnet_jax.run import workdir as workdir_lib
-from focalnet_jax.run.run_folder import fold_runs
+from focalnet_jax.run.run_folder import FOLD_NAME, fold_runs, lost_run_config
 
 log = logging.getLogger(__name__)
 
 TTA_MODES = ("none", "flip")
-FOLD_NAME = re.compile(r"fold\d+")  # the runs of `focalnet cv`: fold<k>
 NOT_A_FOLD = "not a fold<k> run of focalnet cv (a copy of a fold would count it twice)"
 LEFT_RIGHT_AXIS = 2  # columns of [N, H, W, C]: along LPS +x (patient right -> left)
 # Labels only: how a label value 1 reads does not change a model's inputs.
@@ -148,10 +146,9 @@ def resolve_folder(
     `used_elsewhere`: the absolute paths of runs named themselves beside the folder, used and so
     never left out."""
     path = Path(path)
+    if lost := lost_run_config(path):
+        raise EnsembleError(lost)
     named = fold_runs(path)
-    for fold in path.glob("fold*"):  # a fold whose config.json is lost is no run: not "missing"
-        if FOLD_NAME.fullmatch(fold.name) and (lost := workdir_lib.lost_config(fold)):
-            raise EnsembleError(f"{path}: {lost}, or move {fold.name} out")
     if (path / workdir_lib.CONFIG_FILE).is_file():
         if named:  # a run trained into a cross-validation folder
             raise EnsembleError(
@@ -162,8 +159,6 @@ def resolve_folder(
         return [path], []
     folds = [p for p in named if FOLD_NAME.fullmatch(p.name)]
     folds.sort(key=lambda p: (len(p.name), p.name))  # fold2 before fold10
-    if not folds and (lost := workdir_lib.lost_config(path)):
-        raise EnsembleError(lost)
     if not folds:
         raise EnsembleError(
             f"{path}: neither a training run (no {workdir_lib.CONFIG_FILE}) nor a "

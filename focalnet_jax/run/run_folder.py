@@ -7,6 +7,7 @@ run; a run written into a cross-validation folder stands beside its fold runs
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from focalnet_jax.errors import UserError
@@ -22,11 +23,40 @@ OTHER_OUTPUTS = {
     "metrics.json": "an evaluation (focalnet evaluate)",
 }
 IMAGE_SUFFIXES = (".mha", ".mhd", ".nii", ".nii.gz", ".dcm")
+FOLD_NAME = re.compile(r"fold\d+")  # the runs of `focalnet cv`: fold<k>
 
 
 def fold_runs(folder: Path) -> list[Path]:
     """The `fold*` runs (folders with a `config.json`) in `folder`, sorted by name."""
     return sorted(p for p in Path(folder).glob("fold*") if (p / CONFIG_FILE).is_file())
+
+
+def has_checkpoint_step(workdir: str | Path) -> bool:
+    """Whether the run saved a checkpoint step (whole or not): starting it again resumes it. A
+    workdir without one (killed before its first save, or its checkpoints moved away) starts a
+    new run, whatever config and store its earlier start recorded."""
+    return any(p.name.isdigit() for p in (Path(workdir) / CHECKPOINT_DIR).glob("*"))
+
+
+def lost_config(workdir: str | Path) -> str | None:
+    """'workdir W: checkpoints but no config.json (lost?): restore it' where `workdir` has a
+    checkpoint step but no `config.json`, else None."""
+    if (Path(workdir) / CONFIG_FILE).is_file() or not has_checkpoint_step(workdir):
+        return None
+    return f"workdir {workdir}: checkpoints but no {CONFIG_FILE} (lost?): restore it"
+
+
+def lost_run_config(path: str | Path) -> str | None:
+    """`lost_config` of a run or cross-validation folder `path` given to predict or evaluate: of
+    any of its `fold<k>` (a fold so lost is no run, and would be left out as never trained), else
+    of `path` itself where it holds no fold runs; None where nothing is lost."""
+    path = Path(path)
+    for fold in sorted(path.glob("fold*")):
+        if FOLD_NAME.fullmatch(fold.name) and (lost := lost_config(fold)):
+            return f"{path}: {lost}, or move {fold.name} out"
+    if any(FOLD_NAME.fullmatch(p.name) for p in fold_runs(path)):
+        return None
+    return lost_config(path)
 
 
 def check_run_folder(workdir: str | Path, *, cv: bool = False) -> None:

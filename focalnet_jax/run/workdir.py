@@ -40,7 +40,12 @@ from focalnet_jax.errors import UserError
 from focalnet_jax.losses import parse_mfl_weight
 from focalnet_jax.run import checkpoint_damage
 from focalnet_jax.run.checkpoint_damage import ITEM_DIR
-from focalnet_jax.run.run_folder import CHECKPOINT_DIR, CONFIG_FILE
+from focalnet_jax.run.run_folder import (
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    has_checkpoint_step,
+    lost_config,
+)
 from focalnet_jax.run.spec import DATA_AXIS, RunSpec
 
 log = logging.getLogger(__name__)
@@ -218,21 +223,6 @@ def check_resumed_config(config: ml_collections.ConfigDict, workdir: str | Path)
         f"{'; '.join(changed)} (a resumed run may change only {', '.join(RESUMABLE_KEYS)}; "
         f"{advice})"
     )
-
-
-def lost_config(workdir: str | Path) -> str | None:
-    """'workdir W: checkpoints but no config.json (lost?): restore it' where `workdir` has a
-    checkpoint step but no `config.json`, else None."""
-    if (Path(workdir) / CONFIG_FILE).is_file() or not has_checkpoint_step(workdir):
-        return None
-    return f"workdir {workdir}: checkpoints but no {CONFIG_FILE} (lost?): restore it"
-
-
-def has_checkpoint_step(workdir: str | Path) -> bool:
-    """Whether the run saved a checkpoint step (whole or not): starting it again resumes it. A
-    workdir without one (killed before its first save, or its checkpoints moved away) starts a
-    new run, whatever config and store its earlier start recorded."""
-    return any(p.name.isdigit() for p in (Path(workdir) / CHECKPOINT_DIR).glob("*"))
 
 
 def _with_implied(saved: dict) -> dict:

@@ -20,7 +20,7 @@ from focalnet_jax.errors import UserError
 from focalnet_jax.file_lock import LockHeld, LocksUnsupported, acquire_lock, release_lock
 from focalnet_jax.run import RunSpec
 from focalnet_jax.run import workdir as workdir_lib
-from focalnet_jax.run.run_folder import check_run_folder
+from focalnet_jax.run.run_folder import check_run_folder, has_checkpoint_step
 from focalnet_jax.run.spec import FoldSplit
 from focalnet_jax.training import group_failures, input_pipeline
 
@@ -92,7 +92,7 @@ def check_run_start(
     start = workdir_lib.resumable_step(workdir)
     if start is not None and start > num_steps:
         raise UserError(_past_the_end(workdir, start, num_steps, config, batches.steps_per_epoch))
-    if workdir_lib.has_checkpoint_step(workdir):  # a resume: the store and cases it recorded
+    if has_checkpoint_step(workdir):  # a resume: the store and cases it recorded
         check_training_store(workdir, store, split=split)
     return RunStart(config, spec, store, split, batches, num_steps, lam, start)
 
