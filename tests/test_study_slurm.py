@@ -335,7 +335,8 @@ def test_array_of_a_run_killed_after_sbatch_is_adopted_not_submitted_again(
     workdir = tmp_path / "study"
     args = ["run", "--spec", str(one_arm), "--workdir", str(workdir), "--executor=slurm"]
     args += ["--spec.repeats=1", "--spec.folds=(0,)", "--sbatch=--hold"]
-    killed = study(*args, env={**env, "PATH": f"{killing.parent}:{env['PATH']}"}, check=False)
+    killing_env = {**env, "PATH": f"{killing.parent}:{env['PATH']}"}
+    killed = study(*args, env=killing_env, check=False, process=True)  # the run it kills
     assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
     _wait_until_unlocked(workdir)  # the wrapper, which shares the run lock, is ending
     assert not (workdir / "slurm" / "jobs.json").exists()
@@ -393,7 +394,8 @@ def test_run_killed_while_its_sbatch_submits_leaves_no_array_untracked(
     args = ["run", "--spec", str(spec_file), "--workdir", str(workdir), "--executor=slurm"]
     args += ["--spec.repeats=1", "--spec.folds=(0,)", "--sbatch=--hold"]
     try:
-        killed = study(*args, env={**env, "PATH": f"{wrapper.parent}:{env['PATH']}"}, check=False)
+        wrapped = {**env, "PATH": f"{wrapper.parent}:{env['PATH']}"}
+        killed = study(*args, env=wrapped, check=False, process=True)  # the run it kills
         assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
         refused = study(*args, env=env, check=False)  # its sbatch would be the real one
     finally:
