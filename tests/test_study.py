@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import faulthandler
 import io
 import itertools
 import json
@@ -87,6 +88,8 @@ def _study_here(args: list[str], env: dict) -> subprocess.CompletedProcess:
     from focalnet_jax import cli
 
     out, err = io.StringIO(), io.StringIO()
+    # A hang ends the test worker here, with every thread's stack (a child's `timeout=`).
+    faulthandler.dump_traceback_later(1200, exit=True, file=sys.__stderr__)
     with (
         mock.patch.dict(os.environ, env, clear=True),
         contextlib.chdir(REPO),
@@ -99,6 +102,8 @@ def _study_here(args: list[str], env: dict) -> subprocess.CompletedProcess:
             status = stop.code if isinstance(stop.code, int) else 0 if stop.code is None else 1
             if status == 1 and not isinstance(stop.code, int):
                 print(stop.code, file=err)
+        finally:
+            faulthandler.cancel_dump_traceback_later()
     return subprocess.CompletedProcess(["study", *args], status, out.getvalue(), err.getvalue())
 
 
