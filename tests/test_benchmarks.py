@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import runpy
 import subprocess
 import sys
 import types
@@ -490,25 +491,18 @@ def test_bf16_curves_train_both_dtypes_and_evaluate_them(small_store, tmp_path):
     assert png.stat().st_size > 0
 
 
-def test_inference_benchmark_times_one_model_and_an_ensemble(monkeypatch):
-    """On 2 devices: inference splits each batch of slices over every local device."""
+def test_inference_benchmark_times_one_model_and_an_ensemble_of_four_components(monkeypatch):
+    """On 2 devices: inference splits each batch of slices over every local device.
+    `configs/mfl4.py` (T2w, ADC, high-b DWI, DCE) was refused: the exam had T2w and ADC only."""
     monkeypatch.setenv("XLA_FLAGS", xla_flags(2))
-    result = _run(
-        "inference.py", "--config=configs/focalnet.py", "--models=2", "--repeats=1", *TINY
-    )
+    result = _run("inference.py", "--config=configs/mfl4.py", "--models=2", "--repeats=1", *TINY)
+    assert result["components"] == ["t2w", "adc", "hbv", "dce"]
     assert result["slices"] == 20 and result["platform"] == "cpu"
     assert result["num_devices"] == 2
     for count in ("models_1", "models_2"):
         assert 0 < result[count]["predict_s"] < result[count]["with_preprocessing_s"]
     assert result["preprocess_s"] > 0 and result["write_outputs_s"] > 0
     assert result["model"] == "deeplab-18 width 0.125 OS 16 float32"
-
-
-def test_inference_benchmark_takes_a_config_of_four_components():
-    """`configs/mfl4.py` (T2w, ADC, high-b DWI, DCE) was refused: the exam had T2w and ADC only."""
-    result = _run("inference.py", "--config=configs/mfl4.py", "--models=1", "--repeats=1", *TINY)
-    assert result["components"] == ["t2w", "adc", "hbv", "dce"] and result["slices"] == 20
-    assert 0 < result["models_1"]["predict_s"] < result["models_1"]["with_preprocessing_s"]
 
 
 def test_flat_maxima_benchmark_counts_each_upsampled_peak_once(monkeypatch):
@@ -564,10 +558,21 @@ def test_mfl_scaling_gives_no_flop_ratio_for_a_step_run_in_chunks():
 
 
 def test_mfl_scaling_benchmark_reports_ratios_to_the_plain_step_of_the_same_run():
+    """The steps are those of `train_step_run` (FL, FL+MFL select on T2w and ADC, the same sizes):
+    loaded from the session's compilation cache, not compiled again. `--components` sets the
+    config's components (here as another order and another set than the config's)."""
+    mfl_scaling = _benchmark_module("mfl_scaling")
+    for flag, components in (("adc,t2w", ("adc", "t2w")), ("t2w,adc,hbv", ("t2w", "adc", "hbv"))):
+        args, overrides = mfl_scaling._parser().parse_known_args(
+            [f"--config={REPO}/configs/focalnet.py", f"--components={flag}", *TINY]
+        )
+        for mfl in (False, True):
+            config = mfl_scaling._config(args, overrides, mfl, "select", 2)
+            assert tuple(config.data.components) == components
     done = _completed(
         "mfl_scaling.py",
         "--config=configs/focalnet.py",
-        "--components=t2w,adc,hbv",
+        "--components=t2w,adc",
         "--subset-counts=2",
         "--modes=select",
         "--steps=1",
@@ -582,7 +587,7 @@ def test_mfl_scaling_benchmark_reports_ratios_to_the_plain_step_of_the_same_run(
     assert row["memory_ratio"] > 1 and row["time_ratio"] > 0
     assert row["flops_ratio"] > 1  # two subsets without chunks: more arithmetic than plain
     assert row["chunked"] is False  # mfl_chunk 4 is not below 2 subsets: one vmap
-    assert result["components"] == ["t2w", "adc", "hbv"] and result["device"] == "cpu"
+    assert result["components"] == ["t2w", "adc"] and result["device"] == "cpu"
     # Each step's compile is timed and logged as it is done (a time-limited run shows how far).
     assert row["compile_time_s"] > 0 and result["plain_compile_time_s"] > 0
     compiled = [line.split(" in ")[0] for line in done.stderr.splitlines() if "compiled " in line]
@@ -820,19 +825,29 @@ def test_gpu_checks_stop_before_any_benchmark_where_jax_sees_no_gpu(tmp_path):
          "--workers 2: more than the 1 --cases (at most one worker per case)"),
     ],
 )  # fmt: skip
-def test_bad_benchmark_arguments_are_one_line_errors(argv, message):
+def test_bad_benchmark_arguments_are_one_line_errors(argv, message, monkeypatch, capsys):
+    """Each script run as `python benchmarks/SCRIPT ARGS` runs it (`__main__`, its directory first
+    on `sys.path`), in this process: a Python started for each spent seconds importing JAX."""
     script, *rest = argv
-    done = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / script), *rest],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 2 and done.stdout == "", done.stderr
-    assert done.stderr.splitlines()[-1] == f"{script}: error: {message}", done.stderr
-    assert "Traceback" not in done.stderr
+    folder = str(REPO / "benchmarks")
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(sys, "argv", [f"{folder}/{script}", *rest])
+    monkeypatch.setattr(sys, "path", [folder, *sys.path])
+    before = set(sys.modules)
+    try:
+        with pytest.raises(SystemExit) as ended:  # any other exception: a traceback
+            runpy.run_path(f"{folder}/{script}", run_name="__main__")
+    finally:  # the scripts' sibling modules, imported by name, are not left for other tests
+        for name in set(sys.modules) - before:
+            if getattr(sys.modules[name], "__file__", None) in _SCRIPT_FILES:
+                del sys.modules[name]
+    done = capsys.readouterr()
+    assert ended.value.code == 2 and done.out == "", done.err
+    assert done.err.splitlines()[-1] == f"{script}: error: {message}", done.err
+    assert "Traceback" not in done.err
+
+
+_SCRIPT_FILES = {str(path) for path in (REPO / "benchmarks").glob("*.py")}
 
 
 def test_mfl_scaling_times_each_kind_once():
