@@ -7,6 +7,7 @@ save waited 5 minutes for the folder it could not make)."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from cli_calls import cli_error
@@ -109,6 +110,11 @@ def test_a_folder_of_fold_runs_and_stray_checkpoints_is_told_what_it_is(tmp_path
     (tmp_path / "cv" / "fold0").mkdir(parents=True)
     (tmp_path / "cv" / "fold0" / "config.json").write_text(json.dumps({}))
     (tmp_path / "cv" / "checkpoints" / "2").mkdir(parents=True)
+    with pytest.raises(UserError, match=r"cv: not a training run \(no config.json\); a cross-"):
+        predict_fold(tmp_path / "cv", tmp_path / "out")
+    # A fold whose config.json is lost: restoring it would not help, the folder is refused whole.
+    shutil.rmtree(tmp_path / "cv" / "checkpoints")
+    (tmp_path / "cv" / "fold1" / "checkpoints" / "2").mkdir(parents=True)
     with pytest.raises(UserError, match=r"cv: not a training run \(no config.json\); a cross-"):
         predict_fold(tmp_path / "cv", tmp_path / "out")
 

@@ -88,7 +88,8 @@ def _study_here(args: list[str], env: dict) -> subprocess.CompletedProcess:
     from focalnet_jax import cli
 
     out, err = io.StringIO(), io.StringIO()
-    # A hang ends the test worker here, with every thread's stack (a child's `timeout=`).
+    # A hang ends the test worker here (the test is reported as crashed), as a child's `timeout=`
+    # did; the stack goes to the captured stderr, which is lost with the worker.
     faulthandler.dump_traceback_later(1200, exit=True, file=sys.__stderr__)
     with (
         mock.patch.dict(os.environ, env, clear=True),

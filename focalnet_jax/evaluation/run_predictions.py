@@ -35,7 +35,7 @@ from focalnet_jax.evaluation.ensemble import (
 )
 from focalnet_jax.evaluation.inference import predict_cases, predict_validation_fold
 from focalnet_jax.evaluation.predictions import MODELS_FILE
-from focalnet_jax.run.run_folder import CONFIG_FILE, lost_run_config
+from focalnet_jax.run.run_folder import CONFIG_FILE, fold_runs, lost_config
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +193,7 @@ def predict_fold(
     replaced whole (`before_swap` as in `predict_test_store`); returns the case ids. Anything but
     one run (a cross-validation folder, however many of its folds finished) is refused: fold
     models trained on each other's folds."""
-    if lost := lost_run_config(workdir):
+    if not fold_runs(workdir) and (lost := lost_config(workdir)):  # a cv folder: refused below
         raise UserError(lost)
     if not (Path(workdir) / CONFIG_FILE).is_file():
         raise UserError(

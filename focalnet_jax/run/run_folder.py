@@ -47,7 +47,7 @@ def lost_config(workdir: str | Path) -> str | None:
 
 
 def lost_run_config(path: str | Path) -> str | None:
-    """`lost_config` of a run or cross-validation folder `path` given to predict or evaluate: of
+    """`lost_config` of a run or cross-validation folder `path` given to predict (an ensemble): of
     any of its `fold<k>` (a fold so lost is no run, and would be left out as never trained), else
     of `path` itself where it holds no fold runs; None where nothing is lost."""
     path = Path(path)
