@@ -32,7 +32,7 @@ from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation.inference import Batch, Predictor, checked_images, run_overlapped
 from focalnet_jax.evaluation.predictions import MODELS_FILE
 from focalnet_jax.run import workdir as workdir_lib
-from focalnet_jax.run.run_folder import FOLD_NAME, fold_runs, lost_run_config
+from focalnet_jax.run.run_folder import FOLD_NAME, fold_runs, lost_config
 
 log = logging.getLogger(__name__)
 
@@ -146,9 +146,13 @@ def resolve_folder(
     `used_elsewhere`: the absolute paths of runs named themselves beside the folder, used and so
     never left out."""
     path = Path(path)
-    if lost := lost_run_config(path):
-        raise EnsembleError(lost)
     named = fold_runs(path)
+    folds = [p for p in named if FOLD_NAME.fullmatch(p.name)]
+    for fold in sorted(path.glob("fold*")):  # a fold so lost is no run: never left out as untrained
+        if FOLD_NAME.fullmatch(fold.name) and (lost := lost_config(fold)):
+            raise EnsembleError(f"{path}: {lost}, or move {fold.name} out")
+    if not folds and (lost := lost_config(path)):
+        raise EnsembleError(lost)
     if (path / workdir_lib.CONFIG_FILE).is_file():
         if named:  # a run trained into a cross-validation folder
             raise EnsembleError(
@@ -157,7 +161,6 @@ def resolve_folder(
                 "runs themselves (several --checkpoint)"
             )
         return [path], []
-    folds = [p for p in named if FOLD_NAME.fullmatch(p.name)]
     folds.sort(key=lambda p: (len(p.name), p.name))  # fold2 before fold10
     if not folds:
         raise EnsembleError(

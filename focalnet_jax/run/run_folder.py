@@ -46,19 +46,6 @@ def lost_config(workdir: str | Path) -> str | None:
     return f"workdir {workdir}: checkpoints but no {CONFIG_FILE} (lost?): restore it"
 
 
-def lost_run_config(path: str | Path) -> str | None:
-    """`lost_config` of a run or cross-validation folder `path` given to predict (an ensemble): of
-    any of its `fold<k>` (a fold so lost is no run, and would be left out as never trained), else
-    of `path` itself where it holds no fold runs; None where nothing is lost."""
-    path = Path(path)
-    for fold in sorted(path.glob("fold*")):
-        if FOLD_NAME.fullmatch(fold.name) and (lost := lost_config(fold)):
-            return f"{path}: {lost}, or move {fold.name} out"
-    if any(FOLD_NAME.fullmatch(p.name) for p in fold_runs(path)):
-        return None
-    return lost_config(path)
-
-
 def check_run_folder(workdir: str | Path, *, cv: bool = False) -> None:
     """One-line `UserError`s for a `--workdir` of `train` (`cv`: of `focalnet cv`) that is not
     such a folder (module docstring), and for a run whose `checkpoints` is not a folder (Orbax's

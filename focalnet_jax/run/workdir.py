@@ -213,7 +213,8 @@ def check_resumed_config(config: ml_collections.ConfigDict, workdir: str | Path)
     ]
     if not changed:
         return
-    model = any(k.startswith("model.") and "upsample" not in k for k in changed)  # no params
+    # model.upsample has no parameters: another one is another config, not another model
+    model = any(k.startswith("model.") and "upsample" not in k for k in changed)
     what = "its checkpoint holds another model" if model else "it was trained with another config"
     advice = "train another config in another workdir"
     if (upsample := saved.get("model.upsample")) != new.get("model.upsample"):
