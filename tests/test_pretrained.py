@@ -236,6 +236,12 @@ def test_bad_files_and_models_raise(tiny_state, tmp_path):
         load_torchvision_resnet(
             variables, tmp_path / "absent.npz", components=COMPONENTS[:3], model_config=cfg
         )
+    # `--config.model.pretrained=None` reaches here as the path 'None': the error says how to
+    # train without pretrained weights.
+    with pytest.raises(FileNotFoundError, match=r"None: no such file \(without pretrained"):
+        load_torchvision_resnet(
+            variables, tmp_path / "None", components=COMPONENTS[:3], model_config=cfg
+        )
     bad = tmp_path / "weights.h5"
     bad.write_bytes(b"")
     with pytest.raises(ValueError, match=r"weights\.h5: expected a suffix"):

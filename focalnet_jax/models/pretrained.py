@@ -81,7 +81,10 @@ def _read_weights(path: str | Path) -> tuple[dict[str, np.ndarray], tuple[str, .
     if path.is_dir():
         raise PretrainedWeightsError(f"pretrained weights {path}: a folder, not a weights file")
     if not path.is_file():
-        raise FileNotFoundError(f"pretrained weights {path}: no such file")
+        # `--config.model.pretrained=None` gives the text 'None' (the field is a path or '')
+        none = path.name.lower() in ("none", "null", "false")
+        hint = " (without pretrained weights: --config.model.pretrained='')" if none else ""
+        raise FileNotFoundError(f"pretrained weights {path}: no such file{hint}")
     suffix = path.suffix.lower()
     if suffix not in _SUFFIXES:
         raise PretrainedWeightsError(f"pretrained weights {path}: expected a suffix in {_SUFFIXES}")
