@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 from unittest import mock
 
@@ -103,6 +104,9 @@ def _study_here(args: list[str], env: dict) -> subprocess.CompletedProcess:
             status = stop.code if isinstance(stop.code, int) else 0 if stop.code is None else 1
             if status == 1 and not isinstance(stop.code, int):
                 print(stop.code, file=err)
+        except Exception:  # as the interpreter ends on it: the traceback on stderr, status 1
+            traceback.print_exc(file=err)
+            status = 1
         finally:
             faulthandler.cancel_dump_traceback_later()
     return subprocess.CompletedProcess(["study", *args], status, out.getvalue(), err.getvalue())
