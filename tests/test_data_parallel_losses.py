@@ -140,10 +140,14 @@ def test_batch_dice_over_two_devices_equals_one_device():
         assert np.abs(one[1:]).max() > 1e-4, case  # a gradient to compare
         np.testing.assert_allclose(every, one, rtol=1e-5, atol=1e-7, err_msg=case)
     # The train step passes the data axis to the loss and to BatchNorm: the same loss, gradient
-    # norm, update, running averages and metrics, up to float32 summation order (the gradient
-    # norm, a sum of squares over every parameter, differed by 4.2e-6 on an AVX-512 CPU).
+    # norm, update, running averages and metrics, up to float32 summation order: the gradient
+    # norm (index 1), a sum of squares over every parameter, differed by 3e-6 to 5e-6 on one CPU
+    # with XLA's code for SSE4.2, AVX2 and AVX-512; the others by at most 5.5e-7.
     assert len(step["one"]) == len(step["all"]) > 5
-    np.testing.assert_allclose(step["all"], step["one"], rtol=1e-5, err_msg="train step")
+    all_devices, one_device = np.array(step["all"]), np.array(step["one"])
+    np.testing.assert_allclose(all_devices[1], one_device[1], rtol=1e-5, err_msg="gradient norm")
+    others = np.delete(all_devices, 1), np.delete(one_device, 1)
+    np.testing.assert_allclose(*others, rtol=2e-6, err_msg="train step")
 
 
 def test_batch_dice_without_an_axis_is_the_one_device_loss():

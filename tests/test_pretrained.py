@@ -237,8 +237,11 @@ def test_bad_files_and_models_raise(tiny_state, tmp_path):
             variables, tmp_path / "absent.npz", components=COMPONENTS[:3], model_config=cfg
         )
     # `--config.model.pretrained=None` reaches here as the path 'None': the error says how to
-    # train without pretrained weights.
-    with pytest.raises(FileNotFoundError, match=r"None: no such file \(without pretrained"):
+    # train without pretrained weights (`focalnet study` checks an arm's file with the same words).
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"None: no such file \(without pretrained weights: model.pretrained=''\)",
+    ):
         load_torchvision_resnet(
             variables, tmp_path / "None", components=COMPONENTS[:3], model_config=cfg
         )

@@ -1505,6 +1505,7 @@ def test_synthetic_runner_refuses_data_made_with_other_arguments(tmp_path, capsy
         ({"loss": {"name": "ce_focal"}}, "loss.mfl=True with loss.name='ce_focal'"),
         # A cell failed on it only once it started, maybe hours later from a queue.
         ({"model": {"pretrained": "/no/such/r18.npz"}}, "'ce': model.pretrained /no/such/r18.npz:"),
+        ({"model": {"pretrained": "None"}}, "None: no such file (without pretrained weights"),
     ],
 )
 def test_arm_overrides_are_checked_against_the_base_config(store, tmp_path, arm, expected):

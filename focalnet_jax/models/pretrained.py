@@ -66,6 +66,13 @@ class PretrainedWeightsError(UserError):
     """A weights file that cannot be read or does not fit the model (names the file and why)."""
 
 
+def no_such_weights_file(path: str | Path) -> str:
+    """'no such file', saying how to train without pretrained weights where `path` is the text
+    'None' (what `--config.model.pretrained=None` gives: the field is a path or '')."""
+    none = Path(path).name.lower() in ("none", "null", "false")
+    return "no such file" + (" (without pretrained weights: model.pretrained='')" if none else "")
+
+
 def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     """Reads a torchvision-layout ``state_dict`` as float32 NumPy arrays keyed by name.
 
@@ -81,10 +88,7 @@ def _read_weights(path: str | Path) -> tuple[dict[str, np.ndarray], tuple[str, .
     if path.is_dir():
         raise PretrainedWeightsError(f"pretrained weights {path}: a folder, not a weights file")
     if not path.is_file():
-        # `--config.model.pretrained=None` gives the text 'None' (the field is a path or '')
-        none = path.name.lower() in ("none", "null", "false")
-        hint = " (without pretrained weights: --config.model.pretrained='')" if none else ""
-        raise FileNotFoundError(f"pretrained weights {path}: no such file{hint}")
+        raise FileNotFoundError(f"pretrained weights {path}: {no_such_weights_file(path)}")
     suffix = path.suffix.lower()
     if suffix not in _SUFFIXES:
         raise PretrainedWeightsError(f"pretrained weights {path}: expected a suffix in {_SUFFIXES}")

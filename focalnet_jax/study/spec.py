@@ -432,7 +432,10 @@ def _check_arm(
         )
     pretrained = config.model.pretrained
     if pretrained and not Path(pretrained).expanduser().is_file():
-        raise StudyError(f"arm {arm!r}: model.pretrained {pretrained}: no such file")
+        from focalnet_jax.models.pretrained import no_such_weights_file
+
+        missing = no_such_weights_file(pretrained)
+        raise StudyError(f"arm {arm!r}: model.pretrained {pretrained}: {missing}")
     return encoding
 
 
