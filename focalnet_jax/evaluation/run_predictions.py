@@ -193,7 +193,7 @@ def predict_fold(
     replaced whole (`before_swap` as in `predict_test_store`); returns the case ids. Anything but
     one run (a cross-validation folder, however many of its folds finished) is refused: fold
     models trained on each other's folds."""
-    if not fold_runs(workdir) and (lost := lost_config(workdir)):  # a cv folder: refused below
+    if (lost := lost_config(workdir)) and not fold_runs(workdir):  # a cv folder: refused below
         raise UserError(lost)
     if not (Path(workdir) / CONFIG_FILE).is_file():
         raise UserError(
