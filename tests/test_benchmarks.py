@@ -787,6 +787,9 @@ def test_gpu_checks_stop_before_any_benchmark_where_jax_sees_no_gpu(tmp_path):
     assert misspelt.stderr.startswith("unknown benchmark 'fold_time_bf16': expected names of ")
 
 
+_SCRIPT_FILES = {str(path) for path in (REPO / "benchmarks").glob("*.py")}  # run in-process
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -845,9 +848,6 @@ def test_bad_benchmark_arguments_are_one_line_errors(argv, message, monkeypatch,
     assert ended.value.code == 2 and done.out == "", done.err
     assert done.err.splitlines()[-1] == f"{script}: error: {message}", done.err
     assert "Traceback" not in done.err
-
-
-_SCRIPT_FILES = {str(path) for path in (REPO / "benchmarks").glob("*.py")}
 
 
 def test_mfl_scaling_times_each_kind_once():
