@@ -92,6 +92,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optim.lr = 1e-3
     config.optim.momentum = 0.9
     config.optim.weight_decay = 1e-4  # L2 regulariser added to the gradient before momentum
+    config.optim.weight_decay_on = "all"  # every parameter, or "kernels" (not BatchNorm, biases)
     config.optim.decay_rate = 0.7  # lr * decay_rate ** (step // decay_steps)
     config.optim.decay_steps = 2000
 

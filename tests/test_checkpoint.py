@@ -215,6 +215,17 @@ def test_a_run_saved_before_loss_pool_size_existed_resumes(tmp_path):
         workdir_lib.check_resumed_config(config, tmp_path)
 
 
+def test_a_run_saved_before_optim_weight_decay_on_existed_resumes(tmp_path):
+    """Runs saved before `optim.weight_decay_on` decayed every parameter: read as "all", they
+    resume under the default and are refused under "kernels" (another optimiser state tree)."""
+    config = _run_saved_without(tmp_path, "optim", "weight_decay_on")
+    assert workdir_lib.read_config(tmp_path).optim.weight_decay_on == "all"
+    workdir_lib.check_resumed_config(config, tmp_path)
+    config.optim.weight_decay_on = "kernels"
+    with pytest.raises(UserError, match=r"optim\.weight_decay_on 'all' -> 'kernels'"):
+        workdir_lib.check_resumed_config(config, tmp_path)
+
+
 def test_a_run_saved_before_the_loss_options_and_mfl_chunk_existed_resumes_and_predicts(tmp_path):
     """A config.json written before `loss.mfl_chunk`, `loss.mfl_any_loss` and the Dice/CE options
     were keys: `predict` and `evaluate` ended in an AttributeError traceback ('mfl_chunk'), and a

@@ -145,6 +145,30 @@ def test_optimizer_is_sgd_momentum_with_l2_and_staircase_decay():
     np.testing.assert_allclose(u2["w"], -1e-3 * (g1 + 0.9 * g1), rtol=1e-6)
 
 
+@pytest.mark.parametrize("decay_on", ["all", "kernels"])
+def test_weight_decay_covers_every_parameter_or_the_kernels_alone(decay_on):
+    """With a zero loss gradient the first update is -lr * weight_decay * w on each decayed
+    parameter and 0 on the others: "kernels" leaves BatchNorm scales and offsets and the
+    classifier's bias alone (TensorFlow DeepLab's regulariser), "all" decays them too."""
+    spec = RunSpec.from_config(
+        tiny_config(overrides=[f"--config.optim.weight_decay_on={decay_on}"])
+    )
+    params = spec.model.init(jax.random.key(0), jnp.zeros(spec.input_shape), train=False)["params"]
+    updates, _ = spec.tx.update(jax.tree.map(jnp.zeros_like, params), spec.tx.init(params), params)
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    names = {jax.tree_util.keystr(path): path[-1].key for path, _ in leaves}
+    assert {"kernel", "scale", "bias"} <= set(names.values())  # convolutions, BatchNorm, biases
+    for (path, weight), update in zip(leaves, jax.tree.leaves(updates), strict=True):
+        decayed = decay_on == "all" or path[-1].key == "kernel"
+        expected = -1e-3 * 1e-4 * np.asarray(weight) if decayed else np.zeros_like(weight)
+        np.testing.assert_allclose(update, expected, rtol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+
+def test_an_unknown_weight_decay_on_is_refused():
+    with pytest.raises(ValueError, match=r"^optim\.weight_decay_on: expected one of \('all', "):
+        RunSpec.from_config(tiny_config(overrides=["--config.optim.weight_decay_on=bn"]))
+
+
 def test_mfl_weight_auto_and_number():
     assert losses.parse_mfl_weight("auto") is None
     assert losses.parse_mfl_weight("130") == 130.0

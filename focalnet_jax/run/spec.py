@@ -33,6 +33,7 @@ from focalnet_jax.models import (
     check_model_config,
     input_multiple,
 )
+from focalnet_jax.run.optimizer import WEIGHT_DECAY_ON, build_optimizer
 
 DATA_AXIS = "data"
 """Name of the 1-D device mesh axis (data parallelism, sync-BN statistics)."""
@@ -144,7 +145,8 @@ class RunSpec:
         check_model_config(config.model)
         _check_train(config.train)
         _check_augment(config.augment)
-        schedule, tx = _optimizer(config.optim)
+        _check_optim(config.optim)
+        schedule, tx = build_optimizer(config.optim)
         per_device_batch(config.train.batch_size, num_devices or jax.device_count())
         if image_size is None:  # the store's comes with `for_store`; parameters fit any size
             multiple = input_multiple(config.model)
@@ -402,33 +404,18 @@ def _check_train(train) -> None:
         )
 
 
-def _optimizer(optim) -> tuple[optax.Schedule, optax.GradientTransformation]:
-    """Staircase schedule lr * decay_rate ** (step // decay_steps) (paper: 1e-3 x0.7 every 2000
-    steps) and SGD with momentum after an L2 term (paper II-D3).
-
-    `add_decayed_weights` before `sgd` adds weight_decay * w to the gradient, i.e. the gradient of
-    (weight_decay / 2) * ||w||^2 added to the loss (TensorFlow's L2 regulariser semantics), which
-    then passes through momentum like the rest of the gradient. It covers every parameter,
-    BatchNorm scales and offsets and biases included (the paper does not say which; TensorFlow
-    DeepLab ports decay the kernels alone): with no loss gradient, 17,400 steps (a paper fold)
-    would shrink a BatchNorm scale of 1 to 0.9936.
-    """
+def _check_optim(optim) -> None:
+    """The `optim` section's values (`optimizer.build_optimizer` takes them as they are)."""
     if not (_is_int(optim.decay_steps) and optim.decay_steps >= 1):
         raise ValueError(f"optim.decay_steps: expected a positive int, got {optim.decay_steps!r}")
     _number(optim.lr, "optim.lr", 0.0)
     _number(optim.momentum, "optim.momentum", 0.0, 1.0)
     _number(optim.weight_decay, "optim.weight_decay", 0.0)
+    if optim.weight_decay_on not in WEIGHT_DECAY_ON:
+        raise ValueError(
+            f"optim.weight_decay_on: expected one of {WEIGHT_DECAY_ON}, "
+            f"got {optim.weight_decay_on!r}"
+        )
     rate = optim.decay_rate  # <= 0 zeroes the rate or flips its sign, > 1 grows it without end
     if isinstance(rate, bool) or not (isinstance(rate, int | float) and 0 < rate <= 1):
         raise ValueError(f"optim.decay_rate: expected a number in (0, 1], got {rate!r}")
-    schedule = optax.exponential_decay(
-        init_value=optim.lr,
-        transition_steps=optim.decay_steps,
-        decay_rate=optim.decay_rate,
-        staircase=True,
-    )
-    tx = optax.chain(
-        optax.add_decayed_weights(optim.weight_decay),
-        optax.sgd(schedule, momentum=optim.momentum),
-    )
-    return schedule, tx

@@ -182,6 +182,7 @@ IMPLIED_WHEN_ABSENT = {
     "loss.eps": 1.0,
     "loss.batch_dice": False,
     "loss.dice_background": True,
+    "optim.weight_decay_on": "all",
     # DeepLab runs saved before the aligned upsampling used the half-pixel one; a U-Net has none
     "model.upsample": lambda saved: (
         "half_pixel" if saved["model"].get("name", "deeplab") == "deeplab" else "aligned"
