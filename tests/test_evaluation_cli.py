@@ -34,9 +34,9 @@ def blob(center, sigma=3.0, peak=1.0):
     return volume
 
 
-def write_blob_case(out_dir, case_id, *, lesion=None, blobs=(), with_images=True):
+def write_blob_case(out_dir, case_id, *, lesion=None, blobs=(), with_images=True, patient=None):
     """lesion: (class, (z, y, x)) a 3 x 7 x 7 lesion; blobs: ((z, y, x), peak) score blobs with
-    P(class >= k) = peak * 0.8^(k-1) at the centre."""
+    P(class >= k) = peak * 0.8^(k-1) at the centre; patient: its patient id (patient-<case>)."""
     lesions = np.zeros(SHAPE, np.int32)
     classes = []
     if lesion is not None:
@@ -57,7 +57,7 @@ def write_blob_case(out_dir, case_id, *, lesion=None, blobs=(), with_images=True
         lesions=lesions,
         lesion_classes=classes,
         spacing=(0.625, 0.625),
-        patient_id=f"patient-{case_id}",
+        patient_id=patient or f"patient-{case_id}",
         slice_index=np.arange(SHAPE[0]) + 3,
         **images,
     )
@@ -491,6 +491,23 @@ def test_picai_bootstrap_redraws_resamples_with_one_class(tmp_path):
     assert picai["auroc_95_ci"] == [1.0, 1.0] and picai["ap_95_ci"] == [1.0, 1.0]
     # P(all four draws from one class) = 2 x (1/2)^4 = 1/8 per resample.
     assert picai["bootstrap_resamples_redrawn"] > 0
+    assert picai["bootstrap_patients"] == 4
+
+
+def test_picai_bootstrap_draws_the_exams_of_a_patient_together(tmp_path):
+    """Two exams of one patient (c3, c4) are one unit of the bootstrap: 3 patients are drawn."""
+    predictions, out = tmp_path / "predictions", tmp_path / "eval"
+    write_blob_case(predictions, "c1", lesion=(3, (4, 20, 20)), blobs=[((4, 20, 20), 0.9)])
+    write_blob_case(predictions, "c2", lesion=(2, (3, 12, 30)), blobs=[((3, 12, 30), 0.6)])
+    write_blob_case(predictions, "c3", patient="p3", blobs=[((4, 24, 24), 0.3)])
+    write_blob_case(predictions, "c4", patient="p3")
+    run_cli(["evaluate", "--predictions", str(predictions), "--out", str(out), "--no-figures",
+             "--picai-bootstraps", "20"])  # fmt: skip
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_patients"] == 3
+    assert metrics["picai"]["num_cases"] == 4 and metrics["picai"]["bootstrap_patients"] == 3
+    report = (out / "report.md").read_text()
+    assert "95 % bootstrap intervals (model, 3 patients resampled): AUROC " in report
 
 
 def _evaluate_argv(predictions, out, *extra):

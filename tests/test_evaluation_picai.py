@@ -1,5 +1,5 @@
 """PI-CAI bootstrap intervals against a reference computed here with scikit-learn, on per-case
-detection results small enough to list."""
+detection results small enough to list; resampled by patient, a patient's exams together."""
 
 from __future__ import annotations
 
@@ -59,6 +59,44 @@ def test_intervals_leave_out_resamples_with_one_class():
     assert out["score_95_ci"] == pytest.approx(score.tolist())
     assert out["ap_95_ci"][0] > 0.3  # every resample has a lesion, found above most FPs
     assert out["bootstrap_resamples_redrawn"] > 0
+
+
+def test_one_exam_per_patient_draws_as_the_case_bootstrap():
+    """Where every patient has one exam the patient bootstrap is picai_eval's case bootstrap:
+    the same resamples, the same intervals."""
+    results = twelve_cases()
+    by_case = picai_metrics(results, bootstraps=200, seed=3)
+    by_patient = picai_metrics(
+        results, patients={case: f"p-{case}" for case in results}, bootstraps=200, seed=3
+    )
+    assert by_patient == by_case
+    assert by_case["bootstrap_patients"] == 12
+
+
+def test_a_patients_exams_are_drawn_together():
+    """Each of 12 patients has two identical exams. Drawn by patient, the 24 exams give exactly
+    the intervals of the 12 single exams (a duplicated set has the same AUROC and AP); drawn by
+    case, the duplicates count as independent evidence and the intervals come out narrower."""
+    single = twelve_cases()
+    double = {f"{case}-{exam}": r for case, r in single.items() for exam in ("a", "b")}
+    patients = {exam: exam[:-2] for exam in double}
+    clustered = picai_metrics(double, patients=patients, bootstraps=300, seed=1)
+    assert clustered["bootstrap_patients"] == 12 and clustered["num_cases"] == 24
+    # Patients come in the order of picai_eval's sorted case ids: c0-a c0-b c1-a ... as c0 c1 ...
+    reference = picai_metrics(single, bootstraps=300, seed=1)
+    for key in ("auroc_95_ci", "ap_95_ci", "score_95_ci"):
+        assert clustered[key] == pytest.approx(reference[key])
+    naive = picai_metrics(double, bootstraps=300, seed=1)
+    assert naive["bootstrap_patients"] == 24
+    width = [b - a for a, b in (clustered["score_95_ci"], naive["score_95_ci"])]
+    assert width[1] < 0.85 * width[0]
+
+
+def test_a_case_without_a_patient_id_is_refused():
+    results = twelve_cases()
+    patients = {case: "p" for case in results if case != "c5"}
+    with pytest.raises(ValueError, match=r"no patient id for cases \['c5'\] \(1 in all\)"):
+        picai_metrics(results, patients=patients, bootstraps=10)
 
 
 def test_intervals_without_a_negative_case_are_null_with_the_reason():

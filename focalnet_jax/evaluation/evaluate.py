@@ -115,10 +115,14 @@ def _wide_flat_maxima(summaries: list[CaseSummary], radius_mm: float) -> int:
     return len(wide)
 
 
-def _picai_section(results: dict, skipped: str | None, bootstraps: int, seed: int) -> dict:
-    """picai_eval's metrics of the cases' 3D detection results, or why they were skipped."""
+def _picai_section(
+    results: dict, skipped: str | None, summaries: list[CaseSummary], bootstraps: int, seed: int
+) -> dict:
+    """picai_eval's metrics of the cases' 3D detection results (intervals over patients), or
+    why they were skipped."""
     if skipped is None:
-        return picai.picai_metrics(results, bootstraps=bootstraps, seed=seed)
+        patients = {s.case_id: s.patient_id for s in summaries}
+        return picai.picai_metrics(results, patients=patients, bootstraps=bootstraps, seed=seed)
     log.warning("PI-CAI metrics skipped: %s", skipped)
     return {"skipped": skipped}
 
@@ -171,7 +175,9 @@ def evaluate_predictions(
         paths, settings, with_picai, record.get("models", {})
     )
     metrics = _paper_metrics(summaries, settings, predictions_dir)
-    metrics["picai"] = _picai_section(picai_results, picai_skipped, picai_bootstraps, seed)
+    metrics["picai"] = _picai_section(
+        picai_results, picai_skipped, summaries, picai_bootstraps, seed
+    )
     metrics.update(record)
     if out_dir is not None:
         report = markdown_report({label: [json_safe(metrics)]}, title=f"Evaluation of {label}")

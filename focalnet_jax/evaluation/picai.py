@@ -74,14 +74,17 @@ def evaluate_case(case: CasePredictions, *, min_overlap: float = MIN_OVERLAP) ->
 def picai_metrics(
     case_results: Mapping[str, tuple],
     *,
+    patients: Mapping[str, str] | None = None,
     bootstraps: int = 1000,
     seed: int = 0,
     min_overlap: float = MIN_OVERLAP,
 ) -> dict:
     """Case AUROC, lesion AP and ranking score (AUROC + AP) / 2 of `picai_eval.Metrics`, with 95 %
-    bootstrap intervals over cases (`bootstraps` = 0 skips them); NaN where undefined: the AUROC
-    without a positive or a negative case, the AP without a lesion (picai_eval gives 0 there, or
-    fails when no case has a candidate either), each named with its reason in `undefined`."""
+    bootstrap intervals over patients (`bootstraps` = 0 skips them; `patients`: case id ->
+    patient id, a patient's exams drawn together; None: each case its own patient); NaN where
+    undefined: the AUROC without a positive or a negative case, the AP without a lesion
+    (picai_eval gives 0 there, or fails when no case has a candidate either), each named with its
+    reason in `undefined`."""
     _, _, Metrics, version = import_picai()
     lesion_results = {case: list(results) for case, (results, _) in case_results.items()}
     metrics = Metrics(
@@ -111,7 +114,7 @@ def picai_metrics(
         if undefined := _undefined_reasons(out):
             out["undefined"] = undefined
         if bootstraps > 0:
-            out.update(_bootstrap_intervals(metrics, bootstraps, seed))
+            out.update(_bootstrap_intervals(metrics, bootstraps, seed, patients))
     out.update(
         {
             "picai_eval_version": str(version),
@@ -136,20 +139,27 @@ def _undefined_reasons(out: Mapping) -> dict[str, str]:
     return reasons
 
 
-def _bootstrap_intervals(metrics, bootstraps: int, seed: int) -> dict:
-    """95 % percentile intervals of AUROC, AP and ranking score over `bootstraps` case resamples.
+def _bootstrap_intervals(
+    metrics, bootstraps: int, seed: int, patients: Mapping[str, str] | None
+) -> dict:
+    """95 % percentile intervals of AUROC, AP and ranking score over `bootstraps` resamples of
+    the patients, each drawn patient bringing all of its exams (`patients`: case id -> patient
+    id; None: one case, one patient).
 
-    As picai_eval's `Metrics.bootstrap_score_ci` (cases drawn with replacement, its AUROC and AP
-    of each resample, `np.percentile` 2.5 and 97.5), except that a resample without a positive
-    or without a negative case is drawn again, as picai_eval's own matched bootstrap does: there
-    the AUROC is NaN, which made the whole AUROC and score intervals NaN, and the AP of a
-    resample without lesions is 0, which dragged the AP interval down to 0.
+    As picai_eval's `Metrics.bootstrap_score_ci` (its AUROC and AP of each resample,
+    `np.percentile` 2.5 and 97.5), which draws cases: two exams of one patient (a repeat study)
+    are not independent, and drawing them apart gives intervals too narrow. Where every patient
+    has one exam the draws are picai_eval's (the same resamples as drawing cases). A resample
+    without a positive or without a negative case is drawn again, as picai_eval's own matched
+    bootstrap does: there the AUROC is NaN, which made the whole AUROC and score intervals NaN,
+    and the AP of a resample without lesions is 0, which dragged the AP interval down to 0.
     `bootstrap_resamples_redrawn` counts them. Intervals are null, with the reason, when the
     evaluation itself has no positive or no negative case.
     """
     cases = list(metrics.subject_list)
     positive = np.array([bool(metrics.case_target[c]) for c in cases])
-    out = {"bootstraps": int(bootstraps)}
+    groups = _patient_groups(cases, patients)
+    out = {"bootstraps": int(bootstraps), "bootstrap_patients": len(groups)}
     if positive.all() or not positive.any():
         reason = (
             f"every one of the {len(cases)} cases is {'positive' if positive.any() else 'negative'}"
@@ -163,7 +173,7 @@ def _bootstrap_intervals(metrics, bootstraps: int, seed: int) -> dict:
     rng = np.random.default_rng(seed)
     auroc, ap, redrawn = [], [], 0
     while len(auroc) < bootstraps:
-        drawn = rng.integers(0, len(cases), len(cases))
+        drawn = np.concatenate([groups[i] for i in rng.integers(0, len(groups), len(groups))])
         if positive[drawn].all() or not positive[drawn].any():
             redrawn += 1
             continue
@@ -177,3 +187,16 @@ def _bootstrap_intervals(metrics, bootstraps: int, seed: int) -> dict:
         "score_95_ci": [float(v) for v in np.percentile(score, [2.5, 97.5])],
         "bootstrap_resamples_redrawn": redrawn,
     }
+
+
+def _patient_groups(cases: list[str], patients: Mapping[str, str] | None) -> list[np.ndarray]:
+    """Indices into `cases` of each patient's exams, patients in the order of their first case
+    (one group per case where `patients` is None); a case without a patient id is an error."""
+    if patients is None:
+        return [np.array([i]) for i in range(len(cases))]
+    if missing := [case for case in cases if case not in patients]:
+        raise ValueError(f"no patient id for cases {missing[:5]} ({len(missing)} in all)")
+    groups: dict[str, list[int]] = {}
+    for i, case in enumerate(cases):
+        groups.setdefault(patients[case], []).append(i)
+    return [np.array(group) for group in groups.values()]

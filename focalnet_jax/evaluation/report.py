@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from focalnet_jax.data.atomic_files import write_json_atomic
-from focalnet_jax.errors import UserError
+from focalnet_jax.errors import UserError, plural
 from focalnet_jax.evaluation.metrics_shape import metrics_problem, value_at
 from focalnet_jax.evaluation.stats import mean_sd
 
@@ -332,10 +332,12 @@ def _picai_protocol(runs: Mapping[str, Sequence[Mapping]]) -> list[str]:
     for name, folds in runs.items():
         if len(folds) == 1 and value_at(folds[0], ("picai", "score_95_ci")):
             ci = folds[0]["picai"]
+            patients = ci.get("bootstrap_patients")  # absent from metrics of older versions
+            resampled = f"{name}, {plural(patients, 'patient')} resampled" if patients else name
             lines += [
                 "",
                 "95 % bootstrap intervals ({}): AUROC {}, AP {}, score {}".format(
-                    name,
+                    resampled,
                     *(_interval(ci.get(k)) for k in ("auroc_95_ci", "ap_95_ci", "score_95_ci")),
                 ),
             ]
