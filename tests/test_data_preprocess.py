@@ -485,12 +485,46 @@ def test_label_or_mask_saved_without_geometry_is_refused(small_case, tmp_path, w
     write_image(bare, tmp_path / "bare.nii.gz")
     files = {"label": None, "mask": folder / "mask.nii.gz"}
     files["label" if what == "label" else "mask"] = tmp_path / "bare.nii.gz"
-    with pytest.raises(CaseError, match=f"{what} has the T2w's 96 x 96 x 6 voxels but no geom"):
+    refused = f"{what} has the T2w's 96 x 96 x 6 voxels but the default origin .0, 0, 0. and "
+    refused += r"spacing \(1 mm voxels\) where the T2w's differs"  # its direction is the identity
+    with pytest.raises(CaseError, match=refused):
         preprocess_case(components, files["label"], mask=files["mask"], case_id="c2")
     # With its header the same array is fine.
     bare.CopyInformation(sc.images["t2w"])
     write_image(bare, tmp_path / "bare.nii.gz")
     preprocess_case(components, files["label"], mask=files["mask"], case_id="c2")
+
+
+@pytest.mark.real_data
+@pytest.mark.parametrize(
+    "copied, lost",
+    [
+        (("Origin", "Spacing"), "direction (identity)"),
+        (("Spacing", "Direction"), "origin (0, 0, 0)"),
+    ],
+)
+def test_a_label_with_part_of_the_t2w_header_is_refused(
+    real_exam, prostatex_case_dir, tmp_path, copied, lost
+):
+    """The T2w is oblique (18 degrees): a label given only part of its header was resampled
+    through the rest, its lesion moved by centimetres to other slices without a word, or lost
+    with a message blaming the crop."""
+    t2w, _ = real_exam
+    whole = _finding_label(t2w)
+    part = sitk.GetImageFromArray(sitk.GetArrayFromImage(whole))
+    for field in copied:
+        getattr(part, f"Set{field}")(getattr(t2w, f"Get{field}")())
+    path = tmp_path / "label.nii.gz"
+    write_image(part, path)
+    components = {name: prostatex_case_dir / name for name in ("t2w", "adc")}
+    with pytest.raises(CaseError) as refused:
+        preprocess_case(components, path, case_id="ProstateX-0000")
+    assert refused.value.file == str(path)
+    assert str(refused.value).endswith(
+        f"label has the T2w's 384 x 384 x 19 voxels but the default {lost} where the T2w's "
+        "differs: saved without (all of) the image header? Copy the T2w's origin, spacing and "
+        "direction into it (SimpleITK CopyInformation)"
+    )
 
 
 def _without_orientation(image: sitk.Image, path):
@@ -767,7 +801,9 @@ def test_a_bladder_mask_stored_in_another_orientation_marks_the_same_voxels(smal
         assert case.t2w_reference["bladder"] == float(np.median(t2w[bladder > 0]))
     # Without its header (origin 0, 1 mm voxels) it would be taken through that geometry.
     write_image(sitk.GetImageFromArray(bladder), tmp_path / "bare.nii.gz")
-    with pytest.raises(CaseError, match="bladder mask has the T2w's 96 x 96 x 6 voxels but no geo"):
+    with pytest.raises(
+        CaseError, match="bladder mask has the T2w's 96 x 96 x 6 voxels but the default origin"
+    ):
         preprocess_case(components, bladder_mask=tmp_path / "bare.nii.gz", case_id="c7")
 
 

@@ -91,21 +91,37 @@ def _resample(
     return sitk.GetArrayFromImage(out)
 
 
+# What ITK gives an image whose header lacks a field: (value, as the error words it)
+_DEFAULT_GEOMETRY = {
+    "GetOrigin": ((0.0, 0.0, 0.0), "origin (0, 0, 0)"),
+    "GetSpacing": ((1.0, 1.0, 1.0), "spacing (1 mm voxels)"),
+    "GetDirection": (tuple(np.eye(3).ravel()), "direction (identity)"),
+}
+
+
 def _check_has_geometry(image: sitk.Image, t2w: sitk.Image, case: str, path, what: str) -> None:
-    """Refuses a label or mask with the T2w's voxel counts but the default geometry (origin 0,
-    1 mm voxels) that an array saved without its image's header gets, or a NIfTI without
-    orientation off the T2w grid: it would be resampled through that wrong geometry (lesions
-    lost or silently moved)."""
+    """Refuses a label or mask with the T2w's voxel counts whose origin, spacing or direction is
+    the default one where the T2w's is not: what an array saved without its image's header, or
+    with only part of it copied, gets; or a NIfTI without orientation off the T2w grid. It would
+    be resampled through that wrong geometry (lesions lost, or moved to other slices without a
+    word)."""
     io.check_placed_on_t2w(image, path, t2w, case, what)
-    default = np.allclose(image.GetOrigin(), 0.0) and np.allclose(image.GetSpacing(), 1.0)
-    t2w_default = np.allclose(t2w.GetOrigin(), 0.0) and np.allclose(t2w.GetSpacing(), 1.0)
-    if image.GetSize() == t2w.GetSize() and default and not t2w_default:
+    if image.GetSize() != t2w.GetSize():
+        return
+    lost = [
+        words
+        for get, (default, words) in _DEFAULT_GEOMETRY.items()
+        if np.allclose(getattr(image, get)(), default)
+        and not np.allclose(getattr(t2w, get)(), default)
+    ]
+    if lost:
         raise CaseError(
             case,
             path,
-            f"{what} has the T2w's {' x '.join(map(str, t2w.GetSize()))} voxels but no geometry "
-            "(origin 0, 1 mm voxels): saved without the image header? Copy the T2w's origin, "
-            "spacing and direction into it (SimpleITK CopyInformation)",
+            f"{what} has the T2w's {' x '.join(map(str, t2w.GetSize()))} voxels but the default "
+            f"{' and '.join(lost)} where the T2w's differs: saved without (all of) the image "
+            "header? Copy the T2w's origin, spacing and direction into it (SimpleITK "
+            "CopyInformation)",
         )
 
 
