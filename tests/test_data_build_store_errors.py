@@ -14,6 +14,7 @@ from focalnet_jax.data import build_store
 from focalnet_jax.data.dicom_stack import SeriesError
 from focalnet_jax.data.io import CaseError
 from focalnet_jax.data.layouts import discover_picai
+from focalnet_jax.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -112,3 +113,28 @@ def test_an_out_of_dot_is_written_and_its_errors_listed_beside_the_folder(
     listed = (tmp_path / "empty.errors.csv").read_text().splitlines()
     assert listed[0] == "case,file,reason" and listed[1].startswith("bad id,")
     assert list(empty.iterdir()) == []
+
+
+def test_one_exam_under_two_ids_is_a_bad_case(dataset, tmp_path):
+    """A copy of a case under another case and patient id was stored twice and split across
+    folds; now it is refused naming it and its T2w, or with skip_bad_cases listed and left out.
+    Two cases of one id are refused before any is preprocessed."""
+    cases = _cases(dataset)
+    copy = dataclasses.replace(cases[0], case_id="copy", patient_id="someone-else")
+    with pytest.raises(CaseError) as refused:
+        build_store.preprocess_cases([*cases, copy], tmp_path / "store", progress=False)
+    assert (refused.value.case, refused.value.file) == ("copy", str(cases[0].components["t2w"]))
+    assert refused.value.reason.startswith(
+        f"its preprocessed data are those of case '{cases[0].case_id}' byte for byte"
+    )
+    assert not (tmp_path / "store").exists()
+    summary = build_store.preprocess_cases(
+        [*cases, copy], tmp_path / "store", progress=False, skip_bad_cases=True
+    )
+    assert summary.num_cases == len(cases)
+    errors = (tmp_path / "store" / "errors.csv").read_text()
+    assert "copy," in errors and "byte for byte" in errors
+    twice = dataclasses.replace(cases[1], case_id=cases[0].case_id)
+    with pytest.raises(UserError, match=f"case ids listed more than once: {cases[0].case_id}$"):
+        build_store.preprocess_cases([*cases, twice], tmp_path / "other", progress=False)
+    assert not (tmp_path / "other").exists()

@@ -14,7 +14,7 @@ import pytest
 from focalnet_jax.data.geometry import CropGeometry
 from focalnet_jax.data.preprocess import PreprocessedCase
 from focalnet_jax.data.preprocess_config import PreprocessConfig
-from focalnet_jax.data.store import StoreWriter, bad_cases_note, open_store
+from focalnet_jax.data.store import DuplicateCase, StoreWriter, bad_cases_note, open_store
 from focalnet_jax.data.store_settings import StaleStoreError, fingerprint, store_settings
 
 
@@ -85,6 +85,24 @@ def test_write_and_open_memory_mapped(tmp_path):
     assert not list(tmp_path.glob(".store.tmp-*"))
 
 
+def test_a_case_stored_twice_is_refused_and_nothing_of_it_written(tmp_path):
+    """One exam under two ids (its data byte for byte) would sit in two folds: a model would be
+    validated on the exam it trained on. The same id twice left a store `open_store` refused."""
+    with StoreWriter(tmp_path / "s", ("t2w", "adc"), SETTINGS) as writer:
+        writer.add(_case("a", 3, lesion_class=4, seed=1), patient_id="p1")
+        copy = dataclasses.replace(_case("a", 3, lesion_class=4, seed=1), case_id="a-again")
+        with pytest.raises(DuplicateCase, match="^case 'a-again': its preprocessed data are those "
+                           "of case 'a' byte for byte: the same exam under two ids"):  # fmt: skip
+            writer.add(copy, patient_id="p2")
+        with pytest.raises(DuplicateCase, match="^case 'a': the case id is stored already"):
+            writer.add(_case("a", 2, seed=2), patient_id="p1")
+        writer.add(_case("b", 2, seed=2), patient_id="p3")
+        writer.commit()
+    store = open_store(tmp_path / "s", expected_settings=SETTINGS)
+    assert store.case_ids == ["a", "b"] and store.images.shape[0] == 5
+    np.testing.assert_array_equal(store.images[3:], _case("b", 2, seed=2).images)
+
+
 def test_stale_fingerprint_detected(tmp_path):
     with StoreWriter(tmp_path / "s", ("t2w", "adc"), SETTINGS) as writer:
         writer.add(_case("a", 1), patient_id="p")
@@ -135,11 +153,11 @@ def test_case_cropped_upside_down_by_an_older_version_is_refused(tmp_path):
     # cropped upside down; such records (no in_plane_axes, flipped direction) are refused, others
     # (identity axes either way) still open.
     flipped = dataclasses.replace(
-        _case("b", 1).geometry, t2w_direction=(1.0, 0, 0, 0, -1.0, 0, 0, 0, 1.0)
+        _case("b", 1, seed=1).geometry, t2w_direction=(1.0, 0, 0, 0, -1.0, 0, 0, 0, 1.0)
     )
     with StoreWriter(tmp_path / "s", ("t2w", "adc"), SETTINGS) as writer:
         writer.add(_case("a", 1), patient_id="p")
-        writer.add(dataclasses.replace(_case("b", 1), geometry=flipped), patient_id="q")
+        writer.add(dataclasses.replace(_case("b", 1, seed=1), geometry=flipped), patient_id="q")
         writer.commit()
     assert open_store(tmp_path / "s").geometry("b").in_plane_axes == (1, 0, 0, 1)
     table = json.loads((tmp_path / "s" / "cases.json").read_text())
@@ -459,7 +477,7 @@ def test_a_full_disk_names_the_store_and_leaves_nothing(tmp_path):
             writer.add(_case("a", 1), patient_id="p")
             writer._files["images"].close()
             writer._files["images"] = open("/dev/full", "wb")  # noqa: SIM115 (closed by abort)
-            writer.add(_case("b", 1), patient_id="p")
+            writer.add(_case("b", 1, seed=1), patient_id="p")
             writer._files["images"].flush()
     assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(out)
     assert is_user_error(raised.value)

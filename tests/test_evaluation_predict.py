@@ -31,7 +31,8 @@ def exam_components(prostatex_case_dir):
 @pytest.fixture(scope="module")
 def trained_run(exam_components, tmp_path_factory):
     """A workdir with a 2-step checkpoint (ResNet-18 width 0.125) trained on a store holding the
-    exam twice, as two patients of two folds."""
+    exam twice, as two patients of two folds (the second copy 0.1 % darker: a store refuses one
+    exam's data under two ids)."""
     from focalnet_jax.config_loading import load_config
     from focalnet_jax.data import preprocess_case
     from focalnet_jax.data.store import StoreWriter
@@ -43,7 +44,8 @@ def trained_run(exam_components, tmp_path_factory):
     components = ("t2w", "adc")
     with StoreWriter(root / "store", components, store_settings(None, components)) as writer:
         for i in range(2):
-            writer.add(dataclasses.replace(case, case_id=f"px{i}"), patient_id=f"patient{i}")
+            copy = dataclasses.replace(case, case_id=f"px{i}", images=case.images * (1 - i / 1000))
+            writer.add(copy, patient_id=f"patient{i}")
         writer.commit()
     overrides = [
         "--config.model.depth=18",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ from focalnet_jax.data.picai_sources import label_scheme, marksheet_disagreement
 from focalnet_jax.data.preprocess import preprocess_case
 from focalnet_jax.data.preprocess_config import PreprocessConfig
 from focalnet_jax.data.store import (
+    DuplicateCase,
     StoreWriter,
     bad_cases_note,
     open_store,
@@ -135,20 +137,24 @@ def _add_results(
     labelled, lesion_free, trimmed = [], [], []
     for spec, case, error in results:
         bar.update()
+        if error is None and not len(case.images):
+            log.info("leaving out case %s: lesion-free, and %s", spec.case_id, _ANNOTATED_ONLY)
+            lesion_free.append(spec.case_id)
+            continue
+        if error is None:
+            files = {**spec.components, "label": spec.label, "mask": spec.mask}
+            if spec.series:  # the series chosen in a DICOM folder of several (`<component>_series`)
+                files["series"] = dict(spec.series)
+            try:
+                writer.add(case, patient_id=spec.patient_id, files=files, meta=spec.meta)
+            except DuplicateCase as duplicate:  # the same exam stored under another id
+                error = (spec.case_id, str(spec.components["t2w"]), duplicate.reason)
         if error is not None:
             if not skip_bad_cases:
                 raise CaseError(*error)
             log.warning("skipping case %s: %s (%s)", *error[:1], error[2], error[1])
             writer.add_error(*error)
             continue
-        if not len(case.images):
-            log.info("leaving out case %s: lesion-free, and %s", spec.case_id, _ANNOTATED_ONLY)
-            lesion_free.append(spec.case_id)
-            continue
-        files = {**spec.components, "label": spec.label, "mask": spec.mask}
-        if spec.series:  # the series chosen in a DICOM folder of several (`<component>_series`)
-            files["series"] = dict(spec.series)
-        writer.add(case, patient_id=spec.patient_id, files=files, meta=spec.meta)
         if writer.settings["slices"] == "covered" and len(case.images) < case.geometry.t2w_size[2]:
             trimmed.append(spec.case_id)
         if len(case.lesion_classes):
@@ -218,6 +224,8 @@ def preprocess_cases(
     """
     if not cases:
         raise UserError(f"store {out}: no cases to preprocess")
+    if twice := sorted(i for i, n in Counter(c.case_id for c in cases).items() if n > 1):
+        raise UserError(f"store {out}: case ids listed more than once: {', '.join(twice)}")
     if int(workers) < 1:
         raise UserError(f"--workers {workers}: expected at least 1")
     cfg = PreprocessConfig.from_any(config)

@@ -120,6 +120,14 @@ def _npy_header(dtype, shape) -> bytes:
     return b"\x93NUMPY\x01\x00" + len(body).to_bytes(2, "little") + body.encode("latin1")
 
 
+class DuplicateCase(ValueError):
+    """`StoreWriter.add` of a case stored already: its id, or its data under another id."""
+
+    def __init__(self, case_id: str, reason: str):
+        self.case_id, self.reason = case_id, reason
+        super().__init__(f"case {case_id!r}: {reason}")
+
+
 class StoreWriter:
     """Streams cases into a temporary folder; `commit()` renames it to `path`, `abort()` removes it.
 
@@ -153,6 +161,8 @@ class StoreWriter:
             f.write(b"\0" * _HEADER_BYTES)
             self._files[name] = f
         self.records: list[dict] = []
+        self._case_of_data: dict[str, str] = {}  # data_sha256 -> the case stored with it
+        self._case_ids: set[str] = set()
         self.errors: list[tuple[str, str, str]] = []
         self.num_slices = 0
         self._shape: tuple[int, int, int] | None = None
@@ -165,7 +175,11 @@ class StoreWriter:
             self.abort()
 
     def add(self, case, *, patient_id: str, files: dict | None = None, meta: dict | None = None):
-        """Append one `PreprocessedCase`."""
+        """Append one `PreprocessedCase`. `DuplicateCase`, nothing written, for a case id stored
+        already or data the same as a stored case's (one exam under two ids: in cross-validation
+        its copy would be validated by a model trained on it)."""
+        if case.case_id in self._case_ids:
+            raise DuplicateCase(case.case_id, "the case id is stored already (listed twice)")
         if case.components != self.components:
             raise ValueError(
                 f"case {case.case_id}: components {case.components} != {self.components}"
@@ -185,11 +199,21 @@ class StoreWriter:
             "annotated": case.annotated,
             "slice_index": case.slice_index,
         }
+        data = {n: np.ascontiguousarray(arrays[n], dtype=d).tobytes() for n, d in _ARRAYS.items()}
         digest = hashlib.sha256()  # of the case's stored data: in cases.json, which a study
-        for name, dtype in _ARRAYS.items():  # records (a case preprocessed again differs)
-            data = np.ascontiguousarray(arrays[name], dtype=dtype).tobytes()
-            self._files[name].write(data)
-            digest.update(data)
+        for name in _ARRAYS:  # records (a case preprocessed again differs)
+            digest.update(data[name])
+        if same := self._case_of_data.get(digest.hexdigest()):
+            raise DuplicateCase(
+                case.case_id,
+                f"its preprocessed data are those of case {same!r} byte for byte: the same exam "
+                "under two ids? (in cross-validation one copy would be validated by a model "
+                "trained on the other); list it once",
+            )
+        self._case_of_data[digest.hexdigest()] = case.case_id
+        self._case_ids.add(case.case_id)
+        for name in _ARRAYS:
+            self._files[name].write(data[name])
         n = len(case.images)
         self.records.append(
             {
