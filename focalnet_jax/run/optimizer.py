@@ -9,8 +9,8 @@ import optax
 WEIGHT_DECAY_ON = ("all", "kernels")
 """`optim.weight_decay_on`: the parameters the L2 term covers. "all": every one, BatchNorm scales
 and offsets and biases included (the default, and what runs saved before the key existed did);
-"kernels": the convolution and dense kernels alone (TensorFlow DeepLab's `slim` regulariser,
-which the paper's implementation used; BatchNorm and biases not decayed)."""
+"kernels": the convolution and dense kernels alone, BatchNorm and biases not decayed (TensorFlow
+DeepLab's `slim` regulariser; the paper, built on TensorFlow DeepLab, does not say which)."""
 
 
 def decayed_kernels(params) -> object:
