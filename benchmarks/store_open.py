@@ -34,7 +34,8 @@ SIZE = 4  # pixels a side
 
 
 def _case(index: int, num_slices: int) -> PreprocessedCase:
-    """Case `index`: zero images and labels, one lesion on slice 0 for every other case."""
+    """Case `index`: images of the value `index` (every case's data its own: a store refuses one
+    exam's data under two ids), zero labels but one lesion on slice 0 for every other case."""
     shape = (num_slices, SIZE, SIZE)
     lesions = np.zeros(shape, np.int32)
     has_lesion = index % 2 == 1
@@ -51,7 +52,7 @@ def _case(index: int, num_slices: int) -> PreprocessedCase:
     return PreprocessedCase(
         case_id=f"case{index:04d}",
         components=COMPONENTS,
-        images=np.zeros((*shape, len(COMPONENTS)), np.float32),
+        images=np.full((*shape, len(COMPONENTS)), index, np.float32),
         classes=lesions * 2,
         grade_known=np.ones(shape, np.uint8),
         lesions=lesions,

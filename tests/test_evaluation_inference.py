@@ -140,7 +140,7 @@ def test_flip_tta_names_a_model_trained_without_the_flip(cv, tmp_path, caplog):
     """`--tta flip` gave a model trained with `augment.flip=False` mirrored slices it never saw,
     without a word; the docs said the flip was the one the models were trained with."""
     run = tmp_path / "noflip"
-    shutil.copytree(cv["cv"] / "fold0", run)
+    shutil.copytree(cv["cv"] / "fold1", run)  # not fold0's weights: no copy beside it
     config = json.loads((run / "config.json").read_text())
     config["augment"]["flip"] = False
     (run / "config.json").write_text(json.dumps(config))
@@ -213,16 +213,50 @@ def test_folds_never_trained_are_named_in_a_warning_and_models_json(cv, tmp_path
 
 def test_a_copy_of_a_fold_is_left_out_of_the_folders_ensemble(cv, tmp_path, caplog):
     """`fold0.bak`, a copy of fold0 beside the folds, joined the ensemble as a third model without
-    a word: fold 0 counted twice in the mean. Only `fold<k>` runs are the folder's folds."""
+    a word: fold 0 counted twice in the mean. Only `fold<k>` runs are the folder's folds (`k`
+    written as `focalnet cv` writes it: `fold01`, a copy of fold1, passed as fold 1)."""
     folder = tmp_path / "cv_copy"
-    for name, source in (("fold0", "fold0"), ("fold1", "fold1"), ("fold0.bak", "fold0")):
+    copies = (("fold0", "fold0"), ("fold1", "fold1"), ("fold0.bak", "fold0"), ("fold01", "fold1"))
+    for name, source in copies:
         shutil.copytree(cv["cv"] / source, folder / name)
     with caplog.at_level("WARNING", logger="focalnet_jax"):
         runs, left_out = resolve_folder(folder)
     assert runs == [folder / "fold0", folder / "fold1"]
     reason = "not a fold<k> run of focalnet cv (a copy of a fold would count it twice)"
-    assert left_out == [{"run": str(folder / "fold0.bak"), "reason": reason}]
-    assert f"{folder}: fold0.bak left out of the ensemble ({reason})" in caplog.messages
+    # `fold01` (data.fold 1) passed as fold 1: the mean was (fold0 + 2 x fold1) / 3
+    strays = ["fold0.bak", "fold01"]
+    assert left_out == [{"run": str(folder / name), "reason": reason} for name in strays]
+    for name in strays:
+        assert f"{folder}: {name} left out of the ensemble ({reason})" in caplog.messages
+
+
+def test_a_copy_of_a_run_named_beside_it_is_refused(cv, tmp_path):
+    """A copy of fold1 named beside the folder it was copied from was a third model, fold 1
+    counted twice (its weights digest twice in models.json); now refused naming both."""
+    copy = shutil.copytree(cv["cv"] / "fold1", tmp_path / "elsewhere" / "run")
+    with pytest.raises(EnsembleError) as refused:
+        load_ensemble([cv["cv"], copy])
+    assert str(refused.value) == (
+        f"{cv['cv'] / 'fold1'} and {copy} hold the same weights (one a copy of the other?): the "
+        "ensemble would count that model twice; name one of them"
+    )
+
+
+def test_a_fold_trained_with_another_config_is_refused(cv, tmp_path):
+    """`focalnet train --workdir cv/fold1 --config.data.fold=1` with another config: the
+    folder's "ensemble of the folds" averaged two experiments without a word."""
+    folder = shutil.copytree(cv["cv"], tmp_path / "cv_mixed")
+    config = json.loads((folder / "fold1" / "config.json").read_text())
+    config["loss"]["gamma"], config["seed"] = 1.0, 7
+    config["train"]["log_every"] = 3  # a key a resumed run may change: no difference
+    (folder / "fold1" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(EnsembleError) as refused:
+        resolve_folder(folder)
+    assert str(refused.value) == (
+        f"{folder}: fold1 was trained with another config than fold0 (loss.gamma 2.0 -> 1.0; "
+        "seed 0 -> 7); the ensemble of a cross-validation folder's folds stands for one config: "
+        "train the fold again with the folds' config, or move it out"
+    )
 
 
 def test_one_fold_evaluated_by_two_names_is_one_run_to_summarize(cv, tmp_path, monkeypatch):

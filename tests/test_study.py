@@ -416,12 +416,18 @@ def test_ensemble_of_a_member_no_longer_done_waits_and_leaves_the_report(
 @pytest.mark.slow
 def test_a_slurm_run_with_nothing_to_submit_computes_the_outdated_ensembles(finished, tmp_path):
     """`status` says an outdated ensemble is computed by the next `study run`; with the SLURM
-    executor that run said "nothing to submit" and left it outdated."""
+    executor that run said "nothing to submit" and left it outdated. Outdated means a member's
+    metrics changed since the ensemble was computed, whatever the file times say: they were
+    compared, and a member evaluated again on a node whose clock is behind looked older."""
     _require_slurm()
     copy = shutil.copytree(finished, tmp_path / "copy", ignore=shutil.ignore_patterns("report"))
+    old = time.time() - 3600
     ensemble = copy / "both" / "rep0" / "fold1" / "eval" / "metrics.json"
-    old = time.time() - 3600  # a member evaluated again after the ensemble was computed
-    os.utime(ensemble, (old, old))
+    os.utime(ensemble, (old, old))  # computed by a node an hour behind: still its members'
+    assert re.search(r"both/rep0/fold1\s+done", study("status", "--workdir", str(copy)).stdout)
+    member = copy / "fl" / "rep0" / "fold1" / "eval" / "metrics.json"
+    member.write_text(member.read_text() + "\n")  # evaluated again, on a node two hours behind
+    os.utime(member, (old - 3600, old - 3600))
     assert re.search(r"both/rep0/fold1\s+outdated", study("status", "--workdir", str(copy)).stdout)
     again = study("run", "--workdir", str(copy), "--executor=slurm").stdout
     assert "nothing to submit" in again and "ensembles computed: both/rep0/fold1" in again

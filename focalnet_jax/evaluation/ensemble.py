@@ -194,6 +194,7 @@ def resolve_folder(
             + "; ".join(f"{fold.name}: {reason}" for fold, reason in skipped.items())
             + ")"
         )
+    _check_one_config(path, runs)
     for fold, reason in skipped.items():
         log.warning("%s: fold left out of the ensemble (%s: %s)", path, fold.name, reason)
     num_folds = max(_data_value(fold, "num_folds") or 0 for fold in folds)
@@ -213,6 +214,23 @@ def resolve_folder(
         {"run": str((path / name).resolve()), "reason": "never trained"} for name in missing
     ]
     return runs, left_out
+
+
+def _check_one_config(path: Path, folds: Sequence[Path]) -> None:
+    """EnsembleError naming the fold and the keys where a finished fold of cross-validation
+    folder `path` was trained with another config than the first (`focalnet cv` refuses to
+    write such a fold; `focalnet train --workdir cv/fold1` does not): the folds' ensemble stands
+    for one config. Keys a resumed run may change and `data.fold` may differ."""
+    first = workdir_lib.saved_config(folds[0])
+    allowed = (*workdir_lib.RESUMABLE_KEYS, "data.fold")
+    for fold in folds[1:]:
+        if changed := workdir_lib.config_changes(first, workdir_lib.saved_config(fold), allowed):
+            raise EnsembleError(
+                f"{path}: {fold.name} was trained with another config than {folds[0].name} "
+                f"({'; '.join(changed)}); the ensemble of a cross-validation folder's folds "
+                "stands for one config: train the fold again with the folds' config, or move it "
+                "out"
+            )
 
 
 def _data_value(run: Path, key: str) -> int | None:
@@ -342,13 +360,22 @@ def write_models(models: Ensemble, out_dir: str | Path, store=None) -> Path:
 
 
 def check_compatible(runs: Sequence[Path], predictors: Sequence[Predictor], settings) -> None:
-    """Raises EnsembleError naming the runs when models differ in their set of components (their
-    orders may differ), output encoding or input preprocessing settings."""
+    """Raises EnsembleError naming the runs when two hold the same weights (a copy would count
+    its model twice), or when models differ in their set of components (their orders may
+    differ), output encoding or input preprocessing settings."""
     checks = {
         "the set of components": [sorted(p.components) for p in predictors],
         "output encodings": [p.spec.output_encoding for p in predictors],
         "input preprocessing settings": [input_settings(s) for s in settings],
     }
+    first_of = {}  # weights digest -> the first run holding them
+    for run, predictor in zip(runs, predictors, strict=True):
+        if predictor.weights is not None and (copied := first_of.get(predictor.weights)):
+            raise EnsembleError(
+                f"{copied} and {run} hold the same weights (one a copy of the other?): the "
+                "ensemble would count that model twice; name one of them"
+            )
+        first_of.setdefault(predictor.weights, run)
     for what, values in checks.items():
         if any(v != values[0] for v in values[1:]):
             if what == "input preprocessing settings":

@@ -23,7 +23,7 @@ OTHER_OUTPUTS = {
     "metrics.json": "an evaluation (focalnet evaluate)",
 }
 IMAGE_SUFFIXES = (".mha", ".mhd", ".nii", ".nii.gz", ".dcm")
-FOLD_NAME = re.compile(r"fold\d+")  # the runs of `focalnet cv`: fold<k>
+FOLD_NAME = re.compile(r"fold(0|[1-9]\d*)")  # the runs of `focalnet cv`: fold<k> (not fold01)
 
 
 def fold_runs(folder: Path) -> list[Path]:

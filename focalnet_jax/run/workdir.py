@@ -200,31 +200,39 @@ def check_resumed_config(config: ml_collections.ConfigDict, workdir: str | Path)
         raise UserError(f"{lost}, or train in another workdir")
     if not has_checkpoint_step(workdir):
         return
-    path = Path(workdir) / CONFIG_FILE
-    saved = flat_settings(_with_implied(_read_config_json(path)))
-    new = flat_settings(json.loads(config.to_json()))
-    # Paths compare absolute: a run saved with a relative path resumes from the folder it ran in;
-    # lambda compares as the number it is ('130', '130.0' and 130.0 are one lambda).
-    saved, new = ({k: _compared(k, v) for k, v in f.items()} for f in (saved, new))
-    absent = "(absent)"
-    changed = [
-        f"{key} {saved.get(key, absent)!r} -> {new.get(key, absent)!r}"
-        for key in sorted(saved.keys() | new.keys())
-        if key not in RESUMABLE_KEYS and saved.get(key, absent) != new.get(key, absent)
-    ]
-    if not changed:
+    saved, new = saved_config(workdir), json.loads(config.to_json())
+    if not (changed := config_changes(saved, new)):
         return
     # model.upsample has no parameters: another one is another config, not another model
     model = any(k.startswith("model.") and "upsample" not in k for k in changed)
     what = "its checkpoint holds another model" if model else "it was trained with another config"
     advice = "train another config in another workdir"
-    if (upsample := saved.get("model.upsample")) != new.get("model.upsample"):
+    upsample = saved.get("model", {}).get("upsample")
+    if upsample != new.get("model", {}).get("upsample"):
         advice += f"; give --config.model.upsample={upsample}, the upsampling it trained with"
     raise UserError(
         f"workdir {workdir}: {what}; config keys differ from its {CONFIG_FILE}: "
         f"{'; '.join(changed)} (a resumed run may change only {', '.join(RESUMABLE_KEYS)}; "
         f"{advice})"
     )
+
+
+def config_changes(saved: dict, new: dict, allowed: tuple[str, ...] = RESUMABLE_KEYS) -> list[str]:
+    """`key 'saved' -> 'new'` for each key outside `allowed` where two configs (config.json
+    objects) differ. Paths compare absolute (a run saved with a relative path resumes from the
+    folder it ran in); lambda as the number it is ('130', '130.0' and 130.0 are one lambda)."""
+    saved, new = ({k: _compared(k, v) for k, v in flat_settings(f).items()} for f in (saved, new))
+    absent = "(absent)"
+    return [
+        f"{key} {saved.get(key, absent)!r} -> {new.get(key, absent)!r}"
+        for key in sorted(saved.keys() | new.keys())
+        if key not in allowed and saved.get(key, absent) != new.get(key, absent)
+    ]
+
+
+def saved_config(workdir: str | Path) -> dict:
+    """A run's config.json object as saved, with the keys added since (`IMPLIED_WHEN_ABSENT`)."""
+    return _with_implied(_read_config_json(Path(workdir) / CONFIG_FILE))
 
 
 def _with_implied(saved: dict) -> dict:
@@ -259,7 +267,7 @@ def read_config(workdir: str | Path) -> ml_collections.ConfigDict:
             lost_config(workdir)
             or f"workdir {workdir}: no {CONFIG_FILE} (not a training run directory)"
         )
-    saved = _with_implied(_read_config_json(path))
+    saved = saved_config(workdir)
     for key in PATH_KEYS:
         value = _relative_path(saved, key)
         if value is not None and not os.path.exists(absolute_path(value)):

@@ -3,19 +3,20 @@ cell is (same evaluation, same slices).
 
 Ensemble cell `DIR/<ensemble>/rep<r>/fold<k>/eval/` holds `predictions/<case>.npz` (contract
 files: the mean scores, the members' lesions and geometry) and `metrics.json`. It is computed
-once every member cell of that repeat and fold is done, and recomputed when a member was
-re-evaluated after it.
+once every member cell of that repeat and fold is done, and recomputed when a member's
+`metrics.json` changed since (`members.json` records their digests).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
 
 import numpy as np
 
-from focalnet_jax.data.atomic_files import replaced_folder
+from focalnet_jax.data.atomic_files import replaced_folder, write_json_atomic
 from focalnet_jax.study.cells import METRICS_JSON, PREDICTIONS, Cell, Study
 from focalnet_jax.study.spec import StudyError, evaluation_slices
 
@@ -56,7 +57,6 @@ def average_predictions(members: list[Path], out_dir: Path) -> list[str]:
     slices; binary members); returns the case ids.
 
     Every member must hold the same cases with the same lesions (the same validation fold)."""
-    from focalnet_jax.data.atomic_files import write_json_atomic
     from focalnet_jax.evaluation.predictions import MODELS_FILE, list_cases, read_case, write_case
 
     record = _members_record(members)
@@ -93,16 +93,31 @@ def _members(study: Study, cell: Cell) -> list[Cell]:
     return [Cell(arm, cell.repeat, cell.fold) for arm in study.ensembles[cell.arm]]
 
 
+MEMBERS_FILE = "members.json"
+"""Beside an ensemble cell's `eval/`: {member cell: sha256 of its metrics.json} when computed."""
+
+
+def _member_digests(study: Study, members: list[Cell]) -> dict[str, str]:
+    return {
+        m.name: hashlib.sha256((study.path(m) / METRICS_JSON).read_bytes()).hexdigest()
+        for m in members
+    }
+
+
 def ensemble_state(study: Study, cell: Cell) -> str:
     """'waiting' while a member cell of its repeat and fold is not done (its metrics, if any,
-    are of members that no longer stand); 'outdated' when it was never computed or a member
-    was re-evaluated after it (`update_ensemble` computes it); else 'done'."""
+    are of members that no longer stand); 'outdated' when it was never computed or a member's
+    metrics changed since (re-evaluated: `update_ensemble` computes it); else 'done'. Compared
+    by content, not by file times, which the clocks of a cluster's nodes may order wrongly."""
     members = _members(study, cell)
     if any(study.state(m).state != "done" for m in members):
         return "waiting"
+    try:
+        computed_from = json.loads((study.path(cell) / MEMBERS_FILE).read_text())
+    except (OSError, ValueError):  # never computed, or by a version that kept no record
+        return "outdated"
     metrics = study.path(cell) / METRICS_JSON
-    newest_member = max((study.path(m) / METRICS_JSON).stat().st_mtime for m in members)
-    if metrics.is_file() and metrics.stat().st_mtime >= newest_member:
+    if metrics.is_file() and computed_from == _member_digests(study, members):
         return "done"
     return "outdated"
 
@@ -116,6 +131,7 @@ def update_ensemble(study: Study, cell: Cell) -> str:
     if state != "outdated":
         return state
     members, out = _members(study, cell), study.path(cell) / "eval"
+    computed_from = _member_digests(study, members)  # before reading: a re-evaluation meanwhile
     member_dirs = [study.path(m) / PREDICTIONS for m in members]
     case_ids = average_predictions(member_dirs, out / "predictions")
     options = study.plain["evaluate"]
@@ -129,6 +145,8 @@ def update_ensemble(study: Study, cell: Cell) -> str:
         label=cell.name,
         slices=evaluation_slices(study.plain),
     )
+    # a member re-evaluated since its digest was taken leaves the ensemble outdated
+    write_json_atomic(computed_from, study.path(cell) / MEMBERS_FILE)
     return "computed"
 
 
