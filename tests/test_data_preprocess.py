@@ -527,6 +527,20 @@ def test_a_label_with_part_of_the_t2w_header_is_refused(
     )
 
 
+def test_a_label_on_the_t2w_grid_up_to_float_noise_is_kept(small_case, tmp_path):
+    """A T2w whose direction is the identity but for 1e-6 (float noise in a converted header) and
+    a label with the exact identity: one grid (within `io`'s 1e-4), not a lost direction."""
+    folder, sc = small_case
+    t2w = sitk.ReadImage(str(folder / "t2w.mha"))
+    t2w.SetDirection((1.0, -1e-6, 0.0, 1e-6, 1.0, 0.0, 0.0, 0.0, 1.0))
+    write_image(t2w, tmp_path / "t2w.mha")
+    label = sitk.ReadImage(str(_label_with(sc, [(3, OFFSETS[4])], tmp_path)))
+    assert label.GetDirection() == tuple(np.eye(3).ravel())
+    components = {"t2w": tmp_path / "t2w.mha", "adc": folder / "adc.mha"}
+    case = preprocess_case(components, tmp_path / "label.nii.gz", case_id="c3")
+    assert list(case.lesion_classes) == [3]
+
+
 def _without_orientation(image: sitk.Image, path):
     """`image` written as a NIfTI whose header places it nowhere (qform_code and sform_code 0,
     as an array saved without an affine); ITK reads it at origin 0, identity direction."""

@@ -92,8 +92,11 @@ def test_a_case_stored_twice_is_refused_and_nothing_of_it_written(tmp_path):
         writer.add(_case("a", 3, lesion_class=4, seed=1), patient_id="p1")
         copy = dataclasses.replace(_case("a", 3, lesion_class=4, seed=1), case_id="a-again")
         with pytest.raises(DuplicateCase, match="^case 'a-again': its preprocessed data are those "
-                           "of case 'a' byte for byte: the same exam under two ids"):  # fmt: skip
+                           r"of case 'a' byte for byte: the same exam under two ids\? \(in "
+                           "cross-validation one copy would be validated"):  # fmt: skip
             writer.add(copy, patient_id="p2")
+        with pytest.raises(DuplicateCase, match=r"two ids\? \(it would count twice\); list it"):
+            writer.add(copy, patient_id="p1")  # one patient's: in one fold, counted twice
         with pytest.raises(DuplicateCase, match="^case 'a': the case id is stored already"):
             writer.add(_case("a", 2, seed=2), patient_id="p1")
         writer.add(_case("b", 2, seed=2), patient_id="p3")

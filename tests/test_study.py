@@ -414,6 +414,29 @@ def test_ensemble_of_a_member_no_longer_done_waits_and_leaves_the_report(
 
 
 @pytest.mark.slow
+def test_an_ensemble_is_outdated_when_a_members_metrics_change_whatever_the_file_times(
+    finished, tmp_path
+):
+    """Each ensemble records the digests of the members' metrics it was computed from: file
+    times from nodes whose clocks differ neither outdate it nor keep it done. One computed
+    before that record existed is computed again once (by `study report` here)."""
+    copy = shutil.copytree(finished, tmp_path / "copy", ignore=shutil.ignore_patterns("report"))
+    members = copy / "both" / "rep0" / "fold1" / "members.json"
+    assert sorted(json.loads(members.read_text())) == ["ce/rep0/fold1", "fl/rep0/fold1"]
+    old = time.time() - 3600
+    os.utime(copy / "both" / "rep0" / "fold1" / "eval" / "metrics.json", (old, old))
+    assert re.search(r"both/rep0/fold1\s+done", study("status", "--workdir", str(copy)).stdout)
+    member = copy / "ce" / "rep0" / "fold1" / "eval" / "metrics.json"
+    member.write_text(member.read_text() + "\n")  # evaluated again, on a node two hours behind
+    os.utime(member, (old - 3600, old - 3600))
+    assert re.search(r"both/rep0/fold1\s+outdated", study("status", "--workdir", str(copy)).stdout)
+    study("report", "--workdir", str(copy))
+    assert re.search(r"both/rep0/fold1\s+done", study("status", "--workdir", str(copy)).stdout)
+    (copy / "both" / "rep1" / "fold1" / "members.json").unlink()  # computed by an older version
+    assert re.search(r"both/rep1/fold1\s+outdated", study("status", "--workdir", str(copy)).stdout)
+
+
+@pytest.mark.slow
 def test_a_slurm_run_with_nothing_to_submit_computes_the_outdated_ensembles(finished, tmp_path):
     """`status` says an outdated ensemble is computed by the next `study run`; with the SLURM
     executor that run said "nothing to submit" and left it outdated. Outdated means a member's

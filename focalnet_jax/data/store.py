@@ -161,7 +161,7 @@ class StoreWriter:
             f.write(b"\0" * _HEADER_BYTES)
             self._files[name] = f
         self.records: list[dict] = []
-        self._case_of_data: dict[str, str] = {}  # data_sha256 -> the case stored with it
+        self._case_of_data: dict[str, tuple[str, str]] = {}  # data_sha256 -> (case, patient)
         self._case_ids: set[str] = set()
         self.errors: list[tuple[str, str, str]] = []
         self.num_slices = 0
@@ -204,13 +204,19 @@ class StoreWriter:
         for name in _ARRAYS:  # records (a case preprocessed again differs)
             digest.update(data[name])
         if same := self._case_of_data.get(digest.hexdigest()):
+            case_id, patient = same
+            harm = (
+                "it would count twice"
+                if patient == str(patient_id)
+                else "in cross-validation one copy would be validated by a model trained on the "
+                "other"
+            )
             raise DuplicateCase(
                 case.case_id,
-                f"its preprocessed data are those of case {same!r} byte for byte: the same exam "
-                "under two ids? (in cross-validation one copy would be validated by a model "
-                "trained on the other); list it once",
+                f"its preprocessed data are those of case {case_id!r} byte for byte: the same "
+                f"exam under two ids? ({harm}); list it once",
             )
-        self._case_of_data[digest.hexdigest()] = case.case_id
+        self._case_of_data[digest.hexdigest()] = (case.case_id, str(patient_id))
         self._case_ids.add(case.case_id)
         for name in _ARRAYS:
             self._files[name].write(data[name])
