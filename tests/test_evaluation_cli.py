@@ -473,6 +473,45 @@ def test_summarize_refuses_a_damaged_metrics_file_naming_the_key(tmp_path, damag
     assert not (tmp_path / "s").exists()
 
 
+@pytest.mark.parametrize(
+    "damage, reason",
+    [(b'{"models": [', "Expecting value: line 1"), (b"\xff", "'utf-8' codec can't decode")],
+)
+def test_unreadable_models_json_or_metrics_json_is_one_line(tmp_path, damage, reason):
+    """A models.json beside the predictions, or a metrics.json under a method's folder, that is
+    not JSON or not UTF-8 ended `evaluate` or `summarize` in a traceback."""
+    predictions, out = tmp_path / "predictions", tmp_path / "A" / "fold0"
+    write_cohort(predictions)
+    (predictions / "models.json").write_bytes(damage)
+    message = _error(_evaluate_argv(predictions, out))
+    assert message.startswith(
+        f"focalnet evaluate: error: {predictions / 'models.json'}: not a readable models.json ("
+    )
+    assert reason in message and "\n" not in message and not out.exists()
+    (predictions / "models.json").unlink()
+    run_cli(_evaluate_argv(predictions, out))
+    (out / "metrics.json").write_bytes(damage)
+    message = _error(["summarize", "--runs", f"A={tmp_path / 'A'}", "--out", str(tmp_path / "s")])
+    assert message.startswith(
+        f"focalnet summarize: error: {out / 'metrics.json'}: not a readable metrics.json ("
+    )
+    assert reason in message and "\n" not in message
+
+
+@pytest.mark.parametrize("record", [[1, 2], {"models": "x"}, {"models": [1]}])
+def test_another_tools_models_json_of_any_shape_is_summarized(tmp_path, record):
+    """`evaluate` copies another tool's models.json as it is; `summarize` then ended in an
+    AttributeError ('list' object has no attribute 'get'). Such a record names no run."""
+    for fold, shift in enumerate((0.0, 0.1)):
+        predictions = tmp_path / "pred" / str(fold)
+        write_cohort(predictions, shift)
+        (predictions / "models.json").write_text(json.dumps(record))
+        run_cli(_evaluate_argv(predictions, tmp_path / "A" / f"fold{fold}"))
+    run_cli(["summarize", "--runs", f"A={tmp_path / 'A'}", "--out", str(tmp_path / "s")])
+    summary = json.loads((tmp_path / "s" / "summary.json").read_text())
+    assert summary["methods"]["A"]["metrics"]["froc/all/pauc/0.1-3"]["of"] == 2
+
+
 def test_picai_bootstrap_redraws_resamples_with_one_class(tmp_path):
     # Two of four cases have neither lesions nor score blobs: some bootstrap resamples hold only
     # those (no lesion: AUROC undefined, and picai_eval's precision-recall fails) or only the

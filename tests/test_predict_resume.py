@@ -373,6 +373,43 @@ def test_resume_removes_a_killed_writers_temporary_files_and_folders(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["models.json"]
 
 
+def test_a_partial_killed_while_emptied_or_begun_is_still_predicts(tmp_path, monkeypatch):
+    """`--overwrite` empties an earlier partial entry by entry, in the file system's order; a kill
+    after its models.json went left case folders without one, which every rerun refused as not
+    predict's ("holds c1 but no models.json"): models.json now goes last. A run killed while
+    writing its first models.json left only `.models.json.tmp-<pid>`, refused so too; now taken
+    as predict's own."""
+    from focalnet_jax.evaluation import partial_output as partial_lib
+
+    out, settings = tmp_path / "out", {"models": [{"run": "r", "step": 2}], "tta": "none"}
+    with (
+        pytest.raises(RuntimeError),
+        partial_lib.partial_output(out, settings, resume=False, overwrite=False) as (partial, _, _),
+    ):
+        for k in range(20):  # models.json among 21 entries in the directory's order
+            (partial / f"case{k}").mkdir()
+        raise RuntimeError("stopped")
+    removed, remove = [], partial_lib._remove
+    monkeypatch.setattr(
+        partial_lib, "_remove", lambda path: (removed.append(path.name), remove(path))
+    )
+    with partial_lib.partial_output(out, settings, resume=False, overwrite=True) as (_, done, _):
+        assert done == set()
+    assert len(removed) == 21 and removed[-1] == "models.json"
+    assert sorted(p.name for p in out.iterdir()) == ["models.json"]
+    shutil.rmtree(out)
+    partial = partial_folder(out)
+    partial.mkdir()
+    (partial / ".models.json.tmp-4242").write_text("{")
+    message = "holds an unfinished run of focalnet predict into this --out: add --resume"
+    with pytest.raises(UserError, match=message):
+        with partial_lib.partial_output(out, settings, resume=False, overwrite=False):
+            pass
+    with partial_lib.partial_output(out, settings, resume=True, overwrite=False) as (_, done, _):
+        assert done == set()
+    assert sorted(p.name for p in out.iterdir()) == ["models.json"]
+
+
 def test_a_candidate_threshold_written_otherwise_is_the_same_setting(tmp_path):
     """`--candidate-threshold 0.30` then `--resume --candidate-threshold 0.3` was refused
     ('"0.30" in the partial, "0.3" now'), though both are one threshold; a partial of an earlier

@@ -129,9 +129,15 @@ def _picai_section(
 
 def _models_record(predictions_dir: str | Path) -> dict:
     """{"models": ...} from the `models.json` beside the predictions (the runs and steps that made
-    them: `ensemble.write_models`), else {}."""
-    models = Path(predictions_dir) / MODELS_FILE
-    return {"models": json.loads(models.read_text())} if models.is_file() else {}
+    them: `ensemble.write_models`; another tool's, of any shape, is copied as it is), else {}; a
+    `UserError` naming the file where it is not JSON."""
+    path = Path(predictions_dir) / MODELS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        return {"models": json.loads(path.read_text())}
+    except (OSError, ValueError) as error:  # also not UTF-8 (UnicodeDecodeError)
+        raise UserError(f"{path}: not a readable {MODELS_FILE} ({error})") from None
 
 
 def evaluate_predictions(

@@ -168,3 +168,11 @@ def _wrong(metrics: Mapping, path: tuple, expected: str) -> str:
 def _short(value) -> str:
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
+
+
+def model_runs(metrics: dict) -> list[dict]:
+    """The {"run", "step"} records of a metrics.json's `models` (the predictions' models.json);
+    none where there is none, or where another tool's models.json had another shape."""
+    record = metrics.get("models")
+    runs = record.get("models") if isinstance(record, dict) else None
+    return [run for run in runs if isinstance(run, dict)] if isinstance(runs, list) else []

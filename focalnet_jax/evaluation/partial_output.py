@@ -290,8 +290,10 @@ def _failed_before(partial: Path) -> list[str]:
 
 
 def _others(partial: Path) -> list[str]:
-    """The names in `partial` other than the lock file of earlier versions."""
-    return sorted(p.name for p in partial.iterdir() if p.name != LOCK_FILE)
+    """The names in `partial` other than the lock file of earlier versions and what a run killed
+    while writing its `models.json` left of it."""
+    own = (LOCK_FILE, f".{MODELS_FILE}.tmp-")
+    return sorted(p.name for p in partial.iterdir() if not p.name.startswith(own))
 
 
 def _remove(path: Path) -> None:
@@ -370,8 +372,8 @@ def partial_output(out: Path, settings: dict, *, resume: bool, overwrite: bool) 
             for leftover in partial.glob(".*.tmp-*"):  # of a killed writer: the lock is ours
                 _remove(leftover)
             failed = _failed_before(partial)
-        else:
-            for path in partial.iterdir():
+        else:  # `models.json` last: a run killed meanwhile leaves a partial that is predict's
+            for path in sorted(partial.iterdir(), key=lambda path: path.name == MODELS_FILE):
                 _remove(path)
             failed = []
         write_json_atomic(settings, partial / MODELS_FILE)

@@ -65,7 +65,7 @@ def read_metrics(path: str | Path) -> dict:
     path = Path(path)
     try:
         metrics = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
+    except (OSError, ValueError) as error:  # not JSON, or not UTF-8 (UnicodeDecodeError)
         raise UserError(f"{path}: not a readable metrics.json ({error})") from error
     if problem := metrics_problem(metrics):
         raise UserError(f"{path}: not a metrics.json of `focalnet evaluate`: {problem}")
@@ -89,7 +89,8 @@ def check_settings(evaluations: Mapping, *, predictions: bool = True) -> None:
         settings = metrics.get("settings")
         if settings is None:
             continue
-        models = (metrics.get("models") or {}) if predictions else {}
+        models = metrics.get("models") if predictions else None
+        models = models if isinstance(models, dict) else {}  # another tool's: any shape
         settings = {
             **settings,
             **{f"models.{k}": models[k] for k in PREDICTION_KEYS if k in models},

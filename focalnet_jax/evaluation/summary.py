@@ -21,7 +21,7 @@ from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation import figures
 from focalnet_jax.evaluation.evaluate import FROC_PANELS, GS_PANELS
 from focalnet_jax.evaluation.froc import GROUPS, sensitivity_at
-from focalnet_jax.evaluation.metrics_shape import value_at
+from focalnet_jax.evaluation.metrics_shape import model_runs, value_at
 from focalnet_jax.evaluation.report import (
     ROC_TITLES,
     TABLE_II,
@@ -143,7 +143,7 @@ def check_folds(run_dir, paths: list[Path], fold_metrics: list[dict]) -> None:
     `run_identity`."""
     seen: dict[str, tuple[Path, str]] = {}
     for path, metrics in zip(paths, fold_metrics, strict=True):
-        models = (metrics.get("models") or {}).get("models") or []
+        models = model_runs(metrics)
         if len(models) > 1:
             raise UserError(
                 f"{path}: evaluates an ensemble of {len(models)} runs, not one fold; move it out "
@@ -188,7 +188,7 @@ def check_fold_steps(run_dir, paths: list[Path], fold_metrics: list[dict]) -> No
     root = Path(run_dir).resolve()
     evaluated, earlier, final = {p.resolve().parent for p in paths}, [], 0
     for path, metrics in zip(paths, fold_metrics, strict=True):
-        for model in (metrics.get("models") or {}).get("models") or []:
+        for model in model_runs(metrics):
             run = Path(str(model.get("run")))
             copy = root / run.name
             if (copy / CONFIG_FILE).is_file() and not run.resolve().is_relative_to(root):
