@@ -289,9 +289,13 @@ def check_distinct_images(images: Mapping[str, sitk.Image], paths: Mapping, case
                 raise CaseError(case, paths[name], reason)
 
 
+GRID_ATOL = 1e-4
+"""Origins and spacings (mm) and direction cosines within this of each other are one grid."""
+
+
 def _same_grid(a: sitk.Image, b: sitk.Image) -> bool:
     return a.GetSize() == b.GetSize() and all(
-        np.allclose(getattr(a, f)(), getattr(b, f)(), atol=1e-4)
+        np.allclose(getattr(a, f)(), getattr(b, f)(), atol=GRID_ATOL)
         for f in ("GetSpacing", "GetOrigin", "GetDirection")
     )
 

@@ -108,11 +108,11 @@ def _check_has_geometry(image: sitk.Image, t2w: sitk.Image, case: str, path, wha
     io.check_placed_on_t2w(image, path, t2w, case, what)
     if image.GetSize() != t2w.GetSize():
         return
-    lost = [  # within the tolerance of one grid (`io.check_placed_on_t2w`): float noise passes
+    lost = [  # within the tolerance of one grid (`io.GRID_ATOL`): float noise passes
         words
         for get, (default, words) in _DEFAULT_GEOMETRY.items()
-        if np.allclose(getattr(image, get)(), default, atol=1e-4)
-        and not np.allclose(getattr(image, get)(), getattr(t2w, get)(), atol=1e-4)
+        if np.allclose(getattr(image, get)(), default, atol=io.GRID_ATOL)
+        and not np.allclose(getattr(image, get)(), getattr(t2w, get)(), atol=io.GRID_ATOL)
     ]
     if lost:
         raise CaseError(
