@@ -292,8 +292,10 @@ def _failed_before(partial: Path) -> list[str]:
 def _others(partial: Path) -> list[str]:
     """The names in `partial` other than the lock file of earlier versions and what a run killed
     while writing its `models.json` left of it."""
-    own = (LOCK_FILE, f".{MODELS_FILE}.tmp-")
-    return sorted(p.name for p in partial.iterdir() if not p.name.startswith(own))
+    leftover = f".{MODELS_FILE}.tmp-"
+    return sorted(
+        p.name for p in partial.iterdir() if p.name != LOCK_FILE and not p.name.startswith(leftover)
+    )
 
 
 def _remove(path: Path) -> None:
