@@ -56,6 +56,30 @@ def test_row_with_more_cells_than_columns_is_refused_naming_the_line(tmp_path):
     )
 
 
+def test_a_double_quote_never_closed_is_refused_naming_the_line_it_opens_on(tmp_path):
+    # A notes cell (a column nothing reads) opening a quote it never closes: the lenient reader
+    # read every later line into that cell, so 3 of 5 cases were left out without a word.
+    path = _manifest(tmp_path, "c1,p1,t1,a,l", 'c2,p2,t2,a,"l2', "c3,p3,t3,a,l", "c4,p4,t4,a,l")
+    with pytest.raises(LayoutError) as info:
+        read_manifest(path)
+    assert str(info.value) == (
+        f"manifest {path}, line 3: not a well-formed CSV row: a cell opens a double quote that "
+        "is never closed"
+    )
+    sheet = tmp_path / "marksheet.csv"
+    sheet.write_text('patient_id,study_id,notes\n10000,1000000,"redone\n10001,1000001,ok\n')
+    with pytest.raises(LayoutError, match=r"marksheet .*, line 2: .* never closed$"):
+        read_marksheet(sheet)
+    # Text after a closing quote is refused too; a quoted cell over two lines is read, and the
+    # rows after it keep the lines they begin on.
+    path = _manifest(tmp_path, 'c1,p1,"t1"x,a,l')
+    with pytest.raises(LayoutError, match=r"line 2: not a well-formed CSV row: ',' expected"):
+        read_manifest(path)
+    path = _manifest(tmp_path, 'c1,p1,t1,a,"l1', 'still l1"', "c 2,p2,t2,a,l")
+    with pytest.raises(UserError, match=r"line 4: case id 'c 2' contains ' '"):
+        read_manifest(path)
+
+
 def test_column_named_twice_is_refused(tmp_path):
     # The second 't2w' column silently replaced the first.
     path = tmp_path / "cases.csv"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import csv
 import io
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from focalnet_jax.errors import LayoutError
@@ -82,26 +82,49 @@ def csv_rows(
     missing `required` column, a column named twice (one value would be dropped), a cell holding
     a control character, and a row with more cells than the header has columns (its values
     would shift; `extra_cells`: the likely cause, e.g. 'a path holding a comma must be in double
-    quotes')."""
+    quotes'), and a malformed row (`_numbered_rows`). Lines are those a row begins on."""
     with io.StringIO(csv_text(path, what), newline="") as f:
-        reader = csv.reader(f)
-        header = next((cells for cells in reader if any(c.strip() for c in cells)), [])
+        reader = csv.reader(f, strict=True)
+        numbered = _numbered_rows(reader, path, what)
+        line, header = next(((n, c) for n, c in numbered if any(x.strip() for x in c)), (1, []))
         columns = [c.strip() for c in header]
         # Every column name; cells of the known and required columns, or of every column of a
         # table naming none known (a marksheet, whose cells the store keeps)
         read = {*required, *known} if known else None
-        _check_characters(path, what, reader.line_num, {c: c for c in columns}, None)
+        _check_characters(path, what, line, {c: c for c in columns}, None)
         _check_columns(path, what, columns, required, known)
         rows = []
-        for cells in reader:
+        for line, cells in numbered:
             if len(cells) > len(columns):
                 raise LayoutError(
-                    f"{what} {path}, line {reader.line_num}: {len(cells)} cells, but the header "
-                    f"names {len(columns)} columns ({extra_cells})"
+                    f"{what} {path}, line {line}: {len(cells)} cells, but the header names "
+                    f"{len(columns)} columns ({extra_cells})"
                 )
             cells += [""] * (len(columns) - len(cells))
             row = {k: v.strip() for k, v in zip(columns, cells, strict=True) if k}
-            _check_characters(path, what, reader.line_num, row, read)
+            _check_characters(path, what, line, row, read)
             if any(row.values()):
-                rows.append((reader.line_num, row))
+                rows.append((line, row))
     return columns, rows
+
+
+def _numbered_rows(reader, path: Path, what: str) -> Iterator[tuple[int, list[str]]]:
+    """(line the row begins on, its cells) for each row of `reader` (a strict `csv.reader`). A
+    malformed row is a `LayoutError` naming its line: a double quote opening a cell and never
+    closed (a lenient reader reads the rest of the file into that cell, and its rows are lost
+    without a word), or text after a cell's closing quote."""
+    line = 1
+    while True:
+        try:
+            cells = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as error:
+            why = str(error)
+            if why == "unexpected end of data":
+                why = "a cell opens a double quote that is never closed"
+            raise LayoutError(
+                f"{what} {path}, line {line}: not a well-formed CSV row: {why}"
+            ) from None
+        yield line, cells
+        line = reader.line_num + 1
