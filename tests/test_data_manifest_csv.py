@@ -96,16 +96,23 @@ def test_case_ids_differing_only_in_case_are_refused(tmp_path):
         read_manifest(path)
 
 
-def test_patient_ids_differing_only_in_case_are_refused(tmp_path):
+def test_one_patients_id_written_two_ways_is_refused(tmp_path):
     # 'Pat01' and 'pat01' were two patients to the folds: with seed 1 and 2 folds, the
     # patient's two exams went to folds 0 and 1, trained on and validated on.
     path = _manifest(tmp_path, "c1,Pat01,t1,a,l", "c2,p2,t2,a,l", "c3,pat01,t3,a,l")
     with pytest.raises(LayoutError) as info:
         read_manifest(path)
     assert str(info.value) == (
-        f"manifest {path}, line 4: patient_id 'pat01' is 'Pat01' (line 2) in another letter "
-        "case; write each patient's id the same way on all its rows"
+        f"manifest {path}, line 4: patient_id 'pat01' is 'Pat01' (line 2) written another way; "
+        "write each patient's id the same way on all its rows"
     )
+    # '10003.0' (a spreadsheet's float column) and '10003' were two patients as well: with seed
+    # 0 and 2 folds the patient's studies went to folds 0 and 1.
+    path = _manifest(tmp_path, "c1,10003,t1,a,l", "c2,10003.0,t2,a,l")
+    with pytest.raises(LayoutError, match=r"line 3: patient_id '10003.0' is '10003' \(line 2\) "):
+        read_manifest(path)
+    path = _manifest(tmp_path, "c1,10003.0,t1,a,l", "c2,10003.0,t2,a,l", "c3,10003.5,t3,a,l")
+    assert [c.patient_id for c in read_manifest(path)] == ["10003.0", "10003.0", "10003.5"]
     # One spelling on every row is one patient, as before.
     path = _manifest(tmp_path, "c1,Pat01,t1,a,l", "c2,p2,t2,a,l", "c3,Pat01,t3,a,l")
     assert [c.patient_id for c in read_manifest(path)] == ["Pat01", "p2", "Pat01"]

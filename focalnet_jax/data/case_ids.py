@@ -27,3 +27,9 @@ def check_case_id(value: str, source: str, *, what: str = "case id") -> str:
         f"{source}: {what} {value!r} {reason}; ids may hold only letters, digits, '.', '_', '-' "
         "and must not start with '.'"
     )
+
+
+def spreadsheet_id(value: str) -> str:
+    """An id as a spreadsheet's number column may have rewritten it, back as written: `10000.0`
+    (a float column's text) -> `10000`; any other text as it is."""
+    return value[: value.index(".")] if re.fullmatch(r"\d+\.0+", value) else value

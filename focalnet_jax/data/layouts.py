@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from focalnet_jax.data.atomic_files import replaced_atomically
-from focalnet_jax.data.case_ids import check_case_id
+from focalnet_jax.data.case_ids import check_case_id, spreadsheet_id
 from focalnet_jax.data.csv_tables import csv_rows
 from focalnet_jax.data.io import IMAGE_SUFFIXES, CaseError, image_suffix
 from focalnet_jax.data.manifest_checks import (
@@ -289,7 +289,7 @@ def read_manifest(
     required = ["case_id", "patient_id", *components]
     columns, rows = _manifest_rows(manifest, required, known_columns(components))
     centre_columns = check_manifest_columns(manifest, columns, labels, unlabelled)
-    # seen, patients: case id, patient id folded to lower case -> (line, id as first written)
+    # seen, patients: case id, patient id (`_patient_key`) -> (line, id as first written)
     cases, seen, skipped, patients, exams = [], {}, [], {}, ExamsSeen()
     for line, row in rows:
         case = row["case_id"]
@@ -301,11 +301,11 @@ def read_manifest(
             )
         seen[case.lower()] = (line, case)
         patient = row["patient_id"] or case
-        first_line, first = patients.setdefault(patient.lower(), (line, patient))
+        first_line, first = patients.setdefault(_patient_key(patient), (line, patient))
         if first != patient:  # folds compare ids exactly: the patient's cases would be split
             raise LayoutError(
-                f"{where}: patient_id {patient!r} is {first!r} (line {first_line}) in another "
-                "letter case; write each patient's id the same way on all its rows"
+                f"{where}: patient_id {patient!r} is {first!r} (line {first_line}) written "
+                "another way; write each patient's id the same way on all its rows"
             )
         try:
             _check_manifest_row(row, where, components, labels and unlabelled == "error")
@@ -323,6 +323,12 @@ def read_manifest(
     _warn_missing_patients(manifest, rows)
     _warn_left_out(skipped, f"no label in manifest {manifest}")
     return cases
+
+
+def _patient_key(patient: str) -> str:
+    """What two spellings of one patient id share: letter case aside, and `10003.0` (a
+    spreadsheet's float column) read as `10003`."""
+    return spreadsheet_id(patient).lower()
 
 
 def _warn_missing_patients(manifest: Path, rows) -> None:

@@ -19,6 +19,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+from focalnet_jax.data.case_ids import spreadsheet_id
 from focalnet_jax.data.csv_tables import csv_rows
 from focalnet_jax.data.io import IMAGE_SUFFIXES, CaseError
 from focalnet_jax.errors import LayoutError
@@ -286,7 +287,7 @@ def read_marksheet(path: str | os.PathLike) -> dict[str, dict]:
         empty = [c for c in ("patient_id", "study_id") if not row[c]]
         if empty:
             raise LayoutError(f"marksheet {path}, line {line}: empty {' and '.join(empty)}")
-        row = {**row, **{c: _id_text(row[c]) for c in ("patient_id", "study_id")}}
+        row = {**row, **{c: spreadsheet_id(row[c]) for c in ("patient_id", "study_id")}}
         key = f"{row['patient_id']}_{row['study_id']}"
         if key in rows and rows[key] != row:  # which one holds the truth is not ours to pick
             raise LayoutError(
@@ -295,11 +296,6 @@ def read_marksheet(path: str | os.PathLike) -> dict[str, dict]:
             )
         rows[key], lines[key] = row, lines.get(key, line)
     return rows
-
-
-def _id_text(value: str) -> str:
-    """A marksheet id as the file names spell it: `10000.0` (a float column's text) -> `10000`."""
-    return value[: value.index(".")] if re.fullmatch(r"\d+\.0+", value) else value
 
 
 def check_marksheet_cases(sheet: dict, case_ids: Sequence[str], marksheet) -> None:
