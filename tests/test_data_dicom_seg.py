@@ -302,6 +302,25 @@ def test_bad_segments_are_refused_naming_case_file_and_segment(source, tmp_path)
     )
 
 
+def test_a_lesion_segment_without_a_voxel_is_refused_not_left_out(source, tmp_path):
+    # A segment exported but never drawn, or fractional below half its maximum everywhere, was
+    # left out without a word: a case of one such segment was stored lesion-free, and a drawn
+    # GS 4+3 beside an empty ISUP 5 lost the case's highest grade.
+    lesion = _box(source, 9, slice(180, 190), slice(180, 190))
+    empty = np.zeros_like(lesion)
+    both = _seg(tmp_path / "b.dcm", source, [("GS 4+3", lesion, LESION), ("ISUP 5", empty, LESION)])
+    assert _error(lambda: io.read_label(both, case="px", label_values="picai")) == (
+        f"case 'px', file '{both}': segment 2 'ISUP 5' has no voxel (empty, or fractional values "
+        "all below half their maximum): draw its lesion, or remove the segment"
+    )
+    faint = _seg(tmp_path / "f.dcm", source, [("GS 4+3", lesion * 0.4, LESION)], fractional=True)
+    message = _error(lambda: io.read_label(faint, case="px", label_values="picai"))
+    assert message.startswith(f"case 'px', file '{faint}': segment 1 'GS 4+3' has no voxel")
+    # An empty anatomy segment beside a drawn lesion is no lesion and stays left out.
+    gland = _seg(tmp_path / "g.dcm", source, [("GS 4+3", lesion, LESION), ("WG", empty, PROSTATE)])
+    assert sitk.GetArrayFromImage(io.read_label(gland, label_values="picai")).max() == 3
+
+
 def test_anatomy_as_other_tools_code_it_is_left_out_and_a_graded_one_kept(source, t2w, tmp_path):
     """3D Slicer and dcmqi code Anatomical Structure as SCT 123037004, older files as SNOMED RT
     T-D000A; their gland segment was refused as an unknown lesion label. A segment of that
@@ -387,13 +406,20 @@ def test_a_seg_whose_frames_are_no_regular_volume_is_refused(source, tmp_path):
     )
 
 
-def test_a_seg_folder_given_as_a_component_is_refused(source, tmp_path):
+def test_a_seg_folder_or_file_given_as_a_component_is_refused(source, tmp_path):
     folder = tmp_path / "seg"
     lesion = _box(source, 9, slice(180, 190), slice(180, 190))
     file = _seg(folder / "s.dcm", source, [("ISUP 3", lesion, LESION)])
+    reason = (
+        "a DICOM Segmentation (SEG), not an image series: give it as a lesion label or prostate "
+        "mask (manifest columns label, prostate_mask)"
+    )
     assert _error(lambda: io.read_image(folder, case="px", component="t2w")) == (
-        f"case 'px', file '{file}': a DICOM Segmentation (SEG), not an image series: give it as a "
-        "lesion label or prostate mask (manifest columns label, prostate_mask)"
+        f"case 'px', file '{file}': {reason}"
+    )
+    # The file itself was refused as an "unknown image format".
+    assert _error(lambda: io.read_image(file, case="px", component="adc")) == (
+        f"case 'px', file '{file}': {reason}"
     )
 
 

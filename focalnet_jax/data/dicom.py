@@ -45,7 +45,7 @@ from focalnet_jax.data.dicom_multiframe import (
     number_of_frames,
     read_multiframe,
 )
-from focalnet_jax.data.dicom_seg import is_seg
+from focalnet_jax.data.dicom_seg import NOT_AN_IMAGE, is_seg
 from focalnet_jax.data.dicom_stack import SeriesError, SeveralVolumesError, check_slice_positions
 
 _UID, _DESCRIPTION = "0020|000e", "0008|103e"
@@ -288,11 +288,7 @@ def _read_series(folder: Path, series: str | None, component: str | None, notes:
     if component is not None:
         check_component(folder, chosen, component)
     if is_seg(chosen.files[0]):  # its frames are segments (labels and masks read it)
-        raise SeriesError(
-            chosen.files[0],
-            "a DICOM Segmentation (SEG), not an image series: give it as a lesion label or "
-            "prostate mask (manifest columns label, prostate_mask)",
-        )
+        raise SeriesError(chosen.files[0], NOT_AN_IMAGE)
     unread = _unread_files(folder, found)
     try:
         files = _stack_files(folder, chosen, component, notes)

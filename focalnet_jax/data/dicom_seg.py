@@ -87,6 +87,12 @@ def sop_class(file: str | os.PathLike) -> str | None:
     return str(header.get("SOPClassUID", ""))
 
 
+NOT_AN_IMAGE = (
+    "a DICOM Segmentation (SEG), not an image series: give it as a lesion label or prostate mask "
+    "(manifest columns label, prostate_mask)"
+)  # the reason a SEG given as a component (or bladder mask) is refused
+
+
 def is_seg(file: str | os.PathLike) -> bool:
     """Whether `file` is a DICOM SEG (its SOPClassUID); False for a file that is not DICOM."""
     return sop_class(file) in SEG_SOP_CLASSES
@@ -221,8 +227,10 @@ def read_lesions(
     under `label_values`; the highest where segments overlap) on the grid of its frames;
     segments of category Anatomical Structure (SCT 91723000: the gland, zones, organs) are left
     out unless their label is one of a lesion. A segment label of no value is a `SegError`
-    naming the segment and why, and so is a SEG of anatomy alone (a gland mask given as a
-    label) unless `also_gland` (the file is the case's gland mask too: a lesion-free case)."""
+    naming the segment and why, and so is a lesion segment without a voxel (it would be left out
+    without a word: a case stored lesion-free, or without its highest grade) and a SEG of
+    anatomy alone (a gland mask given as a label) unless `also_gland` (the file is the case's
+    gland mask too: a lesion-free case)."""
     file = Path(file)
     seg, volume, numbers = _read(file)
     masks = _segment_masks(volume)
@@ -236,6 +244,12 @@ def read_lesions(
             continue
         if isinstance(value, str):
             raise SegError(file, f"segment {number} {text!r}: {value}")
+        if not masks[..., k].any():  # an exported segment never drawn: its lesion is missing
+            raise SegError(
+                file,
+                f"segment {number} {text!r} has no voxel (empty, or fractional values all below "
+                "half their maximum): draw its lesion, or remove the segment",
+            )
         label = np.maximum(label, np.where(masks[..., k], value, 0).astype(np.uint8))
     if len(anatomy) == len(numbers) and not also_gland:
         raise SegError(

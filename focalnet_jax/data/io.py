@@ -7,6 +7,7 @@ only with `xyz` / `zyx` below.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import struct
@@ -142,11 +143,11 @@ def read_image(
             if series is not None:
                 raise CaseError(case, path, f"series {series!r} chosen, but this is not a folder")
             if not path.name.lower().endswith(IMAGE_SUFFIXES):
-                raise CaseError(
-                    case,
-                    path,
-                    f"unknown image format (expected a DICOM folder or {IMAGE_SUFFIXES})",
-                )
+                seg = False
+                with contextlib.suppress(dicom_seg.SegError):  # damaged: no format either
+                    seg = dicom_seg.is_seg(path)
+                unknown = f"unknown image format (expected a DICOM folder or {IMAGE_SUFFIXES})"
+                raise CaseError(case, path, dicom_seg.NOT_AN_IMAGE if seg else unknown)
             try:  # ITK words an unreadable NIfTI file "is not recognized as a NIFTI file"
                 path.open("rb").close()
             except OSError as err:
