@@ -7,6 +7,7 @@ import csv
 import json
 import logging
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -255,9 +256,10 @@ def test_cases_all_refused_while_found_are_listed_beside_the_store(tmp_path, cap
     a run whose cases all failed in preprocessing lists them in `<out>.errors.csv`, and so does
     this one now."""
     _replica(tmp_path)
-    (tmp_path / "labels").mkdir()
-    out = tmp_path / "store"
     labels = tmp_path / "labels"
+    labels.mkdir()
+    (labels / "20000_2000000.nii.gz").write_bytes(b"")  # another case's: none of these has one
+    out = tmp_path / "store"
     argv = ["preprocess", "--layout", "picai", "--images", str(tmp_path), "--labels", str(labels),
             "--out", str(out), "--skip-bad-cases"]  # fmt: skip
     capfd.readouterr()
@@ -280,12 +282,39 @@ def test_cases_all_refused_while_found_are_listed_beside_the_store(tmp_path, cap
     assert not out.exists()
 
 
+def test_a_labels_folder_that_gives_no_case_its_label_is_refused(tmp_path):
+    """With the expert labels' folder given one level too high (`human_expert/`, whose files lie
+    in `resampled/`), or after the AI-derived labels (which cover every PI-CAI case), each case
+    took its AI label: every grade unknown, and nothing said so."""
+    human, ai = _replica(tmp_path)
+    _touch(ai / "10003_1000003.nii.gz")  # the AI labels cover every case, as PI-CAI's do
+    with pytest.raises(LayoutError) as raised:
+        discover_picai(tmp_path, [human.parent, ai])
+    assert str(raised.value) == (
+        f"--labels {human.parent} holds no label file (.nii.gz, .nii, .mha, .nrrd, .dcm); its "
+        "subfolder(s) resampled do: give one"
+    )
+    with pytest.raises(LayoutError) as raised:
+        discover_picai(tmp_path, [ai, human], unlabelled="negative")
+    assert str(raised.value) == (
+        f"--labels {human} gives no case its label: the 2 case(s) it has a label file for (first "
+        f"10000_1000000) took theirs from the earlier --labels {ai}; give the folders in order of "
+        "preference (the expert annotations before the AI-derived ones), or leave this one out"
+    )
+    # In order, each folder gives some case its label (10002 has none: lesion-free).
+    cases = discover_picai(tmp_path, [human, ai], unlabelled="negative")
+    taken = {c.case_id: c.label and Path(c.label).parent for c in cases}
+    assert taken == {"10000_1000000": human, "10001_1000001": ai, "10002_1000002": None,
+                     "10003_1000003": human, "10003_1000004": ai}  # fmt: skip
+
+
 def test_a_store_written_removes_the_errors_listed_beside_it_by_a_failed_run(tmp_path):
     """`<out>.errors.csv` of a run that stored no case was left beside the store a later run
     wrote, as if it listed that run's bad cases."""
     data = tmp_path / "synth"
     assert main(["synth", "--out", str(data), "--cases", "2", "--seed", "5", "--small"]) == 0
     (tmp_path / "no_labels").mkdir()
+    (tmp_path / "no_labels" / "20000_2000000.nii.gz").write_bytes(b"")  # no label of these cases
     out = tmp_path / "store"
     argv = ["preprocess", "--layout", "picai", "--images", str(data / "images"), "--out", str(out)]
     with pytest.raises(SystemExit):

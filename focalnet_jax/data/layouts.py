@@ -13,8 +13,9 @@ column or empty cell is an error unless `unlabelled` says otherwise), optional `
 `center_x, center_y, center_z` (mm; LPS, or RAS where the optional `center_space` cell says RAS),
 and optional `<component>_series` columns choosing a series of a DICOM folder that holds several
 (SeriesInstanceUID or exact SeriesDescription). Relative paths are relative to the CSV's folder.
-Case and patient ids are checked with `check_case_id` (they become file names); two case ids, or
-two spellings of a patient id, differing only in letter case are refused. Empty rows are skipped.
+Case and patient ids are checked with `check_case_id` (they become file names); two case ids
+differing only in letter case, or two spellings of one patient id (letter case, `10003.0` for
+`10003`), are refused. Empty rows are skipped.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ from focalnet_jax.data.manifest_checks import (
 )
 from focalnet_jax.data.picai_sources import (
     LABEL_SUFFIXES,
+    check_label_files,
+    check_label_folders_used,
     check_marksheet_cases,
     check_unlabelled_case,
     find_file,
@@ -139,6 +142,7 @@ def discover_picai(
     if masks is not None and not Path(masks).is_dir():  # else every crop centred on the T2w
         raise LayoutError(not_a_folder("masks", masks))
     found = picai_images(images)
+    check_label_files(folders)
     sheet = read_marksheet(marksheet) if marksheet else {}
     check_marksheet_cases(sheet, sorted(found), marksheet)
     cases, unlabelled_cases = [], []
@@ -162,7 +166,8 @@ def discover_picai(
         spec.meta = dict(sheet.get(case, {}))
         cases.append(spec)
     _warn_unmasked(cases, masks)
-    _warn_unmatched_labels(folders, set(found))
+    sources = {spec.case_id: Path(spec.label).parent for spec in cases if spec.label is not None}
+    check_label_folders_used(folders, sources, set(found))
     where = ", ".join(map(str, folders)) or "no --labels folder given"
     _warn_left_out(unlabelled_cases, f"no label file in {where}")
     return cases
@@ -214,24 +219,6 @@ def _warn_left_out(case_ids: Sequence[str], why: str) -> None:
             "--unlabelled skip: left out %d case(s) (%s): %s%s", len(case_ids), why,
             ", ".join(case_ids[:5]), ", ..." if len(case_ids) > 5 else "",
         )  # fmt: skip
-
-
-def _warn_unmatched_labels(folders: Sequence[Path], case_ids: set[str]) -> None:
-    """One warning per label folder naming its label files of no case of the image folders (an
-    image folder left out, e.g. one of PI-CAI's five fold folders, drops its labelled cases)."""
-    for folder in folders:
-        names = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
-        ids = [
-            next((n[: -len(s)] for s in LABEL_SUFFIXES if n.lower().endswith(s)), None)
-            for n in names
-        ]
-        unmatched = [c for c in dict.fromkeys(ids) if c is not None and c not in case_ids]
-        if unmatched:
-            log.warning(
-                "%d label file(s) in %s belong to no case of the image folder(s) (their images "
-                "not given?): %s%s", len(unmatched), folder, ", ".join(unmatched[:5]),
-                ", ..." if len(unmatched) > 5 else "",
-            )  # fmt: skip
 
 
 def _warn_unmasked(cases: Sequence[CaseSpec], masks) -> None:

@@ -196,6 +196,59 @@ def label_folders(labels: PathArg | Sequence[PathArg] | None) -> tuple[Path, ...
     return folders
 
 
+def check_label_files(folders: Sequence[Path]) -> None:
+    """Refuses a label folder that holds no label file: one a level too high (PI-CAI's
+    `human_expert/`, whose label files lie in `resampled/`) gave no case its label, so each case
+    took the next folder's (the AI-derived labels: every grade unknown) without a word. The
+    error names the subfolders that hold some."""
+    for folder in folders:
+        if not label_ids(folder):
+            inside = sorted(sub.name for sub in folder.iterdir() if sub.is_dir() and label_ids(sub))
+            hint = f"; its subfolder(s) {', '.join(inside[:5])} do: give one" if inside else ""
+            raise LayoutError(
+                f"--labels {folder} holds no label file ({', '.join(LABEL_SUFFIXES)}){hint}"
+            )
+
+
+def label_ids(folder: Path) -> list[str]:
+    """The case ids of the label files in `folder` (hidden files aside), sorted, each once."""
+    names = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+    ids = (
+        next((n[: -len(s)] for s in LABEL_SUFFIXES if n.lower().endswith(s)), None) for n in names
+    )
+    return [case for case in dict.fromkeys(ids) if case is not None]
+
+
+def check_label_folders_used(
+    folders: Sequence[Path], sources: dict[str, Path], case_ids: set[str]
+) -> None:
+    """After the cases are found (`sources`: case -> the label folder it took its file from):
+    a label folder whose label files of these cases were all taken from an earlier folder is a
+    `LayoutError` (folders given in the wrong order: with the AI-derived labels first, which
+    cover every PI-CAI case, the expert ones gave none and every grade was lost); label files of
+    no case of the image folders are named in one warning per folder (an image folder left out,
+    e.g. one of PI-CAI's five fold folders, drops its labelled cases)."""
+    given = {os.path.abspath(folder): folder for folder in folders}  # as the user wrote it
+    sources = {case: given.get(os.path.abspath(src), src) for case, src in sources.items()}
+    for folder in folders:
+        ids = label_ids(folder)
+        mine = [case for case in ids if case in sources]
+        if mine and all(sources[case] != folder for case in mine):
+            raise LayoutError(
+                f"--labels {folder} gives no case its label: the {len(mine)} case(s) it has a "
+                f"label file for (first {mine[0]}) took theirs from the earlier --labels "
+                f"{sources[mine[0]]}; give the folders in order of preference (the expert "
+                "annotations before the AI-derived ones), or leave this one out"
+            )
+        unmatched = [case for case in ids if case not in case_ids]
+        if unmatched:
+            log.warning(
+                "%d label file(s) in %s belong to no case of the image folder(s) (their images "
+                "not given?): %s%s", len(unmatched), folder, ", ".join(unmatched[:5]),
+                ", ..." if len(unmatched) > 5 else "",
+            )  # fmt: skip
+
+
 def _folder_scheme(folder: Path) -> str:
     meta = folder / "dataset.json"
     if not meta.exists():
