@@ -175,7 +175,7 @@ def test_marksheet_csPCa_case_without_label_is_not_stored_lesion_free(tmp_path):
     cases = discover_picai(tmp_path, human, unlabelled="negative", marksheet=sheet, errors=refused)
     # Listed with the marksheet as its file (it was the case's first image, unrelated).
     assert [r[:2] for r in refused] == [("10003_1000004", str(sheet))]
-    assert "says csPCa (case_csPCa 'YES', case_ISUP '4')" in refused[0][2]
+    assert "says csPCa (case_csPCa 'YES') but no label file is in" in refused[0][2]
     assert [c.case_id for c in cases] == [
         "10000_1000000", "10001_1000001", "10002_1000002", "10003_1000003"
     ]  # fmt: skip
@@ -197,6 +197,54 @@ def test_marksheet_cspca_reads_the_flag_then_the_case_isup():
         marksheet_cspca({"case_ISUP": "2.5"}) is None
         and marksheet_cspca({"case_ISUP": "nan"}) is None
     )
+
+
+def test_marksheet_cspca_reads_the_lesions_where_the_case_columns_are_missing():
+    """The marksheet as picai_labels first published it has `lesion_GS` alone (no case_ISUP,
+    no case_csPCa): every row said neither, and a csPCa case without a label file was stored
+    lesion-free by --unlabelled negative without a word."""
+    assert marksheet_cspca({"lesion_GS": "3+4,4+4"}) is True
+    assert marksheet_cspca({"lesion_GS": "4+4,N/A"}) is True  # one csPCa lesion tells
+    assert marksheet_cspca({"lesion_GS": "3+3,0+0"}) is False  # every lesion below ISUP 2
+    assert marksheet_cspca({"lesion_GS": "0+0,N/A"}) is None  # a lesion without histopathology
+    assert (
+        marksheet_cspca({"lesion_GS": "N/A"}) is None and marksheet_cspca({"lesion_GS": ""}) is None
+    )
+    assert marksheet_cspca({"lesion_GS": "3+4,x"}) is None  # not a score: tells nothing
+    assert marksheet_cspca({"lesion_ISUP": "1,2"}) is True
+    assert marksheet_cspca({"lesion_ISUP": "0,1"}) is False
+    # The case's columns come first, then lesion_ISUP, then lesion_GS.
+    assert marksheet_cspca({"case_ISUP": "1", "lesion_GS": "4+4"}) is False
+    assert marksheet_cspca({"case_ISUP": "N/A", "lesion_ISUP": "0", "lesion_GS": "4+4"}) is False
+
+
+def test_an_old_marksheet_refuses_an_unlabelled_cspca_case_and_warns_where_it_cannot_tell(
+    tmp_path, caplog
+):
+    human, _ = _replica(tmp_path)
+    sheet = tmp_path / "old_marksheet.csv"
+    rows = [
+        ",patient_id,study_id,lesion_GS",
+        '0,10000,1000000,"4+3,3+4"',
+        "1,10001,1000001,0+0",
+        "2,10002,1000002,N/A",
+        '3,10003,1000003,"3+4,N/A"',
+        '4,10003,1000004,"3+4,4+4"',
+    ]
+    sheet.write_text("\n".join(rows) + "\n")
+    with pytest.raises(CaseError) as info:
+        discover_picai(tmp_path, human, unlabelled="negative", marksheet=sheet)
+    assert str(info.value).startswith(
+        f"case '10003_1000004', file '{sheet}': the marksheet says csPCa (lesion_GS '3+4,4+4') "
+        "but no label file is in"
+    )
+    sheet.write_text("patient_id,study_id,psa\n" + "".join(
+        f"{case.replace('_', ',')},5\n" for case in
+        ("10000_1000000", "10001_1000001", "10002_1000002", "10003_1000003", "10003_1000004")
+    ))  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="focalnet_jax.data.picai_sources"):
+        assert len(discover_picai(tmp_path, human, unlabelled="negative", marksheet=sheet)) == 5
+    assert f"marksheet {sheet}: no row says whether its case holds csPCa" in caplog.text
 
 
 def test_label_folders_that_read_value_1_differently_are_refused(tmp_path):

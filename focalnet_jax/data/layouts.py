@@ -53,6 +53,7 @@ from focalnet_jax.data.picai_sources import (
     not_a_folder,
     picai_images,
     read_marksheet,
+    warn_marksheet_cannot_tell,
 )
 from focalnet_jax.errors import LayoutError, UserError
 
@@ -145,6 +146,8 @@ def discover_picai(
     check_label_files(folders)
     sheet = read_marksheet(marksheet) if marksheet else {}
     check_marksheet_cases(sheet, sorted(found), marksheet)
+    if unlabelled == "negative":
+        warn_marksheet_cannot_tell(sheet, marksheet)
     cases, unlabelled_cases = [], []
     for case, (patient, folder, file) in sorted(found.items()):
         try:

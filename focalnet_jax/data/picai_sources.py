@@ -280,33 +280,77 @@ def label_scheme(labels: PathArg | Sequence[PathArg] | None) -> str:
 
 
 def marksheet_cspca(row: dict) -> bool | None:
-    """Whether a marksheet row says the case holds csPCa: its `case_csPCa` (YES/NO), else
-    `case_ISUP` >= 2 (written as an integer or, by a spreadsheet, `2.0`); None where the row says
-    neither."""
+    """Whether a marksheet row says the case holds csPCa (`cspca_evidence`); None where it
+    cannot tell."""
+    evidence = cspca_evidence(row)
+    return None if evidence is None else evidence[0]
+
+
+def cspca_evidence(row: dict) -> tuple[bool, str] | None:
+    """(whether a marksheet row says the case holds csPCa, the column and cell that say so), from
+    the first column that can tell: `case_csPCa` (YES/NO), `case_ISUP` >= 2 (an integer, or as a
+    spreadsheet writes it `2.0`), then, for the marksheet as first published (without those
+    two), `lesion_ISUP` or `lesion_GS` (one entry per lesion, `3+4,N/A`): csPCa where a lesion
+    is ISUP >= 2 (GS a+b >= 7), none where every lesion is graded below that (`0+0` benign);
+    a lesion without histopathology (`N/A`) among lower grades tells nothing. None where no
+    column can tell."""
     flag = row.get("case_csPCa", "").strip().upper()
     if flag in ("YES", "NO"):
-        return flag == "YES"
+        return flag == "YES", f"case_csPCa {row['case_csPCa']!r}"
+    for column, grade in (("case_ISUP", _isup), ("lesion_ISUP", _isup), ("lesion_GS", _gs_isup)):
+        entries = [entry.strip() for entry in row.get(column, "").split(",")]
+        grades = [grade(entry) for entry in entries if entry.upper() != "N/A"]
+        if not grades or None in grades or (column == "case_ISUP" and len(entries) > 1):
+            continue
+        if max(grades) >= 2 or len(grades) == len(entries):
+            return max(grades) >= 2, f"{column} {row[column]!r}"
+    return None
+
+
+def _isup(text: str) -> int | None:
+    """An ISUP grade group 0..5 written as an integer (or `2.0`); None for anything else."""
     try:
-        isup = float(row.get("case_ISUP", ""))
+        value = float(text)
     except ValueError:
         return None
-    return isup >= 2 if isup.is_integer() else None
+    return int(value) if value.is_integer() and 0 <= value <= 5 else None
+
+
+def _gs_isup(text: str) -> int | None:
+    """The ISUP grade group of a Gleason score `a+b` (0 for `0+0`, benign; 1 up to 6; 2 for 3+4
+    and up: only >= 2, csPCa, is told apart); None for anything else."""
+    match = re.fullmatch(r"(\d)\s*\+\s*(\d)", text)
+    if match is None:
+        return None
+    total = int(match[1]) + int(match[2])
+    return 0 if total == 0 else 1 if total <= 6 else 2
 
 
 def check_unlabelled_case(case: str, row: dict, marksheet, folders: Sequence[Path]) -> None:
     """A case without a label file that `--unlabelled negative` would store lesion-free: an error
     where the marksheet says it holds csPCa (its lesions would train and score as background)."""
-    if marksheet_cspca(row):
+    evidence = cspca_evidence(row)
+    if evidence is not None and evidence[0]:
         where = ", ".join(map(str, folders)) or "no --labels folder"
         raise CaseError(
             case,
             marksheet,
-            f"the marksheet says csPCa (case_csPCa "
-            f"{row.get('case_csPCa', '')!r}, case_ISUP {row.get('case_ISUP', '')!r}) but no label "
-            f"file is in {where}; --unlabelled negative would store it lesion-free. Add a label "
-            "folder that holds it (e.g. a second --labels with AI-derived labels) or pass "
-            "--unlabelled skip",
+            f"the marksheet says csPCa ({evidence[1]}) but no label file is in {where}; "
+            "--unlabelled negative would store it lesion-free. Add a label folder that holds it "
+            "(e.g. a second --labels with AI-derived labels) or pass --unlabelled skip",
         )
+
+
+def warn_marksheet_cannot_tell(sheet: dict, marksheet) -> None:
+    """One warning where no row of the marksheet says whether its case holds csPCa (no column
+    `cspca_evidence` reads): the check of the cases `--unlabelled negative` stores lesion-free
+    cannot be made."""
+    if sheet and all(cspca_evidence(row) is None for row in sheet.values()):
+        log.warning(
+            "marksheet %s: no row says whether its case holds csPCa (case_csPCa, case_ISUP, "
+            "lesion_ISUP, lesion_GS), so the cases --unlabelled negative stores lesion-free are "
+            "not checked against it", marksheet,
+        )  # fmt: skip
 
 
 def marksheet_disagreements(records) -> list[str]:
