@@ -105,3 +105,22 @@ def test_written_manifest_says_its_centres_are_lps_and_reads_back(tmp_path):
     assert [r["center_x"] for r in rows] == ["-12.5", ""]
     assert [c.center for c in read_manifest(path, labels=False)] == [(-12.5, 30.25, -40.0), None]
     assert [p.name for p in tmp_path.iterdir()] == ["cases.csv"]  # no temporary file left
+
+
+def test_a_written_manifest_keeps_the_names_of_linked_files(tmp_path):
+    # A data tree of links to files named by their hash (DVC, git-annex): the manifest named
+    # the suffix-less blobs, and reading it back refused each as "unknown image format".
+    blobs, tree = tmp_path / "cache", tmp_path / "exams"
+    blobs.mkdir()
+    tree.mkdir()
+    for name in ("t2w.mha", "adc.mha", "label.nii.gz"):
+        (blobs / f"{name}-hash").write_bytes(b"")
+        (tree / name).symlink_to(blobs / f"{name}-hash")
+    (tmp_path / "linked").symlink_to(tree)  # a linked folder above them is resolved
+    given = tmp_path / "linked"
+    case = CaseSpec("c1", "p1", {"t2w": str(given / "t2w.mha"), "adc": str(given / "adc.mha")},
+                    label=str(given / "label.nii.gz"))  # fmt: skip
+    write_manifest([case], tmp_path / "cases.csv")
+    back = read_manifest(tmp_path / "cases.csv")[0]
+    assert back.components == {"t2w": str(tree / "t2w.mha"), "adc": str(tree / "adc.mha")}
+    assert back.label == str(tree / "label.nii.gz")

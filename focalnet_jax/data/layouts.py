@@ -455,8 +455,9 @@ def unread_note(layout: str, unread: Sequence[str], reads: str) -> str:
 
 
 def write_manifest(cases: Sequence[CaseSpec], path: str | os.PathLike) -> None:
-    """Write cases as a manifest CSV, atomically (absolute paths; a case's centre in LPS, its
-    `center_space` cell saying so)."""
+    """Write cases as a manifest CSV, atomically (absolute paths, their last part as given, as
+    `read_manifest` keeps it: a link to a file named by its hash keeps the name that gives its
+    format; a case's centre in LPS, its `center_space` cell saying so)."""
     names = list(cases[0].components) if cases else list(DEFAULT_COMPONENTS)
     columns = ["case_id", "patient_id", *names, "label", "prostate_mask"]
     columns += [*CENTRE_COLUMNS, CENTRE_SPACE_COLUMN]
@@ -467,7 +468,13 @@ def write_manifest(cases: Sequence[CaseSpec], path: str | os.PathLike) -> None:
         writer.writerow(columns)
         for c in cases:
             centre = [*c.center, "LPS"] if c.center else ["", "", "", ""]
-            paths = [str(Path(c.components[n]).resolve()) for n in names]
-            extra = [str(Path(p).resolve()) if p else "" for p in (c.label, c.mask)]
+            paths = [_absolute(c.components[n]) for n in names]
+            extra = [_absolute(p) if p else "" for p in (c.label, c.mask)]
             series = [c.series.get(n, "") for n in chosen]
             writer.writerow([c.case_id, c.patient_id, *paths, *extra, *centre, *series])
+
+
+def _absolute(path: str | os.PathLike) -> str:
+    """`path` absolute, the folders above it resolved, its last part kept as written."""
+    head, tail = os.path.split(os.path.abspath(path))
+    return os.path.join(os.path.realpath(head), tail)
