@@ -27,6 +27,7 @@ import result_line  # benchmarks/result_line.py (the script directory)
 from benchmark_flags import count, run_main
 from scipy import ndimage
 
+from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation import matching
 from focalnet_jax.evaluation.froc import froc_analysis
 from focalnet_jax.evaluation.localization import Detections, local_maxima, window_radius
@@ -34,6 +35,7 @@ from focalnet_jax.evaluation.predictions import CasePredictions, list_cases, rea
 
 GRID, FACTOR, SPACING = 16, 8, (0.625, 0.625)
 THRESHOLDS = ("0.1", "0.3", "0.5")  # detections counted at or above each s1
+MAX_DRAWS = 10_000  # draws in a row that place no peak before a patient is given up
 
 
 def every_window_max_pixel(scores, spacing, *, radius_mm, min_score):
@@ -49,9 +51,19 @@ def every_window_max_pixel(scores, spacing, *, radius_mm, min_score):
 
 
 def synthetic_case(rng: np.random.Generator, index: int, peaks: int) -> CasePredictions:
-    """One patient: a 16 x 16 logit map with `peaks` peaks (half on the border), upsampled x8."""
+    """One patient: a 16 x 16 logit map with `peaks` peaks (half on the border), upsampled x8.
+    Peaks are drawn at random until they fit; a `UserError` where `MAX_DRAWS` draws in a row do
+    not (too many peaks for the grid, at most 36, or drawn into a jam)."""
     cells: set[tuple[int, int]] = set()
+    draws = 0
     while len(cells) < peaks:
+        draws += 1
+        if draws > MAX_DRAWS:
+            raise UserError(
+                f"--peaks {peaks}: patient {index} got {len(cells)} peaks 3 cells apart, then "
+                f"{MAX_DRAWS} draws in a row found no room for another on the {GRID} x {GRID} "
+                "grid; use fewer"
+            )
         if len(cells) < peaks // 2:  # a border cell: one of the four sides, anywhere along it
             t = int(rng.integers(GRID))
             cell = [(0, t), (GRID - 1, t), (t, 0), (t, GRID - 1)][rng.integers(4)]
@@ -60,6 +72,7 @@ def synthetic_case(rng: np.random.Generator, index: int, peaks: int) -> CasePred
         # At least 3 cells apart: every peak is its own maximum.
         if all(max(abs(cell[0] - a), abs(cell[1] - b)) > 2 for a, b in cells):
             cells.add(cell)
+            draws = 0
     cells = sorted(cells)
     lesion_cell = cells[rng.integers(len(cells))]
     logits = np.full((GRID, GRID), -8.0, np.float32)
@@ -100,7 +113,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--patients", type=count(1), default=100)
     parser.add_argument("--peaks", type=count(1), default=4)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=count(0), default=0)
     parser.add_argument("--predictions", help="folder of <case_id>.npz files instead of synthetic")
     args = parser.parse_args()
     if args.predictions:

@@ -823,6 +823,12 @@ _SCRIPT_FILES = {str(path) for path in (REPO / "benchmarks").glob("*.py")}  # ru
          "config file configs/nonexistent.py does not exist"),
         (["flat_maxima.py", "--predictions", "/nonexistent"],
          "/nonexistent: predictions folder does not exist"),
+        # More peaks than fit 3 cells apart on the 16 x 16 grid drew forever; a negative seed
+        # ended in numpy's traceback.
+        (["flat_maxima.py", "--patients", "1", "--peaks", "40"],
+         "--peaks 40: patient 0 got 14 peaks 3 cells apart, then 10000 draws in a row found no "
+         "room for another on the 16 x 16 grid; use fewer"),
+        (["flat_maxima.py", "--seed", "-1"], "argument --seed: expected an integer >= 0, got '-1'"),
         # One case timed in this process, labelled "2 workers" with a speedup.
         (["preprocess.py", "--cases", "1", "--workers", "2"],
          "--workers 2: more than the 1 --cases (at most one worker per case)"),
