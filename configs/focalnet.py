@@ -11,7 +11,8 @@ Expected runtime: the paper reports 3-4 h per fold on a Titan Xp. Here one FL+MF
 float32, MFL `vmap`) takes 0.060 s on one H100 (FL only: 0.025 s; benchmarks/results/
 train_step_focalnet_h100_2026-11-22.json), so a fold of ~1400 slices (200 epochs x 87 steps =
 17,400 steps) needs about 17 min of steps in float32. In bfloat16 (MFL `select`) on one H200 a
-fold projects to 14.5 min in all (benchmarks/results/fold_time_bfloat16_NVIDIA_H200_2026-12-04.json,
+fold projects to 14.5 min of steps, compilation and 2 checkpoints (its 9 validations and 16 other
+checkpoints not timed; benchmarks/results/fold_time_bfloat16_NVIDIA_H200_2026-12-04.json,
 from its first 1,492 steps: `python benchmarks/fold_time.py --config configs/focalnet.py
 --config.model.dtype=bfloat16 --config.loss.mfl_mode=select --max-steps 2000 --cases 24`).
 Expected metric: paper, 5-fold CV on 417 patients: 87.9 % sensitivity for clinically significant

@@ -469,6 +469,10 @@ def test_first_conv_of_the_models_own_components_is_kept(components, suffix, tmp
         )
     with pytest.raises(ValueError, match=f"do not name the {components} input channels"):
         save_torchvision_resnet(variables, path, components=names[:1])
+    # One string of as many letters as channels was written as a marker of single letters.
+    letters = "".join(name[0] for name in names)
+    with pytest.raises(ValueError, match=f"components: expected names, got '{letters}'"):
+        save_torchvision_resnet(variables, path, components=letters)
 
 
 def test_an_unknown_marker_is_refused(tiny_state, tmp_path):

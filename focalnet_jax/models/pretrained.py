@@ -420,6 +420,8 @@ def save_torchvision_resnet(
         for key, (c, p) in backbone_key_map(backbone).items()
     }
     channels = state["conv1.weight"].shape[1]
+    if isinstance(components, str):  # 'adc' would name three channels 'a', 'd', 'c'
+        raise ValueError(f"save_torchvision_resnet: components: expected names, got {components!r}")
     if len(components) != channels or len(set(components)) != channels or not all(components):
         raise ValueError(
             f"save_torchvision_resnet: components {list(components)} do not name the "
