@@ -1,15 +1,17 @@
 """Flat maxima of upsampled score maps: FROC with every window-maximum pixel a detection (the rule
 before flat maxima were grouped) against one detection per flat maximum (`local_maxima` today).
 
-    python benchmarks/flat_maxima.py [--patients 100] [--seed 0]
+    python benchmarks/flat_maxima.py [--patients 100] [--seed 0] [--upsample aligned]
     python benchmarks/flat_maxima.py --predictions demo_run/run/eval/predictions   # a real run
 
 Score maps are made like a DeepLab output: per patient a 16 x 16 logit map (background -8, i.e.
-s1 = 3e-4 < min_score) with `--peaks` single-cell peaks, half of them on the border, resized x8 to
-128 x 128 with `jax.image.resize(..., 'bilinear')` (half-pixel centres, edges clamped, as
-`models/deeplab.py` does) and passed through a sigmoid; 0.625 mm pixels (window radius 8 pixels).
-One peak per patient sits on a csPCa lesion (the 24 x 24 pixels of its 3 x 3 logit cells); lesion
-peaks have logits N(1, 1.5), the other peaks N(-1, 1.5). Both rules share the window, the hit rule
+s1 = 3e-4 < min_score) with `--peaks` single-cell peaks, half of them on the border, upsampled x8
+to 128 x 128 as `models/deeplab.py` upsamples its logits in `--upsample` mode (`aligned`, the
+model's default: feature i on pixel 8 i, the border extended down the slope; `half_pixel`: feature
+i on pixel 8 i + 3.5, `jax.image.resize(..., 'bilinear')`, edges clamped into flat runs) and
+passed through a sigmoid; 0.625 mm pixels (window radius 8 pixels). One peak per patient sits on a
+csPCa lesion (24 x 24 pixels centred on its feature's pixel); lesion peaks have logits N(1, 1.5),
+the other peaks N(-1, 1.5). Both rules share the window, the hit rule
 and the FROC code; only the grouping of touching window maxima differs. Prints one JSON line:
 detections per patient and FP per patient at 60/70/80/90 % sensitivity and sensitivity at
 1 FP/patient for each rule. `--predictions DIR` compares the rules on a folder of contract
@@ -21,7 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 
-import jax
+import jax.numpy as jnp
 import numpy as np
 import result_line  # benchmarks/result_line.py (the script directory)
 from benchmark_flags import count, run_main
@@ -32,6 +34,7 @@ from focalnet_jax.evaluation import matching
 from focalnet_jax.evaluation.froc import froc_analysis
 from focalnet_jax.evaluation.localization import Detections, local_maxima, window_radius
 from focalnet_jax.evaluation.predictions import CasePredictions, list_cases, read_case
+from focalnet_jax.models.deeplab import UPSAMPLE_MODES, upsample_logits
 
 GRID, FACTOR, SPACING = 16, 8, (0.625, 0.625)
 THRESHOLDS = ("0.1", "0.3", "0.5")  # detections counted at or above each s1
@@ -50,8 +53,11 @@ def every_window_max_pixel(scores, spacing, *, radius_mm, min_score):
     return Detections(z[order], y[order], x[order], point_scores[order])
 
 
-def synthetic_case(rng: np.random.Generator, index: int, peaks: int) -> CasePredictions:
-    """One patient: a 16 x 16 logit map with `peaks` peaks (half on the border), upsampled x8.
+def synthetic_case(
+    rng: np.random.Generator, index: int, peaks: int, upsample: str = "aligned"
+) -> CasePredictions:
+    """One patient: a 16 x 16 logit map with `peaks` peaks (half on the border), upsampled x8
+    (`upsample`: a `model.upsample` mode).
     Peaks are drawn at random until they fit; a `UserError` where `MAX_DRAWS` draws in a row do
     not (too many peaks for the grid, at most 36, or drawn into a jam)."""
     cells: set[tuple[int, int]] = set()
@@ -78,12 +84,13 @@ def synthetic_case(rng: np.random.Generator, index: int, peaks: int) -> CasePred
     logits = np.full((GRID, GRID), -8.0, np.float32)
     for cell in cells:
         logits[cell] = rng.normal(1.0, 1.5) if cell == lesion_cell else rng.normal(-1.0, 1.5)
-    up = np.asarray(jax.image.resize(logits, (GRID * FACTOR,) * 2, "bilinear"), np.float64)
-    s1 = (1.0 / (1.0 + np.exp(-up))).astype(np.float32)
-    lesions = np.zeros((1, GRID * FACTOR, GRID * FACTOR), np.int32)
-    r0, c0 = (max(v - 1, 0) * FACTOR for v in lesion_cell)
-    r1, c1 = (min(v + 2, GRID) * FACTOR for v in lesion_cell)
-    lesions[0, r0:r1, c0:c1] = 1
+    size = (GRID * FACTOR,) * 2
+    up = upsample_logits(jnp.asarray(logits)[None, ..., None], size, FACTOR, upsample)
+    s1 = (1.0 / (1.0 + np.exp(-np.asarray(up[0, ..., 0], np.float64)))).astype(np.float32)
+    lesions = np.zeros((1, *size), np.int32)
+    shift = (FACTOR - 1) / 2 if upsample == "half_pixel" else 0.0  # the feature's pixel
+    r0, c0 = (round(v * FACTOR + shift - 1.5 * FACTOR) for v in lesion_cell)  # may be < 0
+    lesions[0, max(r0, 0) : r0 + 3 * FACTOR, max(c0, 0) : c0 + 3 * FACTOR] = 1
     return CasePredictions(
         case_id=f"case{index:03d}",
         patient_id=f"p{index:03d}",
@@ -114,13 +121,14 @@ def main() -> None:
     parser.add_argument("--patients", type=count(1), default=100)
     parser.add_argument("--peaks", type=count(1), default=4)
     parser.add_argument("--seed", type=count(0), default=0)
+    parser.add_argument("--upsample", choices=UPSAMPLE_MODES, default="aligned")
     parser.add_argument("--predictions", help="folder of <case_id>.npz files instead of synthetic")
     args = parser.parse_args()
     if args.predictions:
         cases = [read_case(path) for path in list_cases(args.predictions)]
     else:
         rng = np.random.default_rng(args.seed)
-        cases = [synthetic_case(rng, i, args.peaks) for i in range(args.patients)]
+        cases = [synthetic_case(rng, i, args.peaks, args.upsample) for i in range(args.patients)]
     grouped = froc_numbers(cases, local_maxima)
     every_pixel = froc_numbers(cases, every_window_max_pixel)
     if args.predictions:
@@ -128,6 +136,7 @@ def main() -> None:
         result = {"predictions": args.predictions, "cases": len(cases), "patients": patients}
     else:
         result = {"patients": args.patients, "peaks": args.peaks, "seed": args.seed}
+        result["upsample"] = args.upsample
     result |= {"one_per_flat_maximum": grouped, "every_window_max_pixel": every_pixel}
     result |= result_line.provenance()
     print(json.dumps(result))

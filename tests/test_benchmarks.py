@@ -507,12 +507,18 @@ def test_inference_benchmark_times_one_model_and_an_ensemble_of_four_components(
 
 def test_flat_maxima_benchmark_counts_each_upsampled_peak_once(monkeypatch):
     monkeypatch.setenv("BENCHMARK_COMMIT", "0123abc")
-    result = _run("flat_maxima.py", "--patients=6", "--peaks=4")
+    result = _run("flat_maxima.py", "--patients=6", "--peaks=4", "--upsample=half_pixel")
     assert result["commit"] == "0123abc" and result["date"]  # what ran, and when
     # Every peak is one flat maximum (the background is below min_score); pixel by pixel an
     # interior peak gives 2 x 2 window maxima, a border peak 4 x 2, a corner one 4 x 4.
+    assert result["upsample"] == "half_pixel"
     assert result["one_per_flat_maximum"]["detections_per_patient"] == 4.0
     assert 4 * 2 + 8 * 2 <= result["every_window_max_pixel"]["detections_per_patient"] <= 4 * 16
+    # Upsampled as the model does by default, each peak's top is one pixel: both rules agree.
+    result = _run("flat_maxima.py", "--patients=6", "--peaks=4")
+    assert result["upsample"] == "aligned"
+    assert result["one_per_flat_maximum"] == result["every_window_max_pixel"]
+    assert result["one_per_flat_maximum"]["detections"] == 24
 
 
 def test_flat_maxima_benchmark_counts_detections_per_patient_not_per_case(tmp_path):
