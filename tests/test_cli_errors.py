@@ -580,9 +580,6 @@ TRAIN_SETTING_ERRORS = [  # (arguments after `train --workdir W`, the message)
     # The last one won without a word (here fold 2 trained), where `:fold=1,fold=2` is refused.
     (["--config", DEMO, "--config.data.fold=1", "--config.data.fold", "2"],
      "--config.data.fold given twice ('1', then '2'); give it once"),
-    # The same value twice is no conflict: the next error is the run's own.
-    (["--config", DEMO, "--config.data.fold=1", "--config.data.fold=1", "--config.data.store="],
-     "data.store is not set: give the preprocessed store with --config.data.store=STORE"),
     (["--config", DEMO, "--config.data.store=s", "--config.train.batch_size=0"],
      "train.batch_size=0: must be positive"),
     (["--config", DEMO, "--config.data.store=s", "--config.train.batch_size=-2"],

@@ -37,7 +37,6 @@ RUN = [
     "--config.data.num_folds=2",
     "--config.data.slices=all",
 ]
-RESUMED = [item for item in RUN if item != "--config.train.steps=1"] + ["--config.train.steps=2"]
 
 
 def _train(workdir, store, *extra):
@@ -140,7 +139,7 @@ def test_fold_evaluation_uses_the_recorded_validation_cases(run, tmp_path, capsy
 def test_resume_on_a_store_with_other_settings_is_refused(run, capsys):
     line = _user_error(
         ["train", f"--config={REPO / 'configs' / 'focalnet.py'}", f"--workdir={run['workdir']}",
-         *RESUMED, f"--config.data.store={run['b']}"], capsys
+         *RUN, f"--config.data.store={run['b']}", "--config.train.steps=2"], capsys
     )  # fmt: skip
     assert line == (
         f"focalnet train: error: run {run['workdir']} was trained on store {run['a']}, made with "
@@ -173,7 +172,7 @@ def test_resume_on_a_store_with_other_labels_is_refused_and_on_a_moved_one_recor
     other_labels = _store(tmp_path, tmp_path / "relabelled")
     assert open_store(other_labels).settings == open_store(run["a"]).settings
     resume = ["train", f"--config={REPO / 'configs' / 'focalnet.py'}", f"--workdir={workdir}",
-              *RESUMED]  # fmt: skip
+              *RUN, "--config.train.steps=2"]  # fmt: skip
     line = _user_error([*resume, f"--config.data.store={other_labels}"], capsys)
     assert line == (
         f"focalnet train: error: run {workdir}: store {other_labels} holds other images or labels "
