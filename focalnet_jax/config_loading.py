@@ -177,12 +177,9 @@ def convert_value(key: str, text: str, current):
     return _parse_literal(key, text)
 
 
-def split_overrides(
-    overrides: Sequence[str], prefix: str = _PREFIX, *, once: bool = False
-) -> list[tuple[str, str]]:
+def split_overrides(overrides: Sequence[str], prefix: str = _PREFIX) -> list[tuple[str, str]]:
     """`(key, value)` of each `PREFIX.KEY=VALUE` or `PREFIX.KEY VALUE` in `overrides`;
-    `ValueError` naming an item of another form, and with `once` (a user's command line: the
-    last value won without a word) a key given twice."""
+    `ValueError` naming an item of another form."""
     pairs, items, i = [], list(overrides), 0
     while i < len(items):
         item = items[i]
@@ -198,17 +195,14 @@ def split_overrides(
             i += 1
         else:
             raise ValueError(f"override {item!r} has no value")
-        if once and (given := dict(pairs).get(key)) is not None:
-            raise ValueError(f"{prefix}{key} given twice ({given!r}, then {value!r}); give it once")
         pairs.append((key, value))
         i += 1
     return pairs
 
 
 def override_keys(overrides: Sequence[str]) -> list[str]:
-    """The dotted keys of a command line's `--config.a.b=value` overrides, in order: `['a.b']`;
-    a `ValueError` names a key given twice."""
-    return [key for key, _ in split_overrides(overrides, once=True)]
+    """The dotted keys of `--config.a.b=value` overrides, in order: `['a.b']`."""
+    return [key for key, _ in split_overrides(overrides)]
 
 
 def apply_overrides(

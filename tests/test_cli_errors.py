@@ -577,9 +577,6 @@ TRAIN_SETTING_ERRORS = [  # (arguments after `train --workdir W`, the message)
      "none"),
     (["--config", DEMO, "--config.train.stepz=3"],
      "--config.train.stepz: unknown config key 'train.stepz'"),
-    # The last one won without a word (here fold 2 trained), where `:fold=1,fold=2` is refused.
-    (["--config", DEMO, "--config.data.fold=1", "--config.data.fold", "2"],
-     "--config.data.fold given twice ('1', then '2'); give it once"),
     (["--config", DEMO, "--config.data.store=s", "--config.train.batch_size=0"],
      "train.batch_size=0: must be positive"),
     (["--config", DEMO, "--config.data.store=s", "--config.train.batch_size=-2"],

@@ -613,14 +613,6 @@ def test_bad_spec_is_a_one_line_error_before_anything_runs(spec_file, tmp_path, 
     assert not workdir.exists()
 
 
-def test_a_spec_key_given_twice_is_a_one_line_error(spec_file, tmp_path):
-    workdir = tmp_path / "twice"
-    twice = ["--spec.repeats=2", "--spec.repeats=3"]
-    message = _one_line_error("run", "--spec", str(spec_file), "--workdir", str(workdir), *twice)
-    assert message.endswith("--spec.repeats given twice ('2', then '3'); give it once")
-    assert not workdir.exists()
-
-
 @pytest.mark.parametrize(
     ("key", "value", "expected"),
     [

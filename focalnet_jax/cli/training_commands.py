@@ -62,8 +62,8 @@ def _training_setup(args: argparse.Namespace):
     logging.getLogger("focalnet_jax").setLevel(logging.INFO)
     try:
         distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
-        overridden = override_keys(args.overrides)
         config = load_config(args.config, args.overrides)
+        overridden = override_keys(args.overrides)
     except (KeyError, ValueError, FileNotFoundError) as error:  # flags and config: the user's
         raise UserError(error.args[0] if error.args else str(error)) from error
     _set_fold(config, args, "data.fold" in overridden)

@@ -120,7 +120,7 @@ def load_spec(path: str, overrides: Sequence[str] = ()) -> ml_collections.Config
     spec.lock()
     as_config = []
     try:
-        pairs = split_overrides(overrides, SPEC_PREFIX, once=True)  # KEY=VALUE or KEY VALUE
+        pairs = split_overrides(overrides, SPEC_PREFIX)  # KEY=VALUE or KEY VALUE
     except ValueError as error:
         raise StudyError(str(error)) from None
     for key, value in pairs:
