@@ -85,6 +85,15 @@ def test_overrides_convert_to_the_type_of_the_field():
     assert config.loss.mfl_weight == "130.5"  # a str field; the trainer reads 'auto' or a number
 
 
+def test_a_key_given_twice_takes_its_last_value():
+    """As argparse and absl flags do: a launch script's defaults followed by `"$@"` are
+    overridden by the user's (`launch/one_host.sh`, `launch/slurm_folds.sh`)."""
+    config = load_config(
+        str(CONFIGS / "focalnet.py"), ["--config.train.steps=12", "--config.train.steps", "7"]
+    )
+    assert config.train.steps == 7
+
+
 def test_none_resets_a_list_field():
     # configs/picai.py sets two subsets; None asks for every non-empty proper subset again.
     config = load_config(str(CONFIGS / "picai.py"), ["--config.loss.subsets=None"])
