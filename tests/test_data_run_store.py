@@ -365,7 +365,7 @@ def test_a_run_trained_on_a_store_of_another_version_is_named_in_a_warning(run, 
         assert preprocess_settings(config, old) == record["settings"]["preprocess"]
         assert preprocess_settings(config, run["workdir"])
     warning = (
-        f"run {old} was trained on a store of format version 2; preprocessing as version 3 "
+        f"run {old} was trained on a store of format version 2; preprocessing as version 4 "
         f"({VERSION_CHANGE}): its inputs may differ slightly from those it was trained on"
     )
     assert [r.getMessage() for r in caplog.records] == [warning]

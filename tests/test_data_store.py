@@ -135,8 +135,8 @@ def test_settings_given_as_ints_are_the_same_settings(tmp_path):
 
 def test_store_of_an_older_format_version_is_refused(tmp_path):
     # Version 1 stored 0 where a component missed a crop edge; version 2 found another bladder
-    # reference for an exam stored mirrored.
-    for version in (1, 2):
+    # reference for an exam stored mirrored; version 3 another for a T2w of unequal pixel sizes.
+    for version in (1, 2, 3):
         old = {**SETTINGS, "version": version}
         with StoreWriter(tmp_path / f"s{version}", ("t2w", "adc"), old) as writer:
             writer.add(_case("a", 1), patient_id="p")
@@ -145,9 +145,9 @@ def test_store_of_an_older_format_version_is_refused(tmp_path):
             open_store(tmp_path / f"s{version}")
         assert str(refused.value) == (
             f"store {tmp_path / f's{version}'} has format version {version}; this code reads "
-            "version 3 (3: the T2w's bladder reference does not depend on how the exam is stored, "
-            "and percentile-scaled components (HBV, DCE) leave zero fill out of their "
-            "percentiles); run `focalnet preprocess` again"
+            "version 4 (4: the T2w's bladder reference does not depend on the shape of its "
+            "pixels (a T2w of unequal in-plane pixel sizes is searched ~1 mm along both axes, its "
+            "3 mm opening round in mm)); run `focalnet preprocess` again"
         )
 
 

@@ -35,9 +35,13 @@ class BladderMaskError(ValueError):
     """A given bladder mask whose T2w is not brighter than air (it covers something else)."""
 
 
-def _disk(radius: int) -> np.ndarray:
-    yy, xx = np.mgrid[-radius : radius + 1, -radius : radius + 1]
-    return (yy**2 + xx**2 <= radius**2)[None]
+def _disk(radius_y: int, radius_x: int | None = None) -> np.ndarray:
+    """bool [1, 2 ry + 1, 2 rx + 1]: the in-plane ellipse of radii `radius_y`, `radius_x`
+    (samples; a disk where they are equal), the same radius in mm along both axes where each is
+    a length in mm over that axis' sample spacing."""
+    radius_x = radius_y if radius_x is None else radius_x
+    yy, xx = np.mgrid[-radius_y : radius_y + 1, -radius_x : radius_x + 1]
+    return ((yy * radius_x) ** 2 + (xx * radius_y) ** 2 <= (radius_y * radius_x) ** 2)[None]
 
 
 _SNAP = 1e-4  # voxels: a position this close to a whole voxel is that voxel (float noise)
@@ -81,15 +85,16 @@ def _cells(center: float, step: int, first: int, count: int, n: int):
 def _search_grid(shape_zyx, spacing_zyx, center_yx, anterior_sign: float):
     """The ~1 mm sampling grid of the bladder search box (60 mm anterior to 5 mm posterior of
     `center_yx`, +-50 mm left-right, within the volume): ((row positions, first k), (column
-    positions, first k)) from `_axis_grid`, and the step (voxels)."""
+    positions, first k)) from `_axis_grid`, and the steps (voxels) along rows and columns, each
+    ~1 mm of its own axis (a T2w of unequal in-plane pixels is sampled alike along both)."""
     _, sy, sx = (float(s) for s in spacing_zyx)
     _, ny, nx = shape_zyx
     cy, cx = ((ny - 1) / 2, (nx - 1) / 2) if center_yx is None else center_yx
-    step = max(1, int(round(1.0 / min(sy, sx))))
+    steps = (max(1, int(round(1.0 / sy))), max(1, int(round(1.0 / sx))))
     before, after = (60 / sy, 5 / sy) if anterior_sign > 0 else (5 / sy, 60 / sy)
-    rows = _axis_grid(float(cy), before, after, step, ny)
-    columns = _axis_grid(float(cx), 50 / sx, 50 / sx, step, nx)
-    return (float(cy), float(cx)), rows, columns, step
+    rows = _axis_grid(float(cy), before, after, steps[0], ny)
+    columns = _axis_grid(float(cx), 50 / sx, 50 / sx, steps[1], nx)
+    return (float(cy), float(cx)), rows, columns, steps
 
 
 def _homogeneous(values: np.ndarray, inside: np.ndarray, max_cv: float) -> bool:
@@ -105,7 +110,7 @@ def _bladder_in_box(box: np.ndarray, voxel_mm, *, fractions, max_cv, min_volume_
     ~1 mm grid of `voxel_mm` (z, y, x) spacing), or None; see `find_bladder`."""
     sz, py, px = voxel_mm
     smooth = ndimage.gaussian_filter(box, (0, 1.0 / py, 1.0 / px))
-    disk = _disk(max(1, int(round(opening_mm / px))))
+    disk = _disk(*(max(1, int(round(opening_mm / p))) for p in (py, px)))  # opening_mm both ways
     best, best_volume = None, min_volume_ml
     top = np.percentile(smooth, 99.5)
     for fraction in fractions:
@@ -137,15 +142,16 @@ def find_bladder(
     The bladder lies anterior (and superior) to the prostate, the endorectal coil posterior to it,
     so the search box spans 60 mm anterior to 5 mm posterior of the prostate centre `center_yx`
     (voxel row, column; default the volume centre) and +-50 mm left-right, on a ~1 mm grid of
-    whole steps from that centre (the same voxels however the T2w is stored, mirrored or not).
-    Candidates are the connected components of smoothed voxels above each of `fractions` of the
-    box's 99.5th percentile, opened with a disk of `opening_mm` (removes thin fat layers); the
+    whole steps from that centre along each axis (the same voxels however the T2w is stored,
+    mirrored or not). Candidates are the connected components of smoothed voxels above each of
+    `fractions` of the box's 99.5th percentile, opened with a disk of `opening_mm` radius (an
+    ellipse in samples where the grid's two steps differ; removes thin fat layers); the
     bladder is the largest homogeneous one (urine: core coefficient of variation <= `max_cv`) of
     at least `min_volume_ml` at the highest level that has one (urine is brighter than fat away
     from a coil). `anterior_sign` is +1 when rows run anterior -> posterior (LPS y increasing),
     -1 otherwise.
     """
-    (cy, cx), (rows, first_row), (columns, first_column), step = _search_grid(
+    (cy, cx), (rows, first_row), (columns, first_column), (step_y, step_x) = _search_grid(
         t2w.shape, spacing_zyx, center_yx, anterior_sign
     )
     if len(rows) == 0 or len(columns) == 0:
@@ -154,7 +160,7 @@ def find_bladder(
     sz, sy, sx = (float(s) for s in spacing_zyx)
     found = _bladder_in_box(
         box,
-        (sz, sy * step, sx * step),
+        (sz, sy * step_y, sx * step_x),
         fractions=fractions,
         max_cv=max_cv,
         min_volume_ml=min_volume_ml,
@@ -166,8 +172,8 @@ def find_bladder(
     small = np.zeros(box.shape, bool)
     small[where] = inside
     # Back to the full grid: every voxel whose nearest sample was selected.
-    y, ky = _cells(cy, step, first_row, len(rows), t2w.shape[1])
-    x, kx = _cells(cx, step, first_column, len(columns), t2w.shape[2])
+    y, ky = _cells(cy, step_y, first_row, len(rows), t2w.shape[1])
+    x, kx = _cells(cx, step_x, first_column, len(columns), t2w.shape[2])
     mask = np.zeros(t2w.shape, dtype=bool)
     mask[:, y[:, None], x[None, :]] = small[:, ky[:, None], kx[None, :]]
     return mask

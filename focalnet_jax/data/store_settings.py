@@ -13,11 +13,13 @@ from focalnet_jax.data.preprocess_config import PreprocessConfig
 from focalnet_jax.errors import UserError
 
 # Bumped when stored values change (`open_store` refuses other versions): 2 = crop pixels within
-# one voxel outside a component take its nearest voxel (they were 0); 3 = `VERSION_CHANGE`.
-STORE_VERSION = 3
+# one voxel outside a component take its nearest voxel (they were 0); 3 = the T2w's bladder
+# reference does not depend on how the exam is stored, and percentile-scaled components (HBV,
+# DCE) leave zero fill out of their percentiles; 4 = `VERSION_CHANGE`.
+STORE_VERSION = 4
 VERSION_CHANGE = (
-    "3: the T2w's bladder reference does not depend on how the exam is stored, and percentile-"
-    "scaled components (HBV, DCE) leave zero fill out of their percentiles"
+    "4: the T2w's bladder reference does not depend on the shape of its pixels (a T2w of unequal "
+    "in-plane pixel sizes is searched ~1 mm along both axes, its 3 mm opening round in mm)"
 )
 
 
