@@ -398,6 +398,27 @@ def test_t2w_header_values_the_writer_refuses_are_a_bad_case_before_inference(
         assert written.value.reason.startswith("--dicom: the DICOM writer refused the T2w: ")
 
 
+def test_a_t2w_slice_of_another_study_is_a_bad_case_before_inference(exam, tmp_path):
+    """The series reader takes a slice whose StudyInstanceUID differs (it compares frames of
+    reference, not studies); highdicom then refused the sources after inference, naming the
+    first file and "must all be part of the same series ..."."""
+
+    def other_study(k, header):
+        if k == 5:
+            header.StudyInstanceUID = "1.2.3.4"
+
+    files = _t2w_copy(exam, tmp_path / "t2w", other_study)
+    with pytest.raises(CaseError) as refused:
+        dicom_sources("px", tmp_path / "t2w")
+    first = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
+    assert (refused.value.case, refused.value.file) == ("px", files[5])
+    assert refused.value.reason == (
+        f"--dicom: its StudyInstanceUID '1.2.3.4' differs from {os.path.basename(files[0])}'s "
+        f"{first!r}; score_map.dcm and detections_seg.dcm reference the slices of one series "
+        "of one study (fix the header, or predict without --dicom)"
+    )
+
+
 @pytest.fixture(scope="module")
 def shifted(exam, tmp_path_factory):
     """The T2w series with its 10th file moved 0.04 mm along its rows: the reader takes it (the

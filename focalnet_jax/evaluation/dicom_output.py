@@ -51,6 +51,12 @@ COPIED_ATTRIBUTES = (
 )  # fmt: skip
 
 
+# What every T2w slice a SEG or Parametric Map references must share (highdicom's check).
+SHARED_ATTRIBUTES = (
+    "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID", "Rows", "Columns",
+)  # fmt: skip
+
+
 def dicom_sources(
     case_id: str,
     t2w: str | os.PathLike,
@@ -60,9 +66,9 @@ def dicom_sources(
     """The pydicom headers (no pixel data) of the T2w series of folder `t2w` (`series`: its UID
     or description, where the folder holds several): its single-frame slices, or its one
     multi-frame file. A `CaseError` for an image file (no DICOM source to reference), for a
-    first source without the attributes the outputs copy from it (`COPIED_ATTRIBUTES`), and
-    for frames off the T2w grid `grid` of the maps, where given (`frame_voxels`; checked before
-    inference)."""
+    first source without the attributes the outputs copy from it (`COPIED_ATTRIBUTES`), for a
+    slice that differs from the first in one of `SHARED_ATTRIBUTES`, and for frames off the T2w
+    grid `grid` of the maps, where given (`frame_voxels`; checked before inference)."""
     path = Path(t2w)
     if not path.is_dir():
         raise CaseError(
@@ -87,9 +93,27 @@ def dicom_sources(
             f"--dicom: the T2w's {problem}; score_map.dcm and detections_seg.dcm copy it and "
             "the DICOM writer refuses it (fix the header, or predict without --dicom)",
         )
+    _check_one_series(case_id, files, sources)
     if grid is not None:
         frame_voxels(grid, sources, case_id)
     return sources
+
+
+def _check_one_series(case_id: str, files, sources) -> None:
+    """A `CaseError` naming the first T2w file whose `SHARED_ATTRIBUTES` differ from the first
+    file's: the writer (highdicom) refused such sources only after inference, naming the first
+    file and another reason ("must all be part of the same series ...")."""
+    first = sources[0]
+    for file, source in zip(files[1:], sources[1:], strict=True):
+        for name in SHARED_ATTRIBUTES:
+            if (value := source.get(name)) != (expected := first.get(name)):
+                raise CaseError(
+                    case_id,
+                    file,
+                    f"--dicom: its {name} {value!r} differs from {Path(files[0]).name}'s "
+                    f"{expected!r}; score_map.dcm and detections_seg.dcm reference the slices "
+                    "of one series of one study (fix the header, or predict without --dicom)",
+                )
 
 
 def _read_header(case_id: str, file) -> pydicom.Dataset:
