@@ -685,6 +685,16 @@ def _tiny_predictor(batch_size: int, seed: int = 0):
     return Predictor.from_variables(spec, variables, batch_size=batch_size)
 
 
+@pytest.mark.parametrize("batch_size", [0, -3, 2.0, True])
+def test_a_batch_size_below_one_or_not_an_integer_is_refused(batch_size):
+    # -3 was rounded to -2 (a multiple of 2 devices) and every batch loop ran no step: all-zero
+    # scores, no detection, no error; 0 failed at the first call.
+    with pytest.raises(
+        ValueError, match=f"batch_size: expected an integer >= 1, got {batch_size!r}"
+    ):
+        _tiny_predictor(batch_size=batch_size)
+
+
 def test_cases_of_a_store_share_whole_inference_batches(tmp_path):
     """5 cases of 3 slices at batch 4: 4 model calls (15 slices), not one padded call per case,
     and each case's scores are those of the case predicted alone."""

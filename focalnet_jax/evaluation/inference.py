@@ -117,8 +117,11 @@ class Predictor:
         devices: Sequence[jax.Device] | None = None,
     ):
         """The model of a run's `spec` with the given params and batch_stats, on `devices`
-        (default: every local device). `batch_size` is rounded up to a multiple of their
-        number, so every device gets the same share of each batch."""
+        (default: every local device). `batch_size` (>= 1; a `ValueError` else: -3 gave
+        all-zero scores) is rounded up to a multiple of their number, so every device gets the
+        same share of each batch."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
         mesh = inference_mesh(devices)
         batch_size = -(-batch_size // mesh.size) * mesh.size
         batch, replicated = NamedSharding(mesh, P(DATA_AXIS)), NamedSharding(mesh, P())

@@ -17,8 +17,10 @@ TensorFlow); past the last feature (the bottom and right border pixels), where T
 the last one, it goes one step down the slope (`_extended`), so that a peak there stays one pixel
 and a map that falls towards the border has no flat run there, a maximum of its own.
 ``'half_pixel'`` (PyTorch ``align_corners=False``, ``jax.image.resize``) places it at
-``output_stride * i + (output_stride - 1) / 2``: every score (output_stride - 1) / 2 pixels down
-and right of the features it comes from (3.5 pixels at output stride 8).
+``(i + 0.5) * H / h - 0.5`` for an input side H of h features, which is ``output_stride * i +
+(output_stride - 1) / 2`` where H is a multiple of the output stride (the 128-pixel crop): every
+score (output_stride - 1) / 2 pixels down and right of the features it comes from (3.5 pixels at
+output stride 8); on another side the offset shrinks towards the bottom and right border.
 """
 
 from __future__ import annotations
