@@ -585,11 +585,27 @@ def test_bad_input_names_the_argument(call, error, match):
         (lambda: losses.focal_loss(_X, _Y, alpha=np.float32(1.5)), r"alpha: .*\[0.0, 1.0\]"),
         (lambda: losses.soft_dice_loss(_X, _Y, eps=np.float32(0)), "eps: .* >= 1e-12"),
         (lambda: losses.ce_focal_loss(_X, _Y, weights=(np.float32(-1), 1)), "weights"),
+        # Not a number: a one-element array (alpha 2 weighted the negative bits by -1, unchecked),
+        # None or a string (a TypeError inside JAX that named no option).
+        (lambda: losses.focal_loss(_X, _Y, alpha=np.array([2.0])), r"alpha: .*real number"),
+        (lambda: losses.ordinal_focal_loss(_X, _Y, gamma=np.array([-1.0])), "gamma: .*real"),
+        (lambda: losses.soft_dice_loss(_X, _Y, eps=jnp.array([0.0])), "eps: .*real number"),
+        (lambda: losses.focal_loss(_X, _Y, alpha=None), "alpha: expected a real number, got None"),
+        (lambda: losses.focal_loss(_X, _Y, gamma="2"), "gamma: expected a real number, got '2'"),
+        (lambda: losses.focal_loss(_X, _Y, gamma=(2.0,)), r"gamma: .*got \(2.0,\)"),
     ],
 )
 def test_numpy_and_jax_scalars_are_range_checked_like_python_floats(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_traced_hyperparameters_pass_unchecked_when_scalar():
+    expected = losses.focal_loss(_X, _Y, gamma=1.5)
+    traced = jax.jit(lambda gamma: losses.focal_loss(_X, _Y, gamma=gamma))(1.5)
+    np.testing.assert_allclose(traced, expected, rtol=1e-6)
+    with pytest.raises(ValueError, match=r"gamma: expected a scalar, got shape \(1,\)"):
+        jax.jit(lambda gamma: losses.focal_loss(_X, _Y, gamma=gamma))(jnp.ones(1))
 
 
 def test_numpy_integer_pool_size_and_weights_are_accepted():

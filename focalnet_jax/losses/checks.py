@@ -70,11 +70,16 @@ def concrete_real(value) -> float | None:
 
 
 def check_scalar(value, name: str, low: float, high: float | None = None):
-    """Range check for hyperparameters given as Python, NumPy or concrete 0-d JAX numbers (traced
-    values pass through unchecked); inf and NaN are refused (gamma = inf trains with loss 0 and
-    NaN gradients, eps = inf a NaN Dice)."""
+    """Range check for hyperparameters given as Python, NumPy or concrete 0-d JAX numbers (a
+    traced 0-d value passes through unchecked); inf and NaN are refused (gamma = inf trains with
+    loss 0 and NaN gradients, eps = inf a NaN Dice), and so is any other value: a concrete array
+    of another shape (`np.array([2.0])` trained alpha 2 unchecked), a bool, None or a string."""
     number = concrete_real(value)
     if number is None:
+        if is_concrete(value):
+            raise ValueError(f"{name}: expected a real number, got {value!r}")
+        if jnp.ndim(value) != 0:
+            raise ValueError(f"{name}: expected a scalar, got shape {jnp.shape(value)}")
         return
     if not math.isfinite(number):
         raise ValueError(f"{name}: expected a finite value, got {number}")

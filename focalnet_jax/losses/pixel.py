@@ -9,8 +9,10 @@ Each loss comes as a map and as the contract scalar built from it:
 
 ``logits`` and ``targets`` are ``[B, H, W, K]``; targets are 0/1 bits already encoded with the
 loss's encoding (:mod:`focalnet_jax.encoding`). ``valid`` (``[B, H, W, K]``, default all ones)
-marks the known target bits (grade-unknown lesions): invalid bits add nothing to a loss and are
-left out of the focal weight's max. Inputs are checked as in :mod:`focalnet_jax.losses.checks`.
+marks the known target bits (grade-unknown lesions): invalid bits add no term of their own to a
+loss and are left out of the focal weight's max (softmax CE of a grade-unknown pixel is
+-log P(class >= 2), which the logits of its invalid bits enter: `softmax_cross_entropy_map`).
+Inputs are checked as in :mod:`focalnet_jax.losses.checks`.
 """
 
 from __future__ import annotations
