@@ -138,7 +138,10 @@ def test_a_runner_killed_alone_keeps_its_slot_until_its_command_ends(tmp_path, m
     monkeypatch.setattr(local, "cell_argv", stand_in)
     study, first, second = Study(tmp_path, {}), Cell("a", 0, 0), Cell("b", 0, 0)
     results = local.run_local(study, [first, second], parallel=1)
-    assert results == {"a/rep0/fold0": "interrupted", "b/rep0/fold0": "interrupted"}
+    assert results == {
+        "a/rep0/fold0": ("interrupted", None, None),
+        "b/rep0/fold0": ("interrupted", None, None),
+    }
     first_ends = study.state(first).record["command_ends"]
     assert study.state(second).record["started"] >= first_ends  # not beside the first's command
 
@@ -158,4 +161,33 @@ def test_a_runner_that_fails_before_writing_its_state_is_failed_not_interrupted(
     study.path(cell).mkdir(parents=True)
     study.write_state(cell, "running", pid=_ended_pid(), pid_space=pid_space())
     assert study.state(cell).state == "interrupted"  # the earlier attempt's
-    assert local.run_local(study, [cell], parallel=1) == {"a/rep0/fold0": "failed"}
+    (end,) = local.run_local(study, [cell], parallel=1).values()
+    assert end == (
+        "failed", "its runner (`focalnet study cell`) ended with exit status 1 before the cell "
+        "started", None,
+    )  # fmt: skip
+
+
+def test_a_runner_killed_before_writing_its_state_is_named_not_an_earlier_attempts_error(
+    tmp_path, monkeypatch
+):
+    """A runner killed during its imports (before its first state write) was reported with the
+    error of the cell's earlier attempt (a cause since mended), or '?' and `log: None` for a new
+    cell, and its progress line named a cell.log that did not exist."""
+    from focalnet_jax.study import local
+
+    def killed(study, cell):
+        return [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"]
+
+    monkeypatch.setattr(local, "cell_argv", killed)
+    study, new, failed = Study(tmp_path, {}), Cell("a", 0, 0), Cell("b", 0, 0)
+    study.path(failed).mkdir(parents=True)
+    study.write_state(failed, "failed", error="focalnet train: error: an earlier cause", pid=1)
+    reason = "its runner (`focalnet study cell`) killed by SIGKILL before the cell started"
+    results = local.run_local(study, [new, failed], parallel=1)
+    assert results == {"a/rep0/fold0": ("failed", reason, None),
+                       "b/rep0/fold0": ("failed", reason, None)}  # fmt: skip
+    study.log_path(failed).write_text("an earlier attempt's log\n")
+    assert local.run_local(study, [failed], parallel=1)["b/rep0/fold0"].log == study.log_path(
+        failed
+    )

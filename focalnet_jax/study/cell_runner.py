@@ -81,13 +81,13 @@ def run_focalnet(argv: list[str], log: Path, heartbeat=None, started=None) -> st
         written.seek(start)
         lines = [line.strip() for line in written.read().decode(errors="replace").splitlines()]
     if status < 0:  # killed by a signal (e.g. the out-of-memory killer): no line of its own says so
-        killed = f"focalnet {argv[0]} killed by {_signal_name(-status)}"
+        killed = f"focalnet {argv[0]} killed by {signal_name(-status)}"
         said = [line for line in lines if REASON.match(line)]
         return f"{killed} ({said[-1]})" if said else killed
     return failure_reason(lines) or f"focalnet {argv[0]} exited with status {status}"
 
 
-def _signal_name(number: int) -> str:
+def signal_name(number: int) -> str:
     """'SIGKILL' for 9; 'signal N' for a number no signal of this platform has."""
     try:
         return signal.Signals(number).name

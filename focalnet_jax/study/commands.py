@@ -271,11 +271,11 @@ def _start_cells(study: Study, args: argparse.Namespace, lock: IO[str] | None = 
         return 0
     results = local.run_local(study, todo, parallel=parallel, devices=devices)
     _ensembles(study)
-    failed = [name for name, result in results.items() if result == "failed"]
+    failed = [name for name, end in results.items() if end.result == "failed"]
     for name in failed:
-        record = study.state(study.cell(name)).record
-        print(f"FAILED {name}: {record.get('error', '?')} (log: {record.get('log')})")
-    interrupted = [name for name, result in results.items() if result == "interrupted"]
+        log = results[name].log or "none: it ended before writing one"
+        print(f"FAILED {name}: {results[name].reason} (log: {log})")
+    interrupted = [name for name, end in results.items() if end.result == "interrupted"]
     for name in interrupted:
         print(f"INTERRUPTED {name}: its runner ended before the cell did; a re-run resumes it")
     return 1 if failed or interrupted else 0

@@ -14,8 +14,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
+from typing import NamedTuple
 
 from focalnet_jax.errors import plural
+from focalnet_jax.study.cell_runner import signal_name
 from focalnet_jax.study.cells import Cell, Study
 from focalnet_jax.study.spec import StudyError
 
@@ -49,12 +52,21 @@ def worker_slots(parallel: int | None, devices: Sequence[str]) -> int:
     return len(devices) if devices else 1
 
 
+class Ended(NamedTuple):
+    """How a cell's attempt ended: `result` 'done' | 'failed' | 'interrupted', and for a failed
+    one its `reason` and its `log` (None where its runner wrote none)."""
+
+    result: str
+    reason: str | None = None
+    log: Path | None = None
+
+
 def run_local(
     study: Study, cells: Sequence[Cell], *, parallel: int = 1, devices: Sequence[str] = ()
-) -> dict[str, str]:
-    """Run `cells`, at most `parallel` at once; returns {cell name: 'done' | 'failed' |
-    'interrupted'} (interrupted: its runner ended before the cell did, e.g. killed alone; a slot
-    stays taken until the `focalnet` command such a runner started has ended too).
+) -> dict[str, Ended]:
+    """Run `cells`, at most `parallel` at once; returns {cell name: `Ended`} (interrupted: its
+    runner ended before the cell did, e.g. killed alone; a slot stays taken until the `focalnet`
+    command such a runner started has ended too).
 
     `devices`: GPU ids; worker slot i runs its cells with `CUDA_VISIBLE_DEVICES=devices[i]`, so
     `parallel` may not exceed their number.
@@ -95,15 +107,12 @@ def run_local(
                         )
                     continue
                 del running[slot]
-                # Interrupted: this runner's state, no end written (an earlier attempt's is not:
-                # this runner failed before it wrote its own).
-                mine = state.record.get("pid") == process.pid
-                ended = state.state == "done" or (state.state == "interrupted" and mine)
-                results[cell.name] = state.state if ended else "failed"
-                where = "" if results[cell.name] == "done" else f": see {study.log_path(cell)}"
+                end = _ended(study, cell, state, process)
+                results[cell.name] = end
+                where = f": see {end.log}" if end.log else ""
                 now = time.time()
                 print(
-                    f"[{len(results)}/{total}] {cell.name} {results[cell.name]} in "
+                    f"[{len(results)}/{total}] {cell.name} {end.result} in "
                     f"{now - cell_start:.0f} s (study: {(now - start) / 60:.1f} min){where}",
                     flush=True,
                 )
@@ -111,6 +120,23 @@ def run_local(
         _wait_for_cells(study, [(cell, process) for cell, process, _ in running.values()])
         raise
     return results
+
+
+def _ended(study: Study, cell: Cell, state, process: subprocess.Popen) -> Ended:
+    """How the attempt of `cell` whose runner `process` has ended went. Interrupted: this
+    runner's state, no end written. Failed: this runner's error, or where the state is an earlier
+    attempt's (the runner ended before it wrote its own, e.g. killed during its imports) how the
+    runner ended: that attempt's error was reported as this one's, or '?' for a new cell."""
+    mine = state.record.get("pid") == process.pid
+    if state.state == "done" or (state.state == "interrupted" and mine):
+        return Ended(state.state)
+    log = study.log_path(cell)
+    if mine:
+        return Ended("failed", state.record.get("error") or "?", log)
+    code = process.returncode
+    how = f"killed by {signal_name(-code)}" if code < 0 else f"ended with exit status {code}"
+    reason = f"its runner (`focalnet study cell`) {how} before the cell started"
+    return Ended("failed", reason, log if log.exists() else None)
 
 
 def _wait_for_cells(study: Study, started) -> None:
