@@ -128,7 +128,12 @@ def test_settings_given_as_ints_are_the_same_settings(tmp_path):
     assert fingerprint(same) == fingerprint(SETTINGS)
     assert open_store(tmp_path / "s", expected_settings=same).case_ids == ["a"]
     table = json.loads((tmp_path / "s" / "cases.json").read_text())
-    table["settings"]["preprocess"]["crop_mm"] = 80  # a store written with an int
+    table["settings"]["preprocess"]["crop_mm"] = 80  # a store written with an int, as it wrote it
+    table["fingerprint"] = fingerprint(table["settings"])
+    recorded = json.loads((tmp_path / "s" / "fingerprint.json").read_text())
+    (tmp_path / "s" / "fingerprint.json").write_text(
+        json.dumps({**recorded, "settings": table["settings"], "fingerprint": table["fingerprint"]})
+    )
     (tmp_path / "s" / "cases.json").write_text(json.dumps(table))
     assert open_store(tmp_path / "s", expected_settings=SETTINGS).case_ids == ["a"]
 
@@ -169,9 +174,13 @@ def test_case_cropped_upside_down_by_an_older_version_is_refused(tmp_path):
     (tmp_path / "s" / "cases.json").write_text(json.dumps(table))
     with pytest.raises(StaleStoreError, match=r"1 case\(s\) \(b\) have a T2w stored flipped"):
         open_store(tmp_path / "s")
-    table["cases"] = table["cases"][:1]
-    (tmp_path / "s" / "cases.json").write_text(json.dumps(table))
-    assert open_store(tmp_path / "s").case_ids == ["a"]
+    with StoreWriter(tmp_path / "one", ("t2w", "adc"), SETTINGS) as writer:
+        writer.add(_case("a", 1), patient_id="p")
+        writer.commit()
+    table = json.loads((tmp_path / "one" / "cases.json").read_text())
+    del table["cases"][0]["geometry"]["in_plane_axes"]
+    (tmp_path / "one" / "cases.json").write_text(json.dumps(table))
+    assert open_store(tmp_path / "one").case_ids == ["a"]
 
 
 def test_missing_store_and_corrupt_table_are_named(tmp_path):
@@ -366,7 +375,7 @@ def test_a_table_that_does_not_fit_the_arrays_is_refused(tmp_path):
         writer.commit()
     table = json.loads((tmp_path / "two" / "cases.json").read_text())
     (tmp_path / "one" / "cases.json").write_text(json.dumps(table))
-    with pytest.raises(StaleStoreError, match=r"case 'b' has slices 3..5, the arrays 3;"):
+    with pytest.raises(StaleStoreError, match=r"case 'b' has slices 3..5, not one exam's slices "):
         open_store(tmp_path / "one")
     table["cases"] = table["cases"][:1] * 2  # 'a' twice
     (tmp_path / "two" / "cases.json").write_text(json.dumps(table))
@@ -374,7 +383,7 @@ def test_a_table_that_does_not_fit_the_arrays_is_refused(tmp_path):
         open_store(tmp_path / "two")
     table["cases"][1] = {**table["cases"][1], "case_id": "b"}  # 'b' re-reads rows 0..3
     (tmp_path / "two" / "cases.json").write_text(json.dumps(table))
-    with pytest.raises(StaleStoreError, match=r"case 'b' has slices 0..3, expected to start at 3 "):
+    with pytest.raises(StaleStoreError, match=r"case 'b' has slices 0..3, expected to start at 3;"):
         open_store(tmp_path / "two")
     table["cases"][1] = {**table["cases"][1], "start": 3, "stop": 3}  # 'b' holds no slice
     (tmp_path / "two" / "cases.json").write_text(json.dumps(table))
@@ -385,6 +394,56 @@ def test_a_table_that_does_not_fit_the_arrays_is_refused(tmp_path):
         pytest.raises(ValueError, match="case c: no slice to store"),
     ):
         writer.add(_case("c", 0), patient_id="p3")
+
+
+def _edited(store: Path, edit) -> str:
+    """The refusal of `store` once `edit(table)` changed its cases.json (restored after)."""
+    path = store / "cases.json"
+    before = path.read_text()
+    table = json.loads(before)
+    edit(table)
+    path.write_text(json.dumps(table))
+    try:
+        with pytest.raises(StaleStoreError) as refused:
+            open_store(store)
+    finally:
+        path.write_text(before)
+    return str(refused.value)
+
+
+def test_a_table_edited_or_copied_from_another_store_is_refused(tmp_path):
+    """Each edit opened without a word: a case boundary moved one row (case b read case a's
+    last slice), the last case dropped (its rows belonged to no case), the settings changed
+    (a store of other settings passed `expected_settings`), the components reversed (the T2w
+    channel read as ADC), a geometry without its origin (a KeyError at its first use)."""
+    with StoreWriter(tmp_path / "s", ("t2w", "adc"), SETTINGS) as writer:
+        writer.add(_case("a", 3, lesion_class=4), patient_id="p1")
+        writer.add(_case("b", 2, seed=1), patient_id="p2")
+        writer.commit()
+    store = tmp_path / "s"
+
+    def moved(table):
+        table["cases"][0]["stop"] -= 1
+        table["cases"][1]["start"] -= 1
+
+    assert "case 'b' has slices 2..5, not one exam's slices in order" in _edited(store, moved)
+    dropped = _edited(store, lambda table: table["cases"].pop())
+    assert "the cases end at slice 3, the arrays hold 5" in dropped
+    edits = {
+        "its fingerprint is not that of its settings": lambda table: table["settings"][
+            "preprocess"
+        ].update(interpolator="linear"),
+        "its components ['adc', 't2w'] are not its settings' components": lambda table: table[
+            "components"
+        ].reverse(),
+        "has a geometry that cannot be read (KeyError: 't2w_origin')": lambda table: table["cases"][
+            0
+        ]["geometry"].pop("t2w_origin"),
+    }
+    for reason, edit in edits.items():
+        assert reason in _edited(store, edit)
+    (store / "fingerprint.json").write_text("{}")  # another store's, or damaged
+    assert "fingerprint.json, written with it, names another" in _edited(store, lambda t: None)
 
 
 @pytest.mark.parametrize(

@@ -44,7 +44,7 @@ from focalnet_jax.data.store_settings import (
     read_settings,
     settings_diff,
 )
-from focalnet_jax.data.store_table import check_slice_ranges, check_table
+from focalnet_jax.data.store_table import check_recorded, check_slice_ranges, check_table
 from focalnet_jax.data.writer_folders import (
     moved_aside_note,
     remove_dead_leftovers,
@@ -421,7 +421,8 @@ def open_store(path: str | os.PathLike, *, expected_settings: dict | None = None
         )
     arrays = {name: _load_array(path / f"{name}.npy") for name in _ARRAYS}
     _check_array_layout(arrays, len(table["components"]), path)  # their slice counts too
-    check_slice_ranges(table["cases"], len(arrays["images"]), table_path)
+    check_slice_ranges(table["cases"], arrays["slice_index"], table_path)
+    check_recorded(table, table_path)
     return Store(
         path=path,
         components=tuple(table["components"]),

@@ -4,11 +4,14 @@ refusal is a `StaleStoreError` naming the file (and the case): the store must be
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
+
 from focalnet_jax.data.case_ids import check_case_id
-from focalnet_jax.data.geometry import display_axes
-from focalnet_jax.data.store_settings import StaleStoreError
+from focalnet_jax.data.geometry import CropGeometry, display_axes
+from focalnet_jax.data.store_settings import StaleStoreError, fingerprint
 
 # The keys every case record holds, with their types (the reader relies on them).
 _RECORD_KEYS = {
@@ -56,13 +59,50 @@ def _record_problem(record) -> str | None:
     )
     if not (numbers and len(direction) == 9):
         return f"has geometry.t2w_direction {direction!r}, expected 9 numbers"
+    try:  # what reading its positions needs (a missing key was a KeyError at its first use)
+        CropGeometry.from_dict(record["geometry"])
+    except (KeyError, TypeError, ValueError) as error:
+        return f"has a geometry that cannot be read ({type(error).__name__}: {error})"
     return None
 
 
-def check_slice_ranges(cases, num_slices: int, table_path: Path) -> None:
-    """Each case record's `start`/`stop` must lie within the arrays' `num_slices` rows, after the
-    previous case's, at least one slice each, each case id once: a `cases.json` of another store
-    (or hand-edited) would otherwise give cases other cases' slices, or none, without a word."""
+def check_recorded(table, table_path: Path) -> None:
+    """The table's fingerprint is that of its settings, its components those the settings name,
+    and `fingerprint.json` beside it (written with it) names the same fingerprint and counts:
+    a table edited by hand, or copied from another store, is refused (a store made with other
+    settings passed `expected_settings`, reversed components read the T2w channel as ADC)."""
+    why = None
+    if table["fingerprint"] != fingerprint(table["settings"]):
+        why = "its fingerprint is not that of its settings"
+    elif list(table["components"]) != list(table["settings"].get("components") or []):
+        why = f"its components {table['components']} are not its settings' components"
+    else:
+        recorded = _read_fingerprint(table_path.parent / "fingerprint.json")
+        counts = {"fingerprint": table["fingerprint"], "num_cases": len(table["cases"])}
+        if recorded is None or any(recorded.get(k) != v for k, v in counts.items()):
+            why = "fingerprint.json, written with it, names another fingerprint or case count"
+    if why:
+        raise StaleStoreError(
+            f"{table_path}: {why} (edited, or copied from another store?); run `focalnet "
+            "preprocess` again"
+        )
+
+
+def _read_fingerprint(path: Path) -> dict | None:
+    """The object in `fingerprint.json`, None where it is missing or no JSON object."""
+    try:
+        recorded = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return recorded if isinstance(recorded, dict) else None
+
+
+def check_slice_ranges(cases, slice_index, table_path: Path) -> None:
+    """The case records' `start`/`stop` must tile the arrays' rows (`slice_index` [N], the
+    source slice of each row): each case starting where the previous one stopped (the first at
+    row 0), at least one slice each, the last stopping at the last row, each case id once, and
+    each case's source slices rising: a `cases.json` of another store (or hand-edited) would
+    otherwise give cases other cases' slices, or none, without a word."""
     stop, seen = 0, set()
     for record in cases:
         case = record["case_id"]
@@ -70,23 +110,28 @@ def check_slice_ranges(cases, num_slices: int, table_path: Path) -> None:
             raise StaleStoreError(f"{table_path}: case {case!r} is listed twice")
         seen.add(case)
         start, end = record.get("start"), record.get("stop")
-        if not (isinstance(start, int) and isinstance(end, int) and stop <= start <= end):
+        if not (isinstance(start, int) and isinstance(end, int) and stop == start <= end):
             raise StaleStoreError(
                 f"{table_path}: case {case!r} has slices {start}..{end}, expected to start at "
-                f"{stop} or later; the table does not fit the arrays, run `focalnet preprocess` "
-                "again"
+                f"{stop}; the table does not fit the arrays, run `focalnet preprocess` again"
             )
         if end == start:  # made by `--slices annotated` before lesion-free cases were left out
             raise StaleStoreError(
                 f"{table_path}: case {case!r} has no slice (a lesion-free case of `--slices "
                 "annotated`); nothing could be evaluated on it, run `focalnet preprocess` again"
             )
-        if end > num_slices:
+        if end > len(slice_index) or not np.all(np.diff(slice_index[start:end]) > 0):
             raise StaleStoreError(
-                f"{table_path}: case {case!r} has slices {start}..{end}, the arrays "
-                f"{num_slices}; the table does not fit the arrays, run `focalnet preprocess` again"
+                f"{table_path}: case {case!r} has slices {start}..{end}, not one exam's slices "
+                f"in order among the arrays' {len(slice_index)}; the table does not fit the "
+                "arrays, run `focalnet preprocess` again"
             )
         stop = end
+    if stop != len(slice_index):
+        raise StaleStoreError(
+            f"{table_path}: the cases end at slice {stop}, the arrays hold {len(slice_index)}; the "
+            "table does not fit the arrays, run `focalnet preprocess` again"
+        )
 
 
 def _check_orientation(cases, path: Path) -> None:
