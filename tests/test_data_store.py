@@ -547,3 +547,64 @@ def test_a_full_disk_names_the_store_and_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
     # Without a path it stays an internal error (its traceback shows where).
     assert not is_user_error(OSError(errno.ENOSPC, "No space left on device"))
+
+
+def test_a_writer_stopped_removes_the_folders_it_made_above_the_store(tmp_path):
+    # A run stopped by a bad case or Ctrl-C left `deep/a/b/` behind, empty.
+    with (
+        pytest.raises(RuntimeError),
+        StoreWriter(tmp_path / "deep/a/b/s", ("t2w", "adc"), SETTINGS),
+    ):
+        raise RuntimeError("a bad case")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "kept").mkdir()  # a folder that was there before stays
+    with pytest.raises(RuntimeError), StoreWriter(tmp_path / "kept/x/s", ("t2w", "adc"), SETTINGS):
+        raise RuntimeError("a bad case")
+    assert [p.name for p in tmp_path.iterdir()] == ["kept"] and not any(
+        (tmp_path / "kept").iterdir()
+    )
+
+
+def test_a_stop_once_the_store_is_swapped_in_says_it_was_written(tmp_path, monkeypatch):
+    """Ctrl-C while the earlier store was removed (seconds, for a large one) said 'interrupted by
+    Ctrl-C' over a store already replaced, and left the earlier one aside."""
+    import signal
+
+    from focalnet_jax.data import store as store_module
+    from focalnet_jax.errors import Interrupted
+
+    with StoreWriter(tmp_path / "s", ("t2w", "adc"), SETTINGS) as writer:
+        writer.add(_case("a", 1), patient_id="p")
+        writer.commit()
+    removing = store_module.remove_replaced
+
+    def interrupted(old, path):
+        os.kill(os.getpid(), signal.SIGINT)  # deferred until the removal is done
+        removing(old, path)
+
+    monkeypatch.setattr(store_module, "remove_replaced", interrupted)
+    other = {**SETTINGS, "slices": "annotated"}
+    with StoreWriter(tmp_path / "s", ("t2w", "adc"), other, overwrite=True) as writer:
+        writer.add(_case("a", 1), patient_id="p")
+        with pytest.raises(Interrupted) as stopped:
+            writer.commit()
+    assert str(stopped.value) == f"interrupted by Ctrl-C once store {tmp_path / 's'} was written"
+    assert open_store(tmp_path / "s").settings["slices"] == "annotated"
+    assert [p.name for p in tmp_path.iterdir()] == ["s"]  # the earlier store removed
+
+
+def test_a_full_disk_at_the_commit_names_the_store_not_its_temporary_folder(tmp_path, monkeypatch):
+    from focalnet_jax.data import store as store_module
+
+    def full(path, errors):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(store_module, "write_errors", full)
+    with (
+        pytest.raises(OSError) as raised,
+        StoreWriter(tmp_path / "s", ("t2w", "adc"), SETTINGS) as w,
+    ):
+        w.add(_case("a", 1), patient_id="p")
+        w.commit(errors_file=True)
+    assert raised.value.filename == str(tmp_path / "s" / "errors.csv")
+    assert list(tmp_path.iterdir()) == []

@@ -243,7 +243,8 @@ def preprocess_cases(
             writer.add_error(*error)
         bar = tqdm(total=len(jobs), desc="preprocess", unit="case", disable=not progress)
         lost = functools.partial(_lost_case, jobs) if skip_bad_cases else None
-        with bar, worker_results(_work, jobs, workers, lost) as results:
+        # The workers' job notes in the writer's folder: removed with it after a kill -9.
+        with bar, worker_results(_work, jobs, workers, lost, writer.tmp) as results:
             try:
                 added = _add_results(writer, results, bar, skip_bad_cases)
             except WorkerDiedError as died:

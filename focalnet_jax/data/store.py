@@ -54,7 +54,8 @@ from focalnet_jax.data.writer_folders import (
     target_folder,
     writer_folder,
 )
-from focalnet_jax.errors import UserError
+from focalnet_jax.deferred_signals import signals_deferred
+from focalnet_jax.errors import Interrupted, Terminated, UserError, naming_the_disk
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +149,7 @@ class StoreWriter:
         _check_store_replaceable(self.path, settings, overwrite)
         self.components = tuple(components)
         self.settings = settings
+        self._created = [p for p in (self.path.parent, *self.path.parent.parents) if not p.exists()]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         remove_dead_leftovers(self.path)
         self.tmp = writer_folder(self.path)
@@ -282,26 +284,39 @@ class StoreWriter:
             "fingerprint": digest,
             "cases": self.records,
         }
-        (self.tmp / "cases.json").write_text(json.dumps(table))
         finger = {"settings": self.settings, "fingerprint": digest, "num_cases": len(self.records)}
-        finger.update(num_slices=self.num_slices, crop_shape=[h, w], statistics=self._statistics())
-        (self.tmp / "fingerprint.json").write_text(json.dumps(finger, indent=1))
-        if self.errors or errors_file:
-            write_errors(self.tmp / "errors.csv", self.errors)
-        sync_folder(self.tmp)
+        with naming_the_disk(self.path, self.tmp):  # not the temporary folder, gone by then
+            (self.tmp / "cases.json").write_text(json.dumps(table))
+            finger.update(
+                num_slices=self.num_slices, crop_shape=[h, w], statistics=self._statistics()
+            )
+            (self.tmp / "fingerprint.json").write_text(json.dumps(finger, indent=1))
+            if self.errors or errors_file:
+                write_errors(self.tmp / "errors.csv", self.errors)
+            sync_folder(self.tmp)
         try:  # another run may have committed a store at `path` since this one started
             _check_store_replaceable(self.path, self.settings, self.overwrite, "meanwhile ")
         except (UserError, FileExistsError):
             self.abort()
             raise
-        remove_replaced(swap_in(self.tmp, self.path), self.path)
+        try:  # once swapped in, the store is written: a stop then says so (it said "interrupted")
+            with signals_deferred():
+                remove_replaced(swap_in(self.tmp, self.path), self.path)
+        except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM raised as `Terminated`
+            kind = Terminated if isinstance(stop, Terminated) else Interrupted
+            how = "SIGTERM" if kind is Terminated else "Ctrl-C"
+            raise kind(f"interrupted by {how} once store {self.path} was written") from None
         return self.path
 
     def abort(self) -> None:
+        """Removes the temporary folder and the folders above `path` the writer created."""
         for f in self._files.values():
             with contextlib.suppress(OSError):  # a full disk fails the flush of close again
                 f.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
+        for folder in self._created:  # deepest first
+            with contextlib.suppress(OSError):  # not empty: something else was written there
+                folder.rmdir()
 
 
 def write_errors(path: str | os.PathLike, errors) -> None:

@@ -49,8 +49,8 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
-# SIGALRM: a Ctrl-C kept pending by `errors.ctrl_c_never_dropped` comes back as one.
-_DEFERRED = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGALRM})
+from focalnet_jax.deferred_signals import DEFERRED, signals_deferred
+
 # Functions of multiprocessing/connection.py that write a message to a pipe.
 _SENDING = frozenset({"send", "send_bytes", "_send", "_send_bytes"})
 _RETRY_S = 0.02  # how soon a SIGTERM deferred during a send is acted on
@@ -110,7 +110,7 @@ def _init_worker(job_notes: str | None = None) -> None:
     # ends the worker once unblocked.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _DEFERRED)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, DEFERRED)
     # One core per worker process: SimpleITK would otherwise start a thread per core in each.
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
 
@@ -152,40 +152,28 @@ def _note_job(text: str) -> None:
 
 @contextlib.contextmanager
 def _signals_deferred():
-    """Ctrl-C and SIGTERM arriving in the block are recorded, and the first is raised again when
-    the block ends (its handler, e.g. KeyboardInterrupt, runs then). Processes started in the
-    block inherit both signals blocked (their mask, set by `_init_worker`)."""
+    """`deferred_signals.signals_deferred` for building or stopping the pool: processes started
+    in the block inherit both signals blocked (their mask, set by `_init_worker`)."""
     # multiprocessing's resource tracker, started with the pool's first lock, unblocks both
     # signals after starting (bpo-33613): start it before blocking them.
     resource_tracker.ensure_running()
-    caught = []
-    # A handler runs in the main thread, whichever thread the signal reached: replace it there
-    # (the mask of the main thread alone would not hold a signal that another thread receives).
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = {s: signal.signal(s, lambda n, _: caught.append(n)) for s in _DEFERRED if in_main}
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED)
-    try:
+    with signals_deferred():
         yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a signal pending here is recorded
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        if caught:
-            signal.raise_signal(caught[0])
 
 
 @contextlib.contextmanager
-def worker_results(work, jobs: list, workers: int, lost=None):
+def worker_results(work, jobs: list, workers: int, lost=None, notes_in: Path | None = None):
     """Yield `work(job)` for each of `jobs` in input order: computed in this process (1 worker)
     or in a `spawn` pool of `workers` processes, closed when all are consumed, else terminated.
     `work` is a module-level function (it is pickled to the workers). A worker that dies in a job
     raises `WorkerDiedError` while the results are read; or, given `lost`, `lost(index, how)`
-    (e.g. 'killed by SIGKILL') is yielded as that job's result and the others go on."""
+    (e.g. 'killed by SIGKILL') is yielded as that job's result and the others go on. The
+    workers note their jobs in a temporary folder inside `notes_in` (default: the system's)."""
     if workers == 1:
         yield map(work, jobs)
         return
     pool, failed, lost_jobs = None, True, []
-    with tempfile.TemporaryDirectory(prefix="focalnet-workers-") as notes:
+    with tempfile.TemporaryDirectory(prefix="focalnet-workers-", dir=notes_in) as notes:
         try:
             with _signals_deferred():  # raised once `pool` is set, so that it is terminated
                 pool = multiprocessing.get_context("spawn").Pool(
