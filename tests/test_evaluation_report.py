@@ -103,9 +103,10 @@ def test_a_method_keeps_its_colour_in_a_panel_where_another_has_no_curve(tmp_pat
     curve = figures.Curve(x=np.array([0.1, 1.0]), y=np.array([0.5, 0.8]))
     fig, ax = plt.subplots()
     figures._draw_all(ax, {"A": None, "B": curve})
-    (line,) = ax.get_lines()
+    empty, line = ax.get_lines()
     assert line.get_color() == "C1" and line.get_label() == "B"
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["B"]
+    assert empty.get_color() == "C0" and not len(empty.get_xdata())  # a legend entry alone
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["A (n/a)", "B"]
     plt.close(fig)
     path = figures.froc_figure(tmp_path / "f.png", {"GS 4+3": {"A": None, "B": curve}})
     assert path.is_file()

@@ -1804,6 +1804,18 @@ def test_froc_band_leaves_out_runs_without_a_lesion_of_the_group(tmp_path):
     assert figures.froc_bands(tmp_path / "froc.png", curves, "cs").is_file()
 
 
+def test_an_arm_without_a_froc_curve_stays_in_the_legend(tmp_path, monkeypatch):
+    # An arm none of whose runs has a clinically significant lesion was left out of froc_cs.png,
+    # whose legend otherwise gives n per arm.
+    from focalnet_jax.study import figures
+
+    kept = []
+    monkeypatch.setattr(figures, "_save", lambda fig, path: kept.append(fig) or path)
+    figures.froc_bands(tmp_path / "f.png", {"ce": [([0.0, 0.5], [0.5, 1.0])], "fl": []}, "cs")
+    legend = kept[0].axes[0].get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == ["ce (n=1)", "fl (n=0)"]
+
+
 def test_pvalue_matrix_labels_stay_readable_on_their_cells(tmp_path, monkeypatch):
     """Each p-value is written in the colour that contrasts with its cell: black on the light
     yellow of a small p (the finding; it was white there), white on the dark purple of p = 1."""

@@ -130,3 +130,30 @@ def test_folds_are_searched_in_every_folder_but_hidden_ones_and_an_unlistable_on
     with pytest.raises(UserError) as refused:
         find_folds(method)
     assert str(refused.value) == f"{method}: cannot search {method / 'fold1'} (Permission denied)"
+
+
+def test_a_method_without_a_curve_stays_in_the_figures_legends(tmp_path, monkeypatch):
+    """A method whose GS ROC AUC was undefined in every fold, or with no lesion of a FROC group
+    in any, had no line and no legend entry: the panel looked as if it had not been run, while
+    summary.md shows it as n/a. A FROC band of some folds said nothing of it ('(n/N)' in the
+    ROC legend)."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from focalnet_jax.evaluation import figures, summary
+
+    curve = {"fp": [0.1, 1.0, 5.0], "sensitivity": [0.2, 0.5, 0.9]}
+    lesions = [{"froc": {"index": {"curve": curve, "num_lesions": 3}}} for _ in range(2)]
+    folds = {"A": [*lesions, {"froc": {"index": {"curve": None, "num_lesions": 0}}}], "B": [{}]}
+    drawn = {}
+    monkeypatch.setattr(figures, "froc_figure", lambda path, panels: drawn.update(panels))
+    monkeypatch.setattr(figures, "roc_figure", lambda path, panels: drawn.update(panels))
+    summary.write_band_figures(folds, tmp_path)
+    index_title = next(title for title, group in summary.FROC_PANELS if group == "index")
+    assert list(drawn[index_title]) == ["A (2/3 folds)", "B"]
+    assert drawn[index_title]["B"] is None
+    fig, ax = plt.subplots()
+    line = figures.Curve(x=np.array([0.0, 1.0]), y=np.array([0.0, 1.0]))
+    figures._draw_all(ax, {"A": line, "B": None})
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["A", "B (n/a)"]
+    plt.close(fig)

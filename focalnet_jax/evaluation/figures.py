@@ -70,11 +70,15 @@ def _draw(ax, label: str, curve: Curve, colour) -> None:
 
 
 def _draw_all(ax, curves: Mapping[str, Curve | None]) -> None:
-    """Each curve in the colour of its place among `curves` (None: none drawn), and a legend."""
+    """Each curve in the colour of its place among `curves`, and a legend naming every label: one
+    without a curve (None) as '<label> (n/a)', which the panel would otherwise leave out as if
+    that method had not been run."""
     for i, (label, curve) in enumerate(curves.items()):
-        if curve is not None:
+        if curve is None:
+            ax.plot([], [], color=f"C{i}", label=f"{label} (n/a)".replace("$", r"\$"))
+        else:
             _draw(ax, label, curve, f"C{i}")
-    if any(curve is not None for curve in curves.values()):
+    if curves:
         ax.legend(loc="lower right", fontsize="small")
 
 

@@ -302,11 +302,18 @@ def summarize_runs(runs: Mapping[str, str | Path], out_dir: str | Path) -> dict:
     return summary
 
 
+def _has_froc(metrics: dict, group: str) -> bool:
+    """Whether a fold's `metrics` hold a FROC curve of `group` (it has a lesion of it)."""
+    return bool(value_at(metrics, ("froc", group, "curve"))) and bool(
+        value_at(metrics, ("froc", group, "num_lesions"))
+    )
+
+
 def _froc_band(fold_metrics: list[dict], group: str) -> figures.Curve | None:
     curves = []
     for m in fold_metrics:
-        curve = value_at(m, ("froc", group, "curve"))
-        if curve and value_at(m, ("froc", group, "num_lesions")):
+        if _has_froc(m, group):
+            curve = value_at(m, ("froc", group, "curve"))
             fp = np.asarray(curve["fp"], np.float64)
             sens = np.asarray(curve["sensitivity"], np.float64)
             curves.append(sensitivity_at(fp, sens, FP_GRID))
@@ -348,7 +355,11 @@ def write_band_figures(folds: Mapping[str, list[dict]], out_dir: Path) -> list[P
     def froc_panels(panels):
         result = {}
         for title, group in panels:  # None kept: each method keeps its colour in every panel
-            result[title] = {name: _froc_band(fm, group) for name, fm in folds.items()}
+            result[title] = {}
+            for name, fm in folds.items():
+                used = sum(_has_froc(m, group) for m in fm)  # as the ROC legend's '(n/N)'
+                label = name if used in (0, len(fm)) else f"{name} ({used}/{len(fm)} folds)"
+                result[title][label] = _froc_band(fm, group)
         return result
 
     roc_panels = {}

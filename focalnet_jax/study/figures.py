@@ -53,7 +53,8 @@ def froc_bands(path: Path, curves: Mapping[str, Sequence[tuple]], title: str) ->
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
     for i, (arm, runs) in enumerate(curves.items()):
         sampled = [sensitivity_at(np.asarray(fp), np.asarray(s), FP_GRID) for fp, s in runs]
-        if not sampled:
+        if not sampled:  # named still: the panel looked as if the arm had not been run
+            ax.plot([], [], color=f"C{i}", label=f"{arm} (n=0)")
             continue
         mean, lower, upper = band(sampled)
         ax.plot(FP_GRID, mean, color=f"C{i}", label=f"{arm} (n={len(sampled)})")
