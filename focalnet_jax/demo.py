@@ -23,7 +23,7 @@ from pathlib import Path
 
 from focalnet_jax import cli
 from focalnet_jax.data.atomic_files import write_json_atomic
-from focalnet_jax.study.synthetic import synthetic_store
+from focalnet_jax.study.synthetic import check_flags, synthetic_store
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.py"
 
@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("overrides", nargs="*", help="extra --config.KEY=VALUE for training")
     args, extra = parser.parse_known_args(argv)
+    check_flags(parser, args, "workers")
     if not CONFIG.is_file():
         raise SystemExit(f"{CONFIG} not found: run the demo from a clone of the repository")
     workdir = args.out / "run"

@@ -1481,6 +1481,30 @@ def test_demo_rebuilds_a_store_of_an_older_format(store, tmp_path):
     assert not _store_is_current(tmp_path / "absent")
 
 
+@pytest.mark.parametrize(
+    ("module", "flag", "message"),
+    [
+        ("focalnet_jax.demo", "--workers=0", "--workers 0: expected at least 1"),
+        ("focalnet_jax.demo", "--cases=0", "--cases 0: expected at least 1"),
+        ("focalnet_jax.demo", "--seed=-1", "--seed -1: expected 0 to 4294967295"),
+        ("focalnet_jax.study.synthetic", "--parallel=0", "--parallel 0: expected at least 1"),
+    ],
+)
+def test_the_demo_and_synthetic_study_refuse_a_bad_flag_before_any_step(
+    tmp_path, capsys, module, flag, message
+):
+    """`--workers 0` was refused by `focalnet preprocess` after the 60 cases were synthesised
+    (35 s), `--parallel 0` by `study run` after the store was made; each left `--out` half full."""
+    import importlib
+
+    main = importlib.import_module(module).main
+    with pytest.raises(SystemExit) as stopped:
+        main(["--out", str(tmp_path / "out"), flag])
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"python -m {module}: error: {message}"
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_failed_step_of_the_demo_names_its_command(tmp_path):
     """`focalnet synth --out failed with status 2`: the command's name and its first flag."""
     from focalnet_jax.study.synthetic import focalnet

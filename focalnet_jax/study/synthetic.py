@@ -113,6 +113,19 @@ def synthetic_store(
     return store
 
 
+def check_flags(parser: argparse.ArgumentParser, args, *counts: str) -> None:
+    """Refuses before any step runs (a parser error, exit status 2) a `--cases` below 1, a
+    `--seed` outside `focalnet synth`'s range and each flag of `counts` (e.g. 'workers') below 1:
+    a bad one was refused by the step it reached, after synthesis (and preprocessing) were done."""
+    if args.cases < 1:
+        parser.error(f"--cases {args.cases}: expected at least 1")
+    if not 0 <= args.seed < 2**32:
+        parser.error(f"--seed {args.seed}: expected 0 to {2**32 - 1}")
+    for name in counts:
+        if (value := getattr(args, name)) < 1:
+            parser.error(f"--{name} {value}: expected at least 1")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m focalnet_jax.study.synthetic",
@@ -126,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parallel", type=int, default=1, help="cells at once")
     parser.add_argument("--results", type=Path, help="copy DIR/report here")
     args, overrides = parser.parse_known_args(argv)
+    check_flags(parser, args, "parallel")
     start = time.perf_counter()
     store = synthetic_store(
         args.out, cases=args.cases, seed=args.seed, single_share=args.single_share
