@@ -345,15 +345,22 @@ def test_a_labels_folder_that_gives_no_case_its_label_is_refused(tmp_path):
     with pytest.raises(LayoutError) as raised:
         discover_picai(tmp_path, [ai, human], unlabelled="negative")
     assert str(raised.value) == (
-        f"--labels {human} gives no case its label: the 2 case(s) it has a label file for (first "
-        f"10000_1000000) took theirs from the earlier --labels {ai}; give the folders in order of "
-        "preference (the expert annotations before the AI-derived ones), or leave this one out"
+        f"--labels {human} can give no case its label: the earlier --labels {ai} holds a label "
+        "file of each of its 2 cases too; give the folders in order of preference (the expert "
+        "annotations before the AI-derived ones), or leave this one out"
     )
     # In order, each folder gives some case its label (10002 has none: lesion-free).
     cases = discover_picai(tmp_path, [human, ai], unlabelled="negative")
     taken = {c.case_id: c.label and Path(c.label).parent for c in cases}
     assert taken == {"10000_1000000": human, "10001_1000001": ai, "10002_1000002": None,
                      "10003_1000003": human, "10003_1000004": ai}  # fmt: skip
+    # In order, the AI-derived folder is kept even where the expert one labels every case of
+    # the images given (here patient 10000 alone): it gives the other cases theirs.
+    only = tmp_path / "only_10000"
+    shutil.copytree(tmp_path / "picai_public_images_fold0" / "10000", only / "10000")
+    assert [c.label for c in discover_picai(only, [human, ai])] == [
+        str(human / "10000_1000000.nii.gz")
+    ]
 
 
 def test_a_store_written_removes_the_errors_listed_beside_it_by_a_failed_run(tmp_path):

@@ -43,7 +43,6 @@ from focalnet_jax.data.manifest_checks import (
 from focalnet_jax.data.picai_sources import (
     LABEL_SUFFIXES,
     check_label_files,
-    check_label_folders_used,
     check_marksheet_cases,
     check_unlabelled_case,
     find_file,
@@ -54,6 +53,7 @@ from focalnet_jax.data.picai_sources import (
     picai_images,
     read_marksheet,
     warn_marksheet_cannot_tell,
+    warn_unmatched_labels,
 )
 from focalnet_jax.errors import LayoutError, UserError
 
@@ -169,8 +169,7 @@ def discover_picai(
         spec.meta = dict(sheet.get(case, {}))
         cases.append(spec)
     _warn_unmasked(cases, masks)
-    sources = {spec.case_id: Path(spec.label).parent for spec in cases if spec.label is not None}
-    check_label_folders_used(folders, sources, set(found))
+    warn_unmatched_labels(folders, set(found))
     where = ", ".join(map(str, folders)) or "no --labels folder given"
     _warn_left_out(unlabelled_cases, f"no label file in {where}")
     return cases

@@ -197,17 +197,29 @@ def label_folders(labels: PathArg | Sequence[PathArg] | None) -> tuple[Path, ...
 
 
 def check_label_files(folders: Sequence[Path]) -> None:
-    """Refuses a label folder that holds no label file: one a level too high (PI-CAI's
-    `human_expert/`, whose label files lie in `resampled/`) gave no case its label, so each case
-    took the next folder's (the AI-derived labels: every grade unknown) without a word. The
-    error names the subfolders that hold some."""
+    """Refuses a label folder that can give no case its label, so that each case took the next
+    folder's (the AI-derived labels: every grade unknown) without a word: one that holds no label
+    file (a level too high: PI-CAI's `human_expert/`, whose files lie in `resampled/`; the error
+    names the subfolders that hold some), and one each of whose label files an earlier folder
+    holds too (given after the AI-derived labels, which cover every PI-CAI case)."""
+    earlier: dict[str, Path] = {}  # case -> the first folder holding its label file
     for folder in folders:
-        if not label_ids(folder):
+        ids = label_ids(folder)
+        if not ids:
             inside = sorted(sub.name for sub in folder.iterdir() if sub.is_dir() and label_ids(sub))
             hint = f"; its subfolder(s) {', '.join(inside[:5])} do: give one" if inside else ""
             raise LayoutError(
                 f"--labels {folder} holds no label file ({', '.join(LABEL_SUFFIXES)}){hint}"
             )
+        if all(case in earlier for case in ids):
+            raise LayoutError(
+                f"--labels {folder} can give no case its label: the earlier --labels "
+                f"{earlier[ids[0]]} holds a label file of each of its {len(ids)} cases too; give "
+                "the folders in order of preference (the expert annotations before the "
+                "AI-derived ones), or leave this one out"
+            )
+        for case in ids:
+            earlier.setdefault(case, folder)
 
 
 def label_ids(folder: Path) -> list[str]:
@@ -219,28 +231,11 @@ def label_ids(folder: Path) -> list[str]:
     return [case for case in dict.fromkeys(ids) if case is not None]
 
 
-def check_label_folders_used(
-    folders: Sequence[Path], sources: dict[str, Path], case_ids: set[str]
-) -> None:
-    """After the cases are found (`sources`: case -> the label folder it took its file from):
-    a label folder whose label files of these cases were all taken from an earlier folder is a
-    `LayoutError` (folders given in the wrong order: with the AI-derived labels first, which
-    cover every PI-CAI case, the expert ones gave none and every grade was lost); label files of
-    no case of the image folders are named in one warning per folder (an image folder left out,
-    e.g. one of PI-CAI's five fold folders, drops its labelled cases)."""
-    given = {os.path.abspath(folder): folder for folder in folders}  # as the user wrote it
-    sources = {case: given.get(os.path.abspath(src), src) for case, src in sources.items()}
+def warn_unmatched_labels(folders: Sequence[Path], case_ids: set[str]) -> None:
+    """One warning per label folder naming its label files of no case of the image folders (an
+    image folder left out, e.g. one of PI-CAI's five fold folders, drops its labelled cases)."""
     for folder in folders:
-        ids = label_ids(folder)
-        mine = [case for case in ids if case in sources]
-        if mine and all(sources[case] != folder for case in mine):
-            raise LayoutError(
-                f"--labels {folder} gives no case its label: the {len(mine)} case(s) it has a "
-                f"label file for (first {mine[0]}) took theirs from the earlier --labels "
-                f"{sources[mine[0]]}; give the folders in order of preference (the expert "
-                "annotations before the AI-derived ones), or leave this one out"
-            )
-        unmatched = [case for case in ids if case not in case_ids]
+        unmatched = [case for case in label_ids(folder) if case not in case_ids]
         if unmatched:
             log.warning(
                 "%d label file(s) in %s belong to no case of the image folder(s) (their images "

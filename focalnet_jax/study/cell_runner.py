@@ -136,12 +136,12 @@ def run_cell(study_dir: str | Path, name: str) -> int:
         "boot_id": boot_id(),
     }
 
-    def record(state: str, **fields) -> None:
+    def record(state: str, **fields) -> None:  # each with this runner's pid: `local` tells its own
         seconds = attempt_fields(earlier, time.time() - start)
-        study.write_state(cell, state, log=str(log), **seconds, **placement, **fields)
+        study.write_state(cell, state, log=str(log), **seconds, **placement, **here, **fields)
 
     def heartbeat() -> None:
-        record("running", **here, started=start)
+        record("running", started=start)
 
     heartbeat()
     log.parent.mkdir(parents=True, exist_ok=True)
