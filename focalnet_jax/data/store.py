@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from focalnet_jax.data.atomic_files import foreign_entries, replaced_atomically, sync_folder
+from focalnet_jax.data.deferred_signals import signals_deferred
 from focalnet_jax.data.geometry import CropGeometry
 from focalnet_jax.data.store_settings import (
     STORE_VERSION,
@@ -54,7 +55,6 @@ from focalnet_jax.data.writer_folders import (
     target_folder,
     writer_folder,
 )
-from focalnet_jax.deferred_signals import signals_deferred
 from focalnet_jax.errors import Interrupted, Terminated, UserError, naming_the_disk
 
 log = logging.getLogger(__name__)

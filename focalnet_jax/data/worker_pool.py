@@ -49,7 +49,7 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
-from focalnet_jax.deferred_signals import DEFERRED, signals_deferred
+from focalnet_jax.data.deferred_signals import DEFERRED, signals_deferred
 
 # Functions of multiprocessing/connection.py that write a message to a pipe.
 _SENDING = frozenset({"send", "send_bytes", "_send", "_send_bytes"})
