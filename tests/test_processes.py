@@ -139,8 +139,8 @@ def test_a_runner_killed_alone_keeps_its_slot_until_its_command_ends(tmp_path, m
     study, first, second = Study(tmp_path, {}), Cell("a", 0, 0), Cell("b", 0, 0)
     results = local.run_local(study, [first, second], parallel=1)
     assert results == {
-        "a/rep0/fold0": ("interrupted", None, None),
-        "b/rep0/fold0": ("interrupted", None, None),
+        "a/rep0/fold0": ("interrupted", None, study.log_path(first)),
+        "b/rep0/fold0": ("interrupted", None, study.log_path(second)),
     }
     first_ends = study.state(first).record["command_ends"]
     assert study.state(second).record["started"] >= first_ends  # not beside the first's command

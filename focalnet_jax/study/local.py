@@ -53,8 +53,8 @@ def worker_slots(parallel: int | None, devices: Sequence[str]) -> int:
 
 
 class Ended(NamedTuple):
-    """How a cell's attempt ended: `result` 'done' | 'failed' | 'interrupted', and for a failed
-    one its `reason` and its `log` (None where its runner wrote none)."""
+    """How a cell's attempt ended: `result` 'done' | 'failed' | 'interrupted', for a failed one
+    its `reason`, and for one not done its `log` (None where its runner wrote none)."""
 
     result: str
     reason: str | None = None
@@ -128,9 +128,11 @@ def _ended(study: Study, cell: Cell, state, process: subprocess.Popen) -> Ended:
     attempt's (the runner ended before it wrote its own, e.g. killed during its imports) how the
     runner ended: that attempt's error was reported as this one's, or '?' for a new cell."""
     mine = state.record.get("pid") == process.pid
-    if state.state == "done" or (state.state == "interrupted" and mine):
-        return Ended(state.state)
     log = study.log_path(cell)
+    if state.state == "done":
+        return Ended("done")
+    if state.state == "interrupted" and mine:
+        return Ended("interrupted", log=log)
     if mine:
         return Ended("failed", state.record.get("error") or "?", log)
     code = process.returncode
