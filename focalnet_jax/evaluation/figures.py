@@ -57,10 +57,7 @@ def froc_step_curve(fp: np.ndarray, sens: np.ndarray) -> Curve:
 
 
 def _draw(ax, label: str, curve: Curve, colour) -> None:
-    """`curve` in `colour`, named `label` in the legend: a name (a method, `--label`), never a
-    formula, so its `$` are escaped (`cost_$5 vs $10` was drawn as maths; a name whose `$...$`
-    was no formula ended the command in a parse error)."""
-    label = label.replace("$", r"\$")
+    """`curve` in `colour`, named `label` (escaped: `_draw_all`) in the legend."""
     if curve.step:
         ax.step(curve.x, curve.y, where="post", label=label, color=colour)
     else:
@@ -72,10 +69,13 @@ def _draw(ax, label: str, curve: Curve, colour) -> None:
 def _draw_all(ax, curves: Mapping[str, Curve | None]) -> None:
     """Each curve in the colour of its place among `curves`, and a legend naming every label: one
     without a curve (None) as '<label> (n/a)', which the panel would otherwise leave out as if
-    that method had not been run."""
+    that method had not been run. A label is a name (a method, `--label`), never a formula, so
+    its `$` are escaped (`cost_$5 vs $10` was drawn as maths; a name whose `$...$` was no
+    formula ended the command in a parse error)."""
     for i, (label, curve) in enumerate(curves.items()):
+        label = label.replace("$", r"\$")
         if curve is None:
-            ax.plot([], [], color=f"C{i}", label=f"{label} (n/a)".replace("$", r"\$"))
+            ax.plot([], [], color=f"C{i}", label=f"{label} (n/a)")
         else:
             _draw(ax, label, curve, f"C{i}")
     if curves:
