@@ -29,7 +29,7 @@ def add_synth(parser: argparse.ArgumentParser) -> None:
 
 
 def run_synth(args: argparse.Namespace) -> int:
-    from focalnet_jax.data.synth import SynthConfig, write_dataset
+    from focalnet_jax.data.synth import SynthConfig, dataset_flag_problem, write_dataset
 
     options = {"t2w_only_share": args.t2w_only_share}
     options["components"] = tuple(c.strip() for c in args.components.split(",") if c.strip())
@@ -50,10 +50,8 @@ def run_synth(args: argparse.Namespace) -> int:
         config = SynthConfig.small(**options) if args.small else SynthConfig(**options)
     except ValueError as err:  # the options are the user's
         raise UserError(str(err)) from err
-    if args.cases < 1:
-        raise UserError(f"--cases {args.cases}: expected at least 1")
-    if not 0 <= args.seed < 2**32:  # numpy reads a larger seed as words: another seed's cases
-        raise UserError(f"--seed {args.seed}: expected 0 to {2**32 - 1}")
+    if problem := dataset_flag_problem(args.cases, args.seed):
+        raise UserError(problem)
     cases = write_dataset(
         args.out, args.cases, args.seed, config, progress=True, overwrite=args.overwrite
     )

@@ -304,6 +304,16 @@ def synth_case(
     )
 
 
+def dataset_flag_problem(num_cases: int, seed: int) -> str | None:
+    """Why `--cases` `num_cases` or `--seed` `seed` make no dataset (fewer than one case, a seed
+    outside 0..2**32 - 1, which numpy reads as words: another seed's cases), or None."""
+    if num_cases < 1:
+        return f"--cases {num_cases}: expected at least 1"
+    if not 0 <= seed < 2**32:
+        return f"--seed {seed}: expected 0 to {2**32 - 1}"
+    return None
+
+
 def synthesis_record(num_cases: int, seed: int, cfg: SynthConfig) -> dict:
     """`{'cases', 'seed', 'config'}` as `write_dataset` records them in `SYNTH_RECORD` (the
     config's fields, tuples as lists): what decides every voxel of the dataset."""

@@ -117,10 +117,10 @@ def check_flags(parser: argparse.ArgumentParser, args, *counts: str) -> None:
     """Refuses before any step runs (a parser error, exit status 2) a `--cases` below 1, a
     `--seed` outside `focalnet synth`'s range and each flag of `counts` (e.g. 'workers') below 1:
     a bad one was refused by the step it reached, after synthesis (and preprocessing) were done."""
-    if args.cases < 1:
-        parser.error(f"--cases {args.cases}: expected at least 1")
-    if not 0 <= args.seed < 2**32:
-        parser.error(f"--seed {args.seed}: expected 0 to {2**32 - 1}")
+    from focalnet_jax.data.synth import dataset_flag_problem
+
+    if problem := dataset_flag_problem(args.cases, args.seed):
+        parser.error(problem)
     for name in counts:
         if (value := getattr(args, name)) < 1:
             parser.error(f"--{name} {value}: expected at least 1")
