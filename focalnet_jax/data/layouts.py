@@ -143,7 +143,7 @@ def discover_picai(
     if masks is not None and not Path(masks).is_dir():  # else every crop centred on the T2w
         raise LayoutError(not_a_folder("masks", masks))
     found = picai_images(images)
-    check_label_files(folders)
+    listed = check_label_files(folders)
     sheet = read_marksheet(marksheet) if marksheet else {}
     check_marksheet_cases(sheet, sorted(found), marksheet)
     if unlabelled == "negative":
@@ -169,7 +169,7 @@ def discover_picai(
         spec.meta = dict(sheet.get(case, {}))
         cases.append(spec)
     _warn_unmasked(cases, masks)
-    warn_unmatched_labels(folders, set(found))
+    warn_unmatched_labels(listed, set(found))
     where = ", ".join(map(str, folders)) or "no --labels folder given"
     _warn_left_out(unlabelled_cases, f"no label file in {where}")
     return cases

@@ -196,15 +196,17 @@ def label_folders(labels: PathArg | Sequence[PathArg] | None) -> tuple[Path, ...
     return folders
 
 
-def check_label_files(folders: Sequence[Path]) -> None:
-    """Refuses a label folder that can give no case its label, so that each case took the next
-    folder's (the AI-derived labels: every grade unknown) without a word: one that holds no label
-    file (a level too high: PI-CAI's `human_expert/`, whose files lie in `resampled/`; the error
-    names the subfolders that hold some), and one each of whose label files an earlier folder
-    holds too (given after the AI-derived labels, which cover every PI-CAI case)."""
+def check_label_files(folders: Sequence[Path]) -> dict[Path, list[str]]:
+    """{folder: `label_ids`} of the label folders. Refuses one that can give no case its label,
+    so that each case took the next folder's (the AI-derived labels: every grade unknown)
+    without a word: one that holds no label file (a level too high: PI-CAI's `human_expert/`,
+    whose files lie in `resampled/`; the error names the subfolders that hold some), and one each
+    of whose label files an earlier folder holds too (given after the AI-derived labels, which
+    cover every PI-CAI case)."""
     earlier: dict[str, Path] = {}  # case -> the first folder holding its label file
+    listed = {}
     for folder in folders:
-        ids = label_ids(folder)
+        ids = listed[folder] = label_ids(folder)
         if not ids:
             inside = sorted(sub.name for sub in folder.iterdir() if sub.is_dir() and label_ids(sub))
             hint = f"; its subfolder(s) {', '.join(inside[:5])} do: give one" if inside else ""
@@ -220,6 +222,7 @@ def check_label_files(folders: Sequence[Path]) -> None:
             )
         for case in ids:
             earlier.setdefault(case, folder)
+    return listed
 
 
 def label_ids(folder: Path) -> list[str]:
@@ -231,11 +234,12 @@ def label_ids(folder: Path) -> list[str]:
     return [case for case in dict.fromkeys(ids) if case is not None]
 
 
-def warn_unmatched_labels(folders: Sequence[Path], case_ids: set[str]) -> None:
-    """One warning per label folder naming its label files of no case of the image folders (an
-    image folder left out, e.g. one of PI-CAI's five fold folders, drops its labelled cases)."""
-    for folder in folders:
-        unmatched = [case for case in label_ids(folder) if case not in case_ids]
+def warn_unmatched_labels(listed: dict[Path, list[str]], case_ids: set[str]) -> None:
+    """One warning per label folder of `listed` (`check_label_files`) naming its label files of
+    no case of the image folders (an image folder left out, e.g. one of PI-CAI's five fold
+    folders, drops its labelled cases)."""
+    for folder, ids in listed.items():
+        unmatched = [case for case in ids if case not in case_ids]
         if unmatched:
             log.warning(
                 "%d label file(s) in %s belong to no case of the image folder(s) (their images "
