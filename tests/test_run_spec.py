@@ -403,3 +403,19 @@ def test_data_splits_takes_the_folds_from_given_split_files(tmp_path):
             folds[k]["train"],
             folds[k]["val"],
         )
+
+
+def test_a_run_trained_before_the_loss_option_checks_still_predicts():
+    """MFL added to a benchmark loss (before `loss.mfl_any_loss`), and an option the loss did not
+    take (ignored then): such a run trained, and resumes only with the setting that allows it;
+    its evaluation and `predict` (which take no overrides) were refused for good."""
+    config = tiny_config(overrides=["--config.loss.name=sigmoid_ce", "--config.loss.mfl=False"])
+    config.loss.mfl, config.loss.gamma = True, 1.0
+    with pytest.raises(UserError, match=r"^loss\.mfl=True with loss\.name='sigmoid_ce'"):
+        RunSpec.from_config(config, num_devices=1)
+    spec = RunSpec.from_config(config, num_devices=1, training=False)
+    assert spec.loss.name == "sigmoid_ce"
+    config.loss.mfl = False
+    with pytest.raises(UserError, match=r"^loss\.gamma=1\.0: loss 'sigmoid_ce' does not take"):
+        RunSpec.from_config(config, num_devices=1)
+    RunSpec.from_config(config, num_devices=1, training=False)

@@ -290,8 +290,6 @@ def _check_loss(loss_config, components: Sequence[str]):
     _number(loss_config.gamma, "loss.gamma", 0.0)
     spec = losses.get_loss(name, **{k: loss_config[k] for k in takes if k in loss_config})
     _check_bound_options(spec)
-    losses.check_mfl(name, bool(loss_config.mfl), bool(loss_config.get("mfl_any_loss", False)))
-    losses.check_loss_options(name, loss_config)  # also for a config made in Python, not loaded
     if loss_config.mfl_mode not in losses.MFL_MODES:
         raise ValueError(
             f"loss.mfl_mode: expected one of {losses.MFL_MODES}, got {loss_config.mfl_mode!r}"
@@ -352,10 +350,15 @@ def _check_range(value, key: str, above: float) -> None:
 
 
 def _check_training_only(config) -> None:
-    """What training alone would do wrong: an augmentation switch that is no boolean (`None` set
-    in a config file read as off); ASPP v3's image-pooling branch (one value per channel and
-    slice) under batch statistics of a one-slice batch: its BatchNorm gives its bias alone, so
-    the branch would never train (no gradient reaches its convolution)."""
+    """What training alone would do wrong: MFL added to a benchmark loss without
+    `loss.mfl_any_loss`, and a loss option the loss does not take (ignored by the loss; a run
+    trained before these two checks holds either); an augmentation switch that is no boolean
+    (`None` set in a config file read as off); ASPP v3's image-pooling branch (one value per
+    channel and slice) under batch statistics of a one-slice batch: its BatchNorm gives its bias
+    alone, so the branch would never train (no gradient reaches its convolution)."""
+    loss = config.loss
+    losses.check_mfl(loss.name, bool(loss.mfl), bool(loss.get("mfl_any_loss", False)))
+    losses.check_loss_options(loss.name, loss)  # also for a config made in Python, not loaded
     for switch in ("shift", "scale", "flip", "intensity"):
         value = config.augment[switch]
         if not isinstance(value, bool):
