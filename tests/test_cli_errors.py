@@ -698,3 +698,20 @@ def test_a_reader_that_goes_away_ends_the_command_without_a_traceback(tmp_path):
     assert process.returncode == 141
     assert b"Traceback" not in err and b"BrokenPipeError" not in err
     assert (tmp_path / "syn" / "lesions.csv").is_file()  # its work done and kept
+
+
+def test_a_path_flag_written_with_equals_and_a_tilde_is_under_home(tmp_path, monkeypatch, capsys):
+    """The shell expands `--out ~/x` but not `--out=~/x`: `focalnet train --workdir=~/run` wrote
+    into a folder named `~` of the working folder and said `~/run`. Repeated flags too."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    (home / "l").mkdir(parents=True)
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    status, err = _run(["folds", "--store=~/nowhere"], capsys)
+    assert status == 2 and f"{home / 'nowhere'}" in err and "~" not in err, err
+    argv = ["preprocess", "--layout=picai", "--images=~/a", "--images=~/b", "--labels=~/l",
+            "--out=~/store"]  # fmt: skip
+    status, err = _run(argv, capsys)
+    assert status == 2 and f"{home / 'a'}" in err and "~" not in err, err
+    assert list(work.iterdir()) == []

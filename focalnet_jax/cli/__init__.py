@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from focalnet_jax.cli import data_commands as data
 from focalnet_jax.cli import evaluation_commands as evaluation
@@ -125,6 +126,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _expand_home(args: argparse.Namespace) -> None:
+    """Expands a leading `~` of every path flag (also each of a repeated one) as the shell does
+    for `--out ~/x` but not for `--out=~/x`, which wrote into a folder named `~` of the working
+    folder (the config's paths, e.g. `--config.data.store=~/x`, are expanded where they are
+    resolved: `run.workdir.absolute_path`)."""
+    for name, value in vars(args).items():
+        if isinstance(value, Path):
+            setattr(args, name, value.expanduser())
+        elif isinstance(value, list) and any(isinstance(item, Path) for item in value):
+            setattr(args, name, [Path(item).expanduser() for item in value])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """`focalnet ARGV`; the exit status. Without `argv`: the process's own command line (the
     console script, `python -m focalnet_jax.cli`), and the process ends when this returns: after
@@ -136,6 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # `train` and `cv` take free-form `--config.KEY=VALUE` overrides that argparse does not know,
     # `study` `--spec.KEY=VALUE`.
     args, unknown = parser.parse_known_args(argv)
+    _expand_home(args)
     args.process_ends = process_ends
     if unknown and args.command not in ("train", "cv", "study"):
         args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
