@@ -470,6 +470,35 @@ def test_inference_refuses_variables_that_are_not_finite(trained, tmp_path):
     )
 
 
+def test_a_resume_moves_a_step_of_values_that_are_not_finite_aside(trained, tmp_path, caplog):
+    """NaN in the newest step (damage no digest was there to find: a step saved without them):
+    a resumed run trained on from it, failed at the next step calling the step "last good", and
+    failed so at every rerun. Now it is damage: moved aside, and the run resumes before it."""
+    workdir = tmp_path / "run"
+    shutil.copytree(trained["workdir"], workdir)
+    shutil.rmtree(workdir / "checkpoints" / "4")
+    state = jax.device_get(trained["final"])
+    kernel = state.params["aspp"]["branch0"]["kernel"]
+    state = state.replace(
+        params={**state.params, "aspp": {**state.params["aspp"], "branch0": {
+            **state.params["aspp"]["branch0"], "kernel": np.full_like(kernel, np.nan)}}}
+    )  # fmt: skip
+    manager = workdir_lib.make_manager(workdir)
+    checkpoint.save(manager, 4, state, newer_than=0)
+    checkpoint.finish_saves(manager, newer_than=0)
+    manager.close()
+    with caplog.at_level(logging.WARNING, logger="focalnet_jax.training.checkpoint"):
+        resumed = train_and_evaluate(trained["config"], workdir, store=trained["store"])
+    bad, aside = (workdir / "checkpoints" / name for name in ("4", "corrupt-4"))
+    assert [r.getMessage() for r in caplog.records if r.name.endswith("checkpoint")] == [
+        f"resuming from step 2: checkpoint {bad.resolve()} is unreadable: params/aspp/branch0/"
+        f"kernel: {kernel.size} of {kernel.size} values are not finite (moved to "
+        f"{aside.resolve()})"
+    ]
+    for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(trained["final"]), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), b)
+
+
 def test_inference_refuses_negative_running_variances(trained, tmp_path):
     """Finite variables whose BatchNorm variance is below 0 (a run started from such weights)
     made every score NaN, and predict failed later in the lesion candidates."""

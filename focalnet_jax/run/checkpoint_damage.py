@@ -5,7 +5,8 @@ a read that mean damage.
 file shorter than the data it is said to hold. `step_damage` adds the content digests written at
 save time (`checkpoint_digests`: a block overwritten in place keeps the size). `read_failure`
 picks TensorStore's read error out of a failed restore, and `DAMAGE_STATUS` says which of its
-statuses mean bad content; a file that cannot be read for permission is not damage (a
+statuses mean bad content; `unusable_values` finds restored values no model could use (NaN, a
+negative running variance); a file that cannot be read for permission is not damage (a
 `PermissionError` naming it: the step is whole, and the user's to fix).
 """
 
@@ -15,6 +16,8 @@ import errno
 import json
 from pathlib import Path
 
+import jax
+import numpy as np
 import tensorstore as ts
 
 from focalnet_jax.run import checkpoint_digests
@@ -111,3 +114,28 @@ def _reference_damage(database: Path, location: str) -> str | None:
     if size < end:
         return f"{name}: truncated ({size} bytes; the checkpoint refers to bytes up to {end})"
     return None
+
+
+def unusable_values(state) -> str | None:
+    """`"<array>: N of M values are not finite"` for the first such array of `state` (a restored
+    train state or its variables; replicated arrays are read on this host), or `"...: N of M
+    running variances are negative"` for a BatchNorm variance (`batch_stats/**/var`) below 0
+    (the model would compute NaN); None when neither. Training saves neither (it stops on NaN;
+    its variances average batch variances), so they come of damage that no digest was there to
+    find (a step saved without them) or an unchecked start."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+        name, leaf = leaf_name(path), np.asarray(leaf)
+        if bad := int(np.size(leaf) - np.count_nonzero(np.isfinite(leaf))):
+            return f"{name}: {bad} of {np.size(leaf)} values are not finite"
+        variance = name.startswith("batch_stats/") and name.endswith("/var")
+        if variance and (bad := int(np.count_nonzero(leaf < 0))):
+            return f"{name}: {bad} of {np.size(leaf)} running variances are negative"
+    return None
+
+
+def leaf_name(path) -> str:
+    """`params/backbone/conv1/kernel`: a pytree path without the kinds of its keys (a saved dict
+    and the dataclass or named tuple it came from give the same name)."""
+    return "/".join(
+        str(next(getattr(k, a) for a in ("key", "name", "idx") if hasattr(k, a))) for k in path
+    )

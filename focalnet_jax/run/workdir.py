@@ -309,10 +309,12 @@ def restore(
     """Restore into `abstract_state` (ShapeDtypeStructs with shardings): arrays land placed.
 
     `step=None` = the latest. Returns None when the manager has no checkpoint. Raises
-    `UnreadableCheckpointError` when the step's files are damaged, `CheckpointMismatchError` when
-    they hold arrays of other names or shapes than `abstract_state` (another model). `checked`:
-    the step's files were found whole just before (`resumable_step`), their digests not computed
-    again (a read of every byte: 0.6 s for a ResNet-101 train state at 1.1 GB/s).
+    `UnreadableCheckpointError` when the step's files are damaged or its values unusable
+    (`checkpoint_damage.unusable_values`: NaN in a step saved without digests was trained on,
+    and the next step blamed), `CheckpointMismatchError` when they hold arrays of other names or
+    shapes than `abstract_state` (another model). `checked`: the step's files were found whole
+    just before (`resumable_step`), their digests not computed again (a read of every byte: 0.6 s
+    for a ResNet-101 train state at 1.1 GB/s).
     """
     step = manager.latest_step() if step is None else step
     if step is None:
@@ -326,7 +328,7 @@ def restore(
     if mismatch := state_mismatch(step_dir, abstract_state):
         raise CheckpointMismatchError(step_dir, mismatch)
     try:
-        return manager.restore(int(step), args=ocp.args.StandardRestore(abstract_state))
+        state = manager.restore(int(step), args=ocp.args.StandardRestore(abstract_state))
     except Exception as error:
         if damage := checkpoint_damage.find_damage(step_dir):
             raise UnreadableCheckpointError(step_dir, damage) from error
@@ -337,14 +339,9 @@ def restore(
         if status in checkpoint_damage.DAMAGE_STATUS:
             raise UnreadableCheckpointError(step_dir, failure) from error
         raise
-
-
-def _leaf_name(path) -> str:
-    """`params/backbone/conv1/kernel`: a pytree path without the kinds of its keys (a saved dict
-    and the dataclass or named tuple it came from give the same name)."""
-    return "/".join(
-        str(next(getattr(k, a) for a in ("key", "name", "idx") if hasattr(k, a))) for k in path
-    )
+    if unusable := checkpoint_damage.unusable_values(state):
+        raise UnreadableCheckpointError(step_dir, unusable)
+    return state
 
 
 def state_mismatch(step_dir: str | Path, abstract_state, shown: int = 3) -> str | None:
@@ -367,8 +364,10 @@ def state_mismatch(step_dir: str | Path, abstract_state, shown: int = 3) -> str 
         reason = f"{metadata_file} or {ITEM_DIR}/_sharding: no array metadata"
         raise UnreadableCheckpointError(step_dir, reason)
     leaves = jax.tree_util.tree_leaves_with_path
-    saved = {_leaf_name(p): tuple(leaf.shape) for p, leaf in leaves(saved_tree)}
-    wanted = {_leaf_name(p): tuple(leaf.shape) for p, leaf in leaves(abstract_state)}
+    saved = {checkpoint_damage.leaf_name(p): tuple(leaf.shape) for p, leaf in leaves(saved_tree)}
+    wanted = {
+        checkpoint_damage.leaf_name(p): tuple(leaf.shape) for p, leaf in leaves(abstract_state)
+    }
     differences = [
         f"{name} {saved.get(name, '(absent)')} saved, {wanted.get(name, '(absent)')} wanted"
         for name in [*wanted, *(name for name in saved if name not in wanted)]  # tree order
@@ -473,28 +472,9 @@ def load_for_inference(workdir: str | Path, step: int | None = None):
                 f"its {CONFIG_FILE} ({config.model.name}, depth {config.model.depth}): "
                 f"{error.reason}"
             ) from error
-        step_dir = Path(manager.directory) / str(manager.latest_step() if step is None else step)
     finally:
         manager.close()
     variables = jax.tree.map(
         np.asarray, {"params": state["params"], "batch_stats": state["batch_stats"]}
     )
-    if unusable := _unusable(variables):
-        raise UnreadableCheckpointError(step_dir, unusable)
     return spec, variables
-
-
-def _unusable(variables) -> str | None:
-    """`"<array>: N of M values are not finite"` for the first such array of `variables` (host
-    arrays), or `"...: N of M running variances are negative"` for a BatchNorm variance
-    (`batch_stats/**/var`) below 0 (the model would compute NaN); None when neither. Training
-    saves neither (it stops on NaN; its variances average batch variances), so they come of
-    damage that no digest was there to find (a step saved without them) or an unchecked start."""
-    for path, leaf in jax.tree_util.tree_leaves_with_path(variables):
-        name = _leaf_name(path)
-        if bad := int(np.size(leaf) - np.count_nonzero(np.isfinite(leaf))):
-            return f"{name}: {bad} of {np.size(leaf)} values are not finite"
-        variance = name.startswith("batch_stats/") and name.endswith("/var")
-        if variance and (bad := int(np.count_nonzero(leaf < 0))):
-            return f"{name}: {bad} of {np.size(leaf)} running variances are negative"
-    return None
