@@ -151,15 +151,9 @@ def test_resume_on_a_store_with_other_settings_is_refused(run, capsys):
     manager.close()
 
 
-def test_resume_on_a_store_with_other_labels_is_refused_and_on_a_moved_one_records_it(
-    run, tmp_path, capsys
-):
-    """Same settings and cases, another label of one training case (e.g. expert labels instead
-    of AI-derived ones): the resume trained on other ground truth without a word. A copy of the
-    store elsewhere resumes, and store.json then names it, as config.json does."""
-    workdir = tmp_path / "run"
-    shutil.copytree(run["workdir"], workdir)
-    case = json.loads((workdir / RECORD_FILE).read_text())["train_cases"][0]
+def _relabelled_store(run, tmp_path, case: str) -> Path:
+    """`tmp_path/relabelled`: store `a` of the run's data, but an ISUP 3 lesion added to the
+    label of `case` (its settings those of store `a`)."""
     shutil.copytree(run["root"] / "data", tmp_path / "data")
     label_file = tmp_path / "data" / "labels" / f"{case}.nii.gz"
     label = sitk.ReadImage(str(label_file))
@@ -169,8 +163,21 @@ def test_resume_on_a_store_with_other_labels_is_refused_and_on_a_moved_one_recor
     relabelled = sitk.GetImageFromArray(array)
     relabelled.CopyInformation(label)
     sitk.WriteImage(relabelled, str(label_file))
-    other_labels = _store(tmp_path, tmp_path / "relabelled")
-    assert open_store(other_labels).settings == open_store(run["a"]).settings
+    store = _store(tmp_path, tmp_path / "relabelled")
+    assert open_store(store).settings == open_store(run["a"]).settings
+    return store
+
+
+def test_resume_on_a_store_with_other_labels_is_refused_and_on_a_moved_one_records_it(
+    run, tmp_path, capsys
+):
+    """Same settings and cases, another label of one training case (e.g. expert labels instead
+    of AI-derived ones): the resume trained on other ground truth without a word. A copy of the
+    store elsewhere resumes, and store.json then names it, as config.json does."""
+    workdir = tmp_path / "run"
+    shutil.copytree(run["workdir"], workdir)
+    case = json.loads((workdir / RECORD_FILE).read_text())["train_cases"][0]
+    other_labels = _relabelled_store(run, tmp_path, case)
     resume = ["train", f"--config={REPO / 'configs' / 'focalnet.py'}", f"--workdir={workdir}",
               *RUN, "--config.train.steps=2"]  # fmt: skip
     line = _user_error([*resume, f"--config.data.store={other_labels}"], capsys)
@@ -195,6 +202,26 @@ def test_evaluate_refuses_a_store_with_other_settings(run, capsys, tmp_path):
     assert line.startswith(f"focalnet evaluate: error: run {run['workdir']} was trained on store")
     assert "preprocess.interpolator: run 'bspline', now 'linear'" in line
     assert not out.exists()
+
+
+def test_evaluate_on_other_labels_of_a_validation_case_says_so(run, tmp_path, caplog):
+    """Same settings and cases, another label of a validation case (corrected since, or the
+    data of another dataset under the same ids): the metrics were reported as the run's fold
+    without a word. They are of the data the store holds now, which a warning names."""
+    case = json.loads((run["workdir"] / RECORD_FILE).read_text())["val_cases"][0]
+    store = _relabelled_store(run, tmp_path, case)
+    argv = ["evaluate", "--workdir", run["workdir"], "--store", store, "--out", tmp_path / "e",
+            "--no-picai", "--no-figures"]  # fmt: skip
+    caplog.set_level("WARNING", logger="focalnet_jax")
+    assert cli.main([str(a) for a in argv]) == 0
+    assert (
+        f"store {store} holds other images or labels for 1 case of run {run['workdir']} than the "
+        f"store it trained on (first: {case}): evaluated on the data the store holds now"
+    ) in caplog.messages
+    caplog.clear()
+    argv[4] = run["a"]
+    assert cli.main([str(a) for a in argv]) == 0
+    assert not [m for m in caplog.messages if "other images or labels" in m]
 
 
 def test_a_run_from_before_the_record_resumes_and_evaluates_with_a_warning(run, tmp_path, caplog):

@@ -6,7 +6,9 @@ with this record and refuse one made with other settings, naming each setting th
 resume also compares the run's training and validation cases, and the data the store holds for
 them (`case_data`, a digest of each case's stored images and labels): a store preprocessed again
 from other labels, with the same settings and cases, is refused, naming a case. A run from before
-these records has none: it still resumes and evaluates, with a one-line warning.
+these records has none: it still resumes and evaluates, with a one-line warning. An evaluation
+on a store of the same settings whose data of some validation cases differs (labels corrected
+since) goes on, with a warning naming the first of them.
 """
 
 from __future__ import annotations
@@ -195,6 +197,26 @@ def _compare_case_data(record: dict, store, split, workdir) -> None:
             f"{changed[0]} ({plural(len(changed), 'case')} of the run differ) than the store the "
             "run trained on: resume on the store it trained on"
         )
+
+
+def warn_other_case_data(record: dict | None, store, case_ids: Sequence[str], workdir) -> None:
+    """One warning where `store`, made with the run's recorded settings (its slices and format
+    version too: other slices give other digests), holds other data for some of `case_ids` than
+    the store the run trained on (its `case_data`): an evaluation of the run's validation fold
+    then measures the data now (e.g. labels corrected since), not the data it was split on."""
+    recorded = None if record is None else record.get(CASE_DATA)
+    if not isinstance(recorded, dict) or settings_diff(
+        record["settings"], store.settings, ("", "")
+    ):
+        return
+    now = _case_data(store, case_ids)
+    changed = [c for c, d in (now or {}).items() if c in recorded and recorded[c] != d]
+    if changed:
+        log.warning(
+            "store %s holds other images or labels for %s of run %s than the store it trained "
+            "on (first: %s): evaluated on the data the store holds now",
+            store.path, plural(len(changed), "case"), workdir, changed[0],
+        )  # fmt: skip
 
 
 def recorded_cases(workdir: str | os.PathLike, key: str) -> list[str] | None:

@@ -20,7 +20,12 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from focalnet_jax import encoding
-from focalnet_jax.data.run_store import check_run_store, recorded_cases, warn_other_version
+from focalnet_jax.data.run_store import (
+    check_run_store,
+    recorded_cases,
+    warn_other_case_data,
+    warn_other_version,
+)
 from focalnet_jax.data.store import Store, component_channels, open_store
 from focalnet_jax.data.writer_folders import moved_aside_note
 from focalnet_jax.errors import UserError
@@ -347,6 +352,7 @@ def predict_validation_fold(
     val_cases = validation_cases(workdir, store, predictor.spec)
     if not val_cases:
         raise UserError(f"store {store_path}: fold {data.fold} has no validation case")
+    warn_other_case_data(record, store, val_cases, workdir)
     log.info("predicting %d validation cases of fold %s", len(val_cases), data.fold)
     predict_cases(predictor, store, val_cases, out_dir)
     return list(val_cases), store
