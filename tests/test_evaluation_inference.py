@@ -114,12 +114,16 @@ def test_predict_maps_of_the_ensemble_are_the_mean_of_the_single_models(cv, tmp_
     assert len(set(weights)) == 2 and all(len(w) == 16 for w in weights)
     candidates = {"threshold": "dynamic-fast", "num_lesions": 5, "min_voxels": 10,
                   "dynamic_threshold_factor": 2.5}  # fmt: skip
+    # The preprocessing the inputs were made with: the run's record but how labels read.
+    preprocess = json.loads((folds[0] / "store.json").read_text())["settings"]["preprocess"]
+    assert preprocess.pop("label_values") == "isup"
     assert json.loads((tmp_path / "cv" / "models.json").read_text()) == {
         "models": expected,
         "tta": "none",
         "weights": weights,
         "threshold": 0.5,
         "candidates": candidates,
+        "preprocess": preprocess,
     }
     recorded = json.loads((tmp_path / "fold1" / "models.json").read_text())
     assert recorded["models"] == expected[1:] and recorded["weights"] == weights[1:]
@@ -586,7 +590,9 @@ def held_out_store(root: Path, extra: int = 2) -> Path:
     return store
 
 
-def test_all_cases_evaluation_counts_every_patient_of_the_test_store(cv, tmp_path):
+def test_all_cases_evaluation_counts_every_patient_of_the_test_store(cv, tmp_path, monkeypatch):
+    """... and records the store given relative to the working folder by its absolute path (it
+    was recorded as typed, naming no store once read from another folder)."""
     from focalnet_jax.data.store import open_store
 
     store_path = held_out_store(tmp_path)
@@ -595,7 +601,8 @@ def test_all_cases_evaluation_counts_every_patient_of_the_test_store(cv, tmp_pat
     out = tmp_path / "test"
     (out / "predictions").mkdir(parents=True)
     (out / "predictions" / "other.npz").write_bytes(b"a case of an earlier run")
-    run_cli(["evaluate", "--workdir", cv["cv"], "--store", store_path, "--all-cases",
+    monkeypatch.chdir(store_path.parent)
+    run_cli(["evaluate", "--workdir", cv["cv"], "--store", store_path.name, "--all-cases",
              "--out", out, "--picai-bootstraps", "0", "--no-figures"])  # fmt: skip
     metrics = json.loads((out / "metrics.json").read_text())
     patients = {r["patient_id"] for r in store.cases}
@@ -605,7 +612,7 @@ def test_all_cases_evaluation_counts_every_patient_of_the_test_store(cv, tmp_pat
     assert sorted(p.stem for p in (out / "predictions").glob("*.npz")) == sorted(store.case_ids)
     folds = [{"run": str(cv["cv"] / f"fold{k}"), "step": 2} for k in (0, 1)]
     weights = [variables_digest(load_for_inference(cv["cv"] / f"fold{k}")[1]) for k in (0, 1)]
-    store_read = {"path": str(store_path), "slices": "all"}
+    store_read = {"path": str(store_path.resolve()), "slices": "all"}
     assert metrics["models"] == {
         "models": folds,
         "tta": "none",

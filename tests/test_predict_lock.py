@@ -73,6 +73,7 @@ def after_rename(real, then):
 
 class Models:
     output_encoding = "ordinal"
+    input_preprocess = None
 
     def describe(self):
         return {"models": [{"run": "r", "step": 2}], "tta": "none"}

@@ -157,8 +157,11 @@ def test_a_killed_run_resumes_to_the_uninterrupted_output(tiny, tmp_path, signum
     assert_same_outputs(out, tiny["reference"])
 
 
-def _interrupted(tiny, out: Path, monkeypatch, images: Path, *more) -> None:
-    """A run into `out` stopped (as by Ctrl-C) once it has written its first case."""
+def _interrupted(
+    tiny, out: Path, monkeypatch, images: Path, *more, run: Path | None = None
+) -> None:
+    """A run into `out` of the models of `run` (default the fixture's) stopped (as by Ctrl-C)
+    once it has written its first case."""
     write = batch_predict.write_case_folder
 
     def once(partial, case_id, writer):
@@ -169,7 +172,7 @@ def _interrupted(tiny, out: Path, monkeypatch, images: Path, *more) -> None:
     with monkeypatch.context() as patched:
         patched.setattr(batch_predict, "write_case_folder", once)
         with pytest.raises(SystemExit) as stopped:
-            run_cli([*_predict(tiny["run"], images, out), *more])
+            run_cli([*_predict(run or tiny["run"], images, out), *more])
     assert stopped.value.code == 130
     assert len(_finished(partial_folder(out))) == 1
 
@@ -216,6 +219,38 @@ def test_resume_refuses_other_settings_and_a_partial_another_run_writes(
     )
     run_cli([*predict, "--resume", "--batch-size", "3"])  # the batch size may change
     assert_same_outputs(out, tiny["reference"])
+
+
+def test_resume_refuses_a_store_rebuilt_with_other_settings_for_a_run_without_its_record(
+    tiny, tmp_path, monkeypatch
+):
+    """A run without its own record of the store settings (`store.json`, as before it was
+    written) preprocesses as its training store is now: rebuilt between the stop and `--resume`,
+    the finished cases (bspline) were kept beside the others (linear) in one output. models.json
+    records the input preprocessing now; a partial of an earlier version, without it, resumes."""
+    run, store = tmp_path / "run", tmp_path / "store"
+    shutil.copytree(tiny["run"], run)
+    shutil.copytree(tiny["root"] / "store", store)
+    (run / "store.json").unlink()
+    config = json.loads((run / "config.json").read_text())
+    config["data"]["store"] = str(store)
+    (run / "config.json").write_text(json.dumps(config))
+    out, images = tmp_path / "out", tiny["data"] / "images"
+    _interrupted(tiny, out, monkeypatch, images, run=run)
+    recorded = json.loads((partial_folder(out) / "models.json").read_text())
+    assert recorded["preprocess"]["interpolator"] == "bspline"
+    run_cli(["preprocess", "--layout=picai", f"--images={images}", "--interpolator=linear",
+             f"--labels={tiny['data'] / 'labels'}", f"--out={store}", "--overwrite"])  # fmt: skip
+    message = cli_error([*_predict(run, images, out), "--resume"])
+    assert message.endswith(
+        f"--resume: {partial_folder(out)} was made with other models or settings "
+        '(preprocess.interpolator: "bspline" in the partial, "linear" now); run with those, or '
+        "add --overwrite (without --resume) to start over"
+    ), message
+    del recorded["preprocess"]  # as an earlier version wrote it
+    (partial_folder(out) / "models.json").write_text(json.dumps(recorded))
+    run_cli([*_predict(run, images, out), "--resume"])
+    assert json.loads((out / "models.json").read_text())["preprocess"]["interpolator"] == "linear"
 
 
 def test_resume_refuses_a_run_trained_again_to_the_same_step(tiny, tmp_path, monkeypatch):

@@ -219,7 +219,9 @@ def predict_cases(
     out = Path(out)
     errors = list(errors or [])
     options = {"threshold": threshold, "candidates": candidates, "grades": grade_outputs(models)}
-    settings = recorded_settings(models.describe(), threshold, candidates, dicom=dicom)
+    settings = recorded_settings(
+        models.describe(), threshold, candidates, dicom=dicom, preprocess=models.input_preprocess
+    )
     centres = {spec.case_id: crop_centre_source(spec.mask, spec.center) for spec in cases}
     inputs = {spec.case_id: case_inputs(spec) for spec in cases}
     with partial_output(out, settings, resume=resume, overwrite=overwrite) as taken:

@@ -283,6 +283,14 @@ class Ensemble:
         input order (`components`, T2w first) need not follow."""
         return self.predictors[0].spec
 
+    @property
+    def input_preprocess(self) -> dict | None:
+        """The preprocessing settings that shape the models' inputs (`input_settings`, as JSON
+        reads them back), None where unknown (models not loaded from a run)."""
+        if self.preprocess is None:
+            return None
+        return json.loads(json.dumps(input_settings(self.preprocess)))
+
     def describe(self) -> dict:
         """Which models formed the predictions: {"models": [{"run", "step"}], "tta"}, each run
         absolute (symlinks resolved, so that one run reads the same however it was named),
@@ -351,11 +359,12 @@ class Ensemble:
 def write_models(models: Ensemble, out_dir: str | Path, store=None) -> Path:
     """`out_dir/models.json`: `Ensemble.describe()`, so that an ensemble of fewer runs than a
     folder holds (a fold left out) is visible beside its predictions; with the store the cases
-    were read from, its path and the slices it keeps ("store": {"path", "slices"}: a store of
-    the annotated slices alone holds no whole volume)."""
+    were read from, its path (absolute, symlinks resolved, as the runs') and the slices it keeps
+    ("store": {"path", "slices"}: a store of the annotated slices alone holds no whole volume)."""
     described = models.describe()
     if store is not None:
-        described["store"] = {"path": str(store.path), "slices": store.settings["slices"]}
+        path = str(Path(store.path).resolve())
+        described["store"] = {"path": path, "slices": store.settings["slices"]}
     return write_json_atomic(described, Path(out_dir) / MODELS_FILE)
 
 

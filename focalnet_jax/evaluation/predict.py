@@ -198,7 +198,11 @@ def predict_exam(
             dicom_sources=sources,
         )
         settings = recorded_settings(
-            models.describe(), threshold, candidates or CandidateSettings(), dicom=dicom
+            models.describe(),
+            threshold,
+            candidates or CandidateSettings(),
+            dicom=dicom,
+            preprocess=models.input_preprocess,
         )
         written.append(write_json_atomic(settings, tmp / MODELS_FILE))
         check_exam_out(out_dir)  # again: a file put there meanwhile is refused, never deleted
