@@ -59,13 +59,14 @@ def pid_alive(pid: int, started: int | None = None) -> bool:
     does (its state, from Linux's /proc/<pid>/stat, is Z). `started`: the recorded
     `process_start` of the process meant; a process of that pid that started at another time
     reuses the pid, and the one meant has ended."""
+    others = False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # another user's live process
-        return True
+    except PermissionError:  # another user's process: /proc still tells its state and start
+        others = True
     fields = _stat_fields(pid)
-    if fields is None:  # no /proc (not Linux): os.kill's answer; else the process has just ended
-        return not Path("/proc").is_dir()
+    if fields is None:  # no /proc (not Linux), or hidden (another user's): os.kill's answer;
+        return others or not Path("/proc").is_dir()  # else the process has just ended
     return fields[0] != "Z" and (started is None or int(fields[19]) == int(started))

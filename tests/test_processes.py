@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from focalnet_jax.processes import pid_alive, pid_space, process_start
 from focalnet_jax.study.cells import STATE_FILE, Cell, Study
 
@@ -32,6 +34,27 @@ def test_a_zombie_process_counts_as_ended():
         running.wait()
         ended.wait()
     assert not pid_alive(running.pid) and not pid_alive(ended.pid)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a check as another user")
+def test_another_users_process_is_judged_by_its_start_time_and_state():
+    """`os.kill(pid, 0)` of another user's process is refused (EPERM): it was taken for running
+    whatever its start time, so a pid reused by another user's process kept a dead writer's
+    leftovers (and a study cell `running`) for good. /proc still tells its start and state."""
+    ended = subprocess.Popen(["true"])  # root's zombie once it ends, not waited for
+    deadline = time.time() + 10
+    while Path(f"/proc/{ended.pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z":
+        assert time.time() < deadline
+        time.sleep(0.01)
+    check = (
+        "import os, sys; from focalnet_jax.processes import pid_alive, process_start; "
+        "s = process_start(1); os.setgid(65534); os.setuid(65534); "
+        f"print(pid_alive(1, s), pid_alive(1, s + 1), pid_alive(1), pid_alive({ended.pid}))"
+    )
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    out = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True)
+    ended.wait()
+    assert out.stdout.split() == ["True", "False", "True", "False"], out.stderr
 
 
 def _ended_pid() -> int:
