@@ -207,13 +207,16 @@ class UserErrorExit(PrintedExit):
 # Errors of the file system the user fixes: no space, no quota, a read-only mount, a file size
 # limit (`ulimit -f`).
 DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
+# A path that cannot be written for its permissions, or named at all (too long, a link loop).
+PATH_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.ENAMETOOLONG, errno.ELOOP})
 
 
 def is_user_error(error: BaseException) -> bool:
     """Whether `error` is the user's to fix: a `UserError` (every error class of the package that
     means bad input subclasses it), a missing, clashing or unwritable file, a file where a folder
-    belongs (or the reverse), or a full or read-only disk (`DISK_ERRNOS`) where the error names
-    the path (a `write` or `close` names none: `naming_the_disk`)."""
+    belongs (or the reverse), a full or read-only disk (`DISK_ERRNOS`), or a path refused for
+    its permissions, length or a link loop (`PATH_ERRNOS`), where the error names the path (a
+    `write` or `close` names none: `naming_the_disk`)."""
     if isinstance(error, UserError):
         return True
     file_errors = (FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError)
@@ -221,7 +224,8 @@ def is_user_error(error: BaseException) -> bool:
         # The package's own message (no errno), or the system's naming the file; not a call on
         # no file (`os.kill` of another user's process, a semaphore), which names nothing.
         return error.errno is None or bool(error.filename)
-    return isinstance(error, OSError) and error.errno in DISK_ERRNOS and bool(error.filename)
+    errnos = DISK_ERRNOS | PATH_ERRNOS
+    return isinstance(error, OSError) and error.errno in errnos and bool(error.filename)
 
 
 @contextlib.contextmanager
@@ -229,11 +233,13 @@ def naming_the_disk(path, temporary=None):
     """A full disk, quota or read-only mount met in the block by a call that names no file (a
     `write` or `close`) is raised again naming `path`, the output being written; one naming a
     file in (or at) `temporary`, where `path` is written before its rename, names that file at
-    `path` instead (the temporary name is gone by the time the user reads it)."""
+    `path` instead (the temporary name is gone by the time the user reads it), also a folder
+    that refuses the temporary for its permissions or a name too long."""
     try:
         yield
     except OSError as error:
-        if error.errno not in DISK_ERRNOS:
+        named_file = error.errno in PATH_ERRNOS and error.filename  # not `os.kill`'s EPERM
+        if error.errno not in DISK_ERRNOS and not named_file:
             raise
         named = _output_name(error.filename, path, temporary)
         if named is None:

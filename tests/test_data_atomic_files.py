@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from focalnet_jax.data.atomic_files import replaced_folder, write_json_atomic
+from focalnet_jax.data.atomic_files import replaced_folder, replaced_outputs, write_json_atomic
+from focalnet_jax.errors import UserError, is_user_error
 from focalnet_jax.evaluation.predictions import read_case, write_case
 from focalnet_jax.evaluation.report import write_json
 
@@ -280,3 +281,117 @@ def test_a_write_on_a_read_only_mount_names_the_file_not_its_temporary(tmp_path)
         )
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_a_ctrl_c_during_the_swap_of_output_files_leaves_the_new_set_whole(tmp_path, monkeypatch):
+    """`replaced_outputs` removed the earlier set, then renamed the new files in: a Ctrl-C (or
+    SIGTERM) between removed the new files with their temporary folder too (`focalnet evaluate`
+    left an empty OUT). The swap ends first now, and the interrupt comes after it."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("metrics.json", "report.md"):
+        (out / name).write_text("old")
+    replace = os.replace
+
+    def interrupted(src, dst):
+        signal.raise_signal(signal.SIGINT)
+        replace(src, dst)
+
+    with pytest.raises(KeyboardInterrupt):
+        with replaced_outputs(out, "metrics.json", ["report.md", "froc.png"]) as tmp:
+            for name in ("metrics.json", "report.md"):
+                (tmp / name).write_text("new")
+            monkeypatch.setattr(os, "replace", interrupted)
+    monkeypatch.undo()
+    assert {p.name: p.read_text() for p in out.iterdir()} == {
+        "metrics.json": "new",
+        "report.md": "new",
+    }
+
+
+def test_a_rename_that_another_run_beats_is_one_line_naming_the_folder(tmp_path, monkeypatch):
+    """Two runs replacing one folder at once (`predict` of one exam, a store's commit): the loser's
+    rename met the other's folder, a traceback naming a temporary name."""
+    out = tmp_path / "out"
+    replace = os.replace
+
+    def beaten(src, dst):
+        (out / "other").mkdir(parents=True, exist_ok=True)  # the other run's commit, just before
+        replace(src, dst)
+
+    with pytest.raises(UserError) as raised:
+        with replaced_folder(out) as tmp:
+            (tmp / "mine").write_text("new")
+            monkeypatch.setattr(os, "replace", beaten)
+    monkeypatch.undo()
+    assert str(raised.value) == (
+        f"{out} was replaced by another run while this one wrote it: that run's output is kept "
+        "and this one's dropped; run again to replace it"
+    )
+    assert os.listdir(out) == ["other"] and os.listdir(tmp_path) == ["out"]
+
+
+def test_a_name_too_long_for_the_temporary_or_a_link_loop_is_one_line(tmp_path):
+    """A legal name too long once the temporary's suffix is added, and a link loop given as
+    `--out`, ended in tracebacks (ENAMETOOLONG, Python's RuntimeError) naming no output."""
+    path = tmp_path / ("x" * 240 + ".json")
+    with pytest.raises(OSError) as raised:
+        write_json_atomic({"a": 1}, path)
+    assert (raised.value.errno, raised.value.filename) == (errno.ENAMETOOLONG, str(path))
+    assert is_user_error(raised.value)
+    (tmp_path / "loop").symlink_to("loop")
+    argv = [sys.executable, "-m", "focalnet_jax.cli", "synth", "--out", "loop", "--cases=1"]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert (done.returncode, done.stderr) == (
+        2,
+        f"focalnet synth: error: {tmp_path / 'loop'}: a loop of symbolic links, naming no folder\n",
+    )
+
+
+AS_NOBODY = """
+import json, os, sys
+from pathlib import Path
+from focalnet_jax.data.atomic_files import replaced_outputs, write_json_atomic
+from focalnet_jax.data.writer_folders import writer_lock
+os.setgid(65534)
+os.setuid(65534)
+root = Path(sys.argv[1])
+found = []
+for write in (
+    lambda: write_json_atomic({"a": 1}, root / "closed" / "x.json"),
+    lambda: replaced_outputs(root / "closed", "metrics.json", []).__enter__(),
+    lambda: writer_lock(root / "closed" / "open", "summarize").__enter__(),
+):
+    try:
+        write()
+    except OSError as error:
+        found.append(error.filename)
+print(json.dumps(found))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to write as another user")
+def test_a_folder_refusing_a_write_for_its_permissions_names_the_output():
+    """A folder the user may not write named the temporary file or folder that was never made
+    (`.x.json.tmp-15070`, `.metrics.json.tmp-…`), and a lock refused in the folder above
+    `--out` named `--out`, which could be written."""
+    import shutil
+    import tempfile
+
+    root = Path(tempfile.mkdtemp())  # below /tmp: another user can reach it
+    try:
+        os.chmod(root, 0o755)
+        (root / "closed" / "open").mkdir(parents=True)
+        os.chmod(root / "closed" / "open", 0o777)
+        os.chmod(root / "closed", 0o555)
+        argv = [sys.executable, "-c", AS_NOBODY, str(root)]
+        done = subprocess.run(argv, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                              capture_output=True, text=True)  # fmt: skip
+        assert json.loads(done.stdout) == [
+            str(root / "closed" / "x.json"),
+            str(root / "closed"),
+            str(root / "closed" / ".open.summarize.lock"),
+        ], done.stderr
+    finally:
+        shutil.rmtree(root)

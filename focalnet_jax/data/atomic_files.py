@@ -12,6 +12,7 @@ import shutil
 from collections.abc import Callable, Collection
 from pathlib import Path
 
+from focalnet_jax.data.deferred_signals import signals_deferred
 from focalnet_jax.data.writer_folders import (
     remove_dead_leftovers,
     remove_replaced,
@@ -50,23 +51,24 @@ def replaced_outputs(
     the disk, then the earlier set is removed (the files of `outputs`, where `out_dir` holds its
     `marker`: none of it is left beside the new one; without a marker no file is removed, a
     user's file of such a name stays) and the new files are renamed in, `marker` last. When the
-    block raises (a full disk) the temporary folder is removed and the earlier set stays whole.
-    Temporary folders of writers that died are removed first (`writer`, the command, names them
-    in the log)."""
+    block raises (a full disk) the temporary folder is removed and the earlier set stays whole; a
+    Ctrl-C or SIGTERM during the swap waits for its end. Temporary folders of writers that died
+    are removed first (`writer`, the command, names them in the log)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_dead_leftovers(out_dir / marker, writer)
     tmp = writer_folder(out_dir / marker)
-    tmp.mkdir()
     try:
         with naming_the_disk(out_dir, tmp):
+            tmp.mkdir()
             yield tmp
             sync_folder(tmp)
-        if (out_dir / marker).is_file():
-            for name in outputs:
-                (out_dir / name).unlink(missing_ok=True)
-        for file in sorted(tmp.iterdir(), key=lambda file: file.name == marker):
-            os.replace(file, out_dir / file.name)
+        with signals_deferred():  # a Ctrl-C here lost both sets (the new one with `tmp`)
+            if (out_dir / marker).is_file():
+                for name in outputs:
+                    (out_dir / name).unlink(missing_ok=True)
+            for file in sorted(tmp.iterdir(), key=lambda file: file.name == marker):
+                os.replace(file, out_dir / file.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -22,6 +22,7 @@ the pid and host and gives the command that removes it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import logging
 import os
@@ -55,7 +56,10 @@ def target_folder(path: str | os.PathLike) -> Path:
     (renamed over, the link itself became the new folder, beside it, and the folder it points
     to was left as it was)."""
     path = Path(os.path.abspath(path))
-    return path.resolve() if path.is_symlink() else path
+    try:
+        return path.resolve() if path.is_symlink() else path
+    except RuntimeError:  # Python 3.11's link loop
+        raise UserError(f"{path}: a loop of symbolic links, naming no folder") from None
 
 
 def lock_beside(path: str | os.PathLike, command: str) -> Path:
@@ -93,8 +97,10 @@ def writer_lock(path: str | os.PathLike, command: str) -> Iterator[None]:
         lock_path.parent.mkdir(parents=True, exist_ok=True)
         lock = take_writer_lock(path, command)
     except OSError as error:  # named as the folder asked for, unless the lock file is at fault
-        named = lock_path if os.path.lexists(lock_path) else path  # e.g. another user's
-        raise OSError(error.errno, error.strerror, str(named)) from None
+        # (another user's, or its folder, the one above `path`, refuses it)
+        refused = error.errno in (errno.EACCES, errno.EPERM)
+        at_lock = os.path.lexists(lock_path) or refused and str(error.filename) == str(lock_path)
+        raise OSError(error.errno, error.strerror, str(lock_path if at_lock else path)) from None
     try:
         yield
         done = True
@@ -103,6 +109,10 @@ def writer_lock(path: str | os.PathLike, command: str) -> Iterator[None]:
         for folder in [] if done else made:
             with contextlib.suppress(OSError):  # not empty: something was written there
                 folder.rmdir()
+
+
+# `swap_in`'s renames failing so: `path` removed, or put back, by another run between them.
+_REPLACED_MEANWHILE = (errno.ENOENT, errno.ENOTEMPTY, errno.EEXIST)
 
 
 def writer_folder(path: Path) -> Path:
@@ -134,16 +144,21 @@ def swap_in(tmp: Path, path: Path, aside: Path | None = None) -> Path | None:
     is killed between the two renames (for `restore_moved_aside`), moved back if either rename
     raises (also Ctrl-C right after the first) before `path` is the new folder. Returns the
     folder moved aside, for the caller to remove, or None."""
-    if not path.exists():
-        os.replace(tmp, path)
-        return None
     old = aside or tmp.with_name(f"{tmp.name}.old")
     try:
+        if not path.exists():
+            os.replace(tmp, path)
+            return None
         os.replace(path, old)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         if old.exists() and not path.exists():
             os.replace(old, path)
+        if isinstance(error, OSError) and error.errno in _REPLACED_MEANWHILE:
+            raise UserError(
+                f"{path} was replaced by another run while this one wrote it: that run's output "
+                "is kept and this one's dropped; run again to replace it"
+            ) from error
         raise
     return old
 
