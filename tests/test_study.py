@@ -1505,6 +1505,24 @@ def test_the_demo_and_synthetic_study_refuse_a_bad_flag_before_any_step(
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    ("module", "name"),
+    [("focalnet_jax.demo", "CONFIG"), ("focalnet_jax.study.synthetic", "SPEC")],
+)
+def test_the_demo_and_synthetic_study_outside_a_clone_stop_before_any_step(
+    tmp_path, monkeypatch, module, name
+):
+    """Installed from a wheel (no configs/), the synthetic study synthesised and preprocessed
+    its cases, then failed at `study run` on the missing spec file."""
+    import importlib
+
+    imported = importlib.import_module(module)
+    monkeypatch.setattr(imported, name, tmp_path / "configs" / "missing.py")
+    with pytest.raises(SystemExit, match="not found: run the .* from a clone of the repository"):
+        imported.main(["--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_failed_step_of_the_demo_names_its_command(tmp_path):
     """`focalnet synth --out failed with status 2`: the command's name and its first flag."""
     from focalnet_jax.study.synthetic import focalnet

@@ -140,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, help="copy DIR/report here")
     args, overrides = parser.parse_known_args(argv)
     check_flags(parser, args, "parallel")
+    if not SPEC.is_file():  # before minutes of synthesis and preprocessing
+        raise SystemExit(f"{SPEC} not found: run the study from a clone of the repository")
     start = time.perf_counter()
     store = synthetic_store(
         args.out, cases=args.cases, seed=args.seed, single_share=args.single_share
