@@ -715,3 +715,5 @@ def test_a_path_flag_written_with_equals_and_a_tilde_is_under_home(tmp_path, mon
     status, err = _run(argv, capsys)
     assert status == 2 and f"{home / 'a'}" in err and "~" not in err, err
     assert list(work.iterdir()) == []
+    status, err = _run(["folds", "--store=~nosuchuser/x"], capsys)  # as the shell: left as is
+    assert (status, err) == (2, "focalnet folds: error: store ~nosuchuser/x does not exist\n")

@@ -131,11 +131,11 @@ def _expand_home(args: argparse.Namespace) -> None:
     for `--out ~/x` but not for `--out=~/x`, which wrote into a folder named `~` of the working
     folder (the config's paths, e.g. `--config.data.store=~/x`, are expanded where they are
     resolved: `run.workdir.absolute_path`)."""
-    for name, value in vars(args).items():
+    for name, value in vars(args).items():  # os.path's: `~nosuchuser` stays, as in the shell
         if isinstance(value, Path):
-            setattr(args, name, value.expanduser())
+            setattr(args, name, Path(os.path.expanduser(value)))
         elif isinstance(value, list) and any(isinstance(item, Path) for item in value):
-            setattr(args, name, [Path(item).expanduser() for item in value])
+            setattr(args, name, [Path(os.path.expanduser(item)) for item in value])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
