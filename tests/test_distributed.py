@@ -611,6 +611,36 @@ def test_a_run_whose_tensorboard_folder_process_0_cannot_make_ends_in_every_proc
     assert f"UserError: process 0 could not start the run: {exists}" in outputs[1]
 
 
+@pytest.mark.slow
+def test_processes_started_with_other_configs_end_before_training(tmp_path):
+    """Another `seed` in one process trained the checkpoint with mixed seeds while config.json
+    recorded process 0's; other `train.steps` ended in an Orbax traceback at the first save.
+    Every process now ends before anything is written, naming the keys that differ."""
+    from test_train_helpers import finish, free_port, process_flags, start_worker
+
+    workdir, port = tmp_path / "run", free_port()
+    processes = [
+        start_worker(
+            tmp_path / f"unused{i}.npz",
+            workdir,
+            1,
+            [*process_flags(port, i), f"--config.seed={7 * i}"],
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    outputs = finish(processes, timeout=240, returncode=1)  # the workers' uncaught errors
+    reason = (
+        "process 1 was started with another config than process 0: seed 0 -> 7; start every "
+        "process with the same command"
+    )
+    assert (
+        f"UserError: process 1 could not start with the config of process 0: {reason}"
+        in (outputs[0])
+    )
+    assert f"UserError: {reason}" in outputs[1]
+    assert not (workdir / "config.json").exists() and not (workdir / "checkpoints").exists()
+
+
 def test_a_failure_in_a_together_block_stays_its_own_when_it_cannot_be_recorded(monkeypatch):
     """The group's key-value store gone (its coordinator, process 0, ended): the block's error
     was replaced by the store's, a traceback instead of the error's one line."""

@@ -18,7 +18,8 @@ training loop is such a failure (`_end_the_group_on_sigterm`), not a silent end.
 Work only some processes do (`together`): process 0's writes at a run's start (`store.json`,
 `config.json`, TensorBoard events) are followed by an exchange of every process's outcome through
 the group's key-value store, so that a failure there ends every process with one line (the others
-name the process that failed and its error) instead of leaving them in a collective.
+name the process that failed and its error) instead of leaving them in a collective. A value
+every process must agree on (the run's config) is compared with process 0's (`process0_value`).
 """
 
 from __future__ import annotations
@@ -301,3 +302,17 @@ def together(what: str, wait_s: float = OUTCOME_WAIT_S):
         if outcome != "ok":
             reason = outcome.removeprefix("failed: ")
             raise UserError(f"process {process} could not {what}: {reason}")
+
+
+def process0_value(value: str, wait_s: float = OUTCOME_WAIT_S) -> str:
+    """Process 0's `value` (a text every process of the group computes, e.g. its config), passed
+    through the group's key-value store; this process's own outside a group. Every process calls
+    it at the same point (the keys follow one sequence)."""
+    client = _group_client() if jax.process_count() > 1 else None
+    if client is None:
+        return value
+    key = f"focalnet_process0/{next(_together_blocks)}"
+    if jax.process_index() == 0:
+        client.key_value_set(key, value)
+        return value
+    return client.blocking_key_value_get(key, int(wait_s * 1000))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,7 +58,8 @@ def check_run_start(
     config: ml_collections.ConfigDict, workdir: str | Path, mesh, *, store=None
 ) -> RunStart:
     """Every refusal (`UserError`, one line) of a training start in `workdir` that needs neither
-    a train state nor a compilation: the config, a resume's saved config, the store (unset,
+    a train state nor a compilation: the config (in a process group, the same as process 0's),
+    a resume's saved config, the store (unset,
     absent, without the components), the fold's split and batches, `loss.mfl_weight='auto'` on
     its training rows, a resume's recorded store and cases, a resume's checkpoint past the
     config's steps, and `data.slices=all` on a store of the annotated slices alone (it trained on
@@ -65,6 +67,8 @@ def check_run_start(
     trains. `store`: an opened store (default: `open_config_store(config)`)."""
     check_run_folder(workdir)  # not another command's output folder
     config = workdir_lib.absolute_paths(config)
+    with group_failures.together("start with the config of process 0"):
+        _check_same_config(config)
     spec = RunSpec.from_config(config)
     workdir_lib.check_resumed_config(config, workdir)  # a resume: the same run, extended
     store = open_config_store(config) if store is None else store
@@ -95,6 +99,19 @@ def check_run_start(
     if has_checkpoint_step(workdir):  # a resume: the store and cases it recorded
         check_training_store(workdir, store, split=split)
     return RunStart(config, spec, store, split, batches, num_steps, lam, start)
+
+
+def _check_same_config(config: ml_collections.ConfigDict) -> None:
+    """A `UserError` in a process of a group started with another config than process 0's (its
+    command differs): it trained the checkpoint with mixed settings while `config.json` recorded
+    process 0's, or ended in a traceback at the first save (other steps)."""
+    mine = config.to_json(sort_keys=True)
+    first = group_failures.process0_value(mine)
+    if changed := workdir_lib.config_changes(json.loads(first), json.loads(mine), allowed=()):
+        raise UserError(
+            f"process {jax.process_index()} was started with another config than process 0: "
+            f"{'; '.join(changed)}; start every process with the same command"
+        )
 
 
 def unused_settings(config: ml_collections.ConfigDict, spec: RunSpec) -> list[str]:
