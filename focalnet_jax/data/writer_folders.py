@@ -142,7 +142,8 @@ def swap_in(tmp: Path, path: Path, aside: Path | None = None) -> Path | None:
     `path` given with `aside`, a `writer_folder(path)` name ending in `.old`) to `path`. An
     existing `path` is first moved aside to `<tmp>.old` (or `aside`): left there if this process
     is killed between the two renames (for `restore_moved_aside`), moved back if either rename
-    raises (also Ctrl-C right after the first) before `path` is the new folder. Returns the
+    raises (also Ctrl-C right after the first) before `path` is the new folder; a rename that
+    another run's removal or commit of `path` beat is a `UserError` saying so. Returns the
     folder moved aside, for the caller to remove, or None."""
     old = aside or tmp.with_name(f"{tmp.name}.old")
     try:
