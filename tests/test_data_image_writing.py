@@ -27,3 +27,13 @@ def test_a_write_cut_short_is_an_error_naming_the_file(tmp_path, name):
     np.testing.assert_array_equal(
         sitk.GetArrayFromImage(sitk.ReadImage(str(path))), sitk.GetArrayFromImage(image)
     )
+
+
+def test_a_write_of_zeros_cut_short_is_an_error_though_it_reads_back_as_written(tmp_path):
+    """A label without lesions (all zeros): ITK reads a short `.nii.gz` padded with zeros, so the
+    read-back found nothing and the short file stayed (refused as truncated when read later)."""
+    image = sitk.Image(384, 384, 19, sitk.sitkUInt8)
+    path = tmp_path / "label.nii.gz"
+    with file_size_limit(2048), pytest.raises(OSError) as raised:
+        write_image(image, path)
+    assert (raised.value.errno, raised.value.filename) == (errno.EFBIG, str(path))

@@ -332,3 +332,100 @@ def test_a_nifti_placement_holding_nan_is_refused(tmp_path, start, name):
     data[start : start + 4] = struct.pack("<f", float("nan"))  # qoffset_x / srow_x[3]
     (tmp_path / "nan.nii").write_bytes(bytes(data))
     _expect(tmp_path / "nan.nii", f"NIfTI header's {name} (")
+
+
+def _int16_volume() -> tuple[np.ndarray, sitk.Image]:
+    array = np.random.default_rng(0).integers(1, 1000, (6, 8, 10)).astype(np.int16)
+    return array, sitk.GetImageFromArray(array)
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.float32])
+def test_a_short_nifti_whose_bitpix_is_wrong_is_refused_as_truncated(tmp_path, dtype):
+    """ITK sizes a NIfTI's voxels by its datatype, not its bitpix: with bitpix 0 a short file was
+    taken (ITK padded it with zeros), or, of float voxels, ended in numpy's traceback."""
+    array = np.random.default_rng(0).random((6, 8, 10)).astype(dtype) + 1
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(tmp_path / "i.nii"))
+    data = bytearray((tmp_path / "i.nii").read_bytes())
+    data[72:74] = struct.pack("<h", 0)
+    (tmp_path / "t.nii").write_bytes(bytes(data[:-600]))
+    with pytest.raises(CaseError, match=rf"\({len(data) - 600} bytes of image data, header "
+                                        rf"promises {len(data)}\)$"):  # fmt: skip
+        read_image(tmp_path / "t.nii", case="c")
+
+
+def _without(path, field: str) -> None:
+    """`path`'s MetaImage header without its line `field = ...`."""
+    data = path.read_bytes()
+    start = data.index(field.encode())
+    path.write_bytes(data[:start] + data[data.index(b"\n", start) + 1 :])
+
+
+def test_a_compressed_metaimage_without_its_size_or_short_is_refused(tmp_path, capfd):
+    """Without `CompressedDataSize` the compressed data went unchecked: ITK read a stream cut in
+    half (or a whole one it could not size) as other voxels, printing only on stderr."""
+    array, image = _int16_volume()
+    sitk.WriteImage(image, str(tmp_path / "x.mhd"), useCompression=True)
+    _without(tmp_path / "x.mhd", "CompressedDataSize")
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(read_image(tmp_path / "x.mhd")), array)
+    full = (tmp_path / "x.zraw").read_bytes()
+    (tmp_path / "x.zraw").write_bytes(full[: len(full) // 2])
+    capfd.readouterr()
+    with pytest.raises(CaseError, match=r"compressed data in x\.zraw inflate to \d+ bytes, "
+                                        r"header promises 960\)$"):  # fmt: skip
+        read_image(tmp_path / "x.mhd", case="c")
+    assert capfd.readouterr().err == ""
+
+
+def test_a_compressed_flag_written_in_lower_case_is_read_as_metaio_reads_it(tmp_path):
+    """`CompressedData = true` (MetaIO takes T, t or 1) was refused as 783 bytes of image data
+    where 960 were promised."""
+    array, image = _int16_volume()
+    sitk.WriteImage(image, str(tmp_path / "x.mha"), useCompression=True)
+    data = (tmp_path / "x.mha").read_bytes()
+    (tmp_path / "x.mha").write_bytes(
+        data.replace(b"CompressedData = True", b"CompressedData = true")
+    )
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(read_image(tmp_path / "x.mha")), array)
+
+
+def test_a_slice_list_short_of_files_or_bytes_is_refused(tmp_path):
+    """`ElementDataFile = LIST` naming fewer slice files than DimSize needs: ITK read the missing
+    slice from memory it never filled, without a word."""
+    array, _ = _int16_volume()
+    for k, plane in enumerate(array):
+        (tmp_path / f"s{k}.raw").write_bytes(plane.tobytes())
+    head = ("ObjectType = Image\nNDims = 3\nDimSize = 10 8 6\nElementType = MET_SHORT\n"
+            "ElementSpacing = 1 1 1\nOffset = 0 0 0\nElementDataFile = LIST 2D\n")  # fmt: skip
+    (tmp_path / "x.mhd").write_text(head + "".join(f"s{k}.raw\n" for k in range(6)))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(read_image(tmp_path / "x.mhd")), array)
+    (tmp_path / "x.mhd").write_text(head + "".join(f"s{k}.raw\n" for k in range(5)))
+    with pytest.raises(CaseError, match=r"\(ElementDataFile LIST names 5 files, DimSize needs "
+                                        r"6\)$"):  # fmt: skip
+        read_image(tmp_path / "x.mhd", case="c")
+    (tmp_path / "x.mhd").write_text(head + "".join(f"s{k}.raw\n" for k in range(6)))
+    (tmp_path / "s5.raw").write_bytes(array[5].tobytes()[:100])
+    with pytest.raises(CaseError, match=r"\(900 bytes of image data in the LIST's files, header "
+                                        r"promises 960\)$"):  # fmt: skip
+        read_image(tmp_path / "x.mhd", case="c")
+
+
+@pytest.mark.parametrize("case", ["long long", "header size"])
+def test_a_short_metaimage_of_64_bit_voxels_or_a_header_size_names_what_is_missing(tmp_path, case):
+    """MET_LONG_LONG voxels (unsized) and a data file's `HeaderSize` (not counted): a short file
+    was refused with ITK's stale errno, 'Reason: Success'."""
+    array, image = _int16_volume()
+    if case == "long long":
+        sitk.WriteImage(sitk.Cast(image, sitk.sitkInt64), str(tmp_path / "x.mhd"))
+        assert _header(tmp_path / "x.mhd")["ElementType"] == "MET_LONG_LONG"
+        (tmp_path / "x.raw").write_bytes(array.astype(np.int64).tobytes()[:-400])
+        message = r"\(3440 bytes of image data in x\.raw, header promises 3840\)$"
+    else:
+        sitk.WriteImage(image, str(tmp_path / "x.mhd"))
+        text = (tmp_path / "x.mhd").read_text()
+        (tmp_path / "x.mhd").write_text(
+            text.replace("ElementDataFile", "HeaderSize = 100\nElementDataFile")
+        )
+        (tmp_path / "x.raw").write_bytes(bytes(100) + array.tobytes()[:-150])
+        message = r"\(810 bytes of image data in x\.raw, header promises 960\)$"
+    with pytest.raises(CaseError, match=message):
+        read_image(tmp_path / "x.mhd", case="c")

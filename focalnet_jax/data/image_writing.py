@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from focalnet_jax.data import native_stderr
+from focalnet_jax.data import metaimage_header, native_stderr, nifti_header
 from focalnet_jax.errors import DISK_ERRNOS, UserError
 
 _REASONS = {os.strerror(code): code for code in DISK_ERRNOS}  # ITK's text -> errno
@@ -69,7 +69,11 @@ def _short_write_errno(path: Path) -> int | None:
 
 
 def _read_back_problem(image: sitk.Image, path: Path) -> str | None:
-    """Why `path` does not hold `image`'s voxels, or None."""
+    """Why `path` does not hold `image`'s voxels, or None. A file short of what its header
+    promises is so even where ITK reads it back as written (a short `.nii.gz` of zeros: ITK
+    pads it with zeros)."""
+    if short := nifti_header.truncation(path) or metaimage_header.shortfall(path):
+        return f"the file written is short ({short})"
     try:
         back = sitk.ReadImage(str(path))
     except RuntimeError as error:

@@ -8,10 +8,7 @@ only with `xyz` / `zyx` below.
 from __future__ import annotations
 
 import contextlib
-import gzip
 import os
-import struct
-import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -47,39 +44,6 @@ def xyz(zyx_values: Sequence) -> tuple:
 
 
 zyx = xyz
-
-
-def _truncation(path: Path) -> str | None:
-    """Why a NIfTI file is incomplete, or None. (ITK pads a short NIfTI with zeros silently.)"""
-    name = path.name.lower()
-    if name.endswith(".gz"):
-        try:
-            with gzip.open(path, "rb") as f:
-                header = f.read(348)
-                size = len(header)
-                while chunk := f.read(1 << 22):
-                    size += len(chunk)
-        except (EOFError, OSError, zlib.error) as err:
-            return f"compressed stream ends early ({err})"
-    elif name.endswith(".nii"):
-        with path.open("rb") as f:
-            header = f.read(348)
-        size = path.stat().st_size
-    else:
-        return None
-    if len(header) < 348:
-        return "header shorter than 348 bytes"
-    endian = "<" if struct.unpack("<i", header[:4])[0] == 348 else ">"
-    dims = struct.unpack(endian + "8h", header[40:56])
-    bitpix = struct.unpack(endian + "h", header[72:74])[0]
-    offset = struct.unpack(endian + "f", header[108:112])[0]
-    expected = (
-        int(offset) + int(np.prod([max(d, 1) for d in dims[1 : 1 + max(dims[0], 0)]])) * bitpix // 8
-    )
-    if name.endswith(".nii.gz") or name.endswith(".nii"):
-        if size < expected:
-            return f"{size} bytes of image data, header promises {expected}"
-    return None
 
 
 def _why(path: Path, err: RuntimeError) -> str:
@@ -160,7 +124,7 @@ def read_image(
             if problem:  # before ITK reads it (as 1 mm, or at origin 0)
                 raise CaseError(case, path, problem)
             image = sitk.ReadImage(str(path), imageIO=_image_io(path, case))
-            problem = _truncation(path)
+            problem = nifti_header.truncation(path)
             if problem:
                 raise CaseError(case, path, f"unreadable or truncated image ({problem})")
             if nifti_header.non_finite_count(path):

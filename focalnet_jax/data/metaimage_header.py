@@ -8,12 +8,15 @@ from __future__ import annotations
 import math
 import os
 import re
+import zlib
 from pathlib import Path
 
 import numpy as np
 
+# MetaIO's element sizes (metaTypes.h: MET_LONG is 4 bytes, MET_LONG_LONG 8).
 _MET_BYTES = {"MET_UCHAR": 1, "MET_CHAR": 1, "MET_USHORT": 2, "MET_SHORT": 2, "MET_UINT": 4}
-_MET_BYTES |= {"MET_INT": 4, "MET_FLOAT": 4, "MET_DOUBLE": 8}
+_MET_BYTES |= {"MET_INT": 4, "MET_LONG": 4, "MET_ULONG": 4, "MET_LONG_LONG": 8}
+_MET_BYTES |= {"MET_ULONG_LONG": 8, "MET_FLOAT": 4, "MET_DOUBLE": 8}
 # The geometry fields of a MetaImage header (MetaIO's synonyms), with how many numbers each holds
 # in NDims dimensions.
 _GEOMETRY = {
@@ -118,34 +121,72 @@ def _single_data_file(header: Path, data_file: str) -> Path | None:
 
 
 def _truncation(path: Path) -> str | None:
-    """Why a MetaImage (one `.mha`, or a `.mhd` header and the one data file it names) holds
-    fewer data bytes than its header promises, or None."""
+    """Why a MetaImage (one `.mha`, or a `.mhd` header and the data file or slice files it names)
+    holds fewer data bytes than its header promises, or None. ITK reads a short compressed
+    stream, or a slice list short of files, as other voxels without an error."""
     size = path.stat().st_size
     header, offset = _read(path)
     if offset is None:
         return "MetaImage header has no ElementDataFile line"
-    data_file = header.get("ElementDataFile", "")
-    if data_file != "LOCAL":
-        if (data_path := _single_data_file(path, data_file)) is None:
-            return None  # slice lists and patterns: ITK's reason stands
-        if not data_path.is_file():
-            return f"data file {data_path} named by the header not found"
-        path, size, offset = data_path, data_path.stat().st_size, 0
-    where = "" if path.name.lower().endswith(".mha") else f" in {path.name}"
-    if header.get("CompressedData") == "True":
-        expected = int(header.get("CompressedDataSize", "0") or 0)
-        if size - offset < expected:
-            return f"{size - offset} bytes of compressed data{where}, header promises {expected}"
-        return None
-    itemsize = _MET_BYTES.get(header.get("ElementType", ""))
     try:
-        count = int(np.prod([int(v) for v in header["DimSize"].split()]))
+        dims = [int(v) for v in header["DimSize"].split()]
         channels = int(header.get("ElementNumberOfChannels", "1"))
     except (KeyError, ValueError):
         return None
-    if itemsize is None:
-        return None
-    expected = count * channels * itemsize
-    if size - offset < expected:
+    itemsize = _MET_BYTES.get(header.get("ElementType", ""))
+    expected = None if itemsize is None else int(np.prod(dims)) * channels * itemsize
+    data_file = header.get("ElementDataFile", "")
+    if data_file.startswith("LIST"):
+        return _list_shortfall(path, offset, data_file, dims, expected)
+    if data_file != "LOCAL":
+        if (data_path := _single_data_file(path, data_file)) is None:
+            return None  # file-name patterns: ITK's reason stands
+        if not data_path.is_file():
+            return f"data file {data_path} named by the header not found"
+        skip = int(header.get("HeaderSize", "0") or 0)
+        if skip < 0:  # -1: the data are the file's last bytes, after a header of any size
+            return None
+        path, size, offset = data_path, data_path.stat().st_size, skip
+    where = "" if path.name.lower().endswith(".mha") else f" in {path.name}"
+    if header.get("CompressedData", "F")[:1] in ("T", "t", "1"):  # MetaIO's reading of a flag
+        promised = int(header.get("CompressedDataSize", "0") or 0)
+        if size - offset < promised:
+            return f"{size - offset} bytes of compressed data{where}, header promises {promised}"
+        return None if expected is None else _inflated_shortfall(path, offset, expected, where)
+    if expected is not None and size - offset < expected:
         return f"{size - offset} bytes of image data{where}, header promises {expected}"
+    return None
+
+
+def _inflated_shortfall(path: Path, offset: int, expected: int, where: str) -> str | None:
+    """Why the zlib stream from `offset` in `path` inflates to fewer than `expected` bytes."""
+    inflate, inflated = zlib.decompressobj(), 0
+    try:
+        with path.open("rb") as f:
+            f.seek(offset)
+            while inflated < expected and (chunk := f.read(1 << 20)):
+                inflated += len(inflate.decompress(chunk))
+    except zlib.error as error:
+        return f"compressed data{where} do not inflate ({error})"
+    if inflated < expected:
+        return f"compressed data{where} inflate to {inflated} bytes, header promises {expected}"
+    return None
+
+
+def _list_shortfall(header_path: Path, offset: int, value: str, dims, expected) -> str | None:
+    """Why the slice files of `ElementDataFile = LIST [nD]` (one name a line after it) are fewer
+    than DimSize needs, or hold fewer bytes than it promises; None."""
+    words = value.split()
+    per_file = int(words[1].rstrip("Dd")) if len(words) > 1 else len(dims) - 1
+    with header_path.open("rb") as f:
+        f.seek(offset)
+        names = [line.strip() for line in f.read().decode("latin-1").splitlines() if line.strip()]
+    needed = int(np.prod(dims[per_file:]))
+    if len(names) < needed:
+        return f"ElementDataFile LIST names {len(names)} files, DimSize needs {needed}"
+    if expected is None:
+        return None
+    size = sum((header_path.parent / name).stat().st_size for name in names[:needed])
+    if size < expected:
+        return f"{size} bytes of image data in the LIST's files, header promises {expected}"
     return None

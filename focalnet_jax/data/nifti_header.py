@@ -14,11 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
-# The NIfTI-1 datatype codes (nifti1.h); with another, ITK's reader prints "bad datatype" on
+# The NIfTI-1 datatype codes (nifti1.h) and the bits of a voxel of each (ITK's reader sizes the
+# data so, not by the header's bitpix); with another code, ITK's reader prints "bad datatype" on
 # stderr and refuses the file as "not recognized as a NIFTI file".
-_DATATYPES = frozenset(
-    (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 768, 1024, 1280, 1536, 1792, 2048, 2304)
-)
+_VOXEL_BITS = {
+    1: 1, 2: 8, 4: 16, 8: 32, 16: 32, 32: 64, 64: 64, 128: 24, 256: 8, 512: 16, 768: 32,
+    1024: 64, 1280: 64, 1536: 128, 1792: 128, 2048: 256, 2304: 32,
+}  # fmt: skip
 _FLOATS = {16: "f4", 64: "f8"}  # the datatype codes of float32 and float64 voxels
 _ORIGIN_MM = 0.1  # qform and sform origins further apart than this place the image twice
 _AXIS_TOLERANCE = 1e-3  # ... as do voxel axes (mm) differing by more than this share of a voxel
@@ -43,6 +45,40 @@ def read_header(path: str | os.PathLike) -> tuple[bytes, str] | None:
     return None
 
 
+def truncation(path: str | os.PathLike) -> str | None:
+    """Why a NIfTI-1 file holds fewer bytes than its header promises (its datatype's, not its
+    bitpix's: ITK pads a short file with zeros, silently), or None (also for other files)."""
+    path = Path(path)
+    name = path.name.lower()
+    if name.endswith(".nii.gz"):
+        try:
+            with gzip.open(path, "rb") as f:
+                header = f.read(348)
+                size = len(header)
+                while chunk := f.read(1 << 22):
+                    size += len(chunk)
+        except (EOFError, OSError, zlib.error) as err:
+            return f"compressed stream ends early ({err})"
+    elif name.endswith(".nii"):
+        with path.open("rb") as f:
+            header = f.read(348)
+        size = path.stat().st_size
+    else:
+        return None
+    if len(header) < 348:
+        return "header shorter than 348 bytes"
+    endian = "<" if struct.unpack("<i", header[:4])[0] == 348 else ">"
+    dims = struct.unpack(endian + "8h", header[40:56])
+    datatype = struct.unpack(endian + "h", header[70:72])[0]
+    bits = _VOXEL_BITS.get(datatype, struct.unpack(endian + "h", header[72:74])[0])
+    offset = struct.unpack(endian + "f", header[108:112])[0]
+    voxels = int(np.prod([max(d, 1) for d in dims[1 : 1 + max(dims[0], 0)]]))
+    expected = int(offset) + -(-voxels * bits // 8)
+    if size < expected:
+        return f"{size} bytes of image data, header promises {expected}"
+    return None
+
+
 def header_problem(path: str | os.PathLike) -> str | None:
     """Why a NIfTI-1 header cannot be taken, or None: a datatype that is no NIfTI-1 code; a pixdim
     of 0 or less (or not finite) along a spatial axis, which readers take differently; a NaN or
@@ -53,7 +89,7 @@ def header_problem(path: str | os.PathLike) -> str | None:
         return None
     header, endian = found
     datatype = struct.unpack(endian + "h", header[70:72])[0]
-    if datatype not in _DATATYPES:
+    if datatype not in _VOXEL_BITS:
         return f"NIfTI header gives datatype {datatype}, which is no NIfTI-1 data type"
     ndim = struct.unpack(endian + "h", header[40:42])[0]
     pixdim = struct.unpack(endian + "8f", header[76:108])[1 : 1 + min(max(ndim, 0), 3)]
