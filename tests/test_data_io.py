@@ -376,6 +376,17 @@ def test_a_compressed_metaimage_without_its_size_or_short_is_refused(tmp_path, c
     assert capfd.readouterr().err == ""
 
 
+def test_a_compressed_metaimage_of_a_gzip_stream_without_its_size_is_read(tmp_path):
+    """MetaIO inflates a gzip stream as well as a zlib one."""
+    import gzip
+
+    array, image = _int16_volume()
+    sitk.WriteImage(image, str(tmp_path / "x.mhd"), useCompression=True)
+    _without(tmp_path / "x.mhd", "CompressedDataSize")
+    (tmp_path / "x.zraw").write_bytes(gzip.compress(array.tobytes()))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(read_image(tmp_path / "x.mhd")), array)
+
+
 def test_a_compressed_flag_written_in_lower_case_is_read_as_metaio_reads_it(tmp_path):
     """`CompressedData = true` (MetaIO takes T, t or 1) was refused as 783 bytes of image data
     where 960 were promised."""

@@ -641,6 +641,39 @@ def test_processes_started_with_other_configs_end_before_training(tmp_path):
     assert not (workdir / "config.json").exists() and not (workdir / "checkpoints").exists()
 
 
+@pytest.mark.slow
+def test_processes_reach_one_store_by_any_path_but_not_another_store(tmp_path):
+    """`data.store` by another path in one process (a link, another mount) is the same store;
+    a store of other data in one process is refused in every process before training."""
+    from test_train_helpers import finish, free_port, process_flags, start_worker
+
+    (tmp_path / "stlink").symlink_to(tmp_path / "st")
+    for name, seeds, status in (("same", (0, 0), 0), ("other", (0, 1), 1)):
+        port = free_port()
+        processes = [
+            start_worker(
+                tmp_path / f"{name}{i}.npz",
+                tmp_path / name,
+                1,
+                [
+                    *process_flags(port, i),
+                    "--config.train.steps=2",
+                    f"--config.data.store={tmp_path / ('st', 'stlink')[i]}",
+                ],
+                store_seed=seeds[i],
+            )  # fmt: skip
+            for i in range(2)
+        ]
+        outputs = finish(processes, timeout=240, returncode=status)
+    reason = (
+        "process 1's store memory:/fake-store holds other settings, cases or data than process "
+        "0's; give every process the same store"
+    )
+    assert f"UserError: process 1 could not open the store of process 0: {reason}" in outputs[0]
+    assert f"UserError: {reason}" in outputs[1]
+    assert (tmp_path / "same" / "checkpoints").is_dir()
+
+
 def test_a_failure_in_a_together_block_stays_its_own_when_it_cannot_be_recorded(monkeypatch):
     """The group's key-value store gone (its coordinator, process 0, ended): the block's error
     was replaced by the store's, a traceback instead of the error's one line."""

@@ -188,11 +188,11 @@ def script_json(script: str, *args: str, devices: int = 2, timeout: float = 300)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def start_worker(out, workdir, devices: int, args=()) -> subprocess.Popen:
+def start_worker(out, workdir, devices: int, args=(), store_seed: int = 0) -> subprocess.Popen:
     """This file run as a script on `devices` CPU devices, its stdout and stderr going to
     `process.log` (a temporary file): `args` = `process_flags(...)` (if any), then `--config.k=v`
-    overrides."""
-    env = cpu_devices_env(devices)
+    overrides; it trains on `FakeStore(seed=store_seed)`."""
+    env = cpu_devices_env(devices, FAKE_STORE_SEED=str(store_seed))
     command = [sys.executable, str(Path(__file__).resolve()), str(out), str(workdir), *args]
     log = tempfile.TemporaryFile()
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -256,7 +256,8 @@ def _main(argv):
     from focalnet_jax.training import train_and_evaluate
 
     config = tiny_config(overrides=rest)
-    state = train_and_evaluate(config, workdir, store=FakeStore())
+    store = FakeStore(seed=int(os.environ.get("FAKE_STORE_SEED", "0")))
+    state = train_and_evaluate(config, workdir, store=store)
     if jax.process_index() == 0:
         for path, tree in ((out, state.params), (batch_stats_file(out), state.batch_stats)):
             flat = jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]

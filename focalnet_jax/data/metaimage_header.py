@@ -149,10 +149,12 @@ def _truncation(path: Path) -> str | None:
         path, size, offset = data_path, data_path.stat().st_size, skip
     where = "" if path.name.lower().endswith(".mha") else f" in {path.name}"
     if header.get("CompressedData", "F")[:1] in ("T", "t", "1"):  # MetaIO's reading of a flag
-        promised = int(header.get("CompressedDataSize", "0") or 0)
+        if "CompressedDataSize" not in header:  # inflated to size it (ITK did not)
+            return None if expected is None else _inflated_shortfall(path, offset, expected, where)
+        promised = int(header["CompressedDataSize"] or 0)
         if size - offset < promised:
             return f"{size - offset} bytes of compressed data{where}, header promises {promised}"
-        return None if expected is None else _inflated_shortfall(path, offset, expected, where)
+        return None
     if expected is not None and size - offset < expected:
         return f"{size - offset} bytes of image data{where}, header promises {expected}"
     return None
@@ -160,7 +162,7 @@ def _truncation(path: Path) -> str | None:
 
 def _inflated_shortfall(path: Path, offset: int, expected: int, where: str) -> str | None:
     """Why the zlib stream from `offset` in `path` inflates to fewer than `expected` bytes."""
-    inflate, inflated = zlib.decompressobj(), 0
+    inflate, inflated = zlib.decompressobj(wbits=47), 0  # a zlib or gzip stream, as MetaIO
     try:
         with path.open("rb") as f:
             f.seek(offset)

@@ -72,6 +72,8 @@ def check_run_start(
     spec = RunSpec.from_config(config)
     workdir_lib.check_resumed_config(config, workdir)  # a resume: the same run, extended
     store = open_config_store(config) if store is None else store
+    with group_failures.together("open the store of process 0"):
+        _check_same_store(store)
     spec = spec.for_store(store)
     if config.data.slices == "all" and store.settings.get("slices") == "annotated":
         raise UserError(
@@ -107,10 +109,26 @@ def _check_same_config(config: ml_collections.ConfigDict) -> None:
     process 0's, or ended in a traceback at the first save (other steps)."""
     mine = config.to_json(sort_keys=True)
     first = group_failures.process0_value(mine)
-    if changed := workdir_lib.config_changes(json.loads(first), json.loads(mine), allowed=()):
+    # Paths may name one store otherwise (a link, another mount): its data are compared instead.
+    paths = workdir_lib.PATH_KEYS
+    if changed := workdir_lib.config_changes(json.loads(first), json.loads(mine), allowed=paths):
         raise UserError(
             f"process {jax.process_index()} was started with another config than process 0: "
             f"{'; '.join(changed)}; start every process with the same command"
+        )
+
+
+def _check_same_store(store) -> None:
+    """A `UserError` in a process of a group whose store holds other settings, cases or case
+    data than process 0's (by whatever path each reaches it)."""
+    if jax.process_count() == 1:
+        return
+    cases = [(record["case_id"], record.get("data_sha256")) for record in store.cases]
+    mine = json.dumps({"fingerprint": store.fingerprint, "cases": cases})
+    if group_failures.process0_value(mine) != mine:
+        raise UserError(
+            f"process {jax.process_index()}'s store {store.path} holds other settings, cases or "
+            "data than process 0's; give every process the same store"
         )
 
 
