@@ -58,9 +58,9 @@ def check_run_start(
     config: ml_collections.ConfigDict, workdir: str | Path, mesh, *, store=None
 ) -> RunStart:
     """Every refusal (`UserError`, one line) of a training start in `workdir` that needs neither
-    a train state nor a compilation: the config (in a process group, the same as process 0's),
-    a resume's saved config, the store (unset,
-    absent, without the components), the fold's split and batches, `loss.mfl_weight='auto'` on
+    a train state nor a compilation: the config, a resume's saved config, the store (unset,
+    absent, without the components; in a process group, the config and the store's data the
+    same as process 0's), the fold's split and batches, `loss.mfl_weight='auto'` on
     its training rows, a resume's recorded store and cases, a resume's checkpoint past the
     config's steps, and `data.slices=all` on a store of the annotated slices alone (it trained on
     those without a word). Writes nothing, so `cv` checks every fold with it before the first
