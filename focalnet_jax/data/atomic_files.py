@@ -14,7 +14,9 @@ from pathlib import Path
 
 from focalnet_jax.data.deferred_signals import signals_deferred
 from focalnet_jax.data.writer_folders import (
+    missing_folders,
     remove_dead_leftovers,
+    remove_empty_folders,
     remove_replaced,
     restore_moved_aside,
     swap_in,
@@ -120,7 +122,7 @@ def replaced_folder(
     remove what describes the folder it replaces).
     """
     path = target_folder(path)
-    created = [p for p in (path.parent, *path.parent.parents) if not p.exists()]  # deepest first
+    created = missing_folders(path.parent)
     path.parent.mkdir(parents=True, exist_ok=True)
     restore_moved_aside(path, writer)
     remove_dead_leftovers(path, writer)
@@ -141,9 +143,8 @@ def replaced_folder(
         remove_replaced(old, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        for folder in [] if done else created:
-            with contextlib.suppress(OSError):  # kept where something else was written there
-                folder.rmdir()
+        if not done:
+            remove_empty_folders(created)
 
 
 def check_output_folder(path: Path | None, flag: str = "--out") -> None:

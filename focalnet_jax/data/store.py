@@ -47,8 +47,10 @@ from focalnet_jax.data.store_settings import (
 )
 from focalnet_jax.data.store_table import check_recorded, check_slice_ranges, check_table
 from focalnet_jax.data.writer_folders import (
+    missing_folders,
     moved_aside_note,
     remove_dead_leftovers,
+    remove_empty_folders,
     remove_replaced,
     restore_moved_aside,
     swap_in,
@@ -149,7 +151,7 @@ class StoreWriter:
         _check_store_replaceable(self.path, settings, overwrite)
         self.components = tuple(components)
         self.settings = settings
-        self._created = [p for p in (self.path.parent, *self.path.parent.parents) if not p.exists()]
+        self._created = missing_folders(self.path.parent)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         remove_dead_leftovers(self.path)
         self.tmp = writer_folder(self.path)
@@ -314,9 +316,7 @@ class StoreWriter:
             with contextlib.suppress(OSError):  # a full disk fails the flush of close again
                 f.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
-        for folder in self._created:  # deepest first
-            with contextlib.suppress(OSError):  # not empty: something else was written there
-                folder.rmdir()
+        remove_empty_folders(self._created)
 
 
 def write_errors(path: str | os.PathLike, errors) -> None:

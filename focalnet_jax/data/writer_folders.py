@@ -62,6 +62,20 @@ def target_folder(path: str | os.PathLike) -> Path:
         raise UserError(f"{path}: a loop of symbolic links, naming no folder") from None
 
 
+def missing_folders(folder: Path) -> list[Path]:
+    """`folder` and the folders above it that do not exist yet, deepest first: those a writer
+    about to make `folder` creates, for `remove_empty_folders` when it fails."""
+    return [p for p in (folder, *folder.parents) if not p.exists()]
+
+
+def remove_empty_folders(folders: list[Path]) -> None:
+    """Removes each of `folders` (deepest first) that is empty; one where something else was
+    written meanwhile stays (and so do the folders above it)."""
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
 def lock_beside(path: str | os.PathLike, command: str) -> Path:
     """`.<name>.<command>.lock` beside `path` (the folder a link `path` points to): the lock of the
     `focalnet <command>` run writing `path`, never inside the folder it replaces."""
@@ -91,7 +105,7 @@ def writer_lock(path: str | os.PathLike, command: str) -> Iterator[None]:
     word). The folders made for the lock are removed again when the block fails (a user error
     leaves none)."""
     lock_path = lock_beside(path, command)
-    made = [folder for folder in lock_path.parents if not folder.exists()]  # deepest first
+    made = missing_folders(lock_path.parent)
     done = False
     try:
         lock_path.parent.mkdir(parents=True, exist_ok=True)
@@ -106,9 +120,8 @@ def writer_lock(path: str | os.PathLike, command: str) -> Iterator[None]:
         done = True
     finally:
         release_lock(lock, remove=True)
-        for folder in [] if done else made:
-            with contextlib.suppress(OSError):  # not empty: something was written there
-                folder.rmdir()
+        if not done:
+            remove_empty_folders(made)
 
 
 # `swap_in`'s renames failing so: `path` removed, or put back, by another run between them.

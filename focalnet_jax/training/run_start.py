@@ -17,6 +17,7 @@ import ml_collections
 
 from focalnet_jax.data.run_store import check_training_store
 from focalnet_jax.data.store import open_store
+from focalnet_jax.data.writer_folders import missing_folders, remove_empty_folders
 from focalnet_jax.errors import UserError
 from focalnet_jax.file_lock import LockHeld, LocksUnsupported, acquire_lock, release_lock
 from focalnet_jax.run import RunSpec
@@ -198,7 +199,7 @@ def training_lock(workdir: Path) -> Iterator[None]:
     holder, in every process of its group: both runs' checkpoints and event files were lost.
     The folders this created are removed again where the block leaves them empty (a refused
     start). On a file system without locks the run trains unguarded, with a warning."""
-    lock, created = None, [p for p in (workdir, *workdir.parents) if not p.exists()]
+    lock, created = None, missing_folders(workdir)
     first = jax.process_index() == 0
     with group_failures.together("take the workdir's training lock"):
         if first:
@@ -223,6 +224,4 @@ def training_lock(workdir: Path) -> Iterator[None]:
         if lock is not None:
             release_lock(lock, remove=True)
         if first:
-            with contextlib.suppress(OSError):  # not empty: the run's folder
-                for folder in created:  # innermost first
-                    folder.rmdir()
+            remove_empty_folders(created)  # not empty: the run's folder, kept
