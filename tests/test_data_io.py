@@ -440,3 +440,18 @@ def test_a_short_metaimage_of_64_bit_voxels_or_a_header_size_names_what_is_missi
         message = r"\(810 bytes of image data in x\.raw, header promises 960\)$"
     with pytest.raises(CaseError, match=message):
         read_image(tmp_path / "x.mhd", case="c")
+
+
+def test_an_uncompressed_nifti_named_nii_gz_is_read_as_itk_reads_it(tmp_path):
+    """ITK reads a `.nii.gz` saved without compression (zlib's gzopen passes such a file through);
+    the header checks took it for a broken gzip stream and refused it. Cut short, it is still
+    refused as such."""
+    array, image = _volume()
+    sitk.WriteImage(image, str(tmp_path / "x.nii"))
+    data = (tmp_path / "x.nii").read_bytes()
+    (tmp_path / "plain.nii.gz").write_bytes(data)
+    back = read_image(tmp_path / "plain.nii.gz")
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), array)
+    np.testing.assert_allclose(back.GetSpacing(), (0.5, 0.7, 3.0), atol=1e-6)
+    (tmp_path / "short.nii.gz").write_bytes(data[:-40])
+    _expect(tmp_path / "short.nii.gz", f"({len(data) - 40} bytes of image data, header promises")

@@ -22,8 +22,21 @@ _VOXEL_BITS = {
     1024: 64, 1280: 64, 1536: 128, 1792: 128, 2048: 256, 2304: 32,
 }  # fmt: skip
 _FLOATS = {16: "f4", 64: "f8"}  # the datatype codes of float32 and float64 voxels
+_GZIP_MAGIC = b"\x1f\x8b"
 _ORIGIN_MM = 0.1  # qform and sform origins further apart than this place the image twice
 _AXIS_TOLERANCE = 1e-3  # ... as do voxel axes (mm) differing by more than this share of a voxel
+
+
+def _compressed(path: Path) -> bool:
+    """Whether the file `path` is a gzip stream, whatever its name says: ITK's NIfTI reader (zlib's
+    gzopen) reads a `.nii.gz` that was saved uncompressed as it is."""
+    with path.open("rb") as f:
+        return f.read(2) == _GZIP_MAGIC
+
+
+def _open(path: Path):
+    """`path` opened for reading its decompressed bytes (see `_compressed`)."""
+    return gzip.open(path, "rb") if _compressed(path) else path.open("rb")
 
 
 def read_header(path: str | os.PathLike) -> tuple[bytes, str] | None:
@@ -35,7 +48,7 @@ def read_header(path: str | os.PathLike) -> tuple[bytes, str] | None:
     if not name.endswith((".nii", ".nii.gz")):
         return None
     try:
-        with (gzip.open if name.endswith(".gz") else open)(path, "rb") as f:
+        with _open(path) as f:
             header = f.read(348)
     except (EOFError, OSError, zlib.error):
         return None
@@ -50,7 +63,9 @@ def truncation(path: str | os.PathLike) -> str | None:
     bitpix's: ITK pads a short file with zeros, silently), or None (also for other files)."""
     path = Path(path)
     name = path.name.lower()
-    if name.endswith(".nii.gz"):
+    if not name.endswith((".nii", ".nii.gz")):
+        return None
+    if _compressed(path):
         try:
             with gzip.open(path, "rb") as f:
                 header = f.read(348)
@@ -59,12 +74,10 @@ def truncation(path: str | os.PathLike) -> str | None:
                     size += len(chunk)
         except (EOFError, OSError, zlib.error) as err:
             return f"compressed stream ends early ({err})"
-    elif name.endswith(".nii"):
+    else:
         with path.open("rb") as f:
             header = f.read(348)
         size = path.stat().st_size
-    else:
-        return None
     if len(header) < 348:
         return "header shorter than 348 bytes"
     endian = "<" if struct.unpack("<i", header[:4])[0] == 348 else ">"
@@ -191,7 +204,7 @@ def non_finite_count(path: Path) -> int:
     dims = struct.unpack(endian + "8h", header[40:56])
     count = int(np.prod([max(d, 1) for d in dims[1 : 1 + max(dims[0], 0)]]))
     offset = int(struct.unpack(endian + "f", header[108:112])[0])
-    with (gzip.open if path.name.lower().endswith(".gz") else open)(path, "rb") as f:
+    with _open(path) as f:
         f.seek(offset)
         voxels = np.frombuffer(f.read(count * int(code[1])), endian + code, count)
     return int(np.count_nonzero(~np.isfinite(voxels)))
