@@ -746,3 +746,47 @@ def test_a_busy_port_on_a_host_without_ipv6_is_named_busy(monkeypatch):
         monkeypatch.setattr(distributed.socket, "socket", no_ipv6)
         with pytest.raises(ValueError, match=r"port \d+ here \(Address already in use\)"):
             distributed.check_coordinator_port_free(f"host:{port}")
+
+
+@pytest.mark.slow
+def test_processes_started_from_other_pretrained_weights_end_before_training(tmp_path):
+    """`model.pretrained` naming other weights in one process (its path is left out of the config
+    comparison: a node-local copy is the same file): each process replicated its own weights, and
+    the group trained replicas that never agreed, without a word. Every process now compares the
+    weights it loaded with process 0's."""
+    import jax
+    import numpy as np
+    from test_pretrained import random_variables
+    from test_train_helpers import finish, free_port, process_flags, start_worker, tiny_config
+
+    from focalnet_jax.models.pretrained import save_torchvision_resnet
+    from focalnet_jax.run.spec import RunSpec
+    from focalnet_jax.training import train_state
+
+    spec = RunSpec.from_config(tiny_config(), image_size=(32, 32))
+    init = train_state.init_variables(spec.model, jax.random.key(1), spec.input_shape)
+    for i in range(2):
+        saved = random_variables(init, np.random.default_rng(i))
+        save_torchvision_resnet(saved, tmp_path / f"w{i}.safetensors", components=spec.components)
+    port = free_port()
+    processes = [
+        start_worker(
+            tmp_path / f"unused{i}.npz",
+            tmp_path / "run",
+            1,
+            [
+                *process_flags(port, i),
+                "--config.train.steps=2",
+                f"--config.model.pretrained={tmp_path / f'w{i}.safetensors'}",
+            ],
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    outputs = finish(processes, timeout=240, returncode=1)
+    reason = (
+        f"process 1's pretrained weights {tmp_path / 'w1.safetensors'} hold other values than "
+        "process 0's; give every process the same weights"
+    )
+    assert f"UserError: process 1 could not load the weights of process 0: {reason}" in outputs[0]
+    assert f"UserError: {reason}" in outputs[1]
+    assert not list((tmp_path / "run" / "checkpoints").glob("*/"))

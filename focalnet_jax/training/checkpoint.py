@@ -13,17 +13,19 @@ all progress, so that takes the user moving `checkpoints/` away (or a new workdi
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
 from focalnet_jax.errors import UserError
 from focalnet_jax.run import RunSpec, checkpoint_digests
 from focalnet_jax.run.workdir import CheckpointMismatchError, UnreadableCheckpointError, restore
-from focalnet_jax.training import save_failures, train_state
+from focalnet_jax.training import group_failures, save_failures, train_state
 
 CORRUPT_PREFIX = "corrupt-"
 
@@ -147,4 +149,23 @@ def resume_or_initialize(
             components=spec.components,
             model_config=model_config,
         )
+        with group_failures.together("load the weights of process 0"):
+            _check_same_weights(variables, model_config.pretrained)
     return train_state.create_train_state(spec, init_key, mesh, variables=variables)
+
+
+def _check_same_weights(variables, path: str) -> None:
+    """A `UserError` in a process of a group whose pretrained `variables` (loaded from `path`)
+    differ from process 0's: each process replicates its own host values, so the group trained
+    replicas that never agreed. Their paths may differ (a node-local copy), so values are
+    compared (a SHA-256 over every array)."""
+    if jax.process_count() == 1:
+        return
+    digest = hashlib.sha256()
+    for leaf in jax.tree.leaves(variables):
+        digest.update(np.ascontiguousarray(leaf).tobytes())
+    if group_failures.process0_value(digest.hexdigest()) != digest.hexdigest():
+        raise UserError(
+            f"process {jax.process_index()}'s pretrained weights {path} hold other values than "
+            "process 0's; give every process the same weights"
+        )
