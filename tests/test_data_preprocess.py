@@ -11,7 +11,7 @@ from scipy import ndimage
 
 from focalnet_jax.data import intensity, preprocess_case
 from focalnet_jax.data.image_writing import write_image
-from focalnet_jax.data.io import CaseError
+from focalnet_jax.data.io import CaseError, read_image
 from focalnet_jax.data.synth import Lesion, SynthConfig, synth_case
 
 FINDING = (25.7457, 31.8707, -38.511)  # ProstateX-0000 finding 1, LPS mm, GS 4+3 (README)
@@ -662,7 +662,8 @@ def _without_position(image: sitk.Image, path):
 
 
 @pytest.mark.parametrize("suffix, how", [
-    (".nrrd", "an NRRD without position (no `space origin` or `axis mins` field)"),
+    (".nrrd", "an NRRD without position (no finite `space origin`, or `axis mins` and "
+              "`spacings`)"),
     (".mha", "a MetaImage without position (no Offset, Origin or Position field)"),
 ])  # fmt: skip
 def test_nrrd_or_metaimage_without_position_is_refused(small_case, tmp_path, suffix, how):
@@ -699,10 +700,16 @@ def test_nrrd_placed_as_itk_reads_it_is_not_unplaced(tmp_path):
         "space origin: (10,20,30)": (10.0, 20.0, 30.0),
         "spacings: 1 1 2\naxis mins: 10 20 30": (10.5, 20.5, 31.0),
         "spacings: 1 1 2": None,
+        # Fields ITK takes no origin from: it read these at origin 0.
+        "space origin: (nan,nan,nan)": None,
+        "space origin: none": None,
+        "spacings: 1 1 2\naxis mins: nan nan nan": None,
+        "spacings: 1 nan 2\naxis mins: 10 20 30": None,
+        "axis mins: 10 20 30": None,
     }
     for field, origin in placed.items():
         path = tmp_path / "a.nrrd"
-        if "spacings" in field:
+        if "axis" in field or "spacings" in field:
             path.write_bytes((head + field + "\n\n").encode() + bytes(8))
         else:
             space = "space: left-posterior-superior\nspace directions: (1,0,0) (0,1,0) (0,0,2)\n"
@@ -710,6 +717,16 @@ def test_nrrd_placed_as_itk_reads_it_is_not_unplaced(tmp_path):
         read = sitk.ReadImage(str(path)).GetOrigin()
         assert read == pytest.approx(origin or (0.0, 0.0, 0.0)), field
         assert nrrd_header.unplaced(path) == (origin is None), field
+    # `axis maxs` without `spacings`: ITK takes an origin from them but reads 1 mm voxels.
+    path.write_bytes((head + "axis mins: 10 20 30\naxis maxs: 12 22 34\n\n").encode() + bytes(8))
+    assert sitk.ReadImage(str(path)).GetSpacing() == (1.0, 1.0, 1.0)
+    assert nrrd_header.unplaced(path)
+    # A NaN in one axis min: ITK places that axis at NaN; refused when read.
+    path.write_bytes((head + "spacings: 1 1 2\naxis mins: 10 nan 30\n\n").encode() + bytes(8))
+    assert nrrd_header.unplaced(path)
+    with pytest.raises(CaseError, match=r"placement holds NaN or Inf \(origin \(10\.5, nan, "
+                                        r"31\), spacing \(1, 1, 2\)\)$"):  # fmt: skip
+        read_image(path, case="c")
 
 
 def test_blank_hbv_is_refused(small_case, tmp_path):

@@ -141,6 +141,12 @@ def read_image(
         )
     if problem := _direction_problem(image.GetDirection()):
         raise CaseError(case, path, problem)
+    if not np.isfinite([*image.GetOrigin(), *image.GetSpacing()]).all():  # an NRRD's NaN axis min
+        shown = lambda values: "(" + ", ".join(f"{v:g}" for v in values) + ")"
+        raise CaseError(
+            case, path, f"placement holds NaN or Inf (origin {shown(image.GetOrigin())}, "
+            f"spacing {shown(image.GetSpacing())})",
+        )  # fmt: skip
     if image.GetPixelID() in (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64):
         raise CaseError(case, path, f"expected real voxels, got {image.GetPixelIDTypeAsString()}")
     image = sitk.Cast(image, sitk.sitkFloat32)
@@ -271,7 +277,7 @@ def unplaced(path) -> str | None:
     if nifti_header.unplaced(path):
         return "a NIfTI without orientation (qform_code and sform_code 0)"
     if nrrd_header.unplaced(path):
-        return "an NRRD without position (no `space origin` or `axis mins` field)"
+        return "an NRRD without position (no finite `space origin`, or `axis mins` and `spacings`)"
     if metaimage_header.unplaced(path):
         return "a MetaImage without position (no Offset, Origin or Position field)"
     return None

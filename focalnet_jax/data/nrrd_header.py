@@ -4,6 +4,7 @@ direction (pynrrd's `nrrd.write(path, array)`, a hand-written header with `spaci
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -35,9 +36,12 @@ def _fields(path: Path) -> dict[str, str] | None:
 
 
 def unplaced(path: str | os.PathLike) -> bool:
-    """Whether `path` is an NRRD whose header places its voxels nowhere (neither `space origin`
-    nor `axis mins`, from which ITK takes the origin): ITK reads it at origin 0 with identity
-    direction, not where the scanner put it."""
+    """Whether `path` is an NRRD whose header places its voxels nowhere ITK takes an origin from,
+    so that ITK reads it at origin 0 with identity direction, not where the scanner put it:
+    with a `space` (or `space dimension`), a `space origin` of finite numbers is needed (`none`
+    or NaN read as 0); without one, finite `axis mins` and `spacings` for every axis (ITK reads
+    the origin as 0 for a NaN in either, a missing `spacings` or its voxel size as 1 mm beside
+    `axis maxs`, and as NaN for a NaN in one axis min)."""
     path = Path(path)
     if not _is_nrrd(path):
         return False
@@ -45,4 +49,17 @@ def unplaced(path: str | os.PathLike) -> bool:
         fields = _fields(path)
     except OSError:
         return False
-    return fields is not None and not {"spaceorigin", "axismins"} & fields.keys()
+    if fields is None:
+        return False
+    if "space" in fields or "spacedimension" in fields:
+        return not _finite(fields.get("spaceorigin", "").strip("()").replace(",", " "))
+    return not (_finite(fields.get("axismins", "")) and _finite(fields.get("spacings", "")))
+
+
+def _finite(values: str) -> bool:
+    """Whether `values` (an NRRD field's numbers, blank-separated) are some numbers, all finite."""
+    try:
+        numbers = [float(v) for v in values.split()]
+    except ValueError:  # `none`, or text
+        return False
+    return bool(numbers) and all(math.isfinite(v) for v in numbers)
