@@ -6,7 +6,8 @@ its gradient, all subsets in one `vmap` against chunks in a loop (`lax.map`), si
 
 Every non-empty proper subset of the config's components is probed on a random batch, with the
 model's initial weights and `train=True` normalisation, as in the `vmap` MFL mode (the chunks
-`jax.checkpoint`-ed, as the train step does). Timed: the
+`jax.checkpoint`-ed, as the train step does; a `--chunk` of all the subsets or more is refused,
+as the probe would not loop). Timed: the
 forward pass (distances `[M, B]`), the gradient of their sum with respect to the input images
 (the backward pass without weight gradients) and with respect to the parameters (what training
 computes), each compiled once and then the median of `--repeats` calls (`block_until_ready`);
@@ -35,6 +36,7 @@ from jax.sharding import PartitionSpec
 
 from focalnet_jax import losses
 from focalnet_jax.config_loading import load_config
+from focalnet_jax.errors import UserError
 from focalnet_jax.run import RunSpec
 from focalnet_jax.training import sharding, train_state
 
@@ -84,6 +86,12 @@ def measure(
     ratios; with `profile_calls`, where the parameter gradient's time goes in each form
     (`profile_summary`)."""
     spec = RunSpec.from_config(config, image_size=(size, size), num_devices=1)
+    subsets = len(losses.component_subsets(spec.components))
+    if not losses.probe_chunk(chunk, subsets):  # the "loop" would be the vmap again
+        raise UserError(
+            f"--chunk {chunk}: the config's {subsets} subsets would run in one vmap, with no loop "
+            f"to time; choose --chunk below {subsets}"
+        )
     variables = train_state.init_variables(spec.model, jax.random.key(0), spec.input_shape)
     shape = (spec.global_batch, size, size, len(spec.components))
     args = (variables["params"], jax.random.normal(jax.random.key(1), shape))
@@ -106,7 +114,7 @@ def measure(
                 )
     for kind in kinds:
         result[f"{kind}_loop_over_vmap"] = result[f"{kind}_loop_s"] / result[f"{kind}_vmap_s"]
-    return result | {"subsets": len(losses.component_subsets(spec.components)), "chunk": chunk}
+    return result | {"subsets": subsets, "chunk": chunk}
 
 
 def main(argv=None) -> None:

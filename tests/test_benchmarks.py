@@ -814,6 +814,10 @@ _SCRIPT_FILES = {str(path) for path in (REPO / "benchmarks").glob("*.py")}  # ru
         # Timings of 0 x 0 images; a numpy traceback.
         (["mfl_chunk_loop.py", "--config", "configs/mfl4.py", "--size", "0"],
          "argument --size: expected an integer >= 1, got '0'"),
+        # The "loop" of 2 subsets in chunks of 4 was the vmap again, timed as a loop.
+        (["mfl_chunk_loop.py", "--config", "configs/demo.py", "--size", "8"],
+         "--chunk 4: the config's 2 subsets would run in one vmap, with no loop to time; choose "
+         "--chunk below 2"),
         (["mfl_modes.py", "--config", "configs/demo.py", "--size", "2"],
          "argument --size: expected an integer >= 3, got '2'"),
         # A moving average wider than the curve reported a gap of 0 for opposite curves (after
