@@ -204,3 +204,27 @@ def test_marksheet_rows_whose_cells_do_not_fit_the_header_are_refused(tmp_path):
     sheet.write_text("patient_id,study_id,case_csPCa,case_csPCa\n10000,1000000,NO,YES\n")
     with pytest.raises(LayoutError, match=r"\['case_csPCa'\] named more than once$"):
         read_marksheet(sheet)
+
+
+def test_rows_of_empty_case_ids_are_each_listed_when_bad_cases_are_skipped(tmp_path):
+    """Two rows whose case id was left blank (a spreadsheet's half-filled rows): the second
+    stopped `--skip-bad-cases` as a repeat of the first 'in letter case'."""
+    path = _manifest(tmp_path, "c1,p1,t,a,l", ",p5,t5,a,l", ",p6,t6,a,l", "c2,p2,t2,a,l")
+    errors = []
+    assert [c.case_id for c in read_manifest(path, errors=errors)] == ["c1", "c2"]
+    assert [(case, reason.split(": ", 1)[0]) for case, _, reason in errors] == [
+        ("", f"manifest {path}, line 3"),
+        ("", f"manifest {path}, line 4"),
+    ]
+    assert all("case id '' is empty" in reason for _, _, reason in errors)
+
+
+def test_a_legacy_encoding_is_refused_naming_its_line_whatever_ends_the_lines(tmp_path):
+    """Excel for Mac's "CSV (Macintosh)" ends lines in CR alone: the error said line 1 for a byte
+    on line 3."""
+    rows = ["c1,p1,t,a,l", "c2,p2,caf\u00e9,a,l"]
+    for ending in ("\r", "\n", "\r\n"):
+        path = tmp_path / "cases.csv"
+        path.write_bytes(ending.join([HEADER, *rows, ""]).encode("mac_roman"))
+        with pytest.raises(LayoutError, match=r", line 3: not UTF-8 text \(byte 0x8e\)"):
+            read_manifest(path)

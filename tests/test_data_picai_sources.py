@@ -420,6 +420,51 @@ def test_a_patient_folder_beside_the_fold_folders_is_an_error(tmp_path):
     )
 
 
+def test_a_fold_folder_unpacked_into_a_folder_of_its_name_is_an_error(tmp_path):
+    """A fold archive unpacked into a folder of its own name (`fold1/fold1/<patient>`), beside
+    the other fold folders: the inner folder was read as a patient folder without images and
+    fold 1's cases left out without a word."""
+    _replica(tmp_path, fold_of={"10000": 0, "10001": 1, "10002": 1, "10003": 0})
+    fold1 = tmp_path / "picai_public_images_fold1"
+    fold1.rename(tmp_path / "unpacked")
+    fold1.mkdir()
+    (tmp_path / "unpacked").rename(fold1 / "picai_public_images_fold1")
+    with pytest.raises(LayoutError) as info:
+        discover_picai(tmp_path, unlabelled="negative")
+    assert str(info.value) == (
+        f"images folder {fold1} holds folders of patient folders (e.g. picai_public_images_fold1)"
+        "; give each image folder with its own --images"
+    )
+
+
+@pytest.mark.parametrize("level", ["fold", "patient"])
+def test_a_link_to_a_folder_that_is_not_there_is_an_error(tmp_path, level):
+    """A fold folder (or a patient folder) linked from a drive that is not mounted was left out
+    without a word; an editor's hidden lock link beside it stays ignored."""
+    _replica(tmp_path)
+    images = tmp_path / "picai_public_images_fold0" if level == "patient" else tmp_path
+    (images / "gone").symlink_to("/nonexistent/folder")
+    (images / ".#notes.txt").symlink_to("root@host.1234:1700000000")
+    with pytest.raises(LayoutError) as info:
+        discover_picai(tmp_path, unlabelled="negative")
+    assert (
+        str(info.value)
+        == f"{images / 'gone'} is a link to /nonexistent/folder, which does not exist"
+    )
+
+
+def test_hidden_files_in_a_patient_folder_are_ignored(tmp_path):
+    """macOS writes `._<name>` beside each file it copies to an exFAT or network drive: the run
+    was refused, blaming an underscore in the ids."""
+    _replica(tmp_path)
+    folder = tmp_path / "picai_public_images_fold0" / "10000"
+    (folder / "._10000_1000000_t2w.mha").write_bytes(b"\x00\x05\x16\x07junk")
+    (folder / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    cases = discover_picai(tmp_path, unlabelled="negative")
+    assert cases[0].case_id == "10000_1000000" and len(cases) == 5
+    assert cases[0].components["t2w"] == str(folder / "10000_1000000_t2w.mha")
+
+
 def test_label_files_of_no_given_case_are_named(tmp_path, caplog):
     """Leaving one of PI-CAI's five image folders out dropped its labelled cases without a word
     (about 300 a fold): the label files of no case found are named, one warning per folder."""

@@ -23,7 +23,8 @@ def csv_text(path: Path, what: str) -> str:
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        line = data[: err.start].count(b"\n") + 1
+        before = data[: err.start]  # lines end in LF, CR LF or CR (Excel for Mac's CSV)
+        line = before.count(b"\n") + before.count(b"\r") - before.count(b"\r\n") + 1
         raise LayoutError(
             f"{what} {path}, line {line}: not UTF-8 text (byte 0x{data[err.start]:02x}); save it "
             "as CSV UTF-8"

@@ -283,7 +283,8 @@ def read_manifest(
     for line, row in rows:
         case = row["case_id"]
         where = f"manifest {manifest}, line {line}"
-        if case.lower() in seen:  # ids become file names, one file on macOS and Windows
+        # Ids become file names, one file on macOS and Windows (an empty id is refused below).
+        if case and case.lower() in seen:
             raise LayoutError(
                 f"{where}: case_id {case!r} repeats {seen[case.lower()][1]!r} (line "
                 f"{seen[case.lower()][0]}); case ids must differ in more than letter case"

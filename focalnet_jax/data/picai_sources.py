@@ -100,9 +100,15 @@ def missing_label(case: str, folders: Sequence[Path]) -> CaseError:
     return CaseError(case, folders[0], f"label missing: looked for {looked_for} in {where}")
 
 
+def _visible_files(patient_dir: Path) -> list[Path]:
+    """The entries of a patient folder but hidden ones (macOS writes `._<name>` beside each file
+    it copies to an exFAT or network drive, and `.DS_Store`), sorted."""
+    return sorted(p for p in patient_dir.iterdir() if not p.name.startswith("."))
+
+
 def _image_files(patient_dir: Path):
     """(case id, patient id, file) of each PI-CAI image file in a patient folder."""
-    for file in sorted(patient_dir.iterdir()):
+    for file in _visible_files(patient_dir):
         match = PICAI_NAME.match(file.name)
         if match and file.name.lower().endswith(IMAGE_SUFFIXES):
             yield f"{match['patient']}_{match['study']}", match["patient"], file
@@ -113,7 +119,7 @@ def _check_names(patient_dir: Path) -> None:
     `PICAI_COMPONENTS`) that `PICAI_NAME` does not read (`P_1/P_1_1000001_t2w.mha`,
     `10001/10001_1000001_b_t2w.mha`: an id holding '_' left the case out of the store without a
     word); other files (`<case>_t2w_n4.mha`, `<case>.nii.gz`) are left alone."""
-    for file in sorted(patient_dir.iterdir()):
+    for file in _visible_files(patient_dir):
         name = file.name.lower()
         suffix = next((s for s in IMAGE_SUFFIXES if name.endswith(s)), None)
         if suffix is not None and not PICAI_NAME.match(file.name):
@@ -128,29 +134,38 @@ def _holds_images(folder: Path) -> bool:
     return next(_image_files(folder), None) is not None
 
 
-def _patient_dirs(folder: Path) -> list[Path]:
+def _patient_dirs(folder: Path, *, of_folds: bool = True) -> list[Path]:
     """The patient folders of an image folder; a folder holding no image files but image folders
     of its own (the five `picai_public_images_fold<k>` archives extracted side by side) gives
-    the patient folders of each. A folder holding both is an error (the image folders in it were
-    read as patient folders without images, and left out)."""
+    the patient folders of each (`of_folds`). An image folder holding a folder of patient folders
+    beside patient folders, or (one of those five) in their place (an archive unpacked into a
+    folder of its own name), is an error: that folder was read as a patient folder without
+    images, and its cases left out."""
     subdirs = _subdirs(folder)
     holds = {d: _holds_images(d) for d in subdirs}  # each folder listed once
     patients = [d for d in subdirs if holds[d]]
-    if patients:
-        others = (d for d in subdirs if not holds[d])
-        nested = next((d for d in others if any(map(_holds_images, _subdirs(d)))), None)
-        if nested is not None:
-            raise LayoutError(
-                f"images folder {folder} holds patient folders (e.g. {patients[0].name}) and "
-                f"folders of patient folders (e.g. {nested.name}); give each image folder with "
-                "its own --images"
-            )
-        return subdirs
-    return [p for d in subdirs for p in _subdirs(d)]
+    if of_folds and not patients:
+        return [p for d in subdirs for p in _patient_dirs(d, of_folds=False)]
+    others = (d for d in subdirs if not holds[d])
+    nested = next((d for d in others if any(map(_holds_images, _subdirs(d)))), None)
+    if nested is not None:
+        held = f"patient folders (e.g. {patients[0].name}) and " if patients else ""
+        raise LayoutError(
+            f"images folder {folder} holds {held}folders of patient folders (e.g. {nested.name}); "
+            "give each image folder with its own --images"
+        )
+    return subdirs
 
 
 def _subdirs(folder: Path) -> list[Path]:
-    return sorted(q for q in folder.iterdir() if q.is_dir())
+    """The folders in `folder`, sorted; a link among them to nothing (a folder on a drive not
+    mounted) is an error: its cases would be left out without a word (hidden ones aside: an
+    editor's lock file `.#name` is such a link)."""
+    entries = sorted(folder.iterdir())
+    for entry in entries:
+        if entry.is_symlink() and not entry.exists() and not entry.name.startswith("."):
+            raise LayoutError(f"{entry} is a link to {os.readlink(entry)}, which does not exist")
+    return [entry for entry in entries if entry.is_dir()]
 
 
 def picai_images(images: PathArg | Sequence[PathArg]) -> dict[str, tuple[str, Path, Path]]:
