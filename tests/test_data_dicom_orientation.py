@@ -6,8 +6,10 @@ series is placed by its slices' own cosines and positions (`dicom._placed_by_hea
 
 from __future__ import annotations
 
+import copy
 import logging
 
+import highdicom
 import numpy as np
 import pydicom
 import pytest
@@ -16,6 +18,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from focalnet_jax.data.dicom import read_series
+from focalnet_jax.data.dicom_multiframe import read_multiframe
 from focalnet_jax.data.dicom_stack import SeriesError
 from focalnet_jax.evaluation.dicom_output import frame_voxels
 
@@ -23,6 +26,8 @@ from focalnet_jax.evaluation.dicom_output import frame_voxels
 # (which makes it orthonormal), its row moved by up to 1.16e-3 there.
 GIVEN_UP = (0.992, 0.122, -0.014, 0.114, -0.964, -0.241)
 READ = (0.983, 0.118, -0.144, 0.129, -0.989, 0.077)
+# Row . column 0.001585, the column 0.9996 long: GDCM gives up on it in a multi-frame file too.
+GIVEN_UP_IN_FRAMES = (1.0, 0.0, -0.005, 0.0, 0.948, -0.317)
 SLICES, SIZE, SPACING = 4, 256, 3.0
 
 
@@ -105,3 +110,50 @@ def test_cosines_written_to_1_decimal_are_read_as_the_reader_normalises_them(tmp
     _write_series(tmp_path / "s", (0.7, 0.7, 0.0, -0.7, 0.7, 0.0))
     direction = np.reshape(read_series(tmp_path / "s").GetDirection(), (3, 3))
     np.testing.assert_allclose(direction[:, 0], [0.5**0.5, 0.5**0.5, 0.0], atol=1e-6)
+
+
+@pytest.mark.parametrize("order", ["stored", "interleaved"])
+def test_an_enhanced_file_of_cosines_written_to_3_decimals_reads_as_its_slices(order, tmp_path):
+    """The series as one Legacy Converted Enhanced MR file was refused ("read with an orientation
+    other than its frames'": ITK's orthonormal axes were compared with the cosines as written;
+    frames out of order were placed along the normal of those, off their positions), while its
+    slices read."""
+    _write_series(tmp_path / "s", GIVEN_UP_IN_FRAMES)
+    slices = [pydicom.dcmread(tmp_path / "s" / f"{k}.dcm") for k in range(SLICES)]
+    for slice_ in slices:  # what the converter needs of a patient, a study and a series
+        slice_.PatientName, slice_.PatientID, slice_.PatientBirthDate = "A^B", "p", ""
+        slice_.PatientSex, slice_.StudyDate, slice_.StudyTime = "O", "20200101", "120000"
+        slice_.AccessionNumber, slice_.ReferringPhysicianName, slice_.StudyID = "", "", "1"
+        slice_.SeriesNumber, slice_.Manufacturer = 1, "x"
+        slice_.ScanningSequence, slice_.SequenceVariant, slice_.ScanOptions = "SE", "NONE", ""
+        slice_.MRAcquisitionType, slice_.EchoTime, slice_.EchoTrainLength = "2D", 100.0, 1
+        slice_.RepetitionTime, slice_.FrameOfReferenceUID = 3000.0, "1.2.3.4"
+        slice_.ImageType = ["ORIGINAL", "PRIMARY", "OTHER"]
+    enhanced = highdicom.legacy.LegacyConvertedEnhancedMRImage(
+        slices,
+        series_instance_uid=generate_uid(),
+        series_number=100,
+        sop_instance_uid=generate_uid(),
+        instance_number=1,
+    )
+    if order == "interleaved":  # frames 1, 3, 2, 4
+        frames, groups = [0, 2, 1, 3], enhanced.PerFrameFunctionalGroupsSequence
+        pixels = enhanced.pixel_array[frames]
+        enhanced.PerFrameFunctionalGroupsSequence = pydicom.Sequence(
+            [copy.deepcopy(groups[k]) for k in frames]
+        )
+        enhanced.PixelData = pixels.tobytes()
+    (tmp_path / "e").mkdir()
+    enhanced.save_as(tmp_path / "e" / "t2w.dcm")
+    image = read_multiframe(tmp_path / "e" / "t2w.dcm")
+    series = read_series(tmp_path / "s")
+    pixels, expected = sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(series)
+    for k in range(SLICES):  # file k's slice at the series' world points of that slice
+        index, at = (int(np.argmax(a[:, 0, 0] == 100 * k)) for a in (pixels, expected))
+        np.testing.assert_array_equal(pixels[index], expected[at])
+        for corner in ((0, 0), (SIZE - 1, SIZE - 1)):
+            np.testing.assert_allclose(
+                image.TransformIndexToPhysicalPoint((*corner, index)),
+                series.TransformIndexToPhysicalPoint((*corner, at)),
+                atol=1e-4,
+            )

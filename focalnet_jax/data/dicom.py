@@ -38,6 +38,7 @@ from focalnet_jax.data.dicom_bvalues import (
     highest_b_files,
     low_b_problem,
 )
+from focalnet_jax.data.dicom_cosines import cosines_problem, orthonormal_cosines
 from focalnet_jax.data.dicom_monochrome1 import gdcm_limit, restore_series
 from focalnet_jax.data.dicom_multiframe import (
     MultiFrameError,
@@ -334,19 +335,6 @@ def _read_series(folder: Path, series: str | None, component: str | None, notes:
     return restore_series(_placed_by_headers(image, reader, notes), reader)
 
 
-# |row . column| of ImageOrientationPatient read as rounding: cosines written to 3 decimals give
-# up to about 2e-3, where GDCM (over 1e-3) gives up on them and ITK reads the identity direction.
-ORTHOGONALITY_TOLERANCE = 1e-2
-
-
-def orthonormal_cosines(orientation: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(row, column) of an ImageOrientationPatient made orthonormal as ITK makes a series' (the
-    column normalised, the row made orthogonal to it, then normalised)."""
-    column = orientation[3:] / np.linalg.norm(orientation[3:])
-    row = orientation[:3] - (orientation[:3] @ column) * column
-    return row / np.linalg.norm(row), column
-
-
 def _placed_by_headers(image: sitk.Image, reader: sitk.ImageSeriesReader, notes: list[str]):
     """`image` placed by its slices' headers where ITK gave up on the direction cosines (an
     oblique series read as axial, without a word): direction from the first slice's cosines
@@ -363,20 +351,9 @@ def _placed_by_headers(image: sitk.Image, reader: sitk.ImageSeriesReader, notes:
         return image
     if orientation.shape != (6,) or first.shape != (3,):
         return image
-    written = f"ImageOrientationPatient {reader.GetMetaData(0, '0020|0037').strip()!r}: its row"
-    lengths = np.linalg.norm(orientation.reshape(2, 3), axis=1)
-    if np.abs(lengths - 1).max() > 0.5:  # cosines written to 1 decimal are 0.95 long, say
-        raise SeriesError(
-            reader.GetFileNames()[0],
-            f"{written} and column are no direction cosines (lengths "
-            f"{lengths[0]:.3g} and {lengths[1]:.3g}, want 1)",
-        )
-    cosine = orientation[:3] @ orientation[3:] / (lengths[0] * lengths[1])
-    if abs(cosine) > ORTHOGONALITY_TOLERANCE:
-        raise SeriesError(
-            reader.GetFileNames()[0],
-            f"{written} and column are not orthogonal (row . column = {cosine:.4g})",
-        )
+    if problem := cosines_problem(orientation):
+        written = f"ImageOrientationPatient {reader.GetMetaData(0, '0020|0037').strip()!r}"
+        raise SeriesError(reader.GetFileNames()[0], f"{written}: {problem}")
     row, column = orthonormal_cosines(orientation)
     read = np.reshape(image.GetDirection(), (3, 3))
     if max(np.abs(read[:, 0] - row).max(), np.abs(read[:, 1] - column).max()) < 1e-2:

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from focalnet_jax.data.dicom_cosines import SHEAR_TOLERANCE_SLOPE
 from focalnet_jax.data.dicom_multiframe import (
     NUMBER_OF_FRAMES,
     SPACING_TOLERANCE_MM,
@@ -19,9 +20,6 @@ from focalnet_jax.data.dicom_multiframe import (
 )
 from focalnet_jax.errors import UserError
 
-# In-plane drift allowed per mm along the normal, on top of the spacing tolerance: direction
-# cosines written to 3-4 decimals; a gantry tilt of 1 degree drifts 0.017 mm per mm.
-SHEAR_TOLERANCE_SLOPE = 1e-3
 _INSTANCE = "0020|0013"
 _POSITION, _ORIENTATION, _SOP_INSTANCE = "0020|0032", "0020|0037", "0008|0018"
 _PIXEL_SPACING = "0028|0030"

@@ -31,7 +31,8 @@ from pydicom.sr.codedict import codes
 from pydicom.valuerep import DA, TM
 from scipy import ndimage
 
-from focalnet_jax.data.dicom import choose_series, orthonormal_cosines
+from focalnet_jax.data.dicom import choose_series
+from focalnet_jax.data.dicom_cosines import orthonormal_cosines
 from focalnet_jax.data.dicom_multiframe import ORIENTATION_TOLERANCE, frame_values
 from focalnet_jax.data.io import CaseError
 
