@@ -18,7 +18,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from focalnet_jax.data.dicom import read_series
-from focalnet_jax.data.dicom_multiframe import read_multiframe
+from focalnet_jax.data.dicom_multiframe import MultiFrameError, read_multiframe
 from focalnet_jax.data.dicom_stack import SeriesError
 from focalnet_jax.evaluation.dicom_output import frame_voxels
 
@@ -112,13 +112,10 @@ def test_cosines_written_to_1_decimal_are_read_as_the_reader_normalises_them(tmp
     np.testing.assert_allclose(direction[:, 0], [0.5**0.5, 0.5**0.5, 0.0], atol=1e-6)
 
 
-@pytest.mark.parametrize("order", ["stored", "interleaved"])
-def test_an_enhanced_file_of_cosines_written_to_3_decimals_reads_as_its_slices(order, tmp_path):
-    """The series as one Legacy Converted Enhanced MR file was refused ("read with an orientation
-    other than its frames'": ITK's orthonormal axes were compared with the cosines as written;
-    frames out of order were placed along the normal of those, off their positions), while its
-    slices read."""
-    _write_series(tmp_path / "s", GIVEN_UP_IN_FRAMES)
+def _enhanced(tmp_path, orientation, frames=None):
+    """`_write_series(tmp_path / "s", orientation)`, and those slices as one Legacy Converted
+    Enhanced MR file `tmp_path / "e" / "t2w.dcm"` (its frames in the order `frames`); its path."""
+    _write_series(tmp_path / "s", orientation)
     slices = [pydicom.dcmread(tmp_path / "s" / f"{k}.dcm") for k in range(SLICES)]
     for slice_ in slices:  # what the converter needs of a patient, a study and a series
         slice_.PatientName, slice_.PatientID, slice_.PatientBirthDate = "A^B", "p", ""
@@ -136,16 +133,24 @@ def test_an_enhanced_file_of_cosines_written_to_3_decimals_reads_as_its_slices(o
         sop_instance_uid=generate_uid(),
         instance_number=1,
     )
-    if order == "interleaved":  # frames 1, 3, 2, 4
-        frames, groups = [0, 2, 1, 3], enhanced.PerFrameFunctionalGroupsSequence
-        pixels = enhanced.pixel_array[frames]
+    if frames is not None:
+        groups, pixels = enhanced.PerFrameFunctionalGroupsSequence, enhanced.pixel_array[frames]
         enhanced.PerFrameFunctionalGroupsSequence = pydicom.Sequence(
             [copy.deepcopy(groups[k]) for k in frames]
         )
         enhanced.PixelData = pixels.tobytes()
     (tmp_path / "e").mkdir()
     enhanced.save_as(tmp_path / "e" / "t2w.dcm")
-    image = read_multiframe(tmp_path / "e" / "t2w.dcm")
+    return tmp_path / "e" / "t2w.dcm"
+
+
+@pytest.mark.parametrize("frames", [None, [0, 2, 1, 3]], ids=["stored", "interleaved"])
+def test_an_enhanced_file_of_cosines_written_to_3_decimals_reads_as_its_slices(frames, tmp_path):
+    """The series as one Legacy Converted Enhanced MR file was refused ("read with an orientation
+    other than its frames'": ITK's orthonormal axes were compared with the cosines as written;
+    frames out of order were placed along the normal of those, off their positions), while its
+    slices read."""
+    image = read_multiframe(_enhanced(tmp_path, GIVEN_UP_IN_FRAMES, frames))
     series = read_series(tmp_path / "s")
     pixels, expected = sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(series)
     for k in range(SLICES):  # file k's slice at the series' world points of that slice
@@ -157,3 +162,11 @@ def test_an_enhanced_file_of_cosines_written_to_3_decimals_reads_as_its_slices(o
                 series.TransformIndexToPhysicalPoint((*corner, at)),
                 atol=1e-4,
             )
+
+
+def test_an_enhanced_file_of_cosines_that_are_no_orthogonal_pair_is_refused(tmp_path):
+    """As a series of such slices is (`test_cosines_that_are_no_orthogonal_pair_are_refused`)."""
+    with pytest.raises(
+        MultiFrameError, match=r"its row and column are not orthogonal \(row \. column = 0\.1\)"
+    ):
+        read_multiframe(_enhanced(tmp_path, (1.0, 0.0, 0.0, 0.1, 0.995, 0.0), [0, 2, 1, 3]))
