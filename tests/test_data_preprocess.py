@@ -403,7 +403,13 @@ def test_percentile_scaling_leaves_zero_fill_out():
         ("label_outside", "label does not overlap the T2w field of view"),
         ("bladder_outside", "bladder mask does not overlap the T2w field of view"),
         ("label_values", "outside the allowed set"),
-        ("lesion_outside_crop", "lost by resampling"),
+        ("lesion_outside_crop", "lost by resampling onto the crop (label value 3 centred at"),
+        ("lesion_outside_crop", "mm: outside the 80 mm crop)"),
+        # The label reaches beyond the T2w's slices: the reason said "outside the 80 mm crop or
+        # thinner than a crop pixel" of a lesion inside the crop and 10 mm wide.
+        ("lesion_beyond_slices", "1 of 2 lesions lost by resampling onto the crop (label value 5"),
+        ("lesion_beyond_slices", "mm: beyond the T2w's slices)"),
+        ("lesion_between_slices", "mm: between the crop's sample points: between two T2w slices"),
     ],
 )
 def test_bad_case_raises_naming_case_file_reason(small_case, tmp_path, problem, reason):
@@ -429,11 +435,22 @@ def test_bad_case_raises_naming_case_file_reason(small_case, tmp_path, problem, 
         elif problem == "label_values":
             image = sitk.GetImageFromArray(sitk.GetArrayFromImage(image) * 4)  # 2 -> 8
             image.CopyInformation(sitk.ReadImage(str(label)))
-        else:  # a lesion in the corner of the 96 mm T2w, outside the 80 mm crop
+        elif problem == "lesion_outside_crop":  # in the corner of the 96 mm T2w, not the crop
             array = np.zeros_like(sitk.GetArrayFromImage(image))
             array[2, 1:4, 1:4] = 3
             replaced = sitk.GetImageFromArray(array)
             replaced.CopyInformation(image)
+            image = replaced
+        else:  # the label's slices at half the T2w's spacing, two slices past its last
+            spacing = image.GetSpacing()
+            array = np.zeros((2 * image.GetSize()[2] + 2, *image.GetSize()[1::-1]), np.uint8)
+            array[2 * 2, 40:56, 40:56] = 2  # on a T2w slice
+            lesion = -1 if problem == "lesion_beyond_slices" else 2 * 2 + 1  # between two
+            array[lesion, 40:56, 40:56] = 5
+            replaced = sitk.GetImageFromArray(array)
+            replaced.SetSpacing((*spacing[:2], spacing[2] / 2))
+            replaced.SetOrigin(image.GetOrigin())
+            replaced.SetDirection(image.GetDirection())
             image = replaced
         write_image(image, label)
         bad = str(label)

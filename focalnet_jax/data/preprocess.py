@@ -316,16 +316,35 @@ def _crop_label(label, mask, t2w: sitk.Image, reference: sitk.Image, shape, cfg,
     lesions = _resample(inst_image, reference, sitk.sitkNearestNeighbor, sitk.sitkInt32)
     lost = sorted(set(range(1, len(values) + 1)) - set(np.unique(lesions).tolist()))
     if lost:
-        raise CaseError(
-            case,
-            label,
-            f"{len(lost)} of {len(values)} lesions lost by resampling onto the crop "
-            f"(instances {lost[:5]}: outside the 80 mm crop or thinner than a crop pixel)",
+        where = "; ".join(
+            _lost_lesion(instances, k, values[k - 1], label_image, reference, cfg) for k in lost[:3]
         )
+        raise CaseError(
+            case, label, f"{len(lost)} of {len(values)} lesions lost by resampling onto the crop "
+            f"({where}{'; ...' if len(lost) > 3 else ''})",
+        )  # fmt: skip
     lesion_classes, lesion_grade_known = instance_classes(values, cfg.label_values)
     lut_class = np.concatenate([[0], lesion_classes]).astype(np.int32)
     lut_known = np.concatenate([[True], lesion_grade_known]).astype(np.uint8)
     return lut_class[lesions], lut_known[lesions], lesions, lesion_classes, lesion_grade_known
+
+
+def _lost_lesion(instances, k: int, value: int, label: sitk.Image, reference: sitk.Image, cfg):
+    """Where lesion `k` of the instance map `instances` [z, y, x] (of label value `value`, on the
+    grid of `label`) lies against the crop grid `reference` that lost it, and why it was lost:
+    beyond the T2w's slices, outside the square crop, or missed between the crop's sample
+    points (between two T2w slices, or thinner than a crop pixel)."""
+    centre = np.argwhere(instances == k).mean(axis=0)[::-1]  # its voxels' centre, x, y, z
+    world = label.TransformContinuousIndexToPhysicalPoint(centre.tolist())
+    index = reference.TransformPhysicalPointToContinuousIndex(world)
+    inside = [-0.5 <= i <= n - 0.5 for i, n in zip(index, reference.GetSize(), strict=True)]
+    why = "between the crop's sample points: between two T2w slices or thinner than a crop pixel"
+    if not inside[2]:
+        why = "beyond the T2w's slices"
+    elif not all(inside[:2]):
+        why = f"outside the {cfg.crop_mm:g} mm crop"
+    at = ", ".join(f"{v:.1f}" for v in world)
+    return f"label value {value} centred at ({at}) mm: {why}"
 
 
 def _read_components(
