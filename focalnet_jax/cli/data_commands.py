@@ -15,7 +15,9 @@ def add_synth(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--small", action="store_true", help="96 x 96 x 6 T2w (1 x 1 x 3 mm) for quick tests"
     )
-    parser.add_argument("--t2w-only-share", type=float, default=0.15, help="lesions only in T2w")
+    parser.add_argument(
+        "--t2w-only-share", type=float, default=0.15, help="lesions only in T2w (default 0.15)"
+    )
     parser.add_argument(
         "--adc-only-share", type=float, help="lesions only in ADC/HBV (default 0.15; needs adc/hbv)"
     )
