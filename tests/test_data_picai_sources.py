@@ -445,12 +445,24 @@ def test_a_link_to_a_folder_that_is_not_there_is_an_error(tmp_path, level):
     images = tmp_path / "picai_public_images_fold0" if level == "patient" else tmp_path
     (images / "gone").symlink_to("/nonexistent/folder")
     (images / ".#notes.txt").symlink_to("root@host.1234:1700000000")
+    (images / "notes.txt").symlink_to("/nonexistent/notes.txt")  # a file's link: left alone
     with pytest.raises(LayoutError) as info:
         discover_picai(tmp_path, unlabelled="negative")
     assert (
         str(info.value)
         == f"{images / 'gone'} is a link to /nonexistent/folder, which does not exist"
     )
+
+
+def test_folders_beside_the_fold_folders_that_hold_no_patient_folders_are_left_alone(tmp_path):
+    """A hidden folder (a trash folder holding a deleted fold) or an nnU-Net folder beside the
+    fold folders was refused as a fold folder holding folders of patient folders."""
+    _replica(tmp_path)
+    for name in ("t2w", "adc"):
+        _touch(tmp_path / ".Trash" / "f9" / "10009" / f"10009_1000009_{name}.mha")
+    _touch(tmp_path / "nnUNet_raw" / "Task1" / "imagesTr" / "10009_1000009_0000.nii.gz")
+    cases = discover_picai(tmp_path, unlabelled="negative")
+    assert len(cases) == 5 and "10009_1000009" not in [c.case_id for c in cases]
 
 
 def test_hidden_files_in_a_patient_folder_are_ignored(tmp_path):

@@ -134,6 +134,13 @@ def _holds_images(folder: Path) -> bool:
     return next(_image_files(folder), None) is not None
 
 
+def _holds_components(folder: Path) -> bool:
+    """Whether `folder` holds an image file of a PI-CAI component (`PICAI_COMPONENTS`), as a
+    patient folder does (an nnU-Net `imagesTr` folder's `<case>_0000.nii.gz` files are none)."""
+    names = (PICAI_NAME.match(file.name) for _, _, file in _image_files(folder))
+    return any(name["component"].lower() in PICAI_COMPONENTS for name in names)
+
+
 def _patient_dirs(folder: Path, *, of_folds: bool = True) -> list[Path]:
     """The patient folders of an image folder; a folder holding no image files but image folders
     of its own (the five `picai_public_images_fold<k>` archives extracted side by side) gives
@@ -147,7 +154,7 @@ def _patient_dirs(folder: Path, *, of_folds: bool = True) -> list[Path]:
     if of_folds and not patients:
         return [p for d in subdirs for p in _patient_dirs(d, of_folds=False)]
     others = (d for d in subdirs if not holds[d])
-    nested = next((d for d in others if any(map(_holds_images, _subdirs(d)))), None)
+    nested = next((d for d in others if any(map(_holds_components, _subdirs(d)))), None)
     if nested is not None:
         held = f"patient folders (e.g. {patients[0].name}) and " if patients else ""
         raise LayoutError(
@@ -158,12 +165,12 @@ def _patient_dirs(folder: Path, *, of_folds: bool = True) -> list[Path]:
 
 
 def _subdirs(folder: Path) -> list[Path]:
-    """The folders in `folder`, sorted; a link among them to nothing (a folder on a drive not
-    mounted) is an error: its cases would be left out without a word (hidden ones aside: an
-    editor's lock file `.#name` is such a link)."""
-    entries = sorted(folder.iterdir())
+    """The folders in `folder` but hidden ones (`.Trash`, `.ipynb_checkpoints`), sorted. A link
+    to nothing whose name has no suffix, as a patient or fold folder's (one on a drive not
+    mounted), is an error: its cases would be left out without a word."""
+    entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
     for entry in entries:
-        if entry.is_symlink() and not entry.exists() and not entry.name.startswith("."):
+        if entry.is_symlink() and not entry.exists() and not entry.suffix:
             raise LayoutError(f"{entry} is a link to {os.readlink(entry)}, which does not exist")
     return [entry for entry in entries if entry.is_dir()]
 
