@@ -445,7 +445,7 @@ def test_a_link_to_a_folder_that_is_not_there_is_an_error(tmp_path, level):
     images = tmp_path / "picai_public_images_fold0" if level == "patient" else tmp_path
     (images / "gone").symlink_to("/nonexistent/folder")
     (images / ".#notes.txt").symlink_to("root@host.1234:1700000000")
-    (images / "notes.txt").symlink_to("/nonexistent/notes.txt")  # a file's link: left alone
+    (images / "a.txt").symlink_to("/nonexistent/a.txt")  # a file's link (listed first): left alone
     with pytest.raises(LayoutError) as info:
         discover_picai(tmp_path, unlabelled="negative")
     assert (
