@@ -120,7 +120,11 @@ def read_image(
             short = metaimage_header.shortfall(path)
             if short:
                 raise CaseError(case, path, f"unreadable or truncated image ({short})")
-            problem = metaimage_header.geometry_problem(path) or nifti_header.header_problem(path)
+            problem = (
+                metaimage_header.geometry_problem(path)
+                or nifti_header.header_problem(path)
+                or nrrd_header.geometry_problem(path)
+            )
             if problem:  # before ITK reads it (as 1 mm, or at origin 0)
                 raise CaseError(case, path, problem)
             image = sitk.ReadImage(str(path), imageIO=_image_io(path, case))

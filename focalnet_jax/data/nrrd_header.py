@@ -1,6 +1,7 @@
 """The NRRD (`.nrrd`, `.nhdr`) header read directly, for what ITK's reader passes over without a
-word: a header without `space origin`, whose voxels ITK places at origin 0 with identity
-direction (pynrrd's `nrrd.write(path, array)`, a hand-written header with `spacings` only)."""
+word: a header without a usable `space origin`, whose voxels ITK places at origin 0 with identity
+direction (pynrrd's `nrrd.write(path, array)`, a hand-written header with `spacings` only), and
+`axis mins` and `axis maxs` without `spacings`, whose voxels ITK reads as 1 mm."""
 
 from __future__ import annotations
 
@@ -54,6 +55,27 @@ def unplaced(path: str | os.PathLike) -> bool:
     if "space" in fields or "spacedimension" in fields:
         return not _finite(fields.get("spaceorigin", "").strip("()").replace(",", " "))
     return not (_finite(fields.get("axismins", "")) and _finite(fields.get("spacings", "")))
+
+
+def geometry_problem(path: str | os.PathLike) -> str | None:
+    """Why ITK would read an NRRD `path` with voxels of another size than its header gives, or
+    None: `axis mins` and `axis maxs` without `spacings` (and without a `space`), from which ITK
+    takes the origin but reads 1 mm voxels."""
+    path = Path(path)
+    if not _is_nrrd(path):
+        return None
+    try:
+        fields = _fields(path)
+    except OSError:
+        return None
+    if fields is None or "space" in fields or "spacedimension" in fields:
+        return None
+    if {"axismins", "axismaxs"} <= fields.keys() and "spacings" not in fields:
+        return (
+            "NRRD header gives `axis mins` and `axis maxs` without `spacings`: ITK reads its "
+            "voxels as 1 mm whatever their extent; save it with its `spacings`"
+        )
+    return None
 
 
 def _finite(values: str) -> bool:
