@@ -790,3 +790,46 @@ def test_processes_started_from_other_pretrained_weights_end_before_training(tmp
     assert f"UserError: process 1 could not load the weights of process 0: {reason}" in outputs[0]
     assert f"UserError: {reason}" in outputs[1]
     assert not list((tmp_path / "run" / "checkpoints").glob("*/"))
+
+
+@pytest.mark.slow
+def test_a_process_that_cannot_load_its_pretrained_weights_ends_the_group(tmp_path):
+    """Process 0's copy of the weights damaged (each host its own copy): the other process went
+    on into the first collective and waited there for it; now every process ends, each with one
+    line."""
+    import jax
+    import numpy as np
+    from test_pretrained import random_variables
+    from test_train_helpers import finish, free_port, process_flags, start_worker, tiny_config
+
+    from focalnet_jax.models.pretrained import save_torchvision_resnet
+    from focalnet_jax.run.spec import RunSpec
+    from focalnet_jax.training import train_state
+
+    spec = RunSpec.from_config(tiny_config(), image_size=(32, 32))
+    init = train_state.init_variables(spec.model, jax.random.key(1), spec.input_shape)
+    saved = random_variables(init, np.random.default_rng(0))
+    save_torchvision_resnet(saved, tmp_path / "w1.safetensors", components=spec.components)
+    (tmp_path / "w0.safetensors").write_bytes(b"not safetensors")
+    port = free_port()
+    processes = [
+        start_worker(
+            tmp_path / f"unused{i}.npz",
+            tmp_path / "run",
+            1,
+            [
+                *process_flags(port, i),
+                "--config.train.steps=2",
+                f"--config.model.pretrained={tmp_path / f'w{i}.safetensors'}",
+            ],
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    outputs = finish(processes, timeout=240, returncode=1)
+    assert (
+        f"PretrainedWeightsError: pretrained weights {tmp_path / 'w0.safetensors'}" in (outputs[0])
+    )
+    assert (
+        "UserError: process 0 could not load its pretrained weights: pretrained weights"
+        in (outputs[1])
+    )

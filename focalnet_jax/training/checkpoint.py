@@ -143,12 +143,14 @@ def resume_or_initialize(
     if model_config.pretrained:
         from focalnet_jax.models.pretrained import load_torchvision_resnet
 
-        variables = load_torchvision_resnet(
-            train_state.init_variables(spec.model, init_key, spec.input_shape),
-            model_config.pretrained,
-            components=spec.components,
-            model_config=model_config,
-        )
+        # A file one process cannot load ends every process (they would wait in a collective).
+        with group_failures.together("load its pretrained weights"):
+            variables = load_torchvision_resnet(
+                train_state.init_variables(spec.model, init_key, spec.input_shape),
+                model_config.pretrained,
+                components=spec.components,
+                model_config=model_config,
+            )
         with group_failures.together("load the weights of process 0"):
             _check_same_weights(variables, model_config.pretrained)
     return train_state.create_train_state(spec, init_key, mesh, variables=variables)
