@@ -446,12 +446,12 @@ def test_a_link_to_a_folder_that_is_not_there_is_an_error(tmp_path, level):
     (images / "gone").symlink_to("/nonexistent/folder")
     (images / ".#notes.txt").symlink_to("root@host.1234:1700000000")
     (images / "a.txt").symlink_to("/nonexistent/a.txt")  # a file's link (listed first): left alone
+    if level == "patient":  # a patient id holding a dot, listed before "gone"
+        (images / "10001.5").symlink_to("/nonexistent/folder")
     with pytest.raises(LayoutError) as info:
         discover_picai(tmp_path, unlabelled="negative")
-    assert (
-        str(info.value)
-        == f"{images / 'gone'} is a link to /nonexistent/folder, which does not exist"
-    )
+    link = images / ("10001.5" if level == "patient" else "gone")
+    assert str(info.value) == f"{link} is a link to /nonexistent/folder, which does not exist"
 
 
 def test_folders_beside_the_fold_folders_that_hold_no_patient_folders_are_left_alone(tmp_path):

@@ -166,11 +166,13 @@ def _patient_dirs(folder: Path, *, of_folds: bool = True) -> list[Path]:
 
 def _subdirs(folder: Path) -> list[Path]:
     """The folders in `folder` but hidden ones (`.Trash`, `.ipynb_checkpoints`), sorted. A link
-    to nothing whose name has no suffix, as a patient or fold folder's (one on a drive not
-    mounted), is an error: its cases would be left out without a word."""
+    to nothing with a folder's name (no suffix, or digits after its dot: `10001`, `10001.5`, not
+    `notes.txt`), such as a folder on a drive not mounted, is an error: its cases would be left
+    out without a word."""
     entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
     for entry in entries:
-        if entry.is_symlink() and not entry.exists() and not entry.suffix:
+        folder_name = not entry.suffix or entry.suffix[1:].isdigit()
+        if entry.is_symlink() and not entry.exists() and folder_name:
             raise LayoutError(f"{entry} is a link to {os.readlink(entry)}, which does not exist")
     return [entry for entry in entries if entry.is_dir()]
 
