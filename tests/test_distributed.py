@@ -749,11 +749,13 @@ def test_a_busy_port_on_a_host_without_ipv6_is_named_busy(monkeypatch):
 
 
 @pytest.mark.slow
-def test_processes_started_from_other_pretrained_weights_end_before_training(tmp_path):
+@pytest.mark.parametrize("process0", ["other", "none"])
+def test_processes_started_from_other_pretrained_weights_end_before_training(tmp_path, process0):
     """`model.pretrained` naming other weights in one process (its path is left out of the config
     comparison: a node-local copy is the same file): each process replicated its own weights, and
     the group trained replicas that never agreed, without a word. Every process now compares the
-    weights it loaded with process 0's."""
+    weights it loaded with process 0's. Process 0 without weights: only process 1 ran the
+    comparison's blocks, and every later block of the group was paired with another."""
     import jax
     import numpy as np
     from test_pretrained import random_variables
@@ -777,7 +779,8 @@ def test_processes_started_from_other_pretrained_weights_end_before_training(tmp
             [
                 *process_flags(port, i),
                 "--config.train.steps=2",
-                f"--config.model.pretrained={tmp_path / f'w{i}.safetensors'}",
+                "--config.model.pretrained="
+                + ("" if i == 0 and process0 == "none" else str(tmp_path / f"w{i}.safetensors")),
             ],
         )  # fmt: skip
         for i in range(2)
@@ -787,6 +790,11 @@ def test_processes_started_from_other_pretrained_weights_end_before_training(tmp
         f"process 1's pretrained weights {tmp_path / 'w1.safetensors'} hold other values than "
         "process 0's; give every process the same weights"
     )
+    if process0 == "none":
+        reason = (
+            f"process 1 was started with pretrained weights {tmp_path / 'w1.safetensors'}, "
+            "process 0 without them; start every process with the same command"
+        )
     assert f"UserError: process 1 could not load the weights of process 0: {reason}" in outputs[0]
     assert f"UserError: {reason}" in outputs[1]
     assert not list((tmp_path / "run" / "checkpoints").glob("*/"))

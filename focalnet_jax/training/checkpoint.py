@@ -140,34 +140,51 @@ def resume_or_initialize(
         return state
     variables = None
     model_config = spec.config.model
-    if model_config.pretrained:
-        from focalnet_jax.models.pretrained import load_torchvision_resnet
+    # Both blocks run in every process of a group, given weights or not (`group_failures`: the
+    # processes' blocks are paired by their order); a file one process cannot load ends every
+    # process (the others would wait in a collective).
+    with group_failures.together("load its pretrained weights"):
+        if model_config.pretrained:
+            from focalnet_jax.models.pretrained import load_torchvision_resnet
 
-        # A file one process cannot load ends every process (they would wait in a collective).
-        with group_failures.together("load its pretrained weights"):
             variables = load_torchvision_resnet(
                 train_state.init_variables(spec.model, init_key, spec.input_shape),
                 model_config.pretrained,
                 components=spec.components,
                 model_config=model_config,
             )
-        with group_failures.together("load the weights of process 0"):
-            _check_same_weights(variables, model_config.pretrained)
+    with group_failures.together("load the weights of process 0"):
+        _check_same_weights(variables, model_config.pretrained)
     return train_state.create_train_state(spec, init_key, mesh, variables=variables)
 
 
 def _check_same_weights(variables, path: str) -> None:
-    """A `UserError` in a process of a group whose pretrained `variables` (loaded from `path`)
-    differ from process 0's: each process replicates its own host values, so the group trained
-    replicas that never agreed. Their paths may differ (a node-local copy), so values are
-    compared (a SHA-256 over every array)."""
+    """A `UserError` in a process of a group whose pretrained `variables` (loaded from `path`;
+    None without weights) differ from process 0's: each process replicates its own host values,
+    so the group trained replicas that never agreed. Their paths may differ (a node-local copy),
+    and are not compared; the values are (a SHA-256 over every array)."""
     if jax.process_count() == 1:
         return
-    digest = hashlib.sha256()
-    for leaf in jax.tree.leaves(variables):
-        digest.update(np.ascontiguousarray(leaf).tobytes())
-    if group_failures.process0_value(digest.hexdigest()) != digest.hexdigest():
+    mine = "none"
+    if variables is not None:
+        digest = hashlib.sha256()
+        for leaf in jax.tree.leaves(variables):
+            digest.update(np.ascontiguousarray(leaf).tobytes())
+        mine = digest.hexdigest()
+    first = group_failures.process0_value(mine)
+    if first == mine:
+        return
+    process = jax.process_index()
+    if "none" in (first, mine):
+        given = "without pretrained weights"
+        if variables is not None:
+            given = f"with pretrained weights {path}"
+        first_given = "without them" if first == "none" else "with them"
         raise UserError(
-            f"process {jax.process_index()}'s pretrained weights {path} hold other values than "
-            "process 0's; give every process the same weights"
+            f"process {process} was started {given}, process 0 {first_given}; start every "
+            "process with the same command"
         )
+    raise UserError(
+        f"process {process}'s pretrained weights {path} hold other values than process 0's; "
+        "give every process the same weights"
+    )
