@@ -748,18 +748,12 @@ def test_a_busy_port_on_a_host_without_ipv6_is_named_busy(monkeypatch):
             distributed.check_coordinator_port_free(f"host:{port}")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("process0", ["other", "none"])
-def test_processes_started_from_other_pretrained_weights_end_before_training(tmp_path, process0):
-    """`model.pretrained` naming other weights in one process (its path is left out of the config
-    comparison: a node-local copy is the same file): each process replicated its own weights, and
-    the group trained replicas that never agreed, without a word. Every process now compares the
-    weights it loaded with process 0's. Process 0 without weights: only process 1 ran the
-    comparison's blocks, and every later block of the group was paired with another."""
+def _save_weights(tmp_path, seeds) -> None:
+    """Random backbone weights of the workers' tiny model as `tmp_path / "w<seed>.safetensors"`."""
     import jax
     import numpy as np
     from test_pretrained import random_variables
-    from test_train_helpers import finish, free_port, process_flags, start_worker, tiny_config
+    from test_train_helpers import tiny_config
 
     from focalnet_jax.models.pretrained import save_torchvision_resnet
     from focalnet_jax.run.spec import RunSpec
@@ -767,9 +761,17 @@ def test_processes_started_from_other_pretrained_weights_end_before_training(tmp
 
     spec = RunSpec.from_config(tiny_config(), image_size=(32, 32))
     init = train_state.init_variables(spec.model, jax.random.key(1), spec.input_shape)
-    for i in range(2):
-        saved = random_variables(init, np.random.default_rng(i))
-        save_torchvision_resnet(saved, tmp_path / f"w{i}.safetensors", components=spec.components)
+    for seed in seeds:
+        saved = random_variables(init, np.random.default_rng(seed))
+        path = tmp_path / f"w{seed}.safetensors"
+        save_torchvision_resnet(saved, path, components=spec.components)
+
+
+def _start_with_weights(tmp_path, weights: list[str]) -> list[str]:
+    """The outputs of two processes training 2 steps in `tmp_path / "run"`, process i from the
+    pretrained weights file `weights[i]` ('' for none), which end with status 1."""
+    from test_train_helpers import finish, free_port, process_flags, start_worker
+
     port = free_port()
     processes = [
         start_worker(
@@ -779,13 +781,25 @@ def test_processes_started_from_other_pretrained_weights_end_before_training(tmp
             [
                 *process_flags(port, i),
                 "--config.train.steps=2",
-                "--config.model.pretrained="
-                + ("" if i == 0 and process0 == "none" else str(tmp_path / f"w{i}.safetensors")),
+                f"--config.model.pretrained={weights[i]}",
             ],
         )  # fmt: skip
         for i in range(2)
     ]
-    outputs = finish(processes, timeout=240, returncode=1)
+    return finish(processes, timeout=240, returncode=1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("process0", ["other", "none"])
+def test_processes_started_from_other_pretrained_weights_end_before_training(tmp_path, process0):
+    """`model.pretrained` naming other weights in one process (its path is left out of the config
+    comparison: a node-local copy is the same file): each process replicated its own weights, and
+    the group trained replicas that never agreed, without a word. Every process now compares the
+    weights it loaded with process 0's. Process 0 without weights: only process 1 ran the
+    comparison's blocks, and every later block of the group was paired with another."""
+    _save_weights(tmp_path, (0, 1))
+    first = "" if process0 == "none" else str(tmp_path / "w0.safetensors")
+    outputs = _start_with_weights(tmp_path, [first, str(tmp_path / "w1.safetensors")])
     reason = (
         f"process 1's pretrained weights {tmp_path / 'w1.safetensors'} hold other values than "
         "process 0's; give every process the same weights"
@@ -805,38 +819,11 @@ def test_a_process_that_cannot_load_its_pretrained_weights_ends_the_group(tmp_pa
     """Process 0's copy of the weights damaged (each host its own copy): the other process went
     on into the first collective and waited there for it; now every process ends, each with one
     line."""
-    import jax
-    import numpy as np
-    from test_pretrained import random_variables
-    from test_train_helpers import finish, free_port, process_flags, start_worker, tiny_config
-
-    from focalnet_jax.models.pretrained import save_torchvision_resnet
-    from focalnet_jax.run.spec import RunSpec
-    from focalnet_jax.training import train_state
-
-    spec = RunSpec.from_config(tiny_config(), image_size=(32, 32))
-    init = train_state.init_variables(spec.model, jax.random.key(1), spec.input_shape)
-    saved = random_variables(init, np.random.default_rng(0))
-    save_torchvision_resnet(saved, tmp_path / "w1.safetensors", components=spec.components)
+    _save_weights(tmp_path, (1,))
     (tmp_path / "w0.safetensors").write_bytes(b"not safetensors")
-    port = free_port()
-    processes = [
-        start_worker(
-            tmp_path / f"unused{i}.npz",
-            tmp_path / "run",
-            1,
-            [
-                *process_flags(port, i),
-                "--config.train.steps=2",
-                f"--config.model.pretrained={tmp_path / f'w{i}.safetensors'}",
-            ],
-        )  # fmt: skip
-        for i in range(2)
-    ]
-    outputs = finish(processes, timeout=240, returncode=1)
-    assert (
-        f"PretrainedWeightsError: pretrained weights {tmp_path / 'w0.safetensors'}" in (outputs[0])
-    )
+    weights = [str(tmp_path / f"w{i}.safetensors") for i in range(2)]
+    outputs = _start_with_weights(tmp_path, weights)
+    assert f"PretrainedWeightsError: pretrained weights {weights[0]}" in outputs[0]
     assert (
         "UserError: process 0 could not load its pretrained weights: pretrained weights"
         in (outputs[1])

@@ -12,17 +12,20 @@ from pathlib import Path
 _MAX_HEADER_BYTES = 1 << 20  # a header is a few hundred bytes; the data follow a blank line
 
 
-def _is_nrrd(path: Path) -> bool:
-    return path.is_file() and path.name.lower().endswith((".nrrd", ".nhdr"))
-
-
-def _fields(path: Path) -> dict[str, str] | None:
-    """{field: value} of an NRRD header (up to its blank line; comments and `key:=value` pairs
-    left out), or None where the file does not start with the NRRD magic. Field names are
-    lower case without spaces, as teem (ITK's reader) matches them: `Space Origin` is
+def _fields(path: str | os.PathLike) -> dict[str, str] | None:
+    """{field: value} of the NRRD header of `path` (up to its blank line; comments and
+    `key:=value` pairs left out), or None for another file, one that cannot be read (the
+    reader's own reason then stands) or one that does not start with the NRRD magic. Field
+    names are lower case without spaces, as teem (ITK's reader) matches them: `Space Origin` is
     `spaceorigin`."""
-    with path.open("rb") as f:
-        text = f.read(_MAX_HEADER_BYTES).decode("latin-1")
+    path = Path(path)
+    if not (path.is_file() and path.name.lower().endswith((".nrrd", ".nhdr"))):
+        return None
+    try:
+        with path.open("rb") as f:
+            text = f.read(_MAX_HEADER_BYTES).decode("latin-1")
+    except OSError:
+        return None
     lines = text.split("\n\n", 1)[0].splitlines()
     if not lines or not lines[0].startswith("NRRD"):
         return None
@@ -43,13 +46,7 @@ def unplaced(path: str | os.PathLike) -> bool:
     or NaN read as 0); without one, finite `axis mins` and `spacings` for every axis (ITK reads
     the origin as 0 for a NaN in either, a missing `spacings` or its voxel size as 1 mm beside
     `axis maxs`, and as NaN for a NaN in one axis min)."""
-    path = Path(path)
-    if not _is_nrrd(path):
-        return False
-    try:
-        fields = _fields(path)
-    except OSError:
-        return False
+    fields = _fields(path)
     if fields is None:
         return False
     if "space" in fields or "spacedimension" in fields:
@@ -61,13 +58,7 @@ def geometry_problem(path: str | os.PathLike) -> str | None:
     """Why ITK would read an NRRD `path` with voxels of another size than its header gives, or
     None: `axis mins` and `axis maxs` without `spacings` (and without a `space`), from which ITK
     takes the origin but reads 1 mm voxels."""
-    path = Path(path)
-    if not _is_nrrd(path):
-        return None
-    try:
-        fields = _fields(path)
-    except OSError:
-        return None
+    fields = _fields(path)
     if fields is None or "space" in fields or "spacedimension" in fields:
         return None
     if {"axismins", "axismaxs"} <= fields.keys() and "spacings" not in fields:
