@@ -81,15 +81,21 @@ def truncation(path: str | os.PathLike) -> str | None:
     if len(header) < 348:
         return "header shorter than 348 bytes"
     endian = "<" if struct.unpack("<i", header[:4])[0] == 348 else ">"
-    dims = struct.unpack(endian + "8h", header[40:56])
+    voxels, offset = _data_layout(header, endian)
     datatype = struct.unpack(endian + "h", header[70:72])[0]
     bits = _VOXEL_BITS.get(datatype, struct.unpack(endian + "h", header[72:74])[0])
-    offset = struct.unpack(endian + "f", header[108:112])[0]
-    voxels = int(np.prod([max(d, 1) for d in dims[1 : 1 + max(dims[0], 0)]]))
-    expected = int(offset) + -(-voxels * bits // 8)
+    expected = offset + -(-voxels * bits // 8)
     if size < expected:
         return f"{size} bytes of image data, header promises {expected}"
     return None
+
+
+def _data_layout(header: bytes, endian: str) -> tuple[int, int]:
+    """(voxels, vox_offset in bytes) of a NIfTI-1 header: the product of its dims, and where its
+    data begin."""
+    dims = struct.unpack(endian + "8h", header[40:56])
+    voxels = int(np.prod([max(d, 1) for d in dims[1 : 1 + max(dims[0], 0)]]))
+    return voxels, int(struct.unpack(endian + "f", header[108:112])[0])
 
 
 def header_problem(path: str | os.PathLike) -> str | None:
@@ -201,9 +207,7 @@ def non_finite_count(path: Path) -> int:
     code = _FLOATS.get(struct.unpack(endian + "h", header[70:72])[0])
     if code is None:  # integer voxels hold no NaN
         return 0
-    dims = struct.unpack(endian + "8h", header[40:56])
-    count = int(np.prod([max(d, 1) for d in dims[1 : 1 + max(dims[0], 0)]]))
-    offset = int(struct.unpack(endian + "f", header[108:112])[0])
+    count, offset = _data_layout(header, endian)
     with _open(path) as f:
         f.seek(offset)
         voxels = np.frombuffer(f.read(count * int(code[1])), endian + code, count)

@@ -100,15 +100,15 @@ def missing_label(case: str, folders: Sequence[Path]) -> CaseError:
     return CaseError(case, folders[0], f"label missing: looked for {looked_for} in {where}")
 
 
-def _visible_files(patient_dir: Path) -> list[Path]:
-    """The entries of a patient folder but hidden ones (macOS writes `._<name>` beside each file
-    it copies to an exFAT or network drive, and `.DS_Store`), sorted."""
-    return sorted(p for p in patient_dir.iterdir() if not p.name.startswith("."))
+def _visible_entries(folder: Path) -> list[Path]:
+    """The entries of `folder` but hidden ones (macOS writes `._<name>` beside each file it
+    copies to an exFAT or network drive, and `.DS_Store`; `.Trash`), sorted."""
+    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
 
 
 def _image_files(patient_dir: Path):
     """(case id, patient id, file) of each PI-CAI image file in a patient folder."""
-    for file in _visible_files(patient_dir):
+    for file in _visible_entries(patient_dir):
         match = PICAI_NAME.match(file.name)
         if match and file.name.lower().endswith(IMAGE_SUFFIXES):
             yield f"{match['patient']}_{match['study']}", match["patient"], file
@@ -119,7 +119,7 @@ def _check_names(patient_dir: Path) -> None:
     `PICAI_COMPONENTS`) that `PICAI_NAME` does not read (`P_1/P_1_1000001_t2w.mha`,
     `10001/10001_1000001_b_t2w.mha`: an id holding '_' left the case out of the store without a
     word); other files (`<case>_t2w_n4.mha`, `<case>.nii.gz`) are left alone."""
-    for file in _visible_files(patient_dir):
+    for file in _visible_entries(patient_dir):
         name = file.name.lower()
         suffix = next((s for s in IMAGE_SUFFIXES if name.endswith(s)), None)
         if suffix is not None and not PICAI_NAME.match(file.name):
@@ -169,7 +169,7 @@ def _subdirs(folder: Path) -> list[Path]:
     to nothing with a folder's name (no suffix, or digits after its dot: `10001`, `10001.5`, not
     `notes.txt`), such as a folder on a drive not mounted, is an error: its cases would be left
     out without a word."""
-    entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    entries = _visible_entries(folder)
     for entry in entries:
         folder_name = not entry.suffix or entry.suffix[1:].isdigit()
         if entry.is_symlink() and not entry.exists() and folder_name:
