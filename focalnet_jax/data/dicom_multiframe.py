@@ -169,10 +169,14 @@ def read_multiframe(
     return image
 
 
+def _cosines(values: dict[str, list]) -> tuple[np.ndarray, np.ndarray]:
+    """(row, column) of the first frame's orientation made orthonormal, as ITK reads them."""
+    return orthonormal_cosines(np.array(values["orientation"][0]))
+
+
 def _along_normal(values: dict[str, list]) -> np.ndarray:
     """[frames] positions along the slice normal of the first frame's orientation, mm."""
-    row, column = orthonormal_cosines(np.array(values["orientation"][0]))
-    return np.array(values["position"]) @ np.cross(row, column)
+    return np.array(values["position"]) @ np.cross(*_cosines(values))
 
 
 def _stack_frames(values: dict[str, list], component: str | None) -> tuple[list[int], str, str]:
@@ -227,7 +231,7 @@ def _restacked(image: sitk.Image, frames: list[int], stacked: dict, own, applied
     out = sitk.GetImageFromArray(pixels.astype(np.float32))
     along = _along_normal(stacked)
     step = (along[-1] - along[0]) / (len(frames) - 1) if len(frames) > 1 else 1.0
-    row, column = orthonormal_cosines(np.array(stacked["orientation"][0]))
+    row, column = _cosines(stacked)
     columns = np.column_stack([row, column, np.cross(row, column) * np.sign(step)])  # x, y, z
     out.SetDirection(tuple(columns.ravel()))
     row_spacing, column_spacing = stacked["pixel_spacing"][0]
@@ -321,7 +325,7 @@ def check_image_geometry(image: sitk.Image, values: dict[str, list]) -> None:
             f"{spacing[1]:g} x {spacing[0]:g} mm"
         )
     direction = np.array(image.GetDirection()).reshape(3, 3)
-    cosines = np.array(orthonormal_cosines(np.array(values["orientation"][0])))
+    cosines = np.array(_cosines(values))
     if np.abs(direction[:, :2].T - cosines).max() > ORIENTATION_TOLERANCE:
         raise MultiFrameError("read with an orientation other than its frames'")
     position = np.array(values["position"])
