@@ -180,6 +180,29 @@ def test_nan_inf_voxels(tmp_path, bad, name, dtype):
     assert read_image(tmp_path / name).GetSize() == image.GetSize()
 
 
+def test_the_checks_of_a_float_nii_gz_decompress_it_once(tmp_path, monkeypatch):
+    # The size check and the NaN count each decompressed the whole file after ITK read it.
+    import gzip
+
+    from focalnet_jax.data import nifti_header
+
+    array, _ = _volume()
+    write_image(sitk.GetImageFromArray(array), tmp_path / "x.nii.gz")
+    opened = []
+    real_open = gzip.open
+    monkeypatch.setattr(gzip, "open", lambda *a, **k: opened.append(a[0]) or real_open(*a, **k))
+    assert nifti_header.data_problem(tmp_path / "x.nii.gz") is None
+    assert len(opened) == 1
+    array[0, 0, 0] = np.nan
+    write_image(sitk.GetImageFromArray(array), tmp_path / "x.nii.gz")
+    assert nifti_header.data_problem(tmp_path / "x.nii.gz") == "image holds NaN or Inf voxels"
+    gzip_bytes = (tmp_path / "x.nii.gz").read_bytes()
+    (tmp_path / "x.nii.gz").write_bytes(gzip_bytes[: len(gzip_bytes) // 2])
+    assert nifti_header.data_problem(tmp_path / "x.nii.gz").startswith(
+        "unreadable or truncated image (compressed stream ends early"
+    )
+
+
 def test_empty_dicom_folder_and_unknown_suffix(tmp_path):
     (tmp_path / "series").mkdir()
     _expect(tmp_path / "series", "no DICOM series")

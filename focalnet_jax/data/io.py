@@ -128,11 +128,8 @@ def read_image(
             if problem:  # before ITK reads it (as 1 mm, or at origin 0)
                 raise CaseError(case, path, problem)
             image = sitk.ReadImage(str(path), imageIO=_image_io(path, case))
-            problem = nifti_header.truncation(path)
-            if problem:
-                raise CaseError(case, path, f"unreadable or truncated image ({problem})")
-            if nifti_header.non_finite_count(path):
-                raise CaseError(case, path, "image holds NaN or Inf voxels")
+            if problem := nifti_header.data_problem(path):
+                raise CaseError(case, path, problem)
     except RuntimeError as err:
         raise CaseError(case, path, f"unreadable or truncated image ({_why(path, err)})") from err
     if image.GetDimension() != 3 or image.GetSize()[2] < 1:

@@ -61,33 +61,55 @@ def read_header(path: str | os.PathLike) -> tuple[bytes, str] | None:
 def truncation(path: str | os.PathLike) -> str | None:
     """Why a NIfTI-1 file holds fewer bytes than its header promises (its datatype's, not its
     bitpix's: ITK pads a short file with zeros, silently), or None (also for other files)."""
-    path = Path(path)
-    name = path.name.lower()
-    if not name.endswith((".nii", ".nii.gz")):
-        return None
-    if _compressed(path):
-        try:
-            with gzip.open(path, "rb") as f:
-                header = f.read(348)
-                size = len(header)
-                while chunk := f.read(1 << 22):
-                    size += len(chunk)
-        except (EOFError, OSError, zlib.error) as err:
-            return f"compressed stream ends early ({err})"
-    else:
-        with path.open("rb") as f:
+    return _scan(Path(path), count_non_finite=False)[0]
+
+
+def data_problem(path: str | os.PathLike) -> str | None:
+    """Why the voxels ITK read from a NIfTI-1 file `path` are not the file's, or None (also for
+    other files): fewer bytes than its header promises (ITK pads them with zeros), or float
+    voxels that are NaN or Inf (ITK reads them as 0). One pass over a compressed file."""
+    short, non_finite = _scan(Path(path), count_non_finite=True)
+    if short:
+        return f"unreadable or truncated image ({short})"
+    return "image holds NaN or Inf voxels" if non_finite else None
+
+
+def _scan(path: Path, count_non_finite: bool) -> tuple[str | None, int]:
+    """(why a NIfTI-1 file `path` holds fewer bytes than its header promises, or None; how many
+    of its float voxels are NaN or Inf where `count_non_finite`, else 0), read in one pass."""
+    if not path.name.lower().endswith((".nii", ".nii.gz")):
+        return None, 0
+    compressed = _compressed(path)
+    non_finite = 0
+    try:
+        with _open(path) as f:
             header = f.read(348)
+            if len(header) < 348:
+                return "header shorter than 348 bytes", 0
+            endian = "<" if struct.unpack("<i", header[:4])[0] == 348 else ">"
+            voxels, offset = _data_layout(header, endian)
+            datatype = struct.unpack(endian + "h", header[70:72])[0]
+            code = _FLOATS.get(datatype)
+            if count_non_finite and code and struct.unpack(endian + "i", header[:4])[0] == 348:
+                f.seek(offset)
+                data = f.read(voxels * int(code[1]))
+                floats = np.frombuffer(data, endian + code, len(data) // int(code[1]))
+                non_finite = int(np.count_nonzero(~np.isfinite(floats)))
+            if compressed:
+                while f.read(1 << 22):
+                    pass
+                size = f.tell()
+    except (EOFError, OSError, zlib.error) as err:
+        if not compressed:
+            raise
+        return f"compressed stream ends early ({err})", 0
+    if not compressed:
         size = path.stat().st_size
-    if len(header) < 348:
-        return "header shorter than 348 bytes"
-    endian = "<" if struct.unpack("<i", header[:4])[0] == 348 else ">"
-    voxels, offset = _data_layout(header, endian)
-    datatype = struct.unpack(endian + "h", header[70:72])[0]
     bits = _VOXEL_BITS.get(datatype, struct.unpack(endian + "h", header[72:74])[0])
     expected = offset + -(-voxels * bits // 8)
     if size < expected:
-        return f"{size} bytes of image data, header promises {expected}"
-    return None
+        return f"{size} bytes of image data, header promises {expected}", non_finite
+    return None, non_finite
 
 
 def _data_layout(header: bytes, endian: str) -> tuple[int, int]:
@@ -196,22 +218,6 @@ def qform_affine(header: bytes, endian: str) -> np.ndarray:
 def sform_affine(header: bytes, endian: str) -> np.ndarray:
     """The [3, 4] voxel-to-RAS affine (mm) of a header's srow_x, srow_y, srow_z."""
     return np.array(struct.unpack(endian + "12f", header[280:328]), dtype=np.float64).reshape(3, 4)
-
-
-def non_finite_count(path: Path) -> int:
-    """How many NaN or Inf voxels a complete NIfTI-1 file of float voxels stores (ITK reads
-    them as 0 without a word); 0 for another format."""
-    if (found := read_header(path)) is None:
-        return 0
-    header, endian = found
-    code = _FLOATS.get(struct.unpack(endian + "h", header[70:72])[0])
-    if code is None:  # integer voxels hold no NaN
-        return 0
-    count, offset = _data_layout(header, endian)
-    with _open(path) as f:
-        f.seek(offset)
-        voxels = np.frombuffer(f.read(count * int(code[1])), endian + code, count)
-    return int(np.count_nonzero(~np.isfinite(voxels)))
 
 
 def unplaced(path: str | os.PathLike) -> bool:
