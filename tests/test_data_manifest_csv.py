@@ -142,6 +142,30 @@ def test_rows_without_a_patient_id_are_warned_about_once(tmp_path, caplog):
     assert "2 row(s) without a patient_id (lines 3, 4)" in warnings[0]
 
 
+def test_rows_with_an_empty_prostate_mask_cell_and_no_centre_are_warned_about_once(
+    tmp_path, caplog
+):
+    """Such a case is centred on the T2w volume centre; the PI-CAI layout warned of a case
+    without a mask, the manifest did not."""
+    (tmp_path / "cases.csv").write_text(
+        HEADER + ",prostate_mask,center_x,center_y,center_z\n"
+        "c1,p1,t1,a,l,m1.nii.gz,,,\nc2,p2,t2,a,l,,,,\nc3,p3,t3,a,l,,1,2,3\nc4,p4,t4,a,l,,,,\n"
+    )
+    with caplog.at_level("WARNING", logger="focalnet_jax.data.layouts"):
+        cases = read_manifest(tmp_path / "cases.csv")
+    assert [c.mask is None for c in cases] == [False, True, True, True]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [
+        f"manifest {tmp_path / 'cases.csv'}: 2 row(s) with an empty prostate_mask cell and no "
+        "centre (lines 3, 5): their crops are centred on the T2w volume centre"
+    ]
+    (tmp_path / "cases.csv").write_text(HEADER + "\nc1,p1,t1,a,l\n")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="focalnet_jax.data.layouts"):
+        read_manifest(tmp_path / "cases.csv")
+    assert not caplog.records  # no prostate_mask column: no masks were meant
+
+
 def test_one_exam_on_two_rows_is_refused(tmp_path):
     """A row copied with its id edited and its paths not: one exam stored as two patients, one
     copy trained on while the other validated the same fold."""

@@ -310,7 +310,7 @@ def read_manifest(
             if errors is None:
                 raise
             errors.append((case, str(manifest), str(error)))
-    _warn_missing_patients(manifest, rows)
+    _warn_missing_cells(manifest, rows)
     _warn_left_out(skipped, f"no label in manifest {manifest}")
     return cases
 
@@ -321,20 +321,32 @@ def _patient_key(patient: str) -> str:
     return spreadsheet_id(patient).lower()
 
 
-def _warn_missing_patients(manifest: Path, rows) -> None:
-    """One warning for the rows with an empty `patient_id`: each such case is taken as a patient
-    of its own, so two exams of one patient could fall into different folds."""
-    lines = [line for line, row in rows if not row["patient_id"]]
+def _warn_missing_cells(manifest: Path, rows) -> None:
+    """Warnings for the rows with an empty `patient_id` (each such case is taken as a patient
+    of its own, so two exams of one patient could fall into different folds) and for those with
+    an empty `prostate_mask` cell, where the column is there, and no centre."""
+    _warn_rows(
+        manifest, [line for line, row in rows if not row["patient_id"]], "without a patient_id",
+        "each case is taken as a patient of its own; give the patient id where a patient has "
+        "several exams, so that they stay in one fold",
+    )  # fmt: skip
+    unmasked = [
+        line for line, row in rows
+        if "prostate_mask" in row and not row["prostate_mask"] and not row.get(CENTRE_COLUMNS[0])
+    ]  # fmt: skip
+    _warn_rows(
+        manifest, unmasked, "with an empty prostate_mask cell and no centre",
+        "their crops are centred on the T2w volume centre",
+    )  # fmt: skip
+
+
+def _warn_rows(manifest: Path, lines: Sequence[int], what: str, consequence: str) -> None:
+    """One warning naming the first lines of `manifest` that are `what`, and the consequence."""
     if lines:
         log.warning(
-            "manifest %s: %d row(s) without a patient_id (lines %s%s): each case is taken as a "
-            "patient of its own; give the patient id where a patient has several exams, so that "
-            "they stay in one fold",
-            manifest,
-            len(lines),
-            ", ".join(map(str, lines[:5])),
-            ", ..." if len(lines) > 5 else "",
-        )
+            "manifest %s: %d row(s) %s (lines %s%s): %s", manifest, len(lines), what,
+            ", ".join(map(str, lines[:5])), ", ..." if len(lines) > 5 else "", consequence,
+        )  # fmt: skip
 
 
 def _check_manifest_row(
