@@ -39,11 +39,12 @@ def _is_metaimage(path: Path) -> bool:
 
 def _read(path: Path) -> tuple[dict[str, str], int | None]:
     """({field: value} of the header up to `ElementDataFile`, the offset of the data after it
-    in the file, None where the header has no such line)."""
+    in the file, None where the header has no such line). Read as file names are (MetaIO opens
+    the data file named by the header's bytes)."""
     header = {}
     with path.open("rb") as f:
         for raw in f:
-            key, _, value = raw.decode("latin-1").partition("=")
+            key, _, value = os.fsdecode(raw).partition("=")
             header[key.strip()] = value.strip()
             if key.strip() == "ElementDataFile":
                 return header, f.tell()
@@ -114,8 +115,9 @@ def data_file(path: str | os.PathLike) -> Path | None:
 
 def _single_data_file(header: Path, data_file: str) -> Path | None:
     """The one file an `ElementDataFile` value other than LOCAL names beside `header`; None for
-    a slice list (`LIST`) or a file-name pattern, which ITK reads itself."""
-    if data_file.startswith("LIST") or "%" in data_file or " " in data_file:
+    a slice list (`LIST`) or a file-name pattern (MetaIO's: one holding %), which ITK reads
+    itself. A name with spaces and no % is one file."""
+    if data_file.startswith("LIST") or "%" in data_file:
         return None
     return header.parent / data_file
 
