@@ -203,6 +203,20 @@ def test_the_checks_of_a_float_nii_gz_decompress_it_once(tmp_path, monkeypatch):
     )
 
 
+@pytest.mark.parametrize("size", ["", "ElementSpacing = 0.5 0.6 3\n", "ElementSize = 0.5 0.6 3\n"])
+def test_a_metaimage_without_a_voxel_size_is_refused(tmp_path, size):
+    # ITK read it with 1 mm voxels without a word: every size, distance and crop in mm wrong.
+    head = f"ObjectType = Image\nNDims = 3\nOffset = 1 2 3\n{size}DimSize = 2 3 4\n"
+    head += "ElementType = MET_SHORT\nElementDataFile = LOCAL\n"
+    path = tmp_path / "x.mha"
+    path.write_bytes(head.encode() + bytes(48))
+    if size:
+        assert read_image(path).GetSpacing() == (0.5, 0.6, 3.0)
+        return
+    assert sitk.ReadImage(str(path)).GetSpacing() == (1.0, 1.0, 1.0)
+    _expect(path, "MetaImage header gives no voxel size (no ElementSpacing or ElementSize field)")
+
+
 def test_empty_dicom_folder_and_unknown_suffix(tmp_path):
     (tmp_path / "series").mkdir()
     _expect(tmp_path / "series", "no DICOM series")

@@ -734,12 +734,20 @@ def test_nrrd_placed_as_itk_reads_it_is_not_unplaced(tmp_path):
         read = sitk.ReadImage(str(path)).GetOrigin()
         assert read == pytest.approx(origin or (0.0, 0.0, 0.0)), field
         assert nrrd_header.unplaced(path) == (origin is None), field
-    # `axis maxs` without `spacings`: ITK takes an origin from them but reads 1 mm voxels.
-    path.write_bytes((head + "axis mins: 10 20 30\naxis maxs: 12 22 34\n\n").encode() + bytes(8))
-    assert sitk.ReadImage(str(path)).GetSpacing() == (1.0, 1.0, 1.0)
-    with pytest.raises(CaseError, match=r"`axis maxs` without `spacings`: ITK reads its "
-                                        r"voxels as 1 mm whatever their extent"):  # fmt: skip
-        read_image(path, case="c")
+    # No voxel size: ITK reads 1 mm voxels (beside `axis maxs` too, though it takes an origin).
+    space = "space: left-posterior-superior\nspace origin: (10,20,30)\n"
+    for field, missing in [
+        ("axis mins: 10 20 30\naxis maxs: 12 22 34\n", "`spacings`; `axis mins` and `axis maxs` "
+                                                       "give only an extent"),
+        ("axis mins: 10 20 30\n", "`spacings`"),
+        ("", "`spacings`"),  # pynrrd's `nrrd.write(path, array)`
+        (space, "`space directions`"),
+    ]:  # fmt: skip
+        path.write_bytes((head + field + "\n").encode() + bytes(8))
+        assert sitk.ReadImage(str(path)).GetSpacing() == (1.0, 1.0, 1.0)
+        with pytest.raises(CaseError, match=rf"NRRD header gives no voxel size \(no {missing}\): "
+                                            r"ITK reads its voxels as 1 mm whatever"):  # fmt: skip
+            read_image(path, case="c")
     # A NaN in one axis min: ITK places that axis at NaN; refused when read.
     path.write_bytes((head + "spacings: 1 1 2\naxis mins: 10 nan 30\n\n").encode() + bytes(8))
     assert nrrd_header.unplaced(path)

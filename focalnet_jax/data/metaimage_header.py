@@ -54,7 +54,8 @@ def _read(path: Path) -> tuple[dict[str, str], int | None]:
 def geometry_problem(path: Path) -> str | None:
     """Why a MetaImage header's geometry cannot be taken, or None (also for other files and
     headers without NDims: ITK's reason stands): a field of `_GEOMETRY` that is not NDims (a
-    matrix: NDims x NDims) finite numbers separated by spaces."""
+    matrix: NDims x NDims) finite numbers separated by spaces, or no voxel size (ITK reads 1
+    mm)."""
     if not _is_metaimage(path):
         return None
     try:
@@ -72,6 +73,11 @@ def geometry_problem(path: Path) -> str | None:
                 "numbers separated by spaces (ITK reads what it cannot parse as 0, placing the "
                 "image elsewhere)"
             )
+    if not {"ElementSpacing", "ElementSize"} & header.keys():
+        return (
+            "MetaImage header gives no voxel size (no ElementSpacing or ElementSize field): ITK "
+            "reads its voxels as 1 mm whatever their extent; save it with its ElementSpacing"
+        )
     return None
 
 

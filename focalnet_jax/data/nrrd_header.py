@@ -1,7 +1,7 @@
 """The NRRD (`.nrrd`, `.nhdr`) header read directly, for what ITK's reader passes over without a
 word: a header without a usable `space origin`, whose voxels ITK places at origin 0 with identity
-direction (pynrrd's `nrrd.write(path, array)`, a hand-written header with `spacings` only), and
-`axis mins` and `axis maxs` without `spacings`, whose voxels ITK reads as 1 mm."""
+direction (a hand-written header with `spacings` only), and a header without a voxel size
+(pynrrd's `nrrd.write(path, array)`), whose voxels ITK reads as 1 mm."""
 
 from __future__ import annotations
 
@@ -56,17 +56,20 @@ def unplaced(path: str | os.PathLike) -> bool:
 
 def geometry_problem(path: str | os.PathLike) -> str | None:
     """Why ITK would read an NRRD `path` with voxels of another size than its header gives, or
-    None: `axis mins` and `axis maxs` without `spacings` (and without a `space`), from which ITK
-    takes the origin but reads 1 mm voxels."""
+    None: a header without a voxel size (`space directions` where it gives a `space`, else
+    `spacings`), whose voxels ITK reads as 1 mm, also beside `axis mins` and `axis maxs`."""
     fields = _fields(path)
-    if fields is None or "space" in fields or "spacedimension" in fields:
+    if fields is None:
         return None
-    if {"axismins", "axismaxs"} <= fields.keys() and "spacings" not in fields:
-        return (
-            "NRRD header gives `axis mins` and `axis maxs` without `spacings`: ITK reads its "
-            "voxels as 1 mm whatever their extent; save it with its `spacings`"
-        )
-    return None
+    field = "space directions" if "space" in fields or "spacedimension" in fields else "spacings"
+    if field.replace(" ", "") in fields:
+        return None
+    extent = {"axismins", "axismaxs"} <= fields.keys() and field == "spacings"
+    return (
+        f"NRRD header gives no voxel size (no `{field}`"
+        f"{'; `axis mins` and `axis maxs` give only an extent' if extent else ''}): ITK reads "
+        f"its voxels as 1 mm whatever their extent; save it with its `{field}`"
+    )
 
 
 def _finite(values: str) -> bool:
