@@ -233,6 +233,27 @@ def test_seg_of_two_positions_without_its_slice_spacing_is_refused(source, tmp_p
     )
 
 
+@pytest.mark.parametrize("segments", [1, 2])
+def test_a_seg_of_one_slice_placed_once_for_all_frames_is_read(source, t2w, tmp_path, segments):
+    # Its plane position in the shared functional group (all frames at one position), without
+    # SpacingBetweenSlices: an AttributeError traceback, also under --skip-bad-cases.
+    lesions = [
+        ("ISUP 3", _box(source, 7, slice(100, 110), slice(120, 130)), LESION),
+        ("ISUP 2", _box(source, 7, slice(150, 160), slice(120, 130)), LESION),
+    ][:segments]
+    file = _seg(tmp_path / "one.dcm", source, lesions)
+    dataset = pydicom.dcmread(file)
+    shared = dataset.SharedFunctionalGroupsSequence[0]
+    shared.PlanePositionSequence = dataset.PerFrameFunctionalGroupsSequence[0].PlanePositionSequence
+    for frame in dataset.PerFrameFunctionalGroupsSequence:
+        del frame.PlanePositionSequence
+    del shared.PixelMeasuresSequence[0].SpacingBetweenSlices
+    dataset.save_as(file)
+    label = io.read_label(file, case="px", label_values="picai")
+    expected = sum(mask * (3 - k) for k, (_, mask, _) in enumerate(lesions))
+    np.testing.assert_array_equal(_resampled(label, t2w), _on_t2w(source, t2w, expected))
+
+
 def test_fractional_segments_are_thresholded_at_half_their_maximum(source, t2w, tmp_path):
     fractions = np.zeros((len(source), 384, 384), np.float32)
     for frame, value in ((5, 0.3), (6, 0.45), (7, 0.55), (8, 1.0)):

@@ -137,10 +137,13 @@ def _check_spacing(seg, volume, file: Path) -> None:
     left out), from which highdicom would take the one or the smallest step (two frames 6 mm
     apart on a 3 mm series read as neighbours, the slice between them labelled)."""
     frames = seg.get("PerFrameFunctionalGroupsSequence") or []
-    for groups in [*(seg.get("SharedFunctionalGroupsSequence") or []), *frames[:1]]:
+    shared = (seg.get("SharedFunctionalGroupsSequence") or [pydicom.Dataset()])[0]
+    for groups in [shared, *frames[:1]]:
         measures = groups.get("PixelMeasuresSequence") or [pydicom.Dataset()]
         if measures[0].get("SpacingBetweenSlices") not in (None, ""):
             return
+    if shared.get("PlanePositionSequence"):  # one position for all frames (one slice)
+        return
     positions = [f.PlanePositionSequence[0].ImagePositionPatient for f in frames]
     along = np.sort(np.asarray(positions, np.float64) @ volume.direction[:, 0])
     along = along[np.r_[True, np.diff(along) > SPACING_TOLERANCE_MM]]  # one per position (segments)
