@@ -10,6 +10,7 @@ import contextlib
 import csv
 import io
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from cli_calls import cli_error, run_cli
 from scipy import ndimage
 from test_train_helpers import small_synthetic_store, tiny_config
 
+from focalnet_jax.cli import main
 from focalnet_jax.evaluation.detection_map import CandidateSettings, lesion_candidates
 from focalnet_jax.evaluation.ensemble import (
     LEFT_RIGHT_AXIS,
@@ -590,9 +592,12 @@ def held_out_store(root: Path, extra: int = 2) -> Path:
     return store
 
 
-def test_all_cases_evaluation_counts_every_patient_of_the_test_store(cv, tmp_path, monkeypatch):
+def test_all_cases_evaluation_counts_every_patient_of_the_test_store(
+    cv, tmp_path, monkeypatch, capsys
+):
     """... and records the store given relative to the working folder by its absolute path (it
-    was recorded as typed, naming no store once read from another folder)."""
+    was recorded as typed, naming no store once read from another folder). Its prediction pass
+    shows a progress bar (it showed none)."""
     from focalnet_jax.data.store import open_store
 
     store_path = held_out_store(tmp_path)
@@ -602,8 +607,10 @@ def test_all_cases_evaluation_counts_every_patient_of_the_test_store(cv, tmp_pat
     (out / "predictions").mkdir(parents=True)
     (out / "predictions" / "other.npz").write_bytes(b"a case of an earlier run")
     monkeypatch.chdir(store_path.parent)
-    run_cli(["evaluate", "--workdir", cv["cv"], "--store", store_path.name, "--all-cases",
-             "--out", out, "--picai-bootstraps", "0", "--no-figures"])  # fmt: skip
+    capsys.readouterr()
+    flags = ["--all-cases", "--out", str(out), "--picai-bootstraps", "0", "--no-figures"]
+    assert main(["evaluate", "--workdir", str(cv["cv"]), "--store", store_path.name, *flags]) == 0
+    assert re.search(r"predict: 100%.* 2/2 ", capsys.readouterr().err)
     metrics = json.loads((out / "metrics.json").read_text())
     patients = {r["patient_id"] for r in store.cases}
     assert metrics["num_patients"] == len(patients)

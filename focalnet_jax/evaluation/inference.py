@@ -18,6 +18,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from tqdm import tqdm
 
 from focalnet_jax import encoding
 from focalnet_jax.data.run_store import (
@@ -281,8 +282,9 @@ def predict_cases(
     predictor: Predictor, store, case_ids: Sequence[str], out_dir: str | Path
 ) -> list[Path]:
     """Writes `<case_id>.npz` (contract, with t2w/adc clipped to [0, 1] for figures and the
-    source slice indices) for every slice of each case. The slices of consecutive cases share
-    inference batches (`pooled_predictions`). `predictor`: a `Predictor` or an `Ensemble`."""
+    source slice indices) for every slice of each case, with a progress bar. The slices of
+    consecutive cases share inference batches (`pooled_predictions`). `predictor`: a `Predictor`
+    or an `Ensemble`."""
     channels = component_channels(store, predictor.components)
 
     def inputs():
@@ -291,7 +293,8 @@ def predict_cases(
             yield (case_id, images), images[..., channels]
 
     written = []
-    for (case_id, images), scores in pooled_predictions(predictor, inputs(), predictor.batch_size):
+    pooled = pooled_predictions(predictor, inputs(), predictor.batch_size)
+    for (case_id, images), scores in tqdm(pooled, total=len(case_ids), desc="predict", unit="case"):
         check_scores(predictor, case_id, images[..., channels], scores)
         rows = store.case_slices(case_id)
         record = store.case(case_id)
