@@ -10,8 +10,10 @@ import logging
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -340,6 +342,32 @@ def test_bad_predictions_name_file_and_reason(tmp_path):
     with pytest.raises(PredictionsError, match=r"case\.npz: not a valid predictions \.npz file"):
         read_case(shapes / "case.npz")
 
+    # Each ended in a traceback: a .npy under the .npz name, a damaged compressed member, and a
+    # member that is no .npy array.
+    with (shapes / "case.npz").open("wb") as f:
+        np.save(f, arrays["scores"])
+    with pytest.raises(PredictionsError, match=r"case\.npz: not a valid predictions \.npz file "
+                                               r"\(one \.npy array, not a zip"):  # fmt: skip
+        read_case(shapes / "case.npz")
+    np.savez_compressed(shapes / "case.npz", **arrays)
+    assert read_case(shapes / "case.npz").scores.shape == arrays["scores"].shape
+    with zipfile.ZipFile(shapes / "case.npz") as archive:
+        info = archive.getinfo("scores.npy")
+    data = bytearray((shapes / "case.npz").read_bytes())
+    name_and_extra = sum(
+        struct.unpack("<2H", data[info.header_offset + 26 : info.header_offset + 30])
+    )
+    start = info.header_offset + 30 + name_and_extra  # after the member's local header
+    data[start : start + 8] = b"\xff" * 8  # the deflate stream's first bytes
+    (shapes / "case.npz").write_bytes(bytes(data))
+    with pytest.raises(PredictionsError, match=r"case\.npz: not a readable \.npz file \(Error"):
+        read_case(shapes / "case.npz")
+    np.savez(shapes / "case.npz", **arrays)
+    with zipfile.ZipFile(shapes / "case.npz", "a") as archive:
+        archive.writestr("t2w", b"not an array")
+    with pytest.raises(PredictionsError, match=r"case\.npz: 't2w' is no \.npy array"):
+        read_case(shapes / "case.npz")
+
 
 def test_predictions_without_a_patient_id_are_refused(tmp_path):
     """The FP rate is per patient id: three lesion-free cases of patient id '' (or 'None', which
@@ -363,6 +391,19 @@ def test_predictions_without_a_patient_id_are_refused(tmp_path):
         arrays = {k: data[k] for k in ("scores", "lesions", "lesion_classes", "spacing")}
     with pytest.raises(PredictionsError, match=r"n1\.npz: 'patient_id' is None"):
         write_case(tmp_path / "none", "n1", patient_id=None, **arrays)
+    # Saved as bytes (h5py-based tools): read as "b'P1'", another patient than 'P1'.
+    with np.load(tmp_path / "given" / "n1.npz") as data:
+        np.savez(tmp_path / "given" / "n1.npz", **{**dict(data), "patient_id": np.bytes_(b"n2")})
+    with np.load(tmp_path / "given" / "n2.npz") as data:
+        np.savez(tmp_path / "given" / "n2.npz", **{**dict(data), "patient_id": np.asarray("n2")})
+    assert read_case(tmp_path / "given" / "n1.npz").patient_id == "n2"
+    run_cli(["evaluate", "--predictions", str(tmp_path / "given"), "--out", str(out),
+             "--no-picai", "--no-figures"])  # fmt: skip
+    assert json.loads((out / "metrics.json").read_text())["num_patients"] == 2
+    with np.load(tmp_path / "given" / "n1.npz") as data:
+        np.savez(tmp_path / "given" / "n1.npz", **{**dict(data), "patient_id": np.bytes_(b"\xff")})
+    with pytest.raises(PredictionsError, match=r"n1\.npz: 'patient_id' must be a string"):
+        read_case(tmp_path / "given" / "n1.npz")
 
 
 def test_predictions_with_unsafe_names_or_a_lesion_on_no_slice_are_refused(tmp_path):

@@ -15,10 +15,12 @@ Keys:
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import json
 import os
 import zipfile
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -195,7 +197,13 @@ def read_case(path: str | Path) -> CasePredictions:
     """Reads and validates one `<case_id>.npz`; errors name the file and the reason."""
     path = Path(path)
     try:
-        with np.load(path, allow_pickle=False) as data:
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):  # one .npy array under an .npz name
+            raise PredictionsError(
+                f"{path}: not a valid predictions .npz file (one .npy array, not a zip archive "
+                "of arrays)"
+            )
+        with data:
             missing = [key for key in REQUIRED_KEYS if key not in data.files]
             if missing:
                 raise PredictionsError(f"{path}: missing contract key(s) {missing}")
@@ -204,7 +212,8 @@ def read_case(path: str | Path) -> CasePredictions:
                 for key in REQUIRED_KEYS + OPTIONAL_KEYS
                 if key in data.files
             }
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:  # EOF: an empty file
+    # EOF: an empty file; zlib: a damaged compressed member
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:
         if isinstance(error, PredictionsError):
             raise
         if "allow_pickle" in str(error):  # not a zip: numpy took it for a pickle
@@ -212,12 +221,9 @@ def read_case(path: str | Path) -> CasePredictions:
                 f"{path}: not a valid predictions .npz file (not a zip archive of arrays)"
             ) from error
         raise PredictionsError(f"{path}: not a readable .npz file ({error})") from error
-    patient_id = arrays["patient_id"]
-    if patient_id.ndim != 0 or patient_id.dtype.kind not in "US":
-        raise PredictionsError(f"{path}: 'patient_id' must be a string, got {patient_id!r}")
     case = CasePredictions(
         case_id=path.name[: -len(".npz")],
-        patient_id=str(patient_id),
+        patient_id=_patient_id(arrays["patient_id"], path),
         scores=arrays["scores"],
         lesions=arrays["lesions"],
         lesion_classes=arrays["lesion_classes"].reshape(-1),
@@ -233,15 +239,30 @@ def read_case(path: str | Path) -> CasePredictions:
 
 def _load_key(data, key: str, path: Path) -> np.ndarray:
     """One array of an open `.npz`; an array of Python objects (e.g. pandas strings saved with
-    dtype=object) is named, as it cannot be read without unpickling."""
+    dtype=object) is named, as it cannot be read without unpickling, and so is a member that is
+    no `.npy` array (numpy gives its bytes)."""
     try:
-        return data[key]
+        array = data[key]
     except ValueError as error:
         if "Object arrays" not in str(error):
             raise
         raise PredictionsError(
             f"{path}: '{key}' holds Python objects (dtype=object); save it as str or numbers"
         ) from error
+    if not isinstance(array, np.ndarray):
+        raise PredictionsError(f"{path}: '{key}' is no .npy array in the archive")
+    return array
+
+
+def _patient_id(patient_id: np.ndarray, path: Path) -> str:
+    """A case's 0-d `patient_id` as a str; bytes (as h5py-based tools save strings) decoded as
+    UTF-8: read with `str`, b'P1' became the patient "b'P1'", another than 'P1'."""
+    if patient_id.ndim == 0 and patient_id.dtype.kind == "U":
+        return str(patient_id)
+    if patient_id.ndim == 0 and patient_id.dtype.kind == "S":
+        with contextlib.suppress(UnicodeDecodeError):
+            return patient_id.item().decode()
+    raise PredictionsError(f"{path}: 'patient_id' must be a string, got {patient_id!r}")
 
 
 def _as_float64(array: np.ndarray) -> np.ndarray:
