@@ -265,7 +265,7 @@ class _Scorer:
     is read."""
 
     components = ("t2w", "adc", "hbv")
-    preprocess = input_preprocess = None
+    preprocess = input_preprocess = inference_configs = None
     output_encoding = "ordinal"
 
     def __init__(self, scores: np.ndarray):

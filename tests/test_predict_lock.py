@@ -73,7 +73,7 @@ def after_rename(real, then):
 
 class Models:
     output_encoding = "ordinal"
-    input_preprocess = None
+    input_preprocess = inference_configs = None
 
     def describe(self):
         return {"models": [{"run": "r", "step": 2}], "tta": "none"}

@@ -253,6 +253,32 @@ def test_resume_refuses_a_store_rebuilt_with_other_settings_for_a_run_without_it
     assert json.loads((out / "models.json").read_text())["preprocess"]["interpolator"] == "linear"
 
 
+def test_resume_refuses_a_run_whose_model_config_was_edited(tiny, tmp_path, monkeypatch):
+    """`model.output_stride` edited in the run's config.json between the stop and `--resume`:
+    the same weights give other scores, and the finished cases of one model were kept beside
+    the others' of the other, models.json naming only the second. It now records each run's
+    inference config; a partial of an earlier version, without it, resumes."""
+    run = shutil.copytree(tiny["run"], tmp_path / "run")
+    out, images = tmp_path / "out", tiny["data"] / "images"
+    _interrupted(tiny, out, monkeypatch, images, run=run)
+    recorded = json.loads((partial_folder(out) / "models.json").read_text())
+    stride = recorded["configs"][str(run.resolve())]["model"]["output_stride"]
+    config = json.loads((run / "config.json").read_text())
+    config["model"]["output_stride"] = 8 if stride != 8 else 16
+    (run / "config.json").write_text(json.dumps(config))
+    message = cli_error([*_predict(run, images, out), "--resume"])
+    assert message.endswith(
+        f"--resume: {partial_folder(out)} was made with other models or settings (configs."
+        f"{run.resolve()}.model.output_stride: {stride} in the partial, "
+        f"{config['model']['output_stride']} now); run with those, or add --overwrite (without "
+        "--resume) to start over"
+    ), message
+    del recorded["configs"]  # as an earlier version wrote it
+    (partial_folder(out) / "models.json").write_text(json.dumps(recorded))
+    run_cli([*_predict(run, images, out), "--resume"])
+    assert str(run.resolve()) in json.loads((out / "models.json").read_text())["configs"]
+
+
 def test_resume_refuses_a_run_trained_again_to_the_same_step(tiny, tmp_path, monkeypatch):
     """A run folder trained again in place (another seed, the same step) between the stopped run
     and `--resume` passed the check of runs and steps: the finished cases of the old weights

@@ -220,7 +220,12 @@ def predict_cases(
     errors = list(errors or [])
     options = {"threshold": threshold, "candidates": candidates, "grades": grade_outputs(models)}
     settings = recorded_settings(
-        models.describe(), threshold, candidates, dicom=dicom, preprocess=models.input_preprocess
+        models.describe(),
+        threshold,
+        candidates,
+        dicom=dicom,
+        preprocess=models.input_preprocess,
+        configs=models.inference_configs,
     )
     centres = {spec.case_id: crop_centre_source(spec.mask, spec.center) for spec in cases}
     inputs = {spec.case_id: case_inputs(spec) for spec in cases}

@@ -291,6 +291,23 @@ class Ensemble:
             return None
         return json.loads(json.dumps(input_settings(self.preprocess)))
 
+    @property
+    def inference_configs(self) -> dict:
+        """{run (absolute): what its config decides of its scores beside its weights: `model`
+        (less `pretrained`, an initialisation), the output encoding and its components in input
+        order}, as JSON reads them back. A run whose config.json was edited since (e.g.
+        `model.output_stride`) gives other scores from the same weights."""
+        configs = {}
+        for run, predictor in zip(self.runs, self.predictors, strict=True):
+            model = predictor.spec.config.model.as_configdict().to_dict()
+            model.pop("pretrained", None)
+            configs[str(run.resolve())] = {
+                "model": model,
+                "output_encoding": predictor.spec.output_encoding,
+                "components": list(predictor.spec.components),
+            }
+        return json.loads(json.dumps(configs))
+
     def describe(self) -> dict:
         """Which models formed the predictions: {"models": [{"run", "step"}], "tta"}, each run
         absolute (symlinks resolved, so that one run reads the same however it was named),

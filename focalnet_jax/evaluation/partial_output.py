@@ -99,18 +99,22 @@ def recorded_settings(
     candidates: CandidateSettings,
     dicom: bool = False,
     preprocess: dict | None = None,
+    configs: dict | None = None,
 ) -> dict:
     """What `models.json` records: the ensemble's `describe()` (models and steps, TTA), the
     detections threshold and the candidate settings (threshold as text, a score as its float's:
     '0.3', '0.30' and 0.3 agree), `"dicom": true` with `--dicom` (only then: earlier partials
-    still resume without it), and `preprocess`, the settings that shaped the models' inputs
+    still resume without it), `preprocess`, the settings that shaped the models' inputs
     (`Ensemble.input_preprocess`; a run without its own record takes them from its training
-    store as it is now, which may have been rebuilt between a stop and its resume)."""
+    store as it is now, which may have been rebuilt between a stop and its resume), and
+    `configs`, what each run's config decides of its scores (`Ensemble.inference_configs`)."""
     settings = dataclasses.asdict(candidates)
     settings["threshold"] = _threshold_text(settings["threshold"])
     recorded = {**describe, "threshold": float(threshold), "candidates": settings}
     if preprocess is not None:
         recorded["preprocess"] = preprocess
+    if configs:
+        recorded["configs"] = configs
     return {**recorded, "dicom": True} if dicom else recorded
 
 
@@ -263,8 +267,8 @@ def _difference(recorded: dict, current: dict, prefix: str = "") -> str | None:
 
 def _check_resumable(partial: Path, settings: dict) -> None:
     """Refuses (one line) a partial made with other models or settings than `settings`. A partial
-    of an earlier version, without the models' "weights" (or "preprocess"), has its models
-    checked by run and step alone (and its preprocessing not at all), as then."""
+    of an earlier version, without the models' "weights" (or "preprocess", "configs"), has its
+    models checked by run and step alone (its preprocessing and configs not at all), as then."""
     try:
         recorded = json.loads((partial / MODELS_FILE).read_text())
     except (OSError, ValueError) as error:
@@ -272,7 +276,7 @@ def _check_resumable(partial: Path, settings: dict) -> None:
             f"{partial} has no readable {MODELS_FILE} ({error}): it is not the partial output "
             f"of {WRITER}; remove it or add --overwrite to start over"
         ) from None
-    unrecorded = {"weights", "preprocess"} - set(recorded)
+    unrecorded = {"weights", "preprocess", "configs"} - set(recorded)
     settings = {key: value for key, value in settings.items() if key not in unrecorded}
     if isinstance(candidates := recorded.get("candidates"), dict) and "threshold" in candidates:
         with contextlib.suppress(ValueError):  # recorded as typed before ('0.30'); else compared

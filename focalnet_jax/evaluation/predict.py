@@ -203,6 +203,7 @@ def predict_exam(
             candidates or CandidateSettings(),
             dicom=dicom,
             preprocess=models.input_preprocess,
+            configs=models.inference_configs,
         )
         written.append(write_json_atomic(settings, tmp / MODELS_FILE))
         check_exam_out(out_dir)  # again: a file put there meanwhile is refused, never deleted
