@@ -159,6 +159,16 @@ def test_rows_with_an_empty_prostate_mask_cell_and_no_centre_are_warned_about_on
         f"manifest {tmp_path / 'cases.csv'}: 2 row(s) with an empty prostate_mask cell and no "
         "centre (lines 3, 5): their crops are centred on the T2w volume centre"
     ]
+    # Rows that become no case (left out unlabelled, or listed as bad) are not named.
+    (tmp_path / "cases.csv").write_text(
+        HEADER + ",prostate_mask\nc1,p1,t1,a,l,\nc2,p2,t2,a,,\nc3,p3,t3,a,l,\nc/4,p4,t4,a,l,\n"
+    )
+    caplog.clear()
+    errors = []
+    with caplog.at_level("WARNING", logger="focalnet_jax.data.layouts"):
+        cases = read_manifest(tmp_path / "cases.csv", unlabelled="skip", errors=errors)
+    assert [c.case_id for c in cases] == ["c1", "c3"] and [e[0] for e in errors] == ["c/4"]
+    assert "2 row(s) with an empty prostate_mask cell and no centre (lines 2, 4)" in caplog.text
     (tmp_path / "cases.csv").write_text(HEADER + "\nc1,p1,t1,a,l\n")
     caplog.clear()
     with caplog.at_level("WARNING", logger="focalnet_jax.data.layouts"):

@@ -280,6 +280,7 @@ def read_manifest(
     centre_columns = check_manifest_columns(manifest, columns, labels, unlabelled)
     # seen, patients: case id, patient id (`_patient_key`) -> (line, id as first written)
     cases, seen, skipped, patients, exams = [], {}, [], {}, ExamsSeen()
+    unmasked = []  # lines of the cases without a mask or centre, where the column is there
     for line, row in rows:
         case = row["case_id"]
         where = f"manifest {manifest}, line {line}"
@@ -306,11 +307,13 @@ def read_manifest(
             if labels:
                 exams.check(case, spec.components["t2w"], spec.series.get("t2w"), line, where)
             cases.append(spec)
+            if "prostate_mask" in columns and spec.mask is None and spec.center is None:
+                unmasked.append(line)
         except UserError as error:
             if errors is None:
                 raise
             errors.append((case, str(manifest), str(error)))
-    _warn_missing_cells(manifest, rows)
+    _warn_missing_cells(manifest, rows, unmasked)
     _warn_left_out(skipped, f"no label in manifest {manifest}")
     return cases
 
@@ -321,19 +324,15 @@ def _patient_key(patient: str) -> str:
     return spreadsheet_id(patient).lower()
 
 
-def _warn_missing_cells(manifest: Path, rows) -> None:
+def _warn_missing_cells(manifest: Path, rows, unmasked: Sequence[int]) -> None:
     """Warnings for the rows with an empty `patient_id` (each such case is taken as a patient
-    of its own, so two exams of one patient could fall into different folds) and for those with
-    an empty `prostate_mask` cell, where the column is there, and no centre."""
+    of its own, so two exams of one patient could fall into different folds) and for the lines
+    `unmasked`, cases with an empty `prostate_mask` cell and no centre."""
     _warn_rows(
         manifest, [line for line, row in rows if not row["patient_id"]], "without a patient_id",
         "each case is taken as a patient of its own; give the patient id where a patient has "
         "several exams, so that they stay in one fold",
     )  # fmt: skip
-    unmasked = [
-        line for line, row in rows
-        if "prostate_mask" in row and not row["prostate_mask"] and not row.get(CENTRE_COLUMNS[0])
-    ]  # fmt: skip
     _warn_rows(
         manifest, unmasked, "with an empty prostate_mask cell and no centre",
         "their crops are centred on the T2w volume centre",
