@@ -363,6 +363,26 @@ def test_errors_csv_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     assert path.read_text() == before and [p.name for p in tmp_path.iterdir()] == [path.name]
 
 
+def test_errors_csv_holds_a_file_name_that_is_no_utf8_as_its_bytes(tmp_path):
+    """A MetaImage naming a data file by latin-1 bytes (`\\xe9missing.raw`), absent: the bad case's
+    reason holds the name as Python decodes file names, and writing errors.csv ended in a
+    UnicodeEncodeError traceback under --skip-bad-cases."""
+    from focalnet_jax.data.io import CaseError, read_image
+    from focalnet_jax.data.store import write_errors
+
+    header = tmp_path / "b_t2w.mhd"
+    header.write_bytes(
+        b"ObjectType = Image\nNDims = 3\nDimSize = 2 2 2\nElementType = MET_SHORT\n"
+        b"ElementSpacing = 1 1 1\nOffset = 0 0 0\nElementDataFile = \xe9missing.raw\n"
+    )
+    with pytest.raises(CaseError) as raised:
+        read_image(header, case="b")
+    assert raised.value.reason.endswith("named by the header not found)")
+    write_errors(tmp_path / "errors.csv", [("b", str(header), raised.value.reason)])
+    written = (tmp_path / "errors.csv").read_bytes()
+    assert b"\xe9missing.raw named by the header not found" in written
+
+
 def test_a_table_that_does_not_fit_the_arrays_is_refused(tmp_path):
     """A `cases.json` of another store over these arrays opened without a word: case 'b' got
     rows 3..5 of a 3-row store, an empty case, and a case listed twice hid the other record."""
