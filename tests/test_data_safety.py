@@ -28,6 +28,7 @@ from focalnet_jax.data.writer_folders import (
     remove_dead_leftovers,
     restore_moved_aside,
     writer_folder,
+    writer_lock,
 )
 from focalnet_jax.errors import UserError
 from focalnet_jax.processes import process_start
@@ -289,6 +290,19 @@ def test_leftovers_of_dead_writers_are_removed_live_ones_kept(manifest_rows, tmp
     assert f"written by preprocess pid {container.name.split('-')[1].split('@')[0]} on {host}" in (
         "".join(messages)
     )
+
+
+def test_a_second_preprocess_into_one_store_meanwhile_is_refused(manifest_rows, tmp_path, capsys):
+    """Two runs into one --out both finished, each saying "wrote N cases", and the later one
+    replaced the other's store without a word."""
+    manifest = _write(tmp_path / "cases.csv", manifest_rows)
+    with writer_lock(tmp_path / "store", "preprocess"):
+        line = _user_error(capsys, _preprocess(manifest, tmp_path / "store"))
+    assert line == (
+        f"focalnet preprocess: error: {tmp_path / 'store'} is being written by another focalnet "
+        f"preprocess (pid {os.getpid()} on {socket.gethostname()}); wait for it to end"
+    )
+    _only(tmp_path, "cases.csv")
 
 
 def test_leftovers_named_before_the_pid_space_say_who_left_them_and_how_to_remove_them(

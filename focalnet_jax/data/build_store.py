@@ -44,6 +44,7 @@ from focalnet_jax.data.store import (
 )
 from focalnet_jax.data.store_settings import store_settings
 from focalnet_jax.data.worker_pool import WorkerDiedError, worker_results
+from focalnet_jax.data.writer_folders import writer_lock
 from focalnet_jax.errors import DISK_ERRNOS, UserError, is_user_error, naming_the_disk, plural
 
 log = logging.getLogger(__name__)
@@ -236,6 +237,7 @@ def preprocess_cases(
     beside = Path(os.path.abspath(out))  # `--out .`: taken now, the folder is renamed over
     with (
         naming_the_disk(out),
+        writer_lock(out, "preprocess"),  # a second run meanwhile replaced this one's store
         StoreWriter(out, components, settings, overwrite=overwrite) as writer,
     ):
         for error in errors:
