@@ -4,6 +4,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo_run
+# Taken exactly as given and passed to the recipes in the environment: make would expand a `$`
+# in it (`d$x` named `d`, which `make clean` deleted).
+override DEMO_DIR := $(value DEMO_DIR)
+export DEMO_DIR
 TEST_WORKERS ?= 2
 
 .PHONY: test lint format demo clean
@@ -27,7 +31,7 @@ test: lint
 	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
 
 demo: $(STAMP)
-	$(PY) -m focalnet_jax.demo --out "$(DEMO_DIR)"
+	$(PY) -m focalnet_jax.demo --out="$$DEMO_DIR"
 
 clean:
-	rm -rf $(VENV) "$(DEMO_DIR)" .pytest_cache
+	rm -rf $(VENV) "$$DEMO_DIR" .pytest_cache

@@ -24,7 +24,7 @@ def parse_arg(arg: str | None, **defaults) -> dict:
     for a flag (a bool default) only (a bare `fold` trained fold 1). Unknown names, and a name
     given twice, are an error naming them (and the accepted ones).
     """
-    values, given = dict(defaults), set()
+    values, given, after_store = dict(defaults), set(), False
     for item in filter(None, (part.strip() for part in (arg or "").split(","))):
         name, sep, text = item.partition("=")
         if name in given:  # `fold=1,fold=2`: which one was meant?
@@ -32,7 +32,10 @@ def parse_arg(arg: str | None, **defaults) -> dict:
         given.add(name)
         if name not in defaults:
             expected = f"expected one of {sorted(defaults)}" if defaults else "this file takes none"
+            if after_store and not sep:  # `store=/data/a,b`: the path's comma split the args
+                expected += "; a store path holding a comma is given as --config.data.store=PATH"
             raise ValueError(f"config arg {name!r} unknown; {expected}")
+        after_store = name == "store"
         default = defaults[name]
         if not sep:
             if not isinstance(default, bool):

@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     minutes = (marks[-1] - marks[0]) / 60
     print(
         f"\ndemo finished in {minutes:.1f} min: checkpoints in {workdir / 'checkpoints'}, "
-        f"TensorBoard logs in {workdir / 'tb'} (tensorboard --logdir {workdir}); "
+        f"TensorBoard logs in {workdir / 'tb'} (tensorboard --logdir {shlex.quote(str(workdir))}); "
         f"metrics and figures in {workdir / 'eval'}"
     )
     return 0

@@ -27,7 +27,7 @@ pids=()
 stopping=
 trap 'stopping=1; kill -TERM "${pids[@]}" 2>/dev/null || true' TERM INT
 for ((i = 0; i < N; i++)); do
-    python -m focalnet_jax.cli train --config "$CONFIG" --workdir "$WORKDIR" \
+    python -m focalnet_jax.cli train --config="$CONFIG" --workdir="$WORKDIR" \
         --coordinator_address "localhost:${PORT}" --num_processes "$N" --process_id "$i" "$@" &
     pids+=("$!")
 done

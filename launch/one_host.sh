@@ -12,4 +12,4 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_latency_hiding_scheduler=true"
 # A restart in the same WORKDIR reuses the compiled steps instead of compiling again.
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$WORKDIR/compilation_cache}
-exec python -m focalnet_jax.cli train --config "$CONFIG" --workdir "$WORKDIR" "$@"
+exec python -m focalnet_jax.cli train --config="$CONFIG" --workdir="$WORKDIR" "$@"

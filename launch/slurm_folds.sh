@@ -9,6 +9,8 @@
 #SBATCH --gpus=1
 #SBATCH --cpus-per-task=8
 #SBATCH --time=04:00:00
+# Relative to the submit folder; SLURM expands % patterns in the whole path: a folder whose path
+# holds % fails to start the job (submit elsewhere, or give --output with its % doubled).
 #SBATCH --output=%x-%A_%a.out
 # A requeued job appends to its output, which keeps why its earlier run ended.
 #SBATCH --open-mode=append
@@ -30,6 +32,6 @@ export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$WORKDIR/compilati
 # exec: the task is the batch shell, so a signal for it (`sbatch --signal=B:TERM@120`, `scancel
 # --batch`) reaches the training, which saves the step it stops at; bash would die of it at once
 # and leave the training to SLURM's SIGKILL at the job's end.
-exec python -m focalnet_jax.cli train --config "$CONFIG" \
-    --workdir "$WORKDIR/fold${SLURM_ARRAY_TASK_ID}" \
+exec python -m focalnet_jax.cli train --config="$CONFIG" \
+    --workdir="$WORKDIR/fold${SLURM_ARRAY_TASK_ID}" \
     --fold "${SLURM_ARRAY_TASK_ID}" "$@"

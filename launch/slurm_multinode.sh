@@ -10,6 +10,8 @@
 #SBATCH --gpus-per-node=8
 #SBATCH --cpus-per-task=16
 #SBATCH --time=04:00:00
+# Relative to the submit folder; SLURM expands % patterns in the whole path: a folder whose path
+# holds % fails to start the job (submit elsewhere, or give --output with its % doubled).
 #SBATCH --output=%x-%j.out
 # A requeued job appends to its output, which keeps why its earlier run ended.
 #SBATCH --open-mode=append
@@ -33,5 +35,5 @@ fi
 # Not exec: srun takes a SIGTERM as an order to kill its tasks (SIGKILL, no checkpoint), while a
 # signal for the batch shell (`sbatch --signal=B:TERM@120`, `scancel --batch`) ends bash, and SLURM
 # then ends the step with SIGTERM, which the training takes to save the step it stops at.
-srun "${srun_flags[@]}" python -m focalnet_jax.cli train --config "$CONFIG" \
-    --workdir "$WORKDIR" "$@"
+srun "${srun_flags[@]}" python -m focalnet_jax.cli train --config="$CONFIG" \
+    --workdir="$WORKDIR" "$@"

@@ -153,6 +153,11 @@ def test_config_args_select_variants_and_reject_unknown_names():
     twice = r"get_config\('fold=1,fold=2'\): config arg 'fold' given twice$"
     with pytest.raises(ValueError, match=twice):
         load_config(str(CONFIGS / "demo.py") + ":fold=1,fold=2")
+    # A store path holding a comma split the args: "config arg 'x' unknown" and no more.
+    with pytest.raises(ValueError, match=r"config arg 'b' unknown; expected one of \['fold', "
+                                         r"'store'\]; a store path holding a comma is given as "
+                                         r"--config.data.store=PATH$"):  # fmt: skip
+        load_config(str(CONFIGS / "demo.py") + ":store=/data/a, b")
 
 
 def test_a_list_in_brackets_without_quotes_is_a_comma_separated_list():

@@ -3,13 +3,14 @@ cluster (one host; a SLURM array task, run here as its batch script) reach `foca
 their fold and compilation cache. launch/local_cpu_processes.sh refuses bad counts and passes a
 SIGTERM on to its processes (its start-up runs in tests/test_train_input_pipeline.py); a SLURM
 array task's batch script stops at a step on a SIGTERM for the batch shell and resumes when run
-again, and the SLURM scripts append to their output."""
+again, and the SLURM scripts append to their output. `make clean` removes the demo folder named."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -97,11 +98,16 @@ def test_slurm_folds_outside_a_job_array_says_how_to_submit_it(tmp_path):
     assert done.stdout == "" and not workdir.exists()
 
 
-def test_one_host_passes_config_workdir_and_overrides(tmp_path):
-    workdir, store = tmp_path / "run", tmp_path / "absent"
-    done = _run("one_host.sh", "configs/demo.py", str(workdir), f"--config.data.store={store}")
+@pytest.mark.parametrize("given", ["absolute", "-run"])
+def test_one_host_passes_config_workdir_and_overrides(tmp_path, given):
+    # A WORKDIR starting with a dash (relative to the folder run in) was taken for a flag:
+    # "argument --workdir: expected one argument".
+    workdir, store = tmp_path / "run" if given == "absolute" else REPO / given, tmp_path / "absent"
+    done = _run("one_host.sh", "configs/demo.py", str(workdir) if given == "absolute" else given,
+                f"--config.data.store={store}")  # fmt: skip
     assert _one_line_error(done) == f"focalnet train: error: store {store} does not exist"
-    assert f"compilation cache: {workdir / 'compilation_cache'}" in done.stderr
+    cache = workdir / "compilation_cache" if given == "absolute" else f"{given}/compilation_cache"
+    assert f"compilation cache: {cache}" in done.stderr
     assert not workdir.exists()
 
 
@@ -260,3 +266,14 @@ def test_local_cpu_processes_pass_a_sigterm_for_the_script_on_to_every_process(t
     step = int(stopped[0][0])
     assert stopped[0][1] == str(workdir) and 2 <= step < STEPS
     assert [p.name for p in (workdir / "checkpoints").iterdir()] == [str(step)]
+
+
+def test_make_clean_removes_the_demo_folder_named_with_a_dollar_sign_and_no_other(tmp_path):
+    """make expanded the `$x` of `make clean DEMO_DIR='d$x'` and deleted `d` instead."""
+    shutil.copy(REPO / "Makefile", tmp_path / "Makefile")
+    for folder in ("d$x", "d", ".venv"):
+        (tmp_path / folder).mkdir()
+    done = subprocess.run(["make", "-s", "clean", "DEMO_DIR=d$x"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Makefile", "d"]

@@ -41,12 +41,12 @@ REASON = re.compile(
 def cell_commands(study: Study, cell) -> tuple[list[str], list[str]]:
     """The `focalnet train` and `focalnet evaluate` argument lists of a training cell."""
     workdir = str(study.path(cell))
-    train = ["train", "--config", study.plain["base"], "--workdir", workdir]
+    train = ["train", f"--config={study.plain['base']}", f"--workdir={workdir}"]
     if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):  # else the cache set there, as in train
         train += ["--compilation_cache", str(study.root.resolve() / "compilation_cache")]
     train += cell_overrides(study.plain, cell.arm, cell.repeat, cell.fold)
     options = study.plain["evaluate"]
-    evaluate = ["evaluate", "--workdir", workdir, "--label", cell.name]
+    evaluate = ["evaluate", f"--workdir={workdir}", "--label", cell.name]
     evaluate += ["--slices", evaluation_slices(study.plain)]  # every arm on the same slices
     evaluate += [f"--picai-bootstraps={int(options.get('picai_bootstraps', 0))}"]
     if not options.get("figures", False):

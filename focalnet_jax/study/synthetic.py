@@ -101,7 +101,7 @@ def synthetic_store(
         raise SystemExit(f"--single-share {single_share}: {error}") from None
     rebuilt = not _made_as_asked(data, synthesis_record(cases, seed, config))
     if rebuilt:
-        synth = ["synth", "--out", str(data), "--cases", str(cases), "--seed", str(seed)]
+        synth = ["synth", f"--out={data}", "--cases", str(cases), "--seed", str(seed)]
         synth.append("--overwrite")
         if single_share is not None:
             synth += ["--t2w-only-share", str(single_share), "--adc-only-share", str(single_share)]
