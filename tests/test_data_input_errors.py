@@ -73,6 +73,27 @@ def test_components_must_start_with_t2w(dataset, tmp_path, capfd, components):
 
 
 @pytest.mark.parametrize(
+    "name, reason",
+    [
+        ("label", "a manifest column of another role has that name; name the component otherwise"),
+        ("prostate_mask", "a manifest column of another role has that name; name the component "
+                          "otherwise"),
+        ("hbv_series", "a manifest column of another role has that name; name the component "
+                       "otherwise"),
+        ("ADC", "name it 'adc' (adc is read by that name only)"),
+    ],
+)  # fmt: skip
+def test_a_component_named_as_another_column_or_adc_in_capitals_is_refused(
+    dataset, tmp_path, capfd, name, reason
+):
+    # `--components t2w,adc,label` stored a case's label file as a model input (a case whose
+    # label passed the intensity checks); `ADC` was scaled by its percentiles, not as an ADC map.
+    argv = [*_picai(dataset, tmp_path / "s"), "--labels", str(dataset / "labels")]
+    err = _user_error(capfd, [*argv, "--components", f"t2w,{name}"])
+    assert err.endswith(f"component {name!r}: {reason}")
+
+
+@pytest.mark.parametrize(
     "components, reason",
     [
         ("adc,t2w", "expected t2w first (the reference frame), then distinct others, e.g. "

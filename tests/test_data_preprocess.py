@@ -958,3 +958,8 @@ def test_a_label_given_as_the_gland_mask_too_is_refused(small_case, tmp_path):
     )
     gland = preprocess_case(components, label, mask=folder / "mask.nii.gz", case_id="c10")
     assert gland.center_source == "mask"
+    # The label file given as a component too (pasted into its manifest column): stored as a
+    # model input where it passed the intensity checks.
+    with pytest.raises(CaseError) as info:
+        preprocess_case({**components, "hbv": label}, label, case_id="c10")
+    assert str(info.value) == f"case 'c10', file '{label}': hbv and label are the same file"

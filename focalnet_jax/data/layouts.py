@@ -36,6 +36,7 @@ from focalnet_jax.data.manifest_checks import (
     CENTRE_COLUMNS,
     CENTRE_SPACE_COLUMN,
     ExamsSeen,
+    check_components,
     check_manifest_columns,
     known_columns,
     unread_columns,
@@ -73,16 +74,6 @@ class CaseSpec:
     center: tuple[float, float, float] | None = None
     meta: dict = field(default_factory=dict)
     series: dict[str, str] = field(default_factory=dict)  # component -> DICOM series choice
-
-
-def check_components(components: Sequence[str]) -> None:
-    """T2w first (the reference frame of every other component), each named once."""
-    c = tuple(components)
-    if not c or c[0] != "t2w" or len(set(c)) != len(c):
-        raise LayoutError(
-            f"components {','.join(c)!r}: expected t2w first (the reference frame), then distinct "
-            "others, e.g. 't2w,adc,hbv'"
-        )
 
 
 def check_layout_flags(layout: str, *, manifest=None, **picai_flags) -> None:

@@ -13,6 +13,39 @@ from focalnet_jax.errors import LayoutError, UserError
 
 CENTRE_COLUMNS = ("center_x", "center_y", "center_z")  # optional manifest crop centre, mm
 CENTRE_SPACE_COLUMN = "center_space"  # optional: 'LPS' (empty cell: the default) or 'RAS'
+# The manifest columns that are no component (a component's own columns: itself and `<it>_series`).
+_OTHER_COLUMNS = (
+    "case_id",
+    "patient_id",
+    "label",
+    "prostate_mask",
+    *CENTRE_COLUMNS,
+    CENTRE_SPACE_COLUMN,
+)
+
+
+def check_components(components: Sequence[str]) -> None:
+    """T2w first (the reference frame of every other component), each named once, none named
+    as a manifest column of another role (`label`: a case's label file read as a model input)
+    or a series choice (`<name>_series`), nor as t2w or adc in other letter case (an `ADC`
+    would be scaled by its percentiles, not as an ADC map)."""
+    c = tuple(components)
+    if not c or c[0] != "t2w" or len(set(c)) != len(c):
+        raise LayoutError(
+            f"components {','.join(c)!r}: expected t2w first (the reference frame), then distinct "
+            "others, e.g. 't2w,adc,hbv'"
+        )
+    for name in c:
+        if name in _OTHER_COLUMNS or name.endswith("_series"):
+            raise LayoutError(
+                f"component {name!r}: a manifest column of another role has that name; name the "
+                "component otherwise"
+            )
+        if name.lower() in ("t2w", "adc") and name != name.lower():
+            raise LayoutError(
+                f"component {name!r}: name it {name.lower()!r} ({name.lower()} is read by that "
+                "name only)"
+            )
 
 
 def known_columns(components: Sequence[str]) -> list[str]:

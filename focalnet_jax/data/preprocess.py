@@ -474,7 +474,8 @@ def preprocess_case(
     """
     cfg = PreprocessConfig.from_any(config)
     case = _case_name(components, case_id, slices)
-    check_distinct({"label": label, "prostate mask": mask}, {}, case)  # e.g. --masks of labels
+    # e.g. --masks of labels, or a label file pasted into a component's column (a model input)
+    check_distinct({**components, "label": label, "prostate mask": mask}, series or {}, case)
     # 1. Read; the T2w grid is the reference frame.
     images = _read_components(components, case, series or {})
     masks = {"label": label, "prostate mask": mask, "bladder mask": bladder_mask}

@@ -43,7 +43,7 @@ from focalnet_jax.data.atomic_files import (
 )
 from focalnet_jax.data.image_writing import write_image
 from focalnet_jax.data.io import xyz
-from focalnet_jax.data.layouts import check_components
+from focalnet_jax.data.manifest_checks import check_components
 from focalnet_jax.data.synth_render import (
     COMPONENTS,
     Grid,
