@@ -68,7 +68,11 @@ def acquire_lock(path: str | os.PathLike) -> IO[str]:
     if not same:
         lock.close()
         raise LockHeld(path, "a process that has just finished with it")
-    _write_holder(lock, "")
+    try:
+        _write_holder(lock, "")
+    except OSError:  # a full disk: no lock is left taken, nor its file
+        release_lock(lock, remove=True)
+        raise
     return lock
 
 

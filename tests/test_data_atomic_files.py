@@ -395,3 +395,50 @@ def test_a_folder_refusing_a_write_for_its_permissions_names_the_output():
         ], done.stderr
     finally:
         shutil.rmtree(root)
+
+
+def test_a_writer_lock_on_a_file_system_without_locks_writes_unguarded(
+    tmp_path, monkeypatch, caplog
+):
+    """Where `flock` fails (Lustre mounted without `flock`), `preprocess`, which took no lock
+    before, was refused, and the lock file and the folders made for it were left behind; now the
+    block runs with a warning, as `train` does, and leaves no lock file."""
+    import fcntl
+    import logging
+    import types
+
+    from focalnet_jax import file_lock
+    from focalnet_jax.data.writer_folders import writer_lock
+
+    def no_locks(file, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    no_flock = types.SimpleNamespace(flock=no_locks, LOCK_EX=fcntl.LOCK_EX, LOCK_NB=fcntl.LOCK_NB)
+    monkeypatch.setattr(file_lock, "fcntl", no_flock)
+    out = tmp_path / "x" / "store"
+    with caplog.at_level(logging.WARNING, logger="focalnet_jax.data.writer_folders"):
+        with writer_lock(out, "preprocess"):
+            out.mkdir()
+    assert os.listdir(tmp_path / "x") == ["store"]
+    assert caplog.messages == [
+        f"the file system of {out} has no file locks (No locks available): writing it without a "
+        "lock, so a second focalnet preprocess into it meanwhile is not refused"
+    ]
+
+
+def test_a_lock_whose_holder_cannot_be_written_leaves_no_lock_or_folder(tmp_path, monkeypatch):
+    """A full disk failed the write of the holder into the lock file: the lock stayed taken (its
+    file never closed) and the file and the folders made for it were left behind."""
+    from focalnet_jax import file_lock
+    from focalnet_jax.data.writer_folders import writer_lock
+
+    def full(lock, note):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(file_lock, "_write_holder", full)
+    out = tmp_path / "sub" / "store"
+    with pytest.raises(OSError) as raised:
+        with writer_lock(out, "preprocess"):
+            pytest.fail("the block ran without its lock")
+    assert (raised.value.errno, raised.value.filename) == (errno.ENOSPC, str(out))
+    assert os.listdir(tmp_path) == []

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import IO
 
 from focalnet_jax.errors import UserError
-from focalnet_jax.file_lock import LockHeld, acquire_lock, release_lock
+from focalnet_jax.file_lock import LockHeld, LocksUnsupported, acquire_lock, release_lock
 from focalnet_jax.processes import pid_alive, pid_space, process_start
 
 log = logging.getLogger(__name__)
@@ -102,24 +102,36 @@ def writer_lock(path: str | os.PathLike, command: str) -> Iterator[None]:
     """Holds the lock beside `path` (`take_writer_lock`) in the block, its file removed at the
     end: a second `focalnet <command>` writing `path` meanwhile is refused in one line naming
     this one (two runs mixed their outputs, or the later one replaced the other's without a
-    word). The folders made for the lock are removed again when the block fails (a user error
-    leaves none)."""
+    word). On a file system without locks the block runs unguarded, with a warning, as `train`
+    does. The folders made for the lock are removed again when the block fails or the lock
+    cannot be taken (a user error leaves none)."""
     lock_path = lock_beside(path, command)
     made = missing_folders(lock_path.parent)
-    done = False
+    done, lock = False, None
     try:
         lock_path.parent.mkdir(parents=True, exist_ok=True)
         lock = take_writer_lock(path, command)
+    except LocksUnsupported as unsupported:
+        lock_path.unlink(missing_ok=True)  # made by the attempt
+        log.warning(
+            "the file system of %s has no file locks (%s): writing it without a lock, so a second "
+            "focalnet %s into it meanwhile is not refused", path, unsupported.reason, command,
+        )  # fmt: skip
     except OSError as error:  # named as the folder asked for, unless the lock file is at fault
+        remove_empty_folders(made)
         # (another user's, or its folder, the one above `path`, refuses it)
         refused = error.errno in (errno.EACCES, errno.EPERM)
         at_lock = os.path.lexists(lock_path) or refused and str(error.filename) == str(lock_path)
         raise OSError(error.errno, error.strerror, str(lock_path if at_lock else path)) from None
+    except BaseException:  # held by another run
+        remove_empty_folders(made)
+        raise
     try:
         yield
         done = True
     finally:
-        release_lock(lock, remove=True)
+        if lock is not None:
+            release_lock(lock, remove=True)
         if not done:
             remove_empty_folders(made)
 
