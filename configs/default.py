@@ -32,7 +32,7 @@ def parse_arg(arg: str | None, **defaults) -> dict:
         given.add(name)
         if name not in defaults:
             expected = f"expected one of {sorted(defaults)}" if defaults else "this file takes none"
-            if after_store and not sep:  # `store=/data/a,b`: the path's comma split the args
+            if after_store:  # `store=/data/a,b`: the path's comma split the args
                 expected += "; a store path holding a comma is given as --config.data.store=PATH"
             raise ValueError(f"config arg {name!r} unknown; {expected}")
         after_store = name == "store"

@@ -158,6 +158,8 @@ def test_config_args_select_variants_and_reject_unknown_names():
                                          r"'store'\]; a store path holding a comma is given as "
                                          r"--config.data.store=PATH$"):  # fmt: skip
         load_config(str(CONFIGS / "demo.py") + ":store=/data/a, b")
+    with pytest.raises(ValueError, match=r"config arg 'b' unknown; .*--config.data.store=PATH$"):
+        load_config(str(CONFIGS / "demo.py") + ":store=/data/a,b=c")
 
 
 def test_a_list_in_brackets_without_quotes_is_a_comma_separated_list():

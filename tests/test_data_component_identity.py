@@ -95,6 +95,11 @@ def test_a_t2w_series_given_as_adc_or_hbv_is_refused(prostatex_case_dir, tmp_pat
         "given as an .mha or .nii.gz file"
     )
 
+    # The T2w folder itself given as the ADC too: its ImageType says more than "same folder".
+    folder = prostatex_case_dir / "t2w"
+    with pytest.raises(CaseError, match=r"it is no adc series \(a T2w\?\)"):
+        preprocess_case({"t2w": folder, "adc": folder}, case_id="c5")
+
 
 @pytest.mark.real_data
 def test_an_original_magnitude_series_with_a_b_value_reads_as_hbv(prostatex_case_dir, tmp_path):

@@ -262,3 +262,11 @@ def test_a_legacy_encoding_is_refused_naming_its_line_whatever_ends_the_lines(tm
         path.write_bytes(ending.join([HEADER, *rows, ""]).encode("mac_roman"))
         with pytest.raises(LayoutError, match=r", line 3: not UTF-8 text \(byte 0x8e\)"):
             read_manifest(path)
+
+
+def test_a_model_of_components_named_in_capitals_still_reads_its_manifest(tmp_path):
+    """New stores refuse an `ADC` component (`check_new_component_names`), but `predict` of a
+    model trained on one reads its manifest as before (it cannot rename a model's input)."""
+    (tmp_path / "cases.csv").write_text("case_id,patient_id,t2w,ADC\nc1,p1,t1,a1\n")
+    (case,) = read_manifest(tmp_path / "cases.csv", components=("t2w", "ADC"), labels=False)
+    assert case.components == {"t2w": str(tmp_path / "t1"), "ADC": str(tmp_path / "a1")}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import struct
 
 import numpy as np
@@ -818,8 +819,9 @@ def test_an_image_given_as_a_mask_is_refused_and_label_maps_are_kept(small_case,
     write_image(probability, tmp_path / "half.nii.gz")
     negative = sitk.Cast(sc.mask, sitk.sitkInt16) - 1  # -1 / 0
     write_image(negative, tmp_path / "negative.nii.gz")
+    shutil.copy(folder / "t2w.mha", tmp_path / "t2w_copy.mha")  # the file itself: "same file"
     for keyword, what, path, found in [
-        ("mask", "prostate mask", folder / "t2w.mha",
+        ("mask", "prostate mask", tmp_path / "t2w_copy.mha",
          f"{len(values)} distinct values (min {float(values[0])}, max {float(values[-1])})"),
         ("bladder_mask", "bladder mask", folder / "t2w.mha",
          f"{len(values)} distinct values (min {float(values[0])}, max {float(values[-1])})"),
@@ -834,6 +836,8 @@ def test_an_image_given_as_a_mask_is_refused_and_label_maps_are_kept(small_case,
             f"case 'c5', file '{path}': {what} holds {found}: an image, not a label map (at most 8 "
             "integer labels in 0..255, 0 the background)"
         )
+    with pytest.raises(CaseError, match="t2w and prostate mask are the same file"):
+        preprocess_case(components, mask=folder / "t2w.mha", case_id="c5")
 
 
 def test_an_empty_bladder_mask_or_one_on_air_is_refused(small_case, tmp_path):

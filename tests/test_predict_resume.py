@@ -610,3 +610,14 @@ def test_resume_refuses_a_finished_case_predicted_from_another_series_of_its_fol
     # A partial of an earlier version recorded the files alone: compared on those.
     (partial / "inputs.json").write_text(json.dumps({"a": input_files({"t2w": str(folder)})}))
     record_inputs(partial, {"a"}, {"a": case_inputs(spec("B_flipped"))})
+
+
+def test_the_failed_cases_of_a_partial_are_read_where_a_file_name_is_no_utf8(tmp_path):
+    """errors.csv holds such a name as its bytes; read strictly, `--resume` ended in a
+    UnicodeDecodeError traceback."""
+    from focalnet_jax.data.store import write_errors
+    from focalnet_jax.evaluation.partial_output import ERRORS_FILE, _failed_before
+
+    write_errors(tmp_path / ERRORS_FILE, [("c1", "/x/caf\udce9.raw", "not found")])
+    assert b"caf\xe9.raw" in (tmp_path / ERRORS_FILE).read_bytes()
+    assert _failed_before(tmp_path) == ["c1"]

@@ -32,6 +32,7 @@ from focalnet_jax.data.layouts import (
     unread_inputs,
     unread_note,
 )
+from focalnet_jax.data.manifest_checks import check_new_component_names
 from focalnet_jax.data.picai_sources import label_scheme, marksheet_disagreements
 from focalnet_jax.data.preprocess import preprocess_case
 from focalnet_jax.data.preprocess_config import PreprocessConfig
@@ -324,6 +325,7 @@ def preprocess_layout(
     """`focalnet preprocess`: find the cases of a PI-CAI folder or a manifest and store them."""
     if int(workers) < 1:
         raise UserError(f"--workers {workers}: expected at least 1")
+    check_new_component_names(components)
     refused = [] if skip_bad_cases else None  # cases refused while finding them (bad ids, labels)
     cases = _find_cases(
         layout,

@@ -25,17 +25,21 @@ _OTHER_COLUMNS = (
 
 
 def check_components(components: Sequence[str]) -> None:
-    """T2w first (the reference frame of every other component), each named once, none named
-    as a manifest column of another role (`label`: a case's label file read as a model input)
-    or a series choice (`<name>_series`), nor as t2w or adc in other letter case (an `ADC`
-    would be scaled by its percentiles, not as an ADC map)."""
+    """T2w first (the reference frame of every other component), each named once."""
     c = tuple(components)
     if not c or c[0] != "t2w" or len(set(c)) != len(c):
         raise LayoutError(
             f"components {','.join(c)!r}: expected t2w first (the reference frame), then distinct "
             "others, e.g. 't2w,adc,hbv'"
         )
-    for name in c:
+
+
+def check_new_component_names(components: Sequence[str]) -> None:
+    """Names for the components of a new store: none named as a manifest column of another role
+    (`label`: a case's label file read as a model input) or a series choice (`<name>_series`),
+    nor as t2w or adc in other letter case (an `ADC` would be scaled by its percentiles, not as
+    an ADC map). A model trained on such names before still predicts."""
+    for name in components:
         if name in _OTHER_COLUMNS or name.endswith("_series"):
             raise LayoutError(
                 f"component {name!r}: a manifest column of another role has that name; name the "

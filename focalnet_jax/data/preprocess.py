@@ -474,11 +474,13 @@ def preprocess_case(
     """
     cfg = PreprocessConfig.from_any(config)
     case = _case_name(components, case_id, slices)
-    # e.g. --masks of labels, or a label file pasted into a component's column (a model input)
-    check_distinct({**components, "label": label, "prostate mask": mask}, series or {}, case)
+    masks = {"label": label, "prostate mask": mask}
+    check_distinct(masks, {}, case)  # e.g. --masks of labels
     # 1. Read; the T2w grid is the reference frame.
     images = _read_components(components, case, series or {})
-    masks = {"label": label, "prostate mask": mask, "bladder mask": bladder_mask}
+    for name, path in components.items():  # a label path pasted into a component's column
+        check_distinct({name: path, **masks}, series or {}, case)
+    masks["bladder mask"] = bladder_mask
     check_one_frame_of_reference({**components, **masks}, series or {}, case)
     # 2. Crop centre: gland-mask centroid, else the given centre, else the T2w volume centre.
     t2w_name = next(iter(components))

@@ -294,7 +294,7 @@ def _failed_before(partial: Path) -> list[str]:
     refused resume leaves the partial as it was."""
     path = partial / ERRORS_FILE
     try:
-        with path.open(newline="") as f:
+        with path.open(newline="", encoding="utf-8", errors="surrogateescape") as f:  # as written
             failed = [row["case"] for row in csv.DictReader(f) if row.get("case")]
     except (OSError, KeyError, csv.Error):
         failed = []
