@@ -119,6 +119,13 @@ def test_predict_maps_of_the_ensemble_are_the_mean_of_the_single_models(cv, tmp_
     # The preprocessing the inputs were made with: the run's record but how labels read.
     preprocess = json.loads((folds[0] / "store.json").read_text())["settings"]["preprocess"]
     assert preprocess.pop("label_values") == "isup"
+    # Each run's inference config: the same weights under an edited config give other scores.
+    configs = {}
+    for fold in folds:
+        config = json.loads((fold / "config.json").read_text())
+        config["model"].pop("pretrained", None)
+        configs[str(fold)] = {"model": config["model"], "output_encoding": "ordinal",
+                              "components": config["data"]["components"]}  # fmt: skip
     assert json.loads((tmp_path / "cv" / "models.json").read_text()) == {
         "models": expected,
         "tta": "none",
@@ -126,6 +133,7 @@ def test_predict_maps_of_the_ensemble_are_the_mean_of_the_single_models(cv, tmp_
         "threshold": 0.5,
         "candidates": candidates,
         "preprocess": preprocess,
+        "configs": configs,
     }
     recorded = json.loads((tmp_path / "fold1" / "models.json").read_text())
     assert recorded["models"] == expected[1:] and recorded["weights"] == weights[1:]

@@ -399,9 +399,14 @@ def test_predict_refuses_an_image_as_mask_and_centres_on_a_zonal_mask(
     with pytest.raises(SystemExit) as raised:
         main([*argv, "--mask", exam_components["t2w"], "--out", str(tmp_path / "bad")])
     err = capfd.readouterr().err
+    assert raised.value.code == 2 and err.endswith(": t2w and prostate mask are the same folder\n")
+    copy = shutil.copytree(exam_components["t2w"], tmp_path / "t2w_copy")  # read as a mask
+    with pytest.raises(SystemExit) as raised:
+        main([*argv, "--mask", str(copy), "--out", str(tmp_path / "bad")])
+    err = capfd.readouterr().err
     assert raised.value.code == 2 and err.count("\n") == 1, err
     assert err.endswith(
-        f", file '{exam_components['t2w']}': prostate mask holds {len(values)} distinct values "
+        f", file '{copy}': prostate mask holds {len(values)} distinct values "
         f"(min {float(values[0])}, max {float(values[-1])}): an image, not a label map (at most 8 "
         "integer labels in 0..255, 0 the background)\n"
     )

@@ -322,13 +322,9 @@ class StoreWriter:
 def write_errors(path: str | os.PathLike, errors) -> None:
     """errors.csv with columns case, file, reason (atomically: whole or the previous file), in
     UTF-8; a file name that is no UTF-8 (as Python decodes such names) is written as its bytes."""
-    with (
-        replaced_atomically(path) as tmp,
-        tmp.open("w", newline="", encoding="utf-8", errors="surrogateescape") as f,
-    ):
-        writer = csv.writer(f)
-        writer.writerow(["case", "file", "reason"])
-        writer.writerows(errors)
+    with replaced_atomically(path) as tmp:
+        with tmp.open("w", newline="", encoding="utf-8", errors="surrogateescape") as f:
+            csv.writer(f).writerows([["case", "file", "reason"], *errors])
 
 
 def bad_cases_note(errors) -> str:
