@@ -27,8 +27,8 @@ from focalnet_jax.data.store import open_store
 from focalnet_jax.data.store_settings import VERSION_CHANGE, StaleStoreError
 from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation.ensemble import preprocess_settings
-from focalnet_jax.evaluation.inference import variables_digest
 from focalnet_jax.run import workdir as workdir_lib
+from focalnet_jax.run.checkpoint_digests import variables_digest
 
 RUN = [
     *TINY,

@@ -29,7 +29,8 @@ from focalnet_jax.evaluation.ensemble import (
     load_ensemble,
     resolve_folder,
 )
-from focalnet_jax.evaluation.inference import Predictor, variables_digest
+from focalnet_jax.evaluation.inference import Predictor
+from focalnet_jax.run.checkpoint_digests import variables_digest
 from focalnet_jax.run.workdir import load_for_inference
 
 CASES = 5

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -33,6 +32,7 @@ from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation.predictions import write_case
 from focalnet_jax.run import DATA_AXIS, RunSpec, clip_inputs
 from focalnet_jax.run import workdir as workdir_lib
+from focalnet_jax.run.checkpoint_digests import variables_digest
 
 log = logging.getLogger(__name__)
 
@@ -41,20 +41,6 @@ def inference_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
     """1-D `data` mesh over `devices` (default: every device of this process,
     `jax.local_devices()`): a batch of slices is split over them."""
     return Mesh(np.array(list(devices or jax.local_devices())), (DATA_AXIS,))
-
-
-def variables_digest(variables) -> str:
-    """The first 16 hex digits of the SHA-256 of a variables tree (each leaf's path, dtype, shape
-    and bytes, in path order): one value for one set of weights, however they were loaded."""
-    digest = hashlib.sha256()
-    for path, leaf in sorted(
-        jax.tree_util.tree_leaves_with_path(variables),
-        key=lambda item: jax.tree_util.keystr(item[0]),
-    ):
-        array = np.ascontiguousarray(leaf)
-        digest.update(f"{jax.tree_util.keystr(path)}|{array.dtype}|{array.shape}|".encode())
-        digest.update(array.tobytes())
-    return digest.hexdigest()[:16]
 
 
 def checked_images(images: np.ndarray, components: Sequence[str]) -> np.ndarray:

@@ -9,6 +9,9 @@ before Orbax reads anything. Training writes them at the first log step after a 
 (or at the next save, the end or the stop of the run), for the steps it saved itself: a step
 without them (an older run, or one killed before) is restored unchecked, as before, and keeps
 none, since digests written later would record what it holds then as its content at save time.
+
+`variables_digest` names a set of weights however they were loaded (a checkpoint, a copy, a
+pretrained file), as predictions record them and process groups compare them.
 """
 
 from __future__ import annotations
@@ -17,10 +20,27 @@ import hashlib
 import json
 from pathlib import Path
 
+import jax
+import numpy as np
+
 from focalnet_jax.data.atomic_files import write_json_atomic
 
 DIGEST_FILE = "focalnet_digests.json"
 _ALGORITHM = "sha256"
+
+
+def variables_digest(variables) -> str:
+    """The first 16 hex digits of the SHA-256 of a variables tree (each leaf's path, dtype, shape
+    and bytes, in path order): one value for one set of weights, however they were loaded."""
+    digest = hashlib.sha256()
+    for path, leaf in sorted(
+        jax.tree_util.tree_leaves_with_path(variables),
+        key=lambda item: jax.tree_util.keystr(item[0]),
+    ):
+        array = np.ascontiguousarray(leaf)
+        digest.update(f"{jax.tree_util.keystr(path)}|{array.dtype}|{array.shape}|".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _file_digest(path: Path) -> str:

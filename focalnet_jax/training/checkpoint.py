@@ -13,12 +13,10 @@ all progress, so that takes the user moving `checkpoints/` away (or a new workdi
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
@@ -162,15 +160,10 @@ def _check_same_weights(variables, path: str) -> None:
     """A `UserError` in a process of a group whose pretrained `variables` (loaded from `path`;
     None without weights) differ from process 0's: each process replicates its own host values,
     so the group trained replicas that never agreed. Their paths may differ (a node-local copy),
-    and are not compared; the values are (a SHA-256 over every array)."""
+    and are not compared; the values are (`checkpoint_digests.variables_digest`)."""
     if jax.process_count() == 1:
         return
-    mine = "none"
-    if variables is not None:
-        digest = hashlib.sha256()
-        for leaf in jax.tree.leaves(variables):
-            digest.update(np.ascontiguousarray(leaf).tobytes())
-        mine = digest.hexdigest()
+    mine = "none" if variables is None else checkpoint_digests.variables_digest(variables)
     first = group_failures.process0_value(mine)
     if first == mine:
         return
