@@ -478,8 +478,9 @@ def preprocess_case(
     check_distinct(masks, {}, case)  # e.g. --masks of labels
     # 1. Read; the T2w grid is the reference frame.
     images = _read_components(components, case, series or {})
-    for name, path in components.items():  # a label path pasted into a component's column
-        check_distinct({name: path, **masks}, series or {}, case)
+    # Components among themselves were compared as read: this finds a label path pasted into a
+    # component's column.
+    check_distinct({**components, **masks}, series or {}, case)
     masks["bladder mask"] = bladder_mask
     check_one_frame_of_reference({**components, **masks}, series or {}, case)
     # 2. Crop centre: gland-mask centroid, else the given centre, else the T2w volume centre.
