@@ -529,6 +529,15 @@ def test_positive_bit_ratio_from_classes_memmap_and_bits(tmp_path):
         losses.positive_bit_ratio(np.full((2, 2), 7, np.uint8))
     with pytest.raises(ValueError, match="grade_known: expected the shape"):
         losses.positive_bit_ratio(classes, grade_known=grade_known[:2])
+    rows = np.array([0, 3, 4])  # the three slices counted; 11 ones of which 3 bits invalid
+    for chunk_size in (1, 2, 64):
+        ratio = losses.positive_bit_ratio(
+            stored, grade_known=grade_known, rows=rows, chunk_size=chunk_size
+        )
+        assert ratio == pytest.approx(8 / (3 * 16 * 5 - 3))
+    assert losses.positive_bit_ratio(stored, rows=np.array([1, 2])) == 0.0
+    with pytest.raises(ValueError, match="rows: expected a 1-D integer index"):
+        losses.positive_bit_ratio(classes, rows=np.array([0.0, 1.0]))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -329,6 +329,24 @@ def test_store_dependent_fields():
     classes = np.asarray(store.classes[split.train_rows])
     ratio = losses.positive_bit_ratio(classes, grade_known=store.grade_known[split.train_rows])
     assert spec.mfl_weight(store, split.train_rows) == pytest.approx(1 / ratio)
+
+    class Reads:
+        """A store array that records how many slices each read takes."""
+
+        def __init__(self, array):
+            self.array, self.dtype, self.shape, self.ndim = array, array.dtype, array.shape, 3
+            self.sizes = []
+
+        def __getitem__(self, index):
+            part = self.array[index]
+            self.sizes.append(len(part))
+            return part
+
+    counted = FakeStore(patients=10, slices=3, size=32)
+    counted.classes, counted.grade_known = Reads(store.classes), Reads(store.grade_known)
+    rows = np.repeat(split.train_rows, 10)  # more rows than one chunk of 64
+    assert spec.mfl_weight(counted, rows) == pytest.approx(1 / ratio)
+    assert max(counted.classes.sizes + counted.grade_known.sizes) == 64  # never the whole split
     assert spec.total_steps(7) == 200 * 7  # train.epochs = 200, train.steps = 0
     hbv = tiny_config(overrides=["--config.data.components=t2w,hbv"])
     with pytest.raises(ValueError, match=r"\['hbv'\] not in store"):

@@ -25,7 +25,7 @@ def _bit_counts_from_classes(classes, grade_known, encoding: str) -> tuple[int, 
     return int(counts @ ones_table), int(counts @ valid_table)
 
 
-def _check_labels(labels, encoding, valid, grade_known, chunk_size) -> bool:
+def _check_labels(labels, encoding, valid, grade_known, chunk_size, rows) -> bool:
     """Validates the arguments of :func:`positive_bit_ratio`; True for a class map."""
     is_classes = np.issubdtype(labels.dtype, np.integer)
     if not (is_classes or np.issubdtype(labels.dtype, np.floating)) or np.ndim(labels) < 1:
@@ -42,16 +42,19 @@ def _check_labels(labels, encoding, valid, grade_known, chunk_size) -> bool:
             )
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size: expected a positive int, got {chunk_size!r}")
+    if rows is not None and (np.ndim(rows) != 1 or not np.issubdtype(rows.dtype, np.integer)):
+        raise ValueError(f"rows: expected a 1-D integer index, got {rows.dtype} {np.shape(rows)}")
     return is_classes
 
 
 def positive_bit_ratio(
-    labels, *, encoding="ordinal", valid=None, grade_known=None, chunk_size=64
+    labels, *, encoding="ordinal", valid=None, grade_known=None, rows=None, chunk_size=64
 ) -> float:
     """Fraction of 1-bits among all known target bits (paper: 0.77 % of ordinal bits).
 
     Reads ``labels`` in chunks of ``chunk_size`` along axis 0, so a memory-mapped training set
-    (e.g. ``[N, 128, 128]`` uint8) is never expanded to float bits at once.
+    (e.g. ``[N, 128, 128]`` uint8) is never expanded to float bits, nor its ``rows`` copied, at
+    once.
 
     Args:
       labels: either an integer class map ``[N, ...]`` (values 0..5, encoded with ``encoding``;
@@ -60,6 +63,8 @@ def positive_bit_ratio(
       encoding: encoding of a class map (:data:`focalnet_jax.encoding.ENCODINGS`).
       valid: 0/1 mask for target bits; bits with 0 are not counted.
       grade_known: for a class map, ``[N, ...]``, 0 where a lesion's grade is unknown.
+      rows: optional 1-D integer index of the slices (along axis 0) to count, e.g. a fold's
+        training rows; all slices when None.
       chunk_size: slices per chunk.
 
     Returns:
@@ -69,10 +74,13 @@ def positive_bit_ratio(
     0.2
     """
     labels = labels if hasattr(labels, "dtype") else np.asarray(labels)
-    is_classes = _check_labels(labels, encoding, valid, grade_known, chunk_size)
+    rows = None if rows is None else np.asarray(rows)
+    is_classes = _check_labels(labels, encoding, valid, grade_known, chunk_size, rows)
     ones = total = 0
-    for start in range(0, labels.shape[0], chunk_size):
+    count = labels.shape[0] if rows is None else len(rows)
+    for start in range(0, count, chunk_size):
         part = slice(start, start + chunk_size)
+        part = part if rows is None else rows[part]
         chunk = np.asarray(labels[part])
         if is_classes:
             if chunk.size and (chunk.min() < 0 or chunk.max() >= enc.NUM_CLASSES):

@@ -221,9 +221,10 @@ class RunSpec:
             return self.mfl_weight_setting
         try:
             return losses.mfl_weight(
-                np.asarray(store.classes[train_rows]),
+                store.classes,
+                rows=train_rows,
                 encoding=self.mfl_encoding,
-                grade_known=np.asarray(store.grade_known[train_rows]),
+                grade_known=store.grade_known,
             )
         except ValueError as error:  # e.g. no lesion in the training folds
             raise UserError(
