@@ -13,8 +13,6 @@ import csv
 import json
 import logging
 import os
-import shutil
-import subprocess
 import warnings
 
 import highdicom as hd
@@ -23,6 +21,7 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 from cli_calls import cli_error, run_cli
+from dicom_checks import hand_made_scores, t2w_copy, validator_errors
 from pydicom.pixels import apply_windowing
 
 from focalnet_jax.data import preprocess_case
@@ -39,25 +38,6 @@ from focalnet_jax.evaluation.dicom_output import (
     write_dicom_outputs,
 )
 from focalnet_jax.evaluation.predict import write_exam_outputs
-
-FINDING = np.array([25.7457, 31.8707, -38.511])  # LPS mm, GS 4+3 (shared/data/prostatex/README.md)
-OTHER = FINDING + np.array([-22.0, 4.0, 3.0])  # a lower blob beside it
-
-
-def _gaussians(world) -> np.ndarray:
-    """Lesion score at LPS points `[..., 3]`: 0.9 at FINDING, 0.6 at OTHER (sigma 5 mm)."""
-    world = np.asarray(world)
-    return sum(
-        h * np.exp(-np.sum((world - c) ** 2, -1) / (2 * 5.0**2))
-        for h, c in ((0.9, FINDING), (0.6, OTHER))
-    )
-
-
-def _scores(case) -> np.ndarray:
-    """[S, H, W, 5] hand-made scores of `case`: the Gaussians, P(class >= 2) 0.8 of them."""
-    s, r, c = np.meshgrid(*(np.arange(n) for n in case.images.shape[:3]), indexing="ij")
-    blob = _gaussians(np.stack(case.pixel_to_world(s, r, c), -1)).astype(np.float32)
-    return blob[..., None] * np.array([1.0, 0.8, 0.5, 0.2, 0.1], np.float32)
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +59,7 @@ def written(exam, tmp_path_factory):
     out = tmp_path_factory.mktemp("exam")
     case = preprocess_case(exam, case_id="px")
     sources = dicom_sources("px", exam["t2w"])
-    write_exam_outputs(case, _scores(case), out, threshold=0.3, dicom_sources=sources)
+    write_exam_outputs(case, hand_made_scores(case), out, threshold=0.3, dicom_sources=sources)
     return out
 
 
@@ -167,23 +147,6 @@ def test_score_map_is_the_cspca_map_on_every_t2w_frame(written, t2w_slices):
     )  # fmt: skip
     probe = np.array([0.0, 0.01, 0.25, 0.5, 0.75, 1.0])
     np.testing.assert_allclose(apply_windowing(probe, window), 255 * probe)
-
-
-def validator_errors(path, iod: str) -> list[str]:
-    """The `Error` lines of dicom3tools' `dciodvfy` on `path`, once it named `iod` as the file's
-    IOD; skips where dciodvfy is absent, fails there under FOCALNET_REQUIRE_DICOM_VALIDATOR=1."""
-    dciodvfy = shutil.which("dciodvfy")
-    if dciodvfy is None:
-        reason = "dciodvfy (Debian's dicom3tools) not installed: .ci/install_dicom_validator.sh"
-        if os.environ.get("FOCALNET_REQUIRE_DICOM_VALIDATOR", "") not in ("", "0"):
-            pytest.fail(reason + " (FOCALNET_REQUIRE_DICOM_VALIDATOR=1)")
-        pytest.skip(reason)
-    done = subprocess.run(
-        [dciodvfy, "-new", str(path)], capture_output=True, text=True, timeout=120
-    )
-    lines = (done.stdout + done.stderr).splitlines()
-    assert iod in lines, lines  # the IOD it checked the file against
-    return [line for line in lines if line.startswith("Error")]
 
 
 @pytest.mark.parametrize(
@@ -280,7 +243,7 @@ class _Scorer:
 
 
 def test_batch_resume_writes_the_seg_of_every_case(exam, tmp_path):
-    scorer = _Scorer(_scores(preprocess_case(exam, case_id="px")))
+    scorer = _Scorer(hand_made_scores(preprocess_case(exam, case_id="px")))
     nifti = tmp_path / "t2w.nii.gz"
     write_image(sitk.ReadImage(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(exam["t2w"])), nifti)
     good = CaseSpec("a", "p", dict(exam))
@@ -309,7 +272,7 @@ def test_batch_resume_writes_the_seg_of_every_case(exam, tmp_path):
 def test_one_exam_cli_writes_the_seg_and_rewrites_its_folder(exam, tmp_path, monkeypatch):
     from focalnet_jax.evaluation import predict, predict_command
 
-    scorer = _Scorer(_scores(preprocess_case(exam, case_id="px")))
+    scorer = _Scorer(hand_made_scores(preprocess_case(exam, case_id="px")))
     for module in (predict, predict_command):
         monkeypatch.setattr(module, "load_ensemble", lambda *args, **kwargs: scorer)
     out = tmp_path / "out"
@@ -327,19 +290,6 @@ def test_one_exam_cli_writes_the_seg_and_rewrites_its_folder(exam, tmp_path, mon
         )
 
 
-def _t2w_copy(exam, folder, edit) -> list[str]:
-    """The exam's T2w series copied into `folder`, `edit(k, header)` applied to each file's
-    header (k: its index in the series' order); the files in that order."""
-    folder.mkdir()
-    files = []
-    for k, f in enumerate(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(exam["t2w"])):
-        header = pydicom.dcmread(f)
-        edit(k, header)
-        header.save_as(folder / os.path.basename(f))
-        files.append(str(folder / os.path.basename(f)))
-    return files
-
-
 def test_a_t2w_without_the_attributes_the_outputs_copy_is_refused_before_inference(exam, tmp_path):
     """An anonymiser that deletes PatientID or StudyDate (Type 2) left a traceback from highdicom
     after inference; the sources are now refused as they are read, naming the file."""
@@ -347,7 +297,7 @@ def test_a_t2w_without_the_attributes_the_outputs_copy_is_refused_before_inferen
     def anonymise(k, header):
         del header.PatientID, header.StudyDate
 
-    files = _t2w_copy(exam, tmp_path / "t2w", anonymise)
+    files = t2w_copy(exam, tmp_path / "t2w", anonymise)
     with pytest.raises(CaseError) as refused:
         dicom_sources("px", tmp_path / "t2w")
     assert (refused.value.case, refused.value.file) == ("px", files[0])
@@ -362,6 +312,7 @@ def test_a_t2w_without_the_attributes_the_outputs_copy_is_refused_before_inferen
     [
         ("PatientSex", "U", "PatientSex 'U' is not M, F, O or empty"),
         ("PatientBirthDate", "00000000", "PatientBirthDate '00000000' is not a DICOM DA value"),
+        ("StudyDate", "2011.07.07", "StudyDate '2011.07.07' is not a DICOM DA value"),
         ("StudyTime", "11:47:31", "StudyTime '11:47:31' is not a DICOM TM value"),
         ("FrameOfReferenceUID", None, "FrameOfReferenceUID is missing or empty"),
     ],
@@ -381,7 +332,7 @@ def test_t2w_header_values_the_writer_refuses_are_a_bad_case_before_inference(
 
     with warnings.catch_warnings():  # pydicom warns of the invalid value it is given
         warnings.simplefilter("ignore")
-        files = _t2w_copy(exam, tmp_path / "t2w", edit)
+        files = t2w_copy(exam, tmp_path / "t2w", edit)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the check says why in its line, without a warning
         with pytest.raises(CaseError) as refused:
@@ -393,7 +344,7 @@ def test_t2w_header_values_the_writer_refuses_are_a_bad_case_before_inference(
         sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
         with pytest.raises(CaseError) as written:
             write_exam_outputs(
-                case, _scores(case), tmp_path / "o", threshold=0.3, dicom_sources=sources
+                case, hand_made_scores(case), tmp_path / "o", threshold=0.3, dicom_sources=sources
             )
         assert written.value.reason.startswith("--dicom: the DICOM writer refused the T2w: ")
 
@@ -407,7 +358,7 @@ def test_a_t2w_slice_of_another_study_is_a_bad_case_before_inference(exam, tmp_p
         if k == 5:
             header.StudyInstanceUID = "1.2.3.4"
 
-    files = _t2w_copy(exam, tmp_path / "t2w", other_study)
+    files = t2w_copy(exam, tmp_path / "t2w", other_study)
     with pytest.raises(CaseError) as refused:
         dicom_sources("px", tmp_path / "t2w")
     first = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
@@ -431,7 +382,7 @@ def shifted(exam, tmp_path_factory):
             moved = np.asarray(header.ImagePositionPatient, float) + 0.04 * row
             header.ImagePositionPatient = [float(v) for v in moved]
 
-    return _t2w_copy(exam, tmp_path_factory.mktemp("shifted") / "t2w", move)
+    return t2w_copy(exam, tmp_path_factory.mktemp("shifted") / "t2w", move)
 
 
 def test_frames_off_the_maps_grid_name_the_file_of_the_frame(exam, shifted, tmp_path):
@@ -440,7 +391,9 @@ def test_frames_off_the_maps_grid_name_the_file_of_the_frame(exam, shifted, tmp_
     case = preprocess_case(exam, case_id="px")
     sources = dicom_sources("px", os.path.dirname(shifted[0]))
     with pytest.raises(CaseError) as refused:
-        write_exam_outputs(case, _scores(case), tmp_path, threshold=0.3, dicom_sources=sources)
+        write_exam_outputs(
+            case, hand_made_scores(case), tmp_path, threshold=0.3, dicom_sources=sources
+        )
     with pytest.raises(CaseError) as read:
         dicom_sources("px", os.path.dirname(shifted[0]), grid=case.geometry.t2w_reference_image())
     for error in (refused.value, read.value):
@@ -456,11 +409,11 @@ def test_a_t2w_of_cosines_written_to_3_decimals_writes_its_seg_on_the_grid(exam,
     def round_cosines(k, header):
         header.ImageOrientationPatient = [f"{float(v):.3f}" for v in header.ImageOrientationPatient]
 
-    files = _t2w_copy(exam, tmp_path / "t2w", round_cosines)
+    files = t2w_copy(exam, tmp_path / "t2w", round_cosines)
     case = preprocess_case({**exam, "t2w": str(tmp_path / "t2w")}, case_id="px")
     out = tmp_path / "out"
     sources = dicom_sources("px", str(tmp_path / "t2w"))
-    write_exam_outputs(case, _scores(case), out, threshold=0.3, dicom_sources=sources)
+    write_exam_outputs(case, hand_made_scores(case), out, threshold=0.3, dicom_sources=sources)
     seg, (detection, values) = hd.seg.segread(out / SEG_FILE), _blobs(out)
     uids = [pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files]
     for number, value in enumerate(values, 1):
@@ -475,7 +428,7 @@ def test_a_t2w_without_the_dicom_file_header_writes_its_outputs(exam, tmp_path):
     reader, then `--dicom` ended in pydicom's InvalidDicomError traceback after inference (in a
     batch: a bad case without its file, 'Use force=True to force reading')."""
 
-    files = _t2w_copy(exam, tmp_path / "t2w", lambda k, header: None)
+    files = t2w_copy(exam, tmp_path / "t2w", lambda k, header: None)
     for file in files:
         dataset = pydicom.dcmread(file)
         dataset.preamble = None
@@ -486,7 +439,7 @@ def test_a_t2w_without_the_dicom_file_header_writes_its_outputs(exam, tmp_path):
     case = preprocess_case({**exam, "t2w": str(tmp_path / "t2w")}, case_id="px")
     out = tmp_path / "out"
     sources = dicom_sources("px", str(tmp_path / "t2w"))
-    write_exam_outputs(case, _scores(case), out, threshold=0.3, dicom_sources=sources)
+    write_exam_outputs(case, hand_made_scores(case), out, threshold=0.3, dicom_sources=sources)
     seg = hd.seg.segread(out / SEG_FILE)
     assert seg.FrameOfReferenceUID == sources[0].FrameOfReferenceUID
     score_map = pydicom.dcmread(out / SCORE_MAP_FILE)
@@ -497,7 +450,7 @@ def test_batch_skips_a_case_whose_outputs_fail_and_a_run_of_none_keeps_out(exam,
     """--skip-bad-cases skipped cases that failed as they were read, but a case refused as its
     DICOM outputs were written stopped the run; and a run that predicted no case replaced the
     complete `out` of an earlier run with its empty partial."""
-    scorer = _Scorer(_scores(preprocess_case(exam, case_id="px")))
+    scorer = _Scorer(hand_made_scores(preprocess_case(exam, case_id="px")))
     good = CaseSpec("a", "p", dict(exam))
     off_grid = CaseSpec("b", "p", {**exam, "t2w": os.path.dirname(shifted[0])})
     out = tmp_path / "out"
@@ -526,7 +479,7 @@ def test_dicom_outputs_of_a_lesion_model_say_lesion_not_cspca(exam, tmp_path):
     case = preprocess_case(exam, case_id="px")
     sources = dicom_sources("px", exam["t2w"])
     write_exam_outputs(
-        case, _scores(case), tmp_path, grades=False, threshold=0.3, dicom_sources=sources
+        case, hand_made_scores(case), tmp_path, grades=False, threshold=0.3, dicom_sources=sources
     )
     pm = pydicom.dcmread(tmp_path / SCORE_MAP_FILE)
     mapping = pm.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]

@@ -17,9 +17,12 @@ without it the IOD's conditional General Series Laterality is missing).
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import logging
 import os
+import re
 import warnings
 from importlib.metadata import version
 from pathlib import Path
@@ -35,6 +38,7 @@ from focalnet_jax.data.dicom import choose_series
 from focalnet_jax.data.dicom_cosines import orthonormal_cosines
 from focalnet_jax.data.dicom_multiframe import ORIENTATION_TOLERANCE, frame_values
 from focalnet_jax.data.io import CaseError
+from focalnet_jax.evaluation.dicom_source_headers import slice_spacing, writer_headers
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +70,12 @@ def dicom_sources(
 ) -> list:
     """The pydicom headers (no pixel data) of the T2w series of folder `t2w` (`series`: its UID
     or description, where the folder holds several): its single-frame slices, or its one
-    multi-frame file. A `CaseError` for an image file (no DICOM source to reference), for a
-    first source without the attributes the outputs copy from it (`COPIED_ATTRIBUTES`), for a
-    slice that differs from the first in one of `SHARED_ATTRIBUTES`, and for frames off the T2w
-    grid `grid` of the maps, where given (`frame_voxels`; checked before inference)."""
+    multi-frame file, as the writer takes them (`dicom_source_headers.writer_headers`). A
+    `CaseError` for an image file (no DICOM source to reference), for a first source without the
+    attributes the outputs copy from it (`COPIED_ATTRIBUTES`), for a slice that differs from the
+    first in one of `SHARED_ATTRIBUTES`, for frames off the T2w grid `grid` of the maps, where
+    given (`frame_voxels`), and for headers the writer refuses: both outputs are made of blank
+    maps in memory, so that all of this is found before inference."""
     path = Path(t2w)
     if not path.is_dir():
         raise CaseError(
@@ -97,7 +103,38 @@ def dicom_sources(
     _check_one_series(case_id, files, sources)
     if grid is not None:
         frame_voxels(grid, sources, case_id)
+    frames = _frames(sources)
+    spacing = slice_spacing(np.array([f[0] for f in frames]), frames[0][1])
+    sources = writer_headers(sources, spacing)
+    _check_writer_takes(case_id, sources)
     return sources
+
+
+@contextlib.contextmanager
+def _writer_refusals(case_id: str, sources: list):
+    """A header value the writer (highdicom) refuses, as a `CaseError` naming the first T2w
+    file."""
+    try:
+        yield
+    except (ValueError, TypeError, AttributeError) as error:
+        reason = " ".join(str(error).split())
+        raise CaseError(
+            case_id, sources[0].filename, f"--dicom: the DICOM writer refused the T2w: {reason}"
+        ) from error
+
+
+def _check_writer_takes(case_id: str, sources: list) -> None:
+    """Both outputs made of `sources` and blank maps (one segment of one pixel), saved in memory:
+    the writer's refusals (`_writer_refusals`) before inference, not after."""
+    frames = int(sources[0].get("NumberOfFrames", 1)) if len(sources) == 1 else len(sources)
+    shape = (frames, int(sources[0].Rows), int(sources[0].Columns))
+    labels = np.zeros(shape, np.uint16)
+    labels[0, 0, 0] = 1
+    with _writer_refusals(case_id, sources), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the real files' writing warns, where it does
+        _saved(lambda: _score_map(sources, np.zeros(shape, np.float32)), io.BytesIO())
+        descriptions = [_description(1, segment_label(1, 1.0, []))]
+        _saved(lambda: _seg(sources, labels, descriptions), io.BytesIO())
 
 
 def _check_one_series(case_id: str, files, sources) -> None:
@@ -128,15 +165,19 @@ def _read_header(case_id: str, file) -> pydicom.Dataset:
 
 
 def _unusable_value(source) -> str | None:
-    """What of the header `source` the SEG and Parametric Map writer (highdicom) refuses, checked
-    before inference (anonymised exports hold such values): a PatientSex other than M, F, O or
-    empty, a date or time not in DICOM's DA / TM form, no FrameOfReferenceUID; else None."""
+    """What of the header `source` the SEG and Parametric Map writer (highdicom) refuses, or
+    copies into a non-conformant file, named before inference (anonymised exports hold such
+    values): a PatientSex other than M, F, O or empty, a date or time not in DICOM's DA / TM
+    form (a DA is YYYYMMDD: pydicom also reads ACR-NEMA's `YYYY.MM.DD`), no
+    FrameOfReferenceUID; else None."""
     sex = str(source.get("PatientSex") or "")
     if sex not in ("", "M", "F", "O"):
         return f"PatientSex {sex!r} is not M, F, O or empty"
     for name, kind in (("PatientBirthDate", DA), ("StudyDate", DA), ("StudyTime", TM)):
         if value := str(source.get(name) or ""):
             try:
+                if kind is DA and not re.fullmatch(r"\d{8}", value):
+                    raise ValueError("expected YYYYMMDD")
                 with warnings.catch_warnings():  # pydicom's "Invalid value" warning: said below
                     warnings.simplefilter("ignore")
                     kind(value)
@@ -315,30 +356,34 @@ def write_seg(
             "%s: no lesion candidate, %s not written (a SEG needs a segment)", case_id, SEG_FILE
         )
         return None
-    import highdicom as hd  # imported here (0.3 s): needed only with --dicom
-
     csv_ids = _csv_ids(out_dir / "detections.csv", labels)
     descriptions = [
         _description(n, segment_label(n, p, csv_ids.get(n, [])))
         for n, p in enumerate(confidences, 1)
     ]
     return _saved(
-        lambda: hd.seg.Segmentation(
-            source_images=sources,
-            pixel_array=_sampled(labels, voxels),
-            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-            segment_descriptions=descriptions,
-            series_instance_uid=hd.UID(),
-            series_number=SERIES_NUMBER,
-            sop_instance_uid=hd.UID(),
-            instance_number=1,
-            content_label="LESIONS",
-            content_description="focalnet_jax "
-            + ("csPCa lesion candidates" if grades else "lesion candidates, no grade"),
-            series_description="focalnet_jax lesion candidates",
-            **_equipment(),
-        ),
-        out_dir / SEG_FILE,
+        lambda: _seg(sources, _sampled(labels, voxels), descriptions, grades), out_dir / SEG_FILE
+    )
+
+
+def _seg(sources: list, labels: np.ndarray, descriptions: list, grades: bool = True):
+    """The highdicom SEG of segment labels uint16 `[frames, rows, columns]` on `sources`."""
+    import highdicom as hd  # imported here (0.3 s): needed only with --dicom
+
+    return hd.seg.Segmentation(
+        source_images=sources,
+        pixel_array=labels,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=hd.UID(),
+        series_number=SERIES_NUMBER,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        content_label="LESIONS",
+        content_description="focalnet_jax "
+        + ("csPCa lesion candidates" if grades else "lesion candidates, no grade"),
+        series_description="focalnet_jax lesion candidates",
+        **_equipment(),
     )
 
 
@@ -360,6 +405,12 @@ def write_score_map(
     """`out_dir/score_map.dcm`: the csPCa score P(GS >= 3+4) (float32 on the T2w grid, 0..1) on
     every source frame (`voxels`: `frame_voxels`), a float Parametric Map. `grades`: False for a
     model of lesion against no lesion, whose score is P(lesion) of any grade, and labelled so."""
+    values = _sampled(sitk.GetArrayFromImage(cspca).astype(np.float32), voxels)
+    return _saved(lambda: _score_map(sources, values, grades), out_dir / SCORE_MAP_FILE)
+
+
+def _score_map(sources: list, values: np.ndarray, grades: bool = True):
+    """The highdicom Parametric Map of scores float32 `[frames, rows, columns]` on `sources`."""
     import highdicom as hd
 
     label, meaning = ("csPCa", "P(GS >= 3+4)") if grades else ("lesion", "P(lesion), no grade")
@@ -372,30 +423,26 @@ def write_score_map(
         intercept=0.0,
         quantity_definition=codes.DCM.ProbabilityOfCancer,
     )
-    values = _sampled(sitk.GetArrayFromImage(cspca).astype(np.float32), voxels)
-    return _saved(
-        lambda: _with_prostate_anatomy(
-            hd.pm.ParametricMap(
-                source_images=sources,
-                pixel_array=values,
-                series_instance_uid=hd.UID(),
-                series_number=SERIES_NUMBER + 1,
-                sop_instance_uid=hd.UID(),
-                instance_number=1,
-                contains_recognizable_visual_features=False,
-                real_world_value_mappings=[mapping],
-                voi_lut_transformations=[
-                    hd.VOILUTTransformation(
-                        window_center=0.5, window_width=1.0, voi_lut_function="LINEAR_EXACT"
-                    )
-                ],
-                content_label=label.upper(),
-                content_description=f"focalnet_jax {label} score {meaning}",
-                series_description=f"focalnet_jax {label} score",
-                **_equipment(),
-            )
-        ),
-        out_dir / SCORE_MAP_FILE,
+    return _with_prostate_anatomy(
+        hd.pm.ParametricMap(
+            source_images=sources,
+            pixel_array=values,
+            series_instance_uid=hd.UID(),
+            series_number=SERIES_NUMBER + 1,
+            sop_instance_uid=hd.UID(),
+            instance_number=1,
+            contains_recognizable_visual_features=False,
+            real_world_value_mappings=[mapping],
+            voi_lut_transformations=[
+                hd.VOILUTTransformation(
+                    window_center=0.5, window_width=1.0, voi_lut_function="LINEAR_EXACT"
+                )
+            ],
+            content_label=label.upper(),
+            content_description=f"focalnet_jax {label} score {meaning}",
+            series_description=f"focalnet_jax {label} score",
+            **_equipment(),
+        )
     )
 
 
@@ -407,12 +454,7 @@ def write_dicom_outputs(
     `sources`. A `CaseError` naming `case_id` when those frames are not the T2w grid. `grades`:
     False for a model of lesion against no lesion (labels say P(lesion), no grade)."""
     voxels = frame_voxels(maps["cspca_score"], sources, case_id)
-    try:
+    with _writer_refusals(case_id, sources):  # found by `dicom_sources` before inference
         written = [write_score_map(out_dir, maps["cspca_score"], sources, voxels, grades)]
         seg = write_seg(out_dir, maps["detection_map"], sources, voxels, case_id, grades)
-    except (ValueError, TypeError, AttributeError) as error:  # a header value it cannot take
-        reason = " ".join(str(error).split())
-        raise CaseError(
-            case_id, sources[0].filename, f"--dicom: the DICOM writer refused the T2w: {reason}"
-        ) from error
     return written + ([seg] if seg is not None else [])
