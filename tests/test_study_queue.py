@@ -73,6 +73,29 @@ def test_a_cell_running_here_stays_running_when_an_older_task_of_it_leaves_the_q
         live.wait()
 
 
+def test_a_cell_whose_training_outlives_its_task_here_stays_running(tmp_path, monkeypatch):
+    """Task 99_0 ran the cell here; its runner was killed and its `focalnet train` lived on
+    (re-parented to init: SLURM's proctrack/linuxproc lets it out of the job, which leaves the
+    queue; also while a scancelled training saves its step). The cell read as `interrupted` and
+    was submitted again, whose training was refused ("being trained by pid ...") and the cell
+    failed, the old training writing on into its log. It stays running while that pid lives."""
+    study = _submitted_once(tmp_path)
+    monkeypatch.setattr(slurm, "queue_states", lambda ids: {})  # 99 has left the queue
+    cell = study.cell("ce/rep0/fold0")
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    here = {"host": socket.gethostname(), "pid_space": pid_space(), "slurm_job": "99_0"}
+    try:
+        dead_runner = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                                     capture_output=True, text=True, check=True)  # fmt: skip
+        runner = int(dead_runner.stdout)
+        study.write_state(cell, "running", pid=runner, child_pid=live.pid, **here)
+        assert commands.cell_states(study)["ce/rep0/fold0"] == ("running", "99_0")
+    finally:
+        live.kill()
+        live.wait()
+    assert commands.cell_states(study)["ce/rep0/fold0"] == ("interrupted", "99_0")
+
+
 def test_a_cell_left_running_by_an_earlier_boot_of_this_host_is_interrupted(tmp_path):
     """A cell whose state a reboot (or crash) of this host left `running` read so for good: its
     pid space, which holds the boot, was not this one, so its pids could not be checked, and

@@ -168,6 +168,8 @@ NUMBERS = ("seconds", "total_seconds", "attempts", "time", "started", "pid", "ch
 class CellState:
     state: str  # one of STATES
     record: dict  # the state file's contents ({} when there is none)
+    # running, and its runner or `focalnet` command seen alive by pid (in this pid space)
+    seen_alive: bool = False
 
 
 def _is_number(value) -> bool:
@@ -302,22 +304,22 @@ class Study:
         if state_file.is_file():
             remedy = "remove it, and `study run` runs the cell again (resuming its checkpoint)"
             record = read_json_file(state_file, "cell state file", dict, remedy, _state_problem)
-        state = record.get("state", "pending")
+        state, seen_alive = record.get("state", "pending"), False
         if state == "done" and not (path / METRICS_JSON).is_file():
             state = "pending"
         elif state == "running" and _recorded_here(record):
             # Its runner, or the `focalnet` command that runner started (left running when the
             # runner alone was killed: a second one would train in the same folder).
             processes = [("pid", "pid_started"), ("child_pid", "child_started")]
-            if not any(
+            seen_alive = any(
                 pid_alive(int(record[pid]), record.get(started))
                 for pid, started in processes
                 if pid in record
-            ):
-                state = "interrupted"
+            )
+            state = "running" if seen_alive else "interrupted"
         elif state == "running" and _rebooted_since(record):
             state = "interrupted"
-        return CellState(state, record)
+        return CellState(state, record, seen_alive)
 
     def write_state(self, cell: Cell, state: str, **fields) -> None:
         record = {"state": state, "cell": cell.name, "time": time.time(), **fields}

@@ -191,8 +191,17 @@ def cell_states(
             # submitted again after an attempt of `own_task`, and gone without starting the cell
             # (each attempt records its task): the earlier attempt's state would be shown
             name, task = "failed", latest
-        elif name == "running" and own_task and queue is not None and own_task not in queue:
-            name = "interrupted"  # not a cell run here: its process is alive (`Study.state`)
+        elif (
+            name == "running"
+            and own_task
+            and queue is not None
+            and own_task not in queue
+            and not state.seen_alive
+        ):
+            # Run on another host (its pids mean nothing here). A process seen alive here keeps
+            # it running: a `focalnet train` whose runner was killed outlives its task where
+            # SLURM tracks processes by parent (proctrack/linuxproc), or saves its step still.
+            name = "interrupted"
         elif name == "pending" and latest and queue is not None and latest not in queue:
             name = "failed"  # its task ended before the cell started (its output says why)
         states[cell.name] = (name, task)
