@@ -1,6 +1,7 @@
 """How far the `select` MFL mode's loss and gradient are from the `vmap` mode's (the paper's) on
-one batch: equal under `frozen` normalisation, not under `batch` normalisation, where `select`'s
-recomputed batch mixes slices of different subsets and so normalises with other statistics.
+one batch: equal under `frozen` normalisation in float32 (in bfloat16 to its rounding), not under
+`batch` normalisation, where `select`'s recomputed batch mixes slices of different subsets and so
+normalises with other statistics.
 
     python benchmarks/mfl_modes.py --config configs/focalnet.py [--size 64] [--seed 0]
         [--config.k=v ...]

@@ -19,7 +19,8 @@ Loss (paper eq. 4): `L = loss(f(x)) + lambda * MFL`, where `loss` is the run's n
 * MFL mode `select` (the default): every subset is applied without gradients, each slice's argmin
   subset is picked (its input rebuilt from the subset's channel mask, no gather over subsets),
   and only that input is recomputed with gradients. With `frozen` normalisation value and
-  gradients equal the `vmap` mode (the min's gradient is the argmin's); with `batch`
+  gradients equal the `vmap` mode (the min's gradient is the argmin's; in bfloat16 to its
+  rounding: docs/mfl.md); with `batch`
   normalisation the recomputed batch mixes subsets, so its batch statistics differ.
 
 MFL compares P(class >= k) (`losses.mfl_probs`): sigmoid bits of ordinal/binary logits, the
