@@ -205,6 +205,24 @@ def _run_saved_without(workdir, section: str, key: str):
     return config
 
 
+def test_a_resume_in_another_dtype_is_another_config_not_another_model(tmp_path):
+    """A bfloat16 run's checkpoint holds float32 parameters, as a float32 run's: its resume in
+    float32 was refused as "its checkpoint holds another model", which it does not."""
+    config = tiny_config(overrides=["--config.model.dtype=bfloat16"])
+    workdir_lib.save_config(config, tmp_path)
+    (tmp_path / workdir_lib.CHECKPOINT_DIR / "5").mkdir(parents=True)
+    config.model.dtype = "float32"
+    with pytest.raises(UserError) as refused:
+        workdir_lib.check_resumed_config(config, tmp_path)
+    assert str(refused.value).startswith(
+        f"workdir {tmp_path}: it was trained with another config; config keys differ from its "
+        "config.json: model.dtype 'bfloat16' -> 'float32' ("
+    )
+    config.model.depth = 50  # and another model besides
+    with pytest.raises(UserError, match="its checkpoint holds another model"):
+        workdir_lib.check_resumed_config(config, tmp_path)
+
+
 def test_a_run_saved_before_loss_pool_size_existed_resumes(tmp_path):
     """A config.json written before `loss.pool_size` was a key trained with the loss's 3 x 3
     filter: it resumes under a config that says 3, and is refused under one that says 1."""

@@ -203,8 +203,10 @@ def check_resumed_config(config: ml_collections.ConfigDict, workdir: str | Path)
     saved, new = saved_config(workdir), json.loads(config.to_json())
     if not (changed := config_changes(saved, new)):
         return
-    # model.upsample has no parameters: another one is another config, not another model
-    model = any(k.startswith("model.") and "upsample" not in k for k in changed)
+    # the upsampling has no parameters, and the dtype is the computation's (the parameters are
+    # float32 in each): another one is another config, not another model
+    keys = [change.split(" ", 1)[0] for change in changed]
+    model = any(k.startswith("model.") and k not in ("model.upsample", "model.dtype") for k in keys)
     what = "its checkpoint holds another model" if model else "it was trained with another config"
     advice = "train another config in another workdir"
     upsample = saved.get("model", {}).get("upsample")
