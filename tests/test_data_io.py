@@ -154,6 +154,22 @@ def test_direction_matrix_that_is_no_rotation_is_refused(tmp_path, matrix, found
     read_image(tmp_path / "rounded.mha")
 
 
+def test_a_direction_that_is_a_rotation_to_rounding_is_read_as_the_nearest_rotation(tmp_path):
+    """The polar factor of rotation @ (I + symmetric shear) is the rotation itself: read so, as a
+    series' DICOM cosines are made orthonormal; a rotation is kept to the bit."""
+    _, image = _volume()
+    rotation = np.reshape(_rotation_z(0.3), (3, 3)) @ np.diag([1.0, -1.0, 1.0])  # a reflection
+    shear = np.array([[0.0, 2e-3, -1e-3], [2e-3, 0.0, 3e-3], [-1e-3, 3e-3, 0.0]])
+    image.SetDirection(tuple((rotation @ (np.eye(3) + shear)).ravel()))
+    write_image(image, tmp_path / "sheared.mha")
+    direction = read_image(tmp_path / "sheared.mha").GetDirection()
+    np.testing.assert_allclose(direction, rotation.ravel(), atol=1e-12)
+    image.SetDirection(tuple(rotation.ravel()))
+    write_image(image, tmp_path / "rotated.mha")
+    written = sitk.ReadImage(str(tmp_path / "rotated.mha")).GetDirection()
+    assert read_image(tmp_path / "rotated.mha").GetDirection() == written
+
+
 def _rotation_z(radians: float) -> np.ndarray:
     c, s = np.cos(radians), np.sin(radians)
     return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
@@ -215,6 +231,19 @@ def test_a_metaimage_without_a_voxel_size_is_refused(tmp_path, size):
         return
     assert sitk.ReadImage(str(path)).GetSpacing() == (1.0, 1.0, 1.0)
     _expect(path, "MetaImage header gives no voxel size (no ElementSpacing or ElementSize field)")
+
+
+@pytest.mark.parametrize("spacing", ["0.5 -0.6 3", "0.5 0.6 -3", "0 0.6 3"])
+@pytest.mark.parametrize("field", ["ElementSpacing", "ElementSize"])
+def test_a_metaimage_voxel_size_that_is_not_positive_is_refused(tmp_path, field, spacing):
+    """ITK mirrors the axis of a negative ElementSpacing without a word: the crop centre moved 51
+    mm and two slices were predicted (a negative NIfTI pixdim was refused)."""
+    head = f"ObjectType = Image\nNDims = 3\nOffset = 1 2 3\n{field} = {spacing}\n"
+    head += "DimSize = 2 3 4\nElementType = MET_SHORT\nElementDataFile = LOCAL\n"
+    path = tmp_path / "x.mha"
+    path.write_bytes(head.encode() + bytes(48))
+    _expect(path, f"MetaImage header field {field} = {spacing!r} gives a voxel size that is not "
+            "positive")  # fmt: skip
 
 
 def test_empty_dicom_folder_and_unknown_suffix(tmp_path):

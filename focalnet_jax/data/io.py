@@ -76,6 +76,19 @@ def _direction_problem(direction: Sequence[float]) -> str | None:
     )
 
 
+def _nearest_rotation(direction: Sequence[float]) -> tuple[float, ...]:
+    """The rotation (or reflection) nearest a 3 x 3 direction matrix (row-major) that is one to
+    rounding (`_direction_problem`): its polar factor, the matrix itself where it is one to 1e-12.
+    A series' DICOM cosines are made orthonormal so too (`dicom_cosines`); NIfTI, in which the maps
+    are written, holds no other direction (ITK's writer would put one of its own), so the maps
+    and detections.csv place each voxel where the grid read placed it."""
+    columns = np.reshape(np.asarray(direction, np.float64), (3, 3))
+    if np.abs(columns.T @ columns - np.eye(3)).max() <= 1e-12:
+        return tuple(direction)
+    u, _, vt = np.linalg.svd(columns)
+    return tuple((u @ vt).ravel().tolist())
+
+
 def read_image(
     path: str | os.PathLike,
     *,
@@ -89,8 +102,9 @@ def read_image(
     (required when the folder holds several; see `dicom.read_series`); `component` ('t2w',
     'adc', ...) refuses a DICOM series whose ImageType says it is another component. Raises
     `CaseError` naming the case and file when the file is missing, unreadable or truncated, not
-    3D, has a direction matrix that is no rotation, holds NaN/Inf voxels, is a NIfTI file of
-    voxel size 0, or is an ambiguous or irregular DICOM series.
+    3D, has a direction matrix that is no rotation (one that is to rounding is read as the nearest
+    rotation), holds NaN/Inf voxels, is a NIfTI file of voxel size 0, or is an ambiguous or
+    irregular DICOM series.
     """
     if path is None or not str(path):
         raise CaseError(case, path, f"no {component + ' ' if component else ''}path given")
@@ -142,6 +156,7 @@ def read_image(
         )
     if problem := _direction_problem(image.GetDirection()):
         raise CaseError(case, path, problem)
+    image.SetDirection(_nearest_rotation(image.GetDirection()))
     if not np.isfinite([*image.GetOrigin(), *image.GetSpacing()]).all():  # an NRRD's NaN axis min
         shown = lambda values: "(" + ", ".join(f"{v:g}" for v in values) + ")"
         raise CaseError(

@@ -54,8 +54,8 @@ def _read(path: Path) -> tuple[dict[str, str], int | None]:
 def geometry_problem(path: Path) -> str | None:
     """Why a MetaImage header's geometry cannot be taken, or None (also for other files and
     headers without NDims: ITK's reason stands): a field of `_GEOMETRY` that is not NDims (a
-    matrix: NDims x NDims) finite numbers separated by spaces, or no voxel size (ITK reads 1
-    mm)."""
+    matrix: NDims x NDims) finite numbers separated by spaces, a voxel size that is not positive,
+    or none (ITK reads 1 mm)."""
     if not _is_metaimage(path):
         return None
     try:
@@ -72,6 +72,13 @@ def geometry_problem(path: Path) -> str | None:
                 f"MetaImage header field {field} = {header[field]!r} is not {ndims**power} finite "
                 "numbers separated by spaces (ITK reads what it cannot parse as 0, placing the "
                 "image elsewhere)"
+            )
+    for field in ("ElementSpacing", "ElementSize"):
+        if field in header and any(float(w) <= 0 for w in header[field].split()[:ndims]):
+            return (
+                f"MetaImage header field {field} = {header[field]!r} gives a voxel size that is "
+                "not positive (ITK mirrors the axis of a negative one and places the image "
+                "elsewhere; a flip belongs in TransformMatrix)"
             )
     if not {"ElementSpacing", "ElementSize"} & header.keys():
         return (
