@@ -136,6 +136,20 @@ def test_cv_refuses_a_fold_run_outside_folds_trained_with_another_config(
     assert sorted(p.name for p in cv.iterdir()) == ["fold1"]
 
 
+@pytest.mark.parametrize("make_fold_run", [_other_store, _other_cases])
+def test_cv_refuses_a_fold_run_outside_folds_recorded_on_other_cases_or_store(
+    make_fold_run, store, tmp_path, capsys, monkeypatch
+):
+    """`cv --folds 0` beside a fold1 of the same config recorded on other cases (a rewritten
+    `data.splits` folder, another `data.store`: keys a resume may change): fold 0 trained, and
+    cases were validated in both folds."""
+    cv, flags = tmp_path / "cv", [*RUN, f"--config.data.store={store}"]
+    message = make_fold_run(cv / "fold1", store)
+    error = _cv_error(cv, flags, capsys, monkeypatch, "0")
+    assert error.startswith(f"focalnet cv: error: fold 1 (already in {cv}): {message}")
+    assert sorted(p.name for p in cv.iterdir()) == ["fold1"]
+
+
 def test_every_fold_refusal_of_cv_names_the_fold_as_the_readme_says(
     store, tmp_path, capsys, monkeypatch
 ):

@@ -190,13 +190,15 @@ def _check_folds(config, folds: list[int], workdir: Path) -> None:
     """A `UserError` before any fold trains, for the first of `folds` whose start would be
     refused: first a fold outside `data.num_folds`, a fold whose run in `workdir/fold<k>` was
     trained with another config, or a fold run of `workdir` outside `folds` trained with another
-    (its folds would split the cases otherwise, or differ in what they train); a fold being
+    config, or on other cases or data than the config's store and split give it now (a
+    rewritten `data.splits` folder, another store: the folds would overlap); a fold being
     trained by another process now; then each fold's start as training checks it without
     training (`run_start.check_run_start`: the store, the fold's split and batches,
     `loss.mfl_weight='auto'` on its training rows, a resumed run's recorded store and cases, its
     checkpoint past the config's steps), the message led by `fold <k>: `."""
     # Imported once logging is set up (`_training_setup`): importing Orbax gives the root logger
     # a handler of Python's default format, which `logging.basicConfig` would then leave as it is.
+    from focalnet_jax.data.run_store import check_training_store
     from focalnet_jax.errors import is_user_error
     from focalnet_jax.run import RunSpec
     from focalnet_jax.run import workdir as workdir_lib
@@ -219,16 +221,26 @@ def _check_folds(config, folds: list[int], workdir: Path) -> None:
             workdir_lib.check_resumed_config(workdir_lib.absolute_paths(config), resumed)
         except UserError as error:
             raise UserError(f"fold {fold}: {error}") from None
-    for sibling in fold_runs(workdir):
-        fold = sibling.name.removeprefix("fold")
-        if fold.isdigit() and int(fold) not in folds:
-            config.data.fold = int(fold)
-            try:
-                workdir_lib.check_resumed_config(workdir_lib.absolute_paths(config), sibling)
-            except UserError as error:
-                raise UserError(f"fold {fold} (already in {workdir}): {error}") from None
+    siblings = {
+        int(fold): run
+        for run in fold_runs(workdir)
+        if (fold := run.name.removeprefix("fold")).isdigit() and int(fold) not in folds
+    }
+    for fold, sibling in siblings.items():
+        config.data.fold = fold
+        try:
+            workdir_lib.check_resumed_config(workdir_lib.absolute_paths(config), sibling)
+        except UserError as error:
+            raise UserError(f"fold {fold} (already in {workdir}): {error}") from None
     check_not_being_trained([workdir / f"fold{fold}" for fold in folds])
     store = open_config_store(workdir_lib.absolute_paths(config))  # its errors name no fold
+    for fold, sibling in siblings.items():  # split as it recorded (a rewritten data.splits, ...)
+        config.data.fold = fold
+        try:
+            split = RunSpec.from_config(config).for_store(store).fold_split(store)
+            check_training_store(sibling, store, split=split)
+        except UserError as error:
+            raise UserError(f"fold {fold} (already in {workdir}): {error}") from None
     mesh = sharding.make_mesh()
     for fold in folds:
         config.data.fold = fold
