@@ -139,7 +139,9 @@ def test_jax_is_given_the_first_host_of_the_step_and_its_port(monkeypatch):
     before = dict(os.environ)
     assert distributed.initialize() == "slurm"
     # The step's port: 61440 + (77 + 2531 * 2) % 4096.
-    assert calls == [(("node01-ib:62483",), {"local_device_ids": []})]
+    timeout = distributed.JOIN_TIMEOUT_S + 60  # past the one-line end of `_join`
+    expected = {"local_device_ids": [], "initialization_timeout": timeout}
+    assert calls == [(("node01-ib:62483", None, None), expected)]
     assert dict(os.environ) == before
     monkeypatch.setenv("SLURM_STEP_NODELIST", "rack[1-2]-node[01-02]")
     jax_own = clusters.ClusterEnv.auto_detect_unset_distributed_params(
@@ -639,6 +641,81 @@ def test_processes_started_with_other_configs_end_before_training(tmp_path):
     )
     assert f"UserError: {reason}" in outputs[1]
     assert not (workdir / "config.json").exists() and not (workdir / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("process_id", [0, 1])
+def test_a_group_that_does_not_join_ends_in_one_line(process_id):
+    """Process 1 given another port than process 0's (or process 0 whose process 1 never came)
+    waited 5 minutes without a word, then JAX aborted it with a C++ stack trace naming neither
+    the address nor a flag. Here alone, with a 3 s limit: one line, status 1."""
+    from test_train_helpers import cpu_devices_env, free_port
+
+    address = f"localhost:{free_port()}"
+    script = (
+        "from focalnet_jax.training import distributed\n"
+        "distributed.JOIN_TIMEOUT_S = 3\n"
+        f"distributed.initialize({address!r}, 2, {process_id})\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        env=cpu_devices_env(1),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert done.stderr.splitlines()[-1] == (
+        f"focalnet: error: process {process_id} could not join its group of 2 processes at "
+        f"{address} within 3 s: a process not started (or ended), or started with another "
+        "coordinator address (host or port) or process count; start every process with the same "
+        "ones"
+    )
+    assert "Check failure" not in done.stderr
+
+
+@pytest.mark.slow
+def test_processes_given_other_workdirs_or_device_counts_end_before_training(tmp_path):
+    """Two processes given two workdirs each wrote its share of the checkpoints into its own;
+    they hung at the checkpoint's commit (20 minutes, then killed) and the run was lost. Two
+    processes of 2 and 1 devices ended in a traceback of the first collective. Both are refused
+    in every process before anything is written; a link to process 0's workdir is the same."""
+    from test_train_helpers import finish, free_port, process_flags, start_worker
+
+    cases = [  # (workdir of process 1, devices of process 1, process 1's reason)
+        (
+            tmp_path / "other",
+            1,
+            f"process 1's workdir {tmp_path / 'other'} is not process 0's ({tmp_path / 'run'}): "
+            "it holds no training lock of process 0; give every process the same --workdir, on "
+            "a file system every process sees",
+        ),
+        (
+            tmp_path / "run",
+            2,
+            "process 1 drives 2 devices, process 0 1 device: every process of a group drives as "
+            "many (give each the same GPUs: CUDA_VISIBLE_DEVICES, --gpus-per-task, XLA_FLAGS)",
+        ),
+    ]
+    for workdir, devices, reason in cases:
+        port = free_port()
+        processes = [
+            start_worker(tmp_path / "unused0.npz", tmp_path / "run", 1, process_flags(port, 0)),
+            start_worker(tmp_path / "unused1.npz", workdir, devices, process_flags(port, 1)),
+        ]
+        outputs = finish(processes, timeout=240, returncode=1)  # the workers' uncaught errors
+        assert f"UserError: {reason}" in outputs[1], outputs[1][-2000:]
+        assert f": {reason}" in outputs[0] and "UserError: process 1 could not " in outputs[0]
+        for folder in {tmp_path / "run", workdir}:
+            assert not (folder / "checkpoints").exists() and not (folder / "config.json").exists()
+    (tmp_path / "link").symlink_to(tmp_path / "run")
+    port = free_port()
+    flags = ["--config.train.steps=2"]
+    processes = [
+        start_worker(tmp_path / f"linked{i}.npz", tmp_path / name, 1, [*process_flags(port, i),
+                     *flags])
+        for i, name in enumerate(("run", "link"))
+    ]  # fmt: skip
+    finish(processes, timeout=240)
 
 
 @pytest.mark.slow

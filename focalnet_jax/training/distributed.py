@@ -38,13 +38,19 @@ import itertools
 import os
 import re
 import socket
+import sys
+import threading
 from pathlib import Path
 
 import jax
 
 from focalnet_jax.data.atomic_files import check_output_folder
 from focalnet_jax.errors import UserError
-from focalnet_jax.training.group_failures import watch_for_group_failures
+from focalnet_jax.training.group_failures import command_name, watch_for_group_failures
+
+# Seconds a process waits for every process of its group to join (`_join`); JAX's own limit, past
+# which it aborts the process with a C++ stack trace, is set a minute later.
+JOIN_TIMEOUT_S = 300
 
 
 def slurm_num_tasks(environ=None) -> int:
@@ -287,9 +293,7 @@ def initialize(
         if process_id == 0:
             check_coordinator_port_free(coordinator_address)
         _configure_group()
-        jax.distributed.initialize(
-            coordinator_address, num_processes, process_id, local_device_ids=_flags_device_ids()
-        )
+        _join(coordinator_address, num_processes, process_id, _flags_device_ids())
         watch_for_group_failures()
         return "flags"
     if slurm_num_tasks() > 1:
@@ -297,10 +301,44 @@ def initialize(
         address = slurm_coordinator_address()
         _check_slurm_coordinator(address)
         _configure_group()
-        jax.distributed.initialize(address, local_device_ids=device_ids)
+        _join(address, None, None, device_ids)
         watch_for_group_failures()
         return "slurm"
     return "single"
+
+
+def _join(address: str, num_processes, process_id, device_ids) -> None:
+    """`jax.distributed.initialize` (`num_processes`, `process_id`: None for SLURM's), ended in one
+    line and status 1 when the group is not whole within `JOIN_TIMEOUT_S`: a process not started
+    (or ended), or given another address or process count. JAX waited 5 minutes without a word,
+    then aborted every process with a C++ stack trace naming neither the address nor a flag."""
+    count = num_processes or slurm_num_tasks()
+    rank = process_id if process_id is not None else os.environ.get("SLURM_PROCID", "?")
+
+    def not_joined() -> None:
+        print(
+            f"{command_name()}: error: process {rank} could not join its group of {count} "
+            f"processes at {address} within {JOIN_TIMEOUT_S} s: a process not started (or "
+            "ended), or started with another coordinator address (host or port) or process "
+            "count; start every process with the same ones",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(1)  # the group's client is half made: nothing may call it (JAX would abort)
+
+    timer = threading.Timer(JOIN_TIMEOUT_S, not_joined)
+    timer.daemon = True
+    timer.start()
+    try:
+        jax.distributed.initialize(
+            address,
+            num_processes,
+            process_id,
+            local_device_ids=device_ids,
+            initialization_timeout=JOIN_TIMEOUT_S + 60,
+        )
+    finally:
+        timer.cancel()
 
 
 def describe() -> str:

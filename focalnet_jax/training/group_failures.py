@@ -179,6 +179,12 @@ def _notify_group(client, reason: str) -> None:
                 client.key_value_set(f"{_NOTICE}{process}", f"{jax.process_index()} {reason}")
 
 
+def command_name() -> str:
+    """The running command's name for its one-line errors (`focalnet train`), as given to
+    `leave_group_on_failure`; `focalnet` outside it."""
+    return _FailureWatch.prog or "focalnet"
+
+
 def end_process(status: int) -> None:
     """Ends this process at once with `status` (no exit handlers, no JAX shutdown barrier), its
     output flushed. In a process group, a process other than 0 says in the store that it leaves;

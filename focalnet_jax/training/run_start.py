@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +23,7 @@ from focalnet_jax.run import RunSpec
 from focalnet_jax.run import workdir as workdir_lib
 from focalnet_jax.run.run_folder import check_run_folder, has_checkpoint_step
 from focalnet_jax.run.spec import FoldSplit
-from focalnet_jax.training import group_failures, input_pipeline
+from focalnet_jax.training import group_checks, group_failures, input_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -68,13 +67,15 @@ def check_run_start(
     trains. `store`: an opened store (default: `open_config_store(config)`)."""
     check_run_folder(workdir)  # not another command's output folder
     config = workdir_lib.absolute_paths(config)
+    with group_failures.together("drive as many devices as process 0"):
+        group_checks.check_same_device_count()
     with group_failures.together("start with the config of process 0"):
-        _check_same_config(config)
+        group_checks.check_same_config(config)
     spec = RunSpec.from_config(config)
     workdir_lib.check_resumed_config(config, workdir)  # a resume: the same run, extended
     store = open_config_store(config) if store is None else store
     with group_failures.together("open the store of process 0"):
-        _check_same_store(store)
+        group_checks.check_same_store(store)
     spec = spec.for_store(store)
     if config.data.slices == "all" and store.settings.get("slices") == "annotated":
         raise UserError(
@@ -102,35 +103,6 @@ def check_run_start(
     if has_checkpoint_step(workdir):  # a resume: the store and cases it recorded
         check_training_store(workdir, store, split=split)
     return RunStart(config, spec, store, split, batches, num_steps, lam, start)
-
-
-def _check_same_config(config: ml_collections.ConfigDict) -> None:
-    """A `UserError` in a process of a group started with another config than process 0's (its
-    command differs): it trained the checkpoint with mixed settings while `config.json` recorded
-    process 0's, or ended in a traceback at the first save (other steps)."""
-    mine = config.to_json(sort_keys=True)
-    first = group_failures.process0_value(mine)
-    # Paths may name one store otherwise (a link, another mount): its data are compared instead.
-    paths = workdir_lib.PATH_KEYS
-    if changed := workdir_lib.config_changes(json.loads(first), json.loads(mine), allowed=paths):
-        raise UserError(
-            f"process {jax.process_index()} was started with another config than process 0: "
-            f"{'; '.join(changed)}; start every process with the same command"
-        )
-
-
-def _check_same_store(store) -> None:
-    """A `UserError` in a process of a group whose store holds other settings, cases or case
-    data than process 0's (by whatever path each reaches it)."""
-    if jax.process_count() == 1:
-        return
-    cases = [(record["case_id"], record.get("data_sha256")) for record in store.cases]
-    mine = json.dumps({"fingerprint": store.fingerprint, "cases": cases})
-    if group_failures.process0_value(mine) != mine:
-        raise UserError(
-            f"process {jax.process_index()}'s store {store.path} holds other settings, cases or "
-            "data than process 0's; give every process the same store"
-        )
 
 
 def unused_settings(config: ml_collections.ConfigDict, spec: RunSpec) -> list[str]:
@@ -198,7 +170,9 @@ def training_lock(workdir: Path) -> Iterator[None]:
     (a job submitted twice, a requeue while the old job runs) is refused in one line naming the
     holder, in every process of its group: both runs' checkpoints and event files were lost.
     The folders this created are removed again where the block leaves them empty (a refused
-    start). On a file system without locks the run trains unguarded, with a warning."""
+    start). On a file system without locks the run trains unguarded, with a warning. Every
+    other process of a group must find process 0's lock in its own workdir where it names it
+    by another path (`group_checks.check_same_workdir`)."""
     lock, created = None, missing_folders(workdir)
     first = jax.process_index() == 0
     with group_failures.together("take the workdir's training lock"):
@@ -219,6 +193,8 @@ def training_lock(workdir: Path) -> Iterator[None]:
                     unsupported.reason,
                 )
     try:
+        with group_failures.together("train in the workdir of process 0"):
+            group_checks.check_same_workdir(workdir, workdir / LOCK_FILE)
         yield
     finally:
         if lock is not None:
