@@ -1076,6 +1076,13 @@ def test_a_refused_evaluate_or_summarize_leaves_no_folder_made_for_its_lock(tmp_
     message = _error(["summarize", "--runs", f"A={missing}", "--out", str(tmp_path / "b/c/x")])
     assert message.endswith(f"{missing}: run folder does not exist")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+    metrics = tmp_path / "metrics.json"  # the file named instead of its folder
+    metrics.write_text("{}")
+    message = _error(["summarize", "--runs", f"A={metrics}", "--out", str(tmp_path / "b/c/x")])
+    assert message.endswith(f"{metrics}: a file, not a run folder: give the folder holding "
+                            "metrics.json (the `--out` of `focalnet evaluate`, or a run or "
+                            "cross-validation folder above it)")  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
 
 
 def test_a_lock_file_that_cannot_be_opened_is_named_not_the_output_folder(tmp_path):

@@ -112,6 +112,11 @@ def _comparison_line(path: tuple[str, ...], row: dict) -> str:
 def find_folds(run_dir: str | Path) -> list[Path]:
     """Sorted `metrics.json` files under a run folder; an error naming the folder when none."""
     run_dir = Path(run_dir)
+    if run_dir.is_file():
+        raise UserError(
+            f"{run_dir}: a file, not a run folder: give the folder holding metrics.json (the "
+            "`--out` of `focalnet evaluate`, or a run or cross-validation folder above it)"
+        )
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: run folder does not exist")
     found = sorted(Path(folder) / "metrics.json" for folder in _folders(run_dir)
