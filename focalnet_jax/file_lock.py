@@ -87,6 +87,7 @@ def _write_holder(lock: IO[str], note: str) -> None:
     lock.truncate()
     lock.write(f"pid {os.getpid()} on {socket.gethostname()}{note}\n")
     lock.flush()
+    os.fsync(lock.fileno())  # seen by other hosts' processes of a group (`group_checks`)
 
 
 def release_lock(lock: IO[str], remove: bool = False) -> None:

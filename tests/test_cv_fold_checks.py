@@ -150,6 +150,19 @@ def test_cv_refuses_a_fold_run_outside_folds_recorded_on_other_cases_or_store(
     assert sorted(p.name for p in cv.iterdir()) == ["fold1"]
 
 
+def test_cv_trains_beside_a_fold_run_outside_folds_that_saved_no_checkpoint(
+    store, tmp_path, capsys, monkeypatch
+):
+    """A fold1 killed before its first save (its store.json of another store) starts over when it
+    is trained, so it does not block `cv --folds 0`; nor does a fold5 of an earlier 6-fold cv."""
+    cv, flags = tmp_path / "cv", [*RUN, f"--config.data.store={store}"]
+    workdir_lib.save_config(_fold_config(store, 1), cv / "fold1")
+    record_run_store(cv / "fold1", FakeStore())
+    workdir_lib.save_config(_fold_config(store, 1, "--config.data.num_folds=6"), cv / "fold5")
+    with pytest.raises(AssertionError, match=f"^{cv / 'fold0'} trained$"):
+        _cv_error(cv, flags, capsys, monkeypatch, "0")
+
+
 def test_every_fold_refusal_of_cv_names_the_fold_as_the_readme_says(
     store, tmp_path, capsys, monkeypatch
 ):

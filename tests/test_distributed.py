@@ -685,9 +685,9 @@ def test_processes_given_other_workdirs_or_device_counts_end_before_training(tmp
         (
             tmp_path / "other",
             1,
-            f"process 1's workdir {tmp_path / 'other'} is not process 0's ({tmp_path / 'run'}): "
-            "it holds no training lock of process 0; give every process the same --workdir, on "
-            "a file system every process sees",
+            f"process 1's workdir {tmp_path / 'other'} holds no training lock of process 0, "
+            f"which trains in {tmp_path / 'run'}: another folder, or one on a disk process 0 does "
+            "not see; give every process the same --workdir, on a file system every process sees",
         ),
         (
             tmp_path / "run",

@@ -202,7 +202,7 @@ def _check_folds(config, folds: list[int], workdir: Path) -> None:
     from focalnet_jax.errors import is_user_error
     from focalnet_jax.run import RunSpec
     from focalnet_jax.run import workdir as workdir_lib
-    from focalnet_jax.run.run_folder import fold_runs
+    from focalnet_jax.run.run_folder import fold_runs, has_checkpoint_step
     from focalnet_jax.training import sharding
     from focalnet_jax.training.run_start import (
         check_not_being_trained,
@@ -235,6 +235,8 @@ def _check_folds(config, folds: list[int], workdir: Path) -> None:
     check_not_being_trained([workdir / f"fold{fold}" for fold in folds])
     store = open_config_store(workdir_lib.absolute_paths(config))  # its errors name no fold
     for fold, sibling in siblings.items():  # split as it recorded (a rewritten data.splits, ...)
+        if not has_checkpoint_step(sibling):  # no run yet: its fold starts over when trained
+            continue
         config.data.fold = fold
         try:
             split = RunSpec.from_config(config).for_store(store).fold_split(store)

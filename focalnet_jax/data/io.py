@@ -78,12 +78,14 @@ def _direction_problem(direction: Sequence[float]) -> str | None:
 
 def _nearest_rotation(direction: Sequence[float]) -> tuple[float, ...]:
     """The rotation (or reflection) nearest a 3 x 3 direction matrix (row-major) that is one to
-    rounding (`_direction_problem`): its polar factor, the matrix itself where it is one to 1e-12.
+    rounding (`_direction_problem`): its polar factor, the matrix itself where it is one to 1e-6
+    (NIfTI stores a rotation in float32: 2e-8 off; such a matrix, and the store built from it, stay
+    as they were).
     A series' DICOM cosines are made orthonormal so too (`dicom_cosines`); NIfTI, in which the maps
     are written, holds no other direction (ITK's writer would put one of its own), so the maps
     and detections.csv place each voxel where the grid read placed it."""
     columns = np.reshape(np.asarray(direction, np.float64), (3, 3))
-    if np.abs(columns.T @ columns - np.eye(3)).max() <= 1e-12:
+    if np.abs(columns.T @ columns - np.eye(3)).max() <= 1e-6:
         return tuple(direction)
     u, _, vt = np.linalg.svd(columns)
     return tuple((u @ vt).ravel().tolist())

@@ -16,7 +16,7 @@ from focalnet_jax.errors import UserError, plural
 from focalnet_jax.run import workdir as workdir_lib
 from focalnet_jax.training import group_failures
 
-WORKDIR_WAIT_S = 10.0  # how long a lock file written by process 0 may take to show elsewhere
+WORKDIR_WAIT_S = 30.0  # how long a lock file written by process 0 may take to show elsewhere
 
 
 def check_same_device_count() -> None:
@@ -65,26 +65,27 @@ def check_same_store(store) -> None:
 
 
 def check_same_workdir(workdir: Path, lock_file: Path) -> None:
-    """A process whose `workdir` is not process 0's: named by another path (a link, another
-    mount), it must hold the training lock `lock_file` process 0 took in its own (its holder line,
-    waited for up to `WORKDIR_WAIT_S`); another folder, or one on a file system process 0 does not
-    see, is refused. Each process wrote its share of the checkpoints into its own workdir, and the
-    group hung at their commit (20 minutes, then killed), the run lost. Nothing to compare where
-    process 0 took no lock (a file system without locks)."""
+    """A process whose `workdir` is not process 0's folder, by whatever path it names it (a link,
+    another mount): that folder holds the training lock `lock_file` process 0 took (its holder
+    line, waited for up to `WORKDIR_WAIT_S`). Another folder, or the same path on a disk process
+    0 does not see (node-local scratch), is refused: each process wrote its share of the
+    checkpoints into its own workdir, and the group hung at their commit (20 minutes, then
+    killed), the run lost. Nothing to compare where process 0 took no lock (a file system
+    without locks)."""
     if jax.process_count() == 1:
         return
-    path = os.path.abspath(workdir)
-    mine = json.dumps({"path": path, "holder": _holder(lock_file)})
+    mine = json.dumps({"path": os.path.abspath(workdir), "holder": _holder(lock_file)})
     first = json.loads(group_failures.process0_value(mine))
-    if jax.process_index() == 0 or first["path"] == path or first["holder"] is None:
+    if jax.process_index() == 0 or first["holder"] is None:
         return
     deadline = time.monotonic() + WORKDIR_WAIT_S
     while _holder(lock_file) != first["holder"]:
         if time.monotonic() > deadline:
             raise UserError(
-                f"process {jax.process_index()}'s workdir {workdir} is not process 0's "
-                f"({first['path']}): it holds no training lock of process 0; give every process "
-                "the same --workdir, on a file system every process sees"
+                f"process {jax.process_index()}'s workdir {workdir} holds no training lock of "
+                f"process 0, which trains in {first['path']}: another folder, or one on a disk "
+                "process 0 does not see; give every process the same --workdir, on a file "
+                "system every process sees"
             )
         time.sleep(0.5)
 
