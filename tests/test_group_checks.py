@@ -14,6 +14,7 @@ import pytest
 
 from focalnet_jax.errors import UserError
 from focalnet_jax.file_lock import acquire_lock, release_lock
+from focalnet_jax.run.spec import per_device_batch
 from focalnet_jax.training import group_checks, group_failures
 
 
@@ -33,7 +34,8 @@ def test_the_folder_process_0_locked_is_found_by_any_path_and_no_other(tmp_path,
     shared.mkdir()
     lock = acquire_lock(shared / "train.lock")  # process 0's lock on the shared disk
     try:
-        holder = (shared / "train.lock").read_text().strip()
+        line = (shared / "train.lock").read_text().strip()
+        holder = f"{line} (inode {os.stat(shared / 'train.lock').st_ino})"  # as process 0 sees it
         as_process_1.update(path=str(shared), holder=holder)
         (tmp_path / "link").symlink_to(shared)
         for path in (shared, tmp_path / "link", tmp_path / "link" / ".." / "shared"):
@@ -49,7 +51,9 @@ def test_the_folder_process_0_locked_is_found_by_any_path_and_no_other(tmp_path,
                 f"in {local}: another folder, or one on a disk process 0 does not see; give "
                 "every process the same --workdir, on a file system every process sees"
             )
-        (local / "train.lock").write_text("pid 1 on an-old-run\n")  # a stale lock of its own
+        # A stale lock of a killed run with process 0's holder line (`pid 1` in a container of
+        # the same host name) is another lock.
+        (local / "train.lock").write_text(line + "\n")
         with pytest.raises(UserError, match="holds no training lock of process 0"):
             group_checks.check_same_workdir(local, local / "train.lock")
     finally:
@@ -60,3 +64,16 @@ def test_nothing_is_compared_where_process_0_took_no_lock(tmp_path, as_process_1
     """A file system without file locks: process 0 trains unguarded, with a warning."""
     as_process_1.update(path=os.fspath(tmp_path / "elsewhere"), holder=None)
     group_checks.check_same_workdir(tmp_path, tmp_path / "train.lock")
+
+
+def test_a_batch_the_devices_of_unequal_processes_do_not_divide_names_this_process(monkeypatch):
+    """Processes of 1 and 2 devices (refused later, `check_same_device_count`): each process's
+    batch message said "2 processes x 1 local devices" of 3 devices, or "2 x 2" of 3."""
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "local_device_count", lambda: 2)
+    with pytest.raises(UserError) as refused:
+        per_device_batch(4, 3)
+    assert str(refused.value) == (
+        "train.batch_size=4 is not divisible by the 3 devices of the 'data' mesh (2 processes, "
+        "this one driving 2); choose a multiple of the device count"
+    )

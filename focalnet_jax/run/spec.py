@@ -54,10 +54,13 @@ def per_device_batch(global_batch: int, num_devices: int) -> int:
     if global_batch <= 0:
         raise UserError(f"train.batch_size={global_batch}: must be positive")
     if global_batch % num_devices:
+        processes, local = jax.process_count(), jax.local_device_count()
+        layout = f"{processes} processes x {local} local devices"
+        if processes * local != num_devices:  # processes of unequal devices (refused later)
+            layout = f"{processes} processes, this one driving {local}"
         raise UserError(
             f"train.batch_size={global_batch} is not divisible by the {num_devices} devices of the "
-            f"'{DATA_AXIS}' mesh ({jax.process_count()} processes x {jax.local_device_count()} "
-            "local devices); choose a multiple of the device count"
+            f"'{DATA_AXIS}' mesh ({layout}); choose a multiple of the device count"
         )
     return global_batch // num_devices
 

@@ -67,10 +67,10 @@ def check_same_store(store) -> None:
 def check_same_workdir(workdir: Path, lock_file: Path) -> None:
     """A process whose `workdir` is not process 0's folder, by whatever path it names it (a link,
     another mount): that folder holds the training lock `lock_file` process 0 took (its holder
-    line, waited for up to `WORKDIR_WAIT_S`). Another folder, or the same path on a disk process
-    0 does not see (node-local scratch), is refused: each process wrote its share of the
-    checkpoints into its own workdir, and the group hung at their commit (20 minutes, then
-    killed), the run lost. Nothing to compare where process 0 took no lock (a file system
+    line and inode, waited for up to `WORKDIR_WAIT_S`). Another folder, or the same path on a
+    disk process 0 does not see (node-local scratch), is refused: each process wrote its share
+    of the checkpoints into its own workdir, and the group hung at their commit (20 minutes,
+    then killed), the run lost. Nothing to compare where process 0 took no lock (a file system
     without locks)."""
     if jax.process_count() == 1:
         return
@@ -91,8 +91,13 @@ def check_same_workdir(workdir: Path, lock_file: Path) -> None:
 
 
 def _holder(lock_file: Path) -> str | None:
-    """The holder line of a training lock file; None where there is none to read."""
+    """A training lock as the processes of a group see it: its holder line and its file's inode
+    (a stale lock left elsewhere by a killed run may hold the same line: `pid 1` in a container
+    of the same host name); None where there is none to read."""
     try:
-        return lock_file.read_text().strip() or None
+        with lock_file.open() as lock:
+            line = lock.read().strip()
+            inode = os.fstat(lock.fileno()).st_ino
     except (OSError, UnicodeDecodeError):
         return None
+    return f"{line} (inode {inode})" if line else None
