@@ -74,15 +74,9 @@ def _set_character_set(header: pydicom.Dataset) -> None:
 def _share_orientation(slices: list) -> None:
     """Every slice given the first slice's ImageOrientationPatient where its own differs by no
     more than `ORIENTATION_TOLERANCE` (rounding: the reader took them as one grid)."""
-    first = slices[0].get("ImageOrientationPatient")
-    if first is None:
-        return
     for header in slices[1:]:
-        own = header.get("ImageOrientationPatient")
-        if own is not None and np.abs(np.subtract(own, first, dtype=float)).max() <= (
-            ORIENTATION_TOLERANCE
-        ):
-            header.ImageOrientationPatient = list(first)
+        if _same_orientation(slices[0], header):
+            header.ImageOrientationPatient = list(slices[0].ImageOrientationPatient)
 
 
 def _shared_groups(header: pydicom.Dataset) -> list:
@@ -109,10 +103,13 @@ def _shared_groups(header: pydicom.Dataset) -> list:
 def _alike(first: pydicom.Dataset, other: pydicom.Dataset) -> bool:
     """The same pixel measures, or orientations within `ORIENTATION_TOLERANCE`."""
     if "ImageOrientationPatient" in first or "ImageOrientationPatient" in other:
-        a, b = first.get("ImageOrientationPatient"), other.get("ImageOrientationPatient")
-        return (
-            a is not None
-            and b is not None
-            and np.abs(np.subtract(a, b, dtype=float)).max() <= ORIENTATION_TOLERANCE
-        )
+        return _same_orientation(first, other)
     return first == other
+
+
+def _same_orientation(first: pydicom.Dataset, other: pydicom.Dataset) -> bool:
+    """Both hold an ImageOrientationPatient, within `ORIENTATION_TOLERANCE` of each other."""
+    a, b = first.get("ImageOrientationPatient"), other.get("ImageOrientationPatient")
+    if a is None or b is None:
+        return False
+    return bool(np.abs(np.subtract(a, b, dtype=float)).max() <= ORIENTATION_TOLERANCE)
