@@ -673,6 +673,35 @@ def test_a_group_that_does_not_join_ends_in_one_line(process_id):
     assert "Check failure" not in done.stderr
 
 
+_COUNT_MEMBER = """
+import sys
+from jax.experimental import multihost_utils
+from focalnet_jax.errors import one_line_user_errors
+from focalnet_jax.training import distributed, group_failures
+port, rank, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[4])
+with group_failures.leave_group_on_failure("focalnet train", 2), one_line_user_errors(
+    "focalnet train"
+):
+    distributed.initialize(f"localhost:{port}", count + rank, rank)
+    multihost_utils.sync_global_devices("the start")
+"""
+
+
+@pytest.mark.slow
+def test_a_process_given_another_process_count_than_process_0_ends_the_group():
+    """Process 1 given `--num_processes 3` joined process 0's group of 2: JAX took process 0's
+    count and the flag was ignored without a word. Now it ends in one line naming the flag, and
+    process 0 with it."""
+    (status0, output0), (status1, output1) = _run_group("none", _COUNT_MEMBER)
+    reason = (
+        "--num_processes=3, but process 0 started a group of 2 processes: start every process "
+        "with the same --num_processes"
+    )
+    assert status1 == 2 and f"focalnet train: error: {reason}" in output1, output1
+    assert status0 == 1, output0
+    assert f"error: process 1 failed ({reason}); this process stopped with it" in output0, output0
+
+
 @pytest.mark.slow
 def test_processes_given_other_workdirs_or_device_counts_end_before_training(tmp_path):
     """Two processes given two workdirs each wrote its share of the checkpoints into its own;

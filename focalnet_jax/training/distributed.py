@@ -295,6 +295,7 @@ def initialize(
         _configure_group()
         _join(coordinator_address, num_processes, process_id, _flags_device_ids())
         watch_for_group_failures()
+        _check_process_count(num_processes)
         return "flags"
     if slurm_num_tasks() > 1:
         device_ids = slurm_local_device_ids()  # refuses a layout that leaves GPUs idle
@@ -339,6 +340,16 @@ def _join(address: str, num_processes, process_id, device_ids) -> None:
         )
     finally:
         timer.cancel()
+
+
+def _check_process_count(given: int) -> None:
+    """A `UserError` in a process given another `--num_processes` than process 0: JAX takes
+    process 0's count, and the flag was ignored without a word."""
+    if (count := jax.process_count()) != given:
+        raise UserError(
+            f"--num_processes={given}, but process 0 started a group of {count} processes: "
+            "start every process with the same --num_processes"
+        )
 
 
 def describe() -> str:
