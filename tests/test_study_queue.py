@@ -1,11 +1,13 @@
 """Which cells a `study run` may start, as the SLURM queue says (`commands.cell_states`), without a
 cluster: `slurm.queue_states` stands in for `squeue` (None: it did not answer; {}: nothing
-queued). The real queue is used in tests/test_study.py's slow SLURM tests."""
+queued); and an interrupted submission (`slurm.run_sbatch`, with a stand-in `sbatch`). The real
+queue is used in tests/test_study_slurm.py's slow SLURM tests."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -115,3 +117,33 @@ def test_a_cell_left_running_by_an_earlier_boot_of_this_host_is_interrupted(tmp_
         record = {"pid": 1, "host": host, "pid_space": "0123abcd", **fields}
         study.write_state(cell, "running", **record)
         assert study.state(cell).state == expected, fields
+
+
+def test_an_interrupt_as_the_sbatch_is_noted_in_the_run_lock_waits_for_it(
+    tmp_path, monkeypatch, capsys
+):
+    """A Ctrl-C or SIGTERM that came while the run lock noted its `sbatch` (the note written,
+    then fsynced) ended the run at once, without waiting for the `sbatch` that may have
+    submitted an array. Here the interrupt comes as the note is written."""
+    from focalnet_jax import file_lock
+
+    ended = tmp_path / "ended"
+    stand_in = tmp_path / "bin" / "sbatch"
+    stand_in.parent.mkdir()
+    stand_in.write_text(f"#!/bin/sh\nsleep 1\ntouch {ended}\necho 7\n")
+    stand_in.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{stand_in.parent}:{os.environ['PATH']}")
+
+    def noted_then_interrupted(lock, note):
+        file_lock.note_sharer(lock, note)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(slurm, "note_sharer", noted_then_interrupted)
+    lock = file_lock.acquire_lock(tmp_path / "run.lock")
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            slurm.run_sbatch(tmp_path / "array.sbatch", lock)
+        assert ended.exists()  # it waited for its sbatch to end
+        assert capsys.readouterr().err.startswith("waiting for sbatch (pid ")
+    finally:
+        file_lock.release_lock(lock)

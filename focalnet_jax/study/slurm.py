@@ -156,9 +156,9 @@ def run_sbatch(script_file: Path, lock: IO[str] | None = None) -> str:
         start_new_session=True,  # a Ctrl-C or hang-up of the terminal does not reach it
         pass_fds=(lock.fileno(),) if lock is not None else (),
     )
-    if lock is not None:
-        note_sharer(lock, f"its sbatch: pid {child.pid}")
-    try:
+    try:  # an interrupt as soon as the note is written (where a user sees it) waits too
+        if lock is not None:
+            note_sharer(lock, f"its sbatch: pid {child.pid}")
         stdout, stderr = child.communicate()
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM; slurmctld may have the array already
         print(
