@@ -4,9 +4,12 @@ need it skip where it is absent, and fail instead under FOCALNET_REQUIRE_REAL_DA
 The session shares one persistent XLA compilation cache (`$JAX_COMPILATION_CACHE_DIR`, a temporary
 folder made at the start and removed at the end; a value set before is kept): the test worker
 processes and every child process they start then compile each of the tiny models' steps once
-per session, not once per test. Its size bound turns on JAX's file lock, so that no process reads
-an entry another is still writing. Tests that count compilations, or check where a command puts
-its own cache, take `without_compilation_cache`.
+per session, not once per test. It keeps every compilation, also those under JAX's 1 s floor
+(`JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0`, unless set before), most of the tiny models'
+compilations: measured on 2 cores, tests/test_train_sigterm.py and
+tests/test_evaluation_inference.py took 263 s of CPU against 309 s with the floor. Its size bound
+turns on JAX's file lock, so that no process reads an entry another is still writing. Tests that
+count compilations, or check where a command puts its own cache, take `without_compilation_cache`.
 
 XLA compiles with its most expensive optimisations off (`JAX_DISABLE_MOST_OPTIMIZATIONS=true`,
 unless set before) in the test processes and every child process they start: the tiny models
@@ -31,6 +34,7 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("FOCALNET_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 CACHE_DIR, CACHE_MAX_SIZE = "JAX_COMPILATION_CACHE_DIR", "JAX_COMPILATION_CACHE_MAX_SIZE"
+CACHE_MIN_TIME = "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"
 FAST_COMPILES = "JAX_DISABLE_MOST_OPTIMIZATIONS"
 # A flag of XLA:CPU in jaxlib 0.10; a jaxlib without it stops at start-up, naming it as unknown.
 FAST_FUSIONS = "--xla_cpu_use_fusion_emitters"
@@ -44,6 +48,7 @@ def pytest_configure(config):
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     os.environ.setdefault(FAST_COMPILES, "true")  # before any test module imports jax
+    os.environ.setdefault(CACHE_MIN_TIME, "0")
     flags = os.environ.get("XLA_FLAGS", "")
     if FAST_FUSIONS not in flags:
         os.environ["XLA_FLAGS"] = f"{flags} {FAST_FUSIONS}=false".strip()
@@ -88,13 +93,17 @@ def without_compilation_cache(monkeypatch):
     import jax
     from jax.experimental.compilation_cache import compilation_cache
 
-    for name in (CACHE_DIR, CACHE_MAX_SIZE):
+    for name in (CACHE_DIR, CACHE_MAX_SIZE, CACHE_MIN_TIME):
         monkeypatch.delenv(name, raising=False)
-    keys = ("jax_compilation_cache_dir", "jax_compilation_cache_max_size")
-    previous = {key: getattr(jax.config, key) for key in keys}
+    defaults = {  # JAX's
+        "jax_compilation_cache_dir": None,
+        "jax_compilation_cache_max_size": -1,
+        "jax_persistent_cache_min_compile_time_secs": 1.0,
+    }
+    previous = {key: getattr(jax.config, key) for key in defaults}
     compilation_cache.reset_cache()  # the cache reads its settings once, when first used
-    jax.config.update("jax_compilation_cache_dir", None)
-    jax.config.update("jax_compilation_cache_max_size", -1)
+    for key, value in defaults.items():
+        jax.config.update(key, value)
     yield
     compilation_cache.reset_cache()
     for key, value in previous.items():

@@ -729,8 +729,9 @@ def test_processes_given_other_workdirs_or_device_counts_end_before_training(tmp
         port = free_port()
         processes = [
             start_worker(tmp_path / "unused0.npz", tmp_path / "run", 1, process_flags(port, 0)),
-            start_worker(tmp_path / "unused1.npz", workdir, devices, process_flags(port, 1)),
-        ]
+            start_worker(tmp_path / "unused1.npz", workdir, devices, process_flags(port, 1),
+                         workdir_wait_s=2),
+        ]  # fmt: skip
         outputs = finish(processes, timeout=240, returncode=1)  # the workers' uncaught errors
         assert f"UserError: {reason}" in outputs[1], outputs[1][-2000:]
         assert f": {reason}" in outputs[0] and "UserError: process 1 could not " in outputs[0]

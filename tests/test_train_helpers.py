@@ -188,11 +188,16 @@ def script_json(script: str, *args: str, devices: int = 2, timeout: float = 300)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def start_worker(out, workdir, devices: int, args=(), store_seed: int = 0) -> subprocess.Popen:
+def start_worker(
+    out, workdir, devices: int, args=(), store_seed: int = 0, workdir_wait_s: float | None = None
+) -> subprocess.Popen:
     """This file run as a script on `devices` CPU devices, its stdout and stderr going to
     `process.log` (a temporary file): `args` = `process_flags(...)` (if any), then `--config.k=v`
-    overrides; it trains on `FakeStore(seed=store_seed)`."""
+    overrides; it trains on `FakeStore(seed=store_seed)`; `workdir_wait_s`: the process group's
+    `group_checks.WORKDIR_WAIT_S` (default: the module's)."""
     env = cpu_devices_env(devices, FAKE_STORE_SEED=str(store_seed))
+    if workdir_wait_s is not None:
+        env["WORKDIR_WAIT_S"] = str(workdir_wait_s)
     command = [sys.executable, str(Path(__file__).resolve()), str(out), str(workdir), *args]
     log = tempfile.TemporaryFile()
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -248,7 +253,11 @@ def _main(argv):
         flags[rest[0].lstrip("-")] = rest[1]
         rest = rest[2:]
     if flags:
-        from focalnet_jax.training import distributed
+        from focalnet_jax.training import distributed, group_checks
+
+        # A test of a refused workdir need not wait as long as a network file system may take.
+        wait_s = os.environ.get("WORKDIR_WAIT_S", group_checks.WORKDIR_WAIT_S)
+        group_checks.WORKDIR_WAIT_S = float(wait_s)
 
         distributed.initialize(
             flags["coordinator"], int(flags["num_processes"]), int(flags["process_id"])
