@@ -1,7 +1,7 @@
 """`group_checks.check_same_workdir` as process 1 of a group whose process 0 ran on another host:
 the same `--workdir` path on a disk process 0 does not see (node-local scratch) is refused, as is
 another folder; the folder process 0 locked, by its own path or another, is accepted. Process 0's
-value (what the group's key-value store passes) is given here; tests/test_distributed.py starts
+value (what the group's key-value store passes) is given here; tests/test_group_start.py starts
 real two-process groups on one host."""
 
 from __future__ import annotations
