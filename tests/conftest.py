@@ -59,19 +59,26 @@ def pytest_configure(config):
     os.environ.update({CACHE_DIR: folder, CACHE_MAX_SIZE: str(2**33)})  # 8 GiB: never reached
 
 
-# The files that run for minutes (multi-process and end-to-end runs), longest first. Under
-# `pytest -n 2 --dist loadfile` (`make test`) each file goes whole to the next free worker, in
-# collection order: started first, they share out evenly between the workers; in alphabetical
-# order the longest (test_train_sigterm) started near the end and ran on alone.
+# The files that run for minutes (multi-process and end-to-end runs), longest first (as measured
+# by `make test`'s `--durations` on 2 cores). Under `pytest -n 2 --dist loadfile` each file goes
+# whole to the next free worker, in collection order: started first, they share out evenly between
+# the workers; in alphabetical order a long one started near the end and ran on alone.
 LONG_FILES = (
-    "test_train_sigterm.py",
-    "test_study_slurm.py",
-    "test_study.py",
     "test_benchmarks.py",
-    "test_train_demo.py",
     "test_train_loop.py",
-    "test_mfl_many.py",
+    "test_evaluation_inference.py",
+    "test_train_sigterm.py",
+    "test_group_failures.py",
+    "test_group_start.py",
+    "test_launch_scripts.py",
+    "test_study.py",
+    "test_predict_resume.py",
     "test_train_configs.py",
+    "test_checkpoint_recovery.py",
+    "test_study_slurm.py",
+    "test_study_attempts.py",
+    "test_mfl_many.py",
+    "test_train_demo.py",
 )
 
 

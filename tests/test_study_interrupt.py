@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_study import ARMS, ENV, write_spec
+from study_calls import ARMS, ENV, write_spec
 from test_train_helpers import REPO, small_synthetic_store
 
 from focalnet_jax.file_lock import LockHeld, acquire_lock, release_lock

@@ -19,27 +19,21 @@ import time
 from pathlib import Path
 
 import pytest
+import study_calls
 from slurm_cluster import KILL_WAIT_S, OneNodeCluster
-from test_study import ARMS, ENV, _require_slurm, study, write_spec
-from test_train_helpers import REPO, small_synthetic_store
+from study_calls import ARMS, ENV, require_slurm, study, write_spec
+from test_train_helpers import REPO
 
 from focalnet_jax.file_lock import LockHeld, acquire_lock, release_lock
 from focalnet_jax.study.cells import RUN_LOCK
 
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Path:
-    return small_synthetic_store(tmp_path_factory.mktemp("slurm_study"), cases=8, seed=3)
-
-
-@pytest.fixture(scope="module")
-def spec_file(store) -> Path:
-    return write_spec(store.parent / "tiny_study.py", store)
+store = study_calls.store  # a module-scoped fixture
+spec_file = study_calls.spec_file  # a module-scoped fixture
 
 
 @pytest.fixture
 def cluster(tmp_path):
-    _require_slurm()
+    require_slurm()
     started = OneNodeCluster(tmp_path / "cluster")
     try:
         yield started.start()
