@@ -152,20 +152,25 @@ def test_a_command_killed_by_a_signal_records_the_signal_not_its_last_progress_l
     assert run_focalnet(["evaluate"], log) == "focalnet evaluate killed by SIGTERM (ValueError: x)"
 
 
+def _one_fold_one_repeat_study(spec_file, workdir):
+    """The study of `spec_file` cut to fold 0 and one repeat, created (not run) in `workdir`."""
+    from focalnet_jax.study.cells import Study
+    from focalnet_jax.study.spec import load_spec, validate
+
+    plain = validate(load_spec(str(spec_file), ["--spec.folds=(0,)", "--spec.repeats=1"]), "spec")
+    return Study.create(workdir, plain)
+
+
 @pytest.mark.slow
 def test_slurm_submits_no_cell_whose_new_task_waits_in_the_queue(spec_file, tmp_path):
     """A cell whose last task failed (its state records that task) and that was submitted again:
     while the new task waits (held) in the queue, the cell is `queued`, and another `study run`
     submits nothing, so no two tasks train the same cell folder."""
-    from focalnet_jax.study.cells import Study
-    from focalnet_jax.study.spec import load_spec, validate
-
     require_slurm()
     cluster = OneNodeCluster(tmp_path / "cluster")
     env = {**ENV, **cluster.env}
     workdir = tmp_path / "requeued"
-    plain = validate(load_spec(str(spec_file), ["--spec.folds=(0,)", "--spec.repeats=1"]), "spec")
-    tiny = Study.create(workdir, plain)
+    tiny = _one_fold_one_repeat_study(spec_file, workdir)
     failed = tiny.cell("ce/rep0/fold0")
     # What the cell runner of an earlier task (job 0 is never a SLURM job id) left.
     tiny.write_state(failed, "failed", error="RuntimeError: boom", slurm_job="0_0")
@@ -210,15 +215,12 @@ def test_slurm_resubmits_a_cell_whose_forgotten_job_left_it_running(spec_file, t
     job (`MinJobAge`), `squeue -j <job>` fails ('Invalid job id specified'). The cell is then
     `interrupted` and submitted again, not taken for one running elsewhere."""
     from focalnet_jax.data.atomic_files import write_json_atomic
-    from focalnet_jax.study.cells import Study
-    from focalnet_jax.study.spec import load_spec, validate
 
     require_slurm()
     cluster = OneNodeCluster(tmp_path / "cluster")
     env = {**ENV, **cluster.env}
     workdir = tmp_path / "forgotten"
-    plain = validate(load_spec(str(spec_file), ["--spec.folds=(0,)", "--spec.repeats=1"]), "spec")
-    tiny = Study.create(workdir, plain)
+    tiny = _one_fold_one_repeat_study(spec_file, workdir)
     killed = tiny.cell("ce/rep0/fold0")
     # Job 999999 is unknown to the new cluster, as a long-finished job is to a real one.
     tiny.write_state(killed, "running", slurm_job="999999_0")
