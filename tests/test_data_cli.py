@@ -2,44 +2,25 @@
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import os
-import re
 import shutil
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
+import data_cli_calls
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from test_train_helpers import REPO
+from data_cli_calls import picai_args
 
 from focalnet_jax.cli import main
 from focalnet_jax.data.layouts import discover_picai, read_manifest, write_manifest
 from focalnet_jax.data.store import open_store
 
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synth")
-    assert main(["synth", "--out", str(root), "--cases", "4", "--seed", "3", "--small"]) == 0
-    return root
-
-
-def _picai_args(root, out, *extra):
-    return [
-        "preprocess", "--layout", "picai", "--images", str(root / "images"),
-        "--labels", str(root / "labels"), "--masks", str(root / "masks"), "--out", str(out), *extra,
-    ]  # fmt: skip
+dataset = data_cli_calls.dataset  # a module-scoped fixture
 
 
 def test_synth_preprocess_folds_end_to_end(dataset, tmp_path, capsys):
     out = tmp_path / "store"
-    assert main(_picai_args(dataset, out, "--workers", "2", "--components", "t2w,adc,hbv")) == 0
+    assert main(picai_args(dataset, out, "--workers", "2", "--components", "t2w,adc,hbv")) == 0
     store = open_store(out)
     assert store.components == ("t2w", "adc", "hbv") and len(store.cases) == 4
     assert store.images.shape == (4 * 6, 128, 128, 3)
@@ -137,7 +118,7 @@ def test_summary_names_the_components_stored_and_those_left_unread(dataset, tmp_
     # components surfaced at training time, after the preprocessing.
     out = tmp_path / "picai"
     capsys.readouterr()
-    assert main(_picai_args(dataset, out)) == 0
+    assert main(picai_args(dataset, out)) == 0
     assert capsys.readouterr().out.strip() == (
         f"wrote 4 cases (24 slices of t2w, adc) to {out}; images not read: hbv "
         "(--components is t2w,adc)"
@@ -165,7 +146,7 @@ def test_empty_input_folder(tmp_path):
     for folder in ("images", "labels", "masks"):
         (tmp_path / folder).mkdir()
     with pytest.raises(SystemExit, match="no cases found in .*images"):
-        main(_picai_args(tmp_path, tmp_path / "store"))
+        main(picai_args(tmp_path, tmp_path / "store"))
     assert not (tmp_path / "store").exists()
 
 
@@ -253,7 +234,7 @@ def bad_dataset(dataset, tmp_path_factory):
 def test_skip_bad_cases_writes_good_ones_and_errors_csv(bad_dataset, tmp_path):
     root, spoiled = bad_dataset
     out = tmp_path / "store"
-    assert main(_picai_args(root, out, "--skip-bad-cases")) == 0
+    assert main(picai_args(root, out, "--skip-bad-cases")) == 0
     store = open_store(out)
     assert len(store.cases) == 4 and not set(store.case_ids) & set(spoiled)
     with (out / "errors.csv").open() as f:
@@ -267,7 +248,7 @@ def test_skip_bad_cases_with_no_bad_case_writes_an_empty_errors_csv(dataset, tmp
     """A run told to skip bad cases says that it skipped none: errors.csv holds its header only
     (as `predict --skip-bad-cases` does), and the closing line counts no bad case."""
     out = tmp_path / "store"
-    assert main(_picai_args(dataset, out, "--skip-bad-cases")) == 0
+    assert main(picai_args(dataset, out, "--skip-bad-cases")) == 0
     assert len(open_store(out).cases) == 4
     assert (out / "errors.csv").read_text().splitlines() == ["case,file,reason"]
     assert "bad case" not in capsys.readouterr().out
@@ -277,241 +258,12 @@ def test_first_bad_case_stops_run_and_leaves_nothing(bad_dataset, tmp_path):
     root, spoiled = bad_dataset
     out = tmp_path / "store"
     with pytest.raises(SystemExit) as info:
-        main(_picai_args(root, out))
+        main(picai_args(root, out))
     first = sorted(spoiled)[0]
     path, reason = spoiled[first]
     message = str(info.value)
     assert first in message and path in message and reason in message
     assert list(tmp_path.iterdir()) == []
-
-
-def test_sigterm_mid_run_removes_the_temporary_store(dataset, tmp_path):
-    """`kill` (SIGTERM) while cases are being read: one line, status 143, nothing left behind.
-    Every T2w file is a FIFO that no one writes, so both workers block reading their case."""
-    root = tmp_path / "data"
-    shutil.copytree(dataset, root)
-    for t2w in root.glob("images/*/*_t2w.mha"):
-        t2w.unlink()
-        os.mkfifo(t2w)
-    out = tmp_path / "store"
-    argv = [sys.executable, "-m", "focalnet_jax.cli", *_picai_args(root, out, "--workers", "2")]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    process = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
-    deadline = time.monotonic() + 60
-    while not list(tmp_path.glob(".store.tmp-*")) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert list(tmp_path.glob(".store.tmp-*")), "the run never started writing its store"
-    time.sleep(1.0)  # the pool is up and its workers wait on the FIFOs
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 143
-    assert stderr.strip().splitlines()[-1] == "focalnet preprocess: interrupted by SIGTERM"
-    assert "Traceback" not in stderr
-    assert not out.exists() and not list(tmp_path.glob(".store.tmp-*"))
-
-
-# Runs `focalnet preprocess` with the signal sent from inside the pool's construction, to the whole
-# process group (as Ctrl-C, or SLURM ending a step, reaches the parent and its workers): right after
-# the first worker process is spawned ("worker"), or after the thread that keeps the pool's workers
-# alive started ("thread"; an interrupt from there used to leave that thread respawning workers
-# that the exit waits for, for ever).
-SIGNAL_IN_POOL_CONSTRUCTION = """
-import os, sys, threading
-from multiprocessing import pool, popen_spawn_posix
-from focalnet_jax.cli import main
-
-signum, where = int(sys.argv[1]), sys.argv[2]
-def send_once():
-    if not getattr(send_once, "sent", False):
-        send_once.sent = True
-        os.killpg(os.getpgrp(), signum)
-
-launch, start = popen_spawn_posix.Popen._launch, threading.Thread.start
-def launch_then_signal(self, process_obj):
-    launch(self, process_obj)
-    if where == "worker":
-        send_once()
-def start_then_signal(self):
-    start(self)
-    if where == "thread" and self._target == pool.Pool._handle_workers:
-        send_once()
-popen_spawn_posix.Popen._launch = launch_then_signal
-threading.Thread.start = start_then_signal
-sys.exit(main(sys.argv[3:]))
-"""
-
-
-def _group_alive(pgid: int, timeout: float) -> bool:
-    """Whether a process of group `pgid` is still there after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return False
-        time.sleep(0.05)
-    return True
-
-
-@pytest.mark.parametrize("where", ["worker", "thread"])
-@pytest.mark.parametrize(
-    "signum, line",
-    [(signal.SIGINT, "interrupted by Ctrl-C"), (signal.SIGTERM, "interrupted by SIGTERM")],
-)
-def test_a_signal_while_the_worker_pool_starts_ends_in_one_line(
-    dataset, tmp_path, signum, line, where
-):
-    """The signal is held while the pool is being built and raised once it stands, so the pool is
-    terminated, the temporary store removed, and no process of the run is left; the worker already
-    started ignores Ctrl-C (no traceback) and ends on the pool's SIGTERM."""
-    out = tmp_path / "store"
-    code = [sys.executable, "-c", SIGNAL_IN_POOL_CONSTRUCTION, str(int(signum)), where]
-    argv = [*code, *_picai_args(dataset, out, "--workers", "2")]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    process = subprocess.Popen(
-        argv, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO, start_new_session=True
-    )
-    try:
-        _, stderr = process.communicate(timeout=60)
-        left = _group_alive(process.pid, timeout=5)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)  # only if the run hung or left a worker
-    assert process.returncode == 128 + signum, stderr
-    assert not left, "a process of the run outlived it"
-    bar = re.compile(r"preprocess: +\d+%")  # tqdm's progress bar, redrawn after each \r
-    assert [s for s in stderr.splitlines() if s and not bar.match(s)] == [
-        f"focalnet preprocess: {line}"
-    ], stderr
-    assert not out.exists() and not list(tmp_path.glob(".store.tmp-*"))
-
-
-def _hold_fifos_open(fifos: list, timeout: float) -> list[int]:
-    """Write ends of `fifos`, each opened once a reader has it open (that reader then blocks in
-    its read until they are closed)."""
-    fds, deadline = [], time.monotonic() + timeout
-    for fifo in fifos:
-        while True:
-            try:
-                fds.append(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-                break
-            except OSError:  # ENXIO: no reader yet
-                assert time.monotonic() < deadline, f"no worker opened {fifo}"
-                time.sleep(0.05)
-    return fds
-
-
-def _preprocess_with_fifos_held(root, out, workers: int, fifos: list, act, *extra):
-    """`focalnet preprocess` of `root` into `out` (`extra`: more arguments) in a session of its
-    own, `fifos` (T2w files made FIFOs) held open once read (their readers block), then
-    `act(process)`: (exit status, stderr, whether a process of the run outlived it). The run is
-    killed if it hangs."""
-    argv = [sys.executable, "-m", "focalnet_jax.cli"]
-    argv += _picai_args(root, out, "--workers", str(workers), *extra)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    process = subprocess.Popen(
-        argv, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO, start_new_session=True
-    )
-    fds = []
-    try:
-        fds = _hold_fifos_open(fifos, timeout=120)
-        act(process)
-        _, stderr = process.communicate(timeout=60)
-        left = _group_alive(process.pid, timeout=5)
-    finally:
-        for fd in fds:
-            os.close(fd)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)  # only if the run hung or left a worker
-    return process.returncode, stderr, left
-
-
-def test_sigterm_to_the_process_group_with_an_idle_worker_ends_the_run(dataset, tmp_path):
-    """`kill -TERM -- -PGID` (a container stop, a job script's trap) reaches every worker: one
-    that had finished its case and waited for the next, killed while it held the lock of the task
-    queue, used to leave the parent waiting for that lock in `Pool.terminate` for ever. 4 cases,
-    4 workers: 3 block reading a T2w that is a FIFO, the 4th case is read and its worker waits."""
-    root = tmp_path / "data"
-    shutil.copytree(dataset, root)
-    fifos = sorted(root.glob("images/*/*_t2w.mha"))[1:]
-    for t2w in fifos:
-        t2w.unlink()
-        os.mkfifo(t2w)
-    out = tmp_path / "store"
-
-    def stop(process):
-        time.sleep(3.0)  # the first case is read, its worker waits for another
-        os.killpg(process.pid, signal.SIGTERM)
-
-    returncode, stderr, left = _preprocess_with_fifos_held(root, out, 4, fifos, stop)
-    assert returncode == 143, stderr
-    assert not left, "a process of the run outlived it"
-    assert stderr.strip().splitlines()[-1] == "focalnet preprocess: interrupted by SIGTERM"
-    assert "Traceback" not in stderr, stderr
-    assert not out.exists() and not list(tmp_path.glob(".store.tmp-*"))
-
-
-def _reader_of(fifo: Path, parent: int) -> int:
-    """The pid of the child of `parent` that has `fifo` open."""
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        tasks = Path(f"/proc/{parent}/task").glob("*/children")  # each thread's children
-        for child in {int(pid) for task in tasks for pid in task.read_text().split()}:
-            with contextlib.suppress(FileNotFoundError):
-                fds = Path(f"/proc/{child}/fd")
-                if any(os.readlink(fd) == str(fifo) for fd in fds.iterdir()):
-                    return child
-        time.sleep(0.05)
-    raise AssertionError(f"no child of {parent} has {fifo} open")
-
-
-def _kill_a_reader(dataset, tmp_path, k: int, *extra):
-    """`focalnet preprocess --workers 2` (`extra`: more arguments) of a copy of `dataset` whose
-    case k has a FIFO for its T2w, the worker reading it killed (SIGKILL): (case, store, exit
-    status, stderr, whether a process of the run outlived it)."""
-    root = tmp_path / "data"
-    shutil.copytree(dataset, root)
-    fifo = sorted(root.glob("images/*/*_t2w.mha"))[k]
-    fifo.unlink()
-    os.mkfifo(fifo)
-    out = tmp_path / "store"
-
-    def kill_its_reader(process):
-        os.kill(_reader_of(fifo, process.pid), signal.SIGKILL)
-
-    returncode, stderr, left = _preprocess_with_fifos_held(
-        root, out, 2, [fifo], kill_its_reader, *extra
-    )
-    return fifo.name.removesuffix("_t2w.mha"), out, returncode, stderr, left
-
-
-def test_a_worker_killed_in_a_case_ends_the_run_naming_the_case(dataset, tmp_path):
-    """A worker killed while it reads a case (the out-of-memory killer, a crash in a reader):
-    `multiprocessing.Pool` replaced it and the run waited for that case for ever; now one line
-    names the case and how its worker ended, and nothing is left behind."""
-    case, out, returncode, stderr, left = _kill_a_reader(dataset, tmp_path, 0)
-    assert returncode == 2, stderr
-    assert not left, "a process of the run outlived it"
-    assert stderr.strip().splitlines()[-1] == (
-        f"focalnet preprocess: error: case {case!r}, file '': its worker process died (killed "
-        "by SIGKILL)"
-    ), stderr
-    assert not out.exists() and not list(tmp_path.glob(".store.tmp-*"))
-
-
-def test_a_case_whose_worker_was_killed_is_skipped_with_skip_bad_cases(dataset, tmp_path):
-    """With --skip-bad-cases the run stopped at a case whose worker died, as without; now that
-    case is listed in errors.csv like any bad case and the others are stored."""
-    case, out, returncode, stderr, left = _kill_a_reader(dataset, tmp_path, 1, "--skip-bad-cases")
-    assert returncode == 0, stderr
-    assert not left, "a process of the run outlived it"
-    stored = open_store(out).case_ids
-    assert len(stored) == 3 and case not in stored
-    assert stored == sorted(stored)  # in input order, the lost case's place left out
-    with (out / "errors.csv").open() as f:
-        rows = list(csv.reader(f))[1:]
-    assert rows == [[case, "", "its worker process died (killed by SIGKILL)"]]
-    assert not list(tmp_path.glob(".store.tmp-*"))
 
 
 def test_one_patient_is_counted_in_the_singular_and_cannot_be_cross_validated(tmp_path, capfd):
@@ -521,7 +273,7 @@ def test_one_patient_is_counted_in_the_singular_and_cannot_be_cross_validated(tm
     capfd.readouterr()
     assert main(["synth", "--out", str(data), "--cases", "1", "--seed", "3", "--small"]) == 0
     assert capfd.readouterr().out.splitlines()[-1] == f"wrote 1 synthetic case to {data}"
-    assert main(_picai_args(data, store)) == 0
+    assert main(picai_args(data, store)) == 0
     assert capfd.readouterr().out.startswith(f"wrote 1 case (6 slices of t2w, adc) to {store}")
     for argv in (
         ["folds", "--store", str(store)],
@@ -539,7 +291,7 @@ def test_one_patient_is_counted_in_the_singular_and_cannot_be_cross_validated(tm
     (mask,) = (data / "masks").iterdir()
     sitk.WriteImage(sitk.ReadImage(str(next((data / "images").glob("*/*_t2w.mha")))), str(mask))
     with pytest.raises(SystemExit):
-        main(_picai_args(data, tmp_path / "none", "--skip-bad-cases"))
+        main(picai_args(data, tmp_path / "none", "--skip-bad-cases"))
     err = capfd.readouterr().err.splitlines()[-1]
     assert err.startswith(
         f"focalnet preprocess: error: store {tmp_path / 'none'}: no case stored (1 case failed); "
