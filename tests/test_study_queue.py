@@ -1,7 +1,8 @@
 """Which cells a `study run` may start, as the SLURM queue says (`commands.cell_states`), without a
 cluster: `slurm.queue_states` stands in for `squeue` (None: it did not answer; {}: nothing
 queued); and an interrupted submission (`slurm.run_sbatch`, with a stand-in `sbatch`). The real
-queue is used in tests/test_study_slurm.py's slow SLURM tests."""
+queue is used in the slow SLURM tests of tests/test_study_slurm_tasks.py and
+tests/test_study_slurm_submission.py."""
 
 from __future__ import annotations
 

@@ -1,10 +1,8 @@
-"""The SLURM executor on a one-node cluster started here (tests/slurm_cluster.py): two `study run`
-at once on one folder submit each cell once; arrays submitted within one second keep their own
-task lists; a task ended by SLURM (`scancel`, time limit) leaves its cell `interrupted` with
-slurmstepd's reason in `study status`, and the next `study run` submits it again; a requeued
-task appends to its output and its cell counts both attempts; an array whose `study run` was
-killed right after `sbatch` is adopted by the next run, not submitted again; one killed while its
-`sbatch` still submits leaves the run lock held until that `sbatch` has ended, then is adopted."""
+"""The SLURM executor on a one-node cluster started here (tests/slurm_cluster.py) submits each cell
+once: two `study run` at once on one folder; arrays submitted within one second keep their own task
+lists; nothing is submitted while `squeue` does not answer; an array whose `study run` was killed
+right after `sbatch` is adopted by the next run, not submitted again; one killed while its `sbatch`
+still submits, or interrupted then, leaves the run lock held until that `sbatch` has ended."""
 
 from __future__ import annotations
 
@@ -19,9 +17,10 @@ import time
 from pathlib import Path
 
 import pytest
+import slurm_calls
 import study_calls
-from slurm_cluster import KILL_WAIT_S, OneNodeCluster
-from study_calls import ARMS, ENV, require_slurm, study, write_spec
+from slurm_calls import queued_cells, text, wait_for
+from study_calls import ARMS, ENV, study, write_spec
 from test_train_helpers import REPO
 
 from focalnet_jax.file_lock import LockHeld, acquire_lock, release_lock
@@ -29,28 +28,7 @@ from focalnet_jax.study.cells import RUN_LOCK
 
 store = study_calls.store  # a module-scoped fixture
 spec_file = study_calls.spec_file  # a module-scoped fixture
-
-
-@pytest.fixture
-def cluster(tmp_path):
-    require_slurm()
-    started = OneNodeCluster(tmp_path / "cluster")
-    try:
-        yield started.start()
-    finally:
-        started.stop()
-
-
-def _queued_cells(workdir: Path, env: dict) -> list[str]:
-    """The cell of every array task in the queue (from each job's task list)."""
-    listed = subprocess.run(
-        ["squeue", "-h", "-r", "-o", "%i"], env=env, capture_output=True, text=True, check=True
-    )
-    cells = []
-    for job in json.loads((workdir / "slurm" / "jobs.json").read_text()):
-        for index, name in enumerate(job["cells"]):
-            cells += [name] if f"{job['job_id']}_{index}" in listed.stdout.split() else []
-    return cells
+cluster = slurm_calls.cluster  # a fixture
 
 
 @pytest.mark.slow
@@ -86,7 +64,7 @@ def test_two_study_runs_at_once_submit_each_cell_once(spec_file, cluster, tmp_pa
     assert second.returncode == 2, second.stdout + second.stderr  # a user error
     assert "another `study run`" in second.stderr, second.stderr
     assert len(second.stderr.strip().splitlines()) == 1, second.stderr
-    assert sorted(_queued_cells(workdir, env)) == ["ce/rep0/fold0", "fl/rep0/fold0"]
+    assert sorted(queued_cells(workdir, env)) == ["ce/rep0/fold0", "fl/rep0/fold0"]
     # The lock ends with its run: the next one finds both cells queued and submits nothing.
     assert "nothing to submit" in study(*args, env=env).stdout
 
@@ -119,97 +97,6 @@ def test_arrays_submitted_in_one_second_keep_their_own_task_lists(
 
 
 @pytest.mark.slow
-def test_task_ended_by_slurm_is_interrupted_with_its_reason_and_submitted_again(
-    store, cluster, tmp_path
-):
-    """`scancel` (as a time limit or a node failure) kills the cell without a word in its state
-    file or cell.log: `study status` showed it `interrupted` with its log path only. It shows
-    slurmstepd's line from the task's output, and `study run` submits the cell again."""
-    workdir, env, cell_log, job = _one_cell_on_slurm(store, cluster, tmp_path)
-    started = lambda: "$ focalnet train" in _text(cell_log)  # noqa: E731
-    _wait_for(started, "training started", lambda: _text(cell_log)[-2000:], task=(job, env))
-    subprocess.run(["scancel", job], env=env, check=True)
-    # The cell is `interrupted` (and its reason shown) once the task has left the queue: after its
-    # training has saved its step, up to KILL_WAIT_S after the SIGTERM.
-    status = ""
-
-    def cancelled() -> bool:
-        nonlocal status
-        status = study("status", "--workdir", str(workdir), env=env).stdout
-        return "CANCELLED" in status
-
-    _wait_for(cancelled, "the cancelled task in `study status`", lambda: status)
-    line = (
-        rf"ce/rep0/fold0\s+interrupted\s+{job}_0\s+[\d.]+\s+1\s+"
-        r"ended by SLURM: JOB \d+ ON \S+ CANCELLED AT \S+$"
-    )
-    assert re.search(line, status, re.M), status
-    again = study("run", "--workdir", str(workdir), "--executor=slurm", "--dry-run", env=env)
-    assert "0 running or queued elsewhere, 1 to run" in again.stdout, again.stdout
-    # Submitted again, its task ends before the cell starts (its task list gone): the earlier
-    # attempt's task and reason were shown, the new task's output nowhere.
-    study("run", "--workdir", str(workdir), "--executor=slurm", "--sbatch=--hold", env=env)
-    second = json.loads((workdir / "slurm" / "jobs.json").read_text())[-1]
-    Path(second["script"]).with_suffix(".txt").unlink()
-    subprocess.run(["scontrol", "release", second["job_id"]], env=env, check=True)
-    _wait_for(lambda: not _queued_cells(workdir, env), "the released task ended")
-    status = study("status", "--workdir", str(workdir), env=env).stdout
-    line = rf"ce/rep0/fold0\s+failed\s+{second['job_id']}_0\s+.*task output: sed: can't read"
-    assert re.search(line, status), status
-    # Then run here (`--executor local`: its attempt records no SLURM task) and failed: its own
-    # error is shown, not the last task's output.
-    from focalnet_jax.study.cells import Cell, Study
-
-    Study.open(workdir).write_state(Cell("ce", 0, 0), "failed", error="train: a local failure")
-    status = study("status", "--workdir", str(workdir), env=env).stdout
-    assert re.search(r"ce/rep0/fold0\s+failed\s+.*train: a local failure", status), status
-
-
-def _one_cell_on_slurm(store: Path, cluster, tmp_path: Path) -> tuple[Path, dict, Path, str]:
-    """Submits a one-cell study (arm `ce`, 5000 steps: it runs until stopped) to `cluster`;
-    returns (its workdir, the environment reaching the cluster, the cell's log, the job id)."""
-    one_arm = write_spec(tmp_path / "one_arm.py", store, {"ce": ARMS["ce"]}, {})
-    env = {**ENV, **cluster.env}
-    workdir = tmp_path / "study"
-    args = ["run", "--spec", str(one_arm), "--workdir", str(workdir), "--executor=slurm"]
-    study(*args, "--spec.repeats=1", "--spec.folds=(0,)", "--spec.common.train.steps=5000", env=env)
-    job = json.loads((workdir / "slurm" / "jobs.json").read_text())[0]["job_id"]
-    return workdir, env, workdir / "ce" / "rep0" / "fold0" / "cell.log", job
-
-
-def _text(path: Path) -> str:
-    return path.read_text(errors="replace") if path.is_file() else ""
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("folder", ["study", "runs 50%j/study"])
-def test_task_that_fails_before_its_cell_starts_is_failed_with_its_output(
-    spec_file, cluster, tmp_path, folder
-):
-    """A task whose shell fails before the cell starts (here its task list is gone; on a cluster,
-    e.g., a node without the submitting Python) wrote no state: its cell stayed `pending` with
-    nothing said. It is `failed` with the task output's last line. sbatch expands `%` patterns
-    anywhere in `--output`: in a folder `runs 50%j` every task's output went to `runs 50<job
-    id>`, a folder that does not exist, and each task ended before its shell ran, `failed`
-    with no output on every run."""
-    env = {**ENV, **cluster.env}
-    workdir = tmp_path / folder
-    args = ["run", "--spec", str(spec_file), "--workdir", str(workdir), "--executor=slurm"]
-    study(*args, "--spec.repeats=1", "--spec.folds=(0,)", "--sbatch=--hold", env=env)
-    [job] = json.loads((workdir / "slurm" / "jobs.json").read_text())
-    Path(job["script"]).with_suffix(".txt").unlink()
-    subprocess.run(["scontrol", "release", job["job_id"]], env=env, check=True)
-    _wait_for(lambda: not _queued_cells(workdir, env), "the released task ended")
-    output = workdir / "slurm" / f"{job['job_id']}_0.out"
-    assert "sed: can't read" in output.read_text()
-    status = study("status", "--workdir", str(workdir), env=env).stdout
-    line = rf"ce/rep0/fold0\s+failed\s+{job['job_id']}_0\s+task output: sed: can't read .*\.txt"
-    assert re.search(line, status), status
-    again = study("run", "--workdir", str(workdir), "--executor=slurm", "--dry-run", env=env)
-    assert "0 running or queued elsewhere, 2 to run" in again.stdout, again.stdout
-
-
-@pytest.mark.slow
 def test_run_submits_nothing_while_squeue_does_not_answer(spec_file, cluster, tmp_path):
     """`squeue` fails now and then on a busy controller ('Socket timed out'); sbatch may still
     work. The queued cells then looked pending and were submitted a second time. `squeue` here
@@ -231,83 +118,7 @@ def test_run_submits_nothing_while_squeue_does_not_answer(spec_file, cluster, tm
     assert again.returncode == 2, again.stdout + again.stderr
     assert "`squeue` did not answer" in again.stderr, again.stderr
     assert len(json.loads((workdir / "slurm" / "jobs.json").read_text())) == 1
-    assert sorted(_queued_cells(workdir, env)) == ["ce/rep0/fold0", "fl/rep0/fold0"]
-
-
-@pytest.mark.slow
-def test_a_requeued_task_keeps_the_output_of_its_earlier_run(store, cluster, tmp_path):
-    """A requeued task (node failure, preemption, `scontrol requeue`) ran again into a truncated
-    output file: slurmstepd's line saying why the first run ended was lost."""
-    workdir, env, cell_log, job = _one_cell_on_slurm(store, cluster, tmp_path)
-    output = workdir / "slurm" / f"{job}_0.out"
-    state_file = cell_log.parent / "study_cell.json"
-    records = []
-
-    def logs() -> str:
-        return _text(cell_log)[-2000:] + _text(output)[-1000:]
-
-    for attempt, stage in enumerate(("first run started", "requeued run started")):
-        starts = lambda n=attempt + 1: _text(cell_log).count("$ focalnet train") >= n  # noqa: E731
-        _wait_for(starts, stage, logs, task=(job, env))
-        records.append((json.loads(state_file.read_text()), time.time()))
-        if attempt == 0:
-            subprocess.run(["scontrol", "requeue", f"{job}_0"], env=env, check=True)
-            _start_now(f"{job}_0", env)
-    subprocess.run(["scancel", job], env=env, check=True)
-    # The requeued attempt's record counts the killed one: from its start to at most now.
-    (first, _), (second, seen) = records
-    assert second["attempts"] == 2 and len(second["attempt_seconds"]) == 2, second
-    assert 0 < second["attempt_seconds"][0] <= seen - first["started"], (first, second)
-    # slurmstepd's line for the requeue, then the one for `scancel` appended after it.
-    ended = r"\*\*\* JOB \d+ ON \S+ CANCELLED AT \S+ DUE TO JOB REQUEUE \*\*\*\n"
-    ended += r"(.*\n)*.*\*\*\* JOB \d+ ON \S+ CANCELLED AT \S+ \*\*\*"
-    _wait_for(lambda: re.search(ended, _text(output)), "both ends in the task output",
-              lambda: _text(output)[-2000:])  # fmt: skip
-
-
-def _wait_for(condition, stage: str, detail=lambda: "", timeout_s=600.0, task=None) -> None:
-    """Polls `condition()` every 0.2 s until it holds; fails naming `stage` (with `detail()`)
-    after `timeout_s` (generous: a loaded machine starts and stops tasks slowly), or at once
-    when job `task` ((job id, env)) has left the queue (its task failed: it will not hold)."""
-    deadline = checked = time.time()
-    deadline += timeout_s
-    while not condition():
-        assert time.time() < deadline, (f"{stage}: not within {timeout_s:.0f} s", detail())
-        if task and time.time() > checked + 5:
-            checked = time.time()
-            assert _in_queue(*task) or condition(), (f"{stage}: the job left the queue", detail())
-        time.sleep(0.2)
-
-
-def _in_queue(job: str, env: dict) -> bool:
-    """Whether `job` is in the queue (pending, running or completing); True while unknown."""
-    listed = ["squeue", "-h", "-o", "%i", "-j", job]
-    queued = subprocess.run(listed, env=env, capture_output=True, text=True)
-    if queued.returncode == 0:
-        return bool(queued.stdout.strip())  # nothing listed: ended, slurmctld still knows it
-    return "Invalid job id" not in queued.stderr  # not known any more: ended
-
-
-def _start_now(task: str, env: dict, timeout_s: float = 600.0) -> None:
-    """Lifts the begin time SLURM gives a requeued task (about two minutes) once it is pending
-    again, i.e. once its earlier run has ended (on a loaded node that may take a while), in the
-    next second of the clock; returns at once where the requeued run has started already.
-    slurmd revoked the earlier run's credential before the task was pending, and refuses a
-    credential issued within that second ('Job credential revoked': the requeued task fails)."""
-    show = ["scontrol", "show", "job", task]
-    update = ["scontrol", "update", f"JobId={task}", "StartTime=now"]
-    deadline = time.time() + timeout_s
-    while True:
-        job = subprocess.run(show, env=env, capture_output=True, text=True).stdout
-        if "Restarts=0" not in job and "JobState=RUNNING" in job:
-            return
-        if "JobState=PENDING" in job:
-            time.sleep(1.05 - time.time() % 1)  # into the next second
-            lifted = subprocess.run(update, env=env, capture_output=True, text=True)
-            if lifted.returncode == 0:
-                return
-        assert time.time() < deadline, ("requeued task pending", job, timeout_s)
-        time.sleep(0.2)
+    assert sorted(queued_cells(workdir, env)) == ["ce/rep0/fold0", "fl/rep0/fold0"]
 
 
 @pytest.mark.slow
@@ -342,7 +153,7 @@ def test_array_of_a_run_killed_after_sbatch_is_adopted_not_submitted_again(
     assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
     assert f"jobs {job}, {twin_id} are all called {intent['job_name']!r}" in refused.stderr
     subprocess.run(["scancel", twin_id], env=env, check=True)
-    _wait_for(lambda: _jobs_named(intent["job_name"], env) == [job], "the twin cancelled")
+    wait_for(lambda: _jobs_named(intent["job_name"], env) == [job], "the twin cancelled")
     status = study("status", "--workdir", str(workdir), env=env).stdout
     assert re.search(rf"ce/rep0/fold0\s+queued\s+{job}_0", status), status
     again = study("run", "--workdir", str(workdir), "--executor=slurm", env=env).stdout
@@ -352,12 +163,12 @@ def test_array_of_a_run_killed_after_sbatch_is_adopted_not_submitted_again(
     assert json.loads((workdir / "slurm" / "submitting.json").read_text()) == []
     subprocess.run(["scontrol", "release", job], env=env, check=True)
     state_file = workdir / "ce" / "rep0" / "fold0" / "study_cell.json"
-    cell_log = lambda: _text(state_file.parent / "cell.log")[-2000:]  # noqa: E731
-    _wait_for(lambda: not _queued_cells(workdir, env), "the adopted task ended", cell_log)
+    cell_log = lambda: text(state_file.parent / "cell.log")[-2000:]  # noqa: E731
+    wait_for(lambda: not queued_cells(workdir, env), "the adopted task ended", cell_log)
     state = json.loads(state_file.read_text())
     assert state["state"] == "done" and state["slurm_job"] == f"{job}_0", state
     assert state["attempts"] == 1
-    assert _text(state_file.parent / "cell.log").count("=== cell ce/rep0/fold0") == 1
+    assert text(state_file.parent / "cell.log").count("=== cell ce/rep0/fold0") == 1
     last = study("run", "--workdir", str(workdir), "--executor=slurm", env=env).stdout
     assert "1 done" in last and "nothing to submit" in last, last
 
@@ -434,10 +245,10 @@ def test_an_interrupted_run_waits_for_its_sbatch(signum, spec_file, tmp_path):
     run = subprocess.Popen(cli, env=env, cwd=REPO, stderr=subprocess.PIPE, text=True,
                            start_new_session=True)  # fmt: skip
     try:
-        _wait_for(lambda: _text(pid_file).strip() or run.poll() is not None, "sbatch started")
-        sbatch = _text(pid_file).strip()
+        wait_for(lambda: text(pid_file).strip() or run.poll() is not None, "sbatch started")
+        sbatch = text(pid_file).strip()
         noted = f"its sbatch: pid {sbatch}"  # in the run lock once `sbatch` has started
-        _wait_for(lambda: noted in _text(workdir / RUN_LOCK), "sbatch noted", timeout_s=60)
+        wait_for(lambda: noted in text(workdir / RUN_LOCK), "sbatch noted", timeout_s=60)
         os.killpg(run.pid, signum)  # SIGINT: as a terminal's Ctrl-C
         waiting = run.stderr.readline()
         assert waiting.startswith(f"waiting for sbatch (pid {sbatch}) to end"), waiting
@@ -470,38 +281,3 @@ def _jobs_named(name: str, env: dict) -> list[str]:
     listed = ["squeue", "-h", "-o", "%F", f"--name={name}"]
     queued = subprocess.run(listed, env=env, capture_output=True, text=True, check=True).stdout
     return sorted(set(queued.split()))
-
-
-@pytest.mark.slow
-def test_a_task_ended_while_training_saves_its_step_and_the_requeued_task_resumes_there(
-    store, cluster, tmp_path
-):
-    """SLURM ends a task (requeue, preemption, time limit, `scancel`) with SIGTERM to all its
-    processes, then SIGKILL after KillWait: the cell's `focalnet train` saves the step it is at,
-    says so in cell.log and exits with status 143 (the `study cell` above it ends at once, the
-    cell is `interrupted` as before); the requeued task's training starts at that step."""
-    workdir, env, cell_log, job = _one_cell_on_slurm(store, cluster, tmp_path)
-    output = workdir / "slurm" / f"{job}_0.out"
-
-    def logs() -> str:
-        return _text(cell_log)[-2000:] + _text(output)[-1000:]
-
-    # Until the progress bar shows a step: the training loop runs.
-    steps = re.compile(r"\b[1-9]\d*/5000\b")
-    _wait_for(lambda: steps.search(_text(cell_log)), "training", logs, task=(job, env))
-    subprocess.run(["scontrol", "requeue", f"{job}_0"], env=env, check=True)
-    stopped = re.compile(
-        r"focalnet train: stopped by SIGTERM at step (\d+) in \S+; checkpoint saved"
-    )
-    # SIGKILL comes KILL_WAIT_S after SIGTERM: the message comes before, or never.
-    _wait_for(
-        lambda: stopped.search(_text(cell_log)), "stopped", logs, KILL_WAIT_S + 60, (job, env)
-    )
-    step = int(stopped.search(_text(cell_log)).group(1))
-    checkpoints = sorted(
-        p.name for p in (workdir / "ce" / "rep0" / "fold0" / "checkpoints").iterdir()
-    )
-    assert str(step) in checkpoints, (step, checkpoints)
-    _start_now(f"{job}_0", env)
-    _wait_for(lambda: f"start at {step}," in _text(cell_log), "resumed", logs, task=(job, env))
-    subprocess.run(["scancel", job], env=env, check=True)
