@@ -9,7 +9,7 @@ import logging
 
 import numpy as np
 import pytest
-from test_evaluation_cli import _error, run_cli, write_blob_case, write_cohort
+from evaluation_cohort import _error, run_cli, write_blob_case, write_cohort
 
 from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation.evaluate import evaluate_predictions

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_evaluation_cli import run_cli, write_cohort
+from evaluation_cohort import run_cli, write_cohort
 
 from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation import evaluate
@@ -103,7 +103,7 @@ def test_froc_figures_draw_no_curve_for_a_group_without_lesions(tmp_path, monkey
     """A GS group with no lesion (n=0) has no sensitivity (`n/a` in report.md, null in
     metrics.json), but its froc_gs.png panel drew a line at sensitivity 0 before the first FP
     point, with the method in its legend."""
-    from test_evaluation_cli import write_blob_case
+    from evaluation_cohort import write_blob_case
 
     from focalnet_jax.evaluation import figures
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_evaluation_froc import make_case, three_patients
+from froc_cases import make_case, three_patients
 
 from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation.froc import froc_analysis

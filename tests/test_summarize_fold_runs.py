@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 from cli_calls import cli_error, run_cli
-from test_evaluation_cli import _evaluate_fold
+from evaluation_cohort import _evaluate_fold
 from test_train_helpers import FakeStore, tiny_config
 
 from focalnet_jax.training import train_and_evaluate
