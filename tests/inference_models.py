@@ -1,7 +1,7 @@
 """What the inference tests share: the module-scoped `cv` fixture, a two-fold cross-validation of
 a tiny network trained for two steps on a small synthetic PI-CAI store (a test module takes it as
-`cv = inference_models.cv`, with the autouse `quick_compiles`), its exams' files (`exam`),
-`focalnet predict` of one exam (`predict_one`) and an image read as an array (`read`)."""
+`cv = inference_models.cv`), its exams' files (`exam`), `focalnet predict` of one exam
+(`predict_one`) and an image read as an array (`read`)."""
 
 from __future__ import annotations
 
@@ -16,12 +16,6 @@ from cli_calls import run_cli
 from test_train_helpers import small_synthetic_store, tiny_config
 
 CASES = 5
-
-
-@pytest.fixture(scope="module", autouse=True)
-def quick_compiles():
-    """Every model of this module compiles with most XLA optimisations off (tiny models)."""
-    yield
 
 
 @pytest.fixture(scope="module")

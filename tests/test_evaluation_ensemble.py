@@ -31,7 +31,6 @@ from focalnet_jax.run.checkpoint_digests import variables_digest
 from focalnet_jax.run.workdir import load_for_inference
 
 cv = inference_models.cv  # a module-scoped fixture
-quick_compiles = inference_models.quick_compiles  # a module-scoped autouse fixture
 
 
 def store_images(store_path: Path, rows: int = 6) -> np.ndarray:

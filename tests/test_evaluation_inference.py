@@ -27,7 +27,6 @@ from focalnet_jax.run.checkpoint_digests import variables_digest
 from focalnet_jax.run.workdir import load_for_inference
 
 cv = inference_models.cv  # a module-scoped fixture
-quick_compiles = inference_models.quick_compiles  # a module-scoped autouse fixture
 
 
 # --- detection maps -------------------------------------------------------------------------------
