@@ -37,7 +37,6 @@ from predict_runs import (
 from test_train_helpers import tiny_config
 
 from focalnet_jax.errors import plural
-from focalnet_jax.evaluation import batch_predict
 from focalnet_jax.evaluation.partial_output import LOCK_FILE, lock_file, partial_folder
 from focalnet_jax.file_lock import exclusive_lock
 
@@ -221,17 +220,7 @@ def test_resume_refuses_a_run_trained_again_to_the_same_step(tiny, tmp_path, mon
             tiny_config(overrides=[*_overrides(tiny["root"]), "--config.seed=1"]), other
         )
     out = tmp_path / "out"
-    write = batch_predict.write_case_folder
-
-    def once(partial, case_id, writer):
-        if _finished(partial):
-            raise KeyboardInterrupt
-        return write(partial, case_id, writer)
-
-    with monkeypatch.context() as patched:
-        patched.setattr(batch_predict, "write_case_folder", once)
-        with pytest.raises(SystemExit):
-            run_cli(_predict(run, tiny["data"] / "images", out))
+    _interrupted(tiny, out, monkeypatch, tiny["data"] / "images", run=run)
     before = json.loads((partial_folder(out) / "models.json").read_text())["weights"]
     shutil.rmtree(run)
     shutil.copytree(other, run)  # trained again, to the same step
