@@ -3,29 +3,19 @@ the classes, lesions and crop centre that the equivalent NIfTI label and mask gi
 
 from __future__ import annotations
 
-import re
 import shutil
 
 import dicom_segs
 import numpy as np
-import pytest
 import SimpleITK as sitk
 from dicom_segs import LESION, PROSTATE, frame_box, on_t2w, write_seg
+from input_error_calls import user_error
 
 from focalnet_jax.cli import main
 from focalnet_jax.data.store import open_store
 
 source = dicom_segs.source  # a module-scoped fixture
 t2w = dicom_segs.t2w  # a module-scoped fixture
-
-
-def _user_error(capfd, argv) -> str:
-    capfd.readouterr()
-    with pytest.raises(SystemExit) as raised:
-        main(argv)
-    err = re.sub(r"(\rpreprocess:[^\r\n]*)+\n", "", capfd.readouterr().err)  # progress bar
-    assert raised.value.code == 2 and err.count("\n") == 1, err
-    return err.strip()
 
 
 def test_manifest_of_seg_label_and_mask_stores_what_nifti_gives(
@@ -65,7 +55,7 @@ def test_manifest_of_seg_label_and_mask_stores_what_nifti_gives(
         argv = ["preprocess", "--layout", "manifest", "--manifest", str(manifest)]
         argv += ["--components", "t2w", "--out", str(stores[name])]
         if name == "seg":  # a manifest's labels are ISUP maps: csPCa has no value there
-            assert _user_error(capfd, argv) == (
+            assert user_error(capfd, argv) == (
                 f"focalnet preprocess: error: case 'px', file '{exam / 'label' / 'seg.dcm'}': "
                 "segment 2 'csPCa': no value under --label-values isup (1 = ISUP 1, GS 3+3; a "
                 "manifest's default) for csPCa of unknown grade: give the segment its grade, or "
