@@ -1,17 +1,14 @@
 """What the `focalnet evaluate` / `focalnet summarize` tests share: predictions files of score
-blobs (`write_blob_case`), a five-case cohort of them (`write_cohort`), the commands called in
-this process (`run_cli`, `_evaluate_argv`, `_evaluate_fold`) and a refusal's message (`_error`)."""
+blobs (`write_blob_case`), a five-case cohort of them (`write_cohort`), and the `evaluate` command
+line (`_evaluate_argv`) and call (`_evaluate_fold`, with `cli_calls.run_cli`)."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 
 import numpy as np
-import pytest
+from cli_calls import run_cli
 
-from focalnet_jax.cli import main
 from focalnet_jax.evaluation.predictions import write_case
 
 SHAPE = (8, 48, 48)
@@ -62,19 +59,6 @@ def write_cohort(out_dir, shift=0.0):
     write_blob_case(out_dir, "c3", blobs=[((4, 24, 24), 0.3 + shift)])
     write_blob_case(out_dir, "c4", blobs=[((2, 30, 30), 0.7 - shift)], with_images=False)
     write_blob_case(out_dir, "c5", lesion=(1, (4, 24, 24)), blobs=[((4, 24, 24), 0.5)])
-
-
-def run_cli(argv):
-    stdout = io.StringIO()
-    with contextlib.redirect_stdout(stdout):
-        assert main(argv) == 0
-    return stdout.getvalue()
-
-
-def _error(argv) -> str:
-    with pytest.raises(SystemExit) as raised:
-        main(argv)
-    return str(raised.value)
 
 
 def _evaluate_argv(predictions, out, *extra):

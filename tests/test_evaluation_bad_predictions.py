@@ -10,7 +10,8 @@ import zipfile
 
 import numpy as np
 import pytest
-from evaluation_cohort import _error, _evaluate_argv, run_cli, write_blob_case
+from cli_calls import cli_error, run_cli
+from evaluation_cohort import _evaluate_argv, write_blob_case
 
 from focalnet_jax.evaluation.predictions import PredictionsError, read_case, write_case
 
@@ -18,7 +19,7 @@ from focalnet_jax.evaluation.predictions import PredictionsError, read_case, wri
 def test_bad_predictions_name_file_and_reason(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    message = _error(["evaluate", "--predictions", str(empty), "--out", str(tmp_path / "o")])
+    message = cli_error(["evaluate", "--predictions", str(empty), "--out", str(tmp_path / "o")])
     assert str(empty) in message and "no <case_id>.npz" in message
 
     good = write_blob_case(tmp_path / "good", "ok", lesion=(2, (4, 20, 20)))
@@ -27,7 +28,7 @@ def test_bad_predictions_name_file_and_reason(tmp_path):
     missing = tmp_path / "missing"
     missing.mkdir()
     np.savez(missing / "case.npz", **{k: v for k, v in arrays.items() if k != "spacing"})
-    message = _error(["evaluate", "--predictions", str(missing), "--out", str(tmp_path / "o")])
+    message = cli_error(["evaluate", "--predictions", str(missing), "--out", str(tmp_path / "o")])
     assert str(missing / "case.npz") in message and "missing contract key(s) ['spacing']" in message
 
     shapes = tmp_path / "shapes"
@@ -45,7 +46,7 @@ def test_bad_predictions_name_file_and_reason(tmp_path):
     # float16 scores passed the check and ended in scipy's traceback (no file named); big-endian
     # float32 is float32.
     np.savez(shapes / "case.npz", **{**arrays, "scores": arrays["scores"].astype(np.float16)})
-    message = _error(["evaluate", "--predictions", str(shapes), "--out", str(tmp_path / "o")])
+    message = cli_error(["evaluate", "--predictions", str(shapes), "--out", str(tmp_path / "o")])
     assert message.endswith("case.npz: 'scores' must be float32 (or float64), got float16")
     assert not (tmp_path / "o").exists()
     np.savez(shapes / "case.npz", **{**arrays, "scores": arrays["scores"].astype(">f4")})
@@ -101,7 +102,7 @@ def test_predictions_without_a_patient_id_are_refused(tmp_path):
     for case_id in ("n1", "n2", "n3"):
         with np.load(tmp_path / "given" / f"{case_id}.npz") as data:
             np.savez(empty / f"{case_id}.npz", **{**dict(data), "patient_id": np.asarray("")})
-    message = _error(["evaluate", "--predictions", str(empty), "--out", str(tmp_path / "o")])
+    message = cli_error(["evaluate", "--predictions", str(empty), "--out", str(tmp_path / "o")])
     assert f"{empty / 'n1.npz'}: 'patient_id' is empty" in message
     assert not (tmp_path / "o").exists()
     with np.load(tmp_path / "given" / "n1.npz") as data:
@@ -128,7 +129,9 @@ def test_predictions_with_unsafe_names_or_a_lesion_on_no_slice_are_refused(tmp_p
         folder = tmp_path / name.strip(".").replace(" ", "_")
         write_blob_case(folder, "ok", lesion=(2, (4, 20, 20)))
         (folder / "ok.npz").rename(folder / f"{name}.npz")
-        message = _error(["evaluate", "--predictions", str(folder), "--out", str(tmp_path / "o")])
+        message = cli_error(
+            ["evaluate", "--predictions", str(folder), "--out", str(tmp_path / "o")]
+        )
         assert f"{folder}: case id of {name}.npz {name!r}" in message
         assert not (tmp_path / "o").exists()
     with np.load(write_blob_case(tmp_path / "five", "c", lesion=(5, (4, 20, 20)))) as data:
@@ -154,6 +157,6 @@ def test_predictions_without_a_pixel_are_refused_in_one_line(tmp_path, shape):
     write_blob_case(tmp_path / "p", "c1", blobs=[((4, 24, 24), 0.3)])
     np.savez(tmp_path / "p" / "e.npz", spacing=np.float32([0.625, 0.625]),
              patient_id=np.asarray("p"), **arrays)  # fmt: skip
-    message = _error(_evaluate_argv(tmp_path / "p", tmp_path / "o"))
+    message = cli_error(_evaluate_argv(tmp_path / "p", tmp_path / "o"))
     assert f"{tmp_path / 'p' / 'e.npz'}: 'scores' shape {(*shape, 5)} holds no pixel" in message
     assert not (tmp_path / "o").exists()

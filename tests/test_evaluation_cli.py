@@ -14,7 +14,8 @@ import sys
 
 import numpy as np
 import pytest
-from evaluation_cohort import _error, _evaluate_argv, run_cli, write_blob_case, write_cohort
+from cli_calls import cli_error, run_cli
+from evaluation_cohort import _evaluate_argv, write_blob_case, write_cohort
 
 
 def test_out_at_or_under_a_file_is_refused_before_any_work(tmp_path):
@@ -24,9 +25,9 @@ def test_out_at_or_under_a_file_is_refused_before_any_work(tmp_path):
     blocker.write_text("x")
     for out, where in ((blocker, ""), (blocker / "sub", f": {blocker}")):
         expected = f"--out {out}{where} exists and is not a folder"
-        message = _error(["evaluate", "--predictions", str(predictions), "--out", str(out)])
+        message = cli_error(["evaluate", "--predictions", str(predictions), "--out", str(out)])
         assert message.endswith(expected)
-        message = _error(["summarize", "--runs", f"A={predictions}", "--out", str(out)])
+        message = cli_error(["summarize", "--runs", f"A={predictions}", "--out", str(out)])
         assert message.endswith(expected)
 
 
@@ -62,7 +63,7 @@ def test_evaluate_cases_picai_subject_list_dict(tmp_path):
 def test_no_evaluated_slice_is_a_one_line_error_naming_the_setting(tmp_path):
     predictions, out = tmp_path / "predictions", tmp_path / "eval"
     write_blob_case(predictions, "n1", blobs=[((4, 24, 24), 0.3)])
-    message = _error(_evaluate_argv(predictions, out, "--slices", "annotated"))
+    message = cli_error(_evaluate_argv(predictions, out, "--slices", "annotated"))
     assert f"{predictions}: no slice to evaluate with slices='annotated'" in message
     assert not (out / "metrics.json").exists()
 
@@ -101,7 +102,7 @@ def test_bad_case_list_names_the_file_and_reason(tmp_path, text, reason):
     write_cohort(predictions)
     listed = tmp_path / "cases.txt"
     listed.write_text(text)
-    message = _error(_evaluate_argv(predictions, out, "--cases", str(listed)))
+    message = cli_error(_evaluate_argv(predictions, out, "--cases", str(listed)))
     assert str(listed) in message and reason in message
     assert not out.exists()
 
@@ -118,7 +119,7 @@ def test_evaluate_without_case_list_says_how_many_files_it_found(tmp_path, caplo
 def test_cases_with_workdir_is_refused(tmp_path):
     listed = tmp_path / "cases.txt"
     listed.write_text("c1\n")
-    message = _error(["evaluate", "--workdir", str(tmp_path), "--cases", str(listed)])
+    message = cli_error(["evaluate", "--workdir", str(tmp_path), "--cases", str(listed)])
     assert "--cases goes with --predictions" in message
 
 
@@ -143,7 +144,7 @@ def test_prediction_flags_with_predictions_are_refused(tmp_path, flag):
     argv = ["evaluate", "--predictions", str(tmp_path / "p"), "--out", str(tmp_path / "o")]
     cache_before = jax.config.jax_compilation_cache_dir
     with contextlib.chdir(tmp_path):
-        message = _error([*argv, *flag])
+        message = cli_error([*argv, *flag])
     named = f"{flag[0]}{' flip' if flag[0] == '--tta' else ''}"
     assert message.endswith(
         f"{named} goes with --workdir (it makes the predictions); --predictions "
@@ -168,7 +169,7 @@ def test_allow_training_cases_without_all_cases_is_refused(tmp_path):
     without a word."""
     write_cohort(tmp_path / "p")
     argv = ["evaluate", "--predictions", str(tmp_path / "p"), "--out", str(tmp_path / "o")]
-    message = _error([*argv, "--allow-training-cases"])
+    message = cli_error([*argv, "--allow-training-cases"])
     assert "--allow-training-cases goes with --all-cases" in message
     assert not (tmp_path / "o").exists()
 
@@ -202,7 +203,7 @@ def test_a_second_writer_of_one_folder_is_refused_in_one_line(tmp_path, command)
         "synth": ["synth", "--out", str(out), "--cases", "1", "--small"],
     }[command]
     with writer_lock(out, command):
-        message = _error(argv)
+        message = cli_error(argv)
         assert lock_beside(out, command).is_file()
     assert message == (
         f"focalnet {command}: error: {out} is being written by another focalnet {command} (pid "
@@ -215,14 +216,14 @@ def test_a_refused_evaluate_or_summarize_leaves_no_folder_made_for_its_lock(tmp_
     """The lock beside --out made its parent folders before the inputs were read: a typo in an
     input path left them behind."""
     missing = tmp_path / "missing"
-    message = _error(["evaluate", "--predictions", str(missing), "--out", str(tmp_path / "a/x")])
+    message = cli_error(["evaluate", "--predictions", str(missing), "--out", str(tmp_path / "a/x")])
     assert message.endswith(f"{missing}: predictions folder does not exist")
-    message = _error(["summarize", "--runs", f"A={missing}", "--out", str(tmp_path / "b/c/x")])
+    message = cli_error(["summarize", "--runs", f"A={missing}", "--out", str(tmp_path / "b/c/x")])
     assert message.endswith(f"{missing}: run folder does not exist")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
     metrics = tmp_path / "metrics.json"  # the file named instead of its folder
     metrics.write_text("{}")
-    message = _error(["summarize", "--runs", f"A={metrics}", "--out", str(tmp_path / "b/c/x")])
+    message = cli_error(["summarize", "--runs", f"A={metrics}", "--out", str(tmp_path / "b/c/x")])
     assert message.endswith(f"{metrics}: a file, not a run folder: give the folder holding "
                             "metrics.json (the `--out` of `focalnet evaluate`, or a run or "
                             "cross-validation folder above it)")  # fmt: skip
@@ -236,7 +237,7 @@ def test_a_lock_file_that_cannot_be_opened_is_named_not_the_output_folder(tmp_pa
 
     out = tmp_path / "out"
     lock_beside(out, "synth").mkdir()
-    message = _error(["synth", "--out", str(out), "--cases", "1", "--small"])
+    message = cli_error(["synth", "--out", str(out), "--cases", "1", "--small"])
     assert message == (
         f"focalnet synth: error: [Errno 21] Is a directory: '{lock_beside(out, 'synth')}'"
     )

@@ -9,7 +9,8 @@ import logging
 
 import numpy as np
 import pytest
-from evaluation_cohort import _error, run_cli, write_blob_case, write_cohort
+from cli_calls import cli_error, run_cli
+from evaluation_cohort import write_blob_case, write_cohort
 
 from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation.evaluate import evaluate_predictions
@@ -69,7 +70,9 @@ def test_a_wrong_dtype_is_a_one_line_error_naming_file_and_key(tmp_path, key, va
     path = _case_with(tmp_path, **{key: value})
     with pytest.raises(PredictionsError, match=rf"^{path}: {reason}"):
         read_case(path)
-    message = _error(["evaluate", "--predictions", str(path.parent), "--out", str(tmp_path / "o")])
+    message = cli_error(
+        ["evaluate", "--predictions", str(path.parent), "--out", str(tmp_path / "o")]
+    )
     assert str(path) in message and key in message
     assert not (tmp_path / "o").exists()
 
@@ -79,7 +82,7 @@ def test_a_spacing_too_coarse_for_the_radius_names_the_file(tmp_path):
     coarse = _case_with(tmp_path / "c", spacing=np.array([12.0, 12.0], np.float32))
     (tmp_path / "p" / "coarse.npz").write_bytes(coarse.read_bytes())
     argv = ["evaluate", "--predictions", str(tmp_path / "p"), "--out", str(tmp_path / "o")]
-    message = _error([*argv, "--no-picai"])
+    message = cli_error([*argv, "--no-picai"])
     assert f"{tmp_path / 'p' / 'coarse.npz'}: radius_mm 5 is under half a pixel" in message
 
 

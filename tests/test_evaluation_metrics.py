@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from evaluation_cohort import _evaluate_argv, run_cli, write_blob_case, write_cohort
+from cli_calls import run_cli
+from evaluation_cohort import _evaluate_argv, write_blob_case, write_cohort
 
 from focalnet_jax.evaluation.predictions import read_case
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from evaluation_cohort import run_cli, write_cohort
+from cli_calls import run_cli
+from evaluation_cohort import write_cohort
 
 from focalnet_jax.errors import UserError
 from focalnet_jax.evaluation import evaluate

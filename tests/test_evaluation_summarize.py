@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from evaluation_cohort import _error, _evaluate_argv, _evaluate_fold, run_cli, write_cohort
+from cli_calls import cli_error, run_cli
+from evaluation_cohort import _evaluate_argv, _evaluate_fold, write_cohort
 from scipy import stats
 
 from focalnet_jax.evaluation.summary import method_comparisons
@@ -127,12 +128,12 @@ def test_summarize_says_which_comparisons_have_no_test():
 
 
 def test_summarize_rejects_bad_runs(tmp_path):
-    assert "NAME=DIR" in _error(["summarize", "--runs", "nodir", "--out", str(tmp_path)])
+    assert "NAME=DIR" in cli_error(["summarize", "--runs", "nodir", "--out", str(tmp_path)])
     (tmp_path / "run").mkdir()
-    message = _error(["summarize", "--runs", f"A={tmp_path / 'run'}", "--out", str(tmp_path)])
+    message = cli_error(["summarize", "--runs", f"A={tmp_path / 'run'}", "--out", str(tmp_path)])
     assert "no metrics.json" in message
     twice = ["--runs", f"A={tmp_path / 'run'}", "A=other", "--out", str(tmp_path / "o")]
-    message = _error(["summarize", *twice])
+    message = cli_error(["summarize", *twice])
     assert message.endswith(f"--runs names 'A' twice ({tmp_path / 'run'} and other)")
 
 
@@ -177,7 +178,9 @@ def test_summarize_refuses_a_damaged_metrics_file_naming_the_key(tmp_path, damag
     metrics = json.loads((out / "metrics.json").read_text())
     damage(metrics)
     (out / "metrics.json").write_text(json.dumps(metrics))
-    message = _error(["summarize", "--runs", f"A={tmp_path / 'A'}", "--out", str(tmp_path / "s")])
+    message = cli_error(
+        ["summarize", "--runs", f"A={tmp_path / 'A'}", "--out", str(tmp_path / "s")]
+    )
     assert message == (
         f"focalnet summarize: error: {out / 'metrics.json'}: not a metrics.json of `focalnet "
         f"evaluate`: {problem}"
@@ -195,7 +198,7 @@ def test_unreadable_models_json_or_metrics_json_is_one_line(tmp_path, damage, re
     predictions, out = tmp_path / "predictions", tmp_path / "A" / "fold0"
     write_cohort(predictions)
     (predictions / "models.json").write_bytes(damage)
-    message = _error(_evaluate_argv(predictions, out))
+    message = cli_error(_evaluate_argv(predictions, out))
     assert message.startswith(
         f"focalnet evaluate: error: {predictions / 'models.json'}: not a readable models.json ("
     )
@@ -203,7 +206,9 @@ def test_unreadable_models_json_or_metrics_json_is_one_line(tmp_path, damage, re
     (predictions / "models.json").unlink()
     run_cli(_evaluate_argv(predictions, out))
     (out / "metrics.json").write_bytes(damage)
-    message = _error(["summarize", "--runs", f"A={tmp_path / 'A'}", "--out", str(tmp_path / "s")])
+    message = cli_error(
+        ["summarize", "--runs", f"A={tmp_path / 'A'}", "--out", str(tmp_path / "s")]
+    )
     assert message.startswith(
         f"focalnet summarize: error: {out / 'metrics.json'}: not a readable metrics.json ("
     )
@@ -238,14 +243,14 @@ def test_summarize_refuses_an_ensemble_or_a_run_counted_twice_as_folds(tmp_path)
     _evaluate_fold(
         tmp_path / "pred" / "test", method / "test_eval", ["runs/A/fold0", "runs/A/fold1"]
     )
-    message = _error(["summarize", "--runs", f"A={method}", "--out", str(tmp_path / "s1")])
+    message = cli_error(["summarize", "--runs", f"A={method}", "--out", str(tmp_path / "s1")])
     assert message.endswith(
         f"{method / 'test_eval' / 'metrics.json'}: evaluates an ensemble of 2 runs, not one fold; "
         f"move it out of {method}"
     )
     shutil.rmtree(method / "test_eval")
     _evaluate_fold(tmp_path / "pred" / "tta", method / "fold0" / "eval_tta", ["runs/A/fold0"])
-    message = _error(["summarize", "--runs", f"A={method}", "--out", str(tmp_path / "s2")])
+    message = cli_error(["summarize", "--runs", f"A={method}", "--out", str(tmp_path / "s2")])
     first, second = (method / "fold0" / d / "metrics.json" for d in ("eval", "eval_tta"))
     assert message.endswith(
         f"{first} and {second} both evaluate run runs/A/fold0: one fold would count twice; keep "
@@ -264,7 +269,7 @@ def test_summarize_refuses_one_run_recorded_by_two_names(tmp_path, monkeypatch):
     _evaluate_fold(tmp_path / "pred" / "0", cv / "fold0" / "eval", ["runs/cv/fold0"])
     _evaluate_fold(tmp_path / "pred" / "1", cv / "fold1" / "eval", ["runs/cv/fold1"], 0.1)
     _evaluate_fold(tmp_path / "pred" / "tta", cv / "fold1" / "eval_tta", [str(cv / "fold1")])
-    message = _error(["summarize", "--runs", "A=runs/cv", "--out", str(tmp_path / "s")])
+    message = cli_error(["summarize", "--runs", "A=runs/cv", "--out", str(tmp_path / "s")])
     first, second = (f"runs/cv/fold1/{d}/metrics.json" for d in ("eval", "eval_tta"))
     assert message.endswith(
         f"{first} and {second} both evaluate run {cv / 'fold1'} (recorded as runs/cv/fold1 and "
@@ -281,7 +286,7 @@ def test_summarize_refuses_a_fold_shared_by_two_methods(tmp_path):
                        [f"runs/A/fold{fold}"], shift)  # fmt: skip
     out = tmp_path / "s"
     for b, shared in ((tmp_path / "A", "fold0"), (tmp_path / "A" / "fold1", "fold1")):
-        message = _error(
+        message = cli_error(
             ["summarize", "--runs", f"A={tmp_path / 'A'}", f"B={b}", "--out", str(out)]
         )
         fold = tmp_path / "A" / shared / "eval" / "metrics.json"
@@ -303,7 +308,7 @@ def test_summarize_refuses_folds_evaluated_with_other_settings(tmp_path):
                  "--slices", slices])  # fmt: skip
     fold = {m: json.loads((tmp_path / m / "fold0" / "metrics.json").read_text()) for m in "AB"}
     assert (fold["A"]["num_patients"], fold["B"]["num_patients"]) == (5, 3)
-    message = _error(["summarize", "--runs", f"A={tmp_path / 'A'}", f"B={tmp_path / 'B'}",
+    message = cli_error(["summarize", "--runs", f"A={tmp_path / 'A'}", f"B={tmp_path / 'B'}",
                       "--out", str(tmp_path / "s")])  # fmt: skip
     first, second = (tmp_path / m / "fold0" / "metrics.json" for m in "AB")
     assert message.endswith(
@@ -321,7 +326,9 @@ def test_summarize_refuses_a_method_whose_folds_were_predicted_with_other_tta(tm
             _evaluate_fold(tmp_path / "pred" / method / str(fold),
                            tmp_path / method / f"fold{fold}" / "eval",
                            [f"runs/{method}/fold{fold}"], 0.1 * fold, tta)  # fmt: skip
-    message = _error(["summarize", "--runs", f"A={tmp_path / 'A'}", "--out", str(tmp_path / "s")])
+    message = cli_error(
+        ["summarize", "--runs", f"A={tmp_path / 'A'}", "--out", str(tmp_path / "s")]
+    )
     first, second = (tmp_path / "A" / f"fold{k}" / "eval" / "metrics.json" for k in (0, 1))
     assert message.endswith(
         f"{first} and {second} were evaluated with other settings {{'models.tta': ('flip', "
@@ -347,7 +354,7 @@ def test_summarize_keeps_every_method_of_a_repeated_runs_flag(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary["methods"]) == ["A", "B"]
     assert (out / "summary.md").read_text().startswith("# Cross-validation summary: A, B")
-    message = _error(["summarize", "--runs", f"A={tmp_path / 'A'}", "--runs",
+    message = cli_error(["summarize", "--runs", f"A={tmp_path / 'A'}", "--runs",
                       f"A={tmp_path / 'B'}", "--out", str(tmp_path / "s2")])  # fmt: skip
     assert message.endswith(f"--runs names 'A' twice ({tmp_path / 'A'} and {tmp_path / 'B'})")
 
